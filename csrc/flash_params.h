@@ -1,0 +1,64 @@
+// Plain description of one attention problem, shared by the CPU and CUDA kernels.
+// No torch types: the ops layer (csrc/ops*.cpp) fills it from tensors, kernels read it.
+//
+// Layout (element strides, any value, so both the flash-attn (B, S, H, D) and the
+// SDPA (B, H, S, D) layouts are served without copies):
+//   q    (B, Sq, H,  D)      k (B, Sk, Hk, D)      v (B, Sk, Hk, Dv)
+//   out  (B, Sq, H,  Dv)     lse (B, H, Sq) float32, contiguous
+// H % Hk == 0: query head h reads key/value head h / (H / Hk) (MQA / GQA).
+//
+// Visibility of key j for query i (DESIGN.md, "Semantics" 5):
+//   visible  iff  (window_left  < 0 || j >= i + diag_offset - window_left)
+//            and  (window_right < 0 || j <= i + diag_offset + window_right)
+// Score order (DESIGN.md): s = scale * q.k; softcap; minus ALiBi; then visibility.
+// Causal is window_right == 0. diag_offset = Sk - Sq aligns the diagonal bottom-right
+// (flash-attn), 0 top-left (torch SDPA).
+#pragma once
+#include <cstdint>
+
+namespace flashattn {
+
+struct FlashParams {
+  // Inputs.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  // Forward outputs / backward inputs.
+  void* out = nullptr;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  float* lse = nullptr;  // (B, H, Sq) contiguous
+
+  // Sizes.
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
+  int64_t num_heads = 0, num_heads_k = 0;
+  int64_t head_dim = 0, head_dim_v = 0;
+
+  // Semantics.
+  float scale = 1.f;             // multiplies q . k
+  float softcap = 0.f;           // > 0: s = softcap * tanh(s / softcap)
+  // ALiBi: s -= slope[b, h] * |i + diag_offset - j|; nullptr when off. float32,
+  // element (b, h) at alibi_slopes[b * alibi_batch_stride + h] (stride 0 for shape (H,)).
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+  int64_t window_left = -1;      // -1: unbounded
+  int64_t window_right = -1;     // -1: unbounded; 0 with window_left -1 is causal
+  int64_t diag_offset = 0;       // Sk - Sq (bottom-right) or 0 (top-left)
+  bool deterministic = false;    // backward: reproducible accumulation order
+};
+
+// Backward: gradients plus the forward's q, k, v, out, lse above.
+struct FlashBwdParams : FlashParams {
+  const void* dout = nullptr;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  void* dq = nullptr;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  void* dk = nullptr;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  void* dv = nullptr;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+};
+
+}  // namespace flashattn

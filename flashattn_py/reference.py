@@ -1,0 +1,130 @@
+"""The naive attention formula with every feature of DESIGN.md ("Semantics").
+
+This is the definition every kernel is tested against (run in float64), and the
+``reference`` backend (autograd through plain PyTorch ops, O(N^2) memory).
+It generalises the seed's ``softmax(Q K^T / sqrt(d_k)) V``, which returned
+``(output, p_attn)``: ``attention_ref(..., return_probs=True)`` still gives p_attn.
+
+Layout is flash-attn's: q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def visibility_mask(
+    seqlen_q: int,
+    seqlen_k: int,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """(Sq, Sk) bool: True where key j is visible to query i.
+
+    Visible iff ``i + diag_offset - window_left <= j <= i + diag_offset + window_right``,
+    a bound of -1 being unbounded. Causal is ``window_right == 0``.
+    """
+    i = torch.arange(seqlen_q, device=device).unsqueeze(1) + diag_offset
+    j = torch.arange(seqlen_k, device=device).unsqueeze(0)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        visible &= j >= i - window_left
+    if window_right >= 0:
+        visible &= j <= i + window_right
+    return visible
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    diag_offset: int = 0,
+    dropout_p: float = 0.0,
+    dropout_mask: Tensor | None = None,
+    return_probs: bool = False,
+):
+    """Attention by the naive formula, computed in the dtype of ``q``.
+
+    Args:
+        q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv); H % Hk == 0.
+        scale: multiplies q.k; default 1/sqrt(D).
+        softcap: > 0 applies ``softcap * tanh(s / softcap)``.
+        alibi_slopes: (H,) or (B, H); subtracts ``slope * |i + diag_offset - j|``.
+        attn_bias: broadcastable to (B, H, Sq, Sk); float is added, bool False removes.
+        window_left, window_right, diag_offset: visibility (see ``visibility_mask``).
+        dropout_p: drop probability; kept probabilities are scaled by 1/(1-p).
+        dropout_mask: bool keep-mask broadcastable to (B, H, Sq, Sk); drawn with
+            torch's RNG when ``dropout_p > 0`` and none is given.
+        return_probs: also return the softmax probabilities (B, H, Sq, Sk), before dropout.
+
+    Returns:
+        ``(out, lse)`` or ``(out, lse, probs)``: out (B, Sq, H, Dv) in q's dtype,
+        lse (B, H, Sq) = log sum_j exp(s_ij). A query row with no visible key gives
+        out = 0 and lse = -inf (never NaN, gradients zero).
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    group = num_heads // num_heads_k
+    qh = q.transpose(1, 2)  # (B, H, Sq, D)
+    kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
+
+    s = torch.matmul(qh, kh.transpose(-2, -1)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        rows = torch.arange(seqlen_q, device=q.device).unsqueeze(1) + diag_offset
+        cols = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
+        distance = (rows - cols).abs().to(s.dtype)
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes.view(1, num_heads, 1, 1) if slopes.dim() == 1 else slopes.view(batch, num_heads, 1, 1)
+        s = s - slopes * distance
+    visible = visibility_mask(seqlen_q, seqlen_k, window_left, window_right, diag_offset, q.device)
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            visible = visible & attn_bias
+        else:
+            s = s + attn_bias.to(s.dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+
+    # Shift by the row max (detached: softmax and lse are shift invariant), guarding
+    # rows with no visible key so they give p = 0 and lse = -inf, not NaN.
+    row_max = s.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(s - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    lse = (torch.log(denom) + row_max).squeeze(-1)
+    probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+    p = probs
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(probs) >= dropout_p
+        p = probs * dropout_mask / (1.0 - dropout_p)
+    out = torch.matmul(p, vh).transpose(1, 2)  # (B, Sq, H, Dv)
+    if return_probs:
+        return out, lse, probs
+    return out, lse
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, dropout=None):
+    """The seed formula in (..., S, D) layout: returns ``(softmax(QK^T/sqrt(d)) V, p_attn)``."""
+    d_k = query.size(-1)
+    scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(d_k)
+    p_attn = scores.softmax(dim=-1)
+    if dropout is not None:
+        p_attn = dropout(p_attn)
+    return torch.matmul(p_attn, value), p_attn

@@ -1,0 +1,110 @@
+"""The correctness rule of DESIGN.md, shared by every backend's tests.
+
+Truth is ``reference.attention_ref`` in float64 on the same inputs. A kernel passes when
+``max|out - ref| <= factor * max|naive_lowp - ref| + 1e-6`` where naive_lowp is the same
+formula run in the input dtype (factor 2 for outputs, 3 for gradients).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flashattn_py.reference import attention_ref
+
+OUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+def random_qkv(
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    num_heads: int,
+    num_heads_k: int,
+    head_dim: int,
+    head_dim_v: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+    layout: str = "bshd",
+):
+    """Fresh random q (B, Sq, H, D), k, v (B, Sk, Hk, D/Dv) that require grad.
+
+    layout "bhsd" allocates (B, H, S, D) memory and returns the (B, S, H, D) view of it
+    (the SDPA layout seen through flash-attn's); "strided" returns views whose row stride
+    is padded, so kernels must honour strides.
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(s, h, d):
+        if layout == "bshd":
+            x = torch.randn(batch, s, h, d, generator=gen)
+        elif layout == "bhsd":
+            x = torch.randn(batch, h, s, d, generator=gen).transpose(1, 2)
+        elif layout == "strided":
+            x = torch.randn(batch, s, h, d + 3, generator=gen)[..., :d]
+        else:
+            raise ValueError(layout)
+        return x.to(device=device, dtype=dtype).requires_grad_()
+
+    return make(seqlen_q, num_heads, head_dim), make(seqlen_k, num_heads_k, head_dim), make(seqlen_k, num_heads_k, head_dim_v)
+
+
+def _leaf64(t: Tensor) -> Tensor:
+    return t.detach().double().requires_grad_()
+
+
+def _leaf(t: Tensor) -> Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def assert_rule(name: str, got: Tensor, ref: Tensor, naive: Tensor, factor: float, seed: int | None = None):
+    """Assert ``max|got - ref| <= factor * max|naive - ref| + 1e-6`` (ref in float64)."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    got64, ref64, naive64 = got.double(), ref.double(), naive.double()
+    assert not torch.isnan(got64).any(), f"{name}: NaN in result (seed {seed})"
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(got64), finite), f"{name}: inf pattern differs from reference (seed {seed})"
+    err = (got64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    base = (naive64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    bound = factor * base + 1e-6
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} * naive error {base:.3e} + 1e-6 (seed {seed})"
+
+
+def check_attention(
+    run: Callable[[Tensor, Tensor, Tensor], Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    grad: bool = True,
+    seed: int | None = None,
+    **ref_kwargs,
+):
+    """Hold ``run(q, k, v) -> out (B, Sq, H, Dv)`` to the reference by the DESIGN.md rule.
+
+    ``ref_kwargs`` are ``attention_ref``'s semantic arguments (scale, window_left, ...).
+    With ``grad`` the gradients of q, k, v for a random upstream gradient are checked too.
+    """
+    q1, k1, v1 = _leaf(q), _leaf(k), _leaf(v)
+    out = run(q1, k1, v1)
+    q64, k64, v64 = _leaf64(q), _leaf64(k), _leaf64(v)
+    ref, _ = attention_ref(q64, k64, v64, **ref_kwargs)
+    ql, kl, vl = _leaf(q), _leaf(k), _leaf(v)
+    naive, _ = attention_ref(ql, kl, vl, **ref_kwargs)
+    assert out.dtype == q.dtype, f"out dtype {out.dtype} != input dtype {q.dtype}"
+    assert_rule("out", out, ref, naive, OUT_FACTOR, seed)
+    if not grad:
+        return
+    gen = torch.Generator().manual_seed(1234 if seed is None else seed + 1)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(q.device)
+    out.backward(dout.to(out.dtype))
+    ref.backward(dout)
+    naive.backward(dout.to(naive.dtype))
+    for name, got, r, n in (("dq", q1, q64, ql), ("dk", k1, k64, kl), ("dv", v1, v64, vl)):
+        assert got.grad is not None, f"{name}: no gradient"
+        assert_rule(name, got.grad, r.grad, n.grad, GRAD_FACTOR, seed)
