@@ -4,7 +4,7 @@
 // Layout (element strides, any value, so both the flash-attn (B, S, H, D) and the
 // SDPA (B, H, S, D) layouts are served without copies):
 //   q    (B, Sq, H,  D)      k (B, Sk, Hk, D)      v (B, Sk, Hk, Dv)
-//   out  (B, Sq, H,  Dv)     lse (B, H, Sq) float32, contiguous
+//   out  (B, Sq, H,  Dv)     lse (B, H, Sq) float32 (float64 for float64 inputs), contiguous
 // H % Hk == 0: query head h reads key/value head h / (H / Hk) (MQA / GQA).
 //
 // Visibility of key j for query i (DESIGN.md, "Semantics" 5):
@@ -29,7 +29,8 @@ struct FlashParams {
   // Forward outputs / backward inputs.
   void* out = nullptr;
   int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
-  float* lse = nullptr;  // (B, H, Sq) contiguous
+  // (B, H, Sq) contiguous; float32, except float64 for float64 inputs (CPU kernel).
+  void* lse = nullptr;
 
   // Sizes.
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
