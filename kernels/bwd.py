@@ -1,0 +1,356 @@
+"""Triton flash attention backward (FA2 style), recomputing P from the saved lse.
+
+Three kernels:
+  * ``_delta_kernel``: delta_i = sum_d dout_id * out_id (float32, (B, H, Sq)).
+  * ``_dkdv_kernel``: one program per (key block, batch * kv head). K/V tiles stay in
+    registers, Q/dO blocks stream through, and the loop also runs over the query heads of
+    the GQA group, so dK/dV are reduced over the group in registers (no atomics).
+  * ``_dq_kernel``: one program per (query block, batch * head), K/V streaming.
+Both passes visit only the blocks inside the causal / window band and mask only the
+boundary blocks. No atomics anywhere: the backward is always deterministic, so the
+``deterministic`` flag needs no separate path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    Launcher,
+    device_ctx,
+    dot_precision,
+    kv_block_range,
+    last_unit,
+    load_tile,
+    pad_dim,
+    q_block_range,
+    seq_bucket,
+    tanh_f32,
+    visible,
+)
+from .fwd import alibi_args, score_params
+
+
+@triton.jit
+def _delta_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_os, stride_oh,
+    stride_db, stride_ds, stride_dh,
+    num_heads, seqlen_q, head_dim_v,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o = load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                  + rows[:, None] * stride_os + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
+    do = load_tile(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+                   + rows[:, None] * stride_ds + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
+    start_m, end_m, cols, offs_m, offs_d, offs_dv,
+    seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    for m0 in range(start_m, end_m, BLOCK_M):
+        rows = m0 + offs_m
+        q = load_tile(Q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+                      MASK, not EVEN_D)
+        do = load_tile(DO_base + rows[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv,
+                       head_dim_v, MASK, not EVEN_DV)
+        if MASK:
+            lse = tl.load(Lse_base + rows, mask=rows < seqlen_q, other=0.0)
+            delta = tl.load(Delta_base + rows, mask=rows < seqlen_q, other=0.0)
+            # rows with no visible key have lse = -inf; their p is masked to 0 below
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+        else:
+            lse2 = tl.load(Lse_base + rows) * 1.4426950408889634
+            delta = tl.load(Delta_base + rows)
+        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
+        if HAS_SOFTCAP:
+            tT = tanh_f32(qkT * softcap_in)
+            sT = softcap2 * tT
+        else:
+            sT = qkT * qk_scale2
+        if HAS_ALIBI:
+            sT = sT - slope2 * tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
+        pT = tl.exp2(sT - lse2[None, :])
+        if MASK:
+            visT = tl.trans(visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT))
+            pT = tl.where(visT, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Alibi,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_ab,
+    num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    scale, qk_scale2, softcap_in, softcap2, diag, left, right,
+    seq_key,  # autotune key only
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // num_heads_k
+    hk = pid_bhk % num_heads_k
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k = load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                  + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim, True, not EVEN_D)
+    v = load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                  + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+                  True, not EVEN_DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo, a, bb, end = q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
+                                   BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for g in range(0, group):
+        h = hk * group + g
+        Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row0 = (b * num_heads + h).to(tl.int64) * seqlen_q
+        Lse_base = Lse + row0
+        Delta_base = Delta + row0
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
+            lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
+            a, bb, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
+            bb, end, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+
+    dk = dk * scale
+    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
+    start_n, end_n, rows, offs_n, offs_d, offs_dv,
+    seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    for n0 in range(start_n, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        k = load_tile(K_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+                      MASK, not EVEN_D)
+        v = load_tile(V_base + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+                      MASK, not EVEN_DV)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_SOFTCAP:
+            t = tanh_f32(qk * softcap_in)
+            s = softcap2 * t
+        else:
+            s = qk * qk_scale2
+        if HAS_ALIBI:
+            s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        p = tl.exp2(s - lse2[:, None])
+        if MASK:
+            vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Alibi,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_ab,
+    num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    scale, qk_scale2, softcap_in, softcap2, diag, left, right,
+    seq_key,  # autotune key only
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim, True, not EVEN_D)
+    do = load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                   + rows[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v,
+                   True, not EVEN_DV)
+    row0 = pid_bh.to(tl.int64) * seqlen_q
+    lse = tl.load(Lse + row0 + rows, mask=rows < seqlen_q, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(Delta + row0 + rows, mask=rows < seqlen_q, other=0.0)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, a, bb, end = kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
+                                    BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
+                    lo, a, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
+                    a, bb, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
+                    bb, end, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    dq = dq * scale
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+
+
+_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "seq_key"]
+_launch_dkdv = Launcher("dkdv", _dkdv_kernel, _KEY)
+_launch_dq = Launcher("dq", _dq_kernel, _KEY)
+_DELTA_BLOCK_M = 64
+
+
+def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: float,
+              window_left: int, window_right: int, diag_offset: int, deterministic: bool = False):
+    """Flash attention backward.
+
+    Args:
+        dout, out: (B, Sq, H, Dv); q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv);
+        lse: (B, H, Sq) float32 from ``flash_fwd``; the rest as in ``flash_fwd``.
+        deterministic: accepted for the API; this backward never uses atomics and is
+            always deterministic.
+
+    Returns:
+        (dq, dk, dv), contiguous, with the shapes and dtypes of q, k, v (dk / dv summed
+        over the query heads of each GQA group).
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    head_dim_v = v.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch * num_heads == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, q, k, v, out = last_unit(dout), last_unit(q), last_unit(k), last_unit(v), last_unit(out)
+    lse = lse.contiguous()
+    block_d, block_dv = pad_dim(head_dim), pad_dim(head_dim_v)
+    qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
+    slopes, stride_ab = alibi_args(alibi_slopes, q)
+    left, right = int(window_left), int(window_right)
+    group = num_heads // num_heads_k
+    bucket = seq_bucket(max(seqlen_q, seqlen_k))
+    kwargs = dict(
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        PREC=dot_precision(q.dtype),
+    )
+    size_cls = (max(block_d, block_dv), q.element_size())
+
+    with device_ctx(q):
+        delta = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(seqlen_q, _DELTA_BLOCK_M), batch * num_heads)](
+            out, dout, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            num_heads, seqlen_q, head_dim_v,
+            BLOCK_DV=block_dv, BLOCK_M=_DELTA_BLOCK_M, BLOCK_N=0,
+        )
+        common = (
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+        )
+        dkdv_args = (
+            q, k, v, dout, lse, delta, dk, dv, slopes, *common,
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            stride_ab,
+            num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
+        )
+        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_heads_k),
+                     dkdv_args, kwargs, *size_cls)
+        dq_args = (
+            q, k, v, dout, lse, delta, dq, slopes, *common,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            stride_ab,
+            num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
+        )
+        _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads),
+                   dq_args, kwargs, *size_cls)
+    return dq, dk, dv

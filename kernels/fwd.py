@@ -1,0 +1,222 @@
+"""Triton flash attention forward (FA2 style).
+
+One program per (query block, batch * head). The Q tile stays in registers, K/V tiles
+stream through; online softmax in base 2 (log2(e) folded into the score scale), the
+1/rowsum normalisation deferred to the end. Key blocks outside the causal / sliding
+window band are never visited; the element mask is applied only on the boundary blocks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E,
+    Launcher,
+    device_ctx,
+    dot_precision,
+    kv_block_range,
+    last_unit,
+    load_tile,
+    pad_dim,
+    seq_bucket,
+    tanh_f32,
+    visible,
+)
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs,
+    start_n, end_n, rows, offs_n, offs_d, offs_dv,
+    seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    for n0 in range(start_n, end_n, BLOCK_N):
+        cols = n0 + offs_n
+        k = load_tile(K_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+                      MASK, not EVEN_D)
+        v = load_tile(V_base + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+                      MASK, not EVEN_DV)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        # s is the score in log2 units: log2(e) * (softcapped, alibi-shifted) score
+        if HAS_SOFTCAP:
+            s = softcap2 * tanh_f32(qk * softcap_in)
+        else:
+            s = qk * qk_scale2
+        if HAS_ALIBI:
+            s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        if MASK:
+            vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK:
+            # a row may have seen no visible key yet: shift by 0, not by -inf
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Alibi,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_ab,
+    num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    qk_scale2, softcap_in, softcap2, diag, left, right,
+    seq_key,  # autotune key only (sequence length bucket)
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if HAS_RIGHT:
+        # causal-like: the last query blocks have the most work, schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q = load_tile(Q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+                  True, not EVEN_D)
+
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+
+    lo, a, bb, end = kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
+                                    BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # leading boundary (sliding window left edge)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, a, rows, offs_n, offs_d, offs_dv,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    # interior: every key visible to every row, no mask
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, a, bb, rows, offs_n, offs_d, offs_dv,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    # trailing boundary (diagonal / right window edge / seqlen_k tail)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, bb, end, rows, offs_n, offs_d, offs_dv,
+        seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+
+    O_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_ptrs = O_base + rows[:, None] * stride_os + offs_dv[None, :]
+    if EVEN_DV:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None] < seqlen_q)
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v))
+    tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + rows, lse, mask=rows < seqlen_q)
+
+
+_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "seq_key"]
+
+
+_launch_fwd = Launcher("fwd", _fwd_kernel, _KEY)
+
+
+def score_params(scale: float, softcap: float):
+    """(qk_scale2, softcap_in, softcap2): the score scalings in log2 units."""
+    if softcap > 0:
+        return scale * LOG2E, scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0, 0.0
+
+
+def alibi_args(alibi_slopes, q):
+    """(pointer tensor, batch stride) for the slopes; q as a dummy pointer when absent."""
+    if alibi_slopes is None:
+        return q, 0
+    slopes = alibi_slopes.contiguous()
+    if slopes.dim() == 1:
+        return slopes, 0
+    return slopes, slopes.stride(0)
+
+
+def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
+              window_left: int, window_right: int, diag_offset: int):
+    """Flash attention forward.
+
+    Args:
+        q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv), any strides, H % Hk == 0.
+        alibi_slopes: None or float32 (H,) / (B, H).
+        scale, softcap (<= 0: off), window_left / window_right (-1: unbounded),
+        diag_offset: see DESIGN.md "Semantics".
+
+    Returns:
+        (out (B, Sq, H, Dv) contiguous in q's dtype, lse (B, H, Sq) float32, natural log).
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    head_dim_v = v.shape[-1]
+    out = torch.empty((batch, seqlen_q, num_heads, head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if seqlen_k == 0 or batch * num_heads * seqlen_q == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    q, k, v = last_unit(q), last_unit(k), last_unit(v)
+    block_d, block_dv = pad_dim(head_dim), pad_dim(head_dim_v)
+    qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
+    slopes, stride_ab = alibi_args(alibi_slopes, q)
+    left, right = int(window_left), int(window_right)
+    args = (
+        q, k, v, out, lse, slopes,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_ab,
+        num_heads, num_heads // num_heads_k, seqlen_q, seqlen_k, head_dim, head_dim_v,
+        qk_scale2, softcap_in, softcap2, int(diag_offset), left, right,
+        seq_bucket(max(seqlen_q, seqlen_k)),
+    )
+    kwargs = dict(
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
+        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        PREC=dot_precision(q.dtype),
+    )
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)  # noqa: E731
+    with device_ctx(q):
+        _launch_fwd(grid, args, kwargs, max(block_d, block_dv), q.element_size())
+    return out, lse
