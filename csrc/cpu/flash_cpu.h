@@ -1,0 +1,179 @@
+// Fused attention on the CPU: forward and backward over FlashParams (csrc/flash_params.h).
+//
+// Shared pieces of flash_fwd.cpp and flash_bwd.cpp: element-type plumbing, the per-row
+// score transform (scale is applied by the GEMM; softcap, ALiBi, visibility here), and a
+// dynamic work queue over at::parallel_for threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+
+#include "../flash_params.h"
+
+namespace flashattn::cpu {
+
+template <typename scalar_t>
+void flash_fwd(const FlashParams& params);
+template <typename scalar_t>
+void flash_bwd(const FlashBwdParams& params);
+
+// Accumulation type: float for 16- and 32-bit inputs, double for double.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+template <typename acc>
+using Vec = at::vec::Vectorized<acc>;
+
+template <typename acc>
+inline std::unique_ptr<acc[]> scratch(int64_t n) {
+  return std::unique_ptr<acc[]>(new acc[std::max<int64_t>(n, 1)]);
+}
+
+// Copy `rows` rows of `cols` elements from strided `src` into dense acc-typed `dst`.
+template <typename T, typename acc>
+inline void load_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, acc* dst,
+                      int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    acc* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc>(s[c]);
+  }
+}
+
+template <typename T, typename acc>
+inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
+  for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(src[c] * mult);
+}
+
+// Keys visible to query row i: [lo, hi), empty when hi <= lo.
+struct KeyRange {
+  int64_t lo, hi;
+};
+inline KeyRange visible_keys(const FlashParams& p, int64_t i) {
+  int64_t lo = 0, hi = p.seqlen_k;
+  if (p.window_left >= 0) lo = std::max<int64_t>(lo, i + p.diag_offset - p.window_left);
+  if (p.window_right >= 0) hi = std::min<int64_t>(hi, i + p.diag_offset + p.window_right + 1);
+  lo = std::min<int64_t>(lo, p.seqlen_k);
+  return {lo, std::max(lo, hi)};
+}
+
+// Keys visible to any of the rows [row0, row1).
+inline KeyRange visible_keys(const FlashParams& p, int64_t row0, int64_t row1) {
+  KeyRange first = visible_keys(p, row0), last = visible_keys(p, row1 - 1);
+  // Both bounds grow with i, so the union is [first.lo, last.hi) (clipped if empty).
+  if (last.hi <= first.lo) return {first.lo, first.lo};
+  return {first.lo, last.hi};
+}
+
+inline float alibi_slope(const FlashParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+}
+
+// Turn the scaled scores s[0, n) of query row i against keys j0 .. j0+n-1 into final
+// logits: softcap, minus ALiBi, -inf where not visible. With softcap, `dcap` (if given)
+// receives d(capped)/d(raw) = 1 - tanh^2 for the backward.
+template <typename acc>
+inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i, int64_t j0,
+                             float slope, acc* dcap) {
+  if (p.softcap > 0.f) {
+    const acc cap = p.softcap, inv = acc(1) / cap;
+    for (int64_t c = 0; c < n; ++c) {
+      const acc t = std::tanh(s[c] * inv);
+      s[c] = cap * t;
+      if (dcap) dcap[c] = acc(1) - t * t;
+    }
+  }
+  if (slope != 0.f) {
+    const int64_t qpos = i + p.diag_offset;
+    for (int64_t c = 0; c < n; ++c) {
+      s[c] -= static_cast<acc>(slope) * static_cast<acc>(std::llabs(qpos - (j0 + c)));
+    }
+  }
+  const KeyRange r = visible_keys(p, i);
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  const int64_t lo = std::clamp<int64_t>(r.lo - j0, 0, n), hi = std::clamp<int64_t>(r.hi - j0, lo, n);
+  for (int64_t c = 0; c < lo; ++c) s[c] = neg_inf;
+  for (int64_t c = hi; c < n; ++c) s[c] = neg_inf;
+}
+
+// Vectorised row primitives (exp through Sleef where torch's vec headers provide it).
+template <typename acc>
+inline acc row_max(const acc* s, int64_t n) {
+  using V = Vec<acc>;
+  acc best = -std::numeric_limits<acc>::infinity();
+  int64_t c = 0;
+  if (n >= V::size()) {
+    V vbest = V::loadu(s);
+    for (c = V::size(); c + V::size() <= n; c += V::size()) vbest = at::vec::maximum(vbest, V::loadu(s + c));
+    acc lanes[V::size()];
+    vbest.store(lanes);
+    for (int64_t l = 0; l < V::size(); ++l) best = std::max(best, lanes[l]);
+  }
+  for (; c < n; ++c) best = std::max(best, s[c]);
+  return best;
+}
+
+// s[c] = exp(s[c] - shift) in place; returns the sum. exp(-inf) = 0.
+template <typename acc>
+inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
+  using V = Vec<acc>;
+  const V vshift(shift);
+  V vsum(acc(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V x = (V::loadu(s + c) - vshift).exp();
+    x.store(s + c);
+    vsum = vsum + x;
+  }
+  acc lanes[V::size()];
+  vsum.store(lanes);
+  acc sum = 0;
+  for (int64_t l = 0; l < V::size(); ++l) sum += lanes[l];
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
+}
+
+template <typename acc>
+inline void scale_row(acc* x, int64_t n, acc mult) {
+  using V = Vec<acc>;
+  const V vm(mult);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * vm).store(x + c);
+  for (; c < n; ++c) x[c] *= mult;
+}
+
+// Run body(task, workspace) for task in [0, num_tasks) on torch's intra-op threads, each
+// thread with its own workspace from make_workspace(), handing out tasks in order from a
+// shared counter (list heavy tasks first for balance).
+template <typename MakeWorkspace, typename Body>
+inline void for_each_task(int64_t num_tasks, const MakeWorkspace& make_workspace, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto workspace = make_workspace();
+    for (int64_t t = next++; t < num_tasks; t = next++) body(t, workspace);
+  });
+}
+
+}  // namespace flashattn::cpu

@@ -1,0 +1,122 @@
+// Fused attention forward on the CPU: tiled, online softmax, no Sq x Sk buffer.
+//
+// One task is one (batch, head, block of BLOCK_Q query rows). It streams the visible
+// key/value blocks of BLOCK_K rows: S = scale * Q K^T through BLAS, the score transform
+// and online-softmax update per row (vectorised exp), then O += P V through BLAS. Memory
+// per thread is a few blocks, independent of the sequence length.
+#include "flash_cpu.h"
+
+#include "blas.h"
+
+namespace flashattn::cpu {
+
+namespace {
+constexpr int64_t BLOCK_Q = 128;
+constexpr int64_t BLOCK_K = 256;
+
+template <typename acc>
+struct FwdWorkspace {
+  std::unique_ptr<acc[]> q, k, v, s, o, m, l;
+  FwdWorkspace(int64_t d, int64_t dv)
+      : q(scratch<acc>(BLOCK_Q * d)), k(scratch<acc>(BLOCK_K * d)), v(scratch<acc>(BLOCK_K * dv)),
+        s(scratch<acc>(BLOCK_Q * BLOCK_K)), o(scratch<acc>(BLOCK_Q * dv)), m(scratch<acc>(BLOCK_Q)),
+        l(scratch<acc>(BLOCK_Q)) {}
+};
+}  // namespace
+
+template <typename T>
+void flash_fwd(const FlashParams& p) {
+  using acc = acc_t<T>;
+  // float and double inputs feed BLAS in place (row stride as leading dimension); 16-bit
+  // inputs are widened block by block into the workspace.
+  constexpr bool in_place = std::is_same_v<T, acc>;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
+  const int64_t num_q_blocks = (p.seqlen_q + BLOCK_Q - 1) / BLOCK_Q;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  acc* lse = static_cast<acc*>(p.lse);
+  const acc neg_inf = -std::numeric_limits<acc>::infinity();
+
+  auto body = [&](int64_t task, FwdWorkspace<acc>& ws) {
+    // Within a head, the last query blocks see the most keys under causal masks: hand
+    // them out first.
+    const int64_t bh = task / num_q_blocks;
+    const int64_t q_block = num_q_blocks - 1 - task % num_q_blocks;
+    const int64_t b = bh / H, h = bh % H, hk = h / group;
+    const int64_t row0 = q_block * BLOCK_Q, rows = std::min(BLOCK_Q, p.seqlen_q - row0);
+
+    const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
+    const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
+    const T* v_head = v + b * p.v_batch_stride + hk * p.v_head_stride;
+    const acc* qa;
+    int64_t ldq;
+    if constexpr (in_place) {
+      qa = q_blk, ldq = p.q_row_stride;
+    } else {
+      load_rows(q_blk, p.q_row_stride, rows, D, ws.q.get(), D);
+      qa = ws.q.get(), ldq = D;
+    }
+    acc* s = ws.s.get();
+    acc* o = ws.o.get();
+    acc* m = ws.m.get();
+    acc* l = ws.l.get();
+    std::fill(o, o + rows * Dv, acc(0));
+    std::fill(m, m + rows, neg_inf);
+    std::fill(l, l + rows, acc(0));
+    const float slope = alibi_slope(p, b, h);
+    const KeyRange keys = visible_keys(p, row0, row0 + rows);
+
+    for (int64_t col0 = keys.lo; col0 < keys.hi; col0 += BLOCK_K) {
+      const int64_t cols = std::min(BLOCK_K, keys.hi - col0);
+      const acc *ka, *va;
+      int64_t ldk, ldv;
+      if constexpr (in_place) {
+        ka = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
+        va = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
+      } else {
+        load_rows(k_head + col0 * p.k_row_stride, p.k_row_stride, cols, D, ws.k.get(), D);
+        load_rows(v_head + col0 * p.v_row_stride, p.v_row_stride, cols, Dv, ws.v.get(), Dv);
+        ka = ws.k.get(), ldk = D, va = ws.v.get(), ldv = Dv;
+      }
+      gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, BLOCK_K);
+
+      for (int64_t r = 0; r < rows; ++r) {
+        acc* srow = s + r * BLOCK_K;
+        transform_scores<acc>(p, srow, cols, row0 + r, col0, slope, nullptr);
+        const acc m_new = std::max(m[r], row_max(srow, cols));
+        if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
+          std::fill(srow, srow + cols, acc(0));
+          continue;
+        }
+        const acc rescale = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
+        const acc sum = exp_shift_sum(srow, cols, m_new);
+        if (rescale != acc(1)) scale_row(o + r * Dv, Dv, rescale);
+        l[r] = l[r] * rescale + sum;
+        m[r] = m_new;
+      }
+      gemm<acc>(Op::N, Op::N, rows, Dv, cols, acc(1), s, BLOCK_K, va, ldv, acc(1), o, Dv);
+    }
+
+    T* out_blk = out + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
+    acc* lse_blk = lse + (b * H + h) * p.seqlen_q + row0;
+    for (int64_t r = 0; r < rows; ++r) {
+      // A row that saw no key: out 0, lse -inf (never 0/0).
+      const bool empty = l[r] == acc(0);
+      store_row<T, acc>(o + r * Dv, Dv, empty ? acc(0) : acc(1) / l[r], out_blk + r * p.o_row_stride);
+      lse_blk[r] = empty ? neg_inf : m[r] + std::log(l[r]);
+    }
+  };
+
+  for_each_task(
+      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(D, Dv); }, body);
+}
+
+template void flash_fwd<float>(const FlashParams&);
+template void flash_fwd<double>(const FlashParams&);
+template void flash_fwd<c10::BFloat16>(const FlashParams&);
+template void flash_fwd<c10::Half>(const FlashParams&);
+
+}  // namespace flashattn::cpu

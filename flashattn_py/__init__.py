@@ -1,0 +1,24 @@
+"""flashattn_py: fused (flash) attention for PyTorch on CPU (C++), Triton and CUDA.
+
+Public names only; see README.md for the API and DESIGN.md for the semantics.
+"""
+import warnings as _warnings
+
+from .api import flash_attn_func, scaled_dot_product_attention
+from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
+
+if _compiled_ops_error():
+    _warnings.warn(
+        f"flashattn_py: {_compiled_ops_error()}; CPU calls fall back to the reference "
+        "(O(N^2) memory) and CUDA calls to triton. Build it with "
+        "`pip install --no-build-isolation -e .`.",
+        stacklevel=2,
+    )
+
+__all__ = [
+    "available_backends",
+    "flash_attn_func",
+    "scaled_dot_product_attention",
+    "use_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Backend registry and selection.
+
+Each backend answers ``supports(problem) -> list[str]``: empty means it can serve the
+problem, otherwise the reasons it can't (like xformers' ``not_supported_reasons``).
+Selection order: explicit ``backend=`` argument > ``with use_backend(...)`` >
+env ``FLASHATTN_BACKEND`` > auto. Auto tries cuda -> triton -> reference for CUDA
+tensors and cpu -> reference for CPU tensors; falling to ``reference`` warns once.
+A forced backend that can't serve the problem raises ValueError naming each reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import warnings
+from typing import Callable, Iterator
+
+import torch
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What a backend needs to know to say whether it can serve a call."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    head_dim_v: int
+    has_attn_mask: bool = False
+    dropout_p: float = 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_ops_error() -> str | None:
+    """None when flashattn_py._C (the C++/CUDA ops) loaded, else why not."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.flashattn.*)
+    except ImportError as e:
+        return f"the compiled extension flashattn_py._C is not available ({e})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_error() -> str | None:
+    """None when the Triton kernels import, else why not."""
+    try:
+        from . import kernels  # noqa: F401
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return f"triton kernels unavailable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_error() -> str | None:
+    err = compiled_ops_error()
+    if err:
+        return err
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA"):
+        return "flashattn_py._C was built without CUDA kernels"
+    return None
+
+
+def _common_reasons(p: Problem) -> list[str]:
+    reasons = []
+    if p.has_attn_mask:
+        reasons.append("attn_mask is not supported by the fused kernels yet")
+    if p.dropout_p > 0:
+        reasons.append("dropout is not supported by the fused kernels yet")
+    return reasons
+
+
+def _cpu_supports(p: Problem) -> list[str]:
+    reasons = [compiled_ops_error()] if compiled_ops_error() else []
+    if p.device_type != "cpu":
+        reasons.append(f"runs on CPU tensors, got {p.device_type}")
+    if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        reasons.append(f"dtype {p.dtype} not supported (float32, float64, bfloat16, float16)")
+    return reasons + _common_reasons(p)
+
+
+def _triton_supports(p: Problem) -> list[str]:
+    reasons = [triton_error()] if triton_error() else []
+    if p.device_type != "cuda" and not (p.device_type == "cpu" and triton_interpreted()):
+        reasons.append(f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}")
+    if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
+    return reasons + _common_reasons(p)
+
+
+def _cuda_supports(p: Problem) -> list[str]:
+    reasons = [cuda_kernels_error()] if cuda_kernels_error() else []
+    if p.device_type != "cuda":
+        reasons.append(f"runs on CUDA tensors, got {p.device_type}")
+    elif not reasons and torch.cuda.get_device_capability()[0] < 8:
+        reasons.append("needs an sm80+ GPU")
+    if p.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16); float32 is served by triton")
+    return reasons + _common_reasons(p)
+
+
+def _reference_supports(p: Problem) -> list[str]:
+    return []
+
+
+SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {
+    "cuda": _cuda_supports,
+    "triton": _triton_supports,
+    "cpu": _cpu_supports,
+    "reference": _reference_supports,
+}
+
+_forced_stack: list[str] = []
+
+
+def check_backend_name(name: str, argument: str = "backend") -> None:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"{argument}: unknown backend {name!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Route calls inside the block to backend ``name`` (or "auto")."""
+    check_backend_name(name)
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable on this machine (for ``device``'s type when given), in auto order."""
+    device_types = [torch.device(device).type] if device is not None else ["cuda", "cpu"]
+    names = []
+    for name in BACKEND_NAMES:
+        for device_type in device_types:
+            if device_type == "cuda" and not torch.cuda.is_available():
+                continue
+            if not SUPPORTS[name](Problem(device_type, torch.float16 if name == "cuda" else torch.float32, 64, 64)):
+                names.append(name)
+                break
+    return names
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def select(problem: Problem, backend: str = "auto") -> str:
+    """The backend that serves ``problem``, by the order in the module docstring."""
+    check_backend_name(backend)
+    if backend == "auto" and _forced_stack:
+        backend = _forced_stack[-1]
+    if backend == "auto":
+        backend = os.environ.get("FLASHATTN_BACKEND", "auto") or "auto"
+        check_backend_name(backend, "FLASHATTN_BACKEND")
+    if backend != "auto":
+        reasons = SUPPORTS[backend](problem)
+        if reasons:
+            raise ValueError(f"backend {backend!r} can't serve this call: " + "; ".join(reasons))
+        return backend
+    order = ("cuda", "triton", "reference") if problem.device_type == "cuda" else ("cpu", "reference")
+    why_not = []
+    for name in order:
+        reasons = SUPPORTS[name](problem)
+        if not reasons:
+            if name == "reference":
+                _warn_once(
+                    "flashattn_py: no fused backend serves this call, using the reference "
+                    "(O(N^2) memory): " + "; ".join(why_not)
+                )
+            return name
+        why_not.append(f"{name}: " + ", ".join(reasons))
+    raise AssertionError("reference serves every problem")

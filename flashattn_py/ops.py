@@ -1,0 +1,173 @@
+"""The attention custom ops and their autograd.
+
+``flashattn::attn_fwd`` / ``flashattn::attn_bwd`` (``torch.library.custom_op``) are what
+torch.compile and autograd see: one op pair for every fused backend, with fake impls and
+``register_autograd``. Their implementations call the compiled ops
+``torch.ops.flashattn.fwd`` / ``bwd`` (schemas in csrc/ops.cpp, CPU and CUDA kernels by
+dispatch key) or the Triton launchers in ``flashattn_py.kernels``. The forward returns
+``(out, lse)``; the backward recomputes P from lse, nothing N x N is saved. lse is not
+differentiable (its gradient is ignored).
+
+Layout everywhere: q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv), any strides with a
+contiguous last dimension; out (B, Sq, H, Dv); lse (B, H, Sq).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import attention_ref
+
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+
+
+def _lse_dtype(q: Tensor, backend: str) -> torch.dtype:
+    # The CPU kernel accumulates float64 inputs in float64, lse included.
+    return torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
+
+
+@torch.library.custom_op("flashattn::attn_fwd", mutates_args=())
+def attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Fused forward on ``backend``; ``deterministic`` is kept for the backward."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset)
+    return torch.ops.flashattn.fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset)
+
+
+@attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, backend):
+    batch, seqlen_q, num_heads, _ = q.shape
+    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
+    lse = q.new_empty((batch, num_heads, seqlen_q), dtype=_lse_dtype(q, backend))
+    return out, lse
+
+
+@torch.library.custom_op("flashattn::attn_bwd", mutates_args=())
+def attn_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    alibi_slopes: Optional[Tensor],
+    scale: float,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    diag_offset: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attn_fwd's out, shaped like q, k, v."""
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.flash_bwd(
+            dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
+            deterministic,
+        )
+    return torch.ops.flashattn.bwd(
+        dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic
+    )
+
+
+@attn_bwd.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
+                   deterministic, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.args = (scale, softcap, window_left, window_right, diag_offset, deterministic, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    scale, softcap, window_left, window_right, diag_offset, deterministic, backend = ctx.args
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = attn_bwd(
+        dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
+        deterministic, backend,
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_compiled_op_fakes() -> None:
+    """Fake impls for the C++ ops themselves, so they too trace and pass opcheck."""
+    if backends.compiled_ops_error():
+        return
+
+    @torch.library.register_fake("flashattn::fwd")
+    def _fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset):
+        return _attn_fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, False,
+                              "cpu" if q.device.type == "cpu" else "cuda")
+
+    @torch.library.register_fake("flashattn::bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
+                  deterministic):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_register_compiled_op_fakes()
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    diag_offset: int = 0,
+    dropout_p: float = 0.0,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Attention on validated (B, S, H, D) inputs, on the selected backend: ``(out, lse)``."""
+    problem = backends.Problem(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        head_dim_v=v.shape[-1],
+        has_attn_mask=attn_mask is not None,
+        dropout_p=dropout_p,
+    )
+    name = backends.select(problem, backend)
+    if name == "reference":
+        return attention_ref(
+            q, k, v, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_mask,
+            window_left=window_left, window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
+        )
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.contiguous()
+    return attn_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, name)
