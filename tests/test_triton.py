@@ -115,7 +115,7 @@ WINDOWS = [
     # (Sq, Sk, left, right, diag, extras)
     (97, 97, 16, 0, 0, {}),                     # local causal
     (97, 130, 7, 20, 33, {}),                   # two-sided band, bottom-right
-    (130, 97, 0, 0, -40, {}),                   # diagonal only, empty rows at the top
+    (130, 97, 2, 0, -40, {}),                   # narrow band, empty rows at the top
     (64, 64, 40, -1, 0, {}),                    # left-only window
     (97, 97, 5, 3, 100, {}),                    # band entirely past Sk: every row empty
 ]
