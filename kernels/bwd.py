@@ -28,6 +28,7 @@ from .common import (
     seq_bucket,
     tanh_f32,
     visible,
+    visible_t,
 )
 from .fwd import alibi_args, score_params
 
@@ -89,7 +90,7 @@ def _dkdv_blocks(
             sT = sT - slope2 * tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
         pT = tl.exp2(sT - lse2[None, :])
         if MASK:
-            visT = tl.trans(visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT))
+            visT = visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(visT, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -110,7 +111,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_ab,
-    num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -119,10 +120,15 @@ def _dkdv_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # program axis 1 = (batch, kv head, split): each program reduces group // nsplit query
+    # heads; with nsplit > 1 DK/DV are (B, Sk, Hk * nsplit, D) partial sums.
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
-    b = pid_bhk // num_heads_k
-    hk = pid_bhk % num_heads_k
+    b = pid_bhk // (num_heads_k * nsplit)
+    hs = pid_bhk % (num_heads_k * nsplit)
+    hk = hs // nsplit
+    split = hs % nsplit
+    heads_per_prog = group // nsplit
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -139,8 +145,8 @@ def _dkdv_kernel(
 
     lo, a, bb, end = q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
                                    BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for g in range(0, group):
-        h = hk * group + g
+    for g in range(0, heads_per_prog):
+        h = hk * group + split * heads_per_prog + g
         Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         row0 = (b * num_heads + h).to(tl.int64) * seqlen_q
@@ -166,8 +172,8 @@ def _dkdv_kernel(
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
 
     dk = dk * scale
-    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
+    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hs.to(tl.int64) * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hs.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v))
 
@@ -279,6 +285,29 @@ _launch_dkdv = Launcher("dkdv", _dkdv_kernel, _KEY)
 _launch_dq = Launcher("dq", _dq_kernel, _KEY)
 _DELTA_BLOCK_M = 64
 
+# Force the GQA split of the dK/dV pass (tests); None: choose from the GPU's SM count.
+DKDV_SPLIT: int | None = None
+
+
+def _dkdv_split(batch: int, num_heads_k: int, group: int, seqlen_k: int, device: torch.device) -> int:
+    """How many programs share one kv head's GQA group in the dK/dV pass.
+
+    One program per (key block, kv head) reduces the whole group in registers; with few
+    kv heads (MQA) that leaves most SMs idle, so the group is split and the partial
+    sums reduced afterwards (deterministically, by torch.sum).
+    """
+    if DKDV_SPLIT is not None:
+        assert group % DKDV_SPLIT == 0
+        return DKDV_SPLIT
+    if group == 1 or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    progs = batch * num_heads_k * triton.cdiv(seqlen_k, 64)
+    n = 1
+    while progs * n < 2 * sms and n < group:
+        n = next(c for c in range(n + 1, group + 1) if group % c == 0)
+    return n
+
 
 def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: float,
               window_left: int, window_right: int, diag_offset: int, deterministic: bool = False):
@@ -334,16 +363,25 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
         )
+        nsplit = _dkdv_split(batch, num_heads_k, group, seqlen_k, q.device)
+        if nsplit == 1:
+            dk_buf, dv_buf = dk, dv
+        else:
+            dk_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim), dtype=torch.float32, device=q.device)
+            dv_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim_v), dtype=torch.float32, device=q.device)
         dkdv_args = (
-            q, k, v, dout, lse, delta, dk, dv, slopes, *common,
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, *common,
+            dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2),
+            dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2),
             stride_ab,
-            num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
         )
-        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_heads_k),
+        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_heads_k * nsplit),
                      dkdv_args, kwargs, *size_cls)
+        if nsplit > 1:
+            dk.copy_(dk_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim).sum(3))
+            dv.copy_(dv_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim_v).sum(3))
         dq_args = (
             q, k, v, dout, lse, delta, dq, slopes, *common,
             dq.stride(0), dq.stride(1), dq.stride(2),

@@ -172,6 +172,18 @@ def visible(rows, cols, seqlen_q, seqlen_k, diag, left, right,
 
 
 @triton.jit
+def visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Transposed ``visible``: (len(cols), len(rows)) bool."""
+    vis = (rows[None, :] < seqlen_q) & (cols[:, None] < seqlen_k)
+    if HAS_LEFT:
+        vis = vis & (cols[:, None] >= rows[None, :] + diag - left)
+    if HAS_RIGHT:
+        vis = vis & (cols[:, None] <= rows[None, :] + diag + right)
+    return vis
+
+
+@triton.jit
 def kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):

@@ -153,6 +153,14 @@ def test_softcap_alibi_window_fp16():
 
 
 @needs_interp
+@pytest.mark.parametrize("split", [2, 4])
+def test_gqa_split_dkdv(monkeypatch, split):
+    """dK/dV pass with the GQA group split over programs (partial sums reduced after)."""
+    monkeypatch.setattr(sys.modules[flash_bwd.__module__], "DKDV_SPLIT", split)
+    _case(1, 40, 50, 4, 1, 16, torch.float32, CPU_DEVICE, seed=31 + split, window_right=0, diag_offset=10)
+
+
+@needs_interp
 def test_head_dim_v_differs():
     _case(1, 33, 45, 2, 1, 32, torch.float32, CPU_DEVICE, seed=8, dv=48)
 
