@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import warnings
 from typing import Callable, Iterator
@@ -34,9 +33,12 @@ class Problem:
     dropout_p: float = 0.0
 
 
-@functools.lru_cache(maxsize=None)
-def compiled_ops_error() -> str | None:
-    """None when flashattn_py._C (the C++/CUDA ops) loaded, else why not."""
+# Why each optional piece is unavailable (None: available), computed once on first use.
+# A plain dict rather than functools.lru_cache, so torch.compile traces it as a constant.
+_unavailable: dict[str, str | None] = {}
+
+
+def _load_compiled_ops() -> str | None:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.flashattn.*)
     except ImportError as e:
@@ -44,9 +46,7 @@ def compiled_ops_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def triton_error() -> str | None:
-    """None when the Triton kernels import, else why not."""
+def _load_triton() -> str | None:
     try:
         from . import kernels  # noqa: F401
     except Exception as e:  # ImportError, or triton failing to initialise
@@ -54,18 +54,38 @@ def triton_error() -> str | None:
     return None
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_kernels_error() -> str | None:
+def _load_cuda_kernels() -> str | None:
     err = compiled_ops_error()
     if err:
         return err
     if not torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA"):
         return "flashattn_py._C was built without CUDA kernels"
     return None
+
+
+def _why_unavailable(piece: str, load: Callable[[], str | None]) -> str | None:
+    if piece not in _unavailable:
+        _unavailable[piece] = load()
+    return _unavailable[piece]
+
+
+def compiled_ops_error() -> str | None:
+    """None when flashattn_py._C (the C++/CUDA ops) loaded, else why not."""
+    return _why_unavailable("compiled", _load_compiled_ops)
+
+
+def triton_error() -> str | None:
+    """None when the Triton kernels import, else why not."""
+    return _why_unavailable("triton", _load_triton)
+
+
+def cuda_kernels_error() -> str | None:
+    """None when flashattn_py._C has CUDA kernels, else why not."""
+    return _why_unavailable("cuda", _load_cuda_kernels)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _common_reasons(p: Problem) -> list[str]:

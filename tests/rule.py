@@ -41,15 +41,18 @@ def random_qkv(
     gen = torch.Generator().manual_seed(seed)
 
     def make(s, h, d):
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
         if layout == "bshd":
-            x = torch.randn(batch, s, h, d, generator=gen)
+            x = randn(batch, s, h, d)
         elif layout == "bhsd":
-            x = torch.randn(batch, h, s, d, generator=gen).transpose(1, 2)
+            x = randn(batch, h, s, d).transpose(1, 2)
         elif layout == "strided":
-            x = torch.randn(batch, s, h, d + 3, generator=gen)[..., :d]
+            x = randn(batch, s, h, d + 3)[..., :d]
         else:
             raise ValueError(layout)
-        return x.to(device=device, dtype=dtype).requires_grad_()
+        return x.requires_grad_()
 
     return make(seqlen_q, num_heads, head_dim), make(seqlen_k, num_heads_k, head_dim), make(seqlen_k, num_heads_k, head_dim_v)
 
@@ -62,8 +65,10 @@ def _leaf(t: Tensor) -> Tensor:
     return t.detach().clone().requires_grad_()
 
 
-def assert_rule(name: str, got: Tensor, ref: Tensor, naive: Tensor, factor: float, seed: int | None = None):
-    """Assert ``max|got - ref| <= factor * max|naive - ref| + 1e-6`` (ref in float64)."""
+def assert_rule(
+    name: str, got: Tensor, ref: Tensor, naive: Tensor, factor: float, seed: int | None = None, atol: float = 1e-6
+):
+    """Assert ``max|got - ref| <= factor * max|naive - ref| + atol`` (ref in float64)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     got64, ref64, naive64 = got.double(), ref.double(), naive.double()
     assert not torch.isnan(got64).any(), f"{name}: NaN in result (seed {seed})"
@@ -71,8 +76,8 @@ def assert_rule(name: str, got: Tensor, ref: Tensor, naive: Tensor, factor: floa
     assert torch.equal(torch.isfinite(got64), finite), f"{name}: inf pattern differs from reference (seed {seed})"
     err = (got64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
     base = (naive64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
-    bound = factor * base + 1e-6
-    assert err <= bound, f"{name}: max error {err:.3e} > {factor} * naive error {base:.3e} + 1e-6 (seed {seed})"
+    bound = factor * base + atol
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} * naive error {base:.3e} + {atol:.1e} (seed {seed})"
 
 
 def check_attention(
@@ -105,6 +110,11 @@ def check_attention(
     out.backward(dout.to(out.dtype))
     ref.backward(dout)
     naive.backward(dout.to(naive.dtype))
+    # The 1e-6 slack is for unit-scale values: the three gradients of one backward share
+    # one scale, so a gradient that is exactly 0 in exact math (e.g. dq with one key) is
+    # held to the rounding of its siblings' magnitude, not to an absolute 1e-6.
+    grad_scale = max(t.grad.abs().max().item() for t in (q64, k64, v64) if t.grad.numel())
+    atol = 1e-6 * max(1.0, grad_scale)
     for name, got, r, n in (("dq", q1, q64, ql), ("dk", k1, k64, kl), ("dv", v1, v64, vl)):
         assert got.grad is not None, f"{name}: no gradient"
-        assert_rule(name, got.grad, r.grad, n.grad, GRAD_FACTOR, seed)
+        assert_rule(name, got.grad, r.grad, n.grad, GRAD_FACTOR, seed, atol)

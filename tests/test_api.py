@@ -1,0 +1,185 @@
+"""Public API: input validation, backend selection, the reference fallback, SDPA parity."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashattn_py
+from flashattn_py import backends
+from flashattn_py.reference import attention, attention_ref
+
+from rule import assert_rule, check_attention, random_qkv
+
+HAS_CPU = backends.compiled_ops_error() is None
+
+
+def qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float32):
+    return (torch.randn(b, sq, h, d, dtype=dtype), torch.randn(b, sk, hk, d, dtype=dtype),
+            torch.randn(b, sk, hk, d, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,match",
+    [
+        (lambda: (torch.randn(8, 2, 16), *qkv()[1:]), {}, r"q: expected a 4-D tensor"),
+        (lambda: (qkv()[0], torch.randn(2, 8, 2, 16), qkv()[2]), {}, r"batch sizes differ"),
+        (lambda: (qkv()[0], torch.randn(1, 8, 2, 32), qkv()[2]), {}, r"q, k: head dims differ"),
+        (lambda: (qkv()[0], torch.randn(1, 9, 2, 16), qkv()[2]), {}, r"k, v: sequence lengths differ"),
+        (lambda: (qkv()[0], torch.randn(1, 8, 1, 16), qkv()[2]), {}, r"k, v: head counts differ"),
+        (lambda: qkv(h=3, hk=2), {}, r"multiple of key/value heads"),
+        (lambda: (qkv()[0].double(), *qkv()[1:]), {}, r"dtypes must match"),
+        (lambda: (qkv()[0].int(), *qkv()[1:]), {}, r"q: dtype must be"),
+        (lambda: qkv(d=257), {}, r"q: head dim must be in 1..256"),
+        (lambda: qkv(), dict(window_size=(-2, 0)), r"window_size"),
+        (lambda: qkv(), dict(softcap=-1.0), r"softcap: must be >= 0"),
+        (lambda: qkv(), dict(dropout_p=1.0), r"dropout_p: must be in \[0, 1\)"),
+        (lambda: qkv(), dict(dropout_p=-0.1), r"dropout_p"),
+        (lambda: qkv(), dict(alibi_slopes=torch.ones(3)), r"alibi_slopes: expected shape"),
+        (lambda: qkv(), dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), r"alibi_slopes: must be float32"),
+        (lambda: qkv(), dict(backend="nope"), r"backend: unknown backend 'nope'"),
+    ],
+)
+def test_flash_attn_func_rejects_bad_input(make, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flashattn_py.flash_attn_func(*make(), **kwargs)
+
+
+def test_device_mismatch_is_named():
+    q, k, v = qkv()
+    meta = torch.empty_like(k, device="meta")
+    with pytest.raises(ValueError, match=r"q, k, v: must be on one device"):
+        flashattn_py.flash_attn_func(q, meta, v)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)), {}, r"query: expected at least 3 dims"),
+        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True),
+         r"attn_mask: must be None when is_causal"),
+        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(3, 8, dtype=torch.bool)),
+         r"attn_mask: shape \(3, 8\) is not broadcastable to \(1, 2, 8, 8\)"),
+        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.int64)), r"attn_mask: dtype"),
+        ((torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), {}, r"enable_gqa=True"),
+        ((torch.randn(1, 2, 8, 16),) * 3, dict(dropout_p=2.0), r"dropout_p"),
+    ],
+)
+def test_sdpa_rejects_bad_input(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flashattn_py.scaled_dot_product_attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="compiled CPU ops not built")
+def test_selection_order(monkeypatch):
+    q, k, v = qkv()
+    assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "cpu"
+    monkeypatch.setenv("FLASHATTN_BACKEND", "reference")
+    assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "reference"
+    with flashattn_py.use_backend("cpu"):  # context beats env
+        assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "cpu"
+        # explicit argument beats the context
+        assert backends.select(backends.Problem("cpu", torch.float32, 16, 16), "reference") == "reference"
+    monkeypatch.setenv("FLASHATTN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FLASHATTN_BACKEND: unknown backend 'bogus'"):
+        flashattn_py.flash_attn_func(q, k, v)
+
+
+def test_forced_backend_lists_reasons():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"backend 'cuda' can't serve this call: .*runs on CUDA tensors"):
+        flashattn_py.flash_attn_func(q, k, v, backend="cuda")
+    if HAS_CPU:
+        with pytest.raises(ValueError, match=r"backend 'cpu' can't serve this call: dropout"):
+            flashattn_py.flash_attn_func(q, k, v, dropout_p=0.1, backend="cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with flashattn_py.use_backend("gpu"):
+            pass
+
+
+def test_available_backends():
+    names = flashattn_py.available_backends()
+    assert names[-1] == "reference"
+    assert ("cpu" in names) == HAS_CPU
+    assert "cuda" not in flashattn_py.available_backends("cpu")
+
+
+def test_fallback_to_reference_warns_once():
+    backends._warned.clear()
+    q, k, v = qkv()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            flashattn_py.flash_attn_func(q, k, v, dropout_p=0.5)
+    messages = [str(w.message) for w in caught if "reference" in str(w.message)]
+    assert len(messages) == 1 and "dropout" in messages[0]
+
+
+def test_return_attn_probs():
+    q, k, v = qkv(sq=5, sk=9, dtype=torch.float64)
+    out, lse, probs = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    ref_out, ref_lse, ref_probs = attention_ref(q, k, v, window_right=0, diag_offset=4, return_probs=True)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    torch.testing.assert_close(probs, ref_probs)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 33, 16), (2, 33, 16), (2, 3, 2, 33, 16)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_matches_torch(shape, is_causal):
+    gen = torch.Generator().manual_seed(len(shape))
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.4)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal, scale=0.4)
+    naive = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.4)
+    assert out.shape == expected.shape
+    assert_rule("out", out, expected, naive, 2.0)
+
+
+@pytest.mark.parametrize("mask_shape", [(33, 40), (2, 1, 1, 40), (2, 4, 33, 40)])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_sdpa_masks_match_torch(mask_shape, mask_dtype):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 33, 16, generator=gen)
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen) for _ in range(2))
+    mask = torch.rand(mask_shape, generator=gen) > 0.3 if mask_dtype == torch.bool else torch.randn(mask_shape)
+    if mask_dtype == torch.bool:
+        mask[..., 0] = True  # torch's math path gives NaN for fully masked rows; ours gives 0
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=mask if mask_dtype == torch.bool else mask.double(),
+                                              enable_gqa=True)
+    naive = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert_rule("out", out, expected, naive, 2.0)
+
+
+def test_reference_generalises_the_seed_formula():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    seed_out, seed_p = attention(q, k, v)
+    out, lse, probs = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), return_probs=True)
+    torch.testing.assert_close(out.transpose(1, 2), seed_out)
+    torch.testing.assert_close(probs, seed_p)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1))
+
+
+def test_reference_dropout_mask_and_fully_masked_rows():
+    q, k, v = random_qkv(1, 6, 6, 2, 2, 4, dtype=torch.float64, seed=1)
+    keep = torch.rand(1, 2, 6, 6) > 0.5
+    out, _ = attention_ref(q, k, v, dropout_p=0.5, dropout_mask=keep)
+    _, _, probs = attention_ref(q, k, v, return_probs=True)
+    expected = torch.matmul(probs * keep / 0.5, v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 2, :] = False
+    out, lse = attention_ref(q, k, v, attn_bias=mask)
+    out.sum().backward()
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2])) and lse[0, 0, 2] == float("-inf")
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_reference_backend_through_api_matches_rule():
+    q, k, v = random_qkv(2, 20, 30, 4, 2, 16, seed=9)
+    run = lambda q, k, v: flashattn_py.flash_attn_func(q, k, v, causal=True, backend="reference")  # noqa: E731
+    check_attention(run, q, k, v, seed=9, window_right=0, diag_offset=10)

@@ -1,0 +1,158 @@
+"""The C++ CPU kernel against the float64 reference, by the DESIGN.md rule."""
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py import backends
+
+from rule import assert_rule, check_attention, random_qkv
+
+pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def flash(**kwargs):
+    return lambda q, k, v: flashattn_py.flash_attn_func(q, k, v, backend="cpu", **kwargs)
+
+
+def bottom_right(seqlen_q, seqlen_k, window=(-1, -1), causal=False):
+    left, right = window
+    return dict(window_left=left, window_right=0 if causal else right, diag_offset=seqlen_k - seqlen_q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "seqlen_q,seqlen_k,head_dim",
+    [(1, 1, 64), (17, 17, 40), (97, 33, 80), (33, 97, 96), (128, 300, 3), (1, 257, 256)],
+)
+def test_matches_reference(dtype, causal, seqlen_q, seqlen_k, head_dim):
+    seed = hash((str(dtype), causal, seqlen_q, seqlen_k, head_dim)) % 10_000
+    q, k, v = random_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, dtype=dtype, seed=seed)
+    check_attention(flash(causal=causal), q, k, v, seed=seed, **bottom_right(seqlen_q, seqlen_k, causal=causal))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence(dtype):
+    q, k, v = random_qkv(1, 1025, 1025, 2, 1, 64, dtype=dtype, seed=7)
+    check_attention(flash(causal=True), q, k, v, seed=7, **bottom_right(1025, 1025, causal=True))
+
+
+@pytest.mark.parametrize("head_dim", [1, 3, 40, 80, 96, 256])
+def test_head_dims(head_dim):
+    q, k, v = random_qkv(1, 33, 65, 2, 2, head_dim, dtype=torch.float32, seed=head_dim)
+    check_attention(flash(), q, k, v, seed=head_dim, **bottom_right(33, 65))
+
+
+@pytest.mark.parametrize("num_heads,num_heads_k", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa(num_heads, num_heads_k, dtype):
+    q, k, v = random_qkv(2, 50, 70, num_heads, num_heads_k, 32, dtype=dtype, seed=num_heads_k)
+    check_attention(flash(causal=True), q, k, v, seed=num_heads_k, **bottom_right(50, 70, causal=True))
+
+
+@pytest.mark.parametrize("window", [(8, 0), (16, 16), (-1, 5), (0, -1), (3, 200)])
+@pytest.mark.parametrize("seqlens", [(60, 60), (40, 150), (150, 40)])
+def test_sliding_window(window, seqlens):
+    seqlen_q, seqlen_k = seqlens
+    q, k, v = random_qkv(1, seqlen_q, seqlen_k, 2, 1, 32, seed=sum(window))
+    check_attention(flash(window_size=window), q, k, v, seed=sum(window), **bottom_right(seqlen_q, seqlen_k, window))
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous(layout, dtype):
+    q, k, v = random_qkv(2, 45, 77, 4, 2, 24, dtype=dtype, layout=layout, seed=3)
+    assert not q.is_contiguous()
+    check_attention(flash(causal=True), q, k, v, seed=3, **bottom_right(45, 77, causal=True))
+
+
+def test_head_dim_v_differs():
+    q, k, _ = random_qkv(1, 30, 40, 2, 2, 32, seed=5)
+    v = torch.randn(1, 40, 2, 48, requires_grad=True)
+    check_attention(flash(), q, k, v, seed=5, **bottom_right(30, 40))
+
+
+def test_softmax_scale_softcap_alibi():
+    q, k, v = random_qkv(2, 40, 56, 4, 2, 32, seed=11)
+    slopes = torch.rand(2, 4) * 0.3
+    run = flash(softmax_scale=0.3, softcap=5.0, alibi_slopes=slopes, causal=True)
+    check_attention(run, q, k, v, seed=11, scale=0.3, softcap=5.0, alibi_slopes=slopes,
+                    **bottom_right(40, 56, causal=True))
+
+
+def test_fully_masked_rows_give_zero_not_nan():
+    # Bottom-right causal with Sq > Sk: the first Sq - Sk query rows see no key.
+    q, k, v = random_qkv(1, 50, 20, 2, 2, 16, seed=13)
+    out = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+    assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :30], torch.zeros_like(q.grad[:, :30]))
+    check_attention(flash(causal=True), q, k, v, seed=13, **bottom_right(50, 20, causal=True))
+
+
+def test_lse_matches_reference():
+    from flashattn_py.reference import attention_ref
+
+    q, k, v = random_qkv(2, 33, 47, 2, 1, 16, dtype=torch.float64, seed=17)
+    out, lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="cpu")
+    _, ref_lse = attention_ref(q, k, v, window_right=0, diag_offset=14)
+    assert lse.shape == (2, 2, 33)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_deterministic():
+    q, k, v = random_qkv(2, 100, 100, 4, 2, 32, seed=19)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = flashattn_py.flash_attn_func(qq, kk, vv, causal=True, deterministic=True, backend="cpu")
+        out.backward(torch.ones_like(out))
+        grads.append((out, qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_float64():
+    q, k, v = random_qkv(1, 7, 9, 2, 1, 5, dtype=torch.float64, seed=23)
+    slopes = torch.rand(2) * 0.5
+    for kwargs in (dict(causal=True), dict(window_size=(2, 1), softcap=3.0, alibi_slopes=slopes)):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: flashattn_py.flash_attn_func(q, k, v, backend="cpu", **kwargs), (q, k, v)
+        )
+
+
+def test_sdpa_layout_top_left_causal():
+    # scaled_dot_product_attention: (B, H, S, D), causal aligned top-left like torch.
+    gen = torch.Generator().manual_seed(29)
+    q = torch.randn(2, 4, 37, 16, generator=gen, requires_grad=True)
+    k = torch.randn(2, 4, 53, 16, generator=gen, requires_grad=True)
+    v = torch.randn(2, 4, 53, 16, generator=gen, requires_grad=True)
+    with flashattn_py.use_backend("cpu"):
+        out = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    naive = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=False)
+    assert_rule("out", out, expected, naive, 2.0)
+
+
+def test_memory_is_linear_in_sequence_length():
+    # Peak extra memory of a float32 forward at N=8192, H=2, D=64 must stay far below the
+    # N x N scores of one head (256 MiB): measured in a fresh process, inputs allocated first.
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch, flashattn_py\n"
+        "q, k, v = (torch.randn(1, 8192, 2, 64) for _ in range(3))\n"
+        "flashattn_py.flash_attn_func(q[:, :256], k[:, :256], v[:, :256], backend='cpu')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+                    .stdout.split()[-1])
+    # The output itself is 4 MiB; allow workspaces, forbid anything quadratic.
+    assert grown_kib < 32 * 1024, f"forward grew peak RSS by {grown_kib} KiB"

@@ -1,0 +1,67 @@
+"""Custom ops: torch.library.opcheck, and torch.compile(fullgraph=True) without graph breaks."""
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py import backends, ops
+
+from rule import random_qkv
+
+pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
+
+
+def fwd_args(dtype=torch.float32, alibi=False):
+    q, k, v = random_qkv(2, 19, 23, 4, 2, 16, dtype=dtype, seed=1)
+    slopes = torch.rand(4) if alibi else None
+    return (q, k, v, slopes, 0.25, 0.0, -1, 0, 4, False, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_attn_fwd(dtype):
+    torch.library.opcheck(ops.attn_fwd, fwd_args(dtype, alibi=dtype == torch.float32))
+
+
+def test_opcheck_attn_bwd():
+    q, k, v, *rest = fwd_args()
+    out, lse = ops.attn_fwd(q, k, v, *rest)
+    dout = torch.randn_like(out)
+    slopes, scale, softcap, left, right, offset, det, backend = rest
+    torch.library.opcheck(ops.attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                                         slopes, scale, softcap, left, right, offset, det, backend))
+
+
+def test_opcheck_compiled_ops():
+    q, k, v, *_ = fwd_args()
+    args = (q.detach(), k.detach(), v.detach(), None, 0.25, 0.0, -1, -1, 4)
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, args)
+    out, lse = torch.ops.flashattn.fwd(*args)
+    torch.library.opcheck(torch.ops.flashattn.bwd.default,
+                          (torch.randn_like(out), *args[:3], out, lse, *args[3:], False))
+
+
+def test_compile_fullgraph_matches_eager():
+    def block(q, k, v):
+        return flashattn_py.flash_attn_func(q * 2, k, v, causal=True, window_size=(7, 0)).sum(dim=-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    q, k, v = random_qkv(1, 33, 33, 2, 1, 16, seed=4)
+    eager_out = block(q, k, v)
+    eager_out.sum().backward()
+    eager_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out = compiled(q, k, v)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager_out)
+    for got, want in zip((q.grad, k.grad, v.grad), eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_compile_inductor_sdpa_fullgraph():
+    def fn(q, k, v):
+        return flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 17, 8) for _ in range(3))
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v))
