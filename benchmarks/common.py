@@ -1,0 +1,338 @@
+"""Helpers shared by the benchmark scripts: flop counts, timing, peak memory,
+failure classification, the matmul reference rate, progress and output files.
+
+Nothing here knows about attention backends; ``bench_attention.py`` and
+``bench_model.py`` build their cases and call these.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+# Forward is 2 matmuls of 2*Sq*Sk*D flops each; backward is 2.5x forward
+# (5 matmuls, the flash-attn convention); fwd+bwd is the sum.
+MODE_FACTORS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[dtype]
+
+
+def attention_flops(
+    batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool, mode: str = "fwd"
+) -> float:
+    """Flops of one attention call, DESIGN.md's convention.
+
+    fwd = 4 * B * H * Sq * Sk * D, halved when causal; bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd.
+    """
+    fwd = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+    if causal:
+        fwd /= 2
+    return fwd * MODE_FACTORS[mode]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu_ms(fn: Callable[[], Any], repeats: int = 3, min_run_time: float = 0.05) -> float:
+    """Median milliseconds of ``fn()`` on the CPU with torch.utils.benchmark.
+
+    The caller has already warmed ``fn`` up. Slow calls (``repeats`` of them take
+    longer than ``min_run_time``) are timed ``repeats`` times one by one; fast ones
+    with ``blocked_autorange``, which groups calls into blocks of at least
+    ``min_run_time`` in total. Uses all of torch's intra-op threads (Timer's default is 1).
+    """
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    first = timer.timeit(1).median
+    if first * repeats >= min_run_time:
+        times = [first] + [timer.timeit(1).median for _ in range(repeats - 1)]
+    else:
+        times = timer.blocked_autorange(min_run_time=min_run_time).times
+    return statistics.median(times) * 1e3
+
+
+def time_cuda_ms(fn: Callable[[], Any], repeats: int = 20, rep_ms: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on the GPU.
+
+    triton.testing.do_bench (it warms up, flushes L2 between calls and runs about
+    ``rep_ms`` ms of calls); without Triton, CUDA events over ``repeats`` calls after
+    a warm-up of 3.
+    """
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int, min_run_time: float = 0.05) -> float:
+    """Median ms of ``fn()`` on ``device`` (see time_cpu_ms / time_cuda_ms)."""
+    if device.type == "cuda":
+        return time_cuda_ms(fn, repeats=max(repeats, 10))
+    return time_cpu_ms(fn, repeats=repeats, min_run_time=min_run_time)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _proc_status_kib(*keys: str) -> dict[str, int]:
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                values[key] = int(rest.split()[0])
+    return values
+
+
+def _reset_cpu_peak() -> bool:
+    """Return freed heap to the OS and reset this process's peak RSS (VmHWM)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size to the current one
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Extra memory at the peak of one ``fn()`` call, beyond what was live before it.
+
+    GPU: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call
+    (exact, caching-allocator bytes). CPU (Linux): growth of the process's peak
+    resident set (VmHWM, reset through /proc/self/clear_refs after malloc_trim) over
+    the resident set before the call. Approximate: it counts pages touched, so memory
+    the allocator kept from earlier calls is not counted again. None where it cannot
+    be measured (not Linux).
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not sys.platform.startswith("linux") or not _reset_cpu_peak():
+        return None
+    before = _proc_status_kib("VmRSS")["VmRSS"]
+    fn()
+    peak = _proc_status_kib("VmHWM")["VmHWM"]
+    return max(0, peak - before) * 1024
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def classify_failure(exc: BaseException) -> str:
+    """'oom', 'unsupported' or 'error' for an exception raised by a benchmarked call."""
+    msg = str(exc).lower()
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in msg:
+        return "oom"
+    if isinstance(exc, (ValueError, NotImplementedError)):
+        return "unsupported"
+    if "no available kernel" in msg or "no viable backend" in msg:
+        return "unsupported"
+    return "error"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- reference rate
+
+
+def matmul_tflops(device: torch.device, n: int = 2048, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """TFLOP/s of ``torch.mm`` on n x n matrices: fp32 on CPU, bf16 on GPU."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    fn = lambda: torch.mm(a, b)  # noqa: E731
+    fn()
+    synchronize(device)
+    ms = time_ms(fn, device, repeats=5, min_run_time=0.3)
+    return 2.0 * n**3 / (ms * 1e-3) / 1e12, f"torch.mm {n}^3 {dtype_name(dtype)}"
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info = {
+        "device": device_description(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------- progress / output
+
+
+class _Counter:
+    """A minimal stderr progress counter, used when tqdm is not installed."""
+
+    def __init__(self, iterable: Iterable, total: int, desc: str):
+        self.iterable, self.total, self.desc, self.postfix = iterable, total, desc, ""
+
+    def __iter__(self):
+        start = time.perf_counter()
+        for i, item in enumerate(self.iterable, 1):
+            yield item
+            elapsed = time.perf_counter() - start
+            sys.stderr.write(f"\r{self.desc}: {i}/{self.total} [{elapsed:.0f}s] {self.postfix[:60]:<60}")
+            sys.stderr.flush()
+        sys.stderr.write("\n")
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+
+def progress(iterable: Iterable, total: int, desc: str, enabled: bool = True):
+    """tqdm over ``iterable`` if installed, else a simple stderr counter."""
+    if not enabled:
+        return _Silent(iterable)
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+        return _Counter(iterable, total, desc)
+
+
+class _Silent:
+    def __init__(self, iterable: Iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """Plain-text table: ``columns`` is [(key, header)], numbers right-aligned."""
+    cells = [[fmt(row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for c in cells:
+        lines.append("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict], path: Path, fieldnames: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fieldnames), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fieldnames})
+
+
+def write_json(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)

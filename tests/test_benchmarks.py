@@ -1,0 +1,48 @@
+"""Smoke test of benchmarks/bench_attention.py: a tiny run end to end, and the flop count."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_attention  # noqa: E402
+import common  # noqa: E402
+
+
+def test_attention_flops_follow_design():
+    fwd = 4 * 2 * 4 * 1024 * 1024 * 64
+    assert common.attention_flops(2, 4, 1024, 1024, 64, causal=False, mode="fwd") == fwd
+    assert common.attention_flops(2, 4, 1024, 1024, 64, causal=True, mode="fwd") == fwd / 2
+    assert common.attention_flops(2, 4, 1024, 1024, 64, causal=False, mode="bwd") == 2.5 * fwd
+    assert common.attention_flops(2, 4, 1024, 1024, 64, causal=True, mode="fwd+bwd") == 3.5 * fwd / 2
+
+
+def test_bench_attention_tiny_run(tmp_path):
+    pytest.importorskip("flashattn_py.reference")
+    rows = bench_attention.main([
+        "--device", "cpu", "--seqlens", "64", "--head-dims", "16", "--dtypes", "fp32",
+        "--causal", "1", "--modes", "fwd,fwd+bwd", "--backends", "naive,sdpa",
+        "--batch", "1", "--heads", "2", "--repeats", "2", "--min-run-time", "0.001",
+        "--matmul-size", "256", "--out", str(tmp_path), "--no-plot", "--no-progress",
+    ])
+    assert (tmp_path / "attention.json").exists()
+    with open(tmp_path / "attention.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) == 2 * 3  # modes x (naive, sdpa-flash, sdpa-math)
+    assert {"ms", "tflops", "x_torch", "pct_matmul", "peak_mem_mb", "status"} <= set(csv_rows[0])
+    assert {r["backend"] for r in csv_rows} == {"naive", "sdpa-flash", "sdpa-math"}
+    for r in csv_rows:
+        assert r["status"] == "ok", r
+        assert float(r["ms"]) > 0 and float(r["tflops"]) > 0
+        assert float(r["x_torch"]) > 0
+    # In each setting the fastest torch backend is the baseline: its ratio is exactly 1.
+    for mode in ("fwd", "fwd+bwd"):
+        for causal in ("1",):
+            torch_ratios = [float(r["x_torch"]) for r in csv_rows
+                            if r["mode"] == mode and r["causal"] == causal and r["backend"].startswith("sdpa-")]
+            assert max(torch_ratios) == pytest.approx(1.0)
+    payload = json.loads((tmp_path / "attention.json").read_text())
+    assert payload["matmul_tflops"] > 0 and len(payload["rows"]) == len(rows)
