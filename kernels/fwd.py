@@ -116,11 +116,12 @@ def _fwd_kernel(
 
     lo, a, bb, end = kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # leading boundary (sliding window left edge)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, a, rows, offs_n, offs_d, offs_dv,
-        seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    # leading boundary (sliding window left edge; empty without one)
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, a, rows, offs_n, offs_d, offs_dv,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     # interior: every key visible to every row, no mask
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, a, bb, rows, offs_n, offs_d, offs_dv,
