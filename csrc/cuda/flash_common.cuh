@@ -1,0 +1,244 @@
+// Shared device helpers of the CUDA flash kernels: tensor-core mma.sync (m16n8k16),
+// ldmatrix, cp.async, tile loads/stores with bounds masks, and the masking geometry.
+// No torch headers: kernels see only flashattn::FlashParams.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16, 16-bit A/B, f32 C), lane = 4 * g + t:
+//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, "col"):       b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
+//   C (16x8, f32):         c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// Two adjacent C tiles (n 0-7, 8-15) re-packed as 16-bit pairs form the A fragment of
+// the next product (k = those 16 columns); the kernels use this for P·V and friends.
+//
+// Shared-memory tiles are row-major [rows][kD + kPad] in elements; the 16-byte pad makes
+// consecutive rows start 16 bytes apart modulo 128, so every ldmatrix phase (8 rows x
+// 16 bytes) and every cp.async row write is bank-conflict free, for any kD % 8 == 0.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "flash_params.h"
+
+namespace flashattn {
+namespace cuda_impl {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kPad = 8;  // elements (16 bytes) of padding per shared-memory row
+
+// ---------------------------------------------------------------------------------
+// Element types.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// ---------------------------------------------------------------------------------
+// Tensor-core primitives (inline PTX).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// Lane address helpers for a 16x16 block at (r0, c0) of a [rows][stride] tile.
+// A operand, tile stored [m][k]:                        a0..a3 of the block.
+__device__ __forceinline__ int a_off(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
+}
+// B operand of two n-tiles, tile stored [n][k] (non-trans): {b0,b1} of n r0..r0+7, {b0,b1} of r0+8..
+__device__ __forceinline__ int bn_off(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + ((lane >> 4) << 3)) * stride + c0 + ((lane >> 3) & 1) * 8;
+}
+// B operand of two n-tiles, tile stored [k][n] (use .trans): {b0,b1} of n c0..c0+7, then c0+8..
+__device__ __forceinline__ int bk_off(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * stride + c0 + (lane >> 4) * 8;
+}
+// A operand, tile stored transposed [k][m] (use .trans): a0..a3 of the block m c0.., k r0..
+__device__ __forceinline__ int at_off(int lane, int r0, int c0, int stride) {
+  return (r0 + (lane & 7) + (lane >> 4) * 8) * stride + c0 + ((lane >> 3) & 1) * 8;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------
+// cp.async (sm80+): 16-byte global -> shared copies, zero-filled when src_bytes == 0.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Load rows [0, kRows) x columns [0, kD) of a tile into shared memory, zero outside
+// rows < rows_valid and columns < cols_valid. `vec`: every row start is 16-byte aligned
+// and cols_valid % 8 == 0, so 16-byte cp.async is legal; otherwise a scalar fallback
+// (synchronous loads) handles any stride or head dim.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_stride, int rows_valid,
+                                          int cols_valid, bool vec) {
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  constexpr int kStride = kD + kPad;
+  static_assert(kTotal % kThreads == 0, "tile chunks must divide among threads");
+  // Not unrolled: unrolled copies keep one 64-bit address per iteration live across the
+  // main loop and push the forward kernels into register spills.
+  if (vec) {
+#pragma unroll 1
+    for (int it = 0; it < kTotal / kThreads; ++it) {
+      const int idx = it * kThreads + threadIdx.x;
+      const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+      const bool ok = r < rows_valid && c * 8 < cols_valid;
+      const T* src = ok ? gbase + r * row_stride + c * 8 : gbase;
+      cp_async16(smem + r * kStride + c * 8, src, ok ? 16 : 0);
+    }
+  } else {
+#pragma unroll 1
+    for (int it = 0; it < kTotal / kThreads; ++it) {
+      const int idx = it * kThreads + threadIdx.x;
+      const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+      union {
+        uint4 u;
+        T e[8];
+      } buf;
+      buf.u = make_uint4(0, 0, 0, 0);
+      if (r < rows_valid) {
+        const T* src = gbase + r * row_stride;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          if (c * 8 + e < cols_valid) buf.e[e] = src[c * 8 + e];
+        }
+      }
+      *reinterpret_cast<uint4*>(smem + r * kStride + c * 8) = buf.u;
+    }
+  }
+}
+
+// Store rows [0, rows_valid) x columns [0, cols_valid) of a shared tile to global memory.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void store_tile(T* gbase, const T* smem, int64_t row_stride, int rows_valid,
+                                           int cols_valid, bool vec) {
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kTotal = kRows * kChunksPerRow;
+  constexpr int kStride = kD + kPad;
+  static_assert(kTotal % kThreads == 0, "tile chunks must divide among threads");
+#pragma unroll
+  for (int it = 0; it < kTotal / kThreads; ++it) {
+    const int idx = it * kThreads + threadIdx.x;
+    const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
+    if (r >= rows_valid || c * 8 >= cols_valid) continue;
+    T* dst = gbase + r * row_stride + c * 8;
+    const T* src = smem + r * kStride + c * 8;
+    if (vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (c * 8 + e < cols_valid) dst[e] = src[e];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Masking geometry. Key j is visible for query i iff lo(i) <= j <= hi(i), where
+// lo(i) = i + off - left (left >= 0) else 0, hi(i) = i + off + right (right >= 0) else
+// Sk - 1, also clamped to [0, Sk - 1] (hi < lo: nothing visible).
+struct Window {
+  int64_t off, left, right, sk, sq;
+  __device__ __forceinline__ int64_t lo(int64_t i) const {
+    int64_t v = left >= 0 ? i + off - left : 0;
+    return v < 0 ? 0 : v;
+  }
+  __device__ __forceinline__ int64_t hi(int64_t i) const {
+    int64_t v = right >= 0 ? i + off + right : sk - 1;
+    return v > sk - 1 ? sk - 1 : v;
+  }
+  // Query rows that can see key j: [qlo(j), qhi(j)], clamped to [0, Sq - 1].
+  __device__ __forceinline__ int64_t qlo(int64_t j) const {
+    int64_t v = right >= 0 ? j - off - right : 0;
+    return v < 0 ? 0 : v;
+  }
+  __device__ __forceinline__ int64_t qhi(int64_t j) const {
+    int64_t v = left >= 0 ? j - off + left : sq - 1;
+    return v > sq - 1 ? sq - 1 : v;
+  }
+};
+
+__device__ __forceinline__ int clamp_int(int64_t v) {
+  return v < -(int64_t(1) << 30) ? -(1 << 30) : (v > (int64_t(1) << 30) ? (1 << 30) : static_cast<int>(v));
+}
+
+// Host-side: 16-byte alignment of every row start of a tensor.
+inline bool rows_aligned16(const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                           int64_t cols) {
+  return (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && batch_stride % 8 == 0 && row_stride % 8 == 0 &&
+         head_stride % 8 == 0 && cols % 8 == 0;
+}
+
+inline int round_head_dim(int64_t d) {
+  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256;
+}
+
+}  // namespace cuda_impl
+}  // namespace flashattn
