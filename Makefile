@@ -1,0 +1,40 @@
+# Quick start: `make bench` (set up, run the benchmark on this machine's hardware) and
+# `make test` (set up, run the tests). Both work on a fresh machine with Python >= 3.10.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+# triton only where torch did not bring one (CUDA wheels pin their own).
+TRITON_SPEC ?= triton==3.8.0
+PY := $(VENV)/bin/python
+SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*) setup.py
+
+.PHONY: setup test test-all bench bench-model clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
+	$(PY) -m pip install -q numpy pytest hypothesis expecttest ninja setuptools wheel matplotlib tqdm
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "not gpu"
+
+bench: setup
+	$(PY) benchmarks/bench_attention.py
+
+bench-model: setup
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf build flashattn_py/_C*.so $(VENV)/.built
