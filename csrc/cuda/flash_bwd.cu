@@ -295,15 +295,16 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
       constexpr int kITiles = kBM / 16;
       constexpr int kDGroups = kWarps / kITiles;
       constexpr int kDQ = kD / kDGroups;
-      static_assert(kDQ % 32 == 0, "dQ column chunks of 32");
+      constexpr int kCW = kDQ % 32 == 0 ? 32 : 16;  // columns per chunk
+      static_assert(kDQ % kCW == 0, "dQ column chunks");
       const int it = warp % kITiles, dg = warp / kITiles;
 #pragma unroll
-      for (int c = 0; c < kDQ / 32; ++c) {
-        const int dbase = dg * kDQ + c * 32;
+      for (int c = 0; c < kDQ / kCW; ++c) {
+        const int dbase = dg * kDQ + c * kCW;
         if (dbase >= D) break;
-        float acc[4][4];
+        float acc[kCW / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < kCW / 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 #pragma unroll
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
           uint32_t a[4];
           ldmatrix_x4_trans(a, sdS + at_off(lane, kt * 16, it * 16, kSStride));
 #pragma unroll
-          for (int dp = 0; dp < 2; ++dp) {
+          for (int dp = 0; dp < kCW / 16; ++dp) {
             uint32_t bb[4];
             ldmatrix_x4_trans(bb, sK + bk_off(lane, kt * 16, dbase + dp * 16, kStride));
             mma16816<T>(acc[2 * dp], a, bb[0], bb[1]);
@@ -324,7 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
           if (i >= Sq) continue;
           float* row = dq_acc + int64_t(i) * D;
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
+          for (int nt = 0; nt < kCW / 8; ++nt) {
             const int d = dbase + nt * 8 + 2 * t4;
             if (d < D) atomicAdd(row + d, acc[nt][2 * r]);
             if (d + 1 < D) atomicAdd(row + d + 1, acc[nt][2 * r + 1]);
@@ -595,9 +596,9 @@ cudaError_t dispatch_bwd(const BwdArgs& args, cudaStream_t stream) {
   switch (round_head_dim(d)) {
     case 32: return launch_bwd<T, 32, 64, 64, 4, 1, 64, 64, 4>(args, stream);
     case 64: return launch_bwd<T, 64, 64, 64, 4, 1, 64, 64, 4>(args, stream);
-    case 96: return launch_bwd<T, 96, 64, 64, 4, 1, 64, 64, 4>(args, stream);
-    case 128: return launch_bwd<T, 128, 64, 64, 4, 1, 64, 64, 4>(args, stream);
-    default: return launch_bwd<T, 256, 64, 64, 8, 2, 64, 32, 4>(args, stream);
+    case 96: return launch_bwd<T, 96, 32, 64, 4, 1, 64, 64, 4>(args, stream);
+    case 128: return launch_bwd<T, 128, 32, 64, 4, 1, 64, 64, 4>(args, stream);
+    default: return launch_bwd<T, 256, 32, 64, 8, 2, 64, 32, 4>(args, stream);
   }
 }
 
