@@ -239,21 +239,6 @@ def measure(method: Method, s: Setting, device: torch.device, args) -> dict:
     return row
 
 
-def add_ratios(rows: list[dict], torch_names: set[str], matmul_tflops: float) -> None:
-    """x_torch: best torch SDPA ms / this ms in the same setting; pct_matmul: % of torch.mm."""
-    key = lambda r: tuple(r[k] for k in ("mode", "dtype", "head_dim", "causal", "seqlen", "batch", "heads"))  # noqa: E731
-    best: dict[tuple, float] = {}
-    for r in rows:
-        if r["backend"] in torch_names and r["status"] == "ok":
-            best[key(r)] = min(best.get(key(r), math.inf), r["ms"])
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        if key(r) in best:
-            r["x_torch"] = best[key(r)] / r["ms"]
-        r["pct_matmul"] = 100.0 * r["tflops"] / matmul_tflops
-
-
 # ----------------------------------------------------------------------------- cli
 
 
@@ -372,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# matmul rate: {mm_tflops:.3f} TFLOP/s ({mm_what})")
     print(f"# backends: {', '.join(m.name for m in methods)}")
 
+    args.out.mkdir(parents=True, exist_ok=True)
     cases = [(s, m) for s in settings(args) for m in methods]
     rows = []
     start = time.perf_counter()
@@ -379,14 +365,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for s, m in bar:
         bar.set_postfix_str(f"{s.mode} {s.dtype} D{s.head_dim} {'c' if s.causal else 'f'} N{s.seqlen} {m.name}")
         rows.append(measure(m, s, device, args))
+        common.write_csv(rows, args.out / "attention.csv", CSV_FIELDS)  # partial results survive a kill
     elapsed = time.perf_counter() - start
-    add_ratios(rows, torch_names, mm_tflops)
+    common.add_ratios(rows, torch_names, mm_tflops)
 
     print(common.format_table(rows, TABLE_COLUMNS))
     print(f"# {len(rows)} cases in {elapsed:.0f} s; x torch = best sdpa-* ms / this ms (>1: faster than torch); "
           f"%mm = TFLOP/s as a percentage of the matmul rate")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     common.write_csv(rows, args.out / "attention.csv", CSV_FIELDS)
     payload = {
         "environment": env,

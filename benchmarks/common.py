@@ -188,6 +188,28 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- ratios
+
+SETTING_KEYS = ("mode", "dtype", "head_dim", "causal", "seqlen", "batch", "heads")
+
+
+def add_ratios(rows: list[dict], torch_names: set[str], matmul_tflops: float | None = None) -> None:
+    """In place: ``x_torch`` = fastest torch ms in the same setting / this row's ms
+    (above 1: faster than the best torch backend); ``pct_matmul`` = TFLOP/s as a
+    percentage of ``matmul_tflops``. Rows whose status is not "ok" get neither."""
+    key = lambda r: tuple(str(r[k]) for k in SETTING_KEYS)  # noqa: E731 - CSV rows hold strings
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if r["backend"] in torch_names and r["status"] == "ok":
+            best[key(r)] = min(best.get(key(r), math.inf), float(r["ms"]))
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["x_torch"] = best[key(r)] / float(r["ms"]) if key(r) in best else None
+        if matmul_tflops:
+            r["pct_matmul"] = 100.0 * float(r["tflops"]) / matmul_tflops
+
+
 # ----------------------------------------------------------------------------- reference rate
 
 
