@@ -41,8 +41,10 @@ def _delta_kernel(
     num_heads, seqlen_q, head_dim_v,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    pid_bh = pid // n_mblk
+    pid_m = pid % n_mblk
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,8 +124,10 @@ def _dkdv_kernel(
 ):
     # program axis 1 = (batch, kv head, split): each program reduces group // nsplit query
     # heads; with nsplit > 1 DK/DV are (B, Sk, Hk * nsplit, D) partial sums.
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    n_nblk = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    pid_bhk = pid // n_nblk
+    pid_n = pid % n_nblk
     b = pid_bhk // (num_heads_k * nsplit)
     hs = pid_bhk % (num_heads_k * nsplit)
     hk = hs // nsplit
@@ -232,10 +236,12 @@ def _dq_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    pid_bh = pid // n_mblk
+    pid_m = pid % n_mblk
     if HAS_RIGHT:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = n_mblk - 1 - pid_m
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
@@ -350,7 +356,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
 
     with device_ctx(q):
         delta = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(seqlen_q, _DELTA_BLOCK_M), batch * num_heads)](
+        _delta_kernel[(triton.cdiv(seqlen_q, _DELTA_BLOCK_M) * batch * num_heads,)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -377,7 +383,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
         )
-        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * num_heads_k * nsplit),
+        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * num_heads_k * nsplit,),
                      dkdv_args, kwargs, *size_cls)
         if nsplit > 1:
             dk.copy_(dk_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim).sum(3))
@@ -389,6 +395,6 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
         )
-        _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads),
+        _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,),
                    dq_args, kwargs, *size_cls)
     return dq, dk, dv

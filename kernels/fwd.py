@@ -85,11 +85,15 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # 1-D grid (no 65535 limit on batch * heads), query blocks of one head adjacent so
+    # they share K/V in L2
+    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    pid_bh = pid // n_mblk
+    pid_m = pid % n_mblk
     if HAS_RIGHT:
         # causal-like: the last query blocks have the most work, schedule them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
+        pid_m = n_mblk - 1 - pid_m
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
@@ -217,7 +221,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),
     )
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * num_heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
     with device_ctx(q):
         _launch_fwd(grid, args, kwargs, max(block_d, block_dv), q.element_size())
     return out, lse
