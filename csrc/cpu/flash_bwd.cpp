@@ -16,8 +16,9 @@
 namespace flashattn::cpu {
 
 namespace {
+// Two score-sized blocks (P and dP) live at once: 128 x 256 floats each.
 constexpr int64_t BLOCK_Q = 128;
-constexpr int64_t BLOCK_K = 128;
+constexpr int64_t BLOCK_K = 256;
 
 template <typename acc>
 struct BwdWorkspace {

@@ -139,7 +139,7 @@ inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
   V vsum(acc(0));
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) {
-    const V x = (V::loadu(s + c) - vshift).exp();
+    const V x = (V::loadu(s + c) - vshift).exp_u20();  // 2-ulp polynomial, inlined
     x.store(s + c);
     vsum = vsum + x;
   }
