@@ -71,39 +71,46 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry of each list is the default
+# (FLASHATTN_TRITON_AUTOTUNE=0) and was picked for few ptxas register spills on sm90.
+_CONFIGS_16BIT = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+        128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+        128: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+        256: [(32, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+    },
+}
+# fp32: with IEEE precision tl.dot has no tensor-core path, so keep tiles small
+_CONFIGS_FP32 = {
+    "fwd": {
+        64: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        256: [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
+        128: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
+        256: [(16, 32, 4, 2), (16, 16, 4, 2)],
+    },
+}
+_CONFIGS_FP32["dq"] = _CONFIGS_FP32["fwd"]
+
+
 def gpu_configs(kind: str, block_d: int, elem_bytes: int) -> list:
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) configs for H100-class GPUs."""
-    big = block_d * elem_bytes  # bytes per row of a tile
-    if kind == "fwd":
-        if big <= 128:  # D <= 64 (16-bit) / D <= 32 (fp32)
-            c = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)]
-        elif big <= 256:  # D = 128 (16-bit)
-            c = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
-        elif big <= 512:  # D = 256 (16-bit) / D = 128 (fp32)
-            c = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
-        else:  # D = 256 fp32
-            c = [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)]
-    elif kind == "dq":
-        if big <= 128:
-            c = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-        elif big <= 256:
-            c = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
-        elif big <= 512:
-            c = [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2)]
-        else:
-            c = [(32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2)]
-    elif kind == "dkdv":
-        if big <= 128:
-            c = [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
-        elif big <= 256:
-            c = [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
-        elif big <= 512:
-            c = [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]
-        else:
-            c = [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)]
-    else:
-        raise ValueError(kind)
-    return [_cfg(*x) for x in c]
+    """Candidate autotune configs for H100-class GPUs by padded head dim and element size."""
+    table = (_CONFIGS_FP32 if elem_bytes >= 4 else _CONFIGS_16BIT)[kind]
+    cls = 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+    return [_cfg(*x) for x in table[cls]]
 
 
 class Launcher:
