@@ -10,7 +10,8 @@
 // Visibility of key j for query i (DESIGN.md, "Semantics" 5):
 //   visible  iff  (window_left  < 0 || j >= i + diag_offset - window_left)
 //            and  (window_right < 0 || j <= i + diag_offset + window_right)
-// Score order (DESIGN.md): s = scale * q.k; softcap; minus ALiBi; then visibility.
+// Score order (DESIGN.md): s = scale * q.k; softcap; minus ALiBi; plus bias / bool mask;
+// then visibility.
 // Causal is window_right == 0. diag_offset = Sk - Sq aligns the diagonal bottom-right
 // (flash-attn), 0 top-left (torch SDPA).
 #pragma once
@@ -48,6 +49,18 @@ struct FlashParams {
   int64_t window_right = -1;     // -1: unbounded; 0 with window_left -1 is causal
   int64_t diag_offset = 0;       // Sk - Sq (bottom-right) or 0 (top-left)
   bool deterministic = false;    // backward: reproducible accumulation order
+
+  // Float bias (added; the input's element type) or bool mask (true = attend), read as
+  // (B, H, Sq, Sk) through strides (0 on broadcast dims); nullptr when off.
+  const void* bias = nullptr;
+  bool bias_is_bool = false;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
+
+  // Dropout on P: keep with probability 1 - dropout_p, scale kept values by 1/(1-p). The
+  // keep decision for (b, h, i, j) is a pure function of (seed, offset, b, h, i, j)
+  // (Philox4x32-10, see cpu/dropout.h), so the backward regenerates it.
+  float dropout_p = 0.f;
+  uint64_t dropout_seed = 0, dropout_offset = 0;
 };
 
 // Backward: gradients plus the forward's q, k, v, out, lse above.
@@ -60,6 +73,9 @@ struct FlashBwdParams : FlashParams {
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   void* dv = nullptr;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  // Gradient of a float bias, (B, H, Sq, Sk) contiguous float32 (the caller sums broadcast
+  // dims); nullptr when not wanted.
+  float* dbias = nullptr;
 };
 
 }  // namespace flashattn

@@ -39,8 +39,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 void fill_common(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-                 int64_t window_left, int64_t window_right, int64_t diag_offset) {
+                 const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+                 double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+                 double dropout_p, const std::optional<at::Tensor>& rng_state) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -61,6 +62,27 @@ void fill_common(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const
     p.alibi_slopes = a.data_ptr<float>();
     p.alibi_batch_stride = a.dim() == 2 ? a.stride(0) : 0;
   }
+  if (attn_bias.has_value()) {
+    const at::Tensor& m = *attn_bias;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.batch && m.size(1) == p.num_heads && m.size(2) == p.seqlen_q &&
+                    m.size(3) == p.seqlen_k,
+                "flashattn: attn_bias must be (B, H, Sq, Sk) (broadcast dims with stride 0)");
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "flashattn: attn_bias must be bool or the dtype of q");
+    p.bias = m.data_ptr();
+    p.bias_is_bool = m.scalar_type() == at::kBool;
+    p.bias_batch_stride = m.stride(0), p.bias_head_stride = m.stride(1);
+    p.bias_row_stride = m.stride(2), p.bias_col_stride = m.stride(3);
+  }
+  p.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
+                    rng_state->device().is_cpu(),
+                "flashattn: dropout needs rng_state, an int64 CPU tensor [seed, offset]");
+    const at::Tensor st = rng_state->contiguous();
+    p.dropout_seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
+    p.dropout_offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+  }
 }
 
 at::ScalarType lse_dtype(const at::Tensor& q) {
@@ -74,14 +96,16 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
                                  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const std::optional<at::Tensor>& alibi_slopes, double scale,
-                                           double softcap, int64_t window_left, int64_t window_right,
-                                           int64_t diag_offset) {
+                                           const std::optional<at::Tensor>& alibi_slopes,
+                                           const std::optional<at::Tensor>& attn_bias, double scale, double softcap,
+                                           int64_t window_left, int64_t window_right, int64_t diag_offset,
+                                           double dropout_p, const std::optional<at::Tensor>& rng_state) {
   check_inputs(q, k, v);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype(q)));
   FlashParams p;
-  fill_common(p, q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset);
+  fill_common(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
+              rng_state);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = lse.data_ptr();
@@ -89,10 +113,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-    int64_t window_left, int64_t window_right, int64_t diag_offset, bool deterministic) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
   check_inputs(q, k, v);
   TORCH_CHECK(dout.sizes() == out.sizes() && dout.stride(-1) == 1 && out.stride(-1) == 1,
               "flashattn: dout must match out, with a contiguous head dimension");
@@ -100,7 +125,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   FlashBwdParams p;
-  fill_common(p, q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset);
+  fill_common(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
+              rng_state);
+  // The bias gradient in the expanded (B, H, Sq, Sk) shape; the caller sums broadcast dims.
+  at::Tensor dbias = bias_requires_grad
+                         ? at::zeros({q.size(0), q.size(2), q.size(1), k.size(1)}, q.options().dtype(at::kFloat))
+                         : at::empty({0}, q.options().dtype(at::kFloat));
+  TORCH_CHECK(!bias_requires_grad || (attn_bias.has_value() && attn_bias->scalar_type() != at::kBool),
+              "flashattn: bias_requires_grad needs a float attn_bias");
+  p.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
   p.out = const_cast<void*>(out.data_ptr());
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = lse_c.data_ptr();
@@ -114,24 +147,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
   p.deterministic = deterministic;
   FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::bwd", [&] { cpu::flash_bwd<scalar_t>(p); });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dbias};
+}
+
+// The test hook: the keep-mask (B, H, Sq, Sk) that the CPU kernels draw for rng_state.
+at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t num_heads, int64_t seqlen_q,
+                            int64_t seqlen_k, double dropout_p) {
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2, "flashattn: rng_state must be int64[2]");
+  const at::Tensor st = rng_state.contiguous();
+  const uint64_t seed = st.data_ptr<int64_t>()[0], offset = st.data_ptr<int64_t>()[1];
+  at::Tensor keep = at::empty({batch, num_heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * num_heads * seqlen_q, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      cpu::dropout_keep_row(seed, offset, static_cast<float>(dropout_p), seqlen_k, row, 0, seqlen_k,
+                            out + row * seqlen_k);
+    }
+  });
+  return keep;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(flashattn, m) {
   m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float scale, float softcap, "
-      "int window_left, int window_right, int diag_offset) -> (Tensor out, Tensor lse)");
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
+      "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
-      "float scale, float softcap, int window_left, int window_right, int diag_offset, bool deterministic) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor? attn_bias, float scale, float softcap, int window_left, int window_right, int diag_offset, "
+      "float dropout_p, Tensor? rng_state, bool deterministic, bool bias_requires_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  m.def("dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flashattn, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
 }
 
 }  // namespace flashattn

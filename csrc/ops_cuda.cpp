@@ -63,10 +63,20 @@ void fill_common(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const
   }
 }
 
+// attn_bias and dropout are not in the CUDA kernels yet; selection (backends.py) never
+// routes such calls here.
+void check_no_bias_dropout(const std::optional<at::Tensor>& attn_bias, double dropout_p) {
+  TORCH_CHECK(!attn_bias.has_value() && dropout_p == 0.0,
+              "flashattn (cuda): attn_bias and dropout are not supported by the CUDA kernels yet");
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                            const std::optional<at::Tensor>& alibi_slopes,
+                                            const std::optional<at::Tensor>& attn_bias, double scale,
                                             double softcap, int64_t window_left, int64_t window_right,
-                                            int64_t diag_offset) {
+                                            int64_t diag_offset, double dropout_p,
+                                            const std::optional<at::Tensor>& rng_state) {
+  check_no_bias_dropout(attn_bias, dropout_p);
   check_cuda_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -82,10 +92,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, double scale, double softcap,
-    int64_t window_left, int64_t window_right, int64_t diag_offset, bool deterministic) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
+  check_no_bias_dropout(attn_bias, dropout_p);
   check_cuda_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) &&
@@ -140,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     dk = dk_h.view({B, Sk, Hk, group, D}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
     dv = dv_h.view({B, Sk, Hk, group, Dv}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
   }
-  return {dq, dk, dv};
+  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace

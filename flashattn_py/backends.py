@@ -88,12 +88,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _common_reasons(p: Problem) -> list[str]:
+def _gpu_kernel_reasons(p: Problem) -> list[str]:
     reasons = []
     if p.has_attn_mask:
-        reasons.append("attn_mask is not supported by the fused kernels yet")
+        reasons.append("attn_mask is not supported by this backend yet")
     if p.dropout_p > 0:
-        reasons.append("dropout is not supported by the fused kernels yet")
+        reasons.append("dropout is not supported by this backend yet")
     return reasons
 
 
@@ -103,7 +103,7 @@ def _cpu_supports(p: Problem) -> list[str]:
         reasons.append(f"runs on CPU tensors, got {p.device_type}")
     if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         reasons.append(f"dtype {p.dtype} not supported (float32, float64, bfloat16, float16)")
-    return reasons + _common_reasons(p)
+    return reasons
 
 
 def _triton_supports(p: Problem) -> list[str]:
@@ -112,7 +112,7 @@ def _triton_supports(p: Problem) -> list[str]:
         reasons.append(f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}")
     if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
-    return reasons + _common_reasons(p)
+    return reasons + _gpu_kernel_reasons(p)
 
 
 def _cuda_supports(p: Problem) -> list[str]:
@@ -123,7 +123,7 @@ def _cuda_supports(p: Problem) -> list[str]:
         reasons.append("needs an sm80+ GPU")
     if p.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16); float32 is served by triton")
-    return reasons + _common_reasons(p)
+    return reasons + _gpu_kernel_reasons(p)
 
 
 def _reference_supports(p: Problem) -> list[str]:

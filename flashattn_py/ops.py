@@ -35,24 +35,34 @@ def attn_fwd(
     k: Tensor,
     v: Tensor,
     alibi_slopes: Optional[Tensor],
+    attn_bias: Optional[Tensor],
     scale: float,
     softcap: float,
     window_left: int,
     window_right: int,
     diag_offset: int,
+    dropout_p: float,
+    rng_state: Optional[Tensor],
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Fused forward on ``backend``; ``deterministic`` is kept for the backward."""
+    """Fused forward on ``backend``; ``deterministic`` is kept for the backward.
+
+    attn_bias: None or (B, H, Sq, Sk) (broadcast dims with stride 0), bool or q's dtype.
+    rng_state: int64 [seed, offset] on the CPU when dropout_p > 0.
+    """
     if backend == "triton":
         from . import kernels
 
         return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset)
-    return torch.ops.flashattn.fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset)
+    return torch.ops.flashattn.fwd(
+        q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state
+    )
 
 
 @attn_fwd.register_fake
-def _attn_fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, backend):
+def _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
+                   dropout_p, rng_state, deterministic, backend):
     batch, seqlen_q, num_heads, _ = q.shape
     out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
     lse = q.new_empty((batch, num_heads, seqlen_q), dtype=_lse_dtype(q, backend))
@@ -68,50 +78,68 @@ def attn_bwd(
     out: Tensor,
     lse: Tensor,
     alibi_slopes: Optional[Tensor],
+    attn_bias: Optional[Tensor],
     scale: float,
     softcap: float,
     window_left: int,
     window_right: int,
     diag_offset: int,
+    dropout_p: float,
+    rng_state: Optional[Tensor],
     deterministic: bool,
+    bias_requires_grad: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of attn_fwd's out, shaped like q, k, v."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of attn_fwd's out; dbias is float32 (B, H, Sq, Sk)
+    when ``bias_requires_grad``, else empty."""
     if backend == "triton":
         from . import kernels
 
-        return kernels.flash_bwd(
+        dq, dk, dv = kernels.flash_bwd(
             dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
             deterministic,
         )
+        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
     return torch.ops.flashattn.bwd(
-        dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic
+        dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
+        dropout_p, rng_state, deterministic, bias_requires_grad,
     )
+
+
+def _dbias_fake(q, k, bias_requires_grad):
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_requires_grad else (0,)
+    return q.new_empty(shape, dtype=torch.float32)
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-                   deterministic, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
+                   diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dbias_fake(q, k, bias_requires_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, backend = inputs
+    (q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state,
+     deterministic, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.args = (scale, softcap, window_left, window_right, diag_offset, deterministic, backend)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, rng_state)
+    bias_requires_grad = attn_bias is not None and attn_bias.is_floating_point() and attn_bias.requires_grad
+    ctx.args = (scale, softcap, window_left, window_right, diag_offset, dropout_p, deterministic, bias_requires_grad,
+                backend)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    scale, softcap, window_left, window_right, diag_offset, deterministic, backend = ctx.args
+    q, k, v, out, lse, alibi_slopes, attn_bias, rng_state = ctx.saved_tensors
+    scale, softcap, window_left, window_right, diag_offset, dropout_p, deterministic, bias_requires_grad, backend = (
+        ctx.args
+    )
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv = attn_bwd(
-        dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-        deterministic, backend,
+    dq, dk, dv, dbias = attn_bwd(
+        dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
+        dropout_p, rng_state, deterministic, bias_requires_grad, backend,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dbias = dbias.to(attn_bias.dtype) if bias_requires_grad else None
+    return dq, dk, dv, None, dbias, None, None, None, None, None, None, None, None, None
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -123,17 +151,36 @@ def _register_compiled_op_fakes() -> None:
         return
 
     @torch.library.register_fake("flashattn::fwd")
-    def _fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset):
-        return _attn_fwd_fake(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, False,
-                              "cpu" if q.device.type == "cpu" else "cuda")
+    def _fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
+                  rng_state):
+        return _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
+                              diag_offset, dropout_p, rng_state, False, "cpu" if q.device.type == "cpu" else "cuda")
 
     @torch.library.register_fake("flashattn::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-                  deterministic):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
+                  diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dbias_fake(q, k, bias_requires_grad)
+
+    @torch.library.register_fake("flashattn::dropout_mask")
+    def _dropout_mask_fake(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p):
+        return rng_state.new_empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.bool)
 
 
 _register_compiled_op_fakes()
+
+
+def dropout_rng_state() -> Tensor:
+    """The [seed, offset] (int64, CPU) one dropout call draws from torch's default generator.
+
+    Seeding torch (``torch.manual_seed``) before a call therefore fixes its dropout mask.
+    """
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+
+
+def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int,
+                      dropout_p: float) -> Tensor:
+    """Testing hook: the bool keep-mask (B, H, Sq, Sk) the CPU kernel uses for ``rng_state``."""
+    return torch.ops.flashattn.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p)
 
 
 def attention(
@@ -170,4 +217,6 @@ def attention(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.contiguous()
-    return attn_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset, deterministic, name)
+    rng_state = dropout_rng_state() if dropout_p > 0 else None
+    return attn_fwd(q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
+                    dropout_p, rng_state, deterministic, name)

@@ -90,9 +90,8 @@ def test_forced_backend_lists_reasons():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"backend 'cuda' can't serve this call: .*runs on CUDA tensors"):
         flashattn_py.flash_attn_func(q, k, v, backend="cuda")
-    if HAS_CPU:
-        with pytest.raises(ValueError, match=r"backend 'cpu' can't serve this call: dropout"):
-            flashattn_py.flash_attn_func(q, k, v, dropout_p=0.1, backend="cpu")
+    with pytest.raises(ValueError, match=r"backend 'triton' can't serve this call: .*dtype torch.float64"):
+        flashattn_py.flash_attn_func(q.double(), k.double(), v.double(), backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
         with flashattn_py.use_backend("gpu"):
             pass
@@ -105,8 +104,9 @@ def test_available_backends():
     assert "cuda" not in flashattn_py.available_backends("cpu")
 
 
-def test_fallback_to_reference_warns_once():
+def test_fallback_to_reference_warns_once(monkeypatch):
     backends._warned.clear()
+    monkeypatch.setitem(backends.SUPPORTS, "cpu", lambda p: ["dropout is not supported"] if p.dropout_p else [])
     q, k, v = qkv()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

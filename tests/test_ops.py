@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reaso
 def fwd_args(dtype=torch.float32, alibi=False):
     q, k, v = random_qkv(2, 19, 23, 4, 2, 16, dtype=dtype, seed=1)
     slopes = torch.rand(4) if alibi else None
-    return (q, k, v, slopes, 0.25, 0.0, -1, 0, 4, False, "cpu")
+    return (q, k, v, slopes, None, 0.25, 0.0, -1, 0, 4, 0.0, None, False, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -25,18 +25,27 @@ def test_opcheck_attn_bwd():
     q, k, v, *rest = fwd_args()
     out, lse = ops.attn_fwd(q, k, v, *rest)
     dout = torch.randn_like(out)
-    slopes, scale, softcap, left, right, offset, det, backend = rest
+    slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, det, backend = rest
     torch.library.opcheck(ops.attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                                         slopes, scale, softcap, left, right, offset, det, backend))
+                                         slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, det, False,
+                                         backend))
+
+
+def test_opcheck_with_bias_and_dropout():
+    q, k, v = random_qkv(1, 9, 11, 2, 1, 8, seed=2)
+    bias = torch.randn(1, 1, 9, 11).expand(1, 2, 9, 11).requires_grad_()
+    rng = ops.dropout_rng_state()
+    torch.library.opcheck(ops.attn_fwd, (q, k, v, None, bias, 0.3, 0.0, -1, -1, 2, 0.2, rng, False, "cpu"))
 
 
 def test_opcheck_compiled_ops():
     q, k, v, *_ = fwd_args()
-    args = (q.detach(), k.detach(), v.detach(), None, 0.25, 0.0, -1, -1, 4)
+    args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None)
     torch.library.opcheck(torch.ops.flashattn.fwd.default, args)
     out, lse = torch.ops.flashattn.fwd(*args)
     torch.library.opcheck(torch.ops.flashattn.bwd.default,
-                          (torch.randn_like(out), *args[:3], out, lse, *args[3:], False))
+                          (torch.randn_like(out), *args[:3], out, lse, *args[3:], False, False))
+    torch.library.opcheck(torch.ops.flashattn.dropout_mask.default, (ops.dropout_rng_state(), 1, 2, 5, 7, 0.3))
 
 
 def test_compile_fullgraph_matches_eager():

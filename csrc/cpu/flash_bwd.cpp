@@ -25,7 +25,8 @@ struct BwdWorkspace {
   // Whole-head operands (widened copies for 16-bit inputs), the head's dQ and delta.
   std::unique_ptr<acc[]> q, k, v, dout, dq, delta;
   // Per block pair.
-  std::unique_ptr<acc[]> s, dp, dcap, dk, dv;
+  std::unique_ptr<acc[]> s, dp, dcap, dk, dv, pz;
+  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   BwdWorkspace(const FlashParams& p, bool widen)
       : q(scratch<acc>(widen ? p.seqlen_q * p.head_dim : 0)),
         k(scratch<acc>(widen ? p.seqlen_k * p.head_dim : 0)),
@@ -37,7 +38,9 @@ struct BwdWorkspace {
         dp(scratch<acc>(BLOCK_Q * BLOCK_K)),
         dcap(scratch<acc>(p.softcap > 0.f ? BLOCK_Q * BLOCK_K : 0)),
         dk(scratch<acc>(BLOCK_K * p.head_dim)),
-        dv(scratch<acc>(BLOCK_K * p.head_dim_v)) {}
+        dv(scratch<acc>(BLOCK_K * p.head_dim_v)),
+        pz(scratch<acc>(p.dropout_p > 0.f ? BLOCK_Q * BLOCK_K : 0)),
+        keep(new bool[BLOCK_K]) {}
 };
 
 // Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
@@ -120,14 +123,16 @@ void flash_bwd(const FlashBwdParams& p) {
       const int64_t cols = std::min(BLOCK_K, Sk - col0);
       std::fill(dka, dka + cols * D, acc(0));
       std::fill(dva, dva + cols * Dv, acc(0));
-      const KeyRange rows_seen = visible_rows(p, col0, col0 + cols);
+      const KeyRange rows_seen =
+          keys_all_masked(p, b, h, col0, cols) ? KeyRange{0, 0} : visible_rows(p, col0, col0 + cols);
       for (int64_t row0 = rows_seen.lo; row0 < rows_seen.hi; row0 += BLOCK_Q) {
         const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
         gemm<acc>(Op::N, Op::T, rows, cols, D, scale, qa + row0 * ldq, ldq, ka + col0 * ldk, ldk, acc(0), s,
                   BLOCK_K);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * BLOCK_K;
-          transform_scores<acc>(p, srow, cols, row0 + r, col0, slope, dcap ? dcap + r * BLOCK_K : nullptr);
+          transform_scores<T, acc>(p, srow, cols, row0 + r, col0, slope, bias_row<T>(p, b, h, row0 + r),
+                                   dcap ? dcap + r * BLOCK_K : nullptr);
           const acc row_lse = lse_head[row0 + r];
           if (row_lse == neg_inf) {
             std::fill(srow, srow + cols, acc(0));
@@ -135,11 +140,23 @@ void flash_bwd(const FlashBwdParams& p) {
             exp_shift_sum(srow, cols, row_lse);  // P, in place
           }
         }
-        // dV += P^T dO
-        gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), s, BLOCK_K, doa + row0 * lddo, lddo, acc(1), dva, Dv);
         // dP = dO V^T
         gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), doa + row0 * lddo, lddo, va + col0 * ldv, ldv, acc(0),
                   dp, BLOCK_K);
+        if (p.dropout_p > 0.f) {
+          // With Z the scaled keep mask: dV += (P*Z)^T dO (P*Z into `pz`) and dP *= Z.
+          for (int64_t r = 0; r < rows; ++r) {
+            acc* pz = ws.pz.get() + r * BLOCK_K;
+            std::copy(s + r * BLOCK_K, s + r * BLOCK_K + cols, pz);
+            apply_dropout(p, pz, cols, b, h, row0 + r, col0, ws.keep.get());
+            acc* drow = dp + r * BLOCK_K;
+            const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
+            for (int64_t c = 0; c < cols; ++c) drow[c] = ws.keep[c] ? drow[c] * mult : acc(0);
+          }
+        }
+        // dV += (P [* Z])^T dO
+        gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), p.dropout_p > 0.f ? ws.pz.get() : s, BLOCK_K,
+                  doa + row0 * lddo, lddo, acc(1), dva, Dv);
         using V = Vec<acc>;
         for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
           acc* prow = s + r * BLOCK_K;
@@ -150,6 +167,10 @@ void flash_bwd(const FlashBwdParams& p) {
             (V::loadu(prow + c) * (V::loadu(drow + c) - vdelta)).store(drow + c);
           }
           for (; c < cols; ++c) drow[c] = prow[c] * (drow[c] - delta[row0 + r]);
+          if (p.dbias) {  // the bias is added to the final logits: dBias = dS before softcap'
+            float* db = p.dbias + ((bh * Sq) + row0 + r) * Sk + col0;
+            for (c = 0; c < cols; ++c) db[c] = static_cast<float>(drow[c]);
+          }
           if (dcap) {
             const acc* crow = dcap + r * BLOCK_K;
             for (c = 0; c < cols; ++c) drow[c] *= crow[c];

@@ -19,6 +19,7 @@
 #include <memory>
 
 #include "../flash_params.h"
+#include "dropout.h"
 
 namespace flashattn::cpu {
 
@@ -87,12 +88,45 @@ inline float alibi_slope(const FlashParams& p, int64_t b, int64_t h) {
   return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
 }
 
+// The bias / mask entries of one query row: element j at ptr[j * col_stride].
+template <typename T>
+struct BiasRow {
+  const T* add = nullptr;      // float bias
+  const bool* keep = nullptr;  // bool mask
+  int64_t col_stride = 0;
+};
+
+template <typename T>
+inline BiasRow<T> bias_row(const FlashParams& p, int64_t b, int64_t h, int64_t i) {
+  BiasRow<T> row;
+  if (!p.bias) return row;
+  const int64_t off = b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride;
+  if (p.bias_is_bool) {
+    row.keep = static_cast<const bool*>(p.bias) + off;
+  } else {
+    row.add = static_cast<const T*>(p.bias) + off;
+  }
+  row.col_stride = p.bias_col_stride;
+  return row;
+}
+
+// A key padding mask (bool, the same for every query row): true when it removes every key
+// of [col0, col0 + cols), so the whole block can be skipped.
+inline bool keys_all_masked(const FlashParams& p, int64_t b, int64_t h, int64_t col0, int64_t cols) {
+  if (!p.bias || !p.bias_is_bool || p.bias_row_stride != 0) return false;
+  const bool* keep = static_cast<const bool*>(p.bias) + b * p.bias_batch_stride + h * p.bias_head_stride;
+  for (int64_t j = col0; j < col0 + cols; ++j) {
+    if (keep[j * p.bias_col_stride]) return false;
+  }
+  return true;
+}
+
 // Turn the scaled scores s[0, n) of query row i against keys j0 .. j0+n-1 into final
-// logits: softcap, minus ALiBi, -inf where not visible. With softcap, `dcap` (if given)
-// receives d(capped)/d(raw) = 1 - tanh^2 for the backward.
-template <typename acc>
-inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i, int64_t j0,
-                             float slope, acc* dcap) {
+// logits: softcap, minus ALiBi, plus bias / bool mask, -inf where not visible. With
+// softcap, `dcap` (if given) receives d(capped)/d(raw) = 1 - tanh^2 for the backward.
+template <typename T, typename acc>
+inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i, int64_t j0, float slope,
+                             const BiasRow<T>& bias, acc* dcap) {
   if (p.softcap > 0.f) {
     const acc cap = p.softcap, inv = acc(1) / cap;
     for (int64_t c = 0; c < n; ++c) {
@@ -107,11 +141,29 @@ inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i,
       s[c] -= static_cast<acc>(slope) * static_cast<acc>(std::llabs(qpos - (j0 + c)));
     }
   }
-  const KeyRange r = visible_keys(p, i);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  if (bias.add) {
+    for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(bias.add[(j0 + c) * bias.col_stride]);
+  } else if (bias.keep) {
+    for (int64_t c = 0; c < n; ++c) {
+      if (!bias.keep[(j0 + c) * bias.col_stride]) s[c] = neg_inf;
+    }
+  }
+  const KeyRange r = visible_keys(p, i);
   const int64_t lo = std::clamp<int64_t>(r.lo - j0, 0, n), hi = std::clamp<int64_t>(r.hi - j0, lo, n);
   for (int64_t c = 0; c < lo; ++c) s[c] = neg_inf;
   for (int64_t c = hi; c < n; ++c) s[c] = neg_inf;
+}
+
+// Dropout on one row of probabilities (in place): zero the dropped, scale the kept by
+// 1/(1-p). `keep` is scratch of n bools.
+template <typename acc>
+inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0,
+                          bool* keep) {
+  dropout_keep_row(p.dropout_seed, p.dropout_offset, p.dropout_p, p.seqlen_k, (b * p.num_heads + h) * p.seqlen_q + i,
+                   j0, n, keep);
+  const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
+  for (int64_t c = 0; c < n; ++c) row[c] = keep[c] ? row[c] * mult : acc(0);
 }
 
 // Vectorised row primitives (exp through Sleef where torch's vec headers provide it).

@@ -19,10 +19,11 @@ constexpr int64_t BLOCK_K = 512;
 template <typename acc>
 struct FwdWorkspace {
   std::unique_ptr<acc[]> q, k, v, s, o, m, l;
+  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   FwdWorkspace(int64_t d, int64_t dv)
       : q(scratch<acc>(BLOCK_Q * d)), k(scratch<acc>(BLOCK_K * d)), v(scratch<acc>(BLOCK_K * dv)),
         s(scratch<acc>(BLOCK_Q * BLOCK_K)), o(scratch<acc>(BLOCK_Q * dv)), m(scratch<acc>(BLOCK_Q)),
-        l(scratch<acc>(BLOCK_Q)) {}
+        l(scratch<acc>(BLOCK_Q)), keep(new bool[BLOCK_K]) {}
 };
 }  // namespace
 
@@ -73,6 +74,7 @@ void flash_fwd(const FlashParams& p) {
 
     for (int64_t col0 = keys.lo; col0 < keys.hi; col0 += BLOCK_K) {
       const int64_t cols = std::min(BLOCK_K, keys.hi - col0);
+      if (keys_all_masked(p, b, h, col0, cols)) continue;
       const acc *ka, *va;
       int64_t ldk, ldv;
       if constexpr (in_place) {
@@ -87,7 +89,7 @@ void flash_fwd(const FlashParams& p) {
 
       for (int64_t r = 0; r < rows; ++r) {
         acc* srow = s + r * BLOCK_K;
-        transform_scores<acc>(p, srow, cols, row0 + r, col0, slope, nullptr);
+        transform_scores<T, acc>(p, srow, cols, row0 + r, col0, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
         const acc m_new = std::max(m[r], row_max(srow, cols));
         if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
           std::fill(srow, srow + cols, acc(0));
@@ -95,6 +97,8 @@ void flash_fwd(const FlashParams& p) {
         }
         const acc rescale = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
         const acc sum = exp_shift_sum(srow, cols, m_new);
+        // The softmax is normalised before dropout: l sums the undropped probabilities.
+        if (p.dropout_p > 0.f) apply_dropout(p, srow, cols, b, h, row0 + r, col0, ws.keep.get());
         if (rescale != acc(1)) scale_row(o + r * Dv, Dv, rescale);
         l[r] = l[r] * rescale + sum;
         m[r] = m_new;
