@@ -4,7 +4,15 @@ Public names only; see README.md for the API and DESIGN.md for the semantics.
 """
 import warnings as _warnings
 
-from .api import flash_attn_func, scaled_dot_product_attention
+from .api import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    scaled_dot_product_attention,
+)
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
 
 if _compiled_ops_error():
@@ -18,6 +26,11 @@ if _compiled_ops_error():
 __all__ = [
     "available_backends",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "scaled_dot_product_attention",
     "use_backend",
 ]

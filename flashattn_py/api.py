@@ -54,6 +54,49 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
 
 
+def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> None:
+    _check_dropout(dropout_p)
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
+    if softcap < 0:
+        raise ValueError(f"softcap: must be >= 0, got {softcap}")
+    num_heads = q.shape[-2]
+    if alibi_slopes is not None:
+        if alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device:
+            raise ValueError(
+                f"alibi_slopes: must be float32 on {q.device}, got {alibi_slopes.dtype} on {alibi_slopes.device}"
+            )
+        if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
+            raise ValueError(
+                f"alibi_slopes: expected shape ({num_heads},) or ({batch}, {num_heads}), "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
+
+
+def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+           return_attn_probs, backend):
+    """flash_attn_func on validated (B, S, H, D) inputs."""
+    seqlen_q, head_dim = q.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    window_left, window_right = int(window_size[0]), int(window_size[1])
+    if causal:
+        window_right = 0
+    diag_offset = k.shape[1] - seqlen_q
+    out, lse = ops.attention(
+        q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
+        window_right=window_right, diag_offset=diag_offset, dropout_p=float(dropout_p),
+        deterministic=deterministic, backend=backend,
+    )
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():
+        _, _, probs = attention_ref(
+            q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
+            window_right=window_right, diag_offset=diag_offset, return_probs=True,
+        )
+    return out, lse, probs
+
+
 def flash_attn_func(
     q: Tensor,
     k: Tensor,
@@ -74,7 +117,8 @@ def flash_attn_func(
     Args:
         q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv); H % Hk == 0 (MQA/GQA),
             D and Dv in 1..256, one floating dtype and device.
-        dropout_p: dropout probability on the attention weights (0 at inference).
+        dropout_p: dropout probability on the attention weights (0 at inference); the
+            mask is drawn from torch's default generator (``torch.manual_seed`` fixes it).
         softmax_scale: multiplies q.k; default 1/sqrt(D).
         causal: mask keys after the query, the diagonal aligned bottom-right
             (query i sees keys j <= i + Sk - Sq).
@@ -91,40 +135,145 @@ def flash_attn_func(
     """
     backends.check_backend_name(backend)
     _check_qkv(q, k, v, ("q", "k", "v"), heads_dim=2, seq_dim=1)
-    _check_dropout(dropout_p)
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
-    if softcap < 0:
-        raise ValueError(f"softcap: must be >= 0, got {softcap}")
-    seqlen_q, num_heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    if alibi_slopes is not None:
-        if alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device:
-            raise ValueError(
-                f"alibi_slopes: must be float32 on {q.device}, got {alibi_slopes.dtype} on {alibi_slopes.device}"
-            )
-        if tuple(alibi_slopes.shape) not in ((num_heads,), (q.shape[0], num_heads)):
-            raise ValueError(
-                f"alibi_slopes: expected shape ({num_heads},) or ({q.shape[0]}, {num_heads}), "
-                f"got {tuple(alibi_slopes.shape)}"
-            )
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    window_left, window_right = int(window_size[0]), int(window_size[1])
-    if causal:
-        window_right = 0
-    diag_offset = k.shape[1] - seqlen_q
-    out, lse = ops.attention(
-        q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
-        window_right=window_right, diag_offset=diag_offset, dropout_p=float(dropout_p),
-        deterministic=deterministic, backend=backend,
-    )
+    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
+    return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, backend)
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              backend: str = "auto"):
+    """flash-attn's packed form: qkv (B, S, 3, H, D) -> out (B, S, H, D)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected shape (B, S, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                             return_attn_probs=False, *, backend: str = "auto"):
+    """flash-attn's packed form: q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> out (B, Sq, H, D)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv: expected shape (B, Sk, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, backend=backend)
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int) -> list[int]:
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
+        raise ValueError(f"{name}: expected a 1-D int32 tensor of B+1 offsets, got "
+                         f"{getattr(cu, 'dtype', type(cu).__name__)} of shape {tuple(getattr(cu, 'shape', ()))}")
+    offsets = [int(x) for x in cu.tolist()]
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name}: must rise from 0 to the total length {total}, got {offsets}")
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen for {name}: {max_seqlen} is below the longest sequence ({longest})")
+    return offsets
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """flash-attn's variable-length form on packed sequences.
+
+    Args:
+        q: (total_q, H, D); k: (total_k, Hk, D); v: (total_k, Hk, Dv).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets of each sequence; sequence b is
+            rows ``cu[b]:cu[b+1]``. Sequences of length 0 are allowed (no key: out 0).
+        max_seqlen_q, max_seqlen_k: upper bounds of the lengths (checked).
+        Other arguments as ``flash_attn_func``, per sequence (causal aligned bottom-right
+        within each sequence; alibi_slopes (B, H) row b for sequence b).
+
+    Returns:
+        out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) and a list of
+        per-sequence probabilities (H, Sq_b, Sk_b) from the reference.
+
+    Each sequence runs as its own kernel call on views of the packed tensors (the offsets
+    are read on the host, so this synchronises a GPU stream once).
+    """
+    backends.check_backend_name(backend)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D (total, H, D) tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k, v: total lengths differ: {k.shape[0]} vs {v.shape[0]}")
+    _check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if len(offsets_q) != len(offsets_k):
+        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {len(offsets_q) - 1} vs "
+                         f"{len(offsets_k) - 1}")
+    batch = len(offsets_q) - 1
+    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, batch)
+    outs, lses, probs = [], [], []
+    for b in range(batch):
+        qb = q[offsets_q[b]:offsets_q[b + 1]].unsqueeze(0)
+        kb = k[offsets_k[b]:offsets_k[b + 1]].unsqueeze(0)
+        vb = v[offsets_k[b]:offsets_k[b + 1]].unsqueeze(0)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        if qb.shape[1] == 0 or kb.shape[1] == 0:  # nothing to attend: out 0, lse -inf
+            outs.append(qb.new_zeros((*qb.shape[:3], v.shape[-1])))
+            lses.append(torch.full((1, q.shape[1], qb.shape[1]), float("-inf"), device=q.device))
+            probs.append(q.new_zeros((q.shape[1], qb.shape[1], kb.shape[1])))
+            continue
+        res = _flash(qb, kb, vb, dropout_p, softmax_scale, causal, window_size, softcap, slopes, deterministic,
+                     return_attn_probs, backend)
+        if return_attn_probs:
+            outs.append(res[0])
+            lses.append(res[1].float())
+            probs.append(res[2][0])
+        else:
+            outs.append(res)
+    out = torch.cat(outs, dim=1)[0] if outs else q.new_zeros((0, q.shape[1], v.shape[-1]))
     if not return_attn_probs:
         return out
-    with torch.no_grad():
-        _, _, probs = attention_ref(
-            q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
-            window_right=window_right, diag_offset=diag_offset, return_probs=True,
-        )
-    return out, lse, probs
+    return out, torch.cat([lse[0] for lse in lses], dim=1), probs
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                     backend: str = "auto"):
+    """Packed variable-length form: qkv (total, 3, H, D) -> out (total, H, D)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected shape (total, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p=0.0, softmax_scale=None,
+                                    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False, *, backend: str = "auto"):
+    """Packed variable-length form: q (total_q, H, D), kv (total_k, 2, Hk, D)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv: expected shape (total_k, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, backend=backend)
 
 
 def scaled_dot_product_attention(
