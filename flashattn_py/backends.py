@@ -27,8 +27,6 @@ class Problem:
 
     device_type: str
     dtype: torch.dtype
-    head_dim: int
-    head_dim_v: int
     has_attn_mask: bool = False
     dropout_p: float = 0.0
 
@@ -88,54 +86,56 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _gpu_kernel_reasons(p: Problem) -> list[str]:
-    reasons = []
-    if p.has_attn_mask:
-        reasons.append("attn_mask is not supported by this backend yet")
-    if p.dropout_p > 0:
-        reasons.append("dropout is not supported by this backend yet")
-    return reasons
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend's static capabilities plus how to tell whether it is usable here."""
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    attn_mask: bool
+    dropout: bool
+    why_unavailable: Callable[[], str | None]
+
+    def feature_reasons(self, p: Problem) -> list[str]:
+        """Reasons the kernels can't compute this problem, wherever they run."""
+        reasons = []
+        if p.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {p.dtype} not supported ({names})")
+        if p.has_attn_mask and not self.attn_mask:
+            reasons.append("attn_mask is not supported by this backend yet")
+        if p.dropout_p > 0 and not self.dropout:
+            reasons.append("dropout is not supported by this backend yet")
+        return reasons
+
+    def device_reasons(self, p: Problem) -> list[str]:
+        if self.name == "cpu" and p.device_type != "cpu":
+            return [f"runs on CPU tensors, got {p.device_type}"]
+        if self.name == "triton" and p.device_type != "cuda" and not (p.device_type == "cpu" and triton_interpreted()):
+            return [f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}"]
+        if self.name == "cuda":
+            if p.device_type != "cuda":
+                return [f"runs on CUDA tensors, got {p.device_type}"]
+            if torch.cuda.get_device_capability()[0] < 8:
+                return ["needs an sm80+ GPU"]
+        return []
+
+    def supports(self, p: Problem) -> list[str]:
+        """Empty when this backend can serve ``p`` here, else the reasons it can't."""
+        unavailable = self.why_unavailable()
+        return ([unavailable] if unavailable else []) + self.device_reasons(p) + self.feature_reasons(p)
 
 
-def _cpu_supports(p: Problem) -> list[str]:
-    reasons = [compiled_ops_error()] if compiled_ops_error() else []
-    if p.device_type != "cpu":
-        reasons.append(f"runs on CPU tensors, got {p.device_type}")
-    if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        reasons.append(f"dtype {p.dtype} not supported (float32, float64, bfloat16, float16)")
-    return reasons
-
-
-def _triton_supports(p: Problem) -> list[str]:
-    reasons = [triton_error()] if triton_error() else []
-    if p.device_type != "cuda" and not (p.device_type == "cpu" and triton_interpreted()):
-        reasons.append(f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}")
-    if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
-    return reasons + _gpu_kernel_reasons(p)
-
-
-def _cuda_supports(p: Problem) -> list[str]:
-    reasons = [cuda_kernels_error()] if cuda_kernels_error() else []
-    if p.device_type != "cuda":
-        reasons.append(f"runs on CUDA tensors, got {p.device_type}")
-    elif not reasons and torch.cuda.get_device_capability()[0] < 8:
-        reasons.append("needs an sm80+ GPU")
-    if p.dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {p.dtype} not supported (float16, bfloat16); float32 is served by triton")
-    return reasons + _gpu_kernel_reasons(p)
-
-
-def _reference_supports(p: Problem) -> list[str]:
-    return []
-
-
-SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {
-    "cuda": _cuda_supports,
-    "triton": _triton_supports,
-    "cpu": _cpu_supports,
-    "reference": _reference_supports,
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+BACKENDS: dict[str, Backend] = {
+    "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=False, dropout=False,
+                    why_unavailable=cuda_kernels_error),
+    "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=False, dropout=False,
+                      why_unavailable=triton_error),
+    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error),
+    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None),
 }
+SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {name: b.supports for name, b in BACKENDS.items()}
 
 _forced_stack: list[str] = []
 
@@ -164,7 +164,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
         for device_type in device_types:
             if device_type == "cuda" and not torch.cuda.is_available():
                 continue
-            if not SUPPORTS[name](Problem(device_type, torch.float16 if name == "cuda" else torch.float32, 64, 64)):
+            if not SUPPORTS[name](Problem(device_type, torch.float16 if name == "cuda" else torch.float32)):
                 names.append(name)
                 break
     return names

@@ -201,12 +201,7 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, on the selected backend: ``(out, lse)``."""
     problem = backends.Problem(
-        device_type=q.device.type,
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        head_dim_v=v.shape[-1],
-        has_attn_mask=attn_mask is not None,
-        dropout_p=dropout_p,
+        device_type=q.device.type, dtype=q.dtype, has_attn_mask=attn_mask is not None, dropout_p=dropout_p
     )
     name = backends.select(problem, backend)
     if name == "reference":

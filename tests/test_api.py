@@ -74,13 +74,13 @@ def test_sdpa_rejects_bad_input(args, kwargs, match):
 @pytest.mark.skipif(not HAS_CPU, reason="compiled CPU ops not built")
 def test_selection_order(monkeypatch):
     q, k, v = qkv()
-    assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "cpu"
+    assert backends.select(backends.Problem("cpu", torch.float32)) == "cpu"
     monkeypatch.setenv("FLASHATTN_BACKEND", "reference")
-    assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "reference"
+    assert backends.select(backends.Problem("cpu", torch.float32)) == "reference"
     with flashattn_py.use_backend("cpu"):  # context beats env
-        assert backends.select(backends.Problem("cpu", torch.float32, 16, 16)) == "cpu"
+        assert backends.select(backends.Problem("cpu", torch.float32)) == "cpu"
         # explicit argument beats the context
-        assert backends.select(backends.Problem("cpu", torch.float32, 16, 16), "reference") == "reference"
+        assert backends.select(backends.Problem("cpu", torch.float32), "reference") == "reference"
     monkeypatch.setenv("FLASHATTN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FLASHATTN_BACKEND: unknown backend 'bogus'"):
         flashattn_py.flash_attn_func(q, k, v)
