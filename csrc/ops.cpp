@@ -32,7 +32,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "flashattn: q, k, v must share a dtype");
   TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
               "flashattn: the head dimension must be contiguous (stride 1)");
-  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes() .slice(0, 3) == v.sizes().slice(0, 3),
+  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
               "flashattn: batch / seqlen / heads of q, k, v disagree");
   TORCH_CHECK(q.size(3) == k.size(3), "flashattn: q and k head dims differ");
   TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "flashattn: num_heads must be a multiple of num_heads_k");
