@@ -63,11 +63,35 @@ void fill_common(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const
   }
 }
 
-// attn_bias and dropout are not in the CUDA kernels yet; selection (backends.py) never
-// routes such calls here.
-void check_no_bias_dropout(const std::optional<at::Tensor>& attn_bias, double dropout_p) {
-  TORCH_CHECK(!attn_bias.has_value() && dropout_p == 0.0,
-              "flashattn (cuda): attn_bias and dropout are not supported by the CUDA kernels yet");
+// attn_bias (B, H, Sq, Sk) through strides (0 on broadcast dims), bool or q's dtype, on q's
+// device; dropout's [seed, offset] from rng_state, an int64 CPU tensor read on the host.
+void fill_bias_dropout(FlashParams& p, const at::Tensor& q, const std::optional<at::Tensor>& attn_bias,
+                       double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  if (attn_bias.has_value()) {
+    const at::Tensor& m = *attn_bias;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.batch && m.size(1) == p.num_heads && m.size(2) == p.seqlen_q &&
+                    m.size(3) == p.seqlen_k,
+                "flashattn (cuda): attn_bias must be (B, H, Sq, Sk) = (", p.batch, ", ", p.num_heads, ", ",
+                p.seqlen_q, ", ", p.seqlen_k, ") (broadcast dims with stride 0), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "flashattn (cuda): attn_bias must be bool or ", q.scalar_type(), ", got ", m.scalar_type());
+    TORCH_CHECK(m.device() == q.device(), "flashattn (cuda): attn_bias must be on ", q.device(), ", got ",
+                m.device());
+    p.bias = m.data_ptr();
+    p.bias_is_bool = m.scalar_type() == at::kBool;
+    p.bias_batch_stride = m.stride(0), p.bias_head_stride = m.stride(1);
+    p.bias_row_stride = m.stride(2), p.bias_col_stride = m.stride(3);
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flashattn (cuda): dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p > 0) {
+    TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
+                    rng_state->device().is_cpu(),
+                "flashattn (cuda): dropout needs rng_state, an int64 CPU tensor [seed, offset]");
+    const at::Tensor st = rng_state->contiguous();
+    p.dropout_seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
+    p.dropout_offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -76,13 +100,13 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             double softcap, int64_t window_left, int64_t window_right,
                                             int64_t diag_offset, double dropout_p,
                                             const std::optional<at::Tensor>& rng_state) {
-  check_no_bias_dropout(attn_bias, dropout_p);
   check_cuda_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   FlashParams p;
   fill_common(p, q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset);
+  fill_bias_dropout(p, q, attn_bias, dropout_p, rng_state);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = lse.data_ptr();
@@ -97,7 +121,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
     const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
-  check_no_bias_dropout(attn_bias, dropout_p);
   check_cuda_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) &&
@@ -128,6 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 
   FlashBwdParams p;
   fill_common(p, q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset);
+  fill_bias_dropout(p, q, attn_bias, dropout_p, rng_state);
+  TORCH_CHECK(!bias_requires_grad || (attn_bias.has_value() && attn_bias->scalar_type() != at::kBool),
+              "flashattn (cuda): bias_requires_grad needs a float attn_bias");
+  // The bias gradient in the expanded (B, H, Sq, Sk) shape, zero where no key is visible;
+  // the caller sums broadcast dims.
+  at::Tensor dbias = bias_requires_grad ? at::zeros({B, H, Sq, Sk}, q.options().dtype(at::kFloat))
+                                        : at::empty({0}, q.options().dtype(at::kFloat));
+  p.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
   p.out = const_cast<void*>(out.data_ptr());
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = const_cast<void*>(lse_c.data_ptr());
@@ -152,11 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     dk = dk_h.view({B, Sk, Hk, group, D}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
     dv = dv_h.view({B, Sk, Hk, group, Dv}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
   }
-  return {dq, dk, dv, at::empty({0}, q.options().dtype(at::kFloat))};
+  return {dq, dk, dv, dbias};
 }
 
 }  // namespace
 
+// dropout_mask has no CUDA impl: its rng_state argument is a CPU tensor, so dispatch goes
+// to the CPU impl, whose Philox draws are the CUDA kernels' (cuda/philox.cuh) bit for bit.
 TORCH_LIBRARY_IMPL(flashattn, CUDA, m) {
   m.impl("fwd", &fwd_cuda);
   m.impl("bwd", &bwd_cuda);

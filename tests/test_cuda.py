@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from rule import check_attention, random_qkv
+from flashattn_py.reference import attention_ref
+from rule import assert_rule, check_attention, random_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -35,30 +36,67 @@ if not _has_cuda_kernel():
 DEV = "cuda"
 
 
+def _expand_bias(bias, b, h, sq, sk):
+    """A bias / mask broadcastable to (B, H, Sq, Sk) as the ops take it: an expanded view."""
+    if bias is None:
+        return None
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    return bias.expand(b, h, sq, sk)
+
+
 class _FlashCuda(torch.autograd.Function):
+    """torch.ops.flashattn.fwd / bwd on CUDA; `bias` (broadcastable to (B, H, Sq, Sk)) gets
+    its gradient summed back to its own shape when it requires grad."""
+
     @staticmethod
-    def forward(ctx, q, k, v, alibi, scale, softcap, wl, wr, off, deterministic):
-        out, lse = torch.ops.flashattn.fwd(q, k, v, alibi, scale, softcap, wl, wr, off)
+    def forward(ctx, q, k, v, bias, alibi, scale, softcap, wl, wr, off, deterministic, dropout_p, rng_state):
+        b, sq, h, _ = q.shape
+        sk = k.shape[1]
+        bias4 = _expand_bias(bias, b, h, sq, sk)
+        out, lse = torch.ops.flashattn.fwd(q, k, v, alibi, bias4, scale, softcap, wl, wr, off, dropout_p, rng_state)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.alibi = alibi
-        ctx.args = (scale, softcap, wl, wr, off, deterministic)
+        ctx.alibi, ctx.bias4, ctx.rng_state = alibi, bias4, rng_state
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.args = (scale, softcap, wl, wr, off, dropout_p, deterministic)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, softcap, wl, wr, off, det = ctx.args
+        scale, softcap, wl, wr, off, dropout_p, det = ctx.args
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq, dk, dv = torch.ops.flashattn.bwd(dout, q, k, v, out, lse, ctx.alibi, scale, softcap, wl, wr, off, det)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        bias_grad = ctx.bias_shape is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = torch.ops.flashattn.bwd(dout, q, k, v, out, lse, ctx.alibi, ctx.bias4, scale, softcap, wl,
+                                                    wr, off, dropout_p, ctx.rng_state, det, bias_grad)
+        db = None
+        if bias_grad:
+            assert dbias.shape == ctx.bias4.shape and dbias.dtype == torch.float32
+            db = dbias
+            shape = (1,) * (4 - len(ctx.bias_shape)) + tuple(ctx.bias_shape)
+            dims = [i for i in range(4) if shape[i] == 1 and db.shape[i] != 1]
+            if dims:
+                db = db.sum(dims, keepdim=True)
+            db = db.reshape(ctx.bias_shape).to(ctx.bias4.dtype)
+        return dq, dk, dv, db, None, None, None, None, None, None, None, None, None
 
 
-def _runner(scale, softcap=0.0, alibi=None, wl=-1, wr=-1, off=0, deterministic=False):
+def _runner(scale, softcap=0.0, alibi=None, wl=-1, wr=-1, off=0, deterministic=False, bias=None, dropout_p=0.0,
+            rng_state=None):
     def run(q, k, v):
-        return _FlashCuda.apply(q, k, v, alibi, scale, softcap, wl, wr, off, deterministic)
+        return _FlashCuda.apply(q, k, v, bias, alibi, scale, softcap, wl, wr, off, deterministic, dropout_p,
+                                rng_state)
 
     return run
+
+
+def _fwd(q, k, v, scale, *, bias=None, wl=-1, wr=-1, off=0, dropout_p=0.0, rng_state=None):
+    """(out, lse) straight from torch.ops.flashattn.fwd."""
+    b, sq, h, _ = q.shape
+    return torch.ops.flashattn.fwd(q.detach(), k.detach(), v.detach(), None,
+                                   _expand_bias(bias, b, h, sq, k.shape[1]), scale, 0.0, wl, wr, off, dropout_p,
+                                   rng_state)
 
 
 def _case(b, sq, sk, h, hk, d, dtype, *, seed, dv=None, softcap=0.0, alibi=False, wl=-1, wr=-1, off=0,
@@ -141,7 +179,193 @@ def test_deterministic(d):
 def test_empty_rows_and_no_keys():
     # Bottom-right causal with Sq > Sk: the first Sq - Sk rows see nothing.
     q, k, v = random_qkv(1, 70, 10, 2, 2, 64, dtype=torch.float16, device=DEV, seed=9000)
-    out, lse = torch.ops.flashattn.fwd(q.detach(), k.detach(), v.detach(), None, 0.125, 0.0, -1, 0, -60)
+    out, lse = _fwd(q, k, v, 0.125, wr=0, off=-60)
     assert torch.all(out[:, :60] == 0) and torch.all(torch.isneginf(lse[:, :, :60]))
     assert not torch.isnan(out).any()
     _case(1, 70, 10, 2, 2, 64, torch.float16, seed=9001, wr=0, off=-60)
+
+
+# ---------------------------------------------------------------------------------
+# Attention bias / bool masks (read through strides, broadcast dims with stride 0) and
+# dropout (Philox draws identical to the CPU kernel's, so torch.ops.flashattn.dropout_mask
+# on the CPU gives the kernel's keep-mask).
+
+
+def _bias(shape, dtype, seed, requires_grad=False):
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEV, dtype)
+    return t.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["full", "bcast_batch_head", "key_padding", "per_head_row", "query_key"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_float_bias(dtype, shape, d):
+    b, sq, sk, h, hk = 2, 97, 200, 4, 2
+    shapes = {"full": (b, h, sq, sk), "bcast_batch_head": (1, 1, sq, sk), "key_padding": (b, 1, 1, sk),
+              "per_head_row": (1, h, sq, 1), "query_key": (sq, sk)}
+    q, k, v = random_qkv(b, sq, sk, h, hk, d, dtype=dtype, device=DEV, seed=10000 + d)
+    bias = _bias(shapes[shape], dtype, 10001 + d)
+    scale = 1.0 / math.sqrt(d)
+    check_attention(_runner(scale, bias=bias), q, k, v, seed=10000 + d, scale=scale, attn_bias=bias)
+
+
+@pytest.mark.parametrize("d", [32, 96, 256])
+def test_float_bias_head_dims_causal(d):
+    q, k, v = random_qkv(1, 130, 77, 2, 1, d, dtype=torch.float16, device=DEV, seed=10100 + d)
+    bias = _bias((1, 2, 130, 77), torch.float16, 10101 + d)
+    scale = 1.0 / math.sqrt(d)
+    check_attention(_runner(scale, bias=bias, wr=0, off=-53), q, k, v, seed=10100 + d, scale=scale, attn_bias=bias,
+                    window_right=0, diag_offset=-53)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ["full", "key_padding", "query_key"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bool_mask_with_fully_masked_rows(dtype, shape, causal):
+    b, sq, sk, h = 2, 70, 150, 4
+    shapes = {"full": (b, h, sq, sk), "key_padding": (b, 1, 1, sk), "query_key": (sq, sk)}
+    gen = torch.Generator().manual_seed(11000)
+    mask = torch.rand(shapes[shape], generator=gen) > 0.4
+    if shape != "key_padding":
+        mask[..., 3, :] = False      # a fully masked query row
+        mask[..., 40:45, :] = False
+    else:
+        mask[1] = False               # batch 1 sees nothing
+    mask = mask.to(DEV)
+    q, k, v = random_qkv(b, sq, sk, h, 2, 64, dtype=dtype, device=DEV, seed=11001)
+    wr, off = (0, sk - sq) if causal else (-1, 0)
+    check_attention(_runner(0.125, bias=mask, wr=wr, off=off), q, k, v, seed=11001, scale=0.125, attn_bias=mask,
+                    window_right=wr, diag_offset=off)
+    out, lse = _fwd(q, k, v, 0.125, bias=mask, wr=wr, off=off)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    if shape != "key_padding":
+        assert torch.all(out[:, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))
+        assert torch.all(out[:, 40:45] == 0)
+    else:
+        assert torch.all(out[1] == 0) and torch.all(torch.isneginf(lse[1]))
+
+
+def test_key_padding_long_keys_and_neg_inf_float_bias():
+    # Whole key blocks masked (keys >= 100 of batch 0), and a float bias of -inf that
+    # empties rows (online softmax with a row max of -inf).
+    b, sq, sk, h = 2, 33, 600, 2
+    keep = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+    keep[0, ..., 100:] = False
+    keep = keep.to(DEV)
+    q, k, v = random_qkv(b, sq, sk, h, h, 64, dtype=torch.bfloat16, device=DEV, seed=11100)
+    check_attention(_runner(0.125, bias=keep), q, k, v, seed=11100, scale=0.125, attn_bias=keep)
+    bias = _bias((b, h, sq, sk), torch.float16, 11101)
+    bias[:, :, 5] = float("-inf")
+    bias[0, :, 7, 300:] = float("-inf")
+    q, k, v = random_qkv(b, sq, sk, h, h, 64, dtype=torch.float16, device=DEV, seed=11102)
+    check_attention(_runner(0.125, bias=bias), q, k, v, seed=11102, scale=0.125, attn_bias=bias)
+    out, lse = _fwd(q, k, v, 0.125, bias=bias)
+    assert torch.all(out[:, 5] == 0) and torch.all(torch.isneginf(lse[:, :, 5]))
+
+
+def _check_bias_grad(bias_shape, dtype, d, seed, deterministic=False, **kw):
+    b, sq, sk, h, hk = 2, 77, 130, 4, 2
+    q, k, v = random_qkv(b, sq, sk, h, hk, d, dtype=dtype, device=DEV, seed=seed)
+    bias = _bias(bias_shape, dtype, seed + 1, requires_grad=True)
+    scale = 1.0 / math.sqrt(d)
+    ref_kw = dict(scale=scale, softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi"),
+                  window_left=kw.get("wl", -1), window_right=kw.get("wr", -1), diag_offset=kw.get("off", 0))
+    run = _runner(scale, kw.get("softcap", 0.0), kw.get("alibi"), kw.get("wl", -1), kw.get("wr", -1),
+                  kw.get("off", 0), deterministic, bias=bias)
+    out = run(q.detach(), k.detach(), v.detach())
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64).to(DEV)
+    out.backward(dout.to(dtype))
+    b64 = bias.detach().double().requires_grad_()
+    ref, _ = attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), attn_bias=b64, **ref_kw)
+    ref.backward(dout)
+    bl = bias.detach().clone().requires_grad_()
+    naive, _ = attention_ref(q.detach(), k.detach(), v.detach(), attn_bias=bl, **ref_kw)
+    naive.backward(dout.to(dtype))
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+    assert_rule("dbias", bias.grad, b64.grad, bl.grad, 3.0, seed, atol=1e-6 * max(1.0, b64.grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_shape", [(2, 4, 77, 130), (1, 4, 77, 130), (77, 130), (2, 1, 1, 130)])
+def test_bias_grad(dtype, bias_shape):
+    _check_bias_grad(bias_shape, dtype, 64, 12000 + len(bias_shape))
+
+
+@pytest.mark.parametrize("d", [32, 128, 256])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bias_grad_softcap_alibi_window(d, deterministic):
+    alibi = torch.rand(4, generator=torch.Generator().manual_seed(12100)).to(DEV) * 0.2
+    _check_bias_grad((2, 4, 77, 130), torch.bfloat16, d, 12100 + d, deterministic, softcap=5.0, alibi=alibi, wl=40,
+                     wr=3, off=53)
+
+
+def _rng(seed, offset=0):
+    return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def _keep_mask(rng_state, b, h, sq, sk, p):
+    return torch.ops.flashattn.dropout_mask(rng_state, b, h, sq, sk, p).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference_with_the_mask(dtype, d, causal):
+    b, sq, sk, h, hk, p = 2, 97, 131, 4, 2, 0.3
+    rng = _rng(1234 + d, 7)
+    keep = _keep_mask(rng, b, h, sq, sk, p)
+    q, k, v = random_qkv(b, sq, sk, h, hk, d, dtype=dtype, device=DEV, seed=13000 + d)
+    scale = 1.0 / math.sqrt(d)
+    wr, off = (0, sk - sq) if causal else (-1, 0)
+    check_attention(_runner(scale, wr=wr, off=off, dropout_p=p, rng_state=rng), q, k, v, seed=13000 + d, scale=scale,
+                    window_right=wr, diag_offset=off, dropout_p=p, dropout_mask=keep)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_with_bias_and_bias_grad(deterministic):
+    b, sq, sk, h, p = 1, 65, 257, 2, 0.2
+    rng = _rng(99, 3)
+    keep = _keep_mask(rng, b, h, sq, sk, p)
+    q, k, v = random_qkv(b, sq, sk, h, h, 64, dtype=torch.float16, device=DEV, seed=13100)
+    bias = _bias((1, h, sq, sk), torch.float16, 13101)
+    check_attention(_runner(0.125, bias=bias, dropout_p=p, rng_state=rng, deterministic=deterministic), q, k, v,
+                    seed=13100, scale=0.125, attn_bias=bias, dropout_p=p, dropout_mask=keep)
+    # dbias with dropout.
+    bias_g = bias.detach().clone().requires_grad_()
+    out = _runner(0.125, bias=bias_g, dropout_p=p, rng_state=rng, deterministic=deterministic)(
+        q.detach(), k.detach(), v.detach())
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(13102), dtype=torch.float64).to(DEV)
+    out.backward(dout.half())
+    b64 = bias.detach().double().requires_grad_()
+    ref, _ = attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), scale=0.125, attn_bias=b64,
+                           dropout_p=p, dropout_mask=keep)
+    ref.backward(dout)
+    bl = bias.detach().clone().requires_grad_()
+    naive, _ = attention_ref(q.detach(), k.detach(), v.detach(), scale=0.125, attn_bias=bl, dropout_p=p,
+                             dropout_mask=keep)
+    naive.backward(dout.half())
+    assert_rule("dbias", bias_g.grad, b64.grad, bl.grad, 3.0, 13100, atol=1e-6 * max(1.0, b64.grad.abs().max().item()))
+
+
+def test_dropout_same_rng_same_output_and_matches_cpu():
+    b, sq, sk, h, p = 2, 64, 100, 2, 0.5
+    q, k, v = random_qkv(b, sq, sk, h, h, 64, dtype=torch.float16, device=DEV, seed=13200)
+    a, _ = _fwd(q, k, v, 0.125, dropout_p=p, rng_state=_rng(5, 1))
+    a2, _ = _fwd(q, k, v, 0.125, dropout_p=p, rng_state=_rng(5, 1))
+    c, _ = _fwd(q, k, v, 0.125, dropout_p=p, rng_state=_rng(5, 2))
+    assert torch.equal(a, a2) and not torch.equal(a, c)
+    # The CPU kernel (same Philox stream) on the same inputs: the same dropped pattern.
+    cpu, _ = torch.ops.flashattn.fwd(q.detach().float().cpu(), k.detach().float().cpu(), v.detach().float().cpu(),
+                                     None, None, 0.125, 0.0, -1, -1, 0, p, _rng(5, 1))
+    assert torch.allclose(a.float().cpu(), cpu, atol=2e-2, rtol=2e-2)
+    # Backward twice with the same rng state: bitwise identical (deterministic mode).
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = _runner(0.125, dropout_p=p, rng_state=_rng(5, 1), deterministic=True)(qq, kk, vv)
+        out.backward(torch.ones_like(out))
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for x, y in zip(*grads):
+        assert torch.equal(x, y)
+    keep = _keep_mask(_rng(1, 0), 2, 8, 512, 512, 0.1)
+    assert abs(keep.float().mean().item() - 0.9) < 0.01

@@ -12,6 +12,11 @@
 //      columns (they both compute the 16 x 64 scores), keeping accumulators in registers.
 //   deterministic: the main kernel skips dQ; a separate kernel (one CTA per query block,
 //   looping over key blocks with double-buffered K / V) computes dQ without atomics.
+//   Bias / bool mask / dropout / dbias: second instantiations (kExt) of both kernels.
+//   With Z the scaled keep mask (Philox, philox.cuh, the forward's draws):
+//          dV += (P∘Z)^T dO,  dP = (dO V^T)∘Z,  dS = P∘(dP - delta);
+//   dbias (float32 (B, H, Sq, Sk)) = dS before the softcap derivative, written by the
+//   main kernel for every (query, key) pair of the blocks it visits.
 #include "flash_api.h"
 #include "flash_common.cuh"
 
@@ -26,6 +31,7 @@ struct BwdArgs {
   bool vec_q, vec_k, vec_v, vec_do, vec_dq, vec_dk, vec_dv;
   float* dq_accum;  // (B, H, Sq, D)
   float* dsum;      // (B, H, Sq)
+  Dropout drop;     // used when p.dropout_p > 0 (kExt kernels only)
 };
 
 // ---------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ struct BwdTraits {
 
 // ---------------------------------------------------------------------------------
 // Step 2: dK, dV (and dQ via atomics).
-template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit>
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, bool kExt>
 __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs args) {
   using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
   constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride, kSStride = Tr::kSStride;
@@ -150,6 +156,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
   const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
 
   // Prologue: group 0 = K, V, dO of the first block; group 1 = Q of the first block.
   load_tile<T, kBN, kD, kThreads>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
@@ -237,12 +244,30 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
           const int64_t dist = int64_t(i) + off - (n0 + rg * 16 + g + 8 * r);
           x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
         }
-        if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
-        const float pr = fast_exp2(x - sLse[il]);
-        float ds = pr * (acc_dp[nt][e] - sDelta[il]);
-        if (has_softcap) ds *= 1.f - th * th;
-        acc_s[nt][e] = pr;
-        acc_dp[nt][e] = ds;
+        if constexpr (kExt) {
+          const int j = n0 + rg * 16 + g + 8 * r;
+          if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          const float pr = fast_exp2(x - sLse[il]);
+          float z = 1.f;
+          if (p.dropout_p > 0.f) {
+            uint32_t d[4];
+            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            z = args.drop.factor(d, j & 3);
+          }
+          float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
+          if (p.dbias != nullptr && dpart == 0 && i < Sq && j < Sk) p.dbias[(bh * p.seqlen_q + i) * p.seqlen_k + j] = ds;
+          if (has_softcap) ds *= 1.f - th * th;
+          acc_s[nt][e] = pr * z;
+          acc_dp[nt][e] = ds;
+        } else {
+          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          const float pr = fast_exp2(x - sLse[il]);
+          float ds = pr * (acc_dp[nt][e] - sDelta[il]);
+          if (has_softcap) ds *= 1.f - th * th;
+          acc_s[nt][e] = pr;
+          acc_dp[nt][e] = ds;
+        }
       }
     }
 
@@ -366,7 +391,7 @@ struct BwdDqTraits {
   static_assert(kBM == 16 * kWarps, "one m16 tile per warp");
 };
 
-template <typename T, int kD, int kBM, int kBN, int kWarps>
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
 __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
   using Tr = BwdDqTraits<T, kD, kBM, kBN, kWarps>;
   constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride;
@@ -421,6 +446,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
   const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
 
   load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
   load_tile<T, kBM, kD, kThreads>(sdO, do_base + m0 * p.do_row_stride, p.do_row_stride, Sq - m0, Dv, args.vec_do);
@@ -495,9 +521,19 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs
           const int64_t dist = int64_t(m0 + warp_row0 + g + 8 * r) + off - j;
           x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
         }
+        float z = 1.f;
+        if constexpr (kExt) {
+          const int i = m0 + warp_row0 + g + 8 * r;
+          if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+          if (p.dropout_p > 0.f) {
+            uint32_t d[4];
+            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            z = args.drop.factor(d, j & 3);
+          }
+        }
         if (!full && (j < j_lo[r] || j > j_hi[r])) x = -INFINITY;
         const float pr = fast_exp2(x - lse2[r]);
-        float ds = pr * (acc_dp[nt][e] - delta[r]);
+        float ds = pr * (acc_dp[nt][e] * z - delta[r]);
         if (has_softcap) ds *= 1.f - th * th;
         acc_dp[nt][e] = ds;
       }
@@ -543,13 +579,13 @@ cudaError_t set_smem(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps>
-cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps, bool kExt>
+cudaError_t launch_bwd_kernels(const BwdArgs& args, cudaStream_t stream) {
   const FlashBwdParams& p = args.p;
   cudaError_t e;
   {
     using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
-    auto kernel = flash_bwd_kernel<T, kD, kBM, kBN, kWarps, kDSplit>;
+    auto kernel = flash_bwd_kernel<T, kD, kBM, kBN, kWarps, kDSplit, kExt>;
     if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
     dim3 grid(static_cast<unsigned>((p.seqlen_k + kBN - 1) / kBN), static_cast<unsigned>(p.num_heads),
               static_cast<unsigned>(p.batch));
@@ -561,7 +597,7 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
   if (p.seqlen_q == 0) return cudaSuccess;
   if (p.deterministic) {
     using Tr = BwdDqTraits<T, kD, kQBM, kQBN, kQWarps>;
-    auto kernel = flash_bwd_dq_kernel<T, kD, kQBM, kQBN, kQWarps>;
+    auto kernel = flash_bwd_dq_kernel<T, kD, kQBM, kQBN, kQWarps, kExt>;
     if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
     dim3 grid(static_cast<unsigned>((p.seqlen_q + kQBM - 1) / kQBM), static_cast<unsigned>(p.num_heads),
               static_cast<unsigned>(p.batch));
@@ -575,6 +611,15 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps>
+cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
+  const FlashBwdParams& p = args.p;
+  if (p.bias != nullptr || p.dropout_p > 0.f || p.dbias != nullptr) {
+    return launch_bwd_kernels<T, kD, kBM, kBN, kWarps, kDSplit, kQBM, kQBN, kQWarps, true>(args, stream);
+  }
+  return launch_bwd_kernels<T, kD, kBM, kBN, kWarps, kDSplit, kQBM, kQBN, kQWarps, false>(args, stream);
 }
 
 template <typename T>
@@ -618,6 +663,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, bool is_bf16, float* dq_
   args.cap_in = params.softcap > 0.f ? params.scale / params.softcap : 0.f;
   args.cap_out = params.softcap * kLog2e;
   args.heads_per_kv = static_cast<int>(params.num_heads / params.num_heads_k);
+  args.drop = make_dropout(params);
   const auto& p = params;
   args.vec_q = rows_aligned16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.head_dim);
   args.vec_k = rows_aligned16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.head_dim);

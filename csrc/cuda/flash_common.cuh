@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "flash_params.h"
+#include "philox.cuh"
 
 namespace flashattn {
 namespace cuda_impl {
@@ -227,6 +228,42 @@ struct Window {
 
 __device__ __forceinline__ int clamp_int(int64_t v) {
   return v < -(int64_t(1) << 30) ? -(1 << 30) : (v > (int64_t(1) << 30) ? (1 << 30) : static_cast<int>(v));
+}
+
+// ---------------------------------------------------------------------------------
+// Bias / bool mask and dropout (the kernels' kExt variants; the plain variants never
+// touch these fields). Scores are in the log2 domain, so a float bias is scaled by log2(e).
+// `base` = b * bias_batch_stride + h * bias_head_stride; i < Sq and j < Sk (callers check).
+template <typename T>
+__device__ __forceinline__ float add_bias_log2(const FlashParams& p, int64_t base, int64_t i, int64_t j, float x) {
+  const int64_t o = base + i * p.bias_row_stride + j * p.bias_col_stride;
+  if (p.bias_is_bool) return static_cast<const unsigned char*>(p.bias)[o] ? x : -INFINITY;
+  return x + Elem<T>::to_float(static_cast<const T*>(p.bias)[o]) * kLog2e;
+}
+
+// Dropout draws for query row `row` = (b * H + h) * Sq + i and key group j / 4.
+struct Dropout {
+  uint64_t seed, offset, threshold;  // keep iff draw >= threshold
+  int64_t groups_per_row;            // ceil(Sk / 4)
+  float mult;                        // 1 / (1 - p)
+  __device__ __forceinline__ void draws(int64_t row, int64_t group, uint32_t (&d)[4]) const {
+    philox::generate(seed, static_cast<uint64_t>(row * groups_per_row + group), offset, d);
+  }
+  // The scale factor of key lane `lane` (j % 4): mult when kept, 0 when dropped.
+  __device__ __forceinline__ float factor(const uint32_t (&d)[4], int lane) const {
+    const uint32_t x = lane == 0 ? d[0] : lane == 1 ? d[1] : lane == 2 ? d[2] : d[3];
+    return uint64_t(x) >= threshold ? mult : 0.f;
+  }
+};
+
+inline Dropout make_dropout(const FlashParams& p) {
+  Dropout d;
+  d.seed = p.dropout_seed;
+  d.offset = p.dropout_offset;
+  d.threshold = philox::keep_threshold(p.dropout_p);
+  d.groups_per_row = (p.seqlen_k + 3) / 4;
+  d.mult = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  return d;
 }
 
 // Host-side: 16-byte alignment of every row start of a tensor.

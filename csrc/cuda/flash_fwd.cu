@@ -8,6 +8,12 @@
 // kMT * 16 query rows. Softmax runs in the log2 domain (scale * log2(e) folded in).
 // Only key blocks that can hold a visible key are visited; the per-element mask runs
 // on blocks that straddle a window edge or the end of the keys.
+//
+// Bias / bool mask and dropout live in a second instantiation of the kernel (kExt), so
+// the plain path keeps its registers: the bias is read from global memory per score
+// element (any strides, 0 on broadcast dims), dropout draws Philox4x32-10 per group of
+// 4 keys (philox.cuh, the CPU kernel's generator) after the row sum, so the normaliser
+// uses the undropped probabilities.
 #include "flash_api.h"
 #include "flash_common.cuh"
 
@@ -22,9 +28,10 @@ struct FwdArgs {
   float cap_out;      // softcap * log2(e)
   int heads_per_kv;   // H / Hk
   bool vec_q, vec_k, vec_v, vec_o;
+  Dropout drop;       // used when p.dropout_p > 0 (kExt kernels only)
 };
 
-template <typename T, int kD, int kBM, int kBN, int kWarps>
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt = false>
 struct FwdTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMT = kBM / (16 * kWarps);  // m16 tiles per warp
@@ -33,14 +40,16 @@ struct FwdTraits {
   static constexpr int kStride = kD + kPad;
   static constexpr int kSmem = (kBM + 2 * kBN) * kStride * int(sizeof(T));
   // CTAs per SM the register budget is sized for (255 / 128 / 168 registers per thread).
-  static constexpr int kMinBlocks = kD > 128 ? 1 : (kWarps == 8 ? 2 : 3);
+  // The kExt variant (bias / dropout) gets one CTA per SM less where that avoids spills.
+  static constexpr int kMinBlocks = kD > 128 ? 1 : (kWarps == 8 ? (kExt ? 1 : 2) : (kExt ? 2 : 3));
   static_assert(kMT >= 1 && kBM == kMT * 16 * kWarps, "bad block M");
   static_assert(kBN % 16 == 0 && kD % 16 == 0, "bad tile");
 };
 
-template <typename T, int kD, int kBM, int kBN, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps>::kMinBlocks) flash_fwd_kernel(const FwdArgs args) {
-  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps>;
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+__global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps, kExt>::kMinBlocks)
+    flash_fwd_kernel(const FwdArgs args) {
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
   constexpr int kThreads = Tr::kThreads, kMT = Tr::kMT, kNT = Tr::kNT, kDT = Tr::kDT, kStride = Tr::kStride;
   const FlashParams& p = args.p;
 
@@ -109,6 +118,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
   const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
+  const int64_t drop_row0 = (int64_t(b) * p.num_heads + h) * p.seqlen_q;
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * kBN;
@@ -165,6 +176,12 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
             const int64_t dist = i + off - j;
             x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
           }
+          if constexpr (kExt) {
+            if (p.bias != nullptr) {
+              const int i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+              if (i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+            }
+          }
           if (!full && (j < j_lo[mt][r] || j > j_hi[mt][r])) x = -INFINITY;
           acc_s[mt][nt][e] = x;
         }
@@ -194,6 +211,21 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
           sum += p0 + p1;
         }
         row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+        if constexpr (kExt) {
+          if (p.dropout_p > 0.f) {
+            // Columns 2 t4, 2 t4 + 1 of each n8 tile: key group (n0 + 8 nt) / 4 + t4 / 2,
+            // lanes 2 (t4 & 1) and 2 (t4 & 1) + 1.
+            const int64_t row = drop_row0 + m0 + warp_row0 + mt * 16 + g + 8 * r;
+            const int lane0 = 2 * (t4 & 1);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              uint32_t d[4];
+              args.drop.draws(row, (n0 + nt * 8) / 4 + (t4 >> 1), d);
+              acc_s[mt][nt][2 * r] *= args.drop.factor(d, lane0);
+              acc_s[mt][nt][2 * r + 1] *= args.drop.factor(d, lane0 + 1);
+            }
+          }
+        }
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
           acc_o[mt][dt][2 * r] *= alpha;
@@ -263,10 +295,10 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, Sq - m0, Dv, args.vec_o);
 }
 
-template <typename T, int kD, int kBM, int kBN, int kWarps>
-cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps>;
-  auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps>;
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt>;
   if (Tr::kSmem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem);
     if (e != cudaSuccess) return e;
@@ -276,6 +308,14 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
             static_cast<unsigned>(p.batch));
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps>
+cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
+  if (args.p.bias != nullptr || args.p.dropout_p > 0.f) {
+    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true>(args, stream);
+  }
+  return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false>(args, stream);
 }
 
 template <typename T>
@@ -303,6 +343,7 @@ cudaError_t run_flash_fwd(const FlashParams& params, bool is_bf16, cudaStream_t 
   args.cap_in = params.softcap > 0.f ? params.scale / params.softcap : 0.f;
   args.cap_out = params.softcap * kLog2e;
   args.heads_per_kv = static_cast<int>(params.num_heads / params.num_heads_k);
+  args.drop = make_dropout(params);
   args.vec_q = rows_aligned16(params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride, params.head_dim);
   args.vec_k = rows_aligned16(params.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride, params.head_dim);
   args.vec_v = rows_aligned16(params.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride, params.head_dim_v);
