@@ -71,7 +71,7 @@ TABLE_COLUMNS = [
 
 CPU_DEFAULTS = dict(
     seqlens=[512, 1024, 2048], head_dims=[64, 128], dtypes=["fp32", "bf16"], causal="both",
-    modes=["fwd", "fwd+bwd"], tokens=2048, model_dim=256, repeats=3, naive_max_seqlen=1024,
+    modes=["fwd", "fwd+bwd"], tokens=2048, model_dim=256, repeats=3, naive_max_seqlen=512,
 )
 GPU_DEFAULTS = dict(
     seqlens=[512, 1024, 2048, 4096, 8192, 16384], head_dims=[64, 128], dtypes=["bf16", "fp16"],
@@ -218,22 +218,22 @@ def measure(method: Method, s: Setting, device: torch.device, args) -> dict:
         row["status"] = "skipped"
         row["error"] = f"naive only up to N={args.naive_max_seqlen} (--naive-max-seqlen)"
         return row
-    step = None
+    step, failed = None, False
     try:
         step = build_step(method, s, device, args.input_sets)
         if device.type == "cuda":
             step()  # warm-up: compilation, autotuning, workspaces
-            mem = common.peak_memory_bytes(step, device)
-        else:  # the warm-up call is measured: on the CPU the measure is fresh pages touched
-            mem = common.peak_memory_bytes(step, device)
+        # On the CPU the warm-up call itself is measured (the measure is fresh pages touched).
+        mem = common.peak_memory_bytes(step, device)
         ms = common.time_ms(step, device, repeats=args.repeats, min_run_time=args.min_run_time)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        failed = True
         row["status"] = common.classify_failure(exc)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         return row
     finally:
         del step
-        common.free_memory(device)
+        common.free_memory(device, collect=failed)
     flops = common.attention_flops(s.batch, s.heads, s.seqlen, s.seqlen, s.head_dim, s.causal, s.mode)
     row["ms"] = ms
     row["tflops"] = flops / (ms * 1e-3) / 1e12
@@ -268,7 +268,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed calls per case on CPU (at least); CUDA-event fallback count on GPU")
     p.add_argument("--min-run-time", type=float, default=0.05, help="CPU: seconds of calls per timing block (default 0.05)")
     p.add_argument("--input-sets", type=int, help="input sets rotated between calls (CPU 2, GPU 4)")
-    p.add_argument("--naive-max-seqlen", type=int, help="skip naive above this N; 0 = no limit (CPU 1024, GPU 0)")
+    p.add_argument("--naive-max-seqlen", type=int, help="skip naive above this N; 0 = no limit (CPU 512, GPU 0)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 torch.mm reference rate (default 2048)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")

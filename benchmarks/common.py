@@ -63,20 +63,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_cpu_ms(fn: Callable[[], Any], repeats: int = 3, min_run_time: float = 0.05) -> float:
-    """Median milliseconds of ``fn()`` on the CPU with torch.utils.benchmark.
+    """Median milliseconds of ``fn()`` on the CPU.
 
-    The caller has already warmed ``fn`` up. Slow calls (``repeats`` of them take
-    longer than ``min_run_time``) are timed ``repeats`` times one by one; fast ones
-    with ``blocked_autorange``, which groups calls into blocks of at least
-    ``min_run_time`` in total. Uses all of torch's intra-op threads (Timer's default is 1).
+    The caller has already warmed ``fn`` up (the first call can be several times slower).
+    One call is timed; if ``repeats`` such calls take at least ``min_run_time`` s, the
+    case is slow and ``repeats`` single calls are the samples (perf_counter, as
+    torch.utils.benchmark does for one call). Otherwise torch.utils.benchmark's
+    ``Timer.blocked_autorange`` takes over: blocks of many calls for ``min_run_time`` s,
+    with all of torch's intra-op threads (Timer's default is 1).
     """
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    first = timer.timeit(1).median
+    def once() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    first = once()
     if first * repeats >= min_run_time:
-        times = [first] + [timer.timeit(1).median for _ in range(repeats - 1)]
+        times = [first] + [once() for _ in range(repeats - 1)]
     else:
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         times = timer.blocked_autorange(min_run_time=min_run_time).times
     return statistics.median(times) * 1e3
 
@@ -151,7 +158,6 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
     the allocator kept from earlier calls is not counted again. None where it cannot
     be measured (not Linux).
     """
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -182,8 +188,11 @@ def classify_failure(exc: BaseException) -> str:
     return "error"
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
+def free_memory(device: torch.device, collect: bool = False) -> None:
+    """Release cached memory; ``collect``: first run the (slow) cycle collector, needed
+    after an exception, whose traceback keeps the failed call's tensors alive."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
