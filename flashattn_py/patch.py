@@ -1,0 +1,168 @@
+"""A global switch: route ``torch.nn.functional.scaled_dot_product_attention`` through ours.
+
+    from flashattn_py.patch import patch_sdpa
+
+    with patch_sdpa():           # a context manager ...
+        model(x)
+    handle = patch_sdpa()        # ... or a plain call, until handle.restore() / unpatch_sdpa()
+
+What is patched: the attribute ``torch.nn.functional.scaled_dot_product_attention``. Code
+that looks it up at call time sees ours: ``F.scaled_dot_product_attention(...)``,
+``torch.nn.functional.multi_head_attention_forward`` (hence ``nn.MultiheadAttention`` and
+``nn.TransformerEncoderLayer`` / ``DecoderLayer`` on their Python path), transformers'
+``sdpa`` attention. Not patched: the builtin ``torch._C._nn.scaled_dot_product_attention``,
+names bound before patching (``from torch.nn.functional import scaled_dot_product_attention``),
+and torch's native fast paths: ``nn.MultiheadAttention`` / ``TransformerEncoderLayer`` in
+eval mode under ``torch.no_grad()`` call ``torch._native_multi_head_attention`` /
+``torch._transformer_encoder_layer_fwd``, which never reach the Python function. Run them in
+training mode or with gradients enabled (or disable the fast path,
+``torch.backends.mha.set_fastpath_enabled(False)``) to route them through the patch.
+
+Calls ours can't serve go to the function that was there before patching (torch's own):
+invalid arguments (our ValueError/TypeError), nested tensors, non-float dtypes, head dims
+beyond ``MAX_HEAD_DIM``, and problems no fused backend supports (we don't use our reference
+there: torch's own is the better fallback), unless a backend is forced with
+``use_backend`` / ``FLASHATTN_BACKEND``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import api, backends
+
+__all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "SDPAPatch"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FUSED_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+# The function found at F.scaled_dot_product_attention when the first patch went in, and
+# how many patches are active (nesting: the original comes back when the last one ends).
+_original: Optional[Callable] = None
+_depth = 0
+_generation = 0  # bumped by unpatch_sdpa(), which ends every outstanding handle
+
+
+class _Stats:
+    """Calls seen by the patched function (eager calls only; compiled graphs don't count)."""
+
+    served = 0  # computed by flashattn_py
+    fallback = 0  # handed to torch's own function
+
+
+stats = _Stats()
+
+
+def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
+    """None when ours should serve the call, else why torch's own should."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            return f"{name} is not a tensor"
+        if t.is_nested or t.layout != torch.strided:
+            return f"{name} is nested or not strided"
+        if t.dtype not in _FLOATS:
+            return f"{name} dtype {t.dtype}"
+        if t.dim() < 3:
+            return f"{name} has fewer than 3 dims"
+    if not (query.dim() == key.dim() == value.dim()):
+        return "ranks differ"
+    if query.shape[-1] > backends.MAX_HEAD_DIM or value.shape[-1] > backends.MAX_HEAD_DIM:
+        return "head dim too large"
+    if query.shape[-1] == 0 or value.shape[-1] == 0 or key.shape[-2] == 0 or query.shape[-2] == 0:
+        return "empty sequence or head dim"
+    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        return "head counts differ without enable_gqa"
+    if attn_mask is not None and (not isinstance(attn_mask, Tensor) or
+                                  (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
+        return "attn_mask dtype"
+    if backends._forced_stack or os.environ.get("FLASHATTN_BACKEND", "auto") not in ("", "auto"):
+        return None  # the user chose a backend: let it serve or raise
+    problem = backends.Problem(device_type=query.device.type, dtype=query.dtype,
+                               has_attn_mask=attn_mask is not None, dropout_p=float(dropout_p))
+    for name in _FUSED_ORDER.get(query.device.type, ()):
+        if not backends.SUPPORTS[name](problem):
+            return None
+    return "no fused backend serves it"
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """The function ``patch_sdpa`` installs: ours when it can serve the call, else the original."""
+    original = _original if _original is not None else torch._C._nn.scaled_dot_product_attention
+    if _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) is not None:
+        if not torch.compiler.is_compiling():
+            stats.fallback += 1
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+    if torch.compiler.is_compiling():
+        return api.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                enable_gqa)
+    try:
+        out = api.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                               enable_gqa)
+    except (ValueError, TypeError):  # our validation refused: torch's own decides
+        stats.fallback += 1
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+    stats.served += 1
+    return out
+
+
+class SDPAPatch:
+    """Handle of one ``patch_sdpa()``: ``restore()`` (idempotent) or use it as a context manager."""
+
+    def __init__(self) -> None:
+        global _original, _depth
+        if _depth == 0:
+            _original = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = scaled_dot_product_attention
+        _depth += 1
+        self.active = True
+        self._generation = _generation
+
+    def restore(self) -> None:
+        global _original, _depth
+        if not self.active or self._generation != _generation:
+            self.active = False
+            return
+        self.active = False
+        _depth -= 1
+        if _depth == 0:
+            F.scaled_dot_product_attention = _original
+            _original = None
+
+    def __enter__(self) -> "SDPAPatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def patch_sdpa() -> SDPAPatch:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` through flashattn_py.
+
+    Returns a handle: call ``.restore()`` (or ``unpatch_sdpa()``) to put torch's back, or use
+    ``with patch_sdpa(): ...``. Patches nest; the original returns when the last one ends.
+    Counters of served/fallen-back eager calls are in ``flashattn_py.patch.stats``.
+    """
+    return SDPAPatch()
+
+
+def unpatch_sdpa() -> None:
+    """Restore the original ``torch.nn.functional.scaled_dot_product_attention`` now (all patches)."""
+    global _original, _depth, _generation
+    if _depth > 0:
+        F.scaled_dot_product_attention = _original
+    _original = None
+    _depth = 0
+    _generation += 1
+
+
+def is_patched() -> bool:
+    """True while ``torch.nn.functional.scaled_dot_product_attention`` is ours."""
+    return F.scaled_dot_product_attention is scaled_dot_product_attention
