@@ -1,0 +1,140 @@
+"""The transformers attention backend (flashattn_py.integrations.transformers).
+
+Tiny randomly initialised Llama (GQA) and GPT-2, no downloads. Logits and gradients follow
+the DESIGN.md rule: truth is the model in float64 with transformers' "sdpa" attention (torch's
+math kernel; "eager" in float64 turns left-padded sequences into NaN, its mask being
+finfo.min added twice), the naive error is the "eager" model in float32, ours runs in float32.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from flashattn_py import api  # noqa: E402
+from flashattn_py.integrations.transformers import NAME, flashattn_attention_forward, register  # noqa: E402
+from rule import GRAD_FACTOR, OUT_FACTOR, assert_rule  # noqa: E402
+
+VOCAB = 128
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    assert register() == NAME
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = api.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def _batch(padded: bool):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    if padded:  # left padding, as for batched generation
+        mask[1, :3] = 0
+        mask[2, :6] = 0
+    return ids, mask
+
+
+def _models(name):
+    torch.manual_seed(0)
+    base = MODELS[name]()
+    out = {}
+    for key, dtype, impl in (("ref", torch.float64, "sdpa"), ("naive", torch.float32, "eager"),
+                             ("got", torch.float32, NAME)):
+        m = copy.deepcopy(base).to(dtype)
+        m.set_attn_implementation(impl)
+        out[key] = m
+    assert out["got"].config._attn_implementation == NAME
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_logits_and_training_grads_match_eager(name, padded, spy):
+    ids, mask = _batch(padded)
+    keep = mask.bool()  # padded query rows differ by design (eager: uniform over masked keys)
+    labels = ids.masked_fill(~keep, -100)
+    results = {}
+    for key, model in _models(name).items():
+        model.train()  # dropout probabilities are 0: training mode only switches the code path
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results[key] = (out.logits[keep], out.loss, {n: p.grad for n, p in model.named_parameters()})
+    assert len(spy) == 2  # one call per layer
+    assert all(spy) == padded  # the padding mask reaches our function; without padding, is_causal
+    ref, naive, got = results["ref"], results["naive"], results["got"]
+    assert_rule("logits", got[0], ref[0], naive[0], OUT_FACTOR)
+    assert_rule("loss", got[1], ref[1], naive[1], OUT_FACTOR)
+    for n, g in ref[2].items():
+        if g is not None:
+            assert_rule(f"d{n}", got[2][n], g, naive[2][n], GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_generate_left_padded(name, spy):
+    ids, mask = _batch(padded=True)
+    models = _models(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokens = {key: models[key].eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                                   do_sample=False, pad_token_id=0)
+                  for key in ("naive", "got")}
+    assert len(spy) > 2  # prefill + decoding steps went through ours
+    assert torch.equal(tokens["got"], tokens["naive"])
+    assert tokens["got"].shape == (3, 16)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def test_attention_function_signature():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 5, 8, generator=gen)
+    k, v = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    out, weights = flashattn_attention_forward(_Module(), q, k, v, None, scaling=0.5)
+    assert weights is None and out.shape == (2, 5, 4, 8) and out.is_contiguous()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True)
+    torch.testing.assert_close(out, want.transpose(1, 2))
+    # A single decoding query sees every key; a float mask in another dtype is cast.
+    mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
+    mask[..., 1] = float("-inf")
+    out1, _ = flashattn_attention_forward(_Module(), q[:, :, :1], k, v, mask)
+    want1 = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask.float(),
+                                                             enable_gqa=True)
+    torch.testing.assert_close(out1, want1.transpose(1, 2))
+    with pytest.raises(ValueError, match="softcap"):
+        flashattn_attention_forward(_Module(), q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="flash"):
+        register("flashattn_py")
