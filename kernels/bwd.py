@@ -18,7 +18,10 @@ import triton.language as tl
 
 from .common import (
     Launcher,
+    bias_args,
     device_ctx,
+    dropout_args,
+    dropout_keep,
     dot_precision,
     kv_block_range,
     last_unit,
@@ -63,8 +66,10 @@ def _dkdv_blocks(
     start_m, end_m, cols, offs_m, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     for m0 in range(start_m, end_m, BLOCK_M):
@@ -73,7 +78,8 @@ def _dkdv_blocks(
                       MASK, not EVEN_D)
         do = load_tile(DO_base + rows[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv,
                        head_dim_v, MASK, not EVEN_DV)
-        if MASK:
+        if MASK or HAS_BIAS:
+            # (a bias / bool mask can empty a row inside an interior block too)
             lse = tl.load(Lse_base + rows, mask=rows < seqlen_q, other=0.0)
             delta = tl.load(Delta_base + rows, mask=rows < seqlen_q, other=0.0)
             # rows with no visible key have lse = -inf; their p is masked to 0 below
@@ -90,12 +96,26 @@ def _dkdv_blocks(
             sT = qkT * qk_scale2
         if HAS_ALIBI:
             sT = sT - slope2 * tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
+        if HAS_BIAS:
+            in_bounds = (rows[None, :] < seqlen_q) & (cols[:, None] < seqlen_k)
+            b_ptrs = Bias_base + rows.to(tl.int64)[None, :] * stride_bm + cols[:, None] * stride_bn
+            if BIAS_IS_BOOL:
+                keep_b = tl.load(b_ptrs, mask=in_bounds, other=0)
+                sT = tl.where(keep_b != 0, sT, float("-inf"))
+            else:
+                sT = sT + tl.load(b_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
         pT = tl.exp2(sT - lse2[None, :])
         if MASK:
             visT = visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(visT, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if HAS_DROPOUT:
+            # same offsets as the forward: offset + ((b*H + h)*Sq + i)*Sk + j, transposed
+            keepT = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * seqlen_k + cols[:, None], p_drop)
+            dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=PREC)  # * inv_keep at the end
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
@@ -105,7 +125,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Alibi,
+    Q, K, V, DO, Lse, Delta, DK, DV, Alibi, Bias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -113,11 +133,14 @@ def _dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_ab,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
+    seed, rng_offset, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -159,23 +182,33 @@ def _dkdv_kernel(
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+        Bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+        drop_base = rng_offset + row0 * seqlen_k
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
             lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+            EVEN_D, EVEN_DV, PREC, BLOCK_M)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
             a, bb, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+            EVEN_D, EVEN_DV, PREC, BLOCK_M)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
             bb, end, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_M)
+            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+            EVEN_D, EVEN_DV, PREC, BLOCK_M)
 
     dk = dk * scale
+    if HAS_DROPOUT:
+        dv = dv * inv_keep
     dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hs.to(tl.int64) * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hs.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim))
@@ -188,8 +221,10 @@ def _dq_blocks(
     start_n, end_n, rows, offs_n, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
@@ -206,12 +241,26 @@ def _dq_blocks(
             s = qk * qk_scale2
         if HAS_ALIBI:
             s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+            if BIAS_IS_BOOL:
+                keep_b = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0)
+                s = tl.where(keep_b != 0, s, float("-inf"))
+            else:
+                bias = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0.0)
+                s = s + bias.to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
         if MASK:
             vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], p_drop)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            # dL/d(final logit), before the softcap derivative; 0 where not visible
+            tl.store(db_rows + cols[None, :], ds, mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -220,18 +269,21 @@ def _dq_blocks(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Alibi,
+    Q, K, V, DO, Lse, Delta, DQ, Alibi, Bias, DBias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_ab,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
+    seed, rng_offset, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -263,6 +315,20 @@ def _dq_kernel(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+                     + rows.to(tl.int64)[:, None] * stride_bm)
+    else:
+        bias_rows = Bias
+    if BIAS_GRAD:
+        # DBias: float32 (B, H, Sq, Sk) contiguous
+        db_rows = DBias + ((row0 + rows) * seqlen_k)[:, None]
+    else:
+        db_rows = DBias
+    if HAS_DROPOUT:
+        drop_rows = rng_offset + (row0 + rows) * seqlen_k
+    else:
+        drop_rows = rows
 
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -272,23 +338,30 @@ def _dq_kernel(
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
                     lo, a, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
+                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
                     a, bb, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
+                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
                     bb, end, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
+                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = dq * scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
 
 
-_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "seq_key"]
+_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "seq_key"]
 _launch_dkdv = Launcher("dkdv", _dkdv_kernel, _KEY)
-_launch_dq = Launcher("dq", _dq_kernel, _KEY)
+_launch_dq = Launcher("dq", _dq_kernel, _KEY + ["BIAS_GRAD"])
 _DELTA_BLOCK_M = 64
 
 # Force the GQA split of the dK/dV pass (tests); None: choose from the GPU's SM count.
@@ -316,7 +389,8 @@ def _dkdv_split(batch: int, num_heads_k: int, group: int, seqlen_k: int, device:
 
 
 def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: float,
-              window_left: int, window_right: int, diag_offset: int, deterministic: bool = False):
+              window_left: int, window_right: int, diag_offset: int, deterministic: bool = False,
+              attn_bias=None, dropout_p: float = 0.0, rng_state=None, bias_requires_grad: bool = False):
     """Flash attention backward.
 
     Args:
@@ -324,10 +398,16 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         lse: (B, H, Sq) float32 from ``flash_fwd``; the rest as in ``flash_fwd``.
         deterministic: accepted for the API; this backward never uses atomics and is
             always deterministic.
+        attn_bias, dropout_p, rng_state: exactly as given to ``flash_fwd`` (the same
+            rng_state regenerates the same dropout mask).
+        bias_requires_grad: also return the bias gradient (float bias only).
 
     Returns:
-        (dq, dk, dv), contiguous, with the shapes and dtypes of q, k, v (dk / dv summed
-        over the query heads of each GQA group).
+        (dq, dk, dv, dbias): dq / dk / dv contiguous, with the shapes and dtypes of q, k, v
+        (dk / dv summed over the query heads of each GQA group); dbias is None unless
+        ``bias_requires_grad``, else float32 (B, H, Sq, Sk) contiguous, the gradient of
+        the final logits (before the softcap derivative; 0 where not visible). The caller
+        sums it over the bias's broadcast dims.
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
@@ -335,19 +415,32 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    bias_grad = bool(bias_requires_grad)
+    if bias_grad:
+        assert attn_bias is not None and attn_bias.dtype != torch.bool, \
+            "bias_requires_grad needs a float attn_bias"
+        # zeros: blocks outside the causal / window band are never visited
+        dbias = torch.zeros((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device)
+    else:
+        dbias = None
     if batch * num_heads == 0 or seqlen_q == 0 or seqlen_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     dout, q, k, v, out = last_unit(dout), last_unit(q), last_unit(k), last_unit(v), last_unit(out)
     lse = lse.contiguous()
     block_d, block_dv = pad_dim(head_dim), pad_dim(head_dim_v)
     qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
     slopes, stride_ab = alibi_args(alibi_slopes, q)
+    bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
+    has_drop, seed, rng_offset, p_drop = dropout_args(dropout_p, rng_state)
+    inv_keep = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
+    drop_args = (seed, rng_offset, p_drop, inv_keep)
     left, right = int(window_left), int(window_right)
     group = num_heads // num_heads_k
     bucket = seq_bucket(max(seqlen_q, seqlen_k))
     kwargs = dict(
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),
@@ -376,12 +469,12 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             dk_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim), dtype=torch.float32, device=q.device)
             dv_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim_v), dtype=torch.float32, device=q.device)
         dkdv_args = (
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, *common,
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, bias, *common,
             dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2),
             dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2),
-            stride_ab,
+            stride_ab, *bias_strides,
             num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
-            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
+            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
         _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * num_heads_k * nsplit,),
                      dkdv_args, kwargs, *size_cls)
@@ -389,12 +482,12 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             dk.copy_(dk_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim).sum(3))
             dv.copy_(dv_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim_v).sum(3))
         dq_args = (
-            q, k, v, dout, lse, delta, dq, slopes, *common,
+            q, k, v, dout, lse, delta, dq, slopes, bias, dbias if bias_grad else lse, *common,
             dq.stride(0), dq.stride(1), dq.stride(2),
-            stride_ab,
+            stride_ab, *bias_strides,
             num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
-            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, bucket,
+            float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
         _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,),
-                   dq_args, kwargs, *size_cls)
-    return dq, dk, dv
+                   dq_args, dict(kwargs, BIAS_GRAD=bias_grad), *size_cls)
+    return dq, dk, dv, dbias

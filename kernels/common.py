@@ -12,6 +12,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import philox as _philox
+from triton.language.random import uint_to_uniform_float as _uint_to_uniform
 
 LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453  # ln(2)
@@ -255,3 +257,91 @@ def q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
     nfull = tl.maximum(limit - a, 0) // BLOCK_M
     b = tl.minimum(a + nfull * BLOCK_M, end)
     return lo, a, b, end
+
+
+# ----------------------------------------------------------------------------- bias, dropout
+
+
+def bias_args(attn_bias, q, shape):
+    """(pointer tensor, 4 strides, is_bool) for an attention bias / bool mask.
+
+    ``attn_bias`` has exactly ``shape`` = (B, H, Sq, Sk), usually an ``expand()``ed view
+    with stride 0 on the broadcast dims: it is read through its strides, never copied.
+    A bool mask is reinterpreted as uint8 (same strides, no copy). q is a dummy pointer
+    when there is no bias.
+    """
+    if attn_bias is None:
+        return q, (0, 0, 0, 0), False
+    assert tuple(attn_bias.shape) == tuple(shape), f"attn_bias: expected shape {tuple(shape)}, got {tuple(attn_bias.shape)}"
+    if attn_bias.dtype == torch.bool:
+        return attn_bias.view(torch.uint8), tuple(attn_bias.stride()), True
+    return attn_bias, tuple(attn_bias.stride()), False
+
+
+def dropout_args(dropout_p: float, rng_state):
+    """(has_dropout, seed, offset, p) from an int64 CPU tensor ``rng_state`` = [seed, offset].
+
+    The seed is passed as an unsigned 64-bit value (both 32-bit halves key Philox); the
+    offset is the int64 counter base the per-element offsets are added to.
+    """
+    p = float(dropout_p)
+    if p <= 0.0:
+        return False, 0, 0, 0.0
+    assert rng_state is not None, "dropout_p > 0 needs rng_state = int64 tensor [seed, offset]"
+    seed, offset = (int(x) for x in rng_state.tolist()[:2])
+    return True, seed % (1 << 64), offset, p
+
+
+@triton.jit
+def dropout_keep(seed, offs, p_drop):
+    """Keep decisions (bool, the shape of ``offs``) of the attention dropout.
+
+    One Philox4x32-10 draw per element: counter (lo32(offs), hi32(offs), 0, 0), key
+    (lo32(seed), hi32(seed)); its first word to a uniform float in [0, 1) exactly as
+    ``tl.rand`` does; kept when ``u >= p_drop`` (probability 1 - p). ``offs`` is the
+    int64 per-element offset ``offset + ((b*H + h)*Sq + i)*Sk + j``. This is what
+    ``tl.rand(seed, offs)`` computes on Triton 3.8 for int64 offsets, but spelled out
+    with ``philox`` so it is the same stream on every Triton version (older ``tl.rand``
+    switches to a 64-bit Philox for 64-bit offsets) and under the interpreter.
+    """
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = lo * 0
+    r, _, _, _ = _philox(seed, lo, hi, zero, zero)
+    return _uint_to_uniform(r) >= p_drop
+
+
+@triton.jit
+def _dropout_mask_kernel(Out, seed, rng_offset, p_drop, seqlen_q, seqlen_k,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    n_nblk = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    pid_bh = pid // (n_mblk * n_nblk)
+    rest = pid % (n_mblk * n_nblk)
+    rows = (rest // n_nblk) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (rest % n_nblk) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_off = (pid_bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
+    offs = row_off[:, None] + cols[None, :]
+    keep = dropout_keep(seed, rng_offset + offs, p_drop)
+    tl.store(Out + offs, keep.to(tl.uint8), mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+
+
+def dropout_mask(rng_state, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                 device) -> torch.Tensor:
+    """The keep mask (bool (B, H, Sq, Sk)) the attention kernels use for ``rng_state``.
+
+    Test hook: the same ``dropout_keep`` helper and the same per-element offsets as the
+    forward / backward kernels. Kept elements are scaled by 1 / (1 - dropout_p) there.
+    """
+    out = torch.empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+    has, seed, offset, p = dropout_args(dropout_p, rng_state)
+    if not has:
+        return out.fill_(1).bool()
+    if out.numel() == 0:
+        return out.bool()
+    bm, bn = 64, 64
+    grid = (batch * num_heads * triton.cdiv(seqlen_q, bm) * triton.cdiv(seqlen_k, bn),)
+    with device_ctx(out):
+        _dropout_mask_kernel[grid](out, seed, offset, p, seqlen_q, seqlen_k, BLOCK_M=bm, BLOCK_N=bn)
+    return out.bool()

@@ -22,11 +22,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from . import bwd, fwd  # noqa: E402
+from . import bwd, common, fwd  # noqa: E402
 
-_F32_PTRS = {"Lse", "Delta", "Alibi"}
-_PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"} | _F32_PTRS
-_FLOATS = {"qk_scale2", "softcap_in", "softcap2", "scale"}
+_F32_PTRS = {"Lse", "Delta", "Alibi", "DBias"}
+_PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "Bias"} | _F32_PTRS
+_FLOATS = {"qk_scale2", "softcap_in", "softcap2", "scale", "p_drop", "inv_keep"}
+_I64 = {"seed", "rng_offset"}
 
 
 def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: int, arch: int = 90):
@@ -34,8 +35,12 @@ def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: 
     for name in jitfn.arg_names:
         if name in consts:
             sig[name], cex[name] = "constexpr", consts[name]
+        elif name == "Bias" and consts.get("BIAS_IS_BOOL"):
+            sig[name] = "*u8"
         elif name in _PTRS:
             sig[name] = "*fp32" if name in _F32_PTRS else f"*{dtype}"
+        elif name in _I64:
+            sig[name] = "i64"
         elif name in _FLOATS:
             sig[name] = "fp32"
         else:
@@ -60,7 +65,11 @@ def _ptxas_info(kernel, arch: int) -> str:
 
 def cases():
     base = dict(HAS_LEFT=False, HAS_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, BLOCK_D=128, BLOCK_DV=128,
-                EVEN_D=True, EVEN_DV=True, PREC="tf32")
+                EVEN_D=True, EVEN_DV=True, PREC="tf32",
+                HAS_BIAS=False, BIAS_IS_BOOL=False, HAS_DROPOUT=False)
+    bias = dict(base, HAS_RIGHT=True, HAS_BIAS=True)
+    mask_drop = dict(base, HAS_BIAS=True, BIAS_IS_BOOL=True, HAS_DROPOUT=True)
+    bias_drop = dict(base, HAS_RIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True)
     every = dict(base, HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, EVEN_D=False, EVEN_DV=False)
     d256 = dict(base, BLOCK_D=256, BLOCK_DV=256)
     return [
@@ -69,11 +78,18 @@ def cases():
         ("fwd_every_feature", fwd._fwd_kernel, "fp16", dict(every, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("fwd_d256", fwd._fwd_kernel, "bf16", dict(d256, BLOCK_M=64, BLOCK_N=64), 4, 2),
         ("fwd_fp32", fwd._fwd_kernel, "fp32", dict(base, PREC="ieee", BLOCK_M=64, BLOCK_N=64), 4, 2),
+        ("fwd_bias_causal", fwd._fwd_kernel, "bf16", dict(bias, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("fwd_mask_dropout", fwd._fwd_kernel, "bf16", dict(mask_drop, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("dkdv_bias_dropout", bwd._dkdv_kernel, "bf16", dict(bias_drop, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        ("dkdv_mask_dropout", bwd._dkdv_kernel, "fp16", dict(mask_drop, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        ("dq_bias_grad_dropout", bwd._dq_kernel, "bf16", dict(bias_drop, BIAS_GRAD=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("dq_mask_dropout", bwd._dq_kernel, "fp16", dict(mask_drop, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("dropout_mask", common._dropout_mask_kernel, "fp32", dict(BLOCK_M=64, BLOCK_N=64), 4, 1),
         ("dkdv", bwd._dkdv_kernel, "bf16", dict(base, HAS_RIGHT=True, BLOCK_M=32, BLOCK_N=128), 8, 3),
         ("dkdv_every_feature", bwd._dkdv_kernel, "fp16", dict(every, BLOCK_M=64, BLOCK_N=64), 4, 3),
         ("dkdv_d256", bwd._dkdv_kernel, "bf16", dict(d256, BLOCK_M=32, BLOCK_N=64), 4, 2),
-        ("dq", bwd._dq_kernel, "bf16", dict(base, HAS_RIGHT=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
-        ("dq_every_feature", bwd._dq_kernel, "fp16", dict(every, BLOCK_M=64, BLOCK_N=32), 4, 3),
+        ("dq", bwd._dq_kernel, "bf16", dict(base, HAS_RIGHT=True, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("dq_every_feature", bwd._dq_kernel, "fp16", dict(every, BIAS_GRAD=False, BLOCK_M=64, BLOCK_N=32), 4, 3),
         ("delta", bwd._delta_kernel, "bf16", dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=0), 4, 1),
     ]
 

@@ -14,7 +14,10 @@ import triton.language as tl
 from .common import (
     LOG2E,
     Launcher,
+    bias_args,
     device_ctx,
+    dropout_args,
+    dropout_keep,
     dot_precision,
     kv_block_range,
     last_unit,
@@ -32,8 +35,10 @@ def _fwd_blocks(
     start_n, end_n, rows, offs_n, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+    bias_rows, stride_bn, seed, drop_rows, p_drop,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
@@ -50,11 +55,21 @@ def _fwd_blocks(
             s = qk * qk_scale2
         if HAS_ALIBI:
             s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+        if HAS_BIAS:
+            # bias_rows: (BLOCK_M, 1) row pointers of this (b, h); bounds always checked
+            # (interior blocks may still hold query rows past seqlen_q)
+            in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+            if BIAS_IS_BOOL:
+                keep_b = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0)
+                s = tl.where(keep_b != 0, s, float("-inf"))
+            else:
+                bias = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0.0)
+                s = s + bias.to(tl.float32) * 1.4426950408889634
         if MASK:
             vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK:
+        if MASK or HAS_BIAS:
             # a row may have seen no visible key yet: shift by 0, not by -inf
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -63,6 +78,10 @@ def _fwd_blocks(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            # l_i above sums the undropped p; 1/(1-p) is applied once at the end
+            keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], p_drop)
+            p = tl.where(keep, p, 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -70,17 +89,20 @@ def _fwd_blocks(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Alibi,
+    Q, K, V, Out, Lse, Alibi, Bias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_ab,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, diag, left, right,
+    seed, rng_offset, p_drop, inv_keep,
     seq_key,  # autotune key only (sequence length bucket)
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -113,6 +135,16 @@ def _fwd_kernel(
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+                     + rows.to(tl.int64)[:, None] * stride_bm)
+    else:
+        bias_rows = Bias
+    if HAS_DROPOUT:
+        # int64 Philox offset of element (i, 0) of this (b, h): offset + ((b*H + h)*Sq + i)*Sk
+        drop_rows = rng_offset + (pid_bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
+    else:
+        drop_rows = rows
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -125,21 +157,29 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, lo, a, rows, offs_n, offs_d, offs_dv,
             seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+            bias_rows, stride_bn, seed, drop_rows, p_drop,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+            EVEN_D, EVEN_DV, PREC, BLOCK_N)
     # interior: every key visible to every row, no mask
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, a, bb, rows, offs_n, offs_d, offs_dv,
         seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+        bias_rows, stride_bn, seed, drop_rows, p_drop,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+        EVEN_D, EVEN_DV, PREC, BLOCK_N)
     # trailing boundary (diagonal / right window edge / seqlen_k tail)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, stride_ks, stride_vs, bb, end, rows, offs_n, offs_d, offs_dv,
         seqlen_q, seqlen_k, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+        bias_rows, stride_bn, seed, drop_rows, p_drop,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+        EVEN_D, EVEN_DV, PREC, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * inv_keep
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     O_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -151,7 +191,8 @@ def _fwd_kernel(
     tl.store(Lse + pid_bh.to(tl.int64) * seqlen_q + rows, lse, mask=rows < seqlen_q)
 
 
-_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "seq_key"]
+_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
+        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "seq_key"]
 
 
 _launch_fwd = Launcher("fwd", _fwd_kernel, _KEY)
@@ -175,7 +216,8 @@ def alibi_args(alibi_slopes, q):
 
 
 def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
-              window_left: int, window_right: int, diag_offset: int):
+              window_left: int, window_right: int, diag_offset: int,
+              attn_bias=None, dropout_p: float = 0.0, rng_state=None):
     """Flash attention forward.
 
     Args:
@@ -183,6 +225,14 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         alibi_slopes: None or float32 (H,) / (B, H).
         scale, softcap (<= 0: off), window_left / window_right (-1: unbounded),
         diag_offset: see DESIGN.md "Semantics".
+        attn_bias: None, or a tensor of shape exactly (B, H, Sq, Sk), usually an
+            ``expand()``ed view (stride 0 on broadcast dims; read through its strides).
+            bool: False removes the key; float (any float dtype, normally q's): added to
+            the logits after softcap and ALiBi, before the window mask.
+        dropout_p: probability of dropping each softmax probability (kept ones scaled by
+            1/(1-p)); lse stays the undropped normaliser.
+        rng_state: int64 CPU tensor [seed, offset] (needed when dropout_p > 0); the keep
+            mask is ``common.dropout_mask(rng_state, B, H, Sq, Sk, dropout_p, device)``.
 
     Returns:
         (out (B, Sq, H, Dv) contiguous in q's dtype, lse (B, H, Sq) float32, natural log).
@@ -202,21 +252,26 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     block_d, block_dv = pad_dim(head_dim), pad_dim(head_dim_v)
     qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
     slopes, stride_ab = alibi_args(alibi_slopes, q)
+    bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
+    has_drop, seed, rng_offset, p_drop = dropout_args(dropout_p, rng_state)
     left, right = int(window_left), int(window_right)
     args = (
-        q, k, v, out, lse, slopes,
+        q, k, v, out, lse, slopes, bias,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         stride_ab,
+        *bias_strides,
         num_heads, num_heads // num_heads_k, seqlen_q, seqlen_k, head_dim, head_dim_v,
         qk_scale2, softcap_in, softcap2, int(diag_offset), left, right,
+        seed, rng_offset, p_drop, 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0,
         seq_bucket(max(seqlen_q, seqlen_k)),
     )
     kwargs = dict(
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),

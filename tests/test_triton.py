@@ -29,13 +29,15 @@ import torch
 pytest.importorskip("triton")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rule import check_attention, random_qkv  # noqa: E402
+from rule import GRAD_FACTOR, assert_rule, check_attention, random_qkv  # noqa: E402
 
 try:
     from flashattn_py.kernels import flash_bwd, flash_fwd
+    from flashattn_py.kernels.common import dropout_mask
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import flash_bwd, flash_fwd  # noqa: E402
+    from kernels.common import dropout_mask  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CPU_DEVICE = "cpu"
@@ -43,28 +45,43 @@ needs_interp = pytest.mark.skipif(not INTERP, reason="CPU tests run under TRITON
 
 
 class _TritonAttn(torch.autograd.Function):
+    """``bias``: None or the (B, H, Sq, Sk) (expanded) bias / mask; its gradient flows back
+    through the expand, so autograd sums it over the broadcast dims like the caller must."""
+
     @staticmethod
-    def forward(ctx, q, k, v, alibi, scale, softcap, left, right, diag, deterministic):
-        out, lse = flash_fwd(q, k, v, alibi, scale, softcap, left, right, diag)
+    def forward(ctx, q, k, v, bias, alibi, scale, softcap, left, right, diag, deterministic, dropout_p, rng_state):
+        out, lse = flash_fwd(q, k, v, alibi, scale, softcap, left, right, diag,
+                             attn_bias=bias, dropout_p=dropout_p, rng_state=rng_state)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.alibi = alibi
+        ctx.alibi, ctx.bias = alibi, bias
         ctx.args = (scale, softcap, left, right, diag, deterministic)
+        ctx.drop = (dropout_p, rng_state)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         scale, softcap, left, right, diag, det = ctx.args
-        dq, dk, dv = flash_bwd(dout, q, k, v, out, lse, ctx.alibi, scale, softcap, left, right, diag, det)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        bias = ctx.bias
+        bias_grad = bias is not None and bias.dtype != torch.bool and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = flash_bwd(dout, q, k, v, out, lse, ctx.alibi, scale, softcap, left, right, diag, det,
+                                      attn_bias=bias, dropout_p=ctx.drop[0], rng_state=ctx.drop[1],
+                                      bias_requires_grad=bias_grad)
+        if bias_grad:
+            assert dbias.dtype == torch.float32 and dbias.is_contiguous() and dbias.shape == bias.shape
+            dbias = dbias.to(bias.dtype)
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
 def make_run(scale=None, softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, diag_offset=0,
-             deterministic=False):
+             deterministic=False, attn_bias=None, dropout_p=0.0, rng_state=None):
     def run(q, k, v):
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return _TritonAttn.apply(q, k, v, alibi_slopes, s, softcap, window_left, window_right, diag_offset,
-                                 deterministic)
+        bias = attn_bias
+        if bias is not None:
+            bias = bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        return _TritonAttn.apply(q, k, v, bias, alibi_slopes, s, softcap, window_left, window_right, diag_offset,
+                                 deterministic, dropout_p, rng_state)
 
     return run
 
@@ -208,6 +225,186 @@ def test_lse_matches_reference():
     assert (lse.double() - ref)[fin].abs().max() < 1e-5
 
 
+# ------------------------------------------------------------------ bias, masks, dropout
+
+def _bias_case(batch, sq, sk, h, hk, d, dtype, device, seed, bias_shape=None, mask=None, neg_inf_rows=(),
+               dropout_p=0.0, rng_offset=0, layout="bshd", **kw):
+    """check_attention with an attention bias (float, ``bias_shape`` broadcast to (B, H, Sq, Sk)
+    and expanded, its gradient checked too) or a bool ``mask``, and/or dropout with the
+    kernels' own keep mask (the ``dropout_mask`` hook) given to the reference."""
+    q, k, v = random_qkv(batch, sq, sk, h, hk, d, dtype=dtype, device=device, seed=seed, layout=layout)
+    run_kw, ref_kw = dict(kw), dict(kw)
+    bias = None
+    if bias_shape is not None:
+        gen = torch.Generator().manual_seed(seed + 100)
+        base = torch.randn(bias_shape, generator=gen, dtype=torch.float64) * 2.0
+        for r in neg_inf_rows:  # float -inf bias: rows with no usable key
+            base[..., r, :] = float("-inf")
+        bias = base.to(device=device, dtype=dtype).requires_grad_()
+        run_kw["attn_bias"], ref_kw["attn_bias"] = bias, bias.detach().double()
+    elif mask is not None:
+        run_kw["attn_bias"] = ref_kw["attn_bias"] = mask.to(device)
+    if dropout_p > 0:
+        rng = torch.tensor([seed, rng_offset], dtype=torch.int64)
+        keep = dropout_mask(rng, batch, h, sq, sk, dropout_p, device)
+        assert keep.dtype == torch.bool and keep.shape == (batch, h, sq, sk)
+        run_kw.update(dropout_p=dropout_p, rng_state=rng)
+        ref_kw.update(dropout_p=dropout_p, dropout_mask=keep)
+    check_attention(make_run(**run_kw), q, k, v, seed=seed, **ref_kw)
+    if bias is None:
+        return
+    # bias gradient (summed over the broadcast dims by the expand's backward) against the
+    # reference's gradient of a float64 leaf bias, for check_attention's upstream gradient
+    ref_kw.pop("attn_bias")
+    b64 = bias.detach().double().requires_grad_()
+    blow = bias.detach().clone().requires_grad_()
+    from flashattn_py.reference import attention_ref
+
+    ref, _ = attention_ref(q.detach().double(), k.detach().double(), v.detach().double(), attn_bias=b64, **ref_kw)
+    naive, _ = attention_ref(q.detach(), k.detach(), v.detach(), attn_bias=blow, **ref_kw)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(device)
+    ref.backward(dout)
+    naive.backward(dout.to(naive.dtype))
+    assert bias.grad is not None and bias.grad.shape == bias.shape
+    assert_rule("dbias", bias.grad, b64.grad, blow.grad, GRAD_FACTOR, seed, 1e-6 * max(1.0, b64.grad.abs().max().item()))
+    for r in neg_inf_rows:
+        assert torch.all(bias.grad[..., r, :] == 0)
+
+
+BIAS_SHAPES = [
+    ("full", lambda b, h, sq, sk: (b, h, sq, sk), torch.float32),
+    ("bcast_qk", lambda b, h, sq, sk: (1, 1, sq, sk), torch.float16),
+    ("key_padding", lambda b, h, sq, sk: (b, 1, 1, sk), torch.float32),
+    ("per_head_row", lambda b, h, sq, sk: (1, h, sq, 1), torch.float16),
+]
+
+
+@needs_interp
+@pytest.mark.parametrize("name,shape_fn,dtype", BIAS_SHAPES, ids=[c[0] for c in BIAS_SHAPES])
+def test_bias(name, shape_fn, dtype):
+    _bias_case(2, 33, 40, 2, 1, 16, dtype, CPU_DEVICE, seed=41 + len(name), bias_shape=shape_fn(2, 2, 33, 40))
+
+
+@needs_interp
+def test_bias_causal_gqa_fp16():
+    _bias_case(1, 40, 50, 4, 1, 16, torch.float16, CPU_DEVICE, seed=43, bias_shape=(1, 4, 40, 50),
+               window_right=0, diag_offset=10)
+
+
+@needs_interp
+def test_bias_softcap_alibi_window():
+    """dbias is the gradient of the final logits (before the softcap derivative)."""
+    slopes = torch.tensor([0.2, 0.05], dtype=torch.float32)
+    _bias_case(1, 40, 50, 2, 1, 16, torch.float32, CPU_DEVICE, seed=44, bias_shape=(1, 2, 40, 50), softcap=2.0,
+               alibi_slopes=slopes, window_left=20, window_right=5, diag_offset=10)
+
+
+@needs_interp
+def test_bias_neg_inf_rows():
+    """A float bias of -inf on whole rows: out 0, lse -inf, zero grads (dbias too), no NaN."""
+    _bias_case(1, 40, 33, 2, 2, 16, torch.float32, CPU_DEVICE, seed=45, bias_shape=(1, 2, 40, 33),
+               neg_inf_rows=(0, 17, 39))
+    q, k, v = random_qkv(1, 40, 33, 2, 2, 16, seed=46)
+    bias = torch.randn(1, 2, 40, 33)
+    bias[:, :, 5] = float("-inf")
+    out, lse = flash_fwd(q.detach(), k.detach(), v.detach(), None, 0.25, 0.0, -1, -1, 0, attn_bias=bias)
+    assert torch.all(out[:, 5] == 0) and torch.isneginf(lse[:, :, 5]).all()
+    assert torch.isfinite(lse[:, :, :5]).all() and not torch.isnan(out).any()
+
+
+def _bool_masks(kind, b, h, sq, sk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":  # (B, 1, Sq, Sk) with some rows fully masked
+        m = torch.rand(b, 1, sq, sk, generator=gen) > 0.6
+        m[:, :, [0, 7, sq - 1]] = False
+        return m.expand(b, h, sq, sk)
+    if kind == "key_padding":  # (B, 1, 1, Sk): batch 0 keeps its first 23 keys, batch 1 none
+        lengths = torch.tensor([23, 0])
+        m = torch.arange(sk)[None, :] < lengths[:, None]
+        return m.view(b, 1, 1, sk).expand(b, h, sq, sk)
+    raise ValueError(kind)
+
+
+@needs_interp
+@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("key_padding", torch.float16)],
+                         ids=["random_fp32", "key_padding_fp16"])
+def test_bool_mask(kind, dtype):
+    mask = _bool_masks(kind, 2, 2, 33, 40, seed=50)
+    _bias_case(2, 33, 40, 2, 1, 16, dtype, CPU_DEVICE, seed=51, mask=mask)
+    q, k, v = random_qkv(2, 33, 40, 2, 1, 16, dtype=dtype, seed=52)
+    out, lse = flash_fwd(q.detach(), k.detach(), v.detach(), None, 0.2, 0.0, -1, -1, 0, attn_bias=mask)
+    empty = ~mask.any(-1)  # (B, H, Sq)
+    assert empty.any()
+    assert torch.isneginf(lse[empty]).all() and torch.isfinite(lse[~empty]).all()
+    assert torch.all(out.transpose(1, 2)[empty] == 0) and not torch.isnan(out).any()
+
+
+@needs_interp
+def test_bool_mask_causal_gqa():
+    mask = _bool_masks("random", 1, 4, 40, 33, seed=53)[:1]
+    _bias_case(1, 40, 33, 4, 1, 16, torch.float16, CPU_DEVICE, seed=54, mask=mask, window_right=0, diag_offset=-10)
+
+
+@needs_interp
+@pytest.mark.parametrize("dtype,rng_offset", [(torch.float32, 2**32 - 1000), (torch.float16, 0)],
+                         ids=["fp32_offset_past_2^32", "fp16"])
+def test_dropout(dtype, rng_offset):
+    _bias_case(2, 33, 40, 2, 1, 16, dtype, CPU_DEVICE, seed=61, dropout_p=0.17, rng_offset=rng_offset)
+
+
+@needs_interp
+def test_dropout_causal_bias_gqa():
+    _bias_case(1, 40, 50, 2, 1, 16, torch.float32, CPU_DEVICE, seed=62, bias_shape=(1, 1, 40, 50),
+               dropout_p=0.3, rng_offset=12345, window_right=0, diag_offset=10)
+
+
+@needs_interp
+def test_dropout_reproducible():
+    """The same rng_state gives bitwise identical output and gradients; another seed does not."""
+    q, k, v = random_qkv(1, 20, 24, 2, 1, 16, seed=63)
+    results = []
+    for seed in (7, 7, 8):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = make_run(dropout_p=0.25, rng_state=torch.tensor([seed, 99]))(qq, kk, vv)
+        out.sum().backward()
+        results.append((out.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], results[2][0])
+
+
+@needs_interp
+def test_dropout_mask_statistics():
+    """Kept fraction ~ 1 - p; heads and rows draw different numbers; offsets are per element."""
+    p = 0.3
+    keep = dropout_mask(torch.tensor([2024, 0]), 1, 2, 256, 256, p, CPU_DEVICE)  # 131072 draws
+    assert keep.shape == (1, 2, 256, 256) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    # element (b, h, i, j) uses offset + ((b*H + h)*Sq + i)*Sk + j: shifting the offset by
+    # one row (Sk) shifts the mask by one row
+    shifted = dropout_mask(torch.tensor([2024, 16]), 1, 1, 8, 16, p, CPU_DEVICE)
+    assert torch.equal(shifted[0, 0, :7], dropout_mask(torch.tensor([2024, 0]), 1, 1, 8, 16, p, CPU_DEVICE)[0, 0, 1:])
+
+
+@needs_interp
+def test_dropout_stream_is_tl_rand():
+    """The keep mask is ``tl.rand(seed, offset) >= p`` (32-bit offsets, where every Triton agrees)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rand_kernel(Out, seed, offset, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Out + offs, tl.rand(seed, offset + offs))
+
+    u = torch.empty(512)
+    _rand_kernel[(1,)](u, 77, 1000, N=512)
+    keep = dropout_mask(torch.tensor([77, 1000]), 1, 2, 16, 16, 0.4, CPU_DEVICE)
+    assert torch.equal(keep.flatten(), u >= 0.4)
+
+
 # ------------------------------------------------------------------ GPU (compiled)
 
 gpu = pytest.mark.gpu
@@ -250,3 +447,42 @@ def test_gpu_features():
 def test_gpu_long_forward():
     """bf16 D=128 at 8192 (the benchmark shape), forward only against float64."""
     _case(1, 8192, 8192, 2, 2, 128, torch.bfloat16, "cuda", seed=8192, grad=False, window_right=0)
+
+
+# (name, dtype, batch, Sq, Sk, H, Hk, D, _bias_case kwargs); bf16 bias / mask / dropout
+GPU_BIAS_CASES = [
+    ("bf16_bias_full_causal_gqa", torch.bfloat16, 2, 1000, 1024, 4, 2, 128,
+     dict(bias_shape=(2, 4, 1000, 1024), window_right=0, diag_offset=24)),
+    ("bf16_bias_key_padding", torch.bfloat16, 2, 512, 777, 4, 4, 64, dict(bias_shape=(2, 1, 1, 777))),
+    ("fp16_bias_bcast_window", torch.float16, 1, 1024, 1024, 4, 1, 64,
+     dict(bias_shape=(1, 1, 1024, 1024), window_left=128, window_right=32)),
+    ("bf16_dropout", torch.bfloat16, 2, 1024, 1024, 4, 2, 128, dict(dropout_p=0.1, rng_offset=2**32 - 4096)),
+    ("bf16_dropout_bias_causal", torch.bfloat16, 1, 777, 1025, 4, 1, 96,
+     dict(dropout_p=0.2, bias_shape=(1, 4, 777, 1025), window_right=0, diag_offset=248)),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_BIAS_CASES, ids=lambda c: c[0])
+def test_gpu_bias_dropout(case):
+    _, dtype, batch, sq, sk, h, hk, d, kw = case
+    _bias_case(batch, sq, sk, h, hk, d, dtype, "cuda", seed=d + sq, **kw)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["random", "key_padding"])
+def test_gpu_bool_mask(kind):
+    sq, sk = 333, 512
+    mask = _bool_masks(kind, 2, 4, sq, sk, seed=5).cuda()
+    _bias_case(2, sq, sk, 4, 2, 128, torch.bfloat16, "cuda", seed=6, mask=mask, window_right=0, diag_offset=sk - sq)
+
+
+@gpu
+@needs_cuda
+def test_gpu_dropout_mask_statistics():
+    keep = dropout_mask(torch.tensor([3, 5]), 2, 8, 1024, 1024, 0.25, "cuda")
+    assert abs(keep.float().mean().item() - 0.75) < 0.002
+    cpu_like = dropout_mask(torch.tensor([3, 5]), 1, 1, 64, 64, 0.25, "cuda")
+    assert torch.equal(cpu_like, keep[:1, :1, :64, :64])
