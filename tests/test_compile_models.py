@@ -1,0 +1,141 @@
+"""torch.compile(fullgraph=True) and torch.export on models that use flashattn_py.
+
+Fast tests compile with the "aot_eager" backend (dynamo + AOTAutograd: graph capture, fake
+tensors and the backward graph, without inductor's code generation); the inductor versions
+are marked slow (CPU inductor compiles take minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import flashattn_py
+import flashattn_py.nn as fnn
+from flashattn_py.patch import patch_sdpa, unpatch_sdpa
+from test_patch import GPTBlock
+
+
+def _compile_and_compare(fn, params, *inputs, backend="aot_eager", atol=1e-5, rtol=1e-4):
+    """Compile ``fn`` with fullgraph=True, check no graph break, and compare forward and the
+    gradients of ``params`` and floating ``inputs`` against eager."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    leaves = [x for x in inputs if x.is_floating_point()] + list(params)
+
+    def run(f):
+        for t in leaves:
+            t.grad = None
+        out = f(*inputs)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+        return out.detach(), [t.grad.clone() for t in leaves]
+
+    got, got_grads = run(compiled)
+    assert dict(counters["graph_break"]) == {}, f"graph breaks: {dict(counters['graph_break'])}"
+    assert counters["stats"]["unique_graphs"] == 1
+    want, want_grads = run(fn)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+def _gpt_block_case():
+    torch.manual_seed(0)
+    block = GPTBlock()
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    return block, x
+
+
+def test_gpt_block_patched_compiles_fullgraph():
+    block, x = _gpt_block_case()
+    try:
+        with patch_sdpa():
+            _compile_and_compare(block, block.parameters(), x)
+    finally:
+        unpatch_sdpa()
+
+
+def test_multihead_attention_compiles_fullgraph():
+    torch.manual_seed(0)
+    mha = fnn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, -3:] = True
+
+    def fn(x):
+        return mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+    _compile_and_compare(fn, mha.parameters(), x)
+
+
+class _FlashBlock(torch.nn.Module):
+    """A module calling flash_attn_func (flash-attn layout), for export."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        a = flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(5, 0))
+        return self.out(a.reshape(b, s, d))
+
+
+def test_export_flash_attn_func_module():
+    torch.manual_seed(0)
+    model = _FlashBlock().eval()
+    x = torch.randn(2, 13, 32)
+    ep = torch.export.export(model, (x,))
+    assert "flashattn.attn_fwd" in ep.graph_module.code
+    x2 = torch.randn(2, 13, 32)
+    torch.testing.assert_close(ep.module()(x2), model(x2))
+    # A dynamic sequence length: the program runs at another length.
+    seq = torch.export.Dim("seq", min=2, max=128)
+    ep_dyn = torch.export.export(model, (x,), dynamic_shapes={"x": {1: seq}})
+    x3 = torch.randn(2, 29, 32)
+    torch.testing.assert_close(ep_dyn.module()(x3), model(x3))
+
+
+@pytest.mark.slow
+def test_gpt_block_patched_inductor():
+    block, x = _gpt_block_case()
+    try:
+        with patch_sdpa():
+            _compile_and_compare(block, block.parameters(), x, backend="inductor")
+    finally:
+        unpatch_sdpa()
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    from flashattn_py.integrations.transformers import register
+
+    name = register()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.set_attn_implementation(name)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the bool mask path
+
+    def fn(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return model, fn, ids, mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_tiny_llama_compiles_fullgraph(backend):
+    model, fn, ids, mask = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _compile_and_compare(fn, model.parameters(), ids, mask, backend=backend)
