@@ -128,7 +128,7 @@ class Backend:
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=False, dropout=False,
+    "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
                     why_unavailable=cuda_kernels_error),
     "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=False, dropout=False,
                       why_unavailable=triton_error),
