@@ -2,8 +2,12 @@
 
 ``flash_fwd`` / ``flash_bwd`` are plain launchers over tensors (q (B, Sq, H, D),
 k (B, Sk, Hk, D), v (B, Sk, Hk, Dv), any strides); the API layer validates input.
+Optional attention bias / bool mask (B, H, Sq, Sk) read through its strides, and
+Philox dropout keyed by ``rng_state`` = [seed, offset]; ``dropout_mask`` returns the keep
+mask the kernels draw for a given ``rng_state`` (test hook).
 """
 from .bwd import flash_bwd
+from .common import dropout_mask
 from .fwd import flash_fwd
 
-__all__ = ["flash_fwd", "flash_bwd"]
+__all__ = ["flash_fwd", "flash_bwd", "dropout_mask"]

@@ -108,14 +108,15 @@ def _dkdv_blocks(
         if MASK:
             visT = visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(visT, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         if HAS_DROPOUT:
             # same offsets as the forward: offset + ((b*H + h)*Sq + i)*Sk + j, transposed
             keepT = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * seqlen_k + cols[:, None], p_drop)
             dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=PREC)  # * inv_keep at the end
-            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if HAS_DROPOUT:
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
@@ -182,8 +183,14 @@ def _dkdv_kernel(
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
-        Bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-        drop_base = rng_offset + row0 * seqlen_k
+        if HAS_BIAS:
+            Bias_base = Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+        else:
+            Bias_base = Bias
+        if HAS_DROPOUT:
+            drop_base = rng_offset + row0 * seqlen_k
+        else:
+            drop_base = row0
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
             lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
