@@ -132,8 +132,7 @@ def _tiny_llama():
     return model, fn, ids, mask
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_tiny_llama_compiles_fullgraph(backend):
     model, fn, ids, mask = _tiny_llama()
     with warnings.catch_warnings():

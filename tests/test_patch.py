@@ -203,3 +203,20 @@ def test_gpt_block_with_gqa(spy):
         return torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(2)).to(dt), {}
 
     _compare_models(GPTBlock, inputs, spy, min_calls=1)
+
+
+def test_native_fast_path_is_not_patched(spy):
+    """Documented limit: eval + no_grad takes torch's native encoder fast path, which never calls
+    F.scaled_dot_product_attention; disabling the fast path routes it through the patch."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 7, 32)
+    with patch_sdpa(), torch.no_grad():
+        fast = layer(x)
+        assert len(spy) == 0
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            slow = layer(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        assert len(spy) == 1
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=1e-4)
