@@ -130,7 +130,7 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
                     why_unavailable=cuda_kernels_error),
-    "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=False, dropout=False,
+    "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
                       why_unavailable=triton_error),
     "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error),
     "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None),

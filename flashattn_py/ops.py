@@ -54,7 +54,8 @@ def attn_fwd(
     if backend == "triton":
         from . import kernels
 
-        return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset)
+        return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
+                                 attn_bias, dropout_p, rng_state)
     return torch.ops.flashattn.fwd(
         q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state
     )
@@ -95,11 +96,11 @@ def attn_bwd(
     if backend == "triton":
         from . import kernels
 
-        dq, dk, dv = kernels.flash_bwd(
+        dq, dk, dv, dbias = kernels.flash_bwd(
             dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-            deterministic,
+            deterministic, attn_bias, dropout_p, rng_state, bias_requires_grad,
         )
-        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
+        return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,), dtype=torch.float32)
     return torch.ops.flashattn.bwd(
         dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
         dropout_p, rng_state, deterministic, bias_requires_grad,
@@ -178,9 +179,18 @@ def dropout_rng_state() -> Tensor:
 
 
 def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int,
-                      dropout_p: float) -> Tensor:
-    """Testing hook: the bool keep-mask (B, H, Sq, Sk) the CPU kernel uses for ``rng_state``."""
-    return torch.ops.flashattn.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p)
+                      dropout_p: float, backend: str = "cpu", device: torch.device | str = "cpu") -> Tensor:
+    """Testing hook: the bool keep-mask (B, H, Sq, Sk) ``backend`` draws for ``rng_state``.
+
+    The cpu and cuda kernels share one Philox stream layout (csrc/cpu/dropout.h,
+    csrc/cuda/philox.cuh); triton uses its own (kernels/common.py).
+    """
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device)
+    keep = torch.ops.flashattn.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p)
+    return keep.to(device)
 
 
 def attention(

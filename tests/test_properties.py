@@ -75,7 +75,7 @@ def run_case(backend: str, p: dict):
     keep = None
     if p["dropout_p"] > 0:
         torch.manual_seed(p["seed"])
-        keep = ops.dropout_keep_mask(ops.dropout_rng_state(), *shape, p["dropout_p"])
+        keep = ops.dropout_keep_mask(ops.dropout_rng_state(), *shape, p["dropout_p"], backend=backend)
     check_attention(run, q, k, v, seed=p["seed"], attn_bias=mask, dropout_p=p["dropout_p"], dropout_mask=keep,
                     **semantics)
 
@@ -94,7 +94,7 @@ def test_reference_backend_properties(p):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or backends.triton_error() is not None,
                     reason="triton runs on CPU only under TRITON_INTERPRET=1")
-@given(problems(allow_dropout=False, max_len=40, max_dim=32))
+@given(problems(allow_dropout=True, max_len=40, max_dim=32))
 @settings(max_examples=max(4, settings().max_examples // 4))
 def test_triton_backend_properties(p):
     run_case("triton", p)
