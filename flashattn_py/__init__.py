@@ -13,7 +13,9 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
 )
+from . import nn
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
+from .patch import patch_sdpa, unpatch_sdpa
 
 if _compiled_ops_error():
     _warnings.warn(
@@ -31,7 +33,10 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "nn",
+    "patch_sdpa",
     "scaled_dot_product_attention",
+    "unpatch_sdpa",
     "use_backend",
 ]
 __version__ = "0.1.0"
