@@ -111,8 +111,11 @@ class Backend:
     def device_reasons(self, p: Problem) -> list[str]:
         if self.name == "cpu" and p.device_type != "cpu":
             return [f"runs on CPU tensors, got {p.device_type}"]
-        if self.name == "triton" and p.device_type != "cuda" and not (p.device_type == "cpu" and triton_interpreted()):
-            return [f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}"]
+        if self.name == "triton" and p.device_type != "cuda":
+            if not (p.device_type == "cpu" and triton_interpreted()):
+                return [f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}"]
+            if p.dtype == torch.bfloat16:  # the interpreter computes bf16 tl.dot wrongly
+                return ["bfloat16 is not supported by the Triton interpreter (CPU tensors)"]
         if self.name == "cuda":
             if p.device_type != "cuda":
                 return [f"runs on CUDA tensors, got {p.device_type}"]
