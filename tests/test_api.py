@@ -183,3 +183,25 @@ def test_reference_backend_through_api_matches_rule():
     q, k, v = random_qkv(2, 20, 30, 4, 2, 16, seed=9)
     run = lambda q, k, v: flashattn_py.flash_attn_func(q, k, v, causal=True, backend="reference")  # noqa: E731
     check_attention(run, q, k, v, seed=9, window_right=0, diag_offset=10)
+
+
+def test_imports_and_falls_back_without_the_compiled_extension():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['flashattn_py._C'] = None  # as if built with FLASHATTN_SKIP_EXT=1\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, flashattn_py\n"
+        "    q = torch.randn(1, 5, 2, 8)\n"
+        "    out = flashattn_py.flash_attn_func(q, q, q, causal=True)\n"
+        "    out = flashattn_py.flash_attn_func(q, q, q, causal=True)\n"
+        "print(flashattn_py.available_backends('cpu'), out.shape)\n"
+        "print(sum('flashattn_py._C is not available' in str(w.message) for w in caught))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    backends_line, warning_count = result.stdout.strip().splitlines()
+    assert "'cpu'" not in backends_line and "'reference'" in backends_line
+    assert int(warning_count) >= 1
