@@ -1,0 +1,622 @@
+// Flash attention backward (sm80+). Three steps:
+//   1. preprocess: delta[b, h, i] = sum_d dO * O (float32), dq_accum zeroed.
+//   2. main kernel, one CTA per (64-key block, query head, batch): K, V stay in shared
+//      memory; Q, dO, lse, delta of each visible query block stream through (cp.async,
+//      dO and Q in separate groups so the next block's loads overlap the dQ product).
+//      Each warp owns 16 key rows and works on transposed scores:
+//          dP^T = V dO^T,  S^T = K Q^T,  P^T = exp2(S^T - lse),  dS^T = P^T (dP^T - delta)
+//          dV += P^T dO,   dK += dS^T Q  (registers, f32)
+//      dS^T goes to shared memory, and dQ_blk = dS K is added with atomicAdd into the
+//      float32 dq_accum, later scaled and converted (step 3).
+//      For head dim 256 two warps share 16 key rows, each owning half of dK / dV's
+//      columns (they both compute the 16 x 64 scores), keeping accumulators in registers.
+//   deterministic: the main kernel skips dQ; a separate kernel (one CTA per query block,
+//   looping over key blocks with double-buffered K / V) computes dQ without atomics.
+//   Bias / bool mask / dropout / dbias: second instantiations (kExt) of both kernels.
+//   With Z the scaled keep mask (Philox, philox.cuh, the forward's draws):
+//          dV += (P∘Z)^T dO,  dP = (dO V^T)∘Z,  dS = P∘(dP - delta);
+//   dbias (float32 (B, H, Sq, Sk)) = dS before the softcap derivative, written by the
+//   main kernel for every (query, key) pair of the blocks it visits.
+//
+// This header holds the kernel templates of steps 2 and 3; flash_bwd_hdim<kD>_<dtype>.cu
+// instantiate them per head-dim bucket and dtype (so the build parallelises), and
+// flash_bwd.cu holds step 1 and the dispatch.
+#pragma once
+
+#include "flash_bwd_launch.h"
+
+namespace flashattn {
+namespace cuda_impl {
+namespace {
+
+// ---------------------------------------------------------------------------------
+// Step 3: dq = dq_accum * scale, in the input dtype, at dq's strides.
+template <typename T>
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdArgs args) {
+  const FlashBwdParams& p = args.p;
+  const int64_t D = p.head_dim, Sq = p.seqlen_q, H = p.num_heads;
+  const int64_t total = p.batch * H * Sq * D;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = idx % D;
+    const int64_t i = (idx / D) % Sq;
+    const int64_t h = (idx / (D * Sq)) % H;
+    const int64_t b = idx / (D * Sq * H);
+    static_cast<T*>(p.dq)[b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride + d] =
+        Elem<T>::from_float(args.dq_accum[idx] * p.scale);
+  }
+}
+
+// lse (log2 domain, +inf for rows past Sq or with no visible key so P = 0) and delta of
+// query rows [m0, m0 + n) into shared memory.
+template <int kN, int kThreads>
+__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const float* lse, const float* dsum,
+                                               int m0, int Sq) {
+  for (int idx = threadIdx.x; idx < kN; idx += kThreads) {
+    const int i = m0 + idx;
+    float l = i < Sq ? lse[i] : -INFINITY;
+    sLse[idx] = l == -INFINITY ? INFINITY : l * kLog2e;
+    sDelta[idx] = i < Sq ? dsum[i] : 0.f;
+  }
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit>
+struct BwdTraits {
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStride = kD + kPad;
+  static constexpr int kSStride = kBM + kPad;
+  static constexpr int kSmem = (2 * kBN + 2 * kBM) * kStride * int(sizeof(T)) + kBN * kSStride * int(sizeof(T)) +
+                               2 * kBM * int(sizeof(float));
+  static_assert(kBN == 16 * (kWarps / kDSplit), "each row group of warps owns 16 key rows");
+  static_assert(kWarps % (kBM / 16) == 0, "dQ tiles must divide among warps");
+};
+
+// ---------------------------------------------------------------------------------
+// Step 2: dK, dV (and dQ via atomics).
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, bool kExt>
+__global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs args) {
+  using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
+  constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride, kSStride = Tr::kSStride;
+  constexpr int kDP = kD / kDSplit;  // dK / dV columns of one warp
+  constexpr int kST = kBM / 8;       // n8 tiles of S^T (query columns)
+  const FlashBwdParams& p = args.p;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBN * kStride;
+  T* sQ = sV + kBN * kStride;
+  T* sdO = sQ + kBM * kStride;
+  T* sdS = sdO + kBM * kStride;  // dS^T, [key][query]
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kSStride);
+  float* sDelta = sLse + kBM;
+
+  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int rg = warp / kDSplit, dpart = warp % kDSplit;
+  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const int n0 = n_block * kBN;
+  const int hk = h / args.heads_per_kv;
+  const bool compute_dq = !p.deterministic;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+  const int64_t bh = int64_t(b) * p.num_heads + h;
+  const float* lse = static_cast<const float*>(p.lse) + bh * p.seqlen_q;
+  const float* dsum = args.dsum + bh * p.seqlen_q;
+  float* dq_acc = args.dq_accum + bh * p.seqlen_q * p.head_dim;
+
+  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const int n_last = min(n0 + kBN, Sk) - 1;
+  const int64_t i_lo = win.qlo(n0), i_hi = win.qhi(n_last);
+  int mb_begin = 0, mb_end = 0;
+  if (i_hi >= i_lo) {
+    mb_begin = static_cast<int>(i_lo / kBM);
+    mb_end = static_cast<int>(i_hi / kBM) + 1;
+  }
+
+  // This thread's key rows (g, g + 8 of the warp's 16): visible query range and validity.
+  int q_lo[2], q_hi[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = n0 + rg * 16 + g + 8 * r;
+    q_lo[r] = clamp_int(win.qlo(j));
+    q_hi[r] = j < Sk ? clamp_int(win.qhi(j)) : -1;
+  }
+  float slope_log2 = 0.f;
+  if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
+  const bool has_softcap = p.softcap > 0.f;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
+
+  // Prologue: group 0 = K, V, dO of the first block; group 1 = Q of the first block.
+  load_tile<T, kBN, kD, kThreads>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
+  load_tile<T, kBN, kD, kThreads>(sV, v_base + n0 * p.v_row_stride, p.v_row_stride, Sk - n0, Dv, args.vec_v);
+  if (mb_begin < mb_end) {
+    const int m0 = mb_begin * kBM;
+    load_tile<T, kBM, kD, kThreads>(sdO, do_base + m0 * p.do_row_stride, p.do_row_stride, Sq - m0, Dv, args.vec_do);
+  }
+  cp_async_commit();
+  if (mb_begin < mb_end) {
+    const int m0 = mb_begin * kBM;
+    load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
+    load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m0, Sq);
+  }
+  cp_async_commit();
+
+  float acc_dk[kDP / 8][4], acc_dv[kDP / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < kDP / 8; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.f;
+
+  for (int mb = mb_begin; mb < mb_end; ++mb) {
+    const int m0 = mb * kBM;
+    cp_async_wait<1>();
+    __syncthreads();  // dO (and K, V) landed
+
+    // dP^T = V dO^T  (16 key rows x kBM queries)
+    float acc_dp[kST][4];
+    float acc_s[kST][4];
+#pragma unroll
+    for (int nt = 0; nt < kST; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dp[nt][e] = acc_s[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sV + a_off(lane, rg * 16, ks * 16, kStride));
+#pragma unroll
+      for (int np = 0; np < kST / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sdO + bn_off(lane, np * 16, ks * 16, kStride));
+        mma16816<T>(acc_dp[2 * np], a, bb[0], bb[1]);
+        mma16816<T>(acc_dp[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // Q, lse, delta landed
+
+    // S^T = K Q^T
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sK + a_off(lane, rg * 16, ks * 16, kStride));
+#pragma unroll
+      for (int np = 0; np < kST / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sQ + bn_off(lane, np * 16, ks * 16, kStride));
+        mma16816<T>(acc_s[2 * np], a, bb[0], bb[1]);
+        mma16816<T>(acc_s[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+
+    // P^T and dS^T, elementwise.
+    const bool full = (n0 + kBN <= Sk) &&
+                      (p.window_left < 0 || int64_t(n0) >= int64_t(m0) + kBM - 1 + off - p.window_left) &&
+                      (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + off + p.window_right);
+#pragma unroll
+    for (int nt = 0; nt < kST; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int il = nt * 8 + 2 * t4 + (e & 1);
+        const int i = m0 + il;
+        float x = acc_s[nt][e];
+        float th = 0.f;
+        if (has_softcap) {
+          th = tanhf(x * args.cap_in);
+          x = args.cap_out * th;
+        } else {
+          x *= args.scale_log2;
+        }
+        if (has_alibi) {
+          const int64_t dist = int64_t(i) + off - (n0 + rg * 16 + g + 8 * r);
+          x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+        if constexpr (kExt) {
+          const int j = n0 + rg * 16 + g + 8 * r;
+          if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          const float pr = fast_exp2(x - sLse[il]);
+          float z = 1.f;
+          if (p.dropout_p > 0.f) {
+            uint32_t d[4];
+            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            z = args.drop.factor(d, j & 3);
+          }
+          float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
+          if (p.dbias != nullptr && dpart == 0 && i < Sq && j < Sk) p.dbias[(bh * p.seqlen_q + i) * p.seqlen_k + j] = ds;
+          if (has_softcap) ds *= 1.f - th * th;
+          acc_s[nt][e] = pr * z;
+          acc_dp[nt][e] = ds;
+        } else {
+          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          const float pr = fast_exp2(x - sLse[il]);
+          float ds = pr * (acc_dp[nt][e] - sDelta[il]);
+          if (has_softcap) ds *= 1.f - th * th;
+          acc_s[nt][e] = pr;
+          acc_dp[nt][e] = ds;
+        }
+      }
+    }
+
+    // dV += P^T dO, dK += dS^T Q  (k = the kBM queries)
+#pragma unroll
+    for (int kt = 0; kt < kBM / 16; ++kt) {
+      uint32_t ap[4], ad[4];
+      ap[0] = Elem<T>::pack(acc_s[2 * kt][0], acc_s[2 * kt][1]);
+      ap[1] = Elem<T>::pack(acc_s[2 * kt][2], acc_s[2 * kt][3]);
+      ap[2] = Elem<T>::pack(acc_s[2 * kt + 1][0], acc_s[2 * kt + 1][1]);
+      ap[3] = Elem<T>::pack(acc_s[2 * kt + 1][2], acc_s[2 * kt + 1][3]);
+      ad[0] = Elem<T>::pack(acc_dp[2 * kt][0], acc_dp[2 * kt][1]);
+      ad[1] = Elem<T>::pack(acc_dp[2 * kt][2], acc_dp[2 * kt][3]);
+      ad[2] = Elem<T>::pack(acc_dp[2 * kt + 1][0], acc_dp[2 * kt + 1][1]);
+      ad[3] = Elem<T>::pack(acc_dp[2 * kt + 1][2], acc_dp[2 * kt + 1][3]);
+      if (compute_dq && dpart == 0) {
+        T* dst = sdS + (rg * 16 + g) * kSStride + kt * 16 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(dst) = ad[0];
+        *reinterpret_cast<uint32_t*>(dst + 8 * kSStride) = ad[1];
+        *reinterpret_cast<uint32_t*>(dst + 8) = ad[2];
+        *reinterpret_cast<uint32_t*>(dst + 8 * kSStride + 8) = ad[3];
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDP / 16; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sdO + bk_off(lane, kt * 16, dpart * kDP + dp * 16, kStride));
+        mma16816<T>(acc_dv[2 * dp], ap, bb[0], bb[1]);
+        mma16816<T>(acc_dv[2 * dp + 1], ap, bb[2], bb[3]);
+        ldmatrix_x4_trans(bb, sQ + bk_off(lane, kt * 16, dpart * kDP + dp * 16, kStride));
+        mma16816<T>(acc_dk[2 * dp], ad, bb[0], bb[1]);
+        mma16816<T>(acc_dk[2 * dp + 1], ad, bb[2], bb[3]);
+      }
+    }
+
+    __syncthreads();  // everyone is done with sdO, sQ, sLse, sDelta; sdS is complete
+    if (mb + 1 < mb_end) {
+      const int m1 = m0 + kBM;
+      load_tile<T, kBM, kD, kThreads>(sdO, do_base + m1 * p.do_row_stride, p.do_row_stride, Sq - m1, Dv, args.vec_do);
+    }
+    cp_async_commit();
+    if (mb + 1 < mb_end) {
+      const int m1 = m0 + kBM;
+      load_tile<T, kBM, kD, kThreads>(sQ, q_base + m1 * p.q_row_stride, p.q_row_stride, Sq - m1, D, args.vec_q);
+      load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m1, Sq);
+    }
+    cp_async_commit();
+
+    // dQ_blk (kBM x kD) = dS (kBM x kBN) K (kBN x kD), added atomically in float32.
+    if (compute_dq) {
+      constexpr int kITiles = kBM / 16;
+      constexpr int kDGroups = kWarps / kITiles;
+      constexpr int kDQ = kD / kDGroups;
+      constexpr int kCW = kDQ % 32 == 0 ? 32 : 16;  // columns per chunk
+      static_assert(kDQ % kCW == 0, "dQ column chunks");
+      const int it = warp % kITiles, dg = warp / kITiles;
+#pragma unroll
+      for (int c = 0; c < kDQ / kCW; ++c) {
+        const int dbase = dg * kDQ + c * kCW;
+        if (dbase >= D) break;
+        float acc[kCW / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < kCW / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+        for (int kt = 0; kt < kBN / 16; ++kt) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, sdS + at_off(lane, kt * 16, it * 16, kSStride));
+#pragma unroll
+          for (int dp = 0; dp < kCW / 16; ++dp) {
+            uint32_t bb[4];
+            ldmatrix_x4_trans(bb, sK + bk_off(lane, kt * 16, dbase + dp * 16, kStride));
+            mma16816<T>(acc[2 * dp], a, bb[0], bb[1]);
+            mma16816<T>(acc[2 * dp + 1], a, bb[2], bb[3]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = m0 + it * 16 + g + 8 * r;
+          if (i >= Sq) continue;
+          float* row = dq_acc + int64_t(i) * D;
+#pragma unroll
+          for (int nt = 0; nt < kCW / 8; ++nt) {
+            const int d = dbase + nt * 8 + 2 * t4;
+            if (d < D) atomicAdd(row + d, acc[nt][2 * r]);
+            if (d + 1 < D) atomicAdd(row + d + 1, acc[nt][2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+
+  // Epilogue: dK * scale and dV, staged through sK / sV, written at query head h.
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int dt = 0; dt < kDP / 8; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int off_s = (rg * 16 + g + 8 * r) * kStride + dpart * kDP + dt * 8 + 2 * t4;
+      *reinterpret_cast<uint32_t*>(sK + off_s) =
+          Elem<T>::pack(acc_dk[dt][2 * r] * p.scale, acc_dk[dt][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(sV + off_s) = Elem<T>::pack(acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  T* dk_base = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride + n0 * p.dk_row_stride;
+  T* dv_base = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride + n0 * p.dv_row_stride;
+  store_tile<T, kBN, kD, kThreads>(dk_base, sK, p.dk_row_stride, Sk - n0, D, args.vec_dk);
+  store_tile<T, kBN, kD, kThreads>(dv_base, sV, p.dv_row_stride, Sk - n0, Dv, args.vec_dv);
+}
+
+// ---------------------------------------------------------------------------------
+// Deterministic dQ: one CTA per query block, each warp owns 16 query rows, K / V
+// double-buffered (cp.async), dQ in registers, written once.
+template <typename T, int kD, int kBM, int kBN, int kWarps>
+struct BwdDqTraits {
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kStride = kD + kPad;
+  static constexpr int kSmem = (2 * kBM + 4 * kBN) * kStride * int(sizeof(T));
+  static_assert(kBM == 16 * kWarps, "one m16 tile per warp");
+};
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+__global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
+  using Tr = BwdDqTraits<T, kD, kBM, kBN, kWarps>;
+  constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride;
+  constexpr int kNT = kBN / 8, kDT = kD / 8;
+  const FlashBwdParams& p = args.p;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBM * kStride;
+  T* sK0 = sdO + kBM * kStride;  // [2][kBN][kStride]
+  T* sV0 = sK0 + 2 * kBN * kStride;
+
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const int m0 = m_block * kBM;
+  const int hk = h / args.heads_per_kv;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+  const int64_t bh = int64_t(b) * p.num_heads + h;
+  const float* lse = static_cast<const float*>(p.lse) + bh * p.seqlen_q;
+  const float* dsum = args.dsum + bh * p.seqlen_q;
+
+  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const int m_last = min(m0 + kBM, Sq) - 1;
+  const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
+  int nb_begin = 0, nb_end = 0;
+  if (n_hi >= n_lo) {
+    nb_begin = static_cast<int>(n_lo / kBN);
+    nb_end = static_cast<int>(n_hi / kBN) + 1;
+  }
+
+  const int warp_row0 = warp * 16;
+  int j_lo[2], j_hi[2];
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = m0 + warp_row0 + g + 8 * r;
+    j_lo[r] = clamp_int(win.lo(i));
+    j_hi[r] = clamp_int(win.hi(i));
+    const float l = i < Sq ? lse[i] : -INFINITY;
+    lse2[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+    delta[r] = i < Sq ? dsum[i] : 0.f;
+  }
+  float slope_log2 = 0.f;
+  if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
+  const bool has_softcap = p.softcap > 0.f;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
+
+  load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
+  load_tile<T, kBM, kD, kThreads>(sdO, do_base + m0 * p.do_row_stride, p.do_row_stride, Sq - m0, Dv, args.vec_do);
+  if (nb_begin < nb_end) {
+    const int n0 = nb_begin * kBN;
+    load_tile<T, kBN, kD, kThreads>(sK0, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
+    load_tile<T, kBN, kD, kThreads>(sV0, v_base + n0 * p.v_row_stride, p.v_row_stride, Sk - n0, Dv, args.vec_v);
+  }
+  cp_async_commit();
+
+  float acc_dq[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.f;
+
+  for (int nb = nb_begin; nb < nb_end; ++nb) {
+    const int n0 = nb * kBN;
+    const int stage = (nb - nb_begin) & 1;
+    T* sK = sK0 + stage * kBN * kStride;
+    T* sV = sV0 + stage * kBN * kStride;
+    cp_async_wait<0>();
+    __syncthreads();  // stage ready; every warp is done with the other stage
+    if (nb + 1 < nb_end) {
+      const int n1 = n0 + kBN;
+      T* sK1 = sK0 + (stage ^ 1) * kBN * kStride;
+      T* sV1 = sV0 + (stage ^ 1) * kBN * kStride;
+      load_tile<T, kBN, kD, kThreads>(sK1, k_base + n1 * p.k_row_stride, p.k_row_stride, Sk - n1, D, args.vec_k);
+      load_tile<T, kBN, kD, kThreads>(sV1, v_base + n1 * p.v_row_stride, p.v_row_stride, Sk - n1, Dv, args.vec_v);
+    }
+    cp_async_commit();
+
+    float acc_s[kNT][4], acc_dp[kNT][4];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[nt][e] = acc_dp[nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t aq[4], ad[4];
+      ldmatrix_x4(aq, sQ + a_off(lane, warp_row0, ks * 16, kStride));
+      ldmatrix_x4(ad, sdO + a_off(lane, warp_row0, ks * 16, kStride));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sK + bn_off(lane, np * 16, ks * 16, kStride));
+        mma16816<T>(acc_s[2 * np], aq, bb[0], bb[1]);
+        mma16816<T>(acc_s[2 * np + 1], aq, bb[2], bb[3]);
+        ldmatrix_x4(bb, sV + bn_off(lane, np * 16, ks * 16, kStride));
+        mma16816<T>(acc_dp[2 * np], ad, bb[0], bb[1]);
+        mma16816<T>(acc_dp[2 * np + 1], ad, bb[2], bb[3]);
+      }
+    }
+
+    const bool full = (n0 + kBN <= Sk) && (p.window_left < 0 || n0 >= int64_t(m_last) + off - p.window_left) &&
+                      (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + off + p.window_right);
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
+        float x = acc_s[nt][e];
+        float th = 0.f;
+        if (has_softcap) {
+          th = tanhf(x * args.cap_in);
+          x = args.cap_out * th;
+        } else {
+          x *= args.scale_log2;
+        }
+        if (has_alibi) {
+          const int64_t dist = int64_t(m0 + warp_row0 + g + 8 * r) + off - j;
+          x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+        float z = 1.f;
+        if constexpr (kExt) {
+          const int i = m0 + warp_row0 + g + 8 * r;
+          if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+          if (p.dropout_p > 0.f) {
+            uint32_t d[4];
+            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            z = args.drop.factor(d, j & 3);
+          }
+        }
+        if (!full && (j < j_lo[r] || j > j_hi[r])) x = -INFINITY;
+        const float pr = fast_exp2(x - lse2[r]);
+        float ds = pr * (acc_dp[nt][e] * z - delta[r]);
+        if (has_softcap) ds *= 1.f - th * th;
+        acc_dp[nt][e] = ds;
+      }
+    }
+
+    // dQ += dS K
+#pragma unroll
+    for (int kt = 0; kt < kBN / 16; ++kt) {
+      uint32_t a[4];
+      a[0] = Elem<T>::pack(acc_dp[2 * kt][0], acc_dp[2 * kt][1]);
+      a[1] = Elem<T>::pack(acc_dp[2 * kt][2], acc_dp[2 * kt][3]);
+      a[2] = Elem<T>::pack(acc_dp[2 * kt + 1][0], acc_dp[2 * kt + 1][1]);
+      a[3] = Elem<T>::pack(acc_dp[2 * kt + 1][2], acc_dp[2 * kt + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sK + bk_off(lane, kt * 16, dp * 16, kStride));
+        mma16816<T>(acc_dq[2 * dp], a, bb[0], bb[1]);
+        mma16816<T>(acc_dq[2 * dp + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(sQ + (warp_row0 + g + 8 * r) * kStride + dt * 8 + 2 * t4) =
+          Elem<T>::pack(acc_dq[dt][2 * r] * p.scale, acc_dq[dt][2 * r + 1] * p.scale);
+    }
+  }
+  __syncthreads();
+  T* dq_base = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + m0 * p.dq_row_stride;
+  store_tile<T, kBM, kD, kThreads>(dq_base, sQ, p.dq_row_stride, Sq - m0, D, args.vec_dq);
+}
+
+// ---------------------------------------------------------------------------------
+template <typename Kernel>
+cudaError_t set_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps, bool kExt>
+cudaError_t launch_bwd_kernels(const BwdArgs& args, cudaStream_t stream) {
+  const FlashBwdParams& p = args.p;
+  cudaError_t e;
+  {
+    using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
+    auto kernel = flash_bwd_kernel<T, kD, kBM, kBN, kWarps, kDSplit, kExt>;
+    if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
+    dim3 grid(static_cast<unsigned>((p.seqlen_k + kBN - 1) / kBN), static_cast<unsigned>(p.num_heads),
+              static_cast<unsigned>(p.batch));
+    if (p.seqlen_k > 0) {
+      kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
+  }
+  if (p.seqlen_q == 0) return cudaSuccess;
+  if (p.deterministic) {
+    using Tr = BwdDqTraits<T, kD, kQBM, kQBN, kQWarps>;
+    auto kernel = flash_bwd_dq_kernel<T, kD, kQBM, kQBN, kQWarps, kExt>;
+    if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
+    dim3 grid(static_cast<unsigned>((p.seqlen_q + kQBM - 1) / kQBM), static_cast<unsigned>(p.num_heads),
+              static_cast<unsigned>(p.batch));
+    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  } else {
+    const int64_t total = p.batch * p.num_heads * p.seqlen_q * p.head_dim;
+    int64_t blocks = (total + 255) / 256;
+    if (blocks > 65535 * 8) blocks = 65535 * 8;
+    flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(args);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps>
+cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
+  const FlashBwdParams& p = args.p;
+  if (p.bias != nullptr || p.dropout_p > 0.f || p.dbias != nullptr) {
+    return launch_bwd_kernels<T, kD, kBM, kBN, kWarps, kDSplit, kQBM, kQBN, kQWarps, true>(args, stream);
+  }
+  return launch_bwd_kernels<T, kD, kBM, kBN, kWarps, kDSplit, kQBM, kQBN, kQWarps, false>(args, stream);
+}
+
+}  // namespace
+
+// Block sizes per head-dim bucket: <kBM, kBN, kWarps, kDSplit> of the main kernel,
+// <kQBM, kQBN, kQWarps> of the deterministic dQ kernel.
+template <typename T, int kD>
+cudaError_t run_bwd_hdim(const BwdArgs& args, cudaStream_t stream) {
+  if constexpr (kD == 32) {
+    return launch_bwd<T, 32, 64, 64, 4, 1, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 64) {
+    return launch_bwd<T, 64, 64, 64, 4, 1, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 96) {
+    return launch_bwd<T, 96, 32, 64, 4, 1, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 128) {
+    return launch_bwd<T, 128, 32, 64, 4, 1, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 256) {
+    return launch_bwd<T, 256, 32, 64, 8, 2, 64, 32, 4>(args, stream);
+  } else {
+    static_assert(kD == 32, "head-dim bucket must be 32, 64, 96, 128 or 256");
+  }
+}
+
+}  // namespace cuda_impl
+}  // namespace flashattn

@@ -1,0 +1,336 @@
+// Flash attention forward (sm80+): one CTA per (128-row query block, head, batch).
+//
+// The Q tile stays in shared memory; K and V tiles stream through shared memory with
+// cp.async, interleaved so one load always overlaps compute (the K and V buffers
+// alternate as a two-stage pipeline):
+//     wait K_n -> issue V_n -> S = Q K_n^T -> online softmax -> wait V_n -> issue K_{n+1} -> O += P V_n
+// S and O live in registers (mma.sync m16n8k16, f32 accumulate); each warp owns
+// kMT * 16 query rows. Softmax runs in the log2 domain (scale * log2(e) folded in).
+// Only key blocks that can hold a visible key are visited; the per-element mask runs
+// on blocks that straddle a window edge or the end of the keys.
+//
+// Bias / bool mask and dropout live in a second instantiation of the kernel (kExt), so
+// the plain path keeps its registers: the bias is read from global memory per score
+// element (any strides, 0 on broadcast dims), dropout draws Philox4x32-10 per group of
+// 4 keys (philox.cuh, the CPU kernel's generator) after the row sum, so the normaliser
+// uses the undropped probabilities.
+//
+// This header holds the kernel templates; flash_fwd_hdim<kD>.cu instantiate them per
+// head-dim bucket (so the build parallelises) and flash_fwd.cu dispatches.
+#pragma once
+
+#include "flash_fwd_launch.h"
+
+namespace flashattn {
+namespace cuda_impl {
+namespace {
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt = false>
+struct FwdTraits {
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMT = kBM / (16 * kWarps);  // m16 tiles per warp
+  static constexpr int kNT = kBN / 8;              // n8 tiles of S per warp
+  static constexpr int kDT = kD / 8;               // n8 tiles of O per warp
+  static constexpr int kStride = kD + kPad;
+  static constexpr int kSmem = (kBM + 2 * kBN) * kStride * int(sizeof(T));
+  // CTAs per SM the register budget is sized for (255 / 128 / 168 registers per thread).
+  // The kExt variant (bias / dropout) gets one CTA per SM less where that avoids spills.
+  static constexpr int kMinBlocks = kD > 128 ? 1 : (kWarps == 8 ? (kExt ? 1 : 2) : (kExt ? 2 : 3));
+  static_assert(kMT >= 1 && kBM == kMT * 16 * kWarps, "bad block M");
+  static_assert(kBN % 16 == 0 && kD % 16 == 0, "bad tile");
+};
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+__global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps, kExt>::kMinBlocks)
+    flash_fwd_kernel(const FwdArgs args) {
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  constexpr int kThreads = Tr::kThreads, kMT = Tr::kMT, kNT = Tr::kNT, kDT = Tr::kDT, kStride = Tr::kStride;
+  const FlashParams& p = args.p;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBM * kStride;
+  T* sV = sK + kBN * kStride;
+
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const int m0 = m_block * kBM;
+  const int hk = h / args.heads_per_kv;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+
+  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const int m_last = min(m0 + kBM, Sq) - 1;
+  // Keys any row of this block can see: [n_lo, n_hi].
+  const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
+  int nb_begin = 0, nb_end = 0;
+  if (n_hi >= n_lo) {
+    nb_begin = static_cast<int>(n_lo / kBN);
+    nb_end = static_cast<int>(n_hi / kBN) + 1;
+  }
+
+  // Per-row visible key range [j_lo, j_hi] of this thread's rows (row g and g + 8 of each m tile).
+  const int warp_row0 = warp * kMT * 16;
+  int j_lo[kMT][2], j_hi[kMT][2];
+  float slope_log2 = 0.f;
+  if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+      j_lo[mt][r] = clamp_int(win.lo(i));
+      j_hi[mt][r] = clamp_int(win.hi(i));
+    }
+  }
+
+  // Prologue: Q, and the first K block.
+  load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
+  if (nb_begin < nb_end) {
+    const int n0 = nb_begin * kBN;
+    load_tile<T, kBN, kD, kThreads>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
+  }
+  cp_async_commit();
+
+  float acc_o[kMT][kDT][4];
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  const bool has_softcap = p.softcap > 0.f;
+  const bool has_alibi = p.alibi_slopes != nullptr;
+  const int64_t off = p.diag_offset;
+  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
+  const int64_t drop_row0 = (int64_t(b) * p.num_heads + h) * p.seqlen_q;
+
+  for (int nb = nb_begin; nb < nb_end; ++nb) {
+    const int n0 = nb * kBN;
+    cp_async_wait<0>();
+    __syncthreads();  // K_nb (and Q) landed; every warp is done with V_{nb-1}
+    load_tile<T, kBN, kD, kThreads>(sV, v_base + n0 * p.v_row_stride, p.v_row_stride, Sk - n0, Dv, args.vec_v);
+    cp_async_commit();
+
+    // S = Q K^T
+    float acc_s[kMT][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], sQ + a_off(lane, warp_row0 + mt * 16, ks * 16, kStride));
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, sK + bn_off(lane, np * 16, ks * 16, kStride));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
+          mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+        }
+      }
+    }
+
+    // Scores in the log2 domain, masks. A block needs the element mask unless every
+    // (row, key) pair of it is visible.
+    const bool full = (n0 + kBN <= Sk) && (p.window_left < 0 || n0 >= int64_t(m_last) + off - p.window_left) &&
+                      (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + off + p.window_right);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          float x = acc_s[mt][nt][e];
+          if (has_softcap) {
+            x = args.cap_out * tanhf(x * args.cap_in);
+          } else {
+            x *= args.scale_log2;
+          }
+          const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
+          if (has_alibi) {
+            const int64_t i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+            const int64_t dist = i + off - j;
+            x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
+          }
+          if constexpr (kExt) {
+            if (p.bias != nullptr) {
+              const int i = m0 + warp_row0 + mt * 16 + g + 8 * r;
+              if (i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+            }
+          }
+          if (!full && (j < j_lo[mt][r] || j > j_hi[mt][r])) x = -INFINITY;
+          acc_s[mt][nt][e] = x;
+        }
+      }
+    }
+
+    // Online softmax (rows g and g + 8; a row's 4 owners are lanes 4g..4g+3).
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = fast_exp2(row_max[mt][r] - m_use);
+        row_max[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const float p0 = fast_exp2(acc_s[mt][nt][2 * r] - m_use);
+          const float p1 = fast_exp2(acc_s[mt][nt][2 * r + 1] - m_use);
+          acc_s[mt][nt][2 * r] = p0;
+          acc_s[mt][nt][2 * r + 1] = p1;
+          sum += p0 + p1;
+        }
+        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+        if constexpr (kExt) {
+          if (p.dropout_p > 0.f) {
+            // Columns 2 t4, 2 t4 + 1 of each n8 tile: key group (n0 + 8 nt) / 4 + t4 / 2,
+            // lanes 2 (t4 & 1) and 2 (t4 & 1) + 1.
+            const int64_t row = drop_row0 + m0 + warp_row0 + mt * 16 + g + 8 * r;
+            const int lane0 = 2 * (t4 & 1);
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              uint32_t d[4];
+              args.drop.draws(row, (n0 + nt * 8) / 4 + (t4 >> 1), d);
+              acc_s[mt][nt][2 * r] *= args.drop.factor(d, lane0);
+              acc_s[mt][nt][2 * r + 1] *= args.drop.factor(d, lane0 + 1);
+            }
+          }
+        }
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc_o[mt][dt][2 * r] *= alpha;
+          acc_o[mt][dt][2 * r + 1] *= alpha;
+        }
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V_nb landed; every warp is done reading K_nb
+    if (nb + 1 < nb_end) {
+      const int n1 = n0 + kBN;
+      load_tile<T, kBN, kD, kThreads>(sK, k_base + n1 * p.k_row_stride, p.k_row_stride, Sk - n1, D, args.vec_k);
+    }
+    cp_async_commit();
+
+    // O += P V
+#pragma unroll
+    for (int kt = 0; kt < kBN / 16; ++kt) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = Elem<T>::pack(acc_s[mt][2 * kt][0], acc_s[mt][2 * kt][1]);
+        a[mt][1] = Elem<T>::pack(acc_s[mt][2 * kt][2], acc_s[mt][2 * kt][3]);
+        a[mt][2] = Elem<T>::pack(acc_s[mt][2 * kt + 1][0], acc_s[mt][2 * kt + 1][1]);
+        a[mt][3] = Elem<T>::pack(acc_s[mt][2 * kt + 1][2], acc_s[mt][2 * kt + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, sV + bk_off(lane, kt * 16, dp * 16, kStride));
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma16816<T>(acc_o[mt][2 * dp], a[mt], bb[0], bb[1]);
+          mma16816<T>(acc_o[mt][2 * dp + 1], a[mt], bb[2], bb[3]);
+        }
+      }
+    }
+  }
+
+  // Epilogue: normalise, write lse, stage O through this warp's own rows of sQ.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* lse = static_cast<float*>(p.lse) + (int64_t(b) * p.num_heads + h) * p.seqlen_q;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = warp_row0 + mt * 16 + g + 8 * r;
+      if (t4 == 0 && m0 + row < Sq) {
+        const float m = row_max[mt][r];
+        lse[m0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(sQ + row * kStride + dt * 8 + 2 * t4) =
+            Elem<T>::pack(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+      }
+    }
+  }
+  __syncthreads();
+  T* o_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
+  store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, Sq - m0, Dv, args.vec_o);
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt>;
+  if (Tr::kSmem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem);
+    if (e != cudaSuccess) return e;
+  }
+  const FlashParams& p = args.p;
+  dim3 grid(static_cast<unsigned>((p.seqlen_q + kBM - 1) / kBM), static_cast<unsigned>(p.num_heads),
+            static_cast<unsigned>(p.batch));
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename T, int kD, int kBM, int kBN, int kWarps>
+cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
+  if (args.p.bias != nullptr || args.p.dropout_p > 0.f) {
+    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true>(args, stream);
+  }
+  return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false>(args, stream);
+}
+
+}  // namespace
+
+// Block sizes per head-dim bucket: <kBM, kBN, kWarps>.
+template <typename T, int kD>
+cudaError_t run_fwd_hdim(const FwdArgs& args, cudaStream_t stream) {
+  if constexpr (kD == 32) {
+    return launch_fwd<T, 32, 128, 64, 8>(args, stream);
+  } else if constexpr (kD == 64) {
+    return launch_fwd<T, 64, 128, 64, 8>(args, stream);
+  } else if constexpr (kD == 96) {
+    return launch_fwd<T, 96, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 128) {
+    return launch_fwd<T, 128, 64, 64, 4>(args, stream);
+  } else if constexpr (kD == 256) {
+    return launch_fwd<T, 256, 128, 32, 8>(args, stream);
+  } else {
+    static_assert(kD == 32, "head-dim bucket must be 32, 64, 96, 128 or 256");
+  }
+}
+
+}  // namespace cuda_impl
+}  // namespace flashattn
