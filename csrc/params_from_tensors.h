@@ -1,0 +1,121 @@
+// Tensor -> FlashParams, shared by the CPU (ops.cpp) and CUDA (ops_cuda.cpp) op impls.
+// The ops are internal (flashattn_py/api.py validates user input); the checks here guard
+// the kernels' preconditions only.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "flash_params.h"
+
+namespace flashattn {
+
+// q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension,
+// plus the semantic arguments of the fwd/bwd schemas.
+inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+                        double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
+                        double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashattn: q, k, v must be 4-D (B, S, H, D)");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn: q, k, v must share a device");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "flashattn: q, k, v must share a dtype");
+  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
+              "flashattn: the head dimension must be contiguous (stride 1)");
+  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+              "flashattn: batch / seqlen / heads of q, k, v disagree");
+  TORCH_CHECK(q.size(3) == k.size(3), "flashattn: q and k head dims differ");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
+              "flashattn: head dims must be in [1, 256], got ", q.size(3), " and ", v.size(3));
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "flashattn: num_heads must be a multiple of num_heads_k");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.batch = q.size(0), p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
+  p.num_heads = q.size(2), p.num_heads_k = k.size(2);
+  p.head_dim = q.size(3), p.head_dim_v = v.size(3);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.device() == q.device(), "flashattn: alibi_slopes must be on q's device");
+    TORCH_CHECK(a.scalar_type() == at::kFloat && a.stride(-1) == 1,
+                "flashattn: alibi_slopes must be float32 with a contiguous last dim");
+    TORCH_CHECK(a.size(-1) == p.num_heads && (a.dim() == 1 || (a.dim() == 2 && a.size(0) == p.batch)),
+                "flashattn: alibi_slopes must be (H,) or (B, H)");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_batch_stride = a.dim() == 2 ? a.stride(0) : 0;
+  }
+  if (attn_bias.has_value()) {  // (B, H, Sq, Sk) through strides, 0 on broadcast dims
+    const at::Tensor& m = *attn_bias;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.batch && m.size(1) == p.num_heads && m.size(2) == p.seqlen_q &&
+                    m.size(3) == p.seqlen_k,
+                "flashattn: attn_bias must be (B, H, Sq, Sk) = (", p.batch, ", ", p.num_heads, ", ", p.seqlen_q,
+                ", ", p.seqlen_k, ") (broadcast dims with stride 0), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(), "flashattn: attn_bias must be bool or ",
+                q.scalar_type(), ", got ", m.scalar_type());
+    TORCH_CHECK(m.device() == q.device(), "flashattn: attn_bias must be on ", q.device(), ", got ", m.device());
+    p.bias = m.data_ptr();
+    p.bias_is_bool = m.scalar_type() == at::kBool;
+    p.bias_batch_stride = m.stride(0), p.bias_head_stride = m.stride(1);
+    p.bias_row_stride = m.stride(2), p.bias_col_stride = m.stride(3);
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flashattn: dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p > 0) {  // [seed, offset], read on the host
+    TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
+                    rng_state->device().is_cpu(),
+                "flashattn: dropout needs rng_state, an int64 CPU tensor [seed, offset]");
+    const at::Tensor st = rng_state->contiguous();
+    p.dropout_seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
+    p.dropout_offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+  }
+}
+
+// out (B, Sq, H, Dv) and lse (B, H, Sq), contiguous.
+inline void fill_output(FlashParams& p, const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(1) == p.seqlen_q && out.size(2) == p.num_heads &&
+                  out.size(3) == p.head_dim_v && out.stride(-1) == 1,
+              "flashattn: out must be (B, Sq, H, Dv) with a contiguous head dimension");
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.num_heads &&
+                  lse.size(2) == p.seqlen_q,
+              "flashattn: lse must be a contiguous (B, H, Sq) tensor");
+  p.out = const_cast<void*>(out.data_ptr());
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.lse = const_cast<void*>(lse.data_ptr());
+}
+
+// dout (like out) and the gradient buffers dq (like q), dk, dv ((B, Sk, *, D/Dv)).
+inline void fill_grads(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
+                       const at::Tensor& dv) {
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == p.batch && dout.size(1) == p.seqlen_q &&
+                  dout.size(2) == p.num_heads && dout.size(3) == p.head_dim_v && dout.stride(-1) == 1,
+              "flashattn: dout must be (B, Sq, H, Dv) with a contiguous head dimension");
+  p.dout = dout.data_ptr();
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.dq = dq.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  p.dk = dk.data_ptr();
+  p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+  p.dv = dv.data_ptr();
+  p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+}
+
+// The bias gradient buffer: float32 (B, H, Sq, Sk) zeros when wanted (the caller sums
+// broadcast dims), else an empty tensor.
+inline at::Tensor make_dbias(FlashBwdParams& p, const at::Tensor& q, const std::optional<at::Tensor>& attn_bias,
+                             bool bias_requires_grad) {
+  const auto options = q.options().dtype(at::kFloat);
+  if (!bias_requires_grad) return at::empty({0}, options);
+  TORCH_CHECK(attn_bias.has_value() && attn_bias->scalar_type() != at::kBool,
+              "flashattn: bias_requires_grad needs a float attn_bias");
+  at::Tensor dbias = at::zeros({p.batch, p.num_heads, p.seqlen_q, p.seqlen_k}, options);
+  p.dbias = dbias.data_ptr<float>();
+  return dbias;
+}
+
+}  // namespace flashattn
