@@ -182,22 +182,32 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
-def select(problem: Problem, backend: str = "auto") -> str:
-    """The backend that serves ``problem``, by the order in the module docstring."""
+def requested_backend(backend: str = "auto") -> str:
+    """The backend asked for: explicit argument > ``use_backend`` > FLASHATTN_BACKEND > "auto"."""
     check_backend_name(backend)
     if backend == "auto" and _forced_stack:
         backend = _forced_stack[-1]
     if backend == "auto":
         backend = os.environ.get("FLASHATTN_BACKEND", "auto") or "auto"
         check_backend_name(backend, "FLASHATTN_BACKEND")
+    return backend
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """Backends auto selection tries, in order; the last one, reference, serves anything."""
+    return ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
+
+
+def select(problem: Problem, backend: str = "auto") -> str:
+    """The backend that serves ``problem``, by the order in the module docstring."""
+    backend = requested_backend(backend)
     if backend != "auto":
         reasons = SUPPORTS[backend](problem)
         if reasons:
             raise ValueError(f"backend {backend!r} can't serve this call: " + "; ".join(reasons))
         return backend
-    order = ("cuda", "triton", "reference") if problem.device_type == "cuda" else ("cpu", "reference")
     why_not = []
-    for name in order:
+    for name in auto_order(problem.device_type):
         reasons = SUPPORTS[name](problem)
         if not reasons:
             if name == "reference":

@@ -21,8 +21,6 @@ from torch import Tensor
 from . import backends
 from .reference import attention_ref
 
-FUSED_BACKENDS = ("cpu", "cuda", "triton")
-
 
 def _lse_dtype(q: Tensor, backend: str) -> torch.dtype:
     # The CPU kernel accumulates float64 inputs in float64, lse included.

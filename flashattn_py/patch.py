@@ -26,7 +26,6 @@ there: torch's own is the better fallback), unless a backend is forced with
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -38,7 +37,6 @@ from . import api, backends
 __all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "SDPAPatch"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FUSED_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 # The function found at F.scaled_dot_product_attention when the first patch went in, and
 # how many patches are active (nesting: the original comes back when the last one ends).
@@ -79,11 +77,11 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
     if attn_mask is not None and (not isinstance(attn_mask, Tensor) or
                                   (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
         return "attn_mask dtype"
-    if backends._forced_stack or os.environ.get("FLASHATTN_BACKEND", "auto") not in ("", "auto"):
+    if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
     problem = backends.Problem(device_type=query.device.type, dtype=query.dtype,
                                has_attn_mask=attn_mask is not None, dropout_p=float(dropout_p))
-    for name in _FUSED_ORDER.get(query.device.type, ()):
+    for name in backends.auto_order(query.device.type)[:-1]:  # the fused ones, not reference
         if not backends.SUPPORTS[name](problem):
             return None
     return "no fused backend serves it"
