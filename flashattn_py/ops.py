@@ -1,8 +1,8 @@
 """The attention custom ops and their autograd.
 
-``flashattn::attn_fwd`` / ``flashattn::attn_bwd`` (``torch.library.custom_op``) are what
-torch.compile and autograd see: one op pair for every fused backend, with fake impls and
-``register_autograd``. Their implementations call the compiled ops
+``flashattn::attn_fwd`` / ``flashattn::attn_bwd`` are what torch.compile and autograd see:
+one op pair for every fused backend, defined with ``torch.library.define`` + ``impl``, with
+fake impls and ``register_autograd``. Their implementations call the compiled ops
 ``torch.ops.flashattn.fwd`` / ``bwd`` (schemas in csrc/ops.cpp, CPU and CUDA kernels by
 dispatch key) or the Triton launchers in ``flashattn_py.kernels``. The forward returns
 ``(out, lse)``; the backward recomputes P from lse, nothing N x N is saved. lse is not
@@ -13,7 +13,9 @@ contiguous last dimension; out (B, Sq, H, Dv); lse (B, H, Sq).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import sys
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -27,8 +29,43 @@ def _lse_dtype(q: Tensor, backend: str) -> torch.dtype:
     return torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
 
 
-@torch.library.custom_op("flashattn::attn_fwd", mutates_args=())
-def attn_fwd(
+def _outside_dynamo(fn: Callable) -> Callable:
+    """Run ``fn`` with Dynamo disabled, importing Dynamo only if something else already did.
+
+    ``torch.library.custom_op`` wraps kernels in ``torch._disable_dynamo``, which imports
+    torch._dynamo on the first call: about 2.5 s and 150 MB of resident memory for every
+    user's first attention call. Dynamo can only be tracing once it is imported, so the
+    plain call is safe until then.
+    """
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def inner(*args):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args)
+        if not disabled:
+            disabled.append(torch._dynamo.disable(fn))
+        return disabled[0](*args)
+
+    return inner
+
+
+torch.library.define(
+    "flashattn::attn_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
+    "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, bool deterministic, "
+    "str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "flashattn::attn_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, Tensor? attn_bias, "
+    "float scale, float softcap, int window_left, int window_right, int diag_offset, float dropout_p, "
+    "Tensor? rng_state, bool deterministic, bool bias_requires_grad, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@_outside_dynamo
+def _attn_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -59,7 +96,10 @@ def attn_fwd(
     )
 
 
-@attn_fwd.register_fake
+torch.library.impl("flashattn::attn_fwd", "CompositeExplicitAutograd", _attn_fwd_impl)
+
+
+@torch.library.register_fake("flashattn::attn_fwd")
 def _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
                    dropout_p, rng_state, deterministic, backend):
     batch, seqlen_q, num_heads, _ = q.shape
@@ -68,8 +108,8 @@ def _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left
     return out, lse
 
 
-@torch.library.custom_op("flashattn::attn_bwd", mutates_args=())
-def attn_bwd(
+@_outside_dynamo
+def _attn_bwd_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -105,12 +145,15 @@ def attn_bwd(
     )
 
 
+torch.library.impl("flashattn::attn_bwd", "CompositeExplicitAutograd", _attn_bwd_impl)
+
+
 def _dbias_fake(q, k, bias_requires_grad):
     shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if bias_requires_grad else (0,)
     return q.new_empty(shape, dtype=torch.float32)
 
 
-@attn_bwd.register_fake
+@torch.library.register_fake("flashattn::attn_bwd")
 def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
                    diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dbias_fake(q, k, bias_requires_grad)
@@ -141,7 +184,9 @@ def _backward(ctx, dout, dlse):
     return dq, dk, dv, None, dbias, None, None, None, None, None, None, None, None, None
 
 
-attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+attn_fwd = torch.ops.flashattn.attn_fwd.default
+attn_bwd = torch.ops.flashattn.attn_bwd.default
+torch.library.register_autograd("flashattn::attn_fwd", _backward, setup_context=_setup_context)
 
 
 def _register_compiled_op_fakes() -> None:
@@ -221,5 +266,13 @@ def attention(
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.contiguous()
     rng_state = dropout_rng_state() if dropout_p > 0 else None
-    return attn_fwd(q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
-                    dropout_p, rng_state, deterministic, name)
+    args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset, dropout_p,
+            rng_state, deterministic, name)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_mask)
+    )
+    if needs_grad or torch.compiler.is_compiling():
+        return attn_fwd(*args)
+    # Inference in eager mode: the kernel without the autograd op's Python layer, which
+    # costs about 50 us a call (it shows on decode-sized problems).
+    return _attn_fwd_impl(*args)

@@ -74,3 +74,21 @@ def test_compile_inductor_sdpa_fullgraph():
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 17, 8) for _ in range(3))
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v))
+
+
+def test_first_call_does_not_import_dynamo():
+    # torch.library.custom_op would import torch._dynamo on the first call (~2.5 s, ~150 MB
+    # resident); our ops import it only if the user already did (ops._outside_dynamo).
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, flashattn_py\n"
+        "q = torch.randn(1, 33, 2, 16, requires_grad=True)\n"
+        "flashattn_py.flash_attn_func(q, q, q, causal=True).sum().backward()\n"
+        "flashattn_py.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))\n"
+        "assert q.grad is not None and q.grad.isfinite().all()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

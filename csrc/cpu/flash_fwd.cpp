@@ -16,14 +16,15 @@ namespace {
 constexpr int64_t BLOCK_Q = 256;
 constexpr int64_t BLOCK_K = 512;
 
+// Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys): small calls
+// (decoding) then neither map nor fault in the full-size buffers.
 template <typename acc>
 struct FwdWorkspace {
   std::unique_ptr<acc[]> q, k, v, s, o, m, l;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
-  FwdWorkspace(int64_t d, int64_t dv)
-      : q(scratch<acc>(BLOCK_Q * d)), k(scratch<acc>(BLOCK_K * d)), v(scratch<acc>(BLOCK_K * dv)),
-        s(scratch<acc>(BLOCK_Q * BLOCK_K)), o(scratch<acc>(BLOCK_Q * dv)), m(scratch<acc>(BLOCK_Q)),
-        l(scratch<acc>(BLOCK_Q)), keep(new bool[BLOCK_K]) {}
+  FwdWorkspace(int64_t bq, int64_t bk, int64_t d, int64_t dv)
+      : q(scratch<acc>(bq * d)), k(scratch<acc>(bk * d)), v(scratch<acc>(bk * dv)), s(scratch<acc>(bq * bk)),
+        o(scratch<acc>(bq * dv)), m(scratch<acc>(bq)), l(scratch<acc>(bq)), keep(new bool[bk]) {}
 };
 }  // namespace
 
@@ -36,6 +37,7 @@ void flash_fwd(const FlashParams& p) {
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
   const int64_t num_q_blocks = (p.seqlen_q + BLOCK_Q - 1) / BLOCK_Q;
+  const int64_t block_q = std::min(BLOCK_Q, p.seqlen_q), block_k = std::min(BLOCK_K, p.seqlen_k);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -49,7 +51,7 @@ void flash_fwd(const FlashParams& p) {
     const int64_t bh = task / num_q_blocks;
     const int64_t q_block = num_q_blocks - 1 - task % num_q_blocks;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const int64_t row0 = q_block * BLOCK_Q, rows = std::min(BLOCK_Q, p.seqlen_q - row0);
+    const int64_t row0 = q_block * BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
 
     const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -72,8 +74,8 @@ void flash_fwd(const FlashParams& p) {
     const float slope = alibi_slope(p, b, h);
     const KeyRange keys = visible_keys(p, row0, row0 + rows);
 
-    for (int64_t col0 = keys.lo; col0 < keys.hi; col0 += BLOCK_K) {
-      const int64_t cols = std::min(BLOCK_K, keys.hi - col0);
+    for (int64_t col0 = keys.lo; col0 < keys.hi; col0 += block_k) {
+      const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
       const acc *ka, *va;
       int64_t ldk, ldv;
@@ -85,10 +87,10 @@ void flash_fwd(const FlashParams& p) {
         load_rows(v_head + col0 * p.v_row_stride, p.v_row_stride, cols, Dv, ws.v.get(), Dv);
         ka = ws.k.get(), ldk = D, va = ws.v.get(), ldv = Dv;
       }
-      gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, BLOCK_K);
+      gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, block_k);
 
       for (int64_t r = 0; r < rows; ++r) {
-        acc* srow = s + r * BLOCK_K;
+        acc* srow = s + r * block_k;
         transform_scores<T, acc>(p, srow, cols, row0 + r, col0, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
         const acc m_new = std::max(m[r], row_max(srow, cols));
         if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
@@ -103,7 +105,7 @@ void flash_fwd(const FlashParams& p) {
         l[r] = l[r] * rescale + sum;
         m[r] = m_new;
       }
-      gemm<acc>(Op::N, Op::N, rows, Dv, cols, acc(1), s, BLOCK_K, va, ldv, acc(1), o, Dv);
+      gemm<acc>(Op::N, Op::N, rows, Dv, cols, acc(1), s, block_k, va, ldv, acc(1), o, Dv);
     }
 
     T* out_blk = out + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
@@ -117,7 +119,7 @@ void flash_fwd(const FlashParams& p) {
   };
 
   for_each_task(
-      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(D, Dv); }, body);
+      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(block_q, block_k, D, Dv); }, body);
 }
 
 template void flash_fwd<float>(const FlashParams&);
