@@ -23,9 +23,9 @@ constexpr int64_t BLOCK_K = 256;
 template <typename acc>
 struct BwdWorkspace {
   // Whole-head operands (widened copies for 16-bit inputs), the head's dQ and delta.
-  std::unique_ptr<acc[]> q, k, v, dout, dq, delta;
+  Scratch<acc> q, k, v, dout, dq, delta;
   // Per block pair.
-  std::unique_ptr<acc[]> s, dp, dcap, dk, dv, pz;
+  Scratch<acc> s, dp, dcap, dk, dv, pz;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   BwdWorkspace(const FlashParams& p, bool widen)
       : q(scratch<acc>(widen ? p.seqlen_q * p.head_dim : 0)),
@@ -86,7 +86,7 @@ void flash_bwd(const FlashBwdParams& p) {
   const acc scale = p.scale;
 
   // With GQA, per-query-head dK/dV (B, H, Sk, D) in acc, reduced over the group below.
-  std::unique_ptr<acc[]> dk_heads, dv_heads;
+  Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
     dk_heads = scratch<acc>(p.batch * H * Sk * D);
     dv_heads = scratch<acc>(p.batch * H * Sk * Dv);

@@ -15,8 +15,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <new>
 
 #include "../flash_params.h"
 #include "dropout.h"
@@ -43,9 +45,21 @@ using acc_t = typename Acc<T>::type;
 template <typename acc>
 using Vec = at::vec::Vectorized<acc>;
 
+// Workspace buffers start on a cache line (new[] only guarantees 16 bytes), so rows of
+// the score blocks do not straddle lines in the vector loops and in BLAS's packing.
+struct FreeDeleter {
+  void operator()(void* ptr) const { std::free(ptr); }
+};
 template <typename acc>
-inline std::unique_ptr<acc[]> scratch(int64_t n) {
-  return std::unique_ptr<acc[]>(new acc[std::max<int64_t>(n, 1)]);
+using Scratch = std::unique_ptr<acc[], FreeDeleter>;
+
+template <typename acc>
+inline Scratch<acc> scratch(int64_t n) {
+  constexpr size_t line = 64;
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(acc) + line - 1) / line * line;
+  void* ptr = std::aligned_alloc(line, bytes);
+  if (ptr == nullptr) throw std::bad_alloc();
+  return Scratch<acc>(static_cast<acc*>(ptr));
 }
 
 // Copy `rows` rows of `cols` elements from strided `src` into dense acc-typed `dst`.

@@ -20,7 +20,7 @@ constexpr int64_t BLOCK_K = 512;
 // (decoding) then neither map nor fault in the full-size buffers.
 template <typename acc>
 struct FwdWorkspace {
-  std::unique_ptr<acc[]> q, k, v, s, o, m, l;
+  Scratch<acc> q, k, v, s, o, m, l;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   FwdWorkspace(int64_t bq, int64_t bk, int64_t d, int64_t dv)
       : q(scratch<acc>(bq * d)), k(scratch<acc>(bk * d)), v(scratch<acc>(bk * dv)), s(scratch<acc>(bq * bk)),
