@@ -207,38 +207,69 @@ def build_step(method: Method, s: Setting, device: torch.device, n_sets: int) ->
     return step
 
 
-def measure(method: Method, s: Setting, device: torch.device, args) -> dict:
-    row = {
+def _new_row(method: Method, s: Setting, device: torch.device) -> dict:
+    return {
         "device": device.type, "mode": s.mode, "dtype": s.dtype, "head_dim": s.head_dim,
         "causal": int(s.causal), "seqlen": s.seqlen, "batch": s.batch, "heads": s.heads,
         "backend": method.name, "status": "ok", "ms": None, "tflops": None, "pct_matmul": None,
         "peak_mem_mb": None, "x_torch": None, "error": "",
     }
-    if method.name == "naive" and args.naive_max_seqlen and s.seqlen > args.naive_max_seqlen:
-        row["status"] = "skipped"
-        row["error"] = f"naive only up to N={args.naive_max_seqlen} (--naive-max-seqlen)"
-        return row
-    step, failed = None, False
-    try:
-        step = build_step(method, s, device, args.input_sets)
-        if device.type == "cuda":
-            step()  # warm-up: compilation, autotuning, workspaces
-        # On the CPU the warm-up call itself is measured (the measure is fresh pages touched).
-        mem = common.peak_memory_bytes(step, device)
-        ms = common.time_ms(step, device, repeats=args.repeats, min_run_time=args.min_run_time)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
-        failed = True
-        row["status"] = common.classify_failure(exc)
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        return row
-    finally:
-        del step
-        common.free_memory(device, collect=failed)
+
+
+def _fail(row: dict, exc: Exception) -> None:
+    row["status"] = common.classify_failure(exc)
+    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def measure_setting(methods: list[Method], s: Setting, device: torch.device, args) -> list[dict]:
+    """One row per method for setting ``s``.
+
+    On the GPU each method is timed on its own (CUDA timing is steady). On the CPU the
+    methods' steps are built first and then timed in alternation
+    (common.time_cpu_interleaved), so that a drifting machine does not bias the ratios.
+    """
+    rows, steps = [], {}
+    for method in methods:
+        row = _new_row(method, s, device)
+        rows.append(row)
+        if method.name == "naive" and args.naive_max_seqlen and s.seqlen > args.naive_max_seqlen:
+            row["status"] = "skipped"
+            row["error"] = f"naive only up to N={args.naive_max_seqlen} (--naive-max-seqlen)"
+            continue
+        step = None
+        try:
+            step = build_step(method, s, device, args.input_sets)
+            if device.type == "cuda":
+                step()  # warm-up: compilation, autotuning, workspaces
+            # On the CPU the warm-up call itself is measured (the measure is fresh pages touched).
+            mem = common.peak_memory_bytes(step, device)
+            row["peak_mem_mb"] = None if mem is None else mem / 2**20
+            if device.type == "cuda":
+                row["ms"] = common.time_ms(step, device, repeats=args.repeats)
+            else:
+                steps[method.name] = step
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+            _fail(row, exc)
+            common.free_memory(device, collect=True)
+        finally:
+            del step
+    if steps:
+        timed = common.time_cpu_interleaved(steps, rounds=args.repeats, min_run_time=args.min_run_time)
+        for row in rows:
+            result = timed.get(row["backend"])
+            if isinstance(result, Exception):
+                _fail(row, result)
+            elif result is not None:
+                row["ms"] = result
+        steps.clear()
+        common.free_memory(device, collect=False)
     flops = common.attention_flops(s.batch, s.heads, s.seqlen, s.seqlen, s.head_dim, s.causal, s.mode)
-    row["ms"] = ms
-    row["tflops"] = flops / (ms * 1e-3) / 1e12
-    row["peak_mem_mb"] = None if mem is None else mem / 2**20
-    return row
+    for row in rows:
+        if row["status"] == "ok" and row["ms"] is not None:
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        elif row["status"] != "ok":
+            row["peak_mem_mb"] = None
+    return rows
 
 
 # ----------------------------------------------------------------------------- cli
@@ -265,8 +296,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, help="heads (default model_dim // head_dim)")
     p.add_argument("--model-dim", type=int, help="heads * head_dim when --heads is not given (CPU 256, GPU 2048)")
     p.add_argument("--backends", type=_strs, help="names or groups: ours, sdpa, naive, all, ours-cpu, cuda, sdpa-flash, ...")
-    p.add_argument("--repeats", type=int, help="timed calls per case on CPU (at least); CUDA-event fallback count on GPU")
-    p.add_argument("--min-run-time", type=float, default=0.05, help="CPU: seconds of calls per timing block (default 0.05)")
+    p.add_argument("--repeats", type=int, help="CPU: timing rounds per setting, each timing every backend once in rotated order (median); GPU: CUDA-event fallback count")
+    p.add_argument("--min-run-time", type=float, default=0.05, help="CPU: a timing sample is a block of calls lasting at least this many seconds (default 0.05)")
     p.add_argument("--input-sets", type=int, help="input sets rotated between calls (CPU 2, GPU 4)")
     p.add_argument("--naive-max-seqlen", type=int, help="skip naive above this N; 0 = no limit (CPU 512, GPU 0)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 torch.mm reference rate (default 2048)")
@@ -360,13 +391,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# backends: {', '.join(m.name for m in methods)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    cases = [(s, m) for s in settings(args) for m in methods]
+    cases = settings(args)
     rows = []
     start = time.perf_counter()
     bar = common.progress(cases, total=len(cases), desc="attention", enabled=not args.no_progress)
-    for s, m in bar:
-        bar.set_postfix_str(f"{s.mode} {s.dtype} D{s.head_dim} {'c' if s.causal else 'f'} N{s.seqlen} {m.name}")
-        rows.append(measure(m, s, device, args))
+    for s in bar:
+        bar.set_postfix_str(f"{s.mode} {s.dtype} D{s.head_dim} {'c' if s.causal else 'f'} N{s.seqlen}")
+        rows.extend(measure_setting(methods, s, device, args))
         common.write_csv(rows, args.out / "attention.csv", CSV_FIELDS)  # partial results survive a kill
     elapsed = time.perf_counter() - start
     common.add_ratios(rows, torch_names, mm_tflops)

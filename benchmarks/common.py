@@ -63,29 +63,56 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_cpu_ms(fn: Callable[[], Any], repeats: int = 3, min_run_time: float = 0.05) -> float:
-    """Median milliseconds of ``fn()`` on the CPU.
+    """Median milliseconds of ``fn()`` on the CPU (see time_cpu_interleaved)."""
+    result = time_cpu_interleaved({"fn": fn}, rounds=repeats, min_run_time=min_run_time)["fn"]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    The caller has already warmed ``fn`` up (the first call can be several times slower).
-    One call is timed; if ``repeats`` such calls take at least ``min_run_time`` s, the
-    case is slow and ``repeats`` single calls are the samples (perf_counter, as
-    torch.utils.benchmark does for one call). Otherwise torch.utils.benchmark's
-    ``Timer.blocked_autorange`` takes over: blocks of many calls for ``min_run_time`` s,
-    with all of torch's intra-op threads (Timer's default is 1).
+
+def time_cpu_interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int = 3, min_run_time: float = 0.05
+) -> dict[str, float | Exception]:
+    """Median milliseconds per call of each ``fns[name]()``, timed in alternation.
+
+    The callers have warmed the functions up (a first call can be several times slower).
+    A CPU shared with other work drifts by 10-20 % over seconds, so timing one method
+    after another biases their ratio; here each of ``rounds`` rounds takes one sample of
+    every function, in an order rotated from round to round. A sample is a block of calls
+    lasting at least ``min_run_time`` s (one call for slow cases), timed with
+    perf_counter on all of torch's intra-op threads. A function that raises gets its
+    exception as its result and leaves the later rounds.
     """
-    from torch.utils.benchmark import Timer
-
-    def once() -> float:
+    def block(fn: Callable[[], Any], calls: int) -> float:
         start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
 
-    first = once()
-    if first * repeats >= min_run_time:
-        times = [first] + [once() for _ in range(repeats - 1)]
-    else:
-        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        times = timer.blocked_autorange(min_run_time=min_run_time).times
-    return statistics.median(times) * 1e3
+    results: dict[str, float | Exception] = {}
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            first = block(fn, 1)
+        except Exception as exc:  # noqa: BLE001 - reported as the result
+            results[name] = exc
+            continue
+        calls[name] = 1 if first >= min_run_time else max(1, math.ceil(min_run_time / max(first, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(max(1, rounds)):
+        names = [name for name in calls if name not in results]
+        if not names:
+            break
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            try:
+                samples[name].append(block(fns[name], calls[name]))
+            except Exception as exc:  # noqa: BLE001
+                results[name] = exc
+    for name, times in samples.items():
+        if name not in results:
+            results[name] = statistics.median(times) * 1e3
+    return results
 
 
 def time_cuda_ms(fn: Callable[[], Any], repeats: int = 20, rep_ms: int = 100) -> float:
