@@ -3,10 +3,13 @@
 // One task is one (batch, head, block of BLOCK_Q query rows). It streams the visible
 // key/value blocks of BLOCK_K rows: S = scale * Q K^T through BLAS, the score transform
 // and online-softmax update per row (vectorised exp), then O += P V through BLAS. Memory
-// per thread is a few blocks, independent of the sequence length.
+// per thread is a few blocks, plus for 16-bit inputs a float copy of the current head's
+// K and V (O(N)); nothing is Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
+
+#include <vector>
 
 namespace flashattn::cpu {
 
@@ -16,15 +19,49 @@ namespace {
 constexpr int64_t BLOCK_Q = 256;
 constexpr int64_t BLOCK_K = 512;
 
+// 16-bit inputs: this thread's float copy of one (batch, kv head)'s K and V, widened chunk
+// by chunk on first use. The queue hands a head's query blocks out consecutively, so a
+// thread widens each key about once per head instead of once per query block. The
+// buffers are allocated for the whole head but only touched chunks become resident.
+template <typename acc>
+struct WidenedKV {
+  static constexpr int64_t CHUNK = 64;  // keys
+  Scratch<acc> k, v;
+  std::vector<char> ready;  // per chunk
+  int64_t head = -1;        // b * Hk + hk of the cached head, -1 for none
+
+  WidenedKV(int64_t seqlen_k, int64_t d, int64_t dv)
+      : k(scratch<acc>(seqlen_k * d)), v(scratch<acc>(seqlen_k * dv)), ready((seqlen_k + CHUNK - 1) / CHUNK, 0) {}
+
+  // Make keys [lo, hi) of head `head_id` available in k / v (row stride d / dv).
+  template <typename T>
+  void widen(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
+    if (head != head_id) {
+      std::fill(ready.begin(), ready.end(), 0);
+      head = head_id;
+    }
+    const int64_t d = p.head_dim, dv = p.head_dim_v;
+    for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
+      if (ready[c]) continue;
+      const int64_t key0 = c * CHUNK, n = std::min(CHUNK, p.seqlen_k - key0);
+      load_rows(k_head + key0 * p.k_row_stride, p.k_row_stride, n, d, k.get() + key0 * d, d);
+      load_rows(v_head + key0 * p.v_row_stride, p.v_row_stride, n, dv, v.get() + key0 * dv, dv);
+      ready[c] = 1;
+    }
+  }
+};
+
 // Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys): small calls
 // (decoding) then neither map nor fault in the full-size buffers.
 template <typename acc>
 struct FwdWorkspace {
-  Scratch<acc> q, k, v, s, o, m, l;
+  Scratch<acc> q, s, o, m, l;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
-  FwdWorkspace(int64_t bq, int64_t bk, int64_t d, int64_t dv)
-      : q(scratch<acc>(bq * d)), k(scratch<acc>(bk * d)), v(scratch<acc>(bk * dv)), s(scratch<acc>(bq * bk)),
-        o(scratch<acc>(bq * dv)), m(scratch<acc>(bq)), l(scratch<acc>(bq)), keep(new bool[bk]) {}
+  std::unique_ptr<WidenedKV<acc>> kv;  // 16-bit inputs only
+  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, bool widen)
+      : q(scratch<acc>(bq * p.head_dim)), s(scratch<acc>(bq * bk)), o(scratch<acc>(bq * p.head_dim_v)),
+        m(scratch<acc>(bq)), l(scratch<acc>(bq)), keep(new bool[bk]),
+        kv(widen ? std::make_unique<WidenedKV<acc>>(p.seqlen_k, p.head_dim, p.head_dim_v) : nullptr) {}
 };
 }  // namespace
 
@@ -83,9 +120,8 @@ void flash_fwd(const FlashParams& p) {
         ka = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
         va = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
       } else {
-        load_rows(k_head + col0 * p.k_row_stride, p.k_row_stride, cols, D, ws.k.get(), D);
-        load_rows(v_head + col0 * p.v_row_stride, p.v_row_stride, cols, Dv, ws.v.get(), Dv);
-        ka = ws.k.get(), ldk = D, va = ws.v.get(), ldv = Dv;
+        ws.kv->widen(p, b * p.num_heads_k + hk, k_head, v_head, col0, col0 + cols);
+        ka = ws.kv->k.get() + col0 * D, ldk = D, va = ws.kv->v.get() + col0 * Dv, ldv = Dv;
       }
       gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, block_k);
 
@@ -119,7 +155,7 @@ void flash_fwd(const FlashParams& p) {
   };
 
   for_each_task(
-      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(block_q, block_k, D, Dv); }, body);
+      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(p, block_q, block_k, !in_place); }, body);
 }
 
 template void flash_fwd<float>(const FlashParams&);
