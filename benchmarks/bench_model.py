@@ -138,7 +138,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, help="CPU 1024, GPU 32768")
     p.add_argument("--dtype", help="parameter/activation dtype: fp32, bf16, fp16 (CPU fp32, GPU bf16)")
     p.add_argument("--attentions", help="comma list of names (ours-cpu, sdpa, naive, ...); default all available")
-    p.add_argument("--repeats", type=int, help="timed steps on CPU (at least)")
+    p.add_argument("--repeats", type=int, help="CPU: timing rounds, each timing every attention once in rotated order (median); GPU: CUDA-event fallback count")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -151,9 +151,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(model: nn.Module, ids: torch.Tensor, attention: AttentionFn, device: torch.device, repeats: int) -> dict:
-    losses: list[float] = []
+def _fail(row: dict, exc: Exception) -> None:
+    row["status"] = common.classify_failure(exc)
+    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
+
+def make_step(model: nn.Module, ids: torch.Tensor, attention: AttentionFn) -> Callable[[], torch.Tensor]:
+    """One training step (forward + backward, gradients reset) of ``model``; returns the loss."""
     def step():
         for param in model.parameters():
             param.grad = None
@@ -162,13 +166,7 @@ def measure(model: nn.Module, ids: torch.Tensor, attention: AttentionFn, device:
         loss.backward()
         return loss
 
-    if device.type == "cuda":
-        step()  # warm-up
-    # On the CPU the warm-up step itself is measured (the measure is fresh pages touched).
-    mem = common.peak_memory_bytes(lambda: losses.append(step().item()), device)
-    ms = common.time_ms(step, device, repeats=repeats, min_run_time=0.2)
-    loss = losses[0]
-    return {"ms": ms, "loss": loss, "peak_mem_mb": None if mem is None else mem / 2**20}
+    return step
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -189,22 +187,48 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"# GPT: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"{n_params / 1e6:.1f}M params, {args.dtype}; batch {args.batch} x seqlen {args.seqlen}; fwd+bwd per step")
 
-    rows = []
+    # Each attention gets its own copy of the model. On the CPU the steps are then timed in
+    # alternation (common.time_cpu_interleaved) so machine drift does not bias x sdpa.
+    rows, steps, models = [], {}, {}
     start = time.perf_counter()
     for name, fn in common.progress(list(fns.items()), total=len(fns), desc="model"):
         row = {"device": device.type, "attention": name, "status": "ok", "error": "", "layers": args.layers,
                "d_model": args.d_model, "heads": args.heads, "seqlen": args.seqlen, "batch": args.batch,
                "dtype": args.dtype}
-        model = copy.deepcopy(base)
-        try:
-            row.update(measure(model, ids, fn, device, args.repeats))
-            row["tokens_per_s"] = args.batch * args.seqlen / (row["ms"] * 1e-3)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a row
-            row["status"] = common.classify_failure(exc)
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        del model
-        common.free_memory(device, collect=row["status"] != "ok")
         rows.append(row)
+        models[name] = copy.deepcopy(base)
+        step = make_step(models[name], ids, fn)
+        losses: list[float] = []
+        try:
+            if device.type == "cuda":
+                step()  # warm-up
+            # On the CPU the warm-up step itself is measured (the measure is fresh pages touched).
+            mem = common.peak_memory_bytes(lambda: losses.append(step().item()), device)
+            row["loss"] = losses[0]
+            row["peak_mem_mb"] = None if mem is None else mem / 2**20
+            if device.type == "cuda":
+                row["ms"] = common.time_ms(step, device, repeats=args.repeats)
+                del models[name]
+                common.free_memory(device, collect=False)
+            else:
+                steps[name] = step
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+            _fail(row, exc)
+            del models[name]
+            common.free_memory(device, collect=True)
+    if steps:
+        timed = common.time_cpu_interleaved(steps, rounds=args.repeats, min_run_time=0.2)
+        for row in rows:
+            result = timed.get(row["attention"])
+            if isinstance(result, Exception):
+                _fail(row, result)
+            elif result is not None:
+                row["ms"] = result
+    steps.clear()
+    models.clear()
+    for row in rows:
+        if row["status"] == "ok":
+            row["tokens_per_s"] = args.batch * args.seqlen / (row["ms"] * 1e-3)
     sdpa_ms = next((r["ms"] for r in rows if r["attention"] == "sdpa" and r["status"] == "ok"), None)
     for r in rows:
         if sdpa_ms and r["status"] == "ok":
