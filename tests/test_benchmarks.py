@@ -46,3 +46,11 @@ def test_bench_attention_tiny_run(tmp_path):
             assert max(torch_ratios) == pytest.approx(1.0)
     payload = json.loads((tmp_path / "attention.json").read_text())
     assert payload["matmul_tflops"] > 0 and len(payload["rows"]) == len(rows)
+
+
+def test_paired_tiny_run():
+    import paired
+
+    result = paired.main(["--seqlen", "33", "--head-dim", "8", "--heads", "2", "--mode", "fwd+bwd", "--pairs", "4"])
+    assert result["pairs"] == 4
+    assert 0 < result["q1"] <= result["median"] <= result["q3"]
