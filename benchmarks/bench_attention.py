@@ -236,7 +236,7 @@ def measure_setting(methods: list[Method], s: Setting, device: torch.device, arg
             row["status"] = "skipped"
             row["error"] = f"naive only up to N={args.naive_max_seqlen} (--naive-max-seqlen)"
             continue
-        step = None
+        step, failed = None, False
         try:
             step = build_step(method, s, device, args.input_sets)
             if device.type == "cuda":
@@ -249,10 +249,12 @@ def measure_setting(methods: list[Method], s: Setting, device: torch.device, arg
             else:
                 steps[method.name] = step
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+            failed = True
             _fail(row, exc)
-            common.free_memory(device, collect=True)
         finally:
             del step
+            if device.type == "cuda" or failed:
+                common.free_memory(device, collect=failed)
     if steps:
         timed = common.time_cpu_interleaved(steps, rounds=args.repeats, min_run_time=args.min_run_time)
         for row in rows:

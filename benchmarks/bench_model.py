@@ -152,6 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _fail(row: dict, exc: Exception) -> None:
+    row.pop("loss", None)
+    row.pop("peak_mem_mb", None)
     row["status"] = common.classify_failure(exc)
     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 

@@ -79,7 +79,8 @@ def time_cpu_interleaved(
     A CPU shared with other work drifts by 10-20 % over seconds, so timing one method
     after another biases their ratio; here each of ``rounds`` rounds takes one sample of
     every function, in an order rotated from round to round. A sample is a block of calls
-    lasting at least ``min_run_time`` s (one call for slow cases), timed with
+    meant to last ``min_run_time`` s (the count comes from one probe call; one call for
+    slow cases), timed with
     perf_counter on all of torch's intra-op threads. A function that raises gets its
     exception as its result and leaves the later rounds.
     """

@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.pairs < 1:
+        p.error(f"--pairs must be at least 1, got {args.pairs}")
 
     dtype = common.DTYPES[args.dtype]
     shape = (args.batch, args.heads, args.seqlen, args.head_dim)
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def step(attention: Callable[..., torch.Tensor]) -> Callable[[], object]:
         def run():
             if grad:
-                attention(q, k, v, is_causal=causal).backward(dout)
+                torch.autograd.grad(attention(q, k, v, is_causal=causal), (q, k, v), dout)
             else:
                 with torch.no_grad():
                     attention(q, k, v, is_causal=causal)

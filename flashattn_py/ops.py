@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from .reference import attention_ref
@@ -268,11 +269,22 @@ def attention(
     rng_state = dropout_rng_state() if dropout_p > 0 else None
     args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset, dropout_p,
             rng_state, deterministic, name)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, attn_mask)
-    )
-    if needs_grad or torch.compiler.is_compiling():
-        return attn_fwd(*args)
-    # Inference in eager mode: the kernel without the autograd op's Python layer, which
-    # costs about 50 us a call (it shows on decode-sized problems).
-    return _attn_fwd_impl(*args)
+    if _plain_inference(q, k, v, attn_mask):
+        # The kernel without the op's autograd layer, which costs about 50 us a call (it
+        # shows on decode-sized problems).
+        return _attn_fwd_impl(*args)
+    return attn_fwd(*args)
+
+
+def _plain_inference(*tensors: Optional[Tensor]) -> bool:
+    """True for eager calls on plain tensors that need no gradient and no tracing: the ones
+    that may skip the op. Fake / functional tensors, dispatch modes (make_fx, FakeTensorMode)
+    and torch.compile must see ``flashattn::attn_fwd`` itself (its fake impl, one graph node)."""
+    present = [t for t in tensors if t is not None]
+    if any(type(t) is not Tensor for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return _get_current_dispatch_mode() is None

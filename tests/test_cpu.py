@@ -156,3 +156,25 @@ def test_memory_is_linear_in_sequence_length():
                     .stdout.split()[-1])
     # The output itself is 4 MiB; allow workspaces, forbid anything quadratic.
     assert grown_kib < 32 * 1024, f"forward grew peak RSS by {grown_kib} KiB"
+
+
+def test_bf16_forward_memory_stays_bounded():
+    # 16-bit K/V are widened to float; a thread keeps at most 16 MiB of them, and a call
+    # with one query block per head (decoding) widens block by block. Sq=1 against
+    # Sk=131072 keys, D=128: the float copy of one head would be 128 MiB per thread.
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, torch, flashattn_py\n"
+        "k, v = (torch.randn(1, 131072, 1, 128, dtype=torch.bfloat16) for _ in range(2))\n"
+        "q = torch.randn(1, 1, 4, 128, dtype=torch.bfloat16)\n"
+        "flashattn_py.flash_attn_func(q, k[:, :512], v[:, :512], backend='cpu')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu')\n"
+        "assert out.isfinite().all()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+                    .stdout.split()[-1])
+    assert grown_kib < 16 * 1024, f"bf16 decode forward grew peak RSS by {grown_kib} KiB"

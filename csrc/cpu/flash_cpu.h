@@ -45,8 +45,8 @@ using acc_t = typename Acc<T>::type;
 template <typename acc>
 using Vec = at::vec::Vectorized<acc>;
 
-// Workspace buffers start on a cache line (new[] only guarantees 16 bytes), so rows of
-// the score blocks do not straddle lines in the vector loops and in BLAS's packing.
+// Workspace buffers start on a cache line (new[] only guarantees 16 bytes), as torch's
+// own CPU allocations do, for the vector loops and BLAS's packing.
 struct FreeDeleter {
   void operator()(void* ptr) const { std::free(ptr); }
 };

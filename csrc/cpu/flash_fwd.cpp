@@ -3,8 +3,8 @@
 // One task is one (batch, head, block of BLOCK_Q query rows). It streams the visible
 // key/value blocks of BLOCK_K rows: S = scale * Q K^T through BLAS, the score transform
 // and online-softmax update per row (vectorised exp), then O += P V through BLAS. Memory
-// per thread is a few blocks, plus for 16-bit inputs a float copy of the current head's
-// K and V (O(N)); nothing is Sq x Sk.
+// per thread is a few blocks, plus for 16-bit inputs up to 16 MiB of widened K and V;
+// nothing is Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -19,28 +19,42 @@ namespace {
 constexpr int64_t BLOCK_Q = 256;
 constexpr int64_t BLOCK_K = 512;
 
-// 16-bit inputs: this thread's float copy of one (batch, kv head)'s K and V, widened chunk
-// by chunk on first use. The queue hands a head's query blocks out consecutively, so a
-// thread widens each key about once per head instead of once per query block. The
-// buffers are allocated for the whole head but only touched chunks become resident.
+// 16-bit inputs: K and V rows widened to float for BLAS. When a head has several query
+// blocks and its float copy fits in CACHE_BYTES, the thread keeps the copy of the head it
+// is working on, widened in 64-key chunks on first use: the queue hands out a head's
+// query blocks in a row, so each thread widens a key about once per head instead of once
+// per query block. Otherwise (one query block per head, as in decoding, or a very long
+// head) only the current key block is widened, as memory stays a few blocks per thread.
 template <typename acc>
 struct WidenedKV {
-  static constexpr int64_t CHUNK = 64;  // keys
+  static constexpr int64_t CHUNK = 64;                // keys
+  static constexpr int64_t CACHE_BYTES = 16 << 20;  // per thread
+  const bool whole_head;
   Scratch<acc> k, v;
-  std::vector<char> ready;  // per chunk
+  std::vector<char> ready;  // per chunk (whole-head mode)
   int64_t head = -1;        // b * Hk + hk of the cached head, -1 for none
 
-  WidenedKV(int64_t seqlen_k, int64_t d, int64_t dv)
-      : k(scratch<acc>(seqlen_k * d)), v(scratch<acc>(seqlen_k * dv)), ready((seqlen_k + CHUNK - 1) / CHUNK, 0) {}
+  WidenedKV(const FlashParams& p, int64_t block_k, bool several_q_blocks)
+      : whole_head(several_q_blocks &&
+                   p.seqlen_k * (p.head_dim + p.head_dim_v) * static_cast<int64_t>(sizeof(acc)) <= CACHE_BYTES),
+        k(scratch<acc>((whole_head ? p.seqlen_k : block_k) * p.head_dim)),
+        v(scratch<acc>((whole_head ? p.seqlen_k : block_k) * p.head_dim_v)),
+        ready(whole_head ? (p.seqlen_k + CHUNK - 1) / CHUNK : 0, 0) {}
 
-  // Make keys [lo, hi) of head `head_id` available in k / v (row stride d / dv).
+  // Widen keys [lo, hi) of head `head_id` (at most one key block). Returns `base`: key j's
+  // rows are then at k.get() + (j - base) * d and v.get() + (j - base) * dv.
   template <typename T>
-  void widen(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
+  int64_t widen(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
+    const int64_t d = p.head_dim, dv = p.head_dim_v;
+    if (!whole_head) {
+      load_rows(k_head + lo * p.k_row_stride, p.k_row_stride, hi - lo, d, k.get(), d);
+      load_rows(v_head + lo * p.v_row_stride, p.v_row_stride, hi - lo, dv, v.get(), dv);
+      return lo;
+    }
     if (head != head_id) {
       std::fill(ready.begin(), ready.end(), 0);
       head = head_id;
     }
-    const int64_t d = p.head_dim, dv = p.head_dim_v;
     for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
       if (ready[c]) continue;
       const int64_t key0 = c * CHUNK, n = std::min(CHUNK, p.seqlen_k - key0);
@@ -48,6 +62,7 @@ struct WidenedKV {
       load_rows(v_head + key0 * p.v_row_stride, p.v_row_stride, n, dv, v.get() + key0 * dv, dv);
       ready[c] = 1;
     }
+    return 0;
   }
 };
 
@@ -56,12 +71,12 @@ struct WidenedKV {
 template <typename acc>
 struct FwdWorkspace {
   Scratch<acc> q, s, o, m, l;
-  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
+  std::unique_ptr<bool[]> keep;        // dropout decisions of one row
   std::unique_ptr<WidenedKV<acc>> kv;  // 16-bit inputs only
-  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, bool widen)
+  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks, bool widen)
       : q(scratch<acc>(bq * p.head_dim)), s(scratch<acc>(bq * bk)), o(scratch<acc>(bq * p.head_dim_v)),
         m(scratch<acc>(bq)), l(scratch<acc>(bq)), keep(new bool[bk]),
-        kv(widen ? std::make_unique<WidenedKV<acc>>(p.seqlen_k, p.head_dim, p.head_dim_v) : nullptr) {}
+        kv(widen ? std::make_unique<WidenedKV<acc>>(p, bk, num_q_blocks > 1) : nullptr) {}
 };
 }  // namespace
 
@@ -70,7 +85,7 @@ void flash_fwd(const FlashParams& p) {
   using acc = acc_t<T>;
   // float and double inputs feed BLAS in place (row stride as leading dimension; copying
   // strided (B, S, H, D) rows to dense ones first was measured and did not pay); 16-bit
-  // inputs are widened: Q per task, K and V once per (thread, head) (WidenedKV).
+  // inputs are widened: Q per task, K and V by WidenedKV.
   constexpr bool in_place = std::is_same_v<T, acc>;
   const int64_t D = p.head_dim, Dv = p.head_dim_v;
   const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
@@ -121,8 +136,9 @@ void flash_fwd(const FlashParams& p) {
         ka = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
         va = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
       } else {
-        ws.kv->widen(p, b * p.num_heads_k + hk, k_head, v_head, col0, col0 + cols);
-        ka = ws.kv->k.get() + col0 * D, ldk = D, va = ws.kv->v.get() + col0 * Dv, ldv = Dv;
+        const int64_t base = ws.kv->widen(p, b * p.num_heads_k + hk, k_head, v_head, col0, col0 + cols);
+        ka = ws.kv->k.get() + (col0 - base) * D, ldk = D;
+        va = ws.kv->v.get() + (col0 - base) * Dv, ldv = Dv;
       }
       gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, block_k);
 
@@ -156,7 +172,7 @@ void flash_fwd(const FlashParams& p) {
   };
 
   for_each_task(
-      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(p, block_q, block_k, !in_place); }, body);
+      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(p, block_q, block_k, num_q_blocks, !in_place); }, body);
 }
 
 template void flash_fwd<float>(const FlashParams&);
