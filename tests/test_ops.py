@@ -92,3 +92,21 @@ def test_first_call_does_not_import_dynamo():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_inference_calls_stay_visible_to_fake_mode_and_make_fx():
+    # Eager no-grad calls skip the autograd op layer, but fake tensors and dispatch modes
+    # must still reach flashattn::attn_fwd (its fake impl, one graph node).
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode(), torch.no_grad():
+        q = torch.randn(1, 9, 2, 16)
+        out = flashattn_py.flash_attn_func(q, q, q, causal=True)
+    assert isinstance(out, FakeTensor) and out.shape == (1, 9, 2, 16)
+
+    def f(x):
+        with torch.no_grad():
+            return flashattn_py.flash_attn_func(x, x, x)
+
+    assert "flashattn.attn_fwd" in make_fx(f)(torch.randn(1, 9, 2, 16)).code
