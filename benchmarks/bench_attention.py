@@ -216,11 +216,6 @@ def _new_row(method: Method, s: Setting, device: torch.device) -> dict:
     }
 
 
-def _fail(row: dict, exc: Exception) -> None:
-    row["status"] = common.classify_failure(exc)
-    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-
-
 def measure_setting(methods: list[Method], s: Setting, device: torch.device, args) -> list[dict]:
     """One row per method for setting ``s``.
 
@@ -250,27 +245,20 @@ def measure_setting(methods: list[Method], s: Setting, device: torch.device, arg
                 steps[method.name] = step
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row
             failed = True
-            _fail(row, exc)
+            common.mark_failed(row, exc, drop=("peak_mem_mb",))
         finally:
             del step
             if device.type == "cuda" or failed:
                 common.free_memory(device, collect=failed)
     if steps:
         timed = common.time_cpu_interleaved(steps, rounds=args.repeats, min_run_time=args.min_run_time)
-        for row in rows:
-            result = timed.get(row["backend"])
-            if isinstance(result, Exception):
-                _fail(row, result)
-            elif result is not None:
-                row["ms"] = result
+        common.fill_timings(rows, "backend", timed, drop=("peak_mem_mb",))
         steps.clear()
         common.free_memory(device, collect=False)
     flops = common.attention_flops(s.batch, s.heads, s.seqlen, s.seqlen, s.head_dim, s.causal, s.mode)
     for row in rows:
         if row["status"] == "ok" and row["ms"] is not None:
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-        elif row["status"] != "ok":
-            row["peak_mem_mb"] = None
     return rows
 
 

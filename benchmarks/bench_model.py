@@ -151,13 +151,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _fail(row: dict, exc: Exception) -> None:
-    row.pop("loss", None)
-    row.pop("peak_mem_mb", None)
-    row["status"] = common.classify_failure(exc)
-    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-
-
 def make_step(model: nn.Module, ids: torch.Tensor, attention: AttentionFn) -> Callable[[], torch.Tensor]:
     """One training step (forward + backward, gradients reset) of ``model``; returns the loss."""
     def step():
@@ -215,17 +208,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             else:
                 steps[name] = step
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row
-            _fail(row, exc)
+            common.mark_failed(row, exc, drop=("loss", "peak_mem_mb"))
             del models[name]
             common.free_memory(device, collect=True)
     if steps:
         timed = common.time_cpu_interleaved(steps, rounds=args.repeats, min_run_time=0.2)
-        for row in rows:
-            result = timed.get(row["attention"])
-            if isinstance(result, Exception):
-                _fail(row, result)
-            elif result is not None:
-                row["ms"] = result
+        common.fill_timings(rows, "attention", timed, drop=("loss", "peak_mem_mb"))
     steps.clear()
     models.clear()
     for row in rows:

@@ -216,6 +216,27 @@ def classify_failure(exc: BaseException) -> str:
     return "error"
 
 
+def mark_failed(row: dict, exc: BaseException, drop: Sequence[str] = ()) -> None:
+    """Turn ``row`` into a failure row: status from classify_failure, the first line of the
+    message as ``error``, and the measurements named in ``drop`` cleared."""
+    for key in drop:
+        row[key] = None
+    row["status"] = classify_failure(exc)
+    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def fill_timings(rows: list[dict], name_key: str, timed: dict[str, float | Exception],
+                 drop: Sequence[str] = ()) -> None:
+    """Store time_cpu_interleaved's results in the rows (row[name_key] names the function):
+    ms, or a failure row for a function that raised."""
+    for row in rows:
+        result = timed.get(row[name_key])
+        if isinstance(result, Exception):
+            mark_failed(row, result, drop)
+        elif result is not None:
+            row["ms"] = result
+
+
 def free_memory(device: torch.device, collect: bool = False) -> None:
     """Release cached memory; ``collect``: first run the (slow) cycle collector, needed
     after an exception, whose traceback keeps the failed call's tensors alive."""

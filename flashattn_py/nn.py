@@ -307,7 +307,27 @@ class MultiheadAttention(nn.Module):
         return out.transpose(1, 2), probs
 
 
-class FlashSelfAttention(nn.Module):
+class _FlashModule(nn.Module):
+    """The constructor and per-call settings flash-attn's two modules share."""
+
+    def __init__(self, causal: bool = False, softmax_scale: Optional[float] = None, attention_dropout: float = 0.0,
+                 window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                 deterministic: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.drop = nn.Dropout(attention_dropout)  # holds p, as flash-attn's module does
+        self.window_size = window_size
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.deterministic = deterministic
+
+    def _call_settings(self, causal: Optional[bool]) -> tuple[bool, float]:
+        """(causal, dropout_p) of one forward: ``causal`` overrides the constructor's;
+        dropout only in training."""
+        return (self.causal if causal is None else causal), (self.drop.p if self.training else 0.0)
+
+
+class FlashSelfAttention(_FlashModule):
     """flash-attn's ``FlashSelfAttention``: attention on packed qkv.
 
     Args:
@@ -321,21 +341,9 @@ class FlashSelfAttention(nn.Module):
     (total, 3, H, D) -> (total, H, D). ``causal`` overrides the constructor's.
     """
 
-    def __init__(self, causal: bool = False, softmax_scale: Optional[float] = None, attention_dropout: float = 0.0,
-                 window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
-                 deterministic: bool = False) -> None:
-        super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)  # holds p, as flash-attn's module does
-        self.window_size = window_size
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.deterministic = deterministic
-
     def forward(self, qkv: Tensor, causal: Optional[bool] = None, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None) -> Tensor:
-        causal = self.causal if causal is None else causal
-        dropout_p = self.drop.p if self.training else 0.0
+        causal, dropout_p = self._call_settings(causal)
         if cu_seqlens is not None:
             if max_seqlen is None:
                 raise ValueError("max_seqlen: required with cu_seqlens")
@@ -349,7 +357,7 @@ class FlashSelfAttention(nn.Module):
         )
 
 
-class FlashCrossAttention(nn.Module):
+class FlashCrossAttention(_FlashModule):
     """flash-attn's ``FlashCrossAttention``: q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> (B, Sq, H, D).
 
     Same constructor as ``FlashSelfAttention``; causal is aligned bottom-right (flash-attn's
@@ -357,22 +365,10 @@ class FlashCrossAttention(nn.Module):
     max_seqlen_k)`` with q (total_q, H, D), kv (total_k, 2, Hk, D).
     """
 
-    def __init__(self, causal: bool = False, softmax_scale: Optional[float] = None, attention_dropout: float = 0.0,
-                 window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
-                 deterministic: bool = False) -> None:
-        super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.window_size = window_size
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.deterministic = deterministic
-
     def forward(self, q: Tensor, kv: Tensor, causal: Optional[bool] = None, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_k: Optional[Tensor] = None,
                 max_seqlen_k: Optional[int] = None) -> Tensor:
-        causal = self.causal if causal is None else causal
-        dropout_p = self.drop.p if self.training else 0.0
+        causal, dropout_p = self._call_settings(causal)
         if cu_seqlens is not None:
             if cu_seqlens_k is None or max_seqlen is None or max_seqlen_k is None:
                 raise ValueError("cu_seqlens_k, max_seqlen, max_seqlen_k: required with cu_seqlens")

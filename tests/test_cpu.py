@@ -138,22 +138,30 @@ def test_sdpa_layout_top_left_causal():
     assert_rule("out", out, expected, naive, 2.0)
 
 
-def test_memory_is_linear_in_sequence_length():
-    # Peak extra memory of a float32 forward at N=8192, H=2, D=64 must stay far below the
-    # N x N scores of one head (256 MiB): measured in a fresh process, inputs allocated first.
+def _peak_rss_growth_kib(setup: str, call: str) -> int:
+    """Growth of a fresh process's peak resident set (KiB) during ``call``, after ``setup``
+    (which allocates the inputs and warms the kernel up)."""
     import subprocess
     import sys
 
     script = (
-        "import resource, torch, flashattn_py\n"
-        "q, k, v = (torch.randn(1, 8192, 2, 64) for _ in range(3))\n"
-        "flashattn_py.flash_attn_func(q[:, :256], k[:, :256], v[:, :256], backend='cpu')\n"
+        f"import resource, torch, flashattn_py\n{setup}\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu')\n"
+        f"{call}\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
-    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-                    .stdout.split()[-1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+def test_memory_is_linear_in_sequence_length():
+    # Peak extra memory of a float32 forward at N=8192, H=2, D=64 must stay far below the
+    # N x N scores of one head (256 MiB): measured in a fresh process, inputs allocated first.
+    grown_kib = _peak_rss_growth_kib(
+        "q, k, v = (torch.randn(1, 8192, 2, 64) for _ in range(3))\n"
+        "flashattn_py.flash_attn_func(q[:, :256], k[:, :256], v[:, :256], backend='cpu')",
+        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu')",
+    )
     # The output itself is 4 MiB; allow workspaces, forbid anything quadratic.
     assert grown_kib < 32 * 1024, f"forward grew peak RSS by {grown_kib} KiB"
 
@@ -162,19 +170,10 @@ def test_bf16_forward_memory_stays_bounded():
     # 16-bit K/V are widened to float; a thread keeps at most 16 MiB of them, and a call
     # with one query block per head (decoding) widens block by block. Sq=1 against
     # Sk=131072 keys, D=128: the float copy of one head would be 128 MiB per thread.
-    import subprocess
-    import sys
-
-    script = (
-        "import resource, torch, flashattn_py\n"
+    grown_kib = _peak_rss_growth_kib(
         "k, v = (torch.randn(1, 131072, 1, 128, dtype=torch.bfloat16) for _ in range(2))\n"
         "q = torch.randn(1, 1, 4, 128, dtype=torch.bfloat16)\n"
-        "flashattn_py.flash_attn_func(q, k[:, :512], v[:, :512], backend='cpu')\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu')\n"
-        "assert out.isfinite().all()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+        "flashattn_py.flash_attn_func(q, k[:, :512], v[:, :512], backend='cpu')",
+        "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu'); assert out.isfinite().all()",
     )
-    grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-                    .stdout.split()[-1])
     assert grown_kib < 16 * 1024, f"bf16 decode forward grew peak RSS by {grown_kib} KiB"
