@@ -60,6 +60,17 @@ def test_sliding_window(window, seqlens):
     check_attention(flash(window_size=window), q, k, v, seed=sum(window), **bottom_right(seqlen_q, seqlen_k, window))
 
 
+@pytest.mark.parametrize("window", [(100, 50), (300, 0), (-1, 0), (0, 70)])
+@pytest.mark.parametrize("seqlens", [(600, 700), (700, 530)])
+def test_sliding_window_across_blocks(window, seqlens):
+    # Long enough that the kernels' partly visible blocks split into row panels, each
+    # clipped to the keys it sees, in the forward and the backward.
+    seqlen_q, seqlen_k = seqlens
+    seed = sum(window) + seqlen_q
+    q, k, v = random_qkv(1, seqlen_q, seqlen_k, 2, 1, 32, seed=seed)
+    check_attention(flash(window_size=window), q, k, v, seed=seed, **bottom_right(seqlen_q, seqlen_k, window))
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_contiguous(layout, dtype):

@@ -19,6 +19,8 @@ namespace {
 // Two score-sized blocks (P and dP) live at once: 128 x 256 floats each.
 constexpr int64_t BLOCK_Q = 128;
 constexpr int64_t BLOCK_K = 256;
+// Rows per panel where a block pair is only partly visible (causal diagonal, windows).
+constexpr int64_t PANEL_Q = 64;
 
 template <typename acc>
 struct BwdWorkspace {
@@ -120,18 +122,21 @@ void flash_bwd(const FlashBwdParams& p) {
     acc* dcap = p.softcap > 0.f ? ws.dcap.get() : nullptr;
 
     for (int64_t col0 = 0; col0 < Sk; col0 += BLOCK_K) {
-      const int64_t cols = std::min(BLOCK_K, Sk - col0);
-      std::fill(dka, dka + cols * D, acc(0));
-      std::fill(dva, dva + cols * Dv, acc(0));
+      const int64_t block_cols = std::min(BLOCK_K, Sk - col0);
+      std::fill(dka, dka + block_cols * D, acc(0));
+      std::fill(dva, dva + block_cols * Dv, acc(0));
       const KeyRange rows_seen =
-          keys_all_masked(p, b, h, col0, cols) ? KeyRange{0, 0} : visible_rows(p, col0, col0 + cols);
-      for (int64_t row0 = rows_seen.lo; row0 < rows_seen.hi; row0 += BLOCK_Q) {
-        const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
-        gemm<acc>(Op::N, Op::T, rows, cols, D, scale, qa + row0 * ldq, ldq, ka + col0 * ldk, ldk, acc(0), s,
+          keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(p, col0, col0 + block_cols);
+      // One block pair: query rows [row0, row0 + rows) against keys [key0, key0 + cols),
+      // which lie inside the key block at col0.
+      auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
+        acc* dk_part = dka + (key0 - col0) * D;
+        acc* dv_part = dva + (key0 - col0) * Dv;
+        gemm<acc>(Op::N, Op::T, rows, cols, D, scale, qa + row0 * ldq, ldq, ka + key0 * ldk, ldk, acc(0), s,
                   BLOCK_K);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * BLOCK_K;
-          transform_scores<T, acc>(p, srow, cols, row0 + r, col0, slope, bias_row<T>(p, b, h, row0 + r),
+          transform_scores<T, acc>(p, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
                                    dcap ? dcap + r * BLOCK_K : nullptr);
           const acc row_lse = lse_head[row0 + r];
           if (row_lse == neg_inf) {
@@ -141,14 +146,14 @@ void flash_bwd(const FlashBwdParams& p) {
           }
         }
         // dP = dO V^T
-        gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), doa + row0 * lddo, lddo, va + col0 * ldv, ldv, acc(0),
+        gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), doa + row0 * lddo, lddo, va + key0 * ldv, ldv, acc(0),
                   dp, BLOCK_K);
         if (p.dropout_p > 0.f) {
           // With Z the scaled keep mask: dV += (P*Z)^T dO (P*Z into `pz`) and dP *= Z.
           for (int64_t r = 0; r < rows; ++r) {
             acc* pz = ws.pz.get() + r * BLOCK_K;
             std::copy(s + r * BLOCK_K, s + r * BLOCK_K + cols, pz);
-            apply_dropout(p, pz, cols, b, h, row0 + r, col0, ws.keep.get());
+            apply_dropout(p, pz, cols, b, h, row0 + r, key0, ws.keep.get());
             acc* drow = dp + r * BLOCK_K;
             const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
             for (int64_t c = 0; c < cols; ++c) drow[c] = ws.keep[c] ? drow[c] * mult : acc(0);
@@ -156,7 +161,7 @@ void flash_bwd(const FlashBwdParams& p) {
         }
         // dV += (P [* Z])^T dO
         gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), p.dropout_p > 0.f ? ws.pz.get() : s, BLOCK_K,
-                  doa + row0 * lddo, lddo, acc(1), dva, Dv);
+                  doa + row0 * lddo, lddo, acc(1), dv_part, Dv);
         using V = Vec<acc>;
         for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
           acc* prow = s + r * BLOCK_K;
@@ -168,7 +173,7 @@ void flash_bwd(const FlashBwdParams& p) {
           }
           for (; c < cols; ++c) drow[c] = prow[c] * (drow[c] - delta[row0 + r]);
           if (p.dbias) {  // the bias is added to the final logits: dBias = dS before softcap'
-            float* db = p.dbias + ((bh * Sq) + row0 + r) * Sk + col0;
+            float* db = p.dbias + ((bh * Sq) + row0 + r) * Sk + key0;
             for (c = 0; c < cols; ++c) db[c] = static_cast<float>(drow[c]);
           }
           if (dcap) {
@@ -177,20 +182,34 @@ void flash_bwd(const FlashBwdParams& p) {
           }
         }
         // dK += scale dS^T Q;  dQ += scale dS K
-        gemm<acc>(Op::T, Op::N, cols, D, rows, scale, dp, BLOCK_K, qa + row0 * ldq, ldq, acc(1), dka, D);
-        gemm<acc>(Op::N, Op::N, rows, D, cols, scale, dp, BLOCK_K, ka + col0 * ldk, ldk, acc(1), dqa + row0 * D,
+        gemm<acc>(Op::T, Op::N, cols, D, rows, scale, dp, BLOCK_K, qa + row0 * ldq, ldq, acc(1), dk_part, D);
+        gemm<acc>(Op::N, Op::N, rows, D, cols, scale, dp, BLOCK_K, ka + key0 * ldk, ldk, acc(1), dqa + row0 * D,
                   D);
+      };
+      // Causal or windowed pairs are done in panels of PANEL_Q rows, each over only the
+      // keys its rows can see (the masked corner of a diagonal pair is not computed).
+      for (int64_t row0 = rows_seen.lo; row0 < rows_seen.hi; row0 += BLOCK_Q) {
+        const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
+        if (all_rows_see(p, row0, rows, col0, block_cols)) {
+          block_pair(row0, rows, col0, block_cols);
+          continue;
+        }
+        for (int64_t r0 = row0; r0 < row0 + rows; r0 += PANEL_Q) {
+          const int64_t r1 = std::min(row0 + rows, r0 + PANEL_Q);
+          const KeyRange seen = clip(visible_keys(p, r0, r1), col0, block_cols);
+          if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + seen.lo, seen.hi - seen.lo);
+        }
       }
       if (group == 1) {
         T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + col0 * p.dk_row_stride;
         T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + col0 * p.dv_row_stride;
-        for (int64_t c = 0; c < cols; ++c) {
+        for (int64_t c = 0; c < block_cols; ++c) {
           store_row<T, acc>(dka + c * D, D, acc(1), dk_blk + c * p.dk_row_stride);
           store_row<T, acc>(dva + c * Dv, Dv, acc(1), dv_blk + c * p.dv_row_stride);
         }
       } else {
-        std::copy(dka, dka + cols * D, dk_heads.get() + (bh * Sk + col0) * D);
-        std::copy(dva, dva + cols * Dv, dv_heads.get() + (bh * Sk + col0) * Dv);
+        std::copy(dka, dka + block_cols * D, dk_heads.get() + (bh * Sk + col0) * D);
+        std::copy(dva, dva + block_cols * Dv, dv_heads.get() + (bh * Sk + col0) * Dv);
       }
     }
     T* dq_head = dq + b * p.dq_batch_stride + h * p.dq_head_stride;

@@ -98,6 +98,20 @@ inline KeyRange visible_keys(const FlashParams& p, int64_t row0, int64_t row1) {
   return {first.lo, last.hi};
 }
 
+// `r` as offsets into the key block [col0, col0 + cols), clipped to it.
+inline KeyRange clip(KeyRange r, int64_t col0, int64_t cols) {
+  const int64_t lo = std::clamp<int64_t>(r.lo - col0, 0, cols);
+  return {lo, std::clamp<int64_t>(r.hi - col0, lo, cols)};
+}
+
+// True when every row of [row0, row0 + rows) sees every key of [col0, col0 + cols) under
+// the causal / window rule (masks and biases aside). Both bounds of visible_keys grow
+// with the row, so the last row has the highest lower bound and the first the lowest
+// upper bound.
+inline bool all_rows_see(const FlashParams& p, int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
+  return visible_keys(p, row0 + rows - 1).lo <= col0 && visible_keys(p, row0).hi >= col0 + cols;
+}
+
 inline float alibi_slope(const FlashParams& p, int64_t b, int64_t h) {
   return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
 }
@@ -163,10 +177,9 @@ inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i,
       if (!bias.keep[(j0 + c) * bias.col_stride]) s[c] = neg_inf;
     }
   }
-  const KeyRange r = visible_keys(p, i);
-  const int64_t lo = std::clamp<int64_t>(r.lo - j0, 0, n), hi = std::clamp<int64_t>(r.hi - j0, lo, n);
-  for (int64_t c = 0; c < lo; ++c) s[c] = neg_inf;
-  for (int64_t c = hi; c < n; ++c) s[c] = neg_inf;
+  const KeyRange r = clip(visible_keys(p, i), j0, n);
+  for (int64_t c = 0; c < r.lo; ++c) s[c] = neg_inf;
+  for (int64_t c = r.hi; c < n; ++c) s[c] = neg_inf;
 }
 
 // Dropout on one row of probabilities (in place): zero the dropped, scale the kept by

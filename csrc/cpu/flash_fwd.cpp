@@ -18,6 +18,8 @@ namespace {
 // stays in L2 on current x86 cores.
 constexpr int64_t BLOCK_Q = 256;
 constexpr int64_t BLOCK_K = 512;
+// Rows per panel where a block is only partly visible (causal diagonal, windows).
+constexpr int64_t PANEL_Q = 64;
 
 // 16-bit inputs: K and V rows widened to float for BLAS. When a head has several query
 // blocks and its float copy fits in CACHE_BYTES, the thread keeps the copy of the head it
@@ -140,25 +142,37 @@ void flash_fwd(const FlashParams& p) {
         ka = ws.kv->k.get() + (col0 - base) * D, ldk = D;
         va = ws.kv->v.get() + (col0 - base) * Dv, ldv = Dv;
       }
-      gemm<acc>(Op::N, Op::T, rows, cols, D, acc(p.scale), qa, ldq, ka, ldk, acc(0), s, block_k);
-
-      for (int64_t r = 0; r < rows; ++r) {
-        acc* srow = s + r * block_k;
-        transform_scores<T, acc>(p, srow, cols, row0 + r, col0, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
-        const acc m_new = std::max(m[r], row_max(srow, cols));
-        if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
-          std::fill(srow, srow + cols, acc(0));
-          continue;
+      // Causal or windowed blocks are done in panels of PANEL_Q rows, each over only the
+      // keys its rows can see (the masked corner of a diagonal block is not computed);
+      // other blocks are one panel of all rows.
+      const bool split = !all_rows_see(p, row0, rows, col0, cols);
+      for (int64_t r0 = 0; r0 < rows; r0 += split ? PANEL_Q : rows) {
+        const int64_t r1 = split ? std::min(rows, r0 + PANEL_Q) : rows;
+        const KeyRange seen = split ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
+        const int64_t lo = seen.lo, n = seen.hi - seen.lo;
+        if (n == 0) continue;  // these rows see none of this block
+        acc* s_panel = s + r0 * block_k + lo;
+        gemm<acc>(Op::N, Op::T, r1 - r0, n, D, acc(p.scale), qa + r0 * ldq, ldq, ka + lo * ldk, ldk, acc(0),
+                  s_panel, block_k);
+        for (int64_t r = r0; r < r1; ++r) {
+          acc* srow = s + r * block_k + lo;
+          transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
+          const acc m_new = std::max(m[r], row_max(srow, n));
+          if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
+            std::fill(srow, srow + n, acc(0));
+            continue;
+          }
+          const acc rescale = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
+          const acc sum = exp_shift_sum(srow, n, m_new);
+          // The softmax is normalised before dropout: l sums the undropped probabilities.
+          if (p.dropout_p > 0.f) apply_dropout(p, srow, n, b, h, row0 + r, col0 + lo, ws.keep.get());
+          if (rescale != acc(1)) scale_row(o + r * Dv, Dv, rescale);
+          l[r] = l[r] * rescale + sum;
+          m[r] = m_new;
         }
-        const acc rescale = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
-        const acc sum = exp_shift_sum(srow, cols, m_new);
-        // The softmax is normalised before dropout: l sums the undropped probabilities.
-        if (p.dropout_p > 0.f) apply_dropout(p, srow, cols, b, h, row0 + r, col0, ws.keep.get());
-        if (rescale != acc(1)) scale_row(o + r * Dv, Dv, rescale);
-        l[r] = l[r] * rescale + sum;
-        m[r] = m_new;
+        gemm<acc>(Op::N, Op::N, r1 - r0, Dv, n, acc(1), s_panel, block_k, va + lo * ldv, ldv, acc(1), o + r0 * Dv,
+                  Dv);
       }
-      gemm<acc>(Op::N, Op::N, rows, Dv, cols, acc(1), s, block_k, va, ldv, acc(1), o, Dv);
     }
 
     T* out_blk = out + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
