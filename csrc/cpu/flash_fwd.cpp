@@ -1,56 +1,60 @@
 // Fused attention forward on the CPU: tiled, online softmax, no Sq x Sk buffer.
 //
-// One task is one (batch, head, block of BLOCK_Q query rows). It streams the visible
-// key/value blocks of BLOCK_K rows: S = scale * Q K^T through BLAS, the score transform
-// and online-softmax update per row (vectorised exp), then O += P V through BLAS. Memory
-// per thread is a few blocks, plus for 16-bit inputs up to 16 MiB of widened K and V;
-// nothing is Sq x Sk.
+// One task is one (batch, head, block of query rows). It streams the visible key/value
+// blocks: S = scale * Q K^T, the score transform and online-softmax update per row
+// (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
+// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call), else
+// through BLAS (double, other CPUs, and float calls with very few queries, where packing
+// K and V would cost as much as the products). Memory per thread is a few blocks plus up
+// to 16 MiB of packed or widened K and V; nothing is Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
+#include "tiles.h"
 
 #include <vector>
 
 namespace flashattn::cpu {
 
 namespace {
-// Large blocks amortise BLAS packing; a 256 x 512 float score block (512 KiB) still
-// stays in L2 on current x86 cores.
-constexpr int64_t BLOCK_Q = 256;
-constexpr int64_t BLOCK_K = 512;
-// Rows per panel where a block is only partly visible (causal diagonal, windows).
-constexpr int64_t PANEL_Q = 64;
+#ifdef FLASHATTN_CPU_TILES
+// Below this many query rows per head, float inputs go through BLAS: the tiles pack all
+// of K and V, as much memory traffic as the products themselves (decoding).
+constexpr int64_t MIN_TILE_QUERIES = 16;
+#endif
 
-// 16-bit inputs: K and V rows widened to float for BLAS. When a head has several query
-// blocks and its float copy fits in CACHE_BYTES, the thread keeps the copy of the head it
-// is working on, widened in 64-key chunks on first use: the queue hands out a head's
-// query blocks in a row, so each thread widens a key about once per head instead of once
-// per query block. Otherwise (one query block per head, as in decoding, or a very long
-// head) only the current key block is widened, as memory stays a few blocks per thread.
-template <typename acc>
-struct WidenedKV {
-  static constexpr int64_t CHUNK = 64;                // keys
+// K and V copied into a float (or double) layout the block products read: a thread keeps
+// the copy of the head it is working on, filled in 64-key chunks on first use, when the
+// head has several query blocks and the copy fits in CACHE_BYTES (the queue hands out a
+// head's query blocks in a row, so each key is copied about once per thread and head).
+// Otherwise (one query block per head, as in decoding, or a very long head) only the
+// current key block is copied, so memory stays a few blocks per thread. `Layout` says
+// where a key's K and V elements go (dense rows for BLAS, panels for the tiles).
+template <typename acc, typename Layout>
+struct KVCopy {
+  static constexpr int64_t CHUNK = 64;              // keys
   static constexpr int64_t CACHE_BYTES = 16 << 20;  // per thread
   const bool whole_head;
+  const int64_t capacity;  // keys
   Scratch<acc> k, v;
   std::vector<char> ready;  // per chunk (whole-head mode)
   int64_t head = -1;        // b * Hk + hk of the cached head, -1 for none
 
-  WidenedKV(const FlashParams& p, int64_t block_k, bool several_q_blocks)
-      : whole_head(several_q_blocks &&
-                   p.seqlen_k * (p.head_dim + p.head_dim_v) * static_cast<int64_t>(sizeof(acc)) <= CACHE_BYTES),
-        k(scratch<acc>((whole_head ? p.seqlen_k : block_k) * p.head_dim)),
-        v(scratch<acc>((whole_head ? p.seqlen_k : block_k) * p.head_dim_v)),
+  KVCopy(const FlashParams& p, int64_t block_k, bool several_q_blocks)
+      : whole_head(several_q_blocks && p.seqlen_k * (p.head_dim + p.head_dim_v) * static_cast<int64_t>(sizeof(acc)) <=
+                                           CACHE_BYTES),
+        capacity(Layout::round_keys(whole_head ? p.seqlen_k : block_k)),
+        k(scratch<acc>(capacity * Layout::k_width(p))),
+        v(scratch<acc>(capacity * Layout::v_width(p))),
         ready(whole_head ? (p.seqlen_k + CHUNK - 1) / CHUNK : 0, 0) {}
 
-  // Widen keys [lo, hi) of head `head_id` (at most one key block). Returns `base`: key j's
-  // rows are then at k.get() + (j - base) * d and v.get() + (j - base) * dv.
+  // Copy keys [lo, hi) of head `head_id` (at most one key block). Returns `base`, the key
+  // at position 0 of the copy.
   template <typename T>
-  int64_t widen(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
-    const int64_t d = p.head_dim, dv = p.head_dim_v;
+  int64_t load(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
     if (!whole_head) {
-      load_rows(k_head + lo * p.k_row_stride, p.k_row_stride, hi - lo, d, k.get(), d);
-      load_rows(v_head + lo * p.v_row_stride, p.v_row_stride, hi - lo, dv, v.get(), dv);
+      Layout::copy(p, k_head + lo * p.k_row_stride, v_head + lo * p.v_row_stride, hi - lo, k.get(), v.get(), 0,
+                   capacity);
       return lo;
     }
     if (head != head_id) {
@@ -59,103 +63,226 @@ struct WidenedKV {
     }
     for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
       if (ready[c]) continue;
-      const int64_t key0 = c * CHUNK, n = std::min(CHUNK, p.seqlen_k - key0);
-      load_rows(k_head + key0 * p.k_row_stride, p.k_row_stride, n, d, k.get() + key0 * d, d);
-      load_rows(v_head + key0 * p.v_row_stride, p.v_row_stride, n, dv, v.get() + key0 * dv, dv);
+      const int64_t key0 = c * CHUNK;
+      Layout::copy(p, k_head + key0 * p.k_row_stride, v_head + key0 * p.v_row_stride,
+                   std::min(CHUNK, p.seqlen_k - key0), k.get(), v.get(), key0, capacity);
       ready[c] = 1;
     }
     return 0;
   }
 };
 
-// Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys): small calls
-// (decoding) then neither map nor fault in the full-size buffers.
-template <typename acc>
-struct FwdWorkspace {
-  Scratch<acc> q, s, o, m, l;
-  std::unique_ptr<bool[]> keep;        // dropout decisions of one row
-  std::unique_ptr<WidenedKV<acc>> kv;  // 16-bit inputs only
-  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks, bool widen)
-      : q(scratch<acc>(bq * p.head_dim)), s(scratch<acc>(bq * bk)), o(scratch<acc>(bq * p.head_dim_v)),
-        m(scratch<acc>(bq)), l(scratch<acc>(bq)), keep(new bool[bk]),
-        kv(widen ? std::make_unique<WidenedKV<acc>>(p, bk, num_q_blocks > 1) : nullptr) {}
+// Dense rows: key j's K row at k + j * D, V row at v + j * Dv.
+struct DenseRows {
+  static int64_t round_keys(int64_t n) { return n; }
+  static int64_t k_width(const FlashParams& p) { return p.head_dim; }
+  static int64_t v_width(const FlashParams& p) { return p.head_dim_v; }
+  template <typename T, typename acc>
+  static void copy(const FlashParams& p, const T* k_src, const T* v_src, int64_t n, acc* k, acc* v, int64_t at,
+                   int64_t) {
+    load_rows(k_src, p.k_row_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
+    load_rows(v_src, p.v_row_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
+  }
 };
-}  // namespace
 
+// The block products through BLAS: Q, K and V read in place for float and double
+// (row stride as leading dimension; copying strided (B, S, H, D) rows to dense ones first
+// was measured and did not pay), widened to float rows for 16-bit inputs (Q per task,
+// K and V by KVCopy).
+template <typename T, typename acc>
+struct BlasOperands {
+  // Large blocks amortise BLAS's packing of both operands on every call; the 256 x 512
+  // float score block (512 KiB) about fills L2. Blocks only partly visible (causal
+  // diagonal, windows) are done in panels of PANEL_Q rows.
+  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 512, PANEL_Q = 64;
+  static constexpr bool always_panels = false;
+  static constexpr bool in_place = std::is_same_v<T, acc>;
+  std::unique_ptr<KVCopy<acc, DenseRows>> copy;
+  Scratch<acc> q_copy;
+  const acc *q = nullptr, *k = nullptr, *v = nullptr;  // rows of the task's first query, key col0
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  const int64_t D, Dv;
+  acc scale;
+
+  BlasOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
+      : copy(in_place ? nullptr : std::make_unique<KVCopy<acc, DenseRows>>(p, block_k, several_q_blocks)),
+        q_copy(scratch<acc>(in_place ? 0 : block_q * p.head_dim)),
+        D(p.head_dim),
+        Dv(p.head_dim_v),
+        scale(p.scale) {}
+
+  int64_t o_stride() const { return Dv; }
+
+  void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
+    if constexpr (in_place) {
+      q = q_rows, ldq = p.q_row_stride;
+    } else {
+      load_rows(q_rows, p.q_row_stride, rows, D, q_copy.get(), D);
+      q = q_copy.get(), ldq = D;
+    }
+  }
+
+  void load_kv(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t col0, int64_t cols) {
+    if constexpr (in_place) {
+      k = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
+      v = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
+    } else {
+      const int64_t base = copy->load(p, head_id, k_head, v_head, col0, col0 + cols);
+      k = copy->k.get() + (col0 - base) * D, ldk = D;
+      v = copy->v.get() + (col0 - base) * Dv, ldv = Dv;
+    }
+  }
+
+  // s[r * lds + c] = scale * q_(r0 + r) . k_c for r < rows and block columns c in [lo, hi).
+  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, acc* s, int64_t lds) const {
+    gemm<acc>(Op::N, Op::T, rows, hi - lo, D, scale, q + r0 * ldq, ldq, k + lo * ldk, ldk, acc(0), s + lo, lds);
+  }
+
+  // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c.
+  void accumulate(int64_t rows, const acc* pr, int64_t ldp, int64_t lo, int64_t hi, acc* o, int64_t ldo) const {
+    gemm<acc>(Op::N, Op::N, rows, Dv, hi - lo, acc(1), pr + lo, ldp, v + lo * ldv, ldv, acc(1), o, ldo);
+  }
+};
+
+#ifdef FLASHATTN_CPU_TILES
+// Panels for tiles.h: K as transposed panels of 16 keys, V as panels of 16 columns
+// `capacity * 16` floats apart.
+struct TilePanels {
+  static int64_t round_keys(int64_t n) { return tiles::round_up(n, 64); }
+  static int64_t k_width(const FlashParams& p) { return p.head_dim; }
+  static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles::NR); }
+  template <typename T>
+  static void copy(const FlashParams& p, const T* k_src, const T* v_src, int64_t n, float* k, float* v, int64_t at,
+                   int64_t capacity) {
+    tiles::pack_k(k_src, p.k_row_stride, n, p.head_dim, k + at * p.head_dim);
+    tiles::pack_v(v_src, p.v_row_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
+  }
+};
+
+// The block products on the AVX2 tiles (fp32 math for float and 16-bit inputs): Q packed
+// per task, K and V packed per head (KVCopy).
 template <typename T>
-void flash_fwd(const FlashParams& p) {
+struct TileOperands {
+  // Nothing is packed per block, so blocks can be small: a 60-row panel's score rows
+  // (60 x 256 floats, 60 KiB) and the block's packed K and V stay in L2 from the Q K^T
+  // product through the softmax to the P V product. Every block is done in panels, and
+  // panels are whole tile row groups (multiples of tiles::MR).
+  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60;
+  static constexpr bool always_panels = true;
+  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
+  KVCopy<float, TilePanels> copy;
+  Scratch<float> q;
+  const float *k = nullptr, *v = nullptr;  // panels at key col0
+  const int64_t D, dv_panels;
+  const float scale;
+
+  TileOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
+      : copy(p, block_k, several_q_blocks),
+        q(scratch<float>(tiles::round_up(block_q, tiles::MR) * p.head_dim)),
+        D(p.head_dim),
+        dv_panels(TilePanels::v_width(p) / tiles::NR),
+        scale(p.scale) {}
+
+  int64_t o_stride() const { return dv_panels * tiles::NR; }
+
+  void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
+    tiles::pack_q(q_rows, p.q_row_stride, rows, D, scale, q.get());
+  }
+
+  void load_kv(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t col0, int64_t cols) {
+    const int64_t base = copy.load(p, head_id, k_head, v_head, col0, col0 + cols);
+    k = copy.k.get() + (col0 - base) * D;
+    v = copy.v.get() + (col0 - base) * tiles::NR;
+  }
+
+  // r0 is a multiple of tiles::MR (a pack_q group). Computes whole 16-key panels: columns
+  // [lo, hi) rounded out to multiples of 16 (the score rows are wide enough, the extra
+  // columns are not read).
+  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    const int64_t lo16 = lo / tiles::NR * tiles::NR;
+    const int64_t panels = (hi - lo16 + tiles::NR - 1) / tiles::NR;
+    tiles::qk_block(rows, q.get() + r0 * D, k + lo16 * D, panels, D, s + lo16, lds);
+  }
+
+  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+    tiles::pv_block(rows, pr + lo, ldp, v + lo * tiles::NR, copy.capacity * tiles::NR, hi - lo, dv_panels, o, ldo);
+  }
+};
+#endif
+
+// Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys of KV): small calls
+// (decoding) then neither map nor fault in the full-size buffers.
+template <typename acc, typename KV>
+struct FwdWorkspace {
+  KV kv;
+  const int64_t lds;  // score row stride: bk rounded up to whole 16-key panels
+  Scratch<acc> s, o, m, l;
+  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
+  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks)
+      : kv(p, bq, bk, num_q_blocks > 1),
+        lds((bk + 15) / 16 * 16),
+        s(scratch<acc>(bq * lds)),
+        o(scratch<acc>(bq * kv.o_stride())),
+        m(scratch<acc>(bq)),
+        l(scratch<acc>(bq)),
+        keep(new bool[bk]) {}
+};
+
+template <typename T, typename KV>
+void run_fwd(const FlashParams& p) {
   using acc = acc_t<T>;
-  // float and double inputs feed BLAS in place (row stride as leading dimension; copying
-  // strided (B, S, H, D) rows to dense ones first was measured and did not pay); 16-bit
-  // inputs are widened: Q per task, K and V by WidenedKV.
-  constexpr bool in_place = std::is_same_v<T, acc>;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t Dv = p.head_dim_v;
   const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
-  const int64_t num_q_blocks = (p.seqlen_q + BLOCK_Q - 1) / BLOCK_Q;
-  const int64_t block_q = std::min(BLOCK_Q, p.seqlen_q), block_k = std::min(BLOCK_K, p.seqlen_k);
+  const int64_t num_q_blocks = (p.seqlen_q + KV::BLOCK_Q - 1) / KV::BLOCK_Q;
+  const int64_t block_q = std::min(KV::BLOCK_Q, p.seqlen_q), block_k = std::min(KV::BLOCK_K, p.seqlen_k);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   acc* lse = static_cast<acc*>(p.lse);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
+  using Workspace = FwdWorkspace<acc, KV>;
 
-  auto body = [&](int64_t task, FwdWorkspace<acc>& ws) {
+  auto body = [&](int64_t task, Workspace& ws) {
     // Within a head, the last query blocks see the most keys under causal masks: hand
     // them out first.
     const int64_t bh = task / num_q_blocks;
     const int64_t q_block = num_q_blocks - 1 - task % num_q_blocks;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const int64_t row0 = q_block * BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
+    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
 
     const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
     const T* v_head = v + b * p.v_batch_stride + hk * p.v_head_stride;
-    const acc* qa;
-    int64_t ldq;
-    if constexpr (in_place) {
-      qa = q_blk, ldq = p.q_row_stride;
-    } else {
-      load_rows(q_blk, p.q_row_stride, rows, D, ws.q.get(), D);
-      qa = ws.q.get(), ldq = D;
-    }
+    ws.kv.load_q(p, q_blk, rows);
+    const int64_t lds = ws.lds, ldo = ws.kv.o_stride();
     acc* s = ws.s.get();
     acc* o = ws.o.get();
     acc* m = ws.m.get();
     acc* l = ws.l.get();
-    std::fill(o, o + rows * Dv, acc(0));
+    std::fill(o, o + rows * ldo, acc(0));
     std::fill(m, m + rows, neg_inf);
     std::fill(l, l + rows, acc(0));
     const float slope = alibi_slope(p, b, h);
     const KeyRange keys = visible_keys(p, row0, row0 + rows);
 
-    for (int64_t col0 = keys.lo; col0 < keys.hi; col0 += block_k) {
+    // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
+    // before keys.lo are then clipped like any other invisible ones).
+    for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
       const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
-      const acc *ka, *va;
-      int64_t ldk, ldv;
-      if constexpr (in_place) {
-        ka = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
-        va = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
-      } else {
-        const int64_t base = ws.kv->widen(p, b * p.num_heads_k + hk, k_head, v_head, col0, col0 + cols);
-        ka = ws.kv->k.get() + (col0 - base) * D, ldk = D;
-        va = ws.kv->v.get() + (col0 - base) * Dv, ldv = Dv;
-      }
-      // Causal or windowed blocks are done in panels of PANEL_Q rows, each over only the
-      // keys its rows can see (the masked corner of a diagonal block is not computed);
-      // other blocks are one panel of all rows.
-      const bool split = !all_rows_see(p, row0, rows, col0, cols);
-      for (int64_t r0 = 0; r0 < rows; r0 += split ? PANEL_Q : rows) {
-        const int64_t r1 = split ? std::min(rows, r0 + PANEL_Q) : rows;
+      ws.kv.load_kv(p, b * p.num_heads_k + hk, k_head, v_head, col0, cols);
+      // In panels of PANEL_Q rows, each over only the keys its rows can see (the masked
+      // corner of a causal diagonal block is not computed), or one panel of all rows.
+      const bool split = KV::always_panels || !all_rows_see(p, row0, rows, col0, cols);
+      for (int64_t r0 = 0; r0 < rows; r0 += split ? KV::PANEL_Q : rows) {
+        const int64_t r1 = split ? std::min(rows, r0 + KV::PANEL_Q) : rows;
         const KeyRange seen = split ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
         const int64_t lo = seen.lo, n = seen.hi - seen.lo;
         if (n == 0) continue;  // these rows see none of this block
-        acc* s_panel = s + r0 * block_k + lo;
-        gemm<acc>(Op::N, Op::T, r1 - r0, n, D, acc(p.scale), qa + r0 * ldq, ldq, ka + lo * ldk, ldk, acc(0),
-                  s_panel, block_k);
+        ws.kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
         for (int64_t r = r0; r < r1; ++r) {
-          acc* srow = s + r * block_k + lo;
+          acc* srow = s + r * lds + lo;
           transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
           const acc m_new = std::max(m[r], row_max(srow, n));
           if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
@@ -166,12 +293,11 @@ void flash_fwd(const FlashParams& p) {
           const acc sum = exp_shift_sum(srow, n, m_new);
           // The softmax is normalised before dropout: l sums the undropped probabilities.
           if (p.dropout_p > 0.f) apply_dropout(p, srow, n, b, h, row0 + r, col0 + lo, ws.keep.get());
-          if (rescale != acc(1)) scale_row(o + r * Dv, Dv, rescale);
+          if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
           l[r] = l[r] * rescale + sum;
           m[r] = m_new;
         }
-        gemm<acc>(Op::N, Op::N, r1 - r0, Dv, n, acc(1), s_panel, block_k, va + lo * ldv, ldv, acc(1), o + r0 * Dv,
-                  Dv);
+        ws.kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, o + r0 * ldo, ldo);
       }
     }
 
@@ -180,13 +306,29 @@ void flash_fwd(const FlashParams& p) {
     for (int64_t r = 0; r < rows; ++r) {
       // A row that saw no key: out 0, lse -inf (never 0/0).
       const bool empty = l[r] == acc(0);
-      store_row<T, acc>(o + r * Dv, Dv, empty ? acc(0) : acc(1) / l[r], out_blk + r * p.o_row_stride);
+      store_row<T, acc>(o + r * ldo, Dv, empty ? acc(0) : acc(1) / l[r], out_blk + r * p.o_row_stride);
       lse_blk[r] = empty ? neg_inf : m[r] + std::log(l[r]);
     }
   };
 
   for_each_task(
-      p.batch * H * num_q_blocks, [&] { return FwdWorkspace<acc>(p, block_q, block_k, num_q_blocks, !in_place); }, body);
+      p.batch * H * num_q_blocks, [&] { return Workspace(p, block_q, block_k, num_q_blocks); }, body);
+}
+}  // namespace
+
+template <typename T>
+void flash_fwd(const FlashParams& p) {
+#ifdef FLASHATTN_CPU_TILES
+  if constexpr (std::is_same_v<acc_t<T>, float>) {
+    // FLASHATTN_CPU_TILES=0 forces BLAS (for comparisons); read per call so one process
+    // can measure both.
+    const char* env = std::getenv("FLASHATTN_CPU_TILES");
+    const bool tiles_off = env != nullptr && env[0] == '0';
+    const bool few_queries = std::is_same_v<T, float> && p.seqlen_q < MIN_TILE_QUERIES;
+    if (!tiles_off && !few_queries) return run_fwd<T, TileOperands<T>>(p);
+  }
+#endif
+  run_fwd<T, BlasOperands<T, acc_t<T>>>(p);
 }
 
 template void flash_fwd<float>(const FlashParams&);

@@ -1,0 +1,172 @@
+// AVX2/FMA register tiles for the forward's two block products, S = scale Q K^T and
+// O += P V, in fp32 with no per-call packing.
+//
+// BLAS packs both operands of every call; in the forward that is Q, K, P and V for every
+// block pair, and P is as large as the product's output. Here Q is packed once per query
+// block (pack_q, scale folded in), K and V once per head (pack_k / pack_v, 16-column
+// panels every query block of the head reuses), and P is read in place, one broadcast
+// per element. A tile is up to MR x 16 outputs in 12 vector accumulators.
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define FLASHATTN_CPU_TILES 1
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace flashattn::cpu::tiles {
+
+constexpr int64_t NR = 16;  // output columns per tile: two 8-float vectors
+constexpr int64_t MR = 6;   // output rows per tile
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
+// interleaved: row MR g + r, element e at dst[g * MR * d + e * MR + r]; rows past `rows`
+// in the last group are zero. The tile then broadcasts from one sequential stream instead
+// of MR rows whose strides can map onto the same few L1 sets.
+template <typename T>
+inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scale, float* dst) {
+  for (int64_t g0 = 0; g0 < rows; g0 += MR) {
+    float* group = dst + g0 * d;
+    const int64_t n = std::min(MR, rows - g0);
+    for (int64_t r = 0; r < MR; ++r) {
+      const T* row = src + (g0 + r) * ld;
+      for (int64_t e = 0; e < d; ++e) group[e * MR + r] = r < n ? static_cast<float>(row[e]) * scale : 0.f;
+    }
+  }
+}
+
+// K rows [0, n) (row stride ld, d columns) as panels of 16 keys, transposed: key 16p + c,
+// element e at dst[p * 16 * d + e * 16 + c]. Keys past n in the last panel are zero.
+template <typename T>
+inline void pack_k(const T* src, int64_t ld, int64_t n, int64_t d, float* dst) {
+  for (int64_t p0 = 0; p0 < n; p0 += NR) {
+    float* panel = dst + p0 * d;
+    const int64_t keys = std::min(NR, n - p0);
+    for (int64_t c = 0; c < keys; ++c) {
+      const T* row = src + (p0 + c) * ld;
+      for (int64_t e = 0; e < d; ++e) panel[e * NR + c] = static_cast<float>(row[e]);
+    }
+    for (int64_t c = keys; c < NR; ++c) {
+      for (int64_t e = 0; e < d; ++e) panel[e * NR + c] = 0.f;
+    }
+  }
+}
+
+// V rows [0, n) (row stride ld, dv columns) as panels of 16 columns: column 16j + c of
+// key k at dst[j * panel_stride + k * 16 + c]. Columns past dv are zero.
+template <typename T>
+inline void pack_v(const T* src, int64_t ld, int64_t n, int64_t dv, float* dst, int64_t panel_stride) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T* row = src + k * ld;
+    for (int64_t j0 = 0; j0 < dv; j0 += NR) {
+      float* out = dst + (j0 / NR) * panel_stride + k * NR;
+      const int64_t cols = std::min(NR, dv - j0);
+      for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<float>(row[j0 + c]);
+      for (int64_t c = cols; c < NR; ++c) out[c] = 0.f;
+    }
+  }
+}
+
+// s[r][0, 16) = sum_e q[e][r] * panel[e][0, 16) for r < M: q is one pack_q group.
+template <int M>
+__attribute__((always_inline)) inline void qk_tile(const float* q, const float* panel, int64_t d, float* s,
+                                                   int64_t lds) {
+  __m256 c0[M], c1[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < d; ++e) {
+    const __m256 b0 = _mm256_load_ps(panel + e * NR), b1 = _mm256_load_ps(panel + e * NR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m256 a = _mm256_broadcast_ss(q + e * MR + r);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    _mm256_storeu_ps(s + r * lds, c0[r]);
+    _mm256_storeu_ps(s + r * lds + 8, c1[r]);
+  }
+}
+
+// o[r][0, 16) += sum_k p[r][k] * panel[k][0, 16) for r < M, k < n.
+template <int M>
+__attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, const float* panel, int64_t n,
+                                                   float* o, int64_t ldo) {
+  __m256 c0[M], c1[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    c0[r] = _mm256_loadu_ps(o + r * ldo);
+    c1[r] = _mm256_loadu_ps(o + r * ldo + 8);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m256 a = _mm256_broadcast_ss(p + r * ldp + k);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    _mm256_storeu_ps(o + r * ldo, c0[r]);
+    _mm256_storeu_ps(o + r * ldo + 8, c1[r]);
+  }
+}
+
+// S (rows x 16 * panels, row stride lds) = Q K^T, Q packed by pack_q (scale included),
+// K as `panels` packed key panels. Panel by panel: a key panel (16 x d) stays in L1
+// while the row groups stream past it.
+inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_t panels, int64_t d, float* s,
+                     int64_t lds) {
+  const int64_t full = rows / MR * MR;
+  for (int64_t j = 0; j < panels; ++j) {
+    const float* kp = k_panels + j * NR * d;
+    float* sj = s + j * NR;
+    for (int64_t r = 0; r < full; r += MR) qk_tile<MR>(q + r * d, kp, d, sj + r * lds, lds);
+    const float* qr = q + full * d;
+    float* sr = sj + full * lds;
+    switch (rows - full) {
+      case 5: qk_tile<5>(qr, kp, d, sr, lds); break;
+      case 4: qk_tile<4>(qr, kp, d, sr, lds); break;
+      case 3: qk_tile<3>(qr, kp, d, sr, lds); break;
+      case 2: qk_tile<2>(qr, kp, d, sr, lds); break;
+      case 1: qk_tile<1>(qr, kp, d, sr, lds); break;
+      default: break;
+    }
+  }
+}
+
+// O (rows x 16 * dv_panels, row stride ldo) += P (rows x n) V, V as packed column panels
+// `panel_stride` apart, each starting at the block's first key. In chunks of PV_KEYS keys,
+// so a chunk of a V panel (8 KiB) stays in L1 while the row groups stream past it.
+constexpr int64_t PV_KEYS = 128;
+inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_panels, int64_t panel_stride,
+                     int64_t n, int64_t dv_panels, float* o, int64_t ldo) {
+  const int64_t full = rows / MR * MR;
+  for (int64_t k0 = 0; k0 < n; k0 += PV_KEYS) {
+    const int64_t keys = std::min(PV_KEYS, n - k0);
+    for (int64_t j = 0; j < dv_panels; ++j) {
+      const float* vp = v_panels + j * panel_stride + k0 * NR;
+      for (int64_t r = 0; r < full; r += MR) pv_tile<MR>(p + r * ldp + k0, ldp, vp, keys, o + r * ldo + j * NR, ldo);
+      const float* pr = p + full * ldp + k0;
+      float* orow = o + full * ldo + j * NR;
+      switch (rows - full) {
+        case 5: pv_tile<5>(pr, ldp, vp, keys, orow, ldo); break;
+        case 4: pv_tile<4>(pr, ldp, vp, keys, orow, ldo); break;
+        case 3: pv_tile<3>(pr, ldp, vp, keys, orow, ldo); break;
+        case 2: pv_tile<2>(pr, ldp, vp, keys, orow, ldo); break;
+        case 1: pv_tile<1>(pr, ldp, vp, keys, orow, ldo); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace flashattn::cpu::tiles
+#endif
