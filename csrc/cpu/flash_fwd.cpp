@@ -41,7 +41,8 @@ struct KVCopy {
   int64_t head = -1;        // b * Hk + hk of the cached head, -1 for none
 
   KVCopy(const FlashParams& p, int64_t block_k, bool several_q_blocks)
-      : whole_head(several_q_blocks && p.seqlen_k * (p.head_dim + p.head_dim_v) * static_cast<int64_t>(sizeof(acc)) <=
+      : whole_head(several_q_blocks && Layout::round_keys(p.seqlen_k) * (Layout::k_width(p) + Layout::v_width(p)) *
+                                                   static_cast<int64_t>(sizeof(acc)) <=
                                            CACHE_BYTES),
         capacity(Layout::round_keys(whole_head ? p.seqlen_k : block_k)),
         k(scratch<acc>(capacity * Layout::k_width(p))),

@@ -32,8 +32,12 @@ inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scal
     float* group = dst + g0 * d;
     const int64_t n = std::min(MR, rows - g0);
     for (int64_t r = 0; r < MR; ++r) {
+      if (r >= n) {
+        for (int64_t e = 0; e < d; ++e) group[e * MR + r] = 0.f;
+        continue;
+      }
       const T* row = src + (g0 + r) * ld;
-      for (int64_t e = 0; e < d; ++e) group[e * MR + r] = r < n ? static_cast<float>(row[e]) * scale : 0.f;
+      for (int64_t e = 0; e < d; ++e) group[e * MR + r] = static_cast<float>(row[e]) * scale;
     }
   }
 }
