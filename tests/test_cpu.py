@@ -71,14 +71,15 @@ def test_sliding_window_across_blocks(window, seqlens):
     check_attention(flash(window_size=window), q, k, v, seed=seed, **bottom_right(seqlen_q, seqlen_k, window))
 
 
-@pytest.mark.parametrize("forward", ["tiles", "blas"])
+@pytest.mark.parametrize("path", ["tiles", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqlens,head_dim", [((300, 530), 40), ((97, 33), 80), ((16, 700), 17)])
-def test_forward_tiles_and_blas(forward, dtype, seqlens, head_dim, monkeypatch):
-    # On x86 with AVX2 the forward runs on its own tiles; FLASHATTN_CPU_TILES=0 sends the
-    # same call through BLAS (the path of other CPUs). Both must match the reference,
-    # with causal masks, GQA and head dims that are not multiples of the tile width.
-    if forward == "blas":
+def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, monkeypatch):
+    # On x86 with AVX2 the forward and backward run on their own tiles;
+    # FLASHATTN_CPU_TILES=0 sends the same call through BLAS (the path of other CPUs).
+    # Both must match the reference, with causal masks, GQA and head dims that are not
+    # multiples of the tile width.
+    if path == "blas":
         monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
     seqlen_q, seqlen_k = seqlens
     seed = seqlen_q + head_dim

@@ -9,50 +9,21 @@
 // Every task owns its rows of dQ and its head's dK/dV, so the result does not depend on
 // thread timing (always deterministic). With GQA each query head's dK/dV go to a
 // float scratch and are summed over the group afterwards in a fixed order.
+//
+// The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
+// (every operand packed once per head), else through BLAS (double, other CPUs).
 #include "flash_cpu.h"
 
 #include "blas.h"
+#include "tiles.h"
 
 namespace flashattn::cpu {
 
 namespace {
-// Two score-sized blocks (P and dP) live at once: 128 x 256 floats each.
-constexpr int64_t BLOCK_Q = 128;
-constexpr int64_t BLOCK_K = 256;
-// Rows per panel where a block pair is only partly visible (causal diagonal, windows).
-constexpr int64_t PANEL_Q = 64;
-
-template <typename acc>
-struct BwdWorkspace {
-  // Whole-head operands (widened copies for 16-bit inputs), the head's dQ and delta.
-  Scratch<acc> q, k, v, dout, dq, delta;
-  // Per block pair.
-  Scratch<acc> s, dp, dcap, dk, dv, pz;
-  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
-  BwdWorkspace(const FlashParams& p, bool widen)
-      : q(scratch<acc>(widen ? p.seqlen_q * p.head_dim : 0)),
-        k(scratch<acc>(widen ? p.seqlen_k * p.head_dim : 0)),
-        v(scratch<acc>(widen ? p.seqlen_k * p.head_dim_v : 0)),
-        dout(scratch<acc>(widen ? p.seqlen_q * p.head_dim_v : 0)),
-        dq(scratch<acc>(p.seqlen_q * p.head_dim)),
-        delta(scratch<acc>(p.seqlen_q)),
-        s(scratch<acc>(BLOCK_Q * BLOCK_K)),
-        dp(scratch<acc>(BLOCK_Q * BLOCK_K)),
-        dcap(scratch<acc>(p.softcap > 0.f ? BLOCK_Q * BLOCK_K : 0)),
-        dk(scratch<acc>(BLOCK_K * p.head_dim)),
-        dv(scratch<acc>(BLOCK_K * p.head_dim_v)),
-        pz(scratch<acc>(p.dropout_p > 0.f ? BLOCK_Q * BLOCK_K : 0)),
-        keep(new bool[BLOCK_K]) {}
-};
-
-// Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
-inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
-  int64_t lo = 0, hi = p.seqlen_q;
-  if (p.window_right >= 0) lo = std::max<int64_t>(lo, col0 - p.diag_offset - p.window_right);
-  if (p.window_left >= 0) hi = std::min<int64_t>(hi, col1 - 1 - p.diag_offset + p.window_left + 1);
-  lo = std::min<int64_t>(lo, p.seqlen_q);
-  return {lo, std::max(lo, hi)};
-}
+#ifdef FLASHATTN_CPU_TILES
+// As in the forward: below this many query rows per head, float inputs use BLAS.
+constexpr int64_t MIN_TILE_QUERIES = 16;
+#endif
 
 // A view of one head's rows as BLAS operands: in place for float/double, else widened.
 template <typename T, typename acc>
@@ -67,12 +38,167 @@ inline const acc* operand(const T* src, int64_t row_stride, int64_t rows, int64_
     return widened;
   }
 }
+
+// The products through BLAS on one head's Q, K, V, dO (in place for float and double,
+// widened for 16-bit inputs). Row and key offsets are absolute within the head; score
+// blocks have row stride lds; dK/dV/dQ rows have the strides dk_stride() etc.
+template <typename T, typename acc>
+struct BlasBwdOperands {
+  // Two score-sized blocks (P and dP) live at once: 128 x 256 floats each. Pairs only
+  // partly visible (causal diagonal, windows) are done in panels of PANEL_Q rows.
+  static constexpr int64_t BLOCK_Q = 128, BLOCK_K = 256, PANEL_Q = 64, ROW_ALIGN = 1, KEY_ALIGN = 1;
+  static constexpr bool widen = !std::is_same_v<T, acc>;
+  Scratch<acc> qw, kw, vw, dow;
+  const acc *q = nullptr, *k = nullptr, *v = nullptr, *dout = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0, lddo = 0;
+  const int64_t D, Dv;
+  const acc scale;
+
+  explicit BlasBwdOperands(const FlashParams& p)
+      : qw(scratch<acc>(widen ? p.seqlen_q * p.head_dim : 0)),
+        kw(scratch<acc>(widen ? p.seqlen_k * p.head_dim : 0)),
+        vw(scratch<acc>(widen ? p.seqlen_k * p.head_dim_v : 0)),
+        dow(scratch<acc>(widen ? p.seqlen_q * p.head_dim_v : 0)),
+        D(p.head_dim),
+        Dv(p.head_dim_v),
+        scale(p.scale) {}
+
+  int64_t dk_stride() const { return D; }
+  int64_t dv_stride() const { return Dv; }
+  int64_t dq_stride() const { return D; }
+
+  void load(const FlashBwdParams& p, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+    q = operand<T, acc>(q_head, p.q_row_stride, p.seqlen_q, D, qw.get(), ldq);
+    k = operand<T, acc>(k_head, p.k_row_stride, p.seqlen_k, D, kw.get(), ldk);
+    v = operand<T, acc>(v_head, p.v_row_stride, p.seqlen_k, Dv, vw.get(), ldv);
+    dout = operand<T, acc>(do_head, p.do_row_stride, p.seqlen_q, Dv, dow.get(), lddo);
+  }
+  // s = scale Q K^T
+  void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, acc* s, int64_t lds) const {
+    gemm<acc>(Op::N, Op::T, rows, cols, D, scale, q + row0 * ldq, ldq, k + key0 * ldk, ldk, acc(0), s, lds);
+  }
+  // dp = dO V^T
+  void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, acc* dp, int64_t lds) const {
+    gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), dout + row0 * lddo, lddo, v + key0 * ldv, ldv, acc(0), dp, lds);
+  }
+  // dv (rows of keys key0..) += P^T dO
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const acc* pr, int64_t lds, acc* dv) const {
+    gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), pr, lds, dout + row0 * lddo, lddo, acc(1), dv, Dv);
+  }
+  // dk (rows of keys key0..) += scale dS^T Q
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const acc* ds, int64_t lds, acc* dk) const {
+    gemm<acc>(Op::T, Op::N, cols, D, rows, scale, ds, lds, q + row0 * ldq, ldq, acc(1), dk, D);
+  }
+  // dq (rows row0..) += dS K (scaled when stored)
+  void add_dq(int64_t rows, int64_t key0, int64_t cols, const acc* ds, int64_t lds, acc* dq) const {
+    gemm<acc>(Op::N, Op::N, rows, D, cols, acc(1), ds, lds, k + key0 * ldk, ldk, acc(1), dq, D);
+  }
+};
+
+#ifdef FLASHATTN_CPU_TILES
+// The products on the AVX2 tiles, fp32 math. Per head, every operand is packed once in
+// the layout its products read: Q (scaled) and dO as pack_q row groups, K and V as
+// transposed key panels (pack_k), K, Q and dO as 16-column panels (pack_v). Row blocks
+// start on whole row groups and key ranges on whole key panels.
+template <typename T>
+struct TileBwdOperands {
+  // P and dP blocks of 240 x 128 floats (120 KiB each) stay in L2 together; measured
+  // ahead of 120 x 256 and 480 x 64 (benchmarks/RESULTS.md).
+  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 128, PANEL_Q = 60, ROW_ALIGN = tiles::MR, KEY_ALIGN = tiles::NR;
+  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
+  const int64_t D, Dv, D16, Dv16, sq16, sk16;
+  const float scale;
+  Scratch<float> q_groups, do_groups, k_panels, v_panels, k_cols, q_cols, do_cols;
+
+  explicit TileBwdOperands(const FlashParams& p)
+      : D(p.head_dim),
+        Dv(p.head_dim_v),
+        D16(tiles::round_up(D, tiles::NR)),
+        Dv16(tiles::round_up(Dv, tiles::NR)),
+        sq16(tiles::round_up(p.seqlen_q, 48)),  // whole row groups (6) and panels (16)
+        sk16(tiles::round_up(p.seqlen_k, tiles::NR)),
+        scale(p.scale),
+        q_groups(scratch<float>(sq16 * D)),
+        do_groups(scratch<float>(sq16 * Dv)),
+        k_panels(scratch<float>(sk16 * D)),
+        v_panels(scratch<float>(sk16 * Dv)),
+        k_cols(scratch<float>(sk16 * D16)),
+        q_cols(scratch<float>(sq16 * D16)),
+        do_cols(scratch<float>(sq16 * Dv16)) {}
+
+  int64_t dk_stride() const { return D16; }
+  int64_t dv_stride() const { return Dv16; }
+  int64_t dq_stride() const { return D16; }
+
+  void load(const FlashBwdParams& p, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+    const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
+    tiles::pack_q(q_head, p.q_row_stride, Sq, D, scale, q_groups.get());
+    tiles::pack_q(do_head, p.do_row_stride, Sq, Dv, 1.f, do_groups.get());
+    tiles::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+    tiles::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+    tiles::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles::NR);
+    tiles::pack_v(q_head, p.q_row_stride, Sq, D, q_cols.get(), sq16 * tiles::NR);
+    tiles::pack_v(do_head, p.do_row_stride, Sq, Dv, do_cols.get(), sq16 * tiles::NR);
+  }
+  // Whole key panels: columns past `cols` (up to the next multiple of 16) are computed
+  // too; score rows are wide enough and those columns are not read.
+  void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* s, int64_t lds) const {
+    tiles::qk_block(rows, q_groups.get() + row0 * D, k_panels.get() + key0 * D, (cols + 15) / 16, D, s, lds);
+  }
+  void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* dp, int64_t lds) const {
+    tiles::qk_block(rows, do_groups.get() + row0 * Dv, v_panels.get() + key0 * Dv, (cols + 15) / 16, Dv, dp, lds);
+  }
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv) const {
+    tiles::kr_block<true>(cols, pr, 1, lds, do_cols.get() + row0 * tiles::NR, Dv16 / tiles::NR,
+                          sq16 * tiles::NR, rows, 1.f, dv, Dv16);
+  }
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk) const {
+    tiles::kr_block<true>(cols, ds, 1, lds, q_cols.get() + row0 * tiles::NR, D16 / tiles::NR, sq16 * tiles::NR,
+                          rows, scale, dk, D16);
+  }
+  void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
+    tiles::pv_block(rows, ds, lds, k_cols.get() + key0 * tiles::NR, sk16 * tiles::NR, cols, D16 / tiles::NR, dq,
+                    D16);
+  }
+};
+#endif
+
+template <typename acc, typename Ops>
+struct BwdWorkspace {
+  Ops ops;
+  const int64_t lds;  // score row stride: BLOCK_K
+  // The head's dQ and delta; per block pair P, dP, dK, dV and the optional extras.
+  Scratch<acc> dq, delta, s, dp, dcap, dk, dv, pz;
+  std::unique_ptr<bool[]> keep;  // dropout decisions of one row
+  explicit BwdWorkspace(const FlashParams& p)
+      : ops(p),
+        lds(Ops::BLOCK_K),
+        dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
+        delta(scratch<acc>(p.seqlen_q)),
+        s(scratch<acc>(Ops::BLOCK_Q * Ops::BLOCK_K)),
+        dp(scratch<acc>(Ops::BLOCK_Q * Ops::BLOCK_K)),
+        dcap(scratch<acc>(p.softcap > 0.f ? Ops::BLOCK_Q * Ops::BLOCK_K : 0)),
+        dk(scratch<acc>(Ops::BLOCK_K * ops.dk_stride())),
+        dv(scratch<acc>(Ops::BLOCK_K * ops.dv_stride())),
+        pz(scratch<acc>(p.dropout_p > 0.f ? Ops::BLOCK_Q * Ops::BLOCK_K : 0)),
+        keep(new bool[Ops::BLOCK_K]) {}
+};
+
+// Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
+inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
+  int64_t lo = 0, hi = p.seqlen_q;
+  if (p.window_right >= 0) lo = std::max<int64_t>(lo, col0 - p.diag_offset - p.window_right);
+  if (p.window_left >= 0) hi = std::min<int64_t>(hi, col1 - 1 - p.diag_offset + p.window_left + 1);
+  lo = std::min<int64_t>(lo, p.seqlen_q);
+  return {lo, std::max(lo, hi)};
+}
+
 }  // namespace
 
-template <typename T>
-void flash_bwd(const FlashBwdParams& p) {
+template <typename T, typename Ops>
+void run_bwd(const FlashBwdParams& p) {
   using acc = acc_t<T>;
-  constexpr bool widen = !std::is_same_v<T, acc>;
+  constexpr int64_t BLOCK_Q = Ops::BLOCK_Q, BLOCK_K = Ops::BLOCK_K, PANEL_Q = Ops::PANEL_Q;
   const int64_t D = p.head_dim, Dv = p.head_dim_v, Sq = p.seqlen_q, Sk = p.seqlen_k;
   const int64_t H = p.num_heads, Hk = p.num_heads_k, group = H / Hk;
   const T* q = static_cast<const T*>(p.q);
@@ -94,7 +220,8 @@ void flash_bwd(const FlashBwdParams& p) {
     dv_heads = scratch<acc>(p.batch * H * Sk * Dv);
   }
 
-  auto body = [&](int64_t bh, BwdWorkspace<acc>& ws) {
+  using Workspace = BwdWorkspace<acc, Ops>;
+  auto body = [&](int64_t bh, Workspace& ws) {
     const int64_t b = bh / H, h = bh % H, hk = h / group;
     const T* q_head = q + b * p.q_batch_stride + h * p.q_head_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -102,42 +229,39 @@ void flash_bwd(const FlashBwdParams& p) {
     const T* o_head = out + b * p.o_batch_stride + h * p.o_head_stride;
     const T* do_head = dout + b * p.do_batch_stride + h * p.do_head_stride;
     const acc* lse_head = lse + bh * Sq;
-    int64_t ldq, ldk, ldv, lddo;
-    const acc* qa = operand<T, acc>(q_head, p.q_row_stride, Sq, D, ws.q.get(), ldq);
-    const acc* ka = operand<T, acc>(k_head, p.k_row_stride, Sk, D, ws.k.get(), ldk);
-    const acc* va = operand<T, acc>(v_head, p.v_row_stride, Sk, Dv, ws.v.get(), ldv);
-    const acc* doa = operand<T, acc>(do_head, p.do_row_stride, Sq, Dv, ws.dout.get(), lddo);
+    ws.ops.load(p, q_head, k_head, v_head, do_head);
     acc* delta = ws.delta.get();
     for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
       const T* orow = o_head + i * p.o_row_stride;
-      const acc* drow = doa + i * lddo;
+      const T* drow = do_head + i * p.do_row_stride;
       acc sum = 0;
-      for (int64_t d = 0; d < Dv; ++d) sum += drow[d] * static_cast<acc>(orow[d]);
+      for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc>(drow[d]) * static_cast<acc>(orow[d]);
       delta[i] = sum;
     }
+    const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
+    const int64_t lds = ws.lds;
     acc* dqa = ws.dq.get();
-    std::fill(dqa, dqa + Sq * D, acc(0));
+    std::fill(dqa, dqa + Sq * ldq_grad, acc(0));
     const float slope = alibi_slope(p, b, h);
     acc *s = ws.s.get(), *dp = ws.dp.get(), *dka = ws.dk.get(), *dva = ws.dv.get();
     acc* dcap = p.softcap > 0.f ? ws.dcap.get() : nullptr;
 
     for (int64_t col0 = 0; col0 < Sk; col0 += BLOCK_K) {
       const int64_t block_cols = std::min(BLOCK_K, Sk - col0);
-      std::fill(dka, dka + block_cols * D, acc(0));
-      std::fill(dva, dva + block_cols * Dv, acc(0));
+      std::fill(dka, dka + block_cols * ldk_grad, acc(0));
+      std::fill(dva, dva + block_cols * ldv_grad, acc(0));
       const KeyRange rows_seen =
           keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(p, col0, col0 + block_cols);
       // One block pair: query rows [row0, row0 + rows) against keys [key0, key0 + cols),
       // which lie inside the key block at col0.
       auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
-        acc* dk_part = dka + (key0 - col0) * D;
-        acc* dv_part = dva + (key0 - col0) * Dv;
-        gemm<acc>(Op::N, Op::T, rows, cols, D, scale, qa + row0 * ldq, ldq, ka + key0 * ldk, ldk, acc(0), s,
-                  BLOCK_K);
+        acc* dk_part = dka + (key0 - col0) * ldk_grad;
+        acc* dv_part = dva + (key0 - col0) * ldv_grad;
+        ws.ops.scores(row0, rows, key0, cols, s, lds);
         for (int64_t r = 0; r < rows; ++r) {
-          acc* srow = s + r * BLOCK_K;
+          acc* srow = s + r * lds;
           transform_scores<T, acc>(p, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
-                                   dcap ? dcap + r * BLOCK_K : nullptr);
+                                   dcap ? dcap + r * lds : nullptr);
           const acc row_lse = lse_head[row0 + r];
           if (row_lse == neg_inf) {
             std::fill(srow, srow + cols, acc(0));
@@ -145,27 +269,24 @@ void flash_bwd(const FlashBwdParams& p) {
             exp_shift_sum(srow, cols, row_lse);  // P, in place
           }
         }
-        // dP = dO V^T
-        gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), doa + row0 * lddo, lddo, va + key0 * ldv, ldv, acc(0),
-                  dp, BLOCK_K);
+        ws.ops.dprobs(row0, rows, key0, cols, dp, lds);  // dP = dO V^T
         if (p.dropout_p > 0.f) {
           // With Z the scaled keep mask: dV += (P*Z)^T dO (P*Z into `pz`) and dP *= Z.
           for (int64_t r = 0; r < rows; ++r) {
-            acc* pz = ws.pz.get() + r * BLOCK_K;
-            std::copy(s + r * BLOCK_K, s + r * BLOCK_K + cols, pz);
+            acc* pz = ws.pz.get() + r * lds;
+            std::copy(s + r * lds, s + r * lds + cols, pz);
             apply_dropout(p, pz, cols, b, h, row0 + r, key0, ws.keep.get());
-            acc* drow = dp + r * BLOCK_K;
+            acc* drow = dp + r * lds;
             const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
             for (int64_t c = 0; c < cols; ++c) drow[c] = ws.keep[c] ? drow[c] * mult : acc(0);
           }
         }
         // dV += (P [* Z])^T dO
-        gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), p.dropout_p > 0.f ? ws.pz.get() : s, BLOCK_K,
-                  doa + row0 * lddo, lddo, acc(1), dv_part, Dv);
+        ws.ops.add_dv(row0, rows, cols, p.dropout_p > 0.f ? ws.pz.get() : s, lds, dv_part);
         using V = Vec<acc>;
         for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
-          acc* prow = s + r * BLOCK_K;
-          acc* drow = dp + r * BLOCK_K;
+          acc* prow = s + r * lds;
+          acc* drow = dp + r * lds;
           const V vdelta(delta[row0 + r]);
           int64_t c = 0;
           for (; c + V::size() <= cols; c += V::size()) {
@@ -177,18 +298,20 @@ void flash_bwd(const FlashBwdParams& p) {
             for (c = 0; c < cols; ++c) db[c] = static_cast<float>(drow[c]);
           }
           if (dcap) {
-            const acc* crow = dcap + r * BLOCK_K;
+            const acc* crow = dcap + r * lds;
             for (c = 0; c < cols; ++c) drow[c] *= crow[c];
           }
         }
-        // dK += scale dS^T Q;  dQ += scale dS K
-        gemm<acc>(Op::T, Op::N, cols, D, rows, scale, dp, BLOCK_K, qa + row0 * ldq, ldq, acc(1), dk_part, D);
-        gemm<acc>(Op::N, Op::N, rows, D, cols, scale, dp, BLOCK_K, ka + key0 * ldk, ldk, acc(1), dqa + row0 * D,
-                  D);
+        // dK += scale dS^T Q;  dQ += dS K (scaled when stored)
+        ws.ops.add_dk(row0, rows, cols, dp, lds, dk_part);
+        ws.ops.add_dq(rows, key0, cols, dp, lds, dqa + row0 * ldq_grad);
       };
       // Causal or windowed pairs are done in panels of PANEL_Q rows, each over only the
       // keys its rows can see (the masked corner of a diagonal pair is not computed).
-      for (int64_t row0 = rows_seen.lo; row0 < rows_seen.hi; row0 += BLOCK_Q) {
+      // Row blocks start on a multiple of ROW_ALIGN and key ranges on a multiple of
+      // KEY_ALIGN (the tiles' row groups and key panels); the extra rows and keys are
+      // invisible, so their P and dS are 0.
+      for (int64_t row0 = rows_seen.lo / Ops::ROW_ALIGN * Ops::ROW_ALIGN; row0 < rows_seen.hi; row0 += BLOCK_Q) {
         const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
         if (all_rows_see(p, row0, rows, col0, block_cols)) {
           block_pair(row0, rows, col0, block_cols);
@@ -197,27 +320,30 @@ void flash_bwd(const FlashBwdParams& p) {
         for (int64_t r0 = row0; r0 < row0 + rows; r0 += PANEL_Q) {
           const int64_t r1 = std::min(row0 + rows, r0 + PANEL_Q);
           const KeyRange seen = clip(visible_keys(p, r0, r1), col0, block_cols);
-          if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + seen.lo, seen.hi - seen.lo);
+          const int64_t lo = seen.lo / Ops::KEY_ALIGN * Ops::KEY_ALIGN;
+          if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + lo, seen.hi - lo);
         }
       }
       if (group == 1) {
         T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + col0 * p.dk_row_stride;
         T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + col0 * p.dv_row_stride;
         for (int64_t c = 0; c < block_cols; ++c) {
-          store_row<T, acc>(dka + c * D, D, acc(1), dk_blk + c * p.dk_row_stride);
-          store_row<T, acc>(dva + c * Dv, Dv, acc(1), dv_blk + c * p.dv_row_stride);
+          store_row<T, acc>(dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
+          store_row<T, acc>(dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
         }
       } else {
-        std::copy(dka, dka + block_cols * D, dk_heads.get() + (bh * Sk + col0) * D);
-        std::copy(dva, dva + block_cols * Dv, dv_heads.get() + (bh * Sk + col0) * Dv);
+        for (int64_t c = 0; c < block_cols; ++c) {
+          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + (bh * Sk + col0 + c) * D);
+          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + (bh * Sk + col0 + c) * Dv);
+        }
       }
     }
     T* dq_head = dq + b * p.dq_batch_stride + h * p.dq_head_stride;
-    for (int64_t i = 0; i < Sq; ++i) store_row<T, acc>(dqa + i * D, D, acc(1), dq_head + i * p.dq_row_stride);
+    for (int64_t i = 0; i < Sq; ++i) store_row<T, acc>(dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
   };
 
   for_each_task(
-      p.batch * H, [&] { return BwdWorkspace<acc>(p, widen); }, body);
+      p.batch * H, [&] { return Workspace(p); }, body);
 
   if (group > 1) {  // dK/dV of a kv head = sum over its query heads, in head order
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
@@ -242,6 +368,19 @@ void flash_bwd(const FlashBwdParams& p) {
       }
     });
   }
+}
+
+template <typename T>
+void flash_bwd(const FlashBwdParams& p) {
+#ifdef FLASHATTN_CPU_TILES
+  if constexpr (std::is_same_v<acc_t<T>, float>) {
+    const char* env = std::getenv("FLASHATTN_CPU_TILES");  // =0 forces BLAS, as in the forward
+    const bool tiles_off = env != nullptr && env[0] == '0';
+    const bool few_queries = std::is_same_v<T, float> && p.seqlen_q < MIN_TILE_QUERIES;
+    if (!tiles_off && !few_queries) return run_bwd<T, TileBwdOperands<T>>(p);
+  }
+#endif
+  run_bwd<T, BlasBwdOperands<T, acc_t<T>>>(p);
 }
 
 template void flash_bwd<float>(const FlashBwdParams&);

@@ -74,26 +74,37 @@ inline void pack_v(const T* src, int64_t ld, int64_t n, int64_t dv, float* dst, 
   }
 }
 
-// s[r][0, 16) = sum_e q[e][r] * panel[e][0, 16) for r < M: q is one pack_q group.
-template <int M>
-__attribute__((always_inline)) inline void qk_tile(const float* q, const float* panel, int64_t d, float* s,
-                                                   int64_t lds) {
+// c[r][0, 16) = (or += alpha *) sum_k a[k * a_ks + r] * panel[k][0, 16) for r < M,
+// k < n: A's M rows lie side by side (a pack_q group with a_ks = MR, or a transposed
+// row-major block with a_ks its row stride).
+template <int M, bool ACCUMULATE>
+__attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks, const float* panel, int64_t n,
+                                                   float alpha, float* c, int64_t ldc) {
   __m256 c0[M], c1[M];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int64_t e = 0; e < d; ++e) {
-    const __m256 b0 = _mm256_load_ps(panel + e * NR), b1 = _mm256_load_ps(panel + e * NR + 8);
+  for (int64_t k = 0; k < n; ++k) {
+    const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
+    const float* ak = a + k * a_ks;
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
-      const __m256 a = _mm256_broadcast_ss(q + e * MR + r);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+      const __m256 x = _mm256_broadcast_ss(ak + r);
+      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
     }
   }
+  // alpha is applied after the loop: a broadcast held through it would leave the
+  // accumulators one register short.
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
-    _mm256_storeu_ps(s + r * lds, c0[r]);
-    _mm256_storeu_ps(s + r * lds + 8, c1[r]);
+    if constexpr (ACCUMULATE) {
+      const __m256 va = _mm256_set1_ps(alpha);
+      _mm256_storeu_ps(c + r * ldc, _mm256_fmadd_ps(c0[r], va, _mm256_loadu_ps(c + r * ldc)));
+      _mm256_storeu_ps(c + r * ldc + 8, _mm256_fmadd_ps(c1[r], va, _mm256_loadu_ps(c + r * ldc + 8)));
+    } else {
+      _mm256_storeu_ps(c + r * ldc, c0[r]);
+      _mm256_storeu_ps(c + r * ldc + 8, c1[r]);
+    }
   }
 }
 
@@ -123,27 +134,36 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
   }
 }
 
-// S (rows x 16 * panels, row stride lds) = Q K^T, Q packed by pack_q (scale included),
-// K as `panels` packed key panels. Panel by panel: a key panel (16 x d) stays in L1
-// while the row groups stream past it.
-inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_t panels, int64_t d, float* s,
-                     int64_t lds) {
+// C (rows x 16 * panels, row stride ldc) = (or += alpha *) A B: A's row r, column k at
+// a[(r / MR) * MR * a_rs + k * a_ks + r % MR] (row groups a_rs * MR apart), B as `panels`
+// panels of n x 16, `panel_stride` apart. Panel by panel: a panel stays in L1 while the
+// row groups stream past it.
+template <bool ACCUMULATE>
+inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* panels_b, int64_t panels,
+                     int64_t panel_stride, int64_t n, float alpha, float* c, int64_t ldc) {
   const int64_t full = rows / MR * MR;
   for (int64_t j = 0; j < panels; ++j) {
-    const float* kp = k_panels + j * NR * d;
-    float* sj = s + j * NR;
-    for (int64_t r = 0; r < full; r += MR) qk_tile<MR>(q + r * d, kp, d, sj + r * lds, lds);
-    const float* qr = q + full * d;
-    float* sr = sj + full * lds;
+    const float* bp = panels_b + j * panel_stride;
+    float* cj = c + j * NR;
+    for (int64_t r = 0; r < full; r += MR) kr_tile<MR, ACCUMULATE>(a + r * a_rs, a_ks, bp, n, alpha, cj + r * ldc, ldc);
+    const float* ar = a + full * a_rs;
+    float* cr = cj + full * ldc;
     switch (rows - full) {
-      case 5: qk_tile<5>(qr, kp, d, sr, lds); break;
-      case 4: qk_tile<4>(qr, kp, d, sr, lds); break;
-      case 3: qk_tile<3>(qr, kp, d, sr, lds); break;
-      case 2: qk_tile<2>(qr, kp, d, sr, lds); break;
-      case 1: qk_tile<1>(qr, kp, d, sr, lds); break;
+      case 5: kr_tile<5, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
+      case 4: kr_tile<4, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
+      case 3: kr_tile<3, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
+      case 2: kr_tile<2, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
+      case 1: kr_tile<1, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
       default: break;
     }
   }
+}
+
+// S (rows x 16 * panels, row stride lds) = Q K^T, Q packed by pack_q (scale included),
+// K as `panels` panels from pack_k.
+inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_t panels, int64_t d, float* s,
+                     int64_t lds) {
+  kr_block<false>(rows, q, d, MR, k_panels, panels, NR * d, d, 1.f, s, lds);
 }
 
 // O (rows x 16 * dv_panels, row stride ldo) += P (rows x n) V, V as packed column panels
