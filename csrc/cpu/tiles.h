@@ -22,6 +22,15 @@ constexpr int64_t MR = 6;   // output rows per tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Ask for a row `ahead` rows on while this one is copied: in (B, S, H, D) tensors a head's
+// rows are H * D elements apart, a new page every row or two, where the hardware
+// prefetchers stop, so without it the packing waits on every row.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 // Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
 // interleaved: row MR g + r, element e at dst[g * MR * d + e * MR + r]; rows past `rows`
 // in the last group are zero. The tile then broadcasts from one sequential stream instead
@@ -37,6 +46,7 @@ inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scal
         continue;
       }
       const T* row = src + (g0 + r) * ld;
+      if (g0 + r + MR < rows) prefetch_row(row + MR * ld, d);
       for (int64_t e = 0; e < d; ++e) group[e * MR + r] = static_cast<float>(row[e]) * scale;
     }
   }
@@ -51,6 +61,7 @@ inline void pack_k(const T* src, int64_t ld, int64_t n, int64_t d, float* dst) {
     const int64_t keys = std::min(NR, n - p0);
     for (int64_t c = 0; c < keys; ++c) {
       const T* row = src + (p0 + c) * ld;
+      if (p0 + c + NR < n) prefetch_row(row + NR * ld, d);
       for (int64_t e = 0; e < d; ++e) panel[e * NR + c] = static_cast<float>(row[e]);
     }
     for (int64_t c = keys; c < NR; ++c) {
@@ -65,6 +76,7 @@ template <typename T>
 inline void pack_v(const T* src, int64_t ld, int64_t n, int64_t dv, float* dst, int64_t panel_stride) {
   for (int64_t k = 0; k < n; ++k) {
     const T* row = src + k * ld;
+    if (k + 8 < n) prefetch_row(row + 8 * ld, dv);
     for (int64_t j0 = 0; j0 < dv; j0 += NR) {
       float* out = dst + (j0 / NR) * panel_stride + k * NR;
       const int64_t cols = std::min(NR, dv - j0);
