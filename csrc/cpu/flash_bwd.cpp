@@ -11,7 +11,8 @@
 // float scratch and are summed over the group afterwards in a fixed order.
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
-// (every operand packed once per head), else through BLAS (double, other CPUs).
+// (every operand packed once per head), else through BLAS (double, other CPUs, float
+// calls with very few queries).
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -20,11 +21,6 @@
 namespace flashattn::cpu {
 
 namespace {
-#ifdef FLASHATTN_CPU_TILES
-// As in the forward: below this many query rows per head, float inputs use BLAS.
-constexpr int64_t MIN_TILE_QUERIES = 16;
-#endif
-
 // A view of one head's rows as BLAS operands: in place for float/double, else widened.
 template <typename T, typename acc>
 inline const acc* operand(const T* src, int64_t row_stride, int64_t rows, int64_t cols, acc* widened,
@@ -143,10 +139,10 @@ struct TileBwdOperands {
   // Whole key panels: columns past `cols` (up to the next multiple of 16) are computed
   // too; score rows are wide enough and those columns are not read.
   void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* s, int64_t lds) const {
-    tiles::qk_block(rows, q_groups.get() + row0 * D, k_panels.get() + key0 * D, (cols + 15) / 16, D, s, lds);
+    tiles::qk_block(rows, q_groups.get() + row0 * D, k_panels.get() + key0 * D, (cols + tiles::NR - 1) / tiles::NR, D, s, lds);
   }
   void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* dp, int64_t lds) const {
-    tiles::qk_block(rows, do_groups.get() + row0 * Dv, v_panels.get() + key0 * Dv, (cols + 15) / 16, Dv, dp, lds);
+    tiles::qk_block(rows, do_groups.get() + row0 * Dv, v_panels.get() + key0 * Dv, (cols + tiles::NR - 1) / tiles::NR, Dv, dp, lds);
   }
   void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv) const {
     tiles::kr_block<true>(cols, pr, 1, lds, do_cols.get() + row0 * tiles::NR, Dv16 / tiles::NR,
@@ -166,13 +162,11 @@ struct TileBwdOperands {
 template <typename acc, typename Ops>
 struct BwdWorkspace {
   Ops ops;
-  const int64_t lds;  // score row stride: BLOCK_K
   // The head's dQ and delta; per block pair P, dP, dK, dV and the optional extras.
   Scratch<acc> dq, delta, s, dp, dcap, dk, dv, pz;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   explicit BwdWorkspace(const FlashParams& p)
       : ops(p),
-        lds(Ops::BLOCK_K),
         dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
         delta(scratch<acc>(p.seqlen_q)),
         s(scratch<acc>(Ops::BLOCK_Q * Ops::BLOCK_K)),
@@ -192,8 +186,6 @@ inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
   lo = std::min<int64_t>(lo, p.seqlen_q);
   return {lo, std::max(lo, hi)};
 }
-
-}  // namespace
 
 template <typename T, typename Ops>
 void run_bwd(const FlashBwdParams& p) {
@@ -239,7 +231,7 @@ void run_bwd(const FlashBwdParams& p) {
       delta[i] = sum;
     }
     const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
-    const int64_t lds = ws.lds;
+    constexpr int64_t lds = BLOCK_K;  // score row stride
     acc* dqa = ws.dq.get();
     std::fill(dqa, dqa + Sq * ldq_grad, acc(0));
     const float slope = alibi_slope(p, b, h);
@@ -369,15 +361,13 @@ void run_bwd(const FlashBwdParams& p) {
     });
   }
 }
+}  // namespace
 
 template <typename T>
 void flash_bwd(const FlashBwdParams& p) {
 #ifdef FLASHATTN_CPU_TILES
-  if constexpr (std::is_same_v<acc_t<T>, float>) {
-    const char* env = std::getenv("FLASHATTN_CPU_TILES");  // =0 forces BLAS, as in the forward
-    const bool tiles_off = env != nullptr && env[0] == '0';
-    const bool few_queries = std::is_same_v<T, float> && p.seqlen_q < MIN_TILE_QUERIES;
-    if (!tiles_off && !few_queries) return run_bwd<T, TileBwdOperands<T>>(p);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (tiles::use_tiles<T>(p.seqlen_q)) return run_bwd<T, TileBwdOperands<T>>(p);
   }
 #endif
   run_bwd<T, BlasBwdOperands<T, acc_t<T>>>(p);

@@ -17,12 +17,6 @@
 namespace flashattn::cpu {
 
 namespace {
-#ifdef FLASHATTN_CPU_TILES
-// Below this many query rows per head, float inputs go through BLAS: the tiles pack all
-// of K and V, as much memory traffic as the products themselves (decoding).
-constexpr int64_t MIN_TILE_QUERIES = 16;
-#endif
-
 // K and V copied into a float (or double) layout the block products read: a thread keeps
 // the copy of the head it is working on, filled in 64-key chunks on first use, when the
 // head has several query blocks and the copy fits in CACHE_BYTES (the queue hands out a
@@ -103,7 +97,7 @@ struct BlasOperands {
   const acc *q = nullptr, *k = nullptr, *v = nullptr;  // rows of the task's first query, key col0
   int64_t ldq = 0, ldk = 0, ldv = 0;
   const int64_t D, Dv;
-  acc scale;
+  const acc scale;
 
   BlasOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
       : copy(in_place ? nullptr : std::make_unique<KVCopy<acc, DenseRows>>(p, block_k, several_q_blocks)),
@@ -320,13 +314,8 @@ void run_fwd(const FlashParams& p) {
 template <typename T>
 void flash_fwd(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_TILES
-  if constexpr (std::is_same_v<acc_t<T>, float>) {
-    // FLASHATTN_CPU_TILES=0 forces BLAS (for comparisons); read per call so one process
-    // can measure both.
-    const char* env = std::getenv("FLASHATTN_CPU_TILES");
-    const bool tiles_off = env != nullptr && env[0] == '0';
-    const bool few_queries = std::is_same_v<T, float> && p.seqlen_q < MIN_TILE_QUERIES;
-    if (!tiles_off && !few_queries) return run_fwd<T, TileOperands<T>>(p);
+  if constexpr (!std::is_same_v<T, double>) {
+    if (tiles::use_tiles<T>(p.seqlen_q)) return run_fwd<T, TileOperands<T>>(p);
   }
 #endif
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);

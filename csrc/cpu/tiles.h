@@ -1,11 +1,11 @@
-// AVX2/FMA register tiles for the forward's two block products, S = scale Q K^T and
-// O += P V, in fp32 with no per-call packing.
+// AVX2/FMA register tiles for the CPU kernels' block products (the forward's S = Q K^T
+// and O += P V, the backward's five), in fp32 with no per-call packing.
 //
-// BLAS packs both operands of every call; in the forward that is Q, K, P and V for every
-// block pair, and P is as large as the product's output. Here Q is packed once per query
-// block (pack_q, scale folded in), K and V once per head (pack_k / pack_v, 16-column
-// panels every query block of the head reuses), and P is read in place, one broadcast
-// per element. A tile is up to MR x 16 outputs in 12 vector accumulators.
+// BLAS packs both operands of every call, and in attention one operand (P, dS) is as
+// large as the product's output. Here the small operands are packed once (pack_q per
+// query block or head with the scale folded in, pack_k / pack_v per head into 16-column
+// panels) and P / dS are read in place, one broadcast per element. A tile is up to
+// MR x 16 outputs in 12 vector accumulators.
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 namespace flashattn::cpu::tiles {
 
@@ -22,9 +24,23 @@ constexpr int64_t MR = 6;   // output rows per tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Ask for a row `ahead` rows on while this one is copied: in (B, S, H, D) tensors a head's
-// rows are H * D elements apart, a new page every row or two, where the hardware
-// prefetchers stop, so without it the packing waits on every row.
+// Below this many query rows per head, float inputs go through BLAS: the tiles pack all
+// of K and V, as much memory traffic as the products themselves (decoding).
+constexpr int64_t MIN_TILE_QUERIES = 16;
+
+// Whether a call with float or 16-bit elements T and seqlen_q query rows per head runs on
+// the tiles. FLASHATTN_CPU_TILES=0 forces BLAS (for comparisons); read per call so one
+// process can measure both.
+template <typename T>
+inline bool use_tiles(int64_t seqlen_q) {
+  const char* env = std::getenv("FLASHATTN_CPU_TILES");
+  if (env != nullptr && env[0] == '0') return false;
+  return !std::is_same_v<T, float> || seqlen_q >= MIN_TILE_QUERIES;
+}
+
+// The packers prefetch the row a few rows ahead of the one they copy: in (B, S, H, D)
+// tensors a head's rows are H * D elements apart, a new page every row or two, where the
+// hardware prefetchers stop, so without it the packing waits on every row.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -150,6 +166,8 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // a[(r / MR) * MR * a_rs + k * a_ks + r % MR] (row groups a_rs * MR apart), B as `panels`
 // panels of n x 16, `panel_stride` apart. Panel by panel: a panel stays in L1 while the
 // row groups stream past it.
+// (The remainder switch is spelled out here and in pv_block: one shared helper taking a
+// lambda was tried and measured no faster, 0-7% slower within this machine's noise.)
 template <bool ACCUMULATE>
 inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* panels_b, int64_t panels,
                      int64_t panel_stride, int64_t n, float alpha, float* c, int64_t ldc) {
