@@ -204,3 +204,33 @@ def test_bf16_forward_memory_stays_bounded():
         "out = flashattn_py.flash_attn_func(q, k, v, backend='cpu'); assert out.isfinite().all()",
     )
     assert grown_kib < 16 * 1024, f"bf16 decode forward grew peak RSS by {grown_kib} KiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(dtype):
+    # Logits hundreds apart (most probabilities underflow to exactly 0 in the kernel's
+    # exp), float bias entries of -inf and -1e4, and rows whose lengths are not whole
+    # vectors: the softmax's exp over its whole range and its scalar tail.
+    seqlen_q, seqlen_k = 70, 301
+    q, k, v = random_qkv(1, seqlen_q, seqlen_k, 2, 2, 64, dtype=dtype, seed=23)
+    gen = torch.Generator().manual_seed(23)
+    bias = torch.randn(1, 2, seqlen_q, seqlen_k, generator=gen) * 20
+    bias[..., ::7] = -1e4
+    bias[..., 5::11] = float("-inf")
+    bias = bias.to(dtype)
+    run = lambda q, k, v: flashattn_py.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.5
+    ).transpose(1, 2)
+    check_attention(run, q, k, v, seed=23, scale=1.5, attn_bias=bias)
+
+
+def test_nan_query_row_gives_nan_row():
+    # NaN in, NaN out (as torch's SDPA): a NaN query row's output is NaN, not 0, and the
+    # other rows are unaffected.
+    q, k, v = random_qkv(1, 40, 50, 2, 2, 32, seed=29)
+    q = q.detach().clone()
+    q[0, 7, 1] = float("nan")
+    out = flashattn_py.flash_attn_func(q, k.detach(), v.detach(), backend="cpu")
+    assert torch.isnan(out[0, 7, 1]).all()
+    out[0, 7, 1] = 0
+    assert torch.isfinite(out).all()

@@ -250,10 +250,14 @@ void run_bwd(const FlashBwdParams& p) {
         acc* dk_part = dka + (key0 - col0) * ldk_grad;
         acc* dv_part = dva + (key0 - col0) * ldv_grad;
         ws.ops.scores(row0, rows, key0, cols, s, lds);
+        // As in the forward: the common case needs no per-row transform.
+        const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * lds;
-          transform_scores<T, acc>(p, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
-                                   dcap ? dcap + r * lds : nullptr);
+          if (!logits) {
+            transform_scores<T, acc>(p, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
+                                     dcap ? dcap + r * lds : nullptr);
+          }
           const acc row_lse = lse_head[row0 + r];
           if (row_lse == neg_inf) {
             std::fill(srow, srow + cols, acc(0));

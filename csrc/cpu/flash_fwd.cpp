@@ -276,15 +276,23 @@ void run_fwd(const FlashParams& p) {
         const int64_t lo = seen.lo, n = seen.hi - seen.lo;
         if (n == 0) continue;  // these rows see none of this block
         ws.kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
+        // Without softcap, ALiBi or bias, and with every row seeing all n keys, the scores
+        // are the logits (the common case: skip the per-row transform).
+        const bool logits =
+            p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0 + r0, r1 - r0, col0 + lo, n);
         for (int64_t r = r0; r < r1; ++r) {
           acc* srow = s + r * lds + lo;
-          transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
-          const acc m_new = std::max(m[r], row_max(srow, n));
+          if (!logits) {
+            transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
+                                     nullptr);
+          }
+          // Not std::max, which would drop a NaN row maximum (a NaN query row): NaN in, NaN out.
+          const acc row_m = row_max(srow, n), m_new = row_m < m[r] ? m[r] : row_m;
           if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
             std::fill(srow, srow + n, acc(0));
             continue;
           }
-          const acc rescale = std::exp(m[r] - m_new);  // 0 when m[r] is -inf
+          const acc rescale = m_new == m[r] ? acc(1) : std::exp(m[r] - m_new);  // 0 when m[r] is -inf
           const acc sum = exp_shift_sum(srow, n, m_new);
           // The softmax is normalised before dropout: l sums the undropped probabilities.
           if (p.dropout_p > 0.f) apply_dropout(p, srow, n, b, h, row0 + r, col0 + lo, ws.keep.get());
