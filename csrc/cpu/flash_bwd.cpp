@@ -18,6 +18,8 @@
 #include "blas.h"
 #include "tiles.h"
 
+#include <vector>
+
 namespace flashattn::cpu {
 
 namespace {
@@ -165,6 +167,7 @@ struct BwdWorkspace {
   // The head's dQ and delta; per block pair P, dP, dK, dV and the optional extras.
   Scratch<acc> dq, delta, s, dp, dcap, dk, dv, pz;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
+  int64_t head = -1;             // b * H + h whose operands and delta are loaded
   explicit BwdWorkspace(const FlashParams& p)
       : ops(p),
         dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
@@ -212,8 +215,21 @@ void run_bwd(const FlashBwdParams& p) {
     dv_heads = scratch<acc>(p.batch * H * Sk * Dv);
   }
 
+  // Tasks are heads. With fewer than two heads per thread (one head on a many-core CPU),
+  // each head's key blocks are also dealt round-robin into `splits` tasks (round-robin so
+  // that causal masks leave them equal work); each such task sums its own dQ, and the
+  // parts are added in split order at the end (the result does not depend on which
+  // thread ran what). Memory for the parts: splits x B x H x Sq x D, under 4 x threads
+  // heads' worth.
+  const int64_t heads = p.batch * H, threads = at::get_num_threads();
+  const int64_t num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
+  const int64_t splits =
+      heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + heads - 1) / heads));
+  Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
+
   using Workspace = BwdWorkspace<acc, Ops>;
-  auto body = [&](int64_t bh, Workspace& ws) {
+  auto body = [&](int64_t task, Workspace& ws) {
+    const int64_t bh = task / splits, split = task % splits;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
     const T* q_head = q + b * p.q_batch_stride + h * p.q_head_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -221,14 +237,17 @@ void run_bwd(const FlashBwdParams& p) {
     const T* o_head = out + b * p.o_batch_stride + h * p.o_head_stride;
     const T* do_head = dout + b * p.do_batch_stride + h * p.do_head_stride;
     const acc* lse_head = lse + bh * Sq;
-    ws.ops.load(p, q_head, k_head, v_head, do_head);
     acc* delta = ws.delta.get();
-    for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
-      const T* orow = o_head + i * p.o_row_stride;
-      const T* drow = do_head + i * p.do_row_stride;
-      acc sum = 0;
-      for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc>(drow[d]) * static_cast<acc>(orow[d]);
-      delta[i] = sum;
+    if (ws.head != bh) {  // a thread running several splits of a head loads it once
+      ws.ops.load(p, q_head, k_head, v_head, do_head);
+      for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
+        const T* orow = o_head + i * p.o_row_stride;
+        const T* drow = do_head + i * p.do_row_stride;
+        acc sum = 0;
+        for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc>(drow[d]) * static_cast<acc>(orow[d]);
+        delta[i] = sum;
+      }
+      ws.head = bh;
     }
     const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
     constexpr int64_t lds = BLOCK_K;  // score row stride
@@ -238,8 +257,8 @@ void run_bwd(const FlashBwdParams& p) {
     acc *s = ws.s.get(), *dp = ws.dp.get(), *dka = ws.dk.get(), *dva = ws.dv.get();
     acc* dcap = p.softcap > 0.f ? ws.dcap.get() : nullptr;
 
-    for (int64_t col0 = 0; col0 < Sk; col0 += BLOCK_K) {
-      const int64_t block_cols = std::min(BLOCK_K, Sk - col0);
+    for (int64_t kb = split; kb < num_k_blocks; kb += splits) {
+      const int64_t col0 = kb * BLOCK_K, block_cols = std::min(BLOCK_K, Sk - col0);
       std::fill(dka, dka + block_cols * ldk_grad, acc(0));
       std::fill(dva, dva + block_cols * ldv_grad, acc(0));
       const KeyRange rows_seen =
@@ -334,12 +353,32 @@ void run_bwd(const FlashBwdParams& p) {
         }
       }
     }
-    T* dq_head = dq + b * p.dq_batch_stride + h * p.dq_head_stride;
-    for (int64_t i = 0; i < Sq; ++i) store_row<T, acc>(dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
+    if (splits == 1) {
+      T* dq_head = dq + b * p.dq_batch_stride + h * p.dq_head_stride;
+      for (int64_t i = 0; i < Sq; ++i) store_row<T, acc>(dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
+    } else {
+      acc* part = dq_parts.get() + (bh * splits + split) * Sq * D;
+      for (int64_t i = 0; i < Sq; ++i) std::copy(dqa + i * ldq_grad, dqa + i * ldq_grad + D, part + i * D);
+    }
   };
 
   for_each_task(
-      p.batch * H, [&] { return Workspace(p); }, body);
+      heads * splits, [&] { return Workspace(p); }, body);
+
+  if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
+    at::parallel_for(0, heads * Sq, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc> row(D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bh = r / Sq, i = r % Sq, b = bh / H, h = bh % H;
+        std::fill(row.begin(), row.end(), acc(0));
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const acc* part = dq_parts.get() + ((bh * splits + sp) * Sq + i) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] += part[d];
+        }
+        store_row<T, acc>(row.data(), D, scale, dq + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride);
+      }
+    });
+  }
 
   if (group > 1) {  // dK/dV of a kv head = sum over its query heads, in head order
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
