@@ -262,3 +262,31 @@ def test_backward_splits_keys_when_few_heads(path, heads, causal, monkeypatch):
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_q,causal,window", [(1, True, (-1, -1)), (3, False, (-1, -1)), (100, True, (-1, -1)),
+                                                    (20, False, (300, 0))])
+def test_forward_splits_keys_when_few_tasks(dtype, seqlen_q, causal, window):
+    # With fewer (batch, head, query block) tasks than twice the threads (decoding), the
+    # forward deals each task's key blocks to several tasks and merges their partial
+    # softmax states. Force that with 4 threads and one head; the BLAS path (fp32 with
+    # < 16 queries) and the tiles both; outputs, lse and gradients against the reference.
+    from flashattn_py.reference import attention_ref
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        seqlen_k = 1100
+        q, k, v = random_qkv(1, seqlen_q, seqlen_k, 1, 1, 48, dtype=dtype, seed=37 + seqlen_q)
+        run = flash(causal=causal, window_size=window)
+        kw = bottom_right(seqlen_q, seqlen_k, window, causal=causal)
+        check_attention(run, q, k, v, seed=37, **kw)
+        out, lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=causal, window_size=window,
+                                                   return_attn_probs=True, backend="cpu")
+        _, ref_lse = attention_ref(q.double(), k.double(), v.double(), **kw)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+        again = flashattn_py.flash_attn_func(q, k, v, causal=causal, window_size=window, backend="cpu")
+        assert torch.equal(out, again)
+    finally:
+        torch.set_num_threads(threads)

@@ -238,11 +238,26 @@ void run_fwd(const FlashParams& p) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   using Workspace = FwdWorkspace<acc, KV>;
 
+  // Tasks are (batch, head, query block). With fewer than two per thread (decoding one
+  // sequence, few heads, many cores) each one's key blocks are also dealt round-robin into
+  // `splits` tasks (as flash-decoding does): each keeps its unnormalised O, row max and
+  // row sum, and the parts are merged in split order at the end (the result does not
+  // depend on which thread ran what). Part memory: under 4 x threads query blocks' O.
+  const int64_t row_tasks = p.batch * H * num_q_blocks, threads = at::get_num_threads();
+  const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
+  const int64_t splits = row_tasks >= 2 * threads
+                             ? 1
+                             : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + row_tasks - 1) / row_tasks));
+  const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
+  Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
+               part_l = scratch<acc>(part_rows);
+
   auto body = [&](int64_t task, Workspace& ws) {
     // Within a head, the last query blocks see the most keys under causal masks: hand
     // them out first.
-    const int64_t bh = task / num_q_blocks;
-    const int64_t q_block = num_q_blocks - 1 - task % num_q_blocks;
+    const int64_t row_task = task / splits, split = task % splits;
+    const int64_t bh = row_task / num_q_blocks;
+    const int64_t q_block = num_q_blocks - 1 - row_task % num_q_blocks;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
     const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
 
@@ -263,7 +278,9 @@ void run_fwd(const FlashParams& p) {
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
     // before keys.lo are then clipped like any other invisible ones).
+    int64_t block_index = -1;
     for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
+      if (++block_index % splits != split) continue;  // another split's block
       const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
       ws.kv.load_kv(p, b * p.num_heads_k + hk, k_head, v_head, col0, cols);
@@ -304,6 +321,13 @@ void run_fwd(const FlashParams& p) {
       }
     }
 
+    if (splits > 1) {  // this split's part, merged below
+      const int64_t part0 = (row_task * splits + split) * block_q;
+      for (int64_t r = 0; r < rows; ++r) std::copy(o + r * ldo, o + r * ldo + Dv, part_o.get() + (part0 + r) * Dv);
+      std::copy(m, m + rows, part_m.get() + part0);
+      std::copy(l, l + rows, part_l.get() + part0);
+      return;
+    }
     T* out_blk = out + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
     acc* lse_blk = lse + (b * H + h) * p.seqlen_q + row0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -315,7 +339,38 @@ void run_fwd(const FlashParams& p) {
   };
 
   for_each_task(
-      p.batch * H * num_q_blocks, [&] { return Workspace(p, block_q, block_k, num_q_blocks); }, body);
+      row_tasks * splits, [&] { return Workspace(p, block_q, block_k, num_q_blocks); }, body);
+
+  if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
+    at::parallel_for(0, row_tasks * block_q, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc> row(Dv);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t row_task = idx / block_q, r = idx % block_q;
+        const int64_t bh = row_task / num_q_blocks, q_block = num_q_blocks - 1 - row_task % num_q_blocks;
+        const int64_t i = q_block * KV::BLOCK_Q + r;
+        if (i >= p.seqlen_q) continue;  // past the last block's rows
+        const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
+        acc m = neg_inf;
+        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[first + sp * block_q]);
+        acc l = 0;
+        std::fill(row.begin(), row.end(), acc(0));
+        if (m != neg_inf) {
+          for (int64_t sp = 0; sp < splits; ++sp) {
+            const int64_t at = first + sp * block_q;
+            if (part_m[at] == neg_inf) continue;  // this split saw no key of the row
+            const acc w = std::exp(part_m[at] - m);
+            l += part_l[at] * w;
+            for (int64_t d = 0; d < Dv; ++d) row[d] += part_o[at * Dv + d] * w;
+          }
+        }
+        const bool empty = l == acc(0);  // as above: out 0, lse -inf
+        const int64_t b = bh / H, h = bh % H;
+        store_row<T, acc>(row.data(), Dv, empty ? acc(0) : acc(1) / l,
+                          out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
+        lse[bh * p.seqlen_q + i] = empty ? neg_inf : m + std::log(l);
+      }
+    });
+  }
 }
 }  // namespace
 
