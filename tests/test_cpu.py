@@ -73,10 +73,12 @@ def test_sliding_window_across_blocks(window, seqlens):
 
 @pytest.mark.parametrize("path", ["tiles", "blas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("seqlens,head_dim", [((300, 530), 40), ((97, 33), 80), ((16, 700), 17)])
+@pytest.mark.parametrize("seqlens,head_dim", [((300, 530), 40), ((97, 33), 80), ((16, 700), 17), ((3, 530), 40),
+                                              ((2, 300), 17)])
 def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, monkeypatch):
-    # On x86 with AVX2 the forward and backward run on their own tiles;
-    # FLASHATTN_CPU_TILES=0 sends the same call through BLAS (the path of other CPUs).
+    # On x86 with AVX2 the forward and backward run on their own tiles (float forwards
+    # with <= 4 queries row by row); FLASHATTN_CPU_TILES=0 sends the same call through
+    # BLAS (the path of other CPUs).
     # Both must match the reference, with causal masks, GQA and head dims that are not
     # multiples of the tile width.
     if path == "blas":
@@ -290,3 +292,11 @@ def test_forward_splits_keys_when_few_tasks(dtype, seqlen_q, causal, window):
         assert torch.equal(out, again)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd", "strided"])
+def test_decode_rows_layouts(layout):
+    # Decoding-sized float calls (<= 4 queries) read K and V rows in place: every layout's
+    # strides, GQA, head dims with a vector tail, causal from the bottom right.
+    q, k, v = random_qkv(2, 4, 333, 4, 2, 44, layout=layout, seed=41)
+    check_attention(flash(causal=True), q, k, v, seed=41, **bottom_right(4, 333, causal=True))

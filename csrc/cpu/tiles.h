@@ -28,14 +28,52 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // of K and V, as much memory traffic as the products themselves (decoding).
 constexpr int64_t MIN_TILE_QUERIES = 16;
 
+// At most this many float query rows per head go through the forward's row-by-row path
+// (flash_fwd.cpp RowOperands: K and V read once, in place): measured ahead of BLAS up to
+// 4 rows (decoding, D=128: 1.4-1.9x), behind it from 8.
+constexpr int64_t MAX_ROW_QUERIES = 4;
+
+// False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (for comparisons); read
+// per call so one process can measure both.
+inline bool enabled() {
+  const char* env = std::getenv("FLASHATTN_CPU_TILES");
+  return env == nullptr || env[0] != '0';
+}
+
 // Whether a call with float or 16-bit elements T and seqlen_q query rows per head runs on
-// the tiles. FLASHATTN_CPU_TILES=0 forces BLAS (for comparisons); read per call so one
-// process can measure both.
+// the tiles.
 template <typename T>
 inline bool use_tiles(int64_t seqlen_q) {
-  const char* env = std::getenv("FLASHATTN_CPU_TILES");
-  if (env != nullptr && env[0] == '0') return false;
-  return !std::is_same_v<T, float> || seqlen_q >= MIN_TILE_QUERIES;
+  return enabled() && (!std::is_same_v<T, float> || seqlen_q >= MIN_TILE_QUERIES);
+}
+
+// sum_e a[e] b[e], e < n.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), _mm256_loadu_ps(b + e + 8), acc1);
+  }
+  if (e + 8 <= n) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
+    e += 8;
+  }
+  const __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float sum = _mm_cvtss_f32(h);
+  for (; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+// y[e] += alpha x[e], e < n.
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(y + e, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + e), _mm256_loadu_ps(y + e)));
+  for (; e < n; ++e) y[e] += alpha * x[e];
 }
 
 // The packers prefetch the row a few rows ahead of the one they copy: in (B, S, H, D)
