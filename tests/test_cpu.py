@@ -294,9 +294,11 @@ def test_forward_splits_keys_when_few_tasks(dtype, seqlen_q, causal, window):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "strided"])
-def test_decode_rows_layouts(layout):
-    # Decoding-sized float calls (<= 4 queries) read K and V rows in place: every layout's
-    # strides, GQA, head dims with a vector tail, causal from the bottom right.
-    q, k, v = random_qkv(2, 4, 333, 4, 2, 44, layout=layout, seed=41)
+def test_decode_rows_layouts(layout, dtype):
+    # Decoding-sized calls (<= 4 queries) read K and V rows in place (16-bit ones widened
+    # in registers): every layout's strides, GQA, a head dim with a vector tail, causal
+    # from the bottom right.
+    q, k, v = random_qkv(2, 4, 333, 4, 2, 44, layout=layout, dtype=dtype, seed=41)
     check_attention(flash(causal=True), q, k, v, seed=41, **bottom_right(4, 333, causal=True))

@@ -3,11 +3,12 @@
 // One task is one (batch, head, block of query rows). It streams the visible key/value
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
-// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call); float calls
-// with at most 4 queries per head (decoding) go row by row over K and V in place
-// (RowOperands), those with 5-15 through BLAS, where packing K and V would cost as much as
-// the products; double and other CPUs through BLAS. Memory per thread is a few blocks
-// plus up to 16 MiB of packed or widened K and V; nothing is Sq x Sk.
+// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call), except
+// calls with at most 4 queries per head (decoding), which go row by row over K and V in
+// place (RowOperands), and float calls with 5-15, which go through BLAS (packing K and V
+// would cost as much as the products); double and other CPUs through BLAS. Memory per
+// thread is a few blocks plus up to 16 MiB of packed or widened K and V; nothing is
+// Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -207,25 +208,33 @@ struct TileOperands {
 #endif
 
 #ifdef FLASHATTN_CPU_TILES
-// Float calls with at most tiles::MAX_ROW_QUERIES query rows per head (decoding): each
-// key's K row is dotted with the few query rows and each V row added into their outputs,
-// K and V read once and in place. Decoding is bound by reading K and V; BLAS's small
-// products pack the key block on every call and reached about half the memory rate.
+// Calls with at most tiles::MAX_ROW_QUERIES query rows per head (decoding): each key's K
+// row is dotted with the few query rows and each V row added into their outputs, K and V
+// read once, in place (16-bit elements widened in registers). Decoding is bound by reading
+// K and V; BLAS's small products pack the key block on every call, and the tiles copy it
+// into panels, each about half the memory rate.
+template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q;
   static constexpr bool always_panels = false;
-  const float *q = nullptr, *k = nullptr, *v = nullptr;  // rows of the task's first query, key col0
-  int64_t ldq = 0, ldk = 0, ldv = 0;
+  Scratch<float> q;                      // the task's query rows, widened, times the scale
+  const T *k = nullptr, *v = nullptr;  // rows of key col0
+  int64_t ldk = 0, ldv = 0;
   const int64_t D, Dv;
   const float scale;
 
-  RowOperands(const FlashParams& p, int64_t, int64_t, bool) : D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {}
+  RowOperands(const FlashParams& p, int64_t, int64_t, bool)
+      : q(scratch<float>(BLOCK_Q * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {}
 
   int64_t o_stride() const { return Dv; }
 
-  void load_q(const FlashParams& p, const float* q_rows, int64_t) { q = q_rows, ldq = p.q_row_stride; }
+  void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t e = 0; e < D; ++e) q[r * D + e] = static_cast<float>(q_rows[r * p.q_row_stride + e]) * scale;
+    }
+  }
 
-  void load_kv(const FlashParams& p, int64_t, const float* k_head, const float* v_head, int64_t col0, int64_t) {
+  void load_kv(const FlashParams& p, int64_t, const T* k_head, const T* v_head, int64_t col0, int64_t) {
     k = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
     v = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
   }
@@ -235,15 +244,15 @@ struct RowOperands {
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     for (int64_t c = lo; c < hi; ++c) {
-      const float* kc = k + c * ldk;
+      const T* kc = k + c * ldk;
       if (c + AHEAD < hi) tiles::prefetch_row(kc + AHEAD * ldk, D);
-      for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = scale * tiles::dot(q + (r0 + r) * ldq, kc, D);
+      for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = tiles::dot(q.get() + (r0 + r) * D, kc, D);
     }
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     for (int64_t c = lo; c < hi; ++c) {
-      const float* vc = v + c * ldv;
+      const T* vc = v + c * ldv;
       if (c + AHEAD < hi) tiles::prefetch_row(vc + AHEAD * ldv, Dv);
       for (int64_t r = 0; r < rows; ++r) tiles::axpy(pr[r * ldp + c], vc, o + r * ldo, Dv);
     }
@@ -424,8 +433,8 @@ template <typename T>
 void flash_fwd(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (tiles::enabled() && p.seqlen_q <= tiles::MAX_ROW_QUERIES) return run_fwd<T, RowOperands>(p);
+    if constexpr (tiles::has_load8<T>()) {
+      if (tiles::enabled() && p.seqlen_q <= tiles::MAX_ROW_QUERIES) return run_fwd<T, RowOperands<T>>(p);
     }
     if (tiles::use_tiles<T>(p.seqlen_q)) return run_fwd<T, TileOperands<T>>(p);
   }

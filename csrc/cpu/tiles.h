@@ -10,6 +10,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define FLASHATTN_CPU_TILES 1
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,9 +30,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // of K and V, as much memory traffic as the products themselves (decoding).
 constexpr int64_t MIN_TILE_QUERIES = 16;
 
-// At most this many float query rows per head go through the forward's row-by-row path
-// (flash_fwd.cpp RowOperands: K and V read once, in place): measured ahead of BLAS up to
-// 4 rows (decoding, D=128: 1.4-1.9x), behind it from 8.
+// At most this many query rows per head go through the forward's row-by-row path
+// (flash_fwd.cpp RowOperands: K and V read once, in place). Measured at D=128: ahead of
+// BLAS for float up to 4 rows (1.4-1.9x; behind from 8) and of the tiles for bf16 up to
+// 4 rows (1.2-2.1x).
 constexpr int64_t MAX_ROW_QUERIES = 4;
 
 // False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (for comparisons); read
@@ -47,16 +50,41 @@ inline bool use_tiles(int64_t seqlen_q) {
   return enabled() && (!std::is_same_v<T, float> || seqlen_q >= MIN_TILE_QUERIES);
 }
 
+// Eight elements of x as floats (bf16: the top half of a float; fp16: F16C's conversion).
+template <typename T>
+inline __m256 load8(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  }
+}
+
+// Whether load8 handles T here (fp16 needs F16C, which every AVX2 CPU has in practice).
+template <typename T>
+constexpr bool has_load8() {
+#ifdef __F16C__
+  return true;
+#else
+  return !std::is_same_v<T, c10::Half>;
+#endif
+}
+
 // sum_e a[e] b[e], e < n.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t e = 0;
   for (; e + 16 <= n; e += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), _mm256_loadu_ps(b + e + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), load8(b + e), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), load8(b + e + 8), acc1);
   }
   if (e + 8 <= n) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), load8(b + e), acc0);
     e += 8;
   }
   const __m256 v = _mm256_add_ps(acc0, acc1);
@@ -64,16 +92,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   float sum = _mm_cvtss_f32(h);
-  for (; e < n; ++e) sum += a[e] * b[e];
+  for (; e < n; ++e) sum += a[e] * static_cast<float>(b[e]);
   return sum;
 }
 
 // y[e] += alpha x[e], e < n.
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int64_t e = 0;
-  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(y + e, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + e), _mm256_loadu_ps(y + e)));
-  for (; e < n; ++e) y[e] += alpha * x[e];
+  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(y + e, _mm256_fmadd_ps(va, load8(x + e), _mm256_loadu_ps(y + e)));
+  for (; e < n; ++e) y[e] += alpha * static_cast<float>(x[e]);
 }
 
 // The packers prefetch the row a few rows ahead of the one they copy: in (B, S, H, D)
