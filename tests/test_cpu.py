@@ -226,16 +226,24 @@ def test_extreme_logits(dtype):
     check_attention(run, q, k, v, seed=23, scale=1.5, attn_bias=bias)
 
 
-def test_nan_query_row_gives_nan_row():
+@pytest.mark.parametrize("seqlen_q,seqlen_k,threads", [(40, 50, None), (2, 1500, 4), (40, 1500, 4)])
+def test_nan_query_row_gives_nan_row(seqlen_q, seqlen_k, threads):
     # NaN in, NaN out (as torch's SDPA): a NaN query row's output is NaN, not 0, and the
-    # other rows are unaffected.
-    q, k, v = random_qkv(1, 40, 50, 2, 2, 32, seed=29)
-    q = q.detach().clone()
-    q[0, 7, 1] = float("nan")
-    out = flashattn_py.flash_attn_func(q, k.detach(), v.detach(), backend="cpu")
-    assert torch.isnan(out[0, 7, 1]).all()
-    out[0, 7, 1] = 0
-    assert torch.isfinite(out).all()
+    # other rows are unaffected; also when the keys are split over tasks (few rows, 4
+    # threads) and the parts merged.
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        q, k, v = random_qkv(1, seqlen_q, seqlen_k, 2, 2, 32, seed=29)
+        q = q.detach().clone()
+        q[0, 1, 1] = float("nan")
+        out = flashattn_py.flash_attn_func(q, k.detach(), v.detach(), backend="cpu")
+        assert torch.isnan(out[0, 1, 1]).all()
+        out[0, 1, 1] = 0
+        assert torch.isfinite(out).all()
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("path", ["tiles", "blas"])

@@ -406,7 +406,10 @@ void run_fwd(const FlashParams& p) {
         if (i >= p.seqlen_q) continue;  // past the last block's rows
         const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
         acc m = neg_inf;
-        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_m[first + sp * block_q]);
+        for (int64_t sp = 0; sp < splits; ++sp) {  // a NaN maximum (NaN query row) is kept
+          const acc part = part_m[first + sp * block_q];
+          if (part > m || std::isnan(part)) m = std::isnan(m) ? m : part;
+        }
         acc l = 0;
         std::fill(row.begin(), row.end(), acc(0));
         if (m != neg_inf) {
