@@ -227,6 +227,17 @@ void run_bwd(const FlashBwdParams& p) {
       heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + heads - 1) / heads));
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
 
+  // Forward calls with at most tiles::MAX_ROW_QUERIES queries per head ran row by row
+  // (flash_fwd.cpp RowOperands). S is recomputed here with the same arithmetic, so that
+  // exp(S - lse) uses the very scores the forward's lse summed: another summation order
+  // is an ulp of S off, which the gradients amplify.
+  bool row_scores = false;
+#ifdef FLASHATTN_CPU_TILES
+  if constexpr (!std::is_same_v<T, double> && tiles::has_load8<T>()) {
+    row_scores = tiles::enabled() && Sq <= tiles::MAX_ROW_QUERIES;
+  }
+#endif
+
   using Workspace = BwdWorkspace<acc, Ops>;
   auto body = [&](int64_t task, Workspace& ws) {
     const int64_t bh = task / splits, split = task % splits;
@@ -249,6 +260,10 @@ void run_bwd(const FlashBwdParams& p) {
       }
       ws.head = bh;
     }
+    std::vector<acc> q_scaled(row_scores ? Sq * D : 0);  // widened and scaled as RowOperands::load_q does
+    for (int64_t i = 0; row_scores && i < Sq; ++i) {
+      for (int64_t e = 0; e < D; ++e) q_scaled[i * D + e] = static_cast<acc>(q_head[i * p.q_row_stride + e]) * scale;
+    }
     const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
     constexpr int64_t lds = BLOCK_K;  // score row stride
     acc* dqa = ws.dq.get();
@@ -268,7 +283,19 @@ void run_bwd(const FlashBwdParams& p) {
       auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
         acc* dk_part = dka + (key0 - col0) * ldk_grad;
         acc* dv_part = dva + (key0 - col0) * ldv_grad;
-        ws.ops.scores(row0, rows, key0, cols, s, lds);
+        if (row_scores) {
+#ifdef FLASHATTN_CPU_TILES
+          if constexpr (!std::is_same_v<T, double> && tiles::has_load8<T>()) {
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t c = 0; c < cols; ++c) {
+                s[r * lds + c] = tiles::dot(q_scaled.data() + (row0 + r) * D, k_head + (key0 + c) * p.k_row_stride, D);
+              }
+            }
+          }
+#endif
+        } else {
+          ws.ops.scores(row0, rows, key0, cols, s, lds);
+        }
         // As in the forward: the common case needs no per-row transform.
         const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {

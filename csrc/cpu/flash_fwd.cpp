@@ -358,9 +358,13 @@ void run_fwd(const FlashParams& p) {
             transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
                                      nullptr);
           }
-          // Not std::max, which would drop a NaN row maximum (a NaN query row): NaN in, NaN out.
+          // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
           const acc row_m = row_max(srow, n), m_new = row_m < m[r] ? m[r] : row_m;
-          if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing
+          if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
+            // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
+            if (std::any_of(srow, srow + n, [](acc x) { return std::isnan(x); })) {
+              m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
+            }
             std::fill(srow, srow + n, acc(0));
             continue;
           }
