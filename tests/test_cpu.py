@@ -76,11 +76,10 @@ def test_sliding_window_across_blocks(window, seqlens):
 @pytest.mark.parametrize("seqlens,head_dim", [((300, 530), 40), ((97, 33), 80), ((16, 700), 17), ((3, 530), 40),
                                               ((2, 300), 17)])
 def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, monkeypatch):
-    # On x86 with AVX2 the forward and backward run on their own tiles (float forwards
-    # with <= 4 queries row by row); FLASHATTN_CPU_TILES=0 sends the same call through
-    # BLAS (the path of other CPUs).
-    # Both must match the reference, with causal masks, GQA and head dims that are not
-    # multiples of the tile width.
+    # On x86 with AVX2 the forward and backward run on their own tiles (forwards with
+    # <= 4 queries row by row); FLASHATTN_CPU_TILES=0 sends the same call through BLAS
+    # (the path of other CPUs). Both must match the reference, with causal masks, GQA
+    # and head dims that are not multiples of the tile width.
     if path == "blas":
         monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
     seqlen_q, seqlen_k = seqlens
@@ -283,8 +282,8 @@ def test_backward_splits_keys_when_few_heads(path, heads, causal, monkeypatch):
 def test_forward_splits_keys_when_few_tasks(dtype, seqlen_q, causal, window):
     # With fewer (batch, head, query block) tasks than twice the threads (decoding), the
     # forward deals each task's key blocks to several tasks and merges their partial
-    # softmax states. Force that with 4 threads and one head; the BLAS path (fp32 with
-    # < 16 queries) and the tiles both; outputs, lse and gradients against the reference.
+    # softmax states. Force that with 4 threads and one head; the row path (<= 4
+    # queries) and the tiles both; outputs, lse and gradients against the reference.
     from flashattn_py.reference import attention_ref
 
     threads = torch.get_num_threads()

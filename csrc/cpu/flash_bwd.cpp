@@ -164,14 +164,16 @@ struct TileBwdOperands {
 template <typename acc, typename Ops>
 struct BwdWorkspace {
   Ops ops;
-  // The head's dQ and delta; per block pair P, dP, dK, dV and the optional extras.
-  Scratch<acc> dq, delta, s, dp, dcap, dk, dv, pz;
+  // The head's dQ and delta (and Q for row_scores); per block pair P, dP, dK, dV and the
+  // optional extras.
+  Scratch<acc> dq, delta, q_rows, s, dp, dcap, dk, dv, pz;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   int64_t head = -1;             // b * H + h whose operands and delta are loaded
-  explicit BwdWorkspace(const FlashParams& p)
+  BwdWorkspace(const FlashParams& p, bool row_scores)
       : ops(p),
         dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
         delta(scratch<acc>(p.seqlen_q)),
+        q_rows(scratch<acc>(row_scores ? p.seqlen_q * p.head_dim : 0)),
         s(scratch<acc>(Ops::BLOCK_Q * Ops::BLOCK_K)),
         dp(scratch<acc>(Ops::BLOCK_Q * Ops::BLOCK_K)),
         dcap(scratch<acc>(p.softcap > 0.f ? Ops::BLOCK_Q * Ops::BLOCK_K : 0)),
@@ -228,14 +230,13 @@ void run_bwd(const FlashBwdParams& p) {
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
 
   // Forward calls with at most tiles::MAX_ROW_QUERIES queries per head ran row by row
-  // (flash_fwd.cpp RowOperands). S is recomputed here with the same arithmetic, so that
-  // exp(S - lse) uses the very scores the forward's lse summed: another summation order
-  // is an ulp of S off, which the gradients amplify.
+  // (flash_fwd.cpp RowOperands). S is recomputed here the same way (tiles::row_scores on
+  // Q widened and scaled as RowOperands::load_q does), so that exp(S - lse) uses the very
+  // scores the forward's lse summed: another summation order is an ulp of S off, which
+  // the gradients amplify.
   bool row_scores = false;
 #ifdef FLASHATTN_CPU_TILES
-  if constexpr (!std::is_same_v<T, double> && tiles::has_load8<T>()) {
-    row_scores = tiles::enabled() && Sq <= tiles::MAX_ROW_QUERIES;
-  }
+  if constexpr (tiles::has_load8<T>()) row_scores = tiles::enabled() && Sq <= tiles::MAX_ROW_QUERIES;
 #endif
 
   using Workspace = BwdWorkspace<acc, Ops>;
@@ -251,6 +252,10 @@ void run_bwd(const FlashBwdParams& p) {
     acc* delta = ws.delta.get();
     if (ws.head != bh) {  // a thread running several splits of a head loads it once
       ws.ops.load(p, q_head, k_head, v_head, do_head);
+      if (row_scores) {
+        load_rows(q_head, p.q_row_stride, Sq, D, ws.q_rows.get(), D);
+        scale_row(ws.q_rows.get(), Sq * D, scale);
+      }
       for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
         const T* orow = o_head + i * p.o_row_stride;
         const T* drow = do_head + i * p.do_row_stride;
@@ -259,10 +264,6 @@ void run_bwd(const FlashBwdParams& p) {
         delta[i] = sum;
       }
       ws.head = bh;
-    }
-    std::vector<acc> q_scaled(row_scores ? Sq * D : 0);  // widened and scaled as RowOperands::load_q does
-    for (int64_t i = 0; row_scores && i < Sq; ++i) {
-      for (int64_t e = 0; e < D; ++e) q_scaled[i * D + e] = static_cast<acc>(q_head[i * p.q_row_stride + e]) * scale;
     }
     const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
     constexpr int64_t lds = BLOCK_K;  // score row stride
@@ -283,19 +284,17 @@ void run_bwd(const FlashBwdParams& p) {
       auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
         acc* dk_part = dka + (key0 - col0) * ldk_grad;
         acc* dv_part = dva + (key0 - col0) * ldv_grad;
-        if (row_scores) {
+        bool scored = false;
 #ifdef FLASHATTN_CPU_TILES
-          if constexpr (!std::is_same_v<T, double> && tiles::has_load8<T>()) {
-            for (int64_t r = 0; r < rows; ++r) {
-              for (int64_t c = 0; c < cols; ++c) {
-                s[r * lds + c] = tiles::dot(q_scaled.data() + (row0 + r) * D, k_head + (key0 + c) * p.k_row_stride, D);
-              }
-            }
+        if constexpr (tiles::has_load8<T>()) {
+          if (row_scores) {
+            tiles::row_scores(ws.q_rows.get() + row0 * D, rows, k_head + key0 * p.k_row_stride, p.k_row_stride,
+                              cols, D, s, lds);
+            scored = true;
           }
-#endif
-        } else {
-          ws.ops.scores(row0, rows, key0, cols, s, lds);
         }
+#endif
+        if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
         // As in the forward: the common case needs no per-row transform.
         const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {
@@ -390,7 +389,7 @@ void run_bwd(const FlashBwdParams& p) {
   };
 
   for_each_task(
-      heads * splits, [&] { return Workspace(p); }, body);
+      heads * splits, [&] { return Workspace(p, row_scores); }, body);
 
   if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
     at::parallel_for(0, heads * Sq, 64, [&](int64_t begin, int64_t end) {

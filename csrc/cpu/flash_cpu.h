@@ -20,12 +20,9 @@
 #include <memory>
 #include <new>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 #include "../flash_params.h"
 #include "dropout.h"
+#include "tiles.h"
 
 namespace flashattn::cpu {
 
@@ -237,10 +234,12 @@ inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
   return sum;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#ifdef FLASHATTN_CPU_TILES
 // float versions on AVX2 without at::vec's NaN-propagating maximum (3 instructions where
 // 1 does) and with a shorter exp: these two passes are most of the softmax's time.
-// A NaN score is still passed on: exp keeps it, so the row's sum and output are NaN.
+// row_max may drop a NaN (max_ps returns its second operand); exp keeps it, so a row
+// with other scores still sums to NaN, and run_fwd checks a row whose maximum came out
+// -inf for NaN.
 template <>
 inline float row_max<float>(const float* s, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
@@ -302,11 +301,7 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
     _mm256_storeu_ps(s + c, e0);
     sum0 = _mm256_add_ps(sum0, e0);
   }
-  const __m256 v = _mm256_add_ps(sum0, sum1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float sum = _mm_cvtss_f32(h);
+  float sum = tiles::hsum(_mm256_add_ps(sum0, sum1));
   for (; c < n; ++c) {
     s[c] = std::exp(s[c] - shift);
     sum += s[c];

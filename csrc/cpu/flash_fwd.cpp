@@ -217,7 +217,7 @@ template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q;
   static constexpr bool always_panels = false;
-  Scratch<float> q;                      // the task's query rows, widened, times the scale
+  Scratch<float> q;                    // the task's query rows, widened, times the scale
   const T *k = nullptr, *v = nullptr;  // rows of key col0
   int64_t ldk = 0, ldv = 0;
   const int64_t D, Dv;
@@ -229,9 +229,8 @@ struct RowOperands {
   int64_t o_stride() const { return Dv; }
 
   void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t e = 0; e < D; ++e) q[r * D + e] = static_cast<float>(q_rows[r * p.q_row_stride + e]) * scale;
-    }
+    load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
+    scale_row(q.get(), rows * D, scale);
   }
 
   void load_kv(const FlashParams& p, int64_t, const T* k_head, const T* v_head, int64_t col0, int64_t) {
@@ -239,21 +238,14 @@ struct RowOperands {
     v = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
   }
 
-  // The rows of (B, S, H, D) tensors are a page apart or more: prefetch a few keys ahead.
-  static constexpr int64_t AHEAD = 8;
-
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    for (int64_t c = lo; c < hi; ++c) {
-      const T* kc = k + c * ldk;
-      if (c + AHEAD < hi) tiles::prefetch_row(kc + AHEAD * ldk, D);
-      for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = tiles::dot(q.get() + (r0 + r) * D, kc, D);
-    }
+    tiles::row_scores(q.get() + r0 * D, rows, k + lo * ldk, ldk, hi - lo, D, s + lo, lds);
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     for (int64_t c = lo; c < hi; ++c) {
       const T* vc = v + c * ldv;
-      if (c + AHEAD < hi) tiles::prefetch_row(vc + AHEAD * ldv, Dv);
+      if (c + 8 < hi) tiles::prefetch_row(vc + 8 * ldv, Dv);  // as row_scores does for K
       for (int64_t r = 0; r < rows; ++r) tiles::axpy(pr[r * ldp + c], vc, o + r * ldo, Dv);
     }
   }
@@ -306,6 +298,16 @@ void run_fwd(const FlashParams& p) {
   const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);
+
+  // Query row i of head bh done: out = O / l, lse = m + log l; a row that saw no key gets
+  // out 0, lse -inf (never 0/0).
+  auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t bh, int64_t i) {
+    const bool empty = l_row == acc(0);
+    const int64_t b = bh / H, h = bh % H;
+    store_row<T, acc>(o_row, Dv, empty ? acc(0) : acc(1) / l_row,
+                      out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
+    lse[bh * p.seqlen_q + i] = empty ? neg_inf : m_row + std::log(l_row);
+  };
 
   auto body = [&](int64_t task, Workspace& ws) {
     // Within a head, the last query blocks see the most keys under causal masks: hand
@@ -387,14 +389,7 @@ void run_fwd(const FlashParams& p) {
       std::copy(l, l + rows, part_l.get() + part0);
       return;
     }
-    T* out_blk = out + b * p.o_batch_stride + h * p.o_head_stride + row0 * p.o_row_stride;
-    acc* lse_blk = lse + (b * H + h) * p.seqlen_q + row0;
-    for (int64_t r = 0; r < rows; ++r) {
-      // A row that saw no key: out 0, lse -inf (never 0/0).
-      const bool empty = l[r] == acc(0);
-      store_row<T, acc>(o + r * ldo, Dv, empty ? acc(0) : acc(1) / l[r], out_blk + r * p.o_row_stride);
-      lse_blk[r] = empty ? neg_inf : m[r] + std::log(l[r]);
-    }
+    for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], bh, row0 + r);
   };
 
   for_each_task(
@@ -425,11 +420,7 @@ void run_fwd(const FlashParams& p) {
             for (int64_t d = 0; d < Dv; ++d) row[d] += part_o[at * Dv + d] * w;
           }
         }
-        const bool empty = l == acc(0);  // as above: out 0, lse -inf
-        const int64_t b = bh / H, h = bh % H;
-        store_row<T, acc>(row.data(), Dv, empty ? acc(0) : acc(1) / l,
-                          out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
-        lse[bh * p.seqlen_q + i] = empty ? neg_inf : m + std::log(l);
+        store_out(row.data(), m, l, bh, i);
       }
     });
   }
@@ -440,7 +431,7 @@ template <typename T>
 void flash_fwd(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
-    if constexpr (tiles::has_load8<T>()) {
+    if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
       if (tiles::enabled() && p.seqlen_q <= tiles::MAX_ROW_QUERIES) return run_fwd<T, RowOperands<T>>(p);
     }
     if (tiles::use_tiles<T>(p.seqlen_q)) return run_fwd<T, TileOperands<T>>(p);

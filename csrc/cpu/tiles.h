@@ -26,8 +26,9 @@ constexpr int64_t MR = 6;   // output rows per tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Below this many query rows per head, float inputs go through BLAS: the tiles pack all
-// of K and V, as much memory traffic as the products themselves (decoding).
+// Below this many query rows per head, float inputs do not use the tiles (the forward's
+// row path below MAX_ROW_QUERIES + 1, else BLAS): the tiles pack all of K and V, as much
+// memory traffic as the products themselves.
 constexpr int64_t MIN_TILE_QUERIES = 16;
 
 // At most this many query rows per head go through the forward's row-by-row path
@@ -64,14 +65,24 @@ inline __m256 load8(const T* x) {
   }
 }
 
-// Whether load8 handles T here (fp16 needs F16C, which every AVX2 CPU has in practice).
+// Whether load8 handles T here (float and bf16; fp16 needs F16C, which every AVX2 CPU
+// has in practice).
 template <typename T>
 constexpr bool has_load8() {
 #ifdef __F16C__
-  return true;
+  constexpr bool half = true;
 #else
-  return !std::is_same_v<T, c10::Half>;
+  constexpr bool half = false;
 #endif
+  return std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || (half && std::is_same_v<T, c10::Half>);
+}
+
+// The sum of v's eight lanes.
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
 }
 
 // sum_e a[e] b[e], e < n.
@@ -87,11 +98,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), load8(b + e), acc0);
     e += 8;
   }
-  const __m256 v = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  float sum = _mm_cvtss_f32(h);
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
   for (; e < n; ++e) sum += a[e] * static_cast<float>(b[e]);
   return sum;
 }
@@ -105,13 +112,30 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   for (; e < n; ++e) y[e] += alpha * static_cast<float>(x[e]);
 }
 
-// The packers prefetch the row a few rows ahead of the one they copy: in (B, S, H, D)
-// tensors a head's rows are H * D elements apart, a new page every row or two, where the
-// hardware prefetchers stop, so without it the packing waits on every row.
+// Prefetches a row of n elements. The packers and row_scores fetch a few rows ahead of
+// the one they read: in (B, S, H, D) tensors a head's rows are H * D elements apart, a new
+// page every row or two, where the hardware prefetchers stop, so without it they would
+// wait on every row.
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
+// s[r * lds + c] = q_r . k_c for r < rows, c < cols: float query rows d apart, K rows
+// (T, widened in registers) ldk apart, read in place a few keys behind a prefetch (the
+// rows of (B, S, H, D) tensors are a page apart or more). The forward's row path and the
+// backward of its calls both form S here, so the backward's P = exp(S - lse) uses the
+// very scores the forward's lse summed.
+template <typename T>
+inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
+                       int64_t lds) {
+  constexpr int64_t AHEAD = 8;
+  for (int64_t c = 0; c < cols; ++c) {
+    const T* kc = k + c * ldk;
+    if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
+    for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = dot(q + r * d, kc, d);
+  }
 }
 
 // Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
