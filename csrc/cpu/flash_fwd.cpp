@@ -4,9 +4,9 @@
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
 // for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call), except
-// calls with at most 4 queries per head (decoding), which go row by row over K and V in
-// place (RowOperands), and float calls with 5-15, which go through BLAS (packing K and V
-// would cost as much as the products); double and other CPUs through BLAS. Memory per
+// calls with under 16 queries per head (decoding, speculative decoding), which go row by
+// row over K and V in place (RowOperands: packing K and V would cost as much as the
+// products); double and other CPUs through BLAS. Memory per
 // thread is a few blocks plus up to 16 MiB of packed or widened K and V; nothing is
 // Sq x Sk.
 #include "flash_cpu.h"
@@ -208,11 +208,12 @@ struct TileOperands {
 #endif
 
 #ifdef FLASHATTN_CPU_TILES
-// Calls with at most tiles::MAX_ROW_QUERIES query rows per head (decoding): each key's K
-// row is dotted with the few query rows and each V row added into their outputs, K and V
-// read once, in place (16-bit elements widened in registers). Decoding is bound by reading
-// K and V; BLAS's small products pack the key block on every call, and the tiles copy it
-// into panels, each about half the memory rate.
+// Calls with at most tiles::MAX_ROW_QUERIES (15) query rows per head (decoding): each
+// key's K row is dotted with the few query rows (tiles::row_scores) and the V rows added
+// into their outputs (tiles::row_pv), K and V read in place (16-bit elements widened in
+// registers). Few queries make these products bound by reading K and V; BLAS's small
+// products pack the key block on every call, and the tiles copy it into panels, each
+// about half the memory rate.
 template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q;
@@ -243,11 +244,7 @@ struct RowOperands {
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
-    for (int64_t c = lo; c < hi; ++c) {
-      const T* vc = v + c * ldv;
-      if (c + 8 < hi) tiles::prefetch_row(vc + 8 * ldv, Dv);  // as row_scores does for K
-      for (int64_t r = 0; r < rows; ++r) tiles::axpy(pr[r * ldp + c], vc, o + r * ldo, Dv);
-    }
+    tiles::row_pv(pr + lo, ldp, rows, v + lo * ldv, ldv, hi - lo, Dv, o, ldo);
   }
 };
 #endif

@@ -26,16 +26,17 @@ constexpr int64_t MR = 6;   // output rows per tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Below this many query rows per head, float inputs do not use the tiles (the forward's
-// row path below MAX_ROW_QUERIES + 1, else BLAS): the tiles pack all of K and V, as much
-// memory traffic as the products themselves.
+// Below this many query rows per head, float inputs do not use the tiles (the forward goes
+// row by row, the backward through BLAS): the tiles pack all of K and V, as much memory
+// traffic as the products themselves.
 constexpr int64_t MIN_TILE_QUERIES = 16;
 
 // At most this many query rows per head go through the forward's row-by-row path
-// (flash_fwd.cpp RowOperands: K and V read once, in place). Measured at D=128: ahead of
-// BLAS for float up to 4 rows (1.4-1.9x; behind from 8) and of the tiles for bf16 up to
-// 4 rows (1.2-2.1x).
-constexpr int64_t MAX_ROW_QUERIES = 4;
+// (flash_fwd.cpp RowOperands: K and V read once, in place), that is every call below
+// MIN_TILE_QUERIES. Measured at D=128 (H=8, 4096 keys) for float against BLAS: 1.4-1.9x
+// up to 4 rows, 1.1-1.3x at 5-15; for bf16 against the tiles: 1.2-2.1x up to 4 rows,
+// 1.0-1.2x at 5-15.
+constexpr int64_t MAX_ROW_QUERIES = MIN_TILE_QUERIES - 1;
 
 // False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (for comparisons); read
 // per call so one process can measure both.
@@ -85,24 +86,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-// sum_e a[e] b[e], e < n.
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t e = 0;
-  for (; e + 16 <= n; e += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), load8(b + e), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), load8(b + e + 8), acc1);
-  }
-  if (e + 8 <= n) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), load8(b + e), acc0);
-    e += 8;
-  }
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; e < n; ++e) sum += a[e] * static_cast<float>(b[e]);
-  return sum;
-}
-
 // y[e] += alpha x[e], e < n.
 template <typename T>
 inline void axpy(float alpha, const T* x, float* y, int64_t n) {
@@ -122,11 +105,43 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+// s[r * lds] = q_r . k for r < M: M float query rows d apart against one K row (T,
+// widened in registers), the row loaded once for all M. Each dot product is summed the
+// same way whatever M is (two accumulators, even and odd 16-element halves, then the
+// tail), so a row's score does not depend on how many rows it was computed with.
+template <int M, typename T>
+__attribute__((always_inline)) inline void dot_rows(const float* q, int64_t d, const T* k, float* s, int64_t lds) {
+  __m256 acc0[M], acc1[M];
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16) {
+    const __m256 k0 = load8(k + e), k1 = load8(k + e + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) {
+      acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), k0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e + 8), k1, acc1[r]);
+    }
+  }
+  if (e + 8 <= d) {
+    const __m256 k0 = load8(k + e);
+#pragma GCC unroll 4
+    for (int r = 0; r < M; ++r) acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), k0, acc0[r]);
+    e += 8;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < M; ++r) {
+    float sum = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+    for (int64_t t = e; t < d; ++t) sum += q[r * d + t] * static_cast<float>(k[t]);
+    s[r * lds] = sum;
+  }
+}
+
 // s[r * lds + c] = q_r . k_c for r < rows, c < cols: float query rows d apart, K rows
-// (T, widened in registers) ldk apart, read in place a few keys behind a prefetch (the
-// rows of (B, S, H, D) tensors are a page apart or more). The forward's row path and the
-// backward of its calls both form S here, so the backward's P = exp(S - lse) uses the
-// very scores the forward's lse summed.
+// (T, widened in registers) ldk apart, read in place, each loaded once per 4 query rows
+// (dot_rows), a few keys behind a prefetch (the rows of (B, S, H, D) tensors are a page apart or more).
+// The forward's row path and the backward of its calls both form S here, so the
+// backward's P = exp(S - lse) uses the very scores the forward's lse summed.
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds) {
@@ -134,7 +149,111 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   for (int64_t c = 0; c < cols; ++c) {
     const T* kc = k + c * ldk;
     if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
-    for (int64_t r = 0; r < rows; ++r) s[r * lds + c] = dot(q + r * d, kc, d);
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * d, d, kc, s + r * lds + c, lds);
+    switch (rows - r) {
+      case 3: dot_rows<3>(q + r * d, d, kc, s + r * lds + c, lds); break;
+      case 2: dot_rows<2>(q + r * d, d, kc, s + r * lds + c, lds); break;
+      case 1: dot_rows<1>(q + r * d, d, kc, s + r * lds + c, lds); break;
+      default: break;
+    }
+  }
+}
+
+// o[r][0, 16) += sum_k p[r * ldp + k] v[k * ldv + (0, 16)] for r < M, k < n: V rows (T,
+// widened in registers) read in place, the outputs held in registers. With PREFETCH,
+// also prefetches the row `ahead` + k * ldv (dv elements) at each step.
+template <int M, bool PREFETCH, typename T>
+__attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
+                                                        float* o, int64_t ldo, const T* ahead, int64_t dv) {
+  __m256 c0[M], c1[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    c0[r] = _mm256_loadu_ps(o + r * ldo);
+    c1[r] = _mm256_loadu_ps(o + r * ldo + 8);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const T* vk = v + k * ldv;
+    if constexpr (PREFETCH) prefetch_row(ahead + k * ldv, dv);
+    const __m256 b0 = load8(vk), b1 = load8(vk + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m256 a = _mm256_broadcast_ss(p + r * ldp + k);
+      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    _mm256_storeu_ps(o + r * ldo, c0[r]);
+    _mm256_storeu_ps(o + r * ldo + 8, c1[r]);
+  }
+}
+
+// o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
+// forward's row path's P V, V rows (T, widened in registers) read in place.
+// Few rows: key by key, each V row added into every output row (axpy) while it is in L1,
+// a prefetch 8 keys ahead. More rows: 16 output columns of up to 6 rows at a time in
+// registers (pv_rows_tile), keys in chunks of 128 so a chunk's 16-column strip (8 KiB in
+// float) stays in L1 across the row groups, the first strip of a chunk prefetching the V
+// rows 8 keys ahead (all their columns); columns past the last multiple of 16 one by one.
+// axpy loads and stores the outputs for every key, the strips pass over each chunk's
+// rows 8 times (D=128). Measured (H=8, 4096 keys, D=128, paired medians of axpy time /
+// strips time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15; fp16 0.87 at 4, 1.09 at 8;
+// bf16 1.07 at 3, 1.23 at 4, 1.60 at 8 (axpy at 1 row: 0.69, the decoding case).
+template <typename T>
+inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
+                   int64_t ldo) {
+  // axpy widens a 16-bit V row once per output row, the strips once per key and 16
+  // columns: the more a widening costs (bf16 2 instructions per 8 elements, fp16 1, float
+  // none), the sooner the strips win.
+  constexpr int64_t AXPY_ROWS = std::is_same_v<T, float> ? 12 : std::is_same_v<T, c10::Half> ? 6 : 2;
+  constexpr int64_t CHUNK = 128, AHEAD = 8;
+  if (rows <= AXPY_ROWS) {
+    for (int64_t c = 0; c < n; ++c) {
+      const T* vc = v + c * ldv;
+      if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
+      for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], vc, o + r * ldo, dv);
+    }
+    return;
+  }
+  const int64_t dv16 = dv / NR * NR;
+  for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+    const int64_t keys = std::min(CHUNK, n - k0);
+    // The first tile prefetches rows k0 + AHEAD + k for its first `fetched` keys.
+    const int64_t fetched = std::max<int64_t>(0, std::min(keys, n - k0 - AHEAD));
+    for (int64_t j = 0; j < dv16; j += NR) {
+      for (int64_t r = 0; r < rows; r += MR) {
+        const float* pr = p + r * ldp + k0;
+        const T* vj = v + k0 * ldv + j;
+        float* orow = o + r * ldo + j;
+        auto tile = [&](auto m) {
+          constexpr int M = decltype(m)::value;
+          if (j == 0 && r == 0) {
+            pv_rows_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
+            pv_rows_tile<M, false>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo, v, dv);
+          } else {
+            pv_rows_tile<M, false>(pr, ldp, vj, ldv, keys, orow, ldo, v, dv);
+          }
+        };
+        switch (std::min(MR, rows - r)) {
+          case 6: tile(std::integral_constant<int, 6>{}); break;
+          case 5: tile(std::integral_constant<int, 5>{}); break;
+          case 4: tile(std::integral_constant<int, 4>{}); break;
+          case 3: tile(std::integral_constant<int, 3>{}); break;
+          case 2: tile(std::integral_constant<int, 2>{}); break;
+          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+    for (int64_t c = k0; c < k0 + keys; ++c) {  // columns [dv16, dv)
+      const T* vc = v + c * ldv;
+      if (dv16 == 0 && c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float pc = p[r * ldp + c];
+        for (int64_t e = dv16; e < dv; ++e) o[r * ldo + e] += pc * static_cast<float>(vc[e]);
+      }
+    }
   }
 }
 
