@@ -12,7 +12,7 @@
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
 // (every operand packed once per head), else through BLAS (double, other CPUs, float
-// calls with very few queries).
+// calls with under 16 queries).
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -229,14 +229,14 @@ void run_bwd(const FlashBwdParams& p) {
       heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + heads - 1) / heads));
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
 
-  // Forward calls with at most tiles::MAX_ROW_QUERIES queries per head ran row by row
-  // (flash_fwd.cpp RowOperands). S is recomputed here the same way (tiles::row_scores on
+  // Forward calls that tiles::use_rows sends row by row (few queries; flash_fwd.cpp
+  // RowOperands). S is recomputed here the same way (tiles::row_scores on
   // Q widened and scaled as RowOperands::load_q does), so that exp(S - lse) uses the very
   // scores the forward's lse summed: another summation order is an ulp of S off, which
   // the gradients amplify.
   bool row_scores = false;
 #ifdef FLASHATTN_CPU_TILES
-  if constexpr (tiles::has_load8<T>()) row_scores = tiles::enabled() && Sq <= tiles::MAX_ROW_QUERIES;
+  if constexpr (tiles::has_load8<T>()) row_scores = tiles::use_rows(Sq, D);
 #endif
 
   using Workspace = BwdWorkspace<acc, Ops>;

@@ -4,9 +4,11 @@
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
 // for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call), except
-// calls with under 16 queries per head (decoding, speculative decoding), which go row by
-// row over K and V in place (RowOperands: packing K and V would cost as much as the
-// products); double and other CPUs through BLAS. Memory per
+// calls with few queries per head (decoding, speculative decoding: at most 4, or 5-8
+// with head dims of at least 32), which go row by row over K and V in place
+// (RowOperands), and other float calls with under 16 queries, which go through BLAS
+// (packing K and V would cost as much as the products); double and other CPUs through
+// BLAS. Memory per
 // thread is a few blocks plus up to 16 MiB of packed or widened K and V; nothing is
 // Sq x Sk.
 #include "flash_cpu.h"
@@ -208,7 +210,7 @@ struct TileOperands {
 #endif
 
 #ifdef FLASHATTN_CPU_TILES
-// Calls with at most tiles::MAX_ROW_QUERIES (15) query rows per head (decoding): each
+// Calls with few query rows per head (tiles::use_rows: decoding): each
 // key's K row is dotted with the few query rows (tiles::row_scores) and the V rows added
 // into their outputs (tiles::row_pv), K and V read in place (16-bit elements widened in
 // registers). Few queries make these products bound by reading K and V; BLAS's small
@@ -429,7 +431,7 @@ void flash_fwd(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
     if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
-      if (tiles::enabled() && p.seqlen_q <= tiles::MAX_ROW_QUERIES) return run_fwd<T, RowOperands<T>>(p);
+      if (tiles::use_rows(p.seqlen_q, p.head_dim)) return run_fwd<T, RowOperands<T>>(p);
     }
     if (tiles::use_tiles<T>(p.seqlen_q)) return run_fwd<T, TileOperands<T>>(p);
   }

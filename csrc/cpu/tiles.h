@@ -26,17 +26,20 @@ constexpr int64_t MR = 6;   // output rows per tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Below this many query rows per head, float inputs do not use the tiles (the forward goes
-// row by row, the backward through BLAS): the tiles pack all of K and V, as much memory
-// traffic as the products themselves.
+// Below this many query rows per head, float inputs do not use the tiles (the forward's
+// row path where use_rows says so, else BLAS): the tiles pack all of K and V, as much
+// memory traffic as the products themselves.
 constexpr int64_t MIN_TILE_QUERIES = 16;
 
 // At most this many query rows per head go through the forward's row-by-row path
-// (flash_fwd.cpp RowOperands: K and V read once, in place), that is every call below
-// MIN_TILE_QUERIES. Measured at D=128 (H=8, 4096 keys) for float against BLAS: 1.4-1.9x
-// up to 4 rows, 1.1-1.3x at 5-15; for bf16 against the tiles: 1.2-2.1x up to 4 rows,
-// 1.0-1.2x at 5-15.
-constexpr int64_t MAX_ROW_QUERIES = MIN_TILE_QUERIES - 1;
+// (flash_fwd.cpp RowOperands: K and V read once, in place); from 5 rows on only with head
+// dims of at least ROW_MIN_HEAD_DIM. Measured (8 heads, 4096 keys, against BLAS for
+// float and the tiles for bf16; 1 thread unless said): up to 4 rows 1.2-1.9x at any head
+// dim; 5-8 rows at D=32 1.0-1.25x, D=64 1.3-1.8x, D=96 1.1-1.4x, D=128 (2 threads)
+// 1.1-1.9x; at 13 rows 0.8-1.0x (bf16 at D=64 1.4x), and at D=12-16 a third of their
+// speed (the row path's per-score horizontal sums and tails, which the tiles do not have).
+constexpr int64_t MAX_ROW_QUERIES = 8;
+constexpr int64_t ROW_MIN_HEAD_DIM = 32;
 
 // False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (for comparisons); read
 // per call so one process can measure both.
@@ -46,10 +49,16 @@ inline bool enabled() {
 }
 
 // Whether a call with float or 16-bit elements T and seqlen_q query rows per head runs on
-// the tiles.
+// the tiles (the forward asks after its row path, flash_fwd.cpp).
 template <typename T>
 inline bool use_tiles(int64_t seqlen_q) {
   return enabled() && (!std::is_same_v<T, float> || seqlen_q >= MIN_TILE_QUERIES);
+}
+
+// Whether a forward with seqlen_q query rows per head and head dim d goes row by row (and
+// its backward recomputes S the same way).
+inline bool use_rows(int64_t seqlen_q, int64_t d) {
+  return enabled() && (seqlen_q <= 4 || (seqlen_q <= MAX_ROW_QUERIES && d >= ROW_MIN_HEAD_DIM));
 }
 
 // Eight elements of x as floats (bf16: the top half of a float; fp16: F16C's conversion).
@@ -86,7 +95,9 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-// y[e] += alpha x[e], e < n.
+// y[e] += alpha x[e], e < n. (Tails one by one: a zero-padded vector through a stack
+// buffer, or masked loads and stores, measured slower here: store forwarding stalls, and
+// AMD's masked stores are microcoded.)
 template <typename T>
 inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
@@ -107,8 +118,9 @@ inline void prefetch_row(const T* row, int64_t n) {
 
 // s[r * lds] = q_r . k for r < M: M float query rows d apart against one K row (T,
 // widened in registers), the row loaded once for all M. Each dot product is summed the
-// same way whatever M is (two accumulators, even and odd 16-element halves, then the
-// tail), so a row's score does not depend on how many rows it was computed with.
+// same way whatever M is (two accumulators, even and odd 8-element halves of every 16,
+// the last 8 into the first, then the last d % 8 one by one), so a row's score does not
+// depend on how many rows it was computed with.
 template <int M, typename T>
 __attribute__((always_inline)) inline void dot_rows(const float* q, int64_t d, const T* k, float* s, int64_t lds) {
   __m256 acc0[M], acc1[M];
@@ -192,24 +204,25 @@ __attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t 
 
 // o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
 // forward's row path's P V, V rows (T, widened in registers) read in place.
-// Few rows: key by key, each V row added into every output row (axpy) while it is in L1,
-// a prefetch 8 keys ahead. More rows: 16 output columns of up to 6 rows at a time in
-// registers (pv_rows_tile), keys in chunks of 128 so a chunk's 16-column strip (8 KiB in
-// float) stays in L1 across the row groups, the first strip of a chunk prefetching the V
-// rows 8 keys ahead (all their columns); columns past the last multiple of 16 one by one.
-// axpy loads and stores the outputs for every key, the strips pass over each chunk's
-// rows 8 times (D=128). Measured (H=8, 4096 keys, D=128, paired medians of axpy time /
-// strips time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15; fp16 0.87 at 4, 1.09 at 8;
-// bf16 1.07 at 3, 1.23 at 4, 1.60 at 8 (axpy at 1 row: 0.69, the decoding case).
+// Few rows (or V rows under 16 columns): key by key, each V row added into every output
+// row (axpy) while it is in L1, a prefetch 8 keys ahead. More rows: 16 output columns of
+// up to 6 rows at a time in registers (pv_rows_tile), keys in chunks of 128 so a chunk's
+// 16-column strip (8 KiB in float) stays in L1 across the row groups, the first strip of
+// a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
+// multiple of 16 by axpy. axpy loads and stores the outputs for every key, the strips pass over each
+// chunk's rows dv / 16 times. Measured (H=8, 4096 keys, D=128, paired medians of axpy
+// time / strips time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15; fp16 0.87 at 4,
+// 1.09 at 8; bf16 1.07 at 3, 1.23 at 4, 1.60 at 8 (axpy at 1 row: 0.69, the decoding
+// case).
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
   // axpy widens a 16-bit V row once per output row, the strips once per key and 16
   // columns: the more a widening costs (bf16 2 instructions per 8 elements, fp16 1, float
-  // none), the sooner the strips win.
+  // none), the sooner the strips win (float: never up to MAX_ROW_QUERIES).
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, float> ? 12 : std::is_same_v<T, c10::Half> ? 6 : 2;
   constexpr int64_t CHUNK = 128, AHEAD = 8;
-  if (rows <= AXPY_ROWS) {
+  if (rows <= AXPY_ROWS || dv < NR) {
     for (int64_t c = 0; c < n; ++c) {
       const T* vc = v + c * ldv;
       if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
@@ -229,7 +242,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
         float* orow = o + r * ldo + j;
         auto tile = [&](auto m) {
           constexpr int M = decltype(m)::value;
-          if (j == 0 && r == 0) {
+          if (j == 0 && r == 0 && fetched > 0) {
             pv_rows_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
             pv_rows_tile<M, false>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo, v, dv);
           } else {
@@ -246,12 +259,9 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
         }
       }
     }
-    for (int64_t c = k0; c < k0 + keys; ++c) {  // columns [dv16, dv)
-      const T* vc = v + c * ldv;
-      if (dv16 == 0 && c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float pc = p[r * ldp + c];
-        for (int64_t e = dv16; e < dv; ++e) o[r * ldo + e] += pc * static_cast<float>(vc[e]);
+    if (dv16 < dv) {  // columns [dv16, dv)
+      for (int64_t c = k0; c < k0 + keys; ++c) {
+        for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], v + c * ldv + dv16, o + r * ldo + dv16, dv - dv16);
       }
     }
   }
