@@ -151,9 +151,9 @@ __attribute__((always_inline)) inline void dot_rows(const float* q, int64_t d, c
 
 // s[r * lds + c] = q_r . k_c for r < rows, c < cols: float query rows d apart, K rows
 // (T, widened in registers) ldk apart, read in place, each loaded once per 4 query rows
-// (dot_rows), a few keys behind a prefetch (the rows of (B, S, H, D) tensors are a page apart or more).
-// The forward's row path and the backward of its calls both form S here, so the
-// backward's P = exp(S - lse) uses the very scores the forward's lse summed.
+// (dot_rows), a few keys behind a prefetch (the rows of (B, S, H, D) tensors are a page
+// apart or more). The forward's row path and the backward of its calls both form S here,
+// so the backward's P = exp(S - lse) uses the very scores the forward's lse summed.
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds) {
@@ -204,66 +204,70 @@ __attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t 
 
 // o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
 // forward's row path's P V, V rows (T, widened in registers) read in place.
-// Few rows (or V rows under 16 columns): key by key, each V row added into every output
-// row (axpy) while it is in L1, a prefetch 8 keys ahead. More rows: 16 output columns of
-// up to 6 rows at a time in registers (pv_rows_tile), keys in chunks of 128 so a chunk's
-// 16-column strip (8 KiB in float) stays in L1 across the row groups, the first strip of
+// Float, few rows, or V rows under 16 columns: key by key, each V row added into every
+// output row (axpy) while it is in L1, a prefetch 8 keys ahead. More 16-bit rows: 16
+// output columns of up to 6 rows at a time in registers (pv_rows_tile), keys in chunks of
+// 128 so a chunk's 16-column strip stays in L1 across the row groups, the first strip of
 // a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
-// multiple of 16 by axpy. axpy loads and stores the outputs for every key, the strips pass over each
-// chunk's rows dv / 16 times. Measured (H=8, 4096 keys, D=128, paired medians of axpy
-// time / strips time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15; fp16 0.87 at 4,
-// 1.09 at 8; bf16 1.07 at 3, 1.23 at 4, 1.60 at 8 (axpy at 1 row: 0.69, the decoding
-// case).
+// multiple of 16 by axpy. axpy loads and stores the outputs for every key and widens a
+// 16-bit V row once per output row; the strips pass over each chunk's rows dv / 16 times
+// and widen once. Measured (H=8, 4096 keys, D=128, paired medians of axpy time / strips
+// time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15 (so within MAX_ROW_QUERIES float
+// stays key by key); fp16 0.87 at 4, 1.09 at 8; bf16 1.07 at 3, 1.23 at 4, 1.60 at 8
+// (axpy at 1 row: 0.69, the decoding case).
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
-  // axpy widens a 16-bit V row once per output row, the strips once per key and 16
-  // columns: the more a widening costs (bf16 2 instructions per 8 elements, fp16 1, float
-  // none), the sooner the strips win (float: never up to MAX_ROW_QUERIES).
-  constexpr int64_t AXPY_ROWS = std::is_same_v<T, float> ? 12 : std::is_same_v<T, c10::Half> ? 6 : 2;
+  // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
+  // the strips win.
+  constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
   constexpr int64_t CHUNK = 128, AHEAD = 8;
-  if (rows <= AXPY_ROWS || dv < NR) {
-    for (int64_t c = 0; c < n; ++c) {
-      const T* vc = v + c * ldv;
-      if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
-      for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], vc, o + r * ldo, dv);
-    }
-    return;
-  }
-  const int64_t dv16 = dv / NR * NR;
-  for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
-    const int64_t keys = std::min(CHUNK, n - k0);
-    // The first tile prefetches rows k0 + AHEAD + k for its first `fetched` keys.
-    const int64_t fetched = std::max<int64_t>(0, std::min(keys, n - k0 - AHEAD));
-    for (int64_t j = 0; j < dv16; j += NR) {
-      for (int64_t r = 0; r < rows; r += MR) {
-        const float* pr = p + r * ldp + k0;
-        const T* vj = v + k0 * ldv + j;
-        float* orow = o + r * ldo + j;
-        auto tile = [&](auto m) {
-          constexpr int M = decltype(m)::value;
-          if (j == 0 && r == 0 && fetched > 0) {
-            pv_rows_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
-            pv_rows_tile<M, false>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo, v, dv);
-          } else {
-            pv_rows_tile<M, false>(pr, ldp, vj, ldv, keys, orow, ldo, v, dv);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (rows > AXPY_ROWS && dv >= NR) {
+      const int64_t dv16 = dv / NR * NR;
+      for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+        const int64_t keys = std::min(CHUNK, n - k0);
+        // The first tile prefetches rows k0 + AHEAD + k for its first `fetched` keys.
+        const int64_t fetched = std::max<int64_t>(0, std::min(keys, n - k0 - AHEAD));
+        for (int64_t j = 0; j < dv16; j += NR) {
+          for (int64_t r = 0; r < rows; r += MR) {
+            const float* pr = p + r * ldp + k0;
+            const T* vj = v + k0 * ldv + j;
+            float* orow = o + r * ldo + j;
+            auto tile = [&](auto m) {
+              constexpr int M = decltype(m)::value;
+              if (j == 0 && r == 0 && fetched > 0) {
+                pv_rows_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
+                pv_rows_tile<M, false>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo, v, dv);
+              } else {
+                pv_rows_tile<M, false>(pr, ldp, vj, ldv, keys, orow, ldo, v, dv);
+              }
+            };
+            switch (std::min(MR, rows - r)) {
+              case 6: tile(std::integral_constant<int, 6>{}); break;
+              case 5: tile(std::integral_constant<int, 5>{}); break;
+              case 4: tile(std::integral_constant<int, 4>{}); break;
+              case 3: tile(std::integral_constant<int, 3>{}); break;
+              case 2: tile(std::integral_constant<int, 2>{}); break;
+              default: tile(std::integral_constant<int, 1>{}); break;
+            }
           }
-        };
-        switch (std::min(MR, rows - r)) {
-          case 6: tile(std::integral_constant<int, 6>{}); break;
-          case 5: tile(std::integral_constant<int, 5>{}); break;
-          case 4: tile(std::integral_constant<int, 4>{}); break;
-          case 3: tile(std::integral_constant<int, 3>{}); break;
-          case 2: tile(std::integral_constant<int, 2>{}); break;
-          default: tile(std::integral_constant<int, 1>{}); break;
+        }
+        if (dv16 < dv) {  // columns [dv16, dv)
+          for (int64_t c = k0; c < k0 + keys; ++c) {
+            for (int64_t r = 0; r < rows; ++r) {
+              axpy(p[r * ldp + c], v + c * ldv + dv16, o + r * ldo + dv16, dv - dv16);
+            }
+          }
         }
       }
+      return;
     }
-    if (dv16 < dv) {  // columns [dv16, dv)
-      for (int64_t c = k0; c < k0 + keys; ++c) {
-        for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], v + c * ldv + dv16, o + r * ldo + dv16, dv - dv16);
-      }
-    }
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    const T* vc = v + c * ldv;
+    if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
+    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], vc, o + r * ldo, dv);
   }
 }
 
