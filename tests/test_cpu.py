@@ -311,7 +311,8 @@ def test_decode_rows_layouts(layout, dtype, seqlen_q):
     # Calls with few queries (up to 8 at this head dim) read K and V rows in place (16-bit
     # ones widened in registers): every layout's strides, GQA, a head dim with a vector
     # tail, causal from the bottom right. P V key by key (float, fp16 up to 6 rows, bf16
-    # up to 2) or in register strips of 6+1 or 6+2 rows, the last strip 12 columns wide.
+    # up to 2) or in 16-column register strips of 6+1 or 6+2 rows, the last 12 columns
+    # key by key.
     q, k, v = random_qkv(2, seqlen_q, 333, 4, 2, 44, layout=layout, dtype=dtype, seed=41 + seqlen_q)
     check_attention(flash(causal=True), q, k, v, seed=41 + seqlen_q, **bottom_right(seqlen_q, 333, causal=True))
 

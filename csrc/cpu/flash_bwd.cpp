@@ -223,10 +223,8 @@ void run_bwd(const FlashBwdParams& p) {
   // parts are added in split order at the end (the result does not depend on which
   // thread ran what). Memory for the parts: splits x B x H x Sq x D, under 4 x threads
   // heads' worth.
-  const int64_t heads = p.batch * H, threads = at::get_num_threads();
-  const int64_t num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
-  const int64_t splits =
-      heads >= 2 * threads ? 1 : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + heads - 1) / heads));
+  const int64_t heads = p.batch * H, num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
+  const int64_t splits = key_splits(heads, num_k_blocks);
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
 
   // Forward calls that tiles::use_rows sends row by row (few queries; flash_fwd.cpp

@@ -319,6 +319,15 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
   for (; c < n; ++c) x[c] *= mult;
 }
 
+// Into how many tasks each of `tasks` tasks deals its key blocks (num_k_blocks of them)
+// so that every thread gets at least two tasks: 1 when there are enough already
+// (flash-decoding's split, used by the forward and the backward alike).
+inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
+  const int64_t threads = at::get_num_threads();
+  if (tasks >= 2 * threads) return 1;
+  return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
+}
+
 // Run body(task, workspace) for task in [0, num_tasks) on torch's intra-op threads, each
 // thread with its own workspace from make_workspace(), handing out tasks in order from a
 // shared counter (list heavy tasks first for balance).

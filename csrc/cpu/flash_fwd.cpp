@@ -8,9 +8,8 @@
 // with head dims of at least 32), which go row by row over K and V in place
 // (RowOperands), and other float calls with under 16 queries, which go through BLAS
 // (packing K and V would cost as much as the products); double and other CPUs through
-// BLAS. Memory per
-// thread is a few blocks plus up to 16 MiB of packed or widened K and V; nothing is
-// Sq x Sk.
+// BLAS. Memory per thread is a few blocks plus up to 16 MiB of packed or widened K and V;
+// nothing is Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -289,11 +288,8 @@ void run_fwd(const FlashParams& p) {
   // `splits` tasks (as flash-decoding does): each keeps its unnormalised O, row max and
   // row sum, and the parts are merged in split order at the end (the result does not
   // depend on which thread ran what). Part memory: under 4 x threads query blocks' O.
-  const int64_t row_tasks = p.batch * H * num_q_blocks, threads = at::get_num_threads();
-  const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
-  const int64_t splits = row_tasks >= 2 * threads
-                             ? 1
-                             : std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + row_tasks - 1) / row_tasks));
+  const int64_t row_tasks = p.batch * H * num_q_blocks;
+  const int64_t splits = key_splits(row_tasks, (p.seqlen_k + block_k - 1) / block_k);
   const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);

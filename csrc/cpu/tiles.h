@@ -172,12 +172,15 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   }
 }
 
-// o[r][0, 16) += sum_k p[r * ldp + k] v[k * ldv + (0, 16)] for r < M, k < n: V rows (T,
-// widened in registers) read in place, the outputs held in registers. With PREFETCH,
-// also prefetches the row `ahead` + k * ldv (dv elements) at each step.
-template <int M, bool PREFETCH, typename T>
-__attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
-                                                        float* o, int64_t ldo, const T* ahead, int64_t dv) {
+// o[r][0, 16) += sum_k p[r * ldp + k] b[k * ldb + (0, 16)] for r < M, k < n, the outputs
+// held in registers: B's rows of 16 elements ldb apart (T, widened in registers), the
+// forward's packed V panels (ldb = 16) and the row path's V rows in place. With PREFETCH,
+// also prefetches next_len elements at `next` + k * ldb at each step (a line of the panel
+// the following tiles read, or a V row a few keys ahead).
+template <int M, bool PREFETCH = false, typename T = float>
+__attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, const T* b, int64_t ldb, int64_t n,
+                                                   float* o, int64_t ldo, const T* next = nullptr,
+                                                   int64_t next_len = NR) {
   __m256 c0[M], c1[M];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
@@ -185,9 +188,9 @@ __attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t 
     c1[r] = _mm256_loadu_ps(o + r * ldo + 8);
   }
   for (int64_t k = 0; k < n; ++k) {
-    const T* vk = v + k * ldv;
-    if constexpr (PREFETCH) prefetch_row(ahead + k * ldv, dv);
-    const __m256 b0 = load8(vk), b1 = load8(vk + 8);
+    const T* bk = b + k * ldb;
+    const __m256 b0 = load8(bk), b1 = load8(bk + 8);
+    if constexpr (PREFETCH) prefetch_row(next + k * ldb, next_len);
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
       const __m256 a = _mm256_broadcast_ss(p + r * ldp + k);
@@ -206,7 +209,7 @@ __attribute__((always_inline)) inline void pv_rows_tile(const float* p, int64_t 
 // forward's row path's P V, V rows (T, widened in registers) read in place.
 // Float, few rows, or V rows under 16 columns: key by key, each V row added into every
 // output row (axpy) while it is in L1, a prefetch 8 keys ahead. More 16-bit rows: 16
-// output columns of up to 6 rows at a time in registers (pv_rows_tile), keys in chunks of
+// output columns of up to 6 rows at a time in registers (pv_tile), keys in chunks of
 // 128 so a chunk's 16-column strip stays in L1 across the row groups, the first strip of
 // a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
 // multiple of 16 by axpy. axpy loads and stores the outputs for every key and widens a
@@ -237,10 +240,10 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
             auto tile = [&](auto m) {
               constexpr int M = decltype(m)::value;
               if (j == 0 && r == 0 && fetched > 0) {
-                pv_rows_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
-                pv_rows_tile<M, false>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo, v, dv);
+                pv_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
+                pv_tile<M>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo);
               } else {
-                pv_rows_tile<M, false>(pr, ldp, vj, ldv, keys, orow, ldo, v, dv);
+                pv_tile<M>(pr, ldp, vj, ldv, keys, orow, ldo);
               }
             };
             switch (std::min(MR, rows - r)) {
@@ -362,34 +365,6 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
   }
 }
 
-// o[r][0, 16) += sum_k p[r][k] * panel[k][0, 16) for r < M, k < n; with PREFETCH, also
-// prefetches n x 16 floats at `next` like kr_tile.
-template <int M, bool PREFETCH = false>
-__attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, const float* panel, int64_t n,
-                                                   float* o, int64_t ldo, const float* next = nullptr) {
-  __m256 c0[M], c1[M];
-#pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    c0[r] = _mm256_loadu_ps(o + r * ldo);
-    c1[r] = _mm256_loadu_ps(o + r * ldo + 8);
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
-    if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
-#pragma GCC unroll 6
-    for (int r = 0; r < M; ++r) {
-      const __m256 a = _mm256_broadcast_ss(p + r * ldp + k);
-      c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    _mm256_storeu_ps(o + r * ldo, c0[r]);
-    _mm256_storeu_ps(o + r * ldo + 8, c1[r]);
-  }
-}
-
 // C (rows x 16 * panels, row stride ldc) = (or += alpha *) A B: A's row r, column k at
 // a[(r / MR) * MR * a_rs + k * a_ks + r % MR] (row groups a_rs * MR apart), B as `panels`
 // panels of n x 16, `panel_stride` apart. Panel by panel: a panel stays in L1 while the
@@ -448,18 +423,18 @@ inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_p
                                              : nullptr;
       int64_t r = 0;
       if (full > 0 && next != nullptr) {
-        pv_tile<MR, true>(p + k0, ldp, vp, keys, o + j * NR, ldo, next);
+        pv_tile<MR, true>(p + k0, ldp, vp, NR, keys, o + j * NR, ldo, next);
         r = MR;
       }
-      for (; r < full; r += MR) pv_tile<MR>(p + r * ldp + k0, ldp, vp, keys, o + r * ldo + j * NR, ldo);
+      for (; r < full; r += MR) pv_tile<MR>(p + r * ldp + k0, ldp, vp, NR, keys, o + r * ldo + j * NR, ldo);
       const float* pr = p + full * ldp + k0;
       float* orow = o + full * ldo + j * NR;
       switch (rows - full) {
-        case 5: pv_tile<5>(pr, ldp, vp, keys, orow, ldo); break;
-        case 4: pv_tile<4>(pr, ldp, vp, keys, orow, ldo); break;
-        case 3: pv_tile<3>(pr, ldp, vp, keys, orow, ldo); break;
-        case 2: pv_tile<2>(pr, ldp, vp, keys, orow, ldo); break;
-        case 1: pv_tile<1>(pr, ldp, vp, keys, orow, ldo); break;
+        case 5: pv_tile<5>(pr, ldp, vp, NR, keys, orow, ldo); break;
+        case 4: pv_tile<4>(pr, ldp, vp, NR, keys, orow, ldo); break;
+        case 3: pv_tile<3>(pr, ldp, vp, NR, keys, orow, ldo); break;
+        case 2: pv_tile<2>(pr, ldp, vp, NR, keys, orow, ldo); break;
+        case 1: pv_tile<1>(pr, ldp, vp, NR, keys, orow, ldo); break;
         default: break;
       }
     }
