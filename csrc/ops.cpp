@@ -4,8 +4,12 @@
 // These ops are internal: flashattn_py/api.py validates user input and normalises the
 // layout before calling them, so the checks here guard only the kernels' preconditions.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <optional>
 #include <tuple>
@@ -13,15 +17,6 @@
 #include "cpu/flash_cpu.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
-
-// A Python module, so that `import flashattn_py._C` loads the library and runs the
-// registrations below (the pattern of pytorch/extension-cpp).
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace flashattn {
 
@@ -37,19 +32,33 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
                              AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                  \
                                  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+// The forward on q, k, v in `layout`; out comes back in the same layout (its memory
+// (B, Sq, H, Dv) either way).
+std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const std::optional<at::Tensor>& alibi_slopes,
+                                                  const std::optional<at::Tensor>& attn_bias, double scale,
+                                                  double softcap, int64_t window_left, int64_t window_right,
+                                                  int64_t diag_offset, double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_state, Layout layout) {
+  FlashParams p;
+  fill_params(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
+              rng_state, layout);
+  const int64_t B = p.batch, Sq = p.seqlen_q, H = p.num_heads, Dv = p.head_dim_v;
+  at::Tensor out = layout.seq == 1 ? at::empty({B, Sq, H, Dv}, q.options())
+                                   : at::empty_strided({B, H, Sq, Dv}, {Sq * H * Dv, Dv, H * Dv, 1}, q.options());
+  at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(lse_dtype(q)));
+  fill_output(p, out, lse, layout);
+  FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::fwd", [&] { cpu::flash_fwd<scalar_t>(p); });
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& alibi_slopes,
                                            const std::optional<at::Tensor>& attn_bias, double scale, double softcap,
                                            int64_t window_left, int64_t window_right, int64_t diag_offset,
                                            double dropout_p, const std::optional<at::Tensor>& rng_state) {
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(lse_dtype(q)));
-  FlashParams p;
-  fill_params(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
-              rng_state);
-  fill_output(p, out, lse);
-  FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::fwd", [&] { cpu::flash_fwd<scalar_t>(p); });
-  return {out, lse};
+  return fwd_cpu_layout(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
+                        dropout_p, rng_state, Layout{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
@@ -88,6 +97,53 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t 
   return keep;
 }
 
+// flashattn_py._C.fwd_inference(q, k, v, alibi_slopes, attn_bias, scale, softcap,
+//     window_left, window_right, diag_offset, dropout_p, rng_state, heads_first) -> (out, lse)
+// flashattn::fwd on CPU tensors for eager calls that need no autograd and no tracing
+// (flashattn_py/ops.py decides), called straight from Python: torch.ops' boxed call
+// (argument matching, the torch-function and autograd fallbacks) costs about as much as
+// a decode-sized kernel. heads_first takes q, k, v (and returns out) as (B, H, S, D), SDPA's
+// layout, so its callers need no transposes either. Tensors with a strided last dimension
+// are copied first.
+PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *q, *k, *v, *alibi_slopes, *attn_bias, *rng_state;
+  double scale, softcap, dropout_p;
+  long long window_left, window_right, diag_offset;
+  int heads_first;
+  if (!PyArg_ParseTuple(args, "OOOOOddLLLdOp", &q, &k, &v, &alibi_slopes, &attn_bias, &scale, &softcap, &window_left,
+                        &window_right, &diag_offset, &dropout_p, &rng_state, &heads_first)) {
+    return nullptr;
+  }
+  // fill_params wants a contiguous last dimension (the op's Python callers copy for it).
+  auto tensor = [](PyObject* obj, const char* name) {
+    TORCH_CHECK_TYPE(THPVariable_Check(obj), "flashattn: ", name, " must be a tensor");
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    return t.dim() > 0 && t.stride(-1) != 1 ? t.contiguous() : t;
+  };
+  auto optional = [&](PyObject* obj, const char* name) -> std::optional<at::Tensor> {
+    if (obj == Py_None) return std::nullopt;
+    return tensor(obj, name);
+  };
+  const at::Tensor qt = tensor(q, "q"), kt = tensor(k, "k"), vt = tensor(v, "v");
+  TORCH_CHECK(qt.device().is_cpu(), "flashattn: fwd_inference runs on CPU tensors");
+  const auto slopes = optional(alibi_slopes, "alibi_slopes"), bias = optional(attn_bias, "attn_bias"),
+             rng = optional(rng_state, "rng_state");
+  std::tuple<at::Tensor, at::Tensor> result;
+  {
+    pybind11::gil_scoped_release no_gil;
+    RECORD_FUNCTION("flashattn::fwd", std::vector<c10::IValue>({qt, kt, vt}));
+    result = fwd_cpu_layout(qt, kt, vt, slopes, bias, scale, softcap, window_left, window_right, diag_offset,
+                            dropout_p, rng, heads_first ? HEADS_FIRST : Layout{});
+  }
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) return nullptr;
+  PyTuple_SET_ITEM(pair, 0, THPVariable_Wrap(std::get<0>(result)));
+  PyTuple_SET_ITEM(pair, 1, THPVariable_Wrap(std::get<1>(result)));
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashattn, m) {
@@ -110,3 +166,15 @@ TORCH_LIBRARY_IMPL(flashattn, CPU, m) {
 }
 
 }  // namespace flashattn
+
+// A Python module, so that `import flashattn_py._C` loads the library and runs the
+// registrations above (the pattern of pytorch/extension-cpp), with the inference entry.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"fwd_inference", flashattn::fwd_inference, METH_VARARGS, "flashattn::fwd for eager inference calls"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+}

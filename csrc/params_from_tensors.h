@@ -10,12 +10,21 @@
 
 namespace flashattn {
 
-// q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension,
-// plus the semantic arguments of the fwd/bwd schemas.
+// Which dims of 4-D q, k, v, out hold the sequence and the heads: (B, S, H, D), the ops'
+// layout, or (B, H, S, D), SDPA's (ops.cpp's inference entry takes both).
+struct Layout {
+  int64_t seq = 1, heads = 2;
+};
+constexpr Layout HEADS_FIRST{2, 1};
+
+// q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
+// (or sequence and heads swapped, per `layout`), plus the semantic arguments of the
+// fwd/bwd schemas.
 inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
                         double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
-                        double dropout_p, const std::optional<at::Tensor>& rng_state) {
+                        double dropout_p, const std::optional<at::Tensor>& rng_state, Layout layout = {}) {
+  const int64_t S = layout.seq, H = layout.heads;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashattn: q, k, v must be 4-D (B, S, H, D)");
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn: q, k, v must share a device");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -27,15 +36,15 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(q.size(3) == k.size(3), "flashattn: q and k head dims differ");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
               "flashattn: head dims must be in [1, 256], got ", q.size(3), " and ", v.size(3));
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "flashattn: num_heads must be a multiple of num_heads_k");
+  TORCH_CHECK(k.size(H) > 0 && q.size(H) % k.size(H) == 0, "flashattn: num_heads must be a multiple of num_heads_k");
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
-  p.batch = q.size(0), p.seqlen_q = q.size(1), p.seqlen_k = k.size(1);
-  p.num_heads = q.size(2), p.num_heads_k = k.size(2);
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(S), p.q_head_stride = q.stride(H);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(S), p.k_head_stride = k.stride(H);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(S), p.v_head_stride = v.stride(H);
+  p.batch = q.size(0), p.seqlen_q = q.size(S), p.seqlen_k = k.size(S);
+  p.num_heads = q.size(H), p.num_heads_k = k.size(H);
   p.head_dim = q.size(3), p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
@@ -76,16 +85,18 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
   }
 }
 
-// out (B, Sq, H, Dv) and lse (B, H, Sq), contiguous.
-inline void fill_output(FlashParams& p, const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(1) == p.seqlen_q && out.size(2) == p.num_heads &&
+// out (B, Sq, H, Dv) (or per `layout`) with a contiguous head dimension, and lse (B, H,
+// Sq), contiguous.
+inline void fill_output(FlashParams& p, const at::Tensor& out, const at::Tensor& lse, Layout layout = {}) {
+  const int64_t S = layout.seq, H = layout.heads;
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(S) == p.seqlen_q && out.size(H) == p.num_heads &&
                   out.size(3) == p.head_dim_v && out.stride(-1) == 1,
               "flashattn: out must be (B, Sq, H, Dv) with a contiguous head dimension");
   TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.num_heads &&
                   lse.size(2) == p.seqlen_q,
               "flashattn: lse must be a contiguous (B, H, Sq) tensor");
   p.out = const_cast<void*>(out.data_ptr());
-  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(S), p.o_head_stride = out.stride(H);
   p.lse = const_cast<void*>(lse.data_ptr());
 }
 

@@ -19,32 +19,44 @@ from .reference import attention_ref
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _is_tensor(t) -> bool:
+    # isinstance(t, Tensor) runs torch's metaclass __instancecheck__ (thousands of
+    # instructions): test the exact type first, as every call on plain tensors passes.
+    return type(t) is Tensor or isinstance(t, Tensor)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int) -> None:
-    """Shape, dtype and device checks shared by both conventions (4-D tensors)."""
+    """Shape, dtype and device checks shared by both conventions (4-D tensors). (Each
+    attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
     nq, nk, nv = names
     for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, Tensor):
+        if not _is_tensor(t):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: dtype must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    for name, shape in zip(names, (qs, ks, vs)):
+        if len(shape) != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(shape)}")
+    dtype = q.dtype
+    if dtype not in _FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype:
+        for name, t in zip(names, (q, k, v)):
+            if t.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"{name}: dtype must be float16, bfloat16, float32 or float64, got {t.dtype}")
         raise ValueError(f"{nq}, {nk}, {nv}: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
+    device = q.device
+    if k.device != device or v.device != device:
         raise ValueError(f"{nq}, {nk}, {nv}: must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{nq}, {nk}, {nv}: batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[seq_dim] != v.shape[seq_dim]:
-        raise ValueError(f"{nk}, {nv}: sequence lengths differ: {k.shape[seq_dim]} vs {v.shape[seq_dim]}")
-    if k.shape[heads_dim] != v.shape[heads_dim]:
-        raise ValueError(f"{nk}, {nv}: head counts differ: {k.shape[heads_dim]} vs {v.shape[heads_dim]}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{nq}, {nk}: head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    for name, t in ((nq, q), (nv, v)):
-        if not 1 <= t.shape[-1] <= backends.MAX_HEAD_DIM:
-            raise ValueError(f"{name}: head dim must be in 1..{backends.MAX_HEAD_DIM}, got {t.shape[-1]}")
-    h, hk = q.shape[heads_dim], k.shape[heads_dim]
+    if not (qs[0] == ks[0] == vs[0]):
+        raise ValueError(f"{nq}, {nk}, {nv}: batch sizes differ: {qs[0]}, {ks[0]}, {vs[0]}")
+    if ks[seq_dim] != vs[seq_dim]:
+        raise ValueError(f"{nk}, {nv}: sequence lengths differ: {ks[seq_dim]} vs {vs[seq_dim]}")
+    if ks[heads_dim] != vs[heads_dim]:
+        raise ValueError(f"{nk}, {nv}: head counts differ: {ks[heads_dim]} vs {vs[heads_dim]}")
+    if qs[3] != ks[3]:
+        raise ValueError(f"{nq}, {nk}: head dims differ: {qs[3]} vs {ks[3]}")
+    for name, shape in ((nq, qs), (nv, vs)):
+        if not 1 <= shape[3] <= backends.MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head dim must be in 1..{backends.MAX_HEAD_DIM}, got {shape[3]}")
+    h, hk = qs[heads_dim], ks[heads_dim]
     if hk == 0 or h % hk != 0:
         raise ValueError(f"{nq}, {nk}: number of query heads ({h}) must be a multiple of key/value heads ({hk})")
 
@@ -302,30 +314,33 @@ def scaled_dot_product_attention(
     """
     names = ("query", "key", "value")
     for name, t in zip(names, (query, key, value)):
-        if not isinstance(t, Tensor):
+        if not _is_tensor(t):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 3:
-            raise ValueError(f"{name}: expected at least 3 dims (..., L, E), got shape {tuple(t.shape)}")
-    if not (query.dim() == key.dim() == value.dim()):
+    rank = query.dim()
+    if rank < 3 or key.dim() != rank or value.dim() != rank:
+        for name, t in zip(names, (query, key, value)):
+            if t.dim() < 3:
+                raise ValueError(f"{name}: expected at least 3 dims (..., L, E), got shape {tuple(t.shape)}")
         raise ValueError(f"query, key, value: ranks differ: {query.dim()}, {key.dim()}, {value.dim()}")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
     _check_dropout(dropout_p)
-    lead = query.shape[:-3] if query.dim() > 3 else ()
-    if query.dim() == 3:
-        q4, k4, v4 = (t.unsqueeze(1) for t in (query, key, value))
+    if rank == 3:
+        lead = ()
+        q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     else:
+        lead = query.shape[:-3]
         if key.shape[:-3] != lead or value.shape[:-3] != lead:
             raise ValueError(
                 f"query, key, value: batch dims differ: {tuple(lead)}, {tuple(key.shape[:-3])}, "
                 f"{tuple(value.shape[:-3])}"
             )
-        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t for t in (query, key, value))
+        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value)) if rank > 4 else (query, key, value)
     _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2)
-    num_heads, seqlen_q, seqlen_k = q4.shape[1], q4.shape[2], k4.shape[2]
-    if num_heads != k4.shape[1] and not enable_gqa:
+    (_, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
+    if num_heads != num_heads_k and not enable_gqa:
         raise ValueError(
-            f"query, key: head counts differ ({num_heads} vs {k4.shape[1]}); pass enable_gqa=True for GQA"
+            f"query, key: head counts differ ({num_heads} vs {num_heads_k}); pass enable_gqa=True for GQA"
         )
     mask4 = None
     if attn_mask is not None:
@@ -333,21 +348,19 @@ def scaled_dot_product_attention(
             raise ValueError(f"attn_mask: dtype must be bool or {query.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")
-        full = (*lead, num_heads, seqlen_q, seqlen_k) if query.dim() > 3 else (query.shape[0], seqlen_q, seqlen_k)
+        full = (*lead, num_heads, seqlen_q, seqlen_k) if rank > 3 else (query.shape[0], seqlen_q, seqlen_k)
         try:
             mask_full = attn_mask.expand(full)
         except RuntimeError:
             raise ValueError(
                 f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to {tuple(full)}"
             ) from None
-        mask4 = mask_full.unsqueeze(1) if query.dim() == 3 else mask_full.reshape(-1, num_heads, seqlen_q, seqlen_k)
-    head_dim = q4.shape[-1]
+        mask4 = mask_full.unsqueeze(1) if rank == 3 else mask_full.reshape(-1, num_heads, seqlen_q, seqlen_k)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     out, _ = ops.attention(
-        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), scale=scale, attn_mask=mask4,
-        window_left=-1, window_right=0 if is_causal else -1, diag_offset=0, dropout_p=float(dropout_p),
-    )
-    out = out.transpose(1, 2)  # (B, H, L, Ev)
-    if query.dim() == 3:
+        q4, k4, v4, scale=scale, attn_mask=mask4, window_left=-1, window_right=0 if is_causal else -1,
+        diag_offset=0, dropout_p=float(dropout_p), heads_first=True,
+    )  # (B, H, L, Ev)
+    if rank == 3:
         return out.squeeze(1)
-    return out.reshape(*lead, *out.shape[1:]) if query.dim() > 4 else out
+    return out.reshape(*lead, *out.shape[1:]) if rank > 4 else out

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -21,9 +21,9 @@ BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 MAX_HEAD_DIM = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """What a backend needs to know to say whether it can serve a call."""
+class Problem(NamedTuple):
+    """What a backend needs to know to say whether it can serve a call (a NamedTuple: one
+    is built per call, and a frozen dataclass costs several times as much to build)."""
 
     device_type: str
     dtype: torch.dtype

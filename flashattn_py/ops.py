@@ -92,7 +92,7 @@ def _attn_fwd_impl(
 
         return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
                                  attn_bias, dropout_p, rng_state)
-    return torch.ops.flashattn.fwd(
+    return torch.ops.flashattn.fwd.default(
         q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state
     )
 
@@ -140,7 +140,7 @@ def _attn_bwd_impl(
             deterministic, attn_bias, dropout_p, rng_state, bias_requires_grad,
         )
         return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,), dtype=torch.float32)
-    return torch.ops.flashattn.bwd(
+    return torch.ops.flashattn.bwd.default(
         dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
         dropout_p, rng_state, deterministic, bias_requires_grad,
     )
@@ -213,6 +213,11 @@ def _register_compiled_op_fakes() -> None:
 
 _register_compiled_op_fakes()
 
+# The CPU forward's entry for eager inference calls (csrc/ops.cpp), when the extension loaded.
+_cpu_fwd_inference: Optional[Callable] = None
+if backends.compiled_ops_error() is None:
+    from ._C import fwd_inference as _cpu_fwd_inference
+
 
 def dropout_rng_state() -> Tensor:
     """The [seed, offset] (int64, CPU) one dropout call draws from torch's default generator.
@@ -252,38 +257,53 @@ def attention(
     dropout_p: float = 0.0,
     deterministic: bool = False,
     backend: str = "auto",
+    heads_first: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Attention on validated (B, S, H, D) inputs, on the selected backend: ``(out, lse)``."""
-    problem = backends.Problem(
-        device_type=q.device.type, dtype=q.dtype, has_attn_mask=attn_mask is not None, dropout_p=dropout_p
-    )
-    name = backends.select(problem, backend)
+    """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
+    ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout."""
+    name = backends.select(backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p), backend)
+    if name != "reference":
+        rng_state = dropout_rng_state() if dropout_p > 0 else None
+        if name == "cpu" and _plain_inference(q, k, v, attn_mask):
+            # The kernel straight from Python, in either layout, any strides
+            # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
+            # would cost more than a decode-sized kernel.
+            return _cpu_fwd_inference(q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right,
+                                      diag_offset, dropout_p, rng_state, heads_first)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        if alibi_slopes is not None:
+            alibi_slopes = alibi_slopes.contiguous()
+    if heads_first:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if name == "reference":
-        return attention_ref(
+        out, lse = attention_ref(
             q, k, v, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_mask,
             window_left=window_left, window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
         )
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.contiguous()
-    rng_state = dropout_rng_state() if dropout_p > 0 else None
-    args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset, dropout_p,
-            rng_state, deterministic, name)
-    if _plain_inference(q, k, v, attn_mask):
-        # The kernel without the op's autograd layer, which costs about 50 us a call (it
-        # shows on decode-sized problems).
-        return _attn_fwd_impl(*args)
-    return attn_fwd(*args)
+    else:
+        args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
+                dropout_p, rng_state, deterministic, name)
+        # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
+        out, lse = _attn_fwd_impl(*args) if _plain_inference(q, k, v, attn_mask) else attn_fwd(*args)
+    return (out.transpose(1, 2), lse) if heads_first else (out, lse)
 
 
-def _plain_inference(*tensors: Optional[Tensor]) -> bool:
+def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> bool:
     """True for eager calls on plain tensors that need no gradient and no tracing: the ones
     that may skip the op. Fake / functional tensors, dispatch modes (make_fx, FakeTensorMode)
-    and torch.compile must see ``flashattn::attn_fwd`` itself (its fake impl, one graph node)."""
-    present = [t for t in tensors if t is not None]
-    if any(type(t) is not Tensor for t in present):
+    and torch.compile must see ``flashattn::attn_fwd`` itself (its fake impl, one graph node).
+    (Spelled out rather than looped over the tensors: this runs on every call.)"""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+    if attn_mask is not None and type(attn_mask) is not Tensor:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (attn_mask is not None and attn_mask.requires_grad)):
         return False
     if torch.compiler.is_compiling():
         return False

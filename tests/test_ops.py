@@ -110,3 +110,55 @@ def test_inference_calls_stay_visible_to_fake_mode_and_make_fx():
             return flashattn_py.flash_attn_func(x, x, x)
 
     assert "flashattn.attn_fwd" in make_fx(f)(torch.randn(1, 9, 2, 16)).code
+
+
+def _op_path(q, k, v, slopes, bias, scale, softcap, left, right, offset, dropout_p, rng):
+    return ops.attn_fwd(q, k, v, slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, False, "cpu")
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+@pytest.mark.parametrize("case", ["plain", "gqa_causal_alibi", "bias_dropout", "strided_last_dim"])
+def test_inference_entry_matches_the_op(case, heads_first):
+    # Eager no-grad CPU calls go to _C.fwd_inference (ops.attention), skipping torch.ops and
+    # taking SDPA's (B, H, S, D) layout directly: the very same kernel, so bit-for-bit the op.
+    q, k, v = (t.detach() for t in random_qkv(2, 13, 21, 4, 2 if case == "gqa_causal_alibi" else 4, 24, 20, seed=3))
+    slopes = torch.rand(2, 4) if case == "gqa_causal_alibi" else None
+    right = 0 if case == "gqa_causal_alibi" else -1
+    bias = torch.randn(1, 4, 13, 21).expand(2, 4, 13, 21) if case == "bias_dropout" else None
+    dropout_p = 0.3 if case == "bias_dropout" else 0.0
+    rng = ops.dropout_rng_state() if dropout_p else None
+    if case == "strided_last_dim":  # not read in place: copied before the kernel
+        q = torch.randn(2, 13, 4, 48)[..., ::2]
+    want_out, want_lse = _op_path(q.contiguous(), k, v, slopes, bias, 0.3, 0.0, -1, right, 8, dropout_p, rng)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if heads_first else (q, k, v)
+    out, lse = ops._cpu_fwd_inference(*args, slopes, bias, 0.3, 0.0, -1, right, 8, dropout_p, rng, heads_first)
+    if heads_first:
+        assert out.shape == (2, 4, 13, 20)
+        out = out.transpose(1, 2)
+    assert out.shape == want_out.shape and out.stride() == want_out.stride()
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeypatch):
+    calls = []
+    entry = ops._cpu_fwd_inference
+    monkeypatch.setattr(ops, "_cpu_fwd_inference", lambda *args: calls.append(args[-1]) or entry(*args))
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)
+        flashattn_py.flash_attn_func(q, k, v)
+    assert calls == [True, False]  # SDPA's layout as is; flash-attn's
+    assert "flashattn::fwd" in [e.key for e in prof.key_averages()]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    # Calls that need gradients keep the autograd op.
+    q.requires_grad_()
+    flashattn_py.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert len(calls) == 2 and q.grad is not None
+
+
+def test_inference_entry_argument_errors():
+    q = torch.randn(1, 5, 2, 8)
+    with pytest.raises(TypeError, match="v must be a tensor"):
+        ops._cpu_fwd_inference(q, q, "v", None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
+    with pytest.raises(RuntimeError, match="head dims differ"):
+        ops._cpu_fwd_inference(q, q[..., :4], q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
