@@ -19,19 +19,18 @@ from .reference import attention_ref
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _is_tensor(t) -> bool:
-    # isinstance(t, Tensor) runs torch's metaclass __instancecheck__ (thousands of
-    # instructions): test the exact type first, as every call on plain tensors passes.
-    return type(t) is Tensor or isinstance(t, Tensor)
+def _check_tensors(names: tuple[str, ...], *tensors) -> None:
+    for name, t in zip(names, tensors):
+        # isinstance(t, Tensor) runs torch's metaclass __instancecheck__ (thousands of
+        # instructions): the exact type first, which every call on plain tensors has.
+        if type(t) is not Tensor and not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int) -> None:
-    """Shape, dtype and device checks shared by both conventions (4-D tensors). (Each
-    attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
+    """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected).
+    (Each attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
     nq, nk, nv = names
-    for name, t in zip(names, (q, k, v)):
-        if not _is_tensor(t):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     qs, ks, vs = q.shape, k.shape, v.shape
     for name, shape in zip(names, (qs, ks, vs)):
         if len(shape) != 4:
@@ -146,6 +145,7 @@ def flash_attn_func(
         out (B, Sq, H, Dv), or ``(out, softmax_lse, probs)`` with ``return_attn_probs``.
     """
     backends.check_backend_name(backend)
+    _check_tensors(("q", "k", "v"), q, k, v)
     _check_qkv(q, k, v, ("q", "k", "v"), heads_dim=2, seq_dim=1)
     _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
     return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -313,9 +313,7 @@ def scaled_dot_product_attention(
         (..., H, L, Ev). A query that sees no key gives zeros (torch's math path gives NaN).
     """
     names = ("query", "key", "value")
-    for name, t in zip(names, (query, key, value)):
-        if not _is_tensor(t):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _check_tensors(names, query, key, value)
     rank = query.dim()
     if rank < 3 or key.dim() != rank or value.dim() != rank:
         for name, t in zip(names, (query, key, value)):
@@ -325,8 +323,9 @@ def scaled_dot_product_attention(
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
     _check_dropout(dropout_p)
-    if rank == 3:
-        lead = ()
+    if rank == 4:  # (batch sizes are checked with the rest below)
+        q4, k4, v4 = query, key, value
+    elif rank == 3:
         q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     else:
         lead = query.shape[:-3]
@@ -335,7 +334,7 @@ def scaled_dot_product_attention(
                 f"query, key, value: batch dims differ: {tuple(lead)}, {tuple(key.shape[:-3])}, "
                 f"{tuple(value.shape[:-3])}"
             )
-        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value)) if rank > 4 else (query, key, value)
+        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
     _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2)
     (_, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
     if num_heads != num_heads_k and not enable_gqa:
@@ -348,7 +347,8 @@ def scaled_dot_product_attention(
             raise ValueError(f"attn_mask: dtype must be bool or {query.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")
-        full = (*lead, num_heads, seqlen_q, seqlen_k) if rank > 3 else (query.shape[0], seqlen_q, seqlen_k)
+        lead = (query.shape[0],) if rank == 3 else (*query.shape[:-3], num_heads)
+        full = (*lead, seqlen_q, seqlen_k)
         try:
             mask_full = attn_mask.expand(full)
         except RuntimeError:
@@ -363,4 +363,4 @@ def scaled_dot_product_attention(
     )  # (B, H, L, Ev)
     if rank == 3:
         return out.squeeze(1)
-    return out.reshape(*lead, *out.shape[1:]) if rank > 4 else out
+    return out.reshape(*query.shape[:-3], *out.shape[1:]) if rank > 4 else out
