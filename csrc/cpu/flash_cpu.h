@@ -54,10 +54,13 @@ struct FreeDeleter {
 template <typename acc>
 using Scratch = std::unique_ptr<acc[], FreeDeleter>;
 
+// n <= 0 (a buffer the call does not use) gives a null pointer, no allocation: a
+// decode-sized call's buffers cost about as much as its kernel.
 template <typename acc>
 inline Scratch<acc> scratch(int64_t n) {
+  if (n <= 0) return Scratch<acc>();
   constexpr size_t line = 64;
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(acc) + line - 1) / line * line;
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(acc) + line - 1) / line * line;
   void* ptr = std::aligned_alloc(line, bytes);
   if (ptr == nullptr) throw std::bad_alloc();
   return Scratch<acc>(static_cast<acc*>(ptr));
