@@ -116,6 +116,13 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+// sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below.
+template <typename T>
+__attribute__((always_inline)) inline float dot_tail(float sum, const float* q, const T* k, int64_t e, int64_t d) {
+  for (int64_t t = e; t < d; ++t) sum += q[t] * static_cast<float>(k[t]);
+  return sum;
+}
+
 // s[r * lds] = q_r . k for r < M: M float query rows d apart against one K row (T,
 // widened in registers), the row loaded once for all M. Each dot product is summed the
 // same way whatever M is (two accumulators, even and odd 8-element halves of every 16,
@@ -142,11 +149,52 @@ __attribute__((always_inline)) inline void dot_rows(const float* q, int64_t d, c
     e += 8;
   }
 #pragma GCC unroll 4
-  for (int r = 0; r < M; ++r) {
-    float sum = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-    for (int64_t t = e; t < d; ++t) sum += q[r * d + t] * static_cast<float>(k[t]);
-    s[r * lds] = sum;
+  for (int r = 0; r < M; ++r) s[r * lds] = dot_tail(hsum(_mm256_add_ps(acc0[r], acc1[r])), q + r * d, k, e, d);
+}
+
+// s[j] = q . k_j for the 4 K rows k_j = k + j * ldk (T, widened in registers) and one
+// float query row: per key exactly dot_rows<1>'s arithmetic (the same accumulators, hsum's
+// order of lane additions done for the 4 keys together, the same tail), so the scores
+// are bitwise dot_rows<1>'s, at a quarter of its horizontal sums and with 8 independent
+// FMA chains where one key has 2.
+template <typename T>
+__attribute__((always_inline)) inline void dot_keys4(const float* q, int64_t d, const T* k, int64_t ldk, float* s) {
+  __m256 acc0[4], acc1[4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16) {
+    const __m256 q0 = _mm256_loadu_ps(q + e), q1 = _mm256_loadu_ps(q + e + 8);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      acc0[j] = _mm256_fmadd_ps(q0, load8(k + j * ldk + e), acc0[j]);
+      acc1[j] = _mm256_fmadd_ps(q1, load8(k + j * ldk + e + 8), acc1[j]);
+    }
   }
+  if (e + 8 <= d) {
+    const __m256 q0 = _mm256_loadu_ps(q + e);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc0[j] = _mm256_fmadd_ps(q0, load8(k + j * ldk + e), acc0[j]);
+    e += 8;
+  }
+  const __m256 a = _mm256_add_ps(acc0[0], acc1[0]), b = _mm256_add_ps(acc0[1], acc1[1]);
+  const __m256 c = _mm256_add_ps(acc0[2], acc1[2]), dd = _mm256_add_ps(acc0[3], acc1[3]);
+  // hsum: lanes i + (i + 4), then (0 + 2, 1 + 3), then 0 + 1. For two keys at once:
+  // [x_lo | y_lo] + [x_hi | y_hi].
+  const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, dd, 0x20), _mm256_permute2f128_ps(c, dd, 0x31));
+  // Per 128-bit half: [ab0 + ab2, ab1 + ab3, cd0 + cd2, cd1 + cd3] (a and c low, b and d high).
+  const __m256 h = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  // [h0 + h1, h2 + h3] per half: lanes 0, 1 are a, c; lanes 4, 5 are b, d.
+  const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(h, h, _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm256_shuffle_ps(h, h, _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sums);
+  s[0] = dot_tail(lanes[0], q, k, e, d);
+  s[1] = dot_tail(lanes[4], q, k + ldk, e, d);
+  s[2] = dot_tail(lanes[1], q, k + 2 * ldk, e, d);
+  s[3] = dot_tail(lanes[5], q, k + 3 * ldk, e, d);
 }
 
 // s[r * lds + c] = q_r . k_c for r < rows, c < cols: float query rows d apart, K rows
@@ -158,7 +206,14 @@ template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds) {
   constexpr int64_t AHEAD = 8;
-  for (int64_t c = 0; c < cols; ++c) {
+  int64_t c0 = 0;
+  if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
+    for (; c0 + 4 <= cols; c0 += 4) {
+      for (int64_t j = c0 + AHEAD; j < std::min(c0 + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
+      dot_keys4(q, d, k + c0 * ldk, ldk, s + c0);
+    }
+  }
+  for (int64_t c = c0; c < cols; ++c) {
     const T* kc = k + c * ldk;
     if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
     int64_t r = 0;
