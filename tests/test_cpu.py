@@ -304,17 +304,31 @@ def test_forward_splits_keys_when_few_tasks(dtype, seqlen_q, causal, window):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("seqlen_q", [2, 7, 8])
+@pytest.mark.parametrize("seqlen_q", [1, 2, 7, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd", "strided"])
 def test_decode_rows_layouts(layout, dtype, seqlen_q):
     # Calls with few queries (up to 8 at this head dim) read K and V rows in place (16-bit
     # ones widened in registers): every layout's strides, GQA, a head dim with a vector
-    # tail, causal from the bottom right. P V key by key (float, fp16 up to 6 rows, bf16
-    # up to 2) or in 16-column register strips of 6+1 or 6+2 rows, the last 12 columns
-    # key by key.
+    # tail, causal from the bottom right. One query: scores 4 keys at a time (333 keys:
+    # one left over). P V key by key (float, fp16 up to 6 rows, bf16 up to 2) or in
+    # 16-column register strips of 6+1 or 6+2 rows, the last 12 columns key by key.
     q, k, v = random_qkv(2, seqlen_q, 333, 4, 2, 44, layout=layout, dtype=dtype, seed=41 + seqlen_q)
     check_attention(flash(causal=True), q, k, v, seed=41 + seqlen_q, **bottom_right(seqlen_q, 333, causal=True))
+
+
+@pytest.mark.parametrize("head_dim", [128, 44, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim):
+    # One query's scores go 4 keys at a time, several queries' one key at a time for up
+    # to 4 rows: the same arithmetic per score, so a query row's output and lse are
+    # bitwise the same alone or beside others (what lets the backward recompute S exactly).
+    q, k, v = (t.detach() for t in random_qkv(2, 3, 203, 4, 2, head_dim, dtype=dtype, seed=7))
+    with torch.no_grad():
+        out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")
+        for i in range(3):
+            one, one_lse, _ = flashattn_py.flash_attn_func(q[:, i:i + 1], k, v, return_attn_probs=True, backend="cpu")
+            assert torch.equal(one, out[:, i:i + 1]) and torch.equal(one_lse, lse[..., i:i + 1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
