@@ -264,7 +264,7 @@ def attention(
     name = backends.select(backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p), backend)
     if name != "reference":
         rng_state = dropout_rng_state() if dropout_p > 0 else None
-        if name == "cpu" and _plain_inference(q, k, v, attn_mask):
+        if name == "cpu" and _plain_inference(q, k, v, attn_mask) and _outside_dispatcher_ok():
             # The kernel straight from Python, in either layout, any strides
             # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
             # would cost more than a decode-sized kernel.
@@ -291,6 +291,14 @@ def attention(
         # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
         out, lse = _attn_fwd_impl(*args) if _plain_inference(q, k, v, attn_mask) else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
+
+
+def _outside_dispatcher_ok() -> bool:
+    """Whether a plain inference call may skip torch's dispatcher altogether: not under
+    torch.func transforms (vmap's tensors are plain Tensors without storage, which only
+    the dispatcher's fallbacks handle) and not while torch.jit traces (it records
+    dispatcher calls)."""
+    return not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
 
 
 def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> bool:

@@ -162,3 +162,19 @@ def test_inference_entry_argument_errors():
         ops._cpu_fwd_inference(q, q, "v", None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
     with pytest.raises(RuntimeError, match="head dims differ"):
         ops._cpu_fwd_inference(q, q[..., :4], q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
+
+
+def test_vmap_and_jit_trace_without_grad_go_through_the_dispatcher():
+    # Under torch.vmap tensors are plain Tensors without storage, and torch.jit.trace
+    # records dispatcher calls: the inference entry must not take these calls.
+    q = torch.randn(3, 1, 2, 5, 8)
+
+    def f(x):
+        return flashattn_py.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+    with torch.no_grad():
+        out = torch.vmap(f)(q)
+        torch.testing.assert_close(out, torch.stack([f(x) for x in q]))
+        traced = torch.jit.trace(f, (q[0],), check_trace=False)
+    assert "flashattn::fwd" in str(traced.graph)
+    torch.testing.assert_close(traced(q[1]), f(q[1]))
