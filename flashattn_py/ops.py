@@ -294,11 +294,12 @@ def attention(
 
 
 def _outside_dispatcher_ok() -> bool:
-    """Whether a plain inference call may skip torch's dispatcher altogether: not under
-    torch.func transforms (vmap's tensors are plain Tensors without storage, which only
-    the dispatcher's fallbacks handle) and not while torch.jit traces (it records
-    dispatcher calls)."""
-    return not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
+    """Whether a plain inference call may skip torch.ops and the dispatcher altogether: not
+    under torch.func transforms (vmap's tensors are plain Tensors without storage, which
+    only the dispatcher's fallbacks handle), not while torch.jit traces (it records
+    dispatcher calls) and not under a TorchFunctionMode (torch.ops calls reach it)."""
+    return (not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> bool:

@@ -178,3 +178,21 @@ def test_vmap_and_jit_trace_without_grad_go_through_the_dispatcher():
         traced = torch.jit.trace(f, (q[0],), check_trace=False)
     assert "flashattn::fwd" in str(traced.graph)
     torch.testing.assert_close(traced(q[1]), f(q[1]))
+
+
+def test_torch_function_modes_see_inference_calls():
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, 2, 5, 8)
+    with torch.no_grad(), Record() as record:
+        flashattn_py.scaled_dot_product_attention(q, q, q)
+    assert any("flashattn.fwd" in name for name in record.names)
