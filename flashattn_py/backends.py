@@ -29,6 +29,7 @@ class Problem(NamedTuple):
     dtype: torch.dtype
     has_attn_mask: bool = False
     dropout_p: float = 0.0
+    forward_ad: bool = False  # an input carries a forward-mode AD tangent (a dual tensor)
 
 
 # Why each optional piece is unavailable (None: available), computed once on first use.
@@ -95,6 +96,7 @@ class Backend:
     attn_mask: bool
     dropout: bool
     why_unavailable: Callable[[], str | None]
+    forward_ad: bool = False
 
     def feature_reasons(self, p: Problem) -> list[str]:
         """Reasons the kernels can't compute this problem, wherever they run."""
@@ -106,6 +108,8 @@ class Backend:
             reasons.append("attn_mask is not supported by this backend yet")
         if p.dropout_p > 0 and not self.dropout:
             reasons.append("dropout is not supported by this backend yet")
+        if p.forward_ad and not self.forward_ad:
+            reasons.append("forward-mode AD (dual tensors) is not supported by this backend")
         return reasons
 
     def device_reasons(self, p: Problem) -> list[str]:
@@ -136,7 +140,8 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
                       why_unavailable=triton_error),
     "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error),
-    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None),
+    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None,
+                         forward_ad=True),
 }
 SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {name: b.supports for name, b in BACKENDS.items()}
 

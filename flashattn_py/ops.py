@@ -18,6 +18,7 @@ import sys
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -261,7 +262,10 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout."""
-    name = backends.select(backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p), backend)
+    forward_ad = _has_tangents(q, k, v, alibi_slopes, attn_mask)
+    name = backends.select(
+        backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p, forward_ad), backend
+    )
     if name != "reference":
         rng_state = dropout_rng_state() if dropout_p > 0 else None
         if name == "cpu" and _plain_inference(q, k, v, attn_mask) and _outside_dispatcher_ok():
@@ -291,6 +295,16 @@ def attention(
         # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
         out, lse = _attn_fwd_impl(*args) if _plain_inference(q, k, v, attn_mask) else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
+
+
+def _has_tangents(*tensors: Optional[Tensor]) -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()`` when an input is a dual tensor:
+    the fused kernels have no forward-mode derivative (the op would drop the tangent), the
+    reference's plain torch ops do. (The level is checked first: outside a dual level this
+    costs one attribute read.)"""
+    if fwAD._current_level < 0:
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _outside_dispatcher_ok() -> bool:

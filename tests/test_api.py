@@ -116,6 +116,36 @@ def test_fallback_to_reference_warns_once(monkeypatch):
     assert len(messages) == 1 and "dropout" in messages[0]
 
 
+def test_forward_mode_ad_falls_back_to_the_reference():
+    # The fused kernels have no forward-mode derivative; dual tensors go to the reference
+    # (plain torch ops) with the one-time warning, so the tangent is right, not dropped.
+    import torch.autograd.forward_ad as fwAD
+
+    backends._warned.clear()
+    q, k, v = (torch.randn(1, 2, 7, 16, dtype=torch.float64) for _ in range(3))
+    tq, tv = torch.randn_like(q), torch.randn_like(v)
+
+    def tangent(sdpa, **kwargs):
+        with fwAD.dual_level():
+            out = sdpa(fwAD.make_dual(q, tq), k, fwAD.make_dual(v, tv), is_causal=True, **kwargs)
+            return fwAD.unpack_dual(out)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = tangent(flashattn_py.scaled_dot_product_attention)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # torch's flash kernel has no forward AD (it raises)
+        theirs = tangent(F.scaled_dot_product_attention)
+    torch.testing.assert_close(ours.primal, theirs.primal)
+    torch.testing.assert_close(ours.tangent, theirs.tangent)
+    assert any("forward-mode AD" in str(w.message) for w in caught)
+    if HAS_CPU:
+        with fwAD.dual_level(), pytest.raises(ValueError, match="forward-mode AD"):
+            flashattn_py.flash_attn_func(fwAD.make_dual(q, tq).transpose(1, 2), k.transpose(1, 2),
+                                         v.transpose(1, 2), backend="cpu")
+
+
 def test_return_attn_probs():
     q, k, v = qkv(sq=5, sk=9, dtype=torch.float64)
     out, lse, probs = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
