@@ -103,8 +103,9 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, int64_t batch, int64_t 
 // (flashattn_py/ops.py decides), called straight from Python: torch.ops' boxed call
 // (argument matching, the torch-function and autograd fallbacks) costs about as much as
 // a decode-sized kernel. heads_first takes q, k, v (and returns out) as (B, H, S, D), SDPA's
-// layout, so its callers need no transposes either. Tensors with a strided last dimension
-// are copied first.
+// layout, so its callers need no transposes either. q, k, v and alibi_slopes with a strided
+// last dimension are copied first (as the op's Python callers do); attn_bias is read through
+// its strides (a mask broadcast over keys has stride 0 there: no copy).
 PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *q, *k, *v, *alibi_slopes, *attn_bias, *rng_state;
@@ -115,20 +116,24 @@ PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
                         &window_right, &diag_offset, &dropout_p, &rng_state, &heads_first)) {
     return nullptr;
   }
-  // fill_params wants a contiguous last dimension (the op's Python callers copy for it).
   auto tensor = [](PyObject* obj, const char* name) {
     TORCH_CHECK_TYPE(THPVariable_Check(obj), "flashattn: ", name, " must be a tensor");
-    const at::Tensor& t = THPVariable_Unpack(obj);
+    return THPVariable_Unpack(obj);
+  };
+  // fill_params wants rows with a contiguous last dimension.
+  auto rows = [&](PyObject* obj, const char* name) {
+    const at::Tensor& t = tensor(obj, name);
     return t.dim() > 0 && t.stride(-1) != 1 ? t.contiguous() : t;
   };
   auto optional = [&](PyObject* obj, const char* name) -> std::optional<at::Tensor> {
     if (obj == Py_None) return std::nullopt;
     return tensor(obj, name);
   };
-  const at::Tensor qt = tensor(q, "q"), kt = tensor(k, "k"), vt = tensor(v, "v");
+  const at::Tensor qt = rows(q, "q"), kt = rows(k, "k"), vt = rows(v, "v");
   TORCH_CHECK(qt.device().is_cpu(), "flashattn: fwd_inference runs on CPU tensors");
-  const auto slopes = optional(alibi_slopes, "alibi_slopes"), bias = optional(attn_bias, "attn_bias"),
-             rng = optional(rng_state, "rng_state");
+  const auto bias = optional(attn_bias, "attn_bias"), rng = optional(rng_state, "rng_state");
+  std::optional<at::Tensor> slopes;
+  if (alibi_slopes != Py_None) slopes = rows(alibi_slopes, "alibi_slopes");
   std::tuple<at::Tensor, at::Tensor> result;
   {
     pybind11::gil_scoped_release no_gil;

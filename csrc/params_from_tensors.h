@@ -29,8 +29,9 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn: q, k, v must share a device");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "flashattn: q, k, v must share a dtype");
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1 && v.stride(-1) == 1,
-              "flashattn: the head dimension must be contiguous (stride 1)");
+  // (An empty tensor's strides are never read: it may be an expanded one, strides 0.)
+  auto rows_ok = [](const at::Tensor& t) { return t.stride(-1) == 1 || t.numel() == 0; };
+  TORCH_CHECK(rows_ok(q) && rows_ok(k) && rows_ok(v), "flashattn: the head dimension must be contiguous (stride 1)");
   TORCH_CHECK(q.size(0) == k.size(0) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
               "flashattn: batch / seqlen / heads of q, k, v disagree");
   TORCH_CHECK(q.size(3) == k.size(3), "flashattn: q and k head dims differ");
@@ -104,7 +105,8 @@ inline void fill_output(FlashParams& p, const at::Tensor& out, const at::Tensor&
 inline void fill_grads(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
                        const at::Tensor& dv) {
   TORCH_CHECK(dout.dim() == 4 && dout.size(0) == p.batch && dout.size(1) == p.seqlen_q &&
-                  dout.size(2) == p.num_heads && dout.size(3) == p.head_dim_v && dout.stride(-1) == 1,
+                  dout.size(2) == p.num_heads && dout.size(3) == p.head_dim_v &&
+                  (dout.stride(-1) == 1 || dout.numel() == 0),
               "flashattn: dout must be (B, Sq, H, Dv) with a contiguous head dimension");
   p.dout = dout.data_ptr();
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import api, backends
+from . import api, backends, ops
 
 __all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "SDPAPatch"]
 
@@ -80,7 +80,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
     if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
     problem = backends.Problem(device_type=query.device.type, dtype=query.dtype,
-                               has_attn_mask=attn_mask is not None, dropout_p=float(dropout_p))
+                               has_attn_mask=attn_mask is not None, dropout_p=float(dropout_p),
+                               forward_ad=ops._has_tangents(query, key, value, attn_mask))
     for name in backends.auto_order(query.device.type)[:-1]:  # the fused ones, not reference
         if not backends.SUPPORTS[name](problem):
             return None

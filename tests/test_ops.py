@@ -196,3 +196,30 @@ def test_torch_function_modes_see_inference_calls():
     with torch.no_grad(), Record() as record:
         flashattn_py.scaled_dot_product_attention(q, q, q)
     assert any("flashattn.fwd" in name for name in record.names)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_empty_batch_and_sequences(grad):
+    # No tasks at all (the key-split rule divided by the task count: a SIGFPE).
+    for shapes in (((0, 2, 4, 8), (0, 2, 6, 8)), ((1, 2, 0, 8), (1, 2, 6, 8)), ((1, 2, 4, 8), (1, 2, 0, 8))):
+        q = torch.randn(shapes[0], requires_grad=grad)
+        k, v = (torch.randn(shapes[1], requires_grad=grad) for _ in range(2))
+        with torch.set_grad_enabled(grad):
+            out = flashattn_py.scaled_dot_product_attention(q, k, v)
+        assert out.shape == q.shape and not out.isnan().any()
+        if grad:
+            out.sum().backward()
+            assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_inference_entry_reads_a_key_broadcast_mask_in_place():
+    # A query-padding mask (B, 1, Sq, 1) reaches the kernel expanded over keys (stride 0):
+    # it must not be materialised as (B, H, Sq, Sk).
+    q = torch.randn(1, 2, 64, 8)
+    k, v = torch.randn(1, 2, 4096, 8), torch.randn(1, 2, 4096, 8)
+    mask = torch.rand(1, 1, 64, 1) > 0.2
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+        out = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert biggest < 2 * 64 * 4096 // 4, biggest  # the expanded bool mask would be 512 KiB
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))

@@ -148,6 +148,20 @@ def test_unservable_calls_fall_back_to_torch(spy):
     assert len(spy) == 2  # the first call was tried (and refused); the head-dim one never was
 
 
+def test_forward_mode_ad_falls_back_to_torch(spy):
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    tangent = torch.randn_like(q)
+    with patch_sdpa(), sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+        out = fwAD.unpack_dual(F.scaled_dot_product_attention(fwAD.make_dual(q, tangent), k, v))
+    with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level():
+        want = fwAD.unpack_dual(TORCH_SDPA(fwAD.make_dual(q, tangent), k, v))
+    assert not spy  # torch's own forward AD, not our reference fallback
+    torch.testing.assert_close(out.tangent, want.tangent)
+
+
 def _compare_models(make, inputs_fn, spy, min_calls):
     """Unpatched float64 model is the truth, unpatched float32 the naive run, patched float32 ours."""
     torch.manual_seed(0)

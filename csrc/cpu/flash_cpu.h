@@ -327,7 +327,7 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
 // (flash-decoding's split, used by the forward and the backward alike).
 inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
   const int64_t threads = at::get_num_threads();
-  if (tasks >= 2 * threads) return 1;
+  if (tasks == 0 || tasks >= 2 * threads) return 1;  // (no tasks: an empty batch or query)
   return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
 }
 

@@ -274,7 +274,9 @@ void run_fwd(const FlashParams& p) {
   const int64_t Dv = p.head_dim_v;
   const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
   const int64_t num_q_blocks = (p.seqlen_q + KV::BLOCK_Q - 1) / KV::BLOCK_Q;
-  const int64_t block_q = std::min(KV::BLOCK_Q, p.seqlen_q), block_k = std::min(KV::BLOCK_K, p.seqlen_k);
+  // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
+  const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
+  const int64_t block_k = std::max<int64_t>(1, std::min(KV::BLOCK_K, p.seqlen_k));
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
