@@ -49,6 +49,7 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
   p.head_dim = q.size(3), p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
+  p.scale64 = scale, p.softcap64 = softcap;
   p.window_left = window_left, p.window_right = window_right, p.diag_offset = diag_offset;
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;

@@ -4,6 +4,7 @@ import torch
 
 import flashattn_py
 from flashattn_py import backends
+from flashattn_py.reference import attention_ref
 
 from rule import assert_rule, check_attention, random_qkv
 
@@ -339,3 +340,17 @@ def test_decode_gradients_match_forward_scores(dtype):
     for seed, seqlen_q in ((2401, 4), (1354, 1), (1003, 6)):
         q, k, v = random_qkv(1, seqlen_q, 488, 6, 2, 128, dtype=dtype, seed=seed)
         check_attention(flash(softmax_scale=1.7), q, k, v, seed=seed, scale=1.7)
+
+
+def test_float64_is_computed_in_float64():
+    # The scale and softcap reach the float64 kernel in double: rounded to float, they cost
+    # float64 inputs 1e-8 relative error (the scale 1/sqrt(32) is not a float).
+    q, k, v = random_qkv(1, 70, 90, 2, 1, 32, dtype=torch.float64, seed=5)
+    out = flashattn_py.flash_attn_func(q, k, v, softcap=3.3, causal=True, backend="cpu")
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_ref(q2, k2, v2, scale=32 ** -0.5, softcap=3.3, window_right=0, diag_offset=20)
+    dout = torch.randn_like(ref)
+    out.backward(dout)
+    ref.backward(dout)
+    for got, want in ((out, ref), (q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert (got - want).abs().max().item() < 1e-12

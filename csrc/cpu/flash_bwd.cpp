@@ -59,7 +59,7 @@ struct BlasBwdOperands {
         dow(scratch<acc>(widen ? p.seqlen_q * p.head_dim_v : 0)),
         D(p.head_dim),
         Dv(p.head_dim_v),
-        scale(p.scale) {}
+        scale(static_cast<acc>(p.scale64)) {}
 
   int64_t dk_stride() const { return D; }
   int64_t dv_stride() const { return Dv; }
@@ -208,7 +208,7 @@ void run_bwd(const FlashBwdParams& p) {
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  const acc scale = p.scale;
+  const acc scale = static_cast<acc>(p.scale64);  // (float: the same value as p.scale)
 
   // With GQA, per-query-head dK/dV (B, H, Sk, D) in acc, reduced over the group below.
   Scratch<acc> dk_heads, dv_heads;

@@ -160,7 +160,7 @@ template <typename T, typename acc>
 inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i, int64_t j0, float slope,
                              const BiasRow<T>& bias, acc* dcap) {
   if (p.softcap > 0.f) {
-    const acc cap = p.softcap, inv = acc(1) / cap;
+    const acc cap = static_cast<acc>(p.softcap64), inv = acc(1) / cap;
     for (int64_t c = 0; c < n; ++c) {
       const acc t = std::tanh(s[c] * inv);
       s[c] = cap * t;

@@ -107,7 +107,7 @@ struct BlasOperands {
         q_copy(scratch<acc>(in_place ? 0 : block_q * p.head_dim)),
         D(p.head_dim),
         Dv(p.head_dim_v),
-        scale(p.scale) {}
+        scale(static_cast<acc>(p.scale64)) {}
 
   int64_t o_stride() const { return Dv; }
 
