@@ -41,9 +41,9 @@ struct FlashParams {
   // Semantics.
   float scale = 1.f;             // multiplies q . k
   float softcap = 0.f;           // > 0: s = softcap * tanh(s / softcap)
-  // The same two in double, for float64 inputs (the CPU kernel computes those in double;
-  // a scale rounded to float would cost them 1e-8 relative error).
-  double scale64 = 1.0, softcap64 = 0.0;
+  // scale, softcap and dropout_p (below) in double, for float64 inputs (the CPU kernel
+  // computes those in double; values rounded to float would cost them 1e-8 relative error).
+  double scale64 = 1.0, softcap64 = 0.0, dropout_p64 = 0.0;
   // ALiBi: s -= slope[b, h] * |i + diag_offset - j|; nullptr when off. float32,
   // element (b, h) at alibi_slopes[b * alibi_batch_stride + h] (stride 0 for shape (H,)).
   const float* alibi_slopes = nullptr;

@@ -76,7 +76,7 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
     p.bias_row_stride = m.stride(2), p.bias_col_stride = m.stride(3);
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flashattn: dropout_p must be in [0, 1), got ", dropout_p);
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p), p.dropout_p64 = dropout_p;
   if (dropout_p > 0) {  // [seed, offset], read on the host
     TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
                     rng_state->device().is_cpu(),

@@ -343,12 +343,18 @@ def test_decode_gradients_match_forward_scores(dtype):
 
 
 def test_float64_is_computed_in_float64():
-    # The scale and softcap reach the float64 kernel in double: rounded to float, they cost
-    # float64 inputs 1e-8 relative error (the scale 1/sqrt(32) is not a float).
+    # The scale, softcap and dropout's 1/(1-p) reach the float64 kernel in double: rounded
+    # to float, they cost float64 inputs 1e-8 relative error (1/sqrt(32), 0.1: not floats).
+    from flashattn_py import ops
+
     q, k, v = random_qkv(1, 70, 90, 2, 1, 32, dtype=torch.float64, seed=5)
-    out = flashattn_py.flash_attn_func(q, k, v, softcap=3.3, causal=True, backend="cpu")
+    torch.manual_seed(5)
+    out = flashattn_py.flash_attn_func(q, k, v, dropout_p=0.1, softcap=3.3, causal=True, backend="cpu")
+    torch.manual_seed(5)
+    keep = ops.dropout_keep_mask(ops.dropout_rng_state(), 1, 2, 70, 90, 0.1)
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_ref(q2, k2, v2, scale=32 ** -0.5, softcap=3.3, window_right=0, diag_offset=20)
+    ref, _ = attention_ref(q2, k2, v2, scale=32 ** -0.5, softcap=3.3, window_right=0, diag_offset=20, dropout_p=0.1,
+                           dropout_mask=keep)
     dout = torch.randn_like(ref)
     out.backward(dout)
     ref.backward(dout)

@@ -193,7 +193,7 @@ inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t b, 
                           bool* keep) {
   dropout_keep_row(p.dropout_seed, p.dropout_offset, p.dropout_p, p.seqlen_k, (b * p.num_heads + h) * p.seqlen_q + i,
                    j0, n, keep);
-  const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p));
+  const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p64));
   for (int64_t c = 0; c < n; ++c) row[c] = keep[c] ? row[c] * mult : acc(0);
 }
 
