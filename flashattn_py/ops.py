@@ -268,7 +268,8 @@ def attention(
     )
     if name != "reference":
         rng_state = dropout_rng_state() if dropout_p > 0 else None
-        if name == "cpu" and _plain_inference(q, k, v, attn_mask) and _outside_dispatcher_ok():
+        plain = _plain_inference(q, k, v, attn_mask)
+        if name == "cpu" and plain and _outside_dispatcher_ok():
             # The kernel straight from Python, in either layout, any strides
             # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
             # would cost more than a decode-sized kernel.
@@ -293,7 +294,7 @@ def attention(
         args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
                 dropout_p, rng_state, deterministic, name)
         # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
-        out, lse = _attn_fwd_impl(*args) if _plain_inference(q, k, v, attn_mask) else attn_fwd(*args)
+        out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
 
 
