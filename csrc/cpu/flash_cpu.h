@@ -284,13 +284,53 @@ inline __m256 exp_avx2(__m256 x_log2e) {
   return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
 }
 
+#ifdef __AVX512F__
+// The same polynomial in 16 lanes, with 2^n applied by vscalefps: no clamp at the top (2^n
+// overflows to infinity by itself), no conversion to an integer exponent, half the
+// instructions per element (measured: forward 2.1-2.3% faster than exp_avx2 on Zen 4, N=1024
+// and causal N=4096, one thread). Values are exp_avx2's bit for bit where exp(x) is a normal
+// float; below, scalef gives the denormal where exp_avx2 gave 0. t is clamped at -160 so
+// that -inf gives exactly 0 (2^-160 times the polynomial rounds to 0) rather than the NaN
+// of -inf - round(-inf).
+inline __m512 exp_avx512(__m512 x_log2e) {
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-160.f), x_log2e);  // (a NaN passes through)
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(0.00132765f), f, _mm512_set1_ps(0.00967554f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(0.05550713f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(0.2402212f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(0.69314697f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.00000007f));
+  return _mm512_scalef_ps(poly, n);
+}
+#endif
+
 template <>
 inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
   // x - shift first (exact when x is near shift), then the scaling: folding shift * log2(e)
   // into one FMA would round it, an error of |shift| 2^-24 in t.
+  int64_t c = 0;
+  float sum = 0.f;
+#ifdef __AVX512F__
+  const __m512 vlog2e = _mm512_set1_ps(1.44269504088896341f), vshift = _mm512_set1_ps(shift);
+  __m512 vsum = _mm512_setzero_ps();
+  for (; c + 16 <= n; c += 16) {
+    const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vshift), vlog2e));
+    _mm512_storeu_ps(s + c, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (c < n) {  // the last n % 16 in masked lanes (the others are neither stored nor summed)
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(lanes, s + c);
+    const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(x, vshift), vlog2e));
+    _mm512_mask_storeu_ps(s + c, lanes, e);
+    vsum = _mm512_mask_add_ps(vsum, lanes, vsum, e);
+    c = n;
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#else
   const __m256 vlog2e = _mm256_set1_ps(1.44269504088896341f), vshift = _mm256_set1_ps(shift);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
-  int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     const __m256 e0 = exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + c), vshift), vlog2e));
     const __m256 e1 = exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + c + 8), vshift), vlog2e));
@@ -304,7 +344,8 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
     _mm256_storeu_ps(s + c, e0);
     sum0 = _mm256_add_ps(sum0, e0);
   }
-  float sum = tiles::hsum(_mm256_add_ps(sum0, sum1));
+  sum = tiles::hsum(_mm256_add_ps(sum0, sum1));
+#endif
   for (; c < n; ++c) {
     s[c] = std::exp(s[c] - shift);
     sum += s[c];

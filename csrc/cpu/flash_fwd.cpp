@@ -92,7 +92,7 @@ struct BlasOperands {
   // Large blocks amortise BLAS's packing of both operands on every call; the 256 x 512
   // float score block (512 KiB) about fills L2. Blocks only partly visible (causal
   // diagonal, windows) are done in panels of PANEL_Q rows.
-  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 512, PANEL_Q = 64;
+  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 512, PANEL_Q = 64, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
@@ -164,8 +164,11 @@ struct TileOperands {
   // Nothing is packed per block, so blocks can be small: a 60-row panel's score rows
   // (60 x 256 floats, 60 KiB) and the block's packed K and V stay in L2 from the Q K^T
   // product through the softmax to the P V product. Every block is done in panels, and
-  // panels are whole tile row groups (multiples of tiles::MR).
-  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60;
+  // panels are whole tile row groups (multiples of tiles::MR). Rows across the edge of
+  // the visible band (a causal diagonal) go one row group at a time, each over only the
+  // keys its rows see: causal N=4096, D=128 1.5% faster than 60-row panels there (1.1%
+  // with 12 rows, 0.6% with 18).
+  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
   static constexpr bool always_panels = true;
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
@@ -217,7 +220,7 @@ struct TileOperands {
 // about half the memory rate.
 template <typename T>
 struct RowOperands {
-  static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q;
+  static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
   Scratch<float> q;                    // the task's query rows, widened, times the scale
   const T *k = nullptr, *v = nullptr;  // rows of key col0
@@ -338,11 +341,13 @@ void run_fwd(const FlashParams& p) {
       const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
       ws.kv.load_kv(p, b * p.num_heads_k + hk, k_head, v_head, col0, cols);
-      // In panels of PANEL_Q rows, each over only the keys its rows can see (the masked
-      // corner of a causal diagonal block is not computed), or one panel of all rows.
+      // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
+      // whole block), each over only the keys its rows can see (the masked corner of a
+      // causal diagonal block is not computed), or one panel of all rows.
       const bool split = KV::always_panels || !all_rows_see(p, row0, rows, col0, cols);
-      for (int64_t r0 = 0; r0 < rows; r0 += split ? KV::PANEL_Q : rows) {
-        const int64_t r1 = split ? std::min(rows, r0 + KV::PANEL_Q) : rows;
+      for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
+        r1 = split ? std::min(rows, r0 + KV::PANEL_Q) : rows;
+        if (split && !all_rows_see(p, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
         const KeyRange seen = split ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
         const int64_t lo = seen.lo, n = seen.hi - seen.lo;
         if (n == 0) continue;  // these rows see none of this block
