@@ -376,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     torch_names = {m.name for m in methods if m.is_torch}
     env = common.environment(device)
     mm_tflops, mm_what = common.matmul_tflops(device, n=args.matmul_size)
-    print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
+    print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
+          f" | cpu kernels: {env['cpu_kernels']}")
     print(f"# matmul rate: {mm_tflops:.3f} TFLOP/s ({mm_what})")
     print(f"# backends: {', '.join(m.name for m in methods)}")
 

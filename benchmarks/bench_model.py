@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen + 1), device=device)
     env = common.environment(device)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}")
+    print(f"# {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
+          f" | cpu kernels: {env['cpu_kernels']}")
     print(f"# GPT: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"{n_params / 1e6:.1f}M params, {args.dtype}; batch {args.batch} x seqlen {args.seqlen}; fwd+bwd per step")
 

@@ -326,6 +326,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     try:
+        from flashattn_py import _C
+
+        info["cpu_kernels"] = _C.CPU_KERNELS
+    except ImportError:
+        info["cpu_kernels"] = None
+    try:
         import triton
 
         info["triton"] = triton.__version__

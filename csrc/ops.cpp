@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "cpu/flash_cpu.h"
+#include "cpu/tiles_bf16.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
 
@@ -180,6 +181,23 @@ PyObject* PyInit__C(void) {
       {"fwd_inference", flashattn::fwd_inference, METH_VARARGS, "flashattn::fwd for eager inference calls"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // Which CPU kernels this build has (fixed at compile time by -march=native): benchmarks
+  // record it, tests ask it which paths to expect.
+  const char* cpu_kernels =
+#if defined(FLASHATTN_CPU_BF16_DOT)
+      "avx2-tiles avx512-exp avx512bf16-dot";
+#elif defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
+      "avx2-tiles avx512-exp";
+#elif defined(FLASHATTN_CPU_TILES)
+      "avx2-tiles";
+#else
+      "blas";
+#endif
+  if (module != nullptr && PyModule_AddStringConstant(module, "CPU_KERNELS", cpu_kernels) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }

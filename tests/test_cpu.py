@@ -89,6 +89,74 @@ def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, monkeypatch):
     check_attention(flash(causal=True), q, k, v, seed=seed, **bottom_right(seqlen_q, seqlen_k, causal=True))
 
 
+def bf16_dot_compiled() -> bool:
+    from flashattn_py import _C
+
+    return "avx512bf16-dot" in _C.CPU_KERNELS
+
+
+BF16_DOT_CASES = {
+    # (Sq, Sk, H, Hk, D, Dv): odd head dims and key counts get zero partners in the pairs
+    "causal-odd": ((97, 131, 4, 2, 17, 17), dict(causal=True)),
+    "window-odd-starts": ((300, 517, 2, 1, 128, 128), dict(window_size=(100, 37))),  # panels start on odd keys
+    "dv-differs": ((61, 33, 2, 2, 3, 5), dict()),
+    "softcap-alibi": ((40, 301, 4, 2, 64, 64), dict(softcap=5.0, alibi=True)),
+    "long-head": ((250, 260, 1, 1, 256, 256), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("path", ["dot", "fp32"])
+@pytest.mark.parametrize("case", sorted(BF16_DOT_CASES))
+def test_bf16_dot_and_fp32_tile_paths(path, case, monkeypatch):
+    # Where the CPU has AVX512-BF16 the bf16 forward multiplies bf16 pairs in float and
+    # rounds P to bf16 for P V (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends it to the
+    # fp32 tiles. Both against the reference, gradients too (the backward recomputes S
+    # on the fp32 tiles, another summation order than the forward's).
+    if path == "fp32":
+        monkeypatch.setenv("FLASHATTN_CPU_BF16_DOT", "0")
+    (seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v), opts = BF16_DOT_CASES[case]
+    seed = seqlen_q * 7 + head_dim
+    q, k, v = random_qkv(1, seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v, dtype=torch.bfloat16,
+                         seed=seed)
+    window = opts.get("window_size", (-1, -1))
+    slopes = torch.rand(heads, generator=torch.Generator().manual_seed(seed)) * 0.2 if opts.get("alibi") else None
+    softcap = opts.get("softcap", 0.0)
+    run = flash(causal=opts.get("causal", False), window_size=window, softcap=softcap, alibi_slopes=slopes)
+    check_attention(run, q, k, v, seed=seed, softcap=softcap, alibi_slopes=slopes,
+                    **bottom_right(seqlen_q, seqlen_k, window, causal=opts.get("causal", False)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_dot_with_dropout_and_mask(causal, monkeypatch):
+    # Dropout scales the kept probabilities before P is rounded to bf16; a bool mask
+    # removes keys inside the pairs. Against the reference given the kernel's keep mask.
+    from flashattn_py import ops
+
+    q, k, v = random_qkv(2, 45, 77, 4, 2, 24, dtype=torch.bfloat16, seed=19)
+    torch.manual_seed(77)
+    keep = ops.dropout_keep_mask(ops.dropout_rng_state(), 2, 4, 45, 77, 0.2)
+    mask = torch.rand(2, 1, 45, 77, generator=torch.Generator().manual_seed(19)) > 0.3
+
+    def run(q, k, v):
+        torch.manual_seed(77)
+        return ops.attention(q, k, v, scale=24 ** -0.5, dropout_p=0.2, attn_mask=mask.expand(2, 4, 45, 77),
+                             window_right=0 if causal else -1, diag_offset=32, backend="cpu")[0]
+
+    check_attention(run, q, k, v, seed=19, dropout_p=0.2, dropout_mask=keep, attn_bias=mask,
+                    window_right=0 if causal else -1, diag_offset=32)
+
+
+def test_bf16_dot_path_is_taken_where_compiled(monkeypatch):
+    # The switch works and the dot path runs where the build has it: P rounded to bf16
+    # gives outputs that differ from the fp32 tiles' (and agree with them to bf16 accuracy).
+    q, k, v = random_qkv(1, 200, 300, 2, 2, 64, dtype=torch.bfloat16, seed=23)
+    dot = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    monkeypatch.setenv("FLASHATTN_CPU_BF16_DOT", "0")
+    fp32 = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    assert (dot.float() - fp32.float()).abs().max().item() < 0.05
+    assert torch.equal(dot, fp32) != bf16_dot_compiled()
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_contiguous(layout, dtype):

@@ -14,6 +14,7 @@
 
 #include "blas.h"
 #include "tiles.h"
+#include "tiles_bf16.h"
 
 #include <vector>
 
@@ -207,6 +208,73 @@ struct TileOperands {
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     tiles::pv_block(rows, pr + lo, ldp, v + lo * tiles::NR, copy.capacity * tiles::NR, hi - lo, dv_panels, o, ldo);
+  }
+};
+#endif
+
+#ifdef FLASHATTN_CPU_BF16_DOT
+// K and V of bf16 inputs as tiles_bf16's pair panels, in 32-bit words: d2 words per key of
+// K, 8 per key and 16-column panel of V (a pair of keys fills 16 words of a panel).
+struct Bf16Panels {
+  static int64_t round_keys(int64_t n) { return tiles::round_up(n, 64); }
+  static int64_t k_width(const FlashParams& p) { return tiles_bf16::pairs(p.head_dim); }
+  static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles_bf16::NR) / 2; }
+  static void copy(const FlashParams& p, const c10::BFloat16* k_src, const c10::BFloat16* v_src, int64_t n, uint32_t* k,
+                   uint32_t* v, int64_t at, int64_t capacity) {
+    tiles_bf16::pack_k(k_src, p.k_row_stride, n, p.head_dim, k + at * k_width(p));
+    tiles_bf16::pack_v(v_src, p.v_row_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
+                       capacity * tiles_bf16::NR / 2);
+  }
+};
+
+// The block products of bf16 inputs on the AVX512-BF16 tiles (tiles_bf16.h): bf16 pairs
+// multiplied and summed in float, P rounded to bf16 for P V. Blocks, panels and the
+// softmax between the products as TileOperands.
+struct Bf16DotOperands {
+  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
+  static constexpr bool always_panels = true;
+  KVCopy<uint32_t, Bf16Panels> copy;
+  const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
+  Scratch<uint32_t> q, p_pairs;         // the task's Q pairs; one panel's P pairs
+  const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
+  const float scale;
+
+  Bf16DotOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
+      : copy(p, block_k, several_q_blocks),
+        D(p.head_dim),
+        d2(tiles_bf16::pairs(p.head_dim)),
+        dv_panels(tiles::round_up(p.head_dim_v, tiles_bf16::NR) / tiles_bf16::NR),
+        ldp(tiles::round_up(tiles_bf16::pairs(block_k), tiles_bf16::NR)),
+        q(scratch<uint32_t>(tiles::round_up(block_q, tiles::MR) * d2)),
+        p_pairs(scratch<uint32_t>(std::min(block_q, PANEL_Q) * ldp)),
+        scale(p.scale) {}
+
+  int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
+
+  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
+    tiles_bf16::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
+  }
+
+  void load_kv(const FlashParams& p, int64_t head_id, const c10::BFloat16* k_head, const c10::BFloat16* v_head,
+               int64_t col0, int64_t cols) {
+    const int64_t base = copy.load(p, head_id, k_head, v_head, col0, col0 + cols);
+    k = copy.k.get() + (col0 - base) * d2;
+    v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
+  }
+
+  // As TileOperands::scores: whole 16-key panels from lo rounded down to 16.
+  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    const int64_t lo16 = lo / tiles_bf16::NR * tiles_bf16::NR;
+    const int64_t panels = (hi - lo16 + tiles_bf16::NR - 1) / tiles_bf16::NR;
+    tiles_bf16::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
+  }
+
+  // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V.
+  void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+    const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
+    tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp);
+    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, v + lo2 * tiles_bf16::NR / 2, copy.capacity * tiles_bf16::NR / 2,
+                         n2, dv_panels, o, ldo);
   }
 };
 #endif
@@ -436,7 +504,14 @@ void flash_fwd(const FlashParams& p) {
     if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
       if (tiles::use_rows(p.seqlen_q, p.head_dim)) return run_fwd<T, RowOperands<T>>(p);
     }
-    if (tiles::use_tiles<T>(p.seqlen_q)) return run_fwd<T, TileOperands<T>>(p);
+    if (tiles::use_tiles<T>(p.seqlen_q)) {
+#ifdef FLASHATTN_CPU_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (tiles_bf16::enabled()) return run_fwd<T, Bf16DotOperands>(p);
+      }
+#endif
+      return run_fwd<T, TileOperands<T>>(p);
+    }
   }
 #endif
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);

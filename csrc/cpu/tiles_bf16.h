@@ -1,0 +1,277 @@
+// AVX512-BF16 register tiles for the forward's two products on bf16 inputs.
+//
+// vdpbf16ps multiplies pairs of bf16 values and adds both products into a float lane: 16
+// lanes, 64 flops per instruction, twice the fp32 FMA rate on CPUs that have it (Zen 4:
+// 234 against 117 GFLOP/s per core measured). The products of two bf16 values are exact in
+// float and are summed in float, so S = Q K^T is as accurate as the fp32 tiles' on widened
+// inputs (another summation order). P is rounded to bf16 for P V, as flash-attn's GPU
+// kernels and torch's CPU flash kernel do for 16-bit inputs; the row sums l use the float
+// P. Operands are packed as pairs of bf16 along the reduced dimension, one 32-bit word
+// per pair (low half the even element):
+//   Q  (pack_q):  row groups of tiles::MR rows, pair e of row r at [e * MR + r]
+//   K  (pack_k):  panels of 16 keys, pair e of key c at [e * 16 + c]
+//   V  (pack_v):  panels of 16 columns, keys 2i and 2i+1 of column c at [i * 16 + c]
+//   P  (to_pairs): rows of key pairs
+// A head dim or key count that is odd gets a zero partner. A tile is up to MR rows x 32
+// columns in 12 accumulators.
+#pragma once
+
+#include "tiles.h"
+
+#if defined(FLASHATTN_CPU_TILES) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FLASHATTN_CPU_BF16_DOT 1
+
+namespace flashattn::cpu::tiles_bf16 {
+
+using tiles::MR;
+constexpr int64_t NR = 16;  // keys per K panel, columns per V panel: one vector of floats
+
+// False when FLASHATTN_CPU_BF16_DOT=0 sends bf16 to the fp32 tiles (for comparisons);
+// read per call.
+inline bool enabled() {
+  const char* env = std::getenv("FLASHATTN_CPU_BF16_DOT");
+  return env == nullptr || env[0] != '0';
+}
+
+inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
+
+inline uint32_t bits(const c10::BFloat16* x, int64_t i) { return x[i].x; }
+
+// Elements e and e + 1 of row x (d elements) as one pair; past d is 0.
+inline uint32_t pair(const c10::BFloat16* x, int64_t e, int64_t d) {
+  return bits(x, e) | (e + 1 < d ? bits(x, e + 1) << 16 : 0u);
+}
+
+// Q rows [0, rows) (row stride ld, d columns), unscaled: the layout above; rows past
+// `rows` in the last group are zero.
+inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
+  const int64_t d2 = pairs(d);
+  for (int64_t g0 = 0; g0 < rows; g0 += MR) {
+    uint32_t* group = dst + g0 * d2;
+    for (int64_t r = 0; r < MR; ++r) {
+      if (g0 + r >= rows) {
+        for (int64_t e = 0; e < d2; ++e) group[e * MR + r] = 0;
+        continue;
+      }
+      const c10::BFloat16* row = src + (g0 + r) * ld;
+      for (int64_t e = 0; e < d2; ++e) group[e * MR + r] = pair(row, 2 * e, d);
+    }
+  }
+}
+
+// K rows [0, n) as panels of 16 keys (key 16p + c, pair e at dst[p * 16 * d2 + e * 16 + c]);
+// keys past n in the last panel are zero.
+inline void pack_k(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t d, uint32_t* dst) {
+  const int64_t d2 = pairs(d);
+  for (int64_t p0 = 0; p0 < n; p0 += NR) {
+    uint32_t* panel = dst + p0 * d2;
+    const int64_t keys = std::min(NR, n - p0);
+    for (int64_t c = 0; c < NR; ++c) {
+      if (c >= keys) {
+        for (int64_t e = 0; e < d2; ++e) panel[e * NR + c] = 0;
+        continue;
+      }
+      const c10::BFloat16* row = src + (p0 + c) * ld;
+      if (p0 + c + NR < n) tiles::prefetch_row(row + NR * ld, d);
+      for (int64_t e = 0; e < d2; ++e) panel[e * NR + c] = pair(row, 2 * e, d);
+    }
+  }
+}
+
+// V rows [0, n) (n even or the last key's partner zero) as panels of 16 columns, `panel_stride`
+// words apart: keys 2i, 2i + 1 of column 16j + c at dst[j * panel_stride + i * 16 + c].
+// Columns past dv are zero.
+inline void pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, uint32_t* dst, int64_t panel_stride) {
+  for (int64_t i = 0; 2 * i < n; ++i) {
+    const c10::BFloat16* a = src + 2 * i * ld;
+    const c10::BFloat16* b = 2 * i + 1 < n ? a + ld : nullptr;
+    if (2 * i + 8 < n) tiles::prefetch_row(a + 8 * ld, dv);
+    for (int64_t j0 = 0; j0 < dv; j0 += NR) {
+      uint32_t* out = dst + (j0 / NR) * panel_stride + i * NR;
+      if (b != nullptr && j0 + NR <= dv) {  // interleave 16 columns of the two rows
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j0));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j0));
+        const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+        continue;
+      }
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t col = j0 + c;
+        out[c] = col < dv ? bits(a, col) | (b != nullptr ? bits(b, col) << 16 : 0u) : 0u;
+      }
+    }
+  }
+}
+
+// Float P rows [0, rows) (row stride ldp), keys [lo, hi), to bf16 pairs: pair i of row r at
+// dst[r * ld + i] holds keys lo2 + 2i and lo2 + 2i + 1, lo2 = lo rounded down to even, for
+// i < pairs(hi - lo2); keys outside [lo, hi) are 0.
+inline void to_pairs(const float* p, int64_t ldp, int64_t rows, int64_t lo, int64_t hi, uint32_t* dst, int64_t ld) {
+  const int64_t lo2 = lo / 2 * 2, n2 = pairs(hi - lo2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = p + r * ldp;
+    uint32_t* out = dst + r * ld;
+    for (int64_t c = lo2; c < lo2 + 2 * n2; c += 2 * NR) {
+      auto valid = [&](int64_t c0) {  // lanes c0 + l inside [lo, hi)
+        uint32_t m = 0xffffu;
+        if (c0 < lo) m &= ~((1u << (lo - c0)) - 1u);
+        if (c0 + NR > hi) m &= hi > c0 ? (1u << (hi - c0)) - 1u : 0u;
+        return static_cast<__mmask16>(m);
+      };
+      const __m512 x0 = _mm512_maskz_loadu_ps(valid(c), src + c);
+      const __m512 x1 = _mm512_maskz_loadu_ps(valid(c + NR), src + c + NR);
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  // x0's in the low half
+      const int64_t count = std::min<int64_t>(NR, n2 - (c - lo2) / 2);
+      _mm512_mask_storeu_epi32(out + (c - lo2) / 2, static_cast<__mmask16>((1u << count) - 1u), both);
+    }
+  }
+}
+
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+
+// s[r][0, 16 NP) = scale * sum_e a-pair(e, r) . k-pair(e, column), r < M: NP panels of K.
+template <int M, int NP, bool PREFETCH = false>
+__attribute__((always_inline)) inline void qk_tile(const uint32_t* a, const uint32_t* k, int64_t d2, float scale,
+                                                   float* s, int64_t lds, const uint32_t* next) {
+  __m512 acc[M][NP];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t e = 0; e < d2; ++e) {
+    __m512i b[NP];
+    for (int j = 0; j < NP; ++j) {
+      b[j] = _mm512_loadu_si512(k + j * NR * d2 + e * NR);
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(next + j * NR * d2 + e * NR), _MM_HINT_T0);
+    }
+    const uint32_t* ae = a + e * MR;
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(ae[r])));
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, as_bh(b[j]));
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < NP; ++j) _mm512_storeu_ps(s + r * lds + j * NR, _mm512_mul_ps(acc[r][j], vscale));
+  }
+}
+
+template <int NP>
+inline void qk_panels(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t d2, float scale, float* s,
+                      int64_t lds, const uint32_t* next) {
+  const int64_t full = rows / MR * MR;
+  int64_t r = 0;
+  if (full > 0 && next != nullptr) {  // the first row group prefetches the next panels
+    qk_tile<MR, NP, true>(q, k, d2, scale, s, lds, next);
+    r = MR;
+  }
+  for (; r < full; r += MR) qk_tile<MR, NP>(q + r * d2, k, d2, scale, s + r * lds, lds, nullptr);
+  const uint32_t* qr = q + full * d2;
+  float* sr = s + full * lds;
+  switch (rows - full) {
+    case 5: qk_tile<5, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
+    case 4: qk_tile<4, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
+    case 3: qk_tile<3, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
+    case 2: qk_tile<2, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
+    case 1: qk_tile<1, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
+    default: break;
+  }
+}
+
+// S (rows x 16 * panels, row stride lds) = scale * Q K^T: Q from pack_q, `panels` K panels
+// from pack_k. Two panels at a time, each pair staying in L1 while the row groups pass.
+inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k_panels, int64_t panels, int64_t d2,
+                     float scale, float* s, int64_t lds) {
+  for (int64_t j = 0; j < panels; j += 2) {
+    const uint32_t* k = k_panels + j * NR * d2;
+    const uint32_t* next = j + 2 < panels ? k + 2 * NR * d2 : nullptr;
+    if (j + 1 < panels) {
+      qk_panels<2>(rows, q, k, d2, scale, s + j * NR, lds, next);
+    } else {
+      qk_panels<1>(rows, q, k, d2, scale, s + j * NR, lds, next);
+    }
+  }
+}
+
+// o[r][0, 16 NP) += sum_i p-pair(r, i) . v-pair(i, column), r < M, i < n2: NP V panels
+// `panel_stride` apart.
+template <int M, int NP, bool PREFETCH = false>
+__attribute__((always_inline)) inline void pv_tile(const uint32_t* p, int64_t ldp, const uint32_t* v,
+                                                   int64_t panel_stride, int64_t n2, float* o, int64_t ldo,
+                                                   const uint32_t* next) {
+  __m512 acc[M][NP];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < n2; ++i) {
+    __m512i b[NP];
+    for (int j = 0; j < NP; ++j) {
+      b[j] = _mm512_loadu_si512(v + j * panel_stride + i * NR);
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(next + j * panel_stride + i * NR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(p[r * ldp + i])));
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, as_bh(b[j]));
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    for (int j = 0; j < NP; ++j) {
+      float* out = o + r * ldo + j * NR;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+    }
+  }
+}
+
+template <int NP>
+inline void pv_panels(int64_t rows, const uint32_t* p, int64_t ldp, const uint32_t* v, int64_t panel_stride,
+                      int64_t n2, float* o, int64_t ldo, const uint32_t* next) {
+  const int64_t full = rows / MR * MR;
+  int64_t r = 0;
+  if (full > 0 && next != nullptr) {
+    pv_tile<MR, NP, true>(p, ldp, v, panel_stride, n2, o, ldo, next);
+    r = MR;
+  }
+  for (; r < full; r += MR) pv_tile<MR, NP>(p + r * ldp, ldp, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
+  const uint32_t* pr = p + full * ldp;
+  float* orow = o + full * ldo;
+  switch (rows - full) {
+    case 5: pv_tile<5, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 4: pv_tile<4, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 3: pv_tile<3, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 2: pv_tile<2, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 1: pv_tile<1, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    default: break;
+  }
+}
+
+// O (rows x 16 * dv_panels, row stride ldo) += P V over n2 key pairs: P from to_pairs
+// (row stride ldp words), V panels from pack_v `panel_stride` apart, each starting at the
+// first pair. In chunks of PV_PAIRS pairs, so two V panels' chunk (8 KiB) stays in L1 while
+// the row groups pass; the first row group prefetches the chunk that follows.
+constexpr int64_t PV_PAIRS = 64;
+inline void pv_block(int64_t rows, const uint32_t* p, int64_t ldp, const uint32_t* v_panels, int64_t panel_stride,
+                     int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+  for (int64_t i0 = 0; i0 < n2; i0 += PV_PAIRS) {
+    const int64_t count = std::min(PV_PAIRS, n2 - i0);
+    for (int64_t j = 0; j < dv_panels; j += 2) {
+      const uint32_t* v = v_panels + j * panel_stride + i0 * NR;
+      const uint32_t* next = j + 2 < dv_panels ? v + 2 * panel_stride
+                             : i0 + PV_PAIRS < n2 ? v_panels + (i0 + PV_PAIRS) * NR
+                                                  : nullptr;
+      if (j + 1 < dv_panels) {
+        pv_panels<2>(rows, p + i0, ldp, v, panel_stride, count, o + j * NR, ldo, next);
+      } else {
+        pv_panels<1>(rows, p + i0, ldp, v, panel_stride, count, o + j * NR, ldo, next);
+      }
+    }
+  }
+}
+
+}  // namespace flashattn::cpu::tiles_bf16
+#endif
