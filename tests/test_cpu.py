@@ -108,10 +108,11 @@ BF16_DOT_CASES = {
 @pytest.mark.parametrize("path", ["dot", "fp32"])
 @pytest.mark.parametrize("case", sorted(BF16_DOT_CASES))
 def test_bf16_dot_and_fp32_tile_paths(path, case, monkeypatch):
-    # Where the CPU has AVX512-BF16 the bf16 forward multiplies bf16 pairs in float and
-    # rounds P to bf16 for P V (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends it to the
-    # fp32 tiles. Both against the reference, gradients too (the backward recomputes S
-    # on the fp32 tiles, another summation order than the forward's).
+    # Where the CPU has AVX512-BF16 the bf16 forward and backward multiply bf16 pairs in
+    # float, rounding P (and dS in the backward) to bf16 for the products that take them
+    # (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends both to the fp32 tiles. Both paths
+    # against the reference, gradients too: odd head dims, odd row and key counts (zero
+    # partners in the pairs), windows whose panels start on odd keys.
     if path == "fp32":
         monkeypatch.setenv("FLASHATTN_CPU_BF16_DOT", "0")
     (seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v), opts = BF16_DOT_CASES[case]

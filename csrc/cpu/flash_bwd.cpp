@@ -11,12 +11,14 @@
 // float scratch and are summed over the group afterwards in a fixed order.
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
-// (every operand packed once per head), else through BLAS (double, other CPUs, float
-// calls with under 16 queries).
+// (every operand packed once per head), bf16 on the AVX512-BF16 tiles of tiles_bf16.h
+// where the CPU has them, else through BLAS (double, other CPUs, float calls with under
+// 16 queries).
 #include "flash_cpu.h"
 
 #include "blas.h"
 #include "tiles.h"
+#include "tiles_bf16.h"
 
 #include <vector>
 
@@ -158,6 +160,86 @@ struct TileBwdOperands {
     tiles::pv_block(rows, ds, lds, k_cols.get() + key0 * tiles::NR, sk16 * tiles::NR, cols, D16 / tiles::NR, dq,
                     D16);
   }
+};
+#endif
+
+#ifdef FLASHATTN_CPU_BF16_DOT
+// The five products of bf16 inputs on the AVX512-BF16 tiles (tiles_bf16.h): bf16 pairs
+// multiplied and summed in float, P and dS rounded to bf16 for the products that take
+// them (dV, dK, dQ), as flash-attn's GPU backward does. S is recomputed as the forward's
+// Bf16DotOperands computed it (same pairs, order and scaling), so exp(S - lse) uses the
+// very scores lse summed. Per head, every operand is packed once in pairs: Q and dO as
+// row groups (pack_q), K and V as key panels (pack_k), K, Q and dO as column panels
+// (pack_v). Row blocks start on whole row groups (even rows) and key ranges on whole
+// key panels.
+struct Bf16DotBwdOperands {
+  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 128, PANEL_Q = 60, ROW_ALIGN = tiles::MR,
+                           KEY_ALIGN = tiles_bf16::NR;
+  static constexpr int64_t LD_ROW_PAIRS = BLOCK_K, LD_KEY_PAIRS = BLOCK_K / 2;  // words per row
+  const int64_t d2, dv2, D16, Dv16, sq16, sk16;
+  const float scale;
+  Scratch<uint32_t> q_groups, do_groups, k_panels, v_panels, k_cols, q_cols, do_cols;
+  Scratch<uint32_t> block_pairs;  // P^T or dS^T as pairs of rows, or dS as pairs of keys
+
+  explicit Bf16DotBwdOperands(const FlashParams& p)
+      : d2(tiles_bf16::pairs(p.head_dim)),
+        dv2(tiles_bf16::pairs(p.head_dim_v)),
+        D16(tiles::round_up(p.head_dim, tiles_bf16::NR)),
+        Dv16(tiles::round_up(p.head_dim_v, tiles_bf16::NR)),
+        sq16(tiles::round_up(p.seqlen_q, 48)),  // whole row groups (6) and panels (16)
+        sk16(tiles::round_up(p.seqlen_k, tiles_bf16::NR)),
+        scale(p.scale),
+        q_groups(scratch<uint32_t>(sq16 * d2)),
+        do_groups(scratch<uint32_t>(sq16 * dv2)),
+        k_panels(scratch<uint32_t>(sk16 * d2)),
+        v_panels(scratch<uint32_t>(sk16 * dv2)),
+        k_cols(scratch<uint32_t>(sk16 / 2 * D16)),
+        q_cols(scratch<uint32_t>(sq16 / 2 * D16)),
+        do_cols(scratch<uint32_t>(sq16 / 2 * Dv16)),
+        block_pairs(scratch<uint32_t>(std::max(BLOCK_Q / 2 * LD_ROW_PAIRS, BLOCK_Q * LD_KEY_PAIRS))) {}
+
+  int64_t dk_stride() const { return D16; }
+  int64_t dv_stride() const { return Dv16; }
+  int64_t dq_stride() const { return D16; }
+
+  void load(const FlashBwdParams& p, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
+            const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
+    const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
+    tiles_bf16::pack_q(q_head, p.q_row_stride, Sq, D, q_groups.get());
+    tiles_bf16::pack_q(do_head, p.do_row_stride, Sq, Dv, do_groups.get());
+    tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+    tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+    tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    tiles_bf16::pack_v(q_head, p.q_row_stride, Sq, D, q_cols.get(), sq16 * tiles_bf16::NR / 2);
+    tiles_bf16::pack_v(do_head, p.do_row_stride, Sq, Dv, do_cols.get(), sq16 * tiles_bf16::NR / 2);
+  }
+  // Whole key panels, as TileBwdOperands.
+  void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* s, int64_t lds) const {
+    tiles_bf16::qk_block(rows, q_groups.get() + row0 * d2, k_panels.get() + key0 * d2, panels(cols), d2, scale, s,
+                         lds);
+  }
+  void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* dp, int64_t lds) const {
+    tiles_bf16::qk_block(rows, do_groups.get() + row0 * dv2, v_panels.get() + key0 * dv2, panels(cols), dv2, 1.f,
+                         dp, lds);
+  }
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv) const {
+    tiles_bf16::to_row_pairs(pr, lds, rows, cols, 1.f, block_pairs.get(), LD_ROW_PAIRS);
+    tiles_bf16::pv_block(cols, block_pairs.get(), 1, LD_ROW_PAIRS, do_cols.get() + row0 / 2 * tiles_bf16::NR,
+                         sq16 * tiles_bf16::NR / 2, tiles_bf16::pairs(rows), Dv16 / tiles_bf16::NR, dv, Dv16);
+  }
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk) const {
+    tiles_bf16::to_row_pairs(ds, lds, rows, cols, scale, block_pairs.get(), LD_ROW_PAIRS);
+    tiles_bf16::pv_block(cols, block_pairs.get(), 1, LD_ROW_PAIRS, q_cols.get() + row0 / 2 * tiles_bf16::NR,
+                         sq16 * tiles_bf16::NR / 2, tiles_bf16::pairs(rows), D16 / tiles_bf16::NR, dk, D16);
+  }
+  void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
+    tiles_bf16::to_pairs(ds, lds, rows, 0, cols, block_pairs.get(), LD_KEY_PAIRS);
+    tiles_bf16::pv_block(rows, block_pairs.get(), LD_KEY_PAIRS, 1, k_cols.get() + key0 / 2 * tiles_bf16::NR,
+                         sk16 * tiles_bf16::NR / 2, tiles_bf16::pairs(cols), D16 / tiles_bf16::NR, dq, D16);
+  }
+
+ private:
+  static int64_t panels(int64_t cols) { return (cols + tiles_bf16::NR - 1) / tiles_bf16::NR; }
 };
 #endif
 
@@ -434,7 +516,14 @@ template <typename T>
 void flash_bwd(const FlashBwdParams& p) {
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
-    if (tiles::use_tiles<T>(p.seqlen_q)) return run_bwd<T, TileBwdOperands<T>>(p);
+    if (tiles::use_tiles<T>(p.seqlen_q)) {
+#ifdef FLASHATTN_CPU_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (tiles_bf16::enabled()) return run_bwd<T, Bf16DotBwdOperands>(p);
+      }
+#endif
+      return run_bwd<T, TileBwdOperands<T>>(p);
+    }
   }
 #endif
   run_bwd<T, BlasBwdOperands<T, acc_t<T>>>(p);

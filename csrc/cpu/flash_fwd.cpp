@@ -273,8 +273,8 @@ struct Bf16DotOperands {
   void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp);
-    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, v + lo2 * tiles_bf16::NR / 2, copy.capacity * tiles_bf16::NR / 2,
-                         n2, dv_panels, o, ldo);
+    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, 1, v + lo2 * tiles_bf16::NR / 2,
+                         copy.capacity * tiles_bf16::NR / 2, n2, dv_panels, o, ldo);
   }
 };
 #endif

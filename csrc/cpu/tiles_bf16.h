@@ -1,4 +1,4 @@
-// AVX512-BF16 register tiles for the forward's two products on bf16 inputs.
+// AVX512-BF16 register tiles for the products of bf16 inputs (forward and backward).
 //
 // vdpbf16ps multiplies pairs of bf16 values and adds both products into a float lane: 16
 // lanes, 64 flops per instruction, twice the fp32 FMA rate on CPUs that have it (Zen 4:
@@ -11,7 +11,7 @@
 //   Q  (pack_q):  row groups of tiles::MR rows, pair e of row r at [e * MR + r]
 //   K  (pack_k):  panels of 16 keys, pair e of key c at [e * 16 + c]
 //   V  (pack_v):  panels of 16 columns, keys 2i and 2i+1 of column c at [i * 16 + c]
-//   P  (to_pairs): rows of key pairs
+//   P  (to_pairs): rows of key pairs; P^T, dS^T (to_row_pairs): pairs of query rows
 // A head dim or key count that is odd gets a zero partner. A tile is up to MR rows x 32
 // columns in 12 accumulators.
 #pragma once
@@ -128,6 +128,29 @@ inline void to_pairs(const float* p, int64_t ldp, int64_t rows, int64_t lo, int6
   }
 }
 
+// mult * float rows [0, rows) x columns [0, cols) (row stride ldp) to bf16 pairs of rows:
+// pair i of column c at dst[i * ld + c] holds rows 2i and 2i + 1 (a row at or past `rows`
+// is 0), for i < pairs(rows), c < cols rounded up to 16 (the extra columns are 0); ld is
+// a multiple of 16. The A operand of P^T dO and dS^T Q in the backward.
+inline void to_row_pairs(const float* p, int64_t ldp, int64_t rows, int64_t cols, float mult, uint32_t* dst,
+                         int64_t ld) {
+  const __m512 vmult = _mm512_set1_ps(mult);
+  for (int64_t i = 0; 2 * i < rows; ++i) {
+    const float* x = p + 2 * i * ldp;
+    const float* y = 2 * i + 1 < rows ? x + ldp : nullptr;
+    uint32_t* out = dst + i * ld;
+    for (int64_t c = 0; c < cols; c += NR) {
+      const __mmask16 lanes = static_cast<__mmask16>(c + NR <= cols ? 0xffffu : (1u << (cols - c)) - 1u);
+      const __m512 vx = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + c), vmult);
+      const __m512 vy = y != nullptr ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, y + c), vmult) : _mm512_setzero_ps();
+      const __m256i bx = (__m256i)_mm512_cvtneps_pbh(vx), by = (__m256i)_mm512_cvtneps_pbh(vy);
+      const __m256i lo = _mm256_unpacklo_epi16(bx, by), hi = _mm256_unpackhi_epi16(bx, by);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+}
+
 inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 // s[r][0, 16 NP) = scale * sum_e a-pair(e, r) . k-pair(e, column), r < M: NP panels of K.
@@ -196,10 +219,10 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k_panels, 
   }
 }
 
-// o[r][0, 16 NP) += sum_i p-pair(r, i) . v-pair(i, column), r < M, i < n2: NP V panels
-// `panel_stride` apart.
+// o[r][0, 16 NP) += sum_i a-pair(r, i) . v-pair(i, column), r < M, i < n2, with a-pair(r, i)
+// at a[r * a_rs + i * a_ks]: NP V panels `panel_stride` apart.
 template <int M, int NP, bool PREFETCH = false>
-__attribute__((always_inline)) inline void pv_tile(const uint32_t* p, int64_t ldp, const uint32_t* v,
+__attribute__((always_inline)) inline void pv_tile(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v,
                                                    int64_t panel_stride, int64_t n2, float* o, int64_t ldo,
                                                    const uint32_t* next) {
   __m512 acc[M][NP];
@@ -215,7 +238,7 @@ __attribute__((always_inline)) inline void pv_tile(const uint32_t* p, int64_t ld
     }
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
-      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(p[r * ldp + i])));
+      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(a[r * a_rs + i * a_ks])));
       for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, as_bh(b[j]));
     }
   }
@@ -229,34 +252,36 @@ __attribute__((always_inline)) inline void pv_tile(const uint32_t* p, int64_t ld
 }
 
 template <int NP>
-inline void pv_panels(int64_t rows, const uint32_t* p, int64_t ldp, const uint32_t* v, int64_t panel_stride,
-                      int64_t n2, float* o, int64_t ldo, const uint32_t* next) {
+inline void pv_panels(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v,
+                      int64_t panel_stride, int64_t n2, float* o, int64_t ldo, const uint32_t* next) {
   const int64_t full = rows / MR * MR;
   int64_t r = 0;
   if (full > 0 && next != nullptr) {
-    pv_tile<MR, NP, true>(p, ldp, v, panel_stride, n2, o, ldo, next);
+    pv_tile<MR, NP, true>(a, a_rs, a_ks, v, panel_stride, n2, o, ldo, next);
     r = MR;
   }
-  for (; r < full; r += MR) pv_tile<MR, NP>(p + r * ldp, ldp, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
-  const uint32_t* pr = p + full * ldp;
+  for (; r < full; r += MR) pv_tile<MR, NP>(a + r * a_rs, a_rs, a_ks, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
+  const uint32_t* ar = a + full * a_rs;
   float* orow = o + full * ldo;
   switch (rows - full) {
-    case 5: pv_tile<5, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 4: pv_tile<4, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 3: pv_tile<3, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 2: pv_tile<2, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 1: pv_tile<1, NP>(pr, ldp, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 5: pv_tile<5, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 4: pv_tile<4, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 3: pv_tile<3, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 2: pv_tile<2, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
+    case 1: pv_tile<1, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
     default: break;
   }
 }
 
-// O (rows x 16 * dv_panels, row stride ldo) += P V over n2 key pairs: P from to_pairs
-// (row stride ldp words), V panels from pack_v `panel_stride` apart, each starting at the
-// first pair. In chunks of PV_PAIRS pairs, so two V panels' chunk (8 KiB) stays in L1 while
-// the row groups pass; the first row group prefetches the chunk that follows.
+// O (rows x 16 * dv_panels, row stride ldo) += A V over n2 pairs: pair i of A's row r at
+// a[r * a_rs + i * a_ks] (P from to_pairs: a_rs its row stride, a_ks 1; a transposed block
+// from to_row_pairs: a_rs 1, a_ks its row stride), V panels from pack_v `panel_stride`
+// apart, each starting at the first pair. In chunks of PV_PAIRS pairs, so two V panels'
+// chunk (8 KiB) stays in L1 while the row groups pass; the first row group prefetches the
+// chunk that follows.
 constexpr int64_t PV_PAIRS = 64;
-inline void pv_block(int64_t rows, const uint32_t* p, int64_t ldp, const uint32_t* v_panels, int64_t panel_stride,
-                     int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+inline void pv_block(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v_panels,
+                     int64_t panel_stride, int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
   for (int64_t i0 = 0; i0 < n2; i0 += PV_PAIRS) {
     const int64_t count = std::min(PV_PAIRS, n2 - i0);
     for (int64_t j = 0; j < dv_panels; j += 2) {
@@ -265,9 +290,9 @@ inline void pv_block(int64_t rows, const uint32_t* p, int64_t ldp, const uint32_
                              : i0 + PV_PAIRS < n2 ? v_panels + (i0 + PV_PAIRS) * NR
                                                   : nullptr;
       if (j + 1 < dv_panels) {
-        pv_panels<2>(rows, p + i0, ldp, v, panel_stride, count, o + j * NR, ldo, next);
+        pv_panels<2>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next);
       } else {
-        pv_panels<1>(rows, p + i0, ldp, v, panel_stride, count, o + j * NR, ldo, next);
+        pv_panels<1>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next);
       }
     }
   }
