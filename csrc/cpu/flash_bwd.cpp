@@ -176,6 +176,7 @@ struct Bf16DotBwdOperands {
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 128, PANEL_Q = 60, ROW_ALIGN = tiles::MR,
                            KEY_ALIGN = tiles_bf16::NR;
   static constexpr int64_t LD_ROW_PAIRS = BLOCK_K, LD_KEY_PAIRS = BLOCK_K / 2;  // words per row
+  static_assert(BLOCK_K % tiles_bf16::NR == 0 && PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   const int64_t d2, dv2, D16, Dv16, sq16, sk16;
   const float scale;
   Scratch<uint32_t> q_groups, do_groups, k_panels, v_panels, k_cols, q_cols, do_cols;

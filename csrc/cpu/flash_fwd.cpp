@@ -3,7 +3,8 @@
 // One task is one (batch, head, block of query rows). It streams the visible key/value
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
-// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call), except
+// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call; bf16 on the
+// AVX512-BF16 tiles of tiles_bf16.h where the CPU has them), except
 // calls with few queries per head (decoding, speculative decoding: at most 4, or 5-8
 // with head dims of at least 32), which go row by row over K and V in place
 // (RowOperands), and other float calls with under 16 queries, which go through BLAS
@@ -230,12 +231,22 @@ struct Bf16Panels {
 // The block products of bf16 inputs on the AVX512-BF16 tiles (tiles_bf16.h): bf16 pairs
 // multiplied and summed in float, P rounded to bf16 for P V. Blocks, panels and the
 // softmax between the products as TileOperands.
+//
+// Rounding P costs each output up to 2^-9 of the V rows it weighs, while l sums the float
+// P: where a row sees many keys that averages out, but a panel over few keys (tiny key
+// counts, a causal diagonal's first rows, narrow windows) would be only as accurate as
+// the naive bf16 formula, which also rounds P (an independent review found the test
+// rule's 2x margin broken 2 times in 4,700 cases, all with 2-3 keys per row). Panels over
+// at most EXACT_P_KEYS keys therefore add P - bf16(P) V as a second product: P V as exact
+// as in float, for the price of a second P V on blocks that are cheap anyway.
 struct Bf16DotOperands {
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
-  static constexpr bool always_panels = true;
+  static constexpr int64_t EXACT_P_KEYS = 64;
+  static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
+  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
-  Scratch<uint32_t> q, p_pairs;         // the task's Q pairs; one panel's P pairs
+  Scratch<uint32_t> q, p_pairs, p_rest;  // the task's Q pairs; one panel's P pairs, P - bf16(P)
   const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
   const float scale;
 
@@ -247,6 +258,7 @@ struct Bf16DotOperands {
         ldp(tiles::round_up(tiles_bf16::pairs(block_k), tiles_bf16::NR)),
         q(scratch<uint32_t>(tiles::round_up(block_q, tiles::MR) * d2)),
         p_pairs(scratch<uint32_t>(std::min(block_q, PANEL_Q) * ldp)),
+        p_rest(scratch<uint32_t>(std::min(block_q, PANEL_Q) * ldp)),
         scale(p.scale) {}
 
   int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
@@ -269,12 +281,16 @@ struct Bf16DotOperands {
     tiles_bf16::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
   }
 
-  // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V.
+  // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V (and
+  // O += (P - bf16(P)) V over few keys).
   void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
-    tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp);
-    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, 1, v + lo2 * tiles_bf16::NR / 2,
-                         copy.capacity * tiles_bf16::NR / 2, n2, dv_panels, o, ldo);
+    const bool exact = hi - lo <= EXACT_P_KEYS;
+    tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
+    const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
+    const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
+    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    if (exact) tiles_bf16::pv_block(rows, p_rest.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
   }
 };
 #endif
@@ -348,6 +364,12 @@ void run_fwd(const FlashParams& p) {
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(KV::BLOCK_K, p.seqlen_k));
+  // Query block qb's first row: block 0 takes the remainder (Sq - (blocks - 1) BLOCK_Q
+  // rows) and is handed out last in its head (see body), so that a short block, not a full
+  // one, is what the threads finish on.
+  const int64_t first_rows = p.seqlen_q - (num_q_blocks - 1) * KV::BLOCK_Q;
+  auto block_row0 = [&](int64_t qb) { return qb == 0 ? 0 : first_rows + (qb - 1) * KV::BLOCK_Q; };
+  auto block_rows = [&](int64_t qb) { return qb == 0 ? first_rows : KV::BLOCK_Q; };
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -379,12 +401,12 @@ void run_fwd(const FlashParams& p) {
 
   auto body = [&](int64_t task, Workspace& ws) {
     // Within a head, the last query blocks see the most keys under causal masks: hand
-    // them out first.
+    // them out first (and the short block 0 last).
     const int64_t row_task = task / splits, split = task % splits;
     const int64_t bh = row_task / num_q_blocks;
     const int64_t q_block = num_q_blocks - 1 - row_task % num_q_blocks;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
+    const int64_t row0 = block_row0(q_block), rows = block_rows(q_block);
 
     const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -412,11 +434,12 @@ void run_fwd(const FlashParams& p) {
       // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
       // whole block), each over only the keys its rows can see (the masked corner of a
       // causal diagonal block is not computed), or one panel of all rows.
-      const bool split = KV::always_panels || !all_rows_see(p, row0, rows, col0, cols);
+      const bool in_panels = KV::always_panels || !all_rows_see(p, row0, rows, col0, cols);
       for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
-        r1 = split ? std::min(rows, r0 + KV::PANEL_Q) : rows;
-        if (split && !all_rows_see(p, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
-        const KeyRange seen = split ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
+        r1 = in_panels ? std::min(rows, r0 + KV::PANEL_Q) : rows;
+        if (in_panels && !all_rows_see(p, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
+        const KeyRange seen =
+            in_panels ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
         const int64_t lo = seen.lo, n = seen.hi - seen.lo;
         if (n == 0) continue;  // these rows see none of this block
         ws.kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
@@ -471,8 +494,8 @@ void run_fwd(const FlashParams& p) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t row_task = idx / block_q, r = idx % block_q;
         const int64_t bh = row_task / num_q_blocks, q_block = num_q_blocks - 1 - row_task % num_q_blocks;
-        const int64_t i = q_block * KV::BLOCK_Q + r;
-        if (i >= p.seqlen_q) continue;  // past the last block's rows
+        if (r >= block_rows(q_block)) continue;  // past a short block's rows
+        const int64_t i = block_row0(q_block) + r;
         const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
         acc m = neg_inf;
         for (int64_t sp = 0; sp < splits; ++sp) {  // a NaN maximum (NaN query row) is kept

@@ -106,9 +106,19 @@ inline void pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, 
 
 // Float P rows [0, rows) (row stride ldp), keys [lo, hi), to bf16 pairs: pair i of row r at
 // dst[r * ld + i] holds keys lo2 + 2i and lo2 + 2i + 1, lo2 = lo rounded down to even, for
-// i < pairs(hi - lo2); keys outside [lo, hi) are 0.
-inline void to_pairs(const float* p, int64_t ldp, int64_t rows, int64_t lo, int64_t hi, uint32_t* dst, int64_t ld) {
+// i < pairs(hi - lo2); keys outside [lo, hi) are 0. With `residual`, also P - bf16(P) as
+// bf16 pairs there (the same layout): P V from both parts is then as exact as in float.
+inline __m512 widen_low(__m512i pairs) {  // the even (low-half) bf16 of each pair as floats
+  return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+}
+inline __m512 widen_high(__m512i pairs) {  // the odd (high-half) bf16 of each pair
+  return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+inline void to_pairs(const float* p, int64_t ldp, int64_t rows, int64_t lo, int64_t hi, uint32_t* dst, int64_t ld,
+                     uint32_t* residual = nullptr) {
   const int64_t lo2 = lo / 2 * 2, n2 = pairs(hi - lo2);
+  // Even and odd keys of 16 pairs: x0 holds keys c..c+15 and x1 keys c+16..c+31; the
+  // conversion packs them as 32 bf16 in key order, which read as words are the pairs.
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = p + r * ldp;
     uint32_t* out = dst + r * ld;
@@ -122,8 +132,19 @@ inline void to_pairs(const float* p, int64_t ldp, int64_t rows, int64_t lo, int6
       const __m512 x0 = _mm512_maskz_loadu_ps(valid(c), src + c);
       const __m512 x1 = _mm512_maskz_loadu_ps(valid(c + NR), src + c + NR);
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);  // x0's in the low half
-      const int64_t count = std::min<int64_t>(NR, n2 - (c - lo2) / 2);
-      _mm512_mask_storeu_epi32(out + (c - lo2) / 2, static_cast<__mmask16>((1u << count) - 1u), both);
+      const int64_t at = (c - lo2) / 2;
+      const __mmask16 store = static_cast<__mmask16>((1u << std::min<int64_t>(NR, n2 - at)) - 1u);
+      _mm512_mask_storeu_epi32(out + at, store, both);
+      if (residual != nullptr) {
+        // Back to floats in key order: word w holds keys c + 2w (low) and c + 2w + 1 (high).
+        const __m512i idx_even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i idx_odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        const __m512 lo_part = widen_low(both), hi_part = widen_high(both);  // keys c+2w, c+2w+1
+        const __m512 back0 = _mm512_permutex2var_ps(lo_part, idx_even, hi_part);  // keys c .. c+15
+        const __m512 back1 = _mm512_permutex2var_ps(lo_part, idx_odd, hi_part);   // keys c+16 .. c+31
+        const __m512i rest = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, back1), _mm512_sub_ps(x0, back0));
+        _mm512_mask_storeu_epi32(residual + r * ld + at, store, rest);
+      }
     }
   }
 }
