@@ -364,12 +364,6 @@ void run_fwd(const FlashParams& p) {
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(KV::BLOCK_K, p.seqlen_k));
-  // Query block qb's first row: block 0 takes the remainder (Sq - (blocks - 1) BLOCK_Q
-  // rows) and is handed out last in its head (see body), so that a short block, not a full
-  // one, is what the threads finish on.
-  const int64_t first_rows = p.seqlen_q - (num_q_blocks - 1) * KV::BLOCK_Q;
-  auto block_row0 = [&](int64_t qb) { return qb == 0 ? 0 : first_rows + (qb - 1) * KV::BLOCK_Q; };
-  auto block_rows = [&](int64_t qb) { return qb == 0 ? first_rows : KV::BLOCK_Q; };
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -401,12 +395,12 @@ void run_fwd(const FlashParams& p) {
 
   auto body = [&](int64_t task, Workspace& ws) {
     // Within a head, the last query blocks see the most keys under causal masks: hand
-    // them out first (and the short block 0 last).
+    // them out first.
     const int64_t row_task = task / splits, split = task % splits;
     const int64_t bh = row_task / num_q_blocks;
     const int64_t q_block = num_q_blocks - 1 - row_task % num_q_blocks;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const int64_t row0 = block_row0(q_block), rows = block_rows(q_block);
+    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
 
     const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
     const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
@@ -494,8 +488,8 @@ void run_fwd(const FlashParams& p) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t row_task = idx / block_q, r = idx % block_q;
         const int64_t bh = row_task / num_q_blocks, q_block = num_q_blocks - 1 - row_task % num_q_blocks;
-        if (r >= block_rows(q_block)) continue;  // past a short block's rows
-        const int64_t i = block_row0(q_block) + r;
+        const int64_t i = q_block * KV::BLOCK_Q + r;
+        if (i >= p.seqlen_q) continue;  // past the last block's rows
         const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
         acc m = neg_inf;
         for (int64_t sp = 0; sp < splits; ++sp) {  // a NaN maximum (NaN query row) is kept
