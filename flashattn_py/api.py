@@ -27,6 +27,23 @@ def _check_tensors(names: tuple[str, ...], *tensors) -> None:
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
+def _autocast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]):
+    """Under ``torch.autocast`` on the inputs' device, the floating-point tensors other than
+    float64 in the autocast dtype, as torch's SDPA gets them (it is on autocast's
+    lower-precision list for CPU and CUDA); otherwise the tensors unchanged."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value, attn_mask
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.dtype == dtype:
+            return t
+        return t.to(dtype)
+
+    return cast(query), cast(key), cast(value), cast(attn_mask)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int) -> None:
     """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected).
     (Each attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
@@ -311,9 +328,12 @@ def scaled_dot_product_attention(
 
     Returns:
         (..., H, L, Ev). A query that sees no key gives zeros (torch's math path gives NaN).
+        Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as torch
+        does (float64 stays float64).
     """
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     rank = query.dim()
     if rank < 3 or key.dim() != rank or value.dim() != rank:
         for name, t in zip(names, (query, key, value)):

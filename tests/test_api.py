@@ -184,6 +184,29 @@ def test_sdpa_masks_match_torch(mask_shape, mask_dtype):
     assert_rule("out", out, expected, naive, 2.0)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_follows_cpu_autocast_as_torch_does(autocast_dtype):
+    # torch's SDPA is on autocast's lower-precision list: under torch.autocast its float32
+    # inputs (and a float mask) are cast to the autocast dtype, float64 ones are not, and
+    # gradients reach the float32 leaves as float32. Ours: the same dtypes, and the same
+    # values as calling it on the cast inputs; torch's own result within the bf16/fp16 rule.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=gen).requires_grad_() for _ in range(3))
+    mask = torch.randn(40, 40, generator=gen)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out64 = flashattn_py.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert out.dtype == theirs.dtype == autocast_dtype
+    assert out64.dtype == torch.float64
+    cast = [t.detach().to(autocast_dtype) for t in (q, k, v, mask)]
+    assert torch.equal(out, flashattn_py.scaled_dot_product_attention(*cast[:3], attn_mask=cast[3]))
+    expected = F.scaled_dot_product_attention(*(t.double() for t in cast[:3]), attn_mask=cast[3].double())
+    assert_rule("out", out, expected, theirs, 2.0)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
 def test_reference_generalises_the_seed_formula():
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64) for _ in range(3))
