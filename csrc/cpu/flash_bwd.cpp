@@ -173,8 +173,9 @@ struct TileBwdOperands {
 // (pack_v). Row blocks start on whole row groups (even rows) and key ranges on whole
 // key panels.
 struct Bf16DotBwdOperands {
-  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 128, PANEL_Q = 60, ROW_ALIGN = tiles::MR,
-                           KEY_ALIGN = tiles_bf16::NR;
+  using Fp32Tiles = TileBwdOperands<c10::BFloat16>;  // (the same blocks)
+  static constexpr int64_t BLOCK_Q = Fp32Tiles::BLOCK_Q, BLOCK_K = Fp32Tiles::BLOCK_K, PANEL_Q = Fp32Tiles::PANEL_Q,
+                           ROW_ALIGN = Fp32Tiles::ROW_ALIGN, KEY_ALIGN = tiles_bf16::NR;
   static constexpr int64_t LD_ROW_PAIRS = BLOCK_K, LD_KEY_PAIRS = BLOCK_K / 2;  // words per row
   static_assert(BLOCK_K % tiles_bf16::NR == 0 && PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   const int64_t d2, dv2, D16, Dv16, sq16, sk16;

@@ -241,7 +241,9 @@ struct Bf16Panels {
 // at most EXACT_P_KEYS keys therefore add P - bf16(P) V as a second product: P V as exact
 // as in float, for the price of a second P V on blocks that are cheap anyway.
 struct Bf16DotOperands {
-  static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
+  using Fp32Tiles = TileOperands<c10::BFloat16>;
+  static constexpr int64_t BLOCK_Q = Fp32Tiles::BLOCK_Q, BLOCK_K = Fp32Tiles::BLOCK_K, PANEL_Q = Fp32Tiles::PANEL_Q,
+                           EDGE_PANEL_Q = Fp32Tiles::EDGE_PANEL_Q;
   static constexpr int64_t EXACT_P_KEYS = 64;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);

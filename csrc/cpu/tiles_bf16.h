@@ -42,6 +42,13 @@ inline uint32_t pair(const c10::BFloat16* x, int64_t e, int64_t d) {
   return bits(x, e) | (e + 1 < d ? bits(x, e + 1) << 16 : 0u);
 }
 
+// out[0, 16) = pairs (x_c, y_c) of two vectors of 16 bf16: the pairs of two rows.
+inline void store_pairs(uint32_t* out, __m256i x, __m256i y) {
+  const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);  // per 128-bit lane
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(lo, hi, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
 // Q rows [0, rows) (row stride ld, d columns), unscaled: the layout above; rows past
 // `rows` in the last group are zero.
 inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
@@ -88,12 +95,9 @@ inline void pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, 
     if (2 * i + 8 < n) tiles::prefetch_row(a + 8 * ld, dv);
     for (int64_t j0 = 0; j0 < dv; j0 += NR) {
       uint32_t* out = dst + (j0 / NR) * panel_stride + i * NR;
-      if (b != nullptr && j0 + NR <= dv) {  // interleave 16 columns of the two rows
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j0));
-        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j0));
-        const __m256i lo = _mm256_unpacklo_epi16(x, y), hi = _mm256_unpackhi_epi16(x, y);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(lo, hi, 0x20));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+      if (b != nullptr && j0 + NR <= dv) {  // 16 columns of the two rows at once
+        store_pairs(out, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j0)),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j0)));
         continue;
       }
       for (int64_t c = 0; c < NR; ++c) {
@@ -164,10 +168,7 @@ inline void to_row_pairs(const float* p, int64_t ldp, int64_t rows, int64_t cols
       const __mmask16 lanes = static_cast<__mmask16>(c + NR <= cols ? 0xffffu : (1u << (cols - c)) - 1u);
       const __m512 vx = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + c), vmult);
       const __m512 vy = y != nullptr ? _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, y + c), vmult) : _mm512_setzero_ps();
-      const __m256i bx = (__m256i)_mm512_cvtneps_pbh(vx), by = (__m256i)_mm512_cvtneps_pbh(vy);
-      const __m256i lo = _mm256_unpacklo_epi16(bx, by), hi = _mm256_unpackhi_epi16(bx, by);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_permute2x128_si256(lo, hi, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+      store_pairs(out + c, (__m256i)_mm512_cvtneps_pbh(vx), (__m256i)_mm512_cvtneps_pbh(vy));
     }
   }
 }
@@ -203,6 +204,7 @@ __attribute__((always_inline)) inline void qk_tile(const uint32_t* a, const uint
   }
 }
 
+// (The remainder switches here and in pv_panels are spelled out, as in tiles.h's kr_block.)
 template <int NP>
 inline void qk_panels(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t d2, float scale, float* s,
                       int64_t lds, const uint32_t* next) {
