@@ -329,23 +329,62 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   }
 }
 
+// Transposes the 8 x 8 block in r: afterwards r[i] holds element i of the 8 rows.
+__attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows, elements (0, 1, 4, 5) and (2, 3, 6, 7)
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // quads of rows, elements (0, 4), (1, 5), (2, 6), (3, 7)
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {  // rows 0-3 and 4-7 of element i and i + 4
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The packers below move whole 8 x 8 blocks through transpose8 and the rest element by
+// element: 0.06 ms per 4096 x 128 head each, against 0.18 ms for the element-by-element
+// transposes they replace, which cost about 2% of a causal forward (N=4096, D=128, where
+// each of the two threads packs every head's K and V). `ahead` rows past the ones read are prefetched, a line per
+// row each time a line's worth of elements has been read.
+template <typename T>
+inline void prefetch_rows_ahead(const T* src, int64_t ld, int64_t row, int64_t ahead, int64_t rows, int64_t e) {
+  if ((e * static_cast<int64_t>(sizeof(T))) % 64 != 0) return;
+  for (int64_t r = row + ahead; r < std::min(rows, row + 2 * ahead); ++r) __builtin_prefetch(src + r * ld + e);
+}
+
 // Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
 // interleaved: row MR g + r, element e at dst[g * MR * d + e * MR + r]; rows past `rows`
 // in the last group are zero. The tile then broadcasts from one sequential stream instead
 // of MR rows whose strides can map onto the same few L1 sets.
 template <typename T>
 inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scale, float* dst) {
+  const __m256 vscale = _mm256_set1_ps(scale);
   for (int64_t g0 = 0; g0 < rows; g0 += MR) {
     float* group = dst + g0 * d;
     const int64_t n = std::min(MR, rows - g0);
-    for (int64_t r = 0; r < MR; ++r) {
-      if (r >= n) {
-        for (int64_t e = 0; e < d; ++e) group[e * MR + r] = 0.f;
-        continue;
+    int64_t e0 = 0;
+    for (; e0 + 8 <= d; e0 += 8) {  // 8 elements of the MR rows (and 2 zero rows)
+      prefetch_rows_ahead(src, ld, g0, MR, rows, e0);
+      __m256 r[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        r[i] = i < n ? _mm256_mul_ps(load8(src + (g0 + i) * ld + e0), vscale) : _mm256_setzero_ps();
       }
-      const T* row = src + (g0 + r) * ld;
-      if (g0 + r + MR < rows) prefetch_row(row + MR * ld, d);
-      for (int64_t e = 0; e < d; ++e) group[e * MR + r] = static_cast<float>(row[e]) * scale;
+      transpose8(r);
+      for (int64_t i = 0; i < 8; ++i) {  // element e0 + i of the MR rows: 4 + 2 floats
+        float* out = group + (e0 + i) * MR;
+        _mm_storeu_ps(out, _mm256_castps256_ps128(r[i]));
+        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm256_extractf128_ps(r[i], 1));
+      }
+    }
+    for (int64_t r = 0; r < MR; ++r) {
+      for (int64_t e = e0; e < d; ++e) group[e * MR + r] = r < n ? static_cast<float>(src[(g0 + r) * ld + e]) * scale : 0.f;
     }
   }
 }
@@ -357,13 +396,20 @@ inline void pack_k(const T* src, int64_t ld, int64_t n, int64_t d, float* dst) {
   for (int64_t p0 = 0; p0 < n; p0 += NR) {
     float* panel = dst + p0 * d;
     const int64_t keys = std::min(NR, n - p0);
-    for (int64_t c = 0; c < keys; ++c) {
-      const T* row = src + (p0 + c) * ld;
-      if (p0 + c + NR < n) prefetch_row(row + NR * ld, d);
-      for (int64_t e = 0; e < d; ++e) panel[e * NR + c] = static_cast<float>(row[e]);
+    int64_t e0 = 0;
+    if (keys == NR) {
+      for (; e0 + 8 <= d; e0 += 8) {
+        prefetch_rows_ahead(src, ld, p0, NR, n, e0);
+        for (int64_t half = 0; half < NR; half += 8) {  // keys p0 + half + (0..7)
+          __m256 r[8];
+          for (int64_t i = 0; i < 8; ++i) r[i] = load8(src + (p0 + half + i) * ld + e0);
+          transpose8(r);
+          for (int64_t i = 0; i < 8; ++i) _mm256_store_ps(panel + (e0 + i) * NR + half, r[i]);
+        }
+      }
     }
-    for (int64_t c = keys; c < NR; ++c) {
-      for (int64_t e = 0; e < d; ++e) panel[e * NR + c] = 0.f;
+    for (int64_t c = 0; c < NR; ++c) {
+      for (int64_t e = e0; e < d; ++e) panel[e * NR + c] = c < keys ? static_cast<float>(src[(p0 + c) * ld + e]) : 0.f;
     }
   }
 }
@@ -378,6 +424,11 @@ inline void pack_v(const T* src, int64_t ld, int64_t n, int64_t dv, float* dst, 
     for (int64_t j0 = 0; j0 < dv; j0 += NR) {
       float* out = dst + (j0 / NR) * panel_stride + k * NR;
       const int64_t cols = std::min(NR, dv - j0);
+      if (cols == NR) {
+        _mm256_storeu_ps(out, load8(row + j0));
+        _mm256_storeu_ps(out + 8, load8(row + j0 + 8));
+        continue;
+      }
       for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<float>(row[j0 + c]);
       for (int64_t c = cols; c < NR; ++c) out[c] = 0.f;
     }
@@ -420,37 +471,142 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
   }
 }
 
+#ifdef __AVX512F__
+// With AVX-512 the products' tiles span two neighbouring panels: MR x 32 outputs in 12
+// 16-lane registers, half the loads and loop steps per FMA of the 8-lane tiles, and each
+// row group's A rows (Q, P, dS; streamed from L2) read once per two panels instead of
+// once per panel. Products are bitwise the 8-lane tiles' (the same FMA chains). Measured
+// against one panel per tile: the products alone (60 x 256 x 128, in L2) 114.6-115.1
+// against 112.7-113.4 GFLOP/s; in the kernels (paired, in process, 8 heads, 2 threads,
+// several runs) forward+backward N=1024 1.2% faster at D=128, 3.5% at D=64, forward
+// N=4096 D=128 0.8-2.0% non-causal, causal -0.7 to +1.4% (there many row groups are the
+// 6-row panels along the diagonal). Tiles of 12 rows x 32 (24 registers) measured 1-2%
+// slower.
+
+// kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32). With PREFETCH,
+// prefetches `next` and `next + next_stride` (one line of each per step).
+template <int M, bool ACCUMULATE, bool PREFETCH = false>
+__attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t a_ks, const float* panel,
+                                                        int64_t panel_stride, int64_t n, float alpha, float* c,
+                                                        int64_t ldc, const float* next = nullptr,
+                                                        int64_t next_stride = 0) {
+  __m512 c0[M], c1[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; ++k) {
+    const __m512 b0 = _mm512_load_ps(panel + k * NR), b1 = _mm512_load_ps(panel + panel_stride + k * NR);
+    const float* ak = a + k * a_ks;
+    if constexpr (PREFETCH) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + next_stride + k * NR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m512 x = _mm512_set1_ps(ak[r]);
+      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    if constexpr (ACCUMULATE) {
+      const __m512 va = _mm512_set1_ps(alpha);
+      _mm512_storeu_ps(c + r * ldc, _mm512_fmadd_ps(c0[r], va, _mm512_loadu_ps(c + r * ldc)));
+      _mm512_storeu_ps(c + r * ldc + NR, _mm512_fmadd_ps(c1[r], va, _mm512_loadu_ps(c + r * ldc + NR)));
+    } else {
+      _mm512_storeu_ps(c + r * ldc, c0[r]);
+      _mm512_storeu_ps(c + r * ldc + NR, c1[r]);
+    }
+  }
+}
+
+// pv_tile over the float panels `b` and `b + panel_stride` (16 floats per key each):
+// o[r][0, 32) += sum_k p[r * ldp + k] (b[k] | b[panel_stride + k]). Prefetches as
+// kr_tile_pair.
+template <int M, bool PREFETCH = false>
+__attribute__((always_inline)) inline void pv_tile_pair(const float* p, int64_t ldp, const float* b,
+                                                        int64_t panel_stride, int64_t n, float* o, int64_t ldo,
+                                                        const float* next = nullptr, int64_t next_stride = 0) {
+  __m512 c0[M], c1[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    c0[r] = _mm512_loadu_ps(o + r * ldo);
+    c1[r] = _mm512_loadu_ps(o + r * ldo + NR);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + panel_stride + k * NR);
+    if constexpr (PREFETCH) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + next_stride + k * NR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m512 x = _mm512_set1_ps(p[r * ldp + k]);
+      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    _mm512_storeu_ps(o + r * ldo, c0[r]);
+    _mm512_storeu_ps(o + r * ldo + NR, c1[r]);
+  }
+}
+#endif
+
+// tile(std::integral_constant<int, M>{}, r) for the row groups of `rows`: M = MR from
+// r = 0 in steps of MR, then the last rows % MR rows.
+template <typename Tile>
+__attribute__((always_inline)) inline void for_row_groups(int64_t rows, Tile&& tile) {
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) tile(std::integral_constant<int, MR>{}, r);
+  switch (rows - r) {
+    case 5: tile(std::integral_constant<int, 5>{}, r); break;
+    case 4: tile(std::integral_constant<int, 4>{}, r); break;
+    case 3: tile(std::integral_constant<int, 3>{}, r); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
+
 // C (rows x 16 * panels, row stride ldc) = (or += alpha *) A B: A's row r, column k at
 // a[(r / MR) * MR * a_rs + k * a_ks + r % MR] (row groups a_rs * MR apart), B as `panels`
-// panels of n x 16, `panel_stride` apart. Panel by panel: a panel stays in L1 while the
-// row groups stream past it, and the first row group prefetches the next panel (it comes
-// from L3 when the block is new, and the hardware prefetchers run too short a way ahead:
-// measured 4-13% on the products).
-// (The remainder switch is spelled out here and in pv_block: one shared helper taking a
-// lambda was tried and measured no faster, 0-7% slower within this machine's noise.)
+// panels of n x 16, `panel_stride` apart. Panel by panel (by pairs of panels with
+// AVX-512, the last odd one alone): a panel stays in L1 while the row groups stream past
+// it, and the first full row group prefetches the next panel (it comes from L3 when the
+// block is new, and the hardware prefetchers run too short a way ahead: measured 4-13% on
+// the products).
 template <bool ACCUMULATE>
 inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* panels_b, int64_t panels,
                      int64_t panel_stride, int64_t n, float alpha, float* c, int64_t ldc) {
-  const int64_t full = rows / MR * MR;
-  for (int64_t j = 0; j < panels; ++j) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  for (; j + 2 <= panels; j += 2) {
     const float* bp = panels_b + j * panel_stride;
-    float* cj = c + j * NR;
-    int64_t r = 0;
-    if (full > 0 && j + 1 < panels) {
-      kr_tile<MR, ACCUMULATE, true>(a, a_ks, bp, n, alpha, cj, ldc, bp + panel_stride);
-      r = MR;
-    }
-    for (; r < full; r += MR) kr_tile<MR, ACCUMULATE>(a + r * a_rs, a_ks, bp, n, alpha, cj + r * ldc, ldc);
-    const float* ar = a + full * a_rs;
-    float* cr = cj + full * ldc;
-    switch (rows - full) {
-      case 5: kr_tile<5, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
-      case 4: kr_tile<4, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
-      case 3: kr_tile<3, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
-      case 2: kr_tile<2, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
-      case 1: kr_tile<1, ACCUMULATE>(ar, a_ks, bp, n, alpha, cr, ldc); break;
-      default: break;
-    }
+    const float* next = j + 2 < panels ? bp + 2 * panel_stride : nullptr;  // the next panel (pair)
+    const int64_t next_stride = j + 3 < panels ? panel_stride : 0;
+    for_row_groups(rows, [&](auto m, int64_t r) {
+      constexpr int M = decltype(m)::value;
+      if (M == MR && r == 0 && next != nullptr) {
+        kr_tile_pair<M, ACCUMULATE, true>(a, a_ks, bp, panel_stride, n, alpha, c + j * NR, ldc, next, next_stride);
+      } else {
+        kr_tile_pair<M, ACCUMULATE>(a + r * a_rs, a_ks, bp, panel_stride, n, alpha, c + r * ldc + j * NR, ldc);
+      }
+    });
+  }
+#endif
+  for (; j < panels; ++j) {
+    const float* bp = panels_b + j * panel_stride;
+    const float* next = j + 1 < panels ? bp + panel_stride : nullptr;
+    for_row_groups(rows, [&](auto m, int64_t r) {
+      constexpr int M = decltype(m)::value;
+      if (M == MR && r == 0 && next != nullptr) {
+        kr_tile<M, ACCUMULATE, true>(a, a_ks, bp, n, alpha, c + j * NR, ldc, next);
+      } else {
+        kr_tile<M, ACCUMULATE>(a + r * a_rs, a_ks, bp, n, alpha, c + r * ldc + j * NR, ldc);
+      }
+    });
   }
 }
 
@@ -464,34 +620,41 @@ inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_
 // O (rows x 16 * dv_panels, row stride ldo) += P (rows x n) V, V as packed column panels
 // `panel_stride` apart, each starting at the block's first key. In chunks of PV_KEYS keys,
 // so a chunk of a V panel (8 KiB) stays in L1 while the row groups stream past it; the
-// first row group prefetches the chunk that follows (next panel, or the next keys).
+// first row group prefetches the chunk that follows (next panel or pair, or the next
+// keys).
 constexpr int64_t PV_KEYS = 128;
 inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_panels, int64_t panel_stride,
                      int64_t n, int64_t dv_panels, float* o, int64_t ldo) {
-  const int64_t full = rows / MR * MR;
   for (int64_t k0 = 0; k0 < n; k0 += PV_KEYS) {
     const int64_t keys = std::min(PV_KEYS, n - k0);
-    for (int64_t j = 0; j < dv_panels; ++j) {
+    const float* next_keys = k0 + PV_KEYS < n ? v_panels + (k0 + PV_KEYS) * NR : nullptr;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    for (; j + 2 <= dv_panels; j += 2) {
       const float* vp = v_panels + j * panel_stride + k0 * NR;
-      const float* next = j + 1 < dv_panels ? vp + panel_stride
-                          : k0 + PV_KEYS < n ? v_panels + (k0 + PV_KEYS) * NR
-                                             : nullptr;
-      int64_t r = 0;
-      if (full > 0 && next != nullptr) {
-        pv_tile<MR, true>(p + k0, ldp, vp, NR, keys, o + j * NR, ldo, next);
-        r = MR;
-      }
-      for (; r < full; r += MR) pv_tile<MR>(p + r * ldp + k0, ldp, vp, NR, keys, o + r * ldo + j * NR, ldo);
-      const float* pr = p + full * ldp + k0;
-      float* orow = o + full * ldo + j * NR;
-      switch (rows - full) {
-        case 5: pv_tile<5>(pr, ldp, vp, NR, keys, orow, ldo); break;
-        case 4: pv_tile<4>(pr, ldp, vp, NR, keys, orow, ldo); break;
-        case 3: pv_tile<3>(pr, ldp, vp, NR, keys, orow, ldo); break;
-        case 2: pv_tile<2>(pr, ldp, vp, NR, keys, orow, ldo); break;
-        case 1: pv_tile<1>(pr, ldp, vp, NR, keys, orow, ldo); break;
-        default: break;
-      }
+      const float* next = j + 2 < dv_panels ? vp + 2 * panel_stride : next_keys;
+      const int64_t next_stride = j + 3 == dv_panels ? 0 : panel_stride;  // (the last odd panel: one)
+      for_row_groups(rows, [&](auto m, int64_t r) {
+        constexpr int M = decltype(m)::value;
+        if (M == MR && r == 0 && next != nullptr) {
+          pv_tile_pair<M, true>(p + k0, ldp, vp, panel_stride, keys, o + j * NR, ldo, next, next_stride);
+        } else {
+          pv_tile_pair<M>(p + r * ldp + k0, ldp, vp, panel_stride, keys, o + r * ldo + j * NR, ldo);
+        }
+      });
+    }
+#endif
+    for (; j < dv_panels; ++j) {
+      const float* vp = v_panels + j * panel_stride + k0 * NR;
+      const float* next = j + 1 < dv_panels ? vp + panel_stride : next_keys;
+      for_row_groups(rows, [&](auto m, int64_t r) {
+        constexpr int M = decltype(m)::value;
+        if (M == MR && r == 0 && next != nullptr) {
+          pv_tile<M, true>(p + k0, ldp, vp, NR, keys, o + j * NR, ldo, next);
+        } else {
+          pv_tile<M>(p + r * ldp + k0, ldp, vp, NR, keys, o + r * ldo + j * NR, ldo);
+        }
+      });
     }
   }
 }
