@@ -276,6 +276,32 @@ inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
   return {lo, std::max(lo, hi)};
 }
 
+// sum_d a_d b_d in acc: on the AVX2 tiles' CPUs in two 8-lane partial sums (16-bit
+// elements widened in registers), added at the end (the element-by-element sum it
+// replaces took 3% of a bf16 backward, N=1024, D=128; measured paired: bf16 forward +
+// backward N=1024 1.0% faster at D=128, 2.7% at D=64, fp32 0.9% at D=128).
+template <typename T, typename acc>
+inline acc row_dot(const T* a, const T* b, int64_t n) {
+  int64_t d = 0;
+  acc sum = 0;
+#ifdef FLASHATTN_CPU_TILES
+  if constexpr (tiles::has_load8<T>()) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; d + 16 <= n; d += 16) {
+      s0 = _mm256_fmadd_ps(tiles::load8(a + d), tiles::load8(b + d), s0);
+      s1 = _mm256_fmadd_ps(tiles::load8(a + d + 8), tiles::load8(b + d + 8), s1);
+    }
+    if (d + 8 <= n) {
+      s0 = _mm256_fmadd_ps(tiles::load8(a + d), tiles::load8(b + d), s0);
+      d += 8;
+    }
+    sum = tiles::hsum(_mm256_add_ps(s0, s1));
+  }
+#endif
+  for (; d < n; ++d) sum += static_cast<acc>(a[d]) * static_cast<acc>(b[d]);
+  return sum;
+}
+
 template <typename T, typename Ops>
 void run_bwd(const FlashBwdParams& p) {
   using acc = acc_t<T>;
@@ -339,11 +365,7 @@ void run_bwd(const FlashBwdParams& p) {
         scale_row(ws.q_rows.get(), Sq * D, scale);
       }
       for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
-        const T* orow = o_head + i * p.o_row_stride;
-        const T* drow = do_head + i * p.do_row_stride;
-        acc sum = 0;
-        for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc>(drow[d]) * static_cast<acc>(orow[d]);
-        delta[i] = sum;
+        delta[i] = row_dot<T, acc>(do_head + i * p.do_row_stride, o_head + i * p.o_row_stride, Dv);
       }
       ws.head = bh;
     }
