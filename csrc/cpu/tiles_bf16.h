@@ -230,27 +230,18 @@ __attribute__((always_inline)) inline void qk_tile(const uint32_t* a, const uint
   }
 }
 
-// (The remainder switches here and in pv_panels are spelled out, as in tiles.h's kr_block.)
+// The row groups of `rows` over NP panels; the first full group prefetches `next`.
 template <int NP>
 inline void qk_panels(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t d2, float scale, float* s,
                       int64_t lds, const uint32_t* next) {
-  const int64_t full = rows / MR * MR;
-  int64_t r = 0;
-  if (full > 0 && next != nullptr) {  // the first row group prefetches the next panels
-    qk_tile<MR, NP, true>(q, k, d2, scale, s, lds, next);
-    r = MR;
-  }
-  for (; r < full; r += MR) qk_tile<MR, NP>(q + r * d2, k, d2, scale, s + r * lds, lds, nullptr);
-  const uint32_t* qr = q + full * d2;
-  float* sr = s + full * lds;
-  switch (rows - full) {
-    case 5: qk_tile<5, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
-    case 4: qk_tile<4, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
-    case 3: qk_tile<3, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
-    case 2: qk_tile<2, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
-    case 1: qk_tile<1, NP>(qr, k, d2, scale, sr, lds, nullptr); break;
-    default: break;
-  }
+  tiles::for_row_groups(rows, [&](auto m, int64_t r) {
+    constexpr int M = decltype(m)::value;
+    if (M == MR && r == 0 && next != nullptr) {
+      qk_tile<M, NP, true>(q, k, d2, scale, s, lds, next);
+    } else {
+      qk_tile<M, NP>(q + r * d2, k, d2, scale, s + r * lds, lds, nullptr);
+    }
+  });
 }
 
 // S (rows x 16 * panels, row stride lds) = scale * Q K^T: Q from pack_q, `panels` K panels
@@ -303,23 +294,14 @@ __attribute__((always_inline)) inline void pv_tile(const uint32_t* a, int64_t a_
 template <int NP>
 inline void pv_panels(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v,
                       int64_t panel_stride, int64_t n2, float* o, int64_t ldo, const uint32_t* next) {
-  const int64_t full = rows / MR * MR;
-  int64_t r = 0;
-  if (full > 0 && next != nullptr) {
-    pv_tile<MR, NP, true>(a, a_rs, a_ks, v, panel_stride, n2, o, ldo, next);
-    r = MR;
-  }
-  for (; r < full; r += MR) pv_tile<MR, NP>(a + r * a_rs, a_rs, a_ks, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
-  const uint32_t* ar = a + full * a_rs;
-  float* orow = o + full * ldo;
-  switch (rows - full) {
-    case 5: pv_tile<5, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 4: pv_tile<4, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 3: pv_tile<3, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 2: pv_tile<2, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
-    case 1: pv_tile<1, NP>(ar, a_rs, a_ks, v, panel_stride, n2, orow, ldo, nullptr); break;
-    default: break;
-  }
+  tiles::for_row_groups(rows, [&](auto m, int64_t r) {
+    constexpr int M = decltype(m)::value;
+    if (M == MR && r == 0 && next != nullptr) {
+      pv_tile<M, NP, true>(a, a_rs, a_ks, v, panel_stride, n2, o, ldo, next);
+    } else {
+      pv_tile<M, NP>(a + r * a_rs, a_rs, a_ks, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
+    }
+  });
 }
 
 // O (rows x 16 * dv_panels, row stride ldo) += A V over n2 pairs: pair i of A's row r at
