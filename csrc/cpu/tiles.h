@@ -5,7 +5,8 @@
 // large as the product's output. Here the small operands are packed once (pack_q per
 // query block or head with the scale folded in, pack_k / pack_v per head into 16-column
 // panels) and P / dS are read in place, one broadcast per element. A tile is up to
-// MR x 16 outputs in 12 vector accumulators.
+// MR x 16 outputs in 12 8-lane accumulators, or with AVX-512 MR x 32 over two panels in
+// 12 16-lane ones.
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
