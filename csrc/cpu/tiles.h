@@ -352,12 +352,21 @@ __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
 // The packers below move whole 8 x 8 blocks through transpose8 and the rest element by
 // element: 0.06 ms per 4096 x 128 head each, against 0.18 ms for the element-by-element
 // transposes they replace, which cost about 2% of a causal forward (N=4096, D=128, where
-// each of the two threads packs every head's K and V). `ahead` rows past the ones read are prefetched, a line per
-// row each time a line's worth of elements has been read.
+// each of the two threads packs every head's K and V).
+
+// Prefetches rows [row + ahead, row + 2 ahead) (below `rows`) at element e, a line per
+// row, when e starts a line: the rows the packer reads next.
 template <typename T>
 inline void prefetch_rows_ahead(const T* src, int64_t ld, int64_t row, int64_t ahead, int64_t rows, int64_t e) {
   if ((e * static_cast<int64_t>(sizeof(T))) % 64 != 0) return;
   for (int64_t r = row + ahead; r < std::min(rows, row + 2 * ahead); ++r) __builtin_prefetch(src + r * ld + e);
+}
+
+// Lanes 0-5 of x (element e of a group's MR rows after transpose8) to out[0, MR).
+__attribute__((always_inline)) inline void store_group_column(float* out, __m256 x) {
+  static_assert(MR == 6, "4 + 2 lanes");
+  _mm_storeu_ps(out, _mm256_castps256_ps128(x));
+  _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm256_extractf128_ps(x, 1));
 }
 
 // Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
@@ -378,11 +387,7 @@ inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scal
         r[i] = i < n ? _mm256_mul_ps(load8(src + (g0 + i) * ld + e0), vscale) : _mm256_setzero_ps();
       }
       transpose8(r);
-      for (int64_t i = 0; i < 8; ++i) {  // element e0 + i of the MR rows: 4 + 2 floats
-        float* out = group + (e0 + i) * MR;
-        _mm_storeu_ps(out, _mm256_castps256_ps128(r[i]));
-        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm256_extractf128_ps(r[i], 1));
-      }
+      for (int64_t i = 0; i < 8; ++i) store_group_column(group + (e0 + i) * MR, r[i]);
     }
     for (int64_t r = 0; r < MR; ++r) {
       for (int64_t e = e0; e < d; ++e) group[e * MR + r] = r < n ? static_cast<float>(src[(g0 + r) * ld + e]) * scale : 0.f;

@@ -72,10 +72,8 @@ inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d
       __m256 r[8];
       for (int64_t i = 0; i < 8; ++i) r[i] = i < n ? load_pairs8(src + (g0 + i) * ld, e0) : _mm256_setzero_ps();
       tiles::transpose8(r);
-      for (int64_t i = 0; i < 8; ++i) {  // pair e0 + i of the MR rows: 4 + 2 words
-        float* out = reinterpret_cast<float*>(group + (e0 + i) * MR);
-        _mm_storeu_ps(out, _mm256_castps256_ps128(r[i]));
-        _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm256_extractf128_ps(r[i], 1));
+      for (int64_t i = 0; i < 8; ++i) {  // pair e0 + i of the MR rows (as float lanes)
+        tiles::store_group_column(reinterpret_cast<float*>(group + (e0 + i) * MR), r[i]);
       }
     }
     for (int64_t r = 0; r < MR; ++r) {
