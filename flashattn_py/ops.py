@@ -155,10 +155,22 @@ def _dbias_fake(q, k, bias_requires_grad):
     return q.new_empty(shape, dtype=torch.float32)
 
 
+def _grads_fake(q, k, v, backend: str):
+    """dq, dk, dv as ``backend``'s backward allocates them. The fakes must give the real
+    strides, not just the shapes: inductor asserts every output's strides against the
+    fake's, and a transposed (SDPA layout) or packed-qkv input is the normal case. The CPU
+    kernel writes grads in the inputs' layout (empty_like); the CUDA and Triton backwards
+    allocate contiguous (B, S, H, D) grads (tests/test_fake_strides.py holds each
+    backend to this)."""
+    if backend == "cpu":
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 @torch.library.register_fake("flashattn::attn_bwd")
 def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
                    diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dbias_fake(q, k, bias_requires_grad)
+    return (*_grads_fake(q, k, v, backend), _dbias_fake(q, k, bias_requires_grad))
 
 
 def _setup_context(ctx, inputs, output):
@@ -205,7 +217,8 @@ def _register_compiled_op_fakes() -> None:
     @torch.library.register_fake("flashattn::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
                   diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _dbias_fake(q, k, bias_requires_grad)
+        backend = "cpu" if q.device.type == "cpu" else "cuda"
+        return (*_grads_fake(q, k, v, backend), _dbias_fake(q, k, bias_requires_grad))
 
     @torch.library.register_fake("flashattn::dropout_mask")
     def _dropout_mask_fake(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p):
