@@ -51,11 +51,12 @@ def _delta_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)  # offsets in int64: row * stride passes 2^31 at long context
     offs_dv = tl.arange(0, BLOCK_DV)
     o = load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                  + rows[:, None] * stride_os + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
+                  + rows64[:, None] * stride_os + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
     do = load_tile(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                   + rows[:, None] * stride_ds + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
+                   + rows64[:, None] * stride_ds + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v, True, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
 
@@ -74,9 +75,10 @@ def _dkdv_blocks(
 ):
     for m0 in range(start_m, end_m, BLOCK_M):
         rows = m0 + offs_m
-        q = load_tile(Q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+        rows64 = rows.to(tl.int64)
+        q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
                       MASK, not EVEN_D)
-        do = load_tile(DO_base + rows[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv,
+        do = load_tile(DO_base + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv,
                        head_dim_v, MASK, not EVEN_DV)
         if MASK or HAS_BIAS:
             # (a bias / bool mask can empty a row inside an interior block too)
@@ -98,7 +100,7 @@ def _dkdv_blocks(
             sT = sT - slope2 * tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
         if HAS_BIAS:
             in_bounds = (rows[None, :] < seqlen_q) & (cols[:, None] < seqlen_k)
-            b_ptrs = Bias_base + rows.to(tl.int64)[None, :] * stride_bm + cols[:, None] * stride_bn
+            b_ptrs = Bias_base + rows64[None, :] * stride_bm + cols.to(tl.int64)[:, None] * stride_bn
             if BIAS_IS_BOOL:
                 keep_b = tl.load(b_ptrs, mask=in_bounds, other=0)
                 sT = tl.where(keep_b != 0, sT, float("-inf"))
@@ -110,7 +112,7 @@ def _dkdv_blocks(
             pT = tl.where(visT, pT, 0.0)
         if HAS_DROPOUT:
             # same offsets as the forward: offset + ((b*H + h)*Sq + i)*Sk + j, transposed
-            keepT = dropout_keep(seed, drop_base + rows.to(tl.int64)[None, :] * seqlen_k + cols[:, None], p_drop)
+            keepT = dropout_keep(seed, drop_base + rows64[None, :] * seqlen_k + cols[:, None], p_drop)
             dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=PREC)  # * inv_keep at the end
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
@@ -159,14 +161,15 @@ def _dkdv_kernel(
     heads_per_prog = group // nsplit
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     k = load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                  + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim, True, not EVEN_D)
+                  + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim, True, not EVEN_D)
     v = load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                  + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+                  + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
                   True, not EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -216,8 +219,8 @@ def _dkdv_kernel(
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * inv_keep
-    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hs.to(tl.int64) * stride_dkh + cols[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hs.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvs + offs_dv[None, :]
+    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hs.to(tl.int64) * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hs.to(tl.int64) * stride_dvh + cols64[:, None] * stride_dvs + offs_dv[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v))
 
@@ -236,9 +239,10 @@ def _dq_blocks(
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
-        k = load_tile(K_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+        cols64 = cols.to(tl.int64)
+        k = load_tile(K_base + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
                       MASK, not EVEN_D)
-        v = load_tile(V_base + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+        v = load_tile(V_base + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
                       MASK, not EVEN_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_SOFTCAP:
@@ -251,10 +255,10 @@ def _dq_blocks(
         if HAS_BIAS:
             in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
             if BIAS_IS_BOOL:
-                keep_b = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0)
+                keep_b = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0)
                 s = tl.where(keep_b != 0, s, float("-inf"))
             else:
-                bias = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0.0)
+                bias = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0.0)
                 s = s + bias.to(tl.float32) * 1.4426950408889634
         p = tl.exp2(s - lse2[:, None])
         if MASK:
@@ -306,14 +310,15 @@ def _dq_kernel(
     hk = h // group
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
     q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                  + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim, True, not EVEN_D)
+                  + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim, True, not EVEN_D)
     do = load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                   + rows[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v,
+                   + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v,
                    True, not EVEN_DV)
     row0 = pid_bh.to(tl.int64) * seqlen_q
     lse = tl.load(Lse + row0 + rows, mask=rows < seqlen_q, other=0.0)
@@ -324,7 +329,7 @@ def _dq_kernel(
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
         bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-                     + rows.to(tl.int64)[:, None] * stride_bm)
+                     + rows64[:, None] * stride_bm)
     else:
         bias_rows = Bias
     if BIAS_GRAD:
@@ -361,7 +366,7 @@ def _dq_kernel(
                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                     BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = dq * scale
-    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :]
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
 
 

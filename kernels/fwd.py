@@ -43,9 +43,10 @@ def _fwd_blocks(
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
-        k = load_tile(K_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
+        cols64 = cols.to(tl.int64)  # offsets in int64: row * stride passes 2^31 at long context
+        k = load_tile(K_base + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
                       MASK, not EVEN_D)
-        v = load_tile(V_base + cols[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+        v = load_tile(V_base + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
                       MASK, not EVEN_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         # s is the score in log2 units: log2(e) * (softcapped, alibi-shifted) score
@@ -60,10 +61,10 @@ def _fwd_blocks(
             # (interior blocks may still hold query rows past seqlen_q)
             in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
             if BIAS_IS_BOOL:
-                keep_b = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0)
+                keep_b = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0)
                 s = tl.where(keep_b != 0, s, float("-inf"))
             else:
-                bias = tl.load(bias_rows + cols[None, :] * stride_bn, mask=in_bounds, other=0.0)
+                bias = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0.0)
                 s = s + bias.to(tl.float32) * 1.4426950408889634
         if MASK:
             vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
@@ -122,6 +123,7 @@ def _fwd_kernel(
     m0 = pid_m * BLOCK_M
 
     rows = m0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -129,7 +131,7 @@ def _fwd_kernel(
     Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q = load_tile(Q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
+    q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
                   True, not EVEN_D)
 
     slope2 = 0.0
@@ -137,7 +139,7 @@ def _fwd_kernel(
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
     if HAS_BIAS:
         bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-                     + rows.to(tl.int64)[:, None] * stride_bm)
+                     + rows64[:, None] * stride_bm)
     else:
         bias_rows = Bias
     if HAS_DROPOUT:
@@ -183,7 +185,7 @@ def _fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
 
     O_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    o_ptrs = O_base + rows[:, None] * stride_os + offs_dv[None, :]
+    o_ptrs = O_base + rows64[:, None] * stride_os + offs_dv[None, :]
     if EVEN_DV:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows[:, None] < seqlen_q)
     else:
