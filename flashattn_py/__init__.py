@@ -15,6 +15,7 @@ from .api import (
 )
 from . import nn
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
+from .errors import ArgumentError
 from .patch import patch_sdpa, unpatch_sdpa
 
 if _compiled_ops_error():
@@ -26,6 +27,7 @@ if _compiled_ops_error():
     )
 
 __all__ = [
+    "ArgumentError",
     "available_backends",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

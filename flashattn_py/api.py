@@ -12,8 +12,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import backends, ops
+from .errors import ArgumentError
 from .reference import attention_ref
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,58 +46,61 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     return cast(query), cast(key), cast(value), cast(attn_mask)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int,
+               min_head_dim: int = 1) -> None:
     """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected).
     (Each attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
     nq, nk, nv = names
     qs, ks, vs = q.shape, k.shape, v.shape
     for name, shape in zip(names, (qs, ks, vs)):
         if len(shape) != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(shape)}")
+            raise ArgumentError(f"{name}: expected a 4-D tensor, got shape {tuple(shape)}")
     dtype = q.dtype
     if dtype not in _FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype:
         for name, t in zip(names, (q, k, v)):
             if t.dtype not in _FLOAT_DTYPES:
-                raise ValueError(f"{name}: dtype must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        raise ValueError(f"{nq}, {nk}, {nv}: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+                raise ArgumentError(f"{name}: dtype must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise ArgumentError(f"{nq}, {nk}, {nv}: Expected query, key, and value to have the same dtype, but got "
+                            f"{nq}.dtype: {q.dtype} {nk}.dtype: {k.dtype} and {nv}.dtype: {v.dtype} instead.")
     device = q.device
     if k.device != device or v.device != device:
-        raise ValueError(f"{nq}, {nk}, {nv}: must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ArgumentError(f"{nq}, {nk}, {nv}: Expected query, key, and value to be on the same device, but got "
+                            f"{nq}.device: {q.device} {nk}.device: {k.device} and {nv}.device: {v.device} instead.")
     if not (qs[0] == ks[0] == vs[0]):
-        raise ValueError(f"{nq}, {nk}, {nv}: batch sizes differ: {qs[0]}, {ks[0]}, {vs[0]}")
+        raise ArgumentError(f"{nq}, {nk}, {nv}: batch sizes differ: {qs[0]}, {ks[0]}, {vs[0]}")
     if ks[seq_dim] != vs[seq_dim]:
-        raise ValueError(f"{nk}, {nv}: sequence lengths differ: {ks[seq_dim]} vs {vs[seq_dim]}")
+        raise ArgumentError(f"{nk}, {nv}: sequence lengths differ: {ks[seq_dim]} vs {vs[seq_dim]}")
     if ks[heads_dim] != vs[heads_dim]:
-        raise ValueError(f"{nk}, {nv}: head counts differ: {ks[heads_dim]} vs {vs[heads_dim]}")
+        raise ArgumentError(f"{nk}, {nv}: head counts differ: {ks[heads_dim]} vs {vs[heads_dim]}")
     if qs[3] != ks[3]:
-        raise ValueError(f"{nq}, {nk}: head dims differ: {qs[3]} vs {ks[3]}")
+        raise ArgumentError(f"{nq}, {nk}: head dims differ: {qs[3]} vs {ks[3]}")
     for name, shape in ((nq, qs), (nv, vs)):
-        if not 1 <= shape[3] <= backends.MAX_HEAD_DIM:
-            raise ValueError(f"{name}: head dim must be in 1..{backends.MAX_HEAD_DIM}, got {shape[3]}")
+        if not min_head_dim <= shape[3] <= backends.MAX_HEAD_DIM:
+            raise ArgumentError(f"{name}: head dim must be in {min_head_dim}..{backends.MAX_HEAD_DIM}, got {shape[3]}")
     h, hk = qs[heads_dim], ks[heads_dim]
-    if hk == 0 or h % hk != 0:
-        raise ValueError(f"{nq}, {nk}: number of query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if (hk == 0 and h != 0) or (hk != 0 and h % hk != 0):
+        raise ArgumentError(f"{nq}, {nk}: number of query heads ({h}) must be a multiple of key/value heads ({hk})")
 
 
 def _check_dropout(dropout_p: float) -> None:
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
+        raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p}")
 
 
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> None:
     _check_dropout(dropout_p)
     if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
+        raise ArgumentError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
     if softcap < 0:
-        raise ValueError(f"softcap: must be >= 0, got {softcap}")
+        raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
     num_heads = q.shape[-2]
     if alibi_slopes is not None:
         if alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device:
-            raise ValueError(
+            raise ArgumentError(
                 f"alibi_slopes: must be float32 on {q.device}, got {alibi_slopes.dtype} on {alibi_slopes.device}"
             )
         if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
-            raise ValueError(
+            raise ArgumentError(
                 f"alibi_slopes: expected shape ({num_heads},) or ({batch}, {num_heads}), "
                 f"got {tuple(alibi_slopes.shape)}"
             )
@@ -174,7 +179,7 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p=0.0, softmax_scale=None, ca
                               backend: str = "auto"):
     """flash-attn's packed form: qkv (B, S, 3, H, D) -> out (B, S, H, D)."""
     if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv: expected shape (B, S, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
+        raise ArgumentError(f"qkv: expected shape (B, S, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
     q, k, v = qkv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, backend=backend)
@@ -185,7 +190,7 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p=0.0, softmax_scale
                              return_attn_probs=False, *, backend: str = "auto"):
     """flash-attn's packed form: q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> out (B, Sq, H, D)."""
     if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv: expected shape (B, Sk, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
+        raise ArgumentError(f"kv: expected shape (B, Sk, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, backend=backend)
@@ -193,14 +198,14 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p=0.0, softmax_scale
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int) -> list[int]:
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
-        raise ValueError(f"{name}: expected a 1-D int32 tensor of B+1 offsets, got "
+        raise ArgumentError(f"{name}: expected a 1-D int32 tensor of B+1 offsets, got "
                          f"{getattr(cu, 'dtype', type(cu).__name__)} of shape {tuple(getattr(cu, 'shape', ()))}")
     offsets = [int(x) for x in cu.tolist()]
     if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"{name}: must rise from 0 to the total length {total}, got {offsets}")
+        raise ArgumentError(f"{name}: must rise from 0 to the total length {total}, got {offsets}")
     longest = max(b - a for a, b in zip(offsets, offsets[1:]))
     if longest > max_seqlen:
-        raise ValueError(f"max_seqlen for {name}: {max_seqlen} is below the longest sequence ({longest})")
+        raise ArgumentError(f"max_seqlen for {name}: {max_seqlen} is below the longest sequence ({longest})")
     return offsets
 
 
@@ -243,14 +248,14 @@ def flash_attn_varlen_func(
     backends.check_backend_name(backend)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D (total, H, D) tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+            raise ArgumentError(f"{name}: expected a 3-D (total, H, D) tensor, got shape {tuple(getattr(t, 'shape', ()))}")
     if k.shape[0] != v.shape[0]:
-        raise ValueError(f"k, v: total lengths differ: {k.shape[0]} vs {v.shape[0]}")
+        raise ArgumentError(f"k, v: total lengths differ: {k.shape[0]} vs {v.shape[0]}")
     _check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), ("q", "k", "v"), heads_dim=2, seq_dim=1)
     offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if len(offsets_q) != len(offsets_k):
-        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {len(offsets_q) - 1} vs "
+        raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {len(offsets_q) - 1} vs "
                          f"{len(offsets_k) - 1}")
     batch = len(offsets_q) - 1
     _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, batch)
@@ -285,7 +290,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      backend: str = "auto"):
     """Packed variable-length form: qkv (total, 3, H, D) -> out (total, H, D)."""
     if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"qkv: expected shape (total, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
+        raise ArgumentError(f"qkv: expected shape (total, 3, H, D), got {tuple(getattr(qkv, 'shape', ()))}")
     q, k, v = qkv.unbind(1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
@@ -298,11 +303,80 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     deterministic=False, return_attn_probs=False, *, backend: str = "auto"):
     """Packed variable-length form: q (total_q, H, D), kv (total_k, 2, Hk, D)."""
     if not isinstance(kv, Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"kv: expected shape (total_k, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
+        raise ArgumentError(f"kv: expected shape (total_k, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
     k, v = kv.unbind(1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, backend=backend)
+
+
+def _causal_bias_offset(bias: CausalBias, seqlen_q: int, seqlen_k: int) -> int:
+    """The diagonal offset of torch's ``CausalBias`` (``causal_upper_left`` /
+    ``causal_lower_right``): 0 for upper-left (query i sees keys j <= i), Sk - Sq for
+    lower-right (j <= i + Sk - Sq, flash-attn's alignment)."""
+    if (bias.seq_len_q, bias.seq_len_kv) != (seqlen_q, seqlen_k):
+        raise ArgumentError(
+            f"attn_mask: CausalBias of sizes ({bias.seq_len_q}, {bias.seq_len_kv}) does not match query and key "
+            f"sequence lengths ({seqlen_q}, {seqlen_k})"
+        )
+    if bias.variant == CausalVariant.UPPER_LEFT:
+        return 0
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return seqlen_k - seqlen_q
+    raise ArgumentError(f"attn_mask: CausalBias.variant must be a CausalVariant type, but found: {bias.variant}")
+
+
+def _sdpa_leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """query, key, value expanded to common leading dims (torch broadcasts the dims before
+    (L, E) as matmul does; under GQA the head dims -3 differ and only the dims before them
+    broadcast), and those leading dims of the output. Expanding makes stride-0 views."""
+    qs, ks, vs = query.shape, key.shape, value.shape
+    lead_q, lead_k, lead_v = qs[:-2], ks[:-2], vs[:-2]
+    if lead_q == lead_k == lead_v:
+        return query, key, value, lead_q
+    gqa = enable_gqa and min(len(qs), len(ks), len(vs)) >= 3 and qs[-3] != ks[-3]
+    try:
+        if gqa:
+            batch = torch.broadcast_shapes(lead_q[:-1], lead_k[:-1], lead_v[:-1])
+            heads_kv = torch.broadcast_shapes(lead_k[-1:], lead_v[-1:])
+            lead, lead_kv = (*batch, qs[-3]), (*batch, *heads_kv)
+        else:
+            lead = lead_kv = torch.broadcast_shapes(lead_q, lead_k, lead_v)
+    except RuntimeError:
+        raise ArgumentError(
+            f"query, key, value: the dims before (L, E) must broadcast, got {tuple(lead_q)}, {tuple(lead_k)}, "
+            f"{tuple(lead_v)}" + ("" if enable_gqa else " (pass enable_gqa=True for GQA)")
+        ) from None
+    return (query.expand(*lead, *qs[-2:]), key.expand(*lead_kv, *ks[-2:]), value.expand(*lead_kv, *vs[-2:]),
+            tuple(lead))
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """(..., S, E) -> (B, H, S, E): no leading dim is one batch and one head, one is the batch."""
+    rank = t.dim()
+    if rank == 4:
+        return t
+    if rank == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if rank == 3:
+        return t.unsqueeze(1)
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (not -1: sizes may be 0)
+
+
+class _NoOutputSeesAKey(torch.autograd.Function):
+    """SDPA where a size is 0 so that no output element sees a key (empty output, or no
+    keys): zeros (torch's result), and zero gradients for every input."""
+
+    @staticmethod
+    def forward(ctx, out_shape, query, key, value, attn_mask):
+        ctx.inputs = [(t.shape, t.dtype, t.device) if t is not None and t.is_floating_point() else None
+                      for t in (query, key, value, attn_mask)]
+        return query.new_zeros(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2]) for meta in ctx.inputs]
+        return (None, *grads)
 
 
 def scaled_dot_product_attention(
@@ -318,9 +392,13 @@ def scaled_dot_product_attention(
     """``torch.nn.functional.scaled_dot_product_attention`` with torch's semantics.
 
     Args:
-        query: (..., H, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). 3-D inputs
-            are one head; extra leading dims are flattened into the batch.
-        attn_mask: broadcastable to (..., H, L, S); bool (True = attend) or float (added).
+        query: (..., H, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). 2-D inputs
+            are one batch and head, 3-D ones one head; the dims before (L, E) broadcast as
+            in torch; extra leading dims are flattened into the batch. Any size may be 0
+            (E = 0: every score is 0, uniform weights over the visible keys).
+        attn_mask: broadcastable to (..., H, L, S); bool (True = attend) or float (added);
+            or torch's ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
+            served as causal attention with that diagonal.
         dropout_p: dropout probability, applied whenever > 0 (as torch does).
         is_causal: query i sees keys j <= i (top-left aligned); exclusive with attn_mask.
         scale: default 1/sqrt(E).
@@ -329,58 +407,63 @@ def scaled_dot_product_attention(
     Returns:
         (..., H, L, Ev). A query that sees no key gives zeros (torch's math path gives NaN).
         Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as torch
-        does (float64 stays float64).
+        does (float64 stays float64). Invalid arguments raise ``ArgumentError``, both a
+        ValueError and (as torch's errors) a RuntimeError.
     """
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
+    diag_offset = 0
+    if attn_mask is not None and type(attn_mask) is not Tensor and isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise ArgumentError("attn_mask: CausalBias should not be used with causal=True (as in torch)")
+        if query.dim() < 2 or key.dim() < 2:
+            raise ArgumentError("query, key: CausalBias needs (..., L, E) inputs")
+        diag_offset = _causal_bias_offset(attn_mask, query.shape[-2], key.shape[-2])
+        attn_mask, is_causal = None, True
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
-    rank = query.dim()
-    if rank < 3 or key.dim() != rank or value.dim() != rank:
-        for name, t in zip(names, (query, key, value)):
-            if t.dim() < 3:
-                raise ValueError(f"{name}: expected at least 3 dims (..., L, E), got shape {tuple(t.shape)}")
-        raise ValueError(f"query, key, value: ranks differ: {query.dim()}, {key.dim()}, {value.dim()}")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise ArgumentError(
+            f"query, key, value: Expected query, key, and value to all be at least 2 dimensional, but got "
+            f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
+        )
     if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask: must be None when is_causal=True (as in torch)")
+        raise ArgumentError("attn_mask: Explicit attn_mask should not be set when is_causal=True (as in torch)")
     _check_dropout(dropout_p)
-    if rank == 4:  # (batch sizes are checked with the rest below)
-        q4, k4, v4 = query, key, value
-    elif rank == 3:
-        q4, k4, v4 = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    else:
-        lead = query.shape[:-3]
-        if key.shape[:-3] != lead or value.shape[:-3] != lead:
-            raise ValueError(
-                f"query, key, value: batch dims differ: {tuple(lead)}, {tuple(key.shape[:-3])}, "
-                f"{tuple(value.shape[:-3])}"
-            )
-        q4, k4, v4 = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
-    _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2)
-    (_, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
+    query, key, value, lead = _sdpa_leading_dims(query, key, value, enable_gqa)
+    q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
+    _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2, min_head_dim=0)
+    (batch, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
+    head_dim_v = v4.shape[3]
     if num_heads != num_heads_k and not enable_gqa:
-        raise ValueError(
+        raise ArgumentError(
             f"query, key: head counts differ ({num_heads} vs {num_heads_k}); pass enable_gqa=True for GQA"
         )
     mask4 = None
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise ValueError(f"attn_mask: dtype must be bool or {query.dtype}, got {attn_mask.dtype}")
+            raise ArgumentError(
+                f"attn_mask: Expected attn_mask dtype to be bool or to match query dtype, but got attn_mask.dtype: "
+                f"{attn_mask.dtype} and query.dtype: {query.dtype} instead."
+            )
         if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")
-        lead = (query.shape[0],) if rank == 3 else (*query.shape[:-3], num_heads)
+            raise ArgumentError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")
         full = (*lead, seqlen_q, seqlen_k)
         try:
             mask_full = attn_mask.expand(full)
         except RuntimeError:
-            raise ValueError(
+            raise ArgumentError(
                 f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to {tuple(full)}"
             ) from None
-        mask4 = mask_full.unsqueeze(1) if rank == 3 else mask_full.reshape(-1, num_heads, seqlen_q, seqlen_k)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    out, _ = ops.attention(
-        q4, k4, v4, scale=scale, attn_mask=mask4, window_left=-1, window_right=0 if is_causal else -1,
-        diag_offset=0, dropout_p=float(dropout_p), heads_first=True,
-    )  # (B, H, L, Ev)
-    if rank == 3:
-        return out.squeeze(1)
-    return out.reshape(*query.shape[:-3], *out.shape[1:]) if rank > 4 else out
+        mask4 = _as_4d(mask_full)
+    if batch * num_heads * seqlen_q * head_dim_v == 0 or seqlen_k == 0:
+        out = _NoOutputSeesAKey.apply((batch, num_heads, seqlen_q, head_dim_v), q4, k4, v4, mask4)
+    else:
+        if head_dim == 0:  # every score is 0; the empty sums (exact zeros) keep q and k in the graph
+            q4, k4 = q4.sum(-1, keepdim=True), k4.sum(-1, keepdim=True)
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+        out, _ = ops.attention(
+            q4, k4, v4, scale=float(scale), attn_mask=mask4, window_left=-1, window_right=0 if is_causal else -1,
+            diag_offset=diag_offset, dropout_p=float(dropout_p), heads_first=True,
+        )  # (B, H, L, Ev)
+    return out if len(lead) == 2 else out.reshape(*lead, seqlen_q, head_dim_v)

@@ -17,6 +17,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from .errors import ArgumentError
+
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 MAX_HEAD_DIM = 256
 
@@ -150,7 +152,7 @@ _forced_stack: list[str] = []
 
 def check_backend_name(name: str, argument: str = "backend") -> None:
     if name != "auto" and name not in BACKEND_NAMES:
-        raise ValueError(f"{argument}: unknown backend {name!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
+        raise ArgumentError(f"{argument}: unknown backend {name!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
 
 
 @contextlib.contextmanager
@@ -209,7 +211,7 @@ def select(problem: Problem, backend: str = "auto") -> str:
     if backend != "auto":
         reasons = SUPPORTS[backend](problem)
         if reasons:
-            raise ValueError(f"backend {backend!r} can't serve this call: " + "; ".join(reasons))
+            raise ArgumentError(f"backend {backend!r} can't serve this call: " + "; ".join(reasons))
         return backend
     why_not = []
     for name in auto_order(problem.device_type):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import api
+from .errors import ArgumentError
 from .reference import attention_ref
 
 __all__ = ["MultiheadAttention", "FlashSelfAttention", "FlashCrossAttention"]
@@ -45,7 +46,7 @@ def _sdpa_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
-        raise ValueError(f"attn_mask / key_padding_mask: expected bool or floating dtype, got {mask.dtype}")
+        raise ArgumentError(f"attn_mask / key_padding_mask: expected bool or floating dtype, got {mask.dtype}")
     return mask.to(dtype)
 
 
@@ -117,11 +118,11 @@ class MultiheadAttention(nn.Module):
         dtype=None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim, num_heads: must be > 0, got {embed_dim}, {num_heads}")
+            raise ArgumentError(f"embed_dim, num_heads: must be > 0, got {embed_dim}, {num_heads}")
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim: must be divisible by num_heads ({num_heads}), got {embed_dim}")
+            raise ArgumentError(f"embed_dim: must be divisible by num_heads ({num_heads}), got {embed_dim}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+            raise ArgumentError(f"dropout: must be in [0, 1), got {dropout}")
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -203,9 +204,9 @@ class MultiheadAttention(nn.Module):
         (no batch dim when unbatched), or None when ``need_weights=False``.
         """
         if query.dim() not in (2, 3):
-            raise ValueError(f"query: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(query.shape)}")
+            raise ArgumentError(f"query: expected a 2-D (unbatched) or 3-D tensor, got shape {tuple(query.shape)}")
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
+            raise ArgumentError(
                 f"query, key, value: ranks differ: {query.dim()}, {key.dim()}, {value.dim()}"
             )
         unbatched = query.dim() == 2
@@ -220,13 +221,13 @@ class MultiheadAttention(nn.Module):
         src_len = key.shape[1]
         h, hd = self.num_heads, self.head_dim
         if e != self.embed_dim:
-            raise ValueError(f"query: expected last dim embed_dim={self.embed_dim}, got {e}")
+            raise ArgumentError(f"query: expected last dim embed_dim={self.embed_dim}, got {e}")
         if key.shape[:2] != value.shape[:2] or key.shape[0] != n:
-            raise ValueError(
+            raise ArgumentError(
                 f"key, value: expected matching (batch, length) {n} x S, got {tuple(key.shape)} and {tuple(value.shape)}"
             )
         if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(
+            raise ArgumentError(
                 f"key, value: expected last dims kdim={self.kdim}, vdim={self.vdim}, got {key.shape[-1]}, {value.shape[-1]}"
             )
 
@@ -240,14 +241,14 @@ class MultiheadAttention(nn.Module):
             elif unbatched and attn_mask.dim() == 3 and tuple(attn_mask.shape) == (h, tgt_len, src_len):
                 am = attn_mask.view(1, h, tgt_len, src_len)
             else:
-                raise ValueError(
+                raise ArgumentError(
                     f"attn_mask: expected shape ({tgt_len}, {src_len}) or ({n * h}, {tgt_len}, {src_len}), "
                     f"got {tuple(attn_mask.shape)}"
                 )
             mask = _sdpa_mask(am, query.dtype)
         if key_padding_mask is not None:
             if tuple(key_padding_mask.shape) != (n, src_len):
-                raise ValueError(
+                raise ArgumentError(
                     f"key_padding_mask: expected shape ({n}, {src_len}), got {tuple(key_padding_mask.shape)}"
                 )
             mask = _merge(mask, _sdpa_mask(key_padding_mask.view(n, 1, 1, src_len), query.dtype), query.dtype)
@@ -346,7 +347,7 @@ class FlashSelfAttention(_FlashModule):
         causal, dropout_p = self._call_settings(causal)
         if cu_seqlens is not None:
             if max_seqlen is None:
-                raise ValueError("max_seqlen: required with cu_seqlens")
+                raise ArgumentError("max_seqlen: required with cu_seqlens")
             return api.flash_attn_varlen_qkvpacked_func(
                 qkv, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale, causal, self.window_size,
                 alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
@@ -371,7 +372,7 @@ class FlashCrossAttention(_FlashModule):
         causal, dropout_p = self._call_settings(causal)
         if cu_seqlens is not None:
             if cu_seqlens_k is None or max_seqlen is None or max_seqlen_k is None:
-                raise ValueError("cu_seqlens_k, max_seqlen, max_seqlen_k: required with cu_seqlens")
+                raise ArgumentError("cu_seqlens_k, max_seqlen, max_seqlen_k: required with cu_seqlens")
             return api.flash_attn_varlen_kvpacked_func(
                 q, kv, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, dropout_p, self.softmax_scale, causal,
                 self.window_size, alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,

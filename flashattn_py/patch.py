@@ -19,10 +19,21 @@ training mode or with gradients enabled (or disable the fast path,
 ``torch.backends.mha.set_fastpath_enabled(False)``) to route them through the patch.
 
 Calls ours can't serve go to the function that was there before patching (torch's own):
-invalid arguments (our ValueError/TypeError), nested tensors, non-float dtypes, head dims
-beyond ``MAX_HEAD_DIM``, and problems no fused backend supports (we don't use our reference
-there: torch's own is the better fallback), unless a backend is forced with
-``use_backend`` / ``FLASHATTN_BACKEND``.
+invalid arguments (our ``ArgumentError``/TypeError), nested tensors, non-float dtypes, head
+dims beyond ``MAX_HEAD_DIM``, and problems no fused backend supports (we don't use our
+reference there: torch's own is the better fallback), unless a backend is forced with
+``use_backend`` / ``FLASHATTN_BACKEND``. Inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``
+(torch restricted to its math backend) every call goes to torch's own: such code expects
+torch's math semantics, e.g. dropout drawn from torch's generator exactly as ``F.dropout``
+(eager calls: inside ``torch.compile`` ours serves them).
+torch's ``CausalBias`` masks (``causal_upper_left`` / ``causal_lower_right``) are served as
+causal attention with their alignment; on the fallback path they go to torch's own
+``CausalBias`` dispatch, so the bias is never read as a plain tensor.
+
+TorchScript: the patched function is registered as the TorchScript builtin
+``aten::scaled_dot_product_attention``, so ``torch.jit.script`` of code that reaches it
+(``nn.MultiheadAttention``, ``F.multi_head_attention_forward``) compiles as unpatched and the
+scripted code calls torch's kernel (it can be saved and loaded without flashattn_py).
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import CausalBias
 
 from . import api, backends, ops
 
@@ -55,6 +67,14 @@ class _Stats:
 stats = _Stats()
 
 
+def _torch_restricted_to_math() -> bool:
+    """True when torch's backend selection allows only its math backend
+    (``sdpa_kernel(SDPBackend.MATH)``)."""
+    cuda = torch.backends.cuda
+    return cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
+                                            or cuda.cudnn_sdp_enabled())
+
+
 def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
     """None when ours should serve the call, else why torch's own should."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -64,19 +84,15 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
             return f"{name} is nested or not strided"
         if t.dtype not in _FLOATS:
             return f"{name} dtype {t.dtype}"
-        if t.dim() < 3:
-            return f"{name} has fewer than 3 dims"
-    if not (query.dim() == key.dim() == value.dim()):
-        return "ranks differ"
     if query.shape[-1] > backends.MAX_HEAD_DIM or value.shape[-1] > backends.MAX_HEAD_DIM:
         return "head dim too large"
-    if query.shape[-1] == 0 or value.shape[-1] == 0 or key.shape[-2] == 0 or query.shape[-2] == 0:
-        return "empty sequence or head dim"
-    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
-        return "head counts differ without enable_gqa"
+    if isinstance(attn_mask, CausalBias):
+        attn_mask = None  # served as causal attention
     if attn_mask is not None and (not isinstance(attn_mask, Tensor) or
                                   (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
         return "attn_mask dtype"
+    if not torch.compiler.is_compiling() and _torch_restricted_to_math():  # (flags Dynamo can't trace)
+        return "torch is restricted to its math backend"
     if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
     problem = backends.Problem(device_type=query.device.type, dtype=query.dtype,
@@ -88,28 +104,40 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
     return "no fused backend serves it"
 
 
+def _call_original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Tensor:
+    """torch's own function. A ``CausalBias`` goes to its own dispatch: called with
+    anything but ``F.scaled_dot_product_attention`` (ours now) it would act as a plain tensor."""
+    if isinstance(attn_mask, CausalBias):
+        return CausalBias._dispatch(query, key, value, attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                    scale=scale, enable_gqa=enable_gqa)
+    original = _original if _original is not None else torch._C._nn.scaled_dot_product_attention
+    return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """The function ``patch_sdpa`` installs: ours when it can serve the call, else the original."""
-    original = _original if _original is not None else torch._C._nn.scaled_dot_product_attention
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) is not None:
         if not torch.compiler.is_compiling():
             stats.fallback += 1
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+        return _call_original(*args)
     if torch.compiler.is_compiling():
-        return api.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                enable_gqa)
+        return api.scaled_dot_product_attention(*args)
     try:
-        out = api.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                               enable_gqa)
+        out = api.scaled_dot_product_attention(*args)
     except (ValueError, TypeError):  # our validation refused: torch's own decides
         stats.fallback += 1
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+        return _call_original(*args)
     stats.served += 1
     return out
+
+
+# TorchScript resolves F.scaled_dot_product_attention to this function while patched and
+# can't compile it: make it the builtin it replaces (see the module docstring).
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
 
 
 class SDPAPatch:

@@ -29,12 +29,12 @@ def qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float32):
         (lambda: (qkv()[0], torch.randn(1, 9, 2, 16), qkv()[2]), {}, r"k, v: sequence lengths differ"),
         (lambda: (qkv()[0], torch.randn(1, 8, 1, 16), qkv()[2]), {}, r"k, v: head counts differ"),
         (lambda: qkv(h=3, hk=2), {}, r"multiple of key/value heads"),
-        (lambda: (qkv()[0].double(), *qkv()[1:]), {}, r"dtypes must match"),
+        (lambda: (qkv()[0].double(), *qkv()[1:]), {}, r"Expected query, key, and value to have the same dtype"),
         (lambda: (qkv()[0].int(), *qkv()[1:]), {}, r"q: dtype must be"),
         (lambda: qkv(d=257), {}, r"q: head dim must be in 1..256"),
         (lambda: qkv(), dict(window_size=(-2, 0)), r"window_size"),
         (lambda: qkv(), dict(softcap=-1.0), r"softcap: must be >= 0"),
-        (lambda: qkv(), dict(dropout_p=1.0), r"dropout_p: must be in \[0, 1\)"),
+        (lambda: qkv(), dict(dropout_p=1.0), r"dropout_p: dropout probability has to be in \[0, 1\)"),
         (lambda: qkv(), dict(dropout_p=-0.1), r"dropout_p"),
         (lambda: qkv(), dict(alibi_slopes=torch.ones(3)), r"alibi_slopes: expected shape"),
         (lambda: qkv(), dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), r"alibi_slopes: must be float32"),
@@ -49,19 +49,20 @@ def test_flash_attn_func_rejects_bad_input(make, kwargs, match):
 def test_device_mismatch_is_named():
     q, k, v = qkv()
     meta = torch.empty_like(k, device="meta")
-    with pytest.raises(ValueError, match=r"q, k, v: must be on one device"):
+    with pytest.raises(ValueError, match=r"q, k, v: Expected query, key, and value to be on the same device"):
         flashattn_py.flash_attn_func(q, meta, v)
 
 
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
-        ((torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)), {}, r"query: expected at least 3 dims"),
+        ((torch.randn(4), torch.randn(4), torch.randn(4)), {}, r"at least 2 dimensional, but got query.dim: 1"),
         ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True),
-         r"attn_mask: must be None when is_causal"),
+         r"attn_mask: Explicit attn_mask should not be set when is_causal=True"),
         ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(3, 8, dtype=torch.bool)),
          r"attn_mask: shape \(3, 8\) is not broadcastable to \(1, 2, 8, 8\)"),
-        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.int64)), r"attn_mask: dtype"),
+        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.int64)),
+         r"attn_mask: Expected attn_mask dtype to be bool"),
         ((torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)), {}, r"enable_gqa=True"),
         ((torch.randn(1, 2, 8, 16),) * 3, dict(dropout_p=2.0), r"dropout_p"),
     ],

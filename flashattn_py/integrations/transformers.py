@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import api
+from ..errors import ArgumentError
 
 NAME = "fattn_py"
 
@@ -54,9 +55,9 @@ def flashattn_attention_forward(
         ``(attn_output (B, Sq, H, D), None)``: attention weights are never materialised.
     """
     if kwargs.get("softcap") is not None:
-        raise ValueError("softcap: not supported by the flashattn_py transformers backend (use eager)")
+        raise ArgumentError("softcap: not supported by the flashattn_py transformers backend (use eager)")
     if kwargs.get("position_bias") is not None:
-        raise ValueError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
+        raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' sdpa: the kernel's causal flag only when there is no mask and more than
@@ -83,7 +84,7 @@ def register(name: str = NAME) -> str:
     name containing "flash" (transformers would treat it as a flash-attn kernel).
     """
     if "flash" in name:
-        raise ValueError(f"name: must not contain 'flash' (transformers reserves it for flash-attn kernels), "
+        raise ArgumentError(f"name: must not contain 'flash' (transformers reserves it for flash-attn kernels), "
                          f"got {name!r}")
     from transformers import AttentionInterface
 

@@ -1,0 +1,214 @@
+"""Drop-in fidelity of scaled_dot_product_attention (ours, and F's under patch_sdpa()):
+torch's CausalBias masks, TorchScript, torch's exception types, torch's math backend when
+code restricts torch to it, and every shape torch accepts (broadcast, 2-D, zero sizes)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+from torch.testing._internal.common_utils import freeze_rng_state
+
+import flashattn_py
+from flashattn_py import ArgumentError
+from flashattn_py import patch as fpatch
+from flashattn_py.patch import patch_sdpa, unpatch_sdpa
+from rule import check_attention, random_qkv
+
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def _clean_patch():
+    unpatch_sdpa()
+    yield
+    unpatch_sdpa()
+
+
+def _sdpa_patched(*args, **kwargs):
+    with patch_sdpa():
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+SDPAS = {"ours": flashattn_py.scaled_dot_product_attention, "patched": _sdpa_patched}
+
+
+# --- CausalBias -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant,seqlens", [
+    ("upper_left", (37, 61)), ("upper_left", (40, 40)), ("upper_left", (61, 37)),
+    ("lower_right", (37, 61)), ("lower_right", (40, 40)),
+])
+def test_causal_bias_matches_the_reference(entry, dtype, variant, seqlens):
+    sq, sk = seqlens
+    seed = hash((entry, str(dtype), variant, seqlens)) % 10_000
+    q, k, v = random_qkv(2, sq, sk, 4, 2, 24, dtype=dtype, seed=seed, layout="bhsd")
+    bias = (causal_upper_left if variant == "upper_left" else causal_lower_right)(sq, sk)
+    served = fpatch.stats.served
+
+    def run(q, k, v):  # (B, S, H, D) views of (B, H, S, D) memory, as SDPA gets them
+        out = SDPAS[entry](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    diag_offset = 0 if variant == "upper_left" else sk - sq
+    check_attention(run, q, k, v, seed=seed, window_right=0, diag_offset=diag_offset)
+    if entry == "patched":
+        assert fpatch.stats.served == served + 1  # ours served it, not torch's fallback
+
+
+def test_causal_bias_fp16_upper_left_has_no_nan_under_the_patch():
+    # The case from the report: torch's fallback read the bias as a plain tensor (4096 NaN).
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(16, 16, 128, 16, generator=gen).half() for _ in range(3))
+    out = _sdpa_patched(q, k, v, attn_mask=causal_upper_left(128, 128))
+    want = TORCH_SDPA(q.float(), k.float(), v.float(), is_causal=True)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_causal_bias_on_the_fallback_path_keeps_its_meaning():
+    # Restricted to torch's math backend, the patch hands the call to torch: the bias must
+    # reach CausalBias's own dispatch, not torch's function as a tensor.
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 3, 6, 8, generator=gen), torch.randn(2, 3, 9, 8, generator=gen), torch.randn(2, 3, 9, 8)
+    for bias in (causal_upper_left(6, 9), causal_lower_right(6, 9)):
+        with sdpa_kernel(SDPBackend.MATH):
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            served = fpatch.stats.served
+            got = _sdpa_patched(q, k, v, attn_mask=bias)
+            assert fpatch.stats.served == served
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+def test_causal_bias_errors_match_torch(entry):
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=causal_upper_left(5, 5), is_causal=True)  # torch's
+    with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+        SDPAS[entry](q, q, q, attn_mask=causal_upper_left(5, 5), is_causal=True)
+    # Dropout with a CausalBias is accepted, as torch accepts it (causal dropout attention).
+    out = SDPAS[entry](q, q, q, attn_mask=causal_lower_right(5, 5), dropout_p=0.5)
+    assert out.shape == q.shape and not out.isnan().any()
+    with pytest.raises(ValueError, match=r"attn_mask: CausalBias of sizes \(4, 5\)"):
+        flashattn_py.scaled_dot_product_attention(q, q, q, attn_mask=causal_lower_right(4, 5))
+
+
+# --- TorchScript ------------------------------------------------------------------------
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """A subclass, as models define them; scripting it reaches F.multi_head_attention_forward."""
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.MultiheadAttention(16, 4, batch_first=True),
+    lambda: EncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+])
+def test_torchscript_while_patched(make):
+    torch.manual_seed(5)
+    module = make()
+    x = torch.randn(2, 7, 16)
+    call = ((lambda m: m(x, x, x, need_weights=False)[0]) if isinstance(module, nn.MultiheadAttention)
+            else (lambda m: m(x)))
+    with patch_sdpa():
+        scripted = torch.jit.script(module)
+        eager = call(module)
+        got = call(scripted)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    torch.testing.assert_close(got, eager)  # ours (eager) and torch's builtin (scripted)
+    torch.testing.assert_close(call(loaded), got, atol=0, rtol=0)
+
+
+# --- exception types --------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda: flashattn_py.scaled_dot_product_attention(torch.randn(4), torch.randn(4), torch.randn(4)),
+    lambda: flashattn_py.scaled_dot_product_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).double(),
+                                                      torch.randn(1, 2, 3, 4)),
+    lambda: flashattn_py.scaled_dot_product_attention(*(torch.randn(1, 2, 3, 4),) * 3,
+                                                      attn_mask=torch.ones(3, 3, dtype=torch.bool), is_causal=True),
+    lambda: flashattn_py.flash_attn_func(*(torch.randn(1, 3, 2, 4),) * 3, window_size=(-2, 0)),
+    lambda: flashattn_py.flash_attn_func(*(torch.randn(1, 3, 2, 4),) * 3, backend="nope"),
+    lambda: flashattn_py.nn.MultiheadAttention(10, 3),
+])
+def test_argument_errors_are_value_and_runtime_errors(call):
+    for kind in (ValueError, RuntimeError, ArgumentError):
+        with pytest.raises(kind):
+            call()
+
+
+def test_torch_wording_for_what_torch_rejects():
+    with pytest.raises(RuntimeError, match="Expected query, key, and value to all be at least 2 dimensional"):
+        flashattn_py.scaled_dot_product_attention(torch.randn(4), torch.randn(4), torch.randn(4))
+    with pytest.raises(RuntimeError, match="Expected query, key, and value to have the same dtype"):
+        flashattn_py.scaled_dot_product_attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4).half(),
+                                                  torch.randn(2, 3, 4))
+
+
+# --- torch restricted to its math backend -----------------------------------------------
+
+def test_math_only_dropout_is_torchs_bitwise():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH):
+        with freeze_rng_state():
+            want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+        with freeze_rng_state():
+            got = _sdpa_patched(q, k, v, dropout_p=0.3)
+    assert torch.equal(got, want)
+    with freeze_rng_state():  # outside the restriction ours serves it (its own dropout stream)
+        served = fpatch.stats.served
+        _sdpa_patched(q, k, v, dropout_p=0.3)
+        assert fpatch.stats.served == served + 1
+
+
+# --- every shape torch accepts ----------------------------------------------------------
+
+SHAPES = {
+    "2d": ((7, 8), (5, 8), (5, 6)),
+    "broadcast_batch": ((2, 3, 7, 8), (1, 3, 5, 8), (2, 3, 5, 8)),
+    "broadcast_heads": ((2, 3, 7, 8), (2, 1, 5, 8), (2, 1, 5, 8)),
+    "broadcast_rank": ((3, 7, 8), (2, 3, 5, 8), (2, 3, 5, 8)),
+    "batch_0": ((0, 3, 7, 8), (0, 3, 5, 8), (0, 3, 5, 8)),
+    "heads_0": ((2, 0, 7, 8), (2, 0, 5, 8), (2, 0, 5, 8)),
+    "lead_0_5d": ((2, 0, 3, 7, 8), (2, 0, 3, 5, 8), (2, 0, 3, 5, 8)),
+    "seqlen_q_0": ((2, 3, 0, 8), (2, 3, 5, 8), (2, 3, 5, 8)),
+    "seqlen_k_0": ((2, 3, 7, 8), (2, 3, 0, 8), (2, 3, 0, 8)),
+    "head_dim_0": ((2, 3, 7, 0), (2, 3, 5, 0), (2, 3, 5, 8)),
+    "head_dim_v_0": ((2, 3, 7, 8), (2, 3, 5, 8), (2, 3, 5, 0)),
+}
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", ["plain", "causal", "mask"])
+def test_every_shape_torch_accepts(entry, shape, kind):
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in SHAPES[shape])
+    kwargs = {"is_causal": True} if kind == "causal" else {}
+    if kind == "mask":
+        kwargs["attn_mask"] = torch.randn(q.shape[-2], k.shape[-2], generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = TORCH_SDPA(*leaves, **kwargs)
+    mine = [t.clone().float().requires_grad_() for t in (q, k, v)]
+    served = fpatch.stats.served
+    got = SDPAS[entry](*mine, **{a: (b.float() if isinstance(b, torch.Tensor) else b) for a, b in kwargs.items()})
+    if entry == "patched":
+        assert fpatch.stats.served == served + 1
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want.backward(dout)
+    got.backward(dout.float())
+    for a, b in zip(mine, leaves):
+        assert a.grad is not None and a.grad.shape == b.grad.shape
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
