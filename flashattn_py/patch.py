@@ -30,10 +30,13 @@ torch's ``CausalBias`` masks (``causal_upper_left`` / ``causal_lower_right``) ar
 causal attention with their alignment; on the fallback path they go to torch's own
 ``CausalBias`` dispatch, so the bias is never read as a plain tensor.
 
-TorchScript: the patched function is registered as the TorchScript builtin
-``aten::scaled_dot_product_attention``, so ``torch.jit.script`` of code that reaches it
-(``nn.MultiheadAttention``, ``F.multi_head_attention_forward``) compiles as unpatched and the
-scripted code calls torch's kernel (it can be saved and loaded without flashattn_py).
+TorchScript: ``torch.jit.script`` of code that reaches the patched function
+(``nn.MultiheadAttention``, ``F.multi_head_attention_forward``, encoder layers) compiles it as
+a call of the op ``flashattn::patched_sdpa`` (torch's schema), which runs what eager code
+runs: ours while patched (outputs and dropout draws equal the eager module's), torch's
+builtin after unpatching. Scripted modules save; loading one needs flashattn_py imported.
+Functions TorchScript compiled before patching (it caches them, e.g. per module type) keep
+torch's builtin, as names imported before patching keep torch's function.
 """
 from __future__ import annotations
 
@@ -135,9 +138,27 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out
 
 
-# TorchScript resolves F.scaled_dot_product_attention to this function while patched and
-# can't compile it: make it the builtin it replaces (see the module docstring).
-torch.jit._builtins._register_builtin(scaled_dot_product_attention, "aten::scaled_dot_product_attention")
+# TorchScript resolves F.scaled_dot_product_attention to this function while patched and can't
+# compile its Python. It compiles a call of a dispatcher op instead: this op, whose schema is
+# torch's (defaults included). It runs what eager code runs at that moment (so a scripted
+# module's output, dropout draws included, equals the eager module's): the patched function
+# while patched, torch's builtin after unpatch_sdpa().
+torch.library.define(
+    "flashattn::patched_sdpa",
+    "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, bool is_causal=False, "
+    "*, float? scale=None, bool enable_gqa=False) -> Tensor",
+)
+
+
+@torch.library.impl("flashattn::patched_sdpa", "CompositeImplicitAutograd")
+def _patched_sdpa_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                     dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
+                     enable_gqa: bool = False) -> Tensor:
+    sdpa = scaled_dot_product_attention if is_patched() else torch._C._nn.scaled_dot_product_attention
+    return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+torch.jit._builtins._register_builtin(scaled_dot_product_attention, "flashattn::patched_sdpa")
 
 
 class SDPAPatch:

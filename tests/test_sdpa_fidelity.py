@@ -107,25 +107,34 @@ class EncoderLayer(nn.TransformerEncoderLayer):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: nn.MultiheadAttention(16, 4, batch_first=True),
-    lambda: EncoderLayer(16, 4, 32, dropout=0.0, batch_first=True),
+    lambda: nn.MultiheadAttention(16, 4, dropout=0.1, batch_first=True),
+    lambda: EncoderLayer(16, 4, 32, dropout=0.1, batch_first=True),
 ])
 def test_torchscript_while_patched(make):
     torch.manual_seed(5)
-    module = make()
+    module = make()  # training mode: attention dropout on
     x = torch.randn(2, 7, 16)
     call = ((lambda m: m(x, x, x, need_weights=False)[0]) if isinstance(module, nn.MultiheadAttention)
             else (lambda m: m(x)))
+
+    def seeded(m):
+        torch.manual_seed(11)
+        return call(m)
+
     with patch_sdpa():
         scripted = torch.jit.script(module)
-        eager = call(module)
-        got = call(scripted)
+        served = fpatch.stats.served
+        eager = seeded(module)
+        got = seeded(scripted)
+        assert fpatch.stats.served == served + 2  # both ran ours
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
-    torch.testing.assert_close(got, eager)  # ours (eager) and torch's builtin (scripted)
-    torch.testing.assert_close(call(loaded), got, atol=0, rtol=0)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        assert torch.equal(seeded(loaded), eager)
+    assert torch.equal(got, eager)  # same kernels, same dropout draws
+    # Unpatched, the scripted module runs torch's builtin, as the eager module does.
+    torch.testing.assert_close(seeded(scripted), seeded(module), atol=0, rtol=0)
 
 
 # --- exception types --------------------------------------------------------------------
