@@ -44,7 +44,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def attention_flops(
     batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool, mode: str = "fwd"
 ) -> float:
-    """Flops of one attention call, DESIGN.md's convention.
+    """Flops of one attention call, docs/design.md's convention.
 
     fwd = 4 * B * H * Sq * Sk * D, halved when causal; bwd = 2.5 * fwd; fwd+bwd = 3.5 * fwd.
     """

@@ -1,6 +1,6 @@
 """flashattn_py: fused (flash) attention for PyTorch on CPU (C++), Triton and CUDA.
 
-Public names only; see README.md for the API and DESIGN.md for the semantics.
+Public names only; see README.md for the API and docs/design.md for the semantics.
 """
 import warnings as _warnings
 

@@ -1,6 +1,6 @@
 """Public attention functions: validate, normalise the layout, call ``ops.attention``.
 
-Two conventions, one computation (DESIGN.md "Semantics"):
+Two conventions, one computation (docs/design.md, "What every backend computes"):
 - ``flash_attn_func``: flash-attn 2's signature, (B, S, H, D), causal aligned bottom-right.
 - ``scaled_dot_product_attention``: ``torch.nn.functional``'s exact signature,
   (..., H, S, D), causal aligned top-left.

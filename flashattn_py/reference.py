@@ -1,4 +1,4 @@
-"""The naive attention formula with every feature of DESIGN.md ("Semantics").
+"""The naive attention formula with every feature of docs/design.md ("What every backend computes").
 
 This is the definition every kernel is tested against (run in float64), and the
 ``reference`` backend (autograd through plain PyTorch ops, O(N^2) memory).

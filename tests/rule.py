@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md, shared by every backend's tests.
+"""The correctness rule of docs/design.md, shared by every backend's tests.
 
 Truth is ``reference.attention_ref`` in float64 on the same inputs. A kernel passes when
 ``max|out - ref| <= factor * max|naive_lowp - ref| + 1e-6`` where naive_lowp is the same
@@ -90,7 +90,7 @@ def check_attention(
     seed: int | None = None,
     **ref_kwargs,
 ):
-    """Hold ``run(q, k, v) -> out (B, Sq, H, Dv)`` to the reference by the DESIGN.md rule.
+    """Hold ``run(q, k, v) -> out (B, Sq, H, Dv)`` to the reference by the project's rule (docs/design.md).
 
     ``ref_kwargs`` are ``attention_ref``'s semantic arguments (scale, window_left, ...).
     With ``grad`` the gradients of q, k, v for a random upstream gradient are checked too.

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel against the float64 reference, by the DESIGN.md rule."""
+"""The C++ CPU kernel against the float64 reference, by the project's rule (docs/design.md)."""
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """flashattn_py.nn: MultiheadAttention as a drop-in for torch.nn.MultiheadAttention, and the
 flash-attn style packed modules.
 
-MultiheadAttention is held to the DESIGN.md rule with torch's own module as the formula:
+MultiheadAttention is held to the project's rule (docs/design.md) with torch's own module as the formula:
 truth is torch.nn.MultiheadAttention in float64 with the same weights, the "naive" error is
 torch's module run in the test dtype.
 """

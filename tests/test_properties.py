@@ -1,7 +1,7 @@
 """Property tests: random problems over shapes, dtypes, layouts and every feature.
 
 For each backend available here, a random problem either matches the float64 reference
-by the DESIGN.md rule (outputs and gradients) or is refused by selection with a reason,
+by the project's rule (docs/design.md) (outputs and gradients) or is refused by selection with a reason,
 never silently wrong. Bounded by default; ``HYPOTHESIS_PROFILE=slow`` runs many more.
 """
 import os

@@ -1,7 +1,7 @@
 """The transformers attention backend (flashattn_py.integrations.transformers).
 
 Tiny randomly initialised Llama (GQA) and GPT-2, no downloads. Logits and gradients follow
-the DESIGN.md rule: truth is the model in float64 with transformers' "sdpa" attention (torch's
+the project's rule (docs/design.md): truth is the model in float64 with transformers' "sdpa" attention (torch's
 math kernel; "eager" in float64 turns left-padded sequences into NaN, its mask being
 finfo.min added twice), the naive error is the "eager" model in float32, ours runs in float32.
 """

@@ -1,4 +1,4 @@
-"""Triton backend kernels (kernels/), held to the DESIGN.md rule.
+"""Triton backend kernels (kernels/), held to the project's rule (docs/design.md).
 
 CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set before
 triton is imported) in fp32 / fp16; ``-m gpu`` tests run them compiled on CUDA.
