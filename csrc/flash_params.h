@@ -64,6 +64,11 @@ struct FlashParams {
   // (Philox4x32-10, see cpu/dropout.h), so the backward regenerates it.
   float dropout_p = 0.f;
   uint64_t dropout_seed = 0, dropout_offset = 0;
+  // CUDA kernels: when set, [seed, offset] (int64, on the GPU) read by the kernels at run
+  // time instead of dropout_seed / dropout_offset. A CUDA graph replays its launches with
+  // the arguments baked in at capture; a state the graph itself refills on every replay
+  // (torch.randint on the device, ops.py) gives every replay a fresh mask.
+  const int64_t* dropout_state = nullptr;
 };
 
 // Backward: gradients plus the forward's q, k, v, out, lse above.

@@ -6,10 +6,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
 #include "cuda/flash_api.h"
+#include "cuda/flash_configs.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
 
@@ -17,13 +19,32 @@ namespace flashattn {
 
 namespace {
 
-// What the CUDA kernels need beyond fill_params' shape checks.
-void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// What the CUDA kernels need beyond fill_params' shape checks, on q's device: sm80+ and
+// the shared memory the launches ask for (sm86 / sm89 have 99 KB per block, less than the
+// D = 256 backward and the deterministic dQ kernels of D >= 128 take; flashattn_py's
+// supports() falls back before this is reached).
+void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool backward,
+                       bool deterministic) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "flashattn (cuda): q, k, v must be CUDA tensors");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "flashattn (cuda): dtype must be float16 or bfloat16, got ", dt);
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
-  TORCH_CHECK(prop->major >= 8, "flashattn (cuda): needs an sm80+ GPU, got sm", prop->major, prop->minor);
+  TORCH_CHECK(prop->major >= 8, "flashattn (cuda): needs an sm80+ GPU, got sm", prop->major, prop->minor, " (",
+              q.device(), ")");
+  const int64_t d = std::max(q.size(3), v.size(3));
+  const int need = cfg::smem_bytes(d, backward, deterministic);
+  TORCH_CHECK(static_cast<size_t>(need) <= prop->sharedMemPerBlockOptin, "flashattn (cuda): head dim ", d,
+              backward ? (deterministic ? " (deterministic backward)" : " (backward)") : " (forward)", " needs ",
+              need, " bytes of shared memory per block; ", q.device(), " (sm", prop->major, prop->minor,
+              ") has ", prop->sharedMemPerBlockOptin);
+}
+
+// A CUDA error left pending by an earlier call would be read back by the cudaGetLastError
+// after our launches and reported as theirs: raise it here, named as what it is.
+void check_no_pending_error() {
+  const cudaError_t prior = cudaGetLastError();
+  TORCH_CHECK(prior == cudaSuccess, "flashattn (cuda): a CUDA error was pending before the flashattn launch (from an "
+              "earlier call): ", cudaGetErrorString(prior));
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -32,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             double softcap, int64_t window_left, int64_t window_right,
                                             int64_t diag_offset, double dropout_p,
                                             const std::optional<at::Tensor>& rng_state) {
-  check_cuda_inputs(q, k, v);
+  check_cuda_inputs(q, k, v, /*backward=*/false, /*deterministic=*/false);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -40,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   fill_params(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
               rng_state);
   fill_output(p, out, lse);
+  check_no_pending_error();
   const cudaError_t err =
       run_flash_fwd(p, q.scalar_type() == at::kBFloat16, at::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "flashattn::fwd CUDA kernel failed: ", cudaGetErrorString(err));
@@ -51,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
     const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
-  check_cuda_inputs(q, k, v);
+  check_cuda_inputs(q, k, v, /*backward=*/true, deterministic);
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) &&
                   out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2),
@@ -87,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   at::Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);
   p.deterministic = deterministic;
 
+  check_no_pending_error();
   const cudaError_t err =
       run_flash_bwd(p, q.scalar_type() == at::kBFloat16, deterministic ? nullptr : dq_accum.data_ptr<float>(),
                     softmax_d.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream());

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 #include "flash_params.h"
 
@@ -77,13 +78,20 @@ inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k
   }
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "flashattn: dropout_p must be in [0, 1), got ", dropout_p);
   p.dropout_p = static_cast<float>(dropout_p), p.dropout_p64 = dropout_p;
-  if (dropout_p > 0) {  // [seed, offset], read on the host
+  if (dropout_p > 0) {  // [seed, offset]
     TORCH_CHECK(rng_state.has_value() && rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 &&
-                    rng_state->device().is_cpu(),
-                "flashattn: dropout needs rng_state, an int64 CPU tensor [seed, offset]");
-    const at::Tensor st = rng_state->contiguous();
-    p.dropout_seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
-    p.dropout_offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+                    (rng_state->device().is_cpu() || rng_state->device() == q.device()),
+                "flashattn: dropout needs rng_state, an int64 tensor [seed, offset] on the CPU or on q's device (",
+                q.device(), ")", rng_state.has_value() ? ", got " + rng_state->toString() + " on " +
+                rng_state->device().str() : std::string(", got None"));
+    if (rng_state->device().is_cpu()) {  // read on the host
+      const at::Tensor st = rng_state->contiguous();
+      p.dropout_seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
+      p.dropout_offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+    } else {  // read by the CUDA kernels when they run (CUDA-graph safe, flash_params.h)
+      TORCH_CHECK(rng_state->is_contiguous(), "flashattn: rng_state on the GPU must be contiguous");
+      p.dropout_state = rng_state->data_ptr<int64_t>();
+    }
   }
 }
 

@@ -42,6 +42,7 @@ cudaError_t dispatch_bwd(const BwdArgs& args, cudaStream_t stream) {
   {
     const int64_t rows = p.batch * p.seqlen_q * p.num_heads;
     if (rows > 0) {
+      if ((rows + 7) / 8 > INT_MAX) return cudaErrorInvalidConfiguration;
       flash_bwd_preprocess_kernel<T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(args);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
@@ -74,13 +75,21 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, bool is_bf16, float* dq_
   args.heads_per_kv = static_cast<int>(params.num_heads / params.num_heads_k);
   args.drop = make_dropout(params);
   const auto& p = params;
-  args.vec_q = rows_aligned16(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.head_dim);
-  args.vec_k = rows_aligned16(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, p.head_dim);
-  args.vec_v = rows_aligned16(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.head_dim_v);
-  args.vec_do = rows_aligned16(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, p.head_dim_v);
-  args.vec_dq = rows_aligned16(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, p.head_dim);
-  args.vec_dk = rows_aligned16(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, p.head_dim);
-  args.vec_dv = rows_aligned16(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, p.head_dim_v);
+  // dk / dv are per query head (num_heads), see flash_api.h.
+  args.vec_q = rows_aligned16(p.q, p.batch, p.q_batch_stride, p.seqlen_q, p.q_row_stride, p.num_heads,
+                              p.q_head_stride, p.head_dim);
+  args.vec_k = rows_aligned16(p.k, p.batch, p.k_batch_stride, p.seqlen_k, p.k_row_stride, p.num_heads_k,
+                              p.k_head_stride, p.head_dim);
+  args.vec_v = rows_aligned16(p.v, p.batch, p.v_batch_stride, p.seqlen_k, p.v_row_stride, p.num_heads_k,
+                              p.v_head_stride, p.head_dim_v);
+  args.vec_do = rows_aligned16(p.dout, p.batch, p.do_batch_stride, p.seqlen_q, p.do_row_stride, p.num_heads,
+                               p.do_head_stride, p.head_dim_v);
+  args.vec_dq = rows_aligned16(p.dq, p.batch, p.dq_batch_stride, p.seqlen_q, p.dq_row_stride, p.num_heads,
+                               p.dq_head_stride, p.head_dim);
+  args.vec_dk = rows_aligned16(p.dk, p.batch, p.dk_batch_stride, p.seqlen_k, p.dk_row_stride, p.num_heads,
+                               p.dk_head_stride, p.head_dim);
+  args.vec_dv = rows_aligned16(p.dv, p.batch, p.dv_batch_stride, p.seqlen_k, p.dv_row_stride, p.num_heads,
+                               p.dv_head_stride, p.head_dim_v);
   args.dq_accum = dq_accum;
   args.dsum = softmax_d;
   return is_bf16 ? dispatch_bwd<__nv_bfloat16>(args, stream) : dispatch_bwd<__half>(args, stream);

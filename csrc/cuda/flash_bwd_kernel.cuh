@@ -1,6 +1,7 @@
 // Flash attention backward (sm80+). Three steps:
 //   1. preprocess: delta[b, h, i] = sum_d dO * O (float32), dq_accum zeroed.
-//   2. main kernel, one CTA per (64-key block, query head, batch): K, V stay in shared
+//   2. main kernel, one CTA per (64-key block, query head, batch) on a 1-D grid (grid_pos,
+//      flash_common.cuh): K, V stay in shared
 //      memory; Q, dO, lse, delta of each visible query block stream through (cp.async,
 //      dO and Q in separate groups so the next block's loads overlap the dQ product).
 //      Each warp owns 16 key rows and works on transposed scores:
@@ -74,7 +75,10 @@ struct BwdTraits {
 // ---------------------------------------------------------------------------------
 // Step 2: dK, dV (and dQ via atomics).
 template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, bool kExt>
-__global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs args) {
+// minBlocks 1: without it ptxas caps some instantiations at 168 registers (three CTAs of
+// 128 threads per SM) and spills; the graph-safe dropout loads (Dropout::draws) and the
+// 1-D grid pushed several just past that (benchmarks/RESULTS.md, issue 19).
+__global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs args) {
   using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
   constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride, kSStride = Tr::kSStride;
   constexpr int kDP = kD / kDSplit;  // dK / dV columns of one warp
@@ -90,7 +94,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
   float* sLse = reinterpret_cast<float*>(sdS + kBN * kSStride);
   float* sDelta = sLse + kBM;
 
-  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridPos pos = grid_pos((p.seqlen_k + kBN - 1) / kBN, p.num_heads);
+  const int n_block = pos.block, h = pos.h, b = pos.b;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int rg = warp / kDSplit, dpart = warp % kDSplit;
@@ -210,7 +215,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
         float x = acc_s[nt][e];
         float th = 0.f;
         if (has_softcap) {
-          th = tanhf(x * args.cap_in);
+          th = softcap_tanh(x * args.cap_in);
           x = args.cap_out * th;
         } else {
           x *= args.scale_log2;
@@ -349,8 +354,9 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_kernel(const BwdArgs ar
     }
   }
   __syncthreads();
-  T* dk_base = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride + n0 * p.dk_row_stride;
-  T* dv_base = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride + n0 * p.dv_row_stride;
+  const GridPos epos = grid_pos((p.seqlen_k + kBN - 1) / kBN, p.num_heads);  // (not kept live: registers)
+  T* dk_base = static_cast<T*>(p.dk) + epos.b * p.dk_batch_stride + epos.h * p.dk_head_stride + n0 * p.dk_row_stride;
+  T* dv_base = static_cast<T*>(p.dv) + epos.b * p.dv_batch_stride + epos.h * p.dv_head_stride + n0 * p.dv_row_stride;
   store_tile<T, kBN, kD, kThreads>(dk_base, sK, p.dk_row_stride, Sk - n0, D, args.vec_dk);
   store_tile<T, kBN, kD, kThreads>(dv_base, sV, p.dv_row_stride, Sk - n0, Dv, args.vec_dv);
 }
@@ -367,7 +373,10 @@ struct BwdDqTraits {
 };
 
 template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
-__global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs args) {
+// minBlocks 1: without it ptxas caps some instantiations at 168 registers (three CTAs of
+// 128 threads per SM) and spills; the graph-safe dropout loads (Dropout::draws) and the
+// 1-D grid pushed several just past that (benchmarks/RESULTS.md, issue 19).
+__global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdArgs args) {
   using Tr = BwdDqTraits<T, kD, kBM, kBN, kWarps>;
   constexpr int kThreads = Tr::kThreads, kStride = Tr::kStride;
   constexpr int kNT = kBN / 8, kDT = kD / 8;
@@ -379,7 +388,8 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs
   T* sK0 = sdO + kBM * kStride;  // [2][kBN][kStride]
   T* sV0 = sK0 + 2 * kBN * kStride;
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridPos pos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
+  const int m_block = pos.block, h = pos.h, b = pos.b;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
@@ -487,7 +497,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs
         float x = acc_s[nt][e];
         float th = 0.f;
         if (has_softcap) {
-          th = tanhf(x * args.cap_in);
+          th = softcap_tanh(x * args.cap_in);
           x = args.cap_out * th;
         } else {
           x *= args.scale_log2;
@@ -543,28 +553,25 @@ __global__ void __launch_bounds__(kWarps * 32) flash_bwd_dq_kernel(const BwdArgs
     }
   }
   __syncthreads();
-  T* dq_base = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + m0 * p.dq_row_stride;
+  const GridPos epos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);  // (not kept live: registers)
+  T* dq_base = static_cast<T*>(p.dq) + epos.b * p.dq_batch_stride + epos.h * p.dq_head_stride + m0 * p.dq_row_stride;
   store_tile<T, kBM, kD, kThreads>(dq_base, sQ, p.dq_row_stride, Sq - m0, D, args.vec_dq);
 }
 
 // ---------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t set_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
 template <typename T, int kD, int kBM, int kBN, int kWarps, int kDSplit, int kQBM, int kQBN, int kQWarps, bool kExt>
 cudaError_t launch_bwd_kernels(const BwdArgs& args, cudaStream_t stream) {
   const FlashBwdParams& p = args.p;
   cudaError_t e;
   {
     using Tr = BwdTraits<T, kD, kBM, kBN, kWarps, kDSplit>;
+    static_assert(Tr::kSmem == cfg::bwd_smem(kD), "flash_configs.h must describe this launch");
     auto kernel = flash_bwd_kernel<T, kD, kBM, kBN, kWarps, kDSplit, kExt>;
-    if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
-    dim3 grid(static_cast<unsigned>((p.seqlen_k + kBN - 1) / kBN), static_cast<unsigned>(p.num_heads),
-              static_cast<unsigned>(p.batch));
+    static SmemAttribute smem_attr;
+    if ((e = smem_attr.ensure(reinterpret_cast<const void*>(kernel), Tr::kSmem)) != cudaSuccess) return e;
+    const unsigned grid = grid_1d((p.seqlen_k + kBN - 1) / kBN, p.batch, p.num_heads);
     if (p.seqlen_k > 0) {
+      if (grid == 0) return cudaErrorInvalidConfiguration;
       kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
@@ -572,10 +579,12 @@ cudaError_t launch_bwd_kernels(const BwdArgs& args, cudaStream_t stream) {
   if (p.seqlen_q == 0) return cudaSuccess;
   if (p.deterministic) {
     using Tr = BwdDqTraits<T, kD, kQBM, kQBN, kQWarps>;
+    static_assert(Tr::kSmem == cfg::bwd_dq_smem(kD), "flash_configs.h must describe this launch");
     auto kernel = flash_bwd_dq_kernel<T, kD, kQBM, kQBN, kQWarps, kExt>;
-    if ((e = set_smem(kernel, Tr::kSmem)) != cudaSuccess) return e;
-    dim3 grid(static_cast<unsigned>((p.seqlen_q + kQBM - 1) / kQBM), static_cast<unsigned>(p.num_heads),
-              static_cast<unsigned>(p.batch));
+    static SmemAttribute smem_attr;
+    if ((e = smem_attr.ensure(reinterpret_cast<const void*>(kernel), Tr::kSmem)) != cudaSuccess) return e;
+    const unsigned grid = grid_1d((p.seqlen_q + kQBM - 1) / kQBM, p.batch, p.num_heads);
+    if (grid == 0) return cudaErrorInvalidConfiguration;
     kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   } else {
@@ -599,23 +608,14 @@ cudaError_t launch_bwd(const BwdArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-// Block sizes per head-dim bucket: <kBM, kBN, kWarps, kDSplit> of the main kernel,
-// <kQBM, kQBN, kQWarps> of the deterministic dQ kernel.
+// Block sizes per head-dim bucket: cfg::bwd (flash_configs.h), <bm, bn, warps, dsplit> of
+// the main kernel and <qbm, qbn, qwarps> of the deterministic dQ kernel.
 template <typename T, int kD>
 cudaError_t run_bwd_hdim(const BwdArgs& args, cudaStream_t stream) {
-  if constexpr (kD == 32) {
-    return launch_bwd<T, 32, 64, 64, 4, 1, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 64) {
-    return launch_bwd<T, 64, 64, 64, 4, 1, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 96) {
-    return launch_bwd<T, 96, 32, 64, 4, 1, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 128) {
-    return launch_bwd<T, 128, 32, 64, 4, 1, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 256) {
-    return launch_bwd<T, 256, 32, 64, 8, 2, 64, 32, 4>(args, stream);
-  } else {
-    static_assert(kD == 32, "head-dim bucket must be 32, 64, 96, 128 or 256");
-  }
+  static_assert(kD == 32 || kD == 64 || kD == 96 || kD == 128 || kD == 256,
+                "head-dim bucket must be 32, 64, 96, 128 or 256");
+  constexpr cfg::Bwd c = cfg::bwd(kD);
+  return launch_bwd<T, kD, c.bm, c.bn, c.warps, c.dsplit, c.qbm, c.qbn, c.qwarps>(args, stream);
 }
 
 }  // namespace cuda_impl

@@ -18,8 +18,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <climits>
 #include <cstdint>
 
+#include "flash_configs.h"
 #include "flash_params.h"
 #include "philox.cuh"
 
@@ -28,7 +31,7 @@ namespace cuda_impl {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kPad = 8;  // elements (16 bytes) of padding per shared-memory row
+constexpr int kPad = cfg::kPad;  // elements (16 bytes) of padding per shared-memory row
 
 // ---------------------------------------------------------------------------------
 // Element types.
@@ -118,6 +121,76 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// tanh for the softcap. Not tanhf: --use_fast_math (setup.py) compiles it to
+// tanh.approx.f32, relative error about 2^-11, enough for fp16 + softcap to break the
+// correctness rule. |x| >= 0.6: the Triton kernels' formula (kernels/common.py tanh_f32),
+// 1 - 2 / (e^2|x| + 1), from ex2.approx and __fdividef (2 ulp each), which saturates to
+// 1 without NaN (e = inf: 2 / inf = 0; __fdividef returns 0 past 2^126, where the
+// quotient rounds to 0 anyway). |x| < 0.6, where that formula cancels: x + x^3 P(x^2),
+// P a degree-4 least-squares fit of (tanh x - x) / x^3 on [0, 0.6] (relative error of
+// the result below 1.2e-7 in float32). The branch, rather than one formula, also kept the
+// backward kernels at their register use of libdevice's tanhf (RESULTS.md, issue 19).
+__device__ __forceinline__ float softcap_tanh(float x) {
+  const float ax = fabsf(x);
+  float r;
+  if (ax >= 0.6f) {
+    r = 1.f - __fdividef(2.f, fast_exp2(ax * (2.f * kLog2e)) + 1.f);
+    r = copysignf(r, x);
+  } else {
+    const float t = x * x;
+    float q = fmaf(-5.98496059e-3f, t, 2.08681487e-2f);
+    q = fmaf(q, t, -5.38035668e-2f);
+    q = fmaf(q, t, 1.33321330e-1f);
+    q = fmaf(q, t, -3.33333045e-1f);
+    r = fmaf(x * t, q, x);
+  }
+  return r;
+}
+
+// The 1-D grid of every kernel here: blockIdx.x = (b * H + h) * n_blocks + block, blocks of
+// one (b, h) adjacent so they share K / V in L2. gridDim.y and .z stop at 65535, which
+// batch * heads (decoding, many short sequences) passes; .x allows 2^31 - 1.
+struct GridPos {
+  int block, h, b;
+};
+// Recomputed where needed (the epilogues call it again) rather than kept live across the
+// main loops: blockIdx.y / .z used to be free special-register reads, and the plain
+// forward kernels sit at their 128-register cap. The asm volatile read of %ctaid.x keeps
+// the compiler from merging the calls into one long-lived value. 32-bit arithmetic:
+// the grid is at most 2^31 - 1 blocks (grid_1d).
+__device__ __forceinline__ GridPos grid_pos(int64_t n_blocks, int64_t num_heads) {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(id));
+  const unsigned nb = static_cast<unsigned>(n_blocks), nh = static_cast<unsigned>(num_heads);
+  const unsigned bh = id / nb;
+  return GridPos{static_cast<int>(id - bh * nb), static_cast<int>(bh % nh), static_cast<int>(bh / nh)};
+}
+// Host side: the grid for n_blocks per (b, h); 0 when it does not fit (the launcher then
+// returns cudaErrorInvalidConfiguration).
+inline unsigned grid_1d(int64_t n_blocks, int64_t batch, int64_t num_heads) {
+  const int64_t total = n_blocks * batch * num_heads;
+  return total > INT_MAX ? 0u : static_cast<unsigned>(total);
+}
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per kernel instantiation and
+// device rather than before every launch (a driver call each time). One instance per
+// instantiation: a function-local static of its launcher. The attribute belongs to the
+// device's context, so it is tracked per device (devices past 63 set it every launch).
+struct SmemAttribute {
+  std::atomic<unsigned long long> done{0};
+  cudaError_t ensure(const void* kernel, int bytes) {
+    if (bytes <= 48 * 1024) return cudaSuccess;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    const unsigned long long bit = dev < 64 ? 1ull << dev : 0ull;
+    if (bit != 0 && (done.load(std::memory_order_acquire) & bit)) return cudaSuccess;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_acq_rel);
+    return e;
+  }
+};
 
 // ---------------------------------------------------------------------------------
 // cp.async (sm80+): 16-byte global -> shared copies, zero-filled when src_bytes == 0.
@@ -246,8 +319,17 @@ struct Dropout {
   uint64_t seed, offset, threshold;  // keep iff draw >= threshold
   int64_t groups_per_row;            // ceil(Sk / 4)
   float mult;                        // 1 / (1 - p)
+  const int64_t* state;              // device [seed, offset] (FlashParams::dropout_state) or null
+  // Draws with this launch's seed and offset: from device memory when `state` is set, read
+  // when the kernel runs (a CUDA graph replay sees the state the graph refilled). Read at
+  // each draw (an L1 hit) through asm volatile so the compiler does not hoist them into
+  // four registers held across the main loops, which sit at the register cap.
   __device__ __forceinline__ void draws(int64_t row, int64_t group, uint32_t (&d)[4]) const {
-    philox::generate(seed, static_cast<uint64_t>(row * groups_per_row + group), offset, d);
+    uint64_t s = seed, o = offset;
+    if (state != nullptr) {
+      asm volatile("ld.global.nc.u64 %0, [%2];\n\tld.global.nc.u64 %1, [%2 + 8];" : "=l"(s), "=l"(o) : "l"(state));
+    }
+    philox::generate(s, static_cast<uint64_t>(row * groups_per_row + group), o, d);
   }
   // The scale factor of key lane `lane` (j % 4): mult when kept, 0 when dropped.
   __device__ __forceinline__ float factor(const uint32_t (&d)[4], int lane) const {
@@ -263,19 +345,22 @@ inline Dropout make_dropout(const FlashParams& p) {
   d.threshold = philox::keep_threshold(p.dropout_p);
   d.groups_per_row = (p.seqlen_k + 3) / 4;
   d.mult = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  d.state = p.dropout_p > 0.f ? p.dropout_state : nullptr;
   return d;
 }
 
-// Host-side: 16-byte alignment of every row start of a tensor.
-inline bool rows_aligned16(const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
-                           int64_t cols) {
-  return (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && batch_stride % 8 == 0 && row_stride % 8 == 0 &&
-         head_stride % 8 == 0 && cols % 8 == 0;
+// Host-side: 16-byte alignment of every row start of a (batch, rows, heads, cols) tensor
+// of 16-bit elements. The stride of a dim of size 1 is never multiplied by anything but 0,
+// so it does not count (B = 1 or H = 1 views, e.g. a slice of a larger batch, keep the
+// vector path).
+inline bool rows_aligned16(const void* ptr, int64_t batch, int64_t batch_stride, int64_t rows, int64_t row_stride,
+                           int64_t heads, int64_t head_stride, int64_t cols) {
+  auto ok = [](int64_t size, int64_t stride) { return size <= 1 || stride % 8 == 0; };
+  return (reinterpret_cast<uintptr_t>(ptr) % 16 == 0) && ok(batch, batch_stride) && ok(rows, row_stride) &&
+         ok(heads, head_stride) && cols % 8 == 0;
 }
 
-inline int round_head_dim(int64_t d) {
-  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256;
-}
+inline int round_head_dim(int64_t d) { return cfg::round_head_dim(d); }
 
 }  // namespace cuda_impl
 }  // namespace flashattn

@@ -1,4 +1,5 @@
-// Flash attention forward (sm80+): one CTA per (128-row query block, head, batch).
+// Flash attention forward (sm80+): one CTA per (query block, head, batch), on a 1-D grid
+// (grid_pos, flash_common.cuh).
 //
 // The Q tile stays in shared memory; K and V tiles stream through shared memory with
 // cp.async, interleaved so one load always overlaps compute (the K and V buffers
@@ -52,7 +53,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   T* sK = sQ + kBM * kStride;
   T* sV = sK + kBN * kStride;
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const GridPos pos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
+  const int m_block = pos.block, h = pos.h, b = pos.b;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
           const int r = e >> 1;
           float x = acc_s[mt][nt][e];
           if (has_softcap) {
-            x = args.cap_out * tanhf(x * args.cap_in);
+            x = args.cap_out * softcap_tanh(x * args.cap_in);
           } else {
             x *= args.scale_log2;
           }
@@ -263,7 +265,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   // Epilogue: normalise, write lse, stage O through this warp's own rows of sQ.
   cp_async_wait<0>();
   __syncthreads();
-  float* lse = static_cast<float*>(p.lse) + (int64_t(b) * p.num_heads + h) * p.seqlen_q;
+  const GridPos epos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
+  float* lse = static_cast<float*>(p.lse) + (int64_t(epos.b) * p.num_heads + epos.h) * p.seqlen_q;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -285,21 +288,21 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     }
   }
   __syncthreads();
-  T* o_base = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
+  T* o_base = static_cast<T*>(p.out) + epos.b * p.o_batch_stride + epos.h * p.o_head_stride + m0 * p.o_row_stride;
   store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, Sq - m0, Dv, args.vec_o);
 }
 
 template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
 cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  static_assert(Tr::kSmem == cfg::fwd_smem(kD), "flash_configs.h must describe this launch");
   auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt>;
-  if (Tr::kSmem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmem);
-    if (e != cudaSuccess) return e;
-  }
+  static SmemAttribute smem_attr;
+  cudaError_t e = smem_attr.ensure(reinterpret_cast<const void*>(kernel), Tr::kSmem);
+  if (e != cudaSuccess) return e;
   const FlashParams& p = args.p;
-  dim3 grid(static_cast<unsigned>((p.seqlen_q + kBM - 1) / kBM), static_cast<unsigned>(p.num_heads),
-            static_cast<unsigned>(p.batch));
+  const unsigned grid = grid_1d((p.seqlen_q + kBM - 1) / kBM, p.batch, p.num_heads);
+  if (grid == 0) return cudaErrorInvalidConfiguration;
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
   return cudaGetLastError();
 }
@@ -314,22 +317,13 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-// Block sizes per head-dim bucket: <kBM, kBN, kWarps>.
+// Block sizes per head-dim bucket: cfg::fwd (flash_configs.h).
 template <typename T, int kD>
 cudaError_t run_fwd_hdim(const FwdArgs& args, cudaStream_t stream) {
-  if constexpr (kD == 32) {
-    return launch_fwd<T, 32, 128, 64, 8>(args, stream);
-  } else if constexpr (kD == 64) {
-    return launch_fwd<T, 64, 128, 64, 8>(args, stream);
-  } else if constexpr (kD == 96) {
-    return launch_fwd<T, 96, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 128) {
-    return launch_fwd<T, 128, 64, 64, 4>(args, stream);
-  } else if constexpr (kD == 256) {
-    return launch_fwd<T, 256, 128, 32, 8>(args, stream);
-  } else {
-    static_assert(kD == 32, "head-dim bucket must be 32, 64, 96, 128 or 256");
-  }
+  static_assert(kD == 32 || kD == 64 || kD == 96 || kD == 128 || kD == 256,
+                "head-dim bucket must be 32, 64, 96, 128 or 256");
+  constexpr cfg::Fwd c = cfg::fwd(kD);
+  return launch_fwd<T, kD, c.bm, c.bn, c.warps>(args, stream);
 }
 
 }  // namespace cuda_impl
