@@ -32,6 +32,10 @@ class Problem(NamedTuple):
     has_attn_mask: bool = False
     dropout_p: float = 0.0
     forward_ad: bool = False  # an input carries a forward-mode AD tangent (a dual tensor)
+    device_index: int | None = None  # q's device (None: the current one)
+    head_dim: int = 0  # max(D, Dv); 0: unknown (the smallest kernels)
+    backward: bool = False  # a gradient will be asked for (the backward's kernels must fit too)
+    deterministic: bool = False
 
 
 # Why each optional piece is unavailable (None: available), computed once on first use.
@@ -89,6 +93,42 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Dynamic shared memory per block (bytes) the CUDA kernels launch with, per head-dim bucket:
+# (forward, backward main kernel, deterministic dQ kernel). A copy of
+# csrc/cuda/flash_configs.h, which tests/test_cuda_configs.py compiles and compares.
+CUDA_SMEM_BYTES = {
+    32: (20480, 30208, 30720),
+    64: (36864, 46592, 55296),
+    96: (39936, 45312, 79872),
+    128: (52224, 57600, 104448),
+    256: (101376, 106752, 135168),
+}
+
+
+def cuda_smem_bytes(head_dim: int, backward: bool, deterministic: bool) -> int:
+    """The most shared memory per block one launch of the CUDA kernels asks for
+    (flash_configs.h's cfg::smem_bytes)."""
+    bucket = next((b for b in CUDA_SMEM_BYTES if head_dim <= b), 256)
+    fwd, bwd, dq = CUDA_SMEM_BYTES[bucket]
+    if not backward:
+        return fwd
+    return max(fwd, bwd, dq if deterministic else 0)
+
+
+_device_props: dict[int, tuple[int, int, int]] = {}
+
+
+def cuda_device_props(index: int | None) -> tuple[int, int, int]:
+    """(major, minor, shared memory per block with opt-in) of CUDA device ``index``
+    (None: the current device); looked up once per device. Tests replace this function."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _device_props:
+        props = torch.cuda.get_device_properties(index)
+        _device_props[index] = (props.major, props.minor, props.shared_memory_per_block_optin)
+    return _device_props[index]
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend's static capabilities plus how to tell whether it is usable here."""
@@ -125,8 +165,16 @@ class Backend:
         if self.name == "cuda":
             if p.device_type != "cuda":
                 return [f"runs on CUDA tensors, got {p.device_type}"]
-            if torch.cuda.get_device_capability()[0] < 8:
-                return ["needs an sm80+ GPU"]
+            # q's device, not the current one: they differ in multi-GPU code.
+            major, minor, smem = cuda_device_props(p.device_index)
+            device = "cuda" if p.device_index is None else f"cuda:{p.device_index}"
+            if major < 8:
+                return [f"needs an sm80+ GPU, {device} is sm{major}{minor}"]
+            need = cuda_smem_bytes(p.head_dim, p.backward, p.deterministic)
+            if need > smem:
+                what = ("deterministic backward" if p.deterministic else "backward") if p.backward else "forward"
+                return [f"head dim {p.head_dim} ({what}) needs {need} bytes of shared memory per block, "
+                        f"{device} (sm{major}{minor}) has {smem}"]
         return []
 
     def supports(self, p: Problem) -> list[str]:

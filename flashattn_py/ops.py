@@ -233,11 +233,18 @@ if backends.compiled_ops_error() is None:
     from ._C import fwd_inference as _cpu_fwd_inference
 
 
-def dropout_rng_state() -> Tensor:
-    """The [seed, offset] (int64, CPU) one dropout call draws from torch's default generator.
+def dropout_rng_state(device: torch.device | str = "cpu") -> Tensor:
+    """The [seed, offset] (int64) one dropout call draws from torch's generator of ``device``.
 
     Seeding torch (``torch.manual_seed``) before a call therefore fixes its dropout mask.
+    On a GPU the state is drawn on the GPU and the kernels read it from device memory when
+    they run: under CUDA-graph capture the draw is part of the graph, which torch replays
+    with a fresh Philox offset each time, so every replay gets a new mask (a state drawn
+    on the host would be baked into the captured launches: one mask for every replay).
     """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
     return torch.randint(0, 2**62, (2,), dtype=torch.int64)
 
 
@@ -252,7 +259,8 @@ def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: i
         from . import kernels
 
         return kernels.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device)
-    keep = torch.ops.flashattn.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p)
+    # (a GPU rng_state from dropout_rng_state: the CPU impl draws the CUDA kernels' masks)
+    keep = torch.ops.flashattn.dropout_mask(rng_state.cpu(), batch, num_heads, seqlen_q, seqlen_k, dropout_p)
     return keep.to(device)
 
 
@@ -276,11 +284,15 @@ def attention(
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout."""
     forward_ad = _has_tangents(q, k, v, alibi_slopes, attn_mask)
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                            or (attn_mask is not None and attn_mask.requires_grad))
     name = backends.select(
-        backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p, forward_ad), backend
+        backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p, forward_ad, q.device.index,
+                         max(q.shape[-1], v.shape[-1]), backward, deterministic),
+        backend,
     )
     if name != "reference":
-        rng_state = dropout_rng_state() if dropout_p > 0 else None
+        rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
         if name == "cpu" and plain and _outside_dispatcher_ok():
             # The kernel straight from Python, in either layout, any strides

@@ -20,7 +20,7 @@ from .common import (
     Launcher,
     bias_args,
     device_ctx,
-    dropout_args,
+    dropout_state,
     dropout_keep,
     dot_precision,
     kv_block_range,
@@ -139,7 +139,7 @@ def _dkdv_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
-    seed, rng_offset, p_drop, inv_keep,
+    Rng, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -159,6 +159,13 @@ def _dkdv_kernel(
     hk = hs // nsplit
     split = hs % nsplit
     heads_per_prog = group // nsplit
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        # [seed, offset] read from device memory when the kernel runs, not baked into the
+        # launch: a CUDA graph replays launches as captured (common.dropout_state)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     cols64 = cols.to(tl.int64)
@@ -290,7 +297,7 @@ def _dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
-    seed, rng_offset, p_drop, inv_keep,
+    Rng, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -308,6 +315,13 @@ def _dq_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        # [seed, offset] read from device memory when the kernel runs, not baked into the
+        # launch: a CUDA graph replays launches as captured (common.dropout_state)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
@@ -443,9 +457,9 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
     qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
     slopes, stride_ab = alibi_args(alibi_slopes, q)
     bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
-    has_drop, seed, rng_offset, p_drop = dropout_args(dropout_p, rng_state)
+    has_drop, rng, p_drop = dropout_state(dropout_p, rng_state, q.device)
     inv_keep = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
-    drop_args = (seed, rng_offset, p_drop, inv_keep)
+    drop_args = (rng if has_drop else lse, p_drop, inv_keep)
     left, right = int(window_left), int(window_right)
     group = num_heads // num_heads_k
     bucket = seq_bucket(max(seqlen_q, seqlen_k))

@@ -292,6 +292,21 @@ def dropout_args(dropout_p: float, rng_state):
     return True, seed % (1 << 64), offset, p
 
 
+def dropout_state(dropout_p: float, rng_state, device):
+    """(has_dropout, state, p) for the attention kernels: ``state`` is the int64 [seed,
+    offset] on ``device``, read by the kernels when they run (``tl.load``) rather than
+    passed as launch arguments. A GPU ``rng_state`` (ops.dropout_rng_state: drawn on the
+    GPU, so redrawn by every CUDA-graph replay) is used as it is; a CPU one is copied over.
+    """
+    p = float(dropout_p)
+    if p <= 0.0:
+        return False, None, 0.0
+    assert rng_state is not None, "dropout_p > 0 needs rng_state = int64 tensor [seed, offset]"
+    assert rng_state.dtype == torch.int64 and rng_state.numel() == 2, \
+        f"rng_state: expected an int64 [seed, offset], got {rng_state.dtype} of shape {tuple(rng_state.shape)}"
+    return True, rng_state.reshape(2).to(device).contiguous(), p
+
+
 @triton.jit
 def dropout_keep(seed, offs, p_drop):
     """Keep decisions (bool, the shape of ``offs``) of the attention dropout.

@@ -16,7 +16,7 @@ from .common import (
     Launcher,
     bias_args,
     device_ctx,
-    dropout_args,
+    dropout_state,
     dropout_keep,
     dot_precision,
     kv_block_range,
@@ -99,7 +99,7 @@ def _fwd_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, diag, left, right,
-    seed, rng_offset, p_drop, inv_keep,
+    Rng, p_drop, inv_keep,
     seq_key,  # autotune key only (sequence length bucket)
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -122,6 +122,13 @@ def _fwd_kernel(
     hk = h // group
     m0 = pid_m * BLOCK_M
 
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        # [seed, offset] read from device memory when the kernel runs, not baked into the
+        # launch: a CUDA graph replays launches as captured (common.dropout_state)
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
     rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -233,7 +240,8 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
             the logits after softcap and ALiBi, before the window mask.
         dropout_p: probability of dropping each softmax probability (kept ones scaled by
             1/(1-p)); lse stays the undropped normaliser.
-        rng_state: int64 CPU tensor [seed, offset] (needed when dropout_p > 0); the keep
+        rng_state: int64 tensor [seed, offset], on the CPU or on q's device (needed when
+            dropout_p > 0; read by the kernels when they run, CUDA-graph safe); the keep
             mask is ``common.dropout_mask(rng_state, B, H, Sq, Sk, dropout_p, device)``.
 
     Returns:
@@ -255,7 +263,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))
     slopes, stride_ab = alibi_args(alibi_slopes, q)
     bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
-    has_drop, seed, rng_offset, p_drop = dropout_args(dropout_p, rng_state)
+    has_drop, rng, p_drop = dropout_state(dropout_p, rng_state, q.device)
     left, right = int(window_left), int(window_right)
     args = (
         q, k, v, out, lse, slopes, bias,
@@ -267,7 +275,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         *bias_strides,
         num_heads, num_heads // num_heads_k, seqlen_q, seqlen_k, head_dim, head_dim_v,
         qk_scale2, softcap_in, softcap2, int(diag_offset), left, right,
-        seed, rng_offset, p_drop, 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0,
+        rng if has_drop else lse, p_drop, 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0,
         seq_bucket(max(seqlen_q, seqlen_k)),
     )
     kwargs = dict(

@@ -1,0 +1,126 @@
+"""GPU checks of launch geometry and graph-safe dropout (issue 19), cuda and triton backends.
+
+* batch * heads past 65535: the kernels run on 1-D grids (gridDim.y / .z stop at 65535).
+* CUDA-graph capture with dropout: the [seed, offset] is drawn on the GPU inside the graph
+  and read by the kernels when they run, so each replay draws a new mask (a host-drawn
+  seed baked into the launch repeated one mask on every replay).
+* B = 1 / H = 1 views whose batch / head strides are not multiples of 8 (the 16-byte vector
+  path is taken now: outputs must still be right).
+
+Run on the device machine: ``pytest -m gpu tests/test_gpu_launch.py``.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("FLASHATTN_TRITON_AUTOTUNE", "0")
+
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py import backends, ops
+from flashattn_py.reference import attention_ref
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+DEV = "cuda"
+
+
+def _backend(name: str, dtype=torch.float16, **kw) -> str:
+    reasons = backends.SUPPORTS[name](backends.Problem("cuda", dtype, **kw))
+    if reasons:
+        pytest.skip(f"{name}: " + "; ".join(reasons))
+    return name
+
+
+def _ref_check(out, q, k, v, scale, atol, **kw):
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), scale=scale, **kw)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("batch,heads", [(65537, 1), (1, 65537)])
+def test_batch_or_heads_past_65535(name, batch, heads):
+    _backend(name, head_dim=32, backward=True)
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(batch, 8, heads, 32, device=DEV, generator=g, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    scale = 1 / math.sqrt(32)
+    out, _ = ops.attention(q, k, v, scale=scale, window_right=0, backend=name)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    for idx in (0, 1, max(batch, heads) - 1):  # the first and the last (b, h) of the grid
+        sl = (slice(idx, idx + 1), slice(None), slice(None)) if batch > 1 else (slice(None), slice(None),
+                                                                               slice(idx, idx + 1))
+        q1, k1, v1 = (t[sl].detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = attention_ref(q1, k1, v1, scale=scale, window_right=0)
+        torch.testing.assert_close(out[sl].double(), ref, atol=5e-3, rtol=0)
+        grads = torch.autograd.grad(ref, (q1, k1, v1), dout[sl].double())
+        for got, want in zip((dq[sl], dk[sl], dv[sl]), grads):
+            torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=0)
+
+
+def _capture(fn):
+    """A CUDA graph of ``fn()`` (warmed up on a side stream first) and its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_dropout_graph_replays_draw_new_masks(name):
+    _backend(name, dropout_p=0.3, head_dim=64)
+    B, S, H, D, p = 2, 96, 2, 64, 0.3
+    g = torch.Generator(device=DEV).manual_seed(1)
+    q, k, v = (torch.randn(B, S, H, D, device=DEV, generator=g, dtype=torch.float16) for _ in range(3))
+    scale = 1 / math.sqrt(D)
+
+    def step():
+        rng = ops.dropout_rng_state(q.device)
+        out, _ = ops.attn_fwd(q, k, v, None, None, scale, 0.0, -1, -1, 0, p, rng, False, name)
+        return out, rng
+
+    graph, (out, rng) = _capture(step)
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        state = rng.clone()
+        keep = ops.dropout_keep_mask(state, B, H, S, S, p, backend=name, device=DEV)
+        # This replay's output is attention with the mask of the state it drew.
+        _ref_check(out, q, k, v, scale, 2e-2, dropout_p=p, dropout_mask=keep)
+        seen.append((state.cpu(), out.clone()))
+    assert not torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[1][0], seen[2][0])
+    assert not torch.equal(seen[0][1], seen[1][1])
+
+    # The public API under capture: two replays, two different outputs.
+    graph2, out2 = _capture(lambda: flashattn_py.flash_attn_func(q, k, v, dropout_p=p, backend=name))
+    graph2.replay()
+    first = out2.clone()
+    graph2.replay()
+    assert not torch.equal(first, out2)
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_b1_h1_views_with_odd_strides(name):
+    _backend(name, head_dim=64, backward=True)
+    S, D = 130, 64
+    g = torch.Generator(device=DEV).manual_seed(2)
+    base = torch.randn(8 + 3 * (S * D + 5), device=DEV, generator=g, dtype=torch.float16)
+    # (1, S, 1, D) views 16-byte aligned, row stride D, batch / head strides odd (unused).
+    q, k, v = (base.as_strided((1, S, 1, D), (S * D + 5, D, 7, 1), 8 + i * (S * D + 5)) for i in range(3))
+    scale = 1 / math.sqrt(D)
+    out, _ = ops.attention(q, k, v, scale=scale, window_right=0, diag_offset=0, backend=name)
+    _ref_check(out, q, k, v, scale, 5e-3, window_right=0)
