@@ -5,13 +5,15 @@ and a CUDA torch are present, or FLASHATTN_FORCE_CUDA=1).
 Environment:
   FLASHATTN_SKIP_EXT=1        pure-Python install (triton / reference backends only)
   FLASHATTN_FORCE_CUDA=1      build the CUDA ops even if torch.cuda is unavailable here
-  FLASHATTN_CUDA_ARCHS="80;90"  SM architectures for the CUDA ops
+  FLASHATTN_CUDA_ARCHS        SM architectures for the CUDA ops; default "80;90", plus
+                              "100;120" where the toolkit's nvcc lists them (CUDA 12.8+)
   FLASHATTN_CPU_NATIVE=0      do not tune the CPU kernels for this machine (-march=native)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
 import os
 import platform
+import subprocess
 
 from setuptools import setup
 
@@ -32,6 +34,20 @@ def _x86_flags():
     return []
 
 
+def _default_cuda_archs(cuda_home) -> str:
+    """80 and 90, plus sm_100 (B200) and sm_120 (RTX 50, RTX PRO 6000 Blackwell) where this
+    nvcc can build them: the kernels use mma.sync / ldmatrix / cp.async, which those run.
+    Built is not verified: README says which archs have run the GPU tests."""
+    archs = ["80", "90"]
+    try:
+        nvcc = os.path.join(cuda_home, "bin", "nvcc")
+        listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout.split()
+    except (TypeError, OSError, subprocess.SubprocessError):  # no CUDA_HOME, no nvcc, an old one
+        listed = []
+    archs += [a for a in ("100", "120") if f"compute_{a}" in listed]
+    return ";".join(archs)
+
+
 def _extensions():
     if os.environ.get("FLASHATTN_SKIP_EXT", "0") == "1":
         return [], {}
@@ -46,7 +62,7 @@ def _extensions():
         torch.cuda.is_available() and CUDA_HOME is not None
     )
     if build_cuda:
-        archs = os.environ.get("FLASHATTN_CUDA_ARCHS", "80;90").split(";")
+        archs = (os.environ.get("FLASHATTN_CUDA_ARCHS") or _default_cuda_archs(CUDA_HOME)).split(";")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
