@@ -8,11 +8,11 @@ Two conventions, one computation (docs/design.md, "What every backend computes")
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from . import backends, ops
 from .errors import ArgumentError
@@ -310,39 +310,64 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                   return_attn_probs, backend=backend)
 
 
-def _causal_bias_offset(bias: CausalBias, seqlen_q: int, seqlen_k: int) -> int:
-    """The diagonal offset of torch's ``CausalBias`` (``causal_upper_left`` /
-    ``causal_lower_right``): 0 for upper-left (query i sees keys j <= i), Sk - Sq for
-    lower-right (j <= i + Sk - Sq, flash-attn's alignment)."""
+def causal_bias(attn_mask) -> Optional[Tensor]:
+    """``attn_mask`` when it is torch's ``CausalBias`` (``causal_upper_left`` /
+    ``causal_lower_right``), else None. torch.nn.attention.bias imports torch._dynamo (seconds
+    and 150 MB), so it is looked up, not imported: a CausalBias exists only once it was."""
+    if attn_mask is None or type(attn_mask) is Tensor:
+        return None
+    bias_module = sys.modules.get("torch.nn.attention.bias")
+    if bias_module is not None and isinstance(attn_mask, bias_module.CausalBias):
+        return attn_mask
+    return None
+
+
+def _causal_bias_offset(bias, seqlen_q: int, seqlen_k: int) -> int:
+    """The diagonal offset of a ``CausalBias``: 0 for upper-left (query i sees keys j <= i),
+    Sk - Sq for lower-right (j <= i + Sk - Sq, flash-attn's alignment)."""
     if (bias.seq_len_q, bias.seq_len_kv) != (seqlen_q, seqlen_k):
         raise ArgumentError(
             f"attn_mask: CausalBias of sizes ({bias.seq_len_q}, {bias.seq_len_kv}) does not match query and key "
             f"sequence lengths ({seqlen_q}, {seqlen_k})"
         )
-    if bias.variant == CausalVariant.UPPER_LEFT:
+    variants = sys.modules["torch.nn.attention.bias"].CausalVariant
+    if bias.variant == variants.UPPER_LEFT:
         return 0
-    if bias.variant == CausalVariant.LOWER_RIGHT:
+    if bias.variant == variants.LOWER_RIGHT:
         return seqlen_k - seqlen_q
     raise ArgumentError(f"attn_mask: CausalBias.variant must be a CausalVariant type, but found: {bias.variant}")
 
 
 def _sdpa_leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
-    """query, key, value expanded to common leading dims (torch broadcasts the dims before
-    (L, E) as matmul does; under GQA the head dims -3 differ and only the dims before them
-    broadcast), and those leading dims of the output. Expanding makes stride-0 views."""
+    """query, key, value with common leading dims, and those dims of the output. torch
+    broadcasts the dims before (L, E) as matmul does (expanding makes stride-0 views); under
+    GQA the head dims -3 differ, only the dims before them broadcast, and key and value
+    heads that differ from each other are repeated to the query heads as torch does."""
     qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
+        return query, key, value, (qs[0], qs[1])  # the common call, without building shapes
     lead_q, lead_k, lead_v = qs[:-2], ks[:-2], vs[:-2]
     if lead_q == lead_k == lead_v:
-        return query, key, value, lead_q
-    gqa = enable_gqa and min(len(qs), len(ks), len(vs)) >= 3 and qs[-3] != ks[-3]
+        return query, key, value, tuple(lead_q)
+    gqa = enable_gqa and min(len(qs), len(ks), len(vs)) >= 3 and (qs[-3] != ks[-3] or qs[-3] != vs[-3])
     try:
         if gqa:
-            batch = torch.broadcast_shapes(lead_q[:-1], lead_k[:-1], lead_v[:-1])
-            heads_kv = torch.broadcast_shapes(lead_k[-1:], lead_v[-1:])
-            lead, lead_kv = (*batch, qs[-3]), (*batch, *heads_kv)
+            heads = qs[-3]
+            for name, t in (("key", key), ("value", value)):
+                if t.shape[-3] == 0 or heads % t.shape[-3] != 0:
+                    raise ArgumentError(f"query, {name}: number of query heads ({heads}) must be a multiple of "
+                                        f"{name} heads ({t.shape[-3]})")
+            if ks[-3] != vs[-3]:  # no common K/V head layout: repeat both to the query heads
+                key = key.repeat_interleave(heads // ks[-3], dim=-3)
+                value = value.repeat_interleave(heads // vs[-3], dim=-3)
+                ks, vs = key.shape, value.shape
+            batch = torch.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
+            lead, lead_kv = (*batch, heads), (*batch, ks[-3])
         else:
             lead = lead_kv = torch.broadcast_shapes(lead_q, lead_k, lead_v)
-    except RuntimeError:
+    except RuntimeError as e:
+        if isinstance(e, ArgumentError):
+            raise
         raise ArgumentError(
             f"query, key, value: the dims before (L, E) must broadcast, got {tuple(lead_q)}, {tuple(lead_k)}, "
             f"{tuple(lead_v)}" + ("" if enable_gqa else " (pass enable_gqa=True for GQA)")
@@ -352,23 +377,25 @@ def _sdpa_leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
 
 
 def _as_4d(t: Tensor) -> Tensor:
-    """(..., S, E) -> (B, H, S, E): no leading dim is one batch and one head, one is the batch."""
+    """(..., S, E) -> (B, H, S, E): 2-D is one batch and one head, 3-D one batch of heads
+    (torch reads dim -3 as heads under GQA), more leading dims fold into the batch."""
     rank = t.dim()
     if rank == 4:
         return t
     if rank == 2:
         return t.unsqueeze(0).unsqueeze(0)
     if rank == 3:
-        return t.unsqueeze(1)
+        return t.unsqueeze(0)
     return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (not -1: sizes may be 0)
 
 
 class _NoOutputSeesAKey(torch.autograd.Function):
     """SDPA where a size is 0 so that no output element sees a key (empty output, or no
-    keys): zeros (torch's result), and zero gradients for every input."""
+    keys): zeros (torch's result), and zero derivatives for every input."""
 
     @staticmethod
     def forward(ctx, out_shape, query, key, value, attn_mask):
+        ctx.out_shape, ctx.out_dtype, ctx.out_device = out_shape, query.dtype, query.device
         ctx.inputs = [(t.shape, t.dtype, t.device) if t is not None and t.is_floating_point() else None
                       for t in (query, key, value, attn_mask)]
         return query.new_zeros(out_shape)
@@ -377,6 +404,13 @@ class _NoOutputSeesAKey(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2]) for meta in ctx.inputs]
         return (None, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.out_device)
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def scaled_dot_product_attention(
@@ -393,12 +427,13 @@ def scaled_dot_product_attention(
 
     Args:
         query: (..., H, L, E); key: (..., Hk, S, E); value: (..., Hk, S, Ev). 2-D inputs
-            are one batch and head, 3-D ones one head; the dims before (L, E) broadcast as
+            are one batch and head, 3-D ones (H, L, E); the dims before (L, E) broadcast as
             in torch; extra leading dims are flattened into the batch. Any size may be 0
             (E = 0: every score is 0, uniform weights over the visible keys).
-        attn_mask: broadcastable to (..., H, L, S); bool (True = attend) or float (added);
-            or torch's ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``),
-            served as causal attention with that diagonal.
+        attn_mask: broadcastable to (..., H, L, S); bool (True = attend) or float (added;
+            the query's dtype, or float32 for 16-bit queries, cast to the query's dtype as
+            the kernels read it); or torch's ``CausalBias`` (``causal_upper_left`` /
+            ``causal_lower_right`` of (L, S)), served as causal attention with that diagonal.
         dropout_p: dropout probability, applied whenever > 0 (as torch does).
         is_causal: query i sees keys j <= i (top-left aligned); exclusive with attn_mask.
         scale: default 1/sqrt(E).
@@ -412,20 +447,19 @@ def scaled_dot_product_attention(
     """
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
-    diag_offset = 0
-    if attn_mask is not None and type(attn_mask) is not Tensor and isinstance(attn_mask, CausalBias):
-        if is_causal:
-            raise ArgumentError("attn_mask: CausalBias should not be used with causal=True (as in torch)")
-        if query.dim() < 2 or key.dim() < 2:
-            raise ArgumentError("query, key: CausalBias needs (..., L, E) inputs")
-        diag_offset = _causal_bias_offset(attn_mask, query.shape[-2], key.shape[-2])
-        attn_mask, is_causal = None, True
-    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise ArgumentError(
             f"query, key, value: Expected query, key, and value to all be at least 2 dimensional, but got "
             f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
         )
+    diag_offset = 0
+    bias = causal_bias(attn_mask)
+    if bias is not None:
+        if is_causal:
+            raise ArgumentError("attn_mask: CausalBias should not be used with causal=True (as in torch)")
+        diag_offset = _causal_bias_offset(bias, query.shape[-2], key.shape[-2])
+        attn_mask, is_causal = None, True
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if attn_mask is not None and is_causal:
         raise ArgumentError("attn_mask: Explicit attn_mask should not be set when is_causal=True (as in torch)")
     _check_dropout(dropout_p)
@@ -440,10 +474,12 @@ def scaled_dot_product_attention(
         )
     mask4 = None
     if attn_mask is not None:
+        if attn_mask.dtype == torch.float32 and query.dtype in _HALF_DTYPES:
+            attn_mask = attn_mask.to(query.dtype)
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise ArgumentError(
-                f"attn_mask: Expected attn_mask dtype to be bool or to match query dtype, but got attn_mask.dtype: "
-                f"{attn_mask.dtype} and query.dtype: {query.dtype} instead."
+                f"attn_mask: Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead."
             )
         if attn_mask.device != query.device:
             raise ArgumentError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")

@@ -23,7 +23,8 @@ invalid arguments (our ``ArgumentError``/TypeError), nested tensors, non-float d
 dims beyond ``MAX_HEAD_DIM``, and problems no fused backend supports (we don't use our
 reference there: torch's own is the better fallback), unless a backend is forced with
 ``use_backend`` / ``FLASHATTN_BACKEND``. Inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``
-(torch restricted to its math backend) every call goes to torch's own: such code expects
+(torch restricted to its math backend for the call's device: on CPU, any selection without
+flash) every call goes to torch's own: such code expects
 torch's math semantics, e.g. dropout drawn from torch's generator exactly as ``F.dropout``
 (eager calls: inside ``torch.compile`` ours serves them).
 torch's ``CausalBias`` masks (``causal_upper_left`` / ``causal_lower_right``) are served as
@@ -45,7 +46,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias
 
 from . import api, backends, ops
 
@@ -70,12 +70,14 @@ class _Stats:
 stats = _Stats()
 
 
-def _torch_restricted_to_math() -> bool:
-    """True when torch's backend selection allows only its math backend
-    (``sdpa_kernel(SDPBackend.MATH)``)."""
+def _torch_restricted_to_math(device_type: str) -> bool:
+    """True when torch's backend selection leaves it only its math backend for this device
+    (``sdpa_kernel(SDPBackend.MATH)``; on CPU, where torch has only flash and math, any
+    selection without flash)."""
     cuda = torch.backends.cuda
-    return cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled()
-                                            or cuda.cudnn_sdp_enabled())
+    if not cuda.math_sdp_enabled() or cuda.flash_sdp_enabled():
+        return False
+    return device_type == "cpu" or not (cuda.mem_efficient_sdp_enabled() or cuda.cudnn_sdp_enabled())
 
 
 def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
@@ -87,14 +89,18 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
             return f"{name} is nested or not strided"
         if t.dtype not in _FLOATS:
             return f"{name} dtype {t.dtype}"
+        if t.dim() < 2:
+            return f"{name} has fewer than 2 dims"
     if query.shape[-1] > backends.MAX_HEAD_DIM or value.shape[-1] > backends.MAX_HEAD_DIM:
         return "head dim too large"
-    if isinstance(attn_mask, CausalBias):
+    if api.causal_bias(attn_mask) is not None:
         attn_mask = None  # served as causal attention
-    if attn_mask is not None and (not isinstance(attn_mask, Tensor) or
-                                  (attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype)):
+    if attn_mask is not None and (not isinstance(attn_mask, Tensor) or not (
+            attn_mask.dtype in (torch.bool, query.dtype) or
+            (attn_mask.dtype == torch.float32 and query.dtype in (torch.float16, torch.bfloat16)))):
         return "attn_mask dtype"
-    if not torch.compiler.is_compiling() and _torch_restricted_to_math():  # (flags Dynamo can't trace)
+    # (torch's backend flags are not traceable by Dynamo: compiled calls are ours)
+    if not torch.compiler.is_compiling() and _torch_restricted_to_math(query.device.type):
         return "torch is restricted to its math backend"
     if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
@@ -110,9 +116,10 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
 def _call_original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Tensor:
     """torch's own function. A ``CausalBias`` goes to its own dispatch: called with
     anything but ``F.scaled_dot_product_attention`` (ours now) it would act as a plain tensor."""
-    if isinstance(attn_mask, CausalBias):
-        return CausalBias._dispatch(query, key, value, attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                    scale=scale, enable_gqa=enable_gqa)
+    bias = api.causal_bias(attn_mask)
+    if bias is not None:  # (its dispatch calls F.scaled_dot_product_attention, ours, which counts the call)
+        return type(bias)._dispatch(query, key, value, bias, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                    enable_gqa=enable_gqa)
     original = _original if _original is not None else torch._C._nn.scaled_dot_product_attention
     return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                     enable_gqa=enable_gqa)
@@ -123,8 +130,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False) -> Tensor:
     """The function ``patch_sdpa`` installs: ours when it can serve the call, else the original."""
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # A CausalBias call that falls back re-enters this function through torch's CausalBias
+    # dispatch, and is counted there.
+    count = not torch.compiler.is_compiling() and api.causal_bias(attn_mask) is None
     if _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) is not None:
-        if not torch.compiler.is_compiling():
+        if count:
             stats.fallback += 1
         return _call_original(*args)
     if torch.compiler.is_compiling():
@@ -132,7 +142,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     try:
         out = api.scaled_dot_product_attention(*args)
     except (ValueError, TypeError):  # our validation refused: torch's own decides
-        stats.fallback += 1
+        if count:
+            stats.fallback += 1
         return _call_original(*args)
     stats.served += 1
     return out

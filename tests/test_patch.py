@@ -132,18 +132,18 @@ def test_patched_function_matches_torch(kind, spy):
 
 def test_unservable_calls_fall_back_to_torch(spy):
     gen = torch.Generator().manual_seed(1)
-    # GQA with different key and value head counts: torch accepts it, our validation refuses.
+    # dropout_p = 1 (everything dropped): torch accepts it, our validation refuses.
     q, k, v = (torch.randn(2, 6, 4, 8, generator=gen), torch.randn(2, 2, 6, 8, generator=gen),
-               torch.randn(2, 3, 6, 8, generator=gen))
+               torch.randn(2, 2, 6, 8, generator=gen))
     # Head dim above our limit.
     big = torch.randn(1, 1, 4, 300, generator=gen)
     before = fpatch.stats.fallback
     with patch_sdpa():
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, enable_gqa=True)
         out_big = F.scaled_dot_product_attention(big, big, big)
         with pytest.raises(RuntimeError):  # torch's own error, not ours
             F.scaled_dot_product_attention(q, k[..., :5], v, enable_gqa=True)
-    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, enable_gqa=True))
+    torch.testing.assert_close(out, TORCH_SDPA(q, k, v, dropout_p=1.0, enable_gqa=True))
     torch.testing.assert_close(out_big, TORCH_SDPA(big, big, big))
     assert fpatch.stats.fallback - before == 3
     assert len(spy) == 2  # the first call was tried (and refused); the head-dim one never was

@@ -221,3 +221,91 @@ def test_every_shape_torch_accepts(entry, shape, kind):
     for a, b in zip(mine, leaves):
         assert a.grad is not None and a.grad.shape == b.grad.shape
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+@pytest.mark.parametrize("shapes", [
+    ((4, 7, 8), (2, 5, 8), (2, 5, 8)),              # 3-D: dim -3 is heads under GQA
+    ((2, 4, 7, 8), (2, 2, 5, 8), (2, 4, 5, 8)),     # key and value head counts differ
+    ((2, 6, 7, 8), (1, 2, 5, 8), (2, 3, 5, 8)),     # both, and a broadcast batch
+])
+def test_gqa_shapes_torch_accepts(entry, shapes):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = TORCH_SDPA(*leaves, is_causal=True, enable_gqa=True)
+    mine = [t.clone().float().requires_grad_() for t in (q, k, v)]
+    served = fpatch.stats.served
+    got = SDPAS[entry](*mine, is_causal=True, enable_gqa=True)
+    if entry == "patched":
+        assert fpatch.stats.served == served + 1
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want.backward(dout)
+    got.backward(dout.float())
+    for a, b in zip(mine, leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_mask_with_a_16_bit_query(entry, dtype):
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=gen).to(dtype) for _ in range(3))
+    mask = torch.randn(9, 9, generator=gen)
+    want = TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=mask.to(dtype).double())
+    served = fpatch.stats.served
+    got = SDPAS[entry](q, k, v, attn_mask=mask)
+    assert got.dtype == dtype
+    if entry == "patched":
+        assert fpatch.stats.served == served + 1
+    naive = TORCH_SDPA(q, k, v, attn_mask=mask)  # torch's own in the input dtype
+    assert (got.double() - want).abs().max() <= 2 * (naive.double() - want).abs().max() + 1e-6
+
+
+def test_cpu_selection_without_flash_is_math_only():
+    # On CPU torch has flash and math: a selection without flash (the legacy
+    # sdp_kernel(enable_flash=False) idiom, or MATH + EFFICIENT) leaves it math.
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=gen) for _ in range(3))
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION]):
+        with freeze_rng_state():
+            want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+        with freeze_rng_state():
+            served = fpatch.stats.served
+            got = _sdpa_patched(q, k, v, dropout_p=0.3)
+            assert fpatch.stats.served == served
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+def test_causal_bias_dropout_is_the_causal_kernels(entry):
+    # A lower-right CausalBias with dropout is flash_attn_func(causal=True) with dropout:
+    # the same kernel draws the same mask from the same generator state.
+    q, k, v = random_qkv(1, 13, 21, 2, 2, 16, seed=13)
+    bias = causal_lower_right(13, 21)
+    torch.manual_seed(14)
+    got = SDPAS[entry](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, dropout_p=0.4)
+    torch.manual_seed(14)
+    want = flashattn_py.flash_attn_func(q, k, v, causal=True, dropout_p=0.4)
+    assert torch.equal(got.transpose(1, 2), want)
+
+
+def test_patched_call_counted_once_and_0d_input_gets_torchs_error():
+    q = torch.randn(1, 1, 5, 300)  # head dim above ours: falls back, through CausalBias's dispatch
+    before = (fpatch.stats.served, fpatch.stats.fallback)
+    _sdpa_patched(q, q, q, attn_mask=causal_upper_left(5, 5))
+    assert (fpatch.stats.served, fpatch.stats.fallback) == (before[0], before[1] + 1)
+    x = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="at least 2 dimensional"):
+        _sdpa_patched(x, x, x)
+
+
+def test_zero_size_forward_mode_ad():
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 0, 8), torch.randn(2, 3, 0, 8)
+    with fwAD.dual_level():
+        out = flashattn_py.scaled_dot_product_attention(fwAD.make_dual(q, torch.randn_like(q)), k, v)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert torch.equal(primal, torch.zeros(2, 3, 4, 8)) and torch.equal(tangent, torch.zeros(2, 3, 4, 8))
