@@ -74,38 +74,47 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry of each list is the default
-# (FLASHATTN_TRITON_AUTOTUNE=0) and was picked for few ptxas register spills on sm90.
+# (FLASHATTN_TRITON_AUTOTUNE=0). Chosen from ptxas register / spill counts on sm90 with
+# the JIT's specialisation (python -m kernels.compile_check --configs; the numbers and
+# what was dropped: benchmarks/RESULTS.md, issue 19): defaults are spill-free, other
+# candidates spill at most a few bytes (64 in all), and each list keeps one config
+# within 99 KB of shared memory per block, so sm86 / sm89 / sm120 have a candidate.
 _CONFIGS_16BIT = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
         128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        256: [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+        256: [(32, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
-        128: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-        256: [(32, 32, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+        64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+        128: [(32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
     },
 }
-# fp32: with IEEE precision tl.dot has no tensor-core path, so keep tiles small
+# fp32: with IEEE precision tl.dot has no tensor-core path and holds much more per thread:
+# only small tiles stay out of heavy spills (hundreds of bytes to tens of KB otherwise)
 _CONFIGS_FP32 = {
     "fwd": {
-        64: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
-        128: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+        64: [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 4, 2)],
+        128: [(32, 16, 4, 2), (16, 16, 4, 2)],
+        256: [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
+    },
+    "dq": {
+        64: [(32, 32, 4, 2), (32, 32, 8, 2)],
+        128: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
         256: [(32, 16, 4, 2), (16, 16, 4, 2), (32, 32, 8, 2)],
     },
     "dkdv": {
-        64: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-        128: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 64, 8, 2)],
-        256: [(16, 32, 4, 2), (16, 16, 4, 2)],
+        64: [(64, 64, 8, 2), (16, 32, 4, 2)],
+        128: [(16, 64, 8, 2), (16, 32, 4, 2)],
+        256: [(16, 16, 4, 2), (16, 32, 4, 2)],
     },
 }
-_CONFIGS_FP32["dq"] = _CONFIGS_FP32["fwd"]
 
 
 def gpu_configs(kind: str, block_d: int, elem_bytes: int) -> list:

@@ -1,11 +1,19 @@
 """Compile the Triton kernels for a CUDA arch without a GPU (dev / CI check).
 
-    python -m kernels.compile_check [--arch 90] [--spills] [name-filter ...]
+    python -m kernels.compile_check [--arch 90] [--spills] [--configs] [--no-specialize] [name-filter ...]
 
 Runs Triton's full pipeline down to PTX and cubin with the ptxas bundled in the Triton
 wheel, so compiled-mode errors the interpreter cannot see (loop-carried types, layouts,
 shared memory overflow) show up on a CPU-only machine. ``--spills`` prints ptxas
-register / spill usage for each kernel.
+register / spill usage for each kernel; ``--configs`` compiles every autotune candidate
+of kernels/common.py (fwd, dq, dkdv per head-dim class and element size) and prints the
+same numbers, the basis of the config tables (benchmarks/RESULTS.md).
+
+Kernels are compiled as the JIT specialises them for a typical call (16-byte aligned
+pointers; strides, sequence lengths, head dims and head counts divisible by 16; a unit
+bias column stride and an MHA group of 1 as the constant 1), since register use and
+spills differ a lot between that and the unspecialised kernel. ``--no-specialize``
+compiles without it (what this script did before issue 19).
 """
 from __future__ import annotations
 
@@ -28,15 +36,42 @@ _F32_PTRS = {"Lse", "Delta", "Alibi", "DBias"}
 _PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "Bias"} | _F32_PTRS
 _FLOATS = {"qk_scale2", "softcap_in", "softcap2", "scale", "p_drop", "inv_keep"}
 _I64 = {"seed", "rng_offset"}
+# Integer arguments a typical call passes as multiples of 16 (the JIT marks them
+# tt.divisibility=16): every stride, the sizes of a 4096-token, 16-head, D=128 problem.
+_DIVISIBLE = {"seqlen_q", "seqlen_k", "head_dim", "head_dim_v", "num_heads", "num_heads_k", "diag"}
+# ... and the ones it passes as exactly 1 (the JIT makes those constexpr 1): an MHA group,
+# one dK/dV split, a bias read with unit column stride.
+_ONE = {"group", "nsplit", "stride_bn"}
+# (not specialised: window_left / right, -1 when unused, and autotune keys)
 
 
-def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: int, arch: int = 90):
+def _jit_specialisation(jitfn, consts: dict) -> tuple[dict, dict]:
+    """(extra constexprs, attrs) as triton's JIT derives them for a typical call."""
+    cex, attrs = {}, {}
+    for i, name in enumerate(jitfn.arg_names):
+        if name in consts:
+            continue
+        if name in _ONE:
+            cex[name] = 1
+        elif name in _PTRS or name == "Rng" or name.startswith("stride_") or name in _DIVISIBLE:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return cex, attrs
+
+
+def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: int, arch: int = 90,
+                   specialize: bool = True):
     sig, cex = {}, {}
+    attrs = None
+    if specialize:
+        extra, attrs = _jit_specialisation(jitfn, consts)
+        consts = dict(consts, **extra)
     for name in jitfn.arg_names:
         if name in consts:
             sig[name], cex[name] = "constexpr", consts[name]
         elif name == "Bias" and consts.get("BIAS_IS_BOOL"):
             sig[name] = "*u8"
+        elif name == "Rng":
+            sig[name] = "*i64"
         elif name in _PTRS:
             sig[name] = "*fp32" if name in _F32_PTRS else f"*{dtype}"
         elif name in _I64:
@@ -45,7 +80,7 @@ def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: 
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    src = ASTSource(fn=jitfn, signature=sig, constexprs=cex)
+    src = ASTSource(fn=jitfn, signature=sig, constexprs=cex, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -77,7 +112,7 @@ def cases():
         ("fwd_causal", fwd._fwd_kernel, "bf16", dict(base, HAS_RIGHT=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("fwd_every_feature", fwd._fwd_kernel, "fp16", dict(every, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("fwd_d256", fwd._fwd_kernel, "bf16", dict(d256, BLOCK_M=64, BLOCK_N=64), 4, 2),
-        ("fwd_fp32", fwd._fwd_kernel, "fp32", dict(base, PREC="ieee", BLOCK_M=64, BLOCK_N=64), 4, 2),
+        ("fwd_fp32", fwd._fwd_kernel, "fp32", dict(base, PREC="ieee", BLOCK_M=32, BLOCK_N=16), 4, 2),
         ("fwd_bias_causal", fwd._fwd_kernel, "bf16", dict(bias, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("fwd_mask_dropout", fwd._fwd_kernel, "bf16", dict(mask_drop, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("dkdv_bias_dropout", bwd._dkdv_kernel, "bf16", dict(bias_drop, BLOCK_M=32, BLOCK_N=128), 8, 3),
@@ -86,33 +121,54 @@ def cases():
         ("dq_mask_dropout", bwd._dq_kernel, "fp16", dict(mask_drop, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("dropout_mask", common._dropout_mask_kernel, "fp32", dict(BLOCK_M=64, BLOCK_N=64), 4, 1),
         ("dkdv", bwd._dkdv_kernel, "bf16", dict(base, HAS_RIGHT=True, BLOCK_M=32, BLOCK_N=128), 8, 3),
-        ("dkdv_every_feature", bwd._dkdv_kernel, "fp16", dict(every, BLOCK_M=64, BLOCK_N=64), 4, 3),
-        ("dkdv_d256", bwd._dkdv_kernel, "bf16", dict(d256, BLOCK_M=32, BLOCK_N=64), 4, 2),
+        ("dkdv_every_feature", bwd._dkdv_kernel, "fp16", dict(every, BLOCK_M=32, BLOCK_N=64), 4, 3),
+        ("dkdv_d256", bwd._dkdv_kernel, "bf16", dict(d256, BLOCK_M=32, BLOCK_N=32), 8, 2),
         ("dq", bwd._dq_kernel, "bf16", dict(base, HAS_RIGHT=True, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("dq_every_feature", bwd._dq_kernel, "fp16", dict(every, BIAS_GRAD=False, BLOCK_M=64, BLOCK_N=32), 4, 3),
         ("delta", bwd._delta_kernel, "bf16", dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=0), 4, 1),
     ]
 
 
+def config_cases():
+    """Every autotune candidate of common.gpu_configs: (name, fn, dtype, consts, warps, stages)."""
+    kernels = {"fwd": fwd._fwd_kernel, "dq": bwd._dq_kernel, "dkdv": bwd._dkdv_kernel}
+    out = []
+    for elem, dtype, prec in ((2, "bf16", "tf32"), (4, "fp32", "ieee")):
+        for kind, fn in kernels.items():
+            for d in (64, 128, 256):
+                base = dict(HAS_LEFT=False, HAS_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, BLOCK_D=d,
+                            BLOCK_DV=d, EVEN_D=True, EVEN_DV=True, PREC=prec, HAS_BIAS=False, BIAS_IS_BOOL=False,
+                            HAS_DROPOUT=False)
+                if kind == "dq":
+                    base["BIAS_GRAD"] = False
+                for i, cfg in enumerate(common.gpu_configs(kind, d, elem)):
+                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                    name = f"cfg_{kind}_{dtype}_d{d}_{bm}x{bn}_w{cfg.num_warps}_s{cfg.num_stages}" + ("*" if i == 0 else "")
+                    out.append((name, fn, dtype, dict(base, BLOCK_M=bm, BLOCK_N=bn), cfg.num_warps, cfg.num_stages))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--spills", action="store_true")
+    ap.add_argument("--configs", action="store_true", help="compile every autotune candidate (implies --spills)")
+    ap.add_argument("--no-specialize", action="store_true", help="compile without the JIT's specialisation")
     ap.add_argument("names", nargs="*")
     args = ap.parse_args(argv)
     failed = 0
-    for name, fn, dtype, consts, warps, stages in cases():
+    for name, fn, dtype, consts, warps, stages in (config_cases() if args.configs else cases()):
         if args.names and not any(n in name for n in args.names):
             continue
         t0 = time.time()
         try:
-            k = compile_kernel(fn, dtype, consts, warps, stages, args.arch)
+            k = compile_kernel(fn, dtype, consts, warps, stages, args.arch, specialize=not args.no_specialize)
         except Exception as e:  # report every failure, then exit non-zero
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")
             continue
         line = f"ok   {name:20s} {time.time() - t0:5.1f}s shared={k.metadata.shared}"
-        if args.spills:
+        if args.spills or args.configs:
             line += "  " + _ptxas_info(k, args.arch)
         print(line, flush=True)
     return 1 if failed else 0
