@@ -21,7 +21,7 @@ PROBLEMS = {
 
 def read_table():
     text = README.read_text()
-    section = text[text.index("### Features by backend"):]
+    section = text[text.index("## Backends and features"):]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     table = {}
