@@ -286,9 +286,12 @@ def attention(
     forward_ad = _has_tangents(q, k, v, alibi_slopes, attn_mask)
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                             or (attn_mask is not None and attn_mask.requires_grad))
+    # (the head dim matters only to the cuda backend's shared-memory check; computed for
+    # CUDA tensors only, so torch.jit.trace on CPU sees no shape arithmetic here)
+    head_dim = max(q.shape[-1], v.shape[-1]) if q.device.type == "cuda" else 0
     name = backends.select(
         backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p, forward_ad, q.device.index,
-                         max(q.shape[-1], v.shape[-1]), backward, deterministic),
+                         head_dim, backward, deterministic),
         backend,
     )
     if name != "reference":
