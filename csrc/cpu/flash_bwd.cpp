@@ -102,8 +102,8 @@ struct BlasBwdOperands {
 // start on whole row groups and key ranges on whole key panels.
 template <typename T>
 struct TileBwdOperands {
-  // P and dP blocks of 240 x 128 floats (120 KiB each) stay in L2 together; measured
-  // ahead of 120 x 256 and 480 x 64 (benchmarks/RESULTS.md).
+  // P and dP blocks of 240 x 128 floats (120 KiB each) stay in L2 together; faster than
+  // 120 x 256 and 480 x 64 here (benchmarks/RESULTS.md 'What was tried').
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 128, PANEL_Q = 60, ROW_ALIGN = tiles::MR, KEY_ALIGN = tiles::NR;
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   const int64_t D, Dv, D16, Dv16, sq16, sk16;
@@ -277,9 +277,8 @@ inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
 }
 
 // sum_d a_d b_d in acc: on the AVX2 tiles' CPUs in two 8-lane partial sums (16-bit
-// elements widened in registers), added at the end (the element-by-element sum it
-// replaces took 3% of a bf16 backward, N=1024, D=128; measured paired: bf16 forward +
-// backward N=1024 1.0% faster at D=128, 2.7% at D=64, fp32 0.9% at D=128).
+// elements widened in registers), added at the end (faster than the element-by-element
+// sum it replaces, see benchmarks/RESULTS.md 'What was tried').
 template <typename T, typename acc>
 inline acc row_dot(const T* a, const T* b, int64_t n) {
   int64_t d = 0;

@@ -286,12 +286,12 @@ inline __m256 exp_avx2(__m256 x_log2e) {
 #ifdef __AVX512F__
 // The same polynomial in 16 lanes, with 2^n applied by vscalefps: no clamp at the top (2^n
 // overflows to infinity by itself), no conversion to an integer exponent, half the
-// instructions per element (measured: forward 2.1-2.3% faster than exp_avx2 on Zen 4,
-// N=1024 and causal N=4096, one thread). Values are exp_avx2's bit for bit where
-// exp_avx2's is a finite normal float (for t in (127.5, 128], where it overflowed, this one
-// is finite; softmax arguments are at most 0); below, scalef gives the denormal where
-// exp_avx2 gave 0. t is clamped at -160 so that -inf gives exactly 0 (2^-160 times the
-// polynomial rounds to 0) rather than the NaN of -inf - round(-inf).
+// instructions per element (faster than exp_avx2: benchmarks/RESULTS.md 'What was
+// tried'). Values are exp_avx2's bit for bit where exp_avx2's is a finite normal float
+// (for t in (127.5, 128], where it overflowed, this one is finite; softmax arguments are
+// at most 0); below, scalef gives the denormal where exp_avx2 gave 0. t is clamped at
+// -160 so that -inf gives exactly 0 (2^-160 times the polynomial rounds to 0) rather than
+// the NaN of -inf - round(-inf).
 inline __m512 exp_avx512(__m512 x_log2e) {
   const __m512 t = _mm512_max_ps(_mm512_set1_ps(-160.f), x_log2e);  // (a NaN passes through)
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

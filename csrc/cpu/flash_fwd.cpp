@@ -168,9 +168,8 @@ struct TileOperands {
   // product through the softmax to the P V product. Every block is done in panels, and
   // panels are whole tile row groups (multiples of tiles::MR). Rows across an edge of
   // the visible band (a causal diagonal, a sliding window's sides) go one row group at a
-  // time, each over only the keys its rows see; against 60-row panels there (N=4096,
-  // D=128): causal 1.5% faster (1.1% with 12 rows, 0.6% with 18), windows (128, 0) 21%,
-  // (256, 0) 16%, (1024, 0) 4%.
+  // time, each over only the keys its rows see (faster than 60-row panels there, most
+  // for narrow windows: benchmarks/RESULTS.md 'What was tried').
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
   static constexpr bool always_panels = true;
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
@@ -237,7 +236,7 @@ struct Bf16Panels {
 // P: where a row sees many keys that averages out, but a panel over few keys (tiny key
 // counts, a causal diagonal's first rows, narrow windows) would be only as accurate as
 // the naive bf16 formula, which also rounds P (an independent review found the test
-// rule's 2x margin broken 2 times in 4,700 cases, all with 2-3 keys per row). Panels over
+// rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels over
 // at most EXACT_P_KEYS keys therefore add P - bf16(P) V as a second product: P V as exact
 // as in float, for the price of a second P V on blocks that are cheap anyway.
 struct Bf16DotOperands {

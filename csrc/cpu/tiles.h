@@ -34,11 +34,9 @@ constexpr int64_t MIN_TILE_QUERIES = 16;
 
 // At most this many query rows per head go through the forward's row-by-row path
 // (flash_fwd.cpp RowOperands: K and V read once, in place); from 5 rows on only with head
-// dims of at least ROW_MIN_HEAD_DIM. Measured (8 heads, 4096 keys, against BLAS for
-// float and the tiles for bf16; 1 thread unless said): up to 4 rows 1.2-1.9x at any head
-// dim; 5-8 rows at D=32 1.0-1.25x, D=64 1.3-1.8x, D=96 1.1-1.4x, D=128 (2 threads)
-// 1.1-1.9x; at 13 rows 0.8-1.0x (bf16 at D=64 1.4x), and at D=12-16 a third of their
-// speed (the row path's per-score horizontal sums and tails, which the tiles do not have).
+// dims of at least ROW_MIN_HEAD_DIM: there it is faster than BLAS and the tiles; with
+// more rows, or smaller head dims, it is slower (the row path's per-score horizontal sums
+// and tails, which the tiles do not have). Numbers: benchmarks/RESULTS.md 'What was tried'.
 constexpr int64_t MAX_ROW_QUERIES = 8;
 constexpr int64_t ROW_MIN_HEAD_DIM = 32;
 
@@ -270,10 +268,8 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
 // multiple of 16 by axpy. axpy loads and stores the outputs for every key and widens a
 // 16-bit V row once per output row; the strips pass over each chunk's rows dv / 16 times
-// and widen once. Measured (H=8, 4096 keys, D=128, paired medians of axpy time / strips
-// time): float 0.69 at 6 rows, 0.94 at 10, 1.06 at 15 (so within MAX_ROW_QUERIES float
-// stays key by key); fp16 0.87 at 4, 1.09 at 8; bf16 1.07 at 3, 1.23 at 4, 1.60 at 8
-// (axpy at 1 row: 0.69, the decoding case).
+// and widen once. Which is faster depends on the element type and the row count; within
+// MAX_ROW_QUERIES float stays key by key (benchmarks/RESULTS.md 'What was tried').
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
@@ -350,9 +346,9 @@ __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
 }
 
 // The packers below move whole 8 x 8 blocks through transpose8 and the rest element by
-// element: 0.06 ms per 4096 x 128 head each, against 0.18 ms for the element-by-element
-// transposes they replace, which cost about 2% of a causal forward (N=4096, D=128, where
-// each of the two threads packs every head's K and V).
+// element: faster than the element-by-element transposes they replace, which showed in
+// a causal forward where each thread packs every head's K and V (benchmarks/RESULTS.md
+// 'What was tried').
 
 // Prefetches rows [row + ahead, row + 2 ahead) (below `rows`) at element e, a line per
 // row, when e starts a line: the rows the packer reads next.
@@ -481,13 +477,10 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
 // With AVX-512 the products' tiles span two neighbouring panels: MR x 32 outputs in 12
 // 16-lane registers, half the loads and loop steps per FMA of the 8-lane tiles, and each
 // row group's A rows (Q, P, dS; streamed from L2) read once per two panels instead of
-// once per panel. Products are bitwise the 8-lane tiles' (the same FMA chains). Measured
-// against one panel per tile: the products alone (60 x 256 x 128, in L2) 114.6-115.1
-// against 112.7-113.4 GFLOP/s; in the kernels (paired, in process, 8 heads, 2 threads,
-// several runs) forward+backward N=1024 1.2% faster at D=128, 3.5% at D=64, forward
-// N=4096 D=128 0.8-2.0% non-causal, causal -0.7 to +1.4% (there many row groups are the
-// 6-row panels along the diagonal). Tiles of 12 rows x 32 (24 registers) measured 1-2%
-// slower.
+// once per panel. Products are bitwise the 8-lane tiles' (the same FMA chains). Faster
+// than one panel per tile (least in causal calls, where many row groups are the 6-row
+// panels along the diagonal) and than tiles of 12 rows x 32 (24 registers):
+// benchmarks/RESULTS.md 'What was tried'.
 
 // kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32). With PREFETCH,
 // prefetches `next` and `next + next_stride` (one line of each per step).
@@ -581,8 +574,8 @@ __attribute__((always_inline)) inline void for_row_groups(int64_t rows, Tile&& t
 // panels of n x 16, `panel_stride` apart. Panel by panel (by pairs of panels with
 // AVX-512, the last odd one alone): a panel stays in L1 while the row groups stream past
 // it, and the first full row group prefetches the next panel (it comes from L3 when the
-// block is new, and the hardware prefetchers run too short a way ahead: measured 4-13% on
-// the products).
+// block is new, and the hardware prefetchers run too short a way ahead; see
+// benchmarks/RESULTS.md 'What was tried').
 template <bool ACCUMULATE>
 inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* panels_b, int64_t panels,
                      int64_t panel_stride, int64_t n, float alpha, float* c, int64_t ldc) {

@@ -1,8 +1,8 @@
 // AVX512-BF16 register tiles for the products of bf16 inputs (forward and backward).
 //
 // vdpbf16ps multiplies pairs of bf16 values and adds both products into a float lane: 16
-// lanes, 64 flops per instruction, twice the fp32 FMA rate on CPUs that have it (Zen 4:
-// 234 against 117 GFLOP/s per core measured). The products of two bf16 values are exact in
+// lanes, 64 flops per instruction, twice the fp32 FMA rate on CPUs that have it (as
+// measured on Zen 4: benchmarks/RESULTS.md). The products of two bf16 values are exact in
 // float and are summed in float, so S = Q K^T is as accurate as the fp32 tiles' on widened
 // inputs (another summation order). P is rounded to bf16 for P V, as flash-attn's GPU
 // kernels and torch's CPU flash kernel do for 16-bit inputs; the row sums l use the float
@@ -57,8 +57,7 @@ inline __m256 load_pairs8(const c10::BFloat16* x, int64_t e) {
 
 // The packers move whole pairs in 8 x 8 word blocks through tiles::transpose8, as
 // tiles.h's do, and the rest (an odd d's last pair, the last panel's keys) pair by pair
-// (against pair by pair throughout, measured paired: bf16 forward + backward N=1024
-// 1.9% faster at D=64, 0.5% at D=128; causal forward N=4096 D=128 0.9%).
+// (faster than pair by pair throughout: benchmarks/RESULTS.md 'What was tried').
 // Q rows [0, rows) (row stride ld, d columns), unscaled: the layout above; rows past
 // `rows` in the last group are zero.
 inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
