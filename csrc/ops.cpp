@@ -35,15 +35,10 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
 
 // The forward on q, k, v in `layout`; out comes back in the same layout (its memory
 // (B, Sq, H, Dv) either way).
-std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                  const std::optional<at::Tensor>& alibi_slopes,
-                                                  const std::optional<at::Tensor>& attn_bias, double scale,
-                                                  double softcap, int64_t window_left, int64_t window_right,
-                                                  int64_t diag_offset, double dropout_p,
-                                                  const std::optional<at::Tensor>& rng_state, Layout layout) {
+std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
+  const at::Tensor& q = args.q;
   FlashParams p;
-  fill_params(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
-              rng_state, layout);
+  fill_params(p, args, layout);
   const int64_t B = p.batch, Sq = p.seqlen_q, H = p.num_heads, Dv = p.head_dim_v;
   at::Tensor out = layout.seq == 1 ? at::empty({B, Sq, H, Dv}, q.options())
                                    : at::empty_strided({B, H, Sq, Dv}, {Sq * H * Dv, Dv, H * Dv, 1}, q.options());
@@ -58,8 +53,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& attn_bias, double scale, double softcap,
                                            int64_t window_left, int64_t window_right, int64_t diag_offset,
                                            double dropout_p, const std::optional<at::Tensor>& rng_state) {
-  return fwd_cpu_layout(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
-                        dropout_p, rng_state, Layout{});
+  return fwd_cpu_layout(
+      {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state},
+      Layout{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
@@ -71,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   const at::Tensor lse_c = lse.contiguous();  // kept alive: the params point into it
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   FlashBwdParams p;
-  fill_params(p, q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
-              rng_state);
+  fill_params(
+      p, {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state});
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk, dv);
   at::Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);
@@ -139,8 +135,9 @@ PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
   {
     pybind11::gil_scoped_release no_gil;
     RECORD_FUNCTION("flashattn::fwd", std::vector<c10::IValue>({qt, kt, vt}));
-    result = fwd_cpu_layout(qt, kt, vt, slopes, bias, scale, softcap, window_left, window_right, diag_offset,
-                            dropout_p, rng, heads_first ? HEADS_FIRST : Layout{});
+    result = fwd_cpu_layout({qt, kt, vt, slopes, bias, scale, softcap, window_left, window_right, diag_offset,
+                             dropout_p, rng},
+                            heads_first ? HEADS_FIRST : Layout{});
   }
   PyObject* pair = PyTuple_New(2);
   if (pair == nullptr) return nullptr;

@@ -18,13 +18,31 @@ struct Layout {
 };
 constexpr Layout HEADS_FIRST{2, 1};
 
+// The arguments the fwd and bwd schemas share (their problem), in schema order: every
+// entry point (CPU, CUDA, the inference entry) builds one and fill_params reads it, so an
+// argument added to the schemas is added here, in fill_params and in the kernels that use
+// it. Members refer to the entry's arguments, which outlive the call.
+struct AttnArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const std::optional<at::Tensor>& alibi_slopes;
+  const std::optional<at::Tensor>& attn_bias;
+  double scale, softcap;
+  int64_t window_left, window_right, diag_offset;
+  double dropout_p;
+  const std::optional<at::Tensor>& rng_state;
+};
+
 // q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
-// (or sequence and heads swapped, per `layout`), plus the semantic arguments of the
-// fwd/bwd schemas.
-inline void fill_params(FlashParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
-                        double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset,
-                        double dropout_p, const std::optional<at::Tensor>& rng_state, Layout layout = {}) {
+// (or sequence and heads swapped, per `layout`), plus the semantic arguments.
+inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}) {
+  const at::Tensor &q = args.q, &k = args.k, &v = args.v;
+  const std::optional<at::Tensor>& alibi_slopes = args.alibi_slopes;
+  const std::optional<at::Tensor>& attn_bias = args.attn_bias;
+  const std::optional<at::Tensor>& rng_state = args.rng_state;
+  const double scale = args.scale, softcap = args.softcap, dropout_p = args.dropout_p;
+  const int64_t window_left = args.window_left, window_right = args.window_right, diag_offset = args.diag_offset;
   const int64_t S = layout.seq, H = layout.heads;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "flashattn: q, k, v must be 4-D (B, S, H, D)");
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "flashattn: q, k, v must share a device");
