@@ -25,7 +25,9 @@ MAX_HEAD_DIM = 256
 
 class Problem(NamedTuple):
     """What a backend needs to know to say whether it can serve a call (a NamedTuple: one
-    is built per call, and a frozen dataclass costs several times as much to build)."""
+    is built per call, and a frozen dataclass costs several times as much to build).
+    The fields after ``deterministic`` are room for the problems to come; None (the
+    default) is today's dense, unpaged attention, which every backend serves."""
 
     device_type: str
     dtype: torch.dtype
@@ -36,6 +38,8 @@ class Problem(NamedTuple):
     head_dim: int = 0  # max(D, Dv); 0: unknown (the smallest kernels)
     backward: bool = False  # a gradient will be asked for (the backward's kernels must fit too)
     deterministic: bool = False
+    cu_seqlens: object = None  # variable length: cumulative sequence lengths (None: dense)
+    block_table: object = None  # paged K/V: the page table (None: contiguous K/V)
 
 
 # Why each optional piece is unavailable (None: available), computed once on first use.
@@ -129,9 +133,93 @@ def cuda_device_props(index: int | None) -> tuple[int, int, int]:
     return _device_props[index]
 
 
+def _cpu_device(p: Problem) -> list[str]:
+    return [] if p.device_type == "cpu" else [f"runs on CPU tensors, got {p.device_type}"]
+
+
+def _triton_device(p: Problem) -> list[str]:
+    if p.device_type != "cuda":
+        if not (p.device_type == "cpu" and triton_interpreted()):
+            return [f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}"]
+        if p.dtype == torch.bfloat16:  # the interpreter computes bf16 tl.dot wrongly
+            return ["bfloat16 is not supported by the Triton interpreter (CPU tensors)"]
+    return []
+
+
+def _cuda_device(p: Problem) -> list[str]:
+    if p.device_type != "cuda":
+        return [f"runs on CUDA tensors, got {p.device_type}"]
+    # q's device, not the current one: they differ in multi-GPU code.
+    major, minor, smem = cuda_device_props(p.device_index)
+    device = "cuda" if p.device_index is None else f"cuda:{p.device_index}"
+    if major < 8:
+        return [f"needs an sm80+ GPU, {device} is sm{major}{minor}"]
+    need = cuda_smem_bytes(p.head_dim, p.backward, p.deterministic)
+    if need > smem:
+        what = ("deterministic backward" if p.deterministic else "backward") if p.backward else "forward"
+        return [f"head dim {p.head_dim} ({what}) needs {need} bytes of shared memory per block, "
+                f"{device} (sm{major}{minor}) has {smem}"]
+    return []
+
+
+def _any_device(p: Problem) -> list[str]:
+    return []
+
+
+# The backends' entries, resolved on first use (the compiled ops and Triton are optional).
+# flashattn_py/ops.py calls each with the values of its argument spec (ops.FWD / ops.BWD):
+# an op overload by its schema's argument names, a Python function by its parameter names.
+def _compiled_fwd() -> Callable:
+    return torch.ops.flashattn.fwd.default
+
+
+def _compiled_bwd() -> Callable:
+    return torch.ops.flashattn.bwd.default
+
+
+def _cpu_fwd_inference() -> Callable:
+    """csrc/ops.cpp fwd_inference: the compiled forward's arguments, then heads_first."""
+    from ._C import fwd_inference
+
+    return fwd_inference
+
+
+def _triton_fwd() -> Callable:
+    from . import kernels
+
+    return kernels.flash_fwd
+
+
+def _triton_bwd() -> Callable:
+    from . import kernels
+
+    return kernels.flash_bwd
+
+
+def _reference_fwd() -> Callable:
+    from .reference import attention_ref
+
+    return attention_ref
+
+
+def _compiled_dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device):
+    # (a GPU rng_state from dropout_rng_state: the CPU impl draws the CUDA kernels' masks)
+    keep = torch.ops.flashattn.dropout_mask(rng_state.cpu(), batch, num_heads, seqlen_q, seqlen_k, dropout_p)
+    return keep.to(device)
+
+
+def _triton_dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device):
+    from . import kernels
+
+    return kernels.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A backend's static capabilities plus how to tell whether it is usable here."""
+    """A backend: its static capabilities, how to tell whether it is usable here, and its
+    entries. ``fused`` backends run through the custom ops flashattn::attn_fwd / attn_bwd
+    (flashattn_py/ops.py), which call ``forward()`` / ``backward()``'s entry; the others
+    (reference) are called directly by ``forward()``'s entry and differentiated by autograd."""
 
     name: str
     dtypes: tuple[torch.dtype, ...]
@@ -139,6 +227,21 @@ class Backend:
     dropout: bool
     why_unavailable: Callable[[], str | None]
     forward_ad: bool = False
+    varlen: bool = False  # Problem.cu_seqlens
+    paged: bool = False  # Problem.block_table
+    device_check: Callable[[Problem], list[str]] = _any_device
+    fused: bool = True
+    forward: Callable[[], Callable] | None = None  # resolves the forward entry
+    backward: Callable[[], Callable] | None = None  # resolves the backward entry (fused only)
+    # resolves the entry for eager calls that need no autograd and no tracing (None: the op)
+    inference: Callable[[], Callable] | None = None
+    # (rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device) -> bool keep-mask
+    dropout_mask: Callable[..., torch.Tensor] | None = None
+    float64_lse: bool = False  # float64 inputs give a float64 lse (else lse is float32)
+    grads_like_inputs: bool = False  # the backward's dq, dk, dv have the inputs' strides
+
+    def lse_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if (dtype == torch.float64 and self.float64_lse) else torch.float32
 
     def feature_reasons(self, p: Problem) -> list[str]:
         """Reasons the kernels can't compute this problem, wherever they run."""
@@ -152,46 +255,38 @@ class Backend:
             reasons.append("dropout is not supported by this backend yet")
         if p.forward_ad and not self.forward_ad:
             reasons.append("forward-mode AD (dual tensors) is not supported by this backend")
+        if p.cu_seqlens is not None and not self.varlen:
+            reasons.append("variable length (cu_seqlens) is not supported by this backend yet")
+        if p.block_table is not None and not self.paged:
+            reasons.append("paged K/V (block_table) is not supported by this backend yet")
         return reasons
 
     def device_reasons(self, p: Problem) -> list[str]:
-        if self.name == "cpu" and p.device_type != "cpu":
-            return [f"runs on CPU tensors, got {p.device_type}"]
-        if self.name == "triton" and p.device_type != "cuda":
-            if not (p.device_type == "cpu" and triton_interpreted()):
-                return [f"runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {p.device_type}"]
-            if p.dtype == torch.bfloat16:  # the interpreter computes bf16 tl.dot wrongly
-                return ["bfloat16 is not supported by the Triton interpreter (CPU tensors)"]
-        if self.name == "cuda":
-            if p.device_type != "cuda":
-                return [f"runs on CUDA tensors, got {p.device_type}"]
-            # q's device, not the current one: they differ in multi-GPU code.
-            major, minor, smem = cuda_device_props(p.device_index)
-            device = "cuda" if p.device_index is None else f"cuda:{p.device_index}"
-            if major < 8:
-                return [f"needs an sm80+ GPU, {device} is sm{major}{minor}"]
-            need = cuda_smem_bytes(p.head_dim, p.backward, p.deterministic)
-            if need > smem:
-                what = ("deterministic backward" if p.deterministic else "backward") if p.backward else "forward"
-                return [f"head dim {p.head_dim} ({what}) needs {need} bytes of shared memory per block, "
-                        f"{device} (sm{major}{minor}) has {smem}"]
-        return []
+        return self.device_check(p)
 
     def supports(self, p: Problem) -> list[str]:
         """Empty when this backend can serve ``p`` here, else the reasons it can't."""
         unavailable = self.why_unavailable()
-        return ([unavailable] if unavailable else []) + self.device_reasons(p) + self.feature_reasons(p)
+        return ([unavailable] if unavailable else []) + self.device_check(p) + self.feature_reasons(p)
 
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
-                    why_unavailable=cuda_kernels_error),
+                    why_unavailable=cuda_kernels_error, device_check=_cuda_device, forward=_compiled_fwd,
+                    backward=_compiled_bwd, dropout_mask=_compiled_dropout_mask),
     "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
-                      why_unavailable=triton_error),
-    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error),
+                      why_unavailable=triton_error, device_check=_triton_device, forward=_triton_fwd,
+                      backward=_triton_bwd, dropout_mask=_triton_dropout_mask),
+    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error,
+                   device_check=_cpu_device, forward=_compiled_fwd, backward=_compiled_bwd,
+                   inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, float64_lse=True,
+                   grads_like_inputs=True),
     "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None,
-                         forward_ad=True),
+                         forward_ad=True, fused=False, forward=_reference_fwd,
+                         # (it draws from torch's RNG; for an rng_state the testing hook gives
+                         # the compiled kernels' mask)
+                         dropout_mask=_compiled_dropout_mask),
 }
 SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {name: b.supports for name, b in BACKENDS.items()}
 
@@ -265,7 +360,7 @@ def select(problem: Problem, backend: str = "auto") -> str:
     for name in auto_order(problem.device_type):
         reasons = SUPPORTS[name](problem)
         if not reasons:
-            if name == "reference":
+            if not BACKENDS[name].fused:
                 _warn_once(
                     "flashattn_py: no fused backend serves this call, using the reference "
                     "(O(N^2) memory): " + "; ".join(why_not)

@@ -2,9 +2,11 @@
 
 ``flashattn::attn_fwd`` / ``flashattn::attn_bwd`` are what torch.compile and autograd see:
 one op pair for every fused backend, defined with ``torch.library.define`` + ``impl``, with
-fake impls and ``register_autograd``. Their implementations call the compiled ops
-``torch.ops.flashattn.fwd`` / ``bwd`` (schemas in csrc/ops.cpp, CPU and CUDA kernels by
-dispatch key) or the Triton launchers in ``flashattn_py.kernels``. The forward returns
+fake impls and ``register_autograd``, all following from one argument spec (``FWD`` /
+``BWD``). Their implementations call the selected backend's entries (backends.py): the
+compiled ops ``torch.ops.flashattn.fwd`` / ``bwd`` (schemas in csrc/ops.cpp, CPU and CUDA
+kernels by dispatch key) or the Triton launchers in ``flashattn_py.kernels``, each with
+the spec's values it names. The forward returns
 ``(out, lse)``; the backward recomputes P from lse, nothing N x N is saved. lse is not
 differentiable (its gradient is ignored).
 
@@ -13,9 +15,12 @@ contiguous last dimension; out (B, Sq, H, Dv); lse (B, H, Sq).
 """
 from __future__ import annotations
 
+import collections
 import functools
+import inspect
+import operator
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -23,12 +28,88 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
-from .reference import attention_ref
 
 
-def _lse_dtype(q: Tensor, backend: str) -> torch.dtype:
-    # The CPU kernel accumulates float64 inputs in float64, lse included.
-    return torch.float64 if (q.dtype == torch.float64 and backend == "cpu") else torch.float32
+class Arg(NamedTuple):
+    """One argument of the attention ops: its name, its torch schema type, its default
+    (``REQUIRED``: none) and, for a differentiable input, the name of its gradient among
+    the backward's outputs."""
+
+    name: str
+    type: str
+    default: object = None
+    grad: Optional[str] = None
+
+
+REQUIRED = object()
+
+
+class Spec:
+    """An op's arguments and outputs in order. Everything on the Python side follows from
+    it: the schema string, named access to a call's values (``view``), a call's values
+    from keywords with the defaults (``pack``), and the calls into each backend's entries
+    (``_bind``: an entry takes the spec's values it names). Adding an argument means adding
+    it here (and to the kernels that use it)."""
+
+    def __init__(self, name: str, args: tuple[Arg, ...], returns: tuple[str, ...]):
+        self.name = name
+        self.args = args
+        self.names = tuple(a.name for a in args)
+        self.returns = returns
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.view = collections.namedtuple(f"{name}_args", self.names)
+        self.schema = "({}) -> ({})".format(", ".join(f"{a.type} {a.name}" for a in args),
+                                            ", ".join("Tensor" for _ in returns))
+        # pack(q, k, v, *, name=default, ...) -> the values in order: the leading required
+        # tensors positional, the rest by keyword; generated like namedtuple's __new__ (a
+        # plain function: it runs on every call).
+        lead = next(i for i, a in enumerate(args) if a.type != "Tensor" or a.default is not REQUIRED)
+        params = ", ".join(a.name if a.default is REQUIRED else f"{a.name}=_d[{a.name!r}]" for a in args[lead:])
+        source = f"def pack({', '.join(self.names[:lead])}, *, {params}):\n    return ({', '.join(self.names)},)\n"
+        namespace: dict = {"_d": {a.name: a.default for a in args}}
+        exec(source, namespace)  # noqa: S102  (source built from the spec's identifiers only)
+        self.pack = namespace["pack"]
+
+    def getter(self, names) -> Callable[[tuple], tuple]:
+        """A function taking a tuple of this spec's values to the values of ``names``."""
+        indices = [self.index[n] for n in names]
+        if len(indices) == 1:
+            return lambda values: (values[indices[0]],)
+        return operator.itemgetter(*indices)
+
+
+# The arguments both ops take after their leading tensors, as the forward's caller gives them.
+_OPTIONS = (
+    Arg("alibi_slopes", "Tensor?"),  # None or float32 (H,) / (B, H)
+    # None or (B, H, Sq, Sk) (broadcast dims with stride 0), bool or q's dtype
+    Arg("attn_bias", "Tensor?", grad="dbias"),
+    Arg("scale", "float", REQUIRED),
+    Arg("softcap", "float", 0.0),
+    Arg("window_left", "int", -1),
+    Arg("window_right", "int", -1),
+    Arg("diag_offset", "int", 0),
+    Arg("dropout_p", "float", 0.0),
+    Arg("rng_state", "Tensor?"),  # int64 [seed, offset] when dropout_p > 0
+    Arg("deterministic", "bool", False),  # the forward keeps it for the backward
+)
+_BACKEND = Arg("backend", "str", REQUIRED)  # a name in backends.BACKENDS (a fused one)
+FWD = Spec(
+    "attn_fwd",
+    (Arg("q", "Tensor", REQUIRED, "dq"), Arg("k", "Tensor", REQUIRED, "dk"), Arg("v", "Tensor", REQUIRED, "dv"),
+     *_OPTIONS, _BACKEND),
+    returns=("out", "lse"),
+)
+BWD = Spec(
+    "attn_bwd",
+    (Arg("dout", "Tensor", REQUIRED), *FWD.args[:3], Arg("out", "Tensor", REQUIRED), Arg("lse", "Tensor", REQUIRED),
+     *_OPTIONS, Arg("bias_requires_grad", "bool", False), _BACKEND),
+    returns=tuple(a.grad for a in FWD.args if a.grad),
+)
+fwd_args = FWD.pack  # fwd_args(q, k, v, scale=..., backend=...): attn_fwd's arguments
+
+
+def _is_tensor(arg: Arg) -> bool:
+    return arg.type.startswith("Tensor")
 
 
 def _outside_dynamo(fn: Callable) -> Callable:
@@ -52,102 +133,78 @@ def _outside_dynamo(fn: Callable) -> Callable:
     return inner
 
 
-torch.library.define(
-    "flashattn::attn_fwd",
-    "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
-    "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, bool deterministic, "
-    "str backend) -> (Tensor, Tensor)",
-)
-torch.library.define(
-    "flashattn::attn_bwd",
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, Tensor? attn_bias, "
-    "float scale, float softcap, int window_left, int window_right, int diag_offset, float dropout_p, "
-    "Tensor? rng_state, bool deterministic, bool bias_requires_grad, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
-)
+torch.library.define(f"flashattn::{FWD.name}", FWD.schema)
+torch.library.define(f"flashattn::{BWD.name}", BWD.schema)
+
+
+class _Bound(NamedTuple):
+    call: Callable[[tuple], Any]  # the entry called with a spec-ordered tuple's values
+    select: Callable[[tuple], tuple]  # the values the entry takes, in its order
+
+
+def _bind(entry: Callable, spec: Spec) -> _Bound:
+    """How ``entry`` takes ``spec``'s values: an op overload (the compiled ops) positionally
+    by its schema's argument names, each of which the spec must have; a Python function
+    (the Triton launchers, the reference) by keyword, the spec's values it has parameters
+    for (its other parameters keep their defaults)."""
+    if isinstance(entry, torch._ops.OpOverload):
+        names = [a.name for a in entry._schema.arguments]
+        select = spec.getter(names)
+        return _Bound(lambda values: entry(*select(values)), select)
+    params = inspect.signature(entry).parameters
+    names = [n for n in params if n in spec.index]
+    select = spec.getter(names)
+    return _Bound(lambda values: entry(**dict(zip(names, select(values)))), select)
+
+
+_bound: dict[tuple[str, str], _Bound] = {}
+
+
+def _entry(backend: backends.Backend, which: str, spec: Spec) -> _Bound:
+    """``backend``'s ``which`` entry ("forward" / "backward"), bound to ``spec`` once."""
+    bound = _bound.get((backend.name, which))
+    if bound is None:
+        bound = _bound[backend.name, which] = _bind(getattr(backend, which)(), spec)
+    return bound
+
+
+_FWD_BACKEND = FWD.index["backend"]
+_BWD_BACKEND = BWD.index["backend"]
 
 
 @_outside_dynamo
-def _attn_fwd_impl(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    alibi_slopes: Optional[Tensor],
-    attn_bias: Optional[Tensor],
-    scale: float,
-    softcap: float,
-    window_left: int,
-    window_right: int,
-    diag_offset: int,
-    dropout_p: float,
-    rng_state: Optional[Tensor],
-    deterministic: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Fused forward on ``backend``; ``deterministic`` is kept for the backward.
-
-    attn_bias: None or (B, H, Sq, Sk) (broadcast dims with stride 0), bool or q's dtype.
-    rng_state: int64 [seed, offset] on the CPU when dropout_p > 0.
-    """
-    if backend == "triton":
-        from . import kernels
-
-        return kernels.flash_fwd(q, k, v, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-                                 attn_bias, dropout_p, rng_state)
-    return torch.ops.flashattn.fwd.default(
-        q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state
-    )
+def _attn_fwd_impl(*args) -> tuple[Tensor, Tensor]:
+    """Fused forward on ``backend`` (``args`` as FWD spells them): ``(out, lse)``."""
+    return _entry(backends.BACKENDS[args[_FWD_BACKEND]], "forward", FWD).call(args)
 
 
-torch.library.impl("flashattn::attn_fwd", "CompositeExplicitAutograd", _attn_fwd_impl)
+torch.library.impl(f"flashattn::{FWD.name}", "CompositeExplicitAutograd", _attn_fwd_impl)
 
 
-@torch.library.register_fake("flashattn::attn_fwd")
-def _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
-                   dropout_p, rng_state, deterministic, backend):
+def _fwd_fake(q: Tensor, v: Tensor, backend: backends.Backend) -> tuple[Tensor, Tensor]:
     batch, seqlen_q, num_heads, _ = q.shape
     out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
-    lse = q.new_empty((batch, num_heads, seqlen_q), dtype=_lse_dtype(q, backend))
+    lse = q.new_empty((batch, num_heads, seqlen_q), dtype=backend.lse_dtype(q.dtype))
     return out, lse
 
 
+@torch.library.register_fake(f"flashattn::{FWD.name}")
+def _attn_fwd_fake(*args):
+    a = FWD.view(*args)
+    return _fwd_fake(a.q, a.v, backends.BACKENDS[a.backend])
+
+
 @_outside_dynamo
-def _attn_bwd_impl(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    alibi_slopes: Optional[Tensor],
-    attn_bias: Optional[Tensor],
-    scale: float,
-    softcap: float,
-    window_left: int,
-    window_right: int,
-    diag_offset: int,
-    dropout_p: float,
-    rng_state: Optional[Tensor],
-    deterministic: bool,
-    bias_requires_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attn_bwd_impl(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias) of attn_fwd's out; dbias is float32 (B, H, Sq, Sk)
-    when ``bias_requires_grad``, else empty."""
-    if backend == "triton":
-        from . import kernels
-
-        dq, dk, dv, dbias = kernels.flash_bwd(
-            dout, q, k, v, out, lse, alibi_slopes, scale, softcap, window_left, window_right, diag_offset,
-            deterministic, attn_bias, dropout_p, rng_state, bias_requires_grad,
-        )
-        return dq, dk, dv, dbias if dbias is not None else q.new_empty((0,), dtype=torch.float32)
-    return torch.ops.flashattn.bwd.default(
-        dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
-        dropout_p, rng_state, deterministic, bias_requires_grad,
-    )
+    when ``bias_requires_grad``, else empty (an entry may return None for it)."""
+    dq, dk, dv, dbias = _entry(backends.BACKENDS[args[_BWD_BACKEND]], "backward", BWD).call(args)
+    if dbias is None:
+        dbias = args[BWD.index["q"]].new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dbias
 
 
-torch.library.impl("flashattn::attn_bwd", "CompositeExplicitAutograd", _attn_bwd_impl)
+torch.library.impl(f"flashattn::{BWD.name}", "CompositeExplicitAutograd", _attn_bwd_impl)
 
 
 def _dbias_fake(q, k, bias_requires_grad):
@@ -155,70 +212,90 @@ def _dbias_fake(q, k, bias_requires_grad):
     return q.new_empty(shape, dtype=torch.float32)
 
 
-def _grads_fake(q, k, v, backend: str):
+def _grads_fake(q, k, v, backend: backends.Backend):
     """dq, dk, dv as ``backend``'s backward allocates them. The fakes must give the real
     strides, not just the shapes: inductor asserts every output's strides against the
     fake's, and a transposed (SDPA layout) or packed-qkv input is the normal case. The CPU
     kernel writes grads in the inputs' layout (empty_like); the CUDA and Triton backwards
     allocate contiguous (B, S, H, D) grads (tests/test_fake_strides.py holds each
     backend to this)."""
-    if backend == "cpu":
+    if backend.grads_like_inputs:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.register_fake("flashattn::attn_bwd")
-def _attn_bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
-                   diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad, backend):
-    return (*_grads_fake(q, k, v, backend), _dbias_fake(q, k, bias_requires_grad))
+def _bwd_fake(a, backend: backends.Backend):
+    return (*_grads_fake(a.q, a.k, a.v, backend), _dbias_fake(a.q, a.k, a.bias_requires_grad))
+
+
+@torch.library.register_fake(f"flashattn::{BWD.name}")
+def _attn_bwd_fake(*args):
+    a = BWD.view(*args)
+    return _bwd_fake(a, backends.BACKENDS[a.backend])
+
+
+# What the forward keeps for the backward: its tensor arguments and outputs (saved), its
+# other arguments plus bias_requires_grad (ctx.args). The backward's arguments are taken
+# from (dout, *saved, *ctx.args) by name.
+_SAVED = tuple(a.name for a in FWD.args if _is_tensor(a)) + FWD.returns
+_KEPT = tuple(a.name for a in FWD.args if not _is_tensor(a)) + ("bias_requires_grad",)
+_get_saved = FWD.getter(_SAVED[:-len(FWD.returns)])
+_get_kept = FWD.getter(_KEPT[:-1])
+_SOURCES = ("dout",) + _SAVED + _KEPT
+_get_bwd_args = operator.itemgetter(*(_SOURCES.index(n) for n in BWD.names))
+_ATTN_BIAS = FWD.index["attn_bias"]
+_SAVED_BIAS = _SAVED.index("attn_bias")
+# Where each of the backward's outputs goes in the gradients of FWD's arguments.
+_GRAD_SLOTS = tuple(FWD.names.index(next(a.name for a in FWD.args if a.grad == g)) for g in BWD.returns)
+_NO_GRADS = (None,) * len(FWD.args)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state,
-     deterministic, backend) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, rng_state)
+    attn_bias = inputs[_ATTN_BIAS]
+    ctx.save_for_backward(*_get_saved(inputs), *output)
     bias_requires_grad = attn_bias is not None and attn_bias.is_floating_point() and attn_bias.requires_grad
-    ctx.args = (scale, softcap, window_left, window_right, diag_offset, dropout_p, deterministic, bias_requires_grad,
-                backend)
+    ctx.args = (*_get_kept(inputs), bias_requires_grad)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes, attn_bias, rng_state = ctx.saved_tensors
-    scale, softcap, window_left, window_right, diag_offset, dropout_p, deterministic, bias_requires_grad, backend = (
-        ctx.args
-    )
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq, dk, dv, dbias = attn_bwd(
-        dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
-        dropout_p, rng_state, deterministic, bias_requires_grad, backend,
-    )
-    dbias = dbias.to(attn_bias.dtype) if bias_requires_grad else None
-    return dq, dk, dv, None, dbias, None, None, None, None, None, None, None, None, None
+    saved = ctx.saved_tensors
+    grads = attn_bwd(*_get_bwd_args((dout, *saved, *ctx.args)))
+    result = list(_NO_GRADS)
+    for slot, grad in zip(_GRAD_SLOTS, grads):
+        result[slot] = grad
+    bias_requires_grad = ctx.args[-1]
+    result[_ATTN_BIAS] = result[_ATTN_BIAS].to(saved[_SAVED_BIAS].dtype) if bias_requires_grad else None
+    return tuple(result)
 
 
-attn_fwd = torch.ops.flashattn.attn_fwd.default
-attn_bwd = torch.ops.flashattn.attn_bwd.default
-torch.library.register_autograd("flashattn::attn_fwd", _backward, setup_context=_setup_context)
+attn_fwd = getattr(torch.ops.flashattn, FWD.name).default
+attn_bwd = getattr(torch.ops.flashattn, BWD.name).default
+torch.library.register_autograd(f"flashattn::{FWD.name}", _backward, setup_context=_setup_context)
 
 
 def _register_compiled_op_fakes() -> None:
-    """Fake impls for the C++ ops themselves, so they too trace and pass opcheck."""
+    """Fake impls for the C++ ops themselves, so they too trace and pass opcheck: named by
+    the ops' own schemas, the same fakes as the custom ops'."""
     if backends.compiled_ops_error():
         return
 
+    def named(op, args):
+        return collections.namedtuple("args", [a.name for a in op._schema.arguments])(*args)
+
+    def backend(q):
+        return backends.BACKENDS["cpu" if q.device.type == "cpu" else "cuda"]
+
     @torch.library.register_fake("flashattn::fwd")
-    def _fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p,
-                  rng_state):
-        return _attn_fwd_fake(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
-                              diag_offset, dropout_p, rng_state, False, "cpu" if q.device.type == "cpu" else "cuda")
+    def _compiled_fwd_fake(*args):
+        a = named(torch.ops.flashattn.fwd.default, args)
+        return _fwd_fake(a.q, a.v, backend(a.q))
 
     @torch.library.register_fake("flashattn::bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, alibi_slopes, attn_bias, scale, softcap, window_left, window_right,
-                  diag_offset, dropout_p, rng_state, deterministic, bias_requires_grad):
-        backend = "cpu" if q.device.type == "cpu" else "cuda"
-        return (*_grads_fake(q, k, v, backend), _dbias_fake(q, k, bias_requires_grad))
+    def _compiled_bwd_fake(*args):
+        a = named(torch.ops.flashattn.bwd.default, args)
+        return _bwd_fake(a, backend(a.q))
 
     @torch.library.register_fake("flashattn::dropout_mask")
     def _dropout_mask_fake(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p):
@@ -230,7 +307,7 @@ _register_compiled_op_fakes()
 # The CPU forward's entry for eager inference calls (csrc/ops.cpp), when the extension loaded.
 _cpu_fwd_inference: Optional[Callable] = None
 if backends.compiled_ops_error() is None:
-    from ._C import fwd_inference as _cpu_fwd_inference
+    _cpu_fwd_inference = backends.BACKENDS["cpu"].inference()
 
 
 def dropout_rng_state(device: torch.device | str = "cpu") -> Tensor:
@@ -255,13 +332,8 @@ def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: i
     The cpu and cuda kernels share one Philox stream layout (csrc/cpu/dropout.h,
     csrc/cuda/philox.cuh); triton uses its own (kernels/common.py).
     """
-    if backend == "triton":
-        from . import kernels
-
-        return kernels.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device)
-    # (a GPU rng_state from dropout_rng_state: the CPU impl draws the CUDA kernels' masks)
-    keep = torch.ops.flashattn.dropout_mask(rng_state.cpu(), batch, num_heads, seqlen_q, seqlen_k, dropout_p)
-    return keep.to(device)
+    return backends.BACKENDS[backend].dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p,
+                                                   device)
 
 
 def attention(
@@ -294,36 +366,51 @@ def attention(
                          head_dim, backward, deterministic),
         backend,
     )
-    if name != "reference":
+    impl = backends.BACKENDS[name]
+    rng_state = inference = None
+    if impl.fused:
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
-        if name == "cpu" and plain and _outside_dispatcher_ok():
+        if plain and impl.inference is not None and _outside_dispatcher_ok():
             # The kernel straight from Python, in either layout, any strides
             # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
             # would cost more than a decode-sized kernel.
-            return _cpu_fwd_inference(q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right,
-                                      diag_offset, dropout_p, rng_state, heads_first)
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        if k.stride(-1) != 1:
-            k = k.contiguous()
-        if v.stride(-1) != 1:
-            v = v.contiguous()
-        if alibi_slopes is not None:
-            alibi_slopes = alibi_slopes.contiguous()
-    if heads_first:
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if name == "reference":
-        out, lse = attention_ref(
-            q, k, v, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_mask,
-            window_left=window_left, window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
-        )
+            inference = _inference_entry(impl)
+    if inference is None:
+        if impl.fused:
+            if q.stride(-1) != 1:
+                q = q.contiguous()
+            if k.stride(-1) != 1:
+                k = k.contiguous()
+            if v.stride(-1) != 1:
+                v = v.contiguous()
+            if alibi_slopes is not None:
+                alibi_slopes = alibi_slopes.contiguous()
+        if heads_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    args = fwd_args(q, k, v, alibi_slopes=alibi_slopes, attn_bias=attn_mask, scale=scale, softcap=softcap,
+                    window_left=window_left, window_right=window_right, diag_offset=diag_offset,
+                    dropout_p=dropout_p, rng_state=rng_state, deterministic=deterministic, backend=name)
+    if inference is not None:
+        # (the inference entry takes the compiled forward's arguments, then heads_first)
+        return inference(*_entry(impl, "forward", FWD).select(args), heads_first)
+    if not impl.fused:
+        out, lse = _entry(impl, "forward", FWD).call(args)
     else:
-        args = (q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
-                dropout_p, rng_state, deterministic, name)
         # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
         out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
+
+
+# Each backend's inference entry, resolved on first use (tests replace one here).
+_inference: dict[str, Callable] = {}
+
+
+def _inference_entry(backend: backends.Backend) -> Callable:
+    entry = _inference.get(backend.name)
+    if entry is None:
+        entry = _inference[backend.name] = backend.inference()
+    return entry
 
 
 def _has_tangents(*tensors: Optional[Tensor]) -> bool:

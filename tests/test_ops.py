@@ -142,7 +142,7 @@ def test_inference_entry_matches_the_op(case, heads_first):
 def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeypatch):
     calls = []
     entry = ops._cpu_fwd_inference
-    monkeypatch.setattr(ops, "_cpu_fwd_inference", lambda *args: calls.append(args[-1]) or entry(*args))
+    monkeypatch.setitem(ops._inference, "cpu", lambda *args: calls.append(args[-1]) or entry(*args))
     q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
     with torch.no_grad(), torch.profiler.profile() as prof:
         out = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)

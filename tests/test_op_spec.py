@@ -1,0 +1,66 @@
+"""The argument spec in flashattn_py/ops.py (FWD, BWD) against everything that takes its
+values: the custom ops' schemas, the compiled ops' schemas (csrc/ops.cpp), the Triton
+launchers and the backends' entries."""
+import inspect
+
+import pytest
+import torch
+
+from flashattn_py import backends, ops
+
+
+def _args(op):
+    return {a.name: str(a.type) for a in op._schema.arguments}
+
+
+def test_custom_op_schemas_follow_the_spec():
+    for spec, op in ((ops.FWD, ops.attn_fwd), (ops.BWD, ops.attn_bwd)):
+        assert str(op._schema) == f"flashattn::{spec.name}{spec.schema}"
+        assert tuple(_args(op)) == spec.names
+        assert len(op._schema.returns) == len(spec.returns)
+    # The backward gives one gradient per differentiable forward argument.
+    assert ops.BWD.returns == ("dq", "dk", "dv", "dbias")
+
+
+@pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled ops not built")
+def test_compiled_op_arguments_are_spec_arguments():
+    # The compiled ops take a subset of the spec's values by name, each of the same type.
+    for spec, custom, compiled in ((ops.FWD, ops.attn_fwd, torch.ops.flashattn.fwd.default),
+                                   (ops.BWD, ops.attn_bwd, torch.ops.flashattn.bwd.default)):
+        want = _args(custom)
+        for name, type_ in _args(compiled).items():
+            assert want.get(name) == type_, f"{compiled}: {name} {type_} is not the spec's ({want.get(name)})"
+        assert [spec.names.index(n) for n in _args(compiled)] == sorted(spec.names.index(n) for n in _args(compiled))
+
+
+def test_launcher_parameters_are_spec_arguments():
+    if backends.triton_error():
+        pytest.skip(backends.triton_error())
+    from flashattn_py import kernels
+
+    for spec, launcher in ((ops.FWD, kernels.flash_fwd), (ops.BWD, kernels.flash_bwd)):
+        for name, param in inspect.signature(launcher).parameters.items():
+            assert name in spec.index or param.default is not inspect.Parameter.empty, f"{launcher.__name__}: {name}"
+
+
+def test_every_fused_backend_has_its_entries():
+    for name, backend in backends.BACKENDS.items():
+        assert backend.forward is not None, name
+        assert (backend.backward is not None) == backend.fused, name
+
+
+def test_fwd_args_fills_the_spec_defaults():
+    q = torch.zeros(1, 2, 1, 4)
+    args = ops.fwd_args(q, q, q, scale=0.5, backend="cpu")
+    assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, False, "cpu")
+    assert ops.FWD.view(*args).window_left == -1
+    with pytest.raises(TypeError):
+        ops.fwd_args(q, q, q, backend="cpu")  # scale has no default
+
+
+@pytest.mark.parametrize("field, reason", [("cu_seqlens", "variable length"), ("block_table", "paged")])
+def test_problem_has_room_for_varlen_and_paged(field, reason):
+    problem = backends.Problem("cpu", torch.float32, **{field: torch.zeros(2, dtype=torch.int32)})
+    for backend in backends.BACKENDS.values():
+        assert any(reason in r for r in backend.feature_reasons(problem))
+    assert not backends.BACKENDS["cpu"].feature_reasons(backends.Problem("cpu", torch.float32))
