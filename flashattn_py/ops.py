@@ -106,6 +106,7 @@ BWD = Spec(
     returns=tuple(a.grad for a in FWD.args if a.grad),
 )
 fwd_args = FWD.pack  # fwd_args(q, k, v, scale=..., backend=...): attn_fwd's arguments
+bwd_args = BWD.pack  # bwd_args(dout, q, k, v, out, lse, scale=..., backend=...): attn_bwd's arguments
 
 
 def _is_tensor(arg: Arg) -> bool:

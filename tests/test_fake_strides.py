@@ -59,10 +59,11 @@ def test_fake_strides_match_the_kernels(backend, device, dtype, bias_grad):
     for name, q, k, v in _layouts(device, dtype):
         B, S, H, _ = q.shape
         bias = torch.randn(1, H, S, S, dtype=dtype, device=device).expand(B, H, S, S) if bias_grad else None
-        fwd_args = (q, k, v, None, bias, 0.25, 0.0, -1, 0, 0, 0.0, None, False, backend)
+        fwd_args = ops.fwd_args(q, k, v, attn_bias=bias, scale=0.25, window_right=0, backend=backend)
         out, lse = ops.attn_fwd(*fwd_args)
         dout = torch.randn_like(out)
-        bwd_args = (dout, q, k, v, out, lse, None, bias, 0.25, 0.0, -1, 0, 0, 0.0, None, False, bias_grad, backend)
+        bwd_args = ops.bwd_args(dout, q, k, v, out, lse, attn_bias=bias, scale=0.25, window_right=0,
+                                bias_requires_grad=bias_grad, backend=backend)
         real = (out, lse, *ops.attn_bwd(*bwd_args))
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_fwd = ops.attn_fwd(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in fwd_args])

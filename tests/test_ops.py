@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reaso
 def fwd_args(dtype=torch.float32, alibi=False):
     q, k, v = random_qkv(2, 19, 23, 4, 2, 16, dtype=dtype, seed=1)
     slopes = torch.rand(4) if alibi else None
-    return (q, k, v, slopes, None, 0.25, 0.0, -1, 0, 4, 0.0, None, False, "cpu")
+    return ops.fwd_args(q, k, v, alibi_slopes=slopes, scale=0.25, window_right=0, diag_offset=4, backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -22,20 +22,20 @@ def test_opcheck_attn_fwd(dtype):
 
 
 def test_opcheck_attn_bwd():
-    q, k, v, *rest = fwd_args()
-    out, lse = ops.attn_fwd(q, k, v, *rest)
-    dout = torch.randn_like(out)
-    slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, det, backend = rest
-    torch.library.opcheck(ops.attn_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                                         slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, det, False,
-                                         backend))
+    args = fwd_args()
+    out, lse = ops.attn_fwd(*args)
+    q, k, v = (t.detach() for t in args[:3])
+    options = dict(zip(ops.FWD.names[3:], args[3:]))  # the forward's, backend included
+    torch.library.opcheck(ops.attn_bwd, ops.bwd_args(torch.randn_like(out), q, k, v, out.detach(), lse.detach(),
+                                                     **options))
 
 
 def test_opcheck_with_bias_and_dropout():
     q, k, v = random_qkv(1, 9, 11, 2, 1, 8, seed=2)
     bias = torch.randn(1, 1, 9, 11).expand(1, 2, 9, 11).requires_grad_()
     rng = ops.dropout_rng_state()
-    torch.library.opcheck(ops.attn_fwd, (q, k, v, None, bias, 0.3, 0.0, -1, -1, 2, 0.2, rng, False, "cpu"))
+    torch.library.opcheck(ops.attn_fwd, ops.fwd_args(q, k, v, attn_bias=bias, scale=0.3, diag_offset=2, dropout_p=0.2,
+                                                     rng_state=rng, backend="cpu"))
 
 
 def test_opcheck_compiled_ops():

@@ -34,5 +34,5 @@ def test_sdpa_layout_triton():
 
 def test_opcheck_triton_fwd():
     q, k, v = random_qkv(1, 17, 17, 2, 1, 16, seed=6)
-    torch.library.opcheck(ops.attn_fwd, (q, k, v, None, None, 0.25, 0.0, -1, 0, 0, 0.0, None, False, "triton"),
+    torch.library.opcheck(ops.attn_fwd, ops.fwd_args(q, k, v, scale=0.25, window_right=0, backend="triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
