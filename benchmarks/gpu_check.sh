@@ -4,7 +4,7 @@
 #   1. environment (nvidia-smi, versions)                          -> $OUT/env.log
 #   2. build the CUDA ops for sm90 (pip install -e ., offline)     -> $OUT/build.log
 #   3. which backends are usable                                   -> $OUT/backends.log
-#   4. pytest -m gpu -x                                            -> $OUT/pytest.log
+#   4. pytest -m gpu --maxfail=15                                  -> $OUT/pytest.log
 #   5. a short benchmark: ours (triton, cuda) vs torch SDPA        -> $OUT/bench.log, attention.csv/json
 #   6. the compact benchmark table, then a one-line status summary, LAST.
 # A failing step is recorded and the script goes on (a broken CUDA build still gives

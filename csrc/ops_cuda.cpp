@@ -126,8 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
 
 }  // namespace
 
-// dropout_mask has no CUDA impl: its rng_state argument is a CPU tensor, so dispatch goes
-// to the CPU impl, whose Philox draws are the CUDA kernels' (cuda/philox.cuh) bit for bit.
+// dropout_mask has no CUDA impl: ops.dropout_keep_mask (its only caller) passes rng_state
+// as a CPU tensor, so dispatch goes to the CPU impl, whose Philox draws are the CUDA
+// kernels' (cuda/philox.cuh) bit for bit.
 TORCH_LIBRARY_IMPL(flashattn, CUDA, m) {
   m.impl("fwd", &fwd_cuda);
   m.impl("bwd", &bwd_cuda);

@@ -76,14 +76,15 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry of each list is the default
 # (FLASHATTN_TRITON_AUTOTUNE=0). Chosen from ptxas register / spill counts on sm90 with
 # the JIT's specialisation (python -m kernels.compile_check --configs; the numbers and
-# what was dropped: benchmarks/RESULTS.md, issue 19): defaults are spill-free, other
-# candidates spill at most a few bytes (64 in all), and each list keeps one config
-# within 99 KB of shared memory per block, so sm86 / sm89 / sm120 have a candidate.
+# what was dropped: benchmarks/RESULTS.md, issue 19): defaults are spill-free and fit
+# 99 KB of shared memory per block (sm86 / sm89 / sm120 launch them with autotuning off),
+# other candidates spill at most a few bytes (64 in all); the autotuner skips a candidate
+# that does not fit the device.
 _CONFIGS_16BIT = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)],
     },
     "dq": {
         64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],

@@ -117,10 +117,19 @@ def test_dropout_graph_replays_draw_new_masks(name):
 def test_b1_h1_views_with_odd_strides(name):
     _backend(name, head_dim=64, backward=True)
     S, D = 130, 64
+    span = S * D + 8  # a multiple of 8 fp16 elements: every view starts 16-byte aligned
     g = torch.Generator(device=DEV).manual_seed(2)
-    base = torch.randn(8 + 3 * (S * D + 5), device=DEV, generator=g, dtype=torch.float16)
-    # (1, S, 1, D) views 16-byte aligned, row stride D, batch / head strides odd (unused).
-    q, k, v = (base.as_strided((1, S, 1, D), (S * D + 5, D, 7, 1), 8 + i * (S * D + 5)) for i in range(3))
+    base = torch.randn(8 + 3 * span, device=DEV, generator=g, dtype=torch.float16).requires_grad_()
+    # (1, S, 1, D) views, row stride D, batch / head strides odd (never used: size-1 dims).
+    q, k, v = (base.as_strided((1, S, 1, D), (span + 5, D, 7, 1), 8 + i * span) for i in range(3))
+    assert all(t.data_ptr() % 16 == 0 for t in (q, k, v))
     scale = 1 / math.sqrt(D)
     out, _ = ops.attention(q, k, v, scale=scale, window_right=0, diag_offset=0, backend=name)
     _ref_check(out, q, k, v, scale, 5e-3, window_right=0)
+    dout = torch.randn(out.shape, device=DEV, generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = attention_ref(*leaves, scale=scale, window_right=0)
+    ref.backward(dout.double())
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, atol=2e-2, rtol=0)

@@ -73,3 +73,22 @@ def test_config_tables_spill_little():
     for name, _, shared in rows:
         groups.setdefault(name.rsplit("_", 3)[0], []).append(shared)
     assert all(min(v) <= 101376 for v in groups.values()), groups
+
+
+@pytest.mark.slow
+def test_default_configs_fit_consumer_gpus():
+    # The defaults are launched alone with FLASHATTN_TRITON_AUTOTUNE=0, so on sm86/89/120
+    # (99 KB of shared memory per block) each must fit as compiled for sm86.
+    out = _run(
+        "import json\n"
+        "from kernels import compile_check as cc\n"
+        "for name, fn, dt, consts, w, s in cc.config_cases():\n"
+        "    if name.endswith('*'):\n"
+        "        k = cc.compile_kernel(fn, dt, consts, w, s, 86)\n"
+        "        print(json.dumps([name, k.metadata.shared]), flush=True)\n",
+        timeout=1800,
+    )
+    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("[")]
+    assert rows
+    too_big = [r for r in rows if r[1] > 101376]
+    assert not too_big, too_big

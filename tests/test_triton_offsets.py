@@ -2,8 +2,8 @@
 
 ``row * row_stride`` passes 2^31 elements at long context (the (B, S, H, D) layout with
 H * D = 16384 wraps at S = 131073). Under ``TRITON_INTERPRET=1`` a view with a huge row
-stride reproduces that on a few MB: the storage is reserved (4 GiB of fp16, virtual
-memory, never touched) but only the rows the kernel reads are written. With int32
+stride reproduces that on a few MB: the storage is reserved (about 8 GiB of fp16 per view,
+virtual memory, never touched) but only the rows the kernel reads are written. With int32
 offsets the kernel reads row i * stride mod 2^32 and the result is wrong. The same check
 runs compiled on a GPU (``-m gpu``).
 """
@@ -39,7 +39,11 @@ def _devices():
     return [
         pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="CPU runs need TRITON_INTERPRET=1")),
         pytest.param("cuda", marks=[pytest.mark.gpu,
-                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]),
+                                    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+                                    # two views of about 8 GiB each, allocated on a GPU
+                                    pytest.mark.skipif(torch.cuda.is_available() and
+                                                       torch.cuda.get_device_properties(0).total_memory < 24 << 30,
+                                                       reason="needs 24 GiB of GPU memory")]),
     ]
 
 

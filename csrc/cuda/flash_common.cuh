@@ -126,8 +126,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // tanh.approx.f32, relative error about 2^-11, enough for fp16 + softcap to break the
 // correctness rule. |x| >= 0.6: the Triton kernels' formula (kernels/common.py tanh_f32),
 // 1 - 2 / (e^2|x| + 1), from ex2.approx and __fdividef (2 ulp each), which saturates to
-// 1 without NaN (e = inf: 2 / inf = 0; __fdividef returns 0 past 2^126, where the
-// quotient rounds to 0 anyway). |x| < 0.6, where that formula cancels: x + x^3 P(x^2),
+// 1 without NaN (e = inf: 2 / inf = 0; __fdividef returns 0 past 2^126, where 1 minus
+// the quotient rounds to 1 anyway). |x| < 0.6, where that formula cancels: x + x^3 P(x^2),
 // P a degree-4 least-squares fit of (tanh x - x) / x^3 on [0, 0.6] (relative error of
 // the result below 1.2e-7 in float32). The branch, rather than one formula, also kept the
 // backward kernels at their register use of libdevice's tanhf (RESULTS.md, issue 19).
