@@ -337,6 +337,23 @@ def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: i
                                                    device)
 
 
+def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+            deterministic: bool = False, alibi_slopes: Optional[Tensor] = None) -> backends.Problem:
+    """The selection's view of a call, in either layout (the head dim is last in both).
+
+    ``backward`` follows requires_grad alone, not grad mode: reentrant activation
+    checkpointing runs the forward under no_grad and recomputes it with grad, and both
+    must pick the same backend (two backends draw different dropout masks)."""
+    backward = (q.requires_grad or k.requires_grad or v.requires_grad
+                or (attn_mask is not None and attn_mask.requires_grad))
+    # (the head dim matters only to the cuda backend's shared-memory check; computed for
+    # CUDA tensors only, so torch.jit.trace on CPU sees no shape arithmetic here)
+    head_dim = max(q.shape[-1], v.shape[-1]) if q.device.type == "cuda" else 0
+    return backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p,
+                            _has_tangents(q, k, v, alibi_slopes, attn_mask), q.device.index, head_dim, backward,
+                            deterministic)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -356,17 +373,7 @@ def attention(
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout."""
-    forward_ad = _has_tangents(q, k, v, alibi_slopes, attn_mask)
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                            or (attn_mask is not None and attn_mask.requires_grad))
-    # (the head dim matters only to the cuda backend's shared-memory check; computed for
-    # CUDA tensors only, so torch.jit.trace on CPU sees no shape arithmetic here)
-    head_dim = max(q.shape[-1], v.shape[-1]) if q.device.type == "cuda" else 0
-    name = backends.select(
-        backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p, forward_ad, q.device.index,
-                         head_dim, backward, deterministic),
-        backend,
-    )
+    name = backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic, alibi_slopes), backend)
     impl = backends.BACKENDS[name]
     rng_state = inference = None
     if impl.fused:

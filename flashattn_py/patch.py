@@ -104,9 +104,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
         return "torch is restricted to its math backend"
     if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
-    problem = backends.Problem(device_type=query.device.type, dtype=query.dtype,
-                               has_attn_mask=attn_mask is not None, dropout_p=float(dropout_p),
-                               forward_ad=ops._has_tangents(query, key, value, attn_mask))
+    problem = ops.problem(query, key, value, attn_mask, float(dropout_p))
     for name in backends.auto_order(query.device.type)[:-1]:  # the fused ones, not reference
         if not backends.SUPPORTS[name](problem):
             return None

@@ -226,3 +226,13 @@ def test_inference_entry_reads_a_key_broadcast_mask_in_place():
     assert biggest < 2 * 64 * 4096 // 4, biggest  # the expanded bool mask would be 512 KiB
     op_path = flashattn_py.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=mask)
     assert torch.equal(out, op_path.detach())
+
+
+def test_problem_asks_for_backward_by_requires_grad_not_grad_mode():
+    # Reentrant checkpointing runs the forward under no_grad and recomputes it with grad:
+    # both must select the same backend (different backends draw different dropout masks).
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        inside = ops.problem(q, k, v, None, 0.1)
+    assert inside == ops.problem(q, k, v, None, 0.1) and inside.backward
+    assert not ops.problem(q.detach(), k.detach(), v.detach(), None, 0.0).backward
