@@ -64,7 +64,12 @@ def _extensions():
     if build_cuda:
         archs = (os.environ.get("FLASHATTN_CUDA_ARCHS") or _default_cuda_archs(CUDA_HOME)).split(";")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        archs = [a for a in archs if a]
+        nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        # and PTX of the newest, which the driver compiles for GPUs newer than every listed
+        # arch (instead of "no kernel image is available" there)
+        newest = max(archs, key=int)
+        nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "flashattn_py._C", sources, include_dirs=include_dirs,
