@@ -7,10 +7,10 @@
 //   out  (B, Sq, H,  Dv)     lse (B, H, Sq) float32 (float64 for float64 inputs), contiguous
 // H % Hk == 0: query head h reads key/value head h / (H / Hk) (MQA / GQA).
 //
-// Visibility of key j for query i (DESIGN.md, "Semantics" 5):
+// Visibility of key j for query i (docs/design.md, "What every backend computes" 5):
 //   visible  iff  (window_left  < 0 || j >= i + diag_offset - window_left)
 //            and  (window_right < 0 || j <= i + diag_offset + window_right)
-// Score order (DESIGN.md): s = scale * q.k; softcap; minus ALiBi; plus bias / bool mask;
+// Score order (docs/design.md): s = scale * q.k; softcap; minus ALiBi; plus bias / bool mask;
 // then visibility.
 // Causal is window_right == 0. diag_offset = Sk - Sq aligns the diagonal bottom-right
 // (flash-attn), 0 top-left (torch SDPA).

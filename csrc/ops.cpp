@@ -66,9 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q), "flashattn: lse dtype does not match q");
   const at::Tensor lse_c = lse.contiguous();  // kept alive: the params point into it
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
+                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
   FlashBwdParams p;
-  fill_params(
-      p, {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state});
+  fill_params(p, args);
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk, dv);
   at::Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);

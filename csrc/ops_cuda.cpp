@@ -58,8 +58,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   FlashParams p;
-  fill_params(
-      p, {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state});
+  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
+                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
+  fill_params(p, args);
   fill_output(p, out, lse);
   check_no_pending_error();
   const cudaError_t err =
@@ -102,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (!deterministic) dq_accum = at::empty({B, H, Sq, D}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
-  fill_params(
-      p, {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state});
+  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
+                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
+  fill_params(p, args);
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk_h, dv_h);
   at::Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);

@@ -21,17 +21,15 @@ constexpr Layout HEADS_FIRST{2, 1};
 // The arguments the fwd and bwd schemas share (their problem), in schema order: every
 // entry point (CPU, CUDA, the inference entry) builds one and fill_params reads it, so an
 // argument added to the schemas is added here, in fill_params and in the kernels that use
-// it. Members refer to the entry's arguments, which outlive the call.
+// it. Tensors are held by value (a reference count each): the params point into them, so
+// an entry keeps its AttnArgs alive until the kernel has run.
 struct AttnArgs {
-  const at::Tensor& q;
-  const at::Tensor& k;
-  const at::Tensor& v;
-  const std::optional<at::Tensor>& alibi_slopes;
-  const std::optional<at::Tensor>& attn_bias;
+  at::Tensor q, k, v;
+  std::optional<at::Tensor> alibi_slopes, attn_bias;
   double scale, softcap;
   int64_t window_left, window_right, diag_offset;
   double dropout_p;
-  const std::optional<at::Tensor>& rng_state;
+  std::optional<at::Tensor> rng_state;
 };
 
 // q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
+from .errors import ArgumentError
 
 
 class Arg(NamedTuple):
@@ -333,8 +334,11 @@ def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: i
     The cpu and cuda kernels share one Philox stream layout (csrc/cpu/dropout.h,
     csrc/cuda/philox.cuh); triton uses its own (kernels/common.py).
     """
-    return backends.BACKENDS[backend].dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p,
-                                                   device)
+    impl = backends.BACKENDS.get(backend)
+    if impl is None or impl.dropout_mask is None:
+        raise ArgumentError(f"backend: expected a backend that draws a dropout mask (cpu, cuda, triton), got "
+                            f"{backend!r}")
+    return impl.dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device)
 
 
 def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
@@ -396,12 +400,15 @@ def attention(
                 alibi_slopes = alibi_slopes.contiguous()
         if heads_first:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if inference is not None:
+        # The compiled forward's arguments in its schema's order (tests/test_op_spec.py pins
+        # it), then heads_first; passed straight, without building the spec's values: a
+        # decode-sized call feels every microsecond.
+        return inference(q, k, v, alibi_slopes, attn_mask, scale, softcap, window_left, window_right, diag_offset,
+                         dropout_p, rng_state, heads_first)
     args = fwd_args(q, k, v, alibi_slopes=alibi_slopes, attn_bias=attn_mask, scale=scale, softcap=softcap,
                     window_left=window_left, window_right=window_right, diag_offset=diag_offset,
                     dropout_p=dropout_p, rng_state=rng_state, deterministic=deterministic, backend=name)
-    if inference is not None:
-        # (the inference entry takes the compiled forward's arguments, then heads_first)
-        return inference(*_entry(impl, "forward", FWD).select(args), heads_first)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:

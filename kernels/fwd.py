@@ -233,7 +233,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv), any strides, H % Hk == 0.
         alibi_slopes: None or float32 (H,) / (B, H).
         scale, softcap (<= 0: off), window_left / window_right (-1: unbounded),
-        diag_offset: see DESIGN.md "Semantics".
+        diag_offset: see docs/design.md, "What every backend computes".
         attn_bias: None, or a tensor of shape exactly (B, H, Sq, Sk), usually an
             ``expand()``ed view (stride 0 on broadcast dims; read through its strides).
             bool: False removes the key; float (any float dtype, normally q's): added to

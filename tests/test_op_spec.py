@@ -33,14 +33,42 @@ def test_compiled_op_arguments_are_spec_arguments():
         assert [spec.names.index(n) for n in _args(compiled)] == sorted(spec.names.index(n) for n in _args(compiled))
 
 
+# The spec values a Python entry may leave out (it takes the rest by name; a value it
+# neither takes nor is allowed to ignore would be silently dropped).
+IGNORED = {
+    "flash_fwd": {"deterministic", "backend"},
+    "flash_bwd": {"backend"},
+    "attention_ref": {"rng_state", "deterministic", "backend"},
+}
+
+
+def _check_python_entry(spec, entry):
+    params = inspect.signature(entry).parameters
+    for name, param in params.items():
+        assert name in spec.index or param.default is not inspect.Parameter.empty, f"{entry.__name__}: {name}"
+    dropped = set(spec.names) - set(params) - IGNORED[entry.__name__]
+    assert not dropped, f"{entry.__name__} takes no parameter for {sorted(dropped)}"
+
+
 def test_launcher_parameters_are_spec_arguments():
     if backends.triton_error():
         pytest.skip(backends.triton_error())
     from flashattn_py import kernels
 
     for spec, launcher in ((ops.FWD, kernels.flash_fwd), (ops.BWD, kernels.flash_bwd)):
-        for name, param in inspect.signature(launcher).parameters.items():
-            assert name in spec.index or param.default is not inspect.Parameter.empty, f"{launcher.__name__}: {name}"
+        _check_python_entry(spec, launcher)
+
+
+def test_reference_entry_takes_the_spec_values():
+    _check_python_entry(ops.FWD, backends.BACKENDS["reference"].forward())
+
+
+@pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled ops not built")
+def test_inference_entry_order_is_the_compiled_forwards():
+    # ops.attention calls _C.fwd_inference with these values in this order (then heads_first).
+    assert tuple(_args(torch.ops.flashattn.fwd.default)) == (
+        "q", "k", "v", "alibi_slopes", "attn_bias", "scale", "softcap", "window_left", "window_right", "diag_offset",
+        "dropout_p", "rng_state")
 
 
 def test_every_fused_backend_has_its_entries():

@@ -4,7 +4,7 @@ compiles them in parallel. Edit the lists here and run
 
     python csrc/cuda/generate_kernels.py
 
-rather than editing the generated files (tests/test_cuda_compile.py checks they match).
+rather than editing the generated files (tests/test_generated_sources.py checks they match).
 """
 from __future__ import annotations
 
