@@ -344,8 +344,6 @@ def _sdpa_leading_dims(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bo
     GQA the head dims -3 differ, only the dims before them broadcast, and key and value
     heads that differ from each other are repeated to the query heads as torch does."""
     qs, ks, vs = query.shape, key.shape, value.shape
-    if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
-        return query, key, value, (qs[0], qs[1])  # the common call, without building shapes
     lead_q, lead_k, lead_v = qs[:-2], ks[:-2], vs[:-2]
     if lead_q == lead_k == lead_v:
         return query, key, value, tuple(lead_q)
@@ -453,7 +451,7 @@ def scaled_dot_product_attention(
             f"query.dim: {query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead."
         )
     diag_offset = 0
-    bias = causal_bias(attn_mask)
+    bias = None if attn_mask is None else causal_bias(attn_mask)
     if bias is not None:
         if is_causal:
             raise ArgumentError("attn_mask: CausalBias should not be used with causal=True (as in torch)")
@@ -463,8 +461,12 @@ def scaled_dot_product_attention(
     if attn_mask is not None and is_causal:
         raise ArgumentError("attn_mask: Explicit attn_mask should not be set when is_causal=True (as in torch)")
     _check_dropout(dropout_p)
-    query, key, value, lead = _sdpa_leading_dims(query, key, value, enable_gqa)
-    q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
+        q4, k4, v4, lead = query, key, value, None  # the common call, without building shapes
+    else:
+        query, key, value, lead = _sdpa_leading_dims(query, key, value, enable_gqa)
+        q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
     _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2, min_head_dim=0)
     (batch, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
     head_dim_v = v4.shape[3]
@@ -483,7 +485,7 @@ def scaled_dot_product_attention(
             )
         if attn_mask.device != query.device:
             raise ArgumentError(f"attn_mask: must be on {query.device}, got {attn_mask.device}")
-        full = (*lead, seqlen_q, seqlen_k)
+        full = ((batch, num_heads) if lead is None else tuple(lead)) + (seqlen_q, seqlen_k)
         try:
             mask_full = attn_mask.expand(full)
         except RuntimeError:
@@ -502,4 +504,4 @@ def scaled_dot_product_attention(
             q4, k4, v4, scale=float(scale), attn_mask=mask4, window_left=-1, window_right=0 if is_causal else -1,
             diag_offset=diag_offset, dropout_p=float(dropout_p), heads_first=True,
         )  # (B, H, L, Ev)
-    return out if len(lead) == 2 else out.reshape(*lead, seqlen_q, head_dim_v)
+    return out if lead is None or len(lead) == 2 else out.reshape(*lead, seqlen_q, head_dim_v)

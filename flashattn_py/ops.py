@@ -350,11 +350,13 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
     must pick the same backend (two backends draw different dropout masks)."""
     backward = (q.requires_grad or k.requires_grad or v.requires_grad
                 or (attn_mask is not None and attn_mask.requires_grad))
+    device = q.device  # (a new torch.device per read: read once, this runs on every call)
+    device_type = device.type
     # (the head dim matters only to the cuda backend's shared-memory check; computed for
     # CUDA tensors only, so torch.jit.trace on CPU sees no shape arithmetic here)
-    head_dim = max(q.shape[-1], v.shape[-1]) if q.device.type == "cuda" else 0
-    return backends.Problem(q.device.type, q.dtype, attn_mask is not None, dropout_p,
-                            _has_tangents(q, k, v, alibi_slopes, attn_mask), q.device.index, head_dim, backward,
+    head_dim = max(q.shape[-1], v.shape[-1]) if device_type == "cuda" else 0
+    return backends.Problem(device_type, q.dtype, attn_mask is not None, dropout_p,
+                            _has_tangents(q, k, v, alibi_slopes, attn_mask), device.index, head_dim, backward,
                             deterministic)
 
 
