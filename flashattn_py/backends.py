@@ -261,9 +261,6 @@ class Backend:
             reasons.append("paged K/V (block_table) is not supported by this backend yet")
         return reasons
 
-    def device_reasons(self, p: Problem) -> list[str]:
-        return self.device_check(p)
-
     def supports(self, p: Problem) -> list[str]:
         """Empty when this backend can serve ``p`` here, else the reasons it can't."""
         unavailable = self.why_unavailable()

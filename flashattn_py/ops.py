@@ -306,11 +306,6 @@ def _register_compiled_op_fakes() -> None:
 
 _register_compiled_op_fakes()
 
-# The CPU forward's entry for eager inference calls (csrc/ops.cpp), when the extension loaded.
-_cpu_fwd_inference: Optional[Callable] = None
-if backends.compiled_ops_error() is None:
-    _cpu_fwd_inference = backends.BACKENDS["cpu"].inference()
-
 
 def dropout_rng_state(device: torch.device | str = "cpu") -> Tensor:
     """The [seed, offset] (int64) one dropout call draws from torch's generator of ``device``.

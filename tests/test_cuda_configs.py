@@ -40,7 +40,7 @@ def devices(monkeypatch):
 
 def _reasons(**kw):
     p = backends.Problem("cuda", torch.float16, **kw)
-    return backends.BACKENDS["cuda"].device_reasons(p)
+    return backends.BACKENDS["cuda"].device_check(p)
 
 
 def test_asks_q_device_not_the_current_one(devices):

@@ -9,6 +9,9 @@ from rule import random_qkv
 
 pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
 
+# The CPU backend's eager inference entry (csrc/ops.cpp fwd_inference).
+CPU_FWD_INFERENCE = backends.BACKENDS["cpu"].inference() if backends.compiled_ops_error() is None else None
+
 
 def fwd_args(dtype=torch.float32, alibi=False):
     q, k, v = random_qkv(2, 19, 23, 4, 2, 16, dtype=dtype, seed=1)
@@ -131,7 +134,7 @@ def test_inference_entry_matches_the_op(case, heads_first):
         q = torch.randn(2, 13, 4, 48)[..., ::2]
     want_out, want_lse = _op_path(q.contiguous(), k, v, slopes, bias, 0.3, 0.0, -1, right, 8, dropout_p, rng)
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if heads_first else (q, k, v)
-    out, lse = ops._cpu_fwd_inference(*args, slopes, bias, 0.3, 0.0, -1, right, 8, dropout_p, rng, heads_first)
+    out, lse = CPU_FWD_INFERENCE(*args, slopes, bias, 0.3, 0.0, -1, right, 8, dropout_p, rng, heads_first)
     if heads_first:
         assert out.shape == (2, 4, 13, 20)
         out = out.transpose(1, 2)
@@ -141,7 +144,7 @@ def test_inference_entry_matches_the_op(case, heads_first):
 
 def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeypatch):
     calls = []
-    entry = ops._cpu_fwd_inference
+    entry = CPU_FWD_INFERENCE
     monkeypatch.setitem(ops._inference, "cpu", lambda *args: calls.append(args[-1]) or entry(*args))
     q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
     with torch.no_grad(), torch.profiler.profile() as prof:
@@ -160,9 +163,9 @@ def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeyp
 def test_inference_entry_argument_errors():
     q = torch.randn(1, 5, 2, 8)
     with pytest.raises(TypeError, match="v must be a tensor"):
-        ops._cpu_fwd_inference(q, q, "v", None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
+        CPU_FWD_INFERENCE(q, q, "v", None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
     with pytest.raises(RuntimeError, match="head dims differ"):
-        ops._cpu_fwd_inference(q, q[..., :4], q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
+        CPU_FWD_INFERENCE(q, q[..., :4], q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
 
 
 def test_vmap_and_jit_trace_without_grad_go_through_the_dispatcher():
