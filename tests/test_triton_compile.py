@@ -32,6 +32,26 @@ def _run(code: str, timeout: int) -> str:
     return proc.stdout
 
 
+def _config_rows(arch: int, defaults_only: bool = False) -> list:
+    """[name, spill bytes (stores + loads), shared memory bytes] of every autotune candidate
+    (or only the defaults, names ending in '*') compiled for ``arch`` as the JIT does."""
+    out = _run(
+        "import json, re\n"
+        "from kernels import compile_check as cc\n"
+        "for name, fn, dt, consts, w, s in cc.config_cases():\n"
+        f"    if {defaults_only!r} and not name.endswith('*'):\n"
+        "        continue\n"
+        f"    k = cc.compile_kernel(fn, dt, consts, w, s, {arch})\n"
+        f"    info = cc._ptxas_info(k, {arch})\n"
+        "    m = re.search(r'(\\d+) bytes spill stores, (\\d+) bytes spill loads', info)\n"
+        "    print(json.dumps([name, int(m.group(1)) + int(m.group(2)), k.metadata.shared]), flush=True)\n",
+        timeout=1800,
+    )
+    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("[")]
+    assert rows
+    return rows
+
+
 pytest.importorskip("triton")
 
 
@@ -54,18 +74,7 @@ def test_compiles_with_the_jit_specialisation():
 def test_config_tables_spill_little():
     # Defaults (first entries: FLASHATTN_TRITON_AUTOTUNE=0) must not spill at all; other
     # candidates at most a few bytes (16-bit) and fp32 (IEEE dots) none heavily.
-    out = _run(
-        "import json, re\n"
-        "from kernels import compile_check as cc\n"
-        "for name, fn, dt, consts, w, s in cc.config_cases():\n"
-        "    k = cc.compile_kernel(fn, dt, consts, w, s, 90)\n"
-        "    info = cc._ptxas_info(k, 90)\n"
-        "    m = re.search(r'(\\d+) bytes spill stores, (\\d+) bytes spill loads', info)\n"
-        "    print(json.dumps([name, int(m.group(1)) + int(m.group(2)), k.metadata.shared]), flush=True)\n",
-        timeout=1800,
-    )
-    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("[")]
-    assert rows
+    rows = _config_rows(90)
     bad = [r for r in rows if (r[0].endswith("*") and r[1] > 0) or r[1] > 64]
     assert not bad, bad
     # each (kind, dtype, head-dim class) keeps a candidate that fits 99 KB per block (sm86/89)
@@ -79,16 +88,5 @@ def test_config_tables_spill_little():
 def test_default_configs_fit_consumer_gpus():
     # The defaults are launched alone with FLASHATTN_TRITON_AUTOTUNE=0, so on sm86/89/120
     # (99 KB of shared memory per block) each must fit as compiled for sm86.
-    out = _run(
-        "import json\n"
-        "from kernels import compile_check as cc\n"
-        "for name, fn, dt, consts, w, s in cc.config_cases():\n"
-        "    if name.endswith('*'):\n"
-        "        k = cc.compile_kernel(fn, dt, consts, w, s, 86)\n"
-        "        print(json.dumps([name, k.metadata.shared]), flush=True)\n",
-        timeout=1800,
-    )
-    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("[")]
-    assert rows
-    too_big = [r for r in rows if r[1] > 101376]
+    too_big = [r for r in _config_rows(86, defaults_only=True) if r[2] > 101376]
     assert not too_big, too_big

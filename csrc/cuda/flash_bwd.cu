@@ -69,19 +69,9 @@ cudaError_t run_flash_bwd(const FlashBwdParams& params, bool is_bf16, float* dq_
   if (!params.deterministic && dq_accum == nullptr && params.seqlen_q > 0) return cudaErrorInvalidValue;
   BwdArgs args;
   args.p = params;
-  args.scale_log2 = params.scale * kLog2e;
-  args.cap_in = params.softcap > 0.f ? params.scale / params.softcap : 0.f;
-  args.cap_out = params.softcap * kLog2e;
-  args.heads_per_kv = static_cast<int>(params.num_heads / params.num_heads_k);
-  args.drop = make_dropout(params);
+  fill_shared_args(args, params);
   const auto& p = params;
   // dk / dv are per query head (num_heads), see flash_api.h.
-  args.vec_q = rows_aligned16(p.q, p.batch, p.q_batch_stride, p.seqlen_q, p.q_row_stride, p.num_heads,
-                              p.q_head_stride, p.head_dim);
-  args.vec_k = rows_aligned16(p.k, p.batch, p.k_batch_stride, p.seqlen_k, p.k_row_stride, p.num_heads_k,
-                              p.k_head_stride, p.head_dim);
-  args.vec_v = rows_aligned16(p.v, p.batch, p.v_batch_stride, p.seqlen_k, p.v_row_stride, p.num_heads_k,
-                              p.v_head_stride, p.head_dim_v);
   args.vec_do = rows_aligned16(p.dout, p.batch, p.do_batch_stride, p.seqlen_q, p.do_row_stride, p.num_heads,
                                p.do_head_stride, p.head_dim_v);
   args.vec_dq = rows_aligned16(p.dq, p.batch, p.dq_batch_stride, p.seqlen_q, p.dq_row_stride, p.num_heads,

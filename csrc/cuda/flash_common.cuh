@@ -362,5 +362,22 @@ inline bool rows_aligned16(const void* ptr, int64_t batch, int64_t batch_stride,
 
 inline int round_head_dim(int64_t d) { return cfg::round_head_dim(d); }
 
+// What FwdArgs and BwdArgs derive alike from the params: the log2-domain score factors,
+// the GQA ratio, the dropout stream, and whether q, k, v rows allow 16-byte vector loads.
+template <typename Args>
+inline void fill_shared_args(Args& args, const FlashParams& p) {
+  args.scale_log2 = p.scale * kLog2e;
+  args.cap_in = p.softcap > 0.f ? p.scale / p.softcap : 0.f;
+  args.cap_out = p.softcap * kLog2e;
+  args.heads_per_kv = static_cast<int>(p.num_heads / p.num_heads_k);
+  args.drop = make_dropout(p);
+  args.vec_q = rows_aligned16(p.q, p.batch, p.q_batch_stride, p.seqlen_q, p.q_row_stride, p.num_heads,
+                              p.q_head_stride, p.head_dim);
+  args.vec_k = rows_aligned16(p.k, p.batch, p.k_batch_stride, p.seqlen_k, p.k_row_stride, p.num_heads_k,
+                              p.k_head_stride, p.head_dim);
+  args.vec_v = rows_aligned16(p.v, p.batch, p.v_batch_stride, p.seqlen_k, p.v_row_stride, p.num_heads_k,
+                              p.v_head_stride, p.head_dim_v);
+}
+
 }  // namespace cuda_impl
 }  // namespace flashattn

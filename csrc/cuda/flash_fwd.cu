@@ -30,23 +30,11 @@ cudaError_t run_flash_fwd(const FlashParams& params, bool is_bf16, cudaStream_t 
   if (params.head_dim > 256 || params.head_dim_v > 256 || params.num_heads_k <= 0) return cudaErrorInvalidValue;
   FwdArgs args;
   args.p = params;
-  args.scale_log2 = params.scale * kLog2e;
-  args.cap_in = params.softcap > 0.f ? params.scale / params.softcap : 0.f;
-  args.cap_out = params.softcap * kLog2e;
-  args.heads_per_kv = static_cast<int>(params.num_heads / params.num_heads_k);
-  args.drop = make_dropout(params);
+  fill_shared_args(args, params);
   const auto& p = params;
-  args.vec_q = rows_aligned16(p.q, p.batch, p.q_batch_stride, p.seqlen_q, p.q_row_stride, p.num_heads,
-                              p.q_head_stride, p.head_dim);
-  args.vec_k = rows_aligned16(p.k, p.batch, p.k_batch_stride, p.seqlen_k, p.k_row_stride, p.num_heads_k,
-                              p.k_head_stride, p.head_dim);
-  args.vec_v = rows_aligned16(p.v, p.batch, p.v_batch_stride, p.seqlen_k, p.v_row_stride, p.num_heads_k,
-                              p.v_head_stride, p.head_dim_v);
   args.vec_o = rows_aligned16(p.out, p.batch, p.o_batch_stride, p.seqlen_q, p.o_row_stride, p.num_heads,
                               p.o_head_stride, p.head_dim_v);
-  if (params.seqlen_k == 0) {
-    // No keys: out = 0, lse = -inf; the kernel visits no key block and writes exactly that.
-  }
+  // (seqlen_k == 0: the kernel visits no key block and writes out = 0, lse = -inf)
   return is_bf16 ? dispatch_fwd<__nv_bfloat16>(args, stream) : dispatch_fwd<__half>(args, stream);
 }
 
