@@ -28,7 +28,9 @@ from .common import (
     load_tile,
     pad_dim,
     q_block_range,
+    seq_args,
     seq_bucket,
+    seq_info,
     tanh_f32,
     visible,
     visible_t,
@@ -67,7 +69,7 @@ def _dkdv_blocks(
     start_m, end_m, cols, offs_m, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-    Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+    Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k_max, p_drop, inv_keep,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -111,8 +113,9 @@ def _dkdv_blocks(
             visT = visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(visT, pT, 0.0)
         if HAS_DROPOUT:
-            # same offsets as the forward: offset + ((b*H + h)*Sq + i)*Sk + j, transposed
-            keepT = dropout_keep(seed, drop_base + rows64[None, :] * seqlen_k + cols[:, None], p_drop)
+            # same offsets as the forward: offset + (lse index of row i)*Sk + j, transposed
+            # (Sk: the call's seqlen_k, max_seqlen_k with packed sequences)
+            keepT = dropout_keep(seed, drop_base + rows64[None, :] * seqlen_k_max + cols[:, None], p_drop)
             dv += tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, input_precision=PREC)  # * inv_keep at the end
         else:
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
@@ -128,7 +131,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Alibi, Bias,
+    Q, K, V, DO, Lse, Delta, DK, DV, Alibi, Bias, CuSeqQ, CuSeqK, SeqUsedK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -137,19 +140,21 @@ def _dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_ab,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, total_q, total_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
     Rng, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # program axis 1 = (batch, kv head, split): each program reduces group // nsplit query
-    # heads; with nsplit > 1 DK/DV are (B, Sk, Hk * nsplit, D) partial sums.
+    # heads; with nsplit > 1 DK/DV are (B, Sk, Hk * nsplit, D) partial sums. seqlen_q /
+    # seqlen_k are the call's (max_seqlen with packed sequences).
     n_nblk = (seqlen_k + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     pid_bhk = pid // n_nblk
@@ -159,6 +164,15 @@ def _dkdv_kernel(
     hk = hs // nsplit
     split = hs % nsplit
     heads_per_prog = group // nsplit
+    n0 = pid_n * BLOCK_N
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT)
+    if VARLEN_K or HAS_SEQUSED:
+        # the grid is sized for the longest sequence: nothing to do past this one's keys
+        # (their dK / dV rows were zeroed by the launcher)
+        if n0 >= seqlen_k_b:
+            return
     seed = 0
     rng_offset = 0
     if HAS_DROPOUT:
@@ -166,28 +180,46 @@ def _dkdv_kernel(
         # launch: a CUDA graph replays launches as captured (common.dropout_state)
         seed = tl.load(Rng)
         rng_offset = tl.load(Rng + 1)
-    n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                  + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim, True, not EVEN_D)
-    v = load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                  + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
+    # packed rows are addressed from each sequence's start row (batch strides 0)
+    K_seq = K + b.to(tl.int64) * stride_kb
+    V_seq = V + b.to(tl.int64) * stride_vb
+    DK_seq = DK + b.to(tl.int64) * stride_dkb
+    DV_seq = DV + b.to(tl.int64) * stride_dvb
+    if VARLEN_K:
+        K_seq += k_start.to(tl.int64) * stride_ks
+        V_seq += k_start.to(tl.int64) * stride_vs
+        DK_seq += k_start.to(tl.int64) * stride_dks
+        DV_seq += k_start.to(tl.int64) * stride_dvs
+    Q_seq = Q + b.to(tl.int64) * stride_qb
+    DO_seq = DO + b.to(tl.int64) * stride_dob
+    if VARLEN_Q:
+        Q_seq += q_start.to(tl.int64) * stride_qs
+        DO_seq += q_start.to(tl.int64) * stride_dos
+    k = load_tile(K_seq + hk.to(tl.int64) * stride_kh
+                  + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k_b, offs_d, head_dim, True, not EVEN_D)
+    v = load_tile(V_seq + hk.to(tl.int64) * stride_vh
+                  + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k_b, offs_dv, head_dim_v,
                   True, not EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    lo, a, bb, end = q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
+    lo, a, bb, end = q_block_range(n0, seqlen_q_b, seqlen_k_b, diag, left, right,
                                    BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, heads_per_prog):
         h = hk * group + split * heads_per_prog + g
-        Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row0 = (b * num_heads + h).to(tl.int64) * seqlen_q
+        Q_base = Q_seq + h.to(tl.int64) * stride_qh
+        DO_base = DO_seq + h.to(tl.int64) * stride_doh
+        # index in lse / delta of (b, h, row 0): (1, H, total_q) with packed queries
+        if VARLEN_Q:
+            row0 = h.to(tl.int64) * total_q + q_start
+        else:
+            row0 = (b * num_heads + h).to(tl.int64) * seqlen_q
         Lse_base = Lse + row0
         Delta_base = Delta + row0
         slope2 = 0.0
@@ -203,33 +235,33 @@ def _dkdv_kernel(
             drop_base = row0
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
             EVEN_D, EVEN_DV, PREC, BLOCK_M)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            a, bb, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            a, bb, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
             False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
             EVEN_D, EVEN_DV, PREC, BLOCK_M)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            bb, end, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            bb, end, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
             qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, p_drop, inv_keep,
+            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
             EVEN_D, EVEN_DV, PREC, BLOCK_M)
 
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * inv_keep
-    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hs.to(tl.int64) * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hs.to(tl.int64) * stride_dvh + cols64[:, None] * stride_dvs + offs_dv[None, :]
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim))
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v))
+    dk_ptrs = DK_seq + hs.to(tl.int64) * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV_seq + hs.to(tl.int64) * stride_dvh + cols64[:, None] * stride_dvs + offs_dv[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_d[None, :] < head_dim))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_dv[None, :] < head_dim_v))
 
 
 @triton.jit
@@ -287,7 +319,7 @@ def _dq_blocks(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Alibi, Bias, DBias,
+    Q, K, V, DO, Lse, Delta, DQ, Alibi, Bias, DBias, CuSeqQ, CuSeqK, SeqUsedK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -295,13 +327,14 @@ def _dq_kernel(
     stride_dqb, stride_dqs, stride_dqh,
     stride_ab,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+    num_heads, group, seqlen_q, seqlen_k, total_q, total_k, head_dim, head_dim_v,
     scale, qk_scale2, softcap_in, softcap2, diag, left, right,
     Rng, p_drop, inv_keep,
     seq_key,  # autotune key only
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -315,6 +348,16 @@ def _dq_kernel(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
+    m0 = pid_m * BLOCK_M
+    # seqlen_q / seqlen_k are the call's (max_seqlen with packed sequences)
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT)
+    if VARLEN_Q:
+        # the grid is sized for the longest sequence: nothing to do past this one's end
+        # (those dQ rows were zeroed by the launcher)
+        if m0 >= seqlen_q_b:
+            return
     seed = 0
     rng_offset = 0
     if HAS_DROPOUT:
@@ -322,22 +365,31 @@ def _dq_kernel(
         # launch: a CUDA graph replays launches as captured (common.dropout_state)
         seed = tl.load(Rng)
         rng_offset = tl.load(Rng + 1)
-    m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                  + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim, True, not EVEN_D)
-    do = load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                   + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv, head_dim_v,
+    # packed rows are addressed from each sequence's start row (batch strides 0)
+    Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DQ_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    if VARLEN_Q:
+        Q_base += q_start.to(tl.int64) * stride_qs
+        DO_base += q_start.to(tl.int64) * stride_dos
+        DQ_base += q_start.to(tl.int64) * stride_dqs
+        # index in lse / delta (1, H, total_q) of (b, h, row 0)
+        row0 = h.to(tl.int64) * total_q + q_start
+    else:
+        row0 = pid_bh.to(tl.int64) * seqlen_q
+    q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q_b, offs_d, head_dim,
+                  True, not EVEN_D)
+    do = load_tile(DO_base + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q_b, offs_dv, head_dim_v,
                    True, not EVEN_DV)
-    row0 = pid_bh.to(tl.int64) * seqlen_q
-    lse = tl.load(Lse + row0 + rows, mask=rows < seqlen_q, other=0.0)
+    lse = tl.load(Lse + row0 + rows, mask=rows < seqlen_q_b, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + row0 + rows, mask=rows < seqlen_q, other=0.0)
+    delta = tl.load(Delta + row0 + rows, mask=rows < seqlen_q_b, other=0.0)
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
@@ -358,34 +410,37 @@ def _dq_kernel(
 
     K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if VARLEN_K:
+        K_base += k_start.to(tl.int64) * stride_ks
+        V_base += k_start.to(tl.int64) * stride_vs
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, a, bb, end = kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
+    lo, a, bb, end = kv_block_range(m0, seqlen_q_b, seqlen_k_b, diag, left, right,
                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    lo, a, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    lo, a, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
                     bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                     BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    a, bb, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    a, bb, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
                     bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
                     False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                     BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    bb, end, rows, offs_n, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                    bb, end, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
                     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
                     bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
                     True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                     BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = dq * scale
-    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim))
+    dq_ptrs = DQ_base + rows64[:, None] * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_d[None, :] < head_dim))
 
 
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "seq_key"]
+        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "VARLEN_Q", "VARLEN_K", "seq_key"]
 _launch_dkdv = Launcher("dkdv", _dkdv_kernel, _KEY)
 _launch_dq = Launcher("dq", _dq_kernel, _KEY + ["BIAS_GRAD"])
 _DELTA_BLOCK_M = 64
@@ -416,7 +471,9 @@ def _dkdv_split(batch: int, num_heads_k: int, group: int, seqlen_k: int, device:
 
 def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: float,
               window_left: int, window_right: int, diag_offset: int, deterministic: bool = False,
-              attn_bias=None, dropout_p: float = 0.0, rng_state=None, bias_requires_grad: bool = False):
+              attn_bias=None, dropout_p: float = 0.0, rng_state=None, bias_requires_grad: bool = False,
+              cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, bottom_right: bool = False):
     """Flash attention backward.
 
     Args:
@@ -427,20 +484,35 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         attn_bias, dropout_p, rng_state: exactly as given to ``flash_fwd`` (the same
             rng_state regenerates the same dropout mask).
         bias_requires_grad: also return the bias gradient (float bias only).
+        cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bottom_right:
+            as given to ``flash_fwd`` (packed: dout / out (1, total_q, H, Dv), lse
+            (1, H, total_q)). block_table: paged K/V has no backward (ValueError).
 
     Returns:
         (dq, dk, dv, dbias): dq / dk / dv contiguous, with the shapes and dtypes of q, k, v
-        (dk / dv summed over the query heads of each GQA group); dbias is None unless
+        (dk / dv summed over the query heads of each GQA group; 0 in rows of keys that no
+        sequence attends, dq 0 in rows of no sequence); dbias is None unless
         ``bias_requires_grad``, else float32 (B, H, Sq, Sk) contiguous, the gradient of
         the final logits (before the softcap derivative; 0 where not visible). The caller
         sums it over the bias's broadcast dims.
     """
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if block_table is not None:
+        raise ValueError("block_table: paged K/V is forward-only")
+    sa = seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, None, max_seqlen_q, max_seqlen_k, bottom_right)
+    varlen_q, varlen_k = sa.flags["VARLEN_Q"], sa.flags["VARLEN_K"]
+    if attn_bias is not None and (varlen_q or varlen_k):
+        raise ValueError("attn_bias is not supported with cu_seqlens / block_table")
+    del sa.flags["PAGED"]
+    batch, seqlen_q, seqlen_k = sa.batch, sa.seqlen_q, sa.seqlen_k
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    num_heads_k = k.shape[2]
     head_dim_v = v.shape[-1]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # rows the kernels do not write (in no sequence, keys past seqused_k) must read 0
+    zero_q = varlen_q
+    zero_k = varlen_k or sa.flags["HAS_SEQUSED"]
+    dq = (torch.zeros if zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    dk = (torch.zeros if zero_k else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
+    dv = (torch.zeros if zero_k else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
     bias_grad = bool(bias_requires_grad)
     if bias_grad:
         assert attn_bias is not None and attn_bias.dtype != torch.bool, \
@@ -467,51 +539,63 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
+        **sa.flags,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),
     )
     size_cls = (max(block_d, block_dv), q.element_size())
+    seq_ptrs = sa.ptrs[:3]
+    sizes = (seqlen_q, seqlen_k, sa.total_q, sa.total_k)
+
+    # packed rows are addressed from each sequence's start row: no batch strides
+    def sb(t, packed):
+        return 0 if packed else t.stride(0)
 
     with device_ctx(q):
-        delta = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(seqlen_q, _DELTA_BLOCK_M) * batch * num_heads,)](
+        # delta over every row of out (packed: (1, H, total_q), laid out like lse)
+        rows_b, rows_s = out.shape[0], out.shape[1]
+        delta = torch.empty((rows_b, num_heads, rows_s), dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(rows_s, _DELTA_BLOCK_M) * rows_b * num_heads,)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
-            num_heads, seqlen_q, head_dim_v,
+            num_heads, rows_s, head_dim_v,
             BLOCK_DV=block_dv, BLOCK_M=_DELTA_BLOCK_M, BLOCK_N=0,
         )
         common = (
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
+            sb(q, varlen_q), q.stride(1), q.stride(2),
+            sb(k, varlen_k), k.stride(1), k.stride(2),
+            sb(v, varlen_k), v.stride(1), v.stride(2),
+            sb(dout, varlen_q), dout.stride(1), dout.stride(2),
         )
         nsplit = _dkdv_split(batch, num_heads_k, group, seqlen_k, q.device)
         if nsplit == 1:
             dk_buf, dv_buf = dk, dv
         else:
-            dk_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim), dtype=torch.float32, device=q.device)
-            dv_buf = torch.empty((batch, seqlen_k, num_heads_k * nsplit, head_dim_v), dtype=torch.float32, device=q.device)
+            alloc = torch.zeros if zero_k else torch.empty
+            dk_buf = alloc((k.shape[0], k.shape[1], num_heads_k * nsplit, head_dim), dtype=torch.float32,
+                           device=q.device)
+            dv_buf = alloc((v.shape[0], v.shape[1], num_heads_k * nsplit, head_dim_v), dtype=torch.float32,
+                           device=q.device)
         dkdv_args = (
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, bias, *common,
-            dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2),
-            dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2),
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, bias, *seq_ptrs, *common,
+            sb(dk_buf, varlen_k), dk_buf.stride(1), dk_buf.stride(2),
+            sb(dv_buf, varlen_k), dv_buf.stride(1), dv_buf.stride(2),
             stride_ab, *bias_strides,
-            num_heads, num_heads_k, group, nsplit, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            num_heads, num_heads_k, group, nsplit, *sizes, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
         _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * num_heads_k * nsplit,),
                      dkdv_args, kwargs, *size_cls)
         if nsplit > 1:
-            dk.copy_(dk_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim).sum(3))
-            dv.copy_(dv_buf.view(batch, seqlen_k, num_heads_k, nsplit, head_dim_v).sum(3))
+            dk.copy_(dk_buf.view(k.shape[0], k.shape[1], num_heads_k, nsplit, head_dim).sum(3))
+            dv.copy_(dv_buf.view(v.shape[0], v.shape[1], num_heads_k, nsplit, head_dim_v).sum(3))
         dq_args = (
-            q, k, v, dout, lse, delta, dq, slopes, bias, dbias if bias_grad else lse, *common,
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            q, k, v, dout, lse, delta, dq, slopes, bias, dbias if bias_grad else lse, *seq_ptrs, *common,
+            sb(dq, varlen_q), dq.stride(1), dq.stride(2),
             stride_ab, *bias_strides,
-            num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            num_heads, group, *sizes, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
         _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,),

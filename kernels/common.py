@@ -7,6 +7,7 @@ with long-standing Triton APIs only (plain pointer arithmetic, ``tl.dot``, ``tl.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -183,6 +184,61 @@ def load_tile(ptrs, rows, nrows, cols, ncols, CHECK_ROWS: tl.constexpr, CHECK_CO
 
 
 @triton.jit
+def clamp_len(x, hi):
+    """x clamped into [0, hi] (csrc/flash_params.h clamp_len)."""
+    return tl.minimum(tl.maximum(x, 0), hi)
+
+
+@triton.jit
+def seq_info(b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
+             VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+             PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """Sequence b of a call: (q_start, k_start, seqlen_q_b, seqlen_k_b, diag_b).
+
+    The Triton spelling of ``seq_view`` in csrc/flash_params.h (flash-attn's BlockInfo):
+    q_start / k_start are its first rows in q (out, lse) and k / v, seqlen_q_b /
+    seqlen_k_b its lengths, diag_b its diagonal. A dense call (no flag set) is starts 0
+    and the call's lengths. cu_seqlens / seqused_k come from device memory unchecked, so
+    every value is clamped into the tensors' bounds (seqlen_q / seqlen_k are the call's
+    max_seqlen) and no input can make a kernel address out of bounds.
+    """
+    q_start = b * 0
+    k_start = b * 0
+    seqlen_q_b = seqlen_q
+    seqlen_k_b = seqlen_k
+    if VARLEN_Q:
+        q_start = clamp_len(tl.load(CuSeqQ + b), total_q)
+        seqlen_q_b = clamp_len(clamp_len(tl.load(CuSeqQ + b + 1), total_q) - q_start, seqlen_q)
+    if VARLEN_K:
+        if PAGED:
+            # paged: cu_seqlens_k gives lengths only; int64 so no difference overflows
+            k_len = tl.load(CuSeqK + b + 1).to(tl.int64) - tl.load(CuSeqK + b).to(tl.int64)
+            seqlen_k_b = clamp_len(k_len, seqlen_k).to(tl.int32)
+        else:
+            k_start = clamp_len(tl.load(CuSeqK + b), total_k)
+            seqlen_k_b = clamp_len(clamp_len(tl.load(CuSeqK + b + 1), total_k) - k_start, seqlen_k)
+    if HAS_SEQUSED:
+        seqlen_k_b = clamp_len(tl.load(SeqUsedK + b), seqlen_k_b)
+    if BOTTOM_RIGHT:
+        diag = diag + (seqlen_k_b - seqlen_q_b)
+    return q_start, k_start, seqlen_q_b, seqlen_k_b, diag
+
+
+@triton.jit
+def page_rows(cols, BlockTableRow, page_size, num_pages, seqlen_k):
+    """Paged K/V: (page, row in page), int64, of keys ``cols`` of one sequence.
+
+    Key j is row j % page_size of page BlockTableRow[j // page_size]; computed per key, so
+    any page size works (a key block may span pages). Page indices come from device memory
+    unchecked: clamped into [0, num_pages) like key_offset in csrc/flash_params.h. Keys past
+    seqlen_k read no table entry (page 0; their scores are masked).
+    """
+    page = tl.load(BlockTableRow + cols // page_size, mask=cols < seqlen_k, other=0)
+    page = clamp_len(page, num_pages - 1).to(tl.int64)
+    return page, (cols % page_size).to(tl.int64)
+
+
+@triton.jit
 def visible(rows, cols, seqlen_q, seqlen_k, diag, left, right,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """(len(rows), len(cols)) bool: in bounds and inside the visibility window."""
@@ -267,6 +323,77 @@ def q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
     nfull = tl.maximum(limit - a, 0) // BLOCK_M
     b = tl.minimum(a + nfull * BLOCK_M, end)
     return lo, a, b, end
+
+
+# ----------------------------------------------------------------------------- sequences
+
+
+@dataclasses.dataclass
+class SeqArgs:
+    """How a call's sequences are laid out, for the launchers (the host side of seq_info).
+
+    batch: number of sequences; seqlen_q / seqlen_k: the call's lengths (max_seqlen with
+    packed sequences: grids and dropout streams are sized by them); total_q / total_k: rows
+    of q and k; ptrs: (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table), a dummy
+    pointer for each one absent; page: (block table row stride, page size, page count);
+    flags: the kernels' VARLEN_Q / VARLEN_K / HAS_SEQUSED / PAGED / BOTTOM_RIGHT.
+    """
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    total_q: int
+    total_k: int
+    ptrs: tuple
+    page: tuple
+    flags: dict
+
+
+def _int32_arg(name, t, dim):
+    if t is not None and (t.dtype != torch.int32 or t.dim() != dim):
+        raise ValueError(f"{name}: expected a {dim}-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+
+
+def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
+             bottom_right) -> SeqArgs:
+    """SeqArgs of a call from shapes only: cu_seqlens / seqused_k / block_table values stay
+    on the device (the kernels clamp them, seq_info / page_rows)."""
+    _int32_arg("cu_seqlens_q", cu_seqlens_q, 1)
+    _int32_arg("cu_seqlens_k", cu_seqlens_k, 1)
+    _int32_arg("seqused_k", seqused_k, 1)
+    _int32_arg("block_table", block_table, 2)
+    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    paged = block_table is not None
+    if varlen_q:
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens_q: q must be (1, total_q, H, D), got {tuple(q.shape)}")
+        batch, total_q = cu_seqlens_q.numel() - 1, q.shape[1]
+        seqlen_q = int(max_seqlen_q) if max_seqlen_q > 0 else total_q
+    else:
+        batch, seqlen_q = q.shape[0], q.shape[1]
+        total_q = seqlen_q
+    if paged:
+        page_size, num_pages = k.shape[1], k.shape[0]
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table: expected {batch} rows (one per sequence), got {block_table.shape[0]}")
+        # a sequence holds at most max_blocks pages: keys past that have no table entry
+        total_k = block_table.shape[1] * page_size
+        seqlen_k = min(int(max_seqlen_k), total_k) if max_seqlen_k > 0 else total_k
+        page = (block_table.stride(0), page_size, num_pages)
+    else:
+        if varlen_k and k.shape[0] != 1:
+            raise ValueError(f"cu_seqlens_k: k must be (1, total_k, Hk, D), got {tuple(k.shape)}")
+        total_k = k.shape[1]
+        seqlen_k = int(max_seqlen_k) if varlen_k and max_seqlen_k > 0 else total_k
+        page = (0, 1, 1)
+    for name, t, n in (("cu_seqlens_k", cu_seqlens_k, batch + 1), ("seqused_k", seqused_k, batch)):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{name}: expected {n} entries for {batch} sequences, got {t.numel()}")
+    dummy = q
+    ptrs = tuple(dummy if t is None else t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table))
+    flags = dict(VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
+                 BOTTOM_RIGHT=bool(bottom_right))
+    return SeqArgs(batch, seqlen_q, seqlen_k, total_q, total_k, ptrs, page, flags)
 
 
 # ----------------------------------------------------------------------------- bias, dropout
