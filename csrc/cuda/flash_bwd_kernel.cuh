@@ -1,7 +1,12 @@
-// Flash attention backward (sm80+). Three steps:
-//   1. preprocess: delta[b, h, i] = sum_d dO * O (float32), dq_accum zeroed.
-//   2. main kernel, one CTA per (64-key block, query head, batch) on a 1-D grid (grid_pos,
-//      flash_common.cuh): K, V stay in shared
+// Flash attention backward (sm80+). Every sequence is addressed through seq_view
+// (flash_params.h): dense batches and packed sequences (cu_seqlens_q / _k, seqused_k,
+// bottom_right) in one launch; not paged K / V (run_flash_bwd refuses a block table).
+// Per-row workspaces (delta, dq_accum) are indexed like lse (lse_rows). Three steps:
+//   1. preprocess: delta[lse row] = sum_d dO * O (float32), dq_accum zeroed.
+//   2. main kernel, one CTA per (64-key block, query head, sequence) on a 1-D grid (grid_pos,
+//      flash_common.cuh) sized by the longest sequence, exiting when its block starts past
+//      its sequence's keys (those dk / dv rows are left to the caller, flash_api.h): K, V
+//      stay in shared
 //      memory; Q, dO, lse, delta of each visible query block stream through (cp.async,
 //      dO and Q in separate groups so the next block's loads overlap the dQ product).
 //      Each warp owns 16 key rows and works on transposed scores:
@@ -31,12 +36,14 @@ namespace cuda_impl {
 namespace {
 
 // ---------------------------------------------------------------------------------
-// Step 3: dq = dq_accum * scale, in the input dtype, at dq's strides.
+// Step 3: dq = dq_accum * scale, in the input dtype, at dq's strides. dq_accum rows are lse
+// rows: (b, h, i) dense, (h, row of q) with packed queries, read as batch 1 of total_q rows
+// (rows in no sequence get 0, the zeroed accumulator).
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdArgs args) {
   const FlashBwdParams& p = args.p;
-  const int64_t D = p.head_dim, Sq = p.seqlen_q, H = p.num_heads;
-  const int64_t total = p.batch * H * Sq * D;
+  const int64_t D = p.head_dim, Sq = p.cu_seqlens_q ? p.total_q : p.seqlen_q, H = p.num_heads;
+  const int64_t total = lse_rows(p) * D;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = idx % D;
@@ -94,27 +101,34 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   float* sLse = reinterpret_cast<float*>(sdS + kBN * kSStride);
   float* sDelta = sLse + kBM;
 
-  const GridPos pos = grid_pos((p.seqlen_k + kBN - 1) / kBN, p.num_heads);
+  const int64_t n_nblocks = (p.seqlen_k + kBN - 1) / kBN;
+  const GridPos pos = grid_pos(n_nblocks, p.num_heads);
   const int n_block = pos.block, h = pos.h, b = pos.b;
+  const SeqView s = seq_view(p, b);
+  const int n0 = n_block * kBN;
+  if (n0 >= s.seqlen_k) return;  // the grid covers the longest sequence
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int rg = warp / kDSplit, dpart = warp % kDSplit;
-  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
+  // Sq again inside the main loop, re-derived (dense: the param; packed: cu_seqlens_q, an
+  // L1 hit) rather than held in a register across it: the kernel sits at its cap.
+  const auto seqlen_q = [&] { return static_cast<int>(seq_view(p, grid_pos(n_nblocks, p.num_heads).b).seqlen_q); };
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int n0 = n_block * kBN;
   const int hk = h / args.heads_per_kv;
   const bool compute_dq = !p.deterministic;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const int64_t bh = int64_t(b) * p.num_heads + h;
-  const float* lse = static_cast<const float*>(p.lse) + bh * p.seqlen_q;
-  const float* dsum = args.dsum + bh * p.seqlen_q;
-  float* dq_acc = args.dq_accum + bh * p.seqlen_q * p.head_dim;
+  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
+  const T* do_base =
+      static_cast<const T*>(p.dout) + b * p.do_batch_stride + s.q_start * p.do_row_stride + h * p.do_head_stride;
+  const int64_t row0 = s.lse_row + h * lse_head_stride(p);  // lse row of query 0
+  const float* lse = static_cast<const float*>(p.lse) + row0;
+  const float* dsum = args.dsum + row0;
+  float* dq_acc = args.dq_accum + row0 * p.head_dim;
 
-  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
   const int n_last = min(n0 + kBN, Sk) - 1;
   const int64_t i_lo = win.qlo(n0), i_hi = win.qhi(n_last);
   int mb_begin = 0, mb_end = 0;
@@ -135,7 +149,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const int64_t off = p.diag_offset;
+  const int off = clamp_int(s.diag_offset);  // only ALiBi reads it (q_lo, q_hi hold the window)
   const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
 
   // Prologue: group 0 = K, V, dO of the first block; group 1 = Q of the first block.
@@ -201,10 +215,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       }
     }
 
-    // P^T and dS^T, elementwise.
-    const bool full = (n0 + kBN <= Sk) &&
-                      (p.window_left < 0 || int64_t(n0) >= int64_t(m0) + kBM - 1 + off - p.window_left) &&
-                      (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + off + p.window_right);
+    // P^T and dS^T, elementwise. The element mask is skipped when every query of the block
+    // is visible to this thread's key rows (keys past the sequence have q_hi = -1).
+    const bool full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM - 1 && q_hi[1] >= m0 + kBM - 1;
 #pragma unroll
     for (int nt = 0; nt < kST; ++nt) {
 #pragma unroll
@@ -221,22 +234,23 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           x *= args.scale_log2;
         }
         if (has_alibi) {
-          const int64_t dist = int64_t(i) + off - (n0 + rg * 16 + g + 8 * r);
+          const int dist = i + off - (n0 + rg * 16 + g + 8 * r);
           x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
         }
         if constexpr (kExt) {
           const int j = n0 + rg * 16 + g + 8 * r;
-          if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
+          // (dense lengths: a bias never comes with packed sequences)
+          if (p.bias != nullptr && i < p.seqlen_q && j < p.seqlen_k) x = add_bias_log2<T>(p, bias_base, i, j, x);
           if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
           const float pr = fast_exp2(x - sLse[il]);
           float z = 1.f;
           if (p.dropout_p > 0.f) {
             uint32_t d[4];
-            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            args.drop.draws(row0 + i, j >> 2, d);
             z = args.drop.factor(d, j & 3);
           }
           float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
-          if (p.dbias != nullptr && dpart == 0 && i < Sq && j < Sk) p.dbias[(bh * p.seqlen_q + i) * p.seqlen_k + j] = ds;
+          if (p.dbias != nullptr && dpart == 0 && i < p.seqlen_q && j < p.seqlen_k) p.dbias[(row0 + i) * p.seqlen_k + j] = ds;
           if (has_softcap) ds *= 1.f - th * th;
           acc_s[nt][e] = pr * z;
           acc_dp[nt][e] = ds;
@@ -284,14 +298,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
 
     __syncthreads();  // everyone is done with sdO, sQ, sLse, sDelta; sdS is complete
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM;
-      load_tile<T, kBM, kD, kThreads>(sdO, do_base + m1 * p.do_row_stride, p.do_row_stride, Sq - m1, Dv, args.vec_do);
+      const int m1 = m0 + kBM, sq_now = seqlen_q();
+      load_tile<T, kBM, kD, kThreads>(sdO, do_base + m1 * p.do_row_stride, p.do_row_stride, sq_now - m1, Dv,
+                                      args.vec_do);
     }
     cp_async_commit();
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM;
-      load_tile<T, kBM, kD, kThreads>(sQ, q_base + m1 * p.q_row_stride, p.q_row_stride, Sq - m1, D, args.vec_q);
-      load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m1, Sq);
+      const int m1 = m0 + kBM, sq_now = seqlen_q();
+      load_tile<T, kBM, kD, kThreads>(sQ, q_base + m1 * p.q_row_stride, p.q_row_stride, sq_now - m1, D, args.vec_q);
+      load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m1, sq_now);
     }
     cp_async_commit();
 
@@ -303,6 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       constexpr int kCW = kDQ % 32 == 0 ? 32 : 16;  // columns per chunk
       static_assert(kDQ % kCW == 0, "dQ column chunks");
       const int it = warp % kITiles, dg = warp / kITiles;
+      const int sq_now = seqlen_q();
 #pragma unroll
       for (int c = 0; c < kDQ / kCW; ++c) {
         const int dbase = dg * kDQ + c * kCW;
@@ -327,7 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = m0 + it * 16 + g + 8 * r;
-          if (i >= Sq) continue;
+          if (i >= sq_now) continue;
           float* row = dq_acc + int64_t(i) * D;
 #pragma unroll
           for (int nt = 0; nt < kCW / 8; ++nt) {
@@ -354,11 +370,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
     }
   }
   __syncthreads();
-  const GridPos epos = grid_pos((p.seqlen_k + kBN - 1) / kBN, p.num_heads);  // (not kept live: registers)
-  T* dk_base = static_cast<T*>(p.dk) + epos.b * p.dk_batch_stride + epos.h * p.dk_head_stride + n0 * p.dk_row_stride;
-  T* dv_base = static_cast<T*>(p.dv) + epos.b * p.dv_batch_stride + epos.h * p.dv_head_stride + n0 * p.dv_row_stride;
-  store_tile<T, kBN, kD, kThreads>(dk_base, sK, p.dk_row_stride, Sk - n0, D, args.vec_dk);
-  store_tile<T, kBN, kD, kThreads>(dv_base, sV, p.dv_row_stride, Sk - n0, Dv, args.vec_dv);
+  // Position and sequence re-derived (not kept live: registers).
+  const GridPos epos = grid_pos(n_nblocks, p.num_heads);
+  const SeqView es = seq_view(p, epos.b);
+  const int64_t en0 = int64_t(epos.block) * kBN, ek = es.k_start + en0;
+  const int eSk = static_cast<int>(es.seqlen_k - en0);
+  T* dk_base = static_cast<T*>(p.dk) + epos.b * p.dk_batch_stride + epos.h * p.dk_head_stride + ek * p.dk_row_stride;
+  T* dv_base = static_cast<T*>(p.dv) + epos.b * p.dv_batch_stride + epos.h * p.dv_head_stride + ek * p.dv_row_stride;
+  store_tile<T, kBN, kD, kThreads>(dk_base, sK, p.dk_row_stride, eSk, D, args.vec_dk);
+  store_tile<T, kBN, kD, kThreads>(dv_base, sV, p.dv_row_stride, eSk, Dv, args.vec_dv);
 }
 
 // ---------------------------------------------------------------------------------
@@ -388,24 +408,28 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
   T* sK0 = sdO + kBM * kStride;  // [2][kBN][kStride]
   T* sV0 = sK0 + 2 * kBN * kStride;
 
-  const GridPos pos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
+  const int64_t n_mblocks = (p.seqlen_q + kBM - 1) / kBM;
+  const GridPos pos = grid_pos(n_mblocks, p.num_heads);
   const int m_block = pos.block, h = pos.h, b = pos.b;
+  const SeqView s = seq_view(p, b);
+  const int m0 = m_block * kBM;
+  if (m0 >= s.seqlen_q) return;  // the grid covers the longest sequence
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
-  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int m0 = m_block * kBM;
   const int hk = h / args.heads_per_kv;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const T* do_base = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const int64_t bh = int64_t(b) * p.num_heads + h;
-  const float* lse = static_cast<const float*>(p.lse) + bh * p.seqlen_q;
-  const float* dsum = args.dsum + bh * p.seqlen_q;
+  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
+  const T* do_base =
+      static_cast<const T*>(p.dout) + b * p.do_batch_stride + s.q_start * p.do_row_stride + h * p.do_head_stride;
+  const int64_t row0 = s.lse_row + h * lse_head_stride(p);  // lse row of query 0
+  const float* lse = static_cast<const float*>(p.lse) + row0;
+  const float* dsum = args.dsum + row0;
 
-  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
   const int m_last = min(m0 + kBM, Sq) - 1;
   const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
   int nb_begin = 0, nb_end = 0;
@@ -430,7 +454,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
   if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const int64_t off = p.diag_offset;
+  const int64_t off = s.diag_offset;
   const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
 
   load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
@@ -512,7 +536,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
           if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
           if (p.dropout_p > 0.f) {
             uint32_t d[4];
-            args.drop.draws(bh * p.seqlen_q + i, j >> 2, d);
+            args.drop.draws(row0 + i, j >> 2, d);
             z = args.drop.factor(d, j & 3);
           }
         }
@@ -553,9 +577,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
     }
   }
   __syncthreads();
-  const GridPos epos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);  // (not kept live: registers)
-  T* dq_base = static_cast<T*>(p.dq) + epos.b * p.dq_batch_stride + epos.h * p.dq_head_stride + m0 * p.dq_row_stride;
-  store_tile<T, kBM, kD, kThreads>(dq_base, sQ, p.dq_row_stride, Sq - m0, D, args.vec_dq);
+  // Position and sequence re-derived (not kept live: registers).
+  const GridPos epos = grid_pos(n_mblocks, p.num_heads);
+  const SeqView es = seq_view(p, epos.b);
+  const int64_t em0 = int64_t(epos.block) * kBM;
+  T* dq_base = static_cast<T*>(p.dq) + epos.b * p.dq_batch_stride + epos.h * p.dq_head_stride +
+               (es.q_start + em0) * p.dq_row_stride;
+  store_tile<T, kBM, kD, kThreads>(dq_base, sQ, p.dq_row_stride, static_cast<int>(es.seqlen_q - em0), D,
+                                   args.vec_dq);
 }
 
 // ---------------------------------------------------------------------------------

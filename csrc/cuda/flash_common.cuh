@@ -148,8 +148,9 @@ __device__ __forceinline__ float softcap_tanh(float x) {
   return r;
 }
 
-// The 1-D grid of every kernel here: blockIdx.x = (b * H + h) * n_blocks + block, blocks of
-// one (b, h) adjacent so they share K / V in L2. gridDim.y and .z stop at 65535, which
+// The 1-D grid of every kernel here: blockIdx.x = (b * H + h) * n_blocks + block (b the
+// sequence, n_blocks sized by the longest one), blocks of one (b, h) adjacent so they
+// share K / V in L2. gridDim.y and .z stop at 65535, which
 // batch * heads (decoding, many short sequences) passes; .x allows 2^31 - 1.
 struct GridPos {
   int block, h, b;
@@ -205,11 +206,12 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Load rows [0, kRows) x columns [0, kD) of a tile into shared memory, zero outside
-// rows < rows_valid and columns < cols_valid. `vec`: every row start is 16-byte aligned
-// and cols_valid % 8 == 0, so 16-byte cp.async is legal; otherwise a scalar fallback
-// (synchronous loads) handles any stride or head dim.
-template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_stride, int rows_valid,
+// rows < rows_valid and columns < cols_valid; row r starts at row_ptr(r) (only called for
+// valid rows), `fallback` is any valid address for the zero-filled chunks. `vec`: every
+// row start is 16-byte aligned and cols_valid % 8 == 0, so 16-byte cp.async is legal;
+// otherwise a scalar fallback (synchronous loads) handles any stride or head dim.
+template <typename T, int kRows, int kD, int kThreads, typename RowPtr>
+__device__ __forceinline__ void load_rows(T* smem, const T* fallback, RowPtr row_ptr, int rows_valid,
                                           int cols_valid, bool vec) {
   constexpr int kChunksPerRow = kD / 8;
   constexpr int kTotal = kRows * kChunksPerRow;
@@ -223,7 +225,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_s
       const int idx = it * kThreads + threadIdx.x;
       const int r = idx / kChunksPerRow, c = idx % kChunksPerRow;
       const bool ok = r < rows_valid && c * 8 < cols_valid;
-      const T* src = ok ? gbase + r * row_stride + c * 8 : gbase;
+      const T* src = ok ? row_ptr(r) + c * 8 : fallback;
       cp_async16(smem + r * kStride + c * 8, src, ok ? 16 : 0);
     }
   } else {
@@ -237,7 +239,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_s
       } buf;
       buf.u = make_uint4(0, 0, 0, 0);
       if (r < rows_valid) {
-        const T* src = gbase + r * row_stride;
+        const T* src = row_ptr(r);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           if (c * 8 + e < cols_valid) buf.e[e] = src[c * 8 + e];
@@ -245,6 +247,37 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_s
       }
       *reinterpret_cast<uint4*>(smem + r * kStride + c * 8) = buf.u;
     }
+  }
+}
+
+// A tile of consecutive rows row_stride apart from gbase.
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_stride, int rows_valid,
+                                          int cols_valid, bool vec) {
+  load_rows<T, kRows, kD, kThreads>(
+      smem, gbase, [=](int r) { return gbase + r * row_stride; }, rows_valid, cols_valid, vec);
+}
+
+// A K or V tile of keys [j0, j0 + kRows) of sequence b: consecutive rows from `base` (k or
+// v at the sequence's row 0 and the head), or, with a block table, each key row looked up
+// through key_offset on its own (any page size: a tile may span pages); `base` is then k
+// or v at the head. Rows past rows_valid are zero and never looked up. b is taken as a
+// functor so callers re-derive it only on the paged path instead of keeping it live.
+// kPaged false: never paged (the lookup code costs registers in the main loops even when
+// not taken, so kernels without a paged caller compile without it).
+template <typename T, int kRows, int kD, int kThreads, bool kPaged, typename BatchFn>
+__device__ __forceinline__ void load_kv_tile(T* smem, const T* base, const FlashParams& p, BatchFn batch, int j0,
+                                             int64_t page_stride, int64_t row_stride, int rows_valid, int cols_valid,
+                                             bool vec) {
+  if (!kPaged || p.block_table == nullptr) {
+    load_tile<T, kRows, kD, kThreads>(smem, base + j0 * row_stride, row_stride, rows_valid, cols_valid, vec);
+  } else {
+    const int b = batch();
+    const SeqView none{};  // key_offset reads only the block table on the paged path
+    load_rows<T, kRows, kD, kThreads>(
+        smem, base,
+        [&](int r) { return base + key_offset(p, none, b, int64_t(j0) + r, 0, page_stride, row_stride); },
+        rows_valid, cols_valid, vec);
   }
 }
 
@@ -275,9 +308,11 @@ __device__ __forceinline__ void store_tile(T* gbase, const T* smem, int64_t row_
 }
 
 // ---------------------------------------------------------------------------------
-// Masking geometry. Key j is visible for query i iff lo(i) <= j <= hi(i), where
-// lo(i) = i + off - left (left >= 0) else 0, hi(i) = i + off + right (right >= 0) else
-// Sk - 1, also clamped to [0, Sk - 1] (hi < lo: nothing visible).
+// Masking geometry of one sequence (built from its SeqView: off = diag_offset, sk / sq =
+// its lengths; i, j count from its first row). Key j is visible for query i iff
+// lo(i) <= j <= hi(i) (closed bounds, flash_params.h), where lo(i) = i + off - left
+// (left >= 0) else 0, hi(i) = i + off + right (right >= 0) else Sk - 1, also clamped to
+// [0, Sk - 1] (hi < lo: nothing visible).
 struct Window {
   int64_t off, left, right, sk, sq;
   __device__ __forceinline__ int64_t lo(int64_t i) const {
@@ -314,10 +349,11 @@ __device__ __forceinline__ float add_bias_log2(const FlashParams& p, int64_t bas
   return x + Elem<T>::to_float(static_cast<const T*>(p.bias)[o]) * kLog2e;
 }
 
-// Dropout draws for query row `row` = (b * H + h) * Sq + i and key group j / 4.
+// Dropout draws for query row `row` = its lse index (SeqView::lse_row + h * lse_head_stride
+// + i: (b * H + h) * Sq + i when dense) and key group j / 4.
 struct Dropout {
   uint64_t seed, offset, threshold;  // keep iff draw >= threshold
-  int64_t groups_per_row;            // ceil(Sk / 4)
+  int64_t groups_per_row;            // ceil(Sk / 4), Sk = p.seqlen_k (the longest sequence)
   float mult;                        // 1 / (1 - p)
   const int64_t* state;              // device [seed, offset] (FlashParams::dropout_state) or null
   // Draws with this launch's seed and offset: from device memory when `state` is set, read
@@ -360,6 +396,31 @@ inline bool rows_aligned16(const void* ptr, int64_t batch, int64_t batch_stride,
          ok(heads, head_stride) && cols % 8 == 0;
 }
 
+// rows_aligned16 of a tensor laid out like q (q, out, dout, dq): (B, Sq, ...) dense,
+// (1, total_q, ...) with packed queries (every row of it is addressed, not only max_seqlen_q).
+inline bool q_rows_aligned16(const FlashParams& p, const void* ptr, int64_t batch_stride, int64_t row_stride,
+                             int64_t heads, int64_t head_stride, int64_t cols) {
+  if (p.cu_seqlens_q) return rows_aligned16(ptr, 1, 0, p.total_q, row_stride, heads, head_stride, cols);
+  return rows_aligned16(ptr, p.batch, batch_stride, p.seqlen_q, row_stride, heads, head_stride, cols);
+}
+// Likewise for a tensor laid out like k (k, v, dk, dv): (num_pages, page_size, ...) when
+// paged (the page stride counts), (1, total_k, ...) with packed keys, else (B, Sk, ...).
+inline bool k_rows_aligned16(const FlashParams& p, const void* ptr, int64_t batch_stride, int64_t row_stride,
+                             int64_t heads, int64_t head_stride, int64_t cols) {
+  if (p.block_table) {
+    return rows_aligned16(ptr, p.num_pages, batch_stride, p.page_size, row_stride, heads, head_stride, cols);
+  }
+  if (p.cu_seqlens_k) return rows_aligned16(ptr, 1, 0, p.total_k, row_stride, heads, head_stride, cols);
+  return rows_aligned16(ptr, p.batch, batch_stride, p.seqlen_k, row_stride, heads, head_stride, cols);
+}
+
+// Rows of lse (and of the backward's softmax_d; dq_accum has head_dim floats per row):
+// B * H * Sq dense, H * total_q with packed queries. Row of (b, h, i):
+// seq_view(p, b).lse_row + h * lse_head_stride(p) + i.
+FLASHATTN_HOST_DEVICE int64_t lse_rows(const FlashParams& p) {
+  return p.cu_seqlens_q ? p.num_heads * p.total_q : p.batch * p.num_heads * p.seqlen_q;
+}
+
 inline int round_head_dim(int64_t d) { return cfg::round_head_dim(d); }
 
 // What FwdArgs and BwdArgs derive alike from the params: the log2-domain score factors,
@@ -371,12 +432,10 @@ inline void fill_shared_args(Args& args, const FlashParams& p) {
   args.cap_out = p.softcap * kLog2e;
   args.heads_per_kv = static_cast<int>(p.num_heads / p.num_heads_k);
   args.drop = make_dropout(p);
-  args.vec_q = rows_aligned16(p.q, p.batch, p.q_batch_stride, p.seqlen_q, p.q_row_stride, p.num_heads,
-                              p.q_head_stride, p.head_dim);
-  args.vec_k = rows_aligned16(p.k, p.batch, p.k_batch_stride, p.seqlen_k, p.k_row_stride, p.num_heads_k,
-                              p.k_head_stride, p.head_dim);
-  args.vec_v = rows_aligned16(p.v, p.batch, p.v_batch_stride, p.seqlen_k, p.v_row_stride, p.num_heads_k,
-                              p.v_head_stride, p.head_dim_v);
+  args.vec_q = q_rows_aligned16(p, p.q, p.q_batch_stride, p.q_row_stride, p.num_heads, p.q_head_stride, p.head_dim);
+  args.vec_k = k_rows_aligned16(p, p.k, p.k_batch_stride, p.k_row_stride, p.num_heads_k, p.k_head_stride, p.head_dim);
+  args.vec_v =
+      k_rows_aligned16(p, p.v, p.v_batch_stride, p.v_row_stride, p.num_heads_k, p.v_head_stride, p.head_dim_v);
 }
 
 }  // namespace cuda_impl

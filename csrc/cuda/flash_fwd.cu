@@ -32,8 +32,8 @@ cudaError_t run_flash_fwd(const FlashParams& params, bool is_bf16, cudaStream_t 
   args.p = params;
   fill_shared_args(args, params);
   const auto& p = params;
-  args.vec_o = rows_aligned16(p.out, p.batch, p.o_batch_stride, p.seqlen_q, p.o_row_stride, p.num_heads,
-                              p.o_head_stride, p.head_dim_v);
+  args.vec_o = q_rows_aligned16(p, p.out, p.o_batch_stride, p.o_row_stride, p.num_heads, p.o_head_stride,
+                                p.head_dim_v);
   // (seqlen_k == 0: the kernel visits no key block and writes out = 0, lse = -inf)
   return is_bf16 ? dispatch_fwd<__nv_bfloat16>(args, stream) : dispatch_fwd<__half>(args, stream);
 }

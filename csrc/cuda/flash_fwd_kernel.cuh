@@ -1,5 +1,8 @@
-// Flash attention forward (sm80+): one CTA per (query block, head, batch), on a 1-D grid
-// (grid_pos, flash_common.cuh).
+// Flash attention forward (sm80+): one CTA per (query block, head, sequence), on a 1-D grid
+// (grid_pos, flash_common.cuh) sized by the longest sequence; every sequence is addressed
+// through seq_view (flash_params.h), so one launch serves dense batches, packed sequences
+// (cu_seqlens_q / _k, seqused_k, bottom_right) and paged K / V (block_table: each key row
+// looked up, load_kv_tile). A CTA whose query block starts past its sequence exits.
 //
 // The Q tile stays in shared memory; K and V tiles stream through shared memory with
 // cp.async, interleaved so one load always overlaps compute (the K and V buffers
@@ -10,8 +13,8 @@
 // Only key blocks that can hold a visible key are visited; the per-element mask runs
 // on blocks that straddle a window edge or the end of the keys.
 //
-// Bias / bool mask and dropout live in a second instantiation of the kernel (kExt), so
-// the plain path keeps its registers: the bias is read from global memory per score
+// Bias / bool mask, dropout and paged K / V live in a second instantiation of the kernel
+// (kExt), so the plain path keeps its registers: the bias is read from global memory per score
 // element (any strides, 0 on broadcast dims), dropout draws Philox4x32-10 per group of
 // 4 keys (philox.cuh, the CPU kernel's generator) after the row sum, so the normaliser
 // uses the undropped probabilities.
@@ -53,20 +56,25 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   T* sK = sQ + kBM * kStride;
   T* sV = sK + kBN * kStride;
 
-  const GridPos pos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
+  const int64_t n_mblocks = (p.seqlen_q + kBM - 1) / kBM;
+  const GridPos pos = grid_pos(n_mblocks, p.num_heads);
   const int m_block = pos.block, h = pos.h, b = pos.b;
+  const SeqView s = seq_view(p, b);
+  const int m0 = m_block * kBM;
+  if (m0 >= s.seqlen_q) return;  // the grid covers the longest sequence
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
-  const int Sq = static_cast<int>(p.seqlen_q), Sk = static_cast<int>(p.seqlen_k);
+  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int m0 = m_block * kBM;
   const int hk = h / args.heads_per_kv;
 
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
+  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
+  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
+  // b again for paged K / V tiles, re-read rather than kept live across the main loop.
+  const auto seq_b = [&] { return grid_pos(n_mblocks, p.num_heads).b; };
 
-  const Window win{p.diag_offset, p.window_left, p.window_right, p.seqlen_k, p.seqlen_q};
+  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
   const int m_last = min(m0 + kBM, Sq) - 1;
   // Keys any row of this block can see: [n_lo, n_hi].
   const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
@@ -95,7 +103,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
   if (nb_begin < nb_end) {
     const int n0 = nb_begin * kBN;
-    load_tile<T, kBN, kD, kThreads>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
+    load_kv_tile<T, kBN, kD, kThreads, kExt>(sK, k_base, p, seq_b, n0, p.k_batch_stride, p.k_row_stride, Sk - n0, D,
+                                       args.vec_k);
   }
   cp_async_commit();
 
@@ -113,15 +122,16 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
 
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
-  const int64_t off = p.diag_offset;
+  const int64_t off = s.diag_offset;
   const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
-  const int64_t drop_row0 = (int64_t(b) * p.num_heads + h) * p.seqlen_q;
+  const int64_t drop_row0 = s.lse_row + h * lse_head_stride(p);
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int n0 = nb * kBN;
     cp_async_wait<0>();
     __syncthreads();  // K_nb (and Q) landed; every warp is done with V_{nb-1}
-    load_tile<T, kBN, kD, kThreads>(sV, v_base + n0 * p.v_row_stride, p.v_row_stride, Sk - n0, Dv, args.vec_v);
+    load_kv_tile<T, kBN, kD, kThreads, kExt>(sV, v_base, p, seq_b, n0, p.v_batch_stride, p.v_row_stride, Sk - n0, Dv,
+                                       args.vec_v);
     cp_async_commit();
 
     // S = Q K^T
@@ -234,7 +244,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     __syncthreads();  // V_nb landed; every warp is done reading K_nb
     if (nb + 1 < nb_end) {
       const int n1 = n0 + kBN;
-      load_tile<T, kBN, kD, kThreads>(sK, k_base + n1 * p.k_row_stride, p.k_row_stride, Sk - n1, D, args.vec_k);
+      load_kv_tile<T, kBN, kD, kThreads, kExt>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride, Sk - n1, D,
+                                         args.vec_k);
     }
     cp_async_commit();
 
@@ -265,8 +276,11 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   // Epilogue: normalise, write lse, stage O through this warp's own rows of sQ.
   cp_async_wait<0>();
   __syncthreads();
-  const GridPos epos = grid_pos((p.seqlen_q + kBM - 1) / kBM, p.num_heads);
-  float* lse = static_cast<float*>(p.lse) + (int64_t(epos.b) * p.num_heads + epos.h) * p.seqlen_q;
+  // Position and sequence re-derived (not kept live across the main loop: registers).
+  const GridPos epos = grid_pos(n_mblocks, p.num_heads);
+  const SeqView es = seq_view(p, epos.b);
+  const int em0 = epos.block * kBM, eSq = static_cast<int>(es.seqlen_q);
+  float* lse = static_cast<float*>(p.lse) + es.lse_row + epos.h * lse_head_stride(p);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -276,9 +290,9 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int row = warp_row0 + mt * 16 + g + 8 * r;
-      if (t4 == 0 && m0 + row < Sq) {
+      if (t4 == 0 && em0 + row < eSq) {
         const float m = row_max[mt][r];
-        lse[m0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
+        lse[em0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
       }
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
@@ -288,8 +302,9 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     }
   }
   __syncthreads();
-  T* o_base = static_cast<T*>(p.out) + epos.b * p.o_batch_stride + epos.h * p.o_head_stride + m0 * p.o_row_stride;
-  store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, Sq - m0, Dv, args.vec_o);
+  T* o_base = static_cast<T*>(p.out) + epos.b * p.o_batch_stride + (es.q_start + em0) * p.o_row_stride +
+              epos.h * p.o_head_stride;
+  store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, eSq - em0, Dv, args.vec_o);
 }
 
 template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
@@ -309,7 +324,7 @@ cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
 
 template <typename T, int kD, int kBM, int kBN, int kWarps>
 cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
-  if (args.p.bias != nullptr || args.p.dropout_p > 0.f) {
+  if (args.p.bias != nullptr || args.p.dropout_p > 0.f || args.p.block_table != nullptr) {
     return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true>(args, stream);
   }
   return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false>(args, stream);
