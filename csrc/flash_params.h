@@ -33,8 +33,11 @@ struct FlashParams {
   // (B, H, Sq) contiguous; float32, except float64 for float64 inputs (CPU kernel).
   void* lse = nullptr;
 
-  // Sizes.
+  // Sizes. With packed sequences (cu_seqlens_q below) `batch` counts the sequences and
+  // seqlen_q / seqlen_k are the longest ones (max_seqlen_q / _k: grids and dropout streams
+  // are sized by them), total_q / total_k the rows of q and k.
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
+  int64_t total_q = 0, total_k = 0;
   int64_t num_heads = 0, num_heads_k = 0;
   int64_t head_dim = 0, head_dim_v = 0;
 
@@ -69,7 +72,86 @@ struct FlashParams {
   // the arguments baked in at capture; a state the graph itself refills on every replay
   // (torch.randint on the device, ops.py) gives every replay a fresh mask.
   const int64_t* dropout_state = nullptr;
+
+  // Packed sequences (varlen) and paged K/V; all null in a dense call. Read through
+  // seq_view() / key_offset() below, never directly by a kernel.
+  //  cu_seqlens_q (batch + 1): sequence b's queries are rows [cu_seqlens_q[b],
+  //    cu_seqlens_q[b + 1]) of q, out and lse; q / out batch strides are 0.
+  //  cu_seqlens_k (batch + 1): likewise its keys in k / v (not paged).
+  //  seqused_k (batch): only the first seqused_k[b] keys of sequence b are attended.
+  //  block_table (batch, max_blocks): paged K/V, k / v (num_pages, page_size, Hk, D): key j
+  //    of sequence b is row j % page_size of page block_table[b, j / page_size]
+  //    (k_batch_stride is the page stride); seqlen_k is max_blocks * page_size.
+  // Values come from the device without host checks on GPUs: seq_view clamps every length
+  // and key_offset every page index into the tensors' bounds.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqused_k = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_batch_stride = 0, page_size = 0, num_pages = 0;
+  // Diagonal of sequence b: diag_offset + (bottom_right ? its seqlen_k - its seqlen_q : 0).
+  bool bottom_right = false;
 };
+
+#if defined(__CUDACC__)
+#define FLASHATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FLASHATTN_HOST_DEVICE inline
+#endif
+
+// Sequence b of a call, as every kernel addresses it (flash-attn's BlockInfo). Dense
+// attention is the case without cu_seqlens: starts 0, the call's lengths, batch strides.
+struct SeqView {
+  int64_t q_start, k_start;    // first row of the sequence in q / out / lse and in k / v
+  int64_t seqlen_q, seqlen_k;  // its lengths (seqlen_k: keys attended)
+  int64_t diag_offset;         // key j is on query i's diagonal when j == i + diag_offset
+  int64_t q_offset, k_offset, v_offset;  // element offsets of its row 0 in q (and out's
+                                         // row stride may differ), k, v (0 when paged)
+  int64_t lse_row;  // index in lse of (b, head 0, row 0); head h adds h * lse_head_stride
+};
+
+FLASHATTN_HOST_DEVICE int64_t clamp_len(int64_t v, int64_t hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
+
+FLASHATTN_HOST_DEVICE SeqView seq_view(const FlashParams& p, int64_t b) {
+  SeqView s;
+  if (p.cu_seqlens_q) {
+    s.q_start = clamp_len(p.cu_seqlens_q[b], p.total_q);
+    s.seqlen_q = clamp_len(clamp_len(p.cu_seqlens_q[b + 1], p.total_q) - s.q_start, p.seqlen_q);
+  } else {
+    s.q_start = 0, s.seqlen_q = p.seqlen_q;
+  }
+  if (p.cu_seqlens_k && !p.block_table) {
+    s.k_start = clamp_len(p.cu_seqlens_k[b], p.total_k);
+    s.seqlen_k = clamp_len(clamp_len(p.cu_seqlens_k[b + 1], p.total_k) - s.k_start, p.seqlen_k);
+  } else if (p.cu_seqlens_k) {  // paged: cu_seqlens_k gives lengths only
+    s.k_start = 0;
+    s.seqlen_k = clamp_len(int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b], p.seqlen_k);
+  } else {
+    s.k_start = 0, s.seqlen_k = p.seqlen_k;
+  }
+  if (p.seqused_k) s.seqlen_k = clamp_len(p.seqused_k[b], s.seqlen_k);
+  s.diag_offset = p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q : 0);
+  s.q_offset = b * p.q_batch_stride + s.q_start * p.q_row_stride;
+  s.k_offset = p.block_table ? 0 : b * p.k_batch_stride + s.k_start * p.k_row_stride;
+  s.v_offset = p.block_table ? 0 : b * p.v_batch_stride + s.k_start * p.v_row_stride;
+  s.lse_row = p.cu_seqlens_q ? s.q_start : b * p.num_heads * p.seqlen_q;
+  return s;
+}
+
+// lse is (B, H, Sq) in a dense call, (1, H, total_q) with packed queries (flash-attn's
+// (H, total_q)): the distance between heads.
+FLASHATTN_HOST_DEVICE int64_t lse_head_stride(const FlashParams& p) {
+  return p.cu_seqlens_q ? p.total_q : p.seqlen_q;
+}
+
+// Element offset of key j's row in k (row_stride = k_row_stride) or v (v_row_stride),
+// batch_stride the page / batch stride: s.k_offset + j * row_stride unless paged.
+FLASHATTN_HOST_DEVICE int64_t key_offset(const FlashParams& p, const SeqView& s, int64_t b, int64_t j,
+                                         int64_t seq_offset, int64_t batch_stride, int64_t row_stride) {
+  if (!p.block_table) return seq_offset + j * row_stride;
+  const int64_t page = clamp_len(p.block_table[b * p.block_table_batch_stride + j / p.page_size], p.num_pages - 1);
+  return page * batch_stride + (j % p.page_size) * row_stride;
+}
 
 // Backward: gradients plus the forward's q, k, v, out, lse above.
 struct FlashBwdParams : FlashParams {

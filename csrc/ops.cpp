@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const AttnArgs& args, Layout l
   const at::Tensor& q = args.q;
   FlashParams p;
   fill_params(p, args, layout);
-  const int64_t B = p.batch, Sq = p.seqlen_q, H = p.num_heads, Dv = p.head_dim_v;
+  const auto [B, Sq] = q_rows(p);
+  const int64_t H = p.num_heads, Dv = p.head_dim_v;
   at::Tensor out = layout.seq == 1 ? at::empty({B, Sq, H, Dv}, q.options())
                                    : at::empty_strided({B, H, Sq, Dv}, {Sq * H * Dv, Dv, H * Dv, 1}, q.options());
   at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(lse_dtype(q)));
@@ -52,22 +53,37 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& alibi_slopes,
                                            const std::optional<at::Tensor>& attn_bias, double scale, double softcap,
                                            int64_t window_left, int64_t window_right, int64_t diag_offset,
-                                           double dropout_p, const std::optional<at::Tensor>& rng_state) {
-  return fwd_cpu_layout(
-      {q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset, dropout_p, rng_state},
-      Layout{});
+                                           double dropout_p, const std::optional<at::Tensor>& rng_state,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k,
+                                           const std::optional<at::Tensor>& seqused_k,
+                                           const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, bool bottom_right) {
+  return fwd_cpu_layout({q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
+                         dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q,
+                         max_seqlen_k, bottom_right},
+                        Layout{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right,
+    bool deterministic, bool bias_requires_grad) {
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q), "flashattn: lse dtype does not match q");
+  TORCH_CHECK(!block_table.has_value(), "flashattn: the backward of paged K/V (block_table) is not supported");
   const at::Tensor lse_c = lse.contiguous();  // kept alive: the params point into it
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
-                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
+  // Rows outside every sequence (and keys past seqused_k) get no gradient from the
+  // kernel: zeros.
+  const bool partial = cu_seqlens_q.has_value() || cu_seqlens_k.has_value() || seqused_k.has_value();
+  at::Tensor dq = partial ? at::zeros_like(q) : at::empty_like(q), dk = partial ? at::zeros_like(k) : at::empty_like(k),
+             dv = partial ? at::zeros_like(v) : at::empty_like(v);
+  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
+                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
+                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
   FlashBwdParams p;
   fill_params(p, args);
   fill_output(p, out, lse_c);
@@ -153,12 +169,15 @@ PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
 TORCH_LIBRARY(flashattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
-      "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state) "
-      "-> (Tensor out, Tensor lse)");
+      "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, int max_seqlen_q, "
+      "int max_seqlen_k, bool bottom_right) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
       "Tensor? attn_bias, float scale, float softcap, int window_left, int window_right, int diag_offset, "
-      "float dropout_p, Tensor? rng_state, bool deterministic, bool bias_requires_grad) "
+      "float dropout_p, Tensor? rng_state, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
+      "Tensor? block_table, int max_seqlen_q, int max_seqlen_k, bool bottom_right, bool deterministic, "
+      "bool bias_requires_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   m.def("dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
 }

@@ -52,14 +52,20 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             const std::optional<at::Tensor>& attn_bias, double scale,
                                             double softcap, int64_t window_left, int64_t window_right,
                                             int64_t diag_offset, double dropout_p,
-                                            const std::optional<at::Tensor>& rng_state) {
+                                            const std::optional<at::Tensor>& rng_state,
+                                            const std::optional<at::Tensor>& cu_seqlens_q,
+                                            const std::optional<at::Tensor>& cu_seqlens_k,
+                                            const std::optional<at::Tensor>& seqused_k,
+                                            const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k, bool bottom_right) {
   check_cuda_inputs(q, k, v, /*backward=*/false, /*deterministic=*/false);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   FlashParams p;
-  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
-                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
+  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
+                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
+                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
   fill_params(p, args);
   fill_output(p, out, lse);
   check_no_pending_error();
@@ -73,8 +79,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, bool deterministic, bool bias_requires_grad) {
+    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right, bool deterministic,
+    bool bias_requires_grad) {
   check_cuda_inputs(q, k, v, /*backward=*/true, deterministic);
+  TORCH_CHECK(!block_table.has_value(), "flashattn: the backward of paged K/V (block_table) is not supported");
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) &&
                   out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2),
@@ -94,17 +104,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const int64_t Sk = k.size(1), Hk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hk;
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
+  // Rows outside every sequence (and keys past seqused_k) get no gradient from the
+  // kernels: zeros.
+  const bool partial = cu_seqlens_q.has_value() || cu_seqlens_k.has_value() || seqused_k.has_value();
+  auto grad_buffer = [&](at::IntArrayRef sizes) {
+    return partial ? at::zeros(sizes, q.options()) : at::empty(sizes, q.options());
+  };
+  at::Tensor dq = grad_buffer(q.sizes());
   // dK / dV per query head; for GQA reduced over each group below (in float32).
-  at::Tensor dk_h = at::empty({B, Sk, H, D}, q.options());
-  at::Tensor dv_h = at::empty({B, Sk, H, Dv}, q.options());
+  at::Tensor dk_h = grad_buffer({B, Sk, H, D});
+  at::Tensor dv_h = grad_buffer({B, Sk, H, Dv});
   at::Tensor softmax_d = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   at::Tensor dq_accum;
   if (!deterministic) dq_accum = at::empty({B, H, Sq, D}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
-  const AttnArgs args{q,           k,            v,           alibi_slopes, attn_bias, scale,
-                      softcap,     window_left,  window_right, diag_offset, dropout_p, rng_state};
+  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
+                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
+                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
   fill_params(p, args);
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk_h, dv_h);

@@ -4,7 +4,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
+#include <utility>
 #include <string>
 
 #include "flash_params.h"
@@ -30,7 +32,23 @@ struct AttnArgs {
   int64_t window_left, window_right, diag_offset;
   double dropout_p;
   std::optional<at::Tensor> rng_state;
+  // Packed sequences / paged K/V (flash_params.h); none in a dense call.
+  std::optional<at::Tensor> cu_seqlens_q = std::nullopt, cu_seqlens_k = std::nullopt, seqused_k = std::nullopt,
+                            block_table = std::nullopt;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  bool bottom_right = false;
 };
+
+// An int32 index tensor (cu_seqlens, seqused_k, block_table) on q's device, its rows
+// contiguous: the kernels read it as int32 arrays.
+inline const int32_t* index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q, const char* name,
+                                   int64_t dim) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == dim && t->device() == q.device() &&
+                  (t->numel() == 0 || t->stride(-1) == 1),
+              "flashattn: ", name, " must be an int32 ", dim, "-D tensor on ", q.device(), " with a contiguous last dim");
+  return t->data_ptr<int32_t>();
+}
 
 // q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
 // (or sequence and heads swapped, per `layout`), plus the semantic arguments.
@@ -49,8 +67,14 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   // (An empty tensor's strides are never read: it may be an expanded one, strides 0.)
   auto rows_ok = [](const at::Tensor& t) { return t.stride(-1) == 1 || t.numel() == 0; };
   TORCH_CHECK(rows_ok(q) && rows_ok(k) && rows_ok(v), "flashattn: the head dimension must be contiguous (stride 1)");
-  TORCH_CHECK(q.size(0) == k.size(0) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
-              "flashattn: batch / seqlen / heads of q, k, v disagree");
+  const bool packed_q = args.cu_seqlens_q.has_value(), paged = args.block_table.has_value();
+  TORCH_CHECK(k.sizes().slice(0, 3) == v.sizes().slice(0, 3), "flashattn: k and v disagree in their first 3 dims");
+  TORCH_CHECK(packed_q || paged || q.size(0) == k.size(0), "flashattn: q and k batch sizes differ");
+  TORCH_CHECK(!packed_q || q.size(0) == 1, "flashattn: packed q must be (1, total_q, H, D)");
+  TORCH_CHECK(!(args.cu_seqlens_k.has_value() && !paged) || k.size(0) == 1,
+              "flashattn: packed k must be (1, total_k, Hk, D)");
+  TORCH_CHECK(!(packed_q || paged || args.seqused_k.has_value()) || !args.attn_bias.has_value(),
+              "flashattn: attn_bias is not supported with packed sequences or paged K/V");
   TORCH_CHECK(q.size(3) == k.size(3), "flashattn: q and k head dims differ");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
               "flashattn: head dims must be in [1, 256], got ", q.size(3), " and ", v.size(3));
@@ -62,6 +86,37 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(S), p.k_head_stride = k.stride(H);
   p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(S), p.v_head_stride = v.stride(H);
   p.batch = q.size(0), p.seqlen_q = q.size(S), p.seqlen_k = k.size(S);
+  p.total_q = q.size(S), p.total_k = k.size(S);
+  p.bottom_right = args.bottom_right;
+  p.cu_seqlens_q = index_tensor(args.cu_seqlens_q, q, "cu_seqlens_q", 1);
+  p.cu_seqlens_k = index_tensor(args.cu_seqlens_k, q, "cu_seqlens_k", 1);
+  p.seqused_k = index_tensor(args.seqused_k, q, "seqused_k", 1);
+  p.block_table = index_tensor(args.block_table, q, "block_table", 2);
+  if (packed_q) {  // (1, total_q, H, D): sequences from cu_seqlens_q, rows no batch stride apart
+    p.batch = args.cu_seqlens_q->numel() - 1;
+    TORCH_CHECK(p.batch >= 0, "flashattn: cu_seqlens_q must have B + 1 entries");
+    p.seqlen_q = args.max_seqlen_q;
+    p.q_batch_stride = 0;
+  }
+  if (paged) {  // (num_pages, page_size, Hk, D) pages, k_batch_stride the page stride
+    const at::Tensor& bt = *args.block_table;
+    TORCH_CHECK(bt.size(0) == p.batch, "flashattn: block_table must have one row per sequence");
+    p.block_table_batch_stride = bt.stride(0);
+    p.page_size = k.size(S), p.num_pages = k.size(0);
+    TORCH_CHECK((p.page_size > 0 && p.num_pages > 0) || bt.size(1) == 0, "flashattn: paged K/V without pages");
+    // (seq_view clamps every sequence to seqlen_k: never more keys than its pages hold)
+    const int64_t capacity = bt.size(1) * p.page_size;
+    p.seqlen_k = args.cu_seqlens_k.has_value() ? std::min(args.max_seqlen_k, capacity) : capacity;
+    p.total_k = p.num_pages * p.page_size;
+  } else if (args.cu_seqlens_k.has_value()) {  // (1, total_k, Hk, D)
+    p.seqlen_k = args.max_seqlen_k;
+    p.k_batch_stride = p.v_batch_stride = 0;
+  }
+  TORCH_CHECK(!args.cu_seqlens_k.has_value() || args.cu_seqlens_k->numel() == p.batch + 1,
+              "flashattn: cu_seqlens_k must have B + 1 entries, like cu_seqlens_q");
+  TORCH_CHECK(!args.seqused_k.has_value() || args.seqused_k->numel() == p.batch,
+              "flashattn: seqused_k must have one entry per sequence");
+  TORCH_CHECK(p.seqlen_q >= 0 && p.seqlen_k >= 0, "flashattn: max_seqlen_q / max_seqlen_k must be >= 0");
   p.num_heads = q.size(H), p.num_heads_k = k.size(H);
   p.head_dim = q.size(3), p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);
@@ -111,36 +166,44 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   }
 }
 
-// out (B, Sq, H, Dv) (or per `layout`) with a contiguous head dimension, and lse (B, H,
-// Sq), contiguous.
+// Rows of q (and out, dout, dq) per batch entry and batch entries: (1, total_q) with
+// packed queries, else (batch, seqlen_q).
+inline std::pair<int64_t, int64_t> q_rows(const FlashParams& p) {
+  return p.cu_seqlens_q ? std::pair<int64_t, int64_t>{1, p.total_q} : std::pair<int64_t, int64_t>{p.batch, p.seqlen_q};
+}
+
+// out (B, Sq, H, Dv) (or per `layout`; (1, total_q, H, Dv) packed) with a contiguous head
+// dimension, and lse (B, H, Sq) ((1, H, total_q) packed), contiguous.
 inline void fill_output(FlashParams& p, const at::Tensor& out, const at::Tensor& lse, Layout layout = {}) {
   const int64_t S = layout.seq, H = layout.heads;
-  TORCH_CHECK(out.dim() == 4 && out.size(0) == p.batch && out.size(S) == p.seqlen_q && out.size(H) == p.num_heads &&
+  const auto [batch, rows] = q_rows(p);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == batch && out.size(S) == rows && out.size(H) == p.num_heads &&
                   out.size(3) == p.head_dim_v && out.stride(-1) == 1,
               "flashattn: out must be (B, Sq, H, Dv) with a contiguous head dimension");
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.num_heads &&
-                  lse.size(2) == p.seqlen_q,
+  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == batch && lse.size(1) == p.num_heads &&
+                  lse.size(2) == rows,
               "flashattn: lse must be a contiguous (B, H, Sq) tensor");
   p.out = const_cast<void*>(out.data_ptr());
-  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(S), p.o_head_stride = out.stride(H);
+  p.o_batch_stride = p.cu_seqlens_q ? 0 : out.stride(0), p.o_row_stride = out.stride(S), p.o_head_stride = out.stride(H);
   p.lse = const_cast<void*>(lse.data_ptr());
 }
 
-// dout (like out) and the gradient buffers dq (like q), dk, dv ((B, Sk, *, D/Dv)).
+// dout (like out) and the gradient buffers dq (like q), dk, dv (like k and v).
 inline void fill_grads(FlashBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
                        const at::Tensor& dv) {
-  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == p.batch && dout.size(1) == p.seqlen_q &&
-                  dout.size(2) == p.num_heads && dout.size(3) == p.head_dim_v &&
-                  (dout.stride(-1) == 1 || dout.numel() == 0),
+  const auto [batch, rows] = q_rows(p);
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == batch && dout.size(1) == rows && dout.size(2) == p.num_heads &&
+                  dout.size(3) == p.head_dim_v && (dout.stride(-1) == 1 || dout.numel() == 0),
               "flashattn: dout must be (B, Sq, H, Dv) with a contiguous head dimension");
+  const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
   p.dout = dout.data_ptr();
-  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.do_batch_stride = packed_q ? 0 : dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
   p.dq = dq.data_ptr();
-  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  p.dq_batch_stride = packed_q ? 0 : dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
   p.dk = dk.data_ptr();
-  p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+  p.dk_batch_stride = packed_k ? 0 : dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
   p.dv = dv.data_ptr();
-  p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+  p.dv_batch_stride = packed_k ? 0 : dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
 }
 
 // The bias gradient buffer: float32 (B, H, Sq, Sk) zeros when wanted (the caller sums

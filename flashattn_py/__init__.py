@@ -12,6 +12,7 @@ from .api import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
+    varlen_attn,
 )
 from . import nn
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
@@ -40,5 +41,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "unpatch_sdpa",
     "use_backend",
+    "varlen_attn",
 ]
 __version__ = "0.1.0"

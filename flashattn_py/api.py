@@ -8,6 +8,7 @@ Two conventions, one computation (docs/design.md, "What every backend computes")
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Optional
 
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .errors import ArgumentError
-from .reference import attention_ref
+from .reference import attention_ref, sequence_keys
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -196,17 +197,132 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p=0.0, softmax_scale
                            deterministic, return_attn_probs, backend=backend)
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int) -> list[int]:
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) or cu.numel() < 2:
-        raise ArgumentError(f"{name}: expected a 1-D int32 tensor of B+1 offsets, got "
-                         f"{getattr(cu, 'dtype', type(cu).__name__)} of shape {tuple(getattr(cu, 'shape', ()))}")
-    offsets = [int(x) for x in cu.tolist()]
-    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ArgumentError(f"{name}: must rise from 0 to the total length {total}, got {offsets}")
-    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-    if longest > max_seqlen:
-        raise ArgumentError(f"max_seqlen for {name}: {max_seqlen} is below the longest sequence ({longest})")
-    return offsets
+def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
+    """An int32 index tensor (offsets, lengths, pages) on ``device``: int64 is narrowed."""
+    if not isinstance(t, Tensor) or t.dim() != dim or t.dtype not in (torch.int32, torch.int64):
+        raise ArgumentError(f"{name}: expected a {dim}-D int32 tensor, got {getattr(t, 'dtype', type(t).__name__)} "
+                            f"of shape {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise ArgumentError(f"{name}: must be on {device} (q's device), got {t.device}")
+    t = t.int() if t.dtype == torch.int64 else t
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _check_values() -> bool:
+    """Whether index tensors' values may be read for checks: not while torch.compile
+    traces (values are not known then; _check_packed says when they are read)."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                  max_seqlen_k: int, total_q: int, total_k: Optional[int], seqused_k: Optional[Tensor],
+                  block_table: Optional[Tensor], page_size: int, num_pages: int) -> None:
+    """Value checks of packed-sequence and paged-K/V arguments (ValueError naming the
+    argument). Read on the host: CPU tensors always, GPU tensors only when asked
+    (``FLASHATTN_CHECK_INPUTS=1``); without them the kernels clamp every value into the
+    tensors' bounds (no out-of-bounds access, but a wrong value gives a wrong answer)."""
+    device = next(t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table) if t is not None).device
+    if device.type != "cpu" and os.environ.get("FLASHATTN_CHECK_INPUTS", "0") in ("", "0"):
+        return
+    lengths_k = None
+    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+        if cu is None:
+            continue
+        offsets = cu.tolist()
+        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or (
+                total is not None and offsets[-1] != total):
+            where = f"to the total length {total}" if total is not None else "(non-decreasing)"
+            raise ArgumentError(f"{name}: must rise from 0 {where}, got {offsets}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if lengths and max(lengths) > longest:
+            raise ArgumentError(f"max_seqlen_{name[-1]}: {longest} is below the longest sequence ({max(lengths)})")
+        if name == "cu_seqlens_k":
+            lengths_k = lengths
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        limits = lengths_k or [None] * len(used)
+        if block_table is not None:
+            limits = [block_table.shape[1] * page_size] * len(used)
+        bad = [(b, u) for b, (u, lim) in enumerate(zip(used, limits)) if u < 0 or (lim is not None and u > lim)]
+        if bad:
+            raise ArgumentError(f"seqused_k: sequence {bad[0][0]} uses {bad[0][1]} keys, outside [0, "
+                                f"{limits[bad[0][0]]}]")
+    if block_table is not None:
+        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
+            raise ArgumentError(f"block_table: page indices must be in [0, {num_pages}), got "
+                                f"[{int(block_table.min())}, {int(block_table.max())}]")
+        if lengths_k is not None and lengths_k and max(lengths_k) > block_table.shape[1] * page_size:
+            raise ArgumentError(f"block_table: {block_table.shape[1]} pages of {page_size} keys per sequence hold "
+                                f"fewer than its longest sequence ({max(lengths_k)} keys)")
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
+            max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
+            dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
+            alibi_slopes: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Packed sequences in one call: q (total_q, H, D), k / v (total_k, Hk, D) or a page
+    pool (num_pages, page_size, Hk, D) with ``block_table``; validates, then runs the
+    kernels on (1, total, H, D) views. Returns out (total_q, H, Dv) and lse (H, total_q)."""
+    backends.check_backend_name(backend)
+    paged = block_table is not None
+    k_dims = 4 if paged else 3
+    for name, t, dims in (("q", q, 3), ("k", k, k_dims), ("v", v, k_dims)):
+        if not isinstance(t, Tensor) or t.dim() != dims:
+            shape = "(num_pages, page_size, Hk, D)" if dims == 4 else "(total, H, D)"
+            raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape "
+                                f"{tuple(getattr(t, 'shape', ()))}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ArgumentError(f"k, v: shapes differ before the head dim: {tuple(k.shape)} vs {tuple(v.shape)}")
+    q4 = q.unsqueeze(0)
+    k4, v4 = (k, v) if paged else (k.unsqueeze(0), v.unsqueeze(0))
+    _check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    cu_seqlens_q = _index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 0:
+        raise ArgumentError("cu_seqlens_q: expected B + 1 offsets, got none")
+    if cu_seqlens_k is not None:
+        cu_seqlens_k = _index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
+        if cu_seqlens_k.shape[0] != batch + 1:
+            raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {batch} vs {cu_seqlens_k.shape[0] - 1}")
+    elif not paged:
+        raise ArgumentError("cu_seqlens_k: required unless K/V are paged (block_table)")
+    if seqused_k is not None:
+        seqused_k = _index_tensor("seqused_k", seqused_k, q.device, 1)
+        if seqused_k.shape[0] != batch:
+            raise ArgumentError(f"seqused_k: expected one length per sequence ({batch}), got {seqused_k.shape[0]}")
+    page_size = num_pages = 0
+    if paged:
+        block_table = _index_tensor("block_table", block_table, q.device, 2)
+        if block_table.shape[0] != batch:
+            raise ArgumentError(f"block_table: expected one row per sequence ({batch}), got {block_table.shape[0]}")
+        num_pages, page_size = k.shape[0], k.shape[1]
+        if page_size < 1:
+            raise ArgumentError("k: pages must hold at least one key (page_size >= 1)")
+        if cu_seqlens_k is None and seqused_k is None:
+            raise ArgumentError("seqused_k: paged K/V (block_table) needs the keys per sequence: seqused_k or "
+                                "cu_seqlens_k")
+        if not isinstance(max_seqlen_k, int) or max_seqlen_k <= 0:
+            max_seqlen_k = block_table.shape[1] * page_size
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, (int, torch.SymInt)) or value < 0:
+            raise ArgumentError(f"{name}: expected an int >= 0, got {value!r}")
+    _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
+    if _check_values():
+        _check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
+                      None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages)
+    if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        raise ArgumentError("block_table: paged K/V is forward-only (inference); call it under torch.no_grad() "
+                            "or with tensors that do not require grad")
+    head_dim = q.shape[-1]
+    out, lse = ops.attention(
+        q4, k4, v4, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), softcap=float(softcap),
+        alibi_slopes=alibi_slopes, window_left=int(window[0]), window_right=int(window[1]), diag_offset=0,
+        dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k), bottom_right=True,
+    )
+    return out[0], lse[0]
 
 
 def flash_attn_varlen_func(
@@ -225,63 +341,96 @@ def flash_attn_varlen_func(
     alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: Optional[Tensor] = None,
     *,
     backend: str = "auto",
 ):
-    """flash-attn's variable-length form on packed sequences.
+    """flash-attn 2's ``flash_attn_varlen_func``: packed sequences, all in one kernel launch.
 
     Args:
-        q: (total_q, H, D); k: (total_k, Hk, D); v: (total_k, Hk, Dv).
-        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets of each sequence; sequence b is
-            rows ``cu[b]:cu[b+1]``. Sequences of length 0 are allowed (no key: out 0).
-        max_seqlen_q, max_seqlen_k: upper bounds of the lengths (checked).
+        q: (total_q, H, D); k: (total_k, Hk, D); v: (total_k, Hk, Dv); or, with
+            ``block_table``, k / v paged: (num_pages, page_size, Hk, D), any page size.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets on q's device; sequence b is rows
+            ``cu[b]:cu[b+1]`` (with paged K/V, cu_seqlens_k gives the key counts only).
+            Sequences of length 0 are allowed (no key: out 0).
+        max_seqlen_q, max_seqlen_k: the longest sequences (the kernels' grids are sized by
+            them; checked on CPU tensors, see below).
+        block_table: (B, max_blocks) int32: key j of sequence b is row j % page_size of page
+            ``block_table[b, j // page_size]``. Forward only (inference).
         Other arguments as ``flash_attn_func``, per sequence (causal aligned bottom-right
         within each sequence; alibi_slopes (B, H) row b for sequence b).
 
     Returns:
-        out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) and a list of
-        per-sequence probabilities (H, Sq_b, Sk_b) from the reference.
+        out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) float32 and a
+        list of per-sequence probabilities (H, Sq_b, Sk_b) from the reference (debugging only).
 
-    Each sequence runs as its own kernel call on views of the packed tensors (the offsets
-    are read on the host, so this synchronises a GPU stream once).
+    Values of cu_seqlens / block_table are checked (ValueError) for CPU tensors; for GPU
+    tensors only with ``FLASHATTN_CHECK_INPUTS=1`` (that reads them back to the host), the
+    kernels otherwise clamp every offset and page index into bounds.
     """
-    backends.check_backend_name(backend)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ArgumentError(f"{name}: expected a 3-D (total, H, D) tensor, got shape {tuple(getattr(t, 'shape', ()))}")
-    if k.shape[0] != v.shape[0]:
-        raise ArgumentError(f"k, v: total lengths differ: {k.shape[0]} vs {v.shape[0]}")
-    _check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), ("q", "k", "v"), heads_dim=2, seq_dim=1)
-    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
-    if len(offsets_q) != len(offsets_k):
-        raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {len(offsets_q) - 1} vs "
-                         f"{len(offsets_k) - 1}")
-    batch = len(offsets_q) - 1
-    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, batch)
-    outs, lses, probs = [], [], []
-    for b in range(batch):
-        qb = q[offsets_q[b]:offsets_q[b + 1]].unsqueeze(0)
-        kb = k[offsets_k[b]:offsets_k[b + 1]].unsqueeze(0)
-        vb = v[offsets_k[b]:offsets_k[b + 1]].unsqueeze(0)
-        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        if qb.shape[1] == 0 or kb.shape[1] == 0:  # nothing to attend: out 0, lse -inf
-            outs.append(qb.new_zeros((*qb.shape[:3], v.shape[-1])))
-            lses.append(torch.full((1, q.shape[1], qb.shape[1]), float("-inf"), device=q.device))
-            probs.append(q.new_zeros((q.shape[1], qb.shape[1], kb.shape[1])))
-            continue
-        res = _flash(qb, kb, vb, dropout_p, softmax_scale, causal, window_size, softcap, slopes, deterministic,
-                     return_attn_probs, backend)
-        if return_attn_probs:
-            outs.append(res[0])
-            lses.append(res[1].float())
-            probs.append(res[2][0])
-        else:
-            outs.append(res)
-    out = torch.cat(outs, dim=1)[0] if outs else q.new_zeros((0, q.shape[1], v.shape[-1]))
+    window = _causal_window(window_size, causal)
+    out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None,
+                       block_table=block_table, dropout_p=dropout_p, scale=softmax_scale, window=window,
+                       softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, backend=backend)
     if not return_attn_probs:
         return out
-    return out, torch.cat([lse[0] for lse in lses], dim=1), probs
+    probs = []
+    with torch.no_grad():
+        for b in range(cu_seqlens_q.shape[0] - 1):
+            q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+            kb = sequence_keys(k if block_table is not None else k.unsqueeze(0), b, cu_seqlens_k, None, block_table)
+            vb = sequence_keys(v if block_table is not None else v.unsqueeze(0), b, cu_seqlens_k, None, block_table)
+            slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+            _, _, pb = attention_ref(q[q0:q1].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), scale=softmax_scale,
+                                     softcap=float(softcap), alibi_slopes=slopes, window_left=window[0],
+                                     window_right=window[1], bottom_right=True, return_probs=True)
+            probs.append(pb[0])
+    return out, lse.float(), probs
+
+
+def _causal_window(window_size, causal: bool) -> tuple[int, int]:
+    """flash-attn's (window_size, causal) as one window: causal is a right bound of 0."""
+    if len(window_size) != 2:
+        raise ArgumentError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
+    left, right = int(window_size[0]), int(window_size[1])
+    return (left, 0) if causal else (left, right)
+
+
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Optional[Tensor], max_q: int,
+                max_k: int, *, return_aux=None, scale: Optional[float] = None,
+                window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False,
+                seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                num_splits: Optional[int] = None, backend: str = "auto"):
+    """``torch.nn.attention.varlen.varlen_attn`` (torch 2.13), on CPU and GPU, with gradients.
+
+    query (T_q, H, D); key / value (T_k, Hk, D), or page pools (num_pages, page_size, Hk,
+    D) with ``block_table`` (N, max_pages) int32 (needs ``seqused_k``); cu_seq_q / cu_seq_k
+    (N + 1,) int32 offsets; max_q / max_k the longest sequences; window_size (left, right)
+    around each sequence's bottom-right diagonal ((-1, 0) is causal); enable_gqa allows
+    fewer K/V heads (H % Hk == 0). seqused_k (N,): keys used per sequence. With
+    ``return_aux`` asking for lse, returns ``(out, lse)``, lse (H, T_q) float32.
+    num_splits (split-KV on GPUs; 1 = none) does not change results beyond rounding here
+    and is accepted for compatibility. Unlike torch's, gradients flow with seqused_k too;
+    paged K/V is forward-only, as in torch.
+    """
+    num_heads_k = key.size(2) if block_table is not None else key.size(1)
+    if not enable_gqa and query.size(1) != num_heads_k:
+        raise ArgumentError(f"Expect query and key/value to have the same number of heads but got "
+                            f"Hq={query.size(1)} and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
+    if enable_gqa and query.size(1) % num_heads_k != 0:
+        raise ArgumentError(f"Expect number of query heads to be a multiple of kv heads for GQA but got "
+                            f"Hq={query.size(1)} and Hkv={num_heads_k}.")
+    if block_table is not None and seqused_k is None:
+        raise ArgumentError("seqused_k: block_table requires seqused_k (keys used per sequence)")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 0):
+        raise ArgumentError(f"num_splits: expected None or an int >= 0, got {num_splits!r}")
+    window = tuple(window_size) if window_size is not None else (-1, -1)
+    out, lse = _varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k=seqused_k,
+                       block_table=block_table, dropout_p=0.0, scale=scale, window=window, softcap=0.0,
+                       alibi_slopes=None, deterministic=False, backend=backend)
+    if return_aux is not None and getattr(return_aux, "lse", False):
+        return out, lse.float()
+    return out
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p=0.0,

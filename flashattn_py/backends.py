@@ -269,17 +269,20 @@ class Backend:
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS: dict[str, Backend] = {
-    "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
+    "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True, varlen=True, paged=True,
                     why_unavailable=cuda_kernels_error, device_check=_cuda_device, forward=_compiled_fwd,
                     backward=_compiled_bwd, dropout_mask=_compiled_dropout_mask),
     "triton": Backend("triton", (torch.float32, torch.bfloat16, torch.float16), attn_mask=True, dropout=True,
+                      varlen=True, paged=True,
                       why_unavailable=triton_error, device_check=_triton_device, forward=_triton_fwd,
                       backward=_triton_bwd, dropout_mask=_triton_dropout_mask),
-    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, why_unavailable=compiled_ops_error,
+    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
+                   why_unavailable=compiled_ops_error,
                    device_check=_cpu_device, forward=_compiled_fwd, backward=_compiled_bwd,
                    inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, float64_lse=True,
                    grads_like_inputs=True),
-    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, why_unavailable=lambda: None,
+    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
+                         why_unavailable=lambda: None,
                          forward_ad=True, fused=False, forward=_reference_fwd,
                          # (it draws from torch's RNG; for an rng_state the testing hook gives
                          # the compiled kernels' mask)

@@ -91,6 +91,18 @@ _OPTIONS = (
     Arg("diag_offset", "int", 0),
     Arg("dropout_p", "float", 0.0),
     Arg("rng_state", "Tensor?"),  # int64 [seed, offset] when dropout_p > 0
+    # Packed sequences and paged K/V (docs/design.md, "Packed sequences and paged K/V"):
+    # int32 (B + 1,) offsets of each sequence's rows in q (1, total_q, H, D) / k, v (1,
+    # total_k, Hk, D); keys used per sequence (B,); pages (B, max_blocks) of k, v
+    # (num_pages, page_size, Hk, D); the longest sequences (grids are sized by them);
+    # whether each sequence's diagonal is aligned bottom-right (+ its Sk - Sq).
+    Arg("cu_seqlens_q", "Tensor?"),
+    Arg("cu_seqlens_k", "Tensor?"),
+    Arg("seqused_k", "Tensor?"),
+    Arg("block_table", "Tensor?"),
+    Arg("max_seqlen_q", "int", 0),
+    Arg("max_seqlen_k", "int", 0),
+    Arg("bottom_right", "bool", False),
     Arg("deterministic", "bool", False),  # the forward keeps it for the backward
 )
 _BACKEND = Arg("backend", "str", REQUIRED)  # a name in backends.BACKENDS (a fused one)
@@ -337,7 +349,8 @@ def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: i
 
 
 def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-            deterministic: bool = False, alibi_slopes: Optional[Tensor] = None) -> backends.Problem:
+            deterministic: bool = False, alibi_slopes: Optional[Tensor] = None,
+            cu_seqlens: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> backends.Problem:
     """The selection's view of a call, in either layout (the head dim is last in both).
 
     ``backward`` follows requires_grad alone, not grad mode: reentrant activation
@@ -352,7 +365,7 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
     head_dim = max(q.shape[-1], v.shape[-1]) if device_type == "cuda" else 0
     return backends.Problem(device_type, q.dtype, attn_mask is not None, dropout_p,
                             _has_tangents(q, k, v, alibi_slopes, attn_mask), device.index, head_dim, backward,
-                            deterministic)
+                            deterministic, cu_seqlens, block_table)
 
 
 def attention(
@@ -371,16 +384,28 @@ def attention(
     deterministic: bool = False,
     backend: str = "auto",
     heads_first: bool = False,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    seqused_k: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    bottom_right: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
-    ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout."""
-    name = backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic, alibi_slopes), backend)
+    ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
+    Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments)."""
+    per_sequence = cu_seqlens_q if cu_seqlens_q is not None else (cu_seqlens_k if cu_seqlens_k is not None else seqused_k)
+    name = backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic, alibi_slopes, per_sequence,
+                                   block_table), backend)
     impl = backends.BACKENDS[name]
     rng_state = inference = None
     if impl.fused:
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
-        if plain and impl.inference is not None and _outside_dispatcher_ok():
+        # (the inference entry takes dense problems only)
+        if (plain and per_sequence is None and block_table is None and impl.inference is not None
+                and _outside_dispatcher_ok()):
             # The kernel straight from Python, in either layout, any strides
             # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
             # would cost more than a decode-sized kernel.
@@ -405,7 +430,10 @@ def attention(
                          dropout_p, rng_state, heads_first)
     args = fwd_args(q, k, v, alibi_slopes=alibi_slopes, attn_bias=attn_mask, scale=scale, softcap=softcap,
                     window_left=window_left, window_right=window_right, diag_offset=diag_offset,
-                    dropout_p=dropout_p, rng_state=rng_state, deterministic=deterministic, backend=name)
+                    dropout_p=dropout_p, rng_state=rng_state, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
+                    max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, deterministic=deterministic,
+                    backend=name)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:

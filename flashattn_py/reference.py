@@ -53,6 +53,11 @@ def attention_ref(
     dropout_p: float = 0.0,
     dropout_mask: Tensor | None = None,
     return_probs: bool = False,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    seqused_k: Tensor | None = None,
+    block_table: Tensor | None = None,
+    bottom_right: bool = False,
 ):
     """Attention by the naive formula, computed in the dtype of ``q``.
 
@@ -67,14 +72,26 @@ def attention_ref(
         dropout_mask: bool keep-mask broadcastable to (B, H, Sq, Sk); drawn with
             torch's RNG when ``dropout_p > 0`` and none is given.
         return_probs: also return the softmax probabilities (B, H, Sq, Sk), before dropout.
+        cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, bottom_right: packed sequences
+            and paged K/V, computed sequence by sequence (``attention_varlen_ref``).
 
     Returns:
         ``(out, lse)`` or ``(out, lse, probs)``: out (B, Sq, H, Dv) in q's dtype,
         lse (B, H, Sq) = log sum_j exp(s_ij). A query row with no visible key gives
         out = 0 and lse = -inf (never NaN, gradients zero).
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or block_table is not None:
+        if attn_bias is not None or return_probs:
+            raise ValueError("attn_bias, return_probs: not available with packed sequences or paged K/V")
+        return attention_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=seqused_k, block_table=block_table,
+            bottom_right=bottom_right, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+            window_left=window_left, window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
+            dropout_mask=dropout_mask)
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_k = k.shape[1], k.shape[2]
+    if bottom_right:
+        diag_offset += seqlen_k - seqlen_q
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     group = num_heads // num_heads_k
@@ -122,6 +139,70 @@ def attention_ref(
     out = torch.matmul(p, vh).transpose(1, 2)  # (B, Sq, H, Dv)
     if return_probs:
         return out, lse, probs
+    return out, lse
+
+
+def sequence_keys(k: Tensor, b: int, cu_seqlens_k: Tensor | None, seqused_k: Tensor | None,
+                  block_table: Tensor | None) -> Tensor:
+    """Sequence b's rows of k (or v), (Sk_b, Hk, D), as the kernels address them
+    (csrc/flash_params.h seq_view): packed rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, row b
+    of a dense batch, or pages ``block_table[b]`` of a paged pool (num_pages, page_size,
+    Hk, D); the first ``seqused_k[b]`` of them when given."""
+    if block_table is not None:
+        page_size = k.shape[1]
+        if seqused_k is not None:
+            n = int(seqused_k[b])
+        elif cu_seqlens_k is not None:
+            n = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
+        else:
+            n = block_table.shape[1] * page_size
+        pages = block_table[b, :(n + page_size - 1) // page_size].long()
+        return k[pages].reshape(-1, *k.shape[2:])[:n]
+    rows = k[0, int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])] if cu_seqlens_k is not None else k[b]
+    return rows[:int(seqused_k[b])] if seqused_k is not None else rows
+
+
+def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
+                         *, seqused_k: Tensor | None = None, block_table: Tensor | None = None,
+                         bottom_right: bool = True, diag_offset: int = 0, alibi_slopes: Tensor | None = None,
+                         dropout_mask: Tensor | None = None, **options):
+    """Packed sequences (and paged K/V) by the naive formula, one sequence at a time: the
+    definition the single-launch kernels are tested against.
+
+    q (1, total_q, H, D) with ``cu_seqlens_q`` (B + 1,) offsets, or a dense (B, Sq, H, D);
+    k, v (1, total_k, Hk, D) with ``cu_seqlens_k``, dense (B, Sk, Hk, D), or a page pool
+    with ``block_table`` (B, max_blocks) (``sequence_keys``). Each sequence's diagonal is
+    ``diag_offset`` plus, with ``bottom_right``, its Sk - Sq. alibi_slopes (B, H) row b for
+    sequence b. dropout_mask: the keep mask as (1, H, total_q, max Sk) (packed q) or
+    (B, H, Sq, max Sk), sequence b's part read from its rows and first Sk_b columns.
+    ``options``: the rest of ``attention_ref``'s arguments.
+
+    Returns out like q's rows (1, total_q, H, Dv) and lse (1, H, total_q) (packed q; rows
+    in no sequence: out 0, lse -inf), or (B, Sq, H, Dv) and (B, H, Sq).
+    """
+    packed = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if packed else q.shape[0]
+    num_heads = q.shape[2]
+    out = q.new_zeros((*q.shape[:3], v.shape[-1]))
+    lse = q.new_full((q.shape[0], num_heads, q.shape[1]), float("-inf"))
+    for b in range(batch):
+        q0, q1 = (int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])) if packed else (0, q.shape[1])
+        qb = q[0, q0:q1] if packed else q[b]
+        kb = sequence_keys(k, b, cu_seqlens_k, seqused_k, block_table)
+        vb = sequence_keys(v, b, cu_seqlens_k, seqused_k, block_table)
+        diag = diag_offset + (kb.shape[0] - qb.shape[0] if bottom_right else 0)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        mask = None
+        if dropout_mask is not None:
+            mask = (dropout_mask[0, :, q0:q1] if packed else dropout_mask[b])[..., :kb.shape[0]].unsqueeze(0)
+        ob, lb = attention_ref(qb.unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), alibi_slopes=slopes,
+                               diag_offset=diag, dropout_mask=mask, **options)
+        if packed:
+            out[0, q0:q1] = ob[0]
+            lse[0, :, q0:q1] = lb[0]
+        else:
+            out[b] = ob[0]
+            lse[b] = lb[0]
     return out, lse
 
 

@@ -1,6 +1,7 @@
 """The argument spec in flashattn_py/ops.py (FWD, BWD) against everything that takes its
 values: the custom ops' schemas, the compiled ops' schemas (csrc/ops.cpp), the Triton
 launchers and the backends' entries."""
+import dataclasses
 import inspect
 
 import pytest
@@ -38,7 +39,8 @@ def test_compiled_op_arguments_are_spec_arguments():
 IGNORED = {
     "flash_fwd": {"deterministic", "backend"},
     "flash_bwd": {"backend"},
-    "attention_ref": {"rng_state", "deterministic", "backend"},
+    # (the reference reads the true lengths from cu_seqlens: the maxima only size kernel grids)
+    "attention_ref": {"rng_state", "deterministic", "backend", "max_seqlen_q", "max_seqlen_k"},
 }
 
 
@@ -65,10 +67,14 @@ def test_reference_entry_takes_the_spec_values():
 
 @pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled ops not built")
 def test_inference_entry_order_is_the_compiled_forwards():
-    # ops.attention calls _C.fwd_inference with these values in this order (then heads_first).
-    assert tuple(_args(torch.ops.flashattn.fwd.default)) == (
+    # ops.attention calls _C.fwd_inference with the compiled forward's leading values in
+    # this order (then heads_first), for dense calls only: the packed-sequence values that
+    # follow keep their defaults there.
+    assert tuple(_args(torch.ops.flashattn.fwd.default))[:12] == (
         "q", "k", "v", "alibi_slopes", "attn_bias", "scale", "softcap", "window_left", "window_right", "diag_offset",
         "dropout_p", "rng_state")
+    assert tuple(_args(torch.ops.flashattn.fwd.default))[12:] == (
+        "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "max_seqlen_q", "max_seqlen_k", "bottom_right")
 
 
 def test_every_fused_backend_has_its_entries():
@@ -80,15 +86,18 @@ def test_every_fused_backend_has_its_entries():
 def test_fwd_args_fills_the_spec_defaults():
     q = torch.zeros(1, 2, 1, 4)
     args = ops.fwd_args(q, q, q, scale=0.5, backend="cpu")
-    assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, False, "cpu")
+    assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, None, None, None, None, 0, 0, False, False,
+                    "cpu")
     assert ops.FWD.view(*args).window_left == -1
     with pytest.raises(TypeError):
         ops.fwd_args(q, q, q, backend="cpu")  # scale has no default
 
 
-@pytest.mark.parametrize("field, reason", [("cu_seqlens", "variable length"), ("block_table", "paged")])
-def test_problem_has_room_for_varlen_and_paged(field, reason):
-    problem = backends.Problem("cpu", torch.float32, **{field: torch.zeros(2, dtype=torch.int32)})
-    for backend in backends.BACKENDS.values():
-        assert any(reason in r for r in backend.feature_reasons(problem))
-    assert not backends.BACKENDS["cpu"].feature_reasons(backends.Problem("cpu", torch.float32))
+@pytest.mark.parametrize("field, flag, reason", [("cu_seqlens", "varlen", "variable length"),
+                                                 ("block_table", "paged", "paged")])
+def test_backends_say_whether_they_serve_varlen_and_paged(field, flag, reason):
+    problem = backends.Problem("cpu", torch.float16, **{field: torch.zeros(2, dtype=torch.int32)})
+    for backend in backends.BACKENDS.values():  # every backend serves both
+        assert not backend.feature_reasons(problem), backend.name
+        without = dataclasses.replace(backend, **{flag: False})
+        assert any(reason in r for r in without.feature_reasons(problem))

@@ -67,11 +67,11 @@ struct BlasBwdOperands {
   int64_t dv_stride() const { return Dv; }
   int64_t dq_stride() const { return D; }
 
-  void load(const FlashBwdParams& p, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
-    q = operand<T, acc>(q_head, p.q_row_stride, p.seqlen_q, D, qw.get(), ldq);
-    k = operand<T, acc>(k_head, p.k_row_stride, p.seqlen_k, D, kw.get(), ldk);
-    v = operand<T, acc>(v_head, p.v_row_stride, p.seqlen_k, Dv, vw.get(), ldv);
-    dout = operand<T, acc>(do_head, p.do_row_stride, p.seqlen_q, Dv, dow.get(), lddo);
+  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+    q = operand<T, acc>(q_head, p.q_row_stride, w.seqlen_q, D, qw.get(), ldq);
+    k = operand<T, acc>(k_head, p.k_row_stride, w.seqlen_k, D, kw.get(), ldk);
+    v = operand<T, acc>(v_head, p.v_row_stride, w.seqlen_k, Dv, vw.get(), ldv);
+    dout = operand<T, acc>(do_head, p.do_row_stride, w.seqlen_q, Dv, dow.get(), lddo);
   }
   // s = scale Q K^T
   void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, acc* s, int64_t lds) const {
@@ -130,8 +130,8 @@ struct TileBwdOperands {
   int64_t dv_stride() const { return Dv16; }
   int64_t dq_stride() const { return D16; }
 
-  void load(const FlashBwdParams& p, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
-    const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
+  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+    const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k;
     tiles::pack_q(q_head, p.q_row_stride, Sq, D, scale, q_groups.get());
     tiles::pack_q(do_head, p.do_row_stride, Sq, Dv, 1.f, do_groups.get());
     tiles::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
@@ -204,9 +204,9 @@ struct Bf16DotBwdOperands {
   int64_t dv_stride() const { return Dv16; }
   int64_t dq_stride() const { return D16; }
 
-  void load(const FlashBwdParams& p, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
+  void load(const FlashBwdParams& p, const Band& w, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
             const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
-    const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
+    const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
     tiles_bf16::pack_q(q_head, p.q_row_stride, Sq, D, q_groups.get());
     tiles_bf16::pack_q(do_head, p.do_row_stride, Sq, Dv, do_groups.get());
     tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
@@ -267,15 +267,6 @@ struct BwdWorkspace {
         keep(new bool[Ops::BLOCK_K]) {}
 };
 
-// Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
-inline KeyRange visible_rows(const FlashParams& p, int64_t col0, int64_t col1) {
-  int64_t lo = 0, hi = p.seqlen_q;
-  if (p.window_right >= 0) lo = std::max<int64_t>(lo, col0 - p.diag_offset - p.window_right);
-  if (p.window_left >= 0) hi = std::min<int64_t>(hi, col1 - 1 - p.diag_offset + p.window_left + 1);
-  lo = std::min<int64_t>(lo, p.seqlen_q);
-  return {lo, std::max(lo, hi)};
-}
-
 // sum_d a_d b_d in acc: on the AVX2 tiles' CPUs in two 8-lane partial sums (16-bit
 // elements widened in registers), added at the end (faster than the element-by-element
 // sum it replaces, see benchmarks/RESULTS.md 'What was tried').
@@ -305,7 +296,8 @@ template <typename T, typename Ops>
 void run_bwd(const FlashBwdParams& p) {
   using acc = acc_t<T>;
   constexpr int64_t BLOCK_Q = Ops::BLOCK_Q, BLOCK_K = Ops::BLOCK_K, PANEL_Q = Ops::PANEL_Q;
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, Sq = p.seqlen_q, Sk = p.seqlen_k;
+  // Sizes of the workspaces and the GQA scratch: the longest sequence's (p.seqlen_q / _k).
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, Sq_max = p.seqlen_q, Sk_max = p.seqlen_k;
   const int64_t H = p.num_heads, Hk = p.num_heads_k, group = H / Hk;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -322,8 +314,8 @@ void run_bwd(const FlashBwdParams& p) {
   // With GQA, per-query-head dK/dV (B, H, Sk, D) in acc, reduced over the group below.
   Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
-    dk_heads = scratch<acc>(p.batch * H * Sk * D);
-    dv_heads = scratch<acc>(p.batch * H * Sk * Dv);
+    dk_heads = scratch<acc>(p.batch * H * Sk_max * D);
+    dv_heads = scratch<acc>(p.batch * H * Sk_max * Dv);
   }
 
   // Tasks are heads. With fewer than two heads per thread (one head on a many-core CPU),
@@ -332,9 +324,9 @@ void run_bwd(const FlashBwdParams& p) {
   // parts are added in split order at the end (the result does not depend on which
   // thread ran what). Memory for the parts: splits x B x H x Sq x D, under 4 x threads
   // heads' worth.
-  const int64_t heads = p.batch * H, num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
-  const int64_t splits = key_splits(heads, num_k_blocks);
-  Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq * D : 0);
+  const int64_t heads = p.batch * H, max_k_blocks = (Sk_max + BLOCK_K - 1) / BLOCK_K;
+  const int64_t splits = key_splits(heads, max_k_blocks);
+  Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq_max * D : 0);
 
   // Forward calls that tiles::use_rows sends row by row (few queries; flash_fwd.cpp
   // RowOperands). S is recomputed here the same way (tiles::row_scores on
@@ -343,22 +335,25 @@ void run_bwd(const FlashBwdParams& p) {
   // the gradients amplify.
   bool row_scores = false;
 #ifdef FLASHATTN_CPU_TILES
-  if constexpr (tiles::has_load8<T>()) row_scores = tiles::use_rows(Sq, D);
+  if constexpr (tiles::has_load8<T>()) row_scores = tiles::use_rows(Sq_max, D);
 #endif
 
   using Workspace = BwdWorkspace<acc, Ops>;
   auto body = [&](int64_t task, Workspace& ws) {
     const int64_t bh = task / splits, split = task % splits;
     const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const T* q_head = q + b * p.q_batch_stride + h * p.q_head_stride;
-    const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
-    const T* v_head = v + b * p.v_batch_stride + hk * p.v_head_stride;
-    const T* o_head = out + b * p.o_batch_stride + h * p.o_head_stride;
-    const T* do_head = dout + b * p.do_batch_stride + h * p.do_head_stride;
-    const acc* lse_head = lse + bh * Sq;
+    const SeqView sv = seq_view(p, b);
+    const Band w = band(p, sv);
+    const int64_t Sq = sv.seqlen_q, Sk = sv.seqlen_k, num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
+    const T* q_head = q + sv.q_offset + h * p.q_head_stride;
+    const T* k_head = k + sv.k_offset + hk * p.k_head_stride;
+    const T* v_head = v + sv.v_offset + hk * p.v_head_stride;
+    const T* o_head = out + b * p.o_batch_stride + sv.q_start * p.o_row_stride + h * p.o_head_stride;
+    const T* do_head = dout + b * p.do_batch_stride + sv.q_start * p.do_row_stride + h * p.do_head_stride;
+    const acc* lse_head = lse + lse_index(p, sv, h, 0);
     acc* delta = ws.delta.get();
     if (ws.head != bh) {  // a thread running several splits of a head loads it once
-      ws.ops.load(p, q_head, k_head, v_head, do_head);
+      ws.ops.load(p, w, q_head, k_head, v_head, do_head);
       if (row_scores) {
         load_rows(q_head, p.q_row_stride, Sq, D, ws.q_rows.get(), D);
         scale_row(ws.q_rows.get(), Sq * D, scale);
@@ -381,7 +376,7 @@ void run_bwd(const FlashBwdParams& p) {
       std::fill(dka, dka + block_cols * ldk_grad, acc(0));
       std::fill(dva, dva + block_cols * ldv_grad, acc(0));
       const KeyRange rows_seen =
-          keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(p, col0, col0 + block_cols);
+          keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(w, col0, col0 + block_cols);
       // One block pair: query rows [row0, row0 + rows) against keys [key0, key0 + cols),
       // which lie inside the key block at col0.
       auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
@@ -399,11 +394,11 @@ void run_bwd(const FlashBwdParams& p) {
 #endif
         if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
         // As in the forward: the common case needs no per-row transform.
-        const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0, rows, key0, cols);
+        const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * lds;
           if (!logits) {
-            transform_scores<T, acc>(p, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
+            transform_scores<T, acc>(p, w, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
                                      dcap ? dcap + r * lds : nullptr);
           }
           const acc row_lse = lse_head[row0 + r];
@@ -419,7 +414,7 @@ void run_bwd(const FlashBwdParams& p) {
           for (int64_t r = 0; r < rows; ++r) {
             acc* pz = ws.pz.get() + r * lds;
             std::copy(s + r * lds, s + r * lds + cols, pz);
-            apply_dropout(p, pz, cols, b, h, row0 + r, key0, ws.keep.get());
+            apply_dropout(p, pz, cols, lse_index(p, sv, h, row0 + r), key0, ws.keep.get());
             acc* drow = dp + r * lds;
             const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p64));
             for (int64_t c = 0; c < cols; ++c) drow[c] = ws.keep[c] ? drow[c] * mult : acc(0);
@@ -457,36 +452,36 @@ void run_bwd(const FlashBwdParams& p) {
       // invisible, so their P and dS are 0.
       for (int64_t row0 = rows_seen.lo / Ops::ROW_ALIGN * Ops::ROW_ALIGN; row0 < rows_seen.hi; row0 += BLOCK_Q) {
         const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
-        if (all_rows_see(p, row0, rows, col0, block_cols)) {
+        if (all_rows_see(w, row0, rows, col0, block_cols)) {
           block_pair(row0, rows, col0, block_cols);
           continue;
         }
         for (int64_t r0 = row0; r0 < row0 + rows; r0 += PANEL_Q) {
           const int64_t r1 = std::min(row0 + rows, r0 + PANEL_Q);
-          const KeyRange seen = clip(visible_keys(p, r0, r1), col0, block_cols);
+          const KeyRange seen = clip(visible_keys(w, r0, r1), col0, block_cols);
           const int64_t lo = seen.lo / Ops::KEY_ALIGN * Ops::KEY_ALIGN;
           if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + lo, seen.hi - lo);
         }
       }
       if (group == 1) {
-        T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + col0 * p.dk_row_stride;
-        T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + col0 * p.dv_row_stride;
+        T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
+        T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;
         for (int64_t c = 0; c < block_cols; ++c) {
           store_row<T, acc>(dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
           store_row<T, acc>(dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
         }
       } else {
         for (int64_t c = 0; c < block_cols; ++c) {
-          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + (bh * Sk + col0 + c) * D);
-          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + (bh * Sk + col0 + c) * Dv);
+          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + (bh * Sk_max + col0 + c) * D);
+          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + (bh * Sk_max + col0 + c) * Dv);
         }
       }
     }
     if (splits == 1) {
-      T* dq_head = dq + b * p.dq_batch_stride + h * p.dq_head_stride;
+      T* dq_head = dq + b * p.dq_batch_stride + sv.q_start * p.dq_row_stride + h * p.dq_head_stride;
       for (int64_t i = 0; i < Sq; ++i) store_row<T, acc>(dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
     } else {
-      acc* part = dq_parts.get() + (bh * splits + split) * Sq * D;
+      acc* part = dq_parts.get() + (bh * splits + split) * Sq_max * D;
       for (int64_t i = 0; i < Sq; ++i) std::copy(dqa + i * ldq_grad, dqa + i * ldq_grad + D, part + i * D);
     }
   };
@@ -495,16 +490,19 @@ void run_bwd(const FlashBwdParams& p) {
       heads * splits, [&] { return Workspace(p, row_scores); }, body);
 
   if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
-    at::parallel_for(0, heads * Sq, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, heads * Sq_max, 64, [&](int64_t begin, int64_t end) {
       std::vector<acc> row(D);
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t bh = r / Sq, i = r % Sq, b = bh / H, h = bh % H;
+        const int64_t bh = r / Sq_max, i = r % Sq_max, b = bh / H, h = bh % H;
+        const SeqView sv = seq_view(p, b);
+        if (i >= sv.seqlen_q) continue;
         std::fill(row.begin(), row.end(), acc(0));
         for (int64_t sp = 0; sp < splits; ++sp) {
-          const acc* part = dq_parts.get() + ((bh * splits + sp) * Sq + i) * D;
+          const acc* part = dq_parts.get() + ((bh * splits + sp) * Sq_max + i) * D;
           for (int64_t d = 0; d < D; ++d) row[d] += part[d];
         }
-        store_row<T, acc>(row.data(), D, scale, dq + b * p.dq_batch_stride + h * p.dq_head_stride + i * p.dq_row_stride);
+        store_row<T, acc>(row.data(), D, scale,
+                          dq + b * p.dq_batch_stride + h * p.dq_head_stride + (sv.q_start + i) * p.dq_row_stride);
       }
     });
   }
@@ -513,19 +511,21 @@ void run_bwd(const FlashBwdParams& p) {
     at::parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bhk = begin; bhk < end; ++bhk) {
         const int64_t b = bhk / Hk, hk = bhk % Hk;
-        const acc* dk0 = dk_heads.get() + (b * H + hk * group) * Sk * D;
-        const acc* dv0 = dv_heads.get() + (b * H + hk * group) * Sk * Dv;
-        for (int64_t j = 0; j < Sk; ++j) {
-          T* dk_row = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + j * p.dk_row_stride;
-          T* dv_row = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + j * p.dv_row_stride;
+        const SeqView sv = seq_view(p, b);
+        const acc* dk0 = dk_heads.get() + (b * H + hk * group) * Sk_max * D;
+        const acc* dv0 = dv_heads.get() + (b * H + hk * group) * Sk_max * Dv;
+        for (int64_t j = 0; j < sv.seqlen_k; ++j) {
+          const int64_t row = sv.k_start + j;
+          T* dk_row = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride;
+          T* dv_row = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride;
           for (int64_t d = 0; d < D; ++d) {
             acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dk0[(g * Sk + j) * D + d];
+            for (int64_t g = 0; g < group; ++g) sum += dk0[(g * Sk_max + j) * D + d];
             dk_row[d] = static_cast<T>(sum);
           }
           for (int64_t d = 0; d < Dv; ++d) {
             acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dv0[(g * Sk + j) * Dv + d];
+            for (int64_t g = 0; g < group; ++g) sum += dv0[(g * Sk_max + j) * Dv + d];
             dv_row[d] = static_cast<T>(sum);
           }
         }

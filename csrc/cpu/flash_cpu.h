@@ -82,24 +82,44 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
   for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(src[c] * mult);
 }
 
+// Which keys each query row of one sequence sees (the causal / window band of
+// docs/design.md, closed bounds: key j is visible to row i when i + diag - window_left <= j
+// <= i + diag + window_right, unbounded sides -1), with the sequence's own lengths and
+// diagonal (flash_params.h seq_view). Dense calls have one band for every batch entry.
+struct Band {
+  int64_t seqlen_q, seqlen_k, diag_offset, window_left, window_right;
+};
+inline Band band(const FlashParams& p, const SeqView& s) {
+  return {s.seqlen_q, s.seqlen_k, s.diag_offset, p.window_left, p.window_right};
+}
+
 // Keys visible to query row i: [lo, hi), empty when hi <= lo.
 struct KeyRange {
   int64_t lo, hi;
 };
-inline KeyRange visible_keys(const FlashParams& p, int64_t i) {
-  int64_t lo = 0, hi = p.seqlen_k;
-  if (p.window_left >= 0) lo = std::max<int64_t>(lo, i + p.diag_offset - p.window_left);
-  if (p.window_right >= 0) hi = std::min<int64_t>(hi, i + p.diag_offset + p.window_right + 1);
-  lo = std::min<int64_t>(lo, p.seqlen_k);
+inline KeyRange visible_keys(const Band& w, int64_t i) {
+  int64_t lo = 0, hi = w.seqlen_k;
+  if (w.window_left >= 0) lo = std::max<int64_t>(lo, i + w.diag_offset - w.window_left);
+  if (w.window_right >= 0) hi = std::min<int64_t>(hi, i + w.diag_offset + w.window_right + 1);
+  lo = std::min<int64_t>(lo, w.seqlen_k);
   return {lo, std::max(lo, hi)};
 }
 
 // Keys visible to any of the rows [row0, row1).
-inline KeyRange visible_keys(const FlashParams& p, int64_t row0, int64_t row1) {
-  KeyRange first = visible_keys(p, row0), last = visible_keys(p, row1 - 1);
+inline KeyRange visible_keys(const Band& w, int64_t row0, int64_t row1) {
+  KeyRange first = visible_keys(w, row0), last = visible_keys(w, row1 - 1);
   // Both bounds grow with i, so the union is [first.lo, last.hi) (clipped if empty).
   if (last.hi <= first.lo) return {first.lo, first.lo};
   return {first.lo, last.hi};
+}
+
+// Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
+inline KeyRange visible_rows(const Band& w, int64_t col0, int64_t col1) {
+  int64_t lo = 0, hi = w.seqlen_q;
+  if (w.window_right >= 0) lo = std::max<int64_t>(lo, col0 - w.diag_offset - w.window_right);
+  if (w.window_left >= 0) hi = std::min<int64_t>(hi, col1 - 1 - w.diag_offset + w.window_left + 1);
+  lo = std::min<int64_t>(lo, w.seqlen_q);
+  return {lo, std::max(lo, hi)};
 }
 
 // `r` as offsets into the key block [col0, col0 + cols), clipped to it.
@@ -112,8 +132,59 @@ inline KeyRange clip(KeyRange r, int64_t col0, int64_t cols) {
 // the causal / window rule (masks and biases aside). Both bounds of visible_keys grow
 // with the row, so the last row has the highest lower bound and the first the lowest
 // upper bound.
-inline bool all_rows_see(const FlashParams& p, int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
-  return visible_keys(p, row0 + rows - 1).lo <= col0 && visible_keys(p, row0).hi >= col0 + cols;
+inline bool all_rows_see(const Band& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols) {
+  return visible_keys(w, row0 + rows - 1).lo <= col0 && visible_keys(w, row0).hi >= col0 + cols;
+}
+
+// Index in lse (and the dropout stream's row) of query row i of head h of sequence `s`.
+inline int64_t lse_index(const FlashParams& p, const SeqView& s, int64_t h, int64_t i) {
+  return s.lse_row + h * lse_head_stride(p) + i;
+}
+
+// One (sequence, kv head)'s keys as the block products read them: rows of K and V with
+// their strides, keys [0, seqlen_k).
+template <typename T>
+struct KeyRows {
+  const T *k, *v;
+  int64_t k_stride, v_stride, seqlen_k;
+};
+
+// Paged K/V (block_table) gathered into contiguous rows, one (sequence, kv head) per
+// thread at a time (tasks of one head come in a row): the products then read it as they
+// read a dense head.
+template <typename T>
+struct PagedHead {
+  Scratch<T> k, v;
+  int64_t head = -1;  // the gathered b * Hk + hk
+  explicit PagedHead(const FlashParams& p)
+      : k(scratch<T>(p.block_table ? p.seqlen_k * p.head_dim : 0)),
+        v(scratch<T>(p.block_table ? p.seqlen_k * p.head_dim_v : 0)) {}
+
+  // All keys of kv head hk of sequence b.
+  KeyRows<T> rows(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {
+    const int64_t id = b * p.num_heads_k + hk, n = s.seqlen_k;
+    if (head != id) {
+      const T* k_src = static_cast<const T*>(p.k) + hk * p.k_head_stride;
+      const T* v_src = static_cast<const T*>(p.v) + hk * p.v_head_stride;
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kr = k_src + key_offset(p, s, b, j, 0, p.k_batch_stride, p.k_row_stride);
+        const T* vr = v_src + key_offset(p, s, b, j, 0, p.v_batch_stride, p.v_row_stride);
+        std::copy(kr, kr + p.head_dim, k.get() + j * p.head_dim);
+        std::copy(vr, vr + p.head_dim_v, v.get() + j * p.head_dim_v);
+      }
+      head = id;
+    }
+    return {k.get(), v.get(), p.head_dim, p.head_dim_v, s.seqlen_k};
+  }
+};
+
+// Sequence b's kv head hk: in place, or gathered from pages into `paged`.
+template <typename T>
+inline KeyRows<T> key_rows(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk, PagedHead<T>& paged) {
+  if (p.block_table) return paged.rows(p, s, b, hk);
+  return {static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride,
+          static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride, p.k_row_stride, p.v_row_stride,
+          s.seqlen_k};
 }
 
 inline float alibi_slope(const FlashParams& p, int64_t b, int64_t h) {
@@ -157,8 +228,8 @@ inline bool keys_all_masked(const FlashParams& p, int64_t b, int64_t h, int64_t 
 // logits: softcap, minus ALiBi, plus bias / bool mask, -inf where not visible. With
 // softcap, `dcap` (if given) receives d(capped)/d(raw) = 1 - tanh^2 for the backward.
 template <typename T, typename acc>
-inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i, int64_t j0, float slope,
-                             const BiasRow<T>& bias, acc* dcap) {
+inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_t n, int64_t i, int64_t j0,
+                             float slope, const BiasRow<T>& bias, acc* dcap) {
   if (p.softcap > 0.f) {
     const acc cap = static_cast<acc>(p.softcap64), inv = acc(1) / cap;
     for (int64_t c = 0; c < n; ++c) {
@@ -168,7 +239,7 @@ inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i,
     }
   }
   if (slope != 0.f) {
-    const int64_t qpos = i + p.diag_offset;
+    const int64_t qpos = i + w.diag_offset;
     for (int64_t c = 0; c < n; ++c) {
       s[c] -= static_cast<acc>(slope) * static_cast<acc>(std::llabs(qpos - (j0 + c)));
     }
@@ -181,18 +252,17 @@ inline void transform_scores(const FlashParams& p, acc* s, int64_t n, int64_t i,
       if (!bias.keep[(j0 + c) * bias.col_stride]) s[c] = neg_inf;
     }
   }
-  const KeyRange r = clip(visible_keys(p, i), j0, n);
+  const KeyRange r = clip(visible_keys(w, i), j0, n);
   for (int64_t c = 0; c < r.lo; ++c) s[c] = neg_inf;
   for (int64_t c = r.hi; c < n; ++c) s[c] = neg_inf;
 }
 
 // Dropout on one row of probabilities (in place): zero the dropped, scale the kept by
-// 1/(1-p). `keep` is scratch of n bools.
+// 1/(1-p). `row_id` is the row's lse_index (its place in the Philox stream, rows of
+// p.seqlen_k draws); `keep` is scratch of n bools.
 template <typename acc>
-inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0,
-                          bool* keep) {
-  dropout_keep_row(p.dropout_seed, p.dropout_offset, p.dropout_p, p.seqlen_k, (b * p.num_heads + h) * p.seqlen_q + i,
-                   j0, n, keep);
+inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t row_id, int64_t j0, bool* keep) {
+  dropout_keep_row(p.dropout_seed, p.dropout_offset, p.dropout_p, p.seqlen_k, row_id, j0, n, keep);
   const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p64));
   for (int64_t c = 0; c < n; ++c) row[c] = keep[c] ? row[c] * mult : acc(0);
 }

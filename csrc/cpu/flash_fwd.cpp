@@ -51,10 +51,9 @@ struct KVCopy {
   // Copy keys [lo, hi) of head `head_id` (at most one key block). Returns `base`, the key
   // at position 0 of the copy.
   template <typename T>
-  int64_t load(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t lo, int64_t hi) {
+  int64_t load(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t lo, int64_t hi) {
     if (!whole_head) {
-      Layout::copy(p, k_head + lo * p.k_row_stride, v_head + lo * p.v_row_stride, hi - lo, k.get(), v.get(), 0,
-                   capacity);
+      Layout::copy(p, kv, lo, hi - lo, k.get(), v.get(), 0, capacity);
       return lo;
     }
     if (head != head_id) {
@@ -64,8 +63,7 @@ struct KVCopy {
     for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
       if (ready[c]) continue;
       const int64_t key0 = c * CHUNK;
-      Layout::copy(p, k_head + key0 * p.k_row_stride, v_head + key0 * p.v_row_stride,
-                   std::min(CHUNK, p.seqlen_k - key0), k.get(), v.get(), key0, capacity);
+      Layout::copy(p, kv, key0, std::min(CHUNK, kv.seqlen_k - key0), k.get(), v.get(), key0, capacity);
       ready[c] = 1;
     }
     return 0;
@@ -78,10 +76,10 @@ struct DenseRows {
   static int64_t k_width(const FlashParams& p) { return p.head_dim; }
   static int64_t v_width(const FlashParams& p) { return p.head_dim_v; }
   template <typename T, typename acc>
-  static void copy(const FlashParams& p, const T* k_src, const T* v_src, int64_t n, acc* k, acc* v, int64_t at,
+  static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, acc* k, acc* v, int64_t at,
                    int64_t) {
-    load_rows(k_src, p.k_row_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
-    load_rows(v_src, p.v_row_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
+    load_rows(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
+    load_rows(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
   }
 };
 
@@ -122,12 +120,12 @@ struct BlasOperands {
     }
   }
 
-  void load_kv(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t col0, int64_t cols) {
+  void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t col0, int64_t cols) {
     if constexpr (in_place) {
-      k = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
-      v = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
+      k = kv.k + col0 * kv.k_stride, ldk = kv.k_stride;
+      v = kv.v + col0 * kv.v_stride, ldv = kv.v_stride;
     } else {
-      const int64_t base = copy->load(p, head_id, k_head, v_head, col0, col0 + cols);
+      const int64_t base = copy->load(p, head_id, kv, col0, col0 + cols);
       k = copy->k.get() + (col0 - base) * D, ldk = D;
       v = copy->v.get() + (col0 - base) * Dv, ldv = Dv;
     }
@@ -152,10 +150,10 @@ struct TilePanels {
   static int64_t k_width(const FlashParams& p) { return p.head_dim; }
   static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles::NR); }
   template <typename T>
-  static void copy(const FlashParams& p, const T* k_src, const T* v_src, int64_t n, float* k, float* v, int64_t at,
-                   int64_t capacity) {
-    tiles::pack_k(k_src, p.k_row_stride, n, p.head_dim, k + at * p.head_dim);
-    tiles::pack_v(v_src, p.v_row_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
+  static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, float* k, float* v,
+                   int64_t at, int64_t capacity) {
+    tiles::pack_k(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * p.head_dim);
+    tiles::pack_v(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
   }
 };
 
@@ -192,8 +190,8 @@ struct TileOperands {
     tiles::pack_q(q_rows, p.q_row_stride, rows, D, scale, q.get());
   }
 
-  void load_kv(const FlashParams& p, int64_t head_id, const T* k_head, const T* v_head, int64_t col0, int64_t cols) {
-    const int64_t base = copy.load(p, head_id, k_head, v_head, col0, col0 + cols);
+  void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t col0, int64_t cols) {
+    const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
     k = copy.k.get() + (col0 - base) * D;
     v = copy.v.get() + (col0 - base) * tiles::NR;
   }
@@ -220,10 +218,10 @@ struct Bf16Panels {
   static int64_t round_keys(int64_t n) { return tiles::round_up(n, 64); }
   static int64_t k_width(const FlashParams& p) { return tiles_bf16::pairs(p.head_dim); }
   static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles_bf16::NR) / 2; }
-  static void copy(const FlashParams& p, const c10::BFloat16* k_src, const c10::BFloat16* v_src, int64_t n, uint32_t* k,
+  static void copy(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t key0, int64_t n, uint32_t* k,
                    uint32_t* v, int64_t at, int64_t capacity) {
-    tiles_bf16::pack_k(k_src, p.k_row_stride, n, p.head_dim, k + at * k_width(p));
-    tiles_bf16::pack_v(v_src, p.v_row_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
+    tiles_bf16::pack_k(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * k_width(p));
+    tiles_bf16::pack_v(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
                        capacity * tiles_bf16::NR / 2);
   }
 };
@@ -269,9 +267,8 @@ struct Bf16DotOperands {
     tiles_bf16::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
   }
 
-  void load_kv(const FlashParams& p, int64_t head_id, const c10::BFloat16* k_head, const c10::BFloat16* v_head,
-               int64_t col0, int64_t cols) {
-    const int64_t base = copy.load(p, head_id, k_head, v_head, col0, col0 + cols);
+  void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t cols) {
+    const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
     k = copy.k.get() + (col0 - base) * d2;
     v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
   }
@@ -324,9 +321,9 @@ struct RowOperands {
     scale_row(q.get(), rows * D, scale);
   }
 
-  void load_kv(const FlashParams& p, int64_t, const T* k_head, const T* v_head, int64_t col0, int64_t) {
-    k = k_head + col0 * p.k_row_stride, ldk = p.k_row_stride;
-    v = v_head + col0 * p.v_row_stride, ldv = p.v_row_stride;
+  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t col0, int64_t) {
+    k = kv.k + col0 * kv.k_stride, ldk = kv.k_stride;
+    v = kv.v + col0 * kv.v_stride, ldv = kv.v_stride;
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
@@ -341,14 +338,16 @@ struct RowOperands {
 
 // Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys of KV): small calls
 // (decoding) then neither map nor fault in the full-size buffers.
-template <typename acc, typename KV>
+template <typename T, typename acc, typename KV>
 struct FwdWorkspace {
   KV kv;
+  PagedHead<T> paged;
   const int64_t lds;  // score row stride: bk rounded up to whole 16-key panels
   Scratch<acc> s, o, m, l;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks)
       : kv(p, bq, bk, num_q_blocks > 1),
+        paged(p),
         lds((bk + 15) / 16 * 16),
         s(scratch<acc>(bq * lds)),
         o(scratch<acc>(bq * kv.o_stride())),
@@ -367,46 +366,65 @@ void run_fwd(const FlashParams& p) {
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(KV::BLOCK_K, p.seqlen_k));
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
   acc* lse = static_cast<acc*>(p.lse);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  using Workspace = FwdWorkspace<acc, KV>;
+  using Workspace = FwdWorkspace<T, acc, KV>;
 
-  // Tasks are (batch, head, query block). With fewer than two per thread (decoding one
+  // Tasks are (sequence, head, query block). With fewer than two per thread (decoding one
   // sequence, few heads, many cores) each one's key blocks are also dealt round-robin into
   // `splits` tasks (as flash-decoding does): each keeps its unnormalised O, row max and
   // row sum, and the parts are merged in split order at the end (the result does not
   // depend on which thread ran what). Part memory: under 4 x threads query blocks' O.
-  const int64_t row_tasks = p.batch * H * num_q_blocks;
+  // Packed sequences each have their own number of query blocks: one table of all their
+  // tasks (the CPU reads cu_seqlens directly), first_task[b] the first of sequence b.
+  std::vector<int64_t> first_task;
+  if (p.cu_seqlens_q) {
+    first_task.assign(p.batch + 1, 0);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t blocks = (seq_view(p, b).seqlen_q + KV::BLOCK_Q - 1) / KV::BLOCK_Q;
+      first_task[b + 1] = first_task[b] + H * blocks;
+    }
+  }
+  const int64_t row_tasks = p.cu_seqlens_q ? first_task[p.batch] : p.batch * H * num_q_blocks;
+  // Row task -> (sequence, head, query block); within a head, the last query blocks see
+  // the most keys under causal masks: they come first.
+  struct RowTask {
+    int64_t b, h, q_block;
+  };
+  auto row_task_at = [&](int64_t t) -> RowTask {
+    if (first_task.empty()) {
+      const int64_t bh = t / num_q_blocks;
+      return {bh / H, bh % H, num_q_blocks - 1 - t % num_q_blocks};
+    }
+    // (the last sequence starting at or before t: empty sequences own no tasks)
+    const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
+    const int64_t blocks = (first_task[b + 1] - first_task[b]) / H, rest = t - first_task[b];
+    return {b, rest / blocks, blocks - 1 - rest % blocks};
+  };
   const int64_t splits = key_splits(row_tasks, (p.seqlen_k + block_k - 1) / block_k);
   const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);
 
-  // Query row i of head bh done: out = O / l, lse = m + log l; a row that saw no key gets
-  // out 0, lse -inf (never 0/0).
-  auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t bh, int64_t i) {
+  // Query row i of head h of sequence b (view sv) done: out = O / l, lse = m + log l; a
+  // row that saw no key gets out 0, lse -inf (never 0/0).
+  auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t b, int64_t h, const SeqView& sv, int64_t i) {
     const bool empty = l_row == acc(0);
-    const int64_t b = bh / H, h = bh % H;
     store_row<T, acc>(o_row, Dv, empty ? acc(0) : acc(1) / l_row,
-                      out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
-    lse[bh * p.seqlen_q + i] = empty ? neg_inf : m_row + std::log(l_row);
+                      out + b * p.o_batch_stride + h * p.o_head_stride + (sv.q_start + i) * p.o_row_stride);
+    lse[lse_index(p, sv, h, i)] = empty ? neg_inf : m_row + std::log(l_row);
   };
 
   auto body = [&](int64_t task, Workspace& ws) {
-    // Within a head, the last query blocks see the most keys under causal masks: hand
-    // them out first.
     const int64_t row_task = task / splits, split = task % splits;
-    const int64_t bh = row_task / num_q_blocks;
-    const int64_t q_block = num_q_blocks - 1 - row_task % num_q_blocks;
-    const int64_t b = bh / H, h = bh % H, hk = h / group;
-    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, p.seqlen_q - row0);
+    const auto [b, h, q_block] = row_task_at(row_task);
+    const int64_t hk = h / group;
+    const SeqView sv = seq_view(p, b);
+    const Band w = band(p, sv);
+    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
 
-    const T* q_blk = q + b * p.q_batch_stride + h * p.q_head_stride + row0 * p.q_row_stride;
-    const T* k_head = k + b * p.k_batch_stride + hk * p.k_head_stride;
-    const T* v_head = v + b * p.v_batch_stride + hk * p.v_head_stride;
+    const T* q_blk = q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride;
     ws.kv.load_q(p, q_blk, rows);
     const int64_t lds = ws.lds, ldo = ws.kv.o_stride();
     acc* s = ws.s.get();
@@ -417,7 +435,8 @@ void run_fwd(const FlashParams& p) {
     std::fill(m, m + rows, neg_inf);
     std::fill(l, l + rows, acc(0));
     const float slope = alibi_slope(p, b, h);
-    const KeyRange keys = visible_keys(p, row0, row0 + rows);
+    const KeyRange keys = visible_keys(w, row0, row0 + rows);
+    const KeyRows<T> kv = key_rows(p, sv, b, hk, ws.paged);
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
     // before keys.lo are then clipped like any other invisible ones).
@@ -426,27 +445,27 @@ void run_fwd(const FlashParams& p) {
       if (++block_index % splits != split) continue;  // another split's block
       const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
-      ws.kv.load_kv(p, b * p.num_heads_k + hk, k_head, v_head, col0, cols);
+      ws.kv.load_kv(p, b * p.num_heads_k + hk, kv, col0, cols);
       // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
       // whole block), each over only the keys its rows can see (the masked corner of a
       // causal diagonal block is not computed), or one panel of all rows.
-      const bool in_panels = KV::always_panels || !all_rows_see(p, row0, rows, col0, cols);
+      const bool in_panels = KV::always_panels || !all_rows_see(w, row0, rows, col0, cols);
       for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
         r1 = in_panels ? std::min(rows, r0 + KV::PANEL_Q) : rows;
-        if (in_panels && !all_rows_see(p, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
+        if (in_panels && !all_rows_see(w, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
         const KeyRange seen =
-            in_panels ? clip(visible_keys(p, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
+            in_panels ? clip(visible_keys(w, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
         const int64_t lo = seen.lo, n = seen.hi - seen.lo;
         if (n == 0) continue;  // these rows see none of this block
         ws.kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
         // Without softcap, ALiBi or bias, and with every row seeing all n keys, the scores
         // are the logits (the common case: skip the per-row transform).
         const bool logits =
-            p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(p, row0 + r0, r1 - r0, col0 + lo, n);
+            p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
         for (int64_t r = r0; r < r1; ++r) {
           acc* srow = s + r * lds + lo;
           if (!logits) {
-            transform_scores<T, acc>(p, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
+            transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
                                      nullptr);
           }
           // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
@@ -462,7 +481,9 @@ void run_fwd(const FlashParams& p) {
           const acc rescale = m_new == m[r] ? acc(1) : std::exp(m[r] - m_new);  // 0 when m[r] is -inf
           const acc sum = exp_shift_sum(srow, n, m_new);
           // The softmax is normalised before dropout: l sums the undropped probabilities.
-          if (p.dropout_p > 0.f) apply_dropout(p, srow, n, b, h, row0 + r, col0 + lo, ws.keep.get());
+          if (p.dropout_p > 0.f) {
+            apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
+          }
           if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
           l[r] = l[r] * rescale + sum;
           m[r] = m_new;
@@ -478,7 +499,7 @@ void run_fwd(const FlashParams& p) {
       std::copy(l, l + rows, part_l.get() + part0);
       return;
     }
-    for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], bh, row0 + r);
+    for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], b, h, sv, row0 + r);
   };
 
   for_each_task(
@@ -489,9 +510,10 @@ void run_fwd(const FlashParams& p) {
       std::vector<acc> row(Dv);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t row_task = idx / block_q, r = idx % block_q;
-        const int64_t bh = row_task / num_q_blocks, q_block = num_q_blocks - 1 - row_task % num_q_blocks;
+        const auto [b, h, q_block] = row_task_at(row_task);
+        const SeqView sv = seq_view(p, b);
         const int64_t i = q_block * KV::BLOCK_Q + r;
-        if (i >= p.seqlen_q) continue;  // past the last block's rows
+        if (i >= sv.seqlen_q) continue;  // past the last block's rows
         const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
         acc m = neg_inf;
         for (int64_t sp = 0; sp < splits; ++sp) {  // a NaN maximum (NaN query row) is kept
@@ -509,7 +531,7 @@ void run_fwd(const FlashParams& p) {
             for (int64_t d = 0; d < Dv; ++d) row[d] += part_o[at * Dv + d] * w;
           }
         }
-        store_out(row.data(), m, l, bh, i);
+        store_out(row.data(), m, l, b, h, sv, i);
       }
     });
   }
