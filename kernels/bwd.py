@@ -502,14 +502,14 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
     varlen_q, varlen_k = sa.flags["VARLEN_Q"], sa.flags["VARLEN_K"]
     if attn_bias is not None and (varlen_q or varlen_k):
         raise ValueError("attn_bias is not supported with cu_seqlens / block_table")
-    del sa.flags["PAGED"]
+    flags = {name: on for name, on in sa.flags.items() if name != "PAGED"}  # no paged backward kernels
     batch, seqlen_q, seqlen_k = sa.batch, sa.seqlen_q, sa.seqlen_k
     num_heads, head_dim = q.shape[2], q.shape[3]
     num_heads_k = k.shape[2]
     head_dim_v = v.shape[-1]
     # rows the kernels do not write (in no sequence, keys past seqused_k) must read 0
     zero_q = varlen_q
-    zero_k = varlen_k or sa.flags["HAS_SEQUSED"]
+    zero_k = varlen_k or flags["HAS_SEQUSED"]
     dq = (torch.zeros if zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
     dk = (torch.zeros if zero_k else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
     dv = (torch.zeros if zero_k else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
@@ -539,7 +539,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
-        **sa.flags,
+        **flags,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),

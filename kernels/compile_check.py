@@ -33,12 +33,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from . import bwd, common, fwd  # noqa: E402
 
 _F32_PTRS = {"Lse", "Delta", "Alibi", "DBias"}
+_I32_PTRS = {"CuSeqQ", "CuSeqK", "SeqUsedK", "BlockTable"}
 _PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "Bias"} | _F32_PTRS
 _FLOATS = {"qk_scale2", "softcap_in", "softcap2", "scale", "p_drop", "inv_keep"}
 _I64 = {"seed", "rng_offset"}
 # Integer arguments a typical call passes as multiples of 16 (the JIT marks them
 # tt.divisibility=16): every stride, the sizes of a 4096-token, 16-head, D=128 problem.
-_DIVISIBLE = {"seqlen_q", "seqlen_k", "head_dim", "head_dim_v", "num_heads", "num_heads_k", "diag"}
+_DIVISIBLE = {"seqlen_q", "seqlen_k", "total_q", "total_k", "head_dim", "head_dim_v", "num_heads", "num_heads_k",
+              "diag", "page_size", "num_pages"}
 # ... and the ones it passes as exactly 1 (the JIT makes those constexpr 1): an MHA group,
 # one dK/dV split, a bias read with unit column stride.
 _ONE = {"group", "nsplit", "stride_bn"}
@@ -53,7 +55,7 @@ def _jit_specialisation(jitfn, consts: dict) -> tuple[dict, dict]:
             continue
         if name in _ONE:
             cex[name] = 1
-        elif name in _PTRS or name == "Rng" or name.startswith("stride_") or name in _DIVISIBLE:
+        elif name in _PTRS or name in _I32_PTRS or name == "Rng" or name.startswith("stride_") or name in _DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return cex, attrs
 
@@ -72,6 +74,8 @@ def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: 
             sig[name] = "*u8"
         elif name == "Rng":
             sig[name] = "*i64"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
         elif name in _PTRS:
             sig[name] = "*fp32" if name in _F32_PTRS else f"*{dtype}"
         elif name in _I64:
@@ -98,10 +102,24 @@ def _ptxas_info(kernel, arch: int) -> str:
     return " | ".join(keep)
 
 
+# dense calls: no packed sequences, no pages (the bwd kernels have no PAGED)
+_DENSE = dict(VARLEN_Q=False, VARLEN_K=False, HAS_SEQUSED=False, BOTTOM_RIGHT=False)
+_DENSE_FWD = dict(_DENSE, PAGED=False)
+
+
+def _seq_consts(fn, consts: dict) -> dict:
+    """consts with the sequence-layout constexprs (dense unless given) the kernel takes."""
+    if "VARLEN_Q" not in fn.arg_names:
+        return consts
+    return dict(_DENSE_FWD if "PAGED" in fn.arg_names else _DENSE, **consts)
+
+
 def cases():
     base = dict(HAS_LEFT=False, HAS_RIGHT=False, HAS_SOFTCAP=False, HAS_ALIBI=False, BLOCK_D=128, BLOCK_DV=128,
                 EVEN_D=True, EVEN_DV=True, PREC="tf32",
                 HAS_BIAS=False, BIAS_IS_BOOL=False, HAS_DROPOUT=False)
+    varlen = dict(base, HAS_RIGHT=True, HAS_DROPOUT=True, VARLEN_Q=True, VARLEN_K=True, HAS_SEQUSED=True,
+                  BOTTOM_RIGHT=True)
     bias = dict(base, HAS_RIGHT=True, HAS_BIAS=True)
     mask_drop = dict(base, HAS_BIAS=True, BIAS_IS_BOOL=True, HAS_DROPOUT=True)
     bias_drop = dict(base, HAS_RIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True)
@@ -126,6 +144,10 @@ def cases():
         ("dq", bwd._dq_kernel, "bf16", dict(base, HAS_RIGHT=True, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("dq_every_feature", bwd._dq_kernel, "fp16", dict(every, BIAS_GRAD=False, BLOCK_M=64, BLOCK_N=32), 4, 3),
         ("delta", bwd._delta_kernel, "bf16", dict(BLOCK_DV=128, BLOCK_M=64, BLOCK_N=0), 4, 1),
+        ("fwd_varlen", fwd._fwd_kernel, "bf16", dict(varlen, PAGED=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("fwd_paged", fwd._fwd_kernel, "bf16", dict(varlen, PAGED=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        ("dkdv_varlen", bwd._dkdv_kernel, "bf16", dict(varlen, BLOCK_M=32, BLOCK_N=128), 8, 3),
+        ("dq_varlen", bwd._dq_kernel, "bf16", dict(varlen, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
     ]
 
 
@@ -162,7 +184,8 @@ def main(argv=None) -> int:
             continue
         t0 = time.time()
         try:
-            k = compile_kernel(fn, dtype, consts, warps, stages, args.arch, specialize=not args.no_specialize)
+            k = compile_kernel(fn, dtype, _seq_consts(fn, consts), warps, stages, args.arch,
+                               specialize=not args.no_specialize)
         except Exception as e:  # report every failure, then exit non-zero
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}")

@@ -165,7 +165,7 @@ def _check(seqs_q, seqs_k, h, hk, d, dtype, *, seed, grad=True, scale=None, soft
         assert_rule(name, got.grad, r.grad, n.grad, GRAD_FACTOR, seed, atol)
     # rows in no sequence (and keys past seqused_k) get exactly 0
     assert not leaves[0].grad[:, nrows:].any()
-    key_rows = torch.zeros(total_k, dtype=torch.bool)
+    key_rows = torch.zeros(total_k, dtype=torch.bool, device=DEVICE)
     for _, _, k0, k1 in spans:
         key_rows[k0:k1] = True
     assert not leaves[1].grad[:, ~key_rows].any() and not leaves[2].grad[:, ~key_rows].any()
@@ -206,6 +206,7 @@ def _paged(k_seqs, page_size, hk, d, dtype, gen):
         table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
         j = torch.arange(n)
         idx = torch.tensor(pages, dtype=torch.long)[j // page_size] if n else j
+        idx, j = idx.to(DEVICE), j.to(DEVICE)
         keys.append(kp[idx, j % page_size].unsqueeze(0))
         vals.append(vp[idx, j % page_size].unsqueeze(0))
     return kp, vp, table.to(DEVICE), keys, vals
@@ -258,7 +259,7 @@ def test_dense_bottom_right_seqused():
               seqused_k=torch.tensor(used, dtype=torch.int32, device=DEVICE), bottom_right=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = _Packed.apply(*leaves, kw)
-    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     (out * dout.float()).sum().backward()
     for b in range(b_):
         n = used[b]
@@ -285,7 +286,7 @@ def test_errors():
     table = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
     cu = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="forward-only"):
-        flash_bwd(q, q, k, k, q, torch.zeros(1, 2, 5), None, 1.0, 0.0, -1, -1, 0, block_table=table)
+        flash_bwd(q, q, k, k, q, torch.zeros(1, 2, 5, device=DEVICE), None, 1.0, 0.0, -1, -1, 0, block_table=table)
     bias = torch.zeros(1, 2, 5, 5, device=DEVICE)
     with pytest.raises(ValueError, match="attn_bias"):
         flash_fwd(q, q, q, None, 1.0, 0.0, -1, -1, 0, attn_bias=bias, cu_seqlens_q=cu, cu_seqlens_k=cu,
