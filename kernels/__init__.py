@@ -2,6 +2,9 @@
 
 ``flash_fwd`` / ``flash_bwd`` are plain launchers over tensors (q (B, Sq, H, D),
 k (B, Sk, Hk, D), v (B, Sk, Hk, Dv), any strides); the API layer validates input.
+Packed sequences (``cu_seqlens_q`` / ``cu_seqlens_k``, ``seqused_k``) and paged K/V
+(``block_table``, forward only) run in the same single launch, dense being the case
+without them; per-sequence addressing is ``common.seq_info`` (csrc/flash_params.h seq_view).
 Optional attention bias / bool mask (B, H, Sq, Sk) read through its strides, and
 Philox dropout keyed by ``rng_state`` = [seed, offset]; ``dropout_mask`` returns the keep
 mask the kernels draw for a given ``rng_state`` (test hook).
