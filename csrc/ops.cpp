@@ -170,13 +170,13 @@ TORCH_LIBRARY(flashattn, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
       "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, "
-      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, int max_seqlen_q, "
-      "int max_seqlen_k, bool bottom_right) -> (Tensor out, Tensor lse)");
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, bool bottom_right) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
       "Tensor? attn_bias, float scale, float softcap, int window_left, int window_right, int diag_offset, "
       "float dropout_p, Tensor? rng_state, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
-      "Tensor? block_table, int max_seqlen_q, int max_seqlen_k, bool bottom_right, bool deterministic, "
+      "Tensor? block_table, SymInt max_seqlen_q, SymInt max_seqlen_k, bool bottom_right, bool deterministic, "
       "bool bias_requires_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   m.def("dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");

@@ -48,8 +48,9 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int,
-               min_head_dim: int = 1) -> None:
-    """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected).
+               min_head_dim: int = 1, paged: bool = False) -> None:
+    """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected;
+    ``paged``: k / v are page pools, whose first dim counts pages, not sequences).
     (Each attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
     nq, nk, nv = names
     qs, ks, vs = q.shape, k.shape, v.shape
@@ -67,7 +68,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
     if k.device != device or v.device != device:
         raise ArgumentError(f"{nq}, {nk}, {nv}: Expected query, key, and value to be on the same device, but got "
                             f"{nq}.device: {q.device} {nk}.device: {k.device} and {nv}.device: {v.device} instead.")
-    if not (qs[0] == ks[0] == vs[0]):
+    if not (ks[0] == vs[0] and (paged or qs[0] == ks[0])):
         raise ArgumentError(f"{nq}, {nk}, {nv}: batch sizes differ: {qs[0]}, {ks[0]}, {vs[0]}")
     if ks[seq_dim] != vs[seq_dim]:
         raise ArgumentError(f"{nk}, {nv}: sequence lengths differ: {ks[seq_dim]} vs {vs[seq_dim]}")
@@ -276,7 +277,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         raise ArgumentError(f"k, v: shapes differ before the head dim: {tuple(k.shape)} vs {tuple(v.shape)}")
     q4 = q.unsqueeze(0)
     k4, v4 = (k, v) if paged else (k.unsqueeze(0), v.unsqueeze(0))
-    _check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    _check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1, paged=paged)
     cu_seqlens_q = _index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 0:
@@ -319,8 +320,8 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         q4, k4, v4, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), softcap=float(softcap),
         alibi_slopes=alibi_slopes, window_left=int(window[0]), window_right=int(window[1]), diag_offset=0,
         dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k), bottom_right=True,
+        cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, bottom_right=True,
     )
     return out[0], lse[0]
 

@@ -100,8 +100,8 @@ _OPTIONS = (
     Arg("cu_seqlens_k", "Tensor?"),
     Arg("seqused_k", "Tensor?"),
     Arg("block_table", "Tensor?"),
-    Arg("max_seqlen_q", "int", 0),
-    Arg("max_seqlen_k", "int", 0),
+    Arg("max_seqlen_q", "SymInt", 0),  # (SymInt: torch.compile keeps them symbolic, no recompiles)
+    Arg("max_seqlen_k", "SymInt", 0),
     Arg("bottom_right", "bool", False),
     Arg("deterministic", "bool", False),  # the forward keeps it for the backward
 )
