@@ -111,9 +111,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   const int g = lane >> 2, t4 = lane & 3;
   const int rg = warp / kDSplit, dpart = warp % kDSplit;
   const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
-  // Sq again inside the main loop, re-derived (dense: the param; packed: cu_seqlens_q, an
-  // L1 hit) rather than held in a register across it: the kernel sits at its cap.
-  const auto seqlen_q = [&] { return static_cast<int>(seq_view(p, grid_pos(n_nblocks, p.num_heads).b).seqlen_q); };
+  // The sequence again inside the main loop, re-derived (dense: the params; packed:
+  // cu_seqlens reads, L1 hits) rather than its lengths and diagonal held in registers
+  // across it: the kernel sits at its register cap.
+  const auto seq_now = [&] { return seq_view(p, grid_pos(n_nblocks, p.num_heads).b); };
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int hk = h / args.heads_per_kv;
   const bool compute_dq = !p.deterministic;
@@ -215,9 +216,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       }
     }
 
-    // P^T and dS^T, elementwise. The element mask is skipped when every query of the block
-    // is visible to this thread's key rows (keys past the sequence have q_hi = -1).
-    const bool full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM - 1 && q_hi[1] >= m0 + kBM - 1;
+    // P^T and dS^T, elementwise. A block needs the element mask unless every (query, key)
+    // pair of it is visible: from the sequence re-derived (kExt), or per thread from its key
+    // rows' query ranges (plain; keys past the sequence have q_hi = -1). Each form is the
+    // one that keeps that variant's spills down.
+    bool full;
+    if constexpr (kExt) {
+      const SeqView sn = seq_now();
+      full = (n0 + kBN <= sn.seqlen_k) &&
+             (p.window_left < 0 || int64_t(n0) >= int64_t(m0) + kBM - 1 + sn.diag_offset - p.window_left) &&
+             (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + sn.diag_offset + p.window_right);
+    } else {
+      full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM - 1 && q_hi[1] >= m0 + kBM - 1;
+    }
 #pragma unroll
     for (int nt = 0; nt < kST; ++nt) {
 #pragma unroll
@@ -250,7 +261,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
             z = args.drop.factor(d, j & 3);
           }
           float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
-          if (p.dbias != nullptr && dpart == 0 && i < p.seqlen_q && j < p.seqlen_k) p.dbias[(row0 + i) * p.seqlen_k + j] = ds;
+          if (p.dbias != nullptr && dpart == 0 && i < p.seqlen_q && j < p.seqlen_k) {
+            p.dbias[(row0 + i) * p.seqlen_k + j] = ds;  // dense: row0 = (b * H + h) * Sq
+          }
           if (has_softcap) ds *= 1.f - th * th;
           acc_s[nt][e] = pr * z;
           acc_dp[nt][e] = ds;
@@ -298,13 +311,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
 
     __syncthreads();  // everyone is done with sdO, sQ, sLse, sDelta; sdS is complete
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM, sq_now = seqlen_q();
+      const int m1 = m0 + kBM, sq_now = static_cast<int>(seq_now().seqlen_q);
       load_tile<T, kBM, kD, kThreads>(sdO, do_base + m1 * p.do_row_stride, p.do_row_stride, sq_now - m1, Dv,
                                       args.vec_do);
     }
     cp_async_commit();
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM, sq_now = seqlen_q();
+      const int m1 = m0 + kBM, sq_now = static_cast<int>(seq_now().seqlen_q);
       load_tile<T, kBM, kD, kThreads>(sQ, q_base + m1 * p.q_row_stride, p.q_row_stride, sq_now - m1, D, args.vec_q);
       load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m1, sq_now);
     }
@@ -318,7 +331,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       constexpr int kCW = kDQ % 32 == 0 ? 32 : 16;  // columns per chunk
       static_assert(kDQ % kCW == 0, "dQ column chunks");
       const int it = warp % kITiles, dg = warp / kITiles;
-      const int sq_now = seqlen_q();
+      const int sq_now = static_cast<int>(seq_now().seqlen_q);
 #pragma unroll
       for (int c = 0; c < kDQ / kCW; ++c) {
         const int dbase = dg * kDQ + c * kCW;

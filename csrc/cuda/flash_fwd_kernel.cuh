@@ -38,7 +38,7 @@ struct FwdTraits {
   static constexpr int kStride = kD + kPad;
   static constexpr int kSmem = (kBM + 2 * kBN) * kStride * int(sizeof(T));
   // CTAs per SM the register budget is sized for (255 / 128 / 168 registers per thread).
-  // The kExt variant (bias / dropout) gets one CTA per SM less where that avoids spills.
+  // The kExt variant (bias / dropout / paged K, V) gets one CTA per SM less where that avoids spills.
   static constexpr int kMinBlocks = kD > 128 ? 1 : (kWarps == 8 ? (kExt ? 1 : 2) : (kExt ? 2 : 3));
   static_assert(kMT >= 1 && kBM == kMT * 16 * kWarps, "bad block M");
   static_assert(kBN % 16 == 0 && kD % 16 == 0, "bad tile");

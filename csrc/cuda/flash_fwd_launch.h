@@ -20,7 +20,7 @@ struct FwdArgs {
 };
 
 // Launches the forward for head dims in the bucket kD (round_head_dim: 32, 64, 96, 128,
-// 256), plain or kExt (bias / dropout) variant by args. Defined in flash_fwd_kernel.cuh,
+// 256), plain or kExt (bias / dropout / paged K, V) variant by args. Defined in flash_fwd_kernel.cuh,
 // explicitly instantiated for __half and __nv_bfloat16 in flash_fwd_hdim<kD>.cu.
 template <typename T, int kD>
 cudaError_t run_fwd_hdim(const FwdArgs& args, cudaStream_t stream);
