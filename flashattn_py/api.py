@@ -261,7 +261,8 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
             max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
             dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
-            alibi_slopes: Optional[Tensor], deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
+            alibi_slopes: Optional[Tensor], deterministic: bool, backend: str,
+            bottom_right: bool = True) -> tuple[Tensor, Tensor]:
     """Packed sequences in one call: q (total_q, H, D), k / v (total_k, Hk, D) or a page
     pool (num_pages, page_size, Hk, D) with ``block_table``; validates, then runs the
     kernels on (1, total, H, D) views. Returns out (total_q, H, Dv) and lse (H, total_q)."""
@@ -321,9 +322,48 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         alibi_slopes=alibi_slopes, window_left=int(window[0]), window_right=int(window[1]), diag_offset=0,
         dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, bottom_right=True,
+        max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
     )
     return out[0], lse[0]
+
+
+def _jagged_parts(name: str, t: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A jagged nested tensor (B, H, j, D) (torch's SDPA layout: the ragged dim third) as
+    packed rows (total, H, D), its int32 offsets (B + 1,) and its longest sequence."""
+    if not t.is_nested or t.layout != torch.jagged or t.dim() != 4 or t._ragged_idx != 2:
+        raise ArgumentError(f"{name}: expected a jagged nested tensor (B, H, j, D) (torch.jagged layout, ragged "
+                            f"dim 2, as torch's SDPA takes them), got "
+                            f"{'a nested' if t.is_nested else 'a dense'} tensor of {t.dim()} dims")
+    rows = t.transpose(1, 2)  # (B, j, H, D): its values are the packed (total, H, D) rows
+    return rows.values(), rows.offsets().to(torch.int32), rows._get_max_seqlen()
+
+
+def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: float, is_causal: bool,
+                 scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """scaled_dot_product_attention on jagged nested tensors (B, H, j, D), as torch's SDPA
+    takes them: every sequence in one launch of the packed-sequence kernels, offsets from the
+    nested tensors; causal aligned top-left per sequence (torch's convention). Returns a
+    jagged nested tensor (B, H, j_q, Dv)."""
+    if attn_mask is not None:
+        raise ArgumentError("attn_mask: not supported with nested (jagged) inputs (as in torch's fused kernels)")
+    q, cu_q, max_q = _jagged_parts("query", query)
+    k, cu_k, max_k = _jagged_parts("key", key)
+    v, cu_v, _ = _jagged_parts("value", value)
+    if cu_q.shape != cu_k.shape or cu_k.shape != cu_v.shape:
+        raise ArgumentError(f"query, key, value: batch sizes differ: {cu_q.shape[0] - 1}, {cu_k.shape[0] - 1}, "
+                            f"{cu_v.shape[0] - 1}")
+    if key is not value and not torch.equal(cu_k, cu_v):
+        raise ArgumentError("key, value: sequence lengths differ")
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ArgumentError(f"query, key: head counts differ ({q.shape[1]} vs {k.shape[1]}); pass enable_gqa=True "
+                            f"for GQA")
+    q, k, v, _ = _autocast(q, k, v, None)
+    out, _ = _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None, block_table=None, dropout_p=dropout_p,
+                     scale=scale, window=(-1, 0) if is_causal else (-1, -1), softcap=0.0, alibi_slopes=None,
+                     deterministic=False, backend="auto", bottom_right=False)
+    nested = torch.nested.nested_tensor_from_jagged(out, query.transpose(1, 2).offsets(), min_seqlen=None,
+                                                    max_seqlen=max_q)
+    return nested.transpose(1, 2)
 
 
 def flash_attn_varlen_func(
@@ -595,6 +635,8 @@ def scaled_dot_product_attention(
     """
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
+    if query.is_nested or key.is_nested or value.is_nested:
+        return _nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise ArgumentError(
             f"query, key, value: Expected query, key, and value to all be at least 2 dimensional, but got "

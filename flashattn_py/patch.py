@@ -19,7 +19,8 @@ training mode or with gradients enabled (or disable the fast path,
 ``torch.backends.mha.set_fastpath_enabled(False)``) to route them through the patch.
 
 Calls ours can't serve go to the function that was there before patching (torch's own):
-invalid arguments (our ``ArgumentError``/TypeError), nested tensors, non-float dtypes, head
+invalid arguments (our ``ArgumentError``/TypeError), nested tensors other than jagged ones
+(those are served by the packed-sequence kernels), non-float dtypes, head
 dims beyond ``MAX_HEAD_DIM``, and problems no fused backend supports (we don't use our
 reference there: torch's own is the better fallback), unless a backend is forced with
 ``use_backend`` / ``FLASHATTN_BACKEND``. Inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``
@@ -85,8 +86,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             return f"{name} is not a tensor"
-        if t.is_nested or t.layout != torch.strided:
-            return f"{name} is nested or not strided"
+        if t.layout != torch.strided and not (t.is_nested and t.layout == torch.jagged):
+            return f"{name} is neither strided nor a jagged nested tensor"
         if t.dtype not in _FLOATS:
             return f"{name} dtype {t.dtype}"
         if t.dim() < 2:

@@ -33,6 +33,9 @@ def _has_cuda_kernel() -> bool:
 if not _has_cuda_kernel():
     pytest.skip("needs a CUDA GPU and the compiled CUDA ops", allow_module_level=True)
 
+# The packed-sequence arguments of the compiled ops (cu_seqlens_q, cu_seqlens_k, seqused_k,
+# block_table, max_seqlen_q, max_seqlen_k, bottom_right) in a dense call.
+DENSE = (None, None, None, None, 0, 0, False)
 DEV = "cuda"
 
 
@@ -54,7 +57,8 @@ class _FlashCuda(torch.autograd.Function):
         b, sq, h, _ = q.shape
         sk = k.shape[1]
         bias4 = _expand_bias(bias, b, h, sq, sk)
-        out, lse = torch.ops.flashattn.fwd(q, k, v, alibi, bias4, scale, softcap, wl, wr, off, dropout_p, rng_state)
+        out, lse = torch.ops.flashattn.fwd(q, k, v, alibi, bias4, scale, softcap, wl, wr, off, dropout_p, rng_state,
+                                           *DENSE)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.alibi, ctx.bias4, ctx.rng_state = alibi, bias4, rng_state
         ctx.bias_shape = None if bias is None else bias.shape
@@ -69,7 +73,7 @@ class _FlashCuda(torch.autograd.Function):
             dout = dout.contiguous()
         bias_grad = ctx.bias_shape is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = torch.ops.flashattn.bwd(dout, q, k, v, out, lse, ctx.alibi, ctx.bias4, scale, softcap, wl,
-                                                    wr, off, dropout_p, ctx.rng_state, det, bias_grad)
+                                                    wr, off, dropout_p, ctx.rng_state, *DENSE, det, bias_grad)
         db = None
         if bias_grad:
             assert dbias.shape == ctx.bias4.shape and dbias.dtype == torch.float32
@@ -96,7 +100,7 @@ def _fwd(q, k, v, scale, *, bias=None, wl=-1, wr=-1, off=0, dropout_p=0.0, rng_s
     b, sq, h, _ = q.shape
     return torch.ops.flashattn.fwd(q.detach(), k.detach(), v.detach(), None,
                                    _expand_bias(bias, b, h, sq, k.shape[1]), scale, 0.0, wl, wr, off, dropout_p,
-                                   rng_state)
+                                   rng_state, *DENSE)
 
 
 def _case(b, sq, sk, h, hk, d, dtype, *, seed, dv=None, softcap=0.0, alibi=False, wl=-1, wr=-1, off=0,
@@ -356,7 +360,7 @@ def test_dropout_same_rng_same_output_and_matches_cpu():
     assert torch.equal(a, a2) and not torch.equal(a, c)
     # The CPU kernel (same Philox stream) on the same inputs: the same dropped pattern.
     cpu, _ = torch.ops.flashattn.fwd(q.detach().float().cpu(), k.detach().float().cpu(), v.detach().float().cpu(),
-                                     None, None, 0.125, 0.0, -1, -1, 0, p, _rng(5, 1))
+                                     None, None, 0.125, 0.0, -1, -1, 0, p, _rng(5, 1), *DENSE)
     assert torch.allclose(a.float().cpu(), cpu, atol=2e-2, rtol=2e-2)
     # Backward twice with the same rng state: bitwise identical (deterministic mode).
     grads = []

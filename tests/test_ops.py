@@ -43,11 +43,20 @@ def test_opcheck_with_bias_and_dropout():
 
 def test_opcheck_compiled_ops():
     q, k, v, *_ = fwd_args()
-    args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None)
+    dense = (None, None, None, None, 0, 0, False)  # no packed sequences, no pages
+    args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None, *dense)
     torch.library.opcheck(torch.ops.flashattn.fwd.default, args)
     out, lse = torch.ops.flashattn.fwd(*args)
     torch.library.opcheck(torch.ops.flashattn.bwd.default,
                           (torch.randn_like(out), *args[:3], out, lse, *args[3:], False, False))
+    # packed sequences: (1, total, H, D) with offsets
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    packed = (q.detach()[:1, :12], k.detach()[:1, :12], v.detach()[:1, :12], None, None, 0.25, 0.0, -1, 0, 0, 0.0,
+              None, cu, cu, None, None, 7, 7, True)
+    torch.library.opcheck(torch.ops.flashattn.fwd.default, packed)
+    out, lse = torch.ops.flashattn.fwd(*packed)
+    torch.library.opcheck(torch.ops.flashattn.bwd.default,
+                          (torch.randn_like(out), *packed[:3], out, lse, *packed[3:], False, False))
     torch.library.opcheck(torch.ops.flashattn.dropout_mask.default, (ops.dropout_rng_state(), 1, 2, 5, 7, 0.3))
 
 
@@ -116,7 +125,9 @@ def test_inference_calls_stay_visible_to_fake_mode_and_make_fx():
 
 
 def _op_path(q, k, v, slopes, bias, scale, softcap, left, right, offset, dropout_p, rng):
-    return ops.attn_fwd(q, k, v, slopes, bias, scale, softcap, left, right, offset, dropout_p, rng, False, "cpu")
+    return ops.attn_fwd(*ops.fwd_args(q, k, v, alibi_slopes=slopes, attn_bias=bias, scale=scale, softcap=softcap,
+                                      window_left=left, window_right=right, diag_offset=offset, dropout_p=dropout_p,
+                                      rng_state=rng, backend="cpu"))
 
 
 @pytest.mark.parametrize("heads_first", [False, True])

@@ -138,3 +138,55 @@ def test_attention_function_signature():
         flashattn_attention_forward(_Module(), q, k, v, None, softcap=30.0)
     with pytest.raises(ValueError, match="flash"):
         register("flashattn_py")
+
+
+def test_padding_free_packed_documents_match_eager_per_document(monkeypatch):
+    # DataCollatorWithFlattening's inputs: documents packed into one row, position_ids
+    # restarting at each, labels -100 on each document's first token. Ours runs them through
+    # the packed-sequence kernels (no mask built); truth is each document alone in float64.
+    lengths = [7, 12, 1, 20]
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = torch.cat([torch.cat([torch.tensor([-100]), d[1:]]) for d in docs])[None]
+
+    varlen_calls = []
+    real = api.flash_attn_varlen_func
+    monkeypatch.setattr(api, "flash_attn_varlen_func",
+                        lambda *a, **k: varlen_calls.append(1) or real(*a, **k))
+    built = []
+    from flashattn_py.integrations import transformers as integration
+    real_build = integration.DeferredMask.build
+    monkeypatch.setattr(integration.DeferredMask, "build", lambda self: built.append(1) or real_build(self))
+
+    base = _llama()
+
+    def per_document(model):  # eager, one document at a time: (logits, summed loss)
+        logits, loss_sum = [], 0.0
+        for d in docs:
+            out = model(input_ids=d[None], labels=d[None] if len(d) > 1 else None)
+            logits.append(out.logits[0])
+            if len(d) > 1:
+                loss_sum = loss_sum + out.loss * (len(d) - 1)
+        return torch.cat(logits), loss_sum / sum(n - 1 for n in lengths)
+
+    results = {}
+    for label, dtype, impl in (("ref", torch.float64, "eager"), ("naive", torch.float32, "eager"),
+                               ("ours", torch.float32, NAME)):
+        model = copy.deepcopy(base).to(dtype)
+        model.config._attn_implementation = impl
+        if impl == NAME:
+            out = model(input_ids=ids, position_ids=position_ids, labels=labels)
+            logits, loss = out.logits[0], out.loss
+        else:
+            logits, loss = per_document(model)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        results[label] = (logits.detach(), loss.detach(), grads)
+    assert varlen_calls and not built  # the packed path, every layer, and no mask
+    ref, naive, ours = results["ref"], results["naive"], results["ours"]
+    assert_rule("logits", ours[0], ref[0], naive[0], OUT_FACTOR)
+    assert_rule("loss", ours[1], ref[1], naive[1], OUT_FACTOR)
+    for name in ref[2]:
+        assert_rule(f"grad {name}", ours[2][name], ref[2][name], naive[2][name], GRAD_FACTOR, atol=1e-5)

@@ -10,10 +10,16 @@ name contains "flash" as a flash-attn kernel (``is_flash_attention_requested``):
 import it as one and builds 2-D (unpadded) masks for it. Ours takes SDPA's inputs instead.
 
 ``register()`` adds the attention function to transformers' ``AttentionInterface`` and,
-when the installed transformers has ``AttentionMaskInterface``, registers its SDPA mask
-builder under the same name, so models build the same masks they build for ``"sdpa"``
-(None when a pure causal mask can be expressed as ``is_causal``, else a 4-D bool mask with
-True = attend, covering padding, sliding windows and packed sequences).
+when the installed transformers has ``AttentionMaskInterface``, a mask builder under the
+same name: transformers' SDPA one (None when a pure causal mask can be expressed as
+``is_causal``, else a 4-D bool mask with True = attend, covering padding, sliding windows
+and packed sequences), deferred for one-row batches without a padding mask.
+
+Padding-free training (``DataCollatorWithFlattening``: documents packed into one row,
+``position_ids`` restarting at each): the attention function finds the documents from
+``position_ids`` and runs them through the packed-sequence kernels
+(``flash_attn_varlen_func``), one launch, no mask. The deferred mask is built only when a
+layer needs it (no packing, or a sliding window).
 """
 from __future__ import annotations
 
@@ -60,6 +66,11 @@ def flashattn_attention_forward(
         raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if isinstance(attention_mask, DeferredMask):
+        packed = _packed_documents(kwargs.get("position_ids"), query, module, dict(kwargs, key_len=key.shape[2]))
+        if packed is not None:
+            return _packed_attention(query, key, value, packed, scaling, dropout, causal), None
+        attention_mask = attention_mask.build()
     # As transformers' sdpa: the kernel's causal flag only when there is no mask and more than
     # one query (a single decoding query sees every cached key). Shape check first so that
     # compiled graphs with dynamic shapes keep a plain bool.
@@ -77,6 +88,59 @@ def flashattn_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+class DeferredMask:
+    """The mask transformers' SDPA builder would give, built on first use (then kept: the
+    layers of one forward share it). Given to models for one-row batches without a padding
+    mask, where packed documents need no mask at all (``flashattn_attention_forward``)."""
+
+    def __init__(self, builder, kwargs: dict):
+        self._builder, self._kwargs = builder, kwargs
+        self._built = False
+        self._mask = None
+
+    def build(self) -> Optional[Tensor]:
+        if not self._built:
+            self._mask, self._built = self._builder(**self._kwargs), True
+        return self._mask
+
+
+def _packed_documents(position_ids: Optional[Tensor], query: Tensor, module, kwargs):
+    """(cu_seqlens (docs + 1,) int32, longest) when one row holds several documents
+    (``position_ids`` restarting), the layer has no sliding window, and no cache is in use;
+    else None. Reads position_ids on the host (as transformers' flash path does)."""
+    q_len = query.shape[2]
+    if position_ids is None or query.shape[0] != 1 or q_len < 2 or position_ids.shape[-1] != q_len or \
+            kwargs.get("key_len", q_len) != q_len:
+        return None
+    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
+        return None
+    positions = position_ids.reshape(-1)
+    starts = (positions == positions.min()).nonzero().view(-1)
+    if starts.numel() < 2:
+        return None  # one document: the plain causal call (the deferred mask is None then)
+    total = torch.tensor([positions.numel()], device=starts.device)
+    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
+def _packed_attention(query: Tensor, key: Tensor, value: Tensor, packed, scaling, dropout, causal) -> Tensor:
+    """The documents of a one-row batch, each attending within itself: (1, S, H, D) out."""
+    cu_seqlens, longest = packed
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
+    out = api.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, dropout_p=float(dropout),
+                                     softmax_scale=scaling, causal=bool(causal))
+    return out.unsqueeze(0)
+
+
+def _deferred_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Tensor] = None, **kwargs):
+    """transformers' sdpa_mask, deferred (DeferredMask) for one row without a padding mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if batch_size == 1 and attention_mask is None and not args:
+        return DeferredMask(sdpa_mask, dict(kwargs, batch_size=batch_size, attention_mask=None))
+    return sdpa_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
+
+
 def register(name: str = NAME) -> str:
     """Register the backend with transformers under ``name``; returns the name.
 
@@ -90,8 +154,8 @@ def register(name: str = NAME) -> str:
 
     AttentionInterface.register(name, flashattn_attention_forward)
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # older transformers: masks are built by each model from the sdpa path
         return name
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, _deferred_sdpa_mask)
     return name
