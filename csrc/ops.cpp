@@ -164,6 +164,13 @@ PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// flashattn_py._C.reload_cpu_switches(): read FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT
+// again (cpu/switches.h reads them once), for tests and benchmarks that compare paths.
+PyObject* reload_cpu_switches(PyObject* /*self*/, PyObject* /*args*/) {
+  cpu::switches() = cpu::switches_from_env();
+  Py_RETURN_NONE;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashattn, m) {
@@ -196,6 +203,8 @@ extern "C" {
 PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"fwd_inference", flashattn::fwd_inference, METH_VARARGS, "flashattn::fwd for eager inference calls"},
+      {"reload_cpu_switches", flashattn::reload_cpu_switches, METH_NOARGS,
+       "read FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT again"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

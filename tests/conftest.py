@@ -6,6 +6,7 @@ it is set here, before any test module imports anything.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -21,3 +22,19 @@ try:  # property tests: a bounded default run; HYPOTHESIS_PROFILE=slow runs many
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:
     pass
+
+
+@pytest.fixture
+def cpu_switch(monkeypatch):
+    """set(name, value): a CPU kernel switch (FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT) for
+    this test; the kernels read the switches once (csrc/cpu/switches.h), so each change is
+    followed by flashattn_py._C.reload_cpu_switches(), and so is the restore."""
+    from flashattn_py import _C
+
+    def set_switch(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        _C.reload_cpu_switches()
+
+    yield set_switch
+    monkeypatch.undo()
+    _C.reload_cpu_switches()

@@ -23,6 +23,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import flashattn_py  # noqa: E402
+from flashattn_py import _C  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +80,7 @@ def _run(case: dict) -> dict[str, torch.Tensor]:
     env = case.get("env")
     if env:
         os.environ[env[0]] = env[1]
+        _C.reload_cpu_switches()  # (the kernels read the switches once)
     try:
         torch.manual_seed(1234)
         if layout == "bshd":
@@ -105,6 +107,7 @@ def _run(case: dict) -> dict[str, torch.Tensor]:
     finally:
         if env:
             del os.environ[env[0]]
+            _C.reload_cpu_switches()
     result = {"out": out.detach()}
     if lse is not None:
         result["lse"] = lse.detach()

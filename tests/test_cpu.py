@@ -76,13 +76,13 @@ def test_sliding_window_across_blocks(window, seqlens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqlens,head_dim", [((300, 530), 40), ((97, 33), 80), ((16, 700), 17), ((3, 530), 40),
                                               ((2, 300), 17), ((7, 530), 40), ((7, 300), 17)])
-def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, monkeypatch):
+def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, cpu_switch):
     # On x86 with AVX2 the forward and backward run on their own tiles (forwards with
     # few queries row by row); FLASHATTN_CPU_TILES=0 sends the same call through BLAS
     # (the path of other CPUs). Both must match the reference, with causal masks, GQA
     # and head dims that are not multiples of the tile width.
     if path == "blas":
-        monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
+        cpu_switch("FLASHATTN_CPU_TILES", "0")
     seqlen_q, seqlen_k = seqlens
     seed = seqlen_q + head_dim
     q, k, v = random_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, dtype=dtype, seed=seed)
@@ -107,14 +107,14 @@ BF16_DOT_CASES = {
 
 @pytest.mark.parametrize("path", ["dot", "fp32"])
 @pytest.mark.parametrize("case", sorted(BF16_DOT_CASES))
-def test_bf16_dot_and_fp32_tile_paths(path, case, monkeypatch):
+def test_bf16_dot_and_fp32_tile_paths(path, case, cpu_switch):
     # Where the CPU has AVX512-BF16 the bf16 forward and backward multiply bf16 pairs in
     # float, rounding P (and dS in the backward) to bf16 for the products that take them
     # (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends both to the fp32 tiles. Both paths
     # against the reference, gradients too: odd head dims, odd row and key counts (zero
     # partners in the pairs), windows whose panels start on odd keys.
     if path == "fp32":
-        monkeypatch.setenv("FLASHATTN_CPU_BF16_DOT", "0")
+        cpu_switch("FLASHATTN_CPU_BF16_DOT", "0")
     (seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v), opts = BF16_DOT_CASES[case]
     seed = seqlen_q * 7 + head_dim
     q, k, v = random_qkv(1, seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v, dtype=torch.bfloat16,
@@ -156,12 +156,12 @@ def test_bf16_dot_with_dropout_and_mask(causal, monkeypatch):
                     window_right=0 if causal else -1, diag_offset=32)
 
 
-def test_bf16_dot_path_is_taken_where_compiled(monkeypatch):
+def test_bf16_dot_path_is_taken_where_compiled(cpu_switch):
     # The switch works and the dot path runs where the build has it: P rounded to bf16
     # gives outputs that differ from the fp32 tiles' (and agree with them to bf16 accuracy).
     q, k, v = random_qkv(1, 200, 300, 2, 2, 64, dtype=torch.bfloat16, seed=23)
     dot = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
-    monkeypatch.setenv("FLASHATTN_CPU_BF16_DOT", "0")
+    cpu_switch("FLASHATTN_CPU_BF16_DOT", "0")
     fp32 = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
     assert (dot.float() - fp32.float()).abs().max().item() < 0.05
     assert torch.equal(dot, fp32) != bf16_dot_compiled()
@@ -329,13 +329,13 @@ def test_nan_query_row_gives_nan_row(dtype, seqlen_q, seqlen_k, threads, window)
 
 @pytest.mark.parametrize("path", ["tiles", "blas"])
 @pytest.mark.parametrize("heads,causal", [((1, 1), True), ((2, 1), False), ((1, 1), False)])
-def test_backward_splits_keys_when_few_heads(path, heads, causal, monkeypatch):
+def test_backward_splits_keys_when_few_heads(path, heads, causal, cpu_switch):
     # With fewer heads than twice the threads, the backward deals each head's key blocks
     # to several tasks, each with its own partial dQ summed at the end. Force that with 4
     # threads and one or two heads (also GQA); check the gradients and that two runs
     # agree bit for bit.
     if path == "blas":
-        monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
+        cpu_switch("FLASHATTN_CPU_TILES", "0")
     num_heads, num_heads_k = heads
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
@@ -444,3 +444,20 @@ def test_float64_is_computed_in_float64():
     ref.backward(dout)
     for got, want in ((out, ref), (q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         assert (got - want).abs().max().item() < 1e-12
+
+
+def test_backward_runs_the_forwards_path_whatever_the_environment(monkeypatch):
+    # The switches are read once (csrc/cpu/switches.h): setting FLASHATTN_CPU_TILES between a
+    # forward and its backward changes neither (the backward recomputes the forward's scores
+    # with the forward's products: the gradients are bitwise those of an undisturbed run).
+    def grads(disturb: bool):
+        q, k, v = random_qkv(1, 40, 70, 2, 1, 32, seed=5)
+        out = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+        if disturb:
+            monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
+        out.backward(torch.ones_like(out))
+        monkeypatch.delenv("FLASHATTN_CPU_TILES", raising=False)
+        return [t.grad for t in (q, k, v)]
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.equal(got, want)

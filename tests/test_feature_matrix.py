@@ -16,6 +16,10 @@ PROBLEMS = {
     "float16": backends.Problem("cpu", torch.float16),
     "attn_mask (float bias, bool mask)": backends.Problem("cpu", torch.bfloat16, has_attn_mask=True),
     "dropout": backends.Problem("cpu", torch.bfloat16, dropout_p=0.1),
+    "packed sequences (varlen) in one launch, packed qkv / kv, nested (jagged)": backends.Problem(
+        "cpu", torch.bfloat16, cu_seqlens=torch.zeros(2, dtype=torch.int32)),
+    "paged K/V, any page size (forward only)": backends.Problem(
+        "cpu", torch.bfloat16, block_table=torch.zeros(1, 1, dtype=torch.int32)),
 }
 
 

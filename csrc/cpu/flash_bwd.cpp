@@ -292,8 +292,13 @@ inline acc row_dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
+// row_scores: the forward went row by row (KernelPath::rows; few queries, flash_fwd.cpp
+// RowOperands). S is then recomputed the same way (tiles::row_scores on Q widened and
+// scaled as RowOperands::load_q does), so that exp(S - lse) uses the very scores the
+// forward's lse summed: another summation order is an ulp of S off, which the gradients
+// amplify.
 template <typename T, typename Ops>
-void run_bwd(const FlashBwdParams& p) {
+void run_bwd(const FlashBwdParams& p, bool row_scores) {
   using acc = acc_t<T>;
   constexpr int64_t BLOCK_Q = Ops::BLOCK_Q, BLOCK_K = Ops::BLOCK_K, PANEL_Q = Ops::PANEL_Q;
   // Sizes of the workspaces and the GQA scratch: the longest sequence's (p.seqlen_q / _k).
@@ -328,15 +333,6 @@ void run_bwd(const FlashBwdParams& p) {
   const int64_t splits = key_splits(heads, max_k_blocks);
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq_max * D : 0);
 
-  // Forward calls that tiles::use_rows sends row by row (few queries; flash_fwd.cpp
-  // RowOperands). S is recomputed here the same way (tiles::row_scores on
-  // Q widened and scaled as RowOperands::load_q does), so that exp(S - lse) uses the very
-  // scores the forward's lse summed: another summation order is an ulp of S off, which
-  // the gradients amplify.
-  bool row_scores = false;
-#ifdef FLASHATTN_CPU_TILES
-  if constexpr (tiles::has_load8<T>()) row_scores = tiles::use_rows(Sq_max, D);
-#endif
 
   using Workspace = BwdWorkspace<acc, Ops>;
   auto body = [&](int64_t task, Workspace& ws) {
@@ -537,19 +533,18 @@ void run_bwd(const FlashBwdParams& p) {
 
 template <typename T>
 void flash_bwd(const FlashBwdParams& p) {
+  const KernelPath path = kernel_path<T>(p);  // the forward's (flash_cpu.h)
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
-    if (tiles::use_tiles<T>(p.seqlen_q)) {
 #ifdef FLASHATTN_CPU_BF16_DOT
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (tiles_bf16::enabled()) return run_bwd<T, Bf16DotBwdOperands>(p);
-      }
-#endif
-      return run_bwd<T, TileBwdOperands<T>>(p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (path.products == Products::Bf16Dot) return run_bwd<T, Bf16DotBwdOperands>(p, path.rows);
     }
+#endif
+    if (path.products == Products::Tiles) return run_bwd<T, TileBwdOperands<T>>(p, path.rows);
   }
 #endif
-  run_bwd<T, BlasBwdOperands<T, acc_t<T>>>(p);
+  run_bwd<T, BlasBwdOperands<T, acc_t<T>>>(p, path.rows);
 }
 
 template void flash_bwd<float>(const FlashBwdParams&);

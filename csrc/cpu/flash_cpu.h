@@ -22,7 +22,9 @@
 
 #include "../flash_params.h"
 #include "dropout.h"
+#include "switches.h"
 #include "tiles.h"
+#include "tiles_bf16.h"
 
 namespace flashattn::cpu {
 
@@ -30,6 +32,39 @@ template <typename scalar_t>
 void flash_fwd(const FlashParams& params);
 template <typename scalar_t>
 void flash_bwd(const FlashBwdParams& params);
+
+// Which block products a call runs: BLAS, the AVX2 tiles (tiles.h) or, for bf16, the
+// AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row by row (few queries:
+// flash_fwd.cpp RowOperands), which its backward mirrors when it recomputes S. One choice
+// per problem, from kernel_path(): the forward and its backward ask it the same problem
+// (dtype, longest query sequence, head dim) under the same switches.h, so they run the same
+// products and the backward recomputes the very scores the forward's lse summed.
+enum class Products { Blas, Tiles, Bf16Dot };
+struct KernelPath {
+  bool rows = false;
+  Products products = Products::Blas;
+};
+
+template <typename T>
+inline KernelPath kernel_path(const FlashParams& p) {
+  KernelPath path;
+#ifdef FLASHATTN_CPU_TILES
+  if constexpr (!std::is_same_v<T, double>) {
+    if constexpr (tiles::has_load8<T>()) path.rows = tiles::use_rows(p.seqlen_q, p.head_dim);
+    if (tiles::use_tiles<T>(p.seqlen_q)) {
+      path.products = Products::Tiles;
+#ifdef FLASHATTN_CPU_BF16_DOT
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (tiles_bf16::enabled()) path.products = Products::Bf16Dot;
+      }
+#endif
+    }
+  }
+#else
+  (void)p;
+#endif
+  return path;
+}
 
 // Accumulation type: float for 16- and 32-bit inputs, double for double.
 template <typename T>

@@ -540,19 +540,18 @@ void run_fwd(const FlashParams& p) {
 
 template <typename T>
 void flash_fwd(const FlashParams& p) {
+  [[maybe_unused]] const KernelPath path = kernel_path<T>(p);
 #ifdef FLASHATTN_CPU_TILES
+  if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
+    if (path.rows) return run_fwd<T, RowOperands<T>>(p);
+  }
   if constexpr (!std::is_same_v<T, double>) {
-    if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
-      if (tiles::use_rows(p.seqlen_q, p.head_dim)) return run_fwd<T, RowOperands<T>>(p);
-    }
-    if (tiles::use_tiles<T>(p.seqlen_q)) {
 #ifdef FLASHATTN_CPU_BF16_DOT
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (tiles_bf16::enabled()) return run_fwd<T, Bf16DotOperands>(p);
-      }
-#endif
-      return run_fwd<T, TileOperands<T>>(p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (path.products == Products::Bf16Dot) return run_fwd<T, Bf16DotOperands>(p);
     }
+#endif
+    if (path.products == Products::Tiles) return run_fwd<T, TileOperands<T>>(p);
   }
 #endif
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);

@@ -20,6 +20,8 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "switches.h"
+
 namespace flashattn::cpu::tiles {
 
 constexpr int64_t NR = 16;  // output columns per tile: two 8-float vectors
@@ -40,12 +42,8 @@ constexpr int64_t MIN_TILE_QUERIES = 16;
 constexpr int64_t MAX_ROW_QUERIES = 8;
 constexpr int64_t ROW_MIN_HEAD_DIM = 32;
 
-// False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (for comparisons); read
-// per call so one process can measure both.
-inline bool enabled() {
-  const char* env = std::getenv("FLASHATTN_CPU_TILES");
-  return env == nullptr || env[0] != '0';
-}
+// False when FLASHATTN_CPU_TILES=0 forces BLAS for every call (switches.h).
+inline bool enabled() { return switches().tiles; }
 
 // Whether a call with float or 16-bit elements T and seqlen_q query rows per head runs on
 // the tiles (the forward asks after its row path, flash_fwd.cpp).

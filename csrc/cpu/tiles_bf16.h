@@ -26,12 +26,8 @@ namespace flashattn::cpu::tiles_bf16 {
 using tiles::MR;
 constexpr int64_t NR = 16;  // keys per K panel, columns per V panel: one vector of floats
 
-// False when FLASHATTN_CPU_BF16_DOT=0 sends bf16 to the fp32 tiles (for comparisons);
-// read per call.
-inline bool enabled() {
-  const char* env = std::getenv("FLASHATTN_CPU_BF16_DOT");
-  return env == nullptr || env[0] != '0';
-}
+// False when FLASHATTN_CPU_BF16_DOT=0 sends bf16 to the fp32 tiles (switches.h).
+inline bool enabled() { return switches().bf16_dot; }
 
 inline int64_t pairs(int64_t n) { return (n + 1) / 2; }
 
