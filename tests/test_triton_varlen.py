@@ -40,8 +40,10 @@ except ImportError:
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERP else "cuda"
-pytestmark = pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or a GPU")
+pytestmark = [pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                                 reason="needs TRITON_INTERPRET=1 or a GPU")]
+if DEVICE == "cuda":  # on a GPU these are GPU tests (benchmarks/gpu_check.sh runs `-m gpu`)
+    pytestmark.append(pytest.mark.gpu)
 
 PAD = 3  # rows of q and k after the last sequence, in no sequence
 

@@ -320,3 +320,14 @@ def test_nested_sdpa_gradients_match_reference():
     (ref[0] * dout.double()).sum().backward()
     for name, x, leaf in zip("qkv", values, leaves):
         torch.testing.assert_close(x.grad.double(), leaf.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(flashattn_py.backends.triton_error() is not None or
+                    not flashattn_py.backends.triton_interpreted(), reason="needs the Triton interpreter")
+def test_varlen_through_the_op_on_triton():
+    # The op binds the packed-sequence values to the Triton launchers by name (fwd and bwd).
+    lens_q, lens_k = [5, 0, 17], [7, 3, 12]
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, v = packed_qkv(lens_q, lens_k, 2, 1, 16, torch.float32, 9)
+    check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, causal=True, backend="triton"), q, k, v,
+                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
