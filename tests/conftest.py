@@ -11,6 +11,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# GPU tests of the Triton kernels: one config per kernel instead of autotuning every feature
+# combination.
+os.environ.setdefault("FLASHATTN_TRITON_AUTOTUNE", "0")
 
 try:  # property tests: a bounded default run; HYPOTHESIS_PROFILE=slow runs many more examples
     from hypothesis import HealthCheck, settings

@@ -12,25 +12,13 @@ import pytest
 import torch
 
 from flashattn_py.reference import attention_ref
+from devices import has_cuda_kernels
 from rule import assert_rule, check_attention, random_qkv
 
 pytestmark = pytest.mark.gpu
 
 
-def _has_cuda_kernel() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flashattn_py._C  # noqa: F401  (loads the library, registers the ops)
-    except Exception:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")
-    except Exception:
-        return False
-
-
-if not _has_cuda_kernel():
+if not has_cuda_kernels():
     pytest.skip("needs a CUDA GPU and the compiled CUDA ops", allow_module_level=True)
 
 # The packed-sequence arguments of the compiled ops (cu_seqlens_q, cu_seqlens_k, seqused_k,

@@ -11,25 +11,13 @@ import torch
 
 import flashattn_py
 from flashattn_py.reference import attention_ref
+from devices import has_cuda_kernels
 from rule import GRAD_FACTOR, OUT_FACTOR, assert_rule
 
 pytestmark = pytest.mark.gpu
 
 
-def _has_cuda_kernel() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flashattn_py._C  # noqa: F401  (loads the library, registers the ops)
-    except Exception:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")
-    except Exception:
-        return False
-
-
-if not _has_cuda_kernel():
+if not has_cuda_kernels():
     pytest.skip("needs a CUDA GPU and the compiled CUDA ops", allow_module_level=True)
 
 DEV = "cuda"

@@ -5,39 +5,20 @@ triton is imported) in fp32 / fp16; ``-m gpu`` tests run them compiled on CUDA.
 """
 from __future__ import annotations
 
-import os
-
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _torch
-
-        _gpu = _torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        _gpu = False
-    if not _gpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-# GPU tests: one config per kernel instead of autotuning every feature combination
-os.environ.setdefault("FLASHATTN_TRITON_AUTOTUNE", "0")
-
 import math
+import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import triton_kernels  # noqa: E402
 from rule import GRAD_FACTOR, assert_rule, check_attention, random_qkv  # noqa: E402
 
-try:
-    from flashattn_py.kernels import flash_bwd, flash_fwd
-    from flashattn_py.kernels.common import dropout_mask
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import flash_bwd, flash_fwd  # noqa: E402
-    from kernels.common import dropout_mask  # noqa: E402
+_kernels = triton_kernels()
+flash_bwd, flash_fwd, dropout_mask = _kernels.flash_bwd, _kernels.flash_fwd, _kernels.common.dropout_mask
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CPU_DEVICE = "cpu"

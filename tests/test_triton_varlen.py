@@ -1,6 +1,7 @@
 """Triton kernels (kernels/) on packed sequences (varlen) and paged K/V, one launch each.
 
-Semantics: /work/notes/varlen_contract.md and csrc/flash_params.h (seq_view). Every
+Semantics: docs/design.md, "Packed sequences and paged K/V" (csrc/flash_params.h seq_view
+is the C++ side of the same per-sequence view). Every
 sequence is held to the project's rule (tests/rule.py) against the dense float64
 reference run on that sequence alone. CPU runs use Triton's interpreter (fp32 / fp16).
 """
@@ -8,35 +9,17 @@ from __future__ import annotations
 
 import os
 
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch as _torch
-
-        _gpu = _torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        _gpu = False
-    if not _gpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-os.environ.setdefault("FLASHATTN_TRITON_AUTOTUNE", "0")
-
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import triton_kernels  # noqa: E402
+from flashattn_py.reference import attention_ref  # noqa: E402
 from rule import GRAD_FACTOR, OUT_FACTOR, assert_rule  # noqa: E402
 
-from flashattn_py.reference import attention_ref  # noqa: E402
-
-try:
-    from flashattn_py.kernels import dropout_mask, flash_bwd, flash_fwd
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import dropout_mask, flash_bwd, flash_fwd  # noqa: E402
+_kernels = triton_kernels()
+dropout_mask, flash_bwd, flash_fwd = _kernels.dropout_mask, _kernels.flash_bwd, _kernels.flash_fwd
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERP else "cuda"

@@ -1,0 +1,32 @@
+"""What the device-specific tests need to know about this machine, in one place."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def has_cuda_kernels() -> bool:
+    """A CUDA GPU and flashattn_py._C built with its CUDA ops."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flashattn_py._C  # noqa: F401  (loads the library, registers the ops)
+    except Exception:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")
+    except Exception:
+        return False
+
+
+def triton_kernels():
+    """The Triton kernels package: installed as flashattn_py.kernels, or the source tree's
+    kernels/ (a checkout that was not installed)."""
+    try:
+        from flashattn_py import kernels
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import kernels
+    return kernels
