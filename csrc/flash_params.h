@@ -89,8 +89,19 @@ struct FlashParams {
   const int32_t* seqused_k = nullptr;
   const int32_t* block_table = nullptr;
   int64_t block_table_batch_stride = 0, page_size = 0, num_pages = 0;
+  // KV caches (flash_attn_with_kvcache): kv_batch_idx (batch): sequence b reads batch row
+  // kv_batch_idx[b] of a dense k / v (kv_batch rows); leftpad_k (batch): its keys start
+  // leftpad_k[b] slots into its row (or its pages), the slots before are not attended and
+  // key positions (diagonal, ALiBi) count from there.
+  const int32_t* kv_batch_idx = nullptr;
+  const int32_t* leftpad_k = nullptr;
+  int64_t kv_batch = 0;
   // Diagonal of sequence b: diag_offset + (bottom_right ? its seqlen_k - its seqlen_q : 0).
   bool bottom_right = false;
+  // Key splits of one query block (flash-decoding): 0 = the kernel's heuristic, 1 = none,
+  // n = exactly n (fewer when there are fewer key blocks). Results agree for every value
+  // within rounding.
+  int64_t num_splits = 0;
 };
 
 #if defined(__CUDACC__)
@@ -103,6 +114,7 @@ struct FlashParams {
 // attention is the case without cu_seqlens: starts 0, the call's lengths, batch strides.
 struct SeqView {
   int64_t q_start, k_start;    // first row of the sequence in q / out / lse and in k / v
+                               // (paged: its first key slot, leftpad_k)
   int64_t seqlen_q, seqlen_k;  // its lengths (seqlen_k: keys attended)
   int64_t diag_offset;         // key j is on query i's diagonal when j == i + diag_offset
   int64_t q_offset, k_offset, v_offset;  // element offsets of its row 0 in q (and out's
@@ -130,10 +142,15 @@ FLASHATTN_HOST_DEVICE SeqView seq_view(const FlashParams& p, int64_t b) {
     s.k_start = 0, s.seqlen_k = p.seqlen_k;
   }
   if (p.seqused_k) s.seqlen_k = clamp_len(p.seqused_k[b], s.seqlen_k);
+  if (p.leftpad_k) {  // the first leftpad_k[b] of the sequence's key slots are not its keys
+    const int64_t pad = clamp_len(p.leftpad_k[b], s.seqlen_k);
+    s.k_start += pad, s.seqlen_k -= pad;
+  }
   s.diag_offset = p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q : 0);
   s.q_offset = b * p.q_batch_stride + s.q_start * p.q_row_stride;
-  s.k_offset = p.block_table ? 0 : b * p.k_batch_stride + s.k_start * p.k_row_stride;
-  s.v_offset = p.block_table ? 0 : b * p.v_batch_stride + s.k_start * p.v_row_stride;
+  const int64_t kv_row = p.kv_batch_idx ? clamp_len(p.kv_batch_idx[b], p.kv_batch - 1) : b;
+  s.k_offset = p.block_table ? 0 : kv_row * p.k_batch_stride + s.k_start * p.k_row_stride;
+  s.v_offset = p.block_table ? 0 : kv_row * p.v_batch_stride + s.k_start * p.v_row_stride;
   s.lse_row = p.cu_seqlens_q ? s.q_start : b * p.num_heads * p.seqlen_q;
   return s;
 }
@@ -145,12 +162,14 @@ FLASHATTN_HOST_DEVICE int64_t lse_head_stride(const FlashParams& p) {
 }
 
 // Element offset of key j's row in k (row_stride = k_row_stride) or v (v_row_stride),
-// batch_stride the page / batch stride: s.k_offset + j * row_stride unless paged.
+// batch_stride the page / batch stride: seq_offset (s.k_offset / s.v_offset) + j *
+// row_stride unless paged; paged, key j is slot s.k_start + j of the sequence's pages.
 FLASHATTN_HOST_DEVICE int64_t key_offset(const FlashParams& p, const SeqView& s, int64_t b, int64_t j,
                                          int64_t seq_offset, int64_t batch_stride, int64_t row_stride) {
   if (!p.block_table) return seq_offset + j * row_stride;
-  const int64_t page = clamp_len(p.block_table[b * p.block_table_batch_stride + j / p.page_size], p.num_pages - 1);
-  return page * batch_stride + (j % p.page_size) * row_stride;
+  const int64_t slot = s.k_start + j;
+  const int64_t page = clamp_len(p.block_table[b * p.block_table_batch_stride + slot / p.page_size], p.num_pages - 1);
+  return page * batch_stride + (slot % p.page_size) * row_stride;
 }
 
 // Backward: gradients plus the forward's q, k, v, out, lse above.

@@ -58,10 +58,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
                                            const std::optional<at::Tensor>& cu_seqlens_k,
                                            const std::optional<at::Tensor>& seqused_k,
                                            const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k, bool bottom_right) {
+                                           int64_t max_seqlen_k, bool bottom_right,
+                                           const std::optional<at::Tensor>& kv_batch_idx,
+                                           const std::optional<at::Tensor>& leftpad_k, int64_t num_splits) {
   return fwd_cpu_layout({q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
                          dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q,
-                         max_seqlen_k, bottom_right},
+                         max_seqlen_k, bottom_right, kv_batch_idx, leftpad_k, num_splits},
                         Layout{});
 }
 
@@ -72,9 +74,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right,
+    const std::optional<at::Tensor>& kv_batch_idx, const std::optional<at::Tensor>& leftpad_k, int64_t num_splits,
     bool deterministic, bool bias_requires_grad) {
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q), "flashattn: lse dtype does not match q");
-  TORCH_CHECK(!block_table.has_value(), "flashattn: the backward of paged K/V (block_table) is not supported");
+  TORCH_CHECK(!block_table.has_value() && !kv_batch_idx.has_value() && !leftpad_k.has_value(),
+              "flashattn: the backward of KV-cache calls (block_table, kv_batch_idx, leftpad_k) is not supported");
+  (void)num_splits;  // (the CPU backward splits keys by its own heuristic)
   const at::Tensor lse_c = lse.contiguous();  // kept alive: the params point into it
   // Rows outside every sequence (and keys past seqused_k) get no gradient from the
   // kernel: zeros.
@@ -178,13 +183,14 @@ TORCH_LIBRARY(flashattn, m) {
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
       "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, SymInt max_seqlen_q, "
-      "SymInt max_seqlen_k, bool bottom_right) -> (Tensor out, Tensor lse)");
+      "SymInt max_seqlen_k, bool bottom_right, Tensor? kv_batch_idx, Tensor? leftpad_k, int num_splits) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
       "Tensor? attn_bias, float scale, float softcap, int window_left, int window_right, int diag_offset, "
       "float dropout_p, Tensor? rng_state, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
-      "Tensor? block_table, SymInt max_seqlen_q, SymInt max_seqlen_k, bool bottom_right, bool deterministic, "
-      "bool bias_requires_grad) "
+      "Tensor? block_table, SymInt max_seqlen_q, SymInt max_seqlen_k, bool bottom_right, Tensor? kv_batch_idx, "
+      "Tensor? leftpad_k, int num_splits, bool deterministic, bool bias_requires_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   m.def("dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
 }

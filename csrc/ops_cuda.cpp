@@ -57,7 +57,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             const std::optional<at::Tensor>& cu_seqlens_k,
                                             const std::optional<at::Tensor>& seqused_k,
                                             const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, bool bottom_right) {
+                                            int64_t max_seqlen_k, bool bottom_right,
+                                            const std::optional<at::Tensor>& kv_batch_idx,
+                                            const std::optional<at::Tensor>& leftpad_k, int64_t num_splits) {
   check_cuda_inputs(q, k, v, /*backward=*/false, /*deterministic=*/false);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -65,7 +67,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   FlashParams p;
   const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
                       window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
-                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
+                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx,
+                      leftpad_k,   num_splits};
   fill_params(p, args);
   fill_output(p, out, lse);
   check_no_pending_error();
@@ -81,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
     const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right, bool deterministic,
-    bool bias_requires_grad) {
+    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right,
+    const std::optional<at::Tensor>& kv_batch_idx, const std::optional<at::Tensor>& leftpad_k, int64_t num_splits,
+    bool deterministic, bool bias_requires_grad) {
   check_cuda_inputs(q, k, v, /*backward=*/true, deterministic);
-  TORCH_CHECK(!block_table.has_value(), "flashattn: the backward of paged K/V (block_table) is not supported");
+  TORCH_CHECK(!block_table.has_value() && !kv_batch_idx.has_value() && !leftpad_k.has_value(),
+              "flashattn: the backward of KV-cache calls (block_table, kv_batch_idx, leftpad_k) is not supported");
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 4 && out.size(3) == v.size(3) &&
                   out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2),
@@ -121,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   FlashBwdParams p;
   const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
                       window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
-                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
+                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx,
+                      leftpad_k,   num_splits};
   fill_params(p, args);
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk_h, dv_h);

@@ -37,6 +37,9 @@ struct AttnArgs {
                             block_table = std::nullopt;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   bool bottom_right = false;
+  // KV caches: the k / v batch row of each sequence, the key slots before its keys.
+  std::optional<at::Tensor> kv_batch_idx = std::nullopt, leftpad_k = std::nullopt;
+  int64_t num_splits = 0;
 };
 
 // An int32 index tensor (cu_seqlens, seqused_k, block_table) on q's device, its rows
@@ -69,7 +72,8 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   TORCH_CHECK(rows_ok(q) && rows_ok(k) && rows_ok(v), "flashattn: the head dimension must be contiguous (stride 1)");
   const bool packed_q = args.cu_seqlens_q.has_value(), paged = args.block_table.has_value();
   TORCH_CHECK(k.sizes().slice(0, 3) == v.sizes().slice(0, 3), "flashattn: k and v disagree in their first 3 dims");
-  TORCH_CHECK(packed_q || paged || q.size(0) == k.size(0), "flashattn: q and k batch sizes differ");
+  TORCH_CHECK(packed_q || paged || args.kv_batch_idx.has_value() || q.size(0) == k.size(0),
+              "flashattn: q and k batch sizes differ");
   TORCH_CHECK(!packed_q || q.size(0) == 1, "flashattn: packed q must be (1, total_q, H, D)");
   TORCH_CHECK(!(args.cu_seqlens_k.has_value() && !paged) || k.size(0) == 1,
               "flashattn: packed k must be (1, total_k, Hk, D)");
@@ -117,6 +121,14 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   TORCH_CHECK(!args.seqused_k.has_value() || args.seqused_k->numel() == p.batch,
               "flashattn: seqused_k must have one entry per sequence");
   TORCH_CHECK(p.seqlen_q >= 0 && p.seqlen_k >= 0, "flashattn: max_seqlen_q / max_seqlen_k must be >= 0");
+  p.kv_batch_idx = index_tensor(args.kv_batch_idx, q, "kv_batch_idx", 1);
+  p.leftpad_k = index_tensor(args.leftpad_k, q, "leftpad_k", 1);
+  p.kv_batch = k.size(0);
+  TORCH_CHECK(!p.kv_batch_idx || (!paged && !args.cu_seqlens_k.has_value() && args.kv_batch_idx->numel() == p.batch),
+              "flashattn: kv_batch_idx needs a dense (batch, S, Hk, D) k / v and one entry per sequence");
+  TORCH_CHECK(!p.leftpad_k || args.leftpad_k->numel() == p.batch, "flashattn: leftpad_k needs one entry per sequence");
+  TORCH_CHECK(args.num_splits >= 0, "flashattn: num_splits must be >= 0");
+  p.num_splits = args.num_splits;
   p.num_heads = q.size(H), p.num_heads_k = k.size(H);
   p.head_dim = q.size(3), p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);

@@ -103,6 +103,12 @@ _OPTIONS = (
     Arg("max_seqlen_q", "SymInt", 0),  # (SymInt: torch.compile keeps them symbolic, no recompiles)
     Arg("max_seqlen_k", "SymInt", 0),
     Arg("bottom_right", "bool", False),
+    # KV caches (flash_attn_with_kvcache; forward only): int32 (B,) k / v batch row of each
+    # sequence; int32 (B,) key slots before each sequence's keys; key splits per query block
+    # (0: the kernel's heuristic).
+    Arg("kv_batch_idx", "Tensor?"),
+    Arg("leftpad_k", "Tensor?"),
+    Arg("num_splits", "int", 0),
     Arg("deterministic", "bool", False),  # the forward keeps it for the backward
 )
 _BACKEND = Arg("backend", "str", REQUIRED)  # a name in backends.BACKENDS (a fused one)
@@ -391,11 +397,15 @@ def attention(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     bottom_right: bool = False,
+    kv_batch_idx: Optional[Tensor] = None,
+    leftpad_k: Optional[Tensor] = None,
+    num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
     Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments)."""
-    per_sequence = cu_seqlens_q if cu_seqlens_q is not None else (cu_seqlens_k if cu_seqlens_k is not None else seqused_k)
+    per_sequence = next((t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, leftpad_k) if t is not None),
+                        None)
     name = backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic, alibi_slopes, per_sequence,
                                    block_table), backend)
     impl = backends.BACKENDS[name]
@@ -432,8 +442,8 @@ def attention(
                     window_left=window_left, window_right=window_right, diag_offset=diag_offset,
                     dropout_p=dropout_p, rng_state=rng_state, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
-                    max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, deterministic=deterministic,
-                    backend=name)
+                    max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, kv_batch_idx=kv_batch_idx,
+                    leftpad_k=leftpad_k, num_splits=num_splits, deterministic=deterministic, backend=name)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:

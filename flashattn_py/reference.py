@@ -58,6 +58,8 @@ def attention_ref(
     seqused_k: Tensor | None = None,
     block_table: Tensor | None = None,
     bottom_right: bool = False,
+    kv_batch_idx: Tensor | None = None,
+    leftpad_k: Tensor | None = None,
 ):
     """Attention by the naive formula, computed in the dtype of ``q``.
 
@@ -72,19 +74,21 @@ def attention_ref(
         dropout_mask: bool keep-mask broadcastable to (B, H, Sq, Sk); drawn with
             torch's RNG when ``dropout_p > 0`` and none is given.
         return_probs: also return the softmax probabilities (B, H, Sq, Sk), before dropout.
-        cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, bottom_right: packed sequences
-            and paged K/V, computed sequence by sequence (``attention_varlen_ref``).
+        cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, bottom_right, kv_batch_idx,
+            leftpad_k: packed sequences, paged K/V and KV caches, computed sequence by
+            sequence (``attention_varlen_ref``).
 
     Returns:
         ``(out, lse)`` or ``(out, lse, probs)``: out (B, Sq, H, Dv) in q's dtype,
         lse (B, H, Sq) = log sum_j exp(s_ij). A query row with no visible key gives
         out = 0 and lse = -inf (never NaN, gradients zero).
     """
-    if cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or block_table is not None:
+    if any(t is not None for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, kv_batch_idx, leftpad_k)):
         if attn_bias is not None or return_probs:
             raise ValueError("attn_bias, return_probs: not available with packed sequences or paged K/V")
         return attention_varlen_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=seqused_k, block_table=block_table,
+            kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k,
             bottom_right=bottom_right, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
             window_left=window_left, window_right=window_right, diag_offset=diag_offset, dropout_p=dropout_p,
             dropout_mask=dropout_mask)
@@ -143,11 +147,13 @@ def attention_ref(
 
 
 def sequence_keys(k: Tensor, b: int, cu_seqlens_k: Tensor | None, seqused_k: Tensor | None,
-                  block_table: Tensor | None) -> Tensor:
+                  block_table: Tensor | None, kv_batch_idx: Tensor | None = None,
+                  leftpad_k: Tensor | None = None) -> Tensor:
     """Sequence b's rows of k (or v), (Sk_b, Hk, D), as the kernels address them
     (csrc/flash_params.h seq_view): packed rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, row b
-    of a dense batch, or pages ``block_table[b]`` of a paged pool (num_pages, page_size,
-    Hk, D); the first ``seqused_k[b]`` of them when given."""
+    (or ``kv_batch_idx[b]``) of a dense batch, or pages ``block_table[b]`` of a paged pool
+    (num_pages, page_size, Hk, D); the first ``seqused_k[b]`` of them when given, less the
+    first ``leftpad_k[b]``."""
     if block_table is not None:
         page_size = k.shape[1]
         if seqused_k is not None:
@@ -157,21 +163,28 @@ def sequence_keys(k: Tensor, b: int, cu_seqlens_k: Tensor | None, seqused_k: Ten
         else:
             n = block_table.shape[1] * page_size
         pages = block_table[b, :(n + page_size - 1) // page_size].long()
-        return k[pages].reshape(-1, *k.shape[2:])[:n]
-    rows = k[0, int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])] if cu_seqlens_k is not None else k[b]
-    return rows[:int(seqused_k[b])] if seqused_k is not None else rows
+        rows = k[pages].reshape(-1, *k.shape[2:])[:n]
+    else:
+        if cu_seqlens_k is not None:
+            rows = k[0, int(cu_seqlens_k[b]):int(cu_seqlens_k[b + 1])]
+        else:
+            rows = k[int(kv_batch_idx[b]) if kv_batch_idx is not None else b]
+        rows = rows[:int(seqused_k[b])] if seqused_k is not None else rows
+    return rows[int(leftpad_k[b]):] if leftpad_k is not None else rows
 
 
 def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
                          *, seqused_k: Tensor | None = None, block_table: Tensor | None = None,
+                         kv_batch_idx: Tensor | None = None, leftpad_k: Tensor | None = None,
                          bottom_right: bool = True, diag_offset: int = 0, alibi_slopes: Tensor | None = None,
                          dropout_mask: Tensor | None = None, **options):
     """Packed sequences (and paged K/V) by the naive formula, one sequence at a time: the
     definition the single-launch kernels are tested against.
 
     q (1, total_q, H, D) with ``cu_seqlens_q`` (B + 1,) offsets, or a dense (B, Sq, H, D);
-    k, v (1, total_k, Hk, D) with ``cu_seqlens_k``, dense (B, Sk, Hk, D), or a page pool
-    with ``block_table`` (B, max_blocks) (``sequence_keys``). Each sequence's diagonal is
+    k, v (1, total_k, Hk, D) with ``cu_seqlens_k``, dense (B, Sk, Hk, D) (rows picked by
+    ``kv_batch_idx``), or a page pool with ``block_table`` (B, max_blocks); ``leftpad_k``
+    skips each sequence's first key slots (``sequence_keys``). Each sequence's diagonal is
     ``diag_offset`` plus, with ``bottom_right``, its Sk - Sq. alibi_slopes (B, H) row b for
     sequence b. dropout_mask: the keep mask as (1, H, total_q, max Sk) (packed q) or
     (B, H, Sq, max Sk), sequence b's part read from its rows and first Sk_b columns.
@@ -188,8 +201,8 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor |
     for b in range(batch):
         q0, q1 = (int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])) if packed else (0, q.shape[1])
         qb = q[0, q0:q1] if packed else q[b]
-        kb = sequence_keys(k, b, cu_seqlens_k, seqused_k, block_table)
-        vb = sequence_keys(v, b, cu_seqlens_k, seqused_k, block_table)
+        kb = sequence_keys(k, b, cu_seqlens_k, seqused_k, block_table, kv_batch_idx, leftpad_k)
+        vb = sequence_keys(v, b, cu_seqlens_k, seqused_k, block_table, kv_batch_idx, leftpad_k)
         diag = diag_offset + (kb.shape[0] - qb.shape[0] if bottom_right else 0)
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         mask = None

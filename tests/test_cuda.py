@@ -22,8 +22,9 @@ if not has_cuda_kernels():
     pytest.skip("needs a CUDA GPU and the compiled CUDA ops", allow_module_level=True)
 
 # The packed-sequence arguments of the compiled ops (cu_seqlens_q, cu_seqlens_k, seqused_k,
-# block_table, max_seqlen_q, max_seqlen_k, bottom_right) in a dense call.
-DENSE = (None, None, None, None, 0, 0, False)
+# block_table, max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx, leftpad_k, num_splits) in a dense
+# call.
+DENSE = (None, None, None, None, 0, 0, False, None, None, 0)
 DEV = "cuda"
 
 

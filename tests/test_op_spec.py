@@ -40,7 +40,7 @@ IGNORED = {
     "flash_fwd": {"deterministic", "backend"},
     "flash_bwd": {"backend"},
     # (the reference reads the true lengths from cu_seqlens: the maxima only size kernel grids)
-    "attention_ref": {"rng_state", "deterministic", "backend", "max_seqlen_q", "max_seqlen_k"},
+    "attention_ref": {"rng_state", "deterministic", "backend", "max_seqlen_q", "max_seqlen_k", "num_splits"},
 }
 
 
@@ -74,7 +74,8 @@ def test_inference_entry_order_is_the_compiled_forwards():
         "q", "k", "v", "alibi_slopes", "attn_bias", "scale", "softcap", "window_left", "window_right", "diag_offset",
         "dropout_p", "rng_state")
     assert tuple(_args(torch.ops.flashattn.fwd.default))[12:] == (
-        "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "max_seqlen_q", "max_seqlen_k", "bottom_right")
+        "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "max_seqlen_q", "max_seqlen_k", "bottom_right",
+        "kv_batch_idx", "leftpad_k", "num_splits")
 
 
 def test_every_fused_backend_has_its_entries():
@@ -86,8 +87,8 @@ def test_every_fused_backend_has_its_entries():
 def test_fwd_args_fills_the_spec_defaults():
     q = torch.zeros(1, 2, 1, 4)
     args = ops.fwd_args(q, q, q, scale=0.5, backend="cpu")
-    assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, None, None, None, None, 0, 0, False, False,
-                    "cpu")
+    assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, None, None, None, None, 0, 0, False, None,
+                    None, 0, False, "cpu")
     assert ops.FWD.view(*args).window_left == -1
     with pytest.raises(TypeError):
         ops.fwd_args(q, q, q, backend="cpu")  # scale has no default

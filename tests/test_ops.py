@@ -43,7 +43,7 @@ def test_opcheck_with_bias_and_dropout():
 
 def test_opcheck_compiled_ops():
     q, k, v, *_ = fwd_args()
-    dense = (None, None, None, None, 0, 0, False)  # no packed sequences, no pages
+    dense = (None, None, None, None, 0, 0, False, None, None, 0)  # no packed sequences, no pages
     args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None, *dense)
     torch.library.opcheck(torch.ops.flashattn.fwd.default, args)
     out, lse = torch.ops.flashattn.fwd(*args)
@@ -52,7 +52,7 @@ def test_opcheck_compiled_ops():
     # packed sequences: (1, total, H, D) with offsets
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
     packed = (q.detach()[:1, :12], k.detach()[:1, :12], v.detach()[:1, :12], None, None, 0.25, 0.0, -1, 0, 0, 0.0,
-              None, cu, cu, None, None, 7, 7, True)
+              None, cu, cu, None, None, 7, 7, True, None, None, 0)
     torch.library.opcheck(torch.ops.flashattn.fwd.default, packed)
     out, lse = torch.ops.flashattn.fwd(*packed)
     torch.library.opcheck(torch.ops.flashattn.bwd.default,

@@ -402,7 +402,9 @@ void run_fwd(const FlashParams& p) {
     const int64_t blocks = (first_task[b + 1] - first_task[b]) / H, rest = t - first_task[b];
     return {b, rest / blocks, blocks - 1 - rest % blocks};
   };
-  const int64_t splits = key_splits(row_tasks, (p.seqlen_k + block_k - 1) / block_k);
+  const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
+  const int64_t splits =
+      p.num_splits > 0 ? std::max<int64_t>(1, std::min(p.num_splits, num_k_blocks)) : key_splits(row_tasks, num_k_blocks);
   const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);
