@@ -15,6 +15,7 @@ from .api import (
     varlen_attn,
 )
 from . import nn
+from .kvcache import flash_attn_with_kvcache
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
 from .errors import ArgumentError
 from .patch import patch_sdpa, unpatch_sdpa
@@ -36,6 +37,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "nn",
     "patch_sdpa",
     "scaled_dot_product_attention",

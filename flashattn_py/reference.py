@@ -227,3 +227,72 @@ def attention(query: Tensor, key: Tensor, value: Tensor, dropout=None):
     if dropout is not None:
         p_attn = dropout(p_attn)
     return torch.matmul(p_attn, value), p_attn
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: list[int], interleaved: bool) -> Tensor:
+    """x (S, H, D) rotated at the given positions, feature pair by feature pair."""
+    out = x.clone()
+    half = cos.shape[-1]
+    for row, pos in enumerate(positions):
+        for f in range(half):
+            a, b = (2 * f, 2 * f + 1) if interleaved else (f, f + half)
+            c, s = cos[pos, f].to(x.dtype), sin[pos, f].to(x.dtype)
+            out[row, :, a] = x[row, :, a] * c - x[row, :, b] * s
+            out[row, :, b] = x[row, :, a] * s + x[row, :, b] * c
+    return out
+
+
+def attention_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                          v: Tensor | None = None, *, rotary_cos: Tensor | None = None,
+                          rotary_sin: Tensor | None = None, cache_seqlens: Tensor, cache_batch_idx: Tensor | None = None,
+                          cache_leftpad: Tensor | None = None, block_table: Tensor | None = None,
+                          rotary_interleaved: bool = True, causal: bool = False, window_left: int = -1,
+                          window_right: int = -1, **options):
+    """flash_attn_with_kvcache by the formula, without touching its arguments: returns
+    (out, lse, k_cache', v_cache'), the caches as the call leaves them. Each batch entry b:
+    its cache row ``cache_batch_idx[b]`` (or pages ``block_table[b]``) gets the new k
+    (rotated at slots cache_seqlens[b] + i) and v at those slots; q is rotated at
+    cache_seqlens[b] + i (causal or windowed) or at cache_seqlens[b]; then attention over
+    slots [cache_leftpad[b], cache_seqlens[b] + S_new), the diagonal bottom-right.
+    ``options``: attention_ref's (scale, softcap, alibi_slopes)."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    batch, seqlen_q = q.shape[:2]
+    new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    window_right = 0 if causal else window_right
+    positional = causal or window_left >= 0 or window_right >= 0
+    outs, lses = [], []
+    for b in range(batch):
+        start = int(cache_seqlens[b])
+
+        def slot_index(slot):  # (page or row, position in it) of the entry's cache slot
+            if paged:
+                return int(block_table[b, slot // page_size]), slot % page_size
+            return (int(cache_batch_idx[b]) if cache_batch_idx is not None else b), slot
+
+        qb = q[b]
+        if k is not None:
+            kb = k[b]
+            if rotary_cos is not None:
+                kb = _rotate(kb, rotary_cos, rotary_sin, [start + i for i in range(new)], rotary_interleaved)
+            for i in range(new):
+                row, col = slot_index(start + i)
+                k_cache[row, col] = kb[i]
+                v_cache[row, col] = v[b, i]
+        if rotary_cos is not None:
+            qb = _rotate(qb, rotary_cos, rotary_sin, [start + (i if positional else 0) for i in range(seqlen_q)],
+                         rotary_interleaved)
+        first = int(cache_leftpad[b]) if cache_leftpad is not None else 0
+        slots = range(first, start + new)
+        keys = torch.stack([k_cache[slot_index(j)] for j in slots]) if len(slots) else k_cache.new_zeros(
+            (0, *k_cache.shape[2:]))
+        values = torch.stack([v_cache[slot_index(j)] for j in slots]) if len(slots) else v_cache.new_zeros(
+            (0, *v_cache.shape[2:]))
+        slopes = options.get("alibi_slopes")
+        kw = dict(options, alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
+        out, lse = attention_ref(qb.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), window_left=window_left,
+                                 window_right=window_right, diag_offset=len(slots) - seqlen_q, **kw)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), k_cache, v_cache

@@ -1,0 +1,255 @@
+"""Inference from a KV cache: flash-attn 2's ``flash_attn_with_kvcache``.
+
+One call appends the step's new keys / values to the cache in place (rotary embedding
+applied to the keys first), then attends over the cache through the fused forward, whose
+per-sequence view reads each batch entry's cache row (``kv_batch_idx``), skips its left
+padding (``leftpad_k``) and follows its pages (``block_table``); ``seqused_k`` = cache
+length + new keys. Nothing is read back to the host on GPUs: the append is a custom op
+that mutates the caches (``flashattn::kvcache_append``, visible to torch.compile and CUDA
+graphs), its indices computed on the device.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .api import _check_flash_options, _check_qkv, _index_tensor
+from .errors import ArgumentError
+
+__all__ = ["flash_attn_with_kvcache", "apply_rotary"]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """Rotary embedding of x (B, S, H, D) at ``positions`` (B, S) (rows of cos / sin,
+    (seqlen_ro, rotary_dim / 2)): the first rotary_dim features rotate in pairs, (0, 1),
+    (2, 3), ... when ``interleaved`` (GPT-J), (i, i + rotary_dim / 2) otherwise (GPT-NeoX);
+    the rest pass through. Computed in float32, returned in x's dtype."""
+    half = cos.shape[-1]
+    c = cos[positions].float().unsqueeze(2)  # (B, S, 1, rotary_dim / 2)
+    s = sin[positions].float().unsqueeze(2)
+    rot = x[..., :2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+@torch.library.custom_op("flashattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+    """Write k, v (B, S_new, Hk, D) into the caches at slots cache_seqlens[b] + i of batch
+    entry b's row (``cache_batch_idx[b]``, dense caches) or pages (``block_table[b]``).
+    Slots are clamped into the caches (callers check the values where they can read them),
+    so no value writes out of bounds."""
+    batch, new = k.shape[0], k.shape[1]
+    slots = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=k.device)  # (B, S_new)
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        slots = slots.clamp(0, block_table.shape[1] * page_size - 1)
+        pages = block_table.long().gather(1, slots // page_size).clamp(0, k_cache.shape[0] - 1)
+        index = (pages.flatten(), (slots % page_size).flatten())
+    else:
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=k.device)
+        rows = rows.clamp(0, k_cache.shape[0] - 1).unsqueeze(1).expand(batch, new)
+        index = (rows.flatten(), slots.clamp(0, k_cache.shape[1] - 1).flatten())
+    k_cache.index_put_(index, k.flatten(0, 1))
+    v_cache.index_put_(index, v.flatten(0, 1))
+
+
+@kvcache_append.register_fake
+def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:
+    return None
+
+
+def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cache_batch_idx: Optional[Tensor],
+                          cache_leftpad: Optional[Tensor], block_table: Optional[Tensor],
+                          seqlen_ro: Optional[int], causal_positions: bool, seqlen_q: int) -> None:
+    """The values of the index tensors (ValueError naming the argument, before the cache is
+    touched): read on the host for CPU tensors, for GPU tensors only with
+    FLASHATTN_CHECK_INPUTS=1 (that syncs); never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    if cache_seqlens.device.type != "cpu" and os.environ.get("FLASHATTN_CHECK_INPUTS", "0") in ("", "0"):
+        return
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    lengths = cache_seqlens.tolist()
+    for b, n in enumerate(lengths):
+        if n < 0:
+            raise ArgumentError(f"cache_seqlens: entry {b} is negative ({n})")
+        if n + new > capacity:
+            what = f"{block_table.shape[1]} pages of {k_cache.shape[1]} slots" if paged else f"{capacity} slots"
+            raise ArgumentError(f"cache_seqlens: entry {b} holds {n} keys; {new} new ones exceed its capacity ({what})")
+    if cache_batch_idx is not None and cache_batch_idx.numel():
+        low, high = int(cache_batch_idx.min()), int(cache_batch_idx.max())
+        if low < 0 or high >= k_cache.shape[0]:
+            raise ArgumentError(f"cache_batch_idx: rows must be in [0, {k_cache.shape[0]}), got [{low}, {high}]")
+    if cache_leftpad is not None:
+        for b, (pad, n) in enumerate(zip(cache_leftpad.tolist(), lengths)):
+            if pad < 0 or pad > n + new:
+                raise ArgumentError(f"cache_leftpad: entry {b} ({pad}) is outside [0, {n + new}]")
+    if paged and block_table.numel():
+        low, high = int(block_table.min()), int(block_table.max())
+        if low < 0 or high >= k_cache.shape[0]:
+            raise ArgumentError(f"block_table: page indices must be in [0, {k_cache.shape[0]}), got [{low}, {high}]")
+    if seqlen_ro is not None:
+        last = max(lengths) + max(new, seqlen_q if causal_positions else 1) - 1 if lengths else -1
+        if last >= seqlen_ro:
+            raise ArgumentError(f"rotary_cos: {seqlen_ro} positions, but position {last} is needed")
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    cache_seqlens: Optional[Union[int, Tensor]] = None,
+    cache_batch_idx: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """flash-attn 2's ``flash_attn_with_kvcache``: append to a KV cache and attend over it.
+
+    Args:
+        q: (B, Sq, H, D).
+        k_cache, v_cache: (B_cache, S_cache, Hk, D) caches, or with ``block_table`` paged
+            pools (num_pages, page_size, Hk, D) of any page size >= 1.
+        k, v: None, or the step's new keys / values (B, S_new, Hk, D): written IN PLACE into
+            the caches at slots ``cache_seqlens[b] .. + S_new`` (through the block table when
+            paged), then attended.
+        rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2) (rotary_dim even, <= D;
+            only with k and v): the new keys are rotated at their slots, q at
+            ``cache_seqlens[b] + i`` when causal or windowed, else every query at
+            ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (0, 1), (2, 3), ... (GPT-J) or
+            (i, i + rotary_dim / 2) (GPT-NeoX).
+        cache_seqlens: int or int32 (B,): keys already in each entry's cache (default: full).
+        cache_batch_idx: int32 (B,): the cache row of each batch entry (dense caches).
+        cache_leftpad: int32 (B,): the cache slot where each entry's keys start (the slots
+            before are not attended; positions count from there).
+        block_table: int32 (B, max_blocks): the pages of each entry.
+        causal / window_size / softcap / alibi_slopes: as flash_attn_func, the diagonal
+            aligned bottom-right on the keys each entry attends.
+        num_splits: key splits per query block (flash-decoding): 0 = heuristic (on CPU: split
+            while there are fewer than two tasks per thread; GPUs: as the kernel decides), 1 =
+            none, n = n. Results agree within rounding for every value.
+        return_softmax_lse: also return lse (B, H, Sq) float32.
+
+    Inference only: there is no backward (a call that would need a gradient raises).
+    Values of the index tensors are checked (ValueError naming the argument, the cache left
+    untouched) for CPU tensors; for GPU tensors with FLASHATTN_CHECK_INPUTS=1, else they
+    are clamped into the tensors' bounds on the device.
+    """
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cache, v_cache))):
+        raise ArgumentError("q: flash_attn_with_kvcache has no backward (inference); call it under torch.no_grad()")
+    paged = block_table is not None
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ArgumentError(f"{name}: expected a 4-D tensor, got shape {tuple(getattr(t, 'shape', ()))}")
+    if (k is None) != (v is None):
+        raise ArgumentError("k, v: pass both new keys and new values, or neither")
+    _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), heads_dim=2, seq_dim=1, paged=True)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ArgumentError(f"{name}: must have a contiguous last dimension (it is written in place)")
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    if not paged and cache_batch_idx is None and k_cache.shape[0] != batch:
+        raise ArgumentError(f"k_cache: {k_cache.shape[0]} cache rows for a batch of {batch} (pass cache_batch_idx)")
+    device = q.device
+    if block_table is not None:
+        block_table = _index_tensor("block_table", block_table, device, 2)
+        if block_table.shape[0] != batch:
+            raise ArgumentError(f"block_table: expected one row per batch entry ({batch}), got {block_table.shape[0]}")
+        if cache_batch_idx is not None:
+            raise ArgumentError("cache_batch_idx: not supported with a paged cache (block_table picks the pages)")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ArgumentError("cache_seqlens: required with new keys (where do they go?)")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, device, 1)
+    if cache_seqlens.shape[0] != batch:
+        raise ArgumentError(f"cache_seqlens: expected one length per batch entry ({batch}), got {cache_seqlens.shape[0]}")
+    if cache_batch_idx is not None:
+        cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx, device, 1)
+        if cache_batch_idx.shape[0] != batch:
+            raise ArgumentError(f"cache_batch_idx: expected {batch} entries, got {cache_batch_idx.shape[0]}")
+    if cache_leftpad is not None:
+        cache_leftpad = _index_tensor("cache_leftpad", cache_leftpad, device, 1)
+        if cache_leftpad.shape[0] != batch:
+            raise ArgumentError(f"cache_leftpad: expected {batch} entries, got {cache_leftpad.shape[0]}")
+    new = 0
+    if k is not None:
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != cache.shape[2:]:
+                raise ArgumentError(f"{name}: expected (B, S_new, Hk, D) = ({batch}, S_new, {cache.shape[2]}, "
+                                    f"{cache.shape[3]}), got {tuple(getattr(t, 'shape', ()))}")
+            if t.dtype != cache.dtype or t.device != cache.device:
+                raise ArgumentError(f"{name}: must match the cache's dtype and device ({cache.dtype}, {cache.device}), "
+                                    f"got {t.dtype}, {t.device}")
+        if k.shape[1] != v.shape[1]:
+            raise ArgumentError(f"k, v: new lengths differ: {k.shape[1]} vs {v.shape[1]}")
+        new = k.shape[1]
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
+    window = (int(window_size[0]), 0 if causal else int(window_size[1])) if len(window_size) == 2 else window_size
+    _check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+    seqlen_ro = None
+    if rotary_cos is not None:
+        if k is None:
+            raise ArgumentError("rotary_cos: rotary embedding needs new keys (k, v)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != rotary_cos.shape or t.device != device:
+                raise ArgumentError(f"{name}: expected (seqlen_ro, rotary_dim / 2) on {device}, both the same shape, "
+                                    f"got {tuple(getattr(t, 'shape', ()))}")
+        if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
+            raise ArgumentError(f"rotary_cos: rotary_dim = 2 * {rotary_cos.shape[1]} must be in 1..{head_dim} "
+                                f"(the head dim)")
+        seqlen_ro = rotary_cos.shape[0]
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ArgumentError(f"num_splits: expected an int >= 0, got {num_splits!r}")
+    causal_positions = causal or window != (-1, -1)
+    _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table, seqlen_ro,
+                          causal_positions, seqlen_q)
+
+    if k is not None:
+        if rotary_cos is not None:
+            positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
+            k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(max=seqlen_ro - 1), rotary_interleaved)
+        kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    if rotary_cos is not None:
+        offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,
+                                                                                             device=device)
+        positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(max=seqlen_ro - 1)
+        q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
+    seqused_k = cache_seqlens + new if new else cache_seqlens
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    out, lse = ops.attention(
+        q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],
+        window_right=window[1], diag_offset=0, backend=backend, seqused_k=seqused_k, block_table=block_table,
+        max_seqlen_q=seqlen_q, max_seqlen_k=capacity, bottom_right=True, kv_batch_idx=cache_batch_idx,
+        leftpad_k=cache_leftpad, num_splits=num_splits,
+    )
+    return (out, lse.float()) if return_softmax_lse else out

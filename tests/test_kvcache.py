@@ -1,0 +1,197 @@
+"""flash_attn_with_kvcache on the CPU backend against reference.attention_kvcache_ref.
+
+The reference updates a copy of the caches, rotates by the formula and attends per batch
+entry in float64; ours must match it by the project's rule (tests/rule.py), and leave the
+caches holding exactly the reference's (the new k rotated and rounded as ours rounds it).
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py.reference import attention_kvcache_ref
+from rule import OUT_FACTOR, assert_rule
+
+
+def _rotary(seqlen_ro, rotary_dim, dtype, gen):
+    angle = torch.rand(seqlen_ro, rotary_dim // 2, generator=gen, dtype=torch.float64) * 2 * math.pi
+    return torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+
+
+def _paged(k_cache, v_cache, page_size, gen):
+    """The dense caches (B, S, Hk, D) as shuffled pages: (pool_k, pool_v, block_table)."""
+    batch, seqlen = k_cache.shape[:2]
+    blocks = -(-seqlen // page_size)
+    num_pages = batch * blocks + 2
+    perm = torch.randperm(num_pages, generator=gen)[:batch * blocks].view(batch, blocks)
+    pool_k = torch.randn(num_pages, page_size, *k_cache.shape[2:], generator=gen).to(k_cache.dtype)
+    pool_v = torch.randn(num_pages, page_size, *v_cache.shape[2:], generator=gen).to(v_cache.dtype)
+    for b, blk in itertools.product(range(batch), range(blocks)):
+        rows = slice(blk * page_size, min(seqlen, (blk + 1) * page_size))
+        pool_k[perm[b, blk], :rows.stop - rows.start] = k_cache[b, rows]
+        pool_v[perm[b, blk], :rows.stop - rows.start] = v_cache[b, rows]
+    return pool_k, pool_v, perm.to(torch.int32)
+
+
+def run_case(dtype=torch.float32, batch=3, seqlen_q=1, heads=8, heads_k=2, head_dim=64, seqlen_cache=40, new=1,
+             lengths=None, page_size=None, batch_idx=False, leftpad=False, rotary_dim=0, interleaved=True,
+             causal=True, window=(-1, -1), softcap=0.0, alibi=False, num_splits=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    rows = batch * 2 if batch_idx else batch
+    q = randn(batch, seqlen_q, heads, head_dim)
+    k_cache, v_cache = randn(rows, seqlen_cache, heads_k, head_dim), randn(rows, seqlen_cache, heads_k, head_dim)
+    k = randn(batch, new, heads_k, head_dim) if new else None
+    v = randn(batch, new, heads_k, head_dim) if new else None
+    if lengths is None:
+        lengths = torch.randint(0, seqlen_cache - new + 1, (batch,), generator=gen).tolist()
+    cache_seqlens = torch.tensor(lengths, dtype=torch.int32)
+    cache_batch_idx = torch.randperm(rows, generator=gen)[:batch].to(torch.int32) if batch_idx else None
+    cache_leftpad = None
+    if leftpad:
+        cache_leftpad = torch.tensor([int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lengths],
+                                     dtype=torch.int32)
+    cos = sin = None
+    if rotary_dim:
+        cos, sin = _rotary(seqlen_cache + seqlen_q, rotary_dim, dtype, gen)
+    slopes = torch.rand(batch, heads, generator=gen) * 0.3 if alibi else None
+    block_table = None
+    call_k, call_v = k_cache.clone(), v_cache.clone()
+    if page_size is not None:
+        call_k, call_v, block_table = _paged(k_cache, v_cache, page_size, gen)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+              cache_leftpad=cache_leftpad, rotary_interleaved=interleaved)
+    with torch.no_grad():
+        out, lse = flashattn_py.flash_attn_with_kvcache(
+            q, call_k, call_v, k, v, block_table=block_table, causal=causal, window_size=window, softcap=softcap,
+            alibi_slopes=slopes, num_splits=num_splits, return_softmax_lse=True, backend="cpu", **kw)
+    ref_kw = dict(kw, causal=causal, window_left=window[0], window_right=window[1], softcap=softcap,
+                  alibi_slopes=slopes)
+    as64 = (lambda t: None if t is None else t.double())
+    ref, ref_lse, ref_k, ref_v = attention_kvcache_ref(
+        q.double(), k_cache.double(), v_cache.double(), as64(k), as64(v), **{**ref_kw, "rotary_cos": as64(cos),
+                                                                              "rotary_sin": as64(sin)})
+    naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, k, v, **ref_kw)
+    assert_rule("out", out, ref, naive, OUT_FACTOR)
+    assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
+    # The caches: exactly the new values at the new slots (rotated keys within rounding of
+    # the input dtype), untouched elsewhere.
+    if page_size is not None:
+        got_k = torch.stack([call_k[block_table[b].long()].flatten(0, 1)[:seqlen_cache] for b in range(batch)])
+        got_v = torch.stack([call_v[block_table[b].long()].flatten(0, 1)[:seqlen_cache] for b in range(batch)])
+        ref_k, ref_v = ref_k[:batch], ref_v[:batch]
+    else:
+        got_k, got_v = call_k, call_v
+    assert torch.equal(got_v, ref_v.to(dtype))
+    if rotary_dim:
+        torch.testing.assert_close(got_k.double(), ref_k, atol=4 * torch.finfo(dtype).eps * 8, rtol=0)
+    else:
+        assert torch.equal(got_k, ref_k.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlen_q", [1, 3, 7])
+def test_decode_steps(dtype, seqlen_q):
+    run_case(dtype, seqlen_q=seqlen_q, new=seqlen_q, seed=seqlen_q)
+
+
+@pytest.mark.parametrize("heads,heads_k,head_dim", [(8, 8, 64), (8, 2, 80), (32, 8, 128)])
+def test_gqa_and_head_dims(heads, heads_k, head_dim):
+    run_case(heads=heads, heads_k=heads_k, head_dim=head_dim, seqlen_q=2, new=2, seed=heads + head_dim)
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_cache(page_size, dtype):
+    run_case(dtype, page_size=page_size, seqlen_q=2, new=2, seqlen_cache=50, seed=page_size)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary(interleaved, causal):
+    run_case(rotary_dim=32, interleaved=interleaved, causal=causal, seqlen_q=3, new=3, seed=int(interleaved))
+    run_case(rotary_dim=64, interleaved=interleaved, causal=causal, page_size=7, seqlen_q=2, new=2, seed=5)
+
+
+def test_cache_rows_leftpad_and_empty_caches():
+    run_case(batch_idx=True, seqlen_q=2, new=2, lengths=[0, 13, 38], seed=1)
+    run_case(leftpad=True, seqlen_q=2, new=2, seed=2)
+    run_case(leftpad=True, page_size=7, seqlen_q=1, new=1, seed=3)
+    run_case(new=0, lengths=[1, 40, 17], seqlen_q=1, causal=False, seed=4)  # attend only
+
+
+@pytest.mark.parametrize("feature", ["softcap", "window", "alibi"])
+def test_softcap_window_alibi(feature):
+    kw = {"softcap": dict(softcap=4.0), "window": dict(window=(6, 0)), "alibi": dict(alibi=True)}[feature]
+    run_case(seqlen_q=3, new=3, **kw)
+    run_case(seqlen_q=1, new=1, page_size=16, **kw)
+
+
+def test_every_num_splits_agrees():
+    outs = [run_case(batch=1, heads=4, heads_k=4, seqlen_cache=3000, lengths=[2900], num_splits=n, seed=9)
+            for n in (0, 1, 2, 5)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-5)
+
+
+def _bad_calls():
+    q = torch.randn(2, 1, 4, 16)
+    cache = torch.randn(2, 8, 2, 16)
+    new = torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 8], dtype=torch.int32)  # entry 1 is full: no room for a new key
+    cos = torch.randn(16, 9)  # rotary_dim 18 > head dim 16
+    return [
+        (dict(k=new, v=new, cache_seqlens=lens), r"cache_seqlens: entry 1 holds 8 keys"),
+        (dict(k=new, v=None, cache_seqlens=3), r"k, v: pass both"),
+        (dict(k=new, v=new, cache_seqlens=2, rotary_cos=cos, rotary_sin=cos), r"rotary_dim = 2 \* 9 must be in 1..16"),
+        (dict(k=new, v=new, cache_seqlens=2, rotary_cos=cos[:, :4], rotary_sin=cos), r"rotary_sin: expected"),
+        (dict(k=new.half(), v=new.half(), cache_seqlens=2), r"k: must match the cache's dtype"),
+        (dict(k=torch.randn(2, 1, 3, 16), v=new, cache_seqlens=2), r"k: expected \(B, S_new, Hk, D\)"),
+        (dict(k=new, v=new, cache_seqlens=2, block_table=torch.tensor([[0], [5]], dtype=torch.int32)),
+         r"block_table: page indices"),
+        (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
+         r"cache_batch_idx: rows must be in"),
+        (dict(q=torch.randn(2, 1, 3, 16)), r"number of query heads \(3\) must be a multiple"),
+    ]
+
+
+@pytest.mark.parametrize("call,match", _bad_calls())
+def test_bad_input_names_the_argument_and_leaves_the_cache(call, match):
+    q = call.pop("q", torch.randn(2, 1, 4, 16))
+    k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(ValueError, match=match), torch.no_grad():
+        flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, **call)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_no_backward():
+    q = torch.randn(1, 1, 2, 8, requires_grad=True)
+    cache = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="no backward"):
+        flashattn_py.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=2)
+
+
+def test_compiled_decode_step_mutates_the_cache():
+    # The append is an op with mutated arguments: torch.compile(fullgraph=True) keeps it.
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, k_cache, v_cache, k, v, lens):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
+
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    k_cache, v_cache = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    with torch.no_grad():
+        out = step(q, k_cache, v_cache, k, v, lens)
+        k_cache2, v_cache2 = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+        want = flashattn_py.flash_attn_with_kvcache(q, k_cache2, v_cache2, k, v, cache_seqlens=lens, causal=True)
+    torch.testing.assert_close(out, want)
+    assert torch.equal(k_cache, k_cache2) and torch.equal(k_cache[1, 5], k[1, 0])
