@@ -71,9 +71,20 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                       leftpad_k,   num_splits};
   fill_params(p, args);
   fill_output(p, out, lse);
+  // Split-KV (flash-decoding): the key splits for this problem on this device, and their
+  // float32 workspaces (flash_api.h).
+  p.num_splits = flash_fwd_num_splits(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  at::Tensor oaccum, lse_accum;
+  if (p.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    lse_accum = at::empty({p.num_splits, lse.numel()}, f32);
+    oaccum = at::empty({p.num_splits, lse.numel(), fwd_oaccum_row(p)}, f32);
+  }
   check_no_pending_error();
   const cudaError_t err =
-      run_flash_fwd(p, q.scalar_type() == at::kBFloat16, at::cuda::getCurrentCUDAStream().stream());
+      run_flash_fwd(p, q.scalar_type() == at::kBFloat16, at::cuda::getCurrentCUDAStream().stream(),
+                    p.num_splits > 1 ? oaccum.data_ptr<float>() : nullptr,
+                    p.num_splits > 1 ? lse_accum.data_ptr<float>() : nullptr);
   TORCH_CHECK(err == cudaSuccess, "flashattn::fwd CUDA kernel failed: ", cudaGetErrorString(err));
   return {out, lse};
 }

@@ -260,8 +260,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gbase, int64_t row_s
 
 // A K or V tile of keys [j0, j0 + kRows) of sequence b: consecutive rows from `base` (k or
 // v at the sequence's row 0 and the head), or, with a block table, each key row looked up
-// through key_offset on its own (any page size: a tile may span pages); `base` is then k
-// or v at the head. Rows past rows_valid are zero and never looked up. b is taken as a
+// through key_offset on its own (any page size: a tile may span pages; key j is slot
+// leftpad_k + j of the sequence's pages); `base` is then k or v at the head. Rows past rows_valid are zero and never looked up. b is taken as a
 // functor so callers re-derive it only on the paged path instead of keeping it live.
 // kPaged false: never paged (the lookup code costs registers in the main loops even when
 // not taken, so kernels without a paged caller compile without it).
@@ -273,10 +273,15 @@ __device__ __forceinline__ void load_kv_tile(T* smem, const T* base, const Flash
     load_tile<T, kRows, kD, kThreads>(smem, base + j0 * row_stride, row_stride, rows_valid, cols_valid, vec);
   } else {
     const int b = batch();
-    const SeqView none{};  // key_offset reads only the block table on the paged path
+    // The sequence's first key slot (seq_view's k_start when paged: leftpad_k), re-read
+    // here rather than kept live across the main loop; key_offset reads only k_start and the
+    // block table when paged. (A pad past the sequence's keys leaves it none: no row is
+    // looked up then, so the clamp to seqlen_k suffices.)
+    SeqView sv{};
+    sv.k_start = p.leftpad_k ? clamp_len(p.leftpad_k[b], p.seqlen_k) : 0;
     load_rows<T, kRows, kD, kThreads>(
         smem, base,
-        [&](int r) { return base + key_offset(p, none, b, int64_t(j0) + r, 0, page_stride, row_stride); },
+        [&](int r) { return base + key_offset(p, sv, b, int64_t(j0) + r, 0, page_stride, row_stride); },
         rows_valid, cols_valid, vec);
   }
 }
@@ -404,14 +409,18 @@ inline bool q_rows_aligned16(const FlashParams& p, const void* ptr, int64_t batc
   return rows_aligned16(ptr, p.batch, batch_stride, p.seqlen_q, row_stride, heads, head_stride, cols);
 }
 // Likewise for a tensor laid out like k (k, v, dk, dv): (num_pages, page_size, ...) when
-// paged (the page stride counts), (1, total_k, ...) with packed keys, else (B, Sk, ...).
+// paged (the page stride counts), (1, total_k, ...) with packed keys, else (B, Sk, ...)
+// ((kv_batch, Sk, ...) with kv_batch_idx). leftpad_k moves a sequence's first key by whole
+// rows, so it keeps the rows aligned.
 inline bool k_rows_aligned16(const FlashParams& p, const void* ptr, int64_t batch_stride, int64_t row_stride,
                              int64_t heads, int64_t head_stride, int64_t cols) {
   if (p.block_table) {
     return rows_aligned16(ptr, p.num_pages, batch_stride, p.page_size, row_stride, heads, head_stride, cols);
   }
   if (p.cu_seqlens_k) return rows_aligned16(ptr, 1, 0, p.total_k, row_stride, heads, head_stride, cols);
-  return rows_aligned16(ptr, p.batch, batch_stride, p.seqlen_k, row_stride, heads, head_stride, cols);
+  // kv_batch_idx: any of the kv_batch rows may be read, not only the first batch ones.
+  const int64_t batch = p.kv_batch_idx ? p.kv_batch : p.batch;
+  return rows_aligned16(ptr, batch, batch_stride, p.seqlen_k, row_stride, heads, head_stride, cols);
 }
 
 // Rows of lse (and of the backward's softmax_d; dq_accum has head_dim floats per row):

@@ -2,7 +2,9 @@
 // (grid_pos, flash_common.cuh) sized by the longest sequence; every sequence is addressed
 // through seq_view (flash_params.h), so one launch serves dense batches, packed sequences
 // (cu_seqlens_q / _k, seqused_k, bottom_right) and paged K / V (block_table: each key row
-// looked up, load_kv_tile). A CTA whose query block starts past its sequence exits.
+// looked up, load_kv_tile), KV caches (kv_batch_idx, leftpad_k: seq_view / key_offset) and
+// split-KV (flash-decoding: kSplit below, merged by flash_fwd.cu's combine kernel). A CTA
+// whose query block starts past its sequence exits.
 //
 // The Q tile stays in shared memory; K and V tiles stream through shared memory with
 // cp.async, interleaved so one load always overlaps compute (the K and V buffers
@@ -44,10 +46,17 @@ struct FwdTraits {
   static_assert(kBN % 16 == 0 && kD % 16 == 0, "bad tile");
 };
 
-template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
-__global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps, kExt>::kMinBlocks)
+// kSplit: split-KV (flash-decoding, p.num_splits > 1 splits): the grid has num_splits CTAs
+// per query block, CTA `split` attends the split-th of num_splits equal runs of the key
+// blocks its query block visits, and writes its normalised O and lse in float32 to the
+// workspaces (args.oaccum / lse_accum) for flash_fwd_combine_kernel. Paged K / V as kExt;
+// no bias or dropout (the host never splits those).
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt, bool kSplit>
+__global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps, kExt || kSplit>::kMinBlocks)
     flash_fwd_kernel(const FwdArgs args) {
-  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt || kSplit>;
+  static_assert(!(kExt && kSplit), "the split-KV kernel has no bias / dropout");
+  constexpr bool kPaged = kExt || kSplit;
   constexpr int kThreads = Tr::kThreads, kMT = Tr::kMT, kNT = Tr::kNT, kDT = Tr::kDT, kStride = Tr::kStride;
   const FlashParams& p = args.p;
 
@@ -56,9 +65,10 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   T* sK = sQ + kBM * kStride;
   T* sV = sK + kBN * kStride;
 
-  const int64_t n_mblocks = (p.seqlen_q + kBM - 1) / kBM;
+  // Grid blocks per (b, h): query blocks, times the key splits when splitting.
+  const int64_t n_mblocks = (p.seqlen_q + kBM - 1) / kBM * (kSplit ? p.num_splits : 1);
   const GridPos pos = grid_pos(n_mblocks, p.num_heads);
-  const int m_block = pos.block, h = pos.h, b = pos.b;
+  const int m_block = kSplit ? pos.block / static_cast<int>(p.num_splits) : pos.block, h = pos.h, b = pos.b;
   const SeqView s = seq_view(p, b);
   const int m0 = m_block * kBM;
   if (m0 >= s.seqlen_q) return;  // the grid covers the longest sequence
@@ -83,6 +93,13 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     nb_begin = static_cast<int>(n_lo / kBN);
     nb_end = static_cast<int>(n_hi / kBN) + 1;
   }
+  if constexpr (kSplit) {  // this CTA's run of [nb_begin, nb_end): ceil(count / splits) blocks
+    const int ns = static_cast<int>(p.num_splits), split = pos.block - m_block * ns;
+    const int per = (nb_end - nb_begin + ns - 1) / ns;
+    const int lo = min(nb_begin + split * per, nb_end);
+    nb_end = min(lo + per, nb_end);
+    nb_begin = lo;
+  }
 
   // Per-row visible key range [j_lo, j_hi] of this thread's rows (row g and g + 8 of each m tile).
   const int warp_row0 = warp * kMT * 16;
@@ -103,7 +120,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   load_tile<T, kBM, kD, kThreads>(sQ, q_base + m0 * p.q_row_stride, p.q_row_stride, Sq - m0, D, args.vec_q);
   if (nb_begin < nb_end) {
     const int n0 = nb_begin * kBN;
-    load_kv_tile<T, kBN, kD, kThreads, kExt>(sK, k_base, p, seq_b, n0, p.k_batch_stride, p.k_row_stride, Sk - n0, D,
+    load_kv_tile<T, kBN, kD, kThreads, kPaged>(sK, k_base, p, seq_b, n0, p.k_batch_stride, p.k_row_stride, Sk - n0, D,
                                        args.vec_k);
   }
   cp_async_commit();
@@ -130,7 +147,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     const int n0 = nb * kBN;
     cp_async_wait<0>();
     __syncthreads();  // K_nb (and Q) landed; every warp is done with V_{nb-1}
-    load_kv_tile<T, kBN, kD, kThreads, kExt>(sV, v_base, p, seq_b, n0, p.v_batch_stride, p.v_row_stride, Sk - n0, Dv,
+    load_kv_tile<T, kBN, kD, kThreads, kPaged>(sV, v_base, p, seq_b, n0, p.v_batch_stride, p.v_row_stride, Sk - n0, Dv,
                                        args.vec_v);
     cp_async_commit();
 
@@ -244,7 +261,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     __syncthreads();  // V_nb landed; every warp is done reading K_nb
     if (nb + 1 < nb_end) {
       const int n1 = n0 + kBN;
-      load_kv_tile<T, kBN, kD, kThreads, kExt>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride, Sk - n1, D,
+      load_kv_tile<T, kBN, kD, kThreads, kPaged>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride, Sk - n1, D,
                                          args.vec_k);
     }
     cp_async_commit();
@@ -279,6 +296,36 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   // Position and sequence re-derived (not kept live across the main loop: registers).
   const GridPos epos = grid_pos(n_mblocks, p.num_heads);
   const SeqView es = seq_view(p, epos.b);
+  if constexpr (kSplit) {
+    // O (normalised) and lse of this split, float32, straight from the registers.
+    const int ns = static_cast<int>(p.num_splits), em_block = epos.block / ns;
+    const int em0 = em_block * kBM, eSq = static_cast<int>(es.seqlen_q);
+    const int64_t row0 = int64_t(epos.block - em_block * ns) * lse_rows(p) + es.lse_row +
+                         epos.h * lse_head_stride(p) + em0;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float l = row_sum[mt][r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = warp_row0 + mt * 16 + g + 8 * r;
+        if (em0 + row < eSq) {
+          if (t4 == 0) {
+            const float m = row_max[mt][r];
+            args.lse_accum[row0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
+          }
+          float* o = args.oaccum + (row0 + row) * args.oaccum_row + 2 * t4;
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+          }
+        }
+      }
+    }
+    return;
+  }
   const int em0 = epos.block * kBM, eSq = static_cast<int>(es.seqlen_q);
   float* lse = static_cast<float*>(p.lse) + es.lse_row + epos.h * lse_head_stride(p);
 #pragma unroll
@@ -307,16 +354,16 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   store_tile<T, kBM, kD, kThreads>(o_base, sQ, p.o_row_stride, eSq - em0, Dv, args.vec_o);
 }
 
-template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt>
+template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt, bool kSplit>
 cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
-  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt>;
+  using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt || kSplit>;
   static_assert(Tr::kSmem == cfg::fwd_smem(kD), "flash_configs.h must describe this launch");
-  auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt>;
+  auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt, kSplit>;
   static SmemAttribute smem_attr;
   cudaError_t e = smem_attr.ensure(reinterpret_cast<const void*>(kernel), Tr::kSmem);
   if (e != cudaSuccess) return e;
   const FlashParams& p = args.p;
-  const unsigned grid = grid_1d((p.seqlen_q + kBM - 1) / kBM, p.batch, p.num_heads);
+  const unsigned grid = grid_1d((p.seqlen_q + kBM - 1) / kBM * (kSplit ? p.num_splits : 1), p.batch, p.num_heads);
   if (grid == 0) return cudaErrorInvalidConfiguration;
   kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(args);
   return cudaGetLastError();
@@ -324,10 +371,14 @@ cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
 
 template <typename T, int kD, int kBM, int kBN, int kWarps>
 cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
-  if (args.p.bias != nullptr || args.p.dropout_p > 0.f || args.p.block_table != nullptr) {
-    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true>(args, stream);
+  if (args.p.num_splits > 1) {  // (flash_fwd_num_splits never splits with a bias or dropout)
+    if (args.p.bias != nullptr || args.p.dropout_p > 0.f) return cudaErrorInvalidValue;
+    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false, true>(args, stream);
   }
-  return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false>(args, stream);
+  if (args.p.bias != nullptr || args.p.dropout_p > 0.f || args.p.block_table != nullptr) {
+    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true, false>(args, stream);
+  }
+  return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false, false>(args, stream);
 }
 
 }  // namespace

@@ -17,10 +17,15 @@ struct FwdArgs {
   int heads_per_kv;   // H / Hk
   bool vec_q, vec_k, vec_v, vec_o;
   Dropout drop;       // used when p.dropout_p > 0 (kExt kernels only)
+  // Split-KV (p.num_splits > 1, flash_api.h): per-split O (normalised, fp32, oaccum_row
+  // floats per row) and lse, index split * lse_rows(p) + lse row.
+  float* oaccum = nullptr;
+  float* lse_accum = nullptr;
+  int64_t oaccum_row = 0;
 };
 
 // Launches the forward for head dims in the bucket kD (round_head_dim: 32, 64, 96, 128,
-// 256), plain or kExt (bias / dropout / paged K, V) variant by args. Defined in flash_fwd_kernel.cuh,
+// 256), plain, kExt (bias / dropout / paged K, V) or split-KV variant by args. Defined in flash_fwd_kernel.cuh,
 // explicitly instantiated for __half and __nv_bfloat16 in flash_fwd_hdim<kD>.cu.
 template <typename T, int kD>
 cudaError_t run_fwd_hdim(const FwdArgs& args, cudaStream_t stream);
