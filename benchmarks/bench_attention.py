@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py            # defaults for the hardware present
     python benchmarks/bench_attention.py --seqlens 1024,4096 --head-dims 128 \
         --dtypes bf16 --causal 1 --modes fwd,fwd+bwd --backends ours,sdpa
+    python benchmarks/bench_attention.py --varlen [--quick ...]   # packed sequences only
 
 Measures, for every setting (mode, dtype, head dim, causal, sequence length):
   ours-<name>   flashattn_py.flash_attn_func(q, k, v, causal=..., backend=<name>) for each
@@ -26,6 +27,12 @@ case) or "error" in the status column.
 Writes <out>/attention.csv, attention.json (rows + environment) and attention.png
 (TFLOP/s against sequence length, one panel per mode/dtype/head dim/causal setting;
 needs matplotlib).
+
+Packed sequences: ``--varlen`` runs bench_varlen.py's benchmark instead of this sweep
+(the options after it go to bench_varlen.py: --quick, --sets, --dtypes, --out, ...; see
+``bench_varlen.py --help``). The default CPU run (no options shaping the sweep) runs it
+too, after the sweep, into the same folder (varlen.csv, varlen.json, varlen.md; about 4
+more minutes on 2 cores); --no-varlen skips it.
 """
 from __future__ import annotations
 
@@ -294,7 +301,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--varlen", action="store_true", help="run bench_varlen.py's packed-sequence benchmark "
+                   "instead (the options after --varlen go to it; see bench_varlen.py --help)")
+    p.add_argument("--no-varlen", action="store_true", help="the default CPU run: skip the packed-sequence "
+                   "benchmark that follows the sweep")
     args = p.parse_args(argv)
+
+    # The default run: nothing shapes the sweep. On the CPU it is followed by bench_varlen's defaults.
+    shaping = [*CPU_DEFAULTS, "backends", "batch", "heads", "input_sets"]
+    args.default_run = all(getattr(args, name, None) is None for name in shaping)
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,8 +383,22 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def run_varlen(argv: Sequence[str]) -> list[dict]:
+    """bench_varlen.py's benchmark with ``argv``; its rows."""
+    import bench_varlen
+
+    return bench_varlen.main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the benchmark; returns the rows (also printed and written to --out)."""
+    """Run the benchmark; returns the rows (also printed and written to --out).
+
+    With --varlen: bench_varlen.py's rows instead (the arguments after --varlen go to it).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--varlen" in argv:
+        at = argv.index("--varlen")
+        return run_varlen(argv[:at] + argv[at + 1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     methods = select_methods(available_methods(device), args.backends)
@@ -411,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not args.no_plot and plot(rows, args.out / "attention.png"):
         written.append(args.out / "attention.png")
     print(f"# wrote {', '.join(str(p) for p in written)}")
+    if args.default_run and device.type == "cpu" and not args.no_varlen and flashattn_py is not None:
+        print("# packed sequences (bench_varlen.py defaults; --no-varlen skips them)")
+        run_varlen(["--device", "cpu", "--out", str(args.out)] + (["--no-progress"] if args.no_progress else []))
     return rows
 
 

@@ -54,3 +54,47 @@ def test_paired_tiny_run():
     result = paired.main(["--seqlen", "33", "--head-dim", "8", "--heads", "2", "--mode", "fwd+bwd", "--pairs", "4"])
     assert result["pairs"] == 4
     assert 0 < result["q1"] <= result["median"] <= result["q3"]
+
+
+def test_bench_varlen_quick_run(tmp_path):
+    """bench_attention.py --varlen --quick: rows for ours, the per-document loop and padded SDPA."""
+    pytest.importorskip("flashattn_py._C")
+    rows = bench_attention.main(["--varlen", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                                 "--no-progress"])
+    with open(tmp_path / "varlen.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) > 0
+    assert (tmp_path / "varlen.json").exists() and "| set |" in (tmp_path / "varlen.md").read_text()
+    by_method = {}
+    for r in csv_rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method in ("ours", "loop", "sdpa-padded", "dense"):
+        assert by_method.get(method), method
+        for r in by_method[method]:
+            assert r["status"] == "ok", r
+            assert float(r["ms"]) > 0 and float(r["gflops"]) > 0 and float(r["vs_ours"]) > 0
+    # Every set, both modes, both dtypes; ours is its own baseline.
+    assert {(r["set"], r["mode"], r["dtype"]) for r in by_method["loop"]} == {
+        (s, m, d) for s in ("A", "B") for m in ("fwd", "fwd+bwd") for d in ("fp32", "bf16")}
+    assert all(float(r["vs_ours"]) == pytest.approx(1.0) for r in by_method["ours"])
+    # The methods compute the same attention (fwd rows carry the largest difference from ours).
+    assert all(float(r["max_diff"]) < 0.05 for r in csv_rows if r["max_diff"] not in ("", None))
+    # torch's varlen_attn runs on CUDA only: on the CPU a failure row, not a crash.
+    assert all(r["status"] in ("ok", "unsupported", "error") for r in by_method.get("torch-varlen", []))
+
+
+def test_varlen_flops_count_visible_pairs():
+    import bench_varlen
+
+    # Two documents of 3 and 1 tokens: 6 + 1 visible pairs per head.
+    assert bench_varlen.visible_pairs([3, 1]) == 7
+    assert bench_varlen.varlen_flops([3, 1], 8, 64, "fwd") == 4 * 8 * 64 * 7
+    assert bench_varlen.varlen_flops([3, 1], 8, 64, "fwd+bwd") == 3.5 * 4 * 8 * 64 * 7
+    mask = bench_varlen.padded_mask([3, 1], "cpu")
+    assert mask.shape == (2, 1, 3, 3) and int(mask.sum()) == 6 + 3  # padded rows see the document
+
+
+def test_bench_attention_default_run_adds_varlen():
+    assert bench_attention.parse_args([]).default_run
+    assert bench_attention.parse_args(["--device", "cpu", "--no-plot"]).default_run
+    assert not bench_attention.parse_args(["--seqlens", "64"]).default_run
