@@ -81,7 +81,8 @@ struct FlashParams {
   //  seqused_k (batch): only the first seqused_k[b] keys of sequence b are attended.
   //  block_table (batch, max_blocks): paged K/V, k / v (num_pages, page_size, Hk, D): key j
   //    of sequence b is row j % page_size of page block_table[b, j / page_size]
-  //    (k_batch_stride is the page stride); seqlen_k is max_blocks * page_size.
+  //    (k_batch_stride is the page stride); seqlen_k is at most max_blocks * page_size.
+  //  max_seqlen_q / _k given as 0 mean "not known": seqlen_q / seqlen_k are then the totals.
   // Values come from the device without host checks on GPUs: seq_view clamps every length
   // and key_offset every page index into the tensors' bounds.
   const int32_t* cu_seqlens_q = nullptr;

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -44,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const AttnArgs& args, Layout l
   at::Tensor out = layout.seq == 1 ? at::empty({B, Sq, H, Dv}, q.options())
                                    : at::empty_strided({B, H, Sq, Dv}, {Sq * H * Dv, Dv, H * Dv, 1}, q.options());
   at::Tensor lse = at::empty({B, H, Sq}, q.options().dtype(lse_dtype(q)));
+  if (args.cu_seqlens_q.has_value()) {  // rows in no sequence are never written: defined as out 0, lse -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
   fill_output(p, out, lse, layout);
   FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::fwd", [&] { cpu::flash_fwd<scalar_t>(p); });
   return {out, lse};

@@ -75,6 +75,9 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   TORCH_CHECK(packed_q || paged || args.kv_batch_idx.has_value() || q.size(0) == k.size(0),
               "flashattn: q and k batch sizes differ");
   TORCH_CHECK(!packed_q || q.size(0) == 1, "flashattn: packed q must be (1, total_q, H, D)");
+  TORCH_CHECK(!packed_q || paged || args.cu_seqlens_k.has_value() || args.kv_batch_idx.has_value() ||
+                  k.size(0) == args.cu_seqlens_q->numel() - 1,
+              "flashattn: with packed q and dense k, k needs one batch row per sequence");
   TORCH_CHECK(!(args.cu_seqlens_k.has_value() && !paged) || k.size(0) == 1,
               "flashattn: packed k must be (1, total_k, Hk, D)");
   TORCH_CHECK(!(packed_q || paged || args.seqused_k.has_value()) || !args.attn_bias.has_value(),
@@ -99,7 +102,7 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
   if (packed_q) {  // (1, total_q, H, D): sequences from cu_seqlens_q, rows no batch stride apart
     p.batch = args.cu_seqlens_q->numel() - 1;
     TORCH_CHECK(p.batch >= 0, "flashattn: cu_seqlens_q must have B + 1 entries");
-    p.seqlen_q = args.max_seqlen_q;
+    p.seqlen_q = args.max_seqlen_q > 0 ? args.max_seqlen_q : p.total_q;  // (0: not given, the total bounds it)
     p.q_batch_stride = 0;
   }
   if (paged) {  // (num_pages, page_size, Hk, D) pages, k_batch_stride the page stride
@@ -110,17 +113,18 @@ inline void fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}
     TORCH_CHECK((p.page_size > 0 && p.num_pages > 0) || bt.size(1) == 0, "flashattn: paged K/V without pages");
     // (seq_view clamps every sequence to seqlen_k: never more keys than its pages hold)
     const int64_t capacity = bt.size(1) * p.page_size;
-    p.seqlen_k = args.cu_seqlens_k.has_value() ? std::min(args.max_seqlen_k, capacity) : capacity;
+    p.seqlen_k = args.cu_seqlens_k.has_value() && args.max_seqlen_k > 0 ? std::min(args.max_seqlen_k, capacity)
+                                                                          : capacity;
     p.total_k = p.num_pages * p.page_size;
   } else if (args.cu_seqlens_k.has_value()) {  // (1, total_k, Hk, D)
-    p.seqlen_k = args.max_seqlen_k;
+    p.seqlen_k = args.max_seqlen_k > 0 ? args.max_seqlen_k : p.total_k;
     p.k_batch_stride = p.v_batch_stride = 0;
   }
   TORCH_CHECK(!args.cu_seqlens_k.has_value() || args.cu_seqlens_k->numel() == p.batch + 1,
               "flashattn: cu_seqlens_k must have B + 1 entries, like cu_seqlens_q");
   TORCH_CHECK(!args.seqused_k.has_value() || args.seqused_k->numel() == p.batch,
               "flashattn: seqused_k must have one entry per sequence");
-  TORCH_CHECK(p.seqlen_q >= 0 && p.seqlen_k >= 0, "flashattn: max_seqlen_q / max_seqlen_k must be >= 0");
+  TORCH_CHECK(args.max_seqlen_q >= 0 && args.max_seqlen_k >= 0, "flashattn: max_seqlen_q / max_seqlen_k must be >= 0");
   p.kv_batch_idx = index_tensor(args.kv_batch_idx, q, "kv_batch_idx", 1);
   p.leftpad_k = index_tensor(args.leftpad_k, q, "leftpad_k", 1);
   p.kv_batch = k.size(0);

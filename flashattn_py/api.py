@@ -215,9 +215,17 @@ def _check_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
+# The packed-sequence arguments under flash-attn's names, and under torch's varlen_attn's:
+# errors name the argument the caller passed.
+FLASH_NAMES = {n: n for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                              "seqused_k", "block_table")}
+TORCH_VARLEN_NAMES = dict(FLASH_NAMES, q="query", k="key", v="value", cu_seqlens_q="cu_seq_q",
+                          cu_seqlens_k="cu_seq_k", max_seqlen_q="max_q", max_seqlen_k="max_k")
+
+
 def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                   max_seqlen_k: int, total_q: int, total_k: Optional[int], seqused_k: Optional[Tensor],
-                  block_table: Optional[Tensor], page_size: int, num_pages: int) -> None:
+                  block_table: Optional[Tensor], page_size: int, num_pages: int, names: dict) -> None:
     """Value checks of packed-sequence and paged-K/V arguments (ValueError naming the
     argument). Read on the host: CPU tensors always, GPU tensors only when asked
     (``FLASHATTN_CHECK_INPUTS=1``); without them the kernels clamp every value into the
@@ -226,96 +234,102 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
     if device.type != "cpu" and os.environ.get("FLASHATTN_CHECK_INPUTS", "0") in ("", "0"):
         return
     lengths_k = None
-    for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
-                                     ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
+    for arg, cu, total, longest, max_arg in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
+                                             ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")):
         if cu is None:
             continue
         offsets = cu.tolist()
         if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])) or (
                 total is not None and offsets[-1] != total):
             where = f"to the total length {total}" if total is not None else "(non-decreasing)"
-            raise ArgumentError(f"{name}: must rise from 0 {where}, got {offsets}")
+            raise ArgumentError(f"{names[arg]}: must rise from 0 {where}, got {offsets}")
         lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-        if lengths and max(lengths) > longest:
-            raise ArgumentError(f"max_seqlen_{name[-1]}: {longest} is below the longest sequence ({max(lengths)})")
-        if name == "cu_seqlens_k":
+        if lengths and longest > 0 and max(lengths) > longest:  # (0: not given)
+            raise ArgumentError(f"{names[max_arg]}: {longest} is below the longest sequence ({max(lengths)})")
+        if arg == "cu_seqlens_k":
             lengths_k = lengths
+    capacity = block_table.shape[1] * page_size if block_table is not None else None
     if seqused_k is not None:
-        used = seqused_k.tolist()
-        limits = lengths_k or [None] * len(used)
-        if block_table is not None:
-            limits = [block_table.shape[1] * page_size] * len(used)
-        bad = [(b, u) for b, (u, lim) in enumerate(zip(used, limits)) if u < 0 or (lim is not None and u > lim)]
-        if bad:
-            raise ArgumentError(f"seqused_k: sequence {bad[0][0]} uses {bad[0][1]} keys, outside [0, "
-                                f"{limits[bad[0][0]]}]")
+        # the keys a sequence has: its cu_seqlens_k length, its pages, the longest allowed
+        limits = []
+        for b in range(seqused_k.shape[0]):
+            bounds = [x for x in (lengths_k[b] if lengths_k else None, capacity, max_seqlen_k or None)
+                      if x is not None]
+            limits.append(min(bounds) if bounds else None)
+        for b, (used, limit) in enumerate(zip(seqused_k.tolist(), limits)):
+            if used < 0 or (limit is not None and used > limit):
+                raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
     if block_table is not None:
         if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
-            raise ArgumentError(f"block_table: page indices must be in [0, {num_pages}), got "
+            raise ArgumentError(f"{names['block_table']}: page indices must be in [0, {num_pages}), got "
                                 f"[{int(block_table.min())}, {int(block_table.max())}]")
-        if lengths_k is not None and lengths_k and max(lengths_k) > block_table.shape[1] * page_size:
-            raise ArgumentError(f"block_table: {block_table.shape[1]} pages of {page_size} keys per sequence hold "
-                                f"fewer than its longest sequence ({max(lengths_k)} keys)")
+        if lengths_k and max(lengths_k) > capacity:
+            raise ArgumentError(f"{names['block_table']}: {block_table.shape[1]} pages of {page_size} keys per "
+                                f"sequence hold fewer than its longest sequence ({max(lengths_k)} keys)")
 
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
             max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
             dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
             alibi_slopes: Optional[Tensor], deterministic: bool, backend: str,
-            bottom_right: bool = True) -> tuple[Tensor, Tensor]:
+            bottom_right: bool = True, names: dict = FLASH_NAMES) -> tuple[Tensor, Tensor]:
     """Packed sequences in one call: q (total_q, H, D), k / v (total_k, Hk, D) or a page
-    pool (num_pages, page_size, Hk, D) with ``block_table``; validates, then runs the
-    kernels on (1, total, H, D) views. Returns out (total_q, H, Dv) and lse (H, total_q)."""
+    pool (num_pages, page_size, Hk, D) with ``block_table``; validates (errors use
+    ``names`` for the arguments), then runs the kernels on (1, total, H, D) views. Returns
+    out (total_q, H, Dv) and lse (H, total_q)."""
     backends.check_backend_name(backend)
+    n = names
     paged = block_table is not None
     k_dims = 4 if paged else 3
-    for name, t, dims in (("q", q, 3), ("k", k, k_dims), ("v", v, k_dims)):
+    for arg, t, dims in (("q", q, 3), ("k", k, k_dims), ("v", v, k_dims)):
         if not isinstance(t, Tensor) or t.dim() != dims:
             shape = "(num_pages, page_size, Hk, D)" if dims == 4 else "(total, H, D)"
-            raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape "
+            raise ArgumentError(f"{n[arg]}: expected a {dims}-D {shape} tensor, got shape "
                                 f"{tuple(getattr(t, 'shape', ()))}")
     if k.shape[:-1] != v.shape[:-1]:
-        raise ArgumentError(f"k, v: shapes differ before the head dim: {tuple(k.shape)} vs {tuple(v.shape)}")
+        raise ArgumentError(f"{n['k']}, {n['v']}: shapes differ before the head dim: {tuple(k.shape)} vs "
+                            f"{tuple(v.shape)}")
     q4 = q.unsqueeze(0)
     k4, v4 = (k, v) if paged else (k.unsqueeze(0), v.unsqueeze(0))
-    _check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1, paged=paged)
-    cu_seqlens_q = _index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
+    _check_qkv(q4, k4, v4, (n["q"], n["k"], n["v"]), heads_dim=2, seq_dim=1, paged=paged)
+    cu_seqlens_q = _index_tensor(n["cu_seqlens_q"], cu_seqlens_q, q.device, 1)
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 0:
-        raise ArgumentError("cu_seqlens_q: expected B + 1 offsets, got none")
+        raise ArgumentError(f"{n['cu_seqlens_q']}: expected B + 1 offsets, got none")
     if cu_seqlens_k is not None:
-        cu_seqlens_k = _index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
+        cu_seqlens_k = _index_tensor(n["cu_seqlens_k"], cu_seqlens_k, q.device, 1)
         if cu_seqlens_k.shape[0] != batch + 1:
-            raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: batch sizes differ: {batch} vs {cu_seqlens_k.shape[0] - 1}")
+            raise ArgumentError(f"{n['cu_seqlens_q']}, {n['cu_seqlens_k']}: batch sizes differ: {batch} vs "
+                                f"{cu_seqlens_k.shape[0] - 1}")
     elif not paged:
-        raise ArgumentError("cu_seqlens_k: required unless K/V are paged (block_table)")
+        raise ArgumentError(f"{n['cu_seqlens_k']}: required unless K/V are paged (block_table)")
     if seqused_k is not None:
-        seqused_k = _index_tensor("seqused_k", seqused_k, q.device, 1)
+        seqused_k = _index_tensor(n["seqused_k"], seqused_k, q.device, 1)
         if seqused_k.shape[0] != batch:
-            raise ArgumentError(f"seqused_k: expected one length per sequence ({batch}), got {seqused_k.shape[0]}")
+            raise ArgumentError(f"{n['seqused_k']}: expected one length per sequence ({batch}), got "
+                                f"{seqused_k.shape[0]}")
     page_size = num_pages = 0
     if paged:
-        block_table = _index_tensor("block_table", block_table, q.device, 2)
+        block_table = _index_tensor(n["block_table"], block_table, q.device, 2)
         if block_table.shape[0] != batch:
-            raise ArgumentError(f"block_table: expected one row per sequence ({batch}), got {block_table.shape[0]}")
+            raise ArgumentError(f"{n['block_table']}: expected one row per sequence ({batch}), got "
+                                f"{block_table.shape[0]}")
         num_pages, page_size = k.shape[0], k.shape[1]
         if page_size < 1:
-            raise ArgumentError("k: pages must hold at least one key (page_size >= 1)")
+            raise ArgumentError(f"{n['k']}: pages must hold at least one key (page_size >= 1)")
         if cu_seqlens_k is None and seqused_k is None:
-            raise ArgumentError("seqused_k: paged K/V (block_table) needs the keys per sequence: seqused_k or "
-                                "cu_seqlens_k")
-        if not isinstance(max_seqlen_k, int) or max_seqlen_k <= 0:
-            max_seqlen_k = block_table.shape[1] * page_size
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            raise ArgumentError(f"{n['seqused_k']}: paged K/V (block_table) needs the keys per sequence: "
+                                f"{n['seqused_k']} or {n['cu_seqlens_k']}")
+    for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, (int, torch.SymInt)) or value < 0:
-            raise ArgumentError(f"{name}: expected an int >= 0, got {value!r}")
+            raise ArgumentError(f"{n[arg]}: expected an int >= 0, got {value!r}")
     _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
     if _check_values():
         _check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
-                      None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages)
+                      None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        raise ArgumentError("block_table: paged K/V is forward-only (inference); call it under torch.no_grad() "
-                            "or with tensors that do not require grad")
+        raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
+                            f"torch.no_grad() or with tensors that do not require grad")
     head_dim = q.shape[-1]
     out, lse = ops.attention(
         q4, k4, v4, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), softcap=float(softcap),
@@ -352,7 +366,9 @@ def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p
     if cu_q.shape != cu_k.shape or cu_k.shape != cu_v.shape:
         raise ArgumentError(f"query, key, value: batch sizes differ: {cu_q.shape[0] - 1}, {cu_k.shape[0] - 1}, "
                             f"{cu_v.shape[0] - 1}")
-    if key is not value and not torch.equal(cu_k, cu_v):
+    # (compared on the host for CPU tensors only: on GPUs that would sync every call)
+    same_offsets = key.transpose(1, 2).offsets() is value.transpose(1, 2).offsets()
+    if not same_offsets and cu_k.device.type == "cpu" and not torch.equal(cu_k, cu_v):
         raise ArgumentError("key, value: sequence lengths differ")
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ArgumentError(f"query, key: head counts differ ({q.shape[1]} vs {k.shape[1]}); pass enable_gqa=True "
@@ -468,7 +484,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     window = tuple(window_size) if window_size is not None else (-1, -1)
     out, lse = _varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k=seqused_k,
                        block_table=block_table, dropout_p=0.0, scale=scale, window=window, softcap=0.0,
-                       alibi_slopes=None, deterministic=False, backend=backend)
+                       alibi_slopes=None, deterministic=False, backend=backend, names=TORCH_VARLEN_NAMES)
     if return_aux is not None and getattr(return_aux, "lse", False):
         return out, lse.float()
     return out

@@ -197,12 +197,12 @@ def test_one_kernel_call_for_many_sequences():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(cu_q=[0, 3, 2]), r"cu_seqlens_q: must rise from 0"),
-        (dict(cu_q=[0, 3, 4]), r"cu_seqlens_q: must rise from 0 to the total length 5"),
-        (dict(max_q=2), r"max_seqlen_q: 2 is below the longest sequence \(3\)"),
-        (dict(cu_q=torch.tensor([0, 3, 5.0])), r"cu_seqlens_q: expected a 1-D int32"),
-        (dict(cu_q=[0, 5]), r"batch sizes differ"),
-        (dict(cu_k=[1, 2, 5]), r"cu_seqlens_k: must rise from 0"),
+        (dict(cu_q=[0, 3, 2]), r"cu_seq_q: must rise from 0"),
+        (dict(cu_q=[0, 3, 4]), r"cu_seq_q: must rise from 0 to the total length 5"),
+        (dict(max_q=2), r"max_q: 2 is below the longest sequence \(3\)"),
+        (dict(cu_q=torch.tensor([0, 3, 5.0])), r"cu_seq_q: expected a 1-D int32"),
+        (dict(cu_q=[0, 5]), r"cu_seq_q, cu_seq_k: batch sizes differ"),
+        (dict(cu_k=[1, 2, 5]), r"cu_seq_k: must rise from 0"),
         (dict(seqused=[2, 9]), r"seqused_k: sequence 1 uses 9 keys"),
         (dict(window=(-2, 0)), r"window_size"),
     ],
@@ -331,3 +331,30 @@ def test_varlen_through_the_op_on_triton():
     q, k, v = packed_qkv(lens_q, lens_k, 2, 1, 16, torch.float32, 9)
     check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, causal=True, backend="triton"), q, k, v,
                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
+
+
+def test_op_level_packed_calls_are_defined():
+    # max_seqlen 0 means "not given" (the totals bound the sequences); rows of q in no
+    # sequence come back as out 0, lse -inf; packed q over dense k needs one k row per
+    # sequence (else the kernels would read past k).
+    cu = offsets([3, 5])
+    q = torch.randn(1, 10, 2, 16)  # rows 8, 9 are in no sequence
+    k = torch.randn(1, 8, 2, 16)
+    out, lse = ops.attention(q, k, k, scale=0.25, cu_seqlens_q=cu, cu_seqlens_k=cu, bottom_right=True,
+                             window_right=0)
+    ref, ref_lse = attention_varlen_ref(q.double(), k.double(), k.double(), cu, cu, window_right=0, scale=0.25)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    assert torch.equal(out[0, 8:], torch.zeros_like(out[0, 8:])) and torch.isinf(lse[0, :, 8:]).all()
+    torch.testing.assert_close(lse[0, :, :8].double(), ref_lse[0, :, :8], atol=2e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="one batch row per sequence"):
+        ops.attention(q, torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16), scale=0.25, cu_seqlens_q=cu,
+                      max_seqlen_q=5)
+
+
+def test_varlen_gqa_backward_many_short_sequences_and_one_long():
+    # The GQA backward's per-head scratch follows k's rows (total_k), not sequences x longest.
+    lens = [1] * 60 + [700]
+    cu = offsets(lens)
+    q, k, v = packed_qkv(lens, lens, 4, 1, 16, torch.float32, 21)
+    check_attention(varlen_call(cu, cu, lens, lens, causal=True), q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                    bottom_right=True, window_right=0)

@@ -316,11 +316,14 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   const acc scale = static_cast<acc>(p.scale64);  // (float: the same value as p.scale)
 
-  // With GQA, per-query-head dK/dV (B, H, Sk, D) in acc, reduced over the group below.
+  // With GQA, per-query-head dK/dV (H, key rows, D) in acc, reduced over the group below;
+  // key rows as in k: packed keys (total_k rows) or B x Sk.
+  const int64_t key_rows = p.cu_seqlens_k ? p.total_k : p.batch * Sk_max;
+  auto key_row = [&](int64_t b, const SeqView& sv, int64_t j) { return p.cu_seqlens_k ? sv.k_start + j : b * Sk_max + j; };
   Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
-    dk_heads = scratch<acc>(p.batch * H * Sk_max * D);
-    dv_heads = scratch<acc>(p.batch * H * Sk_max * Dv);
+    dk_heads = scratch<acc>(H * key_rows * D);
+    dv_heads = scratch<acc>(H * key_rows * Dv);
   }
 
   // Tasks are heads. With fewer than two heads per thread (one head on a many-core CPU),
@@ -468,8 +471,9 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
         }
       } else {
         for (int64_t c = 0; c < block_cols; ++c) {
-          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + (bh * Sk_max + col0 + c) * D);
-          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + (bh * Sk_max + col0 + c) * Dv);
+          const int64_t row = h * key_rows + key_row(b, sv, col0 + c);
+          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + row * D);
+          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + row * Dv);
         }
       }
     }
@@ -508,20 +512,20 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
       for (int64_t bhk = begin; bhk < end; ++bhk) {
         const int64_t b = bhk / Hk, hk = bhk % Hk;
         const SeqView sv = seq_view(p, b);
-        const acc* dk0 = dk_heads.get() + (b * H + hk * group) * Sk_max * D;
-        const acc* dv0 = dv_heads.get() + (b * H + hk * group) * Sk_max * Dv;
+        const acc* dk0 = dk_heads.get() + hk * group * key_rows * D;  // query head hk * group
+        const acc* dv0 = dv_heads.get() + hk * group * key_rows * Dv;
         for (int64_t j = 0; j < sv.seqlen_k; ++j) {
-          const int64_t row = sv.k_start + j;
+          const int64_t row = sv.k_start + j, scratch_row = key_row(b, sv, j);
           T* dk_row = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride;
           T* dv_row = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride;
           for (int64_t d = 0; d < D; ++d) {
             acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dk0[(g * Sk_max + j) * D + d];
+            for (int64_t g = 0; g < group; ++g) sum += dk0[(g * key_rows + scratch_row) * D + d];
             dk_row[d] = static_cast<T>(sum);
           }
           for (int64_t d = 0; d < Dv; ++d) {
             acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dv0[(g * Sk_max + j) * Dv + d];
+            for (int64_t g = 0; g < group; ++g) sum += dv0[(g * key_rows + scratch_row) * Dv + d];
             dv_row[d] = static_cast<T>(sum);
           }
         }
