@@ -165,9 +165,10 @@ def _dkdv_kernel(
     split = hs % nsplit
     heads_per_prog = group // nsplit
     n0 = pid_n * BLOCK_N
-    q_start, k_start, seqlen_q_b, seqlen_k_b, diag = seq_info(
-        b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
-        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT)
+    # (no KV-cache rows / left padding in the backward: those arguments are dummies)
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag, _ = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, CuSeqK, CuSeqK, seqlen_q, seqlen_k, total_q, total_k, 1, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT, False, False)
     if VARLEN_K or HAS_SEQUSED:
         # the grid is sized for the longest sequence: nothing to do past this one's keys
         # (their dK / dV rows were zeroed by the launcher)
@@ -350,9 +351,10 @@ def _dq_kernel(
     hk = h // group
     m0 = pid_m * BLOCK_M
     # seqlen_q / seqlen_k are the call's (max_seqlen with packed sequences)
-    q_start, k_start, seqlen_q_b, seqlen_k_b, diag = seq_info(
-        b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
-        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT)
+    # (no KV-cache rows / left padding in the backward: those arguments are dummies)
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag, _ = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, CuSeqK, CuSeqK, seqlen_q, seqlen_k, total_q, total_k, 1, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, False, BOTTOM_RIGHT, False, False)
     if VARLEN_Q:
         # the grid is sized for the longest sequence: nothing to do past this one's end
         # (those dQ rows were zeroed by the launcher)
@@ -473,7 +475,8 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
               window_left: int, window_right: int, diag_offset: int, deterministic: bool = False,
               attn_bias=None, dropout_p: float = 0.0, rng_state=None, bias_requires_grad: bool = False,
               cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0, bottom_right: bool = False):
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, bottom_right: bool = False,
+              kv_batch_idx=None, leftpad_k=None, num_splits: int = 0):
     """Flash attention backward.
 
     Args:
@@ -487,6 +490,8 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, bottom_right:
             as given to ``flash_fwd`` (packed: dout / out (1, total_q, H, Dv), lse
             (1, H, total_q)). block_table: paged K/V has no backward (ValueError).
+        kv_batch_idx, leftpad_k: KV-cache decoding is forward-only (ValueError when
+            given). num_splits: accepted for the API, ignored.
 
     Returns:
         (dq, dk, dv, dbias): dq / dk / dv contiguous, with the shapes and dtypes of q, k, v
@@ -498,6 +503,9 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
     """
     if block_table is not None:
         raise ValueError("block_table: paged K/V is forward-only")
+    for name, t in (("kv_batch_idx", kv_batch_idx), ("leftpad_k", leftpad_k)):
+        if t is not None:
+            raise ValueError(f"{name}: KV-cache decoding is forward-only (no backward)")
     sa = seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, None, max_seqlen_q, max_seqlen_k, bottom_right)
     varlen_q, varlen_k = sa.flags["VARLEN_Q"], sa.flags["VARLEN_K"]
     if attn_bias is not None and (varlen_q or varlen_k):

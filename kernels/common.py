@@ -190,17 +190,27 @@ def clamp_len(x, hi):
 
 
 @triton.jit
-def seq_info(b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
+def seq_info(b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen_k, total_q, total_k, kv_batch,
+             diag,
              VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
-             PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
-    """Sequence b of a call: (q_start, k_start, seqlen_q_b, seqlen_k_b, diag_b).
+             PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+             HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr):
+    """Sequence b of a call: (q_start, k_start, seqlen_q_b, seqlen_k_b, diag_b, kv_row).
 
     The Triton spelling of ``seq_view`` in csrc/flash_params.h (flash-attn's BlockInfo):
-    q_start / k_start are its first rows in q (out, lse) and k / v, seqlen_q_b /
-    seqlen_k_b its lengths, diag_b its diagonal. A dense call (no flag set) is starts 0
-    and the call's lengths. cu_seqlens / seqused_k come from device memory unchecked, so
-    every value is clamped into the tensors' bounds (seqlen_q / seqlen_k are the call's
-    max_seqlen) and no input can make a kernel address out of bounds.
+    q_start is its first row in q (out, lse), k_start its first key: a row of k / v
+    (packed keys, or a dense cache row with leftpad) or, paged, its first key slot (key j
+    is slot k_start + j, ``page_rows``); seqlen_q_b / seqlen_k_b its lengths (keys
+    attended), diag_b its diagonal, kv_row the batch row of a dense k / v it reads
+    (``kv_batch_idx[b]`` clamped to [0, kv_batch - 1], else b). A dense call (no flag
+    set) is starts 0 and the call's lengths. cu_seqlens / seqused_k / kv_batch_idx /
+    leftpad_k come from device memory unchecked, so every value is clamped into the
+    tensors' bounds (seqlen_q / seqlen_k are the call's max_seqlen) and no input can make
+    a kernel address out of bounds.
+
+    leftpad_k: the first leftpad_k[b] key slots (clamped to the slots the sequence has)
+    are not its keys: k_start moves past them and seqlen_k_b counts the keys after, so
+    positions (the diagonal with bottom_right, ALiBi) count from the first real key.
     """
     q_start = b * 0
     k_start = b * 0
@@ -219,23 +229,32 @@ def seq_info(b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, 
             seqlen_k_b = clamp_len(clamp_len(tl.load(CuSeqK + b + 1), total_k) - k_start, seqlen_k)
     if HAS_SEQUSED:
         seqlen_k_b = clamp_len(tl.load(SeqUsedK + b), seqlen_k_b)
+    if HAS_LEFTPAD:
+        pad = clamp_len(tl.load(LeftpadK + b), seqlen_k_b)
+        k_start = k_start + pad
+        seqlen_k_b = seqlen_k_b - pad
+    kv_row = b
+    if HAS_KV_BATCH_IDX:
+        kv_row = clamp_len(tl.load(KvBatchIdx + b), kv_batch - 1)
     if BOTTOM_RIGHT:
         diag = diag + (seqlen_k_b - seqlen_q_b)
-    return q_start, k_start, seqlen_q_b, seqlen_k_b, diag
+    return q_start, k_start, seqlen_q_b, seqlen_k_b, diag, kv_row
 
 
 @triton.jit
-def page_rows(cols, BlockTableRow, page_size, num_pages, seqlen_k):
+def page_rows(cols, k_first, BlockTableRow, page_size, num_pages, seqlen_k):
     """Paged K/V: (page, row in page), int64, of keys ``cols`` of one sequence.
 
-    Key j is row j % page_size of page BlockTableRow[j // page_size]; computed per key, so
-    any page size works (a key block may span pages). Page indices come from device memory
-    unchecked: clamped into [0, num_pages) like key_offset in csrc/flash_params.h. Keys past
-    seqlen_k read no table entry (page 0; their scores are masked).
+    Key j is slot s = k_first + j (k_first: seq_info's k_start, leftpad_k), row
+    s % page_size of page BlockTableRow[s // page_size]; computed per key, so any page
+    size works (a key block may span pages). Page indices come from device memory
+    unchecked: clamped into [0, num_pages) like key_offset in csrc/flash_params.h. Keys
+    past seqlen_k read no table entry (page 0; their scores are masked).
     """
-    page = tl.load(BlockTableRow + cols // page_size, mask=cols < seqlen_k, other=0)
+    slots = k_first + cols
+    page = tl.load(BlockTableRow + slots // page_size, mask=cols < seqlen_k, other=0)
     page = clamp_len(page, num_pages - 1).to(tl.int64)
-    return page, (cols % page_size).to(tl.int64)
+    return page, (slots % page_size).to(tl.int64)
 
 
 @triton.jit
@@ -337,6 +356,9 @@ class SeqArgs:
     of q and k; ptrs: (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table), a dummy
     pointer for each one absent; page: (block table row stride, page size, page count);
     flags: the kernels' VARLEN_Q / VARLEN_K / HAS_SEQUSED / PAGED / BOTTOM_RIGHT.
+    KV caches (forward only): cache_ptrs (kv_batch_idx, leftpad_k), a dummy pointer for
+    each one absent; kv_batch: batch rows of a dense k / v; cache_flags: HAS_KV_BATCH_IDX /
+    HAS_LEFTPAD.
     """
 
     batch: int
@@ -347,6 +369,9 @@ class SeqArgs:
     ptrs: tuple
     page: tuple
     flags: dict
+    cache_ptrs: tuple = ()
+    kv_batch: int = 1
+    cache_flags: dict = dataclasses.field(default_factory=dict)
 
 
 def _int32_arg(name, t, dim):
@@ -355,9 +380,14 @@ def _int32_arg(name, t, dim):
 
 
 def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
-             bottom_right) -> SeqArgs:
-    """SeqArgs of a call from shapes only: cu_seqlens / seqused_k / block_table values stay
-    on the device (the kernels clamp them, seq_info / page_rows)."""
+             bottom_right, kv_batch_idx=None, leftpad_k=None) -> SeqArgs:
+    """SeqArgs of a call from shapes only: cu_seqlens / seqused_k / block_table /
+    kv_batch_idx / leftpad_k values stay on the device (the kernels clamp them, seq_info /
+    page_rows)."""
+    _int32_arg("kv_batch_idx", kv_batch_idx, 1)
+    _int32_arg("leftpad_k", leftpad_k, 1)
+    if kv_batch_idx is not None and (block_table is not None or cu_seqlens_k is not None):
+        raise ValueError("kv_batch_idx: selects rows of a dense k / v; not with block_table or cu_seqlens_k")
     _int32_arg("cu_seqlens_q", cu_seqlens_q, 1)
     _int32_arg("cu_seqlens_k", cu_seqlens_k, 1)
     _int32_arg("seqused_k", seqused_k, 1)
@@ -386,14 +416,18 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
         total_k = k.shape[1]
         seqlen_k = int(max_seqlen_k) if varlen_k and max_seqlen_k > 0 else total_k
         page = (0, 1, 1)
-    for name, t, n in (("cu_seqlens_k", cu_seqlens_k, batch + 1), ("seqused_k", seqused_k, batch)):
+    for name, t, n in (("cu_seqlens_k", cu_seqlens_k, batch + 1), ("seqused_k", seqused_k, batch),
+                       ("kv_batch_idx", kv_batch_idx, batch), ("leftpad_k", leftpad_k, batch)):
         if t is not None and t.numel() != n:
             raise ValueError(f"{name}: expected {n} entries for {batch} sequences, got {t.numel()}")
     dummy = q
     ptrs = tuple(dummy if t is None else t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table))
     flags = dict(VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
                  BOTTOM_RIGHT=bool(bottom_right))
-    return SeqArgs(batch, seqlen_q, seqlen_k, total_q, total_k, ptrs, page, flags)
+    cache_ptrs = tuple(dummy if t is None else t for t in (kv_batch_idx, leftpad_k))
+    cache_flags = dict(HAS_KV_BATCH_IDX=kv_batch_idx is not None, HAS_LEFTPAD=leftpad_k is not None)
+    return SeqArgs(batch, seqlen_q, seqlen_k, total_q, total_k, ptrs, page, flags, cache_ptrs, max(int(k.shape[0]), 1),
+                   cache_flags)
 
 
 # ----------------------------------------------------------------------------- bias, dropout

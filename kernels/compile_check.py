@@ -32,8 +32,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import bwd, common, fwd  # noqa: E402
 
-_F32_PTRS = {"Lse", "Delta", "Alibi", "DBias"}
-_I32_PTRS = {"CuSeqQ", "CuSeqK", "SeqUsedK", "BlockTable"}
+_F32_PTRS = {"Lse", "Delta", "Alibi", "DBias", "OPart", "MPart", "LPart"}
+_I32_PTRS = {"CuSeqQ", "CuSeqK", "SeqUsedK", "BlockTable", "KvBatchIdx", "LeftpadK"}
 _PTRS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "Bias"} | _F32_PTRS
 _FLOATS = {"qk_scale2", "softcap_in", "softcap2", "scale", "p_drop", "inv_keep"}
 _I64 = {"seed", "rng_offset"}
@@ -47,11 +47,12 @@ _ONE = {"group", "nsplit", "stride_bn"}
 # (not specialised: window_left / right, -1 when unused, and autotune keys)
 
 
-def _jit_specialisation(jitfn, consts: dict) -> tuple[dict, dict]:
-    """(extra constexprs, attrs) as triton's JIT derives them for a typical call."""
+def _jit_specialisation(jitfn, consts: dict, runtime=()) -> tuple[dict, dict]:
+    """(extra constexprs, attrs) as triton's JIT derives them for a typical call; names in
+    ``runtime`` stay plain (e.g. a decode call's GQA group of 8, not 1 nor a multiple of 16)."""
     cex, attrs = {}, {}
     for i, name in enumerate(jitfn.arg_names):
-        if name in consts:
+        if name in consts or name in runtime:
             continue
         if name in _ONE:
             cex[name] = 1
@@ -64,8 +65,10 @@ def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: 
                    specialize: bool = True):
     sig, cex = {}, {}
     attrs = None
+    consts = dict(consts)
+    runtime = consts.pop("_runtime", ())
     if specialize:
-        extra, attrs = _jit_specialisation(jitfn, consts)
+        extra, attrs = _jit_specialisation(jitfn, consts, runtime)
         consts = dict(consts, **extra)
     for name in jitfn.arg_names:
         if name in consts:
@@ -104,7 +107,7 @@ def _ptxas_info(kernel, arch: int) -> str:
 
 # dense calls: no packed sequences, no pages (the bwd kernels have no PAGED)
 _DENSE = dict(VARLEN_Q=False, VARLEN_K=False, HAS_SEQUSED=False, BOTTOM_RIGHT=False)
-_DENSE_FWD = dict(_DENSE, PAGED=False)
+_DENSE_FWD = dict(_DENSE, PAGED=False, HAS_KV_BATCH_IDX=False, HAS_LEFTPAD=False)
 
 
 def _seq_consts(fn, consts: dict) -> dict:
@@ -125,6 +128,10 @@ def cases():
     bias_drop = dict(base, HAS_RIGHT=True, HAS_BIAS=True, HAS_DROPOUT=True)
     every = dict(base, HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, EVEN_D=False, EVEN_DV=False)
     d256 = dict(base, BLOCK_D=256, BLOCK_DV=256)
+    decode = dict(base, HAS_RIGHT=True, HAS_SEQUSED=True, PAGED=True, BOTTOM_RIGHT=True, SPLIT=True,
+                  _runtime=("group", "num_heads_k"))
+    for name in ("HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT"):  # (no bias / dropout in the decode kernel)
+        decode.pop(name)
     return [
         ("fwd", fwd._fwd_kernel, "bf16", dict(base, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("fwd_causal", fwd._fwd_kernel, "bf16", dict(base, HAS_RIGHT=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
@@ -148,6 +155,16 @@ def cases():
         ("fwd_paged", fwd._fwd_kernel, "bf16", dict(varlen, PAGED=True, BLOCK_M=128, BLOCK_N=64), 8, 3),
         ("dkdv_varlen", bwd._dkdv_kernel, "bf16", dict(varlen, BLOCK_M=32, BLOCK_N=128), 8, 3),
         ("dq_varlen", bwd._dq_kernel, "bf16", dict(varlen, BIAS_GRAD=False, BLOCK_M=128, BLOCK_N=64), 8, 3),
+        # KV-cache decoding (fwd.decode_blocks): GQA group 8 (rows = 8 * Sq), split-KV
+        ("decode_paged_split", fwd._decode_kernel, "bf16", dict(decode, BLOCK_M=16, BLOCK_N=64), 4, 3),
+        ("decode_cache_every", fwd._decode_kernel, "fp16",
+         dict(decode, HAS_LEFT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, PAGED=False, HAS_KV_BATCH_IDX=True,
+              HAS_LEFTPAD=True, SPLIT=False, BLOCK_M=64, BLOCK_N=64), 4, 3),
+        ("decode_d256", fwd._decode_kernel, "bf16", dict(decode, BLOCK_D=256, BLOCK_DV=256, BLOCK_M=16, BLOCK_N=32),
+         4, 2),
+        ("decode_fp32", fwd._decode_kernel, "fp32", dict(decode, PREC="ieee", BLOCK_M=16, BLOCK_N=32), 8, 2),
+        ("decode_combine", fwd._combine_kernel, "bf16",
+         dict(VARLEN_Q=False, EVEN_DV=True, BLOCK_DV=128, BLOCK_M=16, _runtime=("group", "num_heads_k")), 4, 1),
     ]
 
 

@@ -15,10 +15,12 @@ from .common import (
     LOG2E,
     Launcher,
     bias_args,
+    clamp_len,
     device_ctx,
     dropout_state,
     dropout_keep,
     dot_precision,
+    interpreting,
     kv_block_range,
     last_unit,
     load_tile,
@@ -35,7 +37,7 @@ from .common import (
 @triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-    BlockTableRow, page_size, num_pages,
+    BlockTableRow, page_size, num_pages, k_first,
     start_n, end_n, rows, offs_n, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
@@ -50,7 +52,7 @@ def _fwd_blocks(
         cols = n0 + offs_n
         cols64 = cols.to(tl.int64)  # offsets in int64: row * stride passes 2^31 at long context
         if PAGED:
-            page, slot = page_rows(cols, BlockTableRow, page_size, num_pages, seqlen_k)
+            page, slot = page_rows(cols, k_first, BlockTableRow, page_size, num_pages, seqlen_k)
             k_rows = page * stride_kb + slot * stride_ks
             v_rows = page * stride_vb + slot * stride_vs
         else:
@@ -102,7 +104,7 @@ def _fwd_blocks(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Alibi, Bias, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
+    Q, K, V, Out, Lse, Alibi, Bias, CuSeqQ, CuSeqK, SeqUsedK, BlockTable, KvBatchIdx, LeftpadK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -110,7 +112,7 @@ def _fwd_kernel(
     stride_ab,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_tb, page_size, num_pages,
-    num_heads, group, seqlen_q, seqlen_k, total_q, total_k, head_dim, head_dim_v,
+    num_heads, group, seqlen_q, seqlen_k, total_q, total_k, kv_batch, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, diag, left, right,
     Rng, p_drop, inv_keep,
     seq_key,  # autotune key only (sequence length bucket)
@@ -119,6 +121,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -137,9 +140,9 @@ def _fwd_kernel(
     h = pid_bh % num_heads
     hk = h // group
     m0 = pid_m * BLOCK_M
-    q_start, k_start, seqlen_q_b, seqlen_k_b, diag = seq_info(
-        b, CuSeqQ, CuSeqK, SeqUsedK, seqlen_q, seqlen_k, total_q, total_k, diag,
-        VARLEN_Q, VARLEN_K, HAS_SEQUSED, PAGED, BOTTOM_RIGHT)
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag, kv_row = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen_k, total_q, total_k, kv_batch, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, PAGED, BOTTOM_RIGHT, HAS_KV_BATCH_IDX, HAS_LEFTPAD)
     if VARLEN_Q:
         # the grid is sized for the longest sequence: nothing to do past this one's end
         if m0 >= seqlen_q_b:
@@ -174,9 +177,9 @@ def _fwd_kernel(
         V_base = V + hk.to(tl.int64) * stride_vh
         BlockTableRow = BlockTable + b.to(tl.int64) * stride_tb
     else:
-        K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if VARLEN_K:
+        K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        if VARLEN_K or HAS_LEFTPAD:
             K_base += k_start.to(tl.int64) * stride_ks
             V_base += k_start.to(tl.int64) * stride_vs
         BlockTableRow = BlockTable
@@ -208,7 +211,7 @@ def _fwd_kernel(
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-            BlockTableRow, page_size, num_pages, lo, a, rows, offs_n, offs_d, offs_dv,
+            BlockTableRow, page_size, num_pages, k_start, lo, a, rows, offs_n, offs_d, offs_dv,
             seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
             bias_rows, stride_bn, seed, drop_rows, p_drop,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
@@ -216,7 +219,7 @@ def _fwd_kernel(
     # interior: every key visible to every row, no mask
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-        BlockTableRow, page_size, num_pages, a, bb, rows, offs_n, offs_d, offs_dv,
+        BlockTableRow, page_size, num_pages, k_start, a, bb, rows, offs_n, offs_d, offs_dv,
         seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
         bias_rows, stride_bn, seed, drop_rows, p_drop,
         False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
@@ -224,7 +227,7 @@ def _fwd_kernel(
     # trailing boundary (diagonal / right window edge / seqlen_k tail)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-        BlockTableRow, page_size, num_pages, bb, end, rows, offs_n, offs_d, offs_dv,
+        BlockTableRow, page_size, num_pages, k_start, bb, end, rows, offs_n, offs_d, offs_dv,
         seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
         bias_rows, stride_bn, seed, drop_rows, p_drop,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
@@ -246,8 +249,255 @@ def _fwd_kernel(
     tl.store(Lse + lse_rows, lse, mask=rows < seqlen_q_b)
 
 
+# ----------------------------------------------------------------------------- decoding
+# Split-KV decoding (flash-decoding) with GQA packing, for calls with few query rows.
+# One program per (sequence b, KV head hk, block of packed query rows, key split): its
+# BLOCK_M rows are the pairs (query i, head hk * group + g) of one KV head, packed as row
+# r = i * group + g, so every K/V tile is loaded once for the whole group of query heads.
+# With num_splits > 1 each program handles one range of key blocks and writes its partial
+# result (O unnormalised, fp32; m, l in log2 units) to fp32 workspaces; _combine_kernel
+# merges the splits in split order into out / lse. With one split the decode program writes
+# out / lse itself.
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, Out, Lse, OPart, MPart, LPart, Alibi,
+    CuSeqQ, CuSeqK, SeqUsedK, BlockTable, KvBatchIdx, LeftpadK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_ab,
+    stride_tb, page_size, num_pages,
+    num_heads, num_heads_k, group, seqlen_q, seqlen_k, total_q, total_k, kv_batch, head_dim, head_dim_v,
+    n_qrows, num_splits,
+    qk_scale2, softcap_in, softcap2, diag, left, right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    PAGED: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_KV_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits
+    pid_r = rest % n_rblk
+    rest = rest // n_rblk
+    hk = rest % num_heads_k
+    b = rest // num_heads_k
+    r0 = pid_r * BLOCK_M
+    q_start, k_start, seqlen_q_b, seqlen_k_b, diag, kv_row = seq_info(
+        b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen_k, total_q, total_k, kv_batch, diag,
+        VARLEN_Q, VARLEN_K, HAS_SEQUSED, PAGED, BOTTOM_RIGHT, HAS_KV_BATCH_IDX, HAS_LEFTPAD)
+    if VARLEN_Q:
+        # the grid is sized for the longest sequence: nothing to do past this one's end
+        if r0 // group >= seqlen_q_b:
+            return
+
+    r = r0 + tl.arange(0, BLOCK_M)
+    qi = r // group  # query position (>= seqlen_q_b on padding rows: masked)
+    h = hk * group + r % group  # query head
+    row_ok = qi < seqlen_q_b
+    qi64 = qi.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    Q_base = Q + b.to(tl.int64) * stride_qb
+    O_base = Out + b.to(tl.int64) * stride_ob
+    if VARLEN_Q:
+        Q_base += q_start.to(tl.int64) * stride_qs
+        O_base += q_start.to(tl.int64) * stride_os
+        qrow = q_start.to(tl.int64) + qi64  # row in the workspaces: q row
+        lse_idx = h64 * total_q + qrow
+    else:
+        qrow = b.to(tl.int64) * seqlen_q + qi64
+        lse_idx = (b.to(tl.int64) * num_heads + h64) * seqlen_q + qi64
+    if PAGED:
+        K_base = K + hk.to(tl.int64) * stride_kh
+        V_base = V + hk.to(tl.int64) * stride_vh
+        BlockTableRow = BlockTable + b.to(tl.int64) * stride_tb
+    else:
+        K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        if VARLEN_K or HAS_LEFTPAD:
+            K_base += k_start.to(tl.int64) * stride_ks
+            V_base += k_start.to(tl.int64) * stride_vs
+        BlockTableRow = BlockTable
+    q_ptrs = Q_base + qi64[:, None] * stride_qs + h64[:, None] * stride_qh + offs_d[None, :]
+    q = load_tile(q_ptrs, qi, seqlen_q_b, offs_d, head_dim, True, not EVEN_D)
+
+    slope2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 = (tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634)[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+
+    # key blocks of the query positions [i_first, i_last] of this row block, then this
+    # split's share of them (contiguous, in order; possibly none)
+    i_first = r0 // group
+    i_last = tl.minimum((r0 + BLOCK_M - 1) // group, seqlen_q_b - 1)
+    lo = r0 * 0
+    hi = r0 * 0 + seqlen_k_b
+    if HAS_LEFT:
+        lo = tl.maximum(i_first + diag - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(i_last + diag + right + 1, seqlen_k_b)
+    n_blk = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
+    per = (n_blk + num_splits - 1) // num_splits
+    start = lo + tl.minimum(split * per, n_blk) * BLOCK_N
+    stop = lo + tl.minimum((split + 1) * per, n_blk) * BLOCK_N
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
+        BlockTableRow, page_size, num_pages, k_start, start, stop, qi, offs_n, offs_d, offs_dv,
+        seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+        Q, 0, 0, qi, 0.0,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, False, False, False, PAGED,
+        EVEN_D, EVEN_DV, PREC, BLOCK_N)
+
+    if SPLIT:
+        # workspaces (num_splits, n_qrows, H, Dv) / (num_splits, n_qrows, H), fp32
+        ws = (split.to(tl.int64) * n_qrows + qrow) * num_heads + h64
+        p_ptrs = OPart + ws[:, None] * head_dim_v + offs_dv[None, :]
+        if EVEN_DV:
+            tl.store(p_ptrs, acc, mask=row_ok[:, None])
+        else:
+            tl.store(p_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+        tl.store(MPart + ws, m_i, mask=row_ok)
+        tl.store(LPart + ws, l_i, mask=row_ok)
+    else:
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        o_ptrs = O_base + qi64[:, None] * stride_os + h64[:, None] * stride_oh + offs_dv[None, :]
+        if EVEN_DV:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+        tl.store(Lse + lse_idx, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, Lse, OPart, MPart, LPart, CuSeqQ,
+    stride_ob, stride_os, stride_oh,
+    num_heads, num_heads_k, group, seqlen_q, total_q, head_dim_v, n_qrows, num_splits,
+    VARLEN_Q: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the key splits of _decode_kernel, in split order, into out / lse."""
+    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    pid_r = pid % n_rblk
+    rest = pid // n_rblk
+    hk = rest % num_heads_k
+    b = rest // num_heads_k
+    r0 = pid_r * BLOCK_M
+    q_start = b * 0
+    seqlen_q_b = seqlen_q
+    if VARLEN_Q:
+        # the same clamps as seq_info (the decode programs wrote exactly these rows)
+        q_start = clamp_len(tl.load(CuSeqQ + b), total_q)
+        seqlen_q_b = clamp_len(clamp_len(tl.load(CuSeqQ + b + 1), total_q) - q_start, seqlen_q)
+        if r0 // group >= seqlen_q_b:
+            return
+    r = r0 + tl.arange(0, BLOCK_M)
+    qi = r // group
+    h = hk * group + r % group
+    row_ok = qi < seqlen_q_b
+    qi64 = qi.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    O_base = Out + b.to(tl.int64) * stride_ob
+    if VARLEN_Q:
+        O_base += q_start.to(tl.int64) * stride_os
+        qrow = q_start.to(tl.int64) + qi64
+        lse_idx = h64 * total_q + qrow
+    else:
+        qrow = b.to(tl.int64) * seqlen_q + qi64
+        lse_idx = (b.to(tl.int64) * num_heads + h64) * seqlen_q + qi64
+    if EVEN_DV:
+        dmask = row_ok[:, None]
+    else:
+        dmask = row_ok[:, None] & (offs_dv[None, :] < head_dim_v)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    for s in range(0, num_splits):
+        ws = (s * n_qrows + qrow) * num_heads + h64
+        m_s = tl.load(MPart + ws, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(LPart + ws, mask=row_ok, other=0.0)
+        o_s = tl.load(OPart + ws[:, None] * head_dim_v + offs_dv[None, :], mask=dmask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        w = tl.exp2(m_s - m_use)
+        l_i = l_i * alpha + l_s * w
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = O_base + qi64[:, None] * stride_os + h64[:, None] * stride_oh + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dmask)
+    tl.store(Lse + lse_idx, lse, mask=row_ok)
+
+
+DECODE_MAX_SEQLEN_Q = 8  # GQA-packed decode kernel by default for Sq up to this
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed 132, an H100's, under the interpreter
+    so the heuristic depends on shapes only)."""
+    if interpreting() or device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def decode_blocks(rows: int, block_d: int, elem_bytes: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode kernel for ``rows`` packed
+    query rows (group * Sq) per KV head. BLOCK_M >= 16 (tl.dot)."""
+    if interpreting():
+        return min(max(16, triton.next_power_of_2(rows)), 32), 16, 4, 1
+    bm = min(max(16, triton.next_power_of_2(rows)), 64)
+    # from ptxas on sm90 (python -m kernels.compile_check --spills decode): fp32 (IEEE dot)
+    # spills from 32 rows at D 128: 16 rows; the others are spill-free
+    if elem_bytes >= 4:
+        return 16, 32 if block_d <= 128 else 16, 8, 2
+    if block_d <= 128:
+        return bm, 64, 4, 3
+    return bm, 32, 8 if bm >= 64 else 4, 2
+
+
+def num_splits_heuristic(programs: int, key_blocks: int, sms: int) -> int:
+    """Key splits for ``programs`` decode programs over ``key_blocks`` key blocks (both from
+    shapes: the call's max_seqlen_k) on ``sms`` multiprocessors: none when the programs
+    already fill most of the GPU or the keys are short (< 4 blocks), else enough splits to
+    fill one wave, each split keeping at least 2 key blocks, at most 64."""
+    if programs * 5 >= sms * 4 or key_blocks < 4:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), key_blocks // 2, 64))
+
+
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "VARLEN_Q", "VARLEN_K", "PAGED", "seq_key"]
+        "HAS_BIAS", "BIAS_IS_BOOL", "HAS_DROPOUT", "VARLEN_Q", "VARLEN_K", "PAGED", "HAS_KV_BATCH_IDX",
+        "HAS_LEFTPAD", "seq_key"]
 
 
 _launch_fwd = Launcher("fwd", _fwd_kernel, _KEY)
@@ -274,7 +524,8 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
               window_left: int, window_right: int, diag_offset: int,
               attn_bias=None, dropout_p: float = 0.0, rng_state=None,
               cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None, block_table=None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0, bottom_right: bool = False):
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, bottom_right: bool = False,
+              kv_batch_idx=None, leftpad_k=None, num_splits: int = 0):
     """Flash attention forward.
 
     Args:
@@ -305,6 +556,18 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
             total_q / total_k, max_blocks * page_size when paged). Sequences longer are
             clamped; values of the int32 tensors are never read on the host.
         bottom_right: the diagonal of sequence b is diag_offset + its seqlen_k - seqlen_q.
+        kv_batch_idx: None, or int32 (B,): KV cache rows, sequence b reads batch row
+            kv_batch_idx[b] (clamped to [0, B_cache - 1]) of a dense k / v (B_cache, S_cache,
+            Hk, D). Not with block_table / cu_seqlens_k. Forward only.
+        leftpad_k: None, or int32 (B,): the first leftpad_k[b] key slots of sequence b are
+            not its keys (its keys are slots [leftpad, seqlen_k_b); paged: slot s is row
+            s % page_size of page block_table[b, s // page_size]); positions (bottom_right
+            diagonal, ALiBi) count from its first real key. Forward only.
+        num_splits: key splits per query block (flash-decoding, ``_decode_kernel`` +
+            ``_combine_kernel``): 0 = heuristic (``num_splits_heuristic``; the split-KV
+            decode kernel for Sq <= 8), 1 = none, n = exactly n (capped by the number of
+            key blocks of max_seqlen_k). Calls with attn_bias or dropout always take the
+            one-pass kernel. Results equal within rounding for every value.
 
     Returns:
         (out (B, Sq, H, Dv) contiguous in q's dtype, lse (B, H, Sq) float32, natural log);
@@ -312,7 +575,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         left unwritten.
     """
     sa = seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
-                  bottom_right)
+                  bottom_right, kv_batch_idx, leftpad_k)
     if attn_bias is not None and (sa.flags["VARLEN_Q"] or sa.flags["VARLEN_K"] or sa.flags["PAGED"]):
         raise ValueError("attn_bias is not supported with cu_seqlens / block_table")
     batch, seqlen_q, seqlen_k = sa.batch, sa.seqlen_q, sa.seqlen_k
@@ -334,13 +597,19 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
     has_drop, rng, p_drop = dropout_state(dropout_p, rng_state, q.device)
     left, right = int(window_left), int(window_right)
+    num_splits = int(num_splits)
+    if attn_bias is None and not has_drop and (num_splits > 1 or seqlen_q <= DECODE_MAX_SEQLEN_Q):
+        _launch_decode(q, k, v, out, lse, sa, slopes, stride_ab, num_heads, num_heads_k, head_dim, head_dim_v,
+                       block_d, block_dv, qk_scale2, softcap_in, softcap2, int(diag_offset), left, right,
+                       softcap > 0, alibi_slopes is not None, num_splits)
+        return out, lse
     # packed rows are addressed from each sequence's start row: no batch strides
     q_sb = 0 if sa.flags["VARLEN_Q"] else q.stride(0)
     k_sb = 0 if sa.flags["VARLEN_K"] and not sa.flags["PAGED"] else k.stride(0)
     v_sb = 0 if sa.flags["VARLEN_K"] and not sa.flags["PAGED"] else v.stride(0)
     o_sb = 0 if sa.flags["VARLEN_Q"] else out.stride(0)
     args = (
-        q, k, v, out, lse, slopes, bias, *sa.ptrs,
+        q, k, v, out, lse, slopes, bias, *sa.ptrs, *sa.cache_ptrs,
         q_sb, q.stride(1), q.stride(2),
         k_sb, k.stride(1), k.stride(2),
         v_sb, v.stride(1), v.stride(2),
@@ -348,7 +617,8 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         stride_ab,
         *bias_strides,
         *sa.page,
-        num_heads, num_heads // num_heads_k, seqlen_q, seqlen_k, sa.total_q, sa.total_k, head_dim, head_dim_v,
+        num_heads, num_heads // num_heads_k, seqlen_q, seqlen_k, sa.total_q, sa.total_k, sa.kv_batch,
+        head_dim, head_dim_v,
         qk_scale2, softcap_in, softcap2, int(diag_offset), left, right,
         rng if has_drop else lse, p_drop, 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0,
         seq_bucket(max(seqlen_q, seqlen_k)),
@@ -357,7 +627,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
-        **sa.flags,
+        **sa.flags, **sa.cache_flags,
         BLOCK_D=block_d, BLOCK_DV=block_dv,
         EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
         PREC=dot_precision(q.dtype),
@@ -366,3 +636,57 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     with device_ctx(q):
         _launch_fwd(grid, args, kwargs, max(block_d, block_dv), q.element_size())
     return out, lse
+
+
+def _launch_decode(q, k, v, out, lse, sa, slopes, stride_ab, num_heads, num_heads_k, head_dim, head_dim_v,
+                   block_d, block_dv, qk_scale2, softcap_in, softcap2, diag, left, right, has_softcap, has_alibi,
+                   num_splits):
+    """The split-KV, GQA-packed decode kernel (+ the combine kernel with several splits).
+    Grid and split count from shapes only (sa: the call's lengths, never tensor values)."""
+    batch, seqlen_q, seqlen_k = sa.batch, sa.seqlen_q, sa.seqlen_k
+    group = num_heads // num_heads_k
+    bm, bn, warps, stages = decode_blocks(group * seqlen_q, max(block_d, block_dv), q.element_size())
+    n_rblk = triton.cdiv(group * seqlen_q, bm)
+    programs = batch * num_heads_k * n_rblk
+    key_blocks = triton.cdiv(seqlen_k, bn)
+    if num_splits <= 0:
+        num_splits = num_splits_heuristic(programs, key_blocks, _num_sms(q.device))
+    num_splits = max(1, min(num_splits, key_blocks))
+    split = num_splits > 1
+    n_qrows = sa.total_q if sa.flags["VARLEN_Q"] else batch * seqlen_q
+    if split:
+        o_part = torch.empty((num_splits, n_qrows, num_heads, head_dim_v), dtype=torch.float32, device=q.device)
+        m_part = torch.empty((num_splits, n_qrows, num_heads), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((num_splits, n_qrows, num_heads), dtype=torch.float32, device=q.device)
+    else:
+        o_part = m_part = l_part = lse  # dummies
+    varlen_q = sa.flags["VARLEN_Q"]
+    varlen_k_rows = sa.flags["VARLEN_K"] and not sa.flags["PAGED"]
+    args = (
+        q, k, v, out, lse, o_part, m_part, l_part, slopes, *sa.ptrs, *sa.cache_ptrs,
+        0 if varlen_q else q.stride(0), q.stride(1), q.stride(2),
+        0 if varlen_k_rows else k.stride(0), k.stride(1), k.stride(2),
+        0 if varlen_k_rows else v.stride(0), v.stride(1), v.stride(2),
+        0 if varlen_q else out.stride(0), out.stride(1), out.stride(2),
+        stride_ab,
+        *sa.page,
+        num_heads, num_heads_k, group, seqlen_q, seqlen_k, sa.total_q, sa.total_k, sa.kv_batch, head_dim, head_dim_v,
+        n_qrows, num_splits,
+        qk_scale2, softcap_in, softcap2, diag, left, right,
+    )
+    meta = dict(
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
+        **sa.flags, **sa.cache_flags, SPLIT=split,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+        PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
+    )
+    launch = {} if interpreting() else dict(num_warps=warps, num_stages=stages)
+    with device_ctx(q):
+        _decode_kernel[(programs * num_splits,)](*args, **meta, **launch)
+        if split:
+            _combine_kernel[(programs,)](
+                out, lse, o_part, m_part, l_part, sa.ptrs[0],
+                0 if varlen_q else out.stride(0), out.stride(1), out.stride(2),
+                num_heads, num_heads_k, group, seqlen_q, sa.total_q, head_dim_v, n_qrows, num_splits,
+                VARLEN_Q=varlen_q, EVEN_DV=block_dv == head_dim_v, BLOCK_DV=block_dv, BLOCK_M=bm,
+                **({} if interpreting() else dict(num_warps=4, num_stages=1)))
