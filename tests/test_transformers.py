@@ -140,11 +140,14 @@ def test_attention_function_signature():
         register("flashattn_py")
 
 
-def test_padding_free_packed_documents_match_eager_per_document(monkeypatch):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_padding_free_packed_documents_match_eager_per_document(monkeypatch, use_cache):
+    # use_cache=False: transformers finds the packing and our mask builder hands the
+    # documents over; use_cache=True: it builds no mask and ours finds them from position_ids.
     # DataCollatorWithFlattening's inputs: documents packed into one row, position_ids
     # restarting at each, labels -100 on each document's first token. Ours runs them through
     # the packed-sequence kernels (no mask built); truth is each document alone in float64.
-    lengths = [7, 12, 1, 20]
+    lengths = [7, 12, 1, 20]  # (a one-token document: a position restarting at 0 twice in a row)
     gen = torch.Generator().manual_seed(3)
     docs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
     ids = torch.cat(docs)[None]
@@ -157,8 +160,8 @@ def test_padding_free_packed_documents_match_eager_per_document(monkeypatch):
                         lambda *a, **k: varlen_calls.append(1) or real(*a, **k))
     built = []
     from flashattn_py.integrations import transformers as integration
-    real_build = integration.DeferredMask.build
-    monkeypatch.setattr(integration.DeferredMask, "build", lambda self: built.append(1) or real_build(self))
+    real_build = integration.PackedDocuments.mask
+    monkeypatch.setattr(integration.PackedDocuments, "mask", lambda self: built.append(1) or real_build(self))
 
     base = _llama()
 
@@ -177,7 +180,7 @@ def test_padding_free_packed_documents_match_eager_per_document(monkeypatch):
         model = copy.deepcopy(base).to(dtype)
         model.config._attn_implementation = impl
         if impl == NAME:
-            out = model(input_ids=ids, position_ids=position_ids, labels=labels)
+            out = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=use_cache)
             logits, loss = out.logits[0], out.loss
         else:
             logits, loss = per_document(model)
@@ -205,3 +208,23 @@ def test_greedy_generate_gqa_llama_with_each_cache(cache, spy):
                   for key in ("naive", "got")}
     assert len(spy) > 2
     assert torch.equal(tokens["got"], tokens["naive"])
+
+
+def test_packed_documents_keep_sliding_window_masks(monkeypatch):
+    # A sliding-window model's packed rows keep transformers' mask (built, not the packed path).
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    base = transformers.MistralForCausalLM(cfg)
+    varlen_calls = []
+    real = api.flash_attn_varlen_func
+    monkeypatch.setattr(api, "flash_attn_varlen_func", lambda *a, **k: varlen_calls.append(1) or real(*a, **k))
+    lengths = [5, 9]
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    logits = {}
+    for impl in ("sdpa", NAME):
+        model = copy.deepcopy(base)
+        model.config._attn_implementation = impl
+        logits[impl] = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    assert not varlen_calls
+    torch.testing.assert_close(logits[NAME], logits["sdpa"], atol=2e-5, rtol=1e-4)

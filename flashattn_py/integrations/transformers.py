@@ -13,13 +13,14 @@ import it as one and builds 2-D (unpadded) masks for it. Ours takes SDPA's input
 when the installed transformers has ``AttentionMaskInterface``, a mask builder under the
 same name: transformers' SDPA one (None when a pure causal mask can be expressed as
 ``is_causal``, else a 4-D bool mask with True = attend, covering padding, sliding windows
-and packed sequences), deferred for one-row batches without a padding mask.
+and packed sequences).
 
 Padding-free training (``DataCollatorWithFlattening``: documents packed into one row,
-``position_ids`` restarting at each): the attention function finds the documents from
-``position_ids`` and runs them through the packed-sequence kernels
-(``flash_attn_varlen_func``), one launch, no mask. The deferred mask is built only when a
-layer needs it (no packing, or a sliding window).
+``position_ids`` restarting at each): where transformers would build a causal (or
+bidirectional) mask restricted to the packed documents, the builder returns the documents'
+offsets instead (``PackedDocuments``) and the attention function runs them through the
+packed-sequence kernels (``flash_attn_varlen_func``), one launch per layer, no mask. Any
+other mask (sliding windows, chunked attention, image overlays) is built as for "sdpa".
 """
 from __future__ import annotations
 
@@ -66,11 +67,17 @@ def flashattn_attention_forward(
         raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if isinstance(attention_mask, DeferredMask):
-        packed = _packed_documents(kwargs.get("position_ids"), query, module, dict(kwargs, key_len=key.shape[2]))
-        if packed is not None:
-            return _packed_attention(query, key, value, packed, scaling, dropout, causal), None
-        attention_mask = attention_mask.build()
+    if isinstance(attention_mask, PackedDocuments):
+        if attention_mask.serves(query, key):
+            return _packed_attention(query, key, value, attention_mask, scaling, dropout), None
+        attention_mask = attention_mask.mask()
+    elif attention_mask is None:
+        # transformers builds no mask for packed documents when a cache is in use (it looks
+        # for packing only without one); flash-attn's path finds them from position_ids
+        # whatever the cache, and so does ours.
+        docs = _documents_from_positions(kwargs.get("position_ids"), query, key, module, kwargs, bool(causal))
+        if docs is not None:
+            return _packed_attention(query, key, value, docs, scaling, dropout), None
     # As transformers' sdpa: the kernel's causal flag only when there is no mask and more than
     # one query (a single decoding query sees every cached key). Shape check first so that
     # compiled graphs with dynamic shapes keep a plain bool.
@@ -88,56 +95,122 @@ def flashattn_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-class DeferredMask:
-    """The mask transformers' SDPA builder would give, built on first use (then kept: the
-    layers of one forward share it). Given to models for one-row batches without a padding
-    mask, where packed documents need no mask at all (``flashattn_attention_forward``)."""
+class PackedDocuments:
+    """What our mask builder gives a model for one row of packed documents whose mask is
+    only causal (or bidirectional) within each document: the documents' offsets, found once
+    per forward from transformers' own packed-sequence detection, for the packed-sequence
+    kernels (no mask). ``mask()`` builds transformers' SDPA mask instead, for a layer it
+    does not serve."""
 
-    def __init__(self, builder, kwargs: dict):
-        self._builder, self._kwargs = builder, kwargs
-        self._built = False
+    def __init__(self, causal: bool, new_document: Tensor, sdpa_kwargs: Optional[dict] = None):
+        """new_document (S,) bool: True where a document starts (position 0 included or not)."""
+        self.causal = causal
+        starts = new_document[1:].nonzero().view(-1) + 1  # (one host sync per forward)
+        edges = torch.tensor([0, new_document.numel()], device=new_document.device)
+        self.cu_seqlens = torch.cat([edges[:1], starts, edges[1:]]).to(torch.int32)
+        self.length = new_document.numel()
+        self._sdpa_kwargs = sdpa_kwargs
         self._mask = None
 
-    def build(self) -> Optional[Tensor]:
-        if not self._built:
-            self._mask, self._built = self._builder(**self._kwargs), True
+    def _with_causal(self, causal: bool) -> "PackedDocuments":
+        other = object.__new__(PackedDocuments)
+        other.__dict__.update(self.__dict__, causal=causal)
+        return other
+
+    def serves(self, query: Tensor, key: Tensor) -> bool:
+        return query.shape[0] == 1 and query.shape[2] == key.shape[2] == self.length
+
+    def mask(self) -> Optional[Tensor]:
+        if self._mask is None:
+            from transformers.masking_utils import sdpa_mask
+
+            self._mask = sdpa_mask(**self._sdpa_kwargs)
         return self._mask
 
 
-def _packed_documents(position_ids: Optional[Tensor], query: Tensor, module, kwargs):
-    """(cu_seqlens (docs + 1,) int32, longest) when one row holds several documents
-    (``position_ids`` restarting), the layer has no sliding window, and no cache is in use;
-    else None. Reads position_ids on the host (as transformers' flash path does)."""
+# The documents found from the last position_ids seen (every layer of a forward passes the
+# same tensor: found once per forward).
+_last_documents: list = [None, None]  # [position_ids, PackedDocuments or None]
+
+
+def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key: Tensor, module, kwargs,
+                              causal: bool) -> Optional[PackedDocuments]:
+    """PackedDocuments when one row (B = 1, no cached keys) holds several documents: its
+    position_ids (1, S) restart (a position that is not the previous one + 1 starts a
+    document, as transformers' find_packed_sequence_indices decides); else None. Layers
+    with a sliding window keep their mask."""
     q_len = query.shape[2]
-    if position_ids is None or query.shape[0] != 1 or q_len < 2 or position_ids.shape[-1] != q_len or \
-            kwargs.get("key_len", q_len) != q_len:
+    if (position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, q_len) or query.shape[0] != 1
+            or q_len < 2 or key.shape[2] != q_len):
         return None
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return None
-    positions = position_ids.reshape(-1)
-    starts = (positions == positions.min()).nonzero().view(-1)
-    if starts.numel() < 2:
-        return None  # one document: the plain causal call (the deferred mask is None then)
-    total = torch.tensor([positions.numel()], device=starts.device)
-    cu_seqlens = torch.cat([starts, total]).to(torch.int32)
-    return cu_seqlens, int(cu_seqlens.diff().max())
+    if _last_documents[0] is not position_ids:
+        positions = position_ids[0]
+        new_document = torch.ones_like(positions, dtype=torch.bool)
+        new_document[1:] = positions[1:] != positions[:-1] + 1
+        docs = PackedDocuments(causal, new_document)
+        _last_documents[:] = [position_ids, docs if docs.cu_seqlens.numel() > 2 else None]
+    docs = _last_documents[1]
+    if docs is not None and docs.causal != causal:
+        docs = docs._with_causal(causal)
+    return docs
 
 
-def _packed_attention(query: Tensor, key: Tensor, value: Tensor, packed, scaling, dropout, causal) -> Tensor:
-    """The documents of a one-row batch, each attending within itself: (1, S, H, D) out."""
-    cu_seqlens, longest = packed
+def _packed_attention(query: Tensor, key: Tensor, value: Tensor, docs: PackedDocuments, scaling,
+                      dropout) -> Tensor:
+    """The documents of a one-row batch, each attending within itself: (1, S, H, D) out. The
+    sequences' bound is the row's length (no host read of the longest document)."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
-    out = api.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, dropout_p=float(dropout),
-                                     softmax_scale=scaling, causal=bool(causal))
+    out = api.flash_attn_varlen_func(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.length, docs.length,
+                                     dropout_p=float(dropout), softmax_scale=scaling, causal=docs.causal)
     return out.unsqueeze(0)
 
 
-def _deferred_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Tensor] = None, **kwargs):
-    """transformers' sdpa_mask, deferred (DeferredMask) for one row without a padding mask."""
+def _closure(fn, name: str):
+    """The value of ``fn``'s closure variable ``name`` (None when it has none)."""
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    if name not in names or not fn.__closure__:
+        return None
+    return fn.__closure__[names.index(name)].cell_contents
+
+
+def _packed_plain_mask(mask_function):
+    """(causal, document ids (B, S)) when ``mask_function`` is transformers' causal or
+    bidirectional mask restricted to packed documents (create_causal_mask's
+    ``and_masks(remap_positions_for_packed_sequence(base), packed_sequence_mask_function)``),
+    else None: any other mask (sliding windows, chunks, image overlays, ...) is built as
+    transformers builds it. Read from the closures transformers builds (5.x); a version
+    that builds them otherwise gets its masks built, never a wrong mask."""
+    from transformers import masking_utils as mu
+
+    parts = _closure(mask_function, "mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    base = _closure(parts[0], "mask_function")
+    document_ids = _closure(parts[1], "packed_sequence_mask")
+    if _closure(parts[0], "position_ids") is None or not isinstance(document_ids, Tensor):
+        return None
+    if base is mu.causal_mask_function:
+        return True, document_ids
+    if base is getattr(mu, "bidirectional_mask_function", None):
+        return False, document_ids
+    return None
+
+
+def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Tensor] = None, **kwargs):
+    """transformers' sdpa_mask, except for one row of packed documents with a plain causal
+    or bidirectional mask: PackedDocuments (no mask built)."""
     from transformers.masking_utils import sdpa_mask
 
-    if batch_size == 1 and attention_mask is None and not args:
-        return DeferredMask(sdpa_mask, dict(kwargs, batch_size=batch_size, attention_mask=None))
+    if batch_size == 1 and attention_mask is None and not args and "mask_function" in kwargs:
+        plain = _packed_plain_mask(kwargs["mask_function"])
+        if plain is not None:
+            causal, document_ids = plain
+            ids = document_ids.reshape(-1)
+            new_document = torch.ones_like(ids, dtype=torch.bool)
+            new_document[1:] = ids[1:] != ids[:-1]
+            return PackedDocuments(causal, new_document, dict(kwargs, batch_size=batch_size, attention_mask=None))
     return sdpa_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
 
 
@@ -157,5 +230,5 @@ def register(name: str = NAME) -> str:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # older transformers: masks are built by each model from the sdpa path
         return name
-    AttentionMaskInterface.register(name, _deferred_sdpa_mask)
+    AttentionMaskInterface.register(name, _packed_aware_sdpa_mask)
     return name
