@@ -4,6 +4,11 @@ One program per (query block, batch * head). The Q tile stays in registers, K/V 
 stream through; online softmax in base 2 (log2(e) folded into the score scale), the
 1/rowsum normalisation deferred to the end. Key blocks outside the causal / sliding
 window band are never visited; the element mask is applied only on the boundary blocks.
+
+Decoding (few query rows: Sq <= 8, or num_splits > 1): ``_decode_kernel``, one program per
+(sequence, KV head, block of group * Sq packed query rows, key split), so K/V tiles are
+loaded once for all query heads of a KV head; with several splits each writes a partial
+(O unnormalised, m, l; fp32) and ``_combine_kernel`` merges them in split order.
 """
 from __future__ import annotations
 
@@ -179,7 +184,10 @@ def _fwd_kernel(
     else:
         K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if VARLEN_K or HAS_LEFTPAD:
+        if VARLEN_K:
+            K_base += k_start.to(tl.int64) * stride_ks
+            V_base += k_start.to(tl.int64) * stride_vs
+        elif HAS_LEFTPAD:  # (k_start: the packed start row and / or the left padding)
             K_base += k_start.to(tl.int64) * stride_ks
             V_base += k_start.to(tl.int64) * stride_vs
         BlockTableRow = BlockTable
@@ -326,7 +334,10 @@ def _decode_kernel(
     else:
         K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if VARLEN_K or HAS_LEFTPAD:
+        if VARLEN_K:
+            K_base += k_start.to(tl.int64) * stride_ks
+            V_base += k_start.to(tl.int64) * stride_vs
+        elif HAS_LEFTPAD:  # (k_start: the packed start row and / or the left padding)
             K_base += k_start.to(tl.int64) * stride_ks
             V_base += k_start.to(tl.int64) * stride_vs
         BlockTableRow = BlockTable
@@ -476,12 +487,16 @@ def decode_blocks(rows: int, block_d: int, elem_bytes: int) -> tuple:
     if interpreting():
         return min(max(16, triton.next_power_of_2(rows)), 32), 16, 4, 1
     bm = min(max(16, triton.next_power_of_2(rows)), 64)
-    # from ptxas on sm90 (python -m kernels.compile_check --spills decode): fp32 (IEEE dot)
-    # spills from 32 rows at D 128: 16 rows; the others are spill-free
+    # from ptxas on sm90 and sm86 (python -m kernels.compile_check --spills decode): fp32
+    # (IEEE dot) spills from 32 rows at D 128, so 16 rows; 16-bit: spill-free on sm90 and
+    # within 99 KB of shared memory (sm86 / sm89 / sm120: no autotuning here) -- 3 stages
+    # of a dense cache at 64 rows x D 128 take 112 KB, hence 2 stages and 8 warps from 32 rows
     if elem_bytes >= 4:
         return 16, 32 if block_d <= 128 else 16, 8, 2
-    if block_d <= 128:
+    if block_d <= 64:
         return bm, 64, 4, 3
+    if block_d <= 128:
+        return (bm, 64, 4, 3) if bm <= 16 else (bm, 64, 8, 2)
     return bm, 32, 8 if bm >= 64 else 4, 2
 
 

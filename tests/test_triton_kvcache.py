@@ -187,7 +187,8 @@ def test_packed_queries_paged():
 
 def test_many_query_rows():
     """Sq > 8 (more packed rows than one block: group * Sq = 52): split-KV across several
-    row blocks, and num_splits=1 taking the one-pass kernel with kv_batch_idx / leftpad."""
+    row blocks, and num_splits=1 taking the one-pass kernel with kv_batch_idx / leftpad /
+    leftpad on pages."""
     gen = torch.Generator().manual_seed(13)
     b_, sq, h, hk, d, s_cache = 2, 13, 8, 2, 64, 50
     q = _randn(gen, b_, sq, h, d, dtype=torch.float16)
@@ -195,6 +196,11 @@ def test_many_query_rows():
     v = _randn(gen, 3, s_cache, hk, d, dtype=torch.float16)
     _run(q, k, v, splits=(1, 3), scale=d ** -0.5, seed=13, seqused_k=_i32([s_cache, 20]),
          kv_batch_idx=_i32([2, 1]), leftpad_k=_i32([4, 0]))
+    # paged, leftpad slots on the pages, through the one-pass kernel too
+    q = _randn(gen, b_, 11, 4, d, dtype=torch.float32)
+    kp, vp, table = _paged_pool(gen, b_, 40, 7, hk, d, torch.float32)
+    _run(q, kp, vp, splits=(1, 2), scale=d ** -0.5, seed=13, block_table=table, seqused_k=_i32([40, 15]),
+         leftpad_k=_i32([3, 6]), max_seqlen_k=40, window_left=12)
 
 
 def test_out_of_range_values_are_clamped():
