@@ -123,7 +123,8 @@ def test_dense_cache(sq, h, hk, d, dtype):
     perm = torch.randperm(b_cache, generator=gen)[:b_].tolist()
     # every num_splits once; the other cases a few (interpreter time)
     splits = SPLITS if sq == 3 else ((0, 2, 7) if hk < h else (3,))
-    _run(q, k, v, splits=splits, scale=d ** -0.5, seed=seed, seqused_k=_i32(used), kv_batch_idx=_i32(perm), leftpad_k=_i32(leftpad))
+    _run(q, k, v, splits=splits, scale=d ** -0.5, seed=seed, seqused_k=_i32(used), kv_batch_idx=_i32(perm),
+         leftpad_k=_i32(leftpad))
 
 
 @pytest.mark.parametrize("page_size,sq,dtype", [(1, 1, torch.float32), (7, 4, torch.float16), (16, 6, torch.float32)])
