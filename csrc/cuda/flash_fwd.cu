@@ -134,7 +134,10 @@ cudaError_t run_fwd(const FwdArgs& args, cudaStream_t stream) {
 int64_t flash_fwd_num_splits(const FlashParams& params, int num_sms) {
   using namespace cuda_impl;
   if (params.num_splits == 1 || params.bias != nullptr || params.dropout_p > 0.f) return 1;
-  if (params.batch == 0 || params.seqlen_q == 0 || params.num_heads == 0 || params.num_heads_k <= 0) return 1;
+  if (params.batch == 0 || params.seqlen_q == 0 || params.num_heads == 0 || params.num_heads_k <= 0 ||
+      lse_rows(params) == 0) {
+    return 1;
+  }
   const FlashParams p = gqa_decode_view(params);
   const int d = round_head_dim(p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v);
   const cfg::Fwd c = cfg::fwd(d);
