@@ -540,8 +540,32 @@ void run_fwd(const FlashParams& p) {
 }
 }  // namespace
 
+// Decoding with GQA (one query per sequence, `group` query heads per KV head): the query
+// heads of a KV head as the rows of one query block, so each task reads its K/V once for
+// all of them instead of once per head (the row path is bound by reading K/V). Only where
+// every head's query sees the same keys with the same scores: no ALiBi (a slope per head),
+// bias or dropout, no left window, and a right bound that keeps every key (causal aligned
+// bottom-right puts the one query on the last key). The rows' visibility is then none at all.
+inline bool gqa_decode_view(const FlashParams& p, FlashParams& view) {
+  const int64_t group = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 1;
+  // (the query is row 0: it sees key j <= diag + window_right, diag = diag_offset (+ Sk_b - 1
+  // bottom-right), and no sequence has more than p.seqlen_k keys)
+  const bool keeps_every_key = p.window_right < 0 || p.diag_offset + p.window_right >= (p.bottom_right ? 0 : p.seqlen_k - 1);
+  if (p.seqlen_q != 1 || p.cu_seqlens_q || group == 1 || p.alibi_slopes || p.bias || p.dropout_p > 0.f ||
+      p.window_left >= 0 || !keeps_every_key) {
+    return false;
+  }
+  view = p;
+  view.num_heads = p.num_heads_k;
+  view.seqlen_q = view.total_q = group;  // row r of head hk: query head hk * group + r
+  view.q_row_stride = p.q_head_stride, view.q_head_stride = group * p.q_head_stride;
+  view.o_row_stride = p.o_head_stride, view.o_head_stride = group * p.o_head_stride;
+  view.window_right = -1, view.bottom_right = false, view.diag_offset = 0;
+  return true;
+}
+
 template <typename T>
-void flash_fwd(const FlashParams& p) {
+void run_path(const FlashParams& p) {
   [[maybe_unused]] const KernelPath path = kernel_path<T>(p);
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
@@ -557,6 +581,16 @@ void flash_fwd(const FlashParams& p) {
   }
 #endif
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);
+}
+
+template <typename T>
+void flash_fwd(const FlashParams& p) {
+  // The packed view only where it runs row by row too (groups of up to 8 heads): the row
+  // path's scores are per row, so they, lse and out are bitwise the unpacked call's, and the
+  // backward (which recomputes scores per head) stays consistent with this forward.
+  FlashParams view;
+  const bool packed = gqa_decode_view(p, view) && kernel_path<T>(view).rows;
+  run_path<T>(packed ? view : p);
 }
 
 template void flash_fwd<float>(const FlashParams&);
