@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -64,6 +65,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (cu_seqlens_q.has_value()) {  // rows in no sequence are never written: defined as out 0, lse -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   FlashParams p;
   const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
                       window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
@@ -116,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
               "flashattn (cuda): lse must be (B, H, Sq)");
   const at::Tensor lse_c = lse.contiguous();
 
+  // (dK / dV follow k's rows: B x Sk dense, 1 x total_k packed)
   const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Sk = k.size(1), Hk = k.size(2), Dv = v.size(3);
+  const int64_t Bk = k.size(0), Sk = k.size(1), Hk = k.size(2), Dv = v.size(3);
   const int64_t group = H / Hk;
 
   // Rows outside every sequence (and keys past seqused_k) get no gradient from the
@@ -128,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   };
   at::Tensor dq = grad_buffer(q.sizes());
   // dK / dV per query head; for GQA reduced over each group below (in float32).
-  at::Tensor dk_h = grad_buffer({B, Sk, H, D});
-  at::Tensor dv_h = grad_buffer({B, Sk, H, Dv});
+  at::Tensor dk_h = grad_buffer({Bk, Sk, H, D});
+  at::Tensor dv_h = grad_buffer({Bk, Sk, H, Dv});
   at::Tensor softmax_d = at::empty({B, H, Sq}, q.options().dtype(at::kFloat));
   at::Tensor dq_accum;
   if (!deterministic) dq_accum = at::empty({B, H, Sq, D}, q.options().dtype(at::kFloat));
@@ -154,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   at::Tensor dk = dk_h, dv = dv_h;
   if (group > 1) {
     // Query head h = hk * group + r reads kv head hk.
-    dk = dk_h.view({B, Sk, Hk, group, D}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
-    dv = dv_h.view({B, Sk, Hk, group, Dv}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
+    dk = dk_h.view({Bk, Sk, Hk, group, D}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
+    dv = dv_h.view({Bk, Sk, Hk, group, Dv}).sum(3, /*keepdim=*/false, at::kFloat).to(q.scalar_type());
   }
   return {dq, dk, dv, dbias};
 }
