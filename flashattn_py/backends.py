@@ -26,8 +26,9 @@ MAX_HEAD_DIM = 256
 class Problem(NamedTuple):
     """What a backend needs to know to say whether it can serve a call (a NamedTuple: one
     is built per call, and a frozen dataclass costs several times as much to build).
-    The fields after ``deterministic`` are room for the problems to come; None (the
-    default) is today's dense, unpaged attention, which every backend serves."""
+    ``cu_seqlens`` / ``block_table`` are set for packed sequences (or per-sequence key
+    counts, cache rows) and paged K/V; None (the default) is dense, unpaged attention.
+    """
 
     device_type: str
     dtype: torch.dtype
