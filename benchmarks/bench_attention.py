@@ -33,6 +33,12 @@ Packed sequences: ``--varlen`` runs bench_varlen.py's benchmark instead of this 
 ``bench_varlen.py --help``). The default CPU run (no options shaping the sweep) runs it
 too, after the sweep, into the same folder (varlen.csv, varlen.json, varlen.md; about 4
 more minutes on 2 cores); --no-varlen skips it.
+
+Decoding from a KV cache: ``--decode`` runs bench_decode.py's benchmark instead (one step
+of flash_attn_with_kvcache, contiguous and paged caches, against torch SDPA and the
+roofline; the options after it go to bench_decode.py: --quick, --shapes, --dtypes, --out,
+...). The default CPU run runs it too, after the varlen part, into the same folder
+(decode.csv, decode.json, decode.md; under 3 more minutes on 2 cores); --no-decode skips it.
 """
 from __future__ import annotations
 
@@ -305,6 +311,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "instead (the options after --varlen go to it; see bench_varlen.py --help)")
     p.add_argument("--no-varlen", action="store_true", help="the default CPU run: skip the packed-sequence "
                    "benchmark that follows the sweep")
+    p.add_argument("--decode", action="store_true", help="run bench_decode.py's KV-cache decoding benchmark "
+                   "instead (the options after --decode go to it; see bench_decode.py --help)")
+    p.add_argument("--no-decode", action="store_true", help="the default CPU run: skip the decoding "
+                   "benchmark that follows the packed-sequence one")
     args = p.parse_args(argv)
 
     # The default run: nothing shapes the sweep. On the CPU it is followed by bench_varlen's defaults.
@@ -390,15 +400,26 @@ def run_varlen(argv: Sequence[str]) -> list[dict]:
     return bench_varlen.main(list(argv))
 
 
+def run_decode(argv: Sequence[str]) -> list[dict]:
+    """bench_decode.py's benchmark with ``argv``; its rows."""
+    import bench_decode
+
+    return bench_decode.main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the rows (also printed and written to --out).
 
-    With --varlen: bench_varlen.py's rows instead (the arguments after --varlen go to it).
+    With --varlen: bench_varlen.py's rows instead (the arguments after --varlen go to it);
+    with --decode: bench_decode.py's rows.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--varlen" in argv:
         at = argv.index("--varlen")
         return run_varlen(argv[:at] + argv[at + 1:])
+    if "--decode" in argv:
+        at = argv.index("--decode")
+        return run_decode(argv[:at] + argv[at + 1:])
     args = parse_args(argv)
     device = torch.device(args.device)
     methods = select_methods(available_methods(device), args.backends)
@@ -443,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.default_run and device.type == "cpu" and not args.no_varlen and flashattn_py is not None:
         print("# packed sequences (bench_varlen.py defaults; --no-varlen skips them)")
         run_varlen(["--device", "cpu", "--out", str(args.out)] + (["--no-progress"] if args.no_progress else []))
+    if args.default_run and device.type == "cpu" and not args.no_decode and flashattn_py is not None:
+        print("# decoding from a KV cache (bench_decode.py defaults; --no-decode skips it)")
+        run_decode(["--device", "cpu", "--out", str(args.out)] + (["--no-progress"] if args.no_progress else []))
     return rows
 
 

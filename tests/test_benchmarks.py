@@ -98,3 +98,41 @@ def test_bench_attention_default_run_adds_varlen():
     assert bench_attention.parse_args([]).default_run
     assert bench_attention.parse_args(["--device", "cpu", "--no-plot"]).default_run
     assert not bench_attention.parse_args(["--seqlens", "64"]).default_run
+
+
+def test_bench_decode_quick_run(tmp_path):
+    """bench_attention.py --decode --quick: ours (contiguous, paged, appending) against SDPA."""
+    pytest.importorskip("flashattn_py._C")
+    import bench_decode
+
+    rows = bench_attention.main(["--decode", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                                 "--no-progress", "--shapes", "1x64,2x40", "--matmul-size", "128"])
+    with open(tmp_path / "decode.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) == 2 * 2 * len(bench_decode.METHODS)  # dtypes x shapes x methods
+    assert (tmp_path / "decode.json").exists() and "| dtype |" in (tmp_path / "decode.md").read_text()
+    for r in csv_rows:
+        assert r["status"] == "ok", r
+        assert float(r["ms"]) > 0 and float(r["kv_gbps"]) > 0 and float(r["pct_roofline"]) > 0
+        assert float(r["roofline_gbps"]) <= min(float(r["copy_gbps"]), float(r["flop_gbps"])) * (1 + 1e-9)
+        assert float(r["x_sdpa"]) > 0
+        assert float(r["max_diff"]) < 0.05, r  # every method computes the same attention
+        assert (r["paged_ratio"] != "") == ("paged" in r["method"])
+    assert all(float(r["x_sdpa"]) == pytest.approx(1.0) for r in csv_rows if r["method"] == "sdpa")
+    payload = json.loads((tmp_path / "decode.json").read_text())
+    assert {t["target"] for t in payload["targets"]} >= {"x_sdpa", "paged"}
+
+
+def test_decode_bytes_and_flops():
+    import bench_decode
+
+    case = bench_decode.Case("bf16", 2, 1024)
+    assert bench_decode.kv_bytes(case, 8, 128) == 2 * 2 * 1024 * 8 * 128 * 2
+    assert bench_decode.decode_flops(case, 32, 128) == 4 * 2 * 32 * 1024 * 128
+    l3 = bench_decode.l3_bytes()
+    assert l3 is None or l3 > 0
+
+
+def test_bench_attention_default_run_adds_decode():
+    assert not bench_attention.parse_args([]).no_decode
+    assert bench_attention.parse_args(["--no-decode"]).default_run
