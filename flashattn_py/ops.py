@@ -2,7 +2,7 @@
 
 ``flashattn::attn_fwd`` / ``flashattn::attn_bwd`` are what torch.compile and autograd see:
 one op pair for every fused backend, defined with ``torch.library.define`` + ``impl``, with
-fake impls and ``register_autograd``, all following from one argument spec (``FWD`` /
+fake impls and an Autograd kernel, all following from one argument spec (``FWD`` /
 ``BWD``). Their implementations call the selected backend's entries (backends.py): the
 compiled ops ``torch.ops.flashattn.fwd`` / ``bwd`` (schemas in csrc/ops.cpp, CPU and CUDA
 kernels by dispatch key) or the Triton launchers in ``flashattn_py.kernels``, each with
@@ -292,7 +292,34 @@ def _backward(ctx, dout, dlse):
 
 attn_fwd = getattr(torch.ops.flashattn, FWD.name).default
 attn_bwd = getattr(torch.ops.flashattn, BWD.name).default
-torch.library.register_autograd(f"flashattn::{FWD.name}", _backward, setup_context=_setup_context)
+class _AttnAutograd(torch.autograd.Function):
+    """attn_fwd's autograd: the op below autograd, then the spec's backward (attn_bwd)."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = attn_fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (None, *_backward(ctx, dout, dlse))
+
+
+def _attn_fwd_autograd(keyset, *args):
+    """attn_fwd's Autograd kernel. torch.library.register_autograd would do the same, plus a
+    pass over the schema per call (torch._library.utils.fill_defaults: quadratic in the
+    argument count, most of a decode-sized call's time with this spec's 24 arguments)
+    that restores defaults the dispatcher drops: these schemas have none to drop."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _AttnAutograd.apply(keyset, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return attn_fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_LIB = torch.library.Library("flashattn", "FRAGMENT")
+_LIB.impl(FWD.name, _attn_fwd_autograd, "Autograd", with_keyset=True)
 
 
 def _register_compiled_op_fakes() -> None:

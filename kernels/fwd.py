@@ -587,7 +587,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     Returns:
         (out (B, Sq, H, Dv) contiguous in q's dtype, lse (B, H, Sq) float32, natural log);
         packed queries: out (1, total_q, H, Dv), lse (1, H, total_q), rows in no sequence
-        left unwritten.
+        out 0, lse -inf.
     """
     sa = seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
                   bottom_right, kv_batch_idx, leftpad_k)
@@ -601,10 +601,13 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     lse = torch.empty((q.shape[0], num_heads, q.shape[1]), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if seqlen_k == 0 or batch * num_heads * seqlen_q == 0:
+    if seqlen_k == 0 or batch * num_heads * seqlen_q == 0 or cu_seqlens_q is not None:
+        # (packed queries: rows in no sequence are never written, and are defined as out 0,
+        # lse -inf, as on every backend)
         out.zero_()
         lse.fill_(float("-inf"))
-        return out, lse
+        if cu_seqlens_q is None:
+            return out, lse
     q, k, v = last_unit(q), last_unit(k), last_unit(v)
     block_d, block_dv = pad_dim(head_dim), pad_dim(head_dim_v)
     qk_scale2, softcap_in, softcap2 = score_params(float(scale), float(softcap))

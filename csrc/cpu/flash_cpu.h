@@ -177,11 +177,14 @@ inline int64_t lse_index(const FlashParams& p, const SeqView& s, int64_t h, int6
 }
 
 // One (sequence, kv head)'s keys as the block products read them: rows of K and V with
-// their strides, keys [0, seqlen_k).
+// their strides, key `first` at k / v (a whole head from key 0, or one page's run of keys).
 template <typename T>
 struct KeyRows {
   const T *k, *v;
   int64_t k_stride, v_stride, seqlen_k;
+  int64_t first = 0;
+  const T* k_row(int64_t j) const { return k + (j - first) * k_stride; }
+  const T* v_row(int64_t j) const { return v + (j - first) * v_stride; }
 };
 
 // Paged K/V (block_table) gathered into contiguous rows, one (sequence, kv head) per
@@ -191,9 +194,9 @@ template <typename T>
 struct PagedHead {
   Scratch<T> k, v;
   int64_t head = -1;  // the gathered b * Hk + hk
-  explicit PagedHead(const FlashParams& p)
-      : k(scratch<T>(p.block_table ? p.seqlen_k * p.head_dim : 0)),
-        v(scratch<T>(p.block_table ? p.seqlen_k * p.head_dim_v : 0)) {}
+  PagedHead(const FlashParams& p, bool used)
+      : k(scratch<T>(p.block_table && used ? p.seqlen_k * p.head_dim : 0)),
+        v(scratch<T>(p.block_table && used ? p.seqlen_k * p.head_dim_v : 0)) {}
 
   // All keys of kv head hk of sequence b.
   KeyRows<T> rows(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {
@@ -212,6 +215,16 @@ struct PagedHead {
     return {k.get(), v.get(), p.head_dim, p.head_dim_v, s.seqlen_k};
   }
 };
+
+// Keys [j, j + n) of sequence b's kv head hk from its pages, n up to the end of key j's
+// page: rows of one page, read in place.
+template <typename T>
+inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk, int64_t j, int64_t& n) {
+  n = std::min(n, p.page_size - (s.k_start + j) % p.page_size);
+  return {static_cast<const T*>(p.k) + hk * p.k_head_stride + key_offset(p, s, b, j, 0, p.k_batch_stride, p.k_row_stride),
+          static_cast<const T*>(p.v) + hk * p.v_head_stride + key_offset(p, s, b, j, 0, p.v_batch_stride, p.v_row_stride),
+          p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
+}
 
 // Sequence b's kv head hk: in place, or gathered from pages into `paged`.
 template <typename T>

@@ -78,8 +78,8 @@ struct DenseRows {
   template <typename T, typename acc>
   static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, acc* k, acc* v, int64_t at,
                    int64_t) {
-    load_rows(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
-    load_rows(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
+    load_rows(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
+    load_rows(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
   }
 };
 
@@ -94,6 +94,7 @@ struct BlasOperands {
   // diagonal, windows) are done in panels of PANEL_Q rows.
   static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 512, PANEL_Q = 64, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
+  static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
   Scratch<acc> q_copy;
@@ -122,8 +123,8 @@ struct BlasOperands {
 
   void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t col0, int64_t cols) {
     if constexpr (in_place) {
-      k = kv.k + col0 * kv.k_stride, ldk = kv.k_stride;
-      v = kv.v + col0 * kv.v_stride, ldv = kv.v_stride;
+      k = kv.k_row(col0), ldk = kv.k_stride;
+      v = kv.v_row(col0), ldv = kv.v_stride;
     } else {
       const int64_t base = copy->load(p, head_id, kv, col0, col0 + cols);
       k = copy->k.get() + (col0 - base) * D, ldk = D;
@@ -152,8 +153,8 @@ struct TilePanels {
   template <typename T>
   static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, float* k, float* v,
                    int64_t at, int64_t capacity) {
-    tiles::pack_k(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * p.head_dim);
-    tiles::pack_v(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
+    tiles::pack_k(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * p.head_dim);
+    tiles::pack_v(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
   }
 };
 
@@ -170,6 +171,7 @@ struct TileOperands {
   // for narrow windows: benchmarks/RESULTS.md 'What was tried').
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
   static constexpr bool always_panels = true;
+  static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
   Scratch<float> q;
@@ -220,8 +222,8 @@ struct Bf16Panels {
   static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles_bf16::NR) / 2; }
   static void copy(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t key0, int64_t n, uint32_t* k,
                    uint32_t* v, int64_t at, int64_t capacity) {
-    tiles_bf16::pack_k(kv.k + key0 * kv.k_stride, kv.k_stride, n, p.head_dim, k + at * k_width(p));
-    tiles_bf16::pack_v(kv.v + key0 * kv.v_stride, kv.v_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
+    tiles_bf16::pack_k(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * k_width(p));
+    tiles_bf16::pack_v(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
                        capacity * tiles_bf16::NR / 2);
   }
 };
@@ -243,6 +245,7 @@ struct Bf16DotOperands {
                            EDGE_PANEL_Q = Fp32Tiles::EDGE_PANEL_Q;
   static constexpr int64_t EXACT_P_KEYS = 64;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
+  static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
@@ -305,6 +308,7 @@ template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
+  static constexpr bool pages_in_place = true;  // reads any run of rows in place: paged K/V page by page
   Scratch<float> q;                    // the task's query rows, widened, times the scale
   const T *k = nullptr, *v = nullptr;  // rows of key col0
   int64_t ldk = 0, ldv = 0;
@@ -322,8 +326,8 @@ struct RowOperands {
   }
 
   void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t col0, int64_t) {
-    k = kv.k + col0 * kv.k_stride, ldk = kv.k_stride;
-    v = kv.v + col0 * kv.v_stride, ldv = kv.v_stride;
+    k = kv.k_row(col0), ldk = kv.k_stride;
+    v = kv.v_row(col0), ldv = kv.v_stride;
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
@@ -347,7 +351,7 @@ struct FwdWorkspace {
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks)
       : kv(p, bq, bk, num_q_blocks > 1),
-        paged(p),
+        paged(p, !KV::pages_in_place),
         lds((bk + 15) / 16 * 16),
         s(scratch<acc>(bq * lds)),
         o(scratch<acc>(bq * kv.o_stride())),
@@ -438,14 +442,18 @@ void run_fwd(const FlashParams& p) {
     std::fill(l, l + rows, acc(0));
     const float slope = alibi_slope(p, b, h);
     const KeyRange keys = visible_keys(w, row0, row0 + rows);
-    const KeyRows<T> kv = key_rows(p, sv, b, hk, ws.paged);
+    // Paged K/V: operands that read rows in place take them page by page (a block ends
+    // where its page does); the others read the head gathered into contiguous rows.
+    const bool page_runs = KV::pages_in_place && p.block_table;
+    const KeyRows<T> head_kv = page_runs ? KeyRows<T>{} : key_rows(p, sv, b, hk, ws.paged);
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
     // before keys.lo are then clipped like any other invisible ones).
     int64_t block_index = -1;
-    for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
+    for (int64_t col0 = keys.lo / 16 * 16, cols = 0; col0 < keys.hi; col0 += cols) {
+      cols = std::min(block_k, keys.hi - col0);
+      const KeyRows<T> kv = page_runs ? page_run<T>(p, sv, b, hk, col0, cols) : head_kv;
       if (++block_index % splits != split) continue;  // another split's block
-      const int64_t cols = std::min(block_k, keys.hi - col0);
       if (keys_all_masked(p, b, h, col0, cols)) continue;
       ws.kv.load_kv(p, b * p.num_heads_k + hk, kv, col0, cols);
       // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
