@@ -183,6 +183,11 @@ struct KeyRows {
   const T *k, *v;
   int64_t k_stride, v_stride, seqlen_k;
   int64_t first = 0;
+  // Paged K/V read in place (operands with pages_in_place): k / v unused, the keys of kv
+  // head hk of sequence b (view *seq) are found run by run in their pages (page_run).
+  const FlashParams* pages = nullptr;
+  const SeqView* seq = nullptr;
+  int64_t b = 0, hk = 0;
   const T* k_row(int64_t j) const { return k + (j - first) * k_stride; }
   const T* v_row(int64_t j) const { return v + (j - first) * v_stride; }
 };
@@ -224,6 +229,14 @@ inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, in
   return {static_cast<const T*>(p.k) + hk * p.k_head_stride + key_offset(p, s, b, j, 0, p.k_batch_stride, p.k_row_stride),
           static_cast<const T*>(p.v) + hk * p.v_head_stride + key_offset(p, s, b, j, 0, p.v_batch_stride, p.v_row_stride),
           p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
+}
+
+// The paged keys of sequence b's kv head hk, for operands that read pages in place.
+template <typename T>
+inline KeyRows<T> paged_keys(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {
+  KeyRows<T> kv{nullptr, nullptr, p.k_row_stride, p.v_row_stride, s.seqlen_k};
+  kv.pages = &p, kv.seq = &s, kv.b = b, kv.hk = hk;
+  return kv;
 }
 
 // Sequence b's kv head hk: in place, or gathered from pages into `paged`.

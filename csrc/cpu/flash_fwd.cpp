@@ -308,10 +308,12 @@ template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
-  static constexpr bool pages_in_place = true;  // reads any run of rows in place: paged K/V page by page
+  static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
   Scratch<float> q;                    // the task's query rows, widened, times the scale
-  const T *k = nullptr, *v = nullptr;  // rows of key col0
+  const T *k = nullptr, *v = nullptr;  // rows of key col0 (not paged)
   int64_t ldk = 0, ldv = 0;
+  KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
+  int64_t col0 = 0;
   const int64_t D, Dv;
   const float scale;
 
@@ -325,17 +327,42 @@ struct RowOperands {
     scale_row(q.get(), rows * D, scale);
   }
 
-  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t col0, int64_t) {
+  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
+    col0 = block_col0;
+    if (kv.pages) {
+      paged = kv;
+      return;
+    }
+    paged.pages = nullptr;
     k = kv.k_row(col0), ldk = kv.k_stride;
     v = kv.v_row(col0), ldv = kv.v_stride;
   }
 
+  // f(offset in the block, n, rows) for the runs of the block's keys [lo, hi) within one
+  // page each: one run when not paged. Scores are per key and row_pv adds keys in order,
+  // so results do not depend on where the runs end.
+  template <typename F>
+  void for_runs(int64_t lo, int64_t hi, const F& f) const {
+    if (!paged.pages) return f(lo, hi - lo, k + lo * ldk, v + lo * ldv);
+    for (int64_t j = col0 + lo, n = 0; j < col0 + hi; j += n) {
+      n = col0 + hi - j;
+      const KeyRows<T> run = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, j, n);
+      f(j - col0, n, run.k, run.v);
+    }
+  }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    tiles::row_scores(q.get() + r0 * D, rows, k + lo * ldk, ldk, hi - lo, D, s + lo, lds);
+    const int64_t ld = paged.pages ? paged.k_stride : ldk;
+    for_runs(lo, hi, [&](int64_t at, int64_t n, const T* k_run, const T*) {
+      tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds);
+    });
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
-    tiles::row_pv(pr + lo, ldp, rows, v + lo * ldv, ldv, hi - lo, Dv, o, ldo);
+    const int64_t ld = paged.pages ? paged.v_stride : ldv;
+    for_runs(lo, hi, [&](int64_t at, int64_t n, const T*, const T* v_run) {
+      tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
+    });
   }
 };
 #endif
@@ -442,17 +469,16 @@ void run_fwd(const FlashParams& p) {
     std::fill(l, l + rows, acc(0));
     const float slope = alibi_slope(p, b, h);
     const KeyRange keys = visible_keys(w, row0, row0 + rows);
-    // Paged K/V: operands that read rows in place take them page by page (a block ends
-    // where its page does); the others read the head gathered into contiguous rows.
-    const bool page_runs = KV::pages_in_place && p.block_table;
-    const KeyRows<T> head_kv = page_runs ? KeyRows<T>{} : key_rows(p, sv, b, hk, ws.paged);
+    // Paged K/V: operands that read rows in place take them page by page; the others read
+    // the head gathered into contiguous rows.
+    const KeyRows<T> kv =
+        KV::pages_in_place && p.block_table ? paged_keys<T>(p, sv, b, hk) : key_rows(p, sv, b, hk, ws.paged);
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
     // before keys.lo are then clipped like any other invisible ones).
     int64_t block_index = -1;
-    for (int64_t col0 = keys.lo / 16 * 16, cols = 0; col0 < keys.hi; col0 += cols) {
-      cols = std::min(block_k, keys.hi - col0);
-      const KeyRows<T> kv = page_runs ? page_run<T>(p, sv, b, hk, col0, cols) : head_kv;
+    for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
+      const int64_t cols = std::min(block_k, keys.hi - col0);
       if (++block_index % splits != split) continue;  // another split's block
       if (keys_all_masked(p, b, h, col0, cols)) continue;
       ws.kv.load_kv(p, b * p.num_heads_k + hk, kv, col0, cols);
