@@ -341,26 +341,40 @@ struct RowOperands {
   // f(offset in the block, n, rows) for the runs of the block's keys [lo, hi) within one
   // page each: one run when not paged. Scores are per key and row_pv adds keys in order,
   // so results do not depend on where the runs end.
+  // Paged, the first rows of the next run (another page, anywhere in memory: no stream for
+  // the hardware prefetcher) are prefetched before the current run is read (`values`: V's
+  // rows, else K's).
   template <typename F>
-  void for_runs(int64_t lo, int64_t hi, const F& f) const {
+  void for_runs(int64_t lo, int64_t hi, bool values, const F& f) const {
     if (!paged.pages) return f(lo, hi - lo, k + lo * ldk, v + lo * ldv);
-    for (int64_t j = col0 + lo, n = 0; j < col0 + hi; j += n) {
-      n = col0 + hi - j;
-      const KeyRows<T> run = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, j, n);
+    constexpr int64_t AHEAD = 8;
+    const int64_t width = values ? Dv : D;
+    int64_t n = col0 + hi - (col0 + lo);
+    KeyRows<T> run = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, col0 + lo, n);
+    for (int64_t j = col0 + lo; j < col0 + hi;) {
+      int64_t next_n = col0 + hi - (j + n);
+      KeyRows<T> next = run;
+      if (next_n > 0) {
+        next = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, j + n, next_n);
+        for (int64_t r = 0; r < std::min(AHEAD, next_n); ++r) {
+          tiles::prefetch_row(values ? next.v_row(next.first + r) : next.k_row(next.first + r), width);
+        }
+      }
       f(j - col0, n, run.k, run.v);
+      j += n, run = next, n = next_n;
     }
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     const int64_t ld = paged.pages ? paged.k_stride : ldk;
-    for_runs(lo, hi, [&](int64_t at, int64_t n, const T* k_run, const T*) {
+    for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
       tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds);
     });
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
     const int64_t ld = paged.pages ? paged.v_stride : ldv;
-    for_runs(lo, hi, [&](int64_t at, int64_t n, const T*, const T* v_run) {
+    for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
       tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
     });
   }
