@@ -426,17 +426,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"min(copy GB/s, peak FLOP/s x bytes/FLOP); x sdpa = sdpa ms / this ms (>1: faster than torch)")
     summary = markdown(rows, env, args, elapsed)
     print(summary)
-    common.write_csv(rows, args.out / "decode.csv", CSV_FIELDS)
-    payload = {
-        "environment": env,
-        "elapsed_s": elapsed,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "targets": evaluate_targets(rows),
-        "rows": rows,
-    }
-    common.write_json(payload, args.out / "decode.json")
-    (args.out / "decode.md").write_text(summary)
-    print(f"# wrote {args.out / 'decode.csv'}, {args.out / 'decode.json'}, {args.out / 'decode.md'}")
+    common.save_run(args.out, "decode", rows, CSV_FIELDS, env, args, elapsed, evaluate_targets(rows), summary)
     return rows
 
 

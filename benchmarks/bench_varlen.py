@@ -447,17 +447,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"GFLOP/s of the visible causal pairs")
     summary = markdown(rows, env, args, elapsed)
     print(summary)
-    common.write_csv(rows, args.out / "varlen.csv", CSV_FIELDS)
-    payload = {
-        "environment": env,
-        "elapsed_s": elapsed,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "targets": evaluate_targets(rows),
-        "rows": rows,
-    }
-    common.write_json(payload, args.out / "varlen.json")
-    (args.out / "varlen.md").write_text(summary)
-    print(f"# wrote {args.out / 'varlen.csv'}, {args.out / 'varlen.json'}, {args.out / 'varlen.md'}")
+    common.save_run(args.out, "varlen", rows, CSV_FIELDS, env, args, elapsed, evaluate_targets(rows), summary)
     return rows
 
 

@@ -422,3 +422,20 @@ def write_json(payload: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
+
+
+def save_run(out_dir: Path, stem: str, rows: list[dict], csv_fields, env: dict, args, elapsed: float, targets,
+             summary: str) -> None:
+    """A benchmark run's outputs: out_dir/stem.csv (rows), .json (environment, arguments,
+    targets, rows), .md (the summary)."""
+    write_csv(rows, out_dir / f"{stem}.csv", csv_fields)
+    payload = {
+        "environment": env,
+        "elapsed_s": elapsed,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "targets": targets,
+        "rows": rows,
+    }
+    write_json(payload, out_dir / f"{stem}.json")
+    (out_dir / f"{stem}.md").write_text(summary)
+    print(f"# wrote {out_dir / (stem + '.csv')}, {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}")

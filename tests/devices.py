@@ -30,3 +30,19 @@ def triton_kernels():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import kernels
     return kernels
+
+
+def triton_test_device() -> tuple[str, list]:
+    """(device, pytest marks) for the Triton kernel tests: CPU tensors under the interpreter
+    (TRITON_INTERPRET=1, set by conftest without a GPU), else CUDA, where they are GPU tests
+    (benchmarks/gpu_check.sh runs `-m gpu`)."""
+    import os
+
+    import pytest
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    marks = [pytest.mark.skipif(not interpreted and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a GPU")]
+    if not interpreted:
+        marks.append(pytest.mark.gpu)
+    return ("cpu" if interpreted else "cuda"), marks

@@ -12,26 +12,19 @@ interpreter (fp32 / fp16).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from devices import triton_kernels  # noqa: E402
+from devices import triton_kernels, triton_test_device  # noqa: E402
 from flashattn_py.reference import attention_varlen_ref  # noqa: E402
 from rule import OUT_FACTOR, assert_rule  # noqa: E402
 
 _kernels = triton_kernels()
 flash_bwd, flash_fwd = _kernels.flash_bwd, _kernels.flash_fwd
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERP else "cuda"
-pytestmark = [pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
-                                 reason="needs TRITON_INTERPRET=1 or a GPU")]
-if DEVICE == "cuda":  # on a GPU these are GPU tests (benchmarks/gpu_check.sh runs `-m gpu`)
-    pytestmark.append(pytest.mark.gpu)
+DEVICE, pytestmark = triton_test_device()
 
 SPLITS = (0, 1, 2, 3, 7)
 

@@ -7,26 +7,19 @@ reference run on that sequence alone. CPU runs use Triton's interpreter (fp32 / 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from devices import triton_kernels  # noqa: E402
+from devices import triton_kernels, triton_test_device  # noqa: E402
 from flashattn_py.reference import attention_ref  # noqa: E402
 from rule import GRAD_FACTOR, OUT_FACTOR, assert_rule  # noqa: E402
 
 _kernels = triton_kernels()
 dropout_mask, flash_bwd, flash_fwd = _kernels.dropout_mask, _kernels.flash_bwd, _kernels.flash_fwd
 
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERP else "cuda"
-pytestmark = [pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
-                                 reason="needs TRITON_INTERPRET=1 or a GPU")]
-if DEVICE == "cuda":  # on a GPU these are GPU tests (benchmarks/gpu_check.sh runs `-m gpu`)
-    pytestmark.append(pytest.mark.gpu)
+DEVICE, pytestmark = triton_test_device()
 
 PAD = 3  # rows of q and k after the last sequence, in no sequence
 
