@@ -54,33 +54,14 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const AttnArgs& args, Layout l
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const std::optional<at::Tensor>& alibi_slopes,
-                                           const std::optional<at::Tensor>& attn_bias, double scale, double softcap,
-                                           int64_t window_left, int64_t window_right, int64_t diag_offset,
-                                           double dropout_p, const std::optional<at::Tensor>& rng_state,
-                                           const std::optional<at::Tensor>& cu_seqlens_q,
-                                           const std::optional<at::Tensor>& cu_seqlens_k,
-                                           const std::optional<at::Tensor>& seqused_k,
-                                           const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
-                                           int64_t max_seqlen_k, bool bottom_right,
-                                           const std::optional<at::Tensor>& kv_batch_idx,
-                                           const std::optional<at::Tensor>& leftpad_k, int64_t num_splits) {
-  return fwd_cpu_layout({q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left, window_right, diag_offset,
-                         dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q,
-                         max_seqlen_k, bottom_right, kv_batch_idx, leftpad_k, num_splits},
-                        Layout{});
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v FLASHATTN_PROBLEM_PARAMS) {
+  return fwd_cpu_layout({q, k, v FLASHATTN_PROBLEM_NAMES}, Layout{});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
-    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right,
-    const std::optional<at::Tensor>& kv_batch_idx, const std::optional<at::Tensor>& leftpad_k, int64_t num_splits,
-    bool deterministic, bool bias_requires_grad) {
+    const at::Tensor& lse FLASHATTN_PROBLEM_PARAMS, bool deterministic, bool bias_requires_grad) {
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q), "flashattn: lse dtype does not match q");
   TORCH_CHECK(!block_table.has_value() && !kv_batch_idx.has_value() && !leftpad_k.has_value(),
               "flashattn: the backward of KV-cache calls (block_table, kv_batch_idx, leftpad_k) is not supported");
@@ -91,9 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   const bool partial = cu_seqlens_q.has_value() || cu_seqlens_k.has_value() || seqused_k.has_value();
   at::Tensor dq = partial ? at::zeros_like(q) : at::empty_like(q), dk = partial ? at::zeros_like(k) : at::empty_like(k),
              dv = partial ? at::zeros_like(v) : at::empty_like(v);
-  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
-                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
-                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right};
+  const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   FlashBwdParams p;
   fill_params(p, args);
   fill_output(p, out, lse_c);

@@ -48,19 +48,8 @@ void check_no_pending_error() {
               "earlier call): ", cudaGetErrorString(prior));
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const std::optional<at::Tensor>& alibi_slopes,
-                                            const std::optional<at::Tensor>& attn_bias, double scale,
-                                            double softcap, int64_t window_left, int64_t window_right,
-                                            int64_t diag_offset, double dropout_p,
-                                            const std::optional<at::Tensor>& rng_state,
-                                            const std::optional<at::Tensor>& cu_seqlens_q,
-                                            const std::optional<at::Tensor>& cu_seqlens_k,
-                                            const std::optional<at::Tensor>& seqused_k,
-                                            const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q,
-                                            int64_t max_seqlen_k, bool bottom_right,
-                                            const std::optional<at::Tensor>& kv_batch_idx,
-                                            const std::optional<at::Tensor>& leftpad_k, int64_t num_splits) {
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v FLASHATTN_PROBLEM_PARAMS) {
   check_cuda_inputs(q, k, v, /*backward=*/false, /*deterministic=*/false);
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -70,10 +59,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
     lse.fill_(-std::numeric_limits<float>::infinity());
   }
   FlashParams p;
-  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
-                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
-                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx,
-                      leftpad_k,   num_splits};
+  const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   fill_params(p, args);
   fill_output(p, out, lse);
   // Split-KV (flash-decoding): the key splits for this problem on this device, and their
@@ -96,13 +82,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
-    double scale, double softcap, int64_t window_left, int64_t window_right, int64_t diag_offset, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& block_table, int64_t max_seqlen_q, int64_t max_seqlen_k, bool bottom_right,
-    const std::optional<at::Tensor>& kv_batch_idx, const std::optional<at::Tensor>& leftpad_k, int64_t num_splits,
-    bool deterministic, bool bias_requires_grad) {
+    const at::Tensor& lse FLASHATTN_PROBLEM_PARAMS, bool deterministic, bool bias_requires_grad) {
   check_cuda_inputs(q, k, v, /*backward=*/true, deterministic);
   TORCH_CHECK(!block_table.has_value() && !kv_batch_idx.has_value() && !leftpad_k.has_value(),
               "flashattn: the backward of KV-cache calls (block_table, kv_batch_idx, leftpad_k) is not supported");
@@ -141,10 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   if (!deterministic) dq_accum = at::empty({B, H, Sq, D}, q.options().dtype(at::kFloat));
 
   FlashBwdParams p;
-  const AttnArgs args{q,           k,           v,         alibi_slopes, attn_bias,    scale,        softcap,
-                      window_left, window_right, diag_offset, dropout_p, rng_state,    cu_seqlens_q, cu_seqlens_k,
-                      seqused_k,   block_table,  max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx,
-                      leftpad_k,   num_splits};
+  const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   fill_params(p, args);
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk_h, dv_h);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <string>
 
@@ -20,26 +21,48 @@ struct Layout {
 };
 constexpr Layout HEADS_FIRST{2, 1};
 
-// The arguments the fwd and bwd schemas share (their problem), in schema order: every
-// entry point (CPU, CUDA, the inference entry) builds one and fill_params reads it, so an
-// argument added to the schemas is added here, in fill_params and in the kernels that use
-// it. Tensors are held by value (a reference count each): the params point into them, so
-// an entry keeps its AttnArgs alive until the kernel has run.
+// The arguments the fwd and bwd schemas share after q, k, v (their problem), in schema
+// order, listed once: X(type as an entry takes it, name). The entries' signatures
+// (FLASHATTN_PROBLEM_PARAMS), AttnArgs' members and its construction (FLASHATTN_PROBLEM_NAMES)
+// follow from it, so an argument added to the schemas (csrc/ops.cpp) is added here, in
+// fill_params and in the kernels that use it.
+#define FLASHATTN_PROBLEM_ARGS(X)                                                                       \
+  X(const std::optional<at::Tensor>&, alibi_slopes) /* None or float32 (H,) / (B, H) */                 \
+  X(const std::optional<at::Tensor>&, attn_bias)    /* None or (B, H, Sq, Sk), bool or q's dtype */      \
+  X(double, scale)                                                                                      \
+  X(double, softcap)                                                                                    \
+  X(int64_t, window_left)                                                                               \
+  X(int64_t, window_right)                                                                              \
+  X(int64_t, diag_offset)                                                                               \
+  X(double, dropout_p)                                                                                  \
+  X(const std::optional<at::Tensor>&, rng_state) /* int64 [seed, offset] */                            \
+  /* packed sequences / paged K/V (flash_params.h); none in a dense call */                             \
+  X(const std::optional<at::Tensor>&, cu_seqlens_q)                                                     \
+  X(const std::optional<at::Tensor>&, cu_seqlens_k)                                                     \
+  X(const std::optional<at::Tensor>&, seqused_k)                                                        \
+  X(const std::optional<at::Tensor>&, block_table)                                                      \
+  X(int64_t, max_seqlen_q)                                                                              \
+  X(int64_t, max_seqlen_k)                                                                              \
+  X(bool, bottom_right)                                                                                 \
+  /* KV caches: each sequence's k / v batch row, its key slots before its keys */                       \
+  X(const std::optional<at::Tensor>&, kv_batch_idx)                                                     \
+  X(const std::optional<at::Tensor>&, leftpad_k)                                                        \
+  X(int64_t, num_splits)
+#define FLASHATTN_PARAM_DECL(type, name) , type name
+#define FLASHATTN_PARAM_NAME(type, name) , name
+#define FLASHATTN_MEMBER(type, name) std::decay_t<type> name;
+// ", <type> <name>" for each: after an entry's leading tensors.
+#define FLASHATTN_PROBLEM_PARAMS FLASHATTN_PROBLEM_ARGS(FLASHATTN_PARAM_DECL)
+// ", <name>" for each: AttnArgs{q, k, v FLASHATTN_PROBLEM_NAMES}.
+#define FLASHATTN_PROBLEM_NAMES FLASHATTN_PROBLEM_ARGS(FLASHATTN_PARAM_NAME)
+
+// One call's problem: q, k, v and the arguments above. Tensors are held by value (a
+// reference count each): the params point into them, so an entry keeps its AttnArgs alive
+// until the kernel has run. Members not given in an aggregate initialisation are zero /
+// None (the inference entry gives the dense ones only).
 struct AttnArgs {
   at::Tensor q, k, v;
-  std::optional<at::Tensor> alibi_slopes, attn_bias;
-  double scale, softcap;
-  int64_t window_left, window_right, diag_offset;
-  double dropout_p;
-  std::optional<at::Tensor> rng_state;
-  // Packed sequences / paged K/V (flash_params.h); none in a dense call.
-  std::optional<at::Tensor> cu_seqlens_q = std::nullopt, cu_seqlens_k = std::nullopt, seqused_k = std::nullopt,
-                            block_table = std::nullopt;
-  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
-  bool bottom_right = false;
-  // KV caches: the k / v batch row of each sequence, the key slots before its keys.
-  std::optional<at::Tensor> kv_batch_idx = std::nullopt, leftpad_k = std::nullopt;
-  int64_t num_splits = 0;
+  FLASHATTN_PROBLEM_ARGS(FLASHATTN_MEMBER)
 };
 
 // An int32 index tensor (cu_seqlens, seqused_k, block_table) on q's device, its rows

@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import backends, ops
 from .api import _check_flash_options, _check_qkv, _index_tensor
 from .errors import ArgumentError
 
@@ -50,10 +50,13 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
     Slots are clamped into the caches (callers check the values where they can read them),
     so no value writes out of bounds."""
     batch, new = k.shape[0], k.shape[1]
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    if batch * new == 0 or capacity == 0 or k_cache.shape[0] == 0:
+        return  # nothing to write, or nowhere (callers reject the latter where they can see it)
     slots = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=k.device)  # (B, S_new)
     if block_table is not None:
         page_size = k_cache.shape[1]
-        slots = slots.clamp(0, block_table.shape[1] * page_size - 1)
+        slots = slots.clamp(0, capacity - 1)
         pages = block_table.long().gather(1, slots // page_size).clamp(0, k_cache.shape[0] - 1)
         index = (pages.flatten(), (slots % page_size).flatten())
     else:
@@ -96,10 +99,13 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
         for b, (pad, n) in enumerate(zip(cache_leftpad.tolist(), lengths)):
             if pad < 0 or pad > n + new:
                 raise ArgumentError(f"cache_leftpad: entry {b} ({pad}) is outside [0, {n + new}]")
-    if paged and block_table.numel():
-        low, high = int(block_table.min()), int(block_table.max())
-        if low < 0 or high >= k_cache.shape[0]:
-            raise ArgumentError(f"block_table: page indices must be in [0, {k_cache.shape[0]}), got [{low}, {high}]")
+    if paged:  # the pages each entry uses (trailing entries are never read: allocators pad them)
+        page_size = k_cache.shape[1]
+        for b, n in enumerate(lengths):
+            used = block_table[b, :(n + new + page_size - 1) // page_size]
+            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
+                raise ArgumentError(f"block_table: entry {b}'s pages must be in [0, {k_cache.shape[0]}), got "
+                                    f"{used.tolist()}")
     if seqlen_ro is not None:
         last = max(lengths) + max(new, seqlen_q if causal_positions else 1) - 1 if lengths else -1
         if last >= seqlen_ro:
@@ -146,7 +152,8 @@ def flash_attn_with_kvcache(
         cache_seqlens: int or int32 (B,): keys already in each entry's cache (default: full).
         cache_batch_idx: int32 (B,): the cache row of each batch entry (dense caches).
         cache_leftpad: int32 (B,): the cache slot where each entry's keys start (the slots
-            before are not attended; positions count from there).
+            before are not attended; the diagonal and ALiBi distances count from there,
+            rotary positions stay the slots').
         block_table: int32 (B, max_blocks): the pages of each entry.
         causal / window_size / softcap / alibi_slopes: as flash_attn_func, the diagonal
             aligned bottom-right on the keys each entry attends.
@@ -173,8 +180,8 @@ def flash_attn_with_kvcache(
         if t.stride(-1) != 1:
             raise ArgumentError(f"{name}: must have a contiguous last dimension (it is written in place)")
     batch, seqlen_q, num_heads, head_dim = q.shape
-    if not paged and cache_batch_idx is None and k_cache.shape[0] != batch:
-        raise ArgumentError(f"k_cache: {k_cache.shape[0]} cache rows for a batch of {batch} (pass cache_batch_idx)")
+    if not paged and cache_batch_idx is None and k_cache.shape[0] < batch:
+        raise ArgumentError(f"k_cache: {k_cache.shape[0]} cache rows for a batch of {batch}")
     device = q.device
     if block_table is not None:
         block_table = _index_tensor("block_table", block_table, device, 2)
@@ -192,6 +199,9 @@ def flash_attn_with_kvcache(
     cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, device, 1)
     if cache_seqlens.shape[0] != batch:
         raise ArgumentError(f"cache_seqlens: expected one length per batch entry ({batch}), got {cache_seqlens.shape[0]}")
+    if cache_batch_idx is None and not paged and k_cache.shape[0] > batch:
+        # (a cache with more rows than the batch: entry b reads row b, as in flash-attn)
+        cache_batch_idx = torch.arange(batch, dtype=torch.int32, device=device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx, device, 1)
         if cache_batch_idx.shape[0] != batch:
@@ -216,6 +226,9 @@ def flash_attn_with_kvcache(
         raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
     window = (int(window_size[0]), 0 if causal else int(window_size[1])) if len(window_size) == 2 else window_size
     _check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+    # as flash-attn: a window side at least as long as the cache is no bound (which also
+    # decides how q is rotated below)
+    window = tuple(-1 if w >= capacity else w for w in window)
     seqlen_ro = None
     if rotary_cos is not None:
         if k is None:
@@ -234,15 +247,19 @@ def flash_attn_with_kvcache(
     _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table, seqlen_ro,
                           causal_positions, seqlen_q)
 
+    # The backend is chosen (and a forced one that can't serve the call refused) before the
+    # caches are written.
+    backend = backends.select(ops.problem(q, k_cache, v_cache, None, 0.0, alibi_slopes=alibi_slopes,
+                                          cu_seqlens=cache_seqlens, block_table=block_table), backend)
     if k is not None:
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
-            k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(max=seqlen_ro - 1), rotary_interleaved)
+            k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
         kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,
                                                                                              device=device)
-        positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(max=seqlen_ro - 1)
+        positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(0, seqlen_ro - 1)
         q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
     seqused_k = cache_seqlens + new if new else cache_seqlens
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)

@@ -154,7 +154,7 @@ def _bad_calls():
         (dict(k=new.half(), v=new.half(), cache_seqlens=2), r"k: must match the cache's dtype"),
         (dict(k=torch.randn(2, 1, 3, 16), v=new, cache_seqlens=2), r"k: expected \(B, S_new, Hk, D\)"),
         (dict(k=new, v=new, cache_seqlens=2, block_table=torch.tensor([[0], [5]], dtype=torch.int32)),
-         r"block_table: page indices"),
+         r"block_table: entry 1's pages must be in"),
         (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
          r"cache_batch_idx: rows must be in"),
         (dict(q=torch.randn(2, 1, 3, 16)), r"number of query heads \(3\) must be a multiple"),
@@ -195,3 +195,31 @@ def test_compiled_decode_step_mutates_the_cache():
         want = flashattn_py.flash_attn_with_kvcache(q, k_cache2, v_cache2, k, v, cache_seqlens=lens, causal=True)
     torch.testing.assert_close(out, want)
     assert torch.equal(k_cache, k_cache2) and torch.equal(k_cache[1, 5], k[1, 0])
+
+
+def test_padded_block_tables_and_larger_caches_are_accepted():
+    # Block table entries past an entry's pages are never read (allocators pad them with -1),
+    # and a dense cache may have more rows than the batch (entry b reads row b), as in
+    # flash-attn.
+    q = torch.randn(2, 1, 4, 16)
+    pool = torch.randn(6, 4, 2, 16)
+    table = torch.tensor([[3, 1, -1], [0, -1, -1]], dtype=torch.int32)
+    lens = torch.tensor([6, 2], dtype=torch.int32)
+    with torch.no_grad():
+        out = flashattn_py.flash_attn_with_kvcache(q, pool, pool.clone(), cache_seqlens=lens, block_table=table)
+        ref, _, _, _ = attention_kvcache_ref(q.double(), pool.double(), pool.double(), cache_seqlens=lens,
+                                             block_table=table)
+        torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+        cache = torch.randn(5, 8, 2, 16)
+        out = flashattn_py.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3)
+        ref, _, _, _ = attention_kvcache_ref(q.double(), cache[:2].double(), cache[:2].double(),
+                                             cache_seqlens=torch.tensor([3, 3]))
+        torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_a_refused_backend_leaves_the_cache():
+    q, new = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    k_cache, v_cache = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="backend 'cuda' can't serve"), torch.no_grad():
+        flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1, backend="cuda")
+    assert not k_cache.any() and not v_cache.any()

@@ -1,7 +1,6 @@
 """Triton kernels (kernels/) on KV-cache decoding: flash_attn_with_kvcache's arguments.
 
-Contract: /work/notes/kvcache_contract.md; semantics: docs/design.md, "Packed sequences and
-paged K/V". q (B, Sq = 1..8, H, D) against a dense cache (B_cache, S_cache, Hk, D) with
+Semantics: docs/design.md, "Packed sequences and paged K/V". q (B, Sq = 1..8, H, D) against a dense cache (B_cache, S_cache, Hk, D) with
 ``kv_batch_idx`` or a paged one (num_pages, page_size, Hk, D) with a shuffled
 ``block_table``; ``seqused_k`` (cache lengths + new keys, 0 included), ``leftpad_k``,
 bottom-right causal / sliding window / softcap / ALiBi, GQA. The launchers are called

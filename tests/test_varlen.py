@@ -225,7 +225,7 @@ def test_paged_rejects_bad_pages():
     q = torch.randn(4, 2, 8)
     pool = torch.randn(3, 2, 2, 8)
     cu = offsets([4])
-    for table, seqused, match in (([[0, 3]], [4], r"block_table: page indices must be in \[0, 3\)"),
+    for table, seqused, match in (([[0, 3]], [4], r"block_table: sequence 0's pages must be in \[0, 3\)"),
                                   ([[0, 1]], [5], r"seqused_k: sequence 0 uses 5 keys")):
         with pytest.raises(ValueError, match=match):
             flashattn_py.varlen_attn(q, pool, pool, cu, None, 4, 4, seqused_k=torch.tensor(seqused, dtype=torch.int32),

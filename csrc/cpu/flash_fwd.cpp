@@ -634,8 +634,9 @@ void run_path(const FlashParams& p) {
 template <typename T>
 void flash_fwd(const FlashParams& p) {
   // The packed view only where it runs row by row too (groups of up to 8 heads): the row
-  // path's scores are per row, so they, lse and out are bitwise the unpacked call's, and the
-  // backward (which recomputes scores per head) stays consistent with this forward.
+  // path's scores are per row, the very scores the backward recomputes per head. (Out and
+  // lse are bitwise the unpacked call's unless the fewer tasks split the keys differently,
+  // flash_cpu.h key_splits: then equal within rounding.)
   FlashParams view;
   const bool packed = gqa_decode_view(p, view) && kernel_path<T>(view).rows;
   run_path<T>(packed ? view : p);

@@ -68,7 +68,7 @@ def flashattn_attention_forward(
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if isinstance(attention_mask, PackedDocuments):
-        if attention_mask.serves(query, key):
+        if attention_mask.serves(query, key, module, kwargs):
             return _packed_attention(query, key, value, attention_mask, scaling, dropout), None
         attention_mask = attention_mask.mask()
     elif attention_mask is None:
@@ -117,8 +117,9 @@ class PackedDocuments:
         other.__dict__.update(self.__dict__, causal=causal)
         return other
 
-    def serves(self, query: Tensor, key: Tensor) -> bool:
-        return query.shape[0] == 1 and query.shape[2] == key.shape[2] == self.length
+    def serves(self, query: Tensor, key: Tensor, module=None, kwargs=None) -> bool:
+        sliding = (kwargs or {}).get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None
+        return query.shape[0] == 1 and query.shape[2] == key.shape[2] == self.length and not sliding
 
     def mask(self) -> Optional[Tensor]:
         if self._mask is None:
@@ -128,9 +129,10 @@ class PackedDocuments:
         return self._mask
 
 
-# The documents found from the last position_ids seen (every layer of a forward passes the
-# same tensor: found once per forward).
-_last_documents: list = [None, None]  # [position_ids, PackedDocuments or None]
+# The documents found from the last position_ids seen, with its version counter (every
+# layer of a forward passes the same tensor: found once per forward; a tensor written in
+# place since is read again).
+_last_documents: list = [None, -1, None]  # [position_ids, its _version, PackedDocuments or None]
 
 
 def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key: Tensor, module, kwargs,
@@ -145,13 +147,13 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
         return None
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return None
-    if _last_documents[0] is not position_ids:
+    if _last_documents[0] is not position_ids or _last_documents[1] != position_ids._version:
         positions = position_ids[0]
         new_document = torch.ones_like(positions, dtype=torch.bool)
         new_document[1:] = positions[1:] != positions[:-1] + 1
         docs = PackedDocuments(causal, new_document)
-        _last_documents[:] = [position_ids, docs if docs.cu_seqlens.numel() > 2 else None]
-    docs = _last_documents[1]
+        _last_documents[:] = [position_ids, position_ids._version, docs if docs.cu_seqlens.numel() > 2 else None]
+    docs = _last_documents[2]
     if docs is not None and docs.causal != causal:
         docs = docs._with_causal(causal)
     return docs
