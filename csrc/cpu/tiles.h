@@ -274,7 +274,9 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
-  constexpr int64_t CHUNK = 128, AHEAD = 8;
+  // Keys per strip pass: the strips read a chunk's V rows once per 16 columns, so the chunk
+  // (32 rows of up to 512 bytes) stays in L1 between the passes.
+  constexpr int64_t CHUNK = 32, AHEAD = 8;
   if constexpr (!std::is_same_v<T, float>) {
     if (rows > AXPY_ROWS && dv >= NR) {
       const int64_t dv16 = dv / NR * NR;
