@@ -261,11 +261,13 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
                 raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
     if block_table is not None:  # the pages each sequence uses (trailing entries are never read)
         used = seqused_k.tolist() if seqused_k is not None else (lengths_k or [capacity] * block_table.shape[0])
-        for b, n in enumerate(used):
-            pages = block_table[b, :(min(n, capacity) + page_size - 1) // page_size]
-            if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
-                raise ArgumentError(f"{names['block_table']}: sequence {b}'s pages must be in [0, {num_pages}), "
-                                    f"got {pages.tolist()}")
+        pages_used = (torch.tensor(used).clamp(max=capacity) + page_size - 1) // page_size
+        in_use = torch.arange(block_table.shape[1]) < pages_used.unsqueeze(1)
+        bad = in_use & ((block_table.cpu() < 0) | (block_table.cpu() >= num_pages))
+        if bad.any():
+            b = int(bad.any(1).nonzero()[0])
+            raise ArgumentError(f"{names['block_table']}: sequence {b}'s pages must be in [0, {num_pages}), "
+                                f"got {block_table[b, :int(pages_used[b])].tolist()}")
         if lengths_k and max(lengths_k) > capacity:
             raise ArgumentError(f"{names['block_table']}: {block_table.shape[1]} pages of {page_size} keys per "
                                 f"sequence hold fewer than its longest sequence ({max(lengths_k)} keys)")

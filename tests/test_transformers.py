@@ -228,3 +228,17 @@ def test_packed_documents_keep_sliding_window_masks(monkeypatch):
         logits[impl] = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
     assert not varlen_calls
     torch.testing.assert_close(logits[NAME], logits["sdpa"], atol=2e-5, rtol=1e-4)
+
+
+def test_padding_free_under_inference_mode():
+    # Inference tensors have no version counter: the documents' cache keys on identity then.
+    model = _llama().eval()
+    model.config._attn_implementation = NAME
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with torch.inference_mode():
+        packed = model(input_ids=ids, position_ids=position_ids).logits
+        single = model(input_ids=ids).logits  # one document: the plain causal call
+        first = model(input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(packed[:, :4], first, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(packed[:, 4:], single[:, 4:])

@@ -262,7 +262,7 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // Float, few rows, or V rows under 16 columns: key by key, each V row added into every
 // output row (axpy) while it is in L1, a prefetch 8 keys ahead. More 16-bit rows: 16
 // output columns of up to 6 rows at a time in registers (pv_tile), keys in chunks of
-// 128 so a chunk's 16-column strip stays in L1 across the row groups, the first strip of
+// 32 so a chunk's V rows stay in L1 across the strips and row groups, the first strip of
 // a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
 // multiple of 16 by axpy. axpy loads and stores the outputs for every key and widens a
 // 16-bit V row once per output row; the strips pass over each chunk's rows dv / 16 times

@@ -147,12 +147,15 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
         return None
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return None
-    if _last_documents[0] is not position_ids or _last_documents[1] != position_ids._version:
+    # (an inference-mode tensor has no version counter, and cannot be written in place
+    # outside inference mode: its identity is enough)
+    version = None if position_ids.is_inference() else position_ids._version
+    if _last_documents[0] is not position_ids or _last_documents[1] != version:
         positions = position_ids[0]
         new_document = torch.ones_like(positions, dtype=torch.bool)
         new_document[1:] = positions[1:] != positions[:-1] + 1
         docs = PackedDocuments(causal, new_document)
-        _last_documents[:] = [position_ids, position_ids._version, docs if docs.cu_seqlens.numel() > 2 else None]
+        _last_documents[:] = [position_ids, version, docs if docs.cu_seqlens.numel() > 2 else None]
     docs = _last_documents[2]
     if docs is not None and docs.causal != causal:
         docs = docs._with_causal(causal)
