@@ -47,7 +47,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -410,24 +409,11 @@ def run(args: argparse.Namespace) -> list[dict]:
           + f"; copy counts {'read+write' if args.copy_bytes == 'rw' else 'read'} bytes; rounds {args.repeats}")
     if args.quick:
         print("# --quick: tiny caches and one round, a smoke test; its times and targets mean nothing")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    start = time.perf_counter()
-    bar = common.progress(todo, total=len(todo), desc="decode", enabled=not args.no_progress)
-    for case in bar:
-        bar.set_postfix_str(f"{case.dtype} B{case.batch} keys{case.keys}")
-        rows.extend(measure_case(case, args.methods, device, args, env["peak_tflops"][case.dtype], l3))
-        common.write_csv(rows, args.out / "decode.csv", CSV_FIELDS)  # partial results survive a kill
-    elapsed = time.perf_counter() - start
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-    print(common.format_table(rows, TABLE_COLUMNS))
-    print(f"# {len(rows)} rows in {elapsed:.0f} s; K+V GB/s = K and V bytes attended / time; roof = "
-          f"min(copy GB/s, peak FLOP/s x bytes/FLOP); x sdpa = sdpa ms / this ms (>1: faster than torch)")
-    summary = markdown(rows, env, args, elapsed)
-    print(summary)
-    common.save_run(args.out, "decode", rows, CSV_FIELDS, env, args, elapsed, evaluate_targets(rows), summary)
-    return rows
+    return common.run_cases(
+        todo, "decode", lambda case: f"{case.dtype} B{case.batch} keys{case.keys}",
+        lambda case: measure_case(case, args.methods, device, args, env["peak_tflops"][case.dtype], l3), args,
+        CSV_FIELDS, TABLE_COLUMNS, "K+V GB/s = K and V bytes attended / time; roof = min(copy GB/s, peak FLOP/s x "
+        "bytes/FLOP); x sdpa = sdpa ms / this ms (>1: faster than torch)", markdown, evaluate_targets, env)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -431,24 +431,11 @@ def run(args: argparse.Namespace) -> list[dict]:
           + ", ".join(f"{c.set}: {len(c.lengths)} docs, {c.tokens} tokens, max {max(c.lengths)}"
                       for c in shown.values())
           + f"; rounds fwd {args.repeats}, fwd+bwd {args.repeats_fwd_bwd}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    start = time.perf_counter()
-    bar = common.progress(todo, total=len(todo), desc="varlen", enabled=not args.no_progress)
-    for case in bar:
-        bar.set_postfix_str(f"{case.set}{case.of} {case.mode} {case.dtype}")
-        rows.extend(measure_case(case, args.methods, device, args))
-        common.write_csv(rows, args.out / "varlen.csv", CSV_FIELDS)  # partial results survive a kill
-    elapsed = time.perf_counter() - start
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-    print(common.format_table(rows, TABLE_COLUMNS))
-    print(f"# {len(rows)} rows in {elapsed:.0f} s; ms/ours = this ms / ours ms (>1: ours is faster); "
-          f"GFLOP/s of the visible causal pairs")
-    summary = markdown(rows, env, args, elapsed)
-    print(summary)
-    common.save_run(args.out, "varlen", rows, CSV_FIELDS, env, args, elapsed, evaluate_targets(rows), summary)
-    return rows
+    return common.run_cases(
+        todo, "varlen", lambda case: f"{case.set}{case.of} {case.mode} {case.dtype}",
+        lambda case: measure_case(case, args.methods, device, args), args, CSV_FIELDS, TABLE_COLUMNS,
+        "ms/ours = this ms / ours ms (>1: ours is faster); GFLOP/s of the visible causal pairs", markdown,
+        evaluate_targets, env)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -439,3 +440,26 @@ def save_run(out_dir: Path, stem: str, rows: list[dict], csv_fields, env: dict, 
     write_json(payload, out_dir / f"{stem}.json")
     (out_dir / f"{stem}.md").write_text(summary)
     print(f"# wrote {out_dir / (stem + '.csv')}, {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')}")
+
+
+def run_cases(todo, stem: str, describe, measure, args, csv_fields, table_columns, legend: str, markdown,
+              evaluate_targets, env: dict) -> list[dict]:
+    """Measure each case of ``todo`` (``measure(case) -> rows``, ``describe(case)`` for the
+    progress bar), writing out_dir/stem.csv as rows come (partial results survive a kill),
+    then print the table, ``legend`` and the markdown summary and save the run (save_run)."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    bar = progress(todo, total=len(todo), desc=stem, enabled=not args.no_progress)
+    for case in bar:
+        bar.set_postfix_str(describe(case))
+        rows.extend(measure(case))
+        write_csv(rows, args.out / f"{stem}.csv", csv_fields)
+    elapsed = time.perf_counter() - start
+    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(format_table(rows, table_columns))
+    print(f"# {len(rows)} rows in {elapsed:.0f} s; {legend}")
+    summary = markdown(rows, env, args, elapsed)
+    print(summary)
+    save_run(args.out, stem, rows, csv_fields, env, args, elapsed, evaluate_targets(rows), summary)
+    return rows
