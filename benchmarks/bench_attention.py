@@ -282,23 +282,19 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _strs(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
     p.add_argument("--seqlens", type=_ints, help="comma list (CPU default 512,1024,2048; GPU 512..16384)")
     p.add_argument("--head-dims", type=_ints, help="comma list (default 64,128)")
     p.add_argument("--causal", choices=["0", "1", "both"], help="default both")
-    p.add_argument("--dtypes", type=_strs, help="fp32,bf16,fp16 (CPU default fp32,bf16; GPU bf16,fp16)")
-    p.add_argument("--modes", type=_strs, help="fwd,bwd,fwd+bwd (CPU default fwd,fwd+bwd; GPU all)")
+    p.add_argument("--dtypes", type=common.comma_strs, help="fp32,bf16,fp16 (CPU default fp32,bf16; GPU bf16,fp16)")
+    p.add_argument("--modes", type=common.comma_strs, help="fwd,bwd,fwd+bwd (CPU default fwd,fwd+bwd; GPU all)")
     p.add_argument("--batch", type=int, help="fixed batch size (overrides --tokens)")
     p.add_argument("--tokens", type=int, help="token budget: batch = max(1, tokens // seqlen) (CPU 2048, GPU 16384)")
     p.add_argument("--heads", type=int, help="heads (default model_dim // head_dim)")
     p.add_argument("--model-dim", type=int, help="heads * head_dim when --heads is not given (CPU 256, GPU 2048)")
-    p.add_argument("--backends", type=_strs, help="names or groups: ours, sdpa, naive, all, ours-cpu, cuda, sdpa-flash, ...")
+    p.add_argument("--backends", type=common.comma_strs, help="names or groups: ours, sdpa, naive, all, ours-cpu, cuda, sdpa-flash, ...")
     p.add_argument("--repeats", type=int, help="CPU: timing rounds per setting, each timing every backend once in rotated order (median); GPU: CUDA-event fallback count")
     p.add_argument("--min-run-time", type=float, default=0.05, help="CPU: a timing sample is a block of calls lasting at least this many seconds (default 0.05)")
     p.add_argument("--input-sets", type=int, help="input sets rotated between calls (CPU 2, GPU 4)")

@@ -325,14 +325,10 @@ def markdown(rows: list[dict], env: dict, args, elapsed: float) -> str:
 # ----------------------------------------------------------------------------- cli
 
 
-def _strs(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _shapes(text: str) -> list[tuple[int, int]]:
     """'1x8192,8x8192' -> [(1, 8192), (8, 8192)] (batch x keys)."""
     out = []
-    for item in _strs(text):
+    for item in common.comma_strs(text):
         b, _, n = item.lower().partition("x")
         out.append((int(b), int(n)))
     return out
@@ -343,8 +339,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
     p.add_argument("--shapes", type=_shapes, help="batch x keys list (default 1x8192,1x32768,8x8192)")
-    p.add_argument("--dtypes", type=_strs, help="default fp32,bf16 (CPU), bf16,fp16 (GPU)")
-    p.add_argument("--methods", type=_strs, default=list(METHODS), help=f"default all: {','.join(METHODS)}")
+    p.add_argument("--dtypes", type=common.comma_strs, help="default fp32,bf16 (CPU), bf16,fp16 (GPU)")
+    p.add_argument("--methods", type=common.comma_strs, default=list(METHODS), help=f"default all: {','.join(METHODS)}")
     p.add_argument("--heads-q", type=int, default=32)
     p.add_argument("--heads-k", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -355,13 +351,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, help="n of the torch.mm peak rate (default 2048; quick 256)")
     p.add_argument("--repeats", type=int, help="CPU: timing rounds, methods in rotated order (default 5); "
                    "GPU: CUDA-event fallback count")
-    p.add_argument("--min-run-time", type=float, default=0.05,
-                   help="CPU: a timing sample is a block of calls lasting at least this (default 0.05 s)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-check", dest="check", action="store_false", help="no output comparison")
-    p.add_argument("--quick", action="store_true", help="tiny caches, one round (a smoke test)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_run_args(p, DEFAULT_OUT, "tiny caches, one round (a smoke test)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

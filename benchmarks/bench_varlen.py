@@ -351,22 +351,18 @@ def markdown(rows: list[dict], env: dict, args, elapsed: float) -> str:
 # ----------------------------------------------------------------------------- cli
 
 
-def _strs(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
-    p.add_argument("--sets", type=_strs, default=["A", "B"], help="document sets (default A,B; 'none')")
-    p.add_argument("--dense-one", type=_strs, help="sets whose total length gets the one-sequence "
+    p.add_argument("--sets", type=common.comma_strs, default=["A", "B"], help="document sets (default A,B; 'none')")
+    p.add_argument("--dense-one", type=common.comma_strs, help="sets whose total length gets the one-sequence "
                    "check (default: A on the CPU, A,B on a GPU; 'none' for none)")
-    p.add_argument("--dense-one-modes", type=_strs, help="modes of the one-sequence check (default: "
+    p.add_argument("--dense-one-modes", type=common.comma_strs, help="modes of the one-sequence check (default: "
                    "fwd on the CPU, where fwd+bwd at 17k tokens takes minutes; fwd,fwd+bwd on a GPU)")
-    p.add_argument("--modes", type=_strs, default=list(MODES), help="fwd,fwd+bwd (default both)")
-    p.add_argument("--dtypes", type=_strs, help="default fp32,bf16 (CPU), bf16,fp16 (GPU)")
-    p.add_argument("--methods", type=_strs, default=list(METHODS),
+    p.add_argument("--modes", type=common.comma_strs, default=list(MODES), help="fwd,fwd+bwd (default both)")
+    p.add_argument("--dtypes", type=common.comma_strs, help="default fp32,bf16 (CPU), bf16,fp16 (GPU)")
+    p.add_argument("--methods", type=common.comma_strs, default=list(METHODS),
                    help=f"besides ours (default all: {','.join(METHODS)})")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -375,13 +371,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "GPU: CUDA-event fallback count")
     p.add_argument("--repeats-fwd-bwd", type=int, help="CPU: the same for fwd+bwd cases (default 2: the "
                    "loop's fwd+bwd takes seconds a call)")
-    p.add_argument("--min-run-time", type=float, default=0.05,
-                   help="CPU: a timing sample is a block of calls lasting at least this (default 0.05 s)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-check", dest="check", action="store_false", help="no output comparison in fwd")
-    p.add_argument("--quick", action="store_true", help="tiny sets, one round (a smoke test)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_run_args(p, DEFAULT_OUT, "tiny sets, one round (a smoke test)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

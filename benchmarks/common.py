@@ -463,3 +463,20 @@ def run_cases(todo, stem: str, describe, measure, args, csv_fields, table_column
     print(summary)
     save_run(args.out, stem, rows, csv_fields, env, args, elapsed, evaluate_targets(rows), summary)
     return rows
+
+
+def comma_strs(text: str) -> list[str]:
+    """argparse type: a comma list of names."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_run_args(p, default_out: Path, quick_help: str) -> None:
+    """The options every packed-sequence / decode benchmark takes after its own: timing,
+    threads, output comparison, quick mode, output folder, progress bar."""
+    p.add_argument("--min-run-time", type=float, default=0.05,
+                   help="CPU: a timing sample is a block of calls lasting at least this (default 0.05 s)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="no output comparison")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -259,18 +259,26 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
         for b, (used, limit) in enumerate(zip(seqused_k.tolist(), limits)):
             if used < 0 or (limit is not None and used > limit):
                 raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
-    if block_table is not None:  # the pages each sequence uses (trailing entries are never read)
+    if block_table is not None:
         used = seqused_k.tolist() if seqused_k is not None else (lengths_k or [capacity] * block_table.shape[0])
-        pages_used = (torch.tensor(used).clamp(max=capacity) + page_size - 1) // page_size
-        in_use = torch.arange(block_table.shape[1]) < pages_used.unsqueeze(1)
-        bad = in_use & ((block_table.cpu() < 0) | (block_table.cpu() >= num_pages))
-        if bad.any():
-            b = int(bad.any(1).nonzero()[0])
-            raise ArgumentError(f"{names['block_table']}: sequence {b}'s pages must be in [0, {num_pages}), "
-                                f"got {block_table[b, :int(pages_used[b])].tolist()}")
+        check_used_pages(block_table, torch.tensor(used).clamp(max=capacity), page_size, num_pages,
+                         names["block_table"], "sequence")
         if lengths_k and max(lengths_k) > capacity:
             raise ArgumentError(f"{names['block_table']}: {block_table.shape[1]} pages of {page_size} keys per "
                                 f"sequence hold fewer than its longest sequence ({max(lengths_k)} keys)")
+
+
+def check_used_pages(block_table: Tensor, keys: Tensor, page_size: int, num_pages: int, name: str,
+                     entry: str) -> None:
+    """ValueError unless the pages each row of ``block_table`` uses (enough for its ``keys``)
+    are in [0, num_pages); entries past them are never read (allocators pad them, e.g. -1)."""
+    pages_used = (keys.long().to(block_table.device) + page_size - 1) // page_size
+    in_use = torch.arange(block_table.shape[1], device=block_table.device) < pages_used.unsqueeze(1)
+    bad = in_use & ((block_table < 0) | (block_table >= num_pages))
+    if bad.any():
+        b = int(bad.any(1).nonzero()[0])
+        raise ArgumentError(f"{name}: {entry} {b}'s pages must be in [0, {num_pages}), got "
+                            f"{block_table[b, :int(pages_used[b])].tolist()}")
 
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],

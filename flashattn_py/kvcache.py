@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import _check_flash_options, _check_qkv, _index_tensor
+from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -99,15 +99,8 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
         for b, (pad, n) in enumerate(zip(cache_leftpad.tolist(), lengths)):
             if pad < 0 or pad > n + new:
                 raise ArgumentError(f"cache_leftpad: entry {b} ({pad}) is outside [0, {n + new}]")
-    if paged:  # the pages each entry uses (trailing entries are never read: allocators pad them)
-        page_size = k_cache.shape[1]
-        pages_used = (cache_seqlens.long() + new + page_size - 1) // page_size
-        in_use = torch.arange(block_table.shape[1], device=block_table.device) < pages_used.unsqueeze(1)
-        bad = in_use & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-        if bad.any():
-            b = int(bad.any(1).nonzero()[0])
-            raise ArgumentError(f"block_table: entry {b}'s pages must be in [0, {k_cache.shape[0]}), got "
-                                f"{block_table[b, :int(pages_used[b])].tolist()}")
+    if paged:
+        check_used_pages(block_table, cache_seqlens + new, k_cache.shape[1], k_cache.shape[0], "block_table", "entry")
     if seqlen_ro is not None:
         last = max(lengths) + max(new, seqlen_q if causal_positions else 1) - 1 if lengths else -1
         if last >= seqlen_ro:
