@@ -16,6 +16,7 @@ from .api import (
 )
 from . import nn
 from .kvcache import flash_attn_with_kvcache
+from .partial import attention_backward, attention_forward, merge_attention
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
 from .errors import ArgumentError
 from .patch import patch_sdpa, unpatch_sdpa
@@ -30,6 +31,8 @@ if _compiled_ops_error():
 
 __all__ = [
     "ArgumentError",
+    "attention_backward",
+    "attention_forward",
     "available_backends",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -38,6 +41,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "merge_attention",
     "nn",
     "patch_sdpa",
     "scaled_dot_product_attention",

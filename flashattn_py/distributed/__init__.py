@@ -1,0 +1,162 @@
+"""Context parallelism: attention over a sequence sharded across the ranks of a
+torch.distributed process group (NCCL on GPUs, gloo on CPUs), forward and backward, on
+whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
+
+- Ring (``ring_flash_attn_*``): rank r holds the r-th contiguous chunk of the sequence; K/V
+  blocks travel around the ring while each rank computes against the block in hand.
+- Zigzag ring (``zigzag_ring_flash_attn_*``): rank r holds chunks r and 2*world-1-r of
+  2*world, which gives every rank the same causal work.
+- Ulysses (``ulysses_flash_attn_*``): all-to-all from sequence shards to head shards, local
+  attention over the whole sequence, all-to-all back (H and Hk divisible by the world size).
+
+The signatures are ring-flash-attention's (plus ``softcap``, keyword-only): q (B, S_local, H,
+D), k / v (B, S_local, Hk, D) this rank's shard (``shard`` cuts one); the output is the
+rank's shard of attention over the whole sequence, with global positions for causal,
+windows and ALiBi. The varlen forms take packed rows and the GLOBAL ``cu_seqlens``.
+Dropout is not supported (a rank's mask would depend on the sharding). Bad or mismatched
+arguments raise ``flashattn_py.ArgumentError`` on every rank of the group (the check is
+collective: one small all_gather per call).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .layout import local_rows, shard, unshard
+from .ring import ring_attention
+from .ulysses import ulysses_attention
+
+__all__ = [
+    "all_gather_shards",
+    "local_rows",
+    "ring_flash_attn_func",
+    "ring_flash_attn_kvpacked_func",
+    "ring_flash_attn_qkvpacked_func",
+    "ring_flash_attn_varlen_func",
+    "shard",
+    "ulysses_flash_attn_func",
+    "ulysses_flash_attn_varlen_func",
+    "unshard",
+    "zigzag_ring_flash_attn_func",
+    "zigzag_ring_flash_attn_kvpacked_func",
+    "zigzag_ring_flash_attn_qkvpacked_func",
+    "zigzag_ring_flash_attn_varlen_func",
+]
+
+
+def ring_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                         softmax_scale: Optional[float] = None, causal: bool = False,
+                         window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                         deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                         softcap: float = 0.0):
+    """Ring attention. q (B, S_local, H, D), k / v (B, S_local, Hk, D / Dv): rank r's rows
+    [r S_local, (r + 1) S_local) of the global sequence (layout "ring").
+
+    Returns out (B, S_local, H, Dv); with ``return_attn_probs``, (out, lse, None), lse (B, H,
+    S_local) float32 over the whole sequence. Differentiable in q, k, v (the backward is a
+    ring too; ``deterministic``: bitwise reproducible for a fixed world size)."""
+    return ring_attention("ring", q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group, softcap)
+
+
+def zigzag_ring_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                                softmax_scale: Optional[float] = None, causal: bool = False,
+                                window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                                deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                                softcap: float = 0.0):
+    """Zigzag ring attention: as ``ring_flash_attn_func`` with layout "zigzag" (the sequence
+    in 2*world chunks, rank r holding chunks r and 2*world-1-r: S_local even)."""
+    return ring_attention("zigzag", q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group, softcap)
+
+
+def ulysses_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                            deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                            softcap: float = 0.0):
+    """Ulysses attention, shards as ``ring_flash_attn_func`` (layout "ulysses" = "ring");
+    H and Hk must be divisible by the world size. Causal is aligned bottom-right over the
+    whole sequence (top-left too when q and k/v have the same length)."""
+    return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                             deterministic, return_attn_probs, group, softcap)
+
+
+def ring_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+                                window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                                deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                                softcap: float = 0.0):
+    """Ring attention over packed documents. ``cu_seqlens`` (B + 1,) int32: the GLOBAL
+    packed sequence's offsets (the same on every rank), every document's length divisible
+    by the world size; ``max_seqlen`` its longest document (0: not given). Rank r holds piece
+    r of every document (layout "ring" with cu_seqlens): q (total / world, H, D), k / v
+    (total / world, Hk, D).
+
+    Returns out (total / world, H, Dv), with ``return_attn_probs`` (out, lse (H, total /
+    world), None). ``window_size`` and ``alibi_slopes`` are not supported here (each
+    document's pieces would need their own offsets): ``ulysses_flash_attn_varlen_func``
+    has them."""
+    return ring_attention("ring", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group, softcap)
+
+
+def zigzag_ring_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                       dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                       causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                       alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                       return_attn_probs: bool = False, group=None, *, softcap: float = 0.0):
+    """As ``ring_flash_attn_varlen_func`` with every document cut into 2*world pieces, rank r
+    holding pieces r and 2*world-1-r of each (layout "zigzag" with cu_seqlens): document
+    lengths divisible by 2*world."""
+    return ring_attention("zigzag", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                          alibi_slopes, deterministic, return_attn_probs, group, softcap)
+
+
+def ulysses_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                   dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                   causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                   alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                   return_attn_probs: bool = False, group=None, *, softcap: float = 0.0):
+    """Ulysses attention over packed documents: q (total / world, H, D) is rank r's
+    contiguous rows of the packed sequence (layout "ulysses"; documents may straddle
+    ranks), ``cu_seqlens`` the global offsets. Every feature of ``flash_attn_varlen_func``
+    except dropout (windows and ALiBi included)."""
+    return ulysses_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                             alibi_slopes, deterministic, return_attn_probs, group, softcap)
+
+
+def _kv(kv: Tensor) -> tuple[Tensor, Tensor]:
+    return kv.unbind(dim=-3)
+
+
+def ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
+    """``ring_flash_attn_func`` with kv (B, S_local, 2, Hk, D)."""
+    return ring_flash_attn_func(q, *_kv(kv), *args, **kwargs)
+
+
+def ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
+    """``ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
+    return ring_flash_attn_func(*qkv.unbind(dim=-3), *args, **kwargs)
+
+
+def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
+    """``zigzag_ring_flash_attn_func`` with kv (B, S_local, 2, Hk, D)."""
+    return zigzag_ring_flash_attn_func(q, *_kv(kv), *args, **kwargs)
+
+
+def zigzag_ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
+    """``zigzag_ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
+    return zigzag_ring_flash_attn_func(*qkv.unbind(dim=-3), *args, **kwargs)
+
+
+def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:
+    """The full tensor from every rank's shard ``x`` (all_gather, then ``unshard``); not
+    differentiable. Every rank's shard must have the same shape."""
+    import torch
+    import torch.distributed as dist
+
+    pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, x.contiguous(), group=group)
+    return unshard(pieces, layout, dim=dim, cu_seqlens=cu_seqlens)

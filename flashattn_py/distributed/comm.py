@@ -1,0 +1,114 @@
+"""Communication for context parallelism: the ring's point-to-point exchange, Ulysses'
+all-to-all, and the collective argument check that makes bad input fail on every rank."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import ArgumentError
+
+
+class Group:
+    """A process group as the ring sees it: this process's rank in it, its size, and the
+    global ranks of the next and previous ranks of the ring."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ArgumentError("group: torch.distributed is not initialized (call "
+                                "torch.distributed.init_process_group first)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ArgumentError("group: this process is not a member of the group")
+        self.world_size = dist.get_world_size(group)
+        pg = group if group is not None else dist.group.WORLD
+        served = getattr(pg, "_device_types", None)
+        if served and device.type not in [d.type for d in served]:
+            raise ArgumentError(f"group: its backend ({dist.get_backend(group)}) does not serve {device.type} "
+                                f"tensors (it serves {sorted({d.type for d in served})})")
+        self.device = device  # (where the collective argument check's tensor goes too)
+        self.next = dist.get_global_rank(pg, (self.rank + 1) % self.world_size)
+        self.prev = dist.get_global_rank(pg, (self.rank - 1) % self.world_size)
+
+
+class RingExchange:
+    """Sends tensors to the next rank and receives as many from the previous one, in the
+    background (one batch of isend / irecv), while the caller computes."""
+
+    def __init__(self, group: Group, tag: int):
+        self.group, self.tag = group, tag
+        self.requests: list = []
+        self.sent: list[Tensor] = []
+
+    def start(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Post the exchange; returns the buffers that will hold the previous rank's tensors
+        once ``wait()`` returns."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.group.next, self.group.group, self.tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.group.prev, self.group.group, self.tag) for r in received]
+        self.requests = dist.batch_isend_irecv(ops)
+        self.sent = list(tensors)  # (alive until the sends complete)
+        return received
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        self.requests, self.sent = [], []
+
+
+def all_to_all(x: Tensor, group: Group) -> Tensor:
+    """x (world, ...) contiguous: block j goes to rank j; returns (world, ...) with block j
+    from rank j."""
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group.group)
+    return out
+
+
+def _describe(values: Sequence[float]) -> str:
+    ints = [int(v) for v in values if v == v]
+    return str(tuple(ints)) if len(ints) == len(values) and all(i == v for i, v in zip(ints, values)) else \
+        str(tuple(values))
+
+
+def check_collectively(group: Group, validate: Callable[[], list[tuple[str, Sequence[float]]]]) -> None:
+    """Run ``validate`` (local checks raising ArgumentError; returns what must be equal on
+    every rank: (argument name, numbers)), then compare across ranks in one all_gather.
+    Any rank's error or any difference raises ArgumentError on EVERY rank, so a bad call
+    fails everywhere instead of leaving the other ranks waiting in the ring."""
+    error = None
+    try:
+        fields = validate()
+    except ArgumentError as e:
+        error, fields = str(e), []
+    # fixed width: ranks whose local check failed send a flag and zeros
+    width = 1 + _FIELD_WIDTH * _MAX_FIELDS
+    row = torch.zeros(width, dtype=torch.float64)
+    row[0] = 1.0 if error is not None else 0.0
+    for i, (_, values) in enumerate(fields[:_MAX_FIELDS]):
+        padded = list(values)[:_FIELD_WIDTH] + [float("nan")] * (_FIELD_WIDTH - len(values))
+        row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64)
+    row = row.to(group.device)
+    rows = [torch.empty_like(row) for _ in range(group.world_size)]
+    dist.all_gather(rows, row, group=group.group)
+    table = torch.stack(rows).cpu()
+    if bool((table[:, 0] != 0).any()):
+        errors: list = [None] * group.world_size
+        dist.all_gather_object(errors, error, group=group.group)
+        if error is not None:
+            raise ArgumentError(error)
+        failed = next(r for r, e in enumerate(errors) if e is not None)
+        raise ArgumentError(f"rank {failed} of the group rejected the call: {errors[failed]}")
+    for i, (name, _) in enumerate(fields[:_MAX_FIELDS]):
+        block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]
+        same = (block == block[0]) | (block.isnan() & block[0].isnan())
+        if not bool(same.all()):
+            per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist())}"
+                                 for r in range(group.world_size))
+            raise ArgumentError(f"{name}: must be the same on every rank of the group, got {per_rank}")
+
+
+_FIELD_WIDTH = 8
+_MAX_FIELDS = 16

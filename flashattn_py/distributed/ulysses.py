@@ -1,0 +1,141 @@
+"""Ulysses attention (DeepSpeed-Ulysses): an all-to-all turns each rank's sequence shard of
+all heads into the whole sequence of H / world heads, attention runs locally over the
+whole sequence (any feature: causal, windows, ALiBi, softcap, packed documents), and an
+all-to-all turns the output back into sequence shards. The backward is the same
+all-to-alls in reverse around the local attention's own backward."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import api, ops
+from ..errors import ArgumentError
+from . import comm
+from .ring import _common_fields, _no_dropout, _read_values
+
+
+def _exchange(x: Tensor, group: comm.Group) -> Tensor:
+    """all_to_all of (world, ...) blocks; 16-bit floats travel as bytes (gloo has no 16-bit types)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return comm.all_to_all(x.view(torch.uint8), group).view(x.dtype)
+    return comm.all_to_all(x, group)
+
+
+def seq_to_heads(x: Tensor, group: comm.Group) -> Tensor:
+    """(B, S_local, H, D) sequence shards of all heads -> (B, world * S_local, H / world, D):
+    the whole sequence of this rank's heads (rank r: heads [r H / world, (r + 1) H / world))."""
+    world = group.world_size
+    b, s, h, d = x.shape
+    blocks = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
+    return _exchange(blocks, group).permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
+
+
+def heads_to_seq(y: Tensor, group: comm.Group) -> Tensor:
+    """``seq_to_heads``' inverse: (B, world * S_local, H / world, D) -> (B, S_local, H, D)."""
+    world = group.world_size
+    b, s_all, h_local, d = y.shape
+    s = s_all // world
+    blocks = y.reshape(b, world, s, h_local, d).permute(1, 0, 2, 3, 4).contiguous()
+    return _exchange(blocks, group).permute(1, 2, 0, 3, 4).reshape(b, s, world * h_local, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: comm.Group) -> Tensor:
+        ctx.group = group
+        return seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return heads_to_seq(grad.contiguous(), ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, group: comm.Group) -> Tensor:
+        ctx.group = group
+        return heads_to_seq(y, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return seq_to_heads(grad.contiguous(), ctx.group), None
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
+                      dropout_p: float, softmax_scale: Optional[float], causal: bool, window_size,
+                      alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
+                      softcap: float):
+    """The Ulysses functions' common body: q (B, S_local, H, D) (packed: (T_local, H, D),
+    contiguous rows of the global packed sequence)."""
+    api._check_tensors(("q", "k", "v"), q, k, v)
+    ring = comm.Group(group, q.device)
+    world, packed = ring.world_size, cu_seqlens is not None
+    checked: dict = {}
+
+    def validate():
+        _no_dropout(dropout_p)
+        window = api._causal_window(window_size, causal)
+        dims = 3 if packed else 4
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != dims:
+                shape = "(total_local, H, D)" if packed else "(B, S_local, H, D)"
+                raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape {tuple(t.shape)}")
+        q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
+        api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+        for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
+            if heads % world:
+                raise ArgumentError(f"{name}: Ulysses gives every rank H / world heads: {heads} heads are not "
+                                    f"divisible by the group's {world} ranks")
+        fields = []
+        batch = q.shape[0]
+        if packed:
+            cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
+            batch = cu.shape[0] - 1
+            if q.shape[0] != k.shape[0]:
+                raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q.shape[0]} and "
+                                    f"{k.shape[0]} rows")
+            if not isinstance(max_seqlen, int) or max_seqlen < 0:
+                raise ArgumentError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
+            if _read_values(cu):
+                api._check_packed(cu, cu, max_seqlen, max_seqlen, q.shape[0] * world, q.shape[0] * world, None,
+                                  None, 0, 0, dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens",
+                                                   cu_seqlens_k="cu_seqlens", max_seqlen_q="max_seqlen",
+                                                   max_seqlen_k="max_seqlen"))
+                offsets = cu.tolist()
+                fields.append(("cu_seqlens values", [len(offsets), float(sum(offsets)),
+                                                     float(sum(i * x for i, x in enumerate(offsets)))]))
+            checked["cu"] = cu
+            fields.append(("max_seqlen", [max_seqlen]))
+        api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        checked.update(window=window, scale=scale)
+        return _common_fields(q, k, v, scale, window, float(softcap), alibi_slopes, deterministic) + fields
+
+    comm.check_collectively(ring, validate)
+    window, scale = checked["window"], checked["scale"]
+    q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
+    q_heads, k_heads, v_heads = (_SeqToHeads.apply(t, ring) for t in (q4, k4, v4))
+    slopes = None
+    if alibi_slopes is not None:
+        per_rank = q4.shape[2] // world
+        slopes = alibi_slopes[..., ring.rank * per_rank:(ring.rank + 1) * per_rank].contiguous()
+    if packed:
+        out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked["cu"], checked["cu"], max_seqlen,
+                               max_seqlen, seqused_k=None, block_table=None, dropout_p=0.0, scale=scale,
+                               window=window, softcap=float(softcap), alibi_slopes=slopes,
+                               deterministic=deterministic, backend="auto")
+        out, lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out, lse = ops.attention(q_heads, k_heads, v_heads, scale=scale, softcap=float(softcap), alibi_slopes=slopes,
+                                 window_left=window[0], window_right=window[1],
+                                 diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic)
+    out = _HeadsToSeq.apply(out, ring)
+    if packed:
+        out = out[0]
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():  # lse (B, H / world, S) -> this rank's rows of every head
+        lse = heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), ring).squeeze(-1).transpose(1, 2)
+    return out, (lse[0] if packed else lse).contiguous(), None

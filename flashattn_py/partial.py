@@ -1,0 +1,255 @@
+"""Attention over one block of keys, as a building block: ``(out, lse)`` without autograd, its
+backward given the merged ``out`` / ``lse`` of all blocks, and the merge itself.
+
+Attention over keys split into blocks K_1..K_n is the lse-weighted sum of the blocks'
+attentions: ``lse = log Σ_b exp(lse_b)``, ``out = Σ_b exp(lse_b - lse) out_b``
+(``merge_attention``). The gradient of the whole is the sum of each block's backward run
+with the MERGED out and lse (P_b = exp(S_b - lse) is then block b's part of the global
+softmax, and D = rowsum(dout * out) the global one): ``attention_backward``. Ring attention
+(flashattn_py.distributed) is these three functions around a ring of processes; split-KV
+decoding is the same algebra inside the kernels.
+
+Positions: a block's keys are addressed by ``diag_offset`` (query row i's diagonal is key
+``i + diag_offset``), so causal masks, windows and ALiBi distances of a block cut out of a
+longer sequence stay those of the whole sequence.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import api, backends, ops
+from .errors import ArgumentError
+from .reference import attention_ref
+
+
+class BlockOptions(NamedTuple):
+    """One block call's options in the kernels' terms (see ``attention_forward``)."""
+
+    scale: float
+    window_left: int = -1
+    window_right: int = -1
+    diag_offset: int = 0
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    deterministic: bool = False
+
+
+def select_backend(q: Tensor, k: Tensor, v: Tensor, backward: bool, deterministic: bool = False,
+                   alibi_slopes: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                   backend: str = "auto") -> str:
+    """The backend a block computation on these tensors runs on (the selection of every
+    other call: ``backend=`` > ``use_backend`` > FLASHATTN_BACKEND > auto). ``backward``:
+    gradients will be asked for, so the backend must serve the backward too."""
+    problem = ops.problem(q, k, v, None, 0.0, deterministic, alibi_slopes, cu_seqlens)
+    if problem.backward != backward:
+        problem = problem._replace(backward=backward)
+    return backends.select(problem, backend)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, o: BlockOptions, backend: str) -> tuple[Tensor, Tensor]:
+    """``attention_forward`` on validated inputs, dense (B, S, H, D) or packed (total, H, D)
+    with ``o.cu_seqlens_q``, on ``backend`` (a name ``select_backend`` gave)."""
+    packed = o.cu_seqlens_q is not None
+    if packed:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    with torch.no_grad():
+        out, lse = ops.attention(
+            q, k, v, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
+            window_right=o.window_right, diag_offset=o.diag_offset, deterministic=o.deterministic, backend=backend,
+            cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k, max_seqlen_q=o.max_seqlen_q,
+            max_seqlen_k=o.max_seqlen_k, bottom_right=packed)
+    return (out[0], lse[0]) if packed else (out, lse)
+
+
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, o: BlockOptions,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention_backward`` on validated inputs (layouts as ``forward``)."""
+    packed = o.cu_seqlens_q is not None
+    if packed:
+        dout, q, k, v, out, lse = (t.unsqueeze(0) for t in (dout, q, k, v, out, lse))
+    impl = backends.BACKENDS[backend]
+    if impl.fused:
+        dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
+        alibi = o.alibi_slopes.contiguous() if o.alibi_slopes is not None else None
+        with torch.no_grad():
+            dq, dk, dv, _ = ops.attn_bwd(*ops.bwd_args(
+                dout, q, k, v, out, lse.contiguous(), alibi_slopes=alibi, attn_bias=None, scale=o.scale,
+                softcap=o.softcap, window_left=o.window_left, window_right=o.window_right,
+                diag_offset=o.diag_offset, cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k,
+                max_seqlen_q=o.max_seqlen_q, max_seqlen_k=o.max_seqlen_k, bottom_right=packed,
+                deterministic=o.deterministic, backend=backend))
+    else:
+        dq, dk, dv = _reference_backward(dout, q, k, v, out, lse, o, packed)
+    return (dq[0], dk[0], dv[0]) if packed else (dq, dk, dv)
+
+
+def _reference_backward(dout, q, k, v, out, lse, o: BlockOptions, packed: bool):
+    """The reference has no backward kernel: autograd through its formula. The merged out
+    depends on this block through its own (out_b, lse_b) as
+    ``d out = w (d out_b + (out_b - out) d lse_b)`` with ``w = exp(lse_b - lse)``, so the
+    block's gradient is the formula's backward with those two incoming gradients."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        block_out, block_lse = attention_ref(
+            *leaves, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
+            window_right=o.window_right, diag_offset=o.diag_offset, cu_seqlens_q=o.cu_seqlens_q,
+            cu_seqlens_k=o.cu_seqlens_k, bottom_right=packed)
+        lse64 = lse.to(block_lse.dtype)
+        weight = torch.exp(block_lse - torch.where(torch.isinf(lse64), torch.zeros_like(lse64), lse64))
+        weight = torch.where(torch.isinf(block_lse), torch.zeros_like(weight), weight)  # (B, H, Sq)
+        row_weight = weight.transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
+        d_block_out = (row_weight * dout.to(block_out.dtype)).detach()
+        d_block_lse = (weight * ((block_out - out.to(block_out.dtype)) * dout.to(block_out.dtype))
+                       .sum(-1).transpose(1, 2)).detach()
+        grads = torch.autograd.grad((block_out, block_lse), leaves, (d_block_out, d_block_lse), allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+def merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """``merge_attention`` in place, without checks. ``out`` (..., S, H, D) accumulates
+    ``block_out`` of the same shape; ``lse`` (..., H, S) ``block_lse``."""
+    block_lse = block_lse.to(lse.dtype)
+    new_lse = torch.logaddexp(lse, block_lse)
+    # (-inf - -inf is NaN: rows no block has seen keep out 0, lse -inf)
+    finite = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    old_weight = torch.exp(lse - finite).transpose(-1, -2).unsqueeze(-1)
+    new_weight = torch.exp(block_lse - finite).transpose(-1, -2).unsqueeze(-1)
+    out.mul_(old_weight).add_(block_out.to(out.dtype) * new_weight)
+    lse.copy_(new_lse)
+
+
+def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, window_size, diag_offset,
+                 softcap: float, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                 deterministic: bool) -> BlockOptions:
+    """Validate a primitive's inputs (errors name the argument); the kernels' options."""
+    api._check_tensors(("q", "k", "v"), q, k, v)
+    packed = cu_seqlens_q is not None
+    if packed:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 3:
+                raise ArgumentError(f"{name}: expected a 3-D (total, H, D) tensor with cu_seqlens_q, got shape "
+                                    f"{tuple(t.shape)}")
+        if cu_seqlens_k is None:
+            raise ArgumentError("cu_seqlens_k: required with cu_seqlens_q")
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    else:
+        if cu_seqlens_k is not None:
+            raise ArgumentError("cu_seqlens_q: required with cu_seqlens_k")
+        q4, k4, v4 = q, k, v
+    api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    if packed:
+        cu_seqlens_q = api._index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
+        cu_seqlens_k = api._index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
+        if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 1:
+            raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: expected B + 1 offsets each, got "
+                                f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        if api._check_values():
+            api._check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
+                              None, None, 0, 0, api.FLASH_NAMES)
+    batch = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
+    window = api._causal_window(window_size, causal)
+    api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+    if diag_offset is None:
+        diag_offset = 0 if packed else k.shape[1] - q.shape[1]
+    elif not isinstance(diag_offset, int):
+        raise ArgumentError(f"diag_offset: expected an int or None, got {type(diag_offset).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return BlockOptions(scale, window[0], window[1], int(diag_offset), float(softcap), alibi_slopes, cu_seqlens_q,
+                        cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(deterministic))
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None,
+                      causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                      diag_offset: Optional[int] = None, softcap: float = 0.0,
+                      alibi_slopes: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+                      cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                      deterministic: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Attention of q over one block of keys, returning ``(out, lse)``; not differentiable
+    (``attention_backward`` is its backward).
+
+    Args:
+        q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv). Packed sequences: q
+            (total_q, H, D), k / v (total_k, Hk, D) with ``cu_seqlens_q`` / ``cu_seqlens_k``
+            (B + 1,) int32 and the longest lengths ``max_seqlen_q`` / ``max_seqlen_k``.
+        diag_offset: query row i's diagonal is key ``i + diag_offset``: causal keeps keys
+            j <= i + diag_offset, ``window_size`` (left, right) keeps
+            i + diag_offset - left <= j <= i + diag_offset + right, and ALiBi's distance is
+            |i + diag_offset - j|. None: Sk - Sq (bottom-right, as ``flash_attn_func``).
+            Packed sequences are aligned bottom-right each, plus ``diag_offset`` (None: 0).
+        Other arguments as ``flash_attn_func`` (no dropout: a block's mask would depend on
+        how the keys are cut).
+
+    Returns:
+        out (B, Sq, H, Dv) in q's dtype ((total_q, H, Dv) packed) and lse (B, H, Sq)
+        ((H, total_q) packed), natural log, float32 (float64 for float64 inputs on the cpu
+        backend); a row that sees no key has out 0 and lse -inf.
+    """
+    o = _check_block(q, k, v, softmax_scale, causal, window_size, diag_offset, softcap, alibi_slopes, cu_seqlens_q,
+                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    backends.check_backend_name(backend)
+    name = select_backend(q, k, v, False, o.deterministic, alibi_slopes, o.cu_seqlens_q, backend)
+    return forward(q, k, v, o, name)
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                       softmax_scale: Optional[float] = None, causal: bool = False,
+                       window_size: tuple[int, int] = (-1, -1), diag_offset: Optional[int] = None,
+                       softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                       cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0, deterministic: bool = False,
+                       backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (dq, dk, dv) of a block computed by ``attention_forward`` (same
+    arguments), given ``dout`` and the output ``out`` / ``lse`` of the WHOLE attention this
+    block is part of (its blocks merged by ``merge_attention``; for a single block, its own).
+    The whole attention's gradients are the sum over blocks (dk / dv: each block's keys).
+    Shapes: dout and out as attention_forward's out, lse as its lse."""
+    o = _check_block(q, k, v, softmax_scale, causal, window_size, diag_offset, softcap, alibi_slopes, cu_seqlens_q,
+                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    api._check_tensors(("dout", "out", "lse"), dout, out, lse)
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != out_shape:
+            raise ArgumentError(f"{name}: expected shape {out_shape} (q's rows and heads, v's head dim), got "
+                                f"{tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ArgumentError(f"{name}: expected {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
+    lse_shape = (q.shape[1], q.shape[0]) if o.cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    if tuple(lse.shape) != lse_shape or not lse.is_floating_point() or lse.device != q.device:
+        raise ArgumentError(f"lse: expected a floating-point tensor of shape {lse_shape} on {q.device}, got "
+                            f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    backends.check_backend_name(backend)
+    name = select_backend(q, k, v, True, o.deterministic, alibi_slopes, o.cu_seqlens_q, backend)
+    if backends.BACKENDS[name].fused:  # (the reference takes any floating lse)
+        lse = lse.to(backends.BACKENDS[name].lse_dtype(q.dtype))
+    return backward(dout, q, k, v, out, lse, o, name)
+
+
+def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge one more block's ``(block_out, block_lse)`` into the running ``(out, lse)``, in
+    place, and return them: ``lse <- log(exp(lse) + exp(block_lse))``,
+    ``out <- exp(lse_old - lse) out + exp(block_lse - lse) block_out``.
+
+    out: a float32 (or float64) accumulator shaped like block_out, (B, S, H, Dv) or
+    (total, H, Dv), zeros to start; lse: shaped like block_lse, (B, H, S) or (H, total),
+    float32/64, -inf to start. Rows no block has seen stay out 0, lse -inf (never NaN).
+    """
+    api._check_tensors(("out", "lse", "block_out", "block_lse"), out, lse, block_out, block_lse)
+    if out.shape != block_out.shape or lse.shape != block_lse.shape:
+        raise ArgumentError(f"out, lse: expected the shapes of block_out {tuple(block_out.shape)} and block_lse "
+                            f"{tuple(block_lse.shape)}, got {tuple(out.shape)} and {tuple(lse.shape)}")
+    if out.dtype not in (torch.float32, torch.float64) or lse.dtype not in (torch.float32, torch.float64):
+        raise ArgumentError(f"out, lse: expected float32 or float64 accumulators, got {out.dtype} and {lse.dtype}")
+    rows_heads = tuple(out.shape[:-1])
+    if out.dim() != lse.dim() + 1 or rows_heads[:-2] + rows_heads[-1:] + rows_heads[-2:-1] != tuple(lse.shape):
+        raise ArgumentError(f"lse: expected (..., H, S) matching out (..., S, H, D) {tuple(out.shape)}, got "
+                            f"{tuple(lse.shape)}")
+    merge(out, lse, block_out, block_lse)
+    return out, lse
