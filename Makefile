@@ -27,6 +27,7 @@ setup: $(VENV)/.built
 
 test: setup
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m distributed
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

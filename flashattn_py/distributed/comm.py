@@ -67,15 +67,17 @@ def all_to_all(x: Tensor, group: Group) -> Tensor:
     return out
 
 
-def _describe(values: Sequence[float]) -> str:
-    ints = [int(v) for v in values if v == v]
-    return str(tuple(ints)) if len(ints) == len(values) and all(i == v for i, v in zip(ints, values)) else \
-        str(tuple(values))
+def _describe(values: Sequence[float], labels: Optional[Sequence[str]] = None) -> str:
+    if labels is not None and len(values) == 1:
+        return labels[int(values[0])]
+    ints = [int(v) for v in values]
+    return str(tuple(ints)) if all(i == v for i, v in zip(ints, values)) else str(tuple(values))
 
 
-def check_collectively(group: Group, validate: Callable[[], list[tuple[str, Sequence[float]]]]) -> None:
+def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> None:
     """Run ``validate`` (local checks raising ArgumentError; returns what must be equal on
-    every rank: (argument name, numbers)), then compare across ranks in one all_gather.
+    every rank: (argument name, numbers) or (argument name, [index], labels of the
+    indices)), then compare across ranks in one all_gather.
     Any rank's error or any difference raises ArgumentError on EVERY rank, so a bad call
     fails everywhere instead of leaving the other ranks waiting in the ring."""
     error = None
@@ -87,7 +89,7 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple[str, Sequ
     width = 1 + _FIELD_WIDTH * _MAX_FIELDS
     row = torch.zeros(width, dtype=torch.float64)
     row[0] = 1.0 if error is not None else 0.0
-    for i, (_, values) in enumerate(fields[:_MAX_FIELDS]):
+    for i, (_, values, *_labels) in enumerate(fields[:_MAX_FIELDS]):
         padded = list(values)[:_FIELD_WIDTH] + [float("nan")] * (_FIELD_WIDTH - len(values))
         row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64)
     row = row.to(group.device)
@@ -101,11 +103,11 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple[str, Sequ
             raise ArgumentError(error)
         failed = next(r for r, e in enumerate(errors) if e is not None)
         raise ArgumentError(f"rank {failed} of the group rejected the call: {errors[failed]}")
-    for i, (name, _) in enumerate(fields[:_MAX_FIELDS]):
+    for i, (name, _, *labels) in enumerate(fields[:_MAX_FIELDS]):
         block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]
         same = (block == block[0]) | (block.isnan() & block[0].isnan())
         if not bool(same.all()):
-            per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist())}"
+            per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist(), *labels)}"
                                  for r in range(group.world_size))
             raise ArgumentError(f"{name}: must be the same on every rank of the group, got {per_rank}")
 

@@ -58,10 +58,14 @@ def plan_step(q_chunks: list[int], k_chunks: list[int], chunk_len: Optional[int]
               alibi: bool) -> list[Call]:
     """The calls of one ring step: the rank's global chunks ``q_chunks`` (local order)
     against an arrived block holding ``k_chunks``."""
+    n = len(q_chunks)
+    if q_chunks == k_chunks and q_chunks == list(range(q_chunks[0], q_chunks[0] + n)):
+        # the rank's own rows, consecutive in the sequence: local positions are global ones
+        # shifted alike, so one call with every mask and distance is exact (a ring's step 0)
+        return [Call((0, n), (0, n), True)]
     if q_chunks == k_chunks and q_chunks == sorted(q_chunks) and not alibi and left < 0 and right in (-1, 0):
         # Causal (or no mask) over rows whose local order is their global order: one call,
         # aligned on the local diagonal (the zigzag rank's own chunks are r < 2w-1-r).
-        n = len(q_chunks)
         return [Call((0, n), (0, n), right == 0)]
     rows = []
     for q_chunk in q_chunks:
@@ -272,10 +276,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _common_fields(q: Tensor, k: Tensor, v: Tensor, scale: float, window: tuple[int, int], softcap: float,
-                   alibi_slopes: Optional[Tensor], deterministic: bool) -> list[tuple[str, list[float]]]:
+                   alibi_slopes: Optional[Tensor], deterministic: bool) -> list[tuple]:
     """What every rank's call must agree on (the shapes are per rank: local shards)."""
     return [("q", list(q.shape)), ("k", list(k.shape)), ("v", list(v.shape)),
-            ("q.dtype", [_DTYPES.index(q.dtype)]), ("softmax_scale", [scale]), ("window_size, causal", list(window)),
+            ("q.dtype", [_DTYPES.index(q.dtype)], [str(d).replace("torch.", "") for d in _DTYPES]), ("softmax_scale", [scale]), ("window_size, causal", list(window)),
             ("softcap", [softcap]),
             ("alibi_slopes", [-1.0] if alibi_slopes is None else list(alibi_slopes.shape)),
             ("deterministic", [float(deterministic)]),

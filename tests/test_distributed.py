@@ -1,0 +1,682 @@
+"""Context parallelism (flashattn_py.distributed) on gloo process groups of 1 to 4 CPU ranks.
+
+Every rank builds the same full inputs from a seed, runs the distributed function on its
+shard (forward and backward), and sends its out / lse / dq / dk / dv back (tests/mp.py). The
+parent puts the shards together with the layouts as the contract defines them (``rows_of``
+below, not the implementation's helpers) and holds the whole to the float64 reference over
+the full sequence by the project's rule (tests/rule.py ``check_attention``: out within 2x,
+gradients within 3x the naive low-precision formula's error), plus the lse.
+
+Spawning a rank costs a torch import, so each world size runs all its cases in ONE spawn
+(cached per module: ``_spawn``), and each test looks its case up. Also: world size 1 against
+the plain flashattn_py call (bitwise), deterministic=True (bitwise across runs), bad input
+(ArgumentError on every rank, the group usable afterwards), ``group=`` (two groups in one
+world, a process outside the group). Run with
+``pytest -m distributed`` (excluded from the default run).
+"""
+from __future__ import annotations
+
+import re
+import time
+import traceback
+
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py import distributed as cp
+from flashattn_py.reference import attention_ref
+
+from mp import run_workers
+from rule import check_attention, random_qkv
+
+distributed = pytest.mark.distributed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts as the contract defines them (independent of flashattn_py.distributed.layout)
+
+
+def offsets(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.Tensor:
+    """Global row indices of rank's local rows, in local order."""
+    if cu is None or layout == "ulysses":
+        docs = [(0, length)]
+    else:
+        cu = [int(x) for x in cu]
+        docs = list(zip(cu[:-1], cu[1:]))
+    pieces = 2 * world if layout == "zigzag" else world
+    chunks = [rank, 2 * world - 1 - rank] if layout == "zigzag" else [rank]
+    idx = []
+    for a, b in docs:
+        n = (b - a) // pieces
+        assert n * pieces == b - a
+        for c in chunks:
+            idx += range(a + c * n, a + (c + 1) * n)
+    return torch.tensor(idx, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: plain dicts (they travel to the workers)
+
+
+def case(name, func, dtype="float32", *, varlen=False, packed=None, B=2, H=8, Hk=2, D=24, Dv=40, S=None, lens=None,
+         alibi=None, lse=True, deterministic=False, repeat=1, **kwargs):
+    return dict(name=name, func=func, dtype=dtype, varlen=varlen, packed=packed, B=B, H=H, Hk=Hk, D=D, Dv=Dv, S=S,
+                lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, kwargs=kwargs)
+
+
+def dense_cases(world: int, full: bool):
+    """Dense and packed cases: S_local 16, GQA 8/2 (ulysses: heads divisible by the world)."""
+    S = 16 * world
+    hk = {1: 2, 2: 2, 3: 3, 4: 4}[world]  # ulysses needs H and Hk divisible by the world size
+    out = []
+    for func in ("ring", "zigzag", "ulysses"):
+        hk_f = hk if func == "ulysses" else 2
+        h = 6 if func == "ulysses" and world == 3 else 8
+        if full:
+            out += [
+                case(f"{func}-plain", func, S=S, H=h, Hk=hk_f),
+                case(f"{func}-causal", func, S=S, H=h, Hk=hk_f, causal=True),
+                case(f"{func}-causal-bf16", func, "bfloat16", S=S, H=h, Hk=hk_f, causal=True, lse=False),
+                case(f"{func}-window5_0", func, S=S, H=h, Hk=hk_f, window_size=(5, 0)),
+                case(f"{func}-window7_3-bf16", func, "bfloat16", S=S, H=h, Hk=hk_f, window_size=(7, 3)),
+                case(f"{func}-causal-window7", func, S=S, H=h, Hk=hk_f, causal=True, window_size=(7, 3)),
+                case(f"{func}-alibi-causal", func, S=S, H=h, Hk=hk_f, alibi="H", causal=True),
+                case(f"{func}-alibi-batch-window", func, S=S, H=h, Hk=hk_f, alibi="BH", window_size=(7, 3)),
+                case(f"{func}-softcap-scale", func, S=S, H=h, Hk=hk_f, softcap=4.0, softmax_scale=0.3),
+                case(f"{func}-softcap-causal-bf16", func, "bfloat16", S=S, H=h, Hk=hk_f, softcap=4.0, causal=True),
+                case(f"{func}-deterministic", func, S=S, H=h, Hk=hk_f, causal=True, deterministic=True, repeat=2),
+            ]
+        else:
+            out += [case(f"{func}-causal", func, S=S, H=h, Hk=hk_f, causal=True),
+                    case(f"{func}-window7_3-alibi-bf16", func, "bfloat16", S=S, H=h, Hk=hk_f, window_size=(7, 3),
+                         alibi="H", lse=False)]
+    if full:
+        for func in ("ring", "zigzag"):
+            out += [
+                case(f"{func}-kvpacked-causal", func, packed="kv", S=S, D=32, Dv=32, causal=True),
+                case(f"{func}-qkvpacked", func, packed="qkv", S=S, H=4, Hk=4, D=32, Dv=32, window_size=(5, 2)),
+                case(f"{func}-qkvpacked-causal-bf16", func, "bfloat16", packed="qkv", S=S, H=4, Hk=4, D=32, Dv=32,
+                     causal=True),
+            ]
+    return out
+
+
+def varlen_cases(world: int, full: bool):
+    # every document's length divisible by 2 * world (ring / zigzag)
+    doc = {2: [8, 24, 8, 16], 3: [6, 18, 12], 4: [8, 24, 16]}[world]
+    # ulysses: only the total divides; documents straddle ranks
+    straddle = {2: [5, 13, 6, 8], 3: [5, 13, 6, 9], 4: [5, 29, 6, 8, 16]}[world]
+    hk = {2: 2, 3: 3, 4: 4}[world]
+    h = 6 if world == 3 else 8
+    out = []
+    for func in ("ring", "zigzag"):
+        out.append(case(f"{func}-varlen-causal", func, varlen=True, lens=doc, causal=True))
+        if full:
+            out += [
+                case(f"{func}-varlen-plain", func, varlen=True, lens=doc),
+                case(f"{func}-varlen-causal-bf16", func, "bfloat16", varlen=True, lens=doc, causal=True),
+                case(f"{func}-varlen-softcap-scale", func, varlen=True, lens=doc, softcap=4.0, softmax_scale=0.25),
+                case(f"{func}-varlen-deterministic", func, varlen=True, lens=doc, causal=True, deterministic=True,
+                     repeat=2),
+            ]
+    out.append(case("ulysses-varlen-causal", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, causal=True))
+    if full:
+        out += [
+            case("ulysses-varlen-plain-bf16", "ulysses", "bfloat16", varlen=True, lens=straddle, H=h, Hk=hk),
+            case("ulysses-varlen-window-alibi", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, window_size=(5, 0),
+                 alibi="H"),
+            case("ulysses-varlen-window-alibi-batch-softcap", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk,
+                 window_size=(4, 2), alibi="BH", softcap=3.0),
+            case("ulysses-varlen-deterministic", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, causal=True,
+                 deterministic=True, repeat=2),
+        ]
+    return out
+
+
+CASES = {
+    2: dense_cases(2, True) + varlen_cases(2, True),
+    3: dense_cases(3, False) + varlen_cases(3, False),  # an odd world: few cases
+    4: dense_cases(4, True) + varlen_cases(4, True),
+}
+WORLD1_CASES = [
+    case("ring-causal", "ring", S=16, causal=True),
+    case("ring-window-alibi-bf16", "ring", "bfloat16", S=16, window_size=(5, 2), alibi="H"),
+    case("zigzag-causal", "zigzag", S=16, causal=True),
+    case("zigzag-plain-bf16", "zigzag", "bfloat16", S=16),
+    case("ulysses-causal-bf16", "ulysses", "bfloat16", S=16, causal=True),
+    case("zigzag-window-alibi-bf16", "zigzag", "bfloat16", S=16, window_size=(5, 2), alibi="H"),
+    case("ulysses-softcap", "ulysses", S=16, softcap=4.0),
+    case("ring-kvpacked-causal", "ring", packed="kv", S=16, D=32, Dv=32, causal=True),
+    case("ring-varlen-causal", "ring", varlen=True, lens=[6, 10, 3], causal=True),
+    case("zigzag-varlen-causal-bf16", "zigzag", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
+    case("ulysses-varlen-window-alibi", "ulysses", varlen=True, lens=[6, 10, 3], window_size=(4, 0), alibi="H"),
+]
+
+
+def _seed(c) -> int:
+    return sum(ord(ch) * (i + 1) for i, ch in enumerate(c["name"])) % 100003
+
+
+def make_inputs(c):
+    """Full q, k, v (detached; dense (B, S, H, D), packed (1, total, H, D)), alibi slopes,
+    cu_seqlens and the upstream gradient (as check_attention draws it)."""
+    dtype, seed = DTYPES[c["dtype"]], _seed(c)
+    if c["varlen"]:
+        total = sum(c["lens"])
+        q, k, v = random_qkv(1, total, total, c["H"], c["Hk"], c["D"], c["Dv"], dtype=dtype, seed=seed)
+        cu = offsets(c["lens"])
+        batch = len(c["lens"])
+    else:
+        q, k, v = random_qkv(c["B"], c["S"], c["S"], c["H"], c["Hk"], c["D"], c["Dv"], dtype=dtype, seed=seed)
+        cu, batch = None, c["B"]
+    q, k, v = q.detach(), k.detach(), v.detach()
+    gen = torch.Generator().manual_seed(seed + 7)
+    slopes = None
+    if c["alibi"] == "H":
+        slopes = torch.rand(c["H"], generator=gen) * 0.5
+    elif c["alibi"] == "BH":
+        slopes = torch.rand(batch, c["H"], generator=gen) * 0.5
+    dout = torch.randn((*q.shape[:3], c["Dv"]), generator=torch.Generator().manual_seed(seed + 1),
+                       dtype=torch.float64)
+    return q, k, v, slopes, cu, dout
+
+
+def api_kwargs(c, slopes):
+    kw = dict(c["kwargs"])
+    if slopes is not None:
+        kw["alibi_slopes"] = slopes
+    if c["deterministic"]:
+        kw["deterministic"] = True
+    return kw
+
+
+def ref_kwargs(c, slopes, cu):
+    kw = c["kwargs"]
+    ref = {}
+    left, right = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        right = 0
+    if left >= 0:
+        ref["window_left"] = left
+    if right >= 0:
+        ref["window_right"] = right
+    if "softcap" in kw:
+        ref["softcap"] = kw["softcap"]
+    if "softmax_scale" in kw:
+        ref["scale"] = kw["softmax_scale"]
+    if slopes is not None:
+        ref["alibi_slopes"] = slopes
+    if cu is not None:
+        ref.update(cu_seqlens_q=cu, cu_seqlens_k=cu, bottom_right=True)
+    return ref
+
+
+PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_"}
+
+
+def plain_name(c) -> str:
+    """The non-distributed flashattn_py function of the case."""
+    if c["varlen"]:
+        return "flash_attn_varlen_func"
+    if c["packed"]:
+        return f"flash_attn_{c['packed']}packed_func"
+    return "flash_attn_func"
+
+
+def func_name(c) -> str:
+    return PREFIX[c["func"]] + plain_name(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _local(c, rank, world, q, k, v, cu, dout):
+    """This rank's pieces of q, k, v and of the upstream gradient (rows by the contract's layout)."""
+    total = q.shape[1]
+    idx = rows_of(c["func"], rank, world, total, cu)
+    if c["varlen"]:
+        q, k, v, dout = q[0], k[0], v[0], dout[0]
+        pick = lambda t: t.index_select(0, idx).contiguous()  # noqa: E731
+    else:
+        pick = lambda t: t.index_select(1, idx).contiguous()  # noqa: E731
+    return pick(q), pick(k), pick(v), pick(dout)
+
+
+def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
+    """Run the distributed function on local q, k, v (packing them as the case says);
+    returns (out, lse or None, (dq, dk, dv) leaves' grads getter)."""
+    fn = getattr(cp, fn_name)
+    kw = dict(extra_kwargs, **override)
+    if c["packed"] == "kv":
+        kv = torch.stack([k, v], dim=2).requires_grad_()
+        res = fn(q.requires_grad_(), kv, **kw)
+        grads = lambda: (q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1])  # noqa: E731
+    elif c["packed"] == "qkv":
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        res = fn(qkv, **kw)
+        grads = lambda: (qkv.grad[:, :, 0], qkv.grad[:, :, 1], qkv.grad[:, :, 2])  # noqa: E731
+    else:
+        q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+        if c["varlen"]:
+            res = fn(q, k, v, cu, max(c["lens"]), **kw)
+        else:
+            res = fn(q, k, v, **kw)
+        grads = lambda: (q.grad, k.grad, v.grad)  # noqa: E731
+    return res, grads
+
+
+def _run_case(c, rank, world):
+    q, k, v, slopes, cu, dout = make_inputs(c)
+    ql, kl, vl, doutl = _local(c, rank, world, q, k, v, cu, dout)
+    kw = api_kwargs(c, slopes)
+    runs = []
+    for _ in range(c["repeat"]):
+        leaves = [t.detach().clone() for t in (ql, kl, vl)]
+        res, grads = _call(c, func_name(c), *leaves, cu, kw, return_attn_probs=c["lse"])
+        if c["lse"]:
+            assert isinstance(res, tuple) and len(res) == 3, \
+                f"return_attn_probs: expected (out, lse, None), got {res!r}"
+            out, lse, probs = res
+            assert probs is None, "return_attn_probs: the third value should be None"
+        else:
+            assert isinstance(res, torch.Tensor), f"expected a tensor, got {type(res)}"
+            out, lse = res, None
+        out.backward(doutl.to(out.dtype))
+        dq, dk, dv = grads()
+        runs.append(dict(out=out.detach(), lse=None if lse is None else lse.detach(), dq=dq, dk=dk, dv=dv))
+    return runs
+
+
+def worker_cases(rank, world, cases):
+    results = {}
+    for c in cases:
+        t0 = time.perf_counter()
+        try:
+            results[c["name"]] = {"runs": _run_case(c, rank, world)}
+        except Exception:  # noqa: BLE001 - reported per case
+            results[c["name"]] = {"error": traceback.format_exc()}
+        results[c["name"]]["seconds"] = time.perf_counter() - t0
+    # helpers: all_gather_shards puts every rank's piece back together
+    try:
+        x = torch.randn(2, 16 * world, 3, generator=torch.Generator().manual_seed(5))
+        cu = offsets([4 * world, 2 * world, 10 * world])
+        for layout in ("ring", "zigzag", "ulysses"):
+            got = cp.all_gather_shards(cp.shard(x, layout, rank, world), layout)
+            assert torch.equal(got, x), f"all_gather_shards {layout} dense"
+            xp = x[0]
+            got = cp.all_gather_shards(cp.shard(xp, layout, rank, world, dim=0, cu_seqlens=cu), layout, dim=0,
+                                       cu_seqlens=cu)
+            assert torch.equal(got, xp), f"all_gather_shards {layout} varlen"
+        results["__all_gather_shards"] = {"ok": True}
+    except Exception:  # noqa: BLE001
+        results["__all_gather_shards"] = {"error": traceback.format_exc()}
+    if world == 4:
+        results["__subgroups"] = _subgroups(rank)
+    return results
+
+
+def _subgroups(rank):
+    """Two independent 2-rank groups ({0, 1} and {2, 3}) in one world of 4, each running its own
+    problem through group=: each pair's result is its own problem's attention."""
+    try:
+        import torch.distributed as dist
+
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        mine, sub_rank = groups[rank // 2], rank % 2
+        out = {}
+        for func, fn_name in (("ring", "ring_flash_attn_func"), ("zigzag", "zigzag_ring_flash_attn_func"),
+                              ("ulysses", "ulysses_flash_attn_func")):
+            q, k, v = (t.detach() for t in random_qkv(1, 32, 32, 4, 2, 16, dtype=torch.float64, seed=rank // 2))
+            idx = rows_of(func, sub_rank, 2, 32)
+            got = getattr(cp, fn_name)(q[:, idx], k[:, idx], v[:, idx], causal=True, group=mine)
+            ref, _ = attention_ref(q, k, v, window_right=0)
+            torch.testing.assert_close(got, ref[:, idx], msg=lambda m: f"{func} with group=: {m}")
+            out[func] = True
+        return {"ok": out}
+    except Exception:  # noqa: BLE001
+        return {"error": traceback.format_exc()}
+
+
+def worker_world1(rank, world, cases):
+    """Distributed call on one rank next to the plain call: both results."""
+    results = {}
+    for c in cases:
+        try:
+            q, k, v, slopes, cu, dout = make_inputs(c)
+            kw = api_kwargs(c, slopes)
+            pair = []
+            for name in (func_name(c), None):
+                leaves = [t.clone() for t in ((q[0], k[0], v[0]) if c["varlen"] else (q, k, v))]
+                if name is None:  # the plain flashattn_py call: flash_attn_..._func
+                    fn = getattr(flashattn_py, plain_name(c))
+                    res, grads = _call_plain(c, fn, leaves, cu, kw)
+                else:
+                    res, grads = _call(c, name, *leaves, cu, kw)
+                d = dout[0] if c["varlen"] else dout
+                res.backward(d.to(res.dtype))
+                pair.append(dict(out=res.detach(), grads=[g.clone() for g in grads()]))
+            results[c["name"]] = {"pair": pair}
+        except Exception:  # noqa: BLE001
+            results[c["name"]] = {"error": traceback.format_exc()}
+    return results
+
+
+def _call_plain(c, fn, leaves, cu, kw):
+    q, k, v = leaves
+    if c["packed"] == "kv":
+        kv = torch.stack([k, v], dim=2).requires_grad_()
+        res = fn(q.requires_grad_(), kv, **kw)
+        return res, lambda: (q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1])
+    if c["packed"] == "qkv":
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        return fn(qkv, **kw), lambda: (qkv.grad[:, :, 0], qkv.grad[:, :, 1], qkv.grad[:, :, 2])
+    q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    if cu is not None:
+        n = max(c["lens"])
+        return fn(q, k, v, cu, cu, n, n, **kw), lambda: (q.grad, k.grad, v.grad)
+    return fn(q, k, v, **kw), lambda: (q.grad, k.grad, v.grad)
+
+
+# Bad input: (name, function, per-rank setup, pattern the message must match). Each is called
+# on every rank; every rank must raise ArgumentError naming the argument.
+ERROR_CASES = [
+    ("shard_lengths_differ", "ring_flash_attn_func", dict(S_by_rank=[16, 8]), r"\b(q|k|v)\b"),
+    ("zigzag_lengths_differ", "zigzag_ring_flash_attn_func", dict(S_by_rank=[16, 12]), r"\b(q|k|v)\b"),
+    ("ulysses_heads_not_divisible", "ulysses_flash_attn_func", dict(H=3, Hk=3), r"\b(q|k|v|num_heads|heads)\b"),
+    ("ulysses_kv_heads_not_divisible", "ulysses_flash_attn_func", dict(H=4, Hk=1), r"\b(k|v|num_heads_k|heads)\b"),
+    ("zigzag_odd_local_length", "zigzag_ring_flash_attn_func", dict(S_by_rank=[15, 15]), r"\b(q|k|v)\b"),
+    ("ring_dropout", "ring_flash_attn_func", dict(kwargs=dict(dropout_p=0.1)), r"\bdropout_p\b"),
+    ("zigzag_dropout", "zigzag_ring_flash_attn_func", dict(kwargs=dict(dropout_p=0.1)), r"\bdropout_p\b"),
+    ("ulysses_dropout", "ulysses_flash_attn_func", dict(kwargs=dict(dropout_p=0.1)), r"\bdropout_p\b"),
+    ("ring_varlen_dropout", "ring_flash_attn_varlen_func", dict(kwargs=dict(dropout_p=0.1)), r"\bdropout_p\b"),
+    ("ring_varlen_window", "ring_flash_attn_varlen_func", dict(kwargs=dict(window_size=(4, 0))), r"\bwindow_size\b"),
+    ("zigzag_varlen_window", "zigzag_ring_flash_attn_varlen_func", dict(kwargs=dict(window_size=(4, 0))),
+     r"\bwindow_size\b"),
+    ("ring_varlen_alibi", "ring_flash_attn_varlen_func", dict(alibi=True), r"\balibi_slopes\b"),
+    ("ring_varlen_doc_not_divisible", "ring_flash_attn_varlen_func", dict(lens=[7, 9]), r"\bcu_seqlens\b"),
+    ("dtype_differs_across_ranks", "ring_flash_attn_func", dict(dtype_by_rank=["float32", "bfloat16"]),
+     r"\b(q|k|v|dtype)\b"),
+    ("ulysses_dtype_differs_across_ranks", "ulysses_flash_attn_func", dict(dtype_by_rank=["bfloat16", "float32"]),
+     r"\b(q|k|v|dtype)\b"),
+    ("causal_differs_across_ranks", "ring_flash_attn_func", dict(kwargs_by_rank=[dict(causal=True), {}]),
+     r"\bcausal\b"),
+]
+
+
+def worker_errors(rank, world, cases):
+    results = {}
+    for name, fn_name, setup, _ in cases:
+        S = setup.get("S_by_rank", [16] * world)[rank]
+        H, Hk = setup.get("H", 4), setup.get("Hk", 2)
+        dtype = DTYPES[setup.get("dtype_by_rank", ["float32"] * world)[rank]]
+        kw = dict(setup.get("kwargs", {}), **setup.get("kwargs_by_rank", [{}] * world)[rank])
+        gen = torch.Generator().manual_seed(rank)
+        try:
+            if "varlen" in fn_name:
+                lens = setup.get("lens", [8, 16])
+                n = sum(lens) // world
+                q = torch.randn(n, H, 16, generator=gen).to(dtype)
+                k, v = (torch.randn(n, Hk, 16, generator=gen).to(dtype) for _ in range(2))
+                if setup.get("alibi"):
+                    kw["alibi_slopes"] = torch.rand(H)
+                out = getattr(cp, fn_name)(q, k, v, offsets(lens), max(lens), **kw)
+            else:
+                q = torch.randn(2, S, H, 16, generator=gen).to(dtype)
+                k, v = (torch.randn(2, S, Hk, 16, generator=gen).to(dtype) for _ in range(2))
+                out = getattr(cp, fn_name)(q, k, v, **kw)
+            results[name] = {"returned": tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"type": type(e).__name__, "argument_error": isinstance(e, flashattn_py.ArgumentError),
+                             "message": str(e), "traceback": traceback.format_exc()}
+    # a process that is not in `group` (rank 1; rank 0 is a group of one and just computes)
+    try:
+        import torch.distributed as dist
+
+        solo = dist.new_group([0])
+        q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(rank))
+        out = cp.ring_flash_attn_func(q, q, q, causal=True, group=solo)
+        results["__not_in_group"] = {"returned": tuple(out.shape)}
+    except Exception as e:  # noqa: BLE001
+        results["__not_in_group"] = {"type": type(e).__name__, "message": str(e),
+                                     "argument_error": isinstance(e, flashattn_py.ArgumentError),
+                                     "traceback": traceback.format_exc()}
+    # the group still works after all that: one good call
+    try:
+        q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(rank))
+        out = cp.ring_flash_attn_func(q, q, q, causal=True)
+        results["__after_errors"] = {"ok": tuple(out.shape) == (1, 8, 2, 16)}
+    except Exception:  # noqa: BLE001
+        results["__after_errors"] = {"error": traceback.format_exc()}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+_SPAWNS: dict = {}
+
+
+def _spawn(key):
+    """Run (once per module) the spawn ``key`` and cache its per-rank results or its failure."""
+    if key not in _SPAWNS:
+        t0 = time.perf_counter()
+        try:
+            if key == "errors":
+                value = run_workers(worker_errors, 2, ERROR_CASES, timeout=90, pg_timeout=30)
+            elif key == 1:
+                value = run_workers(worker_world1, 1, WORLD1_CASES, timeout=90)
+            else:
+                value = run_workers(worker_cases, key, CASES[key], timeout=240 if key > 2 else 150)
+            _SPAWNS[key] = ("ok", value)
+        except AssertionError as e:
+            _SPAWNS[key] = ("failed", str(e))
+        _SPAWNS[key] += (time.perf_counter() - t0,)
+    status, value, _ = _SPAWNS[key]
+    if status != "ok":
+        pytest.fail(f"spawn {key!r} failed:\n{value}", pytrace=False)
+    return value
+
+
+def _case_results(world, name):
+    per_rank = [r[name] for r in _spawn(world)]
+    errors = [f"--- rank {rank} ---\n{r['error']}" for rank, r in enumerate(per_rank) if "error" in r]
+    if errors:
+        pytest.fail(f"case {name} (world {world}) raised:\n" + "\n".join(errors), pytrace=False)
+    return per_rank
+
+
+def _assemble(c, world, pieces, what, full_shape, dtype, cu):
+    """The full tensor from every rank's piece by the contract's layout; rows on dim 1 for dense
+    (B, S, ...) and lse (B, H, S) -> dim 2; packed rows dim 0, lse (H, total) -> dim 1."""
+    total = sum(c["lens"]) if c["varlen"] else c["S"]
+    if what == "lse":
+        dim = 1 if c["varlen"] else 2
+    else:
+        dim = 0 if c["varlen"] else 1
+    full = torch.zeros(full_shape, dtype=dtype)
+    for rank, piece in enumerate(pieces):
+        idx = rows_of(c["func"], rank, world, total, cu)
+        want = list(full_shape)
+        want[dim] = len(idx)
+        assert tuple(piece.shape) == tuple(want), \
+            f"{what} on rank {rank}: shape {tuple(piece.shape)}, expected {tuple(want)}"
+        assert piece.dtype == dtype, f"{what} on rank {rank}: dtype {piece.dtype}, expected {dtype}"
+        full.index_copy_(dim, idx, piece)
+    return full
+
+
+class _Replay(torch.autograd.Function):
+    """Hands check_attention the assembled out, and the assembled grads on backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, grads, dout):
+        ctx.grads, ctx.dout = grads, dout
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        assert torch.equal(g, ctx.dout.to(g.dtype)), "test bug: upstream gradient differs from the workers'"
+        return (*ctx.grads, None, None, None)
+
+
+def _check_case(world, c):
+    per_rank = _case_results(world, c["name"])
+    q, k, v, slopes, cu, dout = make_inputs(c)
+    dtype = q.dtype
+    packed = c["varlen"]
+    out_shape = (*q.shape[:3], c["Dv"])
+    runs = []
+    for i in range(c["repeat"]):
+        pieces = {key: [r["runs"][i][key] for r in per_rank] for key in ("out", "dq", "dk", "dv")}
+        sq = (lambda s: s[1:]) if packed else (lambda s: s)
+        full = {
+            "out": _assemble(c, world, pieces["out"], "out", sq(out_shape), dtype, cu),
+            "dq": _assemble(c, world, pieces["dq"], "dq", sq(q.shape), dtype, cu),
+            "dk": _assemble(c, world, pieces["dk"], "dk", sq(k.shape), dtype, cu),
+            "dv": _assemble(c, world, pieces["dv"], "dv", sq(v.shape), dtype, cu),
+        }
+        if packed:
+            full = {key: t[None] for key, t in full.items()}
+        runs.append(full)
+
+    def replay(q1, k1, v1):
+        return _Replay.apply(q1, k1, v1, runs[0]["out"], (runs[0]["dq"], runs[0]["dk"], runs[0]["dv"]), dout)
+
+    ref_kw = ref_kwargs(c, slopes, cu)
+    check_attention(replay, q, k, v, seed=_seed(c), **ref_kw)
+    if c["lse"]:
+        lse_shape = (c["H"], sum(c["lens"])) if packed else (c["B"], c["H"], c["S"])
+        lse = _assemble(c, world, [r["runs"][0]["lse"] for r in per_rank], "lse", lse_shape, torch.float32, cu)
+        _, ref_lse = attention_ref(q.double(), k.double(), v.double(), **ref_kw)
+        ref_lse = ref_lse[0] if packed else ref_lse
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5, msg=lambda m: f"lse: {m}")
+    for i in range(1, c["repeat"]):  # deterministic=True: bitwise the same gradients
+        for key in ("out", "dq", "dk", "dv"):
+            assert torch.equal(runs[i][key], runs[0][key]), f"deterministic=True: {key} differs between two runs"
+
+
+@distributed
+@pytest.mark.parametrize("name", [c["name"] for c in CASES[2]])
+def test_world2_matches_reference(name):
+    _check_case(2, next(c for c in CASES[2] if c["name"] == name))
+
+
+@distributed
+@pytest.mark.parametrize("name", [c["name"] for c in CASES[3]])
+def test_world3_matches_reference(name):
+    _check_case(3, next(c for c in CASES[3] if c["name"] == name))
+
+
+@distributed
+@pytest.mark.parametrize("name", [c["name"] for c in CASES[4]])
+def test_world4_matches_reference(name):
+    _check_case(4, next(c for c in CASES[4] if c["name"] == name))
+
+
+@distributed
+@pytest.mark.parametrize("world", [2])
+def test_all_gather_shards(world):
+    per_rank = [r["__all_gather_shards"] for r in _spawn(world)]
+    errors = [f"--- rank {rank} ---\n{r['error']}" for rank, r in enumerate(per_rank) if "error" in r]
+    assert not errors, "\n".join(errors)
+
+
+@distributed
+@pytest.mark.parametrize("name", [c["name"] for c in WORLD1_CASES])
+def test_world1_is_the_plain_call_bitwise(name):
+    (result,) = _spawn(1)
+    r = result[name]
+    if "error" in r:
+        pytest.fail(f"case {name} raised:\n{r['error']}", pytrace=False)
+    dist_run, plain_run = r["pair"]
+    assert torch.equal(dist_run["out"], plain_run["out"]), \
+        f"out differs: max {(dist_run['out'].double() - plain_run['out'].double()).abs().max().item():.3e}"
+    for g_name, a, b in zip(("dq", "dk", "dv"), dist_run["grads"], plain_run["grads"]):
+        assert torch.equal(a, b), f"{g_name} differs: max {(a.double() - b.double()).abs().max().item():.3e}"
+
+
+@distributed
+@pytest.mark.parametrize("name,pattern", [(e[0], e[3]) for e in ERROR_CASES])
+def test_bad_input_raises_on_every_rank(name, pattern):
+    per_rank = [r[name] for r in _spawn("errors")]
+    for rank, r in enumerate(per_rank):
+        assert "returned" not in r, f"rank {rank}: no error raised (returned {r['returned']})"
+        assert r["argument_error"], f"rank {rank}: raised {r['type']}, not ArgumentError:\n{r['traceback']}"
+        assert re.search(pattern, r["message"]), f"rank {rank}: message does not name the argument: {r['message']!r}"
+
+
+@distributed
+def test_process_not_in_group_raises():
+    member, outsider = (r["__not_in_group"] for r in _spawn("errors"))
+    assert member.get("returned") == (1, 8, 2, 16), f"rank 0 (a group of one): {member}"
+    assert "returned" not in outsider, "rank 1 is not in the group: expected ArgumentError"
+    assert outsider["argument_error"], f"raised {outsider['type']}, not ArgumentError:\n{outsider['traceback']}"
+    assert re.search(r"\bgroup\b", outsider["message"]), outsider["message"]
+
+
+@distributed
+def test_two_groups_in_one_world():
+    for rank, r in enumerate(x["__subgroups"] for x in _spawn(4)):
+        assert "error" not in r, f"rank {rank}:\n{r['error']}"
+
+
+@distributed
+def test_group_still_works_after_bad_input():
+    per_rank = [r["__after_errors"] for r in _spawn("errors")]
+    for rank, r in enumerate(per_rank):
+        assert "error" not in r, f"rank {rank}:\n{r['error']}"
+        assert r["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure layout helpers: no processes
+
+
+@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_unshard_dense(layout, world):
+    x = torch.randn(2, 8 * world, 3, 5)
+    pieces = [cp.shard(x, layout, r, world) for r in range(world)]
+    for r, p in enumerate(pieces):
+        assert torch.equal(p, x.index_select(1, rows_of(layout, r, world, x.shape[1]))), f"rank {r}'s piece"
+    assert torch.equal(cp.unshard(pieces, layout), x)
+    # another dim (the lse's rows: (B, H, S))
+    y = torch.randn(2, 3, 4 * world)
+    pieces = [cp.shard(y, layout, r, world, dim=2) for r in range(world)]
+    assert torch.equal(cp.unshard(pieces, layout, dim=2), y)
+    assert torch.equal(pieces[-1], y.index_select(2, rows_of(layout, world - 1, world, y.shape[2])))
+
+
+@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_shard_unshard_varlen(layout, world, as_tensor):
+    lens = [2 * world * n for n in (1, 3, 2)] if layout != "ulysses" else [3, 2 * world * 3 - 3, 4 * world]
+    cu_list = [0] + torch.tensor(lens).cumsum(0).tolist()
+    cu = torch.tensor(cu_list, dtype=torch.int32) if as_tensor else cu_list
+    x = torch.randn(sum(lens), 2, 3)
+    pieces = [cp.shard(x, layout, r, world, dim=0, cu_seqlens=cu) for r in range(world)]
+    for r, p in enumerate(pieces):
+        assert torch.equal(p, x.index_select(0, rows_of(layout, r, world, x.shape[0], cu_list))), f"rank {r}"
+    assert torch.equal(cp.unshard(pieces, layout, dim=0, cu_seqlens=cu), x)
+    lse = torch.randn(2, sum(lens))  # (H, total): rows on dim 1
+    pieces = [cp.shard(lse, layout, r, world, dim=1, cu_seqlens=cu) for r in range(world)]
+    assert torch.equal(cp.unshard(pieces, layout, dim=1, cu_seqlens=cu), lse)
+
+
+def test_shard_rejects_bad_layouts():
+    x = torch.randn(1, 12, 2, 4)
+    with pytest.raises(flashattn_py.ArgumentError):
+        cp.shard(x, "zigzag", 0, 4)  # 12 rows do not make 8 chunks
+    with pytest.raises(flashattn_py.ArgumentError, match="layout"):
+        cp.shard(x, "diagonal", 0, 2)
+    with pytest.raises(flashattn_py.ArgumentError):
+        cp.shard(x[0], "ring", 0, 2, dim=0, cu_seqlens=[0, 5, 12])  # document 0 of 5 rows over 2 ranks
