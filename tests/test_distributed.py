@@ -16,6 +16,7 @@ world, a process outside the group). Run with
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import traceback
@@ -66,9 +67,10 @@ def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.T
 
 
 def case(name, func, dtype="float32", *, varlen=False, packed=None, B=2, H=8, Hk=2, D=24, Dv=40, S=None, lens=None,
-         alibi=None, lse=True, deterministic=False, repeat=1, **kwargs):
+         alibi=None, lse=True, deterministic=False, repeat=1, backend=None, **kwargs):
     return dict(name=name, func=func, dtype=dtype, varlen=varlen, packed=packed, B=B, H=H, Hk=Hk, D=D, Dv=Dv, S=S,
-                lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, kwargs=kwargs)
+                lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, backend=backend,
+                kwargs=kwargs)
 
 
 def dense_cases(world: int, full: bool):
@@ -140,8 +142,18 @@ def varlen_cases(world: int, full: bool):
     return out
 
 
+# The local blocks on the triton backend (its interpreter on CPU tensors: fp32, small).
+TRITON_CASES = [
+    case("ring-causal-triton", "ring", S=16, H=4, D=16, Dv=16, causal=True, backend="triton"),
+    case("zigzag-window-alibi-triton", "zigzag", S=16, H=4, D=16, Dv=16, window_size=(5, 2), alibi="H",
+         backend="triton"),
+    case("zigzag-varlen-causal-triton", "zigzag", varlen=True, lens=[8, 16], H=4, D=16, Dv=16, causal=True,
+         backend="triton"),
+    case("ulysses-causal-triton", "ulysses", S=16, H=4, D=16, Dv=16, causal=True, backend="triton"),
+]
+
 CASES = {
-    2: dense_cases(2, True) + varlen_cases(2, True),
+    2: dense_cases(2, True) + varlen_cases(2, True) + TRITON_CASES,
     3: dense_cases(3, False) + varlen_cases(3, False),  # an odd world: few cases
     4: dense_cases(4, True) + varlen_cases(4, True),
 }
@@ -278,9 +290,11 @@ def _run_case(c, rank, world):
     ql, kl, vl, doutl = _local(c, rank, world, q, k, v, cu, dout)
     kw = api_kwargs(c, slopes)
     runs = []
+    backend = flashattn_py.use_backend(c["backend"]) if c["backend"] else contextlib.nullcontext()
     for _ in range(c["repeat"]):
         leaves = [t.detach().clone() for t in (ql, kl, vl)]
-        res, grads = _call(c, func_name(c), *leaves, cu, kw, return_attn_probs=c["lse"])
+        with backend:
+            res, grads = _call(c, func_name(c), *leaves, cu, kw, return_attn_probs=c["lse"])
         if c["lse"]:
             assert isinstance(res, tuple) and len(res) == 3, \
                 f"return_attn_probs: expected (out, lse, None), got {res!r}"
