@@ -242,9 +242,10 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
     float32/64, -inf to start. Rows no block has seen stay out 0, lse -inf (never NaN).
     """
     api._check_tensors(("out", "lse", "block_out", "block_lse"), out, lse, block_out, block_lse)
-    if out.shape != block_out.shape or lse.shape != block_lse.shape:
-        raise ArgumentError(f"out, lse: expected the shapes of block_out {tuple(block_out.shape)} and block_lse "
-                            f"{tuple(block_lse.shape)}, got {tuple(out.shape)} and {tuple(lse.shape)}")
+    if out.shape != block_out.shape:
+        raise ArgumentError(f"out: expected block_out's shape {tuple(block_out.shape)}, got {tuple(out.shape)}")
+    if lse.shape != block_lse.shape:
+        raise ArgumentError(f"lse: expected block_lse's shape {tuple(block_lse.shape)}, got {tuple(lse.shape)}")
     if out.dtype not in (torch.float32, torch.float64) or lse.dtype not in (torch.float32, torch.float64):
         raise ArgumentError(f"out, lse: expected float32 or float64 accumulators, got {out.dtype} and {lse.dtype}")
     rows_heads = tuple(out.shape[:-1])

@@ -122,6 +122,9 @@ def varlen_cases(world: int, full: bool):
         out.append(case(f"{func}-varlen-causal", func, varlen=True, lens=doc, causal=True))
         if full:
             out += [
+                case(f"{func}-varlen-kvpacked-causal", func, varlen=True, packed="kv", lens=doc, D=32, Dv=32,
+                     causal=True),
+                case(f"{func}-varlen-qkvpacked", func, varlen=True, packed="qkv", lens=doc, H=4, Hk=4, D=32, Dv=32),
                 case(f"{func}-varlen-plain", func, varlen=True, lens=doc),
                 case(f"{func}-varlen-causal-bf16", func, "bfloat16", varlen=True, lens=doc, causal=True),
                 case(f"{func}-varlen-softcap-scale", func, varlen=True, lens=doc, softcap=4.0, softmax_scale=0.25),
@@ -236,7 +239,7 @@ PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_"}
 def plain_name(c) -> str:
     """The non-distributed flashattn_py function of the case."""
     if c["varlen"]:
-        return "flash_attn_varlen_func"
+        return f"flash_attn_varlen_{c['packed']}packed_func" if c["packed"] else "flash_attn_varlen_func"
     if c["packed"]:
         return f"flash_attn_{c['packed']}packed_func"
     return "flash_attn_func"
@@ -267,14 +270,16 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     returns (out, lse or None, (dq, dk, dv) leaves' grads getter)."""
     fn = getattr(cp, fn_name)
     kw = dict(extra_kwargs, **override)
+    varlen = (cu, max(c["lens"])) if c["varlen"] else ()
+    dim = 1 if c["varlen"] else 2  # the packing dim of kv / qkv
     if c["packed"] == "kv":
-        kv = torch.stack([k, v], dim=2).requires_grad_()
-        res = fn(q.requires_grad_(), kv, **kw)
-        grads = lambda: (q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1])  # noqa: E731
+        kv = torch.stack([k, v], dim=dim).requires_grad_()
+        res = fn(q.requires_grad_(), kv, *varlen, **kw)
+        grads = lambda: (q.grad, *kv.grad.unbind(dim))  # noqa: E731
     elif c["packed"] == "qkv":
-        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
-        res = fn(qkv, **kw)
-        grads = lambda: (qkv.grad[:, :, 0], qkv.grad[:, :, 1], qkv.grad[:, :, 2])  # noqa: E731
+        qkv = torch.stack([q, k, v], dim=dim).requires_grad_()
+        res = fn(qkv, *varlen, **kw)
+        grads = lambda: qkv.grad.unbind(dim)  # noqa: E731
     else:
         q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         if c["varlen"]:
@@ -422,6 +427,19 @@ ERROR_CASES = [
      r"\b(q|k|v|dtype)\b"),
     ("causal_differs_across_ranks", "ring_flash_attn_func", dict(kwargs_by_rank=[dict(causal=True), {}]),
      r"\bcausal\b"),
+    # the local blocks' backend is part of the check: ranks that would compute with different
+    # kernels, or a rank whose backend refuses the call, fail on every rank
+    ("backend_differs_across_ranks", "ring_flash_attn_func", dict(backend_by_rank=["cpu", "reference"]),
+     r"\bbackend\b"),
+    ("backend_refuses_on_one_rank", "ulysses_flash_attn_func",
+     dict(backend_by_rank=["triton", None], dtype_by_rank=["float64", "float64"]), r"\bbackend\b"),
+    # a group whose backend (gloo) does not serve one rank's tensors
+    ("device_not_served_on_one_rank", "zigzag_ring_flash_attn_func", dict(device_by_rank=["cpu", "meta"]),
+     r"\bgroup\b"),
+    # an error that is not an ArgumentError (q is not a tensor on rank 0): rank 0 raises it,
+    # the other ranks an ArgumentError naming rank 0's
+    ("not_a_tensor_on_one_rank", "ring_flash_attn_func",
+     dict(q_not_a_tensor_on=0, expect_types=["TypeError", "ArgumentError"]), r"\bq\b"),
 ]
 
 
@@ -433,6 +451,8 @@ def worker_errors(rank, world, cases):
         dtype = DTYPES[setup.get("dtype_by_rank", ["float32"] * world)[rank]]
         kw = dict(setup.get("kwargs", {}), **setup.get("kwargs_by_rank", [{}] * world)[rank])
         gen = torch.Generator().manual_seed(rank)
+        backend = setup.get("backend_by_rank", [None] * world)[rank]
+        device = setup.get("device_by_rank", ["cpu"] * world)[rank]
         try:
             if "varlen" in fn_name:
                 lens = setup.get("lens", [8, 16])
@@ -443,9 +463,12 @@ def worker_errors(rank, world, cases):
                     kw["alibi_slopes"] = torch.rand(H)
                 out = getattr(cp, fn_name)(q, k, v, offsets(lens), max(lens), **kw)
             else:
-                q = torch.randn(2, S, H, 16, generator=gen).to(dtype)
-                k, v = (torch.randn(2, S, Hk, 16, generator=gen).to(dtype) for _ in range(2))
-                out = getattr(cp, fn_name)(q, k, v, **kw)
+                q = torch.randn(2, S, H, 16, generator=gen).to(dtype=dtype, device=device)
+                k, v = (torch.randn(2, S, Hk, 16, generator=gen).to(dtype=dtype, device=device) for _ in range(2))
+                if setup.get("q_not_a_tensor_on") == rank:
+                    q = q.tolist()
+                with flashattn_py.use_backend(backend) if backend else contextlib.nullcontext():
+                    out = getattr(cp, fn_name)(q, k, v, **kw)
             results[name] = {"returned": tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}
         except Exception as e:  # noqa: BLE001
             results[name] = {"type": type(e).__name__, "argument_error": isinstance(e, flashattn_py.ArgumentError),
@@ -542,6 +565,8 @@ class _Replay(torch.autograd.Function):
 
 
 def _check_case(world, c):
+    if c["backend"] == "triton" and flashattn_py.backends.triton_error():
+        pytest.skip(flashattn_py.backends.triton_error())
     per_rank = _case_results(world, c["name"])
     q, k, v, slopes, cu, dout = make_inputs(c)
     dtype = q.dtype
@@ -621,9 +646,14 @@ def test_world1_is_the_plain_call_bitwise(name):
 @pytest.mark.parametrize("name,pattern", [(e[0], e[3]) for e in ERROR_CASES])
 def test_bad_input_raises_on_every_rank(name, pattern):
     per_rank = [r[name] for r in _spawn("errors")]
+    setup = next(e[2] for e in ERROR_CASES if e[0] == name)
     for rank, r in enumerate(per_rank):
         assert "returned" not in r, f"rank {rank}: no error raised (returned {r['returned']})"
-        assert r["argument_error"], f"rank {rank}: raised {r['type']}, not ArgumentError:\n{r['traceback']}"
+        expected = setup.get("expect_types", ["ArgumentError"] * len(per_rank))[rank]
+        if expected == "ArgumentError":
+            assert r["argument_error"], f"rank {rank}: raised {r['type']}, not ArgumentError:\n{r['traceback']}"
+        else:
+            assert r["type"] == expected, f"rank {rank}: raised {r['type']}, not {expected}:\n{r['traceback']}"
         assert re.search(pattern, r["message"]), f"rank {rank}: message does not name the argument: {r['message']!r}"
 
 

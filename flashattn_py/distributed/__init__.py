@@ -12,10 +12,13 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
 The signatures are ring-flash-attention's (plus ``softcap``, keyword-only): q (B, S_local, H,
 D), k / v (B, S_local, Hk, D) this rank's shard (``shard`` cuts one); the output is the
 rank's shard of attention over the whole sequence, with global positions for causal,
-windows and ALiBi. The varlen forms take packed rows and the GLOBAL ``cu_seqlens``.
+windows and ALiBi. The varlen forms take packed rows and the GLOBAL ``cu_seqlens``
+(ring-flash-attention's take the local ones). Values of ``cu_seqlens`` are checked for CPU
+tensors; on GPUs only with FLASHATTN_CHECK_INPUTS=1 (as every varlen call: no host reads).
 Dropout is not supported (a rank's mask would depend on the sharding). Bad or mismatched
-arguments raise ``flashattn_py.ArgumentError`` on every rank of the group (the check is
-collective: one small all_gather per call).
+arguments raise on every rank of the group (the check is collective: one small all_gather
+of shapes and options per call, read back to the host; an error inside the local kernels,
+e.g. out of memory, still leaves the other ranks waiting until the group's timeout).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ __all__ = [
     "ring_flash_attn_kvpacked_func",
     "ring_flash_attn_qkvpacked_func",
     "ring_flash_attn_varlen_func",
+    "ring_flash_attn_varlen_kvpacked_func",
+    "ring_flash_attn_varlen_qkvpacked_func",
     "shard",
     "ulysses_flash_attn_func",
     "ulysses_flash_attn_varlen_func",
@@ -42,6 +47,8 @@ __all__ = [
     "zigzag_ring_flash_attn_kvpacked_func",
     "zigzag_ring_flash_attn_qkvpacked_func",
     "zigzag_ring_flash_attn_varlen_func",
+    "zigzag_ring_flash_attn_varlen_kvpacked_func",
+    "zigzag_ring_flash_attn_varlen_qkvpacked_func",
 ]
 
 
@@ -54,7 +61,7 @@ def ring_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0
     [r S_local, (r + 1) S_local) of the global sequence (layout "ring").
 
     Returns out (B, S_local, H, Dv); with ``return_attn_probs``, (out, lse, None), lse (B, H,
-    S_local) float32 over the whole sequence. Differentiable in q, k, v (the backward is a
+    S_local) over the whole sequence, float32 (float64 for float64 inputs). Differentiable in q, k, v (the backward is a
     ring too; ``deterministic``: bitwise reproducible for a fixed world size)."""
     return ring_attention("ring", q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                           deterministic, return_attn_probs, group, softcap)
@@ -89,7 +96,8 @@ def ring_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
                                 deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
                                 softcap: float = 0.0):
     """Ring attention over packed documents. ``cu_seqlens`` (B + 1,) int32: the GLOBAL
-    packed sequence's offsets (the same on every rank), every document's length divisible
+    packed sequence's offsets (the same on every rank; ring-flash-attention takes the local
+    ones, global // world: pass the global ones here), every document's length divisible
     by the world size; ``max_seqlen`` its longest document (0: not given). Rank r holds piece
     r of every document (layout "ring" with cu_seqlens): q (total / world, H, D), k / v
     (total / world, Hk, D).
@@ -149,6 +157,27 @@ def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs)
 def zigzag_ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``zigzag_ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
     return zigzag_ring_flash_attn_func(*qkv.unbind(dim=-3), *args, **kwargs)
+
+
+def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
+    """``ring_flash_attn_varlen_func`` with kv (total / world, 2, Hk, D)."""
+    return ring_flash_attn_varlen_func(q, *_kv(kv), cu_seqlens, max_seqlen, *args, **kwargs)
+
+
+def ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
+    """``ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
+    return ring_flash_attn_varlen_func(*qkv.unbind(dim=-3), cu_seqlens, max_seqlen, *args, **kwargs)
+
+
+def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args,
+                                                **kwargs):
+    """``zigzag_ring_flash_attn_varlen_func`` with kv (total / world, 2, Hk, D)."""
+    return zigzag_ring_flash_attn_varlen_func(q, *_kv(kv), cu_seqlens, max_seqlen, *args, **kwargs)
+
+
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
+    """``zigzag_ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
+    return zigzag_ring_flash_attn_varlen_func(*qkv.unbind(dim=-3), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:

@@ -12,26 +12,33 @@ from ..errors import ArgumentError
 
 
 class Group:
-    """A process group as the ring sees it: this process's rank in it, its size, and the
-    global ranks of the next and previous ranks of the ring."""
+    """A process group as the ring sees it: this process's rank in it, its size, the global
+    ranks of the next and previous ranks of the ring, and the device the collective
+    argument check's tensor goes to (cpu where the group's backend serves it, else the
+    current GPU)."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device):
+    def __init__(self, group: Optional[dist.ProcessGroup]):
         if not dist.is_available() or not dist.is_initialized():
             raise ArgumentError("group: torch.distributed is not initialized (call "
                                 "torch.distributed.init_process_group first)")
         self.group = group
         self.rank = dist.get_rank(group)
-        if self.rank < 0:
+        if self.rank < 0:  # (raised here only: a non-member cannot take part in the group's check)
             raise ArgumentError("group: this process is not a member of the group")
         self.world_size = dist.get_world_size(group)
         pg = group if group is not None else dist.group.WORLD
-        served = getattr(pg, "_device_types", None)
-        if served and device.type not in [d.type for d in served]:
-            raise ArgumentError(f"group: its backend ({dist.get_backend(group)}) does not serve {device.type} "
-                                f"tensors (it serves {sorted({d.type for d in served})})")
-        self.device = device  # (where the collective argument check's tensor goes too)
+        self.served = sorted({d.type for d in getattr(pg, "_device_types", [])})
+        self.device = torch.device("cpu")
+        if self.served and "cpu" not in self.served:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.next = dist.get_global_rank(pg, (self.rank + 1) % self.world_size)
         self.prev = dist.get_global_rank(pg, (self.rank - 1) % self.world_size)
+
+    def check_device(self, device: torch.device) -> None:
+        """ArgumentError unless the group's backend serves tensors on ``device``."""
+        if self.served and device.type not in self.served:
+            raise ArgumentError(f"group: its backend ({dist.get_backend(self.group)}) does not serve "
+                                f"{device.type} tensors (it serves {self.served})")
 
 
 class RingExchange:
@@ -74,23 +81,27 @@ def _describe(values: Sequence[float], labels: Optional[Sequence[str]] = None) -
     return str(tuple(ints)) if all(i == v for i, v in zip(ints, values)) else str(tuple(values))
 
 
+_FIELD_WIDTH = 8  # numbers per field
+_MAX_FIELDS = 16
+
+
 def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> None:
-    """Run ``validate`` (local checks raising ArgumentError; returns what must be equal on
-    every rank: (argument name, numbers) or (argument name, [index], labels of the
-    indices)), then compare across ranks in one all_gather.
-    Any rank's error or any difference raises ArgumentError on EVERY rank, so a bad call
+    """Run ``validate`` (local checks; returns what must be equal on every rank: (argument
+    name, numbers) or (argument name, [index], labels of the indices)), then compare across
+    ranks in one all_gather. Any rank's exception or any difference raises on EVERY rank (the
+    failing rank its own exception, the others an ArgumentError naming it), so a bad call
     fails everywhere instead of leaving the other ranks waiting in the ring."""
-    error = None
+    error: Optional[Exception] = None
     try:
         fields = validate()
-    except ArgumentError as e:
-        error, fields = str(e), []
+        assert len(fields) <= _MAX_FIELDS and all(len(f[1]) <= _FIELD_WIDTH for f in fields), fields
+    except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks heard of it)
+        error, fields = e, []
     # fixed width: ranks whose local check failed send a flag and zeros
-    width = 1 + _FIELD_WIDTH * _MAX_FIELDS
-    row = torch.zeros(width, dtype=torch.float64)
+    row = torch.zeros(1 + _FIELD_WIDTH * _MAX_FIELDS, dtype=torch.float64)
     row[0] = 1.0 if error is not None else 0.0
-    for i, (_, values, *_labels) in enumerate(fields[:_MAX_FIELDS]):
-        padded = list(values)[:_FIELD_WIDTH] + [float("nan")] * (_FIELD_WIDTH - len(values))
+    for i, (_, values, *_labels) in enumerate(fields):
+        padded = list(values) + [float("nan")] * (_FIELD_WIDTH - len(values))
         row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64)
     row = row.to(group.device)
     rows = [torch.empty_like(row) for _ in range(group.world_size)]
@@ -98,19 +109,16 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> Non
     table = torch.stack(rows).cpu()
     if bool((table[:, 0] != 0).any()):
         errors: list = [None] * group.world_size
-        dist.all_gather_object(errors, error, group=group.group)
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}",
+                               group=group.group)
         if error is not None:
-            raise ArgumentError(error)
+            raise error
         failed = next(r for r, e in enumerate(errors) if e is not None)
         raise ArgumentError(f"rank {failed} of the group rejected the call: {errors[failed]}")
-    for i, (name, _, *labels) in enumerate(fields[:_MAX_FIELDS]):
+    for i, (name, _, *labels) in enumerate(fields):
         block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]
         same = (block == block[0]) | (block.isnan() & block[0].isnan())
         if not bool(same.all()):
             per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist(), *labels)}"
                                  for r in range(group.world_size))
             raise ArgumentError(f"{name}: must be the same on every rank of the group, got {per_rank}")
-
-
-_FIELD_WIDTH = 8
-_MAX_FIELDS = 16

@@ -13,7 +13,6 @@ its neighbours; a chunk on the diagonal is one masked call; an invisible chunk i
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from .. import api, partial
 from ..errors import ArgumentError
-from . import comm
+from . import checks, comm
 from .layout import chunks_per_rank, rank_chunks
 
 _NONE, _FULL, _PARTIAL = 0, 1, 2
@@ -213,10 +212,12 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, setup: RingSetup) -> tuple[Ten
     return out.to(q.dtype), lse
 
 
-def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  setup: RingSetup) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv: each block's gradients recomputed from the global out / lse; the key /
-    value gradients travel with their block in float32 and arrive home after the last step."""
+def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, setup: RingSetup,
+                  kv_grads: bool = True) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """dq, dk, dv: each block's gradients recomputed from the global out / lse. The key /
+    value gradients are summed in float32 accumulators that travel with their block and
+    arrive home after the last step (each block's contribution comes from the kernel in the
+    input dtype); without ``kv_grads`` (k and v need none) they are neither summed nor sent."""
     group, rows = setup.group, setup.rows
     acc = _accumulator_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -227,27 +228,30 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     for step in range(group.world_size):
         last = step + 1 == group.world_size
         incoming = None if last else kv_exchange.start(block)
-        block_grads = [torch.zeros(block[0].shape, dtype=acc, device=q.device),
-                       torch.zeros(block[1].shape, dtype=acc, device=q.device)]
+        block_grads = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in block] if kv_grads else []
         for call in setup.plans[step]:
             dq_b, dk_b, dv_b = partial.backward(
                 rows.get(dout, call.q), rows.get(q, call.q), rows.get(block[0], call.k), rows.get(block[1], call.k),
                 rows.get(out, call.q), rows.get(lse, call.q, rows.dim + 1), _call_options(setup, call),
                 setup.backend)
             rows.add(dq, call.q, dq_b)
-            rows.add(block_grads[0], call.k, dk_b)
-            rows.add(block_grads[1], call.k, dv_b)
-        if grads is None:
-            grads = block_grads
-        else:
-            grad_exchange.wait()  # the previous rank's accumulators for this block
-            grads[0].add_(block_grads[0])
-            grads[1].add_(block_grads[1])
-        if group.world_size > 1:
-            grads = grad_exchange.start(grads)
+            if kv_grads:
+                rows.add(block_grads[0], call.k, dk_b)
+                rows.add(block_grads[1], call.k, dv_b)
+        if kv_grads:
+            if grads is None:
+                grads = block_grads
+            else:
+                grad_exchange.wait()  # the previous rank's accumulators for this block
+                grads[0].add_(block_grads[0])
+                grads[1].add_(block_grads[1])
+            if group.world_size > 1:
+                grads = grad_exchange.start(grads)
         if not last:
             kv_exchange.wait()
             block = incoming
+    if not kv_grads:
+        return dq.to(q.dtype), None, None
     if group.world_size > 1:
         grad_exchange.wait()  # our own block's accumulators, home from the last rank
     return dq.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype)
@@ -268,35 +272,9 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.setup)
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.setup,
+                                   kv_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         return dq, dk, dv, None
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _common_fields(q: Tensor, k: Tensor, v: Tensor, scale: float, window: tuple[int, int], softcap: float,
-                   alibi_slopes: Optional[Tensor], deterministic: bool) -> list[tuple]:
-    """What every rank's call must agree on (the shapes are per rank: local shards)."""
-    return [("q", list(q.shape)), ("k", list(k.shape)), ("v", list(v.shape)),
-            ("q.dtype", [_DTYPES.index(q.dtype)], [str(d).replace("torch.", "") for d in _DTYPES]), ("softmax_scale", [scale]), ("window_size, causal", list(window)),
-            ("softcap", [softcap]),
-            ("alibi_slopes", [-1.0] if alibi_slopes is None else list(alibi_slopes.shape)),
-            ("deterministic", [float(deterministic)]),
-            ("requires_grad", [float(t.requires_grad) for t in (q, k, v)])]
-
-
-def _no_dropout(dropout_p: float) -> None:
-    api._check_dropout(dropout_p)
-    if dropout_p > 0:
-        raise ArgumentError(f"dropout_p: context-parallel attention has no dropout (each rank's mask would "
-                            f"depend on how the sequence is sharded), got {dropout_p}")
-
-
-def _read_values(t: Tensor) -> bool:
-    """Whether index values may be read back for checks (CPU tensors; GPU tensors only with
-    FLASHATTN_CHECK_INPUTS=1, as every varlen call)."""
-    return t.device.type == "cpu" or os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
 
 
 def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
@@ -304,81 +282,48 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
                    softcap: float):
     """The ring / zigzag functions' common body (layouts in layout.py)."""
-    api._check_tensors(("q", "k", "v"), q, k, v)
-    ring = comm.Group(group, q.device)
-    world, per_rank, packed = ring.world_size, chunks_per_rank(layout), cu_seqlens is not None
-    setup_args: dict = {}
+    per_rank = chunks_per_rank(layout)
 
-    def validate():
-        _no_dropout(dropout_p)
-        window = api._causal_window(window_size, causal)
-        if packed:
-            for name, t in (("q", q), ("k", k), ("v", v)):
-                if t.dim() != 3:
-                    raise ArgumentError(f"{name}: expected a 3-D (total_local, H, D) tensor, got shape "
-                                        f"{tuple(t.shape)}")
-            q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        else:
-            q4, k4, v4 = q, k, v
-        api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int) -> list[tuple]:
         if q4.shape[1] != k4.shape[1]:
             raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
                                 f"{k4.shape[1]} rows")
-        batch = q.shape[0]
-        fields = []
-        if packed:
-            cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
-            batch = cu.shape[0] - 1
-            if batch < 1:
-                raise ArgumentError("cu_seqlens: expected B + 1 >= 2 offsets of the global packed sequence")
-            if window != (-1, -1) and window != (-1, 0) or alibi_slopes is not None:
-                raise ArgumentError("window_size, alibi_slopes: not supported by the varlen ring forms (every "
-                                    "document's pieces would need their own position offset); use "
-                                    "ulysses_flash_attn_varlen_func or the dense forms")
-            if not isinstance(max_seqlen, int) or max_seqlen < 0:
-                raise ArgumentError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
-            fields.append(("cu_seqlens", [cu.shape[0]]))
-            if _read_values(cu):
-                offsets = cu.tolist()
-                pieces = world * per_rank
-                total = q.shape[0] * world
-                if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-                    raise ArgumentError(f"cu_seqlens: the global offsets must rise from 0 to {total} (this rank's "
-                                        f"{q.shape[0]} rows x {world} ranks), got {offsets}")
-                lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-                bad = next((d for d, n in enumerate(lengths) if n % pieces), None)
-                if bad is not None:
-                    raise ArgumentError(f"cu_seqlens: document {bad} has {lengths[bad]} tokens, not divisible by "
-                                        f"{pieces} (the {layout} layout cuts every document into {pieces} pieces)")
-                if max_seqlen and max(lengths) > max_seqlen:
-                    raise ArgumentError(f"max_seqlen: {max_seqlen} is below the longest document ({max(lengths)})")
-                fields.append(("cu_seqlens values", [float(sum(offsets)), float(sum(i * x for i, x in
-                                                                                     enumerate(offsets)))]))
-            fields.append(("max_seqlen", [max_seqlen]))
-            setup_args["cu"] = cu
-        elif q.shape[1] % per_rank:
-            raise ArgumentError(f"q: the zigzag layout holds two equal chunks per rank, so the local sequence "
-                                f"length must be even, got {q.shape[1]}")
-        api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        setup_args.update(window=window, scale=scale)
-        return _common_fields(q, k, v, scale, window, softcap, alibi_slopes, deterministic) + fields
+        if cu is None:
+            if q4.shape[1] % per_rank:
+                raise ArgumentError(f"q: the zigzag layout holds two equal chunks per rank, so the local sequence "
+                                    f"length must be even, got {q4.shape[1]}")
+            return []
+        if api._causal_window(window_size, causal) not in ((-1, -1), (-1, 0)) or alibi_slopes is not None:
+            raise ArgumentError("window_size, alibi_slopes: not supported by the varlen ring forms (every "
+                                "document's pieces would need their own position offset); use "
+                                "ulysses_flash_attn_varlen_func or the dense forms")
+        if checks.read_values(cu):
+            offsets, pieces, total = cu.tolist(), world * per_rank, q4.shape[1] * world
+            if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+                raise ArgumentError(f"cu_seqlens: the global offsets must rise from 0 to {total} (this rank's "
+                                    f"{q4.shape[1]} rows x {world} ranks), got {offsets}")
+            lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+            bad = next((d for d, n in enumerate(lengths) if n % pieces), None)
+            if bad is not None:
+                raise ArgumentError(f"cu_seqlens: document {bad} has {lengths[bad]} tokens, not divisible by "
+                                    f"{pieces} (the {layout} layout cuts every document into {pieces} pieces)")
+            if max_seqlen and max(lengths) > max_seqlen:
+                raise ArgumentError(f"max_seqlen: {max_seqlen} is below the longest document ({max(lengths)})")
+        return []
 
-    comm.check_collectively(ring, validate)
-    window, scale = setup_args["window"], setup_args["scale"]
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if packed:
-        rows = PackedRows(setup_args["cu"], max_seqlen, world, per_rank, q.shape[0])
-        chunk_len = None
+    ring, checked = checks.check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                      window_size, softcap, alibi_slopes, deterministic, layout_check)
+    world, (left, right) = ring.world_size, checked.window
+    if cu_seqlens is not None:
+        rows, chunk_len = PackedRows(checked.cu_seqlens, max_seqlen, world, per_rank, q.shape[0]), None
     else:
         chunk_len = q.shape[1] // per_rank
         rows = DenseRows(chunk_len)
     my_chunks = rank_chunks(layout, ring.rank, world)
-    plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, window[0],
-                       window[1], alibi_slopes is not None) for step in range(world)]
-    local_cu = rows.cu_local if packed else None
-    backend = partial.select_backend(q, k, v, backward, deterministic, alibi_slopes, local_cu)
-    options = partial.BlockOptions(scale, window[0], window[1], 0, float(softcap), alibi_slopes, None, None, 0, 0,
+    plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, left, right,
+                       alibi_slopes is not None) for step in range(world)]
+    options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, None, None, 0, 0,
                                    bool(deterministic))
-    out, lse = _RingAttention.apply(q, k, v, RingSetup(ring, rows, plans, options, backend))
+    out, lse = _RingAttention.apply(q, k, v, RingSetup(ring, rows, plans, options, checked.backend))
     return (out, lse, None) if return_attn_probs else out
+

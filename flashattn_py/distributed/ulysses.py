@@ -12,8 +12,7 @@ from torch import Tensor
 
 from .. import api, ops
 from ..errors import ArgumentError
-from . import comm
-from .ring import _common_fields, _no_dropout, _read_values
+from . import checks, comm
 
 
 def _exchange(x: Tensor, group: comm.Group) -> Tensor:
@@ -69,52 +68,27 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                       softcap: float):
     """The Ulysses functions' common body: q (B, S_local, H, D) (packed: (T_local, H, D),
     contiguous rows of the global packed sequence)."""
-    api._check_tensors(("q", "k", "v"), q, k, v)
-    ring = comm.Group(group, q.device)
-    world, packed = ring.world_size, cu_seqlens is not None
-    checked: dict = {}
+    packed = cu_seqlens is not None
 
-    def validate():
-        _no_dropout(dropout_p)
-        window = api._causal_window(window_size, causal)
-        dims = 3 if packed else 4
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dim() != dims:
-                shape = "(total_local, H, D)" if packed else "(B, S_local, H, D)"
-                raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape {tuple(t.shape)}")
-        q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
-        api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int) -> list[tuple]:
         for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
             if heads % world:
                 raise ArgumentError(f"{name}: Ulysses gives every rank H / world heads: {heads} heads are not "
                                     f"divisible by the group's {world} ranks")
-        fields = []
-        batch = q.shape[0]
-        if packed:
-            cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
-            batch = cu.shape[0] - 1
-            if q.shape[0] != k.shape[0]:
-                raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q.shape[0]} and "
-                                    f"{k.shape[0]} rows")
-            if not isinstance(max_seqlen, int) or max_seqlen < 0:
-                raise ArgumentError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
-            if _read_values(cu):
-                api._check_packed(cu, cu, max_seqlen, max_seqlen, q.shape[0] * world, q.shape[0] * world, None,
-                                  None, 0, 0, dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens",
-                                                   cu_seqlens_k="cu_seqlens", max_seqlen_q="max_seqlen",
-                                                   max_seqlen_k="max_seqlen"))
-                offsets = cu.tolist()
-                fields.append(("cu_seqlens values", [len(offsets), float(sum(offsets)),
-                                                     float(sum(i * x for i, x in enumerate(offsets)))]))
-            checked["cu"] = cu
-            fields.append(("max_seqlen", [max_seqlen]))
-        api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        checked.update(window=window, scale=scale)
-        return _common_fields(q, k, v, scale, window, float(softcap), alibi_slopes, deterministic) + fields
+        if cu is not None:
+            if q4.shape[1] != k4.shape[1]:
+                raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
+                                    f"{k4.shape[1]} rows")
+            if checks.read_values(cu):
+                total = q4.shape[1] * world
+                api._check_packed(cu, cu, max_seqlen, max_seqlen, total, total, None, None, 0, 0,
+                                  dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
+                                       max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
+        return []
 
-    comm.check_collectively(ring, validate)
-    window, scale = checked["window"], checked["scale"]
+    ring, checked = checks.check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                                      window_size, softcap, alibi_slopes, deterministic, layout_check)
+    world, window, scale = ring.world_size, checked.window, checked.scale
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
     q_heads, k_heads, v_heads = (_SeqToHeads.apply(t, ring) for t in (q4, k4, v4))
     slopes = None
@@ -122,15 +96,16 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
         per_rank = q4.shape[2] // world
         slopes = alibi_slopes[..., ring.rank * per_rank:(ring.rank + 1) * per_rank].contiguous()
     if packed:
-        out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked["cu"], checked["cu"], max_seqlen,
+        out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked.cu_seqlens, checked.cu_seqlens, max_seqlen,
                                max_seqlen, seqused_k=None, block_table=None, dropout_p=0.0, scale=scale,
                                window=window, softcap=float(softcap), alibi_slopes=slopes,
-                               deterministic=deterministic, backend="auto")
+                               deterministic=deterministic, backend=checked.backend)
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)
     else:
         out, lse = ops.attention(q_heads, k_heads, v_heads, scale=scale, softcap=float(softcap), alibi_slopes=slopes,
                                  window_left=window[0], window_right=window[1],
-                                 diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic)
+                                 diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic,
+                                 backend=checked.backend)
     out = _HeadsToSeq.apply(out, ring)
     if packed:
         out = out[0]

@@ -1,0 +1,96 @@
+"""The argument check every context-parallel call starts with: local checks, then one
+collective comparison (comm.check_collectively), so that bad or mismatched input raises on
+every rank of the group instead of leaving the others waiting in a ring or an all-to-all."""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import api, backends, partial
+from ..errors import ArgumentError
+from . import comm
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Checked(NamedTuple):
+    """A validated call: its window (causal folded in), scale, int32 cu_seqlens (packed
+    calls), the backend every rank runs its local blocks on, and whether a backward follows."""
+
+    window: tuple[int, int]
+    scale: float
+    cu_seqlens: Optional[Tensor]
+    backend: str
+    backward: bool
+
+
+def read_values(t: Tensor) -> bool:
+    """Whether index values may be read back for checks (CPU tensors; GPU tensors only with
+    FLASHATTN_CHECK_INPUTS=1, as every varlen call)."""
+    return t.device.type == "cpu" or os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
+
+
+def offsets_fields(cu: Tensor) -> list[tuple]:
+    """cu_seqlens must be the same on every rank: its length, and (when its values may be read)
+    two sums of them that differ for different offsets of the same length."""
+    if not read_values(cu):
+        return [("cu_seqlens", [cu.shape[0], float("nan"), float("nan")])]
+    offsets = cu.tolist()
+    return [("cu_seqlens", [len(offsets), float(sum(offsets)), float(sum(i * x for i, x in enumerate(offsets)))])]
+
+
+def check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool, window_size,
+               softcap: float, alibi_slopes, deterministic: bool,
+               layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int], list[tuple]]
+               ) -> tuple[comm.Group, Checked]:
+    """Validate a context-parallel call on every rank of ``group`` (see the module docstring).
+    ``layout_check(q4, k4, cu, world)`` adds the layout's own checks (q4, k4: (B, S, H, D)
+    views; cu: int32 offsets or None) and returns more fields every rank must agree on."""
+    ring = comm.Group(group)
+    packed = cu_seqlens is not None
+    checked: dict = {}
+
+    def validate() -> list[tuple]:
+        api._check_tensors(("q", "k", "v"), q, k, v)
+        ring.check_device(q.device)
+        api._check_dropout(dropout_p)
+        if dropout_p > 0:
+            raise ArgumentError(f"dropout_p: context-parallel attention has no dropout (each rank's mask would "
+                                f"depend on how the sequence is sharded), got {dropout_p}")
+        window = api._causal_window(window_size, causal)
+        dims = 3 if packed else 4
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != dims:
+                shape = "(total_local, H, D)" if packed else "(B, S_local, H, D)"
+                raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape {tuple(t.shape)}")
+        q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
+        api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+        batch, cu, fields = q.shape[0], None, []
+        if packed:
+            cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
+            batch = cu.shape[0] - 1
+            if batch < 1:
+                raise ArgumentError("cu_seqlens: expected B + 1 >= 2 offsets of the global packed sequence")
+            if not isinstance(max_seqlen, int) or max_seqlen < 0:
+                raise ArgumentError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
+            fields += offsets_fields(cu) + [("max_seqlen", [max_seqlen])]
+        fields += layout_check(q4, k4, cu, ring.world_size)
+        api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        grads = [torch.is_grad_enabled() and t.requires_grad for t in (q, k, v)]
+        backward = any(grads)
+        backend = partial.select_backend(q, k, v, backward, deterministic, alibi_slopes, cu)
+        checked.update(window=window, scale=scale, cu_seqlens=cu, backend=backend, backward=backward)
+        return [("q", list(q.shape)), ("k", list(k.shape)), ("v", list(v.shape)),
+                ("q.dtype", [_DTYPES.index(q.dtype)], [str(d).replace("torch.", "") for d in _DTYPES]),
+                ("softmax_scale", [scale]), ("window_size, causal", list(window)), ("softcap", [float(softcap)]),
+                ("alibi_slopes", [-1.0] if alibi_slopes is None else list(alibi_slopes.shape)),
+                ("deterministic", [float(deterministic)]),
+                ("requires_grad (under grad mode) of q, k, v", [float(g) for g in grads]),
+                ("backend", [backends.BACKEND_NAMES.index(backend)], list(backends.BACKEND_NAMES))] + fields
+
+    comm.check_collectively(ring, validate)
+    return ring, Checked(**checked)
