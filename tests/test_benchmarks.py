@@ -136,3 +136,65 @@ def test_decode_bytes_and_flops():
 def test_bench_attention_default_run_adds_decode():
     assert not bench_attention.parse_args([]).no_decode
     assert bench_attention.parse_args(["--no-decode"]).default_run
+
+
+def test_context_parallel_local_steps_cover_the_causal_work():
+    """bench_context_parallel.local_steps: the blocks each rank computes cover exactly the
+    causal pairs of its rows (zigzag: the same count on every rank)."""
+    import bench_context_parallel as cp
+
+    world, s_local = 4, 8
+    for impl in ("ring", "zigzag"):
+        counts = []
+        for rank in range(world):
+            if impl == "ring":
+                rows_global = list(range(rank * s_local, (rank + 1) * s_local))
+            else:
+                c = s_local // 2
+                rows_global = [*range(rank * c, (rank + 1) * c), *range((2 * world - 1 - rank) * c,
+                                                                        (2 * world - rank) * c)]
+            pairs = 0
+            for src, rows, cols, causal in cp.local_steps(impl, rank, world, s_local):
+                src_rows = list(range(src * s_local, (src + 1) * s_local)) if impl == "ring" else [
+                    *range(src * (s_local // 2), (src + 1) * (s_local // 2)),
+                    *range((2 * world - 1 - src) * (s_local // 2), (2 * world - src) * (s_local // 2))]
+                for i in range(rows.start, rows.stop):
+                    for j in range(cols.start, cols.stop):
+                        qi, kj = rows_global[i], src_rows[j]
+                        assert causal or kj <= qi, (impl, rank, src)  # an unmasked block is all visible
+                        pairs += (j <= i) if causal else 1
+            assert pairs == sum(q + 1 for q in rows_global)  # every causal pair once
+            counts.append(pairs)
+        if impl == "zigzag":
+            assert len(set(counts)) == 1
+
+
+def test_context_parallel_paper_model():
+    """The ring hides its transfers exactly while S/P >= 2 (Hk/H) rate / bandwidth; Ulysses
+    needs P <= H."""
+    import bench_context_parallel as cp
+
+    h, hk, d = 32, 8, 128
+    for s_local in (4096, 8192):
+        m = cp.paper_model(s_local * 32, 32, h, hk, d)  # P=32: across nodes, InfiniBand
+        threshold = 2 * hk / h * cp.fa3_tflops(s_local) * 1e12 / (cp.IB_GBS * 1e9)
+        assert m["ring_hidden"] == (s_local >= threshold)
+        assert m["ring_hidden"] == (m["ring_ms"] == pytest.approx(m["compute_only_ms"]))
+    assert cp.paper_model(128 * 1024, 8, h, hk, d)["ring_hidden"]  # one node, NVLink
+    assert cp.paper_model(128 * 1024, 64, h, hk, d)["ulysses_ms"] is None
+    assert "P=512" in cp.model_grid()
+
+
+@pytest.mark.distributed
+def test_bench_context_parallel_quick_run(tmp_path):
+    pytest.importorskip("flashattn_py.distributed")
+    import bench_context_parallel
+
+    rows = bench_context_parallel.main(["--quick", "--seqlen", "256", "--out", str(tmp_path), "--no-progress",
+                                        "--timeout", "120"])
+    assert len(rows) == 8  # (ring, zigzag) x (fp32, bf16) x (fwd, fwd+bwd)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ring_ms"] > 0 and r["balance"] >= 1
+    assert all(r["max_diff"] < 1e-2 for r in rows if r["mode"] == "fwd")
+    assert (tmp_path / "context_parallel.json").exists()
