@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.8.0
 PY := $(VENV)/bin/python
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*) setup.py
 
-.PHONY: setup test test-all bench bench-model clean
+.PHONY: setup test test-all bench bench-model wheel wheel-check clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ bench: setup
 
 bench-model: setup
 	$(PY) benchmarks/bench_model.py
+
+# One wheel for every x86-64 CPU (CPU kernels per instruction set; CUDA ops too when a CUDA
+# toolkit and a CUDA torch are present), into dist/.
+wheel: $(VENV)/.deps
+	rm -rf dist/flashattn_py-*.whl
+	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+
+# Install that wheel into fresh venvs with torch 2.13.0 and 2.14.1; smoke test + CPU suite in each.
+wheel-check:
+	tools/wheel_check.sh $(WHEEL_CHECK_TORCH)
 
 clean:
 	rm -rf build flashattn_py/_C*.so $(VENV)/.built

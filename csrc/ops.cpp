@@ -9,14 +9,15 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <limits>
 #include <optional>
 #include <tuple>
 
-#include "cpu/flash_cpu.h"
-#include "cpu/tiles_bf16.h"
+#include "cpu/dropout.h"
+#include "cpu/isa_select.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
 
@@ -28,11 +29,27 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-#define FLASHATTN_DISPATCH_CPU(dtype, NAME, ...)                                          \
-  AT_DISPATCH_SWITCH(dtype, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)               \
-                         AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                        \
-                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                  \
-                                 AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+// The kernel tables' index of q's element type (kernel_table.h).
+int cpu_dtype(const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat: return static_cast<int>(cpu::Dtype::Float);
+    case at::kDouble: return static_cast<int>(cpu::Dtype::Double);
+    case at::kBFloat16: return static_cast<int>(cpu::Dtype::BFloat16);
+    case at::kHalf: return static_cast<int>(cpu::Dtype::Half);
+    default: TORCH_CHECK(false, "flashattn: CPU kernels take float32, float64, bfloat16 or float16, got ", q.scalar_type());
+  }
+}
+
+// The CPU kernels of the selected instruction set (errors as Python's ValueError / RuntimeError).
+const cpu::KernelTable& cpu_kernels() {
+  try {
+    return cpu::kernels();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
 
 // The forward on q, k, v in `layout`; out comes back in the same layout (its memory
 // (B, Sq, H, Dv) either way).
@@ -50,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu_layout(const AttnArgs& args, Layout l
     lse.fill_(-std::numeric_limits<double>::infinity());
   }
   fill_output(p, out, lse, layout);
-  FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::fwd", [&] { cpu::flash_fwd<scalar_t>(p); });
+  cpu_kernels().fwd[cpu_dtype(q)](p);
   return {out, lse};
 }
 
@@ -79,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   fill_grads(p, dout, dq, dk, dv);
   at::Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);
   p.deterministic = deterministic;
-  FLASHATTN_DISPATCH_CPU(q.scalar_type(), "flashattn::bwd", [&] { cpu::flash_bwd<scalar_t>(p); });
+  cpu_kernels().bwd[cpu_dtype(q)](p);
   return {dq, dk, dv, dbias};
 }
 
@@ -153,10 +170,30 @@ PyObject* fwd_inference(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
-// flashattn_py._C.reload_cpu_switches(): read FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT
-// again (cpu/switches.h reads them once), for tests and benchmarks that compare paths.
-PyObject* reload_cpu_switches(PyObject* /*self*/, PyObject* /*args*/) {
-  cpu::switches() = cpu::switches_from_env();
+// The module's CPU_ISA (the instruction set of the CPU kernels in use) and CPU_KERNELS
+// (that, and the paths its kernels have): benchmarks record them, tests ask which paths to
+// expect. A bad FLASHATTN_CPU_ISA raises ValueError.
+bool publish_cpu_kernels(PyObject* module) {
+  const cpu::KernelTable* table;
+  try {
+    table = &cpu::select_kernels();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return false;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return false;
+  }
+  const std::string kernels = std::string(table->isa) + ": " + table->features;
+  return PyModule_AddStringConstant(module, "CPU_ISA", table->isa) == 0 &&
+         PyModule_AddStringConstant(module, "CPU_KERNELS", kernels.c_str()) == 0;
+}
+
+// flashattn_py._C.reload_cpu_switches(): choose the CPU kernels again, reading
+// FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES and FLASHATTN_CPU_BF16_DOT (each read once
+// otherwise), for tests and benchmarks that compare paths.
+PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
+  if (!publish_cpu_kernels(module)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -194,23 +231,11 @@ PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"fwd_inference", flashattn::fwd_inference, METH_VARARGS, "flashattn::fwd for eager inference calls"},
       {"reload_cpu_switches", flashattn::reload_cpu_switches, METH_NOARGS,
-       "read FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT again"},
+       "choose the CPU kernels again (FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT)"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  // Which CPU kernels this build has (fixed at compile time by -march=native): benchmarks
-  // record it, tests ask it which paths to expect.
-  const char* cpu_kernels =
-#if defined(FLASHATTN_CPU_BF16_DOT)
-      "avx2-tiles avx512-exp avx512bf16-dot";
-#elif defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
-      "avx2-tiles avx512-exp";
-#elif defined(FLASHATTN_CPU_TILES)
-      "avx2-tiles";
-#else
-      "blas";
-#endif
-  if (module != nullptr && PyModule_AddStringConstant(module, "CPU_KERNELS", cpu_kernels) != 0) {
+  if (module != nullptr && !flashattn::publish_cpu_kernels(module)) {
     Py_DECREF(module);
     return nullptr;
   }

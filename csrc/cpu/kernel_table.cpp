@@ -1,0 +1,39 @@
+// This instruction set's kernel table (kernel_table.h): compiled into each
+// flashattn_py/_cpu_<isa> library with that instruction set's flags (setup.py).
+#include "kernel_table.h"
+
+#include "flash_cpu.h"
+
+#ifndef FLASHATTN_ISA_NAME
+#error "FLASHATTN_ISA_NAME: the instruction set this library is compiled for (setup.py defines it)"
+#endif
+
+namespace {
+
+// The paths this build's kernels have, fixed by the instruction set they were compiled for.
+constexpr const char* kFeatures =
+#if defined(FLASHATTN_CPU_BF16_DOT)
+    "avx2-tiles avx512-exp avx512bf16-dot";
+#elif defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
+    "avx2-tiles avx512-exp";
+#elif defined(FLASHATTN_CPU_TILES)
+    "avx2-tiles";
+#else
+    "blas";
+#endif
+
+void reload_switches() { flashattn::cpu::switches() = flashattn::cpu::switches_from_env(); }
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) const flashattn::cpu::KernelTable* flashattn_cpu_kernel_table() {
+  using namespace flashattn::cpu;
+  static const KernelTable table = {
+      FLASHATTN_ISA_NAME,
+      kFeatures,
+      {&flash_fwd<float>, &flash_fwd<double>, &flash_fwd<c10::BFloat16>, &flash_fwd<c10::Half>},
+      {&flash_bwd<float>, &flash_bwd<double>, &flash_bwd<c10::BFloat16>, &flash_bwd<c10::Half>},
+      &reload_switches,
+  };
+  return &table;
+}

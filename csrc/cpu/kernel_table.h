@@ -1,0 +1,30 @@
+// The CPU kernels of one instruction set, as a table of plain function pointers.
+//
+// The kernels are compiled once per instruction set (setup.py: baseline x86-64, AVX2+FMA,
+// AVX-512, AVX-512 with BF16), each into its own shared library flashattn_py/_cpu_<isa>.*.so
+// that exports only `flashattn_cpu_kernel_table`. The ops (csrc/ops.cpp, built for the
+// baseline) load the best one this CPU runs (cpu_isa.cpp) and call through the table. Each
+// library has private copies of every inline function it uses (hidden visibility, linked
+// -Bsymbolic), so AVX-512 code never stands in for the baseline's.
+#pragma once
+
+#include "../flash_params.h"
+
+namespace flashattn::cpu {
+
+// Element types, in the order of the tables' entries.
+enum class Dtype { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
+constexpr int kNumDtypes = 4;
+
+struct KernelTable {
+  const char* isa;       // "baseline", "avx2", "avx512", "avx512bf16"
+  const char* features;  // the paths compiled in, e.g. "avx2-tiles avx512-exp avx512bf16-dot"
+  void (*fwd[kNumDtypes])(const FlashParams&);
+  void (*bwd[kNumDtypes])(const FlashBwdParams&);
+  // FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT read again (switches.h; for tests)
+  void (*reload_switches)();
+};
+
+}  // namespace flashattn::cpu
+
+extern "C" const flashattn::cpu::KernelTable* flashattn_cpu_kernel_table();

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# make wheel-check: install the one wheel in dist/ into a fresh venv per torch version
+# (default: 2.13.0 and 2.14.1) and run the smoke test and the CPU suite there, from a copy
+# of tests/ outside the source tree (so `import flashattn_py` is the installed wheel).
+# Usage: tools/wheel_check.sh [torch versions...]; logs in build/wheel-check/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+wheels=(dist/flashattn_py-*.whl)
+if [ ${#wheels[@]} -ne 1 ] || [ ! -f "${wheels[0]}" ]; then
+  echo "wheel-check: expected exactly one wheel in dist/ (run make wheel), found: ${wheels[*]}" >&2
+  exit 2
+fi
+wheel=$(realpath "${wheels[0]}")
+versions=("$@")
+[ ${#versions[@]} -eq 0 ] && versions=(2.13.0 2.14.1)
+root=$(realpath build)/wheel-check
+mkdir -p "$root"
+status=0
+for version in "${versions[@]}"; do
+  env_dir=$root/torch-$version
+  work=$root/tests-$version
+  log=$root/torch-$version.log
+  rm -rf "$env_dir" "$work"
+  mkdir -p "$work"
+  cp -r tests examples benchmarks pyproject.toml "$work"/
+  {
+    echo "== torch $version, wheel $(basename "$wheel")"
+    $PYTHON -m venv "$env_dir" &&
+      "$env_dir/bin/python" -m pip install -q "torch==$version" &&
+      ("$env_dir/bin/python" -c "import triton" 2>/dev/null || "$env_dir/bin/python" -m pip install -q triton==3.8.0) &&
+      "$env_dir/bin/python" -m pip install -q numpy pytest hypothesis expecttest tqdm &&
+      "$env_dir/bin/python" -m pip install -q --no-deps "$wheel" &&
+      (cd "$work" && "$env_dir/bin/python" -c "
+import torch, flashattn_py
+assert flashattn_py.backends.compiled_ops_error() is None, flashattn_py.backends.compiled_ops_error()
+from flashattn_py import _C
+q = torch.randn(1, 64, 2, 32, requires_grad=True)
+flashattn_py.flash_attn_func(q, q, q, causal=True).sum().backward()
+print('smoke: torch', torch.__version__, '| CPU kernels', _C.CPU_KERNELS, '| ok')") &&
+      (cd "$work" && "$env_dir/bin/python" -m pytest -q -p no:cacheprovider 2>&1 | tail -5)
+  } > "$log" 2>&1
+  rc=$?
+  tail -6 "$log"
+  if [ $rc -ne 0 ] || ! grep -q "smoke:.*ok" "$log" || grep -qE "[0-9]+ (failed|error)" "$log"; then
+    echo "wheel-check: torch $version FAILED (log: $log)"
+    status=1
+  else
+    echo "wheel-check: torch $version passed"
+  fi
+done
+exit $status
