@@ -9,6 +9,8 @@ Environment:
                               "100;120" where the toolkit's nvcc lists them (CUDA 12.8+)
   FLASHATTN_CPU_ISAS          CPU instruction sets to build kernels for (default on x86-64:
                               "baseline;avx2;avx512;avx512bf16"; elsewhere "baseline")
+  FLASHATTN_CPU_ISA_MARCH     e.g. "avx2=haswell": add -march=<cpu> to an instruction set's
+                              library (tools/isa_native_check.sh compares such builds)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
@@ -45,7 +47,16 @@ def _cpu_isas() -> dict:
     unknown = [isa for isa in wanted if isa not in CPU_ISAS]
     if unknown:
         raise ValueError(f"FLASHATTN_CPU_ISAS: unknown instruction sets {unknown}; expected some of {list(CPU_ISAS)}")
-    return {isa: flags for isa, flags in CPU_ISAS.items() if not wanted or isa in wanted or isa == "baseline"}
+    isas = {isa: flags for isa, flags in CPU_ISAS.items() if not wanted or isa in wanted or isa == "baseline"}
+    # FLASHATTN_CPU_ISA_MARCH="avx2=haswell;avx512bf16=cooperlake": also -march=<cpu> for those
+    # libraries (the "native build" of an instruction set that tools/isa_native_check.sh
+    # compares the default build with)
+    for item in filter(None, os.environ.get("FLASHATTN_CPU_ISA_MARCH", "").split(";")):
+        isa, _, march = item.partition("=")
+        if isa not in isas or not march:
+            raise ValueError(f"FLASHATTN_CPU_ISA_MARCH: expected <isa>=<cpu> items for {list(isas)}, got {item!r}")
+        isas[isa] = isas[isa] + [f"-march={march}"]
+    return isas
 
 
 def _isa_sources(here: str, isa: str) -> list:
