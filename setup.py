@@ -20,7 +20,7 @@ import subprocess
 
 from setuptools import setup
 
-PACKAGES = ["flashattn_py", "flashattn_py.integrations", "flashattn_py.kernels"]
+PACKAGES = ["flashattn_py", "flashattn_py.distributed", "flashattn_py.integrations", "flashattn_py.kernels"]
 PACKAGE_DIR = {"flashattn_py": "flashattn_py", "flashattn_py.kernels": "kernels"}
 
 
