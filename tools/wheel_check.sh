@@ -24,7 +24,7 @@ for version in "${versions[@]}"; do
   rm -rf "$env_dir" "$work"
   mkdir -p "$work"
   # the suite and the source files some tests read (never flashattn_py/: the wheel is tested)
-  cp -r tests examples benchmarks kernels csrc docs pyproject.toml README.md "$work"/
+  cp -r tests examples benchmarks kernels csrc docs pyproject.toml README.md setup.py "$work"/
   {
     echo "== torch $version, wheel $(basename "$wheel")"
     $PYTHON -m venv "$env_dir" &&
