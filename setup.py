@@ -26,10 +26,11 @@ PACKAGE_DIR = {"flashattn_py": "flashattn_py", "flashattn_py.kernels": "kernels"
 
 # The CPU kernels are compiled once per instruction set, each into its own library
 # flashattn_py._cpu_<isa> (csrc/cpu/kernel_table.h); the ops load the best one the CPU runs
-# (csrc/cpu/isa_select.cpp). No -march=native: one build runs on any x86-64 CPU. ATen's
-# vector headers use their AVX2 code in every non-baseline library (CPU_CAPABILITY_AVX2);
-# the kernels' own AVX-512 / AVX512-BF16 code follows the compiler's __AVX512*__ macros.
-_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+# (csrc/cpu/isa_select.cpp). No -march=native: one build runs on any x86-64 CPU. The
+# kernels' vector helpers (csrc/cpu/simd.h, at::vec's arithmetic) use their AVX2 code in
+# every non-baseline library (FLASHATTN_VEC_AVX2); the kernels' own AVX-512 / AVX512-BF16
+# code follows the compiler's __AVX512*__ macros.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DFLASHATTN_VEC_AVX2"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 CPU_ISAS = {
     "baseline": [],
@@ -99,12 +100,16 @@ def _extensions():
     sources = ["csrc/ops.cpp", "csrc/cpu/isa_select.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-parameter"]
     include_dirs = [os.path.join(here, "csrc")]
+    # The kernel libraries use only torch's stable ABI / header-only surface (torch::stable::
+    # parallel_for, c10::BFloat16 / Half from torch/headeronly), built for torch 2.11 and up;
+    # with TORCH_TARGET_VERSION set, any ATen / c10 header they included would not compile.
+    KERNEL_TORCH_TARGET = "-DTORCH_TARGET_VERSION=0x020b000000000000"
     # Each kernel library keeps private copies of the inline functions it uses (hidden, bound
     # locally), so no other library's AVX-512 copy ever runs in place of the baseline's.
     kernel_libraries = [
         CppExtension(f"flashattn_py._cpu_{isa}", _isa_sources(here, isa), include_dirs=include_dirs,
                      extra_compile_args={"cxx": cxx + ["-fvisibility=hidden", "-fvisibility-inlines-hidden",
-                                                       f'-DFLASHATTN_ISA_NAME="{isa}"'] + flags},
+                                                       f'-DFLASHATTN_ISA_NAME="{isa}"', KERNEL_TORCH_TARGET] + flags},
                      extra_link_args=["-fopenmp", "-Wl,-Bsymbolic"])
         for isa, flags in _cpu_isas().items()
     ]

@@ -2,14 +2,15 @@
 //
 // Shared pieces of flash_fwd.cpp and flash_bwd.cpp: element-type plumbing, the per-row
 // score transform (scale is applied by the GEMM; softcap, ALiBi, visibility here), and a
-// dynamic work queue over at::parallel_for threads.
+// dynamic work queue over torch's intra-op threads (torch::stable::parallel_for).
+//
+// Only the stable / header-only torch surface (setup.py builds these libraries with
+// TORCH_TARGET_VERSION): the vector loops use simd.h, not ATen/cpu/vec.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +23,7 @@
 
 #include "../flash_params.h"
 #include "dropout.h"
+#include "simd.h"
 #include "switches.h"
 #include "tiles.h"
 #include "tiles_bf16.h"
@@ -79,7 +81,7 @@ template <typename T>
 using acc_t = typename Acc<T>::type;
 
 template <typename acc>
-using Vec = at::vec::Vectorized<acc>;
+using Vec = simd::Vec<acc>;
 
 // Workspace buffers start on a cache line (new[] only guarantees 16 bytes), as torch's
 // own CPU allocations do, for the vector loops and BLAS's packing.
@@ -328,7 +330,7 @@ inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t row
   for (int64_t c = 0; c < n; ++c) row[c] = keep[c] ? row[c] * mult : acc(0);
 }
 
-// Vectorised row primitives (exp through Sleef where torch's vec headers provide it).
+// Vectorised row primitives (simd.h: at::vec's arithmetic, exp included, bit for bit).
 template <typename acc>
 inline acc row_max(const acc* s, int64_t n) {
   using V = Vec<acc>;
@@ -336,7 +338,7 @@ inline acc row_max(const acc* s, int64_t n) {
   int64_t c = 0;
   if (n >= V::size()) {
     V vbest = V::loadu(s);
-    for (c = V::size(); c + V::size() <= n; c += V::size()) vbest = at::vec::maximum(vbest, V::loadu(s + c));
+    for (c = V::size(); c + V::size() <= n; c += V::size()) vbest = simd::maximum(vbest, V::loadu(s + c));
     acc lanes[V::size()];
     vbest.store(lanes);
     for (int64_t l = 0; l < V::size(); ++l) best = std::max(best, lanes[l]);
@@ -495,7 +497,7 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
 // so that every thread gets at least two tasks: 1 when there are enough already
 // (flash-decoding's split, used by the forward and the backward alike).
 inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = torch::stable::get_num_threads();
   if (tasks == 0 || tasks >= 2 * threads) return 1;  // (no tasks: an empty batch or query)
   return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
 }
@@ -506,8 +508,8 @@ inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
 template <typename MakeWorkspace, typename Body>
 inline void for_each_task(int64_t num_tasks, const MakeWorkspace& make_workspace, const Body& body) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), num_tasks));
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto workspace = make_workspace();
     for (int64_t t = next++; t < num_tasks; t = next++) body(t, workspace);
   });

@@ -11,8 +11,8 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define FLASHATTN_CPU_TILES 1
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
