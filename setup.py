@@ -99,6 +99,12 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/ops.cpp", "csrc/cpu/isa_select.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-parameter"]
+    # The ops (flashattn_py._C) use only PyTorch's LibTorch stable ABI, as of torch 2.11
+    # (without this define the headers target the torch they come with), and CPython's
+    # limited API (abi3, Python >= 3.10: py_limited_api below; torch's build adds
+    # -DPy_LIMITED_API=0x030A0000 and does not link libtorch_python): one binary for every
+    # torch >= 2.11 and Python >= 3.10 (`torch-abi-audit` checks the built library).
+    stable = ["-DTORCH_TARGET_VERSION=0x020b000000000000"]
     include_dirs = [os.path.join(here, "csrc")]
     # The kernel libraries use only torch's stable ABI / header-only surface (torch::stable::
     # parallel_for, c10::BFloat16 / Half from torch/headeronly), built for torch 2.11 and up;
@@ -110,7 +116,8 @@ def _extensions():
         CppExtension(f"flashattn_py._cpu_{isa}", _isa_sources(here, isa), include_dirs=include_dirs,
                      extra_compile_args={"cxx": cxx + ["-fvisibility=hidden", "-fvisibility-inlines-hidden",
                                                        f'-DFLASHATTN_ISA_NAME="{isa}"', KERNEL_TORCH_TARGET] + flags},
-                     extra_link_args=["-fopenmp", "-Wl,-Bsymbolic"])
+                     extra_link_args=["-fopenmp", "-Wl,-Bsymbolic"],
+                     py_limited_api=True)  # (named _cpu_<isa>.abi3.so, next to _C.abi3.so: isa_select.cpp)
         for isa, flags in _cpu_isas().items()
     ]
     build_cuda = os.environ.get("FLASHATTN_FORCE_CUDA", "0") == "1" or (
@@ -118,7 +125,7 @@ def _extensions():
     )
     if build_cuda:
         archs = (os.environ.get("FLASHATTN_CUDA_ARCHS") or _default_cuda_archs(CUDA_HOME)).split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + stable
         archs = [a for a in archs if a]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         # and PTX of the newest, which the driver compiles for GPUs newer than every listed
@@ -128,15 +135,19 @@ def _extensions():
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "flashattn_py._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp", "-ldl"],
+            # (USE_CUDA: the stable C shim declares its CUDA stream / guard functions only then)
+            extra_compile_args={"cxx": cxx + stable + ["-DUSE_CUDA"], "nvcc": nvcc + ["-DUSE_CUDA"]},
+            extra_link_args=["-fopenmp", "-ldl"], py_limited_api=True,
         )
     else:
         ext = CppExtension(
             "flashattn_py._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp", "-ldl"],
+            extra_compile_args={"cxx": cxx + stable}, extra_link_args=["-fopenmp", "-ldl"], py_limited_api=True,
         )
     return [ext] + kernel_libraries, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+# An abi3 wheel (cp310-abi3): the extensions use the limited API of Python 3.10.
+options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass, options=options)

@@ -179,10 +179,10 @@ def _compiled_bwd() -> Callable:
 
 
 def _cpu_fwd_inference() -> Callable:
-    """csrc/ops.cpp fwd_inference: the compiled forward's arguments, then heads_first."""
-    from ._C import fwd_inference
-
-    return fwd_inference
+    """csrc/ops.cpp flashattn::fwd_inference: the compiled forward's dense arguments, then
+    heads_first; registered for AutogradCPU too, so a call reaches the kernel at the first
+    dispatch key. (The overload, bound once: no OpOverloadPacket lookup per call.)"""
+    return torch.ops.flashattn.fwd_inference.default
 
 
 def _triton_fwd() -> Callable:

@@ -447,9 +447,10 @@ def attention(
         # (the inference entry takes dense problems only)
         if (plain and per_sequence is None and block_table is None and impl.inference is not None
                 and _outside_dispatcher_ok()):
-            # The kernel straight from Python, in either layout, any strides
-            # (csrc/ops.cpp fwd_inference): the op's autograd layer and torch.ops' boxed call
-            # would cost more than a decode-sized kernel.
+            # The kernel at the first dispatch key, in either layout, any strides
+            # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
+            # schema is parsed faster): the op's autograd layer and fwd's 22-argument boxed
+            # call would cost more than a decode-sized kernel.
             inference = _inference_entry(impl)
     if inference is None:
         if impl.fused:

@@ -67,8 +67,8 @@ def test_reference_entry_takes_the_spec_values():
 
 @pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled ops not built")
 def test_inference_entry_order_is_the_compiled_forwards():
-    # ops.attention calls _C.fwd_inference with the compiled forward's leading values in
-    # this order (then heads_first), for dense calls only: the packed-sequence values that
+    # ops.attention calls flashattn::fwd_inference with the compiled forward's leading values
+    # in this order (then heads_first), for dense calls only: the packed-sequence values that
     # follow keep their defaults there.
     assert tuple(_args(torch.ops.flashattn.fwd.default))[:12] == (
         "q", "k", "v", "alibi_slopes", "attn_bias", "scale", "softcap", "window_left", "window_right", "diag_offset",
@@ -76,6 +76,9 @@ def test_inference_entry_order_is_the_compiled_forwards():
     assert tuple(_args(torch.ops.flashattn.fwd.default))[12:] == (
         "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "max_seqlen_q", "max_seqlen_k", "bottom_right",
         "kv_batch_idx", "leftpad_k", "num_splits")
+    # and the inference op takes those leading values, then heads_first
+    assert tuple(_args(torch.ops.flashattn.fwd_inference.default)) == (
+        tuple(_args(torch.ops.flashattn.fwd.default))[:12] + ("heads_first",))
 
 
 def test_every_fused_backend_has_its_entries():

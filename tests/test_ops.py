@@ -9,7 +9,7 @@ from rule import random_qkv
 
 pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
 
-# The CPU backend's eager inference entry (csrc/ops.cpp fwd_inference).
+# The CPU backend's eager inference entry (csrc/ops.cpp's flashattn::fwd_inference op).
 CPU_FWD_INFERENCE = backends.BACKENDS["cpu"].inference() if backends.compiled_ops_error() is None else None
 
 
@@ -133,8 +133,9 @@ def _op_path(q, k, v, slopes, bias, scale, softcap, left, right, offset, dropout
 @pytest.mark.parametrize("heads_first", [False, True])
 @pytest.mark.parametrize("case", ["plain", "gqa_causal_alibi", "bias_dropout", "strided_last_dim"])
 def test_inference_entry_matches_the_op(case, heads_first):
-    # Eager no-grad CPU calls go to _C.fwd_inference (ops.attention), skipping torch.ops and
-    # taking SDPA's (B, H, S, D) layout directly: the very same kernel, so bit-for-bit the op.
+    # Eager no-grad CPU calls go to flashattn::fwd_inference (ops.attention), skipping the
+    # autograd op and taking SDPA's (B, H, S, D) layout directly: the very same kernel, so
+    # bit-for-bit the op.
     q, k, v = (t.detach() for t in random_qkv(2, 13, 21, 4, 2 if case == "gqa_causal_alibi" else 4, 24, 20, seed=3))
     slopes = torch.rand(2, 4) if case == "gqa_causal_alibi" else None
     right = 0 if case == "gqa_causal_alibi" else -1
@@ -162,7 +163,7 @@ def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeyp
         out = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)
         flashattn_py.flash_attn_func(q, k, v)
     assert calls == [True, False]  # SDPA's layout as is; flash-attn's
-    assert "flashattn::fwd" in [e.key for e in prof.key_averages()]
+    assert "flashattn::fwd_inference" in [e.key for e in prof.key_averages()]
     # Calls that need gradients keep the autograd op: the same kernel, the same result.
     q.requires_grad_()
     with_grad = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -173,7 +174,8 @@ def test_inference_calls_take_the_entry_and_stay_visible_to_the_profiler(monkeyp
 
 def test_inference_entry_argument_errors():
     q = torch.randn(1, 5, 2, 8)
-    with pytest.raises(TypeError, match="v must be a tensor"):
+    # (torch.ops' argument parsing, and the stable ABI's checks, raise RuntimeError)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'v'"):
         CPU_FWD_INFERENCE(q, q, "v", None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
     with pytest.raises(RuntimeError, match="head dims differ"):
         CPU_FWD_INFERENCE(q, q[..., :4], q, None, None, 0.3, 0.0, -1, -1, 0, 0.0, None, False)
