@@ -97,6 +97,13 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
+    # An in-place build from before the abi3 one left flashattn_py/_C.cpython-3xx-<platform>.so
+    # (and _cpu_<isa>.cpython-...): Python tries that suffix before .abi3.so, so the old
+    # library would be imported instead of the new one. Remove them.
+    for pattern in ("_C.cpython-*.so", "_cpu_*.cpython-*.so"):
+        for stale in glob.glob(os.path.join(here, "flashattn_py", pattern)):
+            print(f"removing {stale} (an older, non-abi3 build)")
+            os.remove(stale)
     sources = ["csrc/ops.cpp", "csrc/cpu/isa_select.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-parameter"]
     # The ops (flashattn_py._C) use only PyTorch's LibTorch stable ABI, as of torch 2.11
