@@ -113,16 +113,14 @@ def _extensions():
     # torch >= 2.11 and Python >= 3.10 (`torch-abi-audit` checks the built library).
     stable = ["-DTORCH_TARGET_VERSION=0x020b000000000000"]
     include_dirs = [os.path.join(here, "csrc")]
-    # The kernel libraries use only torch's stable ABI / header-only surface (torch::stable::
-    # parallel_for, c10::BFloat16 / Half from torch/headeronly), built for torch 2.11 and up;
-    # with TORCH_TARGET_VERSION set, any ATen / c10 header they included would not compile.
-    KERNEL_TORCH_TARGET = "-DTORCH_TARGET_VERSION=0x020b000000000000"
+    # The kernel libraries too (torch::stable::parallel_for, c10::BFloat16 / Half from
+    # torch/headeronly); with TORCH_TARGET_VERSION set, an ATen / c10 header would not compile.
     # Each kernel library keeps private copies of the inline functions it uses (hidden, bound
     # locally), so no other library's AVX-512 copy ever runs in place of the baseline's.
     kernel_libraries = [
         CppExtension(f"flashattn_py._cpu_{isa}", _isa_sources(here, isa), include_dirs=include_dirs,
                      extra_compile_args={"cxx": cxx + ["-fvisibility=hidden", "-fvisibility-inlines-hidden",
-                                                       f'-DFLASHATTN_ISA_NAME="{isa}"', KERNEL_TORCH_TARGET] + flags},
+                                                       f'-DFLASHATTN_ISA_NAME="{isa}"'] + stable + flags},
                      extra_link_args=["-fopenmp", "-Wl,-Bsymbolic"],
                      py_limited_api=True)  # (named _cpu_<isa>.abi3.so, next to _C.abi3.so: isa_select.cpp)
         for isa, flags in _cpu_isas().items()
