@@ -49,4 +49,4 @@ wheel-check:
 	tools/wheel_check.sh $(WHEEL_CHECK_TORCH)
 
 clean:
-	rm -rf build flashattn_py/_C*.so $(VENV)/.built
+	rm -rf build dist flashattn_py/*.so $(VENV)/.built
