@@ -41,7 +41,7 @@ bench-model: setup
 # One wheel for every x86-64 CPU (CPU kernels per instruction set; CUDA ops too when a CUDA
 # toolkit and a CUDA torch are present), into dist/.
 wheel: $(VENV)/.deps
-	rm -rf dist/flashattn_py-*.whl
+	rm -rf dist/flashattn_py-*.whl build/lib.* build/bdist.*  # (no library of an older build in the wheel)
 	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
 
 # Install that wheel into fresh venvs with torch 2.13.0 and 2.14.1; smoke test + CPU suite in each.
