@@ -100,9 +100,12 @@ def _extensions():
     # An in-place build from before the abi3 one left flashattn_py/_C.cpython-3xx-<platform>.so
     # (and _cpu_<isa>.cpython-...): Python tries that suffix before .abi3.so, so the old
     # library would be imported instead of the new one. Remove them.
-    for pattern in ("_C.cpython-*.so", "_cpu_*.cpython-*.so"):
+    # Kernel libraries of instruction sets this build leaves out (FLASHATTN_CPU_ISAS) would be
+    # loaded from an older build: removed too.
+    left_out = [f"_cpu_{isa}.*.so" for isa in CPU_ISAS if isa not in _cpu_isas()]
+    for pattern in ["_C.cpython-*.so", "_cpu_*.cpython-*.so"] + left_out:
         for stale in glob.glob(os.path.join(here, "flashattn_py", pattern)):
-            print(f"removing {stale} (an older, non-abi3 build)")
+            print(f"removing {stale} (from an older build)")
             os.remove(stale)
     sources = ["csrc/ops.cpp", "csrc/cpu/isa_select.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-parameter"]

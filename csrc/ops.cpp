@@ -149,7 +149,9 @@ std::tuple<Tensor, Tensor> fwd_inference(const Tensor& q, const Tensor& k, const
 // The module's CPU_ISA (the instruction set of the CPU kernels in use) and CPU_KERNELS
 // (that, and the paths its kernels have): benchmarks record them, tests ask which paths to
 // expect. A bad FLASHATTN_CPU_ISA raises ValueError.
-bool publish_cpu_kernels(PyObject* module) {
+// A library that cannot be loaded raises `load_error` (ImportError on import, so the package
+// falls back to its other backends; RuntimeError on a reload).
+bool publish_cpu_kernels(PyObject* module, PyObject* load_error) {
   const cpu::KernelTable* table;
   try {
     table = &cpu::select_kernels();
@@ -157,7 +159,7 @@ bool publish_cpu_kernels(PyObject* module) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return false;
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    PyErr_SetString(load_error, e.what());
     return false;
   }
   const std::string kernels = std::string(table->isa) + ": " + table->features;
@@ -169,7 +171,7 @@ bool publish_cpu_kernels(PyObject* module) {
 // FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES and FLASHATTN_CPU_BF16_DOT (each read once
 // otherwise), for tests and benchmarks that compare paths.
 PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
-  if (!publish_cpu_kernels(module)) return nullptr;
+  if (!publish_cpu_kernels(module, PyExc_RuntimeError)) return nullptr;
   Py_RETURN_NONE;
 }
 
@@ -222,7 +224,7 @@ PyMODINIT_FUNC PyInit__C(void) {
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && !flashattn::publish_cpu_kernels(module)) {
+  if (module != nullptr && !flashattn::publish_cpu_kernels(module, PyExc_ImportError)) {
     Py_DECREF(module);
     return nullptr;
   }

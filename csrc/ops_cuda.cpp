@@ -50,7 +50,8 @@ TensorInfo check_cuda_inputs(const Tensor& q_t, const Tensor& k_t, const Tensor&
   STD_TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "flashattn (cuda): q, k, v must be CUDA tensors");
   STD_TORCH_CHECK(q.dtype == codes().f16 || q.dtype == codes().bf16,
                   "flashattn (cuda): dtype must be float16 or bfloat16, got ", dtype_name(q.dtype));
-  STD_TORCH_CHECK(q.dim == 4 && v.dim == 4, "flashattn (cuda): q, k, v must be 4-D (B, S, H, D)");
+  STD_TORCH_CHECK(q.dim == 4 && k.dim == 4 && v.dim == 4 && k.size(2) > 0,
+                  "flashattn (cuda): q, k, v must be 4-D (B, S, H, D) with at least one K/V head");
   const cudaDeviceProp& prop = device_properties(q.device_index);
   STD_TORCH_CHECK(prop.major >= 8, "flashattn (cuda): needs an sm80+ GPU, got sm", prop.major, prop.minor, " (",
                   q.device_str(), ")");

@@ -15,7 +15,8 @@ PACKAGE = os.path.dirname(flashattn_py.__file__)
 LIBRARIES = sorted(glob.glob(os.path.join(PACKAGE, "*.so")))
 # C++ namespaces of libtorch's unstable surface, libtorch_python's C API (THP*), and the
 # SLEEF copy inside libtorch_cpu that ATen's vector code calls
-UNSTABLE = re.compile(r"^(_ZN(K)?\d*(c10|at|torch|caffe2)|THP|Sleef_)")
+# (functions _ZN..., and typeinfo / vtables / names / guards / statics: _ZTI, _ZTV, _ZTS, _ZGV, _ZZN)
+UNSTABLE = re.compile(r"^(_Z(T[IVS]|GV|Z)?N?K?\d+(c10|at|torch|caffe2)|THP|Sleef_)")
 
 
 def _imports(path: str) -> list[str]:

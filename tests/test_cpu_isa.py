@@ -1,6 +1,11 @@
 """The CPU kernels are built once per instruction set and chosen at run time
 (csrc/cpu/isa_select.cpp): FLASHATTN_CPU_ISA forces one, every one this CPU runs computes
 attention by the rule, and a bad choice is a clear error."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,13 +29,54 @@ def _force(cpu_switch, isa: str) -> bool:
     return True
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def test_the_default_is_the_best_this_cpu_runs():
     assert _C.CPU_ISA in ISAS
     assert _C.CPU_KERNELS == f"{_C.CPU_ISA}: {FEATURES[_C.CPU_ISA]}"
+    flags = _cpu_flags()
+    if not flags or os.environ.get("FLASHATTN_CPU_ISA"):
+        pytest.skip("no /proc/cpuinfo flags, or an instruction set is forced")
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    best = ("avx512bf16" if avx512 and "avx512_bf16" in flags else "avx512" if avx512 else "avx2" if avx2
+            else "baseline")
+    assert _C.CPU_ISA == best, f"/proc/cpuinfo says {best}, the kernels in use are {_C.CPU_ISA}"
+
+
+def _import_in_subprocess(package_dir: str, env: dict) -> subprocess.CompletedProcess:
+    code = "import flashattn_py; from flashattn_py import _C; print(_C.CPU_ISA)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                          env=dict(os.environ, PYTHONPATH=package_dir, **env), timeout=120)
+
+
+def test_an_unknown_instruction_set_fails_the_import():
+    result = _import_in_subprocess(os.path.dirname(os.path.dirname(flashattn_py.__file__)),
+                                   {"FLASHATTN_CPU_ISA": "sse3"})
+    assert result.returncode != 0
+    assert "ValueError: FLASHATTN_CPU_ISA: expected one of" in result.stderr, result.stderr[-2000:]
+
+
+def test_a_library_left_out_of_the_build_is_skipped(tmp_path):
+    """A build without the best set's library (FLASHATTN_CPU_ISAS) uses the next one it has."""
+    if _C.CPU_ISA == "baseline":
+        pytest.skip("this CPU runs only the baseline kernels")
+    package = tmp_path / "flashattn_py"
+    shutil.copytree(os.path.dirname(flashattn_py.__file__), package,
+                    ignore=shutil.ignore_patterns("__pycache__", f"_cpu_{_C.CPU_ISA}.*"))
+    result = _import_in_subprocess(str(tmp_path), {"FLASHATTN_CPU_ISA": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == ISAS[ISAS.index(_C.CPU_ISA) - 1]
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_each_instruction_set_follows_the_rule(cpu_switch, isa, dtype):
     if not _force(cpu_switch, isa):
         pytest.skip(f"this CPU does not run the {isa} kernels")

@@ -56,10 +56,19 @@ const KernelTable* load(const std::string& isa) {
   }
   auto entry = reinterpret_cast<const KernelTable* (*)()>(dlsym(handle, "flashattn_cpu_kernel_table"));
   if (entry == nullptr) throw std::runtime_error("flashattn: " + path + " has no flashattn_cpu_kernel_table");
-  return entry();
+  const KernelTable* table = entry();
+  if (table->abi != kKernelTableAbi || table->params_size != sizeof(FlashParams) ||
+      table->bwd_params_size != sizeof(FlashBwdParams)) {
+    throw std::runtime_error("flashattn: " + path + " is from another build of flashattn_py (its kernel table "
+                             "does not match); rebuild the extension");
+  }
+  return table;
 }
 
-std::string choose() {
+// FLASHATTN_CPU_ISA's table (a bad name, a set this CPU cannot run or a missing library
+// raise), else the best set this CPU runs whose library loads (a build may have left some
+// out: FLASHATTN_CPU_ISAS).
+const KernelTable* choose() {
   const char* forced = std::getenv("FLASHATTN_CPU_ISA");
   if (forced != nullptr && forced[0] != '\0') {
     const std::string isa = forced;
@@ -72,12 +81,17 @@ std::string choose() {
     if (!cpu_runs(isa)) {
       throw std::invalid_argument("FLASHATTN_CPU_ISA: this CPU does not run the '" + isa + "' kernels");
     }
-    return isa;
+    return load(isa);
   }
   for (const char* name : kIsas) {
-    if (cpu_runs(name)) return name;
+    if (!cpu_runs(name)) continue;
+    try {
+      return load(name);
+    } catch (const std::runtime_error&) {
+      if (std::string(name) == "baseline") throw;  // (every build has the baseline)
+    }
   }
-  return "baseline";
+  throw std::logic_error("unreachable: the baseline is always chosen");
 }
 
 std::atomic<const KernelTable*> active{nullptr};
@@ -93,7 +107,7 @@ const KernelTable& kernels() {
 
 const KernelTable& select_kernels() {
   std::lock_guard<std::mutex> lock(loading);
-  const KernelTable* table = load(choose());  // (dlopen of a loaded library returns it again)
+  const KernelTable* table = choose();  // (dlopen of a loaded library returns it again)
   table->reload_switches();
   active.store(table, std::memory_order_release);
   return *table;

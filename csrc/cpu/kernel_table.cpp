@@ -29,6 +29,9 @@ void reload_switches() { flashattn::cpu::switches() = flashattn::cpu::switches_f
 extern "C" __attribute__((visibility("default"))) const flashattn::cpu::KernelTable* flashattn_cpu_kernel_table() {
   using namespace flashattn::cpu;
   static const KernelTable table = {
+      kKernelTableAbi,
+      sizeof(flashattn::FlashParams),
+      sizeof(flashattn::FlashBwdParams),
       FLASHATTN_ISA_NAME,
       kFeatures,
       {&flash_fwd<float>, &flash_fwd<double>, &flash_fwd<c10::BFloat16>, &flash_fwd<c10::Half>},

@@ -8,6 +8,8 @@
 // -Bsymbolic), so AVX-512 code never stands in for the baseline's.
 #pragma once
 
+#include <cstdint>
+
 #include "../flash_params.h"
 
 namespace flashattn::cpu {
@@ -16,7 +18,14 @@ namespace flashattn::cpu {
 enum class Dtype { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
 constexpr int kNumDtypes = 4;
 
+// Bumped when this struct or the kernels' contract changes; with the parameter structs'
+// sizes it stops a kernel library left by another build from being used.
+constexpr uint32_t kKernelTableAbi = 1;
+
 struct KernelTable {
+  uint32_t abi;                // kKernelTableAbi of the build that made this library
+  uint32_t params_size;        // sizeof(FlashParams) there
+  uint32_t bwd_params_size;    // sizeof(FlashBwdParams) there
   const char* isa;       // "baseline", "avx2", "avx512", "avx512bf16"
   const char* features;  // the paths compiled in, e.g. "avx2-tiles avx512-exp avx512bf16-dot"
   void (*fwd[kNumDtypes])(const FlashParams&);
