@@ -490,7 +490,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
       heads * splits, [&] { return Workspace(p, row_scores); }, body);
 
   if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
-    torch::stable::parallel_for(0, heads * Sq_max, 64, [&](int64_t begin, int64_t end) {
+    parallel_for(0, heads * Sq_max, 64, [&](int64_t begin, int64_t end) {
       std::vector<acc> row(D);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bh = r / Sq_max, i = r % Sq_max, b = bh / H, h = bh % H;
@@ -508,7 +508,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   }
 
   if (group > 1) {  // dK/dV of a kv head = sum over its query heads, in head order
-    torch::stable::parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bhk = begin; bhk < end; ++bhk) {
         const int64_t b = bhk / Hk, hk = bhk % Hk;
         const SeqView sv = seq_view(p, b);

@@ -17,8 +17,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 
 #include "../flash_params.h"
@@ -502,6 +504,23 @@ inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
   return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
 }
 
+// torch::stable::parallel_for, rethrowing here the first exception `f` threw on any thread
+// (through the stable C boundary the loop itself would only report that it failed).
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  std::exception_ptr error;
+  std::mutex error_lock;
+  torch::stable::parallel_for(begin, end, grain, [&](int64_t first, int64_t last) {
+    try {
+      f(first, last);
+    } catch (...) {
+      std::lock_guard<std::mutex> guard(error_lock);
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
 // Run body(task, workspace) for task in [0, num_tasks) on torch's intra-op threads, each
 // thread with its own workspace from make_workspace(), handing out tasks in order from a
 // shared counter (list heavy tasks first for balance).
@@ -509,7 +528,7 @@ template <typename MakeWorkspace, typename Body>
 inline void for_each_task(int64_t num_tasks, const MakeWorkspace& make_workspace, const Body& body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), num_tasks));
-  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto workspace = make_workspace();
     for (int64_t t = next++; t < num_tasks; t = next++) body(t, workspace);
   });

@@ -556,7 +556,7 @@ void run_fwd(const FlashParams& p) {
       row_tasks * splits, [&] { return Workspace(p, block_q, block_k, num_q_blocks); }, body);
 
   if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
-    torch::stable::parallel_for(0, row_tasks * block_q, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, row_tasks * block_q, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc> row(Dv);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t row_task = idx / block_q, r = idx % block_q;
