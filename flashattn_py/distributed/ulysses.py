@@ -40,26 +40,18 @@ def heads_to_seq(y: Tensor, group: comm.Group) -> Tensor:
     return _exchange(blocks, group).permute(1, 2, 0, 3, 4).reshape(b, s, world * h_local, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """``seq_to_heads`` (``to_heads``) or ``heads_to_seq``; the backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, group: comm.Group) -> Tensor:
-        ctx.group = group
-        return seq_to_heads(x, group)
+    def forward(ctx, x: Tensor, group: comm.Group, to_heads: bool) -> Tensor:
+        ctx.group, ctx.to_heads = group, to_heads
+        return seq_to_heads(x, group) if to_heads else heads_to_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return heads_to_seq(grad.contiguous(), ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: Tensor, group: comm.Group) -> Tensor:
-        ctx.group = group
-        return heads_to_seq(y, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return seq_to_heads(grad.contiguous(), ctx.group), None
+        grad = grad.contiguous()
+        return (heads_to_seq(grad, ctx.group) if ctx.to_heads else seq_to_heads(grad, ctx.group)), None, None
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
@@ -90,7 +82,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                                       window_size, softcap, alibi_slopes, deterministic, layout_check)
     world, window, scale = ring.world_size, checked.window, checked.scale
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
-    q_heads, k_heads, v_heads = (_SeqToHeads.apply(t, ring) for t in (q4, k4, v4))
+    q_heads, k_heads, v_heads = (_AllToAll.apply(t, ring, True) for t in (q4, k4, v4))
     slopes = None
     if alibi_slopes is not None:
         per_rank = q4.shape[2] // world
@@ -106,7 +98,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                                  window_left=window[0], window_right=window[1],
                                  diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic,
                                  backend=checked.backend)
-    out = _HeadsToSeq.apply(out, ring)
+    out = _AllToAll.apply(out, ring, False)
     if packed:
         out = out[0]
     if not return_attn_probs:
