@@ -47,13 +47,16 @@ def _decode(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, pg_timeout: float, args: tuple, results) -> None:
+def _worker(fn: Callable, rank: int, world_size: int, port: int, pg_timeout: float, backend: str, args: tuple,
+            results) -> None:
     try:
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout))
         try:
             value = fn(rank, world_size, *args)
@@ -65,8 +68,9 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, pg_timeout: flo
 
 
 def run_workers(fn: Callable, world_size: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0,
-                grace: float = 15.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; their results.
+                grace: float = 15.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks of a ``backend``
+    process group (gloo; nccl: rank r on GPU r); their results.
 
     Raises AssertionError when a rank raised, died, or did not finish in time.
     """
@@ -76,7 +80,7 @@ def run_workers(fn: Callable, world_size: int, *args, timeout: float = 120.0, pg
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the children read it at torch import
     try:
-        procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, pg_timeout, args, results),
+        procs = [ctx.Process(target=_worker, args=(fn, rank, world_size, port, pg_timeout, backend, args, results),
                              daemon=True, name=f"cp-rank{rank}")
                  for rank in range(world_size)]
         for p in procs:
