@@ -326,13 +326,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.causal = {"0": [False], "1": [True], "both": [False, True], None: [False, True]}[args.causal]
     if args.input_sets is None:
         args.input_sets = 4 if args.device.startswith("cuda") else 2
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"--modes: expected some of {','.join(MODES)}, got {m!r}")
-    for d in args.dtypes:
-        if d not in common.DTYPES:
-            p.error(f"--dtypes: expected some of fp32,bf16,fp16,fp64, got {d!r}")
-    args.dtypes = [common.dtype_name(common.DTYPES[d]) for d in args.dtypes]
+    common.check_choices(p, "--modes", args.modes, MODES)
+    args.dtypes = common.dtype_names(p, args.dtypes)
     return args
 
 

@@ -521,16 +521,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.repeats = 1 if args.quick else 5
     if args.threads is None:
         args.threads = 1
-    for m in args.modes:
-        if m not in MODES:
-            p.error(f"--modes: expected some of {','.join(MODES)}, got {m!r}")
-    for i in args.impls:
-        if i not in IMPLS:
-            p.error(f"--impls: expected some of {','.join(IMPLS)}, got {i!r}")
-    for d in args.dtypes:
-        if d not in common.DTYPES:
-            p.error(f"--dtypes: expected some of fp32,bf16,fp16, got {d!r}")
-    args.dtypes = [common.dtype_name(common.DTYPES[d]) for d in args.dtypes]
+    common.check_choices(p, "--modes", args.modes, MODES)
+    common.check_choices(p, "--impls", args.impls, IMPLS)
+    args.dtypes = common.dtype_names(p, args.dtypes)
     for w in args.world:
         if w < 1 or args.seqlen % (2 * w):
             p.error(f"--seqlen {args.seqlen} must be divisible by 2 * world = {2 * w}")
@@ -542,7 +535,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     env = common.environment(device)
     env["device"] = common.device_description(device).rsplit(",", 1)[0] + f", {os.cpu_count()} cores"
-    env["load_before"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_before"] = common.load_average()
     print(f"# context parallel: {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
           f" | cpu kernels: {env['cpu_kernels']} | load {env['load_before']}")
     print(f"# B={args.batch} S={args.seqlen} H={args.heads} Hk={args.heads_k} D={args.head_dim} causal; "
@@ -561,7 +554,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.extend(run_world(world, cfg, args.timeout))
         common.write_csv(rows, args.out / "context_parallel.csv", CSV_FIELDS)
     elapsed = time.perf_counter() - start
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_after"] = common.load_average()
     print(common.format_table(rows, TABLE_COLUMNS))
     print(f"# {len(rows)} rows in {elapsed:.0f} s; exposed = ring - local; hidden % = 1 - exposed / comm")
     summary = markdown(rows, env, args, elapsed)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import subprocess
 import sys
@@ -366,15 +365,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.matmul_size = 256 if args.quick else 2048
     if args.quick:
         args.min_run_time = min(args.min_run_time, 0.002)
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"--methods: expected some of {','.join(METHODS)}, got {m!r}")
-    for d in args.dtypes:
-        if d not in common.DTYPES:
-            p.error(f"--dtypes: expected some of fp32,bf16,fp16, got {d!r}")
+    common.check_choices(p, "--methods", args.methods, METHODS)
+    args.dtypes = common.dtype_names(p, args.dtypes)
     if args.heads_q % args.heads_k:
         p.error(f"--heads-q ({args.heads_q}) must be a multiple of --heads-k ({args.heads_k})")
-    args.dtypes = [common.dtype_name(common.DTYPES[d]) for d in args.dtypes]
     return args
 
 
@@ -384,7 +378,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = common.environment(device)
-    env["load_before"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_before"] = common.load_average()
     l3 = l3_bytes() if device.type == "cpu" else None
     env["l3_bytes"] = l3
     env["peak_tflops"] = {}

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -393,16 +392,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in (*args.sets, *args.dense_one):
         if name not in DOC_SETS:
             p.error(f"unknown document set {name!r} (A, B)")
-    for m in (*args.modes, *args.dense_one_modes):
-        if m not in MODES:
-            p.error(f"--modes: expected some of {','.join(MODES)}, got {m!r}")
-    for m in args.methods:
-        if m not in METHODS:
-            p.error(f"--methods: expected some of {','.join(METHODS)}, got {m!r}")
-    for d in args.dtypes:
-        if d not in common.DTYPES:
-            p.error(f"--dtypes: expected some of fp32,bf16,fp16, got {d!r}")
-    args.dtypes = [common.dtype_name(common.DTYPES[d]) for d in args.dtypes]
+    common.check_choices(p, "--modes", (*args.modes, *args.dense_one_modes), MODES)
+    common.check_choices(p, "--methods", args.methods, METHODS)
+    args.dtypes = common.dtype_names(p, args.dtypes)
     return args
 
 
@@ -412,7 +404,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = common.environment(device)
-    env["load_before"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_before"] = common.load_average()
     todo = cases(args)
     print(f"# varlen: {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
           f" | cpu kernels: {env['cpu_kernels']} | load {env['load_before']}")

@@ -456,13 +456,33 @@ def run_cases(todo, stem: str, describe, measure, args, csv_fields, table_column
         rows.extend(measure(case))
         write_csv(rows, args.out / f"{stem}.csv", csv_fields)
     elapsed = time.perf_counter() - start
-    env["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    env["load_after"] = load_average()
     print(format_table(rows, table_columns))
     print(f"# {len(rows)} rows in {elapsed:.0f} s; {legend}")
     summary = markdown(rows, env, args, elapsed)
     print(summary)
     save_run(args.out, stem, rows, csv_fields, env, args, elapsed, evaluate_targets(rows), summary)
     return rows
+
+
+def check_choices(p, flag: str, values: Iterable[str], allowed: Iterable[str]) -> None:
+    """parser error unless every one of ``values`` (a comma-list option) is in ``allowed``."""
+    allowed = list(allowed)
+    for value in values:
+        if value not in allowed:
+            p.error(f"{flag}: expected some of {','.join(allowed)}, got {value!r}")
+
+
+def dtype_names(p, dtypes: Iterable[str]) -> list[str]:
+    """--dtypes checked and spelled as the tables spell them (float32, bfloat16, ...)."""
+    dtypes = list(dtypes)
+    check_choices(p, "--dtypes", dtypes, DTYPES)
+    return [dtype_name(DTYPES[d]) for d in dtypes]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (recorded before and after a run)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def comma_strs(text: str) -> list[str]:
