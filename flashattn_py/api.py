@@ -209,6 +209,12 @@ def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def index_values_readable(device: torch.device) -> bool:
+    """Whether index tensors (offsets, lengths, pages) on ``device`` are read back for value
+    checks: CPU tensors always; GPU tensors only with FLASHATTN_CHECK_INPUTS=1 (a host sync)."""
+    return device.type == "cpu" or os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
+
+
 def _check_values() -> bool:
     """Whether index tensors' values may be read for checks: not while torch.compile
     traces (values are not known then; _check_packed says when they are read)."""
@@ -231,7 +237,7 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
     (``FLASHATTN_CHECK_INPUTS=1``); without them the kernels clamp every value into the
     tensors' bounds (no out-of-bounds access, but a wrong value gives a wrong answer)."""
     device = next(t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table) if t is not None).device
-    if device.type != "cpu" and os.environ.get("FLASHATTN_CHECK_INPUTS", "0") in ("", "0"):
+    if not index_values_readable(device):
         return
     lengths_k = None
     for arg, cu, total, longest, max_arg in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),

@@ -11,14 +11,13 @@ graphs), its indices computed on the device.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages
+from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages, index_values_readable
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -80,7 +79,7 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
     FLASHATTN_CHECK_INPUTS=1 (that syncs); never while torch.compile traces."""
     if torch.compiler.is_compiling():
         return
-    if cache_seqlens.device.type != "cpu" and os.environ.get("FLASHATTN_CHECK_INPUTS", "0") in ("", "0"):
+    if not index_values_readable(cache_seqlens.device):
         return
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]

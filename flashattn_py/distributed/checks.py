@@ -3,7 +3,6 @@ collective comparison (comm.check_collectively), so that bad or mismatched input
 every rank of the group instead of leaving the others waiting in a ring or an all-to-all."""
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -27,16 +26,10 @@ class Checked(NamedTuple):
     backward: bool
 
 
-def read_values(t: Tensor) -> bool:
-    """Whether index values may be read back for checks (CPU tensors; GPU tensors only with
-    FLASHATTN_CHECK_INPUTS=1, as every varlen call)."""
-    return t.device.type == "cpu" or os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
-
-
 def offsets_fields(cu: Tensor) -> list[tuple]:
     """cu_seqlens must be the same on every rank: its length, and (when its values may be read)
     two sums of them that differ for different offsets of the same length."""
-    if not read_values(cu):
+    if not api.index_values_readable(cu.device):
         return [("cu_seqlens", [cu.shape[0], float("nan"), float("nan")])]
     offsets = cu.tolist()
     return [("cu_seqlens", [len(offsets), float(sum(offsets)), float(sum(i * x for i, x in enumerate(offsets)))])]

@@ -297,7 +297,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
             raise ArgumentError("window_size, alibi_slopes: not supported by the varlen ring forms (every "
                                 "document's pieces would need their own position offset); use "
                                 "ulysses_flash_attn_varlen_func or the dense forms")
-        if checks.read_values(cu):
+        if api.index_values_readable(cu.device):
             offsets, pieces, total = cu.tolist(), world * per_rank, q4.shape[1] * world
             if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
                 raise ArgumentError(f"cu_seqlens: the global offsets must rise from 0 to {total} (this rank's "

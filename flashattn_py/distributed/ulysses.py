@@ -71,7 +71,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
             if q4.shape[1] != k4.shape[1]:
                 raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
                                     f"{k4.shape[1]} rows")
-            if checks.read_values(cu):
+            if api.index_values_readable(cu.device):
                 total = q4.shape[1] * world
                 api._check_packed(cu, cu, max_seqlen, max_seqlen, total, total, None, None, 0, 0,
                                   dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
