@@ -13,7 +13,7 @@ its neighbours; a chunk on the diagonal is one masked call; an invisible chunk i
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -175,14 +175,10 @@ class PackedRows:
 
 class RingSetup(NamedTuple):
     group: comm.Group
-    rows: object  # DenseRows or PackedRows
+    rows: Union[DenseRows, PackedRows]
     plans: list[list[Call]]  # per step: the calls against the block of rank (rank - step)
     options: partial.BlockOptions
     backend: str
-
-
-def _call_options(setup: RingSetup, call: Call) -> partial.BlockOptions:
-    return setup.rows.options(call, setup.options)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,7 +199,7 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, setup: RingSetup) -> tuple[Ten
         incoming = None if last else exchange.start(block)
         for call in setup.plans[step]:
             block_out, block_lse = partial.forward(rows.get(q, call.q), rows.get(block[0], call.k),
-                                                   rows.get(block[1], call.k), _call_options(setup, call),
+                                                   rows.get(block[1], call.k), setup.rows.options(call, setup.options),
                                                    setup.backend)
             rows.merge(out, lse, call.q, block_out, block_lse)
         if not last:
@@ -232,7 +228,7 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         for call in setup.plans[step]:
             dq_b, dk_b, dv_b = partial.backward(
                 rows.get(dout, call.q), rows.get(q, call.q), rows.get(block[0], call.k), rows.get(block[1], call.k),
-                rows.get(out, call.q), rows.get(lse, call.q, rows.dim + 1), _call_options(setup, call),
+                rows.get(out, call.q), rows.get(lse, call.q, rows.dim + 1), setup.rows.options(call, setup.options),
                 setup.backend)
             rows.add(dq, call.q, dq_b)
             if kv_grads:
