@@ -127,7 +127,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   const int64_t row0 = s.lse_row + h * lse_head_stride(p);  // lse row of query 0
   const float* lse = static_cast<const float*>(p.lse) + row0;
   const float* dsum = args.dsum + row0;
-  float* dq_acc = args.dq_accum + row0 * p.head_dim;
 
   const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
   const int n_last = min(n0 + kBN, Sk) - 1;
@@ -151,7 +150,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   const bool has_softcap = p.softcap > 0.f;
   const bool has_alibi = p.alibi_slopes != nullptr;
   const int off = clamp_int(s.diag_offset);  // only ALiBi reads it (q_lo, q_hi hold the window)
-  const int64_t bias_base = int64_t(b) * p.bias_batch_stride + int64_t(h) * p.bias_head_stride;
 
   // Prologue: group 0 = K, V, dO of the first block; group 1 = Q of the first block.
   load_tile<T, kBN, kD, kThreads>(sK, k_base + n0 * p.k_row_stride, p.k_row_stride, Sk - n0, D, args.vec_k);
@@ -228,6 +226,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
              (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + sn.diag_offset + p.window_right);
     } else {
       full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM - 1 && q_hi[1] >= m0 + kBM - 1;
+    }
+    // The bias offset of (b, h), per block from the position re-derived (not held across the
+    // loop: registers).
+    int64_t bias_base = 0;
+    if constexpr (kExt) {
+      const GridPos bp = grid_pos(n_nblocks, p.num_heads);
+      bias_base = int64_t(bp.b) * p.bias_batch_stride + int64_t(bp.h) * p.bias_head_stride;
     }
 #pragma unroll
     for (int nt = 0; nt < kST; ++nt) {
@@ -310,15 +315,26 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
     }
 
     __syncthreads();  // everyone is done with sdO, sQ, sLse, sDelta; sdS is complete
+    // The next block's dO and Q: do_base / q_base re-derived here from the position and
+    // sequence (as the prologue's), not held across the loop (registers).
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM, sq_now = static_cast<int>(seq_now().seqlen_q);
-      load_tile<T, kBM, kD, kThreads>(sdO, do_base + m1 * p.do_row_stride, p.do_row_stride, sq_now - m1, Dv,
+      const int m1 = m0 + kBM;
+      const GridPos gp = grid_pos(n_nblocks, p.num_heads);
+      const SeqView sn = seq_view(p, gp.b);
+      const int sq_now = static_cast<int>(sn.seqlen_q);
+      const T* do_now = static_cast<const T*>(p.dout) + gp.b * p.do_batch_stride + sn.q_start * p.do_row_stride +
+                        gp.h * p.do_head_stride;
+      load_tile<T, kBM, kD, kThreads>(sdO, do_now + m1 * p.do_row_stride, p.do_row_stride, sq_now - m1, Dv,
                                       args.vec_do);
     }
     cp_async_commit();
     if (mb + 1 < mb_end) {
-      const int m1 = m0 + kBM, sq_now = static_cast<int>(seq_now().seqlen_q);
-      load_tile<T, kBM, kD, kThreads>(sQ, q_base + m1 * p.q_row_stride, p.q_row_stride, sq_now - m1, D, args.vec_q);
+      const int m1 = m0 + kBM;
+      const GridPos gp = grid_pos(n_nblocks, p.num_heads);
+      const SeqView sn = seq_view(p, gp.b);
+      const int sq_now = static_cast<int>(sn.seqlen_q);
+      const T* q_now = static_cast<const T*>(p.q) + sn.q_offset + gp.h * p.q_head_stride;
+      load_tile<T, kBM, kD, kThreads>(sQ, q_now + m1 * p.q_row_stride, p.q_row_stride, sq_now - m1, D, args.vec_q);
       load_row_stats<kBM, kThreads>(sLse, sDelta, lse, dsum, m1, sq_now);
     }
     cp_async_commit();
@@ -357,7 +373,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
         for (int r = 0; r < 2; ++r) {
           const int i = m0 + it * 16 + g + 8 * r;
           if (i >= sq_now) continue;
-          float* row = dq_acc + int64_t(i) * D;
+          float* row = args.dq_accum + (row0 + i) * D;  // from row0 (no dq_acc pointer held)
 #pragma unroll
           for (int nt = 0; nt < kCW / 8; ++nt) {
             const int d = dbase + nt * 8 + 2 * t4;
