@@ -426,6 +426,20 @@ def test_decode_gradients_match_forward_scores(dtype):
         check_attention(flash(softmax_scale=1.7), q, k, v, seed=seed, scale=1.7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlen_q,heads,heads_k,head_dim", [(1, 6, 2, 72), (4, 3, 3, 40), (8, 2, 1, 136)])
+def test_decode_every_head_in_one_task_with_gradients(dtype, seqlen_q, heads, heads_k, head_dim):
+    # Forwards with one query block per head do every head of a sequence in one task, key
+    # block by key block (per-head ALiBi slopes, softcap, causal from the bottom right), and
+    # their backward recomputes S row by row: outputs and gradients against the reference.
+    seqlen_k = 613
+    q, k, v = random_qkv(2, seqlen_q, seqlen_k, heads, heads_k, head_dim, dtype=dtype, seed=head_dim)
+    slopes = torch.rand(2, heads, generator=torch.Generator().manual_seed(head_dim)) * 0.05
+    run = flash(causal=True, softcap=4.0, alibi_slopes=slopes)
+    check_attention(run, q, k, v, seed=head_dim, softcap=4.0, alibi_slopes=slopes,
+                    **bottom_right(seqlen_q, seqlen_k, causal=True))
+
+
 def test_float64_is_computed_in_float64():
     # The scale, softcap and dropout's 1/(1-p) reach the float64 kernel in double: rounded
     # to float, they cost float64 inputs 1e-8 relative error (1/sqrt(32), 0.1: not floats).

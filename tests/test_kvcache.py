@@ -133,6 +133,22 @@ def test_softcap_window_alibi(feature):
     run_case(seqlen_q=1, new=1, page_size=16, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,heads_k,head_dim,seqlen_q", [(5, 5, 80, 1), (8, 2, 136, 1), (6, 3, 17, 3),
+                                                             (4, 1, 96, 8)])
+def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seqlen_q):
+    # A decoding task does every head of its sequence, 32 keys of all heads at a time (the
+    # next block prefetched): caches of many blocks with a partial last one, head dims with
+    # vector tails (the 16-lane scores and the masked P V strips), GQA rows packed or not
+    # (ALiBi's per-head slopes keep the heads apart), 1-8 query rows, paged with pages of
+    # 1, 3 and 16 keys, and several num_splits.
+    cases = [dict(), dict(num_splits=3), dict(page_size=1), dict(page_size=3, num_splits=1),
+             dict(page_size=16, num_splits=5), dict(alibi=True), dict(page_size=16, window=(100, 0), softcap=5.0)]
+    for i, kw in enumerate(cases):
+        run_case(dtype, batch=2, seqlen_q=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim,
+                 seqlen_cache=700, lengths=[690 - seqlen_q, 411], new=seqlen_q, seed=100 * head_dim + i, **kw)
+
+
 def test_every_num_splits_agrees():
     outs = [run_case(batch=1, heads=4, heads_k=4, seqlen_cache=3000, lengths=[2900], num_splits=n, seed=9)
             for n in (0, 1, 2, 5)]

@@ -4,19 +4,21 @@
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
 // for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call; bf16 on the
-// AVX512-BF16 tiles of tiles_bf16.h where the CPU has them), except
-// calls with few queries per head (decoding, speculative decoding: at most 4, or 5-8
-// with head dims of at least 32), which go row by row over K and V in place
-// (RowOperands), and other float calls with under 16 queries, which go through BLAS
-// (packing K and V would cost as much as the products); double and other CPUs through
-// BLAS. Memory per thread is a few blocks plus up to 16 MiB of packed or widened K and V;
-// nothing is Sq x Sk.
+// AVX512-BF16 tiles of tiles_bf16.h where the CPU has them), except calls with few
+// queries per head (decoding, speculative decoding: at most 4, or 5-8 with head dims of
+// at least 32), which go row by row over K and V in place (RowOperands; with one query
+// block per head a task does every head of its sequence, reading the keys' rows of all
+// heads front to back), and other float calls with under 16 queries, which go through
+// BLAS (packing K and V would cost as much as the products); double and other CPUs
+// through BLAS. Memory per thread is a few blocks plus up to 16 MiB of packed or widened
+// K and V; nothing is Sq x Sk.
 #include "flash_cpu.h"
 
 #include "blas.h"
 #include "tiles.h"
 #include "tiles_bf16.h"
 
+#include <memory>
 #include <vector>
 
 namespace flashattn::cpu {
@@ -307,6 +309,8 @@ struct Bf16DotOperands {
 template <typename T>
 struct RowOperands {
   static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
+  // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
+  static constexpr int64_t HEADS_BLOCK_K = 32;
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
   Scratch<float> q;                    // the task's query rows, widened, times the scale
@@ -365,6 +369,20 @@ struct RowOperands {
     }
   }
 
+  // Prefetches into L2 the K and V rows of keys [col0, col0 + cols) of head kv: the block
+  // a task doing every head (run_fwd's heads_together) reads next.
+  void prefetch_block(const KeyRows<T>& kv, int64_t col0, int64_t cols) const {
+    for (int64_t j = col0; j < col0 + cols;) {
+      int64_t n = col0 + cols - j;
+      const KeyRows<T> run = kv.pages ? page_run<T>(*kv.pages, *kv.seq, kv.b, kv.hk, j, n) : kv;
+      for (int64_t r = j; r < j + n; ++r) {
+        tiles::prefetch_row_l2(run.k_row(r), D);
+        tiles::prefetch_row_l2(run.v_row(r), Dv);
+      }
+      j += n;
+    }
+  }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     const int64_t ld = paged.pages ? paged.k_stride : ldk;
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
@@ -381,24 +399,30 @@ struct RowOperands {
 };
 #endif
 
-// Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys of KV): small calls
-// (decoding) then neither map nor fault in the full-size buffers.
+// Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys of KV), for
+// `heads` heads per task (slot j: operands kv[j], its rows of o, m, l from j * bq): small
+// calls (decoding) then neither map nor fault in the full-size buffers.
 template <typename T, typename acc, typename KV>
 struct FwdWorkspace {
-  KV kv;
+  std::vector<std::unique_ptr<KV>> kv;
+  std::vector<KeyRows<T>> keys;  // slot j's head
+  std::vector<float> slope;      // slot j's ALiBi slope
   PagedHead<T> paged;
   const int64_t lds;  // score row stride: bk rounded up to whole 16-key panels
   Scratch<acc> s, o, m, l;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
-  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks)
-      : kv(p, bq, bk, num_q_blocks > 1),
+  FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks, int64_t heads)
+      : keys(heads, KeyRows<T>{nullptr, nullptr, 0, 0, 0}),
+        slope(heads, 0.f),
         paged(p, !KV::pages_in_place),
         lds((bk + 15) / 16 * 16),
         s(scratch<acc>(bq * lds)),
-        o(scratch<acc>(bq * kv.o_stride())),
-        m(scratch<acc>(bq)),
-        l(scratch<acc>(bq)),
-        keep(new bool[bk]) {}
+        m(scratch<acc>(heads * bq)),
+        l(scratch<acc>(heads * bq)),
+        keep(new bool[bk]) {
+    for (int64_t j = 0; j < heads; ++j) kv.push_back(std::make_unique<KV>(p, bq, bk, num_q_blocks > 1));
+    o = scratch<acc>(heads * bq * kv[0]->o_stride());
+  }
 };
 
 template <typename T, typename KV>
@@ -407,16 +431,28 @@ void run_fwd(const FlashParams& p) {
   const int64_t Dv = p.head_dim_v;
   const int64_t H = p.num_heads, group = p.num_heads / p.num_heads_k;
   const int64_t num_q_blocks = (p.seqlen_q + KV::BLOCK_Q - 1) / KV::BLOCK_Q;
+  // Decoding on the row path (one query block per head): all heads of a sequence in one
+  // task, which goes over the keys HEADS_BLOCK_K at a time, every head's rows of them in
+  // turn. A (B, S, Hk, D) cache or a page holds a key's rows of all heads side by side, so
+  // the task reads K and V front to back; one head per task reads a few lines out of every
+  // Hk * D elements, where the hardware prefetchers do not follow (benchmarks/RESULTS.md).
+  const bool heads_together = KV::pages_in_place && !p.cu_seqlens_q && num_q_blocks == 1 && H > 1;
+  const int64_t heads_per_task = heads_together ? H : 1;
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
-  const int64_t block_k = std::max<int64_t>(1, std::min(KV::BLOCK_K, p.seqlen_k));
+  constexpr int64_t heads_block_k = [] {
+    if constexpr (KV::pages_in_place) return KV::HEADS_BLOCK_K;
+    return KV::BLOCK_K;
+  }();
+  const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? heads_block_k : KV::BLOCK_K, p.seqlen_k));
+  const int64_t task_rows = heads_per_task * block_q;  // slot j's rows from j * block_q
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);
   acc* lse = static_cast<acc*>(p.lse);
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   using Workspace = FwdWorkspace<T, acc, KV>;
 
-  // Tasks are (sequence, head, query block). With fewer than two per thread (decoding one
+  // Tasks are (sequence, heads, query block). With fewer than two per thread (decoding one
   // sequence, few heads, many cores) each one's key blocks are also dealt round-robin into
   // `splits` tasks (as flash-decoding does): each keeps its unnormalised O, row max and
   // row sum, and the parts are merged in split order at the end (the result does not
@@ -431,16 +467,17 @@ void run_fwd(const FlashParams& p) {
       first_task[b + 1] = first_task[b] + H * blocks;
     }
   }
-  const int64_t row_tasks = p.cu_seqlens_q ? first_task[p.batch] : p.batch * H * num_q_blocks;
-  // Row task -> (sequence, head, query block); within a head, the last query blocks see
-  // the most keys under causal masks: they come first.
+  const int64_t head_groups = H / heads_per_task;
+  const int64_t row_tasks = p.cu_seqlens_q ? first_task[p.batch] : p.batch * head_groups * num_q_blocks;
+  // Row task -> (sequence, first head, query block); within a head, the last query blocks
+  // see the most keys under causal masks: they come first.
   struct RowTask {
-    int64_t b, h, q_block;
+    int64_t b, h0, q_block;
   };
   auto row_task_at = [&](int64_t t) -> RowTask {
     if (first_task.empty()) {
       const int64_t bh = t / num_q_blocks;
-      return {bh / H, bh % H, num_q_blocks - 1 - t % num_q_blocks};
+      return {bh / head_groups, bh % head_groups * heads_per_task, num_q_blocks - 1 - t % num_q_blocks};
     }
     // (the last sequence starting at or before t: empty sequences own no tasks)
     const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
@@ -450,7 +487,7 @@ void run_fwd(const FlashParams& p) {
   const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
   const int64_t splits =
       p.num_splits > 0 ? std::max<int64_t>(1, std::min(p.num_splits, num_k_blocks)) : key_splits(row_tasks, num_k_blocks);
-  const int64_t part_rows = splits > 1 ? row_tasks * splits * block_q : 0;
+  const int64_t part_rows = splits > 1 ? row_tasks * splits * task_rows : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);
 
@@ -465,28 +502,25 @@ void run_fwd(const FlashParams& p) {
 
   auto body = [&](int64_t task, Workspace& ws) {
     const int64_t row_task = task / splits, split = task % splits;
-    const auto [b, h, q_block] = row_task_at(row_task);
-    const int64_t hk = h / group;
+    const auto [b, h0, q_block] = row_task_at(row_task);
     const SeqView sv = seq_view(p, b);
     const Band w = band(p, sv);
     const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
-
-    const T* q_blk = q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride;
-    ws.kv.load_q(p, q_blk, rows);
-    const int64_t lds = ws.lds, ldo = ws.kv.o_stride();
-    acc* s = ws.s.get();
-    acc* o = ws.o.get();
-    acc* m = ws.m.get();
-    acc* l = ws.l.get();
-    std::fill(o, o + rows * ldo, acc(0));
-    std::fill(m, m + rows, neg_inf);
-    std::fill(l, l + rows, acc(0));
-    const float slope = alibi_slope(p, b, h);
     const KeyRange keys = visible_keys(w, row0, row0 + rows);
-    // Paged K/V: operands that read rows in place take them page by page; the others read
-    // the head gathered into contiguous rows.
-    const KeyRows<T> kv =
-        KV::pages_in_place && p.block_table ? paged_keys<T>(p, sv, b, hk) : key_rows(p, sv, b, hk, ws.paged);
+    const int64_t lds = ws.lds, ldo = ws.kv[0]->o_stride();
+    acc* s = ws.s.get();
+
+    for (int64_t j = 0; j < heads_per_task; ++j) {
+      const int64_t h = h0 + j, hk = h / group;
+      ws.kv[j]->load_q(p, q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride, rows);
+      std::fill(ws.o.get() + j * block_q * ldo, ws.o.get() + (j * block_q + rows) * ldo, acc(0));
+      std::fill(ws.m.get() + j * block_q, ws.m.get() + j * block_q + rows, neg_inf);
+      std::fill(ws.l.get() + j * block_q, ws.l.get() + j * block_q + rows, acc(0));
+      ws.slope[j] = alibi_slope(p, b, h);
+      // Paged K/V: operands that read rows in place take them page by page; the others read
+      // the head gathered into contiguous rows.
+      ws.keys[j] = KV::pages_in_place && p.block_table ? paged_keys<T>(p, sv, b, hk) : key_rows(p, sv, b, hk, ws.paged);
+    }
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
     // before keys.lo are then clipped like any other invisible ones).
@@ -494,94 +528,112 @@ void run_fwd(const FlashParams& p) {
     for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
       const int64_t cols = std::min(block_k, keys.hi - col0);
       if (++block_index % splits != split) continue;  // another split's block
-      if (keys_all_masked(p, b, h, col0, cols)) continue;
-      ws.kv.load_kv(p, b * p.num_heads_k + hk, kv, col0, cols);
-      // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
-      // whole block), each over only the keys its rows can see (the masked corner of a
-      // causal diagonal block is not computed), or one panel of all rows.
-      const bool in_panels = KV::always_panels || !all_rows_see(w, row0, rows, col0, cols);
-      for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
-        r1 = in_panels ? std::min(rows, r0 + KV::PANEL_Q) : rows;
-        if (in_panels && !all_rows_see(w, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
-        const KeyRange seen =
-            in_panels ? clip(visible_keys(w, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
-        const int64_t lo = seen.lo, n = seen.hi - seen.lo;
-        if (n == 0) continue;  // these rows see none of this block
-        ws.kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
-        // Without softcap, ALiBi or bias, and with every row seeing all n keys, the scores
-        // are the logits (the common case: skip the per-row transform).
-        const bool logits =
-            p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
-        for (int64_t r = r0; r < r1; ++r) {
-          acc* srow = s + r * lds + lo;
-          if (!logits) {
-            transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
-                                     nullptr);
-          }
-          // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
-          const acc row_m = row_max(srow, n), m_new = row_m < m[r] ? m[r] : row_m;
-          if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
-            // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
-            if (std::any_of(srow, srow + n, [](acc x) { return std::isnan(x); })) {
-              m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
-            }
-            std::fill(srow, srow + n, acc(0));
-            continue;
-          }
-          const acc rescale = m_new == m[r] ? acc(1) : std::exp(m[r] - m_new);  // 0 when m[r] is -inf
-          const acc sum = exp_shift_sum(srow, n, m_new);
-          // The softmax is normalised before dropout: l sums the undropped probabilities.
-          if (p.dropout_p > 0.f) {
-            apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
-          }
-          if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
-          l[r] = l[r] * rescale + sum;
-          m[r] = m_new;
+      for (int64_t j = 0; j < heads_per_task; ++j) {
+        const int64_t h = h0 + j;
+        if (keys_all_masked(p, b, h, col0, cols)) continue;
+        KV& kv = *ws.kv[j];
+        acc* o = ws.o.get() + j * block_q * ldo;
+        acc* m = ws.m.get() + j * block_q;
+        acc* l = ws.l.get() + j * block_q;
+        const float slope = ws.slope[j];
+        kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
+        if constexpr (KV::pages_in_place) {
+          const int64_t next = col0 + splits * block_k;  // this split's next block
+          if (heads_together && next < keys.hi) kv.prefetch_block(ws.keys[j], next, std::min(block_k, keys.hi - next));
         }
-        ws.kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, o + r0 * ldo, ldo);
+        // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
+        // whole block), each over only the keys its rows can see (the masked corner of a
+        // causal diagonal block is not computed), or one panel of all rows.
+        const bool in_panels = KV::always_panels || !all_rows_see(w, row0, rows, col0, cols);
+        for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
+          r1 = in_panels ? std::min(rows, r0 + KV::PANEL_Q) : rows;
+          if (in_panels && !all_rows_see(w, row0 + r0, r1 - r0, col0, cols)) r1 = std::min(rows, r0 + KV::EDGE_PANEL_Q);
+          const KeyRange seen =
+              in_panels ? clip(visible_keys(w, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
+          const int64_t lo = seen.lo, n = seen.hi - seen.lo;
+          if (n == 0) continue;  // these rows see none of this block
+          kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
+          // Without softcap, ALiBi or bias, and with every row seeing all n keys, the scores
+          // are the logits (the common case: skip the per-row transform).
+          const bool logits =
+              p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
+          for (int64_t r = r0; r < r1; ++r) {
+            acc* srow = s + r * lds + lo;
+            if (!logits) {
+              transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
+                                       nullptr);
+            }
+            // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
+            const acc row_m = row_max(srow, n), m_new = row_m < m[r] ? m[r] : row_m;
+            if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
+              // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
+              if (std::any_of(srow, srow + n, [](acc x) { return std::isnan(x); })) {
+                m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
+              }
+              std::fill(srow, srow + n, acc(0));
+              continue;
+            }
+            const acc rescale = m_new == m[r] ? acc(1) : std::exp(m[r] - m_new);  // 0 when m[r] is -inf
+            const acc sum = exp_shift_sum(srow, n, m_new);
+            // The softmax is normalised before dropout: l sums the undropped probabilities.
+            if (p.dropout_p > 0.f) {
+              apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
+            }
+            if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
+            l[r] = l[r] * rescale + sum;
+            m[r] = m_new;
+          }
+          kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, o + r0 * ldo, ldo);
+        }
       }
     }
 
-    if (splits > 1) {  // this split's part, merged below
-      const int64_t part0 = (row_task * splits + split) * block_q;
-      for (int64_t r = 0; r < rows; ++r) std::copy(o + r * ldo, o + r * ldo + Dv, part_o.get() + (part0 + r) * Dv);
-      std::copy(m, m + rows, part_m.get() + part0);
-      std::copy(l, l + rows, part_l.get() + part0);
-      return;
+    for (int64_t j = 0; j < heads_per_task; ++j) {
+      const acc* o = ws.o.get() + j * block_q * ldo;
+      const acc* m = ws.m.get() + j * block_q;
+      const acc* l = ws.l.get() + j * block_q;
+      if (splits > 1) {  // this split's part, merged below
+        const int64_t part0 = (row_task * splits + split) * task_rows + j * block_q;
+        for (int64_t r = 0; r < rows; ++r) std::copy(o + r * ldo, o + r * ldo + Dv, part_o.get() + (part0 + r) * Dv);
+        std::copy(m, m + rows, part_m.get() + part0);
+        std::copy(l, l + rows, part_l.get() + part0);
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], b, h0 + j, sv, row0 + r);
     }
-    for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], b, h, sv, row0 + r);
   };
 
   for_each_task(
-      row_tasks * splits, [&] { return Workspace(p, block_q, block_k, num_q_blocks); }, body);
+      row_tasks * splits, [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
 
   if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
-    parallel_for(0, row_tasks * block_q, 16, [&](int64_t begin, int64_t end) {
+    parallel_for(0, row_tasks * task_rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc> row(Dv);
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t row_task = idx / block_q, r = idx % block_q;
-        const auto [b, h, q_block] = row_task_at(row_task);
+        const int64_t row_task = idx / task_rows, slot_row = idx % task_rows;
+        const int64_t j = slot_row / block_q, r = slot_row % block_q;
+        const auto [b, h0, q_block] = row_task_at(row_task);
         const SeqView sv = seq_view(p, b);
         const int64_t i = q_block * KV::BLOCK_Q + r;
         if (i >= sv.seqlen_q) continue;  // past the last block's rows
-        const int64_t first = row_task * splits * block_q + r;  // part s of this row: first + s * block_q
+        const int64_t first = row_task * splits * task_rows + slot_row;  // part s: first + s * task_rows
         acc m = neg_inf;
         for (int64_t sp = 0; sp < splits; ++sp) {  // a NaN maximum (NaN query row) is kept
-          const acc part = part_m[first + sp * block_q];
+          const acc part = part_m[first + sp * task_rows];
           if (part > m || std::isnan(part)) m = std::isnan(m) ? m : part;
         }
         acc l = 0;
         std::fill(row.begin(), row.end(), acc(0));
         if (m != neg_inf) {
           for (int64_t sp = 0; sp < splits; ++sp) {
-            const int64_t at = first + sp * block_q;
+            const int64_t at = first + sp * task_rows;
             if (part_m[at] == neg_inf) continue;  // this split saw no key of the row
             const acc w = std::exp(part_m[at] - m);
             l += part_l[at] * w;
             for (int64_t d = 0; d < Dv; ++d) row[d] += part_o[at * Dv + d] * w;
           }
         }
-        store_out(row.data(), m, l, b, h, sv, i);
+        store_out(row.data(), m, l, b, h0 + j, sv, i);
       }
     });
   }

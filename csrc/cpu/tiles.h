@@ -113,6 +113,14 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+// prefetch_row into L2 only: rows read a while later (a block ahead), which would push
+// the rows in use out of L1.
+template <typename T>
+inline void prefetch_row_l2(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
 // sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below.
 template <typename T>
 __attribute__((always_inline)) inline float dot_tail(float sum, const float* q, const T* k, int64_t e, int64_t d) {
@@ -194,33 +202,205 @@ __attribute__((always_inline)) inline void dot_keys4(const float* q, int64_t d, 
   s[3] = dot_tail(lanes[5], q, k + 3 * ldk, e, d);
 }
 
+// How far ahead of the row path's reads its prefetches go: about 4 KiB of K or V rows.
+constexpr int64_t ROW_AHEAD_BYTES = 4096;
+
+#ifdef __AVX512F__
+// The AVX-512 row path: the same products in 16-lane registers, bitwise the 8-lane
+// code's. A 16-lane accumulator over elements [e, e + 16) holds dot_rows' two 8-lane
+// ones side by side (the same FMA chains per lane), and hsums below adds its lanes in
+// hsum's order, for up to 16 accumulators at once.
+
+// 16 elements of x as floats (bf16 widened, fp16 converted), or the first 8 with lanes
+// 8-15 zero (load8_512: dot_rows' last 8 elements, which go to its first accumulator).
+template <typename T>
+inline __m512 load16(const T* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  }
+}
+template <typename T>
+inline __m512 load8_512(const T* x) {
+  return _mm512_zextps256_ps512(load8(x));
+}
+
+// The elements of x in `mask`'s lanes as floats, the other lanes zero (nothing else is read).
+template <typename T>
+inline __m512 load16_masked(const T* x, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(mask, x);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, x));
+  }
+}
+
+// out[i] = hsum(low 8 lanes of a[i] + high 8 lanes) for i < N (a multiple of 4, at most
+// 16), in hsum's order of additions: lanes i + (i + 8), then i + (i + 4), then (0 + 2,
+// 1 + 3), then 0 + 1; each step done for several accumulators in one register.
+template <int N>
+__attribute__((always_inline)) inline void hsums(const __m512* a, float* out) {
+  static_assert(N % 4 == 0 && N <= 16);
+  // [x low 8 | y low 8] + [x high 8 | y high 8]: 8 partial sums of a[2i], then of a[2i + 1].
+  __m512 h8[N / 2];
+#pragma GCC unroll 8
+  for (int i = 0; i < N / 2; ++i) {
+    h8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // 128-bit chunk c: 4 partial sums of a[4j + c].
+  __m512 h4[N / 4];
+#pragma GCC unroll 4
+  for (int j = 0; j < N / 4; ++j) {
+    h4[j] = _mm512_add_ps(_mm512_shuffle_f32x4(h8[2 * j], h8[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(h8[2 * j], h8[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  // Chunk c: [(0 + 2), (1 + 3)] of a[c] (and a[8 + c]), then of a[4 + c] (a[12 + c]).
+  const __m512 x0 = h4[0], y0 = N >= 8 ? h4[1] : h4[0];
+  const __m512 h2a = _mm512_add_ps(_mm512_shuffle_ps(x0, y0, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(x0, y0, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 h2b = h2a;
+  if constexpr (N > 8) {
+    const __m512 x1 = h4[2], y1 = N == 16 ? h4[3] : h4[2];
+    h2b = _mm512_add_ps(_mm512_shuffle_ps(x1, y1, _MM_SHUFFLE(1, 0, 1, 0)),
+                        _mm512_shuffle_ps(x1, y1, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Lane 4c + t: the sum of a[c + 4t].
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(h2a, h2b, _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(h2a, h2b, _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sums);
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) out[i] = lanes[4 * (i % 4) + i / 4];
+}
+
+// s[r * lds + j] = q_r . k_j for R float query rows d apart and KB K rows ldk apart (T,
+// widened in registers): per score bitwise dot_rows<1>, R x KB 16-lane accumulators
+// (R * KB a multiple of 4, at most 16), each K row loaded once for the R rows.
+template <int R, int KB, typename T>
+__attribute__((always_inline)) inline void dot_block(const float* q, int64_t d, const T* k, int64_t ldk, float* s,
+                                                     int64_t lds) {
+  constexpr int N = (R * KB + 3) / 4 * 4;
+  static_assert(N <= 16);
+  __m512 acc[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16) {
+    __m512 kv[KB];
+#pragma GCC unroll 16
+    for (int j = 0; j < KB; ++j) kv[j] = load16(k + j * ldk + e);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 qv = _mm512_loadu_ps(q + r * d + e);
+#pragma GCC unroll 16
+      for (int j = 0; j < KB; ++j) acc[r * KB + j] = _mm512_fmadd_ps(qv, kv[j], acc[r * KB + j]);
+    }
+  }
+  if (e + 8 <= d) {  // lanes 0-7 only
+    __m512 kv[KB];
+#pragma GCC unroll 16
+    for (int j = 0; j < KB; ++j) kv[j] = load8_512(k + j * ldk + e);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 qv = _mm512_zextps256_ps512(_mm256_loadu_ps(q + r * d + e));
+#pragma GCC unroll 16
+      for (int j = 0; j < KB; ++j) acc[r * KB + j] = _mm512_mask3_fmadd_ps(qv, kv[j], acc[r * KB + j], 0xFF);
+    }
+    e += 8;
+  }
+  float sums[N];
+  hsums<N>(acc, sums);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int j = 0; j < KB; ++j) s[r * lds + j] = dot_tail(sums[r * KB + j], q + r * d, k + j * ldk, e, d);
+  }
+}
+
+#endif
+
+// s[r * lds] = q_r . k for the `rows` query rows and one K row: dot_rows in groups of 4.
+template <typename T>
+__attribute__((always_inline)) inline void dot_rows_any(const float* q, int64_t rows, int64_t d, const T* k, float* s,
+                                                        int64_t lds) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * d, d, k, s + r * lds, lds);
+  switch (rows - r) {
+    case 3: dot_rows<3>(q + r * d, d, k, s + r * lds, lds); break;
+    case 2: dot_rows<2>(q + r * d, d, k, s + r * lds, lds); break;
+    case 1: dot_rows<1>(q + r * d, d, k, s + r * lds, lds); break;
+    default: break;
+  }
+}
+
+#ifdef __AVX512F__
+// row_scores for R <= 4 rows: KB = 16 / R keys at a time (16 accumulators; 3 rows: 4
+// keys), prefetching the K rows a block ahead; the last cols % KB keys by dot_rows.
+template <int R, typename T>
+inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s, int64_t lds) {
+  constexpr int KB = R == 3 ? 4 : 16 / R;
+  const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (d * sizeof(T)), 4, 32);
+  int64_t c = 0;
+  for (; c + KB <= cols; c += KB) {
+    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KB, cols); ++j) prefetch_row(k + j * ldk, d);
+    dot_block<R, KB>(q, d, k + c * ldk, ldk, s + c, lds);
+  }
+  for (; c < cols; ++c) dot_rows<R>(q, d, k + c * ldk, s + c, lds);
+}
+#endif
+
 // s[r * lds + c] = q_r . k_c for r < rows, c < cols: float query rows d apart, K rows
 // (T, widened in registers) ldk apart, read in place, each loaded once per 4 query rows
-// (dot_rows), a few keys behind a prefetch (the rows of (B, S, H, D) tensors are a page
-// apart or more). The forward's row path and the backward of its calls both form S here,
-// so the backward's P = exp(S - lse) uses the very scores the forward's lse summed.
+// (dot_rows; with AVX-512 dot_block), a few keys behind a prefetch (the rows of
+// (B, S, H, D) tensors are a page apart or more). The forward's row path and the backward
+// of its calls both form S here, so the backward's P = exp(S - lse) uses the very scores
+// the forward's lse summed; every score is dot_rows<1>'s, whatever the number of rows.
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds) {
   constexpr int64_t AHEAD = 8;
-  int64_t c0 = 0;
-  if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
-    for (; c0 + 4 <= cols; c0 += 4) {
-      for (int64_t j = c0 + AHEAD; j < std::min(c0 + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
-      dot_keys4(q, d, k + c0 * ldk, ldk, s + c0);
-    }
+  int64_t c = 0;
+#ifdef __AVX512F__
+  switch (rows) {
+    case 1: return row_scores_r<1>(q, k, ldk, cols, d, s, lds);
+    case 2: return row_scores_r<2>(q, k, ldk, cols, d, s, lds);
+    case 3: return row_scores_r<3>(q, k, ldk, cols, d, s, lds);
+    case 4: return row_scores_r<4>(q, k, ldk, cols, d, s, lds);
+    default: break;
   }
-  for (int64_t c = c0; c < cols; ++c) {
-    const T* kc = k + c * ldk;
-    if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
+  // More rows: 4 keys at a time, the 4 K rows dotted with every group of 4 query rows
+  // while they are in L1.
+  for (; c + 4 <= cols; c += 4) {
+    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
     int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) dot_rows<4>(q + r * d, d, kc, s + r * lds + c, lds);
+    for (; r + 4 <= rows; r += 4) dot_block<4, 4>(q + r * d, d, k + c * ldk, ldk, s + r * lds + c, lds);
     switch (rows - r) {
-      case 3: dot_rows<3>(q + r * d, d, kc, s + r * lds + c, lds); break;
-      case 2: dot_rows<2>(q + r * d, d, kc, s + r * lds + c, lds); break;
-      case 1: dot_rows<1>(q + r * d, d, kc, s + r * lds + c, lds); break;
+      case 3: dot_block<3, 4>(q + r * d, d, k + c * ldk, ldk, s + r * lds + c, lds); break;
+      case 2: dot_block<2, 4>(q + r * d, d, k + c * ldk, ldk, s + r * lds + c, lds); break;
+      case 1: dot_block<1, 4>(q + r * d, d, k + c * ldk, ldk, s + r * lds + c, lds); break;
       default: break;
     }
+  }
+#else
+  if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
+    for (; c + 4 <= cols; c += 4) {
+      for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
+      dot_keys4(q, d, k + c * ldk, ldk, s + c);
+    }
+  }
+#endif
+  for (; c < cols; ++c) {
+    const T* kc = k + c * ldk;
+    if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
+    dot_rows_any(q, rows, d, kc, s + c, lds);
   }
 }
 
@@ -257,6 +437,92 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
   }
 }
 
+#ifdef __AVX512F__
+// o[r][j] += sum_k p[r * ldp + k] v[k * ldv + j] for r < M, k < n and the W * 16 columns
+// j from 0 (only those in `mask[w]` of the w-th 16 when MASKED): the outputs in M x W
+// 16-lane registers, each V row (T, widened in registers) loaded once for the M rows. Per
+// output element the FMAs of axpy / pv_tile in the same key order (bitwise theirs). With
+// PREFETCH, also prefetches next_len elements at next + k * ldv at each step.
+template <int M, int W, bool MASKED, bool PREFETCH, typename T>
+__attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
+                                                    float* o, int64_t ldo, const __mmask16* mask, const T* next,
+                                                    int64_t next_len) {
+  __m512 c[M][W];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) {
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) {
+      c[r][w] = MASKED ? _mm512_maskz_loadu_ps(mask[w], o + r * ldo + w * NR) : _mm512_loadu_ps(o + r * ldo + w * NR);
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const T* vk = v + k * ldv;
+    __m512 b[W];
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) b[w] = MASKED ? load16_masked(vk + w * NR, mask[w]) : load16(vk + w * NR);
+    if constexpr (PREFETCH) prefetch_row(next + k * ldv, next_len);
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512 x = _mm512_set1_ps(p[r * ldp + k]);
+#pragma GCC unroll 8
+      for (int w = 0; w < W; ++w) c[r][w] = _mm512_fmadd_ps(x, b[w], c[r][w]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) {
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) {
+      if (MASKED) {
+        _mm512_mask_storeu_ps(o + r * ldo + w * NR, mask[w], c[r][w]);
+      } else {
+        _mm512_storeu_ps(o + r * ldo + w * NR, c[r][w]);
+      }
+    }
+  }
+}
+
+// row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
+// strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
+// strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns).
+template <int M, typename T>
+inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
+                     int64_t ldo) {
+  constexpr int W = M <= 2 ? 8 : (M <= 4 ? 4 : 2);
+  constexpr int64_t CHUNK = 32, STRIP = W * NR;
+  const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (dv * sizeof(T)), 4, 32);
+  const int64_t full = dv / STRIP * STRIP;
+  __mmask16 mask[W];
+  for (int w = 0; w < W; ++w) {
+    const int64_t cols = std::clamp<int64_t>(dv - full - w * NR, 0, NR);
+    mask[w] = static_cast<__mmask16>((1u << cols) - 1);
+  }
+  for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+    const int64_t keys = std::min(CHUNK, n - k0);
+    // The first strip prefetches rows k0 + AHEAD + k for its first `fetched` keys.
+    const int64_t fetched = std::max<int64_t>(0, std::min(keys, n - k0 - AHEAD));
+    const float* pk = p + k0;
+    const T* vk = v + k0 * ldv;
+    for (int64_t j = 0; j < dv; j += STRIP) {
+      auto strip = [&](auto masked) {
+        constexpr bool MASKED = decltype(masked)::value;
+        if (j == 0 && fetched > 0) {
+          pv_strip<M, W, MASKED, true>(pk, ldp, vk, ldv, fetched, o, ldo, mask, vk + AHEAD * ldv, dv);
+          pv_strip<M, W, MASKED, false>(pk + fetched, ldp, vk + fetched * ldv, ldv, keys - fetched, o, ldo, mask,
+                                        vk, 0);
+        } else {
+          pv_strip<M, W, MASKED, false>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0);
+        }
+      };
+      if (j < full) {
+        strip(std::false_type{});
+      } else {
+        strip(std::true_type{});
+      }
+    }
+  }
+}
+#endif
+
 // o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
 // forward's row path's P V, V rows (T, widened in registers) read in place.
 // Float, few rows, or V rows under 16 columns: key by key, each V row added into every
@@ -268,9 +534,28 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // 16-bit V row once per output row; the strips pass over each chunk's rows dv / 16 times
 // and widen once. Which is faster depends on the element type and the row count; within
 // MAX_ROW_QUERIES float stays key by key (benchmarks/RESULTS.md 'What was tried').
+// With AVX-512 every type and row count goes through row_pv_m's register strips (up to
+// 128 columns of a row in 16-lane registers, no per-key loads and stores of the outputs):
+// the same FMAs per output element in the same order, so bitwise the 8-lane code's.
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
+#ifdef __AVX512F__
+  for (int64_t r = 0; r < rows; r += 8) {  // (at most MAX_ROW_QUERIES rows: one group)
+    const float* pr = p + r * ldp;
+    float* orow = o + r * ldo;
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 8: row_pv_m<8>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 7: row_pv_m<7>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 6: row_pv_m<6>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 5: row_pv_m<5>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 4: row_pv_m<4>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 3: row_pv_m<3>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 2: row_pv_m<2>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      default: row_pv_m<1>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+    }
+  }
+#else
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
@@ -324,6 +609,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
     if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
     for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], vc, o + r * ldo, dv);
   }
+#endif
 }
 
 // Transposes the 8 x 8 block in r: afterwards r[i] holds element i of the 8 rows.
