@@ -369,20 +369,6 @@ struct RowOperands {
     }
   }
 
-  // Prefetches into L2 the K and V rows of keys [col0, col0 + cols) of head kv: the block
-  // a task doing every head (run_fwd's heads_together) reads next.
-  void prefetch_block(const KeyRows<T>& kv, int64_t col0, int64_t cols) const {
-    for (int64_t j = col0; j < col0 + cols;) {
-      int64_t n = col0 + cols - j;
-      const KeyRows<T> run = kv.pages ? page_run<T>(*kv.pages, *kv.seq, kv.b, kv.hk, j, n) : kv;
-      for (int64_t r = j; r < j + n; ++r) {
-        tiles::prefetch_row_l2(run.k_row(r), D);
-        tiles::prefetch_row_l2(run.v_row(r), Dv);
-      }
-      j += n;
-    }
-  }
-
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     const int64_t ld = paged.pages ? paged.k_stride : ldk;
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
@@ -523,11 +509,17 @@ void run_fwd(const FlashParams& p) {
     }
 
     // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
-    // before keys.lo are then clipped like any other invisible ones).
-    int64_t block_index = -1;
-    for (int64_t col0 = keys.lo / 16 * 16; col0 < keys.hi; col0 += block_k) {
-      const int64_t cols = std::min(block_k, keys.hi - col0);
-      if (++block_index % splits != split) continue;  // another split's block
+    // before keys.lo are then clipped like any other invisible ones). A split takes every
+    // splits-th block, or, doing every head (whose blocks are small and cost the same), a
+    // run of neighbouring blocks, which it then reads front to back.
+    const int64_t first_col = keys.lo / 16 * 16;
+    const int64_t seq_blocks = keys.hi > first_col ? (keys.hi - first_col + block_k - 1) / block_k : 0;
+    const int64_t run_blocks = (seq_blocks + splits - 1) / splits;
+    const int64_t block_step = heads_together ? 1 : splits;
+    int64_t block_index = heads_together ? split * run_blocks : split;
+    const int64_t block_end = heads_together ? std::min(seq_blocks, block_index + run_blocks) : seq_blocks;
+    for (; block_index < block_end; block_index += block_step) {
+      const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
       for (int64_t j = 0; j < heads_per_task; ++j) {
         const int64_t h = h0 + j;
         if (keys_all_masked(p, b, h, col0, cols)) continue;
@@ -537,10 +529,6 @@ void run_fwd(const FlashParams& p) {
         acc* l = ws.l.get() + j * block_q;
         const float slope = ws.slope[j];
         kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
-        if constexpr (KV::pages_in_place) {
-          const int64_t next = col0 + splits * block_k;  // this split's next block
-          if (heads_together && next < keys.hi) kv.prefetch_block(ws.keys[j], next, std::min(block_k, keys.hi - next));
-        }
         // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
         // whole block), each over only the keys its rows can see (the masked corner of a
         // causal diagonal block is not computed), or one panel of all rows.
