@@ -113,14 +113,6 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
-// prefetch_row into L2 only: rows read a while later (a block ahead), which would push
-// the rows in use out of L1.
-template <typename T>
-inline void prefetch_row_l2(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
-}
-
 // sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below.
 template <typename T>
 __attribute__((always_inline)) inline float dot_tail(float sum, const float* q, const T* k, int64_t e, int64_t d) {
