@@ -20,14 +20,16 @@ from .common import (
     Launcher,
     bias_args,
     device_ctx,
-    dropout_state,
     dropout_keep,
+    dropout_seed,
+    dropout_state,
     dot_precision,
     kv_block_range,
     last_unit,
     load_tile,
     pad_dim,
     q_block_range,
+    query_block_program,
     seq_args,
     seq_bucket,
     seq_info,
@@ -174,13 +176,7 @@ def _dkdv_kernel(
         # (their dK / dV rows were zeroed by the launcher)
         if n0 >= seqlen_k_b:
             return
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        # [seed, offset] read from device memory when the kernel runs, not baked into the
-        # launch: a CUDA graph replays launches as captured (common.dropout_state)
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
     cols = n0 + tl.arange(0, BLOCK_N)
     cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -340,16 +336,7 @@ def _dq_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_bh = pid // n_mblk
-    pid_m = pid % n_mblk
-    if HAS_RIGHT:
-        pid_m = n_mblk - 1 - pid_m
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // group
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = query_block_program(seqlen_q, num_heads, group, BLOCK_M, HAS_RIGHT)
     # seqlen_q / seqlen_k are the call's (max_seqlen with packed sequences)
     # (no KV-cache rows / left padding in the backward: those arguments are dummies)
     q_start, k_start, seqlen_q_b, seqlen_k_b, diag, _ = seq_info(
@@ -360,13 +347,7 @@ def _dq_kernel(
         # (those dQ rows were zeroed by the launcher)
         if m0 >= seqlen_q_b:
             return
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        # [seed, offset] read from device memory when the kernel runs, not baked into the
-        # launch: a CUDA graph replays launches as captured (common.dropout_state)
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
     rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)

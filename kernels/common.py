@@ -242,6 +242,54 @@ def seq_info(b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen
 
 
 @triton.jit
+def query_block_program(seqlen_q, num_heads, group, BLOCK_M: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(bh, b, h, hk, m0) of this program of a 1-D grid (no 65535 limit on batch * heads)
+    over (sequence b, head h, query block from row m0), the query blocks of one head
+    adjacent so they share K/V in L2; hk is h's kv head. seqlen_q is the call's (the
+    longest sequence's with packed sequences): the grid covers the longest sequence. With
+    HAS_RIGHT (causal-like) the last query blocks, which have the most work, come first."""
+    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bh = pid // n_mblk
+    pid_m = pid % n_mblk
+    if HAS_RIGHT:
+        pid_m = n_mblk - 1 - pid_m
+    h = bh % num_heads
+    return bh, bh // num_heads, h, h // group, pid_m * BLOCK_M
+
+
+@triton.jit
+def kv_bases(K, V, BlockTable, b, hk, kv_row, k_start, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+             stride_vs, stride_tb, PAGED: tl.constexpr):
+    """(K_base, V_base, BlockTableRow): where kv head hk of sequence b starts (seq_info's
+    kv_row and k_start). Paged, the keys are addressed page by page from the head's base
+    (page_rows; the page stride is stride_kb) through sequence b's row of the block table;
+    else from the sequence's first key (k_start is 0 unless its keys are packed or
+    left-padded)."""
+    if PAGED:
+        K_base = K + hk.to(tl.int64) * stride_kh
+        V_base = V + hk.to(tl.int64) * stride_vh
+        BlockTableRow = BlockTable + b.to(tl.int64) * stride_tb
+    else:
+        K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+        V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+        BlockTableRow = BlockTable
+    return K_base, V_base, BlockTableRow
+
+
+@triton.jit
+def dropout_seed(Rng, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset) of the call's dropout, read from device memory when the kernel runs,
+    not baked into the launch: a CUDA graph replays launches as captured (dropout_state)."""
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
+    return seed, rng_offset
+
+
+@triton.jit
 def page_rows(cols, k_first, BlockTableRow, page_size, num_pages, seqlen_k):
     """Paged K/V: (page, row in page), int64, of keys ``cols`` of one sequence.
 

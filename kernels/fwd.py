@@ -22,15 +22,18 @@ from .common import (
     bias_args,
     clamp_len,
     device_ctx,
-    dropout_state,
     dropout_keep,
+    dropout_seed,
+    dropout_state,
     dot_precision,
     interpreting,
+    kv_bases,
     kv_block_range,
     last_unit,
     load_tile,
     pad_dim,
     page_rows,
+    query_block_program,
     seq_args,
     seq_bucket,
     seq_info,
@@ -131,20 +134,7 @@ def _fwd_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # 1-D grid (no 65535 limit on batch * heads), query blocks of one head adjacent so
-    # they share K/V in L2. seqlen_q / seqlen_k are the call's (max_seqlen with packed
-    # sequences); the grid covers the longest sequence.
-    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_bh = pid // n_mblk
-    pid_m = pid % n_mblk
-    if HAS_RIGHT:
-        # causal-like: the last query blocks have the most work, schedule them first
-        pid_m = n_mblk - 1 - pid_m
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // group
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = query_block_program(seqlen_q, num_heads, group, BLOCK_M, HAS_RIGHT)
     q_start, k_start, seqlen_q_b, seqlen_k_b, diag, kv_row = seq_info(
         b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen_k, total_q, total_k, kv_batch, diag,
         VARLEN_Q, VARLEN_K, HAS_SEQUSED, PAGED, BOTTOM_RIGHT, HAS_KV_BATCH_IDX, HAS_LEFTPAD)
@@ -153,13 +143,7 @@ def _fwd_kernel(
         if m0 >= seqlen_q_b:
             return
 
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        # [seed, offset] read from device memory when the kernel runs, not baked into the
-        # launch: a CUDA graph replays launches as captured (common.dropout_state)
-        seed = tl.load(Rng)
-        rng_offset = tl.load(Rng + 1)
+    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
     rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -176,21 +160,8 @@ def _fwd_kernel(
         lse_rows = h.to(tl.int64) * total_q + q_start + rows
     else:
         lse_rows = pid_bh.to(tl.int64) * seqlen_q + rows
-    if PAGED:
-        # keys addressed page by page (page_rows); the page stride is stride_kb
-        K_base = K + hk.to(tl.int64) * stride_kh
-        V_base = V + hk.to(tl.int64) * stride_vh
-        BlockTableRow = BlockTable + b.to(tl.int64) * stride_tb
-    else:
-        K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if VARLEN_K:
-            K_base += k_start.to(tl.int64) * stride_ks
-            V_base += k_start.to(tl.int64) * stride_vs
-        elif HAS_LEFTPAD:  # (k_start: the packed start row and / or the left padding)
-            K_base += k_start.to(tl.int64) * stride_ks
-            V_base += k_start.to(tl.int64) * stride_vs
-        BlockTableRow = BlockTable
+    K_base, V_base, BlockTableRow = kv_bases(K, V, BlockTable, b, hk, kv_row, k_start, stride_kb, stride_kh, stride_ks,
+                                             stride_vb, stride_vh, stride_vs, stride_tb, PAGED)
     q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q_b, offs_d, head_dim,
                   True, not EVEN_D)
 
@@ -327,20 +298,8 @@ def _decode_kernel(
     else:
         qrow = b.to(tl.int64) * seqlen_q + qi64
         lse_idx = (b.to(tl.int64) * num_heads + h64) * seqlen_q + qi64
-    if PAGED:
-        K_base = K + hk.to(tl.int64) * stride_kh
-        V_base = V + hk.to(tl.int64) * stride_vh
-        BlockTableRow = BlockTable + b.to(tl.int64) * stride_tb
-    else:
-        K_base = K + kv_row.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        V_base = V + kv_row.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if VARLEN_K:
-            K_base += k_start.to(tl.int64) * stride_ks
-            V_base += k_start.to(tl.int64) * stride_vs
-        elif HAS_LEFTPAD:  # (k_start: the packed start row and / or the left padding)
-            K_base += k_start.to(tl.int64) * stride_ks
-            V_base += k_start.to(tl.int64) * stride_vs
-        BlockTableRow = BlockTable
+    K_base, V_base, BlockTableRow = kv_bases(K, V, BlockTable, b, hk, kv_row, k_start, stride_kb, stride_kh, stride_ks,
+                                             stride_vb, stride_vh, stride_vs, stride_tb, PAGED)
     q_ptrs = Q_base + qi64[:, None] * stride_qs + h64[:, None] * stride_qh + offs_d[None, :]
     q = load_tile(q_ptrs, qi, seqlen_q_b, offs_d, head_dim, True, not EVEN_D)
 
