@@ -65,7 +65,7 @@ def compile_kernel(jitfn, dtype: str, consts: dict, num_warps: int, num_stages: 
                    specialize: bool = True):
     sig, cex = {}, {}
     attrs = None
-    consts = dict(consts)
+    consts = dict(_seq_consts(jitfn, consts))
     runtime = consts.pop("_runtime", ())
     if specialize:
         extra, attrs = _jit_specialisation(jitfn, consts, runtime)
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
             continue
         t0 = time.time()
         try:
-            k = compile_kernel(fn, dtype, _seq_consts(fn, consts), warps, stages, args.arch,
+            k = compile_kernel(fn, dtype, consts, warps, stages, args.arch,
                                specialize=not args.no_specialize)
         except Exception as e:  # report every failure, then exit non-zero
             failed += 1
