@@ -64,6 +64,26 @@ def test_varlen_matches_reference_per_sequence(dtype, feature):
                     cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("feature", ["causal", "window", "softcap_alibi"])
+def test_varlen_decode_sized_sequences(dtype, feature):
+    # At most 8 queries per sequence: the row path, where one task does every head of its
+    # sequence (6 query heads over 2 KV heads), key block by key block; sequences without
+    # queries or keys, and hundreds of keys (many blocks). Outputs and gradients.
+    lens_q, lens_k = [1, 0, 8, 3, 1, 2], [700, 5, 300, 0, 33, 1]
+    heads, heads_k, head_dim = 6, 2, 72
+    api_kw, ref_kw = (dict(x) for x in FEATURES[feature])
+    seed = 17 + len(feature)
+    if api_kw.pop("alibi", False):
+        slopes = torch.rand(len(lens_q), heads, generator=torch.Generator().manual_seed(seed)) * 0.1
+        api_kw["alibi_slopes"] = ref_kw["alibi_slopes"] = slopes
+        del ref_kw["alibi"]
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, v = packed_qkv(lens_q, lens_k, heads, heads_k, head_dim, dtype, seed)
+    check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, **api_kw), q, k, v, seed=seed, cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_varlen_reference_backend_and_float64(dtype):
     cu_q, cu_k = offsets([3, 8, 0]), offsets([4, 8, 2])

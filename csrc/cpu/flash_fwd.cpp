@@ -422,7 +422,7 @@ void run_fwd(const FlashParams& p) {
   // turn. A (B, S, Hk, D) cache or a page holds a key's rows of all heads side by side, so
   // the task reads K and V front to back; one head per task reads a few lines out of every
   // Hk * D elements, where the hardware prefetchers do not follow (benchmarks/RESULTS.md).
-  const bool heads_together = KV::pages_in_place && !p.cu_seqlens_q && num_q_blocks == 1 && H > 1;
+  const bool heads_together = KV::pages_in_place && num_q_blocks == 1 && H > 1;
   const int64_t heads_per_task = heads_together ? H : 1;
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
@@ -445,15 +445,15 @@ void run_fwd(const FlashParams& p) {
   // depend on which thread ran what). Part memory: under 4 x threads query blocks' O.
   // Packed sequences each have their own number of query blocks: one table of all their
   // tasks (the CPU reads cu_seqlens directly), first_task[b] the first of sequence b.
+  const int64_t head_groups = H / heads_per_task;
   std::vector<int64_t> first_task;
   if (p.cu_seqlens_q) {
     first_task.assign(p.batch + 1, 0);
     for (int64_t b = 0; b < p.batch; ++b) {
       const int64_t blocks = (seq_view(p, b).seqlen_q + KV::BLOCK_Q - 1) / KV::BLOCK_Q;
-      first_task[b + 1] = first_task[b] + H * blocks;
+      first_task[b + 1] = first_task[b] + head_groups * blocks;
     }
   }
-  const int64_t head_groups = H / heads_per_task;
   const int64_t row_tasks = p.cu_seqlens_q ? first_task[p.batch] : p.batch * head_groups * num_q_blocks;
   // Row task -> (sequence, first head, query block); within a head, the last query blocks
   // see the most keys under causal masks: they come first.
@@ -467,8 +467,8 @@ void run_fwd(const FlashParams& p) {
     }
     // (the last sequence starting at or before t: empty sequences own no tasks)
     const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1;
-    const int64_t blocks = (first_task[b + 1] - first_task[b]) / H, rest = t - first_task[b];
-    return {b, rest / blocks, blocks - 1 - rest % blocks};
+    const int64_t blocks = (first_task[b + 1] - first_task[b]) / head_groups, rest = t - first_task[b];
+    return {b, rest / blocks * heads_per_task, blocks - 1 - rest % blocks};
   };
   const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
   const int64_t splits =
