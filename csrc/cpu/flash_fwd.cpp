@@ -317,7 +317,7 @@ struct RowOperands {
   const T *k = nullptr, *v = nullptr;  // rows of key col0 (not paged)
   int64_t ldk = 0, ldv = 0;
   KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
-  int64_t col0 = 0;
+  int64_t col0 = 0, next_block = -1;
   const int64_t D, Dv;
   const float scale;
 
@@ -330,6 +330,10 @@ struct RowOperands {
     load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
     scale_row(q.get(), rows * D, scale);
   }
+
+  // The first key of the block this task reads next for this head, or -1: paged, its
+  // first rows are prefetched while the current block's last run is read.
+  void set_next_block(int64_t col) { next_block = col; }
 
   void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
     col0 = block_col0;
@@ -362,6 +366,12 @@ struct RowOperands {
         next = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, j + n, next_n);
         for (int64_t r = 0; r < std::min(AHEAD, next_n); ++r) {
           tiles::prefetch_row(values ? next.v_row(next.first + r) : next.k_row(next.first + r), width);
+        }
+      } else if (next_block >= 0) {  // the last run: the first rows of the next block
+        int64_t ahead = std::min(AHEAD, paged.seqlen_k - next_block);
+        const KeyRows<T> first = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, next_block, ahead);
+        for (int64_t r = 0; r < ahead; ++r) {
+          tiles::prefetch_row(values ? first.v_row(first.first + r) : first.k_row(first.first + r), width);
         }
       }
       f(j - col0, n, run.k, run.v);
@@ -529,6 +539,9 @@ void run_fwd(const FlashParams& p) {
         acc* l = ws.l.get() + j * block_q;
         const float slope = ws.slope[j];
         kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
+        if constexpr (KV::pages_in_place) {
+          kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
+        }
         // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
         // whole block), each over only the keys its rows can see (the masked corner of a
         // causal diagonal block is not computed), or one panel of all rows.
