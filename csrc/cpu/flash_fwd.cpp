@@ -440,7 +440,9 @@ void run_fwd(const FlashParams& p) {
     if constexpr (KV::pages_in_place) return KV::HEADS_BLOCK_K;
     return KV::BLOCK_K;
   }();
-  const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? heads_block_k : KV::BLOCK_K, p.seqlen_k));
+  // (Keys that fit one ordinary block stay one block: nothing to read front to back.)
+  const bool small_blocks = heads_together && p.seqlen_k > KV::BLOCK_K;
+  const int64_t block_k = std::max<int64_t>(1, std::min(small_blocks ? heads_block_k : KV::BLOCK_K, p.seqlen_k));
   const int64_t task_rows = heads_per_task * block_q;  // slot j's rows from j * block_q
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);
