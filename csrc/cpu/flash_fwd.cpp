@@ -97,6 +97,7 @@ struct BlasOperands {
   static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 512, PANEL_Q = 64, EDGE_PANEL_Q = PANEL_Q;
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
+  static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
   Scratch<acc> q_copy;
@@ -174,6 +175,7 @@ struct TileOperands {
   static constexpr int64_t BLOCK_Q = 240, BLOCK_K = 256, PANEL_Q = 60, EDGE_PANEL_Q = tiles::MR;
   static constexpr bool always_panels = true;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
+  static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
   Scratch<float> q;
@@ -248,6 +250,7 @@ struct Bf16DotOperands {
   static constexpr int64_t EXACT_P_KEYS = 64;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
+  static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
@@ -432,17 +435,14 @@ void run_fwd(const FlashParams& p) {
   // turn. A (B, S, Hk, D) cache or a page holds a key's rows of all heads side by side, so
   // the task reads K and V front to back; one head per task reads a few lines out of every
   // Hk * D elements, where the hardware prefetchers do not follow (benchmarks/RESULTS.md).
-  const bool heads_together = KV::pages_in_place && num_q_blocks == 1 && H > 1;
+  // (Keys that fit one ordinary block have nothing to read front to back: one head per
+  // task there, so that the heads still spread over the threads.)
+  static_assert(KV::HEADS_BLOCK_K == 0 || KV::pages_in_place);  // (ws.paged gathers one head)
+  const bool heads_together = KV::HEADS_BLOCK_K > 0 && num_q_blocks == 1 && H > 1 && p.seqlen_k > KV::BLOCK_K;
   const int64_t heads_per_task = heads_together ? H : 1;
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
-  constexpr int64_t heads_block_k = [] {
-    if constexpr (KV::pages_in_place) return KV::HEADS_BLOCK_K;
-    return KV::BLOCK_K;
-  }();
-  // (Keys that fit one ordinary block stay one block: nothing to read front to back.)
-  const bool small_blocks = heads_together && p.seqlen_k > KV::BLOCK_K;
-  const int64_t block_k = std::max<int64_t>(1, std::min(small_blocks ? heads_block_k : KV::BLOCK_K, p.seqlen_k));
+  const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? KV::HEADS_BLOCK_K : KV::BLOCK_K, p.seqlen_k));
   const int64_t task_rows = heads_per_task * block_q;  // slot j's rows from j * block_q
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);
@@ -454,7 +454,9 @@ void run_fwd(const FlashParams& p) {
   // sequence, few heads, many cores) each one's key blocks are also dealt round-robin into
   // `splits` tasks (as flash-decoding does): each keeps its unnormalised O, row max and
   // row sum, and the parts are merged in split order at the end (the result does not
-  // depend on which thread ran what). Part memory: under 4 x threads query blocks' O.
+  // depend on which thread ran what). Part memory: under 4 x threads query blocks' O, of
+  // every head of a sequence where a task does them all (e.g. 16 MiB at 128 threads, 64
+  // query heads of one query, Dv 128).
   // Packed sequences each have their own number of query blocks: one table of all their
   // tasks (the CPU reads cu_seqlens directly), first_task[b] the first of sequence b.
   const int64_t head_groups = H / heads_per_task;

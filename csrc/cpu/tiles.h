@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -100,7 +101,7 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int64_t e = 0;
   for (; e + 8 <= n; e += 8) _mm256_storeu_ps(y + e, _mm256_fmadd_ps(va, load8(x + e), _mm256_loadu_ps(y + e)));
-  for (; e < n; ++e) y[e] += alpha * static_cast<float>(x[e]);
+  for (; e < n; ++e) y[e] = std::fma(alpha, static_cast<float>(x[e]), y[e]);  // (as dot_tail)
 }
 
 // Prefetches a row of n elements. The packers and row_scores fetch a few rows ahead of
@@ -113,10 +114,13 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
-// sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below.
+// sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below. One
+// fused multiply-add per element, in order: `sum += q * k` let GCC vectorise the products
+// and round them apart from the sums, differently for each vector width (the AVX2 and
+// AVX-512 libraries) and possibly for each inlined copy.
 template <typename T>
 __attribute__((always_inline)) inline float dot_tail(float sum, const float* q, const T* k, int64_t e, int64_t d) {
-  for (int64_t t = e; t < d; ++t) sum += q[t] * static_cast<float>(k[t]);
+  for (int64_t t = e; t < d; ++t) sum = std::fma(q[t], static_cast<float>(k[t]), sum);
   return sum;
 }
 
