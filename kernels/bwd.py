@@ -48,13 +48,8 @@ def _delta_kernel(
     num_heads, seqlen_q, head_dim_v,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    n_mblk = (seqlen_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_bh = pid // n_mblk
-    pid_m = pid % n_mblk
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, _, m0 = query_block_program(seqlen_q, num_heads, 1, BLOCK_M, False)
+    rows = m0 + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)  # offsets in int64: row * stride passes 2^31 at long context
     offs_dv = tl.arange(0, BLOCK_DV)
     o = load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
