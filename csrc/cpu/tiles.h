@@ -443,19 +443,44 @@ template <int M, int W, bool MASKED, bool PREFETCH, typename T>
 __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
                                                     float* o, int64_t ldo, const __mmask16* mask, const T* next,
                                                     int64_t next_len) {
+  // Whole bf16 strips in pairs of registers: c[r][2i] the even columns of 32, c[r][2i + 1]
+  // the odd ones, so one 64-byte load of 32 V elements widens with a shift (even) and a
+  // mask (odd) instead of two zero-extensions and shifts; the outputs are split into even
+  // and odd columns once per strip (the same FMAs per output element).
+  constexpr bool PAIRS = std::is_same_v<T, c10::BFloat16> && !MASKED && W % 2 == 0;
+  const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   __m512 c[M][W];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
     for (int w = 0; w < W; ++w) {
-      c[r][w] = MASKED ? _mm512_maskz_loadu_ps(mask[w], o + r * ldo + w * NR) : _mm512_loadu_ps(o + r * ldo + w * NR);
+      if constexpr (PAIRS) {
+        if (w % 2 == 0) {
+          const __m512 lo = _mm512_loadu_ps(o + r * ldo + w * NR), hi = _mm512_loadu_ps(o + r * ldo + (w + 1) * NR);
+          c[r][w] = _mm512_permutex2var_ps(lo, even_idx, hi);
+          c[r][w + 1] = _mm512_permutex2var_ps(lo, odd_idx, hi);
+        }
+      } else {
+        c[r][w] = MASKED ? _mm512_maskz_loadu_ps(mask[w], o + r * ldo + w * NR) : _mm512_loadu_ps(o + r * ldo + w * NR);
+      }
     }
   }
   for (int64_t k = 0; k < n; ++k) {
     const T* vk = v + k * ldv;
     __m512 b[W];
 #pragma GCC unroll 8
-    for (int w = 0; w < W; ++w) b[w] = MASKED ? load16_masked(vk + w * NR, mask[w]) : load16(vk + w * NR);
+    for (int w = 0; w < W; ++w) {
+      if constexpr (PAIRS) {
+        if (w % 2 == 0) {
+          const __m512i x = _mm512_loadu_si512(vk + w * NR);
+          b[w] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+          b[w + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        }
+      } else {
+        b[w] = MASKED ? load16_masked(vk + w * NR, mask[w]) : load16(vk + w * NR);
+      }
+    }
     if constexpr (PREFETCH) prefetch_row(next + k * ldv, next_len);
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
@@ -464,11 +489,18 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
       for (int w = 0; w < W; ++w) c[r][w] = _mm512_fmadd_ps(x, b[w], c[r][w]);
     }
   }
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
     for (int w = 0; w < W; ++w) {
-      if (MASKED) {
+      if constexpr (PAIRS) {
+        if (w % 2 == 0) {
+          _mm512_storeu_ps(o + r * ldo + w * NR, _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1]));
+          _mm512_storeu_ps(o + r * ldo + (w + 1) * NR, _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1]));
+        }
+      } else if (MASKED) {
         _mm512_mask_storeu_ps(o + r * ldo + w * NR, mask[w], c[r][w]);
       } else {
         _mm512_storeu_ps(o + r * ldo + w * NR, c[r][w]);
