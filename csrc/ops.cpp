@@ -9,6 +9,7 @@
 // layout before calling them, so the checks here guard only the kernels' preconditions.
 // A failed check raises RuntimeError.
 #include <Python.h>
+#include <sys/mman.h>
 
 #include <limits>
 #include <optional>
@@ -48,6 +49,35 @@ const cpu::KernelTable& cpu_kernels() {
   throw std::logic_error("unreachable");
 }
 
+// Asks Linux for 2 MiB pages under the whole 2 MiB-aligned part of a new output of at
+// least 4 MiB: a fresh allocation that large is new memory (glibc maps it), and the
+// kernels' first writes to it otherwise fault on every 4 KiB page, at a cost near that
+// of the attention itself on short sequences (benchmarks/RESULTS.md). torch does the same
+// for every large tensor with THP_MEM_ALLOC_ENABLE=1.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
+  const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = end & ~(huge - 1);
+  if (end - begin >= 2 * huge && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Packed sequences on the CPU: the first query row the kernels do not write, the end of
+// the last sequence when cu_seqlens_q rises from 0 in steps of at most max_seqlen_q (each
+// sequence's rows are then written by its tasks), else 0.
+int64_t unwritten_rows_from(const FlashParams& p) {
+  const int32_t* cu = p.cu_seqlens_q;
+  if (cu[0] != 0) return 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (cu[b + 1] < cu[b] || cu[b + 1] - int64_t(cu[b]) > p.seqlen_q) return 0;
+  }
+  return std::min<int64_t>(cu[p.batch], p.total_q);
+}
+
 // The forward on q, k, v in `layout`; out comes back in the same layout (its memory
 // (B, Sq, H, Dv) either way).
 std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
@@ -58,9 +88,15 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
   Tensor out = layout.seq == 1 ? new_tensor({B, Sq, H, Dv}, q.dtype, q)
                                : new_tensor({B, H, Sq, Dv}, q.dtype, q, {Sq * H * Dv, Dv, H * Dv, 1});
   Tensor lse = new_tensor({B, H, Sq}, lse_dtype(q), q);
+  advise_huge_pages(out);
   if (args.cu_seqlens_q.has_value()) {  // rows in no sequence are never written: defined as out 0, lse -inf
-    zero(out);
-    torch::stable::fill_(lse, -std::numeric_limits<double>::infinity());
+    // Offsets rising from 0 (the API's check) leave only the rows after the last
+    // sequence; any other values (the op called directly) get everything cleared.
+    const int64_t first = unwritten_rows_from(p);
+    const int64_t dim = layout.seq;
+    zero(first == 0 ? out : torch::stable::narrow(out, dim, first, p.total_q - first));
+    torch::stable::fill_(first == 0 ? lse : torch::stable::narrow(lse, 2, first, p.total_q - first),
+                         -std::numeric_limits<double>::infinity());
   }
   fill_output(p, out, lse, layout);
   cpu_kernels().fwd[cpu_dtype(q)](p);
@@ -74,6 +110,7 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
 // An empty (or zero) tensor with t's sizes, strides (when dense), dtype and device.
 Tensor grad_like(const Tensor& t, bool zeros) {
   Tensor g = torch::stable::empty_like(t);
+  advise_huge_pages(g);
   if (zeros) zero(g);
   return g;
 }

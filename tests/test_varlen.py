@@ -371,6 +371,26 @@ def test_op_level_packed_calls_are_defined():
                       max_seqlen_q=5)
 
 
+def test_op_level_rows_without_a_task_are_cleared():
+    # The CPU op clears only the rows after the last sequence when cu_seqlens_q rises from
+    # 0 in steps of at most max_seqlen_q; other values (the op called directly, unchecked)
+    # clear everything first. Memory of out's size filled with NaN and freed just before
+    # the call is what the allocator most likely hands back: no row may keep it.
+    q = torch.randn(1, 10, 2, 16)
+    k = torch.randn(1, 10, 2, 16)
+    for cu_list, max_q, written in (([0, 3, 8], 0, 8), ([0, 5, 3], 0, None), ([0, 6, 10], 4, None)):
+        cu = torch.tensor(cu_list, dtype=torch.int32)
+        del_me = torch.full((1, 10, 2, 16), float("nan")), torch.full((1, 2, 10), float("nan"))
+        del del_me
+        out, lse = ops.attention(q, k, k, scale=0.25, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_q)
+        assert not out.isnan().any() and not lse.isnan().any(), cu_list
+        if written is not None:
+            assert torch.equal(out[0, written:], torch.zeros_like(out[0, written:]))
+            assert torch.isinf(lse[0, :, written:]).all()
+            ref, _ = attention_varlen_ref(q.double()[:, :written], k.double(), k.double(), cu, cu, scale=0.25)
+            torch.testing.assert_close(out[:, :written].double(), ref, atol=2e-6, rtol=1e-5)
+
+
 def test_varlen_gqa_backward_many_short_sequences_and_one_long():
     # The GQA backward's per-head scratch follows k's rows (total_k), not sequences x longest.
     lens = [1] * 60 + [700]
