@@ -5,7 +5,7 @@ restructure changes no result.
     python tests/snapshot.py compare /tmp/before.pt    # after it: every tensor bitwise equal
 
 Cases: every dtype the CPU kernel takes, both CPU paths (register tiles / bf16 dot products,
-and BLAS via FLASHATTN_CPU_TILES=0; FLASHATTN_CPU_BF16_DOT=0 for the fp32 tiles on bf16),
+and BLAS via FLASHATTN_CPU_TILES=0; FLASHATTN_CPU_BF16_DOT=0 / =1 for the fp32 / vdpbf16ps tiles on bf16),
 odd sizes, GQA, both layouts (flash_attn_func's and SDPA's), causal in both alignments,
 windows, softcap, ALiBi, float bias with its gradient, bool masks, dropout, decoding-sized
 calls, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16). The reference backend
@@ -43,7 +43,7 @@ def _cases() -> list[dict]:
         cases.append(dict(size=(b, sq, sk, h, hk, d), feat=feat, dtype=dtype, layout=layout, backend="cpu"))
     # The other CPU paths, on a subset.
     for env, dtype in ((("FLASHATTN_CPU_TILES", "0"), "fp32"), (("FLASHATTN_CPU_TILES", "0"), "bf16"),
-                       (("FLASHATTN_CPU_BF16_DOT", "0"), "bf16")):
+                       (("FLASHATTN_CPU_BF16_DOT", "0"), "bf16"), (("FLASHATTN_CPU_BF16_DOT", "1"), "bf16")):
         for size, feat in itertools.product(sizes[:4], features[:2] + features[5:7]):
             layout = "bhsd" if ("bias" in feat or "mask" in feat) else "bshd"
             cases.append(dict(size=size, feat=feat, dtype=dtype, layout=layout, backend="cpu", env=env))

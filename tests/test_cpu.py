@@ -110,11 +110,11 @@ BF16_DOT_CASES = {
 def test_bf16_dot_and_fp32_tile_paths(path, case, cpu_switch):
     # Where the CPU has AVX512-BF16 the bf16 forward and backward multiply bf16 pairs in
     # float, rounding P (and dS in the backward) to bf16 for the products that take them
-    # (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends both to the fp32 tiles. Both paths
-    # against the reference, gradients too: odd head dims, odd row and key counts (zero
-    # partners in the pairs), windows whose panels start on odd keys.
-    if path == "fp32":
-        cpu_switch("FLASHATTN_CPU_BF16_DOT", "0")
+    # (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends both to the fp32 tiles (=1 forces the
+    # dot path, which is the default on AMD's CPUs only). Both paths against the reference,
+    # gradients too: odd head dims, odd row and key counts (zero partners in the pairs),
+    # windows whose panels start on odd keys.
+    cpu_switch("FLASHATTN_CPU_BF16_DOT", "0" if path == "fp32" else "1")
     (seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v), opts = BF16_DOT_CASES[case]
     seed = seqlen_q * 7 + head_dim
     q, k, v = random_qkv(1, seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v, dtype=torch.bfloat16,
@@ -127,20 +127,23 @@ def test_bf16_dot_and_fp32_tile_paths(path, case, cpu_switch):
                     **bottom_right(seqlen_q, seqlen_k, window, causal=opts.get("causal", False)))
 
 
-def test_bf16_with_few_keys_per_row():
+def test_bf16_with_few_keys_per_row(cpu_switch):
     # Rows that see 1-3 keys: rounding P to bf16 would make the output only as accurate as
     # the naive bf16 formula (seed 2492 broke the 2x rule by 1.01x), so panels over few
     # keys add (P - bf16(P)) V. Many seeds, as the failure depends on the draw.
+    cpu_switch("FLASHATTN_CPU_BF16_DOT", "1")
     for seed in [2492] + list(range(60)):
         q, k, v = random_qkv(1, 12, 3, 1, 1, 3, dtype=torch.bfloat16, seed=seed)
         check_attention(flash(causal=True), q, k, v, seed=seed, **bottom_right(12, 3, causal=True))
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_dot_with_dropout_and_mask(causal, monkeypatch):
+def test_bf16_dot_with_dropout_and_mask(causal, cpu_switch):
     # Dropout scales the kept probabilities before P is rounded to bf16; a bool mask
     # removes keys inside the pairs. Against the reference given the kernel's keep mask.
     from flashattn_py import ops
+
+    cpu_switch("FLASHATTN_CPU_BF16_DOT", "1")
 
     q, k, v = random_qkv(2, 45, 77, 4, 2, 24, dtype=torch.bfloat16, seed=19)
     torch.manual_seed(77)
@@ -160,11 +163,17 @@ def test_bf16_dot_path_is_taken_where_compiled(cpu_switch):
     # The switch works and the dot path runs where the build has it: P rounded to bf16
     # gives outputs that differ from the fp32 tiles' (and agree with them to bf16 accuracy).
     q, k, v = random_qkv(1, 200, 300, 2, 2, 64, dtype=torch.bfloat16, seed=23)
-    dot = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
-    cpu_switch("FLASHATTN_CPU_BF16_DOT", "0")
-    fp32 = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    outs = {}
+    for value in ("", "1", "0"):  # (empty: as if unset)
+        cpu_switch("FLASHATTN_CPU_BF16_DOT", value)
+        outs[value] = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    default, dot, fp32 = outs[""], outs["1"], outs["0"]
     assert (dot.float() - fp32.float()).abs().max().item() < 0.05
     assert torch.equal(dot, fp32) != bf16_dot_compiled()
+    # Unset, the switch picks the dot path on AMD's CPUs only (csrc/cpu/switches.h).
+    vendor = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
+                  "")
+    assert torch.equal(default, dot if vendor == "AuthenticAMD" else fp32)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])

@@ -1,6 +1,7 @@
 // The process's switches for the CPU kernels' paths (for comparisons and tests):
-// FLASHATTN_CPU_TILES=0 sends every call through BLAS, FLASHATTN_CPU_BF16_DOT=0 sends bf16
-// to the fp32 tiles. Read once, on first use (no environment lookup per call); the module's
+// FLASHATTN_CPU_TILES=0 sends every call through BLAS; FLASHATTN_CPU_BF16_DOT=0 sends bf16
+// to the fp32 tiles (on bf16 widened to float), =1 to the AVX512-BF16 tiles where compiled
+// in, unset: the faster of the two on this CPU (bf16_dot_by_default). Read once, on first use (no environment lookup per call); the module's
 // reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path is chosen from them
 // by kernel_path() (flash_cpu.h), the one function its forward and backward both ask.
 #pragma once
@@ -13,12 +14,23 @@ struct Switches {
   bool tiles = true, bf16_dot = true;
 };
 
+// Whether bf16 products run on vdpbf16ps unless told: on AMD's cores, where they are
+// faster than the fp32 tiles on bf16 widened to float (Zen 4: 1.9x), and not on Intel's,
+// where they are slower (Sapphire Rapids: 0.6x; benchmarks/RESULTS.md 'What was tried').
+inline bool bf16_dot_by_default() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 inline Switches switches_from_env() {
-  auto on = [](const char* name) {
+  auto on = [](const char* name, bool unset) {
     const char* env = std::getenv(name);
-    return env == nullptr || env[0] != '0';
+    return env == nullptr || env[0] == '\0' ? unset : env[0] != '0';
   };
-  return {on("FLASHATTN_CPU_TILES"), on("FLASHATTN_CPU_BF16_DOT")};
+  return {on("FLASHATTN_CPU_TILES", true), on("FLASHATTN_CPU_BF16_DOT", bf16_dot_by_default())};
 }
 
 inline Switches& switches() {
