@@ -35,24 +35,31 @@ namespace flashattn {
 namespace cuda_impl {
 namespace {
 
-// ---------------------------------------------------------------------------------
-// Step 3: dq = dq_accum * scale, in the input dtype, at dq's strides. dq_accum rows are lse
-// rows: (b, h, i) dense, (h, row of q) with packed queries, read as batch 1 of total_q rows
-// (rows in no sequence get 0, the zeroed accumulator).
-template <typename T>
-__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdArgs args) {
-  const FlashBwdParams& p = args.p;
-  const int64_t D = p.head_dim, Sq = p.cu_seqlens_q ? p.total_q : p.seqlen_q, H = p.num_heads;
-  const int64_t total = lse_rows(p) * D;
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = idx % D;
-    const int64_t i = (idx / D) % Sq;
-    const int64_t h = (idx / (D * Sq)) % H;
-    const int64_t b = idx / (D * Sq * H);
-    static_cast<T*>(p.dq)[b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride + d] =
-        Elem<T>::from_float(args.dq_accum[idx] * p.scale);
+// A score x = q . k in the log2 domain: softcapped, th its tanh (the softcap's derivative
+// needs it), or scaled (th untouched).
+__device__ __forceinline__ float score_log2(const BwdArgs& args, bool has_softcap, float x, float& th) {
+  if (has_softcap) {
+    th = softcap_tanh(x * args.cap_in);
+    return args.cap_out * th;
   }
+  return x * args.scale_log2;
+}
+
+// dO at the sequence's row 0 and head h; row0, the lse row of its query 0 (lse, delta,
+// dq_accum, dbias and the dropout draws count rows from it), and lse and delta there.
+template <typename T>
+struct BwdRows {
+  const T* dout;
+  int64_t row0;
+  const float *lse, *dsum;
+};
+template <typename T>
+__device__ __forceinline__ BwdRows<T> bwd_rows(const BwdArgs& args, const SeqView& s, int b, int h) {
+  const FlashBwdParams& p = args.p;
+  const int64_t row0 = s.lse_row + h * lse_head_stride(p);
+  return BwdRows<T>{
+      static_cast<const T*>(p.dout) + b * p.do_batch_stride + s.q_start * p.do_row_stride + h * p.do_head_stride,
+      row0, static_cast<const float*>(p.lse) + row0, args.dsum + row0};
 }
 
 // lse (log2 domain, +inf for rows past Sq or with no visible key so P = 0) and delta of
@@ -107,35 +114,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   const SeqView s = seq_view(p, b);
   const int n0 = n_block * kBN;
   if (n0 >= s.seqlen_k) return;  // the grid covers the longest sequence
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t4 = lane & 3;
+  const auto [warp, lane, g, t4] = lane_ids();
   const int rg = warp / kDSplit, dpart = warp % kDSplit;
-  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
+  const auto [Sq, Sk, D, Dv, q_base, k_base, v_base] = head_view<T>(p, s, h, args.heads_per_kv);
   // The sequence again inside the main loop, re-derived (dense: the params; packed:
   // cu_seqlens reads, L1 hits) rather than its lengths and diagonal held in registers
   // across it: the kernel sits at its register cap.
   const auto seq_now = [&] { return seq_view(p, grid_pos(n_nblocks, p.num_heads).b); };
-  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int hk = h / args.heads_per_kv;
   const bool compute_dq = !p.deterministic;
+  const auto [do_base, row0, lse, dsum] = bwd_rows<T>(args, s, b, h);
 
-  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
-  const T* do_base =
-      static_cast<const T*>(p.dout) + b * p.do_batch_stride + s.q_start * p.do_row_stride + h * p.do_head_stride;
-  const int64_t row0 = s.lse_row + h * lse_head_stride(p);  // lse row of query 0
-  const float* lse = static_cast<const float*>(p.lse) + row0;
-  const float* dsum = args.dsum + row0;
-
-  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
+  const Window win = seq_window(p, s);
   const int n_last = min(n0 + kBN, Sk) - 1;
-  const int64_t i_lo = win.qlo(n0), i_hi = win.qhi(n_last);
-  int mb_begin = 0, mb_end = 0;
-  if (i_hi >= i_lo) {
-    mb_begin = static_cast<int>(i_lo / kBM);
-    mb_end = static_cast<int>(i_hi / kBM) + 1;
-  }
+  // The query blocks holding a query that can see some key of this block.
+  const auto [mb_begin, mb_end] = block_range<kBM>(win.qlo(n0), win.qhi(n_last));
 
   // This thread's key rows (g, g + 8 of the warp's 16): visible query range and validity.
   int q_lo[2], q_hi[2];
@@ -192,8 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       for (int np = 0; np < kST / 2; ++np) {
         uint32_t bb[4];
         ldmatrix_x4(bb, sdO + bn_off(lane, np * 16, ks * 16, kStride));
-        mma16816<T>(acc_dp[2 * np], a, bb[0], bb[1]);
-        mma16816<T>(acc_dp[2 * np + 1], a, bb[2], bb[3]);
+        mma16816_x2<T>(acc_dp[2 * np], acc_dp[2 * np + 1], a, bb);
       }
     }
 
@@ -209,8 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       for (int np = 0; np < kST / 2; ++np) {
         uint32_t bb[4];
         ldmatrix_x4(bb, sQ + bn_off(lane, np * 16, ks * 16, kStride));
-        mma16816<T>(acc_s[2 * np], a, bb[0], bb[1]);
-        mma16816<T>(acc_s[2 * np + 1], a, bb[2], bb[3]);
+        mma16816_x2<T>(acc_s[2 * np], acc_s[2 * np + 1], a, bb);
       }
     }
 
@@ -241,14 +231,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
         const int r = e >> 1;
         const int il = nt * 8 + 2 * t4 + (e & 1);
         const int i = m0 + il;
-        float x = acc_s[nt][e];
         float th = 0.f;
-        if (has_softcap) {
-          th = softcap_tanh(x * args.cap_in);
-          x = args.cap_out * th;
-        } else {
-          x *= args.scale_log2;
-        }
+        float x = score_log2(args, has_softcap, acc_s[nt][e], th);
         if (has_alibi) {
           const int dist = i + off - (n0 + rg * 16 + g + 8 * r);
           x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
@@ -260,11 +244,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
           const float pr = fast_exp2(x - sLse[il]);
           float z = 1.f;
-          if (p.dropout_p > 0.f) {
-            uint32_t d[4];
-            args.drop.draws(row0 + i, j >> 2, d);
-            z = args.drop.factor(d, j & 3);
-          }
+          if (p.dropout_p > 0.f) z = args.drop.factor_of(row0 + i, j);
           float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
           if (p.dbias != nullptr && dpart == 0 && i < p.seqlen_q && j < p.seqlen_k) {
             p.dbias[(row0 + i) * p.seqlen_k + j] = ds;  // dense: row0 = (b * H + h) * Sq
@@ -287,14 +267,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
 #pragma unroll
     for (int kt = 0; kt < kBM / 16; ++kt) {
       uint32_t ap[4], ad[4];
-      ap[0] = Elem<T>::pack(acc_s[2 * kt][0], acc_s[2 * kt][1]);
-      ap[1] = Elem<T>::pack(acc_s[2 * kt][2], acc_s[2 * kt][3]);
-      ap[2] = Elem<T>::pack(acc_s[2 * kt + 1][0], acc_s[2 * kt + 1][1]);
-      ap[3] = Elem<T>::pack(acc_s[2 * kt + 1][2], acc_s[2 * kt + 1][3]);
-      ad[0] = Elem<T>::pack(acc_dp[2 * kt][0], acc_dp[2 * kt][1]);
-      ad[1] = Elem<T>::pack(acc_dp[2 * kt][2], acc_dp[2 * kt][3]);
-      ad[2] = Elem<T>::pack(acc_dp[2 * kt + 1][0], acc_dp[2 * kt + 1][1]);
-      ad[3] = Elem<T>::pack(acc_dp[2 * kt + 1][2], acc_dp[2 * kt + 1][3]);
+      pack_a<T>(ap, acc_s[2 * kt], acc_s[2 * kt + 1]);
+      pack_a<T>(ad, acc_dp[2 * kt], acc_dp[2 * kt + 1]);
       if (compute_dq && dpart == 0) {
         T* dst = sdS + (rg * 16 + g) * kSStride + kt * 16 + 2 * t4;
         *reinterpret_cast<uint32_t*>(dst) = ad[0];
@@ -306,11 +280,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
       for (int dp = 0; dp < kDP / 16; ++dp) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, sdO + bk_off(lane, kt * 16, dpart * kDP + dp * 16, kStride));
-        mma16816<T>(acc_dv[2 * dp], ap, bb[0], bb[1]);
-        mma16816<T>(acc_dv[2 * dp + 1], ap, bb[2], bb[3]);
+        mma16816_x2<T>(acc_dv[2 * dp], acc_dv[2 * dp + 1], ap, bb);
         ldmatrix_x4_trans(bb, sQ + bk_off(lane, kt * 16, dpart * kDP + dp * 16, kStride));
-        mma16816<T>(acc_dk[2 * dp], ad, bb[0], bb[1]);
-        mma16816<T>(acc_dk[2 * dp + 1], ad, bb[2], bb[3]);
+        mma16816_x2<T>(acc_dk[2 * dp], acc_dk[2 * dp + 1], ad, bb);
       }
     }
 
@@ -365,8 +337,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           for (int dp = 0; dp < kCW / 16; ++dp) {
             uint32_t bb[4];
             ldmatrix_x4_trans(bb, sK + bk_off(lane, kt * 16, dbase + dp * 16, kStride));
-            mma16816<T>(acc[2 * dp], a, bb[0], bb[1]);
-            mma16816<T>(acc[2 * dp + 1], a, bb[2], bb[3]);
+            mma16816_x2<T>(acc[2 * dp], acc[2 * dp + 1], a, bb);
           }
         }
 #pragma unroll
@@ -443,29 +414,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
   const SeqView s = seq_view(p, b);
   const int m0 = m_block * kBM;
   if (m0 >= s.seqlen_q) return;  // the grid covers the longest sequence
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
-  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int hk = h / args.heads_per_kv;
+  const auto [warp, lane, g, t4] = lane_ids();
+  const auto [Sq, Sk, D, Dv, q_base, k_base, v_base] = head_view<T>(p, s, h, args.heads_per_kv);
+  const auto [do_base, row0, lse, dsum] = bwd_rows<T>(args, s, b, h);
 
-  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
-  const T* do_base =
-      static_cast<const T*>(p.dout) + b * p.do_batch_stride + s.q_start * p.do_row_stride + h * p.do_head_stride;
-  const int64_t row0 = s.lse_row + h * lse_head_stride(p);  // lse row of query 0
-  const float* lse = static_cast<const float*>(p.lse) + row0;
-  const float* dsum = args.dsum + row0;
-
-  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
+  const Window win = seq_window(p, s);
   const int m_last = min(m0 + kBM, Sq) - 1;
-  const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
-  int nb_begin = 0, nb_end = 0;
-  if (n_hi >= n_lo) {
-    nb_begin = static_cast<int>(n_lo / kBN);
-    nb_end = static_cast<int>(n_hi / kBN) + 1;
-  }
+  // The key blocks holding a key that some row of this block can see.
+  const auto [nb_begin, nb_end] = block_range<kBN>(win.lo(m0), win.hi(m_last));
 
   const int warp_row0 = warp * 16;
   int j_lo[2], j_hi[2];
@@ -531,11 +487,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bb[4];
         ldmatrix_x4(bb, sK + bn_off(lane, np * 16, ks * 16, kStride));
-        mma16816<T>(acc_s[2 * np], aq, bb[0], bb[1]);
-        mma16816<T>(acc_s[2 * np + 1], aq, bb[2], bb[3]);
+        mma16816_x2<T>(acc_s[2 * np], acc_s[2 * np + 1], aq, bb);
         ldmatrix_x4(bb, sV + bn_off(lane, np * 16, ks * 16, kStride));
-        mma16816<T>(acc_dp[2 * np], ad, bb[0], bb[1]);
-        mma16816<T>(acc_dp[2 * np + 1], ad, bb[2], bb[3]);
+        mma16816_x2<T>(acc_dp[2 * np], acc_dp[2 * np + 1], ad, bb);
       }
     }
 
@@ -547,14 +501,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int j = n0 + nt * 8 + 2 * t4 + (e & 1);
-        float x = acc_s[nt][e];
         float th = 0.f;
-        if (has_softcap) {
-          th = softcap_tanh(x * args.cap_in);
-          x = args.cap_out * th;
-        } else {
-          x *= args.scale_log2;
-        }
+        float x = score_log2(args, has_softcap, acc_s[nt][e], th);
         if (has_alibi) {
           const int64_t dist = int64_t(m0 + warp_row0 + g + 8 * r) + off - j;
           x -= slope_log2 * static_cast<float>(dist < 0 ? -dist : dist);
@@ -563,11 +511,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
         if constexpr (kExt) {
           const int i = m0 + warp_row0 + g + 8 * r;
           if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
-          if (p.dropout_p > 0.f) {
-            uint32_t d[4];
-            args.drop.draws(row0 + i, j >> 2, d);
-            z = args.drop.factor(d, j & 3);
-          }
+          if (p.dropout_p > 0.f) z = args.drop.factor_of(row0 + i, j);
         }
         if (!full && (j < j_lo[r] || j > j_hi[r])) x = -INFINITY;
         const float pr = fast_exp2(x - lse2[r]);
@@ -581,16 +525,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
 #pragma unroll
     for (int kt = 0; kt < kBN / 16; ++kt) {
       uint32_t a[4];
-      a[0] = Elem<T>::pack(acc_dp[2 * kt][0], acc_dp[2 * kt][1]);
-      a[1] = Elem<T>::pack(acc_dp[2 * kt][2], acc_dp[2 * kt][3]);
-      a[2] = Elem<T>::pack(acc_dp[2 * kt + 1][0], acc_dp[2 * kt + 1][1]);
-      a[3] = Elem<T>::pack(acc_dp[2 * kt + 1][2], acc_dp[2 * kt + 1][3]);
+      pack_a<T>(a, acc_dp[2 * kt], acc_dp[2 * kt + 1]);
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, sK + bk_off(lane, kt * 16, dp * 16, kStride));
-        mma16816<T>(acc_dq[2 * dp], a, bb[0], bb[1]);
-        mma16816<T>(acc_dq[2 * dp + 1], a, bb[2], bb[3]);
+        mma16816_x2<T>(acc_dq[2 * dp], acc_dq[2 * dp + 1], a, bb);
       }
     }
   }
@@ -614,6 +554,26 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
                (es.q_start + em0) * p.dq_row_stride;
   store_tile<T, kBM, kD, kThreads>(dq_base, sQ, p.dq_row_stride, static_cast<int>(es.seqlen_q - em0), D,
                                    args.vec_dq);
+}
+
+// ---------------------------------------------------------------------------------
+// Step 3: dq = dq_accum * scale, in the input dtype, at dq's strides. dq_accum rows are lse
+// rows: (b, h, i) dense, (h, row of q) with packed queries, read as batch 1 of total_q rows
+// (rows in no sequence get 0, the zeroed accumulator).
+template <typename T>
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdArgs args) {
+  const FlashBwdParams& p = args.p;
+  const int64_t D = p.head_dim, Sq = p.cu_seqlens_q ? p.total_q : p.seqlen_q, H = p.num_heads;
+  const int64_t total = lse_rows(p) * D;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = idx % D;
+    const int64_t i = (idx / D) % Sq;
+    const int64_t h = (idx / (D * Sq)) % H;
+    const int64_t b = idx / (D * Sq * H);
+    static_cast<T*>(p.dq)[b * p.dq_batch_stride + i * p.dq_row_stride + h * p.dq_head_stride + d] =
+        Elem<T>::from_float(args.dq_accum[idx] * p.scale);
+  }
 }
 
 // ---------------------------------------------------------------------------------

@@ -82,6 +82,25 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The two n8 tiles c0, c1 (columns 0-7, 8-15 of a 16-column block) += a times the two
+// B fragments of one ldmatrix_x4 (bn_off / bk_off): {b[0], b[1]}, then {b[2], b[3]}.
+template <typename T>
+__device__ __forceinline__ void mma16816_x2(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                            const uint32_t (&b)[4]) {
+  mma16816<T>(c0, a, b[0], b[1]);
+  mma16816<T>(c1, a, b[2], b[3]);
+}
+
+// The A fragment of a 16-column k block from the C tiles c0, c1 of its columns 0-7 and
+// 8-15, re-packed as 16-bit pairs (the layouts above).
+template <typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = Elem<T>::pack(c0[0], c0[1]);
+  a[1] = Elem<T>::pack(c0[2], c0[3]);
+  a[2] = Elem<T>::pack(c1[0], c1[1]);
+  a[3] = Elem<T>::pack(c1[2], c1[3]);
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -344,6 +363,60 @@ __device__ __forceinline__ int clamp_int(int64_t v) {
 }
 
 // ---------------------------------------------------------------------------------
+// Kernel prologues: what every kernel derives first from its thread, its sequence
+// (seq_view) and its query head. Each is a small struct built by one function and unpacked
+// with structured bindings into the kernel's locals, so a value lives exactly as long as
+// the kernel uses it (what the main loops re-derive, they still re-derive).
+
+// This thread's warp, its lane and the lane's fragment coordinates (lane = 4 * g + t4).
+struct LaneIds {
+  int warp, lane, g, t4;
+};
+__device__ __forceinline__ LaneIds lane_ids() {
+  const int tid = threadIdx.x, lane = tid & 31;
+  return LaneIds{tid >> 5, lane, lane >> 2, lane & 3};
+}
+
+// Sequence s at query head h: its lengths and the head dims (int), q at the sequence's row
+// 0 and head h, k and v at their row 0 (0 when paged) and KV head h / heads_per_kv.
+template <typename T>
+struct HeadView {
+  int Sq, Sk, D, Dv;
+  const T *q, *k, *v;
+};
+template <typename T>
+__device__ __forceinline__ HeadView<T> head_view(const FlashParams& p, const SeqView& s, int h, int heads_per_kv) {
+  const int hk = h / heads_per_kv;
+  return HeadView<T>{static_cast<int>(s.seqlen_q),
+                     static_cast<int>(s.seqlen_k),
+                     static_cast<int>(p.head_dim),
+                     static_cast<int>(p.head_dim_v),
+                     static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride,
+                     static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride,
+                     static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride};
+}
+
+// The masking geometry of sequence s.
+__device__ __forceinline__ Window seq_window(const FlashParams& p, const SeqView& s) {
+  return Window{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
+}
+
+// The blocks of kBlock rows (or keys) that hold any of [lo, hi]: [begin, end), empty when
+// hi < lo.
+struct BlockRange {
+  int begin, end;
+};
+template <int kBlock>
+__device__ __forceinline__ BlockRange block_range(int64_t lo, int64_t hi) {
+  BlockRange r{0, 0};
+  if (hi >= lo) {
+    r.begin = static_cast<int>(lo / kBlock);
+    r.end = static_cast<int>(hi / kBlock) + 1;
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------
 // Bias / bool mask and dropout (the kernels' kExt variants; the plain variants never
 // touch these fields). Scores are in the log2 domain, so a float bias is scaled by log2(e).
 // `base` = b * bias_batch_stride + h * bias_head_stride; i < Sq and j < Sk (callers check).
@@ -376,6 +449,12 @@ struct Dropout {
   __device__ __forceinline__ float factor(const uint32_t (&d)[4], int lane) const {
     const uint32_t x = lane == 0 ? d[0] : lane == 1 ? d[1] : lane == 2 ? d[2] : d[3];
     return uint64_t(x) >= threshold ? mult : 0.f;
+  }
+  // The factor of key j in query row `row`: draws of its group j / 4, lane j % 4.
+  __device__ __forceinline__ float factor_of(int64_t row, int j) const {
+    uint32_t d[4];
+    draws(row, j >> 2, d);
+    return factor(d, j & 3);
   }
 };
 

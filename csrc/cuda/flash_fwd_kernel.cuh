@@ -46,6 +46,21 @@ struct FwdTraits {
   static_assert(kBN % 16 == 0 && kD % 16 == 0, "bad tile");
 };
 
+// mma16816_x2 for each of a warp's kMT m tiles: n8 tiles 2 np and 2 np + 1 of acc[mt] +=
+// a[mt] times the B fragments b of one ldmatrix_x4.
+template <typename T, int kMT, int kN>
+__device__ __forceinline__ void mma16816_x2_mt(float (&acc)[kMT][kN][4], int np, const uint32_t (&a)[kMT][4],
+                                               const uint32_t (&b)[4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) mma16816_x2<T>(acc[mt][2 * np], acc[mt][2 * np + 1], a[mt], b);
+}
+
+// lse (natural log) of a row from its max m (log2 domain) and its total l: -inf for a
+// row with no visible key.
+__device__ __forceinline__ float row_lse(float m, float l) {
+  return (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
+}
+
 // kSplit: split-KV (flash-decoding, p.num_splits > 1 splits): the grid has num_splits CTAs
 // per query block, CTA `split` attends the split-th of num_splits equal runs of the key
 // blocks its query block visits, and writes its normalised O and lse in float32 to the
@@ -72,27 +87,15 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
   const SeqView s = seq_view(p, b);
   const int m0 = m_block * kBM;
   if (m0 >= s.seqlen_q) return;  // the grid covers the longest sequence
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int Sq = static_cast<int>(s.seqlen_q), Sk = static_cast<int>(s.seqlen_k);
-  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int hk = h / args.heads_per_kv;
-
-  const T* q_base = static_cast<const T*>(p.q) + s.q_offset + h * p.q_head_stride;
-  const T* k_base = static_cast<const T*>(p.k) + s.k_offset + hk * p.k_head_stride;
-  const T* v_base = static_cast<const T*>(p.v) + s.v_offset + hk * p.v_head_stride;
+  const auto [warp, lane, g, t4] = lane_ids();
+  const auto [Sq, Sk, D, Dv, q_base, k_base, v_base] = head_view<T>(p, s, h, args.heads_per_kv);
   // b again for paged K / V tiles, re-read rather than kept live across the main loop.
   const auto seq_b = [&] { return grid_pos(n_mblocks, p.num_heads).b; };
 
-  const Window win{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
+  const Window win = seq_window(p, s);
   const int m_last = min(m0 + kBM, Sq) - 1;
-  // Keys any row of this block can see: [n_lo, n_hi].
-  const int64_t n_lo = win.lo(m0), n_hi = win.hi(m_last);
-  int nb_begin = 0, nb_end = 0;
-  if (n_hi >= n_lo) {
-    nb_begin = static_cast<int>(n_lo / kBN);
-    nb_end = static_cast<int>(n_hi / kBN) + 1;
-  }
+  // The key blocks holding a key that some row of this block can see: [lo(m0), hi(m_last)].
+  auto [nb_begin, nb_end] = block_range<kBN>(win.lo(m0), win.hi(m_last));
   if constexpr (kSplit) {  // this CTA's run of [nb_begin, nb_end): ceil(count / splits) blocks
     const int ns = static_cast<int>(p.num_splits), split = pos.block - m_block * ns;
     const int per = (nb_end - nb_begin + ns - 1) / ns;
@@ -168,11 +171,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bb[4];
         ldmatrix_x4(bb, sK + bn_off(lane, np * 16, ks * 16, kStride));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma16816<T>(acc_s[mt][2 * np], a[mt], bb[0], bb[1]);
-          mma16816<T>(acc_s[mt][2 * np + 1], a[mt], bb[2], bb[3]);
-        }
+        mma16816_x2_mt<T>(acc_s, np, a, bb);
       }
     }
 
@@ -272,61 +271,31 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       uint32_t a[kMT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = Elem<T>::pack(acc_s[mt][2 * kt][0], acc_s[mt][2 * kt][1]);
-        a[mt][1] = Elem<T>::pack(acc_s[mt][2 * kt][2], acc_s[mt][2 * kt][3]);
-        a[mt][2] = Elem<T>::pack(acc_s[mt][2 * kt + 1][0], acc_s[mt][2 * kt + 1][1]);
-        a[mt][3] = Elem<T>::pack(acc_s[mt][2 * kt + 1][2], acc_s[mt][2 * kt + 1][3]);
+        pack_a<T>(a[mt], acc_s[mt][2 * kt], acc_s[mt][2 * kt + 1]);
       }
 #pragma unroll
       for (int dp = 0; dp < kD / 16; ++dp) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, sV + bk_off(lane, kt * 16, dp * 16, kStride));
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          mma16816<T>(acc_o[mt][2 * dp], a[mt], bb[0], bb[1]);
-          mma16816<T>(acc_o[mt][2 * dp + 1], a[mt], bb[2], bb[3]);
-        }
+        mma16816_x2_mt<T>(acc_o, dp, a, bb);
       }
     }
   }
 
-  // Epilogue: normalise, write lse, stage O through this warp's own rows of sQ.
+  // Epilogue: normalise, write lse and O. Split-KV: O (normalised) and lse of this split,
+  // float32, straight from the registers to the workspaces; otherwise O is staged through
+  // this warp's own rows of sQ.
   cp_async_wait<0>();
   __syncthreads();
   // Position and sequence re-derived (not kept live across the main loop: registers).
   const GridPos epos = grid_pos(n_mblocks, p.num_heads);
   const SeqView es = seq_view(p, epos.b);
-  if constexpr (kSplit) {
-    // O (normalised) and lse of this split, float32, straight from the registers.
-    const int ns = static_cast<int>(p.num_splits), em_block = epos.block / ns;
-    const int em0 = em_block * kBM, eSq = static_cast<int>(es.seqlen_q);
-    const int64_t row0 = int64_t(epos.block - em_block * ns) * lse_rows(p) + es.lse_row +
-                         epos.h * lse_head_stride(p) + em0;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = row_sum[mt][r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = warp_row0 + mt * 16 + g + 8 * r;
-        if (em0 + row < eSq) {
-          if (t4 == 0) {
-            const float m = row_max[mt][r];
-            args.lse_accum[row0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
-          }
-          float* o = args.oaccum + (row0 + row) * args.oaccum_row + 2 * t4;
-#pragma unroll
-          for (int dt = 0; dt < kDT; ++dt) {
-            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
-          }
-        }
-      }
-    }
-    return;
-  }
-  const int em0 = epos.block * kBM, eSq = static_cast<int>(es.seqlen_q);
+  const int ns = kSplit ? static_cast<int>(p.num_splits) : 1, em_block = epos.block / ns;
+  const int em0 = em_block * kBM, eSq = static_cast<int>(es.seqlen_q);
+  // Split: the workspace row (lse_accum, oaccum) of the block's first row, in this split's rows.
+  const int64_t row0 = int64_t(epos.block - em_block * ns) * lse_rows(p) + es.lse_row +
+                       epos.h * lse_head_stride(p) + em0;
+  // Not split: lse of the sequence at head h.
   float* lse = static_cast<float*>(p.lse) + es.lse_row + epos.h * lse_head_stride(p);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
@@ -337,17 +306,26 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const float inv = l > 0.f ? 1.f / l : 0.f;
       const int row = warp_row0 + mt * 16 + g + 8 * r;
-      if (t4 == 0 && em0 + row < eSq) {
-        const float m = row_max[mt][r];
-        lse[em0 + row] = (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
-      }
+      if constexpr (kSplit) {
+        if (em0 + row < eSq) {
+          if (t4 == 0) args.lse_accum[row0 + row] = row_lse(row_max[mt][r], l);
+          float* o = args.oaccum + (row0 + row) * args.oaccum_row + 2 * t4;
 #pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        *reinterpret_cast<uint32_t*>(sQ + row * kStride + dt * 8 + 2 * t4) =
-            Elem<T>::pack(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+          for (int dt = 0; dt < kDT; ++dt) {
+            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+          }
+        }
+      } else {
+        if (t4 == 0 && em0 + row < eSq) lse[em0 + row] = row_lse(row_max[mt][r], l);
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          *reinterpret_cast<uint32_t*>(sQ + row * kStride + dt * 8 + 2 * t4) =
+              Elem<T>::pack(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+        }
       }
     }
   }
+  if constexpr (kSplit) return;
   __syncthreads();
   T* o_base = static_cast<T*>(p.out) + epos.b * p.o_batch_stride + (es.q_start + em0) * p.o_row_stride +
               epos.h * p.o_head_stride;
