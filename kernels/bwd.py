@@ -18,22 +18,28 @@ import triton.language as tl
 
 from .common import (
     Launcher,
+    add_bias_terms,
     bias_args,
+    block_run,
     device_ctx,
     dropout_keep,
     dropout_seed,
     dropout_state,
-    dot_precision,
+    head_base,
+    head_bias_terms,
     kv_block_range,
     last_unit,
+    load_rows,
     load_tile,
     pad_dim,
     q_block_range,
     query_block_program,
+    query_rows,
+    scaled_scores,
     seq_args,
     seq_bucket,
     seq_info,
-    tanh_f32,
+    tile_flags,
     visible,
     visible_t,
 )
@@ -75,10 +81,8 @@ def _dkdv_blocks(
     for m0 in range(start_m, end_m, BLOCK_M):
         rows = m0 + offs_m
         rows64 = rows.to(tl.int64)
-        q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d, head_dim,
-                      MASK, not EVEN_D)
-        do = load_tile(DO_base + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q, offs_dv,
-                       head_dim_v, MASK, not EVEN_DV)
+        q = load_rows(Q_base, rows64 * stride_qs, rows, seqlen_q, offs_d, head_dim, MASK, not EVEN_D)
+        do = load_rows(DO_base, rows64 * stride_dos, rows, seqlen_q, offs_dv, head_dim_v, MASK, not EVEN_DV)
         if MASK or HAS_BIAS:
             # (a bias / bool mask can empty a row inside an interior block too)
             lse = tl.load(Lse_base + rows, mask=rows < seqlen_q, other=0.0)
@@ -90,11 +94,7 @@ def _dkdv_blocks(
             delta = tl.load(Delta_base + rows)
         # transposed scores: (BLOCK_N keys, BLOCK_M queries)
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC)
-        if HAS_SOFTCAP:
-            tT = tanh_f32(qkT * softcap_in)
-            sT = softcap2 * tT
-        else:
-            sT = qkT * qk_scale2
+        sT, tT = scaled_scores(qkT, qk_scale2, softcap_in, softcap2, HAS_SOFTCAP)
         if HAS_ALIBI:
             sT = sT - slope2 * tl.abs(rows[None, :] + diag - cols[:, None]).to(tl.float32)
         if HAS_BIAS:
@@ -178,26 +178,10 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    # packed rows are addressed from each sequence's start row (batch strides 0)
-    K_seq = K + b.to(tl.int64) * stride_kb
-    V_seq = V + b.to(tl.int64) * stride_vb
-    DK_seq = DK + b.to(tl.int64) * stride_dkb
-    DV_seq = DV + b.to(tl.int64) * stride_dvb
-    if VARLEN_K:
-        K_seq += k_start.to(tl.int64) * stride_ks
-        V_seq += k_start.to(tl.int64) * stride_vs
-        DK_seq += k_start.to(tl.int64) * stride_dks
-        DV_seq += k_start.to(tl.int64) * stride_dvs
-    Q_seq = Q + b.to(tl.int64) * stride_qb
-    DO_seq = DO + b.to(tl.int64) * stride_dob
-    if VARLEN_Q:
-        Q_seq += q_start.to(tl.int64) * stride_qs
-        DO_seq += q_start.to(tl.int64) * stride_dos
-    k = load_tile(K_seq + hk.to(tl.int64) * stride_kh
-                  + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k_b, offs_d, head_dim, True, not EVEN_D)
-    v = load_tile(V_seq + hk.to(tl.int64) * stride_vh
-                  + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k_b, offs_dv, head_dim_v,
-                  True, not EVEN_DV)
+    K_base = head_base(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, VARLEN_K)
+    V_base = head_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, VARLEN_K)
+    k = load_rows(K_base, cols64 * stride_ks, cols, seqlen_k_b, offs_d, head_dim, True, not EVEN_D)
+    v = load_rows(V_base, cols64 * stride_vs, cols, seqlen_k_b, offs_dv, head_dim_v, True, not EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -205,8 +189,8 @@ def _dkdv_kernel(
                                    BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, heads_per_prog):
         h = hk * group + split * heads_per_prog + g
-        Q_base = Q_seq + h.to(tl.int64) * stride_qh
-        DO_base = DO_seq + h.to(tl.int64) * stride_doh
+        Q_base = head_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs, VARLEN_Q)
+        DO_base = head_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dos, VARLEN_Q)
         # index in lse / delta of (b, h, row 0): (1, H, total_q) with packed queries
         if VARLEN_Q:
             row0 = h.to(tl.int64) * total_q + q_start
@@ -225,33 +209,25 @@ def _dkdv_kernel(
             drop_base = rng_offset + row0 * seqlen_k
         else:
             drop_base = row0
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            lo, a, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-            EVEN_D, EVEN_DV, PREC, BLOCK_M)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            a, bb, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
-            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-            EVEN_D, EVEN_DV, PREC, BLOCK_M)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
-            bb, end, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-            qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-            EVEN_D, EVEN_DV, PREC, BLOCK_M)
+        # the query blocks in three runs (unrolled): the boundary ones, first and last,
+        # need the element mask, the interior ones do not
+        for run in tl.static_range(3):
+            start, stop = block_run(run, lo, a, bb, end)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_qs, stride_dos,
+                start, stop, cols, offs_m, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
+                qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+                Bias_base, stride_bm, stride_bn, seed, drop_base, seqlen_k, p_drop, inv_keep,
+                run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                EVEN_D, EVEN_DV, PREC, BLOCK_M)
 
     dk = dk * scale
     if HAS_DROPOUT:
         dv = dv * inv_keep
-    dk_ptrs = DK_seq + hs.to(tl.int64) * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV_seq + hs.to(tl.int64) * stride_dvh + cols64[:, None] * stride_dvs + offs_dv[None, :]
+    DK_base = head_base(DK, b, hs, k_start, stride_dkb, stride_dkh, stride_dks, VARLEN_K)
+    DV_base = head_base(DV, b, hs, k_start, stride_dvb, stride_dvh, stride_dvs, VARLEN_K)
+    dk_ptrs = DK_base + cols64[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV_base + cols64[:, None] * stride_dvs + offs_dv[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_d[None, :] < head_dim))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_dv[None, :] < head_dim_v))
 
@@ -270,27 +246,12 @@ def _dq_blocks(
 ):
     for n0 in range(start_n, end_n, BLOCK_N):
         cols = n0 + offs_n
-        cols64 = cols.to(tl.int64)
-        k = load_tile(K_base + cols64[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
-                      MASK, not EVEN_D)
-        v = load_tile(V_base + cols64[:, None] * stride_vs + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
-                      MASK, not EVEN_DV)
+        k = load_rows(K_base, cols.to(tl.int64) * stride_ks, cols, seqlen_k, offs_d, head_dim, MASK, not EVEN_D)
+        v = load_rows(V_base, cols.to(tl.int64) * stride_vs, cols, seqlen_k, offs_dv, head_dim_v, MASK, not EVEN_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        if HAS_SOFTCAP:
-            t = tanh_f32(qk * softcap_in)
-            s = softcap2 * t
-        else:
-            s = qk * qk_scale2
-        if HAS_ALIBI:
-            s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
-        if HAS_BIAS:
-            in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-            if BIAS_IS_BOOL:
-                keep_b = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0)
-                s = tl.where(keep_b != 0, s, float("-inf"))
-            else:
-                bias = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0.0)
-                s = s + bias.to(tl.float32) * 1.4426950408889634
+        s, t = scaled_scores(qk, qk_scale2, softcap_in, softcap2, HAS_SOFTCAP)
+        s = add_bias_terms(s, rows, cols, seqlen_q, seqlen_k, slope2, diag, bias_rows, stride_bn,
+                           HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL)
         p = tl.exp2(s - lse2[:, None])
         if MASK:
             vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
@@ -343,75 +304,46 @@ def _dq_kernel(
         if m0 >= seqlen_q_b:
             return
     seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
+    rows, rows64, lse_rows = query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M, VARLEN_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    # packed rows are addressed from each sequence's start row (batch strides 0)
-    Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    DO_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    DQ_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    if VARLEN_Q:
-        Q_base += q_start.to(tl.int64) * stride_qs
-        DO_base += q_start.to(tl.int64) * stride_dos
-        DQ_base += q_start.to(tl.int64) * stride_dqs
-        # index in lse / delta (1, H, total_q) of (b, h, row 0)
-        row0 = h.to(tl.int64) * total_q + q_start
-    else:
-        row0 = pid_bh.to(tl.int64) * seqlen_q
-    q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q_b, offs_d, head_dim,
-                  True, not EVEN_D)
-    do = load_tile(DO_base + rows64[:, None] * stride_dos + offs_dv[None, :], rows, seqlen_q_b, offs_dv, head_dim_v,
-                   True, not EVEN_DV)
-    lse = tl.load(Lse + row0 + rows, mask=rows < seqlen_q_b, other=0.0)
+    Q_base = head_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs, VARLEN_Q)
+    DO_base = head_base(DO, b, h, q_start, stride_dob, stride_doh, stride_dos, VARLEN_Q)
+    DQ_base = head_base(DQ, b, h, q_start, stride_dqb, stride_dqh, stride_dqs, VARLEN_Q)
+    q = load_rows(Q_base, rows64 * stride_qs, rows, seqlen_q_b, offs_d, head_dim, True, not EVEN_D)
+    do = load_rows(DO_base, rows64 * stride_dos, rows, seqlen_q_b, offs_dv, head_dim_v, True, not EVEN_DV)
+    lse = tl.load(Lse + lse_rows, mask=rows < seqlen_q_b, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    delta = tl.load(Delta + row0 + rows, mask=rows < seqlen_q_b, other=0.0)
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
-    if HAS_BIAS:
-        bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-                     + rows64[:, None] * stride_bm)
-    else:
-        bias_rows = Bias
+    delta = tl.load(Delta + lse_rows, mask=rows < seqlen_q_b, other=0.0)
+    slope2, bias_rows = head_bias_terms(Alibi, Bias, b, h, rows64, stride_ab, stride_bb, stride_bh, stride_bm,
+                                        HAS_ALIBI, HAS_BIAS)
     if BIAS_GRAD:
         # DBias: float32 (B, H, Sq, Sk) contiguous
-        db_rows = DBias + ((row0 + rows) * seqlen_k)[:, None]
+        db_rows = DBias + (lse_rows * seqlen_k)[:, None]
     else:
         db_rows = DBias
     if HAS_DROPOUT:
-        drop_rows = rng_offset + (row0 + rows) * seqlen_k
+        drop_rows = rng_offset + lse_rows * seqlen_k
     else:
         drop_rows = rows
 
-    K_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    V_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    if VARLEN_K:
-        K_base += k_start.to(tl.int64) * stride_ks
-        V_base += k_start.to(tl.int64) * stride_vs
+    K_base = head_base(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, VARLEN_K)
+    V_base = head_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, VARLEN_K)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, a, bb, end = kv_block_range(m0, seqlen_q_b, seqlen_k_b, diag, left, right,
                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    lo, a, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
-                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    a, bb, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
-                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
-                    bb, end, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
-                    qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-                    bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
-                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
-                    BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    # the key blocks in three runs (unrolled): the boundary ones, first and last, need
+    # the element mask, the interior ones do not
+    for run in tl.static_range(3):
+        start, stop = block_run(run, lo, a, bb, end)
+        dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
+                        start, stop, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
+                        qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
+                        bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
+                        run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
+                        BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     dq = dq * scale
     dq_ptrs = DQ_base + rows64[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_d[None, :] < head_dim))
@@ -523,10 +455,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
-        **flags,
-        BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
-        PREC=dot_precision(q.dtype),
+        **flags, **tile_flags(q, block_d, block_dv, head_dim, head_dim_v),
     )
     size_cls = (max(block_d, block_dv), q.element_size())
     seq_ptrs = sa.ptrs[:3]

@@ -126,6 +126,13 @@ def gpu_configs(kind: str, block_d: int, elem_bytes: int) -> list:
     return [_cfg(*x) for x in table[cls]]
 
 
+def tile_flags(q: torch.Tensor, block_d: int, block_dv: int, head_dim: int, head_dim_v: int) -> dict:
+    """The attention kernels' head-dim constexprs: padded head dims (pad_dim), whether
+    they need no column mask, and the tl.dot precision."""
+    return dict(BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
+                PREC=dot_precision(q.dtype))
+
+
 class Launcher:
     """Launch a raw jit kernel: fixed blocks under the interpreter, autotuned on GPU."""
 
@@ -181,6 +188,27 @@ def load_tile(ptrs, rows, nrows, cols, ncols, CHECK_ROWS: tl.constexpr, CHECK_CO
         else:
             x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def load_rows(Base, row_offs, rows, nrows, cols, ncols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """load_tile of rows ``rows`` x columns ``cols`` of a row-major tensor from Base, the
+    rows at element offsets row_offs (int64: row * stride passes 2^31 at long context)."""
+    return load_tile(Base + row_offs[:, None] + cols[None, :], rows, nrows, cols, ncols, CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
+def scaled_scores(qk, qk_scale2, softcap_in, softcap2, HAS_SOFTCAP: tl.constexpr):
+    """(s, t): the scores q.k in log2 units, log2(e) * scale * qk or, softcapped,
+    log2(e) * softcap * tanh(scale * qk / softcap); t is that tanh, for the softcap's
+    derivative 1 - t^2 in the backward (qk without softcap: unused)."""
+    if HAS_SOFTCAP:
+        t = tanh_f32(qk * softcap_in)
+        s = softcap2 * t
+    else:
+        t = qk
+        s = qk * qk_scale2
+    return s, t
 
 
 @triton.jit
@@ -330,6 +358,21 @@ def visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right,
 
 
 @triton.jit
+def key_span(i_first, i_last, seqlen_k, diag, left, right,
+             BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(lo, hi): the keys [lo, hi) that query positions i_first..i_last may see, lo
+    rounded down to a multiple of BLOCK_N (hi <= lo: none)."""
+    lo = i_first * 0
+    hi = i_first * 0 + seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(i_first + diag - left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(i_last + diag + right + 1, seqlen_k)
+    return lo, hi
+
+
+@triton.jit
 def kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
@@ -340,13 +383,7 @@ def kv_block_range(m0, seqlen_q, seqlen_k, diag, left, right,
     row of the query block and fully inside seqlen_k.
     """
     m_last = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-    lo = m0 * 0
-    hi = m0 * 0 + seqlen_k
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + diag - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = tl.minimum(m_last + diag + right + 1, seqlen_k)
+    lo, hi = key_span(m0, m_last, seqlen_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     span = tl.maximum(hi - lo, 0)
     end = lo + ((span + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     a = lo
@@ -390,6 +427,82 @@ def q_block_range(n0, seqlen_q, seqlen_k, diag, left, right,
     nfull = tl.maximum(limit - a, 0) // BLOCK_M
     b = tl.minimum(a + nfull * BLOCK_M, end)
     return lo, a, b, end
+
+
+@triton.jit
+def block_run(run: tl.constexpr, lo, a, b, end):
+    """(start, stop) of run ``run`` (0, 1, 2) of a split from kv_block_range /
+    q_block_range: [lo, a), [a, b) (the blocks without the element mask), [b, end)."""
+    start = lo
+    stop = a
+    if run == 1:
+        start = a
+        stop = b
+    if run == 2:
+        start = b
+        stop = end
+    return start, stop
+
+
+@triton.jit
+def query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M: tl.constexpr, VARLEN_Q: tl.constexpr):
+    """(rows, rows64, lse_rows) of the query block from row m0 of (sequence b, head h)
+    (query_block_program's pid_bh = b * H + h): its rows in the sequence, in int32 and in
+    int64 (row * stride passes 2^31 at long context), and their index in lse / delta,
+    (B, H, Sq), or (1, H, total_q) with packed queries (sequence b from row q_start)."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    if VARLEN_Q:
+        lse_rows = h.to(tl.int64) * total_q + q_start + rows
+    else:
+        lse_rows = pid_bh.to(tl.int64) * seqlen_q + rows
+    return rows, rows.to(tl.int64), lse_rows
+
+
+@triton.jit
+def head_base(X, b, h, start, stride_b, stride_h, stride_s, PACKED: tl.constexpr):
+    """Where head h of sequence b starts in X (B, S, H, D); packed (1, total, H, D), the
+    launcher passes batch stride 0: from its first row ``start`` (seq_info)."""
+    base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    if PACKED:
+        base += start.to(tl.int64) * stride_s
+    return base
+
+
+@triton.jit
+def head_bias_terms(Alibi, Bias, b, h, rows64, stride_ab, stride_bb, stride_bh, stride_bm,
+                    HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(slope2, bias_rows) of head h of sequence b: its ALiBi slope in log2 units (0.0
+    without) and the (len(rows64), 1) pointers to the bias rows of query rows ``rows64``
+    (Bias without)."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
+    if HAS_BIAS:
+        bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
+                     + rows64[:, None] * stride_bm)
+    else:
+        bias_rows = Bias
+    return slope2, bias_rows
+
+
+@triton.jit
+def add_bias_terms(s, rows, cols, seqlen_q, seqlen_k, slope2, diag, bias_rows, stride_bn,
+                   HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr):
+    """Scores s (log2 units) of query rows x key cols with the ALiBi and bias terms of
+    head_bias_terms added (a bool mask's False: -inf). The bias bounds are always checked:
+    interior blocks may still hold query rows past seqlen_q."""
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+    if HAS_BIAS:
+        in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        bias_ptrs = bias_rows + cols.to(tl.int64)[None, :] * stride_bn
+        if BIAS_IS_BOOL:
+            keep_b = tl.load(bias_ptrs, mask=in_bounds, other=0)
+            s = tl.where(keep_b != 0, s, float("-inf"))
+        else:
+            bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    return s
 
 
 # ----------------------------------------------------------------------------- sequences

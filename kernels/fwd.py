@@ -19,25 +19,32 @@ import triton.language as tl
 from .common import (
     LOG2E,
     Launcher,
+    add_bias_terms,
     bias_args,
+    block_run,
     clamp_len,
     device_ctx,
     dropout_keep,
     dropout_seed,
     dropout_state,
-    dot_precision,
+    head_base,
+    head_bias_terms,
     interpreting,
+    key_span,
     kv_bases,
     kv_block_range,
     last_unit,
+    load_rows,
     load_tile,
     pad_dim,
     page_rows,
     query_block_program,
+    query_rows,
+    scaled_scores,
     seq_args,
     seq_bucket,
     seq_info,
-    tanh_f32,
+    tile_flags,
     visible,
 )
 
@@ -66,28 +73,12 @@ def _fwd_blocks(
         else:
             k_rows = cols64 * stride_ks
             v_rows = cols64 * stride_vs
-        k = load_tile(K_base + k_rows[:, None] + offs_d[None, :], cols, seqlen_k, offs_d, head_dim,
-                      MASK, not EVEN_D)
-        v = load_tile(V_base + v_rows[:, None] + offs_dv[None, :], cols, seqlen_k, offs_dv, head_dim_v,
-                      MASK, not EVEN_DV)
+        k = load_rows(K_base, k_rows, cols, seqlen_k, offs_d, head_dim, MASK, not EVEN_D)
+        v = load_rows(V_base, v_rows, cols, seqlen_k, offs_dv, head_dim_v, MASK, not EVEN_DV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        # s is the score in log2 units: log2(e) * (softcapped, alibi-shifted) score
-        if HAS_SOFTCAP:
-            s = softcap2 * tanh_f32(qk * softcap_in)
-        else:
-            s = qk * qk_scale2
-        if HAS_ALIBI:
-            s = s - slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
-        if HAS_BIAS:
-            # bias_rows: (BLOCK_M, 1) row pointers of this (b, h); bounds always checked
-            # (interior blocks may still hold query rows past seqlen_q)
-            in_bounds = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-            if BIAS_IS_BOOL:
-                keep_b = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0)
-                s = tl.where(keep_b != 0, s, float("-inf"))
-            else:
-                bias = tl.load(bias_rows + cols64[None, :] * stride_bn, mask=in_bounds, other=0.0)
-                s = s + bias.to(tl.float32) * 1.4426950408889634
+        s, _ = scaled_scores(qk, qk_scale2, softcap_in, softcap2, HAS_SOFTCAP)
+        s = add_bias_terms(s, rows, cols, seqlen_q, seqlen_k, slope2, diag, bias_rows, stride_bn,
+                           HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL)
         if MASK:
             vis = visible(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(vis, s, float("-inf"))
@@ -144,35 +135,19 @@ def _fwd_kernel(
             return
 
     seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
+    rows, rows64, lse_rows = query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M, VARLEN_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    # row 0 of this sequence in q / out: packed queries have batch strides 0 (launcher)
-    Q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    O_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    if VARLEN_Q:
-        Q_base += q_start.to(tl.int64) * stride_qs
-        O_base += q_start.to(tl.int64) * stride_os
-        # lse (1, H, total_q): (b, h, i) at h * total_q + q_start + i
-        lse_rows = h.to(tl.int64) * total_q + q_start + rows
-    else:
-        lse_rows = pid_bh.to(tl.int64) * seqlen_q + rows
+    Q_base = head_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs, VARLEN_Q)
+    O_base = head_base(Out, b, h, q_start, stride_ob, stride_oh, stride_os, VARLEN_Q)
     K_base, V_base, BlockTableRow = kv_bases(K, V, BlockTable, b, hk, kv_row, k_start, stride_kb, stride_kh, stride_ks,
                                              stride_vb, stride_vh, stride_vs, stride_tb, PAGED)
-    q = load_tile(Q_base + rows64[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q_b, offs_d, head_dim,
-                  True, not EVEN_D)
+    q = load_rows(Q_base, rows64 * stride_qs, rows, seqlen_q_b, offs_d, head_dim, True, not EVEN_D)
 
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(Alibi + b * stride_ab + h).to(tl.float32) * 1.4426950408889634
-    if HAS_BIAS:
-        bias_rows = (Bias + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-                     + rows64[:, None] * stride_bm)
-    else:
-        bias_rows = Bias
+    slope2, bias_rows = head_bias_terms(Alibi, Bias, b, h, rows64, stride_ab, stride_bb, stride_bh, stride_bm,
+                                        HAS_ALIBI, HAS_BIAS)
     if HAS_DROPOUT:
         # int64 Philox offset of element (i, 0): offset + lse index * seqlen_k, i.e.
         # offset + ((b*H + h)*Sq + i)*Sk dense, offset + (h*total_q + q_start + i)*Sk packed
@@ -186,31 +161,19 @@ def _fwd_kernel(
 
     lo, a, bb, end = kv_block_range(m0, seqlen_q_b, seqlen_k_b, diag, left, right,
                                     BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # leading boundary (sliding window left edge; empty without one)
-    if HAS_LEFT:
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-            BlockTableRow, page_size, num_pages, k_start, lo, a, rows, offs_n, offs_d, offs_dv,
-            seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-            bias_rows, stride_bn, seed, drop_rows, p_drop,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
-            EVEN_D, EVEN_DV, PREC, BLOCK_N)
-    # interior: every key visible to every row, no mask
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-        BlockTableRow, page_size, num_pages, k_start, a, bb, rows, offs_n, offs_d, offs_dv,
-        seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-        bias_rows, stride_bn, seed, drop_rows, p_drop,
-        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
-        EVEN_D, EVEN_DV, PREC, BLOCK_N)
-    # trailing boundary (diagonal / right window edge / seqlen_k tail)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
-        BlockTableRow, page_size, num_pages, k_start, bb, end, rows, offs_n, offs_d, offs_dv,
-        seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
-        bias_rows, stride_bn, seed, drop_rows, p_drop,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
-        EVEN_D, EVEN_DV, PREC, BLOCK_N)
+    # the key blocks in three runs (unrolled): the leading boundary (sliding window left
+    # edge; empty without one, then not compiled), the interior (every key visible to every
+    # row: no mask), the trailing boundary (diagonal / right window edge / seqlen_k tail)
+    for run in tl.static_range(3):
+        if run > 0 or HAS_LEFT:
+            start, stop = block_run(run, lo, a, bb, end)
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, K_base, V_base, stride_kb, stride_ks, stride_vb, stride_vs,
+                BlockTableRow, page_size, num_pages, k_start, start, stop, rows, offs_n, offs_d, offs_dv,
+                seqlen_q_b, seqlen_k_b, head_dim, head_dim_v, qk_scale2, softcap_in, softcap2, slope2,
+                diag, left, right, bias_rows, stride_bn, seed, drop_rows, p_drop,
+                run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
+                EVEN_D, EVEN_DV, PREC, BLOCK_N)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -240,6 +203,20 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _decode_program(seqlen_q, num_heads_k, group, num_splits, BLOCK_M: tl.constexpr):
+    """(b, hk, r0, split) of this program of the decode grid: sequence b, KV head hk, the
+    block of packed query rows from row r0, key split (fastest). _combine_kernel's grid is
+    the same with one split."""
+    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits
+    pid_r = rest % n_rblk
+    rest = rest // n_rblk
+    return rest // num_heads_k, rest % num_heads_k, pid_r * BLOCK_M, split
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, Out, Lse, OPart, MPart, LPart, Alibi,
     CuSeqQ, CuSeqK, SeqUsedK, BlockTable, KvBatchIdx, LeftpadK,
@@ -261,15 +238,7 @@ def _decode_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    rest = pid // num_splits
-    pid_r = rest % n_rblk
-    rest = rest // n_rblk
-    hk = rest % num_heads_k
-    b = rest // num_heads_k
-    r0 = pid_r * BLOCK_M
+    b, hk, r0, split = _decode_program(seqlen_q, num_heads_k, group, num_splits, BLOCK_M)
     q_start, k_start, seqlen_q_b, seqlen_k_b, diag, kv_row = seq_info(
         b, CuSeqQ, CuSeqK, SeqUsedK, KvBatchIdx, LeftpadK, seqlen_q, seqlen_k, total_q, total_k, kv_batch, diag,
         VARLEN_Q, VARLEN_K, HAS_SEQUSED, PAGED, BOTTOM_RIGHT, HAS_KV_BATCH_IDX, HAS_LEFTPAD)
@@ -315,13 +284,7 @@ def _decode_kernel(
     # split's share of them (contiguous, in order; possibly none)
     i_first = r0 // group
     i_last = tl.minimum((r0 + BLOCK_M - 1) // group, seqlen_q_b - 1)
-    lo = r0 * 0
-    hi = r0 * 0 + seqlen_k_b
-    if HAS_LEFT:
-        lo = tl.maximum(i_first + diag - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
-        hi = tl.minimum(i_last + diag + right + 1, seqlen_k_b)
+    lo, hi = key_span(i_first, i_last, seqlen_k_b, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     n_blk = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N
     per = (n_blk + num_splits - 1) // num_splits
     start = lo + tl.minimum(split * per, n_blk) * BLOCK_N
@@ -365,13 +328,7 @@ def _combine_kernel(
     VARLEN_Q: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Merge the key splits of _decode_kernel, in split order, into out / lse."""
-    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    pid_r = pid % n_rblk
-    rest = pid // n_rblk
-    hk = rest % num_heads_k
-    b = rest // num_heads_k
-    r0 = pid_r * BLOCK_M
+    b, hk, r0, _ = _decode_program(seqlen_q, num_heads_k, group, 1, BLOCK_M)
     q_start = b * 0
     seqlen_q_b = seqlen_q
     if VARLEN_Q:
@@ -604,10 +561,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
-        **sa.flags, **sa.cache_flags,
-        BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
-        PREC=dot_precision(q.dtype),
+        **sa.flags, **sa.cache_flags, **tile_flags(q, block_d, block_dv, head_dim, head_dim_v),
     )
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
     with device_ctx(q):
@@ -654,8 +608,7 @@ def _launch_decode(q, k, v, out, lse, sa, slopes, stride_ab, num_heads, num_head
     meta = dict(
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
         **sa.flags, **sa.cache_flags, SPLIT=split,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=block_d == head_dim, EVEN_DV=block_dv == head_dim_v,
-        PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        **tile_flags(q, block_d, block_dv, head_dim, head_dim_v), BLOCK_M=bm, BLOCK_N=bn,
     )
     launch = {} if interpreting() else dict(num_warps=warps, num_stages=stages)
     with device_ctx(q):
