@@ -36,7 +36,7 @@ CPU_ISAS = {
     "baseline": [],
     "avx2": _AVX2,
     "avx512": _AVX512,
-    "avx512bf16": _AVX512 + ["-mavx512bf16"],
+    "avx512bf16": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"],  # (AMX used only where cpuid has it)
 }
 
 

@@ -5,7 +5,8 @@ restructure changes no result.
     python tests/snapshot.py compare /tmp/before.pt    # after it: every tensor bitwise equal
 
 Cases: every dtype the CPU kernel takes, both CPU paths (register tiles / bf16 dot products,
-and BLAS via FLASHATTN_CPU_TILES=0; FLASHATTN_CPU_BF16_DOT=0 / =1 for the fp32 / vdpbf16ps tiles on bf16),
+and BLAS via FLASHATTN_CPU_TILES=0; FLASHATTN_CPU_BF16_DOT=0 / =1 with FLASHATTN_CPU_AMX=0 for the
+fp32 / vdpbf16ps tiles on bf16; the default bf16 cases run AMX where the CPU has it),
 odd sizes, GQA, both layouts (flash_attn_func's and SDPA's), causal in both alignments,
 windows, softcap, ALiBi, float bias with its gradient, bool masks, dropout, decoding-sized
 calls, and the Triton kernels under TRITON_INTERPRET=1 (fp32/fp16). The reference backend
@@ -42,8 +43,10 @@ def _cases() -> list[dict]:
             continue  # flash_attn_func has no mask
         cases.append(dict(size=(b, sq, sk, h, hk, d), feat=feat, dtype=dtype, layout=layout, backend="cpu"))
     # The other CPU paths, on a subset.
-    for env, dtype in ((("FLASHATTN_CPU_TILES", "0"), "fp32"), (("FLASHATTN_CPU_TILES", "0"), "bf16"),
-                       (("FLASHATTN_CPU_BF16_DOT", "0"), "bf16"), (("FLASHATTN_CPU_BF16_DOT", "1"), "bf16")):
+    no_amx = ("FLASHATTN_CPU_AMX", "0")
+    for env, dtype in (((("FLASHATTN_CPU_TILES", "0"),), "fp32"), ((("FLASHATTN_CPU_TILES", "0"),), "bf16"),
+                       ((("FLASHATTN_CPU_BF16_DOT", "0"), no_amx), "bf16"),
+                       ((("FLASHATTN_CPU_BF16_DOT", "1"), no_amx), "bf16")):
         for size, feat in itertools.product(sizes[:4], features[:2] + features[5:7]):
             layout = "bhsd" if ("bias" in feat or "mask" in feat) else "bshd"
             cases.append(dict(size=size, feat=feat, dtype=dtype, layout=layout, backend="cpu", env=env))
@@ -60,7 +63,7 @@ def _name(case: dict) -> str:
     env = case.get("env")
     return (f"{case['backend']}-{case['dtype']}-{case['layout']}-{'x'.join(map(str, case['size']))}-"
             f"{','.join(f'{k}={v}' for k, v in sorted(case['feat'].items())) or 'plain'}"
-            + (f"-{env[0]}={env[1]}" if env else ""))
+            + "".join(f"-{name}={value}" for name, value in env or ()))
 
 
 def _run(case: dict) -> dict[str, torch.Tensor]:
@@ -77,9 +80,10 @@ def _run(case: dict) -> dict[str, torch.Tensor]:
         q, k, v = randn(b, h, sq, d), randn(b, hk, sk, d), randn(b, hk, sk, d)
     leaves = [t.requires_grad_() for t in (q, k, v)]
     extra = {}
-    env = case.get("env")
+    env = case.get("env") or ()
+    for name, value in env:
+        os.environ[name] = value
     if env:
-        os.environ[env[0]] = env[1]
         _C.reload_cpu_switches()  # (the kernels read the switches once)
     try:
         torch.manual_seed(1234)
@@ -105,8 +109,9 @@ def _run(case: dict) -> dict[str, torch.Tensor]:
         dout = torch.randn(out.shape, generator=gen).to(dtype)
         out.backward(dout)
     finally:
+        for name, _ in env:
+            del os.environ[name]
         if env:
-            del os.environ[env[0]]
             _C.reload_cpu_switches()
     result = {"out": out.detach()}
     if lse is not None:

@@ -95,6 +95,38 @@ def bf16_dot_compiled() -> bool:
     return "avx512bf16-dot" in _C.CPU_KERNELS
 
 
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def amx_runs() -> bool:
+    """Whether the bf16 products run on AMX tiles here (compiled in, and the CPU has them)."""
+    from flashattn_py import _C
+
+    return "amx-bf16" in _C.CPU_KERNELS and {"amx_tile", "amx_bf16"} <= cpu_flags()
+
+
+# The switches for each bf16 product path (csrc/cpu/switches.h): AMX where the CPU has it
+# unless FLASHATTN_CPU_AMX=0; then the AVX512-BF16 tiles or the fp32 tiles.
+BF16_PATHS = {"amx": {"FLASHATTN_CPU_AMX": "1"},
+              "dot": {"FLASHATTN_CPU_AMX": "0", "FLASHATTN_CPU_BF16_DOT": "1"},
+              "fp32": {"FLASHATTN_CPU_AMX": "0", "FLASHATTN_CPU_BF16_DOT": "0"}}
+
+
+def bf16_path(cpu_switch, path: str) -> None:
+    """Selects a bf16 product path for this test; skips where it does not run."""
+    if path == "amx" and not amx_runs():
+        pytest.skip("no AMX tiles on this CPU or in this build")
+    if path == "dot" and not bf16_dot_compiled():
+        pytest.skip("no AVX512-BF16 tiles on this CPU or in this build")
+    for name, value in BF16_PATHS[path].items():
+        cpu_switch(name, value)
+
+
 BF16_DOT_CASES = {
     # (Sq, Sk, H, Hk, D, Dv): odd head dims and key counts get zero partners in the pairs
     "causal-odd": ((97, 131, 4, 2, 17, 17), dict(causal=True)),
@@ -105,16 +137,16 @@ BF16_DOT_CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["dot", "fp32"])
+@pytest.mark.parametrize("path", sorted(BF16_PATHS))
 @pytest.mark.parametrize("case", sorted(BF16_DOT_CASES))
-def test_bf16_dot_and_fp32_tile_paths(path, case, cpu_switch):
-    # Where the CPU has AVX512-BF16 the bf16 forward and backward multiply bf16 pairs in
-    # float, rounding P (and dS in the backward) to bf16 for the products that take them
-    # (tiles_bf16.h); FLASHATTN_CPU_BF16_DOT=0 sends both to the fp32 tiles (=1 forces the
-    # dot path, which is the default on AMD's CPUs only). Both paths against the reference,
-    # gradients too: odd head dims, odd row and key counts (zero partners in the pairs),
-    # windows whose panels start on odd keys.
-    cpu_switch("FLASHATTN_CPU_BF16_DOT", "0" if path == "fp32" else "1")
+def test_bf16_product_paths(path, case, cpu_switch):
+    # bf16 products: on AMX tiles (tiles_amx.h: the forward, and the backward's S), on the
+    # AVX512-BF16 tiles (tiles_bf16.h: forward and backward), both multiplying bf16 pairs
+    # in float and rounding P (and dS on the AVX512-BF16 tiles) to bf16 for the products
+    # that take them, or on the fp32 tiles. Each against the reference, gradients too: odd
+    # head dims, odd row and key counts (zero partners in the pairs; rows past whole
+    # tiles), windows whose panels start on odd keys.
+    bf16_path(cpu_switch, path)
     (seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v), opts = BF16_DOT_CASES[case]
     seed = seqlen_q * 7 + head_dim
     q, k, v = random_qkv(1, seqlen_q, seqlen_k, heads, heads_k, head_dim, head_dim_v, dtype=torch.bfloat16,
@@ -127,23 +159,25 @@ def test_bf16_dot_and_fp32_tile_paths(path, case, cpu_switch):
                     **bottom_right(seqlen_q, seqlen_k, window, causal=opts.get("causal", False)))
 
 
-def test_bf16_with_few_keys_per_row(cpu_switch):
+@pytest.mark.parametrize("path", ["amx", "dot"])
+def test_bf16_with_few_keys_per_row(path, cpu_switch):
     # Rows that see 1-3 keys: rounding P to bf16 would make the output only as accurate as
     # the naive bf16 formula (seed 2492 broke the 2x rule by 1.01x), so panels over few
     # keys add (P - bf16(P)) V. Many seeds, as the failure depends on the draw.
-    cpu_switch("FLASHATTN_CPU_BF16_DOT", "1")
+    bf16_path(cpu_switch, path)
     for seed in [2492] + list(range(60)):
         q, k, v = random_qkv(1, 12, 3, 1, 1, 3, dtype=torch.bfloat16, seed=seed)
         check_attention(flash(causal=True), q, k, v, seed=seed, **bottom_right(12, 3, causal=True))
 
 
+@pytest.mark.parametrize("path", ["amx", "dot"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_dot_with_dropout_and_mask(causal, cpu_switch):
+def test_bf16_pairs_with_dropout_and_mask(path, causal, cpu_switch):
     # Dropout scales the kept probabilities before P is rounded to bf16; a bool mask
     # removes keys inside the pairs. Against the reference given the kernel's keep mask.
     from flashattn_py import ops
 
-    cpu_switch("FLASHATTN_CPU_BF16_DOT", "1")
+    bf16_path(cpu_switch, path)
 
     q, k, v = random_qkv(2, 45, 77, 4, 2, 24, dtype=torch.bfloat16, seed=19)
     torch.manual_seed(77)
@@ -159,21 +193,25 @@ def test_bf16_dot_with_dropout_and_mask(causal, cpu_switch):
                     window_right=0 if causal else -1, diag_offset=32)
 
 
-def test_bf16_dot_path_is_taken_where_compiled(cpu_switch):
-    # The switch works and the dot path runs where the build has it: P rounded to bf16
+def test_bf16_paths_are_taken_where_compiled(cpu_switch):
+    # The switches work and each path runs where the build has it: P rounded to bf16
     # gives outputs that differ from the fp32 tiles' (and agree with them to bf16 accuracy).
     q, k, v = random_qkv(1, 200, 300, 2, 2, 64, dtype=torch.bfloat16, seed=23)
     outs = {}
-    for value in ("", "1", "0"):  # (empty: as if unset)
+    for amx, value in (("0", ""), ("0", "1"), ("0", "0"), ("", "")):  # (empty: as if unset)
+        cpu_switch("FLASHATTN_CPU_AMX", amx)
         cpu_switch("FLASHATTN_CPU_BF16_DOT", value)
-        outs[value] = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
-    default, dot, fp32 = outs[""], outs["1"], outs["0"]
+        outs[amx, value] = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    no_amx_default, dot, fp32, default = outs["0", ""], outs["0", "1"], outs["0", "0"], outs["", ""]
     assert (dot.float() - fp32.float()).abs().max().item() < 0.05
     assert torch.equal(dot, fp32) != bf16_dot_compiled()
     # Unset, the switch picks the dot path on AMD's CPUs only (csrc/cpu/switches.h).
     vendor = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
                   "")
-    assert torch.equal(default, dot if vendor == "AuthenticAMD" else fp32)
+    assert torch.equal(no_amx_default, dot if vendor == "AuthenticAMD" else fp32)
+    # ... and AMX, where the CPU has it, before both (another summation order).
+    assert (default.float() - fp32.float()).abs().max().item() < 0.05
+    assert torch.equal(default, no_amx_default) != amx_runs()
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])

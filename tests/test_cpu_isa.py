@@ -16,7 +16,7 @@ from rule import check_attention, random_qkv
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 # the paths each instruction set's kernels have (CPU_KERNELS after the ISA's name)
 FEATURES = {"baseline": "blas", "avx2": "avx2-tiles", "avx512": "avx2-tiles avx512-exp",
-            "avx512bf16": "avx2-tiles avx512-exp avx512bf16-dot"}
+            "avx512bf16": "avx2-tiles avx512-exp avx512bf16-dot amx-bf16"}
 
 
 def _force(cpu_switch, isa: str) -> bool:

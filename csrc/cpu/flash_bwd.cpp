@@ -18,6 +18,7 @@
 
 #include "blas.h"
 #include "tiles.h"
+#include "tiles_amx.h"
 #include "tiles_bf16.h"
 
 #include <vector>
@@ -242,6 +243,34 @@ struct Bf16DotBwdOperands {
 
  private:
   static int64_t panels(int64_t cols) { return (cols + tiles_bf16::NR - 1) / tiles_bf16::NR; }
+};
+#endif
+
+#ifdef FLASHATTN_CPU_AMX
+// The backward of a forward on the AMX tiles (flash_fwd.cpp AmxOperands): S recomputed on
+// them from the same Q pairs and K pair panels (bitwise the forward's scores, so
+// exp(S - lse) uses the very scores lse summed); the other four products on the fp32
+// tiles, which run bf16 faster than the AVX512-BF16 tiles on the CPUs that have AMX.
+struct AmxBwdOperands : TileBwdOperands<c10::BFloat16> {
+  const int64_t d2;
+  Scratch<uint32_t> q_pairs, k_pairs;  // (whole tiles of rows: 16 from every row block start)
+
+  explicit AmxBwdOperands(const FlashParams& p)
+      : TileBwdOperands<c10::BFloat16>(p),
+        d2(tiles_bf16::pairs(p.head_dim)),
+        q_pairs(scratch<uint32_t>((sq16 + tiles_amx::TM) * d2)),
+        k_pairs(scratch<uint32_t>(sk16 * d2)) {}
+
+  void load(const FlashBwdParams& p, const Band& w, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
+            const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
+    TileBwdOperands<c10::BFloat16>::load(p, w, q_head, k_head, v_head, do_head);
+    tiles_amx::pack_q(q_head, p.q_row_stride, w.seqlen_q, D, q_pairs.get());
+    tiles_bf16::pack_k(k_head, p.k_row_stride, w.seqlen_k, D, k_pairs.get());
+  }
+  void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* s, int64_t lds) const {
+    tiles_amx::qk_block(rows, q_pairs.get() + row0 * d2, k_pairs.get() + key0 * d2, (cols + tiles::NR - 1) / tiles::NR,
+                        d2, scale, s, lds);
+  }
 };
 #endif
 
@@ -543,6 +572,9 @@ void flash_bwd(const FlashBwdParams& p) {
 #ifdef FLASHATTN_CPU_BF16_DOT
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (path.products == Products::Bf16Dot) return run_bwd<T, Bf16DotBwdOperands>(p, path.rows);
+#ifdef FLASHATTN_CPU_AMX
+      if (path.products == Products::Amx) return run_bwd<T, AmxBwdOperands>(p, path.rows);
+#endif
     }
 #endif
     if (path.products == Products::Tiles) return run_bwd<T, TileBwdOperands<T>>(p, path.rows);

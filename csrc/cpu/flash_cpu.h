@@ -28,6 +28,7 @@
 #include "simd.h"
 #include "switches.h"
 #include "tiles.h"
+#include "tiles_amx.h"
 #include "tiles_bf16.h"
 
 namespace flashattn::cpu {
@@ -37,13 +38,14 @@ void flash_fwd(const FlashParams& params);
 template <typename scalar_t>
 void flash_bwd(const FlashBwdParams& params);
 
-// Which block products a call runs: BLAS, the AVX2 tiles (tiles.h) or, for bf16, the
-// AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row by row (few queries:
+// Which block products a call runs: BLAS, the AVX2 tiles (tiles.h) or, for bf16, AMX
+// (tiles_amx.h: the forward's products and the backward's S; its other products on the
+// fp32 tiles) or the AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row by row (few queries:
 // flash_fwd.cpp RowOperands), which its backward mirrors when it recomputes S. One choice
 // per problem, from kernel_path(): the forward and its backward ask it the same problem
 // (dtype, longest query sequence, head dim) under the same switches.h, so they run the same
 // products and the backward recomputes the very scores the forward's lse summed.
-enum class Products { Blas, Tiles, Bf16Dot };
+enum class Products { Blas, Tiles, Bf16Dot, Amx };
 struct KernelPath {
   bool rows = false;
   Products products = Products::Blas;
@@ -60,6 +62,9 @@ inline KernelPath kernel_path(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (tiles_bf16::enabled()) path.products = Products::Bf16Dot;
+#ifdef FLASHATTN_CPU_AMX
+        if (tiles_amx::enabled()) path.products = Products::Amx;
+#endif
       }
 #endif
     }

@@ -16,6 +16,7 @@
 
 #include "blas.h"
 #include "tiles.h"
+#include "tiles_amx.h"
 #include "tiles_bf16.h"
 
 #include <memory>
@@ -298,6 +299,69 @@ struct Bf16DotOperands {
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
     tiles_bf16::pv_block(rows, p_pairs.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
     if (exact) tiles_bf16::pv_block(rows, p_rest.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
+  }
+};
+#endif
+
+#ifdef FLASHATTN_CPU_AMX
+// The block products of bf16 inputs on AMX tiles (tiles_amx.h): K and V copied and P
+// rounded to bf16 as for Bf16DotOperands (the same pair panels and to_pairs, and P - bf16(P)
+// added over few keys), Q kept as rows of pairs. Blocks of 256 queries in panels of 64
+// rows, 16 (one tile) along a causal diagonal or window edge: whole tiles of rows.
+struct AmxOperands {
+  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = Bf16DotOperands::BLOCK_K, PANEL_Q = 64,
+                           EDGE_PANEL_Q = tiles_amx::TM, EXACT_P_KEYS = Bf16DotOperands::EXACT_P_KEYS;
+  static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
+  static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
+  static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
+  static_assert(PANEL_Q % tiles_amx::TM == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  KVCopy<uint32_t, Bf16Panels> copy;
+  const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
+  // The task's Q pairs; one panel's P pairs, P - bf16(P). Whole tiles of rows: the tiles
+  // read 16 rows from every 16th (the rows past a panel's are computed and dropped).
+  Scratch<uint32_t> q, p_pairs, p_rest;
+  const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
+  const float scale;
+
+  AmxOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
+      : copy(p, block_k, several_q_blocks),
+        D(p.head_dim),
+        d2(tiles_bf16::pairs(p.head_dim)),
+        dv_panels(tiles::round_up(p.head_dim_v, tiles_bf16::NR) / tiles_bf16::NR),
+        ldp(tiles::round_up(tiles_bf16::pairs(block_k), tiles_bf16::NR)),
+        q(scratch<uint32_t>(tiles::round_up(block_q, tiles_amx::TM) * d2)),
+        p_pairs(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), tiles_amx::TM) * ldp)),
+        p_rest(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), tiles_amx::TM) * ldp)),
+        scale(p.scale) {}
+
+  int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
+
+  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
+    tiles_amx::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
+  }
+
+  void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t cols) {
+    const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
+    k = copy.k.get() + (col0 - base) * d2;
+    v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
+  }
+
+  // As TileOperands::scores: whole 16-key panels from lo rounded down to 16.
+  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    const int64_t lo16 = lo / tiles_bf16::NR * tiles_bf16::NR;
+    const int64_t panels = (hi - lo16 + tiles_bf16::NR - 1) / tiles_bf16::NR;
+    tiles_amx::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
+  }
+
+  // As Bf16DotOperands::accumulate, on the AMX tiles.
+  void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+    const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
+    const bool exact = hi - lo <= EXACT_P_KEYS;
+    tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
+    const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
+    const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
+    tiles_amx::pv_block(rows, p_pairs.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    if (exact) tiles_amx::pv_block(rows, p_rest.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
   }
 };
 #endif
@@ -680,6 +744,9 @@ void run_path(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_BF16_DOT
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (path.products == Products::Bf16Dot) return run_fwd<T, Bf16DotOperands>(p);
+#ifdef FLASHATTN_CPU_AMX
+      if (path.products == Products::Amx) return run_fwd<T, AmxOperands>(p);
+#endif
     }
 #endif
     if (path.products == Products::Tiles) return run_fwd<T, TileOperands<T>>(p);

@@ -12,7 +12,9 @@ namespace {
 
 // The paths this build's kernels have, fixed by the instruction set they were compiled for.
 constexpr const char* kFeatures =
-#if defined(FLASHATTN_CPU_BF16_DOT)
+#if defined(FLASHATTN_CPU_AMX)
+    "avx2-tiles avx512-exp avx512bf16-dot amx-bf16";
+#elif defined(FLASHATTN_CPU_BF16_DOT)
     "avx2-tiles avx512-exp avx512bf16-dot";
 #elif defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
     "avx2-tiles avx512-exp";

@@ -1,7 +1,8 @@
 // The process's switches for the CPU kernels' paths (for comparisons and tests):
 // FLASHATTN_CPU_TILES=0 sends every call through BLAS; FLASHATTN_CPU_BF16_DOT=0 sends bf16
 // to the fp32 tiles (on bf16 widened to float), =1 to the AVX512-BF16 tiles where compiled
-// in, unset: the faster of the two on this CPU (bf16_dot_by_default). Read once, on first use (no environment lookup per call); the module's
+// in, unset: the faster of the two on this CPU (bf16_dot_by_default); where the CPU has
+// AMX, bf16 forwards use its tiles unless FLASHATTN_CPU_AMX=0. Read once, on first use (no environment lookup per call); the module's
 // reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path is chosen from them
 // by kernel_path() (flash_cpu.h), the one function its forward and backward both ask.
 #pragma once
@@ -11,7 +12,7 @@
 namespace flashattn::cpu {
 
 struct Switches {
-  bool tiles = true, bf16_dot = true;
+  bool tiles = true, bf16_dot = true, amx = true;
 };
 
 // Whether bf16 products run on vdpbf16ps unless told: on AMD's cores, where they are
@@ -30,7 +31,8 @@ inline Switches switches_from_env() {
     const char* env = std::getenv(name);
     return env == nullptr || env[0] == '\0' ? unset : env[0] != '0';
   };
-  return {on("FLASHATTN_CPU_TILES", true), on("FLASHATTN_CPU_BF16_DOT", bf16_dot_by_default())};
+  return {on("FLASHATTN_CPU_TILES", true), on("FLASHATTN_CPU_BF16_DOT", bf16_dot_by_default()),
+          on("FLASHATTN_CPU_AMX", true)};
 }
 
 inline Switches& switches() {
