@@ -83,13 +83,15 @@ struct BlasBwdOperands {
     gemm<acc>(Op::N, Op::T, rows, cols, Dv, acc(1), dout + row0 * lddo, lddo, v + key0 * ldv, ldv, acc(0), dp, lds);
   }
   // dv (rows of keys key0..) += P^T dO
-  void add_dv(int64_t row0, int64_t rows, int64_t cols, const acc* pr, int64_t lds, acc* dv) const {
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const acc* pr, int64_t lds, acc* dv, int64_t) const {
     gemm<acc>(Op::T, Op::N, cols, Dv, rows, acc(1), pr, lds, dout + row0 * lddo, lddo, acc(1), dv, Dv);
   }
   // dk (rows of keys key0..) += scale dS^T Q
-  void add_dk(int64_t row0, int64_t rows, int64_t cols, const acc* ds, int64_t lds, acc* dk) const {
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const acc* ds, int64_t lds, acc* dk, int64_t) const {
     gemm<acc>(Op::T, Op::N, cols, D, rows, scale, ds, lds, q + row0 * ldq, ldq, acc(1), dk, D);
   }
+  // (dK and dV accumulate in place.)
+  void finish_key_block(int64_t, acc*, int64_t, acc*, int64_t) {}
   // dq (rows row0..) += dS K (scaled when stored)
   void add_dq(int64_t rows, int64_t key0, int64_t cols, const acc* ds, int64_t lds, acc* dq) const {
     gemm<acc>(Op::N, Op::N, rows, D, cols, acc(1), ds, lds, k + key0 * ldk, ldk, acc(1), dq, D);
@@ -149,14 +151,16 @@ struct TileBwdOperands {
   void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* dp, int64_t lds) const {
     tiles::qk_block(rows, do_groups.get() + row0 * Dv, v_panels.get() + key0 * Dv, (cols + tiles::NR - 1) / tiles::NR, Dv, dp, lds);
   }
-  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv) const {
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv, int64_t) const {
     tiles::kr_block<true>(cols, pr, 1, lds, do_cols.get() + row0 * tiles::NR, Dv16 / tiles::NR,
                           sq16 * tiles::NR, rows, 1.f, dv, Dv16);
   }
-  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk) const {
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk, int64_t) const {
     tiles::kr_block<true>(cols, ds, 1, lds, q_cols.get() + row0 * tiles::NR, D16 / tiles::NR, sq16 * tiles::NR,
                           rows, scale, dk, D16);
   }
+  // (dK and dV accumulate in place.)
+  void finish_key_block(int64_t, float*, int64_t, float*, int64_t) {}
   void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
     tiles::pv_block(rows, ds, lds, k_cols.get() + key0 * tiles::NR, sk16 * tiles::NR, cols, D16 / tiles::NR, dq,
                     D16);
@@ -225,16 +229,18 @@ struct Bf16DotBwdOperands {
     tiles_bf16::qk_block(rows, do_groups.get() + row0 * dv2, v_panels.get() + key0 * dv2, panels(cols), dv2, 1.f,
                          dp, lds);
   }
-  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv) const {
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float* dv, int64_t) const {
     tiles_bf16::to_row_pairs(pr, lds, rows, cols, 1.f, block_pairs.get(), LD_ROW_PAIRS);
     tiles_bf16::pv_block(cols, block_pairs.get(), 1, LD_ROW_PAIRS, do_cols.get() + row0 / 2 * tiles_bf16::NR,
                          sq16 * tiles_bf16::NR / 2, tiles_bf16::pairs(rows), Dv16 / tiles_bf16::NR, dv, Dv16);
   }
-  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk) const {
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float* dk, int64_t) const {
     tiles_bf16::to_row_pairs(ds, lds, rows, cols, scale, block_pairs.get(), LD_ROW_PAIRS);
     tiles_bf16::pv_block(cols, block_pairs.get(), 1, LD_ROW_PAIRS, q_cols.get() + row0 / 2 * tiles_bf16::NR,
                          sq16 * tiles_bf16::NR / 2, tiles_bf16::pairs(rows), D16 / tiles_bf16::NR, dk, D16);
   }
+  // (dK and dV accumulate in place.)
+  void finish_key_block(int64_t, float*, int64_t, float*, int64_t) {}
   void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
     tiles_bf16::to_pairs(ds, lds, rows, 0, cols, block_pairs.get(), LD_KEY_PAIRS);
     tiles_bf16::pv_block(rows, block_pairs.get(), LD_KEY_PAIRS, 1, k_cols.get() + key0 / 2 * tiles_bf16::NR,
@@ -247,29 +253,107 @@ struct Bf16DotBwdOperands {
 #endif
 
 #ifdef FLASHATTN_CPU_AMX
-// The backward of a forward on the AMX tiles (flash_fwd.cpp AmxOperands): S recomputed on
-// them from the same Q pairs and K pair panels (bitwise the forward's scores, so
-// exp(S - lse) uses the very scores lse summed); the other four products on the fp32
-// tiles, which run bf16 faster than the AVX512-BF16 tiles on the CPUs that have AMX.
-struct AmxBwdOperands : TileBwdOperands<c10::BFloat16> {
-  const int64_t d2;
-  Scratch<uint32_t> q_pairs, k_pairs;  // (whole tiles of rows: 16 from every row block start)
+// The five products of bf16 inputs on AMX tiles (tiles_amx.h), with Bf16DotBwdOperands'
+// roundings (P and dS to bf16 for the products that take them). S is recomputed as the
+// forward's AmxOperands computed it (the same Q pairs and K pair panels, order and
+// scaling), so exp(S - lse) uses the very scores lse summed. AMX reads its A operand by
+// rows, so dK and dV are accumulated transposed (dK^T += Q^T dS, dV^T += dO^T P, with Q^T
+// and dO^T packed once per head) in dk_t / dv_t over a key block, and added into the
+// block's rows by finish_key_block. Row blocks start on whole tiles (16 rows, so row
+// pairs of Q^T and dO^T start there too) and key ranges on whole key panels.
+struct AmxBwdOperands {
+  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = 128, PANEL_Q = 64, ROW_ALIGN = tiles_amx::TM,
+                           KEY_ALIGN = tiles_bf16::NR;
+  static constexpr int64_t LD_ROW_PAIRS = BLOCK_K, LD_KEY_PAIRS = BLOCK_K / 2;  // words per row
+  static_assert(BLOCK_Q % PANEL_Q == 0 && PANEL_Q % ROW_ALIGN == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  const int64_t D, Dv, d2, dv2, D16, Dv16, sq16, sk16;
+  const float scale;
+  // Q and dO as rows of pairs, K and V as key panels (pack_k), K as column panels
+  // (pack_v), Q^T and dO^T as rows of row pairs (pack_t, sq16 / 2 words per row).
+  Scratch<uint32_t> q_pairs, do_pairs, k_panels, v_panels, k_cols, q_t, do_t;
+  Scratch<uint32_t> block_pairs;  // P^T or dS^T as pairs of rows, or dS as pairs of keys
+  Scratch<float> dk_t, dv_t;       // the key block's dK^T (D16 rows), dV^T (Dv16), BLOCK_K wide
 
   explicit AmxBwdOperands(const FlashParams& p)
-      : TileBwdOperands<c10::BFloat16>(p),
-        d2(tiles_bf16::pairs(p.head_dim)),
-        q_pairs(scratch<uint32_t>((sq16 + tiles_amx::TM) * d2)),
-        k_pairs(scratch<uint32_t>(sk16 * d2)) {}
+      : D(p.head_dim),
+        Dv(p.head_dim_v),
+        d2(tiles_bf16::pairs(D)),
+        dv2(tiles_bf16::pairs(Dv)),
+        D16(tiles::round_up(D, tiles_amx::TM)),
+        Dv16(tiles::round_up(Dv, tiles_amx::TM)),
+        sq16(tiles::round_up(p.seqlen_q, tiles_amx::TM)),
+        sk16(tiles::round_up(p.seqlen_k, tiles_bf16::NR)),
+        scale(p.scale),
+        q_pairs(scratch<uint32_t>(sq16 * d2)),
+        do_pairs(scratch<uint32_t>(sq16 * dv2)),
+        k_panels(scratch<uint32_t>(sk16 * d2)),
+        v_panels(scratch<uint32_t>(sk16 * dv2)),
+        k_cols(scratch<uint32_t>(sk16 / 2 * D16)),
+        q_t(scratch<uint32_t>(D16 * sq16 / 2)),
+        do_t(scratch<uint32_t>(Dv16 * sq16 / 2)),
+        block_pairs(scratch<uint32_t>(std::max(BLOCK_Q / 2 * LD_ROW_PAIRS, BLOCK_Q * LD_KEY_PAIRS))),
+        dk_t(scratch<float>(D16 * BLOCK_K)),
+        dv_t(scratch<float>(Dv16 * BLOCK_K)) {
+    std::fill(dk_t.get(), dk_t.get() + D16 * BLOCK_K, 0.f);
+    std::fill(dv_t.get(), dv_t.get() + Dv16 * BLOCK_K, 0.f);
+  }
+
+  int64_t dk_stride() const { return D16; }
+  int64_t dv_stride() const { return Dv16; }
+  int64_t dq_stride() const { return D16; }
 
   void load(const FlashBwdParams& p, const Band& w, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
             const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
-    TileBwdOperands<c10::BFloat16>::load(p, w, q_head, k_head, v_head, do_head);
-    tiles_amx::pack_q(q_head, p.q_row_stride, w.seqlen_q, D, q_pairs.get());
-    tiles_bf16::pack_k(k_head, p.k_row_stride, w.seqlen_k, D, k_pairs.get());
+    const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k;
+    tiles_amx::pack_q(q_head, p.q_row_stride, Sq, D, q_pairs.get());
+    tiles_amx::pack_q(do_head, p.do_row_stride, Sq, Dv, do_pairs.get());
+    tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+    tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+    tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    tiles_amx::pack_t(q_head, p.q_row_stride, Sq, D, D16, q_t.get(), sq16 / 2);
+    tiles_amx::pack_t(do_head, p.do_row_stride, Sq, Dv, Dv16, do_t.get(), sq16 / 2);
   }
+  // Whole key panels, as TileBwdOperands.
   void scores(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* s, int64_t lds) const {
-    tiles_amx::qk_block(rows, q_pairs.get() + row0 * d2, k_pairs.get() + key0 * d2, (cols + tiles::NR - 1) / tiles::NR,
-                        d2, scale, s, lds);
+    tiles_amx::qk_block(rows, q_pairs.get() + row0 * d2, k_panels.get() + key0 * d2, panels(cols), d2, scale, s, lds);
+  }
+  void dprobs(int64_t row0, int64_t rows, int64_t key0, int64_t cols, float* dp, int64_t lds) const {
+    tiles_amx::qk_block(rows, do_pairs.get() + row0 * dv2, v_panels.get() + key0 * dv2, panels(cols), dv2, 1.f, dp,
+                        lds);
+  }
+  // dV^T (columns block_key..) += dO^T P: P as B operand pairs of rows.
+  void add_dv(int64_t row0, int64_t rows, int64_t cols, const float* pr, int64_t lds, float*, int64_t block_key) const {
+    tiles_bf16::to_row_pairs(pr, lds, rows, cols, 1.f, block_pairs.get(), LD_ROW_PAIRS);
+    tiles_amx::pv_block(Dv16, do_t.get() + row0 / 2, sq16 / 2, block_pairs.get(), LD_ROW_PAIRS, tiles_bf16::NR,
+                        tiles_bf16::pairs(rows), panels(cols), dv_t.get() + block_key, BLOCK_K);
+  }
+  // dK^T (columns block_key..) += Q^T (scale dS).
+  void add_dk(int64_t row0, int64_t rows, int64_t cols, const float* ds, int64_t lds, float*, int64_t block_key) const {
+    tiles_bf16::to_row_pairs(ds, lds, rows, cols, scale, block_pairs.get(), LD_ROW_PAIRS);
+    tiles_amx::pv_block(D16, q_t.get() + row0 / 2, sq16 / 2, block_pairs.get(), LD_ROW_PAIRS, tiles_bf16::NR,
+                        tiles_bf16::pairs(rows), panels(cols), dk_t.get() + block_key, BLOCK_K);
+  }
+  // dK, dV rows [0, cols) of the key block += dK^T, dV^T; those back to 0.
+  void finish_key_block(int64_t cols, float* dk, int64_t ldk, float* dv, int64_t ldv) {
+    add_transposed(dk_t.get(), D, cols, dk, ldk);
+    add_transposed(dv_t.get(), Dv, cols, dv, ldv);
+    std::fill(dk_t.get(), dk_t.get() + D16 * BLOCK_K, 0.f);
+    std::fill(dv_t.get(), dv_t.get() + Dv16 * BLOCK_K, 0.f);
+  }
+  void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
+    tiles_bf16::to_pairs(ds, lds, rows, 0, cols, block_pairs.get(), LD_KEY_PAIRS);
+    tiles_amx::pv_block(rows, block_pairs.get(), LD_KEY_PAIRS, k_cols.get() + key0 / 2 * tiles_bf16::NR,
+                        tiles_bf16::NR, sk16 * tiles_bf16::NR / 2, tiles_bf16::pairs(cols), D16 / tiles_bf16::NR, dq,
+                        D16);
+  }
+
+ private:
+  static int64_t panels(int64_t cols) { return (cols + tiles_bf16::NR - 1) / tiles_bf16::NR; }
+  // out[c * ld + d] += t[d * BLOCK_K + c] for c < cols, d < d_rows.
+  static void add_transposed(const float* t, int64_t d_rows, int64_t cols, float* out, int64_t ld) {
+    for (int64_t d = 0; d < d_rows; ++d) {
+      for (int64_t c = 0; c < cols; ++c) out[c * ld + d] += t[d * BLOCK_K + c];
+    }
   }
 };
 #endif
@@ -449,7 +533,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           }
         }
         // dV += (P [* Z])^T dO
-        ws.ops.add_dv(row0, rows, cols, p.dropout_p > 0.f ? ws.pz.get() : s, lds, dv_part);
+        ws.ops.add_dv(row0, rows, cols, p.dropout_p > 0.f ? ws.pz.get() : s, lds, dv_part, key0 - col0);
         using V = Vec<acc>;
         for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
           acc* prow = s + r * lds;
@@ -470,7 +554,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           }
         }
         // dK += scale dS^T Q;  dQ += dS K (scaled when stored)
-        ws.ops.add_dk(row0, rows, cols, dp, lds, dk_part);
+        ws.ops.add_dk(row0, rows, cols, dp, lds, dk_part, key0 - col0);
         ws.ops.add_dq(rows, key0, cols, dp, lds, dqa + row0 * ldq_grad);
       };
       // Causal or windowed pairs are done in panels of PANEL_Q rows, each over only the
@@ -491,6 +575,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + lo, seen.hi - lo);
         }
       }
+      ws.ops.finish_key_block(block_cols, dka, ldk_grad, dva, ldv_grad);
       if (group == 1) {
         T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
         T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;

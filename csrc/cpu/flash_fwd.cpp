@@ -360,8 +360,8 @@ struct AmxOperands {
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
-    tiles_amx::pv_block(rows, p_pairs.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
-    if (exact) tiles_amx::pv_block(rows, p_rest.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    tiles_amx::pv_block(rows, p_pairs.get(), ldp, v_lo2, tiles_bf16::NR, v_stride, n2, dv_panels, o, ldo);
+    if (exact) tiles_amx::pv_block(rows, p_rest.get(), ldp, v_lo2, tiles_bf16::NR, v_stride, n2, dv_panels, o, ldo);
   }
 };
 #endif

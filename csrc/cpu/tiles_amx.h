@@ -63,42 +63,43 @@ inline void configure(int64_t n) {
 }
 
 // C[j] += sum over the reduced dimension of A (16 rows from a, row stride lda words) times
-// the B tiles of column j (b + j * b_stride, 16 words per pair), for j < NB, over n pairs.
+// the B tiles of column j (pair e's 16 words at b + j * b_stride + e * ldb), j < NB, over
+// n pairs.
 template <int NB>
-__attribute__((always_inline)) inline void multiply(const uint32_t* a, int64_t lda, const uint32_t* b,
+__attribute__((always_inline)) inline void multiply(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
                                                     int64_t b_stride, int64_t n) {
   const int64_t whole = n / TM * TM;
   for (int64_t e = 0; e < whole; e += TM) {
     _tile_loadd(4, a + e, lda * 4);
-    _tile_loadd(5, b + e * TM, TM * 4);
+    _tile_loadd(5, b + e * ldb, ldb * 4);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (NB > 1) {
-      _tile_loadd(5, b + b_stride + e * TM, TM * 4);
+      _tile_loadd(5, b + b_stride + e * ldb, ldb * 4);
       _tile_dpbf16ps(1, 4, 5);
     }
     if constexpr (NB > 2) {
-      _tile_loadd(5, b + 2 * b_stride + e * TM, TM * 4);
+      _tile_loadd(5, b + 2 * b_stride + e * ldb, ldb * 4);
       _tile_dpbf16ps(2, 4, 5);
     }
     if constexpr (NB > 3) {
-      _tile_loadd(5, b + 3 * b_stride + e * TM, TM * 4);
+      _tile_loadd(5, b + 3 * b_stride + e * ldb, ldb * 4);
       _tile_dpbf16ps(3, 4, 5);
     }
   }
   if (whole < n) {
     _tile_loadd(6, a + whole, lda * 4);
-    _tile_loadd(7, b + whole * TM, TM * 4);
+    _tile_loadd(7, b + whole * ldb, ldb * 4);
     _tile_dpbf16ps(0, 6, 7);
     if constexpr (NB > 1) {
-      _tile_loadd(7, b + b_stride + whole * TM, TM * 4);
+      _tile_loadd(7, b + b_stride + whole * ldb, ldb * 4);
       _tile_dpbf16ps(1, 6, 7);
     }
     if constexpr (NB > 2) {
-      _tile_loadd(7, b + 2 * b_stride + whole * TM, TM * 4);
+      _tile_loadd(7, b + 2 * b_stride + whole * ldb, ldb * 4);
       _tile_dpbf16ps(2, 6, 7);
     }
     if constexpr (NB > 3) {
-      _tile_loadd(7, b + 3 * b_stride + whole * TM, TM * 4);
+      _tile_loadd(7, b + 3 * b_stride + whole * ldb, ldb * 4);
       _tile_dpbf16ps(3, 6, 7);
     }
   }
@@ -131,12 +132,13 @@ inline void zero(int j) {
   }
 }
 
-inline void multiply_any(int nb, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t b_stride, int64_t n) {
+inline void multiply_any(int nb, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t b_stride,
+                         int64_t n) {
   switch (nb) {
-    case 4: return multiply<4>(a, lda, b, b_stride, n);
-    case 3: return multiply<3>(a, lda, b, b_stride, n);
-    case 2: return multiply<2>(a, lda, b, b_stride, n);
-    default: return multiply<1>(a, lda, b, b_stride, n);
+    case 4: return multiply<4>(a, lda, b, ldb, b_stride, n);
+    case 3: return multiply<3>(a, lda, b, ldb, b_stride, n);
+    case 2: return multiply<2>(a, lda, b, ldb, b_stride, n);
+    default: return multiply<1>(a, lda, b, ldb, b_stride, n);
   }
 }
 
@@ -148,6 +150,22 @@ inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d
     uint32_t* out = dst + r * d2;
     std::memcpy(out, src + r * ld, (d / 2) * 4);  // (pairs are two neighbouring bf16, low half the even one)
     if (d % 2 != 0) out[d2 - 1] = tiles_bf16::pair(src + r * ld, d - 1, d);
+  }
+}
+
+// Rows [0, rows) of src (row stride ld, d elements) transposed into pairs of rows: column
+// c's rows 2i and 2i + 1 at dst[c * ld_dst + i] (a row at or past `rows` is 0), for c < d;
+// rows of dst from d up to d_rows are 0. The A operand of dK^T += Q^T dS and
+// dV^T += dO^T P in the backward (ld_dst words per row, at least pairs(rows)).
+inline void pack_t(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, int64_t d_rows, uint32_t* dst,
+                   int64_t ld_dst) {
+  std::memset(dst, 0, d_rows * ld_dst * sizeof(uint32_t));
+  for (int64_t i = 0; 2 * i < rows; ++i) {
+    const c10::BFloat16* x = src + 2 * i * ld;
+    const c10::BFloat16* y = 2 * i + 1 < rows ? x + ld : nullptr;
+    for (int64_t c = 0; c < d; ++c) {
+      dst[c * ld_dst + i] = tiles_bf16::bits(x, c) | (y != nullptr ? uint32_t(tiles_bf16::bits(y, c)) << 16 : 0u);
+    }
   }
 }
 
@@ -164,7 +182,7 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
     for (int64_t p0 = 0; p0 < panels; p0 += 4) {
       const int nb = static_cast<int>(std::min<int64_t>(4, panels - p0));
       for (int j = 0; j < nb; ++j) zero(j);
-      multiply_any(nb, q + r0 * d2, d2, k + p0 * TM * d2, TM * d2, d2);
+      multiply_any(nb, q + r0 * d2, d2, k + p0 * TM * d2, TM, TM * d2, d2);
       for (int j = 0; j < nb; ++j) {
         store(j, part, TM);
         float* out = s + r0 * lds + (p0 + j) * TM;
@@ -174,11 +192,12 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
   }
 }
 
-// o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (V pair panels at v,
-// panel_stride apart, pair i of column c at [i * 16 + c]) for r < rows: P pairs from
-// tiles_bf16::to_pairs (16 rows readable at every 16th row, as qk_block's q).
-inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t panel_stride, int64_t n2,
-                     int64_t dv_panels, float* o, int64_t ldo) {
+// o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (B panels of 16
+// columns at v, panel_stride apart, pair i of column c at [i * ldb + c]) for r < rows: e.g.
+// P pairs from tiles_bf16::to_pairs times V pair panels (ldb 16). 16 rows readable from a
+// at every 16th row, as qk_block's q; rows that are whole tiles are added in place.
+inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t ldb, int64_t panel_stride,
+                     int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
   if (n2 <= 0) return;
   configure(n2);
   alignas(64) float part[4][TM * TM];
@@ -197,7 +216,7 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
         }
         load(j, part[j], TM);
       }
-      multiply_any(nb, a + r0 * lda, lda, v + j0 * panel_stride, panel_stride, n2);
+      multiply_any(nb, a + r0 * lda, lda, v + j0 * panel_stride, ldb, panel_stride, n2);
       for (int j = 0; j < nb; ++j) {
         if (n == TM) {
           store(j, out + j * TM, ldo);
