@@ -10,7 +10,8 @@
 // AVX512-BF16 tiles (another order; P rounded to bf16 the same way).
 //
 // Tile registers (their shapes are loaded by configure() at the start of every product,
-// since other code on the same thread, e.g. oneDNN's matrix products, loads its own):
+// since other code on the same thread, e.g. oneDNN's matrix products, loads its own; and
+// released at its end, so that a thread not using them has no tile state to save):
 //   0-3  accumulators C, 16 rows x 16 floats;
 //   4, 5 A and B over 16 pairs of the reduced dimension;
 //   6, 7 A and B over the last n % 16 pairs.
@@ -190,6 +191,7 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
       }
     }
   }
+  _tile_release();
 }
 
 // o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (B panels of 16
@@ -227,6 +229,7 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
       }
     }
   }
+  _tile_release();
 }
 
 }  // namespace flashattn::cpu::tiles_amx
