@@ -9,7 +9,9 @@
 // layout before calling them, so the checks here guard only the kernels' preconditions.
 // A failed check raises RuntimeError.
 #include <Python.h>
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <limits>
 #include <optional>
@@ -49,18 +51,20 @@ const cpu::KernelTable& cpu_kernels() {
   throw std::logic_error("unreachable");
 }
 
-// Asks Linux for 2 MiB pages under the whole 2 MiB-aligned part of a new output of at
-// least 4 MiB: a fresh allocation that large is new memory (glibc maps it), and the
-// kernels' first writes to it otherwise fault on every 4 KiB page, at a cost near that
-// of the attention itself on short sequences (benchmarks/RESULTS.md). torch does the same
-// for every large tensor with THP_MEM_ALLOC_ENABLE=1.
+// Asks Linux for 2 MiB pages under the 2 MiB-aligned part of a new output of at least
+// 32 MiB: glibc maps an allocation that large afresh every time (its mmap threshold stops
+// there), and the kernels' first writes to new memory otherwise fault on every 4 KiB
+// page, at a cost near that of the attention itself on short sequences
+// (benchmarks/RESULTS.md). (Smaller ones may be reused heap memory, already mapped, where
+// advice would only split the heap's mapping.) torch does the same for every tensor of
+// 2 MiB or more with THP_MEM_ALLOC_ENABLE=1.
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
+  constexpr uintptr_t huge = uintptr_t(2) << 20, fresh = uintptr_t(32) << 20;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
   const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = end & ~(huge - 1);
-  if (end - begin >= 2 * huge && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  if (end - begin >= fresh && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #else
   (void)t;
 #endif
@@ -205,7 +209,7 @@ bool publish_cpu_kernels(PyObject* module, PyObject* load_error) {
 }
 
 // flashattn_py._C.reload_cpu_switches(): choose the CPU kernels again, reading
-// FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES and FLASHATTN_CPU_BF16_DOT (each read once
+// FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT and FLASHATTN_CPU_AMX (each read once
 // otherwise), for tests and benchmarks that compare paths.
 PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
   if (!publish_cpu_kernels(module, PyExc_RuntimeError)) return nullptr;
@@ -257,7 +261,8 @@ extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"reload_cpu_switches", flashattn::reload_cpu_switches, METH_NOARGS,
-       "choose the CPU kernels again (FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT)"},
+       "choose the CPU kernels again (FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT, "
+       "FLASHATTN_CPU_AMX)"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

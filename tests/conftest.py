@@ -29,7 +29,7 @@ except ImportError:
 
 @pytest.fixture
 def cpu_switch(monkeypatch):
-    """set(name, value): a CPU kernel switch (FLASHATTN_CPU_ISA / _TILES / _BF16_DOT) for
+    """set(name, value): a CPU kernel switch (FLASHATTN_CPU_ISA / _TILES / _BF16_DOT / _AMX) for
     this test; the kernels read the switches once (csrc/cpu/switches.h), so each change is
     followed by flashattn_py._C.reload_cpu_switches(), and so is the restore."""
     from flashattn_py import _C

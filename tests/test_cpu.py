@@ -6,6 +6,7 @@ import flashattn_py
 from flashattn_py import backends
 from flashattn_py.reference import attention_ref
 
+from cpu_paths import BF16_PATHS, amx_runs, bf16_dot_compiled, bf16_path, cpu_vendor
 from rule import assert_rule, check_attention, random_qkv
 
 pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
@@ -89,42 +90,6 @@ def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, cpu_switch):
     check_attention(flash(causal=True), q, k, v, seed=seed, **bottom_right(seqlen_q, seqlen_k, causal=True))
 
 
-def bf16_dot_compiled() -> bool:
-    from flashattn_py import _C
-
-    return "avx512bf16-dot" in _C.CPU_KERNELS
-
-
-def cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def amx_runs() -> bool:
-    """Whether the bf16 products run on AMX tiles here (compiled in, and the CPU has them)."""
-    from flashattn_py import _C
-
-    return "amx-bf16" in _C.CPU_KERNELS and {"amx_tile", "amx_bf16"} <= cpu_flags()
-
-
-# The switches for each bf16 product path (csrc/cpu/switches.h): AMX where the CPU has it
-# unless FLASHATTN_CPU_AMX=0; then the AVX512-BF16 tiles or the fp32 tiles.
-BF16_PATHS = {"amx": {"FLASHATTN_CPU_AMX": "1"},
-              "dot": {"FLASHATTN_CPU_AMX": "0", "FLASHATTN_CPU_BF16_DOT": "1"},
-              "fp32": {"FLASHATTN_CPU_AMX": "0", "FLASHATTN_CPU_BF16_DOT": "0"}}
-
-
-def bf16_path(cpu_switch, path: str) -> None:
-    """Selects a bf16 product path for this test; skips where it does not run."""
-    if path == "amx" and not amx_runs():
-        pytest.skip("no AMX tiles on this CPU or in this build")
-    if path == "dot" and not bf16_dot_compiled():
-        pytest.skip("no AVX512-BF16 tiles on this CPU or in this build")
-    for name, value in BF16_PATHS[path].items():
-        cpu_switch(name, value)
 
 
 BF16_DOT_CASES = {
@@ -132,6 +97,7 @@ BF16_DOT_CASES = {
     "causal-odd": ((97, 131, 4, 2, 17, 17), dict(causal=True)),
     "window-odd-starts": ((300, 517, 2, 1, 128, 128), dict(window_size=(100, 37))),  # panels start on odd keys
     "dv-differs": ((61, 33, 2, 2, 3, 5), dict()),
+    "dv-wide": ((70, 90, 2, 1, 40, 136), dict(causal=True)),  # a pair tile and a tail; Dv in 9 panels
     "softcap-alibi": ((40, 301, 4, 2, 64, 64), dict(softcap=5.0, alibi=True)),
     "long-head": ((250, 260, 1, 1, 256, 256), dict(causal=True)),
 }
@@ -140,10 +106,9 @@ BF16_DOT_CASES = {
 @pytest.mark.parametrize("path", sorted(BF16_PATHS))
 @pytest.mark.parametrize("case", sorted(BF16_DOT_CASES))
 def test_bf16_product_paths(path, case, cpu_switch):
-    # bf16 products: on AMX tiles (tiles_amx.h: the forward, and the backward's S), on the
-    # AVX512-BF16 tiles (tiles_bf16.h: forward and backward), both multiplying bf16 pairs
-    # in float and rounding P (and dS on the AVX512-BF16 tiles) to bf16 for the products
-    # that take them, or on the fp32 tiles. Each against the reference, gradients too: odd
+    # bf16 products, forward and backward: on AMX tiles (tiles_amx.h) or the AVX512-BF16
+    # tiles (tiles_bf16.h), both multiplying bf16 pairs in float and rounding P and dS to
+    # bf16 for the products that take them, or on the fp32 tiles. Each against the reference, gradients too: odd
     # head dims, odd row and key counts (zero partners in the pairs; rows past whole
     # tiles), windows whose panels start on odd keys.
     bf16_path(cpu_switch, path)
@@ -197,21 +162,22 @@ def test_bf16_paths_are_taken_where_compiled(cpu_switch):
     # The switches work and each path runs where the build has it: P rounded to bf16
     # gives outputs that differ from the fp32 tiles' (and agree with them to bf16 accuracy).
     q, k, v = random_qkv(1, 200, 300, 2, 2, 64, dtype=torch.bfloat16, seed=23)
+    amx = amx_runs(cpu_switch)
     outs = {}
-    for amx, value in (("0", ""), ("0", "1"), ("0", "0"), ("", "")):  # (empty: as if unset)
-        cpu_switch("FLASHATTN_CPU_AMX", amx)
-        cpu_switch("FLASHATTN_CPU_BF16_DOT", value)
-        outs[amx, value] = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    for amx_switch, dot_switch in (("0", ""), ("0", "1"), ("0", "0"), ("", ""), ("", "0")):  # (empty: unset)
+        cpu_switch("FLASHATTN_CPU_AMX", amx_switch)
+        cpu_switch("FLASHATTN_CPU_BF16_DOT", dot_switch)
+        outs[amx_switch, dot_switch] = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
     no_amx_default, dot, fp32, default = outs["0", ""], outs["0", "1"], outs["0", "0"], outs["", ""]
     assert (dot.float() - fp32.float()).abs().max().item() < 0.05
     assert torch.equal(dot, fp32) != bf16_dot_compiled()
-    # Unset, the switch picks the dot path on AMD's CPUs only (csrc/cpu/switches.h).
-    vendor = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
-                  "")
-    assert torch.equal(no_amx_default, dot if vendor == "AuthenticAMD" else fp32)
-    # ... and AMX, where the CPU has it, before both (another summation order).
+    # Unset, the switch picks the dot path on AMD's CPUs only (csrc/cpu/switches.h) ...
+    assert torch.equal(no_amx_default, dot if cpu_vendor() == "AuthenticAMD" else fp32)
+    # ... and AMX, where it runs, before both (another summation order); a set
+    # FLASHATTN_CPU_BF16_DOT keeps bf16 off AMX.
     assert (default.float() - fp32.float()).abs().max().item() < 0.05
-    assert torch.equal(default, no_amx_default) != amx_runs()
+    assert torch.equal(default, no_amx_default) != amx
+    assert torch.equal(outs["", "0"], fp32)
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])

@@ -11,6 +11,7 @@ import torch
 import flashattn_py
 from flashattn_py import ops
 from flashattn_py.reference import attention_varlen_ref
+from cpu_paths import BF16_PATHS, bf16_path
 from rule import check_attention
 from torch.nn.attention.varlen import AuxRequest
 
@@ -46,6 +47,20 @@ FEATURES = {
     "causal_window": ({"causal": True, "window_size": (20, -1)}, {"window_left": 20, "window_right": 0}),
     "softcap_alibi": ({"softcap": 5.0, "alibi": True}, {"softcap": 5.0, "alibi": True}),
 }
+
+
+@pytest.mark.parametrize("path", sorted(BF16_PATHS))
+@pytest.mark.parametrize("feature", ["causal", "window"])
+def test_varlen_bf16_product_paths(path, feature, cpu_switch):
+    # Packed sequences on each bf16 product path (csrc/cpu/switches.h), gradients too:
+    # every path addresses sequences the same way.
+    bf16_path(cpu_switch, path)
+    heads, heads_k, head_dim = 4, 2, 40
+    api_kw, ref_kw = (dict(x) for x in FEATURES[feature])
+    cu_q, cu_k = offsets(LENS_Q), offsets(LENS_K)
+    q, k, v = packed_qkv(LENS_Q, LENS_K, heads, heads_k, head_dim, torch.bfloat16, 31)
+    check_attention(varlen_call(cu_q, cu_k, LENS_Q, LENS_K, **api_kw), q, k, v, seed=31, cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -176,6 +191,12 @@ def test_paged_kv_any_page_size(page_size, dtype):
         assert (got[None].double() - ref).abs().max().item() <= bound
     # Paged K/V is read as the packed rows are: the same kernels, the same blocks.
     assert (out_fa.double() - dense.double()).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("path", sorted(BF16_PATHS))
+def test_paged_kv_bf16_product_paths(path, cpu_switch):
+    bf16_path(cpu_switch, path)
+    test_paged_kv_any_page_size(16, torch.bfloat16)
 
 
 def test_dense_q_with_paged_cache_and_seqused_k():
@@ -378,7 +399,8 @@ def test_op_level_rows_without_a_task_are_cleared():
     # the call is what the allocator most likely hands back: no row may keep it.
     q = torch.randn(1, 10, 2, 16)
     k = torch.randn(1, 10, 2, 16)
-    for cu_list, max_q, written in (([0, 3, 8], 0, 8), ([0, 5, 3], 0, None), ([0, 6, 10], 4, None)):
+    for cu_list, max_q, written in (([0, 3, 8], 0, 8), ([0, 5, 3], 0, None), ([0, 6, 10], 4, None),
+                                    ([2, 5, 9], 0, None)):
         cu = torch.tensor(cu_list, dtype=torch.int32)
         del_me = torch.full((1, 10, 2, 16), float("nan")), torch.full((1, 2, 10), float("nan"))
         del del_me
@@ -386,7 +408,7 @@ def test_op_level_rows_without_a_task_are_cleared():
         assert not out.isnan().any() and not lse.isnan().any(), cu_list
         if written is not None:
             assert torch.equal(out[0, written:], torch.zeros_like(out[0, written:]))
-            assert torch.isinf(lse[0, :, written:]).all()
+            assert (lse[0, :, written:] == float("-inf")).all()
             ref, _ = attention_varlen_ref(q.double()[:, :written], k.double(), k.double(), cu, cu, scale=0.25)
             torch.testing.assert_close(out[:, :written].double(), ref, atol=2e-6, rtol=1e-5)
 

@@ -4,7 +4,8 @@
 // blocks: S = scale * Q K^T, the score transform and online-softmax update per row
 // (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
 // for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call; bf16 on the
-// AVX512-BF16 tiles of tiles_bf16.h where the CPU has them), except calls with few
+// AMX tiles of tiles_amx.h or, by default on AMD's CPUs, the AVX512-BF16 tiles of
+// tiles_bf16.h where the CPU has them: switches.h), except calls with few
 // queries per head (decoding, speculative decoding: at most 4, or 5-8 with head dims of
 // at least 32), which go row by row over K and V in place (RowOperands; with one query
 // block per head a task does every head of its sequence, reading the keys' rows of all

@@ -1,8 +1,10 @@
 // The process's switches for the CPU kernels' paths (for comparisons and tests):
-// FLASHATTN_CPU_TILES=0 sends every call through BLAS; FLASHATTN_CPU_BF16_DOT=0 sends bf16
-// to the fp32 tiles (on bf16 widened to float), =1 to the AVX512-BF16 tiles where compiled
-// in, unset: the faster of the two on this CPU (bf16_dot_by_default); where the CPU has
-// AMX, bf16 forwards use its tiles unless FLASHATTN_CPU_AMX=0. Read once, on first use (no environment lookup per call); the module's
+// FLASHATTN_CPU_TILES=0 sends every call through BLAS. bf16 products run on AMX tiles
+// where the CPU has them (forward and backward), unless FLASHATTN_CPU_AMX=0 or
+// FLASHATTN_CPU_BF16_DOT is set (and FLASHATTN_CPU_AMX is not): FLASHATTN_CPU_BF16_DOT=0
+// sends bf16 to the fp32 tiles (on bf16 widened to float), =1 to the AVX512-BF16 tiles
+// where compiled in; unset, the faster of those two on this CPU (bf16_dot_by_default). An
+// empty variable counts as unset. Read once, on first use (no environment lookup per call); the module's
 // reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path is chosen from them
 // by kernel_path() (flash_cpu.h), the one function its forward and backward both ask.
 #pragma once
@@ -27,12 +29,13 @@ inline bool bf16_dot_by_default() {
 }
 
 inline Switches switches_from_env() {
-  auto on = [](const char* name, bool unset) {
+  auto set = [](const char* name) {
     const char* env = std::getenv(name);
-    return env == nullptr || env[0] == '\0' ? unset : env[0] != '0';
+    return env != nullptr && env[0] != '\0';
   };
+  auto on = [&](const char* name, bool unset) { return set(name) ? std::getenv(name)[0] != '0' : unset; };
   return {on("FLASHATTN_CPU_TILES", true), on("FLASHATTN_CPU_BF16_DOT", bf16_dot_by_default()),
-          on("FLASHATTN_CPU_AMX", true)};
+          on("FLASHATTN_CPU_AMX", !set("FLASHATTN_CPU_BF16_DOT"))};
 }
 
 inline Switches& switches() {

@@ -1,5 +1,5 @@
-// AMX tiles for the forward's block products of bf16 inputs (Intel Sapphire Rapids and
-// later: AMX-TILE and AMX-BF16).
+// AMX tiles for the block products of bf16 inputs, forward and backward (Intel Sapphire
+// Rapids and later: AMX-TILE and AMX-BF16).
 //
 // One tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float
 // accumulators: 8,192 multiply-adds per instruction, where the AVX512-BF16 tiles do 32.
