@@ -36,8 +36,22 @@ CPU_ISAS = {
     "baseline": [],
     "avx2": _AVX2,
     "avx512": _AVX512,
-    "avx512bf16": _AVX512 + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"],  # (AMX used only where cpuid has it)
+    "avx512bf16": _AVX512 + ["-mavx512bf16"],
 }
+
+
+# Also compiled into the avx512bf16 library where the compiler knows them (GCC 11+, clang 12+):
+# the AMX tiles for bf16 (csrc/cpu/tiles_amx.h), which run only where cpuid has AMX.
+_AMX = ["-mamx-tile", "-mamx-bf16"]
+
+
+def _compiler_accepts(flags: list) -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        return subprocess.run([cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input="int main() {}\n",
+                              capture_output=True, text=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _cpu_isas() -> dict:
@@ -49,6 +63,8 @@ def _cpu_isas() -> dict:
     if unknown:
         raise ValueError(f"FLASHATTN_CPU_ISAS: unknown instruction sets {unknown}; expected some of {list(CPU_ISAS)}")
     isas = {isa: flags for isa, flags in CPU_ISAS.items() if not wanted or isa in wanted or isa == "baseline"}
+    if "avx512bf16" in isas and _compiler_accepts(_AMX):
+        isas["avx512bf16"] = isas["avx512bf16"] + _AMX
     # FLASHATTN_CPU_ISA_MARCH="avx2=haswell;avx512bf16=cooperlake": also -march=<cpu> for those
     # libraries (the "native build" of an instruction set that tools/isa_native_check.sh
     # compares the default build with)
