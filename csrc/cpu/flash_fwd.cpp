@@ -234,9 +234,10 @@ struct Bf16Panels {
   }
 };
 
-// The block products of bf16 inputs on the AVX512-BF16 tiles (tiles_bf16.h): bf16 pairs
-// multiplied and summed in float, P rounded to bf16 for P V. Blocks, panels and the
-// softmax between the products as TileOperands.
+// The block products of bf16 inputs on bf16 pair tiles: the AVX512-BF16 tiles
+// (tiles_bf16.h) or AMX (tiles_amx.h), as `Tiles` below says. bf16 pairs multiplied and
+// summed in float, P rounded to bf16 for P V. Blocks, panels and the softmax between the
+// products as TileOperands; K and V copied as pair panels (Bf16Panels), which both read.
 //
 // Rounding P costs each output up to 2^-9 of the V rows it weighs, while l sums the float
 // P: where a row sees many keys that averages out, but a panel over few keys (tiny key
@@ -245,36 +246,39 @@ struct Bf16Panels {
 // rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels over
 // at most EXACT_P_KEYS keys therefore add P - bf16(P) V as a second product: P V as exact
 // as in float, for the price of a second P V on blocks that are cheap anyway.
-struct Bf16DotOperands {
-  using Fp32Tiles = TileOperands<c10::BFloat16>;
-  static constexpr int64_t BLOCK_Q = Fp32Tiles::BLOCK_Q, BLOCK_K = Fp32Tiles::BLOCK_K, PANEL_Q = Fp32Tiles::PANEL_Q,
-                           EDGE_PANEL_Q = Fp32Tiles::EDGE_PANEL_Q;
+template <typename Tiles>
+struct Bf16PairOperands {
+  static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,
+                           PANEL_Q = Tiles::PANEL_Q, EDGE_PANEL_Q = Tiles::ROWS;
   static constexpr int64_t EXACT_P_KEYS = 64;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
-  Scratch<uint32_t> q, p_pairs, p_rest;  // the task's Q pairs; one panel's P pairs, P - bf16(P)
+  // The task's Q pairs; one panel's P pairs, P - bf16(P). In whole row groups of
+  // Tiles::ROWS (AMX tiles read 16 rows from every 16th: rows past a panel's are computed
+  // and dropped).
+  Scratch<uint32_t> q, p_pairs, p_rest;
   const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
   const float scale;
 
-  Bf16DotOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
+  Bf16PairOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
       : copy(p, block_k, several_q_blocks),
         D(p.head_dim),
         d2(tiles_bf16::pairs(p.head_dim)),
         dv_panels(tiles::round_up(p.head_dim_v, tiles_bf16::NR) / tiles_bf16::NR),
         ldp(tiles::round_up(tiles_bf16::pairs(block_k), tiles_bf16::NR)),
-        q(scratch<uint32_t>(tiles::round_up(block_q, tiles::MR) * d2)),
-        p_pairs(scratch<uint32_t>(std::min(block_q, PANEL_Q) * ldp)),
-        p_rest(scratch<uint32_t>(std::min(block_q, PANEL_Q) * ldp)),
+        q(scratch<uint32_t>(tiles::round_up(block_q, Tiles::ROWS) * d2)),
+        p_pairs(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), Tiles::ROWS) * ldp)),
+        p_rest(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), Tiles::ROWS) * ldp)),
         scale(p.scale) {}
 
   int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
 
   void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
-    tiles_bf16::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
+    Tiles::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
   }
 
   void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t cols) {
@@ -283,11 +287,12 @@ struct Bf16DotOperands {
     v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
   }
 
-  // As TileOperands::scores: whole 16-key panels from lo rounded down to 16.
+  // As TileOperands::scores: whole 16-key panels from lo rounded down to 16. r0 starts a
+  // row group.
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     const int64_t lo16 = lo / tiles_bf16::NR * tiles_bf16::NR;
     const int64_t panels = (hi - lo16 + tiles_bf16::NR - 1) / tiles_bf16::NR;
-    tiles_bf16::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
+    Tiles::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
   }
 
   // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V (and
@@ -298,73 +303,48 @@ struct Bf16DotOperands {
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
-    tiles_bf16::pv_block(rows, p_pairs.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
-    if (exact) tiles_bf16::pv_block(rows, p_rest.get(), ldp, 1, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    Tiles::pv_block(rows, p_pairs.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    if (exact) Tiles::pv_block(rows, p_rest.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
   }
 };
-#endif
+
+// The AVX512-BF16 tiles: TileOperands' blocks and panels (Q packed in row groups of MR).
+struct DotTiles {
+  static constexpr int64_t BLOCK_Q = TileOperands<c10::BFloat16>::BLOCK_Q,
+                           PANEL_Q = TileOperands<c10::BFloat16>::PANEL_Q, ROWS = tiles::MR;
+  static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
+    tiles_bf16::pack_q(src, ld, rows, d, dst);
+  }
+  static void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t panels, int64_t d2, float scale,
+                       float* s, int64_t lds) {
+    tiles_bf16::qk_block(rows, q, k, panels, d2, scale, s, lds);
+  }
+  static void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t panel_stride,
+                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+    tiles_bf16::pv_block(rows, a, lda, 1, v, panel_stride, n2, dv_panels, o, ldo);
+  }
+};
+using Bf16DotOperands = Bf16PairOperands<DotTiles>;
 
 #ifdef FLASHATTN_CPU_AMX
-// The block products of bf16 inputs on AMX tiles (tiles_amx.h): K and V copied and P
-// rounded to bf16 as for Bf16DotOperands (the same pair panels and to_pairs, and P - bf16(P)
-// added over few keys), Q kept as rows of pairs. Blocks of 256 queries in panels of 64
-// rows, 16 (one tile) along a causal diagonal or window edge: whole tiles of rows.
-struct AmxOperands {
-  static constexpr int64_t BLOCK_Q = 256, BLOCK_K = Bf16DotOperands::BLOCK_K, PANEL_Q = 64,
-                           EDGE_PANEL_Q = tiles_amx::TM, EXACT_P_KEYS = Bf16DotOperands::EXACT_P_KEYS;
-  static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
-  static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
-  static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static_assert(PANEL_Q % tiles_amx::TM == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
-  KVCopy<uint32_t, Bf16Panels> copy;
-  const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
-  // The task's Q pairs; one panel's P pairs, P - bf16(P). Whole tiles of rows: the tiles
-  // read 16 rows from every 16th (the rows past a panel's are computed and dropped).
-  Scratch<uint32_t> q, p_pairs, p_rest;
-  const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
-  const float scale;
-
-  AmxOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
-      : copy(p, block_k, several_q_blocks),
-        D(p.head_dim),
-        d2(tiles_bf16::pairs(p.head_dim)),
-        dv_panels(tiles::round_up(p.head_dim_v, tiles_bf16::NR) / tiles_bf16::NR),
-        ldp(tiles::round_up(tiles_bf16::pairs(block_k), tiles_bf16::NR)),
-        q(scratch<uint32_t>(tiles::round_up(block_q, tiles_amx::TM) * d2)),
-        p_pairs(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), tiles_amx::TM) * ldp)),
-        p_rest(scratch<uint32_t>(tiles::round_up(std::min(block_q, PANEL_Q), tiles_amx::TM) * ldp)),
-        scale(p.scale) {}
-
-  int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
-
-  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
-    tiles_amx::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
+// AMX: blocks of 256 queries in panels of 64 rows, 16 (one tile) along a causal diagonal
+// or window edge; Q as rows of pairs.
+struct AmxTiles {
+  static constexpr int64_t BLOCK_Q = 256, PANEL_Q = 64, ROWS = tiles_amx::TM;
+  static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
+    tiles_amx::pack_q(src, ld, rows, d, dst);
   }
-
-  void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t cols) {
-    const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
-    k = copy.k.get() + (col0 - base) * d2;
-    v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
+  static void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t panels, int64_t d2, float scale,
+                       float* s, int64_t lds) {
+    tiles_amx::qk_block(rows, q, k, panels, d2, scale, s, lds);
   }
-
-  // As TileOperands::scores: whole 16-key panels from lo rounded down to 16.
-  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    const int64_t lo16 = lo / tiles_bf16::NR * tiles_bf16::NR;
-    const int64_t panels = (hi - lo16 + tiles_bf16::NR - 1) / tiles_bf16::NR;
-    tiles_amx::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
-  }
-
-  // As Bf16DotOperands::accumulate, on the AMX tiles.
-  void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
-    const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
-    const bool exact = hi - lo <= EXACT_P_KEYS;
-    tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
-    const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
-    const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
-    tiles_amx::pv_block(rows, p_pairs.get(), ldp, v_lo2, tiles_bf16::NR, v_stride, n2, dv_panels, o, ldo);
-    if (exact) tiles_amx::pv_block(rows, p_rest.get(), ldp, v_lo2, tiles_bf16::NR, v_stride, n2, dv_panels, o, ldo);
+  static void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t panel_stride,
+                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+    tiles_amx::pv_block(rows, a, lda, v, tiles_bf16::NR, panel_stride, n2, dv_panels, o, ldo);
   }
 };
+using AmxOperands = Bf16PairOperands<AmxTiles>;
+#endif
 #endif
 
 #ifdef FLASHATTN_CPU_TILES
