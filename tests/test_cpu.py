@@ -180,6 +180,23 @@ def test_bf16_paths_are_taken_where_compiled(cpu_switch):
     assert torch.equal(outs["", "0"], fp32)
 
 
+def test_amx_beside_onednn_matrix_products(cpu_switch):
+    # oneDNN's bf16 matrix products use AMX on the same threads with their own tile shapes;
+    # ours load theirs at every product (tiles_amx.h), so calls in between change nothing.
+    if not amx_runs(cpu_switch):
+        pytest.skip("no AMX tiles on this CPU or in this build")
+    q, k, v = random_qkv(2, 300, 300, 4, 2, 80, dtype=torch.bfloat16, seed=41)
+    x = torch.randn(512, 512).to(torch.bfloat16)
+    run = flash(causal=True)
+    alone = run(q, k, v)
+    for _ in range(3):
+        products = x @ x
+        between = run(q, k, v)
+        assert torch.equal(between, alone)
+        assert torch.equal(x @ x, products)
+    check_attention(run, q, k, v, seed=41, **bottom_right(300, 300, causal=True))
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_non_contiguous(layout, dtype):
