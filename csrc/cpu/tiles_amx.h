@@ -160,7 +160,7 @@ inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d
 // dV^T += dO^T P in the backward (ld_dst words per row, at least pairs(rows)).
 inline void pack_t(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, int64_t d_rows, uint32_t* dst,
                    int64_t ld_dst) {
-  std::memset(dst, 0, d_rows * ld_dst * sizeof(uint32_t));
+  if (d_rows * ld_dst > 0) std::memset(dst, 0, d_rows * ld_dst * sizeof(uint32_t));  // (dst is null when empty)
   for (int64_t i = 0; 2 * i < rows; ++i) {
     const c10::BFloat16* x = src + 2 * i * ld;
     const c10::BFloat16* y = 2 * i + 1 < rows ? x + ld : nullptr;
