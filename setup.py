@@ -45,10 +45,10 @@ CPU_ISAS = {
 _AMX = ["-mamx-tile", "-mamx-bf16"]
 
 
-def _compiler_accepts(flags: list) -> bool:
+def _compiler_accepts(flags: list, source: str) -> bool:
     cxx = os.environ.get("CXX", "c++")
     try:
-        return subprocess.run([cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input="int main() {}\n",
+        return subprocess.run([cxx, *flags, "-x", "c++", "-fsyntax-only", "-"], input=source,
                               capture_output=True, text=True, timeout=60).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
@@ -63,7 +63,10 @@ def _cpu_isas() -> dict:
     if unknown:
         raise ValueError(f"FLASHATTN_CPU_ISAS: unknown instruction sets {unknown}; expected some of {list(CPU_ISAS)}")
     isas = {isa: flags for isa, flags in CPU_ISAS.items() if not wanted or isa in wanted or isa == "baseline"}
-    if "avx512bf16" in isas and _compiler_accepts(_AMX):
+    # (what tiles_amx.h needs of the compiler: the flags, the intrinsics, cpuid's AMX names)
+    amx_probe = ('#include <immintrin.h>\n'
+                 'int main() { if (__builtin_cpu_supports("amx-bf16")) _tile_release(); }\n')
+    if "avx512bf16" in isas and _compiler_accepts(_AMX, amx_probe):
         isas["avx512bf16"] = isas["avx512bf16"] + _AMX
     # FLASHATTN_CPU_ISA_MARCH="avx2=haswell;avx512bf16=cooperlake": also -march=<cpu> for those
     # libraries (the "native build" of an instruction set that tools/isa_native_check.sh

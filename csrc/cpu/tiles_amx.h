@@ -41,8 +41,8 @@ inline bool usable() {
   return ok;
 }
 
-// False when FLASHATTN_CPU_AMX=0 keeps bf16 off the AMX tiles (switches.h), or where the
-// CPU or the OS does not offer them.
+// False when the switches keep bf16 off the AMX tiles (FLASHATTN_CPU_AMX=0, or a set
+// FLASHATTN_CPU_BF16_DOT: switches.h), or where the CPU or the OS does not offer them.
 inline bool enabled() { return switches().amx && usable(); }
 
 // The tile shapes above, for a reduced dimension of n pairs.
