@@ -97,8 +97,7 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
     // Offsets rising from 0 (the API's check) leave only the rows after the last
     // sequence; any other values (the op called directly) get everything cleared.
     const int64_t first = unwritten_rows_from(p);
-    const int64_t dim = layout.seq;
-    zero(first == 0 ? out : torch::stable::narrow(out, dim, first, p.total_q - first));
+    zero(first == 0 ? out : torch::stable::narrow(out, layout.seq, first, p.total_q - first));
     torch::stable::fill_(first == 0 ? lse : torch::stable::narrow(lse, 2, first, p.total_q - first),
                          -std::numeric_limits<double>::infinity());
   }

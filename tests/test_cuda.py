@@ -340,6 +340,23 @@ def test_dropout_with_bias_and_bias_grad(deterministic):
     assert_rule("dbias", bias_g.grad, b64.grad, bl.grad, 3.0, 13100, atol=1e-6 * max(1.0, b64.grad.abs().max().item()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [32, 256])
+def test_deterministic_dropout_bias_both_dtypes(dtype, d):
+    # The kernels' shared prologue / epilogue helpers (flash_common.cuh: head_view,
+    # bwd_rows, seq_window, block_range, Dropout::factor_of) changed the code of every
+    # kernel; the dQ kernel with bias and dropout (kExt) changed most at these head dims,
+    # in both dtypes: outputs and gradients against the reference with the kernel's mask.
+    b, sq, sk, h, hk, p = 1, 70, 190, 4, 2, 0.2
+    rng = _rng(77 + d, 1)
+    keep = _keep_mask(rng, b, h, sq, sk, p)
+    q, k, v = random_qkv(b, sq, sk, h, hk, d, dtype=dtype, device=DEV, seed=13300 + d)
+    bias = _bias((1, h, sq, sk), dtype, 13301 + d)
+    scale = d ** -0.5
+    check_attention(_runner(scale, bias=bias, dropout_p=p, rng_state=rng, deterministic=True), q, k, v,
+                    seed=13300 + d, scale=scale, attn_bias=bias, dropout_p=p, dropout_mask=keep)
+
+
 def test_dropout_same_rng_same_output_and_matches_cpu():
     b, sq, sk, h, p = 2, 64, 100, 2, 0.5
     q, k, v = random_qkv(b, sq, sk, h, h, 64, dtype=torch.float16, device=DEV, seed=13200)

@@ -12,8 +12,8 @@
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
 // (every operand packed once per head), bf16 on the AMX tiles of tiles_amx.h or the
-// AVX512-BF16 tiles of tiles_bf16.h as the forward (switches.h), else through BLAS (double, other CPUs, float calls with under
-// 16 queries).
+// AVX512-BF16 tiles of tiles_bf16.h as the forward (switches.h), else through BLAS
+// (double, other CPUs, float calls with under 16 queries).
 #include "flash_cpu.h"
 
 #include "blas.h"

@@ -39,11 +39,12 @@ template <typename scalar_t>
 void flash_bwd(const FlashBwdParams& params);
 
 // Which block products a call runs: BLAS, the AVX2 tiles (tiles.h) or, for bf16, AMX
-// (tiles_amx.h) or the AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row by row (few queries:
-// flash_fwd.cpp RowOperands), which its backward mirrors when it recomputes S. One choice
-// per problem, from kernel_path(): the forward and its backward ask it the same problem
-// (dtype, longest query sequence, head dim) under the same switches.h, so they run the same
-// products and the backward recomputes the very scores the forward's lse summed.
+// (tiles_amx.h) or the AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row
+// by row (few queries: flash_fwd.cpp RowOperands), which its backward mirrors when it
+// recomputes S. One choice per problem, from kernel_path(): the forward and its backward
+// ask it the same problem (dtype, longest query sequence, head dim) under the same
+// switches.h, so they run the same products and the backward recomputes the very scores
+// the forward's lse summed.
 enum class Products { Blas, Tiles, Bf16Dot, Amx };
 struct KernelPath {
   bool rows = false;

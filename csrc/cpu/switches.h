@@ -4,9 +4,10 @@
 // FLASHATTN_CPU_BF16_DOT is set (and FLASHATTN_CPU_AMX is not): FLASHATTN_CPU_BF16_DOT=0
 // sends bf16 to the fp32 tiles (on bf16 widened to float), =1 to the AVX512-BF16 tiles
 // where compiled in; unset, the faster of those two on this CPU (bf16_dot_by_default). An
-// empty variable counts as unset. Read once, on first use (no environment lookup per call); the module's
-// reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path is chosen from them
-// by kernel_path() (flash_cpu.h), the one function its forward and backward both ask.
+// empty variable counts as unset. Read once, on first use (no environment lookup per
+// call); the module's reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path
+// is chosen from them by kernel_path() (flash_cpu.h), the one function its forward and
+// backward both ask.
 #pragma once
 
 #include <cstdlib>
@@ -29,13 +30,13 @@ inline bool bf16_dot_by_default() {
 }
 
 inline Switches switches_from_env() {
-  auto set = [](const char* name) {
+  auto value = [](const char* name) {  // (null when unset or empty)
     const char* env = std::getenv(name);
-    return env != nullptr && env[0] != '\0';
+    return env != nullptr && env[0] != '\0' ? env : nullptr;
   };
-  auto on = [&](const char* name, bool unset) { return set(name) ? std::getenv(name)[0] != '0' : unset; };
+  auto on = [&](const char* name, bool unset) { return value(name) ? value(name)[0] != '0' : unset; };
   return {on("FLASHATTN_CPU_TILES", true), on("FLASHATTN_CPU_BF16_DOT", bf16_dot_by_default()),
-          on("FLASHATTN_CPU_AMX", !set("FLASHATTN_CPU_BF16_DOT"))};
+          on("FLASHATTN_CPU_AMX", value("FLASHATTN_CPU_BF16_DOT") == nullptr)};
 }
 
 inline Switches& switches() {
