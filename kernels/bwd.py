@@ -34,7 +34,7 @@ from .common import (
     pad_dim,
     q_block_range,
     query_block_program,
-    query_rows,
+    query_block_rows,
     scaled_scores,
     seq_args,
     seq_bucket,
@@ -303,8 +303,8 @@ def _dq_kernel(
         # (those dQ rows were zeroed by the launcher)
         if m0 >= seqlen_q_b:
             return
-    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
-    rows, rows64, lse_rows = query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M, VARLEN_Q)
+    rows, rows64, lse_rows, seed, drop_rows = query_block_rows(Rng, pid_bh, h, m0, q_start, seqlen_q, seqlen_k,
+                                                                total_q, BLOCK_M, VARLEN_Q, HAS_DROPOUT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -324,10 +324,6 @@ def _dq_kernel(
         db_rows = DBias + (lse_rows * seqlen_k)[:, None]
     else:
         db_rows = DBias
-    if HAS_DROPOUT:
-        drop_rows = rng_offset + lse_rows * seqlen_k
-    else:
-        drop_rows = rows
 
     K_base = head_base(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, VARLEN_K)
     V_base = head_base(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, VARLEN_K)

@@ -445,17 +445,26 @@ def block_run(run: tl.constexpr, lo, a, b, end):
 
 
 @triton.jit
-def query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M: tl.constexpr, VARLEN_Q: tl.constexpr):
-    """(rows, rows64, lse_rows) of the query block from row m0 of (sequence b, head h)
-    (query_block_program's pid_bh = b * H + h): its rows in the sequence, in int32 and in
-    int64 (row * stride passes 2^31 at long context), and their index in lse / delta,
-    (B, H, Sq), or (1, H, total_q) with packed queries (sequence b from row q_start)."""
+def query_block_rows(Rng, pid_bh, h, m0, q_start, seqlen_q, seqlen_k, total_q, BLOCK_M: tl.constexpr,
+                     VARLEN_Q: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(rows, rows64, lse_rows, seed, drop_rows) of the query block from row m0 of
+    (sequence b, head h) (query_block_program's pid_bh = b * H + h): its rows in the
+    sequence, in int32 and in int64 (row * stride passes 2^31 at long context), their index
+    in lse / delta, (B, H, Sq), or (1, H, total_q) with packed queries (sequence b from row
+    q_start); the dropout seed and each row's int64 Philox offset of key 0, offset + lse
+    index * seqlen_k, i.e. offset + ((b*H + h)*Sq + i)*Sk dense, offset + (h*total_q +
+    q_start + i)*Sk packed (the rows themselves without dropout)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     if VARLEN_Q:
         lse_rows = h.to(tl.int64) * total_q + q_start + rows
     else:
         lse_rows = pid_bh.to(tl.int64) * seqlen_q + rows
-    return rows, rows.to(tl.int64), lse_rows
+    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
+    if HAS_DROPOUT:
+        drop_rows = rng_offset + lse_rows * seqlen_k
+    else:
+        drop_rows = rows
+    return rows, rows.to(tl.int64), lse_rows, seed, drop_rows
 
 
 @triton.jit

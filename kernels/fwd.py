@@ -25,7 +25,6 @@ from .common import (
     clamp_len,
     device_ctx,
     dropout_keep,
-    dropout_seed,
     dropout_state,
     head_base,
     head_bias_terms,
@@ -39,7 +38,7 @@ from .common import (
     pad_dim,
     page_rows,
     query_block_program,
-    query_rows,
+    query_block_rows,
     scaled_scores,
     seq_args,
     seq_bucket,
@@ -134,8 +133,8 @@ def _fwd_kernel(
         if m0 >= seqlen_q_b:
             return
 
-    seed, rng_offset = dropout_seed(Rng, HAS_DROPOUT)
-    rows, rows64, lse_rows = query_rows(pid_bh, h, m0, q_start, seqlen_q, total_q, BLOCK_M, VARLEN_Q)
+    rows, rows64, lse_rows, seed, drop_rows = query_block_rows(Rng, pid_bh, h, m0, q_start, seqlen_q, seqlen_k,
+                                                                total_q, BLOCK_M, VARLEN_Q, HAS_DROPOUT)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -148,13 +147,6 @@ def _fwd_kernel(
 
     slope2, bias_rows = head_bias_terms(Alibi, Bias, b, h, rows64, stride_ab, stride_bb, stride_bh, stride_bm,
                                         HAS_ALIBI, HAS_BIAS)
-    if HAS_DROPOUT:
-        # int64 Philox offset of element (i, 0): offset + lse index * seqlen_k, i.e.
-        # offset + ((b*H + h)*Sq + i)*Sk dense, offset + (h*total_q + q_start + i)*Sk packed
-        drop_rows = rng_offset + lse_rows * seqlen_k
-    else:
-        drop_rows = rows
-
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
