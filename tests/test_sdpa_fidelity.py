@@ -201,6 +201,9 @@ SHAPES = {
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("kind", ["plain", "causal", "mask"])
 def test_every_shape_torch_accepts(entry, shape, kind):
+    if shape == "heads_0" and torch.torch_version.TorchVersion(torch.__version__) < "2.13":
+        # (torch 2.11's own SDPA dies of SIGFPE on zero heads: no reference to compare with)
+        pytest.skip("torch < 2.13: its scaled_dot_product_attention divides by zero heads")
     gen = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in SHAPES[shape])
     kwargs = {"is_causal": True} if kind == "causal" else {}

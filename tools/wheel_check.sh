@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # make wheel-check: install the one wheel in dist/ into a fresh venv per torch version
-# (default: 2.13.0 and 2.14.1) and run the smoke test and the CPU suite there, from a copy
-# of tests/ outside the source tree (so `import flashattn_py` is the installed wheel).
+# (default: 2.13.0 and 2.14.1, on this machine's disk; 2.11.0, the oldest the wheel
+# targets, is a CUDA build of about 3 GB from PyPI) and run the smoke test and the CPU
+# suite there, from a copy of tests/ outside the source tree (so `import flashattn_py` is
+# the installed wheel).
 # Usage: tools/wheel_check.sh [torch versions...]; logs in build/wheel-check/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,12 @@ for version in "${versions[@]}"; do
     $PYTHON -m venv "$env_dir" &&
       "$env_dir/bin/python" -m pip install -q "torch==$version" &&
       ("$env_dir/bin/python" -c "import triton" 2>/dev/null || "$env_dir/bin/python" -m pip install -q triton==3.8.0) &&
-      "$env_dir/bin/python" -m pip install -q numpy pytest hypothesis expecttest tqdm &&
+      # (triton 3.6's interpreter, torch 2.11's, fails on NumPy 2.4: "only 0-dimensional
+      # arrays can be converted to Python scalars")
+      numpy_spec=$("$env_dir/bin/python" -c "
+import triton
+print('numpy<2.4' if tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7) else 'numpy')") &&
+      "$env_dir/bin/python" -m pip install -q "$numpy_spec" pytest hypothesis expecttest tqdm &&
       "$env_dir/bin/python" -m pip install -q --no-deps "$wheel" &&
       (cd "$work" && "$env_dir/bin/python" -c "
 import torch, flashattn_py
