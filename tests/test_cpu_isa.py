@@ -113,3 +113,24 @@ def test_instruction_sets_run_different_kernels(cpu_switch):
 def test_an_unknown_instruction_set_is_a_clear_error(cpu_switch, value):
     with pytest.raises(ValueError, match="FLASHATTN_CPU_ISA: expected one of baseline, avx2, avx512, avx512bf16"):
         cpu_switch("FLASHATTN_CPU_ISA", value)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REPO, ".git")) or shutil.which("git") is None,
+                    reason="needs the source checkout (the script builds a copy of it)")
+def test_each_instruction_set_is_bitwise_its_native_build():
+    """Each set's kernels in this (runtime-dispatched) build against the same kernels built
+    with -march=<a CPU of that set> added (tools/isa_native_check.sh): outputs and
+    gradients of the snapshot's cases bitwise equal, for every set this CPU runs. Several
+    minutes: it builds the extension once more."""
+    script = os.path.join(REPO, "tools", "isa_native_check.sh")
+    result = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, PY=sys.executable), timeout=3600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    compared = [line for line in result.stdout.splitlines() if "(native: -march=" in line]
+    assert compared, result.stdout  # at least the sets this CPU runs were compared
+    assert all("0 tensors differ" in line for line in compared), result.stdout
+    shutil.rmtree(result.stdout.strip().splitlines()[-1].removeprefix("native build kept in "), ignore_errors=True)

@@ -7,12 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+case $PY in /*) ;; *) PY=$PWD/$PY ;; esac  # (also run from the copy below)
 pairs=("$@")
 [ ${#pairs[@]} -eq 0 ] && pairs=(avx2=haswell avx512=skylake-avx512 avx512bf16=cooperlake)
 march=$(IFS=';'; echo "${pairs[*]}")
 native=$(mktemp -d /tmp/flashattn-native.XXXXXX)
 git ls-files -z | xargs -0 cp --parents -t "$native"
-(cd "$native" && FLASHATTN_CPU_ISA_MARCH="$march" MAX_JOBS=${MAX_JOBS:-2} "$OLDPWD/$PY" setup.py -q build_ext --inplace \
+(cd "$native" && FLASHATTN_CPU_ISA_MARCH="$march" MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace \
   > build.log 2>&1) || { tail -20 "$native/build.log"; exit 1; }
 status=0
 for pair in "${pairs[@]}"; do
