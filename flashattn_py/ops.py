@@ -479,7 +479,7 @@ def attention(
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:
-        # Inference on the other fused backends skips the op's autograd layer (about 50 us a call).
+        # Inference on the other fused backends skips the op's autograd layer (its per-call cost).
         out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
 

@@ -19,8 +19,8 @@ struct Switches {
 };
 
 // Whether bf16 products run on vdpbf16ps unless told: on AMD's cores, where they are
-// faster than the fp32 tiles on bf16 widened to float (Zen 4: 1.9x), and not on Intel's,
-// where they are slower (Sapphire Rapids: 0.6x; benchmarks/RESULTS.md 'What was tried').
+// faster than the fp32 tiles on bf16 widened to float, and not on Intel's, where they
+// are slower (measured: benchmarks/RESULTS.md 'What was tried').
 inline bool bf16_dot_by_default() {
 #if defined(__x86_64__) || defined(__i386__)
   return __builtin_cpu_is("amd");
