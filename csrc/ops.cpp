@@ -161,8 +161,8 @@ Tensor dropout_mask_cpu(const Tensor& rng_state, int64_t batch, int64_t num_head
   return keep;
 }
 
-// flashattn::fwd_inference(q, k, v, alibi_slopes, attn_bias, scale, softcap, window_left,
-//     window_right, diag_offset, dropout_p, rng_state, heads_first) -> (out, lse)
+// flashattn::fwd_inference(q, k, v, <the dense arguments of FLASHATTN_DENSE_ARGS>,
+//     heads_first) -> (out, lse)
 // flashattn::fwd for eager CPU calls that need no autograd and no tracing (flashattn_py/ops.py
 // decides): the dense arguments only (a short schema: torch.ops parses fewer), registered
 // for AutogradCPU as well as CPU, so the dispatcher reaches it at the first key with no
@@ -171,15 +171,10 @@ Tensor dropout_mask_cpu(const Tensor& rng_state, int64_t batch, int64_t num_head
 // alibi_slopes with a strided last dimension are copied first (as the op's Python callers
 // do); attn_bias is read through its strides (a mask broadcast over keys has stride 0 there:
 // no copy).
-std::tuple<Tensor, Tensor> fwd_inference(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const OptTensor& alibi_slopes, const OptTensor& attn_bias, double scale,
-                                         double softcap, int64_t window_left, int64_t window_right,
-                                         int64_t diag_offset, double dropout_p, const OptTensor& rng_state,
+std::tuple<Tensor, Tensor> fwd_inference(const Tensor& q, const Tensor& k, const Tensor& v FLASHATTN_DENSE_PARAMS,
                                          bool heads_first) {
-  OptTensor slopes;
-  if (alibi_slopes.has_value()) slopes = rows_contiguous(*alibi_slopes);
-  AttnArgs args{rows_contiguous(q), rows_contiguous(k), rows_contiguous(v), slopes, attn_bias, scale, softcap,
-                window_left, window_right, diag_offset, dropout_p, rng_state};
+  AttnArgs args{rows_contiguous(q), rows_contiguous(k), rows_contiguous(v) FLASHATTN_DENSE_NAMES};
+  if (args.alibi_slopes.has_value()) args.alibi_slopes = rows_contiguous(*args.alibi_slopes);
   int32_t device_type = 0;
   FLASHATTN_SHIM(aoti_torch_get_device_type(args.q.get(), &device_type));
   STD_TORCH_CHECK(device_type == codes().cpu, "flashattn: fwd_inference runs on CPU tensors");
@@ -218,25 +213,14 @@ PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
 }  // namespace
 
 STABLE_TORCH_LIBRARY(flashattn, m) {
-  m.def(
-      "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, float softcap, "
-      "int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, "
-      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, SymInt max_seqlen_q, "
-      "SymInt max_seqlen_k, bool bottom_right, Tensor? kv_batch_idx, Tensor? leftpad_k, int num_splits) "
-      "-> (Tensor out, Tensor lse)");
-  m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? alibi_slopes, "
-      "Tensor? attn_bias, float scale, float softcap, int window_left, int window_right, int diag_offset, "
-      "float dropout_p, Tensor? rng_state, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, "
-      "Tensor? block_table, SymInt max_seqlen_q, SymInt max_seqlen_k, bool bottom_right, Tensor? kv_batch_idx, "
-      "Tensor? leftpad_k, int num_splits, bool deterministic, bool bias_requires_grad) "
-      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // (the problem's arguments: params_from_tensors.h FLASHATTN_PROBLEM_ARGS)
+  m.def("fwd(Tensor q, Tensor k, Tensor v" FLASHATTN_PROBLEM_SCHEMA ") -> (Tensor out, Tensor lse)");
+  m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse" FLASHATTN_PROBLEM_SCHEMA
+        ", bool deterministic, bool bias_requires_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
   m.def("dropout_mask(Tensor rng_state, int batch, int num_heads, int seqlen_q, int seqlen_k, float dropout_p) -> Tensor");
   // fwd's dense arguments in fwd's order (tests/test_op_spec.py pins it), then heads_first
-  m.def(
-      "fwd_inference(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? attn_bias, float scale, "
-      "float softcap, int window_left, int window_right, int diag_offset, float dropout_p, Tensor? rng_state, "
-      "bool heads_first) -> (Tensor out, Tensor lse)");
+  m.def("fwd_inference(Tensor q, Tensor k, Tensor v" FLASHATTN_DENSE_SCHEMA
+        ", bool heads_first) -> (Tensor out, Tensor lse)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(flashattn, CPU, m) {

@@ -150,35 +150,45 @@ struct Layout {
 constexpr Layout HEADS_FIRST{2, 1};
 
 // The arguments the fwd and bwd schemas share after q, k, v (their problem), in schema
-// order, listed once: X(type as an entry takes it, name). The entries' signatures
-// (FLASHATTN_PROBLEM_PARAMS), AttnArgs' members and its construction (FLASHATTN_PROBLEM_NAMES)
-// follow from it, so an argument added to the schemas (csrc/ops.cpp) is added here, in
-// fill_params and in the kernels that use it.
+// order, listed once: X(type as an entry takes it, schema type, name). The schemas
+// (csrc/ops.cpp), the entries' signatures (FLASHATTN_PROBLEM_PARAMS), AttnArgs' members and
+// its construction (FLASHATTN_PROBLEM_NAMES) follow from it, so an argument added here (and
+// to flashattn_py/ops.py's spec: tests/test_op_spec.py checks they agree) is added to
+// fill_params and the kernels that use it, nowhere else. The dense ones first: the
+// inference op takes only those.
+#define FLASHATTN_DENSE_ARGS(X)                                                                         \
+  X(const OptTensor&, Tensor?, alibi_slopes) /* None or float32 (H,) / (B, H) */                        \
+  X(const OptTensor&, Tensor?, attn_bias)    /* None or (B, H, Sq, Sk), bool or q's dtype */            \
+  X(double, float, scale)                                                                               \
+  X(double, float, softcap)                                                                             \
+  X(int64_t, int, window_left)                                                                          \
+  X(int64_t, int, window_right)                                                                         \
+  X(int64_t, int, diag_offset)                                                                          \
+  X(double, float, dropout_p)                                                                           \
+  X(const OptTensor&, Tensor?, rng_state) /* int64 [seed, offset] */
 #define FLASHATTN_PROBLEM_ARGS(X)                                                                       \
-  X(const OptTensor&, alibi_slopes) /* None or float32 (H,) / (B, H) */                                 \
-  X(const OptTensor&, attn_bias)    /* None or (B, H, Sq, Sk), bool or q's dtype */                     \
-  X(double, scale)                                                                                      \
-  X(double, softcap)                                                                                    \
-  X(int64_t, window_left)                                                                               \
-  X(int64_t, window_right)                                                                              \
-  X(int64_t, diag_offset)                                                                               \
-  X(double, dropout_p)                                                                                  \
-  X(const OptTensor&, rng_state) /* int64 [seed, offset] */                                             \
+  FLASHATTN_DENSE_ARGS(X)                                                                               \
   /* packed sequences / paged K/V (flash_params.h); none in a dense call */                             \
-  X(const OptTensor&, cu_seqlens_q)                                                                     \
-  X(const OptTensor&, cu_seqlens_k)                                                                     \
-  X(const OptTensor&, seqused_k)                                                                        \
-  X(const OptTensor&, block_table)                                                                      \
-  X(int64_t, max_seqlen_q)                                                                              \
-  X(int64_t, max_seqlen_k)                                                                              \
-  X(bool, bottom_right)                                                                                 \
+  X(const OptTensor&, Tensor?, cu_seqlens_q)                                                            \
+  X(const OptTensor&, Tensor?, cu_seqlens_k)                                                            \
+  X(const OptTensor&, Tensor?, seqused_k)                                                               \
+  X(const OptTensor&, Tensor?, block_table)                                                             \
+  X(int64_t, SymInt, max_seqlen_q)                                                                      \
+  X(int64_t, SymInt, max_seqlen_k)                                                                      \
+  X(bool, bool, bottom_right)                                                                           \
   /* KV caches: each sequence's k / v batch row, its key slots before its keys */                       \
-  X(const OptTensor&, kv_batch_idx)                                                                     \
-  X(const OptTensor&, leftpad_k)                                                                        \
-  X(int64_t, num_splits)
-#define FLASHATTN_PARAM_DECL(type, name) , type name
-#define FLASHATTN_PARAM_NAME(type, name) , name
-#define FLASHATTN_MEMBER(type, name) std::decay_t<type> name;
+  X(const OptTensor&, Tensor?, kv_batch_idx)                                                            \
+  X(const OptTensor&, Tensor?, leftpad_k)                                                               \
+  X(int64_t, int, num_splits)
+#define FLASHATTN_PARAM_DECL(type, schema, name) , type name
+#define FLASHATTN_PARAM_NAME(type, schema, name) , name
+#define FLASHATTN_SCHEMA_ARG(type, schema, name) ", " #schema " " #name
+#define FLASHATTN_MEMBER(type, schema, name) std::decay_t<type> name;
+// ", <schema type> <name>" for each, a string literal: after a schema's leading tensors.
+#define FLASHATTN_PROBLEM_SCHEMA FLASHATTN_PROBLEM_ARGS(FLASHATTN_SCHEMA_ARG)
+#define FLASHATTN_DENSE_SCHEMA FLASHATTN_DENSE_ARGS(FLASHATTN_SCHEMA_ARG)
+#define FLASHATTN_DENSE_PARAMS FLASHATTN_DENSE_ARGS(FLASHATTN_PARAM_DECL)
+#define FLASHATTN_DENSE_NAMES FLASHATTN_DENSE_ARGS(FLASHATTN_PARAM_NAME)
 // ", <type> <name>" for each: after an entry's leading tensors.
 #define FLASHATTN_PROBLEM_PARAMS FLASHATTN_PROBLEM_ARGS(FLASHATTN_PARAM_DECL)
 // ", <name>" for each: AttnArgs{q, k, v FLASHATTN_PROBLEM_NAMES}.

@@ -50,7 +50,8 @@ class Spec:
     it: the schema string, named access to a call's values (``view``), a call's values
     from keywords with the defaults (``pack``), and the calls into each backend's entries
     (``_bind``: an entry takes the spec's values it names). Adding an argument means adding
-    it here (and to the kernels that use it)."""
+    it here, to the compiled ops' list (csrc/params_from_tensors.h FLASHATTN_PROBLEM_ARGS,
+    from which their schemas follow) and to the kernels that use it."""
 
     def __init__(self, name: str, args: tuple[Arg, ...], returns: tuple[str, ...]):
         self.name = name
