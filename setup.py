@@ -4,7 +4,8 @@ and a CUDA torch are present, or FLASHATTN_FORCE_CUDA=1).
 
 Environment:
   FLASHATTN_SKIP_EXT=1        pure-Python install (triton / reference backends only)
-  FLASHATTN_FORCE_CUDA=1      build the CUDA ops even if torch.cuda is unavailable here
+  FLASHATTN_FORCE_CUDA=1 / 0  build the CUDA ops / do not (default: where torch is a CUDA
+                              build and a CUDA toolkit is found, with or without a GPU)
   FLASHATTN_CUDA_ARCHS        SM architectures for the CUDA ops; default "80;90", plus
                               "100;120" where the toolkit's nvcc lists them (CUDA 12.8+)
   FLASHATTN_CPU_ISAS          CPU instruction sets to build kernels for (default on x86-64:
@@ -147,9 +148,10 @@ def _extensions():
                      py_limited_api=True)  # (named _cpu_<isa>.abi3.so, next to _C.abi3.so: isa_select.cpp)
         for isa, flags in _cpu_isas().items()
     ]
-    build_cuda = os.environ.get("FLASHATTN_FORCE_CUDA", "0") == "1" or (
-        torch.cuda.is_available() and CUDA_HOME is not None
-    )
+    # With a CUDA build of torch and a CUDA toolkit (no GPU needed: a wheel is often built on
+    # a machine without one); FLASHATTN_FORCE_CUDA=1 / =0 forces it on / off.
+    force = os.environ.get("FLASHATTN_FORCE_CUDA", "")
+    build_cuda = force == "1" or (force != "0" and torch.version.cuda is not None and CUDA_HOME is not None)
     if build_cuda:
         archs = (os.environ.get("FLASHATTN_CUDA_ARCHS") or _default_cuda_archs(CUDA_HOME)).split(";")
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"] + stable

@@ -2,6 +2,7 @@
 (csrc/cpu/isa_select.cpp): FLASHATTN_CPU_ISA forces one, every one this CPU runs computes
 attention by the rule, and a bad choice is a clear error."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,8 +130,14 @@ def test_each_instruction_set_is_bitwise_its_native_build():
     script = os.path.join(REPO, "tools", "isa_native_check.sh")
     result = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
                             env=dict(os.environ, PY=sys.executable), timeout=3600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    compared = [line for line in result.stdout.splitlines() if "(native: -march=" in line]
-    assert compared, result.stdout  # at least the sets this CPU runs were compared
-    assert all("0 tensors differ" in line for line in compared), result.stdout
-    shutil.rmtree(result.stdout.strip().splitlines()[-1].removeprefix("native build kept in "), ignore_errors=True)
+    kept = [line.removeprefix("native build kept in ") for line in result.stdout.splitlines()
+            if line.startswith("native build kept in /tmp/flashattn-native.")]
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        compared = [line for line in result.stdout.splitlines() if "(native: -march=" in line]
+        if not compared:
+            pytest.skip("this CPU runs none of avx2, avx512, avx512bf16")
+        assert all(re.search(r": compared \d+ cases: 0 tensors differ;", line) for line in compared), result.stdout
+    finally:
+        for path in kept:
+            shutil.rmtree(path, ignore_errors=True)
