@@ -159,6 +159,10 @@ VARLEN = {
                              dict(dropout_p=0.3, seqused=[10, 20, 0])),
     "six_seqs_causal": ([1, 1, 0, 17, 3, 2], [1, 0, 1, 17, 37, 2], 2, 1, torch.float32,
                         dict(window_right=0, bottom_right=True, diag_offset=1)),
+    # several query blocks per sequence and head (the forward's and dQ's per-row lse index and
+    # Philox offsets from a sequence's q_start, query_block_rows), dropout under causal GQA
+    "dropout_causal_query_blocks": ([150, 1, 97], [150, 30, 97], 4, 2, torch.float32,
+                                    dict(dropout_p=0.2, window_right=0, bottom_right=True)),
 }
 
 
