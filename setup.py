@@ -30,13 +30,17 @@ PACKAGE_DIR = {"flashattn_py": "flashattn_py", "flashattn_py.kernels": "kernels"
 # (csrc/cpu/isa_select.cpp). No -march=native: one build runs on any x86-64 CPU. The
 # kernels' vector helpers (csrc/cpu/simd.h, at::vec's arithmetic) use their AVX2 code in
 # every non-baseline library (FLASHATTN_VEC_AVX2); the kernels' own AVX-512 / AVX512-BF16
-# code follows the compiler's __AVX512*__ macros.
+# code follows the compiler's __AVX512*__ macros. The avx512 set (no BF16) runs only on
+# Intel's Skylake to Ice Lake server and client cores; it keeps the compiler's own
+# (auto-vectorised) loops at 256 bits, as GCC's tuning for those cores does and its generic
+# tuning does not (measured against -march builds: benchmarks/RESULTS.md, issue 25). The
+# kernels' explicit 512-bit code is unaffected either way.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DFLASHATTN_VEC_AVX2"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 CPU_ISAS = {
     "baseline": [],
     "avx2": _AVX2,
-    "avx512": _AVX512,
+    "avx512": _AVX512 + ["-mprefer-vector-width=256"],
     "avx512bf16": _AVX512 + ["-mavx512bf16"],
 }
 
