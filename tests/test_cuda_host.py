@@ -5,7 +5,7 @@
 * The host helpers of csrc/cuda/flash_common.cuh, in a host program compiled by nvcc and
   run here: the 16-byte alignment gate ignores strides of size-1 dims (B = 1 / H = 1
   views keep the vector path), the launch grid is 1-D and sized for batch * heads past
-  65535.
+  65535; the masking geometry (Window, block_range) gives the reference's visible pairs.
 * Every .cu compiles for sm_100 / sm_120 where this nvcc lists them (setup.py's default
   arch list then includes them).
 
@@ -92,6 +92,77 @@ def test_host_helpers(tmp_path):
                     "-o", str(exe)], check=True, capture_output=True, text=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+_WINDOW_MAIN = r"""
+#include <cstdio>
+#include "cuda/flash_common.cuh"
+using namespace flashattn::cuda_impl;
+// For every (sq, sk, off, left, right) of a grid: each query's keys [lo, hi), each key's
+// queries [qlo, qhi), and each 4-row / 4-key block's block_range, for the test to compare
+// with the reference's visibility mask.
+int main() {
+  const int lens[] = {1, 5, 13}, offs[] = {-9, -2, 0, 3, 14}, bounds[] = {-1, 0, 2, 6};
+  for (int sq : lens) for (int sk : lens) for (int off : offs) for (int left : bounds) for (int right : bounds) {
+    const Window w{off, left, right, sk, sq};
+    std::printf("W %d %d %d %d %d\n", sq, sk, off, left, right);
+    for (int i = 0; i < sq; ++i) std::printf("Q %d %lld %lld\n", i, (long long)w.lo(i), (long long)w.hi(i));
+    for (int j = 0; j < sk; ++j) std::printf("K %d %lld %lld\n", j, (long long)w.qlo(j), (long long)w.qhi(j));
+    for (int m0 = 0; m0 < sq; m0 += 4) {
+      const int m_last = (m0 + 4 < sq ? m0 + 4 : sq) - 1;
+      const BlockRange r = block_range<4>(w.lo(m0), w.hi(m_last));
+      std::printf("N %d %d %d\n", m0, r.begin, r.end);
+    }
+    for (int n0 = 0; n0 < sk; n0 += 4) {
+      const int n_last = (n0 + 4 < sk ? n0 + 4 : sk) - 1;
+      const BlockRange r = block_range<4>(w.qlo(n0), w.qhi(n_last));
+      std::printf("M %d %d %d\n", n0, r.begin, r.end);
+    }
+  }
+  return 0;
+}
+"""
+
+
+def test_window_ranges_match_the_reference_mask(tmp_path):
+    # The CUDA kernels' masking geometry (Window, block_range), compiled for the host, against
+    # reference.visibility_mask: the same visible (query, key) pairs, and block ranges that
+    # hold every visible block and start and end on one.
+    from flashattn_py.reference import visibility_mask
+
+    src = tmp_path / "window_main.cu"
+    src.write_text(_WINDOW_MAIN)
+    exe = tmp_path / "window_main"
+    subprocess.run([NVCC, "-std=c++17", "-I", str(ROOT / "csrc"), "--gpu-architecture=sm_80", str(src),
+                    "-o", str(exe)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+
+    def blocks(indices, size=4):
+        return sorted({x // size for x in indices})
+
+    windows = 0
+    for chunk in out.split("W ")[1:]:
+        lines = chunk.strip().splitlines()
+        sq, sk, off, left, right = map(int, lines[0].split())
+        mask = visibility_mask(sq, sk, left, right, off, "cpu")
+        keys = [set(mask[i].nonzero().flatten().tolist()) for i in range(sq)]
+        rows = [set(mask[:, j].nonzero().flatten().tolist()) for j in range(sk)]
+        case = f"sq={sq} sk={sk} off={off} left={left} right={right}"
+        for line in lines[1:]:
+            kind, a, lo, hi = line.split()[0], *map(int, line.split()[1:])
+            if kind == "Q":
+                assert set(range(lo, hi)) == keys[a], f"{case}: query {a} keys [{lo}, {hi})"
+            elif kind == "K":
+                assert set(range(lo, hi)) == rows[a], f"{case}: key {a} queries [{lo}, {hi})"
+            else:  # N: the key blocks of rows [a, a + 4); M: the query blocks of keys [a, a + 4)
+                seen = set().union(*(keys[i] for i in range(a, min(a + 4, sq)))) if kind == "N" else \
+                    set().union(*(rows[j] for j in range(a, min(a + 4, sk))))
+                need = blocks(seen)
+                got = list(range(lo, hi))
+                assert set(need) <= set(got), f"{case}: {kind} block {a}: {got} misses {need}"
+                assert not got or (got[0] in need and got[-1] in need), f"{case}: {kind} block {a}: {got} vs {need}"
+        windows += 1
+    assert windows == 3 * 3 * 5 * 4 * 4
 
 
 def _listed_archs() -> list[str]:

@@ -129,13 +129,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
   // The query blocks holding a query that can see some key of this block.
   const auto [mb_begin, mb_end] = block_range<kBM>(win.qlo(n0), win.qhi(n_last));
 
-  // This thread's key rows (g, g + 8 of the warp's 16): visible query range and validity.
+  // This thread's key rows (g, g + 8 of the warp's 16): the queries [q_lo, q_hi) that see them.
   int q_lo[2], q_hi[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t j = n0 + rg * 16 + g + 8 * r;
     q_lo[r] = clamp_int(win.qlo(j));
-    q_hi[r] = j < Sk ? clamp_int(win.qhi(j)) : -1;
+    q_hi[r] = j < Sk ? clamp_int(win.qhi(j)) : 0;
   }
   float slope_log2 = 0.f;
   if (p.alibi_slopes != nullptr) slope_log2 = p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e;
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
 
     // P^T and dS^T, elementwise. A block needs the element mask unless every (query, key)
     // pair of it is visible: from the sequence re-derived (kExt), or per thread from its key
-    // rows' query ranges (plain; keys past the sequence have q_hi = -1). Each form is the
+    // rows' query ranges (plain; keys past the sequence have q_hi = 0). Each form is the
     // one that keeps that variant's spills down.
     bool full;
     if constexpr (kExt) {
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
              (p.window_left < 0 || int64_t(n0) >= int64_t(m0) + kBM - 1 + sn.diag_offset - p.window_left) &&
              (p.window_right < 0 || int64_t(n0) + kBN - 1 <= int64_t(m0) + sn.diag_offset + p.window_right);
     } else {
-      full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM - 1 && q_hi[1] >= m0 + kBM - 1;
+      full = q_lo[0] <= m0 && q_lo[1] <= m0 && q_hi[0] >= m0 + kBM && q_hi[1] >= m0 + kBM;
     }
     // The bias offset of (b, h), per block from the position re-derived (not held across the
     // loop: registers).
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           const int j = n0 + rg * 16 + g + 8 * r;
           // (dense lengths: a bias never comes with packed sequences)
           if (p.bias != nullptr && i < p.seqlen_q && j < p.seqlen_k) x = add_bias_log2<T>(p, bias_base, i, j, x);
-          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          if (!full && (i < q_lo[r] || i >= q_hi[r])) x = -INFINITY;
           const float pr = fast_exp2(x - sLse[il]);
           float z = 1.f;
           if (p.dropout_p > 0.f) z = args.drop.factor_of(row0 + i, j);
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           acc_s[nt][e] = pr * z;
           acc_dp[nt][e] = ds;
         } else {
-          if (!full && (i < q_lo[r] || i > q_hi[r])) x = -INFINITY;
+          if (!full && (i < q_lo[r] || i >= q_hi[r])) x = -INFINITY;
           const float pr = fast_exp2(x - sLse[il]);
           float ds = pr * (acc_dp[nt][e] - sDelta[il]);
           if (has_softcap) ds *= 1.f - th * th;
@@ -513,7 +513,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
           if (p.bias != nullptr && i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
           if (p.dropout_p > 0.f) z = args.drop.factor_of(row0 + i, j);
         }
-        if (!full && (j < j_lo[r] || j > j_hi[r])) x = -INFINITY;
+        if (!full && (j < j_lo[r] || j >= j_hi[r])) x = -INFINITY;
         const float pr = fast_exp2(x - lse2[r]);
         float ds = pr * (acc_dp[nt][e] * z - delta[r]);
         if (has_softcap) ds *= 1.f - th * th;

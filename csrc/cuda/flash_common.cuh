@@ -334,27 +334,28 @@ __device__ __forceinline__ void store_tile(T* gbase, const T* smem, int64_t row_
 // ---------------------------------------------------------------------------------
 // Masking geometry of one sequence (built from its SeqView: off = diag_offset, sk / sq =
 // its lengths; i, j count from its first row). Key j is visible for query i iff
-// lo(i) <= j <= hi(i) (closed bounds, flash_params.h), where lo(i) = i + off - left
-// (left >= 0) else 0, hi(i) = i + off + right (right >= 0) else Sk - 1, also clamped to
-// [0, Sk - 1] (hi < lo: nothing visible).
+// i + off - left <= j <= i + off + right (flash_params.h; an unbounded side is -1). Ranges
+// are half-open, as the CPU kernel's KeyRange and Triton's key_span: query i sees the keys
+// [lo(i), hi(i)), clamped to [0, sk) (hi <= lo: none); key j is seen by the queries
+// [qlo(j), qhi(j)), clamped to [0, sq). Host and device (tests/test_cuda_host.py checks
+// them against the reference's mask).
 struct Window {
   int64_t off, left, right, sk, sq;
-  __device__ __forceinline__ int64_t lo(int64_t i) const {
+  FLASHATTN_HOST_DEVICE int64_t lo(int64_t i) const {
     int64_t v = left >= 0 ? i + off - left : 0;
     return v < 0 ? 0 : v;
   }
-  __device__ __forceinline__ int64_t hi(int64_t i) const {
-    int64_t v = right >= 0 ? i + off + right : sk - 1;
-    return v > sk - 1 ? sk - 1 : v;
+  FLASHATTN_HOST_DEVICE int64_t hi(int64_t i) const {
+    int64_t v = right >= 0 ? i + off + right + 1 : sk;
+    return v > sk ? sk : v;
   }
-  // Query rows that can see key j: [qlo(j), qhi(j)], clamped to [0, Sq - 1].
-  __device__ __forceinline__ int64_t qlo(int64_t j) const {
+  FLASHATTN_HOST_DEVICE int64_t qlo(int64_t j) const {
     int64_t v = right >= 0 ? j - off - right : 0;
     return v < 0 ? 0 : v;
   }
-  __device__ __forceinline__ int64_t qhi(int64_t j) const {
-    int64_t v = left >= 0 ? j - off + left : sq - 1;
-    return v > sq - 1 ? sq - 1 : v;
+  FLASHATTN_HOST_DEVICE int64_t qhi(int64_t j) const {
+    int64_t v = left >= 0 ? j - off + left + 1 : sq;
+    return v > sq ? sq : v;
   }
 };
 
@@ -401,17 +402,17 @@ __device__ __forceinline__ Window seq_window(const FlashParams& p, const SeqView
   return Window{s.diag_offset, p.window_left, p.window_right, s.seqlen_k, s.seqlen_q};
 }
 
-// The blocks of kBlock rows (or keys) that hold any of [lo, hi]: [begin, end), empty when
-// hi < lo.
+// The blocks of kBlock rows (or keys) that hold any of [lo, hi): [begin, end), empty when
+// hi <= lo.
 struct BlockRange {
   int begin, end;
 };
 template <int kBlock>
-__device__ __forceinline__ BlockRange block_range(int64_t lo, int64_t hi) {
+FLASHATTN_HOST_DEVICE BlockRange block_range(int64_t lo, int64_t hi) {
   BlockRange r{0, 0};
-  if (hi >= lo) {
+  if (hi > lo) {
     r.begin = static_cast<int>(lo / kBlock);
-    r.end = static_cast<int>(hi / kBlock) + 1;
+    r.end = static_cast<int>((hi + kBlock - 1) / kBlock);
   }
   return r;
 }

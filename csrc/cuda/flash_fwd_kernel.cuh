@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
 
   const Window win = seq_window(p, s);
   const int m_last = min(m0 + kBM, Sq) - 1;
-  // The key blocks holding a key that some row of this block can see: [lo(m0), hi(m_last)].
+  // The key blocks holding a key that some row of this block can see: [lo(m0), hi(m_last)).
   auto [nb_begin, nb_end] = block_range<kBN>(win.lo(m0), win.hi(m_last));
   if constexpr (kSplit) {  // this CTA's run of [nb_begin, nb_end): ceil(count / splits) blocks
     const int ns = static_cast<int>(p.num_splits), split = pos.block - m_block * ns;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
     nb_begin = lo;
   }
 
-  // Per-row visible key range [j_lo, j_hi] of this thread's rows (row g and g + 8 of each m tile).
+  // Per-row visible keys [j_lo, j_hi) of this thread's rows (row g and g + 8 of each m tile).
   const int warp_row0 = warp * kMT * 16;
   int j_lo[kMT][2], j_hi[kMT][2];
   float slope_log2 = 0.f;
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
               if (i < Sq && j < Sk) x = add_bias_log2<T>(p, bias_base, i, j, x);
             }
           }
-          if (!full && (j < j_lo[mt][r] || j > j_hi[mt][r])) x = -INFINITY;
+          if (!full && (j < j_lo[mt][r] || j >= j_hi[mt][r])) x = -INFINITY;
           acc_s[mt][nt][e] = x;
         }
       }
