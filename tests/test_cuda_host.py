@@ -84,13 +84,18 @@ int main() {
 """
 
 
-def test_host_helpers(tmp_path):
+def _run_host_program(source: str, tmp_path) -> subprocess.CompletedProcess:
+    """Compile ``source`` (a host main including csrc/ headers) with nvcc and run it."""
     src = tmp_path / "host_main.cu"
-    src.write_text(_HOST_MAIN)
+    src.write_text(source)
     exe = tmp_path / "host_main"
     subprocess.run([NVCC, "-std=c++17", "-I", str(ROOT / "csrc"), "--gpu-architecture=sm_80", str(src),
                     "-o", str(exe)], check=True, capture_output=True, text=True)
-    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    return subprocess.run([str(exe)], capture_output=True, text=True)
+
+
+def test_host_helpers(tmp_path):
+    result = _run_host_program(_HOST_MAIN, tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
@@ -130,12 +135,9 @@ def test_window_ranges_match_the_reference_mask(tmp_path):
     # hold every visible block and start and end on one.
     from flashattn_py.reference import visibility_mask
 
-    src = tmp_path / "window_main.cu"
-    src.write_text(_WINDOW_MAIN)
-    exe = tmp_path / "window_main"
-    subprocess.run([NVCC, "-std=c++17", "-I", str(ROOT / "csrc"), "--gpu-architecture=sm_80", str(src),
-                    "-o", str(exe)], check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    result = _run_host_program(_WINDOW_MAIN, tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
 
     def blocks(indices, size=4):
         return sorted({x // size for x in indices})
