@@ -30,18 +30,19 @@ PACKAGE_DIR = {"flashattn_py": "flashattn_py", "flashattn_py.kernels": "kernels"
 # (csrc/cpu/isa_select.cpp). No -march=native: one build runs on any x86-64 CPU. The
 # kernels' vector helpers (csrc/cpu/simd.h, at::vec's arithmetic) use their AVX2 code in
 # every non-baseline library (FLASHATTN_VEC_AVX2); the kernels' own AVX-512 / AVX512-BF16
-# code follows the compiler's __AVX512*__ macros. The avx512 set (no BF16) runs only on
-# Intel's Skylake to Ice Lake server and client cores; it keeps the compiler's own
-# (auto-vectorised) loops at 256 bits, as GCC's tuning for those cores does and its generic
-# tuning does not (measured against -march builds: benchmarks/RESULTS.md, issue 25). The
-# kernels' explicit 512-bit code is unaffected either way.
+# code follows the compiler's __AVX512*__ macros. The two AVX-512 sets are scheduled for
+# the first Intel core of each (-mtune), as a -march build of that core is: the avx512 set
+# runs only on Intel's Skylake to Ice Lake cores; the avx512bf16 set runs on Intel's Cooper
+# Lake and later and on AMD's Zen 4 / Zen 5, where this tuning is unmeasured. Generic
+# tuning left them 3-4 % behind the -march builds on decoding (benchmarks/RESULTS.md). The
+# avx2 set, common to every x86 core of the last ten years, keeps the generic tuning.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-DFLASHATTN_VEC_AVX2"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 CPU_ISAS = {
     "baseline": [],
     "avx2": _AVX2,
-    "avx512": _AVX512 + ["-mprefer-vector-width=256"],
-    "avx512bf16": _AVX512 + ["-mavx512bf16"],
+    "avx512": _AVX512 + ["-mtune=skylake-avx512"],
+    "avx512bf16": _AVX512 + ["-mavx512bf16", "-mtune=cooperlake"],
 }
 
 
@@ -75,12 +76,12 @@ def _cpu_isas() -> dict:
         isas["avx512bf16"] = isas["avx512bf16"] + _AMX
     # FLASHATTN_CPU_ISA_MARCH="avx2=haswell;avx512bf16=cooperlake": also -march=<cpu> for those
     # libraries (the "native build" of an instruction set that tools/isa_native_check.sh
-    # compares the default build with)
+    # compares the default build with), scheduled for that cpu (the set's own -mtune dropped)
     for item in filter(None, os.environ.get("FLASHATTN_CPU_ISA_MARCH", "").split(";")):
         isa, _, march = item.partition("=")
         if isa not in isas or not march:
             raise ValueError(f"FLASHATTN_CPU_ISA_MARCH: expected <isa>=<cpu> items for {list(isas)}, got {item!r}")
-        isas[isa] = isas[isa] + [f"-march={march}"]
+        isas[isa] = [flag for flag in isas[isa] if not flag.startswith("-mtune=")] + [f"-march={march}"]
     return isas
 
 

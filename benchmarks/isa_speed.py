@@ -4,7 +4,7 @@ makes): forward and forward+backward of a few problems, each build in its own pr
 builds cannot share one: both register the same ops), alternated over rounds; the median
 of the per-round ratios.
 
-    python benchmarks/isa_speed.py --isa avx2 --other /tmp/flashattn-native.XXXX [--rounds 7]
+    python benchmarks/isa_speed.py --isa avx2 --other /tmp/flashattn-native.XXXX [--rounds 7] [--cases decode]
 """
 from __future__ import annotations
 
@@ -52,9 +52,9 @@ print(json.dumps(result))
 """
 
 
-def run(build: str, isa: str, repeats: int) -> dict:
+def run(build: str, isa: str, repeats: int, cases: list) -> dict:
     env = dict(os.environ, PYTHONPATH=build, FLASHATTN_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(CASES), str(repeats)], env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(cases), str(repeats)], env=env, check=True,
                          capture_output=True, text=True, cwd="/")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -67,12 +67,16 @@ def main(argv=None) -> None:
     parser.add_argument("--other", required=True, help="the build it is compared with (a checkout built in place)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this (e.g. decode)")
     args = parser.parse_args(argv)
-    ratios: dict[str, list[float]] = {name: [] for name, *_ in CASES}
+    cases = [case for case in CASES if args.cases in case[0]]
+    if not cases:
+        parser.error(f"--cases {args.cases!r} matches none of {[case[0] for case in CASES]}")
+    ratios: dict[str, list[float]] = {name: [] for name, *_ in cases}
     first = None
     for r in range(args.rounds):
         order = [args.build, args.other] if r % 2 == 0 else [args.other, args.build]
-        results = {build: run(build, args.isa, args.repeats) for build in order}
+        results = {build: run(build, args.isa, args.repeats, cases) for build in order}
         first = first or results
         for name in ratios:  # other / ours: above 1, ours is faster
             ratios[name].append(results[args.other]["ms"][name] / results[args.build]["ms"][name])

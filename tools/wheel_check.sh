@@ -37,7 +37,7 @@ for version in "${versions[@]}"; do
       numpy_spec=$("$env_dir/bin/python" -c "
 import triton
 print('numpy<2.4' if tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7) else 'numpy')" | tail -1) &&
-      "$env_dir/bin/python" -m pip install -q "$numpy_spec" pytest hypothesis expecttest tqdm &&
+      "$env_dir/bin/python" -m pip install -q "$numpy_spec" pytest hypothesis expecttest tqdm "transformers==5.24.0" &&
       "$env_dir/bin/python" -m pip install -q --no-deps "$wheel" &&
       (cd "$work" && "$env_dir/bin/python" -c "
 import torch, flashattn_py

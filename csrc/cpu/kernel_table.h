@@ -3,7 +3,7 @@
 // The kernels are compiled once per instruction set (setup.py: baseline x86-64, AVX2+FMA,
 // AVX-512, AVX-512 with BF16), each into its own shared library flashattn_py/_cpu_<isa>.*.so
 // that exports only `flashattn_cpu_kernel_table`. The ops (csrc/ops.cpp, built for the
-// baseline) load the best one this CPU runs (cpu_isa.cpp) and call through the table. Each
+// baseline) load the best one this CPU runs (isa_select.cpp) and call through the table. Each
 // library has private copies of every inline function it uses (hidden visibility, linked
 // -Bsymbolic), so AVX-512 code never stands in for the baseline's.
 #pragma once
