@@ -37,7 +37,11 @@ for version in "${versions[@]}"; do
       numpy_spec=$("$env_dir/bin/python" -c "
 import triton
 print('numpy<2.4' if tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7) else 'numpy')" | tail -1) &&
-      "$env_dir/bin/python" -m pip install -q "$numpy_spec" pytest hypothesis expecttest tqdm "transformers==5.24.0" &&
+      "$env_dir/bin/python" -m pip install -q "$numpy_spec" pytest hypothesis expecttest tqdm &&
+      # (the Makefile's transformers, for its integration tests; it needs Python >= 3.11,
+      # and without it those tests skip)
+      { "$env_dir/bin/python" -m pip install -q "transformers==5.24.0" 2>/dev/null ||
+        echo "transformers 5.24.0 does not install on this Python: its tests skip"; } &&
       "$env_dir/bin/python" -m pip install -q --no-deps "$wheel" &&
       (cd "$work" && "$env_dir/bin/python" -c "
 import torch, flashattn_py
