@@ -336,8 +336,8 @@ __device__ __forceinline__ void store_tile(T* gbase, const T* smem, int64_t row_
 // its lengths; i, j count from its first row). Key j is visible for query i iff
 // i + off - left <= j <= i + off + right (flash_params.h; an unbounded side is -1). Ranges
 // are half-open, as the CPU kernel's KeyRange and Triton's key_span: query i sees the keys
-// [lo(i), hi(i)), clamped to [0, sk) (hi <= lo: none); key j is seen by the queries
-// [qlo(j), qhi(j)), clamped to [0, sq). Host and device (tests/test_cuda_host.py checks
+// [lo(i), hi(i)), lo >= 0 and hi <= sk (hi <= lo: none); key j is seen by the queries
+// [qlo(j), qhi(j)), qlo >= 0 and qhi <= sq. Host and device (tests/test_cuda_host.py checks
 // them against the reference's mask).
 struct Window {
   int64_t off, left, right, sk, sq;
