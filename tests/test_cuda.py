@@ -131,6 +131,17 @@ def test_window(dtype, wl, wr, sq, sk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wl,wr,off", [(63, 0, 0), (64, 0, 0), (0, 63, 0), (127, 128, -1), (5, 5, -130),
+                                       (-1, 0, -200), (0, -1, 200), (16, 16, 129)])
+@pytest.mark.parametrize("sq,sk", [(128, 129), (129, 128), (64, 256)])
+def test_window_edges_on_block_boundaries(dtype, wl, wr, off, sq, sk):
+    # The half-open key / query ranges (flash_common.cuh Window, block_range) where a window
+    # edge, the sequence end or an empty range falls on or next to a 64- / 128-row block
+    # boundary, forward and backward; rows that see no key (large offsets) too.
+    _case(1, sq, sk, 2, 1, 64, dtype, seed=3500 + wl + wr + off + sq, wl=wl, wr=wr, off=off)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hk", [1, 2, 3])
 def test_gqa(dtype, hk):
     _case(2, 130, 200, 6, hk, 64, dtype, seed=4000 + hk)
