@@ -103,6 +103,9 @@ struct FlashParams {
   // n = exactly n (fewer when there are fewer key blocks). Results agree for every value
   // within rounding.
   int64_t num_splits = 0;
+  // CPU kernels: the path a call with gradients was given for its forward and backward
+  // (cpu/flash_cpu.h encode_path), 0: chosen per call from the problem.
+  int64_t cpu_path = 0;
 };
 
 #if defined(__CUDACC__)

@@ -51,6 +51,14 @@ const cpu::KernelTable& cpu_kernels() {
   throw std::logic_error("unreachable");
 }
 
+// A path given for the call (flashattn_py/ops.py: the one cpu_kernel_path() chose for its
+// forward, kept for its backward) must be one these kernels run on this CPU.
+void check_cpu_path(const FlashParams& p, int dtype) {
+  const cpu::KernelTable& table = cpu_kernels();
+  STD_TORCH_CHECK(p.cpu_path == 0 || table.path_runs[dtype](p.cpu_path), "flashattn: cpu_path ", p.cpu_path,
+                  " is not a path the ", table.isa, " CPU kernels run for this dtype (0: chosen per call)");
+}
+
 // Asks Linux for 2 MiB pages under the 2 MiB-aligned part of a new output of at least
 // 32 MiB: glibc maps an allocation that large afresh every time (its mmap threshold stops
 // there), and the kernels' first writes to new memory otherwise fault on every 4 KiB
@@ -102,7 +110,9 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
                          -std::numeric_limits<double>::infinity());
   }
   fill_output(p, out, lse, layout);
-  cpu_kernels().fwd[cpu_dtype(q)](p);
+  const int dtype = cpu_dtype(q);
+  check_cpu_path(p, dtype);
+  cpu_kernels().fwd[dtype](p);
   return {out, lse};
 }
 
@@ -138,7 +148,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   fill_grads(p, dout, dq, dk, dv);
   Tensor dbias = make_dbias(p, qi, attn_bias, bias_requires_grad);
   p.deterministic = deterministic;
-  cpu_kernels().bwd[cpu_dtype(qi)](p);
+  const int dtype = cpu_dtype(qi);
+  check_cpu_path(p, dtype);
+  cpu_kernels().bwd[dtype](p);
   return {dq, dk, dv, dbias};
 }
 
@@ -210,6 +222,27 @@ PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
   Py_RETURN_NONE;
 }
 
+// flashattn_py._C.cpu_kernel_path(dtype, seqlen_q, head_dim): the path (FlashParams::
+// cpu_path) the CPU kernels choose for a problem with elements of `dtype` (kernel_table.h
+// Dtype), seqlen_q query rows per head (the longest sequence's) and head dim head_dim, under
+// the switches in effect. A call with gradients asks it once and passes the answer to its
+// forward and its backward.
+PyObject* cpu_kernel_path(PyObject* /*module*/, PyObject* args) {
+  int dtype = 0;
+  long long seqlen_q = 0, head_dim = 0;
+  if (!PyArg_ParseTuple(args, "iLL", &dtype, &seqlen_q, &head_dim)) return nullptr;
+  if (dtype < 0 || dtype >= cpu::kNumDtypes) {
+    PyErr_SetString(PyExc_ValueError, "dtype: expected a kernel table index 0-3");
+    return nullptr;
+  }
+  try {
+    return PyLong_FromLongLong(cpu::kernels().choose_path[dtype](seqlen_q, head_dim));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(flashattn, m) {
@@ -246,6 +279,8 @@ PyMODINIT_FUNC PyInit__C(void) {
       {"reload_cpu_switches", flashattn::reload_cpu_switches, METH_NOARGS,
        "choose the CPU kernels again (FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT, "
        "FLASHATTN_CPU_AMX)"},
+      {"cpu_kernel_path", flashattn::cpu_kernel_path, METH_VARARGS,
+       "cpu_kernel_path(dtype, seqlen_q, head_dim): the CPU kernels' path for such a problem (the ops' cpu_path)"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -179,7 +179,9 @@ constexpr Layout HEADS_FIRST{2, 1};
   /* KV caches: each sequence's k / v batch row, its key slots before its keys */                       \
   X(const OptTensor&, Tensor?, kv_batch_idx)                                                            \
   X(const OptTensor&, Tensor?, leftpad_k)                                                               \
-  X(int64_t, int, num_splits)
+  X(int64_t, int, num_splits)                                                                           \
+  /* the CPU kernels' path (FlashParams::cpu_path; 0: chosen per call) */                               \
+  X(int64_t, int, cpu_path)
 #define FLASHATTN_PARAM_DECL(type, schema, name) , type name
 #define FLASHATTN_PARAM_NAME(type, schema, name) , name
 #define FLASHATTN_SCHEMA_ARG(type, schema, name) ", " #schema " " #name
@@ -299,6 +301,7 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
   STD_TORCH_CHECK(!p.leftpad_k || leftpad.numel() == p.batch, "flashattn: leftpad_k needs one entry per sequence");
   STD_TORCH_CHECK(args.num_splits >= 0, "flashattn: num_splits must be >= 0");
   p.num_splits = args.num_splits;
+  p.cpu_path = args.cpu_path;
   p.num_heads = q.size(H), p.num_heads_k = k.size(H);
   p.head_dim = q.size(3), p.head_dim_v = v.size(3);
   p.scale = static_cast<float>(scale);

@@ -203,6 +203,12 @@ def _reference_fwd() -> Callable:
     return attention_ref
 
 
+def _cpu_kernel_path() -> Callable[[int, int, int], int]:
+    from . import _C
+
+    return _C.cpu_kernel_path
+
+
 def _compiled_dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device):
     # (a GPU rng_state from dropout_rng_state: the CPU impl draws the CUDA kernels' masks)
     keep = torch.ops.flashattn.dropout_mask(rng_state.cpu(), batch, num_heads, seqlen_q, seqlen_k, dropout_p)
@@ -238,6 +244,9 @@ class Backend:
     inference: Callable[[], Callable] | None = None
     # (rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device) -> bool keep-mask
     dropout_mask: Callable[..., torch.Tensor] | None = None
+    # resolves (dtype index, seqlen_q, head_dim) -> the kernels' path (the ops' cpu_path),
+    # which a call with gradients asks once and passes to its forward and its backward
+    kernel_path: Callable[[], Callable[[int, int, int], int]] | None = None
     float64_lse: bool = False  # float64 inputs give a float64 lse (else lse is float32)
     grads_like_inputs: bool = False  # the backward's dq, dk, dv have the inputs' strides
 
@@ -280,7 +289,8 @@ BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
                    why_unavailable=compiled_ops_error,
                    device_check=_cpu_device, forward=_compiled_fwd, backward=_compiled_bwd,
-                   inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, float64_lse=True,
+                   inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, kernel_path=_cpu_kernel_path,
+                   float64_lse=True,
                    grads_like_inputs=True),
     "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
                          why_unavailable=lambda: None,

@@ -110,6 +110,9 @@ _OPTIONS = (
     Arg("kv_batch_idx", "Tensor?"),
     Arg("leftpad_k", "Tensor?"),
     Arg("num_splits", "int", 0),
+    # The CPU kernels' path (csrc/cpu/flash_cpu.h; 0: chosen per call from the problem): a
+    # call with gradients gets it before its forward, and its backward runs the same.
+    Arg("cpu_path", "int", 0),
     Arg("deterministic", "bool", False),  # the forward keeps it for the backward
 )
 _BACKEND = Arg("backend", "str", REQUIRED)  # a name in backends.BACKENDS (a fused one)
@@ -293,11 +296,40 @@ def _backward(ctx, dout, dlse):
 
 attn_fwd = getattr(torch.ops.flashattn, FWD.name).default
 attn_bwd = getattr(torch.ops.flashattn, BWD.name).default
+_CPU_PATH = FWD.index["cpu_path"]
+_CPU_PATH_ARGS = FWD.getter(("q", "cu_seqlens_q", "max_seqlen_q"))
+# Element types as the CPU kernel tables index them (csrc/cpu/kernel_table.h Dtype).
+_CPU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_kernel_path: dict[str, Callable[[int, int, int], int]] = {}  # each backend's, resolved on first use
+
+
+def _with_cpu_path(args: tuple) -> tuple:
+    """FWD values with the kernels' path for this problem filled in (``cpu_path``), for a
+    call with gradients on a backend that chooses one (``Backend.kernel_path``: cpu): its
+    forward and its backward then run one path, chosen once. Plain eager tensors only:
+    traced calls (fake / functional tensors under torch.compile, whose sizes may be
+    symbolic; torch.jit.trace, which would bake one problem's path in) keep 0, and the
+    kernels choose from the same problem in the forward and again in the backward."""
+    q, cu_seqlens_q, max_seqlen_q = _CPU_PATH_ARGS(args)
+    backend = backends.BACKENDS[args[_FWD_BACKEND]]
+    if (backend.kernel_path is None or args[_CPU_PATH] != 0 or type(q) is not Tensor
+            or torch._C._get_tracing_state() is not None):
+        return args
+    choose = _kernel_path.get(backend.name)
+    if choose is None:
+        choose = _kernel_path[backend.name] = backend.kernel_path()
+    # (the kernels' seqlen_q: the longest sequence's when packed and given, else q's rows)
+    seqlen_q = max_seqlen_q if cu_seqlens_q is not None and max_seqlen_q > 0 else q.shape[1]
+    path = choose(_CPU_DTYPES[q.dtype], seqlen_q, q.shape[-1])
+    return (*args[:_CPU_PATH], path, *args[_CPU_PATH + 1:])
+
+
 class _AttnAutograd(torch.autograd.Function):
     """attn_fwd's autograd: the op below autograd, then the spec's backward (attn_bwd)."""
 
     @staticmethod
     def forward(ctx, keyset, *args):
+        args = _with_cpu_path(args)
         with torch._C._AutoDispatchBelowAutograd():
             output = attn_fwd.redispatch(keyset & torch._C._after_autograd_keyset, *args)
         _setup_context(ctx, args, output)

@@ -508,3 +508,60 @@ def test_backward_runs_the_forwards_path_whatever_the_environment(monkeypatch):
 
     for got, want in zip(grads(True), grads(False)):
         assert torch.equal(got, want)
+
+
+def test_backward_is_given_the_forwards_path(cpu_switch):
+    # A call with gradients gets its CPU path once, before its forward (ops._with_cpu_path),
+    # and its backward is given the same: switches reloaded between the two (tiles -> BLAS)
+    # change neither, the gradients are bitwise those of an undisturbed run.
+    def grads(switch_between: bool, tiles: str = "1"):
+        cpu_switch("FLASHATTN_CPU_TILES", tiles)
+        q, k, v = random_qkv(1, 40, 70, 2, 1, 32, seed=5)
+        out = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+        if switch_between:
+            cpu_switch("FLASHATTN_CPU_TILES", "0")
+        out.backward(torch.ones_like(out))
+        return [t.grad for t in (q, k, v)]
+
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: one path only")
+    undisturbed = grads(False)
+    for got, want in zip(grads(True), undisturbed):
+        assert torch.equal(got, want)
+    # (and BLAS's gradients differ from the tiles': a backward re-deriving its path would fail above)
+    assert not all(torch.equal(a, b) for a, b in zip(grads(False, tiles="0"), undisturbed))
+
+
+@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float32, 5), (torch.float32, 0x100),
+                                        (torch.float32, -1)])
+def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
+    # cpu_path is the ops' own argument (ops.py FWD): a value these kernels can't run for this
+    # dtype (rows for float64, AVX512-BF16 products for float32, out of range) is an error,
+    # forward and backward, never a kernel run on the wrong path.
+    from flashattn_py import ops
+
+    q, k, v = (t.detach() for t in random_qkv(1, 9, 12, 2, 2, 16, dtype=dtype, seed=1))
+    args = ops.fwd_args(q, k, v, scale=0.25, cpu_path=path, backend="cpu")
+    with pytest.raises(RuntimeError, match="cpu_path"):
+        ops.attn_fwd(*args)
+    out, lse = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, backend="cpu"))
+    with pytest.raises(RuntimeError, match="cpu_path"):
+        ops.attn_bwd(*ops.bwd_args(torch.ones_like(out), q, k, v, out, lse, scale=0.25, cpu_path=path,
+                                   backend="cpu"))
+
+
+def test_every_chosen_path_runs():
+    # What cpu_kernel_path answers (the path a call with gradients is given) is a path the
+    # ops accept, for every dtype and problem size that picks a different one.
+    from flashattn_py import _C, ops
+
+    for dtype, index in ops._CPU_DTYPES.items():
+        for seqlen_q, head_dim in ((1, 16), (6, 64), (6, 16), (20, 64)):
+            path = _C.cpu_kernel_path(index, seqlen_q, head_dim)
+            assert path > 0
+            q, k, v = (t.detach() for t in random_qkv(1, seqlen_q, 12, 2, 2, head_dim, dtype=dtype, seed=2))
+            got, _ = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, cpu_path=path, backend="cpu"))
+            want, _ = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, backend="cpu"))
+            assert torch.equal(got, want)

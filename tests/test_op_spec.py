@@ -37,10 +37,12 @@ def test_compiled_op_arguments_are_spec_arguments():
 # The spec values a Python entry may leave out (it takes the rest by name; a value it
 # neither takes nor is allowed to ignore would be silently dropped).
 IGNORED = {
-    "flash_fwd": {"deterministic", "backend"},
-    "flash_bwd": {"backend", "num_splits"},
+    # (cpu_path: the CPU kernels' own)
+    "flash_fwd": {"deterministic", "backend", "cpu_path"},
+    "flash_bwd": {"backend", "num_splits", "cpu_path"},
     # (the reference reads the true lengths from cu_seqlens: the maxima only size kernel grids)
-    "attention_ref": {"rng_state", "deterministic", "backend", "max_seqlen_q", "max_seqlen_k", "num_splits"},
+    "attention_ref": {"rng_state", "deterministic", "backend", "max_seqlen_q", "max_seqlen_k", "num_splits",
+                      "cpu_path"},
 }
 
 
@@ -75,7 +77,7 @@ def test_inference_entry_order_is_the_compiled_forwards():
         "dropout_p", "rng_state")
     assert tuple(_args(torch.ops.flashattn.fwd.default))[12:] == (
         "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "max_seqlen_q", "max_seqlen_k", "bottom_right",
-        "kv_batch_idx", "leftpad_k", "num_splits")
+        "kv_batch_idx", "leftpad_k", "num_splits", "cpu_path")
     # and the inference op takes those leading values, then heads_first
     assert tuple(_args(torch.ops.flashattn.fwd_inference.default)) == (
         tuple(_args(torch.ops.flashattn.fwd.default))[:12] + ("heads_first",))

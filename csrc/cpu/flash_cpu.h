@@ -41,23 +41,34 @@ void flash_bwd(const FlashBwdParams& params);
 // Which block products a call runs: BLAS, the AVX2 tiles (tiles.h) or, for bf16, AMX
 // (tiles_amx.h) or the AVX512-BF16 tiles (tiles_bf16.h); and whether the forward goes row
 // by row (few queries: flash_fwd.cpp RowOperands), which its backward mirrors when it
-// recomputes S. One choice per problem, from kernel_path(): the forward and its backward
-// ask it the same problem (dtype, longest query sequence, head dim) under the same
-// switches.h, so they run the same products and the backward recomputes the very scores
-// the forward's lse summed.
+// recomputes S. A call with gradients gets its path once, before its forward
+// (flashattn_py/ops.py asks choose_path() through the kernel table), and passes it to the
+// forward and to its backward as FlashParams::cpu_path: both run the same products, so the
+// backward recomputes the very scores the forward's lse summed. A call without one (0:
+// inference) gets choose_path() of its problem.
 enum class Products { Blas, Tiles, Bf16Dot, Amx };
 struct KernelPath {
   bool rows = false;
   Products products = Products::Blas;
 };
 
+// FlashParams::cpu_path: 0 = none given, else 1 + (products << 1 | rows).
+inline int64_t encode_path(KernelPath path) {
+  return 1 + (static_cast<int64_t>(path.products) << 1 | static_cast<int64_t>(path.rows));
+}
+inline KernelPath decode_path(int64_t code) {
+  return {((code - 1) & 1) != 0, static_cast<Products>((code - 1) >> 1)};
+}
+
+// The path for a problem with T elements, seqlen_q query rows per head (the longest
+// sequence's) and head dim head_dim, under the process's switches (switches.h).
 template <typename T>
-inline KernelPath kernel_path(const FlashParams& p) {
+inline KernelPath choose_path(int64_t seqlen_q, int64_t head_dim) {
   KernelPath path;
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (!std::is_same_v<T, double>) {
-    if constexpr (tiles::has_load8<T>()) path.rows = tiles::use_rows(p.seqlen_q, p.head_dim);
-    if (tiles::use_tiles<T>(p.seqlen_q)) {
+    if constexpr (tiles::has_load8<T>()) path.rows = tiles::use_rows(seqlen_q, head_dim);
+    if (tiles::use_tiles<T>(seqlen_q)) {
       path.products = Products::Tiles;
 #ifdef FLASHATTN_CPU_BF16_DOT
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -70,9 +81,39 @@ inline KernelPath kernel_path(const FlashParams& p) {
     }
   }
 #else
-  (void)p;
+  (void)seqlen_q, (void)head_dim;
 #endif
   return path;
+}
+
+// Whether this build's kernels for T run `code` (an encode_path() value) on this CPU,
+// whatever the switches say: a path passed in is run as given.
+template <typename T>
+inline bool path_runs(int64_t code) {
+  if (code < 1 || code > encode_path({true, Products::Amx})) return false;
+  const KernelPath path = decode_path(code);
+#ifdef FLASHATTN_CPU_TILES
+  if (path.rows && !tiles::has_load8<T>()) return false;
+  switch (path.products) {
+    case Products::Blas: return true;
+    case Products::Tiles: return !std::is_same_v<T, double>;
+#ifdef FLASHATTN_CPU_BF16_DOT
+    case Products::Bf16Dot: return std::is_same_v<T, c10::BFloat16>;
+#endif
+#ifdef FLASHATTN_CPU_AMX
+    case Products::Amx: return std::is_same_v<T, c10::BFloat16> && tiles_amx::usable();
+#endif
+    default: return false;
+  }
+#else
+  return !path.rows && path.products == Products::Blas;
+#endif
+}
+
+// The call's path: the one it was given (the ops checked path_runs), else choose_path().
+template <typename T>
+inline KernelPath kernel_path(const FlashParams& p) {
+  return p.cpu_path > 0 ? decode_path(p.cpu_path) : choose_path<T>(p.seqlen_q, p.head_dim);
 }
 
 // Accumulation type: float for 16- and 32-bit inputs, double for double.

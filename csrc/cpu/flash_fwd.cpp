@@ -736,6 +736,18 @@ void run_path(const FlashParams& p) {
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);
 }
 
+// Whether a decoding call's GQA-packed view goes row by row: a given path's rows where the
+// view's rows fit them, else the view's own choice.
+template <typename T>
+bool view_goes_by_rows(const FlashParams& view) {
+  if (view.cpu_path <= 0) return choose_path<T>(view.seqlen_q, view.head_dim).rows;
+#ifdef FLASHATTN_CPU_TILES
+  return decode_path(view.cpu_path).rows && tiles::rows_fit(view.seqlen_q, view.head_dim);
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void flash_fwd(const FlashParams& p) {
   // The packed view only where it runs row by row too (groups of up to 8 heads): the row
@@ -743,7 +755,7 @@ void flash_fwd(const FlashParams& p) {
   // lse are bitwise the unpacked call's unless the fewer tasks split the keys differently,
   // flash_cpu.h key_splits: then equal within rounding.)
   FlashParams view;
-  const bool packed = gqa_decode_view(p, view) && kernel_path<T>(view).rows;
+  const bool packed = gqa_decode_view(p, view) && view_goes_by_rows<T>(view);
   run_path<T>(packed ? view : p);
 }
 

@@ -26,6 +26,11 @@ constexpr const char* kFeatures =
 
 void reload_switches() { flashattn::cpu::switches() = flashattn::cpu::switches_from_env(); }
 
+template <typename T>
+int64_t choose_path(int64_t seqlen_q, int64_t head_dim) {
+  return flashattn::cpu::encode_path(flashattn::cpu::choose_path<T>(seqlen_q, head_dim));
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) const flashattn::cpu::KernelTable* flashattn_cpu_kernel_table() {
@@ -39,6 +44,8 @@ extern "C" __attribute__((visibility("default"))) const flashattn::cpu::KernelTa
       {&flash_fwd<float>, &flash_fwd<double>, &flash_fwd<c10::BFloat16>, &flash_fwd<c10::Half>},
       {&flash_bwd<float>, &flash_bwd<double>, &flash_bwd<c10::BFloat16>, &flash_bwd<c10::Half>},
       &reload_switches,
+      {&choose_path<float>, &choose_path<double>, &choose_path<c10::BFloat16>, &choose_path<c10::Half>},
+      {&path_runs<float>, &path_runs<double>, &path_runs<c10::BFloat16>, &path_runs<c10::Half>},
   };
   return &table;
 }

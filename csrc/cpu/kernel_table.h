@@ -20,7 +20,7 @@ constexpr int kNumDtypes = 4;
 
 // Bumped when this struct or the kernels' contract changes; with the parameter structs'
 // sizes it stops a kernel library left by another build from being used.
-constexpr uint32_t kKernelTableAbi = 1;
+constexpr uint32_t kKernelTableAbi = 2;
 
 struct KernelTable {
   uint32_t abi;                // kKernelTableAbi of the build that made this library
@@ -32,6 +32,9 @@ struct KernelTable {
   void (*bwd[kNumDtypes])(const FlashBwdParams&);
   // FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT read again (switches.h; for tests)
   void (*reload_switches)();
+  // flash_cpu.h choose_path (encoded) and path_runs, per element type
+  int64_t (*choose_path[kNumDtypes])(int64_t seqlen_q, int64_t head_dim);
+  bool (*path_runs[kNumDtypes])(int64_t code);
 };
 
 }  // namespace flashattn::cpu

@@ -6,8 +6,8 @@
 // where compiled in; unset, the faster of those two on this CPU (bf16_dot_by_default). An
 // empty variable counts as unset. Read once, on first use (no environment lookup per
 // call); the module's reload_cpu_switches() (csrc/ops.cpp) reads them again. A call's path
-// is chosen from them by kernel_path() (flash_cpu.h), the one function its forward and
-// backward both ask.
+// is chosen from them by choose_path() (flash_cpu.h), once for a call with gradients (its
+// backward is given the forward's).
 #pragma once
 
 #include <cstdlib>

@@ -54,10 +54,11 @@ inline bool use_tiles(int64_t seqlen_q) {
 }
 
 // Whether a forward with seqlen_q query rows per head and head dim d goes row by row (and
-// its backward recomputes S the same way).
-inline bool use_rows(int64_t seqlen_q, int64_t d) {
-  return enabled() && (seqlen_q <= 4 || (seqlen_q <= MAX_ROW_QUERIES && d >= ROW_MIN_HEAD_DIM));
+// its backward recomputes S the same way): rows_fit, unless the switches say BLAS.
+inline bool rows_fit(int64_t seqlen_q, int64_t d) {
+  return seqlen_q <= 4 || (seqlen_q <= MAX_ROW_QUERIES && d >= ROW_MIN_HEAD_DIM);
 }
+inline bool use_rows(int64_t seqlen_q, int64_t d) { return enabled() && rows_fit(seqlen_q, d); }
 
 // Eight elements of x as floats (bf16: the top half of a float; fp16: F16C's conversion).
 template <typename T>
