@@ -51,12 +51,12 @@ const cpu::KernelTable& cpu_kernels() {
   throw std::logic_error("unreachable");
 }
 
-// A path given for the call (flashattn_py/ops.py: the one cpu_kernel_path() chose for its
+// A path given for the call (flashattn_py/ops.py: the one choose_cpu_path() gave for its
 // forward, kept for its backward) must be one these kernels run on this CPU.
-void check_cpu_path(const FlashParams& p, int dtype) {
-  const cpu::KernelTable& table = cpu_kernels();
+void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dtype) {
   STD_TORCH_CHECK(p.cpu_path == 0 || table.path_runs[dtype](p.cpu_path), "flashattn: cpu_path ", p.cpu_path,
-                  " is not a path the ", table.isa, " CPU kernels run for this dtype (0: chosen per call)");
+                  " is not a path the ", table.isa, " CPU kernels run for ", cpu::kDtypeNames[dtype],
+                  " (0: chosen per call)");
 }
 
 // Asks Linux for 2 MiB pages under the 2 MiB-aligned part of a new output of at least
@@ -111,8 +111,9 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
   }
   fill_output(p, out, lse, layout);
   const int dtype = cpu_dtype(q);
-  check_cpu_path(p, dtype);
-  cpu_kernels().fwd[dtype](p);
+  const cpu::KernelTable& kernels = cpu_kernels();
+  check_cpu_path(kernels, p, dtype);
+  kernels.fwd[dtype](p);
   return {out, lse};
 }
 
@@ -149,8 +150,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   Tensor dbias = make_dbias(p, qi, attn_bias, bias_requires_grad);
   p.deterministic = deterministic;
   const int dtype = cpu_dtype(qi);
-  check_cpu_path(p, dtype);
-  cpu_kernels().bwd[dtype](p);
+  const cpu::KernelTable& kernels = cpu_kernels();
+  check_cpu_path(kernels, p, dtype);
+  kernels.bwd[dtype](p);
   return {dq, dk, dv, dbias};
 }
 
@@ -210,6 +212,20 @@ bool publish_cpu_kernels(PyObject* module, PyObject* load_error) {
     return false;
   }
   const std::string kernels = std::string(table->isa) + ": " + table->features;
+  PyObject* dtypes = PyTuple_New(cpu::kNumDtypes);
+  if (dtypes == nullptr) return false;
+  for (int i = 0; i < cpu::kNumDtypes; ++i) {
+    PyObject* name = PyUnicode_FromString(cpu::kDtypeNames[i]);
+    if (name == nullptr || PyTuple_SetItem(dtypes, i, name) != 0) {
+      Py_DECREF(dtypes);
+      return false;
+    }
+  }
+  // (PyModule_AddObject steals the reference only on success)
+  if (PyModule_AddObject(module, "CPU_DTYPES", dtypes) != 0) {
+    Py_DECREF(dtypes);
+    return false;
+  }
   return PyModule_AddStringConstant(module, "CPU_ISA", table->isa) == 0 &&
          PyModule_AddStringConstant(module, "CPU_KERNELS", kernels.c_str()) == 0;
 }
@@ -222,17 +238,17 @@ PyObject* reload_cpu_switches(PyObject* module, PyObject* /*args*/) {
   Py_RETURN_NONE;
 }
 
-// flashattn_py._C.cpu_kernel_path(dtype, seqlen_q, head_dim): the path (FlashParams::
-// cpu_path) the CPU kernels choose for a problem with elements of `dtype` (kernel_table.h
-// Dtype), seqlen_q query rows per head (the longest sequence's) and head dim head_dim, under
-// the switches in effect. A call with gradients asks it once and passes the answer to its
+// flashattn_py._C.choose_cpu_path(dtype, seqlen_q, head_dim): the path (FlashParams::
+// cpu_path) the CPU kernels choose for a problem with elements of type CPU_DTYPES[dtype],
+// seqlen_q query rows per head (the longest sequence's) and head dim head_dim, under the
+// switches in effect. A call with gradients asks it once and passes the answer to its
 // forward and its backward.
-PyObject* cpu_kernel_path(PyObject* /*module*/, PyObject* args) {
+PyObject* choose_cpu_path(PyObject* /*module*/, PyObject* args) {
   int dtype = 0;
   long long seqlen_q = 0, head_dim = 0;
   if (!PyArg_ParseTuple(args, "iLL", &dtype, &seqlen_q, &head_dim)) return nullptr;
   if (dtype < 0 || dtype >= cpu::kNumDtypes) {
-    PyErr_SetString(PyExc_ValueError, "dtype: expected a kernel table index 0-3");
+    PyErr_SetString(PyExc_ValueError, "dtype: expected an index into CPU_DTYPES");
     return nullptr;
   }
   try {
@@ -279,8 +295,9 @@ PyMODINIT_FUNC PyInit__C(void) {
       {"reload_cpu_switches", flashattn::reload_cpu_switches, METH_NOARGS,
        "choose the CPU kernels again (FLASHATTN_CPU_ISA, FLASHATTN_CPU_TILES, FLASHATTN_CPU_BF16_DOT, "
        "FLASHATTN_CPU_AMX)"},
-      {"cpu_kernel_path", flashattn::cpu_kernel_path, METH_VARARGS,
-       "cpu_kernel_path(dtype, seqlen_q, head_dim): the CPU kernels' path for such a problem (the ops' cpu_path)"},
+      {"choose_cpu_path", flashattn::choose_cpu_path, METH_VARARGS,
+       "choose_cpu_path(dtype, seqlen_q, head_dim): the CPU kernels' path for such a problem (the ops' cpu_path); "
+       "dtype indexes CPU_DTYPES"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

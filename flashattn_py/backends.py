@@ -203,10 +203,15 @@ def _reference_fwd() -> Callable:
     return attention_ref
 
 
-def _cpu_kernel_path() -> Callable[[int, int, int], int]:
+def _cpu_choose_path() -> Callable[[torch.dtype, int, int], int]:
     from . import _C
 
-    return _C.cpu_kernel_path
+    index = {getattr(torch, name): i for i, name in enumerate(_C.CPU_DTYPES)}
+
+    def choose(dtype: torch.dtype, seqlen_q: int, head_dim: int) -> int:
+        return _C.choose_cpu_path(index.get(dtype, -1), seqlen_q, head_dim)
+
+    return choose
 
 
 def _compiled_dropout_mask(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device):
@@ -244,9 +249,9 @@ class Backend:
     inference: Callable[[], Callable] | None = None
     # (rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p, device) -> bool keep-mask
     dropout_mask: Callable[..., torch.Tensor] | None = None
-    # resolves (dtype index, seqlen_q, head_dim) -> the kernels' path (the ops' cpu_path),
-    # which a call with gradients asks once and passes to its forward and its backward
-    kernel_path: Callable[[], Callable[[int, int, int], int]] | None = None
+    # resolves (dtype, seqlen_q, head_dim) -> the kernels' path (the ops' cpu_path), which a
+    # call with gradients asks once and passes to its forward and its backward
+    choose_path: Callable[[], Callable[[torch.dtype, int, int], int]] | None = None
     float64_lse: bool = False  # float64 inputs give a float64 lse (else lse is float32)
     grads_like_inputs: bool = False  # the backward's dq, dk, dv have the inputs' strides
 
@@ -289,7 +294,7 @@ BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
                    why_unavailable=compiled_ops_error,
                    device_check=_cpu_device, forward=_compiled_fwd, backward=_compiled_bwd,
-                   inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, kernel_path=_cpu_kernel_path,
+                   inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, choose_path=_cpu_choose_path,
                    float64_lse=True,
                    grads_like_inputs=True),
     "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,

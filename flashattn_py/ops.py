@@ -298,30 +298,33 @@ attn_fwd = getattr(torch.ops.flashattn, FWD.name).default
 attn_bwd = getattr(torch.ops.flashattn, BWD.name).default
 _CPU_PATH = FWD.index["cpu_path"]
 _CPU_PATH_ARGS = FWD.getter(("q", "cu_seqlens_q", "max_seqlen_q"))
-# Element types as the CPU kernel tables index them (csrc/cpu/kernel_table.h Dtype).
-_CPU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_kernel_path: dict[str, Callable[[int, int, int], int]] = {}  # each backend's, resolved on first use
+_choose_path: dict[str, Callable[[torch.dtype, int, int], int]] = {}  # each backend's, resolved on first use
 
 
 def _with_cpu_path(args: tuple) -> tuple:
     """FWD values with the kernels' path for this problem filled in (``cpu_path``), for a
-    call with gradients on a backend that chooses one (``Backend.kernel_path``: cpu): its
-    forward and its backward then run one path, chosen once. Plain eager tensors only:
-    traced calls (fake / functional tensors under torch.compile, whose sizes may be
-    symbolic; torch.jit.trace, which would bake one problem's path in) keep 0, and the
-    kernels choose from the same problem in the forward and again in the backward."""
+    call with gradients on a backend that chooses one (``Backend.choose_path``: cpu): its
+    forward and its backward then run one path, chosen once. Eager tensors only: traced
+    calls (fake / functional tensors under torch.compile, whose sizes may be symbolic;
+    torch.jit.trace and dispatch modes such as make_fx, which would bake one problem's path
+    into a graph) keep 0, and the kernels choose from the same problem in the forward and
+    again in the backward."""
     q, cu_seqlens_q, max_seqlen_q = _CPU_PATH_ARGS(args)
     backend = backends.BACKENDS[args[_FWD_BACKEND]]
-    if (backend.kernel_path is None or args[_CPU_PATH] != 0 or type(q) is not Tensor
-            or torch._C._get_tracing_state() is not None):
+    if (backend.choose_path is None or args[_CPU_PATH] != 0 or type(q) not in _EAGER_TENSORS
+            or torch._C._get_tracing_state() is not None or _get_current_dispatch_mode() is not None):
         return args
-    choose = _kernel_path.get(backend.name)
+    choose = _choose_path.get(backend.name)
     if choose is None:
-        choose = _kernel_path[backend.name] = backend.kernel_path()
-    # (the kernels' seqlen_q: the longest sequence's when packed and given, else q's rows)
+        choose = _choose_path[backend.name] = backend.choose_path()
+    # (the kernels' seqlen_q, csrc/params_from_tensors.h fill_params: the longest sequence's
+    # when packed and given, else q's rows; tests/test_varlen.py holds the two to agree)
     seqlen_q = max_seqlen_q if cu_seqlens_q is not None and max_seqlen_q > 0 else q.shape[1]
-    path = choose(_CPU_DTYPES[q.dtype], seqlen_q, q.shape[-1])
+    path = choose(q.dtype, seqlen_q, q.shape[-1])
     return (*args[:_CPU_PATH], path, *args[_CPU_PATH + 1:])
+
+
+_EAGER_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 class _AttnAutograd(torch.autograd.Function):
@@ -343,7 +346,7 @@ class _AttnAutograd(torch.autograd.Function):
 def _attn_fwd_autograd(keyset, *args):
     """attn_fwd's Autograd kernel. torch.library.register_autograd would do the same, plus a
     pass over the schema per call (torch._library.utils.fill_defaults: quadratic in the
-    argument count, most of a decode-sized call's time with this spec's 24 arguments)
+    argument count, most of a decode-sized call's time with this spec's 25 arguments)
     that restores defaults the dispatcher drops: these schemas have none to drop."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _AttnAutograd.apply(keyset, *args)
@@ -483,7 +486,7 @@ def attention(
                 and impl.inference is not None and _outside_dispatcher_ok()):
             # The kernel at the first dispatch key, in either layout, any strides
             # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
-            # schema is parsed faster): the op's autograd layer and fwd's 22-argument boxed
+            # schema is parsed faster): the op's autograd layer and fwd's 23-argument boxed
             # call would cost more than a decode-sized kernel.
             inference = _inference_entry(impl)
     if inference is None:

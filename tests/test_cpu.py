@@ -493,23 +493,6 @@ def test_float64_is_computed_in_float64():
         assert (got - want).abs().max().item() < 1e-12
 
 
-def test_backward_runs_the_forwards_path_whatever_the_environment(monkeypatch):
-    # The switches are read once (csrc/cpu/switches.h): setting FLASHATTN_CPU_TILES between a
-    # forward and its backward changes neither (the backward recomputes the forward's scores
-    # with the forward's products: the gradients are bitwise those of an undisturbed run).
-    def grads(disturb: bool):
-        q, k, v = random_qkv(1, 40, 70, 2, 1, 32, seed=5)
-        out = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
-        if disturb:
-            monkeypatch.setenv("FLASHATTN_CPU_TILES", "0")
-        out.backward(torch.ones_like(out))
-        monkeypatch.delenv("FLASHATTN_CPU_TILES", raising=False)
-        return [t.grad for t in (q, k, v)]
-
-    for got, want in zip(grads(True), grads(False)):
-        assert torch.equal(got, want)
-
-
 def test_backward_is_given_the_forwards_path(cpu_switch):
     # A call with gradients gets its CPU path once, before its forward (ops._with_cpu_path),
     # and its backward is given the same: switches reloaded between the two (tiles -> BLAS)
@@ -534,15 +517,9 @@ def test_backward_is_given_the_forwards_path(cpu_switch):
     assert not all(torch.equal(a, b) for a, b in zip(grads(False, tiles="0"), undisturbed))
 
 
-@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float32, 5), (torch.float32, 0x100),
-                                        (torch.float32, -1)])
-def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
-    # cpu_path is the ops' own argument (ops.py FWD): a value these kernels can't run for this
-    # dtype (rows for float64, AVX512-BF16 products for float32, out of range) is an error,
-    # forward and backward, never a kernel run on the wrong path.
+def _rejects(q, k, v, path):
     from flashattn_py import ops
 
-    q, k, v = (t.detach() for t in random_qkv(1, 9, 12, 2, 2, 16, dtype=dtype, seed=1))
     args = ops.fwd_args(q, k, v, scale=0.25, cpu_path=path, backend="cpu")
     with pytest.raises(RuntimeError, match="cpu_path"):
         ops.attn_fwd(*args)
@@ -552,16 +529,49 @@ def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
                                    backend="cpu"))
 
 
-def test_every_chosen_path_runs():
-    # What cpu_kernel_path answers (the path a call with gradients is given) is a path the
-    # ops accept, for every dtype and problem size that picks a different one.
+@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float64, 3), (torch.float32, 0x100),
+                                        (torch.float32, -1), (torch.float16, 9)])
+def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
+    # cpu_path is the ops' own argument (ops.py FWD): a value no kernel runs for this dtype
+    # (rows or tiles for float64, out of range) is an error, forward and backward, never a
+    # kernel run on the wrong path.
+    q, k, v = (t.detach() for t in random_qkv(1, 9, 12, 2, 2, 16, dtype=dtype, seed=1))
+    _rejects(q, k, v, path)
+
+
+def test_op_rejects_a_path_of_another_instruction_set(cpu_switch):
+    # Paths that other kernel libraries run: bf16 on AMX (8) or AVX512-BF16 (5) tiles where
+    # this one lacks them, fp32 tiles (3) on the baseline library (no tiles at all).
+    q, k, v = (t.detach().to(torch.bfloat16) for t in random_qkv(1, 9, 12, 2, 2, 16, seed=1))
+    if not amx_runs(cpu_switch):
+        _rejects(q, k, v, 8)
+    if not bf16_dot_compiled():
+        _rejects(q, k, v, 5)
+    cpu_switch("FLASHATTN_CPU_ISA", "baseline")
+    _rejects(q.float(), k.float(), v.float(), 3)
+
+
+# (dtype, seqlen_q, head_dim): problems whose chosen path differs with the tiles on and off,
+# in results too (tiles vs BLAS; rows vs BLAS for few queries, where bf16's agree bitwise)
+GIVEN_PATH_CASES = [(torch.float32, 40, 64), (torch.bfloat16, 40, 64), (torch.float16, 40, 64),
+                    (torch.float32, 3, 64), (torch.float16, 3, 64)]
+
+
+@pytest.mark.parametrize("dtype,seqlen_q,head_dim", GIVEN_PATH_CASES)
+def test_a_given_path_is_run_whatever_the_switches(dtype, seqlen_q, head_dim, cpu_switch):
+    # What choose_cpu_path answers is a path the ops run as given: chosen with the tiles on,
+    # run with them switched off, the output is the tiles' (bitwise), not BLAS's.
     from flashattn_py import _C, ops
 
-    for dtype, index in ops._CPU_DTYPES.items():
-        for seqlen_q, head_dim in ((1, 16), (6, 64), (6, 16), (20, 64)):
-            path = _C.cpu_kernel_path(index, seqlen_q, head_dim)
-            assert path > 0
-            q, k, v = (t.detach() for t in random_qkv(1, seqlen_q, 12, 2, 2, head_dim, dtype=dtype, seed=2))
-            got, _ = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, cpu_path=path, backend="cpu"))
-            want, _ = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, backend="cpu"))
-            assert torch.equal(got, want)
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: one path only")
+    q, k, v = (t.detach() for t in random_qkv(1, seqlen_q, 300, 2, 2, head_dim, dtype=dtype, seed=2))
+    choose = backends.BACKENDS["cpu"].choose_path()
+    path = choose(dtype, seqlen_q, head_dim)
+    chosen = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, backend="cpu"))
+    cpu_switch("FLASHATTN_CPU_TILES", "0")
+    assert choose(dtype, seqlen_q, head_dim) != path
+    blas = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, backend="cpu"))
+    given = ops.attn_fwd(*ops.fwd_args(q, k, v, scale=0.25, cpu_path=path, backend="cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(given, chosen))  # out, lse
+    assert not all(torch.equal(a, b) for a, b in zip(blas, chosen))

@@ -13,6 +13,7 @@ import torch
 
 from flashattn_py.reference import attention_ref
 from devices import has_cuda_kernels
+from op_args import dense_tail
 from rule import assert_rule, check_attention, random_qkv
 
 pytestmark = pytest.mark.gpu
@@ -21,10 +22,9 @@ pytestmark = pytest.mark.gpu
 if not has_cuda_kernels():
     pytest.skip("needs a CUDA GPU and the compiled CUDA ops", allow_module_level=True)
 
-# The packed-sequence arguments of the compiled ops (cu_seqlens_q, cu_seqlens_k, seqused_k,
-# block_table, max_seqlen_q, max_seqlen_k, bottom_right, kv_batch_idx, leftpad_k, num_splits) in a dense
-# call.
-DENSE = (None, None, None, None, 0, 0, False, None, None, 0)
+# The compiled ops' arguments after rng_state (packed sequences, pages, KV cache, splits, the
+# CPU path) in a dense call.
+DENSE = dense_tail()
 DEV = "cuda"
 
 

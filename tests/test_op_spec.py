@@ -93,7 +93,7 @@ def test_fwd_args_fills_the_spec_defaults():
     q = torch.zeros(1, 2, 1, 4)
     args = ops.fwd_args(q, q, q, scale=0.5, backend="cpu")
     assert args == (q, q, q, None, None, 0.5, 0.0, -1, -1, 0, 0.0, None, None, None, None, None, 0, 0, False, None,
-                    None, 0, False, "cpu")
+                    None, 0, 0, False, "cpu")
     assert ops.FWD.view(*args).window_left == -1
     with pytest.raises(TypeError):
         ops.fwd_args(q, q, q, backend="cpu")  # scale has no default

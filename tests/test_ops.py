@@ -5,6 +5,7 @@ import torch
 import flashattn_py
 from flashattn_py import backends, ops
 
+from op_args import dense_tail
 from rule import random_qkv
 
 pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
@@ -43,8 +44,7 @@ def test_opcheck_with_bias_and_dropout():
 
 def test_opcheck_compiled_ops():
     q, k, v, *_ = fwd_args()
-    dense = (None, None, None, None, 0, 0, False, None, None, 0)  # no packed sequences, no pages
-    args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None, *dense)
+    args = (q.detach(), k.detach(), v.detach(), None, None, 0.25, 0.0, -1, -1, 4, 0.0, None, *dense_tail())
     torch.library.opcheck(torch.ops.flashattn.fwd.default, args)
     out, lse = torch.ops.flashattn.fwd(*args)
     torch.library.opcheck(torch.ops.flashattn.bwd.default,
@@ -52,7 +52,7 @@ def test_opcheck_compiled_ops():
     # packed sequences: (1, total, H, D) with offsets
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
     packed = (q.detach()[:1, :12], k.detach()[:1, :12], v.detach()[:1, :12], None, None, 0.25, 0.0, -1, 0, 0, 0.0,
-              None, cu, cu, None, None, 7, 7, True, None, None, 0)
+              None, cu, cu, None, None, 7, 7, True, *dense_tail()[7:])
     torch.library.opcheck(torch.ops.flashattn.fwd.default, packed)
     out, lse = torch.ops.flashattn.fwd(*packed)
     torch.library.opcheck(torch.ops.flashattn.bwd.default,

@@ -420,3 +420,26 @@ def test_varlen_gqa_backward_many_short_sequences_and_one_long():
     q, k, v = packed_qkv(lens, lens, 4, 1, 16, torch.float32, 21)
     check_attention(varlen_call(cu, cu, lens, lens, causal=True), q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
                     bottom_right=True, window_right=0)
+
+
+@pytest.mark.parametrize("max_seqlen_q", [4, 0])
+def test_varlen_call_with_gradients_runs_the_inference_path(max_seqlen_q):
+    # A call with gradients is given its CPU path from q's longest sequence (ops._with_cpu_path),
+    # as the kernels choose it without one (fill_params' seqlen_q: max_seqlen_q, or the total
+    # when 0): 5 sequences of 4 queries go row by row, 20 would go on the tiles. The two
+    # forwards run the same path: bitwise equal outputs.
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: one path only")
+    cu = offsets([4] * 5)
+    q, k, v = packed_qkv([4] * 5, [4] * 5, 2, 2, 64, torch.float32, seed=9)
+
+    def run(q, k, v):
+        return ops.attention(q, k, v, scale=0.125, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen_q,
+                             max_seqlen_k=max_seqlen_q, bottom_right=True, backend="cpu")[0]
+
+    with torch.no_grad():
+        inference = run(q, k, v)
+    trained = run(*(t.clone().requires_grad_() for t in (q, k, v)))
+    assert torch.equal(trained.detach(), inference)

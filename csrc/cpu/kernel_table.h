@@ -17,6 +17,8 @@ namespace flashattn::cpu {
 // Element types, in the order of the tables' entries.
 enum class Dtype { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
 constexpr int kNumDtypes = 4;
+// Their torch names (flashattn_py._C.CPU_DTYPES), in the same order.
+constexpr const char* kDtypeNames[kNumDtypes] = {"float32", "float64", "bfloat16", "float16"};
 
 // Bumped when this struct or the kernels' contract changes; with the parameter structs'
 // sizes it stops a kernel library left by another build from being used.
@@ -32,7 +34,7 @@ struct KernelTable {
   void (*bwd[kNumDtypes])(const FlashBwdParams&);
   // FLASHATTN_CPU_TILES / FLASHATTN_CPU_BF16_DOT read again (switches.h; for tests)
   void (*reload_switches)();
-  // flash_cpu.h choose_path (encoded) and path_runs, per element type
+  // flash_cpu.h choose_path (encoded: FlashParams::cpu_path) and path_runs, per element type
   int64_t (*choose_path[kNumDtypes])(int64_t seqlen_q, int64_t head_dim);
   bool (*path_runs[kNumDtypes])(int64_t code);
 };
