@@ -32,12 +32,26 @@ def _nm(path: str, which: str) -> set[str]:
     return {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}  # without @VERSION
 
 
+def _target_version() -> str:
+    """The TORCH_TARGET_VERSION setup.py builds with (the oldest torch the build serves)."""
+    with open(os.path.join(os.path.dirname(PACKAGE), "setup.py"), encoding="utf-8") as f:
+        return re.search(r"-DTORCH_TARGET_VERSION=(0x[0-9a-fA-F]+)", f.read()).group(1)
+
+
 def _stable_names() -> set[str]:
+    """Functions the stable headers declare for the target version: preprocessed as the
+    build sees them, so declarations behind a later TORCH_FEATURE_VERSION (functions the
+    oldest torch served lacks) are left out, and so are headers that do not compile in a
+    stable build (they include ATen). With USE_CUDA, as the CUDA ops are built."""
+    include = os.path.join(TORCH_DIR, "include")
     names = set()
     for folder in STABLE_HEADERS:
         for header in glob.glob(os.path.join(folder, "*.h")):
-            with open(header, encoding="utf-8") as f:
-                names.update(DECLARED.findall(f.read()))
+            result = subprocess.run(["c++", "-E", "-P", "-x", "c++", "-std=c++17", "-DUSE_CUDA",
+                                     f"-DTORCH_TARGET_VERSION={_target_version()}", "-I", include, header],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                names.update(DECLARED.findall(result.stdout))
     return names
 
 
@@ -62,7 +76,7 @@ def torch_surface():
     return stable | FORTRAN_BLAS | _cxx_runtime_exports(), exported
 
 
-@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("c++") is None, reason="needs nm and c++")
 @pytest.mark.skipif(not LIBRARIES, reason="no compiled libraries (FLASHATTN_SKIP_EXT build)")
 @pytest.mark.parametrize("path", LIBRARIES, ids=os.path.basename)
 def test_only_the_stable_torch_surface_is_imported(path, torch_surface):
