@@ -25,7 +25,8 @@ Per row: median ms; K+V GB/s = bytes of the keys attended (K and V: 2*B*keys*Hk*
 / time; the roofline = min(copy bandwidth, peak FLOP rate x bytes per FLOP of the call),
 where the copy bandwidth counts the copy's read + write bytes (2 x buffer / time;
 --copy-bytes read counts the read bytes only), the peak FLOP rate is torch.mm's on
---matmul-size^3 matrices in the case's dtype (as common.matmul_tflops) and a call does
+--matmul-size^3 matrices in the case's dtype (as common.matmul_tflops), or in fp32 where
+that is higher (16-bit products run as fp32 FMAs on CPUs without 16-bit arithmetic), and a call does
 4*B*Hq*keys*D flops (so bytes per flop = 2*Hk*elt / (4*Hq)); ``pct_roofline`` = K+V GB/s
 as a percentage of the roofline; ``x_sdpa`` = sdpa ms / this ms (above 1: faster than
 torch); ``paged_ratio`` = this paged ms / the contiguous ms of the same variant (1.1:
@@ -282,8 +283,9 @@ def markdown(rows: list[dict], env: dict, args, elapsed: float) -> str:
         f"load average {env['load_before']} before, {env['load_after']} after; {elapsed:.0f} s",
         "",
         f"Sq=1, Hq/Hk={args.heads_q}/{args.heads_k}, D={args.head_dim}, paged page {args.page_size} "
-        f"(shuffled block table). Peak FLOP rate (torch.mm {args.matmul_size}^3): "
-        + ", ".join(f"{k} {v * 1e3:.0f} GFLOP/s" for k, v in env["peak_tflops"].items())
+        f"(shuffled block table). Peak FLOP rate (torch.mm {args.matmul_size}^3 in the dtype, or fp32's "
+        "where higher): " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s (mm {env['mm_tflops'][k] * 1e3:.2f})"
+                                      for k, v in env["peak_tflops"].items())
         + f". Copy bandwidth counts {'read + write' if args.copy_bytes == 'rw' else 'read'} bytes.",
         "",
         "| dtype | B | keys | K+V MiB | >L3 | ours ms | paged ms | append ms | paged-append ms | sdpa ms "
@@ -381,15 +383,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     env["load_before"] = common.load_average()
     l3 = l3_bytes() if device.type == "cpu" else None
     env["l3_bytes"] = l3
-    env["peak_tflops"] = {}
-    for d in args.dtypes:
-        env["peak_tflops"][d] = common.matmul_tflops(device, n=args.matmul_size, dtype=common.DTYPES[d])[0]
+    # The peak FLOP rate of a dtype: torch.mm's in it, or fp32's where that is higher: the
+    # kernels compute 16-bit products as fp32 FMAs where the CPU has no 16-bit arithmetic
+    # (AVX2), while torch's own bf16 mm there is a slow fallback (0.04 GFLOP/s on a Zen 1
+    # VM) that would put the roofline far below anything real.
+    env["mm_tflops"] = {d: common.matmul_tflops(device, n=args.matmul_size, dtype=common.DTYPES[d])[0]
+                        for d in dict.fromkeys([*args.dtypes, "fp32"])}
+    env["peak_tflops"] = {d: max(env["mm_tflops"][d], env["mm_tflops"]["fp32"]) for d in args.dtypes}
     todo = cases(args)
     print(f"# decode: {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
           f" | cpu kernels: {env['cpu_kernels']} | load {env['load_before']}"
           f" | L3 {'?' if l3 is None else f'{l3 / 2**20:.0f} MiB'}")
     print(f"# Sq=1 Hq/Hk={args.heads_q}/{args.heads_k} D={args.head_dim} page {args.page_size}; "
-          f"torch.mm peak " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in env["peak_tflops"].items())
+          f"peak FLOP rate " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in env["peak_tflops"].items())
           + f"; copy counts {'read+write' if args.copy_bytes == 'rw' else 'read'} bytes; rounds {args.repeats}")
     if args.quick:
         print("# --quick: tiny caches and one round, a smoke test; its times and targets mean nothing")
