@@ -160,6 +160,29 @@ def test_layouts(layout, d):
     _case(2, 77, 130, 4, 2, d, torch.bfloat16, seed=6000 + d, layout=layout)
 
 
+def test_cpu_path_is_ignored_through_the_spec():
+    # The ops' cpu_path (ops.py FWD; FlashParams grew by it) is the CPU kernels' own: the
+    # CUDA entries, reached through the spec as every call reaches them, give bitwise the
+    # same out, lse and (deterministic) gradients whatever its value, and those are the
+    # reference's by the rule.
+    from flashattn_py import ops
+
+    q, k, v = (t.detach() for t in random_qkv(2, 97, 130, 4, 2, 64, dtype=torch.float16, device=DEV, seed=8300))
+    dout = torch.randn_like(q)
+    results = []
+    for path in (0, 3, 8):
+        options = dict(scale=0.125, window_right=0, diag_offset=33, cpu_path=path, deterministic=True,
+                       backend="cuda")
+        out, lse = ops.attn_fwd(*ops.fwd_args(q, k, v, **options))
+        grads = ops.attn_bwd(*ops.bwd_args(dout, q, k, v, out, lse, **options))[:3]
+        results.append((out, lse, *grads))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    check_attention(_runner(0.125, wr=0, off=33, deterministic=True), *random_qkv(
+        2, 97, 130, 4, 2, 64, dtype=torch.float16, device=DEV, seed=8300), seed=8300, scale=0.125, window_right=0,
+        diag_offset=33)
+
+
 @pytest.mark.parametrize("d,dv", [(64, 32), (40, 128), (128, 64)])
 def test_head_dim_v(d, dv):
     _case(1, 100, 150, 2, 1, d, torch.float16, seed=7000 + d + dv, dv=dv, wr=0, off=50)
