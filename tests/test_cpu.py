@@ -420,27 +420,30 @@ def test_decode_rows_layouts(layout, dtype, seqlen_q):
     # Calls with few queries (up to 8 at this head dim) read K and V rows in place (16-bit
     # ones widened in registers): every layout's strides, GQA, a head dim with a vector
     # tail, causal from the bottom right. Scores several keys at a time (333 keys: the last
-    # ones one by one); P V key by key or in register strips (AVX2: 16 columns of up to 6
-    # rows, the last 12 columns key by key; AVX-512: up to 128 columns, the last masked).
+    # ones one by one); P V 4 keys at a time or in register strips (AVX2: 16 columns of up
+    # to 6 rows, the last 12 columns key by key; AVX-512: up to 128 columns, the last masked).
     q, k, v = random_qkv(2, seqlen_q, 333, 4, 2, 44, layout=layout, dtype=dtype, seed=41 + seqlen_q)
     check_attention(flash(causal=True), q, k, v, seed=41 + seqlen_q, **bottom_right(seqlen_q, 333, causal=True))
 
 
 @pytest.mark.parametrize("seqlen_k", [203, 613])
 @pytest.mark.parametrize("head_dim", [128, 44, 36, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("odd_rows", [False, True])
+def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k, odd_rows):
     # Scores go several keys and up to 4 query rows at a time (8 rows: two groups of 4),
-    # with the same arithmetic per score, so a query row's output and lse are bitwise the
-    # same alone or beside others (what lets the backward recompute S exactly); over 512
-    # keys with every head of a sequence in one task. A property of the row path, which
-    # builds without the AVX2 tiles do not have (BLAS's results depend on the product's
-    # shape).
+    # and P V (AVX2) 4 keys at a time into pairs of rows (an odd row alone) or in register
+    # strips, with the same arithmetic per score and output element, so a query row's
+    # output and lse are bitwise the same alone or beside others (what lets the backward
+    # recompute S exactly); over 512 keys with every head of a sequence in one task. A
+    # property of the row path, which builds without the AVX2 tiles do not have (BLAS's
+    # results depend on the product's shape).
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
         pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
     rows = 8 if head_dim >= 32 else 4  # (5-8 rows go row by row from head dim 32 on)
+    rows -= 3 if odd_rows else 0
     q, k, v = (t.detach() for t in random_qkv(2, rows, seqlen_k, 4, 2, head_dim, dtype=dtype, seed=7))
     with torch.no_grad():
         out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")

@@ -105,6 +105,43 @@ inline void axpy(float alpha, const T* x, float* y, int64_t n) {
   for (; e < n; ++e) y[e] = std::fma(alpha, static_cast<float>(x[e]), y[e]);  // (as dot_tail)
 }
 
+// o[r * ldo + e] += sum_j p[r * ldp + j] v[j * ldv + e] for r < R, j < KB, e < n: KB V rows
+// (T, widened in registers) added into R output rows 8 columns at a time, each output
+// vector loaded and stored once for the KB keys (axpy does so for every key: on cores
+// with one 128-bit store per cycle, Zen 1, those stores bound the row path's P V). Per
+// output element axpy's FMAs in key order (the last n % 8 columns one by one, as axpy's
+// tail), so bitwise KB calls of axpy.
+template <int R, int KB, typename T>
+__attribute__((always_inline)) inline void axpy_keys(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
+                                                     float* o, int64_t ldo) {
+  __m256 a[R][KB];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < KB; ++j) a[r][j] = _mm256_set1_ps(p[r * ldp + j]);
+  }
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    __m256 x[KB];
+#pragma GCC unroll 4
+    for (int j = 0; j < KB; ++j) x[j] = load8(v + j * ldv + e);
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      __m256 y = _mm256_loadu_ps(o + r * ldo + e);
+#pragma GCC unroll 4
+      for (int j = 0; j < KB; ++j) y = _mm256_fmadd_ps(a[r][j], x[j], y);
+      _mm256_storeu_ps(o + r * ldo + e, y);
+    }
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      float y = o[r * ldo + e];
+      for (int j = 0; j < KB; ++j) y = std::fma(p[r * ldp + j], static_cast<float>(v[j * ldv + e]), y);
+      o[r * ldo + e] = y;
+    }
+  }
+}
+
 // Prefetches a row of n elements. The packers and row_scores fetch a few rows ahead of
 // the one they read: in (B, S, H, D) tensors a head's rows are H * D elements apart, a new
 // page every row or two, where the hardware prefetchers stop, so without it they would
@@ -554,15 +591,17 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
 
 // o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
 // forward's row path's P V, V rows (T, widened in registers) read in place.
-// Float, few rows, or V rows under 16 columns: key by key, each V row added into every
-// output row (axpy) while it is in L1, a prefetch 8 keys ahead. More 16-bit rows: 16
-// output columns of up to 6 rows at a time in registers (pv_tile), keys in chunks of
-// 32 so a chunk's V rows stay in L1 across the strips and row groups, the first strip of
-// a chunk prefetching the V rows 8 keys ahead (all their columns); columns past the last
-// multiple of 16 by axpy. axpy loads and stores the outputs for every key and widens a
-// 16-bit V row once per output row; the strips pass over each chunk's rows dv / 16 times
-// and widen once. Which is faster depends on the element type and the row count; within
-// MAX_ROW_QUERIES float stays key by key (benchmarks/RESULTS.md 'What was tried').
+// Float, few rows, or V rows under 16 columns: 4 keys at a time into every pair of output
+// rows (axpy_keys) while their V rows are in L1, a prefetch 8 keys ahead, the last n % 4
+// keys one by one (axpy). More 16-bit rows: 16 output columns of up to 6 rows at a time in
+// registers (pv_tile), keys in chunks of 32 so a chunk's V rows stay in L1 across the
+// strips and row groups, the first strip of a chunk prefetching the V rows 8 keys ahead
+// (all their columns); columns past the last multiple of 16 by axpy. axpy_keys loads and
+// stores the outputs once per 4 keys and widens a 16-bit V row once per pair of output
+// rows; the strips pass over each chunk's rows dv / 16 times and widen once. Which is
+// faster depends on the element type and the row count; within MAX_ROW_QUERIES float
+// stays with axpy_keys, faster than the strips when the V rows come from memory (the
+// strips read them dv / 16 times, axpy_keys once) (benchmarks/RESULTS.md 'What was tried').
 // With AVX-512 every type and row count goes through row_pv_m's register strips (up to
 // 128 columns of a row in 16-lane registers, no per-key loads and stores of the outputs):
 // the same FMAs per output element in the same order, so bitwise the 8-lane code's.
@@ -591,6 +630,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   // Keys per strip pass: the strips read a chunk's V rows once per 16 columns, so the chunk
   // (32 rows of up to 512 bytes) stays in L1 between the passes.
   constexpr int64_t CHUNK = 32, AHEAD = 8;
+  constexpr int64_t AXPY_KEYS = 4;  // keys per axpy_keys call
   if constexpr (!std::is_same_v<T, float>) {
     if (rows > AXPY_ROWS && dv >= NR) {
       const int64_t dv16 = dv / NR * NR;
@@ -633,10 +673,16 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
       return;
     }
   }
-  for (int64_t c = 0; c < n; ++c) {
+  int64_t c = 0;
+  for (; c + AXPY_KEYS <= n; c += AXPY_KEYS) {
     const T* vc = v + c * ldv;
-    if (c + AHEAD < n) prefetch_row(vc + AHEAD * ldv, dv);
-    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], vc, o + r * ldo, dv);
+    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) axpy_keys<2, AXPY_KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, o + r * ldo, ldo);
+    if (r < rows) axpy_keys<1, AXPY_KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, o + r * ldo, ldo);
+  }
+  for (; c < n; ++c) {  // (the last n % 4 keys: their rows were prefetched above)
+    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], v + c * ldv, o + r * ldo, dv);
   }
 #endif
 }
