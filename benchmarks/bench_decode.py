@@ -385,8 +385,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     env["l3_bytes"] = l3
     # The peak FLOP rate of a dtype: torch.mm's in it, or fp32's where that is higher: the
     # kernels compute 16-bit products as fp32 FMAs where the CPU has no 16-bit arithmetic
-    # (AVX2), while torch's own bf16 mm there is a slow fallback (0.04 GFLOP/s on a Zen 1
-    # VM) that would put the roofline far below anything real.
+    # (AVX2), while torch's own bf16 mm there can be a slow fallback (under 1 GFLOP/s on an
+    # AVX2-only VM, benchmarks/RESULTS.md) that would put the roofline far below anything real.
     env["mm_tflops"] = {d: common.matmul_tflops(device, n=args.matmul_size, dtype=common.DTYPES[d])[0]
                         for d in dict.fromkeys([*args.dtypes, "fp32"])}
     env["peak_tflops"] = {d: max(env["mm_tflops"][d], env["mm_tflops"]["fp32"]) for d in args.dtypes}

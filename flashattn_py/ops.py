@@ -299,6 +299,7 @@ attn_bwd = getattr(torch.ops.flashattn, BWD.name).default
 _CPU_PATH = FWD.index["cpu_path"]
 _CPU_PATH_ARGS = FWD.getter(("q", "cu_seqlens_q", "max_seqlen_q"))
 _choose_path: dict[str, Callable[[torch.dtype, int, int], int]] = {}  # each backend's, resolved on first use
+_EAGER_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def _with_cpu_path(args: tuple) -> tuple:
@@ -322,9 +323,6 @@ def _with_cpu_path(args: tuple) -> tuple:
     seqlen_q = max_seqlen_q if cu_seqlens_q is not None and max_seqlen_q > 0 else q.shape[1]
     path = choose(q.dtype, seqlen_q, q.shape[-1])
     return (*args[:_CPU_PATH], path, *args[_CPU_PATH + 1:])
-
-
-_EAGER_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 class _AttnAutograd(torch.autograd.Function):
