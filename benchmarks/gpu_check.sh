@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
 # The one script run on the lent GPU machine (H200, sm90, torch+cu130, triton 3.6,
 # nvcc 13.0, no network). In under 8 minutes:
-#   1. environment (nvidia-smi, versions)                          -> $OUT/env.log
+#   1. environment (nvidia-smi, versions), then usable backends   -> $OUT/env.log
 #   2. build the CUDA ops for sm90 (pip install -e ., offline)     -> $OUT/build.log
-#   3. which backends are usable                                   -> $OUT/backends.log
-#   4. pytest -m gpu --maxfail=15                                  -> $OUT/pytest.log
-#   5. a short benchmark: ours (triton, cuda) vs torch SDPA        -> $OUT/bench.log, attention.csv/json
-#   6. the compact benchmark table, then a one-line status summary, LAST.
-# A failing step is recorded and the script goes on (a broken CUDA build still gives
-# the Triton numbers). Each step's time is capped so the whole stays within the budget.
+#   3. pytest -m gpu --maxfail=15 (pytest-xdist workers if there)  -> $OUT/pytest.log
+#   4. a short dense benchmark: ours (triton, cuda) vs torch SDPA   -> $OUT/bench.log, attention.csv
+#   5. decoding from a KV cache (bench_decode.py), per backend      -> $OUT/decode.log
+#   6. packed sequences (bench_varlen.py), per backend               -> $OUT/varlen.log
+#   7. the compact dense table, then a one-line status summary, LAST -> $OUT/table.txt
+# Eight files: the device tool returns at most eight. A failing step is recorded and the
+# script goes on (a broken CUDA build still gives the Triton numbers). Each step's time is
+# capped so the whole stays within the budget.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
-#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # anywhere: no build, tiny CPU benchmark
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # anywhere: no build, tiny CPU benchmarks
 #
 # Env: OUT (default benchmarks/out/gpu), PYTHON (default python), GPU_CHECK_DRY=1,
-#      GPU_CHECK_BUDGET_S (default 460, whole-script budget in seconds).
+#      GPU_CHECK_BUDGET_S (default 480, whole-script budget in seconds).
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-benchmarks/out/gpu}
 PY=${PYTHON:-python}
 DRY=${GPU_CHECK_DRY:-0}
-BUDGET=${GPU_CHECK_BUDGET_S:-460}
-BENCH_S=150            # reserved for the benchmark
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+DENSE_S=80             # reserved for the dense benchmark
+DECODE_S=25            # for each backend's decoding benchmark
+VARLEN_S=30            # for each backend's packed-sequence benchmark
+AFTER_TESTS=$((DENSE_S + 2 * DECODE_S + 2 * VARLEN_S + 5))
+SCRATCH=$(mktemp -d)   # benchmark outputs not returned (json, md, per-backend csv)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -41,6 +47,7 @@ step "environment"
   nvcc --version 2>&1 | tail -1 || true
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 || true
+  "$PY" -c 'import xdist; print("pytest-xdist", xdist.__version__)' 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.log"
 
 step "build CUDA ops (sm90)"
@@ -48,7 +55,7 @@ if [[ $DRY == 1 ]]; then
   BUILD=skipped
   echo "dry run: build skipped" | tee "$OUT/build.log"
 else
-  T=$(cap 200 $((BENCH_S + 90)))
+  T=$(cap 200 $((AFTER_TESTS + 90)))
   echo "timeout ${T}s" | tee "$OUT/build.log"
   FLASHATTN_CUDA_ARCHS=90 MAX_JOBS=16 timeout "$T" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . 2>&1 | tee -a "$OUT/build.log" | grep -E "error|Error|warning: |Successfully|nvcc" | tail -40
@@ -65,19 +72,23 @@ fi
 echo "build: $BUILD"
 
 step "available backends"
-"$PY" -c 'import flashattn_py; print("cuda backends:", flashattn_py.available_backends("cuda"))' 2>&1 | tee "$OUT/backends.log"
-BACKENDS=$(grep -o "\[.*\]" "$OUT/backends.log" | tail -1)
+"$PY" -c 'import flashattn_py; print("cuda backends:", flashattn_py.available_backends("cuda"))' 2>&1 | tee -a "$OUT/env.log"
+BACKENDS=$(grep -o "cuda backends: \[.*\]" "$OUT/env.log" | tail -1 | grep -o "\[.*\]")
 
 step "pytest -m gpu"
-if [[ $DRY == 1 ]]; then T=60; else T=$(cap 240 $BENCH_S); fi
+if [[ $DRY == 1 ]]; then T=60; else T=$(cap 240 $AFTER_TESTS); fi
 # Every gpu test, the launch-geometry / graph / stride / offset checks (issue 19) first:
 # they are quick and each one covers a defect no CPU test can show. No -x: one failure
 # must not hide the others on a rare GPU run; --maxfail bounds a broken build's time.
+# With pytest-xdist, 8 workers share the GPU (Triton's compiles dominate and run on the
+# CPUs); -v logs each test as it ends, so a timeout still leaves the results so far.
 FIRST=(tests/test_gpu_launch.py tests/test_fake_strides.py tests/test_triton_offsets.py)
 REST=()
 for f in tests/test_*.py; do [[ " ${FIRST[*]} " == *" $f "* ]] || REST+=("$f"); done
-timeout "$T" "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=15 --durations=15 "${FIRST[@]}" "${REST[@]}" \
-  2>&1 | tee "$OUT/pytest.log" | tail -25
+PARALLEL=()
+if [[ $DRY != 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n 8); fi
+timeout "$T" "$PY" -m pytest -m gpu -v -p no:cacheprovider --maxfail=15 --durations=15 "${PARALLEL[@]}" \
+  "${FIRST[@]}" "${REST[@]}" 2>&1 | tee "$OUT/pytest.log" | grep -E "FAILED|ERROR|passed|failed|skipped" | tail -40
 RC=${PIPESTATUS[0]}
 PYTEST=$(status_of "$RC")
 [[ $RC == 5 ]] && PYTEST="no tests collected"
@@ -89,19 +100,52 @@ if [[ $DRY == 1 ]]; then
               --modes fwd,fwd+bwd --batch 1 --heads 2 --repeats 2 --matmul-size 512
               --backends ours,sdpa-flash,sdpa-math)
 else
-  # 16k tokens x 16 heads: N=2048 -> B=8 (128 heads of work), N=8192 -> B=2 (32).
-  # D=128 first so a timeout still leaves the main numbers.
-  BENCH_ARGS=(--device cuda --dtypes bf16 --head-dims 128,64 --seqlens 2048,8192 --causal both
+  # 16k tokens x 16 heads, D=128: N=2048 -> B=8 (128 heads of work), N=8192 -> B=2 (32).
+  BENCH_ARGS=(--device cuda --dtypes bf16 --head-dims 128 --seqlens 2048,8192 --causal both
               --modes fwd,fwd+bwd --tokens 16384 --heads 16
               --backends triton,cuda,sdpa-flash,sdpa-cudnn,sdpa-efficient)
 fi
-T=$(cap $BENCH_S 5)
-timeout "$T" "$PY" benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --out "$OUT" --no-plot --no-progress \
+T=$(cap $DENSE_S $((2 * DECODE_S + 2 * VARLEN_S + 5)))
+timeout "$T" "$PY" benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --out "$SCRATCH/dense" --no-plot --no-progress \
   2>&1 | tee "$OUT/bench.log" | grep -E "^#|Error|error" | head -20
 RC=${PIPESTATUS[0]}
 BENCH=$(status_of "$RC")
+cp "$SCRATCH/dense/attention.csv" "$OUT/attention.csv" 2>/dev/null
+
+# One benchmark script per backend into $SCRATCH/<name>-<backend>, its stdout and its CSV
+# (partial rows survive a timeout) appended to $OUT/<name>.log. $1 name, $2 reserve after
+# this one, $3 seconds wanted, the rest: arguments.
+per_backend() {
+  local name=$1 reserve=$2 want=$3 backend rc status=""
+  shift 3
+  for backend in cuda triton; do
+    [[ $DRY == 1 ]] && backend=cpu
+    step "$name, backend $backend" | tee -a "$OUT/$name.log"
+    FLASHATTN_BACKEND=$backend timeout "$(cap "$want" "$reserve")" "$PY" "benchmarks/bench_$name.py" "$@" \
+      --out "$SCRATCH/$name-$backend" --no-progress >>"$OUT/$name.log" 2>&1
+    rc=$?
+    echo "--- $name.csv ($backend)" >>"$OUT/$name.log"
+    cat "$SCRATCH/$name-$backend/$name.csv" >>"$OUT/$name.log" 2>/dev/null
+    grep -E "^#|Error" "$OUT/$name.log" | tail -3
+    status="$status$backend=$(status_of $rc),"
+    [[ $DRY == 1 ]] && break
+    reserve=$((reserve - want)); (( reserve < 0 )) && reserve=0
+  done
+  echo "${status%,}"
+}
+
+if [[ $DRY == 1 ]]; then
+  DECODE_ARGS=(--device cpu --quick); VARLEN_ARGS=(--device cpu --quick)
+else
+  # Sq=1, Hq/Hk 32/8, D=128 (the issue's decode shape); page 16 for the paged rows.
+  DECODE_ARGS=(--device cuda --dtypes bf16 --shapes 1x8192,8x8192,32x8192,8x32768)
+  VARLEN_ARGS=(--device cuda --dtypes bf16)
+fi
+DECODE=$(per_backend decode $((2 * VARLEN_S + DECODE_S + 5)) $DECODE_S "${DECODE_ARGS[@]}" | tee /dev/stderr | tail -1)
+VARLEN=$(per_backend varlen $((VARLEN_S + 5)) $VARLEN_S "${VARLEN_ARGS[@]}" | tee /dev/stderr | tail -1)
 
 step "results (table: x torch = fastest sdpa-* ms / this ms; >1 is faster than torch)"
 "$PY" benchmarks/summarize.py "$OUT/attention.csv" | tee "$OUT/table.txt"
+rm -rf "$SCRATCH"
 echo
-echo "SUMMARY: build=$BUILD backends=${BACKENDS:-?} pytest=$PYTEST (${PYTEST_LINE:-no summary line}) bench=$BENCH total=$(( $(date +%s) - START ))s out=$OUT"
+echo "SUMMARY: build=$BUILD backends=${BACKENDS:-?} pytest=$PYTEST (${PYTEST_LINE:-no summary line}) bench=$BENCH decode=$DECODE varlen=$VARLEN total=$(( $(date +%s) - START ))s out=$OUT"
