@@ -463,7 +463,21 @@ def test_gpu_bool_mask(kind):
 @gpu
 @needs_cuda
 def test_gpu_dropout_mask_statistics():
+    """Compiled, the mask is still ``tl.rand(seed, offset + ((b*H + h)*Sq + i)*Sk + j) >= p``
+    (what test_dropout_stream_is_tl_rand checks under the interpreter) and a problem's first
+    rows are a smaller problem's with the same Sk (the offsets depend on Sk, not on Sq)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rand_kernel(Out, seed, offset, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Out + offs, tl.rand(seed, offset + offs))
+
     keep = dropout_mask(torch.tensor([3, 5]), 2, 8, 1024, 1024, 0.25, "cuda")
     assert abs(keep.float().mean().item() - 0.75) < 0.002
-    cpu_like = dropout_mask(torch.tensor([3, 5]), 1, 1, 64, 64, 0.25, "cuda")
-    assert torch.equal(cpu_like, keep[:1, :1, :64, :64])
+    first_rows = dropout_mask(torch.tensor([3, 5]), 1, 1, 64, 1024, 0.25, "cuda")
+    assert torch.equal(first_rows, keep[:1, :1, :64])
+    u = torch.empty(4096, device="cuda")
+    _rand_kernel[(1,)](u, 3, 5, N=4096)
+    assert torch.equal(keep.flatten()[:4096], u >= 0.25)
