@@ -4,9 +4,9 @@ One call appends the step's new keys / values to the cache in place (rotary embe
 applied to the keys first), then attends over the cache through the fused forward, whose
 per-sequence view reads each batch entry's cache row (``kv_batch_idx``), skips its left
 padding (``leftpad_k``) and follows its pages (``block_table``); ``seqused_k`` = cache
-length + new keys. Nothing is read back to the host on GPUs: the append is a custom op
-that mutates the caches (``flashattn::kvcache_append``, visible to torch.compile and CUDA
-graphs), its indices computed on the device.
+length + new keys. Nothing is read back to the host on GPUs: the append computes its
+indices on the device; traced (torch.compile, make_fx) it is one custom op that mutates the
+caches (``flashattn::kvcache_append``), plain eager calls write directly.
 """
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interle
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
-@torch.library.custom_op("flashattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
-def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
-                   cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+def _write_new_keys(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                    cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
     """Write k, v (B, S_new, Hk, D) into the caches at slots cache_seqlens[b] + i of batch
     entry b's row (``cache_batch_idx[b]``, dense caches) or pages (``block_table[b]``).
     Slots are clamped into the caches (callers check the values where they can read them),
@@ -66,9 +65,29 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
     v_cache.index_put_(index, v.flatten(0, 1))
 
 
+@torch.library.custom_op("flashattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+    """The append as an op that mutates the caches, for torch.compile, tracing and dispatch
+    modes. Plain eager calls skip it (``_append``): torch.library.custom_op's Python layers
+    cost more than the write itself."""
+    _write_new_keys(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+
+
 @kvcache_append.register_fake
 def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table) -> None:
     return None
+
+
+def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+            cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+    """The append: directly on plain eager tensors, else through the op (so a trace records
+    one mutating node). (Spelled out rather than looped: this runs on every decode step.)"""
+    if (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
+            and type(cache_seqlens) is Tensor and ops.unobserved_eager() and ops.outside_dispatcher_ok()):
+        _write_new_keys(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    else:
+        kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
 
 
 def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cache_batch_idx: Optional[Tensor],
@@ -249,7 +268,7 @@ def flash_attn_with_kvcache(
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
             k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
-        kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,
                                                                                              device=device)

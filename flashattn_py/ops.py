@@ -481,7 +481,7 @@ def attention(
         # (the inference entry takes FLASHATTN_DENSE_ARGS only: every other value must be at
         # its default, or one the kernel ignores in a dense call, max_seqlen_q / _k)
         if (plain and per_sequence is None and block_table is None and not bottom_right and num_splits == 0
-                and impl.inference is not None and _outside_dispatcher_ok()):
+                and impl.inference is not None and outside_dispatcher_ok()):
             # The kernel at the first dispatch key, in either layout, any strides
             # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
             # schema is parsed faster): the op's autograd layer and fwd's 23-argument boxed
@@ -540,7 +540,7 @@ def _has_tangents(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _outside_dispatcher_ok() -> bool:
+def outside_dispatcher_ok() -> bool:
     """Whether a plain inference call may skip torch.ops and the dispatcher altogether: not
     under torch.func transforms (vmap's tensors are plain Tensors without storage, which
     only the dispatcher's fallbacks handle), not while torch.jit traces (it records
@@ -561,6 +561,10 @@ def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (attn_mask is not None and attn_mask.requires_grad)):
         return False
-    if torch.compiler.is_compiling():
-        return False
-    return _get_current_dispatch_mode() is None
+    return unobserved_eager()
+
+
+def unobserved_eager() -> bool:
+    """No torch.compile trace and no dispatch mode (make_fx, FakeTensorMode) is recording:
+    with plain tensors and ``outside_dispatcher_ok()``, a call may run its body directly."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import flashattn_py
 from flashattn_py.reference import attention_kvcache_ref
@@ -212,6 +213,37 @@ def test_compiled_decode_step_mutates_the_cache():
         want = flashattn_py.flash_attn_with_kvcache(q, k_cache2, v_cache2, k, v, cache_seqlens=lens, causal=True)
     torch.testing.assert_close(out, want)
     assert torch.equal(k_cache, k_cache2) and torch.equal(k_cache[1, 5], k[1, 0])
+
+
+def test_append_is_one_op_in_traces_and_a_plain_write_in_eager():
+    # Eager calls on plain tensors write the caches directly (torch.library.custom_op's
+    # wrapper costs more than the write); a trace (torch.compile's graph, make_fx) records
+    # the one mutating op, never the index arithmetic behind it.
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+
+    def step(q, k_cache, v_cache, k, v, lens):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens)
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    append = torch.ops.flashattn.kvcache_append.default
+    with torch.no_grad():
+        k_cache = torch.zeros(2, 8, 2, 16)
+        before = k_cache._version
+        step(q, k_cache, torch.zeros(2, 8, 2, 16), k, v, lens)
+        assert k_cache._version > before and torch.equal(k_cache[1, 5], k[1, 0])
+        torch.compile(step, fullgraph=True, backend=record)(q, torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16),
+                                                             k, v, lens)
+        traced = make_fx(step)(q, torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), k, v, lens)
+    for gm in (*graphs, traced):
+        targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+        assert targets.count(append) == 1 and torch.ops.aten.index_put_.default not in targets
 
 
 def test_padded_block_tables_and_larger_caches_are_accepted():
