@@ -21,6 +21,7 @@ from .common import (
     add_bias_terms,
     bias_args,
     block_run,
+    cdiv,
     device_ctx,
     dropout_keep,
     dropout_seed,
@@ -368,7 +369,7 @@ def _dkdv_split(batch: int, num_heads_k: int, group: int, seqlen_k: int, device:
     if group == 1 or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    progs = batch * num_heads_k * triton.cdiv(seqlen_k, 64)
+    progs = batch * num_heads_k * cdiv(seqlen_k, 64)
     n = 1
     while progs * n < 2 * sms and n < group:
         n = next(c for c in range(n + 1, group + 1) if group % c == 0)
@@ -465,7 +466,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
         # delta over every row of out (packed: (1, H, total_q), laid out like lse)
         rows_b, rows_s = out.shape[0], out.shape[1]
         delta = torch.empty((rows_b, num_heads, rows_s), dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(rows_s, _DELTA_BLOCK_M) * rows_b * num_heads,)](
+        _delta_kernel[(cdiv(rows_s, _DELTA_BLOCK_M) * rows_b * num_heads,)](
             out, dout, delta,
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -495,7 +496,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             num_heads, num_heads_k, group, nsplit, *sizes, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
-        _launch_dkdv(lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]) * batch * num_heads_k * nsplit,),
+        _launch_dkdv(lambda meta: (cdiv(seqlen_k, meta["BLOCK_N"]) * batch * num_heads_k * nsplit,),
                      dkdv_args, kwargs, *size_cls)
         if nsplit > 1:
             dk.copy_(dk_buf.view(k.shape[0], k.shape[1], num_heads_k, nsplit, head_dim).sum(3))
@@ -507,6 +508,6 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
             num_heads, group, *sizes, head_dim, head_dim_v,
             float(scale), qk_scale2, softcap_in, softcap2, int(diag_offset), left, right, *drop_args, bucket,
         )
-        _launch_dq(lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,),
+        _launch_dq(lambda meta: (cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,),
                    dq_args, dict(kwargs, BIAS_GRAD=bias_grad), *size_cls)
     return dq, dk, dv, dbias

@@ -22,6 +22,7 @@ from .common import (
     add_bias_terms,
     bias_args,
     block_run,
+    cdiv,
     clamp_len,
     device_ctx,
     dropout_keep,
@@ -35,6 +36,7 @@ from .common import (
     last_unit,
     load_rows,
     load_tile,
+    next_pow2,
     pad_dim,
     page_rows,
     query_block_program,
@@ -393,8 +395,8 @@ def decode_blocks(rows: int, block_d: int, elem_bytes: int) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode kernel for ``rows`` packed
     query rows (group * Sq) per KV head. BLOCK_M >= 16 (tl.dot)."""
     if interpreting():
-        return min(max(16, triton.next_power_of_2(rows)), 32), 16, 4, 1
-    bm = min(max(16, triton.next_power_of_2(rows)), 64)
+        return min(max(16, next_pow2(rows)), 32), 16, 4, 1
+    bm = min(max(16, next_pow2(rows)), 64)
     # from ptxas on sm90 and sm86 (python -m kernels.compile_check --spills decode): fp32
     # (IEEE dot) spills from 32 rows at D 128, so 16 rows; 16-bit: spill-free on sm90 and
     # within 99 KB of shared memory (sm86 / sm89 / sm120: no autotuning here) -- 3 stages
@@ -415,7 +417,7 @@ def num_splits_heuristic(programs: int, key_blocks: int, sms: int) -> int:
     fill one wave, each split keeping at least 2 key blocks, at most 64."""
     if programs * 5 >= sms * 4 or key_blocks < 4:
         return 1
-    return max(1, min(triton.cdiv(sms, programs), key_blocks // 2, 64))
+    return max(1, min(cdiv(sms, programs), key_blocks // 2, 64))
 
 
 _KEY = ["BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
@@ -555,7 +557,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
         HAS_BIAS=attn_bias is not None, BIAS_IS_BOOL=bias_bool, HAS_DROPOUT=has_drop,
         **sa.flags, **sa.cache_flags, **tile_flags(q, block_d, block_dv, head_dim, head_dim_v),
     )
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
+    grid = lambda meta: (cdiv(seqlen_q, meta["BLOCK_M"]) * batch * num_heads,)  # noqa: E731
     with device_ctx(q):
         _launch_fwd(grid, args, kwargs, max(block_d, block_dv), q.element_size())
     return out, lse
@@ -569,9 +571,9 @@ def _launch_decode(q, k, v, out, lse, sa, slopes, stride_ab, num_heads, num_head
     batch, seqlen_q, seqlen_k = sa.batch, sa.seqlen_q, sa.seqlen_k
     group = num_heads // num_heads_k
     bm, bn, warps, stages = decode_blocks(group * seqlen_q, max(block_d, block_dv), q.element_size())
-    n_rblk = triton.cdiv(group * seqlen_q, bm)
+    n_rblk = cdiv(group * seqlen_q, bm)
     programs = batch * num_heads_k * n_rblk
-    key_blocks = triton.cdiv(seqlen_k, bn)
+    key_blocks = cdiv(seqlen_k, bn)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(programs, key_blocks, _num_sms(q.device))
     num_splits = max(1, min(num_splits, key_blocks))

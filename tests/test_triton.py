@@ -85,6 +85,16 @@ SHAPES = [
 ]
 
 
+def test_host_size_helpers_match_triton():
+    # kernels.common.cdiv / next_pow2 replace triton.cdiv / triton.next_power_of_2 in host
+    # code (constexpr functions on recent Triton, slow to call from Python): same values.
+    import triton
+
+    common = _kernels.common
+    assert all(common.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(common.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 700) for b in (1, 3, 16, 64, 128))
+
+
 @needs_interp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_q{}_k{}_h{}x{}_d{}_{}_{}".format(*s[:6], str(s[6])[6:], s[7]))
 def test_dense(shape):
