@@ -109,7 +109,8 @@ def test_bench_decode_quick_run(tmp_path):
                                  "--no-progress", "--shapes", "1x64,2x40", "--matmul-size", "128"])
     with open(tmp_path / "decode.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == len(rows) == 2 * 2 * len(bench_decode.METHODS)  # dtypes x shapes x methods
+    cpu_methods = [m for m in bench_decode.METHODS if m not in bench_decode.GPU_ONLY]
+    assert len(csv_rows) == len(rows) == 2 * 2 * len(cpu_methods)  # dtypes x shapes x methods
     assert (tmp_path / "decode.json").exists() and "| dtype |" in (tmp_path / "decode.md").read_text()
     for r in csv_rows:
         assert r["status"] == "ok", r
@@ -121,6 +122,22 @@ def test_bench_decode_quick_run(tmp_path):
     assert all(float(r["x_sdpa"]) == pytest.approx(1.0) for r in csv_rows if r["method"] == "sdpa")
     payload = json.loads((tmp_path / "decode.json").read_text())
     assert {t["target"] for t in payload["targets"]} >= {"x_sdpa", "paged"}
+
+
+def test_decode_gpu_roofline_target():
+    # On GPUs the roofline bar (80 %) applies from B = 8 and 8k keys, to every method but
+    # sdpa (the CUDA-graph replay too); CPU rows keep theirs (70 %, caches over the L3).
+    import bench_decode
+
+    def row(device, batch, method, pct, over_l3=None):
+        return dict(device=device, dtype="bf16", batch=batch, keys=8192, method=method, status="ok", ms=0.1,
+                    over_l3=over_l3, pct_roofline=pct, x_sdpa=None, paged_ratio=None)
+
+    rows = [row("cuda", 8, "ours", 45.0), row("cuda", 8, "ours-graph", 83.0), row("cuda", 8, "sdpa", 82.0),
+            row("cuda", 1, "ours", 18.0), row("cpu", 1, "ours", 72.0, over_l3=1)]
+    got = {(t["case"], t["bar"], t["met"]) for t in bench_decode.evaluate_targets(rows) if t["target"] == "roofline"}
+    assert got == {("bf16 B=8 keys=8192 ours", 80.0, False), ("bf16 B=8 keys=8192 ours-graph", 80.0, True),
+                   ("bf16 B=1 keys=8192 ours", 70.0, True)}
 
 
 def test_decode_bytes_and_flops():

@@ -6,6 +6,9 @@
   seed baked into the launch repeated one mask on every replay).
 * B = 1 / H = 1 views whose batch / head strides are not multiples of 8 (the 16-byte vector
   path is taken now: outputs must still be right).
+* A decode step (flash_attn_with_kvcache: append, then attend) captured in a CUDA graph:
+  nothing is read back to the host, so replays follow the lengths written into the
+  captured tensors.
 
 Run on the device machine: ``pytest -m gpu tests/test_gpu_launch.py``.
 """
@@ -133,3 +136,42 @@ def test_b1_h1_views_with_odd_strides(name):
     ref.backward(dout.double())
     for got, leaf in zip(grads, leaves):
         torch.testing.assert_close(got.double(), leaf.grad, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_decode_step_replays_in_a_cuda_graph(name, paged):
+    # Captured once; each replay gets new q / k / v and longer caches written into the
+    # captured tensors in place, and must equal the eager call on the same state, its
+    # append included (a length read on the host at capture would be baked into the graph).
+    _backend(name, head_dim=64)
+    batch, slots, hq, hk, d, page = 3, 96, 8, 2, 64, 16
+    g = torch.Generator(device=DEV).manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=DEV, generator=g, dtype=torch.float16)
+
+    if paged:
+        k_cache, v_cache = rnd(batch * slots // page, page, hk, d), rnd(batch * slots // page, page, hk, d)
+        table = torch.randperm(batch * slots // page, device=DEV, generator=g).to(torch.int32).view(batch, -1)
+    else:
+        k_cache, v_cache, table = rnd(batch, slots, hk, d), rnd(batch, slots, hk, d), None
+    q, k, v = rnd(batch, 1, hq, d), rnd(batch, 1, hk, d), rnd(batch, 1, hk, d)
+    lens = torch.tensor([0, 40, 71], dtype=torch.int32, device=DEV)
+
+    def step(k_cache=k_cache, v_cache=v_cache):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
+                                                   block_table=table, causal=True, backend=name)
+
+    with torch.no_grad():
+        graph, out = _capture(step)
+        for i in range(3):
+            for t in (q, k, v):
+                t.copy_(rnd(*t.shape))
+            lens.add_(i + 1)
+            k_want, v_want = k_cache.clone(), v_cache.clone()
+            graph.replay()
+            want = step(k_want, v_want)
+            torch.cuda.synchronize()
+            assert torch.equal(out, want)
+            assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
