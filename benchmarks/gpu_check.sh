@@ -8,12 +8,15 @@
 #   4. dense: ours (triton, cuda) vs torch SDPA, the table          -> $OUT/bench.log, attention.csv
 #   5. decode: decoding from a KV cache (bench_decode.py), per backend -> $OUT/decode.log
 #   6. varlen: packed sequences (bench_varlen.py), per backend      -> $OUT/varlen.log
-#   7. profile (only when asked): Nsight Compute sections of benchmarks/gpu_profile.py's
-#      launches                                                      -> $OUT/profile.log
+#   7. profile (only when asked; with a wheel, or it squeezes the benchmarks): Nsight
+#      Compute sections of benchmarks/gpu_profile.py's launches      -> $OUT/profile.log
 #   8. a one-line status summary, LAST.
 # At most eight files: the device tool returns no more. A failing step is recorded and the
 # script goes on (a broken CUDA build still gives the Triton numbers). Each step's time is
-# capped so the whole stays within the budget.
+# capped so the whole stays within the budget; when time runs short the build comes first,
+# then the tests, then the benchmarks in order (their rows so far survive a cut). The build
+# takes about 3 minutes on the H200 machine: a wheel built beforehand (GPU_CHECK_WHEEL)
+# leaves that time to the benchmarks.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # anywhere: no build, tiny CPU benchmarks
@@ -26,6 +29,9 @@
 #      its compiled libraries are used instead of building; the build runs if they do
 #      not load their CUDA ops).
 set -u
+# (a relative wheel path is the caller's, before the cd)
+WHEEL=${GPU_CHECK_WHEEL:-}
+[[ -n $WHEEL ]] && WHEEL=$(realpath "$WHEEL")
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-benchmarks/out/gpu}
@@ -33,9 +39,13 @@ PY=${PYTHON:-python}
 DRY=${GPU_CHECK_DRY:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 STEPS=" ${GPU_CHECK_STEPS:-tests dense decode varlen} "
-WHEEL=${GPU_CHECK_WHEEL:-}
+for s in $STEPS; do
+  case $s in tests|dense|decode|varlen|profile) ;; *) echo "GPU_CHECK_STEPS: unknown step '$s'" >&2; exit 2 ;; esac
+done
 SCRATCH=$(mktemp -d)   # benchmark outputs not returned (json, md, per-backend csv)
 mkdir -p "$OUT"
+# (a reused OUT must not pass an earlier run's results off as this one's)
+rm -f "$OUT"/{env,build,pytest,bench,decode,varlen,profile}.log "$OUT/attention.csv"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 
@@ -44,9 +54,9 @@ wanted() { [[ $STEPS == *" $1 "* ]]; }
 secs() { wanted "$1" && echo "$2" || echo 0; }
 DENSE_S=$(secs dense 80)
 DECODE_S=$(secs decode 25)    # each backend's
-VARLEN_S=$(secs varlen 30)    # each backend's
+VARLEN_S=$(secs varlen 40)    # each backend's (Triton's compiles take most of it)
 PROFILE_S=$(secs profile 60)
-AFTER_TESTS=$((DENSE_S + 2 * DECODE_S + 2 * VARLEN_S + PROFILE_S + 5))
+TESTS_S=$(secs tests 90)      # what the tests took on the H200 (67-81 s with 8 workers)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # cap N: the smaller of N and the time left minus what later steps still need ($2)
@@ -91,7 +101,7 @@ EOF
   [[ $RC != 0 ]] && { rm -f flashattn_py/*.so; BUILD="$BUILD,"; }
 fi
 if [[ -z $BUILD || $BUILD == *, ]]; then
-  T=$(cap 200 $((AFTER_TESTS + 90)))
+  T=$(cap 200 "$TESTS_S")
   echo "timeout ${T}s" | tee -a "$OUT/build.log"
   FLASHATTN_CUDA_ARCHS=90 MAX_JOBS=16 timeout "$T" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . 2>&1 | tee -a "$OUT/build.log" | grep -E "error|Error|warning: |Successfully|nvcc" | tail -40
@@ -114,7 +124,8 @@ BACKENDS=$(grep -o "cuda backends: \[.*\]" "$OUT/env.log" | tail -1 | grep -o "\
 PYTEST=skipped PYTEST_LINE=""
 if wanted tests; then
   step "pytest -m gpu"
-  if [[ $DRY == 1 ]]; then T=60; else T=$(cap 240 $AFTER_TESTS); fi
+  # (at most 150 s: a hang must not take the benchmarks' time; 60 s kept for them)
+  if [[ $DRY == 1 ]]; then T=60; else T=$(cap 150 60); fi
   # Every gpu test, the launch-geometry / graph / stride / offset checks (issue 19) first:
   # they are quick and each one covers a defect no CPU test can show. No -x: one failure
   # must not hide the others on a rare GPU run; --maxfail bounds a broken build's time.
@@ -133,7 +144,7 @@ if wanted tests; then
   RC=${PIPESTATUS[0]}
   PYTEST=$(status_of "$RC")
   [[ $RC == 5 ]] && PYTEST="no tests collected"
-  PYTEST_LINE=$(grep -E "passed|failed|error|skipped|no tests ran" "$OUT/pytest.log" | tail -1)
+  PYTEST_LINE=$(grep -E "^=+ .*(passed|failed|error|skipped|no tests ran)" "$OUT/pytest.log" | tail -1)
 fi
 
 BENCH=skipped
@@ -149,7 +160,7 @@ if wanted dense; then
                 --modes fwd,fwd+bwd --tokens 16384 --heads 16
                 --backends triton,cuda,sdpa-flash,sdpa-cudnn,sdpa-efficient)
   fi
-  T=$(cap "$DENSE_S" $((AFTER_TESTS - DENSE_S)))
+  T=$(cap "$DENSE_S" $((2 * DECODE_S + 2 * VARLEN_S + PROFILE_S + 5)))
   timeout "$T" "$PY" benchmarks/bench_attention.py "${BENCH_ARGS[@]}" --out "$SCRATCH/dense" --no-plot --no-progress \
     2>&1 | tee "$OUT/bench.log" | grep -E "^#|Error|error" | head -20
   RC=${PIPESTATUS[0]}

@@ -211,8 +211,12 @@ def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
 
 def index_values_readable(device: torch.device) -> bool:
     """Whether index tensors (offsets, lengths, pages) on ``device`` are read back for value
-    checks: CPU tensors always; GPU tensors only with FLASHATTN_CHECK_INPUTS=1 (a host sync)."""
-    return device.type == "cpu" or os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
+    checks: CPU tensors always; GPU tensors only with FLASHATTN_CHECK_INPUTS=1 (a host sync),
+    and not while a CUDA graph is being captured (a sync there fails the capture)."""
+    if device.type == "cpu":
+        return True
+    return (os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
 def _check_values() -> bool:

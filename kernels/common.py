@@ -27,8 +27,8 @@ def interpreting() -> bool:
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host-side sizes. (Recent Triton makes triton.cdiv and
-    triton.next_power_of_2 constexpr functions: from host code about 15 us a call on the
-    development VM, and a launch made five.)"""
+    triton.next_power_of_2 constexpr functions: from host code about 7 us a call on the
+    development VM, and a decode launch made five.)"""
     return -(-a // b)
 
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from devices import triton_kernels  # noqa: E402
 from rule import GRAD_FACTOR, assert_rule, check_attention, random_qkv  # noqa: E402
@@ -23,6 +25,14 @@ flash_bwd, flash_fwd, dropout_mask = _kernels.flash_bwd, _kernels.flash_fwd, _ke
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CPU_DEVICE = "cpu"
 needs_interp = pytest.mark.skipif(not INTERP, reason="CPU tests run under TRITON_INTERPRET=1")
+
+
+@triton.jit
+def _rand_kernel(Out, seed, offset, N: tl.constexpr):
+    """``tl.rand(seed, offset + i)`` for i < N: Triton's own stream, which the dropout
+    mask must equal (32-bit offsets, where every Triton agrees)."""
+    offs = tl.arange(0, N)
+    tl.store(Out + offs, tl.rand(seed, offset + offs))
 
 
 class _TritonAttn(torch.autograd.Function):
@@ -88,8 +98,6 @@ SHAPES = [
 def test_host_size_helpers_match_triton():
     # kernels.common.cdiv / next_pow2 replace triton.cdiv / triton.next_power_of_2 in host
     # code (constexpr functions on recent Triton, slow to call from Python): same values.
-    import triton
-
     common = _kernels.common
     assert all(common.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
     assert all(common.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 700) for b in (1, 3, 16, 64, 128))
@@ -382,14 +390,6 @@ def test_dropout_mask_statistics():
 @needs_interp
 def test_dropout_stream_is_tl_rand():
     """The keep mask is ``tl.rand(seed, offset) >= p`` (32-bit offsets, where every Triton agrees)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _rand_kernel(Out, seed, offset, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        tl.store(Out + offs, tl.rand(seed, offset + offs))
-
     u = torch.empty(512)
     _rand_kernel[(1,)](u, 77, 1000, N=512)
     keep = dropout_mask(torch.tensor([77, 1000]), 1, 2, 16, 16, 0.4, CPU_DEVICE)
@@ -476,14 +476,6 @@ def test_gpu_dropout_mask_statistics():
     """Compiled, the mask is still ``tl.rand(seed, offset + ((b*H + h)*Sq + i)*Sk + j) >= p``
     (what test_dropout_stream_is_tl_rand checks under the interpreter) and a problem's first
     rows are a smaller problem's with the same Sk (the offsets depend on Sk, not on Sq)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _rand_kernel(Out, seed, offset, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        tl.store(Out + offs, tl.rand(seed, offset + offs))
-
     keep = dropout_mask(torch.tensor([3, 5]), 2, 8, 1024, 1024, 0.25, "cuda")
     assert abs(keep.float().mean().item() - 0.75) < 0.002
     first_rows = dropout_mask(torch.tensor([3, 5]), 1, 1, 64, 1024, 0.25, "cuda")
