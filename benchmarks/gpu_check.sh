@@ -21,6 +21,12 @@
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # anywhere: no build, tiny CPU benchmarks
 #
+# Saving the build's 3 minutes of GPU time: build the wheel beforehand on any machine with
+# nvcc (about 7 minutes on 2 cores, torch's CUDA build from PyPI included),
+#   make wheel VENV=.venv-cu TORCH_SPEC=torch==2.14.1 CUDA_HOME=/usr/local/cuda FLASHATTN_CUDA_ARCHS=90
+# take dist/ along to the GPU machine, and run there with
+#   GPU_CHECK_WHEEL=dist/flashattn_py-0.1.0-cp310-abi3-linux_x86_64.whl bash benchmarks/gpu_check.sh
+#
 # Env: OUT (default benchmarks/out/gpu), PYTHON (default python), GPU_CHECK_DRY=1,
 #      GPU_CHECK_BUDGET_S (default 480, whole-script budget in seconds),
 #      GPU_CHECK_STEPS (default "tests dense decode varlen"; add "profile"),
