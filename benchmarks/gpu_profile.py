@@ -53,9 +53,12 @@ CASES = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("cases", nargs="*", default=list(CASES), help=f"default: all of {', '.join(CASES)}")
+    p.add_argument("cases", nargs="*", help=f"of {', '.join(CASES)} (default: all)")
     args = p.parse_args()
-    for name in args.cases:
+    unknown = [name for name in args.cases if name not in CASES]
+    if unknown:
+        p.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
+    for name in args.cases or list(CASES):
         call = CASES[name]()
         with torch.no_grad() if name.startswith("decode") else torch.enable_grad():
             for _ in range(3):
