@@ -65,11 +65,12 @@ PROFILE_S=$(secs profile 60)
 TESTS_S=$(secs tests 90)      # what the tests took on the H200 (67-81 s with 8 workers)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-# cap N: the smaller of N and the time left minus what later steps still need ($2)
+# cap N: the smaller of N and the time left minus what later steps still need ($2), at
+# least 10 s (the probes below have fixed timeouts: a hung CUDA init must not take the run)
 cap() { local want=$1 reserve=$2 l; l=$(( $(left) - reserve )); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
 step() { echo; echo "=== $* ($(( $(date +%s) - START )) s)"; }
 status_of() { case $1 in 0) echo ok ;; 124|137) echo "timeout" ;; *) echo "failed(rc=$1)" ;; esac; }
-has_cuda_ops() { "$PY" -c 'import torch, flashattn_py._C; assert torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")' 2>&1; }
+has_cuda_ops() { timeout 120 "$PY" -c 'import torch, flashattn_py._C; assert torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")' 2>&1; }
 
 step "environment"
 {
@@ -78,7 +79,7 @@ step "environment"
   echo "steps:$STEPS"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: not available"
   nvcc --version 2>&1 | tail -1 || true
-  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+  timeout 120 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
   "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 || true
   "$PY" -c 'import xdist; print("pytest-xdist", xdist.__version__)' 2>&1 | tail -1
 } 2>&1 | tee "$OUT/env.log"
@@ -124,7 +125,7 @@ fi
 echo "build: $BUILD"
 
 step "available backends"
-"$PY" -c 'import flashattn_py; print("cuda backends:", flashattn_py.available_backends("cuda"))' 2>&1 | tee -a "$OUT/env.log"
+timeout 120 "$PY" -c 'import flashattn_py; print("cuda backends:", flashattn_py.available_backends("cuda"))' 2>&1 | tee -a "$OUT/env.log"
 BACKENDS=$(grep -o "cuda backends: \[.*\]" "$OUT/env.log" | tail -1 | grep -o "\[.*\]")
 
 PYTEST=skipped PYTEST_LINE=""
@@ -226,7 +227,7 @@ fi
 
 if wanted dense; then
   step "results (table: x torch = fastest sdpa-* ms / this ms; >1 is faster than torch)"
-  "$PY" benchmarks/summarize.py "$OUT/attention.csv" | tee -a "$OUT/bench.log"
+  timeout 60 "$PY" benchmarks/summarize.py "$OUT/attention.csv" | tee -a "$OUT/bench.log"
 fi
 rm -rf "$SCRATCH"
 echo
