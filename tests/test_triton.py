@@ -95,9 +95,11 @@ SHAPES = [
 ]
 
 
-def test_host_size_helpers_match_triton():
-    # kernels.common.cdiv / next_pow2 replace triton.cdiv / triton.next_power_of_2 in host
-    # code (constexpr functions on recent Triton, slow to call from Python): same values.
+@pytest.mark.parametrize("machine", ["here", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_host_size_helpers_match_triton(machine):
+    # kernels.common.cdiv / next_pow2 replace triton.cdiv / triton.next_power_of_2 in the
+    # launchers' host code (constexpr functions on recent Triton, slow to call from Python):
+    # same values, on this machine's Triton and (`-m gpu`) on the GPU machine's.
     common = _kernels.common
     assert all(common.next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
     assert all(common.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 700) for b in (1, 3, 16, 64, 128))
