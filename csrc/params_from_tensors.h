@@ -411,4 +411,56 @@ inline Tensor make_dbias(FlashBwdParams& p, const TensorInfo& q, const OptTensor
   return dbias;
 }
 
+// flashattn::kvcache_write's tensors (schema in ops.cpp), checked: 4-D caches (entries,
+// slots, Hk, D / Dv) and new keys / values (B, S_new, Hk, D / Dv) of the caches' float
+// dtype, int32 or int64 index tensors (cache_seqlens (B,), cache_batch_idx (B,),
+// block_table (B, max_blocks)), all on one device. Shared by the CPU (ops.cpp) and CUDA
+// (ops_cuda.cpp) impls.
+struct FLASHATTN_HIDDEN KvcacheWriteArgs {
+  TensorInfo k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table;
+  bool has_batch_idx = false, paged = false;  // cache_batch_idx / block_table given
+  int64_t element_size = 0;
+
+  KvcacheWriteArgs(const Tensor& k_cache_t, const Tensor& v_cache_t, const Tensor& k_t, const Tensor& v_t,
+                   const Tensor& cache_seqlens_t, const OptTensor& cache_batch_idx_t, const OptTensor& block_table_t)
+      : k_cache(k_cache_t), v_cache(v_cache_t), k(k_t), v(v_t), cache_seqlens(cache_seqlens_t) {
+    STD_TORCH_CHECK(k_cache.dim == 4 && v_cache.dim == 4 && k.dim == 4 && v.dim == 4,
+                    "flashattn: kvcache_write takes 4-D caches and new keys / values");
+    STD_TORCH_CHECK(k_cache.dtype == k.dtype && v_cache.dtype == v.dtype && k.dtype == v.dtype,
+                    "flashattn: kvcache_write: new keys / values must have the caches' dtype");
+    const ShimCodes& c = codes();
+    STD_TORCH_CHECK(k.dtype == c.f32 || k.dtype == c.f64 || k.dtype == c.bf16 || k.dtype == c.f16,
+                    "flashattn: kvcache_write: caches must be float, got ", dtype_name(k.dtype));
+    element_size = k.dtype == c.f64 ? 8 : k.dtype == c.f32 ? 4 : 2;
+    const int64_t batch = k.size(0);
+    STD_TORCH_CHECK(v.size(0) == batch && v.size(1) == k.size(1) && k.size(2) == k_cache.size(2) &&
+                        v.size(2) == v_cache.size(2) && k.size(2) == v.size(2) && k.size(3) == k_cache.size(3) &&
+                        v.size(3) == v_cache.size(3) && v_cache.size(0) == k_cache.size(0) &&
+                        v_cache.size(1) == k_cache.size(1),
+                    "flashattn: kvcache_write: new keys / values ", k.sizes_str(), " / ", v.sizes_str(),
+                    " do not fit caches ", k_cache.sizes_str(), " / ", v_cache.sizes_str());
+    for (const TensorInfo* t : {&v_cache, &k, &v, &cache_seqlens}) {
+      STD_TORCH_CHECK(t->same_device(k_cache), "flashattn: kvcache_write: every tensor must be on ",
+                      k_cache.device_str(), ", got one on ", t->device_str());
+    }
+    check_index(cache_seqlens, 1, batch, "cache_seqlens");
+    if ((has_batch_idx = cache_batch_idx_t.has_value())) {
+      check_index(cache_batch_idx = TensorInfo(*cache_batch_idx_t), 1, batch, "cache_batch_idx");
+    }
+    if ((paged = block_table_t.has_value())) check_index(block_table = TensorInfo(*block_table_t), 2, batch, "block_table");
+  }
+  // Key slots per batch entry.
+  int64_t capacity() const { return paged ? block_table.size(1) * k_cache.size(1) : k_cache.size(1); }
+  // Nothing to write, or nowhere (the Python caller rejects the latter).
+  bool empty() const { return k.size(0) * k.size(1) == 0 || capacity() == 0 || k_cache.size(0) == 0; }
+
+ private:
+  void check_index(const TensorInfo& t, int64_t dim, int64_t batch, const char* name) const {
+    STD_TORCH_CHECK(t.same_device(k_cache) && t.dim == dim && (t.dtype == codes().i32 || t.dtype == codes().i64) &&
+                        t.size(0) == batch,
+                    "flashattn: kvcache_write: ", name, " must be a ", dim,
+                    "-D int32 or int64 tensor with one row per batch entry, on the caches' device");
+  }
+};
+
 }  // namespace flashattn

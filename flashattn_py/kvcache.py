@@ -6,7 +6,8 @@ per-sequence view reads each batch entry's cache row (``kv_batch_idx``), skips i
 padding (``leftpad_k``) and follows its pages (``block_table``); ``seqused_k`` = cache
 length + new keys. Nothing is read back to the host on GPUs: the append computes its
 indices on the device; traced (torch.compile, make_fx) it is one custom op that mutates the
-caches (``flashattn::kvcache_append``), plain eager calls write directly.
+caches: the compiled ``flashattn::kvcache_write`` (CPU; CUDA where built), elsewhere
+``flashattn::kvcache_append`` (torch index ops; plain eager calls run them directly).
 """
 from __future__ import annotations
 
@@ -79,11 +80,27 @@ def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     return None
 
 
+def _compiled_write(k_cache: Tensor) -> bool:
+    """Whether the compiled op ``flashattn::kvcache_write`` writes these caches: CPU caches,
+    and CUDA caches on an sm80+ GPU (the CUDA builds' targets) where flashattn_py._C has its
+    CUDA kernels, whatever backend attends."""
+    if k_cache.device.type == "cpu":
+        return backends.compiled_ops_error() is None
+    return (k_cache.device.type == "cuda" and backends.cuda_kernels_error() is None
+            and backends.cuda_device_props(k_cache.device.index)[0] >= 8)
+
+
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
             cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
-    """The append: directly on plain eager tensors, else through the op (so a trace records
-    one mutating node). (Spelled out rather than looped: this runs on every decode step.)"""
-    if (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
+    """The append. Where compiled: the op ``flashattn::kvcache_write`` (one dispatcher call
+    and, on a GPU, one launch; eager or traced). Elsewhere torch index ops: directly on plain
+    eager tensors, else through ``kvcache_append`` (so a trace records one mutating node).
+    (Spelled out rather than looped: this runs on every decode step.)"""
+    if _compiled_write(k_cache):
+        torch.ops.flashattn.kvcache_write.default(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+        if ops.unobserved_eager():  # (a C++ op's writes leave the version counters; traces track the mutation)
+            torch.autograd.graph.increment_version((k_cache, v_cache))
+    elif (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
             and type(cache_seqlens) is Tensor and ops.unobserved_eager() and ops.outside_dispatcher_ok()):
         _write_new_keys(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     else:

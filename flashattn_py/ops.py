@@ -382,6 +382,10 @@ def _register_compiled_op_fakes() -> None:
     def _dropout_mask_fake(rng_state, batch, num_heads, seqlen_q, seqlen_k, dropout_p):
         return rng_state.new_empty((batch, num_heads, seqlen_q, seqlen_k), dtype=torch.bool)
 
+    @torch.library.register_fake("flashattn::kvcache_write")
+    def _kvcache_write_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
+        return None
+
 
 _register_compiled_op_fakes()
 

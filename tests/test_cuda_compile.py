@@ -3,7 +3,7 @@
 Every .cu is compiled for sm_80 and sm_90 with ``-Xptxas -v`` (in parallel, one job per
 core); the test fails on any compiler error and on register spills in the forward kernels,
 and links the sm_90 objects with a small host program that calls run_flash_fwd /
-run_flash_bwd (catches missing or duplicate instantiations across the per-head-dim files).
+run_flash_bwd / run_kvcache_write (catches missing or duplicate instantiations across the per-head-dim files).
 Slow (several minutes on 2 cores), so marked ``slow``: run with
 ``pytest -m slow tests/test_cuda_compile.py``.
 """
@@ -123,9 +123,11 @@ _LINK_MAIN = r"""
 int main(int argc, char**) {
   flashattn::FlashParams fp{};
   flashattn::FlashBwdParams bp{};
+  flashattn::KvcacheWriteParams kp{};
   if (argc > 99) {  // never taken: only the references matter
     flashattn::run_flash_fwd(fp, argc > 100, nullptr);
     flashattn::run_flash_bwd(bp, argc > 100, nullptr, nullptr, nullptr);
+    flashattn::run_kvcache_write(kp, nullptr);
   }
   return 0;
 }

@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import flashattn_py
 from flashattn_py import kvcache
 from flashattn_py.reference import attention_kvcache_ref
+from devices import has_cuda_kernels
 from rule import OUT_FACTOR, assert_rule
 
 
@@ -217,10 +218,13 @@ def test_compiled_decode_step_mutates_the_cache():
     assert torch.equal(k_cache, k_cache2) and torch.equal(k_cache[1, 5], k[1, 0])
 
 
-def test_append_is_one_op_in_traces_and_a_plain_write_in_eager():
-    # Eager calls on plain tensors write the caches directly (torch.library.custom_op's
-    # wrapper costs more than the write); a trace (torch.compile's graph, make_fx) records
-    # the one mutating op, never the index arithmetic behind it.
+@pytest.mark.parametrize("compiled_write", [True, False], ids=["kvcache_write", "index-ops"])
+def test_append_is_one_op_in_traces_and_one_write_in_eager(compiled_write):
+    # CPU caches: the compiled op flashattn::kvcache_write, eager and traced. Elsewhere (here
+    # forced on the CPU) torch index ops: directly in eager calls on plain tensors
+    # (torch.library.custom_op's wrapper costs more than the write), and in a trace
+    # (torch.compile's graph, make_fx) the one mutating op kvcache_append, never the index
+    # arithmetic behind it. Either way eager writes bump the caches' version counters.
     q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
     lens = torch.tensor([0, 5], dtype=torch.int32)
 
@@ -234,20 +238,69 @@ def test_append_is_one_op_in_traces_and_a_plain_write_in_eager():
         return gm.forward
 
     torch._dynamo.reset()
-    append = torch.ops.flashattn.kvcache_append.default
-    with torch.no_grad():
-        k_cache = torch.zeros(2, 8, 2, 16)
-        before = k_cache._version
+    op = torch.ops.flashattn.kvcache_write.default if compiled_write else torch.ops.flashattn.kvcache_append.default
+    with torch.no_grad(), mock.patch.object(kvcache, "_compiled_write", lambda k_cache: compiled_write):
+        k_cache, v_cache = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+        before = k_cache._version, v_cache._version
         with mock.patch.object(kvcache, "kvcache_append", side_effect=AssertionError("eager went through the op")):
-            step(q, k_cache, torch.zeros(2, 8, 2, 16), k, v, lens)
-        assert k_cache._version > before and torch.equal(k_cache[1, 5], k[1, 0])
+            with torch.profiler.profile() as prof:
+                step(q, k_cache, v_cache, k, v, lens)
+        assert k_cache._version > before[0] and v_cache._version > before[1]
+        assert torch.equal(k_cache[1, 5], k[1, 0]) and torch.equal(v_cache[0, 0], v[0, 0])
+        events = [e.name for e in prof.events()]
+        assert ("flashattn::kvcache_write" in events) == compiled_write
         torch.compile(step, fullgraph=True, backend=record)(q, torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16),
                                                              k, v, lens)
         traced = make_fx(step)(q, torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), k, v, lens)
     for gm in (*graphs, traced):
         calls = [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
-        assert calls.count(append) == 1
+        assert calls.count(op) == 1
         assert not any("index_put" in str(target) for target in calls)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not has_cuda_kernels(), reason="needs a CUDA GPU and the compiled CUDA ops")])])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kvcache_write_matches_the_index_ops(paged, dtype, device):
+    # The compiled append (CPU; CUDA: one launch) against the torch index ops it replaces
+    # (kvcache._write_new_keys), bitwise, on values that are not all in range (both clamp
+    # every index into the caches): strided new keys, int64 and int32 indices, repeated
+    # cache rows, Dv != D. Rows written twice (clamped slots) get the same values in both,
+    # so the order of the writes does not matter.
+    gen = torch.Generator().manual_seed(3)
+    batch, new, heads = 3, 5, 2
+    entries, slots = (7, 3) if paged else (4, 9)
+    k_cache = torch.randn(entries, slots, heads, 16, generator=gen).to(device=device, dtype=dtype)
+    v_cache = torch.randn(entries, slots, heads, 8, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(batch, heads, new, 16, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)  # strided
+    v = torch.randn(batch, new, heads, 8, generator=gen).to(device=device, dtype=dtype)
+    for t in (k, v):  # the rows that clamp onto one slot (entry 1's last, entry 2's first)
+        t[1, 2:] = t[1, 1]
+        t[2, 1:4] = t[2, 0]
+    for index_dtype in (torch.int32, torch.int64):
+        def ints(values):
+            return torch.tensor(values, dtype=index_dtype, device=device)
+
+        lens = ints([0, 7, -3])  # (capacity 9: entry 1 runs past it)
+        rows = None if paged else ints([2, -1, 9])
+        table = ints([[2, 1, 0], [0, 4, -5], [40, 3, 4]]) if paged else None
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        kvcache._write_new_keys(want_k, want_v, k, v, lens, rows, table)
+        got_k, got_v = k_cache.clone(), v_cache.clone()
+        torch.ops.flashattn.kvcache_write(got_k, got_v, k, v, lens, rows, table)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        assert not torch.equal(got_k, k_cache)
+
+
+def test_opcheck_kvcache_write():
+    k_cache, v_cache = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 2, 16)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flashattn.kvcache_write.default, (k_cache, v_cache, k, v, lens, None, None))
+    table = torch.tensor([[1], [0]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flashattn.kvcache_write.default,
+                          (torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16), k, v, lens, None, table))
 
 
 def test_padded_block_tables_and_larger_caches_are_accepted():
