@@ -191,4 +191,61 @@ struct FlashBwdParams : FlashParams {
   float* dbias = nullptr;
 };
 
+// flash_attn_with_kvcache's append (flashattn::kvcache_write; ops.cpp, ops_cuda.cpp): row
+// (b, i) of the new keys / values (batch x new_keys rows of heads x width elements,
+// element_size bytes each, any element strides) goes to slot cache_seqlens[b] + i of cache
+// entry cache_batch_idx[b] (else b), or of the pages block_table[b] (`slots` rows per
+// page), among `entries` x `slots` rows. Index tensors are int32 or int64 (the *_int64
+// flags), read through their strides.
+struct KvcacheWriteParams {
+  struct Rows {
+    const void* src = nullptr;
+    void* dst = nullptr;
+    int64_t width = 0;  // D for K, Dv for V
+    int64_t src_stride[4] = {}, dst_stride[4] = {};
+  } k, v;
+  int64_t batch = 0, new_keys = 0, heads = 0, entries = 0, slots = 0, element_size = 0;
+  const void* cache_seqlens = nullptr;
+  int64_t seqlens_stride = 0;
+  bool seqlens_int64 = false;
+  bool has_batch_idx = false;
+  const void* cache_batch_idx = nullptr;
+  int64_t rows_stride = 0;
+  bool rows_int64 = false;
+  bool paged = false;
+  const void* block_table = nullptr;
+  int64_t table_width = 0, table_stride0 = 0, table_stride1 = 0;
+  bool table_int64 = false;
+};
+
+FLASHATTN_HOST_DEVICE int64_t read_index(const void* t, bool is_int64, int64_t at) {
+  return is_int64 ? static_cast<const int64_t*>(t)[at] : static_cast<const int32_t*>(t)[at];
+}
+
+// Key slots of each batch entry; 0 (or no rows, or no entries): nothing to write.
+FLASHATTN_HOST_DEVICE int64_t kvcache_capacity(const KvcacheWriteParams& p) {
+  return p.paged ? p.table_width * p.slots : p.slots;
+}
+
+// Where row (b, i) goes: cache entry *entry (a page when paged), row *row of it. Every index
+// clamped into the caches (the length first, so that no value overflows), so no value
+// writes out of bounds. Needs kvcache_capacity(p) > 0 and p.entries > 0.
+FLASHATTN_HOST_DEVICE void kvcache_destination(const KvcacheWriteParams& p, int64_t b, int64_t i, int64_t* entry,
+                                               int64_t* row) {
+  const int64_t capacity = kvcache_capacity(p);
+  int64_t length = read_index(p.cache_seqlens, p.seqlens_int64, b * p.seqlens_stride);
+  length = length < -p.new_keys ? -p.new_keys : (length > capacity ? capacity : length);
+  const int64_t slot = clamp_len(length + i, capacity - 1);
+  if (p.paged) {
+    const int64_t at = b * p.table_stride0 + (slot / p.slots) * p.table_stride1;
+    *entry = clamp_len(read_index(p.block_table, p.table_int64, at), p.entries - 1);
+    *row = slot % p.slots;
+  } else {
+    *entry = clamp_len(p.has_batch_idx ? read_index(p.cache_batch_idx, p.rows_int64, b * p.rows_stride) : b,
+                       p.entries - 1);
+    *row = slot;
+  }
+}
+
+
 }  // namespace flashattn

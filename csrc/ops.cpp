@@ -179,37 +179,31 @@ Tensor dropout_mask_cpu(const Tensor& rng_state, int64_t batch, int64_t num_head
 
 // flashattn::kvcache_write(k_cache!, v_cache!, k, v, cache_seqlens, cache_batch_idx?,
 //     block_table?) -> ()
-// flash_attn_with_kvcache's append (flashattn_py/kvcache.py; CUDA impl in ops_cuda.cpp): new keys and
-// values k, v (B, S_new, Hk, D / Dv) written in place at slots cache_seqlens[b] + i of
-// batch entry b's cache row (cache_batch_idx[b], else b; dense caches (B_cache, S_cache,
-// Hk, D)) or of its pages (block_table[b]; paged caches (num_blocks, page_size, Hk, D)).
-// Every index is clamped into the caches, as the kernels clamp the indices they read, so
-// no value writes out of bounds (the Python caller reports bad values before it calls).
-// One op instead of the dozen tensor ops that compute the indices and scatter the rows
-// (on the development VM's CPU they took about 0.4 ms of a decoding step, more than the
-// attention over a short cache).
+// flash_attn_with_kvcache's append (flashattn_py/kvcache.py; CUDA impl in ops_cuda.cpp):
+// new keys and values k, v (B, S_new, Hk, D / Dv) written in place at slots
+// cache_seqlens[b] + i of batch entry b's cache row (cache_batch_idx[b], else b; dense
+// caches (B_cache, S_cache, Hk, D)) or of its pages (block_table[b]; paged caches
+// (num_blocks, page_size, Hk, D)), every index clamped into the caches
+// (flash_params.h kvcache_destination, which the CUDA kernel runs too), so no value writes
+// out of bounds. Values are checked only by the Python caller, where it can read them (CPU
+// tensors, not while torch.compile traces): where clamping maps several rows onto one
+// slot, which of them lands there is unspecified (as with index_put_). One op instead of
+// the dozen tensor ops that computed the indices and scattered the rows (95-140 us a
+// decoding step on the development VM's CPU, about 15 us now).
 namespace {
-// Entry i (of row `row` when 2-D) of an int32 or int64 CPU tensor.
-int64_t index_at(const TensorInfo& t, int64_t i, int64_t row = 0) {
-  const int64_t at = t.dim > 1 ? row * t.stride(0) + i * t.stride(1) : i * t.stride(0);
-  return t.dtype == codes().i64 ? static_cast<const int64_t*>(t.data)[at] : static_cast<const int32_t*>(t.data)[at];
-}
-
-// Row (b, i) of `src` (heads x width elements) into row `row` of `dst`'s entry `entry`,
-// through both tensors' strides.
-void copy_row(const TensorInfo& src, int64_t b, int64_t i, const TensorInfo& dst, int64_t entry, int64_t row,
+// Row (b, i) of `r.src` (heads x r.width elements) into row `row` of `r.dst`'s entry `entry`.
+void copy_row(const KvcacheWriteParams::Rows& r, int64_t heads, int64_t b, int64_t i, int64_t entry, int64_t row,
               int64_t element_size) {
-  const char* from = static_cast<const char*>(src.data) + (b * src.stride(0) + i * src.stride(1)) * element_size;
-  char* to = static_cast<char*>(dst.data) + (entry * dst.stride(0) + row * dst.stride(1)) * element_size;
-  const int64_t heads = src.size(2), width = src.size(3);
+  const char* from = static_cast<const char*>(r.src) + (b * r.src_stride[0] + i * r.src_stride[1]) * element_size;
+  char* to = static_cast<char*>(r.dst) + (entry * r.dst_stride[0] + row * r.dst_stride[1]) * element_size;
   for (int64_t h = 0; h < heads; ++h) {
-    const char* f = from + h * src.stride(2) * element_size;
-    char* t = to + h * dst.stride(2) * element_size;
-    if (src.stride(3) == 1 && dst.stride(3) == 1) {
-      std::memcpy(t, f, width * element_size);
+    const char* f = from + h * r.src_stride[2] * element_size;
+    char* t = to + h * r.dst_stride[2] * element_size;
+    if (r.src_stride[3] == 1 && r.dst_stride[3] == 1) {
+      std::memcpy(t, f, r.width * element_size);
     } else {
-      for (int64_t e = 0; e < width; ++e) {
-        std::memcpy(t + e * dst.stride(3) * element_size, f + e * src.stride(3) * element_size, element_size);
+      for (int64_t e = 0; e < r.width; ++e) {
+        std::memcpy(t + e * r.dst_stride[3] * element_size, f + e * r.src_stride[3] * element_size, element_size);
       }
     }
   }
@@ -220,26 +214,18 @@ void kvcache_write_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tenso
                        const Tensor& cache_seqlens, const OptTensor& cache_batch_idx, const OptTensor& block_table) {
   const KvcacheWriteArgs a(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table);
   STD_TORCH_CHECK(a.k_cache.is_cpu(), "flashattn: kvcache_write's CPU impl takes CPU tensors");
-  if (a.empty()) return;
-  const int64_t new_keys = a.k.size(1), entries = a.k_cache.size(0), slots = a.k_cache.size(1);
-  const int64_t capacity = a.capacity();
+  const KvcacheWriteParams p = a.params();
+  if (p.batch * p.new_keys == 0 || kvcache_capacity(p) == 0 || p.entries == 0) return;
   // (rows of Hk x D elements: small appends (decoding) stay on the calling thread)
-  const int64_t row_bytes = std::max<int64_t>(1, a.k.size(2) * a.k.size(3) * a.element_size);
+  const int64_t row_bytes = std::max<int64_t>(1, p.heads * p.k.width * p.element_size);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes);
-  torch::stable::parallel_for(0, a.k.size(0) * new_keys, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, p.batch * p.new_keys, grain, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / new_keys, i = idx % new_keys;
-      const int64_t slot = std::clamp<int64_t>(index_at(a.cache_seqlens, b) + i, 0, capacity - 1);
+      const int64_t b = idx / p.new_keys, i = idx % p.new_keys;
       int64_t entry, row;
-      if (a.paged) {
-        entry = std::clamp<int64_t>(index_at(a.block_table, slot / slots, b), 0, entries - 1);
-        row = slot % slots;
-      } else {
-        entry = std::clamp<int64_t>(a.has_batch_idx ? index_at(a.cache_batch_idx, b) : b, 0, entries - 1);
-        row = slot;
-      }
-      copy_row(a.k, b, i, a.k_cache, entry, row, a.element_size);
-      copy_row(a.v, b, i, a.v_cache, entry, row, a.element_size);
+      kvcache_destination(p, b, i, &entry, &row);
+      copy_row(p.k, p.heads, b, i, entry, row, p.element_size);
+      copy_row(p.v, p.heads, b, i, entry, row, p.element_size);
     }
   });
 }

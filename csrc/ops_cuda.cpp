@@ -187,30 +187,8 @@ void kvcache_write_cuda(const Tensor& k_cache, const Tensor& v_cache, const Tens
                         const Tensor& cache_seqlens, const OptTensor& cache_batch_idx, const OptTensor& block_table) {
   const KvcacheWriteArgs a(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table);
   STD_TORCH_CHECK(a.k_cache.is_cuda(), "flashattn: kvcache_write's CUDA impl takes CUDA tensors");
-  if (a.empty()) return;
   torch::stable::accelerator::DeviceGuard guard(a.k_cache.device_index);
-  KvcacheWriteParams p{};
-  const std::pair<KvcacheWriteParams::Rows*, std::pair<const TensorInfo*, const TensorInfo*>> rows[] = {
-      {&p.k, {&a.k, &a.k_cache}}, {&p.v, {&a.v, &a.v_cache}}};
-  for (const auto& [r, tensors] : rows) {
-    const TensorInfo &src = *tensors.first, &dst = *tensors.second;
-    r->src = src.data, r->dst = dst.data, r->width = src.size(3);
-    for (int d = 0; d < 4; ++d) r->src_stride[d] = src.stride(d), r->dst_stride[d] = dst.stride(d);
-  }
-  p.batch = a.k.size(0), p.new_keys = a.k.size(1), p.heads = a.k.size(2);
-  p.entries = a.k_cache.size(0), p.slots = a.k_cache.size(1), p.element_size = a.element_size;
-  const int32_t i64 = codes().i64;
-  p.cache_seqlens = a.cache_seqlens.data, p.seqlens_stride = a.cache_seqlens.stride(0);
-  p.seqlens_int64 = a.cache_seqlens.dtype == i64;
-  if (a.has_batch_idx) {
-    p.cache_batch_idx = a.cache_batch_idx.data, p.rows_stride = a.cache_batch_idx.stride(0);
-    p.rows_int64 = a.cache_batch_idx.dtype == i64;
-  }
-  if (a.paged) {
-    p.block_table = a.block_table.data, p.table_width = a.block_table.size(1);
-    p.table_stride0 = a.block_table.stride(0), p.table_stride1 = a.block_table.stride(1);
-    p.table_int64 = a.block_table.dtype == i64;
-  }
+  const KvcacheWriteParams p = a.params();
   check_no_pending_error();
   const cudaError_t err = run_kvcache_write(p, current_stream(a.k_cache));
   STD_TORCH_CHECK(err == cudaSuccess, "flashattn::kvcache_write CUDA kernel failed: ", cudaGetErrorString(err));

@@ -449,10 +449,32 @@ struct FLASHATTN_HIDDEN KvcacheWriteArgs {
     }
     if ((paged = block_table_t.has_value())) check_index(block_table = TensorInfo(*block_table_t), 2, batch, "block_table");
   }
-  // Key slots per batch entry.
-  int64_t capacity() const { return paged ? block_table.size(1) * k_cache.size(1) : k_cache.size(1); }
-  // Nothing to write, or nowhere (the Python caller rejects the latter).
-  bool empty() const { return k.size(0) * k.size(1) == 0 || capacity() == 0 || k_cache.size(0) == 0; }
+  // The kernels' description of the call (the tensors must outlive it).
+  KvcacheWriteParams params() const {
+    KvcacheWriteParams p;
+    const std::pair<KvcacheWriteParams::Rows*, std::pair<const TensorInfo*, const TensorInfo*>> rows[] = {
+        {&p.k, {&k, &k_cache}}, {&p.v, {&v, &v_cache}}};
+    for (const auto& [r, tensors] : rows) {
+      const TensorInfo &src = *tensors.first, &dst = *tensors.second;
+      r->src = src.data, r->dst = dst.data, r->width = src.size(3);
+      for (int d = 0; d < 4; ++d) r->src_stride[d] = src.stride(d), r->dst_stride[d] = dst.stride(d);
+    }
+    p.batch = k.size(0), p.new_keys = k.size(1), p.heads = k.size(2);
+    p.entries = k_cache.size(0), p.slots = k_cache.size(1), p.element_size = element_size;
+    const int32_t i64 = codes().i64;
+    p.cache_seqlens = cache_seqlens.data, p.seqlens_stride = cache_seqlens.stride(0);
+    p.seqlens_int64 = cache_seqlens.dtype == i64;
+    if ((p.has_batch_idx = has_batch_idx)) {
+      p.cache_batch_idx = cache_batch_idx.data, p.rows_stride = cache_batch_idx.stride(0);
+      p.rows_int64 = cache_batch_idx.dtype == i64;
+    }
+    if ((p.paged = paged)) {
+      p.block_table = block_table.data, p.table_width = block_table.size(1);
+      p.table_stride0 = block_table.stride(0), p.table_stride1 = block_table.stride(1);
+      p.table_int64 = block_table.dtype == i64;
+    }
+    return p;
+  }
 
  private:
   void check_index(const TensorInfo& t, int64_t dim, int64_t batch, const char* name) const {

@@ -80,14 +80,14 @@ def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     return None
 
 
-def _compiled_write(k_cache: Tensor) -> bool:
-    """Whether the compiled op ``flashattn::kvcache_write`` writes these caches: CPU caches,
-    and CUDA caches on an sm80+ GPU (the CUDA builds' targets) where flashattn_py._C has its
-    CUDA kernels, whatever backend attends."""
-    if k_cache.device.type == "cpu":
+def _compiled_write(device: torch.device) -> bool:
+    """Whether the compiled op ``flashattn::kvcache_write`` writes caches on ``device``: the
+    CPU, and sm80+ GPUs (the CUDA builds' targets) where flashattn_py._C has its CUDA kernels,
+    whatever backend attends."""
+    if device.type == "cpu":
         return backends.compiled_ops_error() is None
-    return (k_cache.device.type == "cuda" and backends.cuda_kernels_error() is None
-            and backends.cuda_device_props(k_cache.device.index)[0] >= 8)
+    return (device.type == "cuda" and backends.cuda_kernels_error() is None
+            and backends.cuda_device_props(device.index)[0] >= 8)
 
 
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
@@ -96,9 +96,9 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlen
     and, on a GPU, one launch; eager or traced). Elsewhere torch index ops: directly on plain
     eager tensors, else through ``kvcache_append`` (so a trace records one mutating node).
     (Spelled out rather than looped: this runs on every decode step.)"""
-    if _compiled_write(k_cache):
+    if _compiled_write(k_cache.device):
         torch.ops.flashattn.kvcache_write.default(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
-        if ops.unobserved_eager():  # (a C++ op's writes leave the version counters; traces track the mutation)
+        if not torch.compiler.is_compiling():  # (the dispatcher leaves a C++ op's mutated version counters)
             torch.autograd.graph.increment_version((k_cache, v_cache))
     elif (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
             and type(cache_seqlens) is Tensor and ops.unobserved_eager() and ops.outside_dispatcher_ok()):

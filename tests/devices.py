@@ -8,8 +8,8 @@ import torch
 
 
 def has_cuda_kernels() -> bool:
-    """A CUDA GPU and flashattn_py._C built with its CUDA ops."""
-    if not torch.cuda.is_available():
+    """An sm80+ CUDA GPU (the CUDA builds' targets) and flashattn_py._C built with its CUDA ops."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         return False
     try:
         import flashattn_py._C  # noqa: F401  (loads the library, registers the ops)

@@ -239,7 +239,7 @@ def test_append_is_one_op_in_traces_and_one_write_in_eager(compiled_write):
 
     torch._dynamo.reset()
     op = torch.ops.flashattn.kvcache_write.default if compiled_write else torch.ops.flashattn.kvcache_append.default
-    with torch.no_grad(), mock.patch.object(kvcache, "_compiled_write", lambda k_cache: compiled_write):
+    with torch.no_grad(), mock.patch.object(kvcache, "_compiled_write", lambda device: compiled_write):
         k_cache, v_cache = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
         before = k_cache._version, v_cache._version
         with mock.patch.object(kvcache, "kvcache_append", side_effect=AssertionError("eager went through the op")):
@@ -259,17 +259,19 @@ def test_append_is_one_op_in_traces_and_one_write_in_eager(compiled_write):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not has_cuda_kernels(), reason="needs a CUDA GPU and the compiled CUDA ops")])])
-@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+    not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])])
+@pytest.mark.parametrize("layout", ["dense", "dense-rows", "paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_kvcache_write_matches_the_index_ops(paged, dtype, device):
+def test_kvcache_write_matches_the_index_ops(layout, dtype, device):
     # The compiled append (CPU; CUDA: one launch) against the torch index ops it replaces
     # (kvcache._write_new_keys), bitwise, on values that are not all in range (both clamp
-    # every index into the caches): strided new keys, int64 and int32 indices, repeated
-    # cache rows, Dv != D. Rows written twice (clamped slots) get the same values in both,
-    # so the order of the writes does not matter.
+    # every index into the caches): strided new keys, strided and mixed int32 / int64
+    # index tensors, a transposed block table padded with -1, repeated cache rows, Dv != D.
+    # Rows that clamp onto one slot carry equal values, so the order of the writes does
+    # not matter.
     gen = torch.Generator().manual_seed(3)
     batch, new, heads = 3, 5, 2
+    paged = layout == "paged"
     entries, slots = (7, 3) if paged else (4, 9)
     k_cache = torch.randn(entries, slots, heads, 16, generator=gen).to(device=device, dtype=dtype)
     v_cache = torch.randn(entries, slots, heads, 8, generator=gen).to(device=device, dtype=dtype)
@@ -278,19 +280,52 @@ def test_kvcache_write_matches_the_index_ops(paged, dtype, device):
     for t in (k, v):  # the rows that clamp onto one slot (entry 1's last, entry 2's first)
         t[1, 2:] = t[1, 1]
         t[2, 1:4] = t[2, 0]
-    for index_dtype in (torch.int32, torch.int64):
-        def ints(values):
-            return torch.tensor(values, dtype=index_dtype, device=device)
-
-        lens = ints([0, 7, -3])  # (capacity 9: entry 1 runs past it)
-        rows = None if paged else ints([2, -1, 9])
-        table = ints([[2, 1, 0], [0, 4, -5], [40, 3, 4]]) if paged else None
+    for lens_dtype, index_dtype in ((torch.int32, torch.int64), (torch.int64, torch.int32)):
+        # (capacity 9 dense, 12 paged: entry 1 runs past it, entry 2 starts before slot 0;
+        # every other element of a longer tensor: strided)
+        lens = torch.tensor([0, -1, 10 if paged else 7, -1, -3, -1], dtype=lens_dtype, device=device)[::2]
+        rows = torch.tensor([2, -1, 9], dtype=index_dtype, device=device) if layout == "dense-rows" else None
+        table = None
+        if paged:  # (B, 4), column-major, -1 where no page is reached; pages 0, 2, 3, 6 written
+            table = torch.tensor([[2, -5, 1, -1], [0, 4, 5, 40], [3, 6, 4, -1]], dtype=index_dtype,
+                                 device=device).t().contiguous().t()
         want_k, want_v = k_cache.clone(), v_cache.clone()
         kvcache._write_new_keys(want_k, want_v, k, v, lens, rows, table)
         got_k, got_v = k_cache.clone(), v_cache.clone()
         torch.ops.flashattn.kvcache_write(got_k, got_v, k, v, lens, rows, table)
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
         assert not torch.equal(got_k, k_cache)
+
+
+def test_compiled_write_gating():
+    # The compiled append serves CPU caches and CUDA caches of sm80+ GPUs where the CUDA ops
+    # are built; everything else keeps the index ops.
+    from flashattn_py import backends
+    cuda0 = torch.device("cuda", 0)
+    assert kvcache._compiled_write(torch.device("cpu")) == (backends.compiled_ops_error() is None)
+    assert not kvcache._compiled_write(torch.device("meta"))
+    with mock.patch.object(backends, "cuda_kernels_error", lambda: None):
+        for major, want in ((7, False), (8, True), (9, True)):
+            with mock.patch.object(backends, "cuda_device_props", lambda index: (major, 0, 0)):
+                assert kvcache._compiled_write(cuda0) == want
+    with mock.patch.object(backends, "cuda_kernels_error", lambda: "built without CUDA kernels"), \
+            mock.patch.object(backends, "cuda_device_props", lambda index: (9, 0, 0)):
+        assert not kvcache._compiled_write(cuda0)
+
+
+def test_append_bumps_versions_under_a_dispatch_mode():
+    # A dispatch mode that only watches (FlopCounterMode, say) still sees a mutation.
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    q, new = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    k_cache, v_cache = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+    before = k_cache._version, v_cache._version
+    with torch.no_grad(), Watch():
+        flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
+    assert k_cache._version > before[0] and v_cache._version > before[1]
+    assert torch.equal(k_cache[0, 1], new[0, 0])
 
 
 def test_opcheck_kvcache_write():

@@ -57,30 +57,8 @@ inline int64_t fwd_oaccum_row(const FlashParams& p) {
 cudaError_t run_flash_bwd(const FlashBwdParams& params, bool is_bf16, float* dq_accum, float* softmax_d,
                           cudaStream_t stream);
 
-// flashattn::kvcache_write (flash_attn_with_kvcache's append; ops_cuda.cpp fills this):
-// row (b, i) of the new keys / values (batch x new_keys rows of heads x width elements,
-// element_size bytes each, any element strides) goes to slot cache_seqlens[b] + i of
-// cache entry cache_batch_idx[b] (else b), or of the pages block_table[b] (`slots` per
-// page), every index clamped into the caches (entries x slots rows). Index tensors are
-// int32 or int64 (the *_int64 flags), read through their strides on the device.
-struct KvcacheWriteParams {
-  struct Rows {
-    const void* src;
-    void* dst;
-    int64_t width;  // D for K, Dv for V
-    int64_t src_stride[4], dst_stride[4];
-  } k, v;
-  int64_t batch, new_keys, heads, entries, slots, element_size;
-  const void* cache_seqlens;
-  int64_t seqlens_stride;
-  bool seqlens_int64;
-  const void* cache_batch_idx;  // or null
-  int64_t rows_stride;
-  bool rows_int64;
-  const void* block_table;  // or null
-  int64_t table_width, table_stride0, table_stride1;
-  bool table_int64;
-};
+// flashattn::kvcache_write (flash_params.h KvcacheWriteParams; ops_cuda.cpp fills it): one
+// launch, one CTA per new row.
 cudaError_t run_kvcache_write(const KvcacheWriteParams& params, cudaStream_t stream);
 
 }  // namespace flashattn
