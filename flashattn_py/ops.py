@@ -465,18 +465,21 @@ def attention(
     kv_batch_idx: Optional[Tensor] = None,
     leftpad_k: Optional[Tensor] = None,
     num_splits: int = 0,
+    selected: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
-    Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments)."""
+    Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments).
+    ``selected``: ``backend`` is what ``backends.select`` chose for this very call (a
+    caller that had to know first), so it is not chosen again."""
     # (spelled out, not a generator over the tensors: this runs on every call)
     per_sequence = None
     if (cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or kv_batch_idx is not None
             or leftpad_k is not None):
         per_sequence = next(t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx, leftpad_k)
                             if t is not None)
-    name = backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic, alibi_slopes, per_sequence,
-                                   block_table), backend)
+    name = backend if selected else backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic,
+                                                            alibi_slopes, per_sequence, block_table), backend)
     impl = backends.BACKENDS[name]
     rng_state = inference = None
     if impl.fused:
