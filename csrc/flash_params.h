@@ -106,6 +106,10 @@ struct FlashParams {
   // CPU kernels: the path a call with gradients was given for its forward and backward
   // (cpu/flash_cpu.h encode_path), 0: chosen per call from the problem.
   int64_t cpu_path = 0;
+  // CPU kernels: query rows per query position. 1, except in the forward's GQA-packed view
+  // (cpu/flash_fwd.cpp gqa_packed_view): the rows of a kv head there are its query heads'
+  // rows of each position side by side, row r at position r / q_group; seqlen_q counts rows.
+  int64_t q_group = 1;
 };
 
 #if defined(__CUDACC__)

@@ -452,6 +452,32 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
             assert torch.equal(one, out[:, i:i + 1]) and torch.equal(one_lse, lse[..., i:i + 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlen_q,heads,heads_k", [(1, 8, 2), (2, 16, 2), (4, 8, 2), (3, 10, 2), (5, 8, 2)])
+@pytest.mark.parametrize("mask", ["none", "causal", "window"])
+def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mask):
+    # With GQA and few queries, the rows of a KV head's query heads go as one query block,
+    # position by position (1-16 rows: 4, 16, 16, 15; 5 x 4 = 20 do not fit and go per
+    # head), so K and V are read once for all of them; masks are the positions'. Every row
+    # is scored as it is alone (the row path), so out and lse are bitwise the call's with
+    # K / V repeated per query head (no packing; over 512 keys both do every head of a
+    # sequence in one task, with the same key blocks and splits).
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
+    q, k, v = random_qkv(2, seqlen_q, 700, heads, heads_k, 96, dtype=dtype, seed=seqlen_q)
+    kw = {"none": {}, "causal": dict(causal=True), "window": dict(window_size=(300, 2))}[mask]
+    group = heads // heads_k
+    with torch.no_grad():
+        out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu", **kw)
+        alone, alone_lse, _ = flashattn_py.flash_attn_func(q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2),
+                                                           return_attn_probs=True, backend="cpu", **kw)
+    assert torch.equal(out, alone) and torch.equal(lse, alone_lse)
+    check_attention(flash(**kw), q, k, v, seed=seqlen_q, grad=dtype != torch.float16,
+                    **bottom_right(seqlen_q, 700, window=kw.get("window_size", (-1, -1)), causal=mask == "causal"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_gradients_match_forward_scores(dtype):
     # Decoding-sized forwards run row by row; the backward must recompute S with the same

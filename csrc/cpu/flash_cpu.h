@@ -172,11 +172,16 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
 // docs/design.md, closed bounds: key j is visible to row i when i + diag - window_left <= j
 // <= i + diag + window_right, unbounded sides -1), with the sequence's own lengths and
 // diagonal (flash_params.h seq_view). Dense calls have one band for every batch entry.
+// q_group query rows per position (FlashParams::q_group): row i is at position i / q_group,
+// and seqlen_q counts rows; the diagonal is the positions' (bottom-right: seqlen_k minus
+// the positions).
 struct Band {
-  int64_t seqlen_q, seqlen_k, diag_offset, window_left, window_right;
+  int64_t seqlen_q, seqlen_k, diag_offset, window_left, window_right, q_group;
 };
 inline Band band(const FlashParams& p, const SeqView& s) {
-  return {s.seqlen_q, s.seqlen_k, s.diag_offset, p.window_left, p.window_right};
+  const int64_t diag = p.q_group == 1 ? s.diag_offset
+                                      : p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q / p.q_group : 0);
+  return {s.seqlen_q, s.seqlen_k, diag, p.window_left, p.window_right, p.q_group};
 }
 
 // Keys visible to query row i: [lo, hi), empty when hi <= lo.
@@ -184,9 +189,10 @@ struct KeyRange {
   int64_t lo, hi;
 };
 inline KeyRange visible_keys(const Band& w, int64_t i) {
+  const int64_t pos = i / w.q_group;
   int64_t lo = 0, hi = w.seqlen_k;
-  if (w.window_left >= 0) lo = std::max<int64_t>(lo, i + w.diag_offset - w.window_left);
-  if (w.window_right >= 0) hi = std::min<int64_t>(hi, i + w.diag_offset + w.window_right + 1);
+  if (w.window_left >= 0) lo = std::max<int64_t>(lo, pos + w.diag_offset - w.window_left);
+  if (w.window_right >= 0) hi = std::min<int64_t>(hi, pos + w.diag_offset + w.window_right + 1);
   lo = std::min<int64_t>(lo, w.seqlen_k);
   return {lo, std::max(lo, hi)};
 }
@@ -201,9 +207,9 @@ inline KeyRange visible_keys(const Band& w, int64_t row0, int64_t row1) {
 
 // Query rows that see at least one key of [col0, col1): the inverse of visible_keys.
 inline KeyRange visible_rows(const Band& w, int64_t col0, int64_t col1) {
-  int64_t lo = 0, hi = w.seqlen_q;
-  if (w.window_right >= 0) lo = std::max<int64_t>(lo, col0 - w.diag_offset - w.window_right);
-  if (w.window_left >= 0) hi = std::min<int64_t>(hi, col1 - 1 - w.diag_offset + w.window_left + 1);
+  int64_t lo = 0, hi = w.seqlen_q;  // (the first and past the last positions, in rows)
+  if (w.window_right >= 0) lo = std::max<int64_t>(lo, (col0 - w.diag_offset - w.window_right) * w.q_group);
+  if (w.window_left >= 0) hi = std::min<int64_t>(hi, (col1 - 1 - w.diag_offset + w.window_left + 1) * w.q_group);
   lo = std::min<int64_t>(lo, w.seqlen_q);
   return {lo, std::max(lo, hi)};
 }
@@ -351,7 +357,7 @@ inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_
     }
   }
   if (slope != 0.f) {
-    const int64_t qpos = i + w.diag_offset;
+    const int64_t qpos = i / w.q_group + w.diag_offset;
     for (int64_t c = 0; c < n; ++c) {
       s[c] -= static_cast<acc>(slope) * static_cast<acc>(std::llabs(qpos - (j0 + c)));
     }

@@ -26,6 +26,9 @@
 namespace flashattn::cpu {
 
 namespace {
+
+// The most rows of a GQA-packed view (flash_fwd below): one query block of the row path.
+constexpr int64_t MAX_PACKED_ROWS = 16;
 // K and V copied into a float (or double) layout the block products read: a thread keeps
 // the copy of the head it is working on, filled in 64-key chunks on first use, when the
 // head has several query blocks and the copy fits in CACHE_BYTES (the queue hands out a
@@ -356,7 +359,9 @@ using AmxOperands = Bf16PairOperands<AmxTiles>;
 // about half the memory rate.
 template <typename T>
 struct RowOperands {
-  static constexpr int64_t BLOCK_Q = tiles::MAX_ROW_QUERIES, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
+  // (A call's query blocks have at most tiles::MAX_ROW_QUERIES rows; GQA-packed views up
+  // to MAX_PACKED_ROWS, flash_fwd below.)
+  static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
   static constexpr bool always_panels = false;
@@ -690,27 +695,25 @@ void run_fwd(const FlashParams& p) {
 }
 }  // namespace
 
-// Decoding with GQA (one query per sequence, `group` query heads per KV head): the query
-// heads of a KV head as the rows of one query block, so each task reads its K/V once for
-// all of them instead of once per head (the row path is bound by reading K/V). Only where
-// every head's query sees the same keys with the same scores: no ALiBi (a slope per head),
-// bias or dropout, no left window, and a right bound that keeps every key (causal aligned
-// bottom-right puts the one query on the last key). The rows' visibility is then none at all.
-inline bool gqa_decode_view(const FlashParams& p, FlashParams& view) {
+// Decoding with GQA (few queries per sequence, `group` query heads per KV head): the rows
+// of a KV head's query heads as one query block, position by position (row i * group + g:
+// query i of head hk * group + g; FlashParams::q_group), so each task reads its K/V once
+// for all of them instead of once per head (the row path is bound by reading K/V). Only
+// where every row of a position sees the same keys the same way: no ALiBi (a slope per
+// head), bias or dropout; causal masks and windows are the positions' (flash_cpu.h Band).
+// One query: the rows are q's heads in place (their stride is the head stride); more: q's
+// rows are gathered in that order and out and lse scattered back (flash_fwd below).
+inline bool gqa_packed_view(const FlashParams& p, FlashParams& view) {
   const int64_t group = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 1;
-  // (the query is row 0: it sees key j <= diag + window_right, diag = diag_offset (+ Sk_b - 1
-  // bottom-right), and no sequence has more than p.seqlen_k keys)
-  const bool keeps_every_key = p.window_right < 0 || p.diag_offset + p.window_right >= (p.bottom_right ? 0 : p.seqlen_k - 1);
-  if (p.seqlen_q != 1 || p.cu_seqlens_q || group == 1 || p.alibi_slopes || p.bias || p.dropout_p > 0.f ||
-      p.window_left >= 0 || !keeps_every_key) {
-    return false;
-  }
+  if (p.cu_seqlens_q || group == 1 || p.q_group != 1 || p.alibi_slopes || p.bias || p.dropout_p > 0.f) return false;
   view = p;
   view.num_heads = p.num_heads_k;
-  view.seqlen_q = view.total_q = group;  // row r of head hk: query head hk * group + r
-  view.q_row_stride = p.q_head_stride, view.q_head_stride = group * p.q_head_stride;
-  view.o_row_stride = p.o_head_stride, view.o_head_stride = group * p.o_head_stride;
-  view.window_right = -1, view.bottom_right = false, view.diag_offset = 0;
+  view.seqlen_q = view.total_q = p.seqlen_q * group;
+  view.q_group = group;
+  if (p.seqlen_q == 1) {  // row r of head hk: query head hk * group + r
+    view.q_row_stride = p.q_head_stride, view.q_head_stride = group * p.q_head_stride;
+    view.o_row_stride = p.o_head_stride, view.o_head_stride = group * p.o_head_stride;
+  }
   return true;
 }
 
@@ -736,27 +739,47 @@ void run_path(const FlashParams& p) {
   run_fwd<T, BlasOperands<T, acc_t<T>>>(p);
 }
 
-// Whether a decoding call's GQA-packed view goes row by row: a given path's rows where the
-// view's rows fit them, else the view's own choice.
-template <typename T>
-bool view_goes_by_rows(const FlashParams& view) {
-  if (view.cpu_path <= 0) return choose_path<T>(view.seqlen_q, view.head_dim).rows;
-#ifdef FLASHATTN_CPU_TILES
-  return decode_path(view.cpu_path).rows && tiles::rows_fit(view.seqlen_q, view.head_dim);
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 void flash_fwd(const FlashParams& p) {
-  // The packed view only where it runs row by row too (groups of up to 8 heads): the row
-  // path's scores are per row, the very scores the backward recomputes per head. (Out and
-  // lse are bitwise the unpacked call's unless the fewer tasks split the keys differently,
-  // flash_cpu.h key_splits: then equal within rounding.)
+  // The packed view only where the call goes row by row and its rows make one of the row
+  // path's query blocks: the row path's scores are per row, the very scores the backward
+  // recomputes per head. (Out and lse are bitwise the unpacked call's unless the fewer
+  // tasks split the keys differently, flash_cpu.h key_splits: then equal within rounding.)
   FlashParams view;
-  const bool packed = gqa_decode_view(p, view) && view_goes_by_rows<T>(view);
-  run_path<T>(packed ? view : p);
+  const KernelPath path = kernel_path<T>(p);
+  if (!path.rows || !gqa_packed_view(p, view) || view.seqlen_q > MAX_PACKED_ROWS) return run_path<T>(p);
+  view.cpu_path = encode_path(path);
+  if (p.seqlen_q == 1) return run_path<T>(view);
+  // Several queries: q's rows gathered per KV head, position by position, into (B, Hk,
+  // Sq * group, D); out (B, Hk, Sq * group, Dv) and lse (B, Hk, Sq * group) written there,
+  // then scattered back. (Few rows: Sq * H * D elements per sequence, next to its K/V.)
+  using acc = acc_t<T>;
+  const int64_t B = p.batch, Hk = p.num_heads_k, group = p.num_heads / Hk, Sq = p.seqlen_q;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, rows = Sq * group;
+  Scratch<T> q_rows = scratch<T>(B * Hk * rows * D), o_rows = scratch<T>(B * Hk * rows * Dv);
+  Scratch<acc> lse_rows = scratch<acc>(B * Hk * rows);
+  const T* q = static_cast<const T*>(p.q);
+  T* out = static_cast<T*>(p.out);
+  acc* lse = static_cast<acc*>(p.lse);
+  // f(b, h, i, r): query i of head h of sequence b is row r of KV head h / group.
+  auto for_rows = [&](const auto& f) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < p.num_heads; ++h) {
+        for (int64_t i = 0; i < Sq; ++i) f(b, h, i, (b * Hk + h / group) * rows + i * group + h % group);
+      }
+    }
+  };
+  for_rows([&](int64_t b, int64_t h, int64_t i, int64_t r) {
+    std::copy_n(q + b * p.q_batch_stride + h * p.q_head_stride + i * p.q_row_stride, D, q_rows.get() + r * D);
+  });
+  view.q = q_rows.get(), view.out = o_rows.get(), view.lse = lse_rows.get();
+  view.q_batch_stride = Hk * rows * D, view.q_head_stride = rows * D, view.q_row_stride = D;
+  view.o_batch_stride = Hk * rows * Dv, view.o_head_stride = rows * Dv, view.o_row_stride = Dv;
+  run_path<T>(view);
+  for_rows([&](int64_t b, int64_t h, int64_t i, int64_t r) {
+    std::copy_n(o_rows.get() + r * Dv, Dv, out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
+    lse[(b * p.num_heads + h) * Sq + i] = lse_rows[r];
+  });
 }
 
 template void flash_fwd<float>(const FlashParams&);
