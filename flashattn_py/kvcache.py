@@ -135,7 +135,8 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
             if pad < 0 or pad > n + new:
                 raise ArgumentError(f"cache_leftpad: entry {b} ({pad}) is outside [0, {n + new}]")
     if paged:
-        check_used_pages(block_table, cache_seqlens + new, k_cache.shape[1], k_cache.shape[0], "block_table", "entry")
+        check_used_pages(block_table, [n + new for n in lengths], k_cache.shape[1], k_cache.shape[0], "block_table",
+                         "entry")
     if seqlen_ro is not None:
         last = max(lengths) + max(new, seqlen_q if causal_positions else 1) - 1 if lengths else -1
         if last >= seqlen_ro:
