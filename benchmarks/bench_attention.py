@@ -278,15 +278,11 @@ def measure_setting(methods: list[Method], s: Setting, device: torch.device, arg
 # ----------------------------------------------------------------------------- cli
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
-    p.add_argument("--seqlens", type=_ints, help="comma list (CPU default 512,1024,2048; GPU 512..16384)")
-    p.add_argument("--head-dims", type=_ints, help="comma list (default 64,128)")
+    p.add_argument("--seqlens", type=common.comma_ints, help="comma list (CPU default 512,1024,2048; GPU 512..16384)")
+    p.add_argument("--head-dims", type=common.comma_ints, help="comma list (default 64,128)")
     p.add_argument("--causal", choices=["0", "1", "both"], help="default both")
     p.add_argument("--dtypes", type=common.comma_strs, help="fp32,bf16,fp16 (CPU default fp32,bf16; GPU bf16,fp16)")
     p.add_argument("--modes", type=common.comma_strs, help="fwd,bwd,fwd+bwd (CPU default fwd,fwd+bwd; GPU all)")

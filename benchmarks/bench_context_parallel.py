@@ -497,7 +497,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-bwd", action="store_true", help="with --model: fwd+bwd instead of fwd")
     p.add_argument("--model-detail", action="store_true", help="with --model: one row per (shape, S, P) with "
                    "the ring's step compute / transfer times, instead of the grid")
-    p.add_argument("--world", type=lambda t: [int(x) for x in common.comma_strs(t)],
+    p.add_argument("--world", type=common.comma_ints,
                    help="process counts (default 2,4; --quick 2)")
     p.add_argument("--impls", type=common.comma_strs, default=list(IMPLS), help="ring,zigzag (default both)")
     p.add_argument("--modes", type=common.comma_strs, default=list(MODES), help="fwd,fwd+bwd (default both)")

@@ -4,23 +4,28 @@
     python benchmarks/bench_attention.py --decode   # the same (other options pass through)
     python benchmarks/bench_decode.py --quick       # seconds: tiny caches, one round
 
-One decoding step, Sq=1, Hq/Hk = 32/8 (GQA), D=128, for the shapes (B=1, 8k keys),
-(B=1, 32k keys), (B=8, 8k keys) and the dtypes fp32 and bf16. Methods, timed in
+One decoding step, Hq/Hk = 32/8 (GQA), D=128, for the shapes (B=1, 8k keys), (B=1, 32k
+keys), (B=8, 8k keys), the dtypes fp32 and bf16 and Sq = 1 and 4 query tokens per sequence
+(4: speculative decoding's draft tokens, causal among themselves, aligned bottom-right on
+the cache). Methods, timed in
 alternation on the same data (common.time_cpu_interleaved on the CPU, the order rotated
 from round to round; 5 rounds, about a minute on a quiet 2-core machine):
   ours               flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache,
-                     cache_seqlens=lens): attend only, contiguous (B, S, Hk, D) cache
+                     cache_seqlens=lens, causal=True): attend only, contiguous (B, S, Hk,
+                     D) cache
   ours-paged         the same keys in a paged pool (num_pages, 16, Hk, D) with a shuffled
                      block table (block_table=...)
-  ours-append        k=k_new, v=v_new (one token each, (B, 1, Hk, D)) written in place at
-                     slot lens = keys - 1, then attended (so it attends the same keys)
+  ours-append        k=k_new, v=v_new (Sq tokens each, (B, Sq, Hk, D)) written in place at
+                     slots lens = keys - Sq onwards, then attended (the same keys)
   ours-paged-append  the same on the paged pool
   ours-graph         (GPU only) the `ours` call captured once in a CUDA graph and timed by
                      replaying it: the step without its host time (Python, launches), as
                      serving stacks run decoding
   sdpa               torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2),
                      k_cache.transpose(1, 2), v_cache.transpose(1, 2), enable_gqa=True)
-                     on the contiguous cache (torch's default backend choice)
+                     on the contiguous cache (torch's default backend choice); Sq > 1
+                     with the bottom-right causal mask as attn_mask (is_causal aligns
+                     top-left)
   copy               dst.copy_(src) of a uint8 buffer as large as the case's K+V: the
                      memory bandwidth of the same size, measured in the same rounds
 
@@ -30,7 +35,7 @@ where the copy bandwidth counts the copy's read + write bytes (2 x buffer / time
 --copy-bytes read counts the read bytes only), the peak FLOP rate is torch.mm's on
 --matmul-size^3 matrices in the case's dtype (as common.matmul_tflops), or in fp32 where
 that is higher (16-bit products run as fp32 FMAs on CPUs without 16-bit arithmetic), and a call does
-4*B*Hq*keys*D flops (so bytes per flop = 2*Hk*elt / (4*Hq)); ``pct_roofline`` = K+V GB/s
+4*B*Hq*Sq*keys*D flops (so bytes per flop = 2*Hk*elt / (4*Hq*Sq)); ``pct_roofline`` = K+V GB/s
 as a percentage of the roofline; ``x_sdpa`` = sdpa ms / this ms (above 1: faster than
 torch); ``paged_ratio`` = this paged ms / the contiguous ms of the same variant (1.1:
 paged 10 % slower). Before timing, the outputs are checked against SDPA (attend only;
@@ -47,6 +52,7 @@ table with the targets, for RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import re
 import subprocess
@@ -67,17 +73,19 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 METHODS = ("ours", "ours-paged", "ours-append", "ours-paged-append", "ours-graph", "sdpa")
 GPU_ONLY = ("ours-graph",)
 CSV_FIELDS = [
-    "device", "dtype", "batch", "keys", "heads_q", "heads_k", "head_dim", "page_size", "method",
+    "device", "dtype", "batch", "keys", "queries", "heads_q", "heads_k", "head_dim", "page_size", "method",
     "status", "ms", "kv_mb", "over_l3", "kv_gbps", "copy_gbps", "flop_gbps", "roofline_gbps",
     "pct_roofline", "x_sdpa", "paged_ratio", "max_diff", "error",
 ]
 TABLE_COLUMNS = [
-    ("dtype", "dtype"), ("batch", "B"), ("keys", "keys"), ("kv_mb", "K+V MB"), ("method", "method"),
+    ("dtype", "dtype"), ("batch", "B"), ("keys", "keys"), ("queries", "Sq"), ("kv_mb", "K+V MB"),
+    ("method", "method"),
     ("ms", "ms"), ("kv_gbps", "K+V GB/s"), ("roofline_gbps", "roof GB/s"), ("pct_roofline", "%roof"),
     ("x_sdpa", "x sdpa"), ("paged_ratio", "paged/contig"), ("max_diff", "max diff"), ("status", "status"),
 ]
 SHAPES = [(1, 8192), (1, 32768), (8, 8192)]  # (batch, keys)
 QUICK_SHAPES = [(1, 64), (1, 256), (2, 64)]
+QUERIES = [1, 4]  # query tokens per sequence: a decoding step, a speculative one
 
 # Targets: roofline fraction (CPU: caches over L3; GPU: B >= 8 with 8k keys or more), x SDPA
 # per dtype, paged / contiguous ms.
@@ -92,6 +100,7 @@ class Case:
     dtype: str
     batch: int
     keys: int
+    queries: int = 1
 
 
 # ----------------------------------------------------------------------------- machine
@@ -131,8 +140,9 @@ def kv_bytes(case: Case, heads_k: int, head_dim: int) -> int:
 
 
 def decode_flops(case: Case, heads_q: int, head_dim: int) -> float:
-    """4 * B * Hq * Sq * keys * D with Sq = 1 (QK^T and PV, 2 flops a multiply-add)."""
-    return common.attention_flops(case.batch, heads_q, 1, case.keys, head_dim, causal=False)
+    """4 * B * Hq * Sq * keys * D (QK^T and PV, 2 flops a multiply-add; the Sq draft tokens'
+    causal corner is left out of the count: at most Sq - 1 of keys keys)."""
+    return common.attention_flops(case.batch, heads_q, case.queries, case.keys, head_dim, causal=False)
 
 
 def build_calls(case: Case, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
@@ -140,15 +150,16 @@ def build_calls(case: Case, args, device: torch.device) -> dict[str, Callable[[]
     dtype = common.DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(args.seed)
     b, n, hq, hk, d, page = case.batch, case.keys, args.heads_q, args.heads_k, args.head_dim, args.page_size
+    sq = case.queries
 
     def randn(*shape):
         return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
-    q = randn(b, 1, hq, d)
+    q = randn(b, sq, hq, d)
     k_cache, v_cache = randn(b, n, hk, d), randn(b, n, hk, d)
-    k_new, v_new = randn(b, 1, hk, d), randn(b, 1, hk, d)
+    k_new, v_new = randn(b, sq, hk, d), randn(b, sq, hk, d)
     full = torch.full((b,), n, dtype=torch.int32, device=device)
-    before = full - 1  # the append variants write slot keys - 1 and attend keys keys
+    before = full - sq  # the append variants write slots keys - sq .. keys - 1 and attend keys keys
     # Paged pool: page p of entry i holds keys [16p, 16p + 16) of entry i, at a shuffled place.
     pages_per = -(-n // page)
     perm = torch.randperm(b * pages_per, generator=gen)
@@ -158,8 +169,10 @@ def build_calls(case: Case, args, device: torch.device) -> dict[str, Callable[[]
     pad = pages_per * page - n
     k_pool[perm] = F.pad(k_cache, (0, 0, 0, 0, 0, pad)).view(b * pages_per, page, hk, d)
     v_pool[perm] = F.pad(v_cache, (0, 0, 0, 0, 0, pad)).view(b * pages_per, page, hk, d)
-    kvc = flashattn_py.flash_attn_with_kvcache
+    kvc = functools.partial(flashattn_py.flash_attn_with_kvcache, causal=True)
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    # query i sees keys up to n - sq + i (one query: all of them, no mask)
+    mask = None if sq == 1 else torch.ones(sq, n, dtype=torch.bool, device=device).tril(n - sq)
     return {
         "ours": lambda: kvc(q, k_cache, v_cache, cache_seqlens=full),
         "ours-graph": graph_replay(lambda: kvc(q, k_cache, v_cache, cache_seqlens=full)),
@@ -167,8 +180,8 @@ def build_calls(case: Case, args, device: torch.device) -> dict[str, Callable[[]
         "ours-append": lambda: kvc(q, k_cache, v_cache, k_new, v_new, cache_seqlens=before),
         "ours-paged-append": lambda: kvc(q, k_pool, v_pool, k_new, v_new, cache_seqlens=before,
                                          block_table=block_table),
-        # (B, Hq, 1, D) -> (B, 1, Hq, D), the layout of ours, for the check.
-        "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True).transpose(1, 2),
+        # (B, Hq, Sq, D) -> (B, Sq, Hq, D), the layout of ours, for the check.
+        "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True).transpose(1, 2),
     }
 
 
@@ -207,7 +220,7 @@ def copy_step(nbytes: int, device: torch.device) -> Callable[[], object]:
 def _row(case: Case, method: str, args, device: torch.device, l3: int | None) -> dict:
     nbytes = kv_bytes(case, args.heads_k, args.head_dim)
     return {
-        "device": device.type, "dtype": case.dtype, "batch": case.batch, "keys": case.keys,
+        "device": device.type, "dtype": case.dtype, "batch": case.batch, "keys": case.keys, "queries": case.queries,
         "heads_q": args.heads_q, "heads_k": args.heads_k, "head_dim": args.head_dim,
         "page_size": args.page_size if "paged" in method else None, "method": method, "status": "ok",
         "ms": None, "kv_mb": nbytes / 2**20, "over_l3": None if l3 is None else int(nbytes > l3),
@@ -278,7 +291,7 @@ def measure_case(case: Case, methods: Sequence[str], device: torch.device, args,
 
 
 def cases(args) -> list[Case]:
-    return [Case(dtype, b, n) for dtype, (b, n) in itertools.product(args.dtypes, args.shapes)]
+    return [Case(dtype, b, n, sq) for sq, dtype, (b, n) in itertools.product(args.queries, args.dtypes, args.shapes)]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -290,7 +303,8 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["status"] != "ok" or r["ms"] is None:
             continue
-        what = f"{r['dtype']} B={r['batch']} keys={r['keys']} {r['method']}"
+        sq = r.get("queries", 1)
+        what = f"{r['dtype']} B={r['batch']} keys={r['keys']}{f' Sq={sq}' if sq != 1 else ''} {r['method']}"
         gpu_sized = r["device"] == "cuda" and r["batch"] >= 8 and r["keys"] >= 8192
         if r["method"] != "sdpa" and (r["over_l3"] or gpu_sized) and r["pct_roofline"] is not None:
             bar = GPU_ROOFLINE_BAR if gpu_sized else ROOFLINE_BAR
@@ -315,31 +329,32 @@ def markdown(rows: list[dict], env: dict, args, elapsed: float) -> str:
         f"`CPU_KERNELS` = `{env['cpu_kernels']}`; L3 {f(l3 / 2**20) if l3 else '?'} MiB; "
         f"load average {env['load_before']} before, {env['load_after']} after; {elapsed:.0f} s",
         "",
-        f"Sq=1, Hq/Hk={args.heads_q}/{args.heads_k}, D={args.head_dim}, paged page {args.page_size} "
-        f"(shuffled block table). Peak FLOP rate (torch.mm {args.matmul_size}^3 in the dtype, or fp32's "
+        f"Sq={','.join(map(str, args.queries))} (causal, bottom-right), Hq/Hk={args.heads_q}/{args.heads_k}, "
+        f"D={args.head_dim}, paged page {args.page_size} (shuffled block table). Peak FLOP rate (torch.mm {args.matmul_size}^3 in the dtype, or fp32's "
         "where higher): " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s (mm {env['mm_tflops'][k] * 1e3:.2f})"
                                       for k, v in env["peak_tflops"].items())
         + f". Copy bandwidth counts {'read + write' if args.copy_bytes == 'rw' else 'read'} bytes.",
         "",
-        "| dtype | B | keys | K+V MiB | >L3 | ours ms | paged ms | append ms | paged-append ms | graph ms "
+        "| dtype | B | keys | Sq | K+V MiB | >L3 | ours ms | paged ms | append ms | paged-append ms | graph ms "
         "| sdpa ms | ours K+V GB/s | copy GB/s | roofline GB/s | ours % roof | paged % roof | graph % roof "
         "| x sdpa | paged x sdpa | paged/contig | paged-append/append |",
-        "|" + "---|" * 21,
+        "|" + "---|" * 22,
     ]
-    keys = list(dict.fromkeys((r["dtype"], r["batch"], r["keys"]) for r in rows))
-    by = {(r["dtype"], r["batch"], r["keys"], r["method"]): r for r in rows}
+    keys = list(dict.fromkeys((r["dtype"], r["batch"], r["keys"], r["queries"]) for r in rows))
+    by = {(r["dtype"], r["batch"], r["keys"], r["queries"], r["method"]): r for r in rows}
     for key in keys:
         o, p, a, pa, g, s = (by.get((*key, m), {}) for m in
                              ("ours", "ours-paged", "ours-append", "ours-paged-append", "ours-graph", "sdpa"))
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {f(o.get('kv_mb'))} | {'yes' if o.get('over_l3') else 'no'} "
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {f(o.get('kv_mb'))} | {'yes' if o.get('over_l3') else 'no'} "
             f"| {f(o.get('ms'))} | {f(p.get('ms'))} | {f(a.get('ms'))} | {f(pa.get('ms'))} | {f(g.get('ms'))} "
             f"| {f(s.get('ms'))} | {f(o.get('kv_gbps'))} | {f(o.get('copy_gbps'))} | {f(o.get('roofline_gbps'))} "
             f"| {f(o.get('pct_roofline'))} | {f(p.get('pct_roofline'))} | {f(g.get('pct_roofline'))} "
             f"| {f(o.get('x_sdpa'))} | {f(p.get('x_sdpa'))} | {f(p.get('paged_ratio'))} | {f(pa.get('paged_ratio'))} |")
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
-        lines.append(f"\n{r['dtype']} B={r['batch']} keys={r['keys']} {r['method']}: {r['status']} ({r['error']})")
+        lines.append(f"\n{r['dtype']} B={r['batch']} keys={r['keys']} Sq={r['queries']} {r['method']}: {r['status']} "
+                     f"({r['error']})")
     diffs = [r["max_diff"] for r in rows if r["max_diff"] is not None]
     if diffs:
         lines += ["", f"Largest output difference (attend only: from SDPA; append: paged from contiguous): "
@@ -375,6 +390,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
     p.add_argument("--shapes", type=_shapes, help="batch x keys list (default 1x8192,1x32768,8x8192)")
+    p.add_argument("--queries", type=common.comma_ints, default=QUERIES,
+                   help="query tokens per sequence, a list (default 1,4)")
     p.add_argument("--dtypes", type=common.comma_strs, help="default fp32,bf16 (CPU), bf16,fp16 (GPU)")
     p.add_argument("--methods", type=common.comma_strs,
                    help=f"default all: {','.join(METHODS)} ({', '.join(GPU_ONLY)} on GPUs only)")
@@ -434,13 +451,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"# decode: {env['device']} | torch {env['torch']} | commit {env['commit']} | {env['date']}"
           f" | cpu kernels: {env['cpu_kernels']} | load {env['load_before']}"
           f" | L3 {'?' if l3 is None else f'{l3 / 2**20:.0f} MiB'}")
-    print(f"# Sq=1 Hq/Hk={args.heads_q}/{args.heads_k} D={args.head_dim} page {args.page_size}; "
+    print(f"# Sq={','.join(map(str, args.queries))} Hq/Hk={args.heads_q}/{args.heads_k} D={args.head_dim} "
+          f"page {args.page_size}; "
           f"peak FLOP rate " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in env["peak_tflops"].items())
           + f"; copy counts {'read+write' if args.copy_bytes == 'rw' else 'read'} bytes; rounds {args.repeats}")
     if args.quick:
         print("# --quick: tiny caches and one round, a smoke test; its times and targets mean nothing")
     return common.run_cases(
-        todo, "decode", lambda case: f"{case.dtype} B{case.batch} keys{case.keys}",
+        todo, "decode", lambda case: f"{case.dtype} B{case.batch} keys{case.keys} Sq{case.queries}",
         lambda case: measure_case(case, args.methods, device, args, env["peak_tflops"][case.dtype], l3), args,
         CSV_FIELDS, TABLE_COLUMNS, "K+V GB/s = K and V bytes attended / time; roof = min(copy GB/s, peak FLOP/s x "
         "bytes/FLOP); x sdpa = sdpa ms / this ms (>1: faster than torch)", markdown, evaluate_targets, env)

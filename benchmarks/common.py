@@ -490,6 +490,11 @@ def comma_strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def comma_ints(text: str) -> list[int]:
+    """argparse type: a comma list of integers."""
+    return [int(x) for x in comma_strs(text)]
+
+
 def add_run_args(p, default_out: Path, quick_help: str) -> None:
     """The options every packed-sequence / decode benchmark takes after its own: timing,
     threads, output comparison, quick mode, output folder, progress bar."""

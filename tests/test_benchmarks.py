@@ -110,7 +110,9 @@ def test_bench_decode_quick_run(tmp_path):
     with open(tmp_path / "decode.csv") as f:
         csv_rows = list(csv.DictReader(f))
     cpu_methods = [m for m in bench_decode.METHODS if m not in bench_decode.GPU_ONLY]
-    assert len(csv_rows) == len(rows) == 2 * 2 * len(cpu_methods)  # dtypes x shapes x methods
+    # dtypes x shapes x query counts (1, 4) x methods
+    assert len(csv_rows) == len(rows) == 2 * 2 * 2 * len(cpu_methods)
+    assert {r["queries"] for r in csv_rows} == {"1", "4"}
     assert (tmp_path / "decode.json").exists() and "| dtype |" in (tmp_path / "decode.md").read_text()
     for r in csv_rows:
         assert r["status"] == "ok", r
