@@ -29,6 +29,12 @@ from round to round; 5 rounds, about a minute on a quiet 2-core machine):
   copy               dst.copy_(src) of a uint8 buffer as large as the case's K+V: the
                      memory bandwidth of the same size, measured in the same rounds
 
+Each sample is a block of back-to-back calls (common.time_cpu_interleaved), so a cache
+that fits the L3 is read from there after the first few calls. --cold (CPU) times single
+calls, each after copying a buffer of twice the L3 (1 GiB if its size is unknown), so the
+K/V come from memory, as in a model's decoding step, where the other layers' caches are
+read in between.
+
 Per row: median ms; K+V GB/s = bytes of the keys attended (K and V: 2*B*keys*Hk*D*elt)
 / time; the roofline = min(copy bandwidth, peak FLOP rate x bytes per FLOP of the call),
 where the copy bandwidth counts the copy's read + write bytes (2 x buffer / time;
@@ -208,6 +214,16 @@ def graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     return call
 
 
+def evict_caches(args, l3: int | None) -> Callable[[], object] | None:
+    """--cold: a call that copies a buffer of twice the L3 (1 GiB if unknown), else None."""
+    if not args.cold:
+        return None
+    nbytes = 2 * l3 if l3 else 2**30
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def copy_step(nbytes: int, device: torch.device) -> Callable[[], object]:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.zeros_like(src)
@@ -262,7 +278,7 @@ def measure_case(case: Case, methods: Sequence[str], device: torch.device, args,
         timed["copy"] = common.time_ms(copy, device, repeats=args.repeats)
     else:
         timed = common.time_cpu_interleaved({**steps, "copy": copy}, rounds=args.repeats,
-                                            min_run_time=args.min_run_time)
+                                            min_run_time=args.min_run_time, before_each=evict_caches(args, l3))
     common.fill_timings(list(rows.values()), "method", timed)
     del steps, calls, copy
     common.free_memory(device)
@@ -333,7 +349,9 @@ def markdown(rows: list[dict], env: dict, args, elapsed: float) -> str:
         f"D={args.head_dim}, paged page {args.page_size} (shuffled block table). Peak FLOP rate (torch.mm {args.matmul_size}^3 in the dtype, or fp32's "
         "where higher): " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s (mm {env['mm_tflops'][k] * 1e3:.2f})"
                                       for k, v in env["peak_tflops"].items())
-        + f". Copy bandwidth counts {'read + write' if args.copy_bytes == 'rw' else 'read'} bytes.",
+        + f". Copy bandwidth counts {'read + write' if args.copy_bytes == 'rw' else 'read'} bytes. "
+        + ("Cold: single calls, each after evicting the caches (K/V from memory)." if args.cold
+           else "Warm: blocks of back-to-back calls (K/V that fit the L3 come from there)."),
         "",
         "| dtype | B | keys | Sq | K+V MiB | >L3 | ours ms | paged ms | append ms | paged-append ms | graph ms "
         "| sdpa ms | ours K+V GB/s | copy GB/s | roofline GB/s | ours % roof | paged % roof | graph % roof "
@@ -400,6 +418,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold", action="store_true",
+                   help="CPU: time single calls, each after evicting the caches (K/V from memory)")
     p.add_argument("--copy-bytes", choices=["rw", "read"], default="rw",
                    help="copy bandwidth counts read + write bytes (default) or the read bytes only")
     p.add_argument("--matmul-size", type=int, help="n of the torch.mm peak rate (default 2048; quick 256)")
@@ -423,6 +443,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.methods is None:
         args.methods = [m for m in METHODS if gpu or m not in GPU_ONLY]
     common.check_choices(p, "--methods", args.methods, METHODS)
+    if gpu and args.cold:
+        p.error("--cold: CPU only")
     if not gpu and set(args.methods) & set(GPU_ONLY):
         p.error(f"--methods: {', '.join(GPU_ONLY)} runs on GPUs only (CUDA graphs)")
     args.dtypes = common.dtype_names(p, args.dtypes)
@@ -454,7 +476,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"# Sq={','.join(map(str, args.queries))} Hq/Hk={args.heads_q}/{args.heads_k} D={args.head_dim} "
           f"page {args.page_size}; "
           f"peak FLOP rate " + ", ".join(f"{k} {v * 1e3:.1f} GFLOP/s" for k, v in env["peak_tflops"].items())
-          + f"; copy counts {'read+write' if args.copy_bytes == 'rw' else 'read'} bytes; rounds {args.repeats}")
+          + f"; copy counts {'read+write' if args.copy_bytes == 'rw' else 'read'} bytes; rounds {args.repeats}"
+          + ("; cold (caches evicted before each call)" if args.cold else ""))
     if args.quick:
         print("# --quick: tiny caches and one round, a smoke test; its times and targets mean nothing")
     return common.run_cases(

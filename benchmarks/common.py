@@ -72,7 +72,8 @@ def time_cpu_ms(fn: Callable[[], Any], repeats: int = 3, min_run_time: float = 0
 
 
 def time_cpu_interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int = 3, min_run_time: float = 0.05
+    fns: dict[str, Callable[[], Any]], rounds: int = 3, min_run_time: float = 0.05,
+    before_each: Callable[[], Any] | None = None,
 ) -> dict[str, float | Exception]:
     """Median milliseconds per call of each ``fns[name]()``, timed in alternation.
 
@@ -82,10 +83,13 @@ def time_cpu_interleaved(
     every function, in an order rotated from round to round. A sample is a block of calls
     meant to last ``min_run_time`` s (the count comes from one probe call; one call for
     slow cases), timed with
-    perf_counter on all of torch's intra-op threads. A function that raises gets its
-    exception as its result and leaves the later rounds.
+    perf_counter on all of torch's intra-op threads. With ``before_each`` a sample is one
+    call after ``before_each()`` (untimed; e.g. evicting the caches). A function that
+    raises gets its exception as its result and leaves the later rounds.
     """
     def block(fn: Callable[[], Any], calls: int) -> float:
+        if before_each is not None:
+            before_each()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -99,7 +103,8 @@ def time_cpu_interleaved(
         except Exception as exc:  # noqa: BLE001 - reported as the result
             results[name] = exc
             continue
-        calls[name] = 1 if first >= min_run_time else max(1, math.ceil(min_run_time / max(first, 1e-9)))
+        calls[name] = (1 if before_each is not None or first >= min_run_time
+                       else max(1, math.ceil(min_run_time / max(first, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(max(1, rounds)):
         names = [name for name in calls if name not in results]

@@ -126,6 +126,32 @@ def test_bench_decode_quick_run(tmp_path):
     assert {t["target"] for t in payload["targets"]} >= {"x_sdpa", "paged"}
 
 
+def test_bench_decode_cold_run(tmp_path):
+    """--cold: single calls, each after evicting the caches (a 1 MiB stand-in buffer here)."""
+    pytest.importorskip("flashattn_py._C")
+    import bench_decode
+
+    evictions = []
+    real = bench_decode.evict_caches
+
+    def counting(args, l3):
+        evict = real(args, 2**19)
+        return lambda: (evictions.append(1), evict())
+
+    bench_decode.evict_caches = counting
+    try:
+        rows = bench_decode.main(["--quick", "--cold", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+                                  "--shapes", "1x64", "--dtypes", "fp32", "--queries", "1", "--methods", "ours,sdpa",
+                                  "--repeats", "2"])
+    finally:
+        bench_decode.evict_caches = real
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["ms"] > 0 for r in rows)
+    assert len(evictions) == 3 * (1 + 2)  # (ours, sdpa, copy) x (a probe + 2 rounds)
+    assert "Cold: single calls" in (tmp_path / "decode.md").read_text()
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--cold", "--device", "cuda"])
+
+
 def test_decode_gpu_roofline_target():
     # On GPUs the roofline bar (80 %) applies from B = 8 and 8k keys, to every method but
     # sdpa (the CUDA-graph replay too); CPU rows keep theirs (70 %, caches over the L3).
