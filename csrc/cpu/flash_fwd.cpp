@@ -474,22 +474,27 @@ struct FwdWorkspace {
   }
 };
 
-// Prefetches keys [lo, hi)'s K and V rows (d, dv elements) into L2 / L3 (not L1: the task
-// reads other rows until it gets to these), a line of each in turn.
+// Prefetches keys [lo, hi)'s K and V rows (d, dv elements; paged: page run by page run)
+// into L2 / L3 (not L1: the task reads other rows until it gets to these), a line of
+// each in turn.
 template <typename T>
 __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, int64_t lo, int64_t hi, int64_t d,
                                                          int64_t dv) {
   const int64_t k_bytes = d * static_cast<int64_t>(sizeof(T)), v_bytes = dv * static_cast<int64_t>(sizeof(T));
-  for (int64_t c = lo; c < hi; ++c) {
-    const char* k = reinterpret_cast<const char*>(kv.k_row(c));
-    const char* v = reinterpret_cast<const char*>(kv.v_row(c));
-    int64_t b = 0;
-    for (; b < std::min(k_bytes, v_bytes); b += 64) {
-      __builtin_prefetch(k + b, 0, 1);
-      __builtin_prefetch(v + b, 0, 1);
+  for (int64_t c = lo, n = 0; c < hi; c += n) {
+    n = hi - c;
+    const KeyRows<T> run = kv.pages ? page_run<T>(*kv.pages, *kv.seq, kv.b, kv.hk, c, n) : kv;
+    for (int64_t j = c; j < c + n; ++j) {
+      const char* k = reinterpret_cast<const char*>(run.k_row(j));
+      const char* v = reinterpret_cast<const char*>(run.v_row(j));
+      int64_t b = 0;
+      for (; b < std::min(k_bytes, v_bytes); b += 64) {
+        __builtin_prefetch(k + b, 0, 1);
+        __builtin_prefetch(v + b, 0, 1);
+      }
+      for (int64_t e = b; e < k_bytes; e += 64) __builtin_prefetch(k + e, 0, 1);
+      for (int64_t e = b; e < v_bytes; e += 64) __builtin_prefetch(v + e, 0, 1);
     }
-    for (int64_t e = b; e < k_bytes; e += 64) __builtin_prefetch(k + e, 0, 1);
-    for (int64_t e = b; e < v_bytes; e += 64) __builtin_prefetch(v + e, 0, 1);
   }
 }
 
@@ -508,12 +513,12 @@ void run_fwd(const FlashParams& p) {
   // task there, so that the heads still spread over the threads.)
   static_assert(KV::HEADS_BLOCK_K == 0 || KV::pages_in_place);  // (ws.paged gathers one head)
   const bool heads_together = KV::HEADS_BLOCK_K > 0 && num_q_blocks == 1 && H > 1 && p.seqlen_k > KV::BLOCK_K;
-  // There, with 16-bit K/V in a dense cache, each KV head's rows of the task's next block
+  // There, with 16-bit K/V, each KV head's rows of the task's next block (dense or paged)
   // are prefetched (into L2 / L3) as the head starts on this block: from memory the row
   // path reads 16-bit rows at about half the copy bandwidth (float rows, the same work per
   // key for twice the bytes, at three quarters), waiting on lines it asks for too late.
   // Measured from memory: bf16 8-12% faster; float rows 7-17% slower (benchmarks/RESULTS.md).
-  const bool prefetch_next = heads_together && sizeof(T) == 2 && !p.block_table;
+  const bool prefetch_next = heads_together && sizeof(T) == 2;
   const int64_t heads_per_task = heads_together ? H : 1;
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
