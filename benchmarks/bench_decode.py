@@ -9,7 +9,7 @@ keys), (B=8, 8k keys), the dtypes fp32 and bf16 and Sq = 1 and 4 query tokens pe
 (4: speculative decoding's draft tokens, causal among themselves, aligned bottom-right on
 the cache). Methods, timed in
 alternation on the same data (common.time_cpu_interleaved on the CPU, the order rotated
-from round to round; 5 rounds, about a minute on a quiet 2-core machine):
+from round to round; 5 rounds, about two minutes on a quiet 2-core machine):
   ours               flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache,
                      cache_seqlens=lens, causal=True): attend only, contiguous (B, S, Hk,
                      D) cache
@@ -25,13 +25,13 @@ from round to round; 5 rounds, about a minute on a quiet 2-core machine):
                      k_cache.transpose(1, 2), v_cache.transpose(1, 2), enable_gqa=True)
                      on the contiguous cache (torch's default backend choice); Sq > 1
                      with the bottom-right causal mask as attn_mask (is_causal aligns
-                     top-left)
+                     top-left), which may send torch to another backend than Sq = 1
   copy               dst.copy_(src) of a uint8 buffer as large as the case's K+V: the
                      memory bandwidth of the same size, measured in the same rounds
 
 Each sample is a block of back-to-back calls (common.time_cpu_interleaved), so a cache
 that fits the L3 is read from there after the first few calls. --cold (CPU) times single
-calls, each after copying a buffer of twice the L3 (1 GiB if its size is unknown), so the
+calls, each after reading a buffer of twice the L3 (1 GiB if its size is unknown), so the
 K/V come from memory, as in a model's decoding step, where the other layers' caches are
 read in between.
 
@@ -215,13 +215,13 @@ def graph_replay(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 
 def evict_caches(args, l3: int | None) -> Callable[[], object] | None:
-    """--cold: a call that copies a buffer of twice the L3 (1 GiB if unknown), else None."""
+    """--cold: a call that reads a buffer of twice the L3 (1 GiB if unknown), else None.
+    (Read, not copied: a copy would leave the timed call dirty lines to write back.)"""
     if not args.cold:
         return None
     nbytes = 2 * l3 if l3 else 2**30
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+    buffer = torch.ones(nbytes // 8, dtype=torch.int64)
+    return lambda: buffer.max()
 
 
 def copy_step(nbytes: int, device: torch.device) -> Callable[[], object]:
@@ -445,6 +445,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.check_choices(p, "--methods", args.methods, METHODS)
     if gpu and args.cold:
         p.error("--cold: CPU only")
+    if any(n < 1 for n in args.queries):
+        p.error(f"--queries: expected counts >= 1, got {args.queries}")
     if not gpu and set(args.methods) & set(GPU_ONLY):
         p.error(f"--methods: {', '.join(GPU_ONLY)} runs on GPUs only (CUDA graphs)")
     args.dtypes = common.dtype_names(p, args.dtypes)

@@ -97,7 +97,8 @@ struct FlashParams {
   const int32_t* kv_batch_idx = nullptr;
   const int32_t* leftpad_k = nullptr;
   int64_t kv_batch = 0;
-  // Diagonal of sequence b: diag_offset + (bottom_right ? its seqlen_k - its seqlen_q : 0).
+  // Diagonal of sequence b: diag_offset + (bottom_right ? its seqlen_k - its query
+  // positions (seqlen_q / q_group) : 0).
   bool bottom_right = false;
   // Key splits of one query block (flash-decoding): 0 = the kernel's heuristic, 1 = none,
   // n = exactly n (fewer when there are fewer key blocks). Results agree for every value
@@ -154,7 +155,7 @@ FLASHATTN_HOST_DEVICE SeqView seq_view(const FlashParams& p, int64_t b) {
     const int64_t pad = clamp_len(p.leftpad_k[b], s.seqlen_k);
     s.k_start += pad, s.seqlen_k -= pad;
   }
-  s.diag_offset = p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q : 0);
+  s.diag_offset = p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q / p.q_group : 0);
   s.q_offset = b * p.q_batch_stride + s.q_start * p.q_row_stride;
   const int64_t kv_row = p.kv_batch_idx ? clamp_len(p.kv_batch_idx[b], p.kv_batch - 1) : b;
   s.k_offset = p.block_table ? 0 : kv_row * p.k_batch_stride + s.k_start * p.k_row_stride;

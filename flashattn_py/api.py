@@ -289,8 +289,8 @@ def check_used_pages(block_table: Tensor, keys: list[int], page_size: int, num_p
     used = block_table[:, :max(0, widest)]
     if used.numel() == 0:
         return
-    low, high = torch.aminmax(used)
-    if int(low) >= 0 and int(high) < num_pages:
+    low, high = torch.stack(torch.aminmax(used)).tolist()  # (one read back)
+    if low >= 0 and high < num_pages:
         return
     pages_used = torch.tensor([(n + page_size - 1) // page_size for n in keys], device=block_table.device)
     in_use = torch.arange(block_table.shape[1], device=block_table.device) < pages_used.unsqueeze(1)

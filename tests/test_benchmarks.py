@@ -131,25 +131,40 @@ def test_bench_decode_cold_run(tmp_path):
     pytest.importorskip("flashattn_py._C")
     import bench_decode
 
-    evictions = []
-    real = bench_decode.evict_caches
+    events = []
+    real_evict, real_calls = bench_decode.evict_caches, bench_decode.build_calls
 
-    def counting(args, l3):
-        evict = real(args, 2**19)
-        return lambda: (evictions.append(1), evict())
+    def evict_caches(args, l3):
+        evict = real_evict(args, 2**19)
+        return lambda: (events.append("evict"), evict())
 
-    bench_decode.evict_caches = counting
+    def build_calls(case, args, device):
+        return {m: (lambda fn=fn: (events.append("call"), fn())[1]) for m, fn in real_calls(case, args, device).items()}
+
+    bench_decode.evict_caches, bench_decode.build_calls = evict_caches, build_calls
     try:
         rows = bench_decode.main(["--quick", "--cold", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
                                   "--shapes", "1x64", "--dtypes", "fp32", "--queries", "1", "--methods", "ours,sdpa",
                                   "--repeats", "2"])
     finally:
-        bench_decode.evict_caches = real
+        bench_decode.evict_caches, bench_decode.build_calls = real_evict, real_calls
     assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["ms"] > 0 for r in rows)
-    assert len(evictions) == 3 * (1 + 2)  # (ours, sdpa, copy) x (a probe + 2 rounds)
+    # ours and sdpa: a warm-up call, then (a probe + 2 rounds) x one call after an eviction
+    timed = events[events.index("evict"):]
+    assert timed.count("evict") == 3 * (1 + 2)  # (ours, sdpa, copy)
+    assert timed.count("call") == 2 * (1 + 2)
+    assert all(timed[i - 1] == "evict" for i, e in enumerate(timed) if e == "call")  # each call alone
     assert "Cold: single calls" in (tmp_path / "decode.md").read_text()
-    with pytest.raises(SystemExit):
-        bench_decode.parse_args(["--cold", "--device", "cuda"])
+
+
+def test_bench_decode_rejects_bad_options(capsys):
+    import bench_decode
+
+    for argv, message in ((["--cold", "--device", "cuda"], "--cold: CPU only"),
+                          (["--queries", "0"], "--queries: expected counts >= 1")):
+        with pytest.raises(SystemExit):
+            bench_decode.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_decode_gpu_roofline_target():

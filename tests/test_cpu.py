@@ -461,7 +461,9 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
     # head), so K and V are read once for all of them; masks are the positions'. Every row
     # is scored as it is alone (the row path), so out and lse are bitwise the call's with
     # K / V repeated per query head (no packing; over 512 keys both do every head of a
-    # sequence in one task, with the same key blocks and splits).
+    # sequence in one task, with the same key blocks and splits), and gradients (the
+    # backward recomputes S per head) hold to the reference. (Whether a call packs is not
+    # visible here; masks taken per row instead of per position fail this test.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:

@@ -154,6 +154,35 @@ def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seq
                  seqlen_cache=700, lengths=[690 - seqlen_q, 411], new=seqlen_q, seed=100 * head_dim + i, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 7])
+def test_gqa_rows_packed_per_sequence(dtype, page_size):
+    # With GQA the CPU row path computes a KV head's query heads at every query position
+    # as one row block (up to 16 rows: here 3 queries x 4 heads), the causal diagonal taken
+    # per sequence from its own cache length (bottom-right, after its left padding). Out
+    # and lse are bitwise the call with K / V repeated per query head (no packing; under
+    # 512 keys one head per task either way, one key split).
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 3, 8, 40, generator=gen).to(dtype)
+    k_cache, v_cache = (torch.randn(3, 300, 2, 40, generator=gen).to(dtype) for _ in range(2))
+    lens = torch.tensor([299, 40, 171], dtype=torch.int32)
+    leftpad = torch.tensor([0, 13, 100], dtype=torch.int32)
+    outs = []
+    for kc, vc in ((k_cache, v_cache), (k_cache.repeat_interleave(4, 2), v_cache.repeat_interleave(4, 2))):
+        kw = dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True, num_splits=1, return_softmax_lse=True)
+        if page_size:
+            kc, vc, table = _paged(kc, vc, page_size, torch.Generator().manual_seed(0))
+            kw["block_table"] = table
+        with torch.no_grad():
+            outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref_kw = dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True)
+    ref, ref_lse, _, _ = attention_kvcache_ref(q.double(), k_cache.double(), v_cache.double(), **ref_kw)
+    naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, **ref_kw)
+    assert_rule("out", outs[0][0], ref, naive, OUT_FACTOR)
+    assert_rule("lse", outs[0][1], ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
+
+
 def test_every_num_splits_agrees():
     outs = [run_case(batch=1, heads=4, heads_k=4, seqlen_cache=3000, lengths=[2900], num_splits=n, seed=9)
             for n in (0, 1, 2, 5)]

@@ -179,9 +179,7 @@ struct Band {
   int64_t seqlen_q, seqlen_k, diag_offset, window_left, window_right, q_group;
 };
 inline Band band(const FlashParams& p, const SeqView& s) {
-  const int64_t diag = p.q_group == 1 ? s.diag_offset
-                                      : p.diag_offset + (p.bottom_right ? s.seqlen_k - s.seqlen_q / p.q_group : 0);
-  return {s.seqlen_q, s.seqlen_k, diag, p.window_left, p.window_right, p.q_group};
+  return {s.seqlen_q, s.seqlen_k, s.diag_offset, p.window_left, p.window_right, p.q_group};
 }
 
 // Keys visible to query row i: [lo, hi), empty when hi <= lo.

@@ -374,8 +374,8 @@ struct RowOperands {
   const int64_t D, Dv;
   const float scale;
 
-  RowOperands(const FlashParams& p, int64_t, int64_t, bool)
-      : q(scratch<float>(BLOCK_Q * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {}
+  RowOperands(const FlashParams& p, int64_t bq, int64_t, bool)
+      : q(scratch<float>(bq * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {}
 
   int64_t o_stride() const { return Dv; }
 
@@ -777,7 +777,8 @@ void flash_fwd(const FlashParams& p) {
   // The packed view only where the call goes row by row and its rows make one of the row
   // path's query blocks: the row path's scores are per row, the very scores the backward
   // recomputes per head. (Out and lse are bitwise the unpacked call's unless the fewer
-  // tasks split the keys differently, flash_cpu.h key_splits: then equal within rounding.)
+  // tasks split the keys differently, flash_cpu.h key_splits, or take other key blocks: one
+  // KV head over 512 keys does not do every head in one task; then equal within rounding.)
   FlashParams view;
   const KernelPath path = kernel_path<T>(p);
   if (!path.rows || !gqa_packed_view(p, view) || view.seqlen_q > MAX_PACKED_ROWS) return run_path<T>(p);

@@ -609,7 +609,7 @@ template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
 #ifdef __AVX512F__
-  for (int64_t r = 0; r < rows; r += 8) {  // (at most MAX_ROW_QUERIES rows: one group)
+  for (int64_t r = 0; r < rows; r += 8) {  // (GQA-packed views: up to 16 rows, two groups)
     const float* pr = p + r * ldp;
     float* orow = o + r * ldo;
     switch (std::min<int64_t>(8, rows - r)) {
