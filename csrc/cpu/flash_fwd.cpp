@@ -738,7 +738,7 @@ void run_fwd(const FlashParams& p) {
 // rows are gathered in that order and out and lse scattered back (flash_fwd below).
 inline bool gqa_packed_view(const FlashParams& p, FlashParams& view) {
   const int64_t group = p.num_heads_k > 0 ? p.num_heads / p.num_heads_k : 1;
-  if (p.cu_seqlens_q || group == 1 || p.q_group != 1 || p.alibi_slopes || p.bias || p.dropout_p > 0.f) return false;
+  if (p.cu_seqlens_q || group == 1 || p.alibi_slopes || p.bias || p.dropout_p > 0.f) return false;
   view = p;
   view.num_heads = p.num_heads_k;
   view.seqlen_q = view.total_q = p.seqlen_q * group;
@@ -812,7 +812,7 @@ void flash_fwd(const FlashParams& p) {
   run_path<T>(view);
   for_rows([&](int64_t b, int64_t h, int64_t i, int64_t r) {
     std::copy_n(o_rows.get() + r * Dv, Dv, out + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride);
-    lse[(b * p.num_heads + h) * Sq + i] = lse_rows[r];
+    lse[lse_index(p, seq_view(p, b), h, i)] = lse_rows[r];
   });
 }
 
