@@ -433,6 +433,18 @@ template <>
 inline float row_max<float>(const float* s, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
   int64_t c = 0;
+#ifdef __AVX512F__
+  // (The last n % 16 in masked lanes: rows along a causal diagonal end anywhere.)
+  const __m512 none = _mm512_set1_ps(best);
+  __m512 m0 = none, m1 = none;
+  for (; c + 32 <= n; c += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + c));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + c + 16));
+  }
+  if (c + 16 <= n) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + c)), c += 16;
+  if (c < n) m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(none, static_cast<__mmask16>((1u << (n - c)) - 1), s + c));
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+#endif
   if (n >= 16) {
     __m256 m0 = _mm256_loadu_ps(s), m1 = _mm256_loadu_ps(s + 8);
     for (c = 16; c + 16 <= n; c += 16) {

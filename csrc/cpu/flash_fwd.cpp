@@ -641,28 +641,39 @@ void run_fwd(const FlashParams& p) {
           const int64_t lo = seen.lo, n = seen.hi - seen.lo;
           if (n == 0) continue;  // these rows see none of this block
           kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
-          // Without softcap, ALiBi or bias, and with every row seeing all n keys, the scores
-          // are the logits (the common case: skip the per-row transform).
-          const bool logits =
-              p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
+          // Without softcap, ALiBi or bias the scores are the logits, masked only by the band
+          // (the common case: no per-row transform). A row's keys past its last visible one
+          // are then left out of its maximum and exponentials and set to 0 (as exp(-inf)
+          // would be: each key keeps its lane, so the sums are the same), and only keys
+          // before its first visible one (windows) set to -inf.
+          const bool band_only = p.softcap <= 0.f && slope == 0.f && !p.bias;
+          const bool logits = band_only && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
           for (int64_t r = r0; r < r1; ++r) {
             acc* srow = s + r * lds + lo;
-            if (!logits) {
+            int64_t row_n = n;  // the row's keys [0, row_n) of the panel's n; the rest are 0
+            if (logits) {
+            } else if (band_only) {
+              const KeyRange row_seen = clip(visible_keys(w, row0 + r), col0 + lo, n);
+              std::fill(srow, srow + row_seen.lo, neg_inf);
+              row_n = row_seen.hi;
+            } else {
               transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
                                        nullptr);
             }
             // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
-            const acc row_m = row_max(srow, n), m_new = row_m < m[r] ? m[r] : row_m;
+            const acc row_m = row_max(srow, row_n), m_new = row_m < m[r] ? m[r] : row_m;
             if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
               // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
-              if (std::any_of(srow, srow + n, [](acc x) { return std::isnan(x); })) {
+              if (std::any_of(srow, srow + row_n, [](acc x) { return std::isnan(x); })) {
                 m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
               }
               std::fill(srow, srow + n, acc(0));
               continue;
             }
-            const acc rescale = m_new == m[r] ? acc(1) : std::exp(m[r] - m_new);  // 0 when m[r] is -inf
-            const acc sum = exp_shift_sum(srow, n, m_new);
+            // (The row's first visible keys: its O is still 0, nothing to rescale.)
+            const acc rescale = m_new == m[r] || m[r] == neg_inf ? acc(1) : std::exp(m[r] - m_new);
+            const acc sum = exp_shift_sum(srow, row_n, m_new);
+            std::fill(srow + row_n, srow + n, acc(0));
             // The softmax is normalised before dropout: l sums the undropped probabilities.
             if (p.dropout_p > 0.f) {
               apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
