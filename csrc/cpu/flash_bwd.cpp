@@ -505,11 +505,19 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
         }
 #endif
         if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
-        // As in the forward: the common case needs no per-row transform.
-        const bool logits = p.softcap <= 0.f && slope == 0.f && !p.bias && all_rows_see(w, row0, rows, key0, cols);
+        // As in the forward: the common case needs no per-row transform, and a row masked
+        // by the band only computes P up to its last visible key (0 after it).
+        const bool band_only = p.softcap <= 0.f && slope == 0.f && !p.bias;
+        const bool logits = band_only && all_rows_see(w, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * lds;
-          if (!logits) {
+          int64_t row_cols = cols;
+          if (logits) {
+          } else if (band_only) {
+            const KeyRange row_seen = clip(visible_keys(w, row0 + r), key0, cols);
+            std::fill(srow, srow + row_seen.lo, neg_inf);
+            row_cols = row_seen.hi;
+          } else {
             transform_scores<T, acc>(p, w, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
                                      dcap ? dcap + r * lds : nullptr);
           }
@@ -517,7 +525,8 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           if (row_lse == neg_inf) {
             std::fill(srow, srow + cols, acc(0));
           } else {
-            exp_shift_sum(srow, cols, row_lse);  // P, in place
+            exp_shift_sum(srow, row_cols, row_lse);  // P, in place
+            std::fill(srow + row_cols, srow + cols, acc(0));
           }
         }
         ws.ops.dprobs(row0, rows, key0, cols, dp, lds);  // dP = dO V^T

@@ -444,21 +444,26 @@ inline float row_max<float>(const float* s, int64_t n) {
   if (c + 16 <= n) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + c)), c += 16;
   if (c < n) m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(none, static_cast<__mmask16>((1u << (n - c)) - 1), s + c));
   return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-#endif
-  if (n >= 16) {
-    __m256 m0 = _mm256_loadu_ps(s), m1 = _mm256_loadu_ps(s + 8);
-    for (c = 16; c + 16 <= n; c += 16) {
-      m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + c));
-      m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s + c + 8));
-    }
-    const __m256 m = _mm256_max_ps(m0, m1);
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    best = _mm_cvtss_f32(h);
+#else
+  const __m256 none = _mm256_set1_ps(best);
+  __m256 m0 = none, m1 = none;
+  for (; c + 16 <= n; c += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + c));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s + c + 8));
   }
-  for (; c < n; ++c) best = std::max(best, s[c]);
-  return best;
+  if (c + 8 <= n) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + c)), c += 8;
+  if (c < n) {  // the last n % 8 in masked lanes (-inf in the others)
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - c)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 x = _mm256_blendv_ps(none, _mm256_maskload_ps(s + c, lanes), _mm256_castsi256_ps(lanes));
+    m1 = _mm256_max_ps(m1, x);
+  }
+  const __m256 m = _mm256_max_ps(m0, m1);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+#endif
 }
 
 // exp(x) = 2^t, t = x log2(e) = n + f with n an integer and |f| <= 1/2: 2^f by a
@@ -538,6 +543,16 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
     const __m256 e0 = exp_avx2(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + c), vshift), vlog2e));
     _mm256_storeu_ps(s + c, e0);
     sum0 = _mm256_add_ps(sum0, e0);
+  }
+  if (c < n) {  // the last n % 8 in masked lanes, as above (every element by the same exp)
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - c)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 x = _mm256_maskload_ps(s + c, lanes);
+    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_mul_ps(_mm256_sub_ps(x, vshift), vlog2e)),
+                                   _mm256_castsi256_ps(lanes));
+    _mm256_maskstore_ps(s + c, lanes, e);
+    sum1 = _mm256_add_ps(sum1, e);
+    c = n;
   }
   sum = tiles::hsum(_mm256_add_ps(sum0, sum1));
 #endif
