@@ -320,7 +320,7 @@ def test_bf16_forward_memory_stays_bounded():
 def test_extreme_logits(dtype):
     # Logits hundreds apart (most probabilities underflow to exactly 0 in the kernel's
     # exp), float bias entries of -inf and -1e4, and rows whose lengths are not whole
-    # vectors: the softmax's exp over its whole range and its scalar tail.
+    # vectors: the softmax's exp over its whole range and its partial last vector.
     seqlen_q, seqlen_k = 70, 301
     q, k, v = random_qkv(1, seqlen_q, seqlen_k, 2, 2, 64, dtype=dtype, seed=23)
     gen = torch.Generator().manual_seed(23)
@@ -332,6 +332,25 @@ def test_extreme_logits(dtype):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=1.5
     ).transpose(1, 2)
     check_attention(run, q, k, v, seed=23, scale=1.5, attn_bias=bias)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k,head_dim", [(97, 97, 64), (250, 250, 80), (33, 70, 32), (300, 17, 40)])
+def test_causal_rows_bitwise_as_with_a_mask(seqlen_q, seqlen_k, head_dim):
+    # Rows across the causal diagonal take their max and exp up to their last visible key
+    # only (flash_cpu.h mask_band_start); with the same band as a boolean mask they go
+    # through transform_scores over the whole panel (-inf for each masked key). On the
+    # float tiles every key keeps its vector lane either way, so the outputs are bitwise
+    # equal (a row that took one key too many or too few would not be).
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: BLAS products depend on the block shapes")
+    q, k, v = (t.detach().transpose(1, 2) for t in random_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, seed=11))
+    band = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril()
+    with torch.no_grad():
+        causal = flashattn_py.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        masked = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
+    torch.testing.assert_close(causal, masked, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -505,28 +505,25 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
         }
 #endif
         if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
-        // As in the forward: the common case needs no per-row transform, and a row masked
-        // by the band only computes P up to its last visible key (0 after it).
-        const bool band_only = p.softcap <= 0.f && slope == 0.f && !p.bias;
-        const bool logits = band_only && all_rows_see(w, row0, rows, key0, cols);
+        // As in the forward: the common case needs no per-row transform, and a row the band
+        // masks only computes P up to its last visible key (0 after it).
+        const bool transform = scores_need_transform(p, slope);
+        const bool logits = !transform && all_rows_see(w, row0, rows, key0, cols);
         for (int64_t r = 0; r < rows; ++r) {
           acc* srow = s + r * lds;
-          int64_t row_cols = cols;
-          if (logits) {
-          } else if (band_only) {
-            const KeyRange row_seen = clip(visible_keys(w, row0 + r), key0, cols);
-            std::fill(srow, srow + row_seen.lo, neg_inf);
-            row_cols = row_seen.hi;
-          } else {
+          int64_t row_n = cols;  // the row's P [0, row_n) of the block's cols; the rest are 0
+          if (transform) {
             transform_scores<T, acc>(p, w, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
                                      dcap ? dcap + r * lds : nullptr);
+          } else if (!logits) {
+            row_n = mask_band_start(w, srow, cols, row0 + r, key0);
           }
           const acc row_lse = lse_head[row0 + r];
           if (row_lse == neg_inf) {
             std::fill(srow, srow + cols, acc(0));
           } else {
-            exp_shift_sum(srow, row_cols, row_lse);  // P, in place
-            std::fill(srow + row_cols, srow + cols, acc(0));
+            exp_shift_sum(srow, row_n, row_lse);  // P, in place
+            std::fill(srow + row_n, srow + cols, acc(0));
           }
         }
         ws.ops.dprobs(row0, rows, key0, cols, dp, lds);  // dP = dO V^T

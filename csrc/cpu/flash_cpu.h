@@ -373,6 +373,23 @@ inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_
   for (int64_t c = r.hi; c < n; ++c) s[c] = neg_inf;
 }
 
+// Whether scores need transform_scores beyond the band's mask (softcap, ALiBi or a bias).
+inline bool scores_need_transform(const FlashParams& p, float slope) {
+  return p.softcap > 0.f || slope != 0.f || p.bias;
+}
+
+// The band's mask alone on row i's scores of keys [j0, j0 + n), as transform_scores would
+// apply it, but only up to the row's last visible key: keys before its first visible one
+// are set to -inf and the returned end of its visible keys bounds its max and exp (the
+// caller sets the keys from there on to 0, as exp(-inf) would be). exp_shift_sum keeps
+// every key in its lane, so this gives transform_scores' values and sums bitwise.
+template <typename acc>
+inline int64_t mask_band_start(const Band& w, acc* s, int64_t n, int64_t i, int64_t j0) {
+  const KeyRange r = clip(visible_keys(w, i), j0, n);
+  std::fill(s, s + r.lo, -std::numeric_limits<acc>::infinity());
+  return r.hi;
+}
+
 // Dropout on one row of probabilities (in place): zero the dropped, scale the kept by
 // 1/(1-p). `row_id` is the row's lse_index (its place in the Philox stream, rows of
 // p.seqlen_k draws); `keep` is scratch of n bools.
@@ -400,7 +417,10 @@ inline acc row_max(const acc* s, int64_t n) {
   return best;
 }
 
-// s[c] = exp(s[c] - shift) in place; returns the sum. exp(-inf) = 0.
+// s[c] = exp(s[c] - shift) in place; returns the sum. exp(-inf) = 0. The last n % size
+// elements go through one more vector padded with -inf (adding 0 to their lanes): element
+// c is always in lane c % size and exp'd by the vector exp, so a row's values and sum do
+// not depend on where n ends past its last nonzero element (run_fwd's band-masked rows).
 template <typename acc>
 inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
   using V = Vec<acc>;
@@ -412,14 +432,19 @@ inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
     x.store(s + c);
     vsum = vsum + x;
   }
+  if (c < n) {
+    acc tail[V::size()];
+    std::fill(tail, tail + V::size(), -std::numeric_limits<acc>::infinity());
+    std::copy(s + c, s + n, tail);
+    const V x = (V::loadu(tail) - vshift).exp_u20();
+    x.store(tail);
+    std::copy(tail, tail + (n - c), s + c);
+    vsum = vsum + x;
+  }
   acc lanes[V::size()];
   vsum.store(lanes);
   acc sum = 0;
   for (int64_t l = 0; l < V::size(); ++l) sum += lanes[l];
-  for (; c < n; ++c) {
-    s[c] = std::exp(s[c] - shift);
-    sum += s[c];
-  }
   return sum;
 }
 
@@ -429,6 +454,11 @@ inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
 // row_max may drop a NaN (max_ps returns its second operand); exp keeps it, so a row
 // with other scores still sums to NaN, and run_fwd checks a row whose maximum came out
 // -inf for NaN.
+// Lanes [0, k) of 8 set (all bits), the others clear: AVX2 masked loads and stores.
+inline __m256i first_lanes8(int64_t k) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 template <>
 inline float row_max<float>(const float* s, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
@@ -453,8 +483,7 @@ inline float row_max<float>(const float* s, int64_t n) {
   }
   if (c + 8 <= n) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + c)), c += 8;
   if (c < n) {  // the last n % 8 in masked lanes (-inf in the others)
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - c)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i lanes = first_lanes8(n - c);
     const __m256 x = _mm256_blendv_ps(none, _mm256_maskload_ps(s + c, lanes), _mm256_castsi256_ps(lanes));
     m1 = _mm256_max_ps(m1, x);
   }
@@ -525,7 +554,6 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
     const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(x, vshift), vlog2e));
     _mm512_mask_storeu_ps(s + c, lanes, e);
     vsum = _mm512_mask_add_ps(vsum, lanes, vsum, e);
-    c = n;
   }
   sum = _mm512_reduce_add_ps(vsum);
 #else
@@ -544,22 +572,20 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
     _mm256_storeu_ps(s + c, e0);
     sum0 = _mm256_add_ps(sum0, e0);
   }
-  if (c < n) {  // the last n % 8 in masked lanes, as above (every element by the same exp)
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - c)),
-                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (c < n) {  // the last n % 8 in masked lanes, into the accumulator a longer row would use
+    const __m256i lanes = first_lanes8(n - c);
     const __m256 x = _mm256_maskload_ps(s + c, lanes);
     const __m256 e = _mm256_and_ps(exp_avx2(_mm256_mul_ps(_mm256_sub_ps(x, vshift), vlog2e)),
                                    _mm256_castsi256_ps(lanes));
     _mm256_maskstore_ps(s + c, lanes, e);
-    sum1 = _mm256_add_ps(sum1, e);
-    c = n;
+    if (c % 16 == 0) {
+      sum0 = _mm256_add_ps(sum0, e);
+    } else {
+      sum1 = _mm256_add_ps(sum1, e);
+    }
   }
   sum = tiles::hsum(_mm256_add_ps(sum0, sum1));
 #endif
-  for (; c < n; ++c) {
-    s[c] = std::exp(s[c] - shift);
-    sum += s[c];
-  }
   return sum;
 }
 #endif

@@ -642,23 +642,18 @@ void run_fwd(const FlashParams& p) {
           if (n == 0) continue;  // these rows see none of this block
           kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
           // Without softcap, ALiBi or bias the scores are the logits, masked only by the band
-          // (the common case: no per-row transform). A row's keys past its last visible one
-          // are then left out of its maximum and exponentials and set to 0 (as exp(-inf)
-          // would be: each key keeps its lane, so the sums are the same), and only keys
-          // before its first visible one (windows) set to -inf.
-          const bool band_only = p.softcap <= 0.f && slope == 0.f && !p.bias;
-          const bool logits = band_only && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
+          // (the common case), and with every row seeing all n keys nothing is masked; else
+          // a row's max and exp go up to its last visible key only (mask_band_start).
+          const bool transform = scores_need_transform(p, slope);
+          const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
           for (int64_t r = r0; r < r1; ++r) {
             acc* srow = s + r * lds + lo;
-            int64_t row_n = n;  // the row's keys [0, row_n) of the panel's n; the rest are 0
-            if (logits) {
-            } else if (band_only) {
-              const KeyRange row_seen = clip(visible_keys(w, row0 + r), col0 + lo, n);
-              std::fill(srow, srow + row_seen.lo, neg_inf);
-              row_n = row_seen.hi;
-            } else {
+            int64_t row_n = n;  // the row's scores [0, row_n) of the panel's n; the rest are 0
+            if (transform) {
               transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
                                        nullptr);
+            } else if (!logits) {
+              row_n = mask_band_start(w, srow, n, row0 + r, col0 + lo);
             }
             // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
             const acc row_m = row_max(srow, row_n), m_new = row_m < m[r] ? m[r] : row_m;
@@ -670,7 +665,8 @@ void run_fwd(const FlashParams& p) {
               std::fill(srow, srow + n, acc(0));
               continue;
             }
-            // (The row's first visible keys: its O is still 0, nothing to rescale.)
+            // (The row's first visible keys: its O is still 0 (or NaN, 0 times an infinite V),
+            // nothing to rescale.)
             const acc rescale = m_new == m[r] || m[r] == neg_inf ? acc(1) : std::exp(m[r] - m_new);
             const acc sum = exp_shift_sum(srow, row_n, m_new);
             std::fill(srow + row_n, srow + n, acc(0));
