@@ -143,7 +143,9 @@ def test_b1_h1_views_with_odd_strides(name):
 def test_decode_step_replays_in_a_cuda_graph(name, paged):
     # Captured once; each replay gets new q / k / v and longer caches written into the
     # captured tensors in place, and must equal the eager call on the same state, its
-    # append included (a length read on the host at capture would be baked into the graph).
+    # append included (a length read on the host at capture would be baked into the graph),
+    # and both the append and the attention written out here (a wrong write that the
+    # graph and the eager call shared would pass the first comparison).
     _backend(name, head_dim=64)
     batch, slots, hq, hk, d, page = 3, 96, 8, 2, 64, 16
     g = torch.Generator(device=DEV).manual_seed(3)
@@ -163,6 +165,11 @@ def test_decode_step_replays_in_a_cuda_graph(name, paged):
         return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
                                                    block_table=table, causal=True, backend=name)
 
+    def where(b, j):  # cache index of sequence b's key slot j (a tensor of slots)
+        if paged:
+            return table[b, j // page].long(), j % page
+        return torch.full_like(j, b), j
+
     with torch.no_grad():
         graph, out = _capture(step)
         for i in range(3):
@@ -170,8 +177,17 @@ def test_decode_step_replays_in_a_cuda_graph(name, paged):
                 t.copy_(rnd(*t.shape))
             lens.add_(i + 1)
             k_want, v_want = k_cache.clone(), v_cache.clone()
+            k_exp, v_exp = k_cache.clone(), v_cache.clone()
+            for b in range(batch):  # the new key of sequence b at slot lens[b]
+                slot = lens[b:b + 1].long()
+                k_exp[where(b, slot)], v_exp[where(b, slot)] = k[b], v[b]
             graph.replay()
             want = step(k_want, v_want)
             torch.cuda.synchronize()
             assert torch.equal(out, want)
             assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+            assert torch.equal(k_cache, k_exp) and torch.equal(v_cache, v_exp)
+            for b in range(batch):  # one query over the sequence's lens[b] + 1 keys
+                j = torch.arange(int(lens[b]) + 1, device=DEV)
+                keys, values = k_exp[where(b, j)].unsqueeze(0), v_exp[where(b, j)].unsqueeze(0)
+                _ref_check(out[b:b + 1], q[b:b + 1], keys, values, 1 / math.sqrt(d), 5e-3)
