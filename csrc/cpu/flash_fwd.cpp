@@ -32,8 +32,7 @@ constexpr int64_t MAX_PACKED_ROWS = 16;
 // K and V copied into a float (or double) layout the block products read: a thread keeps
 // the copy of the head it is working on, filled in 64-key chunks on first use, when the
 // head has several query blocks and the copy fits in CACHE_BYTES (the queue hands out a
-// head's query blocks in a row, or all of them to one thread where heads are plenty:
-// run_fwd; so each key is copied about once per thread and head).
+// head's query blocks in a row, so each key is copied about once per thread and head).
 // Otherwise (one query block per head, as in decoding, or a very long head) only the
 // current key block is copied, so memory stays a few blocks per thread. `Layout` says
 // where a key's K and V elements go (dense rows for BLAS, panels for the tiles).
@@ -708,7 +707,7 @@ void run_fwd(const FlashParams& p) {
     for_each_task(units, make_workspace, [&](int64_t unit, Workspace& ws) {
       const int64_t b = unit / head_groups, group_index = unit % head_groups;
       const int64_t blocks = first_task.empty() ? num_q_blocks : (first_task[b + 1] - first_task[b]) / head_groups;
-      const int64_t first = first_task.empty() ? unit * num_q_blocks : first_task[b] + group_index * blocks;
+      const int64_t first = (first_task.empty() ? unit * num_q_blocks : first_task[b] + group_index * blocks);
       for (int64_t t = first; t < first + blocks; ++t) body(t, ws);
     });
   } else {
