@@ -698,21 +698,8 @@ void run_fwd(const FlashParams& p) {
     }
   };
 
-  auto make_workspace = [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); };
-  // Heads with several query blocks, and heads enough to keep every thread busy: a thread
-  // takes every query block of a (sequence, head) in turn, so the head's K and V are copied
-  // once (KVCopy's whole-head mode) instead of by each thread that takes one of its blocks.
-  const int64_t units = p.batch * head_groups;
-  if (splits == 1 && num_q_blocks > 1 && units >= 4 * torch::stable::get_num_threads()) {
-    for_each_task(units, make_workspace, [&](int64_t unit, Workspace& ws) {
-      const int64_t b = unit / head_groups, group_index = unit % head_groups;
-      const int64_t blocks = first_task.empty() ? num_q_blocks : (first_task[b + 1] - first_task[b]) / head_groups;
-      const int64_t first = (first_task.empty() ? unit * num_q_blocks : first_task[b] + group_index * blocks);
-      for (int64_t t = first; t < first + blocks; ++t) body(t, ws);
-    });
-  } else {
-    for_each_task(row_tasks * splits, make_workspace, body);
-  }
+  for_each_task(
+      row_tasks * splits, [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
 
   if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
     parallel_for(0, row_tasks * task_rows, 16, [&](int64_t begin, int64_t end) {
