@@ -449,16 +449,16 @@ inline acc exp_shift_sum(acc* s, int64_t n, acc shift) {
 }
 
 #ifdef FLASHATTN_CPU_TILES
-// float versions on AVX2 without at::vec's NaN-propagating maximum (3 instructions where
-// 1 does) and with a shorter exp: these two passes are most of the softmax's time.
-// row_max may drop a NaN (max_ps returns its second operand); exp keeps it, so a row
-// with other scores still sums to NaN, and run_fwd checks a row whose maximum came out
-// -inf for NaN.
 // Lanes [0, k) of 8 set (all bits), the others clear: AVX2 masked loads and stores.
 inline __m256i first_lanes8(int64_t k) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// float versions on AVX2 without at::vec's NaN-propagating maximum (3 instructions where
+// 1 does) and with a shorter exp: these two passes are most of the softmax's time.
+// row_max may drop a NaN (max_ps returns its second operand); exp keeps it, so a row
+// with other scores still sums to NaN, and run_fwd checks a row whose maximum came out
+// -inf for NaN.
 template <>
 inline float row_max<float>(const float* s, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
