@@ -99,6 +99,21 @@ def test_varlen_decode_sized_sequences(dtype, feature):
                     cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_varlen_one_query_beside_a_block_keeps_its_accuracy(seed):
+    # One query (120 keys, 16 query heads over 2 KV heads) packed beside a sequence of 40
+    # queries and no keys, whose rows put the call on the float tiles: with a large
+    # scale the scores' rounding is carried into P by exp(), and the one row is the
+    # call's whole error (found by fuzzing: 4-6 seeds in 10 up to 5x the naive error
+    # while the tiles summed each score in one chain of FMAs; csrc/cpu/tiles.h SUM_RUN).
+    lens_q, lens_k = [1, 40], [120, 0]
+    scale = 0.4 + 0.05 * seed
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, v = packed_qkv(lens_q, lens_k, 16, 2, 128, torch.float32, 500 + seed)
+    check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, softmax_scale=scale), q, k, v, grad=False,
+                    seed=500 + seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_varlen_reference_backend_and_float64(dtype):
     cu_q, cu_k = offsets([3, 8, 0]), offsets([4, 8, 2])

@@ -798,25 +798,53 @@ inline void pack_v(const T* src, int64_t ld, int64_t n, int64_t dv, float* dst, 
   }
 }
 
+// With RUNS, the kr tiles sum their n products in runs of SUM_RUN, each run's sum added to
+// the total of the runs before it (qk_block: the scores). One chain of FMAs over a whole
+// head dim (128 steps) rounds a score about twice as far from the exact sum as BLAS's
+// blocked sums or the row path's lanes, and exp() carries that into P: with scales of
+// 0.3-0.6 a query row's output came out up to 5x as far from the float64 formula as the
+// naive float one (beyond the tests' rule). Runs of 32: one more addition per 32 FMAs.
+constexpr int64_t SUM_RUN = 32;
+
 // c[r][0, 16) = (or += alpha *) sum_k a[k * a_ks + r] * panel[k][0, 16) for r < M,
 // k < n: A's M rows lie side by side (a pack_q group with a_ks = MR, or a transposed
-// row-major block with a_ks its row stride). With PREFETCH, also prefetches `next`, the
-// n x 16 panel the following tiles read (one cache line per step).
-template <int M, bool ACCUMULATE, bool PREFETCH = false>
+// row-major block with a_ks its row stride); with RUNS the sum in runs of SUM_RUN. With
+// PREFETCH, also prefetches `next`, the n x 16 panel the following tiles read (one cache
+// line per step).
+template <int M, bool ACCUMULATE, bool PREFETCH = false, bool RUNS = false>
 __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks, const float* panel, int64_t n,
                                                    float alpha, float* c, int64_t ldc, const float* next = nullptr) {
   __m256 c0[M], c1[M];
+  alignas(32) float total[M][NR];  // the runs before this one (no registers left for them)
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < n; ++k) {
-    const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
-    const float* ak = a + k * a_ks;
-    if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+  const int64_t run = RUNS ? SUM_RUN : n;
+  for (int64_t k0 = 0; k0 < n; k0 += run) {
+    if (k0 > 0) {
 #pragma GCC unroll 6
-    for (int r = 0; r < M; ++r) {
-      const __m256 x = _mm256_broadcast_ss(ak + r);
-      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
+      for (int r = 0; r < M; ++r) {
+        _mm256_store_ps(total[r], c0[r]);
+        _mm256_store_ps(total[r] + 8, c1[r]);
+        c0[r] = c1[r] = _mm256_setzero_ps();
+      }
+    }
+    for (int64_t k = k0; k < std::min(n, k0 + run); ++k) {
+      const __m256 b0 = _mm256_load_ps(panel + k * NR), b1 = _mm256_load_ps(panel + k * NR + 8);
+      const float* ak = a + k * a_ks;
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) {
+        const __m256 x = _mm256_broadcast_ss(ak + r);
+        c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
+        c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
+      }
+    }
+    if (k0 > 0) {  // this run plus the ones before
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) {
+        c0[r] = _mm256_add_ps(_mm256_load_ps(total[r]), c0[r]);
+        c1[r] = _mm256_add_ps(_mm256_load_ps(total[r] + 8), c1[r]);
+      }
     }
   }
   // alpha is applied after the loop: a broadcast held through it would leave the
@@ -843,28 +871,40 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
 // panels along the diagonal) and than tiles of 12 rows x 32 (24 registers):
 // benchmarks/RESULTS.md 'What was tried'.
 
-// kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32). With PREFETCH,
-// prefetches `next` and `next + next_stride` (one line of each per step).
-template <int M, bool ACCUMULATE, bool PREFETCH = false>
+// kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32) (with RUNS, the runs'
+// total in 12 more registers). With PREFETCH, prefetches `next` and `next + next_stride`
+// (one line of each per step).
+template <int M, bool ACCUMULATE, bool PREFETCH = false, bool RUNS = false>
 __attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t a_ks, const float* panel,
                                                         int64_t panel_stride, int64_t n, float alpha, float* c,
                                                         int64_t ldc, const float* next = nullptr,
                                                         int64_t next_stride = 0) {
-  __m512 c0[M], c1[M];
+  __m512 c0[M], c1[M], t0[M], t1[M];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; ++k) {
-    const __m512 b0 = _mm512_load_ps(panel + k * NR), b1 = _mm512_load_ps(panel + panel_stride + k * NR);
-    const float* ak = a + k * a_ks;
-    if constexpr (PREFETCH) {
-      _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next + next_stride + k * NR), _MM_HINT_T0);
-    }
+  const int64_t run = RUNS ? SUM_RUN : n;
+  for (int64_t k0 = 0; k0 < n; k0 += run) {
+    if (k0 > 0) {
 #pragma GCC unroll 6
-    for (int r = 0; r < M; ++r) {
-      const __m512 x = _mm512_set1_ps(ak[r]);
-      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+      for (int r = 0; r < M; ++r) t0[r] = c0[r], t1[r] = c1[r], c0[r] = c1[r] = _mm512_setzero_ps();
+    }
+    for (int64_t k = k0; k < std::min(n, k0 + run); ++k) {
+      const __m512 b0 = _mm512_load_ps(panel + k * NR), b1 = _mm512_load_ps(panel + panel_stride + k * NR);
+      const float* ak = a + k * a_ks;
+      if constexpr (PREFETCH) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + k * NR), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next + next_stride + k * NR), _MM_HINT_T0);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) {
+        const __m512 x = _mm512_set1_ps(ak[r]);
+        c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+        c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+      }
+    }
+    if (k0 > 0) {  // this run plus the ones before (kr_tile's order of additions)
+#pragma GCC unroll 6
+      for (int r = 0; r < M; ++r) c0[r] = _mm512_add_ps(t0[r], c0[r]), c1[r] = _mm512_add_ps(t1[r], c1[r]);
     }
   }
 #pragma GCC unroll 6
@@ -937,7 +977,7 @@ __attribute__((always_inline)) inline void for_row_groups(int64_t rows, Tile&& t
 // it, and the first full row group prefetches the next panel (it comes from L3 when the
 // block is new, and the hardware prefetchers run too short a way ahead; see
 // benchmarks/RESULTS.md 'What was tried').
-template <bool ACCUMULATE>
+template <bool ACCUMULATE, bool RUNS = false>
 inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, const float* panels_b, int64_t panels,
                      int64_t panel_stride, int64_t n, float alpha, float* c, int64_t ldc) {
   int64_t j = 0;
@@ -949,9 +989,11 @@ inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, c
     for_row_groups(rows, [&](auto m, int64_t r) {
       constexpr int M = decltype(m)::value;
       if (M == MR && r == 0 && next != nullptr) {
-        kr_tile_pair<M, ACCUMULATE, true>(a, a_ks, bp, panel_stride, n, alpha, c + j * NR, ldc, next, next_stride);
+        kr_tile_pair<M, ACCUMULATE, true, RUNS>(a, a_ks, bp, panel_stride, n, alpha, c + j * NR, ldc, next,
+                                                next_stride);
       } else {
-        kr_tile_pair<M, ACCUMULATE>(a + r * a_rs, a_ks, bp, panel_stride, n, alpha, c + r * ldc + j * NR, ldc);
+        kr_tile_pair<M, ACCUMULATE, false, RUNS>(a + r * a_rs, a_ks, bp, panel_stride, n, alpha, c + r * ldc + j * NR,
+                                                 ldc);
       }
     });
   }
@@ -962,19 +1004,19 @@ inline void kr_block(int64_t rows, const float* a, int64_t a_rs, int64_t a_ks, c
     for_row_groups(rows, [&](auto m, int64_t r) {
       constexpr int M = decltype(m)::value;
       if (M == MR && r == 0 && next != nullptr) {
-        kr_tile<M, ACCUMULATE, true>(a, a_ks, bp, n, alpha, c + j * NR, ldc, next);
+        kr_tile<M, ACCUMULATE, true, RUNS>(a, a_ks, bp, n, alpha, c + j * NR, ldc, next);
       } else {
-        kr_tile<M, ACCUMULATE>(a + r * a_rs, a_ks, bp, n, alpha, c + r * ldc + j * NR, ldc);
+        kr_tile<M, ACCUMULATE, false, RUNS>(a + r * a_rs, a_ks, bp, n, alpha, c + r * ldc + j * NR, ldc);
       }
     });
   }
 }
 
 // S (rows x 16 * panels, row stride lds) = Q K^T, Q packed by pack_q (scale included),
-// K as `panels` panels from pack_k.
+// K as `panels` panels from pack_k; summed in runs (SUM_RUN).
 inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_t panels, int64_t d, float* s,
                      int64_t lds) {
-  kr_block<false>(rows, q, d, MR, k_panels, panels, NR * d, d, 1.f, s, lds);
+  kr_block<false, true>(rows, q, d, MR, k_panels, panels, NR * d, d, 1.f, s, lds);
 }
 
 // O (rows x 16 * dv_panels, row stride ldo) += P (rows x n) V, V as packed column panels
