@@ -154,6 +154,25 @@ def test_softcap(dtype):
     _case(1, 97, 75, 2, 1, 64, dtype, CPU_DEVICE, seed=5, softcap=1.5, scale=0.4)
 
 
+@triton.jit
+def _tanh_kernel(X, Out, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Out + offs, _kernels.common.tanh_f32(tl.load(X + offs)))
+
+
+@needs_interp
+def test_softcap_tanh_is_accurate_near_zero():
+    # The softcap's tanh(s / softcap) is near 0 for most scores when the softcap is large
+    # (25-50 in Gemma-style models): 1 - 2 / (e^2x + 1) alone cancels there (relative error
+    # up to 1e-4 at |x| = 1e-3), and softcap * tanh carried an ulp of 1 into every score.
+    x = torch.cat([torch.linspace(-3, 3, 3072), torch.logspace(-6, 0, 512), -torch.logspace(-6, 0, 512)]).float()
+    out = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, out, N=x.numel())
+    exact = torch.tanh(x.double())
+    rel = (out.double() - exact).abs() / exact.abs()
+    assert rel.max().item() < 4e-7, f"max relative error {rel.max().item():.2e} at x = {x[rel.argmax()].item()}"
+
+
 @needs_interp
 @pytest.mark.parametrize("per_batch", [False, True], ids=["slopes_h", "slopes_bh"])
 def test_alibi(per_batch):
