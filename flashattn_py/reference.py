@@ -253,13 +253,17 @@ def attention_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor
     its cache row ``cache_batch_idx[b]`` (or pages ``block_table[b]``) gets the new k
     (rotated at slots cache_seqlens[b] + i) and v at those slots; q is rotated at
     cache_seqlens[b] + i (causal or windowed) or at cache_seqlens[b]; then attention over
-    slots [cache_leftpad[b], cache_seqlens[b] + S_new), the diagonal bottom-right.
+    slots [cache_leftpad[b], cache_seqlens[b] + S_new), the diagonal bottom-right. As in
+    flash-attn, a window side at least as long as the cache (its capacity) is no bound, so
+    it does not make the call windowed either.
     ``options``: attention_ref's (scale, softcap, alibi_slopes)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     batch, seqlen_q = q.shape[:2]
     new = 0 if k is None else k.shape[1]
     paged = block_table is not None
     page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    window_left, window_right = (-1 if w >= capacity else w for w in (window_left, window_right))
     window_right = 0 if causal else window_right
     positional = causal or window_left >= 0 or window_right >= 0
     outs, lses = [], []

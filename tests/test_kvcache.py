@@ -123,6 +123,13 @@ def test_rotary(interleaved, causal):
     run_case(rotary_dim=64, interleaved=interleaved, causal=causal, page_size=7, seqlen_q=2, new=2, seed=5)
 
 
+def test_window_as_long_as_the_cache_is_no_window():
+    # As in flash-attn, a window side at least as long as the cache bounds nothing, so q is
+    # rotated as without a window (every query at cache_seqlens), not position by position.
+    run_case(rotary_dim=32, causal=False, window=(40, 40), seqlen_q=3, new=3, seqlen_cache=40, seed=9)
+    run_case(rotary_dim=32, causal=False, window=(60, 45), seqlen_q=2, new=2, seqlen_cache=40, seed=10)
+
+
 def test_cache_rows_leftpad_and_empty_caches():
     run_case(batch_idx=True, seqlen_q=2, new=2, lengths=[0, 13, 38], seed=1)
     run_case(leftpad=True, seqlen_q=2, new=2, seed=2)
