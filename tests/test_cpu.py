@@ -41,6 +41,20 @@ def test_long_sequence(dtype):
     check_attention(flash(causal=True), q, k, v, seed=7, **bottom_right(1025, 1025, causal=True))
 
 
+@pytest.mark.parametrize("seqlen_q,seqlen_k,scale", [(16, 4096, 0.01), (16, 16384, 0.01), (4, 32768, 0.001)])
+def test_attention_spread_over_many_keys(seqlen_q, seqlen_k, scale):
+    # Near-uniform attention over thousands of keys whose values do not average out (mean
+    # 3): O sums them all. While O's own chain of FMAs ran over every key, each FMA was
+    # rounded against an O that had grown with the keys: 9-25x the naive float32 error on
+    # the tiles (16 queries), up to 7x on the row path (csrc/cpu/tiles.h, above pv_tile);
+    # the build before failed all three cases.
+    gen = torch.Generator().manual_seed(seqlen_k)
+    q, k = (torch.randn(1, n, 2, 64, generator=gen) for n in (seqlen_q, seqlen_k))
+    v = torch.randn(1, seqlen_k, 2, 64, generator=gen) + 3.0
+    check_attention(flash(softmax_scale=scale), q, k, v, grad=False, seed=seqlen_k, scale=scale,
+                    **bottom_right(seqlen_q, seqlen_k))
+
+
 @pytest.mark.parametrize("head_dim", [1, 3, 40, 80, 96, 256])
 def test_head_dims(head_dim):
     q, k, v = random_qkv(1, 33, 65, 2, 2, head_dim, dtype=torch.float32, seed=head_dim)

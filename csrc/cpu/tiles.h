@@ -438,25 +438,31 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   }
 }
 
-// o[r][0, 16) += sum_k p[r * ldp + k] b[k * ldb + (0, 16)] for r < M, k < n, the outputs
-// held in registers: B's rows of 16 elements ldb apart (T, widened in registers), the
-// forward's packed V panels (ldb = 16) and the row path's V rows in place. With PREFETCH,
-// also prefetches next_len elements at `next` + k * ldb at each step (a line of the panel
-// the following tiles read, or a V row a few keys ahead).
+// The P V tiles and strips sum a call's keys from 0 in registers and add that sum to O at
+// the end, rather than continuing O's own chain of FMAs: O's chain ran over every key of
+// the row, and with attention spread over thousands of keys each FMA rounded against an
+// O that had grown with the keys (fp32, 16K keys: 10-25x the naive formula's error, past
+// the tests' rule). Now O is added to once per call (at most 128 keys: pv_block's chunks).
+
+// o[r][0, 16) += sum_k p[r * ldp + k] b[k * ldb + (0, 16)] for r < M, k < n, the sum held
+// in registers, then added to o: B's rows of 16 elements ldb apart (T, widened in
+// registers), the forward's packed V panels (ldb = 16) and the row path's V rows in place.
+// With PREFETCH, also prefetches next_len elements at `next` + k * ldb at each of the
+// first fetch_n steps (a line of the panel the following tiles read, or a V row a few keys
+// ahead).
 template <int M, bool PREFETCH = false, typename T = float>
 __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, const T* b, int64_t ldb, int64_t n,
                                                    float* o, int64_t ldo, const T* next = nullptr,
-                                                   int64_t next_len = NR) {
+                                                   int64_t next_len = NR, int64_t fetch_n = INT64_MAX) {
   __m256 c0[M], c1[M];
 #pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    c0[r] = _mm256_loadu_ps(o + r * ldo);
-    c1[r] = _mm256_loadu_ps(o + r * ldo + 8);
-  }
+  for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < n; ++k) {
     const T* bk = b + k * ldb;
     const __m256 b0 = load8(bk), b1 = load8(bk + 8);
-    if constexpr (PREFETCH) prefetch_row(next + k * ldb, next_len);
+    if constexpr (PREFETCH) {
+      if (k < fetch_n) prefetch_row(next + k * ldb, next_len);
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
       const __m256 a = _mm256_broadcast_ss(p + r * ldp + k);
@@ -466,21 +472,23 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
   }
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
-    _mm256_storeu_ps(o + r * ldo, c0[r]);
-    _mm256_storeu_ps(o + r * ldo + 8, c1[r]);
+    _mm256_storeu_ps(o + r * ldo, _mm256_add_ps(_mm256_loadu_ps(o + r * ldo), c0[r]));
+    _mm256_storeu_ps(o + r * ldo + 8, _mm256_add_ps(_mm256_loadu_ps(o + r * ldo + 8), c1[r]));
   }
 }
 
 #ifdef __AVX512F__
 // o[r][j] += sum_k p[r * ldp + k] v[k * ldv + j] for r < M, k < n and the W * 16 columns
-// j from 0 (only those in `mask[w]` of the w-th 16 when MASKED): the outputs in M x W
-// 16-lane registers, each V row (T, widened in registers) loaded once for the M rows. Per
-// output element the FMAs of axpy / pv_tile in the same key order (bitwise theirs). With
-// PREFETCH, also prefetches next_len elements at next + k * ldv at each step.
+// j from 0 (only those in `mask[w]` of the w-th 16 when MASKED): the sums in M x W 16-lane
+// registers from 0, then added to o, each V row (T, widened in registers) loaded once for
+// the M rows. Per output element the FMAs of axpy (into row_pv's zeroed sums) / pv_tile
+// in the same key order (bitwise theirs).
+// With PREFETCH, also prefetches next_len elements at next + k * ldv at each of the first
+// fetch_n steps.
 template <int M, int W, bool MASKED, bool PREFETCH, typename T>
 __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
                                                     float* o, int64_t ldo, const __mmask16* mask, const T* next,
-                                                    int64_t next_len) {
+                                                    int64_t next_len, int64_t fetch_n) {
   // Whole bf16 strips in pairs of registers: c[r][2i] the even columns of 32, c[r][2i + 1]
   // the odd ones, so one 64-byte load of 32 V elements widens with a shift (even) and a
   // mask (odd) instead of two zero-extensions and shifts; the outputs are split into even
@@ -492,17 +500,7 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
-    for (int w = 0; w < W; ++w) {
-      if constexpr (PAIRS) {
-        if (w % 2 == 0) {
-          const __m512 lo = _mm512_loadu_ps(o + r * ldo + w * NR), hi = _mm512_loadu_ps(o + r * ldo + (w + 1) * NR);
-          c[r][w] = _mm512_permutex2var_ps(lo, even_idx, hi);
-          c[r][w + 1] = _mm512_permutex2var_ps(lo, odd_idx, hi);
-        }
-      } else {
-        c[r][w] = MASKED ? _mm512_maskz_loadu_ps(mask[w], o + r * ldo + w * NR) : _mm512_loadu_ps(o + r * ldo + w * NR);
-      }
-    }
+    for (int w = 0; w < W; ++w) c[r][w] = _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < n; ++k) {
     const T* vk = v + k * ldv;
@@ -519,7 +517,9 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
         b[w] = MASKED ? load16_masked(vk + w * NR, mask[w]) : load16(vk + w * NR);
       }
     }
-    if constexpr (PREFETCH) prefetch_row(next + k * ldv, next_len);
+    if constexpr (PREFETCH) {
+      if (k < fetch_n) prefetch_row(next + k * ldv, next_len);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(p[r * ldp + k]);
@@ -533,15 +533,17 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
     for (int w = 0; w < W; ++w) {
+      float* ow = o + r * ldo + w * NR;
       if constexpr (PAIRS) {
         if (w % 2 == 0) {
-          _mm512_storeu_ps(o + r * ldo + w * NR, _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1]));
-          _mm512_storeu_ps(o + r * ldo + (w + 1) * NR, _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1]));
+          _mm512_storeu_ps(ow, _mm512_add_ps(_mm512_loadu_ps(ow), _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1])));
+          _mm512_storeu_ps(ow + NR, _mm512_add_ps(_mm512_loadu_ps(ow + NR),
+                                                  _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1])));
         }
       } else if (MASKED) {
-        _mm512_mask_storeu_ps(o + r * ldo + w * NR, mask[w], c[r][w]);
+        _mm512_mask_storeu_ps(ow, mask[w], _mm512_add_ps(_mm512_maskz_loadu_ps(mask[w], ow), c[r][w]));
       } else {
-        _mm512_storeu_ps(o + r * ldo + w * NR, c[r][w]);
+        _mm512_storeu_ps(ow, _mm512_add_ps(_mm512_loadu_ps(ow), c[r][w]));
       }
     }
   }
@@ -572,11 +574,9 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
       auto strip = [&](auto masked) {
         constexpr bool MASKED = decltype(masked)::value;
         if (j == 0 && fetched > 0) {
-          pv_strip<M, W, MASKED, true>(pk, ldp, vk, ldv, fetched, o, ldo, mask, vk + AHEAD * ldv, dv);
-          pv_strip<M, W, MASKED, false>(pk + fetched, ldp, vk + fetched * ldv, ldv, keys - fetched, o, ldo, mask,
-                                        vk, 0);
+          pv_strip<M, W, MASKED, true>(pk, ldp, vk, ldv, keys, o, ldo, mask, vk + AHEAD * ldv, dv, fetched);
         } else {
-          pv_strip<M, W, MASKED, false>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0);
+          pv_strip<M, W, MASKED, false>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0, 0);
         }
       };
       if (j < full) {
@@ -602,9 +602,11 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
 // faster depends on the element type and the row count; within MAX_ROW_QUERIES float
 // stays with axpy_keys, faster than the strips when the V rows come from memory (the
 // strips read them dv / 16 times, axpy_keys once) (benchmarks/RESULTS.md 'What was tried').
-// With AVX-512 every type and row count goes through row_pv_m's register strips (up to
-// 128 columns of a row in 16-lane registers, no per-key loads and stores of the outputs):
-// the same FMAs per output element in the same order, so bitwise the 8-lane code's.
+// Either way a chunk of 32 keys is summed from 0 and added to O once (the note above
+// pv_tile): axpy_keys into a buffer. With AVX-512 every type and row count goes through
+// row_pv_m's register strips (up to 128 columns of a row in 16-lane registers, no per-key
+// loads and stores of the outputs): the same FMAs per output element in the same order,
+// so bitwise the 8-lane code's.
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
@@ -646,8 +648,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
             auto tile = [&](auto m) {
               constexpr int M = decltype(m)::value;
               if (j == 0 && r == 0 && fetched > 0) {
-                pv_tile<M, true>(pr, ldp, vj, ldv, fetched, orow, ldo, v + (k0 + AHEAD) * ldv, dv);
-                pv_tile<M>(pr + fetched, ldp, vj + fetched * ldv, ldv, keys - fetched, orow, ldo);
+                pv_tile<M, true>(pr, ldp, vj, ldv, keys, orow, ldo, v + (k0 + AHEAD) * ldv, dv, fetched);
               } else {
                 pv_tile<M>(pr, ldp, vj, ldv, keys, orow, ldo);
               }
@@ -662,10 +663,16 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
             }
           }
         }
-        if (dv16 < dv) {  // columns [dv16, dv)
-          for (int64_t c = k0; c < k0 + keys; ++c) {
-            for (int64_t r = 0; r < rows; ++r) {
-              axpy(p[r * ldp + c], v + c * ldv + dv16, o + r * ldo + dv16, dv - dv16);
+        if (dv16 < dv) {  // columns [dv16, dv), summed from 0 as the strips, 16 rows at a time
+          const int64_t nc = dv - dv16;
+          for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+            const int64_t nr = std::min<int64_t>(16, rows - r0);
+            alignas(32) float tail[16 * NR] = {};
+            for (int64_t c = k0; c < k0 + keys; ++c) {
+              for (int64_t r = 0; r < nr; ++r) axpy(p[(r0 + r) * ldp + c], v + c * ldv + dv16, tail + r * NR, nc);
+            }
+            for (int64_t r = 0; r < nr; ++r) {
+              for (int64_t e = 0; e < nc; ++e) o[(r0 + r) * ldo + dv16 + e] += tail[r * NR + e];
             }
           }
         }
@@ -673,16 +680,38 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
       return;
     }
   }
-  int64_t c = 0;
-  for (; c + AXPY_KEYS <= n; c += AXPY_KEYS) {
-    const T* vc = v + c * ldv;
-    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2) axpy_keys<2, AXPY_KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, o + r * ldo, ldo);
-    if (r < rows) axpy_keys<1, AXPY_KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, o + r * ldo, ldo);
-  }
-  for (; c < n; ++c) {  // (the last n % 4 keys: their rows were prefetched above)
-    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], v + c * ldv, o + r * ldo, dv);
+  // Key by key into `sum` from 0, CHUNK keys at a time, each chunk's sum then added to O
+  // once (as the strips do: the note above pv_tile), for as many rows as `sum` holds.
+  alignas(32) float sum[4096];
+  const int64_t pass_rows = std::max<int64_t>(1, std::min<int64_t>(rows, 4096 / std::max<int64_t>(dv, 1)));
+  for (int64_t r0 = 0; r0 < rows; r0 += pass_rows) {
+    const int64_t nr = std::min(pass_rows, rows - r0);
+    const float* pr = p + r0 * ldp;
+    for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
+      const int64_t k1 = std::min(n, k0 + CHUNK);
+      std::fill(sum, sum + nr * dv, 0.f);
+      int64_t c = k0;
+      for (; c + AXPY_KEYS <= k1; c += AXPY_KEYS) {
+        const T* vc = v + c * ldv;
+        if (r0 == 0) {
+          for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
+        }
+        int64_t r = 0;
+        for (; r + 2 <= nr; r += 2) axpy_keys<2, AXPY_KEYS>(pr + r * ldp + c, ldp, vc, ldv, dv, sum + r * dv, dv);
+        if (r < nr) axpy_keys<1, AXPY_KEYS>(pr + r * ldp + c, ldp, vc, ldv, dv, sum + r * dv, dv);
+      }
+      for (; c < k1; ++c) {  // (the last keys % 4: their rows were prefetched above)
+        for (int64_t r = 0; r < nr; ++r) axpy(pr[r * ldp + c], v + c * ldv, sum + r * dv, dv);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        float* orow = o + (r0 + r) * ldo;
+        int64_t e = 0;
+        for (; e + 8 <= dv; e += 8) {
+          _mm256_storeu_ps(orow + e, _mm256_add_ps(_mm256_loadu_ps(orow + e), _mm256_loadu_ps(sum + r * dv + e)));
+        }
+        for (; e < dv; ++e) orow[e] += sum[r * dv + e];
+      }
+    }
   }
 #endif
 }
@@ -921,18 +950,15 @@ __attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t 
 }
 
 // pv_tile over the float panels `b` and `b + panel_stride` (16 floats per key each):
-// o[r][0, 32) += sum_k p[r * ldp + k] (b[k] | b[panel_stride + k]). Prefetches as
-// kr_tile_pair.
+// o[r][0, 32) += sum_k p[r * ldp + k] (b[k] | b[panel_stride + k]), the sum from 0 in
+// registers, then added to o. Prefetches as kr_tile_pair.
 template <int M, bool PREFETCH = false>
 __attribute__((always_inline)) inline void pv_tile_pair(const float* p, int64_t ldp, const float* b,
                                                         int64_t panel_stride, int64_t n, float* o, int64_t ldo,
                                                         const float* next = nullptr, int64_t next_stride = 0) {
   __m512 c0[M], c1[M];
 #pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    c0[r] = _mm512_loadu_ps(o + r * ldo);
-    c1[r] = _mm512_loadu_ps(o + r * ldo + NR);
-  }
+  for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; ++k) {
     const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + panel_stride + k * NR);
     if constexpr (PREFETCH) {
@@ -948,8 +974,8 @@ __attribute__((always_inline)) inline void pv_tile_pair(const float* p, int64_t 
   }
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
-    _mm512_storeu_ps(o + r * ldo, c0[r]);
-    _mm512_storeu_ps(o + r * ldo + NR, c1[r]);
+    _mm512_storeu_ps(o + r * ldo, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo), c0[r]));
+    _mm512_storeu_ps(o + r * ldo + NR, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + NR), c1[r]));
   }
 }
 #endif
