@@ -400,8 +400,9 @@ struct RowOperands {
   }
 
   // f(offset in the block, n, rows) for the runs of the block's keys [lo, hi) within one
-  // page each: one run when not paged. Scores are per key and row_pv adds keys in order,
-  // so results do not depend on where the runs end.
+  // page each: one run when not paged. Scores are per key, so they do not depend on where
+  // the runs end; row_pv adds each run to O in chunks of 32 keys from the run's first, so
+  // O's rounding does (a paged call is within the rule of the contiguous one, not bitwise).
   // Paged, the first rows of the next run (another page, anywhere in memory: no stream for
   // the hardware prefetcher) are prefetched before the current run is read (`values`: V's
   // rows, else K's).

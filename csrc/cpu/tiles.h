@@ -667,7 +667,8 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
           const int64_t nc = dv - dv16;
           for (int64_t r0 = 0; r0 < rows; r0 += 16) {
             const int64_t nr = std::min<int64_t>(16, rows - r0);
-            alignas(32) float tail[16 * NR] = {};
+            alignas(32) float tail[16 * NR];
+            std::fill(tail, tail + nr * NR, 0.f);
             for (int64_t c = k0; c < k0 + keys; ++c) {
               for (int64_t r = 0; r < nr; ++r) axpy(p[(r0 + r) * ldp + c], v + c * ldv + dv16, tail + r * NR, nc);
             }
@@ -901,7 +902,7 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
 // benchmarks/RESULTS.md 'What was tried'.
 
 // kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32) (with RUNS, the runs'
-// total in 12 more registers). With PREFETCH, prefetches `next` and `next + next_stride`
+// total in registers where they fit: 12 more for M = 6). With PREFETCH, prefetches `next` and `next + next_stride`
 // (one line of each per step).
 template <int M, bool ACCUMULATE, bool PREFETCH = false, bool RUNS = false>
 __attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t a_ks, const float* panel,
