@@ -100,9 +100,11 @@ def attention_ref(
         scale = 1.0 / math.sqrt(head_dim)
     group = num_heads // num_heads_k
     if seqlen_k == 0:  # no key at all: every row is empty
-        out = q.new_zeros((batch, seqlen_q, num_heads, v.shape[-1]))
+        # (products over the empty key axis: zeros that stay in the autograd graph of q, k and
+        # v, with zero gradients, as the kernels' outputs do; no 0 * inf where inputs are inf)
+        probs = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2).repeat_interleave(group, dim=1)
+        out = (probs @ v.transpose(1, 2).repeat_interleave(group, dim=1)).transpose(1, 2)
         lse = q.new_full((batch, num_heads, seqlen_q), float("-inf"))
-        probs = q.new_zeros((batch, num_heads, seqlen_q, 0))
         return (out, lse, probs) if return_probs else (out, lse)
     qh = q.transpose(1, 2)  # (B, H, Sq, D)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)

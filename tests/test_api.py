@@ -259,3 +259,16 @@ def test_imports_and_falls_back_without_the_compiled_extension():
     backends_line, warning_count = result.stdout.strip().splitlines()
     assert "'cpu'" not in backends_line and "'reference'" in backends_line
     assert int(warning_count) >= 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_no_keys_gives_zeros_in_the_autograd_graph(backend):
+    # Without a key every row is empty: out 0, and a loss on it backpropagates zero
+    # gradients on every backend (the reference once built a zeros tensor outside the
+    # graph, so backward() raised "does not require grad").
+    q = torch.randn(2, 5, 4, 8, requires_grad=True)
+    k, v = torch.randn(2, 0, 2, 8, requires_grad=True), torch.randn(2, 0, 2, 6, requires_grad=True)
+    out = flashattn_py.flash_attn_func(q, k, v, backend=backend)
+    assert out.shape == (2, 5, 4, 6) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape and v.grad.shape == v.shape
