@@ -627,8 +627,8 @@ def _as_4d(t: Tensor) -> Tensor:
 
 
 class _NoOutputSeesAKey(torch.autograd.Function):
-    """SDPA where a size is 0 so that no output element sees a key (empty output, or no
-    keys): zeros (torch's result), and zero derivatives for every input."""
+    """SDPA where no output element sees a key (an empty output, no keys, or dropout_p = 1):
+    zeros (torch's result), and zero derivatives for every input."""
 
     @staticmethod
     def forward(ctx, out_shape, query, key, value, attn_mask):
@@ -671,7 +671,7 @@ def scaled_dot_product_attention(
             the query's dtype, or float32 for 16-bit queries, cast to the query's dtype as
             the kernels read it); or torch's ``CausalBias`` (``causal_upper_left`` /
             ``causal_lower_right`` of (L, S)), served as causal attention with that diagonal.
-        dropout_p: dropout probability, applied whenever > 0 (as torch does).
+        dropout_p: dropout probability, applied whenever > 0 (as torch does); 1 gives zeros.
         is_causal: query i sees keys j <= i (top-left aligned); exclusive with attn_mask.
         scale: default 1/sqrt(E).
         enable_gqa: allow H to be a multiple of Hk.
@@ -701,7 +701,9 @@ def scaled_dot_product_attention(
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if attn_mask is not None and is_causal:
         raise ArgumentError("attn_mask: Explicit attn_mask should not be set when is_causal=True (as in torch)")
-    _check_dropout(dropout_p)
+    # dropout_p = 1 drops every weight: zeros, as torch (flash_attn_func keeps [0, 1))
+    every_weight_dropped = dropout_p == 1.0
+    _check_dropout(0.0 if every_weight_dropped else dropout_p)
     qs, ks, vs = query.shape, key.shape, value.shape
     if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
         q4, k4, v4, lead = query, key, value, None  # the common call, without building shapes
@@ -734,7 +736,7 @@ def scaled_dot_product_attention(
                 f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to {tuple(full)}"
             ) from None
         mask4 = _as_4d(mask_full)
-    if batch * num_heads * seqlen_q * head_dim_v == 0 or seqlen_k == 0:
+    if batch * num_heads * seqlen_q * head_dim_v == 0 or seqlen_k == 0 or every_weight_dropped:
         out = _NoOutputSeesAKey.apply((batch, num_heads, seqlen_q, head_dim_v), q4, k4, v4, mask4)
     else:
         if head_dim == 0:  # every score is 0; the empty sums (exact zeros) keep q and k in the graph

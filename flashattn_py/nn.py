@@ -98,7 +98,10 @@ class MultiheadAttention(nn.Module):
     warning); ``need_weights=False`` is the fused path and returns ``(out, None)``.
     Masks: bool True means "not allowed" (torch MHA convention), float is added.
     ``is_causal=True`` without ``attn_mask`` applies the top-left causal mask (torch requires
-    the mask as a hint; here it is optional).
+    the mask as a hint; here it is optional). With ``add_bias_kv`` / ``add_zero_attn`` or a
+    ``key_padding_mask`` the hint is not used: the given ``attn_mask`` applies, the extra
+    keys visible to every query, as in torch's ``need_weights=True`` path (its
+    ``need_weights=False`` path hides the extra keys from early queries instead).
     """
 
     __constants__ = ["batch_first"]

@@ -272,3 +272,15 @@ def test_no_keys_gives_zeros_in_the_autograd_graph(backend):
     assert out.shape == (2, 5, 4, 6) and torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q)) and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_sdpa_dropout_of_one_gives_zeros_as_torch():
+    # torch's SDPA takes dropout_p = 1 (every weight dropped: zeros, zero gradients);
+    # flash_attn_func keeps flash-attn's [0, 1).
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+    with pytest.raises(ValueError, match="dropout_p"):
+        flashattn_py.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=1.0)
