@@ -160,17 +160,25 @@ def _tanh_kernel(X, Out, N: tl.constexpr):
     tl.store(Out + offs, _kernels.common.tanh_f32(tl.load(X + offs)))
 
 
-@needs_interp
-def test_softcap_tanh_is_accurate_near_zero():
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=needs_interp),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(INTERP or not torch.cuda.is_available(),
+                                                                    reason="needs CUDA (not the interpreter)")]),
+])
+def test_softcap_tanh_is_accurate_near_zero(device):
     # The softcap's tanh(s / softcap) is near 0 for most scores when the softcap is large
     # (25-50 in Gemma-style models): 1 - 2 / (e^2x + 1) alone cancels there (relative error
     # up to 1e-4 at |x| = 1e-3), and softcap * tanh carried an ulp of 1 into every score.
+    # On the GPU the compiled helper's exp2 and division may be the 2-ulp approximations
+    # (about 3e-7 relative past |x| = 0.6): bound 1e-6 there, still far below the
+    # cancellation's error.
     x = torch.cat([torch.linspace(-3, 3, 3072), torch.logspace(-6, 0, 512), -torch.logspace(-6, 0, 512)]).float()
+    x = x.to(device)
     out = torch.empty_like(x)
     _tanh_kernel[(1,)](x, out, N=x.numel())
     exact = torch.tanh(x.double())
     rel = (out.double() - exact).abs() / exact.abs()
-    assert rel.max().item() < 4e-7, f"max relative error {rel.max().item():.2e} at x = {x[rel.argmax()].item()}"
+    assert rel.max().item() < (4e-7 if device == "cpu" else 1e-6), f"max relative error {rel.max().item():.2e} at x = {x[rel.argmax()].item()}"
 
 
 @needs_interp
@@ -434,6 +442,8 @@ GPU_CASES = [
     ("fp16_d80_padded", torch.float16, 2, 1025, 2048, 4, 1, 80, "bhsd", {}),
     ("bf16_d128_mqa_causal", torch.bfloat16, 1, 2048, 2048, 8, 1, 128, "bshd", dict(window_right=0)),
     ("fp32_d64_causal_tl", torch.float32, 1, 1024, 777, 4, 2, 64, "bshd", dict(window_right=0)),
+    # fp32 with a Gemma-sized softcap: most s / softcap near 0, where tanh_f32 once cancelled
+    ("fp32_d64_softcap25", torch.float32, 1, 512, 700, 4, 2, 64, "bshd", dict(softcap=25.0, scale=0.3)),
     ("bf16_d128_empty_rows", torch.bfloat16, 1, 1024, 512, 2, 1, 128, "bshd", dict(window_right=0, diag_offset=-512)),
 ]
 

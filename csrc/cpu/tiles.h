@@ -672,9 +672,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
             for (int64_t c = k0; c < k0 + keys; ++c) {
               for (int64_t r = 0; r < nr; ++r) axpy(p[(r0 + r) * ldp + c], v + c * ldv + dv16, tail + r * NR, nc);
             }
-            for (int64_t r = 0; r < nr; ++r) {
-              for (int64_t e = 0; e < nc; ++e) o[(r0 + r) * ldo + dv16 + e] += tail[r * NR + e];
-            }
+            for (int64_t r = 0; r < nr; ++r) axpy(1.f, tail + r * NR, o + (r0 + r) * ldo + dv16, nc);
           }
         }
       }
@@ -704,14 +702,8 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
       for (; c < k1; ++c) {  // (the last keys % 4: their rows were prefetched above)
         for (int64_t r = 0; r < nr; ++r) axpy(pr[r * ldp + c], v + c * ldv, sum + r * dv, dv);
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        float* orow = o + (r0 + r) * ldo;
-        int64_t e = 0;
-        for (; e + 8 <= dv; e += 8) {
-          _mm256_storeu_ps(orow + e, _mm256_add_ps(_mm256_loadu_ps(orow + e), _mm256_loadu_ps(sum + r * dv + e)));
-        }
-        for (; e < dv; ++e) orow[e] += sum[r * dv + e];
-      }
+      // (o + 1 * sum in one rounding: the strips' addition)
+      for (int64_t r = 0; r < nr; ++r) axpy(1.f, sum + r * dv, o + (r0 + r) * ldo, dv);
     }
   }
 #endif
@@ -902,8 +894,8 @@ __attribute__((always_inline)) inline void kr_tile(const float* a, int64_t a_ks,
 // benchmarks/RESULTS.md 'What was tried'.
 
 // kr_tile over panels `panel` and `panel + panel_stride`: c[r][0, 32) (with RUNS, the runs'
-// total in registers where they fit: 12 more for M = 6). With PREFETCH, prefetches `next` and `next + next_stride`
-// (one line of each per step).
+// total in registers where they fit: 12 more for M = 6). With PREFETCH, prefetches `next`
+// and `next + next_stride` (one line of each per step).
 template <int M, bool ACCUMULATE, bool PREFETCH = false, bool RUNS = false>
 __attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t a_ks, const float* panel,
                                                         int64_t panel_stride, int64_t n, float alpha, float* c,
