@@ -247,6 +247,7 @@ std::tuple<Tensor, Tensor> fwd_inference(const Tensor& q, const Tensor& k, const
   int32_t device_type = 0;
   FLASHATTN_SHIM(aoti_torch_get_device_type(args.q.get(), &device_type));
   STD_TORCH_CHECK(device_type == codes().cpu, "flashattn: fwd_inference runs on CPU tensors");
+  args.cpu_path = cpu::FORWARD_ONLY;  // (no autograd: nothing differentiates this call)
   return fwd_cpu_layout(args, heads_first ? HEADS_FIRST : Layout{});
 }
 
@@ -281,7 +282,8 @@ bool publish_cpu_kernels(PyObject* module, PyObject* load_error) {
     Py_DECREF(dtypes);
     return false;
   }
-  return PyModule_AddStringConstant(module, "CPU_ISA", table->isa) == 0 &&
+  return PyModule_AddIntConstant(module, "CPU_FORWARD_ONLY", cpu::FORWARD_ONLY) == 0 &&
+         PyModule_AddStringConstant(module, "CPU_ISA", table->isa) == 0 &&
          PyModule_AddStringConstant(module, "CPU_KERNELS", kernels.c_str()) == 0;
 }
 

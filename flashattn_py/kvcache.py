@@ -298,6 +298,6 @@ def flash_attn_with_kvcache(
         q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],
         window_right=window[1], diag_offset=0, backend=backend, seqused_k=seqused_k, block_table=block_table,
         max_seqlen_q=seqlen_q, max_seqlen_k=capacity, bottom_right=True, kv_batch_idx=cache_batch_idx,
-        leftpad_k=cache_leftpad, num_splits=num_splits, selected=True,
+        leftpad_k=cache_leftpad, num_splits=num_splits, selected=True, forward_only=True,
     )
     return (out, lse.float()) if return_softmax_lse else out

@@ -466,12 +466,16 @@ def attention(
     leftpad_k: Optional[Tensor] = None,
     num_splits: int = 0,
     selected: bool = False,
+    forward_only: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
     Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments).
     ``selected``: ``backend`` is what ``backends.select`` chose for this very call (a
-    caller that had to know first), so it is not chosen again."""
+    caller that had to know first), so it is not chosen again. ``forward_only``: no backward
+    follows this call, whatever its tensors (flash_attn_with_kvcache), as for eager calls
+    that need no gradient: the CPU kernels may then run products a backward would not
+    recompute bitwise (``_forward_only_path``)."""
     # (spelled out, not a generator over the tensors: this runs on every call)
     per_sequence = None
     if (cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or kv_batch_idx is not None
@@ -482,6 +486,7 @@ def attention(
                                                             alibi_slopes, per_sequence, block_table), backend)
     impl = backends.BACKENDS[name]
     rng_state = inference = None
+    plain = False
     if impl.fused:
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
@@ -517,13 +522,30 @@ def attention(
                     dropout_p=dropout_p, rng_state=rng_state, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
                     max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, kv_batch_idx=kv_batch_idx,
-                    leftpad_k=leftpad_k, num_splits=num_splits, deterministic=deterministic, backend=name)
+                    leftpad_k=leftpad_k, num_splits=num_splits, deterministic=deterministic, backend=name,
+                    cpu_path=_forward_only_path(impl) if plain or forward_only else 0)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:
         # Inference on the other fused backends skips the op's autograd layer (its per-call cost).
         out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
+
+
+_FORWARD_ONLY: list[int] = []  # _C.CPU_FORWARD_ONLY, read on first use
+
+
+def _forward_only_path(backend: backends.Backend) -> int:
+    """The ``cpu_path`` of a call that no backward follows, on a backend that has paths
+    (cpu: ``_C.CPU_FORWARD_ONLY``, the path still chosen per call; its forward may then
+    compute a decoding step's query rows on AMX, csrc/cpu/flash_fwd.cpp), else 0."""
+    if backend.choose_path is None:
+        return 0
+    if not _FORWARD_ONLY:
+        from . import _C
+
+        _FORWARD_ONLY.append(_C.CPU_FORWARD_ONLY)
+    return _FORWARD_ONLY[0]
 
 
 # Each backend's inference entry, resolved on first use (tests replace one here).

@@ -470,18 +470,20 @@ def test_decode_rows_layouts(layout, dtype, seqlen_q):
 @pytest.mark.parametrize("head_dim", [128, 44, 36, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("odd_rows", [False, True])
-def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k, odd_rows):
+def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k, odd_rows, cpu_switch):
     # Scores go several keys and up to 4 query rows at a time (8 rows: two groups of 4),
     # and P V (AVX2) 4 keys at a time into pairs of rows (an odd row alone) or in register
     # strips, with the same arithmetic per score and output element, so a query row's
     # output and lse are bitwise the same alone or beside others (what lets the backward
     # recompute S exactly); over 512 keys with every head of a sequence in one task. A
     # property of the row path, which builds without the AVX2 tiles do not have (BLAS's
-    # results depend on the product's shape).
+    # results depend on the product's shape). (Calls without gradients from 4 bf16 rows go
+    # on AMX where the CPU has it, test_amx_rows_*: off here.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
         pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
+    cpu_switch("FLASHATTN_CPU_AMX", "0")
     rows = 8 if head_dim >= 32 else 4  # (5-8 rows go row by row from head dim 32 on)
     rows -= 3 if odd_rows else 0
     q, k, v = (t.detach() for t in random_qkv(2, rows, seqlen_k, 4, 2, head_dim, dtype=dtype, seed=7))
@@ -495,7 +497,7 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seqlen_q,heads,heads_k", [(1, 8, 2), (2, 16, 2), (4, 8, 2), (3, 10, 2), (5, 8, 2)])
 @pytest.mark.parametrize("mask", ["none", "causal", "window"])
-def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mask):
+def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mask, cpu_switch):
     # With GQA and few queries, the rows of a KV head's query heads go as one query block,
     # position by position (1-16 rows: 4, 16, 16, 15; 5 x 4 = 20 do not fit and go per
     # head), so K and V are read once for all of them; masks are the positions'. Every row
@@ -503,11 +505,13 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
     # K / V repeated per query head (no packing; over 512 keys both do every head of a
     # sequence in one task, with the same key blocks and splits), and gradients (the
     # backward recomputes S per head) hold to the reference. (Whether a call packs is not
-    # visible here; masks taken per row instead of per position fail this test.)
+    # visible here; masks taken per row instead of per position fail this test.) (AMX, which
+    # takes bf16 calls without gradients from 4 rows, is off: test_amx_rows_*.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
         pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
+    cpu_switch("FLASHATTN_CPU_AMX", "0")
     q, k, v = random_qkv(2, seqlen_q, 700, heads, heads_k, 96, dtype=dtype, seed=seqlen_q)
     kw = {"none": {}, "causal": dict(causal=True), "window": dict(window_size=(300, 2))}[mask]
     group = heads // heads_k
@@ -518,6 +522,21 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
     assert torch.equal(out, alone) and torch.equal(lse, alone_lse)
     check_attention(flash(**kw), q, k, v, seed=seqlen_q, grad=dtype != torch.float16,
                     **bottom_right(seqlen_q, 700, window=kw.get("window_size", (-1, -1)), causal=mask == "causal"))
+
+
+def test_bf16_rows_on_amx_only_where_no_backward_follows(cpu_switch):
+    # A bf16 decoding call with gradients keeps the row path, whose scores its backward
+    # recomputes (test_decode_gradients_match_forward_scores); the same call without
+    # gradients goes on AMX where the CPU has it (tests/test_kvcache.py test_bf16_rows_on_amx).
+    if not amx_runs(cpu_switch):
+        pytest.skip("no AMX tiles on this CPU or in this build")
+    q, k, v = random_qkv(2, 4, 700, 32, 8, 128, dtype=torch.bfloat16, seed=5)
+    trained = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+    with torch.no_grad():
+        inference = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+        cpu_switch("FLASHATTN_CPU_AMX", "0")
+        rows = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+    assert trained.requires_grad and torch.equal(trained, rows) and not torch.equal(inference, rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -600,7 +619,7 @@ def _rejects(q, k, v, path):
                                    backend="cpu"))
 
 
-@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float64, 3), (torch.float32, 0x100),
+@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float64, 0x102), (torch.float64, 3), (torch.float32, 0x200),
                                         (torch.float32, -1), (torch.float16, 9)])
 def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
     # cpu_path is the ops' own argument (ops.py FWD): a value no kernel runs for this dtype

@@ -15,6 +15,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import flashattn_py
 from flashattn_py import kvcache
 from flashattn_py.reference import attention_kvcache_ref
+from cpu_paths import amx_runs
 from devices import has_cuda_kernels
 from rule import OUT_FACTOR, assert_rule
 
@@ -188,6 +189,32 @@ def test_gqa_rows_packed_per_sequence(dtype, page_size):
     naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, **ref_kw)
     assert_rule("out", outs[0][0], ref, naive, OUT_FACTOR)
     assert_rule("lse", outs[0][1], ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen_q,heads,heads_k,head_dim", [(4, 32, 8, 128), (1, 16, 4, 64), (2, 8, 2, 96),
+                                                             (5, 4, 4, 64)])
+def test_bf16_rows_on_amx(seqlen_q, heads, heads_k, head_dim, cpu_switch):
+    # bf16 calls that no backward follows with at least 4 query rows per task (here a KV
+    # head's query heads x positions, GQA-packed, or 5 queries of one head) and head dims of
+    # whole 32-element tiles go on AMX where the CPU has it (csrc/cpu/tiles_amx.h rows):
+    # S^T = K Q^T with the cache's K rows read in place (a run's last keys under 16 from a
+    # zero-padded copy), P V with P rounded to bf16 plus its rest, V rows paired. Against the
+    # reference: caches of 0-3 keys (chunks of 1-7 keys: padded K, odd V pairs), a few
+    # dozen, over 512 (every head in one task), pages of 1, 7 and 16 keys, a window with
+    # softcap, key splits; and the path is taken (results differ from the row path's).
+    if not amx_runs(cpu_switch):
+        pytest.skip("no AMX tiles on this CPU or in this build")
+    long = dict(batch=2, seqlen_cache=700, lengths=[690 - seqlen_q, 411])
+    cases = [dict(seqlen_cache=8, lengths=[0, 1, 3]), dict(seqlen_cache=40), dict(seqlen_cache=50, page_size=7),
+             long, dict(long, page_size=1), dict(long, page_size=16, window=(100, 0), softcap=5.0, num_splits=3)]
+    differ = False
+    for i, kw in enumerate(cases):
+        args = dict(seqlen_q=seqlen_q, new=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim, seed=40 + i, **kw)
+        out = run_case(torch.bfloat16, **args)
+        cpu_switch("FLASHATTN_CPU_AMX", "0")
+        differ |= not torch.equal(out, run_case(torch.bfloat16, **args))
+        cpu_switch("FLASHATTN_CPU_AMX", "1")
+    assert differ
 
 
 def test_every_num_splits_agrees():

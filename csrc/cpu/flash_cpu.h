@@ -25,6 +25,7 @@
 
 #include "../flash_params.h"
 #include "dropout.h"
+#include "kernel_table.h"
 #include "simd.h"
 #include "switches.h"
 #include "tiles.h"
@@ -53,7 +54,10 @@ struct KernelPath {
   Products products = Products::Blas;
 };
 
-// FlashParams::cpu_path: 0 = none given, else 1 + (products << 1 | rows).
+// FlashParams::cpu_path: 0 = none given, else 1 + (products << 1 | rows); plus FORWARD_ONLY
+// (kernel_table.h) for a call that no backward follows.
+inline bool forward_only(const FlashParams& p) { return (p.cpu_path & FORWARD_ONLY) != 0; }
+
 inline int64_t encode_path(KernelPath path) {
   return 1 + (static_cast<int64_t>(path.products) << 1 | static_cast<int64_t>(path.rows));
 }
@@ -91,6 +95,10 @@ inline KernelPath choose_path(int64_t seqlen_q, int64_t head_dim) {
 // whatever the switches say: a path passed in is run as given.
 template <typename T>
 inline bool path_runs(int64_t code) {
+  if (code > 0 && (code & FORWARD_ONLY) != 0) {
+    code &= ~FORWARD_ONLY;
+    if (code == 0) return true;  // (FORWARD_ONLY alone: the path chosen per call)
+  }
   if (code < 1 || code > encode_path({true, Products::Amx})) return false;
   const KernelPath path = decode_path(code);
 #ifdef FLASHATTN_CPU_TILES
@@ -114,7 +122,8 @@ inline bool path_runs(int64_t code) {
 // The call's path: the one it was given (the ops checked path_runs), else choose_path().
 template <typename T>
 inline KernelPath kernel_path(const FlashParams& p) {
-  return p.cpu_path > 0 ? decode_path(p.cpu_path) : choose_path<T>(p.seqlen_q, p.head_dim);
+  const int64_t code = p.cpu_path > 0 ? p.cpu_path & ~FORWARD_ONLY : p.cpu_path;
+  return code > 0 ? decode_path(code) : choose_path<T>(p.seqlen_q, p.head_dim);
 }
 
 // Accumulation type: float for 16- and 32-bit inputs, double for double.

@@ -449,6 +449,49 @@ struct RowOperands {
 };
 #endif
 
+#ifdef FLASHATTN_CPU_AMX
+// The row path's operands with the products on AMX (tiles_amx::rows), for bf16 calls that
+// no backward follows (flash_fwd below): the same blocks, runs and prefetches.
+struct AmxRowOperands : RowOperands<c10::BFloat16> {
+  using Base = RowOperands<c10::BFloat16>;
+  Scratch<uint32_t> qt, vp, pp;  // Q^T; a chunk's V pairs; its P pairs and their rest
+  Scratch<c10::BFloat16> kbuf;   // a run's last keys when under 16
+  int64_t m = 0;                 // the task's rows
+
+  AmxRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
+      : Base(p, bq, bk, several_q_blocks),
+        qt(scratch<uint32_t>(p.head_dim / 2 * tiles_amx::TM)),
+        vp(scratch<uint32_t>(p.head_dim_v * tiles_amx::TM)),
+        pp(scratch<uint32_t>(2 * tiles_amx::TM * tiles_amx::TM)),
+        kbuf(scratch<c10::BFloat16>(tiles_amx::rows::KEYS * p.head_dim)) {
+    tiles_amx::rows::configured = 0;  // (other code on this thread may have loaded its own shapes)
+  }
+  ~AmxRowOperands() { tiles_amx::rows::release(); }
+  AmxRowOperands(const AmxRowOperands&) = delete;
+  AmxRowOperands& operator=(const AmxRowOperands&) = delete;
+
+  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
+    m = rows;
+    tiles_amx::rows::pack_qt(q_rows, p.q_row_stride, rows, D, qt.get());
+  }
+
+  // (One panel of all the task's rows: BLOCK_Q = PANEL_Q = EDGE_PANEL_Q.)
+  void scores(int64_t, int64_t, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    const int64_t ld = paged.pages ? paged.k_stride : ldk;
+    for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
+      tiles_amx::rows::scores(qt.get(), m, k_run, ld, n, D, scale, s + at, lds, kbuf.get());
+    });
+  }
+
+  void accumulate(int64_t, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+    const int64_t ld = paged.pages ? paged.v_stride : ldv;
+    for_runs(lo, hi, true, [&](int64_t at, int64_t n, const c10::BFloat16*, const c10::BFloat16* v_run) {
+      tiles_amx::rows::pv(pr + at, ldp, m, v_run, ld, n, Dv, o, ldo, vp.get(), pp.get());
+    });
+  }
+};
+#endif
+
 // Sized to the problem's blocks (bq <= BLOCK_Q rows, bk <= BLOCK_K keys of KV), for
 // `heads` heads per task (slot j: operands kv[j], its rows of o, m, l from j * bq): small
 // calls (decoding) then neither map nor fault in the full-size buffers.
@@ -758,11 +801,28 @@ inline bool gqa_packed_view(const FlashParams& p, FlashParams& view) {
   return true;
 }
 
+#ifdef FLASHATTN_CPU_AMX
+// Rows of a bf16 call on AMX (AmxRowOperands) where no backward follows, the tiles are
+// enabled and the head dims are whole 32-element tiles, from 4 query rows per task (e.g.
+// a decoding step's 4 query heads per KV head, packed): there S^T and P V on AMX cost less
+// than the row path's products (16 rows: B=8, 8K keys, 32/8 heads 35 -> 21 ms; 4 rows
+// about even: benchmarks/RESULTS.md).
+inline bool amx_rows(const FlashParams& p) {
+  return forward_only(p) && tiles_amx::enabled() && p.head_dim % 32 == 0 && p.head_dim_v % 32 == 0 &&
+         p.seqlen_q >= 4;
+}
+#endif
+
 template <typename T>
 void run_path(const FlashParams& p) {
   [[maybe_unused]] const KernelPath path = kernel_path<T>(p);
 #ifdef FLASHATTN_CPU_TILES
   if constexpr (tiles::has_load8<T>()) {  // float, bf16, fp16
+#ifdef FLASHATTN_CPU_AMX
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (path.rows && amx_rows(p)) return run_fwd<T, AmxRowOperands>(p);
+    }
+#endif
     if (path.rows) return run_fwd<T, RowOperands<T>>(p);
   }
   if constexpr (!std::is_same_v<T, double>) {
@@ -790,7 +850,7 @@ void flash_fwd(const FlashParams& p) {
   FlashParams view;
   const KernelPath path = kernel_path<T>(p);
   if (!path.rows || !gqa_packed_view(p, view) || view.seqlen_q > MAX_PACKED_ROWS) return run_path<T>(p);
-  view.cpu_path = encode_path(path);
+  view.cpu_path = encode_path(path) | (forward_only(p) ? FORWARD_ONLY : 0);
   if (p.seqlen_q == 1) return run_path<T>(view);
   // Several queries: q's rows gathered per KV head, position by position, into (B, Hk,
   // Sq * group, D); out (B, Hk, Sq * group, Dv) and lse (B, Hk, Sq * group) written there,

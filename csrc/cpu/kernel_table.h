@@ -22,7 +22,14 @@ constexpr const char* kDtypeNames[kNumDtypes] = {"float32", "float64", "bfloat16
 
 // Bumped when this struct or the kernels' contract changes; with the parameter structs'
 // sizes it stops a kernel library left by another build from being used.
-constexpr uint32_t kKernelTableAbi = 2;
+constexpr uint32_t kKernelTableAbi = 3;
+
+// A bit of FlashParams::cpu_path (flash_cpu.h encode_path) set for a call that no backward
+// follows (flashattn_py/ops.py: eager calls that need no gradient, flash_attn_with_kvcache;
+// the ops' fwd_inference), alone or with a path: its forward may then take products whose
+// scores a backward would not recompute bitwise (decoding's query rows on AMX,
+// flash_fwd.cpp). flashattn_py._C.CPU_FORWARD_ONLY.
+constexpr int64_t FORWARD_ONLY = 1 << 8;
 
 struct KernelTable {
   uint32_t abi;                // kKernelTableAbi of the build that made this library

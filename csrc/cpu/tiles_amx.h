@@ -232,5 +232,183 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
   _tile_release();
 }
 
+
+// The row path on AMX (flash_fwd.cpp AmxRowOperands): the few query rows of a decoding
+// call's GQA-packed view (m <= 16: the query heads of one KV head at each position) against
+// K and V rows read in place from the cache, 32 keys per call. Forward only: these sums
+// are not the row path's, which its backward recomputes.
+//   S^T = K Q^T: A tiles are 16 keys' rows of the cache as they are (16 pairs of the head
+//   dim each), B tiles Q^T (pair e of every query row: qt[e * 16 + r]), one accumulator of
+//   16 keys x m rows per 16 keys, transposed into the score rows.
+//   O += P V: A tiles are P's rows as key pairs (tiles_bf16::to_pairs), once rounded to
+//   bf16 and once its rest P - bf16(P), so that P V is about as exact as in float (the
+//   row path keeps P in float; a decoding step's row sees few keys when its cache is
+//   short); B tiles are V's rows paired key by key into column panels (pair_rows).
+// Tile registers for m rows (configure_rows):
+//   0, 1 S^T accumulators, 16 keys x m; 2 K rows, 16 x 16 pairs; 3 Q^T, 16 pairs x m;
+//   4 P pairs, m x 16; 5 V pairs, 16 x 16 columns; 6, 7 O accumulators, m x 16 columns.
+namespace rows {
+
+constexpr int64_t KEYS = 32;  // keys per chunk: two S^T tiles, 16 pairs of P
+
+// The rows the tiles are configured for on this thread, 0 for none (or another
+// configuration). A call's workspace resets it when made and releases the tiles when
+// destroyed (AmxRowOperands), on the thread that runs its tasks.
+inline thread_local int64_t configured = 0;
+
+inline void configure(int64_t m) {
+  if (configured == m) return;
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  const auto shape = [&](int t, int64_t rows, int64_t words) {
+    cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = static_cast<uint16_t>(words * 4);
+  };
+  shape(0, TM, m), shape(1, TM, m), shape(2, TM, TM), shape(3, TM, m);
+  shape(4, m, TM), shape(5, TM, TM), shape(6, m, TM), shape(7, m, TM);
+  _tile_loadconfig(&cfg);
+  configured = m;
+}
+
+inline void release() {
+  if (configured != 0) _tile_release();
+  configured = 0;
+}
+
+// Q^T of rows [0, m) (row stride ld, d elements, d even): pair e of row r at
+// qt[e * 16 + r]; rows m..15 are not read (the tiles are m wide).
+inline void pack_qt(const c10::BFloat16* q, int64_t ld, int64_t m, int64_t d, uint32_t* qt) {
+  for (int64_t r = 0; r < m; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(q + r * ld);  // (pairs: low half the even one)
+    for (int64_t e = 0; e < d / 2; ++e) qt[e * TM + r] = row[e];
+  }
+}
+
+// 16 x 16 floats (row stride 16) transposed in registers.
+inline void transpose16(const float* in, __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    const __m512 a = _mm512_load_ps(in + i * 16), b = _mm512_load_ps(in + (i + 1) * 16);
+    t[i] = _mm512_unpacklo_ps(a, b), t[i + 1] = _mm512_unpackhi_ps(a, b);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c of each 4-column lane, rows i..i+3
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
+    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD), odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
+    out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
+  }
+}
+
+// s[r][j] = scale * q_r . k_j for r < m, j < n: qt from pack_qt, K rows at k (row stride
+// ldk elements, d a multiple of 32). kbuf: 32 x d elements for a last chunk of under 16
+// keys, padded with zeros (the rows past a run may not be readable).
+inline void scores(const uint32_t* qt, int64_t m, const c10::BFloat16* k, int64_t ldk, int64_t n, int64_t d,
+                   float scale, float* s, int64_t lds, c10::BFloat16* kbuf) {
+  configure(m);
+  alignas(64) float part[2][TM * TM];
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += KEYS) {
+    const int64_t cnt[2] = {std::min(TM, n - c), std::min(TM, n - c - TM)};
+    const c10::BFloat16* rows[2];
+    int64_t stride[2];
+    for (int h = 0; h < 2; ++h) {
+      rows[h] = k + (c + h * TM) * ldk, stride[h] = ldk * 2;
+      if (cnt[h] > 0 && cnt[h] < TM) {
+        c10::BFloat16* buf = kbuf + h * TM * d;
+        std::memset(static_cast<void*>(buf), 0, TM * d * sizeof(c10::BFloat16));
+        for (int64_t j = 0; j < cnt[h]; ++j) std::memcpy(buf + j * d, rows[h] + j * ldk, d * sizeof(c10::BFloat16));
+        rows[h] = buf, stride[h] = d * 2;
+      }
+    }
+    _tile_zero(0);
+    if (cnt[1] > 0) _tile_zero(1);
+    for (int64_t e = 0; e < d; e += 2 * TM) {  // 16 pairs of the head dim at a time
+      _tile_loadd(3, qt + e / 2 * TM, TM * 4);
+      _tile_loadd(2, rows[0] + e, stride[0]);
+      _tile_dpbf16ps(0, 2, 3);
+      if (cnt[1] > 0) {
+        _tile_loadd(2, rows[1] + e, stride[1]);
+        _tile_dpbf16ps(1, 2, 3);
+      }
+    }
+    _tile_stored(0, part[0], TM * 4);
+    if (cnt[1] > 0) _tile_stored(1, part[1], TM * 4);
+    for (int h = 0; h < 2 && cnt[h] > 0; ++h) {
+      __m512 t[16];
+      transpose16(part[h], t);  // row r of t: query row r's scores of these 16 keys
+      const __mmask16 keys = static_cast<__mmask16>((1u << cnt[h]) - 1u);
+      for (int64_t r = 0; r < m; ++r) {
+        _mm512_mask_storeu_ps(s + r * lds + c + h * TM, keys, _mm512_mul_ps(t[r], vscale));
+      }
+    }
+  }
+}
+
+// V rows [0, n) (n <= 32; row stride ldv, dv a multiple of 32) paired key by key as B
+// tiles: keys 2i and 2i + 1 of column 16j + c at vp[j * 256 + i * 16 + c]; pairs past n
+// are 0 (a key with no partner gets 0).
+inline void pair_rows(const c10::BFloat16* v, int64_t ldv, int64_t n, int64_t dv, uint32_t* vp) {
+  // (permutex2var's words: element 2c takes x's column c, 2c + 1 y's (index 32 + c))
+  alignas(64) static constexpr uint16_t order[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                     8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(order), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t i = 0; i < TM; ++i) {
+    const c10::BFloat16* x = v + 2 * i * ldv;
+    for (int64_t c = 0; c < dv; c += 2 * TM) {
+      const __m512i xv = 2 * i < n ? _mm512_loadu_si512(x + c) : _mm512_setzero_si512();
+      const __m512i yv = 2 * i + 1 < n ? _mm512_loadu_si512(x + ldv + c) : _mm512_setzero_si512();
+      _mm512_store_si512(vp + c / TM * TM * TM + i * TM, _mm512_permutex2var_epi16(xv, lo, yv));
+      _mm512_store_si512(vp + (c / TM + 1) * TM * TM + i * TM, _mm512_permutex2var_epi16(xv, hi, yv));
+    }
+  }
+}
+
+// o[r][0, dv) += p[r][0, n) . V rows [0, n) for r < m (row stride ldp floats; V's as
+// scores' K, dv a multiple of 32). vp: dv * 16 words, 64-byte aligned; pp: 2 x 256 words.
+inline void pv(const float* p, int64_t ldp, int64_t m, const c10::BFloat16* v, int64_t ldv, int64_t n, int64_t dv,
+               float* o, int64_t ldo, uint32_t* vp, uint32_t* pp) {
+  configure(m);
+  uint32_t* p_hi = pp;
+  uint32_t* p_rest = pp + TM * TM;
+  for (int64_t c = 0; c < n; c += KEYS) {
+    const int64_t cnt = std::min(KEYS, n - c), n2 = tiles_bf16::pairs(cnt);
+    pair_rows(v + c * ldv, ldv, cnt, dv, vp);
+    if (n2 < TM) {  // (pairs past n2: 0, never garbage against V's zero rows)
+      for (int64_t r = 0; r < m; ++r) {
+        std::memset(p_hi + r * TM + n2, 0, (TM - n2) * 4), std::memset(p_rest + r * TM + n2, 0, (TM - n2) * 4);
+      }
+    }
+    tiles_bf16::to_pairs(p + c, ldp, m, 0, cnt, p_hi, TM, p_rest);
+    for (int64_t j = 0; j < dv / TM; j += 2) {
+      _tile_loadd(6, o + j * TM, ldo * 4);
+      _tile_loadd(7, o + (j + 1) * TM, ldo * 4);
+      _tile_loadd(4, p_hi, TM * 4);
+      _tile_loadd(5, vp + j * TM * TM, TM * 4);
+      _tile_dpbf16ps(6, 4, 5);
+      _tile_loadd(5, vp + (j + 1) * TM * TM, TM * 4);
+      _tile_dpbf16ps(7, 4, 5);
+      _tile_loadd(4, p_rest, TM * 4);
+      _tile_loadd(5, vp + j * TM * TM, TM * 4);
+      _tile_dpbf16ps(6, 4, 5);
+      _tile_loadd(5, vp + (j + 1) * TM * TM, TM * 4);
+      _tile_dpbf16ps(7, 4, 5);
+      _tile_stored(6, o + j * TM, ldo * 4);
+      _tile_stored(7, o + (j + 1) * TM, ldo * 4);
+    }
+  }
+}
+
+}  // namespace rows
+
 }  // namespace flashattn::cpu::tiles_amx
 #endif
