@@ -455,7 +455,7 @@ struct RowOperands {
 struct AmxRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
   Scratch<uint32_t> qt, vp, pp;  // Q^T; a chunk's V pairs; its P pairs and their rest
-  Scratch<c10::BFloat16> kbuf;   // a run's last keys when under 16
+  Scratch<c10::BFloat16> kbuf;   // 16-key chunks copied (across pages, or under 16 keys)
   int64_t m = 0;                 // the task's rows
 
   AmxRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
@@ -477,18 +477,26 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
 
   // (One panel of all the task's rows: BLOCK_Q = PANEL_Q = EDGE_PANEL_Q.)
   void scores(int64_t, int64_t, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    const int64_t ld = paged.pages ? paged.k_stride : ldk;
-    for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
-      tiles_amx::rows::scores(qt.get(), m, k_run, ld, n, D, scale, s + at, lds, kbuf.get());
-    });
+    tiles_amx::rows::scores(qt.get(), m, key_rows(lo, hi, false), hi - lo, D, scale, s + lo, lds, kbuf.get());
   }
 
   void accumulate(int64_t, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
-    const int64_t ld = paged.pages ? paged.v_stride : ldv;
-    for_runs(lo, hi, true, [&](int64_t at, int64_t n, const c10::BFloat16*, const c10::BFloat16* v_run) {
-      tiles_amx::rows::pv(pr + at, ldp, m, v_run, ld, n, Dv, o, ldo, vp.get(), pp.get());
-    });
+    tiles_amx::rows::pv(pr + lo, ldp, m, key_rows(lo, hi, true), hi - lo, Dv, o, ldo, vp.get(), pp.get());
   }
+
+ private:
+  // The K (or V) rows of the block's keys [lo, hi), key lo + j's at [j]: the runs of a paged
+  // block side by side (for_runs, which prefetches the next run's first rows), so that the
+  // products take 32 keys at a time across pages.
+  const c10::BFloat16* const* key_rows(int64_t lo, int64_t hi, bool values) const {
+    const int64_t ld = values ? (paged.pages ? paged.v_stride : ldv) : (paged.pages ? paged.k_stride : ldk);
+    for_runs(lo, hi, values, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16* v_run) {
+      const c10::BFloat16* first = values ? v_run : k_run;
+      for (int64_t j = 0; j < n; ++j) row_ptrs[at - lo + j] = first + j * ld;
+    });
+    return row_ptrs.get();
+  }
+  std::unique_ptr<const c10::BFloat16*[]> row_ptrs{new const c10::BFloat16*[BLOCK_K]};
 };
 #endif
 

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <utility>
 
 namespace flashattn::cpu::tiles_amx {
 
@@ -309,35 +310,47 @@ inline void transpose16(const float* in, __m512 out[16]) {
   }
 }
 
-// s[r][j] = scale * q_r . k_j for r < m, j < n: qt from pack_qt, K rows at k (row stride
-// ldk elements, d a multiple of 32). kbuf: 32 x d elements for a last chunk of under 16
-// keys, padded with zeros (the rows past a run may not be readable).
-inline void scores(const uint32_t* qt, int64_t m, const c10::BFloat16* k, int64_t ldk, int64_t n, int64_t d,
-                   float scale, float* s, int64_t lds, c10::BFloat16* kbuf) {
+// The rows of 16 keys from key[0] on as one tile: (first row, row stride in bytes) where
+// key[i] = key[0] + i * stride for i < n (one page run, or a contiguous cache), else a
+// zero-padded copy in buf (16 x d elements: a chunk across pages, or under 16 keys, where
+// the rows past the last may not be readable).
+inline std::pair<const c10::BFloat16*, int64_t> key_tile(const c10::BFloat16* const* key, int64_t n, int64_t d,
+                                                         c10::BFloat16* buf) {
+  if (n == TM) {
+    const int64_t stride = key[1] - key[0];
+    bool strided = true;
+    for (int64_t i = 2; i < TM; ++i) strided &= key[i] == key[0] + i * stride;
+    if (strided) return {key[0], stride * static_cast<int64_t>(sizeof(c10::BFloat16))};
+  }
+  for (int64_t i = 0; i < TM; ++i) {
+    if (i < n) {
+      std::memcpy(static_cast<void*>(buf + i * d), key[i], d * sizeof(c10::BFloat16));
+    } else {
+      std::memset(static_cast<void*>(buf + i * d), 0, d * sizeof(c10::BFloat16));
+    }
+  }
+  return {buf, d * static_cast<int64_t>(sizeof(c10::BFloat16))};
+}
+
+// s[r][j] = scale * q_r . k_j for r < m, j < n: qt from pack_qt, key j's K row at k[j]
+// (d elements, a multiple of 32). kbuf: 32 x d elements (key_tile's copies).
+inline void scores(const uint32_t* qt, int64_t m, const c10::BFloat16* const* k, int64_t n, int64_t d, float scale,
+                   float* s, int64_t lds, c10::BFloat16* kbuf) {
   configure(m);
   alignas(64) float part[2][TM * TM];
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t c = 0; c < n; c += KEYS) {
     const int64_t cnt[2] = {std::min(TM, n - c), std::min(TM, n - c - TM)};
-    const c10::BFloat16* rows[2];
-    int64_t stride[2];
-    for (int h = 0; h < 2; ++h) {
-      rows[h] = k + (c + h * TM) * ldk, stride[h] = ldk * 2;
-      if (cnt[h] > 0 && cnt[h] < TM) {
-        c10::BFloat16* buf = kbuf + h * TM * d;
-        std::memset(static_cast<void*>(buf), 0, TM * d * sizeof(c10::BFloat16));
-        for (int64_t j = 0; j < cnt[h]; ++j) std::memcpy(buf + j * d, rows[h] + j * ldk, d * sizeof(c10::BFloat16));
-        rows[h] = buf, stride[h] = d * 2;
-      }
-    }
+    std::pair<const c10::BFloat16*, int64_t> tile[2];
+    for (int h = 0; h < 2 && cnt[h] > 0; ++h) tile[h] = key_tile(k + c + h * TM, cnt[h], d, kbuf + h * TM * d);
     _tile_zero(0);
     if (cnt[1] > 0) _tile_zero(1);
     for (int64_t e = 0; e < d; e += 2 * TM) {  // 16 pairs of the head dim at a time
       _tile_loadd(3, qt + e / 2 * TM, TM * 4);
-      _tile_loadd(2, rows[0] + e, stride[0]);
+      _tile_loadd(2, tile[0].first + e, tile[0].second);
       _tile_dpbf16ps(0, 2, 3);
       if (cnt[1] > 0) {
-        _tile_loadd(2, rows[1] + e, stride[1]);
+        _tile_loadd(2, tile[1].first + e, tile[1].second);
         _tile_dpbf16ps(1, 2, 3);
       }
     }
@@ -354,35 +367,34 @@ inline void scores(const uint32_t* qt, int64_t m, const c10::BFloat16* k, int64_
   }
 }
 
-// V rows [0, n) (n <= 32; row stride ldv, dv a multiple of 32) paired key by key as B
-// tiles: keys 2i and 2i + 1 of column 16j + c at vp[j * 256 + i * 16 + c]; pairs past n
-// are 0 (a key with no partner gets 0).
-inline void pair_rows(const c10::BFloat16* v, int64_t ldv, int64_t n, int64_t dv, uint32_t* vp) {
+// The V rows of keys [0, n) (n <= 32; key j's at v[j], dv a multiple of 32) paired key by
+// key as B tiles: keys 2i and 2i + 1 of column 16j + c at vp[j * 256 + i * 16 + c]; pairs
+// past n are 0 (a key with no partner gets 0).
+inline void pair_rows(const c10::BFloat16* const* v, int64_t n, int64_t dv, uint32_t* vp) {
   // (permutex2var's words: element 2c takes x's column c, 2c + 1 y's (index 32 + c))
   alignas(64) static constexpr uint16_t order[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i lo = _mm512_load_si512(order), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int64_t i = 0; i < TM; ++i) {
-    const c10::BFloat16* x = v + 2 * i * ldv;
     for (int64_t c = 0; c < dv; c += 2 * TM) {
-      const __m512i xv = 2 * i < n ? _mm512_loadu_si512(x + c) : _mm512_setzero_si512();
-      const __m512i yv = 2 * i + 1 < n ? _mm512_loadu_si512(x + ldv + c) : _mm512_setzero_si512();
+      const __m512i xv = 2 * i < n ? _mm512_loadu_si512(v[2 * i] + c) : _mm512_setzero_si512();
+      const __m512i yv = 2 * i + 1 < n ? _mm512_loadu_si512(v[2 * i + 1] + c) : _mm512_setzero_si512();
       _mm512_store_si512(vp + c / TM * TM * TM + i * TM, _mm512_permutex2var_epi16(xv, lo, yv));
       _mm512_store_si512(vp + (c / TM + 1) * TM * TM + i * TM, _mm512_permutex2var_epi16(xv, hi, yv));
     }
   }
 }
 
-// o[r][0, dv) += p[r][0, n) . V rows [0, n) for r < m (row stride ldp floats; V's as
-// scores' K, dv a multiple of 32). vp: dv * 16 words, 64-byte aligned; pp: 2 x 256 words.
-inline void pv(const float* p, int64_t ldp, int64_t m, const c10::BFloat16* v, int64_t ldv, int64_t n, int64_t dv,
-               float* o, int64_t ldo, uint32_t* vp, uint32_t* pp) {
+// o[r][0, dv) += p[r][0, n) . V rows [0, n) for r < m (row stride ldp floats; key j's V
+// row at v[j], dv a multiple of 32). vp: dv * 16 words, 64-byte aligned; pp: 2 x 256 words.
+inline void pv(const float* p, int64_t ldp, int64_t m, const c10::BFloat16* const* v, int64_t n, int64_t dv, float* o,
+               int64_t ldo, uint32_t* vp, uint32_t* pp) {
   configure(m);
   uint32_t* p_hi = pp;
   uint32_t* p_rest = pp + TM * TM;
   for (int64_t c = 0; c < n; c += KEYS) {
     const int64_t cnt = std::min(KEYS, n - c), n2 = tiles_bf16::pairs(cnt);
-    pair_rows(v + c * ldv, ldv, cnt, dv, vp);
+    pair_rows(v + c, cnt, dv, vp);
     if (n2 < TM) {  // (pairs past n2: 0, never garbage against V's zero rows)
       for (int64_t r = 0; r < m; ++r) {
         std::memset(p_hi + r * TM + n2, 0, (TM - n2) * 4), std::memset(p_rest + r * TM + n2, 0, (TM - n2) * 4);
