@@ -55,10 +55,13 @@ const cpu::KernelTable& cpu_kernels() {
 
 // A path given for the call (flashattn_py/ops.py: the one choose_cpu_path() gave for its
 // forward, kept for its backward) must be one these kernels run on this CPU.
-void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dtype) {
+// A backward never takes FORWARD_ONLY (kernel_table.h): its forward said no backward follows.
+void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dtype, bool backward = false) {
   STD_TORCH_CHECK(p.cpu_path == 0 || table.path_runs[dtype](p.cpu_path), "flashattn: cpu_path ", p.cpu_path,
                   " is not a path the ", table.isa, " CPU kernels run for ", cpu::kDtypeNames[dtype],
                   " (0: chosen per call)");
+  STD_TORCH_CHECK(!backward || p.cpu_path < 0 || (p.cpu_path & cpu::FORWARD_ONLY) == 0, "flashattn: cpu_path ",
+                  p.cpu_path, " marks a forward that no backward follows (CPU_FORWARD_ONLY): not a backward's");
 }
 
 // Asks Linux for 2 MiB pages under the 2 MiB-aligned part of a new output of at least
@@ -153,7 +156,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   p.deterministic = deterministic;
   const int dtype = cpu_dtype(qi);
   const cpu::KernelTable& kernels = cpu_kernels();
-  check_cpu_path(kernels, p, dtype);
+  check_cpu_path(kernels, p, dtype, /*backward=*/true);
   kernels.bwd[dtype](p);
   return {dq, dk, dv, dbias};
 }

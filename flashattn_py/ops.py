@@ -466,16 +466,19 @@ def attention(
     leftpad_k: Optional[Tensor] = None,
     num_splits: int = 0,
     selected: bool = False,
-    forward_only: bool = False,
+    forward_only: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
     Packed sequences: q (1, total_q, H, D) with ``cu_seqlens_q`` etc. (FWD's arguments).
     ``selected``: ``backend`` is what ``backends.select`` chose for this very call (a
-    caller that had to know first), so it is not chosen again. ``forward_only``: no backward
-    follows this call, whatever its tensors (flash_attn_with_kvcache), as for eager calls
-    that need no gradient: the CPU kernels may then run products a backward would not
-    recompute bitwise (``_forward_only_path``)."""
+    caller that had to know first), so it is not chosen again. ``forward_only``: whether
+    no backward follows the call (the CPU kernels may then run products a backward would
+    not recompute bitwise, ``_forward_only_path``): True says none does, whatever the
+    tensors (flash_attn_with_kvcache); False that one may (partial.py's primitive, whose
+    backward is a separate call); None: none does for eager calls on inputs that need no
+    gradient (not grad mode alone: reentrant activation checkpointing runs the forward
+    under no_grad and recomputes it with grad)."""
     # (spelled out, not a generator over the tensors: this runs on every call)
     per_sequence = None
     if (cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or kv_batch_idx is not None
@@ -490,9 +493,13 @@ def attention(
     if impl.fused:
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
+        if forward_only is None:
+            forward_only = plain and not (q.requires_grad or k.requires_grad or v.requires_grad
+                                          or (attn_mask is not None and attn_mask.requires_grad))
         # (the inference entry takes FLASHATTN_DENSE_ARGS only: every other value must be at
-        # its default, or one the kernel ignores in a dense call, max_seqlen_q / _k)
-        if (plain and per_sequence is None and block_table is None and not bottom_right and num_splits == 0
+        # its default, or one the kernel ignores in a dense call, max_seqlen_q / _k; it
+        # says that no backward follows)
+        if (plain and forward_only and per_sequence is None and block_table is None and not bottom_right and num_splits == 0
                 and impl.inference is not None and outside_dispatcher_ok()):
             # The kernel at the first dispatch key, in either layout, any strides
             # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
@@ -523,7 +530,7 @@ def attention(
                     seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
                     max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, kv_batch_idx=kv_batch_idx,
                     leftpad_k=leftpad_k, num_splits=num_splits, deterministic=deterministic, backend=name,
-                    cpu_path=_forward_only_path(impl) if plain or forward_only else 0)
+                    cpu_path=_forward_only_path(impl) if forward_only else 0)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
     else:

@@ -65,7 +65,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: BlockOptions, backend: str) -> t
             q, k, v, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
             window_right=o.window_right, diag_offset=o.diag_offset, deterministic=o.deterministic, backend=backend,
             cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k, max_seqlen_q=o.max_seqlen_q,
-            max_seqlen_k=o.max_seqlen_k, bottom_right=packed)
+            max_seqlen_k=o.max_seqlen_k, bottom_right=packed, forward_only=False)
     return (out[0], lse[0]) if packed else (out, lse)
 
 

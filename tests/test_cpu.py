@@ -478,7 +478,7 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
     # recompute S exactly); over 512 keys with every head of a sequence in one task. A
     # property of the row path, which builds without the AVX2 tiles do not have (BLAS's
     # results depend on the product's shape). (Calls without gradients from 4 bf16 rows go
-    # on AMX where the CPU has it, test_amx_rows_*: off here.)
+    # on AMX where the CPU has it, test_bf16_rows_on_amx*: off here.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
@@ -506,7 +506,7 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
     # sequence in one task, with the same key blocks and splits), and gradients (the
     # backward recomputes S per head) hold to the reference. (Whether a call packs is not
     # visible here; masks taken per row instead of per position fail this test.) (AMX, which
-    # takes bf16 calls without gradients from 4 rows, is off: test_amx_rows_*.)
+    # takes bf16 calls without gradients from 4 rows, is off: test_bf16_rows_on_amx*.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
@@ -525,18 +525,33 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
 
 
 def test_bf16_rows_on_amx_only_where_no_backward_follows(cpu_switch):
-    # A bf16 decoding call with gradients keeps the row path, whose scores its backward
-    # recomputes (test_decode_gradients_match_forward_scores); the same call without
-    # gradients goes on AMX where the CPU has it (tests/test_kvcache.py test_bf16_rows_on_amx).
+    # A bf16 decoding call goes on AMX where the CPU has it only when no backward follows
+    # (tests/test_kvcache.py test_bf16_rows_on_amx): inputs that need no gradient, eager.
+    # Calls a backward may follow keep the row path, whose scores the backward recomputes:
+    # with gradients; under no_grad on inputs that require grad (reentrant activation
+    # checkpointing recomputes such a forward with grad); partial.py's primitive, whose
+    # backward is attention_backward. And a backward refuses the forward-only mark.
+    from flashattn_py import _C, ops
+
     if not amx_runs(cpu_switch):
         pytest.skip("no AMX tiles on this CPU or in this build")
     q, k, v = random_qkv(2, 4, 700, 32, 8, 128, dtype=torch.bfloat16, seed=5)
-    trained = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+    outs = {"trained": flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")}
     with torch.no_grad():
-        inference = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+        outs["no_grad"] = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        outs["partial"] = flashattn_py.attention_forward(qd, kd, vd, causal=True, diag_offset=700 - 4, backend="cpu")[0]
+        inference = flashattn_py.flash_attn_func(qd, kd, vd, causal=True, backend="cpu")
         cpu_switch("FLASHATTN_CPU_AMX", "0")
-        rows = flashattn_py.flash_attn_func(q, k, v, causal=True, backend="cpu")
-    assert trained.requires_grad and torch.equal(trained, rows) and not torch.equal(inference, rows)
+        rows = flashattn_py.flash_attn_func(qd, kd, vd, causal=True, backend="cpu")
+    assert outs["trained"].requires_grad and not torch.equal(inference, rows)
+    for name, out in outs.items():
+        assert torch.equal(out, rows), name
+    cpu_switch("FLASHATTN_CPU_AMX", "1")
+    out, lse = ops.attn_fwd(*ops.fwd_args(qd, kd, vd, scale=0.25, backend="cpu"))
+    with pytest.raises(RuntimeError, match="no backward follows"):
+        ops.attn_bwd(*ops.bwd_args(torch.ones_like(out), qd, kd, vd, out, lse, scale=0.25,
+                                   cpu_path=_C.CPU_FORWARD_ONLY, backend="cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -45,9 +45,10 @@ void flash_bwd(const FlashBwdParams& params);
 // recomputes S. A call with gradients gets its path once, before its forward
 // (flashattn_py/ops.py asks choose_path() through the kernel table), and passes it to the
 // forward and to its backward as FlashParams::cpu_path: both run the same products, so the
-// backward recomputes the very scores the forward's lse summed. Calls given none (0: calls
-// without gradients, traced calls, the partial.py primitives) get choose_path() of their
-// problem, which their backward, asking the same problem, gets again.
+// backward recomputes the very scores the forward's lse summed. Calls given none (0: traced
+// calls, the partial.py primitives, calls whose inputs need no gradient, the latter with
+// FORWARD_ONLY) get choose_path() of their problem, which their backward, asking the same
+// problem, gets again.
 enum class Products { Blas, Tiles, Bf16Dot, Amx };
 struct KernelPath {
   bool rows = false;

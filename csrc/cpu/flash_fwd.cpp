@@ -454,7 +454,7 @@ struct RowOperands {
 // no backward follows (flash_fwd below): the same blocks, runs and prefetches.
 struct AmxRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
-  Scratch<uint32_t> qt, vp, pp;  // Q^T; a chunk's V pairs; its P pairs and their rest
+  Scratch<uint32_t> qt, vp, pp;  // Q^T; a chunk's V pairs; its P pairs
   Scratch<c10::BFloat16> kbuf;   // 16-key chunks copied (across pages, or under 16 keys)
   int64_t m = 0;                 // the task's rows
 
@@ -462,8 +462,9 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
       : Base(p, bq, bk, several_q_blocks),
         qt(scratch<uint32_t>(p.head_dim / 2 * tiles_amx::TM)),
         vp(scratch<uint32_t>(p.head_dim_v * tiles_amx::TM)),
-        pp(scratch<uint32_t>(2 * tiles_amx::TM * tiles_amx::TM)),
-        kbuf(scratch<c10::BFloat16>(tiles_amx::rows::KEYS * p.head_dim)) {
+        pp(scratch<uint32_t>(tiles_amx::TM * tiles_amx::TM)),
+        kbuf(scratch<c10::BFloat16>(tiles_amx::rows::KEYS * p.head_dim)),
+        row_ptrs(new const c10::BFloat16*[bk]) {
     tiles_amx::rows::configured = 0;  // (other code on this thread may have loaded its own shapes)
   }
   ~AmxRowOperands() { tiles_amx::rows::release(); }
@@ -496,7 +497,7 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
     });
     return row_ptrs.get();
   }
-  std::unique_ptr<const c10::BFloat16*[]> row_ptrs{new const c10::BFloat16*[BLOCK_K]};
+  std::unique_ptr<const c10::BFloat16*[]> row_ptrs;  // (a block's keys: at most bk)
 };
 #endif
 

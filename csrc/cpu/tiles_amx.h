@@ -9,9 +9,10 @@
 // rows as pairs, P as to_pairs writes it). Products are summed in float as on the
 // AVX512-BF16 tiles (another order; P rounded to bf16 the same way).
 //
-// Tile registers (their shapes are loaded by configure() at the start of every product,
-// since other code on the same thread, e.g. oneDNN's matrix products, loads its own; and
-// released at its end, so that a thread not using them has no tile state to save):
+// Tile registers of the block products (their shapes are loaded by configure() at the
+// start of every product, since other code on the same thread, e.g. oneDNN's matrix
+// products, loads its own; and released at its end, so that a thread not using them has
+// no tile state to save; the row path's below keeps its shapes for a whole call):
 //   0-3  accumulators C, 16 rows x 16 floats;
 //   4, 5 A and B over 16 pairs of the reduced dimension;
 //   6, 7 A and B over the last n % 16 pairs.
@@ -46,8 +47,8 @@ inline bool usable() {
 // FLASHATTN_CPU_BF16_DOT: switches.h), or where the CPU or the OS does not offer them.
 inline bool enabled() { return switches().amx && usable(); }
 
-// The tile shapes above, for a reduced dimension of n pairs.
-inline void configure(int64_t n) {
+// Loads tile shapes: tile t of rows[t] rows of words[t] 32-bit words (0: unused).
+inline void load_shapes(const int64_t (&rows)[8], const int64_t (&words)[8]) {
   struct alignas(64) Config {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -55,13 +56,14 @@ inline void configure(int64_t n) {
   } cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette = 1;
-  for (int t = 0; t < 6; ++t) cfg.rows[t] = TM, cfg.colsb[t] = TM * 4;
-  const int64_t tail = n % TM;
-  if (tail > 0) {
-    cfg.rows[6] = TM, cfg.colsb[6] = static_cast<uint16_t>(tail * 4);
-    cfg.rows[7] = static_cast<uint8_t>(tail), cfg.colsb[7] = TM * 4;
-  }
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(rows[t]), cfg.colsb[t] = static_cast<uint16_t>(words[t] * 4);
   _tile_loadconfig(&cfg);
+}
+
+// The tile shapes above, for a reduced dimension of n pairs.
+inline void configure(int64_t n) {
+  const int64_t tail = n % TM;
+  load_shapes({TM, TM, TM, TM, TM, TM, tail > 0 ? TM : 0, tail}, {TM, TM, TM, TM, TM, TM, tail, tail > 0 ? TM : 0});
 }
 
 // C[j] += sum over the reduced dimension of A (16 rows from a, row stride lda words) times
@@ -236,16 +238,18 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
 
 // The row path on AMX (flash_fwd.cpp AmxRowOperands): the few query rows of a decoding
 // call's GQA-packed view (m <= 16: the query heads of one KV head at each position) against
-// K and V rows read in place from the cache, 32 keys per call. Forward only: these sums
+// K and V rows read in place from the cache, 32 keys per chunk. Forward only: these sums
 // are not the row path's, which its backward recomputes.
 //   S^T = K Q^T: A tiles are 16 keys' rows of the cache as they are (16 pairs of the head
 //   dim each), B tiles Q^T (pair e of every query row: qt[e * 16 + r]), one accumulator of
 //   16 keys x m rows per 16 keys, transposed into the score rows.
-//   O += P V: A tiles are P's rows as key pairs (tiles_bf16::to_pairs), once rounded to
-//   bf16 and once its rest P - bf16(P), so that P V is about as exact as in float (the
-//   row path keeps P in float; a decoding step's row sees few keys when its cache is
-//   short); B tiles are V's rows paired key by key into column panels (pair_rows).
-// Tile registers for m rows (configure_rows):
+//   O += P V: A tiles are P's rows rounded to bf16 as key pairs (tiles_bf16::to_pairs), as
+//   the AMX tiles round them (l sums the float P); B tiles are V's rows paired key by key
+//   into column panels (pair_rows). (Adding P - bf16(P) V as a second product, as the
+//   tiles do over few keys, did not change the worst error against the float64 formula
+//   on 1-70 key caches, whose bf16 outputs round further, and turns an infinite V into
+//   NaN: benchmarks/RESULTS.md.)
+// Tile registers for m rows (rows::configure):
 //   0, 1 S^T accumulators, 16 keys x m; 2 K rows, 16 x 16 pairs; 3 Q^T, 16 pairs x m;
 //   4 P pairs, m x 16; 5 V pairs, 16 x 16 columns; 6, 7 O accumulators, m x 16 columns.
 namespace rows {
@@ -259,19 +263,7 @@ inline thread_local int64_t configured = 0;
 
 inline void configure(int64_t m) {
   if (configured == m) return;
-  struct alignas(64) Config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  const auto shape = [&](int t, int64_t rows, int64_t words) {
-    cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = static_cast<uint16_t>(words * 4);
-  };
-  shape(0, TM, m), shape(1, TM, m), shape(2, TM, TM), shape(3, TM, m);
-  shape(4, m, TM), shape(5, TM, TM), shape(6, m, TM), shape(7, m, TM);
-  _tile_loadconfig(&cfg);
+  load_shapes({TM, TM, TM, TM, m, TM, m, m}, {m, m, TM, m, TM, TM, TM, TM});
   configured = m;
 }
 
@@ -284,8 +276,9 @@ inline void release() {
 // qt[e * 16 + r]; rows m..15 are not read (the tiles are m wide).
 inline void pack_qt(const c10::BFloat16* q, int64_t ld, int64_t m, int64_t d, uint32_t* qt) {
   for (int64_t r = 0; r < m; ++r) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(q + r * ld);  // (pairs: low half the even one)
-    for (int64_t e = 0; e < d / 2; ++e) qt[e * TM + r] = row[e];
+    for (int64_t e = 0; e < d / 2; ++e) {
+      std::memcpy(qt + e * TM + r, q + r * ld + 2 * e, 4);  // (a pair: low half the even element)
+    }
   }
 }
 
@@ -386,30 +379,22 @@ inline void pair_rows(const c10::BFloat16* const* v, int64_t n, int64_t dv, uint
 }
 
 // o[r][0, dv) += p[r][0, n) . V rows [0, n) for r < m (row stride ldp floats; key j's V
-// row at v[j], dv a multiple of 32). vp: dv * 16 words, 64-byte aligned; pp: 2 x 256 words.
+// row at v[j], dv a multiple of 32), P rounded to bf16. vp: dv * 16 words, 64-byte
+// aligned; pp: 256 words.
 inline void pv(const float* p, int64_t ldp, int64_t m, const c10::BFloat16* const* v, int64_t n, int64_t dv, float* o,
                int64_t ldo, uint32_t* vp, uint32_t* pp) {
   configure(m);
-  uint32_t* p_hi = pp;
-  uint32_t* p_rest = pp + TM * TM;
   for (int64_t c = 0; c < n; c += KEYS) {
     const int64_t cnt = std::min(KEYS, n - c), n2 = tiles_bf16::pairs(cnt);
     pair_rows(v + c, cnt, dv, vp);
     if (n2 < TM) {  // (pairs past n2: 0, never garbage against V's zero rows)
-      for (int64_t r = 0; r < m; ++r) {
-        std::memset(p_hi + r * TM + n2, 0, (TM - n2) * 4), std::memset(p_rest + r * TM + n2, 0, (TM - n2) * 4);
-      }
+      for (int64_t r = 0; r < m; ++r) std::memset(pp + r * TM + n2, 0, (TM - n2) * 4);
     }
-    tiles_bf16::to_pairs(p + c, ldp, m, 0, cnt, p_hi, TM, p_rest);
+    tiles_bf16::to_pairs(p + c, ldp, m, 0, cnt, pp, TM);
+    _tile_loadd(4, pp, TM * 4);
     for (int64_t j = 0; j < dv / TM; j += 2) {
       _tile_loadd(6, o + j * TM, ldo * 4);
       _tile_loadd(7, o + (j + 1) * TM, ldo * 4);
-      _tile_loadd(4, p_hi, TM * 4);
-      _tile_loadd(5, vp + j * TM * TM, TM * 4);
-      _tile_dpbf16ps(6, 4, 5);
-      _tile_loadd(5, vp + (j + 1) * TM * TM, TM * 4);
-      _tile_dpbf16ps(7, 4, 5);
-      _tile_loadd(4, p_rest, TM * 4);
       _tile_loadd(5, vp + j * TM * TM, TM * 4);
       _tile_dpbf16ps(6, 4, 5);
       _tile_loadd(5, vp + (j + 1) * TM * TM, TM * 4);
