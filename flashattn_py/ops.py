@@ -489,7 +489,6 @@ def attention(
                                                             alibi_slopes, per_sequence, block_table), backend)
     impl = backends.BACKENDS[name]
     rng_state = inference = None
-    plain = False
     if impl.fused:
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
@@ -499,8 +498,8 @@ def attention(
         # (the inference entry takes FLASHATTN_DENSE_ARGS only: every other value must be at
         # its default, or one the kernel ignores in a dense call, max_seqlen_q / _k; it
         # says that no backward follows)
-        if (plain and forward_only and per_sequence is None and block_table is None and not bottom_right and num_splits == 0
-                and impl.inference is not None and outside_dispatcher_ok()):
+        if (plain and forward_only and per_sequence is None and block_table is None and not bottom_right
+                and num_splits == 0 and impl.inference is not None and outside_dispatcher_ok()):
             # The kernel at the first dispatch key, in either layout, any strides
             # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
             # schema is parsed faster): the op's autograd layer and fwd's 23-argument boxed

@@ -634,8 +634,8 @@ def _rejects(q, k, v, path):
                                    backend="cpu"))
 
 
-@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float64, 0x102), (torch.float64, 3), (torch.float32, 0x200),
-                                        (torch.float32, -1), (torch.float16, 9)])
+@pytest.mark.parametrize("dtype,path", [(torch.float64, 2), (torch.float64, 0x102), (torch.float64, 3),
+                                        (torch.float32, 0x200), (torch.float32, -1), (torch.float16, 9)])
 def test_op_rejects_a_path_the_kernels_do_not_run(dtype, path):
     # cpu_path is the ops' own argument (ops.py FWD): a value no kernel runs for this dtype
     # (rows or tiles for float64, out of range) is an error, forward and backward, never a

@@ -178,7 +178,8 @@ def test_softcap_tanh_is_accurate_near_zero(device):
     _tanh_kernel[(1,)](x, out, N=x.numel())
     exact = torch.tanh(x.double())
     rel = (out.double() - exact).abs() / exact.abs()
-    assert rel.max().item() < (4e-7 if device == "cpu" else 1e-6), f"max relative error {rel.max().item():.2e} at x = {x[rel.argmax()].item()}"
+    assert rel.max().item() < (4e-7 if device == "cpu" else 1e-6), \
+        f"max relative error {rel.max().item():.2e} at x = {x[rel.argmax()].item()}"
 
 
 @needs_interp

@@ -433,15 +433,20 @@ struct RowOperands {
     }
   }
 
+  // The row stride of K (or V, `values`) rows in a run.
+  int64_t run_stride(bool values) const {
+    return values ? (paged.pages ? paged.v_stride : ldv) : (paged.pages ? paged.k_stride : ldk);
+  }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    const int64_t ld = paged.pages ? paged.k_stride : ldk;
+    const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
       tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds);
     });
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
-    const int64_t ld = paged.pages ? paged.v_stride : ldv;
+    const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
       tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
     });
@@ -505,7 +510,7 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
   // block side by side (for_runs, which prefetches the next run's first rows), so that the
   // products take 32 keys at a time across pages.
   const c10::BFloat16* const* key_rows(int64_t lo, int64_t hi, bool values) const {
-    const int64_t ld = values ? (paged.pages ? paged.v_stride : ldv) : (paged.pages ? paged.k_stride : ldk);
+    const int64_t ld = run_stride(values);
     for_runs(lo, hi, values, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16* v_run) {
       const c10::BFloat16* first = values ? v_run : k_run;
       for (int64_t j = 0; j < n; ++j) row_ptrs[at - lo + j] = first + j * ld;

@@ -494,8 +494,6 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
   // mask (odd) instead of two zero-extensions and shifts; the outputs are split into even
   // and odd columns once per strip (the same FMAs per output element).
   constexpr bool PAIRS = std::is_same_v<T, c10::BFloat16> && !MASKED && W % 2 == 0;
-  const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   __m512 c[M][W];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
@@ -536,7 +534,8 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
       float* ow = o + r * ldo + w * NR;
       if constexpr (PAIRS) {
         if (w % 2 == 0) {
-          _mm512_storeu_ps(ow, _mm512_add_ps(_mm512_loadu_ps(ow), _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1])));
+          _mm512_storeu_ps(ow,
+                           _mm512_add_ps(_mm512_loadu_ps(ow), _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1])));
           _mm512_storeu_ps(ow + NR, _mm512_add_ps(_mm512_loadu_ps(ow + NR),
                                                   _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1])));
         }

@@ -56,7 +56,9 @@ inline void load_shapes(const int64_t (&rows)[8], const int64_t (&words)[8]) {
   } cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(rows[t]), cfg.colsb[t] = static_cast<uint16_t>(words[t] * 4);
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]), cfg.colsb[t] = static_cast<uint16_t>(words[t] * 4);
+  }
   _tile_loadconfig(&cfg);
 }
 
@@ -296,8 +298,10 @@ inline void transpose16(const float* in, __m512 out[16]) {
     u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
   for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
-    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD), odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
     out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
     out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
   }
