@@ -9,9 +9,6 @@
 // layout before calling them, so the checks here guard only the kernels' preconditions.
 // A failed check raises RuntimeError.
 #include <Python.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cstring>
@@ -20,8 +17,10 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/dropout.h"
+#include "cpu_output_memory.h"
 #include "cpu/isa_select.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
@@ -64,23 +63,43 @@ void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dty
                   p.cpu_path, " marks a forward that no backward follows (CPU_FORWARD_ONLY): not a backward's");
 }
 
-// Asks Linux for 2 MiB pages under the 2 MiB-aligned part of a new output of at least
-// 32 MiB: glibc maps an allocation that large afresh every time (its mmap threshold stops
-// there), and the kernels' first writes to new memory otherwise fault on every 4 KiB
-// page, at a cost near that of the attention itself on short sequences
-// (benchmarks/RESULTS.md). (Smaller ones may be reused heap memory, already mapped, where
-// advice would only split the heap's mapping.) torch does the same for every tensor of
-// 2 MiB or more with THP_MEM_ALLOC_ENABLE=1.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(2) << 20, fresh = uintptr_t(32) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + static_cast<uintptr_t>(t.numel()) * t.element_size();
-  const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = end & ~(huge - 1);
-  if (end - begin >= fresh && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
+// A new CPU tensor of `dtype` with `sizes` and dense `strides` (a permutation of the
+// contiguous ones): in CpuOutputMemory's blocks from 32 MiB on (cpu_output_memory.h), its
+// storage's deleter handing the block back; smaller ones from torch.
+Tensor new_cpu_output(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
+                      const TensorInfo& like) {
+  int64_t numel = 1;
+  for (int64_t d = 0; d < ndim; ++d) numel *= sizes[d];
+  const ShimCodes& c = codes();
+  const size_t element = dtype == c.f64 || dtype == c.i64 ? 8 : dtype == c.f32 || dtype == c.i32 ? 4 : dtype == c.b ? 1 : 2;
+  const size_t bytes = static_cast<size_t>(numel) * element;
+  AtenTensorHandle h = nullptr;
+  if (bytes >= CpuOutputMemory::MIN_BYTES) {
+    if (void* block = CpuOutputMemory::instance().take(bytes)) {
+      auto give_back = [](void* data, void* size) {
+        CpuOutputMemory::instance().give(data, reinterpret_cast<uintptr_t>(size));
+      };
+      void* size = reinterpret_cast<void*>(static_cast<uintptr_t>(bytes));
+      if (torch_from_blob(block, ndim, sizes, strides, 0, dtype, like.device_type, like.device_index, &h,
+                          aoti_torch_layout_strided(), nullptr, 0, give_back, size) == AOTI_TORCH_SUCCESS) {
+        return Tensor(h);
+      }
+      CpuOutputMemory::instance().give(block, bytes);
+      STD_TORCH_CHECK(false, "flashattn: torch_from_blob failed for a CPU output of ", bytes, " bytes");
+    }
+  }
+  FLASHATTN_SHIM(aoti_torch_empty_strided(ndim, sizes, strides, dtype, like.device_type, like.device_index, &h));
+  return Tensor(h);
+}
+
+// The same for 4-D (B, S, H, D) or, with `layout` heads first, (B, H, S, D) sizes over
+// (B, S, H, D) memory (the forward's out in q's layout).
+Tensor new_cpu_output(const int64_t (&bshd)[4], int32_t dtype, const TensorInfo& like, Layout layout = Layout{}) {
+  const int64_t B = bshd[0], S = bshd[1], H = bshd[2], D = bshd[3];
+  const int64_t contiguous[4] = {S * H * D, H * D, D, 1};
+  if (layout.seq == 1) return new_cpu_output(4, bshd, contiguous, dtype, like);
+  const int64_t sizes[4] = {B, H, S, D}, strides[4] = {S * H * D, D, H * D, 1};
+  return new_cpu_output(4, sizes, strides, dtype, like);
 }
 
 // Packed sequences on the CPU: the first query row the kernels do not write, the end of
@@ -102,10 +121,8 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
   const TensorInfo q = fill_params(p, args, layout);
   const auto [B, Sq] = q_rows(p);
   const int64_t H = p.num_heads, Dv = p.head_dim_v;
-  Tensor out = layout.seq == 1 ? new_tensor({B, Sq, H, Dv}, q.dtype, q)
-                               : new_tensor({B, H, Sq, Dv}, q.dtype, q, {Sq * H * Dv, Dv, H * Dv, 1});
+  Tensor out = new_cpu_output({B, Sq, H, Dv}, q.dtype, q, layout);
   Tensor lse = new_tensor({B, H, Sq}, lse_dtype(q), q);
-  advise_huge_pages(out);
   if (args.cu_seqlens_q.has_value()) {  // rows in no sequence are never written: defined as out 0, lse -inf
     // Offsets rising from 0 (the API's check) leave only the rows after the last
     // sequence; any other values (the op called directly) get everything cleared.
@@ -126,10 +143,27 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   return fwd_cpu_layout({q, k, v FLASHATTN_PROBLEM_NAMES}, Layout{});
 }
 
-// An empty (or zero) tensor with t's sizes, strides (when dense), dtype and device.
+// An empty (or zero) tensor with t's sizes, dtype and device, and its strides where they
+// are a permutation of dense ones (as torch.empty_like), else contiguous.
 Tensor grad_like(const Tensor& t, bool zeros) {
-  Tensor g = torch::stable::empty_like(t);
-  advise_huge_pages(g);
+  const TensorInfo ti(t);
+  std::vector<int64_t> order(ti.dim), strides(ti.dim);
+  for (int64_t d = 0; d < ti.dim; ++d) order[d] = d;
+  // Dims from the innermost (smallest stride; size-1 dims anywhere) outwards.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ti.stride(a) > ti.stride(b); });
+  bool dense = true;
+  int64_t expected = 1;
+  for (int64_t i = ti.dim - 1; i >= 0; --i) {
+    const int64_t d = order[i];
+    dense &= ti.size(d) == 1 || ti.stride(d) == expected;
+    strides[d] = expected;
+    expected *= std::max<int64_t>(ti.size(d), 1);
+  }
+  if (!dense) {  // contiguous
+    expected = 1;
+    for (int64_t d = ti.dim - 1; d >= 0; --d) strides[d] = expected, expected *= std::max<int64_t>(ti.size(d), 1);
+  }
+  Tensor g = new_cpu_output(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti);
   if (zeros) zero(g);
   return g;
 }
@@ -319,6 +353,12 @@ PyObject* choose_cpu_path(PyObject* /*module*/, PyObject* args) {
   }
 }
 
+// flashattn_py._C.release_cpu_memory(): unmaps the memory of freed large CPU outputs that
+// the ops keep for the next ones (cpu_output_memory.h); returns its bytes.
+PyObject* release_cpu_memory(PyObject* /*module*/, PyObject* /*args*/) {
+  return PyLong_FromSize_t(CpuOutputMemory::instance().release());
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(flashattn, m) {
@@ -361,6 +401,8 @@ PyMODINIT_FUNC PyInit__C(void) {
       {"choose_cpu_path", flashattn::choose_cpu_path, METH_VARARGS,
        "choose_cpu_path(dtype, seqlen_q, head_dim): the CPU kernels' path for such a problem (the ops' cpu_path); "
        "dtype indexes CPU_DTYPES"},
+      {"release_cpu_memory", flashattn::release_cpu_memory, METH_NOARGS,
+       "unmap the memory kept from freed CPU outputs of 32 MiB or more; returns its bytes"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -17,7 +17,7 @@ from .api import (
 from . import nn
 from .kvcache import flash_attn_with_kvcache
 from .partial import attention_backward, attention_forward, merge_attention
-from .backends import available_backends, compiled_ops_error as _compiled_ops_error, use_backend
+from .backends import available_backends, compiled_ops_error as _compiled_ops_error, empty_cpu_cache, use_backend
 from .errors import ArgumentError
 from .patch import patch_sdpa, unpatch_sdpa
 
@@ -34,6 +34,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "available_backends",
+    "empty_cpu_cache",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -371,7 +371,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
     )
-    return out[0], lse[0]
+    return out.squeeze(0), lse.squeeze(0)  # (views: no select_backward copying the packed gradient)
 
 
 def _jagged_parts(name: str, t: Tensor) -> tuple[Tensor, Tensor, int]:
