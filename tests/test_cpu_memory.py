@@ -123,3 +123,32 @@ def test_pool_size_from_the_environment(pool_mb, kept):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) == kept
+
+
+@pytest.mark.parametrize("head_dim, causal, big_q", [(64, True, True), (40, False, True), (17, True, True),
+                                                      (64, False, False), (17, True, False)])
+def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q):
+    # Outputs and gradients of 32 MiB or more are written with streaming stores
+    # (csrc/cpu/flash_cpu.h store_row_streaming): the first batch entry of such a call must
+    # equal, bit for bit, the same entry computed alone (half the size: ordinary stores).
+    # Rows of 17 and 40 floats start off the 64-byte lines: the plain head and tail of a row.
+    # One thread: the key splits (and so the sums) then do not depend on the batch size.
+    long = -(-BLOCK // (2 * HEADS * head_dim * 4))  # rows for 32 MiB over the batch of 2
+    sq, sk = (long, 37) if big_q else (64, long)  # a large out and dq, or a large dk and dv
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, sq, HEADS, head_dim, generator=gen)
+    k, v = (torch.randn(2, sk, HEADS, head_dim, generator=gen) for _ in range(2))
+    dout = torch.randn(2, sq, HEADS, head_dim, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = []
+        for n in (2, 1):
+            leaves = [t[:n].clone().requires_grad_() for t in (q, k, v)]
+            out = flashattn_py.flash_attn_func(*leaves, causal=causal)
+            out.backward(dout[:n])
+            results.append([out[:1]] + [t.grad[:1] for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for name, streamed, cached in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(streamed, cached), name

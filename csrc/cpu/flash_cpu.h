@@ -11,6 +11,9 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <type_traits>
 
 #include "../flash_params.h"
 #include "dropout.h"
@@ -176,6 +180,48 @@ inline void load_rows(const T* src, int64_t row_stride, int64_t rows, int64_t co
 template <typename T, typename acc>
 inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
   for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(src[c] * mult);
+}
+
+// Outputs of this many bytes or more are written with non-temporal (streaming) stores
+// where the element type allows (float): they do not stay in the caches anyway, and an
+// ordinary store that misses first reads the line it overwrites (benchmarks/RESULTS.md).
+constexpr int64_t STREAM_BYTES = int64_t(32) << 20;
+
+// store_row, float rows streamed from their first 64-byte (AVX: 32-byte) boundary on;
+// the same values. A task that streamed calls stream_fence() before its stores may be
+// read by another thread (the end of the task).
+template <typename T, typename acc>
+inline void store_row_streaming(const acc* src, int64_t cols, acc mult, T* dst) {
+#if defined(__AVX512F__) || defined(__AVX__)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<acc, float>) {
+#if defined(__AVX512F__)
+    constexpr int64_t LANES = 16;
+#else
+    constexpr int64_t LANES = 8;
+#endif
+    constexpr uintptr_t ALIGN = LANES * sizeof(float);
+    const int64_t head = std::min<int64_t>(cols, (ALIGN - reinterpret_cast<uintptr_t>(dst) % ALIGN) % ALIGN / sizeof(float));
+    int64_t c = 0;
+    for (; c < head; ++c) dst[c] = src[c] * mult;
+#if defined(__AVX512F__)
+    const __m512 m = _mm512_set1_ps(mult);
+    for (; c + LANES <= cols; c += LANES) _mm512_stream_ps(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), m));
+#else
+    const __m256 m = _mm256_set1_ps(mult);
+    for (; c + LANES <= cols; c += LANES) _mm256_stream_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), m));
+#endif
+    for (; c < cols; ++c) dst[c] = src[c] * mult;
+    return;
+  }
+#endif
+  store_row<T, acc>(src, cols, mult, dst);
+}
+
+// Orders this thread's streaming stores before its later stores (x86 sfence).
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_sfence();
+#endif
 }
 
 // Which keys each query row of one sequence sees (the causal / window band of
