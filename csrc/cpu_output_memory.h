@@ -1,4 +1,4 @@
-// Memory for the CPU ops' large outputs (out, dq, dk, dv of 32 MiB and more).
+// Memory for the CPU ops' large outputs (out, dq, dk, dv of 32 MiB and more), Linux only.
 //
 // glibc maps every allocation this large afresh (its mmap threshold stops at 32 MiB), so
 // each such output of a torch.empty starts as pages the kernel must fault in and zero on
@@ -6,10 +6,11 @@
 // VM (benchmarks/RESULTS.md). Here an output's memory goes back to a pool when its tensor
 // is freed, and the next output that fits takes it, already mapped: as the CUDA caching
 // allocator does for GPU memory, and as jemalloc or tcmalloc would for the whole process.
-// The pool holds at most FLASHATTN_CPU_POOL_MB MiB (default 1024; 0: every block is
-// unmapped when freed); a block that would exceed that is unmapped. New blocks are mapped
-// on 2 MiB boundaries and advised to use 2 MiB pages (as torch does for every tensor with
-// THP_MEM_ALLOC_ENABLE=1), so even a fresh one faults once per 2 MiB, not per 4 KiB.
+// The pool holds at most FLASHATTN_CPU_POOL_MB MiB (default 512; 0: every block is
+// unmapped when freed); a freed block that does not fit evicts the largest kept ones
+// (or, larger than the limit, is unmapped). New blocks are mapped on 2 MiB boundaries and
+// advised to use 2 MiB pages (as torch does for every tensor with THP_MEM_ALLOC_ENABLE=1),
+// so even a fresh one faults once per 2 MiB, not per 4 KiB.
 #pragma once
 
 #include <cstddef>
@@ -17,8 +18,12 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -32,47 +37,58 @@ class CpuOutputMemory {
   // The process's pool. Never destroyed: a tensor freed during interpreter shutdown, after
   // static destructors ran, still returns its block here.
   static CpuOutputMemory& instance() {
-    static CpuOutputMemory* pool = new CpuOutputMemory(cap_from_env());
+    static CpuOutputMemory* pool = make();
     return *pool;
   }
 
   // Rounds bytes up to whole blocks.
   static size_t block_bytes(size_t bytes) { return (bytes + BLOCK - 1) / BLOCK * BLOCK; }
 
-  // A block of block_bytes(bytes): the smallest free one that fits with at most an eighth
-  // to spare, else a new mapping; nullptr if mapping fails (the caller then asks torch).
-  void* take(size_t bytes) {
+  // A block of at least `bytes` and its size (whole blocks): the smallest kept one with at
+  // most an eighth to spare, else a new mapping (after unmapping every kept block if the
+  // first try fails); {nullptr, 0} if mapping fails (the caller then asks torch).
+  std::pair<void*, size_t> take(size_t bytes) {
     const size_t want = block_bytes(bytes);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.lower_bound(want);
       if (it != free_.end() && it->first <= want + want / 8) {
-        void* p = it->second;
+        const std::pair<void*, size_t> block{it->second, it->first};
         held_ -= it->first;
-        // (The caller frees `want` bytes: a larger block's tail is unmapped now.)
-        if (it->first > want) unmap(static_cast<char*>(p) + want, it->first - want);
         free_.erase(it);
-        return p;
+        return block;
       }
     }
-    return map(want);
+    void* p = map(want);
+    if (p == nullptr && release() > 0) p = map(want);
+    return {p, p ? want : 0};
   }
 
-  // Takes back a block from take(bytes) (same bytes): kept while the pool has room.
-  void give(void* p, size_t bytes) {
-    const size_t size = block_bytes(bytes);
+  // Takes back a block from take (its size as take gave it): kept while it fits the pool,
+  // after unmapping the largest kept blocks where needed; a block larger than the pool is
+  // unmapped.
+  void give(void* p, size_t size) {
+    std::vector<std::pair<void*, size_t>> evicted;
+    bool kept = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (held_ + size <= cap_) {
+      if (size <= cap_) {
+        while (held_ + size > cap_) {
+          auto largest = std::prev(free_.end());
+          evicted.emplace_back(largest->second, largest->first);
+          held_ -= largest->first;
+          free_.erase(largest);
+        }
         free_.emplace(size, p);
         held_ += size;
-        return;
+        kept = true;
       }
     }
-    unmap(p, size);
+    for (const auto& [block, block_size] : evicted) unmap(block, block_size);
+    if (!kept) unmap(p, size);
   }
 
-  // Unmaps every free block (flashattn_py.empty_cpu_cache); returns their bytes.
+  // Unmaps every kept block (flashattn_py.empty_cpu_cache); returns their bytes.
   size_t release() {
     std::multimap<size_t, void*> blocks;
     {
@@ -88,23 +104,41 @@ class CpuOutputMemory {
  private:
   explicit CpuOutputMemory(size_t cap) : cap_(cap) {}
 
-  static size_t cap_from_env() {
-    const char* mb = std::getenv("FLASHATTN_CPU_POOL_MB");
-    if (!mb || !*mb) return size_t(1024) << 20;
-    char* end = nullptr;
-    const unsigned long long v = std::strtoull(mb, &end, 10);
-    return *end == '\0' ? static_cast<size_t>(v) << 20 : size_t(1024) << 20;
+  static CpuOutputMemory* make() {
+    CpuOutputMemory* pool = new CpuOutputMemory(cap_from_env());
+#if defined(__linux__)
+    // A child forked while another thread held the lock (a tensor freed at that moment)
+    // would wait on it forever: the child starts with a new, free one.
+    pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+#endif
+    return pool;
   }
 
-  // size bytes (whole blocks) at a 2 MiB boundary, advised to use 2 MiB pages.
+  // FLASHATTN_CPU_POOL_MB: a whole number of MiB, 0 to 1048576 (1 TiB); anything else
+  // gives the default, 512.
+  static size_t cap_from_env() {
+    constexpr long long DEFAULT_MB = 512, MAX_MB = 1ll << 20;
+    const char* text = std::getenv("FLASHATTN_CPU_POOL_MB");
+    long long mb = DEFAULT_MB;
+    if (text != nullptr && *text != '\0') {
+      char* end = nullptr;
+      const long long value = std::strtoll(text, &end, 10);
+      if (*end == '\0' && value >= 0 && value <= MAX_MB) mb = value;
+    }
+    return static_cast<size_t>(mb) << 20;
+  }
+
+  // size bytes (whole blocks) at a 2 MiB boundary, advised to use 2 MiB pages; nullptr
+  // if the mapping fails (or off Linux).
   static void* map(size_t size) {
 #if defined(__linux__)
     void* raw = mmap(nullptr, size + BLOCK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED) return nullptr;
+    // (The BLOCK spare bytes: unmapped before and after the aligned part.)
     const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
     const uintptr_t first = (begin + BLOCK - 1) & ~(uintptr_t(BLOCK) - 1);
     if (first > begin) munmap(raw, first - begin);
-    if (first + size < begin + size + BLOCK) munmap(reinterpret_cast<void*>(first + size), begin + BLOCK - first);
+    munmap(reinterpret_cast<void*>(first + size), begin + BLOCK - first);
 #if defined(MADV_HUGEPAGE)
     madvise(reinterpret_cast<void*>(first), size, MADV_HUGEPAGE);
 #endif

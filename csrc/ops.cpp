@@ -64,28 +64,26 @@ void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dty
 }
 
 // A new CPU tensor of `dtype` with `sizes` and dense `strides` (a permutation of the
-// contiguous ones): in CpuOutputMemory's blocks from 32 MiB on (cpu_output_memory.h), its
-// storage's deleter handing the block back; smaller ones from torch.
+// contiguous ones: the storage is exactly numel elements): in CpuOutputMemory's blocks from
+// 32 MiB on (cpu_output_memory.h), its storage's deleter handing the block back; smaller
+// ones (or where no block can be mapped) from torch.
 Tensor new_cpu_output(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
                       const TensorInfo& like) {
   int64_t numel = 1;
   for (int64_t d = 0; d < ndim; ++d) numel *= sizes[d];
-  const ShimCodes& c = codes();
-  const size_t element = dtype == c.f64 || dtype == c.i64 ? 8 : dtype == c.f32 || dtype == c.i32 ? 4 : dtype == c.b ? 1 : 2;
-  const size_t bytes = static_cast<size_t>(numel) * element;
+  const size_t bytes = static_cast<size_t>(numel) * aoti_torch_dtype_element_size(dtype);
   AtenTensorHandle h = nullptr;
   if (bytes >= CpuOutputMemory::MIN_BYTES) {
-    if (void* block = CpuOutputMemory::instance().take(bytes)) {
+    const auto [block, block_size] = CpuOutputMemory::instance().take(bytes);
+    if (block != nullptr) {
       auto give_back = [](void* data, void* size) {
         CpuOutputMemory::instance().give(data, reinterpret_cast<uintptr_t>(size));
       };
-      void* size = reinterpret_cast<void*>(static_cast<uintptr_t>(bytes));
-      if (torch_from_blob(block, ndim, sizes, strides, 0, dtype, like.device_type, like.device_index, &h,
-                          aoti_torch_layout_strided(), nullptr, 0, give_back, size) == AOTI_TORCH_SUCCESS) {
-        return Tensor(h);
-      }
-      CpuOutputMemory::instance().give(block, bytes);
-      STD_TORCH_CHECK(false, "flashattn: torch_from_blob failed for a CPU output of ", bytes, " bytes");
+      void* size = reinterpret_cast<void*>(static_cast<uintptr_t>(block_size));
+      // (On failure the block is not handed back: the deleter may have run already.)
+      FLASHATTN_SHIM(torch_from_blob(block, ndim, sizes, strides, 0, dtype, like.device_type, like.device_index, &h,
+                                     aoti_torch_layout_strided(), nullptr, 0, give_back, size));
+      return Tensor(h);
     }
   }
   FLASHATTN_SHIM(aoti_torch_empty_strided(ndim, sizes, strides, dtype, like.device_type, like.device_index, &h));
@@ -96,8 +94,11 @@ Tensor new_cpu_output(int64_t ndim, const int64_t* sizes, const int64_t* strides
 // (B, S, H, D) memory (the forward's out in q's layout).
 Tensor new_cpu_output(const int64_t (&bshd)[4], int32_t dtype, const TensorInfo& like, Layout layout = Layout{}) {
   const int64_t B = bshd[0], S = bshd[1], H = bshd[2], D = bshd[3];
-  const int64_t contiguous[4] = {S * H * D, H * D, D, 1};
-  if (layout.seq == 1) return new_cpu_output(4, bshd, contiguous, dtype, like);
+  if (layout.seq == 1) {
+    int64_t strides[4];
+    contiguous_strides(4, bshd, strides);
+    return new_cpu_output(4, bshd, strides, dtype, like);
+  }
   const int64_t sizes[4] = {B, H, S, D}, strides[4] = {S * H * D, D, H * D, 1};
   return new_cpu_output(4, sizes, strides, dtype, like);
 }
@@ -119,6 +120,7 @@ int64_t unwritten_rows_from(const FlashParams& p) {
 std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
   FlashParams p;
   const TensorInfo q = fill_params(p, args, layout);
+  const int dtype = cpu_dtype(q);  // (before anything is written)
   const auto [B, Sq] = q_rows(p);
   const int64_t H = p.num_heads, Dv = p.head_dim_v;
   Tensor out = new_cpu_output({B, Sq, H, Dv}, q.dtype, q, layout);
@@ -132,7 +134,6 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
                          -std::numeric_limits<double>::infinity());
   }
   fill_output(p, out, lse, layout);
-  const int dtype = cpu_dtype(q);
   const cpu::KernelTable& kernels = cpu_kernels();
   check_cpu_path(kernels, p, dtype);
   kernels.fwd[dtype](p);
@@ -143,27 +144,22 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   return fwd_cpu_layout({q, k, v FLASHATTN_PROBLEM_NAMES}, Layout{});
 }
 
-// An empty (or zero) tensor with t's sizes, dtype and device, and its strides where they
-// are a permutation of dense ones (as torch.empty_like), else contiguous.
+// An empty (or zero) tensor like t (torch.empty_like: t's strides where t is dense, which
+// is then exactly the memory t's elements take; else torch's choice).
 Tensor grad_like(const Tensor& t, bool zeros) {
   const TensorInfo ti(t);
-  std::vector<int64_t> order(ti.dim), strides(ti.dim);
+  std::vector<int64_t> order(ti.dim);
   for (int64_t d = 0; d < ti.dim; ++d) order[d] = d;
-  // Dims from the innermost (smallest stride; size-1 dims anywhere) outwards.
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ti.stride(a) > ti.stride(b); });
   bool dense = true;
   int64_t expected = 1;
-  for (int64_t i = ti.dim - 1; i >= 0; --i) {
-    const int64_t d = order[i];
-    dense &= ti.size(d) == 1 || ti.stride(d) == expected;
-    strides[d] = expected;
-    expected *= std::max<int64_t>(ti.size(d), 1);
+  for (int64_t i = ti.dim - 1; i >= 0; --i) {  // dims from the smallest stride outwards
+    const int64_t size = ti.size(order[i]);
+    dense &= size == 1 || ti.stride(order[i]) == expected;
+    expected *= size;
   }
-  if (!dense) {  // contiguous
-    expected = 1;
-    for (int64_t d = ti.dim - 1; d >= 0; --d) strides[d] = expected, expected *= std::max<int64_t>(ti.size(d), 1);
-  }
-  Tensor g = new_cpu_output(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti);
+  Tensor g = dense && expected > 0 ? new_cpu_output(ti.dim, ti.sizes_, ti.strides_, ti.dtype, ti)
+                                   : torch::stable::empty_like(t);
   if (zeros) zero(g);
   return g;
 }
@@ -179,6 +175,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   // Rows outside every sequence (and keys past seqused_k) get no gradient from the
   // kernel: zeros.
   const bool partial = cu_seqlens_q.has_value() || cu_seqlens_k.has_value() || seqused_k.has_value();
+  cpu_dtype(TensorInfo(q));  // (a CPU dtype, before anything is written)
   const Tensor dq = grad_like(q, partial), dk = grad_like(k, partial), dv = grad_like(v, partial);
   const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   FlashBwdParams p;

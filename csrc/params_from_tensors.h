@@ -111,6 +111,15 @@ struct FLASHATTN_HIDDEN TensorInfo {
   }
 };
 
+// The contiguous strides of `sizes` (ndim of them) into `strides`.
+inline void contiguous_strides(int64_t ndim, const int64_t* sizes, int64_t* strides) {
+  int64_t s = 1;
+  for (int64_t d = ndim - 1; d >= 0; --d) {
+    strides[d] = s;
+    s *= std::max<int64_t>(sizes[d], 1);
+  }
+}
+
 // A new tensor of `dtype` on `like`'s device; contiguous unless strides are given.
 inline Tensor new_tensor(std::initializer_list<int64_t> sizes, int32_t dtype, const TensorInfo& like,
                          std::initializer_list<int64_t> strides = {}) {
@@ -118,11 +127,7 @@ inline Tensor new_tensor(std::initializer_list<int64_t> sizes, int32_t dtype, co
   int64_t contiguous[8];
   const int64_t* st = strides.begin();
   if (strides.size() == 0) {
-    int64_t s = 1;
-    for (int64_t d = ndim - 1; d >= 0; --d) {
-      contiguous[d] = s;
-      s *= std::max<int64_t>(sizes.begin()[d], 1);
-    }
+    contiguous_strides(ndim, sizes.begin(), contiguous);
     st = contiguous;
   }
   AtenTensorHandle h = nullptr;
@@ -431,7 +436,7 @@ struct FLASHATTN_HIDDEN KvcacheWriteArgs {
     const ShimCodes& c = codes();
     STD_TORCH_CHECK(k.dtype == c.f32 || k.dtype == c.f64 || k.dtype == c.bf16 || k.dtype == c.f16,
                     "flashattn: kvcache_write: caches must be float, got ", dtype_name(k.dtype));
-    element_size = k.dtype == c.f64 ? 8 : k.dtype == c.f32 ? 4 : 2;
+    element_size = static_cast<int64_t>(aoti_torch_dtype_element_size(k.dtype));
     const int64_t batch = k.size(0);
     STD_TORCH_CHECK(v.size(0) == batch && v.size(1) == k.size(1) && k.size(2) == k_cache.size(2) &&
                         v.size(2) == v_cache.size(2) && k.size(2) == v.size(2) && k.size(3) == k_cache.size(3) &&

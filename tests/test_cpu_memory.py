@@ -19,6 +19,16 @@ from rule import check_attention, random_qkv
 
 ROWS, HEADS, DIM = 16384, 8, 64  # (1, ROWS, HEADS, DIM) float32: 32 MiB, the smallest pooled size
 BLOCK = ROWS * HEADS * DIM * 4
+MIB = 1 << 20
+
+# (These tests count on the default pool size.)
+pytestmark = pytest.mark.skipif("FLASHATTN_CPU_POOL_MB" in os.environ, reason="FLASHATTN_CPU_POOL_MB is set")
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool_after():
+    yield
+    flashattn_py.empty_cpu_cache()
 
 
 def _poison(blocks):
@@ -70,8 +80,8 @@ def test_packed_sequences_in_reused_memory():
     taken = []
 
     def run(q, k, v):
-        out = flashattn_py.varlen_attn(q.squeeze(0), k.squeeze(0), v.squeeze(0), cu_q, cu_k, max(lens_q), max(lens_k), seqused_k=seqused,
-                                       window_size=(-1, 0))
+        out = flashattn_py.varlen_attn(q.squeeze(0), k.squeeze(0), v.squeeze(0), cu_q, cu_k, max(lens_q),
+                                       max(lens_k), seqused_k=seqused, window_size=(-1, 0))
         taken.append(out.data_ptr())
         for t in (q, k, v):
             t.register_hook(lambda grad: taken.append(grad.data_ptr()))
@@ -112,32 +122,91 @@ def test_empty_cpu_cache_returns_what_freed_outputs_left():
     assert flashattn_py.empty_cpu_cache() == 0
 
 
-@pytest.mark.parametrize("pool_mb, kept", [("0", 0), ("31", 0), ("32", BLOCK)])
+def _free_output(mib):
+    """An output of `mib` MiB (float32) made and freed: its block goes to the pool."""
+    k = torch.randn(1, 3, HEADS, DIM)
+    out = flashattn_py.flash_attn_func(torch.randn(1, mib * MIB // (HEADS * DIM * 4), HEADS, DIM), k, k)
+    address = out.data_ptr()
+    del out
+    return address
+
+
+def test_a_kept_block_serves_outputs_up_to_an_eighth_smaller():
+    flashattn_py.empty_cpu_cache()
+    address = _free_output(36)
+    assert _free_output(34) == address  # 36 <= 34 + 34 / 8: reused
+    assert _free_output(32) == address  # 36 <= 32 + 4
+    assert flashattn_py.empty_cpu_cache() == 36 * MIB  # (the whole block, never trimmed)
+    _free_output(40)
+    _free_output(32)  # 40 > 32 + 4: a new block
+    assert flashattn_py.empty_cpu_cache() == 72 * MIB
+
+
+POOL_SCRIPT = f"""
+import torch, flashattn_py as f
+def free_output(mib):
+    k = torch.randn(1, 3, {HEADS}, {DIM})
+    out = f.flash_attn_func(torch.randn(1, mib * {MIB} // ({HEADS * DIM * 4}), {HEADS}, {DIM}), k, k)
+    del out
+free_output(32)
+print(f.empty_cpu_cache())
+k = torch.randn(1, 3, {HEADS}, {DIM})
+a = f.flash_attn_func(torch.randn(1, 40 * {MIB} // ({HEADS * DIM * 4}), {HEADS}, {DIM}), k, k)
+free_output(40)
+del a
+free_output(64)
+print(f.empty_cpu_cache())
+"""
+
+
+@pytest.mark.parametrize("pool_mb, kept", [("0", (0, 0)), ("31", (0, 0)), ("100", (32, 64)), ("-1", (32, 144))])
 def test_pool_size_from_the_environment(pool_mb, kept):
-    code = ("import torch, flashattn_py as f\n"
-            f"k = torch.randn(1, 3, {HEADS}, {DIM})\n"
-            f"out = f.flash_attn_func(torch.randn(1, {ROWS}, {HEADS}, {DIM}), k, k)\n"
-            "del out\n"
-            "print(f.empty_cpu_cache())\n")
+    # The second line: two 40 MiB blocks kept (80 MiB), then a freed 64 MiB output evicts
+    # the largest kept blocks until it fits (100 MiB: both go), is unmapped (a pool under
+    # 64 MiB) or joins them (512: 144 MiB).
+    # Anything but a whole number of MiB from 0 on means the default, 512.
     env = dict(os.environ, FLASHATTN_CPU_POOL_MB=pool_mb)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", POOL_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) == kept
+    assert [int(line) // MIB for line in result.stdout.split()[-2:]] == list(kept)
 
 
-@pytest.mark.parametrize("head_dim, causal, big_q", [(64, True, True), (40, False, True), (17, True, True),
-                                                      (64, False, False), (17, True, False)])
-def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q):
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32])
+def test_unsupported_dtypes_are_refused_before_memory_is_written(dtype):
+    # A packed call clears rows outside its sequences before the kernel runs: an element
+    # type the kernels do not take is refused first (and sized by its real width).
+    q = torch.zeros(1, 32 * MIB // 8, 8, 1, dtype=dtype)
+    k = torch.zeros(1, 4, 8, 1, dtype=dtype)
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    given = dict(q=q, k=k, v=k, scale=1.0, cu_seqlens_q=cu, cu_seqlens_k=torch.tensor([0, 4], dtype=torch.int32),
+                 max_seqlen_q=1, max_seqlen_k=4)
+    args = [given[a.name] if a.name in given else ops.FWD.args[ops.FWD.index[a.name]].default
+            for a in torch.ops.flashattn.fwd.default._schema.arguments]
+    with pytest.raises(RuntimeError, match="CPU kernels take"):
+        torch.ops.flashattn.fwd(*args)  # (the op itself: the API refuses these dtypes earlier)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("head_dim, causal, big_q, heads_k", [(64, True, True, HEADS), (40, False, True, HEADS),
+                                                              (17, True, True, HEADS), (64, False, False, HEADS),
+                                                              (17, True, False, HEADS), (40, True, False, 2)])
+def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, isa, cpu_switch):
     # Outputs and gradients of 32 MiB or more are written with streaming stores
-    # (csrc/cpu/flash_cpu.h store_row_streaming): the first batch entry of such a call must
+    # (csrc/cpu/flash_cpu.h store_row_maybe_streaming): the first batch entry of such a call must
     # equal, bit for bit, the same entry computed alone (half the size: ordinary stores).
     # Rows of 17 and 40 floats start off the 64-byte lines: the plain head and tail of a row.
     # One thread: the key splits (and so the sums) then do not depend on the batch size.
-    long = -(-BLOCK // (2 * HEADS * head_dim * 4))  # rows for 32 MiB over the batch of 2
+    # GQA (2 KV heads): dk, dv summed over each KV head's query heads before they are stored.
+    try:
+        cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams a line as two 32-byte halves)
+    except ValueError:
+        pytest.skip(f"this CPU does not run the {isa} kernels")
+    long = -(-BLOCK // (2 * heads_k * head_dim * 4))  # rows for 32 MiB over the batch of 2
     sq, sk = (long, 37) if big_q else (64, long)  # a large out and dq, or a large dk and dv
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, sq, HEADS, head_dim, generator=gen)
-    k, v = (torch.randn(2, sk, HEADS, head_dim, generator=gen) for _ in range(2))
+    k, v = (torch.randn(2, sk, heads_k, head_dim, generator=gen) for _ in range(2))
     dout = torch.randn(2, sq, HEADS, head_dim, generator=gen)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -27,10 +27,14 @@ def _layouts(device, dtype):
     bhsd = [torch.randn(B, H, S, D, generator=g).to(device, dtype).transpose(1, 2) for _ in range(3)]
     qkv = torch.randn(B, S, 3, H, D, generator=g).to(device, dtype)
     gqa_k = torch.randn(B, 1, S, D, generator=g).to(device, dtype).transpose(1, 2)
+    # q, k, v split off one (B, H, S, 3D) projection, heads first: non-dense in that order
+    fused = torch.randn(B, H, S, 3 * D, generator=g).to(device, dtype)
+    sliced = [fused[..., i * D:(i + 1) * D].transpose(1, 2) for i in range(3)]
     return [
         ("sdpa_transposed", *bhsd),
         ("packed_qkv", qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]),
         ("gqa_transposed", bhsd[0], gqa_k, gqa_k),
+        ("sdpa_sliced", *sliced),
     ]
 
 

@@ -433,17 +433,13 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   // key rows as in k: packed keys (total_k rows) or B x Sk.
   const int64_t key_rows = p.cu_seqlens_k ? p.total_k : p.batch * Sk_max;
   auto key_row = [&](int64_t b, const SeqView& sv, int64_t j) { return p.cu_seqlens_k ? sv.k_start + j : b * Sk_max + j; };
-  // Gradients larger than the caches are streamed (store_row_streaming), as the forward's out.
+  // Gradients larger than the caches are streamed (store_row_maybe_streaming), as the
+  // forward's out.
   const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.batch * Sq_max, elt = sizeof(T);
   const bool stream_dq = q_rows * H * D * elt >= STREAM_BYTES;
-  const bool stream_dk = key_rows * Hk * D * elt >= STREAM_BYTES, stream_dv = key_rows * Hk * Dv * elt >= STREAM_BYTES;
-  auto store_grad_row = [](bool stream, const acc* src, int64_t cols, acc mult, T* dst) {
-    if (stream) {
-      store_row_streaming<T, acc>(src, cols, mult, dst);
-    } else {
-      store_row<T, acc>(src, cols, mult, dst);
-    }
-  };
+  const bool stream_dk = key_rows * Hk * D * elt >= STREAM_BYTES;
+  const bool stream_dv = key_rows * Hk * Dv * elt >= STREAM_BYTES;
+  auto store_grad_row = store_row_maybe_streaming<T, acc>;
   Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
     dk_heads = scratch<acc>(H * key_rows * D);
@@ -610,12 +606,14 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
     }
     if (splits == 1) {
       T* dq_head = dq + b * p.dq_batch_stride + sv.q_start * p.dq_row_stride + h * p.dq_head_stride;
-      for (int64_t i = 0; i < Sq; ++i) store_grad_row(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
+      for (int64_t i = 0; i < Sq; ++i) {
+        store_grad_row(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
+      }
     } else {
       acc* part = dq_parts.get() + (bh * splits + split) * Sq_max * D;
       for (int64_t i = 0; i < Sq; ++i) std::copy(dqa + i * ldq_grad, dqa + i * ldq_grad + D, part + i * D);
     }
-    if (stream_dq || stream_dk || stream_dv) stream_fence();
+    if (stream_dq || (group == 1 && (stream_dk || stream_dv))) stream_fence();
   };
 
   for_each_task(
@@ -642,6 +640,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
 
   if (group > 1) {  // dK/dV of a kv head = sum over its query heads, in head order
     parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc> sum(std::max(D, Dv));
       for (int64_t bhk = begin; bhk < end; ++bhk) {
         const int64_t b = bhk / Hk, hk = bhk % Hk;
         const SeqView sv = seq_view(p, b);
@@ -652,17 +651,18 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           T* dk_row = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride;
           T* dv_row = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride;
           for (int64_t d = 0; d < D; ++d) {
-            acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dk0[(g * key_rows + scratch_row) * D + d];
-            dk_row[d] = static_cast<T>(sum);
+            sum[d] = 0;
+            for (int64_t g = 0; g < group; ++g) sum[d] += dk0[(g * key_rows + scratch_row) * D + d];
           }
+          store_grad_row(stream_dk, sum.data(), D, acc(1), dk_row);
           for (int64_t d = 0; d < Dv; ++d) {
-            acc sum = 0;
-            for (int64_t g = 0; g < group; ++g) sum += dv0[(g * key_rows + scratch_row) * Dv + d];
-            dv_row[d] = static_cast<T>(sum);
+            sum[d] = 0;
+            for (int64_t g = 0; g < group; ++g) sum[d] += dv0[(g * key_rows + scratch_row) * Dv + d];
           }
+          store_grad_row(stream_dv, sum.data(), Dv, acc(1), dv_row);
         }
       }
+      if (stream_dk || stream_dv) stream_fence();
     });
   }
 }

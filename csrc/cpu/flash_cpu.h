@@ -185,35 +185,39 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
 // Outputs of this many bytes or more are written with non-temporal (streaming) stores
 // where the element type allows (float): they do not stay in the caches anyway, and an
 // ordinary store that misses first reads the line it overwrites (benchmarks/RESULTS.md).
+// (Fixed, not the cache's size: a CPU whose L3 holds such an output loses its reuse there.)
 constexpr int64_t STREAM_BYTES = int64_t(32) << 20;
 
-// store_row, float rows streamed from their first 64-byte (AVX: 32-byte) boundary on;
-// the same values. A task that streamed calls stream_fence() before its stores may be
-// read by another thread (the end of the task).
+// store_row, or with `stream` float rows streamed a whole 64-byte line at a time from their
+// first line boundary on (AVX-512 or AVX; plain stores before and after it): the same
+// values. A task that streamed calls stream_fence() before its stores may be read by
+// another thread (the end of the task).
 template <typename T, typename acc>
-inline void store_row_streaming(const acc* src, int64_t cols, acc mult, T* dst) {
+inline void store_row_maybe_streaming(bool stream, const acc* src, int64_t cols, acc mult, T* dst) {
 #if defined(__AVX512F__) || defined(__AVX__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<acc, float>) {
+    if (stream) {
+      constexpr int64_t LINE = 64 / sizeof(float);
+      const uintptr_t offset = reinterpret_cast<uintptr_t>(dst) % 64;
+      const int64_t head = std::min<int64_t>(cols, (64 - offset) % 64 / sizeof(float));
+      int64_t c = 0;
+      for (; c < head; ++c) dst[c] = src[c] * mult;
 #if defined(__AVX512F__)
-    constexpr int64_t LANES = 16;
+      const __m512 m = _mm512_set1_ps(mult);
+      for (; c + LINE <= cols; c += LINE) _mm512_stream_ps(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), m));
 #else
-    constexpr int64_t LANES = 8;
+      const __m256 m = _mm256_set1_ps(mult);
+      for (; c + LINE <= cols; c += LINE) {
+        _mm256_stream_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), m));
+        _mm256_stream_ps(dst + c + 8, _mm256_mul_ps(_mm256_loadu_ps(src + c + 8), m));
+      }
 #endif
-    constexpr uintptr_t ALIGN = LANES * sizeof(float);
-    const int64_t head = std::min<int64_t>(cols, (ALIGN - reinterpret_cast<uintptr_t>(dst) % ALIGN) % ALIGN / sizeof(float));
-    int64_t c = 0;
-    for (; c < head; ++c) dst[c] = src[c] * mult;
-#if defined(__AVX512F__)
-    const __m512 m = _mm512_set1_ps(mult);
-    for (; c + LANES <= cols; c += LANES) _mm512_stream_ps(dst + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), m));
-#else
-    const __m256 m = _mm256_set1_ps(mult);
-    for (; c + LANES <= cols; c += LANES) _mm256_stream_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), m));
-#endif
-    for (; c < cols; ++c) dst[c] = src[c] * mult;
-    return;
+      for (; c < cols; ++c) dst[c] = src[c] * mult;
+      return;
+    }
   }
 #endif
+  (void)stream;
   store_row<T, acc>(src, cols, mult, dst);
 }
 

@@ -646,18 +646,13 @@ void run_fwd(const FlashParams& p) {
 
   // Query row i of head h of sequence b (view sv) done: out = O / l, lse = m + log l; a
   // row that saw no key gets out 0, lse -inf (never 0/0).
-  // (Outputs larger than the caches: streamed, store_row_streaming.)
+  // (Outputs larger than the caches: streamed, store_row_maybe_streaming.)
   const int64_t out_rows = p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q;
   const bool stream_out = out_rows * H * Dv * static_cast<int64_t>(sizeof(T)) >= STREAM_BYTES;
   auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t b, int64_t h, const SeqView& sv, int64_t i) {
     const bool empty = l_row == acc(0);
     T* dst = out + b * p.o_batch_stride + h * p.o_head_stride + (sv.q_start + i) * p.o_row_stride;
-    const acc mult = empty ? acc(0) : acc(1) / l_row;
-    if (stream_out) {
-      store_row_streaming<T, acc>(o_row, Dv, mult, dst);
-    } else {
-      store_row<T, acc>(o_row, Dv, mult, dst);
-    }
+    store_row_maybe_streaming<T, acc>(stream_out, o_row, Dv, empty ? acc(0) : acc(1) / l_row, dst);
     lse[lse_index(p, sv, h, i)] = empty ? neg_inf : m_row + std::log(l_row);
   };
 
