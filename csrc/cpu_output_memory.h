@@ -20,7 +20,6 @@
 #include <mutex>
 #include <new>
 #include <utility>
-#include <vector>
 
 #if defined(__linux__)
 #include <pthread.h>
@@ -67,25 +66,24 @@ class CpuOutputMemory {
   // Takes back a block from take (its size as take gave it): kept while it fits the pool,
   // after unmapping the largest kept blocks where needed; a block larger than the pool is
   // unmapped.
-  void give(void* p, size_t size) {
-    std::vector<std::pair<void*, size_t>> evicted;
-    bool kept = false;
-    {
+  // (A tensor's deleter calls this: nothing here may throw.)
+  void give(void* p, size_t size) noexcept {
+    if (size <= cap_) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (size <= cap_) {
-        while (held_ + size > cap_) {
-          auto largest = std::prev(free_.end());
-          evicted.emplace_back(largest->second, largest->first);
-          held_ -= largest->first;
-          free_.erase(largest);
-        }
+      while (held_ + size > cap_) {
+        auto largest = std::prev(free_.end());
+        unmap(largest->second, largest->first);
+        held_ -= largest->first;
+        free_.erase(largest);
+      }
+      try {
         free_.emplace(size, p);
         held_ += size;
-        kept = true;
+        return;
+      } catch (const std::bad_alloc&) {  // (no memory for the map's node: unmapped below)
       }
     }
-    for (const auto& [block, block_size] : evicted) unmap(block, block_size);
-    if (!kept) unmap(p, size);
+    unmap(p, size);
   }
 
   // Unmaps every kept block (flashattn_py.empty_cpu_cache); returns their bytes.
@@ -105,14 +103,17 @@ class CpuOutputMemory {
   explicit CpuOutputMemory(size_t cap) : cap_(cap) {}
 
   static CpuOutputMemory* make() {
-    CpuOutputMemory* pool = new CpuOutputMemory(cap_from_env());
+    forked_ = new CpuOutputMemory(cap_from_env());
 #if defined(__linux__)
-    // A child forked while another thread held the lock (a tensor freed at that moment)
-    // would wait on it forever: the child starts with a new, free one.
-    pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+    // fork() waits for the lock and the child starts with it free: a fork while another
+    // thread is in take / give / release would leave the child a locked mutex, or the
+    // pool half updated.
+    pthread_atfork([] { forked_->mutex_.lock(); }, [] { forked_->mutex_.unlock(); },
+                   [] { forked_->mutex_.unlock(); });
 #endif
-    return pool;
+    return forked_;
   }
+  static inline CpuOutputMemory* forked_ = nullptr;  // the pool, for the fork handlers
 
   // FLASHATTN_CPU_POOL_MB: a whole number of MiB, 0 to 1048576 (1 TiB); anything else
   // gives the default, 512.

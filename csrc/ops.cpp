@@ -63,8 +63,8 @@ void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dty
                   p.cpu_path, " marks a forward that no backward follows (CPU_FORWARD_ONLY): not a backward's");
 }
 
-// A new CPU tensor of `dtype` with `sizes` and dense `strides` (a permutation of the
-// contiguous ones: the storage is exactly numel elements): in CpuOutputMemory's blocks from
+// A new CPU tensor of `dtype` with `sizes` and dense `strides` (non-overlapping, the
+// storage exactly numel elements): in CpuOutputMemory's blocks from
 // 32 MiB on (cpu_output_memory.h), its storage's deleter handing the block back; smaller
 // ones (or where no block can be mapped) from torch.
 Tensor new_cpu_output(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
@@ -145,7 +145,9 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
 }
 
 // An empty (or zero) tensor like t (torch.empty_like: t's strides where t is dense, which
-// is then exactly the memory t's elements take; else torch's choice).
+// is then exactly the memory t's elements take; else torch's choice, unless that has no
+// unit stride in the last dim, as for overlapping rows: then contiguous, since the kernels
+// write a gradient's rows element after element).
 Tensor grad_like(const Tensor& t, bool zeros) {
   const TensorInfo ti(t);
   std::vector<int64_t> order(ti.dim);
@@ -160,6 +162,14 @@ Tensor grad_like(const Tensor& t, bool zeros) {
   }
   Tensor g = dense && expected > 0 ? new_cpu_output(ti.dim, ti.sizes_, ti.strides_, ti.dtype, ti)
                                    : torch::stable::empty_like(t);
+  if (ti.dim > 0 && ti.size(-1) > 1 && TensorInfo(g).stride(-1) != 1) {
+    std::vector<int64_t> strides(ti.dim);
+    contiguous_strides(ti.dim, ti.sizes_, strides.data());
+    AtenTensorHandle h = nullptr;
+    FLASHATTN_SHIM(aoti_torch_empty_strided(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti.device_type,
+                                            ti.device_index, &h));
+    g = Tensor(h);
+  }
   if (zeros) zero(g);
   return g;
 }

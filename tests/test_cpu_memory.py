@@ -5,6 +5,7 @@ leave NaN-filled blocks in the pool, then hold the calls that take them to the r
 (outputs, gradients, and the rows no packed sequence covers, which must still be cleared),
 and check that the pool empties (flashattn_py.empty_cpu_cache) and can be turned off.
 """
+import gc
 import os
 import subprocess
 import sys
@@ -14,26 +15,32 @@ import torch
 
 import flashattn_py
 from flashattn_py import ops
-from flashattn_py.reference import attention_varlen_ref
+from flashattn_py.reference import attention_ref, attention_varlen_ref
 from rule import check_attention, random_qkv
 
 ROWS, HEADS, DIM = 16384, 8, 64  # (1, ROWS, HEADS, DIM) float32: 32 MiB, the smallest pooled size
 BLOCK = ROWS * HEADS * DIM * 4
 MIB = 1 << 20
 
-# (These tests count on the default pool size.)
-pytestmark = pytest.mark.skipif("FLASHATTN_CPU_POOL_MB" in os.environ, reason="FLASHATTN_CPU_POOL_MB is set")
+# (The pool is Linux's; these tests count on its default size.)
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool is Linux only"),
+              pytest.mark.skipif("FLASHATTN_CPU_POOL_MB" in os.environ, reason="FLASHATTN_CPU_POOL_MB is set")]
+
+
+def _empty_pool():
+    gc.collect()  # (tensors in reference cycles would hand their blocks back at any time)
+    flashattn_py.empty_cpu_cache()
 
 
 @pytest.fixture(autouse=True)
 def _empty_pool_after():
     yield
-    flashattn_py.empty_cpu_cache()
+    _empty_pool()
 
 
 def _poison(blocks):
     """Leaves exactly `blocks` freed 32 MiB outputs in the pool, NaN-filled; their addresses."""
-    flashattn_py.empty_cpu_cache()
+    _empty_pool()
     k = torch.randn(1, 3, HEADS, DIM)
     outs = [flashattn_py.flash_attn_func(torch.randn(1, ROWS, HEADS, DIM), k, k) for _ in range(blocks)]
     for out in outs:
@@ -110,7 +117,7 @@ def test_op_level_rows_after_the_last_sequence_cleared_in_reused_memory():
 
 
 def test_empty_cpu_cache_returns_what_freed_outputs_left():
-    flashattn_py.empty_cpu_cache()
+    _empty_pool()
     k = torch.randn(1, 3, HEADS, DIM)
     out = flashattn_py.flash_attn_func(torch.randn(1, ROWS, HEADS, DIM), k, k)
     assert flashattn_py.empty_cpu_cache() == 0  # (in use: not the pool's)
@@ -132,7 +139,7 @@ def _free_output(mib):
 
 
 def test_a_kept_block_serves_outputs_up_to_an_eighth_smaller():
-    flashattn_py.empty_cpu_cache()
+    _empty_pool()
     address = _free_output(36)
     assert _free_output(34) == address  # 36 <= 34 + 34 / 8: reused
     assert _free_output(32) == address  # 36 <= 32 + 4
@@ -183,8 +190,10 @@ def test_unsupported_dtypes_are_refused_before_memory_is_written(dtype):
                  max_seqlen_q=1, max_seqlen_k=4)
     args = [given[a.name] if a.name in given else ops.FWD.args[ops.FWD.index[a.name]].default
             for a in torch.ops.flashattn.fwd.default._schema.arguments]
+    _empty_pool()
     with pytest.raises(RuntimeError, match="CPU kernels take"):
         torch.ops.flashattn.fwd(*args)  # (the op itself: the API refuses these dtypes earlier)
+    assert flashattn_py.empty_cpu_cache() == 0  # no output was made
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
@@ -200,8 +209,8 @@ def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, is
     # GQA (2 KV heads): dk, dv summed over each KV head's query heads before they are stored.
     try:
         cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams a line as two 32-byte halves)
-    except ValueError:
-        pytest.skip(f"this CPU does not run the {isa} kernels")
+    except (ValueError, RuntimeError) as e:  # (not this CPU's, or not built: FLASHATTN_CPU_ISAS)
+        pytest.skip(f"no {isa} kernels here: {e}")
     long = -(-BLOCK // (2 * heads_k * head_dim * 4))  # rows for 32 MiB over the batch of 2
     sq, sk = (long, 37) if big_q else (64, long)  # a large out and dq, or a large dk and dv
     gen = torch.Generator().manual_seed(5)
@@ -221,3 +230,25 @@ def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, is
         torch.set_num_threads(threads)
     for name, streamed, cached in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.equal(streamed, cached), name
+
+
+def test_gradient_of_overlapping_rows():
+    # q's rows overlap (row s starts one element after row s - 1): the API copies them
+    # (ops.attention), and the op would give such a q's gradient contiguous strides, not
+    # torch.empty_like's (a last-dim stride of 2, which the kernels do not write).
+    # Autograd then sums the overlapping elements.
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(200, generator=gen)
+    k, v = (torch.randn(1, 5, 2, 16, generator=gen) for _ in range(2))
+    dout = torch.randn(1, 3, 2, 16, generator=gen)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        leaf = base.detach().to(dtype).clone().requires_grad_()
+        q = leaf.as_strided((1, 3, 2, 16), (200, 1, 40, 1))
+        kd, vd = k.to(dtype), v.to(dtype)
+        if dtype == torch.float32:
+            flashattn_py.flash_attn_func(q, kd, vd).backward(dout)
+        else:
+            attention_ref(q, kd, vd)[0].backward(dout.double())
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0].double(), grads[1], atol=1e-5, rtol=1e-5)

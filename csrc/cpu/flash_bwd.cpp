@@ -439,7 +439,9 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   const bool stream_dq = q_rows * H * D * elt >= STREAM_BYTES;
   const bool stream_dk = key_rows * Hk * D * elt >= STREAM_BYTES;
   const bool stream_dv = key_rows * Hk * Dv * elt >= STREAM_BYTES;
-  auto store_grad_row = store_row_maybe_streaming<T, acc>;
+  auto store_grad_row = [](bool stream, const acc* src, int64_t cols, acc mult, T* dst) {
+    store_row_maybe_streaming<T, acc>(stream, src, cols, mult, dst);
+  };
   Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
     dk_heads = scratch<acc>(H * key_rows * D);
