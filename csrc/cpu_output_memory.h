@@ -18,7 +18,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <new>
 #include <utility>
 
 #if defined(__linux__)
@@ -103,17 +102,17 @@ class CpuOutputMemory {
   explicit CpuOutputMemory(size_t cap) : cap_(cap) {}
 
   static CpuOutputMemory* make() {
-    forked_ = new CpuOutputMemory(cap_from_env());
+    pool_ = new CpuOutputMemory(cap_from_env());
 #if defined(__linux__)
     // fork() waits for the lock and the child starts with it free: a fork while another
     // thread is in take / give / release would leave the child a locked mutex, or the
     // pool half updated.
-    pthread_atfork([] { forked_->mutex_.lock(); }, [] { forked_->mutex_.unlock(); },
-                   [] { forked_->mutex_.unlock(); });
+    pthread_atfork([] { pool_->mutex_.lock(); }, [] { pool_->mutex_.unlock(); },
+                   [] { pool_->mutex_.unlock(); });
 #endif
-    return forked_;
+    return pool_;
   }
-  static inline CpuOutputMemory* forked_ = nullptr;  // the pool, for the fork handlers
+  static inline CpuOutputMemory* pool_ = nullptr;  // instance(), for the fork handlers
 
   // FLASHATTN_CPU_POOL_MB: a whole number of MiB, 0 to 1048576 (1 TiB); anything else
   // gives the default, 512.

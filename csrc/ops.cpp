@@ -20,8 +20,8 @@
 #include <vector>
 
 #include "cpu/dropout.h"
-#include "cpu_output_memory.h"
 #include "cpu/isa_select.h"
+#include "cpu_output_memory.h"
 #include "flash_params.h"
 #include "params_from_tensors.h"
 
@@ -165,10 +165,7 @@ Tensor grad_like(const Tensor& t, bool zeros) {
   if (ti.dim > 0 && ti.size(-1) > 1 && TensorInfo(g).stride(-1) != 1) {
     std::vector<int64_t> strides(ti.dim);
     contiguous_strides(ti.dim, ti.sizes_, strides.data());
-    AtenTensorHandle h = nullptr;
-    FLASHATTN_SHIM(aoti_torch_empty_strided(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti.device_type,
-                                            ti.device_index, &h));
-    g = Tensor(h);
+    g = new_cpu_output(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti);
   }
   if (zeros) zero(g);
   return g;

@@ -435,13 +435,9 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   auto key_row = [&](int64_t b, const SeqView& sv, int64_t j) { return p.cu_seqlens_k ? sv.k_start + j : b * Sk_max + j; };
   // Gradients larger than the caches are streamed (store_row_maybe_streaming), as the
   // forward's out.
-  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.batch * Sq_max, elt = sizeof(T);
-  const bool stream_dq = q_rows * H * D * elt >= STREAM_BYTES;
-  const bool stream_dk = key_rows * Hk * D * elt >= STREAM_BYTES;
-  const bool stream_dv = key_rows * Hk * Dv * elt >= STREAM_BYTES;
-  auto store_grad_row = [](bool stream, const acc* src, int64_t cols, acc mult, T* dst) {
-    store_row_maybe_streaming<T, acc>(stream, src, cols, mult, dst);
-  };
+  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.batch * Sq_max;
+  const bool stream_dq = streamed<T>(q_rows * H * D), stream_dk = streamed<T>(key_rows * Hk * D),
+             stream_dv = streamed<T>(key_rows * Hk * Dv);
   Scratch<acc> dk_heads, dv_heads;
   if (group > 1) {
     dk_heads = scratch<acc>(H * key_rows * D);
@@ -595,8 +591,8 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
         T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
         T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;
         for (int64_t c = 0; c < block_cols; ++c) {
-          store_grad_row(stream_dk, dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
-          store_grad_row(stream_dv, dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
+          store_row_maybe_streaming<T, acc>(stream_dk, dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
+          store_row_maybe_streaming<T, acc>(stream_dv, dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
         }
       } else {
         for (int64_t c = 0; c < block_cols; ++c) {
@@ -609,7 +605,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
     if (splits == 1) {
       T* dq_head = dq + b * p.dq_batch_stride + sv.q_start * p.dq_row_stride + h * p.dq_head_stride;
       for (int64_t i = 0; i < Sq; ++i) {
-        store_grad_row(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
+        store_row_maybe_streaming<T, acc>(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
       }
     } else {
       acc* part = dq_parts.get() + (bh * splits + split) * Sq_max * D;
@@ -633,8 +629,9 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           const acc* part = dq_parts.get() + ((bh * splits + sp) * Sq_max + i) * D;
           for (int64_t d = 0; d < D; ++d) row[d] += part[d];
         }
-        store_grad_row(stream_dq, row.data(), D, scale,
-                       dq + b * p.dq_batch_stride + h * p.dq_head_stride + (sv.q_start + i) * p.dq_row_stride);
+        store_row_maybe_streaming<T, acc>(
+            stream_dq, row.data(), D, scale,
+            dq + b * p.dq_batch_stride + h * p.dq_head_stride + (sv.q_start + i) * p.dq_row_stride);
       }
       if (stream_dq) stream_fence();
     });
@@ -656,12 +653,12 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
             sum[d] = 0;
             for (int64_t g = 0; g < group; ++g) sum[d] += dk0[(g * key_rows + scratch_row) * D + d];
           }
-          store_grad_row(stream_dk, sum.data(), D, acc(1), dk_row);
+          store_row_maybe_streaming<T, acc>(stream_dk, sum.data(), D, acc(1), dk_row);
           for (int64_t d = 0; d < Dv; ++d) {
             sum[d] = 0;
             for (int64_t g = 0; g < group; ++g) sum[d] += dv0[(g * key_rows + scratch_row) * Dv + d];
           }
-          store_grad_row(stream_dv, sum.data(), Dv, acc(1), dv_row);
+          store_row_maybe_streaming<T, acc>(stream_dv, sum.data(), Dv, acc(1), dv_row);
         }
       }
       if (stream_dk || stream_dv) stream_fence();

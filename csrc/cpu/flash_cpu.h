@@ -188,6 +188,12 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
 // (Fixed, not the cache's size: a CPU whose L3 holds such an output loses its reuse there.)
 constexpr int64_t STREAM_BYTES = int64_t(32) << 20;
 
+// Whether an output of `elements` T is streamed (STREAM_BYTES).
+template <typename T>
+inline bool streamed(int64_t elements) {
+  return elements * static_cast<int64_t>(sizeof(T)) >= STREAM_BYTES;
+}
+
 // store_row, or with `stream` float rows streamed a whole 64-byte line at a time from their
 // first line boundary on (AVX-512 or AVX; plain stores before and after it): the same
 // values. A task that streamed calls stream_fence() before its stores may be read by

@@ -648,7 +648,7 @@ void run_fwd(const FlashParams& p) {
   // row that saw no key gets out 0, lse -inf (never 0/0).
   // (Outputs larger than the caches: streamed, store_row_maybe_streaming.)
   const int64_t out_rows = p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q;
-  const bool stream_out = out_rows * H * Dv * static_cast<int64_t>(sizeof(T)) >= STREAM_BYTES;
+  const bool stream_out = streamed<T>(out_rows * H * Dv);
   auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t b, int64_t h, const SeqView& sv, int64_t i) {
     const bool empty = l_row == acc(0);
     T* dst = out + b * p.o_batch_stride + h * p.o_head_stride + (sv.q_start + i) * p.o_row_stride;

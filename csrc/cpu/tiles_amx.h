@@ -237,7 +237,6 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
   _tile_release();
 }
 
-
 // The row path on AMX (flash_fwd.cpp AmxRowOperands): the few query rows of a decoding
 // call's GQA-packed view (m <= 16: the query heads of one KV head at each position) against
 // K and V rows read in place from the cache, 32 keys per chunk. Forward only: these sums
