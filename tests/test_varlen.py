@@ -99,6 +99,49 @@ def test_varlen_decode_sized_sequences(dtype, feature):
                     cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
 
 
+MANY_SHORT = [(torch.float32, "fp32"), (torch.float16, "fp32"), *((torch.bfloat16, p) for p in sorted(BF16_PATHS))]
+
+
+@pytest.mark.parametrize("dtype,path", MANY_SHORT, ids=[f"{str(d)[6:]}-{p}" for d, p in MANY_SHORT])
+@pytest.mark.parametrize("feature", ["causal", "window", "softcap_alibi"])
+def test_many_short_sequences_equal_one_call_each(dtype, path, feature, cpu_switch):
+    # Enough short sequences (one query and one key block each) that a task does several
+    # heads of a sequence, packed head after head in 48-row parts (csrc/cpu/flash_fwd.cpp
+    # pack_heads: 6 query heads over 2 KV heads here, rows of 0-130 queries and keys, V
+    # wider than K): bitwise the same outputs as each sequence in a call of its own
+    # (one head per task) on the same path and block sizes (the same maximum lengths),
+    # and within the rule of the reference.
+    if dtype == torch.bfloat16:
+        bf16_path(cpu_switch, path)
+    gen = torch.Generator().manual_seed(61 + len(feature))
+    count = 8 * torch.get_num_threads() + 5
+    lens_q = torch.randint(0, 131, (count,), generator=gen).tolist()
+    lens_k = [max(1, n + int(torch.randint(-7, 20, (), generator=gen))) for n in lens_q]
+    lens_q[3] = 0
+    lens_k[4] = 0
+    heads, heads_k, head_dim, head_dim_v = 6, 2, 40, 56
+    api_kw, ref_kw = (dict(x) for x in FEATURES[feature])
+    if api_kw.pop("alibi", False):
+        slopes = torch.rand(count, heads, generator=gen) * 0.2
+        api_kw["alibi_slopes"] = ref_kw["alibi_slopes"] = slopes
+        del ref_kw["alibi"]
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, _ = packed_qkv(lens_q, lens_k, heads, heads_k, head_dim, dtype, 62)
+    v = torch.randn(1, sum(lens_k), heads_k, head_dim_v, generator=gen).to(dtype)
+    run = varlen_call(cu_q, cu_k, lens_q, lens_k, **api_kw)
+    whole = run(q, k, v)[0]
+    parts = []
+    for i in range(count):
+        one = dict(api_kw, alibi_slopes=slopes[i : i + 1]) if "alibi_slopes" in api_kw else api_kw
+        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        parts.append(flashattn_py.flash_attn_varlen_func(
+            q[0, qs], k[0, ks], v[0, ks], offsets(lens_q[i : i + 1]), offsets(lens_k[i : i + 1]), max(lens_q),
+            max(lens_k), **one))
+    assert torch.equal(whole, torch.cat(parts))
+    check_attention(run, q, k, v, grad=False, seed=62, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True,
+                    **ref_kw)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_varlen_one_query_beside_a_block_keeps_its_accuracy(seed):
     # One query (120 keys, 16 query heads over 2 KV heads) packed beside a sequence of 40

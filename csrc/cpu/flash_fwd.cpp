@@ -29,6 +29,8 @@ namespace {
 
 // The most rows of a GQA-packed view (flash_fwd below): one query block of the row path.
 constexpr int64_t MAX_PACKED_ROWS = 16;
+// The most bytes of packed Q, K, V and O per task in run_fwd's pack_heads (about L2).
+constexpr int64_t PACK_HEADS_BYTES = 1536 << 10;
 // K and V copied into a float (or double) layout the block products read: a thread keeps
 // the copy of the head it is working on, filled in 64-key chunks on first use, when the
 // head has several query blocks and the copy fits in CACHE_BYTES (the queue hands out a
@@ -103,6 +105,7 @@ struct BlasOperands {
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
+  static constexpr int64_t HEAD_ROWS = 0;      // no load_part (run_fwd's pack_heads)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
   Scratch<acc> q_copy;
@@ -181,7 +184,10 @@ struct TileOperands {
   static constexpr bool always_panels = true;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
+  // Rows per load_part: whole MR row groups and 16-key panels.
+  static constexpr int64_t HEAD_ROWS = 48;
+  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && HEAD_ROWS % tiles::MR == 0 &&
+                HEAD_ROWS % tiles::NR == 0);
   KVCopy<float, TilePanels> copy;
   Scratch<float> q;
   const float *k = nullptr, *v = nullptr;  // panels at key col0
@@ -205,6 +211,29 @@ struct TileOperands {
     const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
     k = copy.k.get() + (col0 - base) * D;
     v = copy.v.get() + (col0 - base) * tiles::NR;
+  }
+
+  // A task doing several heads of one sequence (run_fwd's pack_heads) packs them
+  // HEAD_ROWS rows at a time, head after head, instead of load_q and load_kv: Q rows
+  // [r0, r0 + HEAD_ROWS) of `rows`, and with `kv` keys col0 + [r0, r0 + HEAD_ROWS) of the
+  // task's one key block [col0, col0 + cols). The panels come out as load_q's and
+  // load_kv's. Then use_kv with the slot that packed this head's K and V (GQA: the
+  // first query head of the KV head).
+  void load_part(const FlashParams& p, const T* q_rows, int64_t rows, const KeyRows<T>* kv, int64_t col0, int64_t cols,
+                 int64_t r0) {
+    if (r0 < rows) {
+      tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, std::min(HEAD_ROWS, rows - r0), D, scale,
+                    q.get() + r0 * D);
+    }
+    if (kv && r0 < cols) {
+      TilePanels::copy(p, *kv, col0 + r0, std::min(HEAD_ROWS, cols - r0), copy.k.get(), copy.v.get(), r0,
+                       copy.capacity);
+    }
+  }
+
+  void use_kv(const TileOperands& packed) {
+    k = packed.copy.k.get();
+    v = packed.copy.v.get();
   }
 
   // r0 is a multiple of tiles::MR (a pack_q group). Computes whole 16-key panels: columns
@@ -257,7 +286,9 @@ struct Bf16PairOperands {
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  static constexpr int64_t HEAD_ROWS = 48;     // as TileOperands: whole row groups and panels
+  static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0 &&
+                HEAD_ROWS % Tiles::ROWS == 0 && HEAD_ROWS % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
   // The task's Q pairs; one panel's P pairs, P - bf16(P). In whole row groups of
@@ -288,6 +319,24 @@ struct Bf16PairOperands {
     const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
     k = copy.k.get() + (col0 - base) * d2;
     v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
+  }
+
+  // As TileOperands::load_part and use_kv.
+  void load_part(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows, const KeyRows<c10::BFloat16>* kv,
+                 int64_t col0, int64_t cols, int64_t r0) {
+    if (r0 < rows) {
+      Tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, std::min(HEAD_ROWS, rows - r0), D,
+                    q.get() + r0 * d2);
+    }
+    if (kv && r0 < cols) {
+      Bf16Panels::copy(p, *kv, col0 + r0, std::min(HEAD_ROWS, cols - r0), copy.k.get(), copy.v.get(), r0,
+                       copy.capacity);
+    }
+  }
+
+  void use_kv(const Bf16PairOperands& packed) {
+    k = packed.copy.k.get();
+    v = packed.copy.v.get();
   }
 
   // As TileOperands::scores: whole 16-key panels from lo rounded down to 16. r0 starts a
@@ -364,6 +413,7 @@ struct RowOperands {
   static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
+  static constexpr int64_t HEAD_ROWS = 0;  // no load_part (run_fwd's pack_heads)
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
   Scratch<float> q;                    // the task's query rows, widened, times the scale
@@ -592,10 +642,35 @@ void run_fwd(const FlashParams& p) {
   // key for twice the bytes, at three quarters), waiting on lines it asks for too late.
   // Measured from memory: bf16 8-12% faster; float rows 7-17% slower (benchmarks/RESULTS.md).
   const bool prefetch_next = heads_together && sizeof(T) == 2;
-  const int64_t heads_per_task = heads_together ? H : 1;
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? KV::HEADS_BLOCK_K : KV::BLOCK_K, p.seqlen_k));
+  // Many short sequences on the tiles (one query and one key block each, packed documents):
+  // a task does pack_heads query heads of a sequence (a divisor of H and a multiple of
+  // the GQA group, whose packed Q, K, V and O fit PACK_HEADS_BYTES), packing their
+  // panels HEAD_ROWS rows at a time, head after head (load_part), and storing their
+  // output rows side by side: it reads and writes the (S, H, D) rows front to back, where
+  // one head per task reads D elements out of every H * D (a new page every few rows,
+  // which the hardware prefetchers do not follow). Only with enough tasks left for the
+  // threads, and not paged (ws.paged gathers one head).
+  const int64_t pack_heads = [&]() -> int64_t {
+    if constexpr (KV::HEAD_ROWS == 0) {
+      return 1;
+    } else {
+      if (heads_together || num_q_blocks != 1 || p.seqlen_k > KV::BLOCK_K || p.block_table || H == 1) return 1;
+      const int64_t slot_bytes =
+          static_cast<int64_t>(sizeof(acc)) * (block_q * (p.head_dim + Dv) + block_k * (p.head_dim + Dv));
+      const int64_t threads = torch::stable::get_num_threads();
+      for (int64_t n = H; n > 1; --n) {
+        if (H % n == 0 && n % group == 0 && n * slot_bytes <= PACK_HEADS_BYTES &&
+            p.batch * (H / n) >= 8 * threads) {
+          return n;
+        }
+      }
+      return 1;
+    }
+  }();
+  const int64_t heads_per_task = heads_together ? H : pack_heads;
   const int64_t task_rows = heads_per_task * block_q;  // slot j's rows from j * block_q
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);
@@ -666,9 +741,10 @@ void run_fwd(const FlashParams& p) {
     const int64_t lds = ws.lds, ldo = ws.kv[0]->o_stride();
     acc* s = ws.s.get();
 
+    auto q_rows = [&](int64_t h) { return q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride; };
     for (int64_t j = 0; j < heads_per_task; ++j) {
       const int64_t h = h0 + j, hk = h / group;
-      ws.kv[j]->load_q(p, q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride, rows);
+      if (pack_heads == 1) ws.kv[j]->load_q(p, q_rows(h), rows);
       std::fill(ws.o.get() + j * block_q * ldo, ws.o.get() + (j * block_q + rows) * ldo, acc(0));
       std::fill(ws.m.get() + j * block_q, ws.m.get() + j * block_q + rows, neg_inf);
       std::fill(ws.l.get() + j * block_q, ws.l.get() + j * block_q + rows, acc(0));
@@ -688,6 +764,17 @@ void run_fwd(const FlashParams& p) {
     const int64_t block_step = heads_together ? 1 : splits;
     int64_t block_index = heads_together ? split * run_blocks : split;
     const int64_t block_end = heads_together ? std::min(seq_blocks, block_index + run_blocks) : seq_blocks;
+    if constexpr (KV::HEAD_ROWS > 0) {
+      if (pack_heads > 1) {  // (the one key block's panels, and Q, of every head)
+        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
+        for (int64_t r0 = 0; r0 < std::max(rows, cols); r0 += KV::HEAD_ROWS) {
+          for (int64_t j = 0; j < heads_per_task; ++j) {
+            ws.kv[j]->load_part(p, q_rows(h0 + j), rows, j % group == 0 ? &ws.keys[j] : nullptr, first_col, cols, r0);
+          }
+        }
+        for (int64_t j = 0; j < heads_per_task; ++j) ws.kv[j]->use_kv(*ws.kv[j - j % group]);
+      }
+    }
     for (; block_index < block_end; block_index += block_step) {
       const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
       for (int64_t j = 0; j < heads_per_task; ++j) {
@@ -701,7 +788,7 @@ void run_fwd(const FlashParams& p) {
         acc* m = ws.m.get() + j * block_q;
         acc* l = ws.l.get() + j * block_q;
         const float slope = ws.slope[j];
-        kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
+        if (pack_heads == 1) kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
         if constexpr (KV::pages_in_place) {
           kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
         }
@@ -759,7 +846,15 @@ void run_fwd(const FlashParams& p) {
       }
     }
 
-    for (int64_t j = 0; j < heads_per_task; ++j) {
+    if (pack_heads > 1) {  // (a row's heads side by side in out)
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < heads_per_task; ++j) {
+          const int64_t at = j * block_q + r;
+          store_out(ws.o.get() + at * ldo, ws.m[at], ws.l[at], b, h0 + j, sv, row0 + r);
+        }
+      }
+    }
+    for (int64_t j = 0; j < heads_per_task && pack_heads == 1; ++j) {
       const acc* o = ws.o.get() + j * block_q * ldo;
       const acc* m = ws.m.get() + j * block_q;
       const acc* l = ws.l.get() + j * block_q;
