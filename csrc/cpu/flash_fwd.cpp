@@ -1,8 +1,9 @@
 // Fused attention forward on the CPU: tiled, online softmax, no Sq x Sk buffer.
 //
-// One task is one (batch, head, block of query rows). It streams the visible key/value
-// blocks: S = scale * Q K^T, the score transform and online-softmax update per row
-// (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
+// One task is one (batch, head, block of query rows), or, for many short sequences on the
+// tiles, several heads of one sequence packed side by side (run_fwd's pack_heads). It
+// streams the visible key/value blocks: S = scale * Q K^T, the score transform and
+// online-softmax update per row (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
 // for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call; bf16 on the
 // AMX tiles of tiles_amx.h or, by default on AMD's CPUs, the AVX512-BF16 tiles of
 // tiles_bf16.h where the CPU has them: switches.h), except calls with few
@@ -105,7 +106,7 @@ struct BlasOperands {
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static constexpr int64_t HEAD_ROWS = 0;      // no load_part (run_fwd's pack_heads)
+  static constexpr bool PACKS_HEADS = false;   // (run_fwd's pack_heads)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
   Scratch<acc> q_copy;
@@ -184,10 +185,8 @@ struct TileOperands {
   static constexpr bool always_panels = true;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  // Rows per load_part: whole MR row groups and 16-key panels.
-  static constexpr int64_t HEAD_ROWS = 48;
-  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0 && HEAD_ROWS % tiles::MR == 0 &&
-                HEAD_ROWS % tiles::NR == 0);
+  static constexpr bool PACKS_HEADS = true;  // load_q_part, load_kv_part (run_fwd's pack_heads)
+  static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
   Scratch<float> q;
   const float *k = nullptr, *v = nullptr;  // panels at key col0
@@ -213,22 +212,18 @@ struct TileOperands {
     v = copy.v.get() + (col0 - base) * tiles::NR;
   }
 
-  // A task doing several heads of one sequence (run_fwd's pack_heads) packs them
-  // HEAD_ROWS rows at a time, head after head, instead of load_q and load_kv: Q rows
-  // [r0, r0 + HEAD_ROWS) of `rows`, and with `kv` keys col0 + [r0, r0 + HEAD_ROWS) of the
-  // task's one key block [col0, col0 + cols). The panels come out as load_q's and
-  // load_kv's. Then use_kv with the slot that packed this head's K and V (GQA: the
-  // first query head of the KV head).
-  void load_part(const FlashParams& p, const T* q_rows, int64_t rows, const KeyRows<T>* kv, int64_t col0, int64_t cols,
-                 int64_t r0) {
-    if (r0 < rows) {
-      tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, std::min(HEAD_ROWS, rows - r0), D, scale,
-                    q.get() + r0 * D);
-    }
-    if (kv && r0 < cols) {
-      TilePanels::copy(p, *kv, col0 + r0, std::min(HEAD_ROWS, cols - r0), copy.k.get(), copy.v.get(), r0,
-                       copy.capacity);
-    }
+  // A task doing several heads of one sequence (run_fwd's pack_heads) packs them a few
+  // rows at a time, head after head, instead of load_q and load_kv: Q rows [r0, r0 + n)
+  // (r0 a multiple of Q_PART, n at most Q_PART unless the last), and keys
+  // col0 + [c0, c0 + n) of the task's one key block (c0 a multiple of 16). The panels come
+  // out as load_q's and load_kv's. Then use_kv with the slot that packed this head's K and
+  // V (GQA: the first query head of the KV head).
+  static constexpr int64_t Q_PART = tiles::MR;
+  void load_q_part(const FlashParams& p, const T* q_rows, int64_t r0, int64_t n) {
+    tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, scale, q.get() + r0 * D);
+  }
+  void load_kv_part(const FlashParams& p, const KeyRows<T>& kv, int64_t col0, int64_t c0, int64_t n) {
+    TilePanels::copy(p, kv, col0 + c0, n, copy.k.get(), copy.v.get(), c0, copy.capacity);
   }
 
   void use_kv(const TileOperands& packed) {
@@ -286,9 +281,8 @@ struct Bf16PairOperands {
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static constexpr int64_t HEAD_ROWS = 48;     // as TileOperands: whole row groups and panels
-  static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0 &&
-                HEAD_ROWS % Tiles::ROWS == 0 && HEAD_ROWS % tiles_bf16::NR == 0);
+  static constexpr bool PACKS_HEADS = true;    // as TileOperands
+  static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
   // The task's Q pairs; one panel's P pairs, P - bf16(P). In whole row groups of
@@ -321,17 +315,13 @@ struct Bf16PairOperands {
     v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
   }
 
-  // As TileOperands::load_part and use_kv.
-  void load_part(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows, const KeyRows<c10::BFloat16>* kv,
-                 int64_t col0, int64_t cols, int64_t r0) {
-    if (r0 < rows) {
-      Tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, std::min(HEAD_ROWS, rows - r0), D,
-                    q.get() + r0 * d2);
-    }
-    if (kv && r0 < cols) {
-      Bf16Panels::copy(p, *kv, col0 + r0, std::min(HEAD_ROWS, cols - r0), copy.k.get(), copy.v.get(), r0,
-                       copy.capacity);
-    }
+  // As TileOperands' (Q in row groups of Tiles::ROWS).
+  static constexpr int64_t Q_PART = Tiles::ROWS;
+  void load_q_part(const FlashParams& p, const c10::BFloat16* q_rows, int64_t r0, int64_t n) {
+    Tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, q.get() + r0 * d2);
+  }
+  void load_kv_part(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t c0, int64_t n) {
+    Bf16Panels::copy(p, kv, col0 + c0, n, copy.k.get(), copy.v.get(), c0, copy.capacity);
   }
 
   void use_kv(const Bf16PairOperands& packed) {
@@ -413,7 +403,7 @@ struct RowOperands {
   static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
-  static constexpr int64_t HEAD_ROWS = 0;  // no load_part (run_fwd's pack_heads)
+  static constexpr bool PACKS_HEADS = false;  // (run_fwd's pack_heads)
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
   Scratch<float> q;                    // the task's query rows, widened, times the scale
@@ -648,13 +638,14 @@ void run_fwd(const FlashParams& p) {
   // Many short sequences on the tiles (one query and one key block each, packed documents):
   // a task does pack_heads query heads of a sequence (a divisor of H and a multiple of
   // the GQA group, whose packed Q, K, V and O fit PACK_HEADS_BYTES), packing their
-  // panels HEAD_ROWS rows at a time, head after head (load_part), and storing their
-  // output rows side by side: it reads and writes the (S, H, D) rows front to back, where
-  // one head per task reads D elements out of every H * D (a new page every few rows,
-  // which the hardware prefetchers do not follow). Only with enough tasks left for the
-  // threads, and not paged (ws.paged gathers one head).
+  // panels a row group or key panel at a time, head after head (load_q_part,
+  // load_kv_part), and storing their output rows side by side: it reads and writes the
+  // (S, H, D) rows front to back, where one head per task reads D elements out of every
+  // H * D (a new page every few rows, which the hardware prefetchers do not follow).
+  // Measured: benchmarks/RESULTS.md. Only with enough tasks for the threads (8 each), and
+  // not paged (ws.paged gathers one head). (One key block: no key splits.)
   const int64_t pack_heads = [&]() -> int64_t {
-    if constexpr (KV::HEAD_ROWS == 0) {
+    if constexpr (!KV::PACKS_HEADS) {
       return 1;
     } else {
       if (heads_together || num_q_blocks != 1 || p.seqlen_k > KV::BLOCK_K || p.block_table || H == 1) return 1;
@@ -764,12 +755,17 @@ void run_fwd(const FlashParams& p) {
     const int64_t block_step = heads_together ? 1 : splits;
     int64_t block_index = heads_together ? split * run_blocks : split;
     const int64_t block_end = heads_together ? std::min(seq_blocks, block_index + run_blocks) : seq_blocks;
-    if constexpr (KV::HEAD_ROWS > 0) {
-      if (pack_heads > 1) {  // (the one key block's panels, and Q, of every head)
-        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
-        for (int64_t r0 = 0; r0 < std::max(rows, cols); r0 += KV::HEAD_ROWS) {
+    if constexpr (KV::PACKS_HEADS) {
+      if (pack_heads > 1) {  // Q and the one key block's K and V of every head
+        for (int64_t r0 = 0; r0 < rows; r0 += KV::Q_PART) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
-            ws.kv[j]->load_part(p, q_rows(h0 + j), rows, j % group == 0 ? &ws.keys[j] : nullptr, first_col, cols, r0);
+            ws.kv[j]->load_q_part(p, q_rows(h0 + j), r0, std::min(KV::Q_PART, rows - r0));
+          }
+        }
+        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
+        for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+          for (int64_t j = 0; j < heads_per_task; j += group) {
+            ws.kv[j]->load_kv_part(p, ws.keys[j], first_col, c0, std::min<int64_t>(16, cols - c0));
           }
         }
         for (int64_t j = 0; j < heads_per_task; ++j) ws.kv[j]->use_kv(*ws.kv[j - j % group]);
