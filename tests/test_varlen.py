@@ -100,46 +100,65 @@ def test_varlen_decode_sized_sequences(dtype, feature):
 
 
 MANY_SHORT = [(torch.float32, "fp32"), (torch.float16, "fp32"), *((torch.bfloat16, p) for p in sorted(BF16_PATHS))]
+OP_FEATURES = {"causal": {"window_right": 0}, "window": {"window_left": 9, "window_right": 3},
+               "softcap_alibi": {"softcap": 5.0, "alibi": True}}
+
+
+def op_call(q, k, v, cu_q, cu_k, max_q, max_k, alibi=None, **kw):
+    """(out, lse) of the CPU op on packed sequences, flash-attn's bottom-right diagonal."""
+    return ops.attention(q, k, v, scale=q.shape[-1] ** -0.5, alibi_slopes=alibi, cu_seqlens_q=cu_q,
+                         cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, bottom_right=True, **kw)
 
 
 @pytest.mark.parametrize("dtype,path", MANY_SHORT, ids=[f"{str(d)[6:]}-{p}" for d, p in MANY_SHORT])
-@pytest.mark.parametrize("feature", ["causal", "window", "softcap_alibi"])
-def test_many_short_sequences_equal_one_call_each(dtype, path, feature, cpu_switch):
-    # Enough short sequences (one query and one key block each) that a task does several
-    # heads of a sequence, packed head after head in 48-row parts (csrc/cpu/flash_fwd.cpp
-    # pack_heads: 6 query heads over 2 KV heads here, rows of 0-130 queries and keys, V
-    # wider than K): bitwise the same outputs as each sequence in a call of its own
-    # (one head per task) on the same path and block sizes (the same maximum lengths),
-    # and within the rule of the reference.
+@pytest.mark.parametrize("feature", list(OP_FEATURES))
+@pytest.mark.parametrize("heads,heads_k", [(6, 2), (4, 4), (4, 1)])
+def test_many_short_sequences_equal_one_call_each(dtype, path, feature, heads, heads_k, cpu_switch):
+    # Enough short sequences (at most 240 queries and 256 keys: one query and one key
+    # block) that a task does several heads of a sequence, packed a row group / key panel
+    # of every head in turn (csrc/cpu/flash_fwd.cpp pack_heads; GQA 3:1, none, MQA; V
+    # wider than K; up to 60 more keys than queries, so a window's first key block starts
+    # past key 0): out and lse bitwise those of each sequence in a call of its own (one
+    # head per task) on the same path and block sizes (the same maximum lengths), and the
+    # outputs within the rule of the reference.
     if dtype == torch.bfloat16:
         bf16_path(cpu_switch, path)
-    gen = torch.Generator().manual_seed(61 + len(feature))
+    gen = torch.Generator().manual_seed(61 + len(feature) + heads_k)
     count = 8 * torch.get_num_threads() + 5
     lens_q = torch.randint(0, 131, (count,), generator=gen).tolist()
-    lens_k = [max(1, n + int(torch.randint(-7, 20, (), generator=gen))) for n in lens_q]
+    lens_k = [max(1, n + int(torch.randint(-7, 61, (), generator=gen))) for n in lens_q]
     lens_q[3] = 0
     lens_k[4] = 0
-    heads, heads_k, head_dim, head_dim_v = 6, 2, 40, 56
-    api_kw, ref_kw = (dict(x) for x in FEATURES[feature])
-    if api_kw.pop("alibi", False):
-        slopes = torch.rand(count, heads, generator=gen) * 0.2
-        api_kw["alibi_slopes"] = ref_kw["alibi_slopes"] = slopes
-        del ref_kw["alibi"]
+    head_dim, head_dim_v = 40, 56
+    kw = dict(OP_FEATURES[feature])
+    slopes = torch.rand(count, heads, generator=gen) * 0.2 if kw.pop("alibi", False) else None
     cu_q, cu_k = offsets(lens_q), offsets(lens_k)
     q, k, _ = packed_qkv(lens_q, lens_k, heads, heads_k, head_dim, dtype, 62)
     v = torch.randn(1, sum(lens_k), heads_k, head_dim_v, generator=gen).to(dtype)
-    run = varlen_call(cu_q, cu_k, lens_q, lens_k, **api_kw)
-    whole = run(q, k, v)[0]
-    parts = []
+    out, lse = op_call(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), slopes, **kw)
     for i in range(count):
-        one = dict(api_kw, alibi_slopes=slopes[i : i + 1]) if "alibi_slopes" in api_kw else api_kw
         qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-        parts.append(flashattn_py.flash_attn_varlen_func(
-            q[0, qs], k[0, ks], v[0, ks], offsets(lens_q[i : i + 1]), offsets(lens_k[i : i + 1]), max(lens_q),
-            max(lens_k), **one))
-    assert torch.equal(whole, torch.cat(parts))
-    check_attention(run, q, k, v, grad=False, seed=62, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True,
-                    **ref_kw)
+        one_out, one_lse = op_call(q[:, qs], k[:, ks], v[:, ks], offsets(lens_q[i : i + 1]),
+                                   offsets(lens_k[i : i + 1]), max(lens_q), max(lens_k),
+                                   None if slopes is None else slopes[i : i + 1], **kw)
+        assert torch.equal(out[:, qs], one_out) and torch.equal(lse[:, :, qs], one_lse), f"sequence {i}"
+    ref_kw = dict(kw, alibi_slopes=slopes) if slopes is not None else kw
+    check_attention(lambda q, k, v: op_call(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), slopes, **kw)[0],
+                    q, k, v, grad=False, seed=62, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, **ref_kw)
+
+
+def test_many_short_dense_sequences_equal_one_call_each():
+    # A dense batch of short sequences takes the same path (pack_heads): each batch row
+    # bitwise as called alone, lse too.
+    gen = torch.Generator().manual_seed(63)
+    batch = 8 * torch.get_num_threads() + 3
+    q = torch.randn(batch, 37, 4, 24, generator=gen)
+    k, v = (torch.randn(batch, 50, 2, 24, generator=gen) for _ in range(2))
+    out, lse = ops.attention(q, k, v, scale=0.2, window_right=0, bottom_right=True)
+    for b in range(batch):
+        one_out, one_lse = ops.attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], scale=0.2, window_right=0,
+                                         bottom_right=True)
+        assert torch.equal(out[b : b + 1], one_out) and torch.equal(lse[b : b + 1], one_lse)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -202,9 +202,7 @@ struct TileOperands {
 
   int64_t o_stride() const { return dv_panels * tiles::NR; }
 
-  void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
-    tiles::pack_q(q_rows, p.q_row_stride, rows, D, scale, q.get());
-  }
+  void load_q(const FlashParams& p, const T* q_rows, int64_t rows) { load_q_part(p, q_rows, 0, rows); }
 
   void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t col0, int64_t cols) {
     const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
@@ -214,10 +212,10 @@ struct TileOperands {
 
   // A task doing several heads of one sequence (run_fwd's pack_heads) packs them a few
   // rows at a time, head after head, instead of load_q and load_kv: Q rows [r0, r0 + n)
-  // (r0 a multiple of Q_PART, n at most Q_PART unless the last), and keys
-  // col0 + [c0, c0 + n) of the task's one key block (c0 a multiple of 16). The panels come
-  // out as load_q's and load_kv's. Then use_kv with the slot that packed this head's K and
-  // V (GQA: the first query head of the KV head).
+  // (r0 a multiple of Q_PART: whole row groups), and keys col0 + [c0, c0 + n) of the
+  // task's one key block (c0 a multiple of 16: whole panels). The panels come out as
+  // load_q's and load_kv's. Then use_kv with the slot that packed this head's K and V
+  // (GQA: the first query head of the KV head).
   static constexpr int64_t Q_PART = tiles::MR;
   void load_q_part(const FlashParams& p, const T* q_rows, int64_t r0, int64_t n) {
     tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, scale, q.get() + r0 * D);
@@ -305,9 +303,7 @@ struct Bf16PairOperands {
 
   int64_t o_stride() const { return dv_panels * tiles_bf16::NR; }
 
-  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
-    Tiles::pack_q(q_rows, p.q_row_stride, rows, D, q.get());
-  }
+  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) { load_q_part(p, q_rows, 0, rows); }
 
   void load_kv(const FlashParams& p, int64_t head_id, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t cols) {
     const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
@@ -637,24 +633,34 @@ void run_fwd(const FlashParams& p) {
   const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? KV::HEADS_BLOCK_K : KV::BLOCK_K, p.seqlen_k));
   // Many short sequences on the tiles (one query and one key block each, packed documents):
   // a task does pack_heads query heads of a sequence (a divisor of H and a multiple of
-  // the GQA group, whose packed Q, K, V and O fit PACK_HEADS_BYTES), packing their
+  // the GQA group, whose packed Q, K, V and O take about PACK_HEADS_BYTES), packing their
   // panels a row group or key panel at a time, head after head (load_q_part,
-  // load_kv_part), and storing their output rows side by side: it reads and writes the
-  // (S, H, D) rows front to back, where one head per task reads D elements out of every
-  // H * D (a new page every few rows, which the hardware prefetchers do not follow).
-  // Measured: benchmarks/RESULTS.md. Only with enough tasks for the threads (8 each), and
-  // not paged (ws.paged gathers one head). (One key block: no key splits.)
+  // load_kv_part), and storing their output rows side by side: in (S, H, D) tensors it
+  // reads and writes the rows front to back, where one head per task reads D elements out
+  // of every H * D (a new page every few rows, which the hardware prefetchers do not
+  // follow). Measured: benchmarks/RESULTS.md. Only with enough tasks for the threads (8
+  // each, counting sequences with queries) and none too large for them to share (a task
+  // at most a quarter of a thread's part of the work, by rows x keys); not paged (ws.paged
+  // gathers one head). (One key block: no key splits, splits == 1.)
   const int64_t pack_heads = [&]() -> int64_t {
     if constexpr (!KV::PACKS_HEADS) {
       return 1;
     } else {
       if (heads_together || num_q_blocks != 1 || p.seqlen_k > KV::BLOCK_K || p.block_table || H == 1) return 1;
-      const int64_t slot_bytes =
-          static_cast<int64_t>(sizeof(acc)) * (block_q * (p.head_dim + Dv) + block_k * (p.head_dim + Dv));
+      int64_t sequences = 0, work = 0, largest = 0;  // sequences with queries; rows x keys
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const SeqView sv = seq_view(p, b);
+        if (sv.seqlen_q == 0) continue;
+        const int64_t w = sv.seqlen_q * std::max<int64_t>(1, sv.seqlen_k);
+        ++sequences, work += w, largest = std::max(largest, w);
+      }
+      auto up = [](int64_t x, int64_t m) { return (x + m - 1) / m * m; };  // (the panels' roundings)
+      const int64_t slot_bytes = static_cast<int64_t>(sizeof(float)) * (up(block_q, 16) + up(block_k, 64)) *
+                                 (p.head_dim + up(Dv, 16));
       const int64_t threads = torch::stable::get_num_threads();
       for (int64_t n = H; n > 1; --n) {
         if (H % n == 0 && n % group == 0 && n * slot_bytes <= PACK_HEADS_BYTES &&
-            p.batch * (H / n) >= 8 * threads) {
+            sequences * (H / n) >= 8 * threads && 4 * threads * n * largest <= work * H) {
           return n;
         }
       }
@@ -842,26 +848,23 @@ void run_fwd(const FlashParams& p) {
       }
     }
 
-    if (pack_heads > 1) {  // (a row's heads side by side in out)
+    if (splits > 1) {  // this split's part of each head, merged below
+      for (int64_t j = 0; j < heads_per_task; ++j) {
+        const acc* o = ws.o.get() + j * block_q * ldo;
+        const acc* m = ws.m.get() + j * block_q;
+        const acc* l = ws.l.get() + j * block_q;
+        const int64_t part0 = (row_task * splits + split) * task_rows + j * block_q;
+        for (int64_t r = 0; r < rows; ++r) std::copy(o + r * ldo, o + r * ldo + Dv, part_o.get() + (part0 + r) * Dv);
+        std::copy(m, m + rows, part_m.get() + part0);
+        std::copy(l, l + rows, part_l.get() + part0);
+      }
+    } else {  // (a row's heads side by side in out)
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t j = 0; j < heads_per_task; ++j) {
           const int64_t at = j * block_q + r;
           store_out(ws.o.get() + at * ldo, ws.m[at], ws.l[at], b, h0 + j, sv, row0 + r);
         }
       }
-    }
-    for (int64_t j = 0; j < heads_per_task && pack_heads == 1; ++j) {
-      const acc* o = ws.o.get() + j * block_q * ldo;
-      const acc* m = ws.m.get() + j * block_q;
-      const acc* l = ws.l.get() + j * block_q;
-      if (splits > 1) {  // this split's part, merged below
-        const int64_t part0 = (row_task * splits + split) * task_rows + j * block_q;
-        for (int64_t r = 0; r < rows; ++r) std::copy(o + r * ldo, o + r * ldo + Dv, part_o.get() + (part0 + r) * Dv);
-        std::copy(m, m + rows, part_m.get() + part0);
-        std::copy(l, l + rows, part_l.get() + part0);
-        continue;
-      }
-      for (int64_t r = 0; r < rows; ++r) store_out(o + r * ldo, m[r], l[r], b, h0 + j, sv, row0 + r);
     }
     if (stream_out) stream_fence();
   };
