@@ -112,19 +112,21 @@ def op_call(q, k, v, cu_q, cu_k, max_q, max_k, alibi=None, **kw):
 
 @pytest.mark.parametrize("dtype,path", MANY_SHORT, ids=[f"{str(d)[6:]}-{p}" for d, p in MANY_SHORT])
 @pytest.mark.parametrize("feature", list(OP_FEATURES))
-@pytest.mark.parametrize("heads,heads_k", [(6, 2), (4, 4), (4, 1)])
+@pytest.mark.parametrize("heads,heads_k", [(6, 2), (12, 12), (4, 1)])
 def test_many_short_sequences_equal_one_call_each(dtype, path, feature, heads, heads_k, cpu_switch):
     # Enough short sequences (at most 240 queries and 256 keys: one query and one key
     # block) that a task does several heads of a sequence, packed a row group / key panel
-    # of every head in turn (csrc/cpu/flash_fwd.cpp pack_heads; GQA 3:1, none, MQA; V
-    # wider than K; up to 60 more keys than queries, so a window's first key block starts
-    # past key 0): out and lse bitwise those of each sequence in a call of its own (one
-    # head per task) on the same path and block sizes (the same maximum lengths), and the
-    # outputs within the rule of the reference.
+    # of every head in turn (csrc/cpu/flash_fwd.cpp pack_heads; V wider than K; up to 60
+    # more keys than queries, so a window's first key block starts past key 0): out and
+    # lse bitwise those of each sequence in a call of its own (one head per task) on the
+    # same path and block sizes (the same maximum lengths), and the outputs within the rule
+    # of the reference. With 16 sequences per thread (whatever the thread count) the gate
+    # takes 6 of 6 heads over 2 KV heads, 6 of 12 (the panels' byte budget) and 4 of 4
+    # over one (MQA) per task (checked against a model of the gate for 1-128 threads).
     if dtype == torch.bfloat16:
         bf16_path(cpu_switch, path)
     gen = torch.Generator().manual_seed(61 + len(feature) + heads_k)
-    count = 8 * torch.get_num_threads() + 5
+    count = 16 * torch.get_num_threads() + 5
     lens_q = torch.randint(0, 131, (count,), generator=gen).tolist()
     lens_k = [max(1, n + int(torch.randint(-7, 61, (), generator=gen))) for n in lens_q]
     lens_q[3] = 0
