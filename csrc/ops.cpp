@@ -103,16 +103,22 @@ Tensor new_cpu_output(const int64_t (&bshd)[4], int32_t dtype, const TensorInfo&
   return new_cpu_output(4, sizes, strides, dtype, like);
 }
 
-// Packed sequences on the CPU: the first query row the kernels do not write, the end of
-// the last sequence when cu_seqlens_q rises from 0 in steps of at most max_seqlen_q (each
-// sequence's rows are then written by its tasks), else 0.
-int64_t unwritten_rows_from(const FlashParams& p) {
-  const int32_t* cu = p.cu_seqlens_q;
+// Packed sequences on the CPU: the first row (of `total`) the kernels do not write, the
+// end of the last sequence when the offsets `cu` rise from 0 in steps of at most
+// `max_len` (each sequence's rows are then written by its tasks: the forward's query
+// rows, the backward's dq, dk and dv rows), else 0.
+int64_t unwritten_rows_from(const int32_t* cu, int64_t batch, int64_t max_len, int64_t total) {
   if (cu[0] != 0) return 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    if (cu[b + 1] < cu[b] || cu[b + 1] - int64_t(cu[b]) > p.seqlen_q) return 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (cu[b + 1] < cu[b] || cu[b + 1] - int64_t(cu[b]) > max_len) return 0;
   }
-  return std::min<int64_t>(cu[p.batch], p.total_q);
+  return std::min<int64_t>(cu[batch], total);
+}
+
+// Clears rows [first, end) of t along dimension `seq` (all of t when first is 0).
+void zero_rows_from(Tensor t, int64_t seq, int64_t first) {
+  const int64_t end = TensorInfo(t).size(seq);
+  if (first < end) zero(first == 0 ? t : torch::stable::narrow(t, seq, first, end - first));
 }
 
 // The forward on q, k, v in `layout`; out comes back in the same layout (its memory
@@ -128,8 +134,8 @@ std::tuple<Tensor, Tensor> fwd_cpu_layout(const AttnArgs& args, Layout layout) {
   if (args.cu_seqlens_q.has_value()) {  // rows in no sequence are never written: defined as out 0, lse -inf
     // Offsets rising from 0 (the API's check) leave only the rows after the last
     // sequence; any other values (the op called directly) get everything cleared.
-    const int64_t first = unwritten_rows_from(p);
-    zero(first == 0 ? out : torch::stable::narrow(out, layout.seq, first, p.total_q - first));
+    const int64_t first = unwritten_rows_from(p.cu_seqlens_q, p.batch, p.seqlen_q, p.total_q);
+    zero_rows_from(out, layout.seq, first);
     torch::stable::fill_(first == 0 ? lse : torch::stable::narrow(lse, 2, first, p.total_q - first),
                          -std::numeric_limits<double>::infinity());
   }
@@ -144,11 +150,11 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   return fwd_cpu_layout({q, k, v FLASHATTN_PROBLEM_NAMES}, Layout{});
 }
 
-// An empty (or zero) tensor like t (torch.empty_like: t's strides where t is dense, which
+// An empty tensor like t (torch.empty_like: t's strides where t is dense, which
 // is then exactly the memory t's elements take; else torch's choice, unless that has no
 // unit stride in the last dim, as for overlapping rows: then contiguous, since the kernels
 // write a gradient's rows element after element).
-Tensor grad_like(const Tensor& t, bool zeros) {
+Tensor grad_like(const Tensor& t) {
   const TensorInfo ti(t);
   std::vector<int64_t> order(ti.dim);
   for (int64_t d = 0; d < ti.dim; ++d) order[d] = d;
@@ -167,7 +173,6 @@ Tensor grad_like(const Tensor& t, bool zeros) {
     contiguous_strides(ti.dim, ti.sizes_, strides.data());
     g = new_cpu_output(ti.dim, ti.sizes_, strides.data(), ti.dtype, ti);
   }
-  if (zeros) zero(g);
   return g;
 }
 
@@ -179,14 +184,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   STD_TORCH_CHECK(!block_table.has_value() && !kv_batch_idx.has_value() && !leftpad_k.has_value(),
                   "flashattn: the backward of KV-cache calls (block_table, kv_batch_idx, leftpad_k) is not supported");
   const Tensor lse_c = TensorInfo(lse).is_contiguous() ? lse : torch::stable::contiguous(lse);  // the params point into it
-  // Rows outside every sequence (and keys past seqused_k) get no gradient from the
-  // kernel: zeros.
-  const bool partial = cu_seqlens_q.has_value() || cu_seqlens_k.has_value() || seqused_k.has_value();
   cpu_dtype(TensorInfo(q));  // (a CPU dtype, before anything is written)
-  const Tensor dq = grad_like(q, partial), dk = grad_like(k, partial), dv = grad_like(v, partial);
+  const Tensor dq = grad_like(q), dk = grad_like(k), dv = grad_like(v);
   const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   FlashBwdParams p;
   const TensorInfo qi = fill_params(p, args);
+  // Rows outside every sequence (and keys past seqused_k) get no gradient from the
+  // kernel: zeros. Offsets rising from 0 (the API's check) leave only the rows after the
+  // last sequence (dq: packed queries; dk, dv: packed keys without seqused_k); anything
+  // else clears the whole gradient first.
+  if (cu_seqlens_q.has_value()) {
+    zero_rows_from(dq, 1, unwritten_rows_from(p.cu_seqlens_q, p.batch, p.seqlen_q, p.total_q));
+  } else if (cu_seqlens_k.has_value() || seqused_k.has_value()) {
+    zero(dq);
+  }
+  if (cu_seqlens_k.has_value() || seqused_k.has_value()) {
+    const int64_t first_k = cu_seqlens_k.has_value() && !seqused_k.has_value()
+                                ? unwritten_rows_from(p.cu_seqlens_k, p.batch, p.seqlen_k, p.total_k)
+                                : 0;
+    zero_rows_from(dk, 1, first_k);
+    zero_rows_from(dv, 1, first_k);
+  }
   STD_TORCH_CHECK(TensorInfo(lse_c).dtype == lse_dtype(qi), "flashattn: lse dtype does not match q");
   fill_output(p, out, lse_c);
   fill_grads(p, dout, dq, dk, dv);

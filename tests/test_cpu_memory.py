@@ -250,3 +250,31 @@ def test_gradient_of_overlapping_rows():
         attend(q, k.to(dtype), v.to(dtype)).backward(dout.to(dtype))
         grads[name] = leaf.grad
     assert_rule("dq", grads["ours"], grads["ref"], grads["naive"], GRAD_FACTOR)
+
+
+def test_op_level_gradient_rows_after_the_last_sequence_cleared_in_reused_memory():
+    # The backward clears only the rows after the last query / key sequence (offsets
+    # rising from 0 in steps of at most the max lengths: the kernel writes every other row
+    # of dq, dk and dv, keys no query sees included): in blocks left NaN, those rows must
+    # come back 0 and the rest as the reference's gradients.
+    poisoned = _poison(4)
+    cu_q = torch.tensor([0, 100, ROWS - 384], dtype=torch.int32)  # q rows from ROWS - 384: in no sequence
+    cu_k = torch.tensor([0, 60, ROWS - 200], dtype=torch.int32)  # k rows from ROWS - 200: in no sequence
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, ROWS, HEADS, DIM, generator=gen).requires_grad_() for _ in range(3))
+    kw = dict(scale=0.125, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, window_left=8, window_right=0)
+    out, _ = ops.attention(q, k, v, max_seqlen_q=ROWS - 484, max_seqlen_k=ROWS - 260, **kw)
+    dout = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert {g.data_ptr() for g in grads} | {out.data_ptr()} == poisoned
+    for g, first in zip(grads, (ROWS - 384, ROWS - 200, ROWS - 200)):
+        assert not g.isnan().any()
+        assert torch.equal(g[0, first:], torch.zeros_like(g[0, first:]))
+    # The first sequence (100 queries, 60 keys) against the reference.
+    sq, sk = slice(0, 100), slice(0, 60)
+    leaves = [t[:, s].detach().double().requires_grad_() for t, s in ((q, sq), (k, sk), (v, sk))]
+    ref, _ = attention_varlen_ref(*leaves, cu_q[:2], torch.tensor([0, 60], dtype=torch.int32), window_left=8,
+                                  window_right=0, scale=0.125, bottom_right=True)
+    ref_grads = torch.autograd.grad(ref, leaves, dout[:, sq].double())
+    for g, ref_g, s in zip(grads, ref_grads, (sq, sk, sk)):
+        torch.testing.assert_close(g[:, s].double(), ref_g, atol=1e-5, rtol=1e-4)
