@@ -189,17 +189,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cpu(const Tensor& dout, const Ten
   const AttnArgs args{q, k, v FLASHATTN_PROBLEM_NAMES};
   FlashBwdParams p;
   const TensorInfo qi = fill_params(p, args);
-  // Rows outside every sequence (and keys past seqused_k) get no gradient from the
-  // kernel: zeros. Offsets rising from 0 (the API's check) leave only the rows after the
-  // last sequence (dq: packed queries; dk, dv: packed keys without seqused_k); anything
-  // else clears the whole gradient first.
+  // The kernel writes every row of every sequence of dq, dk and dv (keys no query sees as
+  // 0), from its tasks, one per query head. Rows outside every sequence (and keys past
+  // seqused_k) get nothing: zeros. Offsets rising from 0 (the API's check) leave only the
+  // rows after the last sequence (dq: packed queries; dk, dv: packed keys without
+  // seqused_k); other offsets clear the whole gradient first, as do dense queries over
+  // packed keys (dq) and calls without query heads (dk, dv: no task runs).
   if (cu_seqlens_q.has_value()) {
     zero_rows_from(dq, 1, unwritten_rows_from(p.cu_seqlens_q, p.batch, p.seqlen_q, p.total_q));
   } else if (cu_seqlens_k.has_value() || seqused_k.has_value()) {
     zero(dq);
   }
-  if (cu_seqlens_k.has_value() || seqused_k.has_value()) {
-    const int64_t first_k = cu_seqlens_k.has_value() && !seqused_k.has_value()
+  if (cu_seqlens_k.has_value() || seqused_k.has_value() || p.num_heads == 0) {
+    const int64_t first_k = cu_seqlens_k.has_value() && !seqused_k.has_value() && p.num_heads > 0
                                 ? unwritten_rows_from(p.cu_seqlens_k, p.batch, p.seqlen_k, p.total_k)
                                 : 0;
     zero_rows_from(dk, 1, first_k);

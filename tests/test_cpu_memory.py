@@ -278,3 +278,20 @@ def test_op_level_gradient_rows_after_the_last_sequence_cleared_in_reused_memory
     ref_grads = torch.autograd.grad(ref, leaves, dout[:, sq].double())
     for g, ref_g, s in zip(grads, ref_grads, (sq, sk, sk)):
         torch.testing.assert_close(g[:, s].double(), ref_g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_key_gradients_without_query_heads_are_zero_in_reused_memory(packed):
+    # q with no heads (0 % Hk == 0 passes the checks): no backward task runs, so dk and dv
+    # (taken from blocks left NaN) must be cleared whole.
+    poisoned = _poison(2)
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(1, 10, 0, DIM, generator=gen).requires_grad_()
+    k, v = (torch.randn(1, ROWS, HEADS, DIM, generator=gen).requires_grad_() for _ in range(2))
+    kw = dict(cu_seqlens_q=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen_q=6,
+              cu_seqlens_k=torch.tensor([0, ROWS // 2, ROWS], dtype=torch.int32), max_seqlen_k=ROWS // 2,
+              bottom_right=True) if packed else {}
+    out, _ = ops.attention(q, k, v, scale=0.125, **kw)
+    dk, dv = torch.autograd.grad(out, (k, v), torch.zeros_like(out))
+    assert {dk.data_ptr(), dv.data_ptr()} == poisoned
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
