@@ -439,6 +439,14 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
                             deterministic, cu_seqlens, block_table)
 
 
+def _rows_apart(t: Tensor, seq: int) -> Tensor:
+    """t, or a contiguous copy where its rows overlap the next one (a stride along the
+    sequence dim `seq` under the head dim, e.g. from as_strided or expand): the CPU kernels'
+    BLAS products need rows at least a head dim apart, and their gradients could not take
+    such strides."""
+    return t.contiguous() if t.shape[seq] > 1 and t.stride(seq) < t.shape[-1] else t
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -490,16 +498,8 @@ def attention(
     impl = backends.BACKENDS[name]
     rng_state = inference = None
     if impl.fused:
-        # Rows that overlap the next one (a sequence stride under the head dim, e.g. from
-        # as_strided or expand) are copied: the CPU kernels' BLAS products need rows at least
-        # a head dim apart, and their gradients could not take such strides.
         seq = 2 if heads_first else 1
-        if q.shape[seq] > 1 and q.stride(seq) < q.shape[-1]:
-            q = q.contiguous()
-        if k.shape[seq] > 1 and k.stride(seq) < k.shape[-1]:
-            k = k.contiguous()
-        if v.shape[seq] > 1 and v.stride(seq) < v.shape[-1]:
-            v = v.contiguous()
+        q, k, v = _rows_apart(q, seq), _rows_apart(k, seq), _rows_apart(v, seq)
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
         if forward_only is None:

@@ -3,10 +3,10 @@
 // One task is one (batch, head, block of query rows), or, for many short sequences on the
 // tiles, several heads of one sequence packed side by side (run_fwd's pack_heads). It
 // streams the visible key/value blocks: S = scale * Q K^T, the score transform and
-// online-softmax update per row (vectorised exp), then O += P V. The two products run on the AVX2 tiles of tiles.h
-// for float and 16-bit inputs on x86 (Q, K, V packed once, nothing per call; bf16 on the
-// AMX tiles of tiles_amx.h or, by default on AMD's CPUs, the AVX512-BF16 tiles of
-// tiles_bf16.h where the CPU has them: switches.h), except calls with few
+// online-softmax update per row (vectorised exp), then O += P V. The two products run on
+// the AVX2 tiles of tiles.h for float and 16-bit inputs on x86 (Q, K, V packed once,
+// nothing per call; bf16 on the AMX tiles of tiles_amx.h or, by default on AMD's CPUs, the
+// AVX512-BF16 tiles of tiles_bf16.h where the CPU has them: switches.h), except calls with few
 // queries per head (decoding, speculative decoding: at most 4, or 5-8 with head dims of
 // at least 32), which go row by row over K and V in place (RowOperands; with one query
 // block per head a task does every head of its sequence, reading the keys' rows of all
@@ -63,7 +63,7 @@ struct KVCopy {
   template <typename T>
   int64_t load(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t lo, int64_t hi) {
     if (!whole_head) {
-      Layout::copy(p, kv, lo, hi - lo, k.get(), v.get(), 0, capacity);
+      copy_keys(p, kv, lo, hi - lo, 0);
       return lo;
     }
     if (head != head_id) {
@@ -73,10 +73,16 @@ struct KVCopy {
     for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
       if (ready[c]) continue;
       const int64_t key0 = c * CHUNK;
-      Layout::copy(p, kv, key0, std::min(CHUNK, kv.seqlen_k - key0), k.get(), v.get(), key0, capacity);
+      copy_keys(p, kv, key0, std::min(CHUNK, kv.seqlen_k - key0), key0);
       ready[c] = 1;
     }
     return 0;
+  }
+
+  // Keys [key0, key0 + n) to position `at` of the copy.
+  template <typename T>
+  void copy_keys(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, int64_t at) {
+    Layout::copy(p, kv, key0, n, k.get(), v.get(), at, capacity);
   }
 };
 
@@ -221,7 +227,7 @@ struct TileOperands {
     tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, scale, q.get() + r0 * D);
   }
   void load_kv_part(const FlashParams& p, const KeyRows<T>& kv, int64_t col0, int64_t c0, int64_t n) {
-    TilePanels::copy(p, kv, col0 + c0, n, copy.k.get(), copy.v.get(), c0, copy.capacity);
+    copy.copy_keys(p, kv, col0 + c0, n, c0);
   }
 
   void use_kv(const TileOperands& packed) {
@@ -317,7 +323,7 @@ struct Bf16PairOperands {
     Tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, q.get() + r0 * d2);
   }
   void load_kv_part(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t c0, int64_t n) {
-    Bf16Panels::copy(p, kv, col0 + c0, n, copy.k.get(), copy.v.get(), c0, copy.capacity);
+    copy.copy_keys(p, kv, col0 + c0, n, c0);
   }
 
   void use_kv(const Bf16PairOperands& packed) {
