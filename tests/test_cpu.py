@@ -146,14 +146,19 @@ def test_bf16_product_paths(path, case, cpu_switch):
 
 
 @pytest.mark.parametrize("path", ["amx", "dot"])
-def test_bf16_with_few_keys_per_row(path, cpu_switch):
+@pytest.mark.parametrize("shape", ["few keys", "narrow window"])
+def test_bf16_with_few_keys_per_row(path, shape, cpu_switch):
     # Rows that see 1-3 keys: rounding P to bf16 would make the output only as accurate as
-    # the naive bf16 formula (seed 2492 broke the 2x rule by 1.01x), so panels over few
-    # keys add (P - bf16(P)) V. Many seeds, as the failure depends on the draw.
+    # the naive bf16 formula (seed 2492 broke the 2x rule by 1.01x), so panels where a row
+    # sees few keys add (P - bf16(P)) V. Many seeds, as the failure depends on the draw.
+    # A narrow window: AMX panels of 64 rows along it span over 64 keys, while each row sees 3.
     bf16_path(cpu_switch, path)
-    for seed in [2492] + list(range(60)):
-        q, k, v = random_qkv(1, 12, 3, 1, 1, 3, dtype=torch.bfloat16, seed=seed)
-        check_attention(flash(causal=True), q, k, v, seed=seed, **bottom_right(12, 3, causal=True))
+    seqlen_q, seqlen_k, window, seeds = (12, 3, (-1, 0), [2492] + list(range(60))) if shape == "few keys" else (
+        150, 150, (2, 0), range(30))
+    for seed in seeds:
+        q, k, v = random_qkv(1, seqlen_q, seqlen_k, 1, 1, 3, dtype=torch.bfloat16, seed=seed)
+        check_attention(flash(window_size=window), q, k, v, seed=seed,
+                        **bottom_right(seqlen_q, seqlen_k, window))
 
 
 @pytest.mark.parametrize("path", ["amx", "dot"])

@@ -335,8 +335,8 @@ struct AmxBwdOperands {
   }
   // dK, dV rows [0, cols) of the key block += dK^T, dV^T; those back to 0.
   void finish_key_block(int64_t cols, float* dk, int64_t ldk, float* dv, int64_t ldv) {
-    add_transposed(dk_t.get(), D, cols, dk, ldk);
-    add_transposed(dv_t.get(), Dv, cols, dv, ldv);
+    tiles_amx::add_transposed(dk_t.get(), BLOCK_K, D, cols, dk, ldk);
+    tiles_amx::add_transposed(dv_t.get(), BLOCK_K, Dv, cols, dv, ldv);
     std::fill(dk_t.get(), dk_t.get() + D16 * BLOCK_K, 0.f);
     std::fill(dv_t.get(), dv_t.get() + Dv16 * BLOCK_K, 0.f);
   }
@@ -349,12 +349,6 @@ struct AmxBwdOperands {
 
  private:
   static int64_t panels(int64_t cols) { return (cols + tiles_bf16::NR - 1) / tiles_bf16::NR; }
-  // out[c * ld + d] += t[d * BLOCK_K + c] for c < cols, d < d_rows.
-  static void add_transposed(const float* t, int64_t d_rows, int64_t cols, float* out, int64_t ld) {
-    for (int64_t d = 0; d < d_rows; ++d) {
-      for (int64_t c = 0; c < cols; ++c) out[c * ld + d] += t[d * BLOCK_K + c];
-    }
-  }
 };
 #endif
 

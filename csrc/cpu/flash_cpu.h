@@ -179,7 +179,24 @@ inline void load_rows(const T* src, int64_t row_stride, int64_t rows, int64_t co
 
 template <typename T, typename acc>
 inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
-  for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<T>(src[c] * mult);
+  int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  // bf16 16 at a time, rounded as c10::BFloat16(float) rounds (to nearest even, any NaN to
+  // 0x7FC0): the same bits as the loop below, which the compiler widens 8 at a time.
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc, float>) {
+    const __m512 vmult = _mm512_set1_ps(mult);
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+    for (; c + 16 <= cols; c += 16) {
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + c), vmult);
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half);
+      const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+      const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, nan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm512_cvtepi32_epi16(bits));
+    }
+  }
+#endif
+  for (; c < cols; ++c) dst[c] = static_cast<T>(src[c] * mult);
 }
 
 // Outputs of this many bytes or more are written with non-temporal (streaming) stores

@@ -155,8 +155,10 @@ struct BlasOperands {
     gemm<acc>(Op::N, Op::T, rows, hi - lo, D, scale, q + r0 * ldq, ldq, k + lo * ldk, ldk, acc(0), s + lo, lds);
   }
 
-  // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c.
-  void accumulate(int64_t rows, const acc* pr, int64_t ldp, int64_t lo, int64_t hi, acc* o, int64_t ldo) const {
+  // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c. (fewest: the
+  // fewest of these keys a row sees, for the operands that round P: Bf16PairOperands.)
+  void accumulate(int64_t rows, const acc* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, acc* o,
+                  int64_t ldo) const {
     gemm<acc>(Op::N, Op::N, rows, Dv, hi - lo, acc(1), pr + lo, ldp, v + lo * ldv, ldv, acc(1), o, ldo);
   }
 };
@@ -244,7 +246,8 @@ struct TileOperands {
     tiles::qk_block(rows, q.get() + r0 * D, k + lo16 * D, panels, D, s + lo16, lds);
   }
 
-  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
+                  int64_t ldo) const {
     tiles::pv_block(rows, pr + lo, ldp, v + lo * tiles::NR, copy.capacity * tiles::NR, hi - lo, dv_panels, o, ldo);
   }
 };
@@ -275,12 +278,13 @@ struct Bf16Panels {
 // counts, a causal diagonal's first rows, narrow windows) would be only as accurate as
 // the naive bf16 formula, which also rounds P (an independent review found the test
 // rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels over
-// at most EXACT_P_KEYS keys therefore add P - bf16(P) V as a second product: P V as exact
-// as in float, for the price of a second P V on blocks that are cheap anyway.
+// at most EXACT_P_KEYS keys, or where a row sees that few of them, therefore add
+// P - bf16(P) V as a second product: P V as exact as in float, for the price of a second
+// P V on blocks that are cheap anyway.
 template <typename Tiles>
 struct Bf16PairOperands {
   static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,
-                           PANEL_Q = Tiles::PANEL_Q, EDGE_PANEL_Q = Tiles::ROWS;
+                           PANEL_Q = Tiles::PANEL_Q, EDGE_PANEL_Q = Tiles::EDGE_PANEL_Q;
   static constexpr int64_t EXACT_P_KEYS = 64;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
@@ -340,10 +344,11 @@ struct Bf16PairOperands {
   }
 
   // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V (and
-  // O += (P - bf16(P)) V over few keys).
-  void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+  // O += (P - bf16(P)) V where a row sees few keys).
+  void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, int64_t fewest, float* o,
+                  int64_t ldo) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
-    const bool exact = hi - lo <= EXACT_P_KEYS;
+    const bool exact = std::min(hi - lo, fewest) <= EXACT_P_KEYS;
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
@@ -355,7 +360,7 @@ struct Bf16PairOperands {
 // The AVX512-BF16 tiles: TileOperands' blocks and panels (Q packed in row groups of MR).
 struct DotTiles {
   static constexpr int64_t BLOCK_Q = TileOperands<c10::BFloat16>::BLOCK_Q,
-                           PANEL_Q = TileOperands<c10::BFloat16>::PANEL_Q, ROWS = tiles::MR;
+                           PANEL_Q = TileOperands<c10::BFloat16>::PANEL_Q, ROWS = tiles::MR, EDGE_PANEL_Q = ROWS;
   static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
     tiles_bf16::pack_q(src, ld, rows, d, dst);
   }
@@ -371,10 +376,13 @@ struct DotTiles {
 using Bf16DotOperands = Bf16PairOperands<DotTiles>;
 
 #ifdef FLASHATTN_CPU_AMX
-// AMX: blocks of 256 queries in panels of 64 rows, 16 (one tile) along a causal diagonal
-// or window edge; Q as rows of pairs.
+// AMX: blocks of 256 queries in panels of 64 rows, also along a causal diagonal or window
+// edge, where the products then take the masked corner too: AMX does them at a fraction of
+// the cost of the softmax between them, and panels of one tile (16 rows) there made a
+// product's latency (tile loads, multiply, stores, a few tiles per call) the cost on short
+// sequences (benchmarks/RESULTS.md); Q as rows of pairs.
 struct AmxTiles {
-  static constexpr int64_t BLOCK_Q = 256, PANEL_Q = 64, ROWS = tiles_amx::TM;
+  static constexpr int64_t BLOCK_Q = 256, PANEL_Q = 64, ROWS = tiles_amx::TM, EDGE_PANEL_Q = PANEL_Q;
   static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
     tiles_amx::pack_q(src, ld, rows, d, dst);
   }
@@ -487,7 +495,8 @@ struct RowOperands {
     });
   }
 
-  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
+                  int64_t ldo) const {
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
       tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
@@ -542,7 +551,8 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
     tiles_amx::rows::scores(qt.get(), m, key_rows(lo, hi, false), hi - lo, D, scale, s + lo, lds, buffers->kbuf.get());
   }
 
-  void accumulate(int64_t, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* o, int64_t ldo) const {
+  void accumulate(int64_t, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
+                  int64_t ldo) const {
     tiles_amx::rows::pv(pr + lo, ldp, m, key_rows(lo, hi, true), hi - lo, Dv, o, ldo, buffers->vp.get(),
                         buffers->pp.get());
   }
@@ -849,7 +859,14 @@ void run_fwd(const FlashParams& p) {
             l[r] = l[r] * rescale + sum;
             m[r] = m_new;
           }
-          kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, o + r0 * ldo, ldo);
+          // (The fewest keys of the block a row of the panel sees: a row's count grows, then
+          // shrinks with the row (both bounds of visible_keys grow), fewest at an end row.)
+          auto seen_by = [&](int64_t i) {
+            const KeyRange row_keys = clip(visible_keys(w, row0 + i), col0, cols);
+            return row_keys.hi - row_keys.lo;
+          };
+          const int64_t fewest = std::min(seen_by(r0), seen_by(r1 - 1));
+          kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo);
         }
       }
     }

@@ -148,6 +148,46 @@ inline void multiply_any(int nb, const uint32_t* a, int64_t lda, const uint32_t*
   }
 }
 
+// 16 x 16 floats (row stride ld) transposed in registers: out[c][r] = in[r * ld + c].
+inline void transpose16(const float* in, int64_t ld, __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    const __m512 a = _mm512_loadu_ps(in + i * ld), b = _mm512_loadu_ps(in + (i + 1) * ld);
+    t[i] = _mm512_unpacklo_ps(a, b), t[i + 1] = _mm512_unpackhi_ps(a, b);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c of each 4-column lane, rows i..i+3
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
+    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
+    out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
+  }
+}
+
+// out[c * ld + e] += t[e * ldt + c] for c < cols, e < rows (t readable in whole 16 x 16
+// blocks: rows up to rows rounded up to 16, columns to cols rounded up to 16), 16 x 16 at a
+// time through registers.
+inline void add_transposed(const float* t, int64_t ldt, int64_t rows, int64_t cols, float* out, int64_t ld) {
+  for (int64_t e0 = 0; e0 < rows; e0 += TM) {
+    const __mmask16 lanes = rows - e0 >= TM ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (rows - e0)) - 1u);
+    for (int64_t c0 = 0; c0 < cols; c0 += TM) {
+      __m512 col[TM];
+      transpose16(t + e0 * ldt + c0, ldt, col);
+      for (int64_t c = 0; c < std::min(TM, cols - c0); ++c) {
+        float* o = out + (c0 + c) * ld + e0;
+        _mm512_mask_storeu_ps(o, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, o), col[c]));
+      }
+    }
+  }
+}
+
 // Q rows [0, rows) (row stride ld, d elements) as pairs, row r at dst[r * pairs(d)] (an odd
 // d's last pair gets a zero partner): the A tiles of qk_block read them in place.
 inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
@@ -283,28 +323,6 @@ inline void pack_qt(const c10::BFloat16* q, int64_t ld, int64_t m, int64_t d, ui
   }
 }
 
-// 16 x 16 floats (row stride 16) transposed in registers.
-inline void transpose16(const float* in, __m512 out[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    const __m512 a = _mm512_load_ps(in + i * 16), b = _mm512_load_ps(in + (i + 1) * 16);
-    t[i] = _mm512_unpacklo_ps(a, b), t[i + 1] = _mm512_unpackhi_ps(a, b);
-  }
-  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c of each 4-column lane, rows i..i+3
-    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
-    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
-    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
-    out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
-  }
-}
 
 // The rows of 16 keys from key[0] on as one tile: (first row, row stride in bytes) where
 // key[i] = key[0] + i * stride for i < n (one page run, or a contiguous cache), else a
@@ -354,7 +372,7 @@ inline void scores(const uint32_t* qt, int64_t m, const c10::BFloat16* const* k,
     if (cnt[1] > 0) _tile_stored(1, part[1], TM * 4);
     for (int h = 0; h < 2 && cnt[h] > 0; ++h) {
       __m512 t[16];
-      transpose16(part[h], t);  // row r of t: query row r's scores of these 16 keys
+      transpose16(part[h], TM, t);  // row r of t: query row r's scores of these 16 keys
       const __mmask16 keys = static_cast<__mmask16>((1u << cnt[h]) - 1u);
       for (int64_t r = 0; r < m; ++r) {
         _mm512_mask_storeu_ps(s + r * lds + c + h * TM, keys, _mm512_mul_ps(t[r], vscale));
