@@ -1,4 +1,4 @@
-"""Large CPU outputs (32 MiB and more) take the memory of freed ones (csrc/cpu_output_memory.h).
+"""Large CPU outputs (2 MiB and more) take the memory of freed ones (csrc/cpu_output_memory.h).
 
 Reused memory holds the last tensor's values, not the zeros of fresh pages: these tests
 leave NaN-filled blocks in the pool, then hold the calls that take them to the rule
@@ -18,7 +18,7 @@ from flashattn_py import ops
 from flashattn_py.reference import attention_ref, attention_varlen_ref
 from rule import GRAD_FACTOR, assert_rule, check_attention, random_qkv
 
-ROWS, HEADS, DIM = 16384, 8, 64  # (1, ROWS, HEADS, DIM) float32: 32 MiB, the smallest pooled size
+ROWS, HEADS, DIM = 16384, 8, 64  # (1, ROWS, HEADS, DIM) float32: 32 MiB
 BLOCK = ROWS * HEADS * DIM * 4
 MIB = 1 << 20
 
@@ -124,9 +124,12 @@ def test_empty_cpu_cache_returns_what_freed_outputs_left():
     del out
     assert flashattn_py.empty_cpu_cache() == BLOCK
     assert flashattn_py.empty_cpu_cache() == 0
-    small = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 2, HEADS, DIM), k, k)  # 16 MiB: torch's memory
+    small = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 32, HEADS, DIM), k, k)  # 1 MiB: torch's memory
     del small
     assert flashattn_py.empty_cpu_cache() == 0
+    pooled = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 16, HEADS, DIM), k, k)  # 2 MiB: the smallest pooled
+    del pooled
+    assert flashattn_py.empty_cpu_cache() == 2 * MIB
 
 
 def _free_output(mib):
