@@ -199,27 +199,32 @@ def test_unsupported_dtypes_are_refused_before_memory_is_written(dtype):
     assert flashattn_py.empty_cpu_cache() == 0  # no output was made
 
 
+STREAM_BYTES = 8 * MIB  # (csrc/cpu/flash_cpu.h)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, causal, big_q, heads_k", [(64, True, True, HEADS), (40, False, True, HEADS),
                                                               (17, True, True, HEADS), (64, False, False, HEADS),
                                                               (17, True, False, HEADS), (40, True, False, 2)])
-def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, isa, cpu_switch):
-    # Outputs and gradients of 32 MiB or more are written with streaming stores
-    # (csrc/cpu/flash_cpu.h store_row_maybe_streaming): the first batch entry of such a call must
-    # equal, bit for bit, the same entry computed alone (half the size: ordinary stores).
-    # Rows of 17 and 40 floats start off the 64-byte lines: the plain head and tail of a row.
+def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, dtype, isa, cpu_switch):
+    # Outputs and gradients of 8 MiB or more are written with streaming stores (float; bf16
+    # on AVX-512: csrc/cpu/flash_cpu.h store_row_maybe_streaming): the first batch entry of
+    # such a call must equal, bit for bit, the same entry computed alone (half the size:
+    # ordinary stores). Rows of 17 and 40 elements start off the 64-byte lines: the plain
+    # head and tail of a row.
     # One thread: the key splits (and so the sums) then do not depend on the batch size.
     # GQA (2 KV heads): dk, dv summed over each KV head's query heads before they are stored.
     try:
         cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams a line as two 32-byte halves)
     except (ValueError, RuntimeError) as e:  # (not this CPU's, or not built: FLASHATTN_CPU_ISAS)
         pytest.skip(f"no {isa} kernels here: {e}")
-    long = -(-BLOCK // (2 * heads_k * head_dim * 4))  # rows for 32 MiB over the batch of 2
+    long = -(-STREAM_BYTES // (2 * heads_k * head_dim * dtype.itemsize))  # rows for 8 MiB over the batch of 2
     sq, sk = (long, 37) if big_q else (64, long)  # a large out and dq, or a large dk and dv
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, sq, HEADS, head_dim, generator=gen)
-    k, v = (torch.randn(2, sk, heads_k, head_dim, generator=gen) for _ in range(2))
-    dout = torch.randn(2, sq, HEADS, head_dim, generator=gen)
+    q = torch.randn(2, sq, HEADS, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(2, sk, heads_k, head_dim, generator=gen).to(dtype) for _ in range(2))
+    dout = torch.randn(2, sq, HEADS, head_dim, generator=gen).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -333,12 +333,14 @@ struct AmxBwdOperands {
     tiles_amx::pv_block(D16, q_t.get() + row0 / 2, sq16 / 2, block_pairs.get(), LD_ROW_PAIRS, tiles_bf16::NR,
                         tiles_bf16::pairs(rows), panels(cols), dk_t.get() + block_key, BLOCK_K);
   }
-  // dK, dV rows [0, cols) of the key block += dK^T, dV^T; those back to 0.
+  // dK, dV rows [0, cols) of the key block += dK^T, dV^T; those back to 0 (the products
+  // add to whole key panels: the columns up to cols rounded up to 16).
   void finish_key_block(int64_t cols, float* dk, int64_t ldk, float* dv, int64_t ldv) {
     tiles_amx::add_transposed(dk_t.get(), BLOCK_K, D, cols, dk, ldk);
     tiles_amx::add_transposed(dv_t.get(), BLOCK_K, Dv, cols, dv, ldv);
-    std::fill(dk_t.get(), dk_t.get() + D16 * BLOCK_K, 0.f);
-    std::fill(dv_t.get(), dv_t.get() + Dv16 * BLOCK_K, 0.f);
+    const int64_t used = panels(cols) * tiles_bf16::NR;
+    for (int64_t e = 0; e < D16; ++e) std::fill(dk_t.get() + e * BLOCK_K, dk_t.get() + e * BLOCK_K + used, 0.f);
+    for (int64_t e = 0; e < Dv16; ++e) std::fill(dv_t.get() + e * BLOCK_K, dv_t.get() + e * BLOCK_K + used, 0.f);
   }
   void add_dq(int64_t rows, int64_t key0, int64_t cols, const float* ds, int64_t lds, float* dq) const {
     tiles_bf16::to_pairs(ds, lds, rows, 0, cols, block_pairs.get(), LD_KEY_PAIRS);

@@ -177,22 +177,28 @@ inline void load_rows(const T* src, int64_t row_stride, int64_t rows, int64_t co
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 floats rounded to bf16 as c10::BFloat16(float) rounds them (to nearest even, any NaN
+// to 0x7FC0): the same bits.
+inline __m256i round_to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(bits);
+}
+#endif
+
 template <typename T, typename acc>
 inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
   int64_t c = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  // bf16 16 at a time, rounded as c10::BFloat16(float) rounds (to nearest even, any NaN to
-  // 0x7FC0): the same bits as the loop below, which the compiler widens 8 at a time.
+  // bf16 16 at a time (the loop below: the compiler widens it 8 at a time).
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc, float>) {
     const __m512 vmult = _mm512_set1_ps(mult);
-    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
     for (; c + 16 <= cols; c += 16) {
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + c), vmult);
-      const __m512i u = _mm512_castps_si512(x);
-      const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half);
-      const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-      const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), rounded, nan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), _mm512_cvtepi32_epi16(bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                          round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), vmult)));
     }
   }
 #endif
@@ -200,10 +206,12 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
 }
 
 // Outputs of this many bytes or more are written with non-temporal (streaming) stores
-// where the element type allows (float): they do not stay in the caches anyway, and an
-// ordinary store that misses first reads the line it overwrites (benchmarks/RESULTS.md).
-// (Fixed, not the cache's size: a CPU whose L3 holds such an output loses its reuse there.)
-constexpr int64_t STREAM_BYTES = int64_t(32) << 20;
+// where the element type allows (float; bf16 on AVX-512): they do not stay in the caches
+// anyway, and an ordinary store that misses first reads the line it overwrites
+// (benchmarks/RESULTS.md: from 8 MiB, a packed bf16 backward's three 19 MB gradients, and
+// fp32 ones of 16 MB, took 10-13 % less time than from 32 MiB). (Fixed, not the cache's
+// size: a CPU whose L3 holds such an output loses its reuse there.)
+constexpr int64_t STREAM_BYTES = int64_t(8) << 20;
 
 // Whether an output of `elements` T is streamed (STREAM_BYTES).
 template <typename T>
@@ -211,10 +219,10 @@ inline bool streamed(int64_t elements) {
   return elements * static_cast<int64_t>(sizeof(T)) >= STREAM_BYTES;
 }
 
-// store_row, or with `stream` float rows streamed a whole 64-byte line at a time from their
-// first line boundary on (AVX-512 or AVX; plain stores before and after it): the same
-// values. A task that streamed calls stream_fence() before its stores may be read by
-// another thread (the end of the task).
+// store_row, or with `stream` float rows (AVX-512 or AVX) and bf16 rows (AVX-512) streamed
+// a whole 64-byte line at a time from their first line boundary on (plain stores before
+// and after it): the same values. A task that streamed calls stream_fence() before its
+// stores may be read by another thread (the end of the task).
 template <typename T, typename acc>
 inline void store_row_maybe_streaming(bool stream, const acc* src, int64_t cols, acc mult, T* dst) {
 #if defined(__AVX512F__) || defined(__AVX__)
@@ -236,6 +244,25 @@ inline void store_row_maybe_streaming(bool stream, const acc* src, int64_t cols,
       }
 #endif
       for (; c < cols; ++c) dst[c] = src[c] * mult;
+      return;
+    }
+  }
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc, float>) {
+    if (stream) {
+      constexpr int64_t LINE = 64 / sizeof(T);
+      const uintptr_t offset = reinterpret_cast<uintptr_t>(dst) % 64;
+      const int64_t head = offset % 2 == 0 ? std::min<int64_t>(cols, (64 - offset) % 64 / sizeof(T)) : cols;
+      store_row<T, acc>(src, head, mult, dst);
+      int64_t c = head;
+      const __m512 m = _mm512_set1_ps(mult);
+      for (; c + LINE <= cols; c += LINE) {
+        const __m256i lo = round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), m));
+        const __m256i hi = round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16), m));
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      }
+      store_row<T, acc>(src + c, cols - c, mult, dst + c);
       return;
     }
   }

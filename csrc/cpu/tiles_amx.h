@@ -203,14 +203,32 @@ inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d
 // c's rows 2i and 2i + 1 at dst[c * ld_dst + i] (a row at or past `rows` is 0), for c < d;
 // rows of dst from d up to d_rows are 0. The A operand of dK^T += Q^T dS and
 // dV^T += dO^T P in the backward (ld_dst words per row, at least pairs(rows)).
+// 16 row pairs by 16 columns at a time: each pair's 16 words widened from its two rows in
+// registers, then transposed (transpose16) into 16 words of 16 columns' rows.
 inline void pack_t(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, int64_t d_rows, uint32_t* dst,
                    int64_t ld_dst) {
   if (d_rows * ld_dst > 0) std::memset(dst, 0, d_rows * ld_dst * sizeof(uint32_t));  // (dst is null when empty)
-  for (int64_t i = 0; 2 * i < rows; ++i) {
-    const c10::BFloat16* x = src + 2 * i * ld;
-    const c10::BFloat16* y = 2 * i + 1 < rows ? x + ld : nullptr;
-    for (int64_t c = 0; c < d; ++c) {
-      dst[c * ld_dst + i] = tiles_bf16::bits(x, c) | (y != nullptr ? uint32_t(tiles_bf16::bits(y, c)) << 16 : 0u);
+  const int64_t row_pairs = tiles_bf16::pairs(rows);
+  auto row = [&](int64_t r, int64_t c0, __mmask16 cols) {  // 16 elements widened to words; 0 past the last row
+    return r < rows ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, static_cast<const void*>(src + r * ld + c0))) : _mm512_setzero_si512();
+  };
+  alignas(64) float words[TM * TM];  // (pair i's 16 words at [i * 16])
+  for (int64_t i0 = 0; i0 < row_pairs; i0 += TM) {
+    const int64_t n = std::min(TM, row_pairs - i0);
+    const __mmask16 pair_lanes = static_cast<__mmask16>((1u << n) - 1u);
+    for (int64_t c0 = 0; c0 < d; c0 += TM) {
+      const int64_t m = std::min(TM, d - c0);
+      const __mmask16 cols = static_cast<__mmask16>((1u << m) - 1u);
+      for (int64_t i = 0; i < TM; ++i) {
+        const int64_t r = 2 * (i0 + i);
+        const __m512i w = _mm512_or_si512(row(r, c0, cols), _mm512_slli_epi32(row(r + 1, c0, cols), 16));
+        _mm512_store_si512(words + i * TM, w);
+      }
+      __m512 t[TM];
+      transpose16(words, TM, t);  // t[c]: column c0 + c of the 16 pairs
+      for (int64_t c = 0; c < m; ++c) {
+        _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst + (c0 + c) * ld_dst + i0), pair_lanes, t[c]);
+      }
     }
   }
 }
