@@ -1,12 +1,12 @@
-// Memory for the CPU ops' large outputs (out, dq, dk, dv of 2 MiB and more), Linux only.
+// Memory for the CPU ops' large outputs (out, dq, dk, dv of 8 MiB and more), Linux only.
 //
 // glibc maps every allocation of 32 MiB or more afresh (its mmap threshold stops there),
 // and returns smaller ones to the system when it frees over twice its threshold at the top
 // of its heap (a backward's three gradients: bf16 ones of 19 MB faulted in 8-25 thousand
 // pages per call), so such an output of a torch.empty often starts as pages the kernel
 // must fault in and zero on first write: 10-30 % of a packed-sequence forward or training
-// step on the development VM (benchmarks/RESULTS.md). Here an output's memory goes back to a pool when its tensor
-// is freed, and the next output that fits takes it, already mapped: as the CUDA caching
+// step on the development VM (benchmarks/RESULTS.md). Here an output's memory goes back to
+// a pool when its tensor is freed, and the next output that fits takes it, already mapped: as the CUDA caching
 // allocator does for GPU memory, and as jemalloc or tcmalloc would for the whole process.
 // The pool holds at most FLASHATTN_CPU_POOL_MB MiB (default 512; 0: every block is
 // unmapped when freed); a freed block that does not fit evicts the largest kept ones
@@ -31,7 +31,9 @@ namespace flashattn {
 
 class CpuOutputMemory {
  public:
-  static constexpr size_t MIN_BYTES = size_t(2) << 20;  // smaller outputs: torch's allocator
+  // Smaller outputs: torch's allocator. (Blocks are whole 2 MiB pages: a live output takes
+  // at most a quarter more memory than it needs from 8 MiB on, twice at 2 MiB.)
+  static constexpr size_t MIN_BYTES = size_t(8) << 20;
   static constexpr size_t BLOCK = size_t(2) << 20;        // blocks are whole 2 MiB pages
 
   // The process's pool. Never destroyed: a tensor freed during interpreter shutdown, after

@@ -65,7 +65,7 @@ void check_cpu_path(const cpu::KernelTable& table, const FlashParams& p, int dty
 
 // A new CPU tensor of `dtype` with `sizes` and dense `strides` (non-overlapping, the
 // storage exactly numel elements): in CpuOutputMemory's blocks from
-// 2 MiB on (cpu_output_memory.h), its storage's deleter handing the block back; smaller
+// 8 MiB on (cpu_output_memory.h), its storage's deleter handing the block back; smaller
 // ones (or where no block can be mapped) from torch.
 Tensor new_cpu_output(int64_t ndim, const int64_t* sizes, const int64_t* strides, int32_t dtype,
                       const TensorInfo& like) {
@@ -426,7 +426,7 @@ PyMODINIT_FUNC PyInit__C(void) {
        "choose_cpu_path(dtype, seqlen_q, head_dim): the CPU kernels' path for such a problem (the ops' cpu_path); "
        "dtype indexes CPU_DTYPES"},
       {"release_cpu_memory", flashattn::release_cpu_memory, METH_NOARGS,
-       "unmap the memory kept from freed CPU outputs of 2 MiB or more; returns its bytes"},
+       "unmap the memory kept from freed CPU outputs of 8 MiB or more; returns its bytes"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -206,7 +206,7 @@ def _reference_fwd() -> Callable:
 def empty_cpu_cache() -> int:
     """Return to the system the memory the CPU ops keep from their freed large outputs.
 
-    On Linux, CPU outputs and gradients of 2 MiB or more (``out``, ``dq``, ``dk``, ``dv``)
+    On Linux, CPU outputs and gradients of 8 MiB or more (``out``, ``dq``, ``dk``, ``dv``)
     come from memory that earlier such outputs freed, already mapped, instead of new pages
     that the operating system must fault in and zero on first write (10-30 % of a long
     packed-sequence step); up to ``FLASHATTN_CPU_POOL_MB`` MiB (default 512; 0 keeps none)

@@ -1,4 +1,4 @@
-"""Large CPU outputs (2 MiB and more) take the memory of freed ones (csrc/cpu_output_memory.h).
+"""Large CPU outputs (8 MiB and more) take the memory of freed ones (csrc/cpu_output_memory.h).
 
 Reused memory holds the last tensor's values, not the zeros of fresh pages: these tests
 leave NaN-filled blocks in the pool, then hold the calls that take them to the rule
@@ -124,12 +124,12 @@ def test_empty_cpu_cache_returns_what_freed_outputs_left():
     del out
     assert flashattn_py.empty_cpu_cache() == BLOCK
     assert flashattn_py.empty_cpu_cache() == 0
-    small = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 32, HEADS, DIM), k, k)  # 1 MiB: torch's memory
+    small = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 8, HEADS, DIM), k, k)  # 4 MiB: torch's memory
     del small
     assert flashattn_py.empty_cpu_cache() == 0
-    pooled = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 16, HEADS, DIM), k, k)  # 2 MiB: the smallest pooled
+    pooled = flashattn_py.flash_attn_func(torch.randn(1, ROWS // 4, HEADS, DIM), k, k)  # 8 MiB: the smallest pooled
     del pooled
-    assert flashattn_py.empty_cpu_cache() == 2 * MIB
+    assert flashattn_py.empty_cpu_cache() == 8 * MIB
 
 
 def _free_output(mib):
@@ -202,8 +202,8 @@ def test_unsupported_dtypes_are_refused_before_memory_is_written(dtype):
 STREAM_BYTES = 8 * MIB  # (csrc/cpu/flash_cpu.h)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa, dtype", [("avx2", torch.float32), ("avx512", torch.float32),
+                                        ("avx512", torch.bfloat16), ("avx512bf16", torch.bfloat16)])
 @pytest.mark.parametrize("head_dim, causal, big_q, heads_k", [(64, True, True, HEADS), (40, False, True, HEADS),
                                                               (17, True, True, HEADS), (64, False, False, HEADS),
                                                               (17, True, False, HEADS), (40, True, False, 2)])
@@ -216,7 +216,7 @@ def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, dt
     # One thread: the key splits (and so the sums) then do not depend on the batch size.
     # GQA (2 KV heads): dk, dv summed over each KV head's query heads before they are stored.
     try:
-        cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams a line as two 32-byte halves)
+        cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams float lines as two 32-byte halves; no bf16)
     except (ValueError, RuntimeError) as e:  # (not this CPU's, or not built: FLASHATTN_CPU_ISAS)
         pytest.skip(f"no {isa} kernels here: {e}")
     long = -(-STREAM_BYTES // (2 * heads_k * head_dim * dtype.itemsize))  # rows for 8 MiB over the batch of 2

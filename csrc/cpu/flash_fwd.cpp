@@ -348,7 +348,7 @@ struct Bf16PairOperands {
   void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, int64_t fewest, float* o,
                   int64_t ldo) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
-    const bool exact = std::min(hi - lo, fewest) <= EXACT_P_KEYS;
+    const bool exact = fewest <= EXACT_P_KEYS;  // (a row's keys lie inside [lo, hi))
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
@@ -733,14 +733,19 @@ void run_fwd(const FlashParams& p) {
                part_l = scratch<acc>(part_rows);
 
   // Query row i of head h of sequence b (view sv) done: out = O / l, lse = m + log l; a
-  // row that saw no key gets out 0, lse -inf (never 0/0).
+  // row that saw no key gets out 0, lse -inf (never 0/0; its O may hold 0 times an
+  // infinite V of a key its panel's other rows see: written as zeros, not O * 0).
   // (Outputs larger than the caches: streamed, store_row_maybe_streaming.)
   const int64_t out_rows = p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q;
   const bool stream_out = streamed<T>(out_rows * H * Dv);
   auto store_out = [&](const acc* o_row, acc m_row, acc l_row, int64_t b, int64_t h, const SeqView& sv, int64_t i) {
     const bool empty = l_row == acc(0);
     T* dst = out + b * p.o_batch_stride + h * p.o_head_stride + (sv.q_start + i) * p.o_row_stride;
-    store_row_maybe_streaming<T, acc>(stream_out, o_row, Dv, empty ? acc(0) : acc(1) / l_row, dst);
+    if (empty) {
+      std::fill(dst, dst + Dv, T(0));
+    } else {
+      store_row_maybe_streaming<T, acc>(stream_out, o_row, Dv, acc(1) / l_row, dst);
+    }
     lse[lse_index(p, sv, h, i)] = empty ? neg_inf : m_row + std::log(l_row);
   };
 
@@ -812,7 +817,7 @@ void run_fwd(const FlashParams& p) {
         }
         // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
         // whole block), each over only the keys its rows can see (the masked corner of a
-        // causal diagonal block is not computed), or one panel of all rows.
+        // causal diagonal block outside them is not computed), or one panel of all rows.
         const bool in_panels = KV::always_panels || !all_rows_see(w, row0, rows, col0, cols);
         for (int64_t r0 = 0, r1 = 0; r0 < rows; r0 = r1) {
           r1 = in_panels ? std::min(rows, r0 + KV::PANEL_Q) : rows;
