@@ -705,11 +705,15 @@ def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(path, cpu_switch
     # Causal with more queries than keys (bottom-right): the first 50 rows see no key. Their
     # panels share products with rows that see key 0, whose V is infinite: 0 x inf is NaN in
     # those products, yet a row that sees no key is 0 with lse -inf (docs/design.md).
+    # Their query gradients are 0 too (the backward's dS rows; dP there is infinite).
     bf16_path(cpu_switch, path)
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, s, 2, 64, generator=gen).to(torch.bfloat16) for s in (150, 100, 100))
     v[0, 0] = float("inf")
+    q.requires_grad_()
     out, lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="cpu")
     assert torch.equal(out[0, :50], torch.zeros_like(out[0, :50]))
     assert torch.isneginf(lse[0, :, :50]).all()
     assert out[0, 50:].isinf().any() or out[0, 50:].isnan().any()  # (rows that see key 0)
+    out.backward(torch.randn(out.shape, generator=gen).to(out.dtype))
+    assert torch.equal(q.grad[0, :50], torch.zeros_like(q.grad[0, :50]))

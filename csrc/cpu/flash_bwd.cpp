@@ -547,6 +547,12 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
           acc* drow = dp + r * lds;
           const V vdelta(delta[row0 + r]);
           int64_t c = 0;
+          // A row that sees no key: dS 0 (its P is 0, but 0 times the dP of an infinite V
+          // is NaN), so that its gradients are 0 (docs/design.md).
+          if (lse_head[row0 + r] == neg_inf) {
+            std::fill(drow, drow + cols, acc(0));
+            c = cols;
+          }
           for (; c + V::size() <= cols; c += V::size()) {
             (V::loadu(prow + c) * (V::loadu(drow + c) - vdelta)).store(drow + c);
           }
