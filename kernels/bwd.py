@@ -341,7 +341,8 @@ def _dq_kernel(
                         bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
                         run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                         BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
-    dq = dq * scale
+    # A row that sees no key gets dq 0 (its p is 0, but 0 x the dp of an infinite V is NaN).
+    dq = tl.where((lse == float("-inf"))[:, None], 0.0, dq * scale)
     dq_ptrs = DQ_base + rows64[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_d[None, :] < head_dim))
 

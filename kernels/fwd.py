@@ -169,9 +169,10 @@ def _fwd_kernel(
                 run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT, PAGED,
                 EVEN_D, EVEN_DV, PREC, BLOCK_N)
 
+    # (A row that sees no key is 0, not acc: that may hold 0 x an infinite V that other rows see.)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     if HAS_DROPOUT:
         out = out * inv_keep
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
@@ -304,7 +305,7 @@ def _decode_kernel(
     else:
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
+        out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
         o_ptrs = O_base + qi64[:, None] * stride_os + h64[:, None] * stride_oh + offs_dv[None, :]
         if EVEN_DV:
@@ -369,7 +370,7 @@ def _combine_kernel(
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = O_base + qi64[:, None] * stride_os + h64[:, None] * stride_oh + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=dmask)

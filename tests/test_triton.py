@@ -131,6 +131,22 @@ def test_causal(sq, sk, align):
     _case(1, sq, sk, 4, 2, 40, dtype, CPU_DEVICE, seed=sq + sk, window_right=0, diag_offset=diag)
 
 
+@needs_interp
+def test_rows_that_see_no_key_are_zero_beside_an_infinite_value():
+    # As on the CPU (test_cpu.py): causal, bottom-right, 150 queries over 100 keys, so the
+    # first 50 rows see no key while their blocks share products with rows that see key
+    # 0, whose V is infinite: those rows are 0 with lse -inf, and so is their dq.
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, s, 2, 32, generator=gen) for s in (150, 100, 100))
+    v[0, 0] = float("inf")
+    q.requires_grad_()
+    out = make_run(window_right=0, diag_offset=-50)(q, k, v)
+    assert torch.equal(out[0, :50].detach(), torch.zeros(50, 2, 32))
+    assert out[0, 50:].isinf().any() or out[0, 50:].isnan().any()  # (rows that see key 0)
+    out.backward(torch.randn(out.shape, generator=gen))
+    assert torch.equal(q.grad[0, :50], torch.zeros(50, 2, 32))
+
+
 WINDOWS = [
     # (Sq, Sk, left, right, diag, extras)
     (97, 97, 16, 0, 0, {}),                     # local causal
