@@ -147,6 +147,20 @@ def test_rows_that_see_no_key_are_zero_beside_an_infinite_value():
     assert torch.equal(q.grad[0, :50], torch.zeros(50, 2, 32))
 
 
+@needs_interp
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits):
+    # The same through the decode kernel (few query rows per KV head) and, split, its
+    # combine: 6 queries over 4 keys, bottom-right causal, so the first 2 rows see no key.
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 4, 32, generator=gen)
+    k, v = (torch.randn(1, 4, 2, 32, generator=gen) for _ in range(2))
+    v[0, 0] = float("inf")
+    out, lse = _kernels.fwd.flash_fwd(q, k, v, None, 0.2, 0.0, -1, 0, -2, num_splits=num_splits)[:2]
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
+    assert torch.isneginf(lse[0, :, :2]).all()
+
+
 WINDOWS = [
     # (Sq, Sk, left, right, diag, extras)
     (97, 97, 16, 0, 0, {}),                     # local causal
