@@ -25,6 +25,12 @@ flash_bwd, flash_fwd, dropout_mask = _kernels.flash_bwd, _kernels.flash_fwd, _ke
 INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CPU_DEVICE = "cpu"
 needs_interp = pytest.mark.skipif(not INTERP, reason="CPU tests run under TRITON_INTERPRET=1")
+# Tests that run here under the interpreter and, `-m gpu` (benchmarks/gpu_check.sh), on a GPU.
+HERE_AND_GPU = [
+    pytest.param("cpu", marks=needs_interp),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(INTERP or not torch.cuda.is_available(),
+                                                                    reason="needs CUDA (not the interpreter)")]),
+]
 
 
 @triton.jit
@@ -131,30 +137,30 @@ def test_causal(sq, sk, align):
     _case(1, sq, sk, 4, 2, 40, dtype, CPU_DEVICE, seed=sq + sk, window_right=0, diag_offset=diag)
 
 
-@needs_interp
-def test_rows_that_see_no_key_are_zero_beside_an_infinite_value():
+@pytest.mark.parametrize("device", HERE_AND_GPU)
+def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(device):
     # As on the CPU (test_cpu.py): causal, bottom-right, 150 queries over 100 keys, so the
     # first 50 rows see no key while their blocks share products with rows that see key
     # 0, whose V is infinite: those rows are 0 with lse -inf, and so is their dq.
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, s, 2, 32, generator=gen) for s in (150, 100, 100))
+    q, k, v = (torch.randn(1, s, 2, 32, generator=gen).to(device) for s in (150, 100, 100))
     v[0, 0] = float("inf")
     q.requires_grad_()
     out = make_run(window_right=0, diag_offset=-50)(q, k, v)
-    assert torch.equal(out[0, :50].detach(), torch.zeros(50, 2, 32))
+    assert torch.equal(out[0, :50].detach(), torch.zeros_like(out[0, :50]))
     assert out[0, 50:].isinf().any() or out[0, 50:].isnan().any()  # (rows that see key 0)
-    out.backward(torch.randn(out.shape, generator=gen))
-    assert torch.equal(q.grad[0, :50], torch.zeros(50, 2, 32))
+    out.backward(torch.randn(out.shape, generator=gen).to(device))
+    assert torch.equal(q.grad[0, :50], torch.zeros_like(q.grad[0, :50]))
 
 
-@needs_interp
+@pytest.mark.parametrize("device", HERE_AND_GPU)
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits):
+def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits, device):
     # The same through the decode kernel (few query rows per KV head) and, split, its
     # combine: 6 queries over 4 keys, bottom-right causal, so the first 2 rows see no key.
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 6, 4, 32, generator=gen)
-    k, v = (torch.randn(1, 4, 2, 32, generator=gen) for _ in range(2))
+    q = torch.randn(1, 6, 4, 32, generator=gen).to(device)
+    k, v = (torch.randn(1, 4, 2, 32, generator=gen).to(device) for _ in range(2))
     v[0, 0] = float("inf")
     out, lse = _kernels.fwd.flash_fwd(q, k, v, None, 0.2, 0.0, -1, 0, -2, num_splits=num_splits)[:2]
     assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
@@ -190,11 +196,7 @@ def _tanh_kernel(X, Out, N: tl.constexpr):
     tl.store(Out + offs, _kernels.common.tanh_f32(tl.load(X + offs)))
 
 
-@pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=needs_interp),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(INTERP or not torch.cuda.is_available(),
-                                                                    reason="needs CUDA (not the interpreter)")]),
-])
+@pytest.mark.parametrize("device", HERE_AND_GPU)
 def test_softcap_tanh_is_accurate_near_zero(device):
     # The softcap's tanh(s / softcap) is near 0 for most scores when the softcap is large
     # (25-50 in Gemma-style models): 1 - 2 / (e^2x + 1) alone cancels there (relative error

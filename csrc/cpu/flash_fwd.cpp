@@ -277,10 +277,10 @@ struct Bf16Panels {
 // P: where a row sees many keys that averages out, but a panel over few keys (tiny key
 // counts, a causal diagonal's first rows, narrow windows) would be only as accurate as
 // the naive bf16 formula, which also rounds P (an independent review found the test
-// rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels over
-// at most EXACT_P_KEYS keys, or where a row sees that few of them, therefore add
-// P - bf16(P) V as a second product: P V as exact as in float, for the price of a second
-// P V on blocks that are cheap anyway.
+// rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels where
+// a row sees at most EXACT_P_KEYS of the block's keys therefore add P - bf16(P) V as a
+// second product: P V as exact as in float, for the price of a second P V on blocks that
+// are cheap anyway.
 template <typename Tiles>
 struct Bf16PairOperands {
   static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,

@@ -210,7 +210,8 @@ inline void pack_t(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d
   if (d_rows * ld_dst > 0) std::memset(dst, 0, d_rows * ld_dst * sizeof(uint32_t));  // (dst is null when empty)
   const int64_t row_pairs = tiles_bf16::pairs(rows);
   auto row = [&](int64_t r, int64_t c0, __mmask16 cols) {  // 16 elements widened to words; 0 past the last row
-    return r < rows ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, static_cast<const void*>(src + r * ld + c0))) : _mm512_setzero_si512();
+    if (r >= rows) return _mm512_setzero_si512();
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, static_cast<const void*>(src + r * ld + c0)));
   };
   alignas(64) float words[TM * TM];  // (pair i's 16 words at [i * 16])
   for (int64_t i0 = 0; i0 < row_pairs; i0 += TM) {
