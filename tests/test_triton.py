@@ -154,6 +154,30 @@ def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(device):
 
 
 @pytest.mark.parametrize("device", HERE_AND_GPU)
+@pytest.mark.parametrize("mask", ["float bias + causal", "bool mask"])
+def test_rows_that_see_no_key_get_zero_bias_gradient_beside_an_infinite_value(mask, device):
+    # Rows emptied by the causal band (first 50) or by a bool mask (rows 0-9): their dS is
+    # 0, so the bias gradient and dq of those rows are 0, not 0 x the infinite dP of key 0.
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, s, 2, 32, generator=gen).to(device) for s in (150, 100, 100))
+    v[0, 0] = float("inf")
+    if mask == "bool mask":
+        bias = torch.ones(1, 1, 150, 100, dtype=torch.bool)
+        bias[..., :10, :] = False
+        run, empty = make_run(attn_bias=bias.to(device)), 10
+    else:
+        bias = torch.randn(1, 2, 150, 100, generator=gen).to(device).requires_grad_()
+        run, empty = make_run(window_right=0, diag_offset=-50, attn_bias=bias), 50
+    q.requires_grad_()
+    out = run(q, k, v)
+    assert torch.equal(out[0, :empty].detach(), torch.zeros_like(out[0, :empty]))
+    out.backward(torch.randn(out.shape, generator=gen).to(device))
+    assert torch.equal(q.grad[0, :empty], torch.zeros_like(q.grad[0, :empty]))
+    if bias.requires_grad:
+        assert torch.equal(bias.grad[..., :empty, :], torch.zeros_like(bias.grad[..., :empty, :]))
+
+
+@pytest.mark.parametrize("device", HERE_AND_GPU)
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits, device):
     # The same through the decode kernel (few query rows per KV head) and, split, its

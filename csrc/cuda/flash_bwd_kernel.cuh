@@ -245,7 +245,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
           const float pr = fast_exp2(x - sLse[il]);
           float z = 1.f;
           if (p.dropout_p > 0.f) z = args.drop.factor_of(row0 + i, j);
-          float ds = pr * (acc_dp[nt][e] * z - sDelta[il]);
+          // a row that sees no key (sLse +inf) gets dS 0, not 0 x the dP of an infinite V
+          float ds = sLse[il] == INFINITY ? 0.f : pr * (acc_dp[nt][e] * z - sDelta[il]);
           if (p.dbias != nullptr && dpart == 0 && i < p.seqlen_q && j < p.seqlen_k) {
             p.dbias[(row0 + i) * p.seqlen_k + j] = ds;  // dense: row0 = (b * H + h) * Sq
           }
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_kernel(const BwdArgs
         } else {
           if (!full && (i < q_lo[r] || i >= q_hi[r])) x = -INFINITY;
           const float pr = fast_exp2(x - sLse[il]);
-          float ds = pr * (acc_dp[nt][e] - sDelta[il]);
+          float ds = sLse[il] == INFINITY ? 0.f : pr * (acc_dp[nt][e] - sDelta[il]);
           if (has_softcap) ds *= 1.f - th * th;
           acc_s[nt][e] = pr;
           acc_dp[nt][e] = ds;
@@ -515,7 +516,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_bwd_dq_kernel(const BwdA
         }
         if (!full && (j < j_lo[r] || j >= j_hi[r])) x = -INFINITY;
         const float pr = fast_exp2(x - lse2[r]);
-        float ds = pr * (acc_dp[nt][e] * z - delta[r]);
+        // a row that sees no key (lse2 +inf) gets dS 0 (hence dq 0), not 0 x an infinite dP
+        float ds = lse2[r] == INFINITY ? 0.f : pr * (acc_dp[nt][e] * z - delta[r]);
         if (has_softcap) ds *= 1.f - th * th;
         acc_dp[nt][e] = ds;
       }

@@ -304,7 +304,11 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       float l = row_sum[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // A row that sees no key (l = 0) is written as 0: its acc holds 0 x V, NaN beside an
+      // infinite V, so it is replaced rather than scaled.
+      const bool seen = l > 0.f;
+      const float inv = seen ? 1.f / l : 0.f;
+      const auto o_of = [&](float a) { return seen ? a * inv : 0.f; };
       const int row = warp_row0 + mt * 16 + g + 8 * r;
       if constexpr (kSplit) {
         if (em0 + row < eSq) {
@@ -312,7 +316,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
           float* o = args.oaccum + (row0 + row) * args.oaccum_row + 2 * t4;
 #pragma unroll
           for (int dt = 0; dt < kDT; ++dt) {
-            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(o_of(acc_o[mt][dt][2 * r]), o_of(acc_o[mt][dt][2 * r + 1]));
           }
         }
       } else {
@@ -320,7 +324,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
           *reinterpret_cast<uint32_t*>(sQ + row * kStride + dt * 8 + 2 * t4) =
-              Elem<T>::pack(acc_o[mt][dt][2 * r] * inv, acc_o[mt][dt][2 * r + 1] * inv);
+              Elem<T>::pack(o_of(acc_o[mt][dt][2 * r]), o_of(acc_o[mt][dt][2 * r + 1]));
         }
       }
     }
