@@ -48,9 +48,10 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], heads_dim: int, seq_dim: int,
-               min_head_dim: int = 1, paged: bool = False) -> None:
+               min_head_dim: int = 1, paged: bool = False, no_heads_ok: bool = False) -> None:
     """Shape, dtype and device checks shared by both conventions (tensors, 4-D expected;
-    ``paged``: k / v are page pools, whose first dim counts pages, not sequences).
+    ``paged``: k / v are page pools, whose first dim counts pages, not sequences;
+    ``no_heads_ok``: zero heads allowed (SDPA, which returns an empty output as torch's)).
     (Each attribute is read once: this runs on every call, and decode-sized calls feel it.)"""
     nq, nk, nv = names
     qs, ks, vs = q.shape, k.shape, v.shape
@@ -80,6 +81,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
         if not min_head_dim <= shape[3] <= backends.MAX_HEAD_DIM:
             raise ArgumentError(f"{name}: head dim must be in {min_head_dim}..{backends.MAX_HEAD_DIM}, got {shape[3]}")
     h, hk = qs[heads_dim], ks[heads_dim]
+    if hk == 0 and not no_heads_ok:
+        raise ArgumentError(f"{nk}: needs at least one key/value head, got {hk}")
     if (hk == 0 and h != 0) or (hk != 0 and h % hk != 0):
         raise ArgumentError(f"{nq}, {nk}: number of query heads ({h}) must be a multiple of key/value heads ({hk})")
 
@@ -205,7 +208,13 @@ def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
                             f"of shape {tuple(getattr(t, 'shape', ()))}")
     if t.device != device:
         raise ArgumentError(f"{name}: must be on {device} (q's device), got {t.device}")
-    t = t.int() if t.dtype == torch.int64 else t
+    if t.dtype == torch.int64:
+        # (checked before narrowing: 2**32 + 5 would pass every later check as 5)
+        if t.numel() and index_values_readable(device) and _check_values():
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()  # (one read back)
+            if lo < -2**31 or hi >= 2**31:
+                raise ArgumentError(f"{name}: values must fit in int32, got {hi if hi >= 2**31 else lo}")
+        t = t.int()
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -267,6 +276,10 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
                       if x is not None]
             limits.append(min(bounds) if bounds else None)
         for b, (used, limit) in enumerate(zip(seqused_k.tolist(), limits)):
+            if capacity is not None and used > capacity:  # (the pages are what is short)
+                raise ArgumentError(f"{names['block_table']}: {block_table.shape[1]} pages of {page_size} keys per "
+                                    f"sequence hold fewer than the {used} keys sequence {b} uses "
+                                    f"({names['seqused_k']})")
             if used < 0 or (limit is not None and used > limit):
                 raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
     if block_table is not None:
@@ -710,7 +723,7 @@ def scaled_dot_product_attention(
     else:
         query, key, value, lead = _sdpa_leading_dims(query, key, value, enable_gqa)
         q4, k4, v4 = _as_4d(query), _as_4d(key), _as_4d(value)
-    _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2, min_head_dim=0)
+    _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2, min_head_dim=0, no_heads_ok=True)
     (batch, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
     head_dim_v = v4.shape[3]
     if num_heads != num_heads_k and not enable_gqa:

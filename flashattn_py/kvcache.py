@@ -268,6 +268,8 @@ def flash_attn_with_kvcache(
             if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != rotary_cos.shape or t.device != device:
                 raise ArgumentError(f"{name}: expected (seqlen_ro, rotary_dim / 2) on {device}, both the same shape, "
                                     f"got {tuple(getattr(t, 'shape', ()))}")
+            if t.dtype != q.dtype:  # (as flash-attn: the tables in the query's dtype)
+                raise ArgumentError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
         if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
             raise ArgumentError(f"rotary_cos: rotary_dim = 2 * {rotary_cos.shape[1]} must be in 1..{head_dim} "
                                 f"(the head dim)")

@@ -29,6 +29,7 @@ def qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float32):
         (lambda: (qkv()[0], torch.randn(1, 9, 2, 16), qkv()[2]), {}, r"k, v: sequence lengths differ"),
         (lambda: (qkv()[0], torch.randn(1, 8, 1, 16), qkv()[2]), {}, r"k, v: head counts differ"),
         (lambda: qkv(h=3, hk=2), {}, r"multiple of key/value heads"),
+        (lambda: qkv(h=0, hk=0), {}, r"k: needs at least one key/value head, got 0"),
         (lambda: (qkv()[0].double(), *qkv()[1:]), {}, r"Expected query, key, and value to have the same dtype"),
         (lambda: (qkv()[0].int(), *qkv()[1:]), {}, r"q: dtype must be"),
         (lambda: qkv(d=257), {}, r"q: head dim must be in 1..256"),

@@ -324,6 +324,9 @@ def test_one_kernel_call_for_many_sequences():
         (dict(cu_q=[0, 5]), r"cu_seq_q, cu_seq_k: batch sizes differ"),
         (dict(cu_k=[1, 2, 5]), r"cu_seq_k: must rise from 0"),
         (dict(seqused=[2, 9]), r"seqused_k: sequence 1 uses 9 keys"),
+        # int64 values past int32 are refused, not narrowed (2**32 + 2 would read as 2)
+        (dict(cu_k=torch.tensor([0, 2**32 + 2, 5])), r"cu_seq_k: values must fit in int32, got 4294967298"),
+        (dict(cu_q=torch.tensor([0, 3, -2**32 + 5])), r"cu_seq_q: values must fit in int32, got -4294967291"),
         (dict(window=(-2, 0)), r"window_size"),
     ],
 )
@@ -345,11 +348,14 @@ def test_paged_rejects_bad_pages():
     q = torch.randn(4, 2, 8)
     pool = torch.randn(3, 2, 2, 8)
     cu = offsets([4])
-    for table, seqused, match in (([[0, 3]], [4], r"block_table: sequence 0's pages must be in \[0, 3\)"),
-                                  ([[0, 1]], [5], r"seqused_k: sequence 0 uses 5 keys")):
+    for table, seqused, match in (
+            ([[0, 3]], [4], r"block_table: sequence 0's pages must be in \[0, 3\)"),
+            ([[0, 1]], [5], r"block_table: 2 pages of 2 keys per sequence hold fewer than the 5 keys sequence 0 uses"),
+            ([[0, 2**32 + 1]], [4], r"block_table: values must fit in int32, got 4294967297")):
+        dtype = torch.int64 if max(table[0]) >= 2**31 else torch.int32
         with pytest.raises(ValueError, match=match):
             flashattn_py.varlen_attn(q, pool, pool, cu, None, 4, 4, seqused_k=torch.tensor(seqused, dtype=torch.int32),
-                                     block_table=torch.tensor(table, dtype=torch.int32))
+                                     block_table=torch.tensor(table, dtype=dtype))
 
 
 def test_varlen_lse_and_packed_forms():
