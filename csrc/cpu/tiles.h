@@ -781,16 +781,25 @@ inline void pack_k(const T* src, int64_t ld, int64_t n, int64_t d, float* dst) {
     float* panel = dst + p0 * d;
     const int64_t keys = std::min(NR, n - p0);
     int64_t e0 = 0;
-    if (keys == NR) {
+    // (the last panel's missing keys as zero rows, in a copy of the loop of its own so
+    // that whole panels load without a test per key)
+    auto whole_blocks = [&](auto partial) {
       for (; e0 + 8 <= d; e0 += 8) {
         prefetch_rows_ahead(src, ld, p0, NR, n, e0);
         for (int64_t half = 0; half < NR; half += 8) {  // keys p0 + half + (0..7)
           __m256 r[8];
-          for (int64_t i = 0; i < 8; ++i) r[i] = load8(src + (p0 + half + i) * ld + e0);
+          for (int64_t i = 0; i < 8; ++i) {
+            r[i] = !partial || half + i < keys ? load8(src + (p0 + half + i) * ld + e0) : _mm256_setzero_ps();
+          }
           transpose8(r);
           for (int64_t i = 0; i < 8; ++i) _mm256_store_ps(panel + (e0 + i) * NR + half, r[i]);
         }
       }
+    };
+    if (keys == NR) {
+      whole_blocks(std::false_type{});
+    } else {
+      whole_blocks(std::true_type{});
     }
     for (int64_t c = 0; c < NR; ++c) {
       for (int64_t e = e0; e < d; ++e) panel[e * NR + c] = c < keys ? static_cast<float>(src[(p0 + c) * ld + e]) : 0.f;

@@ -85,18 +85,27 @@ inline void pack_k(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t d, u
     uint32_t* panel = dst + p0 * d2;
     const int64_t keys = std::min(NR, n - p0);
     int64_t e0 = 0;
-    if (keys == NR) {
+    // (the last panel's missing keys as zero rows, in a copy of the loop of its own, as
+    // tiles::pack_k)
+    auto whole_blocks = [&](auto partial) {
       for (; e0 + 8 <= whole; e0 += 8) {
         tiles::prefetch_rows_ahead(src, ld, p0, NR, n, 2 * e0);
         for (int64_t half = 0; half < NR; half += 8) {  // keys p0 + half + (0..7)
           __m256 r[8];
-          for (int64_t i = 0; i < 8; ++i) r[i] = load_pairs8(src + (p0 + half + i) * ld, e0);
+          for (int64_t i = 0; i < 8; ++i) {
+            r[i] = !partial || half + i < keys ? load_pairs8(src + (p0 + half + i) * ld, e0) : _mm256_setzero_ps();
+          }
           tiles::transpose8(r);
           for (int64_t i = 0; i < 8; ++i) {
             _mm256_storeu_ps(reinterpret_cast<float*>(panel + (e0 + i) * NR + half), r[i]);
           }
         }
       }
+    };
+    if (keys == NR) {
+      whole_blocks(std::false_type{});
+    } else {
+      whole_blocks(std::true_type{});
     }
     for (int64_t c = 0; c < NR; ++c) {
       for (int64_t e = e0; e < d2; ++e) panel[e * NR + c] = c < keys ? pair(src + (p0 + c) * ld, 2 * e, d) : 0u;
