@@ -447,6 +447,19 @@ def _rows_apart(t: Tensor, seq: int) -> Tensor:
     return t.contiguous() if t.shape[seq] > 1 and t.stride(seq) < t.shape[-1] else t
 
 
+def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: int, heads_first: bool,
+                     block_table: Optional[Tensor]) -> tuple[int, int]:
+    """A window side too long to hide any key of the call as -1 (unbounded), the same
+    keys: the kernels add it to row and key positions in 32 bits (Triton, CUDA), where a
+    side near 2**31 would wrap. Bound: every query and key position of any sequence (the
+    tensors' lengths, packed or not; a paged call's pages per sequence) plus the diagonal's
+    offset."""
+    seq = 2 if heads_first else 1
+    keys = block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[seq]
+    limit = q.shape[seq] + keys + abs(diag_offset)
+    return (-1 if left >= limit else left), (-1 if right >= limit else right)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -487,6 +500,9 @@ def attention(
     backward is a separate call); None: none does for eager calls on inputs that need no
     gradient (not grad mode alone: reentrant activation checkpointing runs the forward
     under no_grad and recomputes it with grad)."""
+    if window_left > 0 or window_right > 0:
+        window_left, window_right = bounded_windows(q, k, window_left, window_right, diag_offset, heads_first,
+                                                     block_table)
     # (spelled out, not a generator over the tensors: this runs on every call)
     per_sequence = None
     if (cu_seqlens_q is not None or cu_seqlens_k is not None or seqused_k is not None or kv_batch_idx is not None

@@ -79,10 +79,12 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if impl.fused:
         dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
         alibi = o.alibi_slopes.contiguous() if o.alibi_slopes is not None else None
+        # (as the forward's ops.attention: a window longer than the call is no bound)
+        left, right = ops.bounded_windows(q, k, o.window_left, o.window_right, o.diag_offset, False, None)
         with torch.no_grad():
             dq, dk, dv, _ = ops.attn_bwd(*ops.bwd_args(
                 dout, q, k, v, out, lse.contiguous(), alibi_slopes=alibi, attn_bias=None, scale=o.scale,
-                softcap=o.softcap, window_left=o.window_left, window_right=o.window_right,
+                softcap=o.softcap, window_left=left, window_right=right,
                 diag_offset=o.diag_offset, cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k,
                 max_seqlen_q=o.max_seqlen_q, max_seqlen_k=o.max_seqlen_k, bottom_right=packed,
                 deterministic=o.deterministic, backend=backend))

@@ -36,3 +36,32 @@ def test_opcheck_triton_fwd():
     q, k, v = random_qkv(1, 17, 17, 2, 1, 16, seed=6)
     torch.library.opcheck(ops.attn_fwd, ops.fwd_args(q, k, v, scale=0.25, window_right=0, backend="triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_windows_longer_than_the_call_are_no_bound(backend):
+    # A window side near 2**31 is the same call as an unbounded one, forward and backward,
+    # dense, packed and through the block primitives (the Triton kernels add it to
+    # positions in 32 bits: it wrapped, emptying every row, and a left side with Sq > Sk
+    # read keys out of bounds).
+    big = 2**31 - 1
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 40, 30, 2, 2, 16, seed=8))
+    results = []
+    for window in ((-1, -1), (big, big), (big, -1), (-1, big)):
+        out = flashattn_py.flash_attn_func(q, k, v, window_size=window, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
+    cu_q, cu_k = torch.tensor([0, 13, 40], dtype=torch.int32), torch.tensor([0, 10, 30], dtype=torch.int32)
+    packed = [flashattn_py.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 27, 20, window_size=window,
+                                                  backend=backend) for window in ((-1, -1), (big, big))]
+    q0, k0, v0 = q.detach(), k.detach(), v.detach()
+    blocks = []
+    for window in ((-1, -1), (big, big)):
+        out, lse = flashattn_py.attention_forward(q0, k0, v0, window_size=window, backend=backend)
+        blocks.append((out, lse, *flashattn_py.attention_backward(torch.ones_like(out), q0, k0, v0, out, lse,
+                                                                  window_size=window, backend=backend)))
+    for first, *rest in (results, packed, blocks):
+        for other in rest:
+            for a, b in zip(first if isinstance(first, tuple) else (first,),
+                            other if isinstance(other, tuple) else (other,)):
+                assert torch.equal(a, b)
