@@ -209,12 +209,12 @@ def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
     if t.device != device:
         raise ArgumentError(f"{name}: must be on {device} (q's device), got {t.device}")
     if t.dtype == torch.int64:
-        # (checked before narrowing: 2**32 + 5 would pass every later check as 5)
-        if t.numel() and index_values_readable(device) and _check_values():
-            lo, hi = torch.stack(torch.aminmax(t)).tolist()  # (one read back)
-            if lo < -2**31 or hi >= 2**31:
-                raise ArgumentError(f"{name}: values must fit in int32, got {hi if hi >= 2**31 else lo}")
-        t = t.int()
+        narrowed = t.int()
+        # (checked before the values are: 2**32 + 5 would pass every later check as 5)
+        if t.numel() and index_values_readable(device) and _check_values() and not torch.equal(narrowed, t):
+            lo, hi = torch.stack(torch.aminmax(t)).tolist()
+            raise ArgumentError(f"{name}: values must fit in int32, got {hi if hi >= 2**31 else lo}")
+        t = narrowed
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -269,19 +269,18 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
             lengths_k = lengths
     capacity = block_table.shape[1] * page_size if block_table is not None else None
     if seqused_k is not None:
-        # the keys a sequence has: its cu_seqlens_k length, its pages, the longest allowed
+        # the keys a sequence has: its cu_seqlens_k length, the longest allowed (its pages below)
         limits = []
         for b in range(seqused_k.shape[0]):
-            bounds = [x for x in (lengths_k[b] if lengths_k else None, capacity, max_seqlen_k or None)
-                      if x is not None]
+            bounds = [x for x in (lengths_k[b] if lengths_k else None, max_seqlen_k or None) if x is not None]
             limits.append(min(bounds) if bounds else None)
         for b, (used, limit) in enumerate(zip(seqused_k.tolist(), limits)):
-            if capacity is not None and used > capacity:  # (the pages are what is short)
+            if used < 0 or (limit is not None and used > limit):
+                raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
+            if capacity is not None and used > capacity:  # (within its other limits: the pages are short)
                 raise ArgumentError(f"{names['block_table']}: {block_table.shape[1]} pages of {page_size} keys per "
                                     f"sequence hold fewer than the {used} keys sequence {b} uses "
                                     f"({names['seqused_k']})")
-            if used < 0 or (limit is not None and used > limit):
-                raise ArgumentError(f"{names['seqused_k']}: sequence {b} uses {used} keys, outside [0, {limit}]")
     if block_table is not None:
         used = seqused_k.tolist() if seqused_k is not None else (lengths_k or [capacity] * block_table.shape[0])
         check_used_pages(block_table, [min(n, capacity) for n in used], page_size, num_pages, names["block_table"],

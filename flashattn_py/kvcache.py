@@ -175,8 +175,8 @@ def flash_attn_with_kvcache(
         k, v: None, or the step's new keys / values (B, S_new, Hk, D): written IN PLACE into
             the caches at slots ``cache_seqlens[b] .. + S_new`` (through the block table when
             paged), then attended.
-        rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2) (rotary_dim even, <= D;
-            only with k and v): the new keys are rotated at their slots, q at
+        rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2) in q's dtype
+            (rotary_dim even, <= D; only with k and v): the new keys are rotated at their slots, q at
             ``cache_seqlens[b] + i`` when causal or windowed, else every query at
             ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (0, 1), (2, 3), ... (GPT-J) or
             (i, i + rotary_dim / 2) (GPT-NeoX).
@@ -226,6 +226,8 @@ def flash_attn_with_kvcache(
             raise ArgumentError("cache_seqlens: required with new keys (where do they go?)")
         cache_seqlens = capacity
     if isinstance(cache_seqlens, int):
+        if not -2**31 <= cache_seqlens < 2**31:
+            raise ArgumentError(f"cache_seqlens: {cache_seqlens} does not fit in int32")
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, device, 1)
     if cache_seqlens.shape[0] != batch:

@@ -455,8 +455,12 @@ def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: in
     tensors' lengths, packed or not; a paged call's pages per sequence) plus the diagonal's
     offset."""
     seq = 2 if heads_first else 1
-    keys = block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[seq]
-    limit = q.shape[seq] + keys + abs(diag_offset)
+    sizes = (q.shape[seq], *((block_table.shape[1], k.shape[1]) if block_table is not None else (k.shape[seq],)),
+             diag_offset)
+    if all(type(x) is int for x in sizes):
+        limit = sizes[0] + (sizes[1] * sizes[2] if block_table is not None else sizes[1]) + abs(diag_offset)
+    else:  # symbolic sizes (torch.compile, export): comparing with them would add a guard
+        limit = 2**30
     return (-1 if left >= limit else left), (-1 if right >= limit else right)
 
 

@@ -89,8 +89,7 @@ def _dkdv_blocks(
             lse = tl.load(Lse_base + rows, mask=rows < seqlen_q, other=0.0)
             delta = tl.load(Delta_base + rows, mask=rows < seqlen_q, other=0.0)
             # rows with no visible key have lse = -inf; their p is masked to 0 below
-            empty = lse == float("-inf")
-            lse2 = tl.where(empty, 0.0, lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         else:
             lse2 = tl.load(Lse_base + rows) * 1.4426950408889634
             delta = tl.load(Delta_base + rows)
@@ -123,8 +122,10 @@ def _dkdv_blocks(
             dpT = tl.where(keepT, dpT * inv_keep, 0.0)
         dsT = pT * (dpT - delta[None, :])
         if MASK or HAS_BIAS:
-            # a row that sees no key gets dS 0, not 0 x the dP of an infinite V
-            dsT = tl.where(empty[None, :], 0.0, dsT)
+            # dS 0 where P is 0 (a key the row does not see; every key of a row that sees
+            # none, or past the last row), not 0 x the dP of an infinite V. (Tested on P, not
+            # on an empty-row vector: that one kept more registers live and spilled.)
+            dsT = tl.where(pT == 0.0, 0.0, dsT)
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
@@ -239,7 +240,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse2, empty, delta, K_base, V_base, stride_ks, stride_vs,
+    dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
     start_n, end_n, rows, offs_n, offs_d, offs_dv,
     seqlen_q, seqlen_k, head_dim, head_dim_v,
     qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
@@ -266,10 +267,10 @@ def _dq_blocks(
             keep = dropout_keep(seed, drop_rows[:, None] + cols[None, :], p_drop)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        if MASK or HAS_BIAS:
-            # a row that sees no key gets dS 0 (dbias and dk too), not 0 x an infinite dP
-            ds = tl.where(empty[:, None], 0.0, ds)
         if BIAS_GRAD:
+            # the bias gradient is 0 where P is 0, not 0 x an infinite dP (dq of a row that
+            # sees no key is zeroed once, at the end)
+            ds = tl.where(p == 0.0, 0.0, ds)
             # dL/d(final logit), before the softcap derivative; 0 where not visible
             tl.store(db_rows + cols[None, :], ds, mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
         if HAS_SOFTCAP:
@@ -323,8 +324,7 @@ def _dq_kernel(
     q = load_rows(Q_base, rows64 * stride_qs, rows, seqlen_q_b, offs_d, head_dim, True, not EVEN_D)
     do = load_rows(DO_base, rows64 * stride_dos, rows, seqlen_q_b, offs_dv, head_dim_v, True, not EVEN_DV)
     lse = tl.load(Lse + lse_rows, mask=rows < seqlen_q_b, other=0.0)
-    empty = lse == float("-inf")
-    lse2 = tl.where(empty, 0.0, lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(Delta + lse_rows, mask=rows < seqlen_q_b, other=0.0)
     slope2, bias_rows = head_bias_terms(Alibi, Bias, b, h, rows64, stride_ab, stride_bb, stride_bh, stride_bm,
                                         HAS_ALIBI, HAS_BIAS)
@@ -343,14 +343,14 @@ def _dq_kernel(
     # the element mask, the interior ones do not
     for run in tl.static_range(3):
         start, stop = block_run(run, lo, a, bb, end)
-        dq = _dq_blocks(dq, q, do, lse2, empty, delta, K_base, V_base, stride_ks, stride_vs,
+        dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_ks, stride_vs,
                         start, stop, rows, offs_n, offs_d, offs_dv, seqlen_q_b, seqlen_k_b, head_dim, head_dim_v,
                         qk_scale2, softcap_in, softcap2, slope2, diag, left, right,
                         bias_rows, stride_bn, db_rows, seed, drop_rows, p_drop, inv_keep,
                         run != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_IS_BOOL, HAS_DROPOUT,
                         BIAS_GRAD, EVEN_D, EVEN_DV, PREC, BLOCK_N)
     # A row that sees no key gets dq 0 (its p is 0, but 0 x the dp of an infinite V is NaN).
-    dq = tl.where(empty[:, None], 0.0, dq * scale)
+    dq = tl.where((lse == float("-inf"))[:, None], 0.0, dq * scale)
     dq_ptrs = DQ_base + rows64[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_d[None, :] < head_dim))
 

@@ -240,6 +240,7 @@ def _bad_calls():
         (dict(k=new, v=new, cache_seqlens=2, rotary_cos=cos[:, :4], rotary_sin=cos[:, :4] > 0),
          r"rotary_sin: expected q's dtype torch.float32, got torch.bool"),
         (dict(k=new.half(), v=new.half(), cache_seqlens=2), r"k: must match the cache's dtype"),
+        (dict(cache_seqlens=2**31), r"cache_seqlens: 2147483648 does not fit in int32"),
         (dict(k=torch.randn(2, 1, 3, 16), v=new, cache_seqlens=2), r"k: expected \(B, S_new, Hk, D\)"),
         (dict(k=new, v=new, cache_seqlens=2, block_table=torch.tensor([[0], [5]], dtype=torch.int32)),
          r"block_table: entry 1's pages must be in"),

@@ -348,13 +348,15 @@ def test_paged_rejects_bad_pages():
     q = torch.randn(4, 2, 8)
     pool = torch.randn(3, 2, 2, 8)
     cu = offsets([4])
-    for table, seqused, match in (
-            ([[0, 3]], [4], r"block_table: sequence 0's pages must be in \[0, 3\)"),
-            ([[0, 1]], [5], r"block_table: 2 pages of 2 keys per sequence hold fewer than the 5 keys sequence 0 uses"),
-            ([[0, 2**32 + 1]], [4], r"block_table: values must fit in int32, got 4294967297")):
+    for table, seqused, max_k, match in (
+            ([[0, 3]], [4], 4, r"block_table: sequence 0's pages must be in \[0, 3\)"),
+            ([[0, 1]], [5], 4, r"seqused_k: sequence 0 uses 5 keys, outside \[0, 4\]"),
+            ([[0, 1]], [5], 8, r"block_table: 2 pages of 2 keys per sequence hold fewer than the 5 keys sequence 0 uses"),
+            ([[0, 2**32 + 1]], [4], 4, r"block_table: values must fit in int32, got 4294967297")):
         dtype = torch.int64 if max(table[0]) >= 2**31 else torch.int32
         with pytest.raises(ValueError, match=match):
-            flashattn_py.varlen_attn(q, pool, pool, cu, None, 4, 4, seqused_k=torch.tensor(seqused, dtype=torch.int32),
+            flashattn_py.varlen_attn(q, pool, pool, cu, None, 4, max_k,
+                                     seqused_k=torch.tensor(seqused, dtype=torch.int32),
                                      block_table=torch.tensor(table, dtype=dtype))
 
 

@@ -52,8 +52,9 @@ inline __m256 load_pairs8(const c10::BFloat16* x, int64_t e) {
 }
 
 // The packers move whole pairs in 8 x 8 word blocks through tiles::transpose8, as
-// tiles.h's do, and the rest (an odd d's last pair, the last panel's keys) pair by pair
-// (faster than pair by pair throughout: benchmarks/RESULTS.md 'What was tried').
+// tiles.h's do (a last panel's missing keys as zero rows), and the rest (an odd d's last
+// pair) pair by pair (faster than pair by pair throughout: benchmarks/RESULTS.md 'What was
+// tried').
 // Q rows [0, rows) (row stride ld, d columns), unscaled: the layout above; rows past
 // `rows` in the last group are zero.
 inline void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {

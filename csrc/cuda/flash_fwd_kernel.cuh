@@ -58,7 +58,7 @@ __device__ __forceinline__ void mma16816_x2_mt(float (&acc)[kMT][kN][4], int np,
 // lse (natural log) of a row from its max m (log2 domain) and its total l: -inf for a
 // row with no visible key.
 __device__ __forceinline__ float row_lse(float m, float l) {
-  return (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
+  return (l != 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;  // (a NaN l stays NaN)
 }
 
 // kSplit: split-KV (flash-decoding, p.num_splits > 1 splits): the grid has num_splits CTAs
@@ -305,8 +305,9 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       // A row that sees no key (l = 0) is written as 0: its acc holds 0 x V, NaN beside an
-      // infinite V, so it is replaced rather than scaled.
-      const bool seen = l > 0.f;
+      // infinite V, so it is replaced rather than scaled. (A NaN l, from a NaN score, is
+      // not 0: that row stays NaN, as on the CPU and in Triton.)
+      const bool seen = l != 0.f;
       const float inv = seen ? 1.f / l : 0.f;
       const auto o_of = [&](float a) { return seen ? a * inv : 0.f; };
       const int row = warp_row0 + mt * 16 + g + 8 * r;
