@@ -450,8 +450,8 @@ def _rows_apart(t: Tensor, seq: int) -> Tensor:
 def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: int, heads_first: bool,
                      block_table: Optional[Tensor]) -> tuple[int, int]:
     """A window side too long to hide any key of the call as -1 (unbounded), the same
-    keys: the kernels add it to row and key positions in 32 bits (Triton, CUDA), where a
-    side near 2**31 would wrap. Bound: every query and key position of any sequence (the
+    keys: the Triton kernels add it to row and key positions in 32 bits, where a side near
+    2**31 would wrap (the others in 64 bits, near 2**63). Bound: every query and key position of any sequence (the
     tensors' lengths, packed or not; a paged call's pages per sequence) plus the diagonal's
     offset."""
     seq = 2 if heads_first else 1

@@ -163,6 +163,8 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         diag_offset = 0 if packed else k.shape[1] - q.shape[1]
     elif not isinstance(diag_offset, int):
         raise ArgumentError(f"diag_offset: expected an int or None, got {type(diag_offset).__name__}")
+    elif not -2**30 < diag_offset < 2**30:  # (the GPU kernels add it to positions in 32 bits)
+        raise ArgumentError(f"diag_offset: must be within +-2**30, got {diag_offset}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return BlockOptions(scale, window[0], window[1], int(diag_offset), float(softcap), alibi_slopes, cu_seqlens_q,
                         cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(deterministic))

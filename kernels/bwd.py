@@ -43,6 +43,7 @@ from .common import (
     tile_flags,
     visible,
     visible_t,
+    window_sides,
 )
 from .fwd import alibi_args, score_params
 
@@ -454,7 +455,7 @@ def flash_bwd(dout, q, k, v, out, lse, alibi_slopes, scale: float, softcap: floa
     has_drop, rng, p_drop = dropout_state(dropout_p, rng_state, q.device)
     inv_keep = 1.0 / (1.0 - p_drop) if p_drop < 1.0 else 0.0
     drop_args = (rng if has_drop else lse, p_drop, inv_keep)
-    left, right = int(window_left), int(window_right)
+    left, right = window_sides(window_left, window_right, q, k, diag_offset)
     group = num_heads // num_heads_k
     bucket = seq_bucket(max(seqlen_q, seqlen_k))
     kwargs = dict(

@@ -626,6 +626,15 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
 # ----------------------------------------------------------------------------- bias, dropout
 
 
+def window_sides(window_left: int, window_right: int, q: torch.Tensor, k: torch.Tensor,
+                 diag_offset: int) -> tuple[int, int]:
+    """(left, right) as the kernels take them: a side at least as long as every query and
+    key row of the tensors (plus |diag_offset|) as -1, which removes the same keys (the
+    kernels add the sides to positions in 32 bits, where a side near 2**31 would wrap)."""
+    limit = q.shape[0] * q.shape[1] + k.shape[0] * k.shape[1] + abs(int(diag_offset))
+    return tuple(-1 if int(w) >= limit else int(w) for w in (window_left, window_right))
+
+
 def bias_args(attn_bias, q, shape):
     """(pointer tensor, 4 strides, is_bool) for an attention bias / bool mask.
 

@@ -291,26 +291,30 @@ def test_key_padding_long_keys_and_neg_inf_float_bias():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mask", ["causal", "float bias + causal"])
+@pytest.mark.parametrize("mask", ["causal", "float bias + causal", "bool mask"])
 def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(dtype, mask):
-    # The first 50 rows of a bottom-right causal 150 x 100 see no key and share tiles with
-    # rows that see key 0, whose V is infinite: out, dq and the bias gradient of those
-    # rows are 0 (not 0 x inf = NaN), lse -inf.
+    # Rows that see no key (the first 50 of a bottom-right causal 150 x 100, or rows 0-9 of
+    # a bool mask) share tiles with rows that see key 0, whose V is infinite: out, dq and
+    # the bias gradient of those rows are 0 (not 0 x inf = NaN), lse -inf.
     gen = torch.Generator().manual_seed(13)
     q, k, v = (torch.randn(1, s, 2, 64, generator=gen).to(DEV, dtype) for s in (150, 100, 100))
     v[0, 0] = float("inf")
-    bias = None
-    if mask == "float bias + causal":
+    bias, wr, off, empty = None, 0, -50, 50
+    if mask == "bool mask":
+        bias = torch.ones(1, 1, 150, 100, dtype=torch.bool, device=DEV)
+        bias[..., :10, :] = False
+        wr, off, empty = -1, 0, 10
+    elif mask == "float bias + causal":
         bias = torch.randn(1, 2, 150, 100, generator=gen).to(DEV, dtype).requires_grad_()
-    out, lse = _fwd(q, k, v, 0.125, bias=bias, wr=0, off=-50)
-    assert torch.equal(out[0, :50], torch.zeros_like(out[0, :50]))
-    assert torch.isneginf(lse[0, :, :50]).all()
+    out, lse = _fwd(q, k, v, 0.125, bias=bias, wr=wr, off=off)
+    assert torch.equal(out[0, :empty], torch.zeros_like(out[0, :empty]))
+    assert torch.isneginf(lse[0, :, :empty]).all()
     q.requires_grad_()
-    out = _runner(0.125, bias=bias, wr=0, off=-50)(q, k, v)
+    out = _runner(0.125, bias=bias, wr=wr, off=off)(q, k, v)
     out.backward(torch.randn(out.shape, generator=gen).to(DEV, dtype))
-    assert torch.equal(q.grad[0, :50], torch.zeros_like(q.grad[0, :50]))
-    if bias is not None:
-        assert torch.equal(bias.grad[..., :50, :], torch.zeros_like(bias.grad[..., :50, :]))
+    assert torch.equal(q.grad[0, :empty], torch.zeros_like(q.grad[0, :empty]))
+    if bias is not None and bias.requires_grad:
+        assert torch.equal(bias.grad[..., :empty, :], torch.zeros_like(bias.grad[..., :empty, :]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -129,3 +129,19 @@ def test_without_new_keys(num_splits):
     # k = v = None: attend the cache as it is (head dim 96 bucket, no causal).
     _run_and_check(dtype=torch.bfloat16, paged=False, num_splits=num_splits, sq=1, s_new=0, d=80, causal=False,
                    leftpad=True, seed=2)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_nan_query_row_stays_nan(num_splits):
+    # A NaN in one query head (NaN scores over every key): that row's out and lse are NaN,
+    # split or not (the max skips NaN: the row's lse was -inf, and the split combine then
+    # wrote 0), the other heads finite.
+    gen = torch.Generator().manual_seed(5)
+    q = _randn(gen, 1, 1, H, 64, dtype=torch.bfloat16)
+    q[0, 0, 3, 0] = float("nan")
+    k_cache, v_cache = (_randn(gen, 1, CAPACITY, HK, 64, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=CAPACITY, num_splits=num_splits,
+                                                    return_softmax_lse=True)
+    others = [h for h in range(H) if h != 3]
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(lse[0, 3, 0])
+    assert torch.isfinite(out[0, 0, others]).all() and torch.isfinite(lse[0, others]).all()

@@ -292,3 +292,9 @@ def _qkv(b=1, sq=6, sk=8, h=2, hk=2, d=16, dv=16):
 def test_wrong_arguments_are_named(call, name):
     with pytest.raises(flashattn_py.ArgumentError, match=rf"(^|\W){name}\W"):
         call()
+
+
+def test_diag_offset_past_2_30_is_refused():
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"diag_offset: must be within \+-2\*\*30, got 2147483638"):
+        flashattn_py.attention_forward(q, q, q, diag_offset=2**31 - 10)

@@ -154,18 +154,48 @@ def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(device):
 
 
 @pytest.mark.parametrize("device", HERE_AND_GPU)
-def test_rows_that_see_no_key_get_zero_bias_gradient_beside_an_infinite_value(device):
-    # The first 50 rows see no key (bottom-right causal, 150 x 100): their dS is 0, so the
-    # bias gradient (and dq) of those rows are 0, not 0 x the infinite dP of key 0.
+@pytest.mark.parametrize("mask", ["float bias + causal", "bool mask"])
+def test_rows_that_see_no_key_get_zero_bias_gradient_beside_an_infinite_value(mask, device):
+    # Rows emptied by the causal band (the first 50 of 150 x 100, bottom-right) or by a bool
+    # mask (rows 0-9), sharing blocks with rows that see key 0, whose V is infinite: out,
+    # dq and the bias gradient of those rows are 0, not 0 x the infinite dP of key 0.
     gen = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(1, s, 2, 32, generator=gen).to(device) for s in (150, 100, 100))
     v[0, 0] = float("inf")
-    bias = torch.randn(1, 2, 150, 100, generator=gen).to(device).requires_grad_()
+    if mask == "bool mask":
+        bias = torch.ones(1, 1, 150, 100, dtype=torch.bool)
+        bias[..., :10, :] = False
+        run, empty = make_run(attn_bias=bias.to(device)), 10
+    else:
+        bias = torch.randn(1, 2, 150, 100, generator=gen).to(device).requires_grad_()
+        run, empty = make_run(window_right=0, diag_offset=-50, attn_bias=bias), 50
     q.requires_grad_()
-    out = make_run(window_right=0, diag_offset=-50, attn_bias=bias)(q, k, v)
+    out = run(q, k, v)
+    assert torch.equal(out[0, :empty].detach(), torch.zeros_like(out[0, :empty]))
     out.backward(torch.randn(out.shape, generator=gen).to(device))
-    assert torch.equal(q.grad[0, :50], torch.zeros_like(q.grad[0, :50]))
-    assert torch.equal(bias.grad[..., :50, :], torch.zeros_like(bias.grad[..., :50, :]))
+    assert torch.equal(q.grad[0, :empty], torch.zeros_like(q.grad[0, :empty]))
+    if bias.requires_grad:
+        assert torch.equal(bias.grad[..., :empty, :], torch.zeros_like(bias.grad[..., :empty, :]))
+
+
+@pytest.mark.parametrize("device", HERE_AND_GPU)
+def test_window_sides_near_int32_max_are_no_bound(device):
+    # Called on the kernels directly (no ops.attention in between): a side near 2**31 is
+    # the unbounded call (it wrapped in the kernels' 32-bit positions: every row empty; a
+    # left side with Sq > Sk loaded keys from about -2**31).
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(1, s, 2, 16, generator=gen).to(device) for s in (40, 30, 30))
+    fwd = _kernels.fwd.flash_fwd
+    for sq in (40, 3):  # the block kernel and the decode kernel
+        want = fwd(q[:, :sq], k, v, None, 0.25, 0.0, -1, -1, 30 - sq)
+        for window in ((2**31 - 1, -1), (-1, 2**31 - 1), (2**31 - 40, 2**31 - 40)):
+            got = fwd(q[:, :sq], k, v, None, 0.25, 0.0, *window, 30 - sq)
+            assert all(torch.equal(a, b) for a, b in zip(want[:2], got[:2]))
+    out, lse = fwd(q, k, v, None, 0.25, 0.0, -1, -1, -10)[:2]
+    dout = torch.randn(out.shape, generator=gen).to(device)
+    want = _kernels.bwd.flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, -1, -1, -10)
+    got = _kernels.bwd.flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, 2**31 - 1, 2**31 - 1, -10)
+    assert all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
 
 
 @pytest.mark.parametrize("device", HERE_AND_GPU)

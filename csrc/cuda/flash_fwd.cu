@@ -76,7 +76,8 @@ int64_t num_splits_heuristic(int64_t ctas, int64_t slots, int64_t n_kblocks, int
 
 // Merges the key splits of the split-KV forward: per query row (one warp each, 4 rows per
 // CTA, on the 1-D grid of grid_pos), lse = log sum_s exp(lse_s), out = sum_s exp(lse_s -
-// lse) O_s (splits without keys, lse_s = -inf, count 0; no keys at all: out 0, lse -inf).
+// lse) O_s (splits without keys, lse_s = -inf, count 0; no keys at all: out 0, lse -inf;
+// a NaN lse_s: out and lse NaN).
 template <typename T>
 __global__ void __launch_bounds__(128) flash_fwd_combine_kernel(const FwdArgs args) {
   constexpr int kRows = 4;
@@ -90,8 +91,16 @@ __global__ void __launch_bounds__(128) flash_fwd_combine_kernel(const FwdArgs ar
   const int64_t rows = lse_rows(p);
   const int64_t idx = s.lse_row + pos.h * lse_head_stride(p) + i;
   const float* lse_s = args.lse_accum + idx;
+  // (fmaxf drops a NaN: a split's NaN lse, a NaN score's row, is carried apart so that
+  // the row stays NaN, as unsplit)
   float m = -INFINITY;
-  for (int sp = lane; sp < ns; sp += 32) m = fmaxf(m, lse_s[sp * rows]);
+  bool nan = false;
+  for (int sp = lane; sp < ns; sp += 32) {
+    const float l = lse_s[sp * rows];
+    nan |= l != l;
+    m = fmaxf(m, l);
+  }
+  nan = __any_sync(0xffffffffu, nan);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float sum = 0.f;
@@ -100,7 +109,7 @@ __global__ void __launch_bounds__(128) flash_fwd_combine_kernel(const FwdArgs ar
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  const float lse = (m != -INFINITY && sum > 0.f) ? m + __logf(sum) : -INFINITY;
+  const float lse = nan ? __int_as_float(0x7fc00000) : (m != -INFINITY && sum > 0.f) ? m + __logf(sum) : -INFINITY;
   if (lane == 0) static_cast<float*>(p.lse)[idx] = lse;
   T* out = static_cast<T*>(p.out) + pos.b * p.o_batch_stride + (s.q_start + i) * p.o_row_stride +
            pos.h * p.o_head_stride;

@@ -58,7 +58,8 @@ __device__ __forceinline__ void mma16816_x2_mt(float (&acc)[kMT][kN][4], int np,
 // lse (natural log) of a row from its max m (log2 domain) and its total l: -inf for a
 // row with no visible key.
 __device__ __forceinline__ float row_lse(float m, float l) {
-  return (l != 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;  // (a NaN l stays NaN)
+  // (a NaN l, from NaN scores, gives NaN: the max skips NaN, so m may still be -inf there)
+  return l != l ? l : (l > 0.f && m != -INFINITY) ? (m + __log2f(l)) * kLn2 : -INFINITY;
 }
 
 // kSplit: split-KV (flash-decoding, p.num_splits > 1 splits): the grid has num_splits CTAs
