@@ -6,8 +6,9 @@
 // pages per call), so such an output of a torch.empty often starts as pages the kernel
 // must fault in and zero on first write: 10-30 % of a packed-sequence forward or training
 // step on the development VM (benchmarks/RESULTS.md). Here an output's memory goes back to
-// a pool when its tensor is freed, and the next output that fits takes it, already mapped: as the CUDA caching
-// allocator does for GPU memory, and as jemalloc or tcmalloc would for the whole process.
+// a pool when its tensor is freed, and the next output that fits takes it, already
+// mapped: as the CUDA caching allocator does for GPU memory, and as jemalloc or tcmalloc
+// would for the whole process.
 // The pool holds at most FLASHATTN_CPU_POOL_MB MiB (default 512; 0: every block is
 // unmapped when freed); a freed block that does not fit evicts the largest kept ones
 // (or, larger than the limit, is unmapped). New blocks are mapped on 2 MiB boundaries and

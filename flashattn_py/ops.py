@@ -451,14 +451,14 @@ def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: in
                      block_table: Optional[Tensor]) -> tuple[int, int]:
     """A window side too long to hide any key of the call as -1 (unbounded), the same
     keys: the Triton kernels add it to row and key positions in 32 bits, where a side near
-    2**31 would wrap (the others in 64 bits, near 2**63). Bound: every query and key position of any sequence (the
-    tensors' lengths, packed or not; a paged call's pages per sequence) plus the diagonal's
-    offset."""
+    2**31 would wrap (the others in 64 bits, near 2**63). Bound: every query and key
+    position of any sequence (the tensors' lengths, packed or not; a paged call's pages per
+    sequence) plus the diagonal's offset. (The Triton launchers do the same on the tensors
+    they are given, kernels/common.py window_sides, for calls that reach them directly.)"""
     seq = 2 if heads_first else 1
-    sizes = (q.shape[seq], *((block_table.shape[1], k.shape[1]) if block_table is not None else (k.shape[seq],)),
-             diag_offset)
+    sizes = (q.shape[seq], k.shape[seq] if block_table is None else block_table.shape[1] * k.shape[1], diag_offset)
     if all(type(x) is int for x in sizes):
-        limit = sizes[0] + (sizes[1] * sizes[2] if block_table is not None else sizes[1]) + abs(diag_offset)
+        limit = sizes[0] + sizes[1] + abs(diag_offset)
     else:  # symbolic sizes (torch.compile, export): comparing with them would add a guard
         limit = 2**30
     return (-1 if left >= limit else left), (-1 if right >= limit else right)

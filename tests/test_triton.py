@@ -185,16 +185,15 @@ def test_window_sides_near_int32_max_are_no_bound(device):
     # left side with Sq > Sk loaded keys from about -2**31).
     gen = torch.Generator().manual_seed(15)
     q, k, v = (torch.randn(1, s, 2, 16, generator=gen).to(device) for s in (40, 30, 30))
-    fwd = _kernels.fwd.flash_fwd
     for sq in (40, 3):  # the block kernel and the decode kernel
-        want = fwd(q[:, :sq], k, v, None, 0.25, 0.0, -1, -1, 30 - sq)
+        want = flash_fwd(q[:, :sq], k, v, None, 0.25, 0.0, -1, -1, 30 - sq)
         for window in ((2**31 - 1, -1), (-1, 2**31 - 1), (2**31 - 40, 2**31 - 40)):
-            got = fwd(q[:, :sq], k, v, None, 0.25, 0.0, *window, 30 - sq)
+            got = flash_fwd(q[:, :sq], k, v, None, 0.25, 0.0, *window, 30 - sq)
             assert all(torch.equal(a, b) for a, b in zip(want[:2], got[:2]))
-    out, lse = fwd(q, k, v, None, 0.25, 0.0, -1, -1, -10)[:2]
+    out, lse = flash_fwd(q, k, v, None, 0.25, 0.0, -1, -1, -10)[:2]
     dout = torch.randn(out.shape, generator=gen).to(device)
-    want = _kernels.bwd.flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, -1, -1, -10)
-    got = _kernels.bwd.flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, 2**31 - 1, 2**31 - 1, -10)
+    want = flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, -1, -1, -10)
+    got = flash_bwd(dout, q, k, v, out, lse, None, 0.25, 0.0, 2**31 - 1, 2**31 - 1, -10)
     assert all(torch.equal(a, b) for a, b in zip(want[:3], got[:3]))
 
 
@@ -225,7 +224,7 @@ def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_split
     q = torch.randn(1, 6, 4, 32, generator=gen).to(device)
     k, v = (torch.randn(1, 4, 2, 32, generator=gen).to(device) for _ in range(2))
     v[0, 0] = float("inf")
-    out, lse = _kernels.fwd.flash_fwd(q, k, v, None, 0.2, 0.0, -1, 0, -2, num_splits=num_splits)[:2]
+    out, lse = flash_fwd(q, k, v, None, 0.2, 0.0, -1, 0, -2, num_splits=num_splits)[:2]
     assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
     assert torch.isneginf(lse[0, :, :2]).all()
 

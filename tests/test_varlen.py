@@ -351,7 +351,8 @@ def test_paged_rejects_bad_pages():
     for table, seqused, max_k, match in (
             ([[0, 3]], [4], 4, r"block_table: sequence 0's pages must be in \[0, 3\)"),
             ([[0, 1]], [5], 4, r"seqused_k: sequence 0 uses 5 keys, outside \[0, 4\]"),
-            ([[0, 1]], [5], 8, r"block_table: 2 pages of 2 keys per sequence hold fewer than the 5 keys sequence 0 uses"),
+            ([[0, 1]], [5], 8,
+             r"block_table: 2 pages of 2 keys per sequence hold fewer than the 5 keys sequence 0 uses"),
             ([[0, 2**32 + 1]], [4], 4, r"block_table: values must fit in int32, got 4294967297")):
         dtype = torch.int64 if max(table[0]) >= 2**31 else torch.int32
         with pytest.raises(ValueError, match=match):

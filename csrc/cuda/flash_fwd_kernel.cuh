@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       // infinite V, so it is replaced rather than scaled. (A NaN l, from a NaN score, is
       // not 0: that row stays NaN, as on the CPU and in Triton.)
       const bool seen = l != 0.f;
-      const float inv = seen ? 1.f / l : 0.f;
+      const float inv = 1.f / l;  // (used only where seen)
       const auto o_of = [&](float a) { return seen ? a * inv : 0.f; };
       const int row = warp_row0 + mt * 16 + g + 8 * r;
       if constexpr (kSplit) {
@@ -318,7 +318,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
           float* o = args.oaccum + (row0 + row) * args.oaccum_row + 2 * t4;
 #pragma unroll
           for (int dt = 0; dt < kDT; ++dt) {
-            *reinterpret_cast<float2*>(o + dt * 8) = make_float2(o_of(acc_o[mt][dt][2 * r]), o_of(acc_o[mt][dt][2 * r + 1]));
+            *reinterpret_cast<float2*>(o + dt * 8) =
+                make_float2(o_of(acc_o[mt][dt][2 * r]), o_of(acc_o[mt][dt][2 * r + 1]));
           }
         }
       } else {
