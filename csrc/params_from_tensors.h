@@ -168,7 +168,7 @@ constexpr Layout HEADS_FIRST{2, 1};
   X(double, float, softcap)                                                                             \
   X(int64_t, int, window_left)                                                                          \
   X(int64_t, int, window_right)                                                                         \
-  X(int64_t, int, diag_offset)                                                                          \
+  X(int64_t, SymInt, diag_offset)                                                                       \
   X(double, float, dropout_p)                                                                           \
   X(const OptTensor&, Tensor?, rng_state) /* int64 [seed, offset] */
 #define FLASHATTN_PROBLEM_ARGS(X)                                                                       \

@@ -89,7 +89,7 @@ _OPTIONS = (
     Arg("softcap", "float", 0.0),
     Arg("window_left", "int", -1),
     Arg("window_right", "int", -1),
-    Arg("diag_offset", "int", 0),
+    Arg("diag_offset", "SymInt", 0),  # (Sk - Sq in a bottom-right call: symbolic under torch.compile)
     Arg("dropout_p", "float", 0.0),
     Arg("rng_state", "Tensor?"),  # int64 [seed, offset] when dropout_p > 0
     # Packed sequences and paged K/V (docs/design.md, "Packed sequences and paged K/V"):

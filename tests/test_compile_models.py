@@ -102,6 +102,38 @@ def test_export_flash_attn_func_module():
     torch.testing.assert_close(ep_dyn.module()(x3), model(x3))
 
 
+
+def test_compile_dynamic_query_and_key_lengths_without_recompiles():
+    # A bottom-right causal call's diagonal offset is Sk - Sq: an int argument of the op
+    # would make each difference a new graph (a guard on it); as SymInt it stays symbolic.
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    @torch.compile(backend=backend, fullgraph=True, dynamic=True)
+    def step(q, k, v):
+        return flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(6, 0))
+
+    gen = torch.Generator().manual_seed(0)
+    # (distinct lengths from the first call on: equal ones would be duck-sized together)
+    for sq, sk in ((5, 9), (7, 20), (12, 13), (3, 31)):
+        q = torch.randn(2, sq, 2, 16, generator=gen, requires_grad=True)
+        k, v = (torch.randn(2, sk, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+        out = step(q, k, v)
+        out.sum().backward()
+        grads = [t.grad for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        want = flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(6, 0))
+        want.sum().backward()
+        torch.testing.assert_close(out, want)
+        for g, t in zip(grads, (q, k, v)):
+            torch.testing.assert_close(g, t.grad)
+    assert len(graphs) == 1, f"compiled {len(graphs)} graphs"
+
 @pytest.mark.slow
 def test_gpt_block_patched_inductor():
     block, x = _gpt_block_case()
