@@ -8,6 +8,7 @@ Two conventions, one computation (docs/design.md, "What every backend computes")
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 from typing import Optional
@@ -92,10 +93,21 @@ def _check_dropout(dropout_p: float) -> None:
         raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p}")
 
 
+def window_sides(window_size) -> tuple[int, int]:
+    """``window_size`` (left, right) as two ints, each >= -1 (-1: unbounded); anything else
+    (a float side, which int() would truncate, None, a third side) an ArgumentError."""
+    try:
+        left, right = (w if isinstance(w, torch.SymInt) else operator.index(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"window_size: expected (left, right) ints, each >= -1, got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ArgumentError(f"window_size: expected (left, right) with each >= -1, got {(left, right)}")
+    return left, right
+
+
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> None:
     _check_dropout(dropout_p)
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ArgumentError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
+    window_sides(window_size)
     if softcap < 0:
         raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
     num_heads = q.shape[-2]
@@ -116,7 +128,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     """flash_attn_func on validated (B, S, H, D) inputs."""
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    window_left, window_right = int(window_size[0]), int(window_size[1])
+    window_left, window_right = window_sides(window_size)
     if causal:
         window_right = 0
     diag_offset = k.shape[1] - seqlen_q
@@ -290,6 +302,40 @@ def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor]
                                 f"sequence hold fewer than its longest sequence ({max(lengths_k)} keys)")
 
 
+def checked_packed(cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                   total_q: int, total_k: Optional[int], seqused_k: Optional[Tensor], block_table: Optional[Tensor],
+                   page_size: int, num_pages: int, names: dict) -> Tensor:
+    """_check_packed now, or, while torch.compile traces (the values unknown), where the
+    compiled graph runs: through the op ``flashattn::check_packed``, whose output, a copy
+    of ``cu_seqlens_q``, the call then uses (so no compiler drops the check). Returns the
+    cu_seqlens_q to use."""
+    if _check_values():
+        _check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k, seqused_k,
+                      block_table, page_size, num_pages, names)
+        return cu_seqlens_q
+    if not index_values_readable(cu_seqlens_q.device):
+        return cu_seqlens_q
+    return _check_packed_op(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q,
+                            -1 if total_k is None else total_k, seqused_k, block_table, page_size, num_pages,
+                            ",".join(names[n] for n in FLASH_NAMES))
+
+
+@torch.library.custom_op("flashattn::check_packed", mutates_args=())
+def _check_packed_op(cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                     total_q: int, total_k: int, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
+                     page_size: int, num_pages: int, names: str) -> Tensor:
+    """checked_packed's check in a compiled graph (total_k -1: paged; names: the arguments'
+    names in FLASH_NAMES' order, comma-separated): cu_seqlens_q's copy once the values pass."""
+    _check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, None if total_k < 0 else total_k,
+                  seqused_k, block_table, page_size, num_pages, dict(zip(FLASH_NAMES, names.split(","))))
+    return cu_seqlens_q.clone()
+
+
+@_check_packed_op.register_fake
+def _check_packed_fake(cu_seqlens_q: Tensor, *args) -> Tensor:
+    return torch.empty_like(cu_seqlens_q)
+
+
 def check_used_pages(block_table: Tensor, keys: list[int], page_size: int, num_pages: int, name: str,
                      entry: str) -> None:
     """ValueError unless the pages each row of ``block_table`` uses (enough for its ``keys``)
@@ -311,6 +357,19 @@ def check_used_pages(block_table: Tensor, keys: list[int], page_size: int, num_p
         b = int(bad.any(1).nonzero()[0])
         raise ArgumentError(f"{name}: {entry} {b}'s pages must be in [0, {num_pages}), got "
                             f"{block_table[b, :int(pages_used[b])].tolist()}")
+
+
+def _length(name: str, value) -> int:
+    """A length argument as an int >= 0: an int, a SymInt, or what torch's int arguments
+    also take (a NumPy integer, a one-element integer tensor)."""
+    if not isinstance(value, (int, torch.SymInt)):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise ArgumentError(f"{name}: expected an int >= 0, got {value!r}") from None
+    if value < 0:
+        raise ArgumentError(f"{name}: expected an int >= 0, got {value!r}")
+    return value
 
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
@@ -365,20 +424,19 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         if cu_seqlens_k is None and seqused_k is None:
             raise ArgumentError(f"{n['seqused_k']}: paged K/V (block_table) needs the keys per sequence: "
                                 f"{n['seqused_k']} or {n['cu_seqlens_k']}")
-    for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, (int, torch.SymInt)) or value < 0:
-            raise ArgumentError(f"{n[arg]}: expected an int >= 0, got {value!r}")
+    max_seqlen_q, max_seqlen_k = (_length(n[arg], value) for arg, value in (("max_seqlen_q", max_seqlen_q),
+                                                                            ("max_seqlen_k", max_seqlen_k)))
     _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
-    if _check_values():
-        _check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
-                      None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
+    window = window_sides(window)
+    cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
+                                  None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
                             f"torch.no_grad() or with tensors that do not require grad")
     head_dim = q.shape[-1]
     out, lse = ops.attention(
         q4, k4, v4, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), softcap=float(softcap),
-        alibi_slopes=alibi_slopes, window_left=int(window[0]), window_right=int(window[1]), diag_offset=0,
+        alibi_slopes=alibi_slopes, window_left=window[0], window_right=window[1], diag_offset=0,
         dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
@@ -492,9 +550,7 @@ def flash_attn_varlen_func(
 
 def _causal_window(window_size, causal: bool) -> tuple[int, int]:
     """flash-attn's (window_size, causal) as one window: causal is a right bound of 0."""
-    if len(window_size) != 2:
-        raise ArgumentError(f"window_size: expected (left, right) with each >= -1, got {tuple(window_size)}")
-    left, right = int(window_size[0]), int(window_size[1])
+    left, right = window_sides(window_size)
     return (left, 0) if causal else (left, right)
 
 

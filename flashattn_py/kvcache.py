@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages, index_values_readable
+from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages, index_values_readable, window_sides
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -112,9 +112,8 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
                           seqlen_ro: Optional[int], causal_positions: bool, seqlen_q: int) -> None:
     """The values of the index tensors (ValueError naming the argument, before the cache is
     touched): read on the host for CPU tensors, for GPU tensors only with
-    FLASHATTN_CHECK_INPUTS=1 (that syncs); never while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return
+    FLASHATTN_CHECK_INPUTS=1 (that syncs). While torch.compile traces, where the compiled
+    graph runs (``_checked_kvcache_seqlens``)."""
     if not index_values_readable(cache_seqlens.device):
         return
     paged = block_table is not None
@@ -141,6 +140,39 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
         last = max(lengths) + max(new, seqlen_q if causal_positions else 1) - 1 if lengths else -1
         if last >= seqlen_ro:
             raise ArgumentError(f"rotary_cos: {seqlen_ro} positions, but position {last} is needed")
+
+
+def _checked_kvcache_seqlens(k_cache: Tensor, cache_seqlens: Tensor, new: int, cache_batch_idx: Optional[Tensor],
+                             cache_leftpad: Optional[Tensor], block_table: Optional[Tensor],
+                             seqlen_ro: Optional[int], causal_positions: bool, seqlen_q: int) -> Tensor:
+    """_check_kvcache_values now, or, while torch.compile traces (the values unknown), in
+    the compiled graph before the cache is written: the op ``flashattn::check_kvcache``,
+    whose output, a copy of ``cache_seqlens``, the call then uses (so no compiler drops
+    the check). Returns the cache_seqlens to use."""
+    if not torch.compiler.is_compiling():
+        _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table, seqlen_ro,
+                              causal_positions, seqlen_q)
+        return cache_seqlens
+    if not index_values_readable(cache_seqlens.device):
+        return cache_seqlens
+    return _check_kvcache_op(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table,
+                             -1 if seqlen_ro is None else seqlen_ro, causal_positions, seqlen_q)
+
+
+@torch.library.custom_op("flashattn::check_kvcache", mutates_args=())
+def _check_kvcache_op(k_cache: Tensor, cache_seqlens: Tensor, new: int, cache_batch_idx: Optional[Tensor],
+                      cache_leftpad: Optional[Tensor], block_table: Optional[Tensor], seqlen_ro: int,
+                      causal_positions: bool, seqlen_q: int) -> Tensor:
+    """_checked_kvcache_seqlens' check in a compiled graph (seqlen_ro -1: no rotary):
+    cache_seqlens' copy once the values pass."""
+    _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table,
+                          None if seqlen_ro < 0 else seqlen_ro, causal_positions, seqlen_q)
+    return cache_seqlens.clone()
+
+
+@_check_kvcache_op.register_fake
+def _check_kvcache_fake(k_cache: Tensor, cache_seqlens: Tensor, *args) -> Tensor:
+    return torch.empty_like(cache_seqlens)
 
 
 def flash_attn_with_kvcache(
@@ -257,7 +289,8 @@ def flash_attn_with_kvcache(
         new = k.shape[1]
     if (rotary_cos is None) != (rotary_sin is None):
         raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
-    window = (int(window_size[0]), 0 if causal else int(window_size[1])) if len(window_size) == 2 else window_size
+    left, right = window_sides(window_size)
+    window = (left, 0 if causal else right)
     _check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
     # as flash-attn: a window side at least as long as the cache is no bound (which also
     # decides how q is rotated below)
@@ -279,8 +312,8 @@ def flash_attn_with_kvcache(
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ArgumentError(f"num_splits: expected an int >= 0, got {num_splits!r}")
     causal_positions = causal or window != (-1, -1)
-    _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table, seqlen_ro,
-                          causal_positions, seqlen_q)
+    cache_seqlens = _checked_kvcache_seqlens(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table,
+                                             seqlen_ro, causal_positions, seqlen_q)
 
     # The backend is chosen (and a forced one that can't serve the call refused) before the
     # caches are written.

@@ -153,9 +153,8 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 1:
             raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: expected B + 1 offsets each, got "
                                 f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-        if api._check_values():
-            api._check_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
-                              None, None, 0, 0, api.FLASH_NAMES)
+        cu_seqlens_q = api.checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
+                                          k.shape[0], None, None, 0, 0, api.FLASH_NAMES)
     batch = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
     window = api._causal_window(window_size, causal)
     api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)

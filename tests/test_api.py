@@ -34,6 +34,10 @@ def qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float32):
         (lambda: (qkv()[0].int(), *qkv()[1:]), {}, r"q: dtype must be"),
         (lambda: qkv(d=257), {}, r"q: head dim must be in 1..256"),
         (lambda: qkv(), dict(window_size=(-2, 0)), r"window_size"),
+        # (a float side would be truncated by int(), None would fail inside it)
+        (lambda: qkv(), dict(window_size=(1.9, 0)), r"window_size: expected \(left, right\) ints"),
+        (lambda: qkv(), dict(window_size=(None, None)), r"window_size: expected \(left, right\) ints"),
+        (lambda: qkv(), dict(window_size=(1, 2, 3)), r"window_size: expected \(left, right\) ints"),
         (lambda: qkv(), dict(softcap=-1.0), r"softcap: must be >= 0"),
         (lambda: qkv(), dict(dropout_p=1.0), r"dropout_p: dropout probability has to be in \[0, 1\)"),
         (lambda: qkv(), dict(dropout_p=-0.1), r"dropout_p"),

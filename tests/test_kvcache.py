@@ -286,6 +286,25 @@ def test_compiled_decode_step_mutates_the_cache():
     assert torch.equal(k_cache, k_cache2) and torch.equal(k_cache[1, 5], k[1, 0])
 
 
+def test_compiled_decode_step_checks_the_values_before_writing():
+    # Traced, cache_seqlens' values are unknown: the compiled graph checks them before the
+    # write (flashattn::check_kvcache), so a full cache raises and stays untouched.
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, k_cache, v_cache, k, v, lens):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
+
+    q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    before = k_cache.clone(), v_cache.clone()
+    with torch.no_grad():
+        step(q, k_cache.clone(), v_cache.clone(), k, v, torch.tensor([0, 6], dtype=torch.int32))
+        with pytest.raises(ValueError, match="cache_seqlens: entry 1 holds 7 keys; 2 new ones exceed its capacity"):
+            step(q, k_cache, v_cache, k, v, torch.tensor([0, 7], dtype=torch.int32))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
 @pytest.mark.parametrize("compiled_write", [True, False], ids=["kvcache_write", "index-ops"])
 def test_append_is_one_op_in_traces_and_one_write_in_eager(compiled_write):
     # CPU caches: the compiled op flashattn::kvcache_write, eager and traced. Elsewhere (here

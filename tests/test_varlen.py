@@ -5,11 +5,12 @@ The kernels run every sequence in one launch (one task table on the CPU); the re
 formula. CPU backend (and the reference backend) here; Triton in test_triton_varlen.py,
 CUDA in test_cuda_varlen.py.
 """
+import numpy as np
 import pytest
 import torch
 
 import flashattn_py
-from flashattn_py import ops
+from flashattn_py import api, ops
 from flashattn_py.reference import attention_varlen_ref
 from cpu_paths import BF16_PATHS, bf16_path
 from rule import check_attention
@@ -328,6 +329,9 @@ def test_one_kernel_call_for_many_sequences():
         (dict(cu_k=torch.tensor([0, 2**32 + 2, 5])), r"cu_seq_k: values must fit in int32, got 4294967298"),
         (dict(cu_q=torch.tensor([0, 3, -2**32 + 5])), r"cu_seq_q: values must fit in int32, got -4294967291"),
         (dict(window=(-2, 0)), r"window_size"),
+        (dict(window=(0.5, 0)), r"window_size: expected \(left, right\) ints"),
+        (dict(max_q=3.0), r"max_q: expected an int >= 0, got 3.0"),
+        (dict(max_q=-1), r"max_q: expected an int >= 0, got -1"),
     ],
 )
 def test_varlen_rejects_bad_input_naming_the_argument(change, match):
@@ -400,6 +404,41 @@ def test_compile_fullgraph_dynamic_without_recompiles():
         want = 2 * flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, max(lengths), max(lengths), causal=True).sum()
         torch.testing.assert_close(got, want)
     assert len(calls) <= 2, f"recompiled {len(calls)} times"  # (a new batch size may compile once more)
+
+
+def test_lengths_and_windows_as_numpy_integers_or_tensors():
+    # What torch's int arguments take: NumPy integers, one-element integer tensors (e.g.
+    # cu_seqlens.diff().max()).
+    q = torch.randn(9, 2, 16)
+    cu = offsets([4, 5])
+    want = flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, window_size=(2, 1))
+    for length, window in ((np.int64(5), (np.int32(2), np.int64(1))), (cu.diff().max(), torch.tensor([2, 1]))):
+        got = flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, length, length, window_size=window)
+        assert torch.equal(got, want)
+
+
+def test_compiled_calls_check_the_values_when_they_run():
+    # Traced, the offsets' values are unknown: the compiled graph checks them as it runs
+    # (flashattn::check_packed), so a bad value still raises instead of being clamped into
+    # a wrong answer.
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager", fullgraph=True, dynamic=True)
+    def step(q, cu, max_q, max_k):
+        return flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, max_q, max_k, causal=True)
+
+    q = torch.randn(9, 2, 16)
+    cu = offsets([4, 5])
+    torch.testing.assert_close(step(q, cu, 5, 5), flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5,
+                                                                                       causal=True))
+    with pytest.raises(ValueError, match="max_seqlen_k: 2 is below the longest sequence"):
+        step(q, cu, 5, 2)
+    with pytest.raises(ValueError, match="max_seqlen_q: 3 is below the longest sequence"):
+        step(q, cu, 3, 5)
+    with pytest.raises(ValueError, match="cu_seqlens_q: must rise from 0 to the total length 9"):
+        step(q, offsets([4, 4]), 5, 5)
+    names = ",".join(api.FLASH_NAMES.values())
+    torch.library.opcheck(torch.ops.flashattn.check_packed.default, (cu, cu, 5, 5, 9, 9, None, None, 0, 0, names))
 
 
 def _jagged(lengths, heads, head_dim, dtype, seed):
