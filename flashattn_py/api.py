@@ -787,7 +787,7 @@ def scaled_dot_product_attention(
         )
     mask4 = None
     if attn_mask is not None:
-        if attn_mask.dtype == torch.float32 and query.dtype in _HALF_DTYPES:
+        if attn_mask.dtype == torch.float32 and query.dtype in _FLOAT_DTYPES:  # (torch takes float32 masks too)
             attn_mask = attn_mask.to(query.dtype)
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise ArgumentError(

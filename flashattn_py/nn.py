@@ -106,6 +106,10 @@ class MultiheadAttention(nn.Module):
 
     __constants__ = ["batch_first"]
 
+    # nn.TransformerEncoderLayer's fast path (eval, no grad, batch_first, ...) calls this
+    # before running torch's own fused encoder kernel (as it does around torch's MHA).
+    merge_masks = nn.MultiheadAttention.merge_masks
+
     def __init__(
         self,
         embed_dim: int,

@@ -282,8 +282,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = kernel_rows(dout, 1)
     saved = ctx.saved_tensors
     grads = attn_bwd(*_get_bwd_args((dout, *saved, *ctx.args)))
     result = list(_NO_GRADS)
@@ -338,7 +337,32 @@ class _AttnAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return (None, *_backward(ctx, dout, dlse))
+        return (None, *not_twice_differentiable(_backward(ctx, dout, dlse), ctx.saved_tensors))
+
+
+def not_twice_differentiable(grads: tuple, saved: tuple) -> tuple:
+    """An attention backward's gradients; under create_graph=True (grad mode on in the
+    backward) each tied to the saved inputs that require grad (_NotTwiceDifferentiable)."""
+    if not torch.is_grad_enabled():
+        return grads
+    inputs = [t for t in saved if t is not None and t.requires_grad]
+    return tuple(g if g is None else _NotTwiceDifferentiable.apply(g, *inputs) for g in grads)
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """A first-order gradient taken with create_graph=True, tied to the attention's inputs:
+    attn_bwd has no derivative, so differentiating the gradient again raises (as torch's
+    fused SDPA kernels do), where autograd's fallback for ops without one would give zeros
+    with a warning, or, beside other terms, silently leave the attention's part out."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("flashattn_py: the attention's backward is not differentiable: a gradient of its "
+                           "gradient (second derivative, e.g. a gradient penalty) is not supported")
 
 
 def _attn_fwd_autograd(keyset, *args):
@@ -439,12 +463,16 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
                             deterministic, cu_seqlens, block_table)
 
 
-def _rows_apart(t: Tensor, seq: int) -> Tensor:
-    """t, or a contiguous copy where its rows overlap the next one (a stride along the
-    sequence dim `seq` under the head dim, e.g. from as_strided or expand): the CPU kernels'
-    BLAS products need rows at least a head dim apart, and their gradients could not take
-    such strides."""
-    return t.contiguous() if t.shape[seq] > 1 and t.stride(seq) < t.shape[-1] else t
+def kernel_rows(t: Tensor, seq: int) -> Tensor:
+    """t, or a copy in torch's contiguous layout where the kernels could not read it in
+    place: a head-dim stride other than 1, or rows (sequence dim ``seq``) less than a head
+    dim apart (from as_strided, expand or a transpose), which the CPU kernels' BLAS products
+    take as leading dimensions (at least the head dim) and their gradients could not
+    take. Also for dims of size 1, whose strides torch ignores (``contiguous()`` keeps
+    them)."""
+    if t.stride(-1) == 1 and t.stride(seq) >= t.shape[-1]:
+        return t
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
 def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: int, heads_first: bool,
@@ -519,7 +547,7 @@ def attention(
     rng_state = inference = None
     if impl.fused:
         seq = 2 if heads_first else 1
-        q, k, v = _rows_apart(q, seq), _rows_apart(k, seq), _rows_apart(v, seq)
+        q, k, v = kernel_rows(q, seq), kernel_rows(k, seq), kernel_rows(v, seq)
         rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
         plain = _plain_inference(q, k, v, attn_mask)
         if forward_only is None:
@@ -536,15 +564,8 @@ def attention(
             # call would cost more than a decode-sized kernel.
             inference = _inference_entry(impl)
     if inference is None:
-        if impl.fused:
-            if q.stride(-1) != 1:
-                q = q.contiguous()
-            if k.stride(-1) != 1:
-                k = k.contiguous()
-            if v.stride(-1) != 1:
-                v = v.contiguous()
-            if alibi_slopes is not None:
-                alibi_slopes = alibi_slopes.contiguous()
+        if impl.fused and alibi_slopes is not None:
+            alibi_slopes = alibi_slopes.contiguous()
         if heads_first:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if inference is not None:

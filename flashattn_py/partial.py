@@ -77,7 +77,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         dout, q, k, v, out, lse = (t.unsqueeze(0) for t in (dout, q, k, v, out, lse))
     impl = backends.BACKENDS[backend]
     if impl.fused:
-        dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
+        dout, q, k, v, out = (ops.kernel_rows(t, 1) for t in (dout, q, k, v, out))
         alibi = o.alibi_slopes.contiguous() if o.alibi_slopes is not None else None
         # (as the forward's ops.attention: a window longer than the call is no bound)
         left, right = ops.bounded_windows(q, k, o.window_left, o.window_right, o.diag_offset, False, None)

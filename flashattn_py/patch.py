@@ -97,8 +97,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
     if api.causal_bias(attn_mask) is not None:
         attn_mask = None  # served as causal attention
     if attn_mask is not None and (not isinstance(attn_mask, Tensor) or not (
-            attn_mask.dtype in (torch.bool, query.dtype) or
-            (attn_mask.dtype == torch.float32 and query.dtype in (torch.float16, torch.bfloat16)))):
+            attn_mask.dtype in (torch.bool, torch.float32, query.dtype))):
         return "attn_mask dtype"
     # (torch's backend flags are not traceable by Dynamo: compiled calls are ours)
     if not torch.compiler.is_compiling() and _torch_restricted_to_math(query.device.type):

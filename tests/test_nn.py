@@ -189,6 +189,33 @@ def test_fast_path_calls_our_sdpa_and_weights_warn_once(monkeypatch):
     assert len(calls) == 1  # the weights path is the reference formula
 
 
+@pytest.mark.parametrize("fastpath", [True, False])
+def test_in_a_transformer_encoder_layer(monkeypatch, fastpath):
+    # Eval without grad: torch's fast path runs the whole layer in its own kernel (it asks
+    # the module to merge_masks first; that was missing); with the fast path off, ours.
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    reference = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    reference.load_state_dict(layer.state_dict())
+    ours = fnn.MultiheadAttention(E, H, dropout=0.0, batch_first=True)
+    ours.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = ours
+    calls = []
+    real = api.scaled_dot_product_attention
+    monkeypatch.setattr(api, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 5, E)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    try:
+        with torch.no_grad():
+            got, want = layer(x, src_key_padding_mask=pad), reference(x, src_key_padding_mask=pad)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (len(calls) == 1) != fastpath
+
+
 def test_dropout_only_in_training():
     m = fnn.MultiheadAttention(E, H, dropout=0.5, batch_first=True)
     x = torch.randn(2, 16, E)

@@ -252,3 +252,17 @@ def test_problem_asks_for_backward_by_requires_grad_not_grad_mode():
         inside = ops.problem(q, k, v, None, 0.1)
     assert inside == ops.problem(q, k, v, None, 0.1) and inside.backward
     assert not ops.problem(q.detach(), k.detach(), v.detach(), None, 0.0).backward
+
+
+def test_second_derivative_raises_instead_of_zeros():
+    # attn_bwd has no derivative. autograd's fallback for such ops warned and gave zeros
+    # (a gradient penalty's attention term silently 0); now differentiating a gradient
+    # taken with create_graph=True raises, also beside other terms.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    (gq,) = torch.autograd.grad(flashattn_py.flash_attn_func(q, k, v).sum(), q, create_graph=True)
+    (want,) = torch.autograd.grad(flashattn_py.flash_attn_func(q, k, v).sum(), q)
+    assert gq.requires_grad and torch.equal(gq.detach(), want)  # first order unchanged
+    for penalty in ((gq ** 2).sum(), (gq ** 2).sum() + (q ** 2).sum()):
+        with pytest.raises(RuntimeError, match="backward is not differentiable"):
+            torch.autograd.grad(penalty, (q, k), retain_graph=True)

@@ -16,7 +16,7 @@ import flashattn_py
 from flashattn_py import ArgumentError
 from flashattn_py import patch as fpatch
 from flashattn_py.patch import patch_sdpa, unpatch_sdpa
-from rule import check_attention, random_qkv
+from rule import assert_rule, check_attention, random_qkv
 
 
 def freeze_rng_state():
@@ -257,9 +257,45 @@ def test_gqa_shapes_torch_accepts(entry, shapes):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
 
 
+def _size_one_layouts(layout: str, dtype: torch.dtype):
+    """(q, k, v) whose size-1 dims have strides torch ignores (it calls such tensors
+    contiguous, so .contiguous() keeps them) but a kernel reading rows in place would
+    not: a one-row q or k from a transpose (its row stride 1, under the head dim), and a
+    head dim of 1 with a stride other than 1."""
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    if layout == "one_key":
+        return rand(2, 3, 5, 8), rand(2, 3, 8, 1).transpose(-1, -2), rand(2, 3, 8, 1).transpose(-1, -2)
+    if layout == "one_query":
+        return rand(2, 3, 8, 1).transpose(-1, -2), rand(2, 3, 7, 8), rand(2, 3, 7, 8)
+    return rand(2, 3, 1, 5).transpose(-1, -2), rand(2, 3, 1, 7).transpose(-1, -2), rand(2, 3, 7, 1)
+
+
 @pytest.mark.parametrize("entry", list(SDPAS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_float32_mask_with_a_16_bit_query(entry, dtype):
+@pytest.mark.parametrize("layout", ["one_key", "one_query", "head_dim_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strides_of_size_one_dims(entry, layout, dtype):
+    # Before: BLAS refused the one-row operands' leading dimension (MKL "Parameter 8 was
+    # incorrect") and the results were garbage; the head dim of 1 raised.
+    mine = [t.requires_grad_() for t in _size_one_layouts(layout, dtype)]
+    assert mine[0].stride(-1) != 1 or min(t.stride(-2) for t in mine) < mine[0].shape[-1]
+    exact = [t.detach().double().requires_grad_() for t in mine]
+    naive = [t.detach().clone().requires_grad_() for t in mine]
+    got, want, low = SDPAS[entry](*mine), TORCH_SDPA(*exact), TORCH_SDPA(*naive)
+    assert_rule("out", got, want, low, 2)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    for out, leaves in ((got, mine), (want, exact), (low, naive)):
+        out.backward(dout.to(out.dtype))
+    for name, a, b, c in zip("qkv", mine, exact, naive):
+        assert_rule(f"d{name}", a.grad, b.grad, c.grad, 3)
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_float32_mask_with_another_query_dtype(entry, dtype):
     gen = torch.Generator().manual_seed(10)
     q, k, v = (torch.randn(2, 4, 9, 16, generator=gen).to(dtype) for _ in range(3))
     mask = torch.randn(9, 9, generator=gen)

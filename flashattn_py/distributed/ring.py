@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .. import api, partial
+from .. import api, ops, partial
 from ..errors import ArgumentError
 from . import checks, comm
 from .layout import chunks_per_rank, rank_chunks
@@ -270,7 +270,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.setup,
                                    kv_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        return dq, dk, dv, None
+        return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None)
 
 
 def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
