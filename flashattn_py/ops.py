@@ -281,9 +281,10 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (*_get_kept(inputs), bias_requires_grad)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, saved: tuple, dout, dlse):
+    """The gradients of FWD's arguments, ``saved`` ctx.saved_tensors (unpacked once by the
+    caller: non-reentrant activation checkpointing allows one unpacking)."""
     dout = kernel_rows(dout, 1)
-    saved = ctx.saved_tensors
     grads = attn_bwd(*_get_bwd_args((dout, *saved, *ctx.args)))
     result = list(_NO_GRADS)
     for slot, grad in zip(_GRAD_SLOTS, grads):
@@ -337,7 +338,8 @@ class _AttnAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return (None, *not_twice_differentiable(_backward(ctx, dout, dlse), ctx.saved_tensors))
+        saved = ctx.saved_tensors
+        return (None, *not_twice_differentiable(_backward(ctx, saved, dout, dlse), saved))
 
 
 def not_twice_differentiable(grads: tuple, saved: tuple) -> tuple:

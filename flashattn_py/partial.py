@@ -60,13 +60,24 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: BlockOptions, backend: str) -> t
     packed = o.cu_seqlens_q is not None
     if packed:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    dtype = q.dtype
+    if not backends.BACKENDS[backend].fused:  # the formula in float32 at least (see _reference_leaves)
+        q, k, v = _reference_leaves((q, k, v))
     with torch.no_grad():
         out, lse = ops.attention(
             q, k, v, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
             window_right=o.window_right, diag_offset=o.diag_offset, deterministic=o.deterministic, backend=backend,
             cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k, max_seqlen_q=o.max_seqlen_q,
             max_seqlen_k=o.max_seqlen_k, bottom_right=packed, forward_only=False)
+    out = out.to(dtype)
     return (out[0], lse[0]) if packed else (out, lse)
+
+
+def _reference_leaves(tensors: tuple) -> list[Tensor]:
+    """Detached copies for the reference formula: 16-bit ones in float32, so that a block's
+    lse is float32 as the kernels' (in 16 bits its rounding, through the merge weights,
+    would cost the merged result more than the formula's own rounding)."""
+    return [t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach() for t in tensors]
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, o: BlockOptions,
@@ -99,7 +110,7 @@ def _reference_backward(dout, q, k, v, out, lse, o: BlockOptions, packed: bool):
     ``d out = w (d out_b + (out_b - out) d lse_b)`` with ``w = exp(lse_b - lse)``, so the
     block's gradient is the formula's backward with those two incoming gradients."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        leaves = [t.requires_grad_() for t in _reference_leaves((q, k, v))]
         block_out, block_lse = attention_ref(
             *leaves, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
             window_right=o.window_right, diag_offset=o.diag_offset, cu_seqlens_q=o.cu_seqlens_q,
@@ -111,7 +122,10 @@ def _reference_backward(dout, q, k, v, out, lse, o: BlockOptions, packed: bool):
         d_block_out = (row_weight * dout.to(block_out.dtype)).detach()
         d_block_lse = (weight * ((block_out - out.to(block_out.dtype)) * dout.to(block_out.dtype))
                        .sum(-1).transpose(1, 2)).detach()
-        grads = torch.autograd.grad((block_out, block_lse), leaves, (d_block_out, d_block_lse), allow_unused=True)
+        # (a block no row sees a key of has outputs that do not depend on the leaves)
+        pairs = [(t, g) for t, g in ((block_out, d_block_out), (block_lse, d_block_lse)) if t.requires_grad]
+        grads = torch.autograd.grad([t for t, _ in pairs], leaves, [g for _, g in pairs],
+                                    allow_unused=True) if pairs else (None, None, None)
     return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 

@@ -440,12 +440,24 @@ ERROR_CASES = [
     # the other ranks an ArgumentError naming rank 0's
     ("not_a_tensor_on_one_rank", "ring_flash_attn_func",
      dict(q_not_a_tensor_on=0, expect_types=["TypeError", "ArgumentError"]), r"\bq\b"),
+    # values every rank must share: offsets that differ by (..., 1, -2, 1, ...) steps (a sum
+    # weighted by the index alone could not tell them apart), ALiBi slopes, and the layout
+    # (ring and Ulysses ranks would wait on each other's different collectives)
+    ("cu_seqlens_differ_across_ranks", "ring_flash_attn_varlen_func",
+     dict(cu_by_rank=[[0, 4, 16, 20, 32], [0, 8, 8, 24, 32]]), r"\bcu_seqlens\b"),
+    ("alibi_values_differ_across_ranks", "ring_flash_attn_func", dict(alibi_by_rank=[0.25, 0.5]),
+     r"\balibi_slopes\b"),
+    ("ring_and_zigzag_across_ranks", "ring_flash_attn_func",
+     dict(fn_by_rank=["ring_flash_attn_func", "zigzag_ring_flash_attn_func"]), r"\blayout\b"),
+    ("ring_and_ulysses_across_ranks", "ring_flash_attn_func",
+     dict(fn_by_rank=["ring_flash_attn_func", "ulysses_flash_attn_func"]), r"\blayout\b"),
 ]
 
 
 def worker_errors(rank, world, cases):
     results = {}
     for name, fn_name, setup, _ in cases:
+        fn_name = setup.get("fn_by_rank", [fn_name] * world)[rank]
         S = setup.get("S_by_rank", [16] * world)[rank]
         H, Hk = setup.get("H", 4), setup.get("Hk", 2)
         dtype = DTYPES[setup.get("dtype_by_rank", ["float32"] * world)[rank]]
@@ -454,14 +466,21 @@ def worker_errors(rank, world, cases):
         backend = setup.get("backend_by_rank", [None] * world)[rank]
         device = setup.get("device_by_rank", ["cpu"] * world)[rank]
         try:
+            if "alibi_by_rank" in setup:
+                kw["alibi_slopes"] = torch.full((H,), setup["alibi_by_rank"][rank])
             if "varlen" in fn_name:
-                lens = setup.get("lens", [8, 16])
+                if "cu_by_rank" in setup:
+                    cu = torch.tensor(setup["cu_by_rank"][rank], dtype=torch.int32)
+                    lens = (cu[1:] - cu[:-1]).tolist()
+                else:
+                    lens = setup.get("lens", [8, 16])
+                    cu = offsets(lens)
                 n = sum(lens) // world
                 q = torch.randn(n, H, 16, generator=gen).to(dtype)
                 k, v = (torch.randn(n, Hk, 16, generator=gen).to(dtype) for _ in range(2))
                 if setup.get("alibi"):
                     kw["alibi_slopes"] = torch.rand(H)
-                out = getattr(cp, fn_name)(q, k, v, offsets(lens), max(lens), **kw)
+                out = getattr(cp, fn_name)(q, k, v, cu, max(lens), **kw)
             else:
                 q = torch.randn(2, S, H, 16, generator=gen).to(dtype=dtype, device=device)
                 k, v = (torch.randn(2, S, Hk, 16, generator=gen).to(dtype=dtype, device=device) for _ in range(2))

@@ -266,3 +266,19 @@ def test_second_derivative_raises_instead_of_zeros():
     for penalty in ((gq ** 2).sum(), (gq ** 2).sum() + (q ** 2).sum()):
         with pytest.raises(RuntimeError, match="backward is not differentiable"):
             torch.autograd.grad(penalty, (q, k), retain_graph=True)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    # Non-reentrant checkpointing lets a backward unpack its saved tensors once.
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+
+    def block(q, k, v):
+        return flashattn_py.flash_attn_func(q, k, v, causal=True).square().sum()
+
+    torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=reentrant).backward()
+    got = [t.grad for t in (q, k, v)]
+    want = torch.autograd.grad(block(q, k, v), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -3,6 +3,7 @@ collective comparison (comm.check_collectively), so that bad or mismatched input
 every rank of the group instead of leaving the others waiting in a ring or an all-to-all."""
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor
 from .. import api, backends, partial
 from ..errors import ArgumentError
 from . import comm
+from .layout import LAYOUTS
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -26,20 +28,28 @@ class Checked(NamedTuple):
     backward: bool
 
 
+def fingerprint(values: list) -> list[float]:
+    """Numbers that differ, for practical purposes, between different lists of values: the
+    length, the sum and two sums weighted by incommensurate weights (sin / cos of the index:
+    sums weighted by i alone let (..., 1, -2, 1, ...) differences pass)."""
+    return [float(len(values)), float(sum(values)), math.fsum(x * math.sin(i + 1) for i, x in enumerate(values)),
+            math.fsum(x * math.cos(i + 1) for i, x in enumerate(values))]
+
+
 def offsets_fields(cu: Tensor) -> list[tuple]:
     """cu_seqlens must be the same on every rank: its length, and (when its values may be read)
-    two sums of them that differ for different offsets of the same length."""
+    their fingerprint."""
     if not api.index_values_readable(cu.device):
-        return [("cu_seqlens", [cu.shape[0], float("nan"), float("nan")])]
-    offsets = cu.tolist()
-    return [("cu_seqlens", [len(offsets), float(sum(offsets)), float(sum(i * x for i, x in enumerate(offsets)))])]
+        return [("cu_seqlens", [cu.shape[0], float("nan"), float("nan"), float("nan")])]
+    return [("cu_seqlens", fingerprint(cu.tolist()))]
 
 
-def check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool, window_size,
-               softcap: float, alibi_slopes, deterministic: bool,
+def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
+               window_size, softcap: float, alibi_slopes, deterministic: bool,
                layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int], list[tuple]]
                ) -> tuple[comm.Group, Checked]:
-    """Validate a context-parallel call on every rank of ``group`` (see the module docstring).
+    """Validate a context-parallel call (``layout``: layout.LAYOUTS) on every rank of
+    ``group`` (see the module docstring).
     ``layout_check(q4, k4, cu, world)`` adds the layout's own checks (q4, k4: (B, S, H, D)
     views; cu: int32 offsets or None) and returns more fields every rank must agree on."""
     ring = comm.Group(group)
@@ -80,7 +90,9 @@ def check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax
         return [("q", list(q.shape)), ("k", list(k.shape)), ("v", list(v.shape)),
                 ("q.dtype", [_DTYPES.index(q.dtype)], [str(d).replace("torch.", "") for d in _DTYPES]),
                 ("softmax_scale", [scale]), ("window_size, causal", list(window)), ("softcap", [float(softcap)]),
-                ("alibi_slopes", [-1.0] if alibi_slopes is None else list(alibi_slopes.shape)),
+                ("alibi_slopes", [-1.0] if alibi_slopes is None else list(alibi_slopes.shape) + fingerprint(
+                    alibi_slopes.detach().double().flatten().tolist())[1:]),
+                ("context-parallel layout", [LAYOUTS.index(layout)], list(LAYOUTS)),
                 ("deterministic", [float(deterministic)]),
                 ("requires_grad (under grad mode) of q, k, v", [float(g) for g in grads]),
                 ("backend", [backends.BACKEND_NAMES.index(backend)], list(backends.BACKEND_NAMES))] + fields

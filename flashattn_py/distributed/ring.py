@@ -307,8 +307,8 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                 raise ArgumentError(f"max_seqlen: {max_seqlen} is below the longest document ({max(lengths)})")
         return []
 
-    ring, checked = checks.check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                      window_size, softcap, alibi_slopes, deterministic, layout_check)
+    ring, checked = checks.check_call(group, layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                      causal, window_size, softcap, alibi_slopes, deterministic, layout_check)
     world, (left, right) = ring.world_size, checked.window
     if cu_seqlens is not None:
         rows, chunk_len = PackedRows(checked.cu_seqlens, max_seqlen, world, per_rank, q.shape[0]), None

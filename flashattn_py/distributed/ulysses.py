@@ -78,8 +78,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                                        max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
         return []
 
-    ring, checked = checks.check_call(group, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
-                                      window_size, softcap, alibi_slopes, deterministic, layout_check)
+    ring, checked = checks.check_call(group, "ulysses", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                      causal, window_size, softcap, alibi_slopes, deterministic, layout_check)
     world, window, scale = ring.world_size, checked.window, checked.scale
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
     q_heads, k_heads, v_heads = (_AllToAll.apply(t, ring, True) for t in (q4, k4, v4))
