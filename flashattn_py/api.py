@@ -97,7 +97,12 @@ def window_sides(window_size) -> tuple[int, int]:
     """``window_size`` (left, right) as two ints, each >= -1 (-1: unbounded); anything else
     (a float side, which int() would truncate, None, a third side) an ArgumentError."""
     try:
-        left, right = (w if isinstance(w, torch.SymInt) else operator.index(w) for w in window_size)
+        left, right = window_size
+        # (plain ints, the common case, without a call per side: this runs on every call)
+        if type(left) is not int and not isinstance(left, torch.SymInt):
+            left = operator.index(left)
+        if type(right) is not int and not isinstance(right, torch.SymInt):
+            right = operator.index(right)
     except (TypeError, ValueError):
         raise ArgumentError(f"window_size: expected (left, right) ints, each >= -1, got {window_size!r}") from None
     if left < -1 or right < -1:
@@ -105,9 +110,10 @@ def window_sides(window_size) -> tuple[int, int]:
     return left, right
 
 
-def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> None:
+def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
+    """The options flash-attn's functions share; returns window_size's sides (window_sides)."""
     _check_dropout(dropout_p)
-    window_sides(window_size)
+    window = window_sides(window_size)
     if softcap < 0:
         raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
     num_heads = q.shape[-2]
@@ -121,6 +127,7 @@ def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slope
                 f"alibi_slopes: expected shape ({num_heads},) or ({batch}, {num_heads}), "
                 f"got {tuple(alibi_slopes.shape)}"
             )
+    return window
 
 
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -128,7 +135,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     """flash_attn_func on validated (B, S, H, D) inputs."""
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    window_left, window_right = window_sides(window_size)
+    window_left, window_right = window_size  # (checked: _check_flash_options)
     if causal:
         window_right = 0
     diag_offset = k.shape[1] - seqlen_q
@@ -186,8 +193,8 @@ def flash_attn_func(
     backends.check_backend_name(backend)
     _check_tensors(("q", "k", "v"), q, k, v)
     _check_qkv(q, k, v, ("q", "k", "v"), heads_dim=2, seq_dim=1)
-    _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
-    return _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    window = _check_flash_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
+    return _flash(q, k, v, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes, deterministic,
                   return_attn_probs, backend)
 
 
@@ -221,13 +228,30 @@ def _index_tensor(name: str, t, device: torch.device, dim: int) -> Tensor:
     if t.device != device:
         raise ArgumentError(f"{name}: must be on {device} (q's device), got {t.device}")
     if t.dtype == torch.int64:
-        narrowed = t.int()
-        # (checked before the values are: 2**32 + 5 would pass every later check as 5)
-        if t.numel() and index_values_readable(device) and _check_values() and not torch.equal(narrowed, t):
-            lo, hi = torch.stack(torch.aminmax(t)).tolist()
-            raise ArgumentError(f"{name}: values must fit in int32, got {hi if hi >= 2**31 else lo}")
-        t = narrowed
+        # (checked before the values are: 2**32 + 5 would pass every later check as 5;
+        # while torch.compile traces, by an op of the graph, as checked_packed's)
+        t = _narrowed(t, name) if _check_values() or not index_values_readable(device) else _narrow_op(t, name)
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _narrowed(t: Tensor, name: str) -> Tensor:
+    """int64 ``t`` as int32, an ArgumentError if a value does not fit (when values may be read)."""
+    narrowed = t.int()
+    if t.numel() and index_values_readable(t.device) and not torch.equal(narrowed, t):
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        raise ArgumentError(f"{name}: values must fit in int32, got {hi if hi >= 2**31 else lo}")
+    return narrowed
+
+
+@torch.library.custom_op("flashattn::narrow_index", mutates_args=())
+def _narrow_op(t: Tensor, name: str) -> Tensor:
+    """_narrowed in a compiled graph."""
+    return _narrowed(t, name)
+
+
+@_narrow_op.register_fake
+def _narrow_fake(t: Tensor, name: str) -> Tensor:
+    return torch.empty_like(t, dtype=torch.int32)
 
 
 def index_values_readable(device: torch.device) -> bool:
@@ -236,8 +260,10 @@ def index_values_readable(device: torch.device) -> bool:
     and not while a CUDA graph is being captured (a sync there fails the capture)."""
     if device.type == "cpu":
         return True
+    # (while torch.compile traces, the capture is asked about where the check runs: its op)
     return (os.environ.get("FLASHATTN_CHECK_INPUTS", "0") not in ("", "0")
-            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+            and (torch.compiler.is_compiling()
+                 or not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())))
 
 
 def _check_values() -> bool:
@@ -426,8 +452,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
                                 f"{n['seqused_k']} or {n['cu_seqlens_k']}")
     max_seqlen_q, max_seqlen_k = (_length(n[arg], value) for arg, value in (("max_seqlen_q", max_seqlen_q),
                                                                             ("max_seqlen_k", max_seqlen_k)))
-    _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
-    window = window_sides(window)
+    window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
@@ -715,7 +740,6 @@ class _NoOutputSeesAKey(torch.autograd.Function):
         return torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.out_device)
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def scaled_dot_product_attention(

@@ -12,13 +12,15 @@ caches: the compiled ``flashattn::kvcache_write`` (CPU; CUDA where built), elsew
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import _check_flash_options, _check_qkv, _index_tensor, check_used_pages, index_values_readable, window_sides
+from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages,
+                  index_values_readable)
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -149,7 +151,7 @@ def _checked_kvcache_seqlens(k_cache: Tensor, cache_seqlens: Tensor, new: int, c
     the compiled graph before the cache is written: the op ``flashattn::check_kvcache``,
     whose output, a copy of ``cache_seqlens``, the call then uses (so no compiler drops
     the check). Returns the cache_seqlens to use."""
-    if not torch.compiler.is_compiling():
+    if _check_values():
         _check_kvcache_values(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table, seqlen_ro,
                               causal_positions, seqlen_q)
         return cache_seqlens
@@ -257,7 +259,12 @@ def flash_attn_with_kvcache(
         if k is not None:
             raise ArgumentError("cache_seqlens: required with new keys (where do they go?)")
         cache_seqlens = capacity
-    if isinstance(cache_seqlens, int):
+    if not isinstance(cache_seqlens, Tensor):  # an int (a NumPy integer too)
+        try:
+            cache_seqlens = operator.index(cache_seqlens)
+        except TypeError:
+            raise ArgumentError(f"cache_seqlens: expected an int or an int32 (B,) tensor, got "
+                                f"{type(cache_seqlens).__name__}") from None
         if not -2**31 <= cache_seqlens < 2**31:
             raise ArgumentError(f"cache_seqlens: {cache_seqlens} does not fit in int32")
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
@@ -289,9 +296,8 @@ def flash_attn_with_kvcache(
         new = k.shape[1]
     if (rotary_cos is None) != (rotary_sin is None):
         raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
-    left, right = window_sides(window_size)
+    left, right = _check_flash_options(q, 0.0, window_size, softcap, alibi_slopes, batch)
     window = (left, 0 if causal else right)
-    _check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
     # as flash-attn: a window side at least as long as the cache is no bound (which also
     # decides how q is rotated below)
     window = tuple(-1 if w >= capacity else w for w in window)

@@ -359,6 +359,8 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad, *inputs):
+        # (returned as is, autograd makes it a view: an in-place op on the gradient in grad
+        # mode then raises; under no_grad, .grad accumulation and clipping it does not)
         return grad
 
     @staticmethod
@@ -472,9 +474,10 @@ def kernel_rows(t: Tensor, seq: int) -> Tensor:
     take as leading dimensions (at least the head dim) and their gradients could not
     take. Also for dims of size 1, whose strides torch ignores (``contiguous()`` keeps
     them)."""
-    if t.stride(-1) == 1 and t.stride(seq) >= t.shape[-1]:
+    stride = t.stride()
+    if stride[-1] == 1 and stride[seq] >= t.shape[-1]:
         return t
-    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def bounded_windows(q: Tensor, k: Tensor, left: int, right: int, diag_offset: int, heads_first: bool,

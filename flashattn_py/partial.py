@@ -161,6 +161,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
             raise ArgumentError("cu_seqlens_q: required with cu_seqlens_k")
         q4, k4, v4 = q, k, v
     api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
+    max_seqlen_q, max_seqlen_k = api._length("max_seqlen_q", max_seqlen_q), api._length("max_seqlen_k", max_seqlen_k)
     if packed:
         cu_seqlens_q = api._index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
         cu_seqlens_k = api._index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
@@ -170,8 +171,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         cu_seqlens_q = api.checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                           k.shape[0], None, None, 0, 0, api.FLASH_NAMES)
     batch = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
-    window = api._causal_window(window_size, causal)
-    api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
+    window = api._check_flash_options(q, 0.0, api._causal_window(window_size, causal), softcap, alibi_slopes, batch)
     if diag_offset is None:
         diag_offset = 0 if packed else k.shape[1] - q.shape[1]
     elif not isinstance(diag_offset, int):
@@ -180,7 +180,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         raise ArgumentError(f"diag_offset: must be within +-2**30, got {diag_offset}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return BlockOptions(scale, window[0], window[1], int(diag_offset), float(softcap), alibi_slopes, cu_seqlens_q,
-                        cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(deterministic))
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(deterministic))
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None,

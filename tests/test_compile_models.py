@@ -102,7 +102,6 @@ def test_export_flash_attn_func_module():
     torch.testing.assert_close(ep_dyn.module()(x3), model(x3))
 
 
-
 def test_compile_dynamic_query_and_key_lengths_without_recompiles():
     # A bottom-right causal call's diagonal offset is Sk - Sq: an int argument of the op
     # would make each difference a new graph (a guard on it); as SymInt it stays symbolic.
@@ -133,6 +132,7 @@ def test_compile_dynamic_query_and_key_lengths_without_recompiles():
         for g, t in zip(grads, (q, k, v)):
             torch.testing.assert_close(g, t.grad)
     assert len(graphs) == 1, f"compiled {len(graphs)} graphs"
+
 
 @pytest.mark.slow
 def test_gpt_block_patched_inductor():

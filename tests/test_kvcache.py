@@ -303,6 +303,8 @@ def test_compiled_decode_step_checks_the_values_before_writing():
         with pytest.raises(ValueError, match="cache_seqlens: entry 1 holds 7 keys; 2 new ones exceed its capacity"):
             step(q, k_cache, v_cache, k, v, torch.tensor([0, 7], dtype=torch.int32))
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+    torch.library.opcheck(torch.ops.flashattn.check_kvcache.default,
+                          (k_cache, torch.tensor([0, 6], dtype=torch.int32), 2, None, None, None, -1, True, 1))
 
 
 @pytest.mark.parametrize("compiled_write", [True, False], ids=["kvcache_write", "index-ops"])

@@ -102,9 +102,7 @@ DENSE_FEATURES = {
 @pytest.mark.parametrize("shape", ["bottom_right", "square_explicit", "three_blocks"])
 def test_blocks_merge_to_the_whole_attention(dtype, feature, shape, backend):
     """Also on the reference backend, whose block backward is autograd through the formula
-    given the merged out / lse (partial._reference_backward)."""
-    if backend == "reference" and dtype == torch.bfloat16:
-        pytest.skip("the reference in bf16 is the naive formula itself")
+    given the merged out / lse (partial._reference_backward), 16-bit blocks in float32."""
     api_kw, ref_kw = (dict(x) for x in DENSE_FEATURES[feature])
     api_kw["backend"] = backend
     shapes = ["bottom_right", "square_explicit", "three_blocks"]
@@ -225,6 +223,18 @@ def test_rows_that_see_no_key_merge_without_nan():
         bo, bl = flashattn_py.attention_forward(q, k[:, 10:], v[:, 10:], causal=True, diag_offset=-13)
     assert torch.isinf(bl[:, :, :13]).all() and not torch.isnan(bo).any()
     assert torch.equal(bo[:, :13], torch.zeros_like(bo[:, :13]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_block_without_keys_has_zero_gradients(backend):
+    # A rank's empty key block: out 0, lse -inf, gradients 0 (the reference's backward asked
+    # autograd for a gradient of its constant lse and raised).
+    q, k, v = random_qkv(1, 6, 0, 2, 2, 8, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        out, lse = flashattn_py.attention_forward(q, k, v, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    dq, dk, dv = flashattn_py.attention_backward(torch.randn_like(out), q, k, v, out, lse, backend=backend)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
 
 
 def test_merge_attention_formula():

@@ -286,6 +286,8 @@ def test_strides_of_size_one_dims(entry, layout, dtype):
     naive = [t.detach().clone().requires_grad_() for t in mine]
     got, want, low = SDPAS[entry](*mine), TORCH_SDPA(*exact), TORCH_SDPA(*naive)
     assert_rule("out", got, want, low, 2)
+    with torch.no_grad():  # (the inference entry, another way to the kernels)
+        assert_rule("out without grad", SDPAS[entry](*mine), want, low, 2)
     dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     for out, leaves in ((got, mine), (want, exact), (low, naive)):
         out.backward(dout.to(out.dtype))

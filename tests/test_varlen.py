@@ -437,6 +437,8 @@ def test_compiled_calls_check_the_values_when_they_run():
         step(q, cu, 3, 5)
     with pytest.raises(ValueError, match="cu_seqlens_q: must rise from 0 to the total length 9"):
         step(q, offsets([4, 4]), 5, 5)
+    with pytest.raises(ValueError, match="cu_seqlens_q: values must fit in int32, got 4294967300"):
+        step(q, torch.tensor([0, 2**32 + 4, 9]), 5, 5)  # (narrowed unchecked, it would read as 4)
     names = ",".join(api.FLASH_NAMES.values())
     torch.library.opcheck(torch.ops.flashattn.check_packed.default, (cu, cu, 5, 5, 9, 9, None, None, 0, 0, names))
 
