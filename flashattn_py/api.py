@@ -122,7 +122,9 @@ def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slope
             raise ArgumentError(
                 f"alibi_slopes: must be float32 on {q.device}, got {alibi_slopes.dtype} on {alibi_slopes.device}"
             )
-        if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
+        shape = alibi_slopes.shape  # (compared element by element: `in` misjudges symbolic sizes)
+        if not ((len(shape) == 1 and shape[0] == num_heads)
+                or (len(shape) == 2 and shape[0] == batch and shape[1] == num_heads)):
             raise ArgumentError(
                 f"alibi_slopes: expected shape ({num_heads},) or ({batch}, {num_heads}), "
                 f"got {tuple(alibi_slopes.shape)}"
@@ -267,9 +269,11 @@ def index_values_readable(device: torch.device) -> bool:
 
 
 def _check_values() -> bool:
-    """Whether index tensors' values may be read for checks: not while torch.compile
-    traces (values are not known then; _check_packed says when they are read)."""
-    return not torch.compiler.is_compiling()
+    """Whether index tensors' values may be read for checks now: not while torch.compile
+    traces or a dispatch mode records (make_fx, FakeTensorMode: the values may not be
+    known; the checks become ops of the graph, checked_packed). _check_packed says which
+    devices' values are read."""
+    return ops.unobserved_eager()
 
 
 # The packed-sequence arguments under flash-attn's names, and under torch's varlen_attn's:

@@ -260,13 +260,16 @@ def flash_attn_with_kvcache(
             raise ArgumentError("cache_seqlens: required with new keys (where do they go?)")
         cache_seqlens = capacity
     if not isinstance(cache_seqlens, Tensor):  # an int (a NumPy integer too)
-        try:
-            cache_seqlens = operator.index(cache_seqlens)
-        except TypeError:
-            raise ArgumentError(f"cache_seqlens: expected an int or an int32 (B,) tensor, got "
-                                f"{type(cache_seqlens).__name__}") from None
-        if not -2**31 <= cache_seqlens < 2**31:
-            raise ArgumentError(f"cache_seqlens: {cache_seqlens} does not fit in int32")
+        # (under torch.compile a decode loop's int is symbolic: comparing it would guard on
+        # each value; its values are checked in the graph, _checked_kvcache_seqlens)
+        if not torch.compiler.is_compiling():
+            try:
+                cache_seqlens = operator.index(cache_seqlens)
+            except TypeError:
+                raise ArgumentError(f"cache_seqlens: expected an int or an int32 (B,) tensor, got "
+                                    f"{type(cache_seqlens).__name__}") from None
+            if not -2**31 <= cache_seqlens < 2**31:
+                raise ArgumentError(f"cache_seqlens: {cache_seqlens} does not fit in int32")
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens, device, 1)
     if cache_seqlens.shape[0] != batch:

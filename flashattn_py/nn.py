@@ -31,7 +31,7 @@ _warned_need_weights = False
 
 def _warn_need_weights_once() -> None:
     global _warned_need_weights
-    if not _warned_need_weights:
+    if not _warned_need_weights and not torch.compiler.is_compiling():  # (Dynamo cannot trace warn)
         _warned_need_weights = True
         warnings.warn(
             "flashattn_py.nn.MultiheadAttention: need_weights=True (torch's default) computes attention with the "

@@ -652,7 +652,9 @@ def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (attn_mask is not None and attn_mask.requires_grad)):
         return False
-    return unobserved_eager()
+    # (torch.jit.trace records what runs: a trace under no_grad must still record the op
+    # with its autograd, or the traced module would later train without these gradients)
+    return unobserved_eager() and torch._C._get_tracing_state() is None
 
 
 def unobserved_eager() -> bool:

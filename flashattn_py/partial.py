@@ -173,13 +173,15 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
     batch = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
     window = api._check_flash_options(q, 0.0, api._causal_window(window_size, causal), softcap, alibi_slopes, batch)
     if diag_offset is None:
-        diag_offset = 0 if packed else k.shape[1] - q.shape[1]
+        diag_offset = 0 if packed else k.shape[1] - q.shape[1]  # (symbolic when the sizes are)
+    elif isinstance(diag_offset, torch.SymInt):
+        pass  # (make_fx / export with symbolic sizes: comparing it would add a guard)
     elif not isinstance(diag_offset, int):
         raise ArgumentError(f"diag_offset: expected an int or None, got {type(diag_offset).__name__}")
     elif not -2**30 < diag_offset < 2**30:  # (the GPU kernels add it to positions in 32 bits)
         raise ArgumentError(f"diag_offset: must be within +-2**30, got {diag_offset}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return BlockOptions(scale, window[0], window[1], int(diag_offset), float(softcap), alibi_slopes, cu_seqlens_q,
+    return BlockOptions(scale, window[0], window[1], diag_offset, float(softcap), alibi_slopes, cu_seqlens_q,
                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(deterministic))
 
 

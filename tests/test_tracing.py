@@ -1,0 +1,125 @@
+"""The public functions under the tracers other than torch.compile's usual path: make_fx in
+fake / symbolic mode, torch.export with dynamic sizes, torch.jit.trace, and compiled
+calls whose Python arguments turn symbolic (a decode loop's int cache length, sizes that
+ALiBi slopes or modules' warnings see). Each case failed or recompiled before its fix."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import flashattn_py
+import flashattn_py.nn as fnn
+
+
+def _graph_counter():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    return graphs, backend
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_make_fx_records_packed_and_cache_calls(mode):
+    # (their index checks read values; under fake tensors they become ops of the graph)
+    cu = torch.tensor([0, 4, 13, 16], dtype=torch.int32)
+    q = torch.randn(16, 2, 16)
+    traced = make_fx(lambda q, cu: flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, 9, 9, causal=True),
+                     tracing_mode=mode)(q, cu)
+    assert "flashattn.check_packed" in traced.code
+    torch.testing.assert_close(traced(q, cu), flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, 9, 9, causal=True))
+    q1, cache, lens = torch.randn(2, 1, 2, 16), torch.randn(2, 10, 2, 16), torch.tensor([3, 5], dtype=torch.int32)
+    with torch.no_grad():
+        traced = make_fx(lambda q, c, n: flashattn_py.flash_attn_with_kvcache(q, c, c, cache_seqlens=n),
+                         tracing_mode=mode)(q1, cache, lens)
+        torch.testing.assert_close(traced(q1, cache, lens),
+                                   flashattn_py.flash_attn_with_kvcache(q1, cache, cache, cache_seqlens=lens))
+
+
+def test_block_primitive_with_symbolic_sizes():
+    # attention_forward's default diag_offset (Sk - Sq) stays symbolic: traced at (5, 9), run
+    # at (7, 20) (was specialised: wrong there), and export with dynamic lengths.
+    def block(q, k):
+        return flashattn_py.attention_forward(q, k, k, causal=True)[0]
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 5, 2, 16, generator=gen), torch.randn(1, 9, 2, 16, generator=gen)
+    traced = make_fx(block, tracing_mode="symbolic")(q, k)
+    q2, k2 = torch.randn(1, 7, 2, 16, generator=gen), torch.randn(1, 20, 2, 16, generator=gen)
+    torch.testing.assert_close(traced(q2, k2), block(q2, k2))
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k):
+            return block(q, k)
+
+    sq, sk = torch.export.Dim("sq", min=2, max=64), torch.export.Dim("sk", min=2, max=64)
+    ep = torch.export.export(Block(), (q, k), dynamic_shapes={"q": {1: sq}, "k": {1: sk}})
+    torch.testing.assert_close(ep.module()(q2, k2), block(q2, k2))
+
+
+def test_jit_trace_under_no_grad_keeps_the_gradients():
+    # A trace under no_grad recorded the kernel without autograd: the traced module then
+    # trained without the attention's gradients (the projection's came out None).
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.lin(x).view(1, 5, 2, 8)
+            return flashattn_py.flash_attn_func(q, q, q, causal=True)
+
+    model, x = Model(), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    traced(x).square().sum().backward()
+    assert model.lin.weight.grad is not None
+    got = model.lin.weight.grad.clone()
+    model.lin.weight.grad = None
+    model(x).square().sum().backward()
+    torch.testing.assert_close(got, model.lin.weight.grad)
+
+
+def test_compiled_decode_loop_with_an_int_cache_length_compiles_once():
+    torch._dynamo.reset()
+    graphs, backend = _graph_counter()
+
+    @torch.compile(backend=backend, fullgraph=True, dynamic=True)
+    def step(q, k_cache, v_cache, k, v, n):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=n, causal=True)
+
+    cache = torch.zeros(2, 64, 2, 16), torch.zeros(2, 64, 2, 16)
+    eager = torch.zeros(2, 64, 2, 16), torch.zeros(2, 64, 2, 16)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in range(6):
+            q, k, v = (torch.randn(2, 1, h, 16, generator=gen) for h in (4, 2, 2))
+            got = step(q, *cache, k, v, n)
+            want = flashattn_py.flash_attn_with_kvcache(q, *eager, k, v, cache_seqlens=n, causal=True)
+            torch.testing.assert_close(got, want)
+    assert torch.equal(cache[0], eager[0]) and torch.equal(cache[1], eager[1])
+    assert len(graphs) <= 2, f"compiled {len(graphs)} graphs"  # (0 / 1, then any n)
+
+
+def test_compiled_alibi_slopes_from_symbolic_head_counts():
+    torch._dynamo.reset()
+
+    def f(q, k):
+        return flashattn_py.flash_attn_func(q, k, k, causal=True, alibi_slopes=torch.linspace(0.1, 1, q.shape[2]))
+
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 9, 2, 16)
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)(q, k), f(q, k))
+
+
+def test_compiled_multihead_attention_with_need_weights():
+    torch._dynamo.reset()
+    mha = fnn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(2, 5, 32)
+    fnn._warned_need_weights = False  # (the first call warns; Dynamo cannot trace the warning)
+    got = torch.compile(lambda x: mha(x, x, x), backend="aot_eager", fullgraph=True)(x)
+    want = mha(x, x, x)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
