@@ -604,10 +604,20 @@ def _forward_only_path(backend: backends.Backend) -> int:
     if backend.choose_path is None:
         return 0
     if not _FORWARD_ONLY:
-        from . import _C
-
-        _FORWARD_ONLY.append(_C.CPU_FORWARD_ONLY)
+        _read_forward_only()
     return _FORWARD_ONLY[0]
+
+
+def _read_forward_only() -> None:
+    from . import _C
+
+    _FORWARD_ONLY.append(_C.CPU_FORWARD_ONLY)
+
+
+# (Read now where the ops loaded, not first inside a torch.compile trace: Dynamo would
+# guard on the list being empty and compile the first compiled call twice.)
+if backends.compiled_ops_error() is None:
+    _read_forward_only()
 
 
 # Each backend's inference entry, resolved on first use (tests replace one here).
