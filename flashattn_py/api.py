@@ -778,9 +778,20 @@ def scaled_dot_product_attention(
         does (float64 stays float64). Invalid arguments raise ``ArgumentError``, both a
         ValueError and (as torch's errors) a RuntimeError.
     """
+    return sdpa_with_softcap(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                      dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                      enable_gqa: bool = False, softcap: float = 0.0) -> Tensor:
+    """scaled_dot_product_attention (its arguments, torch's semantics) with flash-attn's
+    logit softcap (``softcap * tanh(scores / softcap)`` after the scale, before the mask;
+    0: none), for integrations whose models have one (transformers' Gemma 2)."""
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
     if query.is_nested or key.is_nested or value.is_nested:
+        if softcap:
+            raise ArgumentError("softcap: not supported with nested tensors")
         return _nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise ArgumentError(
@@ -800,6 +811,8 @@ def scaled_dot_product_attention(
     # dropout_p = 1 drops every weight: zeros, as torch (flash_attn_func keeps [0, 1))
     every_weight_dropped = dropout_p == 1.0
     _check_dropout(0.0 if every_weight_dropped else dropout_p)
+    if softcap < 0:
+        raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
     qs, ks, vs = query.shape, key.shape, value.shape
     if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
         q4, k4, v4, lead = query, key, value, None  # the common call, without building shapes
@@ -840,7 +853,7 @@ def scaled_dot_product_attention(
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
         out, _ = ops.attention(
-            q4, k4, v4, scale=float(scale), attn_mask=mask4, window_left=-1, window_right=0 if is_causal else -1,
-            diag_offset=diag_offset, dropout_p=float(dropout_p), heads_first=True,
+            q4, k4, v4, scale=float(scale), softcap=float(softcap), attn_mask=mask4, window_left=-1,
+            window_right=0 if is_causal else -1, diag_offset=diag_offset, dropout_p=float(dropout_p), heads_first=True,
         )  # (B, H, L, Ev)
     return out if lead is None or len(lead) == 2 else out.reshape(*lead, seqlen_q, head_dim_v)

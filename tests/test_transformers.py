@@ -45,13 +45,13 @@ def _registered():
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = api.scaled_dot_product_attention
+    real = api.sdpa_with_softcap
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("attn_mask") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(api, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(api, "sdpa_with_softcap", counted)
     return calls
 
 
@@ -134,8 +134,11 @@ def test_attention_function_signature():
     want1 = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=mask.float(),
                                                              enable_gqa=True)
     torch.testing.assert_close(out1, want1.transpose(1, 2))
-    with pytest.raises(ValueError, match="softcap"):
-        flashattn_attention_forward(_Module(), q, k, v, None, softcap=30.0)
+    # softcap (Gemma 2): scores capped as the formula does
+    out2, _ = flashattn_attention_forward(_Module(), q, k, v, None, scaling=0.5, softcap=1.5)
+    scores = 1.5 * torch.tanh(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5 / 1.5)
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(out2, (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2))
     with pytest.raises(ValueError, match="flash"):
         register("flashattn_py")
 
@@ -239,4 +242,66 @@ def test_padding_free_under_inference_mode():
     with torch.inference_mode():
         packed = model(input_ids=ids, position_ids=position_ids).logits
         alone = [model(input_ids=ids[:, a:b]).logits for a, b in ((0, 4), (4, 7), (7, 9))]
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_gemma2_logit_softcap():
+    # Gemma 2's attn_logit_softcapping reaches the kernels (it raised); sliding layers too.
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                    attn_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    base = transformers.Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # (right padding: eager's left-padded rows differ in what padded queries see)
+    lengths = [4, 7]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    logits = {}
+    with torch.no_grad():
+        for impl in ("eager", NAME):
+            model = copy.deepcopy(base)
+            model.set_attn_implementation(impl)
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits
+            packed = model(input_ids=ids[:1], position_ids=position_ids, use_cache=False).logits
+            alone = torch.cat([model(input_ids=part).logits for part in ids[:1].split(lengths, 1)], 1)
+            torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
+    keep = mask.bool()
+    torch.testing.assert_close(logits[NAME][keep], logits["eager"][keep], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_documents_with_a_cache_in_a_model_with_sliding_layers():
+    # Full and sliding layers: with a cache transformers' masks do not keep documents apart
+    # (eager, sdpa); every layer now follows that one rule (the full ones split documents, the
+    # sliding ones did not: a result matching neither).
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=4, max_window_layers=1)
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(cfg).eval()
+    lengths = [5, 1, 9, 7]
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    logits = {}
+    with torch.no_grad():
+        for impl in ("eager", NAME):
+            model = copy.deepcopy(base)
+            model.set_attn_implementation(impl)
+            logits[impl] = model(input_ids=ids, position_ids=position_ids, use_cache=True).logits
+    torch.testing.assert_close(logits[NAME], logits["eager"], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_positions_rewritten_in_place_under_inference_mode():
+    # An inference tensor has no version counter: rewritten in place, its documents were
+    # taken from the cache of the earlier forward (off by 0.3).
+    model = _llama().eval()
+    model.config._attn_implementation = NAME
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+        model(input_ids=ids, position_ids=position_ids)
+        position_ids.copy_(torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5, 6]]))
+        packed = model(input_ids=ids, position_ids=position_ids).logits
+        alone = [model(input_ids=ids[:, a:b]).logits for a, b in ((0, 2), (2, 9))]
     torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-4)

@@ -61,15 +61,14 @@ def flashattn_attention_forward(
     Returns:
         ``(attn_output (B, Sq, H, D), None)``: attention weights are never materialised.
     """
-    if kwargs.get("softcap") is not None:
-        raise ArgumentError("softcap: not supported by the flashattn_py transformers backend (use eager)")
+    softcap = float(kwargs.get("softcap") or 0.0)  # (Gemma 2's attn_logit_softcapping)
     if kwargs.get("position_bias") is not None:
         raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if isinstance(attention_mask, PackedDocuments):
         if attention_mask.serves(query, key, module, kwargs):
-            return _packed_attention(query, key, value, attention_mask, scaling, dropout), None
+            return _packed_attention(query, key, value, attention_mask, scaling, dropout, softcap), None
         attention_mask = attention_mask.mask()
     elif attention_mask is None:
         # transformers builds no mask for packed documents when a cache is in use (it looks
@@ -77,7 +76,7 @@ def flashattn_attention_forward(
         # whatever the cache, and so does ours.
         docs = _documents_from_positions(kwargs.get("position_ids"), query, key, module, kwargs, bool(causal))
         if docs is not None:
-            return _packed_attention(query, key, value, docs, scaling, dropout), None
+            return _packed_attention(query, key, value, docs, scaling, dropout, softcap), None
     # As transformers' sdpa: the kernel's causal flag only when there is no mask and more than
     # one query (a single decoding query sees every cached key). Shape check first so that
     # compiled graphs with dynamic shapes keep a plain bool.
@@ -88,9 +87,9 @@ def flashattn_attention_forward(
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
-    out = api.scaled_dot_product_attention(
+    out = api.sdpa_with_softcap(
         query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
+        enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -132,7 +131,7 @@ class PackedDocuments:
 # The documents found from the last position_ids seen, with its version counter (every
 # layer of a forward passes the same tensor: found once per forward; a tensor written in
 # place since is read again).
-_last_documents: list = [None, -1, None]  # [position_ids, its _version, PackedDocuments or None]
+_last_documents: list = [None, -1, None]  # [position_ids, its _version (values: inference), PackedDocuments]
 
 
 def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key: Tensor, module, kwargs,
@@ -140,17 +139,28 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
     """PackedDocuments when one row (B = 1, no cached keys) holds several documents: its
     position_ids (1, S) restart (a position that is not the previous one + 1 starts a
     document, as transformers' find_packed_sequence_indices decides); else None. Layers
-    with a sliding window keep their mask."""
+    with a sliding window keep their mask, and so do all layers of a model that has some."""
     q_len = query.shape[2]
     if (position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, q_len) or query.shape[0] != 1
             or q_len < 2 or key.shape[2] != q_len):
         return None
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return None
-    # (an inference-mode tensor has no version counter, and cannot be written in place
-    # outside inference mode: its identity is enough)
-    version = None if position_ids.is_inference() else position_ids._version
-    if _last_documents[0] is not position_ids or _last_documents[1] != version:
+    # A model with other layers too (sliding windows, chunks): those get transformers' mask,
+    # which with a cache does not keep documents apart; neither do these layers then, so
+    # that every layer follows one rule (transformers' own, as eager and sdpa).
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        return None
+    # (an inference-mode tensor has no version counter: its values are compared instead,
+    # S elements per layer; it may be written in place inside inference mode)
+    if position_ids.is_inference():
+        same = _last_documents[0] is position_ids and torch.equal(_last_documents[1], position_ids)
+        version = position_ids.clone()
+    else:
+        version = position_ids._version
+        same = _last_documents[0] is position_ids and _last_documents[1] == version
+    if not same:
         positions = position_ids[0]
         new_document = torch.ones_like(positions, dtype=torch.bool)
         new_document[1:] = positions[1:] != positions[:-1] + 1
@@ -163,12 +173,13 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
 
 
 def _packed_attention(query: Tensor, key: Tensor, value: Tensor, docs: PackedDocuments, scaling,
-                      dropout) -> Tensor:
+                      dropout, softcap: float) -> Tensor:
     """The documents of a one-row batch, each attending within itself: (1, S, H, D) out. The
     sequences' bound is the row's length (no host read of the longest document)."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
     out = api.flash_attn_varlen_func(q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.length, docs.length,
-                                     dropout_p=float(dropout), softmax_scale=scaling, causal=docs.causal)
+                                     dropout_p=float(dropout), softmax_scale=scaling, causal=docs.causal,
+                                     softcap=softcap)
     return out.unsqueeze(0)
 
 
