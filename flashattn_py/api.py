@@ -36,6 +36,9 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     float64 in the autocast dtype, as torch's SDPA gets them (it is on autocast's
     lower-precision list for CPU and CUDA); otherwise the tensors unchanged."""
     device = query.device.type
+    # (meta and other devices without autocast: asking would raise)
+    if device not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device):
+        return query, key, value, attn_mask
     if not torch.is_autocast_enabled(device):
         return query, key, value, attn_mask
     dtype = torch.get_autocast_dtype(device)

@@ -41,3 +41,19 @@ def cpu_switch(monkeypatch):
     yield set_switch
     monkeypatch.undo()
     _C.reload_cpu_switches()
+
+
+class _Graphs(list):
+    """The graphs torch.compile hands ``backend`` (one per compilation), run as traced."""
+
+    def backend(self, gm, example_inputs):
+        self.append(gm)
+        return gm
+
+
+@pytest.fixture
+def compiled_graphs():
+    """A fresh Dynamo state and a list that collects what it compiles: pass
+    ``compiled_graphs.backend`` to torch.compile, count ``len(compiled_graphs)``."""
+    torch._dynamo.reset()
+    return _Graphs()

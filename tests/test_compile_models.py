@@ -102,17 +102,10 @@ def test_export_flash_attn_func_module():
     torch.testing.assert_close(ep_dyn.module()(x3), model(x3))
 
 
-def test_compile_dynamic_query_and_key_lengths_without_recompiles():
+def test_compile_dynamic_query_and_key_lengths_without_recompiles(compiled_graphs):
     # A bottom-right causal call's diagonal offset is Sk - Sq: an int argument of the op
     # would make each difference a new graph (a guard on it); as SymInt it stays symbolic.
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    @torch.compile(backend=backend, fullgraph=True, dynamic=True)
+    @torch.compile(backend=compiled_graphs.backend, fullgraph=True, dynamic=True)
     def step(q, k, v):
         return flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(6, 0))
 
@@ -131,7 +124,7 @@ def test_compile_dynamic_query_and_key_lengths_without_recompiles():
         torch.testing.assert_close(out, want)
         for g, t in zip(grads, (q, k, v)):
             torch.testing.assert_close(g, t.grad)
-    assert len(graphs) == 1, f"compiled {len(graphs)} graphs"
+    assert len(compiled_graphs) == 1, f"compiled {len(compiled_graphs)} graphs"
 
 
 @pytest.mark.slow

@@ -267,14 +267,20 @@ def test_no_backward():
         flashattn_py.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=2)
 
 
-def test_compiled_decode_step_mutates_the_cache():
-    # The append is an op with mutated arguments: torch.compile(fullgraph=True) keeps it.
+def _compiled_decode_step():
+    """A causal decode step with new keys, compiled (fullgraph, aot_eager) afresh."""
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(q, k_cache, v_cache, k, v, lens):
         return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
 
+    return step
+
+
+def test_compiled_decode_step_mutates_the_cache():
+    # The append is an op with mutated arguments: torch.compile(fullgraph=True) keeps it.
+    step = _compiled_decode_step()
     q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
     k_cache, v_cache = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
     lens = torch.tensor([0, 5], dtype=torch.int32)
@@ -289,12 +295,7 @@ def test_compiled_decode_step_mutates_the_cache():
 def test_compiled_decode_step_checks_the_values_before_writing():
     # Traced, cache_seqlens' values are unknown: the compiled graph checks them before the
     # write (flashattn::check_kvcache), so a full cache raises and stays untouched.
-    torch._dynamo.reset()
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(q, k_cache, v_cache, k, v, lens):
-        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, causal=True)
-
+    step = _compiled_decode_step()
     q, k, v = torch.randn(2, 1, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
     k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
     before = k_cache.clone(), v_cache.clone()

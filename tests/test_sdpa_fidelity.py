@@ -4,6 +4,7 @@ code restricts torch to it, and every shape torch accepts (broadcast, 2-D, zero 
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -357,3 +358,14 @@ def test_zero_size_forward_mode_ad():
         out = flashattn_py.scaled_dot_product_attention(fwAD.make_dual(q, torch.randn_like(q)), k, v)
         primal, tangent = fwAD.unpack_dual(out)
     assert torch.equal(primal, torch.zeros(2, 3, 4, 8)) and torch.equal(tangent, torch.zeros(2, 3, 4, 8))
+
+
+@pytest.mark.parametrize("entry", list(SDPAS))
+def test_meta_tensors_give_the_output_shape(entry):
+    # (shape inference, e.g. models built on the meta device: asking autocast about "meta" raised)
+    q, k, v = torch.empty(2, 4, 7, 8, device="meta"), torch.empty(2, 4, 5, 8, device="meta"), \
+        torch.empty(2, 4, 5, 16, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the reference serves meta tensors, and says so)
+        out = SDPAS[entry](q, k, v, is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 7, 16)

@@ -12,16 +12,6 @@ import flashattn_py
 import flashattn_py.nn as fnn
 
 
-def _graph_counter():
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    return graphs, backend
-
-
 @pytest.mark.parametrize("mode", ["fake", "symbolic"])
 def test_make_fx_records_packed_and_cache_calls(mode):
     # (their index checks read values; under fake tensors they become ops of the graph)
@@ -83,11 +73,8 @@ def test_jit_trace_under_no_grad_keeps_the_gradients():
     torch.testing.assert_close(got, model.lin.weight.grad)
 
 
-def test_compiled_decode_loop_with_an_int_cache_length_compiles_once():
-    torch._dynamo.reset()
-    graphs, backend = _graph_counter()
-
-    @torch.compile(backend=backend, fullgraph=True, dynamic=True)
+def test_compiled_decode_loop_with_an_int_cache_length_compiles_once(compiled_graphs):
+    @torch.compile(backend=compiled_graphs.backend, fullgraph=True, dynamic=True)
     def step(q, k_cache, v_cache, k, v, n):
         return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=n, causal=True)
 
@@ -101,7 +88,7 @@ def test_compiled_decode_loop_with_an_int_cache_length_compiles_once():
             want = flashattn_py.flash_attn_with_kvcache(q, *eager, k, v, cache_seqlens=n, causal=True)
             torch.testing.assert_close(got, want)
     assert torch.equal(cache[0], eager[0]) and torch.equal(cache[1], eager[1])
-    assert len(graphs) <= 2, f"compiled {len(graphs)} graphs"  # (0 / 1, then any n)
+    assert len(compiled_graphs) <= 2, f"compiled {len(compiled_graphs)} graphs"  # (0 / 1, then any n)
 
 
 def test_compiled_alibi_slopes_from_symbolic_head_counts():

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from flashattn_py import api  # noqa: E402
+from flashattn_py.integrations import transformers as tf_backend  # noqa: E402
 from flashattn_py.integrations.transformers import NAME, flashattn_attention_forward, register  # noqa: E402
 from rule import GRAD_FACTOR, OUT_FACTOR, assert_rule  # noqa: E402
 
@@ -119,7 +120,7 @@ class _Module(torch.nn.Module):
     num_key_value_groups = 2
 
 
-def test_attention_function_signature():
+def test_attention_function_signature(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 5, 8, generator=gen)
     k, v = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
@@ -141,6 +142,11 @@ def test_attention_function_signature():
     torch.testing.assert_close(out2, (scores.softmax(-1) @ v.repeat_interleave(2, 1)).transpose(1, 2))
     with pytest.raises(ValueError, match="flash"):
         register("flashattn_py")
+    # output_attentions=True: no weights (never materialised), said once as transformers' sdpa does
+    monkeypatch.setattr(tf_backend, "_warned_weights", False)
+    with pytest.warns(UserWarning, match="does not return attention weights"):
+        _, weights = flashattn_attention_forward(_Module(), q, k, v, None, output_attentions=True)
+    assert weights is None
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
@@ -245,6 +251,19 @@ def test_padding_free_under_inference_mode():
     torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-4)
 
 
+def _with_each_impl(base, impls=("eager", NAME)):
+    """(impl, a copy of ``base`` set to attend with it) for each implementation."""
+    for impl in impls:
+        model = copy.deepcopy(base)
+        model.set_attn_implementation(impl)
+        yield impl, model
+
+
+def _restarting_positions(lengths):
+    """position_ids (1, sum(lengths)) of packed documents: 0.. again at each."""
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
 def test_gemma2_logit_softcap():
     # Gemma 2's attn_logit_softcapping reaches the kernels (it raised); sliding layers too.
     cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -256,12 +275,10 @@ def test_gemma2_logit_softcap():
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0  # (right padding: eager's left-padded rows differ in what padded queries see)
     lengths = [4, 7]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    position_ids = _restarting_positions(lengths)
     logits = {}
     with torch.no_grad():
-        for impl in ("eager", NAME):
-            model = copy.deepcopy(base)
-            model.set_attn_implementation(impl)
+        for impl, model in _with_each_impl(base):
             logits[impl] = model(input_ids=ids, attention_mask=mask).logits
             packed = model(input_ids=ids[:1], position_ids=position_ids, use_cache=False).logits
             alone = torch.cat([model(input_ids=part).logits for part in ids[:1].split(lengths, 1)], 1)
@@ -282,13 +299,9 @@ def test_packed_documents_with_a_cache_in_a_model_with_sliding_layers():
     base = transformers.Qwen2ForCausalLM(cfg).eval()
     lengths = [5, 1, 9, 7]
     ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    logits = {}
     with torch.no_grad():
-        for impl in ("eager", NAME):
-            model = copy.deepcopy(base)
-            model.set_attn_implementation(impl)
-            logits[impl] = model(input_ids=ids, position_ids=position_ids, use_cache=True).logits
+        logits = {impl: model(input_ids=ids, position_ids=_restarting_positions(lengths), use_cache=True).logits
+                  for impl, model in _with_each_impl(base)}
     torch.testing.assert_close(logits[NAME], logits["eager"], atol=1e-5, rtol=1e-4)
 
 

@@ -24,6 +24,7 @@ other mask (sliding windows, chunked attention, image overlays) is built as for 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -61,6 +62,8 @@ def flashattn_attention_forward(
     Returns:
         ``(attn_output (B, Sq, H, D), None)``: attention weights are never materialised.
     """
+    if kwargs.get("output_attentions", False):
+        _warn_no_attention_weights()
     softcap = float(kwargs.get("softcap") or 0.0)  # (Gemma 2's attn_logit_softcapping)
     if kwargs.get("position_bias") is not None:
         raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
@@ -92,6 +95,18 @@ def flashattn_attention_forward(
         enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+_warned_weights = False
+
+
+def _warn_no_attention_weights() -> None:
+    """Once, as transformers' sdpa path does: output_attentions=True gets no weights here."""
+    global _warned_weights
+    if not _warned_weights and not torch.compiler.is_compiling():  # (Dynamo cannot trace warn)
+        _warned_weights = True
+        warnings.warn(f"{NAME} attention does not return attention weights (output_attentions=True): they are "
+                      f"never materialised; use attn_implementation='eager' for them.", stacklevel=3)
 
 
 class PackedDocuments:
