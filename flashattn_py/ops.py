@@ -594,7 +594,7 @@ def attention(
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
 
 
-_FORWARD_ONLY: list[int] = []  # _C.CPU_FORWARD_ONLY, read on first use
+_FORWARD_ONLY: list[int] = []  # _C.CPU_FORWARD_ONLY (read below, where the compiled ops load)
 
 
 def _forward_only_path(backend: backends.Backend) -> int:
