@@ -747,6 +747,37 @@ __attribute__((always_inline)) inline void store_group_column(float* out, __m256
   _mm_storel_pi(reinterpret_cast<__m64*>(out + 4), _mm256_extractf128_ps(x, 1));
 }
 
+#ifdef __AVX512F__
+// pack_q's group layout with AVX-512: 8 elements of a group's MR = 6 rows are 48
+// consecutive floats, three whole vectors. Lane l of vector v (j = 16 v + l) holds
+// element j / 6 of row j % 6, taken from rows (0, 1) and (2, 3) by one two-source
+// permute (`ab`: row r's 8 elements at lanes 8 (r % 2) of the pair's vector, the second
+// pair from 16) and from rows (4, 5) by a masked one (`c`, lanes in `c_mask`).
+struct GroupLanes {
+  int32_t ab[3][16], c[3][16];
+  uint16_t c_mask[3];
+};
+constexpr GroupLanes group_lanes() {
+  static_assert(MR == 6, "three vectors of 16 per 8 elements");
+  GroupLanes t{};
+  for (int v = 0; v < 3; ++v) {
+    for (int l = 0; l < 16; ++l) {
+      const int j = 16 * v + l, e = j / 6, row = j % 6;
+      t.ab[v][l] = row < 2 ? row * 8 + e : (row < 4 ? 16 + (row - 2) * 8 + e : 0);
+      t.c[v][l] = row >= 4 ? (row - 4) * 8 + e : 0;
+      if (row >= 4) t.c_mask[v] = static_cast<uint16_t>(t.c_mask[v] | (1u << l));
+    }
+  }
+  return t;
+}
+inline constexpr GroupLanes GROUP_LANES = group_lanes();
+
+__attribute__((always_inline)) inline __m512 two_rows(__m256 lo, __m256 hi) {
+  const __m512d low = _mm512_castpd256_pd512(_mm256_castps_pd(lo));
+  return _mm512_castpd_ps(_mm512_insertf64x4(low, _mm256_castps_pd(hi), 1));
+}
+#endif
+
 // Q rows [0, rows) (row stride ld, d columns), times `scale`, in groups of MR rows
 // interleaved: row MR g + r, element e at dst[g * MR * d + e * MR + r]; rows past `rows`
 // in the last group are zero. The tile then broadcasts from one sequential stream instead
@@ -758,6 +789,25 @@ inline void pack_q(const T* src, int64_t ld, int64_t rows, int64_t d, float scal
     float* group = dst + g0 * d;
     const int64_t n = std::min(MR, rows - g0);
     int64_t e0 = 0;
+#ifdef __AVX512F__
+    // (whole vectors out: the 8 x 8 transpose below stores 6 lanes a column, 4 + 2, a
+    // third of them across cache lines; this packs set A's Q at about the rate of a copy,
+    // benchmarks/RESULTS.md)
+    for (; e0 + 8 <= d; e0 += 8) {
+      prefetch_rows_ahead(src, ld, g0, MR, rows, e0);
+      __m256 r[MR];
+      for (int64_t i = 0; i < MR; ++i) {
+        r[i] = i < n ? _mm256_mul_ps(load8(src + (g0 + i) * ld + e0), vscale) : _mm256_setzero_ps();
+      }
+      const __m512 a = two_rows(r[0], r[1]), b = two_rows(r[2], r[3]), c = two_rows(r[4], r[5]);
+      float* out = group + e0 * MR;
+      for (int v = 0; v < 3; ++v) {
+        const __m512 ab = _mm512_permutex2var_ps(a, _mm512_loadu_si512(GROUP_LANES.ab[v]), b);
+        const __m512i from_c = _mm512_loadu_si512(GROUP_LANES.c[v]);
+        _mm512_storeu_ps(out + 16 * v, _mm512_mask_permutexvar_ps(ab, GROUP_LANES.c_mask[v], from_c, c));
+      }
+    }
+#endif
     for (; e0 + 8 <= d; e0 += 8) {  // 8 elements of the MR rows (and 2 zero rows)
       prefetch_rows_ahead(src, ld, g0, MR, rows, e0);
       __m256 r[8];
