@@ -96,7 +96,7 @@ def _check_dropout(dropout_p: float) -> None:
         raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p}")
 
 
-def window_sides(window_size) -> tuple[int, int]:
+def check_window_size(window_size) -> tuple[int, int]:
     """``window_size`` (left, right) as two ints, each >= -1 (-1: unbounded); anything else
     (a float side, which int() would truncate, None, a third side) an ArgumentError."""
     try:
@@ -114,9 +114,9 @@ def window_sides(window_size) -> tuple[int, int]:
 
 
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
-    """The options flash-attn's functions share; returns window_size's sides (window_sides)."""
+    """The options flash-attn's functions share; returns window_size's sides (check_window_size)."""
     _check_dropout(dropout_p)
-    window = window_sides(window_size)
+    window = check_window_size(window_size)
     if softcap < 0:
         raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
     num_heads = q.shape[-2]
@@ -582,7 +582,7 @@ def flash_attn_varlen_func(
 
 def _causal_window(window_size, causal: bool) -> tuple[int, int]:
     """flash-attn's (window_size, causal) as one window: causal is a right bound of 0."""
-    left, right = window_sides(window_size)
+    left, right = check_window_size(window_size)
     return (left, 0) if causal else (left, right)
 
 

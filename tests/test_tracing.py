@@ -4,6 +4,8 @@ calls whose Python arguments turn symbolic (a decode loop's int cache length, si
 ALiBi slopes or modules' warnings see). Each case failed or recompiled before its fix."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -110,3 +112,76 @@ def test_compiled_multihead_attention_with_need_weights():
     want = mha(x, x, x)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+# --- the same on a GPU (benchmarks/gpu_check.sh runs -m gpu), each backend that serves ----
+
+
+def _gpu_backends():
+    from devices import has_cuda_kernels
+
+    marks = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    return [pytest.param("cuda", marks=marks + [pytest.mark.skipif(not has_cuda_kernels(),
+                                                                     reason="needs the compiled CUDA ops")]),
+            pytest.param("triton", marks=marks)]
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_compiled_lengths_without_recompiles_or_host_reads(backend, compiled_graphs, monkeypatch):
+    # diag_offset (Sk - Sq) symbolic: one graph for four length pairs, fwd + grads. Packed
+    # offsets on the GPU are not read while tracing (no check op in the graph, nothing
+    # syncs), unless FLASHATTN_CHECK_INPUTS=1 asks: then the graph checks them as it runs.
+    @torch.compile(backend=compiled_graphs.backend, fullgraph=True, dynamic=True)
+    def step(q, k, v):
+        return flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(6, 0), backend=backend)
+
+    gen = torch.Generator().manual_seed(0)
+    for sq, sk in ((5, 9), (7, 20), (12, 13), (3, 31)):
+        q = torch.randn(2, sq, 2, 64, generator=gen).to("cuda", torch.float16).requires_grad_()
+        k, v = (torch.randn(2, sk, 2, 64, generator=gen).to("cuda", torch.float16).requires_grad_() for _ in range(2))
+        out = step(q, k, v)
+        got = torch.autograd.grad(out.float().sum(), (q, k, v))
+        want_out = flashattn_py.flash_attn_func(q, k, v, causal=True, window_size=(6, 0), backend=backend)
+        want = torch.autograd.grad(want_out.float().sum(), (q, k, v))
+        torch.testing.assert_close(out, want_out)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    assert len(compiled_graphs) == 1, f"compiled {len(compiled_graphs)} graphs"
+
+    q = torch.randn(9, 2, 64, generator=gen).to("cuda", torch.float16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
+
+    def packed(q, cu, max_k):
+        return flashattn_py.flash_attn_varlen_func(q, q, q, cu, cu, 5, max_k, causal=True, backend=backend)
+
+    for check in ("0", "1"):
+        monkeypatch.setenv("FLASHATTN_CHECK_INPUTS", check)
+        torch._dynamo.reset()
+        traced = make_fx(packed, tracing_mode="fake")(q, cu, 5)
+        assert ("flashattn.check_packed" in traced.code) == (check == "1")
+        compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(q, cu, 5), packed(q, cu, 5))
+    with pytest.raises(ValueError, match="max_seqlen_k: 2 is below the longest sequence"):
+        compiled(q, cu, 2)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_strides_of_size_one_dims(backend):
+    # A one-row k / v from a transpose and a head dim of 1 with another stride (torch calls
+    # them contiguous): copied to the layout the kernels read (ops.kernel_rows).
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.float16)
+
+    cases = ((rand(2, 3, 5, 64), rand(2, 3, 64, 1).transpose(-1, -2), rand(2, 3, 64, 1).transpose(-1, -2)),
+             (rand(2, 3, 64, 1).transpose(-1, -2), rand(2, 3, 7, 64), rand(2, 3, 7, 64)))
+    def formula(q, k, v):  # (the naive formula in the inputs' dtype: the project's rule)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+
+    for q, k, v in cases:
+        assert min(t.stride(-2) for t in (q, k, v)) < q.shape[-1]
+        with flashattn_py.use_backend(backend):
+            got = flashattn_py.scaled_dot_product_attention(q, k, v)
+        want, naive = formula(q.double(), k.double(), v.double()), formula(q, k, v)
+        assert (got.double() - want).abs().max() <= 2 * (naive.double() - want).abs().max() + 1e-6
