@@ -67,10 +67,22 @@ def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.T
 
 
 def case(name, func, dtype="float32", *, varlen=False, packed=None, B=2, H=8, Hk=2, D=24, Dv=40, S=None, lens=None,
-         alibi=None, lse=True, deterministic=False, repeat=1, backend=None, **kwargs):
+         alibi=None, lse=True, deterministic=False, repeat=1, backend=None, max_seqlen_as="int", **kwargs):
+    # max_seqlen_as: how varlen cases pass max_seqlen ("int", "numpy": a NumPy int64, "tensor": a
+    # one-element tensor, as torch's int arguments take)
     return dict(name=name, func=func, dtype=dtype, varlen=varlen, packed=packed, B=B, H=H, Hk=Hk, D=D, Dv=Dv, S=S,
                 lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, backend=backend,
-                kwargs=kwargs)
+                max_seqlen_as=max_seqlen_as, kwargs=kwargs)
+
+
+def max_seqlen_arg(c):
+    """The case's longest document, as the case passes it."""
+    n = max(c["lens"])
+    if c["max_seqlen_as"] == "numpy":
+        import numpy
+
+        return numpy.int64(n)
+    return torch.tensor([n]) if c["max_seqlen_as"] == "tensor" else n
 
 
 def dense_cases(world: int, full: bool):
@@ -134,6 +146,9 @@ def varlen_cases(world: int, full: bool):
     out.append(case("ulysses-varlen-causal", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, causal=True))
     if full:
         out += [
+            case("ring-varlen-causal-numpy-max", "ring", varlen=True, lens=doc, causal=True, max_seqlen_as="numpy"),
+            case("ulysses-varlen-tensor-max", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk,
+                 max_seqlen_as="tensor"),
             case("ulysses-varlen-plain-bf16", "ulysses", "bfloat16", varlen=True, lens=straddle, H=h, Hk=hk),
             case("ulysses-varlen-window-alibi", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, window_size=(5, 0),
                  alibi="H"),
@@ -270,7 +285,7 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     returns (out, lse or None, (dq, dk, dv) leaves' grads getter)."""
     fn = getattr(cp, fn_name)
     kw = dict(extra_kwargs, **override)
-    varlen = (cu, max(c["lens"])) if c["varlen"] else ()
+    varlen = (cu, max_seqlen_arg(c)) if c["varlen"] else ()
     dim = 1 if c["varlen"] else 2  # the packing dim of kv / qkv
     if c["packed"] == "kv":
         kv = torch.stack([k, v], dim=dim).requires_grad_()
@@ -283,7 +298,7 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     else:
         q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         if c["varlen"]:
-            res = fn(q, k, v, cu, max(c["lens"]), **kw)
+            res = fn(q, k, v, cu, max_seqlen_arg(c), **kw)
         else:
             res = fn(q, k, v, **kw)
         grads = lambda: (q.grad, k.grad, v.grad)  # noqa: E731

@@ -18,12 +18,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Checked(NamedTuple):
-    """A validated call: its window (causal folded in), scale, int32 cu_seqlens (packed
-    calls), the backend every rank runs its local blocks on, and whether a backward follows."""
+    """A validated call: its window (causal folded in), scale, int32 cu_seqlens and
+    max_seqlen as an int (packed calls; 0 otherwise), the backend every rank runs its local
+    blocks on, and whether a backward follows."""
 
     window: tuple[int, int]
     scale: float
     cu_seqlens: Optional[Tensor]
+    max_seqlen: int
     backend: str
     backward: bool
 
@@ -47,12 +49,13 @@ def offsets_fields(cu: Tensor) -> list[tuple]:
 
 def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
                window_size, softcap: float, alibi_slopes, deterministic: bool,
-               layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int], list[tuple]]
+               layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int, int], list[tuple]]
                ) -> tuple[comm.Group, Checked]:
     """Validate a context-parallel call (``layout``: layout.LAYOUTS) on every rank of
     ``group`` (see the module docstring).
-    ``layout_check(q4, k4, cu, world)`` adds the layout's own checks (q4, k4: (B, S, H, D)
-    views; cu: int32 offsets or None) and returns more fields every rank must agree on."""
+    ``layout_check(q4, k4, cu, world, max_seqlen)`` adds the layout's own checks (q4, k4:
+    (B, S, H, D) views; cu: int32 offsets or None; max_seqlen an int) and returns more fields
+    every rank must agree on."""
     ring = comm.Group(group)
     packed = cu_seqlens is not None
     checked: dict = {}
@@ -72,22 +75,22 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
                 raise ArgumentError(f"{name}: expected a {dims}-D {shape} tensor, got shape {tuple(t.shape)}")
         q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
         api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
-        batch, cu, fields = q.shape[0], None, []
+        batch, cu, length, fields = q.shape[0], None, 0, []
         if packed:
             cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
             batch = cu.shape[0] - 1
             if batch < 1:
                 raise ArgumentError("cu_seqlens: expected B + 1 >= 2 offsets of the global packed sequence")
-            if not isinstance(max_seqlen, int) or max_seqlen < 0:
-                raise ArgumentError(f"max_seqlen: expected an int >= 0, got {max_seqlen!r}")
-            fields += offsets_fields(cu) + [("max_seqlen", [max_seqlen])]
-        fields += layout_check(q4, k4, cu, ring.world_size)
+            length = api._length("max_seqlen", max_seqlen)  # (NumPy ints, 1-element tensors: as torch's ints)
+            fields += offsets_fields(cu) + [("max_seqlen", [length])]
+        fields += layout_check(q4, k4, cu, ring.world_size, length)
         api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         grads = [torch.is_grad_enabled() and t.requires_grad for t in (q, k, v)]
         backward = any(grads)
         backend = partial.select_backend(q, k, v, backward, deterministic, alibi_slopes, cu)
-        checked.update(window=window, scale=scale, cu_seqlens=cu, backend=backend, backward=backward)
+        checked.update(window=window, scale=scale, cu_seqlens=cu, max_seqlen=length, backend=backend,
+                       backward=backward)
         return [("q", list(q.shape)), ("k", list(k.shape)), ("v", list(v.shape)),
                 ("q.dtype", [_DTYPES.index(q.dtype)], [str(d).replace("torch.", "") for d in _DTYPES]),
                 ("softmax_scale", [scale]), ("window_size, causal", list(window)), ("softcap", [float(softcap)]),

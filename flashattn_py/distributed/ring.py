@@ -280,7 +280,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
     """The ring / zigzag functions' common body (layouts in layout.py)."""
     per_rank = chunks_per_rank(layout)
 
-    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int) -> list[tuple]:
+    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         if q4.shape[1] != k4.shape[1]:
             raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
                                 f"{k4.shape[1]} rows")
@@ -311,7 +311,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                                       causal, window_size, softcap, alibi_slopes, deterministic, layout_check)
     world, (left, right) = ring.world_size, checked.window
     if cu_seqlens is not None:
-        rows, chunk_len = PackedRows(checked.cu_seqlens, max_seqlen, world, per_rank, q.shape[0]), None
+        rows, chunk_len = PackedRows(checked.cu_seqlens, checked.max_seqlen, world, per_rank, q.shape[0]), None
     else:
         chunk_len = q.shape[1] // per_rank
         rows = DenseRows(chunk_len)

@@ -62,7 +62,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
     contiguous rows of the global packed sequence)."""
     packed = cu_seqlens is not None
 
-    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int) -> list[tuple]:
+    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
             if heads % world:
                 raise ArgumentError(f"{name}: Ulysses gives every rank H / world heads: {heads} heads are not "
@@ -88,8 +88,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
         per_rank = q4.shape[2] // world
         slopes = alibi_slopes[..., ring.rank * per_rank:(ring.rank + 1) * per_rank].contiguous()
     if packed:
-        out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked.cu_seqlens, checked.cu_seqlens, max_seqlen,
-                               max_seqlen, seqused_k=None, block_table=None, dropout_p=0.0, scale=scale,
+        out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked.cu_seqlens, checked.cu_seqlens,
+                               checked.max_seqlen, checked.max_seqlen, seqused_k=None, block_table=None, dropout_p=0.0, scale=scale,
                                window=window, softcap=float(softcap), alibi_slopes=slopes,
                                deterministic=deterministic, backend=checked.backend)
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)
