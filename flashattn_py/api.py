@@ -113,6 +113,17 @@ def check_window_size(window_size) -> tuple[int, int]:
     return left, right
 
 
+def unbounded_past(side: int, seqlen_k) -> int:
+    """flash-attn's rule (flash_api.cpp: dense, varlen and KV-cache calls alike): a window
+    side at least ``seqlen_k`` long (the keys; varlen: max_seqlen_k; a KV cache: its
+    capacity) is no bound, -1. Only a right side changes results by it (one in [Sk, Sq - 1)
+    would hide keys from the first rows of a call with Sq > Sk; a left side that long never
+    binds), so the dense and varlen functions apply it to the right side only: a symbolic
+    seqlen_k (torch.compile) is compared, and guarded on, only for windows with a right
+    side > 0."""
+    return -1 if side > 0 and side >= seqlen_k else side
+
+
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
     """The options flash-attn's functions share; returns window_size's sides (check_window_size)."""
     _check_dropout(dropout_p)
@@ -141,6 +152,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     window_left, window_right = window_size  # (checked: _check_flash_options)
+    window_right = unbounded_past(window_right, k.shape[1])
     if causal:
         window_right = 0
     diag_offset = k.shape[1] - seqlen_q
@@ -460,6 +472,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     max_seqlen_q, max_seqlen_k = (_length(n[arg], value) for arg, value in (("max_seqlen_q", max_seqlen_q),
                                                                             ("max_seqlen_k", max_seqlen_k)))
     window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
+    window = (window[0], unbounded_past(window[1], max_seqlen_k))
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():

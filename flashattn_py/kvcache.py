@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages,
-                  index_values_readable)
+                  index_values_readable, unbounded_past)
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -300,10 +300,9 @@ def flash_attn_with_kvcache(
     if (rotary_cos is None) != (rotary_sin is None):
         raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
     left, right = _check_flash_options(q, 0.0, window_size, softcap, alibi_slopes, batch)
-    window = (left, 0 if causal else right)
-    # as flash-attn: a window side at least as long as the cache is no bound (which also
-    # decides how q is rotated below)
-    window = tuple(-1 if w >= capacity else w for w in window)
+    # (a window side at least as long as the cache is no bound: that also decides how q is
+    # rotated below)
+    window = (unbounded_past(left, capacity), unbounded_past(0 if causal else right, capacity))
     seqlen_ro = None
     if rotary_cos is not None:
         if k is None:

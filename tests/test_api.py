@@ -289,3 +289,31 @@ def test_sdpa_dropout_of_one_gives_zeros_as_torch():
     assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
     with pytest.raises(ValueError, match="dropout_p"):
         flashattn_py.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_window_side_as_long_as_the_keys_is_no_bound(backend):
+    # flash-attn's rule (flash_api.cpp, as torch's varlen_attn): a side >= Sk (varlen:
+    # max_seqlen_k) is -1. With Sq > Sk a right side of 5 >= Sk = 5 would otherwise hide
+    # keys from the first rows (query 0 sees keys up to 0 + (5 - 7) + 5 = 3).
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("needs the compiled CPU ops")
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 7, 5, 2, 2, 16, seed=3))
+    literal = attention_ref(q.detach(), k.detach(), v.detach(), window_left=5, window_right=5, diag_offset=-2)[0]
+    full = attention_ref(q.detach(), k.detach(), v.detach(), diag_offset=-2)[0]
+    assert not torch.allclose(literal, full)  # (the literal window would hide keys)
+    out = flashattn_py.flash_attn_func(q, k, v, window_size=(5, 5), backend=backend)
+    same = flashattn_py.flash_attn_func(q, k, v, window_size=(5, -1), backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.equal(out, same)
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(same, (q, k, v), torch.ones_like(out))))
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    cu_q, cu_k = torch.tensor([0, 7, 10], dtype=torch.int32), torch.tensor([0, 5, 7], dtype=torch.int32)
+    pq, pk, pv = (torch.randn(n, 2, 16) for n in (10, 7, 7))
+    for window in ((5, 5), (-1, 6)):
+        want = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=(window[0], -1),
+                                                   backend=backend)
+        got = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
+        assert torch.equal(got, want)
+        got = flashattn_py.varlen_attn(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
+        assert torch.equal(got, want)
