@@ -100,6 +100,26 @@ def test_dropout_matches_reference_with_the_kernels_mask(dtype, causal):
                     diag_offset=8)
 
 
+def test_dropout_scale_is_rounded_once():
+    # fp32 p = 0.9: kept values times 1 / (1 - p) = 10; 1 / (1 - 0.9f) is 9.9999981, 2e-7 off in
+    # every kept value (over the rule's bound with one key: no softmax error). With V = 1 and one
+    # key a kept row is the scale itself.
+    q, k, v = random_qkv(1, 64, 1, 2, 2, 64, seed=5)
+    keep = keep_mask_for_call(7, 1, 2, 64, 1, 0.9)
+    torch.manual_seed(7)
+    out = flashattn_py.flash_attn_func(q, k, torch.ones_like(v), dropout_p=0.9, backend="cpu")
+    kept = keep[0, :, :, 0].transpose(0, 1)  # (S, H)
+    assert kept.any() and not kept.all()
+    assert torch.equal(out[0][kept], torch.full_like(out[0][kept], 10.0))
+    assert torch.equal(out[0][~kept], torch.zeros_like(out[0][~kept]))
+
+    def run(q, k, v):
+        torch.manual_seed(7)
+        return flashattn_py.flash_attn_func(q, k, v, dropout_p=0.9, backend="cpu")
+
+    check_attention(run, q, k, v, seed=5, dropout_p=0.9, dropout_mask=keep)
+
+
 def test_dropout_same_seed_same_mask_and_fraction():
     q, k, v = random_qkv(1, 64, 64, 2, 2, 8, seed=13)
     torch.manual_seed(0)

@@ -501,13 +501,20 @@ inline int64_t mask_band_start(const Band& w, acc* s, int64_t n, int64_t i, int6
   return r.hi;
 }
 
+// The kept values' scale, 1 / (1 - p), rounded once (in float 1 - p would round first:
+// 1 - 0.9f = 0.100000024, a scale of 9.9999981, 2e-7 off in every kept value).
+template <typename acc>
+inline acc dropout_scale(const FlashParams& p) {
+  return static_cast<acc>(1.0 / (1.0 - p.dropout_p64));
+}
+
 // Dropout on one row of probabilities (in place): zero the dropped, scale the kept by
 // 1/(1-p). `row_id` is the row's lse_index (its place in the Philox stream, rows of
 // p.seqlen_k draws); `keep` is scratch of n bools.
 template <typename acc>
 inline void apply_dropout(const FlashParams& p, acc* row, int64_t n, int64_t row_id, int64_t j0, bool* keep) {
   dropout_keep_row(p.dropout_seed, p.dropout_offset, p.dropout_p, p.seqlen_k, row_id, j0, n, keep);
-  const acc mult = acc(1) / (acc(1) - static_cast<acc>(p.dropout_p64));
+  const acc mult = dropout_scale<acc>(p);
   for (int64_t c = 0; c < n; ++c) row[c] = keep[c] ? row[c] * mult : acc(0);
 }
 

@@ -465,7 +465,8 @@ inline Dropout make_dropout(const FlashParams& p) {
   d.offset = p.dropout_offset;
   d.threshold = philox::keep_threshold(p.dropout_p);
   d.groups_per_row = (p.seqlen_k + 3) / 4;
-  d.mult = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  // (1 / (1 - p) rounded once: 1 - p in float rounds first, e.g. 1 - 0.9f)
+  d.mult = p.dropout_p > 0.f ? static_cast<float>(1.0 / (1.0 - p.dropout_p64)) : 1.f;
   d.state = p.dropout_p > 0.f ? p.dropout_state : nullptr;
   return d;
 }
