@@ -217,14 +217,25 @@ def test_a_head_that_sees_no_key_gets_zero_gradients_beside_an_infinite_value(de
 
 @pytest.mark.parametrize("device", HERE_AND_GPU)
 @pytest.mark.parametrize("num_splits", [1, 2])
-def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits, device):
+def test_decode_rows_that_see_no_key_are_zero_beside_an_infinite_value(num_splits, device, monkeypatch):
     # The same through the decode kernel (few query rows per KV head) and, split, its
-    # combine: 6 queries over 4 keys, bottom-right causal, so the first 2 rows see no key.
+    # combine: 6 queries over 130 keys (more than two key blocks of any config, so that 2
+    # splits do split), the diagonal at -2, so the first 2 rows see no key (in no split).
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 4, 32, generator=gen).to(device)
-    k, v = (torch.randn(1, 4, 2, 32, generator=gen).to(device) for _ in range(2))
+    k, v = (torch.randn(1, 130, 2, 32, generator=gen).to(device) for _ in range(2))
     v[0, 0] = float("inf")
+    combines = []
+    combine = _kernels.fwd._combine_kernel
+
+    class Counted:  # (the launcher indexes the kernel with its grid)
+        def __getitem__(self, grid):
+            combines.append(grid)
+            return combine[grid]
+
+    monkeypatch.setattr(_kernels.fwd, "_combine_kernel", Counted())
     out, lse = flash_fwd(q, k, v, None, 0.2, 0.0, -1, 0, -2, num_splits=num_splits)[:2]
+    assert len(combines) == (num_splits > 1)
     assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2]))
     assert torch.isneginf(lse[0, :, :2]).all()
 
