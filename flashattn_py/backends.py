@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import warnings
 from typing import Callable, Iterator, NamedTuple
 
@@ -323,7 +324,10 @@ BACKENDS: dict[str, Backend] = {
 }
 SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {name: b.supports for name, b in BACKENDS.items()}
 
-_forced_stack: list[str] = []
+# use_backend's blocks, innermost last (`stack`, a tuple): per thread, as torch.no_grad is,
+# so that one thread's block neither reaches another's calls nor ends another's block. (A
+# threading.local, which torch.compile reads and guards on; it cannot trace a ContextVar.)
+_forced = threading.local()
 
 
 def check_backend_name(name: str, argument: str = "backend") -> None:
@@ -333,13 +337,15 @@ def check_backend_name(name: str, argument: str = "backend") -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Route calls inside the block to backend ``name`` (or "auto")."""
+    """Route calls inside the block to backend ``name`` (or "auto"): the calls this thread
+    makes; other threads keep their own setting."""
     check_backend_name(name)
-    _forced_stack.append(name)
+    outer = getattr(_forced, "stack", ())
+    _forced.stack = outer + (name,)
     try:
         yield
     finally:
-        _forced_stack.pop()
+        _forced.stack = outer
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -368,8 +374,9 @@ def _warn_once(message: str) -> None:
 def requested_backend(backend: str = "auto") -> str:
     """The backend asked for: explicit argument > ``use_backend`` > FLASHATTN_BACKEND > "auto"."""
     check_backend_name(backend)
-    if backend == "auto" and _forced_stack:
-        backend = _forced_stack[-1]
+    forced = getattr(_forced, "stack", ())
+    if backend == "auto" and forced:
+        backend = forced[-1]
     if backend == "auto":
         backend = os.environ.get("FLASHATTN_BACKEND", "auto") or "auto"
         check_backend_name(backend, "FLASHATTN_BACKEND")

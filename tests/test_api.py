@@ -92,6 +92,39 @@ def test_selection_order(monkeypatch):
         flashattn_py.flash_attn_func(q, k, v)
 
 
+def test_use_backend_is_per_thread():
+    # Thread a's block neither reaches thread b's calls nor, ending first, ends b's block
+    # (one shared stack did both: b's calls went to the reference backend).
+    import threading
+
+    a_in, b_in, a_out, b_done = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def thread_a():
+        with flashattn_py.use_backend("reference"):
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        seen["outside"] = backends.requested_backend()
+        with flashattn_py.use_backend("cpu"):
+            b_in.set()
+            a_out.wait(10)
+            seen["inside, after a's block"] = backends.requested_backend()
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert b_done.is_set()
+    assert seen == {"outside": "auto", "inside, after a's block": "cpu"}
+    assert backends.requested_backend() == "auto"
+
+
 def test_forced_backend_lists_reasons():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"backend 'cuda' can't serve this call: .*runs on CUDA tensors"):
