@@ -92,6 +92,16 @@ def _compiled_write(device: torch.device) -> bool:
             and backends.cuda_device_props(device.index)[0] >= 8)
 
 
+def _not_in_caches(t: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """New keys or values that live in a cache's memory (e.g. ``k=k_cache[:, 3:6]``) as a
+    copy: the append reads them while writing the cache, and would read slots it has
+    already overwritten (torch's copy_ raises for such overlaps)."""
+    memory = t.untyped_storage().data_ptr()
+    if memory in (k_cache.untyped_storage().data_ptr(), v_cache.untyped_storage().data_ptr()):
+        return t.clone()
+    return t
+
+
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
             cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
     """The append. Where compiled: the op ``flashattn::kvcache_write`` (one dispatcher call
@@ -331,6 +341,12 @@ def flash_attn_with_kvcache(
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
             k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
+        if ops.unobserved_eager():  # (a trace's aliasing is torch's to handle)
+            k, v = _not_in_caches(k, k_cache, v_cache), _not_in_caches(v, k_cache, v_cache)
+            if (k_cache.is_inference() or v_cache.is_inference()) and not torch.is_inference_mode_enabled():
+                raise ArgumentError("k_cache: Inplace update to inference tensor outside InferenceMode is not "
+                                    "allowed (as torch's in-place ops; create the caches outside inference_mode "
+                                    "or call under it)")
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,

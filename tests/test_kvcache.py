@@ -454,3 +454,35 @@ def test_a_refused_backend_leaves_the_cache():
     with pytest.raises(ValueError, match="backend 'cuda' can't serve"), torch.no_grad():
         flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1, backend="cuda")
     assert not k_cache.any() and not v_cache.any()
+
+
+@pytest.mark.parametrize("compiled_write", [True, False])
+def test_new_keys_read_from_the_cache_itself(compiled_write):
+    # k = k_cache[:, 3:6] appended at slot 5: slots 5..7 get the old rows 3..5 (the append
+    # read row 5 after writing it: slot 7 held row 3), and v from k_cache's memory too.
+    gen = torch.Generator().manual_seed(2)
+    kv = torch.randn(2, 1, 40, 2, 8, generator=gen)  # (k_cache and v_cache in one tensor)
+    k_cache, v_cache = kv[0], kv[1]
+    q = torch.randn(1, 3, 2, 8, generator=gen)
+    k, v = k_cache[:, 3:6], k_cache[:, 20:23]
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[:, 5:8], want_v[:, 5:8] = k_cache[:, 3:6], k_cache[:, 20:23]
+    want = flashattn_py.flash_attn_with_kvcache(q, want_k.clone(), want_v.clone(), cache_seqlens=8, causal=True)
+    with mock.patch.object(kvcache, "_compiled_write", lambda device: compiled_write), torch.no_grad():
+        out = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=5, causal=True)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert torch.equal(out, want)
+
+
+def test_inference_caches_are_written_only_in_inference_mode():
+    # As torch's in-place ops: an inference tensor is not updated outside inference_mode.
+    q, new = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    with torch.inference_mode():
+        k_cache, v_cache = torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="k_cache: Inplace update to inference tensor outside InferenceMode"), \
+            torch.no_grad():
+        flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
+    assert not k_cache.any() and not v_cache.any()
+    with torch.inference_mode():
+        flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
+    assert torch.equal(k_cache[:, 1], new[:, 0])
