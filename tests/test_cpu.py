@@ -175,6 +175,28 @@ def test_bf16_rows_that_see_few_of_their_panels_keys(path, cpu_switch):
 
 
 @pytest.mark.parametrize("path", ["amx", "dot"])
+@pytest.mark.parametrize("shape", [(1, 8, 64), (16, 65, 128), (64, 64, 64), (60, 60, 32)])
+def test_bf16_pairs_keep_an_infinite_v_infinite(path, shape, cpu_switch):
+    # Over few keys the pair tiles add (P - bf16(P)) V, 0 x inf = NaN where V is infinite:
+    # rows that see the key must come out +inf, as the formula, not NaN (the packing
+    # reports a non-finite V and that block skips the second product); in every packing
+    # (one head per task, several heads of a sequence, GQA sharing the panels).
+    bf16_path(cpu_switch, path)
+    sq, sk, d = shape
+    q, k, v = (t.detach() for t in random_qkv(2, sq, sk, 4, 2, d, dtype=torch.bfloat16, seed=sq))
+    v[0, 3, 1, 5] = float("inf")  # key 3 of KV head 1: query heads 2, 3 of batch 0
+    with torch.no_grad():
+        out = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
+    ref, _ = attention_ref(q.double(), k.double(), v.double())
+    assert torch.isposinf(ref[0, :, 2:, 5]).all()
+    assert torch.isposinf(out[0, :, 2:, 5]).all()
+    assert not out.isnan().any()
+    finite = torch.ones_like(out, dtype=torch.bool)
+    finite[0, :, 2:, 5] = False
+    assert torch.isfinite(out[finite]).all()
+
+
+@pytest.mark.parametrize("path", ["amx", "dot"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_pairs_with_dropout_and_mask(path, causal, cpu_switch):
     # Dropout scales the kept probabilities before P is rounded to bf16; a bool mask

@@ -48,6 +48,7 @@ struct KVCopy {
   Scratch<acc> k, v;
   std::vector<char> ready;  // per chunk (whole-head mode)
   int64_t head = -1;        // b * Hk + hk of the cached head, -1 for none
+  bool v_finite = true;     // every V element copied (of the block, or of the head's chunks) is finite
 
   KVCopy(const FlashParams& p, int64_t block_k, bool several_q_blocks)
       : whole_head(several_q_blocks && Layout::round_keys(p.seqlen_k) * (Layout::k_width(p) + Layout::v_width(p)) *
@@ -63,26 +64,28 @@ struct KVCopy {
   template <typename T>
   int64_t load(const FlashParams& p, int64_t head_id, const KeyRows<T>& kv, int64_t lo, int64_t hi) {
     if (!whole_head) {
-      copy_keys(p, kv, lo, hi - lo, 0);
+      v_finite = copy_keys(p, kv, lo, hi - lo, 0);
       return lo;
     }
     if (head != head_id) {
       std::fill(ready.begin(), ready.end(), 0);
       head = head_id;
+      v_finite = true;
     }
     for (int64_t c = lo / CHUNK; c * CHUNK < hi; ++c) {
       if (ready[c]) continue;
       const int64_t key0 = c * CHUNK;
-      copy_keys(p, kv, key0, std::min(CHUNK, kv.seqlen_k - key0), key0);
+      v_finite = copy_keys(p, kv, key0, std::min(CHUNK, kv.seqlen_k - key0), key0) && v_finite;
       ready[c] = 1;
     }
     return 0;
   }
 
-  // Keys [key0, key0 + n) to position `at` of the copy.
+  // Keys [key0, key0 + n) to position `at` of the copy. Returns whether their V is finite
+  // (where the layout says; else true).
   template <typename T>
-  void copy_keys(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, int64_t at) {
-    Layout::copy(p, kv, key0, n, k.get(), v.get(), at, capacity);
+  bool copy_keys(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, int64_t at) {
+    return Layout::copy(p, kv, key0, n, k.get(), v.get(), at, capacity);
   }
 };
 
@@ -92,10 +95,11 @@ struct DenseRows {
   static int64_t k_width(const FlashParams& p) { return p.head_dim; }
   static int64_t v_width(const FlashParams& p) { return p.head_dim_v; }
   template <typename T, typename acc>
-  static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, acc* k, acc* v, int64_t at,
+  static bool copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, acc* k, acc* v, int64_t at,
                    int64_t) {
     load_rows(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * p.head_dim, p.head_dim);
     load_rows(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * p.head_dim_v, p.head_dim_v);
+    return true;  // (not checked: no product here needs it)
   }
 };
 
@@ -171,10 +175,11 @@ struct TilePanels {
   static int64_t k_width(const FlashParams& p) { return p.head_dim; }
   static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles::NR); }
   template <typename T>
-  static void copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, float* k, float* v,
+  static bool copy(const FlashParams& p, const KeyRows<T>& kv, int64_t key0, int64_t n, float* k, float* v,
                    int64_t at, int64_t capacity) {
     tiles::pack_k(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * p.head_dim);
     tiles::pack_v(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * tiles::NR, capacity * tiles::NR);
+    return true;  // (not checked: no product here needs it)
   }
 };
 
@@ -260,11 +265,11 @@ struct Bf16Panels {
   static int64_t round_keys(int64_t n) { return tiles::round_up(n, 64); }
   static int64_t k_width(const FlashParams& p) { return tiles_bf16::pairs(p.head_dim); }
   static int64_t v_width(const FlashParams& p) { return tiles::round_up(p.head_dim_v, tiles_bf16::NR) / 2; }
-  static void copy(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t key0, int64_t n, uint32_t* k,
+  static bool copy(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t key0, int64_t n, uint32_t* k,
                    uint32_t* v, int64_t at, int64_t capacity) {
     tiles_bf16::pack_k(kv.k_row(key0), kv.k_stride, n, p.head_dim, k + at * k_width(p));
-    tiles_bf16::pack_v(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
-                       capacity * tiles_bf16::NR / 2);
+    return tiles_bf16::pack_v(kv.v_row(key0), kv.v_stride, n, p.head_dim_v, v + at * tiles_bf16::NR / 2,
+                              capacity * tiles_bf16::NR / 2);
   }
 };
 
@@ -280,7 +285,8 @@ struct Bf16Panels {
 // rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels where
 // a row sees at most EXACT_P_KEYS of the block's keys therefore add P - bf16(P) V as a
 // second product: P V as exact as in float, for the price of a second P V on blocks that
-// are cheap anyway.
+// are cheap anyway; not where the block's V holds an inf or NaN (0 x inf would make a row
+// that should come out inf NaN: the packing says, KVCopy::v_finite).
 template <typename Tiles>
 struct Bf16PairOperands {
   static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,
@@ -298,6 +304,7 @@ struct Bf16PairOperands {
   // and dropped).
   Scratch<uint32_t> q, p_pairs, p_rest;
   const uint32_t *k = nullptr, *v = nullptr;  // panels at key col0
+  bool v_finite = true;                         // (of the panels k and v point into)
   const float scale;
 
   Bf16PairOperands(const FlashParams& p, int64_t block_q, int64_t block_k, bool several_q_blocks)
@@ -319,6 +326,7 @@ struct Bf16PairOperands {
     const int64_t base = copy.load(p, head_id, kv, col0, col0 + cols);
     k = copy.k.get() + (col0 - base) * d2;
     v = copy.v.get() + (col0 - base) * tiles_bf16::NR / 2;
+    v_finite = copy.v_finite;
   }
 
   // As TileOperands' (Q in row groups of Tiles::ROWS).
@@ -327,12 +335,14 @@ struct Bf16PairOperands {
     Tiles::pack_q(q_rows + r0 * p.q_row_stride, p.q_row_stride, n, D, q.get() + r0 * d2);
   }
   void load_kv_part(const FlashParams& p, const KeyRows<c10::BFloat16>& kv, int64_t col0, int64_t c0, int64_t n) {
-    copy.copy_keys(p, kv, col0 + c0, n, c0);
+    const bool finite = copy.copy_keys(p, kv, col0 + c0, n, c0);
+    copy.v_finite = finite && (c0 == 0 || copy.v_finite);  // (c0 = 0: the block's first part)
   }
 
   void use_kv(const Bf16PairOperands& packed) {
     k = packed.copy.k.get();
     v = packed.copy.v.get();
+    v_finite = packed.copy.v_finite;
   }
 
   // As TileOperands::scores: whole 16-key panels from lo rounded down to 16. r0 starts a
@@ -348,7 +358,7 @@ struct Bf16PairOperands {
   void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, int64_t fewest, float* o,
                   int64_t ldo) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
-    const bool exact = fewest <= EXACT_P_KEYS;  // (a row's keys lie inside [lo, hi))
+    const bool exact = fewest <= EXACT_P_KEYS && v_finite;  // (a row's keys lie inside [lo, hi))
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;

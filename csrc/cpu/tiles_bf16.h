@@ -116,8 +116,12 @@ inline void pack_k(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t d, u
 
 // V rows [0, n) (n even or the last key's partner zero) as panels of 16 columns, `panel_stride`
 // words apart: keys 2i, 2i + 1 of column 16j + c at dst[j * panel_stride + i * 16 + c].
-// Columns past dv are zero.
-inline void pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, uint32_t* dst, int64_t panel_stride) {
+// Columns past dv are zero. Returns whether every element is finite (the forward's P - bf16(P)
+// product would turn an infinite V into NaN: 0 x inf; flash_fwd.cpp Bf16PairOperands).
+inline bool pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, uint32_t* dst, int64_t panel_stride) {
+  const __m256i exponent = _mm256_set1_epi16(0x7f80);  // all ones in an inf or NaN
+  __m256i nonfinite = _mm256_setzero_si256();
+  bool tail_finite = true;
   for (int64_t i = 0; 2 * i < n; ++i) {
     const c10::BFloat16* a = src + 2 * i * ld;
     const c10::BFloat16* b = 2 * i + 1 < n ? a + ld : nullptr;
@@ -125,16 +129,21 @@ inline void pack_v(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t dv, 
     for (int64_t j0 = 0; j0 < dv; j0 += NR) {
       uint32_t* out = dst + (j0 / NR) * panel_stride + i * NR;
       if (b != nullptr && j0 + NR <= dv) {  // 16 columns of the two rows at once
-        store_pairs(out, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j0)),
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j0)));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j0));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j0));
+        nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi16(_mm256_and_si256(x, exponent), exponent));
+        nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi16(_mm256_and_si256(y, exponent), exponent));
+        store_pairs(out, x, y);
         continue;
       }
       for (int64_t c = 0; c < NR; ++c) {
         const int64_t col = j0 + c;
         out[c] = col < dv ? bits(a, col) | (b != nullptr ? bits(b, col) << 16 : 0u) : 0u;
+        tail_finite = tail_finite && ((out[c] & 0x7f80u) != 0x7f80u) && ((out[c] & 0x7f800000u) != 0x7f800000u);
       }
     }
   }
+  return tail_finite && _mm256_testz_si256(nonfinite, nonfinite);
 }
 
 // Float P rows [0, rows) (row stride ldp), keys [lo, hi), to bf16 pairs: pair i of row r at
