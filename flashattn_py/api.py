@@ -784,7 +784,8 @@ def scaled_dot_product_attention(
             the kernels read it); or torch's ``CausalBias`` (``causal_upper_left`` /
             ``causal_lower_right`` of (L, S)), served as causal attention with that diagonal.
         dropout_p: dropout probability, applied whenever > 0 (as torch does); 1 gives zeros.
-        is_causal: query i sees keys j <= i (top-left aligned); exclusive with attn_mask.
+        is_causal: query i sees keys j <= i (top-left aligned); with attn_mask both apply
+            (as torch's CPU kernel; torch's docs and math backend refuse the pair).
         scale: default 1/sqrt(E).
         enable_gqa: allow H to be a multiple of Hk.
 
@@ -821,9 +822,9 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
             raise ArgumentError("attn_mask: CausalBias should not be used with causal=True (as in torch)")
         diag_offset = _causal_bias_offset(bias, query.shape[-2], key.shape[-2])
         attn_mask, is_causal = None, True
+    # (attn_mask with is_causal: both apply, as torch's CPU kernel does; its docs and math
+    # backend refuse the pair, which no caller needs)
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
-    if attn_mask is not None and is_causal:
-        raise ArgumentError("attn_mask: Explicit attn_mask should not be set when is_causal=True (as in torch)")
     # dropout_p = 1 drops every weight: zeros, as torch (flash_attn_func keeps [0, 1))
     every_weight_dropped = dropout_p == 1.0
     _check_dropout(0.0 if every_weight_dropped else dropout_p)

@@ -588,6 +588,8 @@ def attention(
                     cpu_path=_forward_only_path(impl) if forward_only else 0)
     if not impl.fused:
         out, lse = _entry(impl, "forward", FWD).call(args)
+        if lse.dtype in (torch.float16, torch.bfloat16):  # (the fused backends' lse dtype: float32)
+            lse = lse.float()
     else:
         # Inference on the other fused backends skips the op's autograd layer (its per-call cost).
         out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)

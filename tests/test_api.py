@@ -62,8 +62,6 @@ def test_device_mismatch_is_named():
     "args,kwargs,match",
     [
         ((torch.randn(4), torch.randn(4), torch.randn(4)), {}, r"at least 2 dimensional, but got query.dim: 1"),
-        ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True),
-         r"attn_mask: Explicit attn_mask should not be set when is_causal=True"),
         ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(3, 8, dtype=torch.bool)),
          r"attn_mask: shape \(3, 8\) is not broadcastable to \(1, 2, 8, 8\)"),
         ((torch.randn(1, 2, 8, 16),) * 3, dict(attn_mask=torch.ones(8, 8, dtype=torch.int64)),
@@ -185,6 +183,17 @@ def test_forward_mode_ad_falls_back_to_the_reference():
                                          v.transpose(1, 2), backend="cpu")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_lse_is_float32_or_float64_on_every_backend(backend, dtype):
+    # (the reference computes in the input dtype: its 16-bit lse came back 16-bit)
+    if backend == "cpu" and not HAS_CPU:
+        pytest.skip("needs the compiled CPU ops")
+    q, k, v = qkv(sq=5, sk=9, dtype=dtype)
+    lse = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)[1]
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def test_return_attn_probs():
     q, k, v = qkv(sq=5, sk=9, dtype=torch.float64)
     out, lse, probs = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
@@ -221,6 +230,27 @@ def test_sdpa_masks_match_torch(mask_shape, mask_dtype):
                                               enable_gqa=True)
     naive = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert_rule("out", out, expected, naive, 2.0)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="compiled CPU ops not built")
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_sdpa_mask_with_is_causal_applies_both_as_torch_on_cpu(mask_dtype):
+    # torch's CPU kernel takes the pair (its docs and math backend refuse it): mask and the
+    # top-left causal mask together, gradients too.
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen, dtype=torch.float64).requires_grad_() for n in (9, 12, 12))
+    mask = (torch.rand(2, 1, 9, 12, generator=gen) > 0.3 if mask_dtype == torch.bool
+            else torch.randn(2, 1, 9, 12, generator=gen, dtype=torch.float64))
+    if mask_dtype == torch.bool:
+        mask[..., 0] = True  # (every row sees key 0: torch's math path gives NaN for rows that see none)
+    tril = torch.ones(9, 12, dtype=torch.bool).tril()
+    both = mask & tril if mask_dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=both)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for got, expected in zip(grads, torch.autograd.grad(want, (q, k, v), torch.ones_like(want))):
+        torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])

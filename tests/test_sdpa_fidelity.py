@@ -150,7 +150,7 @@ def test_torchscript_while_patched(make):
     lambda: flashattn_py.scaled_dot_product_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).double(),
                                                       torch.randn(1, 2, 3, 4)),
     lambda: flashattn_py.scaled_dot_product_attention(*(torch.randn(1, 2, 3, 4),) * 3,
-                                                      attn_mask=torch.ones(3, 3, dtype=torch.bool), is_causal=True),
+                                                      attn_mask=torch.ones(3, 4, dtype=torch.bool)),
     lambda: flashattn_py.flash_attn_func(*(torch.randn(1, 3, 2, 4),) * 3, window_size=(-2, 0)),
     lambda: flashattn_py.flash_attn_func(*(torch.randn(1, 3, 2, 4),) * 3, backend="nope"),
     lambda: flashattn_py.nn.MultiheadAttention(10, 3),
