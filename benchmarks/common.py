@@ -80,7 +80,8 @@ def time_cpu_interleaved(
     The callers have warmed the functions up (a first call can be several times slower).
     A CPU shared with other work drifts by 10-20 % over seconds, so timing one method
     after another biases their ratio; here each of ``rounds`` rounds takes one sample of
-    every function, in an order rotated from round to round. A sample is a block of calls
+    every function, in an order rotated from round to round and reversed every other round
+    (each function follows two different ones). A sample is a block of calls
     meant to last ``min_run_time`` s (the count comes from one probe call; one call for
     slow cases), timed with
     perf_counter on all of torch's intra-op threads. With ``before_each`` a sample is one
@@ -111,7 +112,10 @@ def time_cpu_interleaved(
         if not names:
             break
         shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[shift:] + names[:shift]
+        if r % 2:  # (so that a method does not always follow the same one: caches, clocks)
+            order.reverse()
+        for name in order:
             try:
                 samples[name].append(block(fns[name], calls[name]))
             except Exception as exc:  # noqa: BLE001
@@ -169,11 +173,17 @@ def _proc_status_kib(*keys: str) -> dict[str, int]:
 
 
 def _reset_cpu_peak() -> bool:
-    """Return freed heap to the OS and reset this process's peak RSS (VmHWM)."""
+    """Return freed heap to the OS (torch's and flashattn_py's kept outputs) and reset this
+    process's peak RSS (VmHWM)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    # (memory kept by our output pool would otherwise count as live before the call:
+    # ours would look smaller than it is)
+    import flashattn_py
+
+    flashattn_py.empty_cpu_cache()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # 5: reset the peak resident set size to the current one
