@@ -334,6 +334,11 @@ class _FlashModule(nn.Module):
         dropout only in training."""
         return (self.causal if causal is None else causal), (self.drop.p if self.training else 0.0)
 
+    def _slopes(self) -> Optional[Tensor]:
+        """alibi_slopes as the kernels take them, float32 (as flash-attn's modules: a model
+        cast to bf16 / fp16 casts the buffer too)."""
+        return None if self.alibi_slopes is None else self.alibi_slopes.to(torch.float32)
+
 
 class FlashSelfAttention(_FlashModule):
     """flash-attn's ``FlashSelfAttention``: attention on packed qkv.
@@ -357,10 +362,10 @@ class FlashSelfAttention(_FlashModule):
                 raise ArgumentError("max_seqlen: required with cu_seqlens")
             return api.flash_attn_varlen_qkvpacked_func(
                 qkv, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale, causal, self.window_size,
-                alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
+                alibi_slopes=self._slopes(), deterministic=self.deterministic,
             )
         return api.flash_attn_qkvpacked_func(
-            qkv, dropout_p, self.softmax_scale, causal, self.window_size, alibi_slopes=self.alibi_slopes,
+            qkv, dropout_p, self.softmax_scale, causal, self.window_size, alibi_slopes=self._slopes(),
             deterministic=self.deterministic,
         )
 
@@ -368,10 +373,16 @@ class FlashSelfAttention(_FlashModule):
 class FlashCrossAttention(_FlashModule):
     """flash-attn's ``FlashCrossAttention``: q (B, Sq, H, D), kv (B, Sk, 2, Hk, D) -> (B, Sq, H, D).
 
-    Same constructor as ``FlashSelfAttention``; causal is aligned bottom-right (flash-attn's
+    The arguments of ``FlashSelfAttention`` in flash-attn's order for this module
+    (``alibi_slopes`` before ``window_size``); causal is aligned bottom-right (flash-attn's
     convention). Varlen: ``forward(q, kv, causal, cu_seqlens, max_seqlen, cu_seqlens_k,
     max_seqlen_k)`` with q (total_q, H, D), kv (total_k, 2, Hk, D).
     """
+
+    def __init__(self, causal: bool = False, softmax_scale: Optional[float] = None, attention_dropout: float = 0.0,
+                 alibi_slopes: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
+                 deterministic: bool = False) -> None:
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
 
     def forward(self, q: Tensor, kv: Tensor, causal: Optional[bool] = None, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None, cu_seqlens_k: Optional[Tensor] = None,
@@ -382,9 +393,9 @@ class FlashCrossAttention(_FlashModule):
                 raise ArgumentError("cu_seqlens_k, max_seqlen, max_seqlen_k: required with cu_seqlens")
             return api.flash_attn_varlen_kvpacked_func(
                 q, kv, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, dropout_p, self.softmax_scale, causal,
-                self.window_size, alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
+                self.window_size, alibi_slopes=self._slopes(), deterministic=self.deterministic,
             )
         return api.flash_attn_kvpacked_func(
-            q, kv, dropout_p, self.softmax_scale, causal, self.window_size, alibi_slopes=self.alibi_slopes,
+            q, kv, dropout_p, self.softmax_scale, causal, self.window_size, alibi_slopes=self._slopes(),
             deterministic=self.deterministic,
         )

@@ -204,7 +204,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optiona
             |i + diag_offset - j|. None: Sk - Sq (bottom-right, as ``flash_attn_func``).
             Packed sequences are aligned bottom-right each, plus ``diag_offset`` (None: 0).
         Other arguments as ``flash_attn_func`` (no dropout: a block's mask would depend on
-        how the keys are cut).
+        how the keys are cut), except that window sides are taken as given: flash_attn_func
+        treats a side of at least Sk as no bound (flash-attn's rule), which for a block of a
+        longer sequence would depend on how the keys are cut.
 
     Returns:
         out (B, Sq, H, Dv) in q's dtype ((total_q, H, Dv) packed) and lse (B, H, Sq)
@@ -241,12 +243,13 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if t.dtype != q.dtype or t.device != q.device:
             raise ArgumentError(f"{name}: expected {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
     lse_shape = (q.shape[1], q.shape[0]) if o.cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
-    if tuple(lse.shape) != lse_shape or not lse.is_floating_point() or lse.device != q.device:
-        raise ArgumentError(f"lse: expected a floating-point tensor of shape {lse_shape} on {q.device}, got "
+    # (a 16-bit lse, rounded, would put percent-level errors into every gradient)
+    if tuple(lse.shape) != lse_shape or lse.dtype not in (torch.float32, torch.float64) or lse.device != q.device:
+        raise ArgumentError(f"lse: expected a float32 (or float64) tensor of shape {lse_shape} on {q.device}, got "
                             f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
     backends.check_backend_name(backend)
     name = select_backend(q, k, v, True, o.deterministic, alibi_slopes, o.cu_seqlens_q, backend)
-    if backends.BACKENDS[name].fused:  # (the reference takes any floating lse)
+    if backends.BACKENDS[name].fused:  # (the reference takes either)
         lse = lse.to(backends.BACKENDS[name].lse_dtype(q.dtype))
     return backward(dout, q, k, v, out, lse, o, name)
 
@@ -261,6 +264,15 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
     float32/64, -inf to start. Rows no block has seen stay out 0, lse -inf (never NaN).
     """
     api._check_tensors(("out", "lse", "block_out", "block_lse"), out, lse, block_out, block_lse)
+    if out.dim() not in (3, 4):
+        raise ArgumentError(f"out: expected (B, S, H, Dv) or (total, H, Dv), got shape {tuple(out.shape)}")
+    for name, t in (("lse", lse), ("block_out", block_out), ("block_lse", block_lse)):
+        if t.device != out.device:
+            raise ArgumentError(f"{name}: expected a tensor on out's device {out.device}, got {t.device}")
+    if not block_out.is_floating_point():
+        raise ArgumentError(f"block_out: expected a floating-point tensor, got {block_out.dtype}")
+    if block_lse.dtype not in (torch.float32, torch.float64):
+        raise ArgumentError(f"block_lse: expected float32 or float64, got {block_lse.dtype}")
     if out.shape != block_out.shape:
         raise ArgumentError(f"out: expected block_out's shape {tuple(block_out.shape)}, got {tuple(out.shape)}")
     if lse.shape != block_lse.shape:

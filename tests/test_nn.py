@@ -283,3 +283,25 @@ def test_flash_cross_attention_and_dropout():
     assert_rule("out", out, ref, naive, OUT_FACTOR)
     mod.train()
     assert not torch.allclose(mod(q, kv), out)
+
+
+def test_flash_modules_positional_order_and_cast_models():
+    # flash-attn's FlashCrossAttention takes alibi_slopes before window_size (its
+    # FlashSelfAttention the other way round); a model cast to bf16 casts the slopes buffer,
+    # which both modules take back to float32 as flash-attn's do.
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    gen = torch.Generator().manual_seed(5)
+    q, kv = torch.randn(2, 5, 4, 16, generator=gen), torch.randn(2, 9, 2, 4, 16, generator=gen)
+    cross = fnn.FlashCrossAttention(True, None, 0.0, slopes)
+    assert cross.window_size == (-1, -1) and torch.equal(cross.alibi_slopes, slopes)
+    torch.testing.assert_close(cross(q, kv), api.flash_attn_kvpacked_func(q, kv, causal=True, alibi_slopes=slopes))
+    self_attn = fnn.FlashSelfAttention(True, None, 0.0, (3, 0), slopes)
+    assert self_attn.window_size == (3, 0) and torch.equal(self_attn.alibi_slopes, slopes)
+    qkv = torch.randn(2, 7, 3, 4, 16, generator=gen).to(torch.bfloat16)
+    cast = self_attn.to(torch.bfloat16)
+    assert cast.alibi_slopes.dtype == torch.bfloat16
+    want = api.flash_attn_qkvpacked_func(qkv, causal=True, window_size=(3, 0),
+                                         alibi_slopes=slopes.to(torch.bfloat16).float())
+    assert torch.equal(cast(qkv), want)
+    half = cross.half()
+    assert torch.isfinite(half(q.half(), kv.half())).all()

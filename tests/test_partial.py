@@ -295,9 +295,23 @@ def _qkv(b=1, sq=6, sk=8, h=2, hk=2, d=16, dv=16):
                                               torch.randn(1, 5, 2, 16), torch.randn(1, 2, 5)), "out"),
         (lambda: flashattn_py.merge_attention(torch.zeros(1, 6, 2, 16), torch.zeros(1, 2, 5),
                                               torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6)), "lse"),
+        # a bf16 lse: gradients about 1 % off, silently
+        (lambda: flashattn_py.attention_backward(torch.randn(1, 6, 2, 16), *_qkv(), torch.randn(1, 6, 2, 16),
+                                                 torch.randn(1, 2, 6).bfloat16()), "lse"),
+        (lambda: flashattn_py.merge_attention(torch.zeros(1, 6, 2, 16), torch.zeros(1, 2, 6),
+                                              torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6).long()), "block_lse"),
+        (lambda: flashattn_py.merge_attention(torch.zeros(1, 6, 2, 16), torch.zeros(1, 2, 6),
+                                              torch.ones(1, 6, 2, 16, dtype=torch.int32), torch.randn(1, 2, 6)),
+         "block_out"),
+        (lambda: flashattn_py.merge_attention(torch.zeros(16), torch.zeros(()), torch.randn(16), torch.randn(())),
+         "out"),
+        (lambda: flashattn_py.merge_attention(torch.zeros(1, 6, 2, 16), torch.zeros(1, 2, 6),
+                                              torch.randn(1, 6, 2, 16, device="meta"), torch.randn(1, 2, 6)),
+         "block_out"),
     ],
     ids=["k_head_dim", "v_rows", "q_rank", "diag_offset_float", "cu_seqlens_k_missing", "lse_shape", "out_shape",
-         "dout_shape", "merge_out_shape", "merge_lse_shape"],
+         "dout_shape", "merge_out_shape", "merge_lse_shape", "lse_bf16", "merge_block_lse_int", "merge_block_out_int",
+         "merge_1d", "merge_device"],
 )
 def test_wrong_arguments_are_named(call, name):
     with pytest.raises(flashattn_py.ArgumentError, match=rf"(^|\W){name}\W"):
