@@ -80,11 +80,10 @@ def time_cpu_interleaved(
     The callers have warmed the functions up (a first call can be several times slower).
     A CPU shared with other work drifts by 10-20 % over seconds, so timing one method
     after another biases their ratio; here each of ``rounds`` rounds takes one sample of
-    every function, in an order rotated from round to round and reversed every other round
-    (each function follows two different ones). A sample is a block of calls
-    meant to last ``min_run_time`` s (the count comes from one probe call; one call for
-    slow cases), timed with
-    perf_counter on all of torch's intra-op threads. With ``before_each`` a sample is one
+    every function, in an order rotated from round to round and, for three or more,
+    reversed every other round (each function follows two different ones). A sample is a
+    block of calls meant to last ``min_run_time`` s (the count comes from one probe call;
+    one call for slow cases), timed with perf_counter on all of torch's intra-op threads. With ``before_each`` a sample is one
     call after ``before_each()`` (untimed; e.g. evicting the caches). A function that
     raises gets its exception as its result and leaves the later rounds.
     """
@@ -113,8 +112,8 @@ def time_cpu_interleaved(
             break
         shift = r % len(names)
         order = names[shift:] + names[:shift]
-        if r % 2:  # (so that a method does not always follow the same one: caches, clocks)
-            order.reverse()
+        if r % 2 and len(order) > 2:  # (so that a method does not always follow the same one;
+            order.reverse()             # two alternate by the rotation alone)
         for name in order:
             try:
                 samples[name].append(block(fns[name], calls[name]))

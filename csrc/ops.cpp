@@ -275,8 +275,30 @@ void kvcache_write_cpu(const Tensor& k_cache, const Tensor& v_cache, const Tenso
                        const Tensor& cache_seqlens, const OptTensor& cache_batch_idx, const OptTensor& block_table) {
   const KvcacheWriteArgs a(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table);
   STD_TORCH_CHECK(a.k_cache.is_cpu(), "flashattn: kvcache_write's CPU impl takes CPU tensors");
-  const KvcacheWriteParams p = a.params();
+  KvcacheWriteParams p = a.params();
   if (p.batch * p.new_keys == 0 || kvcache_capacity(p) == 0 || p.entries == 0) return;
+  // New keys / values in the caches' own memory (k = k_cache[:, 3:6]; a compiler may also
+  // drop the caller's copy) are read from a copy taken first: written in place, rows read
+  // later would be ones already overwritten.
+  std::vector<char> staged;
+  if (a.new_rows_overlap_caches()) {
+    const int64_t rows = p.batch * p.new_keys, k_bytes = p.heads * p.k.width * p.element_size;
+    staged.resize(static_cast<size_t>(rows * (k_bytes + p.heads * p.v.width * p.element_size)));
+    char* at = staged.data();
+    for (KvcacheWriteParams::Rows* r : {&p.k, &p.v}) {
+      KvcacheWriteParams::Rows copy = *r;  // rows (b, i) of the new keys to entry b, row i, packed
+      copy.dst = at;
+      const int64_t strides[4] = {p.new_keys * p.heads * r->width, p.heads * r->width, r->width, 1};
+      std::copy(strides, strides + 4, copy.dst_stride);
+      for (int64_t idx = 0; idx < rows; ++idx) {
+        copy_row(copy, p.heads, idx / p.new_keys, idx % p.new_keys, idx / p.new_keys, idx % p.new_keys,
+                 p.element_size);
+      }
+      r->src = at;
+      std::copy(strides, strides + 4, r->src_stride);
+      at += rows * p.heads * r->width * p.element_size;
+    }
+  }
   // (rows of Hk x D elements: small appends (decoding) stay on the calling thread)
   const int64_t row_bytes = std::max<int64_t>(1, p.heads * p.k.width * p.element_size);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / row_bytes);

@@ -188,6 +188,11 @@ void kvcache_write_cuda(const Tensor& k_cache, const Tensor& v_cache, const Tens
   const KvcacheWriteArgs a(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table);
   STD_TORCH_CHECK(a.k_cache.is_cuda(), "flashattn: kvcache_write's CUDA impl takes CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(a.k_cache.device_index);
+  // (the CPU impl reads such rows from a copy; here the launch's rows would race with
+  // their own writes: the caller, flash_attn_with_kvcache, copies them, unless a compiler
+  // dropped that copy)
+  STD_TORCH_CHECK(!a.new_rows_overlap_caches(), "flashattn: kvcache_write: the new keys / values share memory with "
+                  "the caches; pass copies (k.clone())");
   const KvcacheWriteParams p = a.params();
   check_no_pending_error();
   const cudaError_t err = run_kvcache_write(p, current_stream(a.k_cache));

@@ -14,6 +14,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <sstream>
@@ -454,6 +455,16 @@ struct FLASHATTN_HIDDEN KvcacheWriteArgs {
     }
     if ((paged = block_table_t.has_value())) check_index(block_table = TensorInfo(*block_table_t), 2, batch, "block_table");
   }
+  // Whether the new keys' or values' elements share memory with either cache's (then the
+  // in-place append would read rows it has already written).
+  bool new_rows_overlap_caches() const {
+    for (const TensorInfo* src : {&k, &v}) {
+      for (const TensorInfo* cache : {&k_cache, &v_cache}) {
+        if (overlap(byte_span(*src), byte_span(*cache))) return true;
+      }
+    }
+    return false;
+  }
   // The kernels' description of the call (the tensors must outlive it).
   KvcacheWriteParams params() const {
     KvcacheWriteParams p;
@@ -482,6 +493,19 @@ struct FLASHATTN_HIDDEN KvcacheWriteArgs {
   }
 
  private:
+  // [first, last) addresses of a tensor's elements (strides >= 0; an empty tensor: none).
+  std::pair<uintptr_t, uintptr_t> byte_span(const TensorInfo& t) const {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(t.data);
+    int64_t last = 0;
+    for (int d = 0; d < t.dim; ++d) {
+      if (t.size(d) == 0) return {first, first};
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    return {first, first + static_cast<uintptr_t>((last + 1) * element_size)};
+  }
+  static bool overlap(std::pair<uintptr_t, uintptr_t> a, std::pair<uintptr_t, uintptr_t> b) {
+    return a.first < a.second && b.first < b.second && a.first < b.second && b.first < a.second;
+  }
   void check_index(const TensorInfo& t, int64_t dim, int64_t batch, const char* name) const {
     STD_TORCH_CHECK(t.same_device(k_cache) && t.dim == dim && (t.dtype == codes().i32 || t.dtype == codes().i64) &&
                         t.size(0) == batch,

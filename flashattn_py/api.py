@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import backends, ops
 from .errors import ArgumentError
@@ -118,10 +119,15 @@ def unbounded_past(side: int, seqlen_k) -> int:
     side at least ``seqlen_k`` long (the keys; varlen: max_seqlen_k; a KV cache: its
     capacity) is no bound, -1. Only a right side changes results by it (one in [Sk, Sq - 1)
     would hide keys from the first rows of a call with Sq > Sk; a left side that long never
-    binds), so the dense and varlen functions apply it to the right side only: a symbolic
-    seqlen_k (torch.compile) is compared, and guarded on, only for windows with a right
-    side > 0."""
-    return -1 if side > 0 and side >= seqlen_k else side
+    binds), so the dense and varlen functions apply it to the right side only, and not with
+    causal (right 0). A symbolic seqlen_k (torch.compile, export) is not guarded on: the
+    side is -1 only where that is provable without a guard (else a compiled call with
+    Sq > Sk and such a side keeps the literal window)."""
+    if side <= 0:
+        return side
+    if isinstance(seqlen_k, int):
+        return -1 if side >= seqlen_k else side
+    return -1 if statically_known_true(side >= seqlen_k) else side
 
 
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
@@ -152,9 +158,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     window_left, window_right = window_size  # (checked: _check_flash_options)
-    window_right = unbounded_past(window_right, k.shape[1])
-    if causal:
-        window_right = 0
+    window_right = 0 if causal else unbounded_past(window_right, k.shape[1])
     diag_offset = k.shape[1] - seqlen_q
     out, lse = ops.attention(
         q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
@@ -566,8 +570,9 @@ def flash_attn_varlen_func(
         within each sequence; alibi_slopes (B, H) row b for sequence b).
 
     Returns:
-        out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) float32 and a
-        list of per-sequence probabilities (H, Sq_b, Sk_b) from the reference (debugging only).
+        out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) float32 (float64
+        for float64 inputs) and a list of per-sequence probabilities (H, Sq_b, Sk_b) from the
+        reference (debugging only).
 
     Values of cu_seqlens / block_table are checked (ValueError) for CPU tensors; for GPU
     tensors only with ``FLASHATTN_CHECK_INPUTS=1`` (that reads them back to the host), the
@@ -590,7 +595,7 @@ def flash_attn_varlen_func(
                                      softcap=float(softcap), alibi_slopes=slopes, window_left=window[0],
                                      window_right=window[1], bottom_right=True, return_probs=True)
             probs.append(pb[0])
-    return out, lse.float(), probs
+    return out, lse, probs
 
 
 def _causal_window(window_size, causal: bool) -> tuple[int, int]:
@@ -611,7 +616,8 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     (N + 1,) int32 offsets; max_q / max_k the longest sequences; window_size (left, right)
     around each sequence's bottom-right diagonal ((-1, 0) is causal); enable_gqa allows
     fewer K/V heads (H % Hk == 0). seqused_k (N,): keys used per sequence. With
-    ``return_aux`` asking for lse, returns ``(out, lse)``, lse (H, T_q) float32.
+    ``return_aux`` asking for lse, returns ``(out, lse)``, lse (H, T_q) float32 (float64 for
+    float64 inputs).
     num_splits (split-KV on GPUs; 1 = none) does not change results beyond rounding here
     and is accepted for compatibility. Unlike torch's, gradients flow with seqused_k too;
     paged K/V is forward-only, as in torch.
@@ -632,7 +638,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
                        block_table=block_table, dropout_p=0.0, scale=scale, window=window, softcap=0.0,
                        alibi_slopes=None, deterministic=False, backend=backend, names=TORCH_VARLEN_NAMES)
     if return_aux is not None and getattr(return_aux, "lse", False):
-        return out, lse.float()
+        return out, lse
     return out
 
 

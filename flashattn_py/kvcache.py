@@ -92,14 +92,28 @@ def _compiled_write(device: torch.device) -> bool:
             and backends.cuda_device_props(device.index)[0] >= 8)
 
 
-def _not_in_caches(t: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-    """New keys or values that live in a cache's memory (e.g. ``k=k_cache[:, 3:6]``) as a
-    copy: the append reads them while writing the cache, and would read slots it has
-    already overwritten (torch's copy_ raises for such overlaps)."""
-    memory = t.untyped_storage().data_ptr()
-    if memory in (k_cache.untyped_storage().data_ptr(), v_cache.untyped_storage().data_ptr()):
-        return t.clone()
-    return t
+def _apart_from_caches(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """New keys and values, each copied where it shares memory with a cache (e.g.
+    ``k=k_cache[:, 3:6]``): the append reads them while writing the cache, and would read
+    slots it has already overwritten (torch's copy_ raises for such overlaps). Where memory
+    cannot be compared (a trace's fake tensors, tensor subclasses, a dispatch mode) always
+    copies: a step's new keys are small."""
+    if not (type(k) is Tensor and type(v) is Tensor and type(k_cache) is Tensor and type(v_cache) is Tensor
+            and ops.unobserved_eager()):
+        return k.clone(), v.clone()
+    caches = [_memory(k_cache), _memory(v_cache)]
+
+    def apart(t: Tensor) -> Tensor:
+        start, end = _memory(t)  # (storages over overlapping memory: views, from_numpy)
+        return t.clone() if any(start < c_end and c_start < end for c_start, c_end in caches) else t
+
+    return apart(k), apart(v)
+
+
+def _memory(t: Tensor) -> tuple[int, int]:
+    """The address range of t's storage."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
@@ -107,12 +121,18 @@ def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlen
     """The append. Where compiled: the op ``flashattn::kvcache_write`` (one dispatcher call
     and, on a GPU, one launch; eager or traced). Elsewhere torch index ops: directly on plain
     eager tensors, else through ``kvcache_append`` (so a trace records one mutating node).
+    New keys in the caches' memory: the CPU op reads them from a copy it takes itself
+    (also where a compiler drops a copy made here); elsewhere they are copied here.
     (Spelled out rather than looped: this runs on every decode step.)"""
     if _compiled_write(k_cache.device):
+        if k_cache.device.type != "cpu":
+            k, v = _apart_from_caches(k_cache, v_cache, k, v)
         torch.ops.flashattn.kvcache_write.default(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
         if not torch.compiler.is_compiling():  # (the dispatcher leaves a C++ op's mutated version counters)
             torch.autograd.graph.increment_version((k_cache, v_cache))
-    elif (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
+        return
+    k, v = _apart_from_caches(k_cache, v_cache, k, v)
+    if (type(k_cache) is Tensor and type(v_cache) is Tensor and type(k) is Tensor and type(v) is Tensor
             and type(cache_seqlens) is Tensor and ops.unobserved_eager() and ops.outside_dispatcher_ok()):
         _write_new_keys(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     else:
@@ -235,7 +255,7 @@ def flash_attn_with_kvcache(
         num_splits: key splits per query block (flash-decoding): 0 = heuristic (on CPU: split
             while there are fewer than two tasks per thread; GPUs: as the kernel decides), 1 =
             none, n = n. Results agree within rounding for every value.
-        return_softmax_lse: also return lse (B, H, Sq) float32.
+        return_softmax_lse: also return lse (B, H, Sq) float32 (float64 for float64 inputs).
 
     Inference only: there is no backward (a call that would need a gradient raises).
     Values of the index tensors are checked (ValueError naming the argument, the cache left
@@ -341,12 +361,12 @@ def flash_attn_with_kvcache(
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
             k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
-        if ops.unobserved_eager():  # (a trace's aliasing is torch's to handle)
-            k, v = _not_in_caches(k, k_cache, v_cache), _not_in_caches(v, k_cache, v_cache)
-            if (k_cache.is_inference() or v_cache.is_inference()) and not torch.is_inference_mode_enabled():
-                raise ArgumentError("k_cache: Inplace update to inference tensor outside InferenceMode is not "
-                                    "allowed (as torch's in-place ops; create the caches outside inference_mode "
-                                    "or call under it)")
+        if ops.unobserved_eager() and not torch.is_inference_mode_enabled():
+            for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+                if cache.is_inference():
+                    raise ArgumentError(f"{name}: Inplace update to inference tensor outside InferenceMode is not "
+                                        f"allowed (as torch's in-place ops; create the caches outside "
+                                        f"inference_mode or call under it)")
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,
@@ -361,4 +381,4 @@ def flash_attn_with_kvcache(
         max_seqlen_q=seqlen_q, max_seqlen_k=capacity, bottom_right=True, kv_batch_idx=cache_batch_idx,
         leftpad_k=cache_leftpad, num_splits=num_splits, selected=True, forward_only=True,
     )
-    return (out, lse.float()) if return_softmax_lse else out
+    return (out, lse) if return_softmax_lse else out

@@ -175,24 +175,32 @@ def test_bf16_rows_that_see_few_of_their_panels_keys(path, cpu_switch):
 
 
 @pytest.mark.parametrize("path", ["amx", "dot"])
-@pytest.mark.parametrize("shape", [(1, 8, 64), (16, 65, 128), (64, 64, 64), (60, 60, 32)])
-def test_bf16_pairs_keep_an_infinite_v_infinite(path, shape, cpu_switch):
+@pytest.mark.parametrize("case", [
+    # (batch, seqlen, heads, heads_k, head_dim, window): every row sees at most 64 keys (the
+    # tiles' second product) in
+    (2, 64, 4, 2, 64, (-1, -1)),    # one head per task, its block copied per task
+    (2, 60, 4, 2, 32, (-1, -1)),
+    (32, 40, 8, 2, 64, (-1, -1)),   # every head of a sequence in one task, GQA sharing panels
+    (1, 600, 4, 2, 64, (20, 20)),   # several query blocks: a head's keys copied once per thread
+])
+def test_bf16_pairs_keep_an_infinite_v_infinite(path, case, cpu_switch):
     # Over few keys the pair tiles add (P - bf16(P)) V, 0 x inf = NaN where V is infinite:
     # rows that see the key must come out +inf, as the formula, not NaN (the packing
-    # reports a non-finite V and that block skips the second product); in every packing
-    # (one head per task, several heads of a sequence, GQA sharing the panels).
+    # reports a non-finite V and that block skips the second product).
     bf16_path(cpu_switch, path)
-    sq, sk, d = shape
-    q, k, v = (t.detach() for t in random_qkv(2, sq, sk, 4, 2, d, dtype=torch.bfloat16, seed=sq))
-    v[0, 3, 1, 5] = float("inf")  # key 3 of KV head 1: query heads 2, 3 of batch 0
+    batch, seqlen, heads, heads_k, d, window = case
+    q, k, v = (t.detach() for t in random_qkv(batch, seqlen, seqlen, heads, heads_k, d, dtype=torch.bfloat16,
+                                              seed=seqlen))
+    v[0, 3, 1, 5] = float("inf")  # key 3 of KV head 1: its query heads of sequence 0
+    group = heads // heads_k
     with torch.no_grad():
-        out = flashattn_py.flash_attn_func(q, k, v, backend="cpu")
-    ref, _ = attention_ref(q.double(), k.double(), v.double())
-    assert torch.isposinf(ref[0, :, 2:, 5]).all()
-    assert torch.isposinf(out[0, :, 2:, 5]).all()
-    assert not out.isnan().any()
+        out = flashattn_py.flash_attn_func(q, k, v, window_size=window, backend="cpu")
+    seeing = slice(0, seqlen if window[1] < 0 else 3 + window[1] + 1)  # the rows that see key 3
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), window_left=window[0], window_right=window[1])
+    assert torch.isposinf(ref[0, seeing, group:2 * group, 5]).all()
+    assert torch.isposinf(out[0, seeing, group:2 * group, 5]).all()
     finite = torch.ones_like(out, dtype=torch.bool)
-    finite[0, :, 2:, 5] = False
+    finite[0, :, group:2 * group, 5] = False
     assert torch.isfinite(out[finite]).all()
 
 
