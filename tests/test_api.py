@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.varlen import AuxRequest
 
 import flashattn_py
 from flashattn_py import backends
@@ -190,8 +191,15 @@ def test_lse_is_float32_or_float64_on_every_backend(backend, dtype):
     if backend == "cpu" and not HAS_CPU:
         pytest.skip("needs the compiled CPU ops")
     q, k, v = qkv(sq=5, sk=9, dtype=dtype)
-    lse = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)[1]
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)[1].dtype == want
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert flashattn_py.flash_attn_varlen_func(q[0], k[0, :5], v[0, :5], cu, cu, 3, 3, return_attn_probs=True,
+                                               backend=backend)[1].dtype == want
+    aux = flashattn_py.varlen_attn(q[0], k[0, :5], v[0, :5], cu, cu, 3, 3, backend=backend,
+                                   return_aux=AuxRequest(lse=True))[1]
+    assert aux.dtype == want
+    assert flashattn_py.flash_attn_with_kvcache(q, k, v, return_softmax_lse=True, backend=backend)[1].dtype == want
 
 
 def test_return_attn_probs():

@@ -145,3 +145,20 @@ def test_a_nan_query_row_stays_nan(num_splits):
     others = [h for h in range(H) if h != 3]
     assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(lse[0, 3, 0])
     assert torch.isfinite(out[0, 0, others]).all() and torch.isfinite(lse[0, others]).all()
+
+
+def test_new_keys_from_the_cache_itself():
+    # k = k_cache[:, 3:6] appended at slot 5: flash_attn_with_kvcache copies such rows (the
+    # CUDA op refuses them: its launch's rows would race with their own writes).
+    gen = torch.Generator().manual_seed(2)
+    kv = _randn(gen, 2, 1, 40, 2, 64, dtype=torch.bfloat16)
+    q = _randn(gen, 1, 3, 2, 64, dtype=torch.bfloat16)
+    want_k, want_v = kv[0].clone(), kv[1].clone()
+    want_k[:, 5:8], want_v[:, 5:8] = kv[0, :, 3:6], kv[0, :, 20:23]
+    flashattn_py.flash_attn_with_kvcache(q, kv[0], kv[1], kv[0, :, 3:6], kv[0, :, 20:23], cache_seqlens=5,
+                                         causal=True)
+    torch.cuda.synchronize()
+    assert torch.equal(kv[0], want_k) and torch.equal(kv[1], want_v)
+    with pytest.raises(RuntimeError, match="share memory with the caches"):
+        torch.ops.flashattn.kvcache_write.default(kv[0], kv[1], kv[0, :, 3:6], kv[0, :, 20:23], _ints([5]), None,
+                                                  None)
