@@ -34,7 +34,9 @@ def _nm(path: str, which: str) -> set[str]:
 
 def _target_version() -> str:
     """The TORCH_TARGET_VERSION setup.py builds with (the oldest torch the build serves)."""
-    with open(os.path.join(os.path.dirname(PACKAGE), "setup.py"), encoding="utf-8") as f:
+    # (the checkout's setup.py beside tests/: the package may be an installed wheel's)
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"),
+              encoding="utf-8") as f:
         return re.search(r"-DTORCH_TARGET_VERSION=(0x[0-9a-fA-F]+)", f.read()).group(1)
 
 
