@@ -93,8 +93,32 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
 
 
 def _check_dropout(dropout_p: float) -> None:
-    if not 0.0 <= dropout_p < 1.0:
-        raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:  # (NaN fails too)
+        raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p!r}")
+
+
+# The largest float32: a scale or softcap beyond it is inf in the kernels.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def softmax_scale_of(name: str, scale, head_dim) -> float:
+    """The softmax scale as a float: 1/sqrt(head_dim) when None (1 for a head dim of 0),
+    else a finite number (NaN or inf would give every output NaN)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"{name}: expected a number, got {scale!r}") from None
+    if not abs(value) <= FLOAT32_MAX:
+        raise ArgumentError(f"{name}: expected a finite number, got {scale!r}")
+    return value
+
+
+def check_softcap(softcap) -> None:
+    """softcap: a number >= 0, finite (0: none)."""
+    if not isinstance(softcap, (int, float)) or not 0.0 <= softcap <= FLOAT32_MAX:
+        raise ArgumentError(f"softcap: must be a finite number >= 0, got {softcap!r}")
 
 
 def check_window_size(window_size) -> tuple[int, int]:
@@ -134,10 +158,11 @@ def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slope
     """The options flash-attn's functions share; returns window_size's sides (check_window_size)."""
     _check_dropout(dropout_p)
     window = check_window_size(window_size)
-    if softcap < 0:
-        raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
+    check_softcap(softcap)
     num_heads = q.shape[-2]
     if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor):
+            raise ArgumentError(f"alibi_slopes: expected a float32 tensor, got {type(alibi_slopes).__name__}")
         if alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device:
             raise ArgumentError(
                 f"alibi_slopes: must be float32 on {q.device}, got {alibi_slopes.dtype} on {alibi_slopes.device}"
@@ -156,7 +181,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
            return_attn_probs, backend):
     """flash_attn_func on validated (B, S, H, D) inputs."""
     seqlen_q, head_dim = q.shape[1], q.shape[3]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    scale = softmax_scale_of("softmax_scale", softmax_scale, head_dim)
     window_left, window_right = window_size  # (checked: _check_flash_options)
     window_right = 0 if causal else unbounded_past(window_right, k.shape[1])
     diag_offset = k.shape[1] - seqlen_q
@@ -298,9 +323,10 @@ def _check_values() -> bool:
 # The packed-sequence arguments under flash-attn's names, and under torch's varlen_attn's:
 # errors name the argument the caller passed.
 FLASH_NAMES = {n: n for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
-                              "seqused_k", "block_table")}
+                              "seqused_k", "block_table", "softmax_scale")}
 TORCH_VARLEN_NAMES = dict(FLASH_NAMES, q="query", k="key", v="value", cu_seqlens_q="cu_seq_q",
-                          cu_seqlens_k="cu_seq_k", max_seqlen_q="max_q", max_seqlen_k="max_k")
+                          cu_seqlens_k="cu_seq_k", max_seqlen_q="max_q", max_seqlen_k="max_k",
+                          softmax_scale="scale")
 
 
 def _check_packed(cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
@@ -421,6 +447,11 @@ def _length(name: str, value) -> int:
     return value
 
 
+def at_most(length, bound):
+    """min(length, bound) for plain ints; a symbolic one unchanged (no guard)."""
+    return min(length, bound) if isinstance(length, int) and isinstance(bound, int) else length
+
+
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
             max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
             dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
@@ -476,15 +507,20 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     max_seqlen_q, max_seqlen_k = (_length(n[arg], value) for arg, value in (("max_seqlen_q", max_seqlen_q),
                                                                             ("max_seqlen_k", max_seqlen_k)))
     window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
-    window = (window[0], unbounded_past(window[1], max_seqlen_k))
+    if max_seqlen_k:  # (0: not given)
+        window = (window[0], unbounded_past(window[1], max_seqlen_k))
+    # (no sequence is longer than the packed total: a larger max only sized buffers, to
+    # crashes at 2**62)
+    max_seqlen_q = at_most(max_seqlen_q, q.shape[0])
+    max_seqlen_k = at_most(max_seqlen_k, k.shape[0] * k.shape[1] if paged else k.shape[0])  # (paged: the pool)
+    scale = softmax_scale_of(n["softmax_scale"], scale, q.shape[-1])
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
                             f"torch.no_grad() or with tensors that do not require grad")
-    head_dim = q.shape[-1]
     out, lse = ops.attention(
-        q4, k4, v4, scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale), softcap=float(softcap),
+        q4, k4, v4, scale=scale, softcap=float(softcap),
         alibi_slopes=alibi_slopes, window_left=window[0], window_right=window[1], diag_offset=0,
         dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
@@ -622,7 +658,14 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     and is accepted for compatibility. Unlike torch's, gradients flow with seqused_k too;
     paged K/V is forward-only, as in torch.
     """
-    num_heads_k = key.size(2) if block_table is not None else key.size(1)
+    _check_tensors(("query", "key", "value"), query, key, value)
+    k_dims = 3 if block_table is None else 4  # (page pools: (num_pages, page_size, Hk, D))
+    for name, t, dims in (("query", query, 3), ("key", key, k_dims), ("value", value, k_dims)):
+        if t.dim() != dims:
+            raise ArgumentError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    num_heads_k = key.size(-2)
+    if num_heads_k == 0:
+        raise ArgumentError("key: needs at least one key/value head, got 0")
     if not enable_gqa and query.size(1) != num_heads_k:
         raise ArgumentError(f"Expect query and key/value to have the same number of heads but got "
                             f"Hq={query.size(1)} and Hkv={num_heads_k}. Try setting enable_gqa=True for GQA.")
@@ -633,7 +676,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
         raise ArgumentError("seqused_k: block_table requires seqused_k (keys used per sequence)")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 0):
         raise ArgumentError(f"num_splits: expected None or an int >= 0, got {num_splits!r}")
-    window = tuple(window_size) if window_size is not None else (-1, -1)
+    window = check_window_size(window_size) if window_size is not None else (-1, -1)
     out, lse = _varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k=seqused_k,
                        block_table=block_table, dropout_p=0.0, scale=scale, window=window, softcap=0.0,
                        alibi_slopes=None, deterministic=False, backend=backend, names=TORCH_VARLEN_NAMES)
@@ -834,8 +877,7 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     # dropout_p = 1 drops every weight: zeros, as torch (flash_attn_func keeps [0, 1))
     every_weight_dropped = dropout_p == 1.0
     _check_dropout(0.0 if every_weight_dropped else dropout_p)
-    if softcap < 0:
-        raise ArgumentError(f"softcap: must be >= 0, got {softcap}")
+    check_softcap(softcap)
     qs, ks, vs = query.shape, key.shape, value.shape
     if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
         q4, k4, v4, lead = query, key, value, None  # the common call, without building shapes
@@ -845,6 +887,7 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     _check_qkv(q4, k4, v4, names, heads_dim=1, seq_dim=2, min_head_dim=0, no_heads_ok=True)
     (batch, num_heads, seqlen_q, head_dim), num_heads_k, seqlen_k = q4.shape, k4.shape[1], k4.shape[2]
     head_dim_v = v4.shape[3]
+    scale = softmax_scale_of("scale", scale, head_dim)
     if num_heads != num_heads_k and not enable_gqa:
         raise ArgumentError(
             f"query, key: head counts differ ({num_heads} vs {num_heads_k}); pass enable_gqa=True for GQA"
@@ -873,10 +916,8 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     else:
         if head_dim == 0:  # every score is 0; the empty sums (exact zeros) keep q and k in the graph
             q4, k4 = q4.sum(-1, keepdim=True), k4.sum(-1, keepdim=True)
-        if scale is None:
-            scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
         out, _ = ops.attention(
-            q4, k4, v4, scale=float(scale), softcap=float(softcap), attn_mask=mask4, window_left=-1,
+            q4, k4, v4, scale=scale, softcap=float(softcap), attn_mask=mask4, window_left=-1,
             window_right=0 if is_causal else -1, diag_offset=diag_offset, dropout_p=float(dropout_p), heads_first=True,
         )  # (B, H, L, Ev)
     return out if lead is None or len(lead) == 2 else out.reshape(*lead, seqlen_q, head_dim_v)

@@ -11,7 +11,6 @@ caches: the compiled ``flashattn::kvcache_write`` (CPU; CUDA where built), elsew
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Optional, Union
 
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from . import backends, ops
 from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages,
-                  index_values_readable, unbounded_past)
+                  index_values_readable, softmax_scale_of, unbounded_past)
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -158,9 +157,13 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
             what = f"{block_table.shape[1]} pages of {k_cache.shape[1]} slots" if paged else f"{capacity} slots"
             raise ArgumentError(f"cache_seqlens: entry {b} holds {n} keys; {new} new ones exceed its capacity ({what})")
     if cache_batch_idx is not None and cache_batch_idx.numel():
-        low, high = int(cache_batch_idx.min()), int(cache_batch_idx.max())
-        if low < 0 or high >= k_cache.shape[0]:
-            raise ArgumentError(f"cache_batch_idx: rows must be in [0, {k_cache.shape[0]}), got [{low}, {high}]")
+        rows = cache_batch_idx.tolist()
+        if min(rows) < 0 or max(rows) >= k_cache.shape[0]:
+            raise ArgumentError(f"cache_batch_idx: rows must be in [0, {k_cache.shape[0]}), got "
+                                f"[{min(rows)}, {max(rows)}]")
+        if new and len(set(rows)) < len(rows):  # (two entries' new keys into one row: one would be lost)
+            raise ArgumentError(f"cache_batch_idx: entries appending new keys must have rows of their own, got "
+                                f"{rows}")
     if cache_leftpad is not None:
         for b, (pad, n) in enumerate(zip(cache_leftpad.tolist(), lengths)):
             if pad < 0 or pad > n + new:
@@ -274,6 +277,7 @@ def flash_attn_with_kvcache(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ArgumentError(f"{name}: must have a contiguous last dimension (it is written in place)")
+
     batch, seqlen_q, num_heads, head_dim = q.shape
     if not paged and cache_batch_idx is None and k_cache.shape[0] < batch:
         raise ArgumentError(f"k_cache: {k_cache.shape[0]} cache rows for a batch of {batch}")
@@ -326,6 +330,15 @@ def flash_attn_with_kvcache(
                                     f"got {t.dtype}, {t.device}")
         if k.shape[1] != v.shape[1]:
             raise ArgumentError(f"k, v: new lengths differ: {k.shape[1]} vs {v.shape[1]}")
+        # (caches that are read only may share memory; written ones may not)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+                raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot be written in place: several "
+                                    f"entries would share one slot's memory")
+        if k_cache is v_cache or (type(k_cache) is Tensor and type(v_cache) is Tensor
+                                  and not torch.compiler.is_compiling() and k_cache.numel()
+                                  and k_cache.data_ptr() == v_cache.data_ptr()):
+            raise ArgumentError("k_cache, v_cache: the same memory; the values would overwrite the keys")
         new = k.shape[1]
     if (rotary_cos is None) != (rotary_sin is None):
         raise ArgumentError("rotary_cos, rotary_sin: pass both or neither")
@@ -347,8 +360,9 @@ def flash_attn_with_kvcache(
             raise ArgumentError(f"rotary_cos: rotary_dim = 2 * {rotary_cos.shape[1]} must be in 1..{head_dim} "
                                 f"(the head dim)")
         seqlen_ro = rotary_cos.shape[0]
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ArgumentError(f"num_splits: expected an int >= 0, got {num_splits!r}")
+    if not isinstance(num_splits, int) or not 0 <= num_splits < 2**31:
+        raise ArgumentError(f"num_splits: expected an int in [0, 2**31), got {num_splits!r}")
+    scale = softmax_scale_of("softmax_scale", softmax_scale, head_dim)  # (checked before the cache is written)
     causal_positions = causal or window != (-1, -1)
     cache_seqlens = _checked_kvcache_seqlens(k_cache, cache_seqlens, new, cache_batch_idx, cache_leftpad, block_table,
                                              seqlen_ro, causal_positions, seqlen_q)
@@ -374,7 +388,6 @@ def flash_attn_with_kvcache(
         positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(0, seqlen_ro - 1)
         q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
     seqused_k = cache_seqlens + new if new else cache_seqlens
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     out, lse = ops.attention(
         q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],
         window_right=window[1], diag_offset=0, backend=backend, seqused_k=seqused_k, block_table=block_table,

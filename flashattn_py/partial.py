@@ -15,7 +15,6 @@ longer sequence stay those of the whole sequence.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -162,7 +161,8 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         q4, k4, v4 = q, k, v
     api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
     max_seqlen_q, max_seqlen_k = api._length("max_seqlen_q", max_seqlen_q), api._length("max_seqlen_k", max_seqlen_k)
-    if packed:
+    if packed:  # (no sequence is longer than the packed total: a larger max only sized buffers)
+        max_seqlen_q, max_seqlen_k = api.at_most(max_seqlen_q, q.shape[0]), api.at_most(max_seqlen_k, k.shape[0])
         cu_seqlens_q = api._index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
         cu_seqlens_k = api._index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
         if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 1:
@@ -180,7 +180,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         raise ArgumentError(f"diag_offset: expected an int or None, got {type(diag_offset).__name__}")
     elif not -2**30 < diag_offset < 2**30:  # (the GPU kernels add it to positions in 32 bits)
         raise ArgumentError(f"diag_offset: must be within +-2**30, got {diag_offset}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = api.softmax_scale_of("softmax_scale", softmax_scale, q.shape[-1])
     return BlockOptions(scale, window[0], window[1], diag_offset, float(softcap), alibi_slopes, cu_seqlens_q,
                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(deterministic))
 
@@ -283,5 +283,25 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
     if out.dim() != lse.dim() + 1 or rows_heads[:-2] + rows_heads[-1:] + rows_heads[-2:-1] != tuple(lse.shape):
         raise ArgumentError(f"lse: expected (..., H, S) matching out (..., S, H, D) {tuple(out.shape)}, got "
                             f"{tuple(lse.shape)}")
+    for name, t in (("out", out), ("lse", lse)):
+        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+            raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot accumulate in place")
+    # (a block in the accumulators' own memory, e.g. merge_attention(out, lse, out, lse), would
+    # be read after it is overwritten: merged from a copy)
+    if type(out) is Tensor and type(block_out) is Tensor and _shares_memory(block_out, out, lse):
+        block_out = block_out.clone()
+    if type(lse) is Tensor and type(block_lse) is Tensor and _shares_memory(block_lse, out, lse):
+        block_lse = block_lse.clone()
     merge(out, lse, block_out, block_lse)
     return out, lse
+
+
+def _shares_memory(t: Tensor, *others: Tensor) -> bool:
+    """Whether t's storage and one of others' overlap in memory."""
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for other in others:
+        o = other.untyped_storage()
+        if start < o.data_ptr() + o.nbytes() and o.data_ptr() < end:
+            return True
+    return False

@@ -39,7 +39,7 @@ def qkv(b=1, sq=8, sk=8, h=2, hk=2, d=16, dtype=torch.float32):
         (lambda: qkv(), dict(window_size=(1.9, 0)), r"window_size: expected \(left, right\) ints"),
         (lambda: qkv(), dict(window_size=(None, None)), r"window_size: expected \(left, right\) ints"),
         (lambda: qkv(), dict(window_size=(1, 2, 3)), r"window_size: expected \(left, right\) ints"),
-        (lambda: qkv(), dict(softcap=-1.0), r"softcap: must be >= 0"),
+        (lambda: qkv(), dict(softcap=-1.0), r"softcap: must be a finite number >= 0"),
         (lambda: qkv(), dict(dropout_p=1.0), r"dropout_p: dropout probability has to be in \[0, 1\)"),
         (lambda: qkv(), dict(dropout_p=-0.1), r"dropout_p"),
         (lambda: qkv(), dict(alibi_slopes=torch.ones(3)), r"alibi_slopes: expected shape"),
@@ -388,3 +388,39 @@ def test_window_side_as_long_as_the_keys_is_no_bound(backend):
         assert torch.equal(got, want)
         got = flashattn_py.varlen_attn(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(softmax_scale=float("nan")), r"softmax_scale: expected a finite number"),
+    (dict(softmax_scale=float("inf")), r"softmax_scale: expected a finite number"),
+    (dict(softmax_scale=1e39), r"softmax_scale: expected a finite number"),  # (inf as a float32)
+    (dict(softmax_scale="a"), r"softmax_scale: expected a number"),
+    (dict(softcap=float("nan")), r"softcap: must be a finite number >= 0"),  # (passed `< 0`: no softcap)
+    (dict(softcap=float("inf")), r"softcap: must be a finite number >= 0"),
+    (dict(softcap=None), r"softcap: must be a finite number >= 0"),
+    (dict(dropout_p=None), r"dropout_p: dropout probability has to be in \[0, 1\)"),
+    (dict(dropout_p=float("nan")), r"dropout_p: dropout probability has to be in \[0, 1\)"),
+    (dict(alibi_slopes=[0.5, 0.25]), r"alibi_slopes: expected a float32 tensor"),
+])
+def test_scalar_options_are_checked(kwargs, match):
+    # Non-finite scales and softcaps gave every output NaN, or (softcap NaN) no softcap; wrong
+    # types raised Python's own errors without the argument's name.
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=match):
+        flashattn_py.flash_attn_func(q, k, v, **kwargs)
+    if "softmax_scale" in kwargs:
+        with pytest.raises(ValueError, match=match.replace("softmax_scale", "scale")):
+            flashattn_py.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                      scale=kwargs["softmax_scale"])
+
+
+def test_varlen_attn_checks_ranks_before_reading_heads():
+    q, kv = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    for args, match in (((q, torch.randn(16), kv), r"key: expected a 3-D tensor"),
+                        ((q, torch.randn(5, 0, 16), torch.randn(5, 0, 16)), r"key: needs at least one"),
+                        ((None, kv, kv), r"query: expected a torch.Tensor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            flashattn_py.varlen_attn(*args, cu, cu, 5, 5, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"window_size: expected \(left, right\) ints"):
+        flashattn_py.varlen_attn(q, kv, kv, cu, cu, 5, 5, window_size=5)

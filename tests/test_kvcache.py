@@ -248,6 +248,12 @@ def _bad_calls():
         (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)),
          r"cache_batch_idx: rows must be in"),
         (dict(q=torch.randn(2, 1, 3, 16)), r"number of query heads \(3\) must be a multiple"),
+        # (converted or bounded only after the append, these left the new keys written)
+        (dict(k=new, v=new, cache_seqlens=2, softmax_scale="a"), r"softmax_scale: expected a number"),
+        (dict(k=new, v=new, cache_seqlens=2, softmax_scale=float("nan")), r"softmax_scale: expected a finite"),
+        (dict(k=new, v=new, cache_seqlens=2, num_splits=2**63), r"num_splits: expected an int in"),
+        (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)),
+         r"cache_batch_idx: entries appending new keys must have rows of their own"),
     ]
 
 
@@ -518,3 +524,16 @@ def test_inference_caches_are_written_only_in_inference_mode():
     with torch.inference_mode():
         flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
     assert torch.equal(k_cache[:, 1], new[:, 0])
+
+
+def test_caches_whose_memory_is_shared_are_refused():
+    # An expanded cache (stride 0: every entry's append into one memory) and one tensor as
+    # both caches (the values over the keys) gave wrong answers silently.
+    q, new = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    shared = torch.zeros(1, 4, 2, 8).expand(2, 4, 2, 8)
+    with pytest.raises(ValueError, match="k_cache: an expanded tensor"), torch.no_grad():
+        flashattn_py.flash_attn_with_kvcache(q, shared, torch.zeros(2, 4, 2, 8), new, new, cache_seqlens=1)
+    cache = torch.zeros(2, 4, 2, 8)
+    with pytest.raises(ValueError, match="k_cache, v_cache: the same memory"), torch.no_grad():
+        flashattn_py.flash_attn_with_kvcache(q, cache, cache, new, new, cache_seqlens=1)
+    assert not shared.any() and not cache.any()

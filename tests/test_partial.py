@@ -322,3 +322,16 @@ def test_diag_offset_past_2_30_is_refused():
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match=r"diag_offset: must be within \+-2\*\*30, got 2147483638"):
         flashattn_py.attention_forward(q, q, q, diag_offset=2**31 - 10)
+
+
+def test_merge_refuses_expanded_accumulators_and_copies_aliased_blocks():
+    # An expanded lse let out be merged before lse.copy_ raised (half-written); a block in the
+    # accumulators' own memory was read after being overwritten.
+    out, block_out = torch.zeros(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    with pytest.raises(flashattn_py.ArgumentError, match="lse: an expanded tensor"):
+        flashattn_py.merge_attention(out, torch.zeros(1, 2, 1).expand(1, 2, 6), block_out, torch.zeros(1, 2, 6))
+    assert not out.any()
+    out, lse = torch.randn(1, 6, 2, 16), torch.randn(1, 2, 6)
+    want = out.clone()
+    flashattn_py.merge_attention(out, lse, out, lse)  # (a block merged with itself: out unchanged)
+    torch.testing.assert_close(out, want)

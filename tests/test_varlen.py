@@ -566,3 +566,19 @@ def test_varlen_call_with_gradients_runs_the_inference_path(max_seqlen_q):
         inference = run(q, k, v)
     trained = run(*(t.clone().requires_grad_() for t in (q, k, v)))
     assert torch.equal(trained.detach(), inference)
+
+
+def test_max_seqlen_beyond_the_total_is_the_total():
+    # (2**62 sized the backward's buffers: a crash; 0 for max_seqlen_k, "not given", made every
+    # right window side unbounded)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8, 2, 8, generator=gen).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    want = flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True)
+    got = flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 2**62, 2**62, causal=True)
+    assert torch.equal(got, want)
+    grads = torch.autograd.grad(got, (q, k, v), torch.ones_like(got))
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), torch.ones_like(want))))
+    with torch.no_grad():
+        windowed = flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, window_size=(2, 1))
+        assert torch.equal(flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 5, 0, window_size=(2, 1)), windowed)

@@ -82,10 +82,11 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
             if batch < 1:
                 raise ArgumentError("cu_seqlens: expected B + 1 >= 2 offsets of the global packed sequence")
             length = api._length("max_seqlen", max_seqlen)  # (NumPy ints, 1-element tensors: as torch's ints)
+            length = api.at_most(length, q.shape[0] * ring.world_size)  # (the global packed total: sizes only)
             fields += offsets_fields(cu) + [("max_seqlen", [length])]
         fields += layout_check(q4, k4, cu, ring.world_size, length)
         api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        scale = api.softmax_scale_of("softmax_scale", softmax_scale, q.shape[-1])
         grads = [torch.is_grad_enabled() and t.requires_grad for t in (q, k, v)]
         backward = any(grads)
         backend = partial.select_backend(q, k, v, backward, deterministic, alibi_slopes, cu)
