@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import backends, ops
 from .errors import ArgumentError
@@ -93,8 +92,19 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
 
 
 def _check_dropout(dropout_p: float) -> None:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:  # (NaN fails too)
+    if not 0.0 <= _number(dropout_p) < 1.0:  # (NaN fails too)
         raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p!r}")
+
+
+def _number(value) -> float:
+    """value as a float (NumPy scalars, one-element tensors too), NaN for what is not a number
+    (so that the caller's range check refuses it with the argument's name)."""
+    if type(value) is float or type(value) is int:  # (the common call, without a conversion)
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return math.nan
 
 
 # The largest float32: a scale or softcap beyond it is inf in the kernels.
@@ -117,7 +127,7 @@ def softmax_scale_of(name: str, scale, head_dim) -> float:
 
 def check_softcap(softcap) -> None:
     """softcap: a number >= 0, finite (0: none)."""
-    if not isinstance(softcap, (int, float)) or not 0.0 <= softcap <= FLOAT32_MAX:
+    if not 0.0 <= _number(softcap) <= FLOAT32_MAX:
         raise ArgumentError(f"softcap: must be a finite number >= 0, got {softcap!r}")
 
 
@@ -144,14 +154,10 @@ def unbounded_past(side: int, seqlen_k) -> int:
     capacity) is no bound, -1. Only a right side changes results by it (one in [Sk, Sq - 1)
     would hide keys from the first rows of a call with Sq > Sk; a left side that long never
     binds), so the dense and varlen functions apply it to the right side only, and not with
-    causal (right 0). A symbolic seqlen_k (torch.compile, export) is not guarded on: the
-    side is -1 only where that is provable without a guard (else a compiled call with
-    Sq > Sk and such a side keeps the literal window)."""
-    if side <= 0:
-        return side
-    if isinstance(seqlen_k, int):
-        return -1 if side >= seqlen_k else side
-    return -1 if statically_known_true(side >= seqlen_k) else side
+    causal (right 0). Sides of 0 or less are not compared; a larger one is compared with a
+    symbolic seqlen_k too (torch.compile guards on it, recompiling where Sk crosses the side;
+    torch.export with a dynamic Sk refuses it), never taken literally where eager would not."""
+    return -1 if side > 0 and side >= seqlen_k else side
 
 
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
@@ -509,13 +515,13 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
     if max_seqlen_k:  # (0: not given)
         window = (window[0], unbounded_past(window[1], max_seqlen_k))
-    # (no sequence is longer than the packed total: a larger max only sized buffers, to
-    # crashes at 2**62)
-    max_seqlen_q = at_most(max_seqlen_q, q.shape[0])
-    max_seqlen_k = at_most(max_seqlen_k, k.shape[0] * k.shape[1] if paged else k.shape[0])  # (paged: the pool)
     scale = softmax_scale_of(n["softmax_scale"], scale, q.shape[-1])
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
+    # (no sequence is longer than the packed total, or a block table's pages: a larger max
+    # only sized buffers, to crashes at 2**62; the dropout stream's rows are this long)
+    max_seqlen_q = at_most(max_seqlen_q, q.shape[0])
+    max_seqlen_k = at_most(max_seqlen_k, block_table.shape[1] * page_size if paged else k.shape[0])
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
                             f"torch.no_grad() or with tensors that do not require grad")

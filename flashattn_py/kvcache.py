@@ -332,7 +332,8 @@ def flash_attn_with_kvcache(
             raise ArgumentError(f"k, v: new lengths differ: {k.shape[1]} vs {v.shape[1]}")
         # (caches that are read only may share memory; written ones may not)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if any(stride == 0 and size > 1 for size, stride in zip(cache.shape, cache.stride())):
+            if 0 in cache.stride() and any(stride == 0 and size > 1
+                                           for size, stride in zip(cache.shape, cache.stride())):
                 raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot be written in place: several "
                                     f"entries would share one slot's memory")
         if k_cache is v_cache or (type(k_cache) is Tensor and type(v_cache) is Tensor

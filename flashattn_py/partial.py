@@ -161,8 +161,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         q4, k4, v4 = q, k, v
     api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
     max_seqlen_q, max_seqlen_k = api._length("max_seqlen_q", max_seqlen_q), api._length("max_seqlen_k", max_seqlen_k)
-    if packed:  # (no sequence is longer than the packed total: a larger max only sized buffers)
-        max_seqlen_q, max_seqlen_k = api.at_most(max_seqlen_q, q.shape[0]), api.at_most(max_seqlen_k, k.shape[0])
+    if packed:
         cu_seqlens_q = api._index_tensor("cu_seqlens_q", cu_seqlens_q, q.device, 1)
         cu_seqlens_k = api._index_tensor("cu_seqlens_k", cu_seqlens_k, q.device, 1)
         if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0] or cu_seqlens_q.shape[0] < 1:
@@ -170,6 +169,8 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
                                 f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
         cu_seqlens_q = api.checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                           k.shape[0], None, None, 0, 0, api.FLASH_NAMES)
+        # (no sequence is longer than the packed total: a larger max only sized buffers)
+        max_seqlen_q, max_seqlen_k = api.at_most(max_seqlen_q, q.shape[0]), api.at_most(max_seqlen_k, k.shape[0])
     batch = cu_seqlens_q.shape[0] - 1 if packed else q.shape[0]
     window = api._check_flash_options(q, 0.0, api._causal_window(window_size, causal), softcap, alibi_slopes, batch)
     if diag_offset is None:

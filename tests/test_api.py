@@ -424,3 +424,17 @@ def test_varlen_attn_checks_ranks_before_reading_heads():
             flashattn_py.varlen_attn(*args, cu, cu, 5, 5, enable_gqa=True)
     with pytest.raises(ValueError, match=r"window_size: expected \(left, right\) ints"):
         flashattn_py.varlen_attn(q, kv, kv, cu, cu, 5, 5, window_size=5)
+
+
+def test_numeric_options_take_numpy_scalars_and_one_element_tensors():
+    # (as torch's SDPA: dropout_p=np.float32(0) passes there)
+    import numpy as np
+
+    q, k, v = qkv()
+    want = flashattn_py.flash_attn_func(q, k, v, softcap=2.0)
+    for softcap in (np.float32(2.0), torch.tensor(2.0), 2):
+        got = flashattn_py.flash_attn_func(q, k, v, softcap=softcap, dropout_p=np.float64(0.0),
+                                           softmax_scale=np.float32(0.25))
+        torch.testing.assert_close(got, flashattn_py.flash_attn_func(q, k, v, softcap=2.0, softmax_scale=0.25))
+    assert want.shape == got.shape
+    flashattn_py.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=np.float32(0))

@@ -582,3 +582,19 @@ def test_max_seqlen_beyond_the_total_is_the_total():
     with torch.no_grad():
         windowed = flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, window_size=(2, 1))
         assert torch.equal(flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 5, 0, window_size=(2, 1)), windowed)
+
+
+def test_a_block_table_may_list_a_page_twice():
+    # A sequence holds more keys than the pool when its table repeats a page: max_seqlen_k is
+    # bounded by the table's keys, not the pool's.
+    gen = torch.Generator().manual_seed(4)
+    pool_k, pool_v = torch.randn(2, 4, 2, 8, generator=gen), torch.randn(2, 4, 2, 8, generator=gen)
+    q = torch.randn(3, 2, 8, generator=gen)
+    table = torch.tensor([[0, 1, 0]], dtype=torch.int32)
+    used = torch.tensor([12], dtype=torch.int32)
+    cu_q = torch.tensor([0, 3], dtype=torch.int32)
+    with torch.no_grad():
+        got = flashattn_py.varlen_attn(q, pool_k, pool_v, cu_q, None, 3, 12, seqused_k=used, block_table=table)
+    keys, values = (torch.cat([pool[0], pool[1], pool[0]]) for pool in (pool_k, pool_v))
+    want = flashattn_py.flash_attn_varlen_func(q, keys, values, cu_q, torch.tensor([0, 12], dtype=torch.int32), 3, 12)
+    torch.testing.assert_close(got, want)
