@@ -328,6 +328,9 @@ SUPPORTS: dict[str, Callable[[Problem], list[str]]] = {name: b.supports for name
 # so that one thread's block neither reaches another's calls nor ends another's block. (A
 # threading.local, which torch.compile reads and guards on; it cannot trace a ContextVar.)
 _forced = threading.local()
+# Blocks open in any thread: while none is, calls skip the thread-local read (per-call cost).
+_blocks_open = [0]
+_blocks_lock = threading.Lock()
 
 
 def check_backend_name(name: str, argument: str = "backend") -> None:
@@ -342,10 +345,14 @@ def use_backend(name: str) -> Iterator[None]:
     check_backend_name(name)
     outer = getattr(_forced, "stack", ())
     _forced.stack = outer + (name,)
+    with _blocks_lock:
+        _blocks_open[0] += 1
     try:
         yield
     finally:
         _forced.stack = outer
+        with _blocks_lock:
+            _blocks_open[0] -= 1
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -374,9 +381,10 @@ def _warn_once(message: str) -> None:
 def requested_backend(backend: str = "auto") -> str:
     """The backend asked for: explicit argument > ``use_backend`` > FLASHATTN_BACKEND > "auto"."""
     check_backend_name(backend)
-    forced = getattr(_forced, "stack", ())
-    if backend == "auto" and forced:
-        backend = forced[-1]
+    if backend == "auto" and _blocks_open[0]:
+        forced = getattr(_forced, "stack", ())
+        if forced:
+            backend = forced[-1]
     if backend == "auto":
         backend = os.environ.get("FLASHATTN_BACKEND", "auto") or "auto"
         check_backend_name(backend, "FLASHATTN_BACKEND")

@@ -376,6 +376,7 @@ def flash_attn_with_kvcache(
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
             k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
+        # (unobserved_eager first: torch.compile cannot trace is_inference)
         if ops.unobserved_eager() and not torch.is_inference_mode_enabled():
             for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
                 if cache.is_inference():
