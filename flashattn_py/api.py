@@ -453,6 +453,25 @@ def _length(name: str, value) -> int:
     return value
 
 
+def shares_memory(t: Tensor, *others: Tensor) -> bool:
+    """Whether t's storage overlaps one of others' in memory (views, from_numpy views of one
+    buffer). Plain eager tensors only: the caller asks where their memory is known."""
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    for other in others:
+        o = other.untyped_storage()
+        if start < o.data_ptr() + o.nbytes() and o.data_ptr() < end:
+            return True
+    return False
+
+
+def expanded(t: Tensor) -> bool:
+    """Whether several of t's elements are one memory location (a stride 0 over a size > 1):
+    such a tensor cannot be written in place."""
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for size, stride in zip(t.shape, strides))
+
+
 def at_most(length, bound):
     """min(length, bound) for plain ints; a symbolic one unchanged (no guard)."""
     return min(length, bound) if isinstance(length, int) and isinstance(bound, int) else length
@@ -813,8 +832,6 @@ class _NoOutputSeesAKey(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         return torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.out_device)
-
-
 
 
 def scaled_dot_product_attention(

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages,
-                  index_values_readable, softmax_scale_of, unbounded_past)
+from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages, expanded,
+                  index_values_readable, shares_memory, softmax_scale_of, unbounded_past)
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -100,19 +100,7 @@ def _apart_from_caches(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor) -
     if not (type(k) is Tensor and type(v) is Tensor and type(k_cache) is Tensor and type(v_cache) is Tensor
             and ops.unobserved_eager()):
         return k.clone(), v.clone()
-    caches = [_memory(k_cache), _memory(v_cache)]
-
-    def apart(t: Tensor) -> Tensor:
-        start, end = _memory(t)  # (storages over overlapping memory: views, from_numpy)
-        return t.clone() if any(start < c_end and c_start < end for c_start, c_end in caches) else t
-
-    return apart(k), apart(v)
-
-
-def _memory(t: Tensor) -> tuple[int, int]:
-    """The address range of t's storage."""
-    storage = t.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    return tuple(t.clone() if shares_memory(t, k_cache, v_cache) else t for t in (k, v))
 
 
 def _append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
@@ -332,8 +320,7 @@ def flash_attn_with_kvcache(
             raise ArgumentError(f"k, v: new lengths differ: {k.shape[1]} vs {v.shape[1]}")
         # (caches that are read only may share memory; written ones may not)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if 0 in cache.stride() and any(stride == 0 and size > 1
-                                           for size, stride in zip(cache.shape, cache.stride())):
+            if expanded(cache):
                 raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot be written in place: several "
                                     f"entries would share one slot's memory")
         if k_cache is v_cache or (type(k_cache) is Tensor and type(v_cache) is Tensor

@@ -285,24 +285,14 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
         raise ArgumentError(f"lse: expected (..., H, S) matching out (..., S, H, D) {tuple(out.shape)}, got "
                             f"{tuple(lse.shape)}")
     for name, t in (("out", out), ("lse", lse)):
-        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        if api.expanded(t):
             raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot accumulate in place")
     # (a block in the accumulators' own memory, e.g. merge_attention(out, lse, out, lse), would
     # be read after it is overwritten: merged from a copy)
-    if type(out) is Tensor and type(block_out) is Tensor and _shares_memory(block_out, out, lse):
+    if type(out) is Tensor and type(block_out) is Tensor and api.shares_memory(block_out, out, lse):
         block_out = block_out.clone()
-    if type(lse) is Tensor and type(block_lse) is Tensor and _shares_memory(block_lse, out, lse):
+    if type(lse) is Tensor and type(block_lse) is Tensor and api.shares_memory(block_lse, out, lse):
         block_lse = block_lse.clone()
     merge(out, lse, block_out, block_lse)
     return out, lse
 
-
-def _shares_memory(t: Tensor, *others: Tensor) -> bool:
-    """Whether t's storage and one of others' overlap in memory."""
-    storage = t.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-    for other in others:
-        o = other.untyped_storage()
-        if start < o.data_ptr() + o.nbytes() and o.data_ptr() < end:
-            return True
-    return False
