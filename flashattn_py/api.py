@@ -149,15 +149,28 @@ def check_window_size(window_size) -> tuple[int, int]:
 
 
 def unbounded_past(side: int, seqlen_k) -> int:
-    """flash-attn's rule (flash_api.cpp: dense, varlen and KV-cache calls alike): a window
-    side at least ``seqlen_k`` long (the keys; varlen: max_seqlen_k; a KV cache: its
-    capacity) is no bound, -1. Only a right side changes results by it (one in [Sk, Sq - 1)
-    would hide keys from the first rows of a call with Sq > Sk; a left side that long never
-    binds), so the dense and varlen functions apply it to the right side only, and not with
-    causal (right 0). Sides of 0 or less are not compared; a larger one is compared with a
-    symbolic seqlen_k too (torch.compile guards on it, recompiling where Sk crosses the side;
-    torch.export with a dynamic Sk refuses it), never taken literally where eager would not."""
+    """flash-attn's first step (flash_api.cpp: dense, varlen and KV-cache calls alike): a
+    window side at least ``seqlen_k`` long (the keys; varlen: max_seqlen_k; a KV cache: its
+    capacity) is no bound, -1. Sides of 0 or less are not compared; a larger one is compared
+    with a symbolic seqlen_k too (torch.compile guards on it, recompiling where Sk crosses
+    the side; torch.export with a dynamic Sk refuses it), never taken literally where eager
+    would not."""
     return -1 if side > 0 and side >= seqlen_k else side
+
+
+def flash_right_side(left: int, right: int, seqlen_q, seqlen_k) -> int:
+    """The right window side flash-attn's kernels apply (flash_api.cpp: unbounded_past on
+    both sides, then set_params_fprop: where one side is bounded and the other is not, the
+    other becomes seqlen_k; torch's varlen_attn runs the same code), for a non-causal call
+    of the ``flash_attn_*`` functions. Only the right side changes results by this: a left
+    side of Sk or more never binds, and a right side of Sk binds only where Sq > Sk + 1
+    (rows i < Sq - Sk - 1 see keys up to i + 2 Sk - Sq, short of the last), so with a
+    bounded left side an unbounded right one is Sk there and stays -1 elsewhere (Sq and
+    Sk compared only then: under torch.compile a guard, and Sk then a constant)."""
+    right = unbounded_past(right, seqlen_k)
+    if right < 0 and unbounded_past(left, seqlen_k) >= 0 and seqlen_q > seqlen_k + 1:
+        return seqlen_k
+    return right
 
 
 def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slopes, batch: int) -> tuple[int, int]:
@@ -189,7 +202,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = softmax_scale_of("softmax_scale", softmax_scale, head_dim)
     window_left, window_right = window_size  # (checked: _check_flash_options)
-    window_right = 0 if causal else unbounded_past(window_right, k.shape[1])
+    window_right = 0 if causal else flash_right_side(window_left, window_right, seqlen_q, k.shape[1])
     diag_offset = k.shape[1] - seqlen_q
     out, lse = ops.attention(
         q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
@@ -533,7 +546,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
                                                                             ("max_seqlen_k", max_seqlen_k)))
     window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
     if max_seqlen_k:  # (0: not given)
-        window = (window[0], unbounded_past(window[1], max_seqlen_k))
+        window = (window[0], flash_right_side(window[0], window[1], max_seqlen_q, max_seqlen_k))
     scale = softmax_scale_of(n["softmax_scale"], scale, q.shape[-1])
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)

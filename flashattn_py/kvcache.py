@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import backends, ops
 from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages, expanded,
-                  index_values_readable, shares_memory, softmax_scale_of, unbounded_past)
+                  flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
+                  unbounded_past)
 from .errors import ArgumentError
 
 __all__ = ["flash_attn_with_kvcache", "apply_rotary"]
@@ -333,7 +334,7 @@ def flash_attn_with_kvcache(
     left, right = _check_flash_options(q, 0.0, window_size, softcap, alibi_slopes, batch)
     # (a window side at least as long as the cache is no bound: that also decides how q is
     # rotated below)
-    window = (unbounded_past(left, capacity), unbounded_past(0 if causal else right, capacity))
+    window = (unbounded_past(left, capacity), 0 if causal else flash_right_side(left, right, seqlen_q, capacity))
     seqlen_ro = None
     if rotary_cos is not None:
         if k is None:
