@@ -6,6 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 # triton only where torch did not bring one (CUDA wheels pin their own).
 TRITON_SPEC ?= triton==3.8.0
 PY := $(VENV)/bin/python
+# pytest's own entry, not `python -m pytest`: that puts the checkout's root first on the
+# import path, where its kernels/ folder hides Hugging Face's `kernels` package
+# (transformers 5.25+ imports it); the installed package has it as flashattn_py.kernels.
+PYTEST := $(VENV)/bin/pytest
 SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*) setup.py
 
 .PHONY: setup test test-all bench bench-model wheel wheel-check clean
@@ -26,11 +30,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 setup: $(VENV)/.built
 
 test: setup
-	$(PY) -m pytest -q
-	$(PY) -m pytest -q -m distributed
+	$(PYTEST) -q
+	$(PYTEST) -q -m distributed
 
 test-all: setup
-	$(PY) -m pytest -q -m "not gpu"
+	$(PYTEST) -q -m "not gpu"
 
 bench: setup
 	$(PY) benchmarks/bench_attention.py

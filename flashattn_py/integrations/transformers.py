@@ -209,18 +209,21 @@ def _closure(fn, name: str):
 def _packed_plain_mask(mask_function):
     """(causal, document ids (B, S)) when ``mask_function`` is transformers' causal or
     bidirectional mask restricted to packed documents (create_causal_mask's
-    ``and_masks(remap_positions_for_packed_sequence(base), packed_sequence_mask_function)``),
-    else None: any other mask (sliding windows, chunks, image overlays, ...) is built as
-    transformers builds it. Read from the closures transformers builds (5.x); a version
-    that builds them otherwise gets its masks built, never a wrong mask."""
+    ``and_masks(remap_positions_for_packed_sequence(base), packed_sequence_mask_function)``
+    in 5.x, ``and_masks(base, packed_sequence_mask_function)`` in 4.5x), else None: any
+    other mask (sliding windows, chunks, image overlays, ...) is built as transformers
+    builds it. Read from the closures transformers builds; a version that builds them
+    otherwise gets its masks built, never a wrong mask."""
     from transformers import masking_utils as mu
 
     parts = _closure(mask_function, "mask_functions")
     if not isinstance(parts, tuple) or len(parts) != 2:
         return None
-    base = _closure(parts[0], "mask_function")
+    base = parts[0]  # transformers 4.5x: and_masks(causal_mask_function, packed_sequence_mask_function(ids))
+    if _closure(base, "position_ids") is not None:  # 5.x: remap_positions_for_packed_sequence(base, position_ids)
+        base = _closure(base, "mask_function")
     document_ids = _closure(parts[1], "packed_sequence_mask")
-    if _closure(parts[0], "position_ids") is None or not isinstance(document_ids, Tensor):
+    if not isinstance(document_ids, Tensor):
         return None
     if base is mu.causal_mask_function:
         return True, document_ids
