@@ -19,8 +19,15 @@ def flash(**kwargs):
 
 
 def bottom_right(seqlen_q, seqlen_k, window=(-1, -1), causal=False):
+    """The reference's arguments for flash_attn_func's call. Its window is flash-attn's
+    (flash_api.cpp): a right side >= Sk is -1, then -1 beside a left side in [0, Sk) is Sk
+    (a left side >= Sk never binds, taken as given)."""
     left, right = window
-    return dict(window_left=left, window_right=0 if causal else right, diag_offset=seqlen_k - seqlen_q)
+    if causal:
+        right = 0
+    elif right >= seqlen_k or (right < 0 and 0 <= left < seqlen_k):
+        right = seqlen_k if 0 <= left < seqlen_k else -1
+    return dict(window_left=left, window_right=right, diag_offset=seqlen_k - seqlen_q)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
