@@ -41,9 +41,9 @@ print('numpy<2.4' if tuple(map(int, triton.__version__.split('.')[:2])) < (3, 7)
       # (the Makefile's transformers, for its integration tests; it needs Python >= 3.11,
       # and without it those tests skip)
       if "$env_dir/bin/python" -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
-        "$env_dir/bin/python" -m pip install -q "transformers==5.24.0"
+        "$env_dir/bin/python" -m pip install -q "transformers==5.25.0"
       else
-        echo "Python < 3.11: no transformers 5.24.0, its tests skip"
+        echo "Python < 3.11: no transformers 5.25.0, its tests skip"
       fi &&
       "$env_dir/bin/python" -m pip install -q --no-deps "$wheel" &&
       (cd "$work" && "$env_dir/bin/python" -c "
@@ -53,7 +53,7 @@ from flashattn_py import _C
 q = torch.randn(1, 64, 2, 32, requires_grad=True)
 flashattn_py.flash_attn_func(q, q, q, causal=True).sum().backward()
 print('smoke: torch', torch.__version__, '| CPU kernels', _C.CPU_KERNELS, '| ok')") &&
-      (cd "$work" && "$env_dir/bin/python" -m pytest -q -p no:cacheprovider 2>&1)
+      (cd "$work" && "$env_dir/bin/pytest" -q -p no:cacheprovider 2>&1)
   } > "$log" 2>&1
   rc=$?
   grep -E "^(smoke|FAILED|ERROR)|[0-9]+ passed" "$log" | tail -12
