@@ -490,6 +490,14 @@ def at_most(length, bound):
     return min(length, bound) if isinstance(length, int) and isinstance(bound, int) else length
 
 
+def _varlen_right_side(window: tuple[int, int], max_seqlen_q, max_seqlen_k, q: Tensor, k: Tensor,
+                       block_table: Optional[Tensor]) -> int:
+    """The right window side of a packed call: flash_right_side on the maxima, a maximum of
+    0 (not given) being the packed total (a block table's pages), as for the kernels."""
+    keys = max_seqlen_k or (block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[0])
+    return flash_right_side(window[0], window[1], max_seqlen_q or q.shape[0], keys)
+
+
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
             max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
             dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
@@ -545,8 +553,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     max_seqlen_q, max_seqlen_k = (_length(n[arg], value) for arg, value in (("max_seqlen_q", max_seqlen_q),
                                                                             ("max_seqlen_k", max_seqlen_k)))
     window = _check_flash_options(q, dropout_p, window, softcap, alibi_slopes, batch)
-    if max_seqlen_k:  # (0: not given)
-        window = (window[0], flash_right_side(window[0], window[1], max_seqlen_q, max_seqlen_k))
+    window = (window[0], _varlen_right_side(window, max_seqlen_q, max_seqlen_k, q, k, block_table))
     scale = softmax_scale_of(n["softmax_scale"], scale, q.shape[-1])
     cu_seqlens_q = checked_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0],
                                   None if paged else k.shape[0], seqused_k, block_table, page_size, num_pages, n)
@@ -637,7 +644,9 @@ def flash_attn_varlen_func(
             ``cu[b]:cu[b+1]`` (with paged K/V, cu_seqlens_k gives the key counts only).
             Sequences of length 0 are allowed (no key: out 0).
         max_seqlen_q, max_seqlen_k: the longest sequences (the kernels' grids are sized by
-            them; checked on CPU tensors, see below).
+            them; checked on CPU tensors, see below); 0 stands for the packed totals (a
+            block table's pages). flash-attn's window rule reads them: a right side of at
+            least max_seqlen_k is -1, and -1 beside a bounded left side is max_seqlen_k.
         block_table: (B, max_blocks) int32: key j of sequence b is row j % page_size of page
             ``block_table[b, j // page_size]``. Forward only (inference).
         Other arguments as ``flash_attn_func``, per sequence (causal aligned bottom-right
@@ -658,6 +667,9 @@ def flash_attn_varlen_func(
                        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, backend=backend)
     if not return_attn_probs:
         return out
+    # (the window the kernels applied)
+    window = (window[0], _varlen_right_side(window, _length("max_seqlen_q", max_seqlen_q),
+                                            _length("max_seqlen_k", max_seqlen_k), q, k, block_table))
     probs = []
     with torch.no_grad():
         for b in range(cu_seqlens_q.shape[0] - 1):

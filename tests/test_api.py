@@ -424,7 +424,16 @@ def test_unbounded_right_side_beside_a_bounded_left_one_is_the_keys(backend):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         got_torch = flashattn_py.varlen_attn(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
         assert torch.equal(got_torch, got)
-    # a KV cache (no new keys: with them Sq <= capacity): the right side becomes its capacity
+        # max_seqlen_q 0 (not given) is the packed total: the same side
+        assert torch.equal(got, flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 0, 5, window_size=window,
+                                                                    backend=backend))
+        # return_attn_probs' probabilities are the ones the kernels applied
+        _, _, probs = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window,
+                                                          return_attn_probs=True, backend=backend)
+        for p, (a, b, c, d) in zip(probs, ((0, 7, 0, 5), (7, 14, 5, 8))):
+            torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p.float(), pv[c:d]), want[a:b], atol=1e-5,
+                                       rtol=1e-5)
+    # a KV cache: the right side becomes its capacity
     k_cache, v_cache = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
     got = flashattn_py.flash_attn_with_kvcache(q.detach(), k_cache, v_cache, cache_seqlens=3, window_size=(1, -1),
                                                backend=backend)

@@ -758,3 +758,27 @@ def test_shard_rejects_bad_layouts():
         cp.shard(x, "diagonal", 0, 2)
     with pytest.raises(flashattn_py.ArgumentError):
         cp.shard(x[0], "ring", 0, 2, dim=0, cu_seqlens=[0, 5, 12])  # document 0 of 5 rows over 2 ranks
+
+
+def worker_ulysses_unequal_lengths(rank, world, windows):
+    """Dense Ulysses with more queries than keys (shards of 7 and 4 rows per rank), beside
+    flash_attn_func on the whole sequences: each rank's rows of the output."""
+    q, k, v = random_qkv(1, 7 * world, 4 * world, 2 * world, world, 16, seed=11)
+    out = {}
+    for window in windows:
+        shard = cp.ulysses_flash_attn_func(q[:, 7 * rank:7 * (rank + 1)], k[:, 4 * rank:4 * (rank + 1)],
+                                           v[:, 4 * rank:4 * (rank + 1)], window_size=window)
+        whole = flashattn_py.flash_attn_func(q, k, v, window_size=window)[:, 7 * rank:7 * (rank + 1)]
+        out[window] = (shard, whole)
+    return out
+
+
+@distributed
+def test_ulysses_applies_flash_attns_window_rule_to_the_whole_sequences():
+    # Sq 14 > Sk 8 + 1: flash-attn's rule makes a right side of -1 or >= 8 beside a bounded
+    # left side 8 (query 0 sees keys up to 0 + (8 - 14) + 8 = 2), one of 8 or more beside
+    # an unbounded left side -1; Ulysses attends the gathered sequences, so the same.
+    windows = [(1, -1), (1, 8), (-1, 9), (3, 2)]
+    for rank, per_window in enumerate(run_workers(worker_ulysses_unequal_lengths, 2, windows, timeout=90)):
+        for window, (shard, whole) in per_window.items():
+            torch.testing.assert_close(shard, whole, atol=1e-5, rtol=1e-5, msg=f"rank {rank}, window {window}")

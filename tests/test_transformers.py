@@ -318,3 +318,19 @@ def test_packed_positions_rewritten_in_place_under_inference_mode():
         packed = model(input_ids=ids, position_ids=position_ids).logits
         alone = [model(input_ids=ids[:, a:b]).logits for a, b in ((0, 2), (2, 9))]
     torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-4)
+
+
+def test_packed_mask_forms_recognised_and_others_not():
+    # The packed causal mask as transformers 5.x builds it (positions remapped) and as 4.5x
+    # does (no remap) take the packed kernels; any other combination is built as a mask.
+    from transformers import masking_utils as mu
+
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    packed = mu.packed_sequence_mask_function(ids)
+    remapped = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, torch.tensor([[0, 1, 2, 0, 1, 0]]))
+    for plain in (mu.and_masks(remapped, packed), mu.and_masks(mu.causal_mask_function, packed)):
+        causal, document_ids = tf_backend._packed_plain_mask(plain)
+        assert causal and document_ids is ids
+    assert tf_backend._packed_plain_mask(mu.or_masks(mu.causal_mask_function, packed)) is None
+    assert tf_backend._packed_plain_mask(mu.and_masks(mu.sliding_window_causal_mask_function(2), packed)) is None
+    assert tf_backend._packed_plain_mask(mu.and_masks(packed, mu.causal_mask_function)) is None

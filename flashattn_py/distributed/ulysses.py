@@ -94,8 +94,10 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                                deterministic=deterministic, backend=checked.backend)
         out, lse = out.unsqueeze(0), lse.unsqueeze(0)
     else:
+        # (the gathered sequences: flash-attn's window rule on their lengths, as flash_attn_func)
+        right = api.flash_right_side(window[0], window[1], q_heads.shape[1], k_heads.shape[1])
         out, lse = ops.attention(q_heads, k_heads, v_heads, scale=scale, softcap=float(softcap), alibi_slopes=slopes,
-                                 window_left=window[0], window_right=window[1],
+                                 window_left=window[0], window_right=right,
                                  diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic,
                                  backend=checked.backend)
     out = _AllToAll.apply(out, ring, False)

@@ -216,6 +216,10 @@ def _packed_plain_mask(mask_function):
     otherwise gets its masks built, never a wrong mask."""
     from transformers import masking_utils as mu
 
+    # (and_masks' closure only: or_masks and others close over mask_functions too)
+    if (getattr(mask_function, "__module__", None) != mu.__name__
+            or getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask"):
+        return None
     parts = _closure(mask_function, "mask_functions")
     if not isinstance(parts, tuple) or len(parts) != 2:
         return None
@@ -223,7 +227,7 @@ def _packed_plain_mask(mask_function):
     if _closure(base, "position_ids") is not None:  # 5.x: remap_positions_for_packed_sequence(base, position_ids)
         base = _closure(base, "mask_function")
     document_ids = _closure(parts[1], "packed_sequence_mask")
-    if not isinstance(document_ids, Tensor):
+    if base is None or not isinstance(document_ids, Tensor):
         return None
     if base is mu.causal_mask_function:
         return True, document_ids
