@@ -227,13 +227,31 @@ inline const int32_t* index_tensor(const OptTensor& t, const TensorInfo& q, cons
 // q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
 // (or sequence and heads swapped, per `layout`), plus the semantic arguments. Returns q's
 // metadata (for the entries' allocations).
+// The diagonal and window sides of a call brought within 2**42, so that the kernels'
+// 64-bit position arithmetic (i + diag_offset +- a side) cannot overflow: the same keys
+// visible to every row for positions below 2**40 (a side that binds no such position
+// becomes -1, an offset past every key stops at 2**40), bitwise the same call for any
+// |diag_offset| <= 2**41 and sides whose offsets stay within 2**40; beyond, ALiBi measures
+// distances from a diagonal 2**41 away (scores of that size are lost in float anyway).
+inline void bounded_band(int64_t& diag, int64_t& left, int64_t& right) {
+  constexpr int64_t P = int64_t(1) << 40, D = int64_t(1) << 41;
+  using wide = __int128;
+  const wide d = diag;
+  const wide lo = d - left, hi = d + wide(right);  // j - i >= lo (left >= 0), j - i <= hi (right >= 0)
+  const int64_t d2 = static_cast<int64_t>(std::clamp<wide>(d, -D, D));
+  if (left >= 0) left = lo <= -P ? -1 : static_cast<int64_t>(d2 - std::min<wide>(lo, P));
+  if (right >= 0) right = hi >= P ? -1 : static_cast<int64_t>(std::max<wide>(hi, -P) - d2);
+  diag = d2;
+}
+
 inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}) {
   const TensorInfo q(args.q), k(args.k), v(args.v);
   const OptTensor& alibi_slopes = args.alibi_slopes;
   const OptTensor& attn_bias = args.attn_bias;
   const OptTensor& rng_state = args.rng_state;
   const double scale = args.scale, softcap = args.softcap, dropout_p = args.dropout_p;
-  const int64_t window_left = args.window_left, window_right = args.window_right, diag_offset = args.diag_offset;
+  int64_t window_left = args.window_left, window_right = args.window_right, diag_offset = args.diag_offset;
+  bounded_band(diag_offset, window_left, window_right);
   const int64_t S = layout.seq, H = layout.heads;
   STD_TORCH_CHECK(q.dim == 4 && k.dim == 4 && v.dim == 4, "flashattn: q, k, v must be 4-D (B, S, H, D)");
   STD_TORCH_CHECK(k.same_device(q) && v.same_device(q), "flashattn: q, k, v must share a device");

@@ -283,3 +283,35 @@ def test_activation_checkpointing(reentrant):
     want = torch.autograd.grad(block(q, k, v), (q, k, v))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="needs the compiled ops")
+def test_compiled_ops_take_any_window_sides_and_diagonal():
+    # The compiled ops take int64 sides and diagonals as given (the API bounds its own; the
+    # ops are callable directly): sides and diagonals near 2**62 or 2**63 overflowed the
+    # kernels' position arithmetic (i + diag + right + 1 wrapped: rows lost every key, or
+    # saw keys they should not). Each call below equals one with small values and the same
+    # visible keys, forward and backward.
+    big, i64 = 2**62, 2**63 - 1
+    q, k, v = random_qkv(1, 20, 24, 2, 2, 32, seed=5)
+
+    def both(wl, wr, diag):
+        args = (q, k, v, None, None, 0.2, 0.0, wl, wr, diag, 0.0, None, *dense_tail())
+        out, lse = torch.ops.flashattn.fwd(*args)
+        dout = torch.ones_like(out)
+        return out, lse, torch.ops.flashattn.bwd(dout, *args[:3], out, lse, *args[3:], False, False)[:3]
+
+    for (wl, wr, diag), same in [
+        ((i64, i64, 0), (-1, -1, 0)),
+        ((-1, i64, 0), (-1, -1, 0)),
+        ((big, big, big), (0, -1, 0)),           # i + 2**62 - 2**62 <= j <= i + 2**63
+        ((-1, 0, big), (-1, -1, 0)),             # the diagonal past every key
+        ((0, -1, -big), (-1, -1, 0)),            # ... and before every one
+        ((3, 3, i64), (0, 0, 1000)),             # no row sees a key
+        ((3, 3, -2**63), (0, 0, -1000)),
+        ((big + 5, -1, big), (5, -1, 0)),        # the offsets bind: the same as 5 / 0
+        ((-1, 2**61 + 3, -2**61), (-1, 3, 0)),
+    ]:
+        got, want = both(wl, wr, diag), both(*same)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (wl, wr, diag)
+        assert all(torch.equal(a, b) for a, b in zip(got[2], want[2])), (wl, wr, diag)
