@@ -315,3 +315,26 @@ def test_compiled_ops_take_any_window_sides_and_diagonal():
         got, want = both(wl, wr, diag), both(*same)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (wl, wr, diag)
         assert all(torch.equal(a, b) for a, b in zip(got[2], want[2])), (wl, wr, diag)
+
+
+@pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="needs the compiled ops")
+def test_compiled_ops_bound_packed_maxima_by_the_totals():
+    # A packed call's max_seqlen_q / _k past the totals (the API clamps its own) sized the
+    # backward's buffers and blocks: 2**62 overflowed them and crashed. The ops take the
+    # totals instead: the same call as with max_seqlen = the totals, dropout included.
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = random_qkv(1, 12, 12, 2, 2, 32, seed=6)
+    tail = list(dense_tail())
+    names = [a.name for a in torch.ops.flashattn.fwd.default._schema.arguments][12:]
+
+    def call(max_seqlen):
+        args = [q, k, v, None, None, 0.2, 0.0, -1, -1, 0, 0.3, torch.tensor([7, 0]), *tail]
+        for name, value in (("cu_seqlens_q", cu), ("cu_seqlens_k", cu), ("max_seqlen_q", max_seqlen),
+                            ("max_seqlen_k", max_seqlen)):
+            args[12 + names.index(name)] = value
+        out, lse = torch.ops.flashattn.fwd(*args)
+        grads = torch.ops.flashattn.bwd(torch.ones_like(out), *args[:3], out, lse, *args[3:], False, False)[:3]
+        return out, lse, *grads
+
+    for got, want in zip(call(2**62), call(12)):
+        assert torch.equal(got, want)
