@@ -244,6 +244,14 @@ inline void bounded_band(int64_t& diag, int64_t& left, int64_t& right) {
   diag = d2;
 }
 
+// A packed call's max_seqlen_q / _k: 0 (not given) is the total. A max past the total sizes
+// the blocks as given (a batch's one sequence called alone, on the batch's blocks: tests)
+// up to 2**31; past that, where the buffers it sizes would overflow (the API clamps its
+// own), the total.
+inline int64_t packed_max(int64_t given, int64_t total) {
+  return given <= 0 || given > (int64_t(1) << 31) ? total : given;
+}
+
 inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}) {
   const TensorInfo q(args.q), k(args.k), v(args.v);
   const OptTensor& alibi_slopes = args.alibi_slopes;
@@ -294,9 +302,7 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
   if (packed_q) {  // (1, total_q, H, D): sequences from cu_seqlens_q, rows no batch stride apart
     p.batch = cu_q.numel() - 1;
     STD_TORCH_CHECK(p.batch >= 0, "flashattn: cu_seqlens_q must have B + 1 entries");
-    // (0: not given; no sequence is longer than the total, and a larger max only sized
-    // buffers and blocks, to overflows and crashes from 2**57)
-    p.seqlen_q = args.max_seqlen_q > 0 ? std::min(args.max_seqlen_q, p.total_q) : p.total_q;
+    p.seqlen_q = packed_max(args.max_seqlen_q, p.total_q);
     p.q_batch_stride = 0;
   }
   if (paged) {  // (num_pages, page_size, Hk, D) pages, k_batch_stride the page stride
@@ -310,7 +316,7 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
                                                                           : capacity;
     p.total_k = p.num_pages * p.page_size;
   } else if (args.cu_seqlens_k.has_value()) {  // (1, total_k, Hk, D)
-    p.seqlen_k = args.max_seqlen_k > 0 ? std::min(args.max_seqlen_k, p.total_k) : p.total_k;
+    p.seqlen_k = packed_max(args.max_seqlen_k, p.total_k);
     p.k_batch_stride = p.v_batch_stride = 0;
   }
   STD_TORCH_CHECK(!args.cu_seqlens_k.has_value() || cu_k.numel() == p.batch + 1,

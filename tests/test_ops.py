@@ -319,9 +319,9 @@ def test_compiled_ops_take_any_window_sides_and_diagonal():
 
 @pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="needs the compiled ops")
 def test_compiled_ops_bound_packed_maxima_by_the_totals():
-    # A packed call's max_seqlen_q / _k past the totals (the API clamps its own) sized the
-    # backward's buffers and blocks: 2**62 overflowed them and crashed. The ops take the
-    # totals instead: the same call as with max_seqlen = the totals, dropout included.
+    # A packed call's max_seqlen_q / _k far past the totals (the API clamps its own) sized
+    # the backward's buffers and blocks: 2**62 overflowed them and crashed. Past 2**31 the
+    # ops take the totals: the same call as with max_seqlen = the totals, dropout included.
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     q, k, v = random_qkv(1, 12, 12, 2, 2, 32, seed=6)
     tail = list(dense_tail())
