@@ -224,9 +224,6 @@ inline const int32_t* index_tensor(const OptTensor& t, const TensorInfo& q, cons
   return static_cast<const int32_t*>(info.data);
 }
 
-// q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
-// (or sequence and heads swapped, per `layout`), plus the semantic arguments. Returns q's
-// metadata (for the entries' allocations).
 // The diagonal and window sides of a call brought within 2**42, so that the kernels'
 // 64-bit position arithmetic (i + diag_offset +- a side) cannot overflow: the same keys
 // visible to every row for positions below 2**40 (a side that binds no such position
@@ -252,6 +249,9 @@ inline int64_t packed_max(int64_t given, int64_t total) {
   return given <= 0 || given > (int64_t(1) << 31) ? total : given;
 }
 
+// q (B, Sq, H, D), k (B, Sk, Hk, D), v (B, Sk, Hk, Dv) with a contiguous head dimension
+// (or sequence and heads swapped, per `layout`), plus the semantic arguments. Returns q's
+// metadata (for the entries' allocations).
 inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layout = {}) {
   const TensorInfo q(args.q), k(args.k), v(args.v);
   const OptTensor& alibi_slopes = args.alibi_slopes;

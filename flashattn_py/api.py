@@ -490,12 +490,17 @@ def at_most(length, bound):
     return min(length, bound) if isinstance(length, int) and isinstance(bound, int) else length
 
 
+def _packed_keys(k: Tensor, block_table: Optional[Tensor]) -> int:
+    """The most keys a packed call's sequence can have: k's rows, or a block table's pages."""
+    return block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[0]
+
+
 def _varlen_right_side(window: tuple[int, int], max_seqlen_q, max_seqlen_k, q: Tensor, k: Tensor,
                        block_table: Optional[Tensor]) -> int:
     """The right window side of a packed call: flash_right_side on the maxima, a maximum of
-    0 (not given) being the packed total (a block table's pages), as for the kernels."""
-    keys = max_seqlen_k or (block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[0])
-    return flash_right_side(window[0], window[1], max_seqlen_q or q.shape[0], keys)
+    0 (not given) being the packed total (_packed_keys), as for the kernels."""
+    return flash_right_side(window[0], window[1], max_seqlen_q or q.shape[0],
+                            max_seqlen_k or _packed_keys(k, block_table))
 
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
@@ -560,7 +565,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     # (no sequence is longer than the packed total, or a block table's pages: a larger max
     # only sized buffers, to crashes at 2**62; the dropout stream's rows are this long)
     max_seqlen_q = at_most(max_seqlen_q, q.shape[0])
-    max_seqlen_k = at_most(max_seqlen_k, block_table.shape[1] * page_size if paged else k.shape[0])
+    max_seqlen_k = at_most(max_seqlen_k, _packed_keys(k, block_table))
     if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
                             f"torch.no_grad() or with tensors that do not require grad")

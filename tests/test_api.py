@@ -398,30 +398,32 @@ def test_unbounded_right_side_beside_a_bounded_left_one_is_the_keys(backend):
     if backend == "cpu" and not HAS_CPU:
         pytest.skip("needs the compiled CPU ops")
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 7, 4, 2, 2, 16, seed=4))
-    want = attention_ref(q.detach(), k.detach(), v.detach(), window_left=1, window_right=4, diag_offset=-3)[0]
-    full = attention_ref(q.detach(), k.detach(), v.detach(), window_left=1, diag_offset=-3)[0]
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))  # (the float64 reference)
+    want = attention_ref(q64, k64, v64, window_left=1, window_right=4, diag_offset=-3)[0]
+    full = attention_ref(q64, k64, v64, window_left=1, diag_offset=-3)[0]
     assert not torch.allclose(want, full)
     first = flashattn_py.flash_attn_func(q, k, v, window_size=(1, 4), backend=backend)
-    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first.double(), want, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(first, (q, k, v), torch.ones_like(first))
     for window in ((1, -1), (1, 100)):
         out = flashattn_py.flash_attn_func(q, k, v, window_size=window, backend=backend)
         assert torch.equal(out, first), window
         assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))))
     # a left side that binds nothing (>= Sk) leaves the right one unbounded, as before
-    torch.testing.assert_close(flashattn_py.flash_attn_func(q, k, v, window_size=(4, -1), backend=backend),
-                               attention_ref(q.detach(), k.detach(), v.detach(), diag_offset=-3)[0],
+    torch.testing.assert_close(flashattn_py.flash_attn_func(q, k, v, window_size=(4, -1), backend=backend).double(),
+                               attention_ref(q64, k64, v64, diag_offset=-3)[0],
                                atol=1e-5, rtol=1e-5)
     # varlen: the right side becomes max_seqlen_k (5), applied per sequence (7 queries, 5 and
     # 3 keys: query 0 of the second sees keys up to 0 + (3 - 7) + 5 = 1)
     cu_q, cu_k = torch.tensor([0, 7, 14], dtype=torch.int32), torch.tensor([0, 5, 8], dtype=torch.int32)
     pq, pk, pv = (torch.randn(n, 2, 16) for n in (14, 8, 8))
-    want = torch.cat([attention_ref(pq[None, a:b], pk[None, c:d], pv[None, c:d], window_left=1, window_right=5,
+    want = torch.cat([attention_ref(pq[None, a:b].double(), pk[None, c:d].double(), pv[None, c:d].double(),
+                                    window_left=1, window_right=5,
                                     diag_offset=(d - c) - 7)[0][0]
                       for a, b, c, d in ((0, 7, 0, 5), (7, 14, 5, 8))])
     for window in ((1, -1), (1, 5)):
         got = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
         got_torch = flashattn_py.varlen_attn(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window, backend=backend)
         assert torch.equal(got_torch, got)
         # max_seqlen_q 0 (not given) is the packed total: the same side
@@ -431,14 +433,15 @@ def test_unbounded_right_side_beside_a_bounded_left_one_is_the_keys(backend):
         _, _, probs = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window,
                                                           return_attn_probs=True, backend=backend)
         for p, (a, b, c, d) in zip(probs, ((0, 7, 0, 5), (7, 14, 5, 8))):
-            torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p.float(), pv[c:d]), want[a:b], atol=1e-5,
+            torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p.double(), pv[c:d].double()), want[a:b], atol=1e-5,
                                        rtol=1e-5)
     # a KV cache: the right side becomes its capacity
     k_cache, v_cache = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
     got = flashattn_py.flash_attn_with_kvcache(q.detach(), k_cache, v_cache, cache_seqlens=3, window_size=(1, -1),
                                                backend=backend)
-    want = attention_ref(q.detach(), k_cache[:, :3], v_cache[:, :3], window_left=1, window_right=4, diag_offset=-4)[0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = attention_ref(q64, k_cache[:, :3].double(), v_cache[:, :3].double(), window_left=1, window_right=4,
+                         diag_offset=-4)[0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [
