@@ -70,6 +70,10 @@ left() { echo $((BUDGET - ($(date +%s) - START))); }
 cap() { local want=$1 reserve=$2 l; l=$(( $(left) - reserve )); (( l < want )) && want=$l; (( want < 10 )) && want=10; echo "$want"; }
 step() { echo; echo "=== $* ($(( $(date +%s) - START )) s)"; }
 status_of() { case $1 in 0) echo ok ;; 124|137) echo "timeout" ;; *) echo "failed(rc=$1)" ;; esac; }
+# pytest without the checkout's root on sys.path (`python -m pytest` puts it first, and its
+# kernels/ then shadows Hugging Face's `kernels` package, which transformers 5.25+ imports;
+# pytest-xdist's workers take the same sys.path)
+RUN_PYTEST=("$PY" -c 'import sys; sys.path = [p for p in sys.path if p not in ("", ".")]; import pytest; sys.exit(pytest.main())')
 has_cuda_ops() { timeout 120 "$PY" -c 'import torch, flashattn_py._C; assert torch._C._dispatch_has_kernel_for_dispatch_key("flashattn::fwd", "CUDA")' 2>&1; }
 
 step "environment"
@@ -146,7 +150,7 @@ if wanted tests; then
   fi
   PARALLEL=()
   if [[ $DRY != 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n 8); fi
-  timeout "$T" "$PY" -m pytest -m gpu -v -p no:cacheprovider --maxfail=15 --durations=15 "${PARALLEL[@]}" \
+  timeout "$T" "${RUN_PYTEST[@]}" -m gpu -v -p no:cacheprovider --maxfail=15 --durations=15 "${PARALLEL[@]}" \
     "${TESTS[@]}" 2>&1 | tee "$OUT/pytest.log" | grep -E "FAILED|ERROR|passed|failed|skipped" | tail -40
   RC=${PIPESTATUS[0]}
   PYTEST=$(status_of "$RC")
