@@ -211,7 +211,7 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     )
     if not return_attn_probs:
         return out
-    with torch.no_grad():
+    with torch.no_grad(), ops.formula_dtype(q.device):
         _, _, probs = attention_ref(
             q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
             window_right=window_right, diag_offset=diag_offset, return_probs=True,
@@ -676,7 +676,7 @@ def flash_attn_varlen_func(
     window = (window[0], _varlen_right_side(window, _length("max_seqlen_q", max_seqlen_q),
                                             _length("max_seqlen_k", max_seqlen_k), q, k, block_table))
     probs = []
-    with torch.no_grad():
+    with torch.no_grad(), ops.formula_dtype(q.device):
         for b in range(cu_seqlens_q.shape[0] - 1):
             q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
             kb = sequence_keys(k if block_table is not None else k.unsqueeze(0), b, cu_seqlens_k, None, block_table)

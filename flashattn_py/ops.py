@@ -16,6 +16,7 @@ contiguous last dimension; out (B, Sq, H, Dv); lse (B, H, Sq).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import operator
@@ -355,18 +356,50 @@ class _NotTwiceDifferentiable(torch.autograd.Function):
     """A first-order gradient taken with create_graph=True, tied to the attention's inputs:
     attn_bwd has no derivative, so differentiating the gradient again raises (as torch's
     fused SDPA kernels do), where autograd's fallback for ops without one would give zeros
-    with a warning, or, beside other terms, silently leave the attention's part out."""
+    with a warning, or, beside other terms, silently leave the attention's part out.
+    (setup_context and a vmap rule: torch.func.grad runs every backward with create_graph.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, grad, *inputs):
+    def forward(grad, *inputs):
         # (returned as is, autograd makes it a view: an in-place op on the gradient in grad
         # mode then raises; under no_grad, .grad accumulation and clipping it does not)
         return grad
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError("flashattn_py: the attention's backward is not differentiable: a gradient of its "
                            "gradient (second derivative, e.g. a gradient penalty) is not supported")
+
+
+class _FunctorchAttention(torch.autograd.Function):
+    """attn_fwd with its autograd for torch.func transforms (grad, vjp, jacrev, vmap):
+    they take part in an autograd.Function's backward only where it is applied from Python
+    in the setup_context form, with a vmap rule, not in the op's Autograd kernel
+    (_AttnAutograd, applied inside the dispatcher). ops.attention calls it while a
+    transform is active; the same forward and backward (a vmapped call runs the op once
+    per batch entry: torch's fallback for ops without a batching rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return attn_fwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        saved = ctx.saved_tensors
+        return not_twice_differentiable(_backward(ctx, saved, dout, dlse), saved)
 
 
 def _attn_fwd_autograd(keyset, *args):
@@ -452,11 +485,15 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
             cu_seqlens: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> backends.Problem:
     """The selection's view of a call, in either layout (the head dim is last in both).
 
-    ``backward`` follows requires_grad alone, not grad mode: reentrant activation
-    checkpointing runs the forward under no_grad and recomputes it with grad, and both
-    must pick the same backend (two backends draw different dropout masks)."""
+    ``backward`` follows requires_grad, not grad mode, and is True for every call with
+    dropout: reentrant activation checkpointing runs the forward under no_grad and
+    recomputes it with grad, where q, k, v made inside the checkpointed block need a
+    gradient only the second time, and both passes must pick the same backend (two
+    backends draw different dropout masks). Under torch.func transforms a batched tensor
+    says requires_grad False whatever it wraps (_plain_inference): True there too."""
     backward = (q.requires_grad or k.requires_grad or v.requires_grad
-                or (attn_mask is not None and attn_mask.requires_grad))
+                or (attn_mask is not None and attn_mask.requires_grad) or dropout_p > 0
+                or torch._C._are_functorch_transforms_active())
     device = q.device  # (a new torch.device per read: read once, this runs on every call)
     device_type = device.type
     # (the head dim matters only to the cuda backend's shared-memory check; computed for
@@ -465,6 +502,24 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
     return backends.Problem(device_type, q.dtype, attn_mask is not None, dropout_p,
                             _has_tangents(q, k, v, alibi_slopes, attn_mask), device.index, head_dim, backward,
                             deterministic, cu_seqlens, block_table)
+
+
+def formula_dtype(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for the reference's plain torch ops, which it would otherwise run in
+    its lower dtype: every backend computes in the dtype it is given (the fused kernels
+    never see autocast; the public functions that follow torch's autocast rules, SDPA's,
+    cast before they get here)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def deterministic_wanted(deterministic: bool) -> bool:
+    """A call's ``deterministic``, or torch.use_deterministic_algorithms(True) (as torch's
+    SDPA, whose flash backward then runs deterministically): only the CUDA backward has a
+    faster nondeterministic form (dQ summed with atomics); the CPU and Triton backwards
+    are always reproducible."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
 
 
 def kernel_rows(t: Tensor, seq: int) -> Tensor:
@@ -537,6 +592,7 @@ def attention(
     backward is a separate call); None: none does for eager calls on inputs that need no
     gradient (not grad mode alone: reentrant activation checkpointing runs the forward
     under no_grad and recomputes it with grad)."""
+    deterministic = deterministic_wanted(deterministic)
     if window_left > 0 or window_right > 0:
         window_left, window_right = bounded_windows(q, k, window_left, window_right, diag_offset, heads_first,
                                                      block_table)
@@ -568,9 +624,11 @@ def attention(
             # schema is parsed faster): the op's autograd layer and fwd's 23-argument boxed
             # call would cost more than a decode-sized kernel.
             inference = _inference_entry(impl)
+    if inference is None and alibi_slopes is not None:
+        # (no backend differentiates the slopes, as in flash-attn: the reference must not
+        # either, or a backend's choice would decide whether they train)
+        alibi_slopes = alibi_slopes.contiguous() if impl.fused else alibi_slopes.detach()
     if inference is None:
-        if impl.fused and alibi_slopes is not None:
-            alibi_slopes = alibi_slopes.contiguous()
         if heads_first:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if inference is not None:
@@ -587,12 +645,18 @@ def attention(
                     leftpad_k=leftpad_k, num_splits=num_splits, deterministic=deterministic, backend=name,
                     cpu_path=_forward_only_path(impl) if forward_only else 0)
     if not impl.fused:
-        out, lse = _entry(impl, "forward", FWD).call(args)
+        with formula_dtype(q.device):
+            out, lse = _entry(impl, "forward", FWD).call(args)
         if lse.dtype in (torch.float16, torch.bfloat16):  # (the fused backends' lse dtype: float32)
             lse = lse.float()
     else:
         # Inference on the other fused backends skips the op's autograd layer (its per-call cost).
-        out, lse = _attn_fwd_impl(*args) if plain else attn_fwd(*args)
+        if plain:
+            out, lse = _attn_fwd_impl(*args)
+        elif torch._C._are_functorch_transforms_active():
+            out, lse = _FunctorchAttention.apply(*_with_cpu_path(args))
+        else:
+            out, lse = attn_fwd(*args)
     return (out.transpose(1, 2), lse) if heads_first else (out, lse)
 
 
@@ -665,8 +729,11 @@ def _plain_inference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                                     or (attn_mask is not None and attn_mask.requires_grad)):
         return False
     # (torch.jit.trace records what runs: a trace under no_grad must still record the op
-    # with its autograd, or the traced module would later train without these gradients)
-    return unobserved_eager() and torch._C._get_tracing_state() is None
+    # with its autograd, or the traced module would later train without these gradients.
+    # Under torch.func transforms a batched tensor says requires_grad False while the
+    # tensor it wraps may need a gradient: only the op's autograd layer sees that.)
+    return (unobserved_eager() and torch._C._get_tracing_state() is None
+            and not torch._C._are_functorch_transforms_active())
 
 
 def unobserved_eager() -> bool:

@@ -183,7 +183,7 @@ def _check_block(q: Tensor, k: Tensor, v: Tensor, softmax_scale, causal: bool, w
         raise ArgumentError(f"diag_offset: must be within +-2**30, got {diag_offset}")
     scale = api.softmax_scale_of("softmax_scale", softmax_scale, q.shape[-1])
     return BlockOptions(scale, window[0], window[1], diag_offset, float(softcap), alibi_slopes, cu_seqlens_q,
-                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(deterministic))
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, ops.deterministic_wanted(deterministic))
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None,

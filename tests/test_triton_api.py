@@ -65,3 +65,23 @@ def test_windows_longer_than_the_call_are_no_bound(backend):
             for a, b in zip(first if isinstance(first, tuple) else (first,),
                             other if isinstance(other, tuple) else (other,)):
                 assert torch.equal(a, b)
+
+
+def test_torch_func_and_vmap_triton():
+    # Batched tensors have no storage for the launchers: under torch.func transforms the
+    # call goes through the op (torch's per-entry fallback), with its gradient.
+    import warnings
+
+    q, k, v = random_qkv(3, 9, 9, 2, 2, 16, seed=8)
+    q.requires_grad_()
+    run = lambda b: lambda x: flashattn_py.flash_attn_func(x, k[:1], v[:1], causal=True, backend=b)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        batched = torch.vmap(run("triton"))(q[:, None]).squeeze(1)
+        got, = torch.autograd.grad(batched.square().sum(), q)
+        grad = torch.func.grad(lambda x: run("triton")(x).square().sum())(q[:1])
+    expected = torch.cat([run("reference")(x[None]) for x in q])
+    want, = torch.autograd.grad(expected.square().sum(), q)
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, want[:1], rtol=1e-4, atol=1e-5)
