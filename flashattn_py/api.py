@@ -843,6 +843,15 @@ def _as_4d(t: Tensor) -> Tensor:
     return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (not -1: sizes may be 0)
 
 
+def _merges_leading_dims(t: Tensor) -> bool:
+    """Whether _as_4d folds t's dims before its last three into one without a copy."""
+    try:
+        t.view(math.prod(t.shape[:-3]), *t.shape[-3:])
+    except RuntimeError:
+        return False
+    return True
+
+
 class _NoOutputSeesAKey(torch.autograd.Function):
     """SDPA where no output element sees a key (an empty output, no keys, or dropout_p = 1):
     zeros (torch's result), and zero derivatives for every input."""
@@ -963,6 +972,12 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
             raise ArgumentError(
                 f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to {tuple(full)}"
             ) from None
+        if mask_full.dim() > 4 and mask_full.numel() and not _merges_leading_dims(mask_full):
+            # (e.g. a (A, 1, 1, L, S) mask over (A, C, H, L, E) inputs: folding its leading
+            # dims into one batch would copy it at the full (A * C, H, L, S) size) One call
+            # per index of the first leading dim, each on a view.
+            return torch.stack([sdpa_with_softcap(q, k, v, m, dropout_p, is_causal, scale, enable_gqa, softcap)
+                                for q, k, v, m in zip(query, key, value, mask_full)])
         mask4 = _as_4d(mask_full)
     if batch * num_heads * seqlen_q * head_dim_v == 0 or seqlen_k == 0 or every_weight_dropped:
         out = _NoOutputSeesAKey.apply((batch, num_heads, seqlen_q, head_dim_v), q4, k4, v4, mask4)

@@ -240,6 +240,31 @@ def test_sdpa_masks_match_torch(mask_shape, mask_dtype):
     assert_rule("out", out, expected, naive, 2.0)
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 9, 12), (1, 3, 1, 9, 12), (2, 3, 2, 9, 12), (9, 12)])
+def test_sdpa_five_dim_masks_are_read_as_views(mask_shape, monkeypatch):
+    # Leading dims a view cannot fold into one batch ((2, 1, 1, ...) over (2, 3, 2, ...)
+    # inputs) were copied at the full (6, 2, 9, 12) size; the kernels now read the user's
+    # mask in place, with gradients.
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 2, n, 8, generator=gen, dtype=torch.float64).requires_grad_() for n in (9, 12, 12))
+    mask = torch.randn(mask_shape, generator=gen, dtype=torch.float64).requires_grad_()
+    storages = []
+    attention = flashattn_py.ops.attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        storages.append(attn_mask.untyped_storage().data_ptr())
+        return attention(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(flashattn_py.ops, "attention", recording)
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert set(storages) == {mask.untyped_storage().data_ptr()}
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out, (q, k, v, mask), torch.ones_like(out))
+    for got, expected in zip(grads, torch.autograd.grad(want, (q, k, v, mask), torch.ones_like(want))):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.skipif(not HAS_CPU, reason="compiled CPU ops not built")
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_sdpa_mask_with_is_causal_applies_both_as_torch_on_cpu(mask_dtype):
