@@ -325,7 +325,7 @@ def flash_attn_with_kvcache(
                 raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot be written in place: several "
                                     f"entries would share one slot's memory")
         if k_cache is v_cache or (type(k_cache) is Tensor and type(v_cache) is Tensor
-                                  and not torch.compiler.is_compiling() and k_cache.numel()
+                                  and not torch.compiler.is_compiling() and k_cache.numel() and not k_cache.is_meta
                                   and k_cache.data_ptr() == v_cache.data_ptr()):
             raise ArgumentError("k_cache, v_cache: the same memory; the values would overwrite the keys")
         new = k.shape[1]

@@ -461,9 +461,9 @@ def dropout_rng_state(device: torch.device | str = "cpu") -> Tensor:
     on the host would be baked into the captured launches: one mask for every replay).
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    # (the device always named: under torch.set_default_device("meta") or a default GPU
+    # a CPU call's state landed there, and the op then ran its fake on CPU tensors)
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
 
 
 def dropout_keep_mask(rng_state: Tensor, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int,
@@ -618,7 +618,8 @@ def attention(
         # its default, or one the kernel ignores in a dense call, max_seqlen_q / _k; it
         # says that no backward follows)
         if (plain and forward_only and per_sequence is None and block_table is None and not bottom_right
-                and num_splits == 0 and impl.inference is not None and outside_dispatcher_ok()):
+                and num_splits == 0 and impl.inference is not None and outside_dispatcher_ok()
+                and not q.is_meta):  # (the inference op has a CPU kernel only)
             # The kernel at the first dispatch key, in either layout, any strides
             # (csrc/ops.cpp flashattn::fwd_inference, registered for AutogradCPU; its short
             # schema is parsed faster): the op's autograd layer and fwd's 23-argument boxed

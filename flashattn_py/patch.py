@@ -42,6 +42,7 @@ torch's builtin, as names imported before patching keep torch's function.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -81,11 +82,18 @@ def _torch_restricted_to_math(device_type: str) -> bool:
     return device_type == "cpu" or not (cuda.mem_efficient_sdp_enabled() or cuda.cudnn_sdp_enabled())
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # (loaded by anything that made one)
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Optional[str]:
     """None when ours should serve the call, else why torch's own should."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             return f"{name} is not a tensor"
+        if _is_dtensor(t):
+            return f"{name} is a DTensor (torch's SDPA has sharding rules, the custom ops have none)"
         if t.layout != torch.strided and not (t.is_nested and t.layout == torch.jagged):
             return f"{name} is neither strided nor a jagged nested tensor"
         if t.dtype not in _FLOATS:

@@ -98,11 +98,11 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> Non
     except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks heard of it)
         error, fields = e, []
     # fixed width: ranks whose local check failed send a flag and zeros
-    row = torch.zeros(1 + _FIELD_WIDTH * _MAX_FIELDS, dtype=torch.float64)
+    row = torch.zeros(1 + _FIELD_WIDTH * _MAX_FIELDS, dtype=torch.float64, device="cpu")  # (not the default device)
     row[0] = 1.0 if error is not None else 0.0
     for i, (_, values, *_labels) in enumerate(fields):
         padded = list(values) + [float("nan")] * (_FIELD_WIDTH - len(values))
-        row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64)
+        row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64, device="cpu")
     row = row.to(group.device)
     rows = [torch.empty_like(row) for _ in range(group.world_size)]
     dist.all_gather(rows, row, group=group.group)

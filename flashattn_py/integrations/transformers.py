@@ -157,7 +157,7 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
     with a sliding window keep their mask, and so do all layers of a model that has some."""
     q_len = query.shape[2]
     if (position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, q_len) or query.shape[0] != 1
-            or q_len < 2 or key.shape[2] != q_len):
+            or q_len < 2 or key.shape[2] != q_len or position_ids.is_meta):  # (meta: no values to search)
         return None
     if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
         return None
