@@ -451,32 +451,107 @@ inline bool keys_all_masked(const FlashParams& p, int64_t b, int64_t h, int64_t 
   return true;
 }
 
+#ifdef FLASHATTN_VEC_AVX2
+// tanh of 4 floats, computed in double and rounded once: 1 - 2 / (e^2|x| + 1) with SLEEF's
+// 1-ulp exp (simd.h), x itself below 2^-12 (tanh x = x (1 - x^2 / 3 + ...) rounds to x
+// there, and the formula would cancel), the sign put back. Infinities give +-1, a NaN
+// stays NaN.
+inline __m128 tanh4(__m128 xf) {
+  const __m256d x = _mm256_cvtps_pd(xf), sign = _mm256_set1_pd(-0.0), one = _mm256_set1_pd(1.0);
+  const __m256d ax = _mm256_andnot_pd(sign, x);
+  const __m256d e = simd::sleef_expd4_u10(_mm256_add_pd(ax, ax));
+  __m256d t = _mm256_sub_pd(one, _mm256_div_pd(_mm256_set1_pd(2.0), _mm256_add_pd(e, one)));
+  t = _mm256_blendv_pd(t, ax, _mm256_cmp_pd(ax, _mm256_set1_pd(0x1p-12), _CMP_LT_OQ));
+  return _mm256_cvtpd_ps(_mm256_or_pd(t, _mm256_and_pd(x, sign)));
+}
+#endif
+
+// x[c] = tanh(x[c]) for c < n. Floats 4 at a time where the library has AVX2 (glibc's
+// scalar tanhf took 40 % of a softcapped forward), the last n % 4 through the same
+// vector (a key's value does not depend on where its row's block ends: the backward
+// recomputes the forward's probabilities bitwise).
+template <typename acc>
+inline void tanh_row(acc* x, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] = std::tanh(x[c]);
+}
+
+#ifdef FLASHATTN_VEC_AVX2
+template <>
+inline void tanh_row<float>(float* x, int64_t n) {
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) _mm_storeu_ps(x + c, tanh4(_mm_loadu_ps(x + c)));
+  if (c < n) {
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    std::copy(x + c, x + n, tail);
+    _mm_storeu_ps(tail, tanh4(_mm_loadu_ps(tail)));
+    std::copy(tail, tail + (n - c), x + c);
+  }
+}
+#endif
+
+// s[c] = -inf where keep[c] is false, c < n. Floats 8 at a time where the library has AVX2
+// (the compiler made the plain loop a branch per key).
+template <typename acc>
+inline void mask_row(acc* s, const bool* keep, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    if (!keep[c]) s[c] = -std::numeric_limits<acc>::infinity();
+  }
+}
+
+#ifdef FLASHATTN_VEC_AVX2
+template <>
+inline void mask_row<float>(float* s, const bool* keep, int64_t n) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + c)));
+    const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
+    _mm256_storeu_ps(s + c, _mm256_blendv_ps(_mm256_loadu_ps(s + c), neg_inf, drop));
+  }
+  for (; c < n; ++c) {
+    if (!keep[c]) s[c] = -std::numeric_limits<float>::infinity();
+  }
+}
+#endif
+
 // Turn the scaled scores s[0, n) of query row i against keys j0 .. j0+n-1 into final
 // logits: softcap, minus ALiBi, plus bias / bool mask, -inf where not visible. With
 // softcap, `dcap` (if given) receives d(capped)/d(raw) = 1 - tanh^2 for the backward.
+// (Loops the compiler vectorises: this runs on every score of such calls.)
 template <typename T, typename acc>
 inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_t n, int64_t i, int64_t j0,
                              float slope, const BiasRow<T>& bias, acc* dcap) {
   if (p.softcap > 0.f) {
     const acc cap = static_cast<acc>(p.softcap64), inv = acc(1) / cap;
-    for (int64_t c = 0; c < n; ++c) {
-      const acc t = std::tanh(s[c] * inv);
-      s[c] = cap * t;
-      if (dcap) dcap[c] = acc(1) - t * t;
+    for (int64_t c = 0; c < n; ++c) s[c] *= inv;
+    tanh_row(s, n);
+    if (dcap) {
+      for (int64_t c = 0; c < n; ++c) dcap[c] = acc(1) - s[c] * s[c];
     }
+    for (int64_t c = 0; c < n; ++c) s[c] *= cap;
   }
   if (slope != 0.f) {
-    const int64_t qpos = i / w.q_group + w.diag_offset;
-    for (int64_t c = 0; c < n; ++c) {
-      s[c] -= static_cast<acc>(slope) * static_cast<acc>(std::llabs(qpos - (j0 + c)));
-    }
+    // |qpos - j| in double: exact (positions are below 2^42, fill_params), and converted to
+    // acc as the integer would be
+    const acc sl = static_cast<acc>(slope);
+    const double base = static_cast<double>(i / w.q_group + w.diag_offset - j0);
+    const int32_t cols = static_cast<int32_t>(n);  // (a block's keys)
+    for (int32_t c = 0; c < cols; ++c) s[c] -= sl * static_cast<acc>(std::fabs(base - static_cast<double>(c)));
   }
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   if (bias.add) {
-    for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(bias.add[(j0 + c) * bias.col_stride]);
+    const T* add = bias.add + j0 * bias.col_stride;
+    if (bias.col_stride == 1) {
+      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(add[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(add[c * bias.col_stride]);
+    }
   } else if (bias.keep) {
-    for (int64_t c = 0; c < n; ++c) {
-      if (!bias.keep[(j0 + c) * bias.col_stride]) s[c] = neg_inf;
+    const bool* keep = bias.keep + j0 * bias.col_stride;
+    if (bias.col_stride == 1) {
+      mask_row(s, keep, n);
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] = keep[c * bias.col_stride] ? s[c] : neg_inf;
     }
   }
   const KeyRange r = clip(visible_keys(w, i), j0, n);
@@ -619,8 +694,9 @@ inline float row_max<float>(const float* s, int64_t n) {
 // relative error is 2.6e-7 for x in [-1, 0] and grows to 1e-6 at -15 and 4e-6 at -80,
 // where exp(x) is under 3e-7 and 2e-35 of a softmax row's largest term (torch's
 // Cody-Waite exp_u20 stays near 3.6e-7 for two more instructions per vector; exp(0) is
-// 1 + 2^-23 here). t is clamped to [-127, 128]: below, 2^n is 0 (exp underflows to
-// exactly 0, and exp(-inf) = 0); above, it is infinity.
+// 1 + 2^-23 here). t is clamped to [-127, 128]: above, 2^n is infinity; below -126 the
+// result is 0 (exp(-inf) = 0; denormals, which would slow the products that take them,
+// exp_avx512 below, are 0 too).
 constexpr float EXP2_POLY[6] = {0.00132765f, 0.00967554f, 0.05550713f, 0.2402212f, 0.69314697f, 1.00000007f};
 
 inline __m256 exp_avx2(__m256 x_log2e) {
@@ -630,7 +706,9 @@ inline __m256 exp_avx2(__m256 x_log2e) {
   __m256 poly = _mm256_set1_ps(EXP2_POLY[0]);
   for (int i = 1; i < 6; ++i) poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(EXP2_POLY[i]));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n));
+  // (poly >= 1 for f >= 0: t >= -126 gives a normal float; a NaN passes through)
+  const __m256 normal = _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_NLT_UQ);
+  return _mm256_and_ps(_mm256_mul_ps(poly, _mm256_castsi256_ps(two_n)), normal);
 }
 
 #ifdef __AVX512F__
@@ -639,16 +717,21 @@ inline __m256 exp_avx2(__m256 x_log2e) {
 // instructions per element (faster than exp_avx2: benchmarks/RESULTS.md 'What was
 // tried'). Values are exp_avx2's bit for bit where exp_avx2's is a finite normal float
 // (for t in (127.5, 128], where it overflowed, this one is finite; softmax arguments are
-// at most 0); below, scalef gives the denormal where exp_avx2 gave 0. t is clamped at
-// -160 so that -inf gives exactly 0 (2^-160 times the polynomial rounds to 0) rather than
-// the NaN of -inf - round(-inf).
+// at most 0). Below t = -126, where scalef would give a denormal, the result is 0: a
+// softmax term under 2^-126 of the row's largest changes no sum, but denormal
+// probabilities made the products that take them (P V, the backward's) several times
+// slower on Intel's cores (ALiBi rows, whose far keys' logits fall by hundreds: 5x the
+// forward's time; benchmarks/RESULTS.md). t is clamped at -160 so that -inf gives
+// exactly 0 rather than the NaN of -inf - round(-inf); a NaN passes through.
 inline __m512 exp_avx512(__m512 x_log2e) {
-  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-160.f), x_log2e);  // (a NaN passes through)
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-160.f), x_log2e);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 poly = _mm512_set1_ps(EXP2_POLY[0]);
   for (int i = 1; i < 6; ++i) poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(EXP2_POLY[i]));
-  return _mm512_scalef_ps(poly, n);
+  // (poly >= 1 for f >= 0: t >= -126 gives a normal float)
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);
+  return _mm512_maskz_scalef_ps(normal, poly, n);
 }
 #endif
 
