@@ -120,6 +120,27 @@ def test_dropout_scale_is_rounded_once():
     check_attention(run, q, k, v, seed=5, dropout_p=0.9, dropout_mask=keep)
 
 
+@pytest.mark.parametrize("window", [(-1, -1), (61, 5)])
+def test_dropout_keeps_exactly_the_masks_keys(window):
+    # q = 0 weighs every visible key alike and V = I puts key j in column j: the output is
+    # nonzero exactly where the kernel kept a visible key. Against the test hook's mask
+    # (drawn key by key; the kernels draw 32 keys at a time where they can), over key blocks
+    # and windows that start a row's keys anywhere within a group of four.
+    seqlen_q, seqlen_k, heads = 70, 203, 2
+    q = torch.zeros(1, seqlen_q, heads, seqlen_k)
+    v = torch.eye(seqlen_k).expand(1, heads, seqlen_k, seqlen_k).transpose(1, 2).contiguous()
+    k = torch.randn(v.shape, generator=torch.Generator().manual_seed(6))
+    keep = keep_mask_for_call(5, 1, heads, seqlen_q, seqlen_k, 0.4)[0].transpose(0, 1)  # (Sq, H, Sk)
+    torch.manual_seed(5)
+    out = flashattn_py.flash_attn_func(q, k, v, dropout_p=0.4, window_size=window, backend="cpu")[0]
+    i, j = torch.arange(seqlen_q)[:, None], torch.arange(seqlen_k)[None, :]
+    diag = seqlen_k - seqlen_q  # (bottom-right)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if window != (-1, -1):
+        visible = (j >= i + diag - window[0]) & (j <= i + diag + window[1])
+    assert torch.equal(out != 0, keep & visible[:, None, :])
+
+
 def test_dropout_same_seed_same_mask_and_fraction():
     q, k, v = random_qkv(1, 64, 64, 2, 2, 8, seed=13)
     torch.manual_seed(0)

@@ -535,8 +535,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
             std::copy(s + r * lds, s + r * lds + cols, pz);
             apply_dropout(p, pz, cols, lse_index(p, sv, h, row0 + r), key0, ws.keep.get());
             acc* drow = dp + r * lds;
-            const acc mult = dropout_scale<acc>(p);
-            for (int64_t c = 0; c < cols; ++c) drow[c] = ws.keep[c] ? drow[c] * mult : acc(0);
+            keep_scale_row(drow, ws.keep.get(), cols, dropout_scale<acc>(p));
           }
         }
         // dV += (P [* Z])^T dO
