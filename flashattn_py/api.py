@@ -844,24 +844,30 @@ def _as_4d(t: Tensor) -> Tensor:
 
 
 def _merges_leading_dims(t: Tensor) -> bool:
-    """Whether _as_4d folds t's dims before its last three into one without a copy."""
-    try:
-        t.view(math.prod(t.shape[:-3]), *t.shape[-3:])
-    except RuntimeError:
-        return False
-    return True
+    """Whether _as_4d folds t's dims before its last three into one without a copy: each
+    leading dim of size > 1 steps over whole runs of the ones after it. (From the strides,
+    not by trying the view: under torch.compile a failed fake view is an error, not a
+    RuntimeError to catch.)"""
+    lead = [(n, s) for n, s in zip(t.shape[:-3], t.stride()[:-3]) if n != 1]
+    return all(s == inner_s * inner_n for (n, s), (inner_n, inner_s) in zip(lead, lead[1:]))
 
 
 class _NoOutputSeesAKey(torch.autograd.Function):
     """SDPA where no output element sees a key (an empty output, no keys, or dropout_p = 1):
-    zeros (torch's result), and zero derivatives for every input."""
+    zeros (torch's result), and zero derivatives for every input. (setup_context and a vmap
+    rule: torch.func transforms take part only in Functions of that form.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, out_shape, query, key, value, attn_mask):
-        ctx.out_shape, ctx.out_dtype, ctx.out_device = out_shape, query.dtype, query.device
-        ctx.inputs = [(t.shape, t.dtype, t.device) if t is not None and t.is_floating_point() else None
-                      for t in (query, key, value, attn_mask)]
+    def forward(out_shape, query, key, value, attn_mask):
         return query.new_zeros(out_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.out_shape, ctx.out_dtype, ctx.out_device = inputs[0], output.dtype, output.device
+        ctx.inputs = [(t.shape, t.dtype, t.device) if t is not None and t.is_floating_point() else None
+                      for t in inputs[1:]]
 
     @staticmethod
     def backward(ctx, grad_out):

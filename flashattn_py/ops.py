@@ -426,8 +426,8 @@ def _register_compiled_op_fakes() -> None:
     def named(op, args):
         return collections.namedtuple("args", [a.name for a in op._schema.arguments])(*args)
 
-    def backend(q):
-        return backends.BACKENDS["cpu" if q.device.type == "cpu" else "cuda"]
+    def backend(q):  # (meta tensors: the cpu backend's, which serves them)
+        return backends.BACKENDS["cuda" if q.device.type == "cuda" else "cpu"]
 
     @torch.library.register_fake("flashattn::fwd")
     def _compiled_fwd_fake(*args):
@@ -486,13 +486,14 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
     """The selection's view of a call, in either layout (the head dim is last in both).
 
     ``backward`` follows requires_grad, not grad mode, and is True for every call with
-    dropout: reentrant activation checkpointing runs the forward under no_grad and
-    recomputes it with grad, where q, k, v made inside the checkpointed block need a
-    gradient only the second time, and both passes must pick the same backend (two
-    backends draw different dropout masks). Under torch.func transforms a batched tensor
-    says requires_grad False whatever it wraps (_plain_inference): True there too."""
+    dropout outside inference mode: reentrant activation checkpointing runs the forward
+    under no_grad and recomputes it with grad, where q, k, v made inside the checkpointed
+    block need a gradient only the second time, and both passes must pick the same backend
+    (two backends draw different dropout masks). Under torch.func transforms a batched
+    tensor says requires_grad False whatever it wraps (_plain_inference): True there too."""
     backward = (q.requires_grad or k.requires_grad or v.requires_grad
-                or (attn_mask is not None and attn_mask.requires_grad) or dropout_p > 0
+                or (attn_mask is not None and attn_mask.requires_grad)
+                or (dropout_p > 0 and not torch.is_inference_mode_enabled())
                 or torch._C._are_functorch_transforms_active())
     device = q.device  # (a new torch.device per read: read once, this runs on every call)
     device_type = device.type
@@ -592,7 +593,8 @@ def attention(
     backward is a separate call); None: none does for eager calls on inputs that need no
     gradient (not grad mode alone: reentrant activation checkpointing runs the forward
     under no_grad and recomputes it with grad)."""
-    deterministic = deterministic_wanted(deterministic)
+    if not deterministic and torch.are_deterministic_algorithms_enabled():  # (deterministic_wanted)
+        deterministic = True
     if window_left > 0 or window_right > 0:
         window_left, window_right = bounded_windows(q, k, window_left, window_right, diag_offset, heads_first,
                                                      block_table)

@@ -47,7 +47,7 @@ def select_backend(q: Tensor, k: Tensor, v: Tensor, backward: bool, deterministi
     """The backend a block computation on these tensors runs on (the selection of every
     other call: ``backend=`` > ``use_backend`` > FLASHATTN_BACKEND > auto). ``backward``:
     gradients will be asked for, so the backend must serve the backward too."""
-    problem = ops.problem(q, k, v, None, 0.0, deterministic, alibi_slopes, cu_seqlens)
+    problem = ops.problem(q, k, v, None, 0.0, ops.deterministic_wanted(deterministic), alibi_slopes, cu_seqlens)
     if problem.backward != backward:
         problem = problem._replace(backward=backward)
     return backends.select(problem, backend)

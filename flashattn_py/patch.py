@@ -112,7 +112,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
         return "torch is restricted to its math backend"
     if backends.requested_backend() != "auto":
         return None  # the user chose a backend: let it serve or raise
-    problem = ops.problem(query, key, value, attn_mask, float(dropout_p))
+    problem = ops.problem(query, key, value, attn_mask, float(dropout_p), ops.deterministic_wanted(False))
     for name in backends.auto_order(query.device.type)[:-1]:  # the fused ones, not reference
         if not backends.SUPPORTS[name](problem):
             return None

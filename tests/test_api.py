@@ -265,6 +265,14 @@ def test_sdpa_five_dim_masks_are_read_as_views(mask_shape, monkeypatch):
         torch.testing.assert_close(got, expected)
 
 
+def test_sdpa_five_dim_mask_compiles():
+    # (the fold was decided by trying a view, which fails as an error under torch.compile)
+    q = torch.randn(2, 3, 2, 9, 8)
+    mask = torch.randn(2, 1, 1, 9, 9)
+    run = lambda q, m: flashattn_py.scaled_dot_product_attention(q, q, q, attn_mask=m)  # noqa: E731
+    torch.testing.assert_close(torch.compile(run, backend="aot_eager", fullgraph=True)(q, mask), run(q, mask))
+
+
 @pytest.mark.skipif(not HAS_CPU, reason="compiled CPU ops not built")
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
 def test_sdpa_mask_with_is_causal_applies_both_as_torch_on_cpu(mask_dtype):

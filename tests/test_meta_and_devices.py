@@ -42,6 +42,11 @@ def test_meta_tensors_give_meta_outputs_on_every_function():
         for name, (call, shape) in calls.items():
             out = call()
             assert out.is_meta and out.shape == shape and out.dtype == torch.float32, name
+        for dtype in (torch.float64, torch.bfloat16):  # (lse: float64 for float64, else float32)
+            out, lse = flashattn_py.flash_attn_with_kvcache(q[:, :1].to(dtype), k.to(dtype), v.to(dtype),
+                                                            cache_seqlens=lengths, return_softmax_lse=True)
+            assert out.dtype == dtype and lse.shape == (2, 4, 1)
+            assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 def test_dropout_under_another_default_device_draws_on_the_cpu():

@@ -77,38 +77,71 @@ def test_torch_func_second_derivative_raises():
         torch.func.grad(lambda q: torch.func.grad(_loss("auto"))(q, k, v).sum())(q)
 
 
-def test_reentrant_checkpoint_with_dropout_picks_one_backend_for_both_passes():
-    # The checkpointed forward runs under no_grad on q, k, v made inside the block: its
-    # choice of backend must not depend on whether they need a gradient (two backends
-    # draw different dropout masks).
-    q = torch.randn(1, 5, 2, 8)
-    assert ops.problem(q, q, q, None, 0.1).backward
-    assert not ops.problem(q, q, q, None, 0.0).backward
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_reentrant_checkpoint_selects_for_both_passes_alike(dropout_p, monkeypatch):
+    # The checkpointed forward runs under no_grad on q, k, v made inside the block, its
+    # recomputation with grad: with dropout, both must ask for the same backend (two
+    # backends draw different dropout masks), so the selection sees a backward in both.
+    from torch.utils.checkpoint import checkpoint
+
+    problems = []
+    select = backends.select
+
+    def recording(problem, backend="auto"):
+        problems.append(problem.backward)
+        return select(problem, backend)
+
+    monkeypatch.setattr(backends, "select", recording)
+    x = torch.randn(1, 6, 16, requires_grad=True)
+    proj = torch.nn.Linear(16, 48)
+
+    def block(x):
+        q, k, v = proj(x).view(1, 6, 3, 2, 8).unbind(2)
+        return flashattn_py.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+
+    checkpoint(block, x, use_reentrant=True).sum().backward()
+    assert problems == ([True, True] if dropout_p else [False, True])
 
 
-class _RecordAttnFwd(TorchDispatchMode):
+class _RecordDeterministic(TorchDispatchMode):
+    """The ``deterministic`` argument of every attn_fwd / attn_bwd call."""
+
     def __init__(self):
         super().__init__()
         self.deterministic = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is ops.attn_fwd:
-            self.deterministic.append(args[ops.FWD.index["deterministic"]])
+        if func in (ops.attn_fwd, ops.attn_bwd):
+            spec = ops.FWD if func is ops.attn_fwd else ops.BWD
+            self.deterministic.append(args[spec.index["deterministic"]])
         return func(*args, **(kwargs or {}))
 
 
 def test_use_deterministic_algorithms_makes_calls_deterministic():
+    # Every entry, the context-parallel ones (one gloo rank) and their backwards included.
+    import torch.distributed as dist
+    from flashattn_py.distributed import ring_flash_attn_func, ulysses_flash_attn_func
+
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 6, 6, 2, 2, 8, seed=5))
+    calls = [lambda: flashattn_py.flash_attn_func(q, k, v),
+             lambda: flashattn_py.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2)),
+             lambda: ring_flash_attn_func(q, k, v, causal=True),
+             lambda: ulysses_flash_attn_func(q, k, v, causal=True)]
     previous = torch.are_deterministic_algorithms_enabled()
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for flag in (False, True):
             torch.use_deterministic_algorithms(flag)
-            with _RecordAttnFwd() as record:
-                flashattn_py.flash_attn_func(q, k, v)
-                flashattn_py.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            assert record.deterministic == [flag, flag]
+            with _RecordDeterministic() as record:
+                for call in calls:
+                    call().sum().backward()
+            assert record.deterministic == [flag] * 2 * len(calls)
     finally:
         torch.use_deterministic_algorithms(previous)
+        dist.destroy_process_group()
 
 
 def test_reference_under_autocast_computes_in_the_given_dtype():

@@ -556,7 +556,7 @@ inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_
     // acc as the integer would be
     const acc sl = static_cast<acc>(slope);
     const double base = static_cast<double>(i / w.q_group + w.diag_offset - j0);
-    const int32_t cols = static_cast<int32_t>(n);  // (a block's keys)
+    const int32_t cols = static_cast<int32_t>(n);  // (n: one key block, at most a few hundred keys)
     for (int32_t c = 0; c < cols; ++c) s[c] -= sl * static_cast<acc>(std::fabs(base - static_cast<double>(c)));
   }
   const acc neg_inf = -std::numeric_limits<acc>::infinity();

@@ -279,6 +279,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                    softcap: float):
     """The ring / zigzag functions' common body (layouts in layout.py)."""
     per_rank = chunks_per_rank(layout)
+    deterministic = ops.deterministic_wanted(deterministic)
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         if q4.shape[1] != k4.shape[1]:
@@ -319,7 +320,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
     plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, left, right,
                        alibi_slopes is not None) for step in range(world)]
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, None, None, 0, 0,
-                                   bool(deterministic))
+                                   deterministic)
     out, lse = _RingAttention.apply(q, k, v, RingSetup(ring, rows, plans, options, checked.backend))
     return (out, lse, None) if return_attn_probs else out
 

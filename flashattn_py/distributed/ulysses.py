@@ -61,6 +61,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
     """The Ulysses functions' common body: q (B, S_local, H, D) (packed: (T_local, H, D),
     contiguous rows of the global packed sequence)."""
     packed = cu_seqlens is not None
+    deterministic = ops.deterministic_wanted(deterministic)
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
