@@ -95,14 +95,18 @@ inline void dropout_keep_row(uint64_t seed, uint64_t offset, float p, int64_t se
     for (; c + 32 <= n; c += 32) {
       __m256i words[4];
       philox8(seed, first + static_cast<uint64_t>((j0 + c) / 4), offset, words);
-      alignas(32) uint32_t kept[4][8];
+      __m256i kept[4];  // lane g of word w: key 4 g + w kept (all ones), or not (0)
       for (int w = 0; w < 4; ++w) {  // draw >= t, unsigned: max(draw, t) == draw
-        const __m256i x = words[w];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(kept[w]), _mm256_cmpeq_epi32(_mm256_max_epu32(x, t), x));
+        kept[w] = _mm256_cmpeq_epi32(_mm256_max_epu32(words[w], t), words[w]);
       }
-      for (int g = 0; g < 8; ++g) {
-        for (int w = 0; w < 4; ++w) keep[c + 4 * g + w] = kept[w][g] != 0;
-      }
+      // To key order (4 x 4 transposes in each 128-bit half: rows g, g + 4 of the groups
+      // 0 .. 3 and 4 .. 7), then narrowed to bytes (saturating packs keep all ones) of 1 / 0.
+      const __m256i a = _mm256_unpacklo_epi32(kept[0], kept[1]), b = _mm256_unpackhi_epi32(kept[0], kept[1]);
+      const __m256i e = _mm256_unpacklo_epi32(kept[2], kept[3]), f = _mm256_unpackhi_epi32(kept[2], kept[3]);
+      const __m256i g01 = _mm256_packs_epi32(_mm256_unpacklo_epi64(a, e), _mm256_unpackhi_epi64(a, e));
+      const __m256i g23 = _mm256_packs_epi32(_mm256_unpacklo_epi64(b, f), _mm256_unpackhi_epi64(b, f));
+      const __m256i bytes = _mm256_and_si256(_mm256_packs_epi16(g01, g23), _mm256_set1_epi8(1));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + c), bytes);
     }
   }
 #endif
