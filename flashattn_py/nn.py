@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import api
 from .errors import ArgumentError
@@ -98,7 +99,9 @@ class MultiheadAttention(nn.Module):
     warning); ``need_weights=False`` is the fused path and returns ``(out, None)``.
     Masks: bool True means "not allowed" (torch MHA convention), float is added.
     ``is_causal=True`` without ``attn_mask`` applies the top-left causal mask (torch requires
-    the mask as a hint; here it is optional). With ``add_bias_kv`` / ``add_zero_attn`` or a
+    the mask as a hint; here it is optional), beside a ``key_padding_mask`` too, with the
+    extra keys of ``add_bias_kv`` / ``add_zero_attn`` visible to every query (as the causal
+    mask given explicitly). With ``add_bias_kv`` / ``add_zero_attn`` or a
     ``key_padding_mask`` the hint is not used: the given ``attn_mask`` applies, the extra
     keys visible to every query, as in torch's ``need_weights=True`` path (its
     ``need_weights=False`` path hides the extra keys from early queries instead).
@@ -154,7 +157,8 @@ class MultiheadAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        # (torch's class, which quantisation tooling tells apart from a plain Linear)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
             self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
@@ -273,14 +277,20 @@ class MultiheadAttention(nn.Module):
             k = torch.cat([k, k.new_zeros((n, h, 1, hd))], dim=2)
             v = torch.cat([v, v.new_zeros((n, h, 1, hd))], dim=2)
             extra += 1
-        mask = _pad_keys(mask, extra)
         causal = False
-        if is_causal:
-            if mask is None:
-                causal = True
-            elif attn_mask is not None and key_padding_mask is None and extra == 0:
-                # torch's hint: attn_mask is the causal mask; use the kernel's own (top-left, as torch).
-                causal, mask = True, None
+        if is_causal and attn_mask is None:
+            if extra == 0:
+                causal = True  # (with a padding mask too: SDPA applies the mask and the diagonal both)
+            else:
+                # the extra key is visible to every query, as with the causal mask given: the
+                # top-left causal mask spelled out over the real keys (the flag would hide the
+                # extra key from the first queries)
+                tril = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril()
+                mask = _merge(tril.view(1, 1, tgt_len, src_len), mask, query.dtype)
+        elif is_causal and key_padding_mask is None and extra == 0:
+            # torch's hint: attn_mask is the causal mask; use the kernel's own (top-left, as torch).
+            causal, mask = True, None
+        mask = _pad_keys(mask, extra)
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None

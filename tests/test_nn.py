@@ -154,6 +154,26 @@ def test_unbatched_and_causal(average):
     assert torch.allclose(w_got.double(), w_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_is_causal_without_a_mask_beside_padding_and_extra_keys(extra, need_weights):
+    # is_causal=True without attn_mask is the top-left causal mask, also beside a padding
+    # mask (it was dropped there: query 0 saw the last token) and with the extra key of
+    # add_bias_kv / add_zero_attn visible to every query, as the mask given explicitly.
+    theirs, ours = _pair(torch.float64, 6, batch_first=True, **extra)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, E, generator=gen, dtype=torch.float64)
+    kpm = torch.zeros(2, 9, dtype=torch.bool)
+    kpm[1, 5:7] = True
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)  # (True = masked out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for padding in (None, kpm):
+            want = theirs(x, x, x, key_padding_mask=padding, attn_mask=causal, need_weights=True)[0]
+            got = ours(x, x, x, key_padding_mask=padding, is_causal=True, need_weights=need_weights)[0]
+            torch.testing.assert_close(got, want)
+
+
 def test_bfloat16_fast_path():
     seed = 9
     t64, _ = _pair(torch.float64, seed, batch_first=True)
