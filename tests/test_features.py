@@ -120,6 +120,38 @@ def test_dropout_scale_is_rounded_once():
     check_attention(run, q, k, v, seed=5, dropout_p=0.9, dropout_mask=keep)
 
 
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Random123) in Python integers: four 32-bit words."""
+    c, k, mask = list(counter), list(key), 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k[0]) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k[1]) & mask, p0 & mask]
+        k = [(k[0] + 0x9E3779B9) & mask, (k[1] + 0xBB67AE85) & mask]
+    return c
+
+
+def test_dropout_mask_is_philox_of_the_documented_counters():
+    # Independent of the C++ (the hook and the kernels share one draw function): Random123's
+    # known answers, then the layout csrc/cpu/dropout.h documents (counter (row, key / 4)
+    # and the offset, key the seed, word key % 4, kept where the draw >= p * 2^32).
+    ones = 0xFFFFFFFF
+    assert _philox4x32_10([0] * 4, [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _philox4x32_10([ones] * 4, [ones, ones]) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert _philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    seed, offset, p = 0x123456789ABCDEF, 2**32 + 5, 0.3
+    heads, seqlen_q, seqlen_k = 2, 3, 70
+    keep = ops.dropout_keep_mask(torch.tensor([seed, offset]), 1, heads, seqlen_q, seqlen_k, p)
+    threshold = int(float(torch.tensor(p, dtype=torch.float32)) * 2**32)
+    groups = (seqlen_k + 3) // 4
+    for row in range(heads * seqlen_q):
+        for g in range(groups):
+            ctr = row * groups + g
+            words = _philox4x32_10([ctr & ones, ctr >> 32, offset & ones, offset >> 32], [seed & ones, seed >> 32])
+            for j in range(4 * g, min(4 * g + 4, seqlen_k)):
+                assert bool(keep.view(-1, seqlen_k)[row, j]) == (words[j % 4] >= threshold)
+
+
 @pytest.mark.parametrize("window", [(-1, -1), (61, 5)])
 def test_dropout_keeps_exactly_the_masks_keys(window):
     # q = 0 weighs every visible key alike and V = I puts key j in column j: the output is

@@ -156,22 +156,27 @@ def test_unbatched_and_causal(average):
 
 @pytest.mark.parametrize("extra", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}])
 @pytest.mark.parametrize("need_weights", [False, True])
-def test_is_causal_without_a_mask_beside_padding_and_extra_keys(extra, need_weights):
+@pytest.mark.parametrize("lengths", [(9, 9), (4, 7), (7, 4)])
+def test_is_causal_without_a_mask_beside_padding_and_extra_keys(extra, need_weights, lengths):
     # is_causal=True without attn_mask is the top-left causal mask, also beside a padding
     # mask (it was dropped there: query 0 saw the last token) and with the extra key of
     # add_bias_kv / add_zero_attn visible to every query, as the mask given explicitly.
     theirs, ours = _pair(torch.float64, 6, batch_first=True, **extra)
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 9, E, generator=gen, dtype=torch.float64)
-    kpm = torch.zeros(2, 9, dtype=torch.bool)
-    kpm[1, 5:7] = True
-    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)  # (True = masked out)
+    (tgt, src), gen = lengths, torch.Generator().manual_seed(6)
+    x = torch.randn(2, tgt, E, generator=gen, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, src, E, generator=gen, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, src, dtype=torch.bool)
+    kpm[1, src // 2:src - 1] = True
+    float_kpm = torch.zeros(2, src, dtype=torch.float64).masked_fill(kpm, float("-inf"))
+    causal = torch.ones(tgt, src, dtype=torch.bool).triu(1)  # (True = masked out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for padding in (None, kpm):
-            want = theirs(x, x, x, key_padding_mask=padding, attn_mask=causal, need_weights=True)[0]
-            got = ours(x, x, x, key_padding_mask=padding, is_causal=True, need_weights=need_weights)[0]
+        for padding in (None, kpm, float_kpm):
+            want = theirs(x, kv, kv, key_padding_mask=padding, attn_mask=causal, need_weights=True)[0]
+            got = ours(x, kv, kv, key_padding_mask=padding, is_causal=True, need_weights=need_weights)[0]
             torch.testing.assert_close(got, want)
+            for g, w in zip(torch.autograd.grad(got.sum(), (x, kv)), torch.autograd.grad(want.sum(), (x, kv))):
+                torch.testing.assert_close(g, w)
 
 
 def test_bfloat16_fast_path():
