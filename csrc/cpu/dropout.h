@@ -69,8 +69,38 @@ inline void philox8(uint64_t seed, uint64_t ctr, uint64_t offset, __m256i out[4]
 }
 #endif
 
+#ifdef __AVX512F__
+// philox8 in 16 lanes (the AVX-512 libraries).
+inline void philox16(uint64_t seed, uint64_t ctr, uint64_t offset, __m512i out[4]) {
+  alignas(64) uint32_t lo[16], hi[16];
+  for (int i = 0; i < 16; ++i) lo[i] = uint32_t(ctr + i), hi[i] = uint32_t((ctr + i) >> 32);
+  __m512i c0 = _mm512_load_si512(lo), c1 = _mm512_load_si512(hi);
+  __m512i c2 = _mm512_set1_epi32(static_cast<int>(uint32_t(offset)));
+  __m512i c3 = _mm512_set1_epi32(static_cast<int>(uint32_t(offset >> 32)));
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  constexpr __mmask16 ODD = 0xAAAA;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i p0e = _mm512_mul_epu32(c0, m0), p0o = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+    const __m512i p1e = _mm512_mul_epu32(c2, m1), p1o = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+    const __m512i hi0 = _mm512_mask_blend_epi32(ODD, _mm512_srli_epi64(p0e, 32), p0o);
+    const __m512i lo0 = _mm512_mask_blend_epi32(ODD, p0e, _mm512_slli_epi64(p0o, 32));
+    const __m512i hi1 = _mm512_mask_blend_epi32(ODD, _mm512_srli_epi64(p1e, 32), p1o);
+    const __m512i lo1 = _mm512_mask_blend_epi32(ODD, p1e, _mm512_slli_epi64(p1o, 32));
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+#endif
+
 // keep[c] for keys j0 .. j0+n-1 of query row `row` = (b * H + h) * Sq + i. Where the
-// library has AVX2, 32 keys (8 counters) at a time through philox8, bitwise the same draws.
+// library has AVX2, 32 keys (8 counters) at a time through philox8 (64 through philox16
+// with AVX-512), bitwise the same draws.
 inline void dropout_keep_row(uint64_t seed, uint64_t offset, float p, int64_t seqlen_k, int64_t row, int64_t j0,
                              int64_t n, bool* keep) {
   const int64_t groups_per_row = (seqlen_k + 3) / 4;
@@ -91,6 +121,20 @@ inline void dropout_keep_row(uint64_t seed, uint64_t offset, float p, int64_t se
 #ifdef FLASHATTN_VEC_AVX2
   for (; c < n && (j0 + c) % 4 != 0; ++c) scalar(c);  // up to the first whole group
   if (threshold < 4294967296u) {  // (p < 1: the threshold fits the lanes' unsigned compare)
+#ifdef __AVX512F__
+    const __m512i t16 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(threshold)));
+    for (; c + 64 <= n; c += 64) {
+      __m512i words[4], kept[4];
+      philox16(seed, first + static_cast<uint64_t>((j0 + c) / 4), offset, words);
+      for (int w = 0; w < 4; ++w) kept[w] = _mm512_maskz_set1_epi32(_mm512_cmpge_epu32_mask(words[w], t16), -1);
+      // (as below, each 128-bit lane holding 4 groups: bytes in key order)
+      const __m512i a = _mm512_unpacklo_epi32(kept[0], kept[1]), b = _mm512_unpackhi_epi32(kept[0], kept[1]);
+      const __m512i e = _mm512_unpacklo_epi32(kept[2], kept[3]), f = _mm512_unpackhi_epi32(kept[2], kept[3]);
+      const __m512i g01 = _mm512_packs_epi32(_mm512_unpacklo_epi64(a, e), _mm512_unpackhi_epi64(a, e));
+      const __m512i g23 = _mm512_packs_epi32(_mm512_unpacklo_epi64(b, f), _mm512_unpackhi_epi64(b, f));
+      _mm512_storeu_si512(keep + c, _mm512_and_si512(_mm512_packs_epi16(g01, g23), _mm512_set1_epi8(1)));
+    }
+#endif
     const __m256i t = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(threshold)));
     for (; c + 32 <= n; c += 32) {
       __m256i words[4];
