@@ -593,8 +593,7 @@ def attention(
     backward is a separate call); None: none does for eager calls on inputs that need no
     gradient (not grad mode alone: reentrant activation checkpointing runs the forward
     under no_grad and recomputes it with grad)."""
-    if not deterministic and torch.are_deterministic_algorithms_enabled():  # (deterministic_wanted)
-        deterministic = True
+    deterministic = deterministic_wanted(deterministic)
     if window_left > 0 or window_right > 0:
         window_left, window_right = bounded_windows(q, k, window_left, window_right, diag_offset, heads_first,
                                                      block_table)

@@ -499,13 +499,17 @@ inline void mask_row(acc* s, const bool* keep, int64_t n) {
 }
 
 #ifdef FLASHATTN_VEC_AVX2
+// 8 bools as 32-bit lanes (0 or 1).
+inline __m256i bool_lanes8(const bool* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 template <>
 inline void mask_row<float>(float* s, const bool* keep, int64_t n) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + c)));
-    const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(k, _mm256_setzero_si256()));
+    const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bool_lanes8(keep + c), _mm256_setzero_si256()));
     _mm256_storeu_ps(s + c, _mm256_blendv_ps(_mm256_loadu_ps(s + c), neg_inf, drop));
   }
   for (; c < n; ++c) {
@@ -527,8 +531,7 @@ inline void keep_scale_row<float>(float* x, const bool* keep, int64_t n, float m
   const __m256 vm = _mm256_set1_ps(mult);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + c)));
-    const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256()));
+    const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(bool_lanes8(keep + c), _mm256_setzero_si256()));
     _mm256_storeu_ps(x + c, _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), vm), kept));
   }
   for (; c < n; ++c) x[c] = keep[c] ? x[c] * mult : 0.f;
