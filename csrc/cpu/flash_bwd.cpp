@@ -266,6 +266,7 @@ struct AmxBwdOperands {
                            KEY_ALIGN = tiles_bf16::NR;
   static constexpr int64_t LD_ROW_PAIRS = BLOCK_K, LD_KEY_PAIRS = BLOCK_K / 2;  // words per row
   static_assert(BLOCK_Q % PANEL_Q == 0 && PANEL_Q % ROW_ALIGN == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  tiles_amx::Use tile_use;
   const int64_t D, Dv, d2, dv2, D16, Dv16, sq16, sk16;
   const float scale;
   // Q and dO as rows of pairs, K and V as key panels (pack_k), K as column panels

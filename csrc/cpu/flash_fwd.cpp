@@ -297,6 +297,7 @@ struct Bf16PairOperands {
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
   static constexpr bool PACKS_HEADS = true;    // as TileOperands
   static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
+  typename Tiles::Use tile_use;  // (AMX: tiles_amx::Use)
   KVCopy<uint32_t, Bf16Panels> copy;
   const int64_t D, d2, dv_panels, ldp;  // ldp: words per row of the P pairs
   // The task's Q pairs; one panel's P pairs, P - bf16(P). In whole row groups of
@@ -371,6 +372,7 @@ struct Bf16PairOperands {
 struct DotTiles {
   static constexpr int64_t BLOCK_Q = TileOperands<c10::BFloat16>::BLOCK_Q,
                            PANEL_Q = TileOperands<c10::BFloat16>::PANEL_Q, ROWS = tiles::MR, EDGE_PANEL_Q = ROWS;
+  struct Use {};  // (no tile state)
   static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
     tiles_bf16::pack_q(src, ld, rows, d, dst);
   }
@@ -393,6 +395,7 @@ using Bf16DotOperands = Bf16PairOperands<DotTiles>;
 // sequences (benchmarks/RESULTS.md); Q as rows of pairs.
 struct AmxTiles {
   static constexpr int64_t BLOCK_Q = 256, PANEL_Q = 64, ROWS = tiles_amx::TM, EDGE_PANEL_Q = PANEL_Q;
+  using Use = tiles_amx::Use;
   static void pack_q(const c10::BFloat16* src, int64_t ld, int64_t rows, int64_t d, uint32_t* dst) {
     tiles_amx::pack_q(src, ld, rows, d, dst);
   }
@@ -527,6 +530,7 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
     Scratch<uint32_t> vp, pp;     // a chunk's V pairs; its P pairs
     Scratch<c10::BFloat16> kbuf;  // 16-key chunks copied (across pages, or under 16 keys)
   };
+  tiles_amx::Use tile_use;
   Scratch<uint32_t> qt;  // Q^T
   int64_t m = 0;         // the task's rows
   std::shared_ptr<Buffers> buffers;
@@ -535,7 +539,6 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
       : Base(p, bq, bk, several_q_blocks),
         qt(scratch<uint32_t>(p.head_dim / 2 * tiles_amx::TM)),
         row_ptrs(new const c10::BFloat16*[bk]) {
-    tiles_amx::rows::configured = 0;  // (other code on this thread may have loaded its own shapes)
     // The workspace's slots are made one after another on its thread: the first makes the
     // buffers, the others share them (they go when the workspace does).
     static thread_local std::weak_ptr<Buffers> shared;
@@ -547,10 +550,6 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
       shared = buffers;
     }
   }
-  ~AmxRowOperands() { tiles_amx::rows::release(); }
-  AmxRowOperands(const AmxRowOperands&) = delete;
-  AmxRowOperands& operator=(const AmxRowOperands&) = delete;
-
   void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
     m = rows;
     tiles_amx::rows::pack_qt(q_rows, p.q_row_stride, rows, D, qt.get());

@@ -9,10 +9,8 @@
 // rows as pairs, P as to_pairs writes it). Products are summed in float as on the
 // AVX512-BF16 tiles (another order; P rounded to bf16 the same way).
 //
-// Tile registers of the block products (their shapes are loaded by configure() at the
-// start of every product, since other code on the same thread, e.g. oneDNN's matrix
-// products, loads its own; and released at its end, so that a thread not using them has
-// no tile state to save; the row path's below keeps its shapes for a whole call):
+// Tile registers of the block products (their shapes loaded by configure() where the
+// thread's tiles hold other shapes: `loaded` below):
 //   0-3  accumulators C, 16 rows x 16 floats;
 //   4, 5 A and B over 16 pairs of the reduced dimension;
 //   6, 7 A and B over the last n % 16 pairs.
@@ -62,10 +60,34 @@ inline void load_shapes(const int64_t (&rows)[8], const int64_t (&words)[8]) {
   _tile_loadconfig(&cfg);
 }
 
+// The shapes this thread's tile registers hold: 1 + n % TM for the block products'
+// (configure), ROW_SHAPES + m for the row path's (rows::configure), 0 for none known.
+// Loading shapes costs about as much as a small product (a short sequence's head has a
+// few: benchmarks/RESULTS.md), so they stay loaded from one product to the next. A kernel's workspace holds a Use: made, it forgets the shapes
+// (other code on the thread, e.g. oneDNN's matrix products, loads its own between kernel
+// calls); destroyed, it releases the tiles (a thread done with them has no tile state to
+// save), on the thread that runs the workspace's tasks.
+inline thread_local int64_t loaded = 0;
+constexpr int64_t ROW_SHAPES = 32;
+
+inline void release() {
+  if (loaded != 0) _tile_release();
+  loaded = 0;
+}
+
+struct Use {
+  Use() { loaded = 0; }
+  ~Use() { release(); }
+  Use(const Use&) = delete;
+  Use& operator=(const Use&) = delete;
+};
+
 // The tile shapes above, for a reduced dimension of n pairs.
 inline void configure(int64_t n) {
   const int64_t tail = n % TM;
+  if (loaded == 1 + tail) return;
   load_shapes({TM, TM, TM, TM, TM, TM, tail > 0 ? TM : 0, tail}, {TM, TM, TM, TM, TM, TM, tail, tail > 0 ? TM : 0});
+  loaded = 1 + tail;
 }
 
 // C[j] += sum over the reduced dimension of A (16 rows from a, row stride lda words) times
@@ -255,7 +277,6 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
       }
     }
   }
-  _tile_release();
 }
 
 // o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (B panels of 16
@@ -293,7 +314,6 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
       }
     }
   }
-  _tile_release();
 }
 
 // The row path on AMX (flash_fwd.cpp AmxRowOperands): the few query rows of a decoding
@@ -316,20 +336,11 @@ namespace rows {
 
 constexpr int64_t KEYS = 32;  // keys per chunk: two S^T tiles, 16 pairs of P
 
-// The rows the tiles are configured for on this thread, 0 for none (or another
-// configuration). A call's workspace resets it when made and releases the tiles when
-// destroyed (AmxRowOperands), on the thread that runs its tasks.
-inline thread_local int64_t configured = 0;
-
+// The tile shapes above for m rows (tiles_amx::loaded).
 inline void configure(int64_t m) {
-  if (configured == m) return;
+  if (loaded == ROW_SHAPES + m) return;
   load_shapes({TM, TM, TM, TM, m, TM, m, m}, {m, m, TM, m, TM, TM, TM, TM});
-  configured = m;
-}
-
-inline void release() {
-  if (configured != 0) _tile_release();
-  configured = 0;
+  loaded = ROW_SHAPES + m;
 }
 
 // Q^T of rows [0, m) (row stride ld, d elements, d even): pair e of row r at
