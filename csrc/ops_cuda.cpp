@@ -64,6 +64,16 @@ TensorInfo check_cuda_inputs(const Tensor& q_t, const Tensor& k_t, const Tensor&
   return q;
 }
 
+// The kernels hold key and query bounds in 32 bits, clamped at 2^30 (flash_common.cuh
+// clamp_int): longer sequences are refused here rather than masked wrongly there.
+void check_lengths(const FlashParams& p) {
+  constexpr int64_t MAX_POSITIONS = int64_t(1) << 30;
+  STD_TORCH_CHECK(p.seqlen_q <= MAX_POSITIONS && p.seqlen_k <= MAX_POSITIONS,
+                  "flashattn (cuda): sequences of at most 2^30 positions, got seqlen_q ", p.seqlen_q, ", seqlen_k ",
+                  p.seqlen_k, " (packed: max_seqlen_q / max_seqlen_k, else the totals; paged: at most the block "
+                  "table's pages x page size); the triton backend takes longer ones");
+}
+
 // A CUDA error left pending by an earlier call would be read back by the cudaGetLastError
 // after our launches and reported as theirs: raise it here, named as what it is.
 void check_no_pending_error() {
@@ -87,6 +97,7 @@ std::tuple<Tensor, Tensor> fwd_cuda(const Tensor& q_t, const Tensor& k, const Te
   FlashParams p;
   const AttnArgs args{q_t, k, v FLASHATTN_PROBLEM_NAMES};
   fill_params(p, args);
+  check_lengths(p);
   fill_output(p, out, lse);
   // Split-KV (flash-decoding): the key splits for this problem on this device, and their
   // float32 workspaces (flash_api.h).
@@ -153,6 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_cuda(const Tensor& dout_t, const 
   FlashBwdParams p;
   const AttnArgs args{q_t, k_t, v_t FLASHATTN_PROBLEM_NAMES};
   fill_params(p, args);
+  check_lengths(p);
   fill_output(p, out_t, lse_c);
   fill_grads(p, dout_t, dq, dk_h, dv_h);
   Tensor dbias = make_dbias(p, q, attn_bias, bias_requires_grad);

@@ -587,7 +587,10 @@ def _jagged_parts(name: str, t: Tensor) -> tuple[Tensor, Tensor, int]:
                             f"dim 2, as torch's SDPA takes them), got "
                             f"{'a nested' if t.is_nested else 'a dense'} tensor of {t.dim()} dims")
     rows = t.transpose(1, 2)  # (B, j, H, D): its values are the packed (total, H, D) rows
-    return rows.values(), rows.offsets().to(torch.int32), rows._get_max_seqlen()
+    values = rows.values()
+    if values.shape[0] >= 2**31:  # (the kernels' offsets are int32, as cu_seqlens)
+        raise ArgumentError(f"{name}: {values.shape[0]} rows in all; at most 2**31 - 1")
+    return values, rows.offsets().to(torch.int32), rows._get_max_seqlen()
 
 
 def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: float, is_causal: bool,

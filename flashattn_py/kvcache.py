@@ -142,6 +142,8 @@ def _check_kvcache_values(k_cache: Tensor, cache_seqlens: Tensor, new: int, cach
     for b, n in enumerate(lengths):
         if n < 0:
             raise ArgumentError(f"cache_seqlens: entry {b} is negative ({n})")
+        if n + new >= 2**31:  # (a paged table can reach that many slots by reusing pages)
+            raise ArgumentError(f"cache_seqlens: entry {b} holds {n} keys; with {new} new ones more than 2**31 - 1")
         if n + new > capacity:
             what = f"{block_table.shape[1]} pages of {k_cache.shape[1]} slots" if paged else f"{capacity} slots"
             raise ArgumentError(f"cache_seqlens: entry {b} holds {n} keys; {new} new ones exceed its capacity ({what})")
@@ -378,6 +380,8 @@ def flash_attn_with_kvcache(
         positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(0, seqlen_ro - 1)
         q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
     seqused_k = cache_seqlens + new if new else cache_seqlens
+    if new and capacity + new >= 2**31:  # (the int32 sum could wrap: checked above where values are readable)
+        seqused_k = (cache_seqlens.long() + new).clamp_(max=2**31 - 1).int()
     out, lse = ops.attention(
         q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],
         window_right=window[1], diag_offset=0, backend=backend, seqused_k=seqused_k, block_table=block_table,

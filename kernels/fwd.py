@@ -203,7 +203,7 @@ def _decode_program(seqlen_q, num_heads_k, group, num_splits, BLOCK_M: tl.conste
     """(b, hk, r0, split) of this program of the decode grid: sequence b, KV head hk, the
     block of packed query rows from row r0, key split (fastest). _combine_kernel's grid is
     the same with one split."""
-    n_rblk = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
+    n_rblk = (tl.cast(group, tl.int64) * seqlen_q + BLOCK_M - 1) // BLOCK_M  # (rows past 2**31: int64)
     pid = tl.program_id(0)
     split = pid % num_splits
     rest = pid // num_splits
@@ -357,7 +357,7 @@ def _combine_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     for s in range(0, num_splits):
-        ws = (s * n_qrows + qrow) * num_heads + h64
+        ws = (tl.cast(s, tl.int64) * n_qrows + qrow) * num_heads + h64
         m_s = tl.load(MPart + ws, mask=row_ok, other=float("-inf"))
         l_s = tl.load(LPart + ws, mask=row_ok, other=0.0)
         o_s = tl.load(OPart + ws[:, None] * head_dim_v + offs_dv[None, :], mask=dmask, other=0.0)

@@ -4,7 +4,9 @@
 // weakly so the extension still loads against a torch without them, and fall back to a
 // plain loop nest the compiler vectorises. (at::native::cpublas::gemm is not exported.)
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -31,13 +33,16 @@ void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const 
   const char tb = op_a == Op::N ? 'N' : 'T';
   const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  // BLAS takes int sizes and strides: a row stride past INT_MAX (a view into a huge
+  // tensor, read in place) goes through the loop below instead of wrapping.
+  const bool int_sizes = std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max();
   if constexpr (sizeof(acc_t) == 4) {
-    if (sgemm_ != nullptr && k > 0) {
+    if (sgemm_ != nullptr && k > 0 && int_sizes) {
       sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
       return;
     }
   } else {
-    if (dgemm_ != nullptr && k > 0) {
+    if (dgemm_ != nullptr && k > 0 && int_sizes) {
       dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
       return;
     }
