@@ -334,3 +334,64 @@ def test_packed_mask_forms_recognised_and_others_not():
     assert tf_backend._packed_plain_mask(mu.or_masks(mu.causal_mask_function, packed)) is None
     assert tf_backend._packed_plain_mask(mu.and_masks(mu.sliding_window_causal_mask_function(2), packed)) is None
     assert tf_backend._packed_plain_mask(mu.and_masks(packed, mu.causal_mask_function)) is None
+
+
+def _config_or_skip(name):
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
+def test_attention_sinks_refused_not_dropped():
+    # gpt-oss hands its per-head sinks to non-eager implementations as s_aux: dropped, they
+    # changed every token silently (and got no gradient). Refused by name.
+    cfg = _config_or_skip("GptOssConfig")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="s_aux"):
+        model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+
+
+def test_sparse_attention_indices_match_eager():
+    # DeepSeek-V3.2's indexer selects each query's top-k keys; models apply the selection to
+    # the mask for eager / sdpa and pass it as `indices` to other implementations, where it
+    # was dropped (every key attended: 0.19 off eager, other tokens).
+    cfg = _config_or_skip("DeepseekV32Config")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_group=1, topk_group=1,
+        num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
+        qk_nope_head_dim=16, head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2, first_k_dense_replace=2,
+        eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    logits, tokens = {}, {}
+    with torch.no_grad():
+        for impl, model in _with_each_impl(base):
+            logits[impl] = model(input_ids=ids).logits
+            tokens[impl] = model.generate(ids, do_sample=False, max_new_tokens=6)
+    torch.testing.assert_close(logits[NAME], logits["eager"], atol=1e-5, rtol=1e-4)
+    assert torch.equal(tokens[NAME], tokens["eager"])
+
+
+def test_kv_shared_layers_keep_their_mask():
+    # Gemma 4's KV-shared layers attend with only the last queries when the model skips
+    # sdpa's mask (logits_to_keep > 1, prompt lookup, static caches); without a mask ours
+    # read that as causal from the first key (0.38 off eager). The builder now always masks.
+    cfg = _config_or_skip("Gemma4TextConfig")(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=16, sliding_window=64, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = base(input_ids=ids).logits[:, -4:]
+        for impl, model in _with_each_impl(base):
+            kept = model(input_ids=ids, logits_to_keep=4).logits
+            torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-4)

@@ -65,10 +65,16 @@ def flashattn_attention_forward(
     if kwargs.get("output_attentions", False):
         _warn_no_attention_weights()
     softcap = float(kwargs.get("softcap") or 0.0)  # (Gemma 2's attn_logit_softcapping)
-    if kwargs.get("position_bias") is not None:
-        raise ArgumentError("position_bias: not supported by the flashattn_py transformers backend (use sdpa or eager)")
+    # What models hand to attention functions other than eager / sdpa and this one cannot do:
+    # refused by name, never dropped (T5's relative bias; gpt-oss' attention sinks;
+    # block-sparse key selection).
+    for name in ("position_bias", "s_aux", "sinks", "block_indices"):
+        if kwargs.get(name) is not None:
+            raise ArgumentError(f"{name}: not supported by the flashattn_py transformers backend (use eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if kwargs.get("indices") is not None:
+        attention_mask = _with_selected_keys(attention_mask, kwargs["indices"], query, key, bool(causal))
     if isinstance(attention_mask, PackedDocuments):
         if attention_mask.serves(query, key, module, kwargs):
             return _packed_attention(query, key, value, attention_mask, scaling, dropout, softcap), None
@@ -95,6 +101,27 @@ def flashattn_attention_forward(
         enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_selected_keys(attention_mask, indices: Tensor, query: Tensor, key: Tensor, causal: bool) -> Tensor:
+    """The mask with only the keys ``indices`` (B, Sq, topk) selects for each query left
+    visible: DeepSeek-V3.2-style sparse attention (its indexer's top-k keys), which models
+    apply to the mask themselves for eager and sdpa and pass as ``indices`` to any other
+    implementation. As they do: a bool mask keeps True where also selected, a float mask
+    gets the dtype's minimum where not; no mask: the selection within the causal mask
+    (bottom-right aligned, as the kernel's flag would be)."""
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    if isinstance(attention_mask, PackedDocuments):
+        attention_mask = attention_mask.mask()
+    selected = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=query.device)
+    selected = selected.scatter(-1, indices.long(), True).unsqueeze(1)  # (B, 1, Sq, Sk)
+    if attention_mask is None:
+        if not causal:
+            return selected
+        return selected & torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & selected
+    return attention_mask.masked_fill(~selected, torch.finfo(attention_mask.dtype).min)
 
 
 _warned_weights = False
@@ -241,6 +268,11 @@ def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Ten
     or bidirectional mask: PackedDocuments (no mask built)."""
     from transformers.masking_utils import sdpa_mask
 
+    # Gemma 4's KV-shared layers keep only the last queries where sdpa's mask is skipped for
+    # logits_to_keep > 1 or a static cache, which the model decides by the name "sdpa": a
+    # missing mask would then read as top-left causal over the whole cache. Always a mask.
+    if getattr(kwargs.get("config"), "num_kv_shared_layers", 0):
+        kwargs["allow_is_causal_skip"] = False
     if batch_size == 1 and attention_mask is None and not args and "mask_function" in kwargs:
         plain = _packed_plain_mask(kwargs["mask_function"])
         if plain is not None:
