@@ -343,17 +343,45 @@ def _config_or_skip(name):
     return cls
 
 
-def test_attention_sinks_refused_not_dropped():
-    # gpt-oss hands its per-head sinks to non-eager implementations as s_aux: dropped, they
-    # changed every token silently (and got no gradient). Refused by name.
+def test_attention_sinks_match_eager():
+    # gpt-oss hands its per-head sinks to non-eager implementations as s_aux, where they were
+    # dropped (every generated token differed, the sinks got no gradient). Now an extra key:
+    # logits, gradients (the sinks' too) and greedy tokens equal eager's, padded or not, with
+    # sliding and full layers.
     cfg = _config_or_skip("GptOssConfig")(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
         layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="s_aux"):
-        model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.sinks.copy_(torch.tensor([2.0, -1.0, 3.0, 0.5]))
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    results = {}
+    for impl, model in _with_each_impl(base):
+        for padded in (False, True):
+            kwargs = dict(attention_mask=mask) if padded else {}
+            out = model(input_ids=ids, labels=ids, **kwargs)
+            out.loss.backward()
+            sinks_grad = model.model.layers[1].self_attn.sinks.grad
+            assert sinks_grad is not None and sinks_grad.abs().sum() > 0
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            model.zero_grad()
+            results[impl, padded] = out.logits.detach(), grads
+        model.eval()
+        with torch.no_grad():
+            results[impl, "tokens"] = model.generate(ids[:1, :4], do_sample=False, max_new_tokens=8, pad_token_id=0)
+    for padded in (False, True):
+        keep = mask.bool() if padded else torch.ones_like(mask, dtype=torch.bool)
+        (ours, ours_grads), (eager, eager_grads) = results[NAME, padded], results["eager", padded]
+        torch.testing.assert_close(ours[keep], eager[keep], atol=1e-5, rtol=1e-4)
+        assert len(ours_grads) == len(eager_grads)
+        for g, e in zip(ours_grads, eager_grads):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-3)
+    assert torch.equal(results[NAME, "tokens"], results["eager", "tokens"])
 
 
 def test_sparse_attention_indices_match_eager():

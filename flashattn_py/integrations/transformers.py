@@ -66,15 +66,18 @@ def flashattn_attention_forward(
         _warn_no_attention_weights()
     softcap = float(kwargs.get("softcap") or 0.0)  # (Gemma 2's attn_logit_softcapping)
     # What models hand to attention functions other than eager / sdpa and this one cannot do:
-    # refused by name, never dropped (T5's relative bias; gpt-oss' attention sinks;
-    # block-sparse key selection).
-    for name in ("position_bias", "s_aux", "sinks", "block_indices"):
+    # refused by name, never dropped (T5's relative bias; block-sparse key selection).
+    for name in ("position_bias", "block_indices"):
         if kwargs.get(name) is not None:
             raise ArgumentError(f"{name}: not supported by the flashattn_py transformers backend (use eager)")
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("indices") is not None:
         attention_mask = _with_selected_keys(attention_mask, kwargs["indices"], query, key, bool(causal))
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    if sinks is not None:
+        return _attention_with_sinks(query, key, value, attention_mask, sinks, scaling, dropout, softcap,
+                                     bool(causal)), None
     if isinstance(attention_mask, PackedDocuments):
         if attention_mask.serves(query, key, module, kwargs):
             return _packed_attention(query, key, value, attention_mask, scaling, dropout, softcap), None
@@ -101,6 +104,49 @@ def flashattn_attention_forward(
         enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_with_sinks(query: Tensor, key: Tensor, value: Tensor, attention_mask, sinks: Tensor, scaling,
+                          dropout: float, softcap: float, causal: bool) -> Tensor:
+    """Attention with sinks (gpt-oss' ``s_aux``: a learned logit per query head, one more
+    term in each row's softmax that attends to nothing), as eager computes it, through the
+    kernels: the sink is one more key, in front of the others, whose key is 0 in the head
+    dims and 1 in an extra one where each query head carries sink / scale (its score is
+    the sink, whatever the query; GQA keeps one key for all heads), and whose value is 0.
+    Gradients reach the sinks through that extra query column. Causal masks are aligned
+    bottom-right over the one more key. (B, Sq, H, Dv) out."""
+    if softcap:
+        raise ArgumentError("s_aux: attention sinks with a logit softcap are not supported (use eager)")
+    batch, num_heads, q_len, head_dim = query.shape
+    num_heads_k, k_len = key.shape[1], key.shape[2]
+    if isinstance(attention_mask, PackedDocuments):
+        attention_mask = attention_mask.mask()
+    if attention_mask is None and causal and q_len > 1 and k_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]  # (prefill into an empty static cache, as below)
+        k_len = q_len
+    if sinks.shape != (num_heads,):
+        raise ArgumentError(f"s_aux: expected one sink per query head ({num_heads},), got {tuple(sinks.shape)}")
+    scale = float(scaling) if scaling is not None else head_dim ** -0.5
+    sink_column = (sinks.to(query.dtype) / scale).view(1, num_heads, 1, 1).expand(batch, num_heads, q_len, 1)
+    q = torch.cat([query, sink_column], -1).transpose(1, 2)  # (B, Sq, H, D + 1)
+    k = torch.cat([key, key.new_zeros(batch, num_heads_k, k_len, 1)], -1)
+    sink_key = key.new_zeros(batch, num_heads_k, 1, head_dim + 1)
+    sink_key[..., head_dim] = 1
+    k = torch.cat([sink_key, k], 2).transpose(1, 2)  # (B, Sk + 1, Hk, D + 1)
+    v = torch.cat([value.new_zeros(batch, num_heads_k, 1, value.shape[-1]), value], 2).transpose(1, 2)
+    if attention_mask is None:  # (one query sees every key; more: causal from the bottom right)
+        return api.flash_attn_func(q, k, v, dropout_p=float(dropout), softmax_scale=scale,
+                                   causal=causal and q_len > 1).contiguous()
+    mask = attention_mask
+    sink_seen = (torch.ones if mask.dtype == torch.bool else torch.zeros)(
+        *mask.shape[:-1], 1, dtype=mask.dtype, device=mask.device)
+    mask = torch.cat([sink_seen, mask], -1)
+    if mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    out = api.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           dropout_p=float(dropout), scale=scale,
+                                           enable_gqa=num_heads != num_heads_k)
+    return out.transpose(1, 2).contiguous()
 
 
 def _with_selected_keys(attention_mask, indices: Tensor, query: Tensor, key: Tensor, causal: bool) -> Tensor:
