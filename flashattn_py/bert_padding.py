@@ -1,0 +1,76 @@
+"""Padding helpers for the packed-sequence functions, as flash-attn's ``flash_attn.bert_padding``.
+
+A padded batch (B, S, ...) with a (B, S) mask of real tokens becomes packed rows
+(total, ...) plus what ``flash_attn_varlen_func`` needs (``unpad_input``), and packed
+outputs go back to the padded layout (``pad_input``):
+
+    x, indices, cu_seqlens, max_seqlen, _ = unpad_input(hidden_states, attention_mask)
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    out = pad_input(out, indices, batch, seqlen)
+
+Plain torch indexing, differentiable (gradients flow back through both).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ArgumentError
+
+__all__ = ["index_first_axis", "index_put_first_axis", "pad_input", "unpad_input"]
+
+
+def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
+    """Rows ``indices`` of x along its first axis: (len(indices), ...)."""
+    return x.index_select(0, indices)
+
+
+def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
+    """A (first_axis_dim, ...) tensor of zeros with row ``indices[i]`` set to ``values[i]``."""
+    if values.shape[0] != indices.shape[0]:
+        raise ArgumentError(f"values: expected one row per index ({indices.shape[0]}), got {values.shape[0]}")
+    out = values.new_zeros((first_axis_dim, *values.shape[1:]))
+    return out.index_put((indices,), values)
+
+
+def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):
+    """Packed rows of the tokens a mask keeps.
+
+    Args:
+        hidden_states: (B, S, ...).
+        attention_mask: (B, S) bool or integer, nonzero for a real token.
+        unused_mask: None, or (B, S): tokens that are kept in the packed rows (and counted
+            in cu_seqlens) but not used (``used_seqlens`` leaves them out; e.g. slots
+            allocated for later tokens).
+
+    Returns:
+        ``(rows (total, ...), indices (total,) int64 into the flattened B * S positions,
+        cu_seqlens (B + 1,) int32, max_seqlen (int), used_seqlens (B,) int32)``. Each
+        sequence's kept tokens stay in their order; one host read (the longest length).
+    """
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden_states.shape[:2]):
+        raise ArgumentError(f"attention_mask: expected (B, S) = {tuple(hidden_states.shape[:2])}, got "
+                            f"{tuple(attention_mask.shape)}")
+    kept = attention_mask.bool()
+    if unused_mask is not None:
+        if tuple(unused_mask.shape) != tuple(attention_mask.shape):
+            raise ArgumentError(f"unused_mask: expected attention_mask's shape {tuple(attention_mask.shape)}, got "
+                                f"{tuple(unused_mask.shape)}")
+        kept = kept | unused_mask.bool()
+    seqlens = kept.sum(dim=-1, dtype=torch.int32)
+    used_seqlens = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
+    indices = kept.flatten().nonzero().flatten()
+    cu_seqlens = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=seqlens.device)
+    cu_seqlens[1:] = seqlens.cumsum(0)
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    rows = index_first_axis(hidden_states.flatten(0, 1), indices)
+    return rows, indices, cu_seqlens, max_seqlen, used_seqlens
+
+
+def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Packed rows (total, ...) back to (batch, seqlen, ...), zeros where no row goes
+    (``indices`` as ``unpad_input`` returns them)."""
+    out = index_put_first_axis(hidden_states, indices, batch * seqlen)
+    return out.view(batch, seqlen, *hidden_states.shape[1:])
