@@ -379,9 +379,7 @@ def flash_attn_with_kvcache(
                                                                                              device=device)
         positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(0, seqlen_ro - 1)
         q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
-    seqused_k = cache_seqlens + new if new else cache_seqlens
-    if new and capacity + new >= 2**31:  # (the int32 sum could wrap: checked above where values are readable)
-        seqused_k = (cache_seqlens.long() + new).clamp_(max=2**31 - 1).int()
+    seqused_k = cache_seqlens + new if new else cache_seqlens  # (int32: the check above keeps it from wrapping)
     out, lse = ops.attention(
         q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],
         window_right=window[1], diag_offset=0, backend=backend, seqused_k=seqused_k, block_table=block_table,

@@ -258,7 +258,8 @@ def test_bf16_paths_are_taken_where_compiled(cpu_switch):
 
 def test_amx_beside_onednn_matrix_products(cpu_switch):
     # oneDNN's bf16 matrix products use AMX on the same threads with their own tile shapes;
-    # ours load theirs at every product (tiles_amx.h), so calls in between change nothing.
+    # ours load their own whenever a kernel call starts (tiles_amx.h Use), so calls in between
+    # change nothing.
     if not amx_runs(cpu_switch):
         pytest.skip("no AMX tiles on this CPU or in this build")
     q, k, v = random_qkv(2, 300, 300, 4, 2, 80, dtype=torch.bfloat16, seed=41)

@@ -15,7 +15,10 @@ def _kv_rows_far_apart(kk: torch.Tensor, vv: torch.Tensor, stride: int) -> tuple
     side by side in one uninitialised storage of which only the rows' pages are touched."""
     S, D = kk.shape
     assert S == 2
-    big = torch.empty(stride + 2 * D, dtype=kk.dtype)
+    try:  # (address space only: a few pages are touched; a machine that refuses it skips)
+        big = torch.empty(stride + 2 * D, dtype=kk.dtype)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve {(stride + 2 * D) * kk.element_size() / 2**30:.0f} GiB of address space: {e}")
     k = big.as_strided((1, S, 1, D), (0, stride, D, 1))
     v = big.as_strided((1, S, 1, D), (0, stride, D, 1), D)
     k.copy_(kk.view(1, S, 1, D))

@@ -208,6 +208,11 @@ class PackedDocuments:
         sliding = (kwargs or {}).get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None
         return query.shape[0] == 1 and query.shape[2] == key.shape[2] == self.length and not sliding
 
+    def __getitem__(self, index):
+        """As transformers' mask would index (models that slice or read their mask, e.g.
+        Gemma 4's KV-shared layers, DeepSeek-V3.2's indexer)."""
+        return self.mask()[index]
+
     def mask(self) -> Optional[Tensor]:
         if self._mask is None:
             from transformers.masking_utils import sdpa_mask
