@@ -16,6 +16,7 @@ from .api import (
 )
 from . import nn
 from .kvcache import flash_attn_with_kvcache
+from .rotary import apply_rotary_emb
 from .partial import attention_backward, attention_forward, merge_attention
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, empty_cpu_cache, use_backend
 from .errors import ArgumentError
@@ -31,6 +32,7 @@ if _compiled_ops_error():
 
 __all__ = [
     "ArgumentError",
+    "apply_rotary_emb",
     "attention_backward",
     "attention_forward",
     "available_backends",

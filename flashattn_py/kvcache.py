@@ -22,26 +22,9 @@ from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor
                   flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
                   unbounded_past)
 from .errors import ArgumentError
+from .rotary import apply_rotary
 
-__all__ = ["flash_attn_with_kvcache", "apply_rotary"]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
-    """Rotary embedding of x (B, S, H, D) at ``positions`` (B, S) (rows of cos / sin,
-    (seqlen_ro, rotary_dim / 2)): the first rotary_dim features rotate in pairs, (0, 1),
-    (2, 3), ... when ``interleaved`` (GPT-J), (i, i + rotary_dim / 2) otherwise (GPT-NeoX);
-    the rest pass through. Computed in float32, returned in x's dtype."""
-    half = cos.shape[-1]
-    c = cos[positions].float().unsqueeze(2)  # (B, S, 1, rotary_dim / 2)
-    s = sin[positions].float().unsqueeze(2)
-    rot = x[..., :2 * half].float()
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot[..., :half], rot[..., half:]
-        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+__all__ = ["flash_attn_with_kvcache"]
 
 
 def _write_new_keys(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
