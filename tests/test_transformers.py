@@ -431,3 +431,41 @@ def test_kv_shared_layers_keep_their_mask():
             # (packed documents: the shared layers slice the mask, which our builder leaves unbuilt)
             torch.testing.assert_close(model(input_ids=ids, position_ids=positions, use_cache=False).logits, packed,
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_deepseek_v4_compressed_keys_get_eager_masks():
+    # DeepSeek-V4 appends its compressed keys' columns to the mask as a float bias written for
+    # eager's masks: on sdpa's bool mask it inverted them (0.23 off eager, other tokens).
+    cfg = _config_or_skip("DeepseekV4Config")(
+        vocab_size=VOCAB, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, q_lora_rank=32, num_experts_per_tok=2, n_routed_experts=4,
+        n_shared_experts=1, sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16,
+        index_topk=4, num_nextn_predict_layers=0, hc_mult=2, pad_token_id=0,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"])
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 2)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    results = {}
+    with torch.no_grad():
+        for impl, model in _with_each_impl(base):
+            results[impl] = (model(input_ids=ids).logits, model(input_ids=ids, attention_mask=mask).logits,
+                             model.generate(ids[:, :6], do_sample=False, max_new_tokens=6, pad_token_id=0))
+    keep = mask.bool()
+    torch.testing.assert_close(results[NAME][0], results["eager"][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[NAME][1][keep], results["eager"][1][keep], atol=1e-5, rtol=1e-4)
+    assert torch.equal(results[NAME][2], results["eager"][2])
+
+
+def test_attention_sinks_at_the_largest_head_dim_refused():
+    # The sink's extra dimension would take a head dim of 256 past the kernels' largest.
+    query, key = torch.randn(1, 2, 3, 256), torch.randn(1, 2, 3, 256)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="s_aux: attention sinks need a head dim under 256"):
+        flashattn_attention_forward(module, query, key, key, None, s_aux=torch.zeros(2))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import api
+from ..backends import MAX_HEAD_DIM
 from ..errors import ArgumentError
 
 NAME = "fattn_py"
@@ -118,6 +119,8 @@ def _attention_with_sinks(query: Tensor, key: Tensor, value: Tensor, attention_m
     if softcap:
         raise ArgumentError("s_aux: attention sinks with a logit softcap are not supported (use eager)")
     batch, num_heads, q_len, head_dim = query.shape
+    if head_dim >= MAX_HEAD_DIM:  # (the sink's extra dimension would pass the kernels' largest)
+        raise ArgumentError(f"s_aux: attention sinks need a head dim under {MAX_HEAD_DIM}, got {head_dim} (use eager)")
     num_heads_k, k_len = key.shape[1], key.shape[2]
     if isinstance(attention_mask, PackedDocuments):
         attention_mask = attention_mask.mask()
@@ -314,11 +317,21 @@ def _packed_plain_mask(mask_function):
     return None
 
 
+# Models that extend the mask themselves in eager's float form (see _packed_aware_sdpa_mask).
+_FLOAT_MASK_MODELS = ("deepseek_v4",)
+
+
 def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Tensor] = None, **kwargs):
     """transformers' sdpa_mask, except for one row of packed documents with a plain causal
     or bidirectional mask: PackedDocuments (no mask built)."""
     from transformers.masking_utils import sdpa_mask
 
+    # DeepSeek-V4 appends its compressed keys' columns to the mask as a float bias (-inf / 0),
+    # written for eager's float masks (on a bool one it inverts them): eager's mask for it.
+    if getattr(kwargs.get("config"), "model_type", None) in _FLOAT_MASK_MODELS:
+        from transformers.masking_utils import eager_mask
+
+        return eager_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
     # Gemma 4's KV-shared layers keep only the last queries where sdpa's mask is skipped for
     # logits_to_keep > 1 or a static cache, which the model decides by the name "sdpa": a
     # missing mask would then read as top-left causal over the whole cache. Always a mask.
