@@ -91,10 +91,12 @@ struct FLASHATTN_HIDDEN TensorInfo {
   bool is_cpu() const { return device_type == codes().cpu; }
   bool is_cuda() const { return device_type == codes().cuda; }
   bool is_contiguous() const {
+    for (int64_t d = 0; d < dim; ++d) {
+      if (sizes_[d] == 0) return true;  // (no elements: any strides, as torch's is_contiguous)
+    }
     int64_t expected = 1;
     for (int64_t d = dim - 1; d >= 0; --d) {
       if (sizes_[d] == 1) continue;
-      if (sizes_[d] == 0) return true;
       if (strides_[d] != expected) return false;
       expected *= sizes_[d];
     }

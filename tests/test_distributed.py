@@ -466,6 +466,9 @@ ERROR_CASES = [
      dict(fn_by_rank=["ring_flash_attn_func", "zigzag_ring_flash_attn_func"]), r"\blayout\b"),
     ("ring_and_ulysses_across_ranks", "ring_flash_attn_func",
      dict(fn_by_rank=["ring_flash_attn_func", "ulysses_flash_attn_func"]), r"\blayout\b"),
+    # Ulysses exchanges lse only when asked for it: one rank asking alone hung both
+    ("ulysses_return_attn_probs_differs", "ulysses_flash_attn_func",
+     dict(kwargs_by_rank=[dict(return_attn_probs=True), {}]), r"\breturn_attn_probs\b"),
 ]
 
 
@@ -519,6 +522,36 @@ def worker_errors(rank, world, cases):
         results["__not_in_group"] = {"type": type(e).__name__, "message": str(e),
                                      "argument_error": isinstance(e, flashattn_py.ArgumentError),
                                      "traceback": traceback.format_exc()}
+    # Ulysses with ranks asking autograd for different inputs: each rank's exchanges of q, k
+    # and v gradients must pair up (three autograd nodes let rank 0 skip two: a wrong dq)
+    try:
+        g = torch.Generator().manual_seed(0)
+        full = [torch.randn(1, 16, 2, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+        q, k, v = (cp.shard(t, "ulysses", rank, world).requires_grad_() for t in full)
+        out = cp.ulysses_flash_attn_func(q, k, v, causal=True)
+        dq = torch.autograd.grad(out.sum(), [q] if rank == 0 else [q, k, v])[0]
+        whole_q = full[0].clone().requires_grad_()
+        (want,) = torch.autograd.grad(flashattn_py.flash_attn_func(whole_q, *full[1:], causal=True).sum(), [whole_q])
+        results["__ulysses_grad_subset"] = {"error": (dq - cp.shard(want, "ulysses", rank, world)).abs().max().item()}
+    except Exception:  # noqa: BLE001
+        results["__ulysses_grad_subset"] = {"traceback": traceback.format_exc()}
+    # all_gather_shards with shards that differ across ranks (gloo aborted a process on other
+    # sizes; equal sizes of other shapes came back as the wrong rows)
+    for shard_case, x in (("length", torch.randn(1, 8 if rank == 0 else 4, 2, 16)),
+                          ("same_numel", torch.randn((1, 8, 2, 1) if rank == 0 else (1, 4, 2, 2)))):
+        try:
+            cp.all_gather_shards(x, "ring")
+            results[f"__gather_{shard_case}"] = {"returned": True}
+        except Exception as e:  # noqa: BLE001
+            results[f"__gather_{shard_case}"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
+                                                 "message": str(e)}
+    # zigzag with an empty batch, forward and backward (rank 0's lse view failed a layout check)
+    try:
+        q = torch.randn(0, 8, 2, 16, requires_grad=True)
+        cp.zigzag_ring_flash_attn_func(q, q, q, causal=True).sum().backward()
+        results["__zigzag_empty_batch"] = {"ok": tuple(q.grad.shape) == (0, 8, 2, 16)}
+    except Exception:  # noqa: BLE001
+        results["__zigzag_empty_batch"] = {"error": traceback.format_exc()}
     # the group still works after all that: one good call
     try:
         q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(rank))
@@ -704,6 +737,28 @@ def test_process_not_in_group_raises():
 def test_two_groups_in_one_world():
     for rank, r in enumerate(x["__subgroups"] for x in _spawn(4)):
         assert "error" not in r, f"rank {rank}:\n{r['error']}"
+
+
+@distributed
+def test_ulysses_grads_when_ranks_ask_for_different_inputs():
+    for rank, r in enumerate(x["__ulysses_grad_subset"] for x in _spawn("errors")):
+        assert "traceback" not in r, f"rank {rank}:\n{r['traceback']}"
+        assert r["error"] < 1e-12, f"rank {rank}: dq off by {r['error']}"
+
+
+@distributed
+@pytest.mark.parametrize("shard_case", ["length", "same_numel"])
+def test_all_gather_shards_refuses_shards_that_differ(shard_case):
+    for rank, r in enumerate(x[f"__gather_{shard_case}"] for x in _spawn("errors")):
+        assert "returned" not in r, f"rank {rank}: gathered shards of different shapes"
+        assert r["argument_error"] and re.search(r"\bx\b", r["message"]), f"rank {rank}: {r}"
+
+
+@distributed
+def test_zigzag_empty_batch_backward():
+    for rank, r in enumerate(x["__zigzag_empty_batch"] for x in _spawn("errors")):
+        assert "error" not in r, f"rank {rank}:\n{r['error']}"
+        assert r["ok"]
 
 
 @distributed

@@ -18,7 +18,8 @@ tensors; on GPUs only with FLASHATTN_CHECK_INPUTS=1 (as every varlen call: no ho
 Dropout is not supported (a rank's mask would depend on the sharding). Bad or mismatched
 arguments raise on every rank of the group (the check is collective: one small all_gather
 of shapes and options per call, read back to the host; an error inside the local kernels,
-e.g. out of memory, still leaves the other ranks waiting until the group's timeout).
+e.g. out of memory, a packed form's kv / qkv split wrongly on one rank only, or a backward
+run on some ranks only, still leaves the other ranks waiting until the group's timeout).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..errors import ArgumentError
 from .layout import local_rows, shard, unshard
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -182,10 +184,37 @@ def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor
 
 def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:
     """The full tensor from every rank's shard ``x`` (all_gather, then ``unshard``); not
-    differentiable. Every rank's shard must have the same shape."""
+    differentiable. Every rank's shard must have the same shape and dtype: checked on every
+    rank first (an ArgumentError everywhere; gloo aborted a process on a size mismatch, and
+    equal sizes of other shapes were gathered as the wrong rows)."""
     import torch
     import torch.distributed as dist
 
-    pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    from . import comm
+    from .checks import fingerprint
+    from .layout import LAYOUTS
+
+    ring = comm.Group(group)
+    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool]
+
+    def validate() -> list[tuple]:
+        if not isinstance(x, Tensor):
+            raise ArgumentError(f"x: expected a tensor, got {type(x).__name__}")
+        if x.dim() > 8 or x.dtype not in dtypes:
+            raise ArgumentError(f"x: expected a tensor of at most 8 dims and dtype one of "
+                                f"{[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype} {tuple(x.shape)}")
+        ring.check_device(x.device)
+        if layout not in LAYOUTS:
+            raise ArgumentError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
+        fields = [("x", list(x.shape)),
+                  ("x.dtype", [dtypes.index(x.dtype)], [str(d).replace("torch.", "") for d in dtypes]),
+                  ("layout", [LAYOUTS.index(layout)], list(LAYOUTS)), ("dim", [dim])]
+        if cu_seqlens is not None:
+            fields.append(("cu_seqlens", fingerprint(cu_seqlens)))
+        return fields
+
+    comm.check_collectively(ring, validate)
+    pieces = [torch.empty_like(x) for _ in range(ring.world_size)]
     dist.all_gather(pieces, x.contiguous(), group=group)
     return unshard(pieces, layout, dim=dim, cu_seqlens=cu_seqlens)

@@ -40,18 +40,41 @@ def heads_to_seq(y: Tensor, group: comm.Group) -> Tensor:
     return _exchange(blocks, group).permute(1, 2, 0, 3, 4).reshape(b, s, world * h_local, d)
 
 
-class _AllToAll(torch.autograd.Function):
-    """``seq_to_heads`` (``to_heads``) or ``heads_to_seq``; the backward is the other one."""
+class _HeadsToSeq(torch.autograd.Function):
+    """``heads_to_seq`` of the output; the backward is ``seq_to_heads``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: comm.Group, to_heads: bool) -> Tensor:
-        ctx.group, ctx.to_heads = group, to_heads
-        return seq_to_heads(x, group) if to_heads else heads_to_seq(x, group)
+    def forward(ctx, x: Tensor, group: comm.Group) -> Tensor:
+        ctx.group = group
+        return heads_to_seq(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        return (heads_to_seq(grad, ctx.group) if ctx.to_heads else seq_to_heads(grad, ctx.group)), None, None
+        return seq_to_heads(grad.contiguous(), ctx.group), None
+
+
+class _QKVToHeads(torch.autograd.Function):
+    """``seq_to_heads`` of q, k and v as ONE autograd node, whose backward exchanges the
+    gradients of all three on every rank (zeros for an output autograd gives none): with a
+    node per tensor, a rank asking autograd for fewer inputs (``torch.autograd.grad(out,
+    [q])`` beside ``[q, k, v]`` on another) skipped exchanges the others made, and the ranks'
+    all_to_alls paired different tensors (a wrong dq, then a hang)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: comm.Group):
+        ctx.group = group
+        out = tuple(seq_to_heads(t, group) for t in (q, k, v))
+        ctx.outputs = [(t.shape, t.dtype, t.device) for t in out]
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        result = []
+        for grad, (shape, dtype, device), needed in zip(grads, ctx.outputs, ctx.needs_input_grad):
+            grad = torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad.contiguous()
+            exchanged = heads_to_seq(grad, ctx.group)  # (every rank, every tensor: the same collectives)
+            result.append(exchanged if needed else None)
+        return (*result, None)
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
@@ -77,13 +100,13 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                 api._check_packed(cu, cu, max_seqlen, max_seqlen, total, total, None, None, 0, 0,
                                   dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
                                        max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
-        return []
+        return [("return_attn_probs", [float(bool(return_attn_probs))])]  # (it adds an exchange of lse)
 
     ring, checked = checks.check_call(group, "ulysses", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                       causal, window_size, softcap, alibi_slopes, deterministic, layout_check)
     world, window, scale = ring.world_size, checked.window, checked.scale
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
-    q_heads, k_heads, v_heads = (_AllToAll.apply(t, ring, True) for t in (q4, k4, v4))
+    q_heads, k_heads, v_heads = _QKVToHeads.apply(q4, k4, v4, ring)
     slopes = None
     if alibi_slopes is not None:
         per_rank = q4.shape[2] // world
@@ -101,7 +124,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                                  window_left=window[0], window_right=right,
                                  diag_offset=k_heads.shape[1] - q_heads.shape[1], deterministic=deterministic,
                                  backend=checked.backend)
-    out = _AllToAll.apply(out, ring, False)
+    out = _HeadsToSeq.apply(out, ring)
     if packed:
         out = out[0]
     if not return_attn_probs:
