@@ -55,10 +55,11 @@ class _HeadsToSeq(torch.autograd.Function):
 
 class _QKVToHeads(torch.autograd.Function):
     """``seq_to_heads`` of q, k and v as ONE autograd node, whose backward exchanges the
-    gradients of all three on every rank (zeros for an output autograd gives none): with a
-    node per tensor, a rank asking autograd for fewer inputs (``torch.autograd.grad(out,
-    [q])`` beside ``[q, k, v]`` on another) skipped exchanges the others made, and the ranks'
-    all_to_alls paired different tensors (a wrong dq, then a hang)."""
+    gradients of every input that needs one on every rank (zeros for an output autograd
+    gives none): with a node per tensor, a rank asking autograd for fewer inputs
+    (``torch.autograd.grad(out, [q])`` beside ``[q, k, v]`` on another) skipped exchanges the
+    others made, and the ranks' all_to_alls paired different tensors (a wrong dq, then a
+    hang)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: comm.Group):
@@ -70,10 +71,14 @@ class _QKVToHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         result = []
+        # (which inputs need a gradient was fixed at the forward and compared across ranks:
+        # every rank makes the same exchanges)
         for grad, (shape, dtype, device), needed in zip(grads, ctx.outputs, ctx.needs_input_grad):
+            if not needed:
+                result.append(None)
+                continue
             grad = torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad.contiguous()
-            exchanged = heads_to_seq(grad, ctx.group)  # (every rank, every tensor: the same collectives)
-            result.append(exchanged if needed else None)
+            result.append(heads_to_seq(grad, ctx.group))
         return (*result, None)
 
 
