@@ -545,6 +545,15 @@ def worker_errors(rank, world, cases):
         except Exception as e:  # noqa: BLE001
             results[f"__gather_{shard_case}"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
                                                  "message": str(e)}
+    # a packed form's kv split wrongly on rank 1 only: refused on every rank by the collective
+    # check (the split ran before it and raised on rank 1 alone, leaving rank 0 waiting)
+    try:
+        q, kv = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 2, 16)
+        cp.ring_flash_attn_kvpacked_func(q, kv[:, :, :1] if rank == 1 else kv, causal=True)
+        results["__kvpacked_on_one_rank"] = {"returned": True}
+    except Exception as e:  # noqa: BLE001
+        results["__kvpacked_on_one_rank"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
+                                             "message": str(e)}
     # zigzag with an empty batch, forward and backward (rank 0's lse view failed a layout check)
     try:
         q = torch.randn(0, 8, 2, 16, requires_grad=True)
@@ -752,6 +761,13 @@ def test_all_gather_shards_refuses_shards_that_differ(shard_case):
     for rank, r in enumerate(x[f"__gather_{shard_case}"] for x in _spawn("errors")):
         assert "returned" not in r, f"rank {rank}: gathered shards of different shapes"
         assert r["argument_error"] and re.search(r"\bx\b", r["message"]), f"rank {rank}: {r}"
+
+
+@distributed
+def test_packed_form_split_wrongly_on_one_rank_raises_on_every_rank():
+    for rank, r in enumerate(x["__kvpacked_on_one_rank"] for x in _spawn("errors")):
+        assert "returned" not in r, f"rank {rank}: returned"
+        assert r["argument_error"] and "(1, 8, 1, 2, 16)" in r["message"], f"rank {rank}: {r}"
 
 
 @distributed

@@ -18,8 +18,8 @@ tensors; on GPUs only with FLASHATTN_CHECK_INPUTS=1 (as every varlen call: no ho
 Dropout is not supported (a rank's mask would depend on the sharding). Bad or mismatched
 arguments raise on every rank of the group (the check is collective: one small all_gather
 of shapes and options per call, read back to the host; an error inside the local kernels,
-e.g. out of memory, a packed form's kv / qkv split wrongly on one rank only, or a backward
-run on some ranks only, still leaves the other ranks waiting until the group's timeout).
+e.g. out of memory, or a backward run on some ranks only, still leaves the other ranks
+waiting until the group's timeout).
 """
 from __future__ import annotations
 
@@ -137,8 +137,17 @@ def ulysses_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
                              alibi_slopes, deterministic, return_attn_probs, group, softcap)
 
 
-def _kv(kv: Tensor) -> tuple[Tensor, Tensor]:
-    return kv.unbind(dim=-3)
+def _split(packed: Tensor, count: int) -> tuple:
+    """packed (..., count, H, D) as ``count`` tensors; anything else as itself in every slot,
+    which the collective check then rejects on every rank (an error raised here, on one rank
+    only, would leave the others waiting in the check)."""
+    if isinstance(packed, Tensor) and packed.dim() >= 3 and packed.shape[-3] == count:
+        return packed.unbind(dim=-3)
+    return (packed,) * count
+
+
+def _kv(kv: Tensor) -> tuple:
+    return _split(kv, 2)
 
 
 def ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
@@ -148,7 +157,7 @@ def ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
 
 def ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
-    return ring_flash_attn_func(*qkv.unbind(dim=-3), *args, **kwargs)
+    return ring_flash_attn_func(*_split(qkv, 3), *args, **kwargs)
 
 
 def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
@@ -158,7 +167,7 @@ def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs)
 
 def zigzag_ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``zigzag_ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
-    return zigzag_ring_flash_attn_func(*qkv.unbind(dim=-3), *args, **kwargs)
+    return zigzag_ring_flash_attn_func(*_split(qkv, 3), *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
@@ -168,7 +177,7 @@ def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tens
 
 def ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
     """``ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
-    return ring_flash_attn_varlen_func(*qkv.unbind(dim=-3), cu_seqlens, max_seqlen, *args, **kwargs)
+    return ring_flash_attn_varlen_func(*_split(qkv, 3), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args,
@@ -179,7 +188,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlen
 
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
     """``zigzag_ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
-    return zigzag_ring_flash_attn_varlen_func(*qkv.unbind(dim=-3), cu_seqlens, max_seqlen, *args, **kwargs)
+    return zigzag_ring_flash_attn_varlen_func(*_split(qkv, 3), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:
