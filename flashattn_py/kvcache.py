@@ -22,7 +22,7 @@ from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor
                   flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
                   unbounded_past)
 from .errors import ArgumentError
-from .rotary import apply_rotary
+from .rotary import apply_rotary, check_tables
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -324,15 +324,8 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         if k is None:
             raise ArgumentError("rotary_cos: rotary embedding needs new keys (k, v)")
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != rotary_cos.shape or t.device != device:
-                raise ArgumentError(f"{name}: expected (seqlen_ro, rotary_dim / 2) on {device}, both the same shape, "
-                                    f"got {tuple(getattr(t, 'shape', ()))}")
-            if t.dtype != q.dtype:  # (as flash-attn: the tables in the query's dtype)
-                raise ArgumentError(f"{name}: expected q's dtype {q.dtype}, got {t.dtype}")
-        if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
-            raise ArgumentError(f"rotary_cos: rotary_dim = 2 * {rotary_cos.shape[1]} must be in 1..{head_dim} "
-                                f"(the head dim)")
+        # (as flash-attn: the tables in the query's dtype)
+        check_tables(rotary_cos, rotary_sin, ("rotary_cos", "rotary_sin"), device, head_dim, q.dtype, "q's ")
         seqlen_ro = rotary_cos.shape[0]
     if not isinstance(num_splits, int) or not 0 <= num_splits < 2**31:
         raise ArgumentError(f"num_splits: expected an int in [0, 2**31), got {num_splits!r}")

@@ -35,6 +35,20 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interle
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
+def check_tables(cos: Tensor, sin: Tensor, names: tuple[str, str], device: torch.device, head_dim: int,
+                 dtype: Optional[torch.dtype] = None, dtype_of: str = "") -> None:
+    """cos / sin (seqlen_ro, rotary_dim / 2), the same shape, on ``device``, rotary_dim in
+    1..head_dim (and of ``dtype``, ``dtype_of``'s, when given); ArgumentError naming the table."""
+    for name, t in zip(names, (cos, sin)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != cos.shape or t.device != device:
+            raise ArgumentError(f"{name}: expected (seqlen_ro, rotary_dim / 2) on {device}, both the same shape, "
+                                f"got {tuple(getattr(t, 'shape', ()))}")
+        if dtype is not None and t.dtype != dtype:
+            raise ArgumentError(f"{name}: expected {dtype_of}dtype {dtype}, got {t.dtype}")
+    if not 0 < 2 * cos.shape[1] <= head_dim:
+        raise ArgumentError(f"{names[0]}: rotary_dim = 2 * {cos.shape[1]} must be in 1..{head_dim} (the head dim)")
+
+
 def _position_bounds(positions: Tensor, seqlen_offsets, x: Tensor, packed: bool,
                      max_seqlen: Optional[int]) -> Optional[tuple[int, int]]:
     """(lowest, highest) position the call needs, where known without reading a GPU tensor
@@ -46,8 +60,8 @@ def _position_bounds(positions: Tensor, seqlen_offsets, x: Tensor, packed: bool,
         return int(positions.min()), int(positions.max())
     if isinstance(seqlen_offsets, Tensor):
         return None
-    longest = (max_seqlen if max_seqlen else None) if packed else x.shape[1]
-    return None if longest is None else (int(seqlen_offsets), int(seqlen_offsets) + longest - 1)
+    longest = int(max_seqlen) if packed else x.shape[1]
+    return int(seqlen_offsets), int(seqlen_offsets) + longest - 1
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
@@ -63,32 +77,31 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             (GPT-NeoX, the default).
         inplace: write the result into x (and return it).
         seqlen_offsets: an int or a (B,) integer tensor (e.g. the tokens already in a KV cache).
-        max_seqlen: accepted for flash-attn's signature (the packed lengths come from cu_seqlens).
+        max_seqlen: with cu_seqlens, the longest sequence (required, as flash-attn's).
 
-    Returns the rotated x, same shape and dtype. Positions past ``seqlen_ro`` raise an
-    ArgumentError where they can be read (an int offset, or CPU tensors); on GPUs they are
-    clamped to the last row (nothing is read back to the host).
+    Returns the rotated x, same shape and dtype. Positions outside the tables raise an
+    ArgumentError where they are known on the host (CPU tensors; an int offset with the
+    lengths); a GPU offsets tensor's are clamped to the tables' rows (nothing is read back;
+    flash-attn's kernel leaves such positions unrotated).
     """
     packed = cu_seqlens is not None
     if x.dim() != (3 if packed else 4):
         raise ArgumentError(f"x: expected {'(total, H, D) with cu_seqlens' if packed else '(B, S, H, D)'}, got shape "
                             f"{tuple(x.shape)}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != cos.shape or t.device != x.device:
-            raise ArgumentError(f"{name}: expected (seqlen_ro, rotary_dim / 2) on {x.device}, both the same shape, "
-                                f"got {tuple(getattr(t, 'shape', ()))}")
-    if not 0 < 2 * cos.shape[1] <= x.shape[-1]:
-        raise ArgumentError(f"cos: rotary_dim = 2 * {cos.shape[1]} must be in 1..{x.shape[-1]} (the head dim)")
+    check_tables(cos, sin, ("cos", "sin"), x.device, x.shape[-1])
     seqlen_ro = cos.shape[0]
     device = x.device
     if packed:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ArgumentError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got {cu_seqlens.dtype} "
                                 f"{tuple(cu_seqlens.shape)}")
+        if max_seqlen is None:  # (as flash-attn: it bounds the positions on GPUs)
+            raise ArgumentError("max_seqlen: required with cu_seqlens (the longest sequence)")
         batch, total = cu_seqlens.shape[0] - 1, x.shape[0]
-        if cu_seqlens.device.type == "cpu" and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total):
-            raise ArgumentError(f"cu_seqlens: expected offsets from 0 to x's {total} rows, got "
-                                f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+        if cu_seqlens.device.type == "cpu":
+            offsets = cu_seqlens.tolist()
+            if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+                raise ArgumentError(f"cu_seqlens: expected offsets rising from 0 to x's {total} rows, got {offsets}")
         rows = torch.arange(total, device=device)
         starts = cu_seqlens.to(device=device, dtype=torch.long)
         seq = torch.searchsorted(starts[1:], rows, right=True).clamp(max=max(batch - 1, 0))  # (each row's)
@@ -111,10 +124,13 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if bounds is not None and (bounds[0] < 0 or bounds[1] >= seqlen_ro):
         raise ArgumentError(f"cos: {seqlen_ro} positions (rows), but positions {bounds[0]}..{bounds[1]} are needed")
     positions = positions.clamp(0, seqlen_ro - 1)
+    # (in place, x is overwritten after the rotation reads it: a copy where autograd keeps x
+    # for the tables' gradient, which a float32 x would otherwise alias)
+    source = x.clone() if inplace and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) else x
     if packed:
-        out = apply_rotary(x.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved)[0]
+        out = apply_rotary(source.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved)[0]
     else:
-        out = apply_rotary(x, cos, sin, positions, interleaved)
+        out = apply_rotary(source, cos, sin, positions, interleaved)
     if inplace:
         return x.copy_(out)
     return out

@@ -349,6 +349,10 @@ def worker_cases(rank, world, cases):
             got = cp.all_gather_shards(cp.shard(xp, layout, rank, world, dim=0, cu_seqlens=cu), layout, dim=0,
                                        cu_seqlens=cu)
             assert torch.equal(got, xp), f"all_gather_shards {layout} varlen"
+            # (offsets as a list, as shard / unshard take them; integer shards)
+            got = cp.all_gather_shards(cp.shard(xp.long(), layout, rank, world, dim=0, cu_seqlens=cu.tolist()),
+                                       layout, dim=0, cu_seqlens=cu.tolist())
+            assert torch.equal(got, xp.long()), f"all_gather_shards {layout} varlen, list offsets"
         results["__all_gather_shards"] = {"ok": True}
     except Exception:  # noqa: BLE001
         results["__all_gather_shards"] = {"error": traceback.format_exc()}
@@ -532,7 +536,22 @@ def worker_errors(rank, world, cases):
         dq = torch.autograd.grad(out.sum(), [q] if rank == 0 else [q, k, v])[0]
         whole_q = full[0].clone().requires_grad_()
         (want,) = torch.autograd.grad(flashattn_py.flash_attn_func(whole_q, *full[1:], causal=True).sum(), [whole_q])
-        results["__ulysses_grad_subset"] = {"error": (dq - cp.shard(want, "ulysses", rank, world)).abs().max().item()}
+        error = (dq - cp.shard(want, "ulysses", rank, world)).abs().max().item()
+        # frozen k / v (only q's gradient is exchanged)
+        q_only = cp.shard(full[0], "ulysses", rank, world).requires_grad_()
+        k_frozen, v_frozen = (cp.shard(t, "ulysses", rank, world) for t in full[1:])
+        (dq,) = torch.autograd.grad(cp.ulysses_flash_attn_func(q_only, k_frozen, v_frozen, causal=True).sum(), [q_only])
+        error = max(error, (dq - cp.shard(want, "ulysses", rank, world)).abs().max().item())
+        # a gradient penalty (create_graph) raises as every attention backward does here (its
+        # exchanges have no history: it was silently zero)
+        out = cp.ulysses_flash_attn_func(q, k, v, causal=True)
+        (dq,) = torch.autograd.grad(out.sum(), [q], create_graph=True)
+        try:
+            dq.square().sum().backward()
+            second = "no error"
+        except RuntimeError as e:
+            second = str(e)
+        results["__ulysses_grad_subset"] = {"error": error, "second": second}
     except Exception:  # noqa: BLE001
         results["__ulysses_grad_subset"] = {"traceback": traceback.format_exc()}
     # all_gather_shards with shards that differ across ranks (gloo aborted a process on other
@@ -554,6 +573,13 @@ def worker_errors(rank, world, cases):
     except Exception as e:  # noqa: BLE001
         results["__kvpacked_on_one_rank"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
                                              "message": str(e)}
+    # ... and a plain q given as qkv on every rank (passed on whole, it was attention(q, q, q))
+    try:
+        cp.ring_flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 16), causal=True)
+        results["__plain_q_as_qkv"] = {"returned": True}
+    except Exception as e:  # noqa: BLE001
+        results["__plain_q_as_qkv"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
+                                       "message": str(e)}
     # zigzag with an empty batch, forward and backward (rank 0's lse view failed a layout check)
     try:
         q = torch.randn(0, 8, 2, 16, requires_grad=True)
@@ -753,6 +779,7 @@ def test_ulysses_grads_when_ranks_ask_for_different_inputs():
     for rank, r in enumerate(x["__ulysses_grad_subset"] for x in _spawn("errors")):
         assert "traceback" not in r, f"rank {rank}:\n{r['traceback']}"
         assert r["error"] < 1e-12, f"rank {rank}: dq off by {r['error']}"
+        assert "not differentiable" in r["second"], f"rank {rank}: double backward: {r['second']}"
 
 
 @distributed
@@ -768,6 +795,9 @@ def test_packed_form_split_wrongly_on_one_rank_raises_on_every_rank():
     for rank, r in enumerate(x["__kvpacked_on_one_rank"] for x in _spawn("errors")):
         assert "returned" not in r, f"rank {rank}: returned"
         assert r["argument_error"] and "(1, 8, 1, 2, 16)" in r["message"], f"rank {rank}: {r}"
+    for rank, r in enumerate(x["__plain_q_as_qkv"] for x in _spawn("errors")):
+        assert "returned" not in r, f"rank {rank}: a plain q was taken as qkv"
+        assert r["argument_error"] and re.search(r"\bqkv\b", r["message"]), f"rank {rank}: {r}"
 
 
 @distributed

@@ -28,6 +28,7 @@ from typing import Optional
 from torch import Tensor
 
 from ..errors import ArgumentError
+from .checks import Unsplit
 from .layout import local_rows, shard, unshard
 from .ring import ring_attention
 from .ulysses import ulysses_attention
@@ -137,17 +138,17 @@ def ulysses_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
                              alibi_slopes, deterministic, return_attn_probs, group, softcap)
 
 
-def _split(packed: Tensor, count: int) -> tuple:
-    """packed (..., count, H, D) as ``count`` tensors; anything else as itself in every slot,
-    which the collective check then rejects on every rank (an error raised here, on one rank
-    only, would leave the others waiting in the check)."""
-    if isinstance(packed, Tensor) and packed.dim() >= 3 and packed.shape[-3] == count:
+def _split(packed: Tensor, count: int, name: str) -> tuple:
+    """packed (..., count, H, D) (3-D rows packed, 4-D dense, + the packing dim) as ``count``
+    tensors; anything else as a placeholder the collective check rejects on every rank (an
+    error raised here, on one rank only, would leave the others waiting in the check)."""
+    if isinstance(packed, Tensor) and packed.dim() in (4, 5) and packed.shape[-3] == count:
         return packed.unbind(dim=-3)
-    return (packed,) * count
+    return (Unsplit(name, packed, count),) * count
 
 
 def _kv(kv: Tensor) -> tuple:
-    return _split(kv, 2)
+    return _split(kv, 2, "kv")
 
 
 def ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
@@ -157,7 +158,7 @@ def ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
 
 def ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
-    return ring_flash_attn_func(*_split(qkv, 3), *args, **kwargs)
+    return ring_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
 
 
 def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
@@ -167,7 +168,7 @@ def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs)
 
 def zigzag_ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``zigzag_ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
-    return zigzag_ring_flash_attn_func(*_split(qkv, 3), *args, **kwargs)
+    return zigzag_ring_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
@@ -177,7 +178,7 @@ def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tens
 
 def ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
     """``ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
-    return ring_flash_attn_varlen_func(*_split(qkv, 3), cu_seqlens, max_seqlen, *args, **kwargs)
+    return ring_flash_attn_varlen_func(*_split(qkv, 3, "qkv"), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args,
@@ -188,7 +189,7 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlen
 
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
     """``zigzag_ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
-    return zigzag_ring_flash_attn_varlen_func(*_split(qkv, 3), cu_seqlens, max_seqlen, *args, **kwargs)
+    return zigzag_ring_flash_attn_varlen_func(*_split(qkv, 3, "qkv"), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:
@@ -201,26 +202,26 @@ def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, 
 
     from . import comm
     from .checks import fingerprint
-    from .layout import LAYOUTS
+    from .layout import LAYOUTS, _offsets
 
     ring = comm.Group(group)
-    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.int16,
-              torch.int8, torch.uint8, torch.bool]
+    # (every dtype torch has, by name: the group's backend refuses what it cannot gather)
+    dtypes = sorted({str(t) for t in vars(torch).values() if isinstance(t, torch.dtype)})
 
     def validate() -> list[tuple]:
         if not isinstance(x, Tensor):
             raise ArgumentError(f"x: expected a tensor, got {type(x).__name__}")
-        if x.dim() > 8 or x.dtype not in dtypes:
-            raise ArgumentError(f"x: expected a tensor of at most 8 dims and dtype one of "
-                                f"{[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype} {tuple(x.shape)}")
+        if x.dim() > 8:
+            raise ArgumentError(f"x: expected at most 8 dims, got shape {tuple(x.shape)}")
         ring.check_device(x.device)
         if layout not in LAYOUTS:
             raise ArgumentError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
-        fields = [("x", list(x.shape)),
-                  ("x.dtype", [dtypes.index(x.dtype)], [str(d).replace("torch.", "") for d in dtypes]),
-                  ("layout", [LAYOUTS.index(layout)], list(LAYOUTS)), ("dim", [dim])]
+        if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+            raise ArgumentError(f"dim: expected an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
+        fields = [("x", list(x.shape)), ("x.dtype", [dtypes.index(str(x.dtype))], dtypes),
+                  ("layout", [LAYOUTS.index(layout)], list(LAYOUTS)), ("dim", [dim % x.dim()])]
         if cu_seqlens is not None:
-            fields.append(("cu_seqlens", fingerprint(cu_seqlens)))
+            fields.append(("cu_seqlens", fingerprint(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64))))
         return fields
 
     comm.check_collectively(ring, validate)

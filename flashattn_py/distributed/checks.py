@@ -47,6 +47,16 @@ def offsets_fields(cu: Tensor) -> list[tuple]:
     return [("cu_seqlens", fingerprint(cu))]
 
 
+class Unsplit:
+    """What a packed form (``kv`` / ``qkv``) passes on in place of tensors it could not
+    split: ``check_call`` rejects it on every rank (raising where the split failed would
+    leave the other ranks waiting in the check)."""
+
+    def __init__(self, name: str, packed, count: int):
+        self.message = (f"{name}: expected a (..., {count}, H, D) tensor, got "
+                        f"{tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__}")
+
+
 def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
                window_size, softcap: float, alibi_slopes, deterministic: bool,
                layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int, int], list[tuple]]
@@ -61,6 +71,9 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
     checked: dict = {}
 
     def validate() -> list[tuple]:
+        for t in (q, k, v):
+            if isinstance(t, Unsplit):
+                raise ArgumentError(t.message)
         api._check_tensors(("q", "k", "v"), q, k, v)
         ring.check_device(q.device)
         api._check_dropout(dropout_p)

@@ -50,36 +50,29 @@ class _HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return seq_to_heads(grad.contiguous(), ctx.group), None
+        # (under create_graph the exchange, which has no history, is tied to what it took:
+        # a second backward raises as the local attention's does, not a silent zero)
+        return ops.not_twice_differentiable((seq_to_heads(grad.contiguous(), ctx.group),), (grad,))[0], None
 
 
 class _QKVToHeads(torch.autograd.Function):
     """``seq_to_heads`` of q, k and v as ONE autograd node, whose backward exchanges the
-    gradients of every input that needs one on every rank (zeros for an output autograd
-    gives none): with a node per tensor, a rank asking autograd for fewer inputs
-    (``torch.autograd.grad(out, [q])`` beside ``[q, k, v]`` on another) skipped exchanges the
-    others made, and the ranks' all_to_alls paired different tensors (a wrong dq, then a
-    hang)."""
+    gradient of every input that needs one on every rank: with a node per tensor, a rank
+    asking autograd for fewer inputs (``torch.autograd.grad(out, [q])`` beside ``[q, k, v]``
+    on another) skipped exchanges the others made, and the ranks' all_to_alls paired
+    different tensors (a wrong dq, then a hang). Which inputs need a gradient is fixed at the
+    forward and compared across ranks, so every rank makes the same exchanges."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: comm.Group):
         ctx.group = group
-        out = tuple(seq_to_heads(t, group) for t in (q, k, v))
-        ctx.outputs = [(t.shape, t.dtype, t.device) for t in out]
-        return out
+        return tuple(seq_to_heads(t, group) for t in (q, k, v))
 
     @staticmethod
     def backward(ctx, *grads):
-        result = []
-        # (which inputs need a gradient was fixed at the forward and compared across ranks:
-        # every rank makes the same exchanges)
-        for grad, (shape, dtype, device), needed in zip(grads, ctx.outputs, ctx.needs_input_grad):
-            if not needed:
-                result.append(None)
-                continue
-            grad = torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad.contiguous()
-            result.append(heads_to_seq(grad, ctx.group))
-        return (*result, None)
+        result = tuple(heads_to_seq(g.contiguous(), ctx.group) if needed else None
+                       for g, needed in zip(grads, ctx.needs_input_grad))
+        return (*ops.not_twice_differentiable(result, grads), None)
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
