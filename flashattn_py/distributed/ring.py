@@ -273,6 +273,9 @@ class _RingAttention(torch.autograd.Function):
         return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None)
 
 
+# (collectives and the host-side argument check: run eagerly under torch.compile, a graph
+# break; Dynamo cannot trace the process group object)
+@torch.compiler.disable
 def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int,
                    dropout_p: float, softmax_scale: Optional[float], causal: bool, window_size,
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
