@@ -2,7 +2,8 @@
 
 ``apply_rotary`` is the formula ``flash_attn_with_kvcache`` applies to new keys and
 queries; ``apply_rotary_emb`` is the public form, for q / k before ``flash_attn_func`` or
-``flash_attn_varlen_func``. Plain torch ops in float32, differentiable.
+``flash_attn_varlen_func``. Plain torch ops in float32 (float64 for float64 inputs),
+differentiable.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .api import _index_tensor
 from .errors import ArgumentError
 
 __all__ = ["apply_rotary_emb"]
@@ -92,9 +94,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     seqlen_ro = cos.shape[0]
     device = x.device
     if packed:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ArgumentError(f"cu_seqlens: expected a (B + 1,) int32 tensor, got {cu_seqlens.dtype} "
-                                f"{tuple(cu_seqlens.shape)}")
+        cu_seqlens = _index_tensor("cu_seqlens", cu_seqlens, device, 1)
+        if cu_seqlens.numel() < 1:
+            raise ArgumentError("cu_seqlens: expected B + 1 >= 1 offsets, got none")
         if max_seqlen is None:  # (as flash-attn: it bounds the positions on GPUs)
             raise ArgumentError("max_seqlen: required with cu_seqlens (the longest sequence)")
         batch, total = cu_seqlens.shape[0] - 1, x.shape[0]
@@ -103,7 +105,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
                 raise ArgumentError(f"cu_seqlens: expected offsets rising from 0 to x's {total} rows, got {offsets}")
         rows = torch.arange(total, device=device)
-        starts = cu_seqlens.to(device=device, dtype=torch.long)
+        starts = cu_seqlens.long()
         seq = torch.searchsorted(starts[1:], rows, right=True).clamp(max=max(batch - 1, 0))  # (each row's)
         positions = rows - starts[seq] if batch > 0 else rows
     else:

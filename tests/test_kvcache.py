@@ -537,3 +537,37 @@ def test_caches_whose_memory_is_shared_are_refused():
     with pytest.raises(ValueError, match="k_cache, v_cache: the same memory"), torch.no_grad():
         flashattn_py.flash_attn_with_kvcache(q, cache, cache, new, new, cache_seqlens=1)
     assert not shared.any() and not cache.any()
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu",
+    pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                      reason="needs a CUDA GPU")]),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])])
+def test_paged_cache_of_more_than_2_30_slots(backend):
+    # A block table reusing one page holds more than 2**30 slots per sequence (a few MB):
+    # the CUDA kernels keep key bounds in 32 bits clamped at 2**30, so the cuda backend refuses
+    # it by name; the others attend over the keys in use, split-KV combine included (its
+    # workspace offsets in 64 bits), equal to the formula on those keys.
+    device = "cpu" if backend == "cpu" else "cuda"
+    gen = torch.Generator().manual_seed(11)
+    page, used, heads, heads_k, d = 2**14, 37, 4, 2, 64
+    table = torch.zeros(2, 2**30 // page + 1, dtype=torch.int32, device=device)
+    k_cache, v_cache = (torch.randn(1, page, heads_k, d, generator=gen).to(device, torch.float16) for _ in range(2))
+    q = torch.randn(2, 1, heads, d, generator=gen).to(device, torch.float16)
+    lengths = torch.tensor([used, 5], dtype=torch.int32, device=device)
+    call = dict(cache_seqlens=lengths, block_table=table, causal=True, backend=backend)
+    if backend == "cuda":
+        with pytest.raises(RuntimeError, match=r"at most 2\^30 positions"):
+            flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=2, **call)
+        return
+    for num_splits in (1, 2):
+        out = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=num_splits, **call)
+        for b, n in enumerate(lengths.tolist()):
+            keys, values = (t[0, :n].transpose(0, 1).repeat_interleave(heads // heads_k, 0) for t in (k_cache, v_cache))
+            def attend(dtype):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q[b].transpose(0, 1).to(dtype), keys.to(dtype), values.to(dtype)).transpose(0, 1)
+            assert_rule(f"{backend} seq {b} num_splits={num_splits}", out[b], attend(torch.float64),
+                        attend(torch.float16), OUT_FACTOR)
