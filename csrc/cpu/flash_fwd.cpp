@@ -160,9 +160,11 @@ struct BlasOperands {
   }
 
   // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c. (fewest: the
-  // fewest of these keys a row sees, for the operands that round P: Bf16PairOperands.)
+  // fewest of these keys a row sees, for the operands that round P: Bf16PairOperands.
+  // fresh: o_r = the sum, o's rows not zeroed, where the operands say OVERWRITES.)
+  static constexpr bool OVERWRITES = false;
   void accumulate(int64_t rows, const acc* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, acc* o,
-                  int64_t ldo) const {
+                  int64_t ldo, bool /*fresh*/) const {
     gemm<acc>(Op::N, Op::N, rows, Dv, hi - lo, acc(1), pr + lo, ldp, v + lo * ldv, ldv, acc(1), o, ldo);
   }
 };
@@ -251,9 +253,11 @@ struct TileOperands {
     tiles::qk_block(rows, q.get() + r0 * D, k + lo16 * D, panels, D, s + lo16, lds);
   }
 
+  static constexpr bool OVERWRITES = true;
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
-                  int64_t ldo) const {
-    tiles::pv_block(rows, pr + lo, ldp, v + lo * tiles::NR, copy.capacity * tiles::NR, hi - lo, dv_panels, o, ldo);
+                  int64_t ldo, bool fresh) const {
+    tiles::pv_block(rows, pr + lo, ldp, v + lo * tiles::NR, copy.capacity * tiles::NR, hi - lo, dv_panels, o, ldo,
+                    fresh);
   }
 };
 #endif
@@ -354,17 +358,18 @@ struct Bf16PairOperands {
     Tiles::qk_block(rows, q.get() + r0 * d2, k + lo16 * d2, panels, d2, scale, s + lo16, lds);
   }
 
-  // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V (and
-  // O += (P - bf16(P)) V where a row sees few keys).
+  // P's keys [lo, hi) to bf16 pairs from the even key at or below lo, then O += P V (O =
+  // P V when fresh; and O += (P - bf16(P)) V where a row sees few keys).
+  static constexpr bool OVERWRITES = true;
   void accumulate(int64_t rows, const float* pr, int64_t lds, int64_t lo, int64_t hi, int64_t fewest, float* o,
-                  int64_t ldo) const {
+                  int64_t ldo, bool fresh) const {
     const int64_t lo2 = lo / 2 * 2, n2 = tiles_bf16::pairs(hi - lo2);
     const bool exact = fewest <= EXACT_P_KEYS && v_finite;  // (a row's keys lie inside [lo, hi))
     tiles_bf16::to_pairs(pr, lds, rows, lo, hi, p_pairs.get(), ldp, exact ? p_rest.get() : nullptr);
     const uint32_t* v_lo2 = v + lo2 * tiles_bf16::NR / 2;
     const int64_t v_stride = copy.capacity * tiles_bf16::NR / 2;
-    Tiles::pv_block(rows, p_pairs.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
-    if (exact) Tiles::pv_block(rows, p_rest.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo);
+    Tiles::pv_block(rows, p_pairs.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo, fresh);
+    if (exact) Tiles::pv_block(rows, p_rest.get(), ldp, v_lo2, v_stride, n2, dv_panels, o, ldo, false);
   }
 };
 
@@ -381,8 +386,8 @@ struct DotTiles {
     tiles_bf16::qk_block(rows, q, k, panels, d2, scale, s, lds);
   }
   static void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t panel_stride,
-                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
-    tiles_bf16::pv_block(rows, a, lda, 1, v, panel_stride, n2, dv_panels, o, ldo);
+                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo, bool overwrite) {
+    tiles_bf16::pv_block(rows, a, lda, 1, v, panel_stride, n2, dv_panels, o, ldo, overwrite);
   }
 };
 using Bf16DotOperands = Bf16PairOperands<DotTiles>;
@@ -404,8 +409,8 @@ struct AmxTiles {
     tiles_amx::qk_block(rows, q, k, panels, d2, scale, s, lds);
   }
   static void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t panel_stride,
-                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
-    tiles_amx::pv_block(rows, a, lda, v, tiles_bf16::NR, panel_stride, n2, dv_panels, o, ldo);
+                       int64_t n2, int64_t dv_panels, float* o, int64_t ldo, bool overwrite) {
+    tiles_amx::pv_block(rows, a, lda, v, tiles_bf16::NR, panel_stride, n2, dv_panels, o, ldo, overwrite);
   }
 };
 using AmxOperands = Bf16PairOperands<AmxTiles>;
@@ -508,8 +513,9 @@ struct RowOperands {
     });
   }
 
+  static constexpr bool OVERWRITES = false;
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
-                  int64_t ldo) const {
+                  int64_t ldo, bool /*fresh*/) const {
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
       tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
@@ -561,7 +567,7 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
   }
 
   void accumulate(int64_t, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
-                  int64_t ldo) const {
+                  int64_t ldo, bool /*fresh*/) const {
     tiles_amx::rows::pv(pr + lo, ldp, m, key_rows(lo, hi, true), hi - lo, Dv, o, ldo, buffers->vp.get(),
                         buffers->pp.get());
   }
@@ -768,11 +774,22 @@ void run_fwd(const FlashParams& p) {
     const int64_t lds = ws.lds, ldo = ws.kv[0]->o_stride();
     acc* s = ws.s.get();
 
+    // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
+    // before keys.lo are then clipped like any other invisible ones). A split takes every
+    // splits-th block, or, doing every head (whose blocks are small and cost the same), a
+    // run of neighbouring blocks, which it then reads front to back.
+    const int64_t first_col = keys.lo / 16 * 16;
+    const int64_t seq_blocks = keys.hi > first_col ? (keys.hi - first_col + block_k - 1) / block_k : 0;
+    // Over one key block (short sequences, packed documents) a row's O gets one P V (per
+    // panel its rows are in): where the operands can store that product instead of adding
+    // it, O is not zeroed first (a row no panel reaches has l = 0: written as zeros).
+    const bool fresh = KV::OVERWRITES && splits == 1 && seq_blocks <= 1;
+
     auto q_rows = [&](int64_t h) { return q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride; };
     for (int64_t j = 0; j < heads_per_task; ++j) {
       const int64_t h = h0 + j, hk = h / group;
       if (pack_heads == 1) ws.kv[j]->load_q(p, q_rows(h), rows);
-      std::fill(ws.o.get() + j * block_q * ldo, ws.o.get() + (j * block_q + rows) * ldo, acc(0));
+      if (!fresh) std::fill(ws.o.get() + j * block_q * ldo, ws.o.get() + (j * block_q + rows) * ldo, acc(0));
       std::fill(ws.m.get() + j * block_q, ws.m.get() + j * block_q + rows, neg_inf);
       std::fill(ws.l.get() + j * block_q, ws.l.get() + j * block_q + rows, acc(0));
       ws.slope[j] = alibi_slope(p, b, h);
@@ -781,12 +798,6 @@ void run_fwd(const FlashParams& p) {
       ws.keys[j] = KV::pages_in_place && p.block_table ? paged_keys<T>(p, sv, b, hk) : key_rows(p, sv, b, hk, ws.paged);
     }
 
-    // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
-    // before keys.lo are then clipped like any other invisible ones). A split takes every
-    // splits-th block, or, doing every head (whose blocks are small and cost the same), a
-    // run of neighbouring blocks, which it then reads front to back.
-    const int64_t first_col = keys.lo / 16 * 16;
-    const int64_t seq_blocks = keys.hi > first_col ? (keys.hi - first_col + block_k - 1) / block_k : 0;
     const int64_t run_blocks = (seq_blocks + splits - 1) / splits;
     const int64_t block_step = heads_together ? 1 : splits;
     int64_t block_index = heads_together ? split * run_blocks : split;
@@ -880,7 +891,7 @@ void run_fwd(const FlashParams& p) {
             return row_keys.hi - row_keys.lo;
           };
           const int64_t fewest = std::min(seen_by(r0), seen_by(r1 - 1));
-          kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo);
+          kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo, fresh);
         }
       }
     }

@@ -450,10 +450,13 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
 // With PREFETCH, also prefetches next_len elements at `next` + k * ldb at each of the
 // first fetch_n steps (a line of the panel the following tiles read, or a V row a few keys
 // ahead).
+// With `overwrite`, the sum is stored as o instead (o's rows untouched before: the first
+// product into them, which then need not be zeroed).
 template <int M, bool PREFETCH = false, typename T = float>
 __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, const T* b, int64_t ldb, int64_t n,
                                                    float* o, int64_t ldo, const T* next = nullptr,
-                                                   int64_t next_len = NR, int64_t fetch_n = INT64_MAX) {
+                                                   int64_t next_len = NR, int64_t fetch_n = INT64_MAX,
+                                                   bool overwrite = false) {
   __m256 c0[M], c1[M];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
@@ -472,8 +475,8 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
   }
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
-    _mm256_storeu_ps(o + r * ldo, _mm256_add_ps(_mm256_loadu_ps(o + r * ldo), c0[r]));
-    _mm256_storeu_ps(o + r * ldo + 8, _mm256_add_ps(_mm256_loadu_ps(o + r * ldo + 8), c1[r]));
+    _mm256_storeu_ps(o + r * ldo, overwrite ? c0[r] : _mm256_add_ps(_mm256_loadu_ps(o + r * ldo), c0[r]));
+    _mm256_storeu_ps(o + r * ldo + 8, overwrite ? c1[r] : _mm256_add_ps(_mm256_loadu_ps(o + r * ldo + 8), c1[r]));
   }
 }
 
@@ -1002,11 +1005,13 @@ __attribute__((always_inline)) inline void kr_tile_pair(const float* a, int64_t 
 
 // pv_tile over the float panels `b` and `b + panel_stride` (16 floats per key each):
 // o[r][0, 32) += sum_k p[r * ldp + k] (b[k] | b[panel_stride + k]), the sum from 0 in
-// registers, then added to o. Prefetches as kr_tile_pair.
+// registers, then added to o (stored as o with `overwrite`, as pv_tile). Prefetches as
+// kr_tile_pair.
 template <int M, bool PREFETCH = false>
 __attribute__((always_inline)) inline void pv_tile_pair(const float* p, int64_t ldp, const float* b,
                                                         int64_t panel_stride, int64_t n, float* o, int64_t ldo,
-                                                        const float* next = nullptr, int64_t next_stride = 0) {
+                                                        const float* next = nullptr, int64_t next_stride = 0,
+                                                        bool overwrite = false) {
   __m512 c0[M], c1[M];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
@@ -1025,8 +1030,8 @@ __attribute__((always_inline)) inline void pv_tile_pair(const float* p, int64_t 
   }
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
-    _mm512_storeu_ps(o + r * ldo, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo), c0[r]));
-    _mm512_storeu_ps(o + r * ldo + NR, _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + NR), c1[r]));
+    _mm512_storeu_ps(o + r * ldo, overwrite ? c0[r] : _mm512_add_ps(_mm512_loadu_ps(o + r * ldo), c0[r]));
+    _mm512_storeu_ps(o + r * ldo + NR, overwrite ? c1[r] : _mm512_add_ps(_mm512_loadu_ps(o + r * ldo + NR), c1[r]));
   }
 }
 #endif
@@ -1100,12 +1105,13 @@ inline void qk_block(int64_t rows, const float* q, const float* k_panels, int64_
 // `panel_stride` apart, each starting at the block's first key. In chunks of PV_KEYS keys,
 // so a chunk of a V panel (8 KiB) stays in L1 while the row groups stream past it; the
 // first row group prefetches the chunk that follows (next panel or pair, or the next
-// keys).
+// keys). With `overwrite`, O = P V (O's prior values neither read nor needed).
 constexpr int64_t PV_KEYS = 128;
 inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_panels, int64_t panel_stride,
-                     int64_t n, int64_t dv_panels, float* o, int64_t ldo) {
+                     int64_t n, int64_t dv_panels, float* o, int64_t ldo, bool overwrite = false) {
   for (int64_t k0 = 0; k0 < n; k0 += PV_KEYS) {
     const int64_t keys = std::min(PV_KEYS, n - k0);
+    const bool first = overwrite && k0 == 0;
     const float* next_keys = k0 + PV_KEYS < n ? v_panels + (k0 + PV_KEYS) * NR : nullptr;
     int64_t j = 0;
 #ifdef __AVX512F__
@@ -1116,9 +1122,10 @@ inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_p
       for_row_groups(rows, [&](auto m, int64_t r) {
         constexpr int M = decltype(m)::value;
         if (M == MR && r == 0 && next != nullptr) {
-          pv_tile_pair<M, true>(p + k0, ldp, vp, panel_stride, keys, o + j * NR, ldo, next, next_stride);
+          pv_tile_pair<M, true>(p + k0, ldp, vp, panel_stride, keys, o + j * NR, ldo, next, next_stride, first);
         } else {
-          pv_tile_pair<M>(p + r * ldp + k0, ldp, vp, panel_stride, keys, o + r * ldo + j * NR, ldo);
+          pv_tile_pair<M>(p + r * ldp + k0, ldp, vp, panel_stride, keys, o + r * ldo + j * NR, ldo, nullptr, 0,
+                          first);
         }
       });
     }
@@ -1129,9 +1136,10 @@ inline void pv_block(int64_t rows, const float* p, int64_t ldp, const float* v_p
       for_row_groups(rows, [&](auto m, int64_t r) {
         constexpr int M = decltype(m)::value;
         if (M == MR && r == 0 && next != nullptr) {
-          pv_tile<M, true>(p + k0, ldp, vp, NR, keys, o + j * NR, ldo, next);
+          pv_tile<M, true>(p + k0, ldp, vp, NR, keys, o + j * NR, ldo, next, NR, INT64_MAX, first);
         } else {
-          pv_tile<M>(p + r * ldp + k0, ldp, vp, NR, keys, o + r * ldo + j * NR, ldo);
+          pv_tile<M>(p + r * ldp + k0, ldp, vp, NR, keys, o + r * ldo + j * NR, ldo, static_cast<const float*>(nullptr),
+                     NR, INT64_MAX, first);
         }
       });
     }

@@ -282,9 +282,10 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
 // o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (B panels of 16
 // columns at v, panel_stride apart, pair i of column c at [i * ldb + c]) for r < rows: e.g.
 // P pairs from tiles_bf16::to_pairs times V pair panels (ldb 16). 16 rows readable from a
-// at every 16th row, as qk_block's q; rows that are whole tiles are added in place.
+// at every 16th row, as qk_block's q; rows that are whole tiles are added in place. With
+// `overwrite`, o = the sum (o's prior values neither read nor needed).
 inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t ldb, int64_t panel_stride,
-                     int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+                     int64_t n2, int64_t dv_panels, float* o, int64_t ldo, bool overwrite = false) {
   if (n2 <= 0) return;
   configure(n2);
   alignas(64) float part[4][TM * TM];
@@ -294,6 +295,10 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_
       const int nb = static_cast<int>(std::min<int64_t>(4, dv_panels - j0));
       float* out = o + r0 * ldo + j0 * TM;
       for (int j = 0; j < nb; ++j) {
+        if (overwrite) {
+          zero(j);
+          continue;
+        }
         if (n == TM) {
           load(j, out + j * TM, ldo);
           continue;

@@ -272,11 +272,11 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k_panels, 
 }
 
 // o[r][0, 16 NP) += sum_i a-pair(r, i) . v-pair(i, column), r < M, i < n2, with a-pair(r, i)
-// at a[r * a_rs + i * a_ks]: NP V panels `panel_stride` apart.
+// at a[r * a_rs + i * a_ks]: NP V panels `panel_stride` apart (o = the sum with `overwrite`).
 template <int M, int NP, bool PREFETCH = false>
 __attribute__((always_inline)) inline void pv_tile(const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v,
                                                    int64_t panel_stride, int64_t n2, float* o, int64_t ldo,
-                                                   const uint32_t* next) {
+                                                   const uint32_t* next, bool overwrite) {
   __m512 acc[M][NP];
 #pragma GCC unroll 6
   for (int r = 0; r < M; ++r) {
@@ -298,20 +298,20 @@ __attribute__((always_inline)) inline void pv_tile(const uint32_t* a, int64_t a_
   for (int r = 0; r < M; ++r) {
     for (int j = 0; j < NP; ++j) {
       float* out = o + r * ldo + j * NR;
-      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+      _mm512_storeu_ps(out, overwrite ? acc[r][j] : _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
     }
   }
 }
 
 template <int NP>
 inline void pv_panels(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v,
-                      int64_t panel_stride, int64_t n2, float* o, int64_t ldo, const uint32_t* next) {
+                      int64_t panel_stride, int64_t n2, float* o, int64_t ldo, const uint32_t* next, bool overwrite) {
   tiles::for_row_groups(rows, [&](auto m, int64_t r) {
     constexpr int M = decltype(m)::value;
     if (M == MR && r == 0 && next != nullptr) {
-      pv_tile<M, NP, true>(a, a_rs, a_ks, v, panel_stride, n2, o, ldo, next);
+      pv_tile<M, NP, true>(a, a_rs, a_ks, v, panel_stride, n2, o, ldo, next, overwrite);
     } else {
-      pv_tile<M, NP>(a + r * a_rs, a_rs, a_ks, v, panel_stride, n2, o + r * ldo, ldo, nullptr);
+      pv_tile<M, NP>(a + r * a_rs, a_rs, a_ks, v, panel_stride, n2, o + r * ldo, ldo, nullptr, overwrite);
     }
   });
 }
@@ -321,21 +321,23 @@ inline void pv_panels(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_k
 // from to_row_pairs: a_rs 1, a_ks its row stride), V panels from pack_v `panel_stride`
 // apart, each starting at the first pair. In chunks of PV_PAIRS pairs, so two V panels'
 // chunk (8 KiB) stays in L1 while the row groups pass; the first row group prefetches the
-// chunk that follows.
+// chunk that follows. With `overwrite`, O = A V (O's prior values neither read nor needed).
 constexpr int64_t PV_PAIRS = 64;
 inline void pv_block(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks, const uint32_t* v_panels,
-                     int64_t panel_stride, int64_t n2, int64_t dv_panels, float* o, int64_t ldo) {
+                     int64_t panel_stride, int64_t n2, int64_t dv_panels, float* o, int64_t ldo,
+                     bool overwrite = false) {
   for (int64_t i0 = 0; i0 < n2; i0 += PV_PAIRS) {
     const int64_t count = std::min(PV_PAIRS, n2 - i0);
+    const bool first = overwrite && i0 == 0;
     for (int64_t j = 0; j < dv_panels; j += 2) {
       const uint32_t* v = v_panels + j * panel_stride + i0 * NR;
       const uint32_t* next = j + 2 < dv_panels ? v + 2 * panel_stride
                              : i0 + PV_PAIRS < n2 ? v_panels + (i0 + PV_PAIRS) * NR
                                                   : nullptr;
       if (j + 1 < dv_panels) {
-        pv_panels<2>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next);
+        pv_panels<2>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next, first);
       } else {
-        pv_panels<1>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next);
+        pv_panels<1>(rows, a + i0 * a_ks, a_rs, a_ks, v, panel_stride, count, o + j * NR, ldo, next, first);
       }
     }
   }
