@@ -34,15 +34,20 @@ void gemm(Op op_a, Op op_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const 
   const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   // BLAS takes int sizes and strides: a row stride past INT_MAX (a view into a huge
-  // tensor, read in place) goes through the loop below instead of wrapping.
+  // tensor, read in place) goes through the loop below instead of wrapping. So does a row
+  // stride under a row's length (overlapping rows: a legal view, e.g. expanded along the
+  // sequence, that an exported program passes on uncopied), which BLAS refuses.
   const bool int_sizes = std::max({m, n, k, lda, ldb, ldc}) <= std::numeric_limits<int>::max();
+  const bool rows_apart = lda >= std::max<int64_t>(1, op_a == Op::N ? k : m) &&
+                          ldb >= std::max<int64_t>(1, op_b == Op::N ? n : k) && ldc >= std::max<int64_t>(1, n);
+  const bool blas = k > 0 && int_sizes && rows_apart;
   if constexpr (sizeof(acc_t) == 4) {
-    if (sgemm_ != nullptr && k > 0 && int_sizes) {
+    if (sgemm_ != nullptr && blas) {
       sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
       return;
     }
   } else {
-    if (dgemm_ != nullptr && k > 0 && int_sizes) {
+    if (dgemm_ != nullptr && blas) {
       dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
       return;
     }
