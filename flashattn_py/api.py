@@ -478,6 +478,24 @@ def shares_memory(t: Tensor, *others: Tensor) -> bool:
     return False
 
 
+def elements_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether views a and b of one storage have an element at one address. Exact for views
+    with the same element size, shape and strides (two caches cut from one buffer, side by
+    side or interleaved): the offset between them is walked down the strides, largest first
+    (each at most size - 1 steps), and lands on 0 where an element of one is one of the
+    other's. Views with other strides: whether their spans meet at their first elements
+    (the same start). Plain eager tensors only, as shares_memory."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or not a.numel() or not b.numel():
+        return False
+    if a.element_size() != b.element_size() or a.shape != b.shape or a.stride() != b.stride():
+        return a.data_ptr() == b.data_ptr()
+    offset = abs(a.storage_offset() - b.storage_offset())
+    for size, stride in sorted(zip(a.shape, a.stride()), key=lambda d: -d[1]):
+        if stride > 0:
+            offset -= min(offset // stride, size - 1) * stride
+    return offset == 0
+
+
 def expanded(t: Tensor) -> bool:
     """Whether several of t's elements are one memory location (a stride 0 over a size > 1):
     such a tensor cannot be written in place."""

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages, expanded,
-                  flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
+from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor, check_used_pages, elements_overlap,
+                  expanded, flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
                   unbounded_past)
 from .errors import ArgumentError
 from .rotary import apply_rotary, check_tables
@@ -250,7 +250,8 @@ def flash_attn_with_kvcache(
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), heads_dim=2, seq_dim=1, paged=True)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise ArgumentError(f"{name}: must have a contiguous last dimension (it is written in place)")
+            raise ArgumentError(f"{name}: must have a contiguous last dimension (stride 1, got {t.stride(-1)}): the "
+                                f"kernels {'write and ' if k is not None else ''}read its rows in place")
 
     batch, seqlen_q, num_heads, head_dim = q.shape
     if not paged and cache_batch_idx is None and k_cache.shape[0] < batch:
@@ -310,8 +311,8 @@ def flash_attn_with_kvcache(
                 raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot be written in place: several "
                                     f"entries would share one slot's memory")
         if k_cache is v_cache or (type(k_cache) is Tensor and type(v_cache) is Tensor
-                                  and not torch.compiler.is_compiling() and k_cache.numel() and not k_cache.is_meta
-                                  and k_cache.data_ptr() == v_cache.data_ptr()):
+                                  and not torch.compiler.is_compiling() and not k_cache.is_meta
+                                  and elements_overlap(k_cache, v_cache)):
             raise ArgumentError("k_cache, v_cache: the same memory; the values would overwrite the keys")
         new = k.shape[1]
     if (rotary_cos is None) != (rotary_sin is None):
