@@ -469,3 +469,44 @@ def test_attention_sinks_at_the_largest_head_dim_refused():
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="s_aux: attention sinks need a head dim under 256"):
         flashattn_attention_forward(module, query, key, key, None, s_aux=torch.zeros(2))
+
+
+def test_packed_documents_of_two_threads_stay_apart():
+    # Two threads (a server's two requests) finding the documents of their own position_ids
+    # shared one cached entry: a thread read the other's documents between deciding and
+    # reading (a review: wrong attention in about 0.5 % of calls, off by up to 3).
+    import sys
+    import threading
+
+    S = 64
+
+    class Module:
+        is_causal = True
+
+    def positions(cuts):
+        with torch.inference_mode():
+            pos = torch.cat([torch.arange(b - a) for a, b in zip([0, *cuts], [*cuts, S])]).view(1, S)
+        return pos, torch.tensor([0, *cuts, S], dtype=torch.int32)
+
+    q = torch.empty(1, 2, S, 8)
+    wrong = []
+
+    def find(cuts):
+        pos, expected = positions(cuts)
+        for _ in range(3000):
+            with torch.inference_mode():
+                docs = tf_backend._documents_from_positions(pos, q, q, Module(), {}, True)
+            if not torch.equal(docs.cu_seqlens, expected):
+                wrong.append(docs.cu_seqlens.tolist())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (switch threads often: the race needed a switch inside a call)
+    try:
+        threads = [threading.Thread(target=find, args=(cuts,)) for cuts in ([16, 40], [8, 24, 50])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong, f"{len(wrong)} lookups got another thread's documents, e.g. {wrong[0]}"

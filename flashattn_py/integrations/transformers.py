@@ -24,6 +24,7 @@ other mask (sliding windows, chunked attention, image overlays) is built as for 
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional
 
@@ -224,10 +225,20 @@ class PackedDocuments:
         return self._mask
 
 
-# The documents found from the last position_ids seen, with its version counter (every
-# layer of a forward passes the same tensor: found once per forward; a tensor written in
-# place since is read again).
-_last_documents: list = [None, -1, None]  # [position_ids, its _version (values: inference), PackedDocuments]
+# The documents found from the last position_ids seen on this thread, with its version
+# counter (every layer of a forward passes the same tensor: found once per forward; a
+# tensor written in place since is read again). Per thread, as one immutable entry: threads
+# serving requests of their own would otherwise read each other's documents.
+_last_documents = threading.local()  # .entry: (position_ids, its _version (values: inference), PackedDocuments)
+
+
+def _find_documents(position_ids: Tensor, causal: bool) -> Optional[PackedDocuments]:
+    """The documents of position_ids (1, S), or None for one document."""
+    positions = position_ids[0]
+    new_document = torch.ones_like(positions, dtype=torch.bool)
+    new_document[1:] = positions[1:] != positions[:-1] + 1
+    docs = PackedDocuments(causal, new_document)
+    return docs if docs.cu_seqlens.numel() > 2 else None
 
 
 def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key: Tensor, module, kwargs,
@@ -248,21 +259,23 @@ def _documents_from_positions(position_ids: Optional[Tensor], query: Tensor, key
     layer_types = getattr(getattr(module, "config", None), "layer_types", None) or ()
     if any(t != "full_attention" for t in layer_types):
         return None
-    # (an inference-mode tensor has no version counter: its values are compared instead,
-    # S elements per layer; it may be written in place inside inference mode)
-    if position_ids.is_inference():
-        same = _last_documents[0] is position_ids and torch.equal(_last_documents[1], position_ids)
-        version = position_ids.clone()
+    if torch.compiler.is_compiling():  # (traced: no state kept between calls)
+        docs = _find_documents(position_ids, causal)
     else:
-        version = position_ids._version
-        same = _last_documents[0] is position_ids and _last_documents[1] == version
-    if not same:
-        positions = position_ids[0]
-        new_document = torch.ones_like(positions, dtype=torch.bool)
-        new_document[1:] = positions[1:] != positions[:-1] + 1
-        docs = PackedDocuments(causal, new_document)
-        _last_documents[:] = [position_ids, version, docs if docs.cu_seqlens.numel() > 2 else None]
-    docs = _last_documents[2]
+        entry = getattr(_last_documents, "entry", None)
+        # (an inference-mode tensor has no version counter: its values are compared instead,
+        # S elements per layer; it may be written in place inside inference mode)
+        if position_ids.is_inference():
+            same = entry is not None and entry[0] is position_ids and torch.equal(entry[1], position_ids)
+            version = None if same else position_ids.clone()
+        else:
+            version = position_ids._version
+            same = entry is not None and entry[0] is position_ids and entry[1] == version
+        if same:
+            docs = entry[2]
+        else:
+            docs = _find_documents(position_ids, causal)
+            _last_documents.entry = (position_ids, version, docs)
     if docs is not None and docs.causal != causal:
         docs = docs._with_causal(causal)
     return docs
