@@ -43,6 +43,7 @@ torch's builtin, as names imported before patching keep torch's function.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -60,6 +61,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _original: Optional[Callable] = None
 _depth = 0
 _generation = 0  # bumped by unpatch_sdpa(), which ends every outstanding handle
+# Held while the three above change (handles opened and closed on several threads; free-threaded
+# Python interleaves a read-modify-write of _depth).
+_lock = threading.Lock()
 
 
 class _Stats:
@@ -183,23 +187,25 @@ class SDPAPatch:
 
     def __init__(self) -> None:
         global _original, _depth
-        if _depth == 0:
-            _original = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = scaled_dot_product_attention
-        _depth += 1
-        self.active = True
-        self._generation = _generation
+        with _lock:
+            if _depth == 0:
+                _original = F.scaled_dot_product_attention
+                F.scaled_dot_product_attention = scaled_dot_product_attention
+            _depth += 1
+            self.active = True
+            self._generation = _generation
 
     def restore(self) -> None:
         global _original, _depth
-        if not self.active or self._generation != _generation:
+        with _lock:
+            if not self.active or self._generation != _generation:
+                self.active = False
+                return
             self.active = False
-            return
-        self.active = False
-        _depth -= 1
-        if _depth == 0:
-            F.scaled_dot_product_attention = _original
-            _original = None
+            _depth -= 1
+            if _depth == 0:
+                F.scaled_dot_product_attention = _original
+                _original = None
 
     def __enter__(self) -> "SDPAPatch":
         return self
@@ -221,11 +227,12 @@ def patch_sdpa() -> SDPAPatch:
 def unpatch_sdpa() -> None:
     """Restore the original ``torch.nn.functional.scaled_dot_product_attention`` now (all patches)."""
     global _original, _depth, _generation
-    if _depth > 0:
-        F.scaled_dot_product_attention = _original
-    _original = None
-    _depth = 0
-    _generation += 1
+    with _lock:
+        if _depth > 0:
+            F.scaled_dot_product_attention = _original
+        _original = None
+        _depth = 0
+        _generation += 1
 
 
 def is_patched() -> bool:
