@@ -334,9 +334,10 @@ def index_values_readable(device: torch.device) -> bool:
 def _check_values() -> bool:
     """Whether index tensors' values may be read for checks now: not while torch.compile
     traces or a dispatch mode records (make_fx, FakeTensorMode: the values may not be
-    known; the checks become ops of the graph, checked_packed). _check_packed says which
-    devices' values are read."""
-    return ops.unobserved_eager()
+    known), nor under torch.jit.trace (a check run now would not be in the trace); the
+    checks become ops of the graph, checked_packed. _check_packed says which devices'
+    values are read."""
+    return ops.unobserved_eager() and not torch.jit.is_tracing()
 
 
 # The packed-sequence arguments under flash-attn's names, and under torch's varlen_attn's:

@@ -75,6 +75,45 @@ def test_jit_trace_under_no_grad_keeps_the_gradients():
     torch.testing.assert_close(got, model.lin.weight.grad)
 
 
+
+def test_jit_trace_keeps_the_index_value_checks():
+    # Under torch.jit.trace the value checks ran once, at trace time, and were not in the
+    # trace: a traced decode step then overflowed its cache silently (one of three new keys
+    # written) and a traced packed call took documents longer than its max_seqlen (0.81 off).
+    import warnings
+
+    H, D = 2, 8
+
+    def step(q, k_cache, v_cache, k, v, lengths):
+        return flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths,
+                                                    causal=True)
+
+    def cache_args(new, held):
+        return (torch.randn(1, new, H, D), torch.zeros(1, 8, H, D), torch.zeros(1, 8, H, D),
+                torch.randn(1, new, H, D), torch.randn(1, new, H, D), torch.tensor([held], dtype=torch.int32))
+
+    def attend(q, k, v, cu):
+        return flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, q.shape[0], q.shape[0], causal=True)
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # (TracerWarnings)
+        traced_step = torch.jit.trace(step, cache_args(3, 0), check_trace=False)  # (S_new: a constant of the trace)
+        traced_attend = torch.jit.trace(attend, (*(torch.randn(20, H, D) for _ in range(3)),
+                                                 torch.tensor([0, 5, 12, 20], dtype=torch.int32)), check_trace=False)
+        args = cache_args(3, 7)  # (errors come wrapped in TorchScript's RuntimeError)
+        with pytest.raises((ValueError, RuntimeError), match="cache_seqlens: entry 0 holds 7 keys"):
+            traced_step(*args)
+        assert not args[1].any()
+        q, k, v = (torch.randn(77, H, D) for _ in range(3))
+        # (the total and max_seqlen are constants of the trace: either check refuses)
+        with pytest.raises((ValueError, RuntimeError), match="cu_seqlens_q: must rise|max_seqlen_q: 20 is below"):
+            traced_attend(q, k, v, torch.tensor([0, 30, 31, 40, 50, 77], dtype=torch.int32))
+        with pytest.raises((ValueError, RuntimeError), match="cache_seqlens: entry 0 is negative"):
+            traced_step(*cache_args(3, -1))
+        good = cache_args(3, 2)
+        want = step(*(t.clone() for t in good))
+        torch.testing.assert_close(traced_step(*good), want)
+
 def test_compiled_decode_loop_with_an_int_cache_length_compiles_once(compiled_graphs):
     @torch.compile(backend=compiled_graphs.backend, fullgraph=True, dynamic=True)
     def step(q, k_cache, v_cache, k, v, n):
