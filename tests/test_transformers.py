@@ -510,3 +510,28 @@ def test_packed_documents_of_two_threads_stay_apart():
     finally:
         sys.setswitchinterval(interval)
     assert not wrong, f"{len(wrong)} lookups got another thread's documents, e.g. {wrong[0]}"
+
+
+def test_export_with_position_ids_down_to_two_tokens():
+    # The packed-documents search sliced (S - 1)-sized tensors, on which torch.export
+    # guards S >= 3: a model exported with sdpa at min=2 was refused with ours (a review).
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, position_ids):
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    model = _llama().eval()
+    model.config._attn_implementation = NAME
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    seq = torch.export.Dim("S", min=2, max=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(Logits(model), (ids, torch.arange(16)[None]),
+                                      dynamic_shapes=({1: seq}, {1: seq})).module()
+    with torch.no_grad():
+        for n, positions in ((2, torch.arange(2)[None]), (9, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]))):
+            torch.testing.assert_close(program(ids[:, :n], positions), Logits(model)(ids[:, :n], positions),
+                                       atol=1e-5, rtol=1e-4)

@@ -196,7 +196,9 @@ class PackedDocuments:
     def __init__(self, causal: bool, new_document: Tensor, sdpa_kwargs: Optional[dict] = None):
         """new_document (S,) bool: True where a document starts (position 0 included or not)."""
         self.causal = causal
-        starts = new_document[1:].nonzero().view(-1) + 1  # (one host sync per forward)
+        # (no (S - 1)-sized slices: torch.export would guard S >= 3 on them; one host sync per forward)
+        not_first = torch.arange(new_document.numel(), device=new_document.device) != 0
+        starts = (new_document & not_first).nonzero().view(-1)
         edges = torch.tensor([0, new_document.numel()], device=new_document.device)
         self.cu_seqlens = torch.cat([edges[:1], starts, edges[1:]]).to(torch.int32)
         self.length = new_document.numel()
@@ -235,8 +237,8 @@ _last_documents = threading.local()  # .entry: (position_ids, its _version (valu
 def _find_documents(position_ids: Tensor, causal: bool) -> Optional[PackedDocuments]:
     """The documents of position_ids (1, S), or None for one document."""
     positions = position_ids[0]
-    new_document = torch.ones_like(positions, dtype=torch.bool)
-    new_document[1:] = positions[1:] != positions[:-1] + 1
+    first = torch.arange(positions.numel(), device=positions.device) == 0
+    new_document = (positions != positions.roll(1) + 1) | first  # (no (S - 1)-sized slices, as above)
     docs = PackedDocuments(causal, new_document)
     return docs if docs.cu_seqlens.numel() > 2 else None
 
@@ -355,8 +357,8 @@ def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Ten
         if plain is not None:
             causal, document_ids = plain
             ids = document_ids.reshape(-1)
-            new_document = torch.ones_like(ids, dtype=torch.bool)
-            new_document[1:] = ids[1:] != ids[:-1]
+            first = torch.arange(ids.numel(), device=ids.device) == 0
+            new_document = (ids != ids.roll(1)) | first  # (no (S - 1)-sized slices: PackedDocuments)
             return PackedDocuments(causal, new_document, dict(kwargs, batch_size=batch_size, attention_mask=None))
     return sdpa_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
 
