@@ -480,21 +480,39 @@ def shares_memory(t: Tensor, *others: Tensor) -> bool:
 
 
 def elements_overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether views a and b of one storage have an element at one address. Exact for views
-    with the same element size, shape and strides (two caches cut from one buffer, side by
-    side or interleaved): the offset between them is walked down the strides, largest first
-    (each at most size - 1 steps), and lands on 0 where an element of one is one of the
-    other's. Views with other strides: whether their spans meet at their first elements
-    (the same start). Plain eager tensors only, as shares_memory."""
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or not a.numel() or not b.numel():
+    """Whether a and b (plain eager tensors, one device) have an element at one address.
+    Views with the same element size, shape and strides (two caches cut from one buffer, side
+    by side or interleaved, or one buffer seen through two storages): whether the distance
+    between their first elements is a sum of steps t_d * stride_d with |t_d| < size_d,
+    searched down the strides, largest first, each dim trying only the steps that leave the
+    rest reachable by the smaller ones (a few per dim; past a budget it answers yes).
+    Views with other strides: whether they start at one address."""
+    if not a.numel() or not b.numel() or a.device != b.device:
         return False
     if a.element_size() != b.element_size() or a.shape != b.shape or a.stride() != b.stride():
         return a.data_ptr() == b.data_ptr()
-    offset = abs(a.storage_offset() - b.storage_offset())
-    for size, stride in sorted(zip(a.shape, a.stride()), key=lambda d: -d[1]):
-        if stride > 0:
-            offset -= min(offset // stride, size - 1) * stride
-    return offset == 0
+    item = a.element_size()
+    dims = sorted(((n - 1, s) for n, s in zip(a.shape, a.stride()) if n > 1 and s > 0), key=lambda d: -d[1])
+    reach = [0] * (len(dims) + 1)  # reach[i]: the farthest dims i.. can step
+    for i in range(len(dims) - 1, -1, -1):
+        reach[i] = reach[i + 1] + dims[i][0] * dims[i][1]
+    distance = b.data_ptr() - a.data_ptr()
+    if distance % item:  # (elements that straddle each other's: whether the byte spans meet)
+        return abs(distance) < (reach[0] + 1) * item
+    budget = [10_000]
+
+    def reachable(i: int, rest: int) -> bool:
+        if rest == 0:
+            return True
+        if i == len(dims) or budget[0] <= 0:
+            return i < len(dims)
+        budget[0] -= 1
+        steps, stride = dims[i]
+        lo = max(-steps, -((reach[i + 1] - rest) // stride))  # ceil((rest - reach) / stride)
+        hi = min(steps, (rest + reach[i + 1]) // stride)
+        return any(reachable(i + 1, rest - t * stride) for t in range(lo, hi + 1))
+
+    return reachable(0, distance // item)
 
 
 def expanded(t: Tensor) -> bool:

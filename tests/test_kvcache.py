@@ -539,10 +539,13 @@ def test_caches_whose_memory_is_shared_are_refused():
     assert not shared.any() and not cache.any()
     # Views of one buffer one element apart (a review: the values' append overwrote the keys
     # just written, silently); views side by side or interleaved share no element and work.
-    buf = torch.zeros(2, 4, 2, 9)
-    with pytest.raises(ValueError, match="k_cache, v_cache: the same memory"), torch.no_grad():
-        flashattn_py.flash_attn_with_kvcache(q, buf[..., :8], buf[..., 1:], new, new, cache_seqlens=1)
-    assert not buf.any()
+    buf, grid, numpy_buf = torch.zeros(2, 4, 2, 9), torch.zeros(17, 10), torch.zeros(3, 4, 2, 8).numpy()
+    for k_cache, v_cache in ((buf[..., :8], buf[..., 1:]),
+                             (grid[:-1, 2:].reshape(2, 4, 2, 8), grid[1:, :8].reshape(2, 4, 2, 8)),  # (a step each way)
+                             (torch.from_numpy(numpy_buf)[1:], torch.from_numpy(numpy_buf[1:]))):  # (two storages)
+        with pytest.raises(ValueError, match="k_cache, v_cache: the same memory"), torch.no_grad():
+            flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=1)
+    assert not buf.any() and not grid.any() and not numpy_buf.any()
     for k_cache, v_cache in ((lambda b: (b[..., :8], b[..., 8:]))(torch.zeros(2, 4, 2, 16)),
                              (lambda b: (b[0], b[1]))(torch.zeros(2, 2, 4, 2, 8))):
         with torch.no_grad():
