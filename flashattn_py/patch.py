@@ -61,8 +61,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _original: Optional[Callable] = None
 _depth = 0
 _generation = 0  # bumped by unpatch_sdpa(), which ends every outstanding handle
-# Held while the three above change (handles opened and closed on several threads; free-threaded
-# Python interleaves a read-modify-write of _depth).
+# Held while the three above change (handles opened and closed on several threads: a thread
+# switch inside the read-modify-write of _depth would lose a count).
 _lock = threading.Lock()
 
 

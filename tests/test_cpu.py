@@ -119,7 +119,7 @@ def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, cpu_switch):
 
 
 
-@pytest.mark.parametrize("dtype, path", [(torch.float64, "tiles"), (torch.float32, "blas")])
+@pytest.mark.parametrize("dtype, path", [(torch.float64, "default"), (torch.float32, "blas")])  # (float64: BLAS)
 @pytest.mark.parametrize("overlap", ["expanded", "rows_8_apart"])
 def test_compiled_ops_take_key_rows_closer_than_their_length(dtype, path, overlap, cpu_switch):
     # Rows under a row's length apart (legal views) reach the compiled ops uncopied where

@@ -161,7 +161,8 @@ struct BlasOperands {
 
   // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c. (fewest: the
   // fewest of these keys a row sees, for the operands that round P: Bf16PairOperands.
-  // fresh: o_r = the sum, o's rows not zeroed, where the operands say OVERWRITES.)
+  // fresh: o_r = the sum, O not zeroed before, for operands whose OVERWRITES is true; not
+  // these, whose O run_fwd zeroes.)
   static constexpr bool OVERWRITES = false;
   void accumulate(int64_t rows, const acc* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, acc* o,
                   int64_t ldo, bool /*fresh*/) const {
@@ -780,9 +781,10 @@ void run_fwd(const FlashParams& p) {
     // run of neighbouring blocks, which it then reads front to back.
     const int64_t first_col = keys.lo / 16 * 16;
     const int64_t seq_blocks = keys.hi > first_col ? (keys.hi - first_col + block_k - 1) / block_k : 0;
-    // Over one key block (short sequences, packed documents) a row's O gets one P V (per
-    // panel its rows are in): where the operands can store that product instead of adding
-    // it, O is not zeroed first (a row no panel reaches has l = 0: written as zeros).
+    // Over one key block (short sequences, packed documents) a row's O gets one P V, from
+    // the one panel the row is in: where the operands can store that product instead of
+    // adding it, O is not zeroed first (a row whose panel is skipped has l = 0: written as
+    // zeros, its O not read).
     const bool fresh = KV::OVERWRITES && splits == 1 && seq_blocks <= 1;
 
     auto q_rows = [&](int64_t h) { return q + sv.q_offset + h * p.q_head_stride + row0 * p.q_row_stride; };

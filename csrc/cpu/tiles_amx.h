@@ -279,11 +279,11 @@ inline void qk_block(int64_t rows, const uint32_t* q, const uint32_t* k, int64_t
   }
 }
 
-// o[r][0, 16 dv_panels) += sum over pairs i < n2 of a[r * lda + i] . (B panels of 16
-// columns at v, panel_stride apart, pair i of column c at [i * ldb + c]) for r < rows: e.g.
-// P pairs from tiles_bf16::to_pairs times V pair panels (ldb 16). 16 rows readable from a
-// at every 16th row, as qk_block's q; rows that are whole tiles are added in place. With
-// `overwrite`, o = the sum (o's prior values neither read nor needed).
+// o[r][0, 16 dv_panels) += (with `overwrite`: =) sum over pairs i < n2 of a[r * lda + i] .
+// (B panels of 16 columns at v, panel_stride apart, pair i of column c at [i * ldb + c]) for
+// r < rows: e.g. P pairs from tiles_bf16::to_pairs times V pair panels (ldb 16). 16 rows
+// readable from a at every 16th row, as qk_block's q; rows that are whole tiles are added in
+// place (o's prior values neither read nor needed with `overwrite`).
 inline void pv_block(int64_t rows, const uint32_t* a, int64_t lda, const uint32_t* v, int64_t ldb, int64_t panel_stride,
                      int64_t n2, int64_t dv_panels, float* o, int64_t ldo, bool overwrite = false) {
   if (n2 <= 0) return;
