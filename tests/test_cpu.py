@@ -121,7 +121,8 @@ def test_tiles_and_blas_paths(path, dtype, seqlens, head_dim, cpu_switch):
 
 @pytest.mark.parametrize("dtype, path", [(torch.float64, "default"), (torch.float32, "blas")])  # (float64: BLAS)
 @pytest.mark.parametrize("overlap", ["expanded", "rows_8_apart"])
-def test_compiled_ops_take_key_rows_closer_than_their_length(dtype, path, overlap, cpu_switch):
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_compiled_ops_take_rows_closer_than_their_length(dtype, path, overlap, which, cpu_switch):
     # Rows under a row's length apart (legal views) reach the compiled ops uncopied where
     # the Python layer is not there to copy them (an exported program, a direct call):
     # BLAS refused such leading dimensions (MKL printed an error and left the scores
@@ -132,24 +133,26 @@ def test_compiled_ops_take_key_rows_closer_than_their_length(dtype, path, overla
         cpu_switch("FLASHATTN_CPU_TILES", "0")
     g = torch.Generator().manual_seed(11)
     B, S, H, D = 1, 40, 2, 64
-    q, v, dout = (torch.randn(B, S, H, D, generator=g, dtype=dtype) for _ in range(3))
+    given = {name: torch.randn(B, S, H, D, generator=g, dtype=dtype) for name in ("q", "k", "v", "dout")}
     if overlap == "expanded":
-        k = torch.randn(B, 1, H, D, generator=g, dtype=dtype).expand(B, S, H, D)
+        given[which] = torch.randn(B, 1, H, D, generator=g, dtype=dtype).expand(B, S, H, D)
     else:
-        k = torch.randn(B * S * H * D, generator=g, dtype=dtype).as_strided((B, S, H, D), (S * H * D, 8, D, 1))
+        rows = torch.randn(B * S * H * D, generator=g, dtype=dtype)
+        given[which] = rows.as_strided((B, S, H, D), (S * H * D, 8, D, 1))
 
-    def call(op, spec, **given):  # the compiled op, arguments by name, the others at the spec's defaults
-        return op(*(given[a.name] if a.name in given else spec.args[spec.index[a.name]].default
+    def call(op, spec, **args):  # the compiled op, arguments by name, the others at the spec's defaults
+        return op(*(args[a.name] if a.name in args else spec.args[spec.index[a.name]].default
                     for a in op.default._schema.arguments))
 
-    def forward_and_backward(k):
+    def forward_and_backward(q, k, v, dout):
         out, lse = call(torch.ops.flashattn.fwd, ops.FWD, q=q, k=k, v=v, scale=D ** -0.5)
         grads = call(torch.ops.flashattn.bwd, ops.BWD, dout=dout, q=q, k=k, v=v, out=out, lse=lse, scale=D ** -0.5,
                      deterministic=False, bias_requires_grad=False)
         return (out, lse, *grads[:3])
 
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for got, want in zip(forward_and_backward(k), forward_and_backward(k.contiguous())):
+    copied = {name: t.contiguous() for name, t in given.items()}
+    for got, want in zip(forward_and_backward(**given), forward_and_backward(**copied)):
         assert (got - want).abs().max().item() < tol
 
 
