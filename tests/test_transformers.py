@@ -535,3 +535,31 @@ def test_export_with_position_ids_down_to_two_tokens():
         for n, positions in ((2, torch.arange(2)[None]), (9, torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]]))):
             torch.testing.assert_close(program(ids[:, :n], positions), Logits(model)(ids[:, :n], positions),
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_reaches_every_path():
+    # Under autocast a model's q and k can leave RoPE in float32 beside a bfloat16 v: sdpa
+    # casts all three, but the packed-documents and the attention-sinks paths called the
+    # flash_attn_* functions as they were, which refused the mixed dtypes (a review).
+    class Module:
+        is_causal = True
+
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 4, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
+    v = torch.randn(1, 2, 9, 16, generator=g).bfloat16()
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    sinks = torch.tensor([2.0, -1.0, 3.0, 0.5])
+    for kwargs in (dict(position_ids=position_ids), dict(s_aux=sinks)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = flashattn_attention_forward(Module(), q, k, v, None, **kwargs)
+        want, _ = flashattn_attention_forward(Module(), q.bfloat16(), k.bfloat16(), v, None, **kwargs)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, want)
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=g)
+    losses = {}
+    for impl, copy_ in _with_each_impl(model, ("sdpa", NAME)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl] = copy_(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False).loss
+        losses[impl].backward()
+    torch.testing.assert_close(losses[NAME], losses["sdpa"], atol=2e-3, rtol=1e-3)

@@ -72,6 +72,9 @@ def flashattn_attention_forward(
     for name in ("position_bias", "block_indices"):
         if kwargs.get(name) is not None:
             raise ArgumentError(f"{name}: not supported by the flashattn_py transformers backend (use eager)")
+    # Under autocast, as sdpa gets them (a model's q and k can leave RoPE in float32 beside a
+    # 16-bit v): every path below, the flash_attn_* calls too, in the autocast dtype.
+    query, key, value, _ = api._autocast(query, key, value, None)
     q_len = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if kwargs.get("indices") is not None:
