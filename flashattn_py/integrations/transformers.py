@@ -197,7 +197,8 @@ class PackedDocuments:
     does not serve."""
 
     def __init__(self, causal: bool, new_document: Tensor, sdpa_kwargs: Optional[dict] = None):
-        """new_document (S,) bool: True where a document starts (position 0 included or not)."""
+        """new_document (S,) bool: True where a document starts (position 0's value is not read:
+        one always starts there)."""
         self.causal = causal
         # (no (S - 1)-sized slices: torch.export would guard S >= 3 on them; one host sync per forward)
         not_first = torch.arange(new_document.numel(), device=new_document.device) != 0
@@ -240,9 +241,7 @@ _last_documents = threading.local()  # .entry: (position_ids, its _version (valu
 def _find_documents(position_ids: Tensor, causal: bool) -> Optional[PackedDocuments]:
     """The documents of position_ids (1, S), or None for one document."""
     positions = position_ids[0]
-    first = torch.arange(positions.numel(), device=positions.device) == 0
-    new_document = (positions != positions.roll(1) + 1) | first  # (no (S - 1)-sized slices, as above)
-    docs = PackedDocuments(causal, new_document)
+    docs = PackedDocuments(causal, positions != positions.roll(1) + 1)  # (no (S - 1)-sized slices, as above)
     return docs if docs.cu_seqlens.numel() > 2 else None
 
 
@@ -360,9 +359,8 @@ def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Ten
         if plain is not None:
             causal, document_ids = plain
             ids = document_ids.reshape(-1)
-            first = torch.arange(ids.numel(), device=ids.device) == 0
-            new_document = (ids != ids.roll(1)) | first  # (no (S - 1)-sized slices: PackedDocuments)
-            return PackedDocuments(causal, new_document, dict(kwargs, batch_size=batch_size, attention_mask=None))
+            return PackedDocuments(causal, ids != ids.roll(1),  # (no (S - 1)-sized slices: PackedDocuments)
+                                   dict(kwargs, batch_size=batch_size, attention_mask=None))
     return sdpa_mask(batch_size, *args, attention_mask=attention_mask, **kwargs)
 
 
