@@ -56,10 +56,12 @@ struct FlashParams {
   int64_t diag_offset = 0;       // Sk - Sq (bottom-right) or 0 (top-left)
   bool deterministic = false;    // backward: reproducible accumulation order
 
-  // Float bias (added; the input's element type) or bool mask (true = attend), read as
-  // (B, H, Sq, Sk) through strides (0 on broadcast dims); nullptr when off.
+  // Float bias (added; the input's element type, or float32 with 16-bit inputs as torch's
+  // SDPA takes it: bias_is_float32) or bool mask (true = attend), read as (B, H, Sq, Sk)
+  // through strides (0 on broadcast dims); nullptr when off.
   const void* bias = nullptr;
   bool bias_is_bool = false;
+  bool bias_is_float32 = false;
   int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
 
   // Dropout on P: keep with probability 1 - dropout_p, scale kept values by 1/(1-p). The

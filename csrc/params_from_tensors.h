@@ -358,11 +358,16 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
                         m.size(3) == p.seqlen_k,
                     "flashattn: attn_bias must be (B, H, Sq, Sk) = (", p.batch, ", ", p.num_heads, ", ", p.seqlen_q,
                     ", ", p.seqlen_k, ") (broadcast dims with stride 0), got ", m.sizes_str());
-    STD_TORCH_CHECK(m.dtype == codes().b || m.dtype == q.dtype, "flashattn: attn_bias must be bool or ",
-                    dtype_name(q.dtype), ", got ", dtype_name(m.dtype));
+    // (float32 with 16-bit inputs is read as float32, not rounded to their dtype: torch's
+    // SDPA takes such masks and adds them in float)
+    const bool float32_bias = m.dtype == codes().f32 && (q.dtype == codes().bf16 || q.dtype == codes().f16);
+    STD_TORCH_CHECK(m.dtype == codes().b || m.dtype == q.dtype || float32_bias, "flashattn: attn_bias must be bool or ",
+                    dtype_name(q.dtype), (q.dtype == codes().bf16 || q.dtype == codes().f16 ? " or Float" : ""),
+                    ", got ", dtype_name(m.dtype));
     STD_TORCH_CHECK(m.same_device(q), "flashattn: attn_bias must be on ", q.device_str(), ", got ", m.device_str());
     p.bias = m.data;
     p.bias_is_bool = m.dtype == codes().b;
+    p.bias_is_float32 = float32_bias;
     p.bias_batch_stride = m.stride(0), p.bias_head_stride = m.stride(1);
     p.bias_row_stride = m.stride(2), p.bias_col_stride = m.stride(3);
   }

@@ -1002,9 +1002,11 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
         )
     mask4 = None
     if attn_mask is not None:
-        if attn_mask.dtype == torch.float32 and query.dtype in _FLOAT_DTYPES:  # (torch takes float32 masks too)
+        # (torch takes float32 masks with any float query: the kernels read them as float32
+        # with 16-bit inputs, as torch does; float64 inputs get them widened, exactly)
+        if attn_mask.dtype == torch.float32 and query.dtype == torch.float64:
             attn_mask = attn_mask.to(query.dtype)
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             raise ArgumentError(
                 f"attn_mask: Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                 f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead."

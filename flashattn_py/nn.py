@@ -43,11 +43,14 @@ def _warn_need_weights_once() -> None:
 
 def _sdpa_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """One torch-MHA mask (bool True = masked out, or float additive) as an SDPA mask
-    (bool True = attend, or float additive in ``dtype``)."""
+    (bool True = attend, or float additive in ``dtype``; a float32 one stays float32 with
+    16-bit inputs, as torch's module passes it to SDPA, which adds it in float32)."""
     if mask.dtype == torch.bool:
         return ~mask
     if not mask.is_floating_point():
         raise ArgumentError(f"attn_mask / key_padding_mask: expected bool or floating dtype, got {mask.dtype}")
+    if mask.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return mask
     return mask.to(dtype)
 
 

@@ -330,3 +330,19 @@ def test_flash_modules_positional_order_and_cast_models():
     assert torch.equal(cast(qkv), want)
     half = cross.half()
     assert torch.isfinite(half(q.half(), kv.half())).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mha_float32_mask_with_16_bit_weights_is_read_as_float32(dtype):
+    # torch's module hands a float32 attn_mask to SDPA as it is (added in float32 there);
+    # rounded to bf16 a bias near 200 loses its differences (bf16 steps by 1 there).
+    n, tgt, src = 2, 7, 9
+    t64, _ = _pair(torch.float64, 5)
+    tlow, olow = _pair(dtype, 5)
+    inputs = _inputs(n, tgt, src, E, E, False, 5)
+    mask = torch.randn(tgt, src, generator=torch.Generator().manual_seed(6)) * 2 + 200
+    with torch.no_grad():
+        ref = t64(*(x.double() for x in inputs), attn_mask=mask.double(), need_weights=False)[0]
+        naive = tlow(*(x.to(dtype) for x in inputs), attn_mask=mask, need_weights=False)[0]
+        got = olow(*(x.to(dtype) for x in inputs), attn_mask=mask, need_weights=False)[0]
+    assert_rule("out", got, ref, naive, OUT_FACTOR)

@@ -298,18 +298,30 @@ def test_strides_of_size_one_dims(entry, layout, dtype):
 
 @pytest.mark.parametrize("entry", list(SDPAS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_float32_mask_with_another_query_dtype(entry, dtype):
+@pytest.mark.parametrize("bias", ["unit", "large"])
+def test_float32_mask_with_another_query_dtype(entry, dtype, bias):
+    # torch reads a float32 mask as float32 whatever the query's dtype. Rounded to bf16 a
+    # bias near 200 loses its differences (bf16 steps by 1 there): outputs were 0.56 off
+    # float64 where torch's own bf16 call is 0.008 off.
     gen = torch.Generator().manual_seed(10)
     q, k, v = (torch.randn(2, 4, 9, 16, generator=gen).to(dtype) for _ in range(3))
-    mask = torch.randn(9, 9, generator=gen)
-    want = TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=mask.to(dtype).double())
+    mask = torch.randn(9, 9, generator=gen) * (2 if bias == "large" else 1) + (200 if bias == "large" else 0)
+    mine, exact, naive = ([t.detach().to(to).requires_grad_() for t, to in zip((q, k, v, mask), dtypes)]
+                          for dtypes in ((dtype,) * 3 + (torch.float32,), (torch.float64,) * 4, (dtype,) * 3 + (torch.float32,)))
     served = fpatch.stats.served
-    got = SDPAS[entry](q, k, v, attn_mask=mask)
+    got = SDPAS[entry](*mine[:3], attn_mask=mine[3])
     assert got.dtype == dtype
     if entry == "patched":
         assert fpatch.stats.served == served + 1
-    naive = TORCH_SDPA(q, k, v, attn_mask=mask)  # torch's own in the input dtype
-    assert (got.double() - want).abs().max() <= 2 * (naive.double() - want).abs().max() + 1e-6
+    want = TORCH_SDPA(*exact[:3], attn_mask=exact[3])
+    low = TORCH_SDPA(*naive[:3], attn_mask=naive[3])  # torch's own in the input dtype
+    assert_rule("out", got, want, low, 2)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for out in (got, want, low):
+        out.backward(dout.to(out.dtype))
+    assert mine[3].grad.dtype == torch.float32
+    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), mine, exact, naive):
+        assert_rule(name, a.grad, b.grad, c.grad, 3)
 
 
 def test_cpu_selection_without_flash_is_math_only():

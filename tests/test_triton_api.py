@@ -85,3 +85,23 @@ def test_torch_func_and_vmap_triton():
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, want[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_float32_mask_with_fp16_inputs_triton():
+    # A float32 mask is read as float32 (as torch's SDPA and the CPU kernels do), not
+    # rounded to fp16: a bias near 200 keeps its differences (fp16 steps by 0.125 there).
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 21, 16, generator=gen).half() for _ in range(3))
+    mask = torch.randn(2, 1, 21, 21, generator=gen) * 0.05 + 200
+    exact = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    mine = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    want = torch.nn.functional.scaled_dot_product_attention(*exact[:3], attn_mask=exact[3])
+    with flashattn_py.use_backend("triton"):
+        got = flashattn_py.scaled_dot_product_attention(*mine[:3], attn_mask=mine[3])
+    low = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # torch's own fp16 call
+    assert (got.double() - want).abs().max() <= 2 * (low.double() - want).abs().max() + 1e-6
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    got.backward(dout.half())
+    want.backward(dout)
+    assert mine[3].grad.dtype == torch.float32
+    assert (mine[3].grad.double() - exact[3].grad).abs().max() <= 0.02 * exact[3].grad.abs().max()

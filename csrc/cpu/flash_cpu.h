@@ -421,8 +421,9 @@ inline float alibi_slope(const FlashParams& p, int64_t b, int64_t h) {
 // The bias / mask entries of one query row: element j at ptr[j * col_stride].
 template <typename T>
 struct BiasRow {
-  const T* add = nullptr;      // float bias
-  const bool* keep = nullptr;  // bool mask
+  const T* add = nullptr;        // float bias in the inputs' element type
+  const float* add32 = nullptr;  // float bias in float32 (16-bit inputs: bias_is_float32)
+  const bool* keep = nullptr;    // bool mask
   int64_t col_stride = 0;
 };
 
@@ -433,6 +434,8 @@ inline BiasRow<T> bias_row(const FlashParams& p, int64_t b, int64_t h, int64_t i
   const int64_t off = b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride;
   if (p.bias_is_bool) {
     row.keep = static_cast<const bool*>(p.bias) + off;
+  } else if (p.bias_is_float32) {
+    row.add32 = static_cast<const float*>(p.bias) + off;
   } else {
     row.add = static_cast<const T*>(p.bias) + off;
   }
@@ -563,13 +566,18 @@ inline void transform_scores(const FlashParams& p, const Band& w, acc* s, int64_
     for (int32_t c = 0; c < cols; ++c) s[c] -= sl * static_cast<acc>(std::fabs(base - static_cast<double>(c)));
   }
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
-  if (bias.add) {
-    const T* add = bias.add + j0 * bias.col_stride;
+  auto add_bias = [&](const auto* add) {
+    add += j0 * bias.col_stride;
     if (bias.col_stride == 1) {
       for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(add[c]);
     } else {
       for (int64_t c = 0; c < n; ++c) s[c] += static_cast<acc>(add[c * bias.col_stride]);
     }
+  };
+  if (bias.add) {
+    add_bias(bias.add);
+  } else if (bias.add32) {
+    add_bias(bias.add32);
   } else if (bias.keep) {
     const bool* keep = bias.keep + j0 * bias.col_stride;
     if (bias.col_stride == 1) {

@@ -425,6 +425,7 @@ template <typename T>
 __device__ __forceinline__ float add_bias_log2(const FlashParams& p, int64_t base, int64_t i, int64_t j, float x) {
   const int64_t o = base + i * p.bias_row_stride + j * p.bias_col_stride;
   if (p.bias_is_bool) return static_cast<const unsigned char*>(p.bias)[o] ? x : -INFINITY;
+  if (p.bias_is_float32) return x + static_cast<const float*>(p.bias)[o] * kLog2e;
   return x + Elem<T>::to_float(static_cast<const T*>(p.bias)[o]) * kLog2e;
 }
 
