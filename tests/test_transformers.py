@@ -563,3 +563,29 @@ def test_autocast_reaches_every_path():
             losses[impl] = copy_(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False).loss
         losses[impl].backward()
     torch.testing.assert_close(losses[NAME], losses["sdpa"], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_float32_mask_with_bf16_states_is_read_as_float32(sinks):
+    # transformers' sdpa hands a float32 mask (an autocast model's) to torch, which adds it
+    # in float32 to bf16 scores; ours rounded it to bf16 first (a bias near 200 lost its
+    # differences: bf16 steps by 1 there), with or without gpt-oss's sinks.
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 6, 16, generator=gen)
+    k, v = torch.randn(2, 2, 6, 16, generator=gen), torch.randn(2, 2, 6, 16, generator=gen)
+    mask = torch.randn(2, 1, 6, 6, generator=gen) * 2 + 200
+    s_aux = torch.tensor([2.0, -1.0, 3.0, 0.5])
+    kwargs = dict(s_aux=s_aux) if sinks else {}
+
+    def formula(q, k, v, mask):  # transformers' eager attention with sinks, as the truth
+        scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 4 + mask
+        if sinks:
+            scores = torch.cat([scores, s_aux.to(scores.dtype).view(1, 4, 1, 1).expand(2, 4, 6, 1)], -1)
+        probs = scores.softmax(-1)[..., :6]
+        return (probs.to(v.dtype) @ v.repeat_interleave(2, 1)).transpose(1, 2)
+
+    want = formula(q.double(), k.double(), v.double(), mask.double())
+    low = formula(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # bf16 products, the mask in float32
+    got, _ = flashattn_attention_forward(_Module(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.25,
+                                         **kwargs)
+    assert_rule("out", got, want, low, OUT_FACTOR)
