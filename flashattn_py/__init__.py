@@ -13,6 +13,7 @@ from .api import (
     flash_attn_varlen_qkvpacked_func,
     scaled_dot_product_attention,
     varlen_attn,
+    varlen_attn_out,
 )
 from . import nn
 from .kvcache import flash_attn_with_kvcache
@@ -51,5 +52,6 @@ __all__ = [
     "unpatch_sdpa",
     "use_backend",
     "varlen_attn",
+    "varlen_attn_out",
 ]
 __version__ = "0.1.0"

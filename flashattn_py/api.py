@@ -7,6 +7,7 @@ Two conventions, one computation (docs/design.md, "What every backend computes")
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -603,17 +604,39 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     # only sized buffers, to crashes at 2**62; the dropout stream's rows are this long)
     max_seqlen_q = at_most(max_seqlen_q, q.shape[0])
     max_seqlen_k = at_most(max_seqlen_k, _packed_keys(k, block_table))
-    if paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
-        raise ArgumentError(f"{n['block_table']}: paged K/V is forward-only (inference); call it under "
-                            f"torch.no_grad() or with tensors that do not require grad")
-    out, lse = ops.attention(
-        q4, k4, v4, scale=scale, softcap=float(softcap),
-        alibi_slopes=alibi_slopes, window_left=window[0], window_right=window[1], diag_offset=0,
-        dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
-    )
+    # Paged K/V has no backward. torch's varlen_attn refuses such a call with inputs that need
+    # a gradient; flash-attn's varlen function computes it and fails in the backward (code
+    # run for inference outside no_grad works): so do the flash-attn forms here.
+    no_backward = paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
+    message = (f"{n['block_table']}: paged K/V is forward-only (inference); call it under torch.no_grad() or "
+               f"with tensors that do not require grad")
+    if no_backward and names is TORCH_VARLEN_NAMES:
+        raise ArgumentError(message)
+    with torch.no_grad() if no_backward else contextlib.nullcontext():
+        out, lse = ops.attention(
+            q4, k4, v4, scale=scale, softcap=float(softcap),
+            alibi_slopes=alibi_slopes, window_left=window[0], window_right=window[1], diag_offset=0,
+            dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
+        )
+    if no_backward:
+        out = _NoBackward.apply(out, message, q, k, v)
     return out.squeeze(0), lse.squeeze(0)  # (views: no select_backward copying the packed gradient)
+
+
+class _NoBackward(torch.autograd.Function):
+    """``out`` (computed without a graph) in the graph of ``inputs``, whose backward raises
+    ``message``: a call with no backward that fails where its gradient is asked for."""
+
+    @staticmethod
+    def forward(ctx, out, message, *inputs):
+        ctx.message = message
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise ArgumentError(ctx.message)
 
 
 def _jagged_parts(name: str, t: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -699,8 +722,9 @@ def flash_attn_varlen_func(
 
     Returns:
         out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) float32 (float64
-        for float64 inputs) and a list of per-sequence probabilities (H, Sq_b, Sk_b) from the
-        reference (debugging only).
+        for float64 inputs) and the probabilities (B, H, max_seqlen_q, max_seqlen_k) from the
+        reference, sequence b's in [b, :, :Sq_b, :Sk_b], zeros past them (flash-attn's shape but
+        for its rounding of the lengths up to 128; debugging only).
 
     Values of cu_seqlens / block_table are checked (ValueError) for CPU tensors; for GPU
     tensors only with ``FLASHATTN_CHECK_INPUTS=1`` (that reads them back to the host), the
@@ -715,9 +739,10 @@ def flash_attn_varlen_func(
     # (the window the kernels applied)
     window = (window[0], _varlen_right_side(window, _length("max_seqlen_q", max_seqlen_q),
                                             _length("max_seqlen_k", max_seqlen_k), q, k, block_table))
-    probs = []
+    batch = cu_seqlens_q.shape[0] - 1
+    probs = q.new_zeros((batch, q.shape[1], int(max_seqlen_q), int(max_seqlen_k)))
     with torch.no_grad(), ops.formula_dtype(q.device):
-        for b in range(cu_seqlens_q.shape[0] - 1):
+        for b in range(batch):
             q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
             kb = sequence_keys(k if block_table is not None else k.unsqueeze(0), b, cu_seqlens_k, None, block_table)
             vb = sequence_keys(v if block_table is not None else v.unsqueeze(0), b, cu_seqlens_k, None, block_table)
@@ -725,7 +750,7 @@ def flash_attn_varlen_func(
             _, _, pb = attention_ref(q[q0:q1].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), scale=softmax_scale,
                                      softcap=float(softcap), alibi_slopes=slopes, window_left=window[0],
                                      window_right=window[1], bottom_right=True, return_probs=True)
-            probs.append(pb[0])
+            probs[b, :, :pb.shape[2], :pb.shape[3]] = pb[0]
     return out, lse, probs
 
 
@@ -777,6 +802,33 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
                        alibi_slopes=None, deterministic=False, backend=backend, names=TORCH_VARLEN_NAMES)
     if return_aux is not None and getattr(return_aux, "lse", False):
         return out, lse
+    return out
+
+
+def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
+                    cu_seq_k: Optional[Tensor], max_q: int, max_k: int, *, return_aux=None,
+                    scale: Optional[float] = None, window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False,
+                    seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                    num_splits: Optional[int] = None, backend: str = "auto"):
+    """``torch.nn.attention.varlen.varlen_attn_out`` (torch 2.13): ``varlen_attn`` writing its
+    output into ``out`` (T_q, H, Dv), of query's dtype and device; returns ``out`` (with
+    ``return_aux`` asking for lse, ``(out, lse)``). ``out`` is checked before anything runs
+    and written only once the attention is computed (so it may alias the inputs); gradients
+    flow through ``out`` as through ``varlen_attn``'s result."""
+    if not isinstance(out, Tensor):
+        raise ArgumentError(f"out: expected a tensor, got {type(out).__name__}")
+    _check_tensors(("query", "value"), query, value)
+    expected = (query.shape[0], query.shape[1], value.shape[-1])
+    if tuple(out.shape) != expected or out.dtype != query.dtype or out.device != query.device:
+        raise ArgumentError(f"out: expected shape {expected}, dtype {query.dtype} on {query.device} (query's), got "
+                            f"shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}")
+    result = varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux, scale=scale,
+                         window_size=window_size, enable_gqa=enable_gqa, seqused_k=seqused_k,
+                         block_table=block_table, num_splits=num_splits, backend=backend)
+    if isinstance(result, tuple):
+        out.copy_(result[0])
+        return out, result[1]
+    out.copy_(result)
     return out
 
 

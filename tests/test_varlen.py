@@ -226,6 +226,39 @@ def test_varlen_seqused_k_and_lse():
     assert torch.equal(out[11:], torch.zeros_like(out[11:]))
 
 
+def test_varlen_attn_out_writes_into_out():
+    # torch 2.13's varlen_attn_out: varlen_attn's result in a preallocated out, the same
+    # keywords; a wrong out is refused before anything is written.
+    import inspect
+    from torch.nn.attention import varlen as torch_varlen
+    theirs = inspect.signature(torch_varlen.varlen_attn_out).parameters
+    ours = inspect.signature(flashattn_py.varlen_attn_out).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    lens_q, lens_k = [4, 7, 2], [10, 7, 9]
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, v = (t[0] for t in packed_qkv(lens_q, lens_k, 4, 2, 16, torch.float32, 6))
+    kwargs = dict(window_size=(-1, 0), enable_gqa=True)
+    want, want_lse = flashattn_py.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, return_aux=AuxRequest(lse=True), **kwargs)
+    out = torch.full_like(want, float("nan"))
+    got = flashattn_py.varlen_attn_out(out, q, k, v, cu_q, cu_k, 7, 10, **kwargs)
+    assert got is out and torch.equal(out, want)
+    out.fill_(float("nan"))
+    got, lse = flashattn_py.varlen_attn_out(out, q, k, v, cu_q, cu_k, 7, 10, return_aux=AuxRequest(lse=True),
+                                            **kwargs)
+    assert got is out and torch.equal(out, want) and torch.equal(lse, want_lse)
+    for bad in (torch.empty(13, 4, 8), torch.empty(13, 4, 16, dtype=torch.float64), torch.empty(12, 4, 16)):
+        bad.fill_(7.0)
+        with pytest.raises(ValueError, match="out: expected shape"):
+            flashattn_py.varlen_attn_out(bad, q, k, v, cu_q, cu_k, 7, 10, **kwargs)
+        assert (bad == 7.0).all()
+    # gradients flow through out, as through varlen_attn's result
+    q.requires_grad_()
+    out = torch.empty_like(want)
+    flashattn_py.varlen_attn_out(out, q, k, v, cu_q, cu_k, 7, 10, **kwargs).sum().backward()
+    want_grad, = torch.autograd.grad(flashattn_py.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, **kwargs).sum(), q)
+    torch.testing.assert_close(q.grad, want_grad)
+
+
 @pytest.mark.parametrize("page_size", [1, 3, 16, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_kv_any_page_size(page_size, dtype):
@@ -294,11 +327,23 @@ def test_dense_q_with_paged_cache_and_seqused_k():
 
 
 def test_paged_backward_is_refused():
+    # flash-attn's paged varlen function runs the forward of inputs that need a gradient (a
+    # model run for inference outside no_grad) and fails in the backward; torch's
+    # varlen_attn refuses the call itself.
     q = torch.randn(4, 2, 8, requires_grad=True)
     pool = torch.randn(3, 2, 2, 8)
+    table = torch.tensor([[0, 2, 1]], dtype=torch.int32)
+    out = flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]), 4, 5, block_table=table)
+    with torch.no_grad():
+        want = flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]), 4, 5,
+                                                   block_table=table)
+    assert torch.equal(out, want) and out.requires_grad
     with pytest.raises(ValueError, match="block_table: paged K/V is forward-only"):
-        flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]), 4, 5,
-                                            block_table=torch.tensor([[0, 2, 1]], dtype=torch.int32))
+        out.sum().backward()
+    assert q.grad is None
+    with pytest.raises(ValueError, match="block_table: paged K/V is forward-only"):
+        flashattn_py.varlen_attn(q, pool, pool, offsets([4]), None, 4, 5, seqused_k=torch.tensor([5], dtype=torch.int32),
+                                 block_table=table)
 
 
 def test_one_kernel_call_for_many_sequences():
@@ -371,10 +416,16 @@ def test_varlen_lse_and_packed_forms():
     qkv = torch.randn(sum(lens), 3, 2, 8)
     out, lse, probs = flashattn_py.flash_attn_varlen_qkvpacked_func(qkv, cu, 11, causal=True, return_attn_probs=True)
     assert out.shape == (21, 2, 8) and lse.shape == (2, 21)
-    assert [p.shape for p in probs] == [(2, 4, 4), (2, 11, 11), (2, 6, 6)]
+    # (flash-attn's one padded tensor (B, H, max_q, max_k): sequence b's in [b, :, :Sq_b, :Sk_b])
+    assert probs.shape == (3, 2, 11, 11)
     q, k, v = qkv.unbind(1)
     expected = flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 11, 11, causal=True)
     torch.testing.assert_close(out, expected)
+    for b, (start, n) in enumerate(zip(cu.tolist(), lens)):
+        p = probs[b, :, :n, :n]
+        torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p, v[start:start + n]), out[start:start + n])
+        assert (probs[b, :, n:] == 0).all() and (probs[b, :, :, n:] == 0).all()  # zeros past the sequence
+        assert (p.tril() == p).all()
     out_kv = flashattn_py.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 11, 11, causal=True)
     torch.testing.assert_close(out_kv, expected)
     batch = torch.randn(2, 9, 3, 2, 8)
