@@ -166,7 +166,7 @@ constexpr Layout HEADS_FIRST{2, 1};
 // inference op takes only those.
 #define FLASHATTN_DENSE_ARGS(X)                                                                         \
   X(const OptTensor&, Tensor?, alibi_slopes) /* None or float32 (H,) / (B, H) */                        \
-  X(const OptTensor&, Tensor?, attn_bias)    /* None or (B, H, Sq, Sk), bool or q's dtype */            \
+  X(const OptTensor&, Tensor?, attn_bias)    /* None or (B, H, Sq, Sk), bool, q's dtype or f32 */       \
   X(double, float, scale)                                                                               \
   X(double, float, softcap)                                                                             \
   X(int64_t, int, window_left)                                                                          \

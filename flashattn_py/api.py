@@ -989,8 +989,8 @@ def scaled_dot_product_attention(
             in torch; extra leading dims are flattened into the batch. Any size may be 0
             (E = 0: every score is 0, uniform weights over the visible keys).
         attn_mask: broadcastable to (..., H, L, S); bool (True = attend) or float (added;
-            the query's dtype, or float32 for 16-bit queries, cast to the query's dtype as
-            the kernels read it); or torch's ``CausalBias`` (``causal_upper_left`` /
+            the query's dtype, or float32 with any float query, read and added in float32
+            as torch does); or torch's ``CausalBias`` (``causal_upper_left`` /
             ``causal_lower_right`` of (L, S)), served as causal attention with that diagonal.
         dropout_p: dropout probability, applied whenever > 0 (as torch does); 1 gives zeros.
         is_causal: query i sees keys j <= i (top-left aligned); with attn_mask both apply

@@ -125,6 +125,10 @@ def attention_ref(
         if attn_bias.dtype == torch.bool:
             visible = visible & attn_bias
         else:
+            if attn_bias.dtype == torch.float32 and s.dtype in (torch.float16, torch.bfloat16):
+                # (a float32 mask with 16-bit inputs is added in float32, as torch does: the
+                # scores and softmax go on in float32, P back in the inputs' dtype for P V)
+                s = s.float()
             s = s + attn_bias.to(s.dtype)
     s = s.masked_fill(~visible, float("-inf"))
 
@@ -142,7 +146,7 @@ def attention_ref(
         if dropout_mask is None:
             dropout_mask = torch.rand_like(probs) >= dropout_p
         p = probs * dropout_mask / (1.0 - dropout_p)
-    out = torch.matmul(p, vh).transpose(1, 2)  # (B, Sq, H, Dv)
+    out = torch.matmul(p.to(vh.dtype), vh).transpose(1, 2)  # (B, Sq, H, Dv)
     if return_probs:
         return out, lse, probs
     return out, lse

@@ -20,6 +20,7 @@ from .common import (
     Launcher,
     add_bias_terms,
     bias_args,
+    bias_log2,
     block_run,
     cdiv,
     device_ctx,
@@ -106,7 +107,7 @@ def _dkdv_blocks(
                 keep_b = tl.load(b_ptrs, mask=in_bounds, other=0)
                 sT = tl.where(keep_b != 0, sT, float("-inf"))
             else:
-                sT = sT + tl.load(b_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * 1.4426950408889634
+                sT = sT + bias_log2(tl.load(b_ptrs, mask=in_bounds, other=0.0))
         pT = tl.exp2(sT - lse2[None, :])
         if MASK:
             visT = visible_t(rows, cols, seqlen_q, seqlen_k, diag, left, right, HAS_LEFT, HAS_RIGHT)

@@ -235,6 +235,19 @@ def scaled_scores(qk, qk_scale2, softcap_in, softcap2, HAS_SOFTCAP: tl.constexpr
 
 
 @triton.jit
+def bias_log2(bias):
+    """A float bias in the scores' log2 domain (times log2 e), finite where it is finite and
+    at most 2**126 in size: a mask of the dtype's minimum (transformers' masks) would
+    overflow to -inf, emptying a fully masked row that torch's SDPA averages uniformly, and
+    the lse of such a row (natural log) must come back to log2 in the backward. (Any bias
+    beyond 2**126 / log2 e, about 5.9e37, outweighs every score as much as that does.)"""
+    b = bias.to(tl.float32)
+    finite = tl.abs(b) < float("inf")  # (not NaN or +-inf, which go through as they are)
+    bound = 5.896282e37  # 2**126 / log2 e
+    return tl.where(finite, tl.minimum(tl.maximum(b, -bound), bound), b) * 1.4426950408889634
+
+
+@triton.jit
 def clamp_len(x, hi):
     """x clamped into [0, hi] (csrc/flash_params.h clamp_len)."""
     return tl.minimum(tl.maximum(x, 0), hi)
@@ -533,7 +546,7 @@ def add_bias_terms(s, rows, cols, seqlen_q, seqlen_k, slope2, diag, bias_rows, s
             s = tl.where(keep_b != 0, s, float("-inf"))
         else:
             bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = s + bias_log2(bias)
     return s
 
 

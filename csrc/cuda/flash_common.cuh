@@ -419,14 +419,21 @@ FLASHATTN_HOST_DEVICE BlockRange block_range(int64_t lo, int64_t hi) {
 
 // ---------------------------------------------------------------------------------
 // Bias / bool mask and dropout (the kernels' kExt variants; the plain variants never
-// touch these fields). Scores are in the log2 domain, so a float bias is scaled by log2(e).
+// touch these fields). Scores are in the log2 domain, so a float bias is scaled by log2(e),
+// staying finite where it is finite and at most 2^126 in size: a mask of the dtype's minimum
+// (transformers' masks) would overflow to -inf, emptying a fully masked row that torch's
+// SDPA averages uniformly, and the lse of such a row (natural log) must come back to log2
+// in the backward. (Any bias beyond 2^126 / log2 e, about 5.9e37, outweighs every score as
+// much as that does.)
 // `base` = b * bias_batch_stride + h * bias_head_stride; i < Sq and j < Sk (callers check).
 template <typename T>
 __device__ __forceinline__ float add_bias_log2(const FlashParams& p, int64_t base, int64_t i, int64_t j, float x) {
   const int64_t o = base + i * p.bias_row_stride + j * p.bias_col_stride;
   if (p.bias_is_bool) return static_cast<const unsigned char*>(p.bias)[o] ? x : -INFINITY;
-  if (p.bias_is_float32) return x + static_cast<const float*>(p.bias)[o] * kLog2e;
-  return x + Elem<T>::to_float(static_cast<const T*>(p.bias)[o]) * kLog2e;
+  const float b = p.bias_is_float32 ? static_cast<const float*>(p.bias)[o]
+                                    : Elem<T>::to_float(static_cast<const T*>(p.bias)[o]);
+  constexpr float kBound = 5.896282e37f;  // 2^126 / log2(e); NaN and +-inf go through as they are
+  return x + (isfinite(b) ? fminf(fmaxf(b, -kBound), kBound) : b) * kLog2e;
 }
 
 // Dropout draws for query row `row` = its lse index (SeqView::lse_row + h * lse_head_stride
