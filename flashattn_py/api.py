@@ -632,7 +632,7 @@ class _NoBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, message, *inputs):
         ctx.message = message
-        return out
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -739,10 +739,9 @@ def flash_attn_varlen_func(
     # (the window the kernels applied)
     window = (window[0], _varlen_right_side(window, _length("max_seqlen_q", max_seqlen_q),
                                             _length("max_seqlen_k", max_seqlen_k), q, k, block_table))
-    batch = cu_seqlens_q.shape[0] - 1
-    probs = q.new_zeros((batch, q.shape[1], int(max_seqlen_q), int(max_seqlen_k)))
+    parts = []
     with torch.no_grad(), ops.formula_dtype(q.device):
-        for b in range(batch):
+        for b in range(cu_seqlens_q.shape[0] - 1):
             q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
             kb = sequence_keys(k if block_table is not None else k.unsqueeze(0), b, cu_seqlens_k, None, block_table)
             vb = sequence_keys(v if block_table is not None else v.unsqueeze(0), b, cu_seqlens_k, None, block_table)
@@ -750,7 +749,13 @@ def flash_attn_varlen_func(
             _, _, pb = attention_ref(q[q0:q1].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), scale=softmax_scale,
                                      softcap=float(softcap), alibi_slopes=slopes, window_left=window[0],
                                      window_right=window[1], bottom_right=True, return_probs=True)
-            probs[b, :, :pb.shape[2], :pb.shape[3]] = pb[0]
+            parts.append(pb[0])
+    # (at least max_seqlen_q / _k, which may be 0: not given)
+    rows = max([_length("max_seqlen_q", max_seqlen_q), *(p.shape[1] for p in parts)])
+    cols = max([_length("max_seqlen_k", max_seqlen_k), *(p.shape[2] for p in parts)])
+    probs = q.new_zeros((len(parts), q.shape[1], rows, cols))
+    for b, part in enumerate(parts):
+        probs[b, :, :part.shape[1], :part.shape[2]] = part
     return out, lse, probs
 
 
