@@ -426,6 +426,9 @@ def test_varlen_lse_and_packed_forms():
         torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p, v[start:start + n]), out[start:start + n])
         assert (probs[b, :, n:] == 0).all() and (probs[b, :, :, n:] == 0).all()  # zeros past the sequence
         assert (p.tril() == p).all()
+    # max_seqlen 0 (not given): sized from the sequences
+    assert flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 0, 0, causal=True,
+                                               return_attn_probs=True)[2].shape == (3, 2, 11, 11)
     out_kv = flashattn_py.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 11, 11, causal=True)
     torch.testing.assert_close(out_kv, expected)
     batch = torch.randn(2, 9, 3, 2, 8)
