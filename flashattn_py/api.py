@@ -490,8 +490,14 @@ def elements_overlap(a: Tensor, b: Tensor) -> bool:
     Views with other strides: whether they start at one address."""
     if not a.numel() or not b.numel() or a.device != b.device:
         return False
+    # (first: whether their byte ranges meet at all, the common case of two allocations)
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    a_end = a_start + (sum((n - 1) * s for n, s in zip(a.shape, a.stride())) + 1) * a.element_size()
+    b_end = b_start + (sum((n - 1) * s for n, s in zip(b.shape, b.stride())) + 1) * b.element_size()
+    if a_end <= b_start or b_end <= a_start:
+        return False
     if a.element_size() != b.element_size() or a.shape != b.shape or a.stride() != b.stride():
-        return a.data_ptr() == b.data_ptr()
+        return a_start == b_start
     item = a.element_size()
     dims = sorted(((n - 1, s) for n, s in zip(a.shape, a.stride()) if n > 1 and s > 0), key=lambda d: -d[1])
     reach = [0] * (len(dims) + 1)  # reach[i]: the farthest dims i.. can step
