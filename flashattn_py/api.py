@@ -102,6 +102,8 @@ def _number(value) -> float:
     (so that the caller's range check refuses it with the argument's name)."""
     if type(value) is float or type(value) is int:  # (the common call, without a conversion)
         return value
+    if isinstance(value, (str, bytes)):  # (float("0.1") would take a string: torch refuses one)
+        return math.nan
     try:
         return float(value)
     except (TypeError, ValueError, RuntimeError):
@@ -117,10 +119,10 @@ def softmax_scale_of(name: str, scale, head_dim) -> float:
     else a finite number (NaN or inf would give every output NaN)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    try:
-        value = float(scale)
-    except (TypeError, ValueError, RuntimeError):
-        raise ArgumentError(f"{name}: expected a number, got {scale!r}") from None
+    value = _number(scale)  # (NaN for what is not a number: a string, a list)
+    is_number = isinstance(scale, float) or getattr(scale, "dtype", None) is not None  # (NaN itself, NumPy, tensors)
+    if math.isnan(value) and not is_number:
+        raise ArgumentError(f"{name}: expected a number, got {scale!r}")
     if not abs(value) <= FLOAT32_MAX:
         raise ArgumentError(f"{name}: expected a finite number, got {scale!r}")
     return value

@@ -357,7 +357,10 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
-    """Backends usable on this machine (for ``device``'s type when given), in auto order."""
+    """Backends usable on this machine (for ``device``'s type when given): the ones a
+    ``backend=`` argument may name there. Auto selection tries cuda, triton, reference on
+    CUDA tensors and cpu, reference on CPU tensors (``auto_order``), so a backend listed here
+    may serve only when named (triton on CPU tensors under ``TRITON_INTERPRET=1``)."""
     device_types = [torch.device(device).type] if device is not None else ["cuda", "cpu"]
     names = []
     for name in BACKEND_NAMES:

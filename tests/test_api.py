@@ -482,6 +482,8 @@ def test_unbounded_right_side_beside_a_bounded_left_one_is_the_keys(backend):
     (dict(softmax_scale=float("inf")), r"softmax_scale: expected a finite number"),
     (dict(softmax_scale=1e39), r"softmax_scale: expected a finite number"),  # (inf as a float32)
     (dict(softmax_scale="a"), r"softmax_scale: expected a number"),
+    (dict(softmax_scale="0.1"), r"softmax_scale: expected a number"),  # (float() took it; torch refuses)
+    (dict(softcap="1.0"), r"softcap: must be a finite number >= 0"),
     (dict(softcap=float("nan")), r"softcap: must be a finite number >= 0"),  # (passed `< 0`: no softcap)
     (dict(softcap=float("inf")), r"softcap: must be a finite number >= 0"),
     (dict(softcap=None), r"softcap: must be a finite number >= 0"),
