@@ -15,18 +15,24 @@ from torch import Tensor
 from .api import _index_tensor
 from .errors import ArgumentError
 
-__all__ = ["apply_rotary_emb"]
+__all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+                 valid: Optional[Tensor] = None) -> Tensor:
     """Rotary embedding of x (B, S, H, D) at ``positions`` (B, S) (rows of cos / sin,
     (seqlen_ro, rotary_dim / 2)): the first rotary_dim features rotate in pairs, (0, 1),
     (2, 3), ... when ``interleaved`` (GPT-J), (i, i + rotary_dim / 2) otherwise (GPT-NeoX);
-    the rest pass through. Computed in float32 (float64 for float64 x), returned in x's dtype."""
+    the rest pass through; tokens where ``valid`` (B, S) is False are not rotated. Computed
+    in float32 (float64 for float64 x), returned in x's dtype."""
     half = cos.shape[-1]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = cos[positions].to(work).unsqueeze(2)  # (B, S, 1, rotary_dim / 2)
-    s = sin[positions].to(work).unsqueeze(2)
+    c = cos[positions].to(work)  # (B, S, rotary_dim / 2)
+    s = sin[positions].to(work)
+    if valid is not None:
+        c = torch.where(valid.unsqueeze(-1), c, 1.0)
+        s = torch.where(valid.unsqueeze(-1), s, 0.0)
+    c, s = c.unsqueeze(2), s.unsqueeze(2)  # (B, S, 1, rotary_dim / 2)
     rot = x[..., :2 * half].to(work)
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -51,14 +57,20 @@ def check_tables(cos: Tensor, sin: Tensor, names: tuple[str, str], device: torch
         raise ArgumentError(f"{names[0]}: rotary_dim = 2 * {cos.shape[1]} must be in 1..{head_dim} (the head dim)")
 
 
+def _host_reads() -> bool:
+    """Whether CPU tensors' values may be read here: not while torch.compile traces (a read
+    would break the graph)."""
+    return not torch.compiler.is_compiling()
+
+
 def _position_bounds(positions: Tensor, seqlen_offsets, x: Tensor, packed: bool,
                      max_seqlen: Optional[int]) -> Optional[tuple[int, int]]:
     """(lowest, highest) position the call needs, where known without reading a GPU tensor
-    back: from the values on the CPU; from the shapes (packed: max_seqlen) and an int
-    offset elsewhere; else None."""
+    back: from the values on the CPU (eager); from the shapes (packed: max_seqlen) and an
+    int offset elsewhere; else None."""
     if positions.numel() == 0:
         return None
-    if positions.device.type == "cpu":
+    if positions.device.type == "cpu" and _host_reads():
         return int(positions.min()), int(positions.max())
     if isinstance(seqlen_offsets, Tensor):
         return None
@@ -77,14 +89,16 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             rotated by row ``i + seqlen_offsets[b]``.
         interleaved: rotate pairs (0, 1), (2, 3), ... (GPT-J) instead of (i, i + rotary_dim / 2)
             (GPT-NeoX, the default).
-        inplace: write the result into x (and return it).
+        inplace: write the result into x and return x (as flash-attn's, also for an x that
+            needs a gradient, a leaf or a view: its gradient is the inverse rotation). The
+            result is computed aside first: no memory is saved.
         seqlen_offsets: an int or a (B,) integer tensor (e.g. the tokens already in a KV cache).
         max_seqlen: with cu_seqlens, the longest sequence (required, as flash-attn's).
 
     Returns the rotated x, same shape and dtype. Positions outside the tables raise an
-    ArgumentError where they are known on the host (CPU tensors; an int offset with the
-    lengths); a GPU offsets tensor's are clamped to the tables' rows (nothing is read back;
-    flash-attn's kernel leaves such positions unrotated).
+    ArgumentError where they are known on the host (CPU tensors in eager mode; an int
+    offset with the lengths); elsewhere (a GPU or compiled call's offsets tensor) such
+    tokens are left unrotated, as flash-attn's kernel leaves them (nothing is read back).
     """
     packed = cu_seqlens is not None
     if x.dim() != (3 if packed else 4):
@@ -100,7 +114,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         if max_seqlen is None:  # (as flash-attn: it bounds the positions on GPUs)
             raise ArgumentError("max_seqlen: required with cu_seqlens (the longest sequence)")
         batch, total = cu_seqlens.shape[0] - 1, x.shape[0]
-        if cu_seqlens.device.type == "cpu":
+        if cu_seqlens.device.type == "cpu" and _host_reads():
             offsets = cu_seqlens.tolist()
             if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
                 raise ArgumentError(f"cu_seqlens: expected offsets rising from 0 to x's {total} rows, got {offsets}")
@@ -123,16 +137,105 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     else:
         positions = positions + int(seqlen_offsets)
     bounds = _position_bounds(positions, seqlen_offsets, x, packed, max_seqlen)
-    if bounds is not None and (bounds[0] < 0 or bounds[1] >= seqlen_ro):
-        raise ArgumentError(f"cos: {seqlen_ro} positions (rows), but positions {bounds[0]}..{bounds[1]} are needed")
+    valid = None
+    if bounds is not None:
+        if bounds[0] < 0 or bounds[1] >= seqlen_ro:
+            raise ArgumentError(f"cos: {seqlen_ro} positions (rows), but positions {bounds[0]}..{bounds[1]} are "
+                                f"needed")
+    elif positions.numel():
+        valid = (positions >= 0) & (positions < seqlen_ro)
     positions = positions.clamp(0, seqlen_ro - 1)
+    if inplace and x.is_leaf and x.requires_grad and torch.is_grad_enabled():
+        # (autograd refuses an in-place op on such an x; flash-attn's kernel writes it
+        # unseen, and flash-attn's own tests train through that)
+        return _RotateLeafInPlace.apply(x, cos, sin, positions, valid, interleaved, packed)
     # (in place, x is overwritten after the rotation reads it: a copy where autograd keeps x
     # for the tables' gradient, which a float32 x would otherwise alias)
     source = x.clone() if inplace and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) else x
-    if packed:
-        out = apply_rotary(source.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved)[0]
-    else:
-        out = apply_rotary(source, cos, sin, positions, interleaved)
+    out = _rotate(source, cos, sin, positions, valid, interleaved, packed)
     if inplace:
         return x.copy_(out)
     return out
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Optional[Tensor], interleaved: bool,
+            packed: bool) -> Tensor:
+    """apply_rotary on x (B, S, H, D), or packed (total, H, D) as one sequence of all its rows."""
+    if not packed:
+        return apply_rotary(x, cos, sin, positions, interleaved, valid)
+    valid = None if valid is None else valid.unsqueeze(0)
+    return apply_rotary(x.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved, valid)[0]
+
+
+class _RotateLeafInPlace(torch.autograd.Function):
+    """A leaf x that needs a gradient rotated in place (flash-attn's ``inplace=True``):
+    written inside the Function, whose output (x's memory) carries the gradient back to x:
+    the transposed rotation. Where the tables need a gradient, x's values before the
+    rotation are kept for it (the tables need not be rotations: no inverse is assumed)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, positions, valid, interleaved, packed):
+        tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        before = x.clone() if tables_grad else None
+        x.copy_(_rotate(x, cos, sin, positions, valid, interleaved, packed))
+        ctx.args = (interleaved, packed)
+        ctx.save_for_backward(before, cos, sin, positions, valid)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, cos, sin, positions, valid = ctx.saved_tensors
+        grad_x = _rotate(grad, cos, -sin, positions, valid, *ctx.args)  # (the rotation's transpose)
+        grad_cos = grad_sin = None
+        if x is not None:
+            with torch.enable_grad():
+                tables = [cos.detach().requires_grad_(), sin.detach().requires_grad_()]
+                out = _rotate(x, *tables, positions, valid, *ctx.args)
+                grad_cos, grad_sin = torch.autograd.grad(out, tables, grad)
+        return grad_x, grad_cos, grad_sin, None, None, None, None
+
+
+# flash-attn's name for the same function (flash_attn.layers.rotary.apply_rotary_emb_func).
+apply_rotary_emb_func = apply_rotary_emb
+
+
+def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,
+                          sin_k: Optional[Tensor] = None, interleaved: bool = False,
+                          seqlen_offsets: Union[int, Tensor] = 0, num_heads_q: Optional[int] = None) -> Tensor:
+    """flash-attn's ``apply_rotary_emb_qkv_``: q's and k's first rotary_dim features of qkv
+    rotated in place (``apply_rotary_emb``); returns qkv.
+
+    qkv: (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with ``num_heads_q`` = Hq (GQA / MQA).
+    cos_k, sin_k: k's tables (default: cos, sin). (In place under autograd as torch's
+    in-place ops: qkv from a layer works, a leaf that needs a gradient does not.)"""
+    if not isinstance(qkv, Tensor):
+        raise ArgumentError(f"qkv: expected a tensor, got {type(qkv).__name__}")
+    if qkv.dim() == 5 and num_heads_q is None:
+        if qkv.shape[2] != 3:
+            raise ArgumentError(f"qkv: expected (B, S, 3, H, D), got shape {tuple(qkv.shape)}")
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+    elif qkv.dim() == 4 and num_heads_q is not None:
+        heads_k = (qkv.shape[2] - num_heads_q) // 2
+        if num_heads_q < 1 or heads_k < 1 or num_heads_q + 2 * heads_k != qkv.shape[2]:
+            raise ArgumentError(f"num_heads_q: {num_heads_q} query heads do not leave two equal K and V head "
+                                f"counts of qkv's {qkv.shape[2]}")
+        q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_k]
+    else:
+        raise ArgumentError(f"qkv: expected (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with num_heads_q, got shape "
+                            f"{tuple(qkv.shape)} and num_heads_q={num_heads_q}")
+    if (cos_k is None) != (sin_k is None):
+        raise ArgumentError("cos_k, sin_k: pass both or neither")
+    apply_rotary_emb(q, cos, sin, interleaved, True, seqlen_offsets)
+    apply_rotary_emb(k, cos if cos_k is None else cos_k, sin if sin_k is None else sin_k, interleaved, True,
+                     seqlen_offsets)
+    return qkv
+
+
+def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                         seqlen_offsets: Union[int, Tensor] = 0) -> Tensor:
+    """flash-attn's ``apply_rotary_emb_kv_``: k's first rotary_dim features of kv (B, S, 2,
+    Hk, D) rotated in place; returns kv (in place as ``apply_rotary_emb_qkv_``)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        raise ArgumentError(f"kv: expected (B, S, 2, Hk, D), got shape {tuple(getattr(kv, 'shape', ()))}")
+    apply_rotary_emb(kv[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
+    return kv

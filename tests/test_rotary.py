@@ -87,3 +87,94 @@ def test_bad_inputs_name_the_argument():
         fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 3, 1, 4], dtype=torch.int32), max_seqlen=3)
     with pytest.raises(ArgumentError, match="max_seqlen"):
         fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_in_place_on_a_leaf_that_needs_a_gradient(packed):
+    # flash-attn's own test rotates a leaf x with requires_grad in place and trains through
+    # it (its kernel writes x unseen by autograd); here autograd refused the in-place op.
+    gen = torch.Generator().manual_seed(9)
+    shape = (9, 3, 8) if packed else (2, 5, 3, 8)
+    kwargs = dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32), max_seqlen=5) if packed else {}
+    cos, sin = (torch.randn(16, 3, generator=gen, dtype=torch.float64) for _ in range(2))  # (not rotations)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    tables = [t.clone().requires_grad_() for t in (cos, sin)]
+    out = fa.apply_rotary_emb(x, *tables, interleaved=True, inplace=True, seqlen_offsets=2, **kwargs)
+    assert out.data_ptr() == x.data_ptr()
+    fresh = before.clone().requires_grad_()
+    fresh_tables = [t.clone().requires_grad_() for t in (cos, sin)]
+    want = fa.apply_rotary_emb(fresh, *fresh_tables, interleaved=True, seqlen_offsets=2, **kwargs)
+    assert torch.equal(x.detach(), want.detach()) and torch.equal(out.detach(), want.detach())
+    dout = torch.randn(shape, generator=gen, dtype=torch.float64)
+    out.backward(dout)
+    want.backward(dout)
+    for got, expected in zip((x, *tables), (fresh, *fresh_tables)):
+        torch.testing.assert_close(got.grad, expected.grad, atol=1e-12, rtol=0)
+    # views from split / unbind keep torch's rule for in-place ops on them (flash-attn's
+    # unseen write would hide it from tensors autograd saved): a clear error, not wrong grads
+    qkv = torch.randn(2, 5, 3, 3, 8, generator=gen, requires_grad=True) * 1.0
+    with pytest.raises(RuntimeError, match="inplace|in-place"):
+        fa.apply_rotary_emb(qkv.unbind(2)[1], cos.float(), sin.float(), inplace=True)
+
+
+def test_compiled_calls_read_nothing_back_and_leave_positions_past_the_tables():
+    # torch.compile(fullgraph=True) broke on the CPU's host read of the positions (a
+    # data-dependent guard); compiled (as on GPUs) positions past the tables stay unrotated,
+    # as flash-attn's kernel leaves them (eager CPU calls raise, they can read the values).
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 5, 3, 8, generator=gen)
+    cos, sin = _tables(16, 8, gen, torch.float32)
+    offsets = torch.tensor([1, 14])
+    run = torch.compile(lambda x, o: fa.apply_rotary_emb(x, cos, sin, seqlen_offsets=o), fullgraph=True,
+                        backend="eager")
+    got = run(x, offsets)
+    torch.testing.assert_close(got[0], fa.apply_rotary_emb(x[:1], cos, sin, seqlen_offsets=1)[0])
+    torch.testing.assert_close(got[1, :2], fa.apply_rotary_emb(x[1:, :2], cos, sin, seqlen_offsets=14)[0])
+    assert torch.equal(got[1, 2:], x[1, 2:])  # positions 16, 17, 18: unrotated
+    with pytest.raises(ArgumentError, match="cos: 16 positions"):
+        fa.apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets)
+    run_int = torch.compile(lambda x: fa.apply_rotary_emb(x, cos, sin, seqlen_offsets=3), fullgraph=True,
+                            backend="eager")
+    torch.testing.assert_close(run_int(x), fa.apply_rotary_emb(x, cos, sin, seqlen_offsets=3))
+
+
+def test_qkv_and_kv_forms_rotate_in_place():
+    # flash-attn's apply_rotary_emb_qkv_ / _kv_ (and the apply_rotary_emb_func alias)
+    from flashattn_py import rotary
+    gen = torch.Generator().manual_seed(11)
+    cos, sin = _tables(12, 8, gen, torch.float32)
+    cos_k, sin_k = _tables(12, 8, gen, torch.float32)
+    assert rotary.apply_rotary_emb_func is fa.apply_rotary_emb
+    qkv = torch.randn(2, 5, 3, 4, 16, generator=gen)
+    want_q = fa.apply_rotary_emb(qkv[:, :, 0], cos, sin, seqlen_offsets=2)
+    want_k = fa.apply_rotary_emb(qkv[:, :, 1], cos_k, sin_k, seqlen_offsets=2)
+    v = qkv[:, :, 2].clone()
+    assert rotary.apply_rotary_emb_qkv_(qkv, cos, sin, cos_k, sin_k, seqlen_offsets=2) is qkv
+    assert torch.equal(qkv[:, :, 0], want_q) and torch.equal(qkv[:, :, 1], want_k) and torch.equal(qkv[:, :, 2], v)
+    gqa = torch.randn(2, 5, 4 + 2 * 2, 16, generator=gen)  # Hq 4, Hk 2
+    want_q, want_k = (fa.apply_rotary_emb(gqa[:, :, a:b], cos, sin) for a, b in ((0, 4), (4, 6)))
+    v = gqa[:, :, 6:].clone()
+    rotary.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=4)
+    assert torch.equal(gqa[:, :, :4], want_q) and torch.equal(gqa[:, :, 4:6], want_k) and torch.equal(gqa[:, :, 6:], v)
+    kv = torch.randn(2, 5, 2, 2, 16, generator=gen)
+    want_k, v = fa.apply_rotary_emb(kv[:, :, 0], cos, sin, interleaved=True), kv[:, :, 1].clone()
+    assert rotary.apply_rotary_emb_kv_(kv, cos, sin, interleaved=True) is kv
+    assert torch.equal(kv[:, :, 0], want_k) and torch.equal(kv[:, :, 1], v)
+    # through autograd, qkv from a layer: the gradient of the in-place rotation
+    w = torch.randn(16, 3 * 4 * 16, generator=gen, requires_grad=True)
+    h = torch.randn(2, 5, 16, generator=gen)
+    grads = []
+    for in_place in (True, False):
+        qkv = (h @ w).view(2, 5, 3, 4, 16)
+        if in_place:
+            qkv = rotary.apply_rotary_emb_qkv_(qkv, cos, sin)
+        else:
+            qkv = torch.stack([fa.apply_rotary_emb(qkv[:, :, 0], cos, sin), fa.apply_rotary_emb(qkv[:, :, 1], cos, sin),
+                               qkv[:, :, 2]], 2)
+        grads.append(torch.autograd.grad((qkv * qkv.detach().cos()).sum(), w)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ArgumentError, match="num_heads_q"):
+        rotary.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=3)
+    with pytest.raises(ArgumentError, match="kv: expected"):
+        rotary.apply_rotary_emb_kv_(qkv, cos, sin)
