@@ -119,10 +119,12 @@ def softmax_scale_of(name: str, scale, head_dim) -> float:
     else a finite number (NaN or inf would give every output NaN)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    value = _number(scale)  # (NaN for what is not a number: a string, a list)
-    is_number = isinstance(scale, float) or getattr(scale, "dtype", None) is not None  # (NaN itself, NumPy, tensors)
-    if math.isnan(value) and not is_number:
+    if isinstance(scale, (str, bytes)):  # (float() would take "0.1"; torch refuses a string)
         raise ArgumentError(f"{name}: expected a number, got {scale!r}")
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArgumentError(f"{name}: expected a number, got {scale!r}") from None
     if not abs(value) <= FLOAT32_MAX:
         raise ArgumentError(f"{name}: expected a finite number, got {scale!r}")
     return value
@@ -470,6 +472,15 @@ def _length(name: str, value) -> int:
     return value
 
 
+def sdpa_mask_dtype(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float mask as scaled_dot_product_attention takes it beside inputs of ``dtype``:
+    float32 (read as float32, as torch does) or ``dtype`` as it is, another float cast to
+    ``dtype``; a bool one as it is."""
+    if mask.dtype in (torch.bool, torch.float32, dtype):
+        return mask
+    return mask.to(dtype)
+
+
 def shares_memory(t: Tensor, *others: Tensor) -> bool:
     """Whether t's storage overlaps one of others' in memory (views, from_numpy views of one
     buffer). Plain eager tensors only: the caller asks where their memory is known."""
@@ -618,8 +629,8 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
     no_backward = paged and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled()
     message = (f"{n['block_table']}: paged K/V is forward-only (inference); call it under torch.no_grad() or "
                f"with tensors that do not require grad")
-    if no_backward and names is TORCH_VARLEN_NAMES:
-        raise ArgumentError(message)
+    if no_backward and (names is TORCH_VARLEN_NAMES or torch.compiler.is_compiling()):
+        raise ArgumentError(message)  # (compiled: the backward's raise would be traced now)
     with torch.no_grad() if no_backward else contextlib.nullcontext():
         out, lse = ops.attention(
             q4, k4, v4, scale=scale, softcap=float(softcap),
@@ -629,18 +640,23 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
             max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
         )
     if no_backward:
-        out = _NoBackward.apply(out, message, q, k, v)
+        out = _NoBackward.apply(message, [out], q, k, v)
     return out.squeeze(0), lse.squeeze(0)  # (views: no select_backward copying the packed gradient)
 
 
 class _NoBackward(torch.autograd.Function):
-    """``out`` (computed without a graph) in the graph of ``inputs``, whose backward raises
-    ``message``: a call with no backward that fails where its gradient is asked for."""
+    """``box[0]`` (an output computed without a graph) in the graph of ``inputs``, whose
+    backward raises ``message``: a call with no backward that fails where its gradient is
+    asked for. (The output comes in a list: given as an input, it would come back as a view,
+    which refuses in-place changes.)"""
 
     @staticmethod
-    def forward(ctx, out, message, *inputs):
-        ctx.message = message
-        return out.view_as(out)
+    def forward(message, box, *inputs):
+        return box[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -758,9 +774,11 @@ def flash_attn_varlen_func(
                                      softcap=float(softcap), alibi_slopes=slopes, window_left=window[0],
                                      window_right=window[1], bottom_right=True, return_probs=True)
             parts.append(pb[0])
-    # (at least max_seqlen_q / _k, which may be 0: not given)
-    rows = max([_length("max_seqlen_q", max_seqlen_q), *(p.shape[1] for p in parts)])
-    cols = max([_length("max_seqlen_k", max_seqlen_k), *(p.shape[2] for p in parts)])
+    # (max_seqlen_q / _k within the packed totals, as for the kernels, and at least the
+    # longest sequences: they may be 0, not given)
+    rows = max([at_most(_length("max_seqlen_q", max_seqlen_q), q.shape[0]), *(p.shape[1] for p in parts)])
+    cols = max([at_most(_length("max_seqlen_k", max_seqlen_k), _packed_keys(k, block_table)),
+                *(p.shape[2] for p in parts)])
     probs = q.new_zeros((len(parts), q.shape[1], rows, cols))
     for b, part in enumerate(parts):
         probs[b, :, :part.shape[1], :part.shape[2]] = part
@@ -831,6 +849,10 @@ def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_s
     if not isinstance(out, Tensor):
         raise ArgumentError(f"out: expected a tensor, got {type(out).__name__}")
     _check_tensors(("query", "value"), query, value)
+    for name, t in (("query", query), ("value", value)):
+        if t.dim() not in (3, 4):  # (value: 4-D as a page pool)
+            raise ArgumentError(f"{name}: expected (T, H, D){' or a page pool' if name == 'value' else ''}, got "
+                                f"shape {tuple(t.shape)}")
     expected = (query.shape[0], query.shape[1], value.shape[-1])
     if tuple(out.shape) != expected or out.dtype != query.dtype or out.device != query.device:
         raise ArgumentError(f"out: expected shape {expected}, dtype {query.dtype} on {query.device} (query's), got "

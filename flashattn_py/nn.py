@@ -49,9 +49,7 @@ def _sdpa_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
         return ~mask
     if not mask.is_floating_point():
         raise ArgumentError(f"attn_mask / key_padding_mask: expected bool or floating dtype, got {mask.dtype}")
-    if mask.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
-        return mask
-    return mask.to(dtype)
+    return api.sdpa_mask_dtype(mask, dtype)
 
 
 def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:

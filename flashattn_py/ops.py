@@ -84,7 +84,7 @@ class Spec:
 # The arguments both ops take after their leading tensors, as the forward's caller gives them.
 _OPTIONS = (
     Arg("alibi_slopes", "Tensor?"),  # None or float32 (H,) / (B, H)
-    # None or (B, H, Sq, Sk) (broadcast dims with stride 0), bool or q's dtype
+    # None or (B, H, Sq, Sk) (broadcast dims with stride 0), bool, q's dtype or float32
     Arg("attn_bias", "Tensor?", grad="dbias"),
     Arg("scale", "float", REQUIRED),
     Arg("softcap", "float", 0.0),

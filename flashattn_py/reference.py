@@ -61,7 +61,8 @@ def attention_ref(
     kv_batch_idx: Tensor | None = None,
     leftpad_k: Tensor | None = None,
 ):
-    """Attention by the naive formula, computed in the dtype of ``q``.
+    """Attention by the naive formula, computed in the dtype of ``q`` (the scores and softmax
+    in float32 where a float32 ``attn_bias`` meets 16-bit inputs, as torch does).
 
     Args:
         q: (B, Sq, H, D); k: (B, Sk, Hk, D); v: (B, Sk, Hk, Dv); H % Hk == 0.
@@ -73,7 +74,8 @@ def attention_ref(
         dropout_p: drop probability; kept probabilities are scaled by 1/(1-p).
         dropout_mask: bool keep-mask broadcastable to (B, H, Sq, Sk); drawn with
             torch's RNG when ``dropout_p > 0`` and none is given.
-        return_probs: also return the softmax probabilities (B, H, Sq, Sk), before dropout.
+        return_probs: also return the softmax probabilities (B, H, Sq, Sk), before dropout,
+            in q's dtype.
         cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, bottom_right, kv_batch_idx,
             leftpad_k: packed sequences, paged K/V and KV caches, computed sequence by
             sequence (``attention_varlen_ref``).
@@ -148,7 +150,7 @@ def attention_ref(
         p = probs * dropout_mask / (1.0 - dropout_p)
     out = torch.matmul(p.to(vh.dtype), vh).transpose(1, 2)  # (B, Sq, H, Dv)
     if return_probs:
-        return out, lse, probs
+        return out, lse, probs.to(q.dtype)
     return out, lse
 
 

@@ -239,8 +239,9 @@ def bias_log2(bias):
     """A float bias in the scores' log2 domain (times log2 e), finite where it is finite and
     at most 2**126 in size: a mask of the dtype's minimum (transformers' masks) would
     overflow to -inf, emptying a fully masked row that torch's SDPA averages uniformly, and
-    the lse of such a row (natural log) must come back to log2 in the backward. (Any bias
-    beyond 2**126 / log2 e, about 5.9e37, outweighs every score as much as that does.)"""
+    the lse of such a row (natural log) must come back to log2 in the backward. (Finite
+    biases beyond 2**126 / log2 e, about 5.9e37, count as that: only a row whose keys all
+    lie beyond it at different biases comes out otherwise than torch's.)"""
     b = bias.to(tl.float32)
     finite = tl.abs(b) < float("inf")  # (not NaN or +-inf, which go through as they are)
     bound = 5.896282e37  # 2**126 / log2 e

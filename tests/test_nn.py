@@ -351,4 +351,5 @@ def test_mha_float32_mask_with_16_bit_weights_is_read_as_float32(dtype, need_wei
         got = olow(*(x.to(dtype) for x in inputs), attn_mask=mask, need_weights=need_weights)
     assert_rule("out", got[0], ref[0], naive[0], 4 if need_weights else OUT_FACTOR)
     if need_weights:  # (rounded to 16 bits before: 0.23 off)
+        assert got[1].dtype == dtype  # (torch's module: the weights in the inputs' dtype)
         assert (got[1].double() - ref[1]).abs().max() < (2e-2 if dtype == torch.bfloat16 else 3e-3)

@@ -567,9 +567,10 @@ def test_autocast_reaches_every_path():
 
 @pytest.mark.parametrize("sinks", [False, True])
 def test_float32_mask_with_bf16_states_is_read_as_float32(sinks):
-    # transformers' sdpa hands a float32 mask (an autocast model's) to torch, which adds it
-    # in float32 to bf16 scores; ours rounded it to bf16 first (a bias near 200 lost its
-    # differences: bf16 steps by 1 there), with or without gpt-oss's sinks.
+    # transformers' sdpa hands a float32 mask beside bf16 states (e.g. a mask built in float32
+    # by the caller) to torch, which adds it in float32 to the scores; ours rounded it to bf16
+    # first (a bias near 200 lost its differences: bf16 steps by 1 there), with or without
+    # gpt-oss's sinks. (Under autocast torch and ours both cast the mask to bf16 first.)
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(2, 4, 6, 16, generator=gen)
     k, v = torch.randn(2, 2, 6, 16, generator=gen), torch.randn(2, 2, 6, 16, generator=gen)

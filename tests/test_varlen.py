@@ -246,6 +246,8 @@ def test_varlen_attn_out_writes_into_out():
     got, lse = flashattn_py.varlen_attn_out(out, q, k, v, cu_q, cu_k, 7, 10, return_aux=AuxRequest(lse=True),
                                             **kwargs)
     assert got is out and torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(ValueError, match="query: expected"):
+        flashattn_py.varlen_attn_out(out, q[:, 0, 0], k, v, cu_q, cu_k, 7, 10, **kwargs)
     for bad in (torch.empty(13, 4, 8), torch.empty(13, 4, 16, dtype=torch.float64), torch.empty(12, 4, 16)):
         bad.fill_(7.0)
         with pytest.raises(ValueError, match="out: expected shape"):
@@ -338,9 +340,19 @@ def test_paged_backward_is_refused():
         want = flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]), 4, 5,
                                                    block_table=table)
     assert torch.equal(out, want) and out.requires_grad
+    out.mul_(1.0)  # (an output that can be changed in place, as any other)
     with pytest.raises(ValueError, match="block_table: paged K/V is forward-only"):
         out.sum().backward()
     assert q.grad is None
+    with pytest.raises(ValueError, match="block_table: paged K/V is forward-only"):
+        torch.func.grad(lambda q: flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]), 4, 5,
+                                                                       block_table=table).sum())(q)
+    # compiled, the call itself raises (the backward's raise would be traced with it)
+    compiled = torch.compile(lambda q: flashattn_py.flash_attn_varlen_func(q, pool, pool, offsets([4]), offsets([5]),
+                                                                           4, 5, block_table=table), backend="eager",
+                             fullgraph=True)
+    with pytest.raises(Exception, match="paged K/V is forward-only"):
+        compiled(q)
     with pytest.raises(ValueError, match="block_table: paged K/V is forward-only"):
         flashattn_py.varlen_attn(q, pool, pool, offsets([4]), None, 4, 5, seqused_k=torch.tensor([5], dtype=torch.int32),
                                  block_table=table)
@@ -426,9 +438,11 @@ def test_varlen_lse_and_packed_forms():
         torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p, v[start:start + n]), out[start:start + n])
         assert (probs[b, :, n:] == 0).all() and (probs[b, :, :, n:] == 0).all()  # zeros past the sequence
         assert (p.tril() == p).all()
-    # max_seqlen 0 (not given): sized from the sequences
-    assert flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, 0, 0, causal=True,
-                                               return_attn_probs=True)[2].shape == (3, 2, 11, 11)
+    # max_seqlen 0 (not given): sized from the sequences; a larger one within the totals
+    for given in (0, 10**9):
+        assert flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, given, given, causal=True,
+                                                   return_attn_probs=True)[2].shape == (3, 2, 11 if not given else 21,
+                                                                                       11 if not given else 21)
     out_kv = flashattn_py.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 11, 11, causal=True)
     torch.testing.assert_close(out_kv, expected)
     batch = torch.randn(2, 9, 3, 2, 8)

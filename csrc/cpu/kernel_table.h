@@ -22,7 +22,7 @@ constexpr const char* kDtypeNames[kNumDtypes] = {"float32", "float64", "bfloat16
 
 // Bumped when this struct or the kernels' contract changes; with the parameter structs'
 // sizes it stops a kernel library left by another build from being used.
-constexpr uint32_t kKernelTableAbi = 3;
+constexpr uint32_t kKernelTableAbi = 4;  // (4: FlashParams::bias_is_float32)
 
 // A bit of FlashParams::cpu_path (flash_cpu.h encode_path) set for a call that no backward
 // follows (flashattn_py/ops.py: eager calls that need no gradient, flash_attn_with_kvcache;

@@ -423,8 +423,8 @@ FLASHATTN_HOST_DEVICE BlockRange block_range(int64_t lo, int64_t hi) {
 // staying finite where it is finite and at most 2^126 in size: a mask of the dtype's minimum
 // (transformers' masks) would overflow to -inf, emptying a fully masked row that torch's
 // SDPA averages uniformly, and the lse of such a row (natural log) must come back to log2
-// in the backward. (Any bias beyond 2^126 / log2 e, about 5.9e37, outweighs every score as
-// much as that does.)
+// in the backward. (Finite biases beyond 2^126 / log2 e, about 5.9e37, count as that: only
+// a row whose keys all lie beyond it at different biases comes out otherwise than torch's.)
 // `base` = b * bias_batch_stride + h * bias_head_stride; i < Sq and j < Sk (callers check).
 template <typename T>
 __device__ __forceinline__ float add_bias_log2(const FlashParams& p, int64_t base, int64_t i, int64_t j, float x) {

@@ -102,8 +102,8 @@ def flashattn_attention_forward(
         # Prefill into an empty static cache: keys past q_len are unused slots (top-left causal).
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     mask = attention_mask
-    if mask is not None and mask.dtype not in (torch.bool, torch.float32, query.dtype):  # (float32: read as such)
-        mask = mask.to(query.dtype)
+    if mask is not None:
+        mask = api.sdpa_mask_dtype(mask, query.dtype)
     out = api.sdpa_with_softcap(
         query, key, value, attn_mask=mask, dropout_p=float(dropout), is_causal=causal, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1], softcap=softcap,
@@ -148,8 +148,7 @@ def _attention_with_sinks(query: Tensor, key: Tensor, value: Tensor, attention_m
     sink_seen = (torch.ones if mask.dtype == torch.bool else torch.zeros)(
         *mask.shape[:-1], 1, dtype=mask.dtype, device=mask.device)
     mask = torch.cat([sink_seen, mask], -1)
-    if mask.dtype not in (torch.bool, torch.float32, query.dtype):  # (float32: read as such)
-        mask = mask.to(query.dtype)
+    mask = api.sdpa_mask_dtype(mask, query.dtype)
     out = api.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            dropout_p=float(dropout), scale=scale,
                                            enable_gqa=num_heads != num_heads_k)
