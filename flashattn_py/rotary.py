@@ -89,9 +89,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             rotated by row ``i + seqlen_offsets[b]``.
         interleaved: rotate pairs (0, 1), (2, 3), ... (GPT-J) instead of (i, i + rotary_dim / 2)
             (GPT-NeoX, the default).
-        inplace: write the result into x and return x (as flash-attn's, also for an x that
-            needs a gradient, a leaf or a view: its gradient is the inverse rotation). The
-            result is computed aside first: no memory is saved.
+        inplace: write the result into x and return x (as flash-attn's; for a leaf that
+            needs a gradient x holds the result and the returned tensor, in the graph, is a
+            copy). The result is computed aside first: no memory is saved.
         seqlen_offsets: an int or a (B,) integer tensor (e.g. the tokens already in a KV cache).
         max_seqlen: with cu_seqlens, the longest sequence (required, as flash-attn's).
 
@@ -145,54 +145,35 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     elif positions.numel():
         valid = (positions >= 0) & (positions < seqlen_ro)
     positions = positions.clamp(0, seqlen_ro - 1)
-    if inplace and x.is_leaf and x.requires_grad and torch.is_grad_enabled():
-        # (autograd refuses an in-place op on such an x; flash-attn's kernel writes it
-        # unseen, and flash-attn's own tests train through that)
-        return _RotateLeafInPlace.apply(x, cos, sin, positions, valid, interleaved, packed)
     # (in place, x is overwritten after the rotation reads it: a copy where autograd keeps x
     # for the tables' gradient, which a float32 x would otherwise alias)
     source = x.clone() if inplace and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) else x
-    out = _rotate(source, cos, sin, positions, valid, interleaved, packed)
-    if inplace:
-        return x.copy_(out)
-    return out
+    if packed:  # (one sequence of all the rows)
+        valid = None if valid is None else valid.unsqueeze(0)
+        out = apply_rotary(source.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved, valid)[0]
+    else:
+        out = apply_rotary(source, cos, sin, positions, interleaved, valid)
+    if not inplace:
+        return out
+    if _leaf_needing_grad(x):
+        return _written_into_leaf(x, out)
+    return x.copy_(out)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Optional[Tensor], interleaved: bool,
-            packed: bool) -> Tensor:
-    """apply_rotary on x (B, S, H, D), or packed (total, H, D) as one sequence of all its rows."""
-    if not packed:
-        return apply_rotary(x, cos, sin, positions, interleaved, valid)
-    valid = None if valid is None else valid.unsqueeze(0)
-    return apply_rotary(x.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved, valid)[0]
+def _leaf_needing_grad(x: Tensor) -> bool:
+    return x.is_leaf and x.requires_grad and torch.is_grad_enabled()
 
 
-class _RotateLeafInPlace(torch.autograd.Function):
-    """A leaf x that needs a gradient rotated in place (flash-attn's ``inplace=True``):
-    written inside the Function, whose output (x's memory) carries the gradient back to x:
-    the transposed rotation. Where the tables need a gradient, x's values before the
-    rotation are kept for it (the tables need not be rotations: no inverse is assumed)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, positions, valid, interleaved, packed):
-        tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        before = x.clone() if tables_grad else None
-        x.copy_(_rotate(x, cos, sin, positions, valid, interleaved, packed))
-        ctx.args = (interleaved, packed)
-        ctx.save_for_backward(before, cos, sin, positions, valid)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, cos, sin, positions, valid = ctx.saved_tensors
-        grad_x = _rotate(grad, cos, -sin, positions, valid, *ctx.args)  # (the rotation's transpose)
-        grad_cos = grad_sin = None
-        if x is not None:
-            with torch.enable_grad():
-                tables = [cos.detach().requires_grad_(), sin.detach().requires_grad_()]
-                out = _rotate(x, *tables, positions, valid, *ctx.args)
-                grad_cos, grad_sin = torch.autograd.grad(out, tables, grad)
-        return grad_x, grad_cos, grad_sin, None, None, None, None
+def _written_into_leaf(x: Tensor, result: Tensor) -> Tensor:
+    """``inplace=True`` for a leaf x that needs a gradient, where autograd refuses an
+    in-place op (flash-attn's kernel writes such an x unseen by autograd, and its tests
+    train through it): x holds the result, written outside autograd (its version counter
+    still moves: a tensor saved from x before raises in the backward, never a wrong
+    gradient), and the result itself, computed out of place, is returned: it carries the
+    gradient (a copy of x's new values, not x's memory)."""
+    with torch.no_grad():
+        x.copy_(result)
+    return result
 
 
 # flash-attn's name for the same function (flash_attn.layers.rotary.apply_rotary_emb_func).
@@ -206,29 +187,33 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
     rotated in place (``apply_rotary_emb``); returns qkv.
 
     qkv: (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with ``num_heads_q`` = Hq (GQA / MQA).
-    cos_k, sin_k: k's tables (default: cos, sin). (In place under autograd as torch's
-    in-place ops: qkv from a layer works, a leaf that needs a gradient does not.)"""
+    cos_k, sin_k: k's tables (default: cos, sin). Under autograd, for a leaf qkv that needs
+    a gradient qkv holds the result and the returned tensor, in the graph, is a copy (as
+    apply_rotary_emb's ``inplace``); views from split / unbind keep torch's in-place rule."""
     if not isinstance(qkv, Tensor):
         raise ArgumentError(f"qkv: expected a tensor, got {type(qkv).__name__}")
-    if qkv.dim() == 5 and num_heads_q is None:
+    if qkv.dim() == 5:  # (num_heads_q ignored, as flash-attn does)
         if qkv.shape[2] != 3:
             raise ArgumentError(f"qkv: expected (B, S, 3, H, D), got shape {tuple(qkv.shape)}")
-        q, k = qkv[:, :, 0], qkv[:, :, 1]
+        q_part, k_part = (lambda t: t[:, :, 0]), (lambda t: t[:, :, 1])
     elif qkv.dim() == 4 and num_heads_q is not None:
         heads_k = (qkv.shape[2] - num_heads_q) // 2
         if num_heads_q < 1 or heads_k < 1 or num_heads_q + 2 * heads_k != qkv.shape[2]:
             raise ArgumentError(f"num_heads_q: {num_heads_q} query heads do not leave two equal K and V head "
                                 f"counts of qkv's {qkv.shape[2]}")
-        q, k = qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_k]
+        q_part, k_part = (lambda t: t[:, :, :num_heads_q]), (lambda t: t[:, :, num_heads_q:num_heads_q + heads_k])
     else:
         raise ArgumentError(f"qkv: expected (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with num_heads_q, got shape "
                             f"{tuple(qkv.shape)} and num_heads_q={num_heads_q}")
     if (cos_k is None) != (sin_k is None):
         raise ArgumentError("cos_k, sin_k: pass both or neither")
-    apply_rotary_emb(q, cos, sin, interleaved, True, seqlen_offsets)
-    apply_rotary_emb(k, cos if cos_k is None else cos_k, sin if sin_k is None else sin_k, interleaved, True,
-                     seqlen_offsets)
-    return qkv
+    target = qkv.clone() if _leaf_needing_grad(qkv) else qkv
+    # (each part sliced just before its write: a view made before another write of its base
+    # under no_grad would be refused by autograd)
+    apply_rotary_emb(q_part(target), cos, sin, interleaved, True, seqlen_offsets)
+    apply_rotary_emb(k_part(target), cos if cos_k is None else cos_k, sin if sin_k is None else sin_k, interleaved,
+                     True, seqlen_offsets)
+    return _written_into_leaf(qkv, target) if target is not qkv else qkv
 
 
 def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
@@ -237,5 +222,6 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
     Hk, D) rotated in place; returns kv (in place as ``apply_rotary_emb_qkv_``)."""
     if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         raise ArgumentError(f"kv: expected (B, S, 2, Hk, D), got shape {tuple(getattr(kv, 'shape', ()))}")
-    apply_rotary_emb(kv[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
-    return kv
+    target = kv.clone() if _leaf_needing_grad(kv) else kv
+    apply_rotary_emb(target[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
+    return _written_into_leaf(kv, target) if target is not kv else kv

@@ -101,7 +101,6 @@ def test_in_place_on_a_leaf_that_needs_a_gradient(packed):
     before = x.detach().clone()
     tables = [t.clone().requires_grad_() for t in (cos, sin)]
     out = fa.apply_rotary_emb(x, *tables, interleaved=True, inplace=True, seqlen_offsets=2, **kwargs)
-    assert out.data_ptr() == x.data_ptr()
     fresh = before.clone().requires_grad_()
     fresh_tables = [t.clone().requires_grad_() for t in (cos, sin)]
     want = fa.apply_rotary_emb(fresh, *fresh_tables, interleaved=True, seqlen_offsets=2, **kwargs)
@@ -111,6 +110,17 @@ def test_in_place_on_a_leaf_that_needs_a_gradient(packed):
     want.backward(dout)
     for got, expected in zip((x, *tables), (fresh, *fresh_tables)):
         torch.testing.assert_close(got.grad, expected.grad, atol=1e-12, rtol=0)
+    # the result can be rotated again, in place too; compiled and under torch.func as well
+    again = fa.apply_rotary_emb(out, cos, sin, inplace=True, **kwargs)
+    assert torch.equal(again.detach(), fa.apply_rotary_emb(want.detach(), cos, sin, **kwargs))
+    step = lambda x: fa.apply_rotary_emb(x, *tables, inplace=True, **kwargs).square().sum()  # noqa: E731
+    leaf = before.clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")(leaf)
+    compiled.backward()
+    eager = before.clone().requires_grad_()
+    step(eager).backward()
+    torch.testing.assert_close(leaf.grad, eager.grad)
+    torch.testing.assert_close(torch.func.grad(step)(before.clone()), eager.grad)
     # views from split / unbind keep torch's rule for in-place ops on them (flash-attn's
     # unseen write would hide it from tensors autograd saved): a clear error, not wrong grads
     qkv = torch.randn(2, 5, 3, 3, 8, generator=gen, requires_grad=True) * 1.0
@@ -174,6 +184,21 @@ def test_qkv_and_kv_forms_rotate_in_place():
                                qkv[:, :, 2]], 2)
         grads.append(torch.autograd.grad((qkv * qkv.detach().cos()).sum(), w)[0])
     torch.testing.assert_close(grads[0], grads[1])
+    # a leaf qkv that needs a gradient (flash-attn's tests), and one under no_grad
+    leaf = torch.randn(2, 5, 3, 4, 16, generator=gen, requires_grad=True)
+    start = leaf.detach().clone()
+    got = rotary.apply_rotary_emb_qkv_(leaf, cos, sin, num_heads_q=4)  # (ignored for 5-D qkv, as flash-attn)
+    want = torch.stack([fa.apply_rotary_emb(start[:, :, 0], cos, sin), fa.apply_rotary_emb(start[:, :, 1], cos, sin),
+                        start[:, :, 2]], 2)
+    assert torch.equal(leaf.detach(), want) and torch.equal(got.detach(), want)
+    dout = torch.randn(want.shape, generator=gen)
+    got.backward(dout)
+    expected = torch.stack([fa.apply_rotary_emb(dout[:, :, 0], cos, -sin), fa.apply_rotary_emb(dout[:, :, 1], cos, -sin),
+                            dout[:, :, 2]], 2)  # (the transposed rotation)
+    torch.testing.assert_close(leaf.grad, expected)
+    with torch.no_grad():
+        rotary.apply_rotary_emb_qkv_(leaf, cos, sin)
+        rotary.apply_rotary_emb_kv_(torch.randn(2, 5, 2, 2, 16, requires_grad=True), cos, sin)
     with pytest.raises(ArgumentError, match="num_heads_q"):
         rotary.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=3)
     with pytest.raises(ArgumentError, match="kv: expected"):
