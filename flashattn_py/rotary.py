@@ -15,7 +15,9 @@ from torch import Tensor
 from .api import _index_tensor
 from .errors import ArgumentError
 
-__all__ = ["apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_"]
+__all__ = [
+    "RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
+]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
@@ -225,3 +227,83 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
     target = kv.clone() if _leaf_needing_grad(kv) else kv
     apply_rotary_emb(target[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
     return _written_into_leaf(kv, target) if target is not kv else kv
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """flash-attn's ``flash_attn.layers.rotary.RotaryEmbedding``: cos / sin tables of
+    position x frequency (frequencies ``base ** (-2i / dim)``, computed in float32), kept
+    for the longest sequence seen so far, applied in place to q and k.
+
+    Args:
+        dim: rotary_dim (even; the first ``dim`` features of each head rotate).
+        base: the frequencies' base.
+        interleaved: GPT-J pairs (0, 1), (2, 3), ... instead of GPT-NeoX halves.
+        scale_base: None, or XPos (Sun et al. 2022): q's tables times
+            ``((2i + 0.4 dim) / (1.4 dim)) ** ((pos - S // 2) / scale_base)``, k's divided
+            by it (S the tables' length).
+        device: where the frequencies are made.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False,
+                 scale_base: Optional[float] = None, device=None):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ArgumentError(f"dim: expected an even int >= 2 (rotary_dim), got {dim!r}")
+        self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, scale_base
+        self.register_buffer("inv_freq", self._frequencies(device), persistent=False)
+        steps = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+        self.register_buffer("scale", None if scale_base is None else (steps + 0.4 * dim) / (1.4 * dim),
+                             persistent=False)
+        self._seq_len_cached = 0
+        self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
+
+    def _frequencies(self, device=None) -> Tensor:
+        return 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+
+    def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None) -> None:
+        """Tables for positions 0 .. seqlen - 1 (at least), remade when longer ones are needed,
+        on another device or dtype, or in training after inference-mode ones."""
+        cached = self._cos_cached
+        if (cached is not None and seqlen <= self._seq_len_cached and cached.device == device and cached.dtype == dtype
+                and not (self.training and cached.is_inference())):
+            return
+        self._seq_len_cached = seqlen
+        # (float32 throughout: a model loaded in bf16 has bf16 buffers, and positions times
+        # frequencies lose too much there)
+        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._frequencies(device)
+        angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq.to(device))
+        cos, sin = angles.cos(), angles.sin()
+        if self.scale is None:
+            self._cos_cached, self._sin_cached = cos.to(dtype), sin.to(dtype)
+            return
+        power = (torch.arange(seqlen, device=device, dtype=torch.float32) - seqlen // 2) / self.scale_base
+        scale = self.scale.to(device=device, dtype=torch.float32) ** power.unsqueeze(1)
+        self._cos_cached, self._sin_cached = (cos * scale).to(dtype), (sin * scale).to(dtype)
+        self._cos_k_cached, self._sin_k_cached = (cos / scale).to(dtype), (sin / scale).to(dtype)
+
+    def forward(self, qkv: Tensor, kv: Optional[Tensor] = None, seqlen_offset: Union[int, Tensor] = 0,
+                max_seqlen: Optional[int] = None, num_heads_q: Optional[int] = None):
+        """Rotates in place, returns as flash-attn's module.
+
+        qkv: (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with ``num_heads_q``; with ``kv``
+            (B, S, 2, Hk, D), q (B, S, H, D). seqlen_offset: int or (B,) tensor (tokens before
+            these, e.g. in a KV cache); with a tensor pass ``max_seqlen`` (the tables' length).
+        Returns qkv, or (q, kv)."""
+        if max_seqlen is not None:
+            self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
+        elif isinstance(seqlen_offset, int):
+            self._update_cos_sin_cache(qkv.shape[1] + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
+        elif self._cos_cached is None:
+            raise ArgumentError("max_seqlen: required with a seqlen_offset tensor before any tables were made")
+        xpos = self.scale is not None
+        if kv is None:
+            return apply_rotary_emb_qkv_(qkv, self._cos_cached, self._sin_cached,
+                                         self._cos_k_cached if xpos else None, self._sin_k_cached if xpos else None,
+                                         interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
+                                         num_heads_q=num_heads_q)
+        q = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved, inplace=True,
+                             seqlen_offsets=seqlen_offset)
+        kv = apply_rotary_emb_kv_(kv, self._cos_k_cached if xpos else self._cos_cached,
+                                  self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
+                                  seqlen_offsets=seqlen_offset)
+        return q, kv

@@ -203,3 +203,48 @@ def test_qkv_and_kv_forms_rotate_in_place():
         rotary.apply_rotary_emb_qkv_(gqa, cos, sin, num_heads_q=3)
     with pytest.raises(ArgumentError, match="kv: expected"):
         rotary.apply_rotary_emb_kv_(qkv, cos, sin)
+
+
+@pytest.mark.parametrize("xpos", [False, True])
+def test_rotary_embedding_module(xpos):
+    # flash-attn's RotaryEmbedding: tables of positions x base ** (-2i / dim) in float32, in the
+    # inputs' dtype, applied in place to q and k (XPos: q's tables times the scale, k's over it)
+    from flashattn_py.rotary import RotaryEmbedding
+    gen = torch.Generator().manual_seed(12)
+    dim, base, scale_base = 8, 500.0, 16.0
+    module = RotaryEmbedding(dim, base=base, interleaved=True, scale_base=scale_base if xpos else None)
+    assert dict(module.state_dict()) == {}  # (non-persistent buffers, as flash-attn's)
+
+    def tables(length):
+        freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * freq
+        scale = torch.ones(length, dim // 2, dtype=torch.float64)
+        if xpos:
+            steps = (torch.arange(0, dim, 2, dtype=torch.float64) + 0.4 * dim) / (1.4 * dim)
+            scale = steps ** ((torch.arange(length, dtype=torch.float64) - length // 2) / scale_base)[:, None]
+        return angles.cos() * scale, angles.sin() * scale, angles.cos() / scale, angles.sin() / scale
+
+    qkv = torch.randn(2, 5, 3, 2, 16, generator=gen, dtype=torch.float64)
+    cos, sin, cos_k, sin_k = (t.float() for t in tables(5 + 3))
+    want_q = fa.apply_rotary_emb(qkv[:, :, 0].float(), cos, sin, interleaved=True, seqlen_offsets=3)
+    want_k = fa.apply_rotary_emb(qkv[:, :, 1].float(), cos_k, sin_k, interleaved=True, seqlen_offsets=3)
+    got = qkv.float()
+    assert module(got, seqlen_offset=3) is got
+    torch.testing.assert_close(got[:, :, 0], want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, :, 1], want_k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, :, 2], qkv[:, :, 2].float())
+    # q with kv, a tensor of offsets with max_seqlen (longer tables: remade)
+    q, kv = torch.randn(2, 4, 2, 16, generator=gen), torch.randn(2, 4, 2, 2, 16, generator=gen)
+    offsets = torch.tensor([0, 6])
+    cos, sin, cos_k, sin_k = (t.float() for t in tables(10))
+    want_q = fa.apply_rotary_emb(q, cos, sin, interleaved=True, seqlen_offsets=offsets)
+    want_k = fa.apply_rotary_emb(kv[:, :, 0], cos_k, sin_k, interleaved=True, seqlen_offsets=offsets)
+    q_out, kv_out = module(q, kv, seqlen_offset=offsets, max_seqlen=10)
+    assert q_out is q and kv_out is kv
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kv[:, :, 0], want_k, atol=1e-5, rtol=1e-5)
+    # bf16 inputs get bf16 tables (computed in float32)
+    module(torch.randn(1, 3, 3, 2, 16, dtype=torch.bfloat16))
+    assert module._cos_cached.dtype == torch.bfloat16
+    with pytest.raises(ArgumentError, match="dim"):
+        RotaryEmbedding(7)
