@@ -7,6 +7,7 @@ differentiable.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Union
 
 import torch
@@ -157,22 +158,44 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         out = apply_rotary(source, cos, sin, positions, interleaved, valid)
     if not inplace:
         return out
-    if _leaf_needing_grad(x):
-        return _written_into_leaf(x, out)
-    return x.copy_(out)
+    return _write_in_place(x, out, cos.requires_grad or sin.requires_grad)
 
 
-def _leaf_needing_grad(x: Tensor) -> bool:
-    return x.is_leaf and x.requires_grad and torch.is_grad_enabled()
+def _write_in_place(x: Tensor, result: Tensor, tables_grad: bool = False, siblings_done: bool = False) -> Tensor:
+    """``inplace=True``: result (computed out of place from x) written into x. As autograd
+    records in-place ops where it allows one; where it refuses (a leaf that needs a
+    gradient, a view of one: flash-attn's kernel writes those unseen by autograd, and its
+    tests train through that), x holds the result, written outside autograd (its version
+    counter still moves: a tensor saved from x before raises in the backward, never a wrong
+    gradient), and the result is returned: the tensor in the graph (a copy of x's new
+    values, not x's memory). A view from split / unbind / chunk: autograd would then refuse
+    its siblings, so only where the caller computed theirs first (``siblings_done``:
+    RotaryEmbedding's q and kv), else an ArgumentError."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or result.requires_grad)):
+        return x.copy_(result)
+    if torch.compiler.is_compiling():  # (no try: a refusal would end the trace)
+        if siblings_done:  # (x's autograd state is not even read: a sibling may be written already)
+            return _written_outside_autograd(x, result)
+        leaf = x.is_leaf and x.requires_grad
+        if leaf and tables_grad:  # (compiled, torch takes the written x for the tables' gradient: wrong values)
+            raise ArgumentError("x: inplace=True on a leaf that needs a gradient, with cos / sin that need one "
+                                "too, is not supported under torch.compile: pass inplace=False")
+        if not leaf:
+            return x.copy_(result)
+    else:
+        try:
+            return x.copy_(result)
+        except RuntimeError as error:  # (autograd's refusal comes before anything is written)
+            if "inplace" not in str(error) and "in-place" not in str(error):
+                raise
+            if "multiple views" in str(error) and not siblings_done:
+                raise ArgumentError("x: a view from split / unbind / chunk that needs a gradient cannot be "
+                                    "rotated in place (autograd refuses, and once x is written its sibling views "
+                                    "could not be used): pass inplace=False") from None
+    return _written_outside_autograd(x, result)
 
 
-def _written_into_leaf(x: Tensor, result: Tensor) -> Tensor:
-    """``inplace=True`` for a leaf x that needs a gradient, where autograd refuses an
-    in-place op (flash-attn's kernel writes such an x unseen by autograd, and its tests
-    train through it): x holds the result, written outside autograd (its version counter
-    still moves: a tensor saved from x before raises in the backward, never a wrong
-    gradient), and the result itself, computed out of place, is returned: it carries the
-    gradient (a copy of x's new values, not x's memory)."""
+def _written_outside_autograd(x: Tensor, result: Tensor) -> Tensor:
     with torch.no_grad():
         x.copy_(result)
     return result
@@ -209,13 +232,12 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
                             f"{tuple(qkv.shape)} and num_heads_q={num_heads_q}")
     if (cos_k is None) != (sin_k is None):
         raise ArgumentError("cos_k, sin_k: pass both or neither")
-    target = qkv.clone() if _leaf_needing_grad(qkv) else qkv
-    # (each part sliced just before its write: a view made before another write of its base
-    # under no_grad would be refused by autograd)
+    # (under autograd the parts rotate in a copy, written back as apply_rotary_emb's inplace)
+    target = qkv.clone() if torch.is_grad_enabled() and qkv.requires_grad else qkv
     apply_rotary_emb(q_part(target), cos, sin, interleaved, True, seqlen_offsets)
     apply_rotary_emb(k_part(target), cos if cos_k is None else cos_k, sin if sin_k is None else sin_k, interleaved,
                      True, seqlen_offsets)
-    return _written_into_leaf(qkv, target) if target is not qkv else qkv
+    return _write_in_place(qkv, target) if target is not qkv else qkv
 
 
 def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
@@ -224,9 +246,9 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
     Hk, D) rotated in place; returns kv (in place as ``apply_rotary_emb_qkv_``)."""
     if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         raise ArgumentError(f"kv: expected (B, S, 2, Hk, D), got shape {tuple(getattr(kv, 'shape', ()))}")
-    target = kv.clone() if _leaf_needing_grad(kv) else kv
+    target = kv.clone() if torch.is_grad_enabled() and kv.requires_grad else kv
     apply_rotary_emb(target[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
-    return _written_into_leaf(kv, target) if target is not kv else kv
+    return _write_in_place(kv, target) if target is not kv else kv
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -235,7 +257,8 @@ class RotaryEmbedding(torch.nn.Module):
     for the longest sequence seen so far, applied in place to q and k.
 
     Args:
-        dim: rotary_dim (even; the first ``dim`` features of each head rotate).
+        dim: rotary_dim (the first ``dim`` features of each head rotate; an odd one rounds up,
+            as flash-attn's).
         base: the frequencies' base.
         interleaved: GPT-J pairs (0, 1), (2, 3), ... instead of GPT-NeoX halves.
         scale_base: None, or XPos (Sun et al. 2022): q's tables times
@@ -247,27 +270,34 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False,
                  scale_base: Optional[float] = None, device=None):
         super().__init__()
-        if not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ArgumentError(f"dim: expected an even int >= 2 (rotary_dim), got {dim!r}")
+        try:
+            dim = operator.index(dim)
+        except TypeError:
+            raise ArgumentError(f"dim: expected an int >= 1 (rotary_dim), got {dim!r}") from None
+        if dim < 1:
+            raise ArgumentError(f"dim: expected an int >= 1 (rotary_dim), got {dim}")
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, scale_base
         self.register_buffer("inv_freq", self._frequencies(device), persistent=False)
-        steps = torch.arange(0, dim, 2, device=device, dtype=torch.float32)
-        self.register_buffer("scale", None if scale_base is None else (steps + 0.4 * dim) / (1.4 * dim),
-                             persistent=False)
+        self.register_buffer("scale", None if scale_base is None else self._xpos_scale(device), persistent=False)
         self._seq_len_cached = 0
         self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
+        self._cache_inference = False  # (the tables were made in inference mode)
 
     def _frequencies(self, device=None) -> Tensor:
         return 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+
+    def _xpos_scale(self, device=None) -> Tensor:
+        return (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) + 0.4 * self.dim) / (1.4 * self.dim)
 
     def _update_cos_sin_cache(self, seqlen: int, device=None, dtype=None) -> None:
         """Tables for positions 0 .. seqlen - 1 (at least), remade when longer ones are needed,
         on another device or dtype, or in training after inference-mode ones."""
         cached = self._cos_cached
         if (cached is not None and seqlen <= self._seq_len_cached and cached.device == device and cached.dtype == dtype
-                and not (self.training and cached.is_inference())):
+                and not (self.training and self._cache_inference)):
             return
-        self._seq_len_cached = seqlen
+        # (a flag, not cached.is_inference(): torch.compile cannot trace that)
+        self._seq_len_cached, self._cache_inference = seqlen, torch.is_inference_mode_enabled()
         # (float32 throughout: a model loaded in bf16 has bf16 buffers, and positions times
         # frequencies lose too much there)
         inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._frequencies(device)
@@ -276,8 +306,10 @@ class RotaryEmbedding(torch.nn.Module):
         if self.scale is None:
             self._cos_cached, self._sin_cached = cos.to(dtype), sin.to(dtype)
             return
+        # (float32 as the frequencies: flash-attn's powers the buffer in the module's dtype)
+        xpos = self.scale if self.scale.dtype == torch.float32 else self._xpos_scale(device)
         power = (torch.arange(seqlen, device=device, dtype=torch.float32) - seqlen // 2) / self.scale_base
-        scale = self.scale.to(device=device, dtype=torch.float32) ** power.unsqueeze(1)
+        scale = xpos.to(device) ** power.unsqueeze(1)
         self._cos_cached, self._sin_cached = (cos * scale).to(dtype), (sin * scale).to(dtype)
         self._cos_k_cached, self._sin_k_cached = (cos / scale).to(dtype), (sin / scale).to(dtype)
 
@@ -301,9 +333,20 @@ class RotaryEmbedding(torch.nn.Module):
                                          self._cos_k_cached if xpos else None, self._sin_k_cached if xpos else None,
                                          interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
                                          num_heads_q=num_heads_q)
-        q = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved, inplace=True,
-                             seqlen_offsets=seqlen_offset)
-        kv = apply_rotary_emb_kv_(kv, self._cos_k_cached if xpos else self._cos_cached,
-                                  self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
-                                  seqlen_offsets=seqlen_offset)
-        return q, kv
+        if not (torch.is_grad_enabled() and (qkv.requires_grad or kv.requires_grad)):
+            q = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved, inplace=True,
+                                 seqlen_offsets=seqlen_offset)
+            kv = apply_rotary_emb_kv_(kv, self._cos_k_cached if xpos else self._cos_cached,
+                                      self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
+                                      seqlen_offsets=seqlen_offset)
+            return q, kv
+        # Under autograd both results first, then the writes: q and kv may be views of one
+        # projection (mamba_ssm's MHA splits it), which autograd refuses to use once a sibling
+        # was written outside it (_write_in_place).
+        q_out = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved,
+                                 seqlen_offsets=seqlen_offset)
+        k_out = apply_rotary_emb(kv[:, :, 0], self._cos_k_cached if xpos else self._cos_cached,
+                                 self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
+                                 seqlen_offsets=seqlen_offset)
+        kv_out = torch.stack([k_out, kv[:, :, 1]], 2)
+        return _write_in_place(qkv, q_out, siblings_done=True), _write_in_place(kv, kv_out, siblings_done=True)

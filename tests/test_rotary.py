@@ -113,19 +113,35 @@ def test_in_place_on_a_leaf_that_needs_a_gradient(packed):
     # the result can be rotated again, in place too; compiled and under torch.func as well
     again = fa.apply_rotary_emb(out, cos, sin, inplace=True, **kwargs)
     assert torch.equal(again.detach(), fa.apply_rotary_emb(want.detach(), cos, sin, **kwargs))
-    step = lambda x: fa.apply_rotary_emb(x, *tables, inplace=True, **kwargs).square().sum()  # noqa: E731
-    leaf = before.clone().requires_grad_()
-    compiled = torch.compile(step, fullgraph=True, backend="eager")(leaf)
-    compiled.backward()
+    step = lambda x: fa.apply_rotary_emb(x, cos, sin, inplace=True, **kwargs).square().sum()  # noqa: E731
     eager = before.clone().requires_grad_()
     step(eager).backward()
-    torch.testing.assert_close(leaf.grad, eager.grad)
+    for backend in ("eager", "aot_eager"):
+        leaf = before.clone().requires_grad_()
+        torch.compile(step, fullgraph=True, backend=backend)(leaf).backward()
+        torch.testing.assert_close(leaf.grad, eager.grad)
     torch.testing.assert_close(torch.func.grad(step)(before.clone()), eager.grad)
-    # views from split / unbind keep torch's rule for in-place ops on them (flash-attn's
-    # unseen write would hide it from tensors autograd saved): a clear error, not wrong grads
-    qkv = torch.randn(2, 5, 3, 3, 8, generator=gen, requires_grad=True) * 1.0
-    with pytest.raises(RuntimeError, match="inplace|in-place"):
-        fa.apply_rotary_emb(qkv.unbind(2)[1], cos.float(), sin.float(), inplace=True)
+    # compiled with tables that need a gradient too, torch takes the written x for theirs
+    # (wrong values): refused
+    with_tables = lambda x: fa.apply_rotary_emb(x, *tables, inplace=True, **kwargs).sum()  # noqa: E731
+    with pytest.raises(Exception, match="not supported under torch.compile"):
+        torch.compile(with_tables, fullgraph=True, backend="aot_eager")(before.clone().requires_grad_())
+    # a view of a leaf: the same; a tensor saved from x before still raises, never a wrong
+    # gradient; a view from unbind (whose siblings autograd would then refuse): a clear error
+    leaf = before.clone().requires_grad_()
+    part = fa.apply_rotary_emb(leaf[..., :6], cos, sin, inplace=True, **kwargs)
+    torch.testing.assert_close(torch.autograd.grad(part.sum(), leaf)[0][..., :6],
+                               torch.autograd.grad(fa.apply_rotary_emb(fresh[..., :6], cos, sin, **kwargs).sum(),
+                                                   fresh)[0][..., :6])
+    w = torch.randn(8, 3 * 3 * 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = (torch.randn(2, 5, 8, generator=gen, dtype=torch.float64) @ w).view(2, 5, 3, 3, 8)[:, :, 1]
+    saved = x * w.sum()  # (x saved for w's gradient, then rotated in place)
+    fa.apply_rotary_emb(x, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    sibling = (torch.randn(2, 5, 3, 3, 8, requires_grad=True) * 1).unbind(2)[1]
+    with pytest.raises(ArgumentError, match="split / unbind / chunk"):
+        fa.apply_rotary_emb(sibling, cos.float(), sin.float(), inplace=True)
 
 
 def test_compiled_calls_read_nothing_back_and_leave_positions_past_the_tables():
@@ -243,8 +259,30 @@ def test_rotary_embedding_module(xpos):
     assert q_out is q and kv_out is kv
     torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kv[:, :, 0], want_k, atol=1e-5, rtol=1e-5)
+    # training through split views of one projection (mamba_ssm's MHA: q, kv = split, then
+    # the module on both), compiled too: the gradient of the out-of-place formula
+    in_proj = torch.nn.Linear(16, (2 + 2 * 2) * 16).double()
+    x = torch.randn(2, 4, 16, generator=gen, dtype=torch.float64)
+    ref = RotaryEmbedding(dim, base=base, interleaved=True, scale_base=scale_base if xpos else None)
+
+    def step(rotate, x):
+        q, kv = torch.split(in_proj(x), [2 * 16, 2 * 2 * 16], dim=-1)
+        q, kv = rotate(q.view(2, 4, 2, 16), kv.view(2, 4, 2, 2, 16))
+        return (q.square().sum() + kv.square().sum(2).sum()).sum()
+
+    def formula(q, kv):
+        ref._update_cos_sin_cache(4, device=q.device, dtype=q.dtype)
+        k_tables = (ref._cos_k_cached, ref._sin_k_cached) if xpos else (ref._cos_cached, ref._sin_cached)
+        return (fa.apply_rotary_emb(q, ref._cos_cached, ref._sin_cached, interleaved=True),
+                torch.stack([fa.apply_rotary_emb(kv[:, :, 0], *k_tables, interleaved=True), kv[:, :, 1]], 2))
+
+    want = torch.autograd.grad(step(formula, x), in_proj.weight)[0]
+    module.train()
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        torch.testing.assert_close(torch.autograd.grad(run(module, x), in_proj.weight)[0], want)
     # bf16 inputs get bf16 tables (computed in float32)
     module(torch.randn(1, 3, 3, 2, 16, dtype=torch.bfloat16))
     assert module._cos_cached.dtype == torch.bfloat16
+    assert RotaryEmbedding(7).inv_freq.shape == (4,)  # (an odd dim rounds up, as flash-attn's)
     with pytest.raises(ArgumentError, match="dim"):
-        RotaryEmbedding(7)
+        RotaryEmbedding("8")
