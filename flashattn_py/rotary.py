@@ -7,13 +7,12 @@ differentiable.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .api import _index_tensor
+from .api import _index_tensor, _length
 from .errors import ArgumentError
 
 __all__ = [
@@ -270,10 +269,7 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False,
                  scale_base: Optional[float] = None, device=None):
         super().__init__()
-        try:
-            dim = operator.index(dim)
-        except TypeError:
-            raise ArgumentError(f"dim: expected an int >= 1 (rotary_dim), got {dim!r}") from None
+        dim = _length("dim", dim)
         if dim < 1:
             raise ArgumentError(f"dim: expected an int >= 1 (rotary_dim), got {dim}")
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, scale_base
