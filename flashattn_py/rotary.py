@@ -185,12 +185,14 @@ def _write_in_place(x: Tensor, result: Tensor, tables_grad: bool = False, siblin
         try:
             return x.copy_(result)
         except RuntimeError as error:  # (autograd's refusal comes before anything is written)
-            if "inplace" not in str(error) and "in-place" not in str(error):
+            message = str(error)
+            if "multiple views" in message:
+                if not siblings_done:
+                    raise ArgumentError("x: a view from split / unbind / chunk that needs a gradient cannot be "
+                                        "rotated in place (autograd refuses, and once x is written its sibling "
+                                        "views could not be used): pass inplace=False") from None
+            elif "leaf Variable" not in message:  # (only the leaf's refusals; any other is raised)
                 raise
-            if "multiple views" in str(error) and not siblings_done:
-                raise ArgumentError("x: a view from split / unbind / chunk that needs a gradient cannot be "
-                                    "rotated in place (autograd refuses, and once x is written its sibling views "
-                                    "could not be used): pass inplace=False") from None
     return _written_outside_autograd(x, result)
 
 
@@ -236,7 +238,8 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
     apply_rotary_emb(q_part(target), cos, sin, interleaved, True, seqlen_offsets)
     apply_rotary_emb(k_part(target), cos if cos_k is None else cos_k, sin if sin_k is None else sin_k, interleaved,
                      True, seqlen_offsets)
-    return _write_in_place(qkv, target) if target is not qkv else qkv
+    tables_grad = any(t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))
+    return _write_in_place(qkv, target, tables_grad) if target is not qkv else qkv
 
 
 def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
@@ -247,7 +250,7 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
         raise ArgumentError(f"kv: expected (B, S, 2, Hk, D), got shape {tuple(getattr(kv, 'shape', ()))}")
     target = kv.clone() if torch.is_grad_enabled() and kv.requires_grad else kv
     apply_rotary_emb(target[:, :, 0], cos, sin, interleaved, True, seqlen_offsets)
-    return _write_in_place(kv, target) if target is not kv else kv
+    return _write_in_place(kv, target, cos.requires_grad or sin.requires_grad) if target is not kv else kv
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -293,7 +296,8 @@ class RotaryEmbedding(torch.nn.Module):
                 and not (self.training and self._cache_inference)):
             return
         # (a flag, not cached.is_inference(): torch.compile cannot trace that)
-        self._seq_len_cached, self._cache_inference = seqlen, torch.is_inference_mode_enabled()
+        self._seq_len_cached = seqlen
+        self._cache_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         # (float32 throughout: a model loaded in bf16 has bf16 buffers, and positions times
         # frequencies lose too much there)
         inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._frequencies(device)

@@ -212,6 +212,10 @@ def test_qkv_and_kv_forms_rotate_in_place():
     expected = torch.stack([fa.apply_rotary_emb(dout[:, :, 0], cos, -sin), fa.apply_rotary_emb(dout[:, :, 1], cos, -sin),
                             dout[:, :, 2]], 2)  # (the transposed rotation)
     torch.testing.assert_close(leaf.grad, expected)
+    tables = [t.clone().requires_grad_() for t in (cos, sin)]  # (compiled: torch's table gradients would be wrong)
+    with pytest.raises(Exception, match="not supported under torch.compile"):
+        torch.compile(lambda t: rotary.apply_rotary_emb_qkv_(t, *tables), fullgraph=True, backend="aot_eager")(
+            torch.randn(2, 5, 3, 4, 16, requires_grad=True))
     with torch.no_grad():
         rotary.apply_rotary_emb_qkv_(leaf, cos, sin)
         rotary.apply_rotary_emb_kv_(torch.randn(2, 5, 2, 2, 16, requires_grad=True), cos, sin)
@@ -278,8 +282,10 @@ def test_rotary_embedding_module(xpos):
 
     want = torch.autograd.grad(step(formula, x), in_proj.weight)[0]
     module.train()
-    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
-        torch.testing.assert_close(torch.autograd.grad(run(module, x), in_proj.weight)[0], want)
+    cold = RotaryEmbedding(dim, base=base, interleaved=True, scale_base=scale_base if xpos else None)
+    for run, rotate in ((step, module), (torch.compile(step, fullgraph=True, backend="aot_eager"), module),
+                        (torch.compile(step, fullgraph=True, backend="aot_eager"), cold)):  # (tables made compiled)
+        torch.testing.assert_close(torch.autograd.grad(run(rotate, x), in_proj.weight)[0], want)
     # bf16 inputs get bf16 tables (computed in float32)
     module(torch.randn(1, 3, 3, 2, 16, dtype=torch.bfloat16))
     assert module._cos_cached.dtype == torch.bfloat16
