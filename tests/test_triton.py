@@ -620,3 +620,63 @@ def test_gpu_dropout_mask_statistics():
     u = torch.empty(4096, device="cuda")
     _rand_kernel[(1,)](u, 3, 5, N=4096)
     assert torch.equal(keep.flatten()[:4096], u >= 0.25)
+
+
+@pytest.mark.parametrize("device", HERE_AND_GPU)
+def test_float32_mask_with_fp16_inputs(device):
+    # A float32 mask is read as float32 (as torch's SDPA and the CPU kernels do), not
+    # rounded to fp16: a bias near 200 keeps its differences (fp16 steps by 0.125 there).
+    import flashattn_py
+    from flashattn_py.reference import attention_ref
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 21, 16, generator=gen).half() for _ in range(3))
+    mask = torch.randn(2, 1, 21, 21, generator=gen) * 0.05 + 200
+    exact = [t.double().requires_grad_() for t in (q, k, v, mask)]
+    mine = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v, mask)]
+    naive = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    want = torch.nn.functional.scaled_dot_product_attention(*exact[:3], attn_mask=exact[3])
+    with flashattn_py.use_backend("triton"):
+        got = flashattn_py.scaled_dot_product_attention(*mine[:3], attn_mask=mine[3])
+    low = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # torch's own fp16 call (CPU)
+    assert_rule("out", got.cpu(), want, low, 2)
+    # gradients against the naive formula in fp16 (the mask added in float32, as torch does)
+    low = attention_ref(*(t.transpose(1, 2) for t in naive[:3]), attn_bias=naive[3].expand(2, 2, 21, 21))[0]
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for out in (got, want, low.transpose(1, 2)):
+        out.backward(dout.to(device=out.device, dtype=out.dtype))
+    assert mine[3].grad.dtype == torch.float32
+    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), mine, exact, naive):
+        assert_rule(name, a.grad.cpu(), b.grad, c.grad, 3)
+
+
+@pytest.mark.parametrize("device", HERE_AND_GPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_masked_with_the_float_minimum_average_as_torch(device, dtype):
+    # transformers' masks put torch.finfo(float32).min where a key is hidden: a row hidden
+    # everywhere (left padding) is torch's uniform average of V, not an empty row. Triton's
+    # and CUDA's log2 scaling of the bias overflowed that minimum to -inf: zeros, and zero
+    # gradients (1.08 off). Each fused backend of the device, against torch in float64.
+    import flashattn_py
+    from devices import has_cuda_kernels
+    backends = ["triton", "cpu"] if device == "cpu" else ["triton"] + (
+        ["cuda"] if has_cuda_kernels() and dtype != torch.float32 else [])
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=gen).to(dtype) for _ in range(3))
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.zeros(2, 1, 9, 9).masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), lowest)
+    mask[1, :, :, :3] = lowest  # sequence 1 left-padded by 3: its rows 0-2 see nothing
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    naive = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*exact, attn_mask=mask.double())
+    low = torch.nn.functional.scaled_dot_product_attention(*naive, attn_mask=mask)  # torch in dtype (CPU)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    want.backward(dout)
+    low.backward(dout.to(dtype))
+    for backend in backends:
+        leaves = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v)]
+        with flashattn_py.use_backend(backend):
+            got = flashattn_py.scaled_dot_product_attention(*leaves, attn_mask=mask.to(device))
+        assert_rule(f"{backend} out", got.cpu(), want, low, 2)
+        got.backward(dout.to(device=device, dtype=dtype))
+        for name, a, b, c in zip("qkv", leaves, exact, naive):
+            assert_rule(f"{backend} d{name}", a.grad.cpu(), b.grad, c.grad, 3)
