@@ -516,7 +516,7 @@ def elements_overlap(a: Tensor, b: Tensor) -> bool:
     reach = [0] * (len(dims) + 1)  # reach[i]: the farthest dims i.. can step
     for i in range(len(dims) - 1, -1, -1):
         reach[i] = reach[i + 1] + dims[i][0] * dims[i][1]
-    distance = b.data_ptr() - a.data_ptr()
+    distance = b_start - a_start
     if distance % item:  # (elements that straddle each other's: whether the byte spans meet)
         return abs(distance) < (reach[0] + 1) * item
     budget = [10_000]

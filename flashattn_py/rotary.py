@@ -215,7 +215,7 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
     qkv: (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with ``num_heads_q`` = Hq (GQA / MQA).
     cos_k, sin_k: k's tables (default: cos, sin). Under autograd, for a leaf qkv that needs
     a gradient qkv holds the result and the returned tensor, in the graph, is a copy (as
-    apply_rotary_emb's ``inplace``); views from split / unbind keep torch's in-place rule."""
+    apply_rotary_emb's ``inplace``); a view from split / unbind is refused."""
     if not isinstance(qkv, Tensor):
         raise ArgumentError(f"qkv: expected a tensor, got {type(qkv).__name__}")
     if qkv.dim() == 5:  # (num_heads_q ignored, as flash-attn does)
@@ -327,26 +327,19 @@ class RotaryEmbedding(torch.nn.Module):
             self._update_cos_sin_cache(qkv.shape[1] + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
         elif self._cos_cached is None:
             raise ArgumentError("max_seqlen: required with a seqlen_offset tensor before any tables were made")
-        xpos = self.scale is not None
+        # (k's tables: XPos divides where q's multiply)
+        cos_k, sin_k = ((self._cos_k_cached, self._sin_k_cached) if self.scale is not None
+                        else (self._cos_cached, self._sin_cached))
         if kv is None:
-            return apply_rotary_emb_qkv_(qkv, self._cos_cached, self._sin_cached,
-                                         self._cos_k_cached if xpos else None, self._sin_k_cached if xpos else None,
+            return apply_rotary_emb_qkv_(qkv, self._cos_cached, self._sin_cached, cos_k, sin_k,
                                          interleaved=self.interleaved, seqlen_offsets=seqlen_offset,
                                          num_heads_q=num_heads_q)
-        if not (torch.is_grad_enabled() and (qkv.requires_grad or kv.requires_grad)):
-            q = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved, inplace=True,
-                                 seqlen_offsets=seqlen_offset)
-            kv = apply_rotary_emb_kv_(kv, self._cos_k_cached if xpos else self._cos_cached,
-                                      self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
-                                      seqlen_offsets=seqlen_offset)
-            return q, kv
-        # Under autograd both results first, then the writes: q and kv may be views of one
-        # projection (mamba_ssm's MHA splits it), which autograd refuses to use once a sibling
-        # was written outside it (_write_in_place).
+        # Both results first, then the writes: q and kv may be views of one projection
+        # (mamba_ssm's MHA splits it), which autograd refuses to use once a sibling was written
+        # outside it (_write_in_place; without gradients both are written in place as they are).
         q_out = apply_rotary_emb(qkv, self._cos_cached, self._sin_cached, interleaved=self.interleaved,
                                  seqlen_offsets=seqlen_offset)
-        k_out = apply_rotary_emb(kv[:, :, 0], self._cos_k_cached if xpos else self._cos_cached,
-                                 self._sin_k_cached if xpos else self._sin_cached, interleaved=self.interleaved,
+        k_out = apply_rotary_emb(kv[:, :, 0], cos_k, sin_k, interleaved=self.interleaved,
                                  seqlen_offsets=seqlen_offset)
         kv_out = torch.stack([k_out, kv[:, :, 1]], 2)
         return _write_in_place(qkv, q_out, siblings_done=True), _write_in_place(kv, kv_out, siblings_done=True)

@@ -626,27 +626,32 @@ def test_gpu_dropout_mask_statistics():
 def test_float32_mask_with_fp16_inputs(device):
     # A float32 mask is read as float32 (as torch's SDPA and the CPU kernels do), not
     # rounded to fp16: a bias near 200 keeps its differences (fp16 steps by 0.125 there).
+    # Triton here and on a GPU, and there the CUDA backend too where it is built.
     import flashattn_py
+    from devices import has_cuda_kernels
     from flashattn_py.reference import attention_ref
+    backends = ["triton"] + (["cuda"] if device == "cuda" and has_cuda_kernels() else [])
     gen = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(2, 2, 21, 16, generator=gen).half() for _ in range(3))
     mask = torch.randn(2, 1, 21, 21, generator=gen) * 0.05 + 200
     exact = [t.double().requires_grad_() for t in (q, k, v, mask)]
-    mine = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v, mask)]
     naive = [t.clone().requires_grad_() for t in (q, k, v, mask)]
     want = torch.nn.functional.scaled_dot_product_attention(*exact[:3], attn_mask=exact[3])
-    with flashattn_py.use_backend("triton"):
-        got = flashattn_py.scaled_dot_product_attention(*mine[:3], attn_mask=mine[3])
-    low = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # torch's own fp16 call (CPU)
-    assert_rule("out", got.cpu(), want, low, 2)
+    low_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # torch's own fp16 (CPU)
     # gradients against the naive formula in fp16 (the mask added in float32, as torch does)
     low = attention_ref(*(t.transpose(1, 2) for t in naive[:3]), attn_bias=naive[3].expand(2, 2, 21, 21))[0]
     dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    for out in (got, want, low.transpose(1, 2)):
-        out.backward(dout.to(device=out.device, dtype=out.dtype))
-    assert mine[3].grad.dtype == torch.float32
-    for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), mine, exact, naive):
-        assert_rule(name, a.grad.cpu(), b.grad, c.grad, 3)
+    for out in (want, low.transpose(1, 2)):
+        out.backward(dout.to(out.dtype))
+    for backend in backends:
+        mine = [t.detach().clone().to(device).requires_grad_() for t in (q, k, v, mask)]
+        with flashattn_py.use_backend(backend):
+            got = flashattn_py.scaled_dot_product_attention(*mine[:3], attn_mask=mine[3])
+        assert_rule(f"{backend} out", got.cpu(), want, low_out, 2)
+        got.backward(dout.to(device=device, dtype=got.dtype))
+        assert mine[3].grad.dtype == torch.float32
+        for name, a, b, c in zip(("dq", "dk", "dv", "dmask"), mine, exact, naive):
+            assert_rule(f"{backend} {name}", a.grad.cpu(), b.grad, c.grad, 3)
 
 
 @pytest.mark.parametrize("device", HERE_AND_GPU)

@@ -85,4 +85,3 @@ def test_torch_func_and_vmap_triton():
     torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, want[:1], rtol=1e-4, atol=1e-5)
-
