@@ -46,7 +46,7 @@ def offsets(lengths):
 
 def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.Tensor:
     """Global row indices of rank's local rows, in local order."""
-    if cu is None or layout == "ulysses":
+    if cu is None or layout in ("ulysses", "llama3"):
         docs = [(0, length)]
     else:
         cu = [int(x) for x in cu]
@@ -67,12 +67,14 @@ def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.T
 
 
 def case(name, func, dtype="float32", *, varlen=False, packed=None, B=2, H=8, Hk=2, D=24, Dv=40, S=None, lens=None,
-         alibi=None, lse=True, deterministic=False, repeat=1, backend=None, max_seqlen_as="int", **kwargs):
+         alibi=None, lse=True, deterministic=False, repeat=1, backend=None, max_seqlen_as="int", stride=None,
+         prepare_causal=None, **kwargs):
     # max_seqlen_as: how varlen cases pass max_seqlen ("int", "numpy": a NumPy int64, "tensor": a
-    # one-element tensor, as torch's int arguments take)
+    # one-element tensor, as torch's int arguments take). llama3 only: stride, heads_k_stride
+    # (None: Hk); prepare_causal, the causal flag its offsets are prepared with (None: the call's).
     return dict(name=name, func=func, dtype=dtype, varlen=varlen, packed=packed, B=B, H=H, Hk=Hk, D=D, Dv=Dv, S=S,
                 lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, backend=backend,
-                max_seqlen_as=max_seqlen_as, kwargs=kwargs)
+                max_seqlen_as=max_seqlen_as, stride=stride, prepare_causal=prepare_causal, kwargs=kwargs)
 
 
 def max_seqlen_arg(c):
@@ -144,6 +146,32 @@ def varlen_cases(world: int, full: bool):
                      repeat=2),
             ]
     out.append(case("ulysses-varlen-causal", "ulysses", varlen=True, lens=straddle, H=h, Hk=hk, causal=True))
+    # llama3: contiguous rows as ulysses, any head count; documents meeting the ranks'
+    # boundaries (for non-causal windows, whose keys past a rank's rows are refused)
+    aligned = {2: [4, 12, 10, 6], 3: [4, 6, 3, 7, 10], 4: [8, 3, 5, 2, 6, 8]}[world]
+    out.append(case("llama3-varlen-causal", "llama3", varlen=True, lens=straddle, Hk=2, stride=1, causal=True))
+    if full:
+        out += [
+            case("llama3-varlen-plain", "llama3", varlen=True, lens=straddle, Hk=4),
+            case("llama3-varlen-causal-bf16", "llama3", "bfloat16", varlen=True, lens=straddle, Hk=4, stride=2,
+                 causal=True),
+            case("llama3-varlen-window-alibi-softcap", "llama3", varlen=True, lens=straddle, window_size=(5, 0),
+                 alibi="H", softcap=3.0),
+            case("llama3-varlen-window-noncausal-bf16", "llama3", "bfloat16", varlen=True, lens=aligned,
+                 window_size=(4, 2), alibi="H", softmax_scale=0.3),
+            # offsets prepared for non-causal attention (keys to the end of the last document):
+            # a causal call cuts the keys past its rows
+            case("llama3-varlen-causal-prepared-noncausal", "llama3", varlen=True, lens=straddle, Hk=4, stride=2,
+                 causal=True, prepare_causal=False),
+            case("llama3-varlen-kvpacked-causal", "llama3", varlen=True, packed="kv", lens=straddle, D=32, Dv=32,
+                 causal=True, stride=1),
+            case("llama3-varlen-qkvpacked", "llama3", varlen=True, packed="qkv", lens=straddle, H=4, Hk=4, D=32,
+                 Dv=32, stride=2),
+            case("llama3-varlen-deterministic", "llama3", varlen=True, lens=straddle, causal=True,
+                 deterministic=True, repeat=2),
+            case("llama3-varlen-float64", "llama3", "float64", varlen=True, lens=straddle, Hk=4, stride=2,
+                 window_size=(3, 0)),
+        ]
     if full:
         out += [
             case("ring-varlen-causal-numpy-max", "ring", varlen=True, lens=doc, causal=True, max_seqlen_as="numpy"),
@@ -168,6 +196,8 @@ TRITON_CASES = [
     case("zigzag-varlen-causal-triton", "zigzag", varlen=True, lens=[8, 16], H=4, D=16, Dv=16, causal=True,
          backend="triton"),
     case("ulysses-causal-triton", "ulysses", S=16, H=4, D=16, Dv=16, causal=True, backend="triton"),
+    case("llama3-varlen-causal-triton", "llama3", varlen=True, lens=[5, 13, 6, 8], H=4, D=16, Dv=16, causal=True,
+         stride=1, backend="triton"),
 ]
 
 CASES = {
@@ -187,6 +217,10 @@ WORLD1_CASES = [
     case("ring-varlen-causal", "ring", varlen=True, lens=[6, 10, 3], causal=True),
     case("zigzag-varlen-causal-bf16", "zigzag", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
     case("ulysses-varlen-window-alibi", "ulysses", varlen=True, lens=[6, 10, 3], window_size=(4, 0), alibi="H"),
+    case("llama3-varlen-window-alibi", "llama3", varlen=True, lens=[6, 10, 3], window_size=(4, 0), alibi="H"),
+    case("llama3-varlen-causal-bf16", "llama3", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
+    case("llama3-varlen-qkvpacked-plain", "llama3", varlen=True, packed="qkv", lens=[6, 10, 3], H=4, Hk=4, D=32,
+         Dv=32),
 ]
 
 
@@ -248,7 +282,7 @@ def ref_kwargs(c, slopes, cu):
     return ref
 
 
-PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_"}
+PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_", "llama3": "llama3_"}
 
 
 def plain_name(c) -> str:
@@ -286,6 +320,8 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     fn = getattr(cp, fn_name)
     kw = dict(extra_kwargs, **override)
     varlen = (cu, max_seqlen_arg(c)) if c["varlen"] else ()
+    if c["func"] == "llama3":
+        varlen = llama3_args(c, cu)
     dim = 1 if c["varlen"] else 2  # the packing dim of kv / qkv
     if c["packed"] == "kv":
         kv = torch.stack([k, v], dim=dim).requires_grad_()
@@ -298,11 +334,21 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     else:
         q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         if c["varlen"]:
-            res = fn(q, k, v, cu, max_seqlen_arg(c), **kw)
+            res = fn(q, k, v, *varlen, **kw)
         else:
             res = fn(q, k, v, **kw)
         grads = lambda: (q.grad, k.grad, v.grad)  # noqa: E731
     return res, grads
+
+
+def llama3_args(c, cu):
+    """This rank's offsets, maxima, heads_k_stride and key slice for a llama3 case."""
+    import torch.distributed as dist
+
+    causal = c["kwargs"].get("causal", False) if c["prepare_causal"] is None else c["prepare_causal"]
+    cu_q, cu_k, max_q, max_k, keys = cp.llama3_flash_attn_prepare_cu_seqlens(cu, causal, dist.get_rank(),
+                                                                              dist.get_world_size())
+    return cu_q, cu_k, max_q, max_k, c["stride"] or c["Hk"], keys
 
 
 def _run_case(c, rank, world):
@@ -420,16 +466,17 @@ def worker_world1(rank, world, cases):
 
 def _call_plain(c, fn, leaves, cu, kw):
     q, k, v = leaves
+    dim = 1 if cu is not None else 2  # (the packing dim of kv / qkv)
+    n = max(c["lens"]) if cu is not None else None
     if c["packed"] == "kv":
-        kv = torch.stack([k, v], dim=2).requires_grad_()
-        res = fn(q.requires_grad_(), kv, **kw)
-        return res, lambda: (q.grad, kv.grad[:, :, 0], kv.grad[:, :, 1])
+        kv = torch.stack([k, v], dim=dim).requires_grad_()
+        res = fn(q.requires_grad_(), kv, *((cu, cu, n, n) if cu is not None else ()), **kw)
+        return res, lambda: (q.grad, *kv.grad.unbind(dim))
     if c["packed"] == "qkv":
-        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
-        return fn(qkv, **kw), lambda: (qkv.grad[:, :, 0], qkv.grad[:, :, 1], qkv.grad[:, :, 2])
+        qkv = torch.stack([q, k, v], dim=dim).requires_grad_()
+        return fn(qkv, *((cu, n) if cu is not None else ()), **kw), lambda: qkv.grad.unbind(dim)
     q, k, v = q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     if cu is not None:
-        n = max(c["lens"])
         return fn(q, k, v, cu, cu, n, n, **kw), lambda: (q.grad, k.grad, v.grad)
     return fn(q, k, v, **kw), lambda: (q.grad, k.grad, v.grad)
 
@@ -484,6 +531,22 @@ ERROR_CASES = [
     # Ulysses exchanges lse only when asked for it: one rank asking alone hung both
     ("ulysses_return_attn_probs_differs", "ulysses_flash_attn_func",
      dict(kwargs_by_rank=[dict(return_attn_probs=True), {}]), r"\breturn_attn_probs\b"),
+    # llama3 (its own arguments: `llama3` in the setup)
+    ("llama3_stride_not_dividing", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride=3), Hk=4),
+     r"\bheads_k_stride\b"),
+    ("llama3_stride_differs_across_ranks", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride_by_rank=[1, 2])),
+     r"\bheads_k_stride\b"),
+    ("llama3_slice_past_the_rows", "llama3_flash_attn_varlen_func", dict(llama3=dict(keys=slice(0, 25))),
+     r"\blocal_k_slice\b"),
+    ("llama3_offsets_misaligned", "llama3_flash_attn_varlen_func",
+     dict(lens=[5, 13, 6], llama3=dict(shift_k=True)), r"\bcu_seqlens_q, cu_seqlens_k\b"),
+    ("llama3_alibi_per_sequence", "llama3_flash_attn_varlen_func", dict(alibi_2d=True), r"\balibi_slopes\b"),
+    ("llama3_dropout", "llama3_flash_attn_varlen_func", dict(kwargs=dict(dropout_p=0.1)), r"\bdropout_p\b"),
+    # non-causal windows over keys that run past a rank's rows (its last document straddles on)
+    ("llama3_window_keys_past_rows", "llama3_flash_attn_varlen_func",
+     dict(lens=[5, 13, 6], kwargs=dict(window_size=(4, 2))), r"\blocal_k_slice\b"),
+    ("llama3_and_ulysses_across_ranks", "llama3_flash_attn_varlen_func",
+     dict(fn_by_rank=["llama3_flash_attn_varlen_func", "ulysses_flash_attn_varlen_func"]), r"\blayout\b"),
 ]
 
 
@@ -513,7 +576,20 @@ def worker_errors(rank, world, cases):
                 k, v = (torch.randn(n, Hk, 16, generator=gen).to(dtype) for _ in range(2))
                 if setup.get("alibi"):
                     kw["alibi_slopes"] = torch.rand(H)
-                out = getattr(cp, fn_name)(q, k, v, cu, max(lens), **kw)
+                if setup.get("alibi_2d"):
+                    kw["alibi_slopes"] = torch.rand(len(lens), H)
+                if fn_name.startswith("llama3"):
+                    l3 = setup.get("llama3", {})
+                    cu_q, cu_k, max_q, max_k, keys = cp.llama3_flash_attn_prepare_cu_seqlens(
+                        cu, kw.get("causal", False), rank, world)
+                    if l3.get("shift_k"):
+                        cu_k = cu_k.clone()
+                        cu_k[1:-1] += 1
+                        max_k += 1
+                    stride = l3.get("stride_by_rank", [l3.get("stride", Hk)] * world)[rank]
+                    out = getattr(cp, fn_name)(q, k, v, cu_q, cu_k, max_q, max_k, stride, l3.get("keys", keys), **kw)
+                else:
+                    out = getattr(cp, fn_name)(q, k, v, cu, max(lens), **kw)
             else:
                 q = torch.randn(2, S, H, 16, generator=gen).to(dtype=dtype, device=device)
                 k, v = (torch.randn(2, S, Hk, 16, generator=gen).to(dtype=dtype, device=device) for _ in range(2))
@@ -706,7 +782,8 @@ def _check_case(world, c):
     check_attention(replay, q, k, v, seed=_seed(c), **ref_kw)
     if c["lse"]:
         lse_shape = (c["H"], sum(c["lens"])) if packed else (c["B"], c["H"], c["S"])
-        lse = _assemble(c, world, [r["runs"][0]["lse"] for r in per_rank], "lse", lse_shape, torch.float32, cu)
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        lse = _assemble(c, world, [r["runs"][0]["lse"] for r in per_rank], "lse", lse_shape, lse_dtype, cu)
         _, ref_lse = attention_ref(q.double(), k.double(), v.double(), **ref_kw)
         ref_lse = ref_lse[0] if packed else ref_lse
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5, msg=lambda m: f"lse: {m}")
@@ -837,7 +914,7 @@ def test_group_still_works_after_bad_input():
 # Pure layout helpers: no processes
 
 
-@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses"])
+@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shard_unshard_dense(layout, world):
     x = torch.randn(2, 8 * world, 3, 5)
@@ -852,11 +929,12 @@ def test_shard_unshard_dense(layout, world):
     assert torch.equal(pieces[-1], y.index_select(2, rows_of(layout, world - 1, world, y.shape[2])))
 
 
-@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses"])
+@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_shard_unshard_varlen(layout, world, as_tensor):
-    lens = [2 * world * n for n in (1, 3, 2)] if layout != "ulysses" else [3, 2 * world * 3 - 3, 4 * world]
+    contiguous = layout in ("ulysses", "llama3")
+    lens = [2 * world * n for n in (1, 3, 2)] if not contiguous else [3, 2 * world * 3 - 3, 4 * world]
     cu_list = [0] + torch.tensor(lens).cumsum(0).tolist()
     cu = torch.tensor(cu_list, dtype=torch.int32) if as_tensor else cu_list
     x = torch.randn(sum(lens), 2, 3)
@@ -867,6 +945,55 @@ def test_shard_unshard_varlen(layout, world, as_tensor):
     lse = torch.randn(2, sum(lens))  # (H, total): rows on dim 1
     pieces = [cp.shard(lse, layout, r, world, dim=1, cu_seqlens=cu) for r in range(world)]
     assert torch.equal(cp.unshard(pieces, layout, dim=1, cu_seqlens=cu), lse)
+
+
+def test_llama3_prepare_cu_seqlens_by_hand():
+    # documents [0, 5), [5, 18), [18, 24), [24, 32) over 2 ranks of 16 rows: rank 0 holds
+    # document 0 and the start of 1; rank 1 the rest of 1 (its keys from row 5), 2 and 3
+    cu = offsets([5, 13, 6, 8])
+    want = {  # (rank, causal): (cu_q, cu_k, max_q, max_k, slice)
+        (0, True): ([0, 5, 16], [0, 5, 16], 11, 11, slice(0, 16)),
+        (0, False): ([0, 5, 16], [0, 5, 18], 11, 13, slice(0, 18)),
+        (1, True): ([0, 2, 8, 16], [0, 13, 19, 27], 8, 13, slice(5, 32)),
+        (1, False): ([0, 2, 8, 16], [0, 13, 19, 27], 8, 13, slice(5, 32)),
+    }
+    for (rank, causal), (cu_q, cu_k, max_q, max_k, keys) in want.items():
+        got = cp.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, 2)
+        assert [got[0].tolist(), got[1].tolist(), *got[2:]] == [cu_q, cu_k, max_q, max_k, keys], (rank, causal, got)
+        assert got[0].dtype == got[1].dtype == torch.int32
+    # one rank: the global offsets themselves; a document boundary on a rank's edge
+    got = cp.llama3_flash_attn_prepare_cu_seqlens([0, 3, 8], True, 0, 1)
+    assert [got[0].tolist(), got[1].tolist(), *got[2:]] == [[0, 3, 8], [0, 3, 8], 5, 5, slice(0, 8)]
+    got = cp.llama3_flash_attn_prepare_cu_seqlens(offsets([4, 4, 8]), False, 1, 2)
+    assert [got[0].tolist(), got[1].tolist(), *got[2:]] == [[0, 8], [0, 8], 8, 8, slice(8, 16)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_llama3_prepared_offsets_cover_each_ranks_rows(world):
+    lens = [7, 0, 13, 1, 6, 9, 0, 12]  # 48 rows
+    cu = offsets(lens)
+    rows = 48 // world
+    for rank in range(world):
+        for causal in (False, True):
+            cu_q, cu_k, max_q, max_k, keys = cp.llama3_flash_attn_prepare_cu_seqlens(cu, causal, rank, world)
+            q_off, k_off = cu_q.tolist(), cu_k.tolist()
+            assert q_off[0] == k_off[0] == 0 and q_off[-1] == rows and k_off[-1] == keys.stop - keys.start
+            assert max_q == max(b - a for a, b in zip(q_off, q_off[1:]))
+            assert max_k == max(b - a for a, b in zip(k_off, k_off[1:]))
+            for d in range(len(q_off) - 1):
+                q_rows = (rank * rows + q_off[d], rank * rows + q_off[d + 1])  # global rows
+                k_rows = (keys.start + k_off[d], keys.start + k_off[d + 1])
+                if q_rows[0] == q_rows[1]:  # an empty document
+                    assert k_rows == q_rows, (rank, causal, d)
+                    continue
+                doc = next(i for i in range(len(lens)) if cu[i] <= q_rows[0] and q_rows[1] <= cu[i + 1])
+                # the keys: the document from its start, to its end (or, causal, to the rank's)
+                end = min(int(cu[doc + 1]), (rank + 1) * rows) if causal else int(cu[doc + 1])
+                assert k_rows == (int(cu[doc]), end), (rank, causal, d)
+    with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens"):
+        cp.llama3_flash_attn_prepare_cu_seqlens(offsets([5, 6]), True, 0, 2)  # 11 rows over 2 ranks
+    with pytest.raises(flashattn_py.ArgumentError, match="rank"):
+        cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6]), True, 2, 2)
 
 
 def test_shard_rejects_bad_layouts():

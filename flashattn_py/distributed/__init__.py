@@ -8,6 +8,10 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
   2*world, which gives every rank the same causal work.
 - Ulysses (``ulysses_flash_attn_*``): all-to-all from sequence shards to head shards, local
   attention over the whole sequence, all-to-all back (H and Hk divisible by the world size).
+- Llama 3 (``llama3_flash_attn_varlen_*``, packed documents): every rank gathers all K/V
+  rows and attends its own contiguous rows in one local call; key / value gradients are
+  summed back to their owners (reduce-scatter). Offsets from
+  ``llama3_flash_attn_prepare_cu_seqlens``.
 
 The signatures are ring-flash-attention's (plus ``softcap``, keyword-only): q (B, S_local, H,
 D), k / v (B, S_local, Hk, D) this rank's shard (``shard`` cuts one); the output is the
@@ -30,11 +34,16 @@ from torch import Tensor
 from ..errors import ArgumentError
 from .checks import Unsplit
 from .layout import local_rows, shard, unshard
+from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 from .ring import ring_attention
 from .ulysses import ulysses_attention
 
 __all__ = [
     "all_gather_shards",
+    "llama3_flash_attn_prepare_cu_seqlens",
+    "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func",
+    "llama3_flash_attn_varlen_qkvpacked_func",
     "local_rows",
     "ring_flash_attn_func",
     "ring_flash_attn_kvpacked_func",
@@ -138,6 +147,32 @@ def ulysses_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
                              alibi_slopes, deterministic, return_attn_probs, group, softcap)
 
 
+def llama3_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                  max_seqlen_q: int, max_seqlen_k: int, heads_k_stride: int, local_k_slice: slice,
+                                  dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                                  causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                                  alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                  return_attn_probs: bool = False, group=None, *, softcap: float = 0.0):
+    """Llama 3's context parallelism over packed documents (ring-flash-attention's signature,
+    plus ``softcap``). q (T, H, D), k / v (T, Hk, D): rank r's rows [r T, (r + 1) T) of the
+    global packed sequence (layout "llama3": contiguous, documents may straddle ranks).
+    ``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k`` and
+    ``local_k_slice`` are this rank's, from ``llama3_flash_attn_prepare_cu_seqlens(cu_seqlens,
+    causal, rank, world_size)``; ``heads_k_stride`` KV heads are gathered at a time (a
+    divisor of Hk: fewer heads, less memory for the gathered rows).
+
+    Every feature of ``flash_attn_varlen_func`` but dropout: causal, windows, ALiBi ((H,)
+    slopes), softcap, GQA, with global positions. With offsets prepared with
+    ``causal=False`` (keys to the end of the last document), a causal call cuts the keys past
+    its rows, and windows or ALiBi raise (their diagonal would be misplaced).
+
+    Returns out (T, H, Dv); with ``return_attn_probs``, (out, lse (H, T) float32 (float64 for
+    float64 inputs), None). Differentiable in q, k, v."""
+    return llama3_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                            local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                            deterministic, return_attn_probs, group, softcap)
+
+
 def _split(packed: Tensor, count: int, name: str) -> tuple:
     """packed (..., count, H, D) (3-D rows packed, 4-D dense, + the packing dim) as ``count``
     tensors; anything else as a placeholder the collective check rejects on every rank (an
@@ -190,6 +225,22 @@ def zigzag_ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlen
 def zigzag_ring_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
     """``zigzag_ring_flash_attn_varlen_func`` with qkv (total / world, 3, H, D)."""
     return zigzag_ring_flash_attn_varlen_func(*_split(qkv, 3, "qkv"), cu_seqlens, max_seqlen, *args, **kwargs)
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                           max_seqlen_q: int, max_seqlen_k: int, heads_k_stride: int,
+                                           local_k_slice: slice, *args, **kwargs):
+    """``llama3_flash_attn_varlen_func`` with kv (T, 2, Hk, D)."""
+    return llama3_flash_attn_varlen_func(q, *_kv(kv), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice, *args, **kwargs)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                            max_seqlen_q: int, max_seqlen_k: int, heads_k_stride: int,
+                                            local_k_slice: slice, *args, **kwargs):
+    """``llama3_flash_attn_varlen_func`` with qkv (T, 3, H, D)."""
+    return llama3_flash_attn_varlen_func(*_split(qkv, 3, "qkv"), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, heads_k_stride, local_k_slice, *args, **kwargs)
 
 
 def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, group=None) -> Tensor:

@@ -59,13 +59,15 @@ class Unsplit:
 
 def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
                window_size, softcap: float, alibi_slopes, deterministic: bool,
-               layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int, int], list[tuple]]
-               ) -> tuple[comm.Group, Checked]:
+               layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int, int], list[tuple]],
+               local_offsets: bool = False) -> tuple[comm.Group, Checked]:
     """Validate a context-parallel call (``layout``: layout.LAYOUTS) on every rank of
     ``group`` (see the module docstring).
     ``layout_check(q4, k4, cu, world, max_seqlen)`` adds the layout's own checks (q4, k4:
     (B, S, H, D) views; cu: int32 offsets or None; max_seqlen an int) and returns more fields
-    every rank must agree on."""
+    every rank must agree on. ``local_offsets``: ``cu_seqlens`` / ``max_seqlen`` are this
+    rank's own ``cu_seqlens_q`` / ``max_seqlen_q`` (offsets of its local rows, which differ
+    between ranks: not compared), not the global sequence's."""
     ring = comm.Group(group)
     packed = cu_seqlens is not None
     checked: dict = {}
@@ -90,13 +92,17 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
         api._check_qkv(q4, k4, v4, ("q", "k", "v"), heads_dim=2, seq_dim=1)
         batch, cu, length, fields = q.shape[0], None, 0, []
         if packed:
-            cu = api._index_tensor("cu_seqlens", cu_seqlens, q.device, 1)
+            suffix = "_q" if local_offsets else ""
+            cu = api._index_tensor("cu_seqlens" + suffix, cu_seqlens, q.device, 1)
             batch = cu.shape[0] - 1
             if batch < 1:
-                raise ArgumentError("cu_seqlens: expected B + 1 >= 2 offsets of the global packed sequence")
-            length = api._length("max_seqlen", max_seqlen)  # (NumPy ints, 1-element tensors: as torch's ints)
-            length = api.at_most(length, q.shape[0] * ring.world_size)  # (the global packed total: sizes only)
-            fields += offsets_fields(cu) + [("max_seqlen", [length])]
+                raise ArgumentError(f"cu_seqlens{suffix}: expected B + 1 >= 2 offsets of the "
+                                    f"{'local' if local_offsets else 'global'} packed sequence")
+            length = api._length("max_seqlen" + suffix, max_seqlen)  # (NumPy ints, 1-element tensors: as torch's)
+            # (the packed total bounds it: sizes only)
+            length = api.at_most(length, q.shape[0] * (1 if local_offsets else ring.world_size))
+            if not local_offsets:
+                fields += offsets_fields(cu) + [("max_seqlen", [length])]
         fields += layout_check(q4, k4, cu, ring.world_size, length)
         api._check_flash_options(q, 0.0, window, softcap, alibi_slopes, batch)
         scale = api.softmax_scale_of("softmax_scale", softmax_scale, q.shape[-1])

@@ -5,10 +5,12 @@
   ``2 * world - 1 - r``, in that order, so that under a causal mask every rank has the same
   work (one early chunk, one late one).
 - ``"ulysses"``: like ring, contiguous chunks (Ulysses redistributes heads, not rows).
+- ``"llama3"``: the same contiguous chunks (the llama3 form gathers every rank's K/V).
 
 Packed sequences (``cu_seqlens`` given, rows on ``dim``): ring and zigzag cut EVERY
 document that way (each rank holds its pieces of all documents, in document order), so
-every rank gets the same share of each document; ulysses cuts the packed rows contiguously.
+every rank gets the same share of each document; ulysses and llama3 cut the packed rows
+contiguously (documents may straddle ranks).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 
-LAYOUTS = ("ring", "zigzag", "ulysses")
+LAYOUTS = ("ring", "zigzag", "ulysses", "llama3")
 
 
 def chunks_per_rank(layout: str) -> int:
@@ -59,7 +61,7 @@ def _pieces(length: int, count: int, what: str) -> int:
 def _segments(layout: str, rank: int, world_size: int, length: int,
               cu_seqlens: Optional[Union[Tensor, Sequence[int]]]) -> list[tuple[int, int]]:
     """(start, end) row ranges of the full sequence that rank holds, in its local order."""
-    if cu_seqlens is None or layout == "ulysses":
+    if cu_seqlens is None or layout in ("ulysses", "llama3"):
         documents = [(0, length)]
         if cu_seqlens is not None and _offsets(cu_seqlens)[-1] != length:
             raise ArgumentError(f"cu_seqlens: the last offset must be the total length {length}")
