@@ -11,7 +11,9 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
 - Llama 3 (``llama3_flash_attn_varlen_*``, packed documents): every rank gathers all K/V
   rows and attends its own contiguous rows in one local call; key / value gradients are
   summed back to their owners (reduce-scatter). Offsets from
-  ``llama3_flash_attn_prepare_cu_seqlens``.
+  ``llama3_flash_attn_prepare_cu_seqlens``. ``substitute_hf_flash_attn`` /
+  ``update_ring_flash_attn_params`` run it in every layer of a transformers model on our
+  backend (hf_adapter.py).
 
 The signatures are ring-flash-attention's (plus ``softcap``, keyword-only): q (B, S_local, H,
 D), k / v (B, S_local, Hk, D) this rank's shard (``shard`` cuts one); the output is the
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from .checks import Unsplit
+from .hf_adapter import substitute_hf_flash_attn, update_ring_flash_attn_params, use_ring_attn
 from .layout import local_rows, shard, unshard
 from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 from .ring import ring_attention
@@ -52,6 +55,9 @@ __all__ = [
     "ring_flash_attn_varlen_kvpacked_func",
     "ring_flash_attn_varlen_qkvpacked_func",
     "shard",
+    "substitute_hf_flash_attn",
+    "update_ring_flash_attn_params",
+    "use_ring_attn",
     "ulysses_flash_attn_func",
     "ulysses_flash_attn_varlen_func",
     "unshard",

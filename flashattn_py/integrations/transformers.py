@@ -39,6 +39,10 @@ NAME = "fattn_py"
 
 __all__ = ["NAME", "register", "flashattn_attention_forward"]
 
+# flashattn_py.distributed.hf_adapter once substitute_hf_flash_attn has run (its active()
+# says whether layers run context-parallel now); None before, so a plain call pays one read.
+context_parallel = None
+
 
 def flashattn_attention_forward(
     module: torch.nn.Module,
@@ -72,6 +76,12 @@ def flashattn_attention_forward(
     for name in ("position_bias", "block_indices"):
         if kwargs.get(name) is not None:
             raise ArgumentError(f"{name}: not supported by the flashattn_py transformers backend (use eager)")
+    if context_parallel is not None and context_parallel.active():
+        for name in ("s_aux", "sinks", "indices"):
+            if kwargs.get(name) is not None:
+                raise ArgumentError(f"{name}: not supported with context parallelism (substitute_hf_flash_attn)")
+        return context_parallel.attention_forward(module, query, key, value, scaling, dropout, is_causal,
+                                                  kwargs), None
     # Under autocast, as sdpa gets them (a model's q and k can leave RoPE in float32 beside a
     # 16-bit v): every path below, the flash_attn_* calls too, in the autocast dtype.
     query, key, value, _ = api._autocast(query, key, value, None)

@@ -1,0 +1,102 @@
+"""Context parallelism for Hugging Face transformers models: ring-flash-attention's adapter
+(``substitute_hf_flash_attn``, ``update_ring_flash_attn_params``) on our transformers backend.
+
+    substitute_hf_flash_attn(group, heads_k_stride=1)    # once
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fattn_py")
+    update_ring_flash_attn_params(cu_seqlens, group)     # every batch: the GLOBAL offsets
+    out = model(input_ids=local_ids, position_ids=local_positions)  # this rank's contiguous rows
+
+Every attention layer of a model on the "fattn_py" backend then computes
+``llama3_flash_attn_varlen_func`` over the documents of ``cu_seqlens``: one packed row
+(batch 1) cut into equal contiguous chunks, rank r holding chunk r. As in
+ring-flash-attention, the mask transformers builds from the local rows is not read (the
+documents come from ``cu_seqlens``; a padded batch cannot be expressed), and a layer's
+``sliding_window`` is a window of that many keys back. ``use_ring_attn(False)`` switches back
+to plain attention over the local rows (e.g. for evaluation without sharding).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import api
+from ..errors import ArgumentError
+from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
+
+
+class _State:
+    group = None
+    heads_k_stride: Optional[int] = None  # None: substitute_hf_flash_attn not called
+    cu_seqlens: Optional[Tensor] = None
+    prepared: dict = {}  # causal -> llama3_flash_attn_prepare_cu_seqlens' result for this rank
+    on = True
+
+
+def substitute_hf_flash_attn(process_group: Optional[dist.ProcessGroup], heads_k_stride: int) -> None:
+    """Make every attention layer of models on flashattn_py's transformers backend
+    (``attn_implementation="fattn_py"``, registered here) context-parallel over
+    ``process_group`` (None: the default group), gathering ``heads_k_stride`` KV heads at a time.
+    Offsets per batch: ``update_ring_flash_attn_params``."""
+    if type(heads_k_stride) is not int or heads_k_stride < 1:
+        raise ArgumentError(f"heads_k_stride: expected an int >= 1, got {heads_k_stride!r}")
+    from ..integrations import transformers as backend
+
+    backend.register()
+    _State.group, _State.heads_k_stride, _State.on = process_group, heads_k_stride, True
+    backend.context_parallel = sys.modules[__name__]
+
+
+def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group: Optional[dist.ProcessGroup]) -> None:
+    """The documents of the next forward: ``cu_seqlens`` (B + 1,) int32, the GLOBAL packed
+    row's offsets (the same on every rank, the total divisible by the group's size). Read on
+    the host (a sync for GPU tensors), once per batch."""
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    if rank < 0:
+        raise ArgumentError("process_group: this process is not a member of the group")
+    llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world)  # (checks the offsets now)
+    _State.cu_seqlens, _State.prepared = cu_seqlens, {}
+    _State.group = process_group
+
+
+def use_ring_attn(flag: bool) -> None:
+    """Switch the substituted layers between context-parallel attention (True, the default
+    after ``substitute_hf_flash_attn``) and plain attention over the local rows (False)."""
+    _State.on = bool(flag)
+
+
+def active() -> bool:
+    """Whether the transformers backend's layers run context-parallel now."""
+    return _State.heads_k_stride is not None and _State.on
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, scaling: Optional[float],
+                      dropout: float, is_causal: Optional[bool], kwargs: dict) -> Tensor:
+    """One layer's context-parallel attention (transformers' (B, H, S, D) inputs): (1, S, H, D)."""
+    if _State.cu_seqlens is None:
+        raise ArgumentError("cu_seqlens: call update_ring_flash_attn_params(cu_seqlens, group) with the batch's "
+                            "global offsets before the forward")
+    if query.shape[0] != 1:
+        raise ArgumentError(f"query: context parallelism takes one packed row (batch 1), got a batch of "
+                            f"{query.shape[0]}")
+    if key.shape[2] != query.shape[2]:
+        raise ArgumentError(f"key: {key.shape[2]} keys for {query.shape[2]} local rows: context parallelism takes "
+                            f"no KV cache (use_ring_attn(False) for generation)")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    sliding = kwargs.get("sliding_window")
+    if sliding is None:
+        sliding = getattr(module, "sliding_window", None)
+    window = (sliding - 1, sliding - 1) if sliding else (-1, -1)  # (transformers': that many keys back)
+    prepared = _State.prepared.get(causal)
+    if prepared is None:
+        group = _State.group
+        prepared = _State.prepared[causal] = llama3_flash_attn_prepare_cu_seqlens(
+            _State.cu_seqlens, causal, dist.get_rank(group), dist.get_world_size(group))
+    query, key, value, _ = api._autocast(query, key, value, None)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
+    out = llama3_attention(q, k, v, *prepared[:4], _State.heads_k_stride, prepared[4], float(dropout), scaling,
+                           causal, window, None, False, False, _State.group, float(kwargs.get("softcap") or 0.0))
+    return out.unsqueeze(0)
