@@ -25,10 +25,20 @@ per (world, implementation, dtype, mode):
   e.g. its per-call argument check, allocation of the arriving blocks, or waiting for a slower
   rank).
 
+``--packed`` compares the packed-document forms instead (causal, the global row cut into
+documents whose lengths are multiples of 2 * world, so that every form takes them):
+``ring``, ``zigzag`` and ``ulysses`` (``*_flash_attn_varlen_func``) and ``llama3``
+(``llama3_flash_attn_varlen_func``, offsets prepared once, outside the timing): ``ring ms``
+is one call (``fwd+bwd``: with ``out.backward``), the slowest rank, median over --repeats
+rounds that alternate the forms; ``local ms`` the rank's share of the work without any
+communication (``flash_attn_varlen_func`` on the whole row on one process, timed alone,
+divided by the world size: what perfect scaling would give).
+
 ``--model`` prints instead a paper model of ring against Ulysses on GPU clusters (no
 measurement; assumptions in ``paper_model``'s docstring).
 
     python benchmarks/bench_context_parallel.py [--world 2,4] [--seqlen 8192] [--quick]
+    python benchmarks/bench_context_parallel.py --packed [--world 2,4]
     python benchmarks/bench_context_parallel.py --model
 """
 from __future__ import annotations
@@ -56,6 +66,7 @@ import common  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 IMPLS = ("ring", "zigzag")
+PACKED_IMPLS = ("ring", "zigzag", "ulysses", "llama3")
 MODES = ("fwd", "fwd+bwd")
 BALANCE_BAR = 1.1  # issue 24: zigzag's per-rank compute max / min
 
@@ -260,6 +271,97 @@ def _measure_case(impl: str, dtype_name: str, mode: str, cfg: dict) -> dict:
     return row
 
 
+def packed_lengths(seqlen: int, world: int) -> list[int]:
+    """Document lengths summing to ``seqlen``, each a multiple of 2 * world (every packed form
+    takes them), drawn the same on every rank: 1/16 to 1/2 of the row."""
+    unit = 2 * world
+    gen = torch.Generator().manual_seed(7)
+    lengths, left = [], seqlen
+    while left > 0:
+        n = unit * int(torch.randint(max(1, seqlen // (16 * unit)), max(2, seqlen // (2 * unit)), (1,),
+                                     generator=gen))
+        lengths.append(min(n, left))
+        left -= lengths[-1]
+    return lengths
+
+
+def _measure_packed(dtype_name: str, mode: str, cfg: dict) -> list[dict]:
+    """One row per packed form (see the module docstring), rounds alternating the forms."""
+    import flashattn_py
+    from flashattn_py import distributed as cpd
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = common.DTYPES[dtype_name]
+    s, h, hk, d = cfg["seqlen"], cfg["heads"], cfg["heads_k"], cfg["head_dim"]
+    lengths = packed_lengths(s, world)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1234)
+    full = [torch.randn(s, n, d, generator=gen).to(dtype) for n in (h, hk, hk, h)]
+    backward = mode == "fwd+bwd"
+    prepared = cpd.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
+    calls = {}
+    for impl in cfg["impls"]:
+        layout = "ulysses" if impl == "llama3" else impl
+        q, k, v, dout = (cpd.shard(t, layout, rank, world, dim=0, cu_seqlens=cu).contiguous() for t in full)
+        if impl == "llama3":
+            fn = lambda q_, k_, v_: cpd.llama3_flash_attn_varlen_func(  # noqa: E731
+                q_, k_, v_, *prepared[:4], hk, prepared[4], causal=True)
+        else:
+            fn = (lambda f: lambda q_, k_, v_: f(q_, k_, v_, cu, max(lengths), causal=True))(  # noqa: E731
+                getattr(cpd, {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_"}[impl]
+                        + "flash_attn_varlen_func"))
+        calls[impl] = (lambda fn_, q_, k_, v_, d_: (lambda: _packed_call(fn_, q_, k_, v_, d_, backward)))(
+            fn, q, k, v, dout)
+    for call in calls.values():  # warm-ups
+        call()
+    samples: dict = {impl: [] for impl in calls}
+    order = list(calls)
+    for i in range(cfg["repeats"]):
+        for impl in (order if i % 2 == 0 else order[::-1]):
+            samples[impl].append(_slowest(_timed(calls[impl])))
+    # the whole row on one process (rank 0 alone, the others waiting): the work to share
+    alone = 0.0
+    dist.barrier()
+    if rank == 0:
+        leaves = [t.clone().requires_grad_(backward) for t in full[:3]]
+
+        def whole():
+            for t in leaves:
+                t.grad = None
+            out = flashattn_py.flash_attn_varlen_func(*leaves, cu, cu, max(lengths), max(lengths), causal=True)
+            if backward:
+                out.backward(full[3])
+        with torch.enable_grad() if backward else torch.no_grad():
+            whole()
+            times = []
+            for _ in range(cfg["repeats"]):
+                t0 = time.perf_counter()
+                whole()
+                times.append(time.perf_counter() - t0)
+        alone = statistics.median(times)
+    t = torch.tensor([alone], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    flops = sum(common.attention_flops(1, h, n, n, d, causal=True, mode=mode) for n in lengths)
+    rows = []
+    for impl in calls:
+        ms = statistics.median(samples[impl]) * 1e3
+        rows.append({"world": world, "impl": f"{impl} (packed)", "dtype": dtype_name, "mode": mode, "batch": 1,
+                     "seqlen": s, "heads": h, "heads_k": hk, "head_dim": d, "threads": torch.get_num_threads(),
+                     "ring_ms": ms, "together_ms": t.item() * 1e3 / world, "gflops": flops / (ms * 1e-3) / 1e9,
+                     "compute_ms": None, "comm_ms": None, "exposed_ms": None, "hidden_pct": None, "balance": None,
+                     "per_rank_ms": "-", "status": "ok", "error": None})
+    return rows
+
+
+def _packed_call(fn, q, k, v, dout, backward: bool) -> None:
+    if backward:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward(dout)
+    else:
+        with torch.no_grad():
+            fn(q, k, v)
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
     torch.set_num_threads(cfg["threads"])
@@ -268,6 +370,19 @@ def _worker(rank: int, world: int, port: int, cfg: dict, result_path: str) -> No
     rows = []
     try:
         for impl, dtype_name, mode in cfg["cases"]:
+            if impl == "packed":
+                try:
+                    rows.extend(_measure_packed(dtype_name, mode, cfg))
+                except Exception as exc:  # noqa: BLE001
+                    row = {"world": world, "impl": "packed", "dtype": dtype_name, "mode": mode}
+                    common.mark_failed(row, exc)
+                    rows.append(row)
+                if rank == 0:
+                    Path(result_path).write_text(json.dumps(rows))
+                    print(f"#   P={world} packed {dtype_name} {mode}: " + ", ".join(
+                        f"{r['impl']} {common.fmt(r.get('ring_ms'))} ms" for r in rows[-len(cfg['impls']):]),
+                        file=sys.stderr, flush=True)
+                continue
             try:
                 row = _measure_case(impl, dtype_name, mode, cfg)
             except Exception as exc:  # noqa: BLE001 - a failed case is a row (the check is collective)
@@ -309,7 +424,9 @@ def run_world(world: int, cfg: dict, timeout: float) -> list[dict]:
                 p.terminate()
                 p.join(10)
         rows = json.loads(Path(result_path).read_text()) if os.path.exists(result_path) else []
-    done = {(r["impl"], r["dtype"], r["mode"]) for r in rows}
+    done = {(r["impl"].split(" ")[0] if r["impl"].endswith("(packed)") else r["impl"], r["dtype"], r["mode"])
+            for r in rows}
+    done |= {("packed", d, m) for i, d, m in done}
     for impl, dtype_name, mode in cfg["cases"]:
         if (impl, dtype_name, mode) not in done:
             rows.append({"world": world, "impl": impl, "dtype": dtype_name, "mode": mode,
@@ -499,7 +616,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "the ring's step compute / transfer times, instead of the grid")
     p.add_argument("--world", type=common.comma_ints,
                    help="process counts (default 2,4; --quick 2)")
-    p.add_argument("--impls", type=common.comma_strs, default=list(IMPLS), help="ring,zigzag (default both)")
+    p.add_argument("--impls", type=common.comma_strs, help="ring,zigzag (default both); --packed: "
+                   "ring,zigzag,ulysses,llama3 (default all)")
+    p.add_argument("--packed", action="store_true", help="compare the packed-document forms (see above)")
     p.add_argument("--modes", type=common.comma_strs, default=list(MODES), help="fwd,fwd+bwd (default both)")
     p.add_argument("--dtypes", type=common.comma_strs, default=["fp32", "bf16"], help="default fp32,bf16")
     p.add_argument("--batch", type=int, default=1)
@@ -522,7 +641,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.threads is None:
         args.threads = 1
     common.check_choices(p, "--modes", args.modes, MODES)
-    common.check_choices(p, "--impls", args.impls, IMPLS)
+    if args.impls is None:
+        args.impls = list(PACKED_IMPLS if args.packed else IMPLS)
+    common.check_choices(p, "--impls", args.impls, PACKED_IMPLS if args.packed else IMPLS)
     args.dtypes = common.dtype_names(p, args.dtypes)
     for w in args.world:
         if w < 1 or args.seqlen % (2 * w):
@@ -540,8 +661,11 @@ def run(args: argparse.Namespace) -> list[dict]:
           f" | cpu kernels: {env['cpu_kernels']} | load {env['load_before']}")
     print(f"# B={args.batch} S={args.seqlen} H={args.heads} Hk={args.heads_k} D={args.head_dim} causal; "
           f"worlds {args.world}; {args.threads} thread(s) per rank; median of {args.repeats}")
-    cases = [(i, d, m) for d in args.dtypes for m in args.modes for i in args.impls]
-    cfg = {"cases": cases, "batch": args.batch, "seqlen": args.seqlen, "heads": args.heads,
+    if args.packed:
+        cases = [("packed", d, m) for d in args.dtypes for m in args.modes]
+    else:
+        cases = [(i, d, m) for d in args.dtypes for m in args.modes for i in args.impls]
+    cfg = {"cases": cases, "impls": args.impls, "batch": args.batch, "seqlen": args.seqlen, "heads": args.heads,
            "heads_k": args.heads_k, "head_dim": args.head_dim, "repeats": args.repeats,
            "threads": args.threads, "timeout": max(60, int(args.timeout)), "check": args.check}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,18 @@ def test_bench_context_parallel_quick_run(tmp_path):
         assert r["ring_ms"] > 0 and r["balance"] >= 1
     assert all(r["max_diff"] < 1e-2 for r in rows if r["mode"] == "fwd")
     assert (tmp_path / "context_parallel.json").exists()
+
+
+@pytest.mark.distributed
+def test_bench_context_parallel_packed_quick_run(tmp_path):
+    pytest.importorskip("flashattn_py.distributed")
+    import bench_context_parallel
+
+    rows = bench_context_parallel.main(["--packed", "--quick", "--seqlen", "256", "--dtypes", "fp32",
+                                        "--out", str(tmp_path), "--no-progress", "--timeout", "120"])
+    assert [r["impl"] for r in rows] == [f"{i} (packed)" for i in bench_context_parallel.PACKED_IMPLS] * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["ring_ms"] > 0 and r["together_ms"] > 0
+    lengths = bench_context_parallel.packed_lengths(256, 2)
+    assert sum(lengths) == 256 and all(n % 4 == 0 and n > 0 for n in lengths)
