@@ -157,6 +157,8 @@ def varlen_cases(world: int, full: bool):
                  causal=True),
             case("llama3-varlen-window-alibi-softcap", "llama3", varlen=True, lens=straddle, window_size=(5, 0),
                  alibi="H", softcap=3.0),
+            case("llama3-varlen-alibi-causal-stride1", "llama3", varlen=True, lens=straddle, Hk=4, stride=1,
+                 alibi="H", causal=True),
             case("llama3-varlen-window-noncausal-bf16", "llama3", "bfloat16", varlen=True, lens=aligned,
                  window_size=(4, 2), alibi="H", softmax_scale=0.3),
             # offsets prepared for non-causal attention (keys to the end of the last document):
@@ -545,6 +547,14 @@ ERROR_CASES = [
     # non-causal windows over keys that run past a rank's rows (its last document straddles on)
     ("llama3_window_keys_past_rows", "llama3_flash_attn_varlen_func",
      dict(lens=[5, 13, 6], kwargs=dict(window_size=(4, 2))), r"\blocal_k_slice\b"),
+    # offsets prepared causal under a non-causal call, where a document continues on the next
+    # rank (its keys there would be missing); offsets from two different global cu_seqlens
+    ("llama3_causal_offsets_noncausal_call", "llama3_flash_attn_varlen_func",
+     dict(lens=[5, 13, 6], llama3=dict(prepare_causal=True)), r"\bcausal\b"),
+    ("llama3_offsets_of_two_batches", "llama3_flash_attn_varlen_func",
+     dict(lens_by_rank=[[5, 13, 6], [8, 16]], kwargs=dict(causal=True)), r"\bcu_seqlens_q, cu_seqlens_k\b"),
+    ("llama3_no_offsets_on_one_rank", "llama3_flash_attn_varlen_func", dict(llama3=dict(cu_q_none_on=1)),
+     r"\bcu_seqlens_q\b"),
     ("llama3_and_ulysses_across_ranks", "llama3_flash_attn_varlen_func",
      dict(fn_by_rank=["llama3_flash_attn_varlen_func", "ulysses_flash_attn_varlen_func"]), r"\blayout\b"),
 ]
@@ -569,7 +579,7 @@ def worker_errors(rank, world, cases):
                     cu = torch.tensor(setup["cu_by_rank"][rank], dtype=torch.int32)
                     lens = (cu[1:] - cu[:-1]).tolist()
                 else:
-                    lens = setup.get("lens", [8, 16])
+                    lens = setup.get("lens_by_rank", [setup.get("lens", [8, 16])] * world)[rank]
                     cu = offsets(lens)
                 n = sum(lens) // world
                 q = torch.randn(n, H, 16, generator=gen).to(dtype)
@@ -581,7 +591,9 @@ def worker_errors(rank, world, cases):
                 if fn_name.startswith("llama3"):
                     l3 = setup.get("llama3", {})
                     cu_q, cu_k, max_q, max_k, keys = cp.llama3_flash_attn_prepare_cu_seqlens(
-                        cu, kw.get("causal", False), rank, world)
+                        cu, l3.get("prepare_causal", kw.get("causal", False)), rank, world)
+                    if l3.get("cu_q_none_on") == rank:
+                        cu_q = None
                     if l3.get("shift_k"):
                         cu_k = cu_k.clone()
                         cu_k[1:-1] += 1
@@ -994,6 +1006,10 @@ def test_llama3_prepared_offsets_cover_each_ranks_rows(world):
         cp.llama3_flash_attn_prepare_cu_seqlens(offsets([5, 6]), True, 0, 2)  # 11 rows over 2 ranks
     with pytest.raises(flashattn_py.ArgumentError, match="rank"):
         cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6]), True, 2, 2)
+    with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens"):
+        cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6]).float(), True, 0, 2)
+    with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens: expected a 1-D"):
+        cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6])[None], True, 0, 2)
 
 
 def test_shard_rejects_bad_layouts():

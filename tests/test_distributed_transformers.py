@@ -86,6 +86,8 @@ def test_context_parallel_training_step_matches_the_whole_model(world, sliding_w
 
 
 def worker_refusals(rank, world):
+    """Each refusal on every rank (a rank refusing alone left the others waiting in the
+    call's collective check until the group's timeout)."""
     import flashattn_py
     from flashattn_py.distributed import substitute_hf_flash_attn, update_ring_flash_attn_params
 
@@ -94,17 +96,25 @@ def worker_refusals(rank, world):
     model = _model(None)
     substitute_hf_flash_attn(None, 1)
     model.set_attn_implementation("fattn_py")
-    messages = {}
     rows = slice(rank * 16, (rank + 1) * 16)
-    cases = {
-        "no_params": lambda: model(input_ids=ids[:, rows], position_ids=positions[:, rows]),
-        "batch_of_two": lambda: model(input_ids=ids[:, rows].repeat(2, 1), position_ids=positions[:, rows].repeat(2, 1)),
-        "stride": lambda: (substitute_hf_flash_attn(None, 3), model(input_ids=ids[:, rows],
-                                                                    position_ids=positions[:, rows])),
-    }
-    for name, call in cases.items():
-        if name == "batch_of_two":
+    mine = dict(input_ids=ids[:, rows], position_ids=positions[:, rows])
+
+    def params_on_rank0_only():
+        if rank == 0:
             update_ring_flash_attn_params(cu, None)
+        model(**mine)
+
+    def batch_of_two_on_rank1():
+        update_ring_flash_attn_params(cu, None)
+        model(**({k: t.repeat(2, 1) for k, t in mine.items()} if rank == 1 else mine))
+
+    def stride():
+        substitute_hf_flash_attn(None, 3)
+        model(**mine)
+
+    messages = {}
+    for name, call in (("no_params", lambda: model(**mine)), ("params_on_rank0_only", params_on_rank0_only),
+                       ("batch_of_two_on_rank1", batch_of_two_on_rank1), ("stride", stride)):
         try:
             call()
             messages[name] = None
@@ -114,8 +124,9 @@ def worker_refusals(rank, world):
 
 
 @distributed
-def test_context_parallel_refusals_name_the_argument():
-    for rank, messages in enumerate(run_workers(worker_refusals, 2, timeout=120)):
+def test_context_parallel_refusals_name_the_argument_on_every_rank():
+    for rank, messages in enumerate(run_workers(worker_refusals, 2, timeout=120, pg_timeout=30)):
         assert "update_ring_flash_attn_params" in (messages["no_params"] or ""), (rank, messages)
-        assert "query" in (messages["batch_of_two"] or ""), (rank, messages)
+        assert "update_ring_flash_attn_params" in (messages["params_on_rank0_only"] or ""), (rank, messages)
+        assert "query" in (messages["batch_of_two_on_rank1"] or ""), (rank, messages)
         assert "heads_k_stride" in (messages["stride"] or ""), (rank, messages)

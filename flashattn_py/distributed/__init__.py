@@ -167,10 +167,12 @@ def llama3_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q:
     causal, rank, world_size)``; ``heads_k_stride`` KV heads are gathered at a time (a
     divisor of Hk: fewer heads, less memory for the gathered rows).
 
-    Every feature of ``flash_attn_varlen_func`` but dropout: causal, windows, ALiBi ((H,)
-    slopes), softcap, GQA, with global positions. With offsets prepared with
-    ``causal=False`` (keys to the end of the last document), a causal call cuts the keys past
-    its rows, and windows or ALiBi raise (their diagonal would be misplaced).
+    Causal, windows, ALiBi ((H,) slopes), softcap and GQA with global positions; no
+    dropout, and no non-causal window or ALiBi over a document that continues on the next
+    rank (raises). Prepare with the call's ``causal``: on offsets prepared with
+    ``causal=True`` a non-causal call raises where a document continues on the next rank (its
+    keys there would be missing); on offsets prepared with ``causal=False`` a causal call
+    cuts the keys past its rows.
 
     Returns out (T, H, Dv); with ``return_attn_probs``, (out, lse (H, T) float32 (float64 for
     float64 inputs), None). Differentiable in q, k, v."""

@@ -20,7 +20,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Checked(NamedTuple):
     """A validated call: its window (causal folded in), scale, int32 cu_seqlens and
     max_seqlen as an int (packed calls; 0 otherwise), the backend every rank runs its local
-    blocks on, and whether a backward follows."""
+    blocks on, whether a backward follows, and the layout check's per-rank fields (every
+    rank's numbers: comm.check_collectively)."""
 
     window: tuple[int, int]
     scale: float
@@ -28,6 +29,7 @@ class Checked(NamedTuple):
     max_seqlen: int
     backend: str
     backward: bool
+    per_rank: dict
 
 
 def fingerprint(t: Tensor) -> list[float]:
@@ -47,14 +49,21 @@ def offsets_fields(cu: Tensor) -> list[tuple]:
     return [("cu_seqlens", fingerprint(cu))]
 
 
-class Unsplit:
-    """What a packed form (``kv`` / ``qkv``) passes on in place of tensors it could not
-    split: ``check_call`` rejects it on every rank (raising where the split failed would
-    leave the other ranks waiting in the check)."""
+class Refusal:
+    """What a caller passes on in place of a tensor when it found the call bad before the
+    collective check: ``check_call`` raises ``message`` on this rank and an error naming it
+    on every other rank (raising at once would leave the others waiting in the check)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class Unsplit(Refusal):
+    """A packed form's (``kv`` / ``qkv``) placeholder for tensors it could not split."""
 
     def __init__(self, name: str, packed, count: int):
-        self.message = (f"{name}: expected a (..., {count}, H, D) tensor, got "
-                        f"{tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__}")
+        super().__init__(f"{name}: expected a (..., {count}, H, D) tensor, got "
+                         f"{tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__}")
 
 
 def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
@@ -74,8 +83,11 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
 
     def validate() -> list[tuple]:
         for t in (q, k, v):
-            if isinstance(t, Unsplit):
+            if isinstance(t, Refusal):
                 raise ArgumentError(t.message)
+        if local_offsets and cu_seqlens is None:
+            raise ArgumentError("cu_seqlens_q: required (this rank's offsets: "
+                                "llama3_flash_attn_prepare_cu_seqlens gives them)")
         api._check_tensors(("q", "k", "v"), q, k, v)
         ring.check_device(q.device)
         api._check_dropout(dropout_p)
@@ -121,5 +133,5 @@ def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: f
                 ("requires_grad (under grad mode) of q, k, v", [float(g) for g in grads]),
                 ("backend", [backends.BACKEND_NAMES.index(backend)], list(backends.BACKEND_NAMES))] + fields
 
-    comm.check_collectively(ring, validate)
+    checked["per_rank"] = comm.check_collectively(ring, validate)
     return ring, Checked(**checked)

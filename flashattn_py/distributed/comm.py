@@ -85,12 +85,15 @@ _FIELD_WIDTH = 8  # numbers per field
 _MAX_FIELDS = 16
 
 
-def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> None:
+def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dict[str, list[list[float]]]:
     """Run ``validate`` (local checks; returns what must be equal on every rank: (argument
     name, numbers) or (argument name, [index], labels of the indices)), then compare across
     ranks in one all_gather. Any rank's exception or any difference raises on EVERY rank (the
     failing rank its own exception, the others an ArgumentError naming it), so a bad call
-    fails everywhere instead of leaving the other ranks waiting in the ring."""
+    fails everywhere instead of leaving the other ranks waiting in the ring. A field whose
+    name starts with "~" is each rank's own (not compared): returned, by name without the
+    "~", as every rank's numbers in rank order (the same on every rank, so that checks made
+    from them raise everywhere alike)."""
     error: Optional[Exception] = None
     try:
         fields = validate()
@@ -115,10 +118,15 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> Non
             raise error
         failed = next(r for r, e in enumerate(errors) if e is not None)
         raise ArgumentError(f"rank {failed} of the group rejected the call: {errors[failed]}")
-    for i, (name, _, *labels) in enumerate(fields):
+    per_rank_fields: dict[str, list[list[float]]] = {}
+    for i, (name, values, *labels) in enumerate(fields):
         block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]
+        if name.startswith("~"):
+            per_rank_fields[name[1:]] = block[:, :len(values)].tolist()
+            continue
         same = (block == block[0]) | (block.isnan() & block[0].isnan())
         if not bool(same.all()):
             per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist(), *labels)}"
                                  for r in range(group.world_size))
             raise ArgumentError(f"{name}: must be the same on every rank of the group, got {per_rank}")
+    return per_rank_fields

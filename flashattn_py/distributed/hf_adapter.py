@@ -25,14 +25,14 @@ from torch import Tensor
 
 from .. import api
 from ..errors import ArgumentError
+from .checks import Refusal
 from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 
 
 class _State:
-    group = None
+    group = None  # substitute_hf_flash_attn's: the layers' group
     heads_k_stride: Optional[int] = None  # None: substitute_hf_flash_attn not called
-    cu_seqlens: Optional[Tensor] = None
-    prepared: dict = {}  # causal -> llama3_flash_attn_prepare_cu_seqlens' result for this rank
+    prepared: Optional[dict] = None  # causal -> llama3_flash_attn_prepare_cu_seqlens' result for this rank
     on = True
 
 
@@ -52,14 +52,15 @@ def substitute_hf_flash_attn(process_group: Optional[dist.ProcessGroup], heads_k
 
 def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group: Optional[dist.ProcessGroup]) -> None:
     """The documents of the next forward: ``cu_seqlens`` (B + 1,) int32, the GLOBAL packed
-    row's offsets (the same on every rank, the total divisible by the group's size). Read on
-    the host (a sync for GPU tensors), once per batch."""
+    row's offsets (the same on every rank, the total divisible by the group's size), this
+    rank's place in them taken from ``process_group`` (the layers' group is
+    ``substitute_hf_flash_attn``'s, as in ring-flash-attention). Read on the host now (a sync
+    for GPU tensors; later changes to ``cu_seqlens`` do not count), once per batch."""
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     if rank < 0:
         raise ArgumentError("process_group: this process is not a member of the group")
-    llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world)  # (checks the offsets now)
-    _State.cu_seqlens, _State.prepared = cu_seqlens, {}
-    _State.group = process_group
+    _State.prepared = {causal: llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world)
+                       for causal in (True, False)}
 
 
 def use_ring_attn(flag: bool) -> None:
@@ -75,28 +76,29 @@ def active() -> bool:
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, scaling: Optional[float],
                       dropout: float, is_causal: Optional[bool], kwargs: dict) -> Tensor:
-    """One layer's context-parallel attention (transformers' (B, H, S, D) inputs): (1, S, H, D)."""
-    if _State.cu_seqlens is None:
-        raise ArgumentError("cu_seqlens: call update_ring_flash_attn_params(cu_seqlens, group) with the batch's "
-                            "global offsets before the forward")
-    if query.shape[0] != 1:
-        raise ArgumentError(f"query: context parallelism takes one packed row (batch 1), got a batch of "
-                            f"{query.shape[0]}")
-    if key.shape[2] != query.shape[2]:
-        raise ArgumentError(f"key: {key.shape[2]} keys for {query.shape[2]} local rows: context parallelism takes "
-                            f"no KV cache (use_ring_attn(False) for generation)")
+    """One layer's context-parallel attention (transformers' (B, H, S, D) inputs): (1, S, H, D).
+    What it refuses is refused through the call's collective check, on every rank."""
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     sliding = kwargs.get("sliding_window")
     if sliding is None:
         sliding = getattr(module, "sliding_window", None)
     window = (sliding - 1, sliding - 1) if sliding else (-1, -1)  # (transformers': that many keys back)
-    prepared = _State.prepared.get(causal)
-    if prepared is None:
-        group = _State.group
-        prepared = _State.prepared[causal] = llama3_flash_attn_prepare_cu_seqlens(
-            _State.cu_seqlens, causal, dist.get_rank(group), dist.get_world_size(group))
-    query, key, value, _ = api._autocast(query, key, value, None)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
+    refusal = None
+    if _State.prepared is None:
+        refusal = ("cu_seqlens: call update_ring_flash_attn_params(cu_seqlens, group) with the batch's global "
+                   "offsets before the forward")
+    elif query.shape[0] != 1:
+        refusal = f"query: context parallelism takes one packed row (batch 1), got a batch of {query.shape[0]}"
+    elif key.shape[2] != query.shape[2]:
+        refusal = (f"key: {key.shape[2]} keys for {query.shape[2]} local rows: context parallelism takes no KV "
+                   f"cache (use_ring_attn(False) for generation)")
+    if refusal is not None:
+        q = k = v = Refusal(refusal)
+        prepared = (None, None, 0, 0, slice(0, 0))
+    else:
+        query, key, value, _ = api._autocast(query, key, value, None)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D) views
+        prepared = _State.prepared[causal]
     out = llama3_attention(q, k, v, *prepared[:4], _State.heads_k_stride, prepared[4], float(dropout), scaling,
                            causal, window, None, False, False, _State.group, float(kwargs.get("softcap") or 0.0))
     return out.unsqueeze(0)

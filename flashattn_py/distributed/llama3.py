@@ -15,6 +15,8 @@ end of its last document when not).
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -48,6 +50,10 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens: Union[Tensor, Sequence[int]
         local offsets (cu_seqlens' dtype and device; at least one sequence), their longest
         lengths (ints) and the slice of the gathered K/V rows they index.
     """
+    if isinstance(cu_seqlens, Tensor) and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()
+                                           or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):
+        raise ArgumentError(f"cu_seqlens: expected a 1-D integer tensor, got {cu_seqlens.dtype} of shape "
+                            f"{tuple(cu_seqlens.shape)}")
     offsets = _offsets(cu_seqlens)
     if not isinstance(world_size, int) or world_size < 1:
         raise ArgumentError(f"world_size: expected an int >= 1, got {world_size!r}")
@@ -79,6 +85,36 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens: Union[Tensor, Sequence[int]
     max_q = max(b - a for a, b in zip(local_q, local_q[1:]))
     max_k = max(b - a for a, b in zip(local_k, local_k[1:]))
     return cu_q, cu_k, max_q, max_k, slice(key_start, key_end)
+
+
+def _index_or_none(value) -> Optional[int]:
+    """An int (NumPy integers too, not bools), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_boundaries(keys_by_rank: list, rows: int, window: tuple[int, int]) -> None:
+    """Offsets that cannot all come from one global cu_seqlens, or were prepared causal for a
+    non-causal call, from every rank's (first key row, last key row + 1, start of its last
+    document): the same table on every rank, so every rank raises alike. Each rank's key
+    slice starts at its first document's start, so rank r + 1's first document continues
+    rank r's last one exactly when it starts before rank r + 1's rows."""
+    for r in range(len(keys_by_rank) - 1):
+        _, stop, last_document = keys_by_rank[r]
+        boundary, next_start = (r + 1) * rows, keys_by_rank[r + 1][0]
+        continues = next_start < boundary
+        if (continues and not math.isnan(last_document) and last_document != next_start) or (
+                not continues and stop > boundary):
+            raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: ranks {r} and {r + 1} disagree on the document at "
+                                f"global row {boundary} (offsets prepared from different global cu_seqlens?)")
+        if continues and stop == boundary and window[1] != 0:
+            raise ArgumentError(f"causal: a non-causal call on offsets prepared with causal=True: rank {r}'s keys "
+                                f"end at its last row, but its last document continues on rank {r + 1} (prepare "
+                                f"with causal=False)")
 
 
 class _Setup(NamedTuple):
@@ -155,9 +191,9 @@ def llama3_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     group, stride = setup.group, setup.stride
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.empty_like(q)
-    dk = torch.empty(k.shape, dtype=acc, device=k.device) if kv_grads else None
-    dv = torch.empty(v.shape, dtype=acc, device=v.device) if kv_grads else None
-    reductions = []
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if kv_grads else None
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if kv_grads else None
+    in_flight = None  # the previous head group's reduce-scatter, waited for after this group's products
     gathers = _Gathers(k, v, setup)
     for head in range(0, k.shape[1], stride):
         k_all, v_all = gathers.next()
@@ -165,19 +201,25 @@ def llama3_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         dq_h, dk_h, dv_h = partial.backward(dout[:, heads], q[:, heads], k_all[setup.keys], v_all[setup.keys],
                                             out[:, heads], lse[heads], _options(setup, heads), setup.backend)
         dq[:, heads] = dq_h
-        if kv_grads:
-            for grad, local in ((dk_h, dk), (dv_h, dv)):
-                full = grad.new_zeros((k_all.shape[0], *grad.shape[1:]), dtype=acc)
-                full[setup.keys] = grad
-                mine = torch.empty((k.shape[0], *grad.shape[1:]), dtype=acc, device=k.device)
-                request = _reduce_scatter(mine, full, group=group.group, async_op=True)
-                reductions.append((request, local, slice(head, head + stride), mine, full))
-    for request, local, heads, mine, _ in reductions:
+        if not kv_grads:
+            continue
+        _land(in_flight)
+        in_flight = []
+        for grad, local in ((dk_h, dk), (dv_h, dv)):
+            full = grad.new_zeros((k_all.shape[0], *grad.shape[1:]), dtype=acc)
+            full[setup.keys] = grad
+            mine = torch.empty((k.shape[0], *grad.shape[1:]), dtype=acc, device=k.device)
+            request = _reduce_scatter(mine, full, group=group.group, async_op=True)
+            in_flight.append((request, local[:, head:head + stride], mine, full))
+    _land(in_flight)
+    return dq, dk, dv
+
+
+def _land(reductions) -> None:
+    """Wait for a head group's reduce-scatters and store each rank's share (in k's dtype)."""
+    for request, target, mine, _full in reductions or ():
         request.wait()
-        local[:, heads] = mine
-    if not kv_grads:
-        return dq, None, None
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        target.copy_(mine)
 
 
 class _Llama3Attention(torch.autograd.Function):
@@ -214,18 +256,19 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if k4.shape[1] != rows:
             raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {rows} and {k4.shape[1]} "
                                 f"rows")
-        if type(heads_k_stride) is not int or not 1 <= heads_k_stride <= heads_k or heads_k % heads_k_stride:
+        stride = _index_or_none(heads_k_stride)
+        if stride is None or not 1 <= stride <= heads_k or heads_k % stride:
             raise ArgumentError(f"heads_k_stride: expected an int dividing the {heads_k} key/value heads, got "
                                 f"{heads_k_stride!r}")
         if alibi_slopes is not None and alibi_slopes.dim() != 1:
             raise ArgumentError(f"alibi_slopes: expected (H,) slopes (a (B, H) table's B would count each rank's "
                                 f"own sequences), got shape {tuple(alibi_slopes.shape)}")
-        if (not isinstance(local_k_slice, slice) or local_k_slice.step not in (None, 1)
-                or not isinstance(local_k_slice.start, int) or not isinstance(local_k_slice.stop, int)
-                or not 0 <= local_k_slice.start <= local_k_slice.stop <= world * rows):
+        bounds = ((_index_or_none(local_k_slice.start), _index_or_none(local_k_slice.stop))
+                  if isinstance(local_k_slice, slice) and local_k_slice.step in (None, 1) else (None, None))
+        if None in bounds or not 0 <= bounds[0] <= bounds[1] <= world * rows:
             raise ArgumentError(f"local_k_slice: expected a slice(start, stop) of the {world * rows} gathered rows "
                                 f"(llama3_flash_attn_prepare_cu_seqlens gives it), got {local_k_slice!r}")
-        start, stop = local_k_slice.start, local_k_slice.stop
+        start, stop = bounds
         my_end = (dist.get_rank(group) + 1) * rows  # (this rank's rows end there)
         if stop < my_end:
             raise ArgumentError(f"local_k_slice: the keys end at gathered row {stop}, before this rank's last row "
@@ -236,11 +279,14 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                 f"{cu_k.shape[0]}")
         max_k = api.at_most(api._length("max_seqlen_k", max_seqlen_k), stop - start)
         api._check_packed(cu_q, cu_k, max_q, max_k, rows, stop - start, None, None, 0, 0, api.FLASH_NAMES)
+        last_document = math.nan  # (where it starts, in global rows: for the checks across ranks)
         if api.index_values_readable(cu_q.device):
             # Bottom-right alignment of each sequence is its global positions only when its
             # queries and keys end on the same global row (the last one may end past them).
             q_ends = [my_end - rows + x for x in cu_q.tolist()[1:-1]]
-            k_ends = [start + x for x in cu_k.tolist()[1:-1]]
+            k_offsets = cu_k.tolist()
+            k_ends = [start + x for x in k_offsets[1:-1]]
+            last_document = start + k_offsets[-2]
             bad = next((d for d, (a, b) in enumerate(zip(q_ends, k_ends)) if a != b), None)
             if bad is not None:
                 raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: sequence {bad}'s queries end at global row "
@@ -256,18 +302,21 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             cu_k[-1] -= past
             stop -= past
         elif past and (window != (-1, -1) or alibi_slopes is not None):
-            raise ArgumentError(f"local_k_slice: keys end {past} rows past this rank's rows (offsets prepared with "
-                                f"causal=False); window_size and alibi_slopes need them to end with the rows: "
-                                f"prepare with causal=True, or attend without them")
-        local.update(cu_k=cu_k, max_k=max_k, keys=slice(start, stop))
-        return [("heads_k_stride", [heads_k_stride])]
+            raise ArgumentError(f"local_k_slice: keys end {past} rows past this rank's rows (its last document "
+                                f"continues on the next rank); non-causal windows and ALiBi over such a document "
+                                f"are not supported here (its diagonal is not bottom-right): "
+                                f"ulysses_flash_attn_varlen_func has them")
+        local.update(cu_k=cu_k, max_k=max_k, keys=slice(start, stop), stride=stride, rows=rows,
+                     window=window)
+        return [("heads_k_stride", [stride]), ("~keys", [start, bounds[1], last_document])]
 
     ring, checked = checks.check_call(group, "llama3", q, k, v, cu_seqlens_q, max_seqlen_q, dropout_p,
                                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                       layout_check, local_offsets=True)
+    _check_boundaries(checked.per_rank["keys"], local["rows"], local["window"])
     left, right = checked.window
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, checked.cu_seqlens,
                                    local["cu_k"], checked.max_seqlen, local["max_k"], deterministic)
-    setup = _Setup(ring, heads_k_stride, local["keys"], options, checked.backend)
+    setup = _Setup(ring, local["stride"], local["keys"], options, checked.backend)
     out, lse = _Llama3Attention.apply(q, k, v, setup)
     return (out, lse, None) if return_attn_probs else out
