@@ -46,6 +46,9 @@ def offsets(lengths):
 
 def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.Tensor:
     """Global row indices of rank's local rows, in local order."""
+    if layout == "stripe":
+        assert cu is None
+        return torch.arange(rank, length, world)
     if cu is None or layout in ("ulysses", "llama3"):
         docs = [(0, length)]
     else:
@@ -113,6 +116,20 @@ def dense_cases(world: int, full: bool):
             out += [case(f"{func}-causal", func, S=S, H=h, Hk=hk_f, causal=True),
                     case(f"{func}-window7_3-alibi-bf16", func, "bfloat16", S=S, H=h, Hk=hk_f, window_size=(7, 3),
                          alibi="H", lse=False)]
+    # stripe: rows r, r + P, ...; windows in global rows, no ALiBi
+    out += [case("stripe-causal", "stripe", S=S, causal=True),
+            case("stripe-window7_3-bf16", "stripe", "bfloat16", S=S, window_size=(7, 3), lse=False)]
+    if full:
+        out += [
+            case("stripe-plain", "stripe", S=S),
+            case("stripe-causal-bf16", "stripe", "bfloat16", S=S, causal=True, lse=False),
+            case("stripe-causal-window5", "stripe", S=S, causal=True, window_size=(5, 0)),
+            case("stripe-window1_0", "stripe", S=S, window_size=(1, 0)),  # (a narrower window than the ranks)
+            case("stripe-window0_6-softcap-scale", "stripe", S=S, window_size=(0, 6), softcap=4.0, softmax_scale=0.3),
+            case("stripe-deterministic", "stripe", S=S, causal=True, deterministic=True, repeat=2),
+            case("stripe-kvpacked-causal", "stripe", packed="kv", S=S, D=32, Dv=32, causal=True),
+            case("stripe-qkvpacked-window", "stripe", packed="qkv", S=S, H=4, Hk=4, D=32, Dv=32, window_size=(-1, 3)),
+        ]
     if full:
         for func in ("ring", "zigzag"):
             out += [
@@ -220,6 +237,7 @@ WORLD1_CASES = [
     case("zigzag-varlen-causal-bf16", "zigzag", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
     case("ulysses-varlen-window-alibi", "ulysses", varlen=True, lens=[6, 10, 3], window_size=(4, 0), alibi="H"),
     case("llama3-varlen-window-alibi", "llama3", varlen=True, lens=[6, 10, 3], window_size=(4, 0), alibi="H"),
+    case("stripe-causal-window", "stripe", S=16, causal=True, window_size=(5, 0)),
     case("llama3-varlen-causal-bf16", "llama3", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
     case("llama3-varlen-qkvpacked-plain", "llama3", varlen=True, packed="qkv", lens=[6, 10, 3], H=4, Hk=4, D=32,
          Dv=32),
@@ -284,7 +302,7 @@ def ref_kwargs(c, slopes, cu):
     return ref
 
 
-PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_", "llama3": "llama3_"}
+PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_", "llama3": "llama3_", "stripe": "stripe_"}
 
 
 def plain_name(c) -> str:
@@ -534,6 +552,7 @@ ERROR_CASES = [
     ("ulysses_return_attn_probs_differs", "ulysses_flash_attn_func",
      dict(kwargs_by_rank=[dict(return_attn_probs=True), {}]), r"\breturn_attn_probs\b"),
     # llama3 (its own arguments: `llama3` in the setup)
+    ("stripe_alibi", "stripe_flash_attn_func", dict(alibi_by_rank=[0.25, 0.25]), r"\balibi_slopes\b"),
     ("llama3_stride_not_dividing", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride=3), Hk=4),
      r"\bheads_k_stride\b"),
     ("llama3_stride_differs_across_ranks", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride_by_rank=[1, 2])),
@@ -926,7 +945,7 @@ def test_group_still_works_after_bad_input():
 # Pure layout helpers: no processes
 
 
-@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3"])
+@pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3", "stripe"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shard_unshard_dense(layout, world):
     x = torch.randn(2, 8 * world, 3, 5)
@@ -1020,6 +1039,12 @@ def test_shard_rejects_bad_layouts():
         cp.shard(x, "diagonal", 0, 2)
     with pytest.raises(flashattn_py.ArgumentError):
         cp.shard(x[0], "ring", 0, 2, dim=0, cu_seqlens=[0, 5, 12])  # document 0 of 5 rows over 2 ranks
+    with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens"):
+        cp.shard(x[0], "stripe", 0, 2, dim=0, cu_seqlens=[0, 6, 12])  # (no packed form)
+    with pytest.raises(flashattn_py.ArgumentError):
+        cp.shard(x, "stripe", 0, 5)  # 12 rows over 5 ranks
+    with pytest.raises(flashattn_py.ArgumentError, match="pieces"):
+        cp.unshard([x[:, :6], x[:, 6:10], x[:, 10:]], "stripe")  # 6 + 4 + 2 rows: not 4 each
 
 
 def worker_ulysses_unequal_lengths(rank, world, windows):

@@ -6,6 +6,8 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
   blocks travel around the ring while each rank computes against the block in hand.
 - Zigzag ring (``zigzag_ring_flash_attn_*``): rank r holds chunks r and 2*world-1-r of
   2*world, which gives every rank the same causal work.
+- Stripe ring (``stripe_flash_attn_*``): rank r holds rows r, r + world, r + 2 world, ...
+  (stripe attention: the same causal work on every rank, one call per step).
 - Ulysses (``ulysses_flash_attn_*``): all-to-all from sequence shards to head shards, local
   attention over the whole sequence, all-to-all back (H and Hk divisible by the world size).
 - Llama 3 (``llama3_flash_attn_varlen_*``, packed documents): every rank gathers all K/V
@@ -55,6 +57,9 @@ __all__ = [
     "ring_flash_attn_varlen_kvpacked_func",
     "ring_flash_attn_varlen_qkvpacked_func",
     "shard",
+    "stripe_flash_attn_func",
+    "stripe_flash_attn_kvpacked_func",
+    "stripe_flash_attn_qkvpacked_func",
     "substitute_hf_flash_attn",
     "update_ring_flash_attn_params",
     "use_ring_attn",
@@ -93,6 +98,20 @@ def zigzag_ring_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: floa
     """Zigzag ring attention: as ``ring_flash_attn_func`` with layout "zigzag" (the sequence
     in 2*world chunks, rank r holding chunks r and 2*world-1-r: S_local even)."""
     return ring_attention("zigzag", q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group, softcap)
+
+
+def stripe_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                           deterministic: bool = False, return_attn_probs: bool = False, group=None, *,
+                           softcap: float = 0.0):
+    """Stripe attention: as ``ring_flash_attn_func`` with layout "stripe" (rank r holds global
+    rows r, r + world, r + 2 world, ...: ``shard(x, "stripe", rank, world)``), which gives
+    every rank the same causal work. Windows are applied in global rows (ring-flash-attention
+    passes them to each step unchanged); ALiBi is not supported (a distance to another
+    rank's key is not a whole number of local rows)."""
+    return ring_attention("stripe", q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                           deterministic, return_attn_probs, group, softcap)
 
 
@@ -212,6 +231,16 @@ def zigzag_ring_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs)
 def zigzag_ring_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``zigzag_ring_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
     return zigzag_ring_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
+
+
+def stripe_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
+    """``stripe_flash_attn_func`` with kv (B, S_local, 2, Hk, D)."""
+    return stripe_flash_attn_func(q, *_kv(kv), *args, **kwargs)
+
+
+def stripe_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
+    """``stripe_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
+    return stripe_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):

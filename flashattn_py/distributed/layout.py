@@ -6,6 +6,8 @@
   work (one early chunk, one late one).
 - ``"ulysses"``: like ring, contiguous chunks (Ulysses redistributes heads, not rows).
 - ``"llama3"``: the same contiguous chunks (the llama3 form gathers every rank's K/V).
+- ``"stripe"``: rank r holds rows r, r + world, r + 2 world, ... (stripe attention: under a
+  causal mask every rank has the same work; dense sequences only).
 
 Packed sequences (``cu_seqlens`` given, rows on ``dim``): ring and zigzag cut EVERY
 document that way (each rank holds its pieces of all documents, in document order), so
@@ -21,7 +23,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 
-LAYOUTS = ("ring", "zigzag", "ulysses", "llama3")
+LAYOUTS = ("ring", "zigzag", "ulysses", "llama3", "stripe")
 
 
 def chunks_per_rank(layout: str) -> int:
@@ -50,6 +52,14 @@ def _offsets(cu_seqlens: Union[Tensor, Sequence[int]]) -> list[int]:
     if not offsets or offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ArgumentError(f"cu_seqlens: must rise from 0, got {offsets}")
     return offsets
+
+
+def _stripe_rows(rank: int, world_size: int, length: int, cu_seqlens) -> Tensor:
+    """The stripe layout's rows of rank ``rank``: rank, rank + world, ..."""
+    if cu_seqlens is not None:
+        raise ArgumentError("cu_seqlens: the stripe layout has no packed form")
+    _pieces(length, world_size, "sequence")
+    return torch.arange(rank, length, world_size)
 
 
 def _pieces(length: int, count: int, what: str) -> int:
@@ -83,6 +93,8 @@ def shard(x: Tensor, layout: str, rank: int, world_size: int, *, dim: int = 1,
     """Rank ``rank``'s piece of the full tensor ``x`` (sequence on ``dim``: 1 for (B, S, H, D),
     0 for packed (total, H, D) rows with ``cu_seqlens``), a new contiguous tensor."""
     _check(layout, world_size, rank)
+    if layout == "stripe":
+        return x.index_select(dim, _stripe_rows(rank, world_size, x.shape[dim], cu_seqlens).to(x.device))
     segments = _segments(layout, rank, world_size, x.shape[dim], cu_seqlens)
     return torch.cat([x.narrow(dim, a, b - a) for a, b in segments], dim=dim).contiguous()
 
@@ -93,6 +105,16 @@ def unshard(pieces: Sequence[Tensor], layout: str, *, dim: int = 1,
     world_size = len(pieces)
     _check(layout, world_size)
     length = sum(p.shape[dim] for p in pieces)
+    if layout == "stripe":
+        full = pieces[0].new_empty((*pieces[0].shape[:dim % pieces[0].dim()], length,
+                                    *pieces[0].shape[dim % pieces[0].dim() + 1:]))
+        for rank, piece in enumerate(pieces):
+            rows = _stripe_rows(rank, world_size, length, cu_seqlens)
+            if rows.numel() != piece.shape[dim]:
+                raise ArgumentError(f"pieces: rank {rank}'s piece has {piece.shape[dim]} rows on dim {dim}, the "
+                                    f"layout gives it {rows.numel()}")
+            full.index_copy_(dim, rows.to(full.device), piece)
+        return full
     rows: list[tuple[int, int, int, int]] = []  # (global start, rank, local start, length)
     for rank, piece in enumerate(pieces):
         local = 0
@@ -111,4 +133,6 @@ def local_rows(layout: str, rank: int, world_size: int, length: int,
     """int64 global row index of each of the rank's local rows (e.g. its positions for
     rotary or position embeddings)."""
     _check(layout, world_size, rank)
+    if layout == "stripe":
+        return _stripe_rows(rank, world_size, length, cu_seqlens)
     return torch.cat([torch.arange(a, b) for a, b in _segments(layout, rank, world_size, length, cu_seqlens)])

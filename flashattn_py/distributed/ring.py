@@ -1,4 +1,4 @@
-"""Ring attention (plain and zigzag): each rank keeps its queries and passes its keys and
+"""Ring attention (plain, zigzag and stripe): each rank keeps its queries and passes its keys and
 values around the ring; every step computes the rank's queries against the block that has
 just arrived, while the next block is already in flight, and merges the partial results by
 their log-sum-exp (flashattn_py.partial). The backward passes the key / value blocks around
@@ -10,6 +10,8 @@ query chunk and the key chunk (``partial``'s ``diag_offset``), so causal masks, 
 ALiBi see the whole sequence. A step is cut into as few kernel calls as the mask allows
 (``plan_step``): a key chunk every query of a chunk sees in full is one unmasked call with
 its neighbours; a chunk on the diagonal is one masked call; an invisible chunk is skipped.
+The stripe layout (rank r holds rows r, r + P, ...) makes one call per step, its mask in
+local rows (``plan_stripe_step``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ class Call(NamedTuple):
     k: tuple[int, int]
     masked: bool
     chunk_offset: int = 0
+    # (left, right, diag_offset) in local rows, where a step's mask is not the global window
+    # moved by whole chunks (the stripe layout)
+    local_window: Optional[tuple[int, int, int]] = None
 
 
 def _visibility(q_chunk: int, k_chunk: int, chunk_len: Optional[int], left: int, right: int) -> int:
@@ -51,6 +56,24 @@ def _visibility(q_chunk: int, k_chunk: int, chunk_len: Optional[int], left: int,
     if (right < 0 or off + right >= last) and (left < 0 or off - left <= -last):
         return _FULL
     return _PARTIAL
+
+
+def plan_stripe_step(rank: int, source: int, world: int, left: int, right: int) -> list[Call]:
+    """The call of one stripe step: local row i of this rank is global row i P + rank, local
+    key j of ``source``'s block global row j P + source. A window (left, right) (-1:
+    unbounded) keeps global distances -right <= (i - j) P + rank - source <= left, that is
+    lo <= j - i <= hi in local rows, the same bounds for every row: one call with the
+    diagonal at hi (or lo), or none when no key is seen."""
+    shift = rank - source
+    hi = None if right < 0 else (right + shift) // world  # (floor division: shift may be negative)
+    lo = None if left < 0 else -((left - shift) // world)
+    if hi is None and lo is None:
+        return [Call((0, 1), (0, 1), False)]
+    if hi is None:
+        return [Call((0, 1), (0, 1), True, local_window=(0, -1, lo))]
+    if lo is None:
+        return [Call((0, 1), (0, 1), True, local_window=(-1, 0, hi))]
+    return [Call((0, 1), (0, 1), True, local_window=(hi - lo, 0, hi))] if lo <= hi else []
 
 
 def plan_step(q_chunks: list[int], k_chunks: list[int], chunk_len: Optional[int], left: int, right: int,
@@ -113,6 +136,9 @@ class DenseRows:
     def options(self, call: Call, base: partial.BlockOptions) -> partial.BlockOptions:
         if not call.masked:
             return base._replace(window_left=-1, window_right=-1, diag_offset=0)
+        if call.local_window is not None:
+            left, right, diag = call.local_window
+            return base._replace(window_left=left, window_right=right, diag_offset=diag)
         return base._replace(diag_offset=call.chunk_offset * self.chunk_len)
 
 
@@ -280,7 +306,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                    dropout_p: float, softmax_scale: Optional[float], causal: bool, window_size,
                    alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool, group,
                    softcap: float):
-    """The ring / zigzag functions' common body (layouts in layout.py)."""
+    """The ring / zigzag / stripe functions' common body (layouts in layout.py)."""
     per_rank = chunks_per_rank(layout)
     deterministic = ops.deterministic_wanted(deterministic)
 
@@ -288,6 +314,9 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
         if q4.shape[1] != k4.shape[1]:
             raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
                                 f"{k4.shape[1]} rows")
+        if layout == "stripe" and alibi_slopes is not None:
+            raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key of "
+                                "another rank is not a whole number of local rows)")
         if cu is None:
             if q4.shape[1] % per_rank:
                 raise ArgumentError(f"q: the zigzag layout holds two equal chunks per rank, so the local sequence "
@@ -320,8 +349,12 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
         chunk_len = q.shape[1] // per_rank
         rows = DenseRows(chunk_len)
     my_chunks = rank_chunks(layout, ring.rank, world)
-    plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, left, right,
-                       alibi_slopes is not None) for step in range(world)]
+    if layout == "stripe":
+        plans = [plan_stripe_step(ring.rank, (ring.rank - step) % world, world, left, right)
+                 for step in range(world)]
+    else:
+        plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, left,
+                           right, alibi_slopes is not None) for step in range(world)]
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, None, None, 0, 0,
                                    deterministic)
     out, lse = _RingAttention.apply(q, k, v, RingSetup(ring, rows, plans, options, checked.backend))
