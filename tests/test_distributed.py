@@ -129,6 +129,8 @@ def dense_cases(world: int, full: bool):
             case("stripe-deterministic", "stripe", S=S, causal=True, deterministic=True, repeat=2),
             case("stripe-kvpacked-causal", "stripe", packed="kv", S=S, D=32, Dv=32, causal=True),
             case("stripe-qkvpacked-window", "stripe", packed="qkv", S=S, H=4, Hk=4, D=32, Dv=32, window_size=(-1, 3)),
+            case("stripe-window3_left-only", "stripe", S=S, window_size=(3, -1)),
+            case("stripe-window-huge-right", "stripe", S=S, window_size=(0, 2**62)),
         ]
     if full:
         for func in ("ring", "zigzag"):
@@ -215,6 +217,7 @@ TRITON_CASES = [
     case("zigzag-varlen-causal-triton", "zigzag", varlen=True, lens=[8, 16], H=4, D=16, Dv=16, causal=True,
          backend="triton"),
     case("ulysses-causal-triton", "ulysses", S=16, H=4, D=16, Dv=16, causal=True, backend="triton"),
+    case("stripe-window-triton", "stripe", S=16, H=4, D=16, Dv=16, window_size=(5, 2), backend="triton"),
     case("llama3-varlen-causal-triton", "llama3", varlen=True, lens=[5, 13, 6, 8], H=4, D=16, Dv=16, causal=True,
          stride=1, backend="triton"),
 ]
@@ -408,6 +411,8 @@ def worker_cases(rank, world, cases):
     try:
         x = torch.randn(2, 16 * world, 3, generator=torch.Generator().manual_seed(5))
         cu = offsets([4 * world, 2 * world, 10 * world])
+        got = cp.all_gather_shards(cp.shard(x, "stripe", rank, world), "stripe")
+        assert torch.equal(got, x), "all_gather_shards stripe dense"
         for layout in ("ring", "zigzag", "ulysses"):
             got = cp.all_gather_shards(cp.shard(x, layout, rank, world), layout)
             assert torch.equal(got, x), f"all_gather_shards {layout} dense"
@@ -553,6 +558,7 @@ ERROR_CASES = [
      dict(kwargs_by_rank=[dict(return_attn_probs=True), {}]), r"\breturn_attn_probs\b"),
     # llama3 (its own arguments: `llama3` in the setup)
     ("stripe_alibi", "stripe_flash_attn_func", dict(alibi_by_rank=[0.25, 0.25]), r"\balibi_slopes\b"),
+    # llama3 (its own arguments: `llama3` in the setup)
     ("llama3_stride_not_dividing", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride=3), Hk=4),
      r"\bheads_k_stride\b"),
     ("llama3_stride_differs_across_ranks", "llama3_flash_attn_varlen_func", dict(llama3=dict(stride_by_rank=[1, 2])),
@@ -976,6 +982,46 @@ def test_shard_unshard_varlen(layout, world, as_tensor):
     lse = torch.randn(2, sum(lens))  # (H, total): rows on dim 1
     pieces = [cp.shard(lse, layout, r, world, dim=1, cu_seqlens=cu) for r in range(world)]
     assert torch.equal(cp.unshard(pieces, layout, dim=1, cu_seqlens=cu), lse)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_stripe_plan_matches_the_global_window(world):
+    """plan_stripe_step's one call per step keeps exactly the keys the global window keeps."""
+    from flashattn_py.distributed.ring import plan_stripe_step
+
+    for rows in (1, 2, 5):
+        n = rows * world
+        for left in range(-1, n + 2):
+            for right in range(-1, n + 2):
+                for rank in range(world):
+                    for source in range(world):
+                        want = torch.zeros(rows, rows, dtype=torch.bool)
+                        for i in range(rows):
+                            for j in range(rows):
+                                g = (i * world + rank) - (j * world + source)  # query row - key row, global
+                                want[i, j] = (left < 0 or g <= left) and (right < 0 or -g <= right)
+                        got = torch.zeros(rows, rows, dtype=torch.bool)
+                        for call in plan_stripe_step(rank, source, world, rows, left, right):
+                            if not call.masked:
+                                got[:] = True
+                                continue
+                            w_left, w_right, diag = call.local_window
+                            assert abs(diag) <= rows - 1, (world, rows, left, right, rank, source, call)
+                            for i in range(rows):
+                                for j in range(rows):
+                                    got[i, j] = ((w_left < 0 or j >= i + diag - w_left)
+                                                 and (w_right < 0 or j <= i + diag + w_right))
+                        assert torch.equal(got, want), (world, rows, left, right, rank, source)
+
+
+def test_stripe_layout_with_no_rows():
+    x = torch.randn(2, 0, 3, 4)
+    pieces = [cp.shard(x, "stripe", r, 2) for r in range(2)]
+    assert all(p.shape == (2, 0, 3, 4) for p in pieces)
+    assert cp.unshard(pieces, "stripe").shape == (2, 0, 3, 4)
+    assert cp.local_rows("stripe", 1, 2, 0).numel() == 0
+    with pytest.raises(flashattn_py.ArgumentError, match="pieces"):
+        cp.unshard([torch.randn(1, 2, 3), torch.randn(1, 2, 3).double()], "stripe")
 
 
 def test_llama3_prepare_cu_seqlens_by_hand():

@@ -59,7 +59,7 @@ def _stripe_rows(rank: int, world_size: int, length: int, cu_seqlens) -> Tensor:
     if cu_seqlens is not None:
         raise ArgumentError("cu_seqlens: the stripe layout has no packed form")
     _pieces(length, world_size, "sequence")
-    return torch.arange(rank, length, world_size)
+    return torch.arange(rank, length, world_size) if length else torch.zeros(0, dtype=torch.long)
 
 
 def _pieces(length: int, count: int, what: str) -> int:
@@ -106,8 +106,15 @@ def unshard(pieces: Sequence[Tensor], layout: str, *, dim: int = 1,
     _check(layout, world_size)
     length = sum(p.shape[dim] for p in pieces)
     if layout == "stripe":
-        full = pieces[0].new_empty((*pieces[0].shape[:dim % pieces[0].dim()], length,
-                                    *pieces[0].shape[dim % pieces[0].dim() + 1:]))
+        first = pieces[0]
+        axis = dim % first.dim()
+        for rank, piece in enumerate(pieces):
+            if (piece.dtype != first.dtype or piece.device != first.device or piece.dim() != first.dim()
+                    or piece.shape[:axis] != first.shape[:axis] or piece.shape[axis + 1:] != first.shape[axis + 1:]):
+                raise ArgumentError(f"pieces: rank {rank}'s piece ({piece.dtype} {tuple(piece.shape)} on "
+                                    f"{piece.device}) differs from rank 0's ({first.dtype} {tuple(first.shape)} on "
+                                    f"{first.device}) other than in its rows on dim {dim}")
+        full = first.new_empty((*first.shape[:axis], length, *first.shape[axis + 1:]))
         for rank, piece in enumerate(pieces):
             rows = _stripe_rows(rank, world_size, length, cu_seqlens)
             if rows.numel() != piece.shape[dim]:

@@ -31,7 +31,8 @@ _NONE, _FULL, _PARTIAL = 0, 1, 2
 class Call(NamedTuple):
     """One kernel call of a ring step: local query chunks [q[0], q[1]) against the arrived
     block's chunks [k[0], k[1]); ``masked``: the window applies, the query chunk's diagonal
-    being ``chunk_offset`` chunks after the key chunk's (else every key is visible)."""
+    being ``chunk_offset`` chunks after the key chunk's (else every key is visible), or,
+    where ``local_window`` is given, that window and diagonal in local rows instead."""
 
     q: tuple[int, int]
     k: tuple[int, int]
@@ -58,15 +59,20 @@ def _visibility(q_chunk: int, k_chunk: int, chunk_len: Optional[int], left: int,
     return _PARTIAL
 
 
-def plan_stripe_step(rank: int, source: int, world: int, left: int, right: int) -> list[Call]:
+def plan_stripe_step(rank: int, source: int, world: int, rows: int, left: int, right: int) -> list[Call]:
     """The call of one stripe step: local row i of this rank is global row i P + rank, local
-    key j of ``source``'s block global row j P + source. A window (left, right) (-1:
-    unbounded) keeps global distances -right <= (i - j) P + rank - source <= left, that is
-    lo <= j - i <= hi in local rows, the same bounds for every row: one call with the
-    diagonal at hi (or lo), or none when no key is seen."""
-    shift = rank - source
+    key j of ``source``'s block global row j P + source (``rows`` of each). A window (left,
+    right) (-1: unbounded) keeps global distances -right <= (i - j) P + rank - source <= left,
+    that is lo <= j - i <= hi in local rows, the same bounds for every row: one call with the
+    diagonal at hi (or lo), or none when no key is seen. A bound past every row's keys
+    (|j - i| <= rows - 1) is none, so the diagonal stays within the block."""
+    shift, last = rank - source, rows - 1
     hi = None if right < 0 else (right + shift) // world  # (floor division: shift may be negative)
     lo = None if left < 0 else -((left - shift) // world)
+    if (hi is not None and hi < -last) or (lo is not None and lo > last):
+        return []
+    hi = None if hi is not None and hi >= last else hi
+    lo = None if lo is not None and lo <= -last else lo
     if hi is None and lo is None:
         return [Call((0, 1), (0, 1), False)]
     if hi is None:
@@ -348,11 +354,11 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
     else:
         chunk_len = q.shape[1] // per_rank
         rows = DenseRows(chunk_len)
-    my_chunks = rank_chunks(layout, ring.rank, world)
     if layout == "stripe":
-        plans = [plan_stripe_step(ring.rank, (ring.rank - step) % world, world, left, right)
+        plans = [plan_stripe_step(ring.rank, (ring.rank - step) % world, world, chunk_len, left, right)
                  for step in range(world)]
     else:
+        my_chunks = rank_chunks(layout, ring.rank, world)
         plans = [plan_step(my_chunks, rank_chunks(layout, (ring.rank - step) % world, world), chunk_len, left,
                            right, alibi_slopes is not None) for step in range(world)]
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, None, None, 0, 0,
