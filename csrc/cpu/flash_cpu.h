@@ -831,12 +831,19 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
   for (; c < n; ++c) x[c] *= mult;
 }
 
+// Below this many multiply-adds (a call's estimate, `work`) a call runs on the calling
+// thread alone, unsplit: waking torch's other intra-op threads (an OpenMP parallel region)
+// costs microseconds, tens of them when they have gone to sleep between a model's small
+// calls (a decoding step's attention beside its matrix products), more than such work.
+constexpr double PARALLEL_MIN_WORK = 1 << 18;
+
 // Into how many tasks each of `tasks` tasks deals its key blocks (num_k_blocks of them)
-// so that every thread gets at least two tasks: 1 when there are enough already
-// (flash-decoding's split, used by the forward and the backward alike).
-inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
+// so that every thread gets at least two tasks: 1 when there are enough already, or too
+// little work to share (flash-decoding's split, used by the forward and the backward alike).
+inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks, double work) {
   const int64_t threads = torch::stable::get_num_threads();
-  if (tasks == 0 || tasks >= 2 * threads) return 1;  // (no tasks: an empty batch or query)
+  // (no tasks: an empty batch or query)
+  if (tasks == 0 || tasks >= 2 * threads || work < PARALLEL_MIN_WORK) return 1;
   return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
 }
 
@@ -859,11 +866,13 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
 
 // Run body(task, workspace) for task in [0, num_tasks) on torch's intra-op threads, each
 // thread with its own workspace from make_workspace(), handing out tasks in order from a
-// shared counter (list heavy tasks first for balance).
+// shared counter (list heavy tasks first for balance); on the calling thread alone when the
+// call's `work` (multiply-adds) is under PARALLEL_MIN_WORK.
 template <typename MakeWorkspace, typename Body>
-inline void for_each_task(int64_t num_tasks, const MakeWorkspace& make_workspace, const Body& body) {
+inline void for_each_task(int64_t num_tasks, double work, const MakeWorkspace& make_workspace, const Body& body) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(torch::stable::get_num_threads(), num_tasks));
+  const int64_t threads = work < PARALLEL_MIN_WORK ? 1 : torch::stable::get_num_threads();
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, num_tasks));
   parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto workspace = make_workspace();
     for (int64_t t = next++; t < num_tasks; t = next++) body(t, workspace);
