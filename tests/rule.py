@@ -121,11 +121,13 @@ def check_attention(
         # dtype, and dP = dO V^T in another order: half an ulp of O moves delta by
         # eps/2 * sum|dO * O|, which reaches dq and dk through P * k * scale. That is the
         # floor when the naive error is exactly 0 (one visible key, where dS is 0 in exact
-        # math: float32 too once dropout's 1/(1-p) rounds O).
+        # math: float32 too once dropout's 1/(1-p) rounds O). dk sums it over the query
+        # heads that share a key / value head (GQA): once per head of the group.
         scale = ref_kwargs.get("scale") or q.shape[-1] ** -0.5
         delta_term = (dout.abs() * ref.detach().abs()).sum(-1).max().item() if ref.numel() else 0.0
         qk = max(q.detach().abs().max().item(), k.detach().abs().max().item())
-        atol = max(atol, torch.finfo(q.dtype).eps * delta_term * qk * scale)
+        group = q.shape[2] // k.shape[2] if q.dim() == 4 and k.shape[2] else 1
+        atol = max(atol, torch.finfo(q.dtype).eps * delta_term * qk * scale * group)
     for name, got, r, n in (("dq", q1, q64, ql), ("dk", k1, k64, kl), ("dv", v1, v64, vl)):
         assert got.grad is not None, f"{name}: no gradient"
         assert_rule(name, got.grad, r.grad, n.grad, GRAD_FACTOR, seed, atol)

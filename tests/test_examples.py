@@ -47,3 +47,23 @@ def test_context_parallel_training_step_matches_one_process(attention):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "PASS" in result.stdout, output[-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stride", [1, 2])
+def test_hf_context_parallel_training_step_matches_one_process(stride):
+    """examples/hf_context_parallel.py under torchrun, 2 CPU ranks (gloo): a transformers
+    Llama's sharded step (substitute_hf_flash_attn) matches the whole row with eager attention."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           str(EXAMPLES / "hf_context_parallel.py"), "--heads-k-stride", str(stride)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "PASS" in result.stdout, output[-4000:]
