@@ -27,6 +27,7 @@ from .. import api, ops, partial
 from ..errors import ArgumentError
 from . import checks, comm
 from .layout import _offsets
+from .ring import SchemeAttention
 
 # (torch 2.13 renamed the tensor collectives; the old names remain, deprecated)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -222,23 +223,6 @@ def _land(reductions) -> None:
         target.copy_(mine)
 
 
-class _Llama3Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, setup: _Setup):
-        out, lse = llama3_forward(q, k, v, setup)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = setup
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = llama3_backward(dout.contiguous(), q, k, v, out, lse, ctx.setup,
-                                     kv_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None)
-
-
 # (collectives and the host-side argument check: run eagerly under torch.compile, a graph
 # break; Dynamo cannot trace the process group object)
 @torch.compiler.disable
@@ -318,5 +302,5 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, checked.cu_seqlens,
                                    local["cu_k"], checked.max_seqlen, local["max_k"], deterministic)
     setup = _Setup(ring, local["stride"], local["keys"], options, checked.backend)
-    out, lse = _Llama3Attention.apply(q, k, v, setup)
+    out, lse = SchemeAttention.apply(q, k, v, llama3_forward, llama3_backward, setup)
     return (out, lse, None) if return_attn_probs else out

@@ -288,21 +288,25 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 _KV_TAG, _GRAD_TAG = 17, 18
 
 
-class _RingAttention(torch.autograd.Function):
+class SchemeAttention(torch.autograd.Function):
+    """A context-parallel scheme's (out, lse) as one autograd node: ``forward(q, k, v, setup)``
+    and ``backward(dout, q, k, v, out, lse, setup, kv_grads)`` are the scheme's own (the ring
+    here, llama3.py's gather); ``kv_grads``: k or v needs a gradient."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, setup: RingSetup):
-        out, lse = ring_forward(q, k, v, setup)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, forward, backward, setup):
+        out, lse = forward(q, k, v, setup)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = setup
+        ctx.scheme_backward, ctx.setup = backward, setup
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.setup,
-                                   kv_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None)
+        dq, dk, dv = ctx.scheme_backward(dout, q, k, v, out, lse, ctx.setup,
+                                         kv_grads=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None, None, None)
 
 
 # (collectives and the host-side argument check: run eagerly under torch.compile, a graph
@@ -363,6 +367,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
                            right, alibi_slopes is not None) for step in range(world)]
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, None, None, 0, 0,
                                    deterministic)
-    out, lse = _RingAttention.apply(q, k, v, RingSetup(ring, rows, plans, options, checked.backend))
+    out, lse = SchemeAttention.apply(q, k, v, ring_forward, ring_backward,
+                                     RingSetup(ring, rows, plans, options, checked.backend))
     return (out, lse, None) if return_attn_probs else out
 
