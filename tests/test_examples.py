@@ -28,25 +28,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_passes(script: str, *args: str, timeout: float = 120) -> None:
+    """examples/<script> under torchrun with 2 CPU ranks (gloo): exit status 0 and PASS."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(EXAMPLES / script), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "PASS" in result.stdout, output[-4000:]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("attention", ["zigzag", "ring", "ulysses"])
 def test_context_parallel_training_step_matches_one_process(attention):
     """examples/train_context_parallel.py under torchrun, 2 CPU ranks (gloo): the sharded
     step's loss and every gradient match the unsharded model's (the example checks, prints
     PASS and exits 0)."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("flashattn_py.distributed")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(EXAMPLES / "train_context_parallel.py"), "--attention", attention]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "PASS" in result.stdout, output[-4000:]
+    _torchrun_passes("train_context_parallel.py", "--attention", attention)
 
 
 @pytest.mark.distributed
@@ -54,16 +58,5 @@ def test_context_parallel_training_step_matches_one_process(attention):
 def test_hf_context_parallel_training_step_matches_one_process(stride):
     """examples/hf_context_parallel.py under torchrun, 2 CPU ranks (gloo): a transformers
     Llama's sharded step (substitute_hf_flash_attn) matches the whole row with eager attention."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("transformers")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(EXAMPLES / "hf_context_parallel.py"), "--heads-k-stride", str(stride)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "PASS" in result.stdout, output[-4000:]
+    _torchrun_passes("hf_context_parallel.py", "--heads-k-stride", str(stride), timeout=180)

@@ -448,10 +448,12 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   // thread ran what). Memory for the parts: splits x B x H x Sq x D, under 4 x threads
   // heads' worth.
   const int64_t heads = p.batch * H, max_k_blocks = (Sk_max + BLOCK_K - 1) / BLOCK_K;
-  // (multiply-adds of the five products, at most; a double, which cannot overflow)
-  const double work = static_cast<double>(heads) * Sq_max * static_cast<double>(std::max<int64_t>(1, Sk_max)) *
-                      (3 * D + 2 * Dv);
-  const int64_t splits = key_splits(heads, max_k_blocks, work);
+  // (flash_cpu.h PARALLEL_MIN_WORK's estimate, at most: the five products and the scores
+  // recomputed; a double, which cannot overflow)
+  const double call_work = static_cast<double>(heads) * Sq_max * static_cast<double>(std::max<int64_t>(1, Sk_max)) *
+                          (3 * D + 2 * Dv + 2 * SCORE_WORK) +
+                      static_cast<double>(heads) * TASK_WORK;
+  const int64_t splits = key_splits(heads, max_k_blocks);
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq_max * D : 0);
 
 
@@ -620,7 +622,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   };
 
   for_each_task(
-      heads * splits, work, [&] { return Workspace(p, row_scores); }, body);
+      heads * splits, call_work, [&] { return Workspace(p, row_scores); }, body);
 
   if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
     parallel_for(0, heads * Sq_max, 64, [&](int64_t begin, int64_t end) {

@@ -831,19 +831,23 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
   for (; c < n; ++c) x[c] *= mult;
 }
 
-// Below this many multiply-adds (a call's estimate, `work`) a call runs on the calling
-// thread alone, unsplit: waking torch's other intra-op threads (an OpenMP parallel region)
-// costs microseconds, tens of them when they have gone to sleep between a model's small
-// calls (a decoding step's attention beside its matrix products), more than such work.
-constexpr double PARALLEL_MIN_WORK = 1 << 18;
+// Below this much work (a call's estimate in multiply-adds, `work`) a call's tasks run on
+// the calling thread alone: waking torch's other intra-op threads (an OpenMP parallel
+// region) costs microseconds, tens of them when they have gone to sleep between a model's
+// small calls (a decoding step's attention beside its matrix products), more than such
+// work. (Only where they run: how a call is cut into tasks, key splits included, and so
+// its results, do not depend on it.) The estimate counts the products, each score's softmax (exp, max, masks: about
+// SCORE_WORK multiply-adds' time) and each task's fixed cost (packing, workspace, output
+// rows: TASK_WORK), so that calls of many small tasks (packed short documents) or of tiny
+// head dims stay parallel.
+constexpr double PARALLEL_MIN_WORK = 1 << 18, SCORE_WORK = 16, TASK_WORK = 4096;
 
 // Into how many tasks each of `tasks` tasks deals its key blocks (num_k_blocks of them)
-// so that every thread gets at least two tasks: 1 when there are enough already, or too
-// little work to share (flash-decoding's split, used by the forward and the backward alike).
-inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks, double work) {
+// so that every thread gets at least two tasks: 1 when there are enough already
+// (flash-decoding's split, used by the forward and the backward alike).
+inline int64_t key_splits(int64_t tasks, int64_t num_k_blocks) {
   const int64_t threads = torch::stable::get_num_threads();
-  // (no tasks: an empty batch or query)
-  if (tasks == 0 || tasks >= 2 * threads || work < PARALLEL_MIN_WORK) return 1;
+  if (tasks == 0 || tasks >= 2 * threads) return 1;  // (no tasks: an empty batch or query)
   return std::max<int64_t>(1, std::min(num_k_blocks, (2 * threads + tasks - 1) / tasks));
 }
 

@@ -742,12 +742,13 @@ void run_fwd(const FlashParams& p) {
     return {b, rest / blocks * heads_per_task, blocks - 1 - rest % blocks};
   };
   const int64_t num_k_blocks = (p.seqlen_k + block_k - 1) / block_k;
-  // (multiply-adds, at most: every row against the longest key sequence; a double, which
-  // cannot overflow)
-  const double work = static_cast<double>(p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q) * H *
-                      static_cast<double>(std::max<int64_t>(1, p.seqlen_k)) * (p.head_dim + Dv);
+  // (flash_cpu.h PARALLEL_MIN_WORK's estimate, at most: every row against the longest key
+  // sequence, or a cache's capacity; a double, which cannot overflow)
+  const double call_work = static_cast<double>(p.cu_seqlens_q ? p.total_q : p.batch * p.seqlen_q) * H *
+                          static_cast<double>(std::max<int64_t>(1, p.seqlen_k)) * (p.head_dim + Dv + SCORE_WORK) +
+                      static_cast<double>(row_tasks) * TASK_WORK;
   const int64_t splits = p.num_splits > 0 ? std::max<int64_t>(1, std::min(p.num_splits, num_k_blocks))
-                                          : key_splits(row_tasks, num_k_blocks, work);
+                                          : key_splits(row_tasks, num_k_blocks);
   const int64_t part_rows = splits > 1 ? row_tasks * splits * task_rows : 0;
   Scratch<acc> part_o = scratch<acc>(part_rows * Dv), part_m = scratch<acc>(part_rows),
                part_l = scratch<acc>(part_rows);
@@ -924,7 +925,7 @@ void run_fwd(const FlashParams& p) {
   };
 
   for_each_task(
-      row_tasks * splits, work, [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
+      row_tasks * splits, call_work, [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
 
   if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
     parallel_for(0, row_tasks * task_rows, 16, [&](int64_t begin, int64_t end) {
