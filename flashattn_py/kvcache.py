@@ -230,9 +230,8 @@ def flash_attn_with_kvcache(
         causal / window_size / softcap / alibi_slopes: as flash_attn_func, the diagonal
             aligned bottom-right on the keys each entry attends.
         num_splits: key splits per query block (flash-decoding): 0 = heuristic (on CPU: split
-            while there are fewer than two tasks per thread and the call has enough work to
-            share; GPUs: as the kernel decides), 1 = none, n = n. Results agree within
-            rounding for every value.
+            while there are fewer than two tasks per thread; GPUs: as the kernel decides), 1 =
+            none, n = n. Results agree within rounding for every value.
         return_softmax_lse: also return lse (B, H, Sq) float32 (float64 for float64 inputs).
 
     Inference only: there is no backward (a call that would need a gradient raises).
