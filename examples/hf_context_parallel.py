@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 
 import torch
@@ -34,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from flashattn_py.distributed import substitute_hf_flash_attn, update_ring_flash_attn_params
 # (the process group set-up and the comparison of the other example, beside this file)
-from train_context_parallel import _init_process_group, _relative_error
+from train_context_parallel import report, run_in_group, step_errors
 
 # Tolerance relative to the size of the reference value (the loss; each gradient's largest
 # |entry|): both runs are float32 and do the same mathematics in another order (a packed call
@@ -89,20 +88,10 @@ def _step_and_check(args: argparse.Namespace) -> bool:
         ref_logits = reference(input_ids=ids, position_ids=positions, use_cache=False).logits
         ref_loss = F.cross_entropy(ref_logits[0], labels[0])
         ref_loss.backward()
-        errors = {"loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())}
-        for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-            errors[name] = _relative_error(p.grad, ref_p.grad)
-        worst = max(errors, key=errors.get)
-        ok = all(math.isfinite(e) and e <= RTOL for e in errors.values())
-        print(f"llama3 context parallelism in a transformers Llama, {world} ranks, documents {args.lengths}: "
-              f"loss {loss.item():.6f} (one process, eager: {ref_loss.item():.6f}); largest relative difference "
-              f"{errors[worst]:.2e} ({worst}) over the loss and {len(errors) - 1} gradients")
-        for name, e in errors.items():
-            if not (math.isfinite(e) and e <= RTOL):
-                print(f"  {name}: relative difference {e:.3e} > {RTOL:g}")
-        print(f"{'PASS' if ok else 'FAIL'}: the sharded step matches the one-process step "
-              f"(relative tolerance {RTOL:g})", flush=True)
-        verdict[0] = float(ok)
+        verdict[0] = float(report(step_errors(loss, ref_loss, model, reference), RTOL,
+                                  f"llama3 context parallelism in a transformers Llama, {world} ranks, documents "
+                                  f"{args.lengths}: loss {loss.item():.6f} (one process, eager: "
+                                  f"{ref_loss.item():.6f})"))
     dist.broadcast(verdict, src=0)
     return bool(verdict.item())
 
@@ -110,13 +99,7 @@ def _step_and_check(args: argparse.Namespace) -> bool:
 def main(argv=None) -> bool:
     """The sharded training step checked against the whole model; True on PASS (every rank
     returns rank 0's verdict)."""
-    args = parse_args(argv)
-    created = _init_process_group()
-    try:
-        return _step_and_check(args)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    return run_in_group(_step_and_check, parse_args(argv))
 
 
 if __name__ == "__main__":

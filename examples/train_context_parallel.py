@@ -129,16 +129,42 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
-def main(argv=None) -> bool:
-    """One sharded training step checked against the unsharded model; True on PASS (every rank
-    returns rank 0's verdict)."""
-    args = parse_args(argv)
+def step_errors(loss: torch.Tensor, ref_loss: torch.Tensor, model: nn.Module, reference: nn.Module) -> dict:
+    """Relative differences of the loss and of every parameter's gradient, model against reference."""
+    errors = {"loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())}
+    for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
+        errors[name] = _relative_error(p.grad, ref_p.grad)
+    return errors
+
+
+def report(errors: dict, rtol: float, summary: str) -> bool:
+    """Print ``summary`` with the largest difference, each one over ``rtol``, and PASS or FAIL."""
+    worst = max(errors, key=errors.get)
+    ok = all(math.isfinite(e) and e <= rtol for e in errors.values())
+    print(f"{summary}; largest relative difference {errors[worst]:.2e} ({worst}) over the loss and "
+          f"{len(errors) - 1} gradients")
+    for name, e in errors.items():
+        if not (math.isfinite(e) and e <= rtol):
+            print(f"  {name}: relative difference {e:.3e} > {rtol:g}")
+    print(f"{'PASS' if ok else 'FAIL'}: the sharded step matches the one-process step (relative tolerance "
+          f"{rtol:g})", flush=True)
+    return ok
+
+
+def run_in_group(step, args: argparse.Namespace) -> bool:
+    """``step(args)`` inside torchrun's gloo group, or a one-process group made for it."""
     created = _init_process_group()
     try:
-        return _step_and_check(args)
+        return step(args)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def main(argv=None) -> bool:
+    """One sharded training step checked against the unsharded model; True on PASS (every rank
+    returns rank 0's verdict)."""
+    return run_in_group(_step_and_check, parse_args(argv))
 
 
 def _step_and_check(args: argparse.Namespace) -> bool:
@@ -177,23 +203,11 @@ def _step_and_check(args: argparse.Namespace) -> bool:
         ref_logits = reference(ids, positions, lambda q, k, v: flashattn_py.flash_attn_func(q, k, v, causal=True))
         ref_loss = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten())
         ref_loss.backward()
-        errors = {"loss": abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())}
-        for (name, p), ref_p in zip(model.named_parameters(), reference.parameters()):
-            errors[name] = _relative_error(p.grad, ref_p.grad)
-        worst = max(errors, key=errors.get)
-        ok = all(math.isfinite(e) and e <= RTOL for e in errors.values())
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.attention} attention, {world} ranks ({layout} layout), B={args.batch} S={args.seqlen}, "
-              f"{n_params} parameters: loss {loss.item():.6f} (one process: {ref_loss.item():.6f}); "
-              f"largest relative difference {errors[worst]:.2e} ({worst}) over the loss and "
-              f"{len(errors) - 1} gradients")
-        if not ok:
-            for name, e in errors.items():
-                if not (math.isfinite(e) and e <= RTOL):
-                    print(f"  {name}: relative difference {e:.3e} > {RTOL:g}")
-        print(f"{'PASS' if ok else 'FAIL'}: context-parallel step matches the single-process step "
-              f"(relative tolerance {RTOL:g})", flush=True)
-        verdict[0] = float(ok)
+        verdict[0] = float(report(step_errors(loss, ref_loss, model, reference), RTOL,
+                                  f"{args.attention} attention, {world} ranks ({layout} layout), B={args.batch} "
+                                  f"S={args.seqlen}, {n_params} parameters: loss {loss.item():.6f} (one process: "
+                                  f"{ref_loss.item():.6f})"))
     dist.broadcast(verdict, src=0)
     return bool(verdict.item())
 
