@@ -578,6 +578,8 @@ ERROR_CASES = [
      dict(lens=[5, 13, 6], llama3=dict(prepare_causal=True)), r"\bcausal\b"),
     ("llama3_offsets_of_two_batches", "llama3_flash_attn_varlen_func",
      dict(lens_by_rank=[[5, 13, 6], [8, 16]], kwargs=dict(causal=True)), r"\bcu_seqlens_q, cu_seqlens_k\b"),
+    ("llama3_offsets_of_two_batches_noncausal", "llama3_flash_attn_varlen_func",
+     dict(lens_by_rank=[[6, 2], [5, 3]]), r"\bcu_seqlens_q, cu_seqlens_k\b"),
     ("llama3_no_offsets_on_one_rank", "llama3_flash_attn_varlen_func", dict(llama3=dict(cu_q_none_on=1)),
      r"\bcu_seqlens_q\b"),
     ("llama3_and_ulysses_across_ranks", "llama3_flash_attn_varlen_func",
@@ -1075,6 +1077,14 @@ def test_llama3_prepared_offsets_cover_each_ranks_rows(world):
         cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6]).float(), True, 0, 2)
     with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens: expected a 1-D"):
         cp.llama3_flash_attn_prepare_cu_seqlens(offsets([6, 6])[None], True, 0, 2)
+    with pytest.raises(flashattn_py.ArgumentError, match="cu_seqlens: expected integer"):
+        cp.llama3_flash_attn_prepare_cu_seqlens([0, 2.7, 8], True, 0, 2)
+    with pytest.raises(flashattn_py.ArgumentError, match="rank"):
+        cp.llama3_flash_attn_prepare_cu_seqlens([0, 4, 8], True, True, 2)
+    import numpy
+
+    got = cp.llama3_flash_attn_prepare_cu_seqlens([0, 4, 8], True, numpy.int64(1), numpy.int64(2))
+    assert got[4] == slice(4, 8) and type(got[4].start) is int
 
 
 def test_shard_rejects_bad_layouts():
@@ -1091,6 +1101,8 @@ def test_shard_rejects_bad_layouts():
         cp.shard(x, "stripe", 0, 5)  # 12 rows over 5 ranks
     with pytest.raises(flashattn_py.ArgumentError, match="pieces"):
         cp.unshard([x[:, :6], x[:, 6:10], x[:, 10:]], "stripe")  # 6 + 4 + 2 rows: not 4 each
+    with pytest.raises(flashattn_py.ArgumentError, match="pieces"):
+        cp.unshard([x[:, :6], x[:, 6:].double()], "ring")  # (torch.cat would promote the dtype)
 
 
 def worker_ulysses_unequal_lengths(rank, world, windows):

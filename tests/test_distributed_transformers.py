@@ -112,9 +112,19 @@ def worker_refusals(rank, world):
         substitute_hf_flash_attn(None, 3)
         model(**mine)
 
+    def update_differs_then_forward():  # (offsets of two batches: the update refuses on every
+        # rank and leaves none set, so the forward refuses too)
+        substitute_hf_flash_attn(None, 1)
+        try:
+            update_ring_flash_attn_params(cu if rank == 0 else torch.tensor([0, 8, 32], dtype=torch.int32), None)
+        except flashattn_py.ArgumentError as e:
+            messages["update_differs"] = str(e)
+        model(**mine)
+
     messages = {}
     for name, call in (("no_params", lambda: model(**mine)), ("params_on_rank0_only", params_on_rank0_only),
-                       ("batch_of_two_on_rank1", batch_of_two_on_rank1), ("stride", stride)):
+                       ("batch_of_two_on_rank1", batch_of_two_on_rank1), ("stride", stride),
+                       ("after_failed_update", update_differs_then_forward)):
         try:
             call()
             messages[name] = None
@@ -130,3 +140,5 @@ def test_context_parallel_refusals_name_the_argument_on_every_rank():
         assert "update_ring_flash_attn_params" in (messages["params_on_rank0_only"] or ""), (rank, messages)
         assert "query" in (messages["batch_of_two_on_rank1"] or ""), (rank, messages)
         assert "heads_k_stride" in (messages["stride"] or ""), (rank, messages)
+        assert "cu_seqlens" in messages.get("update_differs", ""), (rank, messages)
+        assert "update_ring_flash_attn_params" in (messages["after_failed_update"] or ""), (rank, messages)

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from .. import api
 from ..errors import ArgumentError
-from .checks import Refusal
+from . import comm
+from .checks import Refusal, fingerprint
+from .layout import _offsets
 from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 
 
@@ -55,12 +57,22 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group: Optional[di
     row's offsets (the same on every rank, the total divisible by the group's size), this
     rank's place in them taken from ``process_group`` (the layers' group is
     ``substitute_hf_flash_attn``'s, as in ring-flash-attention). Read on the host now (a sync
-    for GPU tensors; later changes to ``cu_seqlens`` do not count), once per batch."""
-    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    if rank < 0:
-        raise ArgumentError("process_group: this process is not a member of the group")
-    _State.prepared = {causal: llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world)
-                       for causal in (True, False)}
+    for GPU tensors; later changes to ``cu_seqlens`` do not count), once per batch. Collective
+    over ``process_group`` (every rank calls it): offsets that are bad on a rank, or differ
+    between ranks, raise on every rank; after an error no offsets are set (the layers refuse
+    until the next update)."""
+    _State.prepared = None
+    group = comm.Group(process_group)
+    prepared: dict = {}
+
+    def validate() -> list[tuple]:
+        for causal in (True, False):
+            prepared[causal] = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, group.rank,
+                                                                     group.world_size)
+        return [("cu_seqlens", fingerprint(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64)))]
+
+    comm.check_collectively(group, validate)
+    _State.prepared = prepared
 
 
 def use_ring_attn(flag: bool) -> None:

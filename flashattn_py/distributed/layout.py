@@ -105,15 +105,15 @@ def unshard(pieces: Sequence[Tensor], layout: str, *, dim: int = 1,
     world_size = len(pieces)
     _check(layout, world_size)
     length = sum(p.shape[dim] for p in pieces)
+    first = pieces[0]
+    axis = dim % first.dim()
+    for rank, piece in enumerate(pieces):
+        if (piece.dtype != first.dtype or piece.device != first.device or piece.dim() != first.dim()
+                or piece.shape[:axis] != first.shape[:axis] or piece.shape[axis + 1:] != first.shape[axis + 1:]):
+            raise ArgumentError(f"pieces: rank {rank}'s piece ({piece.dtype} {tuple(piece.shape)} on "
+                                f"{piece.device}) differs from rank 0's ({first.dtype} {tuple(first.shape)} on "
+                                f"{first.device}) other than in its rows on dim {dim}")
     if layout == "stripe":
-        first = pieces[0]
-        axis = dim % first.dim()
-        for rank, piece in enumerate(pieces):
-            if (piece.dtype != first.dtype or piece.device != first.device or piece.dim() != first.dim()
-                    or piece.shape[:axis] != first.shape[:axis] or piece.shape[axis + 1:] != first.shape[axis + 1:]):
-                raise ArgumentError(f"pieces: rank {rank}'s piece ({piece.dtype} {tuple(piece.shape)} on "
-                                    f"{piece.device}) differs from rank 0's ({first.dtype} {tuple(first.shape)} on "
-                                    f"{first.device}) other than in its rows on dim {dim}")
         full = first.new_empty((*first.shape[:axis], length, *first.shape[axis + 1:]))
         for rank, piece in enumerate(pieces):
             rows = _stripe_rows(rank, world_size, length, cu_seqlens)

@@ -55,11 +55,15 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens: Union[Tensor, Sequence[int]
                                            or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool):
         raise ArgumentError(f"cu_seqlens: expected a 1-D integer tensor, got {cu_seqlens.dtype} of shape "
                             f"{tuple(cu_seqlens.shape)}")
+    if not isinstance(cu_seqlens, Tensor) and any(_index_or_none(x) is None for x in cu_seqlens):
+        raise ArgumentError(f"cu_seqlens: expected integer offsets, got {list(cu_seqlens)}")
     offsets = _offsets(cu_seqlens)
-    if not isinstance(world_size, int) or world_size < 1:
+    world, index = _index_or_none(world_size), _index_or_none(rank)  # (NumPy integers too, not bools)
+    if world is None or world < 1:
         raise ArgumentError(f"world_size: expected an int >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ArgumentError(f"rank: expected an int in [0, {world_size}), got {rank!r}")
+    if index is None or not 0 <= index < world:
+        raise ArgumentError(f"rank: expected an int in [0, {world}), got {rank!r}")
+    rank, world_size = index, world
     total = offsets[-1]
     if total % world_size:
         raise ArgumentError(f"cu_seqlens: the total length {total} is not divisible by world_size {world_size} "
@@ -101,15 +105,26 @@ def _index_or_none(value) -> Optional[int]:
 def _check_boundaries(keys_by_rank: list, rows: int, window: tuple[int, int]) -> None:
     """Offsets that cannot all come from one global cu_seqlens, or were prepared causal for a
     non-causal call, from every rank's (first key row, last key row + 1, start of its last
-    document): the same table on every rank, so every rank raises alike. Each rank's key
-    slice starts at its first document's start, so rank r + 1's first document continues
-    rank r's last one exactly when it starts before rank r + 1's rows."""
+    document, end of its first sequence's queries; NaN: not read): the same table on every
+    rank, so every rank raises alike. Each rank's key slice starts at its first document's
+    start, so rank r + 1's first document continues rank r's last one exactly when it starts
+    before rank r + 1's rows; offsets prepared non-causal end rank r's keys at that
+    document's end: where rank r + 1's first sequence ends if it ends before rank r + 1's
+    rows do, else rank r + 1's own key end where that runs past its rows, else at least
+    there."""
     for r in range(len(keys_by_rank) - 1):
-        _, stop, last_document = keys_by_rank[r]
-        boundary, next_start = (r + 1) * rows, keys_by_rank[r + 1][0]
+        _, stop, last_document, _ = keys_by_rank[r]
+        next_start, next_stop, _, next_first_end = keys_by_rank[r + 1]
+        boundary, next_end = (r + 1) * rows, (r + 2) * rows
         continues = next_start < boundary
-        if (continues and not math.isnan(last_document) and last_document != next_start) or (
-                not continues and stop > boundary):
+        document_end_differs = False
+        if continues and stop > boundary and not math.isnan(next_first_end):
+            if next_first_end < next_end:
+                document_end_differs = stop != next_first_end
+            else:
+                document_end_differs = stop != next_stop if next_stop > next_end else stop < next_end
+        if ((continues and not math.isnan(last_document) and last_document != next_start)
+                or (not continues and stop > boundary) or document_end_differs):
             raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: ranks {r} and {r + 1} disagree on the document at "
                                 f"global row {boundary} (offsets prepared from different global cu_seqlens?)")
         if continues and stop == boundary and window[1] != 0:
@@ -263,7 +278,10 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                 f"{cu_k.shape[0]}")
         max_k = api.at_most(api._length("max_seqlen_k", max_seqlen_k), stop - start)
         api._check_packed(cu_q, cu_k, max_q, max_k, rows, stop - start, None, None, 0, 0, api.FLASH_NAMES)
-        last_document = math.nan  # (where it starts, in global rows: for the checks across ranks)
+        # (for the checks across ranks, in global rows: where the last document starts, and
+        # where the first local sequence's queries end: its document's end when another
+        # follows, else this rank's end)
+        last_document = first_end = math.nan
         if api.index_values_readable(cu_q.device):
             # Bottom-right alignment of each sequence is its global positions only when its
             # queries and keys end on the same global row (the last one may end past them).
@@ -271,6 +289,7 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             k_offsets = cu_k.tolist()
             k_ends = [start + x for x in k_offsets[1:-1]]
             last_document = start + k_offsets[-2]
+            first_end = my_end - rows + cu_q[1].item()
             bad = next((d for d, (a, b) in enumerate(zip(q_ends, k_ends)) if a != b), None)
             if bad is not None:
                 raise ArgumentError(f"cu_seqlens_q, cu_seqlens_k: sequence {bad}'s queries end at global row "
@@ -292,7 +311,7 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                 f"ulysses_flash_attn_varlen_func has them")
         local.update(cu_k=cu_k, max_k=max_k, keys=slice(start, stop), stride=stride, rows=rows,
                      window=window)
-        return [("heads_k_stride", [stride]), ("~keys", [start, bounds[1], last_document])]
+        return [("heads_k_stride", [stride]), ("~keys", [start, bounds[1], last_document, first_end])]
 
     ring, checked = checks.check_call(group, "llama3", q, k, v, cu_seqlens_q, max_seqlen_q, dropout_p,
                                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
