@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import api
 from ..errors import ArgumentError
 from . import comm
-from .checks import Refusal, fingerprint
+from .checks import Refusal, offsets_fields
 from .layout import _offsets
 from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 
@@ -69,7 +69,7 @@ def update_ring_flash_attn_params(cu_seqlens: Tensor, process_group: Optional[di
         for causal in (True, False):
             prepared[causal] = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, group.rank,
                                                                      group.world_size)
-        return [("cu_seqlens", fingerprint(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64)))]
+        return offsets_fields(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64))
 
     comm.check_collectively(group, validate)
     _State.prepared = prepared

@@ -309,14 +309,13 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                 f"continues on the next rank); non-causal windows and ALiBi over such a document "
                                 f"are not supported here (its diagonal is not bottom-right): "
                                 f"ulysses_flash_attn_varlen_func has them")
-        local.update(cu_k=cu_k, max_k=max_k, keys=slice(start, stop), stride=stride, rows=rows,
-                     window=window)
+        local.update(cu_k=cu_k, max_k=max_k, keys=slice(start, stop), stride=stride)
         return [("heads_k_stride", [stride]), ("~keys", [start, bounds[1], last_document, first_end])]
 
     ring, checked = checks.check_call(group, "llama3", q, k, v, cu_seqlens_q, max_seqlen_q, dropout_p,
                                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                       layout_check, local_offsets=True)
-    _check_boundaries(checked.per_rank["keys"], local["rows"], local["window"])
+    _check_boundaries(checked.per_rank["keys"], q.shape[0], checked.window)
     left, right = checked.window
     options = partial.BlockOptions(checked.scale, left, right, 0, float(softcap), alibi_slopes, checked.cu_seqlens,
                                    local["cu_k"], checked.max_seqlen, local["max_k"], deterministic)
