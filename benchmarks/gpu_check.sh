@@ -59,7 +59,7 @@ wanted() { [[ $STEPS == *" $1 "* ]]; }
 # Seconds each benchmark step may take: the time later steps keep back.
 secs() { wanted "$1" && echo "$2" || echo 0; }
 DENSE_S=$(secs dense 80)
-DECODE_S=$(secs decode 25)    # each backend's
+DECODE_S=$(secs decode 35)    # each backend's
 VARLEN_S=$(secs varlen 40)    # each backend's (Triton's compiles take most of it)
 PROFILE_S=$(secs profile 60)
 TESTS_S=$(secs tests 90)      # what the tests took on the H200 (67-81 s with 8 workers)

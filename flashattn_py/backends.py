@@ -100,13 +100,14 @@ def triton_interpreted() -> bool:
 
 
 # Dynamic shared memory per block (bytes) the CUDA kernels launch with, per head-dim bucket:
-# (forward, backward main kernel, deterministic dQ kernel). A copy of
-# csrc/cuda/flash_configs.h, which tests/test_cuda_configs.py compiles and compares.
+# (forward: the plain or the split-KV kernel, whichever takes more; backward main kernel;
+# deterministic dQ kernel). A copy of csrc/cuda/flash_configs.h, which
+# tests/test_cuda_configs.py compiles and compares.
 CUDA_SMEM_BYTES = {
-    32: (20480, 30208, 30720),
-    64: (36864, 46592, 55296),
-    96: (39936, 45312, 79872),
-    128: (52224, 57600, 104448),
+    32: (25600, 30208, 30720),
+    64: (46080, 46592, 55296),
+    96: (66560, 45312, 79872),
+    128: (87040, 57600, 104448),
     256: (101376, 106752, 135168),
 }
 

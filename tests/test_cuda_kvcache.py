@@ -40,7 +40,7 @@ def _ints(values):
     return torch.tensor(values, dtype=torch.int32, device=DEV)
 
 
-def _make_cache(gen, dtype, d, paged, page_size=16):
+def _make_cache(gen, dtype, d, paged, page_size):
     """k / v caches and what addresses them: (k_cache, v_cache, block_table, cache_batch_idx)."""
     if paged:
         max_blocks = (CAPACITY + page_size - 1) // page_size
@@ -72,9 +72,9 @@ def _expected_cache(cache, new, cache_seqlens, block_table, batch_idx):
 
 
 def _run_and_check(*, dtype, paged, num_splits, sq, s_new, d=64, causal=True, window=(-1, -1), softcap=0.0,
-                   alibi=False, leftpad=False, seed=0):
+                   alibi=False, leftpad=False, seed=0, page_size=16):
     gen = torch.Generator().manual_seed(seed)
-    k_cache, v_cache, block_table, batch_idx = _make_cache(gen, dtype, d, paged)
+    k_cache, v_cache, block_table, batch_idx = _make_cache(gen, dtype, d, paged, page_size)
     q = _randn(gen, B, sq, H, d, dtype=dtype)
     k_new = _randn(gen, B, s_new, HK, d, dtype=dtype) if s_new else None
     v_new = _randn(gen, B, s_new, HK, d, dtype=dtype) if s_new else None
@@ -114,6 +114,15 @@ def _run_and_check(*, dtype, paged, num_splits, sq, s_new, d=64, causal=True, wi
 def test_decode(dtype, paged, num_splits):
     # One new token per sequence, causal: the decode step (GQA heads packed per KV head).
     _run_and_check(dtype=dtype, paged=paged, num_splits=num_splits, sq=1, s_new=1)
+
+
+@pytest.mark.parametrize("num_splits", [1, 0, 3])
+@pytest.mark.parametrize("page_size", [1, 7, 256])
+def test_decode_page_sizes(page_size, num_splits):
+    # The decode shape (GQA 4, head dim 128: the split kernel's 128-key tiles) on pages
+    # smaller than a key row group, not dividing a tile, and larger than a tile.
+    _run_and_check(dtype=torch.bfloat16, paged=True, num_splits=num_splits, sq=1, s_new=1, d=128,
+                   page_size=page_size, seed=page_size)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

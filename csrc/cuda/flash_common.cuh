@@ -298,10 +298,18 @@ __device__ __forceinline__ void load_kv_tile(T* smem, const T* base, const Flash
     // looked up then, so the clamp to seqlen_k suffices.)
     SeqView sv{};
     sv.k_start = p.leftpad_k ? clamp_len(p.leftpad_k[b], p.seqlen_k) : 0;
+    // One lookup per key row, not per 16-byte chunk (a chunk's copy would wait on its own
+    // block-table read and page arithmetic): each row's offset goes into the padding
+    // after the row's kD columns (16 bytes, never read by the MMAs), then the copies read it.
+    // (The caller has synchronised after the last reads of this tile, padding included.)
+    constexpr int kStride = kD + kPad;
+    const auto row_off = [&](int r) { return reinterpret_cast<int64_t*>(smem + r * kStride + kD); };
+    for (int r = threadIdx.x; r < kRows; r += kThreads) {
+      if (r < rows_valid) *row_off(r) = key_offset(p, sv, b, int64_t(j0) + r, 0, page_stride, row_stride);
+    }
+    __syncthreads();
     load_rows<T, kRows, kD, kThreads>(
-        smem, base,
-        [&](int r) { return base + key_offset(p, sv, b, int64_t(j0) + r, 0, page_stride, row_stride); },
-        rows_valid, cols_valid, vec);
+        smem, base, [&](int r) { return base + *row_off(r); }, rows_valid, cols_valid, vec);
   }
 }
 

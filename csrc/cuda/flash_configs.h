@@ -23,6 +23,13 @@ constexpr Fwd fwd(int d) {
 }
 constexpr int fwd_smem(int d) { return (fwd(d).bm + 2 * fwd(d).bn) * (d + kPad) * kElemBytes; }
 
+// Split-KV forward (flash-decoding). A decode step reads every key once and is bound by
+// memory bandwidth: 128 keys per step (the plain forward's 64 at D <= 128) double the bytes
+// each tile load keeps in flight. 4 warps of 16 rows. At D = 128, 87 KB of shared memory:
+// 2 CTAs per SM on sm90 (228 KB per SM), 1 on sm80 (164 KB).
+constexpr Fwd fwd_split(int d) { return d <= 128 ? Fwd{64, 128, 4} : fwd(d); }
+constexpr int fwd_split_smem(int d) { return (fwd_split(d).bm + 2 * fwd_split(d).bn) * (d + kPad) * kElemBytes; }
+
 // Backward main kernel <bm, bn, warps, dsplit> and deterministic dQ kernel <qbm, qbn, qwarps>.
 struct Bwd {
   int bm, bn, warps, dsplit, qbm, qbn, qwarps;
@@ -43,7 +50,7 @@ constexpr int bwd_dq_smem(int d) { return (2 * bwd(d).qbm + 4 * bwd(d).qbn) * (d
 // The most dynamic shared memory one launch of this problem's kernels asks for.
 constexpr int smem_bytes(long long head_dim, bool backward, bool deterministic) {
   const int d = round_head_dim(head_dim);
-  const int f = fwd_smem(d);
+  const int f = fwd_smem(d) > fwd_split_smem(d) ? fwd_smem(d) : fwd_split_smem(d);
   if (!backward) return f;
   const int b = bwd_smem(d) > f ? bwd_smem(d) : f;
   return deterministic && bwd_dq_smem(d) > b ? bwd_dq_smem(d) : b;

@@ -149,15 +149,15 @@ int64_t flash_fwd_num_splits(const FlashParams& params, int num_sms) {
   }
   const FlashParams p = gqa_decode_view(params);
   const int d = round_head_dim(p.head_dim > p.head_dim_v ? p.head_dim : p.head_dim_v);
-  const cfg::Fwd c = cfg::fwd(d);
+  const cfg::Fwd c = cfg::fwd_split(d);  // (the blocks of the kernel that runs when split)
   const int64_t n_kblocks = (p.seqlen_k + c.bn - 1) / c.bn;
   const int64_t ctas = p.batch * p.num_heads * ((p.seqlen_q + c.bm - 1) / c.bm);
   // Capped by the key blocks (a split without any is wasted) and the 1-D grid.
   const int64_t cap = std::min({n_kblocks, kMaxFwdSplits, int64_t(INT_MAX) / std::max<int64_t>(ctas, 1)});
   if (cap <= 1) return 1;
   if (params.num_splits > 1) return std::min(params.num_splits, cap);
-  // Concurrent CTAs: the split kernel runs 2 per SM up to head dim 128 (flash-attn 2 also
-  // counts 2 per SM), 1 above.
+  // Concurrent CTAs: the split kernel runs 2 per SM up to head dim 128 on sm90 (1 on sm80:
+  // flash_configs.h; flash-attn 2 also counts 2 per SM), 1 above.
   const int64_t slots = int64_t(std::max(num_sms, 1)) * (d > 128 ? 1 : 2);
   return num_splits_heuristic(ctas, slots, n_kblocks, cap);
 }

@@ -10,6 +10,7 @@
 // cp.async, interleaved so one load always overlaps compute (the K and V buffers
 // alternate as a two-stage pipeline):
 //     wait K_n -> issue V_n -> S = Q K_n^T -> online softmax -> wait V_n -> issue K_{n+1} -> O += P V_n
+// The split-KV kernel (decoding) issues K_{n+1} right after S instead, before the softmax.
 // S and O live in registers (mma.sync m16n8k16, f32 accumulate); each warp owns
 // kMT * 16 query rows. Softmax runs in the log2 domain (scale * log2(e) folded in).
 // Only key blocks that can hold a visible key are visited; the per-element mask runs
@@ -175,6 +176,17 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
         mma16816_x2_mt<T>(acc_s, np, a, bb);
       }
     }
+    if constexpr (kSplit) {
+      // Split-KV (decoding, bandwidth-bound): K_{nb+1} goes out as soon as every warp is
+      // done with K_nb, so two tiles are in flight during the softmax instead of one.
+      __syncthreads();
+      if (nb + 1 < nb_end) {
+        const int n1 = n0 + kBN;
+        load_kv_tile<T, kBN, kD, kThreads, kPaged>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride,
+                                                   Sk - n1, D, args.vec_k);
+      }
+      cp_async_commit();
+    }
 
     // Scores in the log2 domain, masks. A block needs the element mask unless every
     // (row, key) pair of it is visible.
@@ -257,14 +269,19 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
       }
     }
 
-    cp_async_wait<0>();
-    __syncthreads();  // V_nb landed; every warp is done reading K_nb
-    if (nb + 1 < nb_end) {
-      const int n1 = n0 + kBN;
-      load_kv_tile<T, kBN, kD, kThreads, kPaged>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride, Sk - n1, D,
-                                         args.vec_k);
+    if constexpr (kSplit) {
+      cp_async_wait<1>();  // V_nb landed (K_{nb+1}, the newest group, may still be in flight)
+      __syncthreads();
+    } else {
+      cp_async_wait<0>();
+      __syncthreads();  // V_nb landed; every warp is done reading K_nb
+      if (nb + 1 < nb_end) {
+        const int n1 = n0 + kBN;
+        load_kv_tile<T, kBN, kD, kThreads, kPaged>(sK, k_base, p, seq_b, n1, p.k_batch_stride, p.k_row_stride, Sk - n1,
+                                                   D, args.vec_k);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
 
     // O += P V
 #pragma unroll
@@ -342,7 +359,8 @@ __global__ void __launch_bounds__(kWarps * 32, FwdTraits<T, kD, kBM, kBN, kWarps
 template <typename T, int kD, int kBM, int kBN, int kWarps, bool kExt, bool kSplit>
 cudaError_t launch_fwd_kernel(const FwdArgs& args, cudaStream_t stream) {
   using Tr = FwdTraits<T, kD, kBM, kBN, kWarps, kExt || kSplit>;
-  static_assert(Tr::kSmem == cfg::fwd_smem(kD), "flash_configs.h must describe this launch");
+  static_assert(Tr::kSmem == (kSplit ? cfg::fwd_split_smem(kD) : cfg::fwd_smem(kD)),
+                "flash_configs.h must describe this launch");
   auto kernel = flash_fwd_kernel<T, kD, kBM, kBN, kWarps, kExt, kSplit>;
   static SmemAttribute smem_attr;
   cudaError_t e = smem_attr.ensure(reinterpret_cast<const void*>(kernel), Tr::kSmem);
@@ -358,7 +376,8 @@ template <typename T, int kD, int kBM, int kBN, int kWarps>
 cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
   if (args.p.num_splits > 1) {  // (flash_fwd_num_splits never splits with a bias or dropout)
     if (args.p.bias != nullptr || args.p.dropout_p > 0.f) return cudaErrorInvalidValue;
-    return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, false, true>(args, stream);
+    constexpr cfg::Fwd s = cfg::fwd_split(kD);
+    return launch_fwd_kernel<T, kD, s.bm, s.bn, s.warps, false, true>(args, stream);
   }
   if (args.p.bias != nullptr || args.p.dropout_p > 0.f || args.p.block_table != nullptr) {
     return launch_fwd_kernel<T, kD, kBM, kBN, kWarps, true, false>(args, stream);
@@ -368,7 +387,7 @@ cudaError_t launch_fwd(const FwdArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-// Block sizes per head-dim bucket: cfg::fwd (flash_configs.h).
+// Block sizes per head-dim bucket: cfg::fwd, and cfg::fwd_split when split (flash_configs.h).
 template <typename T, int kD>
 cudaError_t run_fwd_hdim(const FwdArgs& args, cudaStream_t stream) {
   static_assert(kD == 32 || kD == 64 || kD == 96 || kD == 128 || kD == 256,
