@@ -44,8 +44,22 @@ def offsets(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
 
 
+def usp_mesh(layout: str, rank: int, world: int) -> tuple[str, int, int, int, int]:
+    """A USP case's layout "usp:<ring layout>:<U>:<low|high>": (ring layout, u, U, r, R) of
+    ``rank``. "low": the Ulysses groups are runs of consecutive ranks (u = rank % U), "high":
+    ranks R apart (u = rank // R)."""
+    _, ring_layout, size, order = layout.split(":")
+    u_size = int(size)
+    r_size = world // u_size
+    u, r = (rank % u_size, rank // u_size) if order == "low" else (rank // r_size, rank % r_size)
+    return ring_layout, u, u_size, r, r_size
+
+
 def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.Tensor:
     """Global row indices of rank's local rows, in local order."""
+    if layout.startswith("usp:"):  # the ring rank's rows, cut into U contiguous pieces
+        ring_layout, u, u_size, r, r_size = usp_mesh(layout, rank, world)
+        return rows_of(ring_layout, r, r_size, length, cu).chunk(u_size)[u]
     if layout == "stripe":
         assert cu is None
         return torch.arange(rank, length, world)
@@ -143,6 +157,28 @@ def dense_cases(world: int, full: bool):
     return out
 
 
+def usp_cases(world: int):
+    """USP on meshes of U x R ranks (the mesh in the func: usp_mesh)."""
+    S = 16 * world
+    out = [case("usp-zigzag-u2-causal", "usp:zigzag:2:low", S=S, causal=True),
+           case("usp-zigzag-u1-causal-bf16", "usp:zigzag:1:low", "bfloat16", S=S, causal=True, lse=False)]
+    if world == 4:
+        out += [
+            case("usp-ring-u2-high-window7_3-bf16", "usp:ring:2:high", "bfloat16", S=S, window_size=(7, 3),
+                 lse=False),
+            case("usp-stripe-u2-causal-window5", "usp:stripe:2:low", S=S, causal=True, window_size=(5, 0)),
+            case("usp-zigzag-u2-high-alibi-causal", "usp:zigzag:2:high", S=S, alibi="H", causal=True),
+            case("usp-ring-u4-causal", "usp:ring:4:low", S=S, Hk=4, causal=True),
+            case("usp-zigzag-u1-softcap-scale", "usp:zigzag:1:low", S=S, softcap=4.0, softmax_scale=0.3),
+            case("usp-zigzag-u2-deterministic", "usp:zigzag:2:low", S=S, causal=True, deterministic=True, repeat=2),
+            case("usp-zigzag-u2-qkvpacked-causal-bf16", "usp:zigzag:2:low", "bfloat16", packed="qkv", S=S, H=4, Hk=4,
+                 D=32, Dv=32, causal=True),
+            case("usp-ring-u2-kvpacked-window", "usp:ring:2:high", packed="kv", S=S, D=32, Dv=32,
+                 window_size=(5, 2)),
+        ]
+    return out
+
+
 def varlen_cases(world: int, full: bool):
     # every document's length divisible by 2 * world (ring / zigzag)
     doc = {2: [8, 24, 8, 16], 3: [6, 18, 12], 4: [8, 24, 16]}[world]
@@ -223,9 +259,9 @@ TRITON_CASES = [
 ]
 
 CASES = {
-    2: dense_cases(2, True) + varlen_cases(2, True) + TRITON_CASES,
+    2: dense_cases(2, True) + varlen_cases(2, True) + usp_cases(2) + TRITON_CASES,
     3: dense_cases(3, False) + varlen_cases(3, False),  # an odd world: few cases
-    4: dense_cases(4, True) + varlen_cases(4, True),
+    4: dense_cases(4, True) + varlen_cases(4, True) + usp_cases(4),
 }
 WORLD1_CASES = [
     case("ring-causal", "ring", S=16, causal=True),
@@ -305,7 +341,8 @@ def ref_kwargs(c, slopes, cu):
     return ref
 
 
-PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_", "llama3": "llama3_", "stripe": "stripe_"}
+PREFIX = {"ring": "ring_", "zigzag": "zigzag_ring_", "ulysses": "ulysses_", "llama3": "llama3_", "stripe": "stripe_",
+          "usp": "usp_"}
 
 
 def plain_name(c) -> str:
@@ -318,7 +355,7 @@ def plain_name(c) -> str:
 
 
 def func_name(c) -> str:
-    return PREFIX[c["func"]] + plain_name(c)
+    return PREFIX[c["func"].split(":")[0]] + plain_name(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,11 +374,33 @@ def _local(c, rank, world, q, k, v, cu, dout):
     return pick(q), pick(k), pick(v), pick(dout)
 
 
+_USP_GROUPS: dict = {}
+
+
+def usp_kwargs(layout: str) -> dict:
+    """A USP case's ulysses_group, ring_group and ring_layout; every group of the mesh is made
+    once, by every rank in the same order (cases run in the same order on every rank)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ring_layout, u, u_size, r, r_size = usp_mesh(layout, rank, world)
+    key = layout.split(":", 2)[2]
+    if key not in _USP_GROUPS:
+        coords = [usp_mesh(layout, g, world) for g in range(world)]
+        ulysses = [dist.new_group([g for g in range(world) if coords[g][3] == i]) for i in range(r_size)]
+        ring = [dist.new_group([g for g in range(world) if coords[g][1] == i]) for i in range(u_size)]
+        _USP_GROUPS[key] = (ulysses, ring)
+    ulysses, ring = _USP_GROUPS[key]
+    return dict(ulysses_group=ulysses[r], ring_group=ring[u], ring_layout=ring_layout)
+
+
 def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     """Run the distributed function on local q, k, v (packing them as the case says);
     returns (out, lse or None, (dq, dk, dv) leaves' grads getter)."""
     fn = getattr(cp, fn_name)
     kw = dict(extra_kwargs, **override)
+    if c["func"].startswith("usp:"):
+        kw.update(usp_kwargs(c["func"]))
     varlen = (cu, max_seqlen_arg(c)) if c["varlen"] else ()
     if c["func"] == "llama3":
         varlen = llama3_args(c, cu)
@@ -584,17 +643,31 @@ ERROR_CASES = [
      r"\bcu_seqlens_q\b"),
     ("llama3_and_ulysses_across_ranks", "llama3_flash_attn_varlen_func",
      dict(fn_by_rank=["llama3_flash_attn_varlen_func", "ulysses_flash_attn_varlen_func"]), r"\blayout\b"),
+    # USP: one group as both axes (every rank's rows would be attended as another's), and a
+    # ring layout it does not take
+    ("usp_one_group_twice", "usp_flash_attn_func", dict(kwargs=dict(ulysses_group=None, ring_group=None)),
+     r"\bulysses_group, ring_group\b"),
+    ("usp_unknown_ring_layout", "usp_flash_attn_func",
+     dict(kwargs=dict(ulysses_group=None, ring_group=None, ring_layout="llama3")), r"\bring_layout\b"),
+    ("usp_and_ulysses_across_ranks", "usp_flash_attn_func",
+     dict(fn_by_rank=["usp_flash_attn_func", "ulysses_flash_attn_func"], solo_ring=True),
+     r"context-parallel scheme"),
 ]
 
 
 def worker_errors(rank, world, cases):
+    import torch.distributed as dist
+
     results = {}
+    solo = [dist.new_group([r]) for r in range(world)]  # (USP's ring over one rank)
     for name, fn_name, setup, _ in cases:
         fn_name = setup.get("fn_by_rank", [fn_name] * world)[rank]
         S = setup.get("S_by_rank", [16] * world)[rank]
         H, Hk = setup.get("H", 4), setup.get("Hk", 2)
         dtype = DTYPES[setup.get("dtype_by_rank", ["float32"] * world)[rank]]
         kw = dict(setup.get("kwargs", {}), **setup.get("kwargs_by_rank", [{}] * world)[rank])
+        if setup.get("solo_ring") and fn_name.startswith("usp"):
+            kw.update(ulysses_group=None, ring_group=solo[rank])
         gen = torch.Generator().manual_seed(rank)
         backend = setup.get("backend_by_rank", [None] * world)[rank]
         device = setup.get("device_by_rank", ["cpu"] * world)[rank]
@@ -966,6 +1039,21 @@ def test_shard_unshard_dense(layout, world):
     pieces = [cp.shard(y, layout, r, world, dim=2) for r in range(world)]
     assert torch.equal(cp.unshard(pieces, layout, dim=2), y)
     assert torch.equal(pieces[-1], y.index_select(2, rows_of(layout, world - 1, world, y.shape[2])))
+
+
+@pytest.mark.parametrize("ring_layout", ["ring", "zigzag", "stripe"])
+@pytest.mark.parametrize("u_size,r_size", [(1, 3), (2, 2), (3, 2), (4, 1)])
+def test_usp_shard(ring_layout, u_size, r_size):
+    x = torch.randn(2, 12 * u_size * r_size, 3)
+    world = u_size * r_size
+    for rank in range(world):
+        _, u, _, r, _ = usp_mesh(f"usp:{ring_layout}:{u_size}:low", rank, world)
+        want = x.index_select(1, rows_of(f"usp:{ring_layout}:{u_size}:low", rank, world, x.shape[1]))
+        assert torch.equal(cp.usp_shard(x, ring_layout, r, r_size, u, u_size), want), f"rank {rank}"
+        assert torch.equal(cp.usp_shard(x.transpose(1, 2), ring_layout, r, r_size, u, u_size, dim=2),
+                           want.transpose(1, 2)), f"rank {rank}, dim=2"
+    with pytest.raises(flashattn_py.ArgumentError, match="ring_layout"):
+        cp.usp_shard(x, "ulysses", 0, r_size, 0, u_size)
 
 
 @pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3"])

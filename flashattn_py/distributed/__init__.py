@@ -10,6 +10,9 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
   (stripe attention: the same causal work on every rank, one call per step).
 - Ulysses (``ulysses_flash_attn_*``): all-to-all from sequence shards to head shards, local
   attention over the whole sequence, all-to-all back (H and Hk divisible by the world size).
+- USP (``usp_flash_attn_*``): Ulysses inside the groups of a 2-D mesh of ranks, a ring
+  (ring, zigzag or stripe) across them (yunchang's LongContextAttention); ``usp_shard``
+  cuts a rank's rows.
 - Llama 3 (``llama3_flash_attn_varlen_*``, packed documents): every rank gathers all K/V
   rows and attends its own contiguous rows in one local call; key / value gradients are
   summed back to their owners (reduce-scatter). Offsets from
@@ -42,6 +45,7 @@ from .layout import local_rows, shard, unshard
 from .llama3 import llama3_attention, llama3_flash_attn_prepare_cu_seqlens
 from .ring import ring_attention
 from .ulysses import ulysses_attention
+from .usp import usp_attention, usp_shard
 
 __all__ = [
     "all_gather_shards",
@@ -63,6 +67,10 @@ __all__ = [
     "substitute_hf_flash_attn",
     "update_ring_flash_attn_params",
     "use_ring_attn",
+    "usp_flash_attn_func",
+    "usp_flash_attn_kvpacked_func",
+    "usp_flash_attn_qkvpacked_func",
+    "usp_shard",
     "ulysses_flash_attn_func",
     "ulysses_flash_attn_varlen_func",
     "unshard",
@@ -125,6 +133,22 @@ def ulysses_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 
     whole sequence (top-left too when q and k/v have the same length)."""
     return ulysses_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                              deterministic, return_attn_probs, group, softcap)
+
+
+def usp_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                        causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                        alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                        return_attn_probs: bool = False, *, ulysses_group, ring_group, ring_layout: str = "zigzag",
+                        softcap: float = 0.0):
+    """USP attention (unified sequence parallelism) over a mesh of U x R ranks: this
+    process is rank u of ``ulysses_group`` (U ranks) and rank r of ``ring_group`` (R ranks),
+    two groups that share only it. q (B, S_local, H, D), k / v (B, S_local, Hk, D / Dv):
+    ``usp_shard(x, ring_layout, r, R, u, U)``, the u-th of U contiguous pieces of ring rank
+    r's rows in ``ring_layout`` ("ring", "zigzag" (the default: the same causal work on every
+    ring rank) or "stripe"). H and Hk must be divisible by U. Features as the ring layout's
+    (stripe: no ALiBi); returns as ``ring_flash_attn_func``, differentiable in q, k, v."""
+    return usp_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+                         return_attn_probs, ulysses_group, ring_group, softcap, ring_layout)
 
 
 def ring_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -241,6 +265,16 @@ def stripe_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
 def stripe_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``stripe_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
     return stripe_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
+
+
+def usp_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
+    """``usp_flash_attn_func`` with kv (B, S_local, 2, Hk, D)."""
+    return usp_flash_attn_func(q, *_kv(kv), *args, **kwargs)
+
+
+def usp_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
+    """``usp_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
+    return usp_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):

@@ -75,6 +75,39 @@ class _QKVToHeads(torch.autograd.Function):
         return (*ops.not_twice_differentiable(result, grads), None)
 
 
+# What runs over the Ulysses group after the check (plain Ulysses, or USP's ring across such
+# groups): compared across the group, since the two make different collectives.
+SCHEMES = ("ulysses", "usp (ring)", "usp (zigzag)", "usp (stripe)")
+
+
+def scheme_field(scheme: str) -> tuple:
+    """The collective check's field naming ``scheme`` (one of SCHEMES)."""
+    return ("context-parallel scheme", [SCHEMES.index(scheme)], list(SCHEMES))
+
+
+def check_heads(q4: Tensor, k4: Tensor, world: int) -> None:
+    """ArgumentError unless q's and k's head counts split evenly over ``world`` ranks."""
+    for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
+        if heads % world:
+            raise ArgumentError(f"{name}: Ulysses gives every rank H / world heads: {heads} heads are not "
+                                f"divisible by the group's {world} ranks")
+
+
+def head_slopes(alibi_slopes: Optional[Tensor], heads: int, group: comm.Group) -> Optional[Tensor]:
+    """The ALiBi slopes of this rank's heads after ``seq_to_heads`` (``heads``: all of them)."""
+    if alibi_slopes is None:
+        return None
+    per_rank = heads // group.world_size
+    return alibi_slopes[..., group.rank * per_rank:(group.rank + 1) * per_rank].contiguous()
+
+
+def lse_to_seq(lse: Tensor, group: comm.Group) -> Tensor:
+    """lse (B, H / world, S) of this rank's heads over the gathered rows -> (B, H, S_local),
+    this rank's rows of every head (no autograd)."""
+    with torch.no_grad():
+        return heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), group).squeeze(-1).transpose(1, 2)
+
+
 # (collectives and the host-side argument check: run eagerly under torch.compile, a graph
 # break; Dynamo cannot trace the process group object)
 @torch.compiler.disable
@@ -88,10 +121,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
     deterministic = ops.deterministic_wanted(deterministic)
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
-        for name, heads in (("q", q4.shape[2]), ("k", k4.shape[2])):
-            if heads % world:
-                raise ArgumentError(f"{name}: Ulysses gives every rank H / world heads: {heads} heads are not "
-                                    f"divisible by the group's {world} ranks")
+        check_heads(q4, k4, world)
         if cu is not None:
             if q4.shape[1] != k4.shape[1]:
                 raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
@@ -101,17 +131,15 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
                 api._check_packed(cu, cu, max_seqlen, max_seqlen, total, total, None, None, 0, 0,
                                   dict(api.FLASH_NAMES, cu_seqlens_q="cu_seqlens", cu_seqlens_k="cu_seqlens",
                                        max_seqlen_q="max_seqlen", max_seqlen_k="max_seqlen"))
-        return [("return_attn_probs", [float(bool(return_attn_probs))])]  # (it adds an exchange of lse)
+        # (return_attn_probs adds an exchange of lse)
+        return [scheme_field("ulysses"), ("return_attn_probs", [float(bool(return_attn_probs))])]
 
     ring, checked = checks.check_call(group, "ulysses", q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                                       causal, window_size, softcap, alibi_slopes, deterministic, layout_check)
-    world, window, scale = ring.world_size, checked.window, checked.scale
+    window, scale = checked.window, checked.scale
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
     q_heads, k_heads, v_heads = _QKVToHeads.apply(q4, k4, v4, ring)
-    slopes = None
-    if alibi_slopes is not None:
-        per_rank = q4.shape[2] // world
-        slopes = alibi_slopes[..., ring.rank * per_rank:(ring.rank + 1) * per_rank].contiguous()
+    slopes = head_slopes(alibi_slopes, q4.shape[2], ring)
     if packed:
         out, lse = api._varlen(q_heads[0], k_heads[0], v_heads[0], checked.cu_seqlens, checked.cu_seqlens,
                                checked.max_seqlen, checked.max_seqlen, seqused_k=None, block_table=None, dropout_p=0.0, scale=scale,
@@ -130,6 +158,5 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
         out = out[0]
     if not return_attn_probs:
         return out
-    with torch.no_grad():  # lse (B, H / world, S) -> this rank's rows of every head
-        lse = heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), ring).squeeze(-1).transpose(1, 2)
+    lse = lse_to_seq(lse, ring)
     return out, (lse[0] if packed else lse).contiguous(), None

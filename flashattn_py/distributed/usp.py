@@ -1,0 +1,75 @@
+"""USP (unified sequence parallelism, as yunchang's LongContextAttention): Ulysses inside
+each group of a 2-D mesh of ranks, a ring across them. Rank (u, r) of a mesh of U x R ranks
+(u: its rank in ``ulysses_group``, r: its rank in ``ring_group``) holds the u-th of U equal
+contiguous pieces of the rows that ring rank r holds in the ring layout (``ring``,
+``zigzag`` or ``stripe`` over R ranks): ``usp_shard``. An all-to-all in the Ulysses group
+gives every rank the ring rank's whole share for H / U heads, ring attention over the ring
+group computes those heads over the whole sequence, and an all-to-all turns the output
+back into the rank's rows of every head. The ring then passes K/V blocks of H / U heads
+(a ring of all U x R ranks would pass every head, U times as often), and the all-to-alls
+stay inside the Ulysses groups (e.g. the GPUs of one node)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import ops
+from ..errors import ArgumentError
+from . import checks, ulysses
+from .layout import shard
+from .ring import ring_attention
+
+RING_LAYOUTS = ("ring", "zigzag", "stripe")
+
+
+def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulysses_rank: int, ulysses_size: int, *,
+              dim: int = 1) -> Tensor:
+    """Rank (ulysses_rank, ring_rank)'s rows of ``x`` (rows on ``dim``): the ring layout's
+    rows of ring_rank, cut into ulysses_size contiguous pieces, the ulysses_rank-th."""
+    if ring_layout not in RING_LAYOUTS:
+        raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+    return shard(shard(x, ring_layout, ring_rank, ring_size, dim=dim), "ring", ulysses_rank, ulysses_size, dim=dim)
+
+
+def _members(group) -> set[int]:
+    return set(range(dist.get_world_size())) if group is None else set(dist.get_process_group_ranks(group))
+
+
+# (collectives and the host-side argument check: run eagerly under torch.compile, a graph
+# break; Dynamo cannot trace the process group object)
+@torch.compiler.disable
+def usp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: Optional[float], causal: bool,
+                  window_size, alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
+                  ulysses_group, ring_group, softcap: float, ring_layout: str):
+    """The USP function's body: q (B, S_local, H, D), k / v (B, S_local, Hk, D)."""
+    deterministic = ops.deterministic_wanted(deterministic)
+
+    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
+        if ring_layout not in RING_LAYOUTS:
+            raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+        # (the same group twice, or overlapping ones, would attend to the wrong rows silently)
+        shared = _members(ulysses_group) & _members(ring_group)
+        if len(shared) != 1:
+            raise ArgumentError(f"ulysses_group, ring_group: two axes of one mesh share only this rank; these "
+                                f"share ranks {sorted(shared)}")
+        if q4.shape[1] != k4.shape[1]:
+            raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
+                                f"{k4.shape[1]} rows")
+        ulysses.check_heads(q4, k4, world)
+        return [ulysses.scheme_field(f"usp ({ring_layout})"), ("return_attn_probs", [float(bool(return_attn_probs))])]
+
+    # Checked over the Ulysses group here and, for the gathered tensors, over the ring group
+    # by ring_attention: every rank is in one group of each, so the mesh agrees as a whole.
+    group, checked = checks.check_call(ulysses_group, "ulysses", q, k, v, None, 0, dropout_p, softmax_scale, causal,
+                                       window_size, softcap, alibi_slopes, deterministic, layout_check)
+    q_heads, k_heads, v_heads = ulysses._QKVToHeads.apply(q, k, v, group)
+    slopes = ulysses.head_slopes(alibi_slopes, q.shape[2], group)
+    res = ring_attention(ring_layout, q_heads, k_heads, v_heads, None, 0, 0.0, checked.scale, causal, window_size,
+                         slopes, deterministic, return_attn_probs, ring_group, softcap)
+    out = ulysses._HeadsToSeq.apply(res[0] if return_attn_probs else res, group)
+    if not return_attn_probs:
+        return out
+    return out, ulysses.lse_to_seq(res[1], group).contiguous(), None
