@@ -175,7 +175,16 @@ def usp_cases(world: int):
                  D=32, Dv=32, causal=True),
             case("usp-ring-u2-kvpacked-window", "usp:ring:2:high", packed="kv", S=S, D=32, Dv=32,
                  window_size=(5, 2)),
+            # packed documents: each cut into R (zigzag: 2R) pieces, a ring rank's rows over U
+            case("usp-zigzag-u2-varlen-causal", "usp:zigzag:2:low", varlen=True, lens=[32, 4, 8, 4], causal=True),
+            case("usp-ring-u2-high-varlen-bf16", "usp:ring:2:high", "bfloat16", varlen=True, lens=[6, 10, 2, 14],
+                 lse=False),
+            case("usp-zigzag-u4-varlen-qkvpacked", "usp:zigzag:4:low", varlen=True, packed="qkv", lens=[8, 12, 4],
+                 H=4, Hk=4, D=32, Dv=32, causal=True),
         ]
+    else:
+        out.append(case("usp-ring-u2-varlen-kvpacked-causal", "usp:ring:2:low", varlen=True, packed="kv",
+                        lens=[6, 10, 4], D=32, Dv=32, causal=True))
     return out
 
 
@@ -649,8 +658,14 @@ ERROR_CASES = [
      r"\bulysses_group, ring_group\b"),
     ("usp_unknown_ring_layout", "usp_flash_attn_func",
      dict(kwargs=dict(ulysses_group=None, ring_group=None, ring_layout="llama3")), r"\bring_layout\b"),
+    ("usp_stripe_packed", "usp_flash_attn_varlen_func",
+     dict(kwargs=dict(ulysses_group=None, ring_layout="stripe"), solo_ring=True), r"\bring_layout\b"),
+    ("usp_varlen_window", "usp_flash_attn_varlen_func",
+     dict(kwargs=dict(ulysses_group=None, ring_layout="ring", window_size=(4, 0)), solo_ring=True),
+     r"\bwindow_size\b"),
     ("usp_and_ulysses_across_ranks", "usp_flash_attn_func",
-     dict(fn_by_rank=["usp_flash_attn_func", "ulysses_flash_attn_func"], solo_ring=True),
+     dict(fn_by_rank=["usp_flash_attn_func", "ulysses_flash_attn_func"], solo_ring=True,
+          kwargs_by_rank=[dict(ulysses_group=None), {}]),
      r"context-parallel scheme"),
 ]
 
@@ -667,7 +682,7 @@ def worker_errors(rank, world, cases):
         dtype = DTYPES[setup.get("dtype_by_rank", ["float32"] * world)[rank]]
         kw = dict(setup.get("kwargs", {}), **setup.get("kwargs_by_rank", [{}] * world)[rank])
         if setup.get("solo_ring") and fn_name.startswith("usp"):
-            kw.update(ulysses_group=None, ring_group=solo[rank])
+            kw.update(ring_group=solo[rank])
         gen = torch.Generator().manual_seed(rank)
         backend = setup.get("backend_by_rank", [None] * world)[rank]
         device = setup.get("device_by_rank", ["cpu"] * world)[rank]
@@ -1054,6 +1069,17 @@ def test_usp_shard(ring_layout, u_size, r_size):
                            want.transpose(1, 2)), f"rank {rank}, dim=2"
     with pytest.raises(flashattn_py.ArgumentError, match="ring_layout"):
         cp.usp_shard(x, "ulysses", 0, r_size, 0, u_size)
+    if ring_layout == "stripe":
+        return
+    # packed documents: the ring rank's pieces of every document, then cut over U
+    lens = [4 * r_size * u_size, 2 * r_size * u_size, 6 * r_size * u_size]
+    cu = offsets(lens)
+    xp = torch.randn(sum(lens), 3)
+    for rank in range(world):
+        _, u, _, r, _ = usp_mesh(f"usp:{ring_layout}:{u_size}:low", rank, world)
+        want = xp.index_select(0, rows_of(f"usp:{ring_layout}:{u_size}:low", rank, world, xp.shape[0], cu))
+        got = cp.usp_shard(xp, ring_layout, r, r_size, u, u_size, dim=0, cu_seqlens=cu)
+        assert torch.equal(got, want), f"rank {rank}, packed"
 
 
 @pytest.mark.parametrize("layout", ["ring", "zigzag", "ulysses", "llama3"])

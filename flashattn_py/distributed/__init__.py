@@ -10,9 +10,9 @@ whichever backend flashattn_py selects for the local blocks (cpu, triton, cuda).
   (stripe attention: the same causal work on every rank, one call per step).
 - Ulysses (``ulysses_flash_attn_*``): all-to-all from sequence shards to head shards, local
   attention over the whole sequence, all-to-all back (H and Hk divisible by the world size).
-- USP (``usp_flash_attn_*``): Ulysses inside the groups of a 2-D mesh of ranks, a ring
-  (ring, zigzag or stripe) across them (yunchang's LongContextAttention); ``usp_shard``
-  cuts a rank's rows.
+- USP (``usp_flash_attn_*``, dense and packed documents): Ulysses inside the groups of a
+  2-D mesh of ranks, a ring (ring, zigzag or stripe) across them (yunchang's
+  LongContextAttention); ``usp_shard`` cuts a rank's rows.
 - Llama 3 (``llama3_flash_attn_varlen_*``, packed documents): every rank gathers all K/V
   rows and attends its own contiguous rows in one local call; key / value gradients are
   summed back to their owners (reduce-scatter). Offsets from
@@ -70,6 +70,9 @@ __all__ = [
     "usp_flash_attn_func",
     "usp_flash_attn_kvpacked_func",
     "usp_flash_attn_qkvpacked_func",
+    "usp_flash_attn_varlen_func",
+    "usp_flash_attn_varlen_kvpacked_func",
+    "usp_flash_attn_varlen_qkvpacked_func",
     "usp_shard",
     "ulysses_flash_attn_func",
     "ulysses_flash_attn_varlen_func",
@@ -147,8 +150,23 @@ def usp_flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0,
     r's rows in ``ring_layout`` ("ring", "zigzag" (the default: the same causal work on every
     ring rank) or "stripe"). H and Hk must be divisible by U. Features as the ring layout's
     (stripe: no ALiBi); returns as ``ring_flash_attn_func``, differentiable in q, k, v."""
-    return usp_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+    return usp_attention(q, k, v, None, 0, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                          return_attn_probs, ulysses_group, ring_group, softcap, ring_layout)
+
+
+def usp_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                               dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+                               window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                               deterministic: bool = False, return_attn_probs: bool = False, *, ulysses_group,
+                               ring_group, ring_layout: str = "zigzag", softcap: float = 0.0):
+    """USP attention over packed documents: q (T_local, H, D) is
+    ``usp_shard(x, ring_layout, r, R, u, U, dim=0, cu_seqlens=cu_seqlens)`` (ring rank r's
+    pieces of every document, as ``ring_flash_attn_varlen_func`` cuts them, then cut into U
+    contiguous pieces), ``cu_seqlens`` the GLOBAL offsets. ring_layout "ring" or "zigzag";
+    as the ring's packed forms, causal or not, no windows or ALiBi."""
+    return usp_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                         alibi_slopes, deterministic, return_attn_probs, ulysses_group, ring_group, softcap,
+                         ring_layout)
 
 
 def ring_flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -275,6 +293,16 @@ def usp_flash_attn_kvpacked_func(q: Tensor, kv: Tensor, *args, **kwargs):
 def usp_flash_attn_qkvpacked_func(qkv: Tensor, *args, **kwargs):
     """``usp_flash_attn_func`` with qkv (B, S_local, 3, H, D)."""
     return usp_flash_attn_func(*_split(qkv, 3, "qkv"), *args, **kwargs)
+
+
+def usp_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
+    """``usp_flash_attn_varlen_func`` with kv (T_local, 2, Hk, D)."""
+    return usp_flash_attn_varlen_func(q, *_kv(kv), cu_seqlens, max_seqlen, *args, **kwargs)
+
+
+def usp_flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):
+    """``usp_flash_attn_varlen_func`` with qkv (T_local, 3, H, D)."""
+    return usp_flash_attn_varlen_func(*_split(qkv, 3, "qkv"), cu_seqlens, max_seqlen, *args, **kwargs)
 
 
 def ring_flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *args, **kwargs):

@@ -26,12 +26,14 @@ RING_LAYOUTS = ("ring", "zigzag", "stripe")
 
 
 def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulysses_rank: int, ulysses_size: int, *,
-              dim: int = 1) -> Tensor:
+              dim: int = 1, cu_seqlens=None) -> Tensor:
     """Rank (ulysses_rank, ring_rank)'s rows of ``x`` (rows on ``dim``): the ring layout's
-    rows of ring_rank, cut into ulysses_size contiguous pieces, the ulysses_rank-th."""
+    rows of ring_rank (packed documents with ``cu_seqlens``: its pieces of every document),
+    cut into ulysses_size contiguous pieces, the ulysses_rank-th."""
     if ring_layout not in RING_LAYOUTS:
         raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
-    return shard(shard(x, ring_layout, ring_rank, ring_size, dim=dim), "ring", ulysses_rank, ulysses_size, dim=dim)
+    ring_rows = shard(x, ring_layout, ring_rank, ring_size, dim=dim, cu_seqlens=cu_seqlens)
+    return shard(ring_rows, "ring", ulysses_rank, ulysses_size, dim=dim)
 
 
 def _members(group) -> set[int]:
@@ -41,15 +43,20 @@ def _members(group) -> set[int]:
 # (collectives and the host-side argument check: run eagerly under torch.compile, a graph
 # break; Dynamo cannot trace the process group object)
 @torch.compiler.disable
-def usp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: Optional[float], causal: bool,
-                  window_size, alibi_slopes: Optional[Tensor], deterministic: bool, return_attn_probs: bool,
-                  ulysses_group, ring_group, softcap: float, ring_layout: str):
-    """The USP function's body: q (B, S_local, H, D), k / v (B, S_local, Hk, D)."""
+def usp_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                  softmax_scale: Optional[float], causal: bool, window_size, alibi_slopes: Optional[Tensor],
+                  deterministic: bool, return_attn_probs: bool, ulysses_group, ring_group, softcap: float,
+                  ring_layout: str):
+    """The USP functions' body: q (B, S_local, H, D), k / v (B, S_local, Hk, D); packed:
+    (T_local, H, D) rows and the global ``cu_seqlens``."""
+    packed = cu_seqlens is not None
     deterministic = ops.deterministic_wanted(deterministic)
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         if ring_layout not in RING_LAYOUTS:
             raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+        if cu is not None and ring_layout == "stripe":
+            raise ArgumentError("ring_layout: the stripe layout has no packed form (use ring or zigzag)")
         # (the same group twice, or overlapping ones, would attend to the wrong rows silently)
         shared = _members(ulysses_group) & _members(ring_group)
         if len(shared) != 1:
@@ -63,13 +70,22 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_sca
 
     # Checked over the Ulysses group here and, for the gathered tensors, over the ring group
     # by ring_attention: every rank is in one group of each, so the mesh agrees as a whole.
-    group, checked = checks.check_call(ulysses_group, "ulysses", q, k, v, None, 0, dropout_p, softmax_scale, causal,
-                                       window_size, softcap, alibi_slopes, deterministic, layout_check)
-    q_heads, k_heads, v_heads = ulysses._QKVToHeads.apply(q, k, v, group)
-    slopes = ulysses.head_slopes(alibi_slopes, q.shape[2], group)
-    res = ring_attention(ring_layout, q_heads, k_heads, v_heads, None, 0, 0.0, checked.scale, causal, window_size,
-                         slopes, deterministic, return_attn_probs, ring_group, softcap)
-    out = ulysses._HeadsToSeq.apply(res[0] if return_attn_probs else res, group)
+    group, checked = checks.check_call(ulysses_group, "ulysses", q, k, v, cu_seqlens, max_seqlen, dropout_p,
+                                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                       layout_check)
+    q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
+    heads = ulysses._QKVToHeads.apply(q4, k4, v4, group)
+    if packed:
+        heads = tuple(t[0] for t in heads)
+    slopes = ulysses.head_slopes(alibi_slopes, q4.shape[2], group)
+    # (the offsets and max_seqlen as given: checked.max_seqlen is bounded by the Ulysses
+    # group's rows, not the whole sequence's)
+    res = ring_attention(ring_layout, *heads, cu_seqlens, max_seqlen, 0.0, checked.scale, causal, window_size, slopes,
+                         deterministic, return_attn_probs, ring_group, softcap)
+    out = res[0] if return_attn_probs else res
+    out = ulysses._HeadsToSeq.apply(out.unsqueeze(0) if packed else out, group)
+    out = out[0] if packed else out
     if not return_attn_probs:
         return out
-    return out, ulysses.lse_to_seq(res[1], group).contiguous(), None
+    lse = ulysses.lse_to_seq(res[1].unsqueeze(0) if packed else res[1], group)
+    return out, (lse[0] if packed else lse).contiguous(), None
