@@ -491,23 +491,36 @@ def paper_model(seqlen: int, gpus: int, heads: int, heads_k: int, head_dim: int,
       once; not overlapped with the attention (it is on the layer's critical path); then the
       attention of the whole sequence for H/P heads. Requires P <= H. fwd+bwd: 2x the bytes
       (dout, dq, dk, dv), 3.5x the compute.
+    - USP (usp_flash_attn_func): Ulysses over U GPUs of a node (the most, up to a node's,
+      that divide P, H and Hk, as this repository requires), then the ring above over R = P / U
+      ranks, one per node beyond 8 GPUs (InfiniBand), on S / R rows and H / U heads: the node's
+      all-to-alls (NVLink, not overlapped) plus that ring's layer time.
     - no latency terms (each message is >= 1 MB here), no contention with other traffic
-      (data / tensor parallelism), no gain from hierarchical schemes (Ulysses in a node + ring
-      across nodes, which usually beats both beyond 8 GPUs).
+      (data / tensor parallelism).
     Times in ms.
     """
     s_local = seqlen / gpus
     compute_factor, ring_bytes_factor, uly_bytes_factor = (3.5, 4.0, 2.0) if bwd else (1.0, 1.0, 1.0)
-    link_ring = nvlink_gbs if gpus <= gpus_per_node else ib_gbs
-    step_flops = 2.0 * s_local ** 2 * heads * head_dim * compute_factor
-    step_compute = step_flops / (fa3_tflops(s_local) * 1e12) * 1e3
-    step_bytes = 2 * s_local * heads_k * head_dim * 2 * ring_bytes_factor
-    step_transfer = step_bytes / (link_ring * 1e9) * 1e3
-    ring_ms = step_compute + (gpus - 1) * max(step_compute, step_transfer)
+
+    def ring(ranks: int, heads_r: float, heads_k_r: float) -> tuple[float, float, float]:
+        """(step compute, step transfer, layer) ms of a zigzag ring of ``ranks`` on S / ranks rows."""
+        rows = seqlen / ranks
+        link = nvlink_gbs if gpus <= gpus_per_node else ib_gbs
+        compute = 2.0 * rows ** 2 * heads_r * head_dim * compute_factor / (fa3_tflops(rows) * 1e12) * 1e3
+        transfer = 2 * rows * heads_k_r * head_dim * 2 * ring_bytes_factor / (link * 1e9) * 1e3
+        return compute, transfer, compute + (ranks - 1) * max(compute, transfer)
+
+    step_compute, step_transfer, ring_ms = ring(gpus, heads, heads_k)
     out = {"seqlen": seqlen, "gpus": gpus, "heads": heads, "heads_k": heads_k, "head_dim": head_dim,
            "s_local": s_local, "ring_step_compute_ms": step_compute, "ring_step_transfer_ms": step_transfer,
            "ring_ms": ring_ms, "ring_hidden": step_compute >= step_transfer,
            "compute_only_ms": gpus * step_compute}
+    u = max(n for n in range(1, min(gpus, gpus_per_node) + 1) if gpus % n == 0 and heads % n == 0 and heads_k % n == 0)
+    usp_sent = s_local * (2 * heads + 2 * heads_k) * head_dim * 2 * (u - 1) / u * uly_bytes_factor
+    usp_comm = usp_sent / (nvlink_gbs * 1e9) * 1e3
+    usp_step_compute, usp_step_transfer, usp_ring = ring(gpus // u, heads / u, heads_k / u)
+    out.update(usp_ulysses=u, usp_ms=usp_comm + usp_ring, usp_comm_ms=usp_comm,
+               usp_hidden=usp_step_compute >= usp_step_transfer)
     if gpus > heads:
         out.update(ulysses_ms=None, ulysses_comm_ms=None)
         return out
@@ -522,11 +535,11 @@ def paper_model(seqlen: int, gpus: int, heads: int, heads_k: int, head_dim: int,
 
 
 def model_grid(bwd: bool = False) -> str:
-    """The compact form: per shape and S, one column per P with "ring / Ulysses" ms."""
+    """The compact form: per shape and S, one column per P with "ring / Ulysses / USP" ms."""
     f = lambda x: common.fmt(x, 3)  # noqa: E731
     mode = "fwd+bwd" if bwd else "fwd"
-    lines = [f"Paper model, one causal attention layer, {mode}, batch 1, bf16: ring (zigzag) ms / Ulysses ms "
-             f"(`*`: the ring's transfers are not hidden; `-`: Ulysses needs P <= H; bold: the faster)", "",
+    lines = [f"Paper model, one causal attention layer, {mode}, batch 1, bf16: ring (zigzag) ms / Ulysses ms / "
+             f"USP ms (`*`: the ring's transfers are not hidden; `-`: Ulysses needs P <= H; bold: the fastest)", "",
              "| shape | S | " + " | ".join(f"P={p}" for p in MODEL_GPUS) + " |",
              "|---|---|" + "---|" * len(MODEL_GPUS)]
     for name, h, hk, d in MODEL_SHAPES:
@@ -534,14 +547,12 @@ def model_grid(bwd: bool = False) -> str:
             cells = []
             for p in MODEL_GPUS:
                 m = paper_model(s, p, h, hk, d, bwd=bwd)
-                ring = f(m["ring_ms"]) + ("" if m["ring_hidden"] else "*")
-                uly = m["ulysses_ms"]
-                if uly is None:
-                    cells.append(f"{ring} / -")
-                elif m["ring_ms"] <= uly:
-                    cells.append(f"**{ring}** / {f(uly)}")
-                else:
-                    cells.append(f"{ring} / **{f(uly)}**")
+                times = [m["ring_ms"], m["ulysses_ms"], m["usp_ms"]]
+                texts = [f(m["ring_ms"]) + ("" if m["ring_hidden"] else "*"),
+                         "-" if m["ulysses_ms"] is None else f(m["ulysses_ms"]),
+                         f(m["usp_ms"]) + ("" if m["usp_hidden"] else "*")]
+                best = min(t for t in times if t is not None)
+                cells.append(" / ".join(f"**{text}**" if t == best else text for t, text in zip(times, texts)))
             lines.append(f"| {name} | {s // 1024}k | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -553,18 +564,23 @@ def model_markdown(bwd: bool = False) -> str:
     lines = [f"Paper model, one causal attention layer, {mode}, batch 1, bf16 (ms; `*` = the ring's transfers "
              f"are not hidden: step transfer > step compute; Ulysses `-` where P > H)", "",
              "| shape | S | P | S/P | ring step compute / transfer ms | ring ms | ideal (compute) ms "
-             "| Ulysses ms (of it all-to-all) | faster |", "|---|---|---|---|---|---|---|---|---|"]
+             "| Ulysses ms (of it all-to-all) | USP U x R | USP ms (of it all-to-all) | fastest |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, h, hk, d in MODEL_SHAPES:
         for s in MODEL_SEQLENS:
             for p in MODEL_GPUS:
                 m = paper_model(s, p, h, hk, d, bwd=bwd)
                 uly = m["ulysses_ms"]
-                faster = "-" if uly is None else ("ring" if m["ring_ms"] < uly else "Ulysses")
+                times = {"ring": m["ring_ms"], "Ulysses": uly, "USP": m["usp_ms"]}
+                fastest = min((t, name) for name, t in times.items() if t is not None)[1]
+                u = m["usp_ulysses"]
                 lines.append(
                     f"| {name} | {s // 1024}k | {p} | {m['s_local']:.0f} | {f(m['ring_step_compute_ms'])} / "
                     f"{f(m['ring_step_transfer_ms'])} | {f(m['ring_ms'])}{'' if m['ring_hidden'] else '*'} "
                     f"| {f(m['compute_only_ms'])} | "
-                    + ("-" if uly is None else f"{f(uly)} ({f(m['ulysses_comm_ms'])})") + f" | {faster} |")
+                    + ("-" if uly is None else f"{f(uly)} ({f(m['ulysses_comm_ms'])})")
+                    + f" | {u} x {p // u} | {f(m['usp_ms'])}{'' if m['usp_hidden'] else '*'} "
+                    f"({f(m['usp_comm_ms'])}) | {fastest} |")
     return "\n".join(lines) + "\n"
 
 

@@ -243,6 +243,14 @@ def test_context_parallel_paper_model():
     assert cp.paper_model(128 * 1024, 8, h, hk, d)["ring_hidden"]  # one node, NVLink
     assert cp.paper_model(128 * 1024, 64, h, hk, d)["ulysses_ms"] is None
     assert "P=512" in cp.model_grid()
+    # USP: within a node it is Ulysses (a ring of one); across nodes a ring of nodes on H / 8
+    # heads, whose transfers (Hk / 8 heads) stay hidden where the plain ring's do not
+    one_node = cp.paper_model(128 * 1024, 8, h, hk, d)
+    assert one_node["usp_ulysses"] == 8 and one_node["usp_ms"] == pytest.approx(one_node["ulysses_ms"])
+    nodes = cp.paper_model(128 * 1024, 64, h, hk, d)
+    assert nodes["usp_ulysses"] == 8 and nodes["usp_hidden"] and not nodes["ring_hidden"]
+    assert nodes["usp_ms"] < nodes["ring_ms"] / 2
+    assert cp.paper_model(128 * 1024, 48, 12, 12, 64)["usp_ulysses"] == 6  # (divides P, H and Hk)
 
 
 @pytest.mark.distributed
