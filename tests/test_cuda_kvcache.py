@@ -125,6 +125,28 @@ def test_decode_page_sizes(page_size, num_splits):
                    page_size=page_size, seed=page_size)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_paged_splits_over_many_key_blocks(d):
+    # Every split runs several key blocks of a paged cache (the split kernel looks up the next
+    # block's pages while the softmax runs), GQA packed heads, one query per sequence.
+    gen = torch.Generator().manual_seed(d)
+    page, keys, b, h, hk = 16, 2000, 2, 8, 2
+    pages = b * keys // page
+    k_cache, v_cache = (_randn(gen, pages + 3, page, hk, d, dtype=torch.bfloat16) for _ in range(2))
+    block_table = torch.randperm(pages + 3, generator=gen)[:pages].view(b, -1).to(device=DEV, dtype=torch.int32)
+    q = _randn(gen, b, 1, h, d, dtype=torch.bfloat16)
+    lengths = _ints([keys, keys - 300])
+    for num_splits in (2, 0):
+        out, lse = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                        block_table=block_table, num_splits=num_splits,
+                                                        return_softmax_lse=True)
+        kw = dict(seqused_k=lengths, block_table=block_table, bottom_right=True)
+        ref, ref_lse = attention_varlen_ref(q.double(), k_cache.double(), v_cache.double(), None, None, **kw)
+        naive, _ = attention_varlen_ref(q, k_cache, v_cache, None, None, **kw)
+        assert_rule(f"out[paged splits={num_splits} d={d}]", out, ref, naive, OUT_FACTOR, seed=d)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("paged", [False, True])
 def test_features(paged, num_splits):

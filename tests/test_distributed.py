@@ -289,6 +289,8 @@ WORLD1_CASES = [
     case("llama3-varlen-causal-bf16", "llama3", "bfloat16", varlen=True, lens=[6, 10, 4], causal=True),
     case("llama3-varlen-qkvpacked-plain", "llama3", varlen=True, packed="qkv", lens=[6, 10, 3], H=4, Hk=4, D=32,
          Dv=32),
+    case("usp-zigzag-window-alibi-bf16", "usp:zigzag:1:low", "bfloat16", S=16, window_size=(5, 2), alibi="H"),
+    case("usp-ring-varlen-causal", "usp:ring:1:low", varlen=True, lens=[6, 10, 3], causal=True),
 ]
 
 
@@ -547,10 +549,14 @@ def worker_world1(rank, world, cases):
     # on the process group object)
     try:
         q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(3))
-        for fn_name in ("ring_flash_attn_func", "ulysses_flash_attn_func"):
+        import torch.distributed as dist
+
+        world = dist.group.WORLD
+        for fn_name, kw in (("ring_flash_attn_func", {}), ("ulysses_flash_attn_func", {}),
+                            ("usp_flash_attn_func", dict(ulysses_group=world, ring_group=world))):
             fn = getattr(cp, fn_name)
-            compiled = torch.compile(lambda x: fn(x, x, x, causal=True) * 2, backend="eager")(q)
-            assert torch.equal(compiled, fn(q, q, q, causal=True) * 2), fn_name
+            compiled = torch.compile(lambda x: fn(x, x, x, causal=True, **kw) * 2, backend="eager")(q)
+            assert torch.equal(compiled, fn(q, q, q, causal=True, **kw) * 2), fn_name
         results["__compiled"] = {"ok": True}
     except Exception:  # noqa: BLE001
         results["__compiled"] = {"error": traceback.format_exc()}
@@ -811,6 +817,44 @@ def worker_errors(rank, world, cases):
     return results
 
 
+# USP refusals on a 2 x 2 mesh (Ulysses groups {0, 1}, {2, 3}; ring groups {0, 2}, {1, 3}): a
+# refusal on some ranks must reach all four before any data moves (each case: pattern).
+USP_ERROR_CASES = {
+    "dropout_on_one_rank": r"\bdropout_p\b",
+    # the two Ulysses groups agree within themselves but differ in the heads of u = 1 only
+    "alibi_differs_between_ulysses_groups": r"\balibi_slopes\b",
+    # every rank's two groups share only it, but ring groups {0, 3} and {1, 2} do not pair the
+    # same Ulysses rank: not the two axes of one mesh (it returned wrong rows)
+    "groups_not_a_mesh": r"\bulysses_group\b",
+}
+
+
+def worker_usp_errors(rank, world, cases):
+    import torch.distributed as dist
+
+    ulysses = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    rings = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    crossed = [dist.new_group([0, 3]), dist.new_group([1, 2])]
+    results = {}
+    for name in cases:
+        ring = (crossed[0] if rank in (0, 3) else crossed[1]) if name == "groups_not_a_mesh" else rings[rank % 2]
+        u, r = dist.get_rank(ulysses), dist.get_rank(ring)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (cp.usp_shard(torch.randn(1, 16, 4, 8, generator=g), "zigzag", r, 2, u, 2) for _ in range(3))
+        kw = dict(causal=True, ulysses_group=ulysses, ring_group=ring)
+        if name == "dropout_on_one_rank" and rank == 3:
+            kw["dropout_p"] = 0.1
+        if name == "alibi_differs_between_ulysses_groups":
+            kw["alibi_slopes"] = torch.tensor([0.1, 0.2, 0.3, 0.4] if rank < 2 else [0.1, 0.2, 0.5, 0.6])
+        try:
+            out = cp.usp_flash_attn_func(q, k, v, **kw)
+            results[name] = {"returned": tuple(out.shape)}
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"argument_error": isinstance(e, flashattn_py.ArgumentError), "message": str(e),
+                             "traceback": traceback.format_exc()}
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Parent side
 
@@ -824,6 +868,8 @@ def _spawn(key):
         try:
             if key == "errors":
                 value = run_workers(worker_errors, 2, ERROR_CASES, timeout=90, pg_timeout=30)
+            elif key == "usp_errors":  # (a rank left waiting fails at the group timeout, 30 s)
+                value = run_workers(worker_usp_errors, 4, list(USP_ERROR_CASES), timeout=90, pg_timeout=30)
             elif key == 1:
                 value = run_workers(worker_world1, 1, WORLD1_CASES, timeout=90)
             else:
@@ -978,6 +1024,15 @@ def test_bad_input_raises_on_every_rank(name, pattern):
         else:
             assert r["type"] == expected, f"rank {rank}: raised {r['type']}, not {expected}:\n{r['traceback']}"
         assert re.search(pattern, r["message"]), f"rank {rank}: message does not name the argument: {r['message']!r}"
+
+
+@distributed
+@pytest.mark.parametrize("name", list(USP_ERROR_CASES))
+def test_usp_refusal_reaches_every_rank_of_the_mesh(name):
+    for rank, r in enumerate(x[name] for x in _spawn("usp_errors")):
+        assert "returned" not in r, f"rank {rank}: no error raised (returned {r['returned']})"
+        assert r["argument_error"], f"rank {rank}: not an ArgumentError:\n{r['traceback']}"
+        assert re.search(USP_ERROR_CASES[name], r["message"]), f"rank {rank}: {r['message']!r}"
 
 
 @distributed

@@ -26,7 +26,7 @@ constexpr int fwd_smem(int d) { return (fwd(d).bm + 2 * fwd(d).bn) * (d + kPad) 
 // Split-KV forward (flash-decoding). A decode step reads every key once and is bound by
 // memory bandwidth: 128 keys per step (the plain forward's 64 at D <= 128) double the bytes
 // each tile load keeps in flight. 4 warps of 16 rows. At D = 128, 87 KB of shared memory:
-// 2 CTAs per SM on sm90 (228 KB per SM), 1 on sm80 (164 KB).
+// 2 CTAs per SM on sm90 (228 KB per SM), 1 on sm80 (164 KB) and sm86 / sm89 (100 KB).
 constexpr Fwd fwd_split(int d) { return d <= 128 ? Fwd{64, 128, 4} : fwd(d); }
 constexpr int fwd_split_smem(int d) { return (fwd_split(d).bm + 2 * fwd_split(d).bn) * (d + kPad) * kElemBytes; }
 

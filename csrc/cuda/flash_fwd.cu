@@ -156,8 +156,10 @@ int64_t flash_fwd_num_splits(const FlashParams& params, int num_sms) {
   const int64_t cap = std::min({n_kblocks, kMaxFwdSplits, int64_t(INT_MAX) / std::max<int64_t>(ctas, 1)});
   if (cap <= 1) return 1;
   if (params.num_splits > 1) return std::min(params.num_splits, cap);
-  // Concurrent CTAs: the split kernel runs 2 per SM up to head dim 128 on sm90 (1 on sm80:
-  // flash_configs.h; flash-attn 2 also counts 2 per SM), 1 above.
+  // Concurrent CTAs: the split kernel runs 2 per SM up to head dim 128 on sm90 (flash-attn 2
+  // also counts 2 per SM), 1 above. Its shared memory fits only 1 per SM at D = 128 on sm80
+  // and at D = 96 / 128 on sm86 / sm89 (flash_configs.h): counted as 2 there too, which splits
+  // more than needed (speed only; unmeasured there).
   const int64_t slots = int64_t(std::max(num_sms, 1)) * (d > 128 ? 1 : 2);
   return num_splits_heuristic(ctas, slots, n_kblocks, cap);
 }

@@ -66,6 +66,13 @@ class Unsplit(Refusal):
                          f"{tuple(packed.shape) if isinstance(packed, Tensor) else type(packed).__name__}")
 
 
+def check_same_rows(q4: Tensor, k4: Tensor) -> None:
+    """ArgumentError unless q and k/v (B, S, H, D) views hold the same number of rows."""
+    if q4.shape[1] != k4.shape[1]:
+        raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and {k4.shape[1]} "
+                            f"rows")
+
+
 def check_call(group, layout: str, q, k, v, cu_seqlens, max_seqlen, dropout_p: float, softmax_scale, causal: bool,
                window_size, softcap: float, alibi_slopes, deterministic: bool,
                layout_check: Callable[[Tensor, Tensor, Optional[Tensor], int, int], list[tuple]],

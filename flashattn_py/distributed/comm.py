@@ -82,7 +82,7 @@ def _describe(values: Sequence[float], labels: Optional[Sequence[str]] = None) -
 
 
 _FIELD_WIDTH = 8  # numbers per field
-_MAX_FIELDS = 16
+_MAX_FIELDS = 20
 
 
 def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dict[str, list[list[float]]]:

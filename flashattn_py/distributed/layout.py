@@ -24,6 +24,7 @@ from torch import Tensor
 from ..errors import ArgumentError
 
 LAYOUTS = ("ring", "zigzag", "ulysses", "llama3", "stripe")
+RING_LAYOUTS = ("ring", "zigzag", "stripe")  # the ring's (ring.py), and USP's ring across its groups
 
 
 def chunks_per_rank(layout: str) -> int:

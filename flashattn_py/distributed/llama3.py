@@ -252,9 +252,7 @@ def llama3_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     def layout_check(q4: Tensor, k4: Tensor, cu_q: Tensor, world: int, max_q: int) -> list[tuple]:
         rows, heads_k = q4.shape[1], k4.shape[2]
-        if k4.shape[1] != rows:
-            raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {rows} and {k4.shape[1]} "
-                                f"rows")
+        checks.check_same_rows(q4, k4)
         stride = _index_or_none(heads_k_stride)
         if stride is None or not 1 <= stride <= heads_k or heads_k % stride:
             raise ArgumentError(f"heads_k_stride: expected an int dividing the {heads_k} key/value heads, got "

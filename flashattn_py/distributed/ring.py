@@ -321,9 +321,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
     deterministic = ops.deterministic_wanted(deterministic)
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
-        if q4.shape[1] != k4.shape[1]:
-            raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
-                                f"{k4.shape[1]} rows")
+        checks.check_same_rows(q4, k4)
         if layout == "stripe" and alibi_slopes is not None:
             raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key of "
                                 "another rank is not a whole number of local rows)")

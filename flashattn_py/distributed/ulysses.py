@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import api, ops
 from ..errors import ArgumentError
 from . import checks, comm
+from .layout import RING_LAYOUTS
 
 
 def _exchange(x: Tensor, group: comm.Group) -> Tensor:
@@ -66,7 +67,11 @@ class _QKVToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group: comm.Group):
         ctx.group = group
-        return tuple(seq_to_heads(t, group) for t in (q, k, v))
+        heads = tuple(seq_to_heads(t, group) for t in (q, k, v))
+        # (an input without a gradient gives an output without one: the attention after it,
+        # USP's ring in particular, then computes and passes no gradient for it)
+        ctx.mark_non_differentiable(*(t for t, needed in zip(heads, ctx.needs_input_grad) if not needed))
+        return heads
 
     @staticmethod
     def backward(ctx, *grads):
@@ -77,7 +82,7 @@ class _QKVToHeads(torch.autograd.Function):
 
 # What runs over the Ulysses group after the check (plain Ulysses, or USP's ring across such
 # groups): compared across the group, since the two make different collectives.
-SCHEMES = ("ulysses", "usp (ring)", "usp (zigzag)", "usp (stripe)")
+SCHEMES = ("ulysses",) + tuple(f"usp ({layout})" for layout in RING_LAYOUTS)
 
 
 def scheme_field(scheme: str) -> tuple:
@@ -123,9 +128,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tens
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         check_heads(q4, k4, world)
         if cu is not None:
-            if q4.shape[1] != k4.shape[1]:
-                raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
-                                    f"{k4.shape[1]} rows")
+            checks.check_same_rows(q4, k4)
             if api.index_values_readable(cu.device):
                 total = q4.shape[1] * world
                 api._check_packed(cu, cu, max_seqlen, max_seqlen, total, total, None, None, 0, 0,

@@ -19,10 +19,16 @@ from torch import Tensor
 from .. import ops
 from ..errors import ArgumentError
 from . import checks, ulysses
-from .layout import shard
+from .layout import RING_LAYOUTS, shard
 from .ring import ring_attention
 
-RING_LAYOUTS = ("ring", "zigzag", "stripe")
+
+def _position(group, name: str) -> tuple[int, int]:
+    """(rank, size) of this process in ``group`` (None: the default group)."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ArgumentError(f"{name}: this process is not a member of the group")
+    return rank, dist.get_world_size(group)
 
 
 def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulysses_rank: int, ulysses_size: int, *,
@@ -32,8 +38,70 @@ def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulyss
     cut into ulysses_size contiguous pieces, the ulysses_rank-th."""
     if ring_layout not in RING_LAYOUTS:
         raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+    for name, rank, size in (("ring", ring_rank, ring_size), ("ulysses", ulysses_rank, ulysses_size)):
+        if not isinstance(size, int) or size < 1:
+            raise ArgumentError(f"{name}_size: expected a positive int, got {size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < size:
+            raise ArgumentError(f"{name}_rank: expected an int in [0, {size}), got {rank!r}")
     ring_rows = shard(x, ring_layout, ring_rank, ring_size, dim=dim, cu_seqlens=cu_seqlens)
+    if ring_rows.shape[dim] % ulysses_size:
+        raise ArgumentError(f"ulysses_size: ring rank {ring_rank}'s {ring_rows.shape[dim]} rows do not split into "
+                            f"{ulysses_size} equal pieces")
     return shard(ring_rows, "ring", ulysses_rank, ulysses_size, dim=dim)
+
+
+def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                deterministic, return_attn_probs, ulysses_group, ring_group, softcap, ring_layout):
+    """The collective argument check, in two rounds before any data moves: over the Ulysses
+    group, then over the ring group, which carries the first round's failure. A ring group
+    holds one rank of every Ulysses group, so a refusal anywhere reaches every rank of the
+    mesh, and the call's shapes and options agree over the whole mesh (each round compares
+    them). The first round also compares every rank's ring position (rank, size), the second
+    its Ulysses position: equal along the other axis, as in a mesh (groups that are not the
+    two axes of one would attend to the wrong rows). Returns the first round's Checked."""
+
+    def layout_check(first_error: Optional[Exception], axis: str):
+        def check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
+            if first_error is not None:
+                raise first_error
+            if ring_layout not in RING_LAYOUTS:
+                raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+            if cu is not None and ring_layout == "stripe":
+                raise ArgumentError("ring_layout: the stripe layout has no packed form (use ring or zigzag)")
+            if ring_layout == "stripe" and alibi_slopes is not None:
+                raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key "
+                                    "of another rank is not a whole number of local rows)")
+            u_pos, r_pos = _position(ulysses_group, "ulysses_group"), _position(ring_group, "ring_group")
+            shared = _members(ulysses_group) & _members(ring_group)
+            if shared != {dist.get_rank()}:
+                raise ArgumentError(f"ulysses_group, ring_group: two axes of one mesh, which share only this rank "
+                                    f"({dist.get_rank()}); these share ranks {sorted(shared)}")
+            checks.check_same_rows(q4, k4)
+            ulysses.check_heads(q4, k4, u_pos[1])
+            if ring_layout == "zigzag" and cu is None and q4.shape[1] * u_pos[1] % 2:
+                raise ArgumentError(f"q: the zigzag ring holds two equal chunks per ring rank, so the {u_pos[1]} "
+                                    f"ranks of ulysses_group x {q4.shape[1]} rows must be even")
+            # (the position along the other axis: equal over this round's group)
+            position = ("ring_group: rank, size", list(r_pos)) if axis == "ulysses" else \
+                ("ulysses_group: rank, size", list(u_pos))
+            return [ulysses.scheme_field(f"usp ({ring_layout})"),
+                    ("return_attn_probs", [float(bool(return_attn_probs))]), position]
+        return check
+
+    args = (q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            deterministic)
+    first_error: Optional[Exception] = None
+    try:
+        group, checked = checks.check_call(ulysses_group, "ulysses", *args, layout_check(None, "ulysses"))
+    except Exception as error:  # noqa: BLE001  (raised once the ring group has heard of it)
+        first_error = error
+    try:
+        checks.check_call(ring_group, "ulysses", *args, layout_check(first_error, "ring"))
+    except Exception:
+        if first_error is not None:
+            raise first_error from None
+        raise
+    return group, checked
 
 
 def _members(group) -> set[int]:
@@ -51,28 +119,9 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
     (T_local, H, D) rows and the global ``cu_seqlens``."""
     packed = cu_seqlens is not None
     deterministic = ops.deterministic_wanted(deterministic)
-
-    def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
-        if ring_layout not in RING_LAYOUTS:
-            raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
-        if cu is not None and ring_layout == "stripe":
-            raise ArgumentError("ring_layout: the stripe layout has no packed form (use ring or zigzag)")
-        # (the same group twice, or overlapping ones, would attend to the wrong rows silently)
-        shared = _members(ulysses_group) & _members(ring_group)
-        if len(shared) != 1:
-            raise ArgumentError(f"ulysses_group, ring_group: two axes of one mesh share only this rank; these "
-                                f"share ranks {sorted(shared)}")
-        if q4.shape[1] != k4.shape[1]:
-            raise ArgumentError(f"q, k: each rank holds the same rows of q and k/v; got {q4.shape[1]} and "
-                                f"{k4.shape[1]} rows")
-        ulysses.check_heads(q4, k4, world)
-        return [ulysses.scheme_field(f"usp ({ring_layout})"), ("return_attn_probs", [float(bool(return_attn_probs))])]
-
-    # Checked over the Ulysses group here and, for the gathered tensors, over the ring group
-    # by ring_attention: every rank is in one group of each, so the mesh agrees as a whole.
-    group, checked = checks.check_call(ulysses_group, "ulysses", q, k, v, cu_seqlens, max_seqlen, dropout_p,
-                                       softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                       layout_check)
+    group, checked = _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                                 alibi_slopes, deterministic, return_attn_probs, ulysses_group, ring_group, softcap,
+                                 ring_layout)
     q4, k4, v4 = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)) if packed else (q, k, v)
     heads = ulysses._QKVToHeads.apply(q4, k4, v4, group)
     if packed:
