@@ -5,7 +5,9 @@ default zigzag layout the sequence is cut into 2 * world chunks and rank r holds
 2 * world - 1 - r (``flashattn_py.distributed.shard``), which gives every rank the same share
 of the causal attention work. Attention is ``zigzag_ring_flash_attn_func`` (``--attention
 ring``: the contiguous layout and ``ring_flash_attn_func``; ``--attention ulysses``:
-``ulysses_flash_attn_func``); everything else (embeddings, layer norms, MLPs, the LM head and
+``ulysses_flash_attn_func``; ``--attention usp``: ``usp_flash_attn_func`` on a mesh of
+--ulysses-size consecutive ranks per Ulysses group x world / that many ring ranks, zigzag
+across them, rows from ``usp_shard``); everything else (embeddings, layer norms, MLPs, the LM head and
 the loss) is per token and needs no communication. Position embeddings are looked up at the
 GLOBAL positions of the rank's tokens.
 
@@ -16,6 +18,7 @@ data parallelism does. Rank 0 then runs the same model on the whole sequence in 
 with ``flashattn_py.flash_attn_func`` and compares the loss and every parameter's gradient.
 
     torchrun --nproc-per-node 2 examples/train_context_parallel.py [--attention ring|zigzag|ulysses]
+    torchrun --nproc-per-node 4 examples/train_context_parallel.py --attention usp --ulysses-size 2
 
 Run without torchrun it makes a one-process group (world size 1). Exit status 0 on PASS.
 """
@@ -42,6 +45,7 @@ ATTENTIONS = {
     "ring": (cp.ring_flash_attn_func, "ring"),
     "zigzag": (cp.zigzag_ring_flash_attn_func, "zigzag"),
     "ulysses": (cp.ulysses_flash_attn_func, "ulysses"),
+    "usp": (cp.usp_flash_attn_func, "zigzag"),  # (the ring layout across the Ulysses groups)
 }
 
 # Tolerance of the comparison, relative to the size of the reference value (the loss; the
@@ -104,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ulysses-size", type=int, default=2, help="usp: ranks per Ulysses group (default 2)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -167,6 +172,19 @@ def main(argv=None) -> bool:
     return run_in_group(_step_and_check, parse_args(argv))
 
 
+def usp_mesh(rank: int, world: int, ulysses_size: int):
+    """USP's groups for ``rank``: Ulysses groups of ``ulysses_size`` consecutive ranks, ring
+    groups of the ranks with the same place in theirs. (ulysses_group, ring_group, u, r, R)."""
+    if ulysses_size < 1 or world % ulysses_size:
+        raise SystemExit(f"--ulysses-size {ulysses_size} must divide the {world} ranks")
+    rings = world // ulysses_size
+    # (every rank makes every group, in the same order)
+    ulysses = [dist.new_group(list(range(r * ulysses_size, (r + 1) * ulysses_size))) for r in range(rings)]
+    ring = [dist.new_group(list(range(u, world, ulysses_size))) for u in range(ulysses_size)]
+    u, r = rank % ulysses_size, rank // ulysses_size
+    return ulysses[r], ring[u], u, r, rings
+
+
 def _step_and_check(args: argparse.Namespace) -> bool:
     rank, world = dist.get_rank(), dist.get_world_size()
     attn_func, layout = ATTENTIONS[args.attention]
@@ -174,6 +192,16 @@ def _step_and_check(args: argparse.Namespace) -> bool:
     if args.seqlen % chunks:
         raise SystemExit(f"--seqlen {args.seqlen} must be divisible by {chunks} for {args.attention} "
                          f"on {world} ranks")
+    kwargs = {}
+    if args.attention == "usp":
+        ulysses_group, ring_group, u, r, rings = usp_mesh(rank, world, args.ulysses_size)
+        kwargs = dict(ulysses_group=ulysses_group, ring_group=ring_group, ring_layout=layout)
+
+        def rows(t):
+            return cp.usp_shard(t, layout, r, rings, u, args.ulysses_size, dim=1)
+    else:
+        def rows(t):
+            return cp.shard(t, layout, rank, world, dim=1)
 
     torch.manual_seed(args.seed)  # the same initial model and data on every rank
     model = TinyGPT(heads=args.heads, kv_heads=args.kv_heads, max_positions=args.seqlen)
@@ -184,10 +212,10 @@ def _step_and_check(args: argparse.Namespace) -> bool:
     n_tokens = targets.numel()  # the loss is the mean over all of them
 
     # ---- the sharded step: each rank sees its tokens, their targets and GLOBAL positions
-    my_ids, my_targets, my_positions = (cp.shard(t, layout, rank, world, dim=1) for t in (ids, targets, positions))
+    my_ids, my_targets, my_positions = (rows(t) for t in (ids, targets, positions))
 
     def attention(q, k, v):
-        return attn_func(q, k, v, causal=True)
+        return attn_func(q, k, v, causal=True, **kwargs)
 
     logits = model(my_ids, my_positions, attention)
     local_loss = F.cross_entropy(logits.flatten(0, 1), my_targets.flatten(), reduction="sum") / n_tokens

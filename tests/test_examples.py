@@ -28,14 +28,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_passes(script: str, *args: str, timeout: float = 120) -> None:
-    """examples/<script> under torchrun with 2 CPU ranks (gloo): exit status 0 and PASS."""
+def _torchrun_passes(script: str, *args: str, timeout: float = 120, ranks: int = 2) -> None:
+    """examples/<script> under torchrun with ``ranks`` CPU ranks (gloo): exit status 0 and PASS."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(EXAMPLES / script), *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     output = result.stdout + result.stderr
@@ -51,6 +51,15 @@ def test_context_parallel_training_step_matches_one_process(attention):
     PASS and exits 0)."""
     pytest.importorskip("flashattn_py.distributed")
     _torchrun_passes("train_context_parallel.py", "--attention", attention)
+
+
+@pytest.mark.distributed
+def test_usp_training_step_matches_one_process():
+    """The same example with USP on a 2 x 2 mesh of 4 CPU ranks (Ulysses pairs, a zigzag ring
+    across them)."""
+    pytest.importorskip("flashattn_py.distributed")
+    _torchrun_passes("train_context_parallel.py", "--attention", "usp", "--ulysses-size", "2", ranks=4,
+                     timeout=180)
 
 
 @pytest.mark.distributed
