@@ -250,7 +250,7 @@ def test_context_parallel_paper_model():
     nodes = cp.paper_model(128 * 1024, 64, h, hk, d)
     assert nodes["usp_ulysses"] == 8 and nodes["usp_hidden"] and not nodes["ring_hidden"]
     assert nodes["usp_ms"] < nodes["ring_ms"] / 2
-    assert cp.paper_model(128 * 1024, 48, 12, 12, 64)["usp_ulysses"] == 6  # (divides P, H and Hk)
+    assert cp.paper_model(128 * 1024, 48, 12, 12, 64)["usp_ulysses"] == 4  # (divides a node's 8, P, H and Hk)
 
 
 @pytest.mark.distributed

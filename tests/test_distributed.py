@@ -179,8 +179,8 @@ def usp_cases(world: int):
             case("usp-zigzag-u2-varlen-causal", "usp:zigzag:2:low", varlen=True, lens=[32, 4, 8, 4], causal=True),
             case("usp-ring-u2-high-varlen-bf16", "usp:ring:2:high", "bfloat16", varlen=True, lens=[6, 10, 2, 14],
                  lse=False),
-            case("usp-zigzag-u4-varlen-qkvpacked", "usp:zigzag:4:low", varlen=True, packed="qkv", lens=[8, 12, 4],
-                 H=4, Hk=4, D=32, Dv=32, causal=True),
+            case("usp-zigzag-u2-high-varlen-qkvpacked", "usp:zigzag:2:high", varlen=True, packed="qkv",
+                 lens=[8, 12, 4], H=4, Hk=4, D=32, Dv=32, causal=True),
         ]
     else:
         out.append(case("usp-ring-u2-varlen-kvpacked-causal", "usp:ring:2:low", varlen=True, packed="kv",
@@ -826,6 +826,9 @@ USP_ERROR_CASES = {
     # every rank's two groups share only it, but ring groups {0, 3} and {1, 2} do not pair the
     # same Ulysses rank: not the two axes of one mesh (it returned wrong rows)
     "groups_not_a_mesh": r"\bulysses_group\b",
+    # packed: max_seqlen 24 on rank 0, 32 elsewhere (only the ring's check, after the
+    # exchange, saw it on some ranks)
+    "max_seqlen_differs_on_one_rank": r"\bmax_seqlen\b",
 }
 
 
@@ -847,8 +850,41 @@ def worker_usp_errors(rank, world, cases):
         if name == "alibi_differs_between_ulysses_groups":
             kw["alibi_slopes"] = torch.tensor([0.1, 0.2, 0.3, 0.4] if rank < 2 else [0.1, 0.2, 0.5, 0.6])
         try:
-            out = cp.usp_flash_attn_func(q, k, v, **kw)
+            if name == "max_seqlen_differs_on_one_rank":
+                cu = offsets([8, 24])
+                x = cp.usp_shard(torch.randn(32, 4, 8, generator=g), "zigzag", r, 2, u, 2, dim=0, cu_seqlens=cu)
+                out = cp.usp_flash_attn_varlen_func(x, x, x, cu, 24 if rank == 0 else 32, **kw)
+            else:
+                out = cp.usp_flash_attn_func(q, k, v, **kw)
             results[name] = {"returned": tuple(out.shape)}
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"argument_error": isinstance(e, flashattn_py.ArgumentError), "message": str(e),
+                             "traceback": traceback.format_exc()}
+    return results
+
+
+def worker_usp_meshes(rank, world, cases):
+    """8 ranks, Ulysses pairs {0, 1}, {2, 3}, {4, 5}, {6, 7}: as two 2 x 2 meshes on {0, 1, 4, 5}
+    and {2, 3, 6, 7} ("two_meshes": each rank's rows of its mesh's problem, max error against
+    the reference), and with ring groups {0, 4}, {2, 6}, {1, 7}, {3, 5} ("twisted": every
+    rank's groups share only it and positions agree along each axis, but they form no mesh:
+    the rows came out wrong without an error)."""
+    import torch.distributed as dist
+
+    pairs = [dist.new_group([2 * i, 2 * i + 1]) for i in range(4)]
+    results = {}
+    for name in cases:
+        members = [[0, 4], [2, 6], [1, 7], [3, 5]] if name == "twisted" else [[0, 4], [2, 6], [1, 5], [3, 7]]
+        rings = [dist.new_group(m) for m in members]
+        ulysses, ring = pairs[rank // 2], next(g for g, m in zip(rings, members) if rank in m)
+        u, r = dist.get_rank(ulysses), dist.get_rank(ring)
+        g = torch.Generator().manual_seed(0 if rank in (0, 1, 4, 5) else 1)
+        q, k, v = (torch.randn(1, 16, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+        try:
+            out = cp.usp_flash_attn_func(*(cp.usp_shard(t, "zigzag", r, 2, u, 2) for t in (q, k, v)), causal=True,
+                                         ulysses_group=ulysses, ring_group=ring)
+            ref, _ = attention_ref(q, k, v, window_right=0)
+            results[name] = {"error": (out - cp.usp_shard(ref, "zigzag", r, 2, u, 2)).abs().max().item()}
         except Exception as e:  # noqa: BLE001
             results[name] = {"argument_error": isinstance(e, flashattn_py.ArgumentError), "message": str(e),
                              "traceback": traceback.format_exc()}
@@ -870,6 +906,8 @@ def _spawn(key):
                 value = run_workers(worker_errors, 2, ERROR_CASES, timeout=90, pg_timeout=30)
             elif key == "usp_errors":  # (a rank left waiting fails at the group timeout, 30 s)
                 value = run_workers(worker_usp_errors, 4, list(USP_ERROR_CASES), timeout=90, pg_timeout=30)
+            elif key == "usp_meshes":
+                value = run_workers(worker_usp_meshes, 8, ["two_meshes", "twisted"], timeout=150, pg_timeout=30)
             elif key == 1:
                 value = run_workers(worker_world1, 1, WORLD1_CASES, timeout=90)
             else:
@@ -1033,6 +1071,17 @@ def test_usp_refusal_reaches_every_rank_of_the_mesh(name):
         assert "returned" not in r, f"rank {rank}: no error raised (returned {r['returned']})"
         assert r["argument_error"], f"rank {rank}: not an ArgumentError:\n{r['traceback']}"
         assert re.search(USP_ERROR_CASES[name], r["message"]), f"rank {rank}: {r['message']!r}"
+
+
+@distributed
+def test_usp_two_meshes_in_one_world_and_a_twisted_one():
+    per_rank = _spawn("usp_meshes")
+    for rank, r in enumerate(x["two_meshes"] for x in per_rank):
+        assert "traceback" not in r, f"rank {rank}:\n{r['traceback']}"
+        assert r["error"] < 1e-12, f"rank {rank}: off by {r['error']}"
+    for rank, r in enumerate(x["twisted"] for x in per_rank):
+        assert "error" not in r, f"rank {rank}: no error raised (rows off by {r['error']})"
+        assert r["argument_error"] and "one mesh" in r["message"], f"rank {rank}:\n{r['traceback']}"
 
 
 @distributed

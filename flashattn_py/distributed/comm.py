@@ -117,7 +117,10 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dic
         if error is not None:
             raise error
         failed = next(r for r, e in enumerate(errors) if e is not None)
-        raise ArgumentError(f"rank {failed} of the group rejected the call: {errors[failed]}")
+        pg = group.group if group.group is not None else dist.group.WORLD
+        where = f"rank {failed} of the group" + ("" if group.group is None else
+                                                  f" (global rank {dist.get_global_rank(pg, failed)})")
+        raise ArgumentError(f"{where} rejected the call: {errors[failed]}")
     per_rank_fields: dict[str, list[list[float]]] = {}
     for i, (name, values, *labels) in enumerate(fields):
         block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]

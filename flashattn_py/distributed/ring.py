@@ -309,6 +309,38 @@ class SchemeAttention(torch.autograd.Function):
         return (*ops.not_twice_differentiable((dq, dk, dv), (q, k, v)), None, None, None)
 
 
+def check_ring_rows(layout: str, rows: int, cu: Optional[Tensor], world: int, max_seqlen: int, causal: bool,
+                    window_size, alibi_slopes: Optional[Tensor]) -> None:
+    """The ring layouts' own checks of a call whose ranks each hold ``rows`` rows (packed:
+    ``cu`` the global int32 offsets, ``max_seqlen`` as bounded by the total): ArgumentError
+    naming the argument. (USP runs them for its ring before any data moves.)"""
+    per_rank = chunks_per_rank(layout)
+    if layout == "stripe" and alibi_slopes is not None:
+        raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key of "
+                            "another rank is not a whole number of local rows)")
+    if cu is None:
+        if rows % per_rank:
+            raise ArgumentError(f"q: the zigzag layout holds two equal chunks per rank, so the local sequence "
+                                f"length must be even, got {rows}")
+        return
+    if api._causal_window(window_size, causal) not in ((-1, -1), (-1, 0)) or alibi_slopes is not None:
+        raise ArgumentError("window_size, alibi_slopes: not supported by the varlen ring forms (every "
+                            "document's pieces would need their own position offset); use "
+                            "ulysses_flash_attn_varlen_func or the dense forms")
+    if api.index_values_readable(cu.device):
+        offsets, pieces, total = cu.tolist(), world * per_rank, rows * world
+        if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ArgumentError(f"cu_seqlens: the global offsets must rise from 0 to {total} (this rank's "
+                                f"{rows} rows x {world} ranks), got {offsets}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        bad = next((d for d, n in enumerate(lengths) if n % pieces), None)
+        if bad is not None:
+            raise ArgumentError(f"cu_seqlens: document {bad} has {lengths[bad]} tokens, not divisible by "
+                                f"{pieces} (the {layout} layout cuts every document into {pieces} pieces)")
+        if max_seqlen and max(lengths) > max_seqlen:
+            raise ArgumentError(f"max_seqlen: {max_seqlen} is below the longest document ({max(lengths)})")
+
+
 # (collectives and the host-side argument check: run eagerly under torch.compile, a graph
 # break; Dynamo cannot trace the process group object)
 @torch.compiler.disable
@@ -322,30 +354,7 @@ def ring_attention(layout: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Opt
 
     def layout_check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
         checks.check_same_rows(q4, k4)
-        if layout == "stripe" and alibi_slopes is not None:
-            raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key of "
-                                "another rank is not a whole number of local rows)")
-        if cu is None:
-            if q4.shape[1] % per_rank:
-                raise ArgumentError(f"q: the zigzag layout holds two equal chunks per rank, so the local sequence "
-                                    f"length must be even, got {q4.shape[1]}")
-            return []
-        if api._causal_window(window_size, causal) not in ((-1, -1), (-1, 0)) or alibi_slopes is not None:
-            raise ArgumentError("window_size, alibi_slopes: not supported by the varlen ring forms (every "
-                                "document's pieces would need their own position offset); use "
-                                "ulysses_flash_attn_varlen_func or the dense forms")
-        if api.index_values_readable(cu.device):
-            offsets, pieces, total = cu.tolist(), world * per_rank, q4.shape[1] * world
-            if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-                raise ArgumentError(f"cu_seqlens: the global offsets must rise from 0 to {total} (this rank's "
-                                    f"{q4.shape[1]} rows x {world} ranks), got {offsets}")
-            lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-            bad = next((d for d, n in enumerate(lengths) if n % pieces), None)
-            if bad is not None:
-                raise ArgumentError(f"cu_seqlens: document {bad} has {lengths[bad]} tokens, not divisible by "
-                                    f"{pieces} (the {layout} layout cuts every document into {pieces} pieces)")
-            if max_seqlen and max(lengths) > max_seqlen:
-                raise ArgumentError(f"max_seqlen: {max_seqlen} is below the longest document ({max(lengths)})")
+        check_ring_rows(layout, q4.shape[1], cu, world, max_seqlen, causal, window_size, alibi_slopes)
         return []
 
     ring, checked = checks.check_call(group, layout, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale,

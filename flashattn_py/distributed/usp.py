@@ -16,11 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import ops
+from .. import api, ops
 from ..errors import ArgumentError
-from . import checks, ulysses
+from . import checks, comm, ring, ulysses
 from .layout import RING_LAYOUTS, shard
-from .ring import ring_attention
 
 
 def _position(group, name: str) -> tuple[int, int]:
@@ -50,58 +49,108 @@ def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulyss
     return shard(ring_rows, "ring", ulysses_rank, ulysses_size, dim=dim)
 
 
+# (ulysses_group, ring_group) pairs whose memberships were compared (_check_mesh): they
+# were the two axes of one mesh then, and groups do not change
+_MESHES: set = set()
+
+
+def _members_of(group, over: comm.Group) -> set[int]:
+    """The union of ``group``'s members as each rank of ``over`` has them (one all_gather of
+    world-size rows of ranks, -1 padded)."""
+    ranks = sorted(_members(group))
+    row = torch.full((dist.get_world_size(),), -1, dtype=torch.int64)
+    row[:len(ranks)] = torch.tensor(ranks, dtype=torch.int64)
+    row = row.to(over.device)
+    rows = [torch.empty_like(row) for _ in range(over.world_size)]
+    dist.all_gather(rows, row, group=over.group)
+    return {r for r in torch.stack(rows).flatten().tolist() if r >= 0}
+
+
 def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                 deterministic, return_attn_probs, ulysses_group, ring_group, softcap, ring_layout):
-    """The collective argument check, in two rounds before any data moves: over the Ulysses
-    group, then over the ring group, which carries the first round's failure. A ring group
-    holds one rank of every Ulysses group, so a refusal anywhere reaches every rank of the
-    mesh, and the call's shapes and options agree over the whole mesh (each round compares
-    them). The first round also compares every rank's ring position (rank, size), the second
-    its Ulysses position: equal along the other axis, as in a mesh (groups that are not the
-    two axes of one would attend to the wrong rows). Returns the first round's Checked."""
+    """The collective argument check, before any data moves, in three rounds: over the
+    Ulysses group, over the ring group carrying the first round's failure, and over the
+    Ulysses group again carrying the second's (when the first passed). In a mesh a ring group holds one rank of
+    every Ulysses group, so a refusal anywhere reaches every rank, and the call's shapes and
+    options (the ring's own checks included, on the gathered rows) agree over the whole mesh.
+    That the groups are the two axes of one mesh: each round compares every rank's position
+    along the other axis, and the first call on a pair of groups compares the ranks of the
+    ring groups of this rank's Ulysses group with those of the Ulysses groups of its ring
+    group (both the whole mesh). Returns the Ulysses group and the first round's Checked."""
+    known = (ulysses_group, ring_group) in _MESHES
 
-    def layout_check(first_error: Optional[Exception], axis: str):
-        def check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, max_seqlen: int) -> list[tuple]:
-            if first_error is not None:
-                raise first_error
+    def layout_check(carried: Optional[Exception], axis: str):
+        def check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, _max_seqlen: int) -> list[tuple]:
+            if carried is not None:
+                raise carried
             if ring_layout not in RING_LAYOUTS:
                 raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
             if cu is not None and ring_layout == "stripe":
                 raise ArgumentError("ring_layout: the stripe layout has no packed form (use ring or zigzag)")
-            if ring_layout == "stripe" and alibi_slopes is not None:
-                raise ArgumentError("alibi_slopes: not supported by the stripe layout (a query's distance to a key "
-                                    "of another rank is not a whole number of local rows)")
-            u_pos, r_pos = _position(ulysses_group, "ulysses_group"), _position(ring_group, "ring_group")
+            (u, u_size), (r, r_size) = _position(ulysses_group, "ulysses_group"), _position(ring_group, "ring_group")
             shared = _members(ulysses_group) & _members(ring_group)
             if shared != {dist.get_rank()}:
                 raise ArgumentError(f"ulysses_group, ring_group: two axes of one mesh, which share only this rank "
                                     f"({dist.get_rank()}); these share ranks {sorted(shared)}")
             checks.check_same_rows(q4, k4)
-            ulysses.check_heads(q4, k4, u_pos[1])
-            if ring_layout == "zigzag" and cu is None and q4.shape[1] * u_pos[1] % 2:
-                raise ArgumentError(f"q: the zigzag ring holds two equal chunks per ring rank, so the {u_pos[1]} "
+            ulysses.check_heads(q4, k4, u_size)
+            rows = q4.shape[1] * u_size  # a ring rank's, after the Ulysses exchange
+            if ring_layout == "zigzag" and cu is None and rows % 2:
+                raise ArgumentError(f"q: the zigzag ring holds two equal chunks per ring rank, so the {u_size} "
                                     f"ranks of ulysses_group x {q4.shape[1]} rows must be even")
-            # (the position along the other axis: equal over this round's group)
-            position = ("ring_group: rank, size", list(r_pos)) if axis == "ulysses" else \
-                ("ulysses_group: rank, size", list(u_pos))
-            return [ulysses.scheme_field(f"usp ({ring_layout})"),
-                    ("return_attn_probs", [float(bool(return_attn_probs))]), position]
+            fields = [ulysses.scheme_field(f"usp ({ring_layout})"),
+                      ("return_attn_probs", [float(bool(return_attn_probs))]),
+                      ("ring_group: rank, size", [r, r_size]) if axis == "ulysses" else
+                      ("ulysses_group: rank, size", [u, u_size]),
+                      ("ulysses_group, ring_group: compared before", [float(known)])]
+            length = 0
+            if cu is not None:  # (the whole sequence's bound: the check's own is the group's rows)
+                length = api.at_most(api._length("max_seqlen", max_seqlen), rows * r_size)
+                fields.append(("max_seqlen", [length]))
+            ring.check_ring_rows(ring_layout, rows, cu, r_size, length, causal, window_size, alibi_slopes)
+            return fields
         return check
 
     args = (q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
             deterministic)
-    first_error: Optional[Exception] = None
+    error: Optional[Exception] = None
+    group = checked = mesh = None
     try:
         group, checked = checks.check_call(ulysses_group, "ulysses", *args, layout_check(None, "ulysses"))
-    except Exception as error:  # noqa: BLE001  (raised once the ring group has heard of it)
-        first_error = error
+        mesh = None if known else _members_of(ring_group, group)
+    except Exception as e:  # noqa: BLE001  (carried by the next rounds, raised after the last)
+        error = e
     try:
-        checks.check_call(ring_group, "ulysses", *args, layout_check(first_error, "ring"))
-    except Exception:
-        if first_error is not None:
-            raise first_error from None
-        raise
+        ring_comm, _ = checks.check_call(ring_group, "ulysses", *args, layout_check(error, "ring"))
+        if not known:
+            across = _members_of(ulysses_group, ring_comm)
+            if across != mesh:
+                raise ArgumentError(f"ulysses_group, ring_group: not the two axes of one mesh: the ring groups of "
+                                    f"this rank's Ulysses group hold ranks {_few(mesh)}, the Ulysses groups of its "
+                                    f"ring group ranks {_few(across)}")
+    except Exception as e:  # noqa: BLE001
+        error = error or e
+    if group is not None:  # (a first-round failure is known to the whole Ulysses group: all raise, none
+        # runs this round, which a plain Ulysses call beside a USP one would not pair with)
+        try:
+            comm.check_collectively(group, lambda: _raise(error))
+        except Exception as e:  # noqa: BLE001
+            error = error or e
+    if error is not None:
+        raise error
+    _MESHES.add((ulysses_group, ring_group))
     return group, checked
+
+
+def _raise(error: Optional[Exception]) -> list:
+    if error is not None:
+        raise error
+    return []
+
+
+def _few(ranks: set[int]) -> str:
+    listed = sorted(ranks)
+    return str(listed) if len(listed) <= 16 else f"{listed[:16]}... ({len(listed)})"
 
 
 def _members(group) -> set[int]:
@@ -129,8 +178,8 @@ def usp_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
     slopes = ulysses.head_slopes(alibi_slopes, q4.shape[2], group)
     # (the offsets and max_seqlen as given: checked.max_seqlen is bounded by the Ulysses
     # group's rows, not the whole sequence's)
-    res = ring_attention(ring_layout, *heads, cu_seqlens, max_seqlen, 0.0, checked.scale, causal, window_size, slopes,
-                         deterministic, return_attn_probs, ring_group, softcap)
+    res = ring.ring_attention(ring_layout, *heads, cu_seqlens, max_seqlen, 0.0, checked.scale, causal, window_size,
+                              slopes, deterministic, return_attn_probs, ring_group, softcap)
     out = res[0] if return_attn_probs else res
     out = ulysses._HeadsToSeq.apply(out.unsqueeze(0) if packed else out, group)
     out = out[0] if packed else out
