@@ -491,10 +491,10 @@ def paper_model(seqlen: int, gpus: int, heads: int, heads_k: int, head_dim: int,
       once; not overlapped with the attention (it is on the layer's critical path); then the
       attention of the whole sequence for H/P heads. Requires P <= H. fwd+bwd: 2x the bytes
       (dout, dq, dk, dv), 3.5x the compute.
-    - USP (usp_flash_attn_func): Ulysses over U GPUs of a node (the most that divide the
-      node's GPUs, P, H and Hk, as this repository requires), then the ring above over R = P / U
-      ranks, one per node beyond 8 GPUs (InfiniBand), on S / R rows and H / U heads: the node's
-      all-to-alls (NVLink, not overlapped) plus that ring's layer time.
+    - USP (usp_flash_attn_func): Ulysses over U GPUs of a node (the most that divide P, H and
+      Hk, as this repository requires, and beyond one node the node's GPUs), then the ring
+      above over R = P / U ranks, one per node beyond 8 GPUs (InfiniBand), on S / R rows and
+      H / U heads: the node's all-to-alls (NVLink, not overlapped) plus that ring's layer time.
     - no latency terms (each message is >= 1 MB here), no contention with other traffic
       (data / tensor parallelism).
     Times in ms.
@@ -515,8 +515,10 @@ def paper_model(seqlen: int, gpus: int, heads: int, heads_k: int, head_dim: int,
            "s_local": s_local, "ring_step_compute_ms": step_compute, "ring_step_transfer_ms": step_transfer,
            "ring_ms": ring_ms, "ring_hidden": step_compute >= step_transfer,
            "compute_only_ms": gpus * step_compute}
+    # (beyond one node, Ulysses groups that tile the nodes: U divides a node's GPUs too)
     u = max(n for n in range(1, min(gpus, gpus_per_node) + 1)
-            if gpus % n == 0 and gpus_per_node % n == 0 and heads % n == 0 and heads_k % n == 0)
+            if gpus % n == 0 and heads % n == 0 and heads_k % n == 0
+            and (gpus <= gpus_per_node or gpus_per_node % n == 0))
     usp_sent = s_local * (2 * heads + 2 * heads_k) * head_dim * 2 * (u - 1) / u * uly_bytes_factor
     usp_comm = usp_sent / (nvlink_gbs * 1e9) * 1e3
     usp_step_compute, usp_step_transfer, usp_ring = ring(gpus // u, heads / u, heads_k / u)

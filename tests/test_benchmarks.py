@@ -251,6 +251,7 @@ def test_context_parallel_paper_model():
     assert nodes["usp_ulysses"] == 8 and nodes["usp_hidden"] and not nodes["ring_hidden"]
     assert nodes["usp_ms"] < nodes["ring_ms"] / 2
     assert cp.paper_model(128 * 1024, 48, 12, 12, 64)["usp_ulysses"] == 4  # (divides a node's 8, P, H and Hk)
+    assert cp.paper_model(128 * 1024, 6, 12, 12, 64)["usp_ulysses"] == 6  # (one node: any divisor of P, H, Hk)
 
 
 @pytest.mark.distributed

@@ -807,6 +807,16 @@ def worker_errors(rank, world, cases):
         results["__zigzag_empty_batch"] = {"ok": tuple(q.grad.shape) == (0, 8, 2, 16)}
     except Exception:  # noqa: BLE001
         results["__zigzag_empty_batch"] = {"error": traceback.format_exc()}
+    # the collective check with fewer fields on one rank: both ranks refuse (rank 0 compared
+    # only its own field and passed)
+    try:
+        from flashattn_py.distributed import comm
+
+        fields = [("a", [1.0])] + ([("b", [2.0])] if rank == 1 else [])
+        comm.check_collectively(comm.Group(None), lambda: fields)
+        results["__field_counts"] = {"returned": True}
+    except Exception as e:  # noqa: BLE001
+        results["__field_counts"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError), "message": str(e)}
     # the group still works after all that: one good call
     try:
         q = torch.randn(1, 8, 2, 16, generator=torch.Generator().manual_seed(rank))
@@ -829,18 +839,25 @@ USP_ERROR_CASES = {
     # packed: max_seqlen 24 on rank 0, 32 elsewhere (only the ring's check, after the
     # exchange, saw it on some ranks)
     "max_seqlen_differs_on_one_rank": r"\bmax_seqlen\b",
+    # ranks 0, 1: Ulysses {0, 1}, rings {0, 2} / {1, 3}; ranks 2, 3 the other way round (Ulysses
+    # {0, 2} / {1, 3}, ring {2, 3}): one rank's first round paired with another's second
+    "groups_roles_swapped": r"USP check round",
 }
 
 
 def worker_usp_errors(rank, world, cases):
     import torch.distributed as dist
 
-    ulysses = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     rings = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     crossed = [dist.new_group([0, 3]), dist.new_group([1, 2])]
     results = {}
     for name in cases:
-        ring = (crossed[0] if rank in (0, 3) else crossed[1]) if name == "groups_not_a_mesh" else rings[rank % 2]
+        ulysses, ring = pairs[rank // 2], rings[rank % 2]
+        if name == "groups_not_a_mesh":
+            ring = crossed[0] if rank in (0, 3) else crossed[1]
+        if name == "groups_roles_swapped":
+            ulysses, ring = (pairs[0], rings[rank]) if rank < 2 else (rings[rank - 2], pairs[1])
         u, r = dist.get_rank(ulysses), dist.get_rank(ring)
         g = torch.Generator().manual_seed(0)
         q, k, v = (cp.usp_shard(torch.randn(1, 16, 4, 8, generator=g), "zigzag", r, 2, u, 2) for _ in range(3))
@@ -1082,6 +1099,13 @@ def test_usp_two_meshes_in_one_world_and_a_twisted_one():
     for rank, r in enumerate(x["twisted"] for x in per_rank):
         assert "error" not in r, f"rank {rank}: no error raised (rows off by {r['error']})"
         assert r["argument_error"] and "one mesh" in r["message"], f"rank {rank}:\n{r['traceback']}"
+
+
+@distributed
+def test_collective_check_refuses_a_different_number_of_fields_on_every_rank():
+    for rank, r in enumerate(x["__field_counts"] for x in _spawn("errors")):
+        assert "returned" not in r, f"rank {rank}: no error raised"
+        assert r["argument_error"] and "checked fields" in r["message"], f"rank {rank}: {r['message']}"
 
 
 @distributed

@@ -81,6 +81,7 @@ def _describe(values: Sequence[float], labels: Optional[Sequence[str]] = None) -
     return str(tuple(ints)) if all(i == v for i, v in zip(ints, values)) else str(tuple(values))
 
 
+_HEAD = 2  # the row's flag and field count
 _FIELD_WIDTH = 8  # numbers per field
 _MAX_FIELDS = 20
 
@@ -100,12 +101,15 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dic
         assert len(fields) <= _MAX_FIELDS and all(len(f[1]) <= _FIELD_WIDTH for f in fields), fields
     except Exception as e:  # noqa: BLE001  (re-raised below, after the other ranks heard of it)
         error, fields = e, []
-    # fixed width: ranks whose local check failed send a flag and zeros
-    row = torch.zeros(1 + _FIELD_WIDTH * _MAX_FIELDS, dtype=torch.float64, device="cpu")  # (not the default device)
+    # fixed width: a flag (this rank's check failed), the number of fields, the fields (a rank
+    # whose check failed sends zeros)
+    row = torch.zeros(_HEAD + _FIELD_WIDTH * _MAX_FIELDS, dtype=torch.float64, device="cpu")  # (not the default device)
     row[0] = 1.0 if error is not None else 0.0
+    row[1] = len(fields)
     for i, (_, values, *_labels) in enumerate(fields):
         padded = list(values) + [float("nan")] * (_FIELD_WIDTH - len(values))
-        row[1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64, device="cpu")
+        row[_HEAD + i * _FIELD_WIDTH: _HEAD + (i + 1) * _FIELD_WIDTH] = torch.tensor(padded, dtype=torch.float64,
+                                                                                   device="cpu")
     row = row.to(group.device)
     rows = [torch.empty_like(row) for _ in range(group.world_size)]
     dist.all_gather(rows, row, group=group.group)
@@ -121,9 +125,15 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dic
         where = f"rank {failed} of the group" + ("" if group.group is None else
                                                   f" (global rank {dist.get_global_rank(pg, failed)})")
         raise ArgumentError(f"{where} rejected the call: {errors[failed]}")
+    # The fields every rank checked, in order, then their number (a rank with fewer fields
+    # would compare only its own: the difference would raise on the others alone).
+    counts = [int(c) for c in table[:, 1].tolist()]
+    common = min(counts)
     per_rank_fields: dict[str, list[list[float]]] = {}
     for i, (name, values, *labels) in enumerate(fields):
-        block = table[:, 1 + i * _FIELD_WIDTH: 1 + (i + 1) * _FIELD_WIDTH]
+        if i == common and len(set(counts)) > 1:
+            break
+        block = table[:, _HEAD + i * _FIELD_WIDTH: _HEAD + (i + 1) * _FIELD_WIDTH]
         if name.startswith("~"):
             per_rank_fields[name[1:]] = block[:, :len(values)].tolist()
             continue
@@ -132,4 +142,8 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dic
             per_rank = ", ".join(f"rank {r}: {_describe(block[r][~block[r].isnan()].tolist(), *labels)}"
                                  for r in range(group.world_size))
             raise ArgumentError(f"{name}: must be the same on every rank of the group, got {per_rank}")
+    if len(set(counts)) > 1:
+        raise ArgumentError(f"the call: not the same on every rank of the group (a different function or form of it, "
+                            f"or another step of the check), got rank 0: {counts[0]} checked fields, "
+                            + ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts) if r))
     return per_rank_fields

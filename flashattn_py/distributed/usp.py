@@ -49,11 +49,6 @@ def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulyss
     return shard(ring_rows, "ring", ulysses_rank, ulysses_size, dim=dim)
 
 
-# (ulysses_group, ring_group) pairs whose memberships were compared (_check_mesh): they
-# were the two axes of one mesh then, and groups do not change
-_MESHES: set = set()
-
-
 def _members_of(group, over: comm.Group) -> set[int]:
     """The union of ``group``'s members as each rank of ``over`` has them (one all_gather of
     world-size rows of ranks, -1 padded)."""
@@ -70,16 +65,17 @@ def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causa
                 deterministic, return_attn_probs, ulysses_group, ring_group, softcap, ring_layout):
     """The collective argument check, before any data moves, in three rounds: over the
     Ulysses group, over the ring group carrying the first round's failure, and over the
-    Ulysses group again carrying the second's (when the first passed). In a mesh a ring group holds one rank of
-    every Ulysses group, so a refusal anywhere reaches every rank, and the call's shapes and
-    options (the ring's own checks included, on the gathered rows) agree over the whole mesh.
-    That the groups are the two axes of one mesh: each round compares every rank's position
-    along the other axis, and the first call on a pair of groups compares the ranks of the
-    ring groups of this rank's Ulysses group with those of the Ulysses groups of its ring
-    group (both the whole mesh). Returns the Ulysses group and the first round's Checked."""
-    known = (ulysses_group, ring_group) in _MESHES
+    Ulysses group again carrying the second's (when the first passed). In a mesh a ring
+    group holds one rank of every Ulysses group, so a refusal anywhere reaches every rank,
+    and the call's shapes and options (the ring's own checks included, on the gathered rows)
+    agree over the whole mesh. Each round compares its number (a rank at another step of the
+    check, e.g. with its groups' roles swapped, is refused, not paired) and every rank's
+    position along the other axis; after the first and second rounds, the ranks of the ring
+    groups of this rank's Ulysses group and those of the Ulysses groups of its ring group are
+    gathered: in a mesh both are the whole mesh (a cycle of pairs passes the positions).
+    Returns the Ulysses group and the first round's Checked."""
 
-    def layout_check(carried: Optional[Exception], axis: str):
+    def layout_check(carried: Optional[Exception], step: int):
         def check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, _max_seqlen: int) -> list[tuple]:
             if carried is not None:
                 raise carried
@@ -98,11 +94,10 @@ def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causa
             if ring_layout == "zigzag" and cu is None and rows % 2:
                 raise ArgumentError(f"q: the zigzag ring holds two equal chunks per ring rank, so the {u_size} "
                                     f"ranks of ulysses_group x {q4.shape[1]} rows must be even")
-            fields = [ulysses.scheme_field(f"usp ({ring_layout})"),
+            fields = [ulysses.scheme_field(f"usp ({ring_layout})"), ("USP check round", [step]),
                       ("return_attn_probs", [float(bool(return_attn_probs))]),
-                      ("ring_group: rank, size", [r, r_size]) if axis == "ulysses" else
-                      ("ulysses_group: rank, size", [u, u_size]),
-                      ("ulysses_group, ring_group: compared before", [float(known)])]
+                      ("ulysses_group: rank, size", [u, u_size]) if step == 2 else
+                      ("ring_group: rank, size", [r, r_size])]
             length = 0
             if cu is not None:  # (the whole sequence's bound: the check's own is the group's rows)
                 length = api.at_most(api._length("max_seqlen", max_seqlen), rows * r_size)
@@ -116,36 +111,28 @@ def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causa
     error: Optional[Exception] = None
     group = checked = mesh = None
     try:
-        group, checked = checks.check_call(ulysses_group, "ulysses", *args, layout_check(None, "ulysses"))
-        mesh = None if known else _members_of(ring_group, group)
+        group, checked = checks.check_call(ulysses_group, "ulysses", *args, layout_check(None, 1))
+        mesh = _members_of(ring_group, group)
     except Exception as e:  # noqa: BLE001  (carried by the next rounds, raised after the last)
         error = e
     try:
-        ring_comm, _ = checks.check_call(ring_group, "ulysses", *args, layout_check(error, "ring"))
-        if not known:
-            across = _members_of(ulysses_group, ring_comm)
-            if across != mesh:
-                raise ArgumentError(f"ulysses_group, ring_group: not the two axes of one mesh: the ring groups of "
-                                    f"this rank's Ulysses group hold ranks {_few(mesh)}, the Ulysses groups of its "
-                                    f"ring group ranks {_few(across)}")
+        ring_comm, _ = checks.check_call(ring_group, "ulysses", *args, layout_check(error, 2))
+        across = _members_of(ulysses_group, ring_comm)
+        if across != mesh:
+            raise ArgumentError(f"ulysses_group, ring_group: not the two axes of one mesh: the ring groups of this "
+                                f"rank's Ulysses group hold ranks {_few(mesh)}, the Ulysses groups of its ring group "
+                                f"ranks {_few(across)}")
     except Exception as e:  # noqa: BLE001
         error = error or e
     if group is not None:  # (a first-round failure is known to the whole Ulysses group: all raise, none
         # runs this round, which a plain Ulysses call beside a USP one would not pair with)
         try:
-            comm.check_collectively(group, lambda: _raise(error))
+            checks.check_call(ulysses_group, "ulysses", *args, layout_check(error, 3))
         except Exception as e:  # noqa: BLE001
             error = error or e
     if error is not None:
         raise error
-    _MESHES.add((ulysses_group, ring_group))
     return group, checked
-
-
-def _raise(error: Optional[Exception]) -> list:
-    if error is not None:
-        raise error
-    return []
 
 
 def _few(ranks: set[int]) -> str:
