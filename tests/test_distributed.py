@@ -784,6 +784,14 @@ def worker_errors(rank, world, cases):
         except Exception as e:  # noqa: BLE001
             results[f"__gather_{shard_case}"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
                                                  "message": str(e)}
+    # packed offsets given on rank 0 only (rank 0 went on into the all_gather alone before the
+    # field counts were compared)
+    try:
+        cp.all_gather_shards(torch.randn(8, 2), "ring", dim=0, cu_seqlens=[0, 16] if rank == 0 else None)
+        results["__gather_offsets_on_one_rank"] = {"returned": True}
+    except Exception as e:  # noqa: BLE001
+        results["__gather_offsets_on_one_rank"] = {"argument_error": isinstance(e, flashattn_py.ArgumentError),
+                                                   "message": str(e)}
     # a packed form's kv split wrongly on rank 1 only: refused on every rank by the collective
     # check (the split ran before it and raised on rank 1 alone, leaving rank 0 waiting)
     try:
@@ -1142,6 +1150,11 @@ def _refused_on_every_rank(key: str, pattern: str) -> None:
 @pytest.mark.parametrize("shard_case", ["length", "same_numel"])
 def test_all_gather_shards_refuses_shards_that_differ(shard_case):
     _refused_on_every_rank(f"__gather_{shard_case}", r"\bx\b")
+
+
+@distributed
+def test_all_gather_shards_refuses_offsets_on_one_rank():
+    _refused_on_every_rank("__gather_offsets_on_one_rank", r"\bcu_seqlens\b")
 
 
 @distributed

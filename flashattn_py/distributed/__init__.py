@@ -370,8 +370,9 @@ def all_gather_shards(x: Tensor, layout: str, *, dim: int = 1, cu_seqlens=None, 
             raise ArgumentError(f"dim: expected an int in [-{x.dim()}, {x.dim()}), got {dim!r}")
         fields = [("x", list(x.shape)), ("x.dtype", [dtypes.index(str(x.dtype))], dtypes),
                   ("layout", [LAYOUTS.index(layout)], list(LAYOUTS)), ("dim", [dim % x.dim()])]
-        if cu_seqlens is not None:
-            fields.append(("cu_seqlens", fingerprint(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64))))
+        # (always a field, so that offsets on some ranks only are named as such)
+        fields.append(("cu_seqlens", [-1.0] if cu_seqlens is None else
+                       fingerprint(torch.tensor(_offsets(cu_seqlens), dtype=torch.int64))))
         return fields
 
     comm.check_collectively(ring, validate)

@@ -69,8 +69,10 @@ def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causa
     group holds one rank of every Ulysses group, so a refusal anywhere reaches every rank,
     and the call's shapes and options (the ring's own checks included, on the gathered rows)
     agree over the whole mesh. Each round compares its number (a rank at another step of the
-    check, e.g. with its groups' roles swapped, is refused, not paired) and every rank's
-    position along the other axis; after the first and second rounds, the ranks of the ring
+    check, e.g. ranks of one group that gave it different roles, is refused, not paired; a
+    cycle of swapped roles, where every rank's first group is another's second, waits in the
+    first round like a rank passing a group it is not in) and every rank's position along the
+    other axis; after the first and second rounds, the ranks of the ring
     groups of this rank's Ulysses group and those of the Ulysses groups of its ring group are
     gathered: in a mesh both are the whole mesh (a cycle of pairs passes the positions).
     Returns the Ulysses group and the first round's Checked."""
