@@ -128,10 +128,9 @@ def check_collectively(group: Group, validate: Callable[[], list[tuple]]) -> dic
     # The fields every rank checked, in order, then their number (a rank with fewer fields
     # would compare only its own: the difference would raise on the others alone).
     counts = [int(c) for c in table[:, 1].tolist()]
-    common = min(counts)
     per_rank_fields: dict[str, list[list[float]]] = {}
     for i, (name, values, *labels) in enumerate(fields):
-        if i == common and len(set(counts)) > 1:
+        if i == min(counts):
             break
         block = table[:, _HEAD + i * _FIELD_WIDTH: _HEAD + (i + 1) * _FIELD_WIDTH]
         if name.startswith("~"):

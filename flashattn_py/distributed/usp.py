@@ -30,13 +30,17 @@ def _position(group, name: str) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _check_ring_layout(ring_layout: str) -> None:
+    if ring_layout not in RING_LAYOUTS:
+        raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+
+
 def usp_shard(x: Tensor, ring_layout: str, ring_rank: int, ring_size: int, ulysses_rank: int, ulysses_size: int, *,
               dim: int = 1, cu_seqlens=None) -> Tensor:
     """Rank (ulysses_rank, ring_rank)'s rows of ``x`` (rows on ``dim``): the ring layout's
     rows of ring_rank (packed documents with ``cu_seqlens``: its pieces of every document),
     cut into ulysses_size contiguous pieces, the ulysses_rank-th."""
-    if ring_layout not in RING_LAYOUTS:
-        raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+    _check_ring_layout(ring_layout)
     for name, rank, size in (("ring", ring_rank, ring_size), ("ulysses", ulysses_rank, ulysses_size)):
         if not isinstance(size, int) or size < 1:
             raise ArgumentError(f"{name}_size: expected a positive int, got {size!r}")
@@ -72,17 +76,16 @@ def _check_mesh(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causa
     check, e.g. ranks of one group that gave it different roles, is refused, not paired; a
     cycle of swapped roles, where every rank's first group is another's second, waits in the
     first round like a rank passing a group it is not in) and every rank's position along the
-    other axis; after the first and second rounds, the ranks of the ring
-    groups of this rank's Ulysses group and those of the Ulysses groups of its ring group are
-    gathered: in a mesh both are the whole mesh (a cycle of pairs passes the positions).
+    other axis. After the first and second rounds, the ranks of the ring groups of this
+    rank's Ulysses group and those of the Ulysses groups of its ring group are gathered: in a
+    mesh both are the whole mesh (a cycle of pairs passes the positions).
     Returns the Ulysses group and the first round's Checked."""
 
     def layout_check(carried: Optional[Exception], step: int):
         def check(q4: Tensor, k4: Tensor, cu: Optional[Tensor], world: int, _max_seqlen: int) -> list[tuple]:
             if carried is not None:
                 raise carried
-            if ring_layout not in RING_LAYOUTS:
-                raise ArgumentError(f"ring_layout: expected one of {list(RING_LAYOUTS)}, got {ring_layout!r}")
+            _check_ring_layout(ring_layout)
             if cu is not None and ring_layout == "stripe":
                 raise ArgumentError("ring_layout: the stripe layout has no packed form (use ring or zigzag)")
             (u, u_size), (r, r_size) = _position(ulysses_group, "ulysses_group"), _position(ring_group, "ring_group")
