@@ -982,7 +982,9 @@ def _merges_leading_dims(t: Tensor) -> bool:
 class _NoOutputSeesAKey(torch.autograd.Function):
     """SDPA where no output element sees a key (an empty output, no keys, or dropout_p = 1):
     zeros (torch's result), and zero derivatives for every input. (setup_context and a vmap
-    rule: torch.func transforms take part only in Functions of that form.)"""
+    rule: torch.func transforms take part only in Functions of that form.) Traced by
+    torch.compile as it is; eager calls take _NoOutputSeesAKeyForwardAD, which Dynamo
+    refuses (a custom jvp)."""
 
     generate_vmap_rule = True
 
@@ -1001,9 +1003,27 @@ class _NoOutputSeesAKey(torch.autograd.Function):
         grads = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2]) for meta in ctx.inputs]
         return (None, *grads)
 
+
+
+class _NoOutputSeesAKeyForwardAD(_NoOutputSeesAKey):
+    """_NoOutputSeesAKey with its forward-mode derivative (zeros) for dual tensors and
+    torch.func.jvp."""
+
     @staticmethod
     def jvp(ctx, *tangents):
         return torch.zeros(ctx.out_shape, dtype=ctx.out_dtype, device=ctx.out_device)
+
+
+def _check_bool(name: str, value) -> bool:
+    """``value`` of a bool argument (a Python or NumPy bool, as torch's argument parser
+    takes), else TypeError naming it, as torch raises: truthiness would read "False" as
+    True."""
+    if type(value) is bool:
+        return value
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.bool_):
+        return bool(value)
+    raise TypeError(f"{name}: must be bool, not {type(value).__name__}")
 
 
 def scaled_dot_product_attention(
@@ -1039,7 +1059,8 @@ def scaled_dot_product_attention(
         does (float64 stays float64). Invalid arguments raise ``ArgumentError``, both a
         ValueError and (as torch's errors) a RuntimeError.
     """
-    return sdpa_with_softcap(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return sdpa_with_softcap(query, key, value, attn_mask, dropout_p, _check_bool("is_causal", is_causal), scale,
+                             _check_bool("enable_gqa", enable_gqa))
 
 
 def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -1050,6 +1071,8 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     0: none), for integrations whose models have one (transformers' Gemma 2)."""
     names = ("query", "key", "value")
     _check_tensors(names, query, key, value)
+    if attn_mask is not None:
+        _check_tensors(("attn_mask",), attn_mask)
     if query.is_nested or key.is_nested or value.is_nested:
         if softcap:
             raise ArgumentError("softcap: not supported with nested tensors")
@@ -1074,7 +1097,8 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     _check_dropout(0.0 if every_weight_dropped else dropout_p)
     check_softcap(softcap)
     qs, ks, vs = query.shape, key.shape, value.shape
-    if len(qs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1] and (qs[1] == ks[1] or enable_gqa):
+    if (len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
+            and (qs[1] == ks[1] or enable_gqa)):
         q4, k4, v4, lead = query, key, value, None  # the common call, without building shapes
     else:
         query, key, value, lead = _sdpa_leading_dims(query, key, value, enable_gqa)
@@ -1115,7 +1139,8 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
                                 for q, k, v, m in zip(query, key, value, mask_full)])
         mask4 = _as_4d(mask_full)
     if batch * num_heads * seqlen_q * head_dim_v == 0 or seqlen_k == 0 or every_weight_dropped:
-        out = _NoOutputSeesAKey.apply((batch, num_heads, seqlen_q, head_dim_v), q4, k4, v4, mask4)
+        empty = _NoOutputSeesAKey if torch.compiler.is_compiling() else _NoOutputSeesAKeyForwardAD
+        out = empty.apply((batch, num_heads, seqlen_q, head_dim_v), q4, k4, v4, mask4)
     else:
         if head_dim == 0:  # every score is 0; the empty sums (exact zeros) keep q and k in the graph
             q4, k4 = q4.sum(-1, keepdim=True), k4.sum(-1, keepdim=True)

@@ -200,6 +200,8 @@ SHAPES = {
     "seqlen_k_0": ((2, 3, 7, 8), (2, 3, 0, 8), (2, 3, 0, 8)),
     "head_dim_0": ((2, 3, 7, 0), (2, 3, 5, 0), (2, 3, 5, 8)),
     "head_dim_v_0": ((2, 3, 7, 8), (2, 3, 5, 8), (2, 3, 5, 0)),
+    # a 4-D query over 3-D key / value whose first two sizes match the query's (no shortcut)
+    "kv_rank_3_under_4d_query": ((1, 2, 3, 8), (1, 2, 8), (1, 2, 8)),
 }
 
 
@@ -239,6 +241,7 @@ def test_every_shape_torch_accepts(entry, shape, kind):
     ((4, 7, 8), (2, 5, 8), (2, 5, 8)),              # 3-D: dim -3 is heads under GQA
     ((2, 4, 7, 8), (2, 2, 5, 8), (2, 4, 5, 8)),     # key and value head counts differ
     ((2, 6, 7, 8), (1, 2, 5, 8), (2, 3, 5, 8)),     # both, and a broadcast batch
+    ((2, 4, 4, 8), (2, 5, 8), (2, 5, 8)),           # 3-D key / value under a 4-D query
 ])
 def test_gqa_shapes_torch_accepts(entry, shapes):
     gen = torch.Generator().manual_seed(9)
@@ -388,3 +391,46 @@ def test_meta_tensors_give_the_output_shape(entry):
         warnings.simplefilter("ignore")  # (the reference serves meta tensors, and says so)
         out = SDPAS[entry](q, k, v, is_causal=True)
     assert out.device.type == "meta" and out.shape == (2, 4, 7, 16)
+
+
+@pytest.mark.parametrize("case", ["seqlen_k_0", "seqlen_q_0", "dropout_1"])
+def test_compiled_fullgraph_where_no_output_sees_a_key(case):
+    # (zeros with zero gradients, as torch; the eager path's custom jvp is not traced)
+    q = torch.randn(1, 2, 0 if case == "seqlen_q_0" else 4, 8)
+    k = torch.randn(1, 2, 0 if case == "seqlen_k_0" else 5, 8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, k)]
+    dropout_p = 1.0 if case == "dropout_1" else 0.0
+    fn = torch.compile(lambda q, k, v: flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p),
+                       fullgraph=True, backend="aot_eager")
+    out = fn(*leaves)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(1, 2, q.shape[2], 8))
+    for t in leaves:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("entry", ["ours", "patched"])
+@pytest.mark.parametrize("name, value", [("is_causal", "False"), ("is_causal", None), ("is_causal", 1),
+                                         ("is_causal", torch.tensor(True)), ("enable_gqa", None),
+                                         ("enable_gqa", "True")])
+def test_bool_arguments_must_be_bools(entry, name, value):
+    # torch's parser raises TypeError; truthiness would read "False" as causal
+    q = torch.randn(1, 2, 4, 8)
+    call = flashattn_py.scaled_dot_product_attention if entry == "ours" else _sdpa_patched
+    with pytest.raises(TypeError, match=name):
+        call(q, q, q, **{name: value})
+
+
+def test_numpy_bools_are_bools():
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 2, 4, 8)
+    torch.testing.assert_close(flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=np.bool_(True)),
+                               flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("entry", ["ours", "patched"])
+def test_a_mask_that_is_not_a_tensor_is_named(entry):
+    q = torch.randn(1, 1, 2, 4)
+    call = flashattn_py.scaled_dot_product_attention if entry == "ours" else _sdpa_patched
+    with pytest.raises(TypeError, match="attn_mask"):
+        call(q, q, q, attn_mask=[[0.0, 0.0], [0.0, 0.0]])
