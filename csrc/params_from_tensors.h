@@ -214,13 +214,15 @@ struct FLASHATTN_HIDDEN AttnArgs {
 };
 
 // An int32 index tensor (cu_seqlens, seqused_k, block_table) on q's device, its rows
-// contiguous: the kernels read it as int32 arrays. `info` receives its metadata.
+// contiguous: the kernels read it as int32 arrays. `info` receives its metadata. (A last dim
+// of size 1 takes any stride, as torch's is_contiguous: its one element is read at the row's
+// start; e.g. a batch of one's column of a table, which the Python layer passes as it is.)
 inline const int32_t* index_tensor(const OptTensor& t, const TensorInfo& q, const char* name, int64_t dim,
                                    TensorInfo& info) {
   if (!t.has_value()) return nullptr;
   info = TensorInfo(*t);
   STD_TORCH_CHECK(info.dtype == codes().i32 && info.dim == dim && info.same_device(q) &&
-                      (info.numel() == 0 || info.stride(-1) == 1),
+                      (info.numel() == 0 || info.size(-1) == 1 || info.stride(-1) == 1),
                   "flashattn: ", name, " must be an int32 ", dim, "-D tensor on ", q.device_str(),
                   " with a contiguous last dim");
   return static_cast<const int32_t*>(info.data);
@@ -345,8 +347,8 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
   if (alibi_slopes.has_value()) {
     const TensorInfo a(*alibi_slopes);
     STD_TORCH_CHECK(a.same_device(q), "flashattn: alibi_slopes must be on q's device");
-    STD_TORCH_CHECK(a.dtype == codes().f32 && a.dim >= 1 && a.stride(-1) == 1,
-                    "flashattn: alibi_slopes must be float32 with a contiguous last dim");
+    STD_TORCH_CHECK(a.dtype == codes().f32 && a.dim >= 1 && (a.size(-1) == 1 || a.stride(-1) == 1),
+                    "flashattn: alibi_slopes must be float32 with a contiguous last dim");  // (as index_tensor)
     STD_TORCH_CHECK(a.size(-1) == p.num_heads && (a.dim == 1 || (a.dim == 2 && a.size(0) == p.batch)),
                     "flashattn: alibi_slopes must be (H,) or (B, H)");
     p.alibi_slopes = static_cast<const float*>(a.data);

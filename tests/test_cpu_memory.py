@@ -303,3 +303,42 @@ def test_key_gradients_without_query_heads_are_zero_in_reused_memory(packed):
     dk, dv = torch.autograd.grad(out, (k, v), torch.zeros_like(out))
     assert {dk.data_ptr(), dv.data_ptr()} == poisoned
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
+
+GQA_BACKWARD_SCRIPT = """
+import resource, torch, flashattn_py as f
+torch.set_num_threads({threads})
+gen = torch.Generator().manual_seed(3)
+def call(sk):
+    q = torch.randn(1, 16, 64, 64, generator=gen, dtype=torch.{dtype}).requires_grad_()
+    k, v = (torch.randn(1, sk, {heads_k}, 64, generator=gen, dtype=torch.{dtype}).requires_grad_() for _ in range(2))
+    out = f.flash_attn_func(q, k, v)
+    return out, (q, k, v)
+out, leaves = call(64)
+torch.autograd.grad(out, leaves, torch.ones_like(out))  # (the kernels' first-use setup)
+out, leaves = call({keys})
+dout = torch.ones_like(out)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+grads = torch.autograd.grad(out, leaves, dout)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("dtype, threads, heads_k, keys", [("float32", 2, 8, 4096), ("bfloat16", 1, 8, 4096),
+                                                           ("float32", 4, 8, 4096), ("float32", 2, 1, 8192)])
+def test_gqa_backward_memory_is_per_thread_not_per_query_head(dtype, threads, heads_k, keys):
+    # 64 query heads: a float32 buffer of dK and dV per (query head, key), 64 x keys x 128 x
+    # 4 B (128 or 256 MiB here), is what the backward must not take. What it takes instead:
+    # sums over whole groups (8 KV heads), a thread's keys (2 MiB); over parts of the
+    # group of one KV head (2 x threads parts), parts x 4 MiB; and each thread's packed K,
+    # V (and Q, dO) as any backward.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    script = GQA_BACKWARD_SCRIPT.format(dtype=dtype, threads=threads, heads_k=heads_k, keys=keys)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    grown = int(result.stdout.split()[-1])
+    gradients = 2 * keys * heads_k * 64 * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    per_query_head = 64 * keys * 128 * 4
+    assert grown < gradients + per_query_head // 4, (f"the backward's peak memory grew by {grown / MIB:.0f} MiB "
+                                                     f"(gradients: {gradients / MIB:.0f} MiB)")

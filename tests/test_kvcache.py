@@ -585,3 +585,34 @@ def test_paged_cache_of_more_than_2_30_slots(backend):
                     q[b].transpose(0, 1).to(dtype), keys.to(dtype), values.to(dtype)).transpose(0, 1)
             assert_rule(f"{backend} seq {b} num_splits={num_splits}", out[b], attend(torch.float64),
                         attend(torch.float16), OUT_FACTOR)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name", ["cache_seqlens", "cache_leftpad", "cache_batch_idx", "block_table", "alibi_slopes"])
+def test_a_batch_of_one_takes_index_views_of_any_stride(backend, name):
+    # A batch of one's index tensor as a column of a table: shape (1,) (block_table (1, 1)),
+    # a stride other than 1, which torch calls contiguous. The kernels read its one element;
+    # the same call with a fresh copy gives the same result and the same caches. (It was
+    # refused with an internal error, after the cache had been written.)
+    gen = torch.Generator().manual_seed(5)
+    heads = 1 if name == "alibi_slopes" else 2
+    q = torch.randn(1, 1, heads, 16, generator=gen)
+    k_cache, v_cache = torch.randn(3, 8, 1, 16, generator=gen), torch.randn(3, 8, 1, 16, generator=gen)
+    k, v = torch.randn(1, 1, 1, 16, generator=gen), torch.randn(1, 1, 1, 16, generator=gen)
+    table = {"cache_seqlens": [[9, 3, 7]], "cache_leftpad": [[9, 1, 7]], "cache_batch_idx": [[9, 2, 7]],
+             "block_table": [[2, 0, 1]]}.get(name)
+    if name == "alibi_slopes":
+        view = torch.rand(1, 3, generator=gen)[:, 1]
+    else:
+        view = torch.tensor(table, dtype=torch.int32)[:, 1:2] if name == "block_table" else \
+            torch.tensor(table, dtype=torch.int32)[:, 1]
+        view = view.as_strided(view.shape, (3,) * view.dim())
+    assert view.stride(-1) != 1
+    results = []
+    for arg in (view, view.clone(memory_format=torch.contiguous_format)):
+        kwargs = {"cache_seqlens": torch.tensor([3], dtype=torch.int32), name: arg}
+        caches = (k_cache.clone(), v_cache.clone())
+        out = flashattn_py.flash_attn_with_kvcache(q, *caches, k, v, causal=True, backend=backend, **kwargs)
+        results.append((out, *caches))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

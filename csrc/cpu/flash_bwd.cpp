@@ -1,14 +1,17 @@
 // Fused attention backward on the CPU: recomputes P from the forward's lse, block by
 // block; no Sq x Sk buffer.
 //
-// One task is one (batch, query head). For each key block it loops over the query blocks
-// that can see it (FlashAttention-2 order):
+// Per query head: for each key block it loops over the query blocks that can see it
+// (FlashAttention-2 order):
 //   S = scale Q K^T -> logits (softcap, ALiBi, mask) -> P = exp(logits - lse)
 //   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta) [* softcap'],
 //   dK += scale dS^T Q,  dQ += scale dS K   (dQ for the whole head in an fp32 buffer).
-// Every task owns its rows of dQ and its head's dK/dV, so the result does not depend on
-// thread timing (always deterministic). With GQA each query head's dK/dV go to a
-// float scratch and are summed over the group afterwards in a fixed order.
+// One task is one (batch, KV head): it does the query heads of the KV head's group in
+// turn, each as above, and sums their dK/dV per key in head order (in acc, with GQA) before
+// storing them; where that would leave the threads too few tasks, parts of a group (run_bwd).
+// Every task owns its rows of dQ and its KV head's dK/dV (or a part's sums of them), so the
+// result does not depend on thread timing (always deterministic), and GQA needs no
+// per-query-head dK/dV buffer: a thread's sums hold its keys of one KV head.
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
 // (every operand packed once per head), bf16 on the AMX tiles of tiles_amx.h or the
@@ -355,15 +358,27 @@ struct AmxBwdOperands {
 };
 #endif
 
+// dst = (first ? 0 : dst) + src, element by element: one step of a sum over query heads
+// in their order (from 0, so that a -0 term gives +0 as any sum starting at 0 does).
+template <typename acc>
+inline void add_row(const acc* src, int64_t n, bool first, acc* dst) {
+  if (first) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = acc(0) + src[d];
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] += src[d];
+  }
+}
+
 template <typename acc, typename Ops>
 struct BwdWorkspace {
   Ops ops;
   // The head's dQ and delta (and Q for row_scores); per block pair P, dP, dK, dV and the
-  // optional extras.
-  Scratch<acc> dq, delta, q_rows, s, dp, dcap, dk, dv, pz;
+  // optional extras; with GQA the sums over the group of dK / dV for the task's keys
+  // (`sum_keys` rows each).
+  Scratch<acc> dq, delta, q_rows, s, dp, dcap, dk, dv, pz, dk_sum, dv_sum;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   int64_t head = -1;             // b * H + h whose operands and delta are loaded
-  BwdWorkspace(const FlashParams& p, bool row_scores)
+  BwdWorkspace(const FlashParams& p, bool row_scores, int64_t sum_keys)
       : ops(p),
         dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
         delta(scratch<acc>(p.seqlen_q)),
@@ -374,6 +389,8 @@ struct BwdWorkspace {
         dk(scratch<acc>(Ops::BLOCK_K * ops.dk_stride())),
         dv(scratch<acc>(Ops::BLOCK_K * ops.dv_stride())),
         pz(scratch<acc>(p.dropout_p > 0.f ? Ops::BLOCK_Q * Ops::BLOCK_K : 0)),
+        dk_sum(scratch<acc>(sum_keys * p.head_dim)),
+        dv_sum(scratch<acc>(sum_keys * p.head_dim_v)),
         keep(new bool[Ops::BLOCK_K]) {}
 };
 
@@ -426,203 +443,251 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   const acc neg_inf = -std::numeric_limits<acc>::infinity();
   const acc scale = static_cast<acc>(p.scale64);  // (float: the same value as p.scale)
 
-  // With GQA, per-query-head dK/dV (H, key rows, D) in acc, reduced over the group below;
-  // key rows as in k: packed keys (total_k rows) or B x Sk.
-  const int64_t key_rows = p.cu_seqlens_k ? p.total_k : p.batch * Sk_max;
-  auto key_row = [&](int64_t b, const SeqView& sv, int64_t j) { return p.cu_seqlens_k ? sv.k_start + j : b * Sk_max + j; };
   // Gradients larger than the caches are streamed (store_row_maybe_streaming), as the
   // forward's out.
   const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.batch * Sq_max;
+  const int64_t key_rows = p.cu_seqlens_k ? p.total_k : p.batch * Sk_max;  // (as in k: packed, or B x Sk)
   const bool stream_dq = streamed<T>(q_rows * H * D), stream_dk = streamed<T>(key_rows * Hk * D),
              stream_dv = streamed<T>(key_rows * Hk * Dv);
-  Scratch<acc> dk_heads, dv_heads;
-  if (group > 1) {
-    dk_heads = scratch<acc>(H * key_rows * D);
-    dv_heads = scratch<acc>(H * key_rows * Dv);
-  }
 
-  // Tasks are heads. With fewer than two heads per thread (one head on a many-core CPU),
-  // each head's key blocks are also dealt round-robin into `splits` tasks (round-robin so
-  // that causal masks leave them equal work); each such task sums its own dQ, and the
-  // parts are added in split order at the end (the result does not depend on which
-  // thread ran what). Memory for the parts: splits x B x H x Sq x D, under 4 x threads
-  // heads' worth.
+  // Tasks are (sequence, KV head, part of its group of query heads). The group stays whole
+  // (parts = 1) unless its largest task would then be over 1 / (2 x threads) of the call's
+  // work (few KV heads, or one long sequence among short packed ones): then it is dealt
+  // into up to `group` parts of neighbouring heads, whose dK / dV sums go to a buffer of
+  // parts x KV heads' rows (parts = group: one per query head) and are added in part order
+  // at the end. With fewer than two tasks per thread (one head on a many-core CPU), each
+  // task's key blocks are also dealt round-robin into `splits` tasks (round-robin so that
+  // causal masks leave them equal work); each such task sums its own dQ of each query head,
+  // and those are added in split order at the end. The result does not depend on which
+  // thread ran what. Memory: the dQ parts, splits x B x H x Sq x D (under 4 x threads
+  // heads' worth); a whole group's sums, a task's keys of one KV head per thread; parts
+  // of groups, parts x B x Hk x Sk x (D + Dv), parts about 2 x threads / (B x Hk).
   const int64_t heads = p.batch * H, max_k_blocks = (Sk_max + BLOCK_K - 1) / BLOCK_K;
+  const int64_t parts = [&]() -> int64_t {
+    if (group == 1) return 1;
+    double work = 0, largest = 0;  // (rows x keys per sequence)
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const SeqView sv = seq_view(p, b);
+      const double w = static_cast<double>(sv.seqlen_q) * static_cast<double>(std::max<int64_t>(1, sv.seqlen_k));
+      work += w, largest = std::max(largest, w);
+    }
+    if (work == 0) return 1;
+    const double wanted = std::ceil(2.0 * torch::stable::get_num_threads() * group * largest / (H * work));
+    return std::clamp<int64_t>(static_cast<int64_t>(wanted), 1, group);
+  }();
   // (flash_cpu.h PARALLEL_MIN_WORK's estimate, at most: the five products and the scores
   // recomputed; a double, which cannot overflow)
   const double call_work = static_cast<double>(heads) * Sq_max * static_cast<double>(std::max<int64_t>(1, Sk_max)) *
                           (3 * D + 2 * Dv + 2 * SCORE_WORK) +
                       static_cast<double>(heads) * TASK_WORK;
-  const int64_t splits = key_splits(heads, max_k_blocks);
+  const int64_t splits = key_splits(p.batch * Hk * parts, max_k_blocks);
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq_max * D : 0);
-
+  // The sums of a task's query heads: a whole group's in the workspace (key block kb of a
+  // task at its (kb / splits)-th block), to be stored; a part's in dk_parts / dv_parts,
+  // part j of KV head hk at rows (j * Hk + hk) * key_rows + key_row, to be added up below.
+  auto key_row = [&](int64_t b, const SeqView& sv, int64_t j) { return p.cu_seqlens_k ? sv.k_start + j : b * Sk_max + j; };
+  const int64_t sum_keys = group > 1 && parts == 1 ? (max_k_blocks + splits - 1) / splits * BLOCK_K : 0;
+  Scratch<acc> dk_parts, dv_parts;
+  if (parts > 1) {
+    dk_parts = scratch<acc>(parts * Hk * key_rows * D);
+    dv_parts = scratch<acc>(parts * Hk * key_rows * Dv);
+  }
 
   using Workspace = BwdWorkspace<acc, Ops>;
   auto body = [&](int64_t task, Workspace& ws) {
-    const int64_t bh = task / splits, split = task % splits;
-    const int64_t b = bh / H, h = bh % H, hk = h / group;
+    // (with parts = group, task = (b * H + h) * splits + split: one query head per task)
+    const int64_t bhk_part = task / splits, split = task % splits;
+    const int64_t bhk = bhk_part / parts, part = bhk_part % parts;
+    const int64_t b = bhk / Hk, hk = bhk % Hk;
     const SeqView sv = seq_view(p, b);
     const Band w = band(p, sv);
     const int64_t Sq = sv.seqlen_q, Sk = sv.seqlen_k, num_k_blocks = (Sk + BLOCK_K - 1) / BLOCK_K;
-    const T* q_head = q + sv.q_offset + h * p.q_head_stride;
     const T* k_head = k + sv.k_offset + hk * p.k_head_stride;
     const T* v_head = v + sv.v_offset + hk * p.v_head_stride;
-    const T* o_head = out + b * p.o_batch_stride + sv.q_start * p.o_row_stride + h * p.o_head_stride;
-    const T* do_head = dout + b * p.do_batch_stride + sv.q_start * p.do_row_stride + h * p.do_head_stride;
-    const acc* lse_head = lse + lse_index(p, sv, h, 0);
-    acc* delta = ws.delta.get();
-    if (ws.head != bh) {  // a thread running several splits of a head loads it once
-      ws.ops.load(p, w, q_head, k_head, v_head, do_head);
-      if (row_scores) {
-        load_rows(q_head, p.q_row_stride, Sq, D, ws.q_rows.get(), D);
-        scale_row(ws.q_rows.get(), Sq * D, scale);
+    // Where the sums of key block kb's rows go (row stride D, Dv).
+    auto dk_sums = [&](int64_t kb) {
+      return parts == 1 ? ws.dk_sum.get() + kb / splits * BLOCK_K * D
+                        : dk_parts.get() + ((part * Hk + hk) * key_rows + key_row(b, sv, kb * BLOCK_K)) * D;
+    };
+    auto dv_sums = [&](int64_t kb) {
+      return parts == 1 ? ws.dv_sum.get() + kb / splits * BLOCK_K * Dv
+                        : dv_parts.get() + ((part * Hk + hk) * key_rows + key_row(b, sv, kb * BLOCK_K)) * Dv;
+    };
+    const int64_t g0 = part * group / parts, g1 = (part + 1) * group / parts;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t h = hk * group + g, bh = b * H + h;
+      const T* q_head = q + sv.q_offset + h * p.q_head_stride;
+      const T* o_head = out + b * p.o_batch_stride + sv.q_start * p.o_row_stride + h * p.o_head_stride;
+      const T* do_head = dout + b * p.do_batch_stride + sv.q_start * p.do_row_stride + h * p.do_head_stride;
+      const acc* lse_head = lse + lse_index(p, sv, h, 0);
+      acc* delta = ws.delta.get();
+      if (ws.head != bh) {  // (a thread running several splits of a head alone, no group, loads it once)
+        ws.ops.load(p, w, q_head, k_head, v_head, do_head);
+        if (row_scores) {
+          load_rows(q_head, p.q_row_stride, Sq, D, ws.q_rows.get(), D);
+          scale_row(ws.q_rows.get(), Sq * D, scale);
+        }
+        for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
+          delta[i] = row_dot<T, acc>(do_head + i * p.do_row_stride, o_head + i * p.o_row_stride, Dv);
+        }
+        ws.head = bh;
       }
-      for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
-        delta[i] = row_dot<T, acc>(do_head + i * p.do_row_stride, o_head + i * p.o_row_stride, Dv);
-      }
-      ws.head = bh;
-    }
-    const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
-    constexpr int64_t lds = BLOCK_K;  // score row stride
-    acc* dqa = ws.dq.get();
-    std::fill(dqa, dqa + Sq * ldq_grad, acc(0));
-    const float slope = alibi_slope(p, b, h);
-    acc *s = ws.s.get(), *dp = ws.dp.get(), *dka = ws.dk.get(), *dva = ws.dv.get();
-    acc* dcap = p.softcap > 0.f ? ws.dcap.get() : nullptr;
+      const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
+      constexpr int64_t lds = BLOCK_K;  // score row stride
+      acc* dqa = ws.dq.get();
+      std::fill(dqa, dqa + Sq * ldq_grad, acc(0));
+      const float slope = alibi_slope(p, b, h);
+      acc *s = ws.s.get(), *dp = ws.dp.get(), *dka = ws.dk.get(), *dva = ws.dv.get();
+      acc* dcap = p.softcap > 0.f ? ws.dcap.get() : nullptr;
 
-    for (int64_t kb = split; kb < num_k_blocks; kb += splits) {
-      const int64_t col0 = kb * BLOCK_K, block_cols = std::min(BLOCK_K, Sk - col0);
-      std::fill(dka, dka + block_cols * ldk_grad, acc(0));
-      std::fill(dva, dva + block_cols * ldv_grad, acc(0));
-      const KeyRange rows_seen =
-          keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(w, col0, col0 + block_cols);
-      // One block pair: query rows [row0, row0 + rows) against keys [key0, key0 + cols),
-      // which lie inside the key block at col0.
-      auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
-        acc* dk_part = dka + (key0 - col0) * ldk_grad;
-        acc* dv_part = dva + (key0 - col0) * ldv_grad;
-        bool scored = false;
-#ifdef FLASHATTN_CPU_TILES
-        if constexpr (tiles::has_load8<T>()) {
-          if (row_scores) {
-            tiles::row_scores(ws.q_rows.get() + row0 * D, rows, k_head + key0 * p.k_row_stride, p.k_row_stride,
-                              cols, D, s, lds);
-            scored = true;
+      for (int64_t kb = split; kb < num_k_blocks; kb += splits) {
+        const int64_t col0 = kb * BLOCK_K, block_cols = std::min(BLOCK_K, Sk - col0);
+        std::fill(dka, dka + block_cols * ldk_grad, acc(0));
+        std::fill(dva, dva + block_cols * ldv_grad, acc(0));
+        const KeyRange rows_seen =
+            keys_all_masked(p, b, h, col0, block_cols) ? KeyRange{0, 0} : visible_rows(w, col0, col0 + block_cols);
+        // One block pair: query rows [row0, row0 + rows) against keys [key0, key0 + cols),
+        // which lie inside the key block at col0.
+        auto block_pair = [&](int64_t row0, int64_t rows, int64_t key0, int64_t cols) {
+          acc* dk_part = dka + (key0 - col0) * ldk_grad;
+          acc* dv_part = dva + (key0 - col0) * ldv_grad;
+          bool scored = false;
+  #ifdef FLASHATTN_CPU_TILES
+          if constexpr (tiles::has_load8<T>()) {
+            if (row_scores) {
+              tiles::row_scores(ws.q_rows.get() + row0 * D, rows, k_head + key0 * p.k_row_stride, p.k_row_stride,
+                                cols, D, s, lds);
+              scored = true;
+            }
           }
-        }
-#endif
-        if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
-        // As in the forward: the common case needs no per-row transform, and a row the band
-        // masks only computes P up to its last visible key (0 after it).
-        const bool transform = scores_need_transform(p, slope);
-        const bool logits = !transform && all_rows_see(w, row0, rows, key0, cols);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc* srow = s + r * lds;
-          int64_t row_n = cols;  // the row's P [0, row_n) of the block's cols; the rest are 0
-          if (transform) {
-            transform_scores<T, acc>(p, w, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
-                                     dcap ? dcap + r * lds : nullptr);
-          } else if (!logits) {
-            row_n = mask_band_start(w, srow, cols, row0 + r, key0);
-          }
-          const acc row_lse = lse_head[row0 + r];
-          if (row_lse == neg_inf) {
-            std::fill(srow, srow + cols, acc(0));
-          } else {
-            exp_shift_sum(srow, row_n, row_lse);  // P, in place
-            std::fill(srow + row_n, srow + cols, acc(0));
-          }
-        }
-        ws.ops.dprobs(row0, rows, key0, cols, dp, lds);  // dP = dO V^T
-        if (p.dropout_p > 0.f) {
-          // With Z the scaled keep mask: dV += (P*Z)^T dO (P*Z into `pz`) and dP *= Z.
+  #endif
+          if (!scored) ws.ops.scores(row0, rows, key0, cols, s, lds);
+          // As in the forward: the common case needs no per-row transform, and a row the band
+          // masks only computes P up to its last visible key (0 after it).
+          const bool transform = scores_need_transform(p, slope);
+          const bool logits = !transform && all_rows_see(w, row0, rows, key0, cols);
           for (int64_t r = 0; r < rows; ++r) {
-            acc* pz = ws.pz.get() + r * lds;
-            std::copy(s + r * lds, s + r * lds + cols, pz);
-            apply_dropout(p, pz, cols, lse_index(p, sv, h, row0 + r), key0, ws.keep.get());
+            acc* srow = s + r * lds;
+            int64_t row_n = cols;  // the row's P [0, row_n) of the block's cols; the rest are 0
+            if (transform) {
+              transform_scores<T, acc>(p, w, srow, cols, row0 + r, key0, slope, bias_row<T>(p, b, h, row0 + r),
+                                       dcap ? dcap + r * lds : nullptr);
+            } else if (!logits) {
+              row_n = mask_band_start(w, srow, cols, row0 + r, key0);
+            }
+            const acc row_lse = lse_head[row0 + r];
+            if (row_lse == neg_inf) {
+              std::fill(srow, srow + cols, acc(0));
+            } else {
+              exp_shift_sum(srow, row_n, row_lse);  // P, in place
+              std::fill(srow + row_n, srow + cols, acc(0));
+            }
+          }
+          ws.ops.dprobs(row0, rows, key0, cols, dp, lds);  // dP = dO V^T
+          if (p.dropout_p > 0.f) {
+            // With Z the scaled keep mask: dV += (P*Z)^T dO (P*Z into `pz`) and dP *= Z.
+            for (int64_t r = 0; r < rows; ++r) {
+              acc* pz = ws.pz.get() + r * lds;
+              std::copy(s + r * lds, s + r * lds + cols, pz);
+              apply_dropout(p, pz, cols, lse_index(p, sv, h, row0 + r), key0, ws.keep.get());
+              acc* drow = dp + r * lds;
+              keep_scale_row(drow, ws.keep.get(), cols, dropout_scale<acc>(p));
+            }
+          }
+          // dV += (P [* Z])^T dO
+          ws.ops.add_dv(row0, rows, cols, p.dropout_p > 0.f ? ws.pz.get() : s, lds, dv_part, key0 - col0);
+          using V = Vec<acc>;
+          for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
+            acc* prow = s + r * lds;
             acc* drow = dp + r * lds;
-            keep_scale_row(drow, ws.keep.get(), cols, dropout_scale<acc>(p));
+            const V vdelta(delta[row0 + r]);
+            int64_t c = 0;
+            // A row that sees no key: dS 0 (its P is 0, but 0 times the dP of an infinite V
+            // is NaN), so that its gradients are 0 (docs/design.md).
+            if (lse_head[row0 + r] == neg_inf) {
+              std::fill(drow, drow + cols, acc(0));
+              c = cols;
+            }
+            for (; c + V::size() <= cols; c += V::size()) {
+              (V::loadu(prow + c) * (V::loadu(drow + c) - vdelta)).store(drow + c);
+            }
+            for (; c < cols; ++c) drow[c] = prow[c] * (drow[c] - delta[row0 + r]);
+            if (p.dbias) {  // the bias is added to the final logits: dBias = dS before softcap'
+              float* db = p.dbias + ((bh * Sq) + row0 + r) * Sk + key0;
+              for (c = 0; c < cols; ++c) db[c] = static_cast<float>(drow[c]);
+            }
+            if (dcap) {
+              const acc* crow = dcap + r * lds;
+              for (c = 0; c < cols; ++c) drow[c] *= crow[c];
+            }
+          }
+          // dK += scale dS^T Q;  dQ += dS K (scaled when stored)
+          ws.ops.add_dk(row0, rows, cols, dp, lds, dk_part, key0 - col0);
+          ws.ops.add_dq(rows, key0, cols, dp, lds, dqa + row0 * ldq_grad);
+        };
+        // Causal or windowed pairs are done in panels of PANEL_Q rows, each over only the
+        // keys its rows can see (the masked corner of a diagonal pair is not computed).
+        // Row blocks start on a multiple of ROW_ALIGN and key ranges on a multiple of
+        // KEY_ALIGN (the tiles' row groups and key panels); the extra rows and keys are
+        // invisible, so their P and dS are 0.
+        for (int64_t row0 = rows_seen.lo / Ops::ROW_ALIGN * Ops::ROW_ALIGN; row0 < rows_seen.hi; row0 += BLOCK_Q) {
+          const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
+          if (all_rows_see(w, row0, rows, col0, block_cols)) {
+            block_pair(row0, rows, col0, block_cols);
+            continue;
+          }
+          for (int64_t r0 = row0; r0 < row0 + rows; r0 += PANEL_Q) {
+            const int64_t r1 = std::min(row0 + rows, r0 + PANEL_Q);
+            const KeyRange seen = clip(visible_keys(w, r0, r1), col0, block_cols);
+            const int64_t lo = seen.lo / Ops::KEY_ALIGN * Ops::KEY_ALIGN;
+            if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + lo, seen.hi - lo);
           }
         }
-        // dV += (P [* Z])^T dO
-        ws.ops.add_dv(row0, rows, cols, p.dropout_p > 0.f ? ws.pz.get() : s, lds, dv_part, key0 - col0);
-        using V = Vec<acc>;
-        for (int64_t r = 0; r < rows; ++r) {  // dS = P * (dP - delta) [* softcap']
-          acc* prow = s + r * lds;
-          acc* drow = dp + r * lds;
-          const V vdelta(delta[row0 + r]);
-          int64_t c = 0;
-          // A row that sees no key: dS 0 (its P is 0, but 0 times the dP of an infinite V
-          // is NaN), so that its gradients are 0 (docs/design.md).
-          if (lse_head[row0 + r] == neg_inf) {
-            std::fill(drow, drow + cols, acc(0));
-            c = cols;
+        ws.ops.finish_key_block(block_cols, dka, ldk_grad, dva, ldv_grad);
+        if (group == 1) {
+          T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
+          T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;
+          for (int64_t c = 0; c < block_cols; ++c) {
+            store_row_maybe_streaming<T, acc>(stream_dk, dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
+            store_row_maybe_streaming<T, acc>(stream_dv, dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
           }
-          for (; c + V::size() <= cols; c += V::size()) {
-            (V::loadu(prow + c) * (V::loadu(drow + c) - vdelta)).store(drow + c);
+        } else {  // summed over the task's heads, in head order (from 0: 0 + x, as a sum starts)
+          acc* dk_sum = dk_sums(kb);
+          acc* dv_sum = dv_sums(kb);
+          for (int64_t c = 0; c < block_cols; ++c) {
+            add_row(dka + c * ldk_grad, D, g == g0, dk_sum + c * D);
+            add_row(dva + c * ldv_grad, Dv, g == g0, dv_sum + c * Dv);
           }
-          for (; c < cols; ++c) drow[c] = prow[c] * (drow[c] - delta[row0 + r]);
-          if (p.dbias) {  // the bias is added to the final logits: dBias = dS before softcap'
-            float* db = p.dbias + ((bh * Sq) + row0 + r) * Sk + key0;
-            for (c = 0; c < cols; ++c) db[c] = static_cast<float>(drow[c]);
-          }
-          if (dcap) {
-            const acc* crow = dcap + r * lds;
-            for (c = 0; c < cols; ++c) drow[c] *= crow[c];
-          }
-        }
-        // dK += scale dS^T Q;  dQ += dS K (scaled when stored)
-        ws.ops.add_dk(row0, rows, cols, dp, lds, dk_part, key0 - col0);
-        ws.ops.add_dq(rows, key0, cols, dp, lds, dqa + row0 * ldq_grad);
-      };
-      // Causal or windowed pairs are done in panels of PANEL_Q rows, each over only the
-      // keys its rows can see (the masked corner of a diagonal pair is not computed).
-      // Row blocks start on a multiple of ROW_ALIGN and key ranges on a multiple of
-      // KEY_ALIGN (the tiles' row groups and key panels); the extra rows and keys are
-      // invisible, so their P and dS are 0.
-      for (int64_t row0 = rows_seen.lo / Ops::ROW_ALIGN * Ops::ROW_ALIGN; row0 < rows_seen.hi; row0 += BLOCK_Q) {
-        const int64_t rows = std::min(BLOCK_Q, rows_seen.hi - row0);
-        if (all_rows_see(w, row0, rows, col0, block_cols)) {
-          block_pair(row0, rows, col0, block_cols);
-          continue;
-        }
-        for (int64_t r0 = row0; r0 < row0 + rows; r0 += PANEL_Q) {
-          const int64_t r1 = std::min(row0 + rows, r0 + PANEL_Q);
-          const KeyRange seen = clip(visible_keys(w, r0, r1), col0, block_cols);
-          const int64_t lo = seen.lo / Ops::KEY_ALIGN * Ops::KEY_ALIGN;
-          if (seen.hi > seen.lo) block_pair(r0, r1 - r0, col0 + lo, seen.hi - lo);
         }
       }
-      ws.ops.finish_key_block(block_cols, dka, ldk_grad, dva, ldv_grad);
-      if (group == 1) {
-        T* dk_blk = dk + b * p.dk_batch_stride + h * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
-        T* dv_blk = dv + b * p.dv_batch_stride + h * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;
-        for (int64_t c = 0; c < block_cols; ++c) {
-          store_row_maybe_streaming<T, acc>(stream_dk, dka + c * ldk_grad, D, acc(1), dk_blk + c * p.dk_row_stride);
-          store_row_maybe_streaming<T, acc>(stream_dv, dva + c * ldv_grad, Dv, acc(1), dv_blk + c * p.dv_row_stride);
+      if (splits == 1) {
+        T* dq_head = dq + b * p.dq_batch_stride + sv.q_start * p.dq_row_stride + h * p.dq_head_stride;
+        for (int64_t i = 0; i < Sq; ++i) {
+          store_row_maybe_streaming<T, acc>(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
         }
       } else {
+        acc* part = dq_parts.get() + (bh * splits + split) * Sq_max * D;
+        for (int64_t i = 0; i < Sq; ++i) std::copy(dqa + i * ldq_grad, dqa + i * ldq_grad + D, part + i * D);
+      }
+    }  // (the task's query heads)
+    if (group > 1 && parts == 1) {  // the KV head's dK / dV: its sums over the group
+      for (int64_t kb = split; kb < num_k_blocks; kb += splits) {
+        const int64_t col0 = kb * BLOCK_K, block_cols = std::min(BLOCK_K, Sk - col0);
+        const acc* dk_sum = dk_sums(kb);
+        const acc* dv_sum = dv_sums(kb);
+        T* dk_blk = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + (sv.k_start + col0) * p.dk_row_stride;
+        T* dv_blk = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + (sv.k_start + col0) * p.dv_row_stride;
         for (int64_t c = 0; c < block_cols; ++c) {
-          const int64_t row = h * key_rows + key_row(b, sv, col0 + c);
-          std::copy(dka + c * ldk_grad, dka + c * ldk_grad + D, dk_heads.get() + row * D);
-          std::copy(dva + c * ldv_grad, dva + c * ldv_grad + Dv, dv_heads.get() + row * Dv);
+          store_row_maybe_streaming<T, acc>(stream_dk, dk_sum + c * D, D, acc(1), dk_blk + c * p.dk_row_stride);
+          store_row_maybe_streaming<T, acc>(stream_dv, dv_sum + c * Dv, Dv, acc(1), dv_blk + c * p.dv_row_stride);
         }
       }
     }
-    if (splits == 1) {
-      T* dq_head = dq + b * p.dq_batch_stride + sv.q_start * p.dq_row_stride + h * p.dq_head_stride;
-      for (int64_t i = 0; i < Sq; ++i) {
-        store_row_maybe_streaming<T, acc>(stream_dq, dqa + i * ldq_grad, D, scale, dq_head + i * p.dq_row_stride);
-      }
-    } else {
-      acc* part = dq_parts.get() + (bh * splits + split) * Sq_max * D;
-      for (int64_t i = 0; i < Sq; ++i) std::copy(dqa + i * ldq_grad, dqa + i * ldq_grad + D, part + i * D);
-    }
-    if (stream_dq || (group == 1 && (stream_dk || stream_dv))) stream_fence();
+    if (stream_dq || (parts == 1 && (stream_dk || stream_dv))) stream_fence();
   };
 
   for_each_task(
-      heads * splits, call_work, [&] { return Workspace(p, row_scores); }, body);
+      p.batch * Hk * parts * splits, call_work, [&] { return Workspace(p, row_scores, sum_keys); }, body);
 
   if (splits > 1) {  // dQ = scale * (sum of the parts, in split order)
     parallel_for(0, heads * Sq_max, 64, [&](int64_t begin, int64_t end) {
@@ -644,26 +709,24 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
     });
   }
 
-  if (group > 1) {  // dK/dV of a kv head = sum over its query heads, in head order
+  if (parts > 1) {  // dK/dV of a kv head = sum over its parts' sums, in part order
     parallel_for(0, p.batch * Hk, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc> sum(std::max(D, Dv));
       for (int64_t bhk = begin; bhk < end; ++bhk) {
         const int64_t b = bhk / Hk, hk = bhk % Hk;
         const SeqView sv = seq_view(p, b);
-        const acc* dk0 = dk_heads.get() + hk * group * key_rows * D;  // query head hk * group
-        const acc* dv0 = dv_heads.get() + hk * group * key_rows * Dv;
         for (int64_t j = 0; j < sv.seqlen_k; ++j) {
-          const int64_t row = sv.k_start + j, scratch_row = key_row(b, sv, j);
+          const int64_t row = sv.k_start + j, sum_row = hk * key_rows + key_row(b, sv, j);  // (part 0's)
           T* dk_row = dk + b * p.dk_batch_stride + hk * p.dk_head_stride + row * p.dk_row_stride;
           T* dv_row = dv + b * p.dv_batch_stride + hk * p.dv_head_stride + row * p.dv_row_stride;
           for (int64_t d = 0; d < D; ++d) {
             sum[d] = 0;
-            for (int64_t g = 0; g < group; ++g) sum[d] += dk0[(g * key_rows + scratch_row) * D + d];
+            for (int64_t j2 = 0; j2 < parts; ++j2) sum[d] += dk_parts[(j2 * Hk * key_rows + sum_row) * D + d];
           }
           store_row_maybe_streaming<T, acc>(stream_dk, sum.data(), D, acc(1), dk_row);
           for (int64_t d = 0; d < Dv; ++d) {
             sum[d] = 0;
-            for (int64_t g = 0; g < group; ++g) sum[d] += dv0[(g * key_rows + scratch_row) * Dv + d];
+            for (int64_t j2 = 0; j2 < parts; ++j2) sum[d] += dv_parts[(j2 * Hk * key_rows + sum_row) * Dv + d];
           }
           store_row_maybe_streaming<T, acc>(stream_dv, sum.data(), Dv, acc(1), dv_row);
         }
