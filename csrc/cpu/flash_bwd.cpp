@@ -14,9 +14,10 @@
 // per-query-head dK/dV buffer: a thread's sums hold its keys of one KV head.
 //
 // The five products run on the AVX2 tiles of tiles.h for float and 16-bit inputs on x86
-// (every operand packed once per head), bf16 on the AMX tiles of tiles_amx.h or the
-// AVX512-BF16 tiles of tiles_bf16.h as the forward (switches.h), else through BLAS
-// (double, other CPUs, float calls with under 16 queries).
+// (Q and dO packed once per query head, K and V once per run of a group's heads on a
+// thread), bf16 on the AMX tiles of tiles_amx.h or the AVX512-BF16 tiles of tiles_bf16.h
+// as the forward (switches.h), else through BLAS (double, other CPUs, float calls with
+// under 16 queries).
 #include "flash_cpu.h"
 
 #include "blas.h"
@@ -71,10 +72,14 @@ struct BlasBwdOperands {
   int64_t dv_stride() const { return Dv; }
   int64_t dq_stride() const { return D; }
 
-  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+  // (kv_loaded: K and V are those of the last load, another query head of their group)
+  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head,
+            bool kv_loaded) {
     q = operand<T, acc>(q_head, p.q_row_stride, w.seqlen_q, D, qw.get(), ldq);
-    k = operand<T, acc>(k_head, p.k_row_stride, w.seqlen_k, D, kw.get(), ldk);
-    v = operand<T, acc>(v_head, p.v_row_stride, w.seqlen_k, Dv, vw.get(), ldv);
+    if (!kv_loaded) {
+      k = operand<T, acc>(k_head, p.k_row_stride, w.seqlen_k, D, kw.get(), ldk);
+      v = operand<T, acc>(v_head, p.v_row_stride, w.seqlen_k, Dv, vw.get(), ldv);
+    }
     dout = operand<T, acc>(do_head, p.do_row_stride, w.seqlen_q, Dv, dow.get(), lddo);
   }
   // s = scale Q K^T
@@ -136,13 +141,16 @@ struct TileBwdOperands {
   int64_t dv_stride() const { return Dv16; }
   int64_t dq_stride() const { return D16; }
 
-  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head) {
+  void load(const FlashBwdParams& p, const Band& w, const T* q_head, const T* k_head, const T* v_head, const T* do_head,
+            bool kv_loaded) {
     const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k;
     tiles::pack_q(q_head, p.q_row_stride, Sq, D, scale, q_groups.get());
     tiles::pack_q(do_head, p.do_row_stride, Sq, Dv, 1.f, do_groups.get());
-    tiles::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
-    tiles::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
-    tiles::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles::NR);
+    if (!kv_loaded) {
+      tiles::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+      tiles::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+      tiles::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles::NR);
+    }
     tiles::pack_v(q_head, p.q_row_stride, Sq, D, q_cols.get(), sq16 * tiles::NR);
     tiles::pack_v(do_head, p.do_row_stride, Sq, Dv, do_cols.get(), sq16 * tiles::NR);
   }
@@ -213,13 +221,15 @@ struct Bf16DotBwdOperands {
   int64_t dq_stride() const { return D16; }
 
   void load(const FlashBwdParams& p, const Band& w, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
-            const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
+            const c10::BFloat16* v_head, const c10::BFloat16* do_head, bool kv_loaded) {
     const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k, D = p.head_dim, Dv = p.head_dim_v;
     tiles_bf16::pack_q(q_head, p.q_row_stride, Sq, D, q_groups.get());
     tiles_bf16::pack_q(do_head, p.do_row_stride, Sq, Dv, do_groups.get());
-    tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
-    tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
-    tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    if (!kv_loaded) {
+      tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+      tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+      tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    }
     tiles_bf16::pack_v(q_head, p.q_row_stride, Sq, D, q_cols.get(), sq16 * tiles_bf16::NR / 2);
     tiles_bf16::pack_v(do_head, p.do_row_stride, Sq, Dv, do_cols.get(), sq16 * tiles_bf16::NR / 2);
   }
@@ -307,13 +317,15 @@ struct AmxBwdOperands {
   int64_t dq_stride() const { return D16; }
 
   void load(const FlashBwdParams& p, const Band& w, const c10::BFloat16* q_head, const c10::BFloat16* k_head,
-            const c10::BFloat16* v_head, const c10::BFloat16* do_head) {
+            const c10::BFloat16* v_head, const c10::BFloat16* do_head, bool kv_loaded) {
     const int64_t Sq = w.seqlen_q, Sk = w.seqlen_k;
     tiles_amx::pack_q(q_head, p.q_row_stride, Sq, D, q_pairs.get());
     tiles_amx::pack_q(do_head, p.do_row_stride, Sq, Dv, do_pairs.get());
-    tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
-    tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
-    tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    if (!kv_loaded) {
+      tiles_bf16::pack_k(k_head, p.k_row_stride, Sk, D, k_panels.get());
+      tiles_bf16::pack_k(v_head, p.v_row_stride, Sk, Dv, v_panels.get());
+      tiles_bf16::pack_v(k_head, p.k_row_stride, Sk, D, k_cols.get(), sk16 * tiles_bf16::NR / 2);
+    }
     tiles_amx::pack_t(q_head, p.q_row_stride, Sq, D, D16, q_t.get(), sq16 / 2);
     tiles_amx::pack_t(do_head, p.do_row_stride, Sq, Dv, Dv16, do_t.get(), sq16 / 2);
   }
@@ -378,6 +390,7 @@ struct BwdWorkspace {
   Scratch<acc> dq, delta, q_rows, s, dp, dcap, dk, dv, pz, dk_sum, dv_sum;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   int64_t head = -1;             // b * H + h whose operands and delta are loaded
+  int64_t kv_head = -1;          // b * Hk + hk whose K and V are (a group's heads share them)
   BwdWorkspace(const FlashParams& p, bool row_scores, int64_t sum_keys)
       : ops(p),
         dq(scratch<acc>(p.seqlen_q * ops.dq_stride())),
@@ -522,7 +535,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
       const acc* lse_head = lse + lse_index(p, sv, h, 0);
       acc* delta = ws.delta.get();
       if (ws.head != bh) {  // (a thread running several splits of a head alone, no group, loads it once)
-        ws.ops.load(p, w, q_head, k_head, v_head, do_head);
+        ws.ops.load(p, w, q_head, k_head, v_head, do_head, ws.kv_head == bhk);
         if (row_scores) {
           load_rows(q_head, p.q_row_stride, Sq, D, ws.q_rows.get(), D);
           scale_row(ws.q_rows.get(), Sq * D, scale);
@@ -530,7 +543,7 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
         for (int64_t i = 0; i < Sq; ++i) {  // delta_i = sum_d dO_id * O_id
           delta[i] = row_dot<T, acc>(do_head + i * p.do_row_stride, o_head + i * p.o_row_stride, Dv);
         }
-        ws.head = bh;
+        ws.head = bh, ws.kv_head = bhk;
       }
       const int64_t ldq_grad = ws.ops.dq_stride(), ldk_grad = ws.ops.dk_stride(), ldv_grad = ws.ops.dv_stride();
       constexpr int64_t lds = BLOCK_K;  // score row stride
