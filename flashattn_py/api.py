@@ -1015,14 +1015,10 @@ class _NoOutputSeesAKeyForwardAD(_NoOutputSeesAKey):
 
 
 def _check_bool(name: str, value) -> bool:
-    """``value`` of a bool argument (a Python or NumPy bool, as torch's argument parser
-    takes), else TypeError naming it, as torch raises: truthiness would read "False" as
-    True."""
+    """``value`` of a bool argument, else TypeError naming it, as torch's argument parser
+    raises (for NumPy bools too): truthiness would read "False" as True."""
     if type(value) is bool:
         return value
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.bool_):
-        return bool(value)
     raise TypeError(f"{name}: must be bool, not {type(value).__name__}")
 
 

@@ -476,8 +476,13 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
   // heads' worth); a whole group's sums, a task's keys of one KV head per thread; parts
   // of groups, parts x B x Hk x Sk x (D + Dv), parts about 2 x threads / (B x Hk).
   const int64_t heads = p.batch * H, max_k_blocks = (Sk_max + BLOCK_K - 1) / BLOCK_K;
+  // (flash_cpu.h PARALLEL_MIN_WORK's estimate, at most: the five products and the scores
+  // recomputed; a double, which cannot overflow)
+  const double call_work = static_cast<double>(heads) * Sq_max * static_cast<double>(std::max<int64_t>(1, Sk_max)) *
+                          (3 * D + 2 * Dv + 2 * SCORE_WORK) +
+                      static_cast<double>(heads) * TASK_WORK;
   const int64_t parts = [&]() -> int64_t {
-    if (group == 1) return 1;
+    if (group <= 1) return 1;  // (0: no query heads, nothing to sum)
     double work = 0, largest = 0;  // (rows x keys per sequence)
     for (int64_t b = 0; b < p.batch; ++b) {
       const SeqView sv = seq_view(p, b);
@@ -485,14 +490,12 @@ void run_bwd(const FlashBwdParams& p, bool row_scores) {
       work += w, largest = std::max(largest, w);
     }
     if (work == 0) return 1;
-    const double wanted = std::ceil(2.0 * torch::stable::get_num_threads() * group * largest / (H * work));
+    // (the threads for_each_task will run the tasks on: one for a small call)
+    const int64_t threads = call_work < PARALLEL_MIN_WORK ? 1 : torch::stable::get_num_threads();
+    if (threads == 1) return 1;
+    const double wanted = std::ceil(2.0 * threads * group * largest / (H * work));
     return std::clamp<int64_t>(static_cast<int64_t>(wanted), 1, group);
   }();
-  // (flash_cpu.h PARALLEL_MIN_WORK's estimate, at most: the five products and the scores
-  // recomputed; a double, which cannot overflow)
-  const double call_work = static_cast<double>(heads) * Sq_max * static_cast<double>(std::max<int64_t>(1, Sk_max)) *
-                          (3 * D + 2 * Dv + 2 * SCORE_WORK) +
-                      static_cast<double>(heads) * TASK_WORK;
   const int64_t splits = key_splits(p.batch * Hk * parts, max_k_blocks);
   Scratch<acc> dq_parts = scratch<acc>(splits > 1 ? splits * heads * Sq_max * D : 0);
   // The sums of a task's query heads: a whole group's in the workspace (key block kb of a
