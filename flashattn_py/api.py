@@ -1019,7 +1019,9 @@ def _check_bool(name: str, value) -> bool:
     raises (for NumPy bools too): truthiness would read "False" as True."""
     if type(value) is bool:
         return value
-    raise TypeError(f"{name}: must be bool, not {type(value).__name__}")
+    kind = type(value)
+    kind_name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{name}: must be bool, not {kind_name}")
 
 
 def scaled_dot_product_attention(

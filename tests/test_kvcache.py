@@ -587,19 +587,22 @@ def test_paged_cache_of_more_than_2_30_slots(backend):
                         attend(torch.float16), OUT_FACTOR)
 
 
-@pytest.mark.parametrize("name", ["cache_seqlens", "cache_leftpad", "cache_batch_idx", "block_table", "alibi_slopes"])
+@pytest.mark.parametrize("name", ["cache_seqlens", "cache_seqlens_new_keys", "cache_leftpad", "cache_batch_idx",
+                                  "block_table", "alibi_slopes"])
 def test_a_batch_of_one_takes_index_views_of_any_stride(name):
     # A batch of one's index tensor as a column of a table: shape (1,) (block_table (1, 1)),
     # a stride other than 1, which torch calls contiguous. The kernels read its one element;
     # the same call with a fresh copy gives the same result and the same caches. (The CPU op
     # refused it with an internal error, with new keys after the cache had been written;
-    # cache_seqlens reaches the op as it is only without new keys.)
+    # cache_seqlens reaches the attention op as it is only without new keys; with them, the
+    # append op's.)
+    new_keys = name != "cache_seqlens"
+    name = "cache_seqlens" if name == "cache_seqlens_new_keys" else name
     gen = torch.Generator().manual_seed(5)
     heads = 1 if name == "alibi_slopes" else 2
     q = torch.randn(1, 1, heads, 16, generator=gen)
     k_cache, v_cache = torch.randn(3, 8, 1, 16, generator=gen), torch.randn(3, 8, 1, 16, generator=gen)
-    new = {} if name == "cache_seqlens" else {"k": torch.randn(1, 1, 1, 16, generator=gen),
-                                              "v": torch.randn(1, 1, 1, 16, generator=gen)}
+    new = {"k": torch.randn(1, 1, 1, 16, generator=gen), "v": torch.randn(1, 1, 1, 16, generator=gen)} if new_keys else {}
     table = {"cache_seqlens": [[9, 3, 7]], "cache_leftpad": [[9, 1, 7]], "cache_batch_idx": [[9, 2, 7]],
              "block_table": [[2, 0, 1]]}.get(name)
     if name == "alibi_slopes":

@@ -427,7 +427,7 @@ def test_numpy_bools_as_torch_takes_them():
     try:
         TORCH_SDPA(q, q, q, is_causal=np.bool_(True))
     except TypeError:
-        with pytest.raises(TypeError, match="is_causal"):
+        with pytest.raises(TypeError, match="is_causal: must be bool, not numpy"):
             flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=np.bool_(True))
     else:  # (a torch whose parser takes them)
         pytest.skip("this torch takes NumPy bools")

@@ -836,7 +836,9 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
 // region) costs microseconds, tens of them when they have gone to sleep between a model's
 // small calls (a decoding step's attention beside its matrix products), more than such
 // work. (Only where they run: how a call is cut into tasks, key splits included, and so
-// its results, do not depend on it.) The estimate counts the products, each score's softmax (exp, max, masks: about
+// its results, do not depend on it; except the backward's parts of a GQA group, which follow
+// the threads the call runs on, flash_bwd.cpp.) The estimate counts the products, each
+// score's softmax (exp, max, masks: about
 // SCORE_WORK multiply-adds' time) and each task's fixed cost (packing, workspace, output
 // rows: TASK_WORK), so that calls of many small tasks (packed short documents) or of tiny
 // head dims stay parallel.
