@@ -102,7 +102,7 @@ class MultiheadAttention(nn.Module):
     ``is_causal=True`` without ``attn_mask`` applies the top-left causal mask (torch requires
     the mask as a hint; here it is optional), beside a ``key_padding_mask`` too, with the
     extra keys of ``add_bias_kv`` / ``add_zero_attn`` visible to every query (as the causal
-    mask given explicitly). With ``add_bias_kv`` / ``add_zero_attn`` or a
+    mask given explicitly). With ``need_weights=True``, ``add_bias_kv`` / ``add_zero_attn`` or a
     ``key_padding_mask`` the hint is not used: the given ``attn_mask`` applies, the extra
     keys visible to every query, as in torch's ``need_weights=True`` path (its
     ``need_weights=False`` path hides the extra keys from early queries instead).
@@ -288,8 +288,9 @@ class MultiheadAttention(nn.Module):
                 # extra key from the first queries)
                 tril = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).tril()
                 mask = _merge(tril.view(1, 1, tgt_len, src_len), mask, query.dtype)
-        elif is_causal and key_padding_mask is None and extra == 0:
-            # torch's hint: attn_mask is the causal mask; use the kernel's own (top-left, as torch).
+        elif is_causal and key_padding_mask is None and extra == 0 and not need_weights:
+            # torch's hint: attn_mask is the causal mask; use the kernel's own (top-left, as torch's
+            # fused path; its need_weights path applies the attn_mask given, as ours does).
             causal, mask = True, None
         mask = _pad_keys(mask, extra)
         dropout_p = self.dropout if self.training else 0.0

@@ -154,6 +154,21 @@ def test_unbatched_and_causal(average):
     assert torch.allclose(w_got.double(), w_ref, atol=1e-5)
 
 
+def test_need_weights_applies_the_mask_given_with_the_causal_hint():
+    # torch's need_weights path applies attn_mask whatever the is_causal hint says (a wrong
+    # hint is the caller's error, but what torch computes is the mask): so does ours.
+    theirs, ours = _pair(torch.float64, 7, batch_first=True)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 3, E, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[False, True, False], [False, False, True], [True, False, False]])  # not causal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, want_w = theirs(x, x, x, attn_mask=mask, is_causal=True, need_weights=True)
+        got, got_w = ours(x, x, x, attn_mask=mask, is_causal=True, need_weights=True)
+    torch.testing.assert_close(got_w, want_w)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("extra", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}])
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("lengths", [(9, 9), (4, 7), (7, 4)])
