@@ -1004,7 +1004,6 @@ class _NoOutputSeesAKey(torch.autograd.Function):
         return (None, *grads)
 
 
-
 class _NoOutputSeesAKeyForwardAD(_NoOutputSeesAKey):
     """_NoOutputSeesAKey with its forward-mode derivative (zeros) for dual tensors and
     torch.func.jvp."""

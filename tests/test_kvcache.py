@@ -553,12 +553,16 @@ def test_caches_whose_memory_is_shared_are_refused():
         assert torch.equal(k_cache[:, 1], new[:, 0]) and torch.equal(v_cache[:, 1], 2 * new[:, 0])
 
 
-@pytest.mark.parametrize("backend", [
+# cpu on CPU tensors; triton and cuda on GPU tensors (gpu-marked: run by gpu_check.sh)
+BACKENDS_ON_THEIR_DEVICE = [
     "cpu",
     pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                       reason="needs a CUDA GPU")]),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])])
+        not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_THEIR_DEVICE)
 def test_paged_cache_of_more_than_2_30_slots(backend):
     # A block table reusing one page holds more than 2**30 slots per sequence (a few MB):
     # the CUDA kernels keep key bounds in 32 bits clamped at 2**30, so the cuda backend refuses
@@ -587,36 +591,42 @@ def test_paged_cache_of_more_than_2_30_slots(backend):
                         attend(torch.float16), OUT_FACTOR)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_ON_THEIR_DEVICE)
 @pytest.mark.parametrize("name", ["cache_seqlens", "cache_seqlens_new_keys", "cache_leftpad", "cache_batch_idx",
                                   "block_table", "alibi_slopes"])
-def test_a_batch_of_one_takes_index_views_of_any_stride(name):
+def test_a_batch_of_one_takes_index_views_of_any_stride(name, backend):
     # A batch of one's index tensor as a column of a table: shape (1,) (block_table (1, 1)),
     # a stride other than 1, which torch calls contiguous. The kernels read its one element;
     # the same call with a fresh copy gives the same result and the same caches. (The CPU op
     # refused it with an internal error, with new keys after the cache had been written;
     # cache_seqlens reaches the attention op as it is only without new keys; with them, the
-    # append op's.)
+    # append op's. The CUDA ops share that check: params_from_tensors.h.)
     new_keys = name != "cache_seqlens"
     name = "cache_seqlens" if name == "cache_seqlens_new_keys" else name
+    device, dtype = ("cpu", torch.float32) if backend == "cpu" else ("cuda", torch.bfloat16)
     gen = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
     heads = 1 if name == "alibi_slopes" else 2
-    q = torch.randn(1, 1, heads, 16, generator=gen)
-    k_cache, v_cache = torch.randn(3, 8, 1, 16, generator=gen), torch.randn(3, 8, 1, 16, generator=gen)
-    new = {"k": torch.randn(1, 1, 1, 16, generator=gen), "v": torch.randn(1, 1, 1, 16, generator=gen)} if new_keys else {}
+    q = randn(1, 1, heads, 16)
+    k_cache, v_cache = randn(3, 8, 1, 16), randn(3, 8, 1, 16)
+    new = {"k": randn(1, 1, 1, 16), "v": randn(1, 1, 1, 16)} if new_keys else {}
     table = {"cache_seqlens": [[9, 3, 7]], "cache_leftpad": [[9, 1, 7]], "cache_batch_idx": [[9, 2, 7]],
              "block_table": [[2, 0, 1]]}.get(name)
     if name == "alibi_slopes":
-        view = torch.rand(1, 3, generator=gen)[:, 1]
+        view = torch.rand(1, 3, generator=gen).to(device)[:, 1]
     else:
-        view = torch.tensor(table, dtype=torch.int32)[:, 1:2] if name == "block_table" else \
-            torch.tensor(table, dtype=torch.int32)[:, 1]
+        view = torch.tensor(table, dtype=torch.int32, device=device)[:, 1:2] if name == "block_table" else \
+            torch.tensor(table, dtype=torch.int32, device=device)[:, 1]
         view = view.as_strided(view.shape, (3,) * view.dim())
     assert view.stride(-1) != 1
     results = []
     for arg in (view, view.clone(memory_format=torch.contiguous_format)):
-        kwargs = {"cache_seqlens": torch.tensor([3], dtype=torch.int32), name: arg}
+        kwargs = {"cache_seqlens": torch.tensor([3], dtype=torch.int32, device=device), name: arg}
         caches = (k_cache.clone(), v_cache.clone())
-        out = flashattn_py.flash_attn_with_kvcache(q, *caches, causal=True, backend="cpu", **new, **kwargs)
+        out = flashattn_py.flash_attn_with_kvcache(q, *caches, causal=True, backend=backend, **new, **kwargs)
         results.append((out, *caches))
     for a, b in zip(*results):
         assert torch.equal(a, b)
