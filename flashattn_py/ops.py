@@ -649,8 +649,6 @@ def attention(
     if not impl.fused:
         with formula_dtype(q.device):
             out, lse = _entry(impl, "forward", FWD).call(args)
-        if lse.dtype in (torch.float16, torch.bfloat16):  # (the fused backends' lse dtype: float32)
-            lse = lse.float()
     else:
         # Inference on the other fused backends skips the op's autograd layer (its per-call cost).
         if plain:

@@ -348,6 +348,23 @@ def test_reference_backend_through_api_matches_rule():
     check_attention(run, q, k, v, seed=9, window_right=0, diag_offset=10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_lse_of_16_bit_inputs_is_a_float32_logsumexp(dtype):
+    # The reference backend's lse of 16-bit inputs: float32, the logsumexp of its 16-bit
+    # scores taken in float32 (5-10x closer to the float64 truth here than the log of their
+    # 16-bit sum in 16 bits, which it was).
+    q, k, v = random_qkv(2, 33, 150, 4, 2, 16, dtype=dtype, seed=11)
+    _, lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="reference")
+    _, lse64 = attention_ref(q.double(), k.double(), v.double(), window_right=0, diag_offset=150 - 33)
+    scores = q.transpose(1, 2) @ k.repeat_interleave(2, dim=2).permute(0, 2, 3, 1) / 4.0  # (16-bit, as the reference)
+    scores = scores.masked_fill(torch.ones(33, 150, dtype=torch.bool).triu(150 - 33 + 1), float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    lse16 = (torch.log(torch.exp(scores - row_max).sum(-1, keepdim=True)) + row_max).squeeze(-1)
+    assert lse.dtype == torch.float32
+    err, err16 = ((x.double() - lse64).abs().max().item() for x in (lse, lse16))
+    assert err <= 0.5 * err16, (err, err16)
+
+
 def test_imports_and_falls_back_without_the_compiled_extension():
     import subprocess
     import sys
