@@ -857,6 +857,9 @@ def varlen_attn_out(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cu_s
     if tuple(out.shape) != expected or out.dtype != query.dtype or out.device != query.device:
         raise ArgumentError(f"out: expected shape {expected}, dtype {query.dtype} on {query.device} (query's), got "
                             f"shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}")
+    if expanded(out):  # (torch's copy_ into it would refuse only after the attention ran)
+        raise ArgumentError("out: an expanded tensor (stride 0) cannot hold the output: several rows would share "
+                            "one element's memory")
     result = varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux, scale=scale,
                          window_size=window_size, enable_gqa=enable_gqa, seqused_k=seqused_k,
                          block_table=block_table, num_splits=num_splits, backend=backend)

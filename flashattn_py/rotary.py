@@ -7,6 +7,7 @@ differentiable.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Union
 
 import torch
@@ -103,6 +104,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     tokens are left unrotated, as flash-attn's kernel leaves them (nothing is read back).
     """
     packed = cu_seqlens is not None
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ArgumentError(f"x: expected a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != (3 if packed else 4):
         raise ArgumentError(f"x: expected {'(total, H, D) with cu_seqlens' if packed else '(B, S, H, D)'}, got shape "
                             f"{tuple(x.shape)}")
@@ -115,11 +118,15 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
             raise ArgumentError("cu_seqlens: expected B + 1 >= 1 offsets, got none")
         if max_seqlen is None:  # (as flash-attn: it bounds the positions on GPUs)
             raise ArgumentError("max_seqlen: required with cu_seqlens (the longest sequence)")
+        max_seqlen = _length("max_seqlen", max_seqlen)
         batch, total = cu_seqlens.shape[0] - 1, x.shape[0]
         if cu_seqlens.device.type == "cpu" and _host_reads():
             offsets = cu_seqlens.tolist()
             if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
                 raise ArgumentError(f"cu_seqlens: expected offsets rising from 0 to x's {total} rows, got {offsets}")
+            longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+            if longest > max_seqlen:
+                raise ArgumentError(f"max_seqlen: {max_seqlen}, but cu_seqlens holds a sequence of {longest}")
         rows = torch.arange(total, device=device)
         starts = cu_seqlens.long()
         seq = torch.searchsorted(starts[1:], rows, right=True).clamp(max=max(batch - 1, 0))  # (each row's)
@@ -137,7 +144,13 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         elif batch > 0:
             positions = positions + offsets[seq]
     else:
-        positions = positions + int(seqlen_offsets)
+        if not isinstance(seqlen_offsets, (int, torch.SymInt)):  # (a NumPy integer too; not a float)
+            try:
+                seqlen_offsets = operator.index(seqlen_offsets)
+            except TypeError:
+                raise ArgumentError(f"seqlen_offsets: expected an int or a ({batch},) integer tensor, got "
+                                    f"{seqlen_offsets!r}") from None
+        positions = positions + seqlen_offsets
     bounds = _position_bounds(positions, seqlen_offsets, x, packed, max_seqlen)
     valid = None
     if bounds is not None:

@@ -87,6 +87,17 @@ def test_bad_inputs_name_the_argument():
         fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 3, 1, 4], dtype=torch.int32), max_seqlen=3)
     with pytest.raises(ArgumentError, match="max_seqlen"):
         fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    # (from a fuzzing helper: these were taken silently, the float offset truncated, the
+    # integer x rotated then truncated, a max_seqlen below a sequence's length unchecked)
+    for offset in (1.5, "1"):
+        with pytest.raises(ArgumentError, match="seqlen_offsets: expected an int"):
+            fa.apply_rotary_emb(x, cos, sin, seqlen_offsets=offset)
+    with pytest.raises(ArgumentError, match="x: expected a floating-point tensor, got torch.int32"):
+        fa.apply_rotary_emb((x * 10).int(), cos, sin)
+    with pytest.raises(ArgumentError, match="max_seqlen: expected an int >= 0"):
+        fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 1, 4], dtype=torch.int32), max_seqlen=-1)
+    with pytest.raises(ArgumentError, match="max_seqlen: 2, but cu_seqlens holds a sequence of 3"):
+        fa.apply_rotary_emb(x[0], cos, sin, cu_seqlens=torch.tensor([0, 1, 4], dtype=torch.int32), max_seqlen=2)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -253,6 +253,8 @@ def test_varlen_attn_out_writes_into_out():
         with pytest.raises(ValueError, match="out: expected shape"):
             flashattn_py.varlen_attn_out(bad, q, k, v, cu_q, cu_k, 7, 10, **kwargs)
         assert (bad == 7.0).all()
+    with pytest.raises(ValueError, match="out: an expanded tensor"):  # (was torch's copy_ error, after the call)
+        flashattn_py.varlen_attn_out(torch.zeros(1, 4, 16).expand(13, 4, 16), q, k, v, cu_q, cu_k, 7, 10, **kwargs)
     # gradients flow through out, as through varlen_attn's result
     q.requires_grad_()
     out = torch.empty_like(want)
