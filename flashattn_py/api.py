@@ -21,8 +21,6 @@ from . import backends, ops
 from .errors import ArgumentError
 from .reference import attention_ref, sequence_keys
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _check_tensors(names: tuple[str, ...], *tensors) -> None:
     for name, t in zip(names, tensors):
@@ -64,9 +62,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
         if len(shape) != 4:
             raise ArgumentError(f"{name}: expected a 4-D tensor, got shape {tuple(shape)}")
     dtype = q.dtype
-    if dtype not in _FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype:
+    if dtype not in backends.FLOAT_DTYPES or k.dtype != dtype or v.dtype != dtype:
         for name, t in zip(names, (q, k, v)):
-            if t.dtype not in _FLOAT_DTYPES:
+            if t.dtype not in backends.FLOAT_DTYPES:
                 raise ArgumentError(f"{name}: dtype must be float16, bfloat16, float32 or float64, got {t.dtype}")
         raise ArgumentError(f"{nq}, {nk}, {nv}: Expected query, key, and value to have the same dtype, but got "
                             f"{nq}.dtype: {q.dtype} {nk}.dtype: {k.dtype} and {nv}.dtype: {v.dtype} instead.")
@@ -699,9 +697,14 @@ def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p
         raise ArgumentError(f"query, key: head counts differ ({q.shape[1]} vs {k.shape[1]}); pass enable_gqa=True "
                             f"for GQA")
     q, k, v, _ = _autocast(q, k, v, None)
-    out, _ = _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None, block_table=None, dropout_p=dropout_p,
-                     scale=scale, window=(-1, 0) if is_causal else (-1, -1), softcap=0.0, alibi_slopes=None,
-                     deterministic=False, backend="auto", bottom_right=False)
+    if dropout_p == 1.0:  # every weight dropped: zeros with zero gradients, as torch (and the dense path)
+        _check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), ("query", "key", "value"), heads_dim=2, seq_dim=1)
+        empty = _NoOutputSeesAKey if torch.compiler.is_compiling() else _NoOutputSeesAKeyForwardAD
+        out = empty.apply((q.shape[0], q.shape[1], v.shape[-1]), q, k, v, None)
+    else:
+        out, _ = _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None, block_table=None, dropout_p=dropout_p,
+                         scale=scale, window=(-1, 0) if is_causal else (-1, -1), softcap=0.0, alibi_slopes=None,
+                         deterministic=False, backend="auto", bottom_right=False)
     nested = torch.nested.nested_tensor_from_jagged(out, query.transpose(1, 2).offsets(), min_seqlen=None,
                                                     max_seqlen=max_q)
     return nested.transpose(1, 2)

@@ -302,7 +302,9 @@ class Backend:
         return ([unavailable] if unavailable else []) + self.device_check(p) + self.feature_reasons(p)
 
 
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The floating dtypes every public function takes (the fused CPU backend and the reference
+# serve them all).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", (torch.bfloat16, torch.float16), attn_mask=True, dropout=True, varlen=True, paged=True,
                     why_unavailable=cuda_kernels_error, device_check=_cuda_device, forward=_compiled_fwd,
@@ -311,13 +313,13 @@ BACKENDS: dict[str, Backend] = {
                       varlen=True, paged=True,
                       why_unavailable=triton_error, device_check=_triton_device, forward=_triton_fwd,
                       backward=_triton_bwd, dropout_mask=_triton_dropout_mask),
-    "cpu": Backend("cpu", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
+    "cpu": Backend("cpu", FLOAT_DTYPES, attn_mask=True, dropout=True, varlen=True, paged=True,
                    why_unavailable=compiled_ops_error,
                    device_check=_cpu_device, forward=_compiled_fwd, backward=_compiled_bwd,
                    inference=_cpu_fwd_inference, dropout_mask=_compiled_dropout_mask, choose_path=_cpu_choose_path,
                    float64_lse=True,
                    grads_like_inputs=True),
-    "reference": Backend("reference", _FLOATS, attn_mask=True, dropout=True, varlen=True, paged=True,
+    "reference": Backend("reference", FLOAT_DTYPES, attn_mask=True, dropout=True, varlen=True, paged=True,
                          why_unavailable=lambda: None,
                          forward_ad=True, fused=False, forward=_reference_fwd,
                          # (it draws from torch's RNG; for an rng_state the testing hook gives
@@ -386,7 +388,10 @@ def _warn_once(message: str) -> None:
 def requested_backend(backend: str = "auto") -> str:
     """The backend asked for: explicit argument > ``use_backend`` > FLASHATTN_BACKEND > "auto"."""
     check_backend_name(backend)
-    if backend == "auto" and _blocks_open[0]:
+    # (_blocks_open spares eager calls the thread-local read while no block is open in any
+    # thread; a trace reads this thread's stack alone, or the compiled code would guard on
+    # the count of every thread's blocks and recompile whenever another thread opens one)
+    if backend == "auto" and (torch.compiler.is_compiling() or _blocks_open[0]):
         forced = getattr(_forced, "stack", ())
         if forced:
             backend = forced[-1]

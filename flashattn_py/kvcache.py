@@ -239,12 +239,15 @@ def flash_attn_with_kvcache(
     untouched) for CPU tensors; for GPU tensors with FLASHATTN_CHECK_INPUTS=1, else they
     are clamped into the tensors' bounds on the device.
     """
+    paged = block_table is not None
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) and (t is not None or name in ("q", "k_cache", "v_cache")):
+            raise ArgumentError(f"{name}: expected a tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ArgumentError(f"{name}: expected a 4-D tensor, got shape {tuple(t.shape)}")
     if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cache, v_cache))):
         raise ArgumentError("q: flash_attn_with_kvcache has no backward (inference); call it under torch.no_grad()")
-    paged = block_table is not None
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ArgumentError(f"{name}: expected a 4-D tensor, got shape {tuple(getattr(t, 'shape', ()))}")
     if (k is None) != (v is None):
         raise ArgumentError("k, v: pass both new keys and new values, or neither")
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), heads_dim=2, seq_dim=1, paged=True)
@@ -297,7 +300,7 @@ def flash_attn_with_kvcache(
     new = 0
     if k is not None:
         for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
-            if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != cache.shape[2:]:
+            if t.dim() != 4 or t.shape[0] != batch or t.shape[2:] != cache.shape[2:]:
                 raise ArgumentError(f"{name}: expected (B, S_new, Hk, D) = ({batch}, S_new, {cache.shape[2]}, "
                                     f"{cache.shape[3]}), got {tuple(getattr(t, 'shape', ()))}")
             if t.dtype != cache.dtype or t.device != cache.device:

@@ -186,7 +186,11 @@ _bound: dict[tuple[str, str], _Bound] = {}
 
 
 def _entry(backend: backends.Backend, which: str, spec: Spec) -> _Bound:
-    """``backend``'s ``which`` entry ("forward" / "backward"), bound to ``spec`` once."""
+    """``backend``'s ``which`` entry ("forward" / "backward"), bound to ``spec`` once; bound
+    afresh inside a torch.compile trace (the reference's calls are traced): Dynamo cannot
+    call an itemgetter made outside the trace, and would guard on the cache's contents."""
+    if torch.compiler.is_compiling():
+        return _bind(getattr(backend, which)(), spec)
     bound = _bound.get((backend.name, which))
     if bound is None:
         bound = _bound[backend.name, which] = _bind(getattr(backend, which)(), spec)
@@ -490,10 +494,11 @@ def problem(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropou
     under no_grad and recomputes it with grad, where q, k, v made inside the checkpointed
     block need a gradient only the second time, and both passes must pick the same backend
     (two backends draw different dropout masks). Under torch.func transforms a batched
-    tensor says requires_grad False whatever it wraps (_plain_inference): True there too."""
+    tensor says requires_grad False whatever it wraps (_plain_inference): True there too.
+    (A trace cannot ask for inference mode: there dropout always counts as a backward.)"""
     backward = (q.requires_grad or k.requires_grad or v.requires_grad
                 or (attn_mask is not None and attn_mask.requires_grad)
-                or (dropout_p > 0 and not torch.is_inference_mode_enabled())
+                or (dropout_p > 0 and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()))
                 or torch._C._are_functorch_transforms_active())
     device = q.device  # (a new torch.device per read: read once, this runs on every call)
     device_type = device.type

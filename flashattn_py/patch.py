@@ -54,7 +54,6 @@ from . import api, backends, ops
 
 __all__ = ["patch_sdpa", "unpatch_sdpa", "is_patched", "SDPAPatch"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # The function found at F.scaled_dot_product_attention when the first patch went in, and
 # how many patches are active (nesting: the original comes back when the last one ends).
@@ -100,7 +99,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -> Opt
             return f"{name} is a DTensor (torch's SDPA has sharding rules, the custom ops have none)"
         if t.layout != torch.strided and not (t.is_nested and t.layout == torch.jagged):
             return f"{name} is neither strided nor a jagged nested tensor"
-        if t.dtype not in _FLOATS:
+        if t.dtype not in backends.FLOAT_DTYPES:
             return f"{name} dtype {t.dtype}"
         if t.dim() < 2:
             return f"{name} has fewer than 2 dims"
@@ -151,7 +150,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return api.scaled_dot_product_attention(*args)
     try:
         out = api.scaled_dot_product_attention(*args)
-    except (ValueError, TypeError):  # our validation refused: torch's own decides
+    except (ValueError, TypeError):  # our validation refused: torch's own decides,
+        if backends.requested_backend() != "auto":  # unless a backend was forced: it serves or raises
+            raise
         if count:
             stats.fallback += 1
         return _call_original(*args)

@@ -127,6 +127,67 @@ def test_compile_dynamic_query_and_key_lengths_without_recompiles(compiled_graph
     assert len(compiled_graphs) == 1, f"compiled {len(compiled_graphs)} graphs"
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_dropout_without_inputs_needing_grad_compiles_fullgraph(compiled_graphs, grad):
+    # (the backend choice asked torch.is_inference_mode_enabled, which Dynamo cannot trace)
+    q = torch.randn(1, 5, 2, 8)
+    step = torch.compile(lambda q: (flashattn_py.flash_attn_func(q, q, q, dropout_p=0.1),
+                                    flashattn_py.scaled_dot_product_attention(q, q, q, dropout_p=0.1)),
+                         backend=compiled_graphs.backend, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        out, out_sdpa = step(q)
+    assert out.shape == q.shape and out_sdpa.shape == q.shape and len(compiled_graphs) == 1
+
+
+def test_use_backend_blocks_of_other_threads_do_not_recompile(compiled_graphs):
+    # A compiled call reads its own thread's use_backend blocks: it guarded on the count of
+    # every thread's open blocks, recompiling (up to Dynamo's limit) as other threads
+    # opened them.
+    import threading
+
+    step = torch.compile(lambda q: flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=True),
+                         backend=compiled_graphs.backend, fullgraph=True)
+    q = torch.randn(1, 2, 8, 8)
+    step(q)
+    release, holders = threading.Event(), []
+    for _ in range(4):
+        ready = threading.Event()
+
+        def hold(ready=ready):
+            with flashattn_py.use_backend("auto"):
+                ready.set()
+                release.wait(30)
+
+        holders.append(threading.Thread(target=hold))
+        holders[-1].start()
+        ready.wait(30)
+        step(q)
+    release.set()
+    for thread in holders:
+        thread.join()
+    assert len(compiled_graphs) == 1
+    with flashattn_py.use_backend("reference"):  # this thread's block still counts
+        step(q)
+    assert len(compiled_graphs) == 2
+
+
+def test_reference_backend_compiles_fullgraph_after_eager_calls(compiled_graphs):
+    # The reference's entry, bound on its first eager call, was an itemgetter Dynamo cannot
+    # call: a compiled reference call after an eager one failed with fullgraph=True.
+    q = torch.randn(1, 2, 8, 8, requires_grad=True)
+    with flashattn_py.use_backend("reference"):
+        want = flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=True)
+        want_grad, = torch.autograd.grad(want.sum(), q)
+        step = torch.compile(lambda q: flashattn_py.scaled_dot_product_attention(q, q, q, is_causal=True),
+                             backend=compiled_graphs.backend, fullgraph=True)
+        out = step(q)
+        grad, = torch.autograd.grad(out.sum(), q)
+        step(q)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(grad, want_grad)
+    assert len(compiled_graphs) == 1
+
+
 @pytest.mark.slow
 def test_gpt_block_patched_inductor():
     block, x = _gpt_block_case()

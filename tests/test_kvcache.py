@@ -254,6 +254,9 @@ def _bad_calls():
         (dict(k=new, v=new, cache_seqlens=2, num_splits=2**63), r"num_splits: expected an int in"),
         (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)),
          r"cache_batch_idx: entries appending new keys must have rows of their own"),
+        # (an AttributeError on .requires_grad before, not naming the argument)
+        (dict(q=[[0.0]]), r"q: expected a tensor, got list"),
+        (dict(k=new.numpy(), v=new, cache_seqlens=2), r"k: expected a tensor, got ndarray"),
     ]
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flashattn_py
 from flashattn_py import api
 from flashattn_py import patch as fpatch
 from flashattn_py.patch import is_patched, patch_sdpa, unpatch_sdpa
@@ -147,6 +148,17 @@ def test_unservable_calls_fall_back_to_torch(spy):
     torch.testing.assert_close(out_big, TORCH_SDPA(big, big, big))
     assert fpatch.stats.fallback - before == 2
     assert len(spy) == 2  # the dropout call was served, the last tried (and refused); the head-dim one never was
+
+
+def test_a_forced_backend_that_cannot_serve_raises_under_the_patch():
+    # As outside the patch: a backend forced with use_backend serves or raises, never torch's
+    # own (its refusal was taken for our validation's and fell back silently).
+    q = torch.randn(1, 2, 8, 8)
+    with patch_sdpa(), flashattn_py.use_backend("cuda"):
+        before = fpatch.stats.fallback
+        with pytest.raises(ValueError, match="backend 'cuda' can't serve this call"):
+            F.scaled_dot_product_attention(q, q, q)
+        assert fpatch.stats.fallback == before
 
 
 def test_forward_mode_ad_falls_back_to_torch(spy):

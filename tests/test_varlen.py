@@ -556,6 +556,19 @@ def test_nested_sdpa_gradients_match_reference():
         torch.testing.assert_close(x.grad.double(), leaf.grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
+    # dropout_p = 1: zeros and zero gradients, as torch and the dense path (was refused:
+    # the packed kernels take [0, 1)).
+    cu = offsets([3, 5])
+    values = [torch.randn(8, 2, 8, requires_grad=True) for _ in range(3)]
+    q, k, v = (torch.nested.nested_tensor_from_jagged(x, cu.long()).transpose(1, 2) for x in values)
+    out = flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert out.is_nested and out.shape[:2] == (2, 2) and out.shape[-1] == 8
+    assert torch.equal(out.transpose(1, 2).values(), torch.zeros(8, 2, 8))
+    out.transpose(1, 2).values().sum().backward()
+    assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in values)
+
+
 @pytest.mark.skipif(flashattn_py.backends.triton_error() is not None or
                     not flashattn_py.backends.triton_interpreted(), reason="needs the Triton interpreter")
 def test_varlen_through_the_op_on_triton():
