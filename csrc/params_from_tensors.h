@@ -334,6 +334,9 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
   p.kv_batch = k.size(0);
   STD_TORCH_CHECK(!p.kv_batch_idx || (!paged && !args.cu_seqlens_k.has_value() && kv_idx.numel() == p.batch),
                   "flashattn: kv_batch_idx needs a dense (batch, S, Hk, D) k / v and one entry per sequence");
+  // (its entries are clamped into [0, kv_batch): with no row there is nothing to clamp to)
+  STD_TORCH_CHECK(!p.kv_batch_idx || p.kv_batch > 0 || p.batch == 0,
+                  "flashattn: kv_batch_idx needs k / v with at least one cache row");
   STD_TORCH_CHECK(!p.leftpad_k || leftpad.numel() == p.batch, "flashattn: leftpad_k needs one entry per sequence");
   STD_TORCH_CHECK(args.num_splits >= 0, "flashattn: num_splits must be >= 0");
   p.num_splits = args.num_splits;

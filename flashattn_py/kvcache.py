@@ -257,7 +257,9 @@ def flash_attn_with_kvcache(
                                 f"kernels {'write and ' if k is not None else ''}read its rows in place")
 
     batch, seqlen_q, num_heads, head_dim = q.shape
-    if not paged and cache_batch_idx is None and k_cache.shape[0] < batch:
+    # (with cache_batch_idx any row may serve any entry, but there must be one: its values
+    # are clamped into the rows on GPUs)
+    if not paged and k_cache.shape[0] < (batch if cache_batch_idx is None else min(batch, 1)):
         raise ArgumentError(f"k_cache: {k_cache.shape[0]} cache rows for a batch of {batch}")
     device = q.device
     if block_table is not None:
@@ -266,6 +268,8 @@ def flash_attn_with_kvcache(
             raise ArgumentError(f"block_table: expected one row per batch entry ({batch}), got {block_table.shape[0]}")
         if cache_batch_idx is not None:
             raise ArgumentError("cache_batch_idx: not supported with a paged cache (block_table picks the pages)")
+        if k_cache.shape[0] == 0 and block_table.shape[1] > 0:  # (its entries could only point outside it)
+            raise ArgumentError("k_cache: an empty page pool (0 pages) with block_table entries")
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     if cache_seqlens is None:
         if k is not None:

@@ -613,6 +613,9 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
         page_size, num_pages = k.shape[1], k.shape[0]
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table: expected {batch} rows (one per sequence), got {block_table.shape[0]}")
+        # (entries are clamped into the pool: an empty one has no page to clamp to)
+        if (num_pages == 0 or page_size == 0) and block_table.shape[1] > 0:
+            raise ValueError(f"k: an empty page pool ({num_pages} pages of {page_size}) with block_table entries")
         # a sequence holds at most max_blocks pages: keys past that have no table entry
         total_k = block_table.shape[1] * page_size
         seqlen_k = min(int(max_seqlen_k), total_k) if max_seqlen_k > 0 else total_k
@@ -627,6 +630,8 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
                        ("kv_batch_idx", kv_batch_idx, batch), ("leftpad_k", leftpad_k, batch)):
         if t is not None and t.numel() != n:
             raise ValueError(f"{name}: expected {n} entries for {batch} sequences, got {t.numel()}")
+    if kv_batch_idx is not None and batch > 0 and k.shape[0] == 0:  # (clamped into k's rows: it has none)
+        raise ValueError("kv_batch_idx: k / v have no row to select")
     dummy = q
     ptrs = tuple(dummy if t is None else t for t in (cu_seqlens_q, cu_seqlens_k, seqused_k, block_table))
     flags = dict(VARLEN_Q=varlen_q, VARLEN_K=varlen_k, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
@@ -641,11 +646,14 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
 
 
 def window_sides(window_left: int, window_right: int, q: torch.Tensor, k: torch.Tensor,
-                 diag_offset: int) -> tuple[int, int]:
+                 diag_offset: int, block_table: torch.Tensor | None = None) -> tuple[int, int]:
     """(left, right) as the kernels take them: a side at least as long as every query and
     key row of the tensors (plus |diag_offset|) as -1, which removes the same keys (the
-    kernels add the sides to positions in 32 bits, where a side near 2**31 would wrap)."""
-    limit = q.shape[0] * q.shape[1] + k.shape[0] * k.shape[1] + abs(int(diag_offset))
+    kernels add the sides to positions in 32 bits, where a side near 2**31 would wrap).
+    Paged K/V: a sequence's keys are its block table's slots (pages may repeat), not the
+    pool's."""
+    keys = block_table.shape[1] * k.shape[1] if block_table is not None else k.shape[0] * k.shape[1]
+    limit = q.shape[0] * q.shape[1] + keys + abs(int(diag_offset))
     return tuple(-1 if int(w) >= limit else int(w) for w in (window_left, window_right))
 
 

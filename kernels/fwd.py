@@ -526,7 +526,7 @@ def flash_fwd(q, k, v, alibi_slopes, scale: float, softcap: float,
     slopes, stride_ab = alibi_args(alibi_slopes, q)
     bias, bias_strides, bias_bool = bias_args(attn_bias, q, (batch, num_heads, seqlen_q, seqlen_k))
     has_drop, rng, p_drop = dropout_state(dropout_p, rng_state, q.device)
-    left, right = window_sides(window_left, window_right, q, k, diag_offset)
+    left, right = window_sides(window_left, window_right, q, k, diag_offset, block_table)
     num_splits = int(num_splits)
     if attn_bias is None and not has_drop and (num_splits > 1 or seqlen_q <= DECODE_MAX_SEQLEN_Q):
         _launch_decode(q, k, v, out, lse, sa, slopes, stride_ab, num_heads, num_heads_k, head_dim, head_dim_v,

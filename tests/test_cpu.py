@@ -842,3 +842,15 @@ def test_rows_that_see_no_key_are_zero_beside_an_infinite_value(path, cpu_switch
     assert out[0, 50:].isinf().any() or out[0, 50:].isnan().any()  # (rows that see key 0)
     out.backward(torch.randn(out.shape, generator=gen).to(out.dtype))
     assert torch.equal(q.grad[0, :50], torch.zeros_like(q.grad[0, :50]))
+
+
+def test_op_refuses_cache_rows_to_select_from_none():
+    # kv_batch_idx is clamped into k's rows by the kernels (values unread on GPUs): with no
+    # row the clamp gave -1, a read before k's memory. (The public functions refuse it
+    # from the shapes first: test_kvcache.py.)
+    from flashattn_py import ops
+
+    q, empty = torch.randn(1, 1, 2, 16), torch.zeros(0, 6, 2, 16)
+    with pytest.raises(RuntimeError, match="kv_batch_idx needs k / v with at least one cache row"):
+        ops.attn_fwd(*ops.fwd_args(q, empty, empty, scale=0.25, backend="cpu",
+                                   kv_batch_idx=torch.tensor([0], dtype=torch.int32)))

@@ -254,6 +254,12 @@ def _bad_calls():
         (dict(k=new, v=new, cache_seqlens=2, num_splits=2**63), r"num_splits: expected an int in"),
         (dict(k=new, v=new, cache_seqlens=2, cache_batch_idx=torch.tensor([1, 1], dtype=torch.int32)),
          r"cache_batch_idx: entries appending new keys must have rows of their own"),
+        # (indices into an empty cache or pool: on GPUs, where values are not read back,
+        # the kernels would clamp them to nothing)
+        (dict(k_cache=torch.zeros(0, 8, 2, 16), cache_batch_idx=torch.tensor([0, 0], dtype=torch.int32)),
+         r"k_cache: 0 cache rows for a batch of 2"),
+        (dict(k_cache=torch.zeros(0, 4, 2, 16), block_table=torch.zeros(2, 2, dtype=torch.int32)),
+         r"k_cache: an empty page pool"),
         # (an AttributeError on .requires_grad before, not naming the argument)
         (dict(q=[[0.0]]), r"q: expected a tensor, got list"),
         (dict(k=new.numpy(), v=new, cache_seqlens=2), r"k: expected a tensor, got ndarray"),
@@ -263,7 +269,8 @@ def _bad_calls():
 @pytest.mark.parametrize("call,match", _bad_calls())
 def test_bad_input_names_the_argument_and_leaves_the_cache(call, match):
     q = call.pop("q", torch.randn(2, 1, 4, 16))
-    k_cache, v_cache = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    k_cache = call.pop("k_cache", torch.randn(2, 8, 2, 16))
+    v_cache = torch.randn_like(k_cache)
     before = k_cache.clone(), v_cache.clone()
     with pytest.raises(ValueError, match=match), torch.no_grad():
         flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, **call)

@@ -196,6 +196,30 @@ def test_many_query_rows():
          leftpad_k=_i32([3, 6]), max_seqlen_k=40, window_left=12)
 
 
+def test_window_over_a_block_table_that_reuses_pages():
+    """A sequence's keys are its block table's slots: with pages used more than once it has
+    more keys than the pool holds, and a window side under that length must still bound
+    it (it was taken as unbounded: no window at all)."""
+    gen = torch.Generator().manual_seed(31)
+    q = _randn(gen, 1, 1, 2, 16, dtype=torch.float32)
+    k = _randn(gen, 2, 4, 2, 16, dtype=torch.float32)
+    v = _randn(gen, 2, 4, 2, 16, dtype=torch.float32)
+    table = _i32([[0, 1, 0, 1, 0, 1, 0, 1]])  # 32 keys over the pool's 8 slots
+    _run(q, k, v, splits=(1, 2), scale=0.25, window_left=10, seed=31, block_table=table, seqused_k=_i32([32]),
+         max_seqlen_k=32)
+
+
+def test_empty_pool_or_cache_is_refused():
+    """The kernels clamp page and row indices into the pool / cache: an empty one has none
+    to clamp to (on a GPU it was read before its start)."""
+    q = torch.randn(1, 1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k: an empty page pool"):
+        flash_fwd(q, q[:0], q[:0], None, 1.0, 0.0, -1, -1, 0, block_table=_i32([[0, 0]]), seqused_k=_i32([3]))
+    empty = torch.zeros(0, 6, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="kv_batch_idx: k / v have no row"):
+        flash_fwd(q, empty, empty, None, 1.0, 0.0, -1, -1, 0, kv_batch_idx=_i32([0]))
+
+
 def test_out_of_range_values_are_clamped():
     """kv_batch_idx / leftpad_k come from device memory unchecked: clamped like seq_view."""
     gen = torch.Generator().manual_seed(21)

@@ -422,6 +422,10 @@ def test_paged_rejects_bad_pages():
             flashattn_py.varlen_attn(q, pool, pool, cu, None, 4, max_k,
                                      seqused_k=torch.tensor(seqused, dtype=torch.int32),
                                      block_table=torch.tensor(table, dtype=dtype))
+    # an empty pool: its entries could only point outside it (refused from the shapes, for GPUs)
+    with pytest.raises(ValueError, match=r"key: an empty page pool \(0 pages\) with block_table entries"):
+        flashattn_py.varlen_attn(q, pool[:0], pool[:0], cu, None, 4, 4, seqused_k=torch.tensor([4], dtype=torch.int32),
+                                 block_table=torch.tensor([[0, 1]], dtype=torch.int32))
 
 
 def test_varlen_lse_and_packed_forms():
