@@ -590,3 +590,32 @@ def test_float32_mask_with_bf16_states_is_read_as_float32(sinks):
     got, _ = flashattn_attention_forward(_Module(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=0.25,
                                          **kwargs)
     assert_rule("out", got, want, low, OUT_FACTOR)
+
+
+def test_a_model_reading_its_packed_mask_gets_it():
+    # Doge combines its mask with a dynamic one in its own code (mask.dtype, torch.where):
+    # the packed-documents object our mask builder returns for packed position_ids died
+    # there of an AttributeError; it now builds the mask where the model reads it.
+    cfg = _config_or_skip("DogeConfig")(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        pad_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    positions = _restarting_positions([3, 5, 4])
+    with torch.no_grad():
+        logits = {impl: model(input_ids=ids, position_ids=positions, use_cache=False).logits
+                  for impl, model in _with_each_impl(base, ("sdpa", NAME))}
+    torch.testing.assert_close(logits[NAME], logits["sdpa"], atol=1e-5, rtol=1e-4)
+
+
+def test_models_that_do_not_route_attention_through_the_interface_are_refused():
+    # Bloom (like MPT, XGLM, BigBird) runs its own attention code on whatever mask the mask
+    # interface builds: with ours (SDPA's bool masks, or none) it computed non-causal,
+    # wrongly masked attention without an error.
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
+    with pytest.raises(ValueError, match=f"attn_implementation='{NAME}': bloom models do not call their attention"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(2, VOCAB, (1, 6)))

@@ -24,6 +24,7 @@ other mask (sliding windows, chunked attention, image overlays) is built as for 
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from typing import Optional
@@ -232,6 +233,23 @@ class PackedDocuments:
         Gemma 4's KV-shared layers, DeepSeek-V3.2's indexer)."""
         return self.mask()[index]
 
+    def __getattr__(self, name: str):
+        """The mask's attributes and methods (``.dtype``, ``.shape``, ``.masked_fill`` ...), for
+        models whose own code reads or combines their mask (Doge's dynamic mask): it is built
+        then. (Not for private or special names: copying, pickling and this object's own
+        attributes must not build it.)"""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.mask(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """torch functions given this object (``torch.where(mask, ...)``): on the mask."""
+        def unwrap(x):
+            return x.mask() if isinstance(x, PackedDocuments) else x
+
+        return func(*(unwrap(a) for a in args), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
     def mask(self) -> Optional[Tensor]:
         if self._mask is None:
             from transformers.masking_utils import sdpa_mask
@@ -347,11 +365,38 @@ def _packed_plain_mask(mask_function):
 _FLOAT_MASK_MODELS = ("deepseek_v4",)
 
 
+# model_type -> whether its model class calls attention through AttentionInterface
+_routes_attention: dict = {}
+
+
+def _check_routes_attention(config) -> None:
+    """ValueError for a model whose code does not call its attention through transformers'
+    AttentionInterface (Bloom, MPT, XGLM, BigBird: neither ``_supports_attention_backend``
+    nor ALL_ATTENTION_FUNCTIONS in its modeling module, which BART-like models use without
+    the flag): it would run its own attention on the SDPA-form mask built here, a wrong
+    result. Unknown model types (custom code) pass."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _routes_attention:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        name = MODEL_MAPPING_NAMES.get(model_type)
+        model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        _routes_attention[model_type] = (model_class is None
+                                         or getattr(model_class, "_supports_attention_backend", False)
+                                         or hasattr(sys.modules.get(model_class.__module__), "ALL_ATTENTION_FUNCTIONS"))
+    if not _routes_attention[model_type]:
+        raise ValueError(f"attn_implementation={NAME!r}: {model_type} models do not call their attention through "
+                         f"transformers' AttentionInterface (_supports_attention_backend is False), so they would "
+                         f"run their own attention on this backend's masks; use 'eager' (or 'sdpa' where supported)")
+
+
 def _packed_aware_sdpa_mask(batch_size: int, *args, attention_mask: Optional[Tensor] = None, **kwargs):
     """transformers' sdpa_mask, except for one row of packed documents with a plain causal
     or bidirectional mask: PackedDocuments (no mask built)."""
     from transformers.masking_utils import sdpa_mask
 
+    _check_routes_attention(kwargs.get("config"))
     # DeepSeek-V4 appends its compressed keys' columns to the mask as a float bias (-inf / 0),
     # written for eager's float masks (on a bool one it inverts them): eager's mask for it.
     if getattr(kwargs.get("config"), "model_type", None) in _FLOAT_MASK_MODELS:
