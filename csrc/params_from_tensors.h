@@ -313,7 +313,7 @@ inline TensorInfo fill_params(FlashParams& p, const AttnArgs& args, Layout layou
     STD_TORCH_CHECK(bt.size(0) == p.batch, "flashattn: block_table must have one row per sequence");
     p.block_table_batch_stride = bt.stride(0);
     p.page_size = k.size(S), p.num_pages = k.size(0);
-    STD_TORCH_CHECK((p.page_size > 0 && p.num_pages > 0) || bt.size(1) == 0, "flashattn: paged K/V without pages");
+    STD_TORCH_CHECK((p.page_size > 0 && p.num_pages > 0) || bt.numel() == 0, "flashattn: paged K/V without pages");
     // (seq_view clamps every sequence to seqlen_k: never more keys than its pages hold)
     const int64_t capacity = bt.size(1) * p.page_size;
     p.seqlen_k = args.cu_seqlens_k.has_value() && args.max_seqlen_k > 0 ? std::min(args.max_seqlen_k, capacity)

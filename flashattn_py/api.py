@@ -607,7 +607,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
         num_pages, page_size = k.shape[0], k.shape[1]
         if page_size < 1:
             raise ArgumentError(f"{n['k']}: pages must hold at least one key (page_size >= 1)")
-        if num_pages == 0 and block_table.shape[1] > 0:  # (its entries could only point outside it)
+        if num_pages == 0 and block_table.numel() > 0:  # (its entries could only point outside it)
             raise ArgumentError(f"{n['k']}: an empty page pool (0 pages) with {n['block_table']} entries")
         if cu_seqlens_k is None and seqused_k is None:
             raise ArgumentError(f"{n['seqused_k']}: paged K/V (block_table) needs the keys per sequence: "

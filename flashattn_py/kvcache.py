@@ -268,7 +268,7 @@ def flash_attn_with_kvcache(
             raise ArgumentError(f"block_table: expected one row per batch entry ({batch}), got {block_table.shape[0]}")
         if cache_batch_idx is not None:
             raise ArgumentError("cache_batch_idx: not supported with a paged cache (block_table picks the pages)")
-        if k_cache.shape[0] == 0 and block_table.shape[1] > 0:  # (its entries could only point outside it)
+        if k_cache.shape[0] == 0 and block_table.numel() > 0:  # (its entries could only point outside it)
             raise ArgumentError("k_cache: an empty page pool (0 pages) with block_table entries")
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     if cache_seqlens is None:

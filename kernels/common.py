@@ -614,7 +614,7 @@ def seq_args(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqle
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table: expected {batch} rows (one per sequence), got {block_table.shape[0]}")
         # (entries are clamped into the pool: an empty one has no page to clamp to)
-        if (num_pages == 0 or page_size == 0) and block_table.shape[1] > 0:
+        if (num_pages == 0 or page_size == 0) and block_table.numel() > 0:
             raise ValueError(f"k: an empty page pool ({num_pages} pages of {page_size}) with block_table entries")
         # a sequence holds at most max_blocks pages: keys past that have no table entry
         total_k = block_table.shape[1] * page_size

@@ -277,6 +277,20 @@ def test_bad_input_names_the_argument_and_leaves_the_cache(call, match):
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
+def test_an_empty_batch_over_an_empty_pool_or_cache_is_served():
+    # (the refusals of empty pools and caches count table entries and batch entries: an
+    # empty batch reads nothing)
+    q = torch.randn(0, 1, 4, 16)
+    with torch.no_grad():
+        out = flashattn_py.flash_attn_with_kvcache(q, torch.zeros(0, 4, 2, 16), torch.zeros(0, 4, 2, 16),
+                                                   cache_seqlens=torch.zeros(0, dtype=torch.int32),
+                                                   block_table=torch.zeros(0, 2, dtype=torch.int32))
+        dense = flashattn_py.flash_attn_with_kvcache(q, torch.zeros(0, 8, 2, 16), torch.zeros(0, 8, 2, 16),
+                                                     cache_seqlens=torch.zeros(0, dtype=torch.int32),
+                                                     cache_batch_idx=torch.zeros(0, dtype=torch.int32))
+    assert out.shape == dense.shape == (0, 1, 4, 16)
+
+
 def test_no_backward():
     q = torch.randn(1, 1, 2, 8, requires_grad=True)
     cache = torch.randn(1, 4, 2, 8)

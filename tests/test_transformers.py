@@ -619,3 +619,11 @@ def test_models_that_do_not_route_attention_through_the_interface_are_refused():
     with pytest.raises(ValueError, match=f"attn_implementation='{NAME}': bloom models do not call their attention"):
         with torch.no_grad():
             model(input_ids=torch.randint(2, VOCAB, (1, 6)))
+
+
+def test_packed_documents_build_their_mask_only_for_tensor_attributes():
+    # (a lookup of any other name, hasattr included, must not build the S x S mask)
+    docs = tf_backend.PackedDocuments(True, torch.tensor([True, False, True, False]), sdpa_kwargs=None)
+    assert not hasattr(docs, "foo") and not hasattr(docs, "_private")
+    with pytest.raises(TypeError):  # (dtype is a tensor attribute: it builds, here from no kwargs)
+        docs.dtype

@@ -238,7 +238,7 @@ class PackedDocuments:
         models whose own code reads or combines their mask (Doge's dynamic mask): it is built
         then. (Not for private or special names: copying, pickling and this object's own
         attributes must not build it.)"""
-        if name.startswith("_"):
+        if name.startswith("_") or not hasattr(Tensor, name):  # (hasattr(docs, "x") builds nothing)
             raise AttributeError(name)
         return getattr(self.mask(), name)
 
