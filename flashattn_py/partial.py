@@ -293,11 +293,15 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
         if api.expanded(t):
             raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot accumulate in place")
     # (a block in the accumulators' own memory, e.g. merge_attention(out, lse, out, lse), would
-    # be read after it is overwritten: merged from a copy)
-    if type(out) is Tensor and type(block_out) is Tensor and api.shares_memory(block_out, out, lse):
-        block_out = block_out.clone()
-    if type(lse) is Tensor and type(block_lse) is Tensor and api.shares_memory(block_lse, out, lse):
-        block_lse = block_lse.clone()
+    # be read after it is overwritten: merged from a copy; where memory cannot be compared, a
+    # torch.compile trace or a dispatch mode, always)
+    if not ops.unobserved_eager():
+        block_out, block_lse = block_out.clone(), block_lse.clone()
+    else:
+        if type(out) is Tensor and type(block_out) is Tensor and api.shares_memory(block_out, out, lse):
+            block_out = block_out.clone()
+        if type(lse) is Tensor and type(block_lse) is Tensor and api.shares_memory(block_lse, out, lse):
+            block_lse = block_lse.clone()
     merge(out, lse, block_out, block_lse)
     return out, lse
 

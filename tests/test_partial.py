@@ -345,3 +345,25 @@ def test_merge_refuses_expanded_accumulators_and_copies_aliased_blocks():
     want = out.clone()
     flashattn_py.merge_attention(out, lse, out, lse)  # (a block merged with itself: out unchanged)
     torch.testing.assert_close(out, want)
+
+
+def test_merge_attention_compiles_fullgraph():
+    # (its check whether a block shares the accumulators' memory read storage pointers,
+    # which a trace cannot: compiled calls merge from a copy)
+    gen = torch.Generator().manual_seed(3)
+    blocks = [(torch.randn(2, 8, 4, 16, generator=gen), torch.randn(2, 4, 8, generator=gen)) for _ in range(2)]
+
+    def merge_all(out, lse):
+        for block_out, block_lse in blocks:
+            flashattn_py.merge_attention(out, lse, block_out, block_lse)
+        return flashattn_py.merge_attention(out, lse, out, lse)  # (the accumulators as their own block)
+
+    def fresh():
+        return torch.zeros(2, 8, 4, 16), torch.full((2, 4, 8), float("-inf"))
+
+    want = fresh()
+    merge_all(*want)
+    torch._dynamo.reset()
+    got = fresh()
+    torch.compile(merge_all, backend="aot_eager", fullgraph=True)(*got)
+    torch.testing.assert_close(got, want)
