@@ -38,11 +38,6 @@ def visibility_mask(
     return visible
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of lse for inputs of ``dtype``: float32 for 16-bit ones (as the fused kernels)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def attention_ref(
     q: Tensor,
     k: Tensor,
@@ -111,7 +106,8 @@ def attention_ref(
         # v, with zero gradients, as the kernels' outputs do; no 0 * inf where inputs are inf)
         probs = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2).repeat_interleave(group, dim=1)
         out = (probs @ v.transpose(1, 2).repeat_interleave(group, dim=1)).transpose(1, 2)
-        lse = q.new_full((batch, num_heads, seqlen_q), float("-inf"), dtype=lse_dtype(q.dtype))
+        lse = q.new_full((batch, num_heads, seqlen_q), float("-inf"),
+                         dtype=torch.promote_types(q.dtype, torch.float32))  # (float32 for 16-bit inputs)
         return (out, lse, probs) if return_probs else (out, lse)
     qh = q.transpose(1, 2)  # (B, H, Sq, D)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
@@ -145,7 +141,7 @@ def attention_ref(
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     e = torch.exp(s - row_max)
     denom = e.sum(dim=-1, keepdim=True)
-    if lse_dtype(s.dtype) != s.dtype:
+    if s.dtype in (torch.float16, torch.bfloat16):
         # (lse of 16-bit scores in float32, as the fused kernels return it: a 16-bit log of a
         # 16-bit sum would be off by up to 2^-8 relative, merged partial results with it)
         lse = torch.logsumexp(s.float(), dim=-1)
@@ -215,7 +211,8 @@ def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor |
     batch = cu_seqlens_q.numel() - 1 if packed else q.shape[0]
     num_heads = q.shape[2]
     out = q.new_zeros((*q.shape[:3], v.shape[-1]))
-    lse = q.new_full((q.shape[0], num_heads, q.shape[1]), float("-inf"), dtype=lse_dtype(q.dtype))
+    lse = q.new_full((q.shape[0], num_heads, q.shape[1]), float("-inf"),
+                     dtype=torch.promote_types(q.dtype, torch.float32))  # (float32 for 16-bit inputs)
     for b in range(batch):
         q0, q1 = (int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])) if packed else (0, q.shape[1])
         qb = q[0, q0:q1] if packed else q[b]

@@ -654,3 +654,50 @@ def test_a_batch_of_one_takes_index_views_of_any_stride(name, backend):
         results.append((out, *caches))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_THEIR_DEVICE)
+def test_empty_pools_and_reused_pages_on_each_backend(backend):
+    # On each backend's own device (GPU tensors: no value is read back): an empty pool with
+    # block-table entries, or a cache of no rows with cache_batch_idx, is refused from the
+    # shapes (the kernels clamp indices into them: -1, a read before the tensors); an empty
+    # batch over them runs; a window over a block table that reuses pages bounds every
+    # sequence's keys (the Triton launcher took it as unbounded: no window).
+    device, dtype = ("cpu", torch.float32) if backend == "cpu" else ("cuda", torch.float16)
+    gen = torch.Generator().manual_seed(17)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    def i32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    q = randn(1, 1, 4, 16)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k_cache: an empty page pool"):
+            flashattn_py.flash_attn_with_kvcache(q, randn(0, 4, 2, 16), randn(0, 4, 2, 16), cache_seqlens=i32([3]),
+                                                 block_table=i32([[0, 0]]), backend=backend)
+        with pytest.raises(ValueError, match="k_cache: 0 cache rows for a batch of 1"):
+            flashattn_py.flash_attn_with_kvcache(q, randn(0, 8, 2, 16), randn(0, 8, 2, 16), cache_seqlens=i32([3]),
+                                                 cache_batch_idx=i32([0]), backend=backend)
+        empty = flashattn_py.flash_attn_with_kvcache(q[:0], randn(0, 4, 2, 16), randn(0, 4, 2, 16),
+                                                     cache_seqlens=i32([]).view(0),
+                                                     block_table=i32([[0, 0]])[:0], backend=backend)
+        assert empty.shape == (0, 1, 4, 16)
+        k_cache, v_cache = randn(2, 4, 2, 16), randn(2, 4, 2, 16)
+        table, lengths = i32([[0, 1, 0, 1, 0, 1, 0, 1]]), i32([32])  # 32 keys over the pool's 8 slots
+        call = dict(cache_seqlens=lengths, block_table=table, causal=True, window_size=(10, 0))
+        out = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, backend=backend, **call)
+
+        def on_cpu(dt):
+            return flashattn_py.flash_attn_with_kvcache(
+                *(t.cpu().to(dt) for t in (q, k_cache, v_cache)), backend="reference",
+                **{name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in call.items()})
+
+        assert_rule(f"{backend} window over reused pages", out.cpu(), on_cpu(torch.float64), on_cpu(dtype), OUT_FACTOR)
+    if backend == "cuda":  # the op itself (params_from_tensors.h): kv_batch_idx over no row
+        from flashattn_py import ops
+
+        with pytest.raises(RuntimeError, match="kv_batch_idx needs k / v with at least one cache row"):
+            ops.attn_fwd(*ops.fwd_args(q, randn(0, 6, 2, 16), randn(0, 6, 2, 16), scale=0.25, backend="cuda",
+                                       kv_batch_idx=i32([0])))
