@@ -21,6 +21,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	$(PY) -m pip install -q numpy pytest hypothesis expecttest ninja setuptools wheel matplotlib tqdm
 	$(PY) -m pip install -q "transformers==5.25.0"  # optional integration; its tests skip without it
+	$(PY) -m pip install -q --no-deps "ring-flash-attn==0.1.8"  # runs on install_as_flash_attn(); tests skip without it
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

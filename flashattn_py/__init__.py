@@ -22,6 +22,7 @@ from .partial import attention_backward, attention_forward, merge_attention
 from .backends import available_backends, compiled_ops_error as _compiled_ops_error, empty_cpu_cache, use_backend
 from .errors import ArgumentError
 from .patch import patch_sdpa, unpatch_sdpa
+from .alias import install_as_flash_attn
 
 if _compiled_ops_error():
     _warnings.warn(
@@ -45,6 +46,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "install_as_flash_attn",
     "merge_attention",
     "nn",
     "patch_sdpa",

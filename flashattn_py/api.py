@@ -199,21 +199,29 @@ def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slope
     return window
 
 
+def flash_window(causal: bool, window_size: tuple[int, int], seqlen_q, seqlen_k) -> tuple[int, int]:
+    """The (left, right) window sides flash-attn's kernels apply to a dense call (checked
+    sides: _check_flash_options)."""
+    left, right = window_size
+    return left, 0 if causal else flash_right_side(left, right, seqlen_q, seqlen_k)
+
+
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs, backend):
-    """flash_attn_func on validated (B, S, H, D) inputs."""
+           return_attn_probs, backend, rng_state: Optional[Tensor] = None):
+    """flash_attn_func on validated (B, S, H, D) inputs (``rng_state``: ops.attention's)."""
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = softmax_scale_of("softmax_scale", softmax_scale, head_dim)
-    window_left, window_right = window_size  # (checked: _check_flash_options)
-    window_right = 0 if causal else flash_right_side(window_left, window_right, seqlen_q, k.shape[1])
+    window_left, window_right = flash_window(causal, window_size, seqlen_q, k.shape[1])
     diag_offset = k.shape[1] - seqlen_q
     out, lse = ops.attention(
         q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
         window_right=window_right, diag_offset=diag_offset, dropout_p=float(dropout_p),
-        deterministic=deterministic, backend=backend,
+        deterministic=deterministic, backend=backend, rng_state=rng_state,
     )
     if not return_attn_probs:
         return out
+    if not dropout_p:
+        return out, lse, None  # (as flash-attn: probabilities only with dropout, no N^2 tensor)
     with torch.no_grad(), ops.formula_dtype(q.device):
         _, _, probs = attention_ref(
             q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
@@ -251,8 +259,9 @@ def flash_attn_func(
         softcap: > 0 caps scores with ``softcap * tanh(s / softcap)``.
         alibi_slopes: (H,) or (B, H) float32; adds ``-slope * |i + Sk - Sq - j|``.
         deterministic: reproducible backward (the CPU kernel always is).
-        return_attn_probs: also return the softmax lse (B, H, Sq) and the attention
-            probabilities (B, H, Sq, Sk), the latter from the reference formula (debugging only).
+        return_attn_probs: also return the softmax lse (B, H, Sq) and, with dropout_p > 0,
+            the attention probabilities (B, H, Sq, Sk) before dropout, from the reference
+            formula (debugging; O(Sq * Sk) memory); None without dropout, as flash-attn.
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Returns:
@@ -562,11 +571,12 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
             max_seqlen_q: int, max_seqlen_k: int, *, seqused_k: Optional[Tensor], block_table: Optional[Tensor],
             dropout_p: float, scale: Optional[float], window: tuple[int, int], softcap: float,
             alibi_slopes: Optional[Tensor], deterministic: bool, backend: str,
-            bottom_right: bool = True, names: dict = FLASH_NAMES) -> tuple[Tensor, Tensor]:
+            bottom_right: bool = True, names: dict = FLASH_NAMES,
+            rng_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Packed sequences in one call: q (total_q, H, D), k / v (total_k, Hk, D) or a page
     pool (num_pages, page_size, Hk, D) with ``block_table``; validates (errors use
     ``names`` for the arguments), then runs the kernels on (1, total, H, D) views. Returns
-    out (total_q, H, Dv) and lse (H, total_q)."""
+    out (total_q, H, Dv) and lse (H, total_q). ``rng_state``: ops.attention's."""
     backends.check_backend_name(backend)
     n = names
     paged = block_table is not None
@@ -637,7 +647,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k:
             alibi_slopes=alibi_slopes, window_left=window[0], window_right=window[1], diag_offset=0,
             dropout_p=float(dropout_p), deterministic=deterministic, backend=backend, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, block_table=block_table, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, bottom_right=bottom_right,
+            max_seqlen_k=max_seqlen_k, bottom_right=bottom_right, rng_state=rng_state,
         )
     if no_backward:
         out = _NoBackward.apply(message, [out], q, k, v)
@@ -751,9 +761,10 @@ def flash_attn_varlen_func(
 
     Returns:
         out (total_q, H, Dv); with ``return_attn_probs`` also lse (H, total_q) float32 (float64
-        for float64 inputs) and the probabilities (B, H, max_seqlen_q, max_seqlen_k) from the
-        reference, sequence b's in [b, :, :Sq_b, :Sk_b], zeros past them (flash-attn's shape but
-        for its rounding of the lengths up to 128; debugging only).
+        for float64 inputs) and, with dropout_p > 0, the probabilities before dropout
+        (B, H, max_seqlen_q, max_seqlen_k) from the reference, sequence b's in
+        [b, :, :Sq_b, :Sk_b], zeros past them (flash-attn's shape but for its rounding of the
+        lengths up to 128; debugging only); None without dropout, as flash-attn.
 
     Values of cu_seqlens / block_table are checked (ValueError) for CPU tensors; for GPU
     tensors only with ``FLASHATTN_CHECK_INPUTS=1`` (that reads them back to the host), the
@@ -765,6 +776,19 @@ def flash_attn_varlen_func(
                        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, backend=backend)
     if not return_attn_probs:
         return out
+    if not dropout_p:
+        return out, lse, None  # (as flash-attn: probabilities only with dropout)
+    return out, lse, varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                  window, softcap, alibi_slopes, block_table)
+
+
+def varlen_probs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
+                 max_seqlen_q: int, max_seqlen_k: int, softmax_scale: Optional[float], window: tuple[int, int],
+                 softcap: float, alibi_slopes: Optional[Tensor], block_table: Optional[Tensor]) -> Tensor:
+    """The attention probabilities of a packed call the kernels ran (its arguments, checked;
+    ``window`` before the right-side rule) from the reference, flash-attn's padded layout
+    (B, H, max_seqlen_q, max_seqlen_k), zeros past each sequence (debugging: reads the
+    offsets on the host)."""
     # (the window the kernels applied)
     window = (window[0], _varlen_right_side(window, _length("max_seqlen_q", max_seqlen_q),
                                             _length("max_seqlen_k", max_seqlen_k), q, k, block_table))
@@ -787,7 +811,7 @@ def flash_attn_varlen_func(
     probs = q.new_zeros((len(parts), q.shape[1], rows, cols))
     for b, part in enumerate(parts):
         probs[b, :, :part.shape[1], :part.shape[2]] = part
-    return out, lse, probs
+    return probs
 
 
 def _causal_window(window_size, causal: bool) -> tuple[int, int]:

@@ -586,6 +586,7 @@ def attention(
     num_splits: int = 0,
     selected: bool = False,
     forward_only: Optional[bool] = None,
+    rng_state: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention on validated (B, S, H, D) inputs, or (B, H, S, D) ones with
     ``heads_first``, on the selected backend: ``(out, lse)``, out in the inputs' layout.
@@ -597,7 +598,9 @@ def attention(
     tensors (flash_attn_with_kvcache); False that one may (partial.py's primitive, whose
     backward is a separate call); None: none does for eager calls on inputs that need no
     gradient (not grad mode alone: reentrant activation checkpointing runs the forward
-    under no_grad and recomputes it with grad)."""
+    under no_grad and recomputes it with grad). ``rng_state``: the dropout stream's
+    [seed, offset] (``dropout_rng_state``) for a caller that runs the backward itself;
+    None draws one."""
     deterministic = deterministic_wanted(deterministic)
     if window_left > 0 or window_right > 0:
         window_left, window_right = bounded_windows(q, k, window_left, window_right, diag_offset, heads_first,
@@ -611,11 +614,12 @@ def attention(
     name = backend if selected else backends.select(problem(q, k, v, attn_mask, dropout_p, deterministic,
                                                             alibi_slopes, per_sequence, block_table), backend)
     impl = backends.BACKENDS[name]
-    rng_state = inference = None
+    inference = None
     if impl.fused:
         seq = 2 if heads_first else 1
         q, k, v = kernel_rows(q, seq), kernel_rows(k, seq), kernel_rows(v, seq)
-        rng_state = dropout_rng_state(q.device) if dropout_p > 0 else None
+        if dropout_p > 0 and rng_state is None:
+            rng_state = dropout_rng_state(q.device)
         plain = _plain_inference(q, k, v, attn_mask)
         if forward_only is None:
             forward_only = plain and not (q.requires_grad or k.requires_grad or v.requires_grad

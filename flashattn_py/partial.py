@@ -39,6 +39,10 @@ class BlockOptions(NamedTuple):
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     deterministic: bool = False
+    # (flash-attn's private forward / backward take dropout: the forward's stream, rng_state,
+    # is the backward's; attention_forward has none, a block's mask would depend on the cut)
+    dropout_p: float = 0.0
+    rng_state: Optional[Tensor] = None
 
 
 def select_backend(q: Tensor, k: Tensor, v: Tensor, backward: bool, deterministic: bool = False,
@@ -67,7 +71,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, o: BlockOptions, backend: str) -> t
             q, k, v, scale=o.scale, softcap=o.softcap, alibi_slopes=o.alibi_slopes, window_left=o.window_left,
             window_right=o.window_right, diag_offset=o.diag_offset, deterministic=o.deterministic, backend=backend,
             cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k, max_seqlen_q=o.max_seqlen_q,
-            max_seqlen_k=o.max_seqlen_k, bottom_right=packed, forward_only=False)
+            max_seqlen_k=o.max_seqlen_k, bottom_right=packed, forward_only=False, dropout_p=o.dropout_p,
+            rng_state=o.rng_state)
     out = out.to(dtype)
     return (out[0], lse[0]) if packed else (out, lse)
 
@@ -97,7 +102,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
                 softcap=o.softcap, window_left=left, window_right=right,
                 diag_offset=o.diag_offset, cu_seqlens_q=o.cu_seqlens_q, cu_seqlens_k=o.cu_seqlens_k,
                 max_seqlen_q=o.max_seqlen_q, max_seqlen_k=o.max_seqlen_k, bottom_right=packed,
-                deterministic=o.deterministic, backend=backend))
+                deterministic=o.deterministic, dropout_p=o.dropout_p, rng_state=o.rng_state, backend=backend))
     else:
         dq, dk, dv = _reference_backward(dout, q, k, v, out, lse, o, packed)
     return (dq[0], dk[0], dv[0]) if packed else (dq, dk, dv)
@@ -240,6 +245,13 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     Shapes: dout and out as attention_forward's out, lse as its lse."""
     o = _check_block(q, k, v, softmax_scale, causal, window_size, diag_offset, softcap, alibi_slopes, cu_seqlens_q,
                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    return checked_backward(dout, q, k, v, out, lse, o, backend)
+
+
+def checked_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, o: BlockOptions,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``attention_backward`` once ``_check_block`` gave ``o``: checks dout, out and lse,
+    picks the backend (``backend``: a name or "auto"), runs ``backward``."""
     api._check_tensors(("dout", "out", "lse"), dout, out, lse)
     out_shape = (*q.shape[:-1], v.shape[-1])
     for name, t in (("dout", dout), ("out", out)):
@@ -254,7 +266,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         raise ArgumentError(f"lse: expected a float32 (or float64) tensor of shape {lse_shape} on {q.device}, got "
                             f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
     backends.check_backend_name(backend)
-    name = select_backend(q, k, v, True, o.deterministic, alibi_slopes, o.cu_seqlens_q, backend)
+    name = select_backend(q, k, v, True, o.deterministic, o.alibi_slopes, o.cu_seqlens_q, backend)
     if backends.BACKENDS[name].fused:  # (the reference takes either)
         lse = lse.to(backends.BACKENDS[name].lse_dtype(q.dtype))
     return backward(dout, q, k, v, out, lse, o, name)

@@ -204,10 +204,24 @@ def test_lse_is_float32_or_float64_on_every_backend(backend, dtype):
 
 def test_return_attn_probs():
     q, k, v = qkv(sq=5, sk=9, dtype=torch.float64)
+    # without dropout, as flash-attn: out, lse and None (no O(Sq * Sk) tensor), every form
     out, lse, probs = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
     ref_out, ref_lse, ref_probs = attention_ref(q, k, v, window_right=0, diag_offset=4, return_probs=True)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
+    assert probs is None
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9], dtype=torch.int32)
+    _, varlen_lse, probs = flashattn_py.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 5, 9, causal=True,
+                                                               return_attn_probs=True)
+    assert probs is None
+    torch.testing.assert_close(varlen_lse, ref_lse[0])
+    # with dropout: the probabilities before dropout
+    _, lse, probs = flashattn_py.flash_attn_func(q, k, v, dropout_p=0.5, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(probs, ref_probs)
+    torch.testing.assert_close(lse, ref_lse)
+    probs = flashattn_py.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 5, 9, dropout_p=0.5, causal=True,
+                                                return_attn_probs=True)[2]
     torch.testing.assert_close(probs, ref_probs)
 
 
@@ -481,7 +495,7 @@ def test_unbounded_right_side_beside_a_bounded_left_one_is_the_keys(backend):
                                                                     backend=backend))
         # return_attn_probs' probabilities are the ones the kernels applied
         _, _, probs = flashattn_py.flash_attn_varlen_func(pq, pk, pv, cu_q, cu_k, 7, 5, window_size=window,
-                                                          return_attn_probs=True, backend=backend)
+                                                          dropout_p=0.5, return_attn_probs=True, backend=backend)
         for p, (a, b, c, d) in zip(probs, ((0, 7, 0, 5), (7, 14, 5, 8))):
             torch.testing.assert_close(torch.einsum("hqk,khd->qhd", p[:, :b - a, :d - c].double(), pv[c:d].double()),
                                        want[a:b], atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ world, a process outside the group). Run with
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import time
 import traceback
@@ -85,13 +86,16 @@ def rows_of(layout: str, rank: int, world: int, length: int, cu=None) -> torch.T
 
 def case(name, func, dtype="float32", *, varlen=False, packed=None, B=2, H=8, Hk=2, D=24, Dv=40, S=None, lens=None,
          alibi=None, lse=True, deterministic=False, repeat=1, backend=None, max_seqlen_as="int", stride=None,
-         prepare_causal=None, **kwargs):
+         prepare_causal=None, library=None, **kwargs):
     # max_seqlen_as: how varlen cases pass max_seqlen ("int", "numpy": a NumPy int64, "tensor": a
     # one-element tensor, as torch's int arguments take). llama3 only: stride, heads_k_stride
     # (None: Hk); prepare_causal, the causal flag its offsets are prepared with (None: the call's).
+    # library "ring_flash_attn": the function of ring-flash-attention's own code (its local
+    # offsets for packed calls), on flashattn_py through install_as_flash_attn().
     return dict(name=name, func=func, dtype=dtype, varlen=varlen, packed=packed, B=B, H=H, Hk=Hk, D=D, Dv=Dv, S=S,
                 lens=lens, alibi=alibi, lse=lse, deterministic=deterministic, repeat=repeat, backend=backend,
-                max_seqlen_as=max_seqlen_as, stride=stride, prepare_causal=prepare_causal, kwargs=kwargs)
+                max_seqlen_as=max_seqlen_as, stride=stride, prepare_causal=prepare_causal, library=library,
+                kwargs=kwargs)
 
 
 def max_seqlen_arg(c):
@@ -267,8 +271,51 @@ TRITON_CASES = [
          stride=1, backend="triton"),
 ]
 
+# ring-flash-attention (its package, unchanged) calling flash-attn's private forward / backward,
+# served by flashattn_py.flash_attn_interface. Its backward sums gradients in float32 and
+# returns 16-bit ones: bf16 cases.
+RING_FLASH_ATTN_CASES = [
+    case("rfa-ring-causal", "ring", "bfloat16", S=32, causal=True, library="ring_flash_attn"),
+    case("rfa-ring-softmax-scale", "ring", "bfloat16", S=32, softmax_scale=0.3, library="ring_flash_attn"),
+    case("rfa-zigzag-causal", "zigzag", "bfloat16", S=32, causal=True, library="ring_flash_attn"),
+    case("rfa-stripe-causal", "stripe", "bfloat16", S=32, causal=True, library="ring_flash_attn"),
+    case("rfa-ring-varlen-causal", "ring", "bfloat16", varlen=True, lens=[8, 24, 8, 16], causal=True,
+         library="ring_flash_attn"),
+    case("rfa-zigzag-varlen-causal", "zigzag", "bfloat16", varlen=True, lens=[8, 24, 8, 16], causal=True,
+         library="ring_flash_attn"),
+    case("rfa-llama3-varlen-causal", "llama3", "bfloat16", varlen=True, lens=[5, 13, 6, 8], Hk=2, Dv=24, stride=1,
+         causal=True, library="ring_flash_attn"),
+]
+
+
+def ring_flash_attn_module():
+    """ring-flash-attention's functions (its modules; the package's __init__ also imports a
+    transformers adapter that transformers 5 no longer serves, so the package is entered
+    without it), importing flash_attn from flashattn_py."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    flashattn_py.install_as_flash_attn()
+    if "ring_flash_attn" not in sys.modules:
+        spec = importlib.util.find_spec("ring_flash_attn")
+        package = types.ModuleType("ring_flash_attn")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["ring_flash_attn"] = package
+    names = ("ring_flash_attn", "zigzag_ring_flash_attn", "stripe_flash_attn", "ring_flash_attn_varlen",
+             "zigzag_ring_flash_attn_varlen", "llama3_flash_attn_varlen")
+    functions = types.SimpleNamespace()
+    for name in names:
+        module = importlib.import_module(f"ring_flash_attn.{name}")
+        for attr in dir(module):
+            if attr.endswith("_func") or attr.endswith("prepare_cu_seqlens"):
+                setattr(functions, attr, getattr(module, attr))
+    return functions
+
+
 CASES = {
-    2: dense_cases(2, True) + varlen_cases(2, True) + usp_cases(2) + TRITON_CASES,
+    2: dense_cases(2, True) + varlen_cases(2, True) + usp_cases(2) + TRITON_CASES + RING_FLASH_ATTN_CASES,
     3: dense_cases(3, False) + varlen_cases(3, False),  # an odd world: few cases
     4: dense_cases(4, True) + varlen_cases(4, True) + usp_cases(4),
 }
@@ -408,13 +455,19 @@ def usp_kwargs(layout: str) -> dict:
 def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     """Run the distributed function on local q, k, v (packing them as the case says);
     returns (out, lse or None, (dq, dk, dv) leaves' grads getter)."""
-    fn = getattr(cp, fn_name)
+    library = ring_flash_attn_module() if c["library"] else cp
+    fn = getattr(library, fn_name)
     kw = dict(extra_kwargs, **override)
     if c["func"].startswith("usp:"):
         kw.update(usp_kwargs(c["func"]))
     varlen = (cu, max_seqlen_arg(c)) if c["varlen"] else ()
+    if c["varlen"] and c["library"]:  # (ring-flash-attention's ring / zigzag take this rank's offsets)
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        varlen = ((cu // world).int(), max_seqlen_arg(c) // world)
     if c["func"] == "llama3":
-        varlen = llama3_args(c, cu)
+        varlen = llama3_args(c, cu, library)
     dim = 1 if c["varlen"] else 2  # the packing dim of kv / qkv
     if c["packed"] == "kv":
         kv = torch.stack([k, v], dim=dim).requires_grad_()
@@ -434,13 +487,13 @@ def _call(c, fn_name, q, k, v, cu, extra_kwargs, **override):
     return res, grads
 
 
-def llama3_args(c, cu):
+def llama3_args(c, cu, library=cp):
     """This rank's offsets, maxima, heads_k_stride and key slice for a llama3 case."""
     import torch.distributed as dist
 
     causal = c["kwargs"].get("causal", False) if c["prepare_causal"] is None else c["prepare_causal"]
-    cu_q, cu_k, max_q, max_k, keys = cp.llama3_flash_attn_prepare_cu_seqlens(cu, causal, dist.get_rank(),
-                                                                              dist.get_world_size())
+    cu_q, cu_k, max_q, max_k, keys = library.llama3_flash_attn_prepare_cu_seqlens(cu, causal, dist.get_rank(),
+                                                                                   dist.get_world_size())
     return cu_q, cu_k, max_q, max_k, c["stride"] or c["Hk"], keys
 
 
@@ -992,6 +1045,8 @@ class _Replay(torch.autograd.Function):
 def _check_case(world, c):
     if c["backend"] == "triton" and flashattn_py.backends.triton_error():
         pytest.skip(flashattn_py.backends.triton_error())
+    if c["library"] and importlib.util.find_spec(c["library"]) is None:
+        pytest.skip(f"{c['library']} is not installed")
     per_rank = _case_results(world, c["name"])
     q, k, v, slopes, cu, dout = make_inputs(c)
     dtype = q.dtype

@@ -433,7 +433,9 @@ def test_varlen_lse_and_packed_forms():
     cu = offsets(lens)
     qkv = torch.randn(sum(lens), 3, 2, 8)
     out, lse, probs = flashattn_py.flash_attn_varlen_qkvpacked_func(qkv, cu, 11, causal=True, return_attn_probs=True)
-    assert out.shape == (21, 2, 8) and lse.shape == (2, 21)
+    assert out.shape == (21, 2, 8) and lse.shape == (2, 21) and probs is None  # (None without dropout)
+    probs = flashattn_py.flash_attn_varlen_qkvpacked_func(qkv, cu, 11, dropout_p=0.5, causal=True,
+                                                          return_attn_probs=True)[2]
     # (flash-attn's one padded tensor (B, H, max_q, max_k): sequence b's in [b, :, :Sq_b, :Sk_b])
     assert probs.shape == (3, 2, 11, 11)
     q, k, v = qkv.unbind(1)
@@ -446,7 +448,7 @@ def test_varlen_lse_and_packed_forms():
         assert (p.tril() == p).all()
     # max_seqlen 0 (not given): sized from the sequences; a larger one within the totals
     for given in (0, 10**9):
-        assert flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, given, given, causal=True,
+        assert flashattn_py.flash_attn_varlen_func(q, k, v, cu, cu, given, given, dropout_p=0.5, causal=True,
                                                    return_attn_probs=True)[2].shape == (3, 2, 11 if not given else 21,
                                                                                        11 if not given else 21)
     out_kv = flashattn_py.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, 11, 11, causal=True)

@@ -1,0 +1,201 @@
+"""flash-attn's private forward / backward (flashattn_py.flash_attn_interface) and
+install_as_flash_attn(); ring-flash-attention running on them: tests/test_distributed.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import flashattn_py
+from flashattn_py.flash_attn_interface import (_flash_attn_backward, _flash_attn_forward,
+                                               _flash_attn_varlen_backward, _flash_attn_varlen_forward)
+from flashattn_py.reference import attention_ref
+from rule import random_qkv
+
+OPTIONS = [
+    dict(causal=True),
+    dict(window=(5, 2), softcap=3.0),
+    dict(alibi=True, causal=True),
+    dict(window=(4, -1)),  # (a bounded left side: flash-attn's right side becomes Sk where Sq > Sk + 1)
+]
+
+
+def _private_args(opts, q):
+    slopes = torch.rand(q.shape[2], generator=torch.Generator().manual_seed(3)) if opts.get("alibi") else None
+    left, right = opts.get("window", (-1, -1))
+    return dict(softmax_scale=opts.get("scale"), causal=opts.get("causal", False), window_size_left=left,
+                window_size_right=right, softcap=opts.get("softcap", 0.0), alibi_slopes=slopes)
+
+
+def _public_kwargs(args):
+    return dict(softmax_scale=args["softmax_scale"], causal=args["causal"],
+                window_size=(args["window_size_left"], args["window_size_right"]), softcap=args["softcap"],
+                alibi_slopes=args["alibi_slopes"])
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("sizes", [(9, 9), (5, 13), (17, 6)], ids=str)
+def test_dense_forward_and_backward_are_flash_attn_func(opts, sizes):
+    sq, sk = sizes
+    q, k, v = random_qkv(2, sq, sk, 4, 2, 16, 24, dtype=torch.float64, seed=sq * 31 + sk)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    args = _private_args(opts, q)
+    state = torch.get_rng_state()
+    out, lse, s_dmask, rng_state = _flash_attn_forward(q, k, v, 0.0, return_softmax=False, **args)
+    assert torch.equal(torch.get_rng_state(), state), "no dropout: torch's generator must not advance"
+    assert s_dmask is None and rng_state.dtype == torch.int64 and rng_state.shape == (2,)
+    assert out.shape == (2, sq, 4, 24) and lse.shape == (2, 4, sq)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse, _ = flashattn_py.flash_attn_func(*leaves, return_attn_probs=True, **_public_kwargs(args))
+    assert torch.equal(out, want_out.detach()) and torch.equal(lse, want_lse)
+    dout = torch.randn_like(out)
+    want_out.backward(dout)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    softmax_d = _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, deterministic=False, **args)
+    for got, leaf in zip((dq, dk, dv), leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(softmax_d, (dout * out).sum(-1).transpose(1, 2).float())
+    # the formula itself, in float64
+    ref_out, ref_lse = attention_ref(q, k, v, scale=args["softmax_scale"], softcap=args["softcap"],
+                                     alibi_slopes=args["alibi_slopes"], window_left=args["window_size_left"],
+                                     window_right=flashattn_py.api.flash_window(
+                                         args["causal"], (args["window_size_left"], args["window_size_right"]), sq,
+                                         sk)[1],
+                                     diag_offset=sk - sq)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_blocks_merge_to_the_whole_attention():
+    # ring attention's use: each block's forward, merged; each block's backward with the
+    # merged out / lse; gradients summed
+    q, k, v = (t.detach() for t in random_qkv(1, 12, 20, 4, 2, 16, dtype=torch.float64, seed=11))
+    dout = torch.randn(1, 12, 4, 16, dtype=torch.float64)
+    out = torch.zeros(1, 12, 4, 16, dtype=torch.float64)
+    lse = torch.full((1, 4, 12), float("-inf"), dtype=torch.float64)
+    halves = [(k[:, :10], v[:, :10]), (k[:, 10:], v[:, 10:])]
+    for kb, vb in halves:
+        block_out, block_lse, _, _ = _flash_attn_forward(q, kb, vb, 0.0, None, False, -1, -1, 0.0, None, False)
+        flashattn_py.merge_attention(out, lse, block_out, block_lse)
+    grads = []
+    for kb, vb in halves:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(kb), torch.empty_like(vb)
+        _flash_attn_backward(dout, q, kb, vb, out, lse, dq, dk, dv, 0.0, None, False, -1, -1, 0.0, None, False)
+        grads.append((dq, dk, dv))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*leaves)
+    ref_out.backward(dout)
+    torch.testing.assert_close(out, ref_out.detach())
+    torch.testing.assert_close(lse, ref_lse.detach())
+    torch.testing.assert_close(grads[0][0] + grads[1][0], leaves[0].grad)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], 1), leaves[1].grad)
+    torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], 1), leaves[2].grad)
+
+
+def test_dropout_replays_the_forward_mask():
+    q, k, v = (t.detach() for t in random_qkv(2, 11, 11, 4, 2, 16, dtype=torch.float32, seed=5))
+    torch.manual_seed(7)
+    out, lse, probs, rng_state = _flash_attn_forward(q, k, v, 0.3, None, True, -1, -1, 0.0, None, True)
+    torch.manual_seed(7)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = flashattn_py.flash_attn_func(*leaves, dropout_p=0.3, causal=True)
+    assert torch.equal(out, want.detach()), "the same seed draws the public function's mask"
+    dout = torch.randn_like(out)
+    want.backward(dout)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.3, None, True, -1, -1, 0.0, None, False, rng_state)
+    for got, leaf in zip((dq, dk, dv), leaves):
+        assert torch.equal(got, leaf.grad)
+    # S_dmask: the probabilities before dropout (flash-attn: only with dropout)
+    ref_probs = attention_ref(q.double(), k.double(), v.double(), window_right=0, return_probs=True)[2]
+    torch.testing.assert_close(probs.double(), ref_probs, atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_forward_and_backward_are_flash_attn_varlen_func():
+    lens_q, lens_k = [3, 0, 17, 6], [5, 4, 9, 6]
+    cu_q = torch.tensor([0, 3, 3, 20, 26], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 9, 18, 24], dtype=torch.int32)
+    q, k, v = random_qkv(1, sum(lens_q), sum(lens_k), 4, 2, 16, dtype=torch.float64, seed=9)
+    q, k, v = q[0].detach(), k[0].detach(), v[0].detach()
+    for causal, window in ((True, (-1, -1)), (False, (3, 1)), (False, (-1, -1))):
+        out, lse, s_dmask, _ = _flash_attn_varlen_forward(q, k, v, cu_q, cu_k, 17, 9, 0.0, None, causal,
+                                                          *window)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        want, want_lse, _ = flashattn_py.flash_attn_varlen_func(*leaves, cu_q, cu_k, 17, 9, causal=causal,
+                                                                window_size=window, return_attn_probs=True)
+        assert s_dmask is None and torch.equal(out, want.detach()) and torch.equal(lse, want_lse)
+        dout = torch.randn_like(out)
+        want.backward(dout)
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        softmax_d = _flash_attn_varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, 17, 9, 0.0, None,
+                                                causal, *window, 0.0, None, False)
+        for got, leaf in zip((dq, dk, dv), leaves):
+            torch.testing.assert_close(got, leaf.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(softmax_d, (dout * out).sum(-1).t().float())
+    # paged K/V and seqused_k (forward only): flash_attn_varlen_func's paged path
+    pages_k, pages_v = torch.randn(7, 3, 2, 16, dtype=torch.float64), torch.randn(7, 3, 2, 16, dtype=torch.float64)
+    table = torch.tensor([[6, 0, 2], [1, 5, 3], [4, 6, 0], [2, 1, 6]], dtype=torch.int32)
+    out = _flash_attn_varlen_forward(q, pages_k, pages_v, cu_q, cu_k, 17, 9, 0.0, None, True, block_table=table)[0]
+    want = flashattn_py.flash_attn_varlen_func(q, pages_k, pages_v, cu_q, cu_k, 17, 9, causal=True, block_table=table)
+    assert torch.equal(out, want)
+
+
+def test_bad_calls_raise_naming_the_argument():
+    q, k, v = (t.detach() for t in random_qkv(1, 5, 5, 2, 2, 8, seed=1))
+    with pytest.raises(ValueError, match="return_softmax"):
+        _flash_attn_forward(q, k, v, 0.0, None, False, -1, -1, 0.0, None, True)
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, None, False, -1, -1, 0.0, None, False)
+    dq = torch.empty(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"\bdq\b"):
+        _flash_attn_backward(out, q, k, v, out, lse, dq, None, None, 0.0, None, False, -1, -1, 0.0, None, False)
+    with pytest.raises(ValueError, match="rng_state"):
+        _flash_attn_backward(out, q, k, v, out, lse, None, None, None, 0.2, None, False, -1, -1, 0.0, None, False)
+    with pytest.raises(ValueError, match="window_size"):
+        _flash_attn_forward(q, k, v, 0.0, None, False, -3, -1, 0.0, None, False)
+    with pytest.raises(ValueError, match="leftpad_k"):
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        _flash_attn_varlen_forward(q[0], k[0], v[0], cu, cu, 5, 5, 0.0, None, False, leftpad_k=cu[:1])
+
+
+def test_install_as_flash_attn():
+    # (in a fresh interpreter: the alias stays in sys.modules for the rest of a process)
+    script = textwrap.dedent("""
+        import sys, types
+        import flashattn_py
+        top = flashattn_py.install_as_flash_attn()
+        assert flashattn_py.install_as_flash_attn() is top
+        import flash_attn
+        from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+        from flash_attn.flash_attn_interface import _flash_attn_forward, _flash_attn_backward
+        from flash_attn.bert_padding import pad_input, unpad_input
+        from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb
+        from flash_attn.modules.mha import FlashSelfAttention, FlashCrossAttention
+        assert flash_attn_func is flashattn_py.flash_attn_func and flash_attn.__version__ == "2.8.4"
+        assert RotaryEmbedding is flashattn_py.rotary.RotaryEmbedding
+        try:
+            import flash_attn.ops.triton.rotary
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise AssertionError("flash_attn.ops is not served")
+        import transformers.utils
+        assert transformers.utils.is_flash_attn_2_available() is False  # (no flash-attn distribution)
+        # a flash_attn of someone else's is not replaced unless asked
+        for name in [n for n in sys.modules if n.startswith("flash_attn")]:
+            del sys.modules[name]
+        sys.modules["flash_attn"] = types.ModuleType("flash_attn")
+        try:
+            flashattn_py.install_as_flash_attn()
+        except ImportError as e:
+            assert "replace=True" in str(e)
+        else:
+            raise AssertionError("a foreign flash_attn was replaced")
+        assert flashattn_py.install_as_flash_attn(replace=True).flash_attn_func is flash_attn_func
+        from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
