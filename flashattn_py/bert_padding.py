@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .errors import ArgumentError
 
-__all__ = ["index_first_axis", "index_put_first_axis", "pad_input", "unpad_input"]
+__all__ = ["index_first_axis", "index_put_first_axis", "pad_input", "unpad_input",
+           "unpad_input_for_concatenated_sequences"]
 
 
 def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
@@ -67,6 +68,47 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
     rows = index_first_axis(hidden_states.flatten(0, 1), indices)
     return rows, indices, cu_seqlens, max_seqlen, used_seqlens
+
+
+def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask_in_length: Tensor):
+    """Packed rows of a batch whose rows each hold several documents back to back (packed
+    fine-tuning samples), each document its own sequence.
+
+    Args:
+        hidden_states: (B, S, ...).
+        attention_mask_in_length: (B, S) integer: row b's documents' lengths in order, the
+            rest of the row 0 (e.g. ``[2, 3, 0, 0, 0, 0]``: tokens 0-1 and 2-4 are two
+            documents, token 5 padding). Each row's lengths sum to at most S.
+
+    Returns:
+        ``(rows (total, ...), indices (total,) int64 into the flattened B * S positions,
+        cu_seqlens (D + 1,) int32 over the D documents of every row in order, max_seqlen
+        (int))``, as flash-attn's function of that name. One host read (the longest
+        document); the lengths are checked on CPU tensors.
+    """
+    lengths = attention_mask_in_length
+    if not isinstance(lengths, Tensor) or lengths.dim() != 2 or tuple(lengths.shape) != tuple(hidden_states.shape[:2]):
+        raise ArgumentError(f"attention_mask_in_length: expected (B, S) = {tuple(hidden_states.shape[:2])}, got "
+                            f"{tuple(getattr(lengths, 'shape', ())) or type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ArgumentError(f"attention_mask_in_length: expected an integer tensor, got {lengths.dtype}")
+    seqlen = lengths.shape[1]
+    per_row = lengths.sum(dim=-1)
+    if lengths.device.type == "cpu" and lengths.numel():
+        if bool((lengths < 0).any()):
+            raise ArgumentError("attention_mask_in_length: lengths must be >= 0")
+        if bool((per_row > seqlen).any()):
+            row = int((per_row > seqlen).nonzero()[0])
+            raise ArgumentError(f"attention_mask_in_length: row {row}'s documents hold {int(per_row[row])} tokens, "
+                                f"more than its {seqlen} positions")
+    kept = torch.arange(seqlen, device=lengths.device) < per_row.unsqueeze(1)  # (a row's documents come first)
+    flat = lengths.flatten()
+    seqlens = flat[flat != 0].to(torch.int32)
+    cu_seqlens = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=lengths.device)
+    cu_seqlens[1:] = seqlens.cumsum(0)
+    indices = kept.flatten().nonzero().flatten()
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
+    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
 
 
 def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:

@@ -289,13 +289,15 @@ class RotaryEmbedding(torch.nn.Module):
         if dim < 1:
             raise ArgumentError(f"dim: expected an int >= 1 (rotary_dim), got {dim}")
         self.dim, self.base, self.interleaved, self.scale_base = dim, float(base), interleaved, scale_base
-        self.register_buffer("inv_freq", self._frequencies(device), persistent=False)
+        self.register_buffer("inv_freq", self._compute_inv_freq(device), persistent=False)
         self.register_buffer("scale", None if scale_base is None else self._xpos_scale(device), persistent=False)
         self._seq_len_cached = 0
         self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
         self._cache_inference = False  # (the tables were made in inference mode)
 
-    def _frequencies(self, device=None) -> Tensor:
+    def _compute_inv_freq(self, device=None) -> Tensor:
+        """The inverse frequencies (float32): flash-attn's hook, which subclasses override
+        (position interpolation, NTK scaling)."""
         return 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
 
     def _xpos_scale(self, device=None) -> Tensor:
@@ -313,7 +315,7 @@ class RotaryEmbedding(torch.nn.Module):
         self._cache_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         # (float32 throughout: a model loaded in bf16 has bf16 buffers, and positions times
         # frequencies lose too much there)
-        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._frequencies(device)
+        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
         angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq.to(device))
         cos, sin = angles.cos(), angles.sin()
         if self.scale is None:

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import flashattn_py as fa
-from flashattn_py.bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
+from flashattn_py.bert_padding import (index_first_axis, index_put_first_axis, pad_input, unpad_input,
+                                      unpad_input_for_concatenated_sequences)
 from flashattn_py.errors import ArgumentError
 
 
@@ -69,3 +70,32 @@ def test_index_helpers_and_bad_shapes():
         unpad_input(torch.randn(2, 5, 3), torch.ones(2, 5), torch.ones(5))
     with pytest.raises(ArgumentError, match="values"):
         index_put_first_axis(torch.randn(3, 2), idx, 6)
+
+
+def test_concatenated_sequences_attend_within_each_document():
+    # flash-attn's example: rows holding documents of 2 + 3, 3 + 2 and 6 tokens (B=3, S=6)
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    g = torch.Generator().manual_seed(2)
+    B, S, H, D = 3, 6, 2, 8
+    q, k, v = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    qp, indices, cu, max_len = unpad_input_for_concatenated_sequences(q, lengths)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 8, 10, 16] and max_len == 6
+    assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]  # (row 0's slot 5, 1's 5)
+    kp, vp = (unpad_input_for_concatenated_sequences(t, lengths)[0] for t in (k, v))
+    out = pad_input(fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, max_len, max_len, causal=True), indices, B, S)
+    # the 3-D mask of flash-attn's docstring: causal within each document, padding rows zero
+    doc = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 1, 1, -2], [0, 0, 0, 0, 0, 0]])
+    allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(S, S, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed[:, None]).transpose(1, 2)
+    ref = ref * (indices.new_zeros(B * S).index_fill(0, indices, 1).view(B, S, 1, 1))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    with pytest.raises(ArgumentError, match="attention_mask_in_length"):
+        unpad_input_for_concatenated_sequences(q, torch.tensor([[4, 3, 0, 0, 0, 0]] * 3))  # 7 tokens in 6
+    with pytest.raises(ArgumentError, match="attention_mask_in_length"):
+        unpad_input_for_concatenated_sequences(q, lengths.float())
+    with pytest.raises(ArgumentError, match="attention_mask_in_length"):
+        unpad_input_for_concatenated_sequences(q, lengths[:2])

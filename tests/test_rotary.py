@@ -303,3 +303,23 @@ def test_rotary_embedding_module(xpos):
     assert RotaryEmbedding(7).inv_freq.shape == (4,)  # (an odd dim rounds up, as flash-attn's)
     with pytest.raises(ArgumentError, match="dim"):
         RotaryEmbedding("8")
+
+
+def test_rotary_embedding_subclass_frequencies():
+    from flashattn_py.rotary import RotaryEmbedding, apply_rotary_emb
+
+    # flash-attn's hook: a subclass's _compute_inv_freq (here linear position interpolation,
+    # every frequency / 4) makes the module's tables
+    class Interpolated(RotaryEmbedding):
+        def _compute_inv_freq(self, device=None):
+            return super()._compute_inv_freq(device) / 4
+
+    plain, scaled = RotaryEmbedding(8), Interpolated(8)
+    torch.testing.assert_close(scaled.inv_freq, plain.inv_freq / 4)
+    qkv = torch.randn(1, 12, 3, 2, 8)
+    positions = torch.arange(12, dtype=torch.float32)
+    # position p of the interpolated module rotates as position p / 4 of the plain one
+    angles = torch.outer(positions / 4, plain.inv_freq)
+    want = apply_rotary_emb(qkv[:, :, 0], angles.cos(), angles.sin())
+    got = scaled(qkv.clone())[:, :, 0]
+    torch.testing.assert_close(got, want)
