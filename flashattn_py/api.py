@@ -221,13 +221,18 @@ def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     if not return_attn_probs:
         return out
     if not dropout_p:
-        return out, lse, None  # (as flash-attn: probabilities only with dropout, no N^2 tensor)
+        return out, lse, q.new_empty(0)  # (as flash-attn: probabilities only with dropout, no N^2 tensor)
+    return out, lse, dense_probs(q, k, v, scale, softcap, alibi_slopes, window_left, window_right, diag_offset)
+
+
+def dense_probs(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, alibi_slopes: Optional[Tensor],
+                window_left: int, window_right: int, diag_offset: int) -> Tensor:
+    """The attention probabilities (B, H, Sq, Sk) of a dense call the kernels ran with these
+    options, from the reference (debugging: O(Sq * Sk) memory)."""
     with torch.no_grad(), ops.formula_dtype(q.device):
-        _, _, probs = attention_ref(
-            q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
-            window_right=window_right, diag_offset=diag_offset, return_probs=True,
-        )
-    return out, lse, probs
+        return attention_ref(q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes,
+                             window_left=window_left, window_right=window_right, diag_offset=diag_offset,
+                             return_probs=True)[2]
 
 
 def flash_attn_func(
@@ -261,7 +266,8 @@ def flash_attn_func(
         deterministic: reproducible backward (the CPU kernel always is).
         return_attn_probs: also return the softmax lse (B, H, Sq) and, with dropout_p > 0,
             the attention probabilities (B, H, Sq, Sk) before dropout, from the reference
-            formula (debugging; O(Sq * Sk) memory); None without dropout, as flash-attn.
+            formula (debugging; O(Sq * Sk) memory); without dropout an empty tensor, as
+            flash-attn.
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Returns:
@@ -764,7 +770,7 @@ def flash_attn_varlen_func(
         for float64 inputs) and, with dropout_p > 0, the probabilities before dropout
         (B, H, max_seqlen_q, max_seqlen_k) from the reference, sequence b's in
         [b, :, :Sq_b, :Sk_b], zeros past them (flash-attn's shape but for its rounding of the
-        lengths up to 128; debugging only); None without dropout, as flash-attn.
+        lengths up to 128; debugging only); without dropout an empty tensor, as flash-attn.
 
     Values of cu_seqlens / block_table are checked (ValueError) for CPU tensors; for GPU
     tensors only with ``FLASHATTN_CHECK_INPUTS=1`` (that reads them back to the host), the
@@ -777,7 +783,7 @@ def flash_attn_varlen_func(
     if not return_attn_probs:
         return out
     if not dropout_p:
-        return out, lse, None  # (as flash-attn: probabilities only with dropout)
+        return out, lse, q.new_empty(0)  # (as flash-attn: probabilities only with dropout)
     return out, lse, varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                   window, softcap, alibi_slopes, block_table)
 

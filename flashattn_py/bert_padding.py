@@ -60,14 +60,18 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
             raise ArgumentError(f"unused_mask: expected attention_mask's shape {tuple(attention_mask.shape)}, got "
                                 f"{tuple(unused_mask.shape)}")
         kept = kept | unused_mask.bool()
-    seqlens = kept.sum(dim=-1, dtype=torch.int32)
     used_seqlens = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
+    return (*_packed(hidden_states, kept, kept.sum(dim=-1, dtype=torch.int32)), used_seqlens)
+
+
+def _packed(hidden_states: Tensor, kept: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The rows of ``hidden_states`` (B, S, ...) where ``kept`` (B, S) is True, their indices,
+    and the offsets and longest of the sequences ``seqlens`` (int32) they make, in order."""
     indices = kept.flatten().nonzero().flatten()
     cu_seqlens = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=seqlens.device)
     cu_seqlens[1:] = seqlens.cumsum(0)
     max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
-    rows = index_first_axis(hidden_states.flatten(0, 1), indices)
-    return rows, indices, cu_seqlens, max_seqlen, used_seqlens
+    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
 
 
 def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask_in_length: Tensor):
@@ -83,8 +87,8 @@ def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask
     Returns:
         ``(rows (total, ...), indices (total,) int64 into the flattened B * S positions,
         cu_seqlens (D + 1,) int32 over the D documents of every row in order, max_seqlen
-        (int))``, as flash-attn's function of that name. One host read (the longest
-        document); the lengths are checked on CPU tensors.
+        (int))``, as flash-attn's function of that name. It reads the lengths on the host
+        (syncs on GPUs, as flash-attn's); they are checked on CPU tensors.
     """
     lengths = attention_mask_in_length
     if not isinstance(lengths, Tensor) or lengths.dim() != 2 or tuple(lengths.shape) != tuple(hidden_states.shape[:2]):
@@ -103,12 +107,7 @@ def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask
                                 f"more than its {seqlen} positions")
     kept = torch.arange(seqlen, device=lengths.device) < per_row.unsqueeze(1)  # (a row's documents come first)
     flat = lengths.flatten()
-    seqlens = flat[flat != 0].to(torch.int32)
-    cu_seqlens = torch.zeros(seqlens.shape[0] + 1, dtype=torch.int32, device=lengths.device)
-    cu_seqlens[1:] = seqlens.cumsum(0)
-    indices = kept.flatten().nonzero().flatten()
-    max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
-    return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
+    return _packed(hidden_states, kept, flat[flat != 0].to(torch.int32))
 
 
 def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:

@@ -8,12 +8,14 @@ forward / backward primitives that libraries built on flash-attn call directly
 and returns ``softmax_d``, the rows' ``sum(dout * out)``. Like ``attention_backward`` the
 backward takes the ``out`` / ``softmax_lse`` of the whole attention the call is part of,
 which is what lets ring attention merge blocks. Differences from flash-attn: ``S_dmask``
-(``return_softmax``, dropout only) holds the probabilities before dropout, from the
-reference, without flash-attn's negative marks on dropped entries or its padding of the
-lengths to multiples of 128; ``softmax_d`` has no padding rows either ((B, H, Sq), varlen
-(H, total_q)); ``rng_state`` is this package's [seed, offset] (int64 (2,)), which only its
-own backward reads. ``install_as_flash_attn()`` (flashattn_py.alias) makes this module
-importable as ``flash_attn.flash_attn_interface``.
+(``return_softmax``, dropout only; else an empty tensor, as flash-attn's) holds the
+probabilities before dropout, from the reference, without flash-attn's negative marks on
+dropped entries or its padding of the lengths to multiples of 128; ``softmax_d`` has no
+padding rows either ((B, H, Sq), varlen (H, total_q)); a row that sees no key has lse -inf
+(flash-attn writes +inf; both merge to the same result); float64 inputs on the cpu backend
+give a float64 lse; ``rng_state`` is this package's [seed, offset] (int64 (2,)), which
+only its own backward reads. ``install_as_flash_attn()`` (flashattn_py.alias) makes this
+module importable as ``flash_attn.flash_attn_interface``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ from .api import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacke
                   flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 from .errors import ArgumentError
 from .kvcache import flash_attn_with_kvcache
-from .reference import attention_ref
 
 __all__ = [
     "flash_attn_func",
@@ -42,12 +43,11 @@ __all__ = [
 
 def _block_options(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: Optional[float], causal: bool,
                    window_size_left: int, window_size_right: int, softcap: float, alibi_slopes: Optional[Tensor],
-                   deterministic: bool, rng_state: Optional[Tensor], cu_seqlens_q: Optional[Tensor] = None,
-                   cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-                   max_seqlen_k: int = 0) -> partial.BlockOptions:
+                   deterministic: bool, cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                   max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> partial.BlockOptions:
     """The kernels' options of one private call, checked (errors name the argument), with
     flash-attn's window rule (``flash_right_side``: what flash_attn_func applies) and its
-    diagonal (bottom-right: Sk - Sq dense, per sequence packed)."""
+    diagonal (bottom-right: Sk - Sq dense, per sequence packed); no rng_state yet."""
     api._check_dropout(dropout_p)
     window = api._causal_window((window_size_left, window_size_right), causal)
     packed = cu_seqlens_q is not None
@@ -61,21 +61,30 @@ def _block_options(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_sc
         right = api.flash_window(False, window, q.shape[1], k.shape[1])[1] if q.dim() == 4 and k.dim() == 4 else -1
     o = partial._check_block(q, k, v, softmax_scale, False, (window[0], right), None, softcap, alibi_slopes,
                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
-    if dropout_p > 0:
-        if rng_state is None:
-            raise ArgumentError("rng_state: required with dropout_p > 0 (the forward's fourth return value)")
-        if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
-            raise ArgumentError(f"rng_state: expected the forward's int64 (2,) tensor, got "
-                                f"{getattr(rng_state, 'dtype', type(rng_state).__name__)} "
-                                f"{tuple(getattr(rng_state, 'shape', ()))}")
-    return o._replace(dropout_p=float(dropout_p), rng_state=rng_state if dropout_p > 0 else None)
+    return o._replace(dropout_p=float(dropout_p))
+
+
+def _with_rng_state(o: partial.BlockOptions, rng_state) -> partial.BlockOptions:
+    """A backward's options with the forward's ``rng_state`` (checked where dropout reads it)."""
+    if o.dropout_p == 0:
+        return o
+    if rng_state is None:
+        raise ArgumentError("rng_state: required with dropout_p > 0 (the forward's fourth return value)")
+    if not isinstance(rng_state, Tensor) or rng_state.dtype != torch.int64 or tuple(rng_state.shape) != (2,):
+        raise ArgumentError(f"rng_state: expected the forward's int64 (2,) tensor, got "
+                            f"{getattr(rng_state, 'dtype', type(rng_state).__name__)} "
+                            f"{tuple(getattr(rng_state, 'shape', ()))}")
+    return o._replace(rng_state=rng_state)
 
 
 def _select(q: Tensor, k: Tensor, v: Tensor, o: partial.BlockOptions, backend: str) -> str:
-    """The backend of a private call: the one a backward would use (a dropout mask is the
-    backend's own, so the forward and the backward must agree); dropout needs a fused one."""
+    """The backend of a private call: the one a backward would use. A dropout mask is the
+    backend's own, so with dropout the forward and the backward must agree whatever the
+    backward's ``deterministic`` (which can change the choice on some GPUs): both choose as
+    for a deterministic backward. Dropout needs a fused backend."""
     backends.check_backend_name(backend)
-    name = partial.select_backend(q, k, v, True, o.deterministic, o.alibi_slopes, o.cu_seqlens_q, backend)
+    deterministic = True if o.dropout_p > 0 else o.deterministic
+    name = partial.select_backend(q, k, v, True, deterministic, o.alibi_slopes, o.cu_seqlens_q, backend)
     if o.dropout_p > 0 and not backends.BACKENDS[name].fused:
         raise ArgumentError(f"dropout_p: the {name} backend cannot replay a dropout mask in a separate backward; "
                             f"build the compiled ops or pass dropout_p=0")
@@ -100,40 +109,40 @@ def _check_return_softmax(return_softmax: bool, dropout_p: float) -> None:
 def _flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: Optional[float],
                         causal: bool, window_size_left: int, window_size_right: int, softcap: float,
                         alibi_slopes: Optional[Tensor], return_softmax: bool, *,
-                        backend: str = "auto") -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+                        backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """flash-attn's private dense forward: q (B, Sq, H, D), k / v (B, Sk, Hk, D) ->
-    ``(out (B, Sq, H, Dv), softmax_lse (B, H, Sq) float32, S_dmask or None, rng_state)``.
-    No autograd (``_flash_attn_backward`` is its backward)."""
+    ``(out (B, Sq, H, Dv), softmax_lse (B, H, Sq) float32 (float64 for float64 inputs on
+    the cpu backend), S_dmask, rng_state)``. No autograd (``_flash_attn_backward`` is its
+    backward)."""
     _check_return_softmax(return_softmax, dropout_p)
-    rng_state = _rng_state(q, dropout_p)
     o = _block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
-                       alibi_slopes, False, rng_state)
-    out, lse = partial.forward(q, k, v, o, _select(q, k, v, o, backend))
-    probs = None
+                       alibi_slopes, False)
+    name = _select(q, k, v, o, backend)
+    rng_state = _rng_state(q, dropout_p)
+    out, lse = partial.forward(q, k, v, o._replace(rng_state=rng_state if dropout_p > 0 else None), name)
+    probs = q.new_empty(0)
     if return_softmax:
-        with torch.no_grad(), ops.formula_dtype(q.device):
-            probs = attention_ref(q, k, v, scale=o.scale, softcap=o.softcap, alibi_slopes=alibi_slopes,
-                                  window_left=o.window_left, window_right=o.window_right,
-                                  diag_offset=o.diag_offset, return_probs=True)[2]
+        probs = api.dense_probs(q, k, v, o.scale, o.softcap, alibi_slopes, o.window_left, o.window_right,
+                                o.diag_offset)
     return out, lse, probs, rng_state
 
 
-def _softmax_d(dout: Tensor, out: Tensor, packed: bool) -> Tensor:
-    """flash-attn's ``softmax_d``: each row's sum(dout * out) in float32, (B, H, Sq) dense,
-    (H, total_q) packed (without flash-attn's padding rows)."""
+def _softmax_d(dout: Tensor, out: Tensor, dropout_p: float) -> Tensor:
+    """flash-attn's ``softmax_d``: each row's sum(dout * out) times the keep probability
+    1 - dropout_p, float32, (B, H, Sq) dense, (H, total_q) packed (without flash-attn's
+    padding rows)."""
     d = (dout.float() * out.float()).sum(-1)  # (B, Sq, H) / (total, H)
+    if dropout_p > 0:
+        d = d * (1.0 - dropout_p)
     return d.transpose(-1, -2).contiguous()
 
 
 def _write_grads(grads: tuple[Tensor, Tensor, Tensor], dq: Optional[Tensor], dk: Optional[Tensor],
                  dv: Optional[Tensor]) -> None:
-    for name, grad, into in (("dq", grads[0], dq), ("dk", grads[1], dk), ("dv", grads[2], dv)):
-        if into is None:
-            continue
-        if not isinstance(into, Tensor) or into.shape != grad.shape:
-            raise ArgumentError(f"{name}: expected a tensor of shape {tuple(grad.shape)}, got "
-                                f"{tuple(getattr(into, 'shape', ())) or type(into).__name__}")
-        into.copy_(grad)
+    """The gradients into the buffers given (``_check_into`` checked their shapes)."""
+    for grad, into in zip(grads, (dq, dk, dv)):
+        if into is not None:
+            into.copy_(grad)
 
 
 def _check_into(q: Tensor, k: Tensor, v: Tensor, dq, dk, dv) -> None:
@@ -154,12 +163,12 @@ def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     written into ``dq`` / ``dk`` / ``dv`` (each None or of q's / k's / v's shape), given
     ``dout`` and the ``out`` / ``softmax_lse`` of the whole attention (the call's own, or
     its blocks merged). Returns ``softmax_d`` (B, H, Sq) float32."""
-    o = _block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
-                       alibi_slopes, deterministic, rng_state)
+    o = _with_rng_state(_block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
+                                       window_size_right, softcap, alibi_slopes, deterministic), rng_state)
     _check_into(q, k, v, dq, dk, dv)
     _write_grads(partial.checked_backward(dout, q, k, v, out, softmax_lse, o, _select(q, k, v, o, backend)),
                  dq, dk, dv)
-    return _softmax_d(dout, out, False)
+    return _softmax_d(dout, out, o.dropout_p)
 
 
 def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -169,10 +178,10 @@ def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                                alibi_slopes: Optional[Tensor] = None, return_softmax: bool = False,
                                block_table: Optional[Tensor] = None, leftpad_k: Optional[Tensor] = None,
                                seqused_k: Optional[Tensor] = None, zero_tensors: bool = False, num_splits: int = 0,
-                               *, backend: str = "auto") -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+                               *, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """flash-attn's private packed forward: q (total_q, H, D), k / v (total_k, Hk, D), or a
     page pool with ``block_table``; ``seqused_k`` as flash_attn_varlen_func's. Returns
-    ``(out (total_q, H, Dv), softmax_lse (H, total_q), S_dmask or None, rng_state)``.
+    ``(out (total_q, H, Dv), softmax_lse (H, total_q), S_dmask, rng_state)``.
     ``zero_tensors`` and ``num_splits`` change nothing in the results (every row is
     written; splits agree within rounding) and are accepted as flash-attn's; ``leftpad_k``
     is refused (``flash_attn_with_kvcache``'s ``cache_leftpad`` serves left-padded caches)."""
@@ -182,22 +191,24 @@ def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                             "left-padded caches")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ArgumentError(f"num_splits: expected an int >= 0, got {num_splits!r}")
-    rng_state = _rng_state(q, dropout_p)
+    if return_softmax and seqused_k is not None:
+        raise ArgumentError("return_softmax: not supported with seqused_k")
     if block_table is not None or seqused_k is not None:  # (forward only: flash_attn_varlen_func's path)
         api._check_dropout(dropout_p)
         window = api._causal_window((window_size_left, window_size_right), causal)
+        rng_state = _rng_state(q, dropout_p)
         with torch.no_grad():
             out, lse = api._varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    seqused_k=seqused_k, block_table=block_table, dropout_p=dropout_p,
                                    scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                                    deterministic=False, backend=backend, rng_state=rng_state)
-        if return_softmax and seqused_k is not None:
-            raise ArgumentError("return_softmax: not supported with seqused_k")
     else:
         o = _block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
-                           alibi_slopes, False, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        out, lse = partial.forward(q, k, v, o, _select(q, k, v, o, backend))
-    probs = None
+                           alibi_slopes, False, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        name = _select(q, k, v, o, backend)
+        rng_state = _rng_state(q, dropout_p)
+        out, lse = partial.forward(q, k, v, o._replace(rng_state=rng_state if dropout_p > 0 else None), name)
+    probs = q.new_empty(0)
     if return_softmax:
         probs = api.varlen_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                  api._causal_window((window_size_left, window_size_right), causal), softcap,
@@ -215,10 +226,10 @@ def _flash_attn_varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
                                 backend: str = "auto") -> Tensor:
     """flash-attn's private packed backward (``_flash_attn_backward`` per sequence, packed
     layouts as ``_flash_attn_varlen_forward``'s). Returns ``softmax_d`` (H, total_q)."""
-    o = _block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
-                       alibi_slopes, deterministic, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k)
+    o = _with_rng_state(_block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
+                                       window_size_right, softcap, alibi_slopes, deterministic, cu_seqlens_q,
+                                       cu_seqlens_k, max_seqlen_q, max_seqlen_k), rng_state)
     _check_into(q, k, v, dq, dk, dv)
     _write_grads(partial.checked_backward(dout, q, k, v, out, softmax_lse, o, _select(q, k, v, o, backend)),
                  dq, dk, dv)
-    return _softmax_d(dout, out, True)
+    return _softmax_d(dout, out, o.dropout_p)
