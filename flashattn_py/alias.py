@@ -9,7 +9,8 @@ flash_attn.flash_attn_interface    flashattn_py.flash_attn_interface (with the
                                    private ``_flash_attn_forward`` / ``_backward``)
 flash_attn.bert_padding            flashattn_py.bert_padding
 flash_attn.layers.rotary           flashattn_py.rotary
-flash_attn.modules.mha             flashattn_py.nn (FlashSelfAttention, FlashCrossAttention)
+flash_attn.modules.mha             flashattn_py.mha (MHA, FlashSelfAttention, ...)
+flash_attn.utils.generation        InferenceParams (flashattn_py.mha's) only
 =================================  ==========================================
 
 Other flash-attn modules (its fused layer norm, losses, models, ``flash_attn_2_cuda``)
@@ -23,7 +24,7 @@ import importlib.util
 import sys
 import types
 
-from . import bert_padding, flash_attn_interface, nn, rotary
+from . import bert_padding, flash_attn_interface, mha, rotary
 
 __all__ = ["install_as_flash_attn"]
 
@@ -70,10 +71,12 @@ def install_as_flash_attn(replace: bool = False) -> types.ModuleType:
     for name in [n for n in sys.modules if n == "flash_attn" or n.startswith("flash_attn.")]:
         del sys.modules[name]
     layers = _package("flash_attn.layers", rotary=rotary)
-    modules = _package("flash_attn.modules", mha=nn)
+    modules = _package("flash_attn.modules", mha=mha)
+    generation = _package("flash_attn.utils.generation", InferenceParams=mha.InferenceParams)
+    utils = _package("flash_attn.utils", generation=generation)
     public = {name: getattr(flash_attn_interface, name) for name in flash_attn_interface.__all__}
     top = _package("flash_attn", __version__=FLASH_ATTN_API_VERSION, flash_attn_interface=flash_attn_interface,
-                   bert_padding=bert_padding, layers=layers, modules=modules, **public)
+                   bert_padding=bert_padding, layers=layers, modules=modules, utils=utils, **public)
     sys.modules.update({
         "flash_attn": top,
         "flash_attn.flash_attn_interface": flash_attn_interface,
@@ -81,6 +84,8 @@ def install_as_flash_attn(replace: bool = False) -> types.ModuleType:
         "flash_attn.layers": layers,
         "flash_attn.layers.rotary": rotary,
         "flash_attn.modules": modules,
-        "flash_attn.modules.mha": nn,
+        "flash_attn.modules.mha": mha,
+        "flash_attn.utils": utils,
+        "flash_attn.utils.generation": generation,
     })
     return top

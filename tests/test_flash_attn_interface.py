@@ -201,7 +201,9 @@ def test_install_as_flash_attn():
         from flash_attn.flash_attn_interface import _flash_attn_forward, _flash_attn_backward
         from flash_attn.bert_padding import pad_input, unpad_input
         from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb
-        from flash_attn.modules.mha import FlashSelfAttention, FlashCrossAttention
+        from flash_attn.modules.mha import MHA, FlashSelfAttention, FlashCrossAttention, SelfAttention
+        from flash_attn.utils.generation import InferenceParams
+        assert MHA is flashattn_py.mha.MHA and InferenceParams is flashattn_py.mha.InferenceParams
         assert flash_attn_func is flashattn_py.flash_attn_func and flash_attn.__version__ == "2.8.4"
         assert RotaryEmbedding is flashattn_py.rotary.RotaryEmbedding
         try:
