@@ -18,7 +18,35 @@ from .errors import ArgumentError
 
 __all__ = [
     "RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
+    "apply_rotary_emb_torch", "rotate_half",
 ]
+
+
+def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
+    """flash-attn's ``rotate_half``: each feature pair (a, b) of x's last dim becomes (-b, a);
+    pairs are (i, i + D / 2) (GPT-NeoX) or, ``interleaved``, (2i, 2i + 1) (GPT-J)."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """flash-attn's plain-torch rotary (its tests' reference): x (B, S, H, D), cos / sin
+    (S, rotary_dim / 2) or (B, S, rotary_dim / 2); the first rotary_dim features rotated by
+    row s, the rest unchanged; in x's dtype (``apply_rotary_emb`` computes in float32)."""
+    rotary_dim = cos.shape[-1] * 2
+    if rotary_dim > x.shape[-1]:
+        raise ArgumentError(f"cos: rotary_dim = 2 * {cos.shape[-1]} exceeds the head dim {x.shape[-1]}")
+    # (each table value serves both features of its pair, in the pairs' layout; a heads axis)
+    def spread(t: Tensor) -> Tensor:
+        t = t.repeat_interleave(2, -1) if interleaved else torch.cat((t, t), -1)
+        return t.unsqueeze(-2)
+
+    rotated = x[..., :rotary_dim]
+    rotated = rotated * spread(cos) + rotate_half(rotated, interleaved) * spread(sin)
+    return torch.cat((rotated, x[..., rotary_dim:]), -1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,

@@ -323,3 +323,23 @@ def test_rotary_embedding_subclass_frequencies():
     want = apply_rotary_emb(qkv[:, :, 0], angles.cos(), angles.sin())
     got = scaled(qkv.clone())[:, :, 0]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_emb_torch_and_rotate_half(interleaved):
+    from flashattn_py.rotary import apply_rotary_emb_torch, rotate_half
+
+    x = torch.randn(2, 7, 3, 10, dtype=torch.float64)
+    angles = torch.rand(7, 3, dtype=torch.float64) * 6
+    want = fa.apply_rotary_emb(x, angles.cos(), angles.sin(), interleaved=interleaved)
+    torch.testing.assert_close(apply_rotary_emb_torch(x, angles.cos(), angles.sin(), interleaved), want)
+    # per-batch tables (B, S, rotary_dim / 2): batch 1 at positions shifted by 2
+    both = torch.stack([angles, torch.roll(angles, -2, 0)])
+    got = apply_rotary_emb_torch(x, both.cos(), both.sin(), interleaved)
+    torch.testing.assert_close(got[1, :5], fa.apply_rotary_emb(x[1:, :5], angles[2:].cos(), angles[2:].sin(),
+                                                               interleaved=interleaved)[0])
+    pairs = [(0, 1), (2, 3)] if interleaved else [(0, 2), (1, 3)]
+    y = torch.arange(4.0)
+    r = rotate_half(y, interleaved)
+    for a, b in pairs:
+        assert r[a] == -y[b] and r[b] == y[a]
