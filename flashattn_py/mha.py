@@ -226,7 +226,9 @@ class MHA(nn.Module):
         else:
             self.Wqkv = nn.Linear(embed_dim, qkv_dim, bias=qkv_proj_bias, **factory)
         if dwconv:
-            if num_heads_kv == num_heads:
+            # (cross-attention convolves q and kv apart: flash-attn's makes dwconv_qkv there when
+            # the head counts match, which its forward cannot use)
+            if num_heads_kv == num_heads and not cross_attn:
                 self.dwconv_qkv = nn.Conv1d(qkv_dim, qkv_dim, kernel_size=3, padding=2, groups=qkv_dim, **factory)
             else:
                 self.dwconv_q = nn.Conv1d(embed_dim, embed_dim, kernel_size=3, padding=2, groups=embed_dim, **factory)

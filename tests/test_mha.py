@@ -106,6 +106,16 @@ def test_state_dict_names_are_flash_attns():
     assert set(_module(dwconv=True).state_dict()) >= {"dwconv_qkv.weight", "dwconv_qkv.bias"}
 
 
+def test_cross_attention_with_convolutions():
+    m = _module(cross_attn=True, dwconv=True, causal=True)
+    x, x_kv = torch.randn(2, 5, E, dtype=torch.float64), torch.randn(2, 9, E, dtype=torch.float64)
+    q = F.conv1d(F.pad(m.Wq(x).transpose(1, 2), (2, 0)), m.dwconv_q.weight, m.dwconv_q.bias, groups=E)
+    kv = F.conv1d(F.pad(m.Wkv(x_kv).transpose(1, 2), (2, 0)), m.dwconv_kv.weight, m.dwconv_kv.bias, groups=2 * E)
+    q, (k, v) = q.transpose(1, 2).unflatten(-1, (H, -1)), kv.transpose(1, 2).unflatten(-1, (2, H, -1)).unbind(2)
+    want = m.out_proj(attention_ref(q, k, v, window_right=0, diag_offset=4)[0].flatten(-2))
+    torch.testing.assert_close(m(x, x_kv), want)
+
+
 def test_cross_attention_mixer_subset_residual_and_checkpointing():
     m = _module(cross_attn=True, num_heads_kv=2, use_flash_attn=True, return_residual=True, checkpointing=True)
     x = torch.randn(2, 7, E, dtype=torch.float64, requires_grad=True)
