@@ -139,18 +139,43 @@ def _softmax_d(dout: Tensor, out: Tensor, dropout_p: float) -> Tensor:
 
 def _write_grads(grads: tuple[Tensor, Tensor, Tensor], dq: Optional[Tensor], dk: Optional[Tensor],
                  dv: Optional[Tensor]) -> None:
-    """The gradients into the buffers given (``_check_into`` checked their shapes)."""
-    for grad, into in zip(grads, (dq, dk, dv)):
-        if into is not None:
-            into.copy_(grad)
+    """The gradients into the buffers given (``_check_into`` checked them), outside autograd
+    as flash-attn's kernels write them (a buffer may be a leaf that requires grad)."""
+    with torch.no_grad():
+        for grad, into in zip(grads, (dq, dk, dv)):
+            if into is not None:
+                into.copy_(grad)
 
 
 def _check_into(q: Tensor, k: Tensor, v: Tensor, dq, dk, dv) -> None:
-    """dq / dk / dv: None, or tensors of q's / k's / v's shape (checked before any work)."""
+    """dq / dk / dv: None, or tensors of q's / k's / v's shape, dtype and device, each element
+    its own memory (checked before any work, so a refusal writes nothing)."""
     for name, into, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        if into is not None and (not isinstance(into, Tensor) or into.shape != like.shape):
-            raise ArgumentError(f"{name}: expected None or a tensor of shape {tuple(like.shape)}, got "
-                                f"{tuple(getattr(into, 'shape', ())) or type(into).__name__}")
+        if into is None:
+            continue
+        if (not isinstance(into, Tensor) or into.shape != like.shape or into.dtype != like.dtype
+                or into.device != like.device):
+            raise ArgumentError(f"{name}: expected None or a {like.dtype} tensor of shape {tuple(like.shape)} on "
+                                f"{like.device}, got {getattr(into, 'dtype', type(into).__name__)} "
+                                f"{tuple(getattr(into, 'shape', ()))} on {getattr(into, 'device', None)}")
+        if api.expanded(into):
+            raise ArgumentError(f"{name}: an expanded tensor (stride 0) cannot hold a gradient")
+
+
+def _backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, dq, dk, dv,
+              o: partial.BlockOptions, backend: str) -> Tensor:
+    """Both private backwards once their options are checked: the gradients into dq / dk / dv,
+    ``softmax_d`` returned (errors name flash-attn's arguments)."""
+    api._check_tensors(("dout", "out", "softmax_lse"), dout, out, softmax_lse)
+    _check_into(q, k, v, dq, dk, dv)
+    try:
+        grads = partial.checked_backward(dout, q, k, v, out, softmax_lse, o, _select(q, k, v, o, backend))
+    except ArgumentError as error:  # (partial.py's name for it)
+        if str(error).startswith("lse:"):
+            raise ArgumentError("softmax_lse:" + str(error)[len("lse:"):]) from None
+        raise
+    _write_grads(grads, dq, dk, dv)
+    return _softmax_d(dout, out, o.dropout_p)
 
 
 def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
@@ -165,10 +190,7 @@ def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     its blocks merged). Returns ``softmax_d`` (B, H, Sq) float32."""
     o = _with_rng_state(_block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
                                        window_size_right, softcap, alibi_slopes, deterministic), rng_state)
-    _check_into(q, k, v, dq, dk, dv)
-    _write_grads(partial.checked_backward(dout, q, k, v, out, softmax_lse, o, _select(q, k, v, o, backend)),
-                 dq, dk, dv)
-    return _softmax_d(dout, out, o.dropout_p)
+    return _backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, o, backend)
 
 
 def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -229,7 +251,4 @@ def _flash_attn_varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     o = _with_rng_state(_block_options(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
                                        window_size_right, softcap, alibi_slopes, deterministic, cu_seqlens_q,
                                        cu_seqlens_k, max_seqlen_q, max_seqlen_k), rng_state)
-    _check_into(q, k, v, dq, dk, dv)
-    _write_grads(partial.checked_backward(dout, q, k, v, out, softmax_lse, o, _select(q, k, v, o, backend)),
-                 dq, dk, dv)
-    return _softmax_d(dout, out, o.dropout_p)
+    return _backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, o, backend)

@@ -180,6 +180,21 @@ def test_bad_calls_raise_naming_the_argument():
     dq = torch.empty(1, 4, 2, 8)
     with pytest.raises(ValueError, match=r"\bdq\b"):
         _flash_attn_backward(out, q, k, v, out, lse, dq, None, None, 0.0, None, False, -1, -1, 0.0, None, False)
+    # buffers of another dtype, an expanded one, a bad lse: refused before anything is written
+    dk = torch.full_like(k, float("nan"))
+    for bad in (torch.zeros(q.shape, dtype=torch.int32), torch.zeros(q.shape, dtype=torch.float64),
+                torch.zeros(1, 1, 1, 1).expand(q.shape)):
+        with pytest.raises(ValueError, match=r"\bdq\b"):
+            _flash_attn_backward(out, q, k, v, out, lse, bad, dk, None, 0.0, None, False, -1, -1, 0.0, None, False)
+        assert dk.isnan().all()
+    with pytest.raises(ValueError, match="^softmax_lse"):
+        _flash_attn_backward(out, q, k, v, out, lse[:, :, :3], None, dk, None, 0.0, None, False, -1, -1, 0.0, None,
+                             False)
+    assert dk.isnan().all()
+    # a leaf that requires grad takes its gradient as flash-attn's kernels write it
+    dv = torch.zeros_like(v, requires_grad=True)
+    _flash_attn_backward(out, q, k, v, out, lse, None, None, dv, 0.0, None, False, -1, -1, 0.0, None, False)
+    assert dv.abs().sum() > 0
     with pytest.raises(ValueError, match="rng_state"):
         _flash_attn_backward(out, q, k, v, out, lse, None, None, None, 0.2, None, False, -1, -1, 0.0, None, False)
     with pytest.raises(ValueError, match="window_size"):
