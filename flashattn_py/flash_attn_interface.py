@@ -148,8 +148,8 @@ def _write_grads(grads: tuple[Tensor, Tensor, Tensor], dq: Optional[Tensor], dk:
 
 
 def _check_into(q: Tensor, k: Tensor, v: Tensor, dq, dk, dv) -> None:
-    """dq / dk / dv: None, or tensors of q's / k's / v's shape, dtype and device, each element
-    its own memory (checked before any work, so a refusal writes nothing)."""
+    """dq / dk / dv: None, or tensors of q's / k's / v's shape, dtype and device, not expanded
+    (checked before any work, so a refusal writes nothing; other overlaps are the caller's)."""
     for name, into, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if into is None:
             continue

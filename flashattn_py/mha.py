@@ -64,21 +64,16 @@ class InferenceParams:
             self.lengths_per_sample.zero_()
 
 
-def _padded_mask(key_padding_mask: Optional[Tensor], causal: bool, batch: int, seqlen_q: int, seqlen_k: int,
-                 device: torch.device, align_to_kept: bool) -> Optional[Tensor]:
+def _padded_mask(key_padding_mask: Tensor, causal: bool, batch: int, seqlen_q: int, seqlen_k: int,
+                 device: torch.device, align_to_kept: bool) -> Tensor:
     """The bool mask (B, 1, Sq, Sk) (True: attend) of flash-attn's reference modules: keys
     ``key_padding_mask`` keeps, and with ``causal`` keys up to row i + n_b - Sq, where n_b is
     the number of keys sequence b keeps (``align_to_kept``: CrossAttention's diagonal, at
     the end of its kept keys, padding on the right) or Sk (SelfAttention's)."""
-    if key_padding_mask is None:
-        if not causal:
-            return None
-        keep = torch.ones(batch, seqlen_k, dtype=torch.bool, device=device)
-    else:
-        if tuple(key_padding_mask.shape) != (batch, seqlen_k):
-            raise ArgumentError(f"key_padding_mask: expected (B, Sk) = ({batch}, {seqlen_k}), got "
-                                f"{tuple(key_padding_mask.shape)}")
-        keep = key_padding_mask.to(device=device, dtype=torch.bool)
+    if not isinstance(key_padding_mask, Tensor) or tuple(key_padding_mask.shape) != (batch, seqlen_k):
+        raise ArgumentError(f"key_padding_mask: expected (B, Sk) = ({batch}, {seqlen_k}), got "
+                            f"{tuple(getattr(key_padding_mask, 'shape', ())) or type(key_padding_mask).__name__}")
+    keep = key_padding_mask.to(device=device, dtype=torch.bool)
     mask = keep[:, None, None, :]
     if causal:
         kept = keep.sum(-1).view(batch, 1, 1, 1) if align_to_kept else seqlen_k
@@ -114,12 +109,15 @@ class CrossAttention(nn.Module):
         causal = self.causal if causal is None else causal
         if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
             raise ArgumentError(f"kv: expected shape (B, Sk, 2, Hk, D), got {tuple(getattr(kv, 'shape', ()))}")
+        dropout_p = self.drop.p if self.training else 0.0
+        if key_padding_mask is None:  # (bottom-right causal either way: the kernels' own mask, no tensor)
+            return api.flash_attn_kvpacked_func(q, kv, dropout_p, self.softmax_scale, causal)
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], kv.shape[1]
         mask = _padded_mask(key_padding_mask, causal, batch, seqlen_q, seqlen_k, q.device, align_to_kept)
         k, v = kv.unbind(2)
         out = api.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=self.drop.p if self.training else 0.0, scale=self.softmax_scale,
+            dropout_p=dropout_p, scale=self.softmax_scale,
             enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
 
@@ -301,10 +299,15 @@ class MHA(nn.Module):
         if cache is None:
             raise ArgumentError(f"inference_params: layer {self.layer_idx} has no KV cache yet (run the first step "
                                 f"with seqlen_offset 0, or allocate_inference_cache)")
-        batch = q.shape[0]
-        cache = cache[:batch]
+        # (this call's rows of the cache, from batch_size_offset, as the first step wrote them;
+        # flash-attn's reads from row 0 here)
+        rows = slice(inference_params.batch_size_offset, inference_params.batch_size_offset + q.shape[0])
+        cache = cache[rows]
+        if cache.shape[0] != q.shape[0]:
+            raise ArgumentError(f"inference_params: batch_size_offset {rows.start} + {q.shape[0]} rows pass layer "
+                                f"{self.layer_idx}'s cache of {inference_params.key_value_memory_dict[self.layer_idx].shape[0]}")
         lengths = inference_params.lengths_per_sample
-        cache_seqlens = lengths[:batch] if lengths is not None else inference_params.seqlen_offset
+        cache_seqlens = lengths[rows] if lengths is not None else inference_params.seqlen_offset
         cos = sin = None
         if rotary and self.rotary_emb_dim > 0:
             self.rotary_emb._update_cos_sin_cache(inference_params.max_seqlen, device=q.device, dtype=q.dtype)

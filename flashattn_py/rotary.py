@@ -35,7 +35,8 @@ def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
 def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
     """flash-attn's plain-torch rotary (its tests' reference): x (B, S, H, D), cos / sin
     (S, rotary_dim / 2) or (B, S, rotary_dim / 2); the first rotary_dim features rotated by
-    row s, the rest unchanged; in x's dtype (``apply_rotary_emb`` computes in float32)."""
+    row s, the rest unchanged; computed in the dtype torch promotes x and the tables to
+    (``apply_rotary_emb`` computes in float32 and returns x's)."""
     rotary_dim = cos.shape[-1] * 2
     if rotary_dim > x.shape[-1]:
         raise ArgumentError(f"cos: rotary_dim = 2 * {cos.shape[-1]} exceeds the head dim {x.shape[-1]}")

@@ -79,12 +79,13 @@ CONFIGS = [
     dict(use_flash_attn=True, use_alibi=True, window_size=(3, 1), softmax_scale=0.3, qkv_proj_bias=False),
     dict(num_heads_kv=1, dwconv=True, out_proj_bias=False),
     dict(causal=True),
+    dict(causal=True, softmax_scale=0.3, dropout=0.5),  # (eval mode: no dropout)
 ]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_forward_and_gradients_are_the_formula(cfg):
-    m = _module(**cfg)
+    m = _module(**cfg).eval()
     x = torch.randn(2, 11, E, dtype=torch.float64, requires_grad=True)
     out = m(x)
     want = _formula(m, x, rotary_interleaved=cfg.get("rotary_emb_interleaved", False))
@@ -118,6 +119,8 @@ def test_cross_attention_with_convolutions():
 
 def test_cross_attention_mixer_subset_residual_and_checkpointing():
     m = _module(cross_attn=True, num_heads_kv=2, use_flash_attn=True, return_residual=True, checkpointing=True)
+    calls = []
+    m.inner_cross_attn.register_forward_pre_hook(lambda *args: calls.append(1))
     x = torch.randn(2, 7, E, dtype=torch.float64, requires_grad=True)
     x_kv = torch.randn(2, 13, E, dtype=torch.float64, requires_grad=True)
     out, residual = m(x, x_kv, mixer_subset=slice(0, 1))
@@ -127,6 +130,7 @@ def test_cross_attention_mixer_subset_residual_and_checkpointing():
     grads = torch.autograd.grad(out.sum(), (x, x_kv, m.Wkv.weight))
     for g, w in zip(grads, torch.autograd.grad(want.sum(), (x, x_kv, m.Wkv.weight))):
         torch.testing.assert_close(g, w)
+    assert len(calls) == 2  # (checkpointing: the attention ran again in the backward)
 
 
 def test_packed_sequences_are_each_sequence_alone():
@@ -181,6 +185,26 @@ def test_generation_steps_are_the_whole_sequence(cfg):
             params.seqlen_offset += 1
     torch.testing.assert_close(torch.cat(steps, 1), whole.detach())
     assert params.key_value_memory_dict[3].shape == (2, 16, 2, m.num_heads_kv, m.head_dim)
+
+
+@pytest.mark.parametrize("use_flash_attn", [True, False])
+def test_generation_at_a_batch_offset_and_with_xpos(use_flash_attn):
+    # rows 1..2 of a 3-row cache (batch_size_offset 1); xPos rotary (its tables only the
+    # module applies)
+    m = _module(causal=True, layer_idx=0, use_flash_attn=use_flash_attn, rotary_emb_dim=16,
+                rotary_emb_scale_base=64)
+    x = torch.randn(2, 8, E, dtype=torch.float64)
+    whole = m(x)
+    params = InferenceParams(max_seqlen=10, max_batch_size=3, batch_size_offset=1)
+    cache = m.allocate_inference_cache(3, 10)
+    params.key_value_memory_dict[0] = cache.fill_(float("nan"))  # (rows and slots never written stay NaN)
+    with torch.no_grad():
+        steps = [m(x[:, :5], inference_params=params)]
+        for t in range(5, 8):
+            params.seqlen_offset = t
+            steps.append(m(x[:, t:t + 1], inference_params=params))
+    torch.testing.assert_close(torch.cat(steps, 1), whole.detach())
+    assert cache[0].isnan().all() and not cache[1:, :8].isnan().any()
 
 
 def test_generation_with_lengths_per_sample():
