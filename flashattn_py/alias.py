@@ -11,10 +11,11 @@ flash_attn.bert_padding            flashattn_py.bert_padding
 flash_attn.layers.rotary           flashattn_py.rotary
 flash_attn.modules.mha             flashattn_py.mha (MHA, FlashSelfAttention, ...)
 flash_attn.utils.generation        InferenceParams (flashattn_py.mha's) only
+flash_attn.ops.triton.rotary       apply_rotary (flashattn_py.rotary.apply_rotary_raw) only
 =================================  ==========================================
 
-Other flash-attn modules (its fused layer norm, losses, models, ``flash_attn_2_cuda``)
-still raise ModuleNotFoundError. The modules are entries of ``sys.modules``, so this
+Other flash-attn modules (its fused layer norm and dense layers, losses, models,
+``flash_attn_2_cuda``) still raise ModuleNotFoundError. The modules are entries of ``sys.modules``, so this
 works in the process that called it (spawned workers call it again).
 """
 from __future__ import annotations
@@ -74,9 +75,12 @@ def install_as_flash_attn(replace: bool = False) -> types.ModuleType:
     modules = _package("flash_attn.modules", mha=mha)
     generation = _package("flash_attn.utils.generation", InferenceParams=mha.InferenceParams)
     utils = _package("flash_attn.utils", generation=generation)
+    triton_rotary = _package("flash_attn.ops.triton.rotary", apply_rotary=rotary.apply_rotary_raw)
+    triton_ops = _package("flash_attn.ops.triton", rotary=triton_rotary)
+    ops = _package("flash_attn.ops", triton=triton_ops)
     public = {name: getattr(flash_attn_interface, name) for name in flash_attn_interface.__all__}
     top = _package("flash_attn", __version__=FLASH_ATTN_API_VERSION, flash_attn_interface=flash_attn_interface,
-                   bert_padding=bert_padding, layers=layers, modules=modules, utils=utils, **public)
+                   bert_padding=bert_padding, layers=layers, modules=modules, utils=utils, ops=ops, **public)
     sys.modules.update({
         "flash_attn": top,
         "flash_attn.flash_attn_interface": flash_attn_interface,
@@ -87,5 +91,8 @@ def install_as_flash_attn(replace: bool = False) -> types.ModuleType:
         "flash_attn.modules.mha": mha,
         "flash_attn.utils": utils,
         "flash_attn.utils.generation": generation,
+        "flash_attn.ops": ops,
+        "flash_attn.ops.triton": triton_ops,
+        "flash_attn.ops.triton.rotary": triton_rotary,
     })
     return top

@@ -18,7 +18,7 @@ from .errors import ArgumentError
 
 __all__ = [
     "RotaryEmbedding", "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
-    "apply_rotary_emb_torch", "rotate_half",
+    "apply_rotary_emb_torch", "apply_rotary_raw", "rotate_half",
 ]
 
 
@@ -246,6 +246,19 @@ def _written_outside_autograd(x: Tensor, result: Tensor) -> Tensor:
 
 # flash-attn's name for the same function (flash_attn.layers.rotary.apply_rotary_emb_func).
 apply_rotary_emb_func = apply_rotary_emb
+
+
+def apply_rotary_raw(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Union[int, Tensor] = 0,
+                     cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None, interleaved: bool = False,
+                     inplace: bool = False, conjugate: bool = False) -> Tensor:
+    """flash-attn's ``flash_attn.ops.triton.rotary.apply_rotary`` (``install_as_flash_attn``
+    serves it under that name): ``apply_rotary_emb``'s rotation without autograd, for code
+    that writes its own autograd.Function around it (ModernBERT's); ``conjugate`` rotates
+    by minus the angles (that function's backward). x (B, S, H, D), or packed (total, H, D)
+    with ``cu_seqlens`` and ``max_seqlen``; the other arguments as ``apply_rotary_emb``'s."""
+    with torch.no_grad():
+        return apply_rotary_emb(x, cos, -sin if conjugate else sin, interleaved=interleaved, inplace=inplace,
+                                seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,

@@ -221,12 +221,14 @@ def test_install_as_flash_attn():
         assert MHA is flashattn_py.mha.MHA and InferenceParams is flashattn_py.mha.InferenceParams
         assert flash_attn_func is flashattn_py.flash_attn_func and flash_attn.__version__ == "2.8.4"
         assert RotaryEmbedding is flashattn_py.rotary.RotaryEmbedding
+        from flash_attn.ops.triton.rotary import apply_rotary
+        assert apply_rotary is flashattn_py.rotary.apply_rotary_raw
         try:
-            import flash_attn.ops.triton.rotary
+            import flash_attn.ops.layer_norm
         except ModuleNotFoundError:
             pass
         else:
-            raise AssertionError("flash_attn.ops is not served")
+            raise AssertionError("flash_attn.ops.layer_norm is not served")
         import importlib.util
         if importlib.util.find_spec("transformers") is not None:
             # (transformers looks for packages through importlib: the alias must not break that)

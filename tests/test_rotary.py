@@ -343,3 +343,32 @@ def test_apply_rotary_emb_torch_and_rotate_half(interleaved):
     r = rotate_half(y, interleaved)
     for a, b in pairs:
         assert r[a] == -y[b] and r[b] == y[a]
+
+
+def test_apply_rotary_raw_in_a_hand_written_autograd_function():
+    # flash-attn's ops.triton.rotary.apply_rotary as ModernBERT uses it: packed rows rotated in
+    # place in an autograd.Function's forward, the gradient rotated back (conjugate) in its
+    # backward; against apply_rotary_emb's own autograd
+    from flashattn_py.rotary import apply_rotary_raw
+
+    class Rotate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, cos, sin, cu, max_seqlen):
+            ctx.save_for_backward(cos, sin, cu)
+            ctx.max_seqlen = max_seqlen
+            return apply_rotary_raw(x, cos, sin, cu_seqlens=cu, max_seqlen=max_seqlen, inplace=True)
+
+        @staticmethod
+        def backward(ctx, grad):
+            cos, sin, cu = ctx.saved_tensors
+            return (apply_rotary_raw(grad.clone(), cos, sin, cu_seqlens=cu, max_seqlen=ctx.max_seqlen, inplace=True,
+                                     conjugate=True), None, None, None, None)
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    angles = torch.rand(7, 4, dtype=torch.float64) * 6
+    x = torch.randn(12, 2, 10, dtype=torch.float64, requires_grad=True)
+    got = Rotate.apply(x.clone(), angles.cos(), angles.sin(), cu, 7)
+    want = fa.apply_rotary_emb(x, angles.cos(), angles.sin(), cu_seqlens=cu, max_seqlen=7)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dout)[0], torch.autograd.grad(want, x, dout)[0])
