@@ -22,7 +22,7 @@ from .api import (_check_flash_options, _check_qkv, _check_values, _index_tensor
                   expanded, flash_right_side, index_values_readable, shares_memory, softmax_scale_of,
                   unbounded_past)
 from .errors import ArgumentError
-from .rotary import apply_rotary, check_tables
+from .rotary import check_tables, rotate_at
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -349,7 +349,7 @@ def flash_attn_with_kvcache(
     if k is not None:
         if rotary_cos is not None:
             positions = cache_seqlens.long().unsqueeze(1) + torch.arange(new, device=device)
-            k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
+            k = rotate_at(k, rotary_cos, rotary_sin, positions.clamp(0, seqlen_ro - 1), rotary_interleaved)
         # (unobserved_eager first: torch.compile cannot trace is_inference)
         if ops.unobserved_eager() and not torch.is_inference_mode_enabled():
             for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -362,7 +362,7 @@ def flash_attn_with_kvcache(
         offsets = torch.arange(seqlen_q, device=device) if causal_positions else torch.zeros(seqlen_q, dtype=torch.long,
                                                                                              device=device)
         positions = (cache_seqlens.long().unsqueeze(1) + offsets).clamp(0, seqlen_ro - 1)
-        q = apply_rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
+        q = rotate_at(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
     seqused_k = cache_seqlens + new if new else cache_seqlens  # (int32: the check above keeps it from wrapping)
     out, lse = ops.attention(
         q, k_cache, v_cache, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window[0],

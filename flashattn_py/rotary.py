@@ -1,6 +1,6 @@
 """Rotary position embedding, as flash-attn's ``flash_attn.layers.rotary.apply_rotary_emb``.
 
-``apply_rotary`` is the formula ``flash_attn_with_kvcache`` applies to new keys and
+``rotate_at`` is the formula ``flash_attn_with_kvcache`` applies to new keys and
 queries; ``apply_rotary_emb`` is the public form, for q / k before ``flash_attn_func`` or
 ``flash_attn_varlen_func``. Plain torch ops in float32 (float64 for float64 inputs),
 differentiable.
@@ -50,8 +50,8 @@ def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: boo
     return torch.cat((rotated, x[..., rotary_dim:]), -1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
-                 valid: Optional[Tensor] = None) -> Tensor:
+def rotate_at(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool,
+              valid: Optional[Tensor] = None) -> Tensor:
     """Rotary embedding of x (B, S, H, D) at ``positions`` (B, S) (rows of cos / sin,
     (seqlen_ro, rotary_dim / 2)): the first rotary_dim features rotate in pairs, (0, 1),
     (2, 3), ... when ``interleaved`` (GPT-J), (i, i + rotary_dim / 2) otherwise (GPT-NeoX);
@@ -194,9 +194,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     source = x.clone() if inplace and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) else x
     if packed:  # (one sequence of all the rows)
         valid = None if valid is None else valid.unsqueeze(0)
-        out = apply_rotary(source.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved, valid)[0]
+        out = rotate_at(source.unsqueeze(0), cos, sin, positions.unsqueeze(0), interleaved, valid)[0]
     else:
-        out = apply_rotary(source, cos, sin, positions, interleaved, valid)
+        out = rotate_at(source, cos, sin, positions, interleaved, valid)
     if not inplace:
         return out
     return _write_in_place(x, out, cos.requires_grad or sin.requires_grad)
@@ -259,6 +259,11 @@ def apply_rotary_raw(x: Tensor, cos: Tensor, sin: Tensor, seqlen_offsets: Union[
     with torch.no_grad():
         return apply_rotary_emb(x, cos, -sin if conjugate else sin, interleaved=interleaved, inplace=inplace,
                                 seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+# (flash-attn's layers.rotary imports ops.triton.rotary's apply_rotary into its namespace:
+# code may take it from there, flash_attn.layers.rotary being this module once aliased)
+apply_rotary = apply_rotary_raw
 
 
 def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,

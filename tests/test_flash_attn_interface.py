@@ -222,7 +222,8 @@ def test_install_as_flash_attn():
         assert flash_attn_func is flashattn_py.flash_attn_func and flash_attn.__version__ == "2.8.4"
         assert RotaryEmbedding is flashattn_py.rotary.RotaryEmbedding
         from flash_attn.ops.triton.rotary import apply_rotary
-        assert apply_rotary is flashattn_py.rotary.apply_rotary_raw
+        import flash_attn.layers.rotary
+        assert apply_rotary is flashattn_py.rotary.apply_rotary_raw is flash_attn.layers.rotary.apply_rotary
         try:
             import flash_attn.ops.layer_norm
         except ModuleNotFoundError:
