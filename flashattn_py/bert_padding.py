@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .errors import ArgumentError
 
-__all__ = ["index_first_axis", "index_put_first_axis", "pad_input", "unpad_input",
+__all__ = ["IndexFirstAxis", "IndexFirstAxisResidual", "IndexPutFirstAxis", "index_first_axis",
+           "index_first_axis_residual", "index_put_first_axis", "pad_input", "unpad_input",
            "unpad_input_for_concatenated_sequences"]
 
 
@@ -34,6 +35,55 @@ def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -
         raise ArgumentError(f"values: expected one row per index ({indices.shape[0]}), got {values.shape[0]}")
     out = values.new_zeros((first_axis_dim, *values.shape[1:]))
     return out.index_put((indices,), values)
+
+
+class IndexFirstAxis(torch.autograd.Function):
+    """flash-attn's autograd form of ``index_first_axis`` (``IndexFirstAxis.apply(x, indices)``);
+    the plain function above is the same computation through torch's own autograd."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.first_axis_dim = x.shape[0]
+        return index_first_axis(x, indices)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        return index_put_first_axis(grad, indices, ctx.first_axis_dim), None
+
+
+class IndexPutFirstAxis(torch.autograd.Function):
+    """flash-attn's autograd form of ``index_put_first_axis``
+    (``IndexPutFirstAxis.apply(values, indices, first_axis_dim)``)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
+        ctx.save_for_backward(indices)
+        return index_put_first_axis(values, indices, first_axis_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        return index_first_axis(grad, indices), None, None
+
+
+class IndexFirstAxisResidual(torch.autograd.Function):
+    """flash-attn's ``index_first_axis_residual``: ``(x[indices], x)`` where the second output,
+    x itself (detached), carries a residual gradient into x beside the selected rows'."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, indices: Tensor):
+        ctx.save_for_backward(indices)
+        return index_first_axis(x, indices), x.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, grad_residual: Tensor):
+        (indices,) = ctx.saved_tensors
+        return grad_residual.index_add(0, indices, grad), None
+
+
+index_first_axis_residual = IndexFirstAxisResidual.apply
 
 
 def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):

@@ -99,3 +99,20 @@ def test_concatenated_sequences_attend_within_each_document():
         unpad_input_for_concatenated_sequences(q, lengths.float())
     with pytest.raises(ArgumentError, match="attention_mask_in_length"):
         unpad_input_for_concatenated_sequences(q, lengths[:2])
+
+
+def test_flash_attns_autograd_functions():
+    from flashattn_py.bert_padding import IndexFirstAxis, IndexPutFirstAxis, index_first_axis_residual
+
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([4, 1, 5])
+    assert torch.autograd.gradcheck(lambda t: IndexFirstAxis.apply(t, idx), (x,))
+    values = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: IndexPutFirstAxis.apply(t, idx, 6), (values,))
+    rows, residual = index_first_axis_residual(x, idx)
+    assert torch.equal(rows, x[idx]) and torch.equal(residual, x)
+    g_rows, g_res = torch.randn_like(rows), torch.randn_like(residual)
+    (grad,) = torch.autograd.grad((rows, residual), x, (g_rows, g_res))
+    want = g_res.clone()
+    want[idx] += g_rows
+    torch.testing.assert_close(grad, want)
