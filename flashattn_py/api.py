@@ -199,24 +199,18 @@ def _check_flash_options(q: Tensor, dropout_p, window_size, softcap, alibi_slope
     return window
 
 
-def flash_window(causal: bool, window_size: tuple[int, int], seqlen_q, seqlen_k) -> tuple[int, int]:
-    """The (left, right) window sides flash-attn's kernels apply to a dense call (checked
-    sides: _check_flash_options)."""
-    left, right = window_size
-    return left, 0 if causal else flash_right_side(left, right, seqlen_q, seqlen_k)
-
-
 def _flash(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-           return_attn_probs, backend, rng_state: Optional[Tensor] = None):
-    """flash_attn_func on validated (B, S, H, D) inputs (``rng_state``: ops.attention's)."""
+           return_attn_probs, backend):
+    """flash_attn_func on validated (B, S, H, D) inputs."""
     seqlen_q, head_dim = q.shape[1], q.shape[3]
     scale = softmax_scale_of("softmax_scale", softmax_scale, head_dim)
-    window_left, window_right = flash_window(causal, window_size, seqlen_q, k.shape[1])
+    window_left, window_right = window_size  # (checked: _check_flash_options)
+    window_right = 0 if causal else flash_right_side(window_left, window_right, seqlen_q, k.shape[1])
     diag_offset = k.shape[1] - seqlen_q
     out, lse = ops.attention(
         q, k, v, scale=scale, softcap=float(softcap), alibi_slopes=alibi_slopes, window_left=window_left,
         window_right=window_right, diag_offset=diag_offset, dropout_p=float(dropout_p),
-        deterministic=deterministic, backend=backend, rng_state=rng_state,
+        deterministic=deterministic, backend=backend,
     )
     if not return_attn_probs:
         return out

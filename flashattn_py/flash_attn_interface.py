@@ -49,16 +49,15 @@ def _block_options(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_sc
     flash-attn's window rule (``flash_right_side``: what flash_attn_func applies) and its
     diagonal (bottom-right: Sk - Sq dense, per sequence packed); no rng_state yet."""
     api._check_dropout(dropout_p)
-    window = api._causal_window((window_size_left, window_size_right), causal)
-    packed = cu_seqlens_q is not None
+    window = api._causal_window((window_size_left, window_size_right), causal)  # (causal: right side 0)
     api._check_tensors(("q", "k"), q, k)
-    if causal:
-        right = 0
-    elif packed:
+    if cu_seqlens_q is not None:
         right = api._varlen_right_side(window, api._length("max_seqlen_q", max_seqlen_q),
                                        api._length("max_seqlen_k", max_seqlen_k), q, k, None)
+    elif q.dim() == 4 and k.dim() == 4:  # (other shapes: _check_block refuses them)
+        right = api.flash_right_side(window[0], window[1], q.shape[1], k.shape[1])
     else:
-        right = api.flash_window(False, window, q.shape[1], k.shape[1])[1] if q.dim() == 4 and k.dim() == 4 else -1
+        right = window[1]
     o = partial._check_block(q, k, v, softmax_scale, False, (window[0], right), None, softcap, alibi_slopes,
                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
     return o._replace(dropout_p=float(dropout_p))
@@ -92,11 +91,11 @@ def _select(q: Tensor, k: Tensor, v: Tensor, o: partial.BlockOptions, backend: s
 
 
 def _rng_state(q: Tensor, dropout_p: float) -> Tensor:
-    """The forward's rng_state: a dropout stream drawn from torch's generator (as the public
-    functions draw theirs), or, without dropout, zeros (flash-attn returns a tensor either
-    way; torch's generator is not advanced)."""
+    """The forward's rng_state (dropout_p checked): a dropout stream drawn from torch's
+    generator (as the public functions draw theirs), or, without dropout, zeros (flash-attn
+    returns a tensor either way; torch's generator is not advanced)."""
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    if isinstance(dropout_p, (int, float)) and dropout_p > 0:
+    if dropout_p > 0:
         return ops.dropout_rng_state(device)
     return torch.zeros(2, dtype=torch.int64, device=device)
 

@@ -285,27 +285,30 @@ class MHA(nn.Module):
             return torch.utils.checkpoint.checkpoint(attend, *inputs, use_reentrant=False, **attn_kwargs)
         return attend(*inputs, **attn_kwargs)
 
-    def _cache(self, kv: Tensor, inference_params: InferenceParams) -> Tensor:
+    def _layer(self) -> int:
+        """This layer's key in InferenceParams.key_value_memory_dict."""
         if self.layer_idx is None:
             raise ArgumentError("inference_params: generation needs the layer_idx given to MHA")
-        return _update_kv_cache(kv, inference_params, self.layer_idx)
+        return self.layer_idx
+
+    def _cache(self, kv: Tensor, inference_params: InferenceParams) -> Tensor:
+        return _update_kv_cache(kv, inference_params, self._layer())
 
     def _decode(self, q: Tensor, kv: Tensor, inference_params: InferenceParams, rotary: bool = True) -> Tensor:
         """A generation step after the first: this step's kv appended to the layer's cache and
         attended with it (rotary tables applied to q and the new keys at their positions)."""
-        if self.layer_idx is None:
-            raise ArgumentError("inference_params: generation needs the layer_idx given to MHA")
-        cache = inference_params.key_value_memory_dict.get(self.layer_idx)
-        if cache is None:
-            raise ArgumentError(f"inference_params: layer {self.layer_idx} has no KV cache yet (run the first step "
-                                f"with seqlen_offset 0, or allocate_inference_cache)")
+        layer = self._layer()
+        full = inference_params.key_value_memory_dict.get(layer)
+        if full is None:
+            raise ArgumentError(f"inference_params: layer {layer} has no KV cache yet (run the first step with "
+                                f"seqlen_offset 0, or allocate_inference_cache)")
         # (this call's rows of the cache, from batch_size_offset, as the first step wrote them;
         # flash-attn's reads from row 0 here)
         rows = slice(inference_params.batch_size_offset, inference_params.batch_size_offset + q.shape[0])
-        cache = cache[rows]
+        cache = full[rows]
         if cache.shape[0] != q.shape[0]:
             raise ArgumentError(f"inference_params: batch_size_offset {rows.start} + {q.shape[0]} rows pass layer "
-                                f"{self.layer_idx}'s cache of {inference_params.key_value_memory_dict[self.layer_idx].shape[0]}")
+                                f"{layer}'s cache of {full.shape[0]}")
         lengths = inference_params.lengths_per_sample
         cache_seqlens = lengths[rows] if lengths is not None else inference_params.seqlen_offset
         cos = sin = None

@@ -21,6 +21,22 @@ def has_cuda_kernels() -> bool:
         return False
 
 
+def _backends_on_their_device() -> list:
+    import pytest
+
+    return [
+        "cpu",
+        pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs a CUDA GPU")]),
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])]
+
+
+# Parameters for a test run on each backend on its own device: cpu on CPU tensors, triton and
+# cuda on GPU tensors (gpu-marked: benchmarks/gpu_check.sh runs them).
+BACKENDS_ON_THEIR_DEVICE = _backends_on_their_device()
+
+
 def triton_kernels():
     """The Triton kernels package: installed as flashattn_py.kernels, or the source tree's
     kernels/ (a checkout that was not installed)."""

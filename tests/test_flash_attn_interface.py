@@ -13,6 +13,7 @@ import flashattn_py
 from flashattn_py.flash_attn_interface import (_flash_attn_backward, _flash_attn_forward,
                                                _flash_attn_varlen_backward, _flash_attn_varlen_forward)
 from flashattn_py.reference import attention_ref
+from devices import BACKENDS_ON_THEIR_DEVICE
 from rule import random_qkv
 
 OPTIONS = [
@@ -61,9 +62,8 @@ def test_dense_forward_and_backward_are_flash_attn_func(opts, sizes):
     # the formula itself, in float64
     ref_out, ref_lse = attention_ref(q, k, v, scale=args["softmax_scale"], softcap=args["softcap"],
                                      alibi_slopes=args["alibi_slopes"], window_left=args["window_size_left"],
-                                     window_right=flashattn_py.api.flash_window(
-                                         args["causal"], (args["window_size_left"], args["window_size_right"]), sq,
-                                         sk)[1],
+                                     window_right=0 if args["causal"] else flashattn_py.api.flash_right_side(
+                                         args["window_size_left"], args["window_size_right"], sq, sk),
                                      diag_offset=sk - sq)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
@@ -251,3 +251,70 @@ def test_install_as_flash_attn():
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_THEIR_DEVICE)
+def test_private_primitives_on_each_backend(backend):
+    # On each backend's own device (GPU tensors for triton and cuda): the dense and packed
+    # primitives are the public functions' forward and backward on that backend (the same
+    # kernels, dropout replayed from rng_state), and blocks merged as ring attention merges
+    # them give the whole attention.
+    device, dtype = ("cpu", torch.float32) if backend == "cpu" else ("cuda", torch.float16)
+    q, k, v = (t.detach().to(device=device, dtype=dtype)
+               for t in random_qkv(2, 19, 33, 4, 2, 32, dtype=torch.float32, seed=23))
+    dout = torch.randn(2, 19, 4, 32, generator=torch.Generator().manual_seed(24)).to(device=device, dtype=dtype)
+    for dropout_p in (0.0, 0.2):
+        torch.manual_seed(5)
+        out, lse, _, rng_state = _flash_attn_forward(q, k, v, dropout_p, None, True, -1, -1, 0.0, None, False,
+                                                     backend=backend)
+        torch.manual_seed(5)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        want, want_lse, _ = flashattn_py.flash_attn_func(*leaves, dropout_p=dropout_p, causal=True,
+                                                         deterministic=True, return_attn_probs=True,
+                                                         backend=backend)
+        assert torch.equal(out, want.detach()) and torch.equal(lse, want_lse)
+        want.backward(dout)
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, dropout_p, None, True, -1, -1, 0.0, None, True,
+                             rng_state, backend=backend)
+        for got, leaf in zip((dq, dk, dv), leaves):
+            assert torch.equal(got, leaf.grad), f"dropout_p {dropout_p}: gradients differ from flash_attn_func's"
+    # packed: two sequences of the same rows
+    cu_q = torch.tensor([0, 7, 19], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=device)
+    pq, pk, pv, pdout = q[0], k[0], v[0], dout[0]
+    out, lse, _, _ = _flash_attn_varlen_forward(pq, pk, pv, cu_q, cu_k, 12, 20, 0.0, None, True, backend=backend)
+    leaves = [t.clone().requires_grad_() for t in (pq, pk, pv)]
+    want = flashattn_py.flash_attn_varlen_func(*leaves, cu_q, cu_k, 12, 20, causal=True, deterministic=True,
+                                               backend=backend)
+    assert torch.equal(out, want.detach())
+    want.backward(pdout)
+    grads = [torch.empty_like(t) for t in (pq, pk, pv)]
+    _flash_attn_varlen_backward(pdout, pq, pk, pv, out, lse, *grads, cu_q, cu_k, 12, 20, 0.0, None, True, -1, -1,
+                                0.0, None, True, backend=backend)
+    for got, leaf in zip(grads, leaves):
+        assert torch.equal(got, leaf.grad)
+    # keys in two blocks, merged (float32 accumulators), each block's backward with the merge
+    acc = torch.zeros(2, 19, 4, 32, dtype=torch.float32, device=device)
+    acc_lse = torch.full((2, 4, 19), float("-inf"), dtype=torch.float32, device=device)
+    blocks = [(k[:, :20], v[:, :20]), (k[:, 20:], v[:, 20:])]
+    for kb, vb in blocks:
+        block_out, block_lse, _, _ = _flash_attn_forward(q, kb, vb, 0.0, None, False, -1, -1, 0.0, None, False,
+                                                         backend=backend)
+        flashattn_py.merge_attention(acc, acc_lse, block_out, block_lse)
+    merged = acc.to(dtype)
+    grads = []
+    for kb, vb in blocks:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(kb), torch.empty_like(vb)
+        _flash_attn_backward(dout, q, kb, vb, merged, acc_lse, dq, dk, dv, 0.0, None, False, -1, -1, 0.0, None,
+                             False, backend=backend)
+        grads.append((dq, dk, dv))
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*leaves)
+    ref_out.backward(dout.double())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(acc.double(), ref_out.detach(), **tol)
+    torch.testing.assert_close(acc_lse.double(), ref_lse.detach(), **tol)
+    torch.testing.assert_close((grads[0][0].double() + grads[1][0].double()), leaves[0].grad, **tol)
+    torch.testing.assert_close(torch.cat([grads[0][1], grads[1][1]], 1).double(), leaves[1].grad, **tol)
+    torch.testing.assert_close(torch.cat([grads[0][2], grads[1][2]], 1).double(), leaves[2].grad, **tol)

@@ -17,7 +17,7 @@ import flashattn_py
 from flashattn_py import kvcache
 from flashattn_py.reference import attention_kvcache_ref
 from cpu_paths import amx_runs
-from devices import has_cuda_kernels
+from devices import BACKENDS_ON_THEIR_DEVICE, has_cuda_kernels
 from rule import OUT_FACTOR, assert_rule
 
 
@@ -575,15 +575,6 @@ def test_caches_whose_memory_is_shared_are_refused():
         with torch.no_grad():
             flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, new, 2 * new, cache_seqlens=1)
         assert torch.equal(k_cache[:, 1], new[:, 0]) and torch.equal(v_cache[:, 1], 2 * new[:, 0])
-
-
-# cpu on CPU tensors; triton and cuda on GPU tensors (gpu-marked: run by gpu_check.sh)
-BACKENDS_ON_THEIR_DEVICE = [
-    "cpu",
-    pytest.param("triton", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                      reason="needs a CUDA GPU")]),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not has_cuda_kernels(), reason="needs an sm80+ CUDA GPU and the compiled CUDA ops")])]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_THEIR_DEVICE)
