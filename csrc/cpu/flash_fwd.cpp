@@ -116,6 +116,7 @@ struct BlasOperands {
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
   static constexpr bool PACKS_HEADS = false;   // (run_fwd's pack_heads)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
@@ -201,6 +202,7 @@ struct TileOperands {
   static constexpr bool always_panels = true;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
   static constexpr bool PACKS_HEADS = true;  // load_q_part, load_kv_part (run_fwd's pack_heads)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
@@ -300,6 +302,7 @@ struct Bf16PairOperands {
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
   static constexpr bool PACKS_HEADS = true;    // as TileOperands
   static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   typename Tiles::Use tile_use;  // (AMX: tiles_amx::Use)
@@ -432,6 +435,17 @@ struct RowOperands {
   static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
+  // Float K/V: a block of every head in steps of ACROSS_KEYS keys of each head in turn
+  // (run_fwd; accumulate_sums), with AVX-512 (tiles::row_pv_sums). 16-bit rows gain nothing
+  // that way (their products, with the widening, bound them more than the reads), and steps
+  // of 4 or 8 keys cost more per step than the memory order saves (benchmarks/RESULTS.md).
+#ifdef __AVX512F__
+  static constexpr bool ACROSS_HEADS = std::is_same_v<T, float>;
+  static constexpr int64_t ACROSS_KEYS = 16;
+  static_assert(HEADS_BLOCK_K <= tiles::ROW_PV_CHUNK);  // (a block's P V is one chunk of row_pv's)
+#else
+  static constexpr bool ACROSS_HEADS = false;
+#endif
   static constexpr bool PACKS_HEADS = false;  // (run_fwd's pack_heads)
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
@@ -522,6 +536,18 @@ struct RowOperands {
       tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
     });
   }
+
+#ifdef __AVX512F__
+  // accumulate's product for keys [lo, hi) continuing the running sums c (tiles::row_pv_sums),
+  // which the caller adds to O at the block's end.
+  void accumulate_sums(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* c,
+                       int64_t ldc) const {
+    const int64_t ld = run_stride(true);
+    for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
+      tiles::row_pv_sums(pr + at, ldp, rows, v_run, ld, n, Dv, c, ldc);
+    });
+  }
+#endif
 };
 #endif
 
@@ -530,6 +556,7 @@ struct RowOperands {
 // no backward follows (flash_fwd below): the same blocks, runs and prefetches.
 struct AmxRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
+  static constexpr bool ACROSS_HEADS = false;  // (its own products, head by head)
   // The products' buffers, one set for every head of a workspace (a head's chunk is done
   // before the next one's starts), so that they stay in L1 (a set per head was 5% slower:
   // benchmarks/RESULTS.md).
@@ -599,19 +626,25 @@ struct FwdWorkspace {
   std::vector<float> slope;      // slot j's ALiBi slope
   PagedHead<T> paged;
   const int64_t lds;  // score row stride: bk rounded up to whole 16-key panels
-  Scratch<acc> s, o, m, l;
+  // (Operands with across-heads steps: scores of every head, bq rows each from s, and
+  // their P V sums, zero between blocks.)
+  Scratch<acc> s, o, m, l, sums;
   std::unique_ptr<bool[]> keep;  // dropout decisions of one row
   FwdWorkspace(const FlashParams& p, int64_t bq, int64_t bk, int64_t num_q_blocks, int64_t heads)
       : keys(heads, KeyRows<T>{nullptr, nullptr, 0, 0, 0}),
         slope(heads, 0.f),
         paged(p, !KV::pages_in_place),
         lds((bk + 15) / 16 * 16),
-        s(scratch<acc>(bq * lds)),
+        s(scratch<acc>((KV::ACROSS_HEADS ? heads : 1) * bq * lds)),
         m(scratch<acc>(heads * bq)),
         l(scratch<acc>(heads * bq)),
         keep(new bool[bk]) {
     for (int64_t j = 0; j < heads; ++j) kv.push_back(std::make_unique<KV>(p, bq, bk, num_q_blocks > 1));
     o = scratch<acc>(heads * bq * kv[0]->o_stride());
+    if constexpr (KV::ACROSS_HEADS) {
+      sums = scratch<acc>(heads * bq * kv[0]->o_stride());
+      std::fill(sums.get(), sums.get() + heads * bq * kv[0]->o_stride(), acc(0));
+    }
   }
 };
 
@@ -825,8 +858,94 @@ void run_fwd(const FlashParams& p) {
         for (int64_t j = 0; j < heads_per_task; ++j) ws.kv[j]->use_kv(*ws.kv[j - j % group]);
       }
     }
+    // The online softmax of rows [r0, r1) of slot j (head h0 + j) over their scores srows
+    // (row r at srows + r * lds) of the block's keys [col0 + lo, col0 + lo + n): the row max
+    // and sum updated, O rescaled, the scores turned into P (transform: softcap, ALiBi or
+    // bias applied first; logits: every row sees all n keys).
+    auto softmax_rows = [&](int64_t j, int64_t r0, int64_t r1, acc* srows, int64_t col0, int64_t lo, int64_t n,
+                            bool transform, bool logits) {
+      const int64_t h = h0 + j;
+      acc* o = ws.o.get() + j * block_q * ldo;
+      acc* m = ws.m.get() + j * block_q;
+      acc* l = ws.l.get() + j * block_q;
+      const float slope = ws.slope[j];
+      for (int64_t r = r0; r < r1; ++r) {
+        acc* srow = srows + r * lds + lo;
+        int64_t row_n = n;  // the row's scores [0, row_n) of the panel's n; the rest are 0
+        if (transform) {
+          transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r), nullptr);
+        } else if (!logits) {
+          row_n = mask_band_start(w, srow, n, row0 + r, col0 + lo);
+        }
+        // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
+        const acc row_m = row_max(srow, row_n), m_new = row_m < m[r] ? m[r] : row_m;
+        if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
+          // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
+          if (std::any_of(srow, srow + row_n, [](acc x) { return std::isnan(x); })) {
+            m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
+          }
+          std::fill(srow, srow + n, acc(0));
+          continue;
+        }
+        // (The row's first visible keys: its O is still 0 (or NaN, 0 times an infinite V),
+        // nothing to rescale.)
+        const acc rescale = m_new == m[r] || m[r] == neg_inf ? acc(1) : std::exp(m[r] - m_new);
+        const acc sum = exp_shift_sum(srow, row_n, m_new);
+        std::fill(srow + row_n, srow + n, acc(0));
+        // The softmax is normalised before dropout: l sums the undropped probabilities.
+        if (p.dropout_p > 0.f) {
+          apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
+        }
+        if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
+        l[r] = l[r] * rescale + sum;
+        m[r] = m_new;
+      }
+    };
+
     for (; block_index < block_end; block_index += block_step) {
       const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
+      // Decoding across heads: a (B, S, Hk, D) cache or a page holds a key's rows of all heads
+      // side by side, so a block taken head by head reads a few lines of each of its keys'
+      // rows per pass, in an order the hardware prefetchers follow poorly (without any
+      // products, one thread reads K and V that way at about half the rate of one pass in
+      // memory order: benchmarks/RESULTS.md). Operands that can (KV::ACROSS_HEADS) go
+      // ACROSS_KEYS keys of every head at a time instead, scores then P V into running sums
+      // (added to O at the block's end), each head's softmax between: bitwise the
+      // head-by-head results (paged: a block's page runs summed together, not run by run).
+      // For blocks every row sees whole, without softcap, ALiBi, bias or dropout (their
+      // transforms are per head); the others head by head.
+      if constexpr (KV::ACROSS_HEADS) {
+        if (heads_together && p.softcap == 0.f && !p.alibi_slopes && !p.bias && p.dropout_p == 0.f &&
+            all_rows_see(w, row0, rows, col0, cols)) {
+          for (int64_t j = 0; j < heads_per_task; ++j) {
+            ws.kv[j]->load_kv(p, b * p.num_heads_k + (h0 + j) / group, ws.keys[j], col0, cols);
+            ws.kv[j]->set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
+          }
+          for (int64_t c = 0; c < cols; c += KV::ACROSS_KEYS) {
+            for (int64_t j = 0; j < heads_per_task; ++j) {
+              ws.kv[j]->scores(0, rows, c, std::min(cols, c + KV::ACROSS_KEYS), s + j * block_q * lds, lds);
+            }
+          }
+          for (int64_t j = 0; j < heads_per_task; ++j) {
+            softmax_rows(j, 0, rows, s + j * block_q * lds, col0, 0, cols, false, true);
+          }
+          for (int64_t c = 0; c < cols; c += KV::ACROSS_KEYS) {
+            for (int64_t j = 0; j < heads_per_task; ++j) {
+              ws.kv[j]->accumulate_sums(rows, s + j * block_q * lds, lds, c, std::min(cols, c + KV::ACROSS_KEYS),
+                                        ws.sums.get() + j * block_q * ldo, ldo);
+            }
+          }
+          for (int64_t j = 0; j < heads_per_task; ++j) {  // O + sums, the sums back to 0
+            acc* o = ws.o.get() + j * block_q * ldo;
+            acc* sums = ws.sums.get() + j * block_q * ldo;
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t e = 0; e < Dv; ++e) o[r * ldo + e] += sums[r * ldo + e];
+              std::fill(sums + r * ldo, sums + r * ldo + Dv, acc(0));
+            }
+          }
+          continue;
+        }
+      }
       for (int64_t j = 0; j < heads_per_task; ++j) {
         const int64_t h = h0 + j;
         if (keys_all_masked(p, b, h, col0, cols)) continue;
@@ -835,9 +954,6 @@ void run_fwd(const FlashParams& p) {
           prefetch_rows(ws.keys[j], col0 + block_k, std::min(col0 + 2 * block_k, keys.hi), p.head_dim, p.head_dim_v);
         }
         acc* o = ws.o.get() + j * block_q * ldo;
-        acc* m = ws.m.get() + j * block_q;
-        acc* l = ws.l.get() + j * block_q;
-        const float slope = ws.slope[j];
         if (pack_heads == 1) kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
         if constexpr (KV::pages_in_place) {
           kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
@@ -857,40 +973,9 @@ void run_fwd(const FlashParams& p) {
           // Without softcap, ALiBi or bias the scores are the logits, masked only by the band
           // (the common case), and with every row seeing all n keys nothing is masked; else
           // a row's max and exp go up to its last visible key only (mask_band_start).
-          const bool transform = scores_need_transform(p, slope);
+          const bool transform = scores_need_transform(p, ws.slope[j]);
           const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
-          for (int64_t r = r0; r < r1; ++r) {
-            acc* srow = s + r * lds + lo;
-            int64_t row_n = n;  // the row's scores [0, row_n) of the panel's n; the rest are 0
-            if (transform) {
-              transform_scores<T, acc>(p, w, srow, n, row0 + r, col0 + lo, slope, bias_row<T>(p, b, h, row0 + r),
-                                       nullptr);
-            } else if (!logits) {
-              row_n = mask_band_start(w, srow, n, row0 + r, col0 + lo);
-            }
-            // Not std::max, which would drop a NaN row maximum: NaN in, NaN out.
-            const acc row_m = row_max(srow, row_n), m_new = row_m < m[r] ? m[r] : row_m;
-            if (m_new == neg_inf) {  // nothing visible to this row yet: contributes nothing,
-              // unless row_max dropped a NaN (a NaN query row): then the row's output is NaN.
-              if (std::any_of(srow, srow + row_n, [](acc x) { return std::isnan(x); })) {
-                m[r] = l[r] = std::numeric_limits<acc>::quiet_NaN();
-              }
-              std::fill(srow, srow + n, acc(0));
-              continue;
-            }
-            // (The row's first visible keys: its O is still 0 (or NaN, 0 times an infinite V),
-            // nothing to rescale.)
-            const acc rescale = m_new == m[r] || m[r] == neg_inf ? acc(1) : std::exp(m[r] - m_new);
-            const acc sum = exp_shift_sum(srow, row_n, m_new);
-            std::fill(srow + row_n, srow + n, acc(0));
-            // The softmax is normalised before dropout: l sums the undropped probabilities.
-            if (p.dropout_p > 0.f) {
-              apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
-            }
-            if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
-            l[r] = l[r] * rescale + sum;
-            m[r] = m_new;
-          }
+          softmax_rows(j, r0, r1, s, col0, lo, n, transform, logits);
           // (The fewest keys of the block a row of the panel sees: a row's count grows, then
           // shrinks with the row (both bounds of visible_keys grow), fewest at an end row.)
           auto seen_by = [&](int64_t i) {

@@ -487,8 +487,10 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // the M rows. Per output element the FMAs of axpy (into row_pv's zeroed sums) / pv_tile
 // in the same key order (bitwise theirs).
 // With PREFETCH, also prefetches next_len elements at next + k * ldv at each of the first
-// fetch_n steps.
-template <int M, int W, bool MASKED, bool PREFETCH, typename T>
+// fetch_n steps. With SUMS, o holds running sums instead: they are loaded, the keys' FMAs
+// continue them and they are stored back (o = o + sum over the keys in one chain, where
+// the default adds a sum from 0 to o), so that a chunk's sums can be taken in parts.
+template <int M, int W, bool MASKED, bool PREFETCH, typename T, bool SUMS = false>
 __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
                                                     float* o, int64_t ldo, const __mmask16* mask, const T* next,
                                                     int64_t next_len, int64_t fetch_n) {
@@ -496,12 +498,22 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
   // the odd ones, so one 64-byte load of 32 V elements widens with a shift (even) and a
   // mask (odd) instead of two zero-extensions and shifts; the outputs are split into even
   // and odd columns once per strip (the same FMAs per output element).
-  constexpr bool PAIRS = std::is_same_v<T, c10::BFloat16> && !MASKED && W % 2 == 0;
+  // (Running sums stay in column order: SUMS widens bf16 as the other types.)
+  constexpr bool PAIRS = std::is_same_v<T, c10::BFloat16> && !MASKED && W % 2 == 0 && !SUMS;
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
   __m512 c[M][W];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
-    for (int w = 0; w < W; ++w) c[r][w] = _mm512_setzero_ps();
+    for (int w = 0; w < W; ++w) {
+      float* ow = o + r * ldo + w * NR;
+      if constexpr (!SUMS) {
+        c[r][w] = _mm512_setzero_ps();
+      } else {
+        c[r][w] = MASKED ? _mm512_maskz_loadu_ps(mask[w], ow) : _mm512_loadu_ps(ow);
+      }
+    }
   }
   for (int64_t k = 0; k < n; ++k) {
     const T* vk = v + k * ldv;
@@ -528,8 +540,10 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
       for (int w = 0; w < W; ++w) c[r][w] = _mm512_fmadd_ps(x, b[w], c[r][w]);
     }
   }
-  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  // (o + c, or c alone when o held the sums)
+  auto out = [&](const float* ow, __m512 x, __mmask16 m) {
+    return SUMS ? x : _mm512_add_ps(MASKED ? _mm512_maskz_loadu_ps(m, ow) : _mm512_loadu_ps(ow), x);
+  };
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
 #pragma GCC unroll 8
@@ -537,28 +551,30 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
       float* ow = o + r * ldo + w * NR;
       if constexpr (PAIRS) {
         if (w % 2 == 0) {
-          _mm512_storeu_ps(ow,
-                           _mm512_add_ps(_mm512_loadu_ps(ow), _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1])));
-          _mm512_storeu_ps(ow + NR, _mm512_add_ps(_mm512_loadu_ps(ow + NR),
-                                                  _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1])));
+          _mm512_storeu_ps(ow, out(ow, _mm512_permutex2var_ps(c[r][w], lo_idx, c[r][w + 1]), 0xFFFF));
+          _mm512_storeu_ps(ow + NR, out(ow + NR, _mm512_permutex2var_ps(c[r][w], hi_idx, c[r][w + 1]), 0xFFFF));
         }
       } else if (MASKED) {
-        _mm512_mask_storeu_ps(ow, mask[w], _mm512_add_ps(_mm512_maskz_loadu_ps(mask[w], ow), c[r][w]));
+        _mm512_mask_storeu_ps(ow, mask[w], out(ow, c[r][w], mask[w]));
       } else {
-        _mm512_storeu_ps(ow, _mm512_add_ps(_mm512_loadu_ps(ow), c[r][w]));
+        _mm512_storeu_ps(ow, out(ow, c[r][w], 0xFFFF));
       }
     }
   }
 }
 
+// Keys per chunk of row_pv's sums (the note above pv_tile).
+constexpr int64_t ROW_PV_CHUNK = 32;
+
 // row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
 // strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
 // strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns).
-template <int M, typename T>
+// With SUMS, o holds running sums that the keys continue (row_pv_sums).
+template <int M, typename T, bool SUMS = false>
 inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                      int64_t ldo) {
   constexpr int W = M <= 2 ? 8 : (M <= 4 ? 4 : 2);
-  constexpr int64_t CHUNK = 32, STRIP = W * NR;
+  constexpr int64_t CHUNK = ROW_PV_CHUNK, STRIP = W * NR;
   const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (dv * sizeof(T)), 4, 32);
   const int64_t full = dv / STRIP * STRIP;
   __mmask16 mask[W];
@@ -576,9 +592,9 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
       auto strip = [&](auto masked) {
         constexpr bool MASKED = decltype(masked)::value;
         if (j == 0 && fetched > 0) {
-          pv_strip<M, W, MASKED, true>(pk, ldp, vk, ldv, keys, o, ldo, mask, vk + AHEAD * ldv, dv, fetched);
+          pv_strip<M, W, MASKED, true, T, SUMS>(pk, ldp, vk, ldv, keys, o, ldo, mask, vk + AHEAD * ldv, dv, fetched);
         } else {
-          pv_strip<M, W, MASKED, false>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0, 0);
+          pv_strip<M, W, MASKED, false, T, SUMS>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0, 0);
         }
       };
       if (j < full) {
@@ -710,6 +726,32 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   }
 #endif
 }
+
+#ifdef __AVX512F__
+// c[r * ldc + e] += sum_k p[r * ldp + k] v[k * ldv + e], continuing the running sums in c
+// (row_pv_m's chunk sums, held in memory): a chunk of row_pv's keys taken in parts, each
+// part's FMAs continuing the sums, then c added to o once, gives row_pv's o bitwise (for
+// chunks starting where row_pv's do). For decoding across heads (flash_fwd.cpp), where a
+// head's keys come in parts between the other heads'.
+template <typename T>
+inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
+                        float* c, int64_t ldc) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const float* pr = p + r * ldp;
+    float* crow = c + r * ldc;
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 8: row_pv_m<8, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 7: row_pv_m<7, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 6: row_pv_m<6, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 5: row_pv_m<5, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 4: row_pv_m<4, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 3: row_pv_m<3, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      case 2: row_pv_m<2, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+      default: row_pv_m<1, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
+    }
+  }
+}
+#endif
 
 // Transposes the 8 x 8 block in r: afterwards r[i] holds element i of the 8 rows.
 __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
