@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import flashattn_py
 from flashattn_py import kvcache
 from flashattn_py.reference import attention_kvcache_ref
-from cpu_paths import amx_runs
+from cpu_paths import amx_runs, bf16_path
 from devices import BACKENDS_ON_THEIR_DEVICE, has_cuda_kernels
 from rule import OUT_FACTOR, assert_rule
 
@@ -216,6 +216,31 @@ def test_bf16_rows_on_amx(seqlen_q, heads, heads_k, head_dim, cpu_switch):
         cpu_switch("FLASHATTN_CPU_AMX", "0")
         differ |= not torch.equal(out, run_case(torch.bfloat16, **args))
         cpu_switch("FLASHATTN_CPU_AMX", "1")
+    assert differ
+
+
+@pytest.mark.parametrize("seqlen_q,heads,heads_k,head_dim", [(1, 32, 8, 128), (4, 32, 8, 128), (1, 16, 4, 64),
+                                                             (2, 8, 2, 96), (5, 4, 4, 64), (3, 6, 3, 32)])
+def test_bf16_rows_on_dot_products(seqlen_q, heads, heads_k, head_dim, cpu_switch):
+    # bf16 calls that no backward follows, with head dims of whole 32-element vectors, take
+    # the row path's products on vdpbf16ps where the AVX512-BF16 products are chosen (AMD's
+    # CPUs by default; csrc/cpu/tiles_bf16.h rows): Q kept in bf16, P rounded to bf16 for
+    # P V against V rows interleaved per key pair. Against the reference: caches of 0-3 keys
+    # (an odd key's zero partner), a few dozen, over 512 (every head in one task), pages of
+    # 1, 7 and 16 keys (runs of odd length), a window with softcap, key splits, GQA rows
+    # packed or not; and the path is taken (results differ from the fp32 row path's).
+    bf16_path(cpu_switch, "dot")
+    long = dict(batch=2, seqlen_cache=700, lengths=[690 - seqlen_q, 411])
+    cases = [dict(seqlen_cache=8, lengths=[0, 1, 3]), dict(seqlen_cache=40), dict(seqlen_cache=50, page_size=7),
+             long, dict(long, page_size=1), dict(long, page_size=16, window=(100, 0), softcap=5.0, num_splits=3),
+             dict(long, page_size=7, alibi=True)]
+    differ = False
+    for i, kw in enumerate(cases):
+        args = dict(seqlen_q=seqlen_q, new=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim, seed=70 + i, **kw)
+        out = run_case(torch.bfloat16, **args)
+        bf16_path(cpu_switch, "fp32")
+        differ |= not torch.equal(out, run_case(torch.bfloat16, **args))
+        bf16_path(cpu_switch, "dot")
     assert differ
 
 

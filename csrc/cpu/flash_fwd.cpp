@@ -547,7 +547,53 @@ struct RowOperands {
       tiles::row_pv_sums(pr + at, ldp, rows, v_run, ld, n, Dv, c, ldc);
     });
   }
+
+  // o += c for the rows (Dv columns), c back to 0.
+  void add_sums(int64_t rows, float* c, int64_t ldc, float* o, int64_t ldo) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t e = 0; e < Dv; ++e) o[r * ldo + e] += c[r * ldc + e];
+      std::fill(c + r * ldc, c + r * ldc + Dv, 0.f);
+    }
+  }
 #endif
+};
+#endif
+
+#ifdef FLASHATTN_CPU_BF16_DOT
+// The row path's operands with the products on vdpbf16ps (tiles_bf16::rows), for bf16 calls
+// that no backward follows (flash_fwd below; a backward recomputes S on the row path, which
+// sums it in another order): the same blocks, runs and prefetches. Q stays in bf16, the
+// scale applied to the sums; P is rounded to bf16 for P V, as on AMX.
+struct DotRowOperands : RowOperands<c10::BFloat16> {
+  using Base = RowOperands<c10::BFloat16>;
+  // (Head by head: across heads measured no faster for these products, benchmarks/RESULTS.md.)
+  static constexpr bool ACROSS_HEADS = false;
+  Scratch<c10::BFloat16> qb;  // the task's query rows, unscaled
+  Scratch<uint32_t> pp;       // a run's P as key pairs
+
+  DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
+      : Base(p, bq, bk, several_q_blocks),
+        qb(scratch<c10::BFloat16>(bq * p.head_dim)),
+        pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {}
+
+  void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) std::copy(q_rows + r * p.q_row_stride, q_rows + r * p.q_row_stride + D, qb.get() + r * D);
+  }
+
+  void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    const int64_t ld = run_stride(false);
+    for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
+      tiles_bf16::rows::scores(qb.get() + r0 * D, rows, k_run, ld, n, D, scale, s + at, lds);
+    });
+  }
+
+  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
+                  int64_t ldo, bool /*fresh*/) const {
+    const int64_t ld = run_stride(true);
+    for_runs(lo, hi, true, [&](int64_t at, int64_t n, const c10::BFloat16*, const c10::BFloat16* v_run) {
+      tiles_bf16::rows::pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo, pp.get());
+    });
+  }
 };
 #endif
 
@@ -936,12 +982,7 @@ void run_fwd(const FlashParams& p) {
             }
           }
           for (int64_t j = 0; j < heads_per_task; ++j) {  // O + sums, the sums back to 0
-            acc* o = ws.o.get() + j * block_q * ldo;
-            acc* sums = ws.sums.get() + j * block_q * ldo;
-            for (int64_t r = 0; r < rows; ++r) {
-              for (int64_t e = 0; e < Dv; ++e) o[r * ldo + e] += sums[r * ldo + e];
-              std::fill(sums + r * ldo, sums + r * ldo + Dv, acc(0));
-            }
+            ws.kv[j]->add_sums(rows, ws.sums.get() + j * block_q * ldo, ldo, ws.o.get() + j * block_q * ldo, ldo);
           }
           continue;
         }
@@ -1081,6 +1122,15 @@ inline bool amx_rows(const FlashParams& p) {
 }
 #endif
 
+#ifdef FLASHATTN_CPU_BF16_DOT
+// Rows of a bf16 call on vdpbf16ps (DotRowOperands) where no backward follows, the AVX512-BF16
+// products are chosen (switches.h: AMD's CPUs unless told) and the head dims are whole
+// 32-element vectors.
+inline bool dot_rows(const FlashParams& p) {
+  return forward_only(p) && tiles_bf16::enabled() && p.head_dim % 32 == 0 && p.head_dim_v % 32 == 0;
+}
+#endif
+
 template <typename T>
 void run_path(const FlashParams& p) {
   [[maybe_unused]] const KernelPath path = kernel_path<T>(p);
@@ -1089,6 +1139,11 @@ void run_path(const FlashParams& p) {
 #ifdef FLASHATTN_CPU_AMX
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (path.rows && amx_rows(p)) return run_fwd<T, AmxRowOperands>(p);
+    }
+#endif
+#ifdef FLASHATTN_CPU_BF16_DOT
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (path.rows && dot_rows(p)) return run_fwd<T, DotRowOperands>(p);
     }
 #endif
     if (path.rows) return run_fwd<T, RowOperands<T>>(p);

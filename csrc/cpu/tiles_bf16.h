@@ -343,5 +343,151 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks
   }
 }
 
+// The row path's products on vdpbf16ps (flash_fwd.cpp DotRowOperands: decoding from a bf16
+// cache, calls no backward follows): K and V rows read in place, as tiles::row_scores and
+// tiles::row_pv read them, at about half their instructions (no widening, two products per
+// lane and instruction). Head dims whole multiples of 32 (one 64-byte vector of bf16).
+namespace rows {
+
+// s[r * lds + j] = scale * q_r . k_j for r < R, j < KB: bf16 query rows d apart (unscaled),
+// K rows ldk apart, in R x KB 16-lane accumulators (each K vector loaded once for the R
+// rows), each lane summing pairs of products.
+template <int R, int KB>
+__attribute__((always_inline)) inline void dot_block(const c10::BFloat16* q, int64_t d, const c10::BFloat16* k,
+                                                     int64_t ldk, float scale, float* s, int64_t lds) {
+  constexpr int N = (R * KB + 3) / 4 * 4;
+  static_assert(N <= 16);
+  __m512 acc[N];
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; e += 32) {
+    __m512i kv[KB];
+#pragma GCC unroll 16
+    for (int j = 0; j < KB; ++j) kv[j] = _mm512_loadu_si512(k + j * ldk + e);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qv = as_bh(_mm512_loadu_si512(q + r * d + e));
+#pragma GCC unroll 16
+      for (int j = 0; j < KB; ++j) acc[r * KB + j] = _mm512_dpbf16_ps(acc[r * KB + j], qv, as_bh(kv[j]));
+    }
+  }
+  float sums[N];
+  tiles::hsums<N>(acc, sums);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int j = 0; j < KB; ++j) s[r * lds + j] = scale * sums[r * KB + j];
+  }
+}
+
+template <int R>
+inline void scores_r(const c10::BFloat16* q, const c10::BFloat16* k, int64_t ldk, int64_t cols, int64_t d,
+                     float scale, float* s, int64_t lds) {
+  constexpr int KB = R == 3 ? 4 : 16 / R;
+  const int64_t AHEAD = std::clamp<int64_t>(tiles::ROW_AHEAD_BYTES / (d * 2), 4, 32);
+  int64_t c = 0;
+  for (; c + KB <= cols; c += KB) {
+    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KB, cols); ++j) tiles::prefetch_row(k + j * ldk, d);
+    dot_block<R, KB>(q, d, k + c * ldk, ldk, scale, s + c, lds);
+  }
+  for (; c < cols; ++c) dot_block<R, 1>(q, d, k + c * ldk, ldk, scale, s + c, lds);
+}
+
+// s[r * lds + c] = scale * q_r . k_c for r < rows, c < cols (d a multiple of 32).
+inline void scores(const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ldk, int64_t cols,
+                   int64_t d, float scale, float* s, int64_t lds) {
+  switch (rows) {
+    case 1: return scores_r<1>(q, k, ldk, cols, d, scale, s, lds);
+    case 2: return scores_r<2>(q, k, ldk, cols, d, scale, s, lds);
+    case 3: return scores_r<3>(q, k, ldk, cols, d, scale, s, lds);
+    case 4: return scores_r<4>(q, k, ldk, cols, d, scale, s, lds);
+    default: break;
+  }
+  // More rows: 4 keys at a time, dotted with every group of 4 query rows while in L1.
+  const int64_t AHEAD = std::clamp<int64_t>(tiles::ROW_AHEAD_BYTES / (d * 2), 4, 32);
+  int64_t c = 0;
+  auto groups = [&](auto keys) {
+    constexpr int KB = decltype(keys)::value;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) dot_block<4, KB>(q + r * d, d, k + c * ldk, ldk, scale, s + r * lds + c, lds);
+    switch (rows - r) {
+      case 3: dot_block<3, KB>(q + r * d, d, k + c * ldk, ldk, scale, s + r * lds + c, lds); break;
+      case 2: dot_block<2, KB>(q + r * d, d, k + c * ldk, ldk, scale, s + r * lds + c, lds); break;
+      case 1: dot_block<1, KB>(q + r * d, d, k + c * ldk, ldk, scale, s + r * lds + c, lds); break;
+      default: break;
+    }
+  };
+  for (; c + 4 <= cols; c += 4) {
+    for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) tiles::prefetch_row(k + j * ldk, d);
+    groups(std::integral_constant<int, 4>{});
+  }
+  for (; c < cols; ++c) groups(std::integral_constant<int, 1>{});
+}
+
+// o[0, 32) += the 32 sums in lo and hi, in column order: lane 4L + i of lo holds column
+// 8L + i, of hi column 8L + 4 + i (L a 128-bit lane, i < 4), as unpacklo / unpackhi
+// interleave V's rows.
+__attribute__((always_inline)) inline void add_in_order(__m512 lo, __m512 hi, float* o) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_permutex2var_ps(lo, first, hi)));
+  _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), _mm512_permutex2var_ps(lo, second, hi)));
+}
+
+// o[r][c0, c0 + 32) += sum_k bf16(p[r][k]) v[k][c0, c0 + 32) for r < M, k < n: key pairs
+// (pp[r * ldpp + t] holds P's keys 2t, 2t + 1 as bf16, to_pairs) against V's rows 2t and
+// 2t + 1 interleaved in registers (unpacklo / unpackhi: columns {0-3, 8-11, ...} and
+// {4-7, 12-15, ...} of each 128-bit lane), the sums from 0 in 2M registers, put back in
+// column order and added to o. A last odd key's partner is a zero row.
+template <int M>
+__attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t ldpp, const c10::BFloat16* v,
+                                                    int64_t ldv, int64_t n, float* o, int64_t ldo) {
+  __m512 lo[M], hi[M];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t t = 0; 2 * t < n; ++t) {
+    const __m512i v0 = _mm512_loadu_si512(v + 2 * t * ldv);
+    const __m512i v1 = 2 * t + 1 < n ? _mm512_loadu_si512(v + (2 * t + 1) * ldv) : _mm512_setzero_si512();
+    const __m512bh a = as_bh(_mm512_unpacklo_epi16(v0, v1)), b = as_bh(_mm512_unpackhi_epi16(v0, v1));
+#pragma GCC unroll 8
+    for (int r = 0; r < M; ++r) {
+      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * ldpp + t])));
+      lo[r] = _mm512_dpbf16_ps(lo[r], x, a);
+      hi[r] = _mm512_dpbf16_ps(hi[r], x, b);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r) add_in_order(lo[r], hi[r], o + r * ldo);
+}
+
+// o[r * ldo + e] += sum_k bf16(p[r * ldp + k]) v[k * ldv + e] for r < rows, k < n, e < dv
+// (dv a multiple of 32): P rounded to bf16 pairs into pp (rows x pairs(n) words), then
+// strips of 32 columns for up to 8 rows at a time (the block's V rows stay in L1 across
+// the strips).
+inline void pv(const float* p, int64_t ldp, int64_t rows, const c10::BFloat16* v, int64_t ldv, int64_t n,
+               int64_t dv, float* o, int64_t ldo, uint32_t* pp) {
+  if (n == 0) return;
+  const int64_t ldpp = pairs(n);
+  to_pairs(p, ldp, rows, 0, n, pp, ldpp);
+  for (int64_t r = 0; r < rows; r += 8) {
+    const uint32_t* pr = pp + r * ldpp;
+    float* orow = o + r * ldo;
+    for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+      switch (std::min<int64_t>(8, rows - r)) {
+        case 8: pv_strip<8>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 7: pv_strip<7>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 6: pv_strip<6>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 5: pv_strip<5>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 4: pv_strip<4>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 3: pv_strip<3>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        case 2: pv_strip<2>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+        default: pv_strip<1>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
+      }
+    }
+  }
+}
+
+}  // namespace rows
+
 }  // namespace flashattn::cpu::tiles_bf16
 #endif
