@@ -158,10 +158,34 @@ def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seq
     # (ALiBi's per-head slopes keep the heads apart), 1-8 query rows, paged with pages of
     # 1, 3 and 16 keys, and several num_splits.
     cases = [dict(), dict(num_splits=3), dict(page_size=1), dict(page_size=3, num_splits=1),
-             dict(page_size=16, num_splits=5), dict(alibi=True), dict(page_size=16, window=(100, 0), softcap=5.0)]
+             dict(page_size=16, num_splits=5), dict(alibi=True), dict(page_size=16, window=(100, 0), softcap=5.0),
+             dict(window=(300, 0)), dict(page_size=7, leftpad=True, num_splits=2)]
     for i, kw in enumerate(cases):
         run_case(dtype, batch=2, seqlen_q=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim,
                  seqlen_cache=700, lengths=[690 - seqlen_q, 411], new=seqlen_q, seed=100 * head_dim + i, **kw)
+
+
+@pytest.mark.parametrize("heads,heads_k,head_dim", [(32, 8, 128), (4, 4, 80)])
+def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_dim):
+    # With AVX-512 a float decoding task that does every head reads each 32-key block 16
+    # keys of every head at a time and adds the block's P V to O once (csrc/cpu/flash_fwd.cpp
+    # run_fwd): a paged cache, whose pages split the blocks into runs, then gives the
+    # contiguous call's out and lse bitwise (head by head each run is added to O apart).
+    from flashattn_py import _C
+    if _C.CPU_ISA not in ("avx512", "avx512bf16"):
+        pytest.skip("blocks go across heads with the AVX-512 kernels only")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 1, heads, head_dim, generator=gen)
+    k_cache, v_cache = (torch.randn(2, 1000, heads_k, head_dim, generator=gen) for _ in range(2))
+    lens = torch.tensor([1000, 613], dtype=torch.int32)
+    outs = []
+    for page_size in (None, 1, 7, 16):
+        kc, vc, kw = k_cache, v_cache, dict(cache_seqlens=lens, causal=True, return_softmax_lse=True)
+        if page_size:
+            kc, vc, kw["block_table"] = _paged(k_cache, v_cache, page_size, torch.Generator().manual_seed(page_size))
+        outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -485,7 +485,8 @@ struct RowOperands {
   // f(offset in the block, n, rows) for the runs of the block's keys [lo, hi) within one
   // page each: one run when not paged. Scores are per key, so they do not depend on where
   // the runs end; row_pv adds each run to O in chunks of 32 keys from the run's first, so
-  // O's rounding does (a paged call is within the rule of the contiguous one, not bitwise).
+  // O's rounding does (a paged call is within the rule of the contiguous one, not bitwise;
+  // run_fwd's across-heads blocks sum a block's runs together and add them to O once).
   // Paged, the first rows of the next run (another page, anywhere in memory: no stream for
   // the hardware prefetcher) are prefetched before the current run is read (`values`: V's
   // rows, else K's).
@@ -851,7 +852,8 @@ void run_fwd(const FlashParams& p) {
 
   auto body = [&](int64_t task, Workspace& ws) {
     const int64_t row_task = task / splits, split = task % splits;
-    const auto [b, h0, q_block] = row_task_at(row_task);
+    const RowTask task_at = row_task_at(row_task);  // (plain names: the lambdas below capture them)
+    const int64_t b = task_at.b, h0 = task_at.h0, q_block = task_at.q_block;
     const SeqView sv = seq_view(p, b);
     const Band w = band(p, sv);
     const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
