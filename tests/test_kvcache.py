@@ -151,7 +151,7 @@ def test_softcap_window_alibi(feature):
                                                              (4, 1, 96, 8)])
 def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seqlen_q):
     # Over 512 keys a decoding task does every head of its sequence, 32 keys of all heads at
-    # a time (float with AVX-512: 16 keys of each head in turn, P V into running sums;
+    # a time (float: 16 keys of each head in turn, P V into running sums;
     # paged: the next block's first rows prefetched): caches of many blocks with a
     # partial last one, head dims with
     # vector tails (the 16-lane scores and the masked P V strips), GQA rows packed or not
@@ -167,13 +167,13 @@ def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seq
 
 @pytest.mark.parametrize("heads,heads_k,head_dim", [(32, 8, 128), (4, 4, 80)])
 def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_dim):
-    # With AVX-512 a float decoding task that does every head reads each 32-key block 16
+    # With the register tiles a float decoding task that does every head reads each 32-key block 16
     # keys of every head at a time and adds the block's P V to O once (csrc/cpu/flash_fwd.cpp
     # run_fwd): a paged cache, whose pages split the blocks into runs, then gives the
     # contiguous call's out and lse bitwise (head by head each run is added to O apart).
     from flashattn_py import _C
-    if _C.CPU_ISA not in ("avx512", "avx512bf16"):
-        pytest.skip("blocks go across heads with the AVX-512 kernels only")
+    if _C.CPU_ISA not in ("avx2", "avx512", "avx512bf16"):
+        pytest.skip("blocks go across heads with the register tiles' kernels only (AVX2 and up)")
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(2, 1, heads, head_dim, generator=gen)
     k_cache, v_cache = (torch.randn(2, 1000, heads_k, head_dim, generator=gen) for _ in range(2))

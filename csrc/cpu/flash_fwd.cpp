@@ -436,16 +436,12 @@ struct RowOperands {
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
   // Float K/V: a block of every head in steps of ACROSS_KEYS keys of each head in turn
-  // (run_fwd; accumulate_sums), with AVX-512 (tiles::row_pv_sums). 16-bit rows gain nothing
-  // that way (their products, with the widening, bound them more than the reads), and steps
-  // of 4 or 8 keys cost more per step than the memory order saves (benchmarks/RESULTS.md).
-#ifdef __AVX512F__
+  // (run_fwd; accumulate_sums, tiles::row_pv_sums). 16-bit rows gain nothing that way
+  // (their products, with the widening, bound them more than the reads), and steps of 4 or
+  // 8 keys cost more per step than the memory order saves (benchmarks/RESULTS.md).
   static constexpr bool ACROSS_HEADS = std::is_same_v<T, float>;
   static constexpr int64_t ACROSS_KEYS = 16;
   static_assert(HEADS_BLOCK_K <= tiles::ROW_PV_CHUNK);  // (a block's P V is one chunk of row_pv's)
-#else
-  static constexpr bool ACROSS_HEADS = false;
-#endif
   static constexpr bool PACKS_HEADS = false;  // (run_fwd's pack_heads)
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = true;  // paged K/V: each page's run of rows read in place
@@ -538,7 +534,6 @@ struct RowOperands {
     });
   }
 
-#ifdef __AVX512F__
   // accumulate's product for keys [lo, hi) continuing the running sums c (tiles::row_pv_sums),
   // which the caller adds to O at the block's end.
   void accumulate_sums(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, float* c,
@@ -556,7 +551,6 @@ struct RowOperands {
       std::fill(c + r * ldc, c + r * ldc + Dv, 0.f);
     }
   }
-#endif
 };
 #endif
 

@@ -438,6 +438,9 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   }
 }
 
+// Keys per chunk of row_pv's sums (the note below).
+constexpr int64_t ROW_PV_CHUNK = 32;
+
 // The P V tiles and strips sum a call's keys from 0 in registers and add that sum to O at
 // the end, rather than continuing O's own chain of FMAs: O's chain ran over every key of
 // the row, and with attention spread over thousands of keys each FMA rounded against an
@@ -563,9 +566,6 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
   }
 }
 
-// Keys per chunk of row_pv's sums (the note above pv_tile).
-constexpr int64_t ROW_PV_CHUNK = 32;
-
 // row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
 // strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
 // strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns).
@@ -649,8 +649,8 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
   // Keys per strip pass: the strips read a chunk's V rows once per 16 columns, so the chunk
   // (32 rows of up to 512 bytes) stays in L1 between the passes.
-  constexpr int64_t CHUNK = 32, AHEAD = 8;
-  constexpr int64_t AXPY_KEYS = 4;  // keys per axpy_keys call
+  constexpr int64_t CHUNK = ROW_PV_CHUNK, AHEAD = 8;
+  constexpr int64_t AXPY_KEYS = 4;  // keys per axpy_keys call (row_pv_sums' too)
   if constexpr (!std::is_same_v<T, float>) {
     if (rows > AXPY_ROWS && dv >= NR) {
       const int64_t dv16 = dv / NR * NR;
@@ -727,15 +727,16 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
 #endif
 }
 
-#ifdef __AVX512F__
 // c[r * ldc + e] += sum_k p[r * ldp + k] v[k * ldv + e], continuing the running sums in c
-// (row_pv_m's chunk sums, held in memory): a chunk of row_pv's keys taken in parts, each
-// part's FMAs continuing the sums, then c added to o once, gives row_pv's o bitwise (for
-// chunks starting where row_pv's do). For decoding across heads (flash_fwd.cpp), where a
-// head's keys come in parts between the other heads'.
+// (row_pv's chunk sums, held in memory): a chunk of row_pv's keys taken in parts (of a
+// multiple of 4 keys, but the last), each part's FMAs continuing the sums, then c added to
+// o once, gives row_pv's o bitwise (for chunks starting where row_pv's do; without
+// AVX-512 for float V, whose row_pv goes key by key). For decoding across heads
+// (flash_fwd.cpp), where a head's keys come in parts between the other heads'.
 template <typename T>
 inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
                         float* c, int64_t ldc) {
+#ifdef __AVX512F__
   for (int64_t r = 0; r < rows; r += 8) {
     const float* pr = p + r * ldp;
     float* crow = c + r * ldc;
@@ -750,8 +751,21 @@ inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, i
       default: row_pv_m<1, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
     }
   }
-}
+#else
+  // (row_pv's float path with c as its sum buffer: 4 keys at a time into pairs of rows)
+  constexpr int64_t AHEAD = 8, AXPY_KEYS = 4;
+  int64_t k = 0;
+  for (; k + AXPY_KEYS <= n; k += AXPY_KEYS) {
+    for (int64_t j = k + AHEAD; j < std::min(k + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) axpy_keys<2, AXPY_KEYS>(p + r * ldp + k, ldp, v + k * ldv, ldv, dv, c + r * ldc, ldc);
+    if (r < rows) axpy_keys<1, AXPY_KEYS>(p + r * ldp + k, ldp, v + k * ldv, ldv, dv, c + r * ldc, ldc);
+  }
+  for (; k < n; ++k) {
+    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + k], v + k * ldv, c + r * ldc, dv);
+  }
 #endif
+}
 
 // Transposes the 8 x 8 block in r: afterwards r[i] holds element i of the 8 rows.
 __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
