@@ -192,9 +192,10 @@ def test_bad_calls_raise_naming_the_argument():
                              False)
     assert dk.isnan().all()
     # a leaf that requires grad takes its gradient as flash-attn's kernels write it
-    dv = torch.zeros_like(v, requires_grad=True)
-    _flash_attn_backward(out, q, k, v, out, lse, None, None, dv, 0.0, None, False, -1, -1, 0.0, None, False)
-    assert dv.abs().sum() > 0
+    dv, want_dv = torch.zeros_like(v, requires_grad=True), torch.empty_like(v)
+    for into in (dv, want_dv):
+        _flash_attn_backward(out, q, k, v, out, lse, None, None, into, 0.0, None, False, -1, -1, 0.0, None, False)
+    assert torch.equal(dv.detach(), want_dv) and want_dv.abs().sum() > 0
     with pytest.raises(ValueError, match="rng_state"):
         _flash_attn_backward(out, q, k, v, out, lse, None, None, None, 0.2, None, False, -1, -1, 0.0, None, False)
     with pytest.raises(ValueError, match="window_size"):

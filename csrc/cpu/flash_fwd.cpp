@@ -116,7 +116,7 @@ struct BlasOperands {
   static constexpr bool always_panels = false;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd: decoding across heads)
   static constexpr bool PACKS_HEADS = false;   // (run_fwd's pack_heads)
   static constexpr bool in_place = std::is_same_v<T, acc>;
   std::unique_ptr<KVCopy<acc, DenseRows>> copy;
@@ -202,7 +202,7 @@ struct TileOperands {
   static constexpr bool always_panels = true;
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd: decoding across heads)
   static constexpr bool PACKS_HEADS = true;  // load_q_part, load_kv_part (run_fwd's pack_heads)
   static_assert(PANEL_Q % tiles::MR == 0 && BLOCK_Q % PANEL_Q == 0);
   KVCopy<float, TilePanels> copy;
@@ -302,7 +302,7 @@ struct Bf16PairOperands {
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
-  static constexpr bool ACROSS_HEADS = false;  // (run_fwd's across_heads)
+  static constexpr bool ACROSS_HEADS = false;  // (run_fwd: decoding across heads)
   static constexpr bool PACKS_HEADS = true;    // as TileOperands
   static_assert(PANEL_Q % Tiles::ROWS == 0 && BLOCK_Q % PANEL_Q == 0 && BLOCK_K % tiles_bf16::NR == 0);
   typename Tiles::Use tile_use;  // (AMX: tiles_amx::Use)
@@ -572,7 +572,7 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
         pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {}
 
   void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
-    for (int64_t r = 0; r < rows; ++r) std::copy(q_rows + r * p.q_row_stride, q_rows + r * p.q_row_stride + D, qb.get() + r * D);
+    load_rows(q_rows, p.q_row_stride, rows, D, qb.get(), D);
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {

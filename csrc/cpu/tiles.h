@@ -605,6 +605,47 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
     }
   }
 }
+// row_pv_m over `rows` rows in groups of up to 8 (GQA-packed views: up to 16 rows).
+template <typename T, bool SUMS>
+inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
+                          float* o, int64_t ldo) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const float* pr = p + r * ldp;
+    float* orow = o + r * ldo;
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 8: row_pv_m<8, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 7: row_pv_m<7, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 6: row_pv_m<6, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 5: row_pv_m<5, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 4: row_pv_m<4, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 3: row_pv_m<3, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 2: row_pv_m<2, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      default: row_pv_m<1, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+    }
+  }
+}
+#else
+// sums[r * lds + e] += sum_k p[r * ldp + k] v[k * ldv + e] for r < rows, k < n, e < dv, key
+// by key: 4 keys at a time into pairs of rows (axpy_keys), the last n % 4 by axpy; with
+// `prefetch`, V rows 8 keys on, up to key fetch_n.
+template <typename T>
+inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
+                      float* sums, int64_t lds, bool prefetch, int64_t fetch_n) {
+  constexpr int64_t AHEAD = 8, KEYS = 4;
+  int64_t c = 0;
+  for (; c + KEYS <= n; c += KEYS) {
+    const T* vc = v + c * ldv;
+    if (prefetch) {
+      for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KEYS, fetch_n); ++j) prefetch_row(v + j * ldv, dv);
+    }
+    int64_t r = 0;
+    for (; r + 2 <= rows; r += 2) axpy_keys<2, KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, sums + r * lds, lds);
+    if (r < rows) axpy_keys<1, KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, sums + r * lds, lds);
+  }
+  for (; c < n; ++c) {  // (the last keys % 4: their rows were prefetched above)
+    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + c], v + c * ldv, sums + r * lds, dv);
+  }
+}
 #endif
 
 // o[r * ldo + e] += sum_c p[r * ldp + c] v[c * ldv + e] for r < rows, c < n, e < dv: the
@@ -629,20 +670,7 @@ template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo) {
 #ifdef __AVX512F__
-  for (int64_t r = 0; r < rows; r += 8) {  // (GQA-packed views: up to 16 rows, two groups)
-    const float* pr = p + r * ldp;
-    float* orow = o + r * ldo;
-    switch (std::min<int64_t>(8, rows - r)) {
-      case 8: row_pv_m<8>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 7: row_pv_m<7>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 6: row_pv_m<6>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 5: row_pv_m<5>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 4: row_pv_m<4>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 3: row_pv_m<3>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 2: row_pv_m<2>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      default: row_pv_m<1>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-    }
-  }
+  row_pv_groups<T, false>(p, ldp, rows, v, ldv, n, dv, o, ldo);
 #else
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
@@ -650,7 +678,6 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   // Keys per strip pass: the strips read a chunk's V rows once per 16 columns, so the chunk
   // (32 rows of up to 512 bytes) stays in L1 between the passes.
   constexpr int64_t CHUNK = ROW_PV_CHUNK, AHEAD = 8;
-  constexpr int64_t AXPY_KEYS = 4;  // keys per axpy_keys call (row_pv_sums' too)
   if constexpr (!std::is_same_v<T, float>) {
     if (rows > AXPY_ROWS && dv >= NR) {
       const int64_t dv16 = dv / NR * NR;
@@ -707,19 +734,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
     for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
       const int64_t k1 = std::min(n, k0 + CHUNK);
       std::fill(sum, sum + nr * dv, 0.f);
-      int64_t c = k0;
-      for (; c + AXPY_KEYS <= k1; c += AXPY_KEYS) {
-        const T* vc = v + c * ldv;
-        if (r0 == 0) {
-          for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
-        }
-        int64_t r = 0;
-        for (; r + 2 <= nr; r += 2) axpy_keys<2, AXPY_KEYS>(pr + r * ldp + c, ldp, vc, ldv, dv, sum + r * dv, dv);
-        if (r < nr) axpy_keys<1, AXPY_KEYS>(pr + r * ldp + c, ldp, vc, ldv, dv, sum + r * dv, dv);
-      }
-      for (; c < k1; ++c) {  // (the last keys % 4: their rows were prefetched above)
-        for (int64_t r = 0; r < nr; ++r) axpy(pr[r * ldp + c], v + c * ldv, sum + r * dv, dv);
-      }
+      axpy_sums(pr + k0, ldp, nr, v + k0 * ldv, ldv, k1 - k0, dv, sum, dv, r0 == 0, n - k0);
       // (o + 1 * sum in one rounding: the strips' addition)
       for (int64_t r = 0; r < nr; ++r) axpy(1.f, sum + r * dv, o + (r0 + r) * ldo, dv);
     }
@@ -737,33 +752,9 @@ template <typename T>
 inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
                         float* c, int64_t ldc) {
 #ifdef __AVX512F__
-  for (int64_t r = 0; r < rows; r += 8) {
-    const float* pr = p + r * ldp;
-    float* crow = c + r * ldc;
-    switch (std::min<int64_t>(8, rows - r)) {
-      case 8: row_pv_m<8, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 7: row_pv_m<7, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 6: row_pv_m<6, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 5: row_pv_m<5, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 4: row_pv_m<4, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 3: row_pv_m<3, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      case 2: row_pv_m<2, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-      default: row_pv_m<1, T, true>(pr, ldp, v, ldv, n, dv, crow, ldc); break;
-    }
-  }
+  row_pv_groups<T, true>(p, ldp, rows, v, ldv, n, dv, c, ldc);
 #else
-  // (row_pv's float path with c as its sum buffer: 4 keys at a time into pairs of rows)
-  constexpr int64_t AHEAD = 8, AXPY_KEYS = 4;
-  int64_t k = 0;
-  for (; k + AXPY_KEYS <= n; k += AXPY_KEYS) {
-    for (int64_t j = k + AHEAD; j < std::min(k + AHEAD + AXPY_KEYS, n); ++j) prefetch_row(v + j * ldv, dv);
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2) axpy_keys<2, AXPY_KEYS>(p + r * ldp + k, ldp, v + k * ldv, ldv, dv, c + r * ldc, ldc);
-    if (r < rows) axpy_keys<1, AXPY_KEYS>(p + r * ldp + k, ldp, v + k * ldv, ldv, dv, c + r * ldc, ldc);
-  }
-  for (; k < n; ++k) {
-    for (int64_t r = 0; r < rows; ++r) axpy(p[r * ldp + k], v + k * ldv, c + r * ldc, dv);
-  }
+  axpy_sums(p, ldp, rows, v, ldv, n, dv, c, ldc, true, n);  // (row_pv's float path, c its sum buffer)
 #endif
 }
 
