@@ -397,6 +397,19 @@ inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, in
           p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
 }
 
+// Row `row` of page `index` of sequence b's block table, kv head hk (the page clamped into
+// the pool, as key_offset does): K's and V's. Page rows lie k_row_stride / v_row_stride apart.
+template <typename T>
+struct PageRows {
+  const T *k, *v;
+};
+template <typename T>
+inline PageRows<T> page_rows(const FlashParams& p, int64_t b, int64_t hk, int64_t index, int64_t row) {
+  const int64_t page = clamp_len(p.block_table[b * p.block_table_batch_stride + index], p.num_pages - 1);
+  return {static_cast<const T*>(p.k) + hk * p.k_head_stride + page * p.k_batch_stride + row * p.k_row_stride,
+          static_cast<const T*>(p.v) + hk * p.v_head_stride + page * p.v_batch_stride + row * p.v_row_stride};
+}
+
 // The paged keys of sequence b's kv head hk, for operands that read pages in place.
 template <typename T>
 inline KeyRows<T> paged_keys(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {

@@ -450,6 +450,9 @@ struct RowOperands {
   int64_t ldk = 0, ldv = 0;
   KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
   int64_t col0 = 0, next_block = -1;
+  bool prefetch_runs = true;
+  PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows
+  int64_t next_block_ahead = 0;                    // (how many, from next_block_rows)
   const int64_t D, Dv;
   const float scale;
 
@@ -463,9 +466,18 @@ struct RowOperands {
     scale_row(q.get(), rows * D, scale);
   }
 
-  // The first key of the block this task reads next for this head, or -1: paged, its
-  // first rows are prefetched while the current block's last run is read.
-  void set_next_block(int64_t col) { next_block = col; }
+  // The first key of the block this task reads next for this head, or -1; whether paged
+  // runs prefetch the rows read after them (for_runs): the next block's first rows are
+  // prefetched while the current block's last run is read. (Blocks read across heads
+  // take no prefetches: run_fwd.)
+  void set_next_block(int64_t col, bool prefetch) {
+    next_block = col, prefetch_runs = prefetch;
+    if (!paged.pages || !prefetch || col < 0) return;
+    const FlashParams& p = *paged.pages;
+    const int64_t slot = paged.seq->k_start + col, page = slot / p.page_size, row = slot - page * p.page_size;
+    next_block_rows = page_rows<T>(p, paged.b, paged.hk, page, row);
+    next_block_ahead = std::min({RUN_AHEAD, p.page_size - row, paged.seqlen_k - col});
+  }
 
   void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
     col0 = block_col0;
@@ -483,33 +495,35 @@ struct RowOperands {
   // the runs end; row_pv adds each run to O in chunks of 32 keys from the run's first, so
   // O's rounding does (a paged call is within the rule of the contiguous one, not bitwise;
   // run_fwd's across-heads blocks sum a block's runs together and add them to O once).
-  // Paged, the first rows of the next run (another page, anywhere in memory: no stream for
-  // the hardware prefetcher) are prefetched before the current run is read (`values`: V's
-  // rows, else K's).
+  // Paged, with prefetch_runs, the first rows of the next run (another page, anywhere in
+  // memory: no stream for the hardware prefetcher), or at the last run the next block's,
+  // are prefetched before the current run is read (`values`: V's rows, else K's). A call
+  // divides by the page size once (a run after the first starts its page).
   template <typename F>
   void for_runs(int64_t lo, int64_t hi, bool values, const F& f) const {
     if (!paged.pages) return f(lo, hi - lo, k + lo * ldk, v + lo * ldv);
-    constexpr int64_t AHEAD = 8;
-    const int64_t width = values ? Dv : D;
-    int64_t n = col0 + hi - (col0 + lo);
-    KeyRows<T> run = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, col0 + lo, n);
-    for (int64_t j = col0 + lo; j < col0 + hi;) {
-      int64_t next_n = col0 + hi - (j + n);
-      KeyRows<T> next = run;
-      if (next_n > 0) {
-        next = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, j + n, next_n);
-        for (int64_t r = 0; r < std::min(AHEAD, next_n); ++r) {
-          tiles::prefetch_row(values ? next.v_row(next.first + r) : next.k_row(next.first + r), width);
-        }
-      } else if (next_block >= 0) {  // the last run: the first rows of the next block
-        int64_t ahead = std::min(AHEAD, paged.seqlen_k - next_block);
-        const KeyRows<T> first = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, next_block, ahead);
-        for (int64_t r = 0; r < ahead; ++r) {
-          tiles::prefetch_row(values ? first.v_row(first.first + r) : first.k_row(first.first + r), width);
-        }
+    const FlashParams& p = *paged.pages;
+    const int64_t slot = paged.seq->k_start + col0 + lo;
+    int64_t page = slot / p.page_size, row = slot - page * p.page_size;
+    for (int64_t at = lo; at < hi;) {
+      const int64_t n = std::min(hi - at, p.page_size - row);
+      const PageRows<T> run = page_rows<T>(p, paged.b, paged.hk, page, row);
+      if (prefetch_runs && at + n < hi) {
+        const PageRows<T> next = page_rows<T>(p, paged.b, paged.hk, page + 1, 0);
+        prefetch_first_rows(values, next, std::min({RUN_AHEAD, hi - at - n, p.page_size}));
+      } else if (prefetch_runs && next_block >= 0) {
+        prefetch_first_rows(values, next_block_rows, next_block_ahead);
       }
-      f(j - col0, n, run.k, run.v);
-      j += n, run = next, n = next_n;
+      f(at, n, run.k, run.v);
+      at += n, ++page, row = 0;
+    }
+  }
+
+  // Rows prefetched at the start of a paged run (for_runs).
+  static constexpr int64_t RUN_AHEAD = 8;
+  void prefetch_first_rows(bool values, const PageRows<T>& rows, int64_t n) const {
+    for (int64_t r = 0; r < n; ++r) {
+      tiles::prefetch_row(values ? rows.v + r * paged.v_stride : rows.k + r * paged.k_stride, values ? Dv : D);
     }
   }
 
@@ -955,13 +969,16 @@ void run_fwd(const FlashParams& p) {
       // (added to O at the block's end), each head's softmax between: bitwise the
       // head-by-head results (paged: a block's page runs summed together, not run by run).
       // For blocks every row sees whole, without softcap, ALiBi, bias or dropout (their
-      // transforms are per head); the others head by head.
+      // transforms are per head); the others head by head. Paged, these steps take no
+      // software prefetches (for_runs): 8 rows ahead for each step of each head cost more
+      // load slots than the page jumps lose (paged fp32 1.3-1.4x contiguous with them,
+      // 1.0-1.2x without: benchmarks/RESULTS.md).
       if constexpr (KV::ACROSS_HEADS) {
         if (heads_together && p.softcap == 0.f && !p.alibi_slopes && !p.bias && p.dropout_p == 0.f &&
             all_rows_see(w, row0, rows, col0, cols)) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
             ws.kv[j]->load_kv(p, b * p.num_heads_k + (h0 + j) / group, ws.keys[j], col0, cols);
-            ws.kv[j]->set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
+            ws.kv[j]->set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1, false);
           }
           for (int64_t c = 0; c < cols; c += KV::ACROSS_KEYS) {
             for (int64_t j = 0; j < heads_per_task; ++j) {
@@ -993,7 +1010,7 @@ void run_fwd(const FlashParams& p) {
         acc* o = ws.o.get() + j * block_q * ldo;
         if (pack_heads == 1) kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
         if constexpr (KV::pages_in_place) {
-          kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1);
+          kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1, true);
         }
         // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
         // whole block), each over only the keys its rows can see (the masked corner of a
