@@ -387,16 +387,6 @@ struct PagedHead {
   }
 };
 
-// Keys [j, j + n) of sequence b's kv head hk from its pages, n up to the end of key j's
-// page: rows of one page, read in place.
-template <typename T>
-inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk, int64_t j, int64_t& n) {
-  n = std::min(n, p.page_size - (s.k_start + j) % p.page_size);
-  return {static_cast<const T*>(p.k) + hk * p.k_head_stride + key_offset(p, s, b, j, 0, p.k_batch_stride, p.k_row_stride),
-          static_cast<const T*>(p.v) + hk * p.v_head_stride + key_offset(p, s, b, j, 0, p.v_batch_stride, p.v_row_stride),
-          p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
-}
-
 // Row `row` of page `index` of sequence b's block table, kv head hk (the page clamped into
 // the pool, as key_offset does): K's and V's. Page rows lie k_row_stride / v_row_stride apart.
 template <typename T>
@@ -408,6 +398,25 @@ inline PageRows<T> page_rows(const FlashParams& p, int64_t b, int64_t hk, int64_
   const int64_t page = clamp_len(p.block_table[b * p.block_table_batch_stride + index], p.num_pages - 1);
   return {static_cast<const T*>(p.k) + hk * p.k_head_stride + page * p.k_batch_stride + row * p.k_row_stride,
           static_cast<const T*>(p.v) + hk * p.v_head_stride + page * p.v_batch_stride + row * p.v_row_stride};
+}
+
+// Where key j of sequence view s lies in its block table: entry `index`, row `row` of that page.
+struct PageSlot {
+  int64_t index, row;
+};
+inline PageSlot page_slot(const FlashParams& p, const SeqView& s, int64_t j) {
+  const int64_t slot = s.k_start + j, index = slot / p.page_size;
+  return {index, slot - index * p.page_size};
+}
+
+// Keys [j, j + n) of sequence b's kv head hk from its pages, n up to the end of key j's
+// page: rows of one page, read in place.
+template <typename T>
+inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk, int64_t j, int64_t& n) {
+  const PageSlot at = page_slot(p, s, j);
+  n = std::min(n, p.page_size - at.row);
+  const PageRows<T> rows = page_rows<T>(p, b, hk, at.index, at.row);
+  return {rows.k, rows.v, p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
 }
 
 // The paged keys of sequence b's kv head hk, for operands that read pages in place.
