@@ -350,7 +350,8 @@ struct KeyRows {
   int64_t k_stride, v_stride, seqlen_k;
   int64_t first = 0;
   // Paged K/V read in place (operands with pages_in_place): k / v unused, the keys of kv
-  // head hk of sequence b (view *seq) are found run by run in their pages (page_run).
+  // head hk of sequence b (view *seq) are found run by run in their pages (page_slot,
+  // page_rows, page_run).
   const FlashParams* pages = nullptr;
   const SeqView* seq = nullptr;
   int64_t b = 0, hk = 0;

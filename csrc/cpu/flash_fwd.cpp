@@ -449,10 +449,10 @@ struct RowOperands {
   const T *k = nullptr, *v = nullptr;  // rows of key col0 (not paged)
   int64_t ldk = 0, ldv = 0;
   KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
-  int64_t col0 = 0, next_block = -1;
+  int64_t col0 = 0;
   bool prefetch_runs = true;
-  PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows
-  int64_t next_block_ahead = 0;                    // (how many, from next_block_rows)
+  PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows,
+  int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
   const float scale;
 
@@ -471,12 +471,11 @@ struct RowOperands {
   // prefetched while the current block's last run is read. (Blocks read across heads
   // take no prefetches: run_fwd.)
   void set_next_block(int64_t col, bool prefetch) {
-    next_block = col, prefetch_runs = prefetch;
+    prefetch_runs = prefetch, next_block_ahead = 0;
     if (!paged.pages || !prefetch || col < 0) return;
-    const FlashParams& p = *paged.pages;
-    const PageSlot at = page_slot(p, *paged.seq, col);
-    next_block_rows = page_rows<T>(p, paged.b, paged.hk, at.index, at.row);
-    next_block_ahead = std::min({RUN_AHEAD, p.page_size - at.row, paged.seqlen_k - col});
+    next_block_ahead = std::min(RUN_AHEAD, paged.seqlen_k - col);
+    const KeyRows<T> run = page_run<T>(*paged.pages, *paged.seq, paged.b, paged.hk, col, next_block_ahead);
+    next_block_rows = {run.k, run.v};
   }
 
   void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
@@ -508,11 +507,13 @@ struct RowOperands {
     for (int64_t at = lo; at < hi;) {
       const int64_t n = std::min(hi - at, p.page_size - row);
       const PageRows<T> run = page_rows<T>(p, paged.b, paged.hk, page, row);
-      if (prefetch_runs && at + n < hi) {
-        const PageRows<T> next = page_rows<T>(p, paged.b, paged.hk, page + 1, 0);
-        prefetch_first_rows(values, next, std::min({RUN_AHEAD, hi - at - n, p.page_size}));
-      } else if (prefetch_runs && next_block >= 0) {
-        prefetch_first_rows(values, next_block_rows, next_block_ahead);
+      if (prefetch_runs) {
+        if (at + n < hi) {
+          const PageRows<T> next = page_rows<T>(p, paged.b, paged.hk, page + 1, 0);
+          prefetch_first_rows(values, next, std::min({RUN_AHEAD, hi - at - n, p.page_size}));
+        } else {
+          prefetch_first_rows(values, next_block_rows, next_block_ahead);
+        }
       }
       f(at, n, run.k, run.v);
       at += n, ++page, row = 0;
@@ -972,8 +973,8 @@ void run_fwd(const FlashParams& p) {
       // For blocks every row sees whole, without softcap, ALiBi, bias or dropout (their
       // transforms are per head); the others head by head. Paged, these steps take no
       // software prefetches (for_runs): 8 rows ahead for each step of each head cost more
-      // load slots than the page jumps lose (paged fp32 1.3-1.4x contiguous with them,
-      // 1.0-1.2x without: benchmarks/RESULTS.md).
+      // load slots than the page jumps lose (benchmarks/RESULTS.md 'Paged decoding at the
+      // contiguous rate').
       if constexpr (KV::ACROSS_HEADS) {
         if (heads_together && p.softcap == 0.f && !p.alibi_slopes && !p.bias && p.dropout_p == 0.f &&
             all_rows_see(w, row0, rows, col0, cols)) {
