@@ -151,8 +151,8 @@ def test_softcap_window_alibi(feature):
                                                              (4, 1, 96, 8)])
 def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seqlen_q):
     # Over 512 keys a decoding task does every head of its sequence, 32 keys of all heads at
-    # a time (float: 16 keys of each head in turn, P V into running sums;
-    # paged: the next block's first rows prefetched): caches of many blocks with a
+    # a time (float: 16 keys of each head in turn, P V into running sums; paged: page run
+    # by page run, 16-bit rows prefetching the next run's first rows): caches of many blocks with a
     # partial last one, head dims with
     # vector tails (the 16-lane scores and the masked P V strips), GQA rows packed or not
     # (ALiBi's per-head slopes keep the heads apart), 1-8 query rows, paged with pages of

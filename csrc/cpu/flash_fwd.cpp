@@ -521,7 +521,7 @@ struct RowOperands {
   }
 
   // Rows prefetched at the start of a paged run (for_runs). (Inlined: as a call, bf16
-  // decoding from pages was 5-10% slower.)
+  // decoding from pages was 5-14% slower, benchmarks/RESULTS.md.)
   static constexpr int64_t RUN_AHEAD = 8;
   __attribute__((always_inline)) void prefetch_first_rows(bool values, const PageRows<T>& rows, int64_t n) const {
     const T* first = values ? rows.v : rows.k;
@@ -560,10 +560,10 @@ struct RowOperands {
     });
   }
 
-  // o += c for the rows (Dv columns), c back to 0.
+  // o += c for the rows (Dv columns, in one rounding: row_pv's addition of its sums), c back to 0.
   void add_sums(int64_t rows, float* c, int64_t ldc, float* o, int64_t ldo) const {
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t e = 0; e < Dv; ++e) o[r * ldo + e] += c[r * ldc + e];
+      tiles::axpy(1.f, c + r * ldc, o + r * ldo, Dv);
       std::fill(c + r * ldc, c + r * ldc + Dv, 0.f);
     }
   }
