@@ -7,7 +7,7 @@ from flashattn_py import backends
 from flashattn_py.reference import attention_ref
 
 from cpu_paths import BF16_PATHS, amx_runs, bf16_dot_compiled, bf16_path, cpu_vendor
-from rule import assert_rule, check_attention, random_qkv
+from rule import OUT_FACTOR, assert_rule, check_attention, random_qkv
 
 pytestmark = pytest.mark.skipif(backends.compiled_ops_error() is not None, reason="compiled CPU ops not built")
 
@@ -621,7 +621,8 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
     # recompute S exactly); over 512 keys with every head of a sequence in one task. A
     # property of the row path, which builds without the AVX2 tiles do not have (BLAS's
     # results depend on the product's shape). (Calls without gradients from 4 bf16 rows go
-    # on AMX where the CPU has it, test_bf16_rows_on_amx*: off here.)
+    # on AMX where the CPU has it, test_bf16_rows_on_amx*: off here. No GQA: a group's
+    # rows packed into more than 8 would take column scores, test_column_scores_*.)
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
@@ -629,12 +630,43 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
     cpu_switch("FLASHATTN_CPU_AMX", "0")
     rows = 8 if head_dim >= 32 else 4  # (5-8 rows go row by row from head dim 32 on)
     rows -= 3 if odd_rows else 0
-    q, k, v = (t.detach() for t in random_qkv(2, rows, seqlen_k, 4, 2, head_dim, dtype=dtype, seed=7))
+    q, k, v = (t.detach() for t in random_qkv(2, rows, seqlen_k, 4, 4, head_dim, dtype=dtype, seed=7))
     with torch.no_grad():
         out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")
         for i in range(rows):
             one, one_lse, _ = flashattn_py.flash_attn_func(q[:, i:i + 1], k, v, return_attn_probs=True, backend="cpu")
             assert torch.equal(one, out[:, i:i + 1]) and torch.equal(one_lse, lse[..., i:i + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 40])
+@pytest.mark.parametrize("seqlen_k", [203, 613])
+def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k, cpu_switch):
+    # Calls no backward follows whose GQA-packed row blocks have 9-16 rows (float, or bf16 on
+    # the AVX512-BF16 dot path with head dims of whole 32s) take their scores with the rows
+    # in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products in
+    # element order: a query row's output and lse are bitwise the same whichever lane it has
+    # and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
+    # 15 and 10 rows; no mask, so a row's keys do not depend on the call's length), and
+    # within the rule of the reference. (The row path sums each score in another order:
+    # within rounding of these; AMX off, test_bf16_rows_on_amx*.)
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
+    cpu_switch("FLASHATTN_CPU_AMX", "0")
+    q, k, v = (t.detach() for t in random_qkv(2, 3, seqlen_k, 10, 2, head_dim, dtype=dtype, seed=seqlen_k))
+    with torch.no_grad():
+        out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")
+        part, part_lse, _ = flashattn_py.flash_attn_func(q[:, 1:], k, v, return_attn_probs=True, backend="cpu")
+        rows, rows_lse, _ = flashattn_py.flash_attn_func(q[:, 1:2], k, v, return_attn_probs=True, backend="cpu")
+    assert torch.equal(part, out[:, 1:]) and torch.equal(part_lse, lse[..., 1:])
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double())
+    naive, _ = attention_ref(q, k, v)
+    assert_rule("out", out, ref, naive, OUT_FACTOR)
+    assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
+    # (the 5 rows of position 1 alone: the row path, another order of each score's sum)
+    assert_rule("row path out", rows, ref[:, 1:2], naive[:, 1:2], OUT_FACTOR)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

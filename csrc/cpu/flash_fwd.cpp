@@ -433,6 +433,9 @@ struct RowOperands {
   // (A call's query blocks have at most tiles::MAX_ROW_QUERIES rows; GQA-packed views up
   // to MAX_PACKED_ROWS, flash_fwd below.)
   static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
+#ifdef __AVX512F__
+  static_assert(BLOCK_Q <= tiles::COLUMN_ROWS);  // (column_scores: a block's rows in one vector)
+#endif
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
   // Float K/V: a block of every head in steps of ACROSS_KEYS keys of each head in turn
@@ -455,15 +458,37 @@ struct RowOperands {
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
   const float scale;
+  // Float calls no backward follows, with more than half a vector of query rows (decoding
+  // several tokens of a GQA group, tiles::use_columns): the scores by tiles::column_scores,
+  // from q transposed.
+  Scratch<float> q_transposed;
+  bool by_columns = false;
 
-  RowOperands(const FlashParams& p, int64_t bq, int64_t, bool)
-      : q(scratch<float>(bq * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {}
+  RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
+      : q(scratch<float>(bq * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float>) {
+      if (forward_only(p) && tiles::use_columns(bq)) {
+        q_transposed = scratch<float>(p.head_dim * tiles::COLUMN_ROWS);
+        keep_key_rows(bk);
+      }
+    }
+#else
+    (void)bk;
+#endif
+  }
 
   int64_t o_stride() const { return Dv; }
 
   void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
     scale_row(q.get(), rows * D, scale);
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float>) {
+      by_columns = q_transposed && tiles::use_columns(rows);
+      if (by_columns) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
+    }
+#endif
   }
 
   // The first key of the block this task reads next for this head, or -1; whether paged
@@ -534,7 +559,31 @@ struct RowOperands {
     return values ? (paged.pages ? paged.v_stride : ldv) : (paged.pages ? paged.k_stride : ldk);
   }
 
+  // The K (or V) rows of the block's keys [lo, hi), key lo + j's at [j] (at most the bk keys
+  // of keep_key_rows): the runs of a paged block side by side (for_runs, which prefetches
+  // the next run's first rows), so that products can take several keys at a time across pages.
+  const T* const* key_rows(int64_t lo, int64_t hi, bool values) const {
+    const int64_t ld = run_stride(values);
+    for_runs(lo, hi, values, [&](int64_t at, int64_t n, const T* k_run, const T* v_run) {
+      const T* first = values ? v_run : k_run;
+      for (int64_t j = 0; j < n; ++j) row_ptrs[at - lo + j] = first + j * ld;
+    });
+    return row_ptrs.get();
+  }
+  void keep_key_rows(int64_t bk) { row_ptrs.reset(new const T*[bk]); }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float>) {
+      if (by_columns && r0 == 0) {  // (always 0 here: a panel is every row, PANEL_Q = BLOCK_Q)
+        const T* const* krow = key_rows(lo, hi, false);
+        for (int64_t c = lo; c < hi; c += 16) {
+          tiles::column_scores(q_transposed.get(), rows, krow + (c - lo), std::min<int64_t>(16, hi - c), D, s + c, lds);
+        }
+        return;
+      }
+    }
+#endif
     const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
       tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds);
@@ -567,6 +616,9 @@ struct RowOperands {
       std::fill(c + r * ldc, c + r * ldc + Dv, 0.f);
     }
   }
+
+ private:
+  std::unique_ptr<const T*[]> row_ptrs;  // key_rows'
 };
 #endif
 
@@ -581,17 +633,36 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   static constexpr bool ACROSS_HEADS = false;
   Scratch<c10::BFloat16> qb;  // the task's query rows, unscaled
   Scratch<uint32_t> pp;       // a run's P as key pairs
+  // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores (by_columns).
+  Scratch<uint32_t> qb_transposed;
 
   DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
       : Base(p, bq, bk, several_q_blocks),
         qb(scratch<c10::BFloat16>(bq * p.head_dim)),
-        pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {}
+        pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {
+    if (tiles::use_columns(bq)) {
+      qb_transposed = scratch<uint32_t>(tiles_bf16::pairs(p.head_dim) * tiles::COLUMN_ROWS);
+      keep_key_rows(bk);
+    }
+  }
 
   void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, qb.get(), D);
+    by_columns = qb_transposed && tiles::use_columns(rows);
+    if (by_columns) tiles_bf16::rows::transpose_rows(qb.get(), rows, D, qb_transposed.get());
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
+    if (by_columns && r0 == 0) {  // (always 0 here: a panel is every row, PANEL_Q = BLOCK_Q)
+      const c10::BFloat16* const* krow = key_rows(lo, hi, false);
+      for (int64_t c = lo; c < hi; c += 16) {
+        // (the next 16 keys' rows prefetched: (B, S, H, D) rows are a page apart or more)
+        for (int64_t j = c + 16; j < std::min(c + 32, hi); ++j) tiles::prefetch_row(krow[j - lo], D);
+        tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow + (c - lo), std::min<int64_t>(16, hi - c), D,
+                                        scale, s + c, lds);
+      }
+      return;
+    }
     const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
       tiles_bf16::rows::scores(qb.get() + r0 * D, rows, k_run, ld, n, D, scale, s + at, lds);
@@ -628,8 +699,8 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
 
   AmxRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
       : Base(p, bq, bk, several_q_blocks),
-        qt(scratch<uint32_t>(p.head_dim / 2 * tiles_amx::TM)),
-        row_ptrs(new const c10::BFloat16*[bk]) {
+        qt(scratch<uint32_t>(p.head_dim / 2 * tiles_amx::TM)) {
+    keep_key_rows(bk);
     // The workspace's slots are made one after another on its thread: the first makes the
     // buffers, the others share them (they go when the workspace does).
     static thread_local std::weak_ptr<Buffers> shared;
@@ -656,20 +727,6 @@ struct AmxRowOperands : RowOperands<c10::BFloat16> {
     tiles_amx::rows::pv(pr + lo, ldp, m, key_rows(lo, hi, true), hi - lo, Dv, o, ldo, buffers->vp.get(),
                         buffers->pp.get());
   }
-
- private:
-  // The K (or V) rows of the block's keys [lo, hi), key lo + j's at [j]: the runs of a paged
-  // block side by side (for_runs, which prefetches the next run's first rows), so that the
-  // products take 32 keys at a time across pages.
-  const c10::BFloat16* const* key_rows(int64_t lo, int64_t hi, bool values) const {
-    const int64_t ld = run_stride(values);
-    for_runs(lo, hi, values, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16* v_run) {
-      const c10::BFloat16* first = values ? v_run : k_run;
-      for (int64_t j = 0; j < n; ++j) row_ptrs[at - lo + j] = first + j * ld;
-    });
-    return row_ptrs.get();
-  }
-  std::unique_ptr<const c10::BFloat16*[]> row_ptrs;  // (a block's keys: at most bk)
 };
 #endif
 

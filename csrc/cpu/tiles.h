@@ -438,6 +438,90 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   }
 }
 
+#ifdef __AVX512F__
+// 16 x 16 floats transposed in registers: out[c] lane r = in[r] lane c.
+inline void transpose16(const __m512 in[16], __m512 out[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(in[i], in[i + 1]), t[i + 1] = _mm512_unpackhi_ps(in[i], in[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c of each 4-column lane, rows i..i+3
+    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
+    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
+    out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
+  }
+}
+
+// 16 x 16 floats (row stride ld) transposed in registers: out[c][r] = in[r * ld + c].
+inline void transpose16(const float* in, int64_t ld, __m512 out[16]) {
+  __m512 rows[16];
+  for (int i = 0; i < 16; ++i) rows[i] = _mm512_loadu_ps(in + i * ld);
+  transpose16(rows, out);
+}
+
+// Scores with the query rows in the lanes: for calls no backward follows (a backward
+// recomputes S by row_scores, which sums each score in another order) with more rows than
+// row_scores serves well (its 4 x 4 blocks spend about a fifth of their instructions on
+// horizontal sums; here there are none). Query rows: COLUMN_ROWS at most, and more than
+// half of them (fewer would leave most lanes idle: row_scores).
+constexpr int64_t COLUMN_ROWS = 16;
+inline bool use_columns(int64_t rows) { return rows > COLUMN_ROWS / 2 && rows <= COLUMN_ROWS; }
+
+// The query rows (d elements, row stride d) transposed for column_scores: element e of
+// row r at qt[e * COLUMN_ROWS + r], the lanes of rows past `rows` 0.
+inline void transpose_rows(const float* q, int64_t rows, int64_t d, float* qt) {
+  for (int64_t e = 0; e < d; ++e) {
+    for (int64_t r = 0; r < COLUMN_ROWS; ++r) qt[e * COLUMN_ROWS + r] = r < rows ? q[r * d + e] : 0.f;
+  }
+}
+
+// Dots of KB keys' rows (krow[j], float) with the transposed query rows qt (d elements):
+// key j's scores of every row in cols[j]'s lanes, each lane the FMAs of its row's products
+// in element order. (KB chains in flight: 8 cover the FMA latency.)
+template <int KB>
+__attribute__((always_inline)) inline void column_dots(const float* qt, const float* const* krow, int64_t d,
+                                                       __m512* cols) {
+  __m512 acc[KB];
+#pragma GCC unroll 8
+  for (int j = 0; j < KB; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; ++e) {
+    const __m512 qv = _mm512_load_ps(qt + e * COLUMN_ROWS);
+#pragma GCC unroll 8
+    for (int j = 0; j < KB; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(krow[j][e]), acc[j]);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < KB; ++j) cols[j] = acc[j];
+}
+
+// s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
+// rows transposed (transpose_rows), key j's row at krow[j]. Keys past n are not read.
+inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
+                          int64_t lds) {
+  __m512 cols[16], out[16];
+  for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+    if (j0 >= n) {
+      for (int j = 0; j < 8; ++j) cols[j0 + j] = _mm512_setzero_ps();
+      continue;
+    }
+    const float* k[8];  // (past n: key n - 1 again, its dots not stored)
+    for (int64_t j = 0; j < 8; ++j) k[j] = krow[std::min(j0 + j, n - 1)];
+    column_dots<8>(qt, k, d, cols + j0);
+  }
+  transpose16(cols, out);
+  const __mmask16 keys = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+  for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(s + r * lds, keys, out[r]);
+}
+#endif
+
 // Keys per chunk of row_pv's sums (the note below).
 constexpr int64_t ROW_PV_CHUNK = 32;
 

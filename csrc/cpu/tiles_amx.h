@@ -170,28 +170,7 @@ inline void multiply_any(int nb, const uint32_t* a, int64_t lda, const uint32_t*
   }
 }
 
-// 16 x 16 floats (row stride ld) transposed in registers: out[c][r] = in[r * ld + c].
-inline void transpose16(const float* in, int64_t ld, __m512 out[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    const __m512 a = _mm512_loadu_ps(in + i * ld), b = _mm512_loadu_ps(in + (i + 1) * ld);
-    t[i] = _mm512_unpacklo_ps(a, b), t[i + 1] = _mm512_unpackhi_ps(a, b);
-  }
-  for (int i = 0; i < 16; i += 4) {  // u[i + c]: column c of each 4-column lane, rows i..i+3
-    const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
-    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int c = 0; c < 4; ++c) {  // lanes L of u[c], u[4 + c], u[8 + c], u[12 + c] make column 4L + c
-    const __m512 even0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
-    const __m512 even1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 odd0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
-    const __m512 odd1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    out[c] = _mm512_shuffle_f32x4(even0, even1, 0x88), out[8 + c] = _mm512_shuffle_f32x4(even0, even1, 0xDD);
-    out[4 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0x88), out[12 + c] = _mm512_shuffle_f32x4(odd0, odd1, 0xDD);
-  }
-}
+using tiles::transpose16;
 
 // out[c * ld + e] += t[e * ldt + c] for c < cols, e < rows (t readable in whole 16 x 16
 // blocks: rows up to rows rounded up to 16, columns to cols rounded up to 16), 16 x 16 at a
