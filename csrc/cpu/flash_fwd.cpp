@@ -631,6 +631,9 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
   // (Head by head: across heads measured no faster for these products, benchmarks/RESULTS.md.)
   static constexpr bool ACROSS_HEADS = false;
+  // Every head of a sequence 16 keys at a time (run_fwd's heads_together): 3-12% faster
+  // than 32 from memory (float rows, across heads: 32; benchmarks/RESULTS.md).
+  static constexpr int64_t HEADS_BLOCK_K = 16;
   Scratch<c10::BFloat16> qb;  // the task's query rows, unscaled
   Scratch<uint32_t> pp;       // a run's P as key pairs
   // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores (by_columns).
