@@ -638,35 +638,36 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
             assert torch.equal(one, out[:, i:i + 1]) and torch.equal(one_lse, lse[..., i:i + 1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [128, 40])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 128), (torch.float32, 40), (torch.bfloat16, 128)])
 @pytest.mark.parametrize("seqlen_k", [203, 613])
 def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k, cpu_switch):
     # Calls no backward follows whose GQA-packed row blocks have 9-16 rows (float, or bf16 on
-    # the AVX512-BF16 dot path with head dims of whole 32s) take their scores with the rows
-    # in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products in
-    # element order: a query row's output and lse are bitwise the same whichever lane it has
-    # and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
+    # the AVX512-BF16 dot products with head dims of whole 32s) take their scores with the
+    # rows in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products
+    # in element order: a query row's output and lse are bitwise the same whichever lane it
+    # has and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
     # 15 and 10 rows; no mask, so a row's keys do not depend on the call's length), and
-    # within the rule of the reference. (The row path sums each score in another order:
-    # within rounding of these; AMX off, test_bf16_rows_on_amx*.)
+    # within the rule of the reference. The same call with gradients takes the row path
+    # (its backward recomputes S there), which sums each score in another order.
     from flashattn_py import _C
 
     if "avx2-tiles" not in _C.CPU_KERNELS:
         pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
-    cpu_switch("FLASHATTN_CPU_AMX", "0")
+    if dtype == torch.bfloat16:
+        bf16_path(cpu_switch, "dot")
+    else:
+        cpu_switch("FLASHATTN_CPU_AMX", "0")
     q, k, v = (t.detach() for t in random_qkv(2, 3, seqlen_k, 10, 2, head_dim, dtype=dtype, seed=seqlen_k))
     with torch.no_grad():
         out, lse, _ = flashattn_py.flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")
         part, part_lse, _ = flashattn_py.flash_attn_func(q[:, 1:], k, v, return_attn_probs=True, backend="cpu")
-        rows, rows_lse, _ = flashattn_py.flash_attn_func(q[:, 1:2], k, v, return_attn_probs=True, backend="cpu")
     assert torch.equal(part, out[:, 1:]) and torch.equal(part_lse, lse[..., 1:])
-    ref, ref_lse = attention_ref(q.double(), k.double(), v.double())
-    naive, _ = attention_ref(q, k, v)
+    _, rows_lse, _ = flashattn_py.flash_attn_func(q.requires_grad_(), k, v, return_attn_probs=True, backend="cpu")
+    assert not torch.equal(rows_lse, lse)  # (the columns were taken)
+    ref, ref_lse = attention_ref(q.detach().double(), k.double(), v.double())
+    naive, _ = attention_ref(q.detach(), k, v)
     assert_rule("out", out, ref, naive, OUT_FACTOR)
     assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
-    # (the 5 rows of position 1 alone: the row path, another order of each score's sum)
-    assert_rule("row path out", rows, ref[:, 1:2], naive[:, 1:2], OUT_FACTOR)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -676,7 +677,9 @@ def test_gqa_rows_packed_as_the_heads_alone(dtype, seqlen_q, heads, heads_k, mas
     # With GQA and few queries, the rows of a KV head's query heads go as one query block,
     # position by position (1-16 rows: 4, 16, 16, 15; 5 x 4 = 20 do not fit and go per
     # head), so K and V are read once for all of them; masks are the positions'. Every row
-    # is scored as it is alone (the row path), so out and lse are bitwise the call's with
+    # of a call with gradients (these inputs require grad; without, 9-16 float or bf16-dot
+    # rows take column scores, test_column_scores_*) is scored as it is alone (the row
+    # path), so out and lse are bitwise the call's with
     # K / V repeated per query head (no packing; over 512 keys both do every head of a
     # sequence in one task, with the same key blocks and splits), and gradients (the
     # backward recomputes S per head) hold to the reference. (Whether a call packs is not

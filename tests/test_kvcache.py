@@ -114,8 +114,10 @@ def test_gqa_and_head_dims(heads, heads_k, head_dim):
 
 @pytest.mark.parametrize("page_size", [1, 7, 16, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_cache(page_size, dtype):
-    run_case(dtype, page_size=page_size, seqlen_q=2, new=2, seqlen_cache=50, seed=page_size)
+@pytest.mark.parametrize("seqlen_q", [2, 3])
+def test_paged_cache(page_size, dtype, seqlen_q):
+    # (3 queries x 4 heads: 12 GQA-packed rows, column scores on the CPU, keys gathered across pages)
+    run_case(dtype, page_size=page_size, seqlen_q=seqlen_q, new=seqlen_q, seqlen_cache=50, seed=page_size)
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -148,15 +150,15 @@ def test_softcap_window_alibi(feature):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,heads_k,head_dim,seqlen_q", [(5, 5, 80, 1), (8, 2, 136, 1), (6, 3, 17, 3),
-                                                             (4, 1, 96, 8)])
+                                                             (4, 1, 96, 8), (8, 2, 64, 3), (16, 1, 40, 1)])
 def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seqlen_q):
     # Over 512 keys a decoding task does every head of its sequence, 32 keys of all heads at
-    # a time (float: 16 keys of each head in turn, P V into running sums; paged: page run
-    # by page run, 16-bit rows prefetching the next run's first rows): caches of many blocks with a
-    # partial last one, head dims with
+    # a time (bf16 on the dot products: 16; float: 16 keys of each head in turn, P V into
+    # running sums; paged: page run by page run, 16-bit rows prefetching the next run's
+    # first rows): caches of many blocks with a partial last one, head dims with
     # vector tails (the 16-lane scores and the masked P V strips), GQA rows packed or not
-    # (ALiBi's per-head slopes keep the heads apart), 1-8 query rows, paged with pages of
-    # 1, 3 and 16 keys, and several num_splits.
+    # (ALiBi's per-head slopes keep the heads apart; 12 and 16 packed rows: column scores),
+    # 1-8 query rows, paged with pages of 1, 3 and 16 keys, and several num_splits.
     cases = [dict(), dict(num_splits=3), dict(page_size=1), dict(page_size=3, num_splits=1),
              dict(page_size=16, num_splits=5), dict(alibi=True), dict(page_size=16, window=(100, 0), softcap=5.0),
              dict(window=(300, 0)), dict(page_size=7, leftpad=True, num_splits=2)]
@@ -165,8 +167,8 @@ def test_long_caches_every_head_in_one_task(dtype, heads, heads_k, head_dim, seq
                  seqlen_cache=700, lengths=[690 - seqlen_q, 411], new=seqlen_q, seed=100 * head_dim + i, **kw)
 
 
-@pytest.mark.parametrize("heads,heads_k,head_dim", [(32, 8, 128), (4, 4, 80)])
-def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_dim):
+@pytest.mark.parametrize("heads,heads_k,head_dim,seqlen_q", [(32, 8, 128, 1), (4, 4, 80, 1), (32, 8, 128, 3)])
+def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_dim, seqlen_q):
     # With the register tiles a float decoding task that does every head reads each 32-key block 16
     # keys of every head at a time and adds the block's P V to O once (csrc/cpu/flash_fwd.cpp
     # run_fwd): a paged cache, whose pages split the blocks into runs, then gives the
@@ -175,12 +177,13 @@ def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_
     if _C.CPU_ISA not in ("avx2", "avx512", "avx512bf16"):
         pytest.skip("blocks go across heads with the register tiles' kernels only (AVX2 and up)")
     gen = torch.Generator().manual_seed(11)
-    q = torch.randn(2, 1, heads, head_dim, generator=gen)
+    # (3 queries x 4 heads: column scores; not causal, so every block's rows see it whole)
+    q = torch.randn(2, seqlen_q, heads, head_dim, generator=gen)
     k_cache, v_cache = (torch.randn(2, 1000, heads_k, head_dim, generator=gen) for _ in range(2))
     lens = torch.tensor([1000, 613], dtype=torch.int32)
     outs = []
     for page_size in (None, 1, 7, 16):
-        kc, vc, kw = k_cache, v_cache, dict(cache_seqlens=lens, causal=True, return_softmax_lse=True)
+        kc, vc, kw = k_cache, v_cache, dict(cache_seqlens=lens, causal=seqlen_q == 1, return_softmax_lse=True)
         if page_size:
             kc, vc, kw["block_table"] = _paged(k_cache, v_cache, page_size, torch.Generator().manual_seed(page_size))
         outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
@@ -212,8 +215,10 @@ def test_gqa_rows_packed_per_sequence(dtype, page_size, seqlen_q):
             kw["block_table"] = table
         with torch.no_grad():
             outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
-    if seqlen_q * 4 <= 8:
+    if seqlen_q * 4 <= 8 or dtype == torch.bfloat16:  # (bf16 at head dim 40: the row path)
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    else:  # (the packed call took column scores)
+        assert not torch.equal(outs[0][1], outs[1][1])
     ref_kw = dict(cache_seqlens=lens, cache_leftpad=leftpad, causal=True)
     ref, ref_lse, _, _ = attention_kvcache_ref(q.double(), k_cache.double(), v_cache.double(), **ref_kw)
     naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, **ref_kw)

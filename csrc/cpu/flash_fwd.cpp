@@ -423,7 +423,8 @@ using AmxOperands = Bf16PairOperands<AmxTiles>;
 
 #ifdef FLASHATTN_CPU_TILES
 // Calls with few query rows per head (tiles::use_rows: decoding): each
-// key's K row is dotted with the few query rows (tiles::row_scores) and the V rows added
+// key's K row is dotted with the few query rows (tiles::row_scores; calls no backward
+// follows with 9-16 rows: tiles::column_scores, the rows in the lanes) and the V rows added
 // into their outputs (tiles::row_pv), K and V read in place (16-bit elements widened in
 // registers). Few queries make these products bound by reading K and V; BLAS's small
 // products pack the key block on every call, and the tiles copy it into panels, each
@@ -572,14 +573,26 @@ struct RowOperands {
   }
   void keep_key_rows(int64_t bk) { row_ptrs.reset(new const T*[bk]); }
 
+  // f(key rows, n, c) for the block's keys [lo, hi) 16 at a time (key c's row first, n of
+  // them), the next 16 keys' K rows prefetched before each ((B, S, H, D) rows are a page
+  // apart or more): column scores (by_columns; a panel is every row, as they need).
+  static_assert(PANEL_Q == BLOCK_Q && EDGE_PANEL_Q == BLOCK_Q);
+  template <typename F>
+  void for_column_groups(int64_t lo, int64_t hi, const F& f) const {
+    const T* const* krow = key_rows(lo, hi, false);
+    for (int64_t c = lo; c < hi; c += 16) {
+      for (int64_t j = c + 16; j < std::min(c + 32, hi); ++j) tiles::prefetch_row(krow[j - lo], D);
+      f(krow + (c - lo), std::min<int64_t>(16, hi - c), c);
+    }
+  }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
-      if (by_columns && r0 == 0) {  // (always 0 here: a panel is every row, PANEL_Q = BLOCK_Q)
-        const T* const* krow = key_rows(lo, hi, false);
-        for (int64_t c = lo; c < hi; c += 16) {
-          tiles::column_scores(q_transposed.get(), rows, krow + (c - lo), std::min<int64_t>(16, hi - c), D, s + c, lds);
-        }
+      if (by_columns) {
+        for_column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
+          tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds);
+        });
         return;
       }
     }
@@ -656,14 +669,10 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    if (by_columns && r0 == 0) {  // (always 0 here: a panel is every row, PANEL_Q = BLOCK_Q)
-      const c10::BFloat16* const* krow = key_rows(lo, hi, false);
-      for (int64_t c = lo; c < hi; c += 16) {
-        // (the next 16 keys' rows prefetched: (B, S, H, D) rows are a page apart or more)
-        for (int64_t j = c + 16; j < std::min(c + 32, hi); ++j) tiles::prefetch_row(krow[j - lo], D);
-        tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow + (c - lo), std::min<int64_t>(16, hi - c), D,
-                                        scale, s + c, lds);
-      }
+    if (by_columns) {
+      for_column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
+        tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow, n, D, scale, s + c, lds);
+      });
       return;
     }
     const int64_t ld = run_stride(false);
@@ -1244,7 +1253,9 @@ void flash_fwd(const FlashParams& p) {
   // path's query blocks: the row path's scores are per row, the very scores the backward
   // recomputes per head. (Out and lse are bitwise the unpacked call's unless the fewer
   // tasks split the keys differently, flash_cpu.h key_splits, or take other key blocks: one
-  // KV head over 512 keys does not do every head in one task; then equal within rounding.)
+  // KV head over 512 keys does not do every head in one task; or unless no backward follows
+  // and the packed block's 9-16 rows take column scores (float; bf16 on the dot products),
+  // or its bf16 rows go on AMX: then equal within rounding.)
   FlashParams view;
   const KernelPath path = kernel_path<T>(p);
   if (!path.rows || !gqa_packed_view(p, view) || view.seqlen_q > MAX_PACKED_ROWS) return run_path<T>(p);

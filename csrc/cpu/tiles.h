@@ -397,6 +397,7 @@ inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, 
 // (B, S, H, D) tensors are a page apart or more). The forward's row path and the backward
 // of its calls both form S here, so the backward's P = exp(S - lse) uses the very scores
 // the forward's lse summed; every score is dot_rows<1>'s, whatever the number of rows.
+// (Forward-only calls of 9-16 rows take column_scores below instead.)
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds) {
@@ -484,41 +485,47 @@ inline void transpose_rows(const float* q, int64_t rows, int64_t d, float* qt) {
   }
 }
 
-// Dots of KB keys' rows (krow[j], float) with the transposed query rows qt (d elements):
-// key j's scores of every row in cols[j]'s lanes, each lane the FMAs of its row's products
-// in element order. (KB chains in flight: 8 cover the FMA latency.)
-template <int KB>
-__attribute__((always_inline)) inline void column_dots(const float* qt, const float* const* krow, int64_t d,
-                                                       __m512* cols) {
-  __m512 acc[KB];
-#pragma GCC unroll 8
-  for (int j = 0; j < KB; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < d; ++e) {
-    const __m512 qv = _mm512_load_ps(qt + e * COLUMN_ROWS);
-#pragma GCC unroll 8
-    for (int j = 0; j < KB; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(krow[j][e]), acc[j]);
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < KB; ++j) cols[j] = acc[j];
-}
-
-// s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
-// rows transposed (transpose_rows), key j's row at krow[j]. Keys past n are not read.
-inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
-                          int64_t lds) {
+// column_scores' frame for one element type: s[r * lds + j] = scale * (the dots of key j)
+// for r < rows, j < n (at most 16). dots(k, cols) puts 8 keys' dots (key i's row at k[i])
+// in cols[i]'s lanes, one lane per query row; keys past n repeat key n - 1 (read in
+// bounds, never stored), a half past n is 0; a 16 x 16 transpose makes the score rows.
+template <typename K, typename Dots>
+__attribute__((always_inline)) inline void column_scores_by(const K* const* krow, int64_t rows, int64_t n, float scale,
+                                                            float* s, int64_t lds, const Dots& dots) {
   __m512 cols[16], out[16];
   for (int64_t j0 = 0; j0 < 16; j0 += 8) {
     if (j0 >= n) {
       for (int j = 0; j < 8; ++j) cols[j0 + j] = _mm512_setzero_ps();
       continue;
     }
-    const float* k[8];  // (past n: key n - 1 again, its dots not stored)
+    const K* k[8];
     for (int64_t j = 0; j < 8; ++j) k[j] = krow[std::min(j0 + j, n - 1)];
-    column_dots<8>(qt, k, d, cols + j0);
+    dots(k, cols + j0);
   }
   transpose16(cols, out);
   const __mmask16 keys = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-  for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(s + r * lds, keys, out[r]);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(s + r * lds, keys, _mm512_mul_ps(vscale, out[r]));
+}
+
+// s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
+// rows transposed (transpose_rows, q already scaled), key j's float row at krow[j]; each
+// lane the FMAs of its row's d products in element order, 8 keys in flight (8 chains cover
+// the FMA latency).
+inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
+                          int64_t lds) {
+  column_scores_by(krow, rows, n, 1.f, s, lds, [&](const float* const* k, __m512* cols) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+      const __m512 qv = _mm512_load_ps(qt + e * COLUMN_ROWS);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(k[j][e]), acc[j]);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) cols[j] = acc[j];
+  });
 }
 #endif
 

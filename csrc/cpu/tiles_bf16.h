@@ -426,55 +426,36 @@ inline void scores(const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k,
   for (; c < cols; ++c) groups(std::integral_constant<int, 1>{});
 }
 
-// The query rows (d elements, row stride d) as pairs transposed for column_scores: pair t
-// of row r at qt[t * COLUMN_ROWS + r], the lanes of rows past `rows` 0.
+// The query rows (d elements, row stride d, d even) as pairs transposed for column_scores:
+// pair t of row r at qt[t * COLUMN_ROWS + r], the lanes of rows past `rows` 0.
 inline void transpose_rows(const c10::BFloat16* q, int64_t rows, int64_t d, uint32_t* qt) {
   using tiles::COLUMN_ROWS;
-  for (int64_t t = 0; t < pairs(d); ++t) {
+  for (int64_t t = 0; t < d / 2; ++t) {
     for (int64_t r = 0; r < COLUMN_ROWS; ++r) qt[t * COLUMN_ROWS + r] = r < rows ? pair(q + r * d, 2 * t, d) : 0u;
   }
 }
 
-// tiles::column_dots on pairs: key j's KB rows (krow[j], bf16, d a multiple of 2) against
-// the transposed query pairs qt, each lane summing its row's pair products in order.
-template <int KB>
-__attribute__((always_inline)) inline void column_dots(const uint32_t* qt, const c10::BFloat16* const* krow,
-                                                       int64_t d, __m512* cols) {
-  __m512 acc[KB];
-#pragma GCC unroll 8
-  for (int j = 0; j < KB; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < d / 2; ++t) {
-    const __m512bh qv = as_bh(_mm512_loadu_si512(qt + t * tiles::COLUMN_ROWS));
-#pragma GCC unroll 8
-    for (int j = 0; j < KB; ++j) {
-      uint32_t k_pair;
-      std::memcpy(&k_pair, krow[j] + 2 * t, sizeof(k_pair));
-      acc[j] = _mm512_dpbf16_ps(acc[j], qv, as_bh(_mm512_set1_epi32(static_cast<int>(k_pair))));
-    }
-  }
-#pragma GCC unroll 8
-  for (int j = 0; j < KB; ++j) cols[j] = acc[j];
-}
-
-// tiles::column_scores for bf16 rows (forward-only calls, no backward recomputes these):
-// s[r * lds + j] = scale * q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16),
-// qt the query pairs transposed (transpose_rows), key j's row at krow[j]; d a multiple of 2.
+// tiles::column_scores for bf16 rows on pairs (calls no backward follows; d even, as the
+// dot rows' whole 32s are): s[r * lds + j] = scale * q_r . k_j, qt the query pairs transposed
+// (transpose_rows), each lane summing its row's pair products in order.
 inline void column_scores(const uint32_t* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
                           float scale, float* s, int64_t lds) {
-  __m512 cols[16], out[16];
-  for (int64_t j0 = 0; j0 < 16; j0 += 8) {
-    if (j0 >= n) {
-      for (int j = 0; j < 8; ++j) cols[j0 + j] = _mm512_setzero_ps();
-      continue;
+  tiles::column_scores_by(krow, rows, n, scale, s, lds, [&](const c10::BFloat16* const* k, __m512* cols) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < d / 2; ++t) {
+      const __m512bh qv = as_bh(_mm512_loadu_si512(qt + t * tiles::COLUMN_ROWS));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        uint32_t k_pair;
+        std::memcpy(&k_pair, k[j] + 2 * t, sizeof(k_pair));
+        acc[j] = _mm512_dpbf16_ps(acc[j], qv, as_bh(_mm512_set1_epi32(static_cast<int>(k_pair))));
+      }
     }
-    const c10::BFloat16* k[8];  // (past n: key n - 1 again, its dots not stored)
-    for (int64_t j = 0; j < 8; ++j) k[j] = krow[std::min(j0 + j, n - 1)];
-    column_dots<8>(qt, k, d, cols + j0);
-  }
-  tiles::transpose16(cols, out);
-  const __mmask16 keys = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(s + r * lds, keys, _mm512_mul_ps(vscale, out[r]));
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) cols[j] = acc[j];
+  });
 }
 
 // o[0, 32) += the 32 sums in lo and hi, in column order: lane 4L + i of lo holds column
