@@ -670,6 +670,28 @@ def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k
     assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_k", [40, 700])
+def test_column_scores_nan_row_stays_in_its_lane(dtype, seqlen_k, cpu_switch):
+    # A NaN query row among 12 column-scored rows (3 positions x 4 heads, no backward
+    # follows): its out and lse are NaN, every other row's finite and bitwise the same as
+    # without the NaN (a lane's sums never mix with another's).
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: no row path")
+    if dtype == torch.bfloat16:
+        bf16_path(cpu_switch, "dot")
+    q, k, v = (t.detach() for t in random_qkv(2, 3, seqlen_k, 8, 2, 128, dtype=dtype, seed=seqlen_k))
+    with torch.no_grad():
+        out, lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="cpu")
+        q[1, 1, 6] = float("nan")
+        nan_out, nan_lse, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="cpu")
+    assert torch.isnan(nan_out[1, 1, 6]).all() and torch.isnan(nan_lse[1, 6, 1])
+    nan_out[1, 1, 6], nan_lse[1, 6, 1] = out[1, 1, 6], lse[1, 6, 1]
+    assert torch.equal(nan_out, out) and torch.equal(nan_lse, lse)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seqlen_q,heads,heads_k", [(1, 8, 2), (2, 16, 2), (4, 8, 2), (3, 10, 2), (5, 8, 2)])
 @pytest.mark.parametrize("mask", ["none", "causal", "window"])
