@@ -461,9 +461,8 @@ struct RowOperands {
   const float scale;
   // Float calls no backward follows, with more than half a vector of query rows (decoding
   // several tokens of a GQA group, tiles::use_columns): the scores by tiles::column_scores,
-  // from q transposed.
+  // from q transposed (allocated for such calls only).
   Scratch<float> q_transposed;
-  bool by_columns = false;
 
   RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
       : q(scratch<float>(bq * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
@@ -486,8 +485,7 @@ struct RowOperands {
     scale_row(q.get(), rows * D, scale);
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
-      by_columns = q_transposed && tiles::use_columns(rows);
-      if (by_columns) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
+      if (q_transposed && tiles::use_columns(rows)) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
     }
 #endif
   }
@@ -575,8 +573,8 @@ struct RowOperands {
 
   // f(key rows, n, c) for the block's keys [lo, hi) 16 at a time (key c's row first, n of
   // them), the next 16 keys' K rows prefetched before each ((B, S, H, D) rows are a page
-  // apart or more): column scores (by_columns; a panel is every row, as they need).
-  static_assert(PANEL_Q == BLOCK_Q && EDGE_PANEL_Q == BLOCK_Q);
+  // apart or more): column scores, of every row of the block at once (r0 is 0 there: a
+  // panel is every row, PANEL_Q = EDGE_PANEL_Q = BLOCK_Q).
   template <typename F>
   void for_column_groups(int64_t lo, int64_t hi, const F& f) const {
     const T* const* krow = key_rows(lo, hi, false);
@@ -589,7 +587,7 @@ struct RowOperands {
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
-      if (by_columns) {
+      if (q_transposed && tiles::use_columns(rows)) {
         for_column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
           tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds);
         });
@@ -649,7 +647,8 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   static constexpr int64_t HEADS_BLOCK_K = 16;
   Scratch<c10::BFloat16> qb;  // the task's query rows, unscaled
   Scratch<uint32_t> pp;       // a run's P as key pairs
-  // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores (by_columns).
+  // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores, from the
+  // query pairs transposed (allocated for such calls only).
   Scratch<uint32_t> qb_transposed;
 
   DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
@@ -657,19 +656,20 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
         qb(scratch<c10::BFloat16>(bq * p.head_dim)),
         pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {
     if (tiles::use_columns(bq)) {
-      qb_transposed = scratch<uint32_t>(tiles_bf16::pairs(p.head_dim) * tiles::COLUMN_ROWS);
+      qb_transposed = scratch<uint32_t>(p.head_dim / 2 * tiles::COLUMN_ROWS);
       keep_key_rows(bk);
     }
   }
 
   void load_q(const FlashParams& p, const c10::BFloat16* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, qb.get(), D);
-    by_columns = qb_transposed && tiles::use_columns(rows);
-    if (by_columns) tiles_bf16::rows::transpose_rows(qb.get(), rows, D, qb_transposed.get());
+    if (qb_transposed && tiles::use_columns(rows)) {
+      tiles_bf16::rows::transpose_rows(qb.get(), rows, D, qb_transposed.get());
+    }
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    if (by_columns) {
+    if (qb_transposed && tiles::use_columns(rows)) {
       for_column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
         tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow, n, D, scale, s + c, lds);
       });
