@@ -798,6 +798,19 @@ __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, i
   }
 }
 
+// Prefetches rows [0, n) (row stride ld) of `heads` heads (head stride hs) from `first`,
+// d elements each, a row's heads in turn (in (S, H, D) tensors: memory order).
+template <typename T>
+inline void prefetch_heads(const T* first, int64_t n, int64_t ld, int64_t heads, int64_t hs, int64_t d) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const char* row = reinterpret_cast<const char*>(first + r * ld + h * hs);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    }
+  }
+}
+
 template <typename T, typename KV>
 void run_fwd(const FlashParams& p) {
   using acc = acc_t<T>;
@@ -971,12 +984,21 @@ void run_fwd(const FlashParams& p) {
     const int64_t block_end = heads_together ? std::min(seq_blocks, block_index + run_blocks) : seq_blocks;
     if constexpr (KV::PACKS_HEADS) {
       if (pack_heads > 1) {  // Q and the one key block's K and V of every head
+        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
+        // All of them prefetched first, in memory order, in one burst: the reads then wait
+        // on their lines together, not one by one in the packers (whose own prefetches
+        // reach a few rows ahead in one head's panel).
+        prefetch_heads(q_rows(h0), rows, p.q_row_stride, heads_per_task, p.q_head_stride, p.head_dim);
+        if (cols > 0) {
+          const int64_t kv_heads = heads_per_task / group;
+          prefetch_heads(ws.keys[0].k_row(first_col), cols, p.k_row_stride, kv_heads, p.k_head_stride, p.head_dim);
+          prefetch_heads(ws.keys[0].v_row(first_col), cols, p.v_row_stride, kv_heads, p.v_head_stride, Dv);
+        }
         for (int64_t r0 = 0; r0 < rows; r0 += KV::Q_PART) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
             ws.kv[j]->load_q_part(p, q_rows(h0 + j), r0, std::min(KV::Q_PART, rows - r0));
           }
         }
-        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
         for (int64_t c0 = 0; c0 < cols; c0 += 16) {
           for (int64_t j = 0; j < heads_per_task; j += group) {
             ws.kv[j]->load_kv_part(p, ws.keys[j], first_col, c0, std::min<int64_t>(16, cols - c0));
