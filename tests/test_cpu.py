@@ -239,12 +239,12 @@ def test_bf16_rows_that_see_few_of_their_panels_keys(path, cpu_switch):
 
 @pytest.mark.parametrize("path", ["amx", "dot"])
 @pytest.mark.parametrize("case", [
-    # (batch, seqlen, heads, heads_k, head_dim, window): every row sees at most 64 keys (the
-    # tiles' second product) in
-    (2, 64, 4, 2, 64, (-1, -1)),    # one head per task, its block copied per task
-    (2, 60, 4, 2, 32, (-1, -1)),
-    (32, 40, 8, 2, 64, (-1, -1)),   # every head of a sequence in one task, GQA sharing panels
-    (1, 600, 4, 2, 64, (20, 20)),   # several query blocks: a head's keys copied once per thread
+    # (batch, seqlen, heads, heads_k, head_dim, window): every row sees at most 7 keys (the
+    # tiles' second product, EXACT_P_KEYS = 8) in
+    (2, 64, 4, 2, 64, (3, 3)),    # one head per task, its block copied per task
+    (2, 60, 4, 2, 32, (3, 3)),
+    (32, 40, 8, 2, 64, (3, 3)),   # every head of a sequence in one task, GQA sharing panels
+    (1, 600, 4, 2, 64, (3, 3)),   # several query blocks: a head's keys copied once per thread
 ])
 def test_bf16_pairs_keep_an_infinite_v_infinite(path, case, cpu_switch):
     # Over few keys the pair tiles add (P - bf16(P)) V, 0 x inf = NaN where V is infinite:

@@ -286,19 +286,21 @@ struct Bf16Panels {
 // products as TileOperands; K and V copied as pair panels (Bf16Panels), which both read.
 //
 // Rounding P costs each output up to 2^-9 of the V rows it weighs, while l sums the float
-// P: where a row sees many keys that averages out, but a panel over few keys (tiny key
-// counts, a causal diagonal's first rows, narrow windows) would be only as accurate as
-// the naive bf16 formula, which also rounds P (an independent review found the test
-// rule's 2x margin broken on rows that see 2-3 keys; benchmarks/RESULTS.md). Panels where
-// a row sees at most EXACT_P_KEYS of the block's keys therefore add P - bf16(P) V as a
-// second product: P V as exact as in float, for the price of a second P V on blocks that
-// are cheap anyway; not where the block's V holds an inf or NaN (0 x inf would make a row
-// that should come out inf NaN: the packing says, KVCopy::v_finite).
+// P: about half the naive bf16 formula's error wherever a row sees 4 or more keys, but
+// a row that sees only a few (tiny key counts, a causal diagonal's first rows, narrow
+// windows) is nearly one V row, which the naive formula gets almost exact (an independent
+// review found the test rule's 2x margin broken on rows that see 2-3 keys;
+// benchmarks/RESULTS.md). Panels where a row sees at most EXACT_P_KEYS of the block's
+// keys therefore add P - bf16(P) V as a second product: P V as exact as in float, for the
+// price of a second P V on small blocks; not where the block's V holds an inf or NaN
+// (0 x inf would make a row that should come out inf NaN: the packing says,
+// KVCopy::v_finite). (At 64 keys the second product took a tenth of packed short
+// documents' forward, for outputs that stayed within the rule without it.)
 template <typename Tiles>
 struct Bf16PairOperands {
   static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,
                            PANEL_Q = Tiles::PANEL_Q, EDGE_PANEL_Q = Tiles::EDGE_PANEL_Q;
-  static constexpr int64_t EXACT_P_KEYS = 64;
+  static constexpr int64_t EXACT_P_KEYS = 8;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
