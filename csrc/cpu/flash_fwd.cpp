@@ -286,21 +286,21 @@ struct Bf16Panels {
 // products as TileOperands; K and V copied as pair panels (Bf16Panels), which both read.
 //
 // Rounding P costs each output up to 2^-9 of the V rows it weighs, while l sums the float
-// P: about half the naive bf16 formula's error wherever a row sees 4 or more keys, but
-// a row that sees only a few (tiny key counts, a causal diagonal's first rows, narrow
-// windows) is nearly one V row, which the naive formula gets almost exact (an independent
-// review found the test rule's 2x margin broken on rows that see 2-3 keys;
-// benchmarks/RESULTS.md). Panels where a row sees at most EXACT_P_KEYS of the block's
-// keys therefore add P - bf16(P) V as a second product: P V as exact as in float, for the
-// price of a second P V on small blocks; not where the block's V holds an inf or NaN
-// (0 x inf would make a row that should come out inf NaN: the packing says,
-// KVCopy::v_finite). (At 64 keys the second product took a tenth of packed short
-// documents' forward, for outputs that stayed within the rule without it.)
+// P: where a row keeps many keys that averages out, but a row that keeps few (tiny key
+// counts, a causal diagonal's first rows, narrow windows, masks, dropout) would be only as
+// accurate as the naive bf16 formula, which also rounds P (independent reviews found the
+// test rule's 2x margin broken on rows keeping 2-3 and 9-16 keys with tiny head dims;
+// benchmarks/RESULTS.md). Panels where a row keeps at most EXACT_P_KEYS of the block's
+// keys (the band's, or counted by run_fwd's softmax under masks and dropout) therefore add
+// P - bf16(P) V as a second product: P V as exact as in float, for the price of a second
+// P V on small blocks; not where the block's V holds an inf or NaN (0 x inf would make a
+// row that should come out inf NaN: the packing says, KVCopy::v_finite). (At 64 keys
+// the second product took a tenth of packed short documents' forward.)
 template <typename Tiles>
 struct Bf16PairOperands {
   static constexpr int64_t BLOCK_Q = Tiles::BLOCK_Q, BLOCK_K = TileOperands<c10::BFloat16>::BLOCK_K,
                            PANEL_Q = Tiles::PANEL_Q, EDGE_PANEL_Q = Tiles::EDGE_PANEL_Q;
-  static constexpr int64_t EXACT_P_KEYS = 8;
+  static constexpr int64_t EXACT_P_KEYS = 16;
   static constexpr bool always_panels = true;  // (p_pairs holds one panel: PANEL_Q rows)
   static constexpr bool pages_in_place = false;  // paged K/V: gathered per head (PagedHead)
   static constexpr int64_t HEADS_BLOCK_K = 0;  // one head per task (run_fwd's heads_together)
@@ -800,15 +800,34 @@ __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, i
   }
 }
 
+// Operands' EXACT_P_KEYS (Bf16PairOperands), 0 where they have none.
+template <typename KV, typename = void>
+struct ExactPKeys {
+  static constexpr int64_t value = 0;
+};
+template <typename KV>
+struct ExactPKeys<KV, std::void_t<decltype(KV::EXACT_P_KEYS)>> {
+  static constexpr int64_t value = KV::EXACT_P_KEYS;
+};
+template <typename KV>
+constexpr int64_t exact_p_keys() {
+  return ExactPKeys<KV>::value;
+}
+
 // Prefetches rows [0, n) (row stride ld) of `heads` heads (head stride hs) from `first`,
-// d elements each, a row's heads in turn (in (S, H, D) tensors: memory order).
+// d elements each, a row's heads in turn (in (S, H, D) tensors: memory order), every
+// line they touch once (heads side by side, hs == d: one span per row).
 template <typename T>
 inline void prefetch_heads(const T* first, int64_t n, int64_t ld, int64_t heads, int64_t hs, int64_t d) {
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  const bool side_by_side = hs == d;
+  const int64_t spans = side_by_side ? 1 : heads;
+  const uintptr_t bytes = static_cast<uintptr_t>((side_by_side ? heads : 1) * d) * sizeof(T);
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      const char* row = reinterpret_cast<const char*>(first + r * ld + h * hs);
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    for (int64_t h = 0; h < spans; ++h) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(first + r * ld + h * hs);
+      for (uintptr_t line = start / 64 * 64; line < start + bytes; line += 64) {
+        __builtin_prefetch(reinterpret_cast<const void*>(line));
+      }
     }
   }
 }
@@ -1013,8 +1032,11 @@ void run_fwd(const FlashParams& p) {
     // (row r at srows + r * lds) of the block's keys [col0 + lo, col0 + lo + n): the row max
     // and sum updated, O rescaled, the scores turned into P (transform: softcap, ALiBi or
     // bias applied first; logits: every row sees all n keys).
+    // With count_to > 0 it returns the fewest nonzero probabilities a row keeps (counted up
+    // to count_to + 1; rows that keep none do not count), else n.
     auto softmax_rows = [&](int64_t j, int64_t r0, int64_t r1, acc* srows, int64_t col0, int64_t lo, int64_t n,
-                            bool transform, bool logits) {
+                            bool transform, bool logits, int64_t count_to) {
+      int64_t fewest_kept = n;
       const int64_t h = h0 + j;
       acc* o = ws.o.get() + j * block_q * ldo;
       acc* m = ws.m.get() + j * block_q;
@@ -1047,11 +1069,21 @@ void run_fwd(const FlashParams& p) {
         if (p.dropout_p > 0.f) {
           apply_dropout(p, srow, n, lse_index(p, sv, h, row0 + r), col0 + lo, ws.keep.get());
         }
+        if (count_to > 0) {
+          int64_t kept = 0;
+          for (int64_t c = 0; c < row_n && kept <= count_to; ++c) kept += srow[c] != acc(0);
+          if (kept > 0) fewest_kept = std::min(fewest_kept, kept);
+        }
         if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
         l[r] = l[r] * rescale + sum;
         m[r] = m_new;
       }
+      return fewest_kept;
     };
+    // The bf16 pair tiles' exact P V goes by the fewest keys a row of a panel keeps
+    // (Bf16PairOperands::accumulate): a bool mask, a -inf bias or dropout removes keys
+    // inside the band, so there the softmax counts them.
+    const int64_t count_kept = exact_p_keys<KV>() > 0 && (p.bias || p.dropout_p > 0.f) ? exact_p_keys<KV>() : 0;
 
     for (; block_index < block_end; block_index += block_step) {
       const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
@@ -1081,7 +1113,7 @@ void run_fwd(const FlashParams& p) {
             }
           }
           for (int64_t j = 0; j < heads_per_task; ++j) {
-            softmax_rows(j, 0, rows, s + j * block_q * lds, col0, 0, cols, false, true);
+            softmax_rows(j, 0, rows, s + j * block_q * lds, col0, 0, cols, false, true, 0);
           }
           for (int64_t c = 0; c < cols; c += KV::ACROSS_KEYS) {
             for (int64_t j = 0; j < heads_per_task; ++j) {
@@ -1124,14 +1156,14 @@ void run_fwd(const FlashParams& p) {
           // a row's max and exp go up to its last visible key only (mask_band_start).
           const bool transform = scores_need_transform(p, ws.slope[j]);
           const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
-          softmax_rows(j, r0, r1, s, col0, lo, n, transform, logits);
+          const int64_t kept = softmax_rows(j, r0, r1, s, col0, lo, n, transform, logits, count_kept);
           // (The fewest keys of the block a row of the panel sees: a row's count grows, then
           // shrinks with the row (both bounds of visible_keys grow), fewest at an end row.)
           auto seen_by = [&](int64_t i) {
             const KeyRange row_keys = clip(visible_keys(w, row0 + i), col0, cols);
             return row_keys.hi - row_keys.lo;
           };
-          const int64_t fewest = std::min(seen_by(r0), seen_by(r1 - 1));
+          const int64_t fewest = std::min({seen_by(r0), seen_by(r1 - 1), kept});
           kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo, fresh);
         }
       }
