@@ -161,7 +161,7 @@ struct BlasOperands {
   }
 
   // o_r += sum over block columns c in [lo, hi) of pr[r * ldp + c] * v_c. (fewest: the
-  // fewest of these keys a row sees, for the operands that round P: Bf16PairOperands.
+  // fewest of these keys a row keeps, for the operands that round P: Bf16PairOperands.
   // fresh: o_r = the sum, O not zeroed before, for operands whose OVERWRITES is true; not
   // these, whose O run_fwd zeroes.)
   static constexpr bool OVERWRITES = false;
@@ -1032,8 +1032,9 @@ void run_fwd(const FlashParams& p) {
     // (row r at srows + r * lds) of the block's keys [col0 + lo, col0 + lo + n): the row max
     // and sum updated, O rescaled, the scores turned into P (transform: softcap, ALiBi or
     // bias applied first; logits: every row sees all n keys).
-    // With count_to > 0 it returns the fewest nonzero probabilities a row keeps (counted up
-    // to count_to + 1; rows that keep none do not count), else n.
+    // With count_to > 0 it returns the fewest keys a row keeps (probabilities over 2^-16 of
+    // the row's largest, which float biases of -20 or so leave nonzero; counted up to past
+    // count_to, 16 at a time; rows that keep none do not count), else n.
     auto softmax_rows = [&](int64_t j, int64_t r0, int64_t r1, acc* srows, int64_t col0, int64_t lo, int64_t n,
                             bool transform, bool logits, int64_t count_to) {
       int64_t fewest_kept = n;
@@ -1071,7 +1072,9 @@ void run_fwd(const FlashParams& p) {
         }
         if (count_to > 0) {
           int64_t kept = 0;
-          for (int64_t c = 0; c < row_n && kept <= count_to; ++c) kept += srow[c] != acc(0);
+          for (int64_t c0 = 0; c0 < row_n && kept <= count_to; c0 += 16) {
+            for (int64_t c = c0; c < std::min(row_n, c0 + 16); ++c) kept += srow[c] > acc(0x1p-16);
+          }
           if (kept > 0) fewest_kept = std::min(fewest_kept, kept);
         }
         if (rescale != acc(1)) scale_row(o + r * ldo, Dv, rescale);
@@ -1081,8 +1084,8 @@ void run_fwd(const FlashParams& p) {
       return fewest_kept;
     };
     // The bf16 pair tiles' exact P V goes by the fewest keys a row of a panel keeps
-    // (Bf16PairOperands::accumulate): a bool mask, a -inf bias or dropout removes keys
-    // inside the band, so there the softmax counts them.
+    // (Bf16PairOperands::accumulate): a bias (a bool mask, -inf or large negative values)
+    // or dropout removes keys inside the band, so there the softmax counts them.
     const int64_t count_kept = exact_p_keys<KV>() > 0 && (p.bias || p.dropout_p > 0.f) ? exact_p_keys<KV>() : 0;
 
     for (; block_index < block_end; block_index += block_step) {
@@ -1156,14 +1159,17 @@ void run_fwd(const FlashParams& p) {
           // a row's max and exp go up to its last visible key only (mask_band_start).
           const bool transform = scores_need_transform(p, ws.slope[j]);
           const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
-          const int64_t kept = softmax_rows(j, r0, r1, s, col0, lo, n, transform, logits, count_kept);
           // (The fewest keys of the block a row of the panel sees: a row's count grows, then
-          // shrinks with the row (both bounds of visible_keys grow), fewest at an end row.)
+          // shrinks with the row (both bounds of visible_keys grow), fewest at an end row;
+          // counted by the softmax only where the band leaves more than that.)
           auto seen_by = [&](int64_t i) {
             const KeyRange row_keys = clip(visible_keys(w, row0 + i), col0, cols);
             return row_keys.hi - row_keys.lo;
           };
-          const int64_t fewest = std::min({seen_by(r0), seen_by(r1 - 1), kept});
+          const int64_t band_fewest = std::min(seen_by(r0), seen_by(r1 - 1));
+          const int64_t kept = softmax_rows(j, r0, r1, s, col0, lo, n, transform, logits,
+                                            band_fewest > count_kept ? count_kept : 0);
+          const int64_t fewest = std::min(band_fewest, kept);
           kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo, fresh);
         }
       }
