@@ -653,10 +653,18 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   // query pairs transposed (allocated for such calls only).
   Scratch<uint32_t> qb_transposed;
 
+  // P V in float (RowOperands' product) in calls whose rows may keep only a few keys:
+  // dropout, a bias, or a band of at most 16 keys. Rounding P there broke the test rule
+  // (as Bf16PairOperands' EXACT_P_KEYS; this path's blocks are too short to count a row's
+  // keys per block).
+  const bool float_p;
+
   DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
       : Base(p, bq, bk, several_q_blocks),
         qb(scratch<c10::BFloat16>(bq * p.head_dim)),
-        pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))) {
+        pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))),
+        float_p(p.dropout_p > 0.f || p.bias != nullptr || p.seqlen_k <= 16 ||
+                (p.window_left >= 0 && p.window_right >= 0 && p.window_left + p.window_right < 16)) {
     if (tiles::use_columns(bq)) {
       qb_transposed = scratch<uint32_t>(p.head_dim / 2 * tiles::COLUMN_ROWS);
       keep_key_rows(bk);
@@ -683,8 +691,12 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
     });
   }
 
-  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t /*fewest*/, float* o,
-                  int64_t ldo, bool /*fresh*/) const {
+  void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t fewest, float* o,
+                  int64_t ldo, bool fresh) const {
+    if (float_p) {
+      Base::accumulate(rows, pr, ldp, lo, hi, fewest, o, ldo, fresh);
+      return;
+    }
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const c10::BFloat16*, const c10::BFloat16* v_run) {
       tiles_bf16::rows::pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo, pp.get());
