@@ -654,9 +654,9 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   Scratch<uint32_t> qb_transposed;
 
   // P V in float (RowOperands' product) in calls whose rows may keep only a few keys:
-  // dropout, a bias, or a band of at most 16 keys. Rounding P there broke the test rule
-  // (as Bf16PairOperands' EXACT_P_KEYS; this path's blocks are too short to count a row's
-  // keys per block).
+  // dropout, a bias, a band of at most 16 keys or at most 16 keys in all. Rounding P there
+  // broke the test rule (as Bf16PairOperands' EXACT_P_KEYS; this path's blocks are too
+  // short to count a row's keys per block).
   const bool float_p;
 
   DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
@@ -821,10 +821,6 @@ template <typename KV>
 struct ExactPKeys<KV, std::void_t<decltype(KV::EXACT_P_KEYS)>> {
   static constexpr int64_t value = KV::EXACT_P_KEYS;
 };
-template <typename KV>
-constexpr int64_t exact_p_keys() {
-  return ExactPKeys<KV>::value;
-}
 
 // Prefetches rows [0, n) (row stride ld) of `heads` heads (head stride hs) from `first`,
 // d elements each, a row's heads in turn (in (S, H, D) tensors: memory order), every
@@ -1098,7 +1094,7 @@ void run_fwd(const FlashParams& p) {
     // The bf16 pair tiles' exact P V goes by the fewest keys a row of a panel keeps
     // (Bf16PairOperands::accumulate): a bias (a bool mask, -inf or large negative values)
     // or dropout removes keys inside the band, so there the softmax counts them.
-    const int64_t count_kept = exact_p_keys<KV>() > 0 && (p.bias || p.dropout_p > 0.f) ? exact_p_keys<KV>() : 0;
+    const int64_t count_kept = p.bias || p.dropout_p > 0.f ? ExactPKeys<KV>::value : 0;
 
     for (; block_index < block_end; block_index += block_step) {
       const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
