@@ -262,12 +262,14 @@ def test_bf16_rows_on_dot_products(seqlen_q, heads, heads_k, head_dim, cpu_switc
     # P V against V rows interleaved per key pair. Against the reference: caches of 0-3 keys
     # (an odd key's zero partner), a few dozen, over 512 (every head in one task), pages of
     # 1, 7 and 16 keys (runs of odd length), a window with softcap, key splits, GQA rows
-    # packed or not; and the path is taken (results differ from the fp32 row path's).
+    # packed or not; and the path is taken (results differ from the fp32 row path's). With
+    # 9-16 packed rows whole blocks go in columns (DotRowOperands::column_block): also a
+    # window without softcap, whose 16-key blocks some rows see in part or not at all.
     bf16_path(cpu_switch, "dot")
     long = dict(batch=2, seqlen_cache=700, lengths=[690 - seqlen_q, 411])
     cases = [dict(seqlen_cache=8, lengths=[0, 1, 3]), dict(seqlen_cache=40), dict(seqlen_cache=50, page_size=7),
              long, dict(long, page_size=1), dict(long, page_size=16, window=(100, 0), softcap=5.0, num_splits=3),
-             dict(long, page_size=7, alibi=True)]
+             dict(long, page_size=7, alibi=True), dict(long, page_size=7, window=(21, 0))]
     differ = False
     for i, kw in enumerate(cases):
         args = dict(seqlen_q=seqlen_q, new=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim, seed=70 + i, **kw)

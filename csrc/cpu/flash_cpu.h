@@ -843,6 +843,7 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
 #endif
   return sum;
 }
+
 #endif
 
 template <typename acc>
@@ -853,6 +854,49 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
   for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * vm).store(x + c);
   for (; c < n; ++c) x[c] *= mult;
 }
+
+#if defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
+// run_fwd's online softmax for a block whose scores are in columns (the row path's
+// column_scores_to, calls no backward follows): st[j * COLUMN_ROWS + r] = row r's score of
+// key j, j < n, every row seeing every key (no mask, transform or dropout). The scores
+// become P in place; the rows' max m and sum l (rows < `rows`: the other lanes are neither
+// read nor written) are updated and their O rows (dv floats, ldo apart) rescaled, as
+// run_fwd's softmax_rows does row by row: the same exps of the same arguments, without a
+// horizontal max or sum per row (l sums a row's keys in order in its lane; the rescale
+// factor is this file's exp, not std::exp). NaN scores give NaN sums, as there.
+inline void column_softmax(float* st, int64_t n, int64_t rows, float* m, float* l, float* o, int64_t ldo,
+                           int64_t dv) {
+  using tiles::COLUMN_ROWS;
+  const __mmask16 live = rows >= COLUMN_ROWS ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1u);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 one = _mm512_set1_ps(1.f), vlog2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 m_old = _mm512_mask_loadu_ps(neg_inf, live, m);
+  __m512 m_new = m_old;
+  for (int64_t j = 0; j < n; ++j) m_new = _mm512_max_ps(m_new, _mm512_loadu_ps(st + j * COLUMN_ROWS));
+  // Rows that have seen no key yet (all -inf) shift by 0: their P is exp(-inf) = 0.
+  const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ), m_new, _mm512_setzero_ps());
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(st + j * COLUMN_ROWS), shift), vlog2e));
+    _mm512_storeu_ps(st + j * COLUMN_ROWS, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  // O is rescaled where the max moved from a finite (or NaN) value: not on a row's first keys.
+  const __mmask16 moved = _mm512_cmp_ps_mask(m_old, m_new, _CMP_NEQ_UQ) & _mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_UQ);
+  const __m512 rescale =
+      _mm512_mask_blend_ps(moved, one, exp_avx512(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), vlog2e)));
+  _mm512_mask_storeu_ps(l, live, _mm512_fmadd_ps(_mm512_mask_loadu_ps(one, live, l), rescale, sum));
+  _mm512_mask_storeu_ps(m, live, m_new);
+  uint32_t scaled = moved & live;
+  if (scaled == 0) return;
+  alignas(64) float factor[COLUMN_ROWS];
+  _mm512_store_ps(factor, rescale);
+  for (; scaled != 0; scaled &= scaled - 1) {
+    const int r = __builtin_ctz(scaled);
+    scale_row(o + r * ldo, dv, factor[r]);
+  }
+}
+#endif
 
 // Below this much work (a call's estimate in multiply-adds, `work`) a call's tasks run on
 // the calling thread alone: waking torch's other intra-op threads (an OpenMP parallel

@@ -652,6 +652,12 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores, from the
   // query pairs transposed (allocated for such calls only).
   Scratch<uint32_t> qb_transposed;
+  // Rows for tiles::use_columns, where no row may keep few keys (not float_p): blocks whose
+  // scores need no transform or dropout in columns (column_block), a row in each lane: the
+  // scores, then P; P's key pairs transposed.
+  static constexpr bool COLUMN_BLOCKS = true;
+  Scratch<float> block_columns;
+  Scratch<uint32_t> pair_columns;
 
   // P V in float (RowOperands' product) in calls whose rows may keep only a few keys:
   // dropout, a bias, a band of at most 16 keys or at most 16 keys in all. Rounding P there
@@ -668,6 +674,10 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
     if (tiles::use_columns(bq)) {
       qb_transposed = scratch<uint32_t>(p.head_dim / 2 * tiles::COLUMN_ROWS);
       keep_key_rows(bk);
+      if (!float_p) {
+        block_columns = scratch<float>(bk * tiles::COLUMN_ROWS);
+        pair_columns = scratch<uint32_t>(tiles_bf16::pairs(bk) * tiles::COLUMN_ROWS);
+      }
     }
   }
 
@@ -689,6 +699,26 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
       tiles_bf16::rows::scores(qb.get() + r0 * D, rows, k_run, ld, n, D, scale, s + at, lds);
     });
+  }
+
+  // Whether column_block serves a block of `rows` query rows.
+  bool columns(int64_t rows) const { return block_columns && tiles::use_columns(rows); }
+
+  // scores, run_fwd's softmax and accumulate for the block's keys [lo, hi) in columns: the
+  // scores stay in their lanes (no transpose), masked to row r's keys [key_lo[r], key_hi[r])
+  // from lo where given (else every row sees every key); the softmax's max and sum take no
+  // horizontal steps per row (column_softmax); P V from P's pairs in lanes. The rows' m, l
+  // and O (rows x Dv, ldo apart) updated.
+  void column_block(int64_t rows, int64_t lo, int64_t hi, const int32_t* key_lo, const int32_t* key_hi, float* m,
+                    float* l, float* o, int64_t ldo) const {
+    float* st = block_columns.get();
+    for_column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
+      tiles_bf16::rows::column_scores_to(qb_transposed.get(), krow, n, D, scale, st + (c - lo) * tiles::COLUMN_ROWS);
+    });
+    if (key_lo) tiles::mask_columns(st, hi - lo, key_lo, key_hi);
+    column_softmax(st, hi - lo, rows, m, l, o, ldo, Dv);
+    tiles_bf16::rows::column_pairs(st, hi - lo, pair_columns.get());
+    tiles_bf16::rows::pv_columns(pair_columns.get(), rows, key_rows(lo, hi, true), hi - lo, Dv, o, ldo);
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t fewest, float* o,
@@ -811,6 +841,12 @@ __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, i
     }
   }
 }
+
+// Operands' COLUMN_BLOCKS (DotRowOperands: column_block), false where they have none.
+template <typename KV, typename = void>
+struct ColumnBlocks : std::false_type {};
+template <typename KV>
+struct ColumnBlocks<KV, std::void_t<decltype(KV::COLUMN_BLOCKS)>> : std::bool_constant<KV::COLUMN_BLOCKS> {};
 
 // Operands' EXACT_P_KEYS (Bf16PairOperands), 0 where they have none.
 template <typename KV, typename = void>
@@ -1161,12 +1197,28 @@ void run_fwd(const FlashParams& p) {
               in_panels ? clip(visible_keys(w, row0 + r0, row0 + r1), col0, cols) : KeyRange{0, cols};
           const int64_t lo = seen.lo, n = seen.hi - seen.lo;
           if (n == 0) continue;  // these rows see none of this block
-          kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
           // Without softcap, ALiBi or bias the scores are the logits, masked only by the band
           // (the common case), and with every row seeing all n keys nothing is masked; else
           // a row's max and exp go up to its last visible key only (mask_band_start).
           const bool transform = scores_need_transform(p, ws.slope[j]);
           const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
+          if constexpr (ColumnBlocks<KV>::value) {
+            // The block in columns (scores as they are; masked by the band unless every row
+            // sees all n keys: each row's keys from lo).
+            if (!transform && p.dropout_p == 0.f && kv.columns(r1 - r0)) {
+              alignas(64) int32_t key_lo[16] = {}, key_hi[16] = {};  // (columns(): at most 16 rows)
+              if (!logits) {
+                for (int64_t r = r0; r < r1; ++r) {
+                  const KeyRange row_keys = clip(visible_keys(w, row0 + r), col0 + lo, n);
+                  key_lo[r - r0] = static_cast<int32_t>(row_keys.lo), key_hi[r - r0] = static_cast<int32_t>(row_keys.hi);
+                }
+              }
+              kv.column_block(r1 - r0, lo, seen.hi, logits ? nullptr : key_lo, key_hi, ws.m.get() + j * block_q + r0,
+                              ws.l.get() + j * block_q + r0, o + r0 * ldo, ldo);
+              continue;
+            }
+          }
+          kv.scores(r0, r1 - r0, lo, seen.hi, s + r0 * lds, lds);
           // (The fewest keys of the block a row of the panel sees: a row's count grows, then
           // shrinks with the row (both bounds of visible_keys grow), fewest at an end row;
           // counted by the softmax only where the band leaves more than that.)

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 
 #include "switches.h"
@@ -485,14 +486,13 @@ inline void transpose_rows(const float* q, int64_t rows, int64_t d, float* qt) {
   }
 }
 
-// column_scores' frame for one element type: s[r * lds + j] = scale * (the dots of key j)
-// for r < rows, j < n (at most 16). dots(k, cols) puts 8 keys' dots (key i's row at k[i])
-// in cols[i]'s lanes, one lane per query row; keys past n repeat key n - 1 (read in
-// bounds, never stored), a half past n is 0; a 16 x 16 transpose makes the score rows.
+// column_scores' frame for one element type: cols[j] = the dots of key j (key j's row at
+// krow[j]) for j < 16, one lane per query row. dots(k, cols) puts 8 keys' dots (key i's row
+// at k[i]) in cols[i]'s lanes; keys past n (at most 16) repeat key n - 1 (read in bounds,
+// their lanes left to the caller), a half past n is 0.
 template <typename K, typename Dots>
-__attribute__((always_inline)) inline void column_scores_by(const K* const* krow, int64_t rows, int64_t n, float scale,
-                                                            float* s, int64_t lds, const Dots& dots) {
-  __m512 cols[16], out[16];
+__attribute__((always_inline)) inline void column_dots_by(const K* const* krow, int64_t n, const Dots& dots,
+                                                          __m512 cols[16]) {
   for (int64_t j0 = 0; j0 < 16; j0 += 8) {
     if (j0 >= n) {
       for (int j = 0; j < 8; ++j) cols[j0 + j] = _mm512_setzero_ps();
@@ -502,10 +502,31 @@ __attribute__((always_inline)) inline void column_scores_by(const K* const* krow
     for (int64_t j = 0; j < 8; ++j) k[j] = krow[std::min(j0 + j, n - 1)];
     dots(k, cols + j0);
   }
+}
+
+// s[r * lds + j] = scale * (the dots of key j) for r < rows, j < n (at most 16): the
+// columns of column_dots_by, a 16 x 16 transpose makes the score rows.
+template <typename K, typename Dots>
+__attribute__((always_inline)) inline void column_scores_by(const K* const* krow, int64_t rows, int64_t n, float scale,
+                                                            float* s, int64_t lds, const Dots& dots) {
+  __m512 cols[16], out[16];
+  column_dots_by(krow, n, dots, cols);
   transpose16(cols, out);
   const __mmask16 keys = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t r = 0; r < rows; ++r) _mm512_mask_storeu_ps(s + r * lds, keys, _mm512_mul_ps(vscale, out[r]));
+}
+
+// The same scores left in columns, as a block's column_softmax takes them: st[j *
+// COLUMN_ROWS + r] = scale * (the dots of key j) for j < n (at most 16), every lane (rows
+// past the query rows hold the dots of their zero lanes of q).
+template <typename K, typename Dots>
+__attribute__((always_inline)) inline void column_scores_to_by(const K* const* krow, int64_t n, float scale,
+                                                               float* st, const Dots& dots) {
+  __m512 cols[16];
+  column_dots_by(krow, n, dots, cols);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(st + j * COLUMN_ROWS, _mm512_mul_ps(vscale, cols[j]));
 }
 
 // s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
@@ -527,6 +548,19 @@ inline void column_scores(const float* qt, int64_t rows, const float* const* kro
     for (int j = 0; j < 8; ++j) cols[j] = acc[j];
   });
 }
+
+// Scores in columns masked by each row's visible keys: st[j * COLUMN_ROWS + r] = -inf
+// unless key_lo[r] <= j < key_hi[r] (j < n; COLUMN_ROWS bounds each).
+inline void mask_columns(float* st, int64_t n, const int32_t* key_lo, const int32_t* key_hi) {
+  const __m512i lo = _mm512_loadu_si512(key_lo), hi = _mm512_loadu_si512(key_hi);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512i key = _mm512_set1_epi32(static_cast<int>(j));
+    const __mmask16 hidden = _mm512_cmpgt_epi32_mask(lo, key) | _mm512_cmple_epi32_mask(hi, key);
+    _mm512_mask_storeu_ps(st + j * COLUMN_ROWS, hidden, neg_inf);
+  }
+}
+
 #endif
 
 // Keys per chunk of row_pv's sums (the note below).

@@ -435,12 +435,11 @@ inline void transpose_rows(const c10::BFloat16* q, int64_t rows, int64_t d, uint
   }
 }
 
-// tiles::column_scores for bf16 rows on pairs (calls no backward follows; d even, as the
-// dot rows' whole 32s are): s[r * lds + j] = scale * q_r . k_j, qt the query pairs transposed
-// (transpose_rows), each lane summing its row's pair products in order.
-inline void column_scores(const uint32_t* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
-                          float scale, float* s, int64_t lds) {
-  tiles::column_scores_by(krow, rows, n, scale, s, lds, [&](const c10::BFloat16* const* k, __m512* cols) {
+// The dots of column_scores on bf16 pairs (tiles::column_dots_by's `dots`): qt the query
+// pairs transposed (transpose_rows), each lane summing its row's pair products in order,
+// 8 keys in flight.
+inline auto pair_dots(const uint32_t* qt, int64_t d) {
+  return [qt, d](const c10::BFloat16* const* k, __m512* cols) __attribute__((always_inline)) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
@@ -455,7 +454,38 @@ inline void column_scores(const uint32_t* qt, int64_t rows, const c10::BFloat16*
     }
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) cols[j] = acc[j];
-  });
+  };
+}
+
+// tiles::column_scores for bf16 rows on pairs (calls no backward follows; d even, as the
+// dot rows' whole 32s are): s[r * lds + j] = scale * q_r . k_j.
+inline void column_scores(const uint32_t* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
+                          float scale, float* s, int64_t lds) {
+  tiles::column_scores_by(krow, rows, n, scale, s, lds, pair_dots(qt, d));
+}
+
+// The same scores of keys [0, n) (n at most 16) left in columns for a block's
+// column_softmax: st[j * COLUMN_ROWS + r] = scale * q_r . k_j.
+inline void column_scores_to(const uint32_t* qt, const c10::BFloat16* const* krow, int64_t n, int64_t d, float scale,
+                             float* st) {
+  tiles::column_scores_to_by(krow, n, scale, st, pair_dots(qt, d));
+}
+
+// P in columns (st[j * COLUMN_ROWS + r], j < n) as key pairs transposed: ppt[t *
+// COLUMN_ROWS + r] holds keys 2t and 2t + 1 of row r as bf16 (the low half the even key,
+// rounded as to_pairs does), a last odd key's partner 0.
+inline void column_pairs(const float* st, int64_t n, uint32_t* ppt) {
+  using tiles::COLUMN_ROWS;
+  // word 2r of the interleaved pairs from word r of the even key's half, 2r + 1 from the odd's
+  alignas(64) static constexpr int16_t interleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(interleave);
+  for (int64_t t = 0; 2 * t < n; ++t) {
+    const __m512 even = _mm512_loadu_ps(st + 2 * t * COLUMN_ROWS);
+    const __m512 odd = 2 * t + 1 < n ? _mm512_loadu_ps(st + (2 * t + 1) * COLUMN_ROWS) : _mm512_setzero_ps();
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // even's 16 in the low half
+    _mm512_storeu_si512(ppt + t * COLUMN_ROWS, _mm512_permutexvar_epi16(idx, both));
+  }
 }
 
 // o[0, 32) += the 32 sums in lo and hi, in column order: lane 4L + i of lo holds column
@@ -468,24 +498,25 @@ __attribute__((always_inline)) inline void add_in_order(__m512 lo, __m512 hi, fl
   _mm512_storeu_ps(o + 16, _mm512_add_ps(_mm512_loadu_ps(o + 16), _mm512_permutex2var_ps(lo, second, hi)));
 }
 
-// o[r][c0, c0 + 32) += sum_k bf16(p[r][k]) v[k][c0, c0 + 32) for r < M, k < n: key pairs
-// (pp[r * ldpp + t] holds P's keys 2t, 2t + 1 as bf16, to_pairs) against V's rows 2t and
-// 2t + 1 interleaved in registers (unpacklo / unpackhi: columns {0-3, 8-11, ...} and
-// {4-7, 12-15, ...} of each 128-bit lane), the sums from 0 in 2M registers, put back in
-// column order and added to o. A last odd key's partner is a zero row.
-template <int M>
-__attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t ldpp, const c10::BFloat16* v,
-                                                    int64_t ldv, int64_t n, float* o, int64_t ldo) {
+// o[r][0, 32) += sum_k bf16(p[r][k]) v[k][0, 32) for r < M, k < n: key pairs (pair t of
+// row r at pp[r * row_step + t * pair_step]: P's keys 2t, 2t + 1 as bf16) against V's rows
+// 2t and 2t + 1 (key k's at vrow(k)) interleaved in registers (unpacklo / unpackhi: columns
+// {0-3, 8-11, ...} and {4-7, 12-15, ...} of each 128-bit lane), the sums from 0 in 2M
+// registers, put back in column order and added to o. A last odd key's partner is a zero row.
+template <int M, typename VRow>
+__attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t row_step, int64_t pair_step,
+                                                    const VRow& vrow, int64_t n, float* o, int64_t ldo) {
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   for (int64_t t = 0; 2 * t < n; ++t) {
-    const __m512i v0 = _mm512_loadu_si512(v + 2 * t * ldv);
-    const __m512i v1 = 2 * t + 1 < n ? _mm512_loadu_si512(v + (2 * t + 1) * ldv) : _mm512_setzero_si512();
+    const __m512i v0 = _mm512_loadu_si512(vrow(2 * t));
+    const __m512i v1 = 2 * t + 1 < n ? _mm512_loadu_si512(vrow(2 * t + 1)) : _mm512_setzero_si512();
     const __m512bh a = as_bh(_mm512_unpacklo_epi16(v0, v1)), b = as_bh(_mm512_unpackhi_epi16(v0, v1));
+    const uint32_t* pt = pp + t * pair_step;
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * ldpp + t])));
+      const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(pt[r * row_step])));
       lo[r] = _mm512_dpbf16_ps(lo[r], x, a);
       hi[r] = _mm512_dpbf16_ps(hi[r], x, b);
     }
@@ -494,31 +525,48 @@ __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t 
   for (int r = 0; r < M; ++r) add_in_order(lo[r], hi[r], o + r * ldo);
 }
 
+// o[r * ldo + e] += sum_k bf16(p[r][k]) v[k][e] for r < rows, k < n, e < dv (dv a multiple
+// of 32), P as pv_strip's pairs: strips of 32 columns for up to 8 rows at a time (the
+// block's V rows stay in L1 across the strips).
+template <typename VRow>
+inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, int64_t rows, const VRow& vrow,
+                     int64_t n, int64_t dv, float* o, int64_t ldo) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const uint32_t* pr = pp + r * row_step;
+    float* orow = o + r * ldo;
+    for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+      auto vcol = [&](int64_t k) { return vrow(k) + c0; };
+      switch (std::min<int64_t>(8, rows - r)) {
+        case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 7: pv_strip<7>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 6: pv_strip<6>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 5: pv_strip<5>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 4: pv_strip<4>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 3: pv_strip<3>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 2: pv_strip<2>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        default: pv_strip<1>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+      }
+    }
+  }
+}
+
 // o[r * ldo + e] += sum_k bf16(p[r * ldp + k]) v[k * ldv + e] for r < rows, k < n, e < dv
 // (dv a multiple of 32): P rounded to bf16 pairs into pp (rows x pairs(n) words), then
-// strips of 32 columns for up to 8 rows at a time (the block's V rows stay in L1 across
-// the strips).
+// pv_pairs.
 inline void pv(const float* p, int64_t ldp, int64_t rows, const c10::BFloat16* v, int64_t ldv, int64_t n,
                int64_t dv, float* o, int64_t ldo, uint32_t* pp) {
   if (n == 0) return;
   const int64_t ldpp = pairs(n);
   to_pairs(p, ldp, rows, 0, n, pp, ldpp);
-  for (int64_t r = 0; r < rows; r += 8) {
-    const uint32_t* pr = pp + r * ldpp;
-    float* orow = o + r * ldo;
-    for (int64_t c0 = 0; c0 < dv; c0 += 32) {
-      switch (std::min<int64_t>(8, rows - r)) {
-        case 8: pv_strip<8>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 7: pv_strip<7>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 6: pv_strip<6>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 5: pv_strip<5>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 4: pv_strip<4>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 3: pv_strip<3>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        case 2: pv_strip<2>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-        default: pv_strip<1>(pr, ldpp, v + c0, ldv, n, orow + c0, ldo); break;
-      }
-    }
-  }
+  pv_pairs(pp, ldpp, 1, rows, [v, ldv](int64_t k) { return v + k * ldv; }, n, dv, o, ldo);
+}
+
+// The same product from P's key pairs transposed (column_pairs: pair t of row r at ppt[t *
+// COLUMN_ROWS + r]), key k's V row at vrow[k] (a block's keys across pages).
+inline void pv_columns(const uint32_t* ppt, int64_t rows, const c10::BFloat16* const* vrow, int64_t n, int64_t dv,
+                       float* o, int64_t ldo) {
+  if (n == 0) return;
+  pv_pairs(ppt, 1, tiles::COLUMN_ROWS, rows, [vrow](int64_t k) { return vrow[k]; }, n, dv, o, ldo);
 }
 
 }  // namespace rows
