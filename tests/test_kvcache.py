@@ -235,9 +235,10 @@ def test_bf16_rows_on_amx(seqlen_q, heads, heads_k, head_dim, cpu_switch):
     # whole 32-element tiles go on AMX where the CPU has it (csrc/cpu/tiles_amx.h rows):
     # S^T = K Q^T with the cache's K rows read in place (a run's last keys under 16 from a
     # zero-padded copy), P V with P rounded to bf16, V rows paired. Against the
-    # reference: caches of 0-3 keys (chunks of 1-7 keys: padded K, odd V pairs), a few
-    # dozen, over 512 (every head in one task), pages of 1, 7 and 16 keys, a window with
-    # softcap, key splits; and the path is taken (results differ from the row path's).
+    # reference: caches of 0-3 keys (at most 16 keys in all: P in float off AMX,
+    # flash_fwd.cpp rows_may_keep_few_keys), a few dozen (chunks of 1-7 keys: padded K,
+    # odd V pairs), over 512 (every head in one task), pages of 1, 7 and 16 keys, a window
+    # with softcap, key splits; and the path is taken (results differ from the row path's).
     if not amx_runs(cpu_switch):
         pytest.skip("no AMX tiles on this CPU or in this build")
     long = dict(batch=2, seqlen_cache=700, lengths=[690 - seqlen_q, 411])

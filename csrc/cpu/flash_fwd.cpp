@@ -633,6 +633,16 @@ struct RowOperands {
  private:
   std::unique_ptr<const T*[]> row_ptrs;  // key_rows'
 };
+
+// Whether a call's rows may keep only a few keys: dropout, a bias, a band of at most 16
+// keys or at most 16 keys in all. The row path's bf16 products (DotRowOperands, AMX rows)
+// round P for P V, which broke the test rule on such rows (as Bf16PairOperands'
+// EXACT_P_KEYS; the row path's blocks are too short to count a row's keys per block):
+// these calls keep P in float.
+inline bool rows_may_keep_few_keys(const FlashParams& p) {
+  return p.dropout_p > 0.f || p.bias != nullptr || p.seqlen_k <= 16 ||
+         (p.window_left >= 0 && p.window_right >= 0 && p.window_left + p.window_right < 16);
+}
 #endif
 
 #ifdef FLASHATTN_CPU_BF16_DOT
@@ -659,18 +669,15 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   Scratch<float> block_columns;
   Scratch<uint32_t> pair_columns;
 
-  // P V in float (RowOperands' product) in calls whose rows may keep only a few keys:
-  // dropout, a bias, a band of at most 16 keys or at most 16 keys in all. Rounding P there
-  // broke the test rule (as Bf16PairOperands' EXACT_P_KEYS; this path's blocks are too
-  // short to count a row's keys per block).
+  // P V in float (RowOperands' product) in calls whose rows may keep only a few keys
+  // (rows_may_keep_few_keys).
   const bool float_p;
 
   DotRowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool several_q_blocks)
       : Base(p, bq, bk, several_q_blocks),
         qb(scratch<c10::BFloat16>(bq * p.head_dim)),
         pp(scratch<uint32_t>(bq * tiles_bf16::pairs(bk))),
-        float_p(p.dropout_p > 0.f || p.bias != nullptr || p.seqlen_k <= 16 ||
-                (p.window_left >= 0 && p.window_right >= 0 && p.window_left + p.window_right < 16)) {
+        float_p(rows_may_keep_few_keys(p)) {
     if (tiles::use_columns(bq)) {
       qb_transposed = scratch<uint32_t>(p.head_dim / 2 * tiles::COLUMN_ROWS);
       keep_key_rows(bk);
@@ -1321,10 +1328,11 @@ inline bool gqa_packed_view(const FlashParams& p, FlashParams& view) {
 // enabled and the head dims are whole 32-element tiles, from 4 query rows per task (e.g.
 // a decoding step's 4 query heads per KV head, packed): there S^T and P V on AMX cost less
 // than the row path's products (16 rows: B=8, 8K keys, 32/8 heads 35 -> 21 ms; 4 rows
-// about even: benchmarks/RESULTS.md).
+// about even: benchmarks/RESULTS.md). Not where rows may keep only a few keys
+// (rows_may_keep_few_keys: AMX rows round P), which go to the rows that keep P in float.
 inline bool amx_rows(const FlashParams& p) {
   return forward_only(p) && tiles_amx::enabled() && p.head_dim % 32 == 0 && p.head_dim_v % 32 == 0 &&
-         p.seqlen_q >= 4;
+         p.seqlen_q >= 4 && !rows_may_keep_few_keys(p);
 }
 #endif
 
