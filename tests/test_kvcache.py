@@ -235,7 +235,7 @@ def test_bf16_rows_on_amx(seqlen_q, heads, heads_k, head_dim, cpu_switch):
     # whole 32-element tiles go on AMX where the CPU has it (csrc/cpu/tiles_amx.h rows):
     # S^T = K Q^T with the cache's K rows read in place (a run's last keys under 16 from a
     # zero-padded copy), P V with P rounded to bf16, V rows paired. Against the
-    # reference: caches of 0-3 keys (at most 16 keys in all: P in float off AMX,
+    # reference: caches of 0-3 keys (capacity of at most 16 keys: P in float off AMX,
     # flash_fwd.cpp rows_may_keep_few_keys), a few dozen (chunks of 1-7 keys: padded K,
     # odd V pairs), over 512 (every head in one task), pages of 1, 7 and 16 keys, a window
     # with softcap, key splits; and the path is taken (results differ from the row path's).
@@ -255,7 +255,8 @@ def test_bf16_rows_on_amx(seqlen_q, heads, heads_k, head_dim, cpu_switch):
 
 
 @pytest.mark.parametrize("seqlen_q,heads,heads_k,head_dim", [(1, 32, 8, 128), (4, 32, 8, 128), (1, 16, 4, 64),
-                                                             (2, 8, 2, 96), (5, 4, 4, 64), (3, 6, 3, 32)])
+                                                             (2, 8, 2, 96), (5, 4, 4, 64), (3, 6, 3, 32),
+                                                             (2, 12, 2, 64), (1, 16, 1, 32)])
 def test_bf16_rows_on_dot_products(seqlen_q, heads, heads_k, head_dim, cpu_switch):
     # bf16 calls that no backward follows, with head dims of whole 32-element vectors, take
     # the row path's products on vdpbf16ps where the AVX512-BF16 products are chosen (AMD's
@@ -264,13 +265,15 @@ def test_bf16_rows_on_dot_products(seqlen_q, heads, heads_k, head_dim, cpu_switc
     # (an odd key's zero partner), a few dozen, over 512 (every head in one task), pages of
     # 1, 7 and 16 keys (runs of odd length), a window with softcap, key splits, GQA rows
     # packed or not; and the path is taken (results differ from the fp32 row path's). With
-    # 9-16 packed rows whole blocks go in columns (DotRowOperands::column_block): also a
-    # window without softcap, whose 16-key blocks some rows see in part or not at all.
+    # 9-16 packed rows (4 x 4, 2 x 6, 1 x 16 here) whole blocks go in columns
+    # (DotRowOperands::column_block): also a window without softcap, whose 16-key blocks
+    # some rows see in part or not at all, and key splits there.
     bf16_path(cpu_switch, "dot")
     long = dict(batch=2, seqlen_cache=700, lengths=[690 - seqlen_q, 411])
     cases = [dict(seqlen_cache=8, lengths=[0, 1, 3]), dict(seqlen_cache=40), dict(seqlen_cache=50, page_size=7),
              long, dict(long, page_size=1), dict(long, page_size=16, window=(100, 0), softcap=5.0, num_splits=3),
-             dict(long, page_size=7, alibi=True), dict(long, page_size=7, window=(21, 0))]
+             dict(long, page_size=7, alibi=True), dict(long, page_size=7, window=(21, 0)),
+             dict(long, window=(21, 0), num_splits=3)]
     differ = False
     for i, kw in enumerate(cases):
         args = dict(seqlen_q=seqlen_q, new=seqlen_q, heads=heads, heads_k=heads_k, head_dim=head_dim, seed=70 + i, **kw)
@@ -279,6 +282,38 @@ def test_bf16_rows_on_dot_products(seqlen_q, heads, heads_k, head_dim, cpu_switc
         differ |= not torch.equal(out, run_case(torch.bfloat16, **args))
         bf16_path(cpu_switch, "dot")
     assert differ
+
+
+@pytest.mark.parametrize("dtype,path", [(torch.float32, None), (torch.bfloat16, "dot")])
+@pytest.mark.parametrize("nan_key", [696, 697])
+def test_nan_key_under_key_splits(dtype, path, nan_key, cpu_switch):
+    # A NaN K row among a cache's keys: the rows that see it come out NaN (out and lse), the
+    # others by the rule, for every num_splits. Four queries of a group of four (16 packed
+    # rows: bf16 blocks in columns, whose max leaves a NaN score out, as the row path's may);
+    # key 696 is the first position's last visible one, so in its block the keys after it
+    # are masked for that position: a split's part must still say NaN, not "no key seen"
+    # (the column softmax lost it there once).
+    if path:
+        bf16_path(cpu_switch, path)
+    gen = torch.Generator().manual_seed(nan_key)
+    q = torch.randn(1, 4, 4, 64, generator=gen).to(dtype)
+    k_cache, v_cache = (torch.randn(1, 700, 1, 64, generator=gen).to(dtype) for _ in range(2))
+    k_cache[0, nan_key] = float("nan")
+    lens = torch.tensor([700], dtype=torch.int32)
+    ref, ref_lse, _, _ = attention_kvcache_ref(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lens,
+                                               causal=True)
+    naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, cache_seqlens=lens, causal=True)
+    nan_rows = torch.isnan(ref)
+    assert nan_rows.any() and not nan_rows.all() if nan_key == 697 else nan_rows.all()
+    for splits in (0, 1, 2, 3):
+        with torch.no_grad():
+            out, lse = flashattn_py.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True,
+                                                            num_splits=splits, return_softmax_lse=True, backend="cpu")
+        assert torch.equal(torch.isnan(out), nan_rows), f"num_splits={splits}"
+        assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse)), f"num_splits={splits}"
+        keep = ~nan_rows
+        if keep.any():
+            assert_rule("out", out[keep], ref[keep], naive[keep], OUT_FACTOR)
 
 
 def test_every_num_splits_agrees():

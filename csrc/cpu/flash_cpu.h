@@ -858,12 +858,14 @@ inline void scale_row(acc* x, int64_t n, acc mult) {
 #if defined(FLASHATTN_CPU_TILES) && defined(__AVX512F__)
 // run_fwd's online softmax for a block whose scores are in columns (the row path's
 // column_scores_to, calls no backward follows): st[j * COLUMN_ROWS + r] = row r's score of
-// key j, j < n, every row seeing every key (no mask, transform or dropout). The scores
-// become P in place; the rows' max m and sum l (rows < `rows`: the other lanes are neither
-// read nor written) are updated and their O rows (dv floats, ldo apart) rescaled, as
-// run_fwd's softmax_rows does row by row: the same exps of the same arguments, without a
-// horizontal max or sum per row (l sums a row's keys in order in its lane; the rescale
-// factor is this file's exp, not std::exp). NaN scores give NaN sums, as there.
+// key j, j < n, keys a row does not see already -inf (tiles::mask_columns; no transform or
+// dropout). The scores become P in place; the rows' max m and sum l (rows < `rows`: the
+// other lanes are neither read nor written) are updated and their O rows (dv floats, ldo
+// apart) rescaled, as run_fwd's softmax_rows does row by row, without a horizontal max or
+// sum per row (l sums a row's keys in order in its lane; the rescale factor is this file's
+// exp, not std::exp). A NaN score is left out of the max, as row_max may leave it, and
+// makes the row's sum NaN; such a row's m is NaN too (softmax_rows sets it where the max
+// came out -inf), so that a key split's merge cannot take the row for one that saw nothing.
 inline void column_softmax(float* st, int64_t n, int64_t rows, float* m, float* l, float* o, int64_t ldo,
                            int64_t dv) {
   using tiles::COLUMN_ROWS;
@@ -872,7 +874,8 @@ inline void column_softmax(float* st, int64_t n, int64_t rows, float* m, float* 
   const __m512 one = _mm512_set1_ps(1.f), vlog2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 m_old = _mm512_mask_loadu_ps(neg_inf, live, m);
   __m512 m_new = m_old;
-  for (int64_t j = 0; j < n; ++j) m_new = _mm512_max_ps(m_new, _mm512_loadu_ps(st + j * COLUMN_ROWS));
+  // (max_ps returns its second operand where either is NaN: the running max is never lost)
+  for (int64_t j = 0; j < n; ++j) m_new = _mm512_max_ps(_mm512_loadu_ps(st + j * COLUMN_ROWS), m_new);
   // Rows that have seen no key yet (all -inf) shift by 0: their P is exp(-inf) = 0.
   const __m512 shift = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ), m_new, _mm512_setzero_ps());
   __m512 sum = _mm512_setzero_ps();
@@ -886,7 +889,8 @@ inline void column_softmax(float* st, int64_t n, int64_t rows, float* m, float* 
   const __m512 rescale =
       _mm512_mask_blend_ps(moved, one, exp_avx512(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), vlog2e)));
   _mm512_mask_storeu_ps(l, live, _mm512_fmadd_ps(_mm512_mask_loadu_ps(one, live, l), rescale, sum));
-  _mm512_mask_storeu_ps(m, live, m_new);
+  const __mmask16 nan_sum = _mm512_cmp_ps_mask(sum, sum, _CMP_UNORD_Q);
+  _mm512_mask_storeu_ps(m, live, _mm512_mask_blend_ps(nan_sum, m_new, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
   uint32_t scaled = moved & live;
   if (scaled == 0) return;
   alignas(64) float factor[COLUMN_ROWS];

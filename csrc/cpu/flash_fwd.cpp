@@ -635,10 +635,10 @@ struct RowOperands {
 };
 
 // Whether a call's rows may keep only a few keys: dropout, a bias, a band of at most 16
-// keys or at most 16 keys in all. The row path's bf16 products (DotRowOperands, AMX rows)
-// round P for P V, which broke the test rule on such rows (as Bf16PairOperands'
-// EXACT_P_KEYS; the row path's blocks are too short to count a row's keys per block):
-// these calls keep P in float.
+// keys or at most 16 keys in all (seqlen_k: a KV cache's capacity). The row path's bf16
+// products (DotRowOperands, AMX rows) round P for P V, which broke the test rule on such
+// rows (as Bf16PairOperands' EXACT_P_KEYS; the row path's blocks are too short to count a
+// row's keys per block): these calls keep P in float.
 inline bool rows_may_keep_few_keys(const FlashParams& p) {
   return p.dropout_p > 0.f || p.bias != nullptr || p.seqlen_k <= 16 ||
          (p.window_left >= 0 && p.window_right >= 0 && p.window_left + p.window_right < 16);
@@ -662,9 +662,9 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   // Rows for tiles::use_columns: the scores by tiles_bf16::rows::column_scores, from the
   // query pairs transposed (allocated for such calls only).
   Scratch<uint32_t> qb_transposed;
-  // Rows for tiles::use_columns, where no row may keep few keys (not float_p): blocks whose
-  // scores need no transform or dropout in columns (column_block), a row in each lane: the
-  // scores, then P; P's key pairs transposed.
+  // Rows for tiles::use_columns, where no row may keep few keys (not float_p: no dropout
+  // or bias either): blocks whose scores need no transform in columns (column_block), a
+  // row in each lane: the scores, then P; P's key pairs transposed.
   static constexpr bool COLUMN_BLOCKS = true;
   Scratch<float> block_columns;
   Scratch<uint32_t> pair_columns;
@@ -1209,15 +1209,18 @@ void run_fwd(const FlashParams& p) {
           // a row's max and exp go up to its last visible key only (mask_band_start).
           const bool transform = scores_need_transform(p, ws.slope[j]);
           const bool logits = !transform && all_rows_see(w, row0 + r0, r1 - r0, col0 + lo, n);
+          auto block_keys = [&](int64_t i) { return clip(visible_keys(w, row0 + i), col0, cols); };
           if constexpr (ColumnBlocks<KV>::value) {
-            // The block in columns (scores as they are; masked by the band unless every row
-            // sees all n keys: each row's keys from lo).
-            if (!transform && p.dropout_p == 0.f && kv.columns(r1 - r0)) {
+            // The block in columns (operands that keep P in float under dropout have none):
+            // the scores as they are, masked by the band unless every row sees all n keys
+            // (each row's keys counted from lo).
+            if (!transform && kv.columns(r1 - r0)) {
               alignas(64) int32_t key_lo[16] = {}, key_hi[16] = {};  // (columns(): at most 16 rows)
               if (!logits) {
                 for (int64_t r = r0; r < r1; ++r) {
-                  const KeyRange row_keys = clip(visible_keys(w, row0 + r), col0 + lo, n);
-                  key_lo[r - r0] = static_cast<int32_t>(row_keys.lo), key_hi[r - r0] = static_cast<int32_t>(row_keys.hi);
+                  const KeyRange row_keys = block_keys(r);
+                  key_lo[r - r0] = static_cast<int32_t>(row_keys.lo - lo);
+                  key_hi[r - r0] = static_cast<int32_t>(row_keys.hi - lo);
                 }
               }
               kv.column_block(r1 - r0, lo, seen.hi, logits ? nullptr : key_lo, key_hi, ws.m.get() + j * block_q + r0,
@@ -1230,7 +1233,7 @@ void run_fwd(const FlashParams& p) {
           // shrinks with the row (both bounds of visible_keys grow), fewest at an end row;
           // counted by the softmax only where the band leaves more than that.)
           auto seen_by = [&](int64_t i) {
-            const KeyRange row_keys = clip(visible_keys(w, row0 + i), col0, cols);
+            const KeyRange row_keys = block_keys(i);
             return row_keys.hi - row_keys.lo;
           };
           const int64_t band_fewest = std::min(seen_by(r0), seen_by(r1 - 1));
