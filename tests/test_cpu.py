@@ -766,6 +766,31 @@ def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k
     assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
 
 
+def test_bf16_column_blocks_sum_each_row_in_key_order(cpu_switch):
+    # bf16 calls no backward follows with 9-16 GQA-packed rows on the dot products keep a
+    # block in columns through the softmax (DotRowOperands::column_block): a row's sum l
+    # adds its keys one by one in key order, where the row softmax adds a vector's lanes in
+    # a tree. Scores (scale 1) 0 for key 0, -17.25 for keys 1-15 (P = 3.2e-8 each, under
+    # half an ulp of 1) and -200 for keys 16-31: in key order each small P is lost against
+    # P_0, so lse = log(P_0) (P_0 = exp(0) = 1 + 2^-23 by the kernels' polynomial); in the
+    # tree they first add up, lse about 6e-7. Shows the column blocks are taken (their
+    # results are otherwise within rounding of the row softmax's).
+    bf16_path(cpu_switch, "dot")
+    d = 32
+    q = torch.zeros(1, 4, 4, d)
+    q[..., 0] = 1
+    k = torch.zeros(1, 32, 1, d)
+    k[0, 1:16, 0, 0], k[0, 16:, 0, 0] = -17.25, -200.0
+    v = torch.randn(1, 32, 1, d, generator=torch.Generator().manual_seed(0))
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    with torch.no_grad():
+        _, lse, _ = flashattn_py.flash_attn_func(q, k, v, softmax_scale=1.0, return_attn_probs=True, backend="cpu")
+    _, rows_lse, _ = flashattn_py.flash_attn_func(q.clone().requires_grad_(), k, v, softmax_scale=1.0,
+                                                  return_attn_probs=True, backend="cpu")
+    assert (lse <= 1.5e-7).all(), lse  # key order, every row: only P_0
+    assert (rows_lse >= 4e-7).all(), rows_lse  # (the row path, gradients: the premise holds)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqlen_k", [40, 700])
 def test_column_scores_nan_row_stays_in_its_lane(dtype, seqlen_k, cpu_switch):
