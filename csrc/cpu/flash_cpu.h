@@ -843,7 +843,6 @@ inline float exp_shift_sum<float>(float* s, int64_t n, float shift) {
 #endif
   return sum;
 }
-
 #endif
 
 template <typename acc>
