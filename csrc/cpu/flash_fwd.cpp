@@ -455,8 +455,17 @@ struct RowOperands {
   const T *k = nullptr, *v = nullptr;  // rows of key col0 (not paged)
   int64_t ldk = 0, ldv = 0;
   KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
-  int64_t col0 = 0;
+  int64_t col0 = 0, block_cols = 0;
   bool prefetch_runs = true;
+  // Decoding across heads (run_fwd's heads_together): the next block's K and V rows of this
+  // head (or of its first page run), which this block's products prefetch as they go
+  // (spread_next_block). AVX-512 builds only (the AVX2 products were not measured with it).
+#ifdef __AVX512F__
+  static constexpr bool SPREADS_AHEAD = true;
+#else
+  static constexpr bool SPREADS_AHEAD = false;
+#endif
+  tiles::RowsAhead<T> k_ahead, v_ahead;
   PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows,
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
@@ -504,8 +513,33 @@ struct RowOperands {
     next_block_rows = {run.k, run.v};
   }
 
-  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
-    col0 = block_col0;
+  // The next block's keys [col, col + n) of this head (its keys; paged: through its pages),
+  // which run_fwd prefetches: the rows of their first page run are left to this block's
+  // products (k_ahead, v_ahead; at most n, none where SPREADS_AHEAD is false); returns how
+  // many.
+  int64_t spread_next_block(const KeyRows<T>& keys, int64_t col, int64_t n) {
+    k_ahead = v_ahead = {};
+    // (Float calls of 9-16 rows, on column scores: their products bound them, not the
+    // reads, and these prefetches cost them 3-7 %.)
+    const bool float_columns = std::is_same_v<T, float> && q_transposed;
+    if (!SPREADS_AHEAD || n <= 0 || float_columns) return 0;
+    const KeyRows<T> run = keys.pages ? page_run<T>(*keys.pages, *keys.seq, keys.b, keys.hk, col, n) : keys;
+    k_ahead = {run.k_row(col), run.k_stride, n};
+    v_ahead = {run.v_row(col), run.v_stride, n};
+    return n;
+  }
+
+  // The rows of `ahead` that the products of this block's keys [lo, hi) prefetch: as many as
+  // keys, at the same offsets, and from the block's last key on all the rest. (Keys a band
+  // clips off a block's start leave the next block's first rows to be read without.)
+  tiles::RowsAhead<T> ahead_of(const tiles::RowsAhead<T>& ahead, int64_t lo, int64_t hi) const {
+    const int64_t end = hi >= block_cols ? ahead.n : std::min(hi, ahead.n);
+    if (end <= lo) return {};
+    return {ahead.first + lo * ahead.ld, ahead.ld, end - lo};
+  }
+
+  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t cols) {
+    col0 = block_col0, block_cols = cols;
     if (kv.pages) {
       paged = kv;
       return;
@@ -586,11 +620,21 @@ struct RowOperands {
     }
   }
 
+  // for_column_groups, each group of keys first prefetching its rows of k_ahead (ahead_of).
+  template <typename F>
+  void column_groups(int64_t lo, int64_t hi, const F& f) const {
+    for_column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
+      const tiles::RowsAhead<T> ahead = ahead_of(k_ahead, c, c + n);
+      tiles::prefetch_ahead(ahead, 0, ahead.n, 0, D * static_cast<int64_t>(sizeof(T)));
+      f(krow, n, c);
+    });
+  }
+
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (q_transposed && tiles::use_columns(rows)) {
-        for_column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
+        column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
           tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds);
         });
         return;
@@ -599,7 +643,7 @@ struct RowOperands {
 #endif
     const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
-      tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds);
+      tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds, ahead_of(k_ahead, at, at + n));
     });
   }
 
@@ -608,7 +652,7 @@ struct RowOperands {
                   int64_t ldo, bool /*fresh*/) const {
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
-      tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo);
+      tiles::row_pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo, ahead_of(v_ahead, at, at + n));
     });
   }
 
@@ -618,7 +662,7 @@ struct RowOperands {
                        int64_t ldc) const {
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const T*, const T* v_run) {
-      tiles::row_pv_sums(pr + at, ldp, rows, v_run, ld, n, Dv, c, ldc);
+      tiles::row_pv_sums(pr + at, ldp, rows, v_run, ld, n, Dv, c, ldc, ahead_of(v_ahead, at, at + n));
     });
   }
 
@@ -697,14 +741,15 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     if (qb_transposed && tiles::use_columns(rows)) {
-      for_column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
+      column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
         tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow, n, D, scale, s + c, lds);
       });
       return;
     }
     const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const c10::BFloat16* k_run, const c10::BFloat16*) {
-      tiles_bf16::rows::scores(qb.get() + r0 * D, rows, k_run, ld, n, D, scale, s + at, lds);
+      tiles_bf16::rows::scores(qb.get() + r0 * D, rows, k_run, ld, n, D, scale, s + at, lds,
+                               ahead_of(k_ahead, at, at + n));
     });
   }
 
@@ -719,13 +764,14 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   void column_block(int64_t rows, int64_t lo, int64_t hi, const int32_t* key_lo, const int32_t* key_hi, float* m,
                     float* l, float* o, int64_t ldo) const {
     float* st = block_columns.get();
-    for_column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
+    column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
       tiles_bf16::rows::column_scores_to(qb_transposed.get(), krow, n, D, scale, st + (c - lo) * tiles::COLUMN_ROWS);
     });
     if (key_lo) tiles::mask_columns(st, hi - lo, key_lo, key_hi);
     column_softmax(st, hi - lo, rows, m, l, o, ldo, Dv);
     tiles_bf16::rows::column_pairs(st, hi - lo, pair_columns.get());
-    tiles_bf16::rows::pv_columns(pair_columns.get(), rows, key_rows(lo, hi, true), hi - lo, Dv, o, ldo);
+    tiles_bf16::rows::pv_columns(pair_columns.get(), rows, key_rows(lo, hi, true), hi - lo, Dv, o, ldo,
+                                 ahead_of(v_ahead, lo, hi));
   }
 
   void accumulate(int64_t rows, const float* pr, int64_t ldp, int64_t lo, int64_t hi, int64_t fewest, float* o,
@@ -736,7 +782,7 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
     }
     const int64_t ld = run_stride(true);
     for_runs(lo, hi, true, [&](int64_t at, int64_t n, const c10::BFloat16*, const c10::BFloat16* v_run) {
-      tiles_bf16::rows::pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo, pp.get());
+      tiles_bf16::rows::pv(pr + at, ldp, rows, v_run, ld, n, Dv, o, ldo, pp.get(), ahead_of(v_ahead, at, at + n));
     });
   }
 };
@@ -748,6 +794,8 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
 struct AmxRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
   static constexpr bool ACROSS_HEADS = false;  // (its own products, head by head)
+  static constexpr bool SPREADS_AHEAD = false;  // (its products take no rows ahead: run_fwd's burst)
+  int64_t spread_next_block(const KeyRows<c10::BFloat16>&, int64_t, int64_t) { return 0; }
   // The products' buffers, one set for every head of a workspace (a head's chunk is done
   // before the next one's starts), so that they stay in L1 (a set per head was 5% slower:
   // benchmarks/RESULTS.md).
@@ -849,6 +897,17 @@ __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, i
   }
 }
 
+// Whether operands' products prefetch the next block's rows as they go (the row
+// operands' SPREADS_AHEAD; run_fwd's prefetch_next).
+template <typename KV>
+constexpr bool spreads_ahead() {
+  if constexpr (KV::HEADS_BLOCK_K > 0) {
+    return KV::SPREADS_AHEAD;
+  } else {
+    return false;
+  }
+}
+
 // Operands' COLUMN_BLOCKS (DotRowOperands: column_block), false where they have none.
 template <typename KV, typename = void>
 struct ColumnBlocks : std::false_type {};
@@ -898,12 +957,14 @@ void run_fwd(const FlashParams& p) {
   // task there, so that the heads still spread over the threads.)
   static_assert(KV::HEADS_BLOCK_K == 0 || KV::pages_in_place);  // (ws.paged gathers one head)
   const bool heads_together = KV::HEADS_BLOCK_K > 0 && num_q_blocks == 1 && H > 1 && p.seqlen_k > KV::BLOCK_K;
-  // There, with 16-bit K/V, each KV head's rows of the task's next block (dense or paged)
-  // are prefetched (into L2 / L3) as the head starts on this block: from memory the row
-  // path reads 16-bit rows at about half the copy bandwidth (float rows, the same work per
-  // key for twice the bytes, at three quarters), waiting on lines it asks for too late.
-  // Measured from memory: bf16 8-12% faster; float rows 7-17% slower (benchmarks/RESULTS.md).
-  const bool prefetch_next = heads_together && sizeof(T) == 2;
+  // There each KV head's rows of the task's next block (dense or paged) are prefetched
+  // (into L2 / L3) while the head works on this block: by its products, a few rows at a
+  // time, where they can (KV::SPREADS_AHEAD: AVX-512), else, with 16-bit K/V, in one burst
+  // as the head starts. Without, the rows arrive late; a burst stalls the products behind
+  // it while it waits for miss buffers. Measured from memory: bf16 burst 8-12% faster than
+  // none, spread 7-33% faster than the burst; float rows 7-17% slower with the burst, 10-19%
+  // faster spread (one query; benchmarks/RESULTS.md).
+  const bool prefetch_next = heads_together && (sizeof(T) == 2 || spreads_ahead<KV>());
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? KV::HEADS_BLOCK_K : KV::BLOCK_K, p.seqlen_k));
@@ -1139,6 +1200,25 @@ void run_fwd(const FlashParams& p) {
     // or dropout removes keys inside the band, so there the softmax counts them.
     const int64_t count_kept = p.bias || p.dropout_p > 0.f ? ExactPKeys<KV>::value : 0;
 
+    // Decoding across heads (prefetch_next): the next block's K and V rows of slot j's KV
+    // head (once, at the first of its query heads), those of their first page run left to
+    // this block's products where they take them (spread_next_block), the rest of 16-bit
+    // rows prefetched now (float rows lose by such a burst). Returns how many were left to
+    // the products.
+    auto prefetch_next_block = [&](int64_t j, int64_t col0, int64_t block_index) -> int64_t {
+      if constexpr (KV::HEADS_BLOCK_K > 0) {
+        if (!prefetch_next) return 0;
+        const int64_t next0 = col0 + block_k;
+        const int64_t next_n =
+            block_index + 1 < block_end && (h0 + j) % group == 0 ? std::min(next0 + block_k, keys.hi) - next0 : 0;
+        const int64_t spread = ws.kv[j]->spread_next_block(ws.keys[j], next0, next_n);
+        if (sizeof(T) == 2) prefetch_rows(ws.keys[j], next0 + spread, next0 + next_n, p.head_dim, p.head_dim_v);
+        return spread;
+      } else {
+        return 0;
+      }
+    };
+
     for (; block_index < block_end; block_index += block_step) {
       const int64_t col0 = first_col + block_index * block_k, cols = std::min(block_k, keys.hi - col0);
       // Decoding across heads: a (B, S, Hk, D) cache or a page holds a key's rows of all heads
@@ -1160,6 +1240,7 @@ void run_fwd(const FlashParams& p) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
             ws.kv[j]->load_kv(p, b * p.num_heads_k + (h0 + j) / group, ws.keys[j], col0, cols);
             ws.kv[j]->set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1, false);
+            prefetch_next_block(j, col0, block_index);
           }
           for (int64_t c = 0; c < cols; c += KV::ACROSS_KEYS) {
             for (int64_t j = 0; j < heads_per_task; ++j) {
@@ -1185,13 +1266,13 @@ void run_fwd(const FlashParams& p) {
         const int64_t h = h0 + j;
         if (keys_all_masked(p, b, h, col0, cols)) continue;
         KV& kv = *ws.kv[j];
-        if (prefetch_next && block_index + 1 < block_end && h % group == 0) {
-          prefetch_rows(ws.keys[j], col0 + block_k, std::min(col0 + 2 * block_k, keys.hi), p.head_dim, p.head_dim_v);
-        }
+        const int64_t spread = prefetch_next_block(j, col0, block_index);
         acc* o = ws.o.get() + j * block_q * ldo;
         if (pack_heads == 1) kv.load_kv(p, b * p.num_heads_k + h / group, ws.keys[j], col0, cols);
         if constexpr (KV::pages_in_place) {
-          kv.set_next_block(block_index + block_step < block_end ? col0 + block_step * block_k : -1, true);
+          // (Not where this block's products prefetch the next one's rows: for_runs would
+          // fetch its first rows into L1 besides, which cost paged decoding 5-25 %.)
+          kv.set_next_block(block_index + block_step < block_end && spread == 0 ? col0 + block_step * block_k : -1, true);
         }
         // In panels of PANEL_Q rows (EDGE_PANEL_Q where the panel's rows do not all see the
         // whole block), each over only the keys its rows can see (the masked corner of a

@@ -153,6 +153,26 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
+// The next key block's K (or V) rows of a head, n rows ld apart, which a block's row
+// products prefetch into L2 a few at a time as they go (flash_fwd.cpp's decoding across
+// heads): from memory those rows arrive late otherwise, and the same prefetches issued in
+// one burst per block stall the products behind them while the burst waits for miss
+// buffers (benchmarks/RESULTS.md).
+template <typename T>
+struct RowsAhead {
+  const T* first = nullptr;
+  int64_t ld = 0, n = 0;
+};
+
+// Prefetches bytes [b0, b1) of rows [r0, r1) of `ahead` (none past its n) into L2.
+template <typename T>
+inline void prefetch_ahead(const RowsAhead<T>& ahead, int64_t r0, int64_t r1, int64_t b0, int64_t b1) {
+  for (int64_t r = r0; r < std::min(r1, ahead.n); ++r) {
+    const char* row = reinterpret_cast<const char*>(ahead.first + r * ahead.ld);
+    for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(row + b, 0, 1);
+  }
+}
+
 // sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below. One
 // fused multiply-add per element, in order: `sum += q * k` let GCC vectorise the products
 // and round them apart from the sums, differently for each vector width (the AVX2 and
@@ -378,16 +398,21 @@ __attribute__((always_inline)) inline void dot_rows_any(const float* q, int64_t 
 
 #ifdef __AVX512F__
 // row_scores for R <= 4 rows: KB = 16 / R keys at a time (16 accumulators; 3 rows: 4
-// keys), prefetching the K rows a block ahead; the last cols % KB keys by dot_rows.
+// keys), prefetching the K rows a block ahead (and KB of the rows `ahead` per KB keys);
+// the last cols % KB keys by dot_rows.
 template <int R, typename T>
-inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s, int64_t lds) {
+inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s, int64_t lds,
+                         const RowsAhead<T>& ahead) {
   constexpr int KB = R == 3 ? 4 : 16 / R;
   const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (d * sizeof(T)), 4, 32);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
   int64_t c = 0;
   for (; c + KB <= cols; c += KB) {
     for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KB, cols); ++j) prefetch_row(k + j * ldk, d);
+    prefetch_ahead(ahead, c, c + KB, 0, bytes);
     dot_block<R, KB>(q, d, k + c * ldk, ldk, s + c, lds);
   }
+  prefetch_ahead(ahead, c, ahead.n, 0, bytes);
   for (; c < cols; ++c) dot_rows<R>(q, d, k + c * ldk, s + c, lds);
 }
 #endif
@@ -398,24 +423,27 @@ inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, 
 // (B, S, H, D) tensors are a page apart or more). The forward's row path and the backward
 // of its calls both form S here, so the backward's P = exp(S - lse) uses the very scores
 // the forward's lse summed; every score is dot_rows<1>'s, whatever the number of rows.
-// (Forward-only calls of 9-16 rows take column_scores below instead.)
+// (Forward-only calls of 9-16 rows take column_scores below instead.) The rows `ahead`
+// are prefetched as the keys go (as many as keys done, the rest before the last few).
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
-                       int64_t lds) {
+                       int64_t lds, const RowsAhead<T>& ahead = {}) {
   constexpr int64_t AHEAD = 8;
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
   int64_t c = 0;
 #ifdef __AVX512F__
   switch (rows) {
-    case 1: return row_scores_r<1>(q, k, ldk, cols, d, s, lds);
-    case 2: return row_scores_r<2>(q, k, ldk, cols, d, s, lds);
-    case 3: return row_scores_r<3>(q, k, ldk, cols, d, s, lds);
-    case 4: return row_scores_r<4>(q, k, ldk, cols, d, s, lds);
+    case 1: return row_scores_r<1>(q, k, ldk, cols, d, s, lds, ahead);
+    case 2: return row_scores_r<2>(q, k, ldk, cols, d, s, lds, ahead);
+    case 3: return row_scores_r<3>(q, k, ldk, cols, d, s, lds, ahead);
+    case 4: return row_scores_r<4>(q, k, ldk, cols, d, s, lds, ahead);
     default: break;
   }
   // More rows: 4 keys at a time, the 4 K rows dotted with every group of 4 query rows
   // while they are in L1.
   for (; c + 4 <= cols; c += 4) {
     for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
+    prefetch_ahead(ahead, c, c + 4, 0, bytes);
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) dot_block<4, 4>(q + r * d, d, k + c * ldk, ldk, s + r * lds + c, lds);
     switch (rows - r) {
@@ -429,10 +457,12 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
     for (; c + 4 <= cols; c += 4) {
       for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
+      prefetch_ahead(ahead, c, c + 4, 0, bytes);
       dot_keys4(q, d, k + c * ldk, ldk, s + c);
     }
   }
 #endif
+  prefetch_ahead(ahead, c, ahead.n, 0, bytes);
   for (; c < cols; ++c) {
     const T* kc = k + c * ldk;
     if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
@@ -693,11 +723,12 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
 
 // row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
 // strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
-// strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns).
+// strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns);
+// the first chunk's strips each prefetch their columns of the rows `ahead`.
 // With SUMS, o holds running sums that the keys continue (row_pv_sums).
 template <int M, typename T, bool SUMS = false>
 inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
-                     int64_t ldo) {
+                     int64_t ldo, const RowsAhead<T>& ahead) {
   constexpr int W = M <= 2 ? 8 : (M <= 4 ? 4 : 2);
   constexpr int64_t CHUNK = ROW_PV_CHUNK, STRIP = W * NR;
   const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (dv * sizeof(T)), 4, 32);
@@ -714,6 +745,10 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
     const float* pk = p + k0;
     const T* vk = v + k0 * ldv;
     for (int64_t j = 0; j < dv; j += STRIP) {
+      if (k0 == 0) {
+        prefetch_ahead(ahead, 0, ahead.n, j * static_cast<int64_t>(sizeof(T)),
+                       std::min(j + STRIP, dv) * static_cast<int64_t>(sizeof(T)));
+      }
       auto strip = [&](auto masked) {
         constexpr bool MASKED = decltype(masked)::value;
         if (j == 0 && fetched > 0) {
@@ -730,22 +765,24 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
     }
   }
 }
-// row_pv_m over `rows` rows in groups of up to 8 (GQA-packed views: up to 16 rows).
+// row_pv_m over `rows` rows in groups of up to 8 (GQA-packed views: up to 16 rows), the
+// first group prefetching the rows `ahead`.
 template <typename T, bool SUMS>
 inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
-                          float* o, int64_t ldo) {
+                          float* o, int64_t ldo, const RowsAhead<T>& ahead) {
   for (int64_t r = 0; r < rows; r += 8) {
     const float* pr = p + r * ldp;
     float* orow = o + r * ldo;
+    const RowsAhead<T> a = r == 0 ? ahead : RowsAhead<T>{};
     switch (std::min<int64_t>(8, rows - r)) {
-      case 8: row_pv_m<8, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 7: row_pv_m<7, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 6: row_pv_m<6, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 5: row_pv_m<5, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 4: row_pv_m<4, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 3: row_pv_m<3, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      case 2: row_pv_m<2, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
-      default: row_pv_m<1, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo); break;
+      case 8: row_pv_m<8, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 7: row_pv_m<7, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 6: row_pv_m<6, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 5: row_pv_m<5, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 4: row_pv_m<4, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 3: row_pv_m<3, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 2: row_pv_m<2, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      default: row_pv_m<1, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
     }
   }
 }
@@ -791,12 +828,14 @@ inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int
 // row_pv_m's register strips (up to 128 columns of a row in 16-lane registers, no per-key
 // loads and stores of the outputs): the same FMAs per output element in the same order,
 // so bitwise the 8-lane code's.
+// (The rows `ahead`: row_pv_m's prefetches; without AVX-512, all at the start.)
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
-                   int64_t ldo) {
+                   int64_t ldo, const RowsAhead<T>& ahead = {}) {
 #ifdef __AVX512F__
-  row_pv_groups<T, false>(p, ldp, rows, v, ldv, n, dv, o, ldo);
+  row_pv_groups<T, false>(p, ldp, rows, v, ldv, n, dv, o, ldo, ahead);
 #else
+  prefetch_ahead(ahead, 0, ahead.n, 0, dv * static_cast<int64_t>(sizeof(T)));
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
@@ -875,10 +914,11 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
 // (flash_fwd.cpp), where a head's keys come in parts between the other heads'.
 template <typename T>
 inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
-                        float* c, int64_t ldc) {
+                        float* c, int64_t ldc, const RowsAhead<T>& ahead = {}) {
 #ifdef __AVX512F__
-  row_pv_groups<T, true>(p, ldp, rows, v, ldv, n, dv, c, ldc);
+  row_pv_groups<T, true>(p, ldp, rows, v, ldv, n, dv, c, ldc, ahead);
 #else
+  prefetch_ahead(ahead, 0, ahead.n, 0, dv * static_cast<int64_t>(sizeof(T)));
   axpy_sums(p, ldp, rows, v, ldv, n, dv, c, ldc, true, n);  // (row_pv's float path, c its sum buffer)
 #endif
 }

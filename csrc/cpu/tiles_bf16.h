@@ -351,6 +351,9 @@ inline void pv_block(int64_t rows, const uint32_t* a, int64_t a_rs, int64_t a_ks
 // lane and instruction). Head dims whole multiples of 32 (one 64-byte vector of bf16).
 namespace rows {
 
+using RowsAhead = tiles::RowsAhead<c10::BFloat16>;
+using tiles::prefetch_ahead;
+
 // s[r * lds + j] = scale * q_r . k_j for r < R, j < KB: bf16 query rows d apart (unscaled),
 // K rows ldk apart, in R x KB 16-lane accumulators (each K vector loaded once for the R
 // rows), each lane summing pairs of products.
@@ -384,25 +387,28 @@ __attribute__((always_inline)) inline void dot_block(const c10::BFloat16* q, int
 
 template <int R>
 inline void scores_r(const c10::BFloat16* q, const c10::BFloat16* k, int64_t ldk, int64_t cols, int64_t d,
-                     float scale, float* s, int64_t lds) {
+                     float scale, float* s, int64_t lds, const RowsAhead& ahead) {
   constexpr int KB = R == 3 ? 4 : 16 / R;
   const int64_t AHEAD = std::clamp<int64_t>(tiles::ROW_AHEAD_BYTES / (d * 2), 4, 32);
   int64_t c = 0;
   for (; c + KB <= cols; c += KB) {
     for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KB, cols); ++j) tiles::prefetch_row(k + j * ldk, d);
+    prefetch_ahead(ahead, c, c + KB, 0, 2 * d);
     dot_block<R, KB>(q, d, k + c * ldk, ldk, scale, s + c, lds);
   }
+  prefetch_ahead(ahead, c, ahead.n, 0, 2 * d);
   for (; c < cols; ++c) dot_block<R, 1>(q, d, k + c * ldk, ldk, scale, s + c, lds);
 }
 
-// s[r * lds + c] = scale * q_r . k_c for r < rows, c < cols (d a multiple of 32).
+// s[r * lds + c] = scale * q_r . k_c for r < rows, c < cols (d a multiple of 32); the rows
+// `ahead` prefetched as the keys go (their rest at the end).
 inline void scores(const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ldk, int64_t cols,
-                   int64_t d, float scale, float* s, int64_t lds) {
+                   int64_t d, float scale, float* s, int64_t lds, const RowsAhead& ahead = {}) {
   switch (rows) {
-    case 1: return scores_r<1>(q, k, ldk, cols, d, scale, s, lds);
-    case 2: return scores_r<2>(q, k, ldk, cols, d, scale, s, lds);
-    case 3: return scores_r<3>(q, k, ldk, cols, d, scale, s, lds);
-    case 4: return scores_r<4>(q, k, ldk, cols, d, scale, s, lds);
+    case 1: return scores_r<1>(q, k, ldk, cols, d, scale, s, lds, ahead);
+    case 2: return scores_r<2>(q, k, ldk, cols, d, scale, s, lds, ahead);
+    case 3: return scores_r<3>(q, k, ldk, cols, d, scale, s, lds, ahead);
+    case 4: return scores_r<4>(q, k, ldk, cols, d, scale, s, lds, ahead);
     default: break;
   }
   // More rows: 4 keys at a time, dotted with every group of 4 query rows while in L1.
@@ -421,8 +427,10 @@ inline void scores(const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k,
   };
   for (; c + 4 <= cols; c += 4) {
     for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) tiles::prefetch_row(k + j * ldk, d);
+    prefetch_ahead(ahead, c, c + 4, 0, 2 * d);
     groups(std::integral_constant<int, 4>{});
   }
+  prefetch_ahead(ahead, c, ahead.n, 0, 2 * d);
   for (; c < cols; ++c) groups(std::integral_constant<int, 1>{});
 }
 
@@ -527,14 +535,16 @@ __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t 
 
 // o[r * ldo + e] += sum_k bf16(p[r][k]) v[k][e] for r < rows, k < n, e < dv (dv a multiple
 // of 32), P as pv_strip's pairs: strips of 32 columns for up to 8 rows at a time (the
-// block's V rows stay in L1 across the strips).
+// block's V rows stay in L1 across the strips); the first 8 rows' strips each prefetch
+// their 32 columns of the rows `ahead`.
 template <typename VRow>
 inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, int64_t rows, const VRow& vrow,
-                     int64_t n, int64_t dv, float* o, int64_t ldo) {
+                     int64_t n, int64_t dv, float* o, int64_t ldo, const RowsAhead& ahead) {
   for (int64_t r = 0; r < rows; r += 8) {
     const uint32_t* pr = pp + r * row_step;
     float* orow = o + r * ldo;
     for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+      if (r == 0) prefetch_ahead(ahead, 0, ahead.n, 2 * c0, 2 * c0 + 64);
       auto vcol = [&](int64_t k) { return vrow(k) + c0; };
       switch (std::min<int64_t>(8, rows - r)) {
         case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
@@ -554,19 +564,19 @@ inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, in
 // (dv a multiple of 32): P rounded to bf16 pairs into pp (rows x pairs(n) words), then
 // pv_pairs.
 inline void pv(const float* p, int64_t ldp, int64_t rows, const c10::BFloat16* v, int64_t ldv, int64_t n,
-               int64_t dv, float* o, int64_t ldo, uint32_t* pp) {
+               int64_t dv, float* o, int64_t ldo, uint32_t* pp, const RowsAhead& ahead = {}) {
   if (n == 0) return;
   const int64_t ldpp = pairs(n);
   to_pairs(p, ldp, rows, 0, n, pp, ldpp);
-  pv_pairs(pp, ldpp, 1, rows, [v, ldv](int64_t k) { return v + k * ldv; }, n, dv, o, ldo);
+  pv_pairs(pp, ldpp, 1, rows, [v, ldv](int64_t k) { return v + k * ldv; }, n, dv, o, ldo, ahead);
 }
 
 // The same product from P's key pairs transposed (column_pairs: pair t of row r at ppt[t *
 // COLUMN_ROWS + r]), key k's V row at vrow[k] (a block's keys across pages).
 inline void pv_columns(const uint32_t* ppt, int64_t rows, const c10::BFloat16* const* vrow, int64_t n, int64_t dv,
-                       float* o, int64_t ldo) {
+                       float* o, int64_t ldo, const RowsAhead& ahead) {
   if (n == 0) return;
-  pv_pairs(ppt, 1, tiles::COLUMN_ROWS, rows, [vrow](int64_t k) { return vrow[k]; }, n, dv, o, ldo);
+  pv_pairs(ppt, 1, tiles::COLUMN_ROWS, rows, [vrow](int64_t k) { return vrow[k]; }, n, dv, o, ldo, ahead);
 }
 
 }  // namespace rows
