@@ -458,14 +458,16 @@ struct RowOperands {
   int64_t col0 = 0, block_cols = 0;
   bool prefetch_runs = true;
   // Decoding across heads (run_fwd's heads_together): the next block's K and V rows of this
-  // head (or of its first page run), which this block's products prefetch as they go
-  // (spread_next_block). AVX-512 builds only (the AVX2 products were not measured with it).
+  // head, which this block's products prefetch as they go (spread_next_block; the rows'
+  // addresses in ahead_rows: K's, then V's). AVX-512 builds only (the AVX2 products were
+  // not measured with it).
 #ifdef __AVX512F__
   static constexpr bool SPREADS_AHEAD = true;
 #else
   static constexpr bool SPREADS_AHEAD = false;
 #endif
   tiles::RowsAhead<T> k_ahead, v_ahead;
+  std::unique_ptr<const T*[]> ahead_rows;
   PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows,
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
@@ -513,19 +515,25 @@ struct RowOperands {
     next_block_rows = {run.k, run.v};
   }
 
-  // The next block's keys [col, col + n) of this head (its keys; paged: through its pages),
-  // which run_fwd prefetches: the rows of their first page run are left to this block's
-  // products (k_ahead, v_ahead; at most n, none where SPREADS_AHEAD is false); returns how
-  // many.
+  // The next block's keys [col, col + n) of this head (n at most HEADS_BLOCK_K; its keys,
+  // paged: through its pages), which run_fwd prefetches: left to this block's products
+  // (k_ahead, v_ahead) where SPREADS_AHEAD; returns how many (n or 0).
   int64_t spread_next_block(const KeyRows<T>& keys, int64_t col, int64_t n) {
     k_ahead = v_ahead = {};
     // (Float calls of 9-16 rows, on column scores: their products bound them, not the
     // reads, and these prefetches cost them 3-7 %.)
     const bool float_columns = std::is_same_v<T, float> && q_transposed;
     if (!SPREADS_AHEAD || n <= 0 || float_columns) return 0;
-    const KeyRows<T> run = keys.pages ? page_run<T>(*keys.pages, *keys.seq, keys.b, keys.hk, col, n) : keys;
-    k_ahead = {run.k_row(col), run.k_stride, n};
-    v_ahead = {run.v_row(col), run.v_stride, n};
+    if (!ahead_rows) ahead_rows.reset(new const T*[2 * HEADS_BLOCK_K]);
+    const T** k_rows = ahead_rows.get();
+    const T** v_rows = k_rows + HEADS_BLOCK_K;
+    for (int64_t c = col, run_n = 0; c < col + n; c += run_n) {
+      run_n = col + n - c;
+      const KeyRows<T> run = keys.pages ? page_run<T>(*keys.pages, *keys.seq, keys.b, keys.hk, c, run_n) : keys;
+      for (int64_t j = c; j < c + run_n; ++j) k_rows[j - col] = run.k_row(j), v_rows[j - col] = run.v_row(j);
+    }
+    k_ahead = {k_rows, n};
+    v_ahead = {v_rows, n};
     return n;
   }
 
@@ -535,7 +543,7 @@ struct RowOperands {
   tiles::RowsAhead<T> ahead_of(const tiles::RowsAhead<T>& ahead, int64_t lo, int64_t hi) const {
     const int64_t end = hi >= block_cols ? ahead.n : std::min(hi, ahead.n);
     if (end <= lo) return {};
-    return {ahead.first + lo * ahead.ld, ahead.ld, end - lo};
+    return {ahead.rows + lo, end - lo};
   }
 
   void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t cols) {

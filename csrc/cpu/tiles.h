@@ -153,22 +153,22 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
-// The next key block's K (or V) rows of a head, n rows ld apart, which a block's row
-// products prefetch into L2 a few at a time as they go (flash_fwd.cpp's decoding across
-// heads): from memory those rows arrive late otherwise, and the same prefetches issued in
-// one burst per block stall the products behind them while the burst waits for miss
-// buffers (benchmarks/RESULTS.md).
+// The next key block's K (or V) rows of a head, row j at rows[j] (j < n; paged caches put
+// them anywhere), which a block's row products prefetch into L2 a few at a time as they go
+// (flash_fwd.cpp's decoding across heads): from memory those rows arrive late otherwise,
+// and the same prefetches issued in one burst per block stall the products behind them
+// while the burst waits for miss buffers (benchmarks/RESULTS.md).
 template <typename T>
 struct RowsAhead {
-  const T* first = nullptr;
-  int64_t ld = 0, n = 0;
+  const T* const* rows = nullptr;
+  int64_t n = 0;
 };
 
 // Prefetches bytes [b0, b1) of rows [r0, r1) of `ahead` (none past its n) into L2.
 template <typename T>
 inline void prefetch_ahead(const RowsAhead<T>& ahead, int64_t r0, int64_t r1, int64_t b0, int64_t b1) {
   for (int64_t r = r0; r < std::min(r1, ahead.n); ++r) {
-    const char* row = reinterpret_cast<const char*>(ahead.first + r * ahead.ld);
+    const char* row = reinterpret_cast<const char*>(ahead.rows[r]);
     for (int64_t b = b0; b < b1; b += 64) __builtin_prefetch(row + b, 0, 1);
   }
 }
