@@ -181,14 +181,18 @@ def test_float_blocks_across_heads_paged_equals_contiguous(heads, heads_k, head_
     q = torch.randn(2, seqlen_q, heads, head_dim, generator=gen)
     k_cache, v_cache = (torch.randn(2, 1000, heads_k, head_dim, generator=gen) for _ in range(2))
     lens = torch.tensor([1000, 613], dtype=torch.int32)
-    outs = []
-    for page_size in (None, 1, 7, 16):
-        kc, vc, kw = k_cache, v_cache, dict(cache_seqlens=lens, causal=seqlen_q == 1, return_softmax_lse=True)
-        if page_size:
-            kc, vc, kw["block_table"] = _paged(k_cache, v_cache, page_size, torch.Generator().manual_seed(page_size))
-        outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
-    for out, lse in outs[1:]:
-        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    # (Key splits: each a run of blocks, whose last prefetches no next block; pages of 1 to
+    # 256 keys, a block's next rows taken across them.)
+    for num_splits in (0, 1, 3, 7):
+        outs = []
+        for page_size in (None, 1, 7, 16, 256):
+            kc, vc = k_cache, v_cache
+            kw = dict(cache_seqlens=lens, causal=seqlen_q == 1, return_softmax_lse=True, num_splits=num_splits)
+            if page_size:
+                kc, vc, kw["block_table"] = _paged(k_cache, v_cache, page_size, torch.Generator().manual_seed(page_size))
+            outs.append(flashattn_py.flash_attn_with_kvcache(q, kc, vc, **kw))
+        for out, lse in outs[1:]:
+            assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1]), num_splits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

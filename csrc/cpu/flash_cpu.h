@@ -420,6 +420,16 @@ inline KeyRows<T> page_run(const FlashParams& p, const SeqView& s, int64_t b, in
   return {rows.k, rows.v, p.k_row_stride, p.v_row_stride, s.seqlen_k, j};
 }
 
+// f(j, K row, V row) for keys [lo, hi) of `kv` (paged: page run by page run).
+template <typename T, typename F>
+__attribute__((always_inline)) inline void for_key_rows(const KeyRows<T>& kv, int64_t lo, int64_t hi, const F& f) {
+  for (int64_t c = lo, n = 0; c < hi; c += n) {
+    n = hi - c;
+    const KeyRows<T> run = kv.pages ? page_run<T>(*kv.pages, *kv.seq, kv.b, kv.hk, c, n) : kv;
+    for (int64_t j = c; j < c + n; ++j) f(j, run.k_row(j), run.v_row(j));
+  }
+}
+
 // The paged keys of sequence b's kv head hk, for operands that read pages in place.
 template <typename T>
 inline KeyRows<T> paged_keys(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {

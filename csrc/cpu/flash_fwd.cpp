@@ -455,12 +455,12 @@ struct RowOperands {
   const T *k = nullptr, *v = nullptr;  // rows of key col0 (not paged)
   int64_t ldk = 0, ldv = 0;
   KeyRows<T> paged{nullptr, nullptr, 0, 0, 0};  // paged: the head's keys (KeyRows::pages)
-  int64_t col0 = 0, block_cols = 0;
+  int64_t col0 = 0;
   bool prefetch_runs = true;
   // Decoding across heads (run_fwd's heads_together): the next block's K and V rows of this
   // head, which this block's products prefetch as they go (spread_next_block; the rows'
-  // addresses in ahead_rows: K's, then V's). AVX-512 builds only (the AVX2 products were
-  // not measured with it).
+  // addresses in ahead_rows: max_block_k of K's, then V's). AVX-512 builds only (the AVX2
+  // products were not measured with it).
 #ifdef __AVX512F__
   static constexpr bool SPREADS_AHEAD = true;
 #else
@@ -468,6 +468,7 @@ struct RowOperands {
 #endif
   tiles::RowsAhead<T> k_ahead, v_ahead;
   std::unique_ptr<const T*[]> ahead_rows;
+  const int64_t max_block_k;  // (the keys of a block, at most)
   PageRows<T> next_block_rows{nullptr, nullptr};  // paged: the next block's first rows,
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
@@ -478,7 +479,7 @@ struct RowOperands {
   Scratch<float> q_transposed;
 
   RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
-      : q(scratch<float>(bq * p.head_dim)), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
+      : q(scratch<float>(bq * p.head_dim)), max_block_k(bk), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (forward_only(p) && tiles::use_columns(bq)) {
@@ -505,8 +506,9 @@ struct RowOperands {
 
   // The first key of the block this task reads next for this head, or -1; whether paged
   // runs prefetch the rows read after them (for_runs): the next block's first rows are
-  // prefetched while the current block's last run is read. (Blocks read across heads
-  // take no prefetches: run_fwd.)
+  // prefetched while the current block's last run is read. (run_fwd passes -1 where the
+  // products take the next block's rows, spread_next_block, and false for blocks read
+  // across heads.)
   void set_next_block(int64_t col, bool prefetch) {
     prefetch_runs = prefetch, next_block_ahead = 0;
     if (!paged.pages || !prefetch || col < 0) return;
@@ -515,39 +517,37 @@ struct RowOperands {
     next_block_rows = {run.k, run.v};
   }
 
-  // The next block's keys [col, col + n) of this head (n at most HEADS_BLOCK_K; its keys,
+  // The next block's keys [col, col + n) of this head (n at most max_block_k; its keys,
   // paged: through its pages), which run_fwd prefetches: left to this block's products
-  // (k_ahead, v_ahead) where SPREADS_AHEAD; returns how many (n or 0).
+  // (k_ahead, v_ahead) where SPREADS_AHEAD, the current block's products being over all of
+  // its keys (the next block has at most as many); returns how many (n or 0).
   int64_t spread_next_block(const KeyRows<T>& keys, int64_t col, int64_t n) {
     k_ahead = v_ahead = {};
     // (Float calls of 9-16 rows, on column scores: their products bound them, not the
     // reads, and these prefetches cost them 3-7 %.)
     const bool float_columns = std::is_same_v<T, float> && q_transposed;
     if (!SPREADS_AHEAD || n <= 0 || float_columns) return 0;
-    if (!ahead_rows) ahead_rows.reset(new const T*[2 * HEADS_BLOCK_K]);
+    if (!ahead_rows) ahead_rows.reset(new const T*[2 * max_block_k]);
     const T** k_rows = ahead_rows.get();
-    const T** v_rows = k_rows + HEADS_BLOCK_K;
-    for (int64_t c = col, run_n = 0; c < col + n; c += run_n) {
-      run_n = col + n - c;
-      const KeyRows<T> run = keys.pages ? page_run<T>(*keys.pages, *keys.seq, keys.b, keys.hk, c, run_n) : keys;
-      for (int64_t j = c; j < c + run_n; ++j) k_rows[j - col] = run.k_row(j), v_rows[j - col] = run.v_row(j);
-    }
+    const T** v_rows = k_rows + max_block_k;
+    for_key_rows(keys, col, col + n, [&](int64_t j, const T* k_row, const T* v_row) {
+      k_rows[j - col] = k_row, v_rows[j - col] = v_row;
+    });
     k_ahead = {k_rows, n};
     v_ahead = {v_rows, n};
     return n;
   }
 
   // The rows of `ahead` that the products of this block's keys [lo, hi) prefetch: as many as
-  // keys, at the same offsets, and from the block's last key on all the rest. (Keys a band
-  // clips off a block's start leave the next block's first rows to be read without.)
-  tiles::RowsAhead<T> ahead_of(const tiles::RowsAhead<T>& ahead, int64_t lo, int64_t hi) const {
-    const int64_t end = hi >= block_cols ? ahead.n : std::min(hi, ahead.n);
+  // keys, at the same offsets.
+  static tiles::RowsAhead<T> ahead_of(const tiles::RowsAhead<T>& ahead, int64_t lo, int64_t hi) {
+    const int64_t end = std::min(hi, ahead.n);
     if (end <= lo) return {};
     return {ahead.rows + lo, end - lo};
   }
 
-  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t cols) {
-    col0 = block_col0, block_cols = cols;
+  void load_kv(const FlashParams&, int64_t, const KeyRows<T>& kv, int64_t block_col0, int64_t) {
+    col0 = block_col0;
     if (kv.pages) {
       paged = kv;
       return;
@@ -563,9 +563,9 @@ struct RowOperands {
   // O's rounding does (a paged call is within the rule of the contiguous one, not bitwise;
   // run_fwd's across-heads blocks sum a block's runs together and add them to O once).
   // Paged, with prefetch_runs, the first rows of the next run (another page, anywhere in
-  // memory: no stream for the hardware prefetcher), or at the last run the next block's,
-  // are prefetched before the current run is read (`values`: V's rows, else K's). A call
-  // divides by the page size once (a run after the first starts its page).
+  // memory: no stream for the hardware prefetcher), or at the last run the next block's
+  // (set_next_block), are prefetched before the current run is read (`values`: V's rows,
+  // else K's). A call divides by the page size once (a run after the first starts its page).
   template <typename F>
   void for_runs(int64_t lo, int64_t hi, bool values, const F& f) const {
     if (!paged.pages) return f(lo, hi - lo, k + lo * ldk, v + lo * ldv);
@@ -888,21 +888,17 @@ template <typename T>
 __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, int64_t lo, int64_t hi, int64_t d,
                                                          int64_t dv) {
   const int64_t k_bytes = d * static_cast<int64_t>(sizeof(T)), v_bytes = dv * static_cast<int64_t>(sizeof(T));
-  for (int64_t c = lo, n = 0; c < hi; c += n) {
-    n = hi - c;
-    const KeyRows<T> run = kv.pages ? page_run<T>(*kv.pages, *kv.seq, kv.b, kv.hk, c, n) : kv;
-    for (int64_t j = c; j < c + n; ++j) {
-      const char* k = reinterpret_cast<const char*>(run.k_row(j));
-      const char* v = reinterpret_cast<const char*>(run.v_row(j));
-      int64_t b = 0;
-      for (; b < std::min(k_bytes, v_bytes); b += 64) {
-        __builtin_prefetch(k + b, 0, 1);
-        __builtin_prefetch(v + b, 0, 1);
-      }
-      for (int64_t e = b; e < k_bytes; e += 64) __builtin_prefetch(k + e, 0, 1);
-      for (int64_t e = b; e < v_bytes; e += 64) __builtin_prefetch(v + e, 0, 1);
+  for_key_rows(kv, lo, hi, [&](int64_t, const T* k_row, const T* v_row) {
+    const char* k = reinterpret_cast<const char*>(k_row);
+    const char* v = reinterpret_cast<const char*>(v_row);
+    int64_t b = 0;
+    for (; b < std::min(k_bytes, v_bytes); b += 64) {
+      __builtin_prefetch(k + b, 0, 1);
+      __builtin_prefetch(v + b, 0, 1);
     }
-  }
+    for (int64_t e = b; e < k_bytes; e += 64) __builtin_prefetch(k + e, 0, 1);
+    for (int64_t e = b; e < v_bytes; e += 64) __builtin_prefetch(v + e, 0, 1);
+  });
 }
 
 // Whether operands' products prefetch the next block's rows as they go (the row
@@ -1209,18 +1205,19 @@ void run_fwd(const FlashParams& p) {
     const int64_t count_kept = p.bias || p.dropout_p > 0.f ? ExactPKeys<KV>::value : 0;
 
     // Decoding across heads (prefetch_next): the next block's K and V rows of slot j's KV
-    // head (once, at the first of its query heads), those of their first page run left to
-    // this block's products where they take them (spread_next_block), the rest of 16-bit
-    // rows prefetched now (float rows lose by such a burst). Returns how many were left to
-    // the products.
+    // head (once, at the first of its query heads), left to this block's products where
+    // they take them (spread_next_block), else, 16-bit rows, prefetched now (float rows lose
+    // by such a burst). Not spread from a block the band clips at its start (a window's
+    // first): its products start past its first keys, and would leave the next block's
+    // first rows out (ahead_of). Returns how many were left to the products.
     auto prefetch_next_block = [&](int64_t j, int64_t col0, int64_t block_index) -> int64_t {
       if constexpr (KV::HEADS_BLOCK_K > 0) {
         if (!prefetch_next) return 0;
         const int64_t next0 = col0 + block_k;
         const int64_t next_n =
             block_index + 1 < block_end && (h0 + j) % group == 0 ? std::min(next0 + block_k, keys.hi) - next0 : 0;
-        const int64_t spread = ws.kv[j]->spread_next_block(ws.keys[j], next0, next_n);
-        if (sizeof(T) == 2) prefetch_rows(ws.keys[j], next0 + spread, next0 + next_n, p.head_dim, p.head_dim_v);
+        const int64_t spread = ws.kv[j]->spread_next_block(ws.keys[j], next0, col0 < keys.lo ? 0 : next_n);
+        if (spread == 0 && sizeof(T) == 2) prefetch_rows(ws.keys[j], next0, next0 + next_n, p.head_dim, p.head_dim_v);
         return spread;
       } else {
         return 0;

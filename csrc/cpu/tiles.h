@@ -423,8 +423,9 @@ inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, 
 // (B, S, H, D) tensors are a page apart or more). The forward's row path and the backward
 // of its calls both form S here, so the backward's P = exp(S - lse) uses the very scores
 // the forward's lse summed; every score is dot_rows<1>'s, whatever the number of rows.
-// (Forward-only calls of 9-16 rows take column_scores below instead.) The rows `ahead`
-// are prefetched as the keys go (as many as keys done, the rest before the last few).
+// (Forward-only calls of 9-16 rows take column_scores below instead.) With AVX-512 the
+// rows `ahead` are prefetched as the keys go (as many as keys done, the rest before the
+// last few); the row operands pass none without (their SPREADS_AHEAD).
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds, const RowsAhead<T>& ahead = {}) {
@@ -457,7 +458,6 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
   if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
     for (; c + 4 <= cols; c += 4) {
       for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
-      prefetch_ahead(ahead, c, c + 4, 0, bytes);
       dot_keys4(q, d, k + c * ldk, ldk, s + c);
     }
   }
@@ -828,14 +828,15 @@ inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int
 // row_pv_m's register strips (up to 128 columns of a row in 16-lane registers, no per-key
 // loads and stores of the outputs): the same FMAs per output element in the same order,
 // so bitwise the 8-lane code's.
-// (The rows `ahead`: row_pv_m's prefetches; without AVX-512, all at the start.)
+// (The rows `ahead`: row_pv_m's prefetches; without AVX-512 none are passed: the row
+// operands' SPREADS_AHEAD.)
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo, const RowsAhead<T>& ahead = {}) {
 #ifdef __AVX512F__
   row_pv_groups<T, false>(p, ldp, rows, v, ldv, n, dv, o, ldo, ahead);
 #else
-  prefetch_ahead(ahead, 0, ahead.n, 0, dv * static_cast<int64_t>(sizeof(T)));
+  (void)ahead;
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
@@ -918,7 +919,7 @@ inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, i
 #ifdef __AVX512F__
   row_pv_groups<T, true>(p, ldp, rows, v, ldv, n, dv, c, ldc, ahead);
 #else
-  prefetch_ahead(ahead, 0, ahead.n, 0, dv * static_cast<int64_t>(sizeof(T)));
+  (void)ahead;  // (row_pv's)
   axpy_sums(p, ldp, rows, v, ldv, n, dv, c, ldc, true, n);  // (row_pv's float path, c its sum buffer)
 #endif
 }
