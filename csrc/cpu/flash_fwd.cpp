@@ -802,7 +802,7 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
 struct AmxRowOperands : RowOperands<c10::BFloat16> {
   using Base = RowOperands<c10::BFloat16>;
   static constexpr bool ACROSS_HEADS = false;  // (its own products, head by head)
-  static constexpr bool SPREADS_AHEAD = false;  // (its products take no rows ahead: run_fwd's burst)
+  // (Its products take no rows ahead: run_fwd's burst.)
   int64_t spread_next_block(const KeyRows<c10::BFloat16>&, int64_t, int64_t) { return 0; }
   // The products' buffers, one set for every head of a workspace (a head's chunk is done
   // before the next one's starts), so that they stay in L1 (a set per head was 5% slower:
@@ -901,17 +901,6 @@ __attribute__((always_inline)) inline void prefetch_rows(const KeyRows<T>& kv, i
   });
 }
 
-// Whether operands' products prefetch the next block's rows as they go (the row
-// operands' SPREADS_AHEAD; run_fwd's prefetch_next).
-template <typename KV>
-constexpr bool spreads_ahead() {
-  if constexpr (KV::HEADS_BLOCK_K > 0) {
-    return KV::SPREADS_AHEAD;
-  } else {
-    return false;
-  }
-}
-
 // Operands' COLUMN_BLOCKS (DotRowOperands: column_block), false where they have none.
 template <typename KV, typename = void>
 struct ColumnBlocks : std::false_type {};
@@ -961,14 +950,6 @@ void run_fwd(const FlashParams& p) {
   // task there, so that the heads still spread over the threads.)
   static_assert(KV::HEADS_BLOCK_K == 0 || KV::pages_in_place);  // (ws.paged gathers one head)
   const bool heads_together = KV::HEADS_BLOCK_K > 0 && num_q_blocks == 1 && H > 1 && p.seqlen_k > KV::BLOCK_K;
-  // There each KV head's rows of the task's next block (dense or paged) are prefetched
-  // (into L2 / L3) while the head works on this block: by its products, a few rows at a
-  // time, where they can (KV::SPREADS_AHEAD: AVX-512), else, with 16-bit K/V, in one burst
-  // as the head starts. Without, the rows arrive late; a burst stalls the products behind
-  // it while it waits for miss buffers. Measured from memory: bf16 burst 8-12% faster than
-  // none, spread 7-33% faster than the burst; float rows 7-17% slower with the burst, 10-19%
-  // faster spread (one query; benchmarks/RESULTS.md).
-  const bool prefetch_next = heads_together && (sizeof(T) == 2 || spreads_ahead<KV>());
   // (At least 1 each: an empty query or key sequence has no blocks, and no division by 0.)
   const int64_t block_q = std::max<int64_t>(1, std::min(KV::BLOCK_Q, p.seqlen_q));
   const int64_t block_k = std::max<int64_t>(1, std::min(heads_together ? KV::HEADS_BLOCK_K : KV::BLOCK_K, p.seqlen_k));
@@ -1204,15 +1185,19 @@ void run_fwd(const FlashParams& p) {
     // or dropout removes keys inside the band, so there the softmax counts them.
     const int64_t count_kept = p.bias || p.dropout_p > 0.f ? ExactPKeys<KV>::value : 0;
 
-    // Decoding across heads (prefetch_next): the next block's K and V rows of slot j's KV
-    // head (once, at the first of its query heads), left to this block's products where
-    // they take them (spread_next_block), else, 16-bit rows, prefetched now (float rows lose
-    // by such a burst). Not spread from a block the band clips at its start (a window's
-    // first): its products start past its first keys, and would leave the next block's
-    // first rows out (ahead_of). Returns how many were left to the products.
+    // Decoding across heads: the next block's K and V rows of slot j's KV head (dense or
+    // paged; once, at the first of its query heads) prefetched (into L2 / L3) while the
+    // head works on this block: by its products, a few rows at a time, where they take them
+    // (spread_next_block: AVX-512), else, 16-bit rows, in one burst now. Without, the rows
+    // arrive late; a burst stalls the products behind it while it waits for miss buffers.
+    // Measured from memory: bf16 burst 8-12% faster than none, spread 7-33% faster than the
+    // burst; float rows 7-17% slower with the burst, 10-19% faster spread (one query;
+    // benchmarks/RESULTS.md). Not spread from a block the band clips at its start (a
+    // window's first): its products start past its first keys, and would leave the next
+    // block's first rows out (ahead_of). Returns how many were left to the products.
     auto prefetch_next_block = [&](int64_t j, int64_t col0, int64_t block_index) -> int64_t {
       if constexpr (KV::HEADS_BLOCK_K > 0) {
-        if (!prefetch_next) return 0;
+        if (!heads_together) return 0;
         const int64_t next0 = col0 + block_k;
         const int64_t next_n =
             block_index + 1 < block_end && (h0 + j) % group == 0 ? std::min(next0 + block_k, keys.hi) - next0 : 0;

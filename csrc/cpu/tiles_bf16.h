@@ -401,7 +401,7 @@ inline void scores_r(const c10::BFloat16* q, const c10::BFloat16* k, int64_t ldk
 }
 
 // s[r * lds + c] = scale * q_r . k_c for r < rows, c < cols (d a multiple of 32); the rows
-// `ahead` prefetched as the keys go (their rest at the end).
+// `ahead` prefetched as the keys go (as many as keys done, the rest before the last few).
 inline void scores(const c10::BFloat16* q, int64_t rows, const c10::BFloat16* k, int64_t ldk, int64_t cols,
                    int64_t d, float scale, float* s, int64_t lds, const RowsAhead& ahead = {}) {
   switch (rows) {
