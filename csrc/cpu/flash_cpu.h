@@ -950,19 +950,35 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
   if (error) std::rethrow_exception(error);
 }
 
-// Run body(task, workspace) for task in [0, num_tasks) on torch's intra-op threads, each
-// thread with its own workspace from make_workspace(), handing out tasks in order from a
-// shared counter (list heavy tasks first for balance); on the calling thread alone when the
-// call's `work` (multiply-adds) is under PARALLEL_MIN_WORK.
+// Run body(task, next, workspace) for task in [0, num_tasks) on torch's intra-op threads,
+// each thread with its own workspace from make_workspace(), handing out tasks in order
+// from a shared counter (list heavy tasks first for balance); on the calling thread alone
+// when the call's `work` (multiply-adds) is under PARALLEL_MIN_WORK. With claim_ahead a
+// thread claims its next task as it starts one, and `next` is that task (-1: none), so
+// that a body can prefetch the next task's inputs while it works (run_fwd's packed
+// heads); else `next` is -1. (Claiming ahead can leave the last tasks less evenly spread:
+// for calls of many tasks.)
 template <typename MakeWorkspace, typename Body>
-inline void for_each_task(int64_t num_tasks, double work, const MakeWorkspace& make_workspace, const Body& body) {
+inline void for_each_task_ahead(int64_t num_tasks, double work, bool claim_ahead, const MakeWorkspace& make_workspace,
+                                const Body& body) {
   std::atomic<int64_t> next{0};
   const int64_t threads = work < PARALLEL_MIN_WORK ? 1 : torch::stable::get_num_threads();
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, num_tasks));
   parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto workspace = make_workspace();
-    for (int64_t t = next++; t < num_tasks; t = next++) body(t, workspace);
+    for (int64_t t = next++; t < num_tasks;) {
+      const int64_t after = claim_ahead ? next++ : -1;
+      body(t, after < num_tasks ? after : -1, workspace);
+      t = claim_ahead ? after : next++;
+    }
   });
+}
+
+// for_each_task_ahead without claiming ahead: body(task, workspace).
+template <typename MakeWorkspace, typename Body>
+inline void for_each_task(int64_t num_tasks, double work, const MakeWorkspace& make_workspace, const Body& body) {
+  for_each_task_ahead(num_tasks, work, false, make_workspace,
+                      [&](int64_t task, int64_t, auto& workspace) { body(task, workspace); });
 }
 
 }  // namespace flashattn::cpu

@@ -917,23 +917,61 @@ struct ExactPKeys<KV, std::void_t<decltype(KV::EXACT_P_KEYS)>> {
   static constexpr int64_t value = KV::EXACT_P_KEYS;
 };
 
-// Prefetches rows [0, n) (row stride ld) of `heads` heads (head stride hs) from `first`,
-// d elements each, a row's heads in turn (in (S, H, D) tensors: memory order), every
-// line they touch once (heads side by side, hs == d: one span per row).
-template <typename T>
-inline void prefetch_heads(const T* first, int64_t n, int64_t ld, int64_t heads, int64_t hs, int64_t d) {
-  const bool side_by_side = hs == d;
-  const int64_t spans = side_by_side ? 1 : heads;
-  const uintptr_t bytes = static_cast<uintptr_t>((side_by_side ? heads : 1) * d) * sizeof(T);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t h = 0; h < spans; ++h) {
-      const uintptr_t start = reinterpret_cast<uintptr_t>(first + r * ld + h * hs);
-      for (uintptr_t line = start / 64 * 64; line < start + bytes; line += 64) {
-        __builtin_prefetch(reinterpret_cast<const void*>(line));
+// The cache lines of a task's inputs, prefetched in memory order, all at once (`all`) or
+// a few at a time (`some`, resuming where the last call stopped): up to three sets of
+// rows, each rows [0, n) (row stride ld) of `heads` heads (head stride hs) from `first`,
+// d elements each, a row's heads in turn (in (S, H, D) tensors: memory order), every line
+// they touch once (heads side by side, hs == d: one span per row).
+class InputLines {
+ public:
+  template <typename T>
+  void add(const T* first, int64_t n, int64_t ld, int64_t heads, int64_t hs, int64_t d) {
+    const bool side_by_side = hs == d;
+    const int64_t e = static_cast<int64_t>(sizeof(T));
+    sets_[count_++] = {reinterpret_cast<const char*>(first), n, ld * e, side_by_side ? 1 : heads, hs * e,
+                       (side_by_side ? heads : 1) * d * e};
+    lines_ += n * (side_by_side ? 1 : heads) * ((side_by_side ? heads : 1) * d * e / 64 + 1);
+  }
+  int64_t lines() const { return lines_; }  // (about: a span's first line may not start it)
+
+  // into_l1: prefetcht0 (lines read next); else prefetcht2 (lines read a while later:
+  // not into L1, where they would evict the lines read until then).
+  void some(int64_t n, bool into_l1) {
+    for (; n > 0; --n) {
+      if (line_ >= end_ && !next_span()) return;
+      if (into_l1) {
+        __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 3);
+      } else {
+        __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 1);
       }
+      line_ += 64;
     }
   }
-}
+  void all(bool into_l1) { some(std::numeric_limits<int64_t>::max(), into_l1); }
+
+ private:
+  struct Rows {
+    const char* first;
+    int64_t n, ld, spans, hs, bytes;  // strides and span in bytes; spans per row
+  };
+  Rows sets_[3];
+  int count_ = 0, set_ = 0;
+  int64_t lines_ = 0, row_ = 0, span_ = 0;
+  uintptr_t line_ = 0, end_ = 0;  // the current span's next line, and its end
+
+  bool next_span() {
+    for (; set_ < count_; ++set_, row_ = 0) {
+      const Rows& r = sets_[set_];
+      if (row_ < r.n) {
+        const uintptr_t start = reinterpret_cast<uintptr_t>(r.first + row_ * r.ld + span_ * r.hs);
+        line_ = start / 64 * 64, end_ = start + r.bytes;
+        if (++span_ == r.spans) span_ = 0, ++row_;
+        return true;
+      }
+    }
+    return false;
+  }
+};
 
 template <typename T, typename KV>
 void run_fwd(const FlashParams& p) {
@@ -1060,7 +1098,27 @@ void run_fwd(const FlashParams& p) {
     lse[lse_index(p, sv, h, i)] = empty ? neg_inf : m_row + std::log(l_row);
   };
 
-  auto body = [&](int64_t task, Workspace& ws) {
+  // A packed-heads task's inputs (pack_heads): its Q rows and its one key block's K and V
+  // rows, of every head.
+  auto task_inputs = [&](int64_t row_task, Workspace& ws) {
+    const RowTask t = row_task_at(row_task);
+    const SeqView sv = seq_view(p, t.b);
+    const int64_t row0 = t.q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
+    const KeyRange keys = visible_keys(band(p, sv), row0, row0 + rows);
+    const int64_t first_col = keys.lo / 16 * 16, cols = std::max<int64_t>(0, std::min(block_k, keys.hi - first_col));
+    InputLines lines;
+    lines.add(q + sv.q_offset + t.h0 * p.q_head_stride + row0 * p.q_row_stride, rows, p.q_row_stride, heads_per_task,
+              p.q_head_stride, p.head_dim);
+    if (cols > 0) {
+      const KeyRows<T> kv = key_rows(p, sv, t.b, t.h0 / group, ws.paged);
+      const int64_t kv_heads = heads_per_task / group;
+      lines.add(kv.k_row(first_col), cols, p.k_row_stride, kv_heads, p.k_head_stride, p.head_dim);
+      lines.add(kv.v_row(first_col), cols, p.v_row_stride, kv_heads, p.v_head_stride, Dv);
+    }
+    return lines;
+  };
+
+  auto body = [&](int64_t task, int64_t next_task, Workspace& ws) {
     const int64_t row_task = task / splits, split = task % splits;
     const RowTask task_at = row_task_at(row_task);  // (plain names: the lambdas below capture them)
     const int64_t b = task_at.b, h0 = task_at.h0, q_block = task_at.q_block;
@@ -1100,18 +1158,15 @@ void run_fwd(const FlashParams& p) {
     const int64_t block_step = heads_together ? 1 : splits;
     int64_t block_index = heads_together ? split * run_blocks : split;
     const int64_t block_end = heads_together ? std::min(seq_blocks, block_index + run_blocks) : seq_blocks;
+    InputLines ahead;
+    int64_t ahead_per_row = 0;
     if constexpr (KV::PACKS_HEADS) {
       if (pack_heads > 1) {  // Q and the one key block's K and V of every head
         const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
         // All of them prefetched first, in memory order, in one burst: the reads then wait
         // on their lines together, not one by one in the packers (whose own prefetches
         // reach a few rows ahead in one head's panel).
-        prefetch_heads(q_rows(h0), rows, p.q_row_stride, heads_per_task, p.q_head_stride, p.head_dim);
-        if (cols > 0) {
-          const int64_t kv_heads = heads_per_task / group;
-          prefetch_heads(ws.keys[0].k_row(first_col), cols, p.k_row_stride, kv_heads, p.k_head_stride, p.head_dim);
-          prefetch_heads(ws.keys[0].v_row(first_col), cols, p.v_row_stride, kv_heads, p.v_head_stride, Dv);
-        }
+        task_inputs(row_task, ws).all(true);
         for (int64_t r0 = 0; r0 < rows; r0 += KV::Q_PART) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
             ws.kv[j]->load_q_part(p, q_rows(h0 + j), r0, std::min(KV::Q_PART, rows - r0));
@@ -1123,6 +1178,16 @@ void run_fwd(const FlashParams& p) {
           }
         }
         for (int64_t j = 0; j < heads_per_task; ++j) ws.kv[j]->use_kv(*ws.kv[j - j % group]);
+        // The thread's next task's inputs then prefetched (into L2) while this one works,
+        // a few lines after each panel, all of them by about half of its rows: without,
+        // every task waited on its inputs in its burst (a quarter to a third of packed
+        // short documents' time, the cores fetching lines no faster there than the
+        // products take them afterwards); into L1 they would evict this task's panels
+        // (measured: benchmarks/RESULTS.md).
+        if (next_task >= 0) {
+          ahead = task_inputs(next_task / splits, ws);
+          ahead_per_row = (2 * ahead.lines() + heads_per_task * rows - 1) / (heads_per_task * rows);
+        }
       }
     }
     // The online softmax of rows [r0, r1) of slot j (head h0 + j) over their scores srows
@@ -1312,9 +1377,11 @@ void run_fwd(const FlashParams& p) {
                                             band_fewest > count_kept ? count_kept : 0);
           const int64_t fewest = std::min(band_fewest, kept);
           kv.accumulate(r1 - r0, s + r0 * lds, lds, lo, seen.hi, fewest, o + r0 * ldo, ldo, fresh);
+          ahead.some(ahead_per_row * (r1 - r0), false);
         }
       }
     }
+    ahead.all(false);
 
     if (splits > 1) {  // this split's part of each head, merged below
       for (int64_t j = 0; j < heads_per_task; ++j) {
@@ -1337,8 +1404,9 @@ void run_fwd(const FlashParams& p) {
     if (stream_out) stream_fence();
   };
 
-  for_each_task(
-      row_tasks * splits, call_work, [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
+  for_each_task_ahead(
+      row_tasks * splits, call_work, pack_heads > 1,
+      [&] { return Workspace(p, block_q, block_k, num_q_blocks, heads_per_task); }, body);
 
   if (splits > 1) {  // out = sum_s O_s e^(m_s - m) / sum_s l_s e^(m_s - m), m = max_s m_s
     parallel_for(0, row_tasks * task_rows, 16, [&](int64_t begin, int64_t end) {
