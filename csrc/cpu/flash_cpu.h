@@ -961,15 +961,15 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
 template <typename MakeWorkspace, typename Body>
 inline void for_each_task_ahead(int64_t num_tasks, double work, bool claim_ahead, const MakeWorkspace& make_workspace,
                                 const Body& body) {
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> counter{0};
   const int64_t threads = work < PARALLEL_MIN_WORK ? 1 : torch::stable::get_num_threads();
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, num_tasks));
   parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto workspace = make_workspace();
-    for (int64_t t = next++; t < num_tasks;) {
-      const int64_t after = claim_ahead ? next++ : -1;
+    for (int64_t t = counter++; t < num_tasks;) {
+      const int64_t after = claim_ahead ? counter++ : -1;
       body(t, after < num_tasks ? after : -1, workspace);
-      t = claim_ahead ? after : next++;
+      t = claim_ahead ? after : counter++;
     }
   });
 }

@@ -525,8 +525,8 @@ struct RowOperands {
   // 16-bit rows whose heads lie side by side (a (B, S, Hk, D) cache or its pages) take
   // their share of the next block in memory order instead of their own head's rows: head
   // hk's products the rows hk * n + [0, n) of the block's n keys x Hk heads, so that the
-  // heads in turn prefetch the block front to back (bf16 one query 7-17 % faster than
-  // each head its own rows, which read D elements out of every Hk * D; fp32 rows 2-7 %
+  // heads in turn prefetch the block front to back (bf16 one query 2-23 % faster than
+  // each head its own rows, which read D elements out of every Hk * D; fp32 rows 2-12 %
   // slower: benchmarks/RESULTS.md).
   int64_t spread_next_block(const FlashParams& p, int64_t hk, const KeyRows<T>& keys, int64_t col, int64_t n) {
     k_ahead = v_ahead = {};
@@ -534,11 +534,15 @@ struct RowOperands {
     // reads, and these prefetches cost them 3-7 %.)
     const bool float_columns = std::is_same_v<T, float> && q_transposed;
     if (!SPREADS_AHEAD || n <= 0 || float_columns) return 0;
-    if (!ahead_rows) ahead_rows.reset(new const T*[4 * max_block_k]);
+    // (keys in the cache itself, rows p's strides apart: head 0's row of a key is then
+    // D elements before head 1's)
+    const int64_t Hk = p.num_heads_k;
+    const bool memory_order = sizeof(T) == 2 && Hk > 1 && p.k_head_stride == D && p.v_head_stride == Dv &&
+                              keys.k_stride == p.k_row_stride && keys.v_stride == p.v_row_stride;
+    if (!ahead_rows) ahead_rows.reset(new const T*[(sizeof(T) == 2 ? 4 : 2) * max_block_k]);
     const T** k_rows = ahead_rows.get();
     const T** v_rows = k_rows + max_block_k;
-    const int64_t Hk = p.num_heads_k;
-    if (sizeof(T) == 2 && Hk > 1 && p.k_head_stride == D && p.v_head_stride == Dv) {
+    if (memory_order) {
       const T** key_k = v_rows + max_block_k;  // key col + i's row of head 0
       const T** key_v = key_k + max_block_k;
       for_key_rows(keys, col, col + n, [&](int64_t j, const T* k_row, const T* v_row) {
@@ -1119,42 +1123,60 @@ void run_fwd(const FlashParams& p) {
     lse[lse_index(p, sv, h, i)] = empty ? neg_inf : m_row + std::log(l_row);
   };
 
-  // A packed-heads task's inputs (pack_heads): its Q rows and its one key block's K and V
-  // rows, of every head.
-  auto task_inputs = [&](int64_t row_task, Workspace& ws) {
-    const RowTask t = row_task_at(row_task);
-    const SeqView sv = seq_view(p, t.b);
-    const int64_t row0 = t.q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
-    const KeyRange keys = visible_keys(band(p, sv), row0, row0 + rows);
-    const int64_t first_col = keys.lo / 16 * 16, cols = std::max<int64_t>(0, std::min(block_k, keys.hi - first_col));
+  // Row task t: its sequence (view sv, band w), query rows [row0, row0 + rows) of its
+  // heads from h0, the keys they see, and its first key block's keys [first_col,
+  // first_col + first_cols) (key blocks start on a multiple of 16 keys, where the tiles'
+  // key panels start: keys before keys.lo are then clipped like any other invisible ones).
+  struct TaskRows {
+    RowTask at;
+    SeqView sv;
+    Band w;
+    int64_t row0, rows;
+    KeyRange keys;
+    int64_t first_col, first_cols;
+  };
+  auto task_rows_of = [&](int64_t row_task) {
+    TaskRows t;
+    t.at = row_task_at(row_task);
+    t.sv = seq_view(p, t.at.b);
+    t.w = band(p, t.sv);
+    t.row0 = t.at.q_block * KV::BLOCK_Q, t.rows = std::min(block_q, t.sv.seqlen_q - t.row0);
+    t.keys = visible_keys(t.w, t.row0, t.row0 + t.rows);
+    t.first_col = t.keys.lo / 16 * 16;
+    t.first_cols = std::max<int64_t>(0, std::min(block_k, t.keys.hi - t.first_col));
+    return t;
+  };
+
+  // A packed-heads task's inputs (pack_heads): the Q rows and the one key block's K and V
+  // rows of its heads. (Never paged, pack_heads, so key_rows does not gather into ws.paged:
+  // prefetching another task's inputs leaves this task's keys as they are.)
+  auto task_inputs = [&](const TaskRows& t, Workspace& ws) {
     InputLines lines;
-    lines.add(q + sv.q_offset + t.h0 * p.q_head_stride + row0 * p.q_row_stride, rows, p.q_row_stride, heads_per_task,
-              p.q_head_stride, p.head_dim);
-    if (cols > 0) {
-      const KeyRows<T> kv = key_rows(p, sv, t.b, t.h0 / group, ws.paged);
+    lines.add(q + t.sv.q_offset + t.at.h0 * p.q_head_stride + t.row0 * p.q_row_stride, t.rows, p.q_row_stride,
+              heads_per_task, p.q_head_stride, p.head_dim);
+    if (t.first_cols > 0) {
+      const KeyRows<T> kv = key_rows(p, t.sv, t.at.b, t.at.h0 / group, ws.paged);
       const int64_t kv_heads = heads_per_task / group;
-      lines.add(kv.k_row(first_col), cols, p.k_row_stride, kv_heads, p.k_head_stride, p.head_dim);
-      lines.add(kv.v_row(first_col), cols, p.v_row_stride, kv_heads, p.v_head_stride, Dv);
+      lines.add(kv.k_row(t.first_col), t.first_cols, p.k_row_stride, kv_heads, p.k_head_stride, p.head_dim);
+      lines.add(kv.v_row(t.first_col), t.first_cols, p.v_row_stride, kv_heads, p.v_head_stride, Dv);
     }
     return lines;
   };
 
   auto body = [&](int64_t task, int64_t next_task, Workspace& ws) {
     const int64_t row_task = task / splits, split = task % splits;
-    const RowTask task_at = row_task_at(row_task);  // (plain names: the lambdas below capture them)
-    const int64_t b = task_at.b, h0 = task_at.h0, q_block = task_at.q_block;
-    const SeqView sv = seq_view(p, b);
-    const Band w = band(p, sv);
-    const int64_t row0 = q_block * KV::BLOCK_Q, rows = std::min(block_q, sv.seqlen_q - row0);
-    const KeyRange keys = visible_keys(w, row0, row0 + rows);
+    const TaskRows task_at = task_rows_of(row_task);  // (plain names: the lambdas below capture them)
+    const int64_t b = task_at.at.b, h0 = task_at.at.h0;
+    const SeqView sv = task_at.sv;
+    const Band w = task_at.w;
+    const int64_t row0 = task_at.row0, rows = task_at.rows;
+    const KeyRange keys = task_at.keys;
     const int64_t lds = ws.lds, ldo = ws.kv[0]->o_stride();
     acc* s = ws.s.get();
 
-    // Key blocks start on a multiple of 16 keys, where the tiles' key panels start (keys
-    // before keys.lo are then clipped like any other invisible ones). A split takes every
-    // splits-th block, or, doing every head (whose blocks are small and cost the same), a
-    // run of neighbouring blocks, which it then reads front to back.
-    const int64_t first_col = keys.lo / 16 * 16;
+    // A split takes every splits-th key block, or, doing every head (whose blocks are small
+    // and cost the same), a run of neighbouring blocks, which it then reads front to back.
+    const int64_t first_col = task_at.first_col;
     const int64_t seq_blocks = keys.hi > first_col ? (keys.hi - first_col + block_k - 1) / block_k : 0;
     // Over one key block (short sequences, packed documents) a row's O gets one P V, from
     // the one panel the row is in: where the operands can store that product instead of
@@ -1183,11 +1205,11 @@ void run_fwd(const FlashParams& p) {
     int64_t ahead_per_row = 0;
     if constexpr (KV::PACKS_HEADS) {
       if (pack_heads > 1) {  // Q and the one key block's K and V of every head
-        const int64_t cols = seq_blocks > 0 ? std::min(block_k, keys.hi - first_col) : 0;
+        const int64_t cols = task_at.first_cols;
         // All of them prefetched first, in memory order, in one burst: the reads then wait
         // on their lines together, not one by one in the packers (whose own prefetches
         // reach a few rows ahead in one head's panel).
-        task_inputs(row_task, ws).all(true);
+        task_inputs(task_at, ws).all(true);
         for (int64_t r0 = 0; r0 < rows; r0 += KV::Q_PART) {
           for (int64_t j = 0; j < heads_per_task; ++j) {
             ws.kv[j]->load_q_part(p, q_rows(h0 + j), r0, std::min(KV::Q_PART, rows - r0));
@@ -1206,7 +1228,7 @@ void run_fwd(const FlashParams& p) {
         // products take them afterwards); into L1 they would evict this task's panels
         // (measured: benchmarks/RESULTS.md).
         if (next_task >= 0) {
-          ahead = task_inputs(next_task / splits, ws);
+          ahead = task_inputs(task_rows_of(next_task / splits), ws);
           ahead_per_row = (2 * ahead.lines() + heads_per_task * rows - 1) / (heads_per_task * rows);
         }
       }
@@ -1272,7 +1294,8 @@ void run_fwd(const FlashParams& p) {
     const int64_t count_kept = p.bias || p.dropout_p > 0.f ? ExactPKeys<KV>::value : 0;
 
     // Decoding across heads: the next block's K and V rows of slot j's KV head (dense or
-    // paged; once, at the first of its query heads) prefetched (into L2 / L3) while the
+    // paged; once, at the first of its query heads; 16-bit rows with heads side by side:
+    // its share of every head's rows, spread_next_block) prefetched (into L2 / L3) while the
     // head works on this block: by its products, a few rows at a time, where they take them
     // (spread_next_block: AVX-512), else, 16-bit rows, in one burst now. Without, the rows
     // arrive late; a burst stalls the products behind it while it waits for miss buffers.
