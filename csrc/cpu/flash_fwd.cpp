@@ -548,10 +548,11 @@ struct RowOperands {
       for_key_rows(keys, col, col + n, [&](int64_t j, const T* k_row, const T* v_row) {
         key_k[j - col] = k_row - hk * D, key_v[j - col] = v_row - hk * Dv;
       });
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = hk * n + i;  // (key at / Hk, head at % Hk)
-        k_rows[i] = key_k[at / Hk] + at % Hk * D;
-        v_rows[i] = key_v[at / Hk] + at % Hk * Dv;
+      // (row hk * n + i: key (hk * n + i) / Hk, head (hk * n + i) % Hk; counted, not divided)
+      for (int64_t i = 0, key = hk * n / Hk, head = hk * n % Hk; i < n; ++i) {
+        k_rows[i] = key_k[key] + head * D;
+        v_rows[i] = key_v[key] + head * Dv;
+        if (++head == Hk) head = 0, ++key;
       }
     } else {
       for_key_rows(keys, col, col + n, [&](int64_t j, const T* k_row, const T* v_row) {
