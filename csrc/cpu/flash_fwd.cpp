@@ -539,7 +539,7 @@ struct RowOperands {
     const int64_t Hk = p.num_heads_k;
     const bool memory_order = sizeof(T) == 2 && Hk > 1 && p.k_head_stride == D && p.v_head_stride == Dv &&
                               keys.k_stride == p.k_row_stride && keys.v_stride == p.v_row_stride;
-    if (!ahead_rows) ahead_rows.reset(new const T*[(sizeof(T) == 2 ? 4 : 2) * max_block_k]);
+    if (!ahead_rows) ahead_rows.reset(new const T*[4 * max_block_k]);
     const T** k_rows = ahead_rows.get();
     const T** v_rows = k_rows + max_block_k;
     if (memory_order) {
