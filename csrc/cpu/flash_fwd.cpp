@@ -654,13 +654,14 @@ struct RowOperands {
     }
   }
 
-  // for_column_groups, each group of keys first prefetching its rows of k_ahead (ahead_of).
+  // for_column_groups, each group of keys prefetching its rows of k_ahead (ahead_of) as it
+  // goes: f(krow, n, c, lines) steps `lines` through its products.
   template <typename F>
   void column_groups(int64_t lo, int64_t hi, const F& f) const {
     for_column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
-      const tiles::RowsAhead<T> ahead = ahead_of(k_ahead, c, c + n);
-      tiles::prefetch_ahead(ahead, 0, ahead.n, 0, D * static_cast<int64_t>(sizeof(T)));
-      f(krow, n, c);
+      tiles::AheadLines<T> lines(ahead_of(k_ahead, c, c + n), D * static_cast<int64_t>(sizeof(T)));
+      f(krow, n, c, lines);
+      lines.rest();
     });
   }
 
@@ -668,8 +669,8 @@ struct RowOperands {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (q_transposed && tiles::use_columns(rows)) {
-        column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c) {
-          tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds);
+        column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c, tiles::AheadLines<T>& lines) {
+          tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds, lines);
         });
         return;
       }
@@ -775,8 +776,9 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
     if (qb_transposed && tiles::use_columns(rows)) {
-      column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
-        tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow, n, D, scale, s + c, lds);
+      column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c,
+                                tiles::AheadLines<c10::BFloat16>& lines) {
+        tiles_bf16::rows::column_scores(qb_transposed.get(), rows, krow, n, D, scale, s + c, lds, lines);
       });
       return;
     }
@@ -798,8 +800,10 @@ struct DotRowOperands : RowOperands<c10::BFloat16> {
   void column_block(int64_t rows, int64_t lo, int64_t hi, const int32_t* key_lo, const int32_t* key_hi, float* m,
                     float* l, float* o, int64_t ldo) const {
     float* st = block_columns.get();
-    column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c) {
-      tiles_bf16::rows::column_scores_to(qb_transposed.get(), krow, n, D, scale, st + (c - lo) * tiles::COLUMN_ROWS);
+    column_groups(lo, hi, [&](const c10::BFloat16* const* krow, int64_t n, int64_t c,
+                              tiles::AheadLines<c10::BFloat16>& lines) {
+      tiles_bf16::rows::column_scores_to(qb_transposed.get(), krow, n, D, scale, st + (c - lo) * tiles::COLUMN_ROWS,
+                                         lines);
     });
     if (key_lo) tiles::mask_columns(st, hi - lo, key_lo, key_hi);
     column_softmax(st, hi - lo, rows, m, l, o, ldo, Dv);

@@ -173,6 +173,26 @@ inline void prefetch_ahead(const RowsAhead<T>& ahead, int64_t r0, int64_t r1, in
   }
 }
 
+// The lines of `ahead`'s rows (bytes [0, bytes) of each), prefetched into L2 one per
+// step(), row after row: a product's loop takes a step per iteration, so that the lines go
+// out while it computes (a burst of them before it stalled the products behind the miss
+// buffers: benchmarks/RESULTS.md); rest() prefetches those its loop left.
+template <typename T>
+struct AheadLines {
+  const T* const* rows;
+  int64_t n, bytes, row = 0, at = 0;
+  AheadLines(const RowsAhead<T>& ahead, int64_t row_bytes) : rows(ahead.rows), n(ahead.n), bytes(row_bytes) {}
+  __attribute__((always_inline)) void step() {
+    if (row >= n) return;
+    __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + at, 0, 1);
+    at += 64;
+    if (at >= bytes) at = 0, ++row;
+  }
+  void rest() {
+    while (row < n) step();
+  }
+};
+
 // sum + q[t] k[t] for t in [e, d), one by one: the tails of the dot products below. One
 // fused multiply-add per element, in order: `sum += q * k` let GCC vectorise the products
 // and round them apart from the sums, differently for each vector width (the AVX2 and
@@ -562,14 +582,15 @@ __attribute__((always_inline)) inline void column_scores_to_by(const K* const* k
 // s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
 // rows transposed (transpose_rows, q already scaled), key j's float row at krow[j]; each
 // lane the FMAs of its row's d products in element order, 8 keys in flight (8 chains cover
-// the FMA latency).
+// the FMA latency); a line of `ahead` prefetched per element.
 inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
-                          int64_t lds) {
+                          int64_t lds, AheadLines<float>& ahead) {
   column_scores_by(krow, rows, n, 1.f, s, lds, [&](const float* const* k, __m512* cols) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t e = 0; e < d; ++e) {
+      ahead.step();
       const __m512 qv = _mm512_load_ps(qt + e * COLUMN_ROWS);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(k[j][e]), acc[j]);

@@ -445,13 +445,14 @@ inline void transpose_rows(const c10::BFloat16* q, int64_t rows, int64_t d, uint
 
 // The dots of column_scores on bf16 pairs (tiles::column_dots_by's `dots`): qt the query
 // pairs transposed (transpose_rows), each lane summing its row's pair products in order,
-// 8 keys in flight.
-inline auto pair_dots(const uint32_t* qt, int64_t d) {
-  return [qt, d](const c10::BFloat16* const* k, __m512* cols) __attribute__((always_inline)) {
+// 8 keys in flight; a line of `ahead` prefetched per pair.
+inline auto pair_dots(const uint32_t* qt, int64_t d, tiles::AheadLines<c10::BFloat16>& ahead) {
+  return [qt, d, &ahead](const c10::BFloat16* const* k, __m512* cols) __attribute__((always_inline)) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t t = 0; t < d / 2; ++t) {
+      ahead.step();
       const __m512bh qv = as_bh(_mm512_loadu_si512(qt + t * tiles::COLUMN_ROWS));
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
@@ -468,15 +469,15 @@ inline auto pair_dots(const uint32_t* qt, int64_t d) {
 // tiles::column_scores for bf16 rows on pairs (calls no backward follows; d even, as the
 // dot rows' whole 32s are): s[r * lds + j] = scale * q_r . k_j.
 inline void column_scores(const uint32_t* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
-                          float scale, float* s, int64_t lds) {
-  tiles::column_scores_by(krow, rows, n, scale, s, lds, pair_dots(qt, d));
+                          float scale, float* s, int64_t lds, tiles::AheadLines<c10::BFloat16>& ahead) {
+  tiles::column_scores_by(krow, rows, n, scale, s, lds, pair_dots(qt, d, ahead));
 }
 
 // The same scores of keys [0, n) (n at most 16) left in columns for a block's
 // column_softmax: st[j * COLUMN_ROWS + r] = scale * q_r . k_j.
 inline void column_scores_to(const uint32_t* qt, const c10::BFloat16* const* krow, int64_t n, int64_t d, float scale,
-                             float* st) {
-  tiles::column_scores_to_by(krow, n, scale, st, pair_dots(qt, d));
+                             float* st, tiles::AheadLines<c10::BFloat16>& ahead) {
+  tiles::column_scores_to_by(krow, n, scale, st, pair_dots(qt, d, ahead));
 }
 
 // P in columns (st[j * COLUMN_ROWS + r], j < n) as key pairs transposed: ppt[t *
