@@ -174,8 +174,8 @@ inline void prefetch_ahead(const RowsAhead<T>& ahead, int64_t r0, int64_t r1, in
 }
 
 // The lines of `ahead`'s rows (bytes [0, bytes) of each), prefetched into L2 one per
-// step(), row after row: a product's loop takes a step per iteration, so that the lines go
-// out while it computes (a burst of them before it stalled the products behind the miss
+// step(), row after row: a product's loop takes steps as it goes, so that the lines go out
+// while it computes (a burst of them before it stalled the products behind the miss
 // buffers: benchmarks/RESULTS.md); rest() prefetches those its loop left.
 template <typename T>
 struct AheadLines {
@@ -582,7 +582,8 @@ __attribute__((always_inline)) inline void column_scores_to_by(const K* const* k
 // s[r * lds + j] = q_r . k_j for r < rows (at most COLUMN_ROWS), j < n (at most 16): qt the
 // rows transposed (transpose_rows, q already scaled), key j's float row at krow[j]; each
 // lane the FMAs of its row's d products in element order, 8 keys in flight (8 chains cover
-// the FMA latency); a line of `ahead` prefetched per element.
+// the FMA latency); a line of `ahead` prefetched every other element (16 rows of `ahead`
+// take a 16-key group's two calls of 8 keys).
 inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
                           int64_t lds, AheadLines<float>& ahead) {
   column_scores_by(krow, rows, n, 1.f, s, lds, [&](const float* const* k, __m512* cols) {
@@ -590,7 +591,7 @@ inline void column_scores(const float* qt, int64_t rows, const float* const* kro
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t e = 0; e < d; ++e) {
-      ahead.step();
+      if (e & 1) ahead.step();
       const __m512 qv = _mm512_load_ps(qt + e * COLUMN_ROWS);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(k[j][e]), acc[j]);

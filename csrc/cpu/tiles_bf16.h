@@ -445,14 +445,15 @@ inline void transpose_rows(const c10::BFloat16* q, int64_t rows, int64_t d, uint
 
 // The dots of column_scores on bf16 pairs (tiles::column_dots_by's `dots`): qt the query
 // pairs transposed (transpose_rows), each lane summing its row's pair products in order,
-// 8 keys in flight; a line of `ahead` prefetched per pair.
+// 8 keys in flight; a line of `ahead` prefetched every other pair (16 rows of `ahead` take
+// a 16-key group's two calls).
 inline auto pair_dots(const uint32_t* qt, int64_t d, tiles::AheadLines<c10::BFloat16>& ahead) {
   return [qt, d, &ahead](const c10::BFloat16* const* k, __m512* cols) __attribute__((always_inline)) {
     __m512 acc[8];
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t t = 0; t < d / 2; ++t) {
-      ahead.step();
+      if (t & 1) ahead.step();
       const __m512bh qv = as_bh(_mm512_loadu_si512(qt + t * tiles::COLUMN_ROWS));
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
@@ -514,11 +515,13 @@ __attribute__((always_inline)) inline void add_in_order(__m512 lo, __m512 hi, fl
 // registers, put back in column order and added to o. A last odd key's partner is a zero row.
 template <int M, typename VRow>
 __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t row_step, int64_t pair_step,
-                                                    const VRow& vrow, int64_t n, float* o, int64_t ldo) {
+                                                    const VRow& vrow, int64_t n, float* o, int64_t ldo,
+                                                    tiles::AheadLines<c10::BFloat16>& lines) {
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   for (int64_t t = 0; 2 * t < n; ++t) {
+    lines.step();
     const __m512i v0 = _mm512_loadu_si512(vrow(2 * t));
     const __m512i v1 = 2 * t + 1 < n ? _mm512_loadu_si512(vrow(2 * t + 1)) : _mm512_setzero_si512();
     const __m512bh a = as_bh(_mm512_unpacklo_epi16(v0, v1)), b = as_bh(_mm512_unpackhi_epi16(v0, v1));
@@ -536,29 +539,30 @@ __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t 
 
 // o[r * ldo + e] += sum_k bf16(p[r][k]) v[k][e] for r < rows, k < n, e < dv (dv a multiple
 // of 32), P as pv_strip's pairs: strips of 32 columns for up to 8 rows at a time (the
-// block's V rows stay in L1 across the strips); the first 8 rows' strips each prefetch
-// their 32 columns of the rows `ahead`.
+// block's V rows stay in L1 across the strips); each strip's key pairs prefetch a line of
+// the rows `ahead` (tiles::AheadLines), the lines left at the end all together.
 template <typename VRow>
 inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, int64_t rows, const VRow& vrow,
                      int64_t n, int64_t dv, float* o, int64_t ldo, const RowsAhead& ahead) {
+  tiles::AheadLines<c10::BFloat16> lines(ahead, 2 * dv);
   for (int64_t r = 0; r < rows; r += 8) {
     const uint32_t* pr = pp + r * row_step;
     float* orow = o + r * ldo;
     for (int64_t c0 = 0; c0 < dv; c0 += 32) {
-      if (r == 0) prefetch_ahead(ahead, 0, ahead.n, 2 * c0, 2 * c0 + 64);
       auto vcol = [&](int64_t k) { return vrow(k) + c0; };
       switch (std::min<int64_t>(8, rows - r)) {
-        case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 7: pv_strip<7>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 6: pv_strip<6>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 5: pv_strip<5>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 4: pv_strip<4>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 3: pv_strip<3>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        case 2: pv_strip<2>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
-        default: pv_strip<1>(pr, row_step, pair_step, vcol, n, orow + c0, ldo); break;
+        case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 7: pv_strip<7>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 6: pv_strip<6>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 5: pv_strip<5>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 4: pv_strip<4>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 3: pv_strip<3>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 2: pv_strip<2>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        default: pv_strip<1>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
       }
     }
   }
+  lines.rest();
 }
 
 // o[r * ldo + e] += sum_k bf16(p[r * ldp + k]) v[k * ldv + e] for r < rows, k < n, e < dv
