@@ -204,8 +204,8 @@ def test_gqa_rows_packed_per_sequence(dtype, page_size, seqlen_q):
     # taken per sequence from its own cache length (bottom-right, after its left padding).
     # Out and lse are bitwise the call with K / V repeated per query head (no packing;
     # under 512 keys one head per task either way, one key split) up to 8 rows; 12 rows
-    # take column scores (csrc/cpu/tiles.h column_scores, float), which sum each score in
-    # another order: there the two agree within rounding.
+    # take column scores in the AVX-512 kernels (csrc/cpu/tiles.h column_scores, float),
+    # which sum each score in another order: there the two agree within rounding.
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(3, seqlen_q, 8, 40, generator=gen).to(dtype)
     k_cache, v_cache = (torch.randn(3, 300, 2, 40, generator=gen).to(dtype) for _ in range(2))

@@ -181,7 +181,10 @@ template <typename T>
 struct AheadLines {
   const T* const* rows;
   int64_t n, bytes, row = 0, at = 0;
-  AheadLines(const RowsAhead<T>& ahead, int64_t row_bytes) : rows(ahead.rows), n(ahead.n), bytes(row_bytes) {}
+  AheadLines(const RowsAhead<T>& ahead, int64_t row_bytes)
+      : rows(ahead.rows), n(row_bytes > 0 ? ahead.n : 0), bytes(row_bytes) {}
+  // Lines per row.
+  int64_t row_lines() const { return (bytes + 63) / 64; }
   __attribute__((always_inline)) void step() {
     if (row >= n) return;
     __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + at, 0, 1);

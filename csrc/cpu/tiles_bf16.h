@@ -516,12 +516,12 @@ __attribute__((always_inline)) inline void add_in_order(__m512 lo, __m512 hi, fl
 template <int M, typename VRow>
 __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t row_step, int64_t pair_step,
                                                     const VRow& vrow, int64_t n, float* o, int64_t ldo,
-                                                    tiles::AheadLines<c10::BFloat16>& lines) {
+                                                    tiles::AheadLines<c10::BFloat16>& lines, int64_t steps) {
   __m512 lo[M], hi[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
   for (int64_t t = 0; 2 * t < n; ++t) {
-    lines.step();
+    for (int64_t i = 0; i < steps; ++i) lines.step();
     const __m512i v0 = _mm512_loadu_si512(vrow(2 * t));
     const __m512i v1 = 2 * t + 1 < n ? _mm512_loadu_si512(vrow(2 * t + 1)) : _mm512_setzero_si512();
     const __m512bh a = as_bh(_mm512_unpacklo_epi16(v0, v1)), b = as_bh(_mm512_unpackhi_epi16(v0, v1));
@@ -539,26 +539,30 @@ __attribute__((always_inline)) inline void pv_strip(const uint32_t* pp, int64_t 
 
 // o[r * ldo + e] += sum_k bf16(p[r][k]) v[k][e] for r < rows, k < n, e < dv (dv a multiple
 // of 32), P as pv_strip's pairs: strips of 32 columns for up to 8 rows at a time (the
-// block's V rows stay in L1 across the strips); each strip's key pairs prefetch a line of
-// the rows `ahead` (tiles::AheadLines), the lines left at the end all together.
+// block's V rows stay in L1 across the strips); the key pairs of every strip prefetch the
+// rows `ahead` a line or two at a time (tiles::AheadLines), spread over all of them.
 template <typename VRow>
 inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, int64_t rows, const VRow& vrow,
                      int64_t n, int64_t dv, float* o, int64_t ldo, const RowsAhead& ahead) {
   tiles::AheadLines<c10::BFloat16> lines(ahead, 2 * dv);
+  // (lines per key pair of a strip: e.g. 16 rows of 128 columns ahead, 16 keys: 1 for
+  // 9-16 rows, 2 for up to 8)
+  const int64_t pair_steps = (rows + 7) / 8 * (dv / 32) * ((n + 1) / 2);
+  const int64_t steps = pair_steps > 0 ? (lines.n * lines.row_lines() + pair_steps - 1) / pair_steps : 0;
   for (int64_t r = 0; r < rows; r += 8) {
     const uint32_t* pr = pp + r * row_step;
     float* orow = o + r * ldo;
     for (int64_t c0 = 0; c0 < dv; c0 += 32) {
       auto vcol = [&](int64_t k) { return vrow(k) + c0; };
       switch (std::min<int64_t>(8, rows - r)) {
-        case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 7: pv_strip<7>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 6: pv_strip<6>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 5: pv_strip<5>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 4: pv_strip<4>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 3: pv_strip<3>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        case 2: pv_strip<2>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
-        default: pv_strip<1>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines); break;
+        case 8: pv_strip<8>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 7: pv_strip<7>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 6: pv_strip<6>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 5: pv_strip<5>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 4: pv_strip<4>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 3: pv_strip<3>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        case 2: pv_strip<2>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
+        default: pv_strip<1>(pr, row_step, pair_step, vcol, n, orow + c0, ldo, lines, steps); break;
       }
     }
   }
