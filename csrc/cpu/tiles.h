@@ -676,7 +676,8 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 template <int M, int W, bool MASKED, bool PREFETCH, typename T, bool SUMS = false>
 __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
                                                     float* o, int64_t ldo, const __mmask16* mask, const T* next,
-                                                    int64_t next_len, int64_t fetch_n) {
+                                                    int64_t next_len, int64_t fetch_n, AheadLines<T>& lines,
+                                                    int64_t steps) {
   // Whole bf16 strips in pairs of registers: c[r][2i] the even columns of 32, c[r][2i + 1]
   // the odd ones, so one 64-byte load of 32 V elements widens with a shift (even) and a
   // mask (odd) instead of two zero-extensions and shifts; the outputs are split into even
@@ -716,6 +717,7 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
     if constexpr (PREFETCH) {
       if (k < fetch_n) prefetch_row(next + k * ldv, next_len);
     }
+    for (int64_t i = 0; i < steps; ++i) lines.step();
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(p[r * ldp + k]);
@@ -749,12 +751,14 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
 // row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
 // strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
 // strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns);
-// the first chunk's strips each prefetch their columns of the rows `ahead`.
+// each key of a strip takes `steps` steps through `lines` (row_pv_groups').
 // With SUMS, o holds running sums that the keys continue (row_pv_sums).
+// (row_pv_m's strips for M rows: W registers of 16 columns each)
+constexpr int row_pv_width(int64_t m) { return m <= 2 ? 8 : (m <= 4 ? 4 : 2); }
 template <int M, typename T, bool SUMS = false>
 inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
-                     int64_t ldo, const RowsAhead<T>& ahead) {
-  constexpr int W = M <= 2 ? 8 : (M <= 4 ? 4 : 2);
+                     int64_t ldo, AheadLines<T>& lines, int64_t steps) {
+  constexpr int W = row_pv_width(M);
   constexpr int64_t CHUNK = ROW_PV_CHUNK, STRIP = W * NR;
   const int64_t AHEAD = std::clamp<int64_t>(ROW_AHEAD_BYTES / (dv * sizeof(T)), 4, 32);
   const int64_t full = dv / STRIP * STRIP;
@@ -770,16 +774,13 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
     const float* pk = p + k0;
     const T* vk = v + k0 * ldv;
     for (int64_t j = 0; j < dv; j += STRIP) {
-      if (k0 == 0) {
-        prefetch_ahead(ahead, 0, ahead.n, j * static_cast<int64_t>(sizeof(T)),
-                       std::min(j + STRIP, dv) * static_cast<int64_t>(sizeof(T)));
-      }
       auto strip = [&](auto masked) {
         constexpr bool MASKED = decltype(masked)::value;
         if (j == 0 && fetched > 0) {
-          pv_strip<M, W, MASKED, true, T, SUMS>(pk, ldp, vk, ldv, keys, o, ldo, mask, vk + AHEAD * ldv, dv, fetched);
+          pv_strip<M, W, MASKED, true, T, SUMS>(pk, ldp, vk, ldv, keys, o, ldo, mask, vk + AHEAD * ldv, dv, fetched,
+                                                lines, steps);
         } else {
-          pv_strip<M, W, MASKED, false, T, SUMS>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0, 0);
+          pv_strip<M, W, MASKED, false, T, SUMS>(pk, ldp, vk + j, ldv, keys, o + j, ldo, mask, vk, 0, 0, lines, steps);
         }
       };
       if (j < full) {
@@ -791,25 +792,34 @@ inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64
   }
 }
 // row_pv_m over `rows` rows in groups of up to 8 (GQA-packed views: up to 16 rows), the
-// first group prefetching the rows `ahead`.
+// rows `ahead` prefetched through every group's strips a few lines a key (AheadLines; a
+// burst per strip of the first group before, which stalled the products behind it: float
+// one query 6-12% slower, benchmarks/RESULTS.md).
 template <typename T, bool SUMS>
 inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
                           float* o, int64_t ldo, const RowsAhead<T>& ahead) {
+  AheadLines<T> lines(ahead, dv * static_cast<int64_t>(sizeof(T)));
+  int64_t key_steps = 0;  // (every group's strips' keys)
+  for (int64_t r = 0; r < rows; r += 8) {
+    const int64_t strip = row_pv_width(std::min<int64_t>(8, rows - r)) * NR;
+    key_steps += (dv + strip - 1) / strip * n;
+  }
+  const int64_t steps = key_steps > 0 ? (lines.n * lines.row_lines() + key_steps - 1) / key_steps : 0;
   for (int64_t r = 0; r < rows; r += 8) {
     const float* pr = p + r * ldp;
     float* orow = o + r * ldo;
-    const RowsAhead<T> a = r == 0 ? ahead : RowsAhead<T>{};
     switch (std::min<int64_t>(8, rows - r)) {
-      case 8: row_pv_m<8, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 7: row_pv_m<7, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 6: row_pv_m<6, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 5: row_pv_m<5, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 4: row_pv_m<4, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 3: row_pv_m<3, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      case 2: row_pv_m<2, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
-      default: row_pv_m<1, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, a); break;
+      case 8: row_pv_m<8, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 7: row_pv_m<7, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 6: row_pv_m<6, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 5: row_pv_m<5, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 4: row_pv_m<4, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 3: row_pv_m<3, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      case 2: row_pv_m<2, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
+      default: row_pv_m<1, T, SUMS>(pr, ldp, v, ldv, n, dv, orow, ldo, lines, steps); break;
     }
   }
+  lines.rest();
 }
 #else
 // sums[r * lds + e] += sum_k p[r * ldp + k] v[k * ldv + e] for r < rows, k < n, e < dv, key
