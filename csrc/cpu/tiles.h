@@ -670,9 +670,10 @@ __attribute__((always_inline)) inline void pv_tile(const float* p, int64_t ldp, 
 // the M rows. Per output element the FMAs of axpy (into row_pv's zeroed sums) / pv_tile
 // in the same key order (bitwise theirs).
 // With PREFETCH, also prefetches next_len elements at next + k * ldv at each of the first
-// fetch_n steps. With SUMS, o holds running sums instead: they are loaded, the keys' FMAs
-// continue them and they are stored back (o = o + sum over the keys in one chain, where
-// the default adds a sum from 0 to o), so that a chunk's sums can be taken in parts.
+// fetch_n steps; every key takes `steps` steps of `lines`. With SUMS, o holds running sums
+// instead: they are loaded, the keys' FMAs continue them and they are stored back (o = o +
+// sum over the keys in one chain, where the default adds a sum from 0 to o), so that a
+// chunk's sums can be taken in parts.
 template <int M, int W, bool MASKED, bool PREFETCH, typename T, bool SUMS = false>
 __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n,
                                                     float* o, int64_t ldo, const __mmask16* mask, const T* next,
@@ -748,13 +749,14 @@ __attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ldp,
   }
 }
 
+// row_pv_m's strips for m rows: W registers of 16 columns each.
+constexpr int row_pv_width(int64_t m) { return m <= 2 ? 8 : (m <= 4 ? 4 : 2); }
+
 // row_pv for M rows: strips of W * 16 output columns (M * W <= 16 registers; the last
 // strip masked), keys in chunks of CHUNK so a chunk's V rows stay in L1 across the
 // strips, the first strip of a chunk prefetching the V rows AHEAD keys on (all columns);
 // each key of a strip takes `steps` steps through `lines` (row_pv_groups').
 // With SUMS, o holds running sums that the keys continue (row_pv_sums).
-// (row_pv_m's strips for M rows: W registers of 16 columns each)
-constexpr int row_pv_width(int64_t m) { return m <= 2 ? 8 : (m <= 4 ? 4 : 2); }
 template <int M, typename T, bool SUMS = false>
 inline void row_pv_m(const float* p, int64_t ldp, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                      int64_t ldo, AheadLines<T>& lines, int64_t steps) {
@@ -863,8 +865,8 @@ inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int
 // row_pv_m's register strips (up to 128 columns of a row in 16-lane registers, no per-key
 // loads and stores of the outputs): the same FMAs per output element in the same order,
 // so bitwise the 8-lane code's.
-// (The rows `ahead`: row_pv_m's prefetches; without AVX-512 none are passed: the row
-// operands' SPREADS_AHEAD.)
+// (The rows `ahead`: prefetched through row_pv_m's strips, row_pv_groups; without AVX-512
+// none are passed: the row operands' SPREADS_AHEAD.)
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo, const RowsAhead<T>& ahead = {}) {
