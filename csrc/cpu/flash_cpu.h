@@ -361,14 +361,20 @@ struct KeyRows {
 
 // Paged K/V (block_table) gathered into contiguous rows, one (sequence, kv head) per
 // thread at a time (tasks of one head come in a row): the products then read it as they
-// read a dense head.
+// read a dense head. Room for the most keys a sequence uses, not the table's capacity
+// (a table may reuse pages: more than 2^30 slots in a few MB).
 template <typename T>
 struct PagedHead {
   Scratch<T> k, v;
   int64_t head = -1;  // the gathered b * Hk + hk
   PagedHead(const FlashParams& p, bool used)
-      : k(scratch<T>(p.block_table && used ? p.seqlen_k * p.head_dim : 0)),
-        v(scratch<T>(p.block_table && used ? p.seqlen_k * p.head_dim_v : 0)) {}
+      : PagedHead(p.block_table && used ? most_keys(p) : 0, p.head_dim, p.head_dim_v) {}
+  PagedHead(int64_t keys, int64_t d, int64_t dv) : k(scratch<T>(keys * d)), v(scratch<T>(keys * dv)) {}
+  static int64_t most_keys(const FlashParams& p) {
+    int64_t keys = 0;
+    for (int64_t b = 0; b < p.batch; ++b) keys = std::max(keys, seq_view(p, b).seqlen_k);
+    return keys;
+  }
 
   // All keys of kv head hk of sequence b.
   KeyRows<T> rows(const FlashParams& p, const SeqView& s, int64_t b, int64_t hk) {
