@@ -368,8 +368,8 @@ struct PagedHead {
   Scratch<T> k, v;
   int64_t head = -1;  // the gathered b * Hk + hk
   PagedHead(const FlashParams& p, bool used)
-      : PagedHead(p.block_table && used ? most_keys(p) : 0, p.head_dim, p.head_dim_v) {}
-  PagedHead(int64_t keys, int64_t d, int64_t dv) : k(scratch<T>(keys * d)), v(scratch<T>(keys * dv)) {}
+      : k(scratch<T>(p.block_table && used ? most_keys(p) * p.head_dim : 0)),
+        v(scratch<T>(p.block_table && used ? most_keys(p) * p.head_dim_v : 0)) {}
   static int64_t most_keys(const FlashParams& p) {
     int64_t keys = 0;
     for (int64_t b = 0; b < p.batch; ++b) keys = std::max(keys, seq_view(p, b).seqlen_k);

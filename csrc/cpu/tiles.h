@@ -183,8 +183,10 @@ struct AheadLines {
   int64_t n, bytes, row = 0, at = 0;
   AheadLines(const RowsAhead<T>& ahead, int64_t row_bytes)
       : rows(ahead.rows), n(row_bytes > 0 ? ahead.n : 0), bytes(row_bytes) {}
-  // Lines per row.
-  int64_t row_lines() const { return (bytes + 63) / 64; }
+  // Steps per iteration that spread every line over a loop of `iterations` (0 for none).
+  int64_t steps_over(int64_t iterations) const {
+    return iterations > 0 ? (n * ((bytes + 63) / 64) + iterations - 1) / iterations : 0;
+  }
   __attribute__((always_inline)) void step() {
     if (row >= n) return;
     __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + at, 0, 1);
@@ -806,7 +808,7 @@ inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v,
     const int64_t strip = row_pv_width(std::min<int64_t>(8, rows - r)) * NR;
     key_steps += (dv + strip - 1) / strip * n;
   }
-  const int64_t steps = key_steps > 0 ? (lines.n * lines.row_lines() + key_steps - 1) / key_steps : 0;
+  const int64_t steps = lines.steps_over(key_steps);
   for (int64_t r = 0; r < rows; r += 8) {
     const float* pr = p + r * ldp;
     float* orow = o + r * ldo;

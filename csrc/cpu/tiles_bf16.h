@@ -547,8 +547,7 @@ inline void pv_pairs(const uint32_t* pp, int64_t row_step, int64_t pair_step, in
   tiles::AheadLines<c10::BFloat16> lines(ahead, 2 * dv);
   // (lines per key pair of a strip: e.g. 16 rows of 128 columns ahead, 16 keys: 1 for
   // 9-16 rows, 2 for up to 8)
-  const int64_t pair_steps = (rows + 7) / 8 * (dv / 32) * ((n + 1) / 2);
-  const int64_t steps = pair_steps > 0 ? (lines.n * lines.row_lines() + pair_steps - 1) / pair_steps : 0;
+  const int64_t steps = lines.steps_over((rows + 7) / 8 * (dv / 32) * ((n + 1) / 2));
   for (int64_t r = 0; r < rows; r += 8) {
     const uint32_t* pr = pp + r * row_step;
     float* orow = o + r * ldo;
