@@ -460,12 +460,13 @@ struct RowOperands {
   // Decoding across heads (run_fwd's heads_together): the next block's K and V rows of this
   // head (or its share of the block's, spread_next_block), which this block's products
   // prefetch as they go (the rows' addresses in ahead_rows: max_block_k of K's, then V's,
-  // then spread_next_block's key rows). AVX-512 builds only (the AVX2 products were not
-  // measured with it).
+  // then spread_next_block's key rows). The AVX2 build spreads 16-bit rows only: float rows
+  // were 8-16 % slower that way on Zen 3 than with no prefetch at all, 16-bit rows 2-23 %
+  // faster than with the burst (benchmarks/RESULTS.md).
 #ifdef __AVX512F__
   static constexpr bool SPREADS_AHEAD = true;
 #else
-  static constexpr bool SPREADS_AHEAD = false;
+  static constexpr bool SPREADS_AHEAD = sizeof(T) == 2;
 #endif
   tiles::RowsAhead<T> k_ahead, v_ahead;
   std::unique_ptr<const T*[]> ahead_rows;
@@ -1302,7 +1303,8 @@ void run_fwd(const FlashParams& p) {
     // paged; once, at the first of its query heads; 16-bit rows with heads side by side:
     // its share of every head's rows, spread_next_block) prefetched (into L2 / L3) while the
     // head works on this block: by its products, a few rows at a time, where they take them
-    // (spread_next_block: AVX-512), else, 16-bit rows, in one burst now. Without, the rows
+    // (spread_next_block: AVX-512, and 16-bit rows on AVX2), else, 16-bit rows, in one burst
+    // now (float rows on AVX2: none, RowOperands::SPREADS_AHEAD). Without, the rows
     // arrive late; a burst stalls the products behind it while it waits for miss buffers.
     // Measured from memory: bf16 burst 8-12% faster than none, spread 7-33% faster than the
     // burst; float rows 7-17% slower with the burst, 10-19% faster spread (one query;

@@ -448,9 +448,9 @@ inline void row_scores_r(const float* q, const T* k, int64_t ldk, int64_t cols, 
 // (B, S, H, D) tensors are a page apart or more). The forward's row path and the backward
 // of its calls both form S here, so the backward's P = exp(S - lse) uses the very scores
 // the forward's lse summed; every score is dot_rows<1>'s, whatever the number of rows.
-// (Forward-only calls of 9-16 rows take column_scores below instead.) With AVX-512 the
-// rows `ahead` are prefetched as the keys go (as many as keys done, the rest before the
-// last few); the row operands pass none without (their SPREADS_AHEAD).
+// (Forward-only calls of 9-16 rows take column_scores below instead.) The rows `ahead`
+// are prefetched as the keys go: with AVX-512 as many as keys done, the rest before the
+// last few; without, a few lines per key (AheadLines).
 template <typename T>
 inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, int64_t cols, int64_t d, float* s,
                        int64_t lds, const RowsAhead<T>& ahead = {}) {
@@ -480,12 +480,24 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
     }
   }
 #else
+  // (the rows `ahead`: a few lines per key, AheadLines)
+  AheadLines<T> lines(ahead, bytes);
+  const int64_t steps = lines.steps_over(cols);
   if (rows == 1) {  // decoding: 4 keys at a time (dot_keys4), bitwise dot_rows<1>
     for (; c + 4 <= cols; c += 4) {
       for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + 4, cols); ++j) prefetch_row(k + j * ldk, d);
+      for (int64_t t = 0; t < 4 * steps; ++t) lines.step();
       dot_keys4(q, d, k + c * ldk, ldk, s + c);
     }
   }
+  for (; c < cols; ++c) {
+    const T* kc = k + c * ldk;
+    if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
+    for (int64_t t = 0; t < steps; ++t) lines.step();
+    dot_rows_any(q, rows, d, kc, s + c, lds);
+  }
+  lines.rest();
+  return;
 #endif
   prefetch_ahead(ahead, c, ahead.n, 0, bytes);
   for (; c < cols; ++c) {
@@ -831,14 +843,16 @@ inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v,
 // `prefetch`, V rows 8 keys on, up to key fetch_n.
 template <typename T>
 inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
-                      float* sums, int64_t lds, bool prefetch, int64_t fetch_n) {
+                      float* sums, int64_t lds, bool prefetch, int64_t fetch_n, AheadLines<T>& lines) {
   constexpr int64_t AHEAD = 8, KEYS = 4;
+  const int64_t steps = lines.steps_over(n / KEYS);
   int64_t c = 0;
   for (; c + KEYS <= n; c += KEYS) {
     const T* vc = v + c * ldv;
     if (prefetch) {
       for (int64_t j = c + AHEAD; j < std::min(c + AHEAD + KEYS, fetch_n); ++j) prefetch_row(v + j * ldv, dv);
     }
+    for (int64_t t = 0; t < steps; ++t) lines.step();
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2) axpy_keys<2, KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, sums + r * lds, lds);
     if (r < rows) axpy_keys<1, KEYS>(p + r * ldp + c, ldp, vc, ldv, dv, sums + r * lds, lds);
@@ -868,14 +882,14 @@ inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int
 // loads and stores of the outputs): the same FMAs per output element in the same order,
 // so bitwise the 8-lane code's.
 // (The rows `ahead`: prefetched through row_pv_m's strips, row_pv_groups; without AVX-512
-// none are passed: the row operands' SPREADS_AHEAD.)
+// a few lines before each pv_tile, or each 4 keys of axpy_sums.)
 template <typename T>
 inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv, float* o,
                    int64_t ldo, const RowsAhead<T>& ahead = {}) {
 #ifdef __AVX512F__
   row_pv_groups<T, false>(p, ldp, rows, v, ldv, n, dv, o, ldo, ahead);
 #else
-  (void)ahead;
+  AheadLines<T> lines(ahead, dv * static_cast<int64_t>(sizeof(T)));
   // The more widening a V element costs (bf16 2 instructions per 8, fp16 1), the sooner
   // the strips win.
   constexpr int64_t AXPY_ROWS = std::is_same_v<T, c10::Half> ? 6 : 2;
@@ -885,6 +899,8 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
   if constexpr (!std::is_same_v<T, float>) {
     if (rows > AXPY_ROWS && dv >= NR) {
       const int64_t dv16 = dv / NR * NR;
+      // (the rows `ahead`: a few lines before each tile)
+      const int64_t steps = lines.steps_over(((n + CHUNK - 1) / CHUNK) * (dv16 / NR) * ((rows + MR - 1) / MR));
       for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
         const int64_t keys = std::min(CHUNK, n - k0);
         // The first tile prefetches rows k0 + AHEAD + k for its first `fetched` keys.
@@ -894,6 +910,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
             const float* pr = p + r * ldp + k0;
             const T* vj = v + k0 * ldv + j;
             float* orow = o + r * ldo + j;
+            for (int64_t t = 0; t < steps; ++t) lines.step();
             auto tile = [&](auto m) {
               constexpr int M = decltype(m)::value;
               if (j == 0 && r == 0 && fetched > 0) {
@@ -925,6 +942,7 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
           }
         }
       }
+      lines.rest();
       return;
     }
   }
@@ -938,11 +956,12 @@ inline void row_pv(const float* p, int64_t ldp, int64_t rows, const T* v, int64_
     for (int64_t k0 = 0; k0 < n; k0 += CHUNK) {
       const int64_t k1 = std::min(n, k0 + CHUNK);
       std::fill(sum, sum + nr * dv, 0.f);
-      axpy_sums(pr + k0, ldp, nr, v + k0 * ldv, ldv, k1 - k0, dv, sum, dv, r0 == 0, n - k0);
+      axpy_sums(pr + k0, ldp, nr, v + k0 * ldv, ldv, k1 - k0, dv, sum, dv, r0 == 0, n - k0, lines);
       // (o + 1 * sum in one rounding: the strips' addition)
       for (int64_t r = 0; r < nr; ++r) axpy(1.f, sum + r * dv, o + (r0 + r) * ldo, dv);
     }
   }
+  lines.rest();
 #endif
 }
 
@@ -958,8 +977,9 @@ inline void row_pv_sums(const float* p, int64_t ldp, int64_t rows, const T* v, i
 #ifdef __AVX512F__
   row_pv_groups<T, true>(p, ldp, rows, v, ldv, n, dv, c, ldc, ahead);
 #else
-  (void)ahead;  // (row_pv's)
-  axpy_sums(p, ldp, rows, v, ldv, n, dv, c, ldc, true, n);  // (row_pv's float path, c its sum buffer)
+  AheadLines<T> lines(ahead, dv * static_cast<int64_t>(sizeof(T)));
+  axpy_sums(p, ldp, rows, v, ldv, n, dv, c, ldc, true, n, lines);  // (row_pv's float path, c its sum buffer)
+  lines.rest();
 #endif
 }
 
