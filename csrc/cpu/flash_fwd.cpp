@@ -1306,8 +1306,9 @@ void run_fwd(const FlashParams& p) {
     // (spread_next_block: AVX-512, and 16-bit rows on AVX2), else, 16-bit rows, in one burst
     // now (float rows on AVX2: none, RowOperands::SPREADS_AHEAD). Without, the rows
     // arrive late; a burst stalls the products behind it while it waits for miss buffers.
-    // Measured from memory: bf16 burst 8-12% faster than none, spread 7-33% faster than the
-    // burst; float rows 7-17% slower with the burst, 10-19% faster spread (one query;
+    // Measured from memory on Zen 4 (AVX-512): bf16 burst 8-12% faster than none, spread
+    // 7-33% faster than the burst; float rows 7-17% slower with the burst, 10-19% faster
+    // spread (one query; on Zen 3's AVX2 build spread float rows were slower:
     // benchmarks/RESULTS.md). Not spread from a block the band clips at its start (a
     // window's first): its products start past its first keys, and would leave the next
     // block's first rows out (ahead_of). Returns how many were left to the products.

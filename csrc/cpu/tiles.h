@@ -185,7 +185,7 @@ struct AheadLines {
       : rows(ahead.rows), n(row_bytes > 0 ? ahead.n : 0), bytes(row_bytes) {}
   // Steps per iteration that spread every line over a loop of `iterations` (0 for none).
   int64_t steps_over(int64_t iterations) const {
-    return iterations > 0 ? (n * ((bytes + 63) / 64) + iterations - 1) / iterations : 0;
+    return n > 0 && iterations > 0 ? (n * ((bytes + 63) / 64) + iterations - 1) / iterations : 0;
   }
   __attribute__((always_inline)) void step() {
     if (row >= n) return;
@@ -479,6 +479,7 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
       default: break;
     }
   }
+  prefetch_ahead(ahead, c, ahead.n, 0, bytes);
 #else
   // (the rows `ahead`: a few lines per key, AheadLines)
   AheadLines<T> lines(ahead, bytes);
@@ -490,21 +491,18 @@ inline void row_scores(const float* q, int64_t rows, const T* k, int64_t ldk, in
       dot_keys4(q, d, k + c * ldk, ldk, s + c);
     }
   }
-  for (; c < cols; ++c) {
-    const T* kc = k + c * ldk;
-    if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
-    for (int64_t t = 0; t < steps; ++t) lines.step();
-    dot_rows_any(q, rows, d, kc, s + c, lds);
-  }
-  lines.rest();
-  return;
 #endif
-  prefetch_ahead(ahead, c, ahead.n, 0, bytes);
   for (; c < cols; ++c) {
     const T* kc = k + c * ldk;
     if (c + AHEAD < cols) prefetch_row(kc + AHEAD * ldk, d);
+#ifndef __AVX512F__
+    for (int64_t t = 0; t < steps; ++t) lines.step();
+#endif
     dot_rows_any(q, rows, d, kc, s + c, lds);
   }
+#ifndef __AVX512F__
+  lines.rest();
+#endif
 }
 
 #ifdef __AVX512F__
@@ -840,7 +838,9 @@ inline void row_pv_groups(const float* p, int64_t ldp, int64_t rows, const T* v,
 #else
 // sums[r * lds + e] += sum_k p[r * ldp + k] v[k * ldv + e] for r < rows, k < n, e < dv, key
 // by key: 4 keys at a time into pairs of rows (axpy_keys), the last n % 4 by axpy; with
-// `prefetch`, V rows 8 keys on, up to key fetch_n.
+// `prefetch`, V rows 8 keys on, up to key fetch_n. Each 4 keys also take their share of
+// `lines` (steps_over the call's n / 4 groups: a call of several chunks or row passes,
+// row_pv's, issues them all in its first; under 4 keys, none: the caller's rest()).
 template <typename T>
 inline void axpy_sums(const float* p, int64_t ldp, int64_t rows, const T* v, int64_t ldv, int64_t n, int64_t dv,
                       float* sums, int64_t lds, bool prefetch, int64_t fetch_n, AheadLines<T>& lines) {
