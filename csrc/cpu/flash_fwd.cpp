@@ -436,9 +436,7 @@ struct RowOperands {
   // (A call's query blocks have at most tiles::MAX_ROW_QUERIES rows; GQA-packed views up
   // to MAX_PACKED_ROWS, flash_fwd below.)
   static constexpr int64_t BLOCK_Q = MAX_PACKED_ROWS, BLOCK_K = 512, PANEL_Q = BLOCK_Q, EDGE_PANEL_Q = PANEL_Q;
-#ifdef __AVX512F__
   static_assert(BLOCK_Q <= tiles::COLUMN_ROWS);  // (column_scores: a block's rows in one vector)
-#endif
   // Keys per block when a task does every head of a sequence (run_fwd's heads_together).
   static constexpr int64_t HEADS_BLOCK_K = 32;
   // Float K/V: a block of every head in steps of ACROSS_KEYS keys of each head in turn
@@ -482,16 +480,12 @@ struct RowOperands {
 
   RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
       : q(scratch<float>(bq * p.head_dim)), max_block_k(bk), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
-#ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (forward_only(p) && tiles::use_columns(bq)) {
         q_transposed = scratch<float>(p.head_dim * tiles::COLUMN_ROWS);
         keep_key_rows(bk);
       }
     }
-#else
-    (void)bk;
-#endif
   }
 
   int64_t o_stride() const { return Dv; }
@@ -499,11 +493,9 @@ struct RowOperands {
   void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
     scale_row(q.get(), rows * D, scale);
-#ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (q_transposed && tiles::use_columns(rows)) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
     }
-#endif
   }
 
   // The first key of the block this task reads next for this head, or -1; whether paged
@@ -667,7 +659,6 @@ struct RowOperands {
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-#ifdef __AVX512F__
     if constexpr (std::is_same_v<T, float>) {
       if (q_transposed && tiles::use_columns(rows)) {
         column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c, tiles::AheadLines<T>& lines) {
@@ -676,7 +667,6 @@ struct RowOperands {
         return;
       }
     }
-#endif
     const int64_t ld = run_stride(false);
     for_runs(lo, hi, false, [&](int64_t at, int64_t n, const T* k_run, const T*) {
       tiles::row_scores(q.get() + r0 * D, rows, k_run, ld, n, D, s + at, lds, ahead_of(k_ahead, at, at + n));

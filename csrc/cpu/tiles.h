@@ -534,6 +534,7 @@ inline void transpose16(const float* in, int64_t ld, __m512 out[16]) {
   for (int i = 0; i < 16; ++i) rows[i] = _mm512_loadu_ps(in + i * ld);
   transpose16(rows, out);
 }
+#endif
 
 // Scores with the query rows in the lanes: for calls no backward follows (a backward
 // recomputes S by row_scores, which sums each score in another order) with more rows than
@@ -551,6 +552,7 @@ inline void transpose_rows(const float* q, int64_t rows, int64_t d, float* qt) {
   }
 }
 
+#ifdef __AVX512F__
 // column_scores' frame for one element type: cols[j] = the dots of key j (key j's row at
 // krow[j]) for j < 16, one lane per query row. dots(k, cols) puts 8 keys' dots (key i's row
 // at k[i]) in cols[i]'s lanes; keys past n (at most 16) repeat key n - 1 (read in bounds,
@@ -628,6 +630,40 @@ inline void mask_columns(float* st, int64_t n, const int32_t* key_lo, const int3
   }
 }
 
+#else
+// column_scores (as above, the same FMAs per lane in the same order: bitwise the AVX-512
+// scores) in two 8-lane vectors of rows, 4 keys at a time (8 chains cover the FMA latency;
+// 6 loads per 8 FMAs, where row_scores' dot_rows take 10 and a horizontal sum per score),
+// the columns then stored as score rows; a line of `ahead` every fourth element.
+inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
+                          int64_t lds, AheadLines<float>& ahead) {
+  alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const float* k[4];
+    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, unread)
+    __m256 lo[4], hi[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; ++e) {
+      if ((e & 3) == 3) ahead.step();
+      const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = _mm256_broadcast_ss(k[j] + e);
+        lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      _mm256_store_ps(cols[j0 + j], lo[j]);
+      _mm256_store_ps(cols[j0 + j] + 8, hi[j]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
+  }
+}
 #endif
 
 // Keys per chunk of row_pv's sums (the note below).
