@@ -640,7 +640,7 @@ inline void column_scores(const float* qt, int64_t rows, const float* const* kro
   alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
   for (int64_t j0 = 0; j0 < n; j0 += 4) {
     const float* k[4];
-    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, unread)
+    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, not stored)
     __m256 lo[4], hi[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
