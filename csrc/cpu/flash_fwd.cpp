@@ -477,10 +477,17 @@ struct RowOperands {
   // several tokens of a GQA group, tiles::use_columns): the scores by tiles::column_scores,
   // from q transposed (allocated for such calls only).
   Scratch<float> q_transposed;
+  // Whether bf16 rows take column scores too: the AVX2 build (where the CPU has AVX512-BF16,
+  // bf16 calls of 9-16 rows go to DotRowOperands' columns).
+#ifdef __AVX512F__
+  static constexpr bool BF16_COLUMNS = false;
+#else
+  static constexpr bool BF16_COLUMNS = std::is_same_v<T, c10::BFloat16>;
+#endif
 
   RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
       : q(scratch<float>(bq * p.head_dim)), max_block_k(bk), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
       if (forward_only(p) && tiles::use_columns(bq)) {
         q_transposed = scratch<float>(p.head_dim * tiles::COLUMN_ROWS);
         keep_key_rows(bk);
@@ -493,7 +500,7 @@ struct RowOperands {
   void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
     scale_row(q.get(), rows * D, scale);
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
       if (q_transposed && tiles::use_columns(rows)) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
     }
   }
@@ -659,7 +666,7 @@ struct RowOperands {
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
       if (q_transposed && tiles::use_columns(rows)) {
         column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c, tiles::AheadLines<T>& lines) {
           tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds, lines);

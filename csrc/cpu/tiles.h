@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -650,6 +651,58 @@ inline void column_scores(const float* qt, int64_t rows, const float* const* kro
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m256 kv = _mm256_broadcast_ss(k[j] + e);
+        lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      _mm256_store_ps(cols[j0 + j], lo[j]);
+      _mm256_store_ps(cols[j0 + j] + 8, hi[j]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
+  }
+}
+
+// column_scores for bf16 K rows: each pair of elements (e, e + 1) of a key is one 32-bit
+// load broadcast to every lane and widened by a shift (e) and a mask (e + 1), so that each
+// lane takes the float code's FMAs in the same order on the widened K (an odd d's last
+// element alone).
+inline void column_scores(const float* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
+                          float* s, int64_t lds, AheadLines<c10::BFloat16>& ahead) {
+  alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const c10::BFloat16* k[4];
+    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, not stored)
+    __m256 lo[4], hi[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 2 <= d; e += 2) {
+      if ((e & 7) == 6) ahead.step();
+      const __m256 qa0 = _mm256_load_ps(qt + e * COLUMN_ROWS), qb0 = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
+      const __m256 qa1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS), qb1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        int32_t pair;
+        std::memcpy(&pair, k[j] + e, sizeof(pair));
+        const __m256i both = _mm256_set1_epi32(pair);
+        const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+        const __m256 k1 = _mm256_castsi256_ps(_mm256_and_si256(both, high));
+        lo[j] = _mm256_fmadd_ps(qa0, k0, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb0, k0, hi[j]);
+        lo[j] = _mm256_fmadd_ps(qa1, k1, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb1, k1, hi[j]);
+      }
+    }
+    if (e < d) {
+      const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = _mm256_set1_ps(static_cast<float>(k[j][e]));
         lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
         hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
       }
