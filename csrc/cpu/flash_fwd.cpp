@@ -473,9 +473,9 @@ struct RowOperands {
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
   const float scale;
-  // Float calls no backward follows, with more than half a vector of query rows (decoding
-  // several tokens of a GQA group, tiles::use_columns): the scores by tiles::column_scores,
-  // from q transposed (allocated for such calls only).
+  // Float calls no backward follows (and bf16 ones, BF16_COLUMNS), with more than half a
+  // vector of query rows (decoding several tokens of a GQA group, tiles::use_columns): the
+  // scores by tiles::column_scores, from q transposed (allocated for such calls only).
   Scratch<float> q_transposed;
   // Whether bf16 rows take column scores too: the AVX2 build (where the CPU has AVX512-BF16,
   // bf16 calls of 9-16 rows go to DotRowOperands' columns).
@@ -1575,7 +1575,8 @@ void flash_fwd(const FlashParams& p) {
   // recomputes per head. (Out and lse are bitwise the unpacked call's unless the fewer
   // tasks split the keys differently, flash_cpu.h key_splits, or take other key blocks: one
   // KV head over 512 keys does not do every head in one task; or unless no backward follows
-  // and the packed block's 9-16 rows take column scores (float; bf16 on the dot products),
+  // and the packed block's 9-16 rows take column scores (float; bf16 on the dot products or
+  // in the AVX2 kernels),
   // or its bf16 rows go on AMX: then equal within rounding.)
   FlashParams view;
   const KernelPath path = kernel_path<T>(p);

@@ -632,6 +632,22 @@ inline void mask_columns(float* st, int64_t n, const int32_t* key_lo, const int3
 }
 
 #else
+// Four keys' columns (rows 0-7 in lo, 8-15 in hi) to cols[0, 4), and the columns of n keys
+// as score rows: s[r * lds + j] = cols[j][r] for r < rows, j < n.
+__attribute__((always_inline)) inline void store_columns(const __m256 lo[4], const __m256 hi[4],
+                                                         float (*cols)[COLUMN_ROWS]) {
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    _mm256_store_ps(cols[j], lo[j]);
+    _mm256_store_ps(cols[j] + 8, hi[j]);
+  }
+}
+inline void columns_to_rows(const float (*cols)[COLUMN_ROWS], int64_t rows, int64_t n, float* s, int64_t lds) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
+  }
+}
+
 // column_scores (as above, the same FMAs per lane in the same order: bitwise the AVX-512
 // scores) in two 8-lane vectors of rows, 4 keys at a time (8 chains cover the FMA latency;
 // 6 loads per 8 FMAs, where row_scores' dot_rows take 10 and a horizontal sum per score),
@@ -655,15 +671,9 @@ inline void column_scores(const float* qt, int64_t rows, const float* const* kro
         hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
       }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      _mm256_store_ps(cols[j0 + j], lo[j]);
-      _mm256_store_ps(cols[j0 + j] + 8, hi[j]);
-    }
+    store_columns(lo, hi, cols + j0);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
-  }
+  columns_to_rows(cols, rows, n, s, lds);
 }
 
 // column_scores for bf16 K rows: each pair of elements (e, e + 1) of a key is one 32-bit
@@ -707,15 +717,9 @@ inline void column_scores(const float* qt, int64_t rows, const c10::BFloat16* co
         hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
       }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      _mm256_store_ps(cols[j0 + j], lo[j]);
-      _mm256_store_ps(cols[j0 + j] + 8, hi[j]);
-    }
+    store_columns(lo, hi, cols + j0);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
-  }
+  columns_to_rows(cols, rows, n, s, lds);
 }
 #endif
 
