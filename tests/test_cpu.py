@@ -738,8 +738,8 @@ def test_decode_row_does_not_depend_on_its_neighbours(dtype, head_dim, seqlen_k,
 @pytest.mark.parametrize("seqlen_k", [203, 613])
 def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k, cpu_switch):
     # Calls no backward follows whose GQA-packed row blocks have 9-16 rows (float, bf16 in the
-    # AVX2 kernels, or bf16 on the AVX512-BF16 dot products with head dims of whole 32s) take their scores with the
-    # rows in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products
+    # AVX2 kernels, or bf16 on the AVX512-BF16 dot products with head dims of whole 32s) take
+    # their scores with the rows in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products
     # in element order: a query row's output and lse are bitwise the same whichever lane it
     # has and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
     # 15 and 10 rows; no mask, so a row's keys do not depend on the call's length), and

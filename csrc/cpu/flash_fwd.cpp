@@ -473,21 +473,21 @@ struct RowOperands {
   int64_t next_block_ahead = 0;                    // how many (0: no next block)
   const int64_t D, Dv;
   const float scale;
-  // Float calls no backward follows (and bf16 ones, BF16_COLUMNS), with more than half a
-  // vector of query rows (decoding several tokens of a GQA group, tiles::use_columns): the
-  // scores by tiles::column_scores, from q transposed (allocated for such calls only).
-  Scratch<float> q_transposed;
-  // Whether bf16 rows take column scores too: the AVX2 build (where the CPU has AVX512-BF16,
-  // bf16 calls of 9-16 rows go to DotRowOperands' columns).
+  // Calls no backward follows with more than half a vector of query rows (decoding several
+  // tokens of a GQA group, tiles::use_columns), float, and bf16 in the AVX2 build (with
+  // AVX-512, bf16 calls of 9-16 rows go to DotRowOperands' columns where the CPU has
+  // AVX512-BF16): the scores by tiles::column_scores, from q transposed (allocated for such
+  // calls only).
 #ifdef __AVX512F__
-  static constexpr bool BF16_COLUMNS = false;
+  static constexpr bool COLUMN_SCORES = std::is_same_v<T, float>;
 #else
-  static constexpr bool BF16_COLUMNS = std::is_same_v<T, c10::BFloat16>;
+  static constexpr bool COLUMN_SCORES = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 #endif
+  Scratch<float> q_transposed;
 
   RowOperands(const FlashParams& p, int64_t bq, int64_t bk, bool)
       : q(scratch<float>(bq * p.head_dim)), max_block_k(bk), D(p.head_dim), Dv(p.head_dim_v), scale(p.scale) {
-    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
+    if constexpr (COLUMN_SCORES) {
       if (forward_only(p) && tiles::use_columns(bq)) {
         q_transposed = scratch<float>(p.head_dim * tiles::COLUMN_ROWS);
         keep_key_rows(bk);
@@ -500,7 +500,7 @@ struct RowOperands {
   void load_q(const FlashParams& p, const T* q_rows, int64_t rows) {
     load_rows(q_rows, p.q_row_stride, rows, D, q.get(), D);
     scale_row(q.get(), rows * D, scale);
-    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
+    if constexpr (COLUMN_SCORES) {
       if (q_transposed && tiles::use_columns(rows)) tiles::transpose_rows(q.get(), rows, D, q_transposed.get());
     }
   }
@@ -666,7 +666,7 @@ struct RowOperands {
   }
 
   void scores(int64_t r0, int64_t rows, int64_t lo, int64_t hi, float* s, int64_t lds) const {
-    if constexpr (std::is_same_v<T, float> || BF16_COLUMNS) {
+    if constexpr (COLUMN_SCORES) {
       if (q_transposed && tiles::use_columns(rows)) {
         column_groups(lo, hi, [&](const T* const* krow, int64_t n, int64_t c, tiles::AheadLines<T>& lines) {
           tiles::column_scores(q_transposed.get(), rows, krow, n, D, s + c, lds, lines);
