@@ -740,7 +740,7 @@ def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k
     # Calls no backward follows whose GQA-packed row blocks have 9-16 rows (float, bf16 in the
     # AVX2 kernels, or bf16 on the AVX512-BF16 dot products with head dims of whole 32s) take
     # their scores with the rows in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products
-    # in element order: a query row's output and lse are bitwise the same whichever lane it
+    # in element order (in blocks of 16): a query row's output and lse are bitwise the same whichever lane it
     # has and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
     # 15 and 10 rows; no mask, so a row's keys do not depend on the call's length), and
     # within the rule of the reference. The same call with gradients takes the row path
@@ -764,6 +764,29 @@ def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k
     naive, _ = attention_ref(q.detach(), k, v)
     assert_rule("out", out, ref, naive, OUT_FACTOR)
     assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [128, 40])
+def test_column_scores_hold_the_rule_with_large_logits(head_dim):
+    # Column scores (float, 12 GQA-packed rows, no backward) sum each lane's products in
+    # blocks of 16 elements, each block's sum added to the running total (tiles::COLUMN_BLOCK).
+    # Summed in one chain over all elements, scores of +-30 (scale 1, unit inputs) had about
+    # twice the naive formula's error and broke the rule in 7 of these 24 calls.
+    from flashattn_py import _C
+
+    if "avx2-tiles" not in _C.CPU_KERNELS:
+        pytest.skip(f"this build's CPU kernels are {_C.CPU_KERNELS!r}: column scores need the tiles")
+    for seed in range(12):
+        q, k, v = (t.detach() for t in random_qkv(2, 3, 40, 4, 1, head_dim, seed=seed))
+        with torch.no_grad():
+            out, lse, _ = flashattn_py.flash_attn_func(q, k, v, softmax_scale=1.0, return_attn_probs=True,
+                                                       backend="cpu")
+        _, rows_lse, _ = flashattn_py.flash_attn_func(q.requires_grad_(), k, v, softmax_scale=1.0,
+                                                      return_attn_probs=True, backend="cpu")
+        assert not torch.equal(rows_lse, lse)  # (the columns were taken)
+        ref, ref_lse = attention_ref(q.detach().double(), k.double(), v.double(), scale=1.0)
+        naive, _ = attention_ref(q.detach(), k, v, scale=1.0)
+        assert_rule("out", out, ref, naive, OUT_FACTOR, seed=seed)
 
 
 def test_bf16_column_blocks_sum_each_row_in_key_order(cpu_switch):
