@@ -270,7 +270,9 @@ def attention_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor
     cache_seqlens[b] + i (causal or windowed) or at cache_seqlens[b]; then attention over
     slots [cache_leftpad[b], cache_seqlens[b] + S_new), the diagonal bottom-right. As in
     flash-attn, a window side at least as long as the cache (its capacity) is no bound, so
-    it does not make the call windowed either.
+    it does not make the call windowed either; and with one side bounded, an unbounded other
+    side is the capacity (which binds only the right side, for rows i < S_q - capacity - 1:
+    they see keys up to i + capacity past the diagonal).
     ``options``: attention_ref's (scale, softcap, alibi_slopes)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     batch, seqlen_q = q.shape[:2]
@@ -279,6 +281,10 @@ def attention_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor
     page_size = k_cache.shape[1]
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
     window_left, window_right = (-1 if w >= capacity else w for w in (window_left, window_right))
+    if window_left >= 0 and window_right < 0:
+        window_right = capacity
+    elif window_right >= 0 and window_left < 0:
+        window_left = capacity
     window_right = 0 if causal else window_right
     positional = causal or window_left >= 0 or window_right >= 0
     outs, lses = [], []

@@ -134,6 +134,15 @@ def test_window_as_long_as_the_cache_is_no_window():
     run_case(rotary_dim=32, causal=False, window=(60, 45), seqlen_q=2, new=2, seqlen_cache=40, seed=10)
 
 
+def test_bounded_left_side_bounds_the_right_at_the_capacity():
+    # As in flash-attn (set_params_fprop), a bounded left side makes an unbounded right
+    # side the cache's capacity: with more queries than the capacity + 1 the first rows
+    # see only keys up to the capacity past their diagonal (here 6 queries over a cache of
+    # 3: rows 0 and 1 lose the last keys). Contiguous and paged.
+    run_case(causal=False, window=(1, -1), seqlen_q=6, new=0, seqlen_cache=3, lengths=[3, 3, 2], seed=11)
+    run_case(causal=False, window=(2, -1), seqlen_q=7, new=2, seqlen_cache=4, lengths=[2, 1, 0], page_size=1, seed=12)
+
+
 def test_cache_rows_leftpad_and_empty_caches():
     run_case(batch_idx=True, seqlen_q=2, new=2, lengths=[0, 13, 38], seed=1)
     run_case(leftpad=True, seqlen_q=2, new=2, seed=2)
