@@ -272,7 +272,7 @@ def attention_kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor
     flash-attn, a window side at least as long as the cache (its capacity) is no bound, so
     it does not make the call windowed either; and with one side bounded, an unbounded other
     side is the capacity (which binds only the right side, for rows i < S_q - capacity - 1:
-    they see keys up to i + capacity past the diagonal).
+    they see keys up to the capacity past their diagonal).
     ``options``: attention_ref's (scale, softcap, alibi_slopes)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     batch, seqlen_q = q.shape[:2]

@@ -68,8 +68,13 @@ def run_case(dtype=torch.float32, batch=3, seqlen_q=1, heads=8, heads_k=2, head_
     slopes = torch.rand(batch, heads, generator=gen) * 0.3 if alibi else None
     block_table = None
     call_k, call_v = k_cache.clone(), v_cache.clone()
+    ref_k_cache, ref_v_cache = k_cache, v_cache
     if page_size is not None:
         call_k, call_v, block_table = _paged(k_cache, v_cache, page_size, gen)
+        # (the reference's caches as long as the call's capacity, blocks x page size: window
+        # sides compare with it; the slots past seqlen_cache are never read)
+        pad = block_table.shape[1] * page_size - seqlen_cache
+        ref_k_cache, ref_v_cache = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (k_cache, v_cache))
     kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
               cache_leftpad=cache_leftpad, rotary_interleaved=interleaved)
     with torch.no_grad():
@@ -80,9 +85,9 @@ def run_case(dtype=torch.float32, batch=3, seqlen_q=1, heads=8, heads_k=2, head_
                   alibi_slopes=slopes)
     as64 = (lambda t: None if t is None else t.double())
     ref, ref_lse, ref_k, ref_v = attention_kvcache_ref(
-        q.double(), k_cache.double(), v_cache.double(), as64(k), as64(v), **{**ref_kw, "rotary_cos": as64(cos),
-                                                                              "rotary_sin": as64(sin)})
-    naive, _, _, _ = attention_kvcache_ref(q, k_cache, v_cache, k, v, **ref_kw)
+        q.double(), ref_k_cache.double(), ref_v_cache.double(), as64(k), as64(v),
+        **{**ref_kw, "rotary_cos": as64(cos), "rotary_sin": as64(sin)})
+    naive, _, _, _ = attention_kvcache_ref(q, ref_k_cache, ref_v_cache, k, v, **ref_kw)
     assert_rule("out", out, ref, naive, OUT_FACTOR)
     assert_rule("lse", lse, ref_lse, ref_lse.to(dtype), OUT_FACTOR, atol=1e-5)
     # The caches: exactly the new values at the new slots (rotated keys within rounding of
@@ -90,7 +95,7 @@ def run_case(dtype=torch.float32, batch=3, seqlen_q=1, heads=8, heads_k=2, head_
     if page_size is not None:
         got_k = torch.stack([call_k[block_table[b].long()].flatten(0, 1)[:seqlen_cache] for b in range(batch)])
         got_v = torch.stack([call_v[block_table[b].long()].flatten(0, 1)[:seqlen_cache] for b in range(batch)])
-        ref_k, ref_v = ref_k[:batch], ref_v[:batch]
+        ref_k, ref_v = ref_k[:batch, :seqlen_cache], ref_v[:batch, :seqlen_cache]
     else:
         got_k, got_v = call_k, call_v
     assert torch.equal(got_v, ref_v.to(dtype))
@@ -138,9 +143,10 @@ def test_bounded_left_side_bounds_the_right_at_the_capacity():
     # As in flash-attn (set_params_fprop), a bounded left side makes an unbounded right
     # side the cache's capacity: with more queries than the capacity + 1 the first rows
     # see only keys up to the capacity past their diagonal (here 6 queries over a cache of
-    # 3: rows 0 and 1 lose the last keys). Contiguous and paged.
+    # 3: rows 0 and 1 lose the last keys). Contiguous and paged (capacity 2 pages of 3:
+    # 9 queries, rows 0 and 1 clipped).
     run_case(causal=False, window=(1, -1), seqlen_q=6, new=0, seqlen_cache=3, lengths=[3, 3, 2], seed=11)
-    run_case(causal=False, window=(2, -1), seqlen_q=7, new=2, seqlen_cache=4, lengths=[2, 1, 0], page_size=1, seed=12)
+    run_case(causal=False, window=(2, -1), seqlen_q=9, new=2, seqlen_cache=4, lengths=[2, 1, 0], page_size=3, seed=12)
 
 
 def test_cache_rows_leftpad_and_empty_caches():
