@@ -790,6 +790,25 @@ def test_column_scores_hold_the_rule_with_large_logits(head_dim):
         assert_rule("lse", lse, ref_lse, ref_lse.float(), OUT_FACTOR, seed=seed, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [128, 41, 7])
+def test_avx2_bf16_column_scores_are_the_float_ones_on_widened_values(head_dim, cpu_switch):
+    # The AVX2 kernels' bf16 column scores widen each pair of a key's elements in registers
+    # and run the float column scores' FMAs in the same order and blocks, so a bf16 call's
+    # lse (12 GQA-packed rows, no backward) is bitwise the lse of the same call in fp32 on
+    # the bf16 values; odd head dims end on an element alone.
+    try:
+        cpu_switch("FLASHATTN_CPU_ISA", "avx2")
+    except ValueError as e:
+        assert "does not run" in str(e), str(e)
+        pytest.skip("this CPU does not run the avx2 kernels")
+    q, k, v = (t.detach() for t in random_qkv(2, 3, 100, 8, 2, head_dim, dtype=torch.bfloat16, seed=head_dim))
+    with torch.no_grad():
+        _, lse16, _ = flashattn_py.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="cpu")
+        _, lse32, _ = flashattn_py.flash_attn_func(q.float(), k.float(), v.float(), causal=True,
+                                                   return_attn_probs=True, backend="cpu")
+    assert torch.equal(lse16, lse32)
+
+
 def test_bf16_column_blocks_sum_each_row_in_key_order(cpu_switch):
     # bf16 calls no backward follows with 9-16 GQA-packed rows on the dot products keep a
     # block in columns through the softmax (DotRowOperands::column_block): a row's sum l
