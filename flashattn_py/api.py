@@ -1083,7 +1083,7 @@ def scaled_dot_product_attention(
         enable_gqa: allow H to be a multiple of Hk.
 
     Returns:
-        (..., H, L, Ev). A query that sees no key gives zeros (torch's math path gives NaN).
+        (..., H, L, Ev). A query that sees no key gives zeros (as torch 2.13's SDPA; its older math path gave NaN).
         Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as torch
         does (float64 stays float64). Invalid arguments raise ``ArgumentError``, both a
         ValueError and (as torch's errors) a RuntimeError.
