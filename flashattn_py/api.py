@@ -716,7 +716,7 @@ def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p
     else:
         out, _ = _varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=None, block_table=None, dropout_p=dropout_p,
                          scale=scale, window=(-1, 0) if is_causal else (-1, -1), softcap=0.0, alibi_slopes=None,
-                         deterministic=False, backend="auto", bottom_right=False)
+                         deterministic=False, backend="auto", bottom_right=False, names=TORCH_VARLEN_NAMES)
     nested = torch.nested.nested_tensor_from_jagged(out, query.transpose(1, 2).offsets(), min_seqlen=None,
                                                     max_seqlen=max_q)
     return nested.transpose(1, 2)

@@ -11,6 +11,7 @@ import torch
 
 import flashattn_py
 from flashattn_py import api, ops
+from flashattn_py.errors import ArgumentError
 from flashattn_py.reference import attention_varlen_ref
 from cpu_paths import BF16_PATHS, bf16_path
 from rule import check_attention
@@ -573,6 +574,24 @@ def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
     assert torch.equal(out.transpose(1, 2).values(), torch.zeros(8, 2, 8))
     out.transpose(1, 2).values().sum().backward()
     assert all(torch.equal(x.grad, torch.zeros_like(x)) for x in values)
+
+
+@pytest.mark.parametrize("change,kwargs,match", [
+    ("key_dim", {}, "^query, key: head dims differ"),
+    ("key_dtype", {}, "^query, key, value: "),
+    ("", {"scale": float("nan")}, "^scale: expected a finite number"),
+])
+def test_nested_sdpa_errors_name_sdpa_arguments(change, kwargs, match):
+    # Nested inputs go through the packed-sequence checks, under SDPA's argument names (they
+    # named flash-attn's q, k and softmax_scale).
+    def nested(dim, dtype=torch.float32):
+        return torch.nested.nested_tensor_from_jagged(torch.randn(8, 2, dim).to(dtype), offsets([3, 5]).long()
+                                                      ).transpose(1, 2)
+
+    q = nested(8)
+    k = nested(4) if change == "key_dim" else nested(8, torch.float16) if change == "key_dtype" else nested(8)
+    with pytest.raises(ArgumentError, match=match):
+        flashattn_py.scaled_dot_product_attention(q, k, nested(8), **kwargs)
 
 
 @pytest.mark.skipif(flashattn_py.backends.triton_error() is not None or
