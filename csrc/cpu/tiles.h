@@ -641,18 +641,31 @@ inline void mask_columns(float* st, int64_t n, const int32_t* key_lo, const int3
 }
 
 #else
-// Four keys' columns of a COLUMN_BLOCK (rows 0-7 in lo, 8-15 in hi) stored to cols[0, 4)
-// (the first block) or added to them, and the columns of n keys as score rows:
-// s[r * lds + j] = cols[j][r] for r < rows, j < n.
-__attribute__((always_inline)) inline void add_columns(const __m256 lo[4], const __m256 hi[4],
-                                                       float (*cols)[COLUMN_ROWS], bool first) {
+// The AVX2 column_scores' frame for one element type: keys 4 at a time (past n: key n - 1
+// again, not stored), each lane's sums in COLUMN_BLOCKs (the first stored to cols, the
+// others added), then the columns of n keys as score rows: s[r * lds + j] = cols[j][r] for
+// r < rows. block(k, e0, end, lo, hi) adds the FMAs of elements [e0, end) of the 4 keys
+// (key j's row at k[j]) to lo[j] (rows 0-7) and hi[j] (rows 8-15), from 0.
+template <typename K, typename Block>
+__attribute__((always_inline)) inline void column_scores_by(const K* const* krow, int64_t rows, int64_t n, int64_t d,
+                                                            float* s, int64_t lds, const Block& block) {
+  alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const K* k[4];
+    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];
+    for (int64_t e0 = 0; e0 < d; e0 += COLUMN_BLOCK) {
+      __m256 lo[4], hi[4];
 #pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) {
-    _mm256_store_ps(cols[j], first ? lo[j] : _mm256_add_ps(_mm256_load_ps(cols[j]), lo[j]));
-    _mm256_store_ps(cols[j] + 8, first ? hi[j] : _mm256_add_ps(_mm256_load_ps(cols[j] + 8), hi[j]));
+      for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+      block(k, e0, std::min(d, e0 + COLUMN_BLOCK), lo, hi);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        float* c = cols[j0 + j];
+        _mm256_store_ps(c, e0 == 0 ? lo[j] : _mm256_add_ps(_mm256_load_ps(c), lo[j]));
+        _mm256_store_ps(c + 8, e0 == 0 ? hi[j] : _mm256_add_ps(_mm256_load_ps(c + 8), hi[j]));
+      }
+    }
   }
-}
-inline void columns_to_rows(const float (*cols)[COLUMN_ROWS], int64_t rows, int64_t n, float* s, int64_t lds) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < n; ++j) s[r * lds + j] = cols[j][r];
   }
@@ -660,82 +673,62 @@ inline void columns_to_rows(const float (*cols)[COLUMN_ROWS], int64_t rows, int6
 
 // column_scores (as above, the same FMAs per lane in the same order: bitwise the AVX-512
 // scores) in two 8-lane vectors of rows, 4 keys at a time (8 chains cover the FMA latency;
-// 6 loads per 8 FMAs, where row_scores' dot_rows take 10 and a horizontal sum per score),
-// the columns then stored as score rows; a line of `ahead` every fourth element.
+// 6 loads per 8 FMAs, where row_scores' dot_rows take 10 and a horizontal sum per score);
+// a line of `ahead` every fourth element.
 inline void column_scores(const float* qt, int64_t rows, const float* const* krow, int64_t n, int64_t d, float* s,
                           int64_t lds, AheadLines<float>& ahead) {
-  alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
-  for (int64_t j0 = 0; j0 < n; j0 += 4) {
-    const float* k[4];
-    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, not stored)
-    for (int64_t e0 = 0; e0 < d; e0 += COLUMN_BLOCK) {
-      __m256 lo[4], hi[4];
+  column_scores_by(krow, rows, n, d, s, lds, [&](const float* const* k, int64_t e0, int64_t end, __m256* lo, __m256* hi) {
+    for (int64_t e = e0; e < end; ++e) {
+      if ((e & 3) == 3) ahead.step();
+      const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
-      for (int64_t e = e0; e < std::min(d, e0 + COLUMN_BLOCK); ++e) {
-        if ((e & 3) == 3) ahead.step();
-        const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256 kv = _mm256_broadcast_ss(k[j] + e);
-          lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
-          hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
-        }
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = _mm256_broadcast_ss(k[j] + e);
+        lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
       }
-      add_columns(lo, hi, cols + j0, e0 == 0);
     }
-  }
-  columns_to_rows(cols, rows, n, s, lds);
+  });
 }
 
 // column_scores for bf16 K rows: each pair of elements (e, e + 1) of a key is one 32-bit
 // load broadcast to every lane and widened by a shift (e) and a mask (e + 1), so that each
-// lane takes the float code's FMAs in the same order on the widened K (an odd d's last
-// element alone).
+// lane takes the float code's FMAs in the same order on the widened K (blocks start at
+// even elements, so pairs stay whole; an odd d's last element alone).
 inline void column_scores(const float* qt, int64_t rows, const c10::BFloat16* const* krow, int64_t n, int64_t d,
                           float* s, int64_t lds, AheadLines<c10::BFloat16>& ahead) {
-  alignas(32) float cols[16][COLUMN_ROWS];  // cols[j][r]: key j's dot with row r
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t j0 = 0; j0 < n; j0 += 4) {
-    const c10::BFloat16* k[4];
-    for (int64_t j = 0; j < 4; ++j) k[j] = krow[std::min(j0 + j, n - 1)];  // (past n: key n - 1 again, not stored)
-    for (int64_t e0 = 0; e0 < d; e0 += COLUMN_BLOCK) {  // (whole pairs in every block but the last)
-      const int64_t end = std::min(d, e0 + COLUMN_BLOCK);
-      __m256 lo[4], hi[4];
+  column_scores_by(krow, rows, n, d, s, lds,
+                   [&](const c10::BFloat16* const* k, int64_t e0, int64_t end, __m256* lo, __m256* hi) {
+    int64_t e = e0;
+    for (; e + 2 <= end; e += 2) {
+      if ((e & 7) == 6) ahead.step();
+      const __m256 qa0 = _mm256_load_ps(qt + e * COLUMN_ROWS), qb0 = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
+      const __m256 qa1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS);
+      const __m256 qb1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS + 8);
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
-      int64_t e = e0;
-      for (; e + 2 <= end; e += 2) {
-        if ((e & 7) == 6) ahead.step();
-        const __m256 qa0 = _mm256_load_ps(qt + e * COLUMN_ROWS), qb0 = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
-        const __m256 qa1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS);
-        const __m256 qb1 = _mm256_load_ps(qt + (e + 1) * COLUMN_ROWS + 8);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          int32_t pair;
-          std::memcpy(&pair, k[j] + e, sizeof(pair));
-          const __m256i both = _mm256_set1_epi32(pair);
-          const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
-          const __m256 k1 = _mm256_castsi256_ps(_mm256_and_si256(both, high));
-          lo[j] = _mm256_fmadd_ps(qa0, k0, lo[j]);
-          hi[j] = _mm256_fmadd_ps(qb0, k0, hi[j]);
-          lo[j] = _mm256_fmadd_ps(qa1, k1, lo[j]);
-          hi[j] = _mm256_fmadd_ps(qb1, k1, hi[j]);
-        }
+      for (int j = 0; j < 4; ++j) {
+        int32_t pair;
+        std::memcpy(&pair, k[j] + e, sizeof(pair));
+        const __m256i both = _mm256_set1_epi32(pair);
+        const __m256 k0 = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+        const __m256 k1 = _mm256_castsi256_ps(_mm256_and_si256(both, high));
+        lo[j] = _mm256_fmadd_ps(qa0, k0, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb0, k0, hi[j]);
+        lo[j] = _mm256_fmadd_ps(qa1, k1, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb1, k1, hi[j]);
       }
-      if (e < end) {
-        const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256 kv = _mm256_set1_ps(static_cast<float>(k[j][e]));
-          lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
-          hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
-        }
-      }
-      add_columns(lo, hi, cols + j0, e0 == 0);
     }
-  }
-  columns_to_rows(cols, rows, n, s, lds);
+    if (e < end) {
+      const __m256 qa = _mm256_load_ps(qt + e * COLUMN_ROWS), qb = _mm256_load_ps(qt + e * COLUMN_ROWS + 8);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256 kv = _mm256_set1_ps(static_cast<float>(k[j][e]));
+        lo[j] = _mm256_fmadd_ps(qa, kv, lo[j]);
+        hi[j] = _mm256_fmadd_ps(qb, kv, hi[j]);
+      }
+    }
+  });
 }
 #endif
 
