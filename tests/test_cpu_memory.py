@@ -202,21 +202,21 @@ def test_unsupported_dtypes_are_refused_before_memory_is_written(dtype):
 STREAM_BYTES = 8 * MIB  # (csrc/cpu/flash_cpu.h)
 
 
-@pytest.mark.parametrize("isa, dtype", [("avx2", torch.float32), ("avx512", torch.float32),
+@pytest.mark.parametrize("isa, dtype", [("avx2", torch.float32), ("avx2", torch.bfloat16), ("avx512", torch.float32),
                                         ("avx512", torch.bfloat16), ("avx512bf16", torch.bfloat16)])
 @pytest.mark.parametrize("head_dim, causal, big_q, heads_k", [(64, True, True, HEADS), (40, False, True, HEADS),
                                                               (17, True, True, HEADS), (64, False, False, HEADS),
                                                               (17, True, False, HEADS), (40, True, False, 2)])
 def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, dtype, isa, cpu_switch):
-    # Outputs and gradients of 8 MiB or more are written with streaming stores (float; bf16
-    # on AVX-512: csrc/cpu/flash_cpu.h store_row_maybe_streaming): the first batch entry of
+    # Outputs and gradients of 8 MiB or more are written with streaming stores (float and
+    # bf16: csrc/cpu/flash_cpu.h store_row_maybe_streaming): the first batch entry of
     # such a call must equal, bit for bit, the same entry computed alone (half the size:
     # ordinary stores). Rows of 17 and 40 elements start off the 64-byte lines: the plain
     # head and tail of a row.
     # One thread: the key splits (and so the sums) then do not depend on the batch size.
     # GQA (2 KV heads): dk, dv summed over each KV head's query heads before they are stored.
     try:
-        cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams float lines as two 32-byte halves; no bf16)
+        cpu_switch("FLASHATTN_CPU_ISA", isa)  # (AVX2 streams a line as two 32-byte halves)
     except (ValueError, RuntimeError) as e:  # (not this CPU's, or not built: FLASHATTN_CPU_ISAS)
         pytest.skip(f"no {isa} kernels here: {e}")
     long = -(-STREAM_BYTES // (2 * heads_k * head_dim * dtype.itemsize))  # rows for 8 MiB over the batch of 2
@@ -237,7 +237,8 @@ def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, dt
     finally:
         torch.set_num_threads(threads)
     for name, streamed, cached in zip(("out", "dq", "dk", "dv"), *results):
-        assert torch.equal(streamed, cached), name
+        assert torch.equal(streamed.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           cached.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), name
 
 
 def test_gradient_of_overlapping_rows():

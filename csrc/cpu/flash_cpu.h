@@ -190,6 +190,17 @@ inline __m256i round_to_bf16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__)
+// 8 floats rounded to bf16 as c10::BFloat16(float) rounds them, in the low 16 bits of
+// each 32-bit lane (round_to_bf16's arithmetic on 8 lanes).
+inline __m256i round_to_bf16_lanes(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+#endif
+
 template <typename T, typename acc>
 inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
   int64_t c = 0;
@@ -207,7 +218,7 @@ inline void store_row(const acc* src, int64_t cols, acc mult, T* dst) {
 }
 
 // Outputs of this many bytes or more are written with non-temporal (streaming) stores
-// where the element type allows (float; bf16 on AVX-512): they do not stay in the caches
+// where the element type allows (float; bf16 on AVX-512 or AVX2): they do not stay in the caches
 // anyway, and an ordinary store that misses first reads the line it overwrites
 // (benchmarks/RESULTS.md: from 8 MiB, a packed bf16 backward's three 19 MB gradients, and
 // fp32 ones of 16 MB, took 10-13 % less time than from 32 MiB). (Fixed, not the cache's
@@ -220,7 +231,7 @@ inline bool streamed(int64_t elements) {
   return elements * static_cast<int64_t>(sizeof(T)) >= STREAM_BYTES;
 }
 
-// store_row, or with `stream` float rows (AVX-512 or AVX) and bf16 rows (AVX-512) streamed
+// store_row, or with `stream` float rows (AVX-512 or AVX) and bf16 rows (AVX-512 or AVX2) streamed
 // a whole 64-byte line at a time from their first line boundary on (plain stores before
 // and after it): the same values. A task that streamed calls stream_fence() before its
 // stores may be read by another thread (the end of the task).
@@ -249,7 +260,7 @@ inline void store_row_maybe_streaming(bool stream, const acc* src, int64_t cols,
     }
   }
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || defined(__AVX2__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc, float>) {
     if (stream) {
       constexpr int64_t LINE = 64 / sizeof(T);
@@ -257,12 +268,27 @@ inline void store_row_maybe_streaming(bool stream, const acc* src, int64_t cols,
       const int64_t head = offset % 2 == 0 ? std::min<int64_t>(cols, (64 - offset) % 64 / sizeof(T)) : cols;
       store_row<T, acc>(src, head, mult, dst);
       int64_t c = head;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
       const __m512 m = _mm512_set1_ps(mult);
       for (; c + LINE <= cols; c += LINE) {
         const __m256i lo = round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c), m));
         const __m256i hi = round_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16), m));
         _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + c), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
       }
+#else
+      // Two 32-byte halves of the line, each packed from 16 rounded lanes (packus works
+      // per 128-bit half: the permute puts the 8 + 8 results back in order).
+      const __m256 m = _mm256_set1_ps(mult);
+      for (; c + LINE <= cols; c += LINE) {
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          const float* s = src + c + 16 * half;
+          const __m256i packed = _mm256_packus_epi32(round_to_bf16_lanes(_mm256_mul_ps(_mm256_loadu_ps(s), m)),
+                                                     round_to_bf16_lanes(_mm256_mul_ps(_mm256_loadu_ps(s + 8), m)));
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c + 16 * half), _mm256_permute4x64_epi64(packed, 0xD8));
+        }
+      }
+#endif
       store_row<T, acc>(src + c, cols - c, mult, dst + c);
       return;
     }
