@@ -90,9 +90,12 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], hea
         raise ArgumentError(f"{nq}, {nk}: number of query heads ({h}) must be a multiple of key/value heads ({hk})")
 
 
-def _check_dropout(dropout_p: float) -> None:
-    if not 0.0 <= _number(dropout_p) < 1.0:  # (NaN fails too)
-        raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1), but got {dropout_p!r}")
+def _check_dropout(dropout_p: float, one_allowed: bool = False) -> None:
+    """dropout_p in [0, 1) (flash-attn), or [0, 1] with one_allowed (torch's SDPA)."""
+    p = _number(dropout_p)
+    if not (0.0 <= p <= 1.0 if one_allowed else 0.0 <= p < 1.0):  # (NaN fails too)
+        raise ArgumentError(f"dropout_p: dropout probability has to be in [0, 1{']' if one_allowed else ')'}, "
+                            f"but got {dropout_p!r}")
 
 
 def _number(value) -> float:
@@ -709,6 +712,7 @@ def _nested_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p
         raise ArgumentError(f"query, key: head counts differ ({q.shape[1]} vs {k.shape[1]}); pass enable_gqa=True "
                             f"for GQA")
     q, k, v, _ = _autocast(q, k, v, None)
+    _check_dropout(dropout_p, one_allowed=True)
     if dropout_p == 1.0:  # every weight dropped: zeros with zero gradients, as torch (and the dense path)
         _check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), ("query", "key", "value"), heads_dim=2, seq_dim=1)
         empty = _NoOutputSeesAKey if torch.compiler.is_compiling() else _NoOutputSeesAKeyForwardAD
@@ -1122,8 +1126,8 @@ def sdpa_with_softcap(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     # backend refuse the pair, which no caller needs)
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     # dropout_p = 1 drops every weight: zeros, as torch (flash_attn_func keeps [0, 1))
+    _check_dropout(dropout_p, one_allowed=True)
     every_weight_dropped = dropout_p == 1.0
-    _check_dropout(0.0 if every_weight_dropped else dropout_p)
     check_softcap(softcap)
     qs, ks, vs = query.shape, key.shape, value.shape
     if (len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]

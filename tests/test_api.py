@@ -532,6 +532,9 @@ def test_scalar_options_are_checked(kwargs, match):
         with pytest.raises(ValueError, match=match.replace("softmax_scale", "scale")):
             flashattn_py.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
                                                       scale=kwargs["softmax_scale"])
+    if "dropout_p" in kwargs:  # (SDPA takes 1 too: its range says so)
+        with pytest.raises(ValueError, match=match.replace(r"1\)", r"1\]")):
+            flashattn_py.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), **kwargs)
 
 
 def test_varlen_attn_checks_ranks_before_reading_heads():

@@ -580,6 +580,7 @@ def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
     ("key_dim", {}, "^query, key: head dims differ"),
     ("key_dtype", {}, "^query, key, value: "),
     ("", {"scale": float("nan")}, "^scale: expected a finite number"),
+    ("", {"dropout_p": 1.5}, r"^dropout_p: dropout probability has to be in \[0, 1\]"),  # (SDPA's range)
 ])
 def test_nested_sdpa_errors_name_sdpa_arguments(change, kwargs, match):
     # Nested inputs go through the packed-sequence checks, under SDPA's argument names (they
