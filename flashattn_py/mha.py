@@ -210,9 +210,9 @@ class MHA(nn.Module):
             raise ArgumentError("rotary_emb_dim: not supported with cross_attn (as flash-attn's MHA)")
         # (else a longer one failed only at the first forward; an odd one rotates one feature
         # more, as flash-attn's RotaryEmbedding: flashattn_py.rotary)
-        if not 0 <= rotary_emb_dim <= embed_dim // num_heads:
-            raise ArgumentError(f"rotary_emb_dim: must be in 0..{embed_dim // num_heads} (the head dim), "
-                                f"got {rotary_emb_dim}")
+        if rotary_emb_dim < 0 or rotary_emb_dim + rotary_emb_dim % 2 > embed_dim // num_heads:
+            raise ArgumentError(f"rotary_emb_dim: must be in 0..{embed_dim // num_heads} (the head dim; an odd one "
+                                f"rotates one more feature), got {rotary_emb_dim}")
         self.embed_dim, self.num_heads, self.num_heads_kv = embed_dim, num_heads, num_heads_kv
         self.head_dim = embed_dim // num_heads
         self.cross_attn, self.causal, self.layer_idx, self.dwconv = cross_attn, causal, layer_idx, dwconv

@@ -224,6 +224,7 @@ def test_streamed_outputs_equal_cached_ones(head_dim, causal, big_q, heads_k, dt
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, sq, HEADS, head_dim, generator=gen).to(dtype)
     k, v = (torch.randn(2, sk, heads_k, head_dim, generator=gen).to(dtype) for _ in range(2))
+    v[:, 3, 0, 5] = float("nan")  # (NaN outputs and gradients: rounded to bf16 as c10 rounds NaN)
     dout = torch.randn(2, sq, HEADS, head_dim, generator=gen).to(dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
