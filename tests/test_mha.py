@@ -238,9 +238,10 @@ def test_get_alibi_slopes_and_bad_arguments():
         MHA(48, 4, num_heads_kv=3)
     with pytest.raises(ArgumentError, match="use_alibi"):
         MHA(48, 4, use_alibi=True)
-    for embed_dim, rotary_emb_dim in ((48, 14), (48, 13), (48, -2), (45, 15)):  # (head dims 12, 15: an odd
-        with pytest.raises(ArgumentError, match=r"^rotary_emb_dim: must be in 0\.\."):  # one rounds up to even)
-            MHA(embed_dim, 3 if embed_dim == 45 else 4, rotary_emb_dim=rotary_emb_dim)
+    # (head dims 12 and 15: an odd rotary dim rounds up to even)
+    for embed_dim, num_heads, rotary_emb_dim in ((48, 4, 14), (48, 4, 13), (48, 4, -2), (45, 3, 15)):
+        with pytest.raises(ArgumentError, match=r"^rotary_emb_dim: must be in 0\.\."):
+            MHA(embed_dim, num_heads, rotary_emb_dim=rotary_emb_dim)
     MHA(45, 3, rotary_emb_dim=14)(torch.randn(1, 2, 45))  # (the longest odd head dim's rotation)
     with pytest.raises(ArgumentError, match="layer_idx"):
         _module(causal=True, use_flash_attn=True)(torch.randn(1, 2, E, dtype=torch.float64),
