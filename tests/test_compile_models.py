@@ -218,6 +218,25 @@ def _tiny_llama():
     return model, fn, ids, mask
 
 
+def test_tiny_llama_compiles_once_when_its_first_forward_is_compiled(compiled_graphs, monkeypatch):
+    # The backend's mask builder looks up (and caches) whether a model type calls its
+    # attention through transformers' AttentionInterface: filled while Dynamo traced the
+    # first forward, the cache failed the guard Dynamo had put on it, and the next call
+    # compiled again.
+    from flashattn_py.integrations import transformers as tf_backend
+
+    model, fn, ids, mask = _tiny_llama()
+    monkeypatch.setattr(tf_backend, "_routes_attention", {})  # this process's first llama forward
+    step = torch.compile(fn, fullgraph=True, dynamic=True, backend=compiled_graphs.backend)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        outs = [step(ids, mask) for _ in range(3)]
+        want = fn(ids, mask)
+    for out in outs:
+        torch.testing.assert_close(out, want)
+    assert len(compiled_graphs) == 1, f"compiled {len(compiled_graphs)} graphs"
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_tiny_llama_compiles_fullgraph(backend):
     model, fn, ids, mask = _tiny_llama()

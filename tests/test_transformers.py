@@ -149,10 +149,12 @@ def test_attention_function_signature(monkeypatch):
     assert weights is None
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_padding_free_packed_documents_match_eager_per_document(monkeypatch, use_cache):
+@pytest.mark.parametrize("use_cache, all_ones_mask", [(False, False), (True, False), (False, True)])
+def test_padding_free_packed_documents_match_eager_per_document(monkeypatch, use_cache, all_ones_mask):
     # use_cache=False: transformers finds the packing and our mask builder hands the
     # documents over; use_cache=True: it builds no mask and ours finds them from position_ids.
+    # An attention_mask of all ones: transformers' flash-attn path drops it and finds the
+    # documents from position_ids, and so does ours (its eager and sdpa would not).
     # DataCollatorWithFlattening's inputs: documents packed into one row, position_ids
     # restarting at each, labels -100 on each document's first token. Ours runs them through
     # the packed-sequence kernels (no mask built); truth is each document alone in float64.
@@ -189,7 +191,9 @@ def test_padding_free_packed_documents_match_eager_per_document(monkeypatch, use
         model = copy.deepcopy(base).to(dtype)
         model.config._attn_implementation = impl
         if impl == NAME:
-            out = model(input_ids=ids, position_ids=position_ids, labels=labels, use_cache=use_cache)
+            mask = torch.ones_like(ids) if all_ones_mask else None
+            out = model(input_ids=ids, position_ids=position_ids, attention_mask=mask, labels=labels,
+                        use_cache=use_cache)
             logits, loss = out.logits[0], out.loss
         else:
             logits, loss = per_document(model)

@@ -376,16 +376,20 @@ def _check_routes_attention(config) -> None:
     the flag): it would run its own attention on the SDPA-form mask built here, a wrong
     result. Unknown model types (custom code) pass."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in _routes_attention:
+    routes = _routes_attention.get(model_type)
+    if routes is None:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
         name = MODEL_MAPPING_NAMES.get(model_type)
         model_class = getattr(transformers, name, None) if isinstance(name, str) else None
-        _routes_attention[model_type] = (model_class is None
-                                         or getattr(model_class, "_supports_attention_backend", False)
-                                         or hasattr(sys.modules.get(model_class.__module__), "ALL_ATTENTION_FUNCTIONS"))
-    if not _routes_attention[model_type]:
+        routes = (model_class is None or getattr(model_class, "_supports_attention_backend", False)
+                  or hasattr(sys.modules.get(model_class.__module__), "ALL_ATTENTION_FUNCTIONS"))
+        # Cached by eager calls only: filled while Dynamo traces, the cache would fail the
+        # guard Dynamo put on it, and the next call would compile the model again.
+        if not torch.compiler.is_compiling():
+            _routes_attention[model_type] = routes
+    if not routes:
         raise ValueError(f"attn_implementation={NAME!r}: {model_type} models do not call their attention through "
                          f"transformers' AttentionInterface (_supports_attention_backend is False), so they would "
                          f"run their own attention on this backend's masks; use 'eager' (or 'sdpa' where supported)")
