@@ -577,6 +577,23 @@ def test_gpu_long_forward():
     _case(1, 8192, 8192, 2, 2, 128, torch.bfloat16, "cuda", seed=8192, grad=False, window_right=0)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_fp32_gradients_at_larger_logits(causal):
+    """fp32 with q and k 3x the usual (scores of std about 9): the backward recomputes the
+    scores as K Q^T, which must be bitwise the forward's Q K^T for exp(S - lse) to hold the
+    gradients to the rule (an ulp of S at |S| ~ 35 is what the gradients amplify). The fp32
+    dots ("ieee") are FMA chains over the head dim in either orientation; under the
+    interpreter numpy sums the transposed product in another order, and dK / dV miss the
+    rule in a few percent of such cases (README 'Limits')."""
+    for seed in range(8):
+        q, k, v = random_qkv(1, 300, 300, 2, 1, 64, dtype=torch.float32, device="cuda", seed=seed)
+        q, k = q * 3, k * 3
+        kw = dict(window_right=0) if causal else {}
+        check_attention(make_run(**kw), q, k, v, seed=seed, **kw)
+
+
 # (name, dtype, batch, Sq, Sk, H, Hk, D, _bias_case kwargs); bf16 bias / mask / dropout
 GPU_BIAS_CASES = [
     ("bf16_bias_full_causal_gqa", torch.bfloat16, 2, 1000, 1024, 4, 2, 128,
