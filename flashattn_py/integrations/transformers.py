@@ -376,7 +376,11 @@ def _check_routes_attention(config) -> None:
     the flag): it would run its own attention on the SDPA-form mask built here, a wrong
     result. Unknown model types (custom code) pass."""
     model_type = getattr(config, "model_type", None)
-    routes = _routes_attention.get(model_type)
+    # The cache neither read nor filled while Dynamo traces: a read would put a guard on
+    # its keys, which the next eager call of any model type would fail (a recompile); a
+    # fill, one the next compiled call would fail.
+    compiling = torch.compiler.is_compiling()
+    routes = None if compiling else _routes_attention.get(model_type)
     if routes is None:
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
@@ -385,9 +389,7 @@ def _check_routes_attention(config) -> None:
         model_class = getattr(transformers, name, None) if isinstance(name, str) else None
         routes = (model_class is None or getattr(model_class, "_supports_attention_backend", False)
                   or hasattr(sys.modules.get(model_class.__module__), "ALL_ATTENTION_FUNCTIONS"))
-        # Cached by eager calls only: filled while Dynamo traces, the cache would fail the
-        # guard Dynamo put on it, and the next call would compile the model again.
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _routes_attention[model_type] = routes
     if not routes:
         raise ValueError(f"attn_implementation={NAME!r}: {model_type} models do not call their attention through "
