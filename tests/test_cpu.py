@@ -741,8 +741,9 @@ def test_column_scores_row_does_not_depend_on_its_lane(dtype, head_dim, seqlen_k
     # AVX2 kernels, or bf16 on the AVX512-BF16 dot products with head dims of whole 32s) take
     # their scores with the rows in a vector's lanes (csrc/cpu/tiles.h column_scores), each lane its row's products
     # in element order (fp32 and the AVX2 bf16 columns in blocks of 16): a query row's output
-    # and lse are bitwise the same whichever lane it has and whatever its neighbours (here 3 positions x 5 heads against positions 1-2 alone:
-    # 15 and 10 rows; no mask, so a row's keys do not depend on the call's length), and
+    # and lse are bitwise the same whichever lane it has and whatever its neighbours (here
+    # 3 positions x 5 heads against positions 1-2 alone: 15 and 10 rows; no mask, so a
+    # row's keys do not depend on the call's length), and
     # within the rule of the reference. The same call with gradients takes the row path
     # (its backward recomputes S there), which sums each score in another order.
     from flashattn_py import _C

@@ -153,8 +153,9 @@ def test_attention_function_signature(monkeypatch):
 def test_padding_free_packed_documents_match_eager_per_document(monkeypatch, use_cache, all_ones_mask):
     # use_cache=False: transformers finds the packing and our mask builder hands the
     # documents over; use_cache=True: it builds no mask and ours finds them from position_ids.
-    # An attention_mask of all ones: transformers' flash-attn path drops it and finds the
-    # documents from position_ids, and so does ours (its eager and sdpa would not).
+    # An attention_mask of all ones (an eager call, full-attention layers): transformers'
+    # flash-attn path drops it and finds the documents from position_ids, and so does ours
+    # (its eager and sdpa would not).
     # DataCollatorWithFlattening's inputs: documents packed into one row, position_ids
     # restarting at each, labels -100 on each document's first token. Ours runs them through
     # the packed-sequence kernels (no mask built); truth is each document alone in float64.
