@@ -126,7 +126,7 @@ def check_attention(
         # math: float32 too once dropout's 1/(1-p) rounds O).
         scale = ref_kwargs.get("scale") or q.shape[-1] ** -0.5
         delta_term = (dout.abs() * ref.detach().abs()).sum(-1).max().item() if ref.numel() else 0.0
-        qk = max(q.detach().abs().max().item(), k.detach().abs().max().item())
+        qk = max([t.detach().abs().max().item() for t in (q, k) if t.numel()] + [0.0])
         atol = max(atol, torch.finfo(q.dtype).eps * delta_term * qk * scale)
     # (dk sums that floor over the query heads of a KV head: where the naive dk is exact, the
     # group's heads each add theirs)

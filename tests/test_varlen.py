@@ -189,6 +189,16 @@ def test_varlen_reference_backend_and_float64(dtype):
                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_with_every_key_sequence_empty(dtype):
+    # No row sees a key: zeros, zero gradients (the rule's helper took max|k| of no keys).
+    lens_q, lens_k = [3, 0, 5], [0, 0, 0]
+    cu_q, cu_k = offsets(lens_q), offsets(lens_k)
+    q, k, v = packed_qkv(lens_q, lens_k, 4, 2, 16, dtype, 5)
+    check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, causal=True), q, k, v, seed=5, cu_seqlens_q=cu_q,
+                    cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
+
+
 def test_varlen_dropout_uses_the_kernels_mask():
     lens_q, lens_k = [6, 19, 0, 40], [9, 19, 5, 33]
     cu_q, cu_k = offsets(lens_q), offsets(lens_k)
@@ -581,6 +591,9 @@ def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
     ("key_dtype", {}, "^query, key, value: "),
     ("", {"scale": float("nan")}, "^scale: expected a finite number"),
     ("", {"dropout_p": 1.5}, r"^dropout_p: dropout probability has to be in \[0, 1\]"),  # (SDPA's range)
+    # (offsets then mark where each sequence starts only: refused as torch's SDPA does,
+    # not read as sequences of the offsets' spacing)
+    ("key_holes", {}, r"^key: a jagged nested tensor with holes .* pass key.contiguous\(\)"),
 ])
 def test_nested_sdpa_errors_name_sdpa_arguments(change, kwargs, match):
     # Nested inputs go through the packed-sequence checks, under SDPA's argument names (they
@@ -589,8 +602,13 @@ def test_nested_sdpa_errors_name_sdpa_arguments(change, kwargs, match):
         return torch.nested.nested_tensor_from_jagged(torch.randn(8, 2, dim).to(dtype), offsets([3, 5]).long()
                                                       ).transpose(1, 2)
 
+    def with_holes():  # sequences of 2 and 4 rows at offsets 0 and 3 of 8 rows
+        rows = torch.nested.nested_tensor_from_jagged(torch.randn(8, 2, 8), offsets([3, 5]).long(),
+                                                      lengths=torch.tensor([2, 4]))
+        return rows.transpose(1, 2)
+
     q = nested(8)
-    k = nested(4) if change == "key_dim" else nested(8, torch.float16) if change == "key_dtype" else nested(8)
+    k = {"key_dim": nested(4), "key_dtype": nested(8, torch.float16), "key_holes": with_holes()}.get(change, nested(8))
     with pytest.raises(ArgumentError, match=match):
         flashattn_py.scaled_dot_product_attention(q, k, nested(8), **kwargs)
 
