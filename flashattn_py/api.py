@@ -686,7 +686,8 @@ def _jagged_parts(name: str, t: Tensor) -> tuple[Tensor, Tensor, int]:
     rows = t.transpose(1, 2)  # (B, j, H, D): its values are the packed (total, H, D) rows
     if rows.lengths() is not None:  # (offsets then mark where each sequence starts, not where it ends)
         raise ArgumentError(f"{name}: a jagged nested tensor with holes (lengths set, e.g. from torch.nested.narrow) "
-                            f"is not supported, as in torch's SDPA; pass {name}.contiguous()")
+                            f"is not supported, as in torch's CPU SDPA; pass "
+                            f"{name}.transpose(1, 2).contiguous().transpose(1, 2)")
     values = rows.values()
     if values.shape[0] >= 2**31:  # (the kernels' offsets are int32, as cu_seqlens)
         raise ArgumentError(f"{name}: {values.shape[0]} rows in all; at most 2**31 - 1")

@@ -4,6 +4,7 @@ their buffers per call or per OS thread, and release the GIL for the whole call;
 buffer or a race would show here as a changed bit or a cache written at another's slots.
 """
 import threading
+import time
 
 import torch
 
@@ -74,10 +75,12 @@ def test_concurrent_calls_match_lone_calls():
     # Every workload in two threads, in other orders, so that each runs beside the others.
     orders = [list(calls), list(reversed(calls)), list(calls)[1:] + list(calls)[:1],
               list(calls)[2:] + list(calls)[:2]]
-    threads = [threading.Thread(target=worker, args=(order,)) for order in orders * 2]
+    # (daemon threads and one deadline: a hung call fails the test instead of holding pytest)
+    threads = [threading.Thread(target=worker, args=(order,), daemon=True) for order in orders * 2]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(timeout=120)
+        t.join(max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "a thread did not finish in 120 s"
     assert not failures, failures[:5]

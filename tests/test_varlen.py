@@ -195,8 +195,12 @@ def test_varlen_with_every_key_sequence_empty(dtype):
     lens_q, lens_k = [3, 0, 5], [0, 0, 0]
     cu_q, cu_k = offsets(lens_q), offsets(lens_k)
     q, k, v = packed_qkv(lens_q, lens_k, 4, 2, 16, dtype, 5)
-    check_attention(varlen_call(cu_q, cu_k, lens_q, lens_k, causal=True), q, k, v, seed=5, cu_seqlens_q=cu_q,
-                    cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
+    run = varlen_call(cu_q, cu_k, lens_q, lens_k, causal=True)
+    check_attention(run, q, k, v, seed=5, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, bottom_right=True, window_right=0)
+    q = q.clone().requires_grad_()
+    out = run(q, k, v)
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dq, torch.zeros_like(dq))
 
 
 def test_varlen_dropout_uses_the_kernels_mask():
@@ -593,7 +597,7 @@ def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
     ("", {"dropout_p": 1.5}, r"^dropout_p: dropout probability has to be in \[0, 1\]"),  # (SDPA's range)
     # (offsets then mark where each sequence starts only: refused as torch's SDPA does,
     # not read as sequences of the offsets' spacing)
-    ("key_holes", {}, r"^key: a jagged nested tensor with holes .* pass key.contiguous\(\)"),
+    ("key_holes", {}, r"^key: a jagged nested tensor with holes .* pass key.transpose\(1, 2\).contiguous\(\)"),
 ])
 def test_nested_sdpa_errors_name_sdpa_arguments(change, kwargs, match):
     # Nested inputs go through the packed-sequence checks, under SDPA's argument names (they
