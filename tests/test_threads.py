@@ -1,6 +1,6 @@
 """Calls from several Python threads at once (a server's request threads): each result is
 bitwise the one the same call gives alone on as many torch threads. The CPU kernels keep
-their buffers per call or per OS thread, and release the GIL for the whole call; a shared
+their buffers per call or per OS thread, and the GIL is released while they run; a shared
 buffer or a race would show here as a changed bit or a cache written at another's slots.
 """
 import threading

@@ -595,7 +595,7 @@ def test_nested_sdpa_with_every_weight_dropped_gives_zeros():
     ("key_dtype", {}, "^query, key, value: "),
     ("", {"scale": float("nan")}, "^scale: expected a finite number"),
     ("", {"dropout_p": 1.5}, r"^dropout_p: dropout probability has to be in \[0, 1\]"),  # (SDPA's range)
-    # (offsets then mark where each sequence starts only: refused as torch's SDPA does,
+    # (offsets then mark where each sequence starts only: refused as torch's CPU SDPA does,
     # not read as sequences of the offsets' spacing)
     ("key_holes", {}, r"^key: a jagged nested tensor with holes .* pass key.transpose\(1, 2\).contiguous\(\)"),
 ])
